@@ -1,0 +1,46 @@
+# Developer and CI entry points. `make test` sets itself up on a fresh machine: it creates
+# .venv and installs the package with its dev and bench extras before running anything.
+# Services (Postgres, Redis) are found or started by sa_redis_cache.devservices.
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEVSERVICES := $(BIN)/python -m sa_redis_cache.devservices --
+
+.DEFAULT_GOAL := test
+.PHONY: test lint typecheck pytest demo bench bench-smoke clean distclean
+
+# Re-installs when pyproject.toml changes (new dependencies); the marker records success.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check --quiet -e '.[dev,bench]'
+	touch $@
+
+test: lint typecheck pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+pytest: $(VENV)/.installed
+	$(BIN)/pytest
+
+demo: $(VENV)/.installed
+	$(DEVSERVICES) $(BIN)/python -m examples.demo
+
+bench: $(VENV)/.installed
+	$(DEVSERVICES) $(BIN)/python -m benchmarks.run
+
+bench-smoke: $(VENV)/.installed
+	$(DEVSERVICES) $(BIN)/python -m benchmarks.run --smoke
+
+# Build and tool caches only; `distclean` also removes the virtualenv.
+clean:
+	rm -rf build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

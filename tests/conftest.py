@@ -1,0 +1,170 @@
+"""Test harness shared by every test folder.
+
+Sections (add new fixtures to the section they belong to, or open a new one at the end):
+
+1. Collection: tests under ``tests/integration`` and ``tests/chaos`` get their marker.
+2. Services: Postgres and Redis from :func:`sa_redis_cache.devservices.bring_up`, once per
+   run. Unavailable services fail the run under ``CI=true`` and skip the tests elsewhere.
+3. Postgres: a fresh database per run (dropped at the end) and an engine on it.
+4. Redis: a client, and a unique cache namespace per test whose keys are deleted after it.
+
+This run never flushes a Redis server: it may be shared with other users (DESIGN.md §8).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+
+from sa_redis_cache.devservices import Services, ServicesUnavailable, bring_up, redact
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def in_ci() -> bool:
+    """True when ``CI`` says so: then a missing service fails the run instead of skipping."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the current test, or fail it under ``CI=true`` (CI never skips silently)."""
+    if in_ci():
+        pytest.fail(f"CI=true, so this is a failure, not a skip:\n{reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def unavailable() -> Callable[[str], NoReturn]:
+    """:func:`skip_or_fail`, for tests that find a prerequisite missing (e.g. a binary)."""
+    return skip_or_fail
+
+
+# --------------------------------------------------------------------------- 1. collection
+
+_MARKER_BY_FOLDER = {"integration": pytest.mark.integration, "chaos": pytest.mark.chaos}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.path.resolve()
+        if path.is_relative_to(TESTS_DIR):
+            marker = _MARKER_BY_FOLDER.get(path.relative_to(TESTS_DIR).parts[0])
+            if marker is not None:
+                item.add_marker(marker)
+
+
+# --------------------------------------------------------------------------- 2. services
+
+_SERVICES = pytest.StashKey[Services]()
+
+
+@pytest.fixture(scope="session")
+def services(pytestconfig: pytest.Config) -> Iterator[Services]:
+    """Postgres and Redis for this run (env URLs, local servers, or throwaway ones)."""
+    with ExitStack() as stack:
+        try:
+            found = stack.enter_context(bring_up())
+        except ServicesUnavailable as exc:
+            # pytest caches this outcome, so bring_up() is tried once per run, not per test.
+            skip_or_fail(str(exc))
+        pytestconfig.stash[_SERVICES] = found
+        yield found
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    found = config.stash.get(_SERVICES, None)
+    if found is not None:
+        started = ", ".join(found.started) or "none"
+        terminalreporter.write_line(
+            f"services: postgres {redact(found.database_url)}, redis {redact(found.redis_url)}"
+            f"; started for this run: {started}"
+        )
+
+
+# --------------------------------------------------------------------------- 3. postgres
+
+
+@pytest.fixture(scope="session")
+def database_url(services: Services) -> Iterator[str]:
+    """SQLAlchemy URL (psycopg 3) of a database created for this run, dropped at its end."""
+    server_url = sa.make_url(services.database_url)
+    name = f"sarc_test_{secrets.token_hex(6)}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    quoted = admin.dialect.identifier_preparer.quote(name)
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {quoted}"))
+        try:
+            yield server_url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                # FORCE: a connection leaked by a failed test must not keep the database alive.
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[sa.Engine]:
+    """An engine on this run's database."""
+    eng = sa.create_engine(database_url)
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+
+
+# --------------------------------------------------------------------------- 4. redis
+
+
+@pytest.fixture(scope="session")
+def redis_url(services: Services) -> str:
+    """URL of the Redis server for this run (shared: isolate keys with ``namespace``)."""
+    return services.redis_url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain ``redis.Redis`` client (bytes replies) on this run's server."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def delete_namespace(client: redis.Redis, namespace: str) -> int:
+    """UNLINK every key of ``namespace`` (SCAN, never FLUSH*); return how many went."""
+    # The namespace may sit right after the prefix (sarc:NS:...) or inside a cluster hash
+    # tag (sarc:{NS:table}:...); it is random, so matching it anywhere is exact enough.
+    deleted = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=f"sarc:*{namespace}*", count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            deleted += int(client.unlink(*batch))
+            batch.clear()
+    if batch:
+        deleted += int(client.unlink(*batch))
+    return deleted
+
+
+@pytest.fixture
+def namespace(redis_client: redis.Redis) -> Iterator[str]:
+    """A namespace unique to this test; its ``sarc:`` keys are deleted afterwards."""
+    name = f"t{secrets.token_hex(5)}"
+    yield name
+    delete_namespace(redis_client, name)
