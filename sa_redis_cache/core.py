@@ -1,0 +1,117 @@
+"""The state every part of one cache shares: Redis client, keys, scripts, models, counters.
+
+:class:`~sa_redis_cache.Cache` is the front end users hold; the read path, the write path
+and the function decorator are built on this object instead of reaching into the front end.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import TYPE_CHECKING
+
+from redis.exceptions import RedisError
+
+from .keys import KeyScheme
+from .models import ModelInfo, ModelRegistry
+from .scripts import Scripts
+from .stats import Stats
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    import redis
+
+log = logging.getLogger("sa_redis_cache")
+
+
+class CacheCore:
+    """Shared collaborators and the few operations every path needs (TTLs, stores).
+
+    Example::
+
+        core = CacheCore(redis.Redis(), namespace="shop", default_ttl=300)
+        core.keys.version_key("products")
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        namespace: str,
+        default_ttl: float,
+        ttl_jitter: float,
+        max_entry_bytes: int,
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.keys = KeyScheme(namespace)
+        self.default_ttl = float(default_ttl)
+        self.ttl_jitter = ttl_jitter
+        self.max_entry_bytes = max_entry_bytes
+        self.counters = Stats()
+        self.scripts = Scripts(client)
+        self.models = ModelRegistry()
+
+    def ttl_for_info(self, info: ModelInfo) -> float:
+        """The model's TTL, or the cache default."""
+        if info.policy is not None and info.policy.ttl is not None:
+            return float(info.policy.ttl)
+        return self.default_ttl
+
+    def ttl_for_tables(self, tables: Iterable[str]) -> float:
+        """The shortest TTL among the models of ``tables`` (an entry lives no longer)."""
+        ttls = [
+            self.ttl_for_info(info)
+            for table in tables
+            if (info := self.models.by_table.get(table)) is not None
+        ]
+        return min(ttls) if ttls else self.default_ttl
+
+    def jittered_ms(self, ttl: float) -> int:
+        """``ttl`` seconds in milliseconds, shortened at random by up to ``ttl_jitter``."""
+        return max(1, int(ttl * 1000 * (1 - random.random() * self.ttl_jitter)))
+
+    def store(
+        self,
+        key: str,
+        blob: bytes,
+        version_keys: list[str],
+        writers_keys: list[str],
+        captured: Sequence[bytes],
+        ttl: float,
+        scope: str,
+    ) -> bool:
+        """Compare-and-set fill (``lua/fill.lua``); False when refused, oversized or failed."""
+        if len(blob) > self.max_entry_bytes:
+            self.counters.incr(scope, "oversize")
+            return False
+        try:
+            stored = self.scripts.run(
+                self.scripts.fill,
+                [key, *version_keys, *writers_keys],
+                [self.jittered_ms(ttl), blob, *captured],
+            )
+        except RedisError as exc:
+            self.redis_failed(exc)
+            self.counters.incr(scope, "errors")
+            return False
+        self.counters.incr(scope, "fills" if stored else "fill_refused")
+        return bool(stored)
+
+    def redis_failed(self, exc: RedisError) -> None:
+        """Record a Redis failure on a path that degrades to the database."""
+        log.warning("redis unavailable, using the database: %s", exc)
+
+    def unlink_matching(self, pattern: str) -> int:
+        """UNLINK every key matching ``pattern`` (SCAN, in batches); returns how many."""
+        removed = 0
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += int(self.client.unlink(*batch))
+                batch.clear()
+        if batch:
+            removed += int(self.client.unlink(*batch))
+        return removed

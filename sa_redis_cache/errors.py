@@ -1,0 +1,50 @@
+"""Exceptions raised by sa_redis_cache.
+
+Every error a user can meet names the problem and the fix. Read paths never raise
+Redis errors into the application; these exceptions are for configuration mistakes and
+for write paths whose contract is to fail loudly (write-behind commits).
+"""
+
+from __future__ import annotations
+
+
+class SaRedisCacheError(Exception):
+    """Base class of every exception this library raises on purpose.
+
+    Example::
+
+        try:
+            cache.attach(Session)
+        except SaRedisCacheError as exc:
+            print(exc)
+    """
+
+
+class ConfigurationError(SaRedisCacheError, ValueError):
+    """A model, policy or session factory cannot be used as configured.
+
+    Raised by :meth:`sa_redis_cache.Cache.attach` before any query runs, so a
+    misconfigured model never silently serves or loses data.
+
+    Example::
+
+        class Bad(Base):
+            __tablename__ = "bad"
+            __cache__ = CachePolicy(strategy="write_around")  # unknown strategy
+        cache.attach(Session)  # raises ConfigurationError naming Bad and the fix
+    """
+
+
+class CacheUnavailableError(SaRedisCacheError, RuntimeError):
+    """Redis could not take an operation whose loss is not acceptable.
+
+    Only write paths that must not degrade silently (write-behind queueing) raise it;
+    reads fall back to the database instead.
+
+    Example::
+
+        try:
+            session.commit()
+        except CacheUnavailableError:
+            ...  # nothing was queued; retry the transaction later
+    """

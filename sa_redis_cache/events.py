@@ -1,0 +1,288 @@
+"""Session hooks: record what each transaction writes and apply the model's strategy.
+
+* ``after_flush``: mark the written tables and rows in Redis before the database
+  commit (``lua/flush_mark.lua``) and keep the write-through states for later.
+* ``do_orm_execute`` on ORM bulk ``update()``/``delete()``: the same, for the whole table.
+* ``after_commit`` of the outermost transaction, inside ``commit()``: bump the versions,
+  write through or delete the entity entries, announce on Pub/Sub, release the marks
+  (``lua/commit.lua``).
+* savepoints: frames in :mod:`sa_redis_cache.txstate`; rollbacks release the marks.
+
+A Redis failure on these paths never fails the application's transaction: the flush
+marks and version bumps make the cache refuse old fills, and the failure is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from redis.exceptions import RedisError
+from sqlalchemy import Table, event
+from sqlalchemy.orm.attributes import instance_state
+
+from . import hydrate
+from .codec import CodecError, pack
+from .keys import pk_text
+from .txstate import RowWrite, TableWrites, peek_tx_state, tx_state
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
+
+    from .core import CacheCore
+    from .models import ModelInfo
+
+log = logging.getLogger("sa_redis_cache")
+
+ROW_COUNTER_TTL_MS = 3_600_000
+
+
+class WritePath:
+    """Applies the write strategies of one :class:`~sa_redis_cache.Cache`."""
+
+    def __init__(self, core: CacheCore) -> None:
+        self.core = core
+        self.writer_mark_ms = 60_000
+
+    def register(self, session_class: Any) -> None:
+        """Listen on ``session_class`` (a sessionmaker or Session subclass)."""
+        event.listen(session_class, "after_flush", self.after_flush)
+        event.listen(session_class, "after_transaction_create", self.after_transaction_create)
+        event.listen(session_class, "after_commit", self.after_commit)
+        event.listen(session_class, "after_rollback", self.after_rollback)
+        event.listen(session_class, "after_transaction_end", self.after_transaction_end)
+
+    # -- recording -----------------------------------------------------------------------
+
+    def after_flush(self, session: Session, flush_context: UOWTransaction) -> None:
+        """Mark every table and row this flush wrote, before the database commit."""
+        core = self.core
+        rows: dict[str, dict[str, tuple[ModelInfo, object | None]]] = {}
+        tables: set[str] = set()
+        for obj in session.new:
+            self._collect(obj, rows, tables, deleted=False)
+        for obj in session.dirty:
+            if session.is_modified(obj):
+                self._collect(obj, rows, tables, deleted=False)
+        for obj in session.deleted:
+            self._collect(obj, rows, tables, deleted=True)
+        if not tables:
+            return
+        tx = tx_state(session)
+        frame = tx.frame()
+        tickets = self._mark(tx.token, tables, {t: list(r) for t, r in rows.items()}, bulk=False)
+        tx.marked.update(tables)
+        for table, table_rows in rows.items():
+            writes = frame.setdefault(table, TableWrites())
+            generation, row_tickets = tickets.get(table, (None, {}))
+            for pk, (info, obj) in table_rows.items():
+                writes.rows[pk] = RowWrite(
+                    ticket=row_tickets.get(pk, -1),
+                    state=self._write_through_state(info, obj, generation),
+                    ttl=core.ttl_for_info(info),
+                )
+        for table in tables - set(rows):
+            frame.setdefault(table, TableWrites())
+
+    def _collect(
+        self,
+        obj: object,
+        rows: dict[str, dict[str, tuple[ModelInfo, object | None]]],
+        tables: set[str],
+        *,
+        deleted: bool,
+    ) -> None:
+        state = instance_state(obj)
+        mapper = state.mapper
+        for table in mapper.tables:
+            if isinstance(table, Table):
+                tables.add(table.fullname)
+        for rel in mapper.relationships:
+            if isinstance(rel.secondary, Table) and state.attrs[rel.key].history.has_changes():
+                tables.add(rel.secondary.fullname)
+        info = self.core.models.info_of(mapper)
+        if info is None or not info.entity_cached:
+            return
+        pk = [state.dict.get(info.column_keys[p]) for p in info.pk_positions]
+        if state.key is not None and (deleted or None in pk):
+            pk = list(state.key[1])
+        if None in pk:
+            return
+        try:
+            text = pk_text(pk)
+        except TypeError:
+            return
+        rows.setdefault(info.table, {})[text] = (info, None if deleted else obj)
+
+    def _write_through_state(
+        self, info: ModelInfo, obj: object | None, generation: int | None
+    ) -> bytes | None:
+        if (
+            obj is None
+            or generation is None
+            or info.policy is None
+            or info.policy.strategy != "write_through"
+        ):
+            return None
+        try:
+            body = hydrate.extract_entity(obj, info, frozenset(), allow_modified=True)
+        except (hydrate.NotCacheable, CodecError):
+            return None
+        if body is None or body[1]:
+            # columns the database filled in (server defaults) are not known here; a
+            # partial state would cost SQL on the next hit, so the entry is deleted instead
+            return None
+        return pack([generation, body])
+
+    def on_bulk(self, orm_context: ORMExecuteState) -> None:
+        """ORM ``update()``/``delete()``/``insert()`` statements: the rows are not known."""
+        mapper = orm_context.bind_mapper
+        tables: set[str] = set()
+        if mapper is not None:
+            tables.update(t.fullname for t in mapper.tables if isinstance(t, Table))
+        target = getattr(orm_context.statement, "table", None)
+        if isinstance(target, Table):
+            tables.add(target.fullname)
+        if not tables:
+            return
+        session = orm_context.session
+        tx = tx_state(session)
+        self._mark(tx.token, tables, {}, bulk=True)
+        tx.marked.update(tables)
+        frame = tx.frame()
+        for table in tables:
+            frame.setdefault(table, TableWrites())
+
+    def _mark(
+        self,
+        token: str,
+        tables: Iterable[str],
+        rows: dict[str, list[str]],
+        *,
+        bulk: bool,
+    ) -> dict[str, tuple[int, dict[str, int]]]:
+        """Run flush_mark.lua for each table in one round trip; tickets per table and row."""
+        core = self.core
+        keys = core.keys
+        scripts = core.scripts
+        ordered = sorted(tables)
+        try:
+            pipe = core.client.pipeline(transaction=False)
+            for table in ordered:
+                pks = rows.get(table, [])
+                info = core.models.by_table.get(table)
+                row_keys: list[str] = []
+                for pk in pks:
+                    assert info is not None
+                    row_keys.append(keys.entity_key(table, info.schema_hash, pk))
+                    row_keys.append(keys.row_write_key(table, pk))
+                scripts.flush_mark(
+                    keys=[
+                        keys.version_key(table),
+                        keys.writers_key(table),
+                        keys.generation_key(table),
+                        *row_keys,
+                    ],
+                    args=[
+                        token,
+                        self.writer_mark_ms,
+                        ROW_COUNTER_TTL_MS,
+                        random.getrandbits(62),
+                        1 if bulk else 0,
+                    ],
+                    client=pipe,
+                )
+            replies = pipe.execute()
+        except RedisError as exc:
+            core.redis_failed(exc)
+            core.counters.incr("total", "errors")
+            return {}
+        out: dict[str, tuple[int, dict[str, int]]] = {}
+        for table, reply in zip(ordered, replies, strict=True):
+            generation, *tickets = reply
+            out[table] = (
+                int(generation),
+                dict(zip(rows.get(table, []), map(int, tickets), strict=True)),
+            )
+        return out
+
+    # -- transaction boundaries ----------------------------------------------------------
+
+    def after_transaction_create(self, session: Session, transaction: Any) -> None:
+        """A savepoint gets a frame of its own."""
+        if transaction.nested:
+            tx_state(session).push()
+
+    def after_commit(self, session: Session) -> None:
+        """Savepoint release merges; the outermost commit applies everything."""
+        tx = peek_tx_state(session)
+        if tx is None:
+            return
+        if session.in_nested_transaction():
+            tx.release()
+            return
+        if tx.marked:
+            self._apply(tx.token, tx.frames[0], tx.marked)
+        tx.reset()
+
+    def after_rollback(self, session: Session) -> None:
+        """A savepoint rollback drops its write-through states."""
+        tx = peek_tx_state(session)
+        if tx is not None and session.in_nested_transaction():
+            tx.discard()
+
+    def after_transaction_end(self, session: Session, transaction: Any) -> None:
+        """The outermost transaction ended without a commit: release its marks."""
+        if transaction.nested or transaction.parent is not None:
+            return
+        tx = peek_tx_state(session)
+        if tx is None or not tx.marked:
+            return
+        core = self.core
+        try:
+            pipe = core.client.pipeline(transaction=False)
+            for table in tx.marked:
+                pipe.zrem(core.keys.writers_key(table), tx.token)
+            pipe.execute()
+        except RedisError as exc:
+            core.redis_failed(exc)
+        tx.reset()
+
+    def _apply(self, token: str, frame: dict[str, TableWrites], tables: set[str]) -> None:
+        core = self.core
+        keys = core.keys
+        channel = keys.prefix + "invalidations"
+        try:
+            pipe = core.client.pipeline(transaction=False)
+            for table in sorted(tables):
+                writes = frame.get(table) or TableWrites()
+                info = core.models.by_table.get(table)
+                row_keys: list[str] = []
+                args: list[Any] = [
+                    token,
+                    channel,
+                    orjson.dumps({"t": table, "pk": list(writes.rows)}),
+                ]
+                for pk, row in writes.rows.items():
+                    assert info is not None
+                    row_keys.append(keys.entity_key(table, info.schema_hash, pk))
+                    row_keys.append(keys.row_write_key(table, pk))
+                    args.extend([row.ticket, core.jittered_ms(row.ttl), row.state or b""])
+                core.scripts.commit(
+                    keys=[
+                        keys.version_key(table),
+                        keys.writers_key(table),
+                        keys.generation_key(table),
+                        *row_keys,
+                    ],
+                    args=args,
+                    client=pipe,
+                )
+            pipe.execute()
+        except RedisError as exc:
+            core.redis_failed(exc)
+            core.counters.incr("total", "errors")

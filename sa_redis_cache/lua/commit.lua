@@ -1,0 +1,30 @@
+-- Post-commit work for one table, run after the database commit and before commit() returns.
+-- KEYS[1]: the table's version counter
+-- KEYS[2]: the table's writers-in-flight set
+-- KEYS[3]: unused here; keeps the same key list as flush_mark.lua
+-- KEYS[4], KEYS[5], ...: pairs of (entity entry, row write counter) for each written row
+-- ARGV[1]: the transaction's token in the writers set
+-- ARGV[2]: the Pub/Sub channel on which invalidations are announced
+-- ARGV[3]: the announcement (table and rows, encoded by the client)
+-- ARGV[4], ARGV[5], ARGV[6] for each row, in KEYS order:
+--          the write ticket from flush_mark.lua, the TTL in ms, the new encoded state
+--          (an empty string means delete: cache_aside strategy or a deleted row)
+-- Returns: the number of rows whose new state was written through
+redis.call('INCR', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+local written = 0
+local a = 4
+for i = 4, #KEYS, 2 do
+  local ticket, ttl, state = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  a = a + 3
+  -- another writer flushed this row after us: its commit is newer or undecided, so
+  -- neither state may be left in the cache
+  if state ~= '' and redis.call('GET', KEYS[i + 1]) == ticket then
+    redis.call('SET', KEYS[i], state, 'PX', ttl)
+    written = written + 1
+  else
+    redis.call('DEL', KEYS[i])
+  end
+end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return written

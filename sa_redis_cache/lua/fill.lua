@@ -1,0 +1,24 @@
+-- Compare-and-set fill of a cache entry.
+-- KEYS[1]:           the entry key
+-- KEYS[2 .. n+1]:    version counters of the n tables the entry was read from
+-- KEYS[n+2 .. 2n+1]: writers-in-flight sets (ZSET member = transaction, score = expiry ms)
+-- ARGV[1]: TTL in milliseconds
+-- ARGV[2]: the encoded entry
+-- ARGV[3 .. n+2]: the counter values captured before the database read
+-- Returns: 1 when stored; 0 when a counter moved or a writer is in flight (the value
+--          read from the database may be older than a committed write)
+local n = (#KEYS - 1) / 2
+for i = 1, n do
+  if redis.call('GET', KEYS[1 + i]) ~= ARGV[2 + i] then
+    return 0
+  end
+end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, n do
+  if #redis.call('ZRANGEBYSCORE', KEYS[1 + n + i], now_ms, '+inf', 'LIMIT', 0, 1) > 0 then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
+return 1

@@ -1,0 +1,37 @@
+-- Flush-time invalidation of one table, run before the database commit.
+-- KEYS[1]: the table's version counter
+-- KEYS[2]: the table's writers-in-flight set
+-- KEYS[3]: the table's entity generation (entity entries are valid only under it)
+-- KEYS[4], KEYS[5], ...: pairs of (entity entry, row write counter) for each written row
+-- ARGV[1]: the transaction's token (member of the writers set)
+-- ARGV[2]: how long the writer mark lives, in milliseconds (a crashed writer's mark expires)
+-- ARGV[3]: TTL of the row write counters, in milliseconds
+-- ARGV[4]: value to start the entity generation at when it does not exist (random)
+-- ARGV[5]: 1 when the rows written are not known (bulk or textual DML): the entity
+--          generation is bumped so that every entity entry of the table becomes a miss
+-- Returns: the entity generation, then each row's write ticket (the row counter after
+--          INCR); a write-through commit stores its state only if its ticket is current
+-- Bumping the version makes every fill that captured versions before this flush fail
+-- its compare-and-set; the mark refuses fills until the commit is done; deleting the
+-- entity entries removes what was filled before the mark.
+redis.call('INCR', KEYS[1])
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
+redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local generation = redis.call('GET', KEYS[3])
+if not generation then
+  redis.call('SET', KEYS[3], ARGV[4])
+  generation = ARGV[4]
+end
+if ARGV[5] == '1' then
+  generation = tostring(redis.call('INCR', KEYS[3]))
+end
+local tickets = {generation}
+for i = 4, #KEYS, 2 do
+  redis.call('DEL', KEYS[i])
+  tickets[#tickets + 1] = redis.call('INCR', KEYS[i + 1])
+  redis.call('PEXPIRE', KEYS[i + 1], ARGV[3])
+end
+return tickets

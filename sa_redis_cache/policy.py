@@ -1,0 +1,69 @@
+"""Per-model cache policy: which write strategy a model uses and how long entries live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+Strategy = Literal["cache_aside", "write_through", "write_behind"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """How one mapped model is cached; declared as ``__cache__`` on the model class.
+
+    ``strategy`` decides what a committed write does to the cache:
+
+    * ``"cache_aside"`` (default): the write invalidates; the next read fills.
+    * ``"write_through"``: the committed state is written to the entity key.
+    * ``"write_behind"``: the flush is queued in Redis and applied to the database
+      later by the flush worker.
+
+    ``ttl`` (seconds) bounds every entry of the model; ``None`` uses the cache's
+    ``default_ttl``.
+
+    Example::
+
+        class Product(Base):
+            __tablename__ = "products"
+            __cache__ = CachePolicy(strategy="write_through", ttl=600)
+    """
+
+    strategy: str = "cache_aside"
+    ttl: float | None = None
+    entity_cache: bool = True
+    accept_volatile: bool = False
+    partitions: int = 8
+
+    def problems(self) -> list[str]:
+        """Return what is wrong with this policy, each with its fix (empty when valid).
+
+        Example::
+
+            >>> CachePolicy(ttl=0).problems()[0].startswith("ttl=0 is not a positive number")
+            True
+        """
+        found: list[str] = []
+        if self.strategy not in STRATEGIES:
+            found.append(
+                f"strategy={self.strategy!r} is not one of {', '.join(map(repr, STRATEGIES))}; "
+                "pick one of those"
+            )
+        if self.ttl is not None and (
+            isinstance(self.ttl, bool) or not isinstance(self.ttl, int | float) or not self.ttl > 0
+        ):
+            found.append(
+                f"ttl={self.ttl!r} is not a positive number of seconds; give ttl a value > 0, "
+                "or None to use the cache default_ttl"
+            )
+        if (
+            not isinstance(self.partitions, int)
+            or isinstance(self.partitions, bool)
+            or not (1 <= self.partitions <= 1024)
+        ):
+            found.append(
+                f"partitions={self.partitions!r} is not a whole number from 1 to 1024; "
+                "the default of 8 suits most tables"
+            )
+        return found

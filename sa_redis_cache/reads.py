@@ -1,0 +1,404 @@
+"""The read path: ``do_orm_execute`` serving FromCache statements and primary-key loads.
+
+Protocol (DESIGN.md §4): one MGET reads the entry together with the current version
+counters of every table the statement depends on. The entry is a hit only if the
+versions stored in it equal the current ones. On a miss those counters are the versions
+captured *before* the database read, and the fill is a Lua compare-and-set that stores
+only if they have not moved and no writer is in flight. Any Redis error degrades to the
+database; nothing here raises a Redis error into the application.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from redis.exceptions import RedisError
+from sqlalchemy import Table
+from sqlalchemy.orm.interfaces import UserDefinedOption
+from sqlalchemy.sql.type_api import TypeEngine
+
+from . import hydrate
+from .codec import CodecError, RowCodec, UncacheableType, pack, unpack
+from .keys import Unfingerprintable, fingerprint, pk_text, values_digest
+from .options import FromCache
+from .txstate import peek_tx_state
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sqlalchemy.engine import Result
+    from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+
+    from .core import CacheCore
+    from .events import WritePath
+
+log = logging.getLogger("sa_redis_cache")
+
+_PLAN_CACHE_SIZE = 4096
+_BYPASS_OPTIONS = ("yield_per", "stream_results", "populate_existing", "identity_token")
+
+
+@dataclass(frozen=True, slots=True)
+class StatementPlan:
+    """What the read path needs about one statement shape, computed once per shape."""
+
+    digest: str
+    tables: frozenset[str]
+    version_keys: tuple[str, ...]
+    writers_keys: tuple[str, ...]
+    entry_prefix: str
+    shape: hydrate.RowShape
+    scopes: tuple[str, ...]
+
+
+class Uncacheable(Exception):
+    """The statement cannot be cached; the reason is logged once."""
+
+
+class ReadPath:
+    """Serves cached reads for one :class:`~sa_redis_cache.Cache`."""
+
+    def __init__(self, core: CacheCore, writes: WritePath) -> None:
+        self.core = core
+        self.writes = writes
+        self._plans: dict[Any, StatementPlan | None] = {}
+        self._bind_names: dict[int, str] = {}
+        self._binds: dict[int, Any] = {}
+
+    def known_binds(self) -> list[Any]:
+        """Every bind this read path has computed a key for."""
+        return list(self._binds.values())
+
+    # -- entry point ---------------------------------------------------------------------
+
+    def on_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
+        """The ``do_orm_execute`` listener; returns a result to short-circuit the database."""
+        if not orm_context.is_select:
+            if orm_context.is_update or orm_context.is_delete or orm_context.is_insert:
+                self.writes.on_bulk(orm_context)
+            return None
+        option = None
+        for opt in orm_context.user_defined_options:
+            if type(opt) is FromCache:
+                option = opt
+        if option is None:
+            if orm_context.is_relationship_load and not orm_context.lazy_loaded_from:
+                return None
+            return self._entity_load(orm_context)
+        if orm_context.is_relationship_load:
+            return None
+        return self._query(orm_context, option)
+
+    # -- FromCache -----------------------------------------------------------------------
+
+    def _query(self, orm_context: ORMExecuteState, option: FromCache) -> Result[Any] | None:
+        core = self.core
+        stats = core.counters
+        exec_opts = orm_context.execution_options
+        region = "region:" + option.region
+        if any(exec_opts.get(name) for name in _BYPASS_OPTIONS):
+            stats.incr(region, "bypassed")
+            return None
+        statement: Any = orm_context.statement
+        cache_key = statement._generate_cache_key()
+        if cache_key is None:
+            stats.incr(region, "uncacheable")
+            return None
+        plan = self.plan(cache_key.key, statement)
+        if plan is None:
+            stats.incr(region, "uncacheable")
+            return None
+        session = orm_context.session
+        if orm_context.load_options._autoflush:
+            hydrate.autoflush_pending(session)
+        tx = peek_tx_state(session)
+        if tx is not None and not tx.written_tables.isdisjoint(plan.tables):
+            stats.incr(region, "bypassed")
+            return None
+        bind = session.get_bind(**orm_context.bind_arguments)
+        entry_key = self.entry_key(
+            plan,
+            cache_key.bindparams,
+            orm_context.parameters,
+            bind,
+            orm_context.execution_options.get("schema_translate_map"),
+        )
+        if entry_key is None:
+            stats.incr(region, "uncacheable")
+            return None
+        client = core.client
+        try:
+            raw = cast("list[bytes | None]", client.mget([entry_key, *plan.version_keys]))
+        except RedisError as exc:
+            core.redis_failed(exc)
+            stats.incr(region, "errors")
+            return None
+        entry, current = raw[0], raw[1:]
+        if entry is not None and None not in current:
+            result = self._try_hit(
+                session, entry, cast("list[bytes]", current), plan, entry_key, region
+            )
+            if result is not None:
+                return result
+        stats.incr(region, "misses")
+        for scope in plan.scopes:
+            stats.incr(scope, "misses")
+        captured = self._captured(current, plan.version_keys)
+        ttl = option.ttl or core.ttl_for_tables(plan.tables)
+        preexisting = hydrate.identity_snapshot(session)
+        frozen = orm_context.invoke_statement().freeze()
+        if captured is not None:
+            try:
+                body = hydrate.extract(frozen.data, plan.shape, core.models.info_of, preexisting)
+                self._fill(entry_key, plan, captured, body, ttl, region)
+            except (hydrate.NotCacheable, CodecError) as exc:
+                log.debug("not caching %s: %s", entry_key, exc)
+                stats.incr(region, "uncacheable")
+        return frozen()
+
+    def _try_hit(
+        self,
+        session: Session,
+        raw: bytes,
+        current: Sequence[bytes],
+        plan: StatementPlan,
+        entry_key: str,
+        region: str,
+    ) -> Result[Any] | None:
+        core = self.core
+        stats = core.counters
+        try:
+            versions, body = unpack(raw)
+            if versions != [int(v) for v in current]:
+                return None
+            result = hydrate.rehydrate(session, body, core.models.info_by_name, plan.shape)
+        except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
+            self._corrupt(entry_key, region, exc)
+            return None
+        stats.incr(region, "hits")
+        for scope in plan.scopes:
+            stats.incr(scope, "hits")
+        return result
+
+    def _corrupt(self, key: str, scope: str, exc: Exception) -> None:
+        core = self.core
+        log.warning("unreadable cache entry %s deleted: %s", key, exc)
+        core.counters.incr(scope, "decode_errors")
+        try:
+            core.client.unlink(key)
+        except RedisError as err:
+            core.redis_failed(err)
+
+    def _captured(self, current: Sequence[bytes | None], keys: Sequence[str]) -> list[bytes] | None:
+        """Versions as they were before the database read; creates missing counters."""
+        if None not in current:
+            return list(current)  # type: ignore[arg-type]
+        core = self.core
+        starts = [str(random.getrandbits(62)) for _ in keys]
+        try:
+            got = core.scripts.run(core.scripts.capture_versions, list(keys), starts)
+        except RedisError as exc:
+            core.redis_failed(exc)
+            return None
+        return list(got)
+
+    def _fill(
+        self,
+        entry_key: str,
+        plan: StatementPlan,
+        captured: Sequence[bytes],
+        body: Any,
+        ttl: float,
+        scope: str,
+    ) -> None:
+        core = self.core
+        blob = pack([[int(v) for v in captured], body])
+        core.store(
+            entry_key, blob, list(plan.version_keys), list(plan.writers_keys), captured, ttl, scope
+        )
+
+    def entry_key(
+        self,
+        plan: StatementPlan,
+        bindparams: Sequence[Any],
+        params: Any,
+        bind: Any,
+        translate: Any,
+    ) -> str | None:
+        """The entry key of a planned statement with its execute-time values and bind.
+
+        The bound values are those the database would see: execute-time parameters
+        override the values embedded in the statement. The bind (URL, dialect, driver)
+        and the ``schema_translate_map`` are part of the key, so tenants and shards never
+        read each other's entries. None when a value cannot be encoded exactly.
+        """
+        params = params or {}
+        bind_id = id(bind)
+        name = self._bind_names.get(bind_id)
+        if name is None:
+            engine = getattr(bind, "engine", bind)
+            url = engine.url.render_as_string(hide_password=True)
+            dialect = engine.dialect
+            name = self._bind_names[bind_id] = f"{dialect.name}+{dialect.driver}:{url}"
+            self._binds[bind_id] = bind
+        if translate is None:
+            translate = bind.get_execution_options().get("schema_translate_map")
+        try:
+            values: list[Any] = [params.get(bp.key, bp.effective_value) for bp in bindparams]
+            parts: list[Any] = [plan.digest, values, name]
+            if translate:
+                parts.append(sorted((str(k), str(v)) for k, v in translate.items()))
+            return plan.entry_prefix + values_digest(parts)
+        except (CodecError, TypeError):
+            return None
+
+    def plan(self, structural_key: Any, statement: Any) -> StatementPlan | None:
+        """The memoised plan of a statement shape; None when it cannot be cached."""
+        plans = self._plans
+        try:
+            return plans[structural_key]
+        except KeyError:
+            pass
+        except TypeError:
+            return None
+        try:
+            plan: StatementPlan | None = self._build_plan(structural_key, statement)
+        except (Unfingerprintable, Uncacheable) as exc:
+            log.info("statement runs uncached: %s", exc)
+            plan = None
+        if len(plans) >= _PLAN_CACHE_SIZE:
+            plans.clear()
+        plans[structural_key] = plan
+        return plan
+
+    def _build_plan(self, structural_key: Any, statement: Any) -> StatementPlan:
+        core = self.core
+        fp = fingerprint(structural_key)
+        if not fp.tables:
+            raise Uncacheable("the statement reads no table the cache can version")
+        tables = [t.fullname for t in fp.tables]
+        schema = [core.models.table_schema(t) for t in fp.tables]
+        keys = core.keys
+        shape = _row_shape(statement)
+        scopes = tuple(
+            "model:" + info.mapper.class_.__name__
+            for t in fp.tables
+            if (info := core.models.by_table.get(t.fullname)) is not None
+        )
+        return StatementPlan(
+            digest=values_digest([fp.digest, schema]),
+            tables=frozenset(tables),
+            version_keys=tuple(keys.version_key(t) for t in tables),
+            writers_keys=tuple(keys.writers_key(t) for t in tables),
+            entry_prefix=keys.query_key(tables[0], ""),
+            shape=shape,
+            scopes=scopes,
+        )
+
+    # -- entity cache: session.get and many-to-one lazy loads ----------------------------
+
+    def _entity_load(self, orm_context: ORMExecuteState) -> Result[Any] | None:
+        statement: Any = orm_context.statement
+        mapper = statement._propagate_attrs.get("plugin_subject")
+        if mapper is None:
+            return None
+        core = self.core
+        info = core.models.entity_infos.get(mapper)
+        if info is None:
+            return None
+        pk = hydrate.get_clause_pk(statement, mapper, orm_context.parameters)
+        if pk is None or None in pk:
+            return None
+        if (
+            statement._for_update_arg is not None
+            or orm_context.load_options._refresh_state is not None
+            or any(not isinstance(o, UserDefinedOption) for o in statement._with_options)
+            or any(orm_context.execution_options.get(n) for n in _BYPASS_OPTIONS)
+        ):
+            return None
+        session = orm_context.session
+        tx = peek_tx_state(session)
+        if tx is not None and info.table in tx.written_tables:
+            return None
+        scope = "model:" + mapper.class_.__name__
+        try:
+            key = core.keys.entity_key(info.table, info.schema_hash, pk_text(pk))
+        except TypeError:
+            return None
+        version_key = core.keys.version_key(info.table)
+        generation_key = core.keys.generation_key(info.table)
+        try:
+            raw, version, generation = cast(
+                "list[bytes | None]", core.client.mget([key, version_key, generation_key])
+            )
+        except RedisError as exc:
+            core.redis_failed(exc)
+            core.counters.incr(scope, "errors")
+            return None
+        if raw is not None and generation is not None:
+            try:
+                stored_generation, body = unpack(raw)
+                if stored_generation == int(generation):
+                    result = hydrate.rehydrate_entity(session, info, body)
+                    core.counters.incr(scope, "hits")
+                    return result
+            except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
+                self._corrupt(key, scope, exc)
+        core.counters.incr(scope, "misses")
+        captured = self._captured([version, generation], [version_key, generation_key])
+        preexisting = hydrate.identity_snapshot(session)
+        frozen = orm_context.invoke_statement().freeze()
+        if captured is not None:
+            data = frozen.data
+            try:
+                body = hydrate.extract_entity(data[0] if data else None, info, preexisting)
+                core.store(
+                    key,
+                    pack([int(captured[1]), body]),
+                    [version_key],
+                    [core.keys.writers_key(info.table)],
+                    captured[:1],
+                    core.ttl_for_info(info),
+                    scope,
+                )
+            except (hydrate.NotCacheable, CodecError) as exc:
+                log.debug("not caching %s: %s", key, exc)
+        return frozen()
+
+
+def _row_shape(statement: Any) -> hydrate.RowShape:
+    descriptions = statement.column_descriptions
+    keys: list[str] = []
+    entity_positions: list[int] = []
+    scalar_positions: list[int] = []
+    scalar_types: list[TypeEngine[Any]] = []
+    for i, desc in enumerate(descriptions):
+        keys.append(desc["name"])
+        kind = desc["type"]
+        if isinstance(kind, TypeEngine):
+            scalar_positions.append(i)
+            scalar_types.append(kind)
+        elif isinstance(kind, type) and hasattr(kind, "__mapper__"):
+            entity_positions.append(i)
+        else:
+            raise Uncacheable(f"result column {desc['name']!r} is neither an entity nor a column")
+    try:
+        codec = RowCodec(scalar_types)
+    except UncacheableType as exc:
+        raise Uncacheable(str(exc)) from exc
+    single = len(descriptions) == 1 and bool(entity_positions)
+    return hydrate.RowShape(
+        keys=tuple(keys),
+        single_entity=single,
+        entity_positions=tuple(entity_positions),
+        scalar_positions=tuple(scalar_positions),
+        scalar_codec=codec,
+    )
+
+
+def mapper_tables(mapper: Mapper[Any]) -> list[Table]:
+    """The tables a mapper's rows live in."""
+    return [t for t in mapper.tables if isinstance(t, Table)]

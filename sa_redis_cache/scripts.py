@@ -1,0 +1,41 @@
+"""The Lua scripts in ``lua/``, loaded once per process and run with EVALSHA.
+
+Each script opens with a comment naming its KEYS and ARGV; keep that header true.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from redis.commands.core import Script
+
+
+@cache
+def source(name: str) -> str:
+    """The text of ``lua/<name>.lua``."""
+    return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
+
+
+class Scripts:
+    """Registered scripts for one Redis client; EVALSHA with a reload on NOSCRIPT.
+
+    Example::
+
+        scripts = Scripts(redis.Redis())
+        scripts.fill(keys=[...], args=[...])
+    """
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+        self.capture_versions: Script = client.register_script(source("capture_versions"))
+        self.fill: Script = client.register_script(source("fill"))
+        self.flush_mark: Script = client.register_script(source("flush_mark"))
+        self.commit: Script = client.register_script(source("commit"))
+
+    def run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        """Run ``script``; redis-py reloads it when the server answers NOSCRIPT."""
+        return script(keys=keys, args=args, client=self._client)

@@ -1,0 +1,51 @@
+"""Fixtures for the integration tests: the example shop, a cache on it, and a SQL counter."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from examples.shop import Base, seed
+from sa_redis_cache import Cache
+from tests.support import SQLCounter
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+@pytest.fixture(scope="session")
+def shop_engine(engine: sa.Engine) -> sa.Engine:
+    """The run's database with the shop schema and seed data (shared: restore what you change)."""
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        seed(session, products=120, customers=30, orders=60)
+    return engine
+
+
+@pytest.fixture
+def cache(redis_url: str, namespace: str) -> Iterator[Cache]:
+    """A cache in this test's own namespace."""
+    client = redis.Redis.from_url(redis_url)
+    yield Cache(client, namespace=namespace, default_ttl=300)
+    client.close()
+
+
+@pytest.fixture
+def session_factory(shop_engine: sa.Engine, cache: Cache) -> sessionmaker[Session]:
+    """A sessionmaker on the shop, attached to ``cache``."""
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    return factory
+
+
+@pytest.fixture
+def sql(shop_engine: sa.Engine) -> Iterator[SQLCounter]:
+    """Counts the statements that reach Postgres."""
+    counter = SQLCounter()
+    sa.event.listen(shop_engine, "before_cursor_execute", counter)
+    yield counter
+    sa.event.remove(shop_engine, "before_cursor_execute", counter)
