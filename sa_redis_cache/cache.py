@@ -126,6 +126,7 @@ class Cache:
         session_class = self._session_class_of(target)
         self._load_models()
         event.listen(session_class, "do_orm_execute", self._reads.on_execute)
+        event.listen(session_class, "after_begin", self._reads.on_begin)
         self._writes.register(session_class)
         self._attached.append(session_class)
 

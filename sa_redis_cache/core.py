@@ -18,7 +18,7 @@ from .scripts import Scripts
 from .stats import Stats
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     import redis
 
@@ -52,6 +52,15 @@ class CacheCore:
         self.counters = Stats()
         self.scripts = Scripts(client)
         self.models = ModelRegistry()
+        # named points where tests force interleavings (e.g. a commit between a miss's
+        # database read and its fill); empty in production, so each costs a dict lookup
+        self.hooks: dict[str, Callable[[], None]] = {}
+
+    def hook(self, name: str) -> None:
+        """Run the test hook registered under ``name``, if any."""
+        fn = self.hooks.get(name)
+        if fn is not None:
+            fn()
 
     def ttl_for_info(self, info: ModelInfo) -> float:
         """The model's TTL, or the cache default."""

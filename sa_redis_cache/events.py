@@ -226,6 +226,7 @@ class WritePath:
             tx.release()
             return
         if tx.marked:
+            self.core.hook("before_post_commit")
             self._apply(tx.token, tx.frames[0], tx.marked)
         tx.reset()
 
@@ -240,7 +241,10 @@ class WritePath:
         if transaction.nested or transaction.parent is not None:
             return
         tx = peek_tx_state(session)
-        if tx is None or not tx.marked:
+        if tx is None:
+            return
+        if not tx.marked:
+            tx.snapshot = None
             return
         core = self.core
         try:

@@ -135,6 +135,7 @@ class ModelRegistry:
         self.by_table: dict[str, ModelInfo] = {}
         self.entity_infos: dict[Mapper[Any], ModelInfo] = {}
         self._schema_hashes: dict[str, str] = {}
+        self._known_tables: list[str] | None = None
 
     def register(self, mapper: Mapper[Any], policy: CachePolicy | None) -> ModelInfo:
         """Describe ``mapper`` under ``policy`` and index it."""
@@ -162,6 +163,20 @@ class ModelRegistry:
                 if mapper_name(mapper) == name:
                     return self.info_of(mapper)
         return info
+
+    def known_tables(self) -> list[str]:
+        """Every table of every mapper in the process (with association tables), sorted."""
+        if self._known_tables is None:
+            names: set[str] = set()
+            for mapper in all_mappers():
+                names.update(t.fullname for t in mapper.tables if isinstance(t, Table))
+                names.update(
+                    r.secondary.fullname
+                    for r in mapper.relationships
+                    if isinstance(r.secondary, Table)
+                )
+            self._known_tables = sorted(names)
+        return self._known_tables
 
     def table_schema(self, table: Table) -> str:
         """The memoised :func:`table_schema_hash` of ``table``."""

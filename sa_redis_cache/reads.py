@@ -24,7 +24,7 @@ from . import hydrate
 from .codec import CodecError, RowCodec, UncacheableType, pack, unpack
 from .keys import Unfingerprintable, fingerprint, pk_text, values_digest
 from .options import FromCache
-from .txstate import peek_tx_state
+from .txstate import peek_tx_state, tx_state
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -47,6 +47,7 @@ class StatementPlan:
 
     digest: str
     tables: frozenset[str]
+    table_names: tuple[str, ...]
     version_keys: tuple[str, ...]
     writers_keys: tuple[str, ...]
     entry_prefix: str
@@ -137,7 +138,9 @@ class ReadPath:
             stats.incr(region, "errors")
             return None
         entry, current = raw[0], raw[1:]
-        if entry is not None and None not in current:
+        pinned = None if tx is None or tx.snapshot is None else tx.snapshot
+        expected = None if pinned is None else [pinned.get(t) for t in plan.table_names]
+        if entry is not None and None not in current and expected in (None, current):
             result = self._try_hit(
                 session, entry, cast("list[bytes]", current), plan, entry_key, region
             )
@@ -146,10 +149,14 @@ class ReadPath:
         stats.incr(region, "misses")
         for scope in plan.scopes:
             stats.incr(scope, "misses")
-        captured = self._captured(current, plan.version_keys)
+        if expected is None:
+            captured = self._captured(current, plan.version_keys)
+        else:
+            captured = None if None in expected else cast("list[bytes]", expected)
         ttl = option.ttl or core.ttl_for_tables(plan.tables)
         preexisting = hydrate.identity_snapshot(session)
         frozen = orm_context.invoke_statement().freeze()
+        core.hook("after_database_read")
         if captured is not None:
             try:
                 body = hydrate.extract(frozen.data, plan.shape, core.models.info_of, preexisting)
@@ -255,6 +262,31 @@ class ReadPath:
         except (CodecError, TypeError):
             return None
 
+    def on_begin(self, session: Session, transaction: Any, connection: Any) -> None:
+        """Under REPEATABLE READ or SERIALIZABLE, pin the versions before the snapshot.
+
+        Such a transaction reads one snapshot, taken at its first statement; a fill must
+        be validated against the versions as they were before it, or a value older than
+        a write committed since could be stored as current.
+        """
+        isolation = (
+            connection.get_execution_options().get("isolation_level")
+            or connection.default_isolation_level
+        )
+        if isolation not in ("REPEATABLE READ", "SERIALIZABLE"):
+            return
+        core = self.core
+        tables = core.models.known_tables()
+        tx = tx_state(session)
+        try:
+            values = cast(
+                "list[bytes | None]", core.client.mget([core.keys.version_key(t) for t in tables])
+            )
+        except RedisError as exc:
+            core.redis_failed(exc)
+            values = [None] * len(tables)
+        tx.snapshot = dict(zip(tables, values, strict=True))
+
     def plan(self, structural_key: Any, statement: Any) -> StatementPlan | None:
         """The memoised plan of a statement shape; None when it cannot be cached."""
         plans = self._plans
@@ -291,6 +323,7 @@ class ReadPath:
         return StatementPlan(
             digest=values_digest([fp.digest, schema]),
             tables=frozenset(tables),
+            table_names=tuple(tables),
             version_keys=tuple(keys.version_key(t) for t in tables),
             writers_keys=tuple(keys.writers_key(t) for t in tables),
             entry_prefix=keys.query_key(tables[0], ""),
@@ -338,7 +371,10 @@ class ReadPath:
             core.redis_failed(exc)
             core.counters.incr(scope, "errors")
             return None
-        if raw is not None and generation is not None:
+        # under a pinned snapshot a missing counter reads as b"", which matches nothing
+        pinned = None if tx is None or tx.snapshot is None else tx.snapshot.get(info.table) or b""
+        usable = pinned is None or pinned == version
+        if raw is not None and generation is not None and usable:
             try:
                 stored_generation, body = unpack(raw)
                 if stored_generation == int(generation):
@@ -348,9 +384,14 @@ class ReadPath:
             except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
                 self._corrupt(key, scope, exc)
         core.counters.incr(scope, "misses")
-        captured = self._captured([version, generation], [version_key, generation_key])
+        captured: list[bytes] | None
+        if pinned is None:
+            captured = self._captured([version, generation], [version_key, generation_key])
+        else:
+            captured = [pinned, generation] if pinned and generation is not None else None
         preexisting = hydrate.identity_snapshot(session)
         frozen = orm_context.invoke_statement().freeze()
+        core.hook("after_database_read")
         if captured is not None:
             data = frozen.data
             try:

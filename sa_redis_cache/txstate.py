@@ -56,6 +56,9 @@ class TxState:
     token: str = field(default_factory=lambda: secrets.token_hex(8))
     marked: set[str] = field(default_factory=set)
     frames: list[Frame] = field(default_factory=lambda: [{}])
+    # REPEATABLE READ / SERIALIZABLE: the table versions captured when the transaction
+    # began, before its snapshot; fills must compare against these, not later ones
+    snapshot: dict[str, bytes | None] | None = None
 
     @property
     def written_tables(self) -> set[str]:
@@ -96,6 +99,7 @@ class TxState:
         self.token = secrets.token_hex(8)
         self.marked = set()
         self.frames = [{}]
+        self.snapshot = None
 
 
 def tx_state(session: Session) -> TxState:

@@ -26,7 +26,9 @@ if not generation then
   generation = ARGV[4]
 end
 if ARGV[5] == '1' then
-  generation = tostring(redis.call('INCR', KEYS[3]))
+  redis.call('INCR', KEYS[3])
+  -- read it back as a string: Lua numbers are doubles and would round a 62-bit value
+  generation = redis.call('GET', KEYS[3])
 end
 local tickets = {generation}
 for i = 4, #KEYS, 2 do
