@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 
 import redis
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapper, Session, sessionmaker
 
 from .core import CacheCore
@@ -114,7 +115,9 @@ class Cache:
         """Enable caching for sessions made by ``target`` and check every model's policy.
 
         ``target`` is a ``sessionmaker``, a ``Session`` subclass, an
-        ``async_sessionmaker`` or an ``AsyncSession`` subclass. Every mapped class with a
+        ``async_sessionmaker`` or an ``AsyncSession`` subclass; the engine a session
+        factory is bound to is instrumented too, so Core and textual DML on it invalidate.
+        An ``Engine`` alone may be attached for applications that write through Core. Every mapped class with a
         ``__cache__`` attribute is validated; all problems are reported at once, each
         naming the model and the fix, and nothing is attached when any is found.
 
@@ -123,8 +126,17 @@ class Cache:
             Session = sessionmaker(engine)
             cache.attach(Session)
         """
+        if isinstance(target, Engine):
+            self._load_models()
+            self._writes.core_dml.register(target)
+            return
         session_class = self._session_class_of(target)
         self._load_models()
+        bind = getattr(target, "kw", {}).get("bind")
+        if isinstance(bind, AsyncEngine):
+            bind = bind.sync_engine
+        if isinstance(bind, Engine):
+            self._writes.core_dml.register(bind)
         event.listen(session_class, "do_orm_execute", self._reads.on_execute)
         event.listen(session_class, "after_begin", self._reads.on_begin)
         self._writes.register(session_class)

@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from redis.exceptions import RedisError
 from sqlalchemy import Table, event
+from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.orm.attributes import instance_state
 
 from . import hydrate
 from .codec import CodecError, pack
+from .dml import CoreDML
 from .keys import pk_text
 from .txstate import RowWrite, TableWrites, peek_tx_state, tx_state
 
@@ -47,9 +49,11 @@ class WritePath:
     def __init__(self, core: CacheCore) -> None:
         self.core = core
         self.writer_mark_ms = 60_000
+        self.core_dml = CoreDML(self)
 
     def register(self, session_class: Any) -> None:
         """Listen on ``session_class`` (a sessionmaker or Session subclass)."""
+        event.listen(session_class, "after_begin", self.after_begin)
         event.listen(session_class, "after_flush", self.after_flush)
         event.listen(session_class, "after_transaction_create", self.after_transaction_create)
         event.listen(session_class, "after_commit", self.after_commit)
@@ -149,6 +153,8 @@ class WritePath:
             tables.add(target.fullname)
         if not tables:
             return
+        if isinstance(orm_context.statement, TextClause):
+            return  # textual DML is seen at the engine (sa_redis_cache.dml)
         session = orm_context.session
         tx = tx_state(session)
         self._mark(tx.token, tables, {}, bulk=True)
@@ -210,7 +216,19 @@ class WritePath:
             )
         return out
 
+    def mark_bulk(self, token: str, tables: set[str]) -> None:
+        """Core/textual DML: mark ``tables`` with unknown rows (every entity entry goes)."""
+        self._mark(token, tables, {}, bulk=True)
+
+    def finish_bulk(self, token: str, tables: set[str]) -> None:
+        """Core/textual DML: the post-commit bump and mark release."""
+        self._apply(token, {}, tables)
+
     # -- transaction boundaries ----------------------------------------------------------
+
+    def after_begin(self, session: Session, transaction: Any, connection: Any) -> None:
+        """Core DML on a session's connection is the session's business, not the engine's."""
+        self.core_dml.session_connections.add(connection)
 
     def after_transaction_create(self, session: Session, transaction: Any) -> None:
         """A savepoint gets a frame of its own."""

@@ -79,6 +79,7 @@ class ReadPath:
         """The ``do_orm_execute`` listener; returns a result to short-circuit the database."""
         if not orm_context.is_select:
             if orm_context.is_update or orm_context.is_delete or orm_context.is_insert:
+                # ORM bulk DML through the session; textual DML is seen at the engine
                 self.writes.on_bulk(orm_context)
             return None
         option = None

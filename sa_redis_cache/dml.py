@@ -1,0 +1,118 @@
+"""Writes outside the unit of work: Core DML on an engine and textual DML anywhere.
+
+ORM flushes and ORM bulk statements are handled by the session hooks in
+:mod:`sa_redis_cache.events`. Everything else that reaches the database through an
+attached engine is seen here, after the cursor ran it: a compiled ``insert()``,
+``update()`` or ``delete()`` names its table; a ``text()`` statement is read with a
+regular expression, and when its tables cannot be told, every table the cache knows is
+invalidated. The tables are marked at once (before the commit), and the post-commit bump
+runs when the connection goes back to the pool, which is after its commit or rollback.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Table, event
+from sqlalchemy.sql.elements import TextClause
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
+
+    from .events import WritePath
+
+_TEXT_DML = re.compile(
+    r"^\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM|MERGE\s+INTO|TRUNCATE(?:\s+TABLE)?)"
+    r"\s+(?:ONLY\s+)?(?P<table>\"[^\"]+\"(?:\.\"[^\"]+\")?|[\w$]+(?:\.[\w$]+)?)",
+    re.IGNORECASE,
+)
+_ANY_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|TRUNCATE|COPY)\b", re.IGNORECASE)
+_PENDING = "sa_redis_cache.pending"
+
+
+def text_dml_tables(sql: str, known: list[str]) -> set[str]:
+    """The tables a textual statement writes: parsed, or all of ``known`` when unsure.
+
+    Example::
+
+        >>> text_dml_tables("UPDATE products SET price = 1", ["products", "orders"])
+        {'products'}
+    """
+    found = _TEXT_DML.match(sql)
+    if found is not None:
+        name = found.group("table").replace('"', "")
+        for candidate in (name, name.rpartition(".")[2]):
+            if candidate in known:
+                return {candidate}
+    if found is not None or _ANY_DML.search(sql):
+        # a table we cannot match to a model's, a CTE, a function call or several
+        # statements: which cached tables changed is unknowable
+        return set(known)
+    return set()
+
+
+class CoreDML:
+    """Engine listeners that invalidate after Core and textual DML."""
+
+    def __init__(self, writes: WritePath) -> None:
+        self.writes = writes
+        self.session_connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+    def register(self, engine: Engine) -> None:
+        """Listen on ``engine`` (once)."""
+        if engine in self._engines:
+            return
+        self._engines.add(engine)
+        event.listen(engine, "after_cursor_execute", self.after_cursor_execute)
+        event.listen(engine.pool, "checkin", self.checkin)
+
+    def after_cursor_execute(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        """Mark the tables a DML statement wrote, before its transaction commits."""
+        compiled = getattr(context, "compiled", None)
+        element = getattr(compiled, "statement", None)
+        if isinstance(element, TextClause) or compiled is None:
+            tables = text_dml_tables(statement, self.writes.core.models.known_tables())
+        elif context.isinsert or context.isupdate or context.isdelete:
+            if conn in self.session_connections:
+                return  # the session's own hooks know the rows
+            target = getattr(element, "table", None)
+            if not isinstance(target, Table):
+                return
+            tables = {target.fullname}
+        else:
+            return
+        if not tables:
+            return
+        info = conn.info
+        pending: tuple[str, set[str]] | None = info.get(_PENDING)
+        if pending is None:
+            pending = info[_PENDING] = (secrets.token_hex(8), set())
+        token, marked = pending
+        self.writes.mark_bulk(token, tables)
+        marked.update(tables)
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT" or (
+            conn.default_isolation_level == "AUTOCOMMIT"
+        ):
+            self._finish(info)
+
+    def checkin(self, dbapi_connection: Any, connection_record: Any) -> None:
+        """The connection's transaction is over: bump the versions, release the marks."""
+        self._finish(connection_record.info)
+
+    def _finish(self, info: dict[Any, Any]) -> None:
+        pending = info.pop(_PENDING, None)
+        if pending is not None:
+            token, marked = pending
+            self.writes.finish_bulk(token, marked)
