@@ -1,1 +1,1 @@
-"""Runnable examples; ``examples.shop`` is the schema the demo, the tests and the benchmarks share."""
+"""Runnable examples; `examples.shop` is the schema of the demo, the tests and the benchmarks."""

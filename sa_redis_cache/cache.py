@@ -117,9 +117,10 @@ class Cache:
         ``target`` is a ``sessionmaker``, a ``Session`` subclass, an
         ``async_sessionmaker`` or an ``AsyncSession`` subclass; the engine a session
         factory is bound to is instrumented too, so Core and textual DML on it invalidate.
-        An ``Engine`` alone may be attached for applications that write through Core. Every mapped class with a
-        ``__cache__`` attribute is validated; all problems are reported at once, each
-        naming the model and the fix, and nothing is attached when any is found.
+        An ``Engine`` alone may be attached for applications that write through Core.
+        Every mapped class with a ``__cache__`` attribute is validated; all problems are
+        reported at once, each naming the model and the fix, and nothing is attached when
+        any is found.
 
         Example::
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from redis.exceptions import RedisError
 from sqlalchemy import Table, event
-from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.sql.elements import TextClause
 
 from . import hydrate
 from .codec import CodecError, pack

@@ -79,7 +79,8 @@ def test_text_dml_whose_tables_cannot_be_told_invalidates_everything(
     with shop_engine.begin() as conn:
         conn.execute(
             text(
-                "WITH t AS (SELECT :id AS id) UPDATE products SET price = 5.00 FROM t WHERE products.id = t.id"
+                "WITH t AS (SELECT :id AS id) "
+                "UPDATE products SET price = 5.00 FROM t WHERE products.id = t.id"
             ),
             {"id": product},
         )
