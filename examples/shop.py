@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import random
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -137,7 +137,7 @@ def seed(
             seed(s, products=50, orders=20)
     """
     rng = random.Random(rng_seed)
-    base_time = datetime(2026, 1, 1, tzinfo=UTC)
+    base_time = datetime(2026, 1, 1, tzinfo=timezone.utc)
     cats = [Category(name=f"category-{i}") for i in range(categories)]
     session.add_all(cats)
     prods = [

@@ -9,15 +9,21 @@ from typing import Any, TypeVar
 import redis
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Mapper, Session, sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_scoped_session,
+    async_sessionmaker,
+)
+from sqlalchemy.orm import Mapper, Session, mapperlib, scoped_session, sessionmaker
 
 from .core import CacheCore
 from .errors import ConfigurationError
 from .events import WritePath
 from .functions import CachedFunction
 from .keys import KeyScheme, pk_text
-from .models import ModelInfo, all_mappers, mapper_of
+from .models import ModelInfo, mapper_of
+from .options import FromCache
 from .policy import CachePolicy
 from .reads import ReadPath
 
@@ -67,6 +73,12 @@ class Cache:
                 f"Cache() needs a redis.Redis client or a redis:// URL, got "
                 f"{type(redis_client).__name__}; pass redis.Redis.from_url(...) or the URL"
             )
+        if redis_client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ConfigurationError(
+                "Cache() needs a Redis client that returns bytes: this one was made with "
+                "decode_responses=True, so no entry could ever be read back. Pass a client "
+                "without it (a separate one if the application needs decoded replies)"
+            )
         if not namespace or any(ch in namespace for ch in "{}:*?[] \n"):
             raise ConfigurationError(
                 f"namespace={namespace!r} must be a non-empty name without spaces, ':', "
@@ -88,6 +100,7 @@ class Cache:
         self._writes = WritePath(self._core)
         self._reads = ReadPath(self._core, self._writes)
         self._attached: list[Any] = []
+        self._attached_binds: list[Engine] = []
 
     @property
     def client(self) -> redis.Redis:
@@ -115,56 +128,90 @@ class Cache:
         """Enable caching for sessions made by ``target`` and check every model's policy.
 
         ``target`` is a ``sessionmaker``, a ``Session`` subclass, an
-        ``async_sessionmaker`` or an ``AsyncSession`` subclass; the engine a session
+        ``async_sessionmaker`` or an ``AsyncSession`` subclass (a ``scoped_session`` or
+        ``async_scoped_session`` stands for its session factory); the engine a session
         factory is bound to is instrumented too, so Core and textual DML on it invalidate.
         An ``Engine`` alone may be attached for applications that write through Core.
         Every mapped class with a ``__cache__`` attribute is validated; all problems are
         reported at once, each naming the model and the fix, and nothing is attached when
-        any is found.
+        any is found. Attaching the same target again only checks the models again.
 
         Example::
 
             Session = sessionmaker(engine)
             cache.attach(Session)
         """
+        if isinstance(target, scoped_session | async_scoped_session):
+            target = target.session_factory
         if isinstance(target, Engine):
             self._load_models()
             self._writes.core_dml.register(target)
+            self._remember_bind(target)
             return
         session_class = self._session_class_of(target)
         self._load_models()
+        if any(session_class is known for known in self._attached):
+            return  # listening twice would run every hook twice
         bind = getattr(target, "kw", {}).get("bind")
         if isinstance(bind, AsyncEngine):
             bind = bind.sync_engine
         if isinstance(bind, Engine):
             self._writes.core_dml.register(bind)
+            self._remember_bind(bind)
         event.listen(session_class, "do_orm_execute", self._reads.on_execute)
         event.listen(session_class, "after_begin", self._reads.on_begin)
         self._writes.register(session_class)
         self._attached.append(session_class)
+
+    def _remember_bind(self, engine: Engine) -> None:
+        """Keep the engines of attached factories: ``invalidate_query`` tries them."""
+        if all(known is not engine for known in self._attached_binds):
+            self._attached_binds.append(engine)
 
     def _session_class_of(self, target: Any) -> type[Session]:
         if isinstance(target, sessionmaker):
             return target  # type: ignore[return-value]  # sessionmaker is an event target
         if isinstance(target, async_sessionmaker):
             sync_class = target.kw.get("sync_session_class", Session)
+            if any(sync_class is known for known in self._attached):
+                return sync_class  # type: ignore[no-any-return]  # attached before
             # a subclass of our own scopes the listeners to this factory's sessions
             scoped = type(f"Cached{sync_class.__name__}", (sync_class,), {})
             target.kw["sync_session_class"] = scoped
             return scoped
         if isinstance(target, type) and issubclass(target, AsyncSession):
-            return target.sync_session_class
+            sync_class = target.sync_session_class
+            if target is AsyncSession or sync_class is not Session:
+                return sync_class
+            # listening on Session itself would cache every session of the process: give
+            # this AsyncSession subclass a sync class of its own, as for async_sessionmaker
+            scoped = type(f"Cached{sync_class.__name__}", (sync_class,), {})
+            target.sync_session_class = scoped
+            return scoped
         if isinstance(target, type) and issubclass(target, Session):
             return target
+        hint = (
+            "; attach the factory that made it, not a session"
+            if isinstance(target, Session | AsyncSession)
+            else ""
+        )
         raise ConfigurationError(
             f"attach() got {target!r}; pass a sessionmaker, a Session subclass, an "
-            "async_sessionmaker or an AsyncSession subclass"
+            f"async_sessionmaker or an AsyncSession subclass{hint}"
         )
 
     def _load_models(self) -> None:
         problems: list[str] = []
         found: dict[Mapper[Any], CachePolicy | None] = {}
-        for mapper in all_mappers():
+        mappers, unmapped = _registered_classes()
+        problems.extend(
+            f"{cls.__name__} declares __cache__ but is not mapped (a DeferredReflection "
+            "class before prepare(), or a class whose mapping raised); call "
+            "prepare(engine) or fix the mapping before cache.attach()"
+            for cls in unmapped
+            if getattr(cls, "__cache__", None) is not None
+        )
+        for mapper in mappers:
             policy = getattr(mapper.class_, "__cache__", None)
             if policy is not None and not isinstance(policy, CachePolicy):
                 problems.append(
@@ -182,7 +229,7 @@ class Cache:
                         "in this version; use 'write_through' or 'cache_aside'"
                     )
             found[mapper] = policy
-        problems.extend(_unmapped_policies(found))
+        problems.extend(_unmapped_policies(found, skip=set(unmapped)))
         if problems:
             raise ConfigurationError(
                 "cache.attach() refused these models:\n  - " + "\n  - ".join(problems)
@@ -193,7 +240,11 @@ class Cache:
     # -- explicit invalidation ---------------------------------------------------------
 
     def invalidate(self, model: type, *pk: Any) -> None:
-        """Remove the entity entry of one row; ``pk`` is its primary key value(s).
+        """Say that one row changed outside the cache's sight; ``pk`` is its primary key.
+
+        Its entity entry is removed, and the table's version is bumped: cached queries
+        that may contain the row are retired, and a fill that read the row before this
+        call is refused.
 
         Example::
 
@@ -205,7 +256,13 @@ class Cache:
                 f"{model.__name__} has a primary key of {len(info.pk_positions)} column(s); "
                 f"got {len(pk)} value(s)"
             )
-        self.client.unlink(self.keys.entity_key(info.table, info.schema_hash, pk_text(pk)))
+        _check_pk_types(info, pk)
+        # bumping the version also refuses a fill that read the row before this call,
+        # and retires the cached queries that may contain the row
+        pipe = self.client.pipeline(transaction=False)
+        pipe.unlink(self.keys.entity_key(info.table, info.schema_hash, pk_text(pk)))
+        pipe.incr(self.keys.version_key(info.table))
+        pipe.execute()
         self._core.counters.incr("model:" + model.__name__, "invalidations")
 
     def invalidate_model(self, model: type) -> None:
@@ -229,18 +286,34 @@ class Cache:
         """Remove the entries that ``statement`` (with ``params``) reads; returns how many.
 
         ``bind`` is the engine the statement runs on; by default every engine the cache
-        has served is tried, as an entry's key includes its bind.
+        has served, and every engine of an attached session factory, is tried, as an
+        entry's key includes its bind. The ``FromCache`` option (and its ``ttl`` and
+        ``region``) does not matter: the statement is matched with or without it.
 
         Example::
 
             stmt = select(Product).where(Product.id < 10).options(FromCache())
             cache.invalidate_query(stmt)
         """
+        if not any(isinstance(o, FromCache) for o in getattr(statement, "_with_options", ())):
+            # an option, even one outside the cache key, puts the (empty) option list into
+            # SQLAlchemy's cache key: match the key of the statement as it was executed
+            statement = statement.options(FromCache())
         cache_key = statement._generate_cache_key()
         plan = None if cache_key is None else self._reads.plan(cache_key.key, statement)
         if cache_key is None or plan is None:
             return 0
-        binds = [bind] if bind is not None else self._reads.known_binds()
+        if bind is not None:
+            binds = [bind]
+        else:
+            binds = self._reads.known_binds()
+            binds += [e for e in self._attached_binds if all(e is not b for b in binds)]
+            if not binds:
+                raise ValueError(
+                    "invalidate_query() cannot tell which engine the statement ran on: this "
+                    "cache has served no query and no attached session factory names a bind; "
+                    "pass bind=engine"
+                )
         translate = statement.get_execution_options().get("schema_translate_map")
         keys = [
             key
@@ -248,7 +321,7 @@ class Cache:
             if (key := self._reads.entry_key(plan, cache_key.bindparams, params, b, translate))
         ]
         removed = int(self.client.unlink(*keys)) if keys else 0
-        self._core.counters.incr("total", "invalidations")
+        self._core.counters.incr_total("invalidations")
         return removed
 
     def cached(self, prefix: str, ttl: float | None = None) -> Callable[[F], F]:
@@ -284,7 +357,46 @@ class Cache:
         return self._core.counters.snapshot()
 
 
-def _unmapped_policies(found: dict[Mapper[Any], CachePolicy | None]) -> list[str]:
+def _check_pk_types(info: ModelInfo, pk: tuple[Any, ...]) -> None:
+    """Refuse primary key values whose type differs from the column's (``"7"`` for 7).
+
+    The entity key is built from the exact values the ORM loads; a value of another type
+    would name another key and remove nothing, silently.
+    """
+    mapper = info.mapper
+    for column, value in zip(mapper.primary_key, pk, strict=True):
+        try:
+            expected = column.type.python_type
+        except NotImplementedError:
+            continue
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+            attr = mapper.get_property_by_column(column).key
+            raise ValueError(
+                f"{mapper.class_.__name__}.{attr} holds {expected.__name__} values; got "
+                f"{value!r} ({type(value).__name__}). Pass the primary key as the ORM loads "
+                f"it, e.g. cache.invalidate({mapper.class_.__name__}, {expected.__name__}(...))"
+            )
+
+
+def _registered_classes() -> tuple[list[Mapper[Any]], list[type]]:
+    """Every mapper of every declarative registry, and the registered classes with none.
+
+    :func:`~sa_redis_cache.models.all_mappers` raises ``UnmappedClassError`` when a registry
+    holds a class without a mapper, which happens in ordinary programs: a DeferredReflection
+    class before ``prepare()``, or the remains of a class whose mapping raised.
+    """
+    mappers: list[Mapper[Any]] = []
+    unmapped: list[type] = []
+    for registry in list(mapperlib._mapper_registries):
+        for manager in list(registry._managers):
+            if manager.is_mapped:
+                mappers.append(manager.mapper)
+            else:
+                unmapped.append(manager.class_)
+    return mappers, unmapped
+
+
+def _unmapped_policies(found: dict[Mapper[Any], CachePolicy | None], skip: set[type]) -> list[str]:
     """Policies declared on classes of a declarative hierarchy that are not mapped."""
     mapped = {m.class_ for m in found}
     roots: set[type] = set()
@@ -305,6 +417,7 @@ def _unmapped_policies(found: dict[Mapper[Any], CachePolicy | None]) -> list[str
             if (
                 "__cache__" in sub.__dict__
                 and sub not in mapped
+                and sub not in skip
                 and not sub.__dict__.get("__abstract__", False)
             ):
                 problems.append(

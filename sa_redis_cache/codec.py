@@ -27,17 +27,22 @@ Decisions
   ``ZoneInfo`` (what psycopg 3 returns for timestamptz) is kept by key, RFC 9557 style:
   ``2024-10-27T02:30:00+01:00[Europe/Paris]``; load converts the instant into the zone,
   which restores wall time and ``fold``. Other tzinfo classes (pytz, dateutil, named
-  ``timezone``), ``fold=1`` where it means nothing, and wall times inside a DST gap raise
-  :class:`CodecError`.
+  ``timezone``), sub-second offsets, ``fold=1`` where it means nothing, and wall times
+  inside a DST gap raise :class:`CodecError`.
 * float: finite values natively; ``inf``/``-inf``/``nan``/``-nan`` as words, other NaN
   payloads by bit pattern (``nan:7ff4000000000000``), so bits round-trip.
 * JSON/JSONB/HSTORE: encoded once and embedded with ``orjson.Fragment``; a document that
   orjson would change (NaN/Infinity become null, ints beyond 64 bits, non-JSON types)
   raises :class:`CodecError`. Enum members with a str/int mixin inside a JSON document
   compare equal to their value and are not detected; JSON drivers never produce them.
+* int columns are stored as is: orjson's range (-2**63 .. 2**64-1) covers every Postgres
+  integer type, and a bigger value makes :func:`pack` raise :class:`CodecError`. The
+  tagged layer stores bigger ints as ``{"$i": hex}`` (hex has no 4300-digit limit).
 * Tagged values are single-key objects whose key starts with ``$``. A dict with non-str
   keys, or whose only key starts with ``$``, is stored as ``{"$m": [[key, value], ...]}``
-  so every dict round-trips. set and frozenset are supported; other types are refused.
+  so every dict round-trips, in order. tuple, set, frozenset and bytearray keep their
+  types; set items are sorted by their encoding so that equal values give equal bytes
+  (keys are hashed from these bytes). Other types are refused.
 * Enum in the generic layer: ``"module:qualname"`` plus member name. Loading resolves the
   class only from modules already imported: cached bytes never cause an import. An
   unresolvable class is a :class:`CodecError`, which the cache treats as a miss.
@@ -191,9 +196,14 @@ def _dump_decimal(v: Any) -> str:
 
 def _plain_offset(tz: Any) -> bool:
     # fromisoformat() rebuilds an unnamed datetime.timezone; any other tzinfo would change.
-    return tz is None or (
-        type(tz) is timezone and tz.tzname(None) == timezone(tz.utcoffset(None)).tzname(None)
-    )
+    # Sub-second offsets are refused: CPython 3.11 parses "+00:00:00.000001" as UTC, and
+    # real offsets (Postgres included) are whole seconds.
+    if tz is None:
+        return True
+    if type(tz) is not timezone:
+        return False
+    offset = tz.utcoffset(None)
+    return offset.microseconds == 0 and tz.tzname(None) == timezone(offset).tzname(None)
 
 
 def _dump_datetime(v: Any) -> str:
@@ -802,8 +812,24 @@ class RowCodec:
         """:meth:`load_row` for each stored row; ``data`` must be a list."""
         if type(data) is not list:
             raise CodecError("stored rows are not a list")
-        load_row = self.load_row
-        return [load_row(row) for row in data]
+        loads, width = self._loads, self.width
+        result = []
+        index = -1
+        try:  # load_row inlined: this loop is the cache-hit path
+            for row in data:
+                if type(row) is not list or len(row) != width:
+                    break
+                out = row[:]
+                for index, load in loads:
+                    v = out[index]
+                    if v is not None:
+                        out[index] = load(v)
+                result.append(tuple(out))
+        except Exception as exc:  # foreign or corrupt data is a miss
+            raise CodecError(f"column {index}: cannot decode: {exc!r}") from exc
+        if len(result) != len(data):
+            raise CodecError(f"stored row does not have {width} columns")
+        return result
 
 
 def pack(payload: Any) -> bytes:

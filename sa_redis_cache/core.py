@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     import redis
 
 log = logging.getLogger("sa_redis_cache")
+
+_FAILURE_LOG_INTERVAL = 10.0
 
 
 class CacheCore:
@@ -52,6 +55,7 @@ class CacheCore:
         self.counters = Stats()
         self.scripts = Scripts(client)
         self.models = ModelRegistry()
+        self._last_failure_log = float("-inf")
         # named points where tests force interleavings (e.g. a commit between a miss's
         # database read and its fill); empty in production, so each costs a dict lookup
         self.hooks: dict[str, Callable[[], None]] = {}
@@ -90,10 +94,12 @@ class CacheCore:
         captured: Sequence[bytes],
         ttl: float,
         scope: str,
+        *,
+        also: tuple[str, ...] = (),
     ) -> bool:
         """Compare-and-set fill (``lua/fill.lua``); False when refused, oversized or failed."""
         if len(blob) > self.max_entry_bytes:
-            self.counters.incr(scope, "oversize")
+            self.counters.incr(scope, "oversize", also=also)
             return False
         try:
             stored = self.scripts.run(
@@ -103,14 +109,21 @@ class CacheCore:
             )
         except RedisError as exc:
             self.redis_failed(exc)
-            self.counters.incr(scope, "errors")
+            self.counters.incr(scope, "errors", also=also)
             return False
-        self.counters.incr(scope, "fills" if stored else "fill_refused")
+        self.counters.incr(scope, "fills" if stored else "fill_refused", also=also)
         return bool(stored)
 
     def redis_failed(self, exc: RedisError) -> None:
-        """Record a Redis failure on a path that degrades to the database."""
-        log.warning("redis unavailable, using the database: %s", exc)
+        """Record a Redis failure on a path that degrades to the database.
+
+        Logged at most once per ``_FAILURE_LOG_INTERVAL`` seconds: while Redis is down
+        every cached call fails, and one line per call would flood the log.
+        """
+        now = time.monotonic()
+        if now - self._last_failure_log >= _FAILURE_LOG_INTERVAL:
+            self._last_failure_log = now
+            log.warning("redis unavailable, using the database: %s", exc)
 
     def unlink_matching(self, pattern: str) -> int:
         """UNLINK every key matching ``pattern`` (SCAN, in batches); returns how many."""

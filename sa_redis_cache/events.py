@@ -28,6 +28,7 @@ from . import hydrate
 from .codec import CodecError, pack
 from .dml import CoreDML
 from .keys import pk_text
+from .models import Inexact
 from .txstate import RowWrite, TableWrites, peek_tx_state, tx_state
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class WritePath:
             return
         tx = tx_state(session)
         frame = tx.frame()
+        tz = hydrate.connection_timezone(session)
         tickets = self._mark(tx.token, tables, {t: list(r) for t, r in rows.items()}, bulk=False)
         tx.marked.update(tables)
         for table, table_rows in rows.items():
@@ -86,7 +88,7 @@ class WritePath:
             for pk, (info, obj) in table_rows.items():
                 writes.rows[pk] = RowWrite(
                     ticket=row_tickets.get(pk, -1),
-                    state=self._write_through_state(info, obj, generation),
+                    state=self._write_through_state(info, obj, generation, tz),
                     ttl=core.ttl_for_info(info),
                 )
         for table in tables - set(rows):
@@ -123,7 +125,7 @@ class WritePath:
         rows.setdefault(info.table, {})[text] = (info, None if deleted else obj)
 
     def _write_through_state(
-        self, info: ModelInfo, obj: object | None, generation: int | None
+        self, info: ModelInfo, obj: object | None, generation: int | None, tz: Any
     ) -> bytes | None:
         if (
             obj is None
@@ -133,8 +135,9 @@ class WritePath:
         ):
             return None
         try:
-            body = hydrate.extract_entity(obj, info, frozenset(), allow_modified=True)
-        except (hydrate.NotCacheable, CodecError):
+            body = hydrate.extract_entity(obj, info, frozenset(), allow_modified=True, as_stored=tz)
+        except (hydrate.NotCacheable, CodecError, Inexact):
+            # Postgres would return something we cannot predict: delete, never guess
             return None
         if body is None or body[1]:
             # columns the database filled in (server defaults) are not known here; a
@@ -161,7 +164,7 @@ class WritePath:
         tx.marked.update(tables)
         frame = tx.frame()
         for table in tables:
-            frame.setdefault(table, TableWrites())
+            frame.setdefault(table, TableWrites()).bulk = True
 
     def _mark(
         self,
@@ -205,7 +208,7 @@ class WritePath:
             replies = pipe.execute()
         except RedisError as exc:
             core.redis_failed(exc)
-            core.counters.incr("total", "errors")
+            core.counters.incr_total("errors")
             return {}
         out: dict[str, tuple[int, dict[str, int]]] = {}
         for table, reply in zip(ordered, replies, strict=True):
@@ -222,7 +225,7 @@ class WritePath:
 
     def finish_bulk(self, token: str, tables: set[str]) -> None:
         """Core/textual DML: the post-commit bump and mark release."""
-        self._apply(token, {}, tables)
+        self._apply(token, {table: TableWrites(bulk=True) for table in tables}, tables)
 
     # -- transaction boundaries ----------------------------------------------------------
 
@@ -287,7 +290,8 @@ class WritePath:
                 args: list[Any] = [
                     token,
                     channel,
-                    orjson.dumps({"t": table, "pk": list(writes.rows)}),
+                    orjson.dumps({"t": table, "pk": list(writes.rows), "bulk": writes.bulk}),
+                    1 if writes.bulk else 0,
                 ]
                 for pk, row in writes.rows.items():
                     assert info is not None
@@ -307,4 +311,4 @@ class WritePath:
             pipe.execute()
         except RedisError as exc:
             core.redis_failed(exc)
-            core.counters.incr("total", "errors")
+            core.counters.incr_total("errors")

@@ -7,7 +7,7 @@ import inspect
 import logging
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .codec import CodecError, dumps_tagged, loads_tagged
 from .keys import values_digest
@@ -23,6 +23,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _MAGIC = b"\x01F"
+_DIGEST_CHARS = len(values_digest([]))
 
 
 class CachedFunction(Generic[P, R]):
@@ -54,6 +55,14 @@ class CachedFunction(Generic[P, R]):
         self._ttl = ttl
         self._func = func
         self._signature = inspect.signature(func)
+        self._var_keyword = next(
+            (
+                p.name
+                for p in self._signature.parameters.values()
+                if p.kind is inspect.Parameter.VAR_KEYWORD
+            ),
+            None,
+        )
         self._scope = "function:" + prefix
         functools.update_wrapper(self, func)
 
@@ -61,7 +70,11 @@ class CachedFunction(Generic[P, R]):
         """The Redis key of one call."""
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        digest = values_digest([list(bound.arguments.items())])
+        arguments = bound.arguments
+        if self._var_keyword is not None and arguments[self._var_keyword]:
+            # f(a=1, b=2) and f(b=2, a=1) are one call: **kwargs order is not meaningful
+            arguments[self._var_keyword] = dict(sorted(arguments[self._var_keyword].items()))
+        digest = values_digest([list(arguments.items())])
         return self._core.keys.function_key(self._prefix, digest)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -75,6 +88,16 @@ class CachedFunction(Generic[P, R]):
             return self._func(*args, **kwargs)
         try:
             raw = cast("bytes | None", core.client.get(key))
+        except ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                core.redis_failed(exc)
+                stats.incr(self._scope, "errors")
+                return self._func(*args, **kwargs)
+            # a key of another Redis type under our name: unreadable like garbage bytes;
+            # the fill's SET replaces it
+            log.warning("unreadable cache entry %s replaced: %s", key, exc)
+            stats.incr(self._scope, "decode_errors")
+            raw = None
         except RedisError as exc:
             core.redis_failed(exc)
             stats.incr(self._scope, "errors")
@@ -115,7 +138,11 @@ class CachedFunction(Generic[P, R]):
 
     def invalidate_all(self) -> int:
         """Forget every cached result of this function; returns how many went."""
-        return self._core.unlink_matching(self._core.keys.function_pattern(self._prefix))
+        pattern = self._core.keys.function_pattern(self._prefix)
+        # match exactly one digest after the prefix, so that prefix "a" leaves "a:b" alone
+        assert pattern.endswith("*")
+        pattern = pattern[:-1] + "?" * _DIGEST_CHARS
+        return self._core.unlink_matching(pattern)
 
     def _delete(self, key: str) -> bool:
         try:

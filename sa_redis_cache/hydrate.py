@@ -40,6 +40,22 @@ MapperLookup = Callable[[str], ModelInfo | None]
 InfoOf = Callable[[Mapper[Any]], ModelInfo]
 
 
+_NOT_WRITTEN: Any = object()
+
+
+def connection_timezone(session: Session) -> Any:
+    """The time zone psycopg gives timestamptz values in on this session's connection.
+
+    None when it cannot be told (another driver, no connection yet).
+    """
+    try:
+        dbapi = session.connection().connection.dbapi_connection
+    except Exception:  # noqa: BLE001 - any failure just means "unknown", handled as such
+        return None
+    info = getattr(dbapi, "info", None)
+    return getattr(info, "timezone", None)
+
+
 class NotCacheable(Exception):
     """This result cannot be stored exactly (objects already in the session, odd collections)."""
 
@@ -160,10 +176,13 @@ def extract_entity(
     preexisting: frozenset[Any],
     *,
     allow_modified: bool = False,
+    as_stored: Any = _NOT_WRITTEN,
 ) -> Any:
     """Encode one object (or its absence) for the entity cache.
 
-    ``allow_modified`` is for write-through, which encodes the state a flush just wrote.
+    ``allow_modified`` and ``as_stored`` are for write-through, which encodes the state a
+    flush just wrote, normalised as Postgres will return it (``as_stored`` is the
+    connection's time zone, see ``ModelInfo.as_stored``).
     """
     if obj is None:
         return None
@@ -172,6 +191,8 @@ def extract_entity(
     if not allow_modified and (state.key in preexisting or state.modified):
         raise NotCacheable("the object was already in the session")
     values, missing = _column_values(state.dict, info)
+    if as_stored is not _NOT_WRITTEN:
+        values = info.as_stored(values, as_stored)
     return [info.codec.dump_row(values), missing or 0]
 
 
@@ -186,10 +207,17 @@ class _Materializer:
         self.new_states: list[InstanceState[Any]] = []
         self.loaded: list[tuple[InstanceState[Any], list[str]]] = []
 
-    def object(self, info: ModelInfo, dumped: Sequence[Any], missing: Sequence[int] | int) -> Any:
+    def object(
+        self,
+        info: ModelInfo,
+        dumped: Sequence[Any],
+        missing: Sequence[int] | int,
+        values: tuple[Any, ...] | None = None,
+    ) -> Any:
         assert info.codec is not None
         mapper = info.mapper
-        values = info.codec.load_row(dumped)
+        if values is None:
+            values = info.codec.load_row(dumped)
         pk = tuple([values[p] for p in info.pk_positions])
         key = (mapper._identity_class, pk, None)
         identity_map = self.identity_map
@@ -304,12 +332,21 @@ def make_result(keys: Sequence[str], data: list[Any], *, single: bool) -> Result
     return result
 
 
-def rehydrate_entity(session: Session, info: ModelInfo, body: Any) -> Result[Any]:
-    """Build the result of a primary-key load from an entity entry (``None`` = no row)."""
+def rehydrate_entity(
+    session: Session, info: ModelInfo, body: Any, pk: tuple[Any, ...]
+) -> Result[Any]:
+    """Build the result of a primary-key load from an entity entry (``None`` = no row).
+
+    Raises ``ValueError`` when the entry holds another row than ``pk`` (foreign bytes).
+    """
     if body is None:
         return make_result([info.mapper.class_.__name__], [], single=True)
+    assert info.codec is not None
+    values = info.codec.load_row(body[0])
+    if tuple(values[p] for p in info.pk_positions) != pk:
+        raise ValueError("the entry holds another row")
     mat = _Materializer(session)
-    obj = mat.object(info, body[0], body[1])
+    obj = mat.object(info, body[0], body[1], values)
     mat.finish()
     return make_result([info.mapper.class_.__name__], [obj], single=True)
 

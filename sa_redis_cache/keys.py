@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Table
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.selectable import TextualSelect
 from sqlalchemy.sql.type_api import TypeEngine
 
 from .codec import CODEC_VERSION, CodecError, dumps_tagged
@@ -141,6 +142,7 @@ class Fingerprint:
 
 
 _SIMPLE = (str, int, float, bool, type(None), bytes)
+_TEXTUAL = (TextClause, TextualSelect)
 
 
 class _Walker:
@@ -167,6 +169,10 @@ class _Walker:
             self.mappers[id(node)] = node
             out.append(f"M:{_qualified(node.class_)}")
         elif isinstance(node, type):
+            if issubclass(node, _TEXTUAL):
+                # text() fragments appear in the key as their SQL string: the tables
+                # they read cannot be versioned
+                raise Unfingerprintable("textual SQL names tables the cache cannot see")
             out.append(f"C:{_qualified(node)}")
         elif isinstance(node, Enum):
             out.append(f"E:{_qualified(type(node))}.{node.name}")

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime, tzinfo
+from decimal import ROUND_HALF_UP, Decimal
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table, inspect
+from sqlalchemy import Table, TypeDecorator, inspect
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import ColumnProperty, Mapper, mapperlib
+from sqlalchemy.sql import sqltypes
 
 from .codec import CODEC_VERSION, RowCodec, UncacheableType, type_fingerprint
 from .policy import CachePolicy
+
+if TYPE_CHECKING:
+
+    from sqlalchemy.sql.type_api import TypeEngine
 
 
 def table_schema_hash(table: Table) -> str:
@@ -32,6 +42,89 @@ def table_schema_hash(table: Table) -> str:
             type_text = f"uncacheable:{type(column.type).__qualname__}"
         parts.append(f"{column.name}:{type_text}")
     return hashlib.blake2b("|".join(parts).encode(), digest_size=6).hexdigest()
+
+
+class Inexact(Exception):
+    """Postgres would return something else than this value, in a way we cannot predict."""
+
+
+def _jsonb(value: Any) -> Any:
+    """The document as JSONB gives it back: keys by length then bytes, numbers as numeric."""
+    if isinstance(value, float):
+        if not math.isfinite(value) or "e" in repr(value):
+            raise Inexact("JSONB rewrites this number")  # 1e16 comes back as an int
+        return value
+    if isinstance(value, dict):
+        ordered = sorted(value, key=lambda k: (len(k.encode()), k.encode()))
+        return {k: _jsonb(value[k]) for k in ordered}
+    if isinstance(value, list):
+        return [_jsonb(v) for v in value]
+    return value
+
+
+def _plain_json(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Inexact("JSON cannot hold this number")
+    if isinstance(value, dict):
+        return {k: _plain_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_json(v) for v in value]
+    return value
+
+
+def _refuse(_value: Any, _tz: tzinfo | None) -> Any:
+    raise Inexact("the database rewrites values of this type")
+
+
+Normalizer = Callable[[Any, "tzinfo | None"], Any]
+
+
+def write_normalizer(sqltype: TypeEngine[Any]) -> Normalizer | None:
+    """How a value assigned in Python comes back from Postgres, for write-through.
+
+    Write-through caches the state a flush wrote without reading it back, so the value
+    must be the one the database will return: a Numeric is rounded to its scale, a JSONB
+    document gets JSONB's key order, a timestamptz comes back in the connection's time
+    zone (``tz``). Raises :class:`Inexact` when that cannot be predicted (a JSONB float
+    in exponent form, a REAL, a padded CHAR, a TypeDecorator); None when values come
+    back unchanged.
+
+    Example::
+
+        >>> write_normalizer(Numeric(10, 2))(Decimal("1.5"), None)
+        Decimal('1.50')
+    """
+    if isinstance(sqltype, TypeDecorator):
+        return _refuse
+    if isinstance(sqltype, sqltypes.Numeric) and not isinstance(sqltype, sqltypes.Float):
+        scale = sqltype.scale
+        if scale is None or not sqltype.asdecimal:
+            return None
+        quantum = Decimal(1).scaleb(-scale)
+
+        def numeric(value: Any, _tz: tzinfo | None) -> Any:
+            if not isinstance(value, Decimal) or not value.is_finite():
+                raise Inexact("not a finite Decimal")
+            return value.quantize(quantum, rounding=ROUND_HALF_UP)
+
+        return numeric
+    if isinstance(sqltype, sqltypes.Float):
+        return _refuse if sqltype.precision is not None and sqltype.precision <= 24 else None
+    if isinstance(sqltype, JSONB):
+        return lambda value, _tz: _jsonb(value)
+    if isinstance(sqltype, sqltypes.JSON):
+        return lambda value, _tz: _plain_json(value)
+    if isinstance(sqltype, sqltypes.DateTime) and sqltype.timezone:
+
+        def timestamptz(value: Any, tz: tzinfo | None) -> Any:
+            if tz is None or not isinstance(value, datetime) or value.utcoffset() is None:
+                raise Inexact("the connection's time zone is not known")
+            return value.astimezone(tz)
+
+        return timestamptz
+    if isinstance(sqltype, sqltypes.CHAR) and not isinstance(sqltype, sqltypes.VARCHAR):
+        return _refuse
+    return None
 
 
 class UncacheableModelWarning(UserWarning):
@@ -55,6 +148,17 @@ class ModelInfo:
     codec: RowCodec | None
     uncacheable_reason: str | None = None
     relationship_keys: frozenset[str] = field(default_factory=frozenset)
+    normalizers: tuple[tuple[int, Normalizer], ...] = ()
+
+    def as_stored(self, values: list[Any], tz: tzinfo | None) -> list[Any]:
+        """``values`` as Postgres will return them (see :func:`write_normalizer`).
+
+        Raises :class:`Inexact` when that cannot be predicted.
+        """
+        for i, normalize in self.normalizers:
+            if values[i] is not None:
+                values[i] = normalize(values[i], tz)
+        return values
 
     @property
     def entity_cached(self) -> bool:
@@ -99,6 +203,11 @@ def build_model_info(mapper: Mapper[Any], policy: CachePolicy | None) -> ModelIn
         codec=codec,
         uncacheable_reason=reason,
         relationship_keys=frozenset(r.key for r in mapper.relationships),
+        normalizers=tuple(
+            (i, normalize)
+            for i, p in enumerate(props)
+            if (normalize := write_normalizer(p.columns[0].type)) is not None
+        ),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -41,7 +42,7 @@ class CachePolicy:
 
         Example::
 
-            >>> CachePolicy(ttl=0).problems()[0].startswith("ttl=0 is not a positive number")
+            >>> CachePolicy(ttl=0).problems()[0].startswith("ttl=0 is not a positive")
             True
         """
         found: list[str] = []
@@ -51,12 +52,19 @@ class CachePolicy:
                 "pick one of those"
             )
         if self.ttl is not None and (
-            isinstance(self.ttl, bool) or not isinstance(self.ttl, int | float) or not self.ttl > 0
+            isinstance(self.ttl, bool)
+            or not isinstance(self.ttl, int | float)
+            or not self.ttl > 0
+            or not math.isfinite(self.ttl)
         ):
             found.append(
-                f"ttl={self.ttl!r} is not a positive number of seconds; give ttl a value > 0, "
-                "or None to use the cache default_ttl"
+                f"ttl={self.ttl!r} is not a positive, finite number of seconds; give ttl a "
+                "value > 0, or None to use the cache default_ttl"
             )
+        for name in ("entity_cache", "accept_volatile"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                found.append(f"{name}={value!r} is not a bool; write {name}=True or False")
         if (
             not isinstance(self.partitions, int)
             or isinstance(self.partitions, bool)

@@ -105,6 +105,9 @@ class ReadPath:
             stats.incr(region, "bypassed")
             return None
         statement: Any = orm_context.statement
+        if statement._for_update_arg is not None:
+            stats.incr(region, "bypassed")  # a cached row takes no lock
+            return None
         cache_key = statement._generate_cache_key()
         if cache_key is None:
             stats.incr(region, "uncacheable")
@@ -139,21 +142,19 @@ class ReadPath:
             stats.incr(region, "errors")
             return None
         entry, current = raw[0], raw[1:]
+        numbers = None if None in current else self._counters(plan.version_keys, current, region)
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot
         expected = None if pinned is None else [pinned.get(t) for t in plan.table_names]
-        if entry is not None and None not in current and expected in (None, current):
-            result = self._try_hit(
-                session, entry, cast("list[bytes]", current), plan, entry_key, region
-            )
+        if entry is not None and numbers is not None and expected in (None, current):
+            result = self._try_hit(session, entry, numbers, plan, entry_key, region)
             if result is not None:
                 return result
-        stats.incr(region, "misses")
-        for scope in plan.scopes:
-            stats.incr(scope, "misses")
-        if expected is None:
-            captured = self._captured(current, plan.version_keys)
-        else:
+        stats.incr(region, "misses", also=plan.scopes)
+        captured: list[bytes] | None = None
+        if expected is not None:
             captured = None if None in expected else cast("list[bytes]", expected)
+        elif numbers is not None or None in current:
+            captured = self._captured(current, plan.version_keys)
         ttl = option.ttl or core.ttl_for_tables(plan.tables)
         preexisting = hydrate.identity_snapshot(session)
         frozen = orm_context.invoke_statement().freeze()
@@ -162,7 +163,7 @@ class ReadPath:
             try:
                 body = hydrate.extract(frozen.data, plan.shape, core.models.info_of, preexisting)
                 self._fill(entry_key, plan, captured, body, ttl, region)
-            except (hydrate.NotCacheable, CodecError) as exc:
+            except (hydrate.NotCacheable, CodecError, ValueError) as exc:
                 log.debug("not caching %s: %s", entry_key, exc)
                 stats.incr(region, "uncacheable")
         return frozen()
@@ -171,7 +172,7 @@ class ReadPath:
         self,
         session: Session,
         raw: bytes,
-        current: Sequence[bytes],
+        current: list[int],
         plan: StatementPlan,
         entry_key: str,
         region: str,
@@ -179,24 +180,38 @@ class ReadPath:
         core = self.core
         stats = core.counters
         try:
-            versions, body = unpack(raw)
-            if versions != [int(v) for v in current]:
-                return None
+            versions, body = _entry_payload(raw, list)
+            if versions != current:
+                return None  # written since: a plain miss, the fill replaces it
             result = hydrate.rehydrate(session, body, core.models.info_by_name, plan.shape)
         except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
             self._corrupt(entry_key, region, exc)
             return None
-        stats.incr(region, "hits")
-        for scope in plan.scopes:
-            stats.incr(scope, "hits")
+        stats.incr(region, "hits", also=plan.scopes)
         return result
 
+    def _counters(self, keys: Sequence[str], values: Sequence[Any], scope: str) -> list[int] | None:
+        """Parse version counters; a counter holding garbage is deleted (a miss, no fill).
+
+        A deleted counter comes back at a random value, so no entry stored under the
+        garbage can ever match it.
+        """
+        try:
+            return [int(v) for v in values]
+        except (TypeError, ValueError) as exc:
+            bad = [k for k, v in zip(keys, values, strict=True) if not _is_int(v)]
+            self._corrupt_keys(bad, scope, exc)
+            return None
+
     def _corrupt(self, key: str, scope: str, exc: Exception) -> None:
+        self._corrupt_keys([key], scope, exc)
+
+    def _corrupt_keys(self, keys: Sequence[str], scope: str, exc: Exception) -> None:
         core = self.core
-        log.warning("unreadable cache entry %s deleted: %s", key, exc)
+        log.warning("unreadable cache keys %s deleted: %s", ", ".join(keys), exc)
         core.counters.incr(scope, "decode_errors")
         try:
-            core.client.unlink(key)
+            core.client.unlink(*keys)
         except RedisError as err:
             core.redis_failed(err)
 
@@ -225,7 +240,14 @@ class ReadPath:
         core = self.core
         blob = pack([[int(v) for v in captured], body])
         core.store(
-            entry_key, blob, list(plan.version_keys), list(plan.writers_keys), captured, ttl, scope
+            entry_key,
+            blob,
+            list(plan.version_keys),
+            list(plan.writers_keys),
+            captured,
+            ttl,
+            scope,
+            also=plan.scopes,
         )
 
     def entry_key(
@@ -375,19 +397,26 @@ class ReadPath:
         # under a pinned snapshot a missing counter reads as b"", which matches nothing
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot.get(info.table) or b""
         usable = pinned is None or pinned == version
-        if raw is not None and generation is not None and usable:
+        counters = [version_key, generation_key]
+        numbers = (
+            None
+            if version is None or generation is None
+            else self._counters(counters, [version, generation], scope)
+        )
+        if raw is not None and numbers is not None and usable:
             try:
-                stored_generation, body = unpack(raw)
-                if stored_generation == int(generation):
-                    result = hydrate.rehydrate_entity(session, info, body)
+                stored_generation, body = _entry_payload(raw, int)
+                if stored_generation == numbers[1]:
+                    result = hydrate.rehydrate_entity(session, info, body, pk)
                     core.counters.incr(scope, "hits")
                     return result
             except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
                 self._corrupt(key, scope, exc)
         core.counters.incr(scope, "misses")
-        captured: list[bytes] | None
+        captured: list[bytes] | None = None
         if pinned is None:
-            captured = self._captured([version, generation], [version_key, generation_key])
+            if numbers is not None or version is None or generation is None:
+                captured = self._captured([version, generation], counters)
         else:
             captured = [pinned, generation] if pinned and generation is not None else None
         preexisting = hydrate.identity_snapshot(session)
@@ -406,9 +435,25 @@ class ReadPath:
                     core.ttl_for_info(info),
                     scope,
                 )
-            except (hydrate.NotCacheable, CodecError) as exc:
+            except (hydrate.NotCacheable, CodecError, ValueError) as exc:
                 log.debug("not caching %s: %s", key, exc)
         return frozen()
+
+
+def _entry_payload(raw: bytes, stamp_type: type) -> tuple[Any, Any]:
+    """Unpack ``[stamp, body]``; anything else under our key is foreign (CodecError)."""
+    payload = unpack(raw)
+    if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not stamp_type:
+        raise CodecError("not an entry of this cache")
+    return payload[0], payload[1]
+
+
+def _is_int(value: Any) -> bool:
+    try:
+        int(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _row_shape(statement: Any) -> hydrate.RowShape:

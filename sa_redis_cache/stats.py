@@ -20,6 +20,9 @@ COUNTERS = (
 )
 
 
+_TOTAL = "\x00total"
+
+
 class Stats:
     """Thread-safe event counters grouped by scope (``model:Product``, ``region:books``).
 
@@ -37,29 +40,41 @@ class Stats:
             lambda: defaultdict(int)
         )
 
-    def incr(self, scope: str, counter: str, amount: int = 1) -> None:
-        """Add ``amount`` to ``counter`` of ``scope``."""
+    def incr(
+        self, scope: str, counter: str, amount: int = 1, *, also: tuple[str, ...] = ()
+    ) -> None:
+        """Add ``amount`` to ``counter`` of ``scope`` (and of the ``also`` scopes).
+
+        One event is counted once in the total, however many scopes it is reported in:
+        a FromCache hit counts in its region and in each model it read.
+        """
         with self._lock:
-            self._counts[scope][counter] += amount
+            counts = self._counts
+            counts[scope][counter] += amount
+            for other in also:
+                counts[other][counter] += amount
+            counts[_TOTAL][counter] += amount
+
+    def incr_total(self, counter: str, amount: int = 1) -> None:
+        """Count an event that belongs to no model or region (a failed commit script)."""
+        with self._lock:
+            self._counts[_TOTAL][counter] += amount
 
     def snapshot(self) -> dict[str, Any]:
         """All counters with hit rates: ``{"total", "models", "regions", "functions"}``."""
         with self._lock:
             counts = {scope: dict(values) for scope, values in self._counts.items()}
+        total = counts.pop(_TOTAL, {})
         out: dict[str, Any] = {
-            "total": _with_rate({}),
+            "total": _with_rate(total),
             "models": {},
             "regions": {},
             "functions": {},
         }
-        total: dict[str, int] = defaultdict(int)
         groups = {"model": "models", "region": "regions", "function": "functions"}
         for scope, values in counts.items():
             kind, _, name = scope.partition(":")
-            out[groups.get(kind, kind)][name] = _with_rate(values)
-            for counter, value in values.items():
-                total[counter] += value
-        out["total"] = _with_rate(dict(total))
+            out.setdefault(groups.get(kind, kind), {})[name] = _with_rate(values)
         return out
 
     def reset(self) -> None:

@@ -35,10 +35,12 @@ class TableWrites:
     """What one transaction frame wrote to one table."""
 
     rows: dict[str, RowWrite] = field(default_factory=dict)
+    bulk: bool = False
 
     def merge(self, newer: TableWrites) -> None:
         """Take ``newer``'s rows over ours: a later flush of a row supersedes an earlier one."""
         self.rows.update(newer.rows)
+        self.bulk = self.bulk or newer.bulk
 
 
 Frame = dict[str, "TableWrites"]
@@ -91,6 +93,7 @@ class TxState:
             parent = self.frames[-1]
             for table, writes in top.items():
                 target = parent.setdefault(table, TableWrites())
+                target.bulk = target.bulk or writes.bulk
                 for pk, row in writes.rows.items():
                     target.rows.setdefault(pk, RowWrite(row.ticket, None, row.ttl))
 

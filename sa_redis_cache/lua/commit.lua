@@ -1,19 +1,26 @@
 -- Post-commit work for one table, run after the database commit and before commit() returns.
 -- KEYS[1]: the table's version counter
 -- KEYS[2]: the table's writers-in-flight set
--- KEYS[3]: unused here; keeps the same key list as flush_mark.lua
+-- KEYS[3]: the table's entity generation
 -- KEYS[4], KEYS[5], ...: pairs of (entity entry, row write counter) for each written row
 -- ARGV[1]: the transaction's token in the writers set
 -- ARGV[2]: the Pub/Sub channel on which invalidations are announced
 -- ARGV[3]: the announcement (table and rows, encoded by the client)
--- ARGV[4], ARGV[5], ARGV[6] for each row, in KEYS order:
+-- ARGV[4]: 1 when the transaction wrote rows it cannot name (bulk or textual DML): the
+--          entity generation is bumped again, because a write-through commit of a row
+--          that the bulk statement then overwrote may have stored its state under the
+--          generation the bulk statement's flush mark had already moved to
+-- ARGV[5], ARGV[6], ARGV[7] for each row, in KEYS order:
 --          the write ticket from flush_mark.lua, the TTL in ms, the new encoded state
 --          (an empty string means delete: cache_aside strategy or a deleted row)
 -- Returns: the number of rows whose new state was written through
 redis.call('INCR', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+if ARGV[4] == '1' then
+  redis.call('INCR', KEYS[3])
+end
 local written = 0
-local a = 4
+local a = 5
 for i = 4, #KEYS, 2 do
   local ticket, ttl, state = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   a = a + 3
