@@ -1,0 +1,408 @@
+"""Explicit invalidation: ``invalidate``, ``invalidate_model`` and ``invalidate_query``.
+
+Each removes exactly what the matching reads stored: the next matching read emits SQL,
+and every other entry stays a hit (zero SQL).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis as redis_lib
+import sqlalchemy as sa
+from sqlalchemy import bindparam, select
+from sqlalchemy.orm import DeclarativeBase, Session, selectinload, sessionmaker
+
+from examples.shop import Category, Customer, Order, Product
+from sa_redis_cache import Cache, ConfigurationError, FromCache
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import redis
+
+    from tests.support import SQLCounter
+
+
+def get(model: type, *pk: Any) -> Callable[[Session], Any]:
+    def read(s: Session) -> Any:
+        obj = s.get(model, pk if len(pk) > 1 else pk[0])
+        return None if obj is None else sa.inspect(obj).identity
+
+    return read
+
+
+def query(stmt: Any, params: dict[str, Any] | None = None) -> Callable[[Session], Any]:
+    def read(s: Session) -> Any:
+        return [tuple(row) for row in s.execute(stmt.options(FromCache()), params).all()]
+
+    # never str(stmt) here: compiling an ORM select replaces its _compile_options, which
+    # changes the cache key of the statements later derived from it
+    return read
+
+
+def sql_of(
+    factory: sessionmaker[Session], sql: SQLCounter, reads: dict[str, Callable[[Session], Any]]
+) -> dict[str, int]:
+    """Run each read in a fresh session; the number of statements each sent to Postgres."""
+    out = {}
+    for name, read in reads.items():
+        sql.reset()
+        with factory() as s:
+            read(s)
+        out[name] = sql.count
+    return out
+
+
+@pytest.fixture
+def warm(
+    session_factory: sessionmaker[Session], sql: SQLCounter
+) -> Callable[[dict[str, Callable[[Session], Any]]], None]:
+    """Fill the cache with ``reads`` and check they are all hits before the test acts."""
+
+    def fill(reads: dict[str, Callable[[Session], Any]]) -> None:
+        sql_of(session_factory, sql, reads)
+        assert sql_of(session_factory, sql, reads) == dict.fromkeys(reads, 0)
+
+    return fill
+
+
+PRODUCTS_LOW = select(Product.id, Product.name).where(Product.id < 6).order_by(Product.id)
+PRODUCTS_HIGH = select(Product).where(Product.id.between(40, 45)).order_by(Product.id)
+CATEGORIES = select(Category).order_by(Category.id)
+CATEGORIES_WITH_PRODUCTS = (
+    select(Category).options(selectinload(Category.products)).order_by(Category.id)
+)
+PRODUCT_JOIN = (
+    select(Product.id, Category.name)
+    .join(Product.category)
+    .where(Product.id < 4)
+    .order_by(Product.id)
+)
+ORDERS = select(Order.id).where(Order.id < 4).order_by(Order.id)
+BY_CATEGORY = select(Product.id).where(Product.category_id == bindparam("cat")).order_by(Product.id)
+
+
+def test_invalidate_one_entity(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    cache: Cache,
+    warm: Callable[[dict[str, Callable[[Session], Any]]], None],
+) -> None:
+    reads = {
+        "p11": get(Product, 11),
+        "p12": get(Product, 12),
+        "c1": get(Category, 1),
+        "products_high": query(PRODUCTS_HIGH),
+    }
+    warm(reads)
+    cache.invalidate(Product, 11)
+    assert sql_of(session_factory, sql, reads) == {
+        "p11": 1,
+        "p12": 0,
+        "c1": 0,
+        # the row may be in any cached query on its table: those are retired too
+        "products_high": 1,
+    }
+    # refilled: a hit again
+    assert sql_of(session_factory, sql, {"p11": reads["p11"]}) == {"p11": 0}
+    assert cache.stats()["models"]["Product"]["invalidations"] == 1
+
+
+def test_invalidate_entity_with_uuid_key(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    cache: Cache,
+    warm: Callable[[dict[str, Callable[[Session], Any]]], None],
+) -> None:
+    with session_factory() as s:
+        first, second = s.scalars(select(Customer.id).order_by(Customer.id).limit(2)).all()
+    reads = {"first": get(Customer, first), "second": get(Customer, second)}
+    warm(reads)
+    cache.invalidate(Customer, first)
+    assert sql_of(session_factory, sql, reads) == {"first": 1, "second": 0}
+
+
+def test_invalidate_entity_removes_the_real_key(
+    session_factory: sessionmaker[Session],
+    cache: Cache,
+    redis_client: redis.Redis,
+    namespace: str,
+) -> None:
+    with session_factory() as s:
+        s.get(Product, 11)
+        s.get(Product, 12)
+
+    def entity_keys() -> set[bytes]:
+        return set(redis_client.scan_iter(match=f"sarc:{namespace}:*:e:*"))
+
+    before = entity_keys()
+    assert len(before) == 2
+    cache.invalidate(Product, 11)
+    after = entity_keys()
+    assert len(after) == 1
+    assert next(iter(before - after)).endswith(b":11")
+
+
+def test_invalidate_model(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    cache: Cache,
+    warm: Callable[[dict[str, Callable[[Session], Any]]], None],
+) -> None:
+    reads = {
+        "p11": get(Product, 11),
+        "p12": get(Product, 12),
+        "products_low": query(PRODUCTS_LOW),
+        "products_high": query(PRODUCTS_HIGH),
+        "join": query(PRODUCT_JOIN),
+        "categories_with_products": query(CATEGORIES_WITH_PRODUCTS),
+        "by_category_1": query(BY_CATEGORY, {"cat": 1}),
+        "c1": get(Category, 1),
+        "categories": query(CATEGORIES),
+        "orders": query(ORDERS),
+    }
+    warm(reads)
+    cache.invalidate_model(Product)
+    counts = sql_of(session_factory, sql, reads)
+    missed = {name for name, count in counts.items() if count}
+    assert missed == {
+        "p11",
+        "p12",
+        "products_low",
+        "products_high",
+        "join",
+        "categories_with_products",
+        "by_category_1",
+    }
+    assert counts["categories_with_products"] == 2  # the query and its selectin load
+    assert sql_of(session_factory, sql, reads) == dict.fromkeys(reads, 0)
+
+
+def test_invalidate_model_leaves_other_models(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    cache: Cache,
+    warm: Callable[[dict[str, Callable[[Session], Any]]], None],
+) -> None:
+    reads = {
+        "p11": get(Product, 11),
+        "products_low": query(PRODUCTS_LOW),
+        "c1": get(Category, 1),
+        "c2": get(Category, 2),
+        "categories": query(CATEGORIES),
+        "join": query(PRODUCT_JOIN),
+    }
+    warm(reads)
+    cache.invalidate_model(Category)
+    counts = sql_of(session_factory, sql, reads)
+    assert {name for name, count in counts.items() if count} == {"c1", "c2", "categories", "join"}
+
+
+def test_invalidate_model_without_a_policy(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    cache: Cache,
+    warm: Callable[[dict[str, Callable[[Session], Any]]], None],
+) -> None:
+    """Order has no CachePolicy; FromCache queries on it are still invalidated."""
+    reads = {"orders": query(ORDERS), "products_low": query(PRODUCTS_LOW)}
+    warm(reads)
+    cache.invalidate_model(Order)
+    assert sql_of(session_factory, sql, reads) == {"orders": 1, "products_low": 0}
+
+
+def test_invalidate_query(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    cache: Cache,
+    warm: Callable[[dict[str, Callable[[Session], Any]]], None],
+) -> None:
+    reads = {
+        "products_low": query(PRODUCTS_LOW),
+        "products_high": query(PRODUCTS_HIGH),
+        "categories_with_products": query(CATEGORIES_WITH_PRODUCTS),
+        "categories": query(CATEGORIES),
+        "p11": get(Product, 11),
+    }
+    warm(reads)
+    assert cache.invalidate_query(PRODUCTS_LOW.options(FromCache())) == 1
+    assert sql_of(session_factory, sql, reads) == {
+        "products_low": 1,
+        "products_high": 0,
+        "categories_with_products": 0,
+        "categories": 0,
+        "p11": 0,
+    }
+    # loader options are part of the key: only the eager variant goes
+    assert cache.invalidate_query(CATEGORIES_WITH_PRODUCTS.options(FromCache())) == 1
+    counts = sql_of(session_factory, sql, reads)
+    assert counts["categories_with_products"] == 2
+    assert counts["categories"] == 0
+    # nothing left to remove: the entry was refilled, then removed; removing twice is 0
+    assert cache.invalidate_query(CATEGORIES.options(FromCache())) == 1
+    assert cache.invalidate_query(CATEGORIES.options(FromCache())) == 0
+
+
+def test_invalidate_query_with_params(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    cache: Cache,
+    warm: Callable[[dict[str, Callable[[Session], Any]]], None],
+) -> None:
+    reads = {
+        "cat1": query(BY_CATEGORY, {"cat": 1}),
+        "cat2": query(BY_CATEGORY, {"cat": 2}),
+    }
+    warm(reads)
+    assert cache.invalidate_query(BY_CATEGORY.options(FromCache()), {"cat": 1}) == 1
+    assert sql_of(session_factory, sql, reads) == {"cat1": 1, "cat2": 0}
+
+
+def test_invalidate_query_literal_values_are_part_of_the_key(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    cache: Cache,
+    warm: Callable[[dict[str, Callable[[Session], Any]]], None],
+) -> None:
+    def below(n: int) -> Any:
+        return select(Product.id).where(Product.id < n).order_by(Product.id)
+
+    reads = {"below5": query(below(5)), "below6": query(below(6))}
+    warm(reads)
+    assert cache.invalidate_query(below(5).options(FromCache())) == 1
+    assert sql_of(session_factory, sql, reads) == {"below5": 1, "below6": 0}
+
+
+def test_invalidate_query_ignores_the_fromcache_arguments(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    cache: Cache,
+    warm: Callable[[dict[str, Callable[[Session], Any]]], None],
+) -> None:
+    """The entry is the statement's; the ttl/region of FromCache, or its absence, do not matter."""
+    reads = {"products_low": query(PRODUCTS_LOW)}
+    warm(reads)
+    assert cache.invalidate_query(PRODUCTS_LOW.options(FromCache(ttl=5, region="other"))) == 1
+    warm(reads)
+    assert cache.invalidate_query(PRODUCTS_LOW) == 1
+    assert sql_of(session_factory, sql, reads) == {"products_low": 1}
+
+
+def test_invalidate_query_from_another_process(
+    session_factory: sessionmaker[Session],
+    shop_engine: sa.Engine,
+    sql: SQLCounter,
+    redis_url: str,
+    namespace: str,
+    warm: Callable[[dict[str, Callable[[Session], Any]]], None],
+) -> None:
+    """A process that never ran the query (an admin script) can still invalidate it."""
+    reads = {"products_low": query(PRODUCTS_LOW), "products_high": query(PRODUCTS_HIGH)}
+    warm(reads)
+    client = redis_lib.Redis.from_url(redis_url)
+    try:
+        other = Cache(client, namespace=namespace)
+        other.attach(sessionmaker(shop_engine))  # knows the engine from its session factory
+        assert other.invalidate_query(PRODUCTS_LOW) == 1
+        bare = Cache(client, namespace=namespace)
+        warm(reads)
+        with pytest.raises(ValueError, match="bind="):
+            bare.invalidate_query(PRODUCTS_LOW)  # no engine known: say so, never a silent 0
+        assert bare.invalidate_query(PRODUCTS_LOW, bind=shop_engine) == 1
+    finally:
+        client.close()
+    assert sql_of(session_factory, sql, reads) == {"products_low": 1, "products_high": 0}
+
+
+def test_invalidate_query_of_an_uncacheable_statement_is_zero(cache: Cache) -> None:
+    assert cache.invalidate_query(sa.text("SELECT 1")) == 0
+
+
+@pytest.mark.parametrize("pk", [(), (1, 2), (1, 2, 3)])
+def test_invalidate_with_the_wrong_number_of_pk_values(cache: Cache, pk: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"Product has a primary key of 1 column") as info:
+        cache.invalidate(Product, *pk)
+    assert f"got {len(pk)} value" in str(info.value)
+    assert not isinstance(info.value, ConfigurationError)
+
+
+@pytest.mark.parametrize(
+    ("model", "pk"),
+    [(Product, "11"), (Product, 11.0), (Product, None), (Customer, str(uuid.UUID(int=1)))],
+)
+def test_invalidate_with_a_pk_of_the_wrong_type(cache: Cache, model: type, pk: Any) -> None:
+    """A pk of another type would build another key and silently remove nothing."""
+    with pytest.raises(ValueError, match=rf"{model.__name__}\.id") as info:
+        cache.invalidate(model, pk)
+    assert type(pk).__name__ in str(info.value)
+
+
+class NotMapped:
+    pass
+
+
+@pytest.mark.parametrize("target", [NotMapped, int, "Product"])
+@pytest.mark.parametrize("method", ["invalidate", "invalidate_model"])
+def test_invalidate_unmapped_class(cache: Cache, target: Any, method: str) -> None:
+    args = (target, 1) if method == "invalidate" else (target,)
+    with pytest.raises(ConfigurationError, match="not a mapped class") as info:
+        getattr(cache, method)(*args)
+    assert repr(target) in str(info.value)
+
+
+def test_invalidate_abstract_base(cache: Cache) -> None:
+    class Base(DeclarativeBase):
+        pass
+
+    try:
+        with pytest.raises(ConfigurationError, match="not a mapped class"):
+            cache.invalidate_model(Base)
+    finally:
+        Base.registry.dispose()
+
+
+def test_invalidate_refuses_a_fill_that_read_before_it(
+    session_factory: sessionmaker[Session],
+    shop_engine: sa.Engine,
+    cache: Cache,
+) -> None:
+    """Deterministic interleaving: an external write and the invalidation land between a
+    miss's database read and its fill."""
+    # a separate engine: the cache is not attached to it, as to another application's
+    external = sa.create_engine(shop_engine.url, poolclass=sa.NullPool)
+    with Session(external) as s:
+        original = s.scalars(select(Product.name).where(Product.id == 13)).one()
+    fired = False
+
+    def write_then_invalidate(*args: Any) -> None:
+        nonlocal fired
+        if fired:
+            return
+        fired = True
+        with external.begin() as conn:
+            conn.execute(
+                sa.update(Product.__table__).where(Product.id == 13).values(name="external")
+            )
+        cache.invalidate(Product, 13)
+
+    sa.event.listen(shop_engine, "after_cursor_execute", write_then_invalidate)
+    try:
+        with session_factory() as s:
+            product = s.get(Product, 13)
+            assert product is not None
+            assert product.name == original  # read before the write
+    finally:
+        sa.event.remove(shop_engine, "after_cursor_execute", write_then_invalidate)
+    try:
+        with session_factory() as s:
+            product = s.get(Product, 13)
+            assert product is not None
+            assert product.name == "external"
+    finally:
+        with external.begin() as conn:
+            conn.execute(sa.update(Product.__table__).where(Product.id == 13).values(name=original))
+        external.dispose()
+        cache.invalidate_model(Product)
