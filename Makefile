@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DEVSERVICES := $(BIN)/python -m sa_redis_cache.devservices --
 
 .DEFAULT_GOAL := test
-.PHONY: test lint typecheck pytest demo bench bench-smoke clean distclean
+.PHONY: test test-sa20 lint typecheck pytest demo bench bench-smoke clean distclean
 
 # Re-installs when pyproject.toml changes (new dependencies); the marker records success.
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +28,18 @@ typecheck: $(VENV)/.installed
 pytest: $(VENV)/.installed
 	$(BIN)/pytest
 
+# The ORM internals the cache relies on (sa_redis_cache/hydrate.py) differ between
+# SQLAlchemy 2.0 and 2.1: the whole suite runs against both.
+SA20_VENV := .venv-sa20
+$(SA20_VENV)/.installed: pyproject.toml
+	test -x $(SA20_VENV)/bin/python || $(PY) -m venv $(SA20_VENV)
+	$(SA20_VENV)/bin/python -m pip install --disable-pip-version-check --quiet -e '.[dev]' 'SQLAlchemy[asyncio]>=2.0.30,<2.1'
+	touch $@
+
+test-sa20: $(SA20_VENV)/.installed
+	$(SA20_VENV)/bin/python -c 'import sqlalchemy; print("SQLAlchemy", sqlalchemy.__version__)'
+	$(SA20_VENV)/bin/pytest -q
+
 demo: $(VENV)/.installed
 	$(DEVSERVICES) $(BIN)/python -m examples.demo
 
@@ -43,4 +55,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(SA20_VENV)

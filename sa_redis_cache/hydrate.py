@@ -360,7 +360,9 @@ def get_clause_pk(statement: Any, mapper: Mapper[Any], params: Any) -> tuple[Any
     if len(where) != 1 or params is None:
         return None
     get_clause, get_params = mapper._get_clause
-    if where[0] is not get_clause:
+    clause = where[0]
+    # SQLAlchemy 2.1 reuses the criterion; 2.0 uses an annotated copy of it
+    if clause is not get_clause and getattr(clause, "_Annotated__element", None) is not get_clause:
         return None
     try:
         return tuple(params[get_params[col].key] for col in mapper.primary_key)
