@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+import random
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import redis
 from sqlalchemy import event
@@ -24,12 +24,16 @@ from .functions import CachedFunction
 from .keys import KeyScheme, pk_text
 from .models import ModelInfo, mapper_of
 from .options import FromCache
-from .policy import CachePolicy
+from .policy import CachePolicy, is_ttl
 from .reads import ReadPath
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logging.getLogger("sa_redis_cache")
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _DEFAULT_TIMEOUT = 0.25
 
@@ -84,9 +88,9 @@ class Cache:
                 f"namespace={namespace!r} must be a non-empty name without spaces, ':', "
                 "braces or glob characters; use something like 'shop' or 'shop_v2'"
             )
-        if not default_ttl > 0:
+        if not is_ttl(default_ttl):
             raise ConfigurationError(
-                f"default_ttl={default_ttl!r}: every entry needs a positive TTL in seconds"
+                f"default_ttl={default_ttl!r}: every entry needs a positive, finite TTL in seconds"
             )
         if not 0 <= ttl_jitter < 1:
             raise ConfigurationError(f"ttl_jitter={ttl_jitter!r} must be in [0, 1)")
@@ -268,16 +272,22 @@ class Cache:
     def invalidate_model(self, model: type) -> None:
         """Invalidate every cached query that read ``model``'s table, and its entity entries.
 
-        Costs one INCR for the queries, whatever their number, plus a SCAN of the
-        model's entity entries.
+        Costs one round trip whatever the number of entries: the table's version (which
+        query entries are validated against) and its entity generation (which entity
+        entries are validated against) are bumped; the old entries expire with their TTL.
 
         Example::
 
             cache.invalidate_model(Product)
         """
         info = self._model_info(model)
-        self.client.incr(self.keys.version_key(info.table))
-        self._core.unlink_matching(self.keys.entity_pattern(info.table))
+        pipe = self.client.pipeline(transaction=False)
+        for key in (self.keys.version_key(info.table), self.keys.generation_key(info.table)):
+            # a counter that does not exist starts at a random value, never at 1: a
+            # counter lost and recreated must not come back at a value an entry holds
+            pipe.set(key, random.getrandbits(62), nx=True)
+            pipe.incr(key)
+        pipe.execute()
         self._core.counters.incr("model:" + model.__name__, "invalidations")
 
     def invalidate_query(
@@ -324,8 +334,14 @@ class Cache:
         self._core.counters.incr_total("invalidations")
         return removed
 
-    def cached(self, prefix: str, ttl: float | None = None) -> Callable[[F], F]:
+    def cached(
+        self, prefix: str, ttl: float | None = None
+    ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
         """Cache a plain function's results under ``prefix`` (the recipe's decorator).
+
+        The decorated function keeps its signature for type checkers and gains
+        ``invalidate(*args, **kwargs)``, ``invalidate_all()`` and ``key_for(...)``.
+        ``ttl`` (seconds, positive and finite) defaults to the cache's ``default_ttl``.
 
         Example::
 
@@ -334,8 +350,8 @@ class Cache:
             profile.invalidate(42)
         """
 
-        def decorate(func: F) -> F:
-            return CachedFunction(self._core, prefix, ttl, func)  # type: ignore[return-value]
+        def decorate(func: Callable[P, R]) -> CachedFunction[P, R]:
+            return CachedFunction(self._core, prefix, ttl, func)
 
         return decorate
 

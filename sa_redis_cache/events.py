@@ -179,8 +179,8 @@ class WritePath:
         keys = core.keys
         scripts = core.scripts
         ordered = sorted(tables)
+        calls = []
         try:
-            pipe = core.client.pipeline(transaction=False)
             for table in ordered:
                 pks = rows.get(table, [])
                 info = core.models.by_table.get(table)
@@ -189,23 +189,25 @@ class WritePath:
                     assert info is not None
                     row_keys.append(keys.entity_key(table, info.schema_hash, pk))
                     row_keys.append(keys.row_write_key(table, pk))
-                scripts.flush_mark(
-                    keys=[
-                        keys.version_key(table),
-                        keys.writers_key(table),
-                        keys.generation_key(table),
-                        *row_keys,
-                    ],
-                    args=[
-                        token,
-                        self.writer_mark_ms,
-                        ROW_COUNTER_TTL_MS,
-                        random.getrandbits(62),
-                        1 if bulk else 0,
-                    ],
-                    client=pipe,
+                calls.append(
+                    (
+                        scripts.flush_mark,
+                        [
+                            keys.version_key(table),
+                            keys.writers_key(table),
+                            keys.generation_key(table),
+                            *row_keys,
+                        ],
+                        [
+                            token,
+                            self.writer_mark_ms,
+                            ROW_COUNTER_TTL_MS,
+                            random.getrandbits(62),
+                            1 if bulk else 0,
+                        ],
+                    )
                 )
-            replies = pipe.execute()
+            replies = scripts.run_batch(calls)
         except RedisError as exc:
             core.redis_failed(exc)
             core.counters.incr_total("errors")
@@ -281,8 +283,8 @@ class WritePath:
         core = self.core
         keys = core.keys
         channel = keys.prefix + "invalidations"
+        calls = []
         try:
-            pipe = core.client.pipeline(transaction=False)
             for table in sorted(tables):
                 writes = frame.get(table) or TableWrites()
                 info = core.models.by_table.get(table)
@@ -298,17 +300,19 @@ class WritePath:
                     row_keys.append(keys.entity_key(table, info.schema_hash, pk))
                     row_keys.append(keys.row_write_key(table, pk))
                     args.extend([row.ticket, core.jittered_ms(row.ttl), row.state or b""])
-                core.scripts.commit(
-                    keys=[
-                        keys.version_key(table),
-                        keys.writers_key(table),
-                        keys.generation_key(table),
-                        *row_keys,
-                    ],
-                    args=args,
-                    client=pipe,
+                calls.append(
+                    (
+                        core.scripts.commit,
+                        [
+                            keys.version_key(table),
+                            keys.writers_key(table),
+                            keys.generation_key(table),
+                            *row_keys,
+                        ],
+                        args,
+                    )
                 )
-            pipe.execute()
+            core.scripts.run_batch(calls)
         except RedisError as exc:
             core.redis_failed(exc)
             core.counters.incr_total("errors")

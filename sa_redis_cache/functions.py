@@ -11,6 +11,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from .codec import CodecError, dumps_tagged, loads_tagged
 from .keys import values_digest
+from .policy import is_ttl
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -42,6 +43,11 @@ class CachedFunction(Generic[P, R]):
         profile.invalidate(42)
     """
 
+    # set by functools.update_wrapper, declared for type checkers
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[P, R]
+
     def __init__(
         self, core: CacheCore, prefix: str, ttl: float | None, func: Callable[P, R]
     ) -> None:
@@ -49,6 +55,11 @@ class CachedFunction(Generic[P, R]):
             raise ValueError(
                 f"cached({prefix!r}): the prefix names the function in Redis keys; use letters, "
                 "digits, '_', '-', '.' or ':'"
+            )
+        if ttl is not None and not is_ttl(ttl):
+            raise ValueError(
+                f"cached({prefix!r}, ttl={ttl!r}): ttl must be a positive, finite number of "
+                "seconds, or None for the cache's default_ttl"
             )
         self._core = core
         self._prefix = prefix

@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm import context as orm_context
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
+from sqlalchemy.sql.selectable import SelectState
 
 from .models import ModelInfo, mapper_name
 
@@ -41,6 +43,25 @@ InfoOf = Callable[[Mapper[Any]], ModelInfo]
 
 
 _NOT_WRITTEN: Any = object()
+
+_ORM_DEFAULT_OPTIONS: Any = getattr(orm_context, "_ORMCompileState", None) or getattr(
+    orm_context, "ORMCompileState", None
+)
+
+
+def canonical_statement(statement: Any) -> Any:
+    """``statement`` with the compile options it had before its first execution.
+
+    Compiling a select in a Session replaces its ``_compile_options`` in place with the
+    ORM's defaults, so a statement derived from it afterwards has another structural key
+    than the same statement derived before: the cache key must not depend on that.
+    """
+    options = getattr(statement, "_compile_options", None)
+    defaults = _ORM_DEFAULT_OPTIONS.default_compile_options
+    if isinstance(options, defaults) and not vars(options):
+        statement = statement._clone()
+        statement._compile_options = SelectState.default_select_compile_options
+    return statement
 
 
 def connection_timezone(session: Session) -> Any:

@@ -20,7 +20,6 @@ from .codec import CODEC_VERSION, RowCodec, UncacheableType, type_fingerprint
 from .policy import CachePolicy
 
 if TYPE_CHECKING:
-
     from sqlalchemy.sql.type_api import TypeEngine
 
 
@@ -224,9 +223,17 @@ def mapper_name(mapper: Mapper[Any]) -> str:
 
 
 def all_mappers() -> list[Mapper[Any]]:
-    """Every mapper of every declarative registry in this process."""
-    registries = list(mapperlib._mapper_registries)
-    return [mapper for registry in registries for mapper in registry.mappers]
+    """Every mapper of every declarative registry in this process.
+
+    Classes of a registry that have no mapper (a DeferredReflection class before
+    ``prepare()``, the remains of a class whose mapping failed) are skipped.
+    """
+    return [
+        manager.mapper
+        for registry in list(mapperlib._mapper_registries)  # no public list of registries
+        for manager in list(registry._managers)  # registry.mappers raises on unmapped ones
+        if manager.is_mapped and isinstance(manager.mapper, Mapper)
+    ]
 
 
 class ModelRegistry:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy.orm.interfaces import UserDefinedOption
 
+from .policy import is_ttl
+
 
 class FromCache(UserDefinedOption):
     """Serve an ORM ``select()`` from Redis (cache-aside), filling the cache on a miss.
@@ -23,7 +25,7 @@ class FromCache(UserDefinedOption):
     propagate_to_loaders = False
 
     def __init__(self, ttl: float | None = None, *, region: str = "default") -> None:
-        if ttl is not None and (isinstance(ttl, bool) or not ttl > 0):
+        if ttl is not None and not is_ttl(ttl):
             raise ValueError(
                 f"FromCache(ttl={ttl!r}): ttl must be a positive number of seconds, "
                 "or None for the model's or the cache's default"

@@ -10,6 +10,22 @@ Strategy = Literal["cache_aside", "write_through", "write_behind"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
+def is_ttl(value: object) -> bool:
+    """True for a positive, finite number of seconds (not a bool).
+
+    Example::
+
+        >>> is_ttl(60), is_ttl(0), is_ttl(float("inf"))
+        (True, False, False)
+    """
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value > 0
+        and math.isfinite(value)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class CachePolicy:
     """How one mapped model is cached; declared as ``__cache__`` on the model class.
@@ -51,12 +67,7 @@ class CachePolicy:
                 f"strategy={self.strategy!r} is not one of {', '.join(map(repr, STRATEGIES))}; "
                 "pick one of those"
             )
-        if self.ttl is not None and (
-            isinstance(self.ttl, bool)
-            or not isinstance(self.ttl, int | float)
-            or not self.ttl > 0
-            or not math.isfinite(self.ttl)
-        ):
+        if self.ttl is not None and not is_ttl(self.ttl):
             found.append(
                 f"ttl={self.ttl!r} is not a positive, finite number of seconds; give ttl a "
                 "value > 0, or None to use the cache default_ttl"

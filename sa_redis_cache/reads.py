@@ -180,8 +180,8 @@ class ReadPath:
         core = self.core
         stats = core.counters
         try:
-            versions, body = _entry_payload(raw, list)
-            if versions != current:
+            stamp, body = _entry_payload(raw, list, owner=entry_key[len(plan.entry_prefix) :])
+            if stamp[1:] != current:
                 return None  # written since: a plain miss, the fill replaces it
             result = hydrate.rehydrate(session, body, core.models.info_by_name, plan.shape)
         except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
@@ -238,7 +238,9 @@ class ReadPath:
         scope: str,
     ) -> None:
         core = self.core
-        blob = pack([[int(v) for v in captured], body])
+        # the stamp names the statement, so an entry copied under another key is foreign
+        stamp = [entry_key[len(plan.entry_prefix) :], *(int(v) for v in captured)]
+        blob = pack([stamp, body])
         core.store(
             entry_key,
             blob,
@@ -320,7 +322,7 @@ class ReadPath:
         except TypeError:
             return None
         try:
-            plan: StatementPlan | None = self._build_plan(structural_key, statement)
+            plan: StatementPlan | None = self._build_plan(statement)
         except (Unfingerprintable, Uncacheable) as exc:
             log.info("statement runs uncached: %s", exc)
             plan = None
@@ -329,9 +331,10 @@ class ReadPath:
         plans[structural_key] = plan
         return plan
 
-    def _build_plan(self, structural_key: Any, statement: Any) -> StatementPlan:
+    def _build_plan(self, statement: Any) -> StatementPlan:
         core = self.core
-        fp = fingerprint(structural_key)
+        canonical = hydrate.canonical_statement(statement)
+        fp = fingerprint(canonical._generate_cache_key().key)
         if not fp.tables:
             raise Uncacheable("the statement reads no table the cache can version")
         tables = [t.fullname for t in fp.tables]
@@ -440,11 +443,18 @@ class ReadPath:
         return frozen()
 
 
-def _entry_payload(raw: bytes, stamp_type: type) -> tuple[Any, Any]:
-    """Unpack ``[stamp, body]``; anything else under our key is foreign (CodecError)."""
+def _entry_payload(raw: bytes, stamp_type: type, owner: str | None = None) -> tuple[Any, Any]:
+    """Unpack ``[stamp, body]``; anything else under our key is foreign (CodecError).
+
+    A query entry's stamp starts with its statement's digest (``owner``): an entry
+    copied under another statement's key is foreign too.
+    """
     payload = unpack(raw)
     if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not stamp_type:
         raise CodecError("not an entry of this cache")
+    stamp: Any = payload[0]
+    if owner is not None and (not stamp or stamp[0] != owner):
+        raise CodecError("the entry of another statement")
     return payload[0], payload[1]
 
 

@@ -9,7 +9,11 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import NoScriptError
+
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from redis import Redis
     from redis.commands.core import Script
 
@@ -39,3 +43,27 @@ class Scripts:
     def run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         """Run ``script``; redis-py reloads it when the server answers NOSCRIPT."""
         return script(keys=keys, args=args, client=self._client)
+
+    def run_batch(self, calls: Sequence[tuple[Script, list[str], list[Any]]]) -> list[Any]:
+        """Run several script calls in one round trip; their replies in order.
+
+        A Script object queued in a pipeline makes redis-py send SCRIPT EXISTS before
+        every execute, a second round trip on each commit. Raw EVALSHA is queued instead,
+        and on NOSCRIPT (a restarted or flushed server) the scripts are loaded and the
+        batch is sent once more; every script here is safe to run twice.
+        """
+        if len(calls) == 1:
+            script, keys, args = calls[0]
+            return [self.run(script, keys, args)]
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                return list(pipe.execute())
+            except NoScriptError:
+                if attempt:
+                    raise
+                for script, _, _ in calls:
+                    self._client.script_load(script.script)
+        raise AssertionError("unreachable")  # pragma: no cover

@@ -9,7 +9,7 @@ no SQL).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 import pytest
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from tests.support import SQLCounter
 
+PRODUCTS = cast("sa.Table", Product.__table__)
 QUERY = select(Product).where(Product.id.between(10, 14)).order_by(Product.id)
 ENTITY_PK = 11
 
@@ -274,7 +275,7 @@ def test_entity_entry_under_another_schema_hash_is_never_read(
     key = the_key(redis_client, namespace, "entity")
     prefix, schema_hash, pk = key.rsplit(b":", 2)
     assert pk == str(ENTITY_PK).encode()
-    assert schema_hash == sa_redis_cache.models.table_schema_hash(Product.__table__).encode()
+    assert schema_hash == sa_redis_cache.models.table_schema_hash(PRODUCTS).encode()
     good = redis_client.get(key)
     assert isinstance(good, bytes)
     other = b":".join([prefix, b"0123456789ab", pk])
@@ -359,6 +360,32 @@ def test_entity_entry_of_another_row_under_the_key_is_not_served(
         assert product is not None
         assert product.id == ENTITY_PK
         assert [snapshot(product)] == expected
+
+
+def test_query_entry_of_another_statement_under_the_key_is_not_served(
+    session_factory: sessionmaker[Session],
+    shop_engine: sa.Engine,
+    sql: SQLCounter,
+    cache: Cache,
+    redis_client: redis.Redis,
+    namespace: str,
+) -> None:
+    low = select(Product).where(Product.id < 3).order_by(Product.id)
+    high = select(Product).where(Product.id > 100).order_by(Product.id)
+    with sessionmaker(shop_engine)() as s:
+        expected = [snapshot(p) for p in s.scalars(high)]
+    with session_factory() as s:
+        s.scalars(low.options(FromCache())).all()
+    low_key = the_key(redis_client, namespace, "query")
+    with session_factory() as s:
+        s.scalars(high.options(FromCache())).all()
+    (high_key,) = set(data_keys(redis_client, namespace, "query")) - {low_key}
+    low_entry = redis_client.get(low_key)
+    assert isinstance(low_entry, bytes)
+    redis_client.set(high_key, low_entry, px=600_000)
+    with session_factory() as s:
+        assert [snapshot(p) for p in s.scalars(high.options(FromCache()))] == expected
+    assert decode_errors(cache) == 1
 
 
 @pytest.mark.parametrize("counter", ["v", "g"])

@@ -298,3 +298,18 @@ def test_status_enum_round_trip(session_factory: sessionmaker[Session], sql: SQL
     assert count == 0
     assert isinstance(second, ProductStatus)
     assert first is second
+
+
+def test_statement_derived_after_its_base_ran_shares_the_entry(
+    session_factory: sessionmaker[Session], sql: SQLCounter
+) -> None:
+    """Running a select replaces its compile options in place; the key must not change."""
+    base = select(Product).where(Product.id == 13)
+    with session_factory() as s:
+        s.scalars(base.options(FromCache())).one()
+    with session_factory() as s:
+        s.scalars(base).one()  # the base statement is compiled in a session
+    sql.reset()
+    with session_factory() as s:
+        s.scalars(base.options(FromCache())).one()
+        assert sql.count == 0

@@ -73,3 +73,17 @@ def test_bad_partitions(partitions: Any) -> None:
 def test_every_problem_is_reported_at_once() -> None:
     problems = CachePolicy(strategy="nope", ttl=-1, partitions=0, entity_cache="x").problems()  # type: ignore[arg-type]
     assert [p.split("=")[0] for p in problems] == ["strategy", "ttl", "entity_cache", "partitions"]
+
+
+def test_cache_refuses_an_infinite_default_ttl() -> None:
+    from sa_redis_cache import Cache, ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="default_ttl"):
+        Cache("redis://127.0.0.1:1/0", namespace="unit", default_ttl=float("inf"))
+
+
+def test_fromcache_refuses_an_infinite_ttl() -> None:
+    from sa_redis_cache import FromCache
+
+    with pytest.raises(ValueError, match="ttl"):
+        FromCache(ttl=float("inf"))
