@@ -1,0 +1,17 @@
+"""Benchmarks of sa_redis_cache: every headline figure as a ratio measured in one run.
+
+Each case runs its contenders in one process, alternating call by call after a warm-up,
+so that machine noise (frequency scaling, other tenants, the services' own background
+work) lands on every contender alike and cancels in the ratio of their medians. The
+contenders, over the example shop schema (:mod:`examples.shop`):
+
+* the plain uncached ORM query, through a sessionmaker the cache is not attached to;
+* the floor: a raw redis-py GET of the entry our cache stores, plus its orjson decode;
+* the cache-aside recipe of SQLAlchemy's dogpile_caching example, written afresh in
+  :mod:`benchmarks.dogpile_recipe` (pickled ``FrozenResult``, ``merge_frozen_result``);
+* ours: ``FromCache()`` and ``session.get`` through an attached sessionmaker.
+
+Run it with ``make bench`` (or ``make bench-smoke`` for the seconds-long smoke mode);
+see :mod:`benchmarks.run` for the options and ``benchmarks/results/latest.md`` for the
+latest table.
+"""

@@ -1,0 +1,177 @@
+"""Contender builders and result checks shared by the case modules.
+
+Every ORM contender opens a fresh Session in its untimed ``setup`` and closes it in its
+untimed ``teardown``: a fresh identity map is what a request sees, and it keeps the
+session from answering a load by itself. The Session's construction and close are
+excluded alike for every contender, so the floor (which has no session) is compared with
+the work a cached read adds to a session the application already holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Row
+from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.orm import Session, sessionmaker
+
+from benchmarks.harness import Contender
+from sa_redis_cache.codec import pack
+
+if TYPE_CHECKING:
+    import redis
+
+    from benchmarks.env import BenchEnv
+
+# What codec.unpack skips before handing the rest to orjson (magic and version byte),
+# measured from codec.pack itself rather than copied from its private constant.
+HEADER_LEN = len(pack(0)) - len(b"0")
+
+Consume = Callable[[Session], object]
+
+
+def close(session: Session) -> None:
+    """Teardown of an ORM contender."""
+    session.close()
+
+
+def orm_contender(name: str, factory: sessionmaker[Session], consume: Consume) -> Contender:
+    """A contender that runs ``consume(session)`` in a fresh session per call."""
+    return Contender(name=name, call=consume, setup=factory, teardown=close)
+
+
+def floor_contender(client: redis.Redis, key: str, name: str = "floor: GET + orjson") -> Contender:
+    """The floor: one GET of ``key`` and an orjson decode of the stored document."""
+    get = client.get
+    loads = orjson.loads
+    skip = HEADER_LEN
+
+    def call(_: object) -> object:
+        return loads(memoryview(get(key))[skip:])  # type: ignore[arg-type]
+
+    return Contender(name=name, call=call)
+
+
+def canned_sessions(
+    engine: sa.Engine, data: list[Any], keys: list[str], *, scalars: bool
+) -> sessionmaker[Session]:
+    """Sessions whose every ORM statement returns ``data`` at once, without Redis or SQL.
+
+    What SQLAlchemy's own execute pipeline costs (statement setup, ``do_orm_execute``
+    dispatch, the result object) for any cache built on ``do_orm_execute``: the part of a
+    hit that no such cache can remove. ``data`` holds detached instances loaded earlier
+    (``scalars``) or plain tuples.
+    """
+    factory: sessionmaker[Session] = sessionmaker(engine)
+
+    def on_execute(_orm_context: Any) -> IteratorResult[Any]:
+        result: IteratorResult[Any] = IteratorResult(SimpleResultMetaData(keys), iter(data))
+        result._source_supports_scalars = scalars
+        return result
+
+    sa.event.listen(factory, "do_orm_execute", on_execute)
+    return factory
+
+
+def breakdown(ours: float, floor: float, pipeline: float, objects: int = 0) -> str:
+    """Split a hit's median into the Redis floor, SQLAlchemy's pipeline and the rest."""
+    rest = ours - floor - pipeline
+    per_object = f", {rest / objects:.1f} µs per object built" if objects else ""
+    return (
+        f"ours {ours:.0f} µs ≈ floor {floor:.0f} µs (Redis round trip + decode) + "
+        f"{pipeline:.0f} µs SQLAlchemy execute pipeline (canned result) + {rest:.0f} µs the "
+        "library's own work (key, MGET of the version counters, codec, building objects "
+        f"into the session, stats{per_object}). Sums of medians: approximate."
+    )
+
+
+def entities(statement: Any) -> Consume:
+    """Consume an entity statement the way applications do: ``scalars().all()``."""
+
+    def consume(session: Session) -> object:
+        return session.scalars(statement).all()
+
+    return consume
+
+
+def rows(statement: Any) -> Consume:
+    """Consume a column statement: ``execute().all()``."""
+
+    def consume(session: Session) -> object:
+        return session.execute(statement).all()
+
+    return consume
+
+
+_MISSING = "<not loaded>"
+
+
+def snapshot(value: Any, depth: int = 0) -> Any:
+    """A comparable picture of a result: column values with their types, loaded graphs.
+
+    Reads only what is loaded (``state.dict``), so taking it never emits SQL; relationship
+    targets are followed one level down, which covers the eager loads of these cases.
+    """
+    if isinstance(value, list | tuple | Row):
+        return [snapshot(v, depth) for v in value]
+    state = sa.inspect(value, raiseerr=False)
+    if state is None or not hasattr(state, "mapper"):
+        return (type(value).__name__, value)
+    dict_ = state.dict
+    out: dict[str, Any] = {"class": type(value).__name__}
+    for attr in state.mapper.column_attrs:
+        got = dict_.get(attr.key, _MISSING)
+        out[attr.key] = (type(got).__name__, got)
+    if depth == 0:
+        for rel in state.mapper.relationships:
+            if rel.key in dict_:
+                out[rel.key] = snapshot(dict_[rel.key], depth + 1)
+    return out
+
+
+def check_result(
+    env: BenchEnv,
+    name: str,
+    factory: sessionmaker[Session],
+    consume: Consume,
+    expected: Any,
+    *,
+    expect_no_sql: bool,
+) -> list[str]:
+    """Run ``consume`` once in a fresh session; notes for a wrong result or unexpected SQL."""
+    notes: list[str] = []
+    with factory() as session, env.counting_sql():
+        before = env.sql_count
+        got = snapshot(consume(session))
+        ran = env.sql_count - before
+    if got != expected:
+        notes.append(f"{name}: result differs from the uncached query (a correctness bug)")
+    if expect_no_sql and ran:
+        notes.append(f"{name}: a hit ran {ran} SQL statement(s); it should run none")
+    return notes
+
+
+def region_counter(env: BenchEnv, counter: str, region: str = "default") -> int:
+    """One of our cache's counters for a FromCache region."""
+    return int(env.cache.stats()["regions"].get(region, {}).get(counter, 0))
+
+
+def model_counter(env: BenchEnv, counter: str, model: str) -> int:
+    """One of our cache's counters for a model (entity cache)."""
+    return int(env.cache.stats()["models"].get(model, {}).get(counter, 0))
+
+
+def expect_count(what: str, got: int, expected: int) -> list[str]:
+    """A note when a counter moved by other than what every timed call should add."""
+    if got == expected:
+        return []
+    return [f"{what}: {got} of {expected} calls (the figures above are not pure {what})"]
+
+
+def counter_probe(read: Callable[[], int]) -> Callable[[], int]:
+    """Start counting: returns a function giving how much ``read()`` moved since."""
+    start = read()
+    return lambda: read() - start
