@@ -60,6 +60,8 @@ class CoreDML:
     def __init__(self, writes: WritePath) -> None:
         self.writes = writes
         self.session_connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        # one slot per cache: several caches (namespaces) may watch the same engine
+        self._pending_key = (_PENDING, id(self))
         self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
     def register(self, engine: Engine) -> None:
@@ -96,9 +98,9 @@ class CoreDML:
         if not tables:
             return
         info = conn.info
-        pending: tuple[str, set[str]] | None = info.get(_PENDING)
+        pending: tuple[str, set[str]] | None = info.get(self._pending_key)
         if pending is None:
-            pending = info[_PENDING] = (secrets.token_hex(8), set())
+            pending = info[self._pending_key] = (secrets.token_hex(8), set())
         token, marked = pending
         self.writes.mark_bulk(token, tables)
         marked.update(tables)
@@ -112,7 +114,7 @@ class CoreDML:
         self._finish(connection_record.info)
 
     def _finish(self, info: dict[Any, Any]) -> None:
-        pending = info.pop(_PENDING, None)
+        pending = info.pop(self._pending_key, None)
         if pending is not None:
             token, marked = pending
             self.writes.finish_bulk(token, marked)

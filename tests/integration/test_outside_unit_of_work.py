@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
+import orjson
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from examples.shop import Product
-from sa_redis_cache import FromCache
+from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.dml import text_dml_tables
 
 
@@ -97,3 +99,62 @@ def test_text_dml_table_parsing() -> None:
     assert text_dml_tables("WITH x AS (DELETE FROM orders RETURNING 1) SELECT 1", known) == set(
         known
     )
+
+
+def test_every_commit_is_announced_on_pub_sub(
+    session_factory: sessionmaker[Session],
+    shop_engine: sa.Engine,
+    product: int,
+    redis_client: Any,
+    namespace: str,
+) -> None:
+    """Other processes' local caches learn of each commit from the invalidation channel."""
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(f"sarc:{namespace}:invalidations")
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    try:
+        with session_factory() as s:
+            p = s.get(Product, product)
+            assert p is not None
+            p.price = Decimal("6.00")
+            s.commit()
+        with shop_engine.begin() as conn:
+            conn.execute(text("UPDATE products SET price = 7.00 WHERE id = :id"), {"id": product})
+        first = pubsub.get_message(timeout=5)
+        second = pubsub.get_message(timeout=5)
+    finally:
+        pubsub.close()
+    assert first is not None
+    assert second is not None
+    assert orjson.loads(first["data"]) == {"t": "products", "pk": [str(product)], "bulk": False}
+    assert orjson.loads(second["data"]) == {"t": "products", "pk": [], "bulk": True}
+
+
+def test_two_caches_on_one_engine_both_see_core_dml(
+    shop_engine: sa.Engine,
+    redis_url: str,
+    namespace: str,
+    product: int,
+    redis_client: Any,
+) -> None:
+    """Each cache watching an engine finishes its own marks (one pending slot per cache)."""
+    other_namespace = namespace + "b"
+    factories = []
+    for ns in (namespace, other_namespace):
+        factory = sessionmaker(shop_engine)
+        Cache(redis_url, namespace=ns).attach(factory)
+        factories.append(factory)
+    try:
+        for factory in factories:
+            assert warm(factory, product) == Decimal("1.00")
+        with shop_engine.begin() as conn:
+            conn.execute(text("UPDATE products SET price = 8.00 WHERE id = :id"), {"id": product})
+        for factory in factories:
+            assert read_both(factory, product) == (Decimal("8.00"), Decimal("8.00"))
+        # both caches released their marks: a fill after the write is accepted again
+        for ns in (namespace, other_namespace):
+            marks = redis_client.zcard(f"sarc:{ns}:{{{ns}:products}}:w")
+            assert marks == 0
+    finally:
+        for key in redis_client.scan_iter(match=f"sarc:{other_namespace}:*"):
+            redis_client.unlink(key)
