@@ -277,7 +277,9 @@ class _Materializer:
     def finish(self) -> None:
         identity_map = self.identity_map
         for state in self.new_states:
-            state._commit_all(state.dict, identity_map)
+            if state.modified or state.committed_state:
+                # a fresh state has nothing to commit unless something touched it
+                state._commit_all(state.dict, identity_map)
             load_event = state.manager.dispatch.load
             if load_event:
                 # reconstructors and user load listeners run as for a database load;
