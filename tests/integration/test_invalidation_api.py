@@ -7,7 +7,7 @@ and every other entry stays a hit (zero SQL).
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import redis as redis_lib
@@ -69,6 +69,7 @@ def warm(
     return fill
 
 
+PRODUCTS = cast("sa.Table", Product.__table__)
 PRODUCTS_LOW = select(Product.id, Product.name).where(Product.id < 6).order_by(Product.id)
 PRODUCTS_HIGH = select(Product).where(Product.id.between(40, 45)).order_by(Product.id)
 CATEGORIES = select(Category).order_by(Category.id)
@@ -364,13 +365,55 @@ def test_invalidate_abstract_base(cache: Cache) -> None:
         Base.registry.dispose()
 
 
-def test_invalidate_refuses_a_fill_that_read_before_it(
+RACE_STMT = select(Product.name).where(Product.id == 13)
+
+
+def _get_name(s: Session) -> str:
+    product = s.get(Product, 13)
+    assert product is not None
+    return product.name
+
+
+def _query_name(s: Session) -> str:
+    return s.scalars(RACE_STMT.options(FromCache())).one()
+
+
+RACES: dict[str, tuple[Callable[[Cache], Any], Callable[[Session], str]]] = {
+    "invalidate": (lambda c: c.invalidate(Product, 13), _get_name),
+    "invalidate_model_get": (lambda c: c.invalidate_model(Product), _get_name),
+    "invalidate_model_query": (lambda c: c.invalidate_model(Product), _query_name),
+    "invalidate_query": (lambda c: c.invalidate_query(RACE_STMT), _query_name),
+}
+
+
+@pytest.mark.parametrize(
+    "race",
+    [
+        "invalidate",
+        "invalidate_model_get",
+        "invalidate_model_query",
+        pytest.param(
+            "invalidate_query",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="library limitation: invalidate_query() only UNLINKs the entry, so a "
+                "fill whose database read ran before the call is still accepted after it "
+                "(lua/fill.lua checks the table versions and the writers set, which "
+                "invalidate_query leaves alone) and the stale result is served until its "
+                "TTL; invalidate() and invalidate_model() bump the table version and refuse it",
+            ),
+        ),
+    ],
+)
+def test_invalidation_refuses_a_fill_that_read_before_it(
     session_factory: sessionmaker[Session],
     shop_engine: sa.Engine,
     cache: Cache,
+    race: str,
 ) -> None:
     """Deterministic interleaving: an external write and the invalidation land between a
     miss's database read and its fill."""
+    invalidate, read = RACES[race]
     # a separate engine: the cache is not attached to it, as to another application's
     external = sa.create_engine(shop_engine.url, poolclass=sa.NullPool)
     with Session(external) as s:
@@ -383,26 +426,21 @@ def test_invalidate_refuses_a_fill_that_read_before_it(
             return
         fired = True
         with external.begin() as conn:
-            conn.execute(
-                sa.update(Product.__table__).where(Product.id == 13).values(name="external")
-            )
-        cache.invalidate(Product, 13)
+            conn.execute(sa.update(PRODUCTS).where(Product.id == 13).values(name="external"))
+        invalidate(cache)
 
     sa.event.listen(shop_engine, "after_cursor_execute", write_then_invalidate)
     try:
         with session_factory() as s:
-            product = s.get(Product, 13)
-            assert product is not None
-            assert product.name == original  # read before the write
+            assert read(s) == original  # read before the write
+        assert fired
     finally:
         sa.event.remove(shop_engine, "after_cursor_execute", write_then_invalidate)
     try:
         with session_factory() as s:
-            product = s.get(Product, 13)
-            assert product is not None
-            assert product.name == "external"
+            assert read(s) == "external"
     finally:
         with external.begin() as conn:
-            conn.execute(sa.update(Product.__table__).where(Product.id == 13).values(name=original))
+            conn.execute(sa.update(PRODUCTS).where(Product.id == 13).values(name=original))
         external.dispose()
         cache.invalidate_model(Product)
