@@ -52,9 +52,11 @@ Decisions
 
 from __future__ import annotations
 
+import binascii
 import struct
 import sys
-from binascii import a2b_base64, b2a_base64
+from base64 import b64decode
+from binascii import b2a_base64
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from enum import Enum
@@ -293,6 +295,15 @@ def _make_uuid_loader() -> Callable[[str], UUID]:
 _load_uuid = _make_uuid_loader()
 
 
+def _strict_base64(x: Any) -> bytes:
+    if type(x) is not str:
+        raise CodecError(f"expected base64 text, got {_type_name(x)}")
+    try:
+        return b64decode(x, validate=True)
+    except binascii.Error as exc:
+        raise CodecError(f"not base64: {exc}") from exc
+
+
 def _dump_bytes(v: Any) -> str:
     if type(v) is not bytes:
         raise _wrong(v, "bytes")
@@ -322,7 +333,7 @@ _SCALAR_PLANS: dict[type, _Plan] = {
     time: _Plan("time", _dump_time, time.fromisoformat, None, scalar=True),
     timedelta: _Plan("timedelta", _dump_timedelta, _load_timedelta, None, scalar=True),
     UUID: _Plan("uuid", _dump_uuid, _load_uuid, None, scalar=True),
-    bytes: _Plan("bytes", _dump_bytes, a2b_base64, None, scalar=True),
+    bytes: _Plan("bytes", _dump_bytes, _strict_base64, None, scalar=True),
 }
 
 
@@ -426,17 +437,28 @@ def _items(x: Any) -> list[Any]:
     return [_dec(y) for y in x]
 
 
+def _strict(load: Callable[[str], Any]) -> Callable[[Any], Any]:
+    """``load`` for a tag whose payload must be text: anything else is foreign bytes."""
+
+    def checked(x: Any) -> Any:
+        if type(x) is not str:
+            raise CodecError(f"expected text inside a tag, got {_type_name(x)}")
+        return load(x)
+
+    return checked
+
+
 _DECODERS: dict[str, Callable[[Any], Any]] = {
     "$i": lambda x: int(x, 16),
     "$f": _float_from_text,
-    "$D": Decimal,
+    "$D": _strict(Decimal),
     "$dt": _load_datetime,
     "$da": date.fromisoformat,
     "$ti": time.fromisoformat,
     "$td": _load_timedelta,
     "$u": _load_uuid,
-    "$b": a2b_base64,
-    "$ba": lambda x: bytearray(a2b_base64(x)),
+    "$b": _strict_base64,
+    "$ba": lambda x: bytearray(_strict_base64(x)),
     "$t": lambda x: tuple(_items(x)),
     "$s": lambda x: set(_items(x)),
     "$fs": lambda x: frozenset(_items(x)),

@@ -463,13 +463,6 @@ def test_bad_ttl_is_refused(cache: Cache, ttl: Any) -> None:
         cache.cached("bad_ttl", ttl=ttl)(lambda: 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: codec.decode_tagged trusts the payload type of some tags: "
-    '{"$b": "!!"} (not base64) loads as b"" and {"$D": 5} (a JSON number, not digits) as '
-    "Decimal('5'), so a foreign or corrupted value under a function key is served as a hit "
-    "instead of being a counted miss",
-)
 @pytest.mark.parametrize("document", [b'{"$b":"!!"}', b'{"$D":5}'], ids=["bytes", "decimal"])
 def test_malformed_tag_payload_is_a_counted_miss(
     cache: Cache, redis_client: redis.Redis, document: bytes
