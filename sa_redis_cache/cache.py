@@ -7,7 +7,6 @@ import random
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import redis
-from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -162,8 +161,8 @@ class Cache:
         if isinstance(bind, Engine):
             self._writes.core_dml.register(bind)
             self._remember_bind(bind)
-        event.listen(session_class, "do_orm_execute", self._reads.on_execute)
-        event.listen(session_class, "after_begin", self._reads.on_begin)
+        self._core.listen(session_class, "do_orm_execute", self._reads.on_execute)
+        self._core.listen(session_class, "after_begin", self._reads.on_begin)
         self._writes.register(session_class)
         self._attached.append(session_class)
 
@@ -362,6 +361,23 @@ class Cache:
         return self._core.models.info_of(mapper)
 
     # -- observability -----------------------------------------------------------------
+
+    def detach(self) -> None:
+        """Remove every listener :meth:`attach` added, from sessions and engines.
+
+        Sessions made afterwards by the factories this cache was attached to read and
+        write the database only. Useful in tests and before re-configuring a process.
+
+        Example::
+
+            cache.attach(Session)
+            ...
+            cache.detach()
+        """
+        self._core.remove_listeners()
+        self._writes.core_dml.forget_engines()
+        self._attached.clear()
+        self._attached_binds.clear()
 
     def stats(self) -> dict[str, Any]:
         """Hits, misses, hit rate, errors, fills... in total, per model and per region.

@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
+from sqlalchemy import event
 
 from .keys import KeyScheme
 from .models import ModelInfo, ModelRegistry
@@ -59,6 +60,19 @@ class CacheCore:
         # named points where tests force interleavings (e.g. a commit between a miss's
         # database read and its fill); empty in production, so each costs a dict lookup
         self.hooks: dict[str, Callable[[], None]] = {}
+        self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
+
+    def listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:
+        """``event.listen``, remembered so that :meth:`remove_listeners` can undo it."""
+        event.listen(target, name, fn)
+        self._listeners.append((target, name, fn))
+
+    def remove_listeners(self) -> None:
+        """Remove every listener this cache added (sessions and engines)."""
+        while self._listeners:
+            target, name, fn = self._listeners.pop()
+            if event.contains(target, name, fn):
+                event.remove(target, name, fn)
 
     def hook(self, name: str) -> None:
         """Run the test hook registered under ``name``, if any."""

@@ -16,7 +16,7 @@ import secrets
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table, event
+from sqlalchemy import Table
 from sqlalchemy.sql.elements import TextClause
 
 if TYPE_CHECKING:
@@ -69,8 +69,13 @@ class CoreDML:
         if engine in self._engines:
             return
         self._engines.add(engine)
-        event.listen(engine, "after_cursor_execute", self.after_cursor_execute)
-        event.listen(engine.pool, "checkin", self.checkin)
+        listen = self.writes.core.listen
+        listen(engine, "after_cursor_execute", self.after_cursor_execute)
+        listen(engine.pool, "checkin", self.checkin)
+
+    def forget_engines(self) -> None:
+        """The listeners were removed; a later ``register`` must add them again."""
+        self._engines = weakref.WeakSet()
 
     def after_cursor_execute(
         self,

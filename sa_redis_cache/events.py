@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from redis.exceptions import RedisError
-from sqlalchemy import Table, event
+from sqlalchemy import Table
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import TextClause
 
@@ -54,12 +54,12 @@ class WritePath:
 
     def register(self, session_class: Any) -> None:
         """Listen on ``session_class`` (a sessionmaker or Session subclass)."""
-        event.listen(session_class, "after_begin", self.after_begin)
-        event.listen(session_class, "after_flush", self.after_flush)
-        event.listen(session_class, "after_transaction_create", self.after_transaction_create)
-        event.listen(session_class, "after_commit", self.after_commit)
-        event.listen(session_class, "after_rollback", self.after_rollback)
-        event.listen(session_class, "after_transaction_end", self.after_transaction_end)
+        self.core.listen(session_class, "after_begin", self.after_begin)
+        self.core.listen(session_class, "after_flush", self.after_flush)
+        self.core.listen(session_class, "after_transaction_create", self.after_transaction_create)
+        self.core.listen(session_class, "after_commit", self.after_commit)
+        self.core.listen(session_class, "after_rollback", self.after_rollback)
+        self.core.listen(session_class, "after_transaction_end", self.after_transaction_end)
 
     # -- recording -----------------------------------------------------------------------
 

@@ -30,7 +30,11 @@ def shop_engine(engine: sa.Engine) -> sa.Engine:
 def cache(redis_url: str, namespace: str) -> Iterator[Cache]:
     """A cache in this test's own namespace."""
     client = redis.Redis.from_url(redis_url)
-    yield Cache(client, namespace=namespace, default_ttl=300)
+    cache = Cache(client, namespace=namespace, default_ttl=300)
+    yield cache
+    # the shared engine would otherwise keep every test's listeners (one Redis round
+    # trip per cache on each Core statement) and recreate keys of deleted namespaces
+    cache.detach()
     client.close()
 
 

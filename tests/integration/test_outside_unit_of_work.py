@@ -140,9 +140,11 @@ def test_two_caches_on_one_engine_both_see_core_dml(
     """Each cache watching an engine finishes its own marks (one pending slot per cache)."""
     other_namespace = namespace + "b"
     factories = []
+    caches = []
     for ns in (namespace, other_namespace):
         factory = sessionmaker(shop_engine)
-        Cache(redis_url, namespace=ns).attach(factory)
+        caches.append(Cache(redis_url, namespace=ns))
+        caches[-1].attach(factory)
         factories.append(factory)
     try:
         for factory in factories:
@@ -156,5 +158,7 @@ def test_two_caches_on_one_engine_both_see_core_dml(
             marks = redis_client.zcard(f"sarc:{ns}:{{{ns}:products}}:w")
             assert marks == 0
     finally:
+        for cache in caches:
+            cache.detach()
         for key in redis_client.scan_iter(match=f"sarc:{other_namespace}:*"):
             redis_client.unlink(key)

@@ -313,3 +313,22 @@ def test_statement_derived_after_its_base_ran_shares_the_entry(
     with session_factory() as s:
         s.scalars(base.options(FromCache())).one()
         assert sql.count == 0
+
+
+def test_detach_removes_every_listener(
+    shop_engine: sa.Engine, redis_url: str, namespace: str, sql: SQLCounter
+) -> None:
+    factory = sessionmaker(shop_engine)
+    cache = Cache(redis_url, namespace=namespace)
+    before = len(shop_engine.dispatch.after_cursor_execute)
+    cache.attach(factory)
+    assert len(shop_engine.dispatch.after_cursor_execute) == before + 1
+    stmt = select(Product).where(Product.id == 2).options(FromCache())
+    with factory() as s:
+        s.scalars(stmt).one()
+    cache.detach()
+    assert len(shop_engine.dispatch.after_cursor_execute) == before
+    sql.reset()
+    with factory() as s:
+        s.scalars(stmt).one()
+    assert sql.count == 1  # no longer served from the cache
