@@ -264,7 +264,7 @@ class Cache:
         # and retires the cached queries that may contain the row
         pipe = self.client.pipeline(transaction=False)
         pipe.unlink(self.keys.entity_key(info.table, info.schema_hash, pk_text(pk)))
-        pipe.incr(self.keys.version_key(info.table))
+        self._bump(pipe, self.keys.version_key(info.table))
         pipe.execute()
         self._core.counters.incr("model:" + model.__name__, "invalidations")
 
@@ -281,13 +281,21 @@ class Cache:
         """
         info = self._model_info(model)
         pipe = self.client.pipeline(transaction=False)
-        for key in (self.keys.version_key(info.table), self.keys.generation_key(info.table)):
-            # a counter that does not exist starts at a random value, never at 1: a
-            # counter lost and recreated must not come back at a value an entry holds
-            pipe.set(key, random.getrandbits(62), nx=True)
-            pipe.incr(key)
+        self._bump(pipe, self.keys.version_key(info.table))
+        self._bump(pipe, self.keys.generation_key(info.table))
         pipe.execute()
         self._core.counters.incr("model:" + model.__name__, "invalidations")
+
+    def _bump(self, pipe: Any, key: str) -> None:
+        """Queue an increment of a version counter or generation on ``pipe``.
+
+        A counter that does not exist starts at a random value, never at 1: a counter
+        lost and recreated must not come back at a value an entry was stored under.
+        """
+        ttl = self._core.counter_ttl_ms
+        pipe.set(key, random.getrandbits(62), nx=True, px=ttl)
+        pipe.incr(key)
+        pipe.pexpire(key, ttl)
 
     def invalidate_query(
         self, statement: Any, params: dict[str, Any] | None = None, *, bind: Any = None

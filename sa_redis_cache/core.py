@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sa_redis_cache")
 
 _FAILURE_LOG_INTERVAL = 10.0
+COUNTER_TTL_MS = 7 * 24 * 3600 * 1000
 
 
 class CacheCore:
@@ -59,6 +60,9 @@ class CacheCore:
         self._last_failure_log = float("-inf")
         # named points where tests force interleavings (e.g. a commit between a miss's
         # database read and its fill); empty in production, so each costs a dict lookup
+        # counters outlive entries by far, but still expire: a namespace nobody uses any
+        # more leaves nothing behind, and an expired counter only turns entries into misses
+        self.counter_ttl_ms = COUNTER_TTL_MS
         self.hooks: dict[str, Callable[[], None]] = {}
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
 

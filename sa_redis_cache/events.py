@@ -204,6 +204,7 @@ class WritePath:
                             ROW_COUNTER_TTL_MS,
                             random.getrandbits(62),
                             1 if bulk else 0,
+                            core.counter_ttl_ms,
                         ],
                     )
                 )
@@ -294,6 +295,7 @@ class WritePath:
                     channel,
                     orjson.dumps({"t": table, "pk": list(writes.rows), "bulk": writes.bulk}),
                     1 if writes.bulk else 0,
+                    core.counter_ttl_ms,
                 ]
                 for pk, row in writes.rows.items():
                     assert info is not None

@@ -222,7 +222,9 @@ class ReadPath:
         core = self.core
         starts = [str(random.getrandbits(62)) for _ in keys]
         try:
-            got = core.scripts.run(core.scripts.capture_versions, list(keys), starts)
+            got = core.scripts.run(
+                core.scripts.capture_versions, list(keys), [core.counter_ttl_ms, *starts]
+            )
         except RedisError as exc:
             core.redis_failed(exc)
             return None

@@ -10,7 +10,8 @@
 --          entity generation is bumped again, because a write-through commit of a row
 --          that the bulk statement then overwrote may have stored its state under the
 --          generation the bulk statement's flush mark had already moved to
--- ARGV[5], ARGV[6], ARGV[7] for each row, in KEYS order:
+-- ARGV[5]: TTL of the version counter and the generation, in milliseconds
+-- ARGV[6], ARGV[7], ARGV[8] for each row, in KEYS order:
 --          the write ticket from flush_mark.lua, the TTL in ms, the new encoded state
 --          (an empty string means delete: cache_aside strategy or a deleted row)
 -- Returns: the number of rows whose new state was written through
@@ -20,7 +21,9 @@ if ARGV[4] == '1' then
   redis.call('INCR', KEYS[3])
 end
 local written = 0
-local a = 5
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+local a = 6
 for i = 4, #KEYS, 2 do
   local ticket, ttl, state = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   a = a + 3

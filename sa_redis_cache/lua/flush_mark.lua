@@ -9,6 +9,7 @@
 -- ARGV[4]: value to start the entity generation at when it does not exist (random)
 -- ARGV[5]: 1 when the rows written are not known (bulk or textual DML): the entity
 --          generation is bumped so that every entity entry of the table becomes a miss
+-- ARGV[6]: TTL of the version counter and the generation, in milliseconds
 -- Returns: the entity generation, then each row's write ticket (the row counter after
 --          INCR); a write-through commit stores its state only if its ticket is current
 -- Bumping the version makes every fill that captured versions before this flush fail
@@ -22,7 +23,7 @@ redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 local generation = redis.call('GET', KEYS[3])
 if not generation then
-  redis.call('SET', KEYS[3], ARGV[4])
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[6])
   generation = ARGV[4]
 end
 if ARGV[5] == '1' then
@@ -30,6 +31,8 @@ if ARGV[5] == '1' then
   -- read it back as a string: Lua numbers are doubles and would round a 62-bit value
   generation = redis.call('GET', KEYS[3])
 end
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
 local tickets = {generation}
 for i = 4, #KEYS, 2 do
   redis.call('DEL', KEYS[i])

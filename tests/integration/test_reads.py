@@ -332,3 +332,24 @@ def test_detach_removes_every_listener(
     with factory() as s:
         s.scalars(stmt).one()
     assert sql.count == 1  # no longer served from the cache
+
+
+def test_version_counters_expire_too(
+    session_factory: sessionmaker[Session], redis_client: redis.Redis, namespace: str
+) -> None:
+    """Counters outlive entries but are not immortal: an abandoned namespace empties itself."""
+    with session_factory() as s:
+        s.scalars(select(Product).where(Product.id == 3).options(FromCache())).one()
+        s.get(Product, 3)
+        product = s.get(Product, 3)
+        assert product is not None
+        product.name = product.name  # no net change: nothing is flushed
+    with session_factory() as s:
+        s.execute(sa.update(Product).where(Product.id == -1).values(name="x"))
+        s.commit()
+    counters = [
+        k for k in redis_client.scan_iter(match=f"sarc:{namespace}:*") if k.endswith((b":v", b":g"))
+    ]
+    assert counters
+    for key in counters:
+        assert redis_client.pttl(key) > 0, key
