@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import redis
@@ -16,6 +15,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Mapper, Session, mapperlib, scoped_session, sessionmaker
 
+from .breaker import CircuitBreaker
 from .core import CacheCore
 from .errors import ConfigurationError
 from .events import WritePath
@@ -46,6 +46,9 @@ class Cache:
     bounds every entry whose model or option gives no TTL; ``ttl_jitter`` shortens each
     TTL by up to that fraction so entries written together do not expire together;
     ``max_entry_bytes`` is the size above which a result is not cached.
+    After ``breaker_threshold`` consecutive Redis failures the cache is not asked for
+    ``breaker_reset`` seconds (reads go to the database); writes made meanwhile are
+    delivered as invalidations before this process trusts the cache again.
 
     Example::
 
@@ -64,6 +67,8 @@ class Cache:
         default_ttl: float = 300,
         ttl_jitter: float = 0.1,
         max_entry_bytes: int = 1 << 20,
+        breaker_threshold: int = 3,
+        breaker_reset: float = 2.0,
     ) -> None:
         if isinstance(redis_client, str):
             redis_client = redis.Redis.from_url(
@@ -99,6 +104,7 @@ class Cache:
             default_ttl=default_ttl,
             ttl_jitter=ttl_jitter,
             max_entry_bytes=max_entry_bytes,
+            breaker=CircuitBreaker(threshold=breaker_threshold, reset_after=breaker_reset),
         )
         self._writes = WritePath(self._core)
         self._reads = ReadPath(self._core, self._writes)
@@ -264,7 +270,7 @@ class Cache:
         # and retires the cached queries that may contain the row
         pipe = self.client.pipeline(transaction=False)
         pipe.unlink(self.keys.entity_key(info.table, info.schema_hash, pk_text(pk)))
-        self._bump(pipe, self.keys.version_key(info.table))
+        self._core.queue_bump(pipe, self.keys.version_key(info.table))
         pipe.execute()
         self._core.counters.incr("model:" + model.__name__, "invalidations")
 
@@ -281,21 +287,10 @@ class Cache:
         """
         info = self._model_info(model)
         pipe = self.client.pipeline(transaction=False)
-        self._bump(pipe, self.keys.version_key(info.table))
-        self._bump(pipe, self.keys.generation_key(info.table))
+        self._core.queue_bump(pipe, self.keys.version_key(info.table))
+        self._core.queue_bump(pipe, self.keys.generation_key(info.table))
         pipe.execute()
         self._core.counters.incr("model:" + model.__name__, "invalidations")
-
-    def _bump(self, pipe: Any, key: str) -> None:
-        """Queue an increment of a version counter or generation on ``pipe``.
-
-        A counter that does not exist starts at a random value, never at 1: a counter
-        lost and recreated must not come back at a value an entry was stored under.
-        """
-        ttl = self._core.counter_ttl_ms
-        pipe.set(key, random.getrandbits(62), nx=True, px=ttl)
-        pipe.incr(key)
-        pipe.pexpire(key, ttl)
 
     def invalidate_query(
         self, statement: Any, params: dict[str, Any] | None = None, *, bind: Any = None

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 from sqlalchemy import event
 
+from .breaker import CircuitBreaker
 from .keys import KeyScheme
 from .models import ModelInfo, ModelRegistry
 from .scripts import Scripts
@@ -28,6 +30,7 @@ log = logging.getLogger("sa_redis_cache")
 
 _FAILURE_LOG_INTERVAL = 10.0
 COUNTER_TTL_MS = 7 * 24 * 3600 * 1000
+MAX_UNDELIVERED = 10_000
 
 
 class CacheCore:
@@ -47,6 +50,7 @@ class CacheCore:
         default_ttl: float,
         ttl_jitter: float,
         max_entry_bytes: int,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.client = client
         self.namespace = namespace
@@ -65,6 +69,11 @@ class CacheCore:
         self.counter_ttl_ms = COUNTER_TTL_MS
         self.hooks: dict[str, Callable[[], None]] = {}
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
+        self.breaker = breaker or CircuitBreaker()
+        # tables whose invalidation could not be delivered (Redis was away): this process
+        # does not trust the cache for them until the bumps have been delivered
+        self.undelivered: set[str] = set()
+        self._undelivered_lock = threading.Lock()
 
     def listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:
         """``event.listen``, remembered so that :meth:`remove_listeners` can undo it."""
@@ -132,12 +141,56 @@ class CacheCore:
         self.counters.incr(scope, "fills" if stored else "fill_refused", also=also)
         return bool(stored)
 
+    def queue_bump(self, pipe: Any, key: str) -> None:
+        """Queue an increment of a version counter or generation on ``pipe``.
+
+        A counter that does not exist starts at a random value, never at 1: a counter
+        lost and recreated must not come back at a value an entry was stored under.
+        """
+        ttl = self.counter_ttl_ms
+        pipe.set(key, random.getrandbits(62), nx=True, px=ttl)
+        pipe.incr(key)
+        pipe.pexpire(key, ttl)
+
+    def keep_undelivered(self, tables: Iterable[str]) -> None:
+        """Remember tables whose writes could not be announced to Redis."""
+        with self._undelivered_lock:
+            self.undelivered.update(tables)
+            if len(self.undelivered) > MAX_UNDELIVERED:
+                # past the bound, every table this process knows is treated as written
+                self.undelivered.update(self.models.known_tables())
+
+    def deliver_undelivered(self) -> bool:
+        """Bump the versions and generations of the undelivered tables; True when none is left.
+
+        Called before the cache is trusted again for those tables, so no entry filled
+        before the outage can be read as current after it.
+        """
+        with self._undelivered_lock:
+            tables = sorted(self.undelivered)
+        if not tables:
+            return True
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for table in tables:
+                self.queue_bump(pipe, self.keys.version_key(table))
+                self.queue_bump(pipe, self.keys.generation_key(table))
+            pipe.execute()
+        except RedisError as exc:
+            self.redis_failed(exc)
+            return False
+        self.breaker.success()
+        with self._undelivered_lock:
+            self.undelivered.difference_update(tables)
+            return not self.undelivered
+
     def redis_failed(self, exc: RedisError) -> None:
         """Record a Redis failure on a path that degrades to the database.
 
         Logged at most once per ``_FAILURE_LOG_INTERVAL`` seconds: while Redis is down
         every cached call fails, and one line per call would flood the log.
         """
+        self.breaker.failure()
         now = time.monotonic()
         if now - self._last_failure_log >= _FAILURE_LOG_INTERVAL:
             self._last_failure_log = now

@@ -25,6 +25,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import TextClause
 
 from . import hydrate
+from .breaker import CLOSED
 from .codec import CodecError, pack
 from .dml import CoreDML
 from .keys import pk_text
@@ -179,6 +180,9 @@ class WritePath:
         keys = core.keys
         scripts = core.scripts
         ordered = sorted(tables)
+        if not core.breaker.allow():
+            core.keep_undelivered(ordered)
+            return {}
         calls = []
         try:
             for table in ordered:
@@ -209,9 +213,12 @@ class WritePath:
                     )
                 )
             replies = scripts.run_batch(calls)
+            if core.breaker.state is not CLOSED:
+                core.breaker.success()
         except RedisError as exc:
             core.redis_failed(exc)
             core.counters.incr_total("errors")
+            core.keep_undelivered(ordered)
             return {}
         out: dict[str, tuple[int, dict[str, int]]] = {}
         for table, reply in zip(ordered, replies, strict=True):
@@ -284,6 +291,9 @@ class WritePath:
         core = self.core
         keys = core.keys
         channel = keys.prefix + "invalidations"
+        if not core.breaker.allow():
+            core.keep_undelivered(tables)
+            return
         calls = []
         try:
             for table in sorted(tables):
@@ -315,6 +325,9 @@ class WritePath:
                     )
                 )
             core.scripts.run_batch(calls)
+            if core.breaker.state is not CLOSED:
+                core.breaker.success()
         except RedisError as exc:
             core.redis_failed(exc)
             core.counters.incr_total("errors")
+            core.keep_undelivered(tables)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
 from redis.exceptions import RedisError, ResponseError
 
+from .breaker import CLOSED
 from .codec import CodecError, dumps_tagged, loads_tagged
 from .keys import values_digest
 from .policy import is_ttl
@@ -97,6 +98,9 @@ class CachedFunction(Generic[P, R]):
             log.debug("%s: arguments cannot make a key (%s); calling uncached", self._prefix, exc)
             stats.incr(self._scope, "uncacheable")
             return self._func(*args, **kwargs)
+        if not core.breaker.allow():
+            stats.incr(self._scope, "bypassed")
+            return self._func(*args, **kwargs)
         try:
             raw = cast("bytes | None", core.client.get(key))
         except ResponseError as exc:
@@ -113,6 +117,8 @@ class CachedFunction(Generic[P, R]):
             core.redis_failed(exc)
             stats.incr(self._scope, "errors")
             return self._func(*args, **kwargs)
+        if core.breaker.state is not CLOSED:
+            core.breaker.success()
         if raw is not None:
             try:
                 value: R = _load(raw)

@@ -21,19 +21,21 @@ from sqlalchemy.orm.interfaces import UserDefinedOption
 from sqlalchemy.sql.type_api import TypeEngine
 
 from . import hydrate
+from .breaker import CLOSED
 from .codec import CodecError, RowCodec, UncacheableType, pack, unpack
 from .keys import Unfingerprintable, fingerprint, pk_text, values_digest
 from .options import FromCache
 from .txstate import peek_tx_state, tx_state
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from sqlalchemy.engine import Result
     from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 
     from .core import CacheCore
     from .events import WritePath
+    from .models import ModelInfo
 
 log = logging.getLogger("sa_redis_cache")
 
@@ -134,13 +136,17 @@ class ReadPath:
         if entry_key is None:
             stats.incr(region, "uncacheable")
             return None
-        client = core.client
+        if not self._trusted(plan.tables):
+            stats.incr(region, "bypassed")
+            return None
         try:
-            raw = cast("list[bytes | None]", client.mget([entry_key, *plan.version_keys]))
+            raw = cast("list[bytes | None]", core.client.mget([entry_key, *plan.version_keys]))
         except RedisError as exc:
             core.redis_failed(exc)
             stats.incr(region, "errors")
             return None
+        if core.breaker.state is not CLOSED:
+            core.breaker.success()
         entry, current = raw[0], raw[1:]
         numbers = None if None in current else self._counters(plan.version_keys, current, region)
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot
@@ -214,6 +220,16 @@ class ReadPath:
             core.client.unlink(*keys)
         except RedisError as err:
             core.redis_failed(err)
+
+    def _trusted(self, tables: Iterable[str]) -> bool:
+        """May the cache be used for ``tables`` now? (breaker closed, writes delivered)"""
+        core = self.core
+        if not core.breaker.allow():
+            return False
+        undelivered = core.undelivered
+        if undelivered and not undelivered.isdisjoint(tables):
+            return core.deliver_undelivered()
+        return True
 
     def _captured(self, current: Sequence[bytes | None], keys: Sequence[str]) -> list[bytes] | None:
         """Versions as they were before the database read; creates missing counters."""
@@ -361,25 +377,38 @@ class ReadPath:
 
     # -- entity cache: session.get and many-to-one lazy loads ----------------------------
 
-    def _entity_load(self, orm_context: ORMExecuteState) -> Result[Any] | None:
+    def _entity_target(
+        self, orm_context: ORMExecuteState
+    ) -> tuple[ModelInfo, tuple[Any, ...]] | None:
+        """The model and primary key of a plain load by primary key, else None.
+
+        Locking loads, attribute refreshes, loads with loader options and the bypass
+        execution options go to the database.
+        """
         statement: Any = orm_context.statement
         mapper = statement._propagate_attrs.get("plugin_subject")
-        if mapper is None:
-            return None
-        core = self.core
-        info = core.models.entity_infos.get(mapper)
+        info = None if mapper is None else self.core.models.entity_infos.get(mapper)
         if info is None:
             return None
         pk = hydrate.get_clause_pk(statement, mapper, orm_context.parameters)
-        if pk is None or None in pk:
-            return None
         if (
-            statement._for_update_arg is not None
+            pk is None
+            or None in pk
+            or statement._for_update_arg is not None
             or orm_context.load_options._refresh_state is not None
             or any(not isinstance(o, UserDefinedOption) for o in statement._with_options)
             or any(orm_context.execution_options.get(n) for n in _BYPASS_OPTIONS)
         ):
             return None
+        return info, pk
+
+    def _entity_load(self, orm_context: ORMExecuteState) -> Result[Any] | None:
+        target = self._entity_target(orm_context)
+        if target is None:
+            return None
+        info, pk = target
+        mapper = info.mapper
+        core = self.core
         session = orm_context.session
         tx = peek_tx_state(session)
         if tx is not None and info.table in tx.written_tables:
@@ -391,6 +420,9 @@ class ReadPath:
             return None
         version_key = core.keys.version_key(info.table)
         generation_key = core.keys.generation_key(info.table)
+        if not self._trusted((info.table,)):
+            core.counters.incr(scope, "bypassed")
+            return None
         try:
             raw, version, generation = cast(
                 "list[bytes | None]", core.client.mget([key, version_key, generation_key])
@@ -399,6 +431,8 @@ class ReadPath:
             core.redis_failed(exc)
             core.counters.incr(scope, "errors")
             return None
+        if core.breaker.state is not CLOSED:
+            core.breaker.success()
         # under a pinned snapshot a missing counter reads as b"", which matches nothing
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot.get(info.table) or b""
         usable = pinned is None or pinned == version

@@ -1,0 +1,134 @@
+"""Redis down from the start, going down mid-run, and coming back (DESIGN.md §6).
+
+Reads keep returning the database's answer and never raise; the breaker stops asking a
+dead Redis; writes committed while Redis was away are delivered as invalidations before
+this process trusts the cache again, even when the server comes back with its old data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from examples.shop import Product
+from sa_redis_cache import Cache, FromCache
+from sa_redis_cache.devservices import RedisServer, free_port
+from tests.support import SQLCounter
+
+
+@pytest.fixture
+def product(shop_engine: sa.Engine) -> Iterator[int]:
+    with Session(shop_engine) as s:
+        p = Product(category_id=1, name="outage", price=Decimal("1.00"), status="ACTIVE")
+        s.add(p)
+        s.commit()
+        pid = p.id
+    yield pid
+    with Session(shop_engine) as s:
+        s.execute(sa.delete(Product).where(Product.id == pid))
+        s.commit()
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    with RedisServer(appendonly=True, appendfsync="always") as started:
+        yield started
+
+
+def read(factory: sessionmaker[Session], pid: int) -> tuple[Decimal, Decimal]:
+    """The price through FromCache and through session.get, each in a fresh session."""
+    with factory() as s:
+        stmt = select(Product).where(Product.id == pid).options(FromCache())
+        by_query = s.scalars(stmt).one().price
+    with factory() as s:
+        got = s.get(Product, pid)
+        assert got is not None
+        return by_query, got.price
+
+
+def set_price(factory: sessionmaker[Session], pid: int, price: str) -> None:
+    with factory() as s:
+        p = s.get(Product, pid, populate_existing=True)
+        assert p is not None
+        p.price = Decimal(price)
+        s.commit()
+
+
+def test_redis_down_from_the_start(
+    shop_engine: sa.Engine, product: int, sql: SQLCounter, namespace: str
+) -> None:
+    cache = Cache(
+        f"redis://127.0.0.1:{free_port()}/0",
+        namespace=namespace,
+        breaker_threshold=2,
+        breaker_reset=3600,
+    )
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    try:
+        for _ in range(5):
+            assert read(factory, product) == (Decimal("1.00"), Decimal("1.00"))
+        set_price(factory, product, "2.00")  # a write never fails because of Redis
+        sql.reset()
+        assert read(factory, product) == (Decimal("2.00"), Decimal("2.00"))
+        assert sql.count == 2  # both reads went to the database
+        stats = cache.stats()["total"]
+        # two failures opened the breaker; after that Redis was not asked again
+        assert stats["errors"] == 2
+        assert stats["bypassed"] >= 10
+    finally:
+        cache.detach()
+
+
+def test_redis_goes_down_and_comes_back_with_its_old_data(
+    shop_engine: sa.Engine, product: int, sql: SQLCounter, server: RedisServer, namespace: str
+) -> None:
+    # reset 0: each call after a failure is a half-open probe, so the test needs no clock
+    cache = Cache(server.url, namespace=namespace, breaker_threshold=1, breaker_reset=0)
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    try:
+        assert read(factory, product) == (Decimal("1.00"), Decimal("1.00"))
+        sql.reset()
+        assert read(factory, product) == (Decimal("1.00"), Decimal("1.00"))
+        assert sql.count == 0  # both cached
+
+        server.stop()  # the AOF keeps the entries of price 1.00
+        assert read(factory, product) == (Decimal("1.00"), Decimal("1.00"))
+        set_price(factory, product, "3.00")  # committed while Redis is away
+        assert read(factory, product) == (Decimal("3.00"), Decimal("3.00"))
+        assert cache._core.undelivered == {"products"}
+
+        server.start()  # back, with the entries of price 1.00 still in it
+        assert read(factory, product) == (Decimal("3.00"), Decimal("3.00"))
+        assert cache._core.undelivered == set()
+        sql.reset()
+        assert read(factory, product) == (Decimal("3.00"), Decimal("3.00"))
+        assert sql.count == 0  # trusted and cached again
+    finally:
+        cache.detach()
+
+
+def test_cached_functions_survive_an_outage(server: RedisServer, namespace: str) -> None:
+    cache = Cache(server.url, namespace=namespace, breaker_threshold=1, breaker_reset=0)
+    calls: list[int] = []
+
+    @cache.cached("square")
+    def square(n: int) -> int:
+        calls.append(n)
+        return n * n
+
+    assert square(3) == 9
+    assert square(3) == 9
+    assert calls == [3]
+    server.stop()
+    assert square(3) == 9
+    assert calls == [3, 3]
+    server.start()
+    assert square(3) == 9
+    assert calls == [3, 3]  # the entry survived in the AOF and is served again

@@ -1,0 +1,64 @@
+"""The circuit breaker's states, driven by a fake clock."""
+
+from __future__ import annotations
+
+from sa_redis_cache.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_opens_after_threshold_and_probes_after_reset() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=3, reset_after=5.0, clock=clock)
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.failure()
+    assert breaker.state is CLOSED
+    breaker.failure()
+    assert breaker.state is OPEN
+    assert not breaker.allow()
+    clock.now += 5.0
+    assert breaker.allow()  # the one probe
+    assert breaker.state is HALF_OPEN
+    assert not breaker.allow()  # others wait for the probe
+    breaker.success()
+    assert breaker.state is CLOSED
+    assert breaker.allow()
+    assert breaker.opened == 1
+
+
+def test_failed_probe_opens_again() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, reset_after=5.0, clock=clock)
+    breaker.failure()
+    clock.now += 5.0
+    assert breaker.allow()
+    breaker.failure()
+    assert breaker.state is OPEN
+    assert not breaker.allow()
+    assert breaker.opened == 2
+
+
+def test_a_probe_that_never_reports_does_not_keep_it_shut() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, reset_after=5.0, clock=clock)
+    breaker.failure()
+    clock.now += 5.0
+    assert breaker.allow()
+    assert not breaker.allow()
+    clock.now += 5.1
+    assert breaker.allow()
+
+
+def test_success_resets_the_failure_count() -> None:
+    breaker = CircuitBreaker(threshold=2, reset_after=5.0, clock=Clock())
+    breaker.failure()
+    breaker.success()
+    breaker.failure()
+    assert breaker.state is CLOSED
