@@ -31,6 +31,7 @@ log = logging.getLogger("sa_redis_cache")
 _FAILURE_LOG_INTERVAL = 10.0
 COUNTER_TTL_MS = 7 * 24 * 3600 * 1000
 MAX_UNDELIVERED = 10_000
+LEASE_SUFFIX = ":lease"
 
 
 class CacheCore:
@@ -123,6 +124,8 @@ class CacheCore:
         scope: str,
         *,
         also: tuple[str, ...] = (),
+        lease_token: str = "",
+        physical_ttl_ms: int | None = None,
     ) -> bool:
         """Compare-and-set fill (``lua/fill.lua``); False when refused, oversized or failed."""
         if len(blob) > self.max_entry_bytes:
@@ -131,8 +134,8 @@ class CacheCore:
         try:
             stored = self.scripts.run(
                 self.scripts.fill,
-                [key, *version_keys, *writers_keys],
-                [self.jittered_ms(ttl), blob, *captured],
+                [key, key + LEASE_SUFFIX, *version_keys, *writers_keys],
+                [physical_ttl_ms or self.jittered_ms(ttl), blob, lease_token, *captured],
             )
         except RedisError as exc:
             self.redis_failed(exc)

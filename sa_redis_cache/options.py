@@ -14,6 +14,12 @@ class FromCache(UserDefinedOption):
     eager-loaded relationships included) and emits no SQL. ``ttl`` (seconds) overrides the
     model's and the cache's default; ``region`` groups statements in ``cache.stats()``.
 
+    Stampede control (see :mod:`sa_redis_cache.stampede`): on a miss one caller fills
+    while the others wait up to ``lease_wait`` seconds for its entry (``lease=False``
+    turns this off); ``xfetch_beta`` scales the probabilistic early refresh (0 turns it
+    off); ``stale_ttl`` keeps an entry that many seconds past its TTL, served while one
+    caller refreshes it. None of these ever serves a value a committed write invalidated.
+
     Example::
 
         stmt = select(Product).where(Product.category_id == 3).options(FromCache(ttl=60))
@@ -24,15 +30,35 @@ class FromCache(UserDefinedOption):
     # with the whole eager-loaded graph inside its entry
     propagate_to_loaders = False
 
-    def __init__(self, ttl: float | None = None, *, region: str = "default") -> None:
+    def __init__(
+        self,
+        ttl: float | None = None,
+        *,
+        region: str = "default",
+        lease: bool = True,
+        lease_wait: float = 0.5,
+        xfetch_beta: float = 1.0,
+        stale_ttl: float = 0,
+    ) -> None:
         if ttl is not None and not is_ttl(ttl):
             raise ValueError(
                 f"FromCache(ttl={ttl!r}): ttl must be a positive number of seconds, "
                 "or None for the model's or the cache's default"
             )
+        for name, value in (
+            ("lease_wait", lease_wait),
+            ("xfetch_beta", xfetch_beta),
+            ("stale_ttl", stale_ttl),
+        ):
+            if value != 0 and not is_ttl(value):
+                raise ValueError(f"FromCache({name}={value!r}): give a finite number >= 0")
         super().__init__(payload=None)
         self.ttl = ttl
         self.region = region
+        self.lease = lease
+        self.lease_wait = float(lease_wait)
+        self.xfetch_beta = float(xfetch_beta)
+        self.stale_ttl = float(stale_ttl)
 
     def __repr__(self) -> str:
         return f"FromCache(ttl={self.ttl!r}, region={self.region!r})"

@@ -20,9 +20,10 @@ from sqlalchemy import Table
 from sqlalchemy.orm.interfaces import UserDefinedOption
 from sqlalchemy.sql.type_api import TypeEngine
 
-from . import hydrate
+from . import hydrate, stampede
 from .breaker import CLOSED
 from .codec import CodecError, RowCodec, UncacheableType, pack, unpack
+from .core import LEASE_SUFFIX
 from .keys import Unfingerprintable, fingerprint, pk_text, values_digest
 from .options import FromCache
 from .txstate import peek_tx_state, tx_state
@@ -36,11 +37,21 @@ if TYPE_CHECKING:
     from .core import CacheCore
     from .events import WritePath
     from .models import ModelInfo
+    from .txstate import TxState
 
 log = logging.getLogger("sa_redis_cache")
 
 _PLAN_CACHE_SIZE = 4096
 _BYPASS_OPTIONS = ("yield_per", "stream_results", "populate_existing", "identity_token")
+
+
+@dataclass(frozen=True, slots=True)
+class Look:
+    """What one look at an entry found: a valid entry, or the versions a fill needs."""
+
+    found: tuple[list[Any], Any] | None
+    captured: list[bytes] | None
+    expired: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +150,82 @@ class ReadPath:
         if not self._trusted(plan.tables):
             stats.incr(region, "bypassed")
             return None
+        return self._cached_read(orm_context, option, plan, entry_key, tx, region)
+
+    def _cached_read(
+        self,
+        orm_context: ORMExecuteState,
+        option: FromCache,
+        plan: StatementPlan,
+        entry_key: str,
+        tx: TxState | None,
+        region: str,
+    ) -> Result[Any] | None:
+        """Serve from the entry, refresh it, wait for its filler, or read and fill."""
+        core = self.core
+        stats = core.counters
+        session = orm_context.session
+        look = self._look(entry_key, plan, region, tx)
+        if look is None:
+            return None
+        token = ""
+        if look.found is not None:
+            stamp, body = look.found
+            if stampede.due(stampede.Timing(stamp[1], stamp[2]), option.xfetch_beta):
+                # due for a refresh: one caller refreshes, the others serve this value
+                token = self._take_lease(entry_key)
+                counter = "early_refreshes" if token else "stale_served" if look.expired else ""
+                if counter:
+                    stats.incr(region, counter)
+            if not token:
+                served = self._serve(session, body, plan, entry_key, region)
+                if served is not None:
+                    return served
+                # unreadable: deleted by _serve, so look again for what a fill needs
+                look = self._look(entry_key, plan, region, tx)
+                if look is None:
+                    return None
+        if look.found is None and look.captured is not None and option.lease:
+            token, waited = self._lease_or_wait(session, entry_key, plan, region, tx, option)
+            if waited is not None:
+                return waited
+        stats.incr(region, "misses", also=plan.scopes)
+        ttl = option.ttl or core.ttl_for_tables(plan.tables)
+        preexisting = hydrate.identity_snapshot(session)
+        started = stampede.now_ms()
+        try:
+            frozen = orm_context.invoke_statement().freeze()
+        except BaseException:
+            self._release(entry_key, token)
+            raise
+        core.hook("after_database_read")
+        filled = False
+        if look.captured is not None:
+            try:
+                body = hydrate.extract(frozen.data, plan.shape, core.models.info_of, preexisting)
+                delta = stampede.now_ms() - started
+                self._fill(entry_key, plan, look.captured, body, ttl, option, delta, token, region)
+                filled = True
+            except (hydrate.NotCacheable, CodecError, ValueError) as exc:
+                log.debug("not caching %s: %s", entry_key, exc)
+                stats.incr(region, "uncacheable")
+        if not filled:
+            self._release(entry_key, token)
+        return frozen()
+
+    def _look(
+        self, entry_key: str, plan: StatementPlan, region: str, tx: TxState | None
+    ) -> Look | None:
+        """One MGET of the entry and its counters: a valid entry, or what a fill needs.
+
+        None when Redis failed (the caller reads the database and does not fill).
+        """
+        core = self.core
         try:
             raw = cast("list[bytes | None]", core.client.mget([entry_key, *plan.version_keys]))
         except RedisError as exc:
             core.redis_failed(exc)
-            stats.incr(region, "errors")
+            core.counters.incr(region, "errors")
             return None
         if core.breaker.state is not CLOSED:
             core.breaker.success()
@@ -152,49 +234,101 @@ class ReadPath:
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot
         expected = None if pinned is None else [pinned.get(t) for t in plan.table_names]
         if entry is not None and numbers is not None and expected in (None, current):
-            result = self._try_hit(session, entry, numbers, plan, entry_key, region)
-            if result is not None:
-                return result
-        stats.incr(region, "misses", also=plan.scopes)
+            found = self._parse(entry, numbers, plan, entry_key, region)
+            if found is not None:
+                # the counters were read before any refresh's database read: a capture
+                expired = found[0][2] <= stampede.now_ms()
+                return Look(found, cast("list[bytes]", current), expired=expired)
         captured: list[bytes] | None = None
         if expected is not None:
             captured = None if None in expected else cast("list[bytes]", expected)
         elif numbers is not None or None in current:
             captured = self._captured(current, plan.version_keys)
-        ttl = option.ttl or core.ttl_for_tables(plan.tables)
-        preexisting = hydrate.identity_snapshot(session)
-        frozen = orm_context.invoke_statement().freeze()
-        core.hook("after_database_read")
-        if captured is not None:
-            try:
-                body = hydrate.extract(frozen.data, plan.shape, core.models.info_of, preexisting)
-                self._fill(entry_key, plan, captured, body, ttl, region)
-            except (hydrate.NotCacheable, CodecError, ValueError) as exc:
-                log.debug("not caching %s: %s", entry_key, exc)
-                stats.incr(region, "uncacheable")
-        return frozen()
+        return Look(None, captured, expired=False)
 
-    def _try_hit(
+    def _parse(
+        self, raw: bytes, current: list[int], plan: StatementPlan, entry_key: str, region: str
+    ) -> tuple[list[Any], Any] | None:
+        """The stamp and body of a valid entry; None when a write has retired it."""
+        try:
+            stamp, body = _entry_payload(raw, list, owner=entry_key[len(plan.entry_prefix) :])
+        except (CodecError, ValueError, TypeError, IndexError) as exc:
+            self._corrupt(entry_key, region, exc)
+            return None
+        if stamp[3:] != current:
+            return None  # written since: a plain miss, the fill replaces it
+        return stamp, body
+
+    def _serve(
         self,
         session: Session,
-        raw: bytes,
-        current: list[int],
+        body: Any,
         plan: StatementPlan,
         entry_key: str,
         region: str,
+        *,
+        count: bool = True,
     ) -> Result[Any] | None:
         core = self.core
-        stats = core.counters
         try:
-            stamp, body = _entry_payload(raw, list, owner=entry_key[len(plan.entry_prefix) :])
-            if stamp[1:] != current:
-                return None  # written since: a plain miss, the fill replaces it
             result = hydrate.rehydrate(session, body, core.models.info_by_name, plan.shape)
         except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
             self._corrupt(entry_key, region, exc)
             return None
-        stats.incr(region, "hits", also=plan.scopes)
+        if count:
+            core.counters.incr(region, "hits", also=plan.scopes)
         return result
+
+    def _take_lease(self, entry_key: str, lease_ms: int = 30_000) -> str:
+        """The fill lease's token when this caller got it, else ''."""
+        core = self.core
+        token = stampede.new_token()
+        try:
+            got = core.client.set(entry_key + LEASE_SUFFIX, token, nx=True, px=lease_ms)
+        except RedisError as exc:
+            core.redis_failed(exc)
+            return ""
+        return token if got else ""
+
+    def _lease_or_wait(
+        self,
+        session: Session,
+        entry_key: str,
+        plan: StatementPlan,
+        region: str,
+        tx: TxState | None,
+        option: FromCache,
+    ) -> tuple[str, Result[Any] | None]:
+        """Take the fill lease, or wait for whoever holds it to fill.
+
+        Returns (token, None) to go to the database (token '' when the wait timed out),
+        or ('', result) when the entry appeared.
+        """
+        core = self.core
+        token = self._take_lease(entry_key)
+        if token:
+            return token, None
+        core.counters.incr(region, "lease_waits", also=plan.scopes)
+        core.hook("lease_wait")
+        poller = stampede.Poller(option.lease_wait)
+        while poller.wait():
+            look = self._look(entry_key, plan, region, tx)
+            if look is None:
+                break
+            if look.found is not None:
+                result = self._serve(session, look.found[1], plan, entry_key, region)
+                if result is not None:
+                    return "", result
+        return "", None
+
+    def _release(self, entry_key: str, token: str) -> None:
+        if not token:
+            return
+        core = self.core
+        try:
+            core.scripts.run(core.scripts.release_lease, [entry_key + LEASE_SUFFIX], [token])
+        except RedisError as exc:
+            core.redis_failed(exc)
 
     def _counters(self, keys: Sequence[str], values: Sequence[Any], scope: str) -> list[int] | None:
         """Parse version counters; a counter holding garbage is deleted (a miss, no fill).
@@ -253,21 +387,33 @@ class ReadPath:
         captured: Sequence[bytes],
         body: Any,
         ttl: float,
+        option: FromCache,
+        delta_ms: int,
+        token: str,
         scope: str,
     ) -> None:
         core = self.core
-        # the stamp names the statement, so an entry copied under another key is foreign
-        stamp = [entry_key[len(plan.entry_prefix) :], *(int(v) for v in captured)]
-        blob = pack([stamp, body])
+        live_ms = core.jittered_ms(ttl)
+        # the stamp names the statement (an entry copied under another key is foreign),
+        # says how long the read took and when the entry expires logically (XFetch,
+        # stale_ttl), then lists the versions it was read under
+        stamp = [
+            entry_key[len(plan.entry_prefix) :],
+            delta_ms,
+            stampede.now_ms() + live_ms,
+            *(int(v) for v in captured),
+        ]
         core.store(
             entry_key,
-            blob,
+            pack([stamp, body]),
             list(plan.version_keys),
             list(plan.writers_keys),
             captured,
             ttl,
             scope,
             also=plan.scopes,
+            lease_token=token,
+            physical_ttl_ms=live_ms + int(option.stale_ttl * 1000),
         )
 
     def entry_key(
@@ -489,8 +635,11 @@ def _entry_payload(raw: bytes, stamp_type: type, owner: str | None = None) -> tu
     if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not stamp_type:
         raise CodecError("not an entry of this cache")
     stamp: Any = payload[0]
-    if owner is not None and (not stamp or stamp[0] != owner):
-        raise CodecError("the entry of another statement")
+    if owner is not None:
+        if len(stamp) < 3 or type(stamp[1]) is not int or type(stamp[2]) is not int:
+            raise CodecError("not a query entry stamp")
+        if stamp[0] != owner:
+            raise CodecError("the entry of another statement")
     return payload[0], payload[1]
 
 

@@ -39,6 +39,7 @@ class Scripts:
         self.fill: Script = client.register_script(source("fill"))
         self.flush_mark: Script = client.register_script(source("flush_mark"))
         self.commit: Script = client.register_script(source("commit"))
+        self.release_lease: Script = client.register_script(source("release_lease"))
 
     def run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         """Run ``script``; redis-py reloads it when the server answers NOSCRIPT."""

@@ -17,6 +17,9 @@ COUNTERS = (
     "uncacheable",
     "bypassed",
     "invalidations",
+    "lease_waits",
+    "early_refreshes",
+    "stale_served",
 )
 
 

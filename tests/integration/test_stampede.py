@@ -1,0 +1,136 @@
+"""Stampede control: concurrent misses fill once; early refresh and stale serving (DESIGN §6)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from examples.shop import OrderLine, Product
+from sa_redis_cache import Cache, FromCache, stampede
+from tests.support import SQLCounter
+
+CALLERS = 64
+TIMEOUT = 60
+
+
+@pytest.fixture
+def hooks(cache: Cache) -> Iterator[dict[str, Any]]:
+    registry = cache._core.hooks  # the cache's test-hook table
+    yield registry
+    registry.clear()
+
+
+def expensive() -> Any:
+    return (
+        select(Product.category_id, func.count(OrderLine.id), func.sum(OrderLine.unit_price))
+        .join(OrderLine, OrderLine.product_id == Product.id)
+        .group_by(Product.category_id)
+        .order_by(Product.category_id)
+    )
+
+
+def test_64_concurrent_misses_send_one_query(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    hooks: dict[str, Any],
+    cache: Cache,
+) -> None:
+    # the filler is held after its database read until every other caller is waiting on
+    # its lease, so the test forces the worst interleaving instead of hoping for it
+    waiting = threading.Semaphore(0)
+    hooks["lease_wait"] = waiting.release
+
+    def hold_filler() -> None:
+        for _ in range(CALLERS - 1):
+            assert waiting.acquire(timeout=TIMEOUT)
+
+    hooks["after_database_read"] = hold_filler
+    stmt = expensive().options(FromCache(lease_wait=TIMEOUT))
+    with sessionmaker(session_factory.kw["bind"])() as s:
+        expected = s.execute(expensive()).all()
+    sql.reset()
+    start = threading.Barrier(CALLERS)
+    results: list[Any] = [None] * CALLERS
+
+    def call(i: int) -> None:
+        start.wait(TIMEOUT)
+        with session_factory() as s:
+            results[i] = s.execute(stmt).all()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(CALLERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not any(t.is_alive() for t in threads)
+    assert sql.count == 1
+    assert all(r == expected for r in results)
+    region = cache.stats()["regions"]["default"]
+    assert region["lease_waits"] == CALLERS - 1
+    assert region["hits"] == CALLERS - 1
+
+
+def test_without_leases_every_caller_reads_the_database(
+    session_factory: sessionmaker[Session], sql: SQLCounter, hooks: dict[str, Any]
+) -> None:
+    """The control: the same interleaving with lease=False reaches Postgres once per caller."""
+    callers = 4
+    arrived = threading.Barrier(callers)
+    hooks["after_database_read"] = lambda: arrived.wait(TIMEOUT)
+    stmt = expensive().options(FromCache(lease=False))
+    sql.reset()
+
+    def call() -> None:
+        with session_factory() as s:
+            s.execute(stmt).all()
+
+    threads = [threading.Thread(target=call) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert sql.count == callers
+
+
+def test_expired_entry_is_served_stale_while_one_caller_refreshes(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    cache: Cache,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stmt = expensive().options(FromCache(ttl=60, stale_ttl=600, xfetch_beta=0))
+    with session_factory() as s:
+        expected = s.execute(stmt).all()
+    # an hour later: past the logical TTL, within stale_ttl
+    later = stampede.now_ms() + 3_600_000
+    monkeypatch.setattr(stampede, "now_ms", lambda: later)
+    lease_key = (
+        next(k for k in cache.client.scan_iter(match=f"sarc:{cache.namespace}:*:q:*")).decode()
+        + ":lease"
+    )
+    cache.client.set(lease_key, "someone else", px=60_000)  # another caller is refreshing
+    sql.reset()
+    with session_factory() as s:
+        assert s.execute(stmt).all() == expected
+    assert sql.count == 0
+    assert cache.stats()["regions"]["default"]["stale_served"] == 1
+    cache.client.delete(lease_key)
+    with session_factory() as s:
+        assert s.execute(stmt).all() == expected  # this caller takes the lease: refresh
+    assert sql.count == 1
+    assert cache.stats()["regions"]["default"]["early_refreshes"] == 1
+
+
+def test_xfetch_refreshes_early_only_near_expiry() -> None:
+    timing = stampede.Timing(delta_ms=50, expires_ms=1_000_000)
+    far = sum(stampede.due(timing, 1.0, now=1_000_000 - 60_000) for _ in range(2000))
+    near = sum(stampede.due(timing, 1.0, now=1_000_000 - 10) for _ in range(2000))
+    assert far == 0  # a minute before expiry a 50 ms read never refreshes
+    assert near > 1500  # 10 ms before, almost every call does
+    assert stampede.due(timing, 1.0, now=1_000_000)
+    assert not stampede.due(timing, 0.0, now=1_000_000 - 10)
