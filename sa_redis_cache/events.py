@@ -306,6 +306,7 @@ class WritePath:
                     orjson.dumps({"t": table, "pk": list(writes.rows), "bulk": writes.bulk}),
                     1 if writes.bulk else 0,
                     core.counter_ttl_ms,
+                    random.getrandbits(62),
                 ]
                 for pk, row in writes.rows.items():
                     assert info is not None

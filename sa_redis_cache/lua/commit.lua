@@ -11,19 +11,25 @@
 --          that the bulk statement then overwrote may have stored its state under the
 --          generation the bulk statement's flush mark had already moved to
 -- ARGV[5]: TTL of the version counter and the generation, in milliseconds
--- ARGV[6], ARGV[7], ARGV[8] for each row, in KEYS order:
+-- ARGV[6]: value to start a counter at when it does not exist (random, never 1)
+-- ARGV[7], ARGV[8], ARGV[9] for each row, in KEYS order:
 --          the write ticket from flush_mark.lua, the TTL in ms, the new encoded state
 --          (an empty string means delete: cache_aside strategy or a deleted row)
 -- Returns: the number of rows whose new state was written through
-redis.call('INCR', KEYS[1])
+local function bump(key)
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('SET', key, ARGV[6])
+  end
+  redis.call('INCR', key)
+  redis.call('PEXPIRE', key, ARGV[5])
+end
+bump(KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if ARGV[4] == '1' then
-  redis.call('INCR', KEYS[3])
+  bump(KEYS[3])
 end
 local written = 0
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PEXPIRE', KEYS[3], ARGV[5])
-local a = 6
+local a = 7
 for i = 4, #KEYS, 2 do
   local ticket, ttl, state = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   a = a + 3

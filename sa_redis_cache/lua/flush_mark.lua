@@ -6,7 +6,8 @@
 -- ARGV[1]: the transaction's token (member of the writers set)
 -- ARGV[2]: how long the writer mark lives, in milliseconds (a crashed writer's mark expires)
 -- ARGV[3]: TTL of the row write counters, in milliseconds
--- ARGV[4]: value to start the entity generation at when it does not exist (random)
+-- ARGV[4]: value to start the version counter or the entity generation at when it
+--          does not exist (random)
 -- ARGV[5]: 1 when the rows written are not known (bulk or textual DML): the entity
 --          generation is bumped so that every entity entry of the table becomes a miss
 -- ARGV[6]: TTL of the version counter and the generation, in milliseconds
@@ -15,6 +16,11 @@
 -- Bumping the version makes every fill that captured versions before this flush fail
 -- its compare-and-set; the mark refuses fills until the commit is done; deleting the
 -- entity entries removes what was filled before the mark.
+-- A missing counter starts at the random ARGV[4], never at 1: a counter lost and
+-- recreated must not come back at a value an old entry was stored under.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[1], ARGV[4])
+end
 redis.call('INCR', KEYS[1])
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -353,3 +353,22 @@ def test_version_counters_expire_too(
     assert counters
     for key in counters:
         assert redis_client.pttl(key) > 0, key
+
+
+def test_a_lost_counter_never_restarts_at_one(
+    session_factory: sessionmaker[Session], redis_client: redis.Redis, namespace: str
+) -> None:
+    """A counter recreated at 1 could climb back to a value an old entry was stored under."""
+    version_key = f"sarc:{namespace}:{{{namespace}:categories}}:v"
+    with session_factory() as s:
+        category = s.get(Category, 1)
+        assert category is not None
+        original = category.name
+    for name in ("renamed once", original):
+        redis_client.delete(version_key)
+        with session_factory() as s:
+            category = s.get(Category, 1)
+            assert category is not None
+            category.name = name
+            s.commit()
+        assert int(redis_client.get(version_key) or 0) > 2**32
