@@ -1,0 +1,378 @@
+"""What every command shares: settings, connections, model lookup and argument parsing.
+
+Errors follow one rule so that scripts can rely on exit codes: a problem with what the
+user typed raises a :class:`click.UsageError` (exit 2); a problem with the world (Redis or
+Postgres unreachable, a table missing, an operation refused) raises :class:`CliError`
+(exit 1). Both print one message on stderr that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from sa_redis_cache.cache import Cache
+from sa_redis_cache.devservices import normalize_database_url, redact
+from sa_redis_cache.errors import ConfigurationError
+from sa_redis_cache.models import all_mappers, mapper_name, mapper_of
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Mapper
+
+__all__ = [
+    "DEFAULT_REDIS_URL",
+    "CliError",
+    "Settings",
+    "common_options",
+    "import_object",
+    "one_line",
+    "resolve_model",
+]
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# An operator tool must answer "Redis is down" in about a second, not hang on a
+# blackholed host; but a SCAN over a large namespace may take a while per batch.
+_CONNECT_TIMEOUT = 2.0
+_SOCKET_TIMEOUT = 10.0
+
+F = TypeVar("F", bound="Callable[..., Any]")
+
+_MISSING = object()
+
+
+class CliError(click.ClickException):
+    """The operation failed or its target is unreachable: exit status 1.
+
+    Example::
+
+        raise CliError("cannot reach Redis at redis://127.0.0.1:6379/0: ...")
+    """
+
+    exit_code = 1
+
+
+@dataclass
+class Settings:
+    """The global options after environment variables, defaults and per-command overrides.
+
+    Built by the top-level group and shared with every command through ``ctx.obj``;
+    connections are made on first use, so ``--help`` and usage errors never connect.
+
+    Example::
+
+        settings = Settings(redis_url="redis://127.0.0.1:6379/0", namespace="shop")
+        settings.cache().invalidate_model(Product)
+    """
+
+    redis_url: str = DEFAULT_REDIS_URL
+    namespace: str = "default"
+    database_url: str | None = None
+    models: list[str] = field(default_factory=list)
+    _client: redis.Redis | None = field(default=None, repr=False)
+    _cache: Cache | None = field(default=None, repr=False)
+    _models_loaded: bool = field(default=False, repr=False)
+
+    @property
+    def shown_redis_url(self) -> str:
+        """The Redis URL without its password, for messages."""
+        return redact(self.redis_url)
+
+    def unreachable(self, exc: Exception) -> CliError:
+        """The error for a Redis that does not answer, with the fix."""
+        return CliError(
+            f"cannot reach Redis at {self.shown_redis_url}: {one_line(exc)}; start it or pass "
+            "--redis-url (or set REDIS_URL)"
+        )
+
+    def redis(self) -> redis.Redis:
+        """A client on ``redis_url`` that has answered PING (bytes replies, no retries)."""
+        if self._client is None:
+            try:
+                client = redis.Redis.from_url(
+                    self.redis_url,
+                    socket_connect_timeout=_CONNECT_TIMEOUT,
+                    socket_timeout=_SOCKET_TIMEOUT,
+                    retry=Retry(NoBackoff(), 0),
+                )
+            except ValueError as exc:
+                raise click.BadParameter(
+                    f"{self.shown_redis_url!r} is not a Redis URL ({exc}); "
+                    "write it as redis://HOST:PORT/DB",
+                    param_hint="--redis-url",
+                ) from exc
+            try:
+                client.ping()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                client.close()
+                raise self.unreachable(exc) from exc
+            self._client = client
+        return self._client
+
+    def cache(self) -> Cache:
+        """A :class:`~sa_redis_cache.Cache` on this namespace, with ``--models`` imported."""
+        if self._cache is None:
+            self.load_models()
+            client = self.redis()
+            try:
+                self._cache = Cache(client, namespace=self.namespace)
+            except ConfigurationError as exc:
+                # a namespace with a colon, a URL asking for decode_responses: what the
+                # user typed cannot work, and the library's message says why
+                raise click.UsageError(str(exc)) from exc
+        return self._cache
+
+    def load_models(self) -> None:
+        """Import every ``--models`` module, so that their mapped classes exist."""
+        if self._models_loaded:
+            return
+        for name in self.models:
+            _import_module(name, param_hint="--models")
+        self._models_loaded = True
+
+    def model_mappers(self) -> list[Mapper[Any]]:
+        """The mapped classes of the ``--models`` modules (every one, when none is given).
+
+        A class belongs to a module when it is defined in it (or in a submodule of it) or
+        is one of its attributes, so a package that re-exports its models counts.
+        """
+        self.load_models()
+        mappers = all_mappers()
+        if not self.models:
+            return mappers
+        exported = {
+            id(value)
+            for name in self.models
+            for value in vars(sys.modules[name]).values()
+            if isinstance(value, type)
+        }
+        return [
+            m
+            for m in mappers
+            if id(m.class_) in exported
+            or any(
+                m.class_.__module__ == n or m.class_.__module__.startswith(n + ".")
+                for n in self.models
+            )
+        ]
+
+    def engine(
+        self, url: str | None = None, *, option: str = "--database-url", exact: bool = False
+    ) -> Engine:
+        """An engine on ``url`` (default ``--database-url``); it connects on first use.
+
+        A URL without a driver (``postgresql://``) gets psycopg 3, the driver the library
+        installs, unless ``exact``: a cache key includes the bind's URL and driver, so a
+        key computed for the application must use its URL untouched.
+        """
+        from sqlalchemy import create_engine
+        from sqlalchemy.exc import ArgumentError
+        from sqlalchemy.pool import NullPool
+
+        url = url or self.database_url
+        if not url:
+            options = option if option == "--database-url" else f"{option} or --database-url"
+            raise click.UsageError(
+                f"this command needs a database: pass {options} URL (or set DATABASE_URL)"
+            )
+        try:
+            target = url if exact else normalize_database_url(url)
+            engine = create_engine(target, poolclass=NullPool, connect_args=_connect_args(url))
+        except (ArgumentError, ValueError, ImportError) as exc:
+            raise click.BadParameter(
+                f"{redact(url)!r} is not a usable database URL ({exc}); write it as "
+                "postgresql+psycopg://USER@HOST:PORT/DB",
+                param_hint=option,
+            ) from exc
+        return engine
+
+    def close(self) -> None:
+        """Close the Redis connection, if one was made."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def one_line(error: object) -> str:
+    """An error's text on one line, without its final period (messages go on after it).
+
+    Example::
+
+        >>> one_line("Connection refused.")
+        'Connection refused'
+    """
+    return " ".join(str(error).split()).rstrip(".")
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    from sqlalchemy import make_url
+
+    # psycopg would otherwise wait for the OS's TCP timeout on an unreachable host
+    return {"connect_timeout": 5} if make_url(url).get_backend_name() == "postgresql" else {}
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _set(
+    name: str, *, append: bool = False
+) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def callback(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
+        if value is None or value == ():
+            return  # not given here: the group's value (option, env or default) stands
+        settings = ctx.find_object(Settings)
+        if settings is None:
+            settings = ctx.ensure_object(Settings)
+        if append:
+            getattr(settings, name).extend(value)
+        else:
+            setattr(settings, name, value)
+
+    return callback
+
+
+_OPTIONS: dict[str, tuple[str, str, bool, str]] = {
+    # settings field: (option, metavar, repeatable, help)
+    "redis_url": ("--redis-url", "URL", False, "Redis URL (overrides the global option)."),
+    "namespace": ("--namespace", "NAME", False, "Cache namespace (overrides the global option)."),
+    "database_url": (
+        "--database-url",
+        "URL",
+        False,
+        "Postgres URL (overrides the global option).",
+    ),
+    "models": (
+        "--models",
+        "MODULE",
+        True,
+        "Module defining mapped models; repeatable (adds to the global list).",
+    ),
+}
+
+
+def common_options(*names: str) -> Callable[[F], F]:
+    """Accept the named global options after the command name too (``stats --namespace shop``).
+
+    ``names`` are :class:`Settings` fields: ``redis_url``, ``namespace``, ``database_url``,
+    ``models``; a command takes only those it uses, so its ``--help`` stays short. A value
+    given here overrides the one given before the command, from the environment or by
+    default; ``--models`` adds to the modules already listed.
+
+    Example::
+
+        @click.command()
+        @common_options("redis_url", "namespace")
+        def stats() -> None: ...
+    """
+
+    def decorate(func: F) -> F:
+        for name in reversed(names):
+            flag, metavar, repeatable, help_text = _OPTIONS[name]
+            func = click.option(
+                flag,
+                metavar=metavar,
+                multiple=repeatable,
+                expose_value=False,
+                callback=_set(name, append=repeatable),
+                help=help_text,
+            )(func)
+        return func
+
+    return decorate
+
+
+# --------------------------------------------------------------------------- user modules
+
+
+def _import_module(name: str, *, param_hint: str) -> Any:
+    # like flask, celery and alembic: the directory the command runs in is importable,
+    # so "--models app.models" works from a project's root with the console script too
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+            raise click.BadParameter(
+                f"cannot import {name!r} ({exc}); give a dotted module path importable from "
+                "the current directory or the environment, e.g. examples.shop",
+                param_hint=param_hint,
+            ) from exc
+        raise CliError(f"importing {name!r} failed: {exc}") from exc
+    except Exception as exc:
+        # the user's module raised while importing: their bug, not a usage error
+        raise CliError(f"importing {name!r} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def import_object(spec: str, *, param_hint: str) -> Any:
+    """The object named ``module:attribute`` (the attribute may be dotted).
+
+    Example::
+
+        import_object("examples.shop:Product", param_hint="MODEL")
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise click.BadParameter(
+            f"{spec!r} is not of the form module:attribute (e.g. examples.shop:Product)",
+            param_hint=param_hint,
+        )
+    obj = _import_module(module_name, param_hint=param_hint)
+    for part in attr.split("."):
+        obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            raise click.BadParameter(
+                f"module {module_name!r} has no attribute {attr!r}", param_hint=param_hint
+            )
+    return obj
+
+
+def resolve_model(spec: str, settings: Settings) -> type:
+    """The mapped class named ``spec``: ``module:Class``, ``module.Class`` or ``Class``.
+
+    A bare class name is looked up among the models of the ``--models`` modules (all
+    mapped classes of the process when none is given): two applications' ``Product``
+    classes in one process do not make the name ambiguous for the one asked about.
+
+    Example::
+
+        resolve_model("examples.shop:Product", settings)
+    """
+    if ":" in spec:
+        cls = import_object(spec, param_hint="MODEL")
+        if not isinstance(cls, type) or mapper_of(cls) is None:
+            raise click.BadParameter(f"{spec!r} is not a mapped class", param_hint="MODEL")
+        return cls
+    mappers = settings.model_mappers()
+    found = [m for m in mappers if spec in (m.class_.__name__, mapper_name(m))]
+    if not found:
+        found = [m for m in all_mappers() if mapper_name(m) == spec]
+    if len(found) == 1:
+        return found[0].class_
+    if found:
+        names = ", ".join(sorted(mapper_name(m) for m in found))
+        raise click.BadParameter(
+            f"{spec!r} is ambiguous: {names}; name one as module:Class", param_hint="MODEL"
+        )
+    if not mappers:
+        raise click.BadParameter(
+            f"unknown model {spec!r}: no mapped models are imported; pass --models MODULE "
+            "(e.g. --models examples.shop) or name the model as module:Class",
+            param_hint="MODEL",
+        )
+    known = ", ".join(sorted({m.class_.__name__ for m in mappers}))
+    raise click.BadParameter(
+        f"unknown model {spec!r}; the imported models are: {known}", param_hint="MODEL"
+    )

@@ -1,0 +1,246 @@
+"""One pass over a namespace's keys: entries, memory and counters per table.
+
+The prefixes are computed from :class:`~sa_redis_cache.keys.KeyScheme` itself, so the
+counts follow the key layout the library writes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Table
+
+from sa_redis_cache.models import all_mappers
+from sa_redis_cache.policy import CachePolicy
+
+if TYPE_CHECKING:
+    import redis
+    from sqlalchemy.orm import Mapper
+
+    from sa_redis_cache.keys import KeyScheme
+
+__all__ = ["MEMORY_SAMPLE", "collect", "escape_glob"]
+
+MEMORY_SAMPLE = 200
+"""At most this many keys per table and kind are measured with ``MEMORY USAGE``."""
+
+_MARK = "\x00"  # never part of a table name or key prefix: splits KeyScheme's output
+
+
+def _before(text: str, mark: str = _MARK) -> str:
+    return text[: text.index(mark)]
+
+
+@dataclass
+class _Group:
+    """Keys of one kind: how many, and the first few (SCAN order is effectively random)."""
+
+    count: int = 0
+    sample: list[bytes] = field(default_factory=list)
+    memory: int | None = None
+    estimated: bool = False
+
+    def add(self, key: bytes) -> None:
+        self.count += 1
+        if len(self.sample) < MEMORY_SAMPLE:
+            self.sample.append(key)
+
+
+@dataclass
+class _TableKeys:
+    entities: _Group = field(default_factory=_Group)
+    queries: _Group = field(default_factory=_Group)
+    row_writes: _Group = field(default_factory=_Group)
+    counters: _Group = field(default_factory=_Group)
+
+
+class _Layout:
+    """Classifies the keys of one namespace by kind and table.
+
+    The prefixes are computed from :class:`~sa_redis_cache.keys.KeyScheme` itself rather
+    than written out here, so a change of the key layout cannot silently skew the counts.
+    """
+
+    def __init__(self, keys: KeyScheme) -> None:
+        self.keys = keys
+        self.tag_start, self.tag_end = keys.table_prefix(_MARK).split(_MARK)
+        self.function_start = _before(keys.function_key(_MARK, _MARK))
+        self._per_table: dict[str, tuple[str, str, str, frozenset[str]]] = {}
+
+    def _table(self, table: str) -> tuple[str, str, str, frozenset[str]]:
+        found = self._per_table.get(table)
+        if found is None:
+            keys = self.keys
+            found = self._per_table[table] = (
+                _before(keys.entity_key(table, _MARK, _MARK)),
+                _before(keys.query_key(table, _MARK)),
+                _before(keys.row_write_key(table, _MARK)),
+                frozenset(
+                    (keys.version_key(table), keys.writers_key(table), keys.generation_key(table))
+                ),
+            )
+        return found
+
+    def classify(self, key: str) -> tuple[str, str]:
+        """``(table, kind)``, ``("", "function:<prefix>")`` or ``("", "other")``."""
+        if key.startswith(self.tag_start):
+            end = key.find(self.tag_end, len(self.tag_start))
+            if end > 0:
+                table = key[len(self.tag_start) : end]
+                entity, query, row_write, counters = self._table(table)
+                if key.startswith(entity):
+                    return table, "entities"
+                if key.startswith(query):
+                    return table, "queries"
+                if key.startswith(row_write):
+                    return table, "row_writes"
+                if key in counters:
+                    return table, "counters"
+        elif key.startswith(self.function_start):
+            prefix = key[len(self.function_start) :].rpartition(":")[0]
+            return "", "function:" + prefix
+        return "", "other"
+
+
+def _model_tables(mappers: list[Mapper[Any]]) -> dict[str, list[Mapper[Any]]]:
+    """The tables of ``mappers``, each with the mappers that use it."""
+    found: dict[str, list[Mapper[Any]]] = defaultdict(list)
+    for mapper in mappers:
+        for table in mapper.tables:
+            if isinstance(table, Table):
+                found[table.fullname].append(mapper)
+    return found
+
+
+def _number(raw: bytes | None) -> int | str | None:
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")  # garbage: shown as is, the cache deletes it
+
+
+def _measure(client: redis.Redis, groups: list[_Group]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for group in groups:
+        for key in group.sample:
+            pipe.memory_usage(key)
+    sizes = iter(pipe.execute())
+    for group in groups:
+        measured = [size for _ in group.sample if (size := next(sizes)) is not None]
+        if group.count == 0:
+            group.memory = 0
+        elif measured:
+            # keys that expired between SCAN and MEMORY USAGE are simply not in the mean
+            group.memory = round(sum(measured) / len(measured) * group.count)
+            group.estimated = len(measured) < group.count
+
+
+def collect(
+    client: redis.Redis, keys: KeyScheme, mappers: list[Mapper[Any]] | None = None
+) -> dict[str, Any]:
+    """Scan the namespace once and describe it per table (the ``--json`` document).
+
+    The tables found in Redis are listed, and those of ``mappers`` (by default every
+    mapped class of the process) even when they hold nothing.
+
+    Example::
+
+        collect(redis.Redis(), KeyScheme("shop"))["tables"][0]["entity_entries"]
+    """
+    layout = _Layout(keys)
+    per_table: defaultdict[str, _TableKeys] = defaultdict(_TableKeys)
+    functions: defaultdict[str, _Group] = defaultdict(_Group)
+    other = _Group()
+    total = 0
+    # one SCAN over the namespace, not one per table and kind: MATCH filters after the
+    # server has walked the whole keyspace, so every extra pattern costs a full walk
+    match = escape_glob(keys.prefix) + "*"
+    for raw in client.scan_iter(match=match, count=1000):
+        total += 1
+        table, kind = layout.classify(raw.decode("utf-8", "surrogateescape"))
+        if table:
+            getattr(per_table[table], kind).add(raw)
+        elif kind.startswith("function:"):
+            functions[kind.partition(":")[2]].add(raw)
+        else:
+            other.add(raw)
+    model_tables = _model_tables(all_mappers() if mappers is None else mappers)
+    tables = sorted(set(per_table) | set(model_tables))
+    entries = [g for t in tables for g in (per_table[t].entities, per_table[t].queries)]
+    _measure(client, [*entries, *functions.values(), other])
+
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    pipe = client.pipeline(transaction=False)
+    for table in tables:
+        pipe.get(keys.version_key(table))
+        pipe.get(keys.generation_key(table))
+        # a mark's score is its expiry: marks of crashed writers linger until it passes
+        pipe.zcount(keys.writers_key(table), now_ms, "+inf")
+    replies = iter(pipe.execute())
+
+    rows = []
+    for table in tables:
+        version, generation, writers = next(replies), next(replies), next(replies)
+        found = per_table[table]
+        mappers = model_tables.get(table, [])
+        entity_mem, query_mem = found.entities.memory, found.queries.memory
+        rows.append(
+            {
+                "table": table,
+                "models": [_model_entry(m) for m in mappers],
+                "entity_entries": found.entities.count,
+                "query_entries": found.queries.count,
+                "row_write_counters": found.row_writes.count,
+                "entity_memory_bytes": entity_mem,
+                "query_memory_bytes": query_mem,
+                "memory_bytes": None
+                if entity_mem is None or query_mem is None
+                else entity_mem + query_mem,
+                "memory_estimated": found.entities.estimated or found.queries.estimated,
+                "version": _number(version),
+                "generation": _number(generation),
+                "writers_in_flight": int(writers),
+            }
+        )
+    return {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "namespace": keys.namespace,
+        "keys": total,
+        "memory_sample_limit": MEMORY_SAMPLE,
+        "tables": rows,
+        "functions": [
+            {
+                "prefix": prefix,
+                "entries": group.count,
+                "memory_bytes": group.memory,
+                "memory_estimated": group.estimated,
+            }
+            for prefix, group in sorted(functions.items())
+        ],
+        "other_keys": other.count,
+        "hit_counters": "per process: read cache.stats() in the application",
+    }
+
+
+def escape_glob(text: str) -> str:
+    """``text`` with Redis glob characters escaped, for a SCAN ``MATCH`` prefix.
+
+    Example::
+
+        >>> escape_glob("sarc:a*b:")
+        'sarc:a\\*b:'
+    """
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+def _model_entry(mapper: Mapper[Any]) -> dict[str, Any]:
+    policy = getattr(mapper.class_, "__cache__", None)
+    if not isinstance(policy, CachePolicy):
+        return {"name": mapper.class_.__name__, "strategy": None, "ttl": None}
+    return {"name": mapper.class_.__name__, "strategy": policy.strategy, "ttl": policy.ttl}

@@ -1,0 +1,302 @@
+"""``inspect --statement``: the query entry of one statement with its parameters.
+
+The key is computed the way the read path computes it (``plan`` and ``entry_key`` of the
+cache's read path), with an engine made from the application's URL that never connects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from sa_redis_cache.codec import CodecError, unpack
+from sa_redis_cache.options import FromCache
+
+from .common import Settings, import_object
+from .output import Block, Table, human_ttl, int_or_none, text_or_dash
+from .values import parse_value
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from sa_redis_cache.cache import Cache
+    from sa_redis_cache.models import ModelInfo
+    from sa_redis_cache.reads import StatementPlan
+
+__all__ = ["inspect_statement", "statement_blocks"]
+
+_REPR_WIDTH = 160
+
+
+def _load_statement(spec: str) -> Any:
+    obj = import_object(spec, param_hint="--statement")
+    if not hasattr(obj, "_generate_cache_key") and callable(obj):
+        try:
+            obj = obj()
+        except TypeError as exc:
+            raise click.BadParameter(
+                f"{spec} is a callable that needs arguments ({exc}); point at a select() or "
+                "a function of no arguments",
+                param_hint="--statement",
+            ) from exc
+    if not getattr(obj, "is_select", False) or not hasattr(obj, "_generate_cache_key"):
+        raise click.BadParameter(
+            f"{spec} is {type(obj).__name__}, not a select() statement", param_hint="--statement"
+        )
+    if not any(isinstance(o, FromCache) for o in getattr(obj, "_with_options", ())):
+        # the key of the statement as the application executes it, with the option
+        # (as Cache.invalidate_query does: an option changes SQLAlchemy's cache key)
+        obj = obj.options(FromCache())
+    return obj
+
+
+def _parse_params(pairs: tuple[str, ...], bindparams: list[Any]) -> dict[str, Any]:
+    named = {bp.key: bp for bp in bindparams if not str(bp.key).startswith("%(")}
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--param")
+        bp = named.get(name)
+        if bp is None:
+            known = ", ".join(sorted(named)) or "none (give values with bindparam('name'))"
+            raise click.BadParameter(
+                f"the statement has no parameter {name!r}; its named parameters: {known}",
+                param_hint="--param",
+            )
+        values[name] = parse_value(text, bp.type, f"parameter {name}", param_hint="--param")
+    for name, bp in named.items():
+        if bp.required and name not in values:
+            raise click.BadParameter(
+                f"the statement needs a value for {name!r}: add --param {name}=VALUE",
+                param_hint="--param",
+            )
+    return values
+
+
+def inspect_statement(
+    settings: Settings,
+    spec: str,
+    pairs: tuple[str, ...],
+    bind_url: str | None,
+    max_rows: int,
+) -> dict[str, Any]:
+    """Describe the query entry of one statement with its parameters (the ``--json`` document).
+
+    Example::
+
+        inspect_statement(settings, "app.queries:books", ("category=3",), None, 5)["state"]
+    """
+    statement = _load_statement(spec)
+    cache = settings.cache()
+    cache_key = statement._generate_cache_key()
+    params = _parse_params(pairs, [] if cache_key is None else list(cache_key.bindparams))
+    # the bind's URL, dialect and driver are part of the key: the URL is used exactly as
+    # the application writes it (no driver added), and the engine never connects
+    engine = settings.engine(bind_url, option="--bind-url", exact=True)
+    document: dict[str, Any] = {"statement": spec, "bind": engine.url.render_as_string()}
+    if cache_key is None:
+        document.update(state="uncacheable", detail="SQLAlchemy gives it no cache key")
+        return document
+    with _library_log() as reasons:
+        plan = cache._reads.plan(cache_key.key, statement)
+    if plan is None:
+        # the library's own words, e.g. "statement runs uncached: textual SQL names..."
+        why = "; ".join(reasons) or "the read path refuses it"
+        document.update(state="uncacheable", detail=why)
+        return document
+    translate = statement.get_execution_options().get("schema_translate_map")
+    key = cache._reads.entry_key(plan, cache_key.bindparams, params, engine, translate)
+    engine.dispose()
+    if key is None:
+        document.update(state="uncacheable", detail="a parameter value cannot be encoded exactly")
+        return document
+    pipe = cache.client.pipeline(transaction=False)
+    pipe.get(key)
+    pipe.pttl(key)
+    pipe.mget(list(plan.version_keys))
+    raw, pttl, current = pipe.execute()
+    document.update(
+        key=key,
+        tables=list(plan.table_names),
+        exists=raw is not None,
+        ttl_ms=pttl if raw is not None else None,
+        current_versions=[int_or_none(v) for v in current],
+        stored_versions=None,
+    )
+    if raw is None:
+        document.update(state="absent", detail="no entry: the next execution reads the database")
+        return document
+    try:
+        stored, body = _query_payload(raw, key[len(plan.entry_prefix) :], len(plan.table_names))
+        document["stored_versions"] = stored
+        document.update(_describe_body(cache, plan, body, max_rows))
+    except _UnknownModel as exc:
+        document["rows_error"] = str(exc)  # the versions still tell valid from stale
+    except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
+        document.update(
+            state="undecodable", detail=f"{exc}: a read treats it as a miss and deletes it"
+        )
+        return document
+    moved = [
+        t
+        for t, s, c in zip(
+            plan.table_names, document["stored_versions"], document["current_versions"], strict=True
+        )
+        if c is None or s != c
+    ]
+    if moved:
+        document.update(state="stale", detail=f"written since it was stored: {', '.join(moved)}")
+    else:
+        document.update(state="valid", detail="the next execution is served from this entry")
+    return document
+
+
+class _UnknownModel(Exception):
+    """The entry holds objects of a model this process has not imported."""
+
+
+@contextmanager
+def _library_log() -> Iterator[list[str]]:
+    """The messages the library logs meanwhile (why a statement runs uncached, at INFO)."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("sa_redis_cache")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # the library logs the reason at INFO, quiet by default
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _query_payload(raw: bytes, owner: str, tables: int) -> tuple[list[Any], list[Any]]:
+    """``(versions, body)`` of a query entry: ``[[owner, ..., *versions], body]``.
+
+    The stamp opens with the statement's digest and ends with one version per table; what
+    the read path keeps in between (timing for stampede control) is not needed here, so
+    it is skipped rather than parsed.
+    """
+    payload = unpack(raw)
+    if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not list:
+        raise CodecError("not a query entry of this cache")
+    stamp, body = payload
+    if not stamp or stamp[0] != owner:
+        raise CodecError("the entry of another statement")
+    versions = stamp[len(stamp) - tables :]
+    if len(stamp) < tables + 1 or not all(type(v) is int for v in versions):
+        raise CodecError("the entry's versions do not match the statement's tables")
+    return versions, body
+
+
+def _describe_body(
+    cache: Cache, plan: StatementPlan, body: list[Any], max_rows: int
+) -> dict[str, Any]:
+    keys, single, mapper_names, objects, rows = body
+    infos = []
+    for name in mapper_names:
+        info = cache._core.models.info_by_name(name)
+        if info is None or info.codec is None:
+            raise _UnknownModel(
+                f"its rows hold {name}, which this process has not imported: pass --models"
+            )
+        infos.append(info)
+    decoded = [_object(infos[o[0]], o) for o in objects[: _needed(objects, rows, single, max_rows)]]
+    shown = []
+    for row in rows[:max_rows]:
+        if single:
+            shown.append({keys[0]: decoded[row]})
+            continue
+        entities, scalars = row
+        values: list[Any] = [None] * len(keys)
+        for pos, idx in zip(plan.shape.entity_positions, entities, strict=True):
+            values[pos] = None if idx is None else decoded[idx]
+        for pos, value in zip(
+            plan.shape.scalar_positions, plan.shape.scalar_codec.load_row(scalars), strict=True
+        ):
+            values[pos] = value
+        shown.append(dict(zip(keys, values, strict=True)))
+    counts = Counter(infos[o[0]].mapper.class_.__name__ for o in objects)
+    return {"columns": list(keys), "row_count": len(rows), "objects": dict(counts), "rows": shown}
+
+
+def _needed(objects: list[Any], rows: list[Any], single: bool, max_rows: int) -> int:
+    # only the objects the shown rows refer to are decoded (indices are in first-seen order)
+    refs = (
+        list(rows[:max_rows])
+        if single
+        else [i for r in rows[:max_rows] for i in r[0] if i is not None]
+    )
+    return min(len(objects), max(refs, default=-1) + 1)
+
+
+def _object(info: ModelInfo, obj: list[Any]) -> dict[str, Any]:
+    assert info.codec is not None
+    values = info.codec.load_row(obj[1])
+    missing = set(obj[2]) if isinstance(obj[2], list) else set()
+    columns = {
+        k: v
+        for i, (k, v) in enumerate(zip(info.column_keys, values, strict=True))
+        if i not in missing
+    }
+    return {"model": info.mapper.class_.__name__, "columns": columns, "relationships": obj[3] or {}}
+
+
+def _objecttext_or_dash(obj: Any) -> str:
+    if not isinstance(obj, dict) or "model" not in obj:
+        return repr(obj)
+    inner = ", ".join(f"{k}={v!r}" for k, v in obj["columns"].items())
+    rels = obj["relationships"]
+    if rels:
+        inner += ", " + ", ".join(f"{k}=<loaded>" for k in rels)
+    text = f"{obj['model']}({inner})"
+    return text if len(text) <= _REPR_WIDTH else text[: _REPR_WIDTH - 1] + "…"
+
+
+def statement_blocks(document: dict[str, Any]) -> list[Block]:
+    """The human-readable form of :func:`inspect_statement`'s document."""
+    facts = [["statement", document["statement"]], ["bind", document["bind"]]]
+    if "key" in document:
+        versions = "; ".join(
+            f"{t}: stored {text_or_dash(s)}, current {text_or_dash(c)}"
+            for t, s, c in zip(
+                document["tables"],
+                document["stored_versions"] or [None] * len(document["tables"]),
+                document["current_versions"],
+                strict=True,
+            )
+        )
+        facts += [
+            ["tables", ", ".join(document["tables"])],
+            ["key", document["key"]],
+            ["exists", f"yes, TTL {human_ttl(document['ttl_ms'])}" if document["exists"] else "no"],
+            ["versions", versions],
+        ]
+    facts.append(["state", f"{document['state']}: {document['detail']}"])
+    if "row_count" in document:
+        objects = ", ".join(f"{n} x {name}" for name, n in document["objects"].items()) or "none"
+        facts.append(["rows", f"{document['row_count']} row(s); objects: {objects}"])
+    if "rows_error" in document:
+        facts.append(["rows", f"not decoded: {document['rows_error']}"])
+    out: list[Block] = [Table(["", ""], facts, show_header=False)]
+    if document.get("rows"):
+        columns = document["columns"]
+        out.append(
+            Table(
+                ["#", *columns],
+                [
+                    [str(i), *(_objecttext_or_dash(r[c]) for c in columns)]
+                    for i, r in enumerate(document["rows"])
+                ],
+                right={0},
+                title=f"First {len(document['rows'])} row(s)",
+            )
+        )
+    return out

@@ -1,0 +1,525 @@
+"""The ``sa-redis-cache`` command line against real Redis and Postgres.
+
+Each command is driven in-process with click's runner (fast) and checked for its output
+and exit status: 0 done, 1 failed or unreachable, 2 bad usage. Two tests run it as
+``python -m sa_redis_cache`` in a child process, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner, Result
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from examples.shop import Customer, Product
+from sa_redis_cache import Cache, FromCache, schema
+from sa_redis_cache.cli import cli
+from sa_redis_cache.devservices.process import free_port
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import redis
+
+    from sa_redis_cache.devservices import Services
+
+ROOT = Path(__file__).resolve().parents[2]
+
+STATEMENTS = """
+from sqlalchemy import bindparam, select, text
+
+from examples.shop import Product
+from sa_redis_cache import FromCache
+
+BY_CATEGORY = select(Product).where(Product.category_id == 2).options(FromCache())
+
+
+def by_name():
+    return select(Product).where(Product.name == bindparam("name")).options(FromCache())
+
+
+NOT_A_STATEMENT = 42
+
+TEXTUAL = select(Product).where(text("id < 5")).options(FromCache())
+"""
+
+
+def run(*args: str, stdin: str | None = None, env: dict[str, Any] | None = None) -> Result:
+    # catch_exceptions=False: a traceback from the command is a test failure, never an exit 1
+    return CliRunner().invoke(cli, list(args), input=stdin, env=env, catch_exceptions=False)
+
+
+@pytest.fixture
+def base(redis_url: str, namespace: str) -> list[str]:
+    """Global options every invocation gets: this test's Redis namespace and the shop models."""
+    return ["--redis-url", redis_url, "--namespace", namespace, "--models", "examples.shop"]
+
+
+@pytest.fixture
+def statements(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Name of a throwaway module holding statements, importable by the command."""
+    name = f"sarc_cli_statements_{secrets.token_hex(4)}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(STATEMENTS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return name
+
+
+@pytest.fixture
+def dead_url(database_url: str) -> Iterator[tuple[str, str]]:
+    """Two fresh databases: one migrated with the library's tables, one bare."""
+    server = sa.make_url(database_url)
+    names = [f"sarc_cli_{secrets.token_hex(5)}" for _ in range(2)]
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    quote = admin.dialect.identifier_preparer.quote
+    with admin.connect() as conn:
+        for name in names:
+            conn.execute(sa.text(f"CREATE DATABASE {quote(name)}"))
+    urls = [server.set(database=n).render_as_string(hide_password=False) for n in names]
+    try:
+        schema.upgrade(urls[0])
+        yield urls[0], urls[1]
+    finally:
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quote(name)} WITH (FORCE)"))
+        admin.dispose()
+
+
+def json_of(result: Result) -> Any:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+# --------------------------------------------------------------------------- help, python -m
+
+
+def test_help_names_every_command_and_the_exit_codes() -> None:
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("stats", "inspect", "invalidate", "worker", "dlq", "demo"):
+        assert f"  {command} " in result.stdout
+    assert "1 the operation failed" in result.stdout
+    assert "2 bad usage" in result.stdout
+
+
+def test_python_m_runs_the_same_program(
+    base: list[str], session_factory: sessionmaker[Session]
+) -> None:
+    with session_factory() as s:
+        s.get(Product, 3)
+    done = subprocess.run(
+        [sys.executable, "-m", "sa_redis_cache", *base, "stats", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    tables = {t["table"]: t for t in json.loads(done.stdout)["tables"]}
+    assert tables["products"]["entity_entries"] == 1
+    usage = subprocess.run(
+        [sys.executable, "-m", "sa_redis_cache", "stats", "--bogus"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert usage.returncode == 2
+    assert "Usage: python -m sa_redis_cache stats" in usage.stderr
+    assert "--bogus" in usage.stderr  # click words the message differently across versions
+
+
+# --------------------------------------------------------------------------- stats
+
+
+def test_stats_counts_entries_memory_and_counters_per_table(
+    base: list[str], cache: Cache, session_factory: sessionmaker[Session]
+) -> None:
+    with session_factory() as s:
+        for pk in (1, 2, 3):
+            s.get(Product, pk)
+        s.scalars(select(Product).where(Product.category_id == 1).options(FromCache())).all()
+
+    @cache.cached("profile")
+    def profile(user_id: int) -> dict[str, int]:
+        return {"id": user_id}
+
+    profile(1)
+    document = json_of(run(*base, "stats", "--json"))
+    tables = {t["table"]: t for t in document["tables"]}
+    products = tables["products"]
+    assert products["entity_entries"] == 3
+    assert products["query_entries"] == 1
+    assert products["memory_bytes"] > 0
+    assert products["memory_estimated"] is False  # fewer keys than the sample size
+    assert isinstance(products["version"], int)
+    assert isinstance(products["generation"], int)
+    assert products["writers_in_flight"] == 0
+    assert products["models"] == [{"name": "Product", "strategy": "write_through", "ttl": 600}]
+    # the models' tables are listed even without entries
+    assert tables["orders"]["entity_entries"] == 0
+    [function] = document["functions"]
+    assert (function["prefix"], function["entries"]) == ("profile", 1)
+    assert function["memory_bytes"] > 0
+
+    table = run(*base, "stats")
+    assert table.exit_code == 0
+    assert "Product (write_through, ttl 600 s)" in table.stdout
+    assert str(products["version"]) in table.stdout
+    assert "cache.stats()" in table.stdout  # hit counters are per process: says where
+
+
+def test_stats_watch_refreshes_count_times(base: list[str]) -> None:
+    started = time.monotonic()
+    result = run(*base, "stats", "--json", "--watch", "0.5", "--count", "2")
+    assert result.exit_code == 0
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert all(json.loads(line)["namespace"] for line in lines)
+    assert time.monotonic() - started >= 0.5
+
+    assert run(*base, "stats", "--count", "2").exit_code == 2  # --count without --watch
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def test_inspect_row_shows_the_decoded_entry_then_stale(
+    base: list[str], cache: Cache, session_factory: sessionmaker[Session]
+) -> None:
+    with session_factory() as s:
+        product = s.get(Product, 7)
+        assert product is not None
+        name, price = product.name, product.price
+    document = json_of(run(*base, "inspect", "Product", "7", "--json"))
+    assert document["state"] == "valid"
+    assert document["exists"] is True
+    assert 0 < document["ttl_ms"] <= 600_000
+    assert document["row"]["name"] == name
+    assert Decimal(document["row"]["price"]) == price
+    assert document["stored_generation"] == document["current_generation"]
+
+    human = run(*base, "inspect", "examples.shop:Product", "7")
+    assert human.exit_code == 0
+    assert document["key"] in human.stdout
+    assert f"'{name}'" in human.stdout
+    assert "valid" in human.stdout
+
+    cache.invalidate_model(Product)
+    stale = json_of(run(*base, "inspect", "Product", "7", "--json"))
+    assert stale["state"] == "stale"
+    assert stale["stored_generation"] != stale["current_generation"]
+
+
+def test_inspect_row_by_uuid_and_absent_rows(
+    base: list[str], session_factory: sessionmaker[Session]
+) -> None:
+    with session_factory() as s:
+        customer_id = s.scalars(select(Customer.id).order_by(Customer.id)).first()
+        s.get(Customer, customer_id)
+    found = json_of(run(*base, "inspect", "Customer", str(customer_id), "--json"))
+    assert found["state"] == "valid"
+    assert found["row"]["id"] == str(customer_id)
+    absent = json_of(run(*base, "inspect", "Category", "999999", "--json"))
+    assert absent["state"] == "absent"
+    assert absent["exists"] is False
+    no_policy = json_of(run(*base, "inspect", "Order", "1", "--json"))
+    assert no_policy["state"] == "absent"
+    assert "Order has no __cache__ policy" in no_policy["not_cached_because"]
+
+
+def test_inspect_statement_computes_the_read_paths_key(
+    base: list[str],
+    statements: str,
+    database_url: str,
+    session_factory: sessionmaker[Session],
+) -> None:
+    module = __import__(statements)
+    with session_factory() as s:
+        rows = s.scalars(module.BY_CATEGORY).all()
+        s.scalars(module.by_name(), {"name": "product-5"}).all()
+    args = [*base, "inspect", "--bind-url", database_url, "--json", "--statement"]
+    document = json_of(run(*args, f"{statements}:BY_CATEGORY"))
+    assert document["state"] == "valid", document["detail"]
+    assert document["row_count"] == len(rows)
+    assert document["objects"] == {"Product": len(rows)}
+    assert document["rows"][0]["Product"]["columns"]["category_id"] == 2
+
+    named = json_of(run(*args, f"{statements}:by_name", "--param", "name=product-5"))
+    assert named["state"] == "valid"
+    assert named["row_count"] == 1
+    other = json_of(run(*args, f"{statements}:by_name", "--param", "name=nobody"))
+    assert other["state"] == "absent"
+    textual = json_of(run(*args, f"{statements}:TEXTUAL"))
+    assert textual["state"] == "uncacheable"
+    assert "textual SQL" in textual["detail"]  # the library's reason, not a guess
+
+    with session_factory() as s:  # a write to products (of no row) retires the entries
+        s.execute(sa.update(Product).where(Product.id == -1).values(name="x"))
+        s.commit()
+    stale = json_of(run(*args, f"{statements}:BY_CATEGORY"))
+    assert stale["state"] == "stale"
+    assert "products" in stale["detail"]
+
+
+# --------------------------------------------------------------------------- invalidate
+
+
+def test_invalidate_row_and_model(
+    base: list[str],
+    cache: Cache,
+    session_factory: sessionmaker[Session],
+    redis_client: redis.Redis,
+) -> None:
+    with session_factory() as s:
+        s.get(Product, 4)
+        s.get(Product, 5)
+    before = json_of(run(*base, "inspect", "Product", "5", "--json"))
+
+    one = run(*base, "invalidate", "Product", "4", "--yes")
+    assert one.exit_code == 0, one.output
+    assert "invalidated Product 4: its entity entry was deleted" in one.stdout
+    assert json_of(run(*base, "inspect", "Product", "4", "--json"))["state"] == "absent"
+    assert json_of(run(*base, "inspect", "Product", "5", "--json"))["state"] == "valid"
+
+    model = run(*base, "invalidate", "Product", "-y")
+    assert model.exit_code == 0, model.output
+    assert "invalidated Product" in model.stdout
+    after = json_of(run(*base, "inspect", "Product", "5", "--json"))
+    assert after["state"] == "stale"
+    assert after["current_generation"] == before["current_generation"] + 1
+    assert redis_client.exists(before["key"])  # retired by the generation, not deleted
+
+
+def test_invalidate_asks_for_confirmation(
+    base: list[str], session_factory: sessionmaker[Session]
+) -> None:
+    with session_factory() as s:
+        s.get(Product, 6)
+    closed = run(*base, "invalidate", "Product", "6")
+    assert closed.exit_code == 1
+    assert "no answer (stdin closed or interrupted): pass --yes" in closed.stderr
+    declined = run(*base, "invalidate", "Product", "6", stdin="n\n")
+    assert declined.exit_code == 1
+    assert "nothing was invalidated" in declined.stderr
+    assert json_of(run(*base, "inspect", "Product", "6", "--json"))["state"] == "valid"
+    agreed = run(*base, "invalidate", "Product", "6", stdin="y\n")
+    assert agreed.exit_code == 0
+    assert "Invalidate Product 6" in agreed.stderr  # the question goes to stderr
+    assert json_of(run(*base, "inspect", "Product", "6", "--json"))["state"] == "absent"
+
+
+def test_invalidate_namespace_wide_deletes_only_that_namespace(
+    base: list[str],
+    namespace: str,
+    session_factory: sessionmaker[Session],
+    redis_client: redis.Redis,
+) -> None:
+    with session_factory() as s:
+        s.get(Product, 8)
+    neighbour = f"sarc:{namespace}x:{{{namespace}x:products}}:v"  # shares the prefix text
+    redis_client.set(neighbour, 1)
+    assert run(*base, "invalidate", "--namespace-wide").exit_code == 1  # no confirmation
+    assert redis_client.exists(f"sarc:{namespace}:{{{namespace}:products}}:v")
+    result = run(*base, "invalidate", "--namespace-wide", "--yes")
+    assert result.exit_code == 0, result.output
+    assert f"of namespace '{namespace}'" in result.stdout
+    assert not list(redis_client.scan_iter(match=f"sarc:{namespace}:*"))
+    assert redis_client.exists(neighbour)
+    assert run(*base, "invalidate", "--namespace-wide", "Product").exit_code == 2
+
+
+# --------------------------------------------------------------------------- bad usage
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["inspect", "Widget", "1"], "unknown model 'Widget'; the imported models are: "),
+        (["inspect", "Product", "seven"], "'seven' is not a valid int for Product.id"),
+        (["inspect", "Product"], "Product has a primary key of 1 column(s) (id); got 0"),
+        (["inspect", "Product", "1", "2"], "got 2 value(s)"),
+        (["inspect", "Customer", "42"], "'42' is not a valid UUID for Customer.id"),
+        (
+            ["--models", "examples.quickstart", "inspect", "Product", "1"],
+            "is ambiguous: examples.quickstart.Product, examples.shop.Product; name one as",
+        ),
+        (["inspect", "nowhere.models:Product", "1"], "cannot import 'nowhere.models'"),
+        (["inspect", "examples.shop:Nope", "1"], "has no attribute 'Nope'"),
+        (["inspect"], "give MODEL PK..."),
+        (["invalidate"], "give MODEL [PK]... or --namespace-wide"),
+        (["invalidate", "Product", "x", "--yes"], "'x' is not a valid int"),
+        (["--models", "no_such_module_xyz", "stats"], "cannot import 'no_such_module_xyz'"),
+        (["--namespace", "a b", "stats"], "must be a non-empty name without spaces"),
+        (["--redis-url", "http://x", "stats"], "is not a Redis URL"),
+    ],
+)
+def test_bad_usage_exits_2_with_the_problem_and_the_fix(
+    base: list[str], args: list[str], message: str
+) -> None:
+    result = run(*base, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert not result.stdout
+
+
+def test_bad_statement_arguments_exit_2(
+    base: list[str], statements: str, database_url: str
+) -> None:
+    args = [*base, "inspect", "--bind-url", database_url, "--statement"]
+    wrong = run(*args, f"{statements}:NOT_A_STATEMENT")
+    assert wrong.exit_code == 2
+    assert "int, not a select() statement" in wrong.stderr
+    unknown = run(*args, f"{statements}:by_name", "--param", "nmae=x")
+    assert unknown.exit_code == 2
+    assert "no parameter 'nmae'; its named parameters: name" in unknown.stderr
+    missing = run(*args, f"{statements}:by_name")
+    assert missing.exit_code == 2
+    assert "add --param name=VALUE" in missing.stderr
+    no_bind = run(
+        *base,
+        "inspect",
+        "--statement",
+        f"{statements}:by_name",
+        "--param",
+        "name=x",
+        env={"DATABASE_URL": None},
+    )
+    assert no_bind.exit_code == 2
+    assert "pass --bind-url or --database-url URL" in no_bind.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["stats"], ["inspect", "Product", "1"], ["invalidate", "Product", "--yes"]],
+)
+def test_unreachable_redis_exits_1_quickly(namespace: str, args: list[str]) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    started = time.monotonic()
+    result = run("--redis-url", url, "--namespace", namespace, "--models", "examples.shop", *args)
+    assert result.exit_code == 1
+    assert f"cannot reach Redis at {url}" in result.stderr
+    assert "start it or pass --redis-url" in result.stderr
+    assert time.monotonic() - started < 5
+
+
+# --------------------------------------------------------------------------- dlq, worker
+
+
+def test_dlq_list(base: list[str], namespace: str, dead_url: tuple[str, str]) -> None:
+    migrated, bare = dead_url
+    empty = run(*base, "--database-url", migrated, "dlq", "list")
+    assert empty.exit_code == 0
+    assert f"no dead letters in namespace '{namespace}'" in empty.stdout
+
+    engine = sa.create_engine(migrated, poolclass=NullPool)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(schema.dead_letters),
+            [
+                {
+                    "namespace": namespace,
+                    "table_name": "products",
+                    "stream": "s",
+                    "entry_id": "1-0",
+                    "op": "update",
+                    "pk": [7],
+                    "error": "deadlock detected",
+                    "attempts": 5,
+                },
+                {
+                    "namespace": "elsewhere",
+                    "table_name": "products",
+                    "stream": "s",
+                    "entry_id": "2-0",
+                    "op": None,  # an undecodable entry is dead-lettered without op or pk
+                    "pk": None,
+                    "error": "not ours",
+                    "attempts": 1,
+                },
+            ],
+        )
+    engine.dispose()
+    listed = run(*base, "dlq", "list", "--database-url", migrated)
+    assert listed.exit_code == 0, listed.output
+    assert "deadlock detected" in listed.stdout
+    assert "not ours" not in listed.stdout
+    rows = json_of(run(*base, "--database-url", migrated, "dlq", "list", "--json"))
+    assert [(r["table_name"], r["op"], r["pk"], r["attempts"]) for r in rows] == [
+        ("products", "update", [7], 5)
+    ]
+
+    missing = run(*base, "--database-url", bare, "dlq", "list")
+    assert missing.exit_code == 1
+    assert "sarc_dead_letters does not exist" in missing.stderr
+    assert "sa_redis_cache.schema.upgrade(" in missing.stderr
+
+    down = sa.make_url(migrated).set(port=free_port()).render_as_string(hide_password=False)
+    unreachable = run(*base, "--database-url", down, "dlq", "list")
+    assert unreachable.exit_code == 1
+    assert "cannot reach the database" in unreachable.stderr
+
+    no_url = run(*base, "dlq", "list", env={"DATABASE_URL": None})
+    assert no_url.exit_code == 2
+    assert "pass --database-url URL (or set DATABASE_URL)" in no_url.stderr
+
+
+@pytest.mark.parametrize("args", [["worker"], ["worker", "--concurrency", "4"], ["dlq", "replay"]])
+def test_write_behind_commands_say_they_are_not_there_yet(args: list[str]) -> None:
+    result = run(*args)
+    assert result.exit_code == 1
+    assert "not available in this version: write-behind is planned" in result.stderr
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def test_demo_runs_the_example_story(services: Services, redis_client: redis.Redis) -> None:
+    suffix = secrets.token_hex(5)
+    database, namespace = f"sarc_cli_demo_{suffix}", f"clidemo{suffix}"
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
+        "SARC_DEMO_DATABASE": database,
+        "SARC_DEMO_NAMESPACE": namespace,
+    }
+    command = [
+        sys.executable, "-m", "sa_redis_cache",
+        "--redis-url", services.redis_url, "--database-url", services.database_url,
+        "demo", "--small",
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+    finally:
+        admin = sa.create_engine(
+            services.database_url, isolation_level="AUTOCOMMIT", poolclass=NullPool
+        )
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        admin.dispose()
+        keys = list(redis_client.scan_iter(match=f"sarc:{namespace}:*"))
+        if keys:
+            redis_client.unlink(*keys)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    assert "claims checked: 0 failed" in done.stdout
+
+    no_db = run("demo", env={"DATABASE_URL": None})
+    assert no_db.exit_code == 2
+    assert "the demo needs a Postgres server: pass --database-url" in no_db.stderr
