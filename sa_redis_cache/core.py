@@ -12,7 +12,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from sqlalchemy import event
 
 from .breaker import CircuitBreaker
@@ -75,6 +75,9 @@ class CacheCore:
         # does not trust the cache for them until the bumps have been delivered
         self.undelivered: set[str] = set()
         self._undelivered_lock = threading.Lock()
+        self.run_id: str | None = None
+        self.restarts_seen = 0
+        self._watch_restarts()
 
     def listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:
         """``event.listen``, remembered so that :meth:`remove_listeners` can undo it."""
@@ -154,6 +157,66 @@ class CacheCore:
         pipe.set(key, random.getrandbits(62), nx=True, px=ttl)
         pipe.incr(key)
         pipe.pexpire(key, ttl)
+
+    def _watch_restarts(self) -> None:
+        """Check the server's run id on every new connection.
+
+        A server that restarted may have lost writes' invalidations or come back with
+        old entries (AOF, a replica promoted): every table this process knows is bumped,
+        on that connection, before it serves a single read.
+        """
+        pool = self.client.connection_pool
+        previous = pool.connection_kwargs.get("redis_connect_func")
+
+        def on_connect(connection: Any) -> None:
+            if previous is not None:
+                previous(connection)
+            else:
+                connection.on_connect()
+            self._check_run_id(connection)
+
+        pool.connection_kwargs["redis_connect_func"] = on_connect
+        # connections the pool already made reconnect with their own copy of the hook
+        for name in ("_available_connections", "_in_use_connections"):
+            for connection in list(getattr(pool, name, ())):
+                connection.redis_connect_func = on_connect
+
+    def _check_run_id(self, connection: Any) -> None:
+        try:
+            connection.send_command("INFO", "server")
+            info = connection.read_response()
+        except ResponseError:
+            return  # INFO refused (ACL): restarts go unnoticed, as documented
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        run_id = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in text.splitlines()
+                if line.startswith("run_id:")
+            ),
+            None,
+        )
+        with self._undelivered_lock:
+            known, self.run_id = self.run_id, run_id
+        if known is None or run_id is None or run_id == known:
+            return
+        tables = sorted(set(self.models.known_tables()) | self.undelivered)
+        keys = [k for t in tables for k in (self.keys.version_key(t), self.keys.generation_key(t))]
+        if keys:
+            starts = [random.getrandbits(62) for _ in keys]
+            connection.send_command(
+                "EVAL", self.scripts.bump_all.script, len(keys), *keys, self.counter_ttl_ms, *starts
+            )
+            connection.read_response()
+        with self._undelivered_lock:
+            self.undelivered.difference_update(tables)
+            self.restarts_seen += 1
+        log.warning(
+            "redis restarted (run id %s -> %s): %d cached tables invalidated",
+            known,
+            run_id,
+            len(tables),
+        )
 
     def keep_undelivered(self, tables: Iterable[str]) -> None:
         """Remember tables whose writes could not be announced to Redis."""

@@ -132,3 +132,30 @@ def test_cached_functions_survive_an_outage(server: RedisServer, namespace: str)
     server.start()
     assert square(3) == 9
     assert calls == [3, 3]  # the entry survived in the AOF and is served again
+
+
+def test_another_process_never_reads_stale_after_a_restart(
+    shop_engine: sa.Engine, product: int, sql: SQLCounter, server: RedisServer, namespace: str
+) -> None:
+    """Process A writes while Redis is down; process B, which saw nothing, reads first after.
+
+    Redis comes back from its AOF with the old entries. B notices the new run id on its
+    reconnect and invalidates every table before serving anything.
+    """
+    writer = Cache(server.url, namespace=namespace, breaker_threshold=1, breaker_reset=0)
+    reader = Cache(server.url, namespace=namespace, breaker_threshold=1, breaker_reset=0)
+    writer_factory, reader_factory = sessionmaker(shop_engine), sessionmaker(shop_engine)
+    writer.attach(writer_factory)
+    reader.attach(reader_factory)
+    try:
+        assert read(reader_factory, product) == (Decimal("1.00"), Decimal("1.00"))
+        server.stop()
+        set_price(writer_factory, product, "4.00")
+        server.start()
+        sql.reset()
+        assert read(reader_factory, product) == (Decimal("4.00"), Decimal("4.00"))
+        assert sql.count == 2  # both entries were retired: read from the database
+        assert reader._core.restarts_seen == 1
+    finally:
+        writer.detach()
+        reader.detach()
