@@ -31,6 +31,7 @@ from .dml import CoreDML
 from .keys import pk_text
 from .models import Inexact
 from .txstate import RowWrite, TableWrites, peek_tx_state, tx_state
+from .writebehind import WriteBehind
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -52,6 +53,7 @@ class WritePath:
         self.core = core
         self.writer_mark_ms = 60_000
         self.core_dml = CoreDML(self)
+        self.write_behind = WriteBehind(core)
 
     def register(self, session_class: Any) -> None:
         """Listen on ``session_class`` (a sessionmaker or Session subclass)."""
@@ -61,6 +63,8 @@ class WritePath:
         self.core.listen(session_class, "after_commit", self.after_commit)
         self.core.listen(session_class, "after_rollback", self.after_rollback)
         self.core.listen(session_class, "after_transaction_end", self.after_transaction_end)
+        # after ours: at the outermost commit, ordinary rows' cache work runs first
+        self.write_behind.register(session_class)
 
     # -- recording -----------------------------------------------------------------------
 
@@ -180,9 +184,10 @@ class WritePath:
         keys = core.keys
         scripts = core.scripts
         ordered = sorted(tables)
-        if not core.breaker.allow():
-            core.keep_undelivered(ordered)
-            return {}
+        # writes ask Redis even while the breaker keeps reads away: another process that
+        # reaches Redis again would otherwise serve what this write changed
+        if core.undelivered:
+            core.deliver_undelivered()
         calls = []
         try:
             for table in ordered:
@@ -291,9 +296,8 @@ class WritePath:
         core = self.core
         keys = core.keys
         channel = keys.prefix + "invalidations"
-        if not core.breaker.allow():
-            core.keep_undelivered(tables)
-            return
+        if core.undelivered:
+            core.deliver_undelivered()
         calls = []
         try:
             for table in sorted(tables):
