@@ -49,6 +49,8 @@ class Cache:
     After ``breaker_threshold`` consecutive Redis failures the cache is not asked for
     ``breaker_reset`` seconds (reads go to the database); writes made meanwhile are
     delivered as invalidations before this process trusts the cache again.
+    A model whose hit rate stays below ``hit_rate_warning`` (over 5-minute windows with at
+    least 200 lookups) is logged once per window; None turns the warning off.
 
     Example::
 
@@ -69,6 +71,7 @@ class Cache:
         max_entry_bytes: int = 1 << 20,
         breaker_threshold: int = 3,
         breaker_reset: float = 2.0,
+        hit_rate_warning: float | None = 0.8,
     ) -> None:
         if isinstance(redis_client, str):
             redis_client = redis.Redis.from_url(
@@ -105,6 +108,7 @@ class Cache:
             ttl_jitter=ttl_jitter,
             max_entry_bytes=max_entry_bytes,
             breaker=CircuitBreaker(threshold=breaker_threshold, reset_after=breaker_reset),
+            hit_rate_warning=hit_rate_warning,
         )
         self._writes = WritePath(self._core)
         self._reads = ReadPath(self._core, self._writes)

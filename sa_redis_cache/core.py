@@ -52,6 +52,7 @@ class CacheCore:
         ttl_jitter: float,
         max_entry_bytes: int,
         breaker: CircuitBreaker | None = None,
+        hit_rate_warning: float | None = 0.8,
     ) -> None:
         self.client = client
         self.namespace = namespace
@@ -59,7 +60,7 @@ class CacheCore:
         self.default_ttl = float(default_ttl)
         self.ttl_jitter = ttl_jitter
         self.max_entry_bytes = max_entry_bytes
-        self.counters = Stats()
+        self.counters = Stats(warn_below=hit_rate_warning)
         self.scripts = Scripts(client)
         self.models = ModelRegistry()
         self._last_failure_log = float("-inf")

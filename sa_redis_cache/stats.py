@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = logging.getLogger("sa_redis_cache")
 
 COUNTERS = (
     "hits",
@@ -37,11 +44,24 @@ class Stats:
         1
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        warn_below: float | None = 0.8,
+        warn_min_lookups: int = 200,
+        warn_window: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._lock = threading.Lock()
         self._counts: defaultdict[str, defaultdict[str, int]] = defaultdict(
             lambda: defaultdict(int)
         )
+        self.warn_below = warn_below
+        self.warn_min_lookups = warn_min_lookups
+        self.warn_window = warn_window
+        self._clock = clock
+        # per model: when the current window began, and its hits and misses then
+        self._windows: dict[str, tuple[float, int, int]] = {}
 
     def incr(
         self, scope: str, counter: str, amount: int = 1, *, also: tuple[str, ...] = ()
@@ -57,6 +77,38 @@ class Stats:
             for other in also:
                 counts[other][counter] += amount
             counts[_TOTAL][counter] += amount
+            if counter == "misses" and self.warn_below is not None:
+                # judged on misses only: a model with a low hit rate misses often, and
+                # the hit path pays nothing for the watch
+                for name in (scope, *also):
+                    if name.startswith("model:"):
+                        self._judge(name, counts[name])
+
+    def _judge(self, scope: str, values: defaultdict[str, int]) -> None:
+        now = self._clock()
+        hits, misses = values["hits"], values["misses"]
+        window = self._windows.get(scope)
+        if window is None:
+            self._windows[scope] = (now, hits, misses)
+            return
+        started, hits_then, misses_then = window
+        if now - started < self.warn_window:
+            return
+        self._windows[scope] = (now, hits, misses)
+        looked = (hits - hits_then) + (misses - misses_then)
+        if looked < self.warn_min_lookups or self.warn_below is None:
+            return
+        rate = (hits - hits_then) / looked
+        if rate < self.warn_below:
+            log.warning(
+                "cache hit rate of %s is %.0f%% over the last %d lookups (below %.0f%%): "
+                "the TTL may be too short, or the data changes too often to cache",
+                scope.partition(":")[2],
+                rate * 100,
+                looked,
+                self.warn_below * 100,
+                extra={"sarc_scope": scope, "sarc_hit_rate": rate, "sarc_lookups": looked},
+            )
 
     def incr_total(self, counter: str, amount: int = 1) -> None:
         """Count an event that belongs to no model or region (a failed commit script)."""

@@ -1,0 +1,101 @@
+"""Prometheus metrics for a cache, read from its counters at scrape time.
+
+Nothing is added to the read path: a collector turns ``cache.stats()`` into metric
+families when Prometheus scrapes. Needs the ``prometheus`` extra
+(``pip install 'sa-redis-cache[prometheus]'``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .breaker import CLOSED, HALF_OPEN
+from .stats import COUNTERS
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .cache import Cache
+
+_GROUPS = (("models", "model"), ("regions", "region"), ("functions", "function"))
+
+
+class CacheCollector:
+    """A Prometheus collector for one :class:`~sa_redis_cache.Cache`.
+
+    Counters are ``sarc_<event>_total`` labelled by namespace, scope kind (model, region,
+    function) and scope name; gauges give the breaker's state (0 closed, 0.5 half-open,
+    1 open), how many times it opened, and the tables whose invalidations wait for Redis.
+
+    Example::
+
+        from prometheus_client import REGISTRY, start_http_server
+        REGISTRY.register(CacheCollector(cache))
+        start_http_server(9108)
+    """
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[Any]:
+        """Build the metric families from the cache's counters (called at scrape time)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        namespace = self.cache.namespace
+        snapshot = self.cache.stats()
+        labels = ["namespace", "kind", "scope"]
+        for counter in COUNTERS:
+            family = CounterMetricFamily(
+                f"sarc_{counter}", f"sa_redis_cache {counter.replace('_', ' ')}", labels=labels
+            )
+            for group, kind in _GROUPS:
+                for name, values in snapshot[group].items():
+                    family.add_metric([namespace, kind, name], values.get(counter, 0))
+            family.add_metric([namespace, "total", ""], snapshot["total"].get(counter, 0))
+            yield family
+        core = self.cache._core
+        breaker = core.breaker
+        state = 0.0 if breaker.state is CLOSED else 0.5 if breaker.state is HALF_OPEN else 1.0
+        yield _gauge(
+            GaugeMetricFamily,
+            "sarc_breaker_open",
+            "Redis circuit breaker: 0 closed, 0.5 half-open, 1 open",
+            namespace,
+            state,
+        )
+        yield _gauge(
+            GaugeMetricFamily,
+            "sarc_breaker_opened",
+            "How many times the Redis circuit breaker opened",
+            namespace,
+            breaker.opened,
+        )
+        yield _gauge(
+            GaugeMetricFamily,
+            "sarc_undelivered_tables",
+            "Tables whose invalidations wait for Redis (the cache is not trusted for them)",
+            namespace,
+            len(core.undelivered),
+        )
+
+
+def _gauge(family_type: Any, name: str, documentation: str, namespace: str, value: float) -> Any:
+    family = family_type(name, documentation, labels=["namespace"])
+    family.add_metric([namespace], value)
+    return family
+
+
+def expose(cache: Cache, *, port: int | None = None, addr: str = "127.0.0.1") -> CacheCollector:
+    """Register a collector for ``cache`` with Prometheus; serve it on ``port`` if given.
+
+    Example::
+
+        expose(cache, port=9108)   # then scrape http://127.0.0.1:9108/metrics
+    """
+    from prometheus_client import REGISTRY, start_http_server
+
+    collector = CacheCollector(cache)
+    REGISTRY.register(collector)
+    if port is not None:
+        start_http_server(port, addr=addr)
+    return collector
