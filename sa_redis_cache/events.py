@@ -31,7 +31,6 @@ from .dml import CoreDML
 from .keys import pk_text
 from .models import Inexact
 from .txstate import RowWrite, TableWrites, peek_tx_state, tx_state
-from .writebehind import WriteBehind
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -53,7 +52,6 @@ class WritePath:
         self.core = core
         self.writer_mark_ms = 60_000
         self.core_dml = CoreDML(self)
-        self.write_behind = WriteBehind(core)
 
     def register(self, session_class: Any) -> None:
         """Listen on ``session_class`` (a sessionmaker or Session subclass)."""
@@ -63,8 +61,6 @@ class WritePath:
         self.core.listen(session_class, "after_commit", self.after_commit)
         self.core.listen(session_class, "after_rollback", self.after_rollback)
         self.core.listen(session_class, "after_transaction_end", self.after_transaction_end)
-        # after ours: at the outermost commit, ordinary rows' cache work runs first
-        self.write_behind.register(session_class)
 
     # -- recording -----------------------------------------------------------------------
 
