@@ -77,6 +77,7 @@ class CacheCore:
         self.undelivered: set[str] = set()
         self._undelivered_lock = threading.Lock()
         self.run_id: str | None = None
+        self._restart_lock = threading.Lock()
         self.restarts_seen = 0
         self._watch_restarts()
 
@@ -197,9 +198,15 @@ class CacheCore:
             ),
             None,
         )
-        with self._undelivered_lock:
-            known, self.run_id = self.run_id, run_id
+        # held across the bump: another connection of this process that notices the same
+        # restart must not serve a read before the bump has landed
+        with self._restart_lock:
+            self._bump_after_restart(connection, run_id)
+
+    def _bump_after_restart(self, connection: Any, run_id: str | None) -> None:
+        known = self.run_id
         if known is None or run_id is None or run_id == known:
+            self.run_id = run_id or known
             return
         tables = sorted(set(self.models.known_tables()) | self.undelivered)
         keys = [k for t in tables for k in (self.keys.version_key(t), self.keys.generation_key(t))]
@@ -209,6 +216,7 @@ class CacheCore:
                 "EVAL", self.scripts.bump_all.script, len(keys), *keys, self.counter_ttl_ms, *starts
             )
             connection.read_response()
+        self.run_id = run_id
         with self._undelivered_lock:
             self.undelivered.difference_update(tables)
             self.restarts_seen += 1

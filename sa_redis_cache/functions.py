@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
 from redis.exceptions import RedisError, ResponseError
 
-from .breaker import CLOSED
 from .codec import CodecError, dumps_tagged, loads_tagged
 from .keys import values_digest
 from .policy import is_ttl
@@ -117,8 +116,7 @@ class CachedFunction(Generic[P, R]):
             core.redis_failed(exc)
             stats.incr(self._scope, "errors")
             return self._func(*args, **kwargs)
-        if core.breaker.state is not CLOSED:
-            core.breaker.success()
+        core.breaker.success()  # resets the failure count too
         if raw is not None:
             try:
                 value: R = _load(raw)

@@ -21,7 +21,6 @@ from sqlalchemy.orm.interfaces import UserDefinedOption
 from sqlalchemy.sql.type_api import TypeEngine
 
 from . import hydrate, stampede
-from .breaker import CLOSED
 from .codec import CodecError, RowCodec, UncacheableType, pack, unpack
 from .core import LEASE_SUFFIX
 from .keys import Unfingerprintable, fingerprint, pk_text, values_digest
@@ -227,8 +226,7 @@ class ReadPath:
             core.redis_failed(exc)
             core.counters.incr(region, "errors")
             return None
-        if core.breaker.state is not CLOSED:
-            core.breaker.success()
+        core.breaker.success()  # resets the failure count too
         entry, current = raw[0], raw[1:]
         numbers = None if None in current else self._counters(plan.version_keys, current, region)
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot
@@ -577,8 +575,7 @@ class ReadPath:
             core.redis_failed(exc)
             core.counters.incr(scope, "errors")
             return None
-        if core.breaker.state is not CLOSED:
-            core.breaker.success()
+        core.breaker.success()  # resets the failure count too
         # under a pinned snapshot a missing counter reads as b"", which matches nothing
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot.get(info.table) or b""
         usable = pinned is None or pinned == version

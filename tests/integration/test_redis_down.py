@@ -162,3 +162,16 @@ def test_another_process_never_reads_stale_after_a_restart(
     finally:
         writer.detach()
         reader.detach()
+
+
+def test_breaker_counts_only_consecutive_failures(
+    session_factory: sessionmaker[Session], cache: Cache, product: int
+) -> None:
+    """Occasional failures among successes never open the breaker."""
+    breaker = cache._core.breaker
+    for _ in range(5):
+        for _ in range(breaker.threshold - 1):
+            breaker.failure()
+        read(session_factory, product)  # a successful round trip resets the count
+    assert breaker.state == "closed"
+    assert breaker.opened == 0
