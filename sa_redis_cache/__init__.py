@@ -13,6 +13,7 @@ from .cache import Cache
 from .errors import CacheUnavailableError, ConfigurationError, SaRedisCacheError
 from .options import FromCache
 from .policy import CachePolicy
+from .worker import FlushWorker
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "CachePolicy",
     "CacheUnavailableError",
     "ConfigurationError",
+    "FlushWorker",
     "FromCache",
     "SaRedisCacheError",
     "__version__",

@@ -15,13 +15,14 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Mapper, Session, mapperlib, scoped_session, sessionmaker
 
+from . import wb_config
 from .breaker import CircuitBreaker
 from .core import CacheCore
 from .errors import ConfigurationError
 from .events import WritePath
 from .functions import CachedFunction
 from .keys import KeyScheme, pk_text
-from .models import ModelInfo, mapper_of
+from .models import ModelInfo, build_model_info, mapper_of
 from .options import FromCache
 from .policy import CachePolicy, is_ttl
 from .reads import ReadPath
@@ -171,6 +172,8 @@ class Cache:
         if isinstance(bind, Engine):
             self._writes.core_dml.register(bind)
             self._remember_bind(bind)
+        # before the read path: a queued write-behind state wins over any entry or row
+        self._core.listen(session_class, "do_orm_execute", self._writes.write_behind.on_execute)
         self._core.listen(session_class, "do_orm_execute", self._reads.on_execute)
         self._core.listen(session_class, "after_begin", self._reads.on_begin)
         self._writes.register(session_class)
@@ -237,9 +240,11 @@ class Cache:
                     f"{mapper.class_.__name__}: {problem}" for problem in policy.problems()
                 )
                 if policy.strategy == "write_behind":
-                    problems.append(
-                        f"{mapper.class_.__name__}: strategy='write_behind' is not available "
-                        "in this version; use 'write_through' or 'cache_aside'"
+                    info = build_model_info(mapper, policy)
+                    problems.extend(wb_config.model_problems(mapper, info))
+                    problems.extend(
+                        f"{mapper.class_.__name__}: {problem}"
+                        for problem in wb_config.redis_problems(self._core.client, policy)
                     )
             found[mapper] = policy
         problems.extend(_unmapped_policies(found, skip=set(unmapped)))

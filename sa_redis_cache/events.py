@@ -25,12 +25,12 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import TextClause
 
 from . import hydrate
-from .breaker import CLOSED
 from .codec import CodecError, pack
 from .dml import CoreDML
 from .keys import pk_text
 from .models import Inexact
 from .txstate import RowWrite, TableWrites, peek_tx_state, tx_state
+from .writebehind import WriteBehind
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -52,6 +52,7 @@ class WritePath:
         self.core = core
         self.writer_mark_ms = 60_000
         self.core_dml = CoreDML(self)
+        self.write_behind = WriteBehind(core)
 
     def register(self, session_class: Any) -> None:
         """Listen on ``session_class`` (a sessionmaker or Session subclass)."""
@@ -61,6 +62,8 @@ class WritePath:
         self.core.listen(session_class, "after_commit", self.after_commit)
         self.core.listen(session_class, "after_rollback", self.after_rollback)
         self.core.listen(session_class, "after_transaction_end", self.after_transaction_end)
+        # after ours: at the outermost commit, ordinary rows' cache work runs first
+        self.write_behind.register(session_class)
 
     # -- recording -----------------------------------------------------------------------
 
@@ -214,8 +217,7 @@ class WritePath:
                     )
                 )
             replies = scripts.run_batch(calls)
-            if core.breaker.state is not CLOSED:
-                core.breaker.success()
+            core.breaker.success()  # resets the failure count too
         except RedisError as exc:
             core.redis_failed(exc)
             core.counters.incr_total("errors")
@@ -326,8 +328,7 @@ class WritePath:
                     )
                 )
             core.scripts.run_batch(calls)
-            if core.breaker.state is not CLOSED:
-                core.breaker.success()
+            core.breaker.success()  # resets the failure count too
         except RedisError as exc:
             core.redis_failed(exc)
             core.counters.incr_total("errors")

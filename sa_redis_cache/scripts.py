@@ -39,6 +39,9 @@ class Scripts:
         self.fill: Script = client.register_script(source("fill"))
         self.flush_mark: Script = client.register_script(source("flush_mark"))
         self.commit: Script = client.register_script(source("commit"))
+        self.wb_enqueue: Script = client.register_script(source("wb_enqueue"))
+        self.wb_flushed: Script = client.register_script(source("wb_flushed"))
+        self.wb_lease: Script = client.register_script(source("wb_lease"))
         self.release_lease: Script = client.register_script(source("release_lease"))
         self.bump_all: Script = client.register_script(source("bump_all"))
 

@@ -1,0 +1,115 @@
+"""Object state for write-behind: defaults, foreign keys, and states served or refilled.
+
+The helpers :mod:`sa_redis_cache.writebehind` applies to ORM objects while it diverts them
+from the unit of work and serves their queued states; public SQLAlchemy API only, apart
+from what :mod:`sa_redis_cache.hydrate` already encapsulates.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Sequence
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
+from sqlalchemy.sql.schema import ColumnDefault
+
+from . import hydrate
+from .errors import ConfigurationError
+from .wb_config import ID_BLOCKS
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Result
+    from sqlalchemy.orm import ORMExecuteState, Session
+
+    from .models import ModelInfo
+
+
+class DefaultContext:
+    """What a context-sensitive Python default sees: the row's other values so far."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.current_parameters = values
+
+    def get_current_parameters(self, isolate_multiinsert_groups: bool = True) -> dict[str, Any]:
+        return self.current_parameters
+
+
+def serve(
+    orm_context: ORMExecuteState, info: ModelInfo, pk: tuple[Any, ...], values: Any
+) -> Result[Any]:
+    """The result of a primary-key load from a queued state (``None``: a queued delete)."""
+    session = orm_context.session
+    name = info.mapper.class_.__name__
+    if values is None:
+        return hydrate.make_result([name], [], single=True)
+    identity = info.mapper.identity_key_from_primary_key(pk)
+    existing = session.identity_map.get(identity)
+    if existing is None:
+        assert info.codec is not None
+        body = [info.codec.dump_row(values), 0]
+        return hydrate.rehydrate_entity(session, info, body, pk)
+    state = instance_state(existing)
+    overwrite = orm_context.execution_options.get("populate_existing", False)
+    for key, value in zip(info.column_keys, values, strict=True):
+        # attributes with unflushed changes are the session's own; never overwritten
+        if key in state.unloaded or (overwrite and key not in state.committed_state):
+            set_committed_value(existing, key, value)
+    return hydrate.make_result([name], [existing], single=True)
+
+
+def evaluate(session: Session, default: Any, given: dict[str, Any]) -> Any:
+    """A Python-side column default, or the next id of a client-side sequence block."""
+    if isinstance(default, Sequence):
+        return ID_BLOCKS.next(session.connection(), default)
+    if isinstance(default, ColumnDefault):
+        if default.is_callable:
+            return default.arg(DefaultContext(dict(given)))
+        if default.is_scalar:
+            return default.arg
+    raise ConfigurationError(f"write-behind cannot evaluate the default {default!r} in Python")
+
+
+def sync_many_to_one(obj: object, info: ModelInfo) -> None:
+    """Copy the key of a newly assigned many-to-one target into the foreign key columns.
+
+    The unit of work would do it during the flush this object no longer takes part in.
+    """
+    state = instance_state(obj)
+    for rel in info.mapper.relationships:
+        history = state.attrs[rel.key].history
+        if not history.has_changes():
+            continue
+        if rel.direction.name != "MANYTOONE" or rel.secondary is not None:
+            raise ConfigurationError(
+                f"{info.mapper.class_.__name__}.{rel.key}: write-behind rows are written "
+                "without the unit of work; change the foreign key column instead of this "
+                "relationship"
+            )
+        target = history.added[0] if history.added else None
+        for local, remote in rel.local_remote_pairs:
+            value = None
+            if target is not None:
+                target_state = instance_state(target)
+                value = target_state.mapper.get_property_by_column(remote).key
+                value = target_state.dict.get(value)
+                if value is None:
+                    raise ConfigurationError(
+                        f"{info.mapper.class_.__name__}.{rel.key} points at an object whose "
+                        "key the database has not given yet; flush that object first"
+                    )
+            setattr(obj, info.mapper.get_property_by_column(local).key, value)
+
+
+def refill(session: Session, op: Any) -> None:
+    """Give an object its queued state again after ``expire_on_commit`` expired it.
+
+    Loading it would read the database, which does not hold the row yet.
+    """
+    obj = op.obj
+    state = instance_state(obj)
+    if state.session_id != session.hash_key or op.values is None:
+        return
+    unloaded = state.unloaded
+    for key, value in zip(op.info.column_keys, op.values, strict=True):
+        if key in unloaded:
+            set_committed_value(obj, key, value)

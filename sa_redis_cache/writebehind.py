@@ -1,0 +1,412 @@
+"""Write-behind on the session side: flushes diverted into Redis streams at commit.
+
+How a flush of a write-behind model emits no SQL (``before_flush``):
+
+* Each new, modified or deleted object of such a model has its full column state captured
+  (Python-side defaults and ``onupdate`` applied, primary keys from ``default=`` or a
+  client-side sequence block), normalised as Postgres would return it.
+* It is then taken out of the unit of work with public API only: new and modified objects
+  are expunged, made transient, then ``make_transient_to_detached`` (which commits their
+  attribute state) and added back, so they are *persistent and clean*: the flush has nothing
+  to do for them, and the session still holds them under their identity. Deleted objects
+  are expunged (detached, as after a real delete).
+* The operations wait in per-transaction frames (savepoints get one each: released, they
+  merge into the parent; rolled back, they are dropped and their objects reverted).
+
+At the end of the outermost committed transaction, after the database commit (so a commit
+that also wrote ordinary rows has committed those first), one ``lua/wb_enqueue.lua`` call
+writes every operation of the commit: stream entries, entity entries and pending keys, all
+or nothing. When Redis fails there, ``commit()`` raises
+:class:`~sa_redis_cache.errors.CacheUnavailableError`: nothing was queued, and the ordinary
+rows of that commit stay committed (the database commit cannot be undone).
+
+Reads (``do_orm_execute``, registered before the read path's): a primary-key load of a
+write-behind model (``session.get``, a many-to-one lazy load, a refresh of expired
+attributes) is served from the transaction's own unqueued operations, then from the row's
+pending key, and only then by the ordinary read path. Every process therefore reads its own
+and everybody's queued writes at once, whatever happened to the entity entries meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+from redis.exceptions import RedisError
+from sqlalchemy.orm import make_transient, make_transient_to_detached
+from sqlalchemy.orm.attributes import instance_state
+
+from . import hydrate
+from .codec import CodecError, unpack
+from .errors import CacheUnavailableError, ConfigurationError
+from .keys import pk_text
+from .models import Inexact
+from .wb_config import (
+    HEADER,
+    column_of,
+    is_write_behind,
+    partition_of,
+    pending_key,
+    pk_codec,
+    stream_key,
+)
+from .wb_state import evaluate, refill, serve, sync_many_to_one
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Result
+    from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
+
+    from .core import CacheCore
+    from .models import ModelInfo
+
+log = logging.getLogger("sa_redis_cache")
+
+_INFO_KEY = "sa_redis_cache.wb"
+_NOTHING: Any = object()
+
+
+@dataclass(slots=True)
+class Op:
+    """One queued operation: the newest state of one row in one transaction frame."""
+
+    info: ModelInfo
+    pk: str
+    kind: str  # "u" (upsert with the full row) or "d" (delete)
+    data: bytes  # the encoded row ("u") or primary key ("d"), as JSON
+    values: tuple[Any, ...] | None  # the row's Python values ("u"), for reads and refills
+    obj: Any
+    created: bool  # the object was new in this frame: a rollback makes it transient again
+
+
+@dataclass(slots=True)
+class WbTx:
+    """The write-behind operations of one session's open transaction, per savepoint frame."""
+
+    frames: list[dict[tuple[str, str], Op]] = field(default_factory=lambda: [{}])
+    committed: bool = False
+
+    def find(self, table: str, pk: str) -> Op | None:
+        for frame in reversed(self.frames):
+            op = frame.get((table, pk))
+            if op is not None:
+                return op
+        return None
+
+
+class WriteBehind:
+    """The session hooks of ``strategy="write_behind"`` for one cache.
+
+    Example::
+
+        wb = WriteBehind(core)
+        wb.register(Session)  # done by Cache.attach()
+    """
+
+    def __init__(self, core: CacheCore) -> None:
+        self.core = core
+
+    def register(self, session_class: Any) -> None:
+        """Listen on ``session_class`` (the read hook is registered by ``Cache.attach``)."""
+        listen = self.core.listen
+        listen(session_class, "before_flush", self.before_flush)
+        listen(session_class, "after_transaction_create", self.after_transaction_create)
+        listen(session_class, "after_commit", self.after_commit)
+        listen(session_class, "after_rollback", self.after_rollback)
+        listen(session_class, "after_transaction_end", self.after_transaction_end)
+
+    def _info(self, mapper: Any) -> ModelInfo | None:
+        info = self.core.models.infos.get(mapper)
+        return info if is_write_behind(info) else None
+
+    # -- flush: capture and divert ----------------------------------------------------------
+
+    def before_flush(self, session: Session, flush_context: UOWTransaction, instances: Any) -> None:
+        """Take every write-behind object out of this flush, keeping its state for commit."""
+        if not any(is_write_behind(i) for i in self.core.models.infos.values()):
+            return
+        work: list[tuple[object, ModelInfo, str]] = []
+        for kind, objects in (("new", session.new), ("dirty", session.dirty)):
+            for obj in objects:
+                info = self._info(instance_state(obj).mapper)
+                if info is not None and (kind == "new" or session.is_modified(obj)):
+                    work.append((obj, info, kind))
+        for obj in session.deleted:
+            info = self._info(instance_state(obj).mapper)
+            if info is not None:
+                work.append((obj, info, "deleted"))
+        if not work:
+            return
+        tx = _tx(session)
+        frame = tx.frames[-1]
+        tz: Any = None
+        for obj, info, kind in work:
+            if kind == "deleted":
+                op = self._delete_op(obj, info)
+                session.expunge(obj)
+            else:
+                values, tz = self._capture(session, obj, info, created=kind == "new", tz=tz)
+                op = self._upsert_op(obj, info, values, created=kind == "new")
+                prior = tx.find(info.table, op.pk)
+                op.created = op.created or (prior is not None and prior.created)
+                session.expunge(obj)
+                if kind == "dirty":
+                    make_transient(obj)
+                make_transient_to_detached(obj)
+                session.add(obj)
+            frame[(info.table, op.pk)] = op
+
+    def _capture(
+        self, session: Session, obj: object, info: ModelInfo, *, created: bool, tz: Any
+    ) -> tuple[tuple[Any, ...], Any]:
+        """The object's full column state, as the database will hold it after the insert."""
+        state = instance_state(obj)
+        sync_many_to_one(obj, info)
+        dict_ = state.dict
+        given = {k: dict_[k] for k in info.column_keys if k in dict_}
+        pk_keys = {info.column_keys[p] for p in info.pk_positions}
+        for key in info.column_keys:
+            column = column_of(info, key)
+            if created:
+                missing = key not in given or (key in pk_keys and given[key] is None)
+                default = column.default
+            else:
+                # the ORM fills onupdate only for columns the UPDATE does not set itself
+                missing = key not in state.committed_state
+                default = column.onupdate
+            if missing and default is not None:
+                given[key] = evaluate(session, default, given)
+        for key in info.column_keys:
+            if key not in given:
+                # an unloaded column of a loaded row: load it now (pending state first)
+                given[key] = getattr(obj, key) if not created else None
+        values = [given[k] for k in info.column_keys]
+        if any(values[p] is None for p in info.pk_positions):
+            raise ConfigurationError(
+                f"{info.mapper.class_.__name__} was flushed without a primary key; "
+                "write-behind needs it before the insert: set it, or give it a Python default"
+            )
+        try:
+            stored = info.as_stored(list(values), tz)
+        except Inexact:
+            if tz is None:
+                tz = hydrate.connection_timezone(session)
+            try:
+                stored = info.as_stored(list(values), tz)
+            except Inexact:
+                stored = values  # the database keeps the same value in another form
+        for key, before, after in zip(info.column_keys, values, stored, strict=True):
+            if after is not before or key not in dict_:
+                dict_[key] = after
+        return tuple(stored), tz
+
+    def _upsert_op(
+        self, obj: object, info: ModelInfo, values: tuple[Any, ...], *, created: bool
+    ) -> Op:
+        assert info.codec is not None
+        try:
+            data = orjson.dumps(info.codec.dump_row(values))
+        except (CodecError, TypeError) as exc:
+            raise ConfigurationError(
+                f"{info.mapper.class_.__name__}: a value cannot be queued exactly ({exc}); "
+                "write-behind stores the row in Redis until the worker inserts it"
+            ) from exc
+        pk_values = [values[p] for p in info.pk_positions]
+        return Op(info, pk_text(pk_values), "u", data, values, obj, created)
+
+    def _delete_op(self, obj: object, info: ModelInfo) -> Op:
+        key = instance_state(obj).key
+        assert key is not None
+        pk_values = list(key[1])
+        data = orjson.dumps(pk_codec(info).dump_row(pk_values))
+        return Op(info, pk_text(pk_values), "d", data, None, obj, created=False)
+
+    # -- transaction boundaries ------------------------------------------------------------
+
+    def after_transaction_create(self, session: Session, transaction: Any) -> None:
+        """A savepoint gets a frame of its own."""
+        tx = _peek(session)
+        if tx is not None and transaction.nested:
+            tx.frames.append({})
+
+    def after_commit(self, session: Session) -> None:
+        """A released savepoint merges into its parent; the outermost commit is noted."""
+        tx = _peek(session)
+        if tx is None:
+            return
+        if session.in_nested_transaction():
+            if len(tx.frames) > 1:
+                top = tx.frames.pop()
+                tx.frames[-1].update(top)
+            return
+        tx.committed = True
+
+    def after_rollback(self, session: Session) -> None:
+        """A savepoint rollback drops its operations and reverts their objects."""
+        tx = _peek(session)
+        if tx is not None and session.in_nested_transaction() and len(tx.frames) > 1:
+            _revert(session, tx.frames.pop().values(), tx)
+
+    def after_transaction_end(self, session: Session, transaction: Any) -> None:
+        """The outermost transaction ended: queue its operations if it committed.
+
+        Raised here rather than in ``after_commit``: by now SQLAlchemy has closed the
+        transaction, so the session stays usable after :class:`CacheUnavailableError`.
+        """
+        if transaction.nested or transaction.parent is not None:
+            return
+        tx = _peek(session)
+        if tx is None:
+            return
+        del session.info[_INFO_KEY]
+        ops = list(tx.frames[0].values())
+        if not tx.committed:
+            _revert(session, ops, None)
+            return
+        if not ops:
+            return
+        try:
+            self.enqueue(ops)
+        except RedisError as exc:
+            self.core.counters.incr_total("errors")
+            _revert(session, ops, None)
+            raise CacheUnavailableError(
+                f"write-behind: Redis did not take this commit's {len(ops)} queued "
+                f"write(s) ({exc}); none of them was queued. Rows of other models in the same "
+                "commit are committed to the database. Retry the writes when Redis is back"
+            ) from exc
+        for op in ops:
+            if op.kind == "u":
+                refill(session, op)
+
+    def enqueue(self, ops: list[Op]) -> list[bytes]:
+        """Queue ``ops`` with one ``lua/wb_enqueue.lua`` call; returns their stream ids.
+
+        One call, so on standalone Redis every operation of the commit is queued or none
+        is. The keys of several tables lie in several cluster slots: a commit writing two
+        write-behind tables needs standalone Redis (or one table per commit on a cluster).
+        """
+        core = self.core
+        keys = core.keys
+        tables: list[str] = []
+        index: dict[str, int] = {}
+        op_keys: list[str] = []
+        op_args: list[Any] = []
+        for op in ops:
+            info = op.info
+            assert info.policy is not None
+            table = info.table
+            if table not in index:
+                tables.append(table)
+                index[table] = len(tables)
+            partition = partition_of(op.pk, info.policy.partitions)
+            op_keys += [
+                stream_key(keys, table, partition),
+                keys.entity_key(table, info.schema_hash, op.pk),
+                pending_key(keys, table, info.schema_hash, op.pk),
+            ]
+            op_args += [index[table], op.kind, op.pk, info.schema_hash, op.data]
+        starts = [random.getrandbits(62) for _ in tables]
+        ids = core.scripts.run(
+            core.scripts.wb_enqueue,
+            [*(keys.generation_key(t) for t in tables), *op_keys],
+            [len(tables), HEADER, core.counter_ttl_ms, *starts, *op_args],
+        )
+        for op in ops:
+            core.counters.incr("model:" + op.info.mapper.class_.__name__, "queued")
+        return cast("list[bytes]", ids)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def on_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
+        """Serve primary-key loads of write-behind rows from their unflushed state."""
+        if not orm_context.is_select:
+            return None
+        mapper = orm_context.bind_mapper
+        info = self._info(mapper) if mapper is not None else None
+        if info is None or info.codec is None:
+            return None
+        pk = hydrate.get_clause_pk(orm_context.statement, info.mapper, orm_context.parameters)
+        if pk is None or None in pk:
+            return None
+        try:
+            text = pk_text(pk)
+        except TypeError:
+            return None
+        session = orm_context.session
+        tx = _peek(session)
+        op = None if tx is None else tx.find(info.table, text)
+        if op is not None:
+            values: Any = op.values
+        else:
+            values = self._pending_values(info, text)
+            if values is _NOTHING:
+                return None
+        return serve(orm_context, info, pk, values)
+
+    def _pending_values(self, info: ModelInfo, pk: str) -> Any:
+        """The row's queued state; None for a queued delete; ``_NOTHING`` when none is queued."""
+        core = self.core
+        assert info.codec is not None
+        key = pending_key(core.keys, info.table, info.schema_hash, pk)
+        scope = "model:" + info.mapper.class_.__name__
+        try:
+            raw = core.client.get(key)
+        except RedisError as exc:
+            core.redis_failed(exc)
+            core.counters.incr(scope, "errors")
+            return _NOTHING
+        if raw is None:
+            return _NOTHING
+        try:
+            _, body = unpack(raw)
+            if body is None:
+                return None
+            values: tuple[Any, ...] = info.codec.load_row(body[0])
+        except (CodecError, ValueError, TypeError, IndexError) as exc:
+            # never deleted here: it may be the only copy of a queued state the worker has
+            log.warning("unreadable pending write-behind state %s: %s", key, exc)
+            core.counters.incr(scope, "decode_errors")
+            return _NOTHING
+        core.counters.incr(scope, "pending_hits")
+        return values
+
+
+def _revert(session: Session, ops: Any, outer: WbTx | None) -> None:
+    """Objects of operations that will not be queued: created ones become transient again.
+
+    ``outer`` holds the frames that remain (a savepoint rolled back): an object that an
+    outer frame wrote was not created by the rolled-back one, and is expired instead, so
+    that its next access reads the outer frame's state.
+    """
+    for op in ops:
+        if op.kind != "u":
+            continue
+        state = instance_state(op.obj)
+        if state.session_id != session.hash_key:
+            continue
+        if op.created and (outer is None or outer.find(op.info.table, op.pk) is None):
+            session.expunge(op.obj)
+            make_transient(op.obj)
+        else:
+            session.expire(op.obj)
+
+
+def _tx(session: Session) -> WbTx:
+    tx: WbTx | None = session.info.get(_INFO_KEY)
+    if tx is None:
+        tx = session.info[_INFO_KEY] = WbTx()
+        depth = 0
+        nested = session.get_nested_transaction()
+        while nested is not None and nested.nested:
+            depth += 1
+            nested = nested.parent
+        tx.frames.extend({} for _ in range(depth))
+    return tx
+
+
+def _peek(session: Session) -> WbTx | None:
+    tx: WbTx | None = session.info.get(_INFO_KEY)
+    return tx

@@ -1,0 +1,274 @@
+"""The flush worker (DESIGN.md §5): order, exactly-once, dead letters, shared partitions.
+
+Every test drives :meth:`FlushWorker.run_once` deterministically; nothing waits on time.
+The worker gets an engine of its own, as a worker process would.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from sa_redis_cache import Cache, FlushWorker, schema
+from sa_redis_cache.devservices import RedisServer
+from sa_redis_cache.schema import dead_letters, wb_offsets
+from tests.wb_support import private_models
+
+
+@pytest.fixture(scope="module")
+def aof_redis() -> Iterator[RedisServer]:
+    with RedisServer(appendonly=True, appendfsync="always") as server:
+        yield server
+
+
+@pytest.fixture
+def models(engine: sa.Engine) -> Iterator[tuple[Any, Any]]:
+    schema.upgrade(engine)
+    with private_models() as found:
+        found[0].metadata.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(found[0].__table__.delete())
+        yield found
+
+
+@pytest.fixture
+def client(aof_redis: RedisServer) -> Iterator[redis.Redis]:
+    made = redis.Redis.from_url(aof_redis.url)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def factory(
+    engine: sa.Engine, client: redis.Redis, namespace: str, models: Any
+) -> Iterator[sessionmaker[Session]]:
+    cache = Cache(client, namespace=namespace)
+    made = sessionmaker(engine)
+    cache.attach(made)
+    yield made
+    cache.detach()
+
+
+@pytest.fixture
+def worker_engine(database_url: str) -> Iterator[sa.Engine]:
+    made = sa.create_engine(database_url)
+    yield made
+    made.dispose()
+
+
+@pytest.fixture
+def make_worker(
+    worker_engine: sa.Engine, client: redis.Redis, namespace: str, models: Any
+) -> Iterator[Any]:
+    made: list[FlushWorker] = []
+
+    def make(consumer: str = "w1", **kwargs: Any) -> FlushWorker:
+        worker = FlushWorker(
+            worker_engine,
+            client,
+            namespace=namespace,
+            models=[models[0]],
+            consumer=consumer,
+            **kwargs,
+        )
+        made.append(worker)
+        return worker
+
+    yield make
+    for worker in made:
+        worker.release()
+
+
+def drain(*workers: FlushWorker, limit: int = 50) -> int:
+    """Run the workers in turn until a whole round processes nothing; entries processed."""
+    total = 0
+    for _ in range(limit):
+        done = sum(worker.run_once() for worker in workers)
+        total += done
+        if not done:
+            return total
+    raise AssertionError("the workers never ran dry")
+
+
+def rows(engine: sa.Engine, model: Any) -> dict[uuid.UUID, tuple[str, int]]:
+    table = model.__table__
+    with engine.connect() as conn:
+        return {r.id: (r.path, r.views) for r in conn.execute(select(table))}
+
+
+def queue(factory: sessionmaker[Session], model: Any, **values: Any) -> uuid.UUID:
+    with factory() as s:
+        obj = model(**values)
+        s.add(obj)
+        s.commit()
+        return obj.id  # type: ignore[no-any-return]
+
+
+def update(factory: sessionmaker[Session], model: Any, pk: uuid.UUID, **values: Any) -> None:
+    with factory() as s:
+        obj = s.get(model, pk)
+        assert obj is not None
+        for key, value in values.items():
+            setattr(obj, key, value)
+        s.commit()
+
+
+def remove(factory: sessionmaker[Session], model: Any, pk: uuid.UUID) -> None:
+    with factory() as s:
+        obj = s.get(model, pk)
+        assert obj is not None
+        s.delete(obj)
+        s.commit()
+
+
+def offsets(engine: sa.Engine, namespace: str) -> int:
+    with engine.connect() as conn:
+        stmt = select(sa.func.coalesce(sa.func.sum(wb_offsets.c.applied_ops), 0)).where(
+            wb_offsets.c.stream.like(f"sarc:{namespace}:%")
+        )
+        return int(conn.scalar(stmt) or 0)
+
+
+def test_inserts_updates_and_deletes_reach_the_database(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+) -> None:
+    page_view, _ = models
+    ids = [queue(factory, page_view, path=f"/p/{i}", views=i) for i in range(20)]
+    update(factory, page_view, ids[0], views=100)
+    remove(factory, page_view, ids[1])
+    assert rows(worker_engine, page_view) == {}
+    assert drain(make_worker()) == 22
+    expected = {pk: (f"/p/{i}", i) for i, pk in enumerate(ids)}
+    expected[ids[0]] = ("/p/0", 100)
+    del expected[ids[1]]
+    assert rows(worker_engine, page_view) == expected
+    # flushed: no pending state left, entity entries expire again, streams trimmed
+    assert list(client.scan_iter(match=f"sarc:{namespace}:*:wbp:*")) == []
+    entity_keys = list(client.scan_iter(match=f"sarc:{namespace}:*:e:*"))
+    assert entity_keys
+    assert all(client.pttl(k) > 0 for k in entity_keys)
+    assert sum(int(client.xlen(k)) for k in client.scan_iter(match=f"sarc:{namespace}:*:wb:*")) == 0
+    with factory() as s:
+        got = s.get(page_view, ids[0])
+        assert got is not None
+        assert got.views == 100
+        assert s.get(page_view, ids[1]) is None
+
+
+def test_put_then_delete_and_delete_then_put_keep_their_order(
+    factory: sessionmaker[Session], models: Any, make_worker: Any, worker_engine: sa.Engine
+) -> None:
+    page_view, _ = models
+    worker = make_worker()
+    gone = queue(factory, page_view, path="/gone")
+    back = queue(factory, page_view, path="/back")
+    drain(worker)
+    # one batch: a put then a delete of one row, a delete then a put of another
+    update(factory, page_view, gone, views=7)
+    remove(factory, page_view, gone)
+    remove(factory, page_view, back)
+    with factory() as s:
+        s.add(page_view(id=back, path="/back-again", views=3))
+        s.commit()
+    drain(worker)
+    assert rows(worker_engine, page_view) == {back: ("/back-again", 3)}
+
+
+def test_a_batch_delivered_twice_is_applied_once(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+    namespace: str,
+) -> None:
+    page_view, _ = models
+    pk = queue(factory, page_view, path="/once", views=1)
+    crashing = make_worker("w1")
+
+    def crash(*args: Any) -> None:
+        raise RedisConnectionError("killed between the database commit and the ack")
+
+    crashing._after_flush = crash  # type: ignore[method-assign]
+    assert crashing.run_once() == 0  # applied to the database, never acknowledged
+    assert rows(worker_engine, page_view) == {pk: ("/once", 1)}
+    assert offsets(worker_engine, namespace) == 1
+    # a change the redelivery must not overwrite, as it would if the batch ran again
+    with worker_engine.begin() as conn:
+        conn.execute(page_view.__table__.update().values(views=99))
+    crashing.release()
+    restarted = make_worker("w1")  # the same consumer name: its pending entries first
+    assert drain(restarted) == 1
+    assert rows(worker_engine, page_view) == {pk: ("/once", 99)}
+    assert offsets(worker_engine, namespace) == 1
+
+
+def test_a_poison_row_goes_to_the_dead_letters_and_the_rest_lands(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+    namespace: str,
+    client: redis.Redis,
+) -> None:
+    page_view, _ = models
+    good = [queue(factory, page_view, path=f"/ok/{i}") for i in range(9)]
+    poison = queue(factory, page_view, path="/poison", views=-1)  # violates the CHECK
+    drain(make_worker())
+    assert set(rows(worker_engine, page_view)) == set(good)
+    with worker_engine.connect() as conn:
+        letters = conn.execute(
+            select(dead_letters).where(dead_letters.c.namespace == namespace)
+        ).all()
+    assert len(letters) == 1
+    letter = letters[0]
+    assert letter.op == "upsert"
+    assert letter.table_name == "wb_page_views"
+    assert "wb_views_not_negative" in letter.error
+    assert letter.payload["path"] == "/poison"
+    assert letter.payload["views"] == -1
+    # the cache no longer pretends the row exists: the database is the truth again
+    assert list(client.scan_iter(match=f"sarc:{namespace}:*:wbp:*")) == []
+    with factory() as s:
+        assert s.get(page_view, poison) is None
+
+
+def test_two_workers_share_the_partitions_and_apply_each_write_once(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+    namespace: str,
+) -> None:
+    page_view, _ = models
+    first, second = make_worker("w1"), make_worker("w2")
+    first.run_once()
+    second.run_once()
+    first.run_once()  # w1 gives up what exceeds its share now that w2 is alive
+    second.run_once()
+    held = [{p.number for p in w.partitions if p.held} for w in (first, second)]
+    assert held[0]
+    assert held[1]
+    assert not held[0] & held[1]
+    ids = [queue(factory, page_view, path=f"/s/{i}", views=i) for i in range(60)]
+    for pk in ids[:10]:
+        update(factory, page_view, pk, views=1000)
+    assert drain(first, second) == 70
+    expected = {pk: (f"/s/{i}", 1000 if i < 10 else i) for i, pk in enumerate(ids)}
+    assert rows(worker_engine, page_view) == expected
+    # each partition's entries came in one batch: an update coalesced with its insert
+    assert offsets(worker_engine, namespace) == 60
+    assert first.applied > 0
+    assert second.applied > 0

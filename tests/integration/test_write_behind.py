@@ -1,0 +1,351 @@
+"""Write-behind on the session side (DESIGN.md §5): flushes diverted, commits queued.
+
+The models come from :mod:`tests.wb_support` in a registry disposed of after each test;
+the positive tests use a Redis server started here with AOF ``always``, since ``attach()``
+refuses write-behind models on the shared test server, which has AOF off.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy import Integer, String, func, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from examples.shop import Category
+from sa_redis_cache import Cache, CachePolicy, CacheUnavailableError, ConfigurationError, schema
+from sa_redis_cache.devservices import RedisServer
+from tests.support import SQLCounter
+from tests.wb_support import PARTITIONS, private_models
+
+
+@pytest.fixture(scope="module")
+def aof_redis() -> Iterator[RedisServer]:
+    with RedisServer(appendonly=True, appendfsync="always") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def wb_engine(engine: sa.Engine) -> sa.Engine:
+    schema.upgrade(engine)
+    return engine
+
+
+@pytest.fixture
+def models(wb_engine: sa.Engine) -> Iterator[tuple[Any, Any]]:
+    with private_models() as found:
+        found[0].metadata.create_all(wb_engine)
+        yield found
+
+
+@pytest.fixture
+def wb_client(aof_redis: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(aof_redis.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def wb_cache(wb_client: redis.Redis, namespace: str, models: Any) -> Iterator[Cache]:
+    cache = Cache(wb_client, namespace=namespace)
+    yield cache
+    cache.detach()
+
+
+@pytest.fixture
+def factory(wb_engine: sa.Engine, wb_cache: Cache) -> sessionmaker[Session]:
+    made = sessionmaker(wb_engine)
+    wb_cache.attach(made)
+    return made
+
+
+@pytest.fixture
+def sql(wb_engine: sa.Engine) -> Iterator[SQLCounter]:
+    counter = SQLCounter()
+    sa.event.listen(wb_engine, "before_cursor_execute", counter)
+    yield counter
+    sa.event.remove(wb_engine, "before_cursor_execute", counter)
+
+
+def stream_entries(client: redis.Redis, namespace: str, table: str) -> int:
+    prefix = f"sarc:{namespace}:{{{namespace}:{table}}}:wb:"
+    return sum(int(client.xlen(f"{prefix}{p}")) for p in range(PARTITIONS))
+
+
+def keys_of(client: redis.Redis, namespace: str, kind: str) -> list[bytes]:
+    return list(client.scan_iter(match=f"sarc:{namespace}:*:{kind}:*"))
+
+
+def in_database(engine: sa.Engine, model: Any, pk: Any) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(select(model.__table__).where(model.__table__.c.id == pk)).first()
+
+
+# -- flush and commit -----------------------------------------------------------------------
+
+
+def test_flush_and_commit_emit_no_sql_and_the_session_keeps_the_state(
+    factory: sessionmaker[Session], models: Any, sql: SQLCounter, wb_engine: sa.Engine
+) -> None:
+    page_view, _ = models
+    with factory() as s:
+        view = page_view(path="/books/1")
+        s.add(view)
+        s.flush()
+        s.commit()
+        # expire_on_commit would make the next access read the database, which has no row
+        assert (view.path, view.views, view.note) == ("/books/1", 0, None)
+        assert isinstance(view.id, uuid.UUID)
+        assert view.viewed_at.tzinfo is not None
+        view.views = 5
+        s.commit()
+        assert view.views == 5
+        s.delete(view)
+        s.commit()
+    assert sql.statements == []
+    assert in_database(wb_engine, page_view, view.id) is None
+
+
+def test_every_operation_of_a_commit_is_queued_at_once(
+    factory: sessionmaker[Session], models: Any, wb_client: redis.Redis, namespace: str
+) -> None:
+    page_view, _ = models
+    with factory() as s:
+        s.add_all([page_view(path=f"/p/{i}") for i in range(10)])
+        s.flush()
+        assert stream_entries(wb_client, namespace, "wb_page_views") == 0  # not before commit
+        s.commit()
+    assert stream_entries(wb_client, namespace, "wb_page_views") == 10
+    assert len(keys_of(wb_client, namespace, "wbp")) == 10
+    # nothing unflushed may expire
+    for key in keys_of(wb_client, namespace, "wbp") + keys_of(wb_client, namespace, "e"):
+        assert wb_client.pttl(key) == -1
+
+
+def test_read_your_writes_from_another_session_and_another_cache(
+    factory: sessionmaker[Session],
+    models: Any,
+    sql: SQLCounter,
+    wb_engine: sa.Engine,
+    aof_redis: RedisServer,
+    namespace: str,
+) -> None:
+    page_view, _ = models
+    with factory() as s:
+        view = page_view(path="/queued", views=3)
+        s.add(view)
+        s.commit()
+        pk = view.id
+    other_cache = Cache(aof_redis.url, namespace=namespace)
+    other_factory = sessionmaker(wb_engine)
+    other_cache.attach(other_factory)
+    try:
+        for views, make in enumerate((factory, other_factory), start=3):
+            with make() as s:
+                got = s.get(page_view, pk)
+                assert got is not None
+                assert (got.path, got.views) == ("/queued", views)
+                got.views = views + 1  # an update of a row the database has never seen
+                s.commit()
+        with other_factory() as s:
+            got = s.get(page_view, pk)
+            assert got is not None
+            assert got.views == 5
+            s.delete(got)
+            s.commit()
+        with factory() as s:
+            assert s.get(page_view, pk) is None
+    finally:
+        other_cache.detach()
+    assert sql.statements == []
+
+
+def test_the_queued_state_survives_invalidations_and_generation_bumps(
+    factory: sessionmaker[Session], models: Any, wb_cache: Cache, sql: SQLCounter
+) -> None:
+    page_view, _ = models
+    with factory() as s:
+        view = page_view(path="/kept")
+        s.add(view)
+        s.commit()
+        pk = view.id
+    wb_cache.invalidate(page_view, pk)
+    wb_cache.invalidate_model(page_view)  # bumps the entity generation
+    with factory() as s:
+        got = s.get(page_view, pk)
+        assert got is not None
+        assert got.path == "/kept"
+    assert sql.statements == []
+
+
+def test_refresh_and_expired_attributes_read_the_queued_state(
+    factory: sessionmaker[Session], models: Any, sql: SQLCounter
+) -> None:
+    page_view, _ = models
+    with factory() as s:
+        view = page_view(path="/r", views=1)
+        s.add(view)
+        s.commit()
+        s.expire(view)
+        view.note = "changed while expired"  # the flush must load the rest, from Redis
+        s.commit()
+        s.refresh(view)
+        assert (view.path, view.views, view.note) == ("/r", 1, "changed while expired")
+    assert sql.statements == []
+
+
+def test_ids_from_a_sequence_are_reserved_in_blocks(
+    factory: sessionmaker[Session], models: Any, sql: SQLCounter
+) -> None:
+    _, stock = models
+    with factory() as s:
+        levels = [stock(warehouse="north", quantity=i) for i in range(60)]
+        s.add_all(levels)
+        s.commit()
+        ids = [level.id for level in levels]
+    assert len(set(ids)) == 60
+    nextvals = [q for q in sql.statements if "nextval" in q]
+    assert len(nextvals) == 2  # increment=50: one nextval per 50 ids
+    assert len(sql.statements) == 2
+
+
+# -- rollback, savepoints, failure --------------------------------------------------------
+
+
+def test_rollback_and_savepoint_rollback_queue_nothing(
+    factory: sessionmaker[Session], models: Any, wb_client: redis.Redis, namespace: str
+) -> None:
+    page_view, _ = models
+    with factory() as s:
+        dropped = page_view(path="/rolled-back")
+        s.add(dropped)
+        s.flush()
+        s.rollback()
+        assert dropped not in s
+    with factory() as s:
+        kept = page_view(path="/kept")
+        s.add(kept)
+        s.flush()
+        savepoint = s.begin_nested()
+        inner = page_view(path="/inner")
+        s.add(inner)
+        kept.views = 9
+        s.flush()
+        savepoint.rollback()
+        released = s.begin_nested()
+        s.add(page_view(path="/released"))
+        released.commit()
+        s.commit()
+        assert kept.views == 0  # the savepoint's change was rolled back
+    assert stream_entries(wb_client, namespace, "wb_page_views") == 2
+    with factory() as s:
+        paths = {s.get(page_view, v.id) is not None for v in (kept,)}
+        assert paths == {True}
+        assert s.get(page_view, inner.id) is None
+
+
+def test_redis_down_at_commit_raises_and_queues_nothing(
+    wb_engine: sa.Engine,
+    shop_engine: sa.Engine,
+    models: Any,
+    namespace: str,
+) -> None:
+    page_view, _ = models
+    with RedisServer(appendonly=True, appendfsync="always") as server:
+        client = redis.Redis.from_url(server.url, socket_timeout=1, socket_connect_timeout=1)
+        cache = Cache(client, namespace=namespace)
+        made = sessionmaker(wb_engine)
+        cache.attach(made)
+        try:
+            server.stop()
+            with made() as s:
+                name = f"wb-{uuid.uuid4().hex[:8]}"
+                category = Category(name=name)
+                view = page_view(path="/lost")
+                s.add_all([category, view])
+                with pytest.raises(CacheUnavailableError, match="none of them was queued"):
+                    s.commit()
+                assert view not in s  # made transient again: it was never stored
+                # the session is usable after the error
+                assert s.scalar(select(func.count()).select_from(Category)) is not None
+            # the ordinary row of that commit is committed (documented): clean it up
+            with Session(shop_engine) as s:
+                assert s.scalar(select(Category).where(Category.name == name))
+                s.execute(sa.delete(Category).where(Category.name == name))
+                s.commit()
+            server.start()
+            assert stream_entries(client, namespace, "wb_page_views") == 0
+            assert keys_of(client, namespace, "wbp") == []
+            assert keys_of(client, namespace, "e") == []
+        finally:
+            cache.detach()
+            client.close()
+
+
+# -- attach() ------------------------------------------------------------------------------
+
+
+def test_attach_refuses_write_behind_on_a_redis_without_aof(
+    wb_engine: sa.Engine, redis_url: str, namespace: str, models: Any
+) -> None:
+    assert redis.Redis.from_url(redis_url).config_get("appendonly")["appendonly"] == "no"
+    cache = Cache(redis_url, namespace=namespace)
+    with pytest.raises(ConfigurationError, match=r"PageView: .*appendonly.*accept_volatile"):
+        cache.attach(sessionmaker(wb_engine))
+
+
+def test_attach_accepts_volatile_when_the_policy_says_so(
+    wb_engine: sa.Engine, redis_url: str, namespace: str
+) -> None:
+    class Base(DeclarativeBase):
+        pass
+
+    class Volatile(Base):
+        __tablename__ = "wb_volatile"
+        __cache__ = CachePolicy(strategy="write_behind", accept_volatile=True)
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+
+    cache = Cache(redis_url, namespace=namespace)
+    try:
+        cache.attach(sessionmaker(wb_engine))
+    finally:
+        cache.detach()
+        Base.registry.dispose()
+
+
+@pytest.mark.parametrize(
+    ("column", "fix"),
+    [
+        (lambda: mapped_column(Integer, primary_key=True), r"default=uuid\.uuid4"),
+        (
+            lambda: mapped_column(String, primary_key=True, server_default=sa.text("'x'")),
+            "server-side default",
+        ),
+        (
+            lambda: mapped_column(Integer, sa.Identity(), primary_key=True),
+            "server-side default|identity",
+        ),
+    ],
+)
+def test_attach_refuses_keys_only_the_database_insert_knows(
+    aof_redis: RedisServer, wb_engine: sa.Engine, namespace: str, column: Any, fix: str
+) -> None:
+    class Base(DeclarativeBase):
+        pass
+
+    class Keyed(Base):
+        __tablename__ = "wb_keyed"
+        __cache__ = CachePolicy(strategy="write_behind")
+        id = column()
+
+    cache = Cache(aof_redis.url, namespace=namespace)
+    try:
+        with pytest.raises(ConfigurationError, match=f"Keyed.*{fix}"):
+            cache.attach(sessionmaker(wb_engine))
+    finally:
+        Base.registry.dispose()
