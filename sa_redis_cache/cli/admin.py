@@ -13,6 +13,7 @@ import click
 
 from sa_redis_cache.keys import pk_text
 from sa_redis_cache.models import mapper_of
+from sa_redis_cache.wb_config import is_queue_key
 
 from .common import CliError, Settings, common_options, one_line, resolve_model
 from .keyspace import escape_glob
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["demo", "dlq", "invalidate", "worker"]
 
-_PLANNED = "not available in this version: write-behind is planned"
+_PLANNED = "not available in this version: dead-letter replay is planned"
 
 
 def _confirm(question: str) -> None:
@@ -121,17 +122,20 @@ def _invalidate_namespace(settings: Settings, *, yes: bool) -> None:
     cache = settings.cache()
     prefix = cache.keys.prefix
     pattern = escape_glob(prefix) + "*"
+    # write-behind streams and pending states hold writes not yet in the database
+    keys = [k for k in cache.client.scan_iter(match=pattern, count=1000) if not is_queue_key(k)]
+    if not keys:
+        click.echo(f"namespace {settings.namespace!r} has no cache keys: nothing to delete")
+        return
     if not yes:
-        found = sum(1 for _ in cache.client.scan_iter(match=pattern, count=1000))
-        if not found:
-            click.echo(f"namespace {settings.namespace!r} has no keys: nothing to delete")
-            return
         _confirm(
-            f"Delete all {found} key(s) of namespace {settings.namespace!r} ({prefix}*) on "
-            f"{settings.shown_redis_url}?"
+            f"Delete all {len(keys)} cache key(s) of namespace {settings.namespace!r} "
+            f"({prefix}*, write-behind queues kept) on {settings.shown_redis_url}?"
         )
-    removed = cache._core.unlink_matching(pattern)
-    click.echo(f"deleted {removed} key(s) of namespace {settings.namespace!r}")
+    removed = sum(int(cache.client.unlink(*keys[i : i + 500])) for i in range(0, len(keys), 500))
+    click.echo(
+        f"deleted {removed} key(s) of namespace {settings.namespace!r} (write-behind queues kept)"
+    )
 
 
 # --------------------------------------------------------------------------- write-behind
@@ -139,16 +143,25 @@ def _invalidate_namespace(settings: Settings, *, yes: bool) -> None:
 _PASS_THROUGH: dict[str, Any] = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
-@click.command(context_settings=_PASS_THROUGH, short_help="Write-behind flush worker (planned).")
+@click.command(
+    context_settings={**_PASS_THROUGH, "help_option_names": []},
+    short_help="Run the write-behind flush worker.",
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def worker(args: tuple[str, ...]) -> None:
-    """Run the write-behind flush worker (planned; not in this version).
+    """Run the write-behind flush worker until SIGTERM (python -m sa_redis_cache.worker).
 
-    Exits with status 1 and says so, whatever the arguments, so that a deployment that
-    starts it fails visibly rather than running nothing.
+    Its options: --database-url, --redis-url, --namespace, --model module:Class
+    (repeatable), --consumer, --batch-size, --lease-ms, --claim-idle-ms; --help lists them.
+
+    Example:
+
+      sa-redis-cache worker --database-url postgresql+psycopg://... \\
+          --redis-url redis://... --namespace shop --model examples.telemetry:PageView
     """
-    del args
-    raise CliError(_PLANNED)
+    from sa_redis_cache.worker.runner import main as run_worker
+
+    raise SystemExit(run_worker(list(args)))
 
 
 @click.group(short_help="Dead letters of write-behind: list (replay is planned).")
@@ -258,7 +271,10 @@ def _is_connect_error(exc: Exception) -> bool:
 @dlq.command("replay", context_settings=_PASS_THROUGH)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def dlq_replay(args: tuple[str, ...]) -> None:
-    """Apply dead letters to the database again (planned; not in this version)."""
+    """Apply dead letters to the database again (planned; not in this version).
+
+    Until then, fix the cause and re-queue the operation from the sarc_dead_letters row.
+    """
     del args
     raise CliError(_PLANNED)
 
