@@ -11,6 +11,10 @@ contenders, over the example shop schema (:mod:`examples.shop`):
   :mod:`benchmarks.dogpile_recipe` (pickled ``FrozenResult``, ``merge_frozen_result``);
 * ours: ``FromCache()`` and ``session.get`` through an attached sessionmaker.
 
+The failure cases (:mod:`benchmarks.cases_failure`) add reads while Redis is down (the
+circuit breaker, against the uncached query) and a hot key's expiries under concurrent
+readers (database queries with and without stampede control).
+
 Run it with ``make bench`` (or ``make bench-smoke`` for the seconds-long smoke mode);
 see :mod:`benchmarks.run` for the options and ``benchmarks/results/latest.md`` for the
 latest table.

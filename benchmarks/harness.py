@@ -137,10 +137,15 @@ def ratio_bracket(
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """A goal for a ratio: ``<= value`` or ``>= value``."""
+    """A goal for a ratio: ``<= value`` or ``>= value``.
+
+    ``unit`` follows the value when printed: the multiplication sign for a ratio, empty
+    for a plain number (database queries per refresh).
+    """
 
     op: Literal["<=", ">="]
     value: float
+    unit: str = TIMES
 
     def met(self, ratio: float) -> bool:
         """True when ``ratio`` meets the goal."""
@@ -149,7 +154,7 @@ class Target:
         return ratio <= self.value if self.op == "<=" else ratio >= self.value
 
     def __str__(self) -> str:
-        return f"{'≤' if self.op == '<=' else '≥'} {self.value:g}{TIMES}"
+        return f"{'≤' if self.op == '<=' else '≥'} {self.value:g}{self.unit}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +163,8 @@ class Comparison:
 
     ``label`` names the ratio as a reader should read it ("ours ÷ floor" for an overhead,
     "dogpile ÷ ours" for a speed-up). ``miss_note`` says why a missed target is missed and
-    what would close it; it is printed only when the target is missed.
+    what would close it; it is printed only when the target is missed. ``unit`` follows
+    the figure (the multiplication sign for a ratio, empty for a plain number).
     """
 
     row: str
@@ -167,6 +173,7 @@ class Comparison:
     label: str
     target: Target | None = None
     miss_note: str = ""
+    unit: str = TIMES
 
 
 @dataclass(frozen=True, slots=True)

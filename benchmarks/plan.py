@@ -26,6 +26,10 @@ class Plan:
     scale_hits: Counts
     scan_calls: Counts  # invalidate_model() SCANs the keyspace: slow at scale
     invalidation_entries: tuple[int, int]  # cached queries on the table: few vs many
+    outage: Counts  # reads with Redis down: one uncached query each
+    stampede_threads: int  # concurrent readers of the hot key
+    stampede_seconds: float  # how long each stampede variant runs, in total
+    stampede_slices: int  # the variants take turns in this many slices of that time
 
 
 SMOKE = Plan(
@@ -38,6 +42,10 @@ SMOKE = Plan(
     scale_hits=Counts(iterations=20, warmup=5),
     scan_calls=Counts(iterations=5, warmup=1),
     invalidation_entries=(10, 100),
+    outage=Counts(iterations=30, warmup=5),
+    stampede_threads=6,
+    stampede_seconds=0.4,
+    stampede_slices=1,
 )
 
 DEFAULT = Plan(
@@ -50,6 +58,10 @@ DEFAULT = Plan(
     scale_hits=Counts(iterations=1_000, warmup=100),
     scan_calls=Counts(iterations=30, warmup=3),
     invalidation_entries=(10, 10_000),
+    outage=Counts(iterations=1_000, warmup=100),
+    stampede_threads=32,
+    stampede_seconds=3.0,
+    stampede_slices=3,
 )
 
 FULL = Plan(
@@ -62,4 +74,8 @@ FULL = Plan(
     scale_hits=DEFAULT.scale_hits,
     scan_calls=Counts(iterations=10, warmup=1),
     invalidation_entries=DEFAULT.invalidation_entries,
+    outage=DEFAULT.outage,
+    stampede_threads=DEFAULT.stampede_threads,
+    stampede_seconds=DEFAULT.stampede_seconds,
+    stampede_slices=DEFAULT.stampede_slices,
 )

@@ -1,9 +1,9 @@
 """The results: a markdown report (also printed) and PNG plots.
 
 The markdown holds one latency table (case, contender, p50, p99, ratio, target, mark),
-the stored-bytes table, the scale table, the targets that were missed with why, the
-cases that cannot run yet, and the machine the figures came from. Ratios are ratios of
-medians, with a 90% bootstrap bracket over the paired rounds.
+the stored-bytes table, the scale table, the stampede table, the targets that were
+missed with why, the cases that cannot run yet, and the machine the figures came from.
+Ratios are ratios of medians, with a 90% bootstrap bracket over the paired rounds.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from benchmarks.cases_failure import StampedeRow
     from benchmarks.cases_scale import ScaleRow
     from benchmarks.cases_size import SizeRow
     from benchmarks.harness import CaseResult, RatioResult
@@ -41,16 +42,6 @@ NOT_YET_AVAILABLE = [
         f"≥ 0.5{TIMES}",
         "the flush worker (sa_redis_cache/worker) does not exist yet",
     ),
-    (
-        "stampede: N concurrent misses on one key (fills, waits, latency)",
-        "one fill per key",
-        "stampede control (fill leases, XFetch early refresh) does not exist yet",
-    ),
-    (
-        "outage: read latency with Redis down or slow (circuit breaker)",
-        "reads fall back at database speed",
-        "the circuit breaker and invalidation replay do not exist yet",
-    ),
 ]
 
 
@@ -64,6 +55,9 @@ class Report:
     cases: list[CaseResult] = field(default_factory=list)
     sizes: list[SizeRow] = field(default_factory=list)
     scale: list[ScaleRow] = field(default_factory=list)
+    stampede: list[StampedeRow] = field(default_factory=list)
+    # load averages taken during the run, beside the start and end ones: (when, value)
+    load_marks: list[tuple[str, str]] = field(default_factory=list)
     elapsed_s: float = 0.0
 
 
@@ -77,7 +71,7 @@ def _us(value: float) -> str:
 
 def _ratio_text(r: RatioResult) -> str:
     bracket = "" if math.isnan(r.low) else f" [{r.low:.2f}{DASH}{r.high:.2f}]"
-    return f"{r.comparison.label} = **{r.ratio:.2f}{TIMES}**{bracket}"
+    return f"{r.comparison.label} = **{r.ratio:.2f}{r.comparison.unit}**{bracket}"
 
 
 def _target_text(ratio: RatioResult | None) -> str:
@@ -110,13 +104,14 @@ def latency_table(cases: list[CaseResult]) -> list[str]:
         first = True
         for name, summary in case.summaries.items():
             shown: list[RatioResult | None] = list(by_row.get(name, [])) or [None]
-            for ratio in shown:
+            for i, ratio in enumerate(shown):
+                # a contender with several ratios: its name and latencies on the first line
                 lines.append(
                     "| {case} | {name} | {p50} | {p99} | {ratio} | {target} | {mark} |".format(
                         case=case.title if first else "",
-                        name=name,
-                        p50=_us(summary.p50),
-                        p99=_us(summary.p99),
+                        name="" if i else name,
+                        p50="" if i else _us(summary.p50),
+                        p99="" if i else _us(summary.p99),
                         ratio=_ratio_text(ratio) if ratio else "",
                         target=_target_text(ratio),
                         mark=_mark(ratio.passed) if ratio else "",
@@ -172,6 +167,39 @@ def scale_table(rows: list[ScaleRow]) -> list[str]:
     return lines
 
 
+def stampede_table(rows: list[StampedeRow]) -> list[str]:
+    """Reads served, database queries and the library's counters per stampede variant."""
+    first = rows[0]
+    lines = [
+        (
+            f"{first.threads} threads read one hot FromCache query (the join + aggregate), "
+            f"each read in a fresh session and followed by {first.think_s * 1000:g} ms of "
+            f"other work; the entry's TTL is {first.ttl_s:g} s, so it expires several times "
+            f"a second. The variants take turns in {first.slices} slice(s), each starting "
+            "cold with every reader released at once. A *refresh* is one expiry of the entry "
+            "as the readers saw it: a read that queries the database is charged to the "
+            "refresh current when it began; *refreshing read* is the latency of those reads "
+            "(database query and fill). *fills*, *lease waits*, *early refreshes* and "
+            "*stale served* are the library's own counters (`cache.stats()`)."
+        ),
+        "",
+        (
+            "| variant | reads served | reads/s | DB queries | DB queries/s | refreshes "
+            "| DB queries per refresh | fills | lease waits | early refreshes | stale served "
+            "| read p50 | read p99 | refreshing read p50 |"
+        ),
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    lines.extend(
+        f"| {r.name} | {r.reads:,} | {r.reads_per_s:,.0f} | {r.db_queries:,} | "
+        f"{r.queries_per_s:,.1f} | {r.refreshes:,} | {r.queries_per_refresh:.2f} | "
+        f"{r.fills:,} | {r.lease_waits:,} | {r.early_refreshes:,} | {r.stale_served:,} | "
+        f"{_us(r.latency.p50)} | {_us(r.latency.p99)} | {_us(r.refresh_latency.p50)} |"
+        for r in rows
+    )
+    return lines
+
+
 def missed(cases: list[CaseResult], sizes: list[SizeRow]) -> list[str]:
     """One line per missed target, with the why and what would close it."""
     out = []
@@ -181,7 +209,7 @@ def missed(cases: list[CaseResult], sizes: list[SizeRow]) -> list[str]:
                 comp = r.comparison
                 note = f" {comp.miss_note}." if comp.miss_note else ""
                 out.append(
-                    f"- **{case.title}**: {comp.label} = {r.ratio:.2f}{TIMES} (target "
+                    f"- **{case.title}**: {comp.label} = {r.ratio:.2f}{comp.unit} (target "
                     f"{comp.target}).{note}"
                 )
     out.extend(
@@ -231,16 +259,21 @@ def render(report: Report) -> str:
         lines += ["", "## Stored bytes per entry", "", *size_table(report.sizes)]
     if report.scale:
         lines += ["", "## Scale", "", *scale_table(report.scale)]
+    if report.stampede:
+        lines += ["", "## Stampede", "", *stampede_table(report.stampede)]
     misses = missed(report.cases, report.sizes)
     lines += ["", "## Targets missed", ""]
     lines += misses or ["None."]
+    if NOT_YET_AVAILABLE:
+        lines += [
+            "",
+            "## Not yet available",
+            "",
+            "| case | target | why not yet |",
+            "|---|---|---|",
+            *(f"| {case} | {target} | {why} |" for case, target, why in NOT_YET_AVAILABLE),
+        ]
     lines += [
-        "",
-        "## Not yet available",
-        "",
-        "| case | target | why not yet |",
-        "|---|---|---|",
-        *(f"| {case} | {target} | {why} |" for case, target, why in NOT_YET_AVAILABLE),
         "",
         "## Machine",
         "",
@@ -326,11 +359,16 @@ def _plot_targets(cases: list[CaseResult], sizes: list[SizeRow], path: Path) -> 
 
     bars: list[tuple[str, float, float, bool]] = []
     for case in cases:
-        for r in case.ratios:
+        targeted = [r for r in case.ratios if r.comparison.target is not None]
+        labels = [r.comparison.label for r in targeted]
+        for r in targeted:
             target = r.comparison.target
-            if target is not None:
-                label = f"{textwrap.shorten(case.title, 48)}\n{r.comparison.label}"
-                bars.append((label, r.ratio, target.value, bool(r.passed)))
+            assert target is not None
+            label = r.comparison.label
+            if labels.count(label) > 1:  # one target per contender: name the contender
+                label = f"{textwrap.shorten(r.comparison.row, 40)}: {label}"
+            title = textwrap.shorten(case.title, 48)
+            bars.append((f"{title}\n{label}", r.ratio, target.value, bool(r.passed)))
     bars.extend(
         (f"stored bytes: {s.title}\nours ÷ pickled", s.ratio, s.target.value, bool(s.passed))
         for s in sizes

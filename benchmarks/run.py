@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from benchmarks.cases_failure import outage, stampede
 from benchmarks.cases_reads import READ_CASES
 from benchmarks.cases_scale import hit_at_scale, invalidation_at_scale
 from benchmarks.cases_size import stored_sizes
@@ -44,7 +45,13 @@ if TYPE_CHECKING:
     from benchmarks.env import BenchEnv
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CASE_NAMES = [name for name, _ in READ_CASES + WRITE_CASES] + ["bytes", "scale", "invalidation"]
+CASE_NAMES = [name for name, _ in READ_CASES + WRITE_CASES] + [
+    "bytes",
+    "scale",
+    "invalidation",
+    "outage",
+    "stampede",
+]
 
 
 def _progress(message: str) -> None:
@@ -89,6 +96,20 @@ def run_cases(env: BenchEnv, plan: Plan, only: set[str], report: Report) -> None
             "scale: invalidation with many cached queries",
             lambda: [invalidation_at_scale(env, plan)],
         )
+    if not only or "outage" in only:
+        report.cases += _guarded(
+            "outage", "outage: reads with Redis stopped", lambda: [outage(env, plan)]
+        )
+    if not only or "stampede" in only:
+        # its own readers and Postgres backends raise the load average: note it before
+        report.load_marks.append(("before the stampede case", load_average()))
+
+        def hot_key() -> list[CaseResult]:
+            case, rows = stampede(env, plan)
+            report.stampede = rows
+            return [case]
+
+        report.cases += _guarded("stampede", "stampede: a hot key's expiries", hot_key)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,7 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with bench_env(database_url, redis_url, plan.sizes) as env:
         report = Report(mode=plan.mode, command=command, machine=describe_machine(env))
         run_cases(env, plan, only, report)
-        report.machine["load average (1 min)"] += f" at start, {load_average()} at end"
+        marks = [f"{value} {when}" for when, value in report.load_marks]
+        report.machine["load average (1 min)"] = ", ".join(
+            [
+                f"{report.machine['load average (1 min)']} at start",
+                *marks,
+                f"{load_average()} at end",
+            ]
+        )
     report.elapsed_s = time.perf_counter() - started
 
     text = render(report)
