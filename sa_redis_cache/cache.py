@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, cast
 
-import redis
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -20,7 +20,8 @@ from .breaker import CircuitBreaker
 from .core import CacheCore
 from .errors import ConfigurationError
 from .events import WritePath
-from .functions import CachedFunction
+from .functions import AsyncCachedFunction, CacheDecorator, CachedFunction
+from .io import clients_for
 from .keys import KeyScheme, pk_text
 from .models import ModelInfo, build_model_info, mapper_of
 from .options import FromCache
@@ -30,10 +31,12 @@ from .reads import ReadPath
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    import redis
+    import redis.asyncio
+
 log = logging.getLogger("sa_redis_cache")
 
 P = ParamSpec("P")
-R = TypeVar("R")
 
 _DEFAULT_TIMEOUT = 0.25
 
@@ -43,6 +46,11 @@ class Cache:
 
     ``redis`` is a ``redis.Redis`` client or a URL; a URL gets short socket timeouts so
     that a slow Redis degrades reads to the database instead of stalling them.
+    ``async_client`` is a ``redis.asyncio.Redis`` for the sessions ``AsyncSession`` runs
+    and for ``async def`` functions under :meth:`cached`: their Redis calls then never
+    block the event loop. From a URL the cache makes one itself, one per event loop, when
+    first needed (close it with :meth:`aclose`). Attaching an async session factory, or
+    caching an ``async def``, needs one or the other.
     ``namespace`` separates applications sharing one Redis; ``default_ttl`` (seconds)
     bounds every entry whose model or option gives no TTL; ``ttl_jitter`` shortens each
     TTL by up to that fraction so entries written together do not expire together;
@@ -60,12 +68,20 @@ class Cache:
         cache.attach(Session)
         with Session() as s:
             s.scalars(select(Product).options(FromCache())).all()
+
+        # asyncio: the same cache, and an async session factory
+        AsyncSession = async_sessionmaker(create_async_engine(async_url))
+        cache.attach(AsyncSession)
+        async with AsyncSession() as s:
+            (await s.scalars(select(Product).options(FromCache()))).all()
+        await cache.aclose()  # before the event loop ends
     """
 
     def __init__(
         self,
         redis_client: redis.Redis | str,
         *,
+        async_client: redis.asyncio.Redis | None = None,
         namespace: str = "default",
         default_ttl: float = 300,
         ttl_jitter: float = 0.1,
@@ -74,23 +90,7 @@ class Cache:
         breaker_reset: float = 2.0,
         hit_rate_warning: float | None = 0.8,
     ) -> None:
-        if isinstance(redis_client, str):
-            redis_client = redis.Redis.from_url(
-                redis_client,
-                socket_timeout=_DEFAULT_TIMEOUT,
-                socket_connect_timeout=_DEFAULT_TIMEOUT,
-            )
-        if not isinstance(redis_client, redis.Redis):
-            raise ConfigurationError(
-                f"Cache() needs a redis.Redis client or a redis:// URL, got "
-                f"{type(redis_client).__name__}; pass redis.Redis.from_url(...) or the URL"
-            )
-        if redis_client.connection_pool.connection_kwargs.get("decode_responses"):
-            raise ConfigurationError(
-                "Cache() needs a Redis client that returns bytes: this one was made with "
-                "decode_responses=True, so no entry could ever be read back. Pass a client "
-                "without it (a separate one if the application needs decoded replies)"
-            )
+        redis_client, async_factory = clients_for(redis_client, async_client, _DEFAULT_TIMEOUT)
         if not namespace or any(ch in namespace for ch in "{}:*?[] \n"):
             raise ConfigurationError(
                 f"namespace={namespace!r} must be a non-empty name without spaces, ':', "
@@ -104,6 +104,8 @@ class Cache:
             raise ConfigurationError(f"ttl_jitter={ttl_jitter!r} must be in [0, 1)")
         self._core = CacheCore(
             redis_client,
+            async_client=async_client,
+            async_factory=async_factory,
             namespace=namespace,
             default_ttl=default_ttl,
             ttl_jitter=ttl_jitter,
@@ -118,8 +120,25 @@ class Cache:
 
     @property
     def client(self) -> redis.Redis:
-        """The Redis client the cache uses."""
+        """The synchronous Redis client (sessions run by ``AsyncSession`` use the asyncio one)."""
         return self._core.client
+
+    async def aclose(self) -> None:
+        """Close the asyncio Redis client the cache made (from its URL) for this event loop.
+
+        Call it before the loop ends, as ``await engine.dispose()``. An ``async_client``
+        given to the cache belongs to the application, which closes it.
+
+        Example::
+
+            async def main() -> None:
+                cache = Cache(url)
+                ...
+                await cache.aclose()
+        """
+        clients = self._core.async_clients
+        if clients is not None:
+            await clients.aclose()
 
     @property
     def namespace(self) -> str:
@@ -157,6 +176,17 @@ class Cache:
         """
         if isinstance(target, scoped_session | async_scoped_session):
             target = target.session_factory
+        if self._core.async_clients is None and (
+            isinstance(target, async_sessionmaker)
+            or (isinstance(target, type) and issubclass(target, AsyncSession))
+        ):
+            name = getattr(target, "__name__", type(target).__name__)
+            raise ConfigurationError(
+                f"cache.attach({name}): sessions run by AsyncSession need an asyncio Redis "
+                "client, or every cache lookup would block the event loop; make the cache "
+                "from a URL (Cache('redis://...')) or pass one: "
+                "Cache(redis.Redis(...), async_client=redis.asyncio.Redis(...))"
+            )
         if isinstance(target, Engine):
             self._load_models()
             self._writes.core_dml.register(target)
@@ -277,10 +307,13 @@ class Cache:
         _check_pk_types(info, pk)
         # bumping the version also refuses a fill that read the row before this call,
         # and retires the cached queries that may contain the row
-        pipe = self.client.pipeline(transaction=False)
-        pipe.unlink(self.keys.entity_key(info.table, info.schema_hash, pk_text(pk)))
-        self._core.queue_bump(pipe, self.keys.version_key(info.table))
-        pipe.execute()
+        core = self._core
+        core.io().pipeline(
+            [
+                ("UNLINK", self.keys.entity_key(info.table, info.schema_hash, pk_text(pk))),
+                *core.bump_commands(self.keys.version_key(info.table)),
+            ]
+        )
         self._core.counters.incr("model:" + model.__name__, "invalidations")
 
     def invalidate_model(self, model: type) -> None:
@@ -295,10 +328,13 @@ class Cache:
             cache.invalidate_model(Product)
         """
         info = self._model_info(model)
-        pipe = self.client.pipeline(transaction=False)
-        self._core.queue_bump(pipe, self.keys.version_key(info.table))
-        self._core.queue_bump(pipe, self.keys.generation_key(info.table))
-        pipe.execute()
+        core = self._core
+        core.io().pipeline(
+            [
+                *core.bump_commands(self.keys.version_key(info.table)),
+                *core.bump_commands(self.keys.generation_key(info.table)),
+            ]
+        )
         self._core.counters.incr("model:" + model.__name__, "invalidations")
 
     def invalidate_query(
@@ -341,30 +377,43 @@ class Cache:
             for b in binds
             if (key := self._reads.entry_key(plan, cache_key.bindparams, params, b, translate))
         ]
-        removed = int(self.client.unlink(*keys)) if keys else 0
+        removed = self._core.io().unlink(*keys) if keys else 0
         self._core.counters.incr_total("invalidations")
         return removed
 
-    def cached(
-        self, prefix: str, ttl: float | None = None
-    ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
+    def cached(self, prefix: str, ttl: float | None = None) -> CacheDecorator:
         """Cache a plain function's results under ``prefix`` (the recipe's decorator).
 
         The decorated function keeps its signature for type checkers and gains
         ``invalidate(*args, **kwargs)``, ``invalidate_all()`` and ``key_for(...)``.
         ``ttl`` (seconds, positive and finite) defaults to the cache's ``default_ttl``.
+        An ``async def`` function gets an async wrapper that awaits the cache's asyncio
+        client (the cache needs one: a URL or ``async_client``); ``await
+        f.ainvalidate(...)`` is the non-blocking ``invalidate``.
 
         Example::
 
             @cache.cached("user_profile", ttl=600)
             def profile(user_id: int) -> dict: ...
             profile.invalidate(42)
+
+            @cache.cached("exchange_rate", ttl=60)
+            async def rate(currency: str) -> Decimal: ...
+            await rate("EUR")
         """
 
-        def decorate(func: Callable[P, R]) -> CachedFunction[P, R]:
+        def decorate(func: Callable[P, Any]) -> CachedFunction[P, Any]:
+            if inspect.iscoroutinefunction(func):
+                if self._core.async_clients is None:
+                    raise ConfigurationError(
+                        f"cached({prefix!r}) on the async function {func.__qualname__} needs "
+                        "an asyncio Redis client; make the cache from a URL or pass "
+                        "async_client=redis.asyncio.Redis(...)"
+                    )
+                return AsyncCachedFunction(self._core, prefix, ttl, func)
             return CachedFunction(self._core, prefix, ttl, func)
 
-        return decorate
+        return cast("CacheDecorator", decorate)
 
     def _model_info(self, model: type) -> ModelInfo:
         mapper = mapper_of(model)

@@ -1,11 +1,15 @@
-"""The state every part of one cache shares: Redis client, keys, scripts, models, counters.
+"""The state every part of one cache shares: Redis clients, keys, scripts, models, counters.
 
 :class:`~sa_redis_cache.Cache` is the front end users hold; the read path, the write path
 and the function decorator are built on this object instead of reaching into the front end.
+They make every Redis call through :meth:`CacheCore.io`, which picks the asyncio client
+inside a SQLAlchemy greenlet (a session run by ``AsyncSession``) and the synchronous one
+everywhere else (:mod:`sa_redis_cache.io`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 import threading
@@ -16,6 +20,7 @@ from redis.exceptions import RedisError, ResponseError
 from sqlalchemy import event
 
 from .breaker import CircuitBreaker
+from .io import AsyncClients, SyncRedisIO, in_greenlet
 from .keys import KeyScheme
 from .models import ModelInfo, ModelRegistry
 from .scripts import Scripts
@@ -25,6 +30,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
     import redis
+    import redis.asyncio
+
+    from .io import Command, RedisIO
 
 log = logging.getLogger("sa_redis_cache")
 
@@ -37,16 +45,22 @@ LEASE_SUFFIX = ":lease"
 class CacheCore:
     """Shared collaborators and the few operations every path needs (TTLs, stores).
 
+    ``async_client`` (a ``redis.asyncio.Redis``) or ``async_factory`` (makes one per event
+    loop) gives the sessions run by ``AsyncSession`` a client that does not block the loop.
+
     Example::
 
         core = CacheCore(redis.Redis(), namespace="shop", default_ttl=300)
         core.keys.version_key("products")
+        core.io().mget([core.keys.version_key("products")])
     """
 
     def __init__(
         self,
         client: redis.Redis,
         *,
+        async_client: redis.asyncio.Redis | None = None,
+        async_factory: Callable[[], redis.asyncio.Redis] | None = None,
         namespace: str,
         default_ttl: float,
         ttl_jitter: float,
@@ -55,6 +69,7 @@ class CacheCore:
         hit_rate_warning: float | None = 0.8,
     ) -> None:
         self.client = client
+        self.sync_io = SyncRedisIO(client)
         self.namespace = namespace
         self.keys = KeyScheme(namespace)
         self.default_ttl = float(default_ttl)
@@ -80,6 +95,36 @@ class CacheCore:
         self._restart_lock = threading.Lock()
         self.restarts_seen = 0
         self._watch_restarts()
+        self.async_clients: AsyncClients | None = None
+        if async_client is not None or async_factory is not None:
+            self.async_clients = AsyncClients(
+                async_client, factory=async_factory, prepare=self._watch_restarts_async
+            )
+
+    def io(self) -> RedisIO:
+        """The Redis operations for the calling code: asyncio inside a SQLAlchemy greenlet.
+
+        Session events that ``AsyncSession`` runs (and Core events of an ``AsyncEngine``)
+        run in a greenlet spawned from the event loop: there the asyncio client is used
+        through the greenlet bridge, so the loop keeps serving other tasks while Redis
+        answers. Everywhere else, and when the cache has no asyncio client, the
+        synchronous client is used.
+        """
+        clients = self.async_clients
+        if clients is None or not in_greenlet():
+            return self.sync_io
+        return clients.current()
+
+    def async_client(self) -> redis.asyncio.Redis:
+        """The asyncio client for the running event loop (``await`` its methods directly).
+
+        Raises ``RuntimeError`` when the cache was given no way to make one.
+        """
+        clients = self.async_clients
+        if clients is None:
+            raise RuntimeError("this cache has no asyncio Redis client")
+        client: redis.asyncio.Redis = clients.current().client
+        return client
 
     def listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:
         """``event.listen``, remembered so that :meth:`remove_listeners` can undo it."""
@@ -137,7 +182,7 @@ class CacheCore:
             self.counters.incr(scope, "oversize", also=also)
             return False
         try:
-            stored = self.scripts.run(
+            stored = self.io().run_script(
                 self.scripts.fill,
                 [key, key + LEASE_SUFFIX, *version_keys, *writers_keys],
                 [physical_ttl_ms or self.jittered_ms(ttl), blob, lease_token, *captured],
@@ -149,16 +194,23 @@ class CacheCore:
         self.counters.incr(scope, "fills" if stored else "fill_refused", also=also)
         return bool(stored)
 
-    def queue_bump(self, pipe: Any, key: str) -> None:
-        """Queue an increment of a version counter or generation on ``pipe``.
+    def bump_commands(self, key: str) -> list[Command]:
+        """The commands that increment a version counter or generation (for a pipeline).
 
         A counter that does not exist starts at a random value, never at 1: a counter
         lost and recreated must not come back at a value an entry was stored under.
         """
         ttl = self.counter_ttl_ms
-        pipe.set(key, random.getrandbits(62), nx=True, px=ttl)
-        pipe.incr(key)
-        pipe.pexpire(key, ttl)
+        return [
+            ("SET", key, random.getrandbits(62), "NX", "PX", ttl),
+            ("INCR", key),
+            ("PEXPIRE", key, ttl),
+        ]
+
+    def queue_bump(self, pipe: Any, key: str) -> None:
+        """Queue :meth:`bump_commands` on a redis-py pipeline (sync or asyncio)."""
+        for command in self.bump_commands(key):
+            pipe.execute_command(*command)
 
     def _watch_restarts(self) -> None:
         """Check the server's run id on every new connection.
@@ -183,42 +235,91 @@ class CacheCore:
             for connection in list(getattr(pool, name, ())):
                 connection.redis_connect_func = on_connect
 
+    def _watch_restarts_async(self, client: redis.asyncio.Redis) -> None:
+        """:meth:`_watch_restarts` for an asyncio client (its connect hook is a coroutine)."""
+        pool = client.connection_pool
+        previous = pool.connection_kwargs.get("redis_connect_func")
+
+        async def on_connect(connection: Any) -> None:
+            if previous is not None:
+                done = previous(connection)
+                if inspect.isawaitable(done):
+                    await done
+            else:
+                await connection.on_connect()
+            await self._check_run_id_async(connection)
+
+        pool.connection_kwargs["redis_connect_func"] = on_connect
+        for name in ("_available_connections", "_in_use_connections"):
+            for connection in list(getattr(pool, name, ())):
+                connection.redis_connect_func = on_connect
+
     def _check_run_id(self, connection: Any) -> None:
         try:
             connection.send_command("INFO", "server")
             info = connection.read_response()
         except ResponseError:
             return  # INFO refused (ACL): restarts go unnoticed, as documented
-        text = info.decode() if isinstance(info, bytes) else str(info)
-        run_id = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in text.splitlines()
-                if line.startswith("run_id:")
-            ),
-            None,
-        )
+        run_id = _run_id_of(info)
         # held across the bump: another connection of this process that notices the same
         # restart must not serve a read before the bump has landed
         with self._restart_lock:
-            self._bump_after_restart(connection, run_id)
+            plan = self._restart_plan(run_id)
+            if plan is None:
+                return
+            known, tables, command = plan
+            if command is not None:
+                connection.send_command(*command)
+                connection.read_response()
+            self._restarted(known, run_id, tables)
 
-    def _bump_after_restart(self, connection: Any, run_id: str | None) -> None:
+    async def _check_run_id_async(self, connection: Any) -> None:
+        """:meth:`_check_run_id` on an asyncio connection.
+
+        No lock is held across the bump (a thread lock must not be held across an
+        ``await``); another connection that notices the same restart meanwhile sees the
+        old run id still and bumps too, which is harmless, and the restart is counted once.
+        """
+        try:
+            await connection.send_command("INFO", "server")
+            info = await connection.read_response()
+        except ResponseError:
+            return
+        run_id = _run_id_of(info)
+        plan = self._restart_plan(run_id)
+        if plan is None:
+            return
+        known, tables, command = plan
+        if command is not None:
+            await connection.send_command(*command)
+            await connection.read_response()
+        self._restarted(known, run_id, tables)
+
+    def _restart_plan(self, run_id: str | None) -> tuple[str, list[str], Command | None] | None:
+        """What a connection that saw ``run_id`` must do: None, or bump every known table.
+
+        The run id is remembered only after the bump has landed (:meth:`_restarted`), so a
+        connection that sees it unchanged never serves a read before the bump.
+        """
         known = self.run_id
         if known is None or run_id is None or run_id == known:
             self.run_id = run_id or known
-            return
+            return None
         tables = sorted(set(self.models.known_tables()) | self.undelivered)
         keys = [k for t in tables for k in (self.keys.version_key(t), self.keys.generation_key(t))]
+        command: Command | None = None
         if keys:
             starts = [random.getrandbits(62) for _ in keys]
-            connection.send_command(
-                "EVAL", self.scripts.bump_all.script, len(keys), *keys, self.counter_ttl_ms, *starts
-            )
-            connection.read_response()
-        self.run_id = run_id
+            script = self.scripts.bump_all.script
+            command = ("EVAL", script, len(keys), *keys, self.counter_ttl_ms, *starts)
+        return known, tables, command
+
+    def _restarted(self, known: str, run_id: str | None, tables: list[str]) -> None:
         with self._undelivered_lock:
             self.undelivered.difference_update(tables)
+            if self.run_id == run_id:
+                return  # another connection reported this restart already
+            self.run_id = run_id
             self.restarts_seen += 1
         log.warning(
             "redis restarted (run id %s -> %s): %d cached tables invalidated",
@@ -245,12 +346,14 @@ class CacheCore:
             tables = sorted(self.undelivered)
         if not tables:
             return True
+        keys = self.keys
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for table in tables:
-                self.queue_bump(pipe, self.keys.version_key(table))
-                self.queue_bump(pipe, self.keys.generation_key(table))
-            pipe.execute()
+            self.io().pipeline(
+                command
+                for table in tables
+                for key in (keys.version_key(table), keys.generation_key(table))
+                for command in self.bump_commands(key)
+            )
         except RedisError as exc:
             self.redis_failed(exc)
             return False
@@ -283,3 +386,12 @@ class CacheCore:
         if batch:
             removed += int(self.client.unlink(*batch))
         return removed
+
+
+def _run_id_of(info: Any) -> str | None:
+    """The ``run_id`` line of an ``INFO server`` reply."""
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    return next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("run_id:")),
+        None,
+    )

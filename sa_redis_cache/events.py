@@ -10,6 +10,9 @@
 
 A Redis failure on these paths never fails the application's transaction: the flush
 marks and version bumps make the cache refuse old fills, and the failure is counted.
+Their Redis calls go through ``core.io()``, so under ``AsyncSession`` they await the
+asyncio client and the event loop keeps running (write-behind's enqueue, in
+:mod:`sa_redis_cache.writebehind`, still uses the synchronous client).
 """
 
 from __future__ import annotations
@@ -216,7 +219,7 @@ class WritePath:
                         ],
                     )
                 )
-            replies = scripts.run_batch(calls)
+            replies = core.io().run_batch(calls)
             core.breaker.success()  # resets the failure count too
         except RedisError as exc:
             core.redis_failed(exc)
@@ -282,10 +285,7 @@ class WritePath:
             return
         core = self.core
         try:
-            pipe = core.client.pipeline(transaction=False)
-            for table in tx.marked:
-                pipe.zrem(core.keys.writers_key(table), tx.token)
-            pipe.execute()
+            core.io().pipeline(("ZREM", core.keys.writers_key(t), tx.token) for t in tx.marked)
         except RedisError as exc:
             core.redis_failed(exc)
         tx.reset()
@@ -327,7 +327,7 @@ class WritePath:
                         args,
                     )
                 )
-            core.scripts.run_batch(calls)
+            core.io().run_batch(calls)
             core.breaker.success()  # resets the failure count too
         except RedisError as exc:
             core.redis_failed(exc)

@@ -1,11 +1,16 @@
-"""``cache.cached``: the recipe's function decorator, without pickle and with safe keys."""
+"""``cache.cached``: the recipe's function decorator, without pickle and with safe keys.
+
+:class:`CachedFunction` wraps a plain function, :class:`AsyncCachedFunction` an ``async
+def``; both share the key, codec, counter and breaker steps and differ only in how they
+call Redis (the synchronous client, or ``await`` on the asyncio one).
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from redis.exceptions import RedisError, ResponseError
 
@@ -14,7 +19,7 @@ from .keys import values_digest
 from .policy import is_ttl
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Coroutine
 
     from .core import CacheCore
 
@@ -22,6 +27,12 @@ log = logging.getLogger("sa_redis_cache")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
+
+_HIT = object()
+_MISS = object()
+_CORRUPT = object()
+_mark_coroutine: Callable[[Any], Any] | None = getattr(inspect, "markcoroutinefunction", None)
 
 _MAGIC = b"\x01F"
 _DIGEST_CHARS = len(values_digest([]))
@@ -89,63 +100,99 @@ class CachedFunction(Generic[P, R]):
         return self._core.keys.function_key(self._prefix, digest)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        key = self._lookup_key(args, kwargs)
+        if key is None:
+            return self._func(*args, **kwargs)
+        io = self._core.io()
+        try:
+            raw = io.get(key)
+        except RedisError as exc:
+            if not self._read_failed(key, exc):
+                return self._func(*args, **kwargs)
+            raw = None
+        outcome, value = self._decode(key, raw)
+        if outcome is _HIT:
+            return cast("R", value)
+        if outcome is _CORRUPT:
+            self._delete(key)
+        result = self._func(*args, **kwargs)
+        blob = self._blob(result)
+        if blob is not None:
+            try:
+                io.set(key, blob, px=self._ttl_ms())
+            except RedisError as exc:
+                self._failed(exc)
+            else:
+                self._core.counters.incr(self._scope, "fills")
+        return result
+
+    # -- the steps both wrappers share; only their Redis calls differ ---------------------
+
+    def _lookup_key(self, args: Any, kwargs: Any) -> str | None:
+        """The call's key, or None to call the function uncached (counted)."""
         core = self._core
-        stats = core.counters
         try:
             key = self.key_for(*args, **kwargs)
         except (CodecError, TypeError) as exc:
             log.debug("%s: arguments cannot make a key (%s); calling uncached", self._prefix, exc)
-            stats.incr(self._scope, "uncacheable")
-            return self._func(*args, **kwargs)
+            core.counters.incr(self._scope, "uncacheable")
+            return None
         if not core.breaker.allow():
-            stats.incr(self._scope, "bypassed")
-            return self._func(*args, **kwargs)
-        try:
-            raw = cast("bytes | None", core.client.get(key))
-        except ResponseError as exc:
-            if not str(exc).startswith("WRONGTYPE"):
-                core.redis_failed(exc)
-                stats.incr(self._scope, "errors")
-                return self._func(*args, **kwargs)
+            core.counters.incr(self._scope, "bypassed")
+            return None
+        return key
+
+    def _read_failed(self, key: str, exc: RedisError) -> bool:
+        """The GET failed: True to go on as after a miss, False to call uncached."""
+        if isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE"):
             # a key of another Redis type under our name: unreadable like garbage bytes;
             # the fill's SET replaces it
             log.warning("unreadable cache entry %s replaced: %s", key, exc)
-            stats.incr(self._scope, "decode_errors")
-            raw = None
-        except RedisError as exc:
-            core.redis_failed(exc)
-            stats.incr(self._scope, "errors")
-            return self._func(*args, **kwargs)
+            self._core.counters.incr(self._scope, "decode_errors")
+            return True
+        self._failed(exc)
+        return False
+
+    def _decode(self, key: str, raw: bytes | None) -> tuple[object, Any]:
+        """``(_HIT, value)``, ``(_MISS, None)`` or ``(_CORRUPT, None)`` (delete the key)."""
+        core = self._core
         core.breaker.success()  # resets the failure count too
+        stats = core.counters
+        outcome = _MISS
         if raw is not None:
             try:
-                value: R = _load(raw)
+                value = _load(raw)
             except CodecError as exc:
                 log.warning("unreadable cache entry %s deleted: %s", key, exc)
                 stats.incr(self._scope, "decode_errors")
-                self._delete(key)
+                outcome = _CORRUPT
             else:
                 stats.incr(self._scope, "hits")
-                return value
+                return _HIT, value
         stats.incr(self._scope, "misses")
-        result = self._func(*args, **kwargs)
+        return outcome, None
+
+    def _blob(self, result: Any) -> bytes | None:
+        """The entry for ``result``; None when it cannot or must not be stored (counted)."""
+        core = self._core
         try:
             blob = _MAGIC + dumps_tagged(result)
         except CodecError as exc:
             log.warning("%s: result not cached: %s", self._prefix, exc)
-            stats.incr(self._scope, "uncacheable")
-            return result
+            core.counters.incr(self._scope, "uncacheable")
+            return None
         if len(blob) > core.max_entry_bytes:
-            stats.incr(self._scope, "oversize")
-            return result
-        ttl = self._ttl if self._ttl is not None else core.default_ttl
-        try:
-            core.client.set(key, blob, px=core.jittered_ms(ttl))
-            stats.incr(self._scope, "fills")
-        except RedisError as exc:
-            core.redis_failed(exc)
-            stats.incr(self._scope, "errors")
-        return result
+            core.counters.incr(self._scope, "oversize")
+            return None
+        return blob
+
+    def _ttl_ms(self) -> int:
+        ttl = self._ttl if self._ttl is not None else self._core.default_ttl
+        return self._core.jittered_ms(ttl)
+
+    def _failed(self, exc: RedisError) -> None:
+        self._core.redis_failed(exc)
+        self._core.counters.incr(self._scope, "errors")
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Forget the cached result of one call; True if there was one."""
@@ -161,10 +208,84 @@ class CachedFunction(Generic[P, R]):
 
     def _delete(self, key: str) -> bool:
         try:
-            return bool(self._core.client.unlink(key))
+            return bool(self._core.io().unlink(key))
         except RedisError as exc:
             self._core.redis_failed(exc)
             return False
+
+
+class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
+    """:class:`CachedFunction` for an ``async def``: awaiting it awaits the asyncio client.
+
+    Keys, codec, counters and the breaker are those of the synchronous wrapper; the
+    Redis calls await the cache's ``redis.asyncio`` client for the running event loop, so
+    a lookup never blocks the loop. ``ainvalidate`` is the awaitable ``invalidate``.
+
+    Example::
+
+        @cache.cached("exchange_rate", ttl=60)
+        async def rate(currency: str) -> Decimal: ...
+        await rate("EUR")
+        await rate.ainvalidate("EUR")
+    """
+
+    def __init__(
+        self,
+        core: CacheCore,
+        prefix: str,
+        ttl: float | None,
+        func: Callable[P, Coroutine[Any, Any, T]],
+    ) -> None:
+        super().__init__(core, prefix, ttl, func)
+        if _mark_coroutine is not None:  # Python 3.12+: inspect.iscoroutinefunction says so
+            _mark_coroutine(self)
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        key = self._lookup_key(args, kwargs)
+        if key is None:
+            return await self._func(*args, **kwargs)
+        client = self._core.async_client()
+        try:
+            raw = cast("bytes | None", await client.get(key))
+        except RedisError as exc:
+            if not self._read_failed(key, exc):
+                return await self._func(*args, **kwargs)
+            raw = None
+        outcome, value = self._decode(key, raw)
+        if outcome is _HIT:
+            return cast("T", value)
+        if outcome is _CORRUPT:
+            await self._adelete(key)
+        result = await self._func(*args, **kwargs)
+        blob = self._blob(result)
+        if blob is not None:
+            try:
+                await client.set(key, blob, px=self._ttl_ms())
+            except RedisError as exc:
+                self._failed(exc)
+            else:
+                self._core.counters.incr(self._scope, "fills")
+        return result
+
+    async def ainvalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Forget the cached result of one call without blocking; True if there was one."""
+        return await self._adelete(self.key_for(*args, **kwargs))
+
+    async def _adelete(self, key: str) -> bool:
+        try:
+            return bool(await self._core.async_client().unlink(key))
+        except RedisError as exc:
+            self._core.redis_failed(exc)
+            return False
+
+
+class CacheDecorator(Protocol):
+    """What :meth:`Cache.cached` returns: wraps a function, or an ``async def``."""
+
+    @overload
+    def __call__(self, func: Callable[P, Coroutine[Any, Any, T]]) -> AsyncCachedFunction[P, T]: ...
+    @overload
+    def __call__(self, func: Callable[P, R]) -> CachedFunction[P, R]: ...
 
 
 def _load(raw: bytes) -> Any:

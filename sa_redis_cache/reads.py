@@ -6,6 +6,9 @@ versions stored in it equal the current ones. On a miss those counters are the v
 captured *before* the database read, and the fill is a Lua compare-and-set that stores
 only if they have not moved and no writer is in flight. Any Redis error degrades to the
 database; nothing here raises a Redis error into the application.
+
+Every Redis call goes through ``core.io()``: the asyncio client when the session is run
+by ``AsyncSession`` (the event loop keeps running meanwhile), the synchronous one otherwise.
 """
 
 from __future__ import annotations
@@ -221,7 +224,7 @@ class ReadPath:
         """
         core = self.core
         try:
-            raw = cast("list[bytes | None]", core.client.mget([entry_key, *plan.version_keys]))
+            raw = core.io().mget([entry_key, *plan.version_keys])
         except RedisError as exc:
             core.redis_failed(exc)
             core.counters.incr(region, "errors")
@@ -282,7 +285,7 @@ class ReadPath:
         core = self.core
         token = stampede.new_token()
         try:
-            got = core.client.set(entry_key + LEASE_SUFFIX, token, nx=True, px=lease_ms)
+            got = core.io().set(entry_key + LEASE_SUFFIX, token, nx=True, px=lease_ms)
         except RedisError as exc:
             core.redis_failed(exc)
             return ""
@@ -308,7 +311,7 @@ class ReadPath:
             return token, None
         core.counters.incr(region, "lease_waits", also=plan.scopes)
         core.hook("lease_wait")
-        poller = stampede.Poller(option.lease_wait)
+        poller = stampede.Poller(option.lease_wait, sleep=core.io().sleep)
         while poller.wait():
             look = self._look(entry_key, plan, region, tx)
             if look is None:
@@ -324,7 +327,7 @@ class ReadPath:
             return
         core = self.core
         try:
-            core.scripts.run(core.scripts.release_lease, [entry_key + LEASE_SUFFIX], [token])
+            core.io().run_script(core.scripts.release_lease, [entry_key + LEASE_SUFFIX], [token])
         except RedisError as exc:
             core.redis_failed(exc)
 
@@ -349,7 +352,7 @@ class ReadPath:
         log.warning("unreadable cache keys %s deleted: %s", ", ".join(keys), exc)
         core.counters.incr(scope, "decode_errors")
         try:
-            core.client.unlink(*keys)
+            core.io().unlink(*keys)
         except RedisError as err:
             core.redis_failed(err)
 
@@ -370,7 +373,7 @@ class ReadPath:
         core = self.core
         starts = [str(random.getrandbits(62)) for _ in keys]
         try:
-            got = core.scripts.run(
+            got = core.io().run_script(
                 core.scripts.capture_versions, list(keys), [core.counter_ttl_ms, *starts]
             )
         except RedisError as exc:
@@ -466,9 +469,7 @@ class ReadPath:
         tables = core.models.known_tables()
         tx = tx_state(session)
         try:
-            values = cast(
-                "list[bytes | None]", core.client.mget([core.keys.version_key(t) for t in tables])
-            )
+            values = core.io().mget([core.keys.version_key(t) for t in tables])
         except RedisError as exc:
             core.redis_failed(exc)
             values = [None] * len(tables)
@@ -568,9 +569,7 @@ class ReadPath:
             core.counters.incr(scope, "bypassed")
             return None
         try:
-            raw, version, generation = cast(
-                "list[bytes | None]", core.client.mget([key, version_key, generation_key])
-            )
+            raw, version, generation = core.io().mget([key, version_key, generation_key])
         except RedisError as exc:
             core.redis_failed(exc)
             core.counters.incr(scope, "errors")

@@ -9,7 +9,7 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import NoScriptError
+from .io import SyncRedisIO
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -27,14 +27,19 @@ def source(name: str) -> str:
 class Scripts:
     """Registered scripts for one Redis client; EVALSHA with a reload on NOSCRIPT.
 
+    The ``Script`` objects carry their SHA1 and source, so the asyncio client of a cache
+    runs the same objects through :class:`~sa_redis_cache.io.AsyncRedisIO`;
+    :meth:`run` and :meth:`run_batch` use the synchronous client given here.
+
     Example::
 
         scripts = Scripts(redis.Redis())
-        scripts.fill(keys=[...], args=[...])
+        scripts.run(scripts.fill, keys=[...], args=[...])
     """
 
     def __init__(self, client: Redis) -> None:
         self._client = client
+        self.io = SyncRedisIO(client)
         self.capture_versions: Script = client.register_script(source("capture_versions"))
         self.fill: Script = client.register_script(source("fill"))
         self.flush_mark: Script = client.register_script(source("flush_mark"))
@@ -46,29 +51,13 @@ class Scripts:
         self.bump_all: Script = client.register_script(source("bump_all"))
 
     def run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        """Run ``script``; redis-py reloads it when the server answers NOSCRIPT."""
-        return script(keys=keys, args=args, client=self._client)
+        """Run ``script`` with EVALSHA; on NOSCRIPT it is loaded and run again."""
+        return self.io.run_script(script, keys, args)
 
     def run_batch(self, calls: Sequence[tuple[Script, list[str], list[Any]]]) -> list[Any]:
         """Run several script calls in one round trip; their replies in order.
 
-        A Script object queued in a pipeline makes redis-py send SCRIPT EXISTS before
-        every execute, a second round trip on each commit. Raw EVALSHA is queued instead,
-        and on NOSCRIPT (a restarted or flushed server) the scripts are loaded and the
-        batch is sent once more; every script here is safe to run twice.
+        See :meth:`sa_redis_cache.io.RedisIO.run_batch`: every script given here must be
+        safe to run twice (the batch is sent again after a NOSCRIPT).
         """
-        if len(calls) == 1:
-            script, keys, args = calls[0]
-            return [self.run(script, keys, args)]
-        for attempt in range(2):
-            pipe = self._client.pipeline(transaction=False)
-            for script, keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            try:
-                return list(pipe.execute())
-            except NoScriptError:
-                if attempt:
-                    raise
-                for script, _, _ in calls:
-                    self._client.script_load(script.script)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self.io.run_batch(calls)

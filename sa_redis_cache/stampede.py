@@ -19,6 +19,10 @@ import random
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _FIRST_POLL = 0.002
 _MAX_POLL = 0.05
@@ -63,6 +67,9 @@ def new_token() -> str:
 class Poller:
     """Bounded waiting with growing intervals, for callers that lost the lease race.
 
+    ``sleep`` pauses the caller: :func:`time.sleep` by default; the read path passes its
+    Redis I/O's ``sleep``, which under ``AsyncSession`` lets the event loop run meanwhile.
+
     Example::
 
         poller = Poller(0.5)
@@ -70,9 +77,10 @@ class Poller:
             ...  # look again
     """
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, *, sleep: Callable[[float], None] = time.sleep) -> None:
         self._deadline = time.monotonic() + seconds
         self._delay = _FIRST_POLL
+        self._sleep = sleep
 
     def wait(self) -> bool:
         """Sleep a little; False when the time is up (then read the database)."""
@@ -80,6 +88,6 @@ class Poller:
         if remaining <= 0:
             return False
         # the filler is reading the database; polling Redis is cheaper than a second read
-        time.sleep(min(self._delay, remaining))
+        self._sleep(min(self._delay, remaining))
         self._delay = min(self._delay * 2, _MAX_POLL)
         return True

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis as redis_lib
+import redis.asyncio
 import sqlalchemy as sa
 from sqlalchemy import Integer, String, select
 from sqlalchemy.exc import InvalidRequestError
@@ -364,6 +365,7 @@ def test_attach_async_factories(
             engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2])
         )
         client = redis_lib.Redis.from_url(redis_url)
+        async_client = redis_lib.asyncio.Redis.from_url(redis_url)
         stmt = select(Product).where(Product.id == 3).options(FromCache())
         results: dict[str, list[int]] = {}
         try:
@@ -375,7 +377,7 @@ def test_attach_async_factories(
                 ),
             }
             for index, (name, target) in enumerate(factories.items()):
-                cache = Cache(client, namespace=f"{namespace}x{index}")
+                cache = Cache(client, async_client=async_client, namespace=f"{namespace}x{index}")
                 cache.attach(target)
                 counts = []
                 for _ in range(2):
@@ -393,6 +395,7 @@ def test_attach_async_factories(
                 results[name] = counts
         finally:
             client.close()
+            await async_client.aclose()
             await engine.dispose()
         return results
 

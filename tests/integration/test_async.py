@@ -1,0 +1,693 @@
+"""The cache under ``AsyncSession``: the same scenarios in both modes, and a free event loop.
+
+Reads, consistency and write-behind scenarios run through one parametrised fixture
+(``in_mode``, see :mod:`tests.modes`) with a ``Session`` and with an ``AsyncSession``; in the
+async mode every scenario also checks that the synchronous Redis client made no round
+trip (except write-behind's enqueue, which keeps it for now).
+
+The event-loop tests talk to Redis through a proxy that delays every reply
+(:mod:`tests.slow_proxy`): a Redis call made synchronously inside the loop would stop a
+ticker task on the same loop for that long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import re
+import secrets
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+import redis.asyncio
+import sqlalchemy as sa
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from examples import async_shop
+from examples.shop import Category, Customer, Product
+from sa_redis_cache import Cache, ConfigurationError, FromCache, schema
+from sa_redis_cache.devservices import RedisServer, Services
+from tests.modes import MODES, Db, Runner, async_url
+from tests.slow_proxy import SlowProxy
+from tests.wb_support import private_models
+
+try:  # SQLAlchemy 2.1
+    from sqlalchemy.util import await_
+except ImportError:  # SQLAlchemy 2.0
+    from sqlalchemy.util import await_only as await_
+
+
+@pytest.fixture(params=MODES)
+def in_mode(
+    request: pytest.FixtureRequest,
+    database_url: str,
+    redis_url: str,
+    namespace: str,
+    shop_engine: Any,
+) -> Runner:
+    """Runs a scenario with a ``Session`` (sync) or an ``AsyncSession`` (async)."""
+    return Runner(request.param, database_url, redis_url, namespace)
+
+
+@pytest.fixture
+def product(shop_engine: sa.Engine) -> Iterator[int]:
+    """A product of its own (price 1.00), deleted afterwards."""
+    with Session(shop_engine) as s:
+        p = Product(category_id=1, name="async", price=Decimal("1.00"), status="ACTIVE")
+        s.add(p)
+        s.commit()
+        pid = p.id
+    yield pid
+    with Session(shop_engine) as s:
+        s.execute(sa.delete(Product).where(Product.id == pid))
+        s.commit()
+
+
+def set_price(db: Db, pid: int, price: str) -> None:
+    with db.session() as s:
+        p = s.get(Product, pid, populate_existing=True)
+        p.price = Decimal(price)
+        s.commit()
+
+
+def cached_price(db: Db, pid: int) -> Decimal:
+    stmt = select(Product).where(Product.id == pid).options(FromCache())
+    with db.session() as s:
+        price: Decimal = s.scalars(stmt)[0].price
+        return price
+
+
+# -- reads ---------------------------------------------------------------------------------
+
+
+def test_from_cache_hit_sends_no_sql(in_mode: Runner) -> None:
+    def scenario(db: Db) -> None:
+        stmt = select(Product).where(Product.id < 6).order_by(Product.id).options(FromCache())
+        counts, rows = [], []
+        for _ in range(2):
+            db.sql.reset()
+            with db.session() as s:
+                rows.append(
+                    [
+                        (p.id, p.name, p.price, p.status, p.attributes, p.created_at)
+                        for p in s.scalars(stmt)
+                    ]
+                )
+            counts.append(db.sql.count)
+        assert counts == [1, 0]
+        assert rows[0] == rows[1]
+        assert len(rows[0]) == 5
+        assert db.cache.stats()["regions"]["default"]["hits"] == 1
+
+    in_mode(scenario)
+
+
+def test_an_eager_graph_is_served_with_its_parent(in_mode: Runner) -> None:
+    def scenario(db: Db) -> None:
+        stmt = (
+            select(Category)
+            .where(Category.id.in_([1, 2]))
+            .order_by(Category.id)
+            .options(selectinload(Category.products), FromCache())
+        )
+        graphs, counts = [], []
+        for _ in range(2):
+            db.sql.reset()
+            with db.session() as s:
+                cats = s.scalars(stmt)
+                graphs.append([(c.name, sorted((p.id, p.price) for p in c.products)) for c in cats])
+            counts.append(db.sql.count)
+        assert counts == [2, 0]  # parents and their selectinload; then nothing at all
+        assert graphs[0] == graphs[1]
+        assert all(products for _, products in graphs[0])
+
+    in_mode(scenario)
+
+
+def test_session_get_reads_the_entity_cache(in_mode: Runner, shop_engine: sa.Engine) -> None:
+    with Session(shop_engine) as s:
+        customer_id = s.scalars(select(Customer.id).order_by(Customer.email).limit(1)).one()
+
+    def scenario(db: Db) -> None:
+        seen, counts = [], []
+        for _ in range(2):
+            db.sql.reset()
+            with db.session() as s:
+                c = s.get(Customer, customer_id)
+                seen.append((c.id, c.email, c.name))
+            counts.append(db.sql.count)
+        assert counts == [1, 0]
+        assert seen[0] == seen[1]
+        assert isinstance(seen[0][0], uuid.UUID)
+
+    in_mode(scenario)
+
+
+# -- consistency ---------------------------------------------------------------------------
+
+
+def test_a_commit_invalidates_what_it_wrote(in_mode: Runner, product: int) -> None:
+    def scenario(db: Db) -> None:
+        assert cached_price(db, product) == Decimal("1.00")
+        assert cached_price(db, product) == Decimal("1.00")  # a hit
+        set_price(db, product, "2.00")
+        db.sql.reset()
+        assert cached_price(db, product) == Decimal("2.00")  # read after write
+        with db.session() as s:
+            assert s.get(Product, product).price == Decimal("2.00")  # written through
+
+    in_mode(scenario)
+
+
+@pytest.mark.parametrize("read", ["query", "entity"])
+def test_a_fill_that_read_before_a_commit_is_refused(
+    in_mode: Runner, product: int, read: str
+) -> None:
+    """The stale set: a write commits between a miss's database read and its fill."""
+
+    def load(db: Db) -> Decimal:
+        if read == "query":
+            return cached_price(db, product)
+        with db.session() as s:
+            price: Decimal = s.get(Product, product).price
+            return price
+
+    def scenario(db: Db) -> None:
+        hooks = db.cache._core.hooks
+        fired: list[str] = []
+
+        def write_in_between() -> None:
+            hooks.clear()  # once
+            fired.append("write")
+            set_price(db, product, "3.00")
+
+        hooks["after_database_read"] = write_in_between
+        assert load(db) == Decimal("1.00")  # read before the commit: old, but not stored
+        assert fired == ["write"]
+        assert load(db) == Decimal("3.00")
+        assert load(db) == Decimal("3.00")
+        stats = db.cache.stats()["total"]
+        assert stats["fill_refused"] >= 1
+
+    in_mode(scenario)
+
+
+def test_a_rollback_leaves_the_cache_as_it_was(in_mode: Runner, product: int) -> None:
+    def scenario(db: Db) -> None:
+        assert cached_price(db, product) == Decimal("1.00")
+        with db.session() as s:
+            p = s.get(Product, product)
+            p.price = Decimal("5.00")
+            s.flush()  # marked in Redis: no fill is accepted meanwhile
+            s.rollback()
+        fills = db.cache.stats()["total"]["fills"]
+        assert cached_price(db, product) == Decimal("1.00")
+        assert db.cache.stats()["total"]["fills"] == fills + 1  # the marks were released
+        db.sql.reset()
+        assert cached_price(db, product) == Decimal("1.00")
+        assert db.sql.count == 0
+
+    in_mode(scenario)
+
+
+def test_noscript_after_script_flush_reloads(
+    in_mode: Runner, product: int, redis_client: redis.Redis
+) -> None:
+    """EVALSHA with a reload on NOSCRIPT, for single scripts and batches, in both modes."""
+
+    def scenario(db: Db) -> None:
+        assert cached_price(db, product) == Decimal("1.00")
+        redis_client.script_flush()
+        with db.session() as s:  # a commit writing two tables: a batch of scripts
+            s.get(Product, product, populate_existing=True).price = Decimal("6.00")
+            s.add(Category(name=f"noscript-{db.mode}"))
+            s.commit()
+        redis_client.script_flush()
+        assert cached_price(db, product) == Decimal("6.00")  # capture and fill scripts
+        db.sql.reset()
+        assert cached_price(db, product) == Decimal("6.00")
+        assert db.sql.count == 0
+        assert db.cache.stats()["total"]["errors"] == 0
+        with db.session() as s:
+            s.execute(sa.delete(Category).where(Category.name == f"noscript-{db.mode}"))
+            s.commit()
+
+    in_mode(scenario)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_redis_down_reads_and_writes_use_the_database(
+    mode: str, database_url: str, namespace: str, product: int, shop_engine: sa.Engine
+) -> None:
+    run = Runner(mode, database_url, "redis://127.0.0.1:1/0", namespace)
+
+    def scenario(db: Db) -> None:
+        for _ in range(4):
+            db.sql.reset()
+            assert cached_price(db, product) == Decimal("1.00")
+            assert db.sql.count == 1
+        set_price(db, product, "1.50")  # the marks fail: the commit does not
+        assert cached_price(db, product) == Decimal("1.50")
+        assert db.cache.stats()["total"]["errors"] >= 3
+        assert db.cache._core.breaker.opened >= 1
+        assert "products" in db.cache._core.undelivered
+
+    run(scenario)
+
+
+def test_core_dml_on_an_async_engine_invalidates_without_blocking(
+    database_url: str, redis_url: str, namespace: str, product: int
+) -> None:
+    """``AsyncConnection`` DML: its marks and bumps await the asyncio client too."""
+    stmt = select(Product).where(Product.id == product).options(FromCache())
+
+    async def main() -> tuple[list[Decimal], int]:
+        engine = create_async_engine(async_url(database_url))
+        client = redis.Redis.from_url(redis_url)
+        aclient = redis.asyncio.Redis.from_url(redis_url)
+        cache = Cache(client, async_client=aclient, namespace=namespace)
+        factory = async_sessionmaker(engine)
+        cache.attach(factory)  # instruments the factory's engine for Core DML
+        sync_calls = 0
+        original = client.connection_pool.get_connection
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal sync_calls
+            sync_calls += 1
+            return original(*args, **kwargs)
+
+        client.connection_pool.get_connection = counting  # type: ignore[method-assign]
+        prices = []
+        try:
+            for price in ("1.00", "7.00"):
+                if price != "1.00":
+                    async with engine.begin() as conn:
+                        await conn.execute(
+                            sa.update(Product).where(Product.id == product).values(price=price)
+                        )
+                async with factory() as s:
+                    prices.append((await s.scalars(stmt)).one().price)
+        finally:
+            cache.detach()
+            client.close()
+            await aclient.aclose()
+            await engine.dispose()
+        return prices, sync_calls
+
+    prices, sync_calls = asyncio.run(main())
+    assert prices == [Decimal("1.00"), Decimal("7.00")]
+    assert sync_calls == 0
+
+
+# -- write-behind --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def aof_redis() -> Iterator[RedisServer]:
+    with RedisServer(appendonly=True, appendfsync="always") as server:
+        yield server
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_write_behind_reads_its_own_writes(
+    mode: str, database_url: str, engine: sa.Engine, aof_redis: RedisServer, namespace: str
+) -> None:
+    """Queued writes are read back at once, without SQL; the enqueue is still synchronous."""
+    schema.upgrade(engine)
+    with private_models() as (page_view, _):
+        page_view.metadata.create_all(engine)
+        run = Runner(mode, database_url, aof_redis.url, namespace)
+
+        def scenario(db: Db) -> None:
+            with db.session() as s:
+                view = page_view(path="/async", views=3)
+                s.add(view)
+                s.commit()
+                pk = view.id
+            db.sql.reset()
+            with db.session() as s:
+                got = s.get(page_view, pk)
+                assert (got.path, got.views) == ("/async", 3)
+                got.views = 4
+                s.commit()
+            with db.session() as s:
+                assert s.get(page_view, pk).views == 4
+            assert db.sql.statements == []
+
+        run(scenario, expect_sync_redis=True)
+
+
+# -- the event loop ------------------------------------------------------------------------
+
+DELAY = 0.1  # seconds the proxy holds every Redis reply
+TICK = 0.005  # the ticker's period
+MAX_LAG = 0.05  # a tick this late means the loop was blocked (half a Redis reply)
+
+
+class Ticker:
+    """A task that wakes every ``TICK`` seconds and records when it did."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.started = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Ticker:
+        self._task = asyncio.create_task(self._run())
+        await self.started.wait()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            self.times.append(loop.time())
+            self.started.set()
+            await asyncio.sleep(TICK)
+
+    def worst_gap(self, start: float, end: float) -> float:
+        """The longest time between two ticks in [start, end] (or to its ends)."""
+        inside = [t for t in self.times if start <= t <= end]
+        points = [start, *inside, end]
+        return max(b - a for a, b in itertools.pairwise(points))
+
+
+def test_a_cached_query_never_blocks_the_event_loop(
+    database_url: str, redis_url: str, namespace: str, shop_engine: sa.Engine
+) -> None:
+    """A ticker on the loop keeps its beat while cached queries wait on a slow Redis.
+
+    The control: the same hit through a synchronous ``Session`` called on the loop stalls
+    the ticker for a whole Redis reply, so the ticker would see a blocking call.
+    """
+    server = urlsplit(redis_url)
+    host, port = server.hostname or "127.0.0.1", server.port or 6379
+    stmt = select(Product).where(Product.id == 7).options(FromCache())
+    warm = select(Product).where(Product.id == 8).options(FromCache())
+
+    async def main(proxy: SlowProxy) -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        client = redis.Redis.from_url(proxy.url(), socket_timeout=5)
+        aclient = redis.asyncio.Redis.from_url(proxy.url(), socket_timeout=5)
+        cache = Cache(client, async_client=aclient, namespace=namespace)
+        engine = create_async_engine(async_url(database_url))
+        factory = async_sessionmaker(engine)
+        sync_factory = sessionmaker(shop_engine)
+        cache.attach(factory)
+        cache.attach(sync_factory)
+        out: dict[str, float] = {}
+        try:
+            async with factory() as s:  # connections, statement compilation, plans
+                (await s.scalars(warm)).one()
+            with sync_factory() as s:
+                s.scalars(warm).one()
+            async with Ticker() as ticker:
+                start = loop.time()
+                async with factory() as s:
+                    miss = (await s.scalars(stmt)).one().price  # MGET, lease, read, fill
+                async with factory() as s:
+                    hit = (await s.scalars(stmt)).one().price  # MGET
+                end = loop.time()
+                with sync_factory() as s:  # the control: blocks the loop
+                    blocked = s.scalars(stmt).one().price
+                control_end = loop.time()
+            assert miss == hit == blocked
+            out["elapsed"] = end - start
+            out["worst_gap"] = ticker.worst_gap(start, end)
+            out["ticks"] = len([t for t in ticker.times if start <= t <= end])
+            out["control_gap"] = ticker.worst_gap(end, control_end)
+            out["control_elapsed"] = control_end - end
+        finally:
+            cache.detach()
+            client.close()
+            await aclient.aclose()
+            await engine.dispose()
+        return out
+
+    with SlowProxy(host, port, delay=DELAY) as proxy:
+        got = asyncio.run(main(proxy))
+    print(
+        f"\nasync miss+hit through a {DELAY * 1000:.0f} ms Redis: {got['elapsed'] * 1000:.0f} ms, "
+        f"{got['ticks']:.0f} ticks of {TICK * 1000:.0f} ms, worst gap "
+        f"{got['worst_gap'] * 1000:.1f} ms; sync control: {got['control_elapsed'] * 1000:.0f} "
+        f"ms, worst gap {got['control_gap'] * 1000:.1f} ms"
+    )
+    assert got["elapsed"] >= 4 * DELAY  # the queries really waited on the slow Redis
+    assert got["worst_gap"] < MAX_LAG, got
+    assert got["ticks"] >= got["elapsed"] / TICK / 3, got
+    assert got["control_gap"] >= DELAY * 0.9, got  # the ticker does notice a blocked loop
+
+
+def test_a_lease_waiter_lets_the_loop_run(
+    database_url: str, redis_url: str, namespace: str, shop_engine: sa.Engine
+) -> None:
+    """Two tasks miss one entry; the one without the lease polls with ``asyncio.sleep``.
+
+    The filler, after its database read, waits until a ticker task has ticked 30 times
+    since the other task started waiting (~150 ms on a free loop), then fills. The waiter
+    (``lease_wait`` 0.5 s) is then served the entry. A waiter that slept with
+    ``time.sleep`` would let the loop run only during its polls (about 14 in 0.5 s), so
+    the filler would still be waiting when it gave up, and both would read the database.
+    """
+    stmt = select(Product).where(Product.id == 9).options(FromCache(lease_wait=0.5))
+
+    async def main() -> tuple[list[Any], int, dict[str, Any]]:
+        engine = create_async_engine(async_url(database_url))
+        statements: list[str] = []
+        sa.event.listen(
+            engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2])
+        )
+        cache = Cache(redis_url, namespace=namespace)
+        factory = async_sessionmaker(engine)
+        cache.attach(factory)
+        waiting = asyncio.Event()  # set by the task that did not get the lease
+        ticked = asyncio.Event()  # 30 ticks since then
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            count = 0
+            while not done.is_set():
+                await asyncio.sleep(TICK)
+                count += waiting.is_set()
+                if count >= 30:
+                    ticked.set()
+
+        hooks = cache._core.hooks
+        # hooks run in the session's greenlet: the filler awaits the ticks there
+        hooks["after_database_read"] = lambda: await_(ticked.wait())
+        hooks["lease_wait"] = waiting.set
+
+        async def read() -> Any:
+            async with factory() as s:
+                return (await s.scalars(stmt)).one().price
+
+        tick_task = asyncio.create_task(ticker())
+        try:
+            prices = await asyncio.gather(read(), read())
+        finally:
+            done.set()
+            await tick_task
+            cache.detach()
+            await cache.aclose()
+            cache.client.close()
+            await engine.dispose()
+        return prices, len(statements), cache.stats()["total"]
+
+    prices, statements, total = asyncio.run(main())
+    assert prices[0] == prices[1]
+    assert total["lease_waits"] == 1
+    assert statements == 1, "the waiter gave up and read the database"
+    assert total["hits"] == 1
+
+
+def test_a_cache_from_a_url_makes_a_client_per_event_loop(
+    database_url: str, redis_url: str, namespace: str, shop_engine: sa.Engine
+) -> None:
+    """``asyncio.run`` twice with one cache: each loop gets its own asyncio client."""
+    cache = Cache(redis_url, namespace=namespace)
+    stmt = select(Product).where(Product.id == 10).options(FromCache())
+
+    async def main() -> tuple[Any, int]:
+        engine = create_async_engine(async_url(database_url))
+        statements: list[str] = []
+        sa.event.listen(
+            engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2])
+        )
+        factory = async_sessionmaker(engine)
+        cache.attach(factory)
+        try:
+            async with factory() as s:
+                price = (await s.scalars(stmt)).one().price
+            return price, len(statements)
+        finally:
+            cache.detach()
+            await cache.aclose()
+            await engine.dispose()
+
+    try:
+        first = asyncio.run(main())
+        second = asyncio.run(main())
+    finally:
+        cache.client.close()
+    assert first[0] == second[0]
+    assert (first[1], second[1]) == (1, 0)
+
+
+def test_asyncio_connections_check_the_server_run_id(
+    redis_url: str, namespace: str, shop_engine: sa.Engine
+) -> None:
+    """A new asyncio connection that finds another run id bumps every known table first."""
+    client = redis.Redis.from_url(redis_url)
+
+    async def main() -> None:
+        aclient = redis.asyncio.Redis.from_url(redis_url)
+        cache = Cache(client, async_client=aclient, namespace=namespace)
+        cache.attach(sessionmaker(shop_engine))  # registers the shop's tables
+        core = cache._core
+        version = cache.keys.version_key("products")
+        before = client.get(version)  # the sync pool's connection checks the run id now
+        assert core.restarts_seen == 0
+        core.run_id = "a-run-before-a-restart"
+        try:
+            await aclient.ping()  # the first connection of the asyncio pool
+        finally:
+            cache.detach()
+            await aclient.aclose()
+        assert core.restarts_seen == 1
+        assert core.run_id not in (None, "a-run-before-a-restart")
+        assert client.get(version) not in (None, before)
+
+    try:
+        asyncio.run(main())
+    finally:
+        client.close()
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+def test_an_async_factory_needs_an_asyncio_client(redis_url: str, namespace: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        cache = Cache(client, namespace=namespace)
+        engine = create_async_engine("postgresql+psycopg_async://u@127.0.0.1/db")
+        with pytest.raises(ConfigurationError, match=re.escape("async_client=redis.asyncio.Redis")):
+            cache.attach(async_sessionmaker(engine))
+        with pytest.raises(ConfigurationError, match="asyncio Redis client"):
+
+            @cache.cached("rates")
+            async def rate(currency: str) -> int:
+                return 1
+
+        with pytest.raises(ConfigurationError, match="async_client="):
+            Cache(redis.asyncio.Redis.from_url(redis_url), namespace=namespace)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="decode_responses"):
+            Cache(client, async_client=redis.asyncio.Redis(decode_responses=True))
+    finally:
+        client.close()
+
+
+# -- cache.cached on async functions -------------------------------------------------------
+
+
+def test_cached_decorates_async_functions(redis_url: str, namespace: str) -> None:
+    cache = Cache(redis_url, namespace=namespace)
+    calls: list[str] = []
+
+    @cache.cached("rates", ttl=60)
+    async def rate(currency: str, *, scale: int = 2) -> dict[str, Any]:
+        calls.append(currency)
+        return {"currency": currency, "rate": Decimal("1.08"), "scale": scale}
+
+    async def main() -> list[Any]:
+        try:
+            got = [await rate("EUR"), await rate(currency="EUR"), await rate("USD")]
+            got.append(await rate.ainvalidate("EUR"))
+            got.append(await rate("EUR"))
+            got.append(rate.invalidate("EUR"))  # the synchronous one works too
+            return got
+        finally:
+            await cache.aclose()
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        cache.client.close()
+    eur = {"currency": "EUR", "rate": Decimal("1.08"), "scale": 2}
+    assert got == [eur, eur, {**eur, "currency": "USD"}, True, eur, True]
+    assert calls == ["EUR", "USD", "EUR"]
+    assert cache.stats()["functions"]["rates"]["hits"] == 1
+    assert cache.stats()["functions"]["rates"]["fills"] == 3
+    # frameworks (Starlette, FastAPI) see a coroutine function and await it
+    assert asyncio.iscoroutinefunction(rate.__call__)
+    assert inspect.iscoroutinefunction(rate.__call__)
+    assert rate.__name__ == "rate"
+
+
+def test_an_async_cached_function_survives_redis_down(namespace: str) -> None:
+    cache = Cache("redis://127.0.0.1:1/0", namespace=namespace)
+
+    @cache.cached("down")
+    async def double(x: int) -> int:
+        return 2 * x
+
+    async def main() -> list[int]:
+        try:
+            return [await double(i) for i in range(5)]
+        finally:
+            await cache.aclose()
+
+    try:
+        assert asyncio.run(main()) == [0, 2, 4, 6, 8]
+    finally:
+        cache.client.close()
+    stats = cache.stats()["functions"]["down"]
+    assert stats["errors"] >= 1
+    assert stats["bypassed"] >= 1  # the breaker opened after repeated failures
+
+
+def test_a_given_async_client_serves_one_loop_at_a_time(redis_url: str, namespace: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    aclient = redis.asyncio.Redis.from_url(redis_url)
+    cache = Cache(client, async_client=aclient, namespace=namespace)
+
+    @cache.cached("one_loop")
+    async def answer() -> int:
+        return 42
+
+    first = asyncio.new_event_loop()
+    try:
+        assert first.run_until_complete(answer()) == 42
+        with pytest.raises(ConfigurationError, match="second event loop"):
+            asyncio.run(answer())
+    finally:
+        first.run_until_complete(aclient.aclose())
+        first.close()
+        client.close()
+
+
+# -- the example ---------------------------------------------------------------------------
+
+
+def test_the_async_example_runs(
+    services: Services, redis_url: str, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    database = f"sarc_async_{secrets.token_hex(4)}"
+    assert async_shop.main(services.database_url, redis_url, database, namespace) == 0
+    out = capsys.readouterr().out
+    assert "second read: 15 products, 0 SQL statement(s)" in out
+    assert "a fresh session reads 12.34 with 0 SQL statement(s)" in out
+    assert "every claim held" in out
