@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sa_redis_cache")
 
 _PLAN_CACHE_SIZE = 4096
+LEASE_MS = 30_000  # a filler that dies holding the lease blocks fills this long at most
 _BYPASS_OPTIONS = ("yield_per", "stream_results", "populate_existing", "identity_token")
 
 
@@ -54,6 +55,7 @@ class Look:
     found: tuple[list[Any], Any] | None
     captured: list[bytes] | None
     expired: bool
+    leased: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,13 +175,16 @@ class ReadPath:
         token = ""
         if look.found is not None:
             stamp, body = look.found
+            refresh = False
             if stampede.due(stampede.Timing(stamp[1], stamp[2]), option.xfetch_beta):
                 # due for a refresh: one caller refreshes, the others serve this value
-                token = self._take_lease(entry_key)
-                counter = "early_refreshes" if token else "stale_served" if look.expired else ""
-                if counter:
-                    stats.incr(region, counter)
-            if not token:
+                token = self._take_lease(entry_key) if option.lease else ""
+                refresh = bool(token) or not option.lease
+                if refresh:
+                    stats.incr(region, "early_refreshes")
+                elif look.expired and option.stale_ttl:
+                    stats.incr(region, "stale_served")
+            if not refresh:
                 served = self._serve(session, body, plan, entry_key, region)
                 if served is not None:
                     return served
@@ -188,7 +193,9 @@ class ReadPath:
                 if look is None:
                     return None
         if look.found is None and look.captured is not None and option.lease:
-            token, waited = self._lease_or_wait(session, entry_key, plan, region, tx, option)
+            token, waited, look = self._lease_or_wait(
+                session, entry_key, plan, region, tx, option, look
+            )
             if waited is not None:
                 return waited
         stats.incr(region, "misses", also=plan.scopes)
@@ -216,15 +223,32 @@ class ReadPath:
         return frozen()
 
     def _look(
-        self, entry_key: str, plan: StatementPlan, region: str, tx: TxState | None
+        self,
+        entry_key: str,
+        plan: StatementPlan,
+        region: str,
+        tx: TxState | None,
+        *,
+        lease: str = "",
     ) -> Look | None:
         """One MGET of the entry and its counters: a valid entry, or what a fill needs.
 
+        With ``lease`` (a token), the fill lease is asked for in the same round trip.
         None when Redis failed (the caller reads the database and does not fill).
         """
         core = self.core
+        leased = False
         try:
-            raw = core.io().mget([entry_key, *plan.version_keys])
+            if lease:
+                got, raw = core.io().pipeline(
+                    [
+                        ("SET", entry_key + LEASE_SUFFIX, lease, "NX", "PX", LEASE_MS),
+                        ("MGET", entry_key, *plan.version_keys),
+                    ]
+                )
+                leased = bool(got)
+            else:
+                raw = core.io().mget([entry_key, *plan.version_keys])
         except RedisError as exc:
             core.redis_failed(exc)
             core.counters.incr(region, "errors")
@@ -239,13 +263,13 @@ class ReadPath:
             if found is not None:
                 # the counters were read before any refresh's database read: a capture
                 expired = found[0][2] <= stampede.now_ms()
-                return Look(found, cast("list[bytes]", current), expired=expired)
+                return Look(found, cast("list[bytes]", current), expired=expired, leased=leased)
         captured: list[bytes] | None = None
         if expected is not None:
             captured = None if None in expected else cast("list[bytes]", expected)
         elif numbers is not None or None in current:
             captured = self._captured(current, plan.version_keys)
-        return Look(None, captured, expired=False)
+        return Look(None, captured, expired=False, leased=leased)
 
     def _parse(
         self, raw: bytes, current: list[int], plan: StatementPlan, entry_key: str, region: str
@@ -280,7 +304,7 @@ class ReadPath:
             core.counters.incr(region, "hits", also=plan.scopes)
         return result
 
-    def _take_lease(self, entry_key: str, lease_ms: int = 30_000) -> str:
+    def _take_lease(self, entry_key: str, lease_ms: int = LEASE_MS) -> str:
         """The fill lease's token when this caller got it, else ''."""
         core = self.core
         token = stampede.new_token()
@@ -299,28 +323,41 @@ class ReadPath:
         region: str,
         tx: TxState | None,
         option: FromCache,
-    ) -> tuple[str, Result[Any] | None]:
+        look: Look,
+    ) -> tuple[str, Result[Any] | None, Look]:
         """Take the fill lease, or wait for whoever holds it to fill.
 
-        Returns (token, None) to go to the database (token '' when the wait timed out),
-        or ('', result) when the entry appeared.
+        The lease is asked for in the same round trip as a second look at the entry: a
+        caller whose first look missed just before another caller's fill landed must not
+        take the lease that fill released and read the database again.
+        Returns (token, None, look) to go to the database (token '' when the wait timed
+        out), or ('', result, look) when the entry appeared.
         """
         core = self.core
-        token = self._take_lease(entry_key)
-        if token:
-            return token, None
+        core.hook("before_lease")
+        token = stampede.new_token()
+        again = self._look(entry_key, plan, region, tx, lease=token)
+        if again is None:
+            return "", None, look
+        if again.found is not None:
+            if again.leased:
+                self._release(entry_key, token)
+            served = self._serve(session, again.found[1], plan, entry_key, region)
+            return "", served, again
+        if again.leased:
+            return token, None, again
         core.counters.incr(region, "lease_waits", also=plan.scopes)
         core.hook("lease_wait")
         poller = stampede.Poller(option.lease_wait, sleep=core.io().sleep)
         while poller.wait():
-            look = self._look(entry_key, plan, region, tx)
-            if look is None:
+            seen = self._look(entry_key, plan, region, tx)
+            if seen is None:
                 break
-            if look.found is not None:
-                result = self._serve(session, look.found[1], plan, entry_key, region)
+            if seen.found is not None:
+                result = self._serve(session, seen.found[1], plan, entry_key, region)
                 if result is not None:
-                    return "", result
-        return "", None
+                    return "", result, seen
+        return "", None, again
 
     def _release(self, entry_key: str, token: str) -> None:
         if not token:

@@ -134,3 +134,25 @@ def test_xfetch_refreshes_early_only_near_expiry() -> None:
     assert near > 1500  # 10 ms before, almost every call does
     assert stampede.due(timing, 1.0, now=1_000_000)
     assert not stampede.due(timing, 0.0, now=1_000_000 - 10)
+
+
+def test_a_fill_landing_before_the_lease_is_asked_for_is_served(
+    session_factory: sessionmaker[Session], sql: SQLCounter, hooks: dict[str, Any]
+) -> None:
+    """The first look missed; another caller filled (and released the lease) just before
+    this one asks for it: the lease request's second look serves that fill, no query."""
+    stmt = expensive().options(FromCache())
+    nested = {"done": False}
+
+    def another_caller_fills() -> None:
+        if not nested["done"]:
+            nested["done"] = True
+            with session_factory() as s:
+                s.execute(stmt).all()
+
+    hooks["before_lease"] = another_caller_fills
+    sql.reset()
+    with session_factory() as s:
+        s.execute(stmt).all()
+    assert nested["done"]
+    assert sql.count == 1  # only the other caller's fill reached Postgres
