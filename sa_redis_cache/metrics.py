@@ -3,6 +3,10 @@
 Nothing is added to the read path: a collector turns ``cache.stats()`` into metric
 families when Prometheus scrapes. Needs the ``prometheus`` extra
 (``pip install 'sa-redis-cache[prometheus]'``).
+
+A write-behind flush worker has a collector of its own, :class:`WorkerCollector` (queue
+depth, pending entries and lag per partition, rows applied, dead letters), re-exported
+here from :mod:`sa_redis_cache.worker.metrics` with :func:`expose_worker`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from .breaker import CLOSED, HALF_OPEN
 from .stats import COUNTERS
+from .worker.metrics import WorkerCollector, expose_worker
+
+__all__ = ["CacheCollector", "WorkerCollector", "expose", "expose_worker"]
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import random
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -192,7 +193,7 @@ class WriteBehind:
             stored = info.as_stored(list(values), tz)
         except Inexact:
             if tz is None:
-                tz = hydrate.connection_timezone(session)
+                tz = _zone(session, info)
             try:
                 stored = info.as_stored(list(values), tz)
             except Inexact:
@@ -392,6 +393,27 @@ def _revert(session: Session, ops: Any, outer: WbTx | None) -> None:
             make_transient(op.obj)
         else:
             session.expire(op.obj)
+
+
+_ZONES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _zone(session: Session, info: ModelInfo) -> Any:
+    """The time zone the database gives ``timestamptz`` values in, remembered per engine.
+
+    Read once from a connection (``hydrate.connection_timezone``): checking a connection
+    out of the pool on every commit would cost a write-behind commit a third of its time.
+    A connection whose ``TimeZone`` an application changes afterwards returns the same
+    instants in another zone; the queued value is equal to it, only its ``tzinfo`` differs.
+    """
+    bind = session.get_bind(info.mapper)
+    engine = getattr(bind, "engine", bind)
+    zone = _ZONES.get(engine)
+    if zone is None:
+        zone = hydrate.connection_timezone(session)
+        if zone is not None:
+            _ZONES[engine] = zone
+    return zone
 
 
 def _tx(session: Session) -> WbTx:

@@ -4,7 +4,12 @@
 refused on a Redis server without AOF (the shared test server has it off): models that
 outlived their test would make every later ``attach()`` of the run fail. So tests make
 them with :func:`private_models`, which disposes of their registry afterwards; worker
-subprocesses load them with ``--model tests.wb_support:worker_models``.
+subprocesses load them with ``--model tests.wb_support:worker_models``; commands run
+in-process (``dlq replay``) load the models of the running test with
+``--model tests.wb_support:active_models``.
+
+The second half holds helpers the worker tests share; their fixtures are in
+:mod:`tests.wb_fixtures`.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import CheckConstraint, Sequence, String
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+import sqlalchemy as sa
+from sqlalchemy import CheckConstraint, Sequence, String, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import DateTime
 
-from sa_redis_cache import CachePolicy
+from sa_redis_cache import CachePolicy, FlushWorker
+from sa_redis_cache.schema import wb_offsets
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -67,6 +74,14 @@ def worker_models() -> list[Any]:
     return list(define_models())
 
 
+_ACTIVE: list[tuple[Any, Any]] = []
+
+
+def active_models() -> list[Any]:
+    """The models of the innermost :func:`private_models` block (for in-process commands)."""
+    return list(_ACTIVE[-1])
+
+
 @contextmanager
 def private_models() -> Iterator[tuple[Any, Any]]:
     """:func:`define_models` in a base disposed of when the block ends."""
@@ -75,9 +90,69 @@ def private_models() -> Iterator[tuple[Any, Any]]:
         pass
 
     models = define_models(Base)
+    _ACTIVE.append(models)
     try:
         yield models
     finally:
+        _ACTIVE.pop()
         Base.registry.dispose()
         del models, Base
         gc.collect()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def drain(*workers: FlushWorker, limit: int = 50) -> int:
+    """Run the workers in turn until a whole round processes nothing; entries processed."""
+    total = 0
+    for _ in range(limit):
+        done = sum(worker.run_once() for worker in workers)
+        total += done
+        if not done:
+            return total
+    raise AssertionError("the workers never ran dry")
+
+
+def rows(engine: sa.Engine, model: Any) -> dict[uuid.UUID, tuple[str, int]]:
+    """The table of ``model`` (a PageView): ``{id: (path, views)}``."""
+    table = model.__table__
+    with engine.connect() as conn:
+        return {r.id: (r.path, r.views) for r in conn.execute(select(table))}
+
+
+def queue(factory: sessionmaker[Session], model: Any, **values: Any) -> uuid.UUID:
+    """Commit a new ``model(**values)``; its id."""
+    with factory() as s:
+        obj = model(**values)
+        s.add(obj)
+        s.commit()
+        return obj.id  # type: ignore[no-any-return]
+
+
+def update(factory: sessionmaker[Session], model: Any, pk: uuid.UUID, **values: Any) -> None:
+    """Commit new ``values`` for row ``pk``."""
+    with factory() as s:
+        obj = s.get(model, pk)
+        assert obj is not None
+        for key, value in values.items():
+            setattr(obj, key, value)
+        s.commit()
+
+
+def remove(factory: sessionmaker[Session], model: Any, pk: uuid.UUID) -> None:
+    """Commit the deletion of row ``pk``."""
+    with factory() as s:
+        obj = s.get(model, pk)
+        assert obj is not None
+        s.delete(obj)
+        s.commit()
+
+
+def offsets(engine: sa.Engine, namespace: str) -> int:
+    """Operations the worker applied in ``namespace`` (``applied_ops`` of every partition)."""
+    with engine.connect() as conn:
+        stmt = select(sa.func.coalesce(sa.func.sum(wb_offsets.c.applied_ops), 0)).where(
+            wb_offsets.c.stream.like(f"sarc:{namespace}:%")
+        )
+        return int(conn.scalar(stmt) or 0)

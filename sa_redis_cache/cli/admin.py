@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sa_redis_cache.keys import pk_text
-from sa_redis_cache.models import mapper_of
+from sa_redis_cache.models import ModelRegistry, mapper_of
 from sa_redis_cache.wb_config import is_queue_key
 
-from .common import CliError, Settings, common_options, one_line, resolve_model
+from .common import CliError, Settings, common_options, import_object, one_line, resolve_model
 from .keyspace import escape_glob
 from .output import Table, echo_json, render
 from .values import parse_pk
@@ -25,13 +25,12 @@ if TYPE_CHECKING:
 
     from sa_redis_cache.cache import Cache
     from sa_redis_cache.models import ModelInfo
+    from sa_redis_cache.worker.replay import Letter, ReplayResult
 
 __all__ = ["demo", "dlq", "invalidate", "worker"]
 
-_PLANNED = "not available in this version: dead-letter replay is planned"
 
-
-def _confirm(question: str) -> None:
+def _confirm(question: str, *, nothing: str = "nothing was invalidated") -> None:
     """Ask on stderr (stdout stays for results); refuse to go on without a yes."""
     try:
         agreed = click.confirm(question, default=False, err=True)
@@ -42,7 +41,7 @@ def _confirm(question: str) -> None:
             "no answer (stdin closed or interrupted): pass --yes to run without asking"
         ) from None
     if not agreed:
-        raise CliError("not confirmed: nothing was invalidated")
+        raise CliError(f"not confirmed: {nothing}")
 
 
 # --------------------------------------------------------------------------- invalidate
@@ -152,7 +151,10 @@ def worker(args: tuple[str, ...]) -> None:
     """Run the write-behind flush worker until SIGTERM (python -m sa_redis_cache.worker).
 
     Its options: --database-url, --redis-url, --namespace, --model module:Class
-    (repeatable), --consumer, --batch-size, --lease-ms, --claim-idle-ms; --help lists them.
+    (repeatable), --consumer, --batch-size, --lease-ms, --claim-idle-ms, --max-backoff,
+    --progress / --no-progress, --progress-threshold, --progress-interval (a backlog
+    found at start is followed: a bar on a TTY, log lines otherwise), --metrics-port,
+    --metrics-addr (Prometheus); --help lists them.
 
     Example:
 
@@ -164,7 +166,7 @@ def worker(args: tuple[str, ...]) -> None:
     raise SystemExit(run_worker(list(args)))
 
 
-@click.group(short_help="Dead letters of write-behind: list (replay is planned).")
+@click.group(short_help="Dead letters of write-behind: list and replay them.")
 def dlq() -> None:
     """Dead letters: write-behind operations that failed on every attempt."""
 
@@ -233,33 +235,52 @@ def _short(value: Any, width: int = 40) -> str:
 def _dead_letters(
     engine: Engine, namespace: str, limit: int, *, include_replayed: bool
 ) -> list[dict[str, Any]]:
-    from sqlalchemy import inspect, select
+    from sqlalchemy import select
     from sqlalchemy.exc import DBAPIError
 
-    from sa_redis_cache.devservices import redact
     from sa_redis_cache.schema import dead_letters
 
-    shown = redact(engine.url.render_as_string(hide_password=False))
+    _check_table(engine)
     try:
         with engine.connect() as conn:
-            if not inspect(conn).has_table(dead_letters.name):
-                raise CliError(
-                    f"table {dead_letters.name} does not exist in {shown}: run "
-                    "sa_redis_cache.schema.upgrade(URL) (or alembic upgrade "
-                    "sa_redis_cache@head) first"
-                )
             stmt = select(dead_letters).where(dead_letters.c.namespace == namespace)
             if not include_replayed:
                 stmt = stmt.where(dead_letters.c.replayed_at.is_(None))
             stmt = stmt.order_by(dead_letters.c.id).limit(limit)
             return [dict(row) for row in conn.execute(stmt).mappings()]
     except DBAPIError as exc:
-        if exc.connection_invalidated or _is_connect_error(exc):
-            raise CliError(
-                f"cannot reach the database at {shown}: {one_line(exc.orig)}; start it or pass "
-                "--database-url (or set DATABASE_URL)"
-            ) from exc
-        raise CliError(f"reading {dead_letters.name} failed: {one_line(exc.orig)}") from exc
+        raise _database_error(engine, exc) from exc
+
+
+def _check_table(engine: Engine) -> None:
+    """Refuse, with the fix, a database without ``sarc_dead_letters`` or out of reach."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import DBAPIError
+
+    from sa_redis_cache.schema import dead_letters
+
+    try:
+        with engine.connect() as conn:
+            present = inspect(conn).has_table(dead_letters.name)
+    except DBAPIError as exc:
+        raise _database_error(engine, exc) from exc
+    if not present:
+        raise CliError(
+            f"table {dead_letters.name} does not exist in {_shown(engine)}: run "
+            "sa_redis_cache.schema.upgrade(URL) (or alembic upgrade "
+            "sa_redis_cache@head) first"
+        )
+
+
+def _database_error(engine: Engine, exc: Any) -> CliError:
+    from sa_redis_cache.schema import dead_letters
+
+    if exc.connection_invalidated or _is_connect_error(exc):
+        return CliError(
+            f"cannot reach the database at {_shown(engine)}: {one_line(exc.orig)}; start it "
+            "or pass --database-url (or set DATABASE_URL)"
+        )
+    return CliError(f"reading {dead_letters.name} failed: {one_line(exc.orig)}")
 
 
 def _is_connect_error(exc: Exception) -> bool:
@@ -268,15 +289,194 @@ def _is_connect_error(exc: Exception) -> bool:
     return isinstance(exc, OperationalError | InterfaceError)
 
 
-@dlq.command("replay", context_settings=_PASS_THROUGH)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def dlq_replay(args: tuple[str, ...]) -> None:
-    """Apply dead letters to the database again (planned; not in this version).
+@dlq.command("replay")
+@click.option(
+    "--id",
+    "ids",
+    type=click.IntRange(min=1),
+    multiple=True,
+    metavar="N",
+    help="Replay this dead letter (repeatable); default: every open one.",
+)
+@click.option("--table", metavar="T", help="Only the dead letters of table T.")
+@click.option(
+    "--model",
+    "model_specs",
+    multiple=True,
+    metavar="MODULE:CLASS",
+    help="Write-behind model whose letters may be replayed (or module:function returning "
+    "classes); repeatable. Default: the write-behind models of the --models modules.",
+)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@common_options("redis_url", "namespace", "database_url", "models")
+@click.pass_obj
+def dlq_replay(
+    settings: Settings,
+    ids: tuple[int, ...],
+    table: str | None,
+    model_specs: tuple[str, ...],
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Apply dead letters to the database again, once their cause is fixed.
 
-    Until then, fix the cause and re-queue the operation from the sarc_dead_letters row.
+    Each open dead letter (replayed_at not set) of the namespace is, oldest first per
+    partition: replayed (its operation applied, replayed_at set); superseded (a newer
+    write of the same row exists, so it is never applied; it is marked and leaves
+    `dlq list`); or failed (the database refuses it again: it stays open with the new
+    error). Cached copies of replayed rows are invalidated, so Redis must be reachable.
+    A second replay finds nothing left to do.
+
+    Exit status: 0 done (also when nothing was left), 1 some letters failed or a service
+    could not be reached, 2 bad usage.
+
+    \b
+    Examples:
+      sa-redis-cache --database-url postgresql+psycopg://app@db/shop --namespace shop \\
+          dlq replay --model myapp.models:PageView
+      sa-redis-cache ... dlq replay --model myapp.models:PageView --id 12 --id 13 --yes
     """
-    del args
-    raise CliError(_PLANNED)
+    from sa_redis_cache.worker.replay import replay_dead_letters
+
+    engine = settings.engine()
+    try:
+        models = _write_behind_models(settings, model_specs)
+        tables = {_table_of(m) for m in models}
+        if table is not None and table not in tables:
+            raise click.BadParameter(
+                f"no write-behind model given for table {table!r}; the models given write "
+                f"{', '.join(sorted(tables))}",
+                param_hint="--table",
+            )
+        letters = _open_letters(engine, settings.namespace, ids=ids or None, table=table)
+        replayable = [letter for letter in letters if letter.table in tables]
+        if not replayable:
+            _nothing_to_replay(settings, letters, ids, as_json=as_json)
+            return
+        if not yes:
+            names = ", ".join(sorted({letter.table for letter in replayable}))
+            _confirm(
+                f"Replay {len(replayable)} dead letter(s) of namespace {settings.namespace!r} "
+                f"(tables: {names}) into {_shown(engine)}?",
+                nothing="nothing was replayed",
+            )
+        client = settings.redis()
+        result = replay_dead_letters(
+            engine, client, settings.namespace, models, ids=ids or None, table=table
+        )
+    finally:
+        engine.dispose()
+    _report_replay(result, as_json=as_json)
+    if not result.ok:
+        click.get_current_context().exit(1)
+
+
+def _write_behind_models(settings: Settings, specs: tuple[str, ...]) -> list[type]:
+    """The classes named by ``--model``, else the write-behind models of ``--models``."""
+    from sa_redis_cache.wb_config import is_write_behind
+
+    found: list[type] = []
+    for spec in specs:
+        obj = import_object(spec, param_hint="--model")
+        if not isinstance(obj, type) and callable(obj):
+            obj = obj()
+        for cls in obj if isinstance(obj, list | tuple) else [obj]:
+            if not (isinstance(cls, type) and _is_write_behind_class(cls)):
+                raise click.BadParameter(
+                    f"{spec!r}: {cls!r} is not a mapped class with "
+                    "__cache__ = CachePolicy(strategy='write_behind')",
+                    param_hint="--model",
+                )
+            found.append(cls)
+    if not specs:
+        registry = ModelRegistry()
+        found = [
+            m.class_
+            for m in settings.model_mappers()
+            if _is_write_behind_class(m.class_)
+            and is_write_behind(registry.register(m, m.class_.__cache__))
+        ]
+    if not found:
+        raise click.UsageError(
+            "no write-behind model to replay for: pass --model module:Class (repeatable), "
+            "or --models MODULE defining them"
+        )
+    return found
+
+
+def _is_write_behind_class(cls: type) -> bool:
+    policy = getattr(cls, "__cache__", None)
+    return mapper_of(cls) is not None and getattr(policy, "strategy", None) == "write_behind"
+
+
+def _table_of(cls: type) -> str:
+    mapper = mapper_of(cls)
+    assert mapper is not None
+    return str(mapper.local_table.name)  # type: ignore[attr-defined]
+
+
+def _shown(engine: Engine) -> str:
+    from sa_redis_cache.devservices import redact
+
+    return redact(engine.url.render_as_string(hide_password=False))
+
+
+def _open_letters(
+    engine: Engine, namespace: str, *, ids: tuple[int, ...] | None, table: str | None
+) -> list[Letter]:
+    from sqlalchemy.exc import DBAPIError
+
+    from sa_redis_cache.worker.replay import open_dead_letters
+
+    _check_table(engine)
+    try:
+        return open_dead_letters(engine, namespace, ids=ids, table=table)
+    except DBAPIError as exc:
+        raise _database_error(engine, exc) from exc
+
+
+def _nothing_to_replay(
+    settings: Settings, letters: list[Letter], ids: tuple[int, ...], *, as_json: bool
+) -> None:
+    others = sorted({letter.table for letter in letters})
+    if as_json:
+        echo_json({"replayed": [], "superseded": {}, "failed": {}, "skipped": {}})
+        return
+    message = f"no open dead letters to replay in namespace {settings.namespace!r}"
+    if ids:
+        message += f" among --id {', '.join(map(str, ids))}"
+    if others:
+        message += f" (open ones of tables without a --model: {', '.join(others)})"
+    click.echo(message)
+
+
+def _report_replay(result: ReplayResult, *, as_json: bool) -> None:
+    if as_json:
+        echo_json(
+            {
+                "replayed": result.replayed,
+                "superseded": {str(k): v for k, v in result.superseded.items()},
+                "failed": {str(k): v for k, v in result.failed.items()},
+                "skipped": {str(k): v for k, v in result.skipped.items()},
+                "cache_error": result.cache_error,
+            }
+        )
+        return
+    for letter_id in result.replayed:
+        click.echo(f"replayed    {letter_id}")
+    for letter_id, why in sorted(result.superseded.items()):
+        click.echo(f"superseded  {letter_id}: {why}")
+    for letter_id, why in sorted(result.skipped.items()):
+        click.echo(f"skipped     {letter_id}: {why}")
+    for letter_id, why in sorted(result.failed.items()):
+        click.echo(f"failed      {letter_id}: {one_line(why)}")
+    if result.cache_error:
+        click.echo(f"cache: {result.cache_error}", err=True)
+    click.echo(
+        f"{len(result.replayed)} replayed, {len(result.superseded)} superseded, "
+        f"{len(result.failed)} failed (left open), {len(result.skipped)} skipped"
+    )
 
 
 # --------------------------------------------------------------------------- demo

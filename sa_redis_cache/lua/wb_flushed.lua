@@ -10,43 +10,48 @@
 -- ARGV[5]: TTL of the version counter, in milliseconds
 -- ARGV[6]: value to start the version counter at when it does not exist (random)
 -- ARGV[7]: m, the number of entry ids to acknowledge, then those m ids
--- ARGV[8+m ..]: per flushed row, two values: the stream id of its last operation in the
---          batch, and the row's data ('u' plus the encoded row, 'd' for a delete, or 'x'
---          when the operation went to the dead letters and the database kept its row)
+-- ARGV[8+m]: one letter per flushed row, in KEYS order: 'a' when its last operation in
+--          the batch was applied, 'x' when it went to the dead letters (the database kept
+--          its row)
+-- ARGV[9+m ..]: per flushed row, the stream id of its last operation in the batch
 -- Returns: the number of rows whose pending key was removed
 -- A pending key naming another id holds a newer queued state: it and its entity entry stay.
-redis.call('SET', KEYS[2], ARGV[6], 'NX', 'PX', ARGV[5])
-redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-local header = ARGV[4]
-local generation = redis.call('GET', KEYS[3])
+-- The pending key of an applied operation holds header .. '["<id>",' .. body .. ']', where
+-- body is the state the database now has ('[row,0]', or 'null' for a delete): the entity
+-- entry is written from it under the current generation (the row is not sent again).
+local call, sub, byte = redis.call, string.sub, string.byte
+call('SET', KEYS[2], ARGV[6], 'NX', 'PX', ARGV[5])
+call('INCR', KEYS[2])
+call('PEXPIRE', KEYS[2], ARGV[5])
+local header, ttl = ARGV[4], ARGV[3]
+local generation = call('GET', KEYS[3])
 local m = tonumber(ARGV[7])
-local a = 8 + m
+local kinds = ARGV[8 + m]
+local applied = byte('a')
+local opening = header .. '["'
+local entity_opening = generation and (header .. '[' .. generation .. ',')
+local a = 9 + m
+local row = 0
 local cleared = 0
 for i = 4, #KEYS, 2 do
-  local id, data = ARGV[a], ARGV[a + 1]
-  a = a + 2
-  local pending = redis.call('GET', KEYS[i])
-  local expected = header .. '["' .. id .. '",'
-  if pending and string.sub(pending, 1, #expected) == expected then
-    redis.call('DEL', KEYS[i])
+  row = row + 1
+  local expected = opening .. ARGV[a] .. '",'
+  a = a + 1
+  local pending = call('GET', KEYS[i])
+  if pending and sub(pending, 1, #expected) == expected then
+    call('DEL', KEYS[i])
     cleared = cleared + 1
-    local kind = string.sub(data, 1, 1)
-    if generation and kind ~= 'x' then
-      local body = 'null'
-      if kind == 'u' then
-        body = '[' .. string.sub(data, 2) .. ',0]'
-      end
-      redis.call('SET', KEYS[i + 1], header .. '[' .. generation .. ',' .. body .. ']', 'PX', ARGV[3])
+    if entity_opening and byte(kinds, row) == applied then
+      call('SET', KEYS[i + 1], entity_opening .. sub(pending, #expected + 1), 'PX', ttl)
     else
-      redis.call('DEL', KEYS[i + 1])
+      call('DEL', KEYS[i + 1])
     end
   end
 end
 if m > 0 then
-  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 8, 7 + m))
+  call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 8, 7 + m))
 end
 if ARGV[2] ~= '' then
-  redis.call('XTRIM', KEYS[1], 'MINID', ARGV[2])
+  call('XTRIM', KEYS[1], 'MINID', ARGV[2])
 end
 return cleared

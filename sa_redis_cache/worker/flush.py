@@ -16,6 +16,10 @@ After a batch's transaction commits, ``lua/wb_flushed.lua`` bumps the table vers
 queries see the rows), gives the flushed rows' entity entries their TTL (unless a newer
 state is queued), removes their pending keys, acknowledges the entries and trims the stream
 up to them (``XTRIM MINID``: entries below are all applied; never ``MAXLEN``).
+
+:meth:`FlushWorker.stats` reports the queue (length, pending entries and lag per
+partition) and the worker's own counters; :class:`~sa_redis_cache.worker.metrics.
+WorkerCollector` publishes them to Prometheus.
 """
 
 from __future__ import annotations
@@ -27,16 +31,19 @@ import secrets
 import socket
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError, ResponseError
-from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
 
 from sa_redis_cache.core import COUNTER_TTL_MS
 from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.keys import KeyScheme
 from sa_redis_cache.models import ModelRegistry, mapper_of
+from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.scripts import Scripts
 from sa_redis_cache.wb_config import (
     GROUP,
@@ -44,14 +51,15 @@ from sa_redis_cache.wb_config import (
     is_write_behind,
     lease_key,
     pending_key,
-    stream_id,
     stream_key,
 )
 
 from .apply import Applier, BatchResult, Entry
+from .stats import WorkerStats, queue_stats
 
 if TYPE_CHECKING:
     import threading
+    from collections.abc import Callable
 
     import redis
     from sqlalchemy.engine import Engine
@@ -59,6 +67,26 @@ if TYPE_CHECKING:
     from sa_redis_cache.models import ModelInfo
 
 log = logging.getLogger("sa_redis_cache.worker")
+
+
+def write_behind_info(model: type, registry: ModelRegistry | None = None) -> ModelInfo:
+    """The :class:`ModelInfo` of a mapped class with ``strategy="write_behind"``.
+
+    Raises :class:`ConfigurationError` for anything else.
+
+    Example::
+
+        write_behind_info(PageView).table  # 'page_views'
+    """
+    mapper = mapper_of(model)
+    policy = getattr(model, "__cache__", None)
+    registry = registry if registry is not None else ModelRegistry()
+    info = registry.register(mapper, policy) if mapper is not None else None
+    if info is None or not is_write_behind(info) or info.codec is None:
+        raise ConfigurationError(
+            f"{model!r} is not a mapped class with __cache__ = CachePolicy(strategy='write_behind')"
+        )
+    return info
 
 
 @dataclass(slots=True)
@@ -77,6 +105,18 @@ class Partition:
     failures: int = 0
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """A batch committed to the database whose acknowledgement is running."""
+
+    partition: Partition
+    entries: list[Entry]
+    result: BatchResult
+    started: float
+    db_ms: float
+    future: Future[None]
+
+
 class FlushWorker:
     """Applies the queued writes of write-behind models to the database.
 
@@ -92,6 +132,10 @@ class FlushWorker:
         stop = threading.Event()
         worker.run(stop)            # until stop.set(); or, in tests:
         worker.run_once()           # one pass over every partition
+        worker.stats().lag_seconds  # the queue and this worker's counters
+
+    The counters (``applied`` rows, ``entries``, ``batches``, ``skipped``, ``errors``,
+    ``dead_letters``, ``superseded``) count since the worker was made; see :meth:`stats`.
     """
 
     def __init__(
@@ -130,16 +174,19 @@ class FlushWorker:
         self._offset = zlib.crc32(self.consumer.encode())
         self.applied = 0
         self.errors = 0
+        self.entries = 0
+        self.batches = 0
+        self.skipped = 0
+        self.dead_letters = 0
+        self.superseded = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: _InFlight | None = None
+        self.crash_point: Callable[[str], None] | None = None
+        """Called with a point's name where a test may crash the worker (``"after_commit"``:
+        the batch is committed to the database and not yet acknowledged)."""
         registry = ModelRegistry()
         for model in models:
-            mapper = mapper_of(model)
-            policy = getattr(model, "__cache__", None)
-            info = registry.register(mapper, policy) if mapper is not None else None
-            if info is None or not is_write_behind(info) or info.codec is None:
-                raise ConfigurationError(
-                    f"FlushWorker(models=[...]) got {model!r}, which is not a mapped class with "
-                    "__cache__ = CachePolicy(strategy='write_behind')"
-                )
+            info = write_behind_info(model, registry)
             assert info.policy is not None
             applier = Applier(engine, info, namespace)
             parts = [
@@ -157,11 +204,12 @@ class FlushWorker:
 
     # -- the loop ------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, *, on_pass: Callable[[], None] | None = None) -> None:
         """Flush until ``stop`` is set; then finish the batch in flight and release leases.
 
         A failure (database or Redis away) is logged and retried with backoff; nothing is
-        acknowledged that was not applied.
+        acknowledged that was not applied. ``on_pass`` is called after every pass (the
+        runner's backlog progress uses it).
         """
         delay = 0.0
         log.info(
@@ -176,6 +224,8 @@ class FlushWorker:
             while not stop.is_set():
                 failures_before = self.errors
                 self.run_once(block_ms=self.block_ms)
+                if on_pass is not None:
+                    on_pass()
                 if self.errors > failures_before:
                     delay = min(self.max_backoff, max(0.05, delay * 2))
                     stop.wait(delay * (0.5 + random.random() / 2))
@@ -210,6 +260,79 @@ class FlushWorker:
             log.warning("could not release write-behind leases (they expire): %s", exc)
         for p in held:
             p.held = p.clean = False
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # -- what the queue and the worker look like ----------------------------------------
+
+    def backlog(self) -> int:
+        """Entries waiting in this worker's streams (every partition of its models).
+
+        One pipelined ``XLEN`` per partition; streams are trimmed as they are applied, so
+        this is what is left to flush, whoever flushes it.
+
+        Example::
+
+            if worker.backlog() > 10_000: ...
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for p in self.partitions:
+            pipe.xlen(p.stream)
+        return sum(int(n) for n in pipe.execute())
+
+    def stats(self, *, database: bool = True) -> WorkerStats:
+        """The queue per partition, and what this worker did since it started.
+
+        Per partition: entries in the stream (``XLEN``), entries delivered to a worker and
+        not yet acknowledged (``XPENDING``), and the lag: the age of the oldest entry not
+        yet acknowledged, from its stream id's time (Redis server clock). Counters: rows
+        applied, entries processed, batches, errors, dead letters written by this worker.
+        With ``database``, ``open_dead_letters`` counts the unreplayed dead letters of its
+        tables in ``sarc_dead_letters`` (None when the database cannot be asked). One Redis
+        round trip, plus one query with ``database``.
+
+        Example::
+
+            s = worker.stats()
+            print(s.length, s.pending, s.lag_seconds, s.rows_applied)
+        """
+        parts = queue_stats(
+            self.client, [(p.info.table, p.number, p.stream, p.held) for p in self.partitions]
+        )
+        open_letters: int | None = None
+        if database:
+            open_letters = self._open_dead_letters()
+        return WorkerStats(
+            namespace=self.namespace,
+            consumer=self.consumer,
+            partitions=parts,
+            rows_applied=self.applied,
+            entries=self.entries,
+            batches=self.batches,
+            skipped=self.skipped,
+            errors=self.errors,
+            dead_letters=self.dead_letters,
+            superseded=self.superseded,
+            open_dead_letters=open_letters,
+        )
+
+    def _open_dead_letters(self) -> int | None:
+        stmt = (
+            select(func.count())
+            .select_from(dead_letters)
+            .where(
+                dead_letters.c.namespace == self.namespace,
+                dead_letters.c.table_name.in_(list(self._tables)),
+                dead_letters.c.replayed_at.is_(None),
+            )
+        )
+        try:
+            with self.engine.connect() as conn:
+                return int(conn.execute(stmt).scalar_one())
+        except SQLAlchemyError as exc:
+            log.debug("could not count the dead letters: %s", exc)
+            return None
 
     # -- one pass ------------------------------------------------------------------------
 
@@ -290,16 +413,19 @@ class FlushWorker:
                     p.group_ready = p.clean = False
             raise
         done = 0
-        for p, reply in zip(ready, replies, strict=True):
-            if reply == 0:
-                p.held = p.clean = False
-                continue
-            if not p.held:
-                p.held, p.clean = True, False
-            if isinstance(reply, list) and reply:
-                done += self._process(p, reply)
-            elif not p.clean:
-                done += self._drain_pending(p)
+        try:
+            for p, reply in zip(ready, replies, strict=True):
+                if reply == 0:
+                    p.held = p.clean = False
+                    continue
+                if not p.held:
+                    p.held, p.clean = True, False
+                if isinstance(reply, list) and reply:
+                    done += self._process(p, reply)
+                elif not p.clean:
+                    done += self._drain_pending(p)
+        finally:
+            done += self._settle()
         return done
 
     def _ensure_group(self, p: Partition) -> None:
@@ -338,9 +464,15 @@ class FlushWorker:
         return self._process(p, entries)
 
     def _process(self, p: Partition, raw: list[Any]) -> int:
-        """Apply one batch, then acknowledge it; on failure leave it pending for a retry."""
+        """Apply one batch, then acknowledge it; on failure leave it pending for a retry.
+
+        The acknowledgement (``lua/wb_flushed.lua``) runs on a helper thread while the
+        next batch, of another partition, is applied: Redis and Postgres work at the same
+        time. One acknowledgement is in flight at most; :meth:`_settle` waits for it.
+        Returns the entries of the batch settled here (the previous one), or 0.
+        """
         applier = p.applier
-        entries = [applier.decode(entry_id, _fields(fields)) for entry_id, fields in raw]
+        entries = applier.decode_batch(raw)
         started = time.perf_counter()
         try:
             result = applier.apply(p.stream, entries)
@@ -349,15 +481,37 @@ class FlushWorker:
             self._failed(p, exc)
             return 0
         db_ms = (time.perf_counter() - started) * 1000
+        # committed: what the database now holds counts even if the ack is lost (the
+        # redelivery is then skipped by the offset, and counted as skipped)
+        self.applied += result.applied
+        self.dead_letters += len(result.dead)
+        self.superseded += result.superseded
+        if self.crash_point is not None:
+            self.crash_point("after_commit")
+        done = self._settle()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="sarc-wb-ack")
+        future = self._executor.submit(self._after_flush, p, entries, result)
+        self._inflight = _InFlight(p, entries, result, started, db_ms, future)
+        return done
+
+    def _settle(self) -> int:
+        """Wait for the acknowledgement in flight; count, log or retry its batch."""
+        flight, self._inflight = self._inflight, None
+        if flight is None:
+            return 0
+        p, entries, result = flight.partition, flight.entries, flight.result
         try:
-            self._after_flush(p, entries, result)
+            flight.future.result()
         except RedisError as exc:
             # applied, not acknowledged: the redelivery is skipped by the offset row
             p.clean = False
             self._failed(p, exc)
             return 0
         p.failures = 0
-        self.applied += result.applied
+        self.entries += len(entries)
+        self.batches += 1
+        self.skipped += result.skipped
         log.info(
             "write-behind batch flushed",
             extra={
@@ -367,10 +521,11 @@ class FlushWorker:
                 "wb_applied": result.applied,
                 "wb_skipped": result.skipped,
                 "wb_dead_letters": len(result.dead),
+                "wb_superseded": result.superseded,
                 "wb_first_id": entries[0].id,
                 "wb_last_id": entries[-1].id,
-                "wb_db_ms": round(db_ms, 2),
-                "wb_total_ms": round((time.perf_counter() - started) * 1000, 2),
+                "wb_db_ms": round(flight.db_ms, 2),
+                "wb_total_ms": round((time.perf_counter() - flight.started) * 1000, 2),
                 "wb_consumer": self.consumer,
             },
         )
@@ -378,23 +533,27 @@ class FlushWorker:
 
     def _after_flush(self, p: Partition, entries: list[Entry], result: BatchResult) -> None:
         info = p.info
-        keys = self.keys
-        row_keys: list[str] = []
-        row_args: list[Any] = []
-        for pk, entry in result.final.items():
-            row_keys += [
-                pending_key(keys, info.table, info.schema_hash, pk),
-                keys.entity_key(info.table, info.schema_hash, pk),
-            ]
-            if entry.id in result.dead or entry.error is not None:
-                data = b"x"
-            elif entry.op == "u":
-                data = b"u" + entry.data
-            else:
-                data = b"d"
-            row_args += [entry.id, data]
-        newest = max(stream_id(e.id) for e in entries)
+        # the keys of row pk are these prefixes + pk (built once per batch, not per row)
+        pending_prefix = pending_key(self.keys, info.table, info.schema_hash, "")
+        entity_prefix = self.keys.entity_key(info.table, info.schema_hash, "")
+        dead = result.dead
+        final = result.final
+        row_keys = [key for pk in final for key in (pending_prefix + pk, entity_prefix + pk)]
+        ids = [entry.id for entry in final.values()]
+        if dead or result.skipped or any(e.error is not None for e in final.values()):
+            # skipped entries (a redelivery: the prefix at or below the offset) were
+            # applied or dead-lettered by the earlier delivery, which one is not known
+            # here: their entity entries are dropped, and the next read fills from the
+            # database
+            unsure = {e.id for e in entries[: result.skipped]} | dead.keys()
+            kinds = "".join(
+                "x" if e.id in unsure or e.error is not None else "a" for e in final.values()
+            )
+        else:
+            kinds = "a" * len(final)
+        newest = entries[-1].sid  # entries are in stream order
         ttl = info.policy.ttl if info.policy and info.policy.ttl else self.default_ttl
+        keys = self.keys
         self.scripts.run(
             self.scripts.wb_flushed,
             [p.stream, keys.version_key(info.table), keys.generation_key(info.table), *row_keys],
@@ -407,7 +566,8 @@ class FlushWorker:
                 random.getrandbits(62),
                 len(entries),
                 *(e.id for e in entries),
-                *row_args,
+                kinds,
+                *ids,
             ],
         )
 
@@ -437,10 +597,3 @@ class FlushWorker:
                 "wb_partition": p.number if p else None,
             },
         )
-
-
-def _fields(raw: Any) -> dict[bytes, bytes] | None:
-    """Entry fields as a dict: redis-py parses XREADGROUP replies, a script returns pairs."""
-    if raw is None or isinstance(raw, dict):
-        return raw
-    return dict(zip(raw[::2], raw[1::2], strict=True))

@@ -4,6 +4,16 @@ On the signal the worker stops reading, finishes and acknowledges the batch in f
 releases its leases and exits 0. Log lines are JSON (one per batch, with the ``wb_*``
 fields), for log shippers.
 
+A backlog found at start (more than ``--progress-threshold`` entries) is followed while it
+drains (:mod:`~sa_redis_cache.worker.progress`): a rich progress bar when stderr is a TTY
+or ``--progress`` is given, a log line every ``--progress-interval`` seconds otherwise,
+nothing with ``--no-progress``. ``--metrics-port`` serves the worker's Prometheus metrics
+(:mod:`~sa_redis_cache.worker.metrics`).
+
+For crash tests only: ``SARC_WB_CRASH_POINT=after_commit`` makes the process SIGKILL
+itself after a batch's database commit and before its acknowledgement, with probability
+``SARC_WB_CRASH_RATE`` (default 1) per batch, seeded by ``SARC_WB_CRASH_SEED``.
+
 Example::
 
     python -m sa_redis_cache.worker --database-url postgresql+psycopg://app@db/shop \\
@@ -15,6 +25,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import random
 import signal
 import sys
 import threading
@@ -25,6 +37,8 @@ import orjson
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import FrameType
+
+    from .flush import FlushWorker
 
 _RECORD_FIELDS = set(vars(logging.makeLogRecord({})))
 
@@ -71,7 +85,61 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--lease-ms", type=int, default=30_000)
     parser.add_argument("--claim-idle-ms", type=int, default=60_000)
+    parser.add_argument(
+        "--max-backoff", type=float, default=5.0, help="longest wait between retries, seconds"
+    )
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--progress", action="store_true", help="a progress bar for the backlog, even off a TTY"
+    )
+    shown.add_argument(
+        "--no-progress", action="store_true", help="neither a bar nor backlog log lines"
+    )
+    parser.add_argument(
+        "--progress-threshold",
+        type=int,
+        default=1000,
+        help="entries queued at start above which the draining is followed (default 1000)",
+    )
+    parser.add_argument(
+        "--progress-interval",
+        type=float,
+        default=5.0,
+        help="seconds between backlog log lines when no bar is shown (default 5)",
+    )
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    parser.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port")
     return parser.parse_args(argv)
+
+
+def crash_point_from_env() -> Any:
+    """The ``SARC_WB_CRASH_*`` test hook (see the module docstring), or None."""
+    point = os.environ.get("SARC_WB_CRASH_POINT")
+    if not point:
+        return None
+    rate = float(os.environ.get("SARC_WB_CRASH_RATE", "1"))
+    seed = os.environ.get("SARC_WB_CRASH_SEED")
+    rnd = random.Random(seed)
+
+    def crash(name: str) -> None:
+        if name == point and rnd.random() < rate:
+            logging.getLogger("sa_redis_cache.worker").warning(
+                "crash point %s: SIGKILL", name, extra={"wb_crash_point": name}
+            )
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return crash
+
+
+def _metrics(worker: FlushWorker, port: int, addr: str) -> None:
+    try:
+        from .metrics import expose_worker
+    except ImportError as exc:  # pragma: no cover - the extra is missing
+        raise SystemExit(
+            f"--metrics-port needs prometheus-client: pip install 'sa-redis-cache[prometheus]' "
+            f"({exc})"
+        ) from exc
+    expose_worker(worker, port=port, addr=addr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sqlalchemy import create_engine
 
     from .flush import FlushWorker
+    from .progress import BacklogProgress, choose_mode
 
     args = parse(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -105,10 +174,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         lease_ms=args.lease_ms,
         claim_idle_ms=args.claim_idle_ms,
+        max_backoff=args.max_backoff,
+    )
+    worker.crash_point = crash_point_from_env()
+    if args.metrics_port is not None:
+        _metrics(worker, args.metrics_port, args.metrics_addr)
+    progress = BacklogProgress(
+        worker,
+        threshold=args.progress_threshold,
+        mode=choose_mode(forced=args.progress, disabled=args.no_progress),
+        interval=args.progress_interval,
     )
     try:
-        worker.run(stop)
+        progress.start()
+        worker.run(stop, on_pass=progress.update)
     finally:
+        progress.close()
         engine.dispose()
         client.close()
     return 0

@@ -488,10 +488,13 @@ def test_dlq_list(base: list[str], namespace: str, dead_url: tuple[str, str]) ->
     assert "pass --database-url URL (or set DATABASE_URL)" in no_url.stderr
 
 
-def test_dlq_replay_says_it_is_not_there_yet() -> None:
-    result = run("dlq", "replay")
-    assert result.exit_code == 1
-    assert "not available in this version: dead-letter replay is planned" in result.stderr
+def test_dlq_replay_without_a_database_is_a_usage_error() -> None:
+    # the replay itself is tested in test_dlq_replay.py, against write-behind models
+    result = run(
+        "dlq", "replay", "--model", "tests.wb_support:active_models", env={"DATABASE_URL": None}
+    )
+    assert result.exit_code == 2
+    assert "pass --database-url URL (or set DATABASE_URL)" in result.stderr
 
 
 def test_worker_without_its_required_options_is_a_usage_error() -> None:

@@ -6,135 +6,18 @@ The worker gets an engine of its own, as a worker process would.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import redis
 import sqlalchemy as sa
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from sa_redis_cache import Cache, FlushWorker, schema
-from sa_redis_cache.devservices import RedisServer
-from sa_redis_cache.schema import dead_letters, wb_offsets
-from tests.wb_support import private_models
+from sa_redis_cache.schema import dead_letters
+from tests.wb_support import drain, offsets, queue, remove, rows, update
 
-
-@pytest.fixture(scope="module")
-def aof_redis() -> Iterator[RedisServer]:
-    with RedisServer(appendonly=True, appendfsync="always") as server:
-        yield server
-
-
-@pytest.fixture
-def models(engine: sa.Engine) -> Iterator[tuple[Any, Any]]:
-    schema.upgrade(engine)
-    with private_models() as found:
-        found[0].metadata.create_all(engine)
-        with engine.begin() as conn:
-            conn.execute(found[0].__table__.delete())
-        yield found
-
-
-@pytest.fixture
-def client(aof_redis: RedisServer) -> Iterator[redis.Redis]:
-    made = redis.Redis.from_url(aof_redis.url)
-    yield made
-    made.close()
-
-
-@pytest.fixture
-def factory(
-    engine: sa.Engine, client: redis.Redis, namespace: str, models: Any
-) -> Iterator[sessionmaker[Session]]:
-    cache = Cache(client, namespace=namespace)
-    made = sessionmaker(engine)
-    cache.attach(made)
-    yield made
-    cache.detach()
-
-
-@pytest.fixture
-def worker_engine(database_url: str) -> Iterator[sa.Engine]:
-    made = sa.create_engine(database_url)
-    yield made
-    made.dispose()
-
-
-@pytest.fixture
-def make_worker(
-    worker_engine: sa.Engine, client: redis.Redis, namespace: str, models: Any
-) -> Iterator[Any]:
-    made: list[FlushWorker] = []
-
-    def make(consumer: str = "w1", **kwargs: Any) -> FlushWorker:
-        worker = FlushWorker(
-            worker_engine,
-            client,
-            namespace=namespace,
-            models=[models[0]],
-            consumer=consumer,
-            **kwargs,
-        )
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.release()
-
-
-def drain(*workers: FlushWorker, limit: int = 50) -> int:
-    """Run the workers in turn until a whole round processes nothing; entries processed."""
-    total = 0
-    for _ in range(limit):
-        done = sum(worker.run_once() for worker in workers)
-        total += done
-        if not done:
-            return total
-    raise AssertionError("the workers never ran dry")
-
-
-def rows(engine: sa.Engine, model: Any) -> dict[uuid.UUID, tuple[str, int]]:
-    table = model.__table__
-    with engine.connect() as conn:
-        return {r.id: (r.path, r.views) for r in conn.execute(select(table))}
-
-
-def queue(factory: sessionmaker[Session], model: Any, **values: Any) -> uuid.UUID:
-    with factory() as s:
-        obj = model(**values)
-        s.add(obj)
-        s.commit()
-        return obj.id  # type: ignore[no-any-return]
-
-
-def update(factory: sessionmaker[Session], model: Any, pk: uuid.UUID, **values: Any) -> None:
-    with factory() as s:
-        obj = s.get(model, pk)
-        assert obj is not None
-        for key, value in values.items():
-            setattr(obj, key, value)
-        s.commit()
-
-
-def remove(factory: sessionmaker[Session], model: Any, pk: uuid.UUID) -> None:
-    with factory() as s:
-        obj = s.get(model, pk)
-        assert obj is not None
-        s.delete(obj)
-        s.commit()
-
-
-def offsets(engine: sa.Engine, namespace: str) -> int:
-    with engine.connect() as conn:
-        stmt = select(sa.func.coalesce(sa.func.sum(wb_offsets.c.applied_ops), 0)).where(
-            wb_offsets.c.stream.like(f"sarc:{namespace}:%")
-        )
-        return int(conn.scalar(stmt) or 0)
+pytest_plugins = ["tests.wb_fixtures"]
 
 
 def test_inserts_updates_and_deletes_reach_the_database(
@@ -272,3 +155,33 @@ def test_two_workers_share_the_partitions_and_apply_each_write_once(
     assert offsets(worker_engine, namespace) == 60
     assert first.applied > 0
     assert second.applied > 0
+
+
+def test_a_redelivered_dead_letter_never_reaches_the_cache(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+) -> None:
+    page_view, _ = models
+    pk = queue(factory, page_view, path="/kept", views=1)
+    first = make_worker("w0")
+    drain(first)
+    first.release()
+    update(factory, page_view, pk, views=-1)  # violates the CHECK: a dead letter
+    crashing = make_worker("w1")
+
+    def crash(*args: Any) -> None:
+        raise RedisConnectionError("killed between the database commit and the ack")
+
+    crashing._after_flush = crash  # type: ignore[method-assign]
+    crashing.run_once()  # dead-lettered in the database, never acknowledged
+    crashing.release()
+    restarted = make_worker("w1")
+    assert drain(restarted) == 1  # redelivered, skipped by the offset
+    assert restarted.skipped == 1
+    assert rows(worker_engine, page_view) == {pk: ("/kept", 1)}
+    with factory() as s:  # the cache shows the database's row, not the refused state
+        got = s.get(page_view, pk)
+        assert got is not None
+        assert got.views == 1

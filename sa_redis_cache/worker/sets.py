@@ -1,0 +1,145 @@
+"""Set-based statements for a batch: one ``unnest`` upsert and one ``unnest`` delete.
+
+``executemany`` of an ``INSERT ... ON CONFLICT`` sends one statement per row (pipelined
+by psycopg, but parsed, bound and executed row by row). A batch instead binds one array
+per column and runs one statement for all of its rows::
+
+    INSERT INTO page_views (id, path, views)
+    SELECT * FROM unnest(%s::UUID[], %s::VARCHAR(200)[], %s::INTEGER[])
+    ON CONFLICT (id) DO UPDATE SET path = excluded.path, views = excluded.views
+
+    DELETE FROM page_views WHERE id = ANY(%s::UUID[])
+
+Values go through each column type's own bind processor for the dialect (what
+SQLAlchemy's ``executemany`` would apply: an Enum member becomes its name, JSON is
+wrapped for the driver, ``None`` of a JSON column becomes JSON ``null``), so both forms
+write the same rows. Only column types known to survive the round trip through an array
+are handled here (:func:`set_based`); a table with any other column (an ``ARRAY`` column,
+whose arrays ``unnest`` would flatten, or a user-defined type) keeps ``executemany``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import types as sqltypes
+from sqlalchemy.dialects.postgresql import JSON, JSONB
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from sqlalchemy import Column, Table
+    from sqlalchemy.engine import Connection, Dialect
+
+_SAFE: tuple[type[Any], ...] = (
+    sqltypes.Integer,
+    sqltypes.String,
+    sqltypes.Uuid,
+    sqltypes.Numeric,
+    sqltypes.Boolean,
+    sqltypes.DateTime,
+    sqltypes.Date,
+    sqltypes.Time,
+    sqltypes.Interval,
+    sqltypes.LargeBinary,
+    sqltypes.Enum,
+    sqltypes.JSON,
+    JSON,
+    JSONB,
+)
+
+
+def _base_type(sqltype: Any, dialect: Dialect) -> Any:
+    """The type the database sees: a TypeDecorator's implementation, recursively."""
+    seen = 0
+    while isinstance(sqltype, sqltypes.TypeDecorator) and seen < 10:
+        sqltype = sqltype.impl_instance
+        seen += 1
+    return sqltype.dialect_impl(dialect)
+
+
+def set_based(columns: Sequence[Column[Any]], dialect: Dialect) -> bool:
+    """True when every column's type can be bound as an array of its values.
+
+    Example::
+
+        set_based(list(PageView.__table__.columns), engine.dialect)  # True
+    """
+    if dialect.name != "postgresql":
+        return False
+    for column in columns:
+        base = _base_type(column.type, dialect)
+        if isinstance(base, sqltypes.ARRAY) or not isinstance(base, _SAFE):
+            return False
+    return True
+
+
+class SetStatements:
+    """The ``unnest`` upsert and delete of one table; see the module docstring.
+
+    Example::
+
+        sets = SetStatements(table, columns, pk_columns, engine.dialect)
+        sets.upsert(conn, [(uuid4(), "/a", 1), (uuid4(), "/b", 2)])
+        sets.delete(conn, [(some_id,)])
+    """
+
+    def __init__(
+        self,
+        table: Table,
+        columns: Sequence[Column[Any]],
+        pk_columns: Sequence[Column[Any]],
+        dialect: Dialect,
+    ) -> None:
+        preparer = dialect.identifier_preparer
+        name = preparer.format_table(table)
+        quoted = [preparer.quote(c.name) for c in columns]
+
+        def cast(column: Column[Any]) -> str:
+            return f"%b::{column.type.compile(dialect=dialect)}[]"
+
+        self._processors: list[Callable[[Any], Any] | None] = [
+            c.type.dialect_impl(dialect).bind_processor(dialect) for c in columns
+        ]
+        pk_names = [preparer.quote(c.name) for c in pk_columns]
+        others = [q for q, c in zip(quoted, columns, strict=True) if not c.primary_key]
+        conflict = (
+            "DO UPDATE SET " + ", ".join(f"{q} = excluded.{q}" for q in others)
+            if others
+            else "DO NOTHING"
+        )
+        # identifiers come quoted from the dialect, types from their own compile(): no input
+        self.upsert_sql = (
+            f"INSERT INTO {name} ({', '.join(quoted)}) "  # noqa: S608
+            f"SELECT * FROM unnest({', '.join(cast(c) for c in columns)}) "
+            f"ON CONFLICT ({', '.join(pk_names)}) {conflict}"
+        )
+        self._pk_processors: list[Callable[[Any], Any] | None] = [
+            c.type.dialect_impl(dialect).bind_processor(dialect) for c in pk_columns
+        ]
+        if len(pk_columns) == 1:
+            key, key_array = pk_names[0], cast(pk_columns[0])
+            self.delete_sql = f"DELETE FROM {name} WHERE {key} = ANY({key_array})"  # noqa: S608
+        else:
+            self.delete_sql = (
+                f"DELETE FROM {name} WHERE ({', '.join(pk_names)}) IN "  # noqa: S608
+                f"(SELECT * FROM unnest({', '.join(cast(c) for c in pk_columns)}))"
+            )
+
+    @staticmethod
+    def _arrays(
+        rows: Sequence[Sequence[Any]], processors: list[Callable[[Any], Any] | None]
+    ) -> tuple[list[Any], ...]:
+        arrays = [list(column) for column in zip(*rows, strict=True)]
+        for array, process in zip(arrays, processors, strict=True):
+            if process is not None:
+                array[:] = [process(v) for v in array]
+        return tuple(arrays)
+
+    def upsert(self, conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
+        """Insert or overwrite ``rows`` (full rows, in column order; unique keys)."""
+        conn.exec_driver_sql(self.upsert_sql, self._arrays(rows, self._processors))
+
+    def delete(self, conn: Connection, keys: Sequence[Sequence[Any]]) -> None:
+        """Delete the rows with the primary keys ``keys``."""
+        conn.exec_driver_sql(self.delete_sql, self._arrays(keys, self._pk_processors))

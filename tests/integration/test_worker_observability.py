@@ -1,0 +1,268 @@
+"""What a flush worker shows: backlog progress on stderr, stats, and Prometheus metrics.
+
+The runner is started as a process whose stderr is a file (not a TTY): it must follow a
+backlog with structured log lines, never terminal escapes; ``--progress`` draws the rich
+bar there anyway. Stats and metrics are read in-process around deterministic
+``run_once`` calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, generate_latest
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from sa_redis_cache.devservices import RedisServer
+from sa_redis_cache.keys import KeyScheme
+from sa_redis_cache.metrics import WorkerCollector
+from sa_redis_cache.wb_config import stream_key
+from sa_redis_cache.worker.progress import BacklogProgress, choose_mode
+from tests.wb_support import drain, queue
+
+pytest_plugins = ["tests.wb_fixtures"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def queue_many(factory: sessionmaker[Session], model: Any, count: int) -> None:
+    with factory() as s:
+        s.add_all(model(path=f"/b/{i}", views=i) for i in range(count))
+        s.commit()
+
+
+def count_rows(engine: sa.Engine, model: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def run_worker(
+    database_url: str, server: RedisServer, namespace: str, log: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    with log.open("wb") as stderr:
+        return subprocess.Popen(
+            [
+                sys.executable, "-m", "sa_redis_cache.worker",
+                "--database-url", database_url, "--redis-url", server.url,
+                "--namespace", namespace, "--model", "tests.wb_support:worker_models",
+                "--batch-size", "10", "--progress-threshold", "50", *extra,
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )  # fmt: skip
+
+
+def wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)  # polling observable state, bounded by the deadline
+
+
+def stop(proc: subprocess.Popen[bytes], log: Path) -> list[str]:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+    return log.read_text().splitlines()
+
+
+def records(lines: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+@pytest.mark.parametrize("flag", [None, "--progress"])
+def test_the_runner_follows_a_backlog_on_stderr(
+    factory: sessionmaker[Session],
+    models: Any,
+    worker_engine: sa.Engine,
+    aof_redis: RedisServer,
+    database_url: str,
+    namespace: str,
+    tmp_path: Path,
+    flag: str | None,
+) -> None:
+    page_view, _ = models
+    queue_many(factory, page_view, 120)
+    log = tmp_path / "worker.log"
+    extra = ["--progress-interval", "0.01"] + ([flag] if flag else [])
+    proc = run_worker(database_url, aof_redis, namespace, log, *extra)
+    try:
+        wait_for(lambda: count_rows(worker_engine, page_view) == 120, "the backlog to land")
+        wait_for(lambda: "backlog drained" in log.read_text(), "the end of the backlog")
+    finally:
+        lines = stop(proc, log)
+    found = records(lines)
+    messages = [r["message"] for r in found]
+    start = next(r for r in found if r["message"].startswith("write-behind backlog found"))
+    assert start["wb_backlog"] == 120
+    end = next(r for r in found if r["message"].startswith("write-behind backlog drained"))
+    assert end["wb_backlog_start"] == 120
+    assert end["wb_backlog"] <= 10
+    batches = [r for r in found if r["message"] == "write-behind batch flushed"]
+    assert sum(r["wb_entries"] for r in batches) == 120
+    assert {"wb_table", "wb_partition", "wb_applied", "wb_db_ms"} <= set(batches[0])
+    if flag is None:  # not a TTY: log lines only, no terminal drawing
+        assert start["wb_progress"] == "log"
+        assert all(line.startswith("{") for line in lines), lines
+        for r in found:
+            if r["message"].startswith("write-behind backlog:"):
+                assert {"wb_backlog", "wb_backlog_start", "wb_rate", "wb_eta_s"} <= set(r)
+    else:  # asked for: rich draws the bar even into a file (its final state)
+        assert start["wb_progress"] == "bar"
+        assert any(re.search(r"write-behind backlog .*\d+/120", line) for line in lines)
+    assert "signal 15: stopping" in messages[-1]
+
+
+def test_log_lines_report_the_backlog_as_it_drains(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    page_view, _ = models
+    queue_many(factory, page_view, 200)
+    worker = make_worker(batch_size=10)
+    progress = BacklogProgress(worker, threshold=50, mode="log", interval=0)
+    caplog.set_level(logging.INFO, logger="sa_redis_cache.worker")
+    assert progress.start()
+    assert progress.start_backlog == 200
+    worker.run_once()
+    progress.update()  # interval 0: looks at the queue on every call
+    lines = [r for r in caplog.records if r.getMessage().startswith("write-behind backlog:")]
+    assert len(lines) == 1
+    line: Any = lines[0]
+    assert 0 < line.wb_backlog < 200
+    assert line.wb_backlog_start == 200
+    assert line.wb_rate > 0
+    drain(worker)
+    progress.update()
+    assert not progress.active
+    assert caplog.records[-1].getMessage().startswith("write-behind backlog drained")
+    # below the threshold nothing is followed
+    assert not BacklogProgress(worker, threshold=50, mode="log").start()
+
+
+def test_progress_mode_follows_the_terminal(tmp_path: Path) -> None:
+    with (tmp_path / "err").open("w") as not_a_tty:
+        assert choose_mode(forced=False, disabled=False, stream=not_a_tty) == "log"
+        assert choose_mode(forced=True, disabled=False, stream=not_a_tty) == "bar"
+        assert choose_mode(forced=False, disabled=True, stream=not_a_tty) == "off"
+
+
+# --------------------------------------------------------------------------- stats, metrics
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of ``name`` whose labels include ``labels`` in a Prometheus exposition."""
+    for line in text.splitlines():
+        found = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if found is None:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1)))
+        if all(have.get(k) == v for k, v in labels.items()):
+            return float(found.group(2))
+    raise AssertionError(f"{name} {labels} not in the exposition")
+
+
+def total(text: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
+    )
+
+
+def test_stats_and_metrics_move_with_the_work(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    client: redis.Redis,
+    namespace: str,
+) -> None:
+    page_view, _ = models
+    worker = make_worker(max_backoff=0)  # a failed partition is retried at once
+    registry = CollectorRegistry()
+    registry.register(WorkerCollector(worker))  # type: ignore[arg-type]
+
+    def scrape() -> str:
+        return generate_latest(registry).decode()
+
+    before = worker.stats()
+    assert (before.length, before.pending, before.rows_applied) == (0, 0, 0)
+    assert before.dead_letter_count == 0
+    for i in range(30):
+        queue(factory, page_view, path=f"/m/{i}", views=i)
+    queue(factory, page_view, path="/poison", views=-1)
+    queued = worker.stats()
+    assert queued.length == 31
+    assert queued.lag_seconds >= 0
+    first = scrape()
+    assert total(first, "sarc_wb_queue_length") == 31
+    assert sample(first, "sarc_wb_rows_applied_total", namespace=namespace) == 0
+    assert sample(first, "sarc_wb_queue_up", namespace=namespace) == 1
+
+    # delivered and committed, not acknowledged: pending entries, and lag
+    def no_ack(*args: Any) -> None:
+        raise RedisConnectionError("the acknowledgement is lost")
+
+    worker._after_flush = no_ack
+    worker.run_once()
+    stuck = worker.stats()
+    assert stuck.pending == 31
+    assert stuck.length == 31
+    assert stuck.errors >= 1
+    del worker._after_flush
+    drain(worker)
+
+    after = worker.stats()
+    assert (after.length, after.pending, after.lag_seconds) == (0, 0, 0.0)
+    assert after.rows_applied == 30
+    assert after.entries == 31
+    assert after.batches >= 1
+    assert after.dead_letters == 1  # this worker's own count
+    assert after.open_dead_letters == 1  # the database's
+    assert after.held == 4
+    second = scrape()
+    assert sample(second, "sarc_wb_rows_applied_total", namespace=namespace) == 30
+    assert sample(second, "sarc_wb_entries_total", namespace=namespace) == 31
+    assert sample(second, "sarc_wb_errors_total", namespace=namespace) >= 1
+    assert sample(second, "sarc_wb_dead_letters_total", namespace=namespace) == 1
+    assert sample(second, "sarc_wb_dead_letters_unreplayed", source="database") == 1
+    assert total(second, "sarc_wb_queue_length") == 0
+    assert total(second, "sarc_wb_partition_held") == 4
+
+    # lag: the age of the oldest entry, from the time in its stream id
+    now_ms = int(client.time()[0]) * 1000
+    empty = stream_key(KeyScheme(namespace), page_view.__tablename__, 0)
+    client.delete(empty)  # an id in the past needs a stream without a newer top id
+    client.xadd(empty, {"o": "u"}, id=f"{now_ms - 5000}-0")
+    assert 4.5 < worker.stats().lag_seconds < 60
+    assert sample(scrape(), "sarc_wb_lag_seconds", partition="0") > 4.5
+    client.delete(empty)
+
+
+def test_metrics_without_redis_or_database(make_worker: Any, namespace: str) -> None:
+    worker = make_worker()
+    # nothing listens on port 1
+    worker.client = redis.Redis(port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    registry = CollectorRegistry()
+    registry.register(WorkerCollector(worker, database=False))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    assert sample(text, "sarc_wb_queue_up", namespace=namespace) == 0
+    assert sample(text, "sarc_wb_dead_letters_unreplayed", source="worker") == 0
+    assert "sarc_wb_queue_length" not in text
