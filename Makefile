@@ -45,9 +45,12 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(DEVSERVICES) $(BIN)/python -m benchmarks.run
+	$(DEVSERVICES) $(BIN)/python -m benchmarks.cases_write_behind --out benchmarks/results/write_behind.md
+	$(DEVSERVICES) $(BIN)/python -m benchmarks.async_ratio --out benchmarks/results/async.md
 
 bench-smoke: $(VENV)/.installed
 	$(DEVSERVICES) $(BIN)/python -m benchmarks.run --smoke
+	$(DEVSERVICES) $(BIN)/python -m benchmarks.cases_write_behind --smoke
 
 # Build and tool caches only; `distclean` also removes the virtualenv.
 clean:

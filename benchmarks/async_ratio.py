@@ -30,6 +30,7 @@ import secrets
 import statistics
 import time
 from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--ops", type=int, default=400, help="operations per case per round")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--out", type=Path, help="also write the table, as markdown, here")
     args = parser.parse_args(argv)
     rounds, ops = (2, 50) if args.quick else (args.rounds, args.ops)
     with ExitStack() as stack:
@@ -213,6 +215,27 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in summary["ratios"].items():
         print(f"{name:<28}{value:>7.3f}")
     print(summary["machine"])
+    if args.out:
+        lines = [
+            (
+                f"# AsyncSession: one-row FromCache hit ({summary['rounds']} rounds x "
+                f"{summary['ops_per_round']} ops, interleaved in one run)"
+            ),
+            "",
+            "| case | median µs | p95 µs |",
+            "|---|--:|--:|",
+            *(
+                f"| {name} | {summary['median_us'][name]:.1f} | {summary['p95_us'][name]:.1f} |"
+                for name in CASES
+            ),
+            "",
+            "| ratio | value |",
+            "|---|--:|",
+            *(f"| {name} | {value:.3f} |" for name, value in summary["ratios"].items()),
+            "",
+            f"{summary['machine']}",
+        ]
+        args.out.write_text("\n".join(lines) + "\n")
     return 0
 
 
