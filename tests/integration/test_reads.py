@@ -372,3 +372,28 @@ def test_a_lost_counter_never_restarts_at_one(
             category.name = name
             s.commit()
         assert int(redis_client.get(version_key) or 0) > 2**32
+
+
+def test_results_over_the_size_cap_are_not_cached_and_are_counted(
+    shop_engine: sa.Engine, redis_url: str, namespace: str, sql: SQLCounter
+) -> None:
+    cache = Cache(redis_url, namespace=namespace, max_entry_bytes=2_000)
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    try:
+        big = select(Product).order_by(Product.id).limit(50).options(FromCache())
+        small = select(Product).where(Product.id == 1).options(FromCache())
+        for _ in range(2):
+            with factory() as s:
+                s.scalars(big).all()
+                s.scalars(small).all()
+        sql.reset()
+        with factory() as s:
+            assert len(s.scalars(big).all()) == 50
+            s.scalars(small).all()
+        assert sql.count == 1  # the big result is read from the database every time
+        region = cache.stats()["regions"]["default"]
+        assert region["oversize"] == 3
+        assert region["hits"] == 2
+    finally:
+        cache.detach()
