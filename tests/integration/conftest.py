@@ -9,12 +9,13 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from examples.shop import Base, seed
+from examples.shop import Base, Product, seed
 from sa_redis_cache import Cache
 from tests.support import SQLCounter
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+from decimal import Decimal
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +37,20 @@ def cache(redis_url: str, namespace: str) -> Iterator[Cache]:
     # trip per cache on each Core statement) and recreate keys of deleted namespaces
     cache.detach()
     client.close()
+
+
+@pytest.fixture
+def product(shop_engine: sa.Engine) -> Iterator[int]:
+    """A product of the test's own (category 1, price 1.00), deleted afterwards."""
+    with Session(shop_engine) as s:
+        p = Product(category_id=1, name="scratch", price=Decimal("1.00"), status="ACTIVE")
+        s.add(p)
+        s.commit()
+        pid = p.id
+    yield pid
+    with Session(shop_engine) as s:
+        s.execute(sa.delete(Product).where(Product.id == pid))
+        s.commit()
 
 
 @pytest.fixture

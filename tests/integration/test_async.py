@@ -57,20 +57,6 @@ def in_mode(
     return Runner(request.param, database_url, redis_url, namespace)
 
 
-@pytest.fixture
-def product(shop_engine: sa.Engine) -> Iterator[int]:
-    """A product of its own (price 1.00), deleted afterwards."""
-    with Session(shop_engine) as s:
-        p = Product(category_id=1, name="async", price=Decimal("1.00"), status="ACTIVE")
-        s.add(p)
-        s.commit()
-        pid = p.id
-    yield pid
-    with Session(shop_engine) as s:
-        s.execute(sa.delete(Product).where(Product.id == pid))
-        s.commit()
-
-
 def set_price(db: Db, pid: int, price: str) -> None:
     with db.session() as s:
         p = s.get(Product, pid, populate_existing=True)

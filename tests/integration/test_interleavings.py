@@ -67,20 +67,6 @@ def hooks(cache: Cache) -> Iterator[dict[str, Callable[[], None]]]:
     registry.clear()
 
 
-@pytest.fixture
-def product(session_factory: sessionmaker[Session]) -> Iterator[int]:
-    """A product of its own, deleted afterwards."""
-    with session_factory() as s:
-        p = Product(category_id=1, name="race", price=Decimal("1.00"), status="ACTIVE")
-        s.add(p)
-        s.commit()
-        pid = p.id
-    yield pid
-    with session_factory() as s:
-        s.execute(sa.delete(Product).where(Product.id == pid))
-        s.commit()
-
-
 def set_price(factory: sessionmaker[Session], pid: int, price: str) -> None:
     with factory() as s:
         p = s.get(Product, pid, populate_existing=True)

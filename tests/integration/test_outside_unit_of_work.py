@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import orjson
-import pytest
 import sqlalchemy as sa
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,19 +13,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.dml import text_dml_tables
-
-
-@pytest.fixture
-def product(session_factory: sessionmaker[Session]) -> Iterator[int]:
-    with session_factory() as s:
-        p = Product(category_id=1, name="core", price=Decimal("1.00"), status="ACTIVE")
-        s.add(p)
-        s.commit()
-        pid = p.id
-    yield pid
-    with session_factory() as s:
-        s.execute(sa.delete(Product).where(Product.id == pid))
-        s.commit()
 
 
 def warm(factory: sessionmaker[Session], pid: int) -> Decimal:

@@ -22,19 +22,6 @@ from tests.support import SQLCounter
 
 
 @pytest.fixture
-def product(shop_engine: sa.Engine) -> Iterator[int]:
-    with Session(shop_engine) as s:
-        p = Product(category_id=1, name="outage", price=Decimal("1.00"), status="ACTIVE")
-        s.add(p)
-        s.commit()
-        pid = p.id
-    yield pid
-    with Session(shop_engine) as s:
-        s.execute(sa.delete(Product).where(Product.id == pid))
-        s.commit()
-
-
-@pytest.fixture
 def server() -> Iterator[RedisServer]:
     with RedisServer(appendonly=True, appendfsync="always") as started:
         yield started

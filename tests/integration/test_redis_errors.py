@@ -6,10 +6,8 @@ never a stale read afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from decimal import Decimal
 
-import pytest
 import redis
 import sqlalchemy as sa
 from sqlalchemy import select
@@ -19,19 +17,6 @@ from examples.shop import Category, Product
 from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.devservices import RedisServer
 from tests.support import SQLCounter
-
-
-@pytest.fixture
-def product(shop_engine: sa.Engine) -> Iterator[int]:
-    with Session(shop_engine) as s:
-        p = Product(category_id=2, name="errors", price=Decimal("1.00"), status="ACTIVE")
-        s.add(p)
-        s.commit()
-        pid = p.id
-    yield pid
-    with Session(shop_engine) as s:
-        s.execute(sa.delete(Product).where(Product.id == pid))
-        s.commit()
 
 
 def read(factory: sessionmaker[Session], pid: int) -> tuple[Decimal, Decimal]:
