@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.dml import text_dml_tables
+from tests.support import read_price
 
 
 def warm(factory: sessionmaker[Session], pid: int) -> Decimal:
@@ -23,23 +24,13 @@ def warm(factory: sessionmaker[Session], pid: int) -> Decimal:
     return price
 
 
-def read_both(factory: sessionmaker[Session], pid: int) -> tuple[Decimal, Decimal]:
-    with factory() as s:
-        by_query = s.scalars(select(Product).where(Product.id == pid).options(FromCache())).one()
-        query_price = by_query.price
-    with factory() as s:
-        by_get = s.get(Product, pid)
-        assert by_get is not None
-        return query_price, by_get.price
-
-
 def test_core_update_on_the_engine(
     session_factory: sessionmaker[Session], shop_engine: sa.Engine, product: int
 ) -> None:
     assert warm(session_factory, product) == Decimal("1.00")
     with shop_engine.begin() as conn:
         conn.execute(update(Product).where(Product.id == product).values(price=Decimal("2.00")))
-    assert read_both(session_factory, product) == (Decimal("2.00"), Decimal("2.00"))
+    assert read_price(session_factory, product) == (Decimal("2.00"), Decimal("2.00"))
 
 
 def test_text_dml_on_the_engine(
@@ -48,7 +39,7 @@ def test_text_dml_on_the_engine(
     warm(session_factory, product)
     with shop_engine.begin() as conn:
         conn.execute(text("UPDATE products SET price = 3.00 WHERE id = :id"), {"id": product})
-    assert read_both(session_factory, product) == (Decimal("3.00"), Decimal("3.00"))
+    assert read_price(session_factory, product) == (Decimal("3.00"), Decimal("3.00"))
 
 
 def test_text_dml_through_the_session(session_factory: sessionmaker[Session], product: int) -> None:
@@ -56,7 +47,7 @@ def test_text_dml_through_the_session(session_factory: sessionmaker[Session], pr
     with session_factory() as s:
         s.execute(text("UPDATE products SET price = 4.00 WHERE id = :id"), {"id": product})
         s.commit()
-    assert read_both(session_factory, product) == (Decimal("4.00"), Decimal("4.00"))
+    assert read_price(session_factory, product) == (Decimal("4.00"), Decimal("4.00"))
 
 
 def test_text_dml_whose_tables_cannot_be_told_invalidates_everything(
@@ -71,7 +62,7 @@ def test_text_dml_whose_tables_cannot_be_told_invalidates_everything(
             ),
             {"id": product},
         )
-    assert read_both(session_factory, product) == (Decimal("5.00"), Decimal("5.00"))
+    assert read_price(session_factory, product) == (Decimal("5.00"), Decimal("5.00"))
 
 
 def test_text_dml_table_parsing() -> None:
@@ -137,7 +128,7 @@ def test_two_caches_on_one_engine_both_see_core_dml(
         with shop_engine.begin() as conn:
             conn.execute(text("UPDATE products SET price = 8.00 WHERE id = :id"), {"id": product})
         for factory in factories:
-            assert read_both(factory, product) == (Decimal("8.00"), Decimal("8.00"))
+            assert read_price(factory, product) == (Decimal("8.00"), Decimal("8.00"))
         # both caches released their marks: a fill after the write is accepted again
         for ns in (namespace, other_namespace):
             marks = redis_client.zcard(f"sarc:{ns}:{{{ns}:products}}:w")

@@ -12,30 +12,18 @@ from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from examples.shop import Product
-from sa_redis_cache import Cache, FromCache
+from sa_redis_cache import Cache
 from sa_redis_cache.devservices import RedisServer, free_port
-from tests.support import SQLCounter
+from tests.support import SQLCounter, read_price
 
 
 @pytest.fixture
 def server() -> Iterator[RedisServer]:
     with RedisServer(appendonly=True, appendfsync="always") as started:
         yield started
-
-
-def read(factory: sessionmaker[Session], pid: int) -> tuple[Decimal, Decimal]:
-    """The price through FromCache and through session.get, each in a fresh session."""
-    with factory() as s:
-        stmt = select(Product).where(Product.id == pid).options(FromCache())
-        by_query = s.scalars(stmt).one().price
-    with factory() as s:
-        got = s.get(Product, pid)
-        assert got is not None
-        return by_query, got.price
 
 
 def set_price(factory: sessionmaker[Session], pid: int, price: str) -> None:
@@ -59,10 +47,10 @@ def test_redis_down_from_the_start(
     cache.attach(factory)
     try:
         for _ in range(5):
-            assert read(factory, product) == (Decimal("1.00"), Decimal("1.00"))
+            assert read_price(factory, product) == (Decimal("1.00"), Decimal("1.00"))
         set_price(factory, product, "2.00")  # a write never fails because of Redis
         sql.reset()
-        assert read(factory, product) == (Decimal("2.00"), Decimal("2.00"))
+        assert read_price(factory, product) == (Decimal("2.00"), Decimal("2.00"))
         assert sql.count == 2  # both reads went to the database
         stats = cache.stats()["total"]
         # two read failures opened the breaker; reads did not ask Redis again. The write
@@ -83,22 +71,22 @@ def test_redis_goes_down_and_comes_back_with_its_old_data(
     factory = sessionmaker(shop_engine)
     cache.attach(factory)
     try:
-        assert read(factory, product) == (Decimal("1.00"), Decimal("1.00"))
+        assert read_price(factory, product) == (Decimal("1.00"), Decimal("1.00"))
         sql.reset()
-        assert read(factory, product) == (Decimal("1.00"), Decimal("1.00"))
+        assert read_price(factory, product) == (Decimal("1.00"), Decimal("1.00"))
         assert sql.count == 0  # both cached
 
         server.stop()  # the AOF keeps the entries of price 1.00
-        assert read(factory, product) == (Decimal("1.00"), Decimal("1.00"))
+        assert read_price(factory, product) == (Decimal("1.00"), Decimal("1.00"))
         set_price(factory, product, "3.00")  # committed while Redis is away
-        assert read(factory, product) == (Decimal("3.00"), Decimal("3.00"))
+        assert read_price(factory, product) == (Decimal("3.00"), Decimal("3.00"))
         assert cache._core.undelivered == {"products"}
 
         server.start()  # back, with the entries of price 1.00 still in it
-        assert read(factory, product) == (Decimal("3.00"), Decimal("3.00"))
+        assert read_price(factory, product) == (Decimal("3.00"), Decimal("3.00"))
         assert cache._core.undelivered == set()
         sql.reset()
-        assert read(factory, product) == (Decimal("3.00"), Decimal("3.00"))
+        assert read_price(factory, product) == (Decimal("3.00"), Decimal("3.00"))
         assert sql.count == 0  # trusted and cached again
     finally:
         cache.detach()
@@ -138,12 +126,12 @@ def test_another_process_never_reads_stale_after_a_restart(
     writer.attach(writer_factory)
     reader.attach(reader_factory)
     try:
-        assert read(reader_factory, product) == (Decimal("1.00"), Decimal("1.00"))
+        assert read_price(reader_factory, product) == (Decimal("1.00"), Decimal("1.00"))
         server.stop()
         set_price(writer_factory, product, "4.00")
         server.start()
         sql.reset()
-        assert read(reader_factory, product) == (Decimal("4.00"), Decimal("4.00"))
+        assert read_price(reader_factory, product) == (Decimal("4.00"), Decimal("4.00"))
         assert sql.count == 2  # both entries were retired: read from the database
         assert reader._core.restarts_seen == 1
     finally:
@@ -159,6 +147,6 @@ def test_breaker_counts_only_consecutive_failures(
     for _ in range(5):
         for _ in range(breaker.threshold - 1):
             breaker.failure()
-        read(session_factory, product)  # a successful round trip resets the count
+        read_price(session_factory, product)  # a successful round trip resets the count
     assert breaker.state == "closed"
     assert breaker.opened == 0

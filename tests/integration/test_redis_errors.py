@@ -10,23 +10,12 @@ from decimal import Decimal
 
 import redis
 import sqlalchemy as sa
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from examples.shop import Category, Product
-from sa_redis_cache import Cache, FromCache
+from sa_redis_cache import Cache
 from sa_redis_cache.devservices import RedisServer
-from tests.support import SQLCounter
-
-
-def read(factory: sessionmaker[Session], pid: int) -> tuple[Decimal, Decimal]:
-    with factory() as s:
-        stmt = select(Product).where(Product.id == pid).options(FromCache())
-        by_query = s.scalars(stmt).one().price
-    with factory() as s:
-        got = s.get(Product, pid)
-        assert got is not None
-        return by_query, got.price
+from tests.support import SQLCounter, read_price
 
 
 def write_two_tables(factory: sessionmaker[Session], pid: int, price: str) -> None:
@@ -49,13 +38,13 @@ def test_noscript_after_script_flush_reloads_and_loses_nothing(
     redis_client: redis.Redis,
     cache: Cache,
 ) -> None:
-    assert read(session_factory, product) == (Decimal("1.00"), Decimal("1.00"))
+    assert read_price(session_factory, product) == (Decimal("1.00"), Decimal("1.00"))
     redis_client.script_flush()
     write_two_tables(session_factory, product, "2.00")  # the batched commit scripts
     redis_client.script_flush()
-    assert read(session_factory, product) == (Decimal("2.00"), Decimal("2.00"))  # fills
+    assert read_price(session_factory, product) == (Decimal("2.00"), Decimal("2.00"))  # fills
     sql.reset()
-    assert read(session_factory, product) == (Decimal("2.00"), Decimal("2.00"))
+    assert read_price(session_factory, product) == (Decimal("2.00"), Decimal("2.00"))
     assert sql.count == 0
     assert cache.stats()["total"]["errors"] == 0
     with Session(session_factory.kw["bind"]) as s:
@@ -72,14 +61,14 @@ def test_out_of_memory_redis_is_a_miss_and_never_stale(
         cache.attach(factory)
         try:
             sql.reset()
-            assert read(factory, product) == (Decimal("1.00"), Decimal("1.00"))
+            assert read_price(factory, product) == (Decimal("1.00"), Decimal("1.00"))
             assert sql.count == 2  # nothing could be stored: OOM refuses every write
             with factory() as s:
                 p = s.get(Product, product)
                 assert p is not None
                 p.price = Decimal("3.00")
                 s.commit()  # the marks fail with OOM: the commit does not
-            assert read(factory, product) == (Decimal("3.00"), Decimal("3.00"))
+            assert read_price(factory, product) == (Decimal("3.00"), Decimal("3.00"))
             assert cache.stats()["total"]["errors"] >= 2
             assert "products" in cache._core.undelivered
         finally:
@@ -97,14 +86,14 @@ def test_read_only_replica_is_a_miss_and_never_stale(
         factory = sessionmaker(shop_engine)
         cache.attach(factory)
         try:
-            assert read(factory, product) == (Decimal("1.00"), Decimal("1.00"))
+            assert read_price(factory, product) == (Decimal("1.00"), Decimal("1.00"))
             with factory() as s:
                 p = s.get(Product, product)
                 assert p is not None
                 p.price = Decimal("4.00")
                 s.commit()  # READONLY on every mark: the commit does not fail
             sql.reset()
-            assert read(factory, product) == (Decimal("4.00"), Decimal("4.00"))
+            assert read_price(factory, product) == (Decimal("4.00"), Decimal("4.00"))
             assert sql.count == 2
             assert cache.stats()["total"]["errors"] >= 2
         finally:
