@@ -225,10 +225,9 @@ def hit_graph(env: BenchEnv, plan: Plan) -> CaseResult:
                 miss_note=(
                     "building 250 objects is nearly all of ours (per-object cost under "
                     "'Where the time goes'); in cProfile it splits into "
-                    "_Materializer.object() itself, new_instance(), codec load_row(), "
-                    "set_committed_value() per collection, and finish() running "
-                    "state._commit_all() on brand-new states that have nothing to commit. "
-                    "Trimming ~10% of the per-object cost meets 3x"
+                    "_Materializer.object() itself, new_instance(), codec load_row() and "
+                    "set_committed_value() per collection. Trimming ~10% of the "
+                    "per-object cost meets 3x"
                 ),
             ),
         ],
