@@ -40,6 +40,11 @@ class CachePolicy:
     ``ttl`` (seconds) bounds every entry of the model; ``None`` uses the cache's
     ``default_ttl``.
 
+    Stampede control of the entity cache (``session.get``), as ``FromCache`` has for
+    queries: on a miss one caller fills while the others wait up to ``lease_wait``
+    seconds for its entry; ``xfetch_beta`` scales the probabilistic early refresh of
+    entries a read filled (0 turns it off).
+
     Example::
 
         class Product(Base):
@@ -52,6 +57,8 @@ class CachePolicy:
     entity_cache: bool = True
     accept_volatile: bool = False
     partitions: int = 8
+    lease_wait: float = 0.5
+    xfetch_beta: float = 1.0
 
     def problems(self) -> list[str]:
         """Return what is wrong with this policy, each with its fix (empty when valid).
@@ -85,4 +92,8 @@ class CachePolicy:
                 f"partitions={self.partitions!r} is not a whole number from 1 to 1024; "
                 "the default of 8 suits most tables"
             )
+        for name in ("lease_wait", "xfetch_beta"):
+            value = getattr(self, name)
+            if value != 0 and not is_ttl(value):
+                found.append(f"{name}={value!r} is not a finite number >= 0; give one, or 0")
         return found

@@ -28,10 +28,11 @@ from .codec import CodecError, RowCodec, UncacheableType, pack, unpack
 from .core import LEASE_SUFFIX
 from .keys import Unfingerprintable, fingerprint, pk_text, values_digest
 from .options import FromCache
+from .policy import CachePolicy
 from .txstate import peek_tx_state, tx_state
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from sqlalchemy.engine import Result
     from sqlalchemy.orm import Mapper, ORMExecuteState, Session
@@ -45,17 +46,44 @@ log = logging.getLogger("sa_redis_cache")
 
 _PLAN_CACHE_SIZE = 4096
 LEASE_MS = 30_000  # a filler that dies holding the lease blocks fills this long at most
+_DEFAULT_POLICY = CachePolicy()
 _BYPASS_OPTIONS = ("yield_per", "stream_results", "populate_existing", "identity_token")
 
 
 @dataclass(frozen=True, slots=True)
 class Look:
-    """What one look at an entry found: a valid entry, or the versions a fill needs."""
+    """What one look at an entry found: a valid entry, or the versions a fill needs.
 
-    found: tuple[list[Any], Any] | None
+    ``found`` is ``(timing, body)``; timing is None for an entity entry a writer stored
+    (write-through, write-behind): no read time is known, so it is never refreshed early.
+    """
+
+    found: tuple[stampede.Timing | None, Any] | None
     captured: list[bytes] | None
-    expired: bool
+    expired: bool = False
     leased: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One entry on the read path: how to look at it, serve it and fill it.
+
+    ``look(token)`` reads the entry and its counters, asking for the fill lease in the
+    same round trip when given a token; ``serve(body)`` turns a body into the result
+    (None when unreadable: it deleted the entry); ``fill(data, preexisting, captured,
+    delta_ms, token)`` stores what the database returned, True when the script ran.
+    """
+
+    key: str
+    scope: str
+    also: tuple[str, ...]
+    look: Callable[[str], Look | None]
+    serve: Callable[[Any], Result[Any] | None]
+    fill: Callable[[Any, Any, Sequence[bytes], int, str], bool]
+    lease: bool
+    lease_wait: float
+    xfetch_beta: float
+    stale_ttl: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,62 +193,111 @@ class ReadPath:
         tx: TxState | None,
         region: str,
     ) -> Result[Any] | None:
-        """Serve from the entry, refresh it, wait for its filler, or read and fill."""
+        session = orm_context.session
+        core = self.core
+
+        def fill(
+            data: Any, preexisting: Any, captured: Sequence[bytes], delta: int, token: str
+        ) -> bool:
+            body = hydrate.extract(data, plan.shape, core.models.info_of, preexisting)
+            ttl = option.ttl or core.ttl_for_tables(plan.tables)
+            return self._fill(entry_key, plan, captured, body, ttl, option, delta, token, region)
+
+        target = Target(
+            key=entry_key,
+            scope=region,
+            also=plan.scopes,
+            look=lambda lease: self._look(entry_key, plan, region, tx, lease=lease),
+            serve=lambda body: self._serve(session, body, plan, entry_key, region),
+            fill=fill,
+            lease=option.lease,
+            lease_wait=option.lease_wait,
+            xfetch_beta=option.xfetch_beta,
+            stale_ttl=option.stale_ttl,
+        )
+        return self._read_through(orm_context, target)
+
+    def _read_through(self, orm_context: ORMExecuteState, target: Target) -> Result[Any] | None:
+        """Serve the entry, refresh it early, wait for its filler, or read and fill.
+
+        One flow for query entries and entity entries (DESIGN.md §4 and §6).
+        """
         core = self.core
         stats = core.counters
-        session = orm_context.session
-        look = self._look(entry_key, plan, region, tx)
+        look = target.look("")
         if look is None:
             return None
         token = ""
         if look.found is not None:
-            stamp, body = look.found
+            timing, body = look.found
             refresh = False
-            if stampede.due(stampede.Timing(stamp[1], stamp[2]), option.xfetch_beta):
+            if timing is not None and stampede.due(timing, target.xfetch_beta):
                 # due for a refresh: one caller refreshes, the others serve this value
-                token = self._take_lease(entry_key) if option.lease else ""
-                refresh = bool(token) or not option.lease
+                token = self._take_lease(target.key) if target.lease else ""
+                refresh = bool(token) or not target.lease
                 if refresh:
-                    stats.incr(region, "early_refreshes")
-                elif look.expired and option.stale_ttl:
-                    stats.incr(region, "stale_served")
+                    stats.incr(target.scope, "early_refreshes")
+                elif look.expired and target.stale_ttl:
+                    stats.incr(target.scope, "stale_served")
             if not refresh:
-                served = self._serve(session, body, plan, entry_key, region)
+                served = target.serve(body)
                 if served is not None:
                     return served
-                # unreadable: deleted by _serve, so look again for what a fill needs
-                look = self._look(entry_key, plan, region, tx)
+                # unreadable: deleted by serve, so look again for what a fill needs
+                look = target.look("")
                 if look is None:
                     return None
-        if look.found is None and look.captured is not None and option.lease:
-            token, waited, look = self._lease_or_wait(
-                session, entry_key, plan, region, tx, option, look
-            )
+        if look.found is None and look.captured is not None and target.lease:
+            token, waited, look = self._lease_or_wait(target, look)
             if waited is not None:
                 return waited
-        stats.incr(region, "misses", also=plan.scopes)
-        ttl = option.ttl or core.ttl_for_tables(plan.tables)
-        preexisting = hydrate.identity_snapshot(session)
+        stats.incr(target.scope, "misses", also=target.also)
+        preexisting = hydrate.identity_snapshot(orm_context.session)
         started = stampede.now_ms()
         try:
             frozen = orm_context.invoke_statement().freeze()
         except BaseException:
-            self._release(entry_key, token)
+            self._release(target.key, token)
             raise
         core.hook("after_database_read")
         filled = False
         if look.captured is not None:
             try:
-                body = hydrate.extract(frozen.data, plan.shape, core.models.info_of, preexisting)
                 delta = stampede.now_ms() - started
-                self._fill(entry_key, plan, look.captured, body, ttl, option, delta, token, region)
-                filled = True
+                filled = target.fill(frozen.data, preexisting, look.captured, delta, token)
             except (hydrate.NotCacheable, CodecError, ValueError) as exc:
-                log.debug("not caching %s: %s", entry_key, exc)
-                stats.incr(region, "uncacheable")
+                log.debug("not caching %s: %s", target.key, exc)
+                stats.incr(target.scope, "uncacheable")
         if not filled:
-            self._release(entry_key, token)
+            # the fill script releases the lease itself; an oversized or failed fill does not
+            self._release(target.key, token)
         return frozen()
+
+    def _fetch(self, keys: list[str], scope: str, lease: str) -> tuple[list[Any], bool] | None:
+        """MGET ``keys`` (an entry first), asking for its fill lease in the same round trip.
+
+        Returns the values and whether the lease was granted; None when Redis failed (the
+        caller reads the database and does not fill).
+        """
+        core = self.core
+        leased = False
+        try:
+            if lease:
+                got, raw = core.io().pipeline(
+                    [
+                        ("SET", keys[0] + LEASE_SUFFIX, lease, "NX", "PX", LEASE_MS),
+                        ("MGET", *keys),
+                    ]
+                )
+                leased = bool(got)
+            else:
+                raw = core.io().mget(keys)
+        except RedisError as exc:
+            core.redis_failed(exc)
+            core.counters.incr(scope, "errors")
+            return None
+        core.breaker.success()  # resets the failure count too
+        return list(raw), leased
 
     def _look(
         self,
@@ -236,24 +313,10 @@ class ReadPath:
         With ``lease`` (a token), the fill lease is asked for in the same round trip.
         None when Redis failed (the caller reads the database and does not fill).
         """
-        core = self.core
-        leased = False
-        try:
-            if lease:
-                got, raw = core.io().pipeline(
-                    [
-                        ("SET", entry_key + LEASE_SUFFIX, lease, "NX", "PX", LEASE_MS),
-                        ("MGET", entry_key, *plan.version_keys),
-                    ]
-                )
-                leased = bool(got)
-            else:
-                raw = core.io().mget([entry_key, *plan.version_keys])
-        except RedisError as exc:
-            core.redis_failed(exc)
-            core.counters.incr(region, "errors")
+        fetched = self._fetch([entry_key, *plan.version_keys], region, lease)
+        if fetched is None:
             return None
-        core.breaker.success()  # resets the failure count too
+        raw, leased = fetched
         entry, current = raw[0], raw[1:]
         numbers = None if None in current else self._counters(plan.version_keys, current, region)
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot
@@ -261,28 +324,29 @@ class ReadPath:
         if entry is not None and numbers is not None and expected in (None, current):
             found = self._parse(entry, numbers, plan, entry_key, region)
             if found is not None:
+                timing = stampede.Timing(found[1], found[2])
                 # the counters were read before any refresh's database read: a capture
-                expired = found[0][2] <= stampede.now_ms()
-                return Look(found, cast("list[bytes]", current), expired=expired, leased=leased)
+                expired = timing.expires_ms <= stampede.now_ms()
+                return Look((timing, found[0]), current, expired=expired, leased=leased)
         captured: list[bytes] | None = None
         if expected is not None:
             captured = None if None in expected else cast("list[bytes]", expected)
         elif numbers is not None or None in current:
             captured = self._captured(current, plan.version_keys)
-        return Look(None, captured, expired=False, leased=leased)
+        return Look(None, captured, leased=leased)
 
     def _parse(
         self, raw: bytes, current: list[int], plan: StatementPlan, entry_key: str, region: str
-    ) -> tuple[list[Any], Any] | None:
-        """The stamp and body of a valid entry; None when a write has retired it."""
+    ) -> tuple[Any, int, int] | None:
+        """The body, read time and expiry of a valid entry; None when a write retired it."""
         try:
-            stamp, body = _entry_payload(raw, list, owner=entry_key[len(plan.entry_prefix) :])
+            stamp, body = _query_entry(raw, entry_key[len(plan.entry_prefix) :])
         except (CodecError, ValueError, TypeError, IndexError) as exc:
             self._corrupt(entry_key, region, exc)
             return None
         if stamp[3:] != current:
             return None  # written since: a plain miss, the fill replaces it
-        return stamp, body
+        return body, stamp[1], stamp[2]
 
     def _serve(
         self,
@@ -291,8 +355,6 @@ class ReadPath:
         plan: StatementPlan,
         entry_key: str,
         region: str,
-        *,
-        count: bool = True,
     ) -> Result[Any] | None:
         core = self.core
         try:
@@ -300,8 +362,7 @@ class ReadPath:
         except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
             self._corrupt(entry_key, region, exc)
             return None
-        if count:
-            core.counters.incr(region, "hits", also=plan.scopes)
+        core.counters.incr(region, "hits", also=plan.scopes)
         return result
 
     def _take_lease(self, entry_key: str, lease_ms: int = LEASE_MS) -> str:
@@ -315,16 +376,7 @@ class ReadPath:
             return ""
         return token if got else ""
 
-    def _lease_or_wait(
-        self,
-        session: Session,
-        entry_key: str,
-        plan: StatementPlan,
-        region: str,
-        tx: TxState | None,
-        option: FromCache,
-        look: Look,
-    ) -> tuple[str, Result[Any] | None, Look]:
+    def _lease_or_wait(self, target: Target, look: Look) -> tuple[str, Result[Any] | None, Look]:
         """Take the fill lease, or wait for whoever holds it to fill.
 
         The lease is asked for in the same round trip as a second look at the entry: a
@@ -336,25 +388,25 @@ class ReadPath:
         core = self.core
         core.hook("before_lease")
         token = stampede.new_token()
-        again = self._look(entry_key, plan, region, tx, lease=token)
+        again = target.look(token)
         if again is None:
             return "", None, look
         if again.found is not None:
             if again.leased:
-                self._release(entry_key, token)
-            served = self._serve(session, again.found[1], plan, entry_key, region)
+                self._release(target.key, token)
+            served = target.serve(again.found[1])
             return "", served, again
         if again.leased:
             return token, None, again
-        core.counters.incr(region, "lease_waits", also=plan.scopes)
+        core.counters.incr(target.scope, "lease_waits", also=target.also)
         core.hook("lease_wait")
-        poller = stampede.Poller(option.lease_wait, sleep=core.io().sleep)
+        poller = stampede.Poller(target.lease_wait, sleep=core.io().sleep)
         while poller.wait():
-            seen = self._look(entry_key, plan, region, tx)
+            seen = target.look("")
             if seen is None:
                 break
             if seen.found is not None:
-                result = self._serve(session, seen.found[1], plan, entry_key, region)
+                result = target.serve(seen.found[1])
                 if result is not None:
                     return "", result, seen
         return "", None, again
@@ -429,7 +481,7 @@ class ReadPath:
         delta_ms: int,
         token: str,
         scope: str,
-    ) -> None:
+    ) -> bool:
         core = self.core
         live_ms = core.jittered_ms(ttl)
         # the stamp names the statement (an entry copied under another key is foreign),
@@ -441,7 +493,7 @@ class ReadPath:
             stampede.now_ms() + live_ms,
             *(int(v) for v in captured),
         ]
-        core.store(
+        return core.store(
             entry_key,
             pack([stamp, body]),
             list(plan.version_keys),
@@ -589,91 +641,144 @@ class ReadPath:
         if target is None:
             return None
         info, pk = target
-        mapper = info.mapper
         core = self.core
         session = orm_context.session
         tx = peek_tx_state(session)
         if tx is not None and info.table in tx.written_tables:
             return None
-        scope = "model:" + mapper.class_.__name__
+        scope = "model:" + info.mapper.class_.__name__
         try:
             key = core.keys.entity_key(info.table, info.schema_hash, pk_text(pk))
         except TypeError:
             return None
-        version_key = core.keys.version_key(info.table)
-        generation_key = core.keys.generation_key(info.table)
         if not self._trusted((info.table,)):
             core.counters.incr(scope, "bypassed")
             return None
-        try:
-            raw, version, generation = core.io().mget([key, version_key, generation_key])
-        except RedisError as exc:
-            core.redis_failed(exc)
-            core.counters.incr(scope, "errors")
-            return None
-        core.breaker.success()  # resets the failure count too
+        counters = [core.keys.version_key(info.table), core.keys.generation_key(info.table)]
         # under a pinned snapshot a missing counter reads as b"", which matches nothing
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot.get(info.table) or b""
-        usable = pinned is None or pinned == version
-        counters = [version_key, generation_key]
+        policy = info.policy or _DEFAULT_POLICY
+
+        def fill(
+            data: Any, preexisting: Any, captured: Sequence[bytes], delta: int, token: str
+        ) -> bool:
+            body = hydrate.extract_entity(data[0] if data else None, info, preexisting)
+            live_ms = core.jittered_ms(core.ttl_for_info(info))
+            stamp = [int(captured[1]), delta, stampede.now_ms() + live_ms]
+            return core.store(
+                key,
+                pack([stamp, body]),
+                counters[:1],
+                [core.keys.writers_key(info.table)],
+                captured[:1],
+                live_ms / 1000,
+                scope,
+                lease_token=token,
+                physical_ttl_ms=live_ms,
+            )
+
+        return self._read_through(
+            orm_context,
+            Target(
+                key=key,
+                scope=scope,
+                also=(),
+                look=lambda lease: self._entity_look(key, counters, pinned, scope, lease),
+                serve=lambda body: self._serve_entity(session, info, pk, body, key, scope),
+                fill=fill,
+                lease=True,
+                lease_wait=policy.lease_wait,
+                xfetch_beta=policy.xfetch_beta,
+                stale_ttl=0,
+            ),
+        )
+
+    def _entity_look(
+        self, key: str, counters: list[str], pinned: bytes | None, scope: str, lease: str
+    ) -> Look | None:
+        """One MGET of an entity entry, its table's version and generation."""
+        fetched = self._fetch([key, *counters], scope, lease)
+        if fetched is None:
+            return None
+        (entry, version, generation), leased = fetched
         numbers = (
             None
             if version is None or generation is None
             else self._counters(counters, [version, generation], scope)
         )
-        if raw is not None and numbers is not None and usable:
+        if entry is not None and numbers is not None and (pinned is None or pinned == version):
             try:
-                stored_generation, body = _entry_payload(raw, int)
-                if stored_generation == numbers[1]:
-                    result = hydrate.rehydrate_entity(session, info, body, pk)
-                    core.counters.incr(scope, "hits")
-                    return result
-            except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
+                stored_generation, timing, body = entity_entry(entry)
+            except (CodecError, ValueError, TypeError) as exc:
                 self._corrupt(key, scope, exc)
-        core.counters.incr(scope, "misses")
+            else:
+                if stored_generation == numbers[1]:
+                    expired = timing is not None and timing.expires_ms <= stampede.now_ms()
+                    return Look((timing, body), [version, generation], expired, leased)
         captured: list[bytes] | None = None
         if pinned is None:
             if numbers is not None or version is None or generation is None:
                 captured = self._captured([version, generation], counters)
         else:
             captured = [pinned, generation] if pinned and generation is not None else None
-        preexisting = hydrate.identity_snapshot(session)
-        frozen = orm_context.invoke_statement().freeze()
-        core.hook("after_database_read")
-        if captured is not None:
-            data = frozen.data
-            try:
-                body = hydrate.extract_entity(data[0] if data else None, info, preexisting)
-                core.store(
-                    key,
-                    pack([int(captured[1]), body]),
-                    [version_key],
-                    [core.keys.writers_key(info.table)],
-                    captured[:1],
-                    core.ttl_for_info(info),
-                    scope,
-                )
-            except (hydrate.NotCacheable, CodecError, ValueError) as exc:
-                log.debug("not caching %s: %s", key, exc)
-        return frozen()
+        return Look(None, captured, leased=leased)
+
+    def _serve_entity(
+        self,
+        session: Session,
+        info: ModelInfo,
+        pk: tuple[Any, ...],
+        body: Any,
+        key: str,
+        scope: str,
+    ) -> Result[Any] | None:
+        try:
+            result = hydrate.rehydrate_entity(session, info, body, pk)
+        except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
+            self._corrupt(key, scope, exc)
+            return None
+        self.core.counters.incr(scope, "hits")
+        return result
 
 
-def _entry_payload(raw: bytes, stamp_type: type, owner: str | None = None) -> tuple[Any, Any]:
-    """Unpack ``[stamp, body]``; anything else under our key is foreign (CodecError).
+def entity_entry(raw: bytes) -> tuple[int, stampede.Timing | None, Any]:
+    """The generation, timing and body of an entity entry; CodecError when foreign.
 
-    A query entry's stamp starts with its statement's digest (``owner``): an entry
-    copied under another statement's key is foreign too.
+    A read's fill stamps ``[generation, delta_ms, expires_ms]`` (for XFetch); a writer
+    (write-through, write-behind's scripts) stamps the bare generation: it read nothing,
+    so the entry is never refreshed early and simply expires with its TTL.
+
+    Example::
+
+        >>> entity_entry(pack([[7, 3, 1000], None]))
+        (7, Timing(delta_ms=3, expires_ms=1000), None)
     """
     payload = unpack(raw)
-    if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not stamp_type:
+    if type(payload) is not list or len(payload) != 2:
+        raise CodecError("not an entity entry of this cache")
+    stamp, body = payload
+    if type(stamp) is int:
+        return stamp, None, body
+    if type(stamp) is list and len(stamp) == 3 and all(type(v) is int for v in stamp):
+        return stamp[0], stampede.Timing(stamp[1], stamp[2]), body
+    raise CodecError("not an entity entry stamp")
+
+
+def _query_entry(raw: bytes, owner: str) -> tuple[list[Any], Any]:
+    """Unpack a query entry's ``[stamp, body]``; anything else is foreign (CodecError).
+
+    The stamp starts with its statement's digest (``owner``): an entry copied under
+    another statement's key is foreign too.
+    """
+    payload = unpack(raw)
+    if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not list:
         raise CodecError("not an entry of this cache")
-    stamp: Any = payload[0]
-    if owner is not None:
-        if len(stamp) < 3 or type(stamp[1]) is not int or type(stamp[2]) is not int:
-            raise CodecError("not a query entry stamp")
-        if stamp[0] != owner:
-            raise CodecError("the entry of another statement")
-    return payload[0], payload[1]
+    stamp: list[Any] = payload[0]
+    if len(stamp) < 3 or type(stamp[1]) is not int or type(stamp[2]) is not int:
+        raise CodecError("not a query entry stamp")
+    if stamp[0] != owner:
+        raise CodecError("the entry of another statement")
+    return stamp, payload[1]
 
 
 def _is_int(value: Any) -> bool:

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sa_redis_cache.codec import CodecError, unpack
+from sa_redis_cache.codec import CodecError
 from sa_redis_cache.keys import pk_text
 from sa_redis_cache.models import mapper_name
+from sa_redis_cache.reads import entity_entry
 
 from .common import Settings, common_options, resolve_model
 from .output import Block, Table, echo_json, human_ttl, int_or_none, render, text_or_dash
@@ -162,7 +163,7 @@ def inspect_row(settings: Settings, cls: type, texts: tuple[str, ...]) -> dict[s
         document.update(state="undecodable", detail="the model has no codec in this process")
         return document
     try:
-        stored_generation, body = _entity_payload(raw)
+        stored_generation, _timing, body = entity_entry(raw)
         document["stored_generation"] = stored_generation
         if body is not None:
             document.update(_entity_row(info, body, pk))
@@ -176,14 +177,6 @@ def inspect_row(settings: Settings, cls: type, texts: tuple[str, ...]) -> dict[s
         detail += "; the entry records that no such row exists"
     document.update(state=state, detail=detail)
     return document
-
-
-def _entity_payload(raw: bytes) -> tuple[int, Any]:
-    """``[generation, body]`` of an entity entry; anything else is foreign (CodecError)."""
-    payload = unpack(raw)
-    if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not int:
-        raise CodecError("not an entity entry of this cache")
-    return payload[0], payload[1]
 
 
 def _entity_row(info: ModelInfo, body: Any, pk: tuple[Any, ...]) -> dict[str, Any]:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from examples.shop import OrderLine, Product
+from examples.shop import Category, OrderLine, Product
 from sa_redis_cache import Cache, FromCache, stampede
+from sa_redis_cache.codec import CodecError, pack
+from sa_redis_cache.reads import entity_entry
 from tests.support import SQLCounter
 
 CALLERS = 64
@@ -156,3 +160,104 @@ def test_a_fill_landing_before_the_lease_is_asked_for_is_served(
         s.execute(stmt).all()
     assert nested["done"]
     assert sql.count == 1  # only the other caller's fill reached Postgres
+
+
+# -- the entity cache (session.get) ------------------------------------------------------
+
+
+def entity_key(cache: Cache, table: str) -> bytes:
+    return next(cache.client.scan_iter(match=f"sarc:{cache.namespace}:{{*:{table}}}:e:*"))
+
+
+def test_64_concurrent_entity_misses_send_one_query(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    hooks: dict[str, Any],
+    cache: Cache,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    info = cache._core.models.entity_infos[inspect(Category)]
+    monkeypatch.setattr(info, "policy", replace(Category.__cache__, lease_wait=TIMEOUT))
+    waiting = threading.Semaphore(0)
+    hooks["lease_wait"] = waiting.release
+
+    def hold_filler() -> None:
+        for _ in range(CALLERS - 1):
+            assert waiting.acquire(timeout=TIMEOUT)
+
+    hooks["after_database_read"] = hold_filler
+    sql.reset()
+    start = threading.Barrier(CALLERS)
+    names: list[str | None] = [None] * CALLERS
+
+    def call(i: int) -> None:
+        start.wait(TIMEOUT)
+        with session_factory() as s:
+            category = s.get(Category, 1)
+            names[i] = None if category is None else category.name
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(CALLERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not any(t.is_alive() for t in threads)
+    assert sql.count == 1
+    with sessionmaker(session_factory.kw["bind"])() as s:
+        expected = s.get_one(Category, 1).name
+    assert names == [expected] * CALLERS
+    model = cache.stats()["models"]["Category"]
+    assert model["lease_waits"] == CALLERS - 1
+    assert model["hits"] == CALLERS - 1
+
+
+def test_an_entity_entry_near_expiry_is_refreshed_by_one_caller(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    cache: Cache,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with session_factory() as s:
+        name = s.get_one(Category, 1).name  # fills, stamped with its read time and expiry
+    later = stampede.now_ms() + 3_600_000  # at the entry's logical expiry: due for sure
+    monkeypatch.setattr(stampede, "now_ms", lambda: later)
+    lease_key = entity_key(cache, "categories").decode() + ":lease"
+    cache.client.set(lease_key, "someone else", px=60_000)  # another caller is refreshing
+    sql.reset()
+    with session_factory() as s:
+        assert s.get_one(Category, 1).name == name  # served meanwhile
+    assert sql.count == 0
+    cache.client.delete(lease_key)
+    with session_factory() as s:
+        assert s.get_one(Category, 1).name == name  # this caller refreshes
+    assert sql.count == 1
+    assert cache.stats()["models"]["Category"]["early_refreshes"] == 1
+    assert cache.client.get(lease_key) is None  # the refresh's fill released the lease
+
+
+def test_a_write_through_entry_is_never_refreshed_early(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    cache: Cache,
+    product: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A writer stamps the bare generation: no read time is known, so no XFetch."""
+    with session_factory() as s:
+        s.get_one(Product, product).price = Decimal("2.50")
+        s.commit()  # write-through: the entity entry holds the new state
+    later = stampede.now_ms() + 3_600_000
+    monkeypatch.setattr(stampede, "now_ms", lambda: later)
+    sql.reset()
+    with session_factory() as s:
+        assert s.get_one(Product, product).price == Decimal("2.50")
+    assert sql.count == 0
+    assert cache.stats()["models"]["Product"]["early_refreshes"] == 0
+
+
+def test_entity_entry_stamps_of_both_writers_parse() -> None:
+    assert entity_entry(pack([7, None])) == (7, None, None)
+    assert entity_entry(pack([[7, 3, 1000], None])) == (7, stampede.Timing(3, 1000), None)
+    for foreign in ([[7, 3], None], [["7", 3, 1000], None], [7.0, None], [7]):
+        with pytest.raises(CodecError):
+            entity_entry(pack(foreign))
