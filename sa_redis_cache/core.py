@@ -25,6 +25,7 @@ from .keys import KeyScheme
 from .models import ModelInfo, ModelRegistry
 from .scripts import Scripts
 from .stats import Stats
+from .tracing import READ, Measurement
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -144,6 +145,44 @@ class CacheCore:
         if fn is not None:
             fn()
 
+    def measure(
+        self, scope: str | None, operation: str = READ, *, also: tuple[str, ...] = ()
+    ) -> Measurement:
+        """Start timing ``operation`` in ``scope``: a latency histogram, and a span if traced.
+
+        End it with ``done(outcome)``, or use it as a context manager; a read (the
+        default operation) is recorded under its outcome, ``hit``, ``miss`` or ``error``
+        (:class:`~sa_redis_cache.tracing.Measurement`).
+
+        Example::
+
+            m = core.measure("region:books", also=("model:Product",))
+            ...
+            m.done("hit")
+
+            with core.measure("model:Product", "invalidate"):
+                core.io().pipeline(commands)
+        """
+        return Measurement(self.counters, scope, operation, also, self.namespace)
+
+    def measure_tables(self, tables: Iterable[str], operation: str) -> Measurement:
+        """:meth:`measure` in the scopes of the models of ``tables`` (the total alone if none).
+
+        Example::
+
+            with core.measure_tables(["products", "categories"], "invalidate"):
+                ...
+        """
+        scopes = sorted(
+            {
+                "model:" + info.mapper.class_.__name__
+                for table in tables
+                if (info := self.models.by_table.get(table)) is not None
+            }
+        )
+        scope = scopes.pop(0) if scopes else None
+        return self.measure(scope, operation, also=tuple(scopes))
+
     def ttl_for_info(self, info: ModelInfo) -> float:
         """The model's TTL, or the cache default."""
         if info.policy is not None and info.policy.ttl is not None:
@@ -181,6 +220,7 @@ class CacheCore:
         if len(blob) > self.max_entry_bytes:
             self.counters.incr(scope, "oversize", also=also)
             return False
+        measured = self.measure(scope, "fill", also=also)
         try:
             stored = self.io().run_script(
                 self.scripts.fill,
@@ -188,9 +228,11 @@ class CacheCore:
                 [physical_ttl_ms or self.jittered_ms(ttl), blob, lease_token, *captured],
             )
         except RedisError as exc:
+            measured.done("error")
             self.redis_failed(exc)
             self.counters.incr(scope, "errors", also=also)
             return False
+        measured.done("stored" if stored else "refused")
         self.counters.incr(scope, "fills" if stored else "fill_refused", also=also)
         return bool(stored)
 

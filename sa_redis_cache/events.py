@@ -11,8 +11,8 @@
 A Redis failure on these paths never fails the application's transaction: the flush
 marks and version bumps make the cache refuse old fills, and the failure is counted.
 Their Redis calls go through ``core.io()``, so under ``AsyncSession`` they await the
-asyncio client and the event loop keeps running (write-behind's enqueue, in
-:mod:`sa_redis_cache.writebehind`, still uses the synchronous client).
+asyncio client and the event loop keeps running (so do write-behind's, in
+:mod:`sa_redis_cache.writebehind`).
 """
 
 from __future__ import annotations
@@ -294,6 +294,7 @@ class WritePath:
         core = self.core
         keys = core.keys
         channel = keys.prefix + "invalidations"
+        measured = core.measure_tables(tables, "invalidate")
         if core.undelivered:
             core.deliver_undelivered()
         calls = []
@@ -328,8 +329,10 @@ class WritePath:
                     )
                 )
             core.io().run_batch(calls)
+            measured.done("delivered")
             core.breaker.success()  # resets the failure count too
         except RedisError as exc:
+            measured.done("error")
             core.redis_failed(exc)
             core.counters.incr_total("errors")
             core.keep_undelivered(tables)

@@ -1,6 +1,7 @@
 """Prometheus metrics for a cache, read from its counters at scrape time.
 
-Nothing is added to the read path: a collector turns ``cache.stats()`` into metric
+Nothing is added to the read path: a collector turns ``cache.stats()`` and the latency
+histograms (:meth:`Stats.histograms <sa_redis_cache.stats.Stats.histograms>`) into metric
 families when Prometheus scrapes. Needs the ``prometheus`` extra
 (``pip install 'sa-redis-cache[prometheus]'``).
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .breaker import CLOSED, HALF_OPEN
-from .stats import COUNTERS
+from .stats import BUCKETS, COUNTERS
 from .worker.metrics import WorkerCollector, expose_worker
 
 __all__ = ["CacheCollector", "WorkerCollector", "expose", "expose_worker"]
@@ -33,6 +34,8 @@ class CacheCollector:
     Counters are ``sarc_<event>_total`` labelled by namespace, scope kind (model, region,
     function) and scope name; gauges give the breaker's state (0 closed, 0.5 half-open,
     1 open), how many times it opened, and the tables whose invalidations wait for Redis.
+    ``sarc_latency_seconds`` is a histogram with the same labels and ``operation`` (``hit``,
+    ``miss``, ``error``, ``fill``, ``invalidate``, ``write_behind_enqueue``).
 
     Example::
 
@@ -46,7 +49,11 @@ class CacheCollector:
 
     def collect(self) -> Iterator[Any]:
         """Build the metric families from the cache's counters (called at scrape time)."""
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
         namespace = self.cache.namespace
         snapshot = self.cache.stats()
@@ -61,6 +68,7 @@ class CacheCollector:
             family.add_metric([namespace, "total", ""], snapshot["total"].get(counter, 0))
             yield family
         core = self.cache._core
+        yield self._latency(HistogramMetricFamily, core.counters.histograms())
         breaker = core.breaker
         state = 0.0 if breaker.state is CLOSED else 0.5 if breaker.state is HALF_OPEN else 1.0
         yield _gauge(
@@ -84,6 +92,29 @@ class CacheCollector:
             namespace,
             len(core.undelivered),
         )
+
+    def _latency(self, family_type: Any, histograms: dict[str, Any]) -> Any:
+        family = family_type(
+            "sarc_latency_seconds",
+            "sa_redis_cache call latency by operation (a read by its outcome)",
+            labels=["namespace", "kind", "scope", "operation"],
+        )
+        bounds = [*map(str, BUCKETS), "+Inf"]
+        namespace = self.cache.namespace
+        scoped = [
+            (kind, name, operations)
+            for group, kind in _GROUPS
+            for name, operations in histograms[group].items()
+        ]
+        scoped.append(("total", "", histograms["total"]))
+        for kind, name, operations in scoped:
+            for operation, histogram in sorted(operations.items()):
+                family.add_metric(
+                    [namespace, kind, name, operation],
+                    list(zip(bounds, histogram.cumulative(), strict=True)),
+                    histogram.sum,
+                )
+        return family
 
 
 def _gauge(family_type: Any, name: str, documentation: str, namespace: str, value: float) -> Any:

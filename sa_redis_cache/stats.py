@@ -1,10 +1,11 @@
-"""Counters behind ``cache.stats()``, per model and per FromCache region."""
+"""Counters and latency histograms behind ``cache.stats()``, per model and per region."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from bisect import bisect_left
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +30,102 @@ COUNTERS = (
     "stale_served",
 )
 
+# upper bounds in seconds: a hit takes about 150 us, a miss a database read (milliseconds),
+# a call stuck on a Redis timeout 250 ms; the last bucket (+Inf) takes the rest
+BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+OPERATIONS = ("hit", "miss", "fill", "invalidate", "write_behind_enqueue")
+"""The operations timed by the library; a read that failed on Redis is timed as ``error``."""
+
+QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
 
 _TOTAL = "\x00total"
+_GROUPS = {"model": "models", "region": "regions", "function": "functions"}
+
+
+class Histogram:
+    """Observations of one operation in one scope: per-bucket counts, their sum and count.
+
+    ``counts[i]`` counts the observations in bucket ``i`` alone (at most ``BUCKETS[i]``,
+    above ``BUCKETS[i - 1]``); the last holds those above every bound.
+
+    Example::
+
+        >>> h = Histogram()
+        >>> h.add(bisect_left(BUCKETS, 0.0003), 0.0003)  # bucket 2: (0.00025, 0.0005]
+        >>> h.cumulative()[1:3], h.quantile(0.5)
+        ([0, 1], 0.000375)
+    """
+
+    __slots__ = ("count", "counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def add(self, slot: int, seconds: float) -> None:
+        """Count one observation of ``seconds`` in bucket ``slot`` (``bisect_left(BUCKETS, s)``)."""
+        self.counts[slot] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def copy(self) -> Histogram:
+        """An independent copy (snapshots are taken under the lock, read outside it)."""
+        other = Histogram()
+        other.counts = self.counts.copy()
+        other.sum = self.sum
+        other.count = self.count
+        return other
+
+    def cumulative(self) -> list[int]:
+        """Observations at most each bound of ``BUCKETS``, then all of them (``+Inf``)."""
+        out: list[int] = []
+        seen = 0
+        for n in self.counts:
+            seen += n
+            out.append(seen)
+        return out
+
+    def quantile(self, q: float) -> float | None:
+        """The ``q`` quantile, interpolated inside its bucket as Prometheus does; None if empty.
+
+        Observations above the last bound are reported at that bound: the estimate says
+        "at least 2.5 s" there, not how much more.
+        """
+        if not self.count:
+            return None
+        rank = q * self.count
+        seen = 0
+        lower = 0.0
+        for upper, n in zip(BUCKETS, self.counts, strict=False):
+            if n and seen + n >= rank:
+                return lower + (upper - lower) * (rank - seen) / n
+            seen += n
+            lower = upper
+        return BUCKETS[-1]
+
+    def summary(self) -> dict[str, Any]:
+        """``count``, ``sum`` (seconds) and the ``p50``, ``p95`` and ``p99`` estimates."""
+        out: dict[str, Any] = {"count": self.count, "sum": self.sum}
+        for name, q in QUANTILES:
+            out[name] = self.quantile(q)
+        return out
 
 
 class Stats:
@@ -56,6 +151,7 @@ class Stats:
         self._counts: defaultdict[str, defaultdict[str, int]] = defaultdict(
             lambda: defaultdict(int)
         )
+        self._latency: dict[tuple[str, str], Histogram] = {}
         self.warn_below = warn_below
         self.warn_min_lookups = warn_min_lookups
         self.warn_window = warn_window
@@ -110,13 +206,62 @@ class Stats:
                 extra={"sarc_scope": scope, "sarc_hit_rate": rate, "sarc_lookups": looked},
             )
 
+    def observe(
+        self, scope: str | None, operation: str, seconds: float, *, also: tuple[str, ...] = ()
+    ) -> None:
+        """Record that ``operation`` took ``seconds`` in ``scope`` (and the ``also`` scopes).
+
+        Counted once in the total, as :meth:`incr` does; ``scope`` None records in the
+        ``also`` scopes and the total only. :meth:`CacheCore.measure
+        <sa_redis_cache.core.CacheCore.measure>` times a call and calls this.
+
+        Example::
+
+            >>> s = Stats()
+            >>> s.observe("model:Product", "fill", 0.0004)
+            >>> s.snapshot()["latency"]["models"]["Product"]["fill"]["count"]
+            1
+        """
+        slot = bisect_left(BUCKETS, seconds)
+        names = (*also, _TOTAL) if scope is None else (scope, *also, _TOTAL)
+        with self._lock:
+            latency = self._latency
+            for name in names:
+                histogram = latency.get((name, operation))
+                if histogram is None:
+                    histogram = latency[name, operation] = Histogram()
+                histogram.add(slot, seconds)
+
+    def histograms(self) -> dict[str, Any]:
+        """Copies of the latency histograms, grouped as :meth:`snapshot` groups counters.
+
+        ``{"total": {operation: Histogram}, "models": {name: {operation: Histogram}},
+        "regions": {...}, "functions": {...}}``; the Prometheus collector exports these.
+        """
+        with self._lock:
+            copies = [(key, histogram.copy()) for key, histogram in self._latency.items()]
+        out: dict[str, Any] = {"total": {}, "models": {}, "regions": {}, "functions": {}}
+        for (scope, operation), histogram in copies:
+            if scope == _TOTAL:
+                out["total"][operation] = histogram
+                continue
+            kind, _, name = scope.partition(":")
+            group = out.setdefault(_GROUPS.get(kind, kind), {})
+            group.setdefault(name, {})[operation] = histogram
+        return out
+
     def incr_total(self, counter: str, amount: int = 1) -> None:
         """Count an event that belongs to no model or region (a failed commit script)."""
         with self._lock:
             self._counts[_TOTAL][counter] += amount
 
     def snapshot(self) -> dict[str, Any]:
-        """All counters with hit rates: ``{"total", "models", "regions", "functions"}``."""
+        """All counters with hit rates: ``{"total", "models", "regions", "functions"}``.
+
+        ``"latency"`` holds the histograms' summaries in the same groups:
+        ``{"total": {operation: summary}, "models": {name: {operation: summary}}, ...}``
+        with each summary as :meth:`Histogram.summary` gives it.
+        """
         with self._lock:
             counts = {scope: dict(values) for scope, values in self._counts.items()}
         total = counts.pop(_TOTAL, {})
@@ -126,16 +271,25 @@ class Stats:
             "regions": {},
             "functions": {},
         }
-        groups = {"model": "models", "region": "regions", "function": "functions"}
         for scope, values in counts.items():
             kind, _, name = scope.partition(":")
-            out.setdefault(groups.get(kind, kind), {})[name] = _with_rate(values)
+            out.setdefault(_GROUPS.get(kind, kind), {})[name] = _with_rate(values)
+        histograms = self.histograms()
+        latency: dict[str, Any] = {
+            "total": {op: h.summary() for op, h in histograms.pop("total").items()}
+        }
+        for group, scopes in histograms.items():
+            latency[group] = {
+                name: {op: h.summary() for op, h in ops.items()} for name, ops in scopes.items()
+            }
+        out["latency"] = latency
         return out
 
     def reset(self) -> None:
-        """Forget every counter."""
+        """Forget every counter and histogram."""
         with self._lock:
             self._counts.clear()
+            self._latency.clear()
 
 
 def _with_rate(values: dict[str, int]) -> dict[str, Any]:
