@@ -103,28 +103,33 @@ class CachedFunction(Generic[P, R]):
         key = self._lookup_key(args, kwargs)
         if key is None:
             return self._func(*args, **kwargs)
-        io = self._core.io()
-        try:
-            raw = io.get(key)
-        except RedisError as exc:
-            if not self._read_failed(key, exc):
-                return self._func(*args, **kwargs)
-            raw = None
-        outcome, value = self._decode(key, raw)
-        if outcome is _HIT:
-            return cast("R", value)
-        if outcome is _CORRUPT:
-            self._delete(key)
-        result = self._func(*args, **kwargs)
-        blob = self._blob(result)
-        if blob is not None:
+        # a latency histogram under the call's outcome, and a span when traced
+        with self._core.measure(self._scope) as measured:
+            io = self._core.io()
             try:
-                io.set(key, blob, px=self._ttl_ms())
+                raw = io.get(key)
             except RedisError as exc:
-                self._failed(exc)
-            else:
-                self._core.counters.incr(self._scope, "fills")
-        return result
+                if not self._read_failed(key, exc):
+                    measured.done("error")
+                    return self._func(*args, **kwargs)
+                raw = None
+            outcome, value = self._decode(key, raw)
+            if outcome is _HIT:
+                measured.done("hit")
+                return cast("R", value)
+            if outcome is _CORRUPT:
+                self._delete(key)
+            result = self._func(*args, **kwargs)
+            blob = self._blob(result)
+            if blob is not None:
+                try:
+                    io.set(key, blob, px=self._ttl_ms())
+                except RedisError as exc:
+                    self._failed(exc)
+                else:
+                    self._core.counters.incr(self._scope, "fills")
+            measured.done("miss")
+            return result
 
     # -- the steps both wrappers share; only their Redis calls differ ---------------------
 
@@ -244,28 +249,33 @@ class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
         key = self._lookup_key(args, kwargs)
         if key is None:
             return await self._func(*args, **kwargs)
-        client = self._core.async_client()
-        try:
-            raw = cast("bytes | None", await client.get(key))
-        except RedisError as exc:
-            if not self._read_failed(key, exc):
-                return await self._func(*args, **kwargs)
-            raw = None
-        outcome, value = self._decode(key, raw)
-        if outcome is _HIT:
-            return cast("T", value)
-        if outcome is _CORRUPT:
-            await self._adelete(key)
-        result = await self._func(*args, **kwargs)
-        blob = self._blob(result)
-        if blob is not None:
+        # a latency histogram under the call's outcome, and a span when traced
+        with self._core.measure(self._scope) as measured:
+            client = self._core.async_client()
             try:
-                await client.set(key, blob, px=self._ttl_ms())
+                raw = cast("bytes | None", await client.get(key))
             except RedisError as exc:
-                self._failed(exc)
-            else:
-                self._core.counters.incr(self._scope, "fills")
-        return result
+                if not self._read_failed(key, exc):
+                    measured.done("error")
+                    return await self._func(*args, **kwargs)
+                raw = None
+            outcome, value = self._decode(key, raw)
+            if outcome is _HIT:
+                measured.done("hit")
+                return cast("T", value)
+            if outcome is _CORRUPT:
+                await self._adelete(key)
+            result = await self._func(*args, **kwargs)
+            blob = self._blob(result)
+            if blob is not None:
+                try:
+                    await client.set(key, blob, px=self._ttl_ms())
+                except RedisError as exc:
+                    self._failed(exc)
+                else:
+                    self._core.counters.incr(self._scope, "fills")
+            measured.done("miss")
+            return result
 
     async def ainvalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Forget the cached result of one call without blocking; True if there was one."""

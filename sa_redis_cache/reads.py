@@ -224,8 +224,11 @@ class ReadPath:
         """
         core = self.core
         stats = core.counters
+        # a latency histogram under the read's outcome, and a span when traced
+        measured = core.measure(target.scope, also=target.also)
         look = target.look("")
         if look is None:
+            measured.done("error")
             return None
         token = ""
         if look.found is not None:
@@ -242,14 +245,17 @@ class ReadPath:
             if not refresh:
                 served = target.serve(body)
                 if served is not None:
+                    measured.done("hit")
                     return served
                 # unreadable: deleted by serve, so look again for what a fill needs
                 look = target.look("")
                 if look is None:
+                    measured.done("error")
                     return None
         if look.found is None and look.captured is not None and target.lease:
             token, waited, look = self._lease_or_wait(target, look)
             if waited is not None:
+                measured.done("hit")
                 return waited
         stats.incr(target.scope, "misses", also=target.also)
         preexisting = hydrate.identity_snapshot(orm_context.session)
@@ -258,6 +264,7 @@ class ReadPath:
             frozen = orm_context.invoke_statement().freeze()
         except BaseException:
             self._release(target.key, token)
+            measured.done("error")
             raise
         core.hook("after_database_read")
         filled = False
@@ -271,6 +278,7 @@ class ReadPath:
         if not filled:
             # the fill script releases the lease itself; an oversized or failed fill does not
             self._release(target.key, token)
+        measured.done("miss")
         return frozen()
 
     def _fetch(self, keys: list[str], scope: str, lease: str) -> tuple[list[Any], bool] | None:

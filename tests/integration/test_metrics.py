@@ -1,10 +1,12 @@
-"""The Prometheus exporter: scraped during a workload, its counters move."""
+"""The Prometheus exporter and ``cache.stats()``: during a workload, counters and latency
+histograms move."""
 
 from __future__ import annotations
 
 import re
 import urllib.request
 from collections.abc import Iterator
+from decimal import Decimal
 
 import pytest
 from prometheus_client import CollectorRegistry, start_http_server
@@ -15,6 +17,7 @@ from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.devservices import free_port
 from sa_redis_cache.metrics import CacheCollector
+from sa_redis_cache.stats import BUCKETS
 
 
 @pytest.fixture
@@ -66,3 +69,99 @@ def test_counters_move_during_a_workload(
     assert value(after, "sarc_hits_total", kind="model", scope="Product") >= 9
     assert value(after, "sarc_breaker_open", namespace=cache.namespace) == 0
     assert value(after, "sarc_undelivered_tables", namespace=cache.namespace) == 0
+
+
+def counts(cache: Cache, group: str, name: str | None = None) -> dict[str, int]:
+    """How many calls of each operation the latency histograms of one scope hold."""
+    latency = cache.stats()["latency"][group]
+    scope = latency if name is None else latency.get(name, {})
+    return {operation: summary["count"] for operation, summary in scope.items()}
+
+
+def test_latency_histograms_count_fills_and_invalidations(
+    session_factory: sessionmaker[Session], cache: Cache, product: int
+) -> None:
+    # the product fixture's insert went through the instrumented engine: one invalidation
+    before = counts(cache, "models", "Product")
+    with session_factory() as s:
+        s.get(Product, product)  # a miss: filled
+    with session_factory() as s:
+        row = s.get(Product, product)
+        assert row is not None
+        row.price = Decimal("2.00")
+        s.commit()  # the commit's invalidation
+    cache.invalidate_model(Product)
+    latency = cache.stats()["latency"]
+    fill = latency["models"]["Product"]["fill"]
+    assert fill["count"] == 1
+    assert fill["sum"] > 0
+    assert fill["p50"] is not None
+    assert fill["p50"] <= fill["p95"] <= fill["p99"]
+    assert counts(cache, "models", "Product") == {
+        "miss": before.get("miss", 0) + 1,  # the first get, its fill inside it
+        "hit": before.get("hit", 0) + 1,  # the second get
+        "fill": before.get("fill", 0) + 1,
+        "invalidate": before.get("invalidate", 0) + 2,
+    }
+    assert counts(cache, "total")["fill"] == before.get("fill", 0) + 1
+
+
+def test_reads_are_timed_under_their_outcome(
+    session_factory: sessionmaker[Session], cache: Cache
+) -> None:
+    stmt = select(Product).where(Product.category_id == 2).options(FromCache(region="pages"))
+    for _ in range(3):
+        with session_factory() as s:
+            s.scalars(stmt).all()  # a miss, then two hits
+
+    @cache.cached("square", ttl=60)
+    def square(x: int) -> int:
+        return x * x
+
+    assert [square(3), square(3)] == [9, 9]  # a miss, then a hit
+    latency = cache.stats()["latency"]
+    region = latency["regions"]["pages"]
+    assert (region["miss"]["count"], region["hit"]["count"]) == (1, 2)
+    assert region["hit"]["p50"] <= region["miss"]["p99"]
+    function = latency["functions"]["square"]
+    assert (function["miss"]["count"], function["hit"]["count"]) == (1, 1)
+
+
+def buckets(text: str, **labels: str) -> list[tuple[float, float]]:
+    """``(le, cumulative count)`` of ``sarc_latency_seconds`` with ``labels``, in order."""
+    out = []
+    for line in text.splitlines():
+        found = re.match(r"^sarc_latency_seconds_bucket\{(.*)\} (\S+)$", line)
+        if found is None:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1)))
+        if all(have.get(k) == v for k, v in labels.items()):
+            out.append((float(have["le"]), float(found.group(2))))
+    return out
+
+
+def test_latency_histograms_are_scraped(
+    session_factory: sessionmaker[Session], scrape: str, cache: Cache, product: int
+) -> None:
+    fill = {"kind": "model", "scope": "Product", "operation": "fill"}
+    with session_factory() as s:
+        s.get(Product, product)
+    before = get(scrape)
+    cache.invalidate(Product, product)
+    with session_factory() as s:
+        s.get(Product, product)  # filled again
+    after = get(scrape)
+    assert "# TYPE sarc_latency_seconds histogram" in after
+    for text, count in ((before, 1), (after, 2)):
+        found = buckets(text, **fill)
+        assert len(found) == len(BUCKETS) + 1
+        assert [le for le, _ in found] == [*BUCKETS, float("inf")]
+        assert [n for _, n in found] == sorted(n for _, n in found)  # cumulative
+        assert found[-1][1] == count
+        assert value(text, "sarc_latency_seconds_count", **fill) == count
+        assert value(text, "sarc_latency_seconds_sum", **fill) > 0
+    invalidate = {"kind": "model", "scope": "Product", "operation": "invalidate"}
+    # the product fixture's insert was invalidated too, through the instrumented engine
+    invalidated = value(before, "sarc_latency_seconds_count", **invalidate)
+    assert value(after, "sarc_latency_seconds_count", **invalidate) == invalidated + 1
+    assert value(after, "sarc_latency_seconds_count", kind="total", operation="fill") == 2
