@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import random
+import secrets
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,8 @@ _FAILURE_LOG_INTERVAL = 10.0
 COUNTER_TTL_MS = 7 * 24 * 3600 * 1000
 MAX_UNDELIVERED = 10_000
 LEASE_SUFFIX = ":lease"
+# never the start of an entry (codec.pack starts with b"\x01S"): a read sees a miss
+TOMBSTONE_PREFIX = b"\x01T:invalidated:"
 
 
 class CacheCore:
@@ -183,6 +186,22 @@ class CacheCore:
         scope = scopes.pop(0) if scopes else None
         return self.measure(scope, operation, also=tuple(scopes))
 
+    def tombstone(self, keys: Sequence[str], ttl_ms: int) -> int:
+        """Replace query entries with a fresh tombstone (``lua/tombstone.lua``).
+
+        A fill whose look came before this call finds a tombstone it did not see and is
+        refused; one that looked after it may store. Returns how many entries there were.
+        Raises ``RedisError``: the caller asked for this invalidation and must know.
+        """
+        if not keys:
+            return 0
+        marker = TOMBSTONE_PREFIX + secrets.token_hex(8).encode()
+        return int(
+            self.io().run_script(
+                self.scripts.tombstone, list(keys), [marker, ttl_ms, TOMBSTONE_PREFIX]
+            )
+        )
+
     def ttl_for_info(self, info: ModelInfo) -> float:
         """The model's TTL, or the cache default."""
         if info.policy is not None and info.policy.ttl is not None:
@@ -215,6 +234,7 @@ class CacheCore:
         also: tuple[str, ...] = (),
         lease_token: str = "",
         physical_ttl_ms: int | None = None,
+        seen_tombstone: bytes = b"",
     ) -> bool:
         """Compare-and-set fill (``lua/fill.lua``); False when refused, oversized or failed."""
         if len(blob) > self.max_entry_bytes:
@@ -225,7 +245,14 @@ class CacheCore:
             stored = self.io().run_script(
                 self.scripts.fill,
                 [key, key + LEASE_SUFFIX, *version_keys, *writers_keys],
-                [physical_ttl_ms or self.jittered_ms(ttl), blob, lease_token, *captured],
+                [
+                    physical_ttl_ms or self.jittered_ms(ttl),
+                    blob,
+                    lease_token,
+                    TOMBSTONE_PREFIX,
+                    seen_tombstone,
+                    *captured,
+                ],
             )
         except RedisError as exc:
             measured.done("error")

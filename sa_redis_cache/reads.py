@@ -25,7 +25,7 @@ from sqlalchemy.sql.type_api import TypeEngine
 
 from . import hydrate, stampede
 from .codec import CodecError, RowCodec, UncacheableType, pack, unpack
-from .core import LEASE_SUFFIX
+from .core import LEASE_SUFFIX, TOMBSTONE_PREFIX
 from .keys import Unfingerprintable, fingerprint, pk_text, values_digest
 from .options import FromCache
 from .policy import CachePolicy
@@ -62,6 +62,7 @@ class Look:
     captured: list[bytes] | None
     expired: bool = False
     leased: bool = False
+    tombstone: bytes = b""  # the invalidate_query() tombstone found instead of an entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ class Target:
 
     ``look(token)`` reads the entry and its counters, asking for the fill lease in the
     same round trip when given a token; ``serve(body)`` turns a body into the result
-    (None when unreadable: it deleted the entry); ``fill(data, preexisting, captured,
+    (None when unreadable: it deleted the entry); ``fill(data, preexisting, look,
     delta_ms, token)`` stores what the database returned, True when the script ran.
     """
 
@@ -79,7 +80,7 @@ class Target:
     also: tuple[str, ...]
     look: Callable[[str], Look | None]
     serve: Callable[[Any], Result[Any] | None]
-    fill: Callable[[Any, Any, Sequence[bytes], int, str], bool]
+    fill: Callable[[Any, Any, Look, int, str], bool]
     lease: bool
     lease_wait: float
     xfetch_beta: float
@@ -196,12 +197,10 @@ class ReadPath:
         session = orm_context.session
         core = self.core
 
-        def fill(
-            data: Any, preexisting: Any, captured: Sequence[bytes], delta: int, token: str
-        ) -> bool:
+        def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool:
             body = hydrate.extract(data, plan.shape, core.models.info_of, preexisting)
             ttl = option.ttl or core.ttl_for_tables(plan.tables)
-            return self._fill(entry_key, plan, captured, body, ttl, option, delta, token, region)
+            return self._fill(entry_key, plan, look, body, ttl, option, delta, token, region)
 
         target = Target(
             key=entry_key,
@@ -271,7 +270,7 @@ class ReadPath:
         if look.captured is not None:
             try:
                 delta = stampede.now_ms() - started
-                filled = target.fill(frozen.data, preexisting, look.captured, delta, token)
+                filled = target.fill(frozen.data, preexisting, look, delta, token)
             except (hydrate.NotCacheable, CodecError, ValueError) as exc:
                 log.debug("not caching %s: %s", target.key, exc)
                 stats.incr(target.scope, "uncacheable")
@@ -326,6 +325,9 @@ class ReadPath:
             return None
         raw, leased = fetched
         entry, current = raw[0], raw[1:]
+        tombstone = b""
+        if entry is not None and entry.startswith(TOMBSTONE_PREFIX):
+            tombstone, entry = entry, None  # invalidated: a miss whose fill may replace it
         numbers = None if None in current else self._counters(plan.version_keys, current, region)
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot
         expected = None if pinned is None else [pinned.get(t) for t in plan.table_names]
@@ -341,7 +343,7 @@ class ReadPath:
             captured = None if None in expected else cast("list[bytes]", expected)
         elif numbers is not None or None in current:
             captured = self._captured(current, plan.version_keys)
-        return Look(None, captured, leased=leased)
+        return Look(None, captured, leased=leased, tombstone=tombstone)
 
     def _parse(
         self, raw: bytes, current: list[int], plan: StatementPlan, entry_key: str, region: str
@@ -482,7 +484,7 @@ class ReadPath:
         self,
         entry_key: str,
         plan: StatementPlan,
-        captured: Sequence[bytes],
+        look: Look,
         body: Any,
         ttl: float,
         option: FromCache,
@@ -491,6 +493,7 @@ class ReadPath:
         scope: str,
     ) -> bool:
         core = self.core
+        captured = cast("list[bytes]", look.captured)
         live_ms = core.jittered_ms(ttl)
         # the stamp names the statement (an entry copied under another key is foreign),
         # says how long the read took and when the entry expires logically (XFetch,
@@ -512,6 +515,7 @@ class ReadPath:
             also=plan.scopes,
             lease_token=token,
             physical_ttl_ms=live_ms + int(option.stale_ttl * 1000),
+            seen_tombstone=look.tombstone,
         )
 
     def entry_key(
@@ -667,9 +671,8 @@ class ReadPath:
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot.get(info.table) or b""
         policy = info.policy or _DEFAULT_POLICY
 
-        def fill(
-            data: Any, preexisting: Any, captured: Sequence[bytes], delta: int, token: str
-        ) -> bool:
+        def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool:
+            captured = cast("list[bytes]", look.captured)
             body = hydrate.extract_entity(data[0] if data else None, info, preexisting)
             live_ms = core.jittered_ms(core.ttl_for_info(info))
             stamp = [int(captured[1]), delta, stampede.now_ms() + live_ms]

@@ -6,15 +6,22 @@
 -- ARGV[1]: TTL in milliseconds
 -- ARGV[2]: the encoded entry
 -- ARGV[3]: the caller's lease token, or '' when it holds no lease
--- ARGV[4 .. n+3]: the counter values captured before the database read
--- Returns: 1 when stored; 0 when a counter moved or a writer is in flight (the value
---          read from the database may be older than a committed write)
+-- ARGV[4]: the prefix of an invalidation tombstone (see lua/tombstone.lua)
+-- ARGV[5]: the tombstone the caller found under KEYS[1] before its read, or ''
+-- ARGV[6 .. n+5]: the counter values captured before the database read
+-- Returns: 1 when stored; 0 when a counter moved, a writer is in flight, or the entry was
+--          invalidated since the caller looked (the value read from the database may be
+--          older than a committed write)
 local n = (#KEYS - 2) / 2
 if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then
   redis.call('DEL', KEYS[2])
 end
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[5] and string.sub(current, 1, #ARGV[4]) == ARGV[4] then
+  return 0
+end
 for i = 1, n do
-  if redis.call('GET', KEYS[2 + i]) ~= ARGV[3 + i] then
+  if redis.call('GET', KEYS[2 + i]) ~= ARGV[5 + i] then
     return 0
   end
 end
