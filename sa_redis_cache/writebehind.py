@@ -25,6 +25,10 @@ write-behind model (``session.get``, a many-to-one lazy load, a refresh of expir
 attributes) is served from the transaction's own unqueued operations, then from the row's
 pending key, and only then by the ordinary read path. Every process therefore reads its own
 and everybody's queued writes at once, whatever happened to the entity entries meanwhile.
+
+Both Redis calls (the enqueue and the pending-key lookup) go through ``core.io()``: under
+``AsyncSession`` they await the asyncio client through SQLAlchemy's greenlet bridge, so a
+write-behind commit or read never blocks the event loop (:mod:`sa_redis_cache.io`).
 """
 
 from __future__ import annotations
@@ -269,7 +273,8 @@ class WriteBehind:
         if not ops:
             return
         try:
-            self.enqueue(ops)
+            with self.core.measure_tables({op.info.table for op in ops}, "write_behind_enqueue"):
+                self.enqueue(ops)
         except RedisError as exc:
             self.core.counters.incr_total("errors")
             _revert(session, ops, None)
@@ -310,7 +315,7 @@ class WriteBehind:
             ]
             op_args += [index[table], op.kind, op.pk, info.schema_hash, op.data]
         starts = [random.getrandbits(62) for _ in tables]
-        ids = core.scripts.run(
+        ids = core.io().run_script(
             core.scripts.wb_enqueue,
             [*(keys.generation_key(t) for t in tables), *op_keys],
             [len(tables), HEADER, core.counter_ttl_ms, *starts, *op_args],
@@ -354,7 +359,7 @@ class WriteBehind:
         key = pending_key(core.keys, info.table, info.schema_hash, pk)
         scope = "model:" + info.mapper.class_.__name__
         try:
-            raw = core.client.get(key)
+            raw = core.io().get(key)
         except RedisError as exc:
             core.redis_failed(exc)
             core.counters.incr(scope, "errors")

@@ -6,8 +6,11 @@ and calls ``scalars``, ``get``, ``commit``... on them, the same code in both mod
 * ``sync``: the scenario runs as is, on a sync engine and a ``sessionmaker``;
 * ``async``: the scenario runs inside ``greenlet_spawn`` under ``asyncio.run``, on an async
   engine (``postgresql+psycopg_async``) and an ``async_sessionmaker``; each facade method
-  awaits the ``AsyncSession`` method through SQLAlchemy's greenlet bridge, so the cache's
-  hooks run exactly as under ``await session.scalars(...)`` in an application.
+  that does I/O awaits the ``AsyncSession`` method through SQLAlchemy's greenlet bridge,
+  so the cache's hooks run exactly as under ``await session.scalars(...)`` in an
+  application. The others (``expire``, ``no_autoflush``, ``in``...) act on the synchronous
+  session underneath, as ``AsyncSession`` itself does; lazy loads work too, since the
+  scenario runs in a SQLAlchemy greenlet.
 
 Test hooks (``db.cache._core.hooks``) run inside the session's own greenlet under asyncio,
 so a hook may open another ``db.session()`` (e.g. to commit a write between a miss's
@@ -20,19 +23,23 @@ async mode the synchronous client must make none (the cache used the asyncio cli
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
 import sqlalchemy as sa
+from sqlalchemy import select
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.util import greenlet_spawn
 
-from sa_redis_cache import Cache
+from examples.shop import Product
+from sa_redis_cache import Cache, FromCache
 from tests.support import SQLCounter
 
 try:  # SQLAlchemy 2.1
@@ -51,30 +58,78 @@ def async_url(database_url: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def _rows(result: Any) -> list[Any]:
+    """The rows of a result; none for a statement that returns none (DML).
+
+    Only a database cursor's result can return no rows: one served by the cache is an
+    ``IteratorResult``, without ``returns_rows``.
+    """
+    if isinstance(result, CursorResult) and not result.returns_rows:
+        return []
+    return list(result.all())
+
+
+class Savepoint:
+    """A savepoint of a facade's session (``begin_nested()``).
+
+    ``commit()`` releases it and ``rollback()`` rolls it back; as a context manager it is
+    released at the end of the block, or rolled back when the block raises.
+    """
+
+    def __init__(self, commit: Callable[[], None], rollback: Callable[[], None]) -> None:
+        self.commit = commit
+        self.rollback = rollback
+
+    def __enter__(self) -> Savepoint:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+
 class SyncFacade:
     """The scenario's view of a ``Session``."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def scalars(self, stmt: Any, **kw: Any) -> list[Any]:
-        return list(self.session.scalars(stmt, **kw).all())
+    def scalars(
+        self, stmt: Any, params: Any = None, *, unique: bool = False, **kw: Any
+    ) -> list[Any]:
+        result = self.session.scalars(stmt, params, **kw)
+        return list((result.unique() if unique else result).all())
 
-    def execute(self, stmt: Any, **kw: Any) -> list[Any]:
-        result = self.session.execute(stmt, **kw)
-        return list(result.all()) if result.returns_rows else []
+    def scalar(self, stmt: Any, params: Any = None, **kw: Any) -> Any:
+        return self.session.scalar(stmt, params, **kw)
+
+    def execute(self, stmt: Any, params: Any = None, **kw: Any) -> list[Any]:
+        result = self.session.execute(stmt, params, **kw)
+        return _rows(result)
 
     def get(self, model: Any, pk: Any, **kw: Any) -> Any:
         return self.session.get(model, pk, **kw)
 
-    def add(self, obj: Any) -> None:
+    def refresh(self, obj: object) -> None:
+        self.session.refresh(obj)
+
+    def add(self, obj: object) -> None:
         self.session.add(obj)
 
-    def delete(self, obj: Any) -> None:
+    def add_all(self, objs: Iterable[object]) -> None:
+        self.session.add_all(objs)
+
+    def delete(self, obj: object) -> None:
         self.session.delete(obj)
 
     def flush(self) -> None:
         self.session.flush()
+
+    def begin_nested(self) -> Savepoint:
+        tx = self.session.begin_nested()
+        return Savepoint(tx.commit, tx.rollback)
 
     def commit(self) -> None:
         self.session.commit()
@@ -85,31 +140,67 @@ class SyncFacade:
     def close(self) -> None:
         self.session.close()
 
+    # -- no I/O: the same on the synchronous session under an AsyncSession ------------------
+
+    def expire(self, obj: object) -> None:
+        self.session.expire(obj)
+
+    def expunge_all(self) -> None:
+        self.session.expunge_all()
+
+    @property
+    def no_autoflush(self) -> AbstractContextManager[Session]:
+        return self.session.no_autoflush
+
+    @property
+    def dirty(self) -> Any:
+        return self.session.dirty
+
+    def __contains__(self, obj: object) -> bool:
+        return obj in self.session
+
 
 class AsyncFacade(SyncFacade):
-    """The scenario's view of an ``AsyncSession``: each call awaits the async method."""
+    """The scenario's view of an ``AsyncSession``: each call that does I/O awaits it."""
 
     def __init__(self, session: AsyncSession) -> None:
+        super().__init__(session.sync_session)
         self.asession = session
 
-    def scalars(self, stmt: Any, **kw: Any) -> list[Any]:
-        return list(await_(self.asession.scalars(stmt, **kw)).all())
+    def scalars(
+        self, stmt: Any, params: Any = None, *, unique: bool = False, **kw: Any
+    ) -> list[Any]:
+        result = await_(self.asession.scalars(stmt, params, **kw))
+        return list((result.unique() if unique else result).all())
 
-    def execute(self, stmt: Any, **kw: Any) -> list[Any]:
-        result = await_(self.asession.execute(stmt, **kw))
-        return list(result.all()) if result.returns_rows else []
+    def scalar(self, stmt: Any, params: Any = None, **kw: Any) -> Any:
+        return await_(self.asession.scalar(stmt, params, **kw))
+
+    def execute(self, stmt: Any, params: Any = None, **kw: Any) -> list[Any]:
+        result = await_(self.asession.execute(stmt, params, **kw))
+        return _rows(result)
 
     def get(self, model: Any, pk: Any, **kw: Any) -> Any:
         return await_(self.asession.get(model, pk, **kw))
 
-    def add(self, obj: Any) -> None:
+    def refresh(self, obj: object) -> None:
+        await_(self.asession.refresh(obj))
+
+    def add(self, obj: object) -> None:
         self.asession.add(obj)
 
-    def delete(self, obj: Any) -> None:
+    def add_all(self, objs: Iterable[object]) -> None:
+        self.asession.add_all(objs)
+
+    def delete(self, obj: object) -> None:
         await_(self.asession.delete(obj))
 
     def flush(self) -> None:
         await_(self.asession.flush())
+
+    def begin_nested(self) -> Savepoint:
+        tx = await_(self.asession.begin_nested())
+        return Savepoint(lambda: await_(tx.commit()), lambda: await_(tx.rollback()))
 
     def commit(self) -> None:
         await_(self.asession.commit())
@@ -140,6 +231,15 @@ class Db:
         finally:
             facade.close()
 
+    def invalidate(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``cache.<method>(...)`` in the sync mode, ``await cache.a<method>(...)`` in async.
+
+        ``method`` is ``"invalidate"``, ``"invalidate_model"`` or ``"invalidate_query"``.
+        """
+        if self.mode == "sync":
+            return getattr(self.cache, method)(*args, **kwargs)
+        return await_(getattr(self.cache, "a" + method)(*args, **kwargs))
+
 
 def _count_sync(client: redis.Redis, counts: dict[str, int]) -> None:
     pool = client.connection_pool
@@ -154,7 +254,7 @@ def _count_sync(client: redis.Redis, counts: dict[str, int]) -> None:
 
 def _count_async(client: redis.asyncio.Redis, counts: dict[str, int]) -> None:
     pool = client.connection_pool
-    original = pool.get_connection
+    original: Any = pool.get_connection  # untyped in redis.asyncio
 
     async def counting(*args: Any, **kwargs: Any) -> Any:
         counts["async"] += 1
@@ -167,8 +267,16 @@ def _count_async(client: redis.asyncio.Redis, counts: dict[str, int]) -> None:
 class Runner:
     """Runs scenarios in one mode against one database and one Redis namespace.
 
-    ``expect_sync_redis``: the scenario uses a path that keeps the synchronous client under
-    asyncio (write-behind); otherwise the async mode asserts it made no sync round trip.
+    Each call makes its own engine, Redis clients and cache (attached to a session
+    factory) and disposes of them at the end: two calls are two processes, as far as the
+    cache can tell. In the async mode the call fails when the scenario made a round trip
+    on the synchronous Redis client, or none on the asyncio one. ``cache_kwargs``,
+    ``engine_kwargs`` and ``session_kwargs`` go to ``Cache``, the engine and the factory
+    (``dataclasses.replace(in_mode, cache_kwargs=...)`` in a test).
+
+    Example::
+
+        result, db = Runner("async", database_url, redis_url, namespace)(scenario)
     """
 
     mode: str
@@ -176,17 +284,16 @@ class Runner:
     redis_url: str
     namespace: str
     cache_kwargs: dict[str, Any] = field(default_factory=dict)
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
     session_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def __call__(
-        self, scenario: Callable[[Db], T], *, expect_sync_redis: bool = False
-    ) -> tuple[T, Db]:
+    def __call__(self, scenario: Callable[[Db], T]) -> tuple[T, Db]:
         if self.mode == "sync":
             return self._sync(scenario)
-        return asyncio.run(self._async(scenario, expect_sync_redis=expect_sync_redis))
+        return asyncio.run(self._async(scenario))
 
     def _sync(self, scenario: Callable[[Db], T]) -> tuple[T, Db]:
-        engine = sa.create_engine(self.database_url)
+        engine = sa.create_engine(self.database_url, **self.engine_kwargs)
         client = redis.Redis.from_url(self.redis_url)
         cache = Cache(client, namespace=self.namespace, **self.cache_kwargs)
         sql = SQLCounter()
@@ -202,8 +309,8 @@ class Runner:
             client.close()
             engine.dispose()
 
-    async def _async(self, scenario: Callable[[Db], T], *, expect_sync_redis: bool) -> tuple[T, Db]:
-        engine = create_async_engine(async_url(self.database_url))
+    async def _async(self, scenario: Callable[[Db], T]) -> tuple[T, Db]:
+        engine = create_async_engine(async_url(self.database_url), **self.engine_kwargs)
         client = redis.Redis.from_url(self.redis_url)
         aclient = redis.asyncio.Redis.from_url(self.redis_url)
         cache = Cache(client, async_client=aclient, namespace=self.namespace, **self.cache_kwargs)
@@ -221,9 +328,34 @@ class Runner:
             client.close()
             await aclient.aclose()
             await engine.dispose()
-        if not expect_sync_redis:
-            assert db.round_trips["async"] > 0, "the asyncio client was never used"
-            assert db.round_trips["sync"] == 0, (
-                f"{db.round_trips['sync']} Redis round trip(s) blocked the event loop"
-            )
+        assert db.round_trips["async"] > 0, "the asyncio client was never used"
+        assert db.round_trips["sync"] == 0, (
+            f"{db.round_trips['sync']} Redis round trip(s) blocked the event loop"
+        )
         return result, db
+
+
+# -- shop helpers shared by the scenarios -------------------------------------------------
+
+
+def set_price(db: Db, pid: int, price: str) -> None:
+    """Commit a new price for product ``pid`` (read with ``populate_existing``)."""
+    with db.session() as s:
+        p = s.get(Product, pid, populate_existing=True)
+        p.price = Decimal(price)
+        s.commit()
+
+
+def cached_price(db: Db, pid: int) -> Decimal:
+    """Product ``pid``'s price through ``FromCache``, in a fresh session."""
+    stmt = select(Product).where(Product.id == pid).options(FromCache())
+    with db.session() as s:
+        price: Decimal = s.scalars(stmt)[0].price
+        return price
+
+
+def db_price(db: Db, pid: int) -> Decimal:
+    """Product ``pid``'s price as the database holds it (no ``FromCache``: read there)."""
+    with db.session() as s:
+        price: Decimal = s.scalar(select(Product.price).where(Product.id == pid))
+        return price

@@ -1,4 +1,9 @@
-"""Fixtures for the integration tests: the example shop, a cache on it, and a SQL counter."""
+"""Fixtures for the integration tests: the example shop, a cache on it, and a SQL counter.
+
+``in_mode`` runs one scenario with a ``Session`` and with an ``AsyncSession``
+(:mod:`tests.modes`); a module whose scenarios need another Redis server overrides
+``mode_redis_url``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from examples.shop import Base, Product, seed
 from sa_redis_cache import Cache
+from tests.modes import MODES, Runner
 from tests.support import SQLCounter
 
 if TYPE_CHECKING:
@@ -68,3 +74,21 @@ def sql(shop_engine: sa.Engine) -> Iterator[SQLCounter]:
     sa.event.listen(shop_engine, "before_cursor_execute", counter)
     yield counter
     sa.event.remove(shop_engine, "before_cursor_execute", counter)
+
+
+@pytest.fixture
+def mode_redis_url(redis_url: str) -> str:
+    """The Redis server of ``in_mode``'s caches (a module may override this fixture)."""
+    return redis_url
+
+
+@pytest.fixture(params=MODES)
+def in_mode(
+    request: pytest.FixtureRequest,
+    database_url: str,
+    mode_redis_url: str,
+    namespace: str,
+    shop_engine: sa.Engine,
+) -> Runner:
+    """Runs a scenario with a ``Session`` (sync) or an ``AsyncSession`` (async)."""
+    return Runner(request.param, database_url, mode_redis_url, namespace)

@@ -1,9 +1,13 @@
-"""The cache under ``AsyncSession``: the same scenarios in both modes, and a free event loop.
+"""The cache under ``AsyncSession``: what only asyncio has, and a free event loop.
 
-Reads, consistency and write-behind scenarios run through one parametrised fixture
-(``in_mode``, see :mod:`tests.modes`) with a ``Session`` and with an ``AsyncSession``; in the
-async mode every scenario also checks that the synchronous Redis client made no round
-trip (except write-behind's enqueue, which keeps it for now).
+The reads, consistency and write-behind scenarios run through one parametrised fixture
+(``in_mode``, see :mod:`tests.modes`) with a ``Session`` and with an ``AsyncSession``, in
+``test_reads.py``, ``test_interleavings.py``, ``test_write_behind.py`` and
+``test_worker.py``; in the async mode every scenario also checks that the synchronous
+Redis client made no round trip. The tests here are about asyncio itself: Redis
+failures and script reloads in both modes, Core DML on an ``AsyncEngine``, write-behind's
+round trips, the awaitable ``ainvalidate*`` methods, a free event loop, per-loop clients,
+and ``cache.cached`` on ``async def``.
 
 The event-loop tests talk to Redis through a proxy that delays every reply
 (:mod:`tests.slow_proxy`): a Redis call made synchronously inside the loop would stop a
@@ -17,8 +21,7 @@ import inspect
 import itertools
 import re
 import secrets
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,13 +32,13 @@ import redis.asyncio
 import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from examples import async_shop
-from examples.shop import Category, Customer, Product
+from examples.shop import Category, Product
 from sa_redis_cache import Cache, ConfigurationError, FromCache, schema
 from sa_redis_cache.devservices import RedisServer, Services
-from tests.modes import MODES, Db, Runner, async_url
+from tests.modes import MODES, Db, Runner, SyncFacade, async_url, cached_price, set_price
 from tests.slow_proxy import SlowProxy
 from tests.wb_support import private_models
 
@@ -45,163 +48,7 @@ except ImportError:  # SQLAlchemy 2.0
     from sqlalchemy.util import await_only as await_
 
 
-@pytest.fixture(params=MODES)
-def in_mode(
-    request: pytest.FixtureRequest,
-    database_url: str,
-    redis_url: str,
-    namespace: str,
-    shop_engine: Any,
-) -> Runner:
-    """Runs a scenario with a ``Session`` (sync) or an ``AsyncSession`` (async)."""
-    return Runner(request.param, database_url, redis_url, namespace)
-
-
-def set_price(db: Db, pid: int, price: str) -> None:
-    with db.session() as s:
-        p = s.get(Product, pid, populate_existing=True)
-        p.price = Decimal(price)
-        s.commit()
-
-
-def cached_price(db: Db, pid: int) -> Decimal:
-    stmt = select(Product).where(Product.id == pid).options(FromCache())
-    with db.session() as s:
-        price: Decimal = s.scalars(stmt)[0].price
-        return price
-
-
-# -- reads ---------------------------------------------------------------------------------
-
-
-def test_from_cache_hit_sends_no_sql(in_mode: Runner) -> None:
-    def scenario(db: Db) -> None:
-        stmt = select(Product).where(Product.id < 6).order_by(Product.id).options(FromCache())
-        counts, rows = [], []
-        for _ in range(2):
-            db.sql.reset()
-            with db.session() as s:
-                rows.append(
-                    [
-                        (p.id, p.name, p.price, p.status, p.attributes, p.created_at)
-                        for p in s.scalars(stmt)
-                    ]
-                )
-            counts.append(db.sql.count)
-        assert counts == [1, 0]
-        assert rows[0] == rows[1]
-        assert len(rows[0]) == 5
-        assert db.cache.stats()["regions"]["default"]["hits"] == 1
-
-    in_mode(scenario)
-
-
-def test_an_eager_graph_is_served_with_its_parent(in_mode: Runner) -> None:
-    def scenario(db: Db) -> None:
-        stmt = (
-            select(Category)
-            .where(Category.id.in_([1, 2]))
-            .order_by(Category.id)
-            .options(selectinload(Category.products), FromCache())
-        )
-        graphs, counts = [], []
-        for _ in range(2):
-            db.sql.reset()
-            with db.session() as s:
-                cats = s.scalars(stmt)
-                graphs.append([(c.name, sorted((p.id, p.price) for p in c.products)) for c in cats])
-            counts.append(db.sql.count)
-        assert counts == [2, 0]  # parents and their selectinload; then nothing at all
-        assert graphs[0] == graphs[1]
-        assert all(products for _, products in graphs[0])
-
-    in_mode(scenario)
-
-
-def test_session_get_reads_the_entity_cache(in_mode: Runner, shop_engine: sa.Engine) -> None:
-    with Session(shop_engine) as s:
-        customer_id = s.scalars(select(Customer.id).order_by(Customer.email).limit(1)).one()
-
-    def scenario(db: Db) -> None:
-        seen, counts = [], []
-        for _ in range(2):
-            db.sql.reset()
-            with db.session() as s:
-                c = s.get(Customer, customer_id)
-                seen.append((c.id, c.email, c.name))
-            counts.append(db.sql.count)
-        assert counts == [1, 0]
-        assert seen[0] == seen[1]
-        assert isinstance(seen[0][0], uuid.UUID)
-
-    in_mode(scenario)
-
-
-# -- consistency ---------------------------------------------------------------------------
-
-
-def test_a_commit_invalidates_what_it_wrote(in_mode: Runner, product: int) -> None:
-    def scenario(db: Db) -> None:
-        assert cached_price(db, product) == Decimal("1.00")
-        assert cached_price(db, product) == Decimal("1.00")  # a hit
-        set_price(db, product, "2.00")
-        db.sql.reset()
-        assert cached_price(db, product) == Decimal("2.00")  # read after write
-        with db.session() as s:
-            assert s.get(Product, product).price == Decimal("2.00")  # written through
-
-    in_mode(scenario)
-
-
-@pytest.mark.parametrize("read", ["query", "entity"])
-def test_a_fill_that_read_before_a_commit_is_refused(
-    in_mode: Runner, product: int, read: str
-) -> None:
-    """The stale set: a write commits between a miss's database read and its fill."""
-
-    def load(db: Db) -> Decimal:
-        if read == "query":
-            return cached_price(db, product)
-        with db.session() as s:
-            price: Decimal = s.get(Product, product).price
-            return price
-
-    def scenario(db: Db) -> None:
-        hooks = db.cache._core.hooks
-        fired: list[str] = []
-
-        def write_in_between() -> None:
-            hooks.clear()  # once
-            fired.append("write")
-            set_price(db, product, "3.00")
-
-        hooks["after_database_read"] = write_in_between
-        assert load(db) == Decimal("1.00")  # read before the commit: old, but not stored
-        assert fired == ["write"]
-        assert load(db) == Decimal("3.00")
-        assert load(db) == Decimal("3.00")
-        stats = db.cache.stats()["total"]
-        assert stats["fill_refused"] >= 1
-
-    in_mode(scenario)
-
-
-def test_a_rollback_leaves_the_cache_as_it_was(in_mode: Runner, product: int) -> None:
-    def scenario(db: Db) -> None:
-        assert cached_price(db, product) == Decimal("1.00")
-        with db.session() as s:
-            p = s.get(Product, product)
-            p.price = Decimal("5.00")
-            s.flush()  # marked in Redis: no fill is accepted meanwhile
-            s.rollback()
-        fills = db.cache.stats()["total"]["fills"]
-        assert cached_price(db, product) == Decimal("1.00")
-        assert db.cache.stats()["total"]["fills"] == fills + 1  # the marks were released
-        db.sql.reset()
-        assert cached_price(db, product) == Decimal("1.00")
-        assert db.sql.count == 0
-
-    in_mode(scenario)
+# -- failures ------------------------------------------------------------------------------
 
 
 def test_noscript_after_script_flush_reloads(
@@ -302,33 +149,43 @@ def aof_redis() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_write_behind_reads_its_own_writes(
-    mode: str, database_url: str, engine: sa.Engine, aof_redis: RedisServer, namespace: str
+def test_write_behind_awaits_the_asyncio_client(
+    database_url: str, engine: sa.Engine, aof_redis: RedisServer, namespace: str
 ) -> None:
-    """Queued writes are read back at once, without SQL; the enqueue is still synchronous."""
+    """Write-behind's enqueue at commit and its queued-state lookup await the asyncio client.
+
+    The async runner fails on any round trip of the synchronous client; each step here
+    must also make its own on the asyncio one (``test_write_behind.py`` runs the other
+    write-behind scenarios in both modes).
+    """
     schema.upgrade(engine)
     with private_models() as (page_view, _):
         page_view.metadata.create_all(engine)
-        run = Runner(mode, database_url, aof_redis.url, namespace)
+        run = Runner("async", database_url, aof_redis.url, namespace)
 
         def scenario(db: Db) -> None:
+            def awaited(step: Callable[[], Any]) -> Any:
+                before = db.round_trips["async"]
+                result = step()
+                assert db.round_trips["sync"] == 0
+                assert db.round_trips["async"] > before
+                return result
+
             with db.session() as s:
                 view = page_view(path="/async", views=3)
                 s.add(view)
-                s.commit()
+                awaited(s.commit)  # the enqueue
                 pk = view.id
-            db.sql.reset()
             with db.session() as s:
-                got = s.get(page_view, pk)
+                got = awaited(lambda: s.get(page_view, pk))  # the pending state
                 assert (got.path, got.views) == ("/async", 3)
                 got.views = 4
-                s.commit()
+                awaited(s.commit)
             with db.session() as s:
-                assert s.get(page_view, pk).views == 4
+                assert awaited(lambda: s.get(page_view, pk)).views == 4
             assert db.sql.statements == []
 
-        run(scenario, expect_sync_redis=True)
+        run(scenario)
 
 
 # -- the event loop ------------------------------------------------------------------------
@@ -578,12 +435,97 @@ def test_an_async_factory_needs_an_asyncio_client(redis_url: str, namespace: str
             async def rate(currency: str) -> int:
                 return 1
 
+        with pytest.raises(ConfigurationError, match=r"or call cache\.invalidate\(\)"):
+            asyncio.run(cache.ainvalidate(Product, 1))
         with pytest.raises(ConfigurationError, match="async_client="):
             Cache(redis.asyncio.Redis.from_url(redis_url), namespace=namespace)  # type: ignore[arg-type]
         with pytest.raises(ConfigurationError, match="decode_responses"):
             Cache(client, async_client=redis.asyncio.Redis(decode_responses=True))
     finally:
         client.close()
+
+
+# -- awaitable invalidation ----------------------------------------------------------------
+
+
+def test_invalidation_removes_the_same_entries_in_both_modes(in_mode: Runner, product: int) -> None:
+    """``cache.invalidate*`` in the sync mode, ``await cache.ainvalidate*`` in the async one."""
+    by_id = select(Product).where(Product.id == product).options(FromCache())
+    categories = select(Category).order_by(Category.id).options(FromCache())
+    reads: dict[str, Callable[[SyncFacade], Any]] = {
+        "entity": lambda s: s.get(Product, product),
+        "other entity": lambda s: s.get(Product, 1),
+        "query": lambda s: s.scalars(by_id),
+        "categories": lambda s: s.scalars(categories),
+        "category": lambda s: s.get(Category, 1),
+    }
+
+    def misses(db: Db) -> set[str]:
+        """The reads that sent SQL, each in a fresh session."""
+        missed = set()
+        for name, read in reads.items():
+            db.sql.reset()
+            with db.session() as s:
+                read(s)
+            if db.sql.count:
+                missed.add(name)
+        return missed
+
+    def scenario(db: Db) -> None:
+        misses(db)
+        assert misses(db) == set()
+        assert db.invalidate("invalidate", Product, product) is None
+        # the row may be in any cached query on its table: those are retired too
+        assert misses(db) == {"entity", "query"}
+        assert db.invalidate("invalidate_model", Category) is None
+        assert misses(db) == {"categories", "category"}
+        assert db.invalidate("invalidate_query", by_id) == 1
+        assert misses(db) == {"query"}
+        assert db.invalidate("invalidate_query", by_id.where(Product.id > 0)) == 0
+        with pytest.raises(ValueError, match="primary key of 1 column"):
+            db.invalidate("invalidate", Product, product, 2)
+        stats = db.cache.stats()["models"]
+        assert (stats["Product"]["invalidations"], stats["Category"]["invalidations"]) == (1, 1)
+
+    in_mode(scenario)
+
+
+def test_ainvalidate_query_takes_the_async_engine_and_raises_redis_errors(
+    database_url: str, redis_url: str, namespace: str, product: int
+) -> None:
+    """Entries an ``AsyncSession`` stored are keyed by its engine; a failed call raises."""
+    stmt = select(Product).where(Product.id == product).options(FromCache())
+
+    async def main() -> list[int]:
+        engine = create_async_engine(async_url(database_url))
+        cache = Cache(redis_url, namespace=namespace)
+        factory = async_sessionmaker(engine)
+        cache.attach(factory)
+        try:
+            async with factory() as s:
+                (await s.scalars(stmt)).one()
+            return [
+                await cache.ainvalidate_query(stmt, bind=engine),
+                await cache.ainvalidate_query(stmt, bind=engine),
+            ]
+        finally:
+            cache.detach()
+            await cache.aclose()
+            cache.client.close()
+            await engine.dispose()
+
+    assert asyncio.run(main()) == [1, 0]
+
+    async def down() -> None:
+        cache = Cache("redis://127.0.0.1:1/0", namespace=namespace)
+        try:
+            await cache.ainvalidate_model(Product)
+        finally:
+            await cache.aclose()
+            cache.client.close()
+
+    with pytest.raises(redis.ConnectionError):  # that invalidation did not happen: retry it
+        asyncio.run(down())
 
 
 # -- cache.cached on async functions -------------------------------------------------------

@@ -1,24 +1,35 @@
-"""Cache-aside reads: FromCache and the entity cache give what the database gives, no SQL."""
+"""Cache-aside reads: FromCache and the entity cache give what the database gives, no SQL.
+
+The scenarios run with a ``Session`` and with an ``AsyncSession`` (``in_mode``, see
+:mod:`tests.modes`); in the async mode they also fail on any round trip of the
+synchronous Redis client.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
+from dataclasses import replace
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import bindparam, func, select
-from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker, subqueryload
+from sqlalchemy.orm import joinedload, selectinload, sessionmaker, subqueryload
 
 from examples.shop import Category, Customer, Order, OrderLine, Product, ProductStatus
 from sa_redis_cache import Cache, FromCache
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import redis
 
+    from tests.modes import Db, Runner, SyncFacade
     from tests.support import SQLCounter
+
+T = TypeVar("T")
 
 
 def snapshot(obj: Any) -> dict[str, Any]:
@@ -27,52 +38,51 @@ def snapshot(obj: Any) -> dict[str, Any]:
     return {a.key: (getattr(obj, a.key), type(getattr(obj, a.key))) for a in mapper.column_attrs}
 
 
-def run_twice(
-    factory: sessionmaker[Session], sql: SQLCounter, stmt: Any, consume: Any
-) -> tuple[Any, Any, int]:
+def run_twice(db: Db, stmt: Any, consume: Callable[[SyncFacade, Any], T]) -> tuple[T, T, int]:
     """Run ``stmt`` in two fresh sessions; return both results and the SQL count of the second."""
-    with factory() as s:
+    with db.session() as s:
         first = consume(s, stmt)
-    sql.reset()
-    with factory() as s:
+    db.sql.reset()
+    with db.session() as s:
         second = consume(s, stmt)
-        return first, second, sql.count
+    return first, second, db.sql.count
 
 
-def test_entity_rows_hit_without_sql(
-    session_factory: sessionmaker[Session], sql: SQLCounter, cache: Cache
-) -> None:
+def test_entity_rows_hit_without_sql(in_mode: Runner) -> None:
     stmt = select(Product).where(Product.category_id == 2).order_by(Product.id)
 
-    def consume(s: Session, st: Any) -> list[dict[str, Any]]:
-        return [snapshot(p) for p in s.scalars(st.options(FromCache())).all()]
+    def consume(s: SyncFacade, st: Any) -> list[dict[str, Any]]:
+        return [snapshot(p) for p in s.scalars(st.options(FromCache()))]
 
-    with session_factory() as s:
-        expected = [snapshot(p) for p in s.scalars(stmt).all()]
-    first, second, count = run_twice(session_factory, sql, stmt, consume)
-    assert count == 0
-    assert expected == first == second
-    assert isinstance(second[0]["price"][0], Decimal)
-    assert cache.stats()["regions"]["default"]["hits"] == 1
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            expected = [snapshot(p) for p in s.scalars(stmt)]
+        first, second, count = run_twice(db, stmt, consume)
+        assert count == 0
+        assert expected == first == second
+        assert isinstance(second[0]["price"][0], Decimal)
+        assert db.cache.stats()["regions"]["default"]["hits"] == 1
+
+    in_mode(scenario)
 
 
 @pytest.mark.parametrize("loader", [selectinload, subqueryload])
-def test_eager_graph_cached_with_parent(
-    session_factory: sessionmaker[Session], sql: SQLCounter, loader: Any
-) -> None:
+def test_eager_graph_cached_with_parent(in_mode: Runner, loader: Any) -> None:
     stmt = select(Category).options(loader(Category.products), FromCache()).order_by(Category.id)
-    with session_factory() as s:
-        expected = {c.id: sorted(p.id for p in c.products) for c in s.scalars(stmt)}
-    sql.reset()
-    with session_factory() as s:
-        got = {c.id: sorted(p.id for p in c.products) for c in s.scalars(stmt)}
-        assert sql.count == 0
-    assert got == expected
+
+    def consume(s: SyncFacade, st: Any) -> dict[int, list[int]]:
+        return {c.id: sorted(p.id for p in c.products) for c in s.scalars(st)}
+
+    def scenario(db: Db) -> None:
+        first, second, count = run_twice(db, stmt, consume)
+        assert count == 0  # neither the parents nor their eager load
+        assert second == first
+        assert all(first.values())
+
+    in_mode(scenario)
 
 
-def test_joinedload_collection_with_unique(
-    session_factory: sessionmaker[Session], sql: SQLCounter
-) -> None:
+def test_joinedload_collection_with_unique(in_mode: Runner) -> None:
     stmt = (
         select(Order)
         .options(joinedload(Order.lines).joinedload(OrderLine.product), FromCache())
@@ -80,21 +90,22 @@ def test_joinedload_collection_with_unique(
         .order_by(Order.id)
     )
 
-    def consume(s: Session, st: Any) -> list[Any]:
+    def consume(s: SyncFacade, st: Any) -> list[Any]:
         return [
             (o.id, o.status, [(ln.id, ln.unit_price, ln.product.name) for ln in o.lines])
-            for o in s.scalars(st).unique()
+            for o in s.scalars(st, unique=True)
         ]
 
-    first, second, count = run_twice(session_factory, sql, stmt, consume)
-    assert count == 0
-    assert first == second
-    assert len(first) == 5
+    def scenario(db: Db) -> None:
+        first, second, count = run_twice(db, stmt, consume)
+        assert count == 0
+        assert first == second
+        assert len(first) == 5
+
+    in_mode(scenario)
 
 
-def test_mixed_entity_and_column_rows(
-    session_factory: sessionmaker[Session], sql: SQLCounter
-) -> None:
+def test_mixed_entity_and_column_rows(in_mode: Runner) -> None:
     stmt = (
         select(Product, Category.name, Product.price * 2)
         .join(Product.category)
@@ -103,15 +114,18 @@ def test_mixed_entity_and_column_rows(
         .options(FromCache())
     )
 
-    def consume(s: Session, st: Any) -> list[Any]:
+    def consume(s: SyncFacade, st: Any) -> list[Any]:
         return [(p.id, name, doubled, type(doubled)) for p, name, doubled in s.execute(st)]
 
-    first, second, count = run_twice(session_factory, sql, stmt, consume)
-    assert count == 0
-    assert first == second
+    def scenario(db: Db) -> None:
+        first, second, count = run_twice(db, stmt, consume)
+        assert count == 0
+        assert first == second
+
+    in_mode(scenario)
 
 
-def test_scalar_and_aggregate(session_factory: sessionmaker[Session], sql: SQLCounter) -> None:
+def test_scalar_and_aggregate(in_mode: Runner) -> None:
     stmt = (
         select(
             Category.name,
@@ -127,92 +141,113 @@ def test_scalar_and_aggregate(session_factory: sessionmaker[Session], sql: SQLCo
         .options(FromCache())
     )
 
-    def consume(s: Session, st: Any) -> list[Any]:
+    def consume(s: SyncFacade, st: Any) -> list[Any]:
         return [tuple((v, type(v)) for v in row) for row in s.execute(st)]
 
-    first, second, count = run_twice(session_factory, sql, stmt, consume)
-    assert count == 0
-    assert first == second
-    assert first[0][3][1] is dt.datetime
+    def scenario(db: Db) -> None:
+        first, second, count = run_twice(db, stmt, consume)
+        assert count == 0
+        assert first == second
+        assert first[0][3][1] is dt.datetime
+
+    in_mode(scenario)
 
 
-def test_loader_options_are_part_of_the_key(
-    session_factory: sessionmaker[Session], sql: SQLCounter
-) -> None:
+def test_loader_options_are_part_of_the_key(in_mode: Runner) -> None:
     """DESIGN §7: select(X) and select(X).options(selectinload(...)) must not share an entry."""
     plain = select(Category).options(FromCache()).order_by(Category.id)
     eager = (
         select(Category).options(selectinload(Category.products), FromCache()).order_by(Category.id)
     )
-    with session_factory() as s:
-        s.scalars(plain).all()
-    with session_factory() as s:
-        s.scalars(eager).all()
-    sql.reset()
-    with session_factory() as s:
-        categories = s.scalars(eager).all()
-        assert all("products" in sa.inspect(c).dict for c in categories)
-        sum(len(c.products) for c in categories)
-        assert sql.count == 0
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            s.scalars(plain)
+        with db.session() as s:
+            s.scalars(eager)
+        db.sql.reset()
+        with db.session() as s:
+            categories = s.scalars(eager)
+            assert all("products" in sa.inspect(c).dict for c in categories)
+            sum(len(c.products) for c in categories)
+            assert db.sql.count == 0
+
+    in_mode(scenario)
 
 
-def test_execute_time_parameters_are_part_of_the_key(
-    session_factory: sessionmaker[Session], sql: SQLCounter
-) -> None:
+def test_execute_time_parameters_are_part_of_the_key(in_mode: Runner) -> None:
     """DESIGN §7: a key blind to execute-time parameters made every execution share one entry."""
     stmt = select(Product.id).where(Product.category_id == bindparam("cat")).options(FromCache())
-    with session_factory() as s:
-        one = s.scalars(stmt, {"cat": 1}).all()
-        two = s.scalars(stmt, {"cat": 2}).all()
-    with session_factory() as s:
-        assert s.scalars(stmt, {"cat": 1}).all() == one
-        assert s.scalars(stmt, {"cat": 2}).all() == two
-    assert one != two
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            one = s.scalars(stmt, {"cat": 1})
+            two = s.scalars(stmt, {"cat": 2})
+        db.sql.reset()
+        with db.session() as s:
+            assert s.scalars(stmt, {"cat": 1}) == one
+            assert s.scalars(stmt, {"cat": 2}) == two
+        assert one != two
+        assert db.sql.count == 0
+
+    in_mode(scenario)
 
 
-def test_empty_results_are_cached(session_factory: sessionmaker[Session], sql: SQLCounter) -> None:
+def test_empty_results_are_cached(in_mode: Runner) -> None:
     """DESIGN §7: `if not cached_value` never cached empty results."""
     stmt = select(Product).where(Product.name == "no such product").options(FromCache())
-    _, second, count = run_twice(session_factory, sql, stmt, lambda s, st: s.scalars(st).all())
-    assert second == []
-    assert count == 0
+
+    def scenario(db: Db) -> None:
+        _, second, count = run_twice(db, stmt, lambda s, st: s.scalars(st))
+        assert second == []
+        assert count == 0
+
+    in_mode(scenario)
 
 
-def test_hit_never_overwrites_unflushed_change(session_factory: sessionmaker[Session]) -> None:
+def test_hit_never_overwrites_unflushed_change(in_mode: Runner) -> None:
     """DESIGN §7: merging a cached result overwrote an unflushed change in the session."""
     stmt = select(Product).where(Product.id == 3).options(FromCache())
-    with session_factory() as s:
-        s.scalars(stmt).one()
-    with session_factory() as s, s.no_autoflush:
-        product = s.get(Product, 3)
-        assert product is not None
-        product.name = "changed, not flushed"
-        again = s.scalars(stmt).one()
-        assert again is product
-        assert product.name == "changed, not flushed"
-        assert product in s.dirty
-        s.rollback()
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            s.scalars(stmt)
+        with db.session() as s, s.no_autoflush:
+            product = s.get(Product, 3)
+            assert product is not None
+            product.name = "changed, not flushed"
+            (again,) = s.scalars(stmt)
+            assert again is product
+            assert product.name == "changed, not flushed"
+            assert product in s.dirty
+            s.rollback()
+
+    in_mode(scenario)
 
 
-def test_populate_existing_reads_the_database(
-    session_factory: sessionmaker[Session], sql: SQLCounter
-) -> None:
+def test_populate_existing_reads_the_database(in_mode: Runner) -> None:
     stmt = select(Product).where(Product.id == 4).options(FromCache())
-    with session_factory() as s:
-        s.scalars(stmt).one()
-    sql.reset()
-    with session_factory() as s:
-        s.scalars(stmt.execution_options(populate_existing=True)).one()
-        assert sql.count == 1
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            s.scalars(stmt)
+        db.sql.reset()
+        with db.session() as s:
+            s.scalars(stmt.execution_options(populate_existing=True))
+            assert db.sql.count == 1
+
+    in_mode(scenario)
 
 
-def test_every_entry_has_a_ttl(
-    session_factory: sessionmaker[Session], redis_client: redis.Redis, namespace: str
-) -> None:
+def test_every_entry_has_a_ttl(in_mode: Runner, redis_client: redis.Redis, namespace: str) -> None:
     """DESIGN §7: the Redis keys had no TTL by default."""
-    with session_factory() as s:
-        s.scalars(select(Product).options(FromCache())).all()
-        s.get(Product, 1)
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            s.scalars(select(Product).options(FromCache()))
+            s.get(Product, 1)
+
+    in_mode(scenario)
     entries = [
         k for k in redis_client.scan_iter(match=f"sarc:{namespace}:*") if b":q:" in k or b":e:" in k
     ]
@@ -221,98 +256,109 @@ def test_every_entry_has_a_ttl(
         assert 0 < redis_client.pttl(key) <= 600_000  # Product.__cache__ ttl=600
 
 
-def test_session_get_reads_the_entity_cache(
-    session_factory: sessionmaker[Session], sql: SQLCounter, cache: Cache
-) -> None:
-    with session_factory() as s:
-        expected = snapshot(s.get(Product, 5))
-    sql.reset()
-    with session_factory() as s:
-        got = s.get(Product, 5)
-        assert sql.count == 0
-        assert snapshot(got) == expected
-    assert cache.stats()["models"]["Product"]["hits"] == 1
+def test_session_get_reads_the_entity_cache(in_mode: Runner) -> None:
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            expected = snapshot(s.get(Product, 5))
+        db.sql.reset()
+        with db.session() as s:
+            got = s.get(Product, 5)
+            assert db.sql.count == 0
+            assert snapshot(got) == expected
+        assert db.cache.stats()["models"]["Product"]["hits"] == 1
+
+    in_mode(scenario)
 
 
-def test_entity_cache_uuid_key_and_absent_rows(
-    session_factory: sessionmaker[Session], sql: SQLCounter
-) -> None:
-    with session_factory() as s:
-        customer_id = s.scalars(select(Customer.id).limit(1)).one()
-        s.get(Customer, customer_id)
-        assert s.get(Customer, uuid.uuid4()) is None
-    sql.reset()
-    with session_factory() as s:
-        customer = s.get(Customer, customer_id)
-        assert customer is not None
-        assert isinstance(customer.id, uuid.UUID)
-        assert sql.count == 0
+def test_entity_cache_uuid_key_and_absent_rows(in_mode: Runner) -> None:
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            (customer_id,) = s.scalars(select(Customer.id).limit(1))
+            s.get(Customer, customer_id)
+            assert s.get(Customer, uuid.uuid4()) is None
+        db.sql.reset()
+        with db.session() as s:
+            customer = s.get(Customer, customer_id)
+            assert customer is not None
+            assert isinstance(customer.id, uuid.UUID)
+            assert db.sql.count == 0
+
+    in_mode(scenario)
 
 
-def test_many_to_one_lazy_load_reads_the_entity_cache(
-    session_factory: sessionmaker[Session], sql: SQLCounter
-) -> None:
-    with session_factory() as s:
-        product = s.get(Product, 6)
-        assert product is not None
-        category_id = product.category_id
-        s.get(Category, category_id)
-    sql.reset()
-    with session_factory() as s:
-        product = s.get(Product, 6)
-        assert product is not None
-        assert product.category.id == category_id
-        assert sql.count == 0
+def test_many_to_one_lazy_load_reads_the_entity_cache(in_mode: Runner) -> None:
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            product = s.get(Product, 6)
+            assert product is not None
+            category_id = product.category_id
+            s.get(Category, category_id)
+        db.sql.reset()
+        with db.session() as s:
+            product = s.get(Product, 6)
+            assert product is not None
+            assert product.category.id == category_id  # the lazy load, in both modes
+            assert db.sql.count == 0
+
+    in_mode(scenario)
 
 
-def test_commit_invalidates_cached_queries_and_entities(
-    session_factory: sessionmaker[Session], sql: SQLCounter
-) -> None:
+def test_commit_invalidates_cached_queries_and_entities(in_mode: Runner) -> None:
     stmt = select(Product).where(Product.id == 7).options(FromCache())
-    with session_factory() as s:
-        original = s.scalars(stmt).one().name
-        s.get(Product, 7)
-    with session_factory() as s:
-        product = s.get(Product, 7)
-        assert product is not None
-        product.name = "renamed"
-        s.commit()
-    try:
-        with session_factory() as s:
-            assert s.scalars(stmt).one().name == "renamed"
-            s.expunge_all()
-            got = s.get(Product, 7)
-            assert got is not None
-            assert got.name == "renamed"
-    finally:
-        with session_factory() as s:
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            original = s.scalars(stmt)[0].name
+            s.get(Product, 7)
+        with db.session() as s:
             product = s.get(Product, 7)
             assert product is not None
-            product.name = original
+            product.name = "renamed"
             s.commit()
+        try:
+            with db.session() as s:
+                assert s.scalars(stmt)[0].name == "renamed"
+                s.expunge_all()
+                got = s.get(Product, 7)
+                assert got is not None
+                assert got.name == "renamed"
+        finally:
+            with db.session() as s:
+                product = s.get(Product, 7)
+                assert product is not None
+                product.name = original
+                s.commit()
+
+    in_mode(scenario)
 
 
-def test_status_enum_round_trip(session_factory: sessionmaker[Session], sql: SQLCounter) -> None:
+def test_status_enum_round_trip(in_mode: Runner) -> None:
     stmt = select(Product.status).where(Product.id == 8).options(FromCache())
-    first, second, count = run_twice(session_factory, sql, stmt, lambda s, st: s.scalar(st))
-    assert count == 0
-    assert isinstance(second, ProductStatus)
-    assert first is second
+
+    def scenario(db: Db) -> None:
+        first, second, count = run_twice(db, stmt, lambda s, st: s.scalar(st))
+        assert count == 0
+        assert isinstance(second, ProductStatus)
+        assert first is second
+
+    in_mode(scenario)
 
 
-def test_statement_derived_after_its_base_ran_shares_the_entry(
-    session_factory: sessionmaker[Session], sql: SQLCounter
-) -> None:
+def test_statement_derived_after_its_base_ran_shares_the_entry(in_mode: Runner) -> None:
     """Running a select replaces its compile options in place; the key must not change."""
     base = select(Product).where(Product.id == 13)
-    with session_factory() as s:
-        s.scalars(base.options(FromCache())).one()
-    with session_factory() as s:
-        s.scalars(base).one()  # the base statement is compiled in a session
-    sql.reset()
-    with session_factory() as s:
-        s.scalars(base.options(FromCache())).one()
-        assert sql.count == 0
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            s.scalars(base.options(FromCache()))
+        with db.session() as s:
+            s.scalars(base)  # the base statement is compiled in a session
+        db.sql.reset()
+        with db.session() as s:
+            s.scalars(base.options(FromCache()))
+            assert db.sql.count == 0
+
+    in_mode(scenario)
 
 
 def test_detach_removes_every_listener(
@@ -335,18 +381,22 @@ def test_detach_removes_every_listener(
 
 
 def test_version_counters_expire_too(
-    session_factory: sessionmaker[Session], redis_client: redis.Redis, namespace: str
+    in_mode: Runner, redis_client: redis.Redis, namespace: str
 ) -> None:
     """Counters outlive entries but are not immortal: an abandoned namespace empties itself."""
-    with session_factory() as s:
-        s.scalars(select(Product).where(Product.id == 3).options(FromCache())).one()
-        s.get(Product, 3)
-        product = s.get(Product, 3)
-        assert product is not None
-        product.name = product.name  # no net change: nothing is flushed
-    with session_factory() as s:
-        s.execute(sa.update(Product).where(Product.id == -1).values(name="x"))
-        s.commit()
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            s.scalars(select(Product).where(Product.id == 3).options(FromCache()))
+            s.get(Product, 3)
+            product = s.get(Product, 3)
+            assert product is not None
+            product.name = product.name  # no net change: nothing is flushed
+        with db.session() as s:
+            s.execute(sa.update(Product).where(Product.id == -1).values(name="x"))
+            s.commit()
+
+    in_mode(scenario)
     counters = [
         k for k in redis_client.scan_iter(match=f"sarc:{namespace}:*") if k.endswith((b":v", b":g"))
     ]
@@ -356,44 +406,44 @@ def test_version_counters_expire_too(
 
 
 def test_a_lost_counter_never_restarts_at_one(
-    session_factory: sessionmaker[Session], redis_client: redis.Redis, namespace: str
+    in_mode: Runner, redis_client: redis.Redis, namespace: str
 ) -> None:
     """A counter recreated at 1 could climb back to a value an old entry was stored under."""
     version_key = f"sarc:{namespace}:{{{namespace}:categories}}:v"
-    with session_factory() as s:
-        category = s.get(Category, 1)
-        assert category is not None
-        original = category.name
-    for name in ("renamed once", original):
-        redis_client.delete(version_key)
-        with session_factory() as s:
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
             category = s.get(Category, 1)
             assert category is not None
-            category.name = name
-            s.commit()
-        assert int(redis_client.get(version_key) or 0) > 2**32
+            original = category.name
+        for name in ("renamed once", original):
+            redis_client.delete(version_key)
+            with db.session() as s:
+                category = s.get(Category, 1)
+                assert category is not None
+                category.name = name
+                s.commit()
+            assert int(redis_client.get(version_key) or 0) > 2**32
+
+    in_mode(scenario)
 
 
-def test_results_over_the_size_cap_are_not_cached_and_are_counted(
-    shop_engine: sa.Engine, redis_url: str, namespace: str, sql: SQLCounter
-) -> None:
-    cache = Cache(redis_url, namespace=namespace, max_entry_bytes=2_000)
-    factory = sessionmaker(shop_engine)
-    cache.attach(factory)
-    try:
-        big = select(Product).order_by(Product.id).limit(50).options(FromCache())
-        small = select(Product).where(Product.id == 1).options(FromCache())
+def test_results_over_the_size_cap_are_not_cached_and_are_counted(in_mode: Runner) -> None:
+    big = select(Product).order_by(Product.id).limit(50).options(FromCache())
+    small = select(Product).where(Product.id == 1).options(FromCache())
+
+    def scenario(db: Db) -> None:
         for _ in range(2):
-            with factory() as s:
-                s.scalars(big).all()
-                s.scalars(small).all()
-        sql.reset()
-        with factory() as s:
-            assert len(s.scalars(big).all()) == 50
-            s.scalars(small).all()
-        assert sql.count == 1  # the big result is read from the database every time
-        region = cache.stats()["regions"]["default"]
+            with db.session() as s:
+                s.scalars(big)
+                s.scalars(small)
+        db.sql.reset()
+        with db.session() as s:
+            assert len(s.scalars(big)) == 50
+            s.scalars(small)
+        assert db.sql.count == 1  # the big result is read from the database every time
+        region = db.cache.stats()["regions"]["default"]
         assert region["oversize"] == 3
         assert region["hits"] == 2
-    finally:
-        cache.detach()
+
+    replace(in_mode, cache_kwargs={"max_entry_bytes": 2_000})(scenario)

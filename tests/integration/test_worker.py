@@ -1,13 +1,16 @@
 """The flush worker (DESIGN.md §5): order, exactly-once, dead letters, shared partitions.
 
 Every test drives :meth:`FlushWorker.run_once` deterministically; nothing waits on time.
-The worker gets an engine of its own, as a worker process would.
+The worker gets an engine of its own, as a worker process would. The end-to-end flush
+queues its writes with a ``Session`` and with an ``AsyncSession`` (``in_mode``, see
+:mod:`tests.modes`); the other tests queue with a ``Session``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import pytest
 import redis
 import sqlalchemy as sa
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -17,21 +20,49 @@ from sqlalchemy.orm import Session, sessionmaker
 from sa_redis_cache.schema import dead_letters
 from tests.wb_support import drain, offsets, queue, remove, rows, update
 
+if TYPE_CHECKING:
+    import uuid
+
+    from sa_redis_cache.devservices import RedisServer
+    from tests.modes import Db, Runner
+
 pytest_plugins = ["tests.wb_fixtures"]
 
 
+@pytest.fixture
+def mode_redis_url(aof_redis: RedisServer) -> str:
+    """``in_mode``'s caches use the AOF server: ``attach()`` demands it for these models."""
+    return aof_redis.url
+
+
 def test_inserts_updates_and_deletes_reach_the_database(
-    factory: sessionmaker[Session],
+    in_mode: Runner,
     models: Any,
     make_worker: Any,
     worker_engine: sa.Engine,
     client: redis.Redis,
     namespace: str,
 ) -> None:
+    """Queued by a ``Session`` or an ``AsyncSession``, flushed by the worker, read back."""
     page_view, _ = models
-    ids = [queue(factory, page_view, path=f"/p/{i}", views=i) for i in range(20)]
-    update(factory, page_view, ids[0], views=100)
-    remove(factory, page_view, ids[1])
+
+    def write(db: Db) -> list[uuid.UUID]:
+        ids = []
+        for i in range(20):
+            with db.session() as s:
+                view = page_view(path=f"/p/{i}", views=i)
+                s.add(view)
+                s.commit()
+                ids.append(view.id)
+        with db.session() as s:
+            s.get(page_view, ids[0]).views = 100
+            s.commit()
+        with db.session() as s:
+            s.delete(s.get(page_view, ids[1]))
+            s.commit()
+        return ids
+
+    ids, _ = in_mode(write)
     assert rows(worker_engine, page_view) == {}
     assert drain(make_worker()) == 22
     expected = {pk: (f"/p/{i}", i) for i, pk in enumerate(ids)}
@@ -44,11 +75,15 @@ def test_inserts_updates_and_deletes_reach_the_database(
     assert entity_keys
     assert all(client.pttl(k) > 0 for k in entity_keys)
     assert sum(int(client.xlen(k)) for k in client.scan_iter(match=f"sarc:{namespace}:*:wb:*")) == 0
-    with factory() as s:
-        got = s.get(page_view, ids[0])
-        assert got is not None
-        assert got.views == 100
-        assert s.get(page_view, ids[1]) is None
+
+    def read(db: Db) -> None:
+        with db.session() as s:
+            got = s.get(page_view, ids[0])
+            assert got is not None
+            assert got.views == 100
+            assert s.get(page_view, ids[1]) is None
+
+    in_mode(read)
 
 
 def test_put_then_delete_and_delete_then_put_keep_their_order(

@@ -2,14 +2,18 @@
 
 The models come from :mod:`tests.wb_support` in a registry disposed of after each test;
 the positive tests use a Redis server started here with AOF ``always``, since ``attach()``
-refuses write-behind models on the shared test server, which has AOF off.
+refuses write-behind models on the shared test server, which has AOF off. The scenarios
+run with a ``Session`` and with an ``AsyncSession`` (``in_mode``, see :mod:`tests.modes`);
+in the async mode they also fail on any round trip of the synchronous Redis client, so
+the enqueue and the queued-state reads are proven to await the asyncio one.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
@@ -20,8 +24,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from examples.shop import Category
 from sa_redis_cache import Cache, CachePolicy, CacheUnavailableError, ConfigurationError, schema
 from sa_redis_cache.devservices import RedisServer
-from tests.support import SQLCounter
 from tests.wb_support import PARTITIONS, private_models
+
+if TYPE_CHECKING:
+    from tests.modes import Db, Runner
 
 
 @pytest.fixture(scope="module")
@@ -51,25 +57,9 @@ def wb_client(aof_redis: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def wb_cache(wb_client: redis.Redis, namespace: str, models: Any) -> Iterator[Cache]:
-    cache = Cache(wb_client, namespace=namespace)
-    yield cache
-    cache.detach()
-
-
-@pytest.fixture
-def factory(wb_engine: sa.Engine, wb_cache: Cache) -> sessionmaker[Session]:
-    made = sessionmaker(wb_engine)
-    wb_cache.attach(made)
-    return made
-
-
-@pytest.fixture
-def sql(wb_engine: sa.Engine) -> Iterator[SQLCounter]:
-    counter = SQLCounter()
-    sa.event.listen(wb_engine, "before_cursor_execute", counter)
-    yield counter
-    sa.event.remove(wb_engine, "before_cursor_execute", counter)
+def mode_redis_url(aof_redis: RedisServer) -> str:
+    """``in_mode``'s caches use the AOF server: ``attach()`` demands it for these models."""
+    return aof_redis.url
 
 
 def stream_entries(client: redis.Redis, namespace: str, table: str) -> int:
@@ -90,36 +80,46 @@ def in_database(engine: sa.Engine, model: Any, pk: Any) -> Any:
 
 
 def test_flush_and_commit_emit_no_sql_and_the_session_keeps_the_state(
-    factory: sessionmaker[Session], models: Any, sql: SQLCounter, wb_engine: sa.Engine
+    in_mode: Runner, models: Any, wb_engine: sa.Engine
 ) -> None:
     page_view, _ = models
-    with factory() as s:
-        view = page_view(path="/books/1")
-        s.add(view)
-        s.flush()
-        s.commit()
-        # expire_on_commit would make the next access read the database, which has no row
-        assert (view.path, view.views, view.note) == ("/books/1", 0, None)
-        assert isinstance(view.id, uuid.UUID)
-        assert view.viewed_at.tzinfo is not None
-        view.views = 5
-        s.commit()
-        assert view.views == 5
-        s.delete(view)
-        s.commit()
-    assert sql.statements == []
-    assert in_database(wb_engine, page_view, view.id) is None
+
+    def scenario(db: Db) -> uuid.UUID:
+        with db.session() as s:
+            view = page_view(path="/books/1")
+            s.add(view)
+            s.flush()
+            s.commit()
+            # expire_on_commit would make the next access read the database, which has no row
+            assert (view.path, view.views, view.note) == ("/books/1", 0, None)
+            assert isinstance(view.id, uuid.UUID)
+            assert view.viewed_at.tzinfo is not None
+            view.views = 5
+            s.commit()
+            assert view.views == 5
+            s.delete(view)
+            s.commit()
+        assert db.sql.statements == []
+        pk: uuid.UUID = view.id
+        return pk
+
+    pk, _ = in_mode(scenario)
+    assert in_database(wb_engine, page_view, pk) is None
 
 
 def test_every_operation_of_a_commit_is_queued_at_once(
-    factory: sessionmaker[Session], models: Any, wb_client: redis.Redis, namespace: str
+    in_mode: Runner, models: Any, wb_client: redis.Redis, namespace: str
 ) -> None:
     page_view, _ = models
-    with factory() as s:
-        s.add_all([page_view(path=f"/p/{i}") for i in range(10)])
-        s.flush()
-        assert stream_entries(wb_client, namespace, "wb_page_views") == 0  # not before commit
-        s.commit()
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            s.add_all([page_view(path=f"/p/{i}") for i in range(10)])
+            s.flush()
+            assert stream_entries(wb_client, namespace, "wb_page_views") == 0  # not before commit
+            s.commit()
+
+    in_mode(scenario)
     assert stream_entries(wb_client, namespace, "wb_page_views") == 10
     assert len(keys_of(wb_client, namespace, "wbp")) == 10
     # nothing unflushed may expire
@@ -128,142 +128,154 @@ def test_every_operation_of_a_commit_is_queued_at_once(
 
 
 def test_read_your_writes_from_another_session_and_another_cache(
-    factory: sessionmaker[Session],
-    models: Any,
-    sql: SQLCounter,
-    wb_engine: sa.Engine,
-    aof_redis: RedisServer,
-    namespace: str,
+    in_mode: Runner, models: Any
 ) -> None:
+    """Each ``in_mode`` call has a cache of its own, as another process would."""
     page_view, _ = models
-    with factory() as s:
-        view = page_view(path="/queued", views=3)
-        s.add(view)
-        s.commit()
-        pk = view.id
-    other_cache = Cache(aof_redis.url, namespace=namespace)
-    other_factory = sessionmaker(wb_engine)
-    other_cache.attach(other_factory)
-    try:
-        for views, make in enumerate((factory, other_factory), start=3):
-            with make() as s:
-                got = s.get(page_view, pk)
-                assert got is not None
-                assert (got.path, got.views) == ("/queued", views)
-                got.views = views + 1  # an update of a row the database has never seen
-                s.commit()
-        with other_factory() as s:
+
+    def bump(db: Db, pk: uuid.UUID, views: int) -> None:
+        with db.session() as s:
+            got = s.get(page_view, pk)
+            assert got is not None
+            assert (got.path, got.views) == ("/queued", views)
+            got.views = views + 1  # an update of a row the database has never seen
+            s.commit()
+
+    def first_cache(db: Db) -> uuid.UUID:
+        with db.session() as s:
+            view = page_view(path="/queued", views=3)
+            s.add(view)
+            s.commit()
+            pk: uuid.UUID = view.id
+        bump(db, pk, 3)  # another session
+        assert db.sql.statements == []
+        return pk
+
+    pk, _ = in_mode(first_cache)
+
+    def second_cache(db: Db) -> None:
+        bump(db, pk, 4)
+        with db.session() as s:
             got = s.get(page_view, pk)
             assert got is not None
             assert got.views == 5
             s.delete(got)
             s.commit()
-        with factory() as s:
+        assert db.sql.statements == []
+
+    def third_cache(db: Db) -> None:
+        with db.session() as s:
             assert s.get(page_view, pk) is None
-    finally:
-        other_cache.detach()
-    assert sql.statements == []
+        assert db.sql.statements == []
+
+    in_mode(second_cache)
+    in_mode(third_cache)
 
 
 def test_the_queued_state_survives_invalidations_and_generation_bumps(
-    factory: sessionmaker[Session], models: Any, wb_cache: Cache, sql: SQLCounter
+    in_mode: Runner, models: Any
 ) -> None:
     page_view, _ = models
-    with factory() as s:
-        view = page_view(path="/kept")
-        s.add(view)
-        s.commit()
-        pk = view.id
-    wb_cache.invalidate(page_view, pk)
-    wb_cache.invalidate_model(page_view)  # bumps the entity generation
-    with factory() as s:
-        got = s.get(page_view, pk)
-        assert got is not None
-        assert got.path == "/kept"
-    assert sql.statements == []
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            view = page_view(path="/kept")
+            s.add(view)
+            s.commit()
+            pk = view.id
+        db.invalidate("invalidate", page_view, pk)
+        db.invalidate("invalidate_model", page_view)  # bumps the entity generation
+        with db.session() as s:
+            got = s.get(page_view, pk)
+            assert got is not None
+            assert got.path == "/kept"
+        assert db.sql.statements == []
+
+    in_mode(scenario)
 
 
-def test_refresh_and_expired_attributes_read_the_queued_state(
-    factory: sessionmaker[Session], models: Any, sql: SQLCounter
-) -> None:
+def test_refresh_and_expired_attributes_read_the_queued_state(in_mode: Runner, models: Any) -> None:
     page_view, _ = models
-    with factory() as s:
-        view = page_view(path="/r", views=1)
-        s.add(view)
-        s.commit()
-        s.expire(view)
-        view.note = "changed while expired"  # the flush must load the rest, from Redis
-        s.commit()
-        s.refresh(view)
-        assert (view.path, view.views, view.note) == ("/r", 1, "changed while expired")
-    assert sql.statements == []
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            view = page_view(path="/r", views=1)
+            s.add(view)
+            s.commit()
+            s.expire(view)
+            view.note = "changed while expired"  # the flush must load the rest, from Redis
+            s.commit()
+            s.refresh(view)
+            assert (view.path, view.views, view.note) == ("/r", 1, "changed while expired")
+        assert db.sql.statements == []
+
+    in_mode(scenario)
 
 
-def test_ids_from_a_sequence_are_reserved_in_blocks(
-    factory: sessionmaker[Session], models: Any, sql: SQLCounter
-) -> None:
+def test_ids_from_a_sequence_are_reserved_in_blocks(in_mode: Runner, models: Any) -> None:
     _, stock = models
-    with factory() as s:
-        levels = [stock(warehouse="north", quantity=i) for i in range(60)]
-        s.add_all(levels)
-        s.commit()
-        ids = [level.id for level in levels]
-    assert len(set(ids)) == 60
-    nextvals = [q for q in sql.statements if "nextval" in q]
-    assert len(nextvals) == 2  # increment=50: one nextval per 50 ids
-    assert len(sql.statements) == 2
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            levels = [stock(warehouse="north", quantity=i) for i in range(60)]
+            s.add_all(levels)
+            s.commit()
+            ids = [level.id for level in levels]
+        assert len(set(ids)) == 60
+        nextvals = [q for q in db.sql.statements if "nextval" in q]
+        assert len(nextvals) == 2  # increment=50: one nextval per 50 ids
+        assert len(db.sql.statements) == 2
+
+    in_mode(scenario)
 
 
 # -- rollback, savepoints, failure --------------------------------------------------------
 
 
 def test_rollback_and_savepoint_rollback_queue_nothing(
-    factory: sessionmaker[Session], models: Any, wb_client: redis.Redis, namespace: str
+    in_mode: Runner, models: Any, wb_client: redis.Redis, namespace: str
 ) -> None:
     page_view, _ = models
-    with factory() as s:
-        dropped = page_view(path="/rolled-back")
-        s.add(dropped)
-        s.flush()
-        s.rollback()
-        assert dropped not in s
-    with factory() as s:
-        kept = page_view(path="/kept")
-        s.add(kept)
-        s.flush()
-        savepoint = s.begin_nested()
-        inner = page_view(path="/inner")
-        s.add(inner)
-        kept.views = 9
-        s.flush()
-        savepoint.rollback()
-        released = s.begin_nested()
-        s.add(page_view(path="/released"))
-        released.commit()
-        s.commit()
-        assert kept.views == 0  # the savepoint's change was rolled back
-    assert stream_entries(wb_client, namespace, "wb_page_views") == 2
-    with factory() as s:
-        paths = {s.get(page_view, v.id) is not None for v in (kept,)}
-        assert paths == {True}
-        assert s.get(page_view, inner.id) is None
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            dropped = page_view(path="/rolled-back")
+            s.add(dropped)
+            s.flush()
+            s.rollback()
+            assert dropped not in s
+        with db.session() as s:
+            kept = page_view(path="/kept")
+            s.add(kept)
+            s.flush()
+            savepoint = s.begin_nested()
+            inner = page_view(path="/inner")
+            s.add(inner)
+            kept.views = 9
+            s.flush()
+            savepoint.rollback()
+            released = s.begin_nested()
+            s.add(page_view(path="/released"))
+            released.commit()
+            s.commit()
+            assert kept.views == 0  # the savepoint's change was rolled back
+        assert stream_entries(wb_client, namespace, "wb_page_views") == 2
+        with db.session() as s:
+            assert s.get(page_view, kept.id) is not None
+            assert s.get(page_view, inner.id) is None
+
+    in_mode(scenario)
 
 
 def test_redis_down_at_commit_raises_and_queues_nothing(
-    wb_engine: sa.Engine,
-    shop_engine: sa.Engine,
-    models: Any,
-    namespace: str,
+    in_mode: Runner, shop_engine: sa.Engine, models: Any, namespace: str
 ) -> None:
     page_view, _ = models
     with RedisServer(appendonly=True, appendfsync="always") as server:
-        client = redis.Redis.from_url(server.url, socket_timeout=1, socket_connect_timeout=1)
-        cache = Cache(client, namespace=namespace)
-        made = sessionmaker(wb_engine)
-        cache.attach(made)
-        try:
+
+        def scenario(db: Db) -> str:
             server.stop()
-            with made() as s:
+            with db.session() as s:
                 name = f"wb-{uuid.uuid4().hex[:8]}"
                 category = Category(name=name)
                 view = page_view(path="/lost")
@@ -273,17 +285,21 @@ def test_redis_down_at_commit_raises_and_queues_nothing(
                 assert view not in s  # made transient again: it was never stored
                 # the session is usable after the error
                 assert s.scalar(select(func.count()).select_from(Category)) is not None
-            # the ordinary row of that commit is committed (documented): clean it up
-            with Session(shop_engine) as s:
-                assert s.scalar(select(Category).where(Category.name == name))
-                s.execute(sa.delete(Category).where(Category.name == name))
-                s.commit()
-            server.start()
+            return name
+
+        name, _ = replace(in_mode, redis_url=server.url)(scenario)
+        # the ordinary row of that commit is committed (documented): clean it up
+        with Session(shop_engine) as s:
+            assert s.scalar(select(Category).where(Category.name == name))
+            s.execute(sa.delete(Category).where(Category.name == name))
+            s.commit()
+        server.start()
+        client = redis.Redis.from_url(server.url)
+        try:
             assert stream_entries(client, namespace, "wb_page_views") == 0
             assert keys_of(client, namespace, "wbp") == []
             assert keys_of(client, namespace, "e") == []
         finally:
-            cache.detach()
             client.close()
 
 
