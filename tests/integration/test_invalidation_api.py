@@ -305,8 +305,8 @@ def test_invalidate_query_from_another_process(
     reads = {"products_low": query(PRODUCTS_LOW), "products_high": query(PRODUCTS_HIGH)}
     warm(reads)
     client = redis_lib.Redis.from_url(redis_url)
+    other = Cache(client, namespace=namespace)
     try:
-        other = Cache(client, namespace=namespace)
         other.attach(sessionmaker(shop_engine))  # knows the engine from its session factory
         assert other.invalidate_query(PRODUCTS_LOW) == 1
         bare = Cache(client, namespace=namespace)
@@ -315,6 +315,7 @@ def test_invalidate_query_from_another_process(
             bare.invalidate_query(PRODUCTS_LOW)  # no engine known: say so, never a silent 0
         assert bare.invalidate_query(PRODUCTS_LOW, bind=shop_engine) == 1
     finally:
+        other.detach()  # its engine listeners would otherwise outlive the test
         client.close()
     assert sql_of(session_factory, sql, reads) == {"products_low": 1, "products_high": 0}
 
