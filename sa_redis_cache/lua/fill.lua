@@ -16,8 +16,9 @@ local n = (#KEYS - 2) / 2
 if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then
   redis.call('DEL', KEYS[2])
 end
-local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[5] and string.sub(current, 1, #ARGV[4]) == ARGV[4] then
+-- pcall: a key of another Redis type is not ours to read; the SET below replaces it
+local current = redis.pcall('GET', KEYS[1])
+if type(current) == 'string' and current ~= ARGV[5] and string.sub(current, 1, #ARGV[4]) == ARGV[4] then
   return 0
 end
 for i = 1, n do

@@ -8,8 +8,8 @@
 -- Returns: how many entries were replaced (tombstones and absent keys do not count)
 local replaced = 0
 for i = 1, #KEYS do
-  local current = redis.call('GET', KEYS[i])
-  if current and string.sub(current, 1, #ARGV[3]) ~= ARGV[3] then
+  local current = redis.pcall('GET', KEYS[i])  -- a key of another Redis type is replaced too
+  if type(current) == 'string' and string.sub(current, 1, #ARGV[3]) ~= ARGV[3] then
     replaced = replaced + 1
   end
   redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
