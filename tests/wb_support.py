@@ -38,14 +38,16 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def define_models(base: Any = None) -> tuple[Any, Any]:
-    """``(PageView, StockLevel)``: UUID keys from Python, and ids from a sequence block."""
-    if base is None:
+def define_models() -> tuple[type[DeclarativeBase], Any, Any]:
+    """``(Base, PageView, StockLevel)``, in a new base per call.
 
-        class base(DeclarativeBase):  # noqa: N801 - a throwaway base per call
-            pass
+    PageView has UUID keys made in Python, StockLevel ids from a sequence block.
+    """
 
-    class PageView(base):  # type: ignore[valid-type,misc]
+    class Base(DeclarativeBase):
+        pass
+
+    class PageView(Base):
         __tablename__ = "wb_page_views"
         __cache__ = CachePolicy(strategy="write_behind", ttl=600, partitions=PARTITIONS)
         __table_args__ = (CheckConstraint("views >= 0", name="wb_views_not_negative"),)
@@ -56,7 +58,7 @@ def define_models(base: Any = None) -> tuple[Any, Any]:
         note: Mapped[str | None]
         viewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
-    class StockLevel(base):  # type: ignore[valid-type,misc]
+    class StockLevel(Base):
         __tablename__ = "wb_stock_levels"
         __cache__ = CachePolicy(strategy="write_behind", ttl=600, partitions=2)
 
@@ -66,12 +68,13 @@ def define_models(base: Any = None) -> tuple[Any, Any]:
         warehouse: Mapped[str] = mapped_column(String(40))
         quantity: Mapped[int] = mapped_column(default=0)
 
-    return PageView, StockLevel
+    return Base, PageView, StockLevel
 
 
 def worker_models() -> list[Any]:
     """For ``python -m sa_redis_cache.worker --model tests.wb_support:worker_models``."""
-    return list(define_models())
+    _, page_view, stock_level = define_models()
+    return [page_view, stock_level]
 
 
 _ACTIVE: list[tuple[Any, Any]] = []
@@ -85,18 +88,15 @@ def active_models() -> list[Any]:
 @contextmanager
 def private_models() -> Iterator[tuple[Any, Any]]:
     """:func:`define_models` in a base disposed of when the block ends."""
-
-    class Base(DeclarativeBase):
-        pass
-
-    models = define_models(Base)
+    base, page_view, stock_level = define_models()
+    models = (page_view, stock_level)
     _ACTIVE.append(models)
     try:
         yield models
     finally:
         _ACTIVE.pop()
-        Base.registry.dispose()
-        del models, Base
+        base.registry.dispose()
+        del models, page_view, stock_level, base
         gc.collect()
 
 

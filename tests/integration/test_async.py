@@ -307,7 +307,7 @@ def test_a_lease_waiter_lets_the_loop_run(
     """
     stmt = select(Product).where(Product.id == 9).options(FromCache(lease_wait=0.5))
 
-    async def main() -> tuple[list[Any], int, dict[str, Any]]:
+    async def main() -> tuple[tuple[Any, Any], int, dict[str, Any]]:
         engine = create_async_engine(async_url(database_url))
         statements: list[str] = []
         sa.event.listen(
@@ -329,8 +329,12 @@ def test_a_lease_waiter_lets_the_loop_run(
                     ticked.set()
 
         hooks = cache._core.hooks
+
         # hooks run in the session's greenlet: the filler awaits the ticks there
-        hooks["after_database_read"] = lambda: await_(ticked.wait())
+        def wait_for_ticks() -> None:
+            await_(ticked.wait())
+
+        hooks["after_database_read"] = wait_for_ticks
         hooks["lease_wait"] = waiting.set
 
         async def read() -> Any:
@@ -540,9 +544,13 @@ def test_cached_decorates_async_functions(redis_url: str, namespace: str) -> Non
         calls.append(currency)
         return {"currency": currency, "rate": Decimal("1.08"), "scale": scale}
 
-    async def main() -> list[Any]:
+    async def main() -> list[dict[str, Any] | bool]:
         try:
-            got = [await rate("EUR"), await rate(currency="EUR"), await rate("USD")]
+            got: list[dict[str, Any] | bool] = [
+                await rate("EUR"),
+                await rate(currency="EUR"),
+                await rate("USD"),
+            ]
             got.append(await rate.ainvalidate("EUR"))
             got.append(await rate("EUR"))
             got.append(rate.invalidate("EUR"))  # the synchronous one works too

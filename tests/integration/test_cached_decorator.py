@@ -54,7 +54,8 @@ class Spy:
         self.calls: Counter[Any] = Counter()
         self.results = results or {}
 
-    def __call__(self, key: Any) -> Any:
+    # object, not Any: Any would also match cached()'s overload for async functions
+    def __call__(self, key: Any) -> object:
         self.calls[repr(key)] += 1
         return self.results.get(key, ("result", key))
 

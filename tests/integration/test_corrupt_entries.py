@@ -220,6 +220,7 @@ def test_key_of_the_wrong_redis_type_is_a_miss_and_is_replaced(
     read(session_factory)
     key = the_key(redis_client, namespace, kind)
     good = redis_client.get(key)
+    assert isinstance(good, bytes)
     redis_client.delete(key)
     if redis_type == "list":
         redis_client.rpush(key, b"a", b"b")

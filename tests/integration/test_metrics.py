@@ -23,7 +23,7 @@ from sa_redis_cache.stats import BUCKETS
 @pytest.fixture
 def scrape(cache: Cache) -> Iterator[str]:
     registry = CollectorRegistry()
-    registry.register(CacheCollector(cache))  # type: ignore[arg-type]
+    registry.register(CacheCollector(cache))
     port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     yield f"http://127.0.0.1:{port}/metrics"

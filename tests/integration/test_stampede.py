@@ -166,7 +166,9 @@ def test_a_fill_landing_before_the_lease_is_asked_for_is_served(
 
 
 def entity_key(cache: Cache, table: str) -> bytes:
-    return next(cache.client.scan_iter(match=f"sarc:{cache.namespace}:{{*:{table}}}:e:*"))
+    key = next(cache.client.scan_iter(match=f"sarc:{cache.namespace}:{{*:{table}}}:e:*"))
+    assert isinstance(key, bytes)
+    return key
 
 
 def test_64_concurrent_entity_misses_send_one_query(

@@ -119,7 +119,7 @@ def test_a_batch_delivered_twice_is_applied_once(
     def crash(*args: Any) -> None:
         raise RedisConnectionError("killed between the database commit and the ack")
 
-    crashing._after_flush = crash  # type: ignore[method-assign]
+    crashing._after_flush = crash
     assert crashing.run_once() == 0  # applied to the database, never acknowledged
     assert rows(worker_engine, page_view) == {pk: ("/once", 1)}
     assert offsets(worker_engine, namespace) == 1
@@ -209,7 +209,7 @@ def test_a_redelivered_dead_letter_never_reaches_the_cache(
     def crash(*args: Any) -> None:
         raise RedisConnectionError("killed between the database commit and the ack")
 
-    crashing._after_flush = crash  # type: ignore[method-assign]
+    crashing._after_flush = crash
     crashing.run_once()  # dead-lettered in the database, never acknowledged
     crashing.release()
     restarted = make_worker("w1")

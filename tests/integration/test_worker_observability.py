@@ -197,7 +197,7 @@ def test_stats_and_metrics_move_with_the_work(
     page_view, _ = models
     worker = make_worker(max_backoff=0)  # a failed partition is retried at once
     registry = CollectorRegistry()
-    registry.register(WorkerCollector(worker))  # type: ignore[arg-type]
+    registry.register(WorkerCollector(worker))
 
     def scrape() -> str:
         return generate_latest(registry).decode()
@@ -261,7 +261,7 @@ def test_metrics_without_redis_or_database(make_worker: Any, namespace: str) -> 
     # nothing listens on port 1
     worker.client = redis.Redis(port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     registry = CollectorRegistry()
-    registry.register(WorkerCollector(worker, database=False))  # type: ignore[arg-type]
+    registry.register(WorkerCollector(worker, database=False))
     text = generate_latest(registry).decode()
     assert sample(text, "sarc_wb_queue_up", namespace=namespace) == 0
     assert sample(text, "sarc_wb_dead_letters_unreplayed", source="worker") == 0
