@@ -723,7 +723,7 @@ def _stable(value: Any) -> str:
     return _type_name(value)  # never a repr that could hold a memory address
 
 
-def type_fingerprint(sqltype: TypeEngine[Any]) -> str:
+def type_fingerprint(sqltype: TypeEngine[Any] | type[TypeEngine[Any]]) -> str:
     """Stable text for the schema hash: class, value-relevant parameters, stored form.
 
     It changes whenever a change of type could change the stored values, and never

@@ -38,6 +38,7 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
+# SQLAlchemy leaves the dialect's __init__ unannotated
 SHOP_DIALECT: sa.Dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 # -- exact views of results -------------------------------------------------------------

@@ -487,8 +487,8 @@ def test_fingerprints_change_with_value_relevant_parameters() -> None:
         assert text == type_fingerprint(sqltype)
     assert type_fingerprint(sa.Numeric(12, 2)) == type_fingerprint(sa.Numeric(12, 2))
     # type_fingerprint() takes a type class too (to_instance), as SQLAlchemy's own type
-    # arguments do; its annotation in sa_redis_cache/codec.py says instances only.
-    assert type_fingerprint(sa.Integer) == type_fingerprint(sa.Integer())  # type: ignore[arg-type]
+    # arguments do
+    assert type_fingerprint(sa.Integer) == type_fingerprint(sa.Integer())
 
 
 # --- envelope and bad input -------------------------------------------------------------------
