@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 from sqlalchemy.orm import Mapper, Session, mapperlib, scoped_session, sessionmaker
+from sqlalchemy.util import greenlet_spawn
 
 from . import wb_config
 from .breaker import CircuitBreaker
@@ -26,7 +27,8 @@ from .keys import KeyScheme, pk_text
 from .models import ModelInfo, build_model_info, mapper_of
 from .options import FromCache
 from .policy import CachePolicy, is_ttl
-from .reads import ReadPath
+from .publish import StatsPublisher
+from .reads import LEASE_MS, ReadPath
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -60,6 +62,9 @@ class Cache:
     delivered as invalidations before this process trusts the cache again.
     A model whose hit rate stays below ``hit_rate_warning`` (over 5-minute windows with at
     least 200 lookups) is logged once per window; None turns the warning off.
+    Once attached, the cache adds its counters' gains into Redis every
+    ``stats_publish_interval`` seconds, from a thread of its own, for ``sa-redis-cache
+    stats`` to sum over every process (:mod:`sa_redis_cache.publish`); 0 turns that off.
 
     Example::
 
@@ -89,6 +94,7 @@ class Cache:
         breaker_threshold: int = 3,
         breaker_reset: float = 2.0,
         hit_rate_warning: float | None = 0.8,
+        stats_publish_interval: float = 1.0,
     ) -> None:
         redis_client, async_factory = clients_for(redis_client, async_client, _DEFAULT_TIMEOUT)
         if not namespace or any(ch in namespace for ch in "{}:*?[] \n"):
@@ -115,6 +121,7 @@ class Cache:
         )
         self._writes = WritePath(self._core)
         self._reads = ReadPath(self._core, self._writes)
+        self._publisher = StatsPublisher(self._core, stats_publish_interval)
         self._attached: list[Any] = []
         self._attached_binds: list[Engine] = []
 
@@ -189,11 +196,13 @@ class Cache:
             )
         if isinstance(target, Engine):
             self._load_models()
+            self._publisher.start()
             self._writes.core_dml.register(target)
             self._remember_bind(target)
             return
         session_class = self._session_class_of(target)
         self._load_models()
+        self._publisher.start()
         if any(session_class is known for known in self._attached):
             return  # listening twice would run every hook twice
         bind = getattr(target, "kw", {}).get("bind")
@@ -308,13 +317,15 @@ class Cache:
         # bumping the version also refuses a fill that read the row before this call,
         # and retires the cached queries that may contain the row
         core = self._core
-        core.io().pipeline(
-            [
-                ("UNLINK", self.keys.entity_key(info.table, info.schema_hash, pk_text(pk))),
-                *core.bump_commands(self.keys.version_key(info.table)),
-            ]
-        )
-        self._core.counters.incr("model:" + model.__name__, "invalidations")
+        scope = "model:" + model.__name__
+        with core.measure(scope, "invalidate"):
+            core.io().pipeline(
+                [
+                    ("UNLINK", self.keys.entity_key(info.table, info.schema_hash, pk_text(pk))),
+                    *core.bump_commands(self.keys.version_key(info.table)),
+                ]
+            )
+        core.counters.incr(scope, "invalidations")
 
     def invalidate_model(self, model: type) -> None:
         """Invalidate every cached query that read ``model``'s table, and its entity entries.
@@ -329,13 +340,15 @@ class Cache:
         """
         info = self._model_info(model)
         core = self._core
-        core.io().pipeline(
-            [
-                *core.bump_commands(self.keys.version_key(info.table)),
-                *core.bump_commands(self.keys.generation_key(info.table)),
-            ]
-        )
-        self._core.counters.incr("model:" + model.__name__, "invalidations")
+        scope = "model:" + model.__name__
+        with core.measure(scope, "invalidate"):
+            core.io().pipeline(
+                [
+                    *core.bump_commands(self.keys.version_key(info.table)),
+                    *core.bump_commands(self.keys.generation_key(info.table)),
+                ]
+            )
+        core.counters.incr(scope, "invalidations")
 
     def invalidate_query(
         self, statement: Any, params: dict[str, Any] | None = None, *, bind: Any = None
@@ -377,9 +390,61 @@ class Cache:
             for b in binds
             if (key := self._reads.entry_key(plan, cache_key.bindparams, params, b, translate))
         ]
-        removed = self._core.io().unlink(*keys) if keys else 0
+        # a tombstone, not a delete: a fill that read before this call must be refused,
+        # for as long as such a read may take (the fill lease's life) or the entry lives
+        ttl_ms = max(LEASE_MS, int(self._core.ttl_for_tables(plan.tables) * 1000))
+        with self._core.measure(None, "invalidate"):
+            removed = self._core.tombstone(keys, ttl_ms)
         self._core.counters.incr_total("invalidations")
         return removed
+
+    # The awaitable versions run the synchronous method in a SQLAlchemy greenlet, as
+    # AsyncSession runs its session: core.io() there awaits the asyncio client through the
+    # greenlet bridge, so the checks, keys and commands stay written once, above.
+
+    async def ainvalidate(self, model: type, *pk: Any) -> None:
+        """:meth:`invalidate` for coroutines: awaits the asyncio client, never blocks the loop.
+
+        Example::
+
+            await cache.ainvalidate(Product, 7)
+        """
+        self._require_async_client("ainvalidate")
+        await greenlet_spawn(self.invalidate, model, *pk)
+
+    async def ainvalidate_model(self, model: type) -> None:
+        """:meth:`invalidate_model` for coroutines, over the asyncio client.
+
+        Example::
+
+            await cache.ainvalidate_model(Product)
+        """
+        self._require_async_client("ainvalidate_model")
+        await greenlet_spawn(self.invalidate_model, model)
+
+    async def ainvalidate_query(
+        self, statement: Any, params: dict[str, Any] | None = None, *, bind: Any = None
+    ) -> int:
+        """:meth:`invalidate_query` for coroutines, over the asyncio client; how many went.
+
+        ``bind`` may be an ``AsyncEngine``: the entries of a statement an ``AsyncSession``
+        ran are keyed by its driver (``postgresql+psycopg_async``), not the sync engine's.
+
+        Example::
+
+            stmt = select(Product).where(Product.id < 10).options(FromCache())
+            await cache.ainvalidate_query(stmt, bind=async_engine)
+        """
+        self._require_async_client("ainvalidate_query")
+        return await greenlet_spawn(self.invalidate_query, statement, params, bind=bind)
+
+    def _require_async_client(self, method: str) -> None:
+        if self._core.async_clients is None:
+            raise ConfigurationError(
+                f"cache.{method}() awaits an asyncio Redis client and this cache has none; "
+                "make the cache from a URL or pass async_client=redis.asyncio.Redis(...), "
+                f"or call cache.{method[1:]}() (it blocks for its round trip)"
+            )
 
     def cached(self, prefix: str, ttl: float | None = None) -> CacheDecorator:
         """Cache a plain function's results under ``prefix`` (the recipe's decorator).
@@ -428,6 +493,7 @@ class Cache:
 
         Sessions made afterwards by the factories this cache was attached to read and
         write the database only. Useful in tests and before re-configuring a process.
+        The counters' publisher stops after a last publish (one round trip).
 
         Example::
 
@@ -436,6 +502,7 @@ class Cache:
             cache.detach()
         """
         self._core.remove_listeners()
+        self._publisher.stop()  # after a last publish
         self._writes.core_dml.forget_engines()
         self._attached.clear()
         self._attached_binds.clear()

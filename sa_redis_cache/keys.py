@@ -11,6 +11,7 @@ touches one slot::
     sarc:shop:{shop:products}:e:<schema>:<pk>   entity entry
     sarc:shop:{shop:products}:q:<digest>        query entry (tag of its first table)
     sarc:shop:f:<prefix>:<digest>               function result (cache.cached)
+    sarc:shop:stats:<scope>                     hit counters of every process (HASH)
 
 The structural part of a query key comes from SQLAlchemy's own statement cache key,
 which covers loader options, but holds process-local objects (mappers, tables, anonymous
@@ -107,6 +108,19 @@ class KeyScheme:
     def function_pattern(self, prefix: str) -> str:
         """A SCAN pattern matching every entry of one decorated function."""
         return _escape_glob(f"{self.prefix}f:{prefix}:") + "*"
+
+    def stats_key(self, scope: str) -> str:
+        """The hash of one scope's counters, summed over every process that publishes.
+
+        ``scope`` is ``total`` or a scope of ``cache.stats()`` such as ``model:Product``,
+        ``region:pages`` or ``function:profile``; each field is a counter (``hits``...).
+
+        Example::
+
+            >>> KeyScheme("shop").stats_key("model:Product")
+            'sarc:shop:stats:model:Product'
+        """
+        return f"{self.prefix}stats:{scope}"
 
 
 def _escape_glob(text: str) -> str:

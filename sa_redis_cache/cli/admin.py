@@ -502,12 +502,14 @@ def _demo_checkout() -> Path | None:
 @common_options("redis_url", "database_url")
 @click.pass_obj
 def demo(settings: Settings, small: bool) -> None:
-    """Run the example shop's story: with and without the cache, writes seen at once.
+    """Run the example shop's story: with and without the cache, writes seen at once, a
+    write-behind burst drained by a worker, and the stats table.
 
     Needs the source checkout (examples/ is not in the wheel) and a Postgres server:
     --database-url is a server-level URL on which the demo drops and recreates its own
     database, sarc_demo. It uses its own Redis namespace, demo (SARC_DEMO_NAMESPACE
-    changes it), never --namespace. `make demo` finds or starts both services for you.
+    changes it), never --namespace; its write-behind part starts a redis-server with AOF
+    on a free port when that Redis has AOF off. `make demo` finds or starts both services.
 
     \b
     Example:

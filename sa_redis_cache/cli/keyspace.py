@@ -1,4 +1,4 @@
-"""One pass over a namespace's keys: entries, memory and counters per table.
+"""One pass over a namespace's keys: entries, memory and counters per table, hit counters.
 
 The prefixes are computed from :class:`~sa_redis_cache.keys.KeyScheme` itself, so the
 counts follow the key layout the library writes.
@@ -15,8 +15,12 @@ from sqlalchemy import Table
 
 from sa_redis_cache.models import all_mappers
 from sa_redis_cache.policy import CachePolicy
+from sa_redis_cache.publish import STATS_TTL_MS, TOTAL, group_of
+from sa_redis_cache.stats import _with_rate
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import redis
     from sqlalchemy.orm import Mapper
 
@@ -68,6 +72,7 @@ class _Layout:
         self.keys = keys
         self.tag_start, self.tag_end = keys.table_prefix(_MARK).split(_MARK)
         self.function_start = _before(keys.function_key(_MARK, _MARK))
+        self.stats_start = _before(keys.stats_key(_MARK))
         self._per_table: dict[str, tuple[str, str, str, frozenset[str]]] = {}
 
     def _table(self, table: str) -> tuple[str, str, str, frozenset[str]]:
@@ -85,7 +90,8 @@ class _Layout:
         return found
 
     def classify(self, key: str) -> tuple[str, str]:
-        """``(table, kind)``, ``("", "function:<prefix>")`` or ``("", "other")``."""
+        """``(table, kind)``, ``("", "function:<prefix>")``, ``("", "stats:<scope>")``
+        or ``("", "other")``."""
         if key.startswith(self.tag_start):
             end = key.find(self.tag_end, len(self.tag_start))
             if end > 0:
@@ -102,6 +108,8 @@ class _Layout:
         elif key.startswith(self.function_start):
             prefix = key[len(self.function_start) :].rpartition(":")[0]
             return "", "function:" + prefix
+        elif key.startswith(self.stats_start):
+            return "", "stats:" + key[len(self.stats_start) :]
         return "", "other"
 
 
@@ -155,6 +163,7 @@ def collect(
     layout = _Layout(keys)
     per_table: defaultdict[str, _TableKeys] = defaultdict(_TableKeys)
     functions: defaultdict[str, _Group] = defaultdict(_Group)
+    stats_scopes: list[str] = []
     other = _Group()
     total = 0
     # one SCAN over the namespace, not one per table and kind: MATCH filters after the
@@ -167,6 +176,8 @@ def collect(
             getattr(per_table[table], kind).add(raw)
         elif kind.startswith("function:"):
             functions[kind.partition(":")[2]].add(raw)
+        elif kind.startswith("stats:"):
+            stats_scopes.append(kind.partition(":")[2])
         else:
             other.add(raw)
     model_tables = _model_tables(all_mappers() if mappers is None else mappers)
@@ -182,6 +193,9 @@ def collect(
         pipe.get(keys.generation_key(table))
         # a mark's score is its expiry: marks of crashed writers linger until it passes
         pipe.zcount(keys.writers_key(table), now_ms, "+inf")
+    for scope in stats_scopes:
+        pipe.hgetall(keys.stats_key(scope))
+        pipe.pttl(keys.stats_key(scope))
     replies = iter(pipe.execute())
 
     rows = []
@@ -208,6 +222,7 @@ def collect(
                 "writers_in_flight": int(writers),
             }
         )
+    counters, age = _counters(stats_scopes, replies)
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "namespace": keys.namespace,
@@ -224,8 +239,35 @@ def collect(
             for prefix, group in sorted(functions.items())
         ],
         "other_keys": other.count,
-        "hit_counters": "per process: read cache.stats() in the application",
+        "counters": counters,
+        "counters_published_seconds_ago": age,
     }
+
+
+def _counters(scopes: list[str], replies: Iterator[Any]) -> tuple[dict[str, Any], float | None]:
+    """The published counters in the shape of ``cache.stats()``, and the newest publish's age.
+
+    Each publish renews its hashes' TTL to ``STATS_TTL_MS``: what is missing from it is
+    the time since the last publish.
+    """
+    out: dict[str, Any] = {"total": _with_rate({}), "models": {}, "regions": {}, "functions": {}}
+    newest: int | None = None
+    for scope in scopes:
+        fields, pttl = next(replies), next(replies)
+        values: dict[str, int] = {}
+        for name, raw in fields.items():
+            number = _number(raw)
+            if isinstance(number, int):  # a foreign field that is no number is left out
+                values[name.decode("utf-8", "replace")] = number
+        if pttl > 0:
+            newest = max(newest or 0, pttl)
+        found = group_of(scope)
+        if scope == TOTAL:
+            out["total"] = _with_rate(values)
+        elif found is not None:
+            out[found[0]][found[1]] = _with_rate(values)
+    age = None if newest is None else max(0.0, (STATS_TTL_MS - newest) / 1000)
+    return out, age
 
 
 def escape_glob(text: str) -> str:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sa_redis_cache.codec import CodecError, unpack
+from sa_redis_cache.core import TOMBSTONE_PREFIX
 from sa_redis_cache.options import FromCache
 
 from .common import Settings, import_object
@@ -130,6 +131,13 @@ def inspect_statement(
     )
     if raw is None:
         document.update(state="absent", detail="no entry: the next execution reads the database")
+        return document
+    if raw.startswith(TOMBSTONE_PREFIX):
+        document.update(
+            state="invalidated",
+            detail="invalidate_query() left a tombstone: the next execution reads the database "
+            "and fills over it",
+        )
         return document
     try:
         stored, body = _query_payload(raw, key[len(plan.entry_prefix) :], len(plan.table_names))

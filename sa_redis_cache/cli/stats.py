@@ -1,8 +1,9 @@
-"""``stats``: what Redis holds for one namespace, per table, read live from Redis.
+"""``stats``: hits, misses and entries per model and region, and what Redis holds per table.
 
-The hit and miss counters of ``cache.stats()`` live in each application process; this
-command shows what Redis itself can tell: entries per table, their memory, the version
-counters and entity generations, and the writers in flight.
+The hit and miss counters of ``cache.stats()`` are counted in each application process;
+every attached cache publishes them into Redis (:mod:`sa_redis_cache.publish`), and this
+command shows their sums over every process, next to what Redis itself can tell: entries
+and their memory, the version counters and entity generations, the writers in flight.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
     from sa_redis_cache.keys import KeyScheme
 
-__all__ = ["blocks_for", "stats"]
+__all__ = ["blocks_for", "published_text", "scope_blocks", "stats"]
 
 
 def _memory(size: int | None, estimated: bool) -> str:
@@ -45,8 +46,86 @@ def _model_text(models: list[dict[str, Any]]) -> str:
     return ", ".join(parts) or "-"
 
 
-def blocks_for(document: dict[str, Any], redis_url: str) -> list[Block]:
-    """The human-readable form of a :func:`collect` document."""
+def _counter_cells(counters: dict[str, Any] | None) -> list[str]:
+    """hits, misses, hit rate, errors; dashes for a scope nothing was published for."""
+    if counters is None:
+        return ["-", "-", "-", "-"]
+    rate = counters["hit_rate"]
+    return [
+        f"{counters['hits']:,}",
+        f"{counters['misses']:,}",
+        "-" if rate is None else f"{rate:.1%}",
+        f"{counters['errors']:,}",
+    ]
+
+
+def _scope_table(document: dict[str, Any], memory: int) -> Table:
+    """Per model, region and cached function: the published counters, entries and memory."""
+    counters = document["counters"]
+    tables = document["tables"]
+    by_model = {m["name"]: t for t in tables for m in t["models"]}
+    functions = {f["prefix"]: f for f in document["functions"]}
+    rows: list[list[str]] = []
+    for name in sorted(set(by_model) | set(counters["models"])):
+        t = by_model.get(name)
+        stored = ["-", "-"]
+        if t is not None:
+            stored = [
+                str(t["entity_entries"] + t["query_entries"]),
+                _memory(t["memory_bytes"], t["memory_estimated"]),
+            ]
+        rows.append([f"model {name}", *_counter_cells(counters["models"].get(name)), *stored])
+    rows += [
+        [f"region {name}", *_counter_cells(values), "-", "-"]
+        for name, values in sorted(counters["regions"].items())
+    ]
+    for prefix in sorted(set(functions) | set(counters["functions"])):
+        f = functions.get(prefix)
+        stored = (
+            ["0", "-"]
+            if f is None
+            else [
+                str(f["entries"]),
+                _memory(f["memory_bytes"], f["memory_estimated"]),
+            ]
+        )
+        rows.append(
+            [f"function {prefix}", *_counter_cells(counters["functions"].get(prefix)), *stored]
+        )
+    entries = sum(t["entity_entries"] + t["query_entries"] for t in tables)
+    entries += sum(f["entries"] for f in document["functions"])
+    rows.append(["total", *_counter_cells(counters["total"]), str(entries), human_bytes(memory)])
+    return Table(
+        ["scope", "hits", "misses", "hit rate", "errors", "entries", "memory"],
+        rows,
+        right={1, 2, 3, 4, 5, 6},
+    )
+
+
+def published_text(age: float | None) -> str:
+    """What the hit counters of a :func:`collect` document are, and how fresh."""
+    if age is None:
+        return (
+            "hits, misses, errors: none published yet. Each process with an attached Cache "
+            "publishes its counters every stats_publish_interval seconds (default 1)."
+        )
+    return (
+        "hits, misses, errors: summed over every process with an attached Cache since the "
+        f"counters were first published (last publish {age:.1f} s ago); they expire 7 days "
+        "after the last one. A FromCache lookup counts in its region and in each model it "
+        "reads; total counts it once."
+    )
+
+
+def scope_blocks(document: dict[str, Any], redis_url: str) -> list[Block]:
+    """The headline and the table per model, region and function of a :func:`collect` document.
+
+    The first part of :func:`blocks_for`, for programs that show only that (the demo).
+
+    Example::
+
+        render(scope_blocks(collect(client, KeyScheme("shop")), "redis://localhost"))
+    """
     tables = document["tables"]
     memory = sum(t["memory_bytes"] or 0 for t in tables) + sum(
         f["memory_bytes"] or 0 for f in document["functions"]
@@ -55,7 +134,13 @@ def blocks_for(document: dict[str, Any], redis_url: str) -> list[Block]:
         f"Namespace {document['namespace']!r} on {redis_url}: {document['keys']} keys, "
         f"entries ≈ {human_bytes(memory)} ({document['time']})"
     )
-    out: list[Block] = [headline]
+    return [headline, _scope_table(document, memory)]
+
+
+def blocks_for(document: dict[str, Any], redis_url: str) -> list[Block]:
+    """The human-readable form of a :func:`collect` document."""
+    tables = document["tables"]
+    out = scope_blocks(document, redis_url)
     if tables:
         out.append(
             Table(
@@ -90,34 +175,21 @@ def blocks_for(document: dict[str, Any], redis_url: str) -> list[Block]:
             "No cache keys in this namespace, and no models imported (pass --models MODULE "
             "to list your models' tables even when they hold no entries)."
         )
-    if document["functions"]:
-        out.append(
-            Table(
-                ["cached function", "entries", "memory"],
-                [
-                    [
-                        f["prefix"],
-                        str(f["entries"]),
-                        _memory(f["memory_bytes"], f["memory_estimated"]),
-                    ]
-                    for f in document["functions"]
-                ],
-                right={1, 2},
-            )
-        )
     if document["other_keys"]:
         out.append(f"{document['other_keys']} other key(s) under the namespace's prefix.")
     out.append(
+        published_text(document["counters_published_seconds_ago"]) + "\n"
+        "entries, memory: a model's are those of its table (entity entries, and the query "
+        "entries stored under the table).\n"
         f"≈: estimated from MEMORY USAGE of up to {document['memory_sample_limit']} keys per "
         "table and kind.\n"
         "version, generation: the counters entries are checked against; writers: "
-        "transactions between flush and commit.\n"
-        "Hits and misses are counted in each application process: see cache.stats()."
+        "transactions between flush and commit."
     )
     return out
 
 
-@click.command(short_help="Entries, memory, versions and writers per table, live.")
+@click.command(short_help="Hits, misses, entries and memory per model and region, live.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
 @click.option(
     "--watch",
@@ -134,12 +206,14 @@ def blocks_for(document: dict[str, Any], redis_url: str) -> list[Block]:
 @common_options("redis_url", "namespace", "models")
 @click.pass_obj
 def stats(settings: Settings, as_json: bool, watch: float | None, count: int | None) -> None:
-    """Show what Redis holds for the namespace, per table.
+    """Show hits, misses and entries per model and region, and what Redis holds per table.
 
-    For every table that has keys in the namespace, and every table of the models
-    imported with --models: the number of entity and query entries, their memory
-    (sampled), the version counter and entity generation that entries are checked
-    against, and the writers in flight. Cached functions are listed too.
+    Per model, FromCache region and cached function: hits, misses, hit rate and errors,
+    summed over every process with an attached cache (each publishes its counters into
+    Redis every second), with the entries and their memory (sampled). Then, for every
+    table that has keys in the namespace, and every table of the models imported with
+    --models: the entity and query entries, their memory, the version counter and entity
+    generation that entries are checked against, and the writers in flight.
 
     \b
     Example:

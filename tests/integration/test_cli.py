@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 from sqlalchemy import select
@@ -29,11 +31,10 @@ from examples.shop import Customer, Product
 from sa_redis_cache import Cache, FromCache, schema
 from sa_redis_cache.cli import cli
 from sa_redis_cache.devservices.process import free_port
+from sa_redis_cache.keys import KeyScheme
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-
-    import redis
 
     from sa_redis_cache.devservices import Services
 
@@ -182,7 +183,66 @@ def test_stats_counts_entries_memory_and_counters_per_table(
     assert table.exit_code == 0
     assert "Product (write_through, ttl 600 s)" in table.stdout
     assert str(products["version"]) in table.stdout
-    assert "cache.stats()" in table.stdout  # hit counters are per process: says where
+    # the scope table lists the function with its entries, as the models with theirs
+    assert re.search(r"function profile(\s+\S+){4}\s+1\s", table.stdout), table.stdout
+
+
+def test_stats_sums_the_hits_and_misses_every_process_published(
+    base: list[str],
+    cache: Cache,
+    session_factory: sessionmaker[Session],
+    shop_engine: sa.Engine,
+    redis_url: str,
+    namespace: str,
+) -> None:
+    pages = select(Product).where(Product.category_id == 1).options(FromCache(region="pages"))
+    for _ in range(3):  # a miss, then hits
+        with session_factory() as s:
+            s.get(Product, 4)
+            s.scalars(pages).all()
+    # another process of the same application: a cache of its own on the namespace
+    other_client = redis.Redis.from_url(redis_url)
+    other = Cache(other_client, namespace=namespace)
+    other_factory = sessionmaker(shop_engine)
+    other.attach(other_factory)
+    for pk in (4, 5):
+        with other_factory() as s:
+            s.get(Product, pk)
+    other.detach()  # stops its publisher after a last publish
+    other_client.close()
+    assert cache._publisher.publish_now()  # the fixture's cache publishes at once
+
+    mine, theirs = cache.stats(), other.stats()
+    document = json_of(run(*base, "stats", "--json"))
+    counters = document["counters"]
+    product = counters["models"]["Product"]
+    for name in ("hits", "misses", "errors", "fills"):
+        assert product[name] == mine["models"]["Product"][name] + theirs["models"]["Product"][name]
+    assert (product["hits"], product["misses"]) == (2 + 2 + 1, 1 + 1 + 1)  # get + page, each
+    assert product["hit_rate"] == pytest.approx(5 / 8)
+    region = counters["regions"]["pages"]
+    assert (region["hits"], region["misses"], region["hit_rate"]) == (2, 1, pytest.approx(2 / 3))
+    assert counters["total"]["hits"] == mine["total"]["hits"] + theirs["total"]["hits"]
+    assert document["counters_published_seconds_ago"] >= 0
+
+    table = run(*base, "stats")
+    assert table.exit_code == 0
+    row = re.search(r"model Product\s+5\s+3\s+62\.5%\s+0\s+(\d+)\s", table.stdout)
+    assert row is not None, table.stdout
+    tables = {t["table"]: t for t in document["tables"]}
+    assert int(row[1]) == tables["products"]["entity_entries"] + tables["products"]["query_entries"]
+    assert re.search(r"region pages\s+2\s+1\s+66\.7%\s+0\s+-\s+-", table.stdout), table.stdout
+    assert "last publish" in table.stdout
+
+
+def test_stats_says_when_no_counters_were_published(base: list[str]) -> None:
+    document = json_of(run(*base, "stats", "--json"))
+    assert document["counters"]["models"] == {}
+    assert document["counters"]["total"]["hit_rate"] is None
+    assert document["counters_published_seconds_ago"] is None
+    table = run(*base, "stats")
+    assert "hits, misses, errors: none published yet" in table.stdout
+    assert re.search(r"model Product(\s+-){4}\s+0\s+0 B", table.stdout), table.stdout
 
 
 def test_stats_watch_refreshes_count_times(base: list[str]) -> None:
@@ -249,6 +309,7 @@ def test_inspect_statement_computes_the_read_paths_key(
     statements: str,
     database_url: str,
     session_factory: sessionmaker[Session],
+    cache: Cache,
 ) -> None:
     module = __import__(statements)
     with session_factory() as s:
@@ -266,6 +327,10 @@ def test_inspect_statement_computes_the_read_paths_key(
     assert named["row_count"] == 1
     other = json_of(run(*args, f"{statements}:by_name", "--param", "name=nobody"))
     assert other["state"] == "absent"
+    assert cache.invalidate_query(module.by_name(), {"name": "product-5"}) == 1
+    gone = json_of(run(*args, f"{statements}:by_name", "--param", "name=product-5"))
+    assert gone["state"] == "invalidated"
+    assert "tombstone" in gone["detail"]
     textual = json_of(run(*args, f"{statements}:TEXTUAL"))
     assert textual["state"] == "uncacheable"
     assert "textual SQL" in textual["detail"]  # the library's reason, not a guess
@@ -347,8 +412,10 @@ def test_invalidate_namespace_wide_deletes_only_that_namespace(
     result = run(*base, "invalidate", "--namespace-wide", "--yes")
     assert result.exit_code == 0, result.output
     assert f"of namespace '{namespace}'" in result.stdout
+    # the attached cache's publisher may have added its counters since: they are not entries
+    stats_prefix = KeyScheme(namespace).stats_key("")
     left = {k.decode() for k in redis_client.scan_iter(match=f"sarc:{namespace}:*")}
-    assert left == set(queue)
+    assert {k for k in left if not k.startswith(stats_prefix)} == set(queue)
     assert redis_client.exists(neighbour)
     assert run(*base, "invalidate", "--namespace-wide", "Product").exit_code == 2
 
