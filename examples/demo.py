@@ -12,9 +12,12 @@ deletes at the start (SCAN + UNLINK of ``sarc:demo:*``; it never flushes a serve
 
 Sections: set-up; a read-heavy workload without and with the cache (wall time, latency,
 SQL statements sent to Postgres); a write-through price change seen at once by a fresh
-session and by another process; a cache-aside rename seen at once by a cached query;
-the final ``cache.stats()``. The demo checks each claim it prints and exits 1 if one
-fails.
+session and by another process; a cache-aside rename seen at once by a cached query; a
+write-behind burst of page views drained into Postgres by a flush worker, with its
+progress bar (:mod:`examples.demo_write_behind`; it starts a Redis with AOF when the
+demo's has AOF off); the final stats table, as ``sa-redis-cache stats`` shows it: the
+hits and misses every process published, this one's and its reader process's. The demo
+checks each claim it prints and exits 1 if one fails.
 
 Environment knobs: ``SARC_DEMO_SMALL=1`` (small counts, for the test suite),
 ``SARC_DEMO_DATABASE`` and ``SARC_DEMO_NAMESPACE`` (other names than the defaults).
@@ -39,8 +42,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from examples.demo_write_behind import BurstResult, write_behind_burst
 from examples.shop import Base, Category, Product, seed
 from sa_redis_cache import Cache, FromCache
+from sa_redis_cache.cli.keyspace import collect
+from sa_redis_cache.cli.output import render
+from sa_redis_cache.cli.stats import published_text, scope_blocks
 from sa_redis_cache.devservices import normalize_database_url, redact
 
 if TYPE_CHECKING:
@@ -62,6 +69,7 @@ class Settings:
     database: str
     namespace: str
     requests: int
+    views: int
     hot_products: int
     products: int
     customers: int
@@ -94,6 +102,7 @@ def load_settings() -> Settings | None:
         database=os.environ.get("SARC_DEMO_DATABASE") or DEFAULT_DATABASE,
         namespace=os.environ.get("SARC_DEMO_NAMESPACE") or DEFAULT_NAMESPACE,
         requests=200 if small else 2_000,
+        views=400 if small else 2_000,
         hot_products=40 if small else 100,
         products=120 if small else 400,
         customers=20 if small else 100,
@@ -309,6 +318,7 @@ def child_read_product(settings: Settings, product_id: int) -> int:
         product = session.get(Product, product_id)
         assert product is not None
         print(json.dumps({"price": str(product.price), "sql": sql.count}))
+    cache.detach()  # publishes this process's counters: the final stats table sums them
     cache.client.close()
     engine.dispose()
     return 0
@@ -503,45 +513,41 @@ def invalidation(
     checks.expect(name == new_name and used == 0, "the refilled entry is served without SQL")
 
 
-STAT_COLUMNS = ("hits", "misses", "fills", "fill_refused", "invalidations", "errors")
-"""Counters always shown; any other counter of ``cache.stats()`` is shown when not zero."""
+def stats_table(out: Output, cache: Cache, settings: Settings, checks: Checks) -> None:
+    """The final stats table, as ``sa-redis-cache stats`` shows it, from what was published.
 
-
-def stats_table(out: Output, cache: Cache) -> None:
-    """``cache.stats()`` per model and per FromCache region."""
-    out.section("5. cache.stats()")
-    stats = cache.stats()
-    scopes = [
-        (f"{label} {name}", counters)
-        for group, label in (("models", "model"), ("regions", "region"))
-        for name, counters in sorted(stats[group].items())
-    ]
-    extra = sorted(
-        {
-            name
-            for _, counters in scopes
-            for name, value in counters.items()
-            if name not in STAT_COLUMNS and name != "hit_rate" and value
-        }
-    )
-    columns = [*STAT_COLUMNS, *extra]
-    rows = [
-        [
-            scope,
-            *(f"{counters[c]:,}" for c in columns),
-            "-" if counters["hit_rate"] is None else f"{counters['hit_rate']:.1%}",
-        ]
-        for scope, counters in scopes
-    ]
-    labels = {"fill_refused": "refused", "invalidations": "invalidated"}
-    out.table(["scope", *(labels.get(c, c) for c in columns), "hit rate"], rows)
+    Call it after ``cache.detach()``, whose last publish sends this process's counters.
+    """
+    out.section("6. The final stats table (sa-redis-cache stats)")
     out.line(
-        "A FromCache lookup counts in its region and in each cached model it reads, so a "
-        "category page counts for Category and Product too."
+        f"What `sa-redis-cache --namespace {settings.namespace} --models examples.shop stats` "
+        "prints now. Every process with an attached Cache adds its counters into Redis once a "
+        "second and when it detaches: these are this process's and the reader process's."
+    )
+    document = collect(cache.client, cache.keys, list(Base.registry.mappers))
+    render(scope_blocks(document, redact(settings.redis_url)))
+    out.line(published_text(document["counters_published_seconds_ago"]))
+    mine = cache.stats()["models"]["Product"]
+    summed = document["counters"]["models"].get("Product", {})
+    checks.expect(
+        summed.get("hits") == mine["hits"] + 1 and summed.get("misses") == mine["misses"],
+        "the table sums this process's Product lookups and the reader process's hit",
     )
 
 
-def summary(out: Output, runs: Sequence[Run], checks: Checks, elapsed: float) -> None:
+def write_behind_line(burst: BurstResult) -> str:
+    """The summary's line on the write-behind part."""
+    if burst.skipped is not None:
+        return f"write-behind:     skipped ({burst.skipped})"
+    return (
+        f"write-behind:     {burst.queued:,} page views queued, {burst.drained:,} drained by "
+        f"the worker in {burst.batches} batches, {burst.rows_in_postgres:,} rows in Postgres"
+    )
+
+
+def summary(
+    out: Output, runs: Sequence[Run], burst: BurstResult, checks: Checks, elapsed: float
+) -> None:
     """The lines a reader (and the test) looks for."""
     out.section("Summary")
     without, with_cache = runs[0], runs[1]
@@ -552,6 +558,7 @@ def summary(out: Output, runs: Sequence[Run], checks: Checks, elapsed: float) ->
             f"{run.mean_ms:.3f} ms/request, {run.sql:,} SQL statements"
         )
     out.line(f"queries saved: {saved:,} ({saved / max(without.sql, 1):.0%})")
+    out.line(write_behind_line(burst))
     out.line(f"claims checked: {len(checks.failed)} failed; demo took {elapsed:.1f} s")
 
 
@@ -578,8 +585,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = workload(settings, out, plain, cached, sql, checks)
         write_through(out, engine, cached, sql, checks)
         invalidation(out, cached, sql, checks)
-        stats_table(out, cache)
-        summary(out, runs, checks, time.perf_counter() - began)
+        out.section("5. A write-behind burst (PageView: strategy='write_behind')")
+        burst = write_behind_burst(
+            engine, settings.redis_url, settings.namespace, out, checks, sql, views=settings.views
+        )
+        cache.detach()  # stops the counters' publisher after a last publish, as at shutdown
+        stats_table(out, cache, settings, checks)
+        summary(out, runs, burst, checks, time.perf_counter() - began)
     finally:
         cache.client.close()
         engine.dispose()

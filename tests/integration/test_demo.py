@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def test_demo_runs_and_prints_its_summary(services: Services) -> None:
         _drop_database(services.database_url, database)
         _delete_namespace(services.redis_url, namespace)
     assert done.returncode == 0, done.stdout + done.stderr
-    out = done.stdout
+    out = " ".join(done.stdout.split())  # lines wrap at the console's width
     for expected in (
         "A read-heavy workload, without and with the cache",
         "without cache:    200 requests",
@@ -54,10 +55,33 @@ def test_demo_runs_and_prints_its_summary(services: Services) -> None:
         "A fresh session reads",
         "Another process (its own engine and Cache) reads",
         "The same cached query now gives",
-        "cache.stats()",
+        "A write-behind burst (PageView: strategy='write_behind')",
+        "400 page views committed in 4 commits of up to 100",
+        "with 0 SQL statements: each commit queued its rows in Redis",
+        "Postgres holds 0 page views so far",
+        # not a terminal: the worker's progress comes as its plain log lines
+        "worker: write-behind backlog found: 400 entries to flush",
+        "worker: write-behind backlog drained:",
+        "Postgres now holds 400 rows in page_views.",
+        "The final stats table (sa-redis-cache stats)",
         "claims checked: 0 failed",
     ):
-        assert expected in out, f"{expected!r} missing from the demo's output:\n{out}"
+        assert " ".join(expected.split()) in out, f"{expected!r} missing:\n{done.stdout}"
+    drained = re.search(
+        r"Drained: 400 page views in (\d+) batches \([\d.]+ s, 0 dead letters\)", out
+    )
+    assert drained is not None, done.stdout
+    summary = (
+        f"write-behind: 400 page views queued, 400 drained by the worker in {drained[1]} "
+        "batches, 400 rows in Postgres"
+    )
+    assert summary in out, done.stdout
+    # the final table: hits and misses per model and region, summed over both processes
+    product = re.search(r"model Product (\d+) (\d+) [\d.]+% 0 \d+ ", out)
+    assert product is not None, done.stdout
+    assert int(product[1]) > 0
+    assert int(product[2]) > 0
+    assert re.search(r"region category_pages \d+ \d+ [\d.]+% 0 - -", out), done.stdout
 
 
 def _drop_database(server_url: str, name: str) -> None:
