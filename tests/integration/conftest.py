@@ -24,6 +24,19 @@ if TYPE_CHECKING:
 from decimal import Decimal
 
 
+@pytest.fixture(autouse=True)
+def no_cache_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A cache left attached to the shared engine would act in every later test."""
+    if "shop_engine" not in request.fixturenames:
+        yield
+        return
+    engine: sa.Engine = request.getfixturevalue("shop_engine")
+    before = len(engine.dispatch.after_cursor_execute)
+    yield
+    leaked = len(engine.dispatch.after_cursor_execute) - before
+    assert leaked <= 0, f"{leaked} engine listener(s) left on shop_engine: detach the cache"
+
+
 @pytest.fixture(scope="session")
 def shop_engine(engine: sa.Engine) -> sa.Engine:
     """The run's database with the shop schema and seed data (shared: restore what you change)."""

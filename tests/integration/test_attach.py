@@ -74,7 +74,9 @@ def private_base() -> Iterator[type[DeclarativeBase]]:
 def fresh_cache(redis_url: str, namespace: str) -> Iterator[Cache]:
     """A cache of this test's namespace that nothing is attached to yet."""
     client = redis_lib.Redis.from_url(redis_url)
-    yield Cache(client, namespace=namespace)
+    cache = Cache(client, namespace=namespace)
+    yield cache
+    cache.detach()
     client.close()
 
 
@@ -411,9 +413,10 @@ def test_unmapped_class_elsewhere_never_fails_a_read(
     shop_engine: sa.Engine, redis_url: str, namespace: str, sql: SQLCounter
 ) -> None:
     client = redis_lib.Redis.from_url(redis_url)
+    caches = [Cache(client, namespace=namespace), Cache(client, namespace=namespace)]
     try:
         early_factory = sessionmaker(shop_engine)
-        Cache(client, namespace=namespace).attach(early_factory)  # before the model exists
+        caches[0].attach(early_factory)  # before the model exists
         with private_base() as base:
 
             class Section(base):  # type: ignore[valid-type,misc]
@@ -422,7 +425,7 @@ def test_unmapped_class_elsewhere_never_fails_a_read(
                 name: Mapped[str] = mapped_column(String(80))
 
             late_factory = sessionmaker(shop_engine)
-            Cache(client, namespace=namespace).attach(late_factory)
+            caches[1].attach(late_factory)
             stmt = select(Section).where(Section.id == 1).options(FromCache())
             with late_factory() as s:
                 s.scalars(stmt).one()  # the entry names Section
@@ -431,4 +434,6 @@ def test_unmapped_class_elsewhere_never_fails_a_read(
                 assert s.scalars(stmt).one().name == "category-0"
             del residue
     finally:
+        for cache in caches:
+            cache.detach()  # their engine listeners and publishers must not outlive the test
         client.close()

@@ -320,9 +320,11 @@ def test_a_deploy_that_changes_the_schema_never_reads_old_entries(
     expected = expected_rows(shop_engine, kind)
     old_client = redis_lib.Redis.from_url(redis_url)
     new_client = redis_lib.Redis.from_url(redis_url)
+    old_cache = Cache(old_client, namespace=namespace)
+    new_cache = Cache(new_client, namespace=namespace)
     try:
         old_factory = sessionmaker(shop_engine)
-        Cache(old_client, namespace=namespace).attach(old_factory)
+        old_cache.attach(old_factory)
         read(old_factory)
         old_key = the_key(redis_client, namespace, kind)
         good = redis_client.get(key := old_key)
@@ -336,7 +338,7 @@ def test_a_deploy_that_changes_the_schema_never_reads_old_entries(
 
         monkeypatch.setattr(sa_redis_cache.models, "table_schema_hash", changed_hash)
         new_factory = sessionmaker(shop_engine)
-        Cache(new_client, namespace=namespace).attach(new_factory)
+        new_cache.attach(new_factory)
         sql.reset()
         assert read(new_factory) == expected
         assert sql.count >= 1
@@ -344,6 +346,8 @@ def test_a_deploy_that_changes_the_schema_never_reads_old_entries(
         assert len(keys) == 2, keys
         assert unpack(redis_client.get(old_key)) == unpack(_poisoned(good, kind))
     finally:
+        old_cache.detach()  # their engine listeners and publishers must not outlive the test
+        new_cache.detach()
         old_client.close()
         new_client.close()
 
