@@ -50,7 +50,7 @@ _DEFAULT_POLICY = CachePolicy()
 _BYPASS_OPTIONS = ("yield_per", "stream_results", "populate_existing", "identity_token")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Look:
     """What one look at an entry found: a valid entry, or the versions a fill needs.
 
@@ -60,12 +60,11 @@ class Look:
 
     found: tuple[stampede.Timing | None, Any] | None
     captured: list[bytes] | None
-    expired: bool = False
     leased: bool = False
     tombstone: bytes = b""  # the invalidate_query() tombstone found instead of an entry
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Target:
     """One entry on the read path: how to look at it, serve it and fill it.
 
@@ -233,13 +232,14 @@ class ReadPath:
         if look.found is not None:
             timing, body = look.found
             refresh = False
-            if timing is not None and stampede.due(timing, target.xfetch_beta):
+            now = stampede.now_ms()
+            if timing is not None and stampede.due(timing, target.xfetch_beta, now):
                 # due for a refresh: one caller refreshes, the others serve this value
                 token = self._take_lease(target.key) if target.lease else ""
                 refresh = bool(token) or not target.lease
                 if refresh:
                     stats.incr(target.scope, "early_refreshes")
-                elif look.expired and target.stale_ttl:
+                elif timing.expires_ms <= now and target.stale_ttl:
                     stats.incr(target.scope, "stale_served")
             if not refresh:
                 served = target.serve(body)
@@ -334,10 +334,9 @@ class ReadPath:
         if entry is not None and numbers is not None and expected in (None, current):
             found = self._parse(entry, numbers, plan, entry_key, region)
             if found is not None:
-                timing = stampede.Timing(found[1], found[2])
                 # the counters were read before any refresh's database read: a capture
-                expired = timing.expires_ms <= stampede.now_ms()
-                return Look((timing, found[0]), current, expired=expired, leased=leased)
+                timing = stampede.Timing(found[1], found[2])
+                return Look((timing, found[0]), current, leased)
         captured: list[bytes] | None = None
         if expected is not None:
             captured = None if None in expected else cast("list[bytes]", expected)
@@ -724,8 +723,7 @@ class ReadPath:
                 self._corrupt(key, scope, exc)
             else:
                 if stored_generation == numbers[1]:
-                    expired = timing is not None and timing.expires_ms <= stampede.now_ms()
-                    return Look((timing, body), [version, generation], expired, leased)
+                    return Look((timing, body), [version, generation], leased)
         captured: list[bytes] | None = None
         if pinned is None:
             if numbers is not None or version is None or generation is None:
@@ -770,7 +768,13 @@ def entity_entry(raw: bytes) -> tuple[int, stampede.Timing | None, Any]:
     stamp, body = payload
     if type(stamp) is int:
         return stamp, None, body
-    if type(stamp) is list and len(stamp) == 3 and all(type(v) is int for v in stamp):
+    if (
+        type(stamp) is list
+        and len(stamp) == 3
+        and type(stamp[0]) is int
+        and type(stamp[1]) is int
+        and type(stamp[2]) is int
+    ):
         return stamp[0], stampede.Timing(stamp[1], stamp[2]), body
     raise CodecError("not an entity entry stamp")
 

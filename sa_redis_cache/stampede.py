@@ -18,8 +18,7 @@ import math
 import random
 import secrets
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -28,9 +27,8 @@ _FIRST_POLL = 0.002
 _MAX_POLL = 0.05
 
 
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """When an entry was filled, how long its read took, and when it expires logically."""
+class Timing(NamedTuple):
+    """How long an entry's read took, and when it expires logically (made on every hit)."""
 
     delta_ms: int
     expires_ms: int
