@@ -63,6 +63,8 @@ def test_demo_runs_and_prints_its_summary(services: Services) -> None:
         "worker: write-behind backlog found: 400 entries to flush",
         "worker: write-behind backlog drained:",
         "Postgres now holds 400 rows in page_views.",
+        "The same shop under asyncio (AsyncSession)",
+        "every claim held",
         "The final stats table (sa-redis-cache stats)",
         "claims checked: 0 failed",
     ):
