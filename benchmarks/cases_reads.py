@@ -10,7 +10,7 @@ the figures instead of silently measuring something else.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session, selectinload
@@ -35,7 +35,6 @@ from benchmarks.dogpile_recipe import RecipeFromCache
 from benchmarks.harness import TIMES, CaseResult, Comparison, Contender, Target, measure
 from examples.shop import Category, Order, OrderLine, OrderStatus, Product
 from sa_redis_cache import FromCache
-from sa_redis_cache.core import TOMBSTONE_PREFIX
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -85,21 +84,12 @@ def expensive_statement(revenue_label: str = "revenue") -> Any:
     )
 
 
-def _live_entries(env: BenchEnv) -> set[bytes]:
-    """Query keys holding an entry (not an invalidate_query() tombstone)."""
-    keys = sorted(env.query_keys())
-    values = cast("list[bytes | None]", env.client.mget(keys)) if keys else []
-    return {
-        k for k, v in zip(keys, values, strict=True) if v and not v.startswith(TOMBSTONE_PREFIX)
-    }
-
-
 def _fill_and_find(env: BenchEnv, consume: Consume) -> str:
     """Run ``consume`` once through our cache; return the one query key it wrote."""
-    before = _live_entries(env)
+    before = env.query_keys()
     with env.cached() as session:
         consume(session)
-    new = _live_entries(env) - before
+    new = env.query_keys() - before
     if len(new) != 1:
         raise RuntimeError(f"expected the fill to write one query entry, found {len(new)}")
     return new.pop().decode()

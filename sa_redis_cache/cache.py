@@ -390,11 +390,11 @@ class Cache:
             for b in binds
             if (key := self._reads.entry_key(plan, cache_key.bindparams, params, b, translate))
         ]
-        # a tombstone, not a delete: a fill that read before this call must be refused,
-        # for as long as such a read may take (the fill lease's life) or the entry lives
+        # the entries' invalidation counters refuse a fill that read before this call, for
+        # as long as such a read may take (the fill lease's life) or the entry lives
         ttl_ms = max(LEASE_MS, int(self._core.ttl_for_tables(plan.tables) * 1000))
         with self._core.measure(None, "invalidate"):
-            removed = self._core.tombstone(keys, ttl_ms)
+            removed = self._core.invalidate_entries(keys, ttl_ms)
         self._core.counters.incr_total("invalidations")
         return removed
 

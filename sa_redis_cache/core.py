@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import logging
 import random
-import secrets
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -42,8 +41,8 @@ _FAILURE_LOG_INTERVAL = 10.0
 COUNTER_TTL_MS = 7 * 24 * 3600 * 1000
 MAX_UNDELIVERED = 10_000
 LEASE_SUFFIX = ":lease"
-# never the start of an entry (codec.pack starts with b"\x01S"): a read sees a miss
-TOMBSTONE_PREFIX = b"\x01T:invalidated:"
+# beside a query entry: moved by invalidate_query(), compared by every fill of the entry
+INVALIDATIONS_SUFFIX = ":inv"
 
 
 class CacheCore:
@@ -186,21 +185,18 @@ class CacheCore:
         scope = scopes.pop(0) if scopes else None
         return self.measure(scope, operation, also=tuple(scopes))
 
-    def tombstone(self, keys: Sequence[str], ttl_ms: int) -> int:
-        """Replace query entries with a fresh tombstone (``lua/tombstone.lua``).
+    def invalidate_entries(self, keys: Sequence[str], ttl_ms: int) -> int:
+        """Delete query entries and move their invalidation counters; how many there were.
 
-        A fill whose look came before this call finds a tombstone it did not see and is
-        refused; one that looked after it may store. Returns how many entries there were.
-        Raises ``RedisError``: the caller asked for this invalidation and must know.
+        ``lua/invalidate_entries.lua``: a fill whose look came before this call finds the
+        counter moved and is refused; one that looked after it may store. Raises
+        ``RedisError``: the caller asked for this invalidation and must know.
         """
         if not keys:
             return 0
-        marker = TOMBSTONE_PREFIX + secrets.token_hex(8).encode()
-        return int(
-            self.io().run_script(
-                self.scripts.tombstone, list(keys), [marker, ttl_ms, TOMBSTONE_PREFIX]
-            )
-        )
+        paired = [k for key in keys for k in (key, key + INVALIDATIONS_SUFFIX)]
+        start = str(random.getrandbits(62))
+        return int(self.io().run_script(self.scripts.invalidate_entries, paired, [ttl_ms, start]))
 
     def ttl_for_info(self, info: ModelInfo) -> float:
         """The model's TTL, or the cache default."""
@@ -234,23 +230,33 @@ class CacheCore:
         also: tuple[str, ...] = (),
         lease_token: str = "",
         physical_ttl_ms: int | None = None,
-        seen_tombstone: bytes = b"",
-    ) -> bool:
-        """Compare-and-set fill (``lua/fill.lua``); False when refused, oversized or failed."""
+        seen_invalidations: bytes | None = None,
+    ) -> bool | None:
+        """Compare-and-set fill (``lua/fill.lua``): True when stored, False when refused
+        or failed, None when not tried (oversized: the caller still holds its lease).
+
+        ``seen_invalidations`` is the entry's invalidation counter as the caller read it
+        before its database read (None: it did not exist).
+        """
         if len(blob) > self.max_entry_bytes:
             self.counters.incr(scope, "oversize", also=also)
-            return False
+            return None
         measured = self.measure(scope, "fill", also=also)
         try:
             stored = self.io().run_script(
                 self.scripts.fill,
-                [key, key + LEASE_SUFFIX, *version_keys, *writers_keys],
+                [
+                    key,
+                    key + LEASE_SUFFIX,
+                    key + INVALIDATIONS_SUFFIX,
+                    *version_keys,
+                    *writers_keys,
+                ],
                 [
                     physical_ttl_ms or self.jittered_ms(ttl),
                     blob,
                     lease_token,
-                    TOMBSTONE_PREFIX,
-                    seen_tombstone,
+                    seen_invalidations or b"",
                     *captured,
                 ],
             )

@@ -25,7 +25,7 @@ from sqlalchemy.sql.type_api import TypeEngine
 
 from . import hydrate, stampede
 from .codec import CodecError, RowCodec, UncacheableType, pack, unpack
-from .core import LEASE_SUFFIX, TOMBSTONE_PREFIX
+from .core import INVALIDATIONS_SUFFIX, LEASE_SUFFIX
 from .keys import Unfingerprintable, fingerprint, pk_text, values_digest
 from .options import FromCache
 from .policy import CachePolicy
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .core import CacheCore
     from .events import WritePath
     from .models import ModelInfo
+    from .tracing import Measurement
     from .txstate import TxState
 
 log = logging.getLogger("sa_redis_cache")
@@ -61,7 +62,8 @@ class Look:
     found: tuple[stampede.Timing | None, Any] | None
     captured: list[bytes] | None
     leased: bool = False
-    tombstone: bytes = b""  # the invalidate_query() tombstone found instead of an entry
+    # the entry's invalidate_query() counter as read (None: absent); the fill compares it
+    invalidations: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -71,7 +73,8 @@ class Target:
     ``look(token)`` reads the entry and its counters, asking for the fill lease in the
     same round trip when given a token; ``serve(body)`` turns a body into the result
     (None when unreadable: it deleted the entry); ``fill(data, preexisting, look,
-    delta_ms, token)`` stores what the database returned, True when the script ran.
+    delta_ms, token)`` stores what the database returned: True stored, False refused or
+    failed, None not tried (the caller still holds its lease).
     """
 
     key: str
@@ -79,7 +82,7 @@ class Target:
     also: tuple[str, ...]
     look: Callable[[str], Look | None]
     serve: Callable[[Any], Result[Any] | None]
-    fill: Callable[[Any, Any, Look, int, str], bool]
+    fill: Callable[[Any, Any, Look, int, str], bool | None]
     lease: bool
     lease_wait: float
     xfetch_beta: float
@@ -196,7 +199,7 @@ class ReadPath:
         session = orm_context.session
         core = self.core
 
-        def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool:
+        def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool | None:
             body = hydrate.extract(data, plan.shape, core.models.info_of, preexisting)
             ttl = option.ttl or core.ttl_for_tables(plan.tables)
             return self._fill(entry_key, plan, look, body, ttl, option, delta, token, region)
@@ -220,10 +223,16 @@ class ReadPath:
 
         One flow for query entries and entity entries (DESIGN.md §4 and §6).
         """
+        # a latency histogram under the read's outcome, and a span when traced; leaving by
+        # an exception records an error and ends the span
+        with self.core.measure(target.scope, also=target.also) as measured:
+            return self._serve_or_fill(orm_context, target, measured)
+
+    def _serve_or_fill(
+        self, orm_context: ORMExecuteState, target: Target, measured: Measurement
+    ) -> Result[Any] | None:
         core = self.core
         stats = core.counters
-        # a latency histogram under the read's outcome, and a span when traced
-        measured = core.measure(target.scope, also=target.also)
         look = target.look("")
         if look is None:
             measured.done("error")
@@ -259,24 +268,22 @@ class ReadPath:
         stats.incr(target.scope, "misses", also=target.also)
         preexisting = hydrate.identity_snapshot(orm_context.session)
         started = stampede.now_ms()
+        tried: bool | None = None
         try:
             frozen = orm_context.invoke_statement().freeze()
-        except BaseException:
-            self._release(target.key, token)
-            measured.done("error")
-            raise
-        core.hook("after_database_read")
-        filled = False
-        if look.captured is not None:
-            try:
-                delta = stampede.now_ms() - started
-                filled = target.fill(frozen.data, preexisting, look, delta, token)
-            except (hydrate.NotCacheable, CodecError, ValueError) as exc:
-                log.debug("not caching %s: %s", target.key, exc)
-                stats.incr(target.scope, "uncacheable")
-        if not filled:
-            # the fill script releases the lease itself; an oversized or failed fill does not
-            self._release(target.key, token)
+            core.hook("after_database_read")
+            if look.captured is not None:
+                try:
+                    delta = stampede.now_ms() - started
+                    tried = target.fill(frozen.data, preexisting, look, delta, token)
+                except (hydrate.NotCacheable, CodecError, ValueError) as exc:
+                    log.debug("not caching %s: %s", target.key, exc)
+                    stats.incr(target.scope, "uncacheable")
+        finally:
+            if tried is None:
+                # fill.lua releases the lease whenever it runs (stored, refused or failed
+                # mid-call); when it did not run, the lease is released here
+                self._release(target.key, token)
         measured.done("miss")
         return frozen()
 
@@ -320,29 +327,32 @@ class ReadPath:
         With ``lease`` (a token), the fill lease is asked for in the same round trip.
         None when Redis failed (the caller reads the database and does not fill).
         """
-        fetched = self._fetch([entry_key, *plan.version_keys], region, lease)
+        keys = [entry_key, entry_key + INVALIDATIONS_SUFFIX, *plan.version_keys]
+        fetched = self._fetch(keys, region, lease)
         if fetched is None:
             return None
         raw, leased = fetched
-        entry, current = raw[0], raw[1:]
-        tombstone = b""
-        if entry is not None and entry.startswith(TOMBSTONE_PREFIX):
-            tombstone, entry = entry, None  # invalidated: a miss whose fill may replace it
+        entry, invalidations, current = raw[0], raw[1], raw[2:]
         numbers = None if None in current else self._counters(plan.version_keys, current, region)
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot
         expected = None if pinned is None else [pinned.get(t) for t in plan.table_names]
+        # a transaction pinned to an older snapshot cannot tell whether invalidate_query()
+        # came after its snapshot: it never fills an entry that was ever invalidated
+        may_fill = expected is None or invalidations is None
         if entry is not None and numbers is not None and expected in (None, current):
             found = self._parse(entry, numbers, plan, entry_key, region)
             if found is not None:
                 # the counters were read before any refresh's database read: a capture
                 timing = stampede.Timing(found[1], found[2])
-                return Look((timing, found[0]), current, leased)
+                captured_now = current if may_fill else None
+                return Look((timing, found[0]), captured_now, leased, invalidations)
         captured: list[bytes] | None = None
         if expected is not None:
-            captured = None if None in expected else cast("list[bytes]", expected)
+            if may_fill and None not in expected:
+                captured = cast("list[bytes]", expected)
         elif numbers is not None or None in current:
             captured = self._captured(current, plan.version_keys)
-        return Look(None, captured, leased=leased, tombstone=tombstone)
+        return Look(None, captured, leased=leased, invalidations=invalidations)
 
     def _parse(
         self, raw: bytes, current: list[int], plan: StatementPlan, entry_key: str, region: str
@@ -490,7 +500,7 @@ class ReadPath:
         delta_ms: int,
         token: str,
         scope: str,
-    ) -> bool:
+    ) -> bool | None:
         core = self.core
         captured = cast("list[bytes]", look.captured)
         live_ms = core.jittered_ms(ttl)
@@ -514,7 +524,7 @@ class ReadPath:
             also=plan.scopes,
             lease_token=token,
             physical_ttl_ms=live_ms + int(option.stale_ttl * 1000),
-            seen_tombstone=look.tombstone,
+            seen_invalidations=look.invalidations,
         )
 
     def entry_key(
@@ -670,7 +680,7 @@ class ReadPath:
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot.get(info.table) or b""
         policy = info.policy or _DEFAULT_POLICY
 
-        def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool:
+        def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool | None:
             captured = cast("list[bytes]", look.captured)
             body = hydrate.extract_entity(data[0] if data else None, info, preexisting)
             live_ms = core.jittered_ms(core.ttl_for_info(info))

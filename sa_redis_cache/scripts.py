@@ -48,7 +48,7 @@ class Scripts:
         self.wb_flushed: Script = client.register_script(source("wb_flushed"))
         self.wb_lease: Script = client.register_script(source("wb_lease"))
         self.release_lease: Script = client.register_script(source("release_lease"))
-        self.tombstone: Script = client.register_script(source("tombstone"))
+        self.invalidate_entries: Script = client.register_script(source("invalidate_entries"))
         self.bump_all: Script = client.register_script(source("bump_all"))
 
     def run(self, script: Script, keys: list[str], args: list[Any]) -> Any:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sa_redis_cache.codec import CodecError, unpack
-from sa_redis_cache.core import TOMBSTONE_PREFIX
+from sa_redis_cache.core import INVALIDATIONS_SUFFIX
 from sa_redis_cache.options import FromCache
 
 from .common import Settings, import_object
@@ -120,7 +120,8 @@ def inspect_statement(
     pipe.get(key)
     pipe.pttl(key)
     pipe.mget(list(plan.version_keys))
-    raw, pttl, current = pipe.execute()
+    pipe.exists(key + INVALIDATIONS_SUFFIX)
+    raw, pttl, current, invalidated = pipe.execute()
     document.update(
         key=key,
         tables=list(plan.table_names),
@@ -128,16 +129,16 @@ def inspect_statement(
         ttl_ms=pttl if raw is not None else None,
         current_versions=[int_or_none(v) for v in current],
         stored_versions=None,
+        invalidated=bool(invalidated),
     )
     if raw is None:
-        document.update(state="absent", detail="no entry: the next execution reads the database")
-        return document
-    if raw.startswith(TOMBSTONE_PREFIX):
-        document.update(
-            state="invalidated",
-            detail="invalidate_query() left a tombstone: the next execution reads the database "
-            "and fills over it",
-        )
+        detail = "no entry: the next execution reads the database"
+        if invalidated:
+            detail += (
+                " (cache.invalidate_query() removed it recently: a fill whose read began "
+                "before that is refused)"
+            )
+        document.update(state="absent", detail=detail)
         return document
     try:
         stored, body = _query_payload(raw, key[len(plan.entry_prefix) :], len(plan.table_names))

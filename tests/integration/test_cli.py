@@ -329,8 +329,9 @@ def test_inspect_statement_computes_the_read_paths_key(
     assert other["state"] == "absent"
     assert cache.invalidate_query(module.by_name(), {"name": "product-5"}) == 1
     gone = json_of(run(*args, f"{statements}:by_name", "--param", "name=product-5"))
-    assert gone["state"] == "invalidated"
-    assert "tombstone" in gone["detail"]
+    assert gone["state"] == "absent"
+    assert gone["invalidated"] is True
+    assert "invalidate_query()" in gone["detail"]
     textual = json_of(run(*args, f"{statements}:TEXTUAL"))
     assert textual["state"] == "uncacheable"
     assert "textual SQL" in textual["detail"]  # the library's reason, not a guess

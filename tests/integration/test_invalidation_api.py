@@ -242,7 +242,7 @@ def test_invalidate_query(
     counts = sql_of(session_factory, sql, reads)
     assert counts["categories_with_products"] == 2
     assert counts["categories"] == 0
-    assert counts["products_low"] == 0  # the read after the tombstone filled over it
+    assert counts["products_low"] == 0  # the read after the invalidation filled again
     # nothing left to remove: the entry was refilled, then removed; removing twice is 0
     assert cache.invalidate_query(CATEGORIES.options(FromCache())) == 1
     assert cache.invalidate_query(CATEGORIES.options(FromCache())) == 0
