@@ -154,8 +154,30 @@ def _breakdown(result: CaseResult, objects: int = 0) -> str:
     )
 
 
-def _speedup_over(row: str, name: str) -> Comparison:
-    return Comparison(row=row, numerator=row, denominator=OURS, label=f"{name} ÷ ours")
+def _speedup_over(
+    row: str, name: str, target: Target | None = None, miss_note: str = ""
+) -> Comparison:
+    """``row ÷ ours``: how many times faster ours is than ``row``."""
+    return Comparison(
+        row=row,
+        numerator=row,
+        denominator=OURS,
+        label=f"{name} ÷ ours",
+        target=target,
+        miss_note=miss_note,
+    )
+
+
+def _over_floor(target: Target | None = None, miss_note: str = "") -> Comparison:
+    """``ours ÷ floor``: what ours costs on top of a bare GET + decode."""
+    return Comparison(
+        row=FLOOR,
+        numerator=OURS,
+        denominator=FLOOR,
+        label="ours ÷ floor",
+        target=target,
+        miss_note=miss_note,
+    )
 
 
 def hit_one_row(env: BenchEnv, plan: Plan) -> CaseResult:
@@ -170,12 +192,8 @@ def hit_one_row(env: BenchEnv, plan: Plan) -> CaseResult:
         heavy=False,
         comparisons=[
             _speedup_over(UNCACHED, "uncached"),
-            Comparison(
-                row=FLOOR,
-                numerator=OURS,
-                denominator=FLOOR,
-                label="ours ÷ floor",
-                target=Target("<=", 1.6),
+            _over_floor(
+                Target("<=", 1.6),
                 miss_note=(
                     "on top of the floor a hit pays SQLAlchemy's execute pipeline (the "
                     "canned-result row) and the library's own work (entry-key digest of the "
@@ -184,12 +202,10 @@ def hit_one_row(env: BenchEnv, plan: Plan) -> CaseResult:
                     "shorter round trip (bare metal) raises this ratio, as the floor shrinks"
                 ),
             ),
-            Comparison(
-                row=RECIPE,
-                numerator=RECIPE,
-                denominator=OURS,
-                label="recipe ÷ ours",
-                target=Target(">=", 1.5),
+            _speedup_over(
+                RECIPE,
+                "recipe",
+                Target(">=", 1.5),
                 miss_note=(
                     "with one object the recipe's pickle.loads + merge cost little more than "
                     "our decode + build, and both pay the same round trip and SQLAlchemy "
@@ -215,13 +231,11 @@ def hit_graph(env: BenchEnv, plan: Plan) -> CaseResult:
         objects=250,
         comparisons=[
             _speedup_over(UNCACHED, "uncached"),
-            Comparison(row=FLOOR, numerator=OURS, denominator=FLOOR, label="ours ÷ floor"),
-            Comparison(
-                row=RECIPE,
-                numerator=RECIPE,
-                denominator=OURS,
-                label="recipe ÷ ours",
-                target=Target(">=", 3.0),
+            _over_floor(),
+            _speedup_over(
+                RECIPE,
+                "recipe",
+                Target(">=", 3.0),
                 miss_note=(
                     "building 250 objects is nearly all of ours (per-object cost under "
                     "'Where the time goes'); in cProfile it splits into "
@@ -246,7 +260,7 @@ def hit_expensive(env: BenchEnv, plan: Plan) -> CaseResult:
         heavy=True,
         comparisons=[
             _speedup_over(UNCACHED, "uncached"),
-            Comparison(row=FLOOR, numerator=OURS, denominator=FLOOR, label="ours ÷ floor"),
+            _over_floor(),
             _speedup_over(RECIPE, "recipe"),
         ],
     )
@@ -293,12 +307,8 @@ def session_get(env: BenchEnv, plan: Plan) -> CaseResult:
         counts,
         [
             _speedup_over(UNCACHED, "uncached"),
-            Comparison(
-                row=FLOOR,
-                numerator=OURS,
-                denominator=FLOOR,
-                label="ours ÷ floor",
-                target=Target("<=", 1.5),
+            _over_floor(
+                Target("<=", 1.5),
                 miss_note=(
                     "session.get builds the ORM's primary-key SELECT and runs the whole "
                     "execute pipeline (the canned-result row) before the entity key is "
