@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import func, inspect, select
@@ -18,6 +18,8 @@ from sa_redis_cache.codec import CodecError, pack
 from sa_redis_cache.reads import entity_entry
 from tests.support import SQLCounter
 
+T = TypeVar("T")
+
 CALLERS = 64
 TIMEOUT = 60
 
@@ -27,6 +29,41 @@ def hooks(cache: Cache) -> Iterator[dict[str, Any]]:
     registry = cache._core.hooks  # the cache's test-hook table
     yield registry
     registry.clear()
+
+
+def concurrent_misses(
+    session_factory: sessionmaker[Session],
+    hooks: dict[str, Any],
+    read: Callable[[Session], T],
+) -> list[T]:
+    """``read`` by CALLERS threads at once, each in its own session; their results.
+
+    The filler is held after its database read until every other caller is waiting on
+    its lease, so the test forces the worst interleaving instead of hoping for it.
+    """
+    waiting = threading.Semaphore(0)
+    hooks["lease_wait"] = waiting.release
+
+    def hold_filler() -> None:
+        for _ in range(CALLERS - 1):
+            assert waiting.acquire(timeout=TIMEOUT)
+
+    hooks["after_database_read"] = hold_filler
+    start = threading.Barrier(CALLERS)
+    results: list[Any] = [None] * CALLERS
+
+    def call(i: int) -> None:
+        start.wait(TIMEOUT)
+        with session_factory() as s:
+            results[i] = read(s)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(CALLERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not any(t.is_alive() for t in threads)
+    return results
 
 
 def expensive() -> Any:
@@ -44,34 +81,11 @@ def test_64_concurrent_misses_send_one_query(
     hooks: dict[str, Any],
     cache: Cache,
 ) -> None:
-    # the filler is held after its database read until every other caller is waiting on
-    # its lease, so the test forces the worst interleaving instead of hoping for it
-    waiting = threading.Semaphore(0)
-    hooks["lease_wait"] = waiting.release
-
-    def hold_filler() -> None:
-        for _ in range(CALLERS - 1):
-            assert waiting.acquire(timeout=TIMEOUT)
-
-    hooks["after_database_read"] = hold_filler
     stmt = expensive().options(FromCache(lease_wait=TIMEOUT))
     with sessionmaker(session_factory.kw["bind"])() as s:
         expected = s.execute(expensive()).all()
     sql.reset()
-    start = threading.Barrier(CALLERS)
-    results: list[Any] = [None] * CALLERS
-
-    def call(i: int) -> None:
-        start.wait(TIMEOUT)
-        with session_factory() as s:
-            results[i] = s.execute(stmt).all()
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(CALLERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT)
-    assert not any(t.is_alive() for t in threads)
+    results = concurrent_misses(session_factory, hooks, lambda s: s.execute(stmt).all())
     assert sql.count == 1
     assert all(r == expected for r in results)
     region = cache.stats()["regions"]["default"]
@@ -180,30 +194,13 @@ def test_64_concurrent_entity_misses_send_one_query(
 ) -> None:
     info = cache._core.models.entity_infos[inspect(Category)]
     monkeypatch.setattr(info, "policy", replace(Category.__cache__, lease_wait=TIMEOUT))
-    waiting = threading.Semaphore(0)
-    hooks["lease_wait"] = waiting.release
-
-    def hold_filler() -> None:
-        for _ in range(CALLERS - 1):
-            assert waiting.acquire(timeout=TIMEOUT)
-
-    hooks["after_database_read"] = hold_filler
     sql.reset()
-    start = threading.Barrier(CALLERS)
-    names: list[str | None] = [None] * CALLERS
 
-    def call(i: int) -> None:
-        start.wait(TIMEOUT)
-        with session_factory() as s:
-            category = s.get(Category, 1)
-            names[i] = None if category is None else category.name
+    def name(s: Session) -> str | None:
+        category = s.get(Category, 1)
+        return None if category is None else category.name
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(CALLERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT)
-    assert not any(t.is_alive() for t in threads)
+    names = concurrent_misses(session_factory, hooks, name)
     assert sql.count == 1
     with sessionmaker(session_factory.kw["bind"])() as s:
         expected = s.get_one(Category, 1).name
