@@ -7,6 +7,7 @@ and every other entry stays a hit (zero SQL).
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
@@ -19,7 +20,7 @@ from examples.shop import Category, Customer, Order, Product
 from sa_redis_cache import Cache, ConfigurationError, FromCache
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     import redis
 
@@ -367,6 +368,30 @@ def test_invalidate_abstract_base(cache: Cache) -> None:
         Base.registry.dispose()
 
 
+@contextmanager
+def external_rename(
+    shop_engine: sa.Engine, product_id: int
+) -> Iterator[tuple[Callable[[], None], str]]:
+    """A function that renames the product to "external" through an engine the cache is
+    not attached to, as another application would, and the product's name before it; the
+    old name is put back after."""
+    external = sa.create_engine(shop_engine.url, poolclass=sa.NullPool)
+    where = Product.id == product_id
+    with Session(external) as s:
+        original = s.scalars(select(Product.name).where(where)).one()
+
+    def rename() -> None:
+        with external.begin() as conn:
+            conn.execute(sa.update(PRODUCTS).where(where).values(name="external"))
+
+    try:
+        yield rename, original
+    finally:
+        with external.begin() as conn:
+            conn.execute(sa.update(PRODUCTS).where(where).values(name=original))
+        external.dispose()
+
+
 RACE_STMT = select(Product.name).where(Product.id == 13)
 
 
@@ -406,33 +431,91 @@ def test_invalidation_refuses_a_fill_that_read_before_it(
     """Deterministic interleaving: an external write and the invalidation land between a
     miss's database read and its fill."""
     invalidate, read = RACES[race]
-    # a separate engine: the cache is not attached to it, as to another application's
-    external = sa.create_engine(shop_engine.url, poolclass=sa.NullPool)
-    with Session(external) as s:
-        original = s.scalars(select(Product.name).where(Product.id == 13)).one()
-    fired = False
+    with external_rename(shop_engine, 13) as (rename, original):
+        fired = False
 
-    def write_then_invalidate(*args: Any) -> None:
-        nonlocal fired
-        if fired:
-            return
-        fired = True
-        with external.begin() as conn:
-            conn.execute(sa.update(PRODUCTS).where(Product.id == 13).values(name="external"))
-        invalidate(cache)
+        def write_then_invalidate(*args: Any) -> None:
+            nonlocal fired
+            if fired:
+                return
+            fired = True
+            rename()
+            invalidate(cache)
 
-    sa.event.listen(shop_engine, "after_cursor_execute", write_then_invalidate)
-    try:
-        with session_factory() as s:
-            assert read(s) == original  # read before the write
+        sa.event.listen(shop_engine, "after_cursor_execute", write_then_invalidate)
+        try:
+            with session_factory() as s:
+                assert read(s) == original  # read before the write
+            assert fired
+        finally:
+            sa.event.remove(shop_engine, "after_cursor_execute", write_then_invalidate)
+        try:
+            with session_factory() as s:
+                assert read(s) == "external"
+        finally:
+            cache.invalidate_model(Product)
+
+
+# invalidate_query() against fills whose read began before it: each interleaving once
+# ended with an older value served (a marker stored in the entry's place was replaced by
+# the first fill after the call; a REPEATABLE READ transaction filled its older snapshot)
+
+RACE_14 = select(Product.name).where(Product.id == 14)
+
+
+def _name_14(s: Session, option: FromCache | None = None) -> str:
+    return s.scalars(RACE_14.options(option or FromCache())).one()
+
+
+def test_a_fill_that_read_before_the_call_cannot_replace_a_later_fill(
+    session_factory: sessionmaker[Session], shop_engine: sa.Engine, cache: Cache
+) -> None:
+    """A looks (no entry), reads the database; the external write and invalidate_query
+    land; B looks (its lease wait is over), reads and fills; then A's fill must be refused,
+    though the entry it finds is B's."""
+    with external_rename(shop_engine, 14) as (rename, _):
+        fired = False
+
+        def between(*args: Any) -> None:
+            nonlocal fired
+            if fired:
+                return
+            fired = True
+            rename()
+            cache.invalidate_query(RACE_14)
+            with session_factory() as b:  # a reader after the call: its wait timed out
+                assert _name_14(b, FromCache(lease_wait=0)) == "external"
+
+        sa.event.listen(shop_engine, "after_cursor_execute", between)
+        try:
+            with session_factory() as a:
+                assert _name_14(a) != "external"  # A read before the write
+        finally:
+            sa.event.remove(shop_engine, "after_cursor_execute", between)
         assert fired
-    finally:
-        sa.event.remove(shop_engine, "after_cursor_execute", write_then_invalidate)
-    try:
         with session_factory() as s:
-            assert read(s) == "external"
-    finally:
-        with external.begin() as conn:
-            conn.execute(sa.update(PRODUCTS).where(Product.id == 13).values(name=original))
-        external.dispose()
-        cache.invalidate_model(Product)
+            assert _name_14(s) == "external"  # A's older read did not replace B's entry
+
+
+def test_a_repeatable_read_transaction_does_not_fill_its_older_snapshot(
+    shop_engine: sa.Engine, cache: Cache
+) -> None:
+    """A REPEATABLE READ transaction whose snapshot predates the external write looks after
+    invalidate_query: it reads its old snapshot, and must not store it."""
+    with external_rename(shop_engine, 14) as (rename, _):
+        rr_engine = sa.create_engine(shop_engine.url, isolation_level="REPEATABLE READ")
+        factory = sessionmaker(rr_engine)
+        cache.attach(factory)
+        try:
+            with factory() as s:
+                _name_14(s)  # the version counters exist, so the transaction pins them
+            with factory() as reader:
+                reader.execute(select(sa.literal(1)))  # the snapshot is taken here
+                rename()
+                assert cache.invalidate_query(RACE_14, bind=rr_engine) == 1  # the warm entry
+                assert _name_14(reader) != "external"  # its snapshot, correctly
+            with factory() as s2:
+                assert _name_14(s2) == "external"  # the old snapshot was not stored
+        finally:
+            cache.detach()
+            rr_engine.dispose()
