@@ -28,11 +28,12 @@ from urllib.parse import urlsplit
 import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
 
 from benchmarks.dogpile_recipe import DogpileRecipe
 from examples.shop import Base, seed
 from sa_redis_cache import Cache
+from sa_redis_cache.devservices.scratch import scratch_database
+from sa_redis_cache.io import unlink_matching
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -80,34 +81,8 @@ def check_loopback(database_url: str, redis_url: str) -> None:
 @contextmanager
 def bench_database(server_url: str) -> Iterator[URL]:
     """Create a database of our own on the server; drop it (FORCE) when done."""
-    url = sa.make_url(server_url)
-    name = f"sarc_bench_{secrets.token_hex(4)}"
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    quoted = admin.dialect.identifier_preparer.quote(name)
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {quoted}"))
-        try:
-            yield url.set(database=name)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-    finally:
-        admin.dispose()
-
-
-def delete_keys(client: redis.Redis, pattern: str) -> int:
-    """UNLINK every key matching ``pattern`` in batches; return how many went."""
-    deleted = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=pattern, count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            deleted += int(client.unlink(*batch))
-            batch.clear()
-    if batch:
-        deleted += int(client.unlink(*batch))
-    return deleted
+    with scratch_database(server_url, f"sarc_bench_{secrets.token_hex(4)}") as url:
+        yield url
 
 
 # Extra orders for the expensive query, made in the database: going through the unit of
@@ -246,7 +221,7 @@ def bench_env(database_url: str, redis_url: str, sizes: Sizes) -> Iterator[Bench
             yield env
         finally:
             for ns in [namespace, *(env.extra_namespaces if env else [])]:
-                delete_keys(client, f"sarc:{ns}:*")
+                unlink_matching(client, f"sarc:{ns}:*")
             client.close()
             for each in engines:
                 each.dispose()

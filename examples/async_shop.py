@@ -35,6 +35,7 @@ import time
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+import redis
 import sqlalchemy as sa
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
@@ -43,6 +44,8 @@ from sqlalchemy.pool import NullPool
 
 from examples.shop import Base, Category, Product, seed
 from sa_redis_cache import Cache, FromCache
+from sa_redis_cache.devservices.scratch import drop_database, recreate_database
+from sa_redis_cache.io import unlink_matching
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -231,15 +234,7 @@ async def story(database_url: str, redis_url: str, namespace: str, checks: Check
 
 def set_up(server_url: str, database: str, redis_url: str, namespace: str) -> str:
     """Create the database with the seeded shop; clear the namespace. Returns its URL."""
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    quoted = admin.dialect.identifier_preparer.quote(database)
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-            conn.execute(sa.text(f"CREATE DATABASE {quoted}"))
-    finally:
-        admin.dispose()
-    url = sa.make_url(server_url).set(database=database)
+    url = recreate_database(server_url, database)
     engine = sa.create_engine(url.set(drivername="postgresql+psycopg"), poolclass=NullPool)
     try:
         Base.metadata.create_all(engine)
@@ -252,27 +247,12 @@ def set_up(server_url: str, database: str, redis_url: str, namespace: str) -> st
 
 
 def clear_namespace(redis_url: str, namespace: str) -> None:
-    """UNLINK the namespace's keys (SCAN, never FLUSH: the server may be shared)."""
-    import redis
-
+    """Delete the namespace's keys (SCAN + UNLINK, never FLUSH: the server may be shared)."""
     client = redis.Redis.from_url(redis_url)
     try:
-        keys = list(client.scan_iter(match=f"sarc:{namespace}:*", count=1000))
-        for i in range(0, len(keys), 500):
-            client.unlink(*keys[i : i + 500])
+        unlink_matching(client, f"sarc:{namespace}:*")
     finally:
         client.close()
-
-
-def drop_database(server_url: str, database: str) -> None:
-    """Drop the program's database."""
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    quoted = admin.dialect.identifier_preparer.quote(database)
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-    finally:
-        admin.dispose()
 
 
 def main(server_url: str, redis_url: str, database: str, namespace: str) -> int:

@@ -50,11 +50,12 @@ from sa_redis_cache.cli.keyspace import collect
 from sa_redis_cache.cli.output import render
 from sa_redis_cache.cli.stats import published_text, scope_blocks
 from sa_redis_cache.devservices import normalize_database_url, redact
+from sa_redis_cache.devservices.scratch import recreate_database
+from sa_redis_cache.io import unlink_matching
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    import redis
 
 DEFAULT_DATABASE = "sarc_demo"
 DEFAULT_NAMESPACE = "demo"
@@ -179,32 +180,6 @@ class SQLCounter:
 
     def _on_execute(self, *_: Any) -> None:
         self.count += 1
-
-
-def recreate_database(settings: Settings) -> None:
-    """Drop and create the demo's database on the server (AUTOCOMMIT: DDL on databases)."""
-    admin = sa.create_engine(settings.server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    quoted = admin.dialect.identifier_preparer.quote(settings.database)
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-            conn.execute(sa.text(f"CREATE DATABASE {quoted}"))
-    finally:
-        admin.dispose()
-
-
-def clear_namespace(client: redis.Redis, namespace: str) -> int:
-    """UNLINK every key of the namespace (SCAN in batches, never FLUSH); returns how many."""
-    removed = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=f"sarc:{namespace}:*", count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            removed += int(client.unlink(*batch))
-            batch.clear()
-    if batch:
-        removed += int(client.unlink(*batch))
-    return removed
 
 
 def category_page(category_id: int) -> sa.Select[Any]:
@@ -345,7 +320,7 @@ def set_up(settings: Settings, out: Output) -> tuple[sa.Engine, Cache]:
     out.line(f"Postgres: {redact(settings.server_url)}  (database {settings.database!r})")
     out.line(f"Redis:    {redact(settings.redis_url)}  (namespace {settings.namespace!r})")
     began = time.perf_counter()
-    recreate_database(settings)
+    recreate_database(settings.server_url, settings.database)
     engine = sa.create_engine(settings.database_url, pool_size=5)
     Base.metadata.create_all(engine)
     with Session(engine) as session:
@@ -356,7 +331,7 @@ def set_up(settings: Settings, out: Output) -> tuple[sa.Engine, Cache]:
             orders=settings.orders,
         )
     cache = Cache(settings.redis_url, namespace=settings.namespace, default_ttl=300)
-    removed = clear_namespace(cache.client, settings.namespace)
+    removed = unlink_matching(cache.client, f"sarc:{settings.namespace}:*")
     out.line(
         f"Created and seeded the shop in {time.perf_counter() - began:.2f} s: "
         f"{settings.products} products in 8 categories, {settings.customers} customers, "

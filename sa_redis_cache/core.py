@@ -20,7 +20,7 @@ from redis.exceptions import RedisError, ResponseError
 from sqlalchemy import event
 
 from .breaker import CircuitBreaker
-from .io import AsyncClients, SyncRedisIO, in_greenlet
+from .io import AsyncClients, SyncRedisIO, in_greenlet, unlink_matching
 from .keys import KeyScheme
 from .models import ModelInfo, ModelRegistry
 from .scripts import Scripts
@@ -451,16 +451,7 @@ class CacheCore:
 
     def unlink_matching(self, pattern: str) -> int:
         """UNLINK every key matching ``pattern`` (SCAN, in batches); returns how many."""
-        removed = 0
-        batch: list[bytes] = []
-        for key in self.client.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                removed += int(self.client.unlink(*batch))
-                batch.clear()
-        if batch:
-            removed += int(self.client.unlink(*batch))
-        return removed
+        return unlink_matching(self.client, pattern)
 
 
 def _run_id_of(info: Any) -> str | None:

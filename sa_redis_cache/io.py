@@ -63,6 +63,7 @@ __all__ = [
     "SyncRedisIO",
     "clients_for",
     "in_greenlet",
+    "unlink_matching",
 ]
 
 Command = tuple[Any, ...]
@@ -353,3 +354,24 @@ def clients_for(
             "with decode_responses=True; pass a client without it"
         )
     return redis_client, None  # the application's client wins over one from the URL
+
+
+def unlink_matching(client: redis.Redis, pattern: str) -> int:
+    """UNLINK every key matching ``pattern`` (SCAN, in batches of 500); how many went.
+
+    Never a ``FLUSH``: the server may be shared.
+
+    Example::
+
+        unlink_matching(redis.Redis(), "sarc:shop:*")
+    """
+    removed = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            removed += int(client.unlink(*batch))
+            batch.clear()
+    if batch:
+        removed += int(client.unlink(*batch))
+    return removed

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, NoReturn
 import pytest
 import redis
 import sqlalchemy as sa
-from sqlalchemy.pool import NullPool
 
 from sa_redis_cache.devservices import Services, ServicesUnavailable, bring_up, redact
+from sa_redis_cache.devservices.scratch import scratch_database
+from sa_redis_cache.io import unlink_matching
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -100,21 +101,10 @@ def pytest_terminal_summary(
 @pytest.fixture(scope="session")
 def database_url(services: Services) -> Iterator[str]:
     """SQLAlchemy URL (psycopg 3) of a database created for this run, dropped at its end."""
-    server_url = sa.make_url(services.database_url)
     name = f"sarc_test_{secrets.token_hex(6)}"
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    quoted = admin.dialect.identifier_preparer.quote(name)
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {quoted}"))
-        try:
-            yield server_url.set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                # FORCE: a connection leaked by a failed test must not keep the database alive.
-                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-    finally:
-        admin.dispose()
+    # dropped WITH (FORCE): a connection leaked by a failed test must not keep it alive
+    with scratch_database(services.database_url, name) as url:
+        yield url.render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")
@@ -150,16 +140,7 @@ def delete_namespace(client: redis.Redis, namespace: str) -> int:
     """UNLINK every key of ``namespace`` (SCAN, never FLUSH*); return how many went."""
     # The namespace may sit right after the prefix (sarc:NS:...) or inside a cluster hash
     # tag (sarc:{NS:table}:...); it is random, so matching it anywhere is exact enough.
-    deleted = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=f"sarc:*{namespace}*", count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            deleted += int(client.unlink(*batch))
-            batch.clear()
-    if batch:
-        deleted += int(client.unlink(*batch))
-    return deleted
+    return unlink_matching(client, f"sarc:*{namespace}*")
 
 
 @pytest.fixture

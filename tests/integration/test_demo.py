@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis
-import sqlalchemy as sa
-from sqlalchemy.pool import NullPool
+
+from sa_redis_cache.devservices.scratch import drop_database
+from sa_redis_cache.io import unlink_matching
 
 if TYPE_CHECKING:
     from sa_redis_cache.devservices import Services
@@ -42,8 +43,12 @@ def test_demo_runs_and_prints_its_summary(services: Services) -> None:
             check=False,
         )
     finally:
-        _drop_database(services.database_url, database)
-        _delete_namespace(services.redis_url, namespace)
+        drop_database(services.database_url, database)
+        client = redis.Redis.from_url(services.redis_url)
+        try:
+            unlink_matching(client, f"sarc:{namespace}:*")
+        finally:
+            client.close()
     assert done.returncode == 0, done.stdout + done.stderr
     out = " ".join(done.stdout.split())  # lines wrap at the console's width
     for expected in (
@@ -84,23 +89,3 @@ def test_demo_runs_and_prints_its_summary(services: Services) -> None:
     assert int(product[1]) > 0
     assert int(product[2]) > 0
     assert re.search(r"region category_pages \d+ \d+ [\d.]+% 0 - -", out), done.stdout
-
-
-def _drop_database(server_url: str, name: str) -> None:
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        with admin.connect() as conn:
-            quoted = admin.dialect.identifier_preparer.quote(name)
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
-    finally:
-        admin.dispose()
-
-
-def _delete_namespace(redis_url: str, namespace: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"sarc:{namespace}:*", count=1000))
-        if keys:
-            client.unlink(*keys)
-    finally:
-        client.close()
