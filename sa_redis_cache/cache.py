@@ -6,8 +6,9 @@ import inspect
 import logging
 from typing import TYPE_CHECKING, Any, ParamSpec, cast
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_scoped_session,
@@ -17,12 +18,13 @@ from sqlalchemy.orm import Mapper, Session, mapperlib, scoped_session, sessionma
 from sqlalchemy.util import greenlet_spawn
 
 from . import wb_config
+from .binds import translate_map_of
 from .breaker import CircuitBreaker
-from .core import CacheCore
+from .core import ROW_COUNTER_TTL_MS, CacheCore
 from .errors import ConfigurationError
 from .events import WritePath
 from .functions import AsyncCachedFunction, CacheDecorator, CachedFunction
-from .io import clients_for
+from .io import clients_for, in_greenlet
 from .keys import KeyScheme, pk_text
 from .models import ModelInfo, build_model_info, mapper_of
 from .options import FromCache
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 
     import redis
     import redis.asyncio
+
+    from .binds import Database
 
 log = logging.getLogger("sa_redis_cache")
 
@@ -219,9 +223,20 @@ class Cache:
         self._attached.append(session_class)
 
     def _remember_bind(self, engine: Engine) -> None:
-        """Keep the engines of attached factories: ``invalidate_query`` tries them."""
+        """Keep the engines of attached factories: ``invalidate_query`` tries them.
+
+        The database the engine reaches is asked now, once per pool, rather than by the
+        first reads (which would each check out a connection to ask); a database that is
+        away, or an asyncio engine outside its loop, is asked by the first read instead.
+        """
         if all(known is not engine for known in self._attached_binds):
             self._attached_binds.append(engine)
+        if engine.dialect.is_async:
+            return  # it connects from its event loop only
+        try:
+            self._core.binds.database_of_engine(engine)
+        except Exception as exc:  # noqa: BLE001 - asked again by the first read
+            log.debug("the database of %s is asked by its first read: %s", engine, exc)
 
     def _session_class_of(self, target: Any) -> type[Session]:
         if isinstance(target, sessionmaker):
@@ -314,15 +329,22 @@ class Cache:
                 f"got {len(pk)} value(s)"
             )
         _check_pk_types(info, pk)
-        # bumping the version also refuses a fill that read the row before this call,
-        # and retires the cached queries that may contain the row
         core = self._core
+        keys = self.keys
+        text = pk_text(pk)
+        # the row write counter retires the row's entity entries in every database and
+        # schema (also those of other processes); those this process knows are unlinked.
+        # Bumping the version refuses a fill that read the row before this call, and
+        # retires the cached queries that may contain the row.
+        known = sorted(core.entity_scopes.get(info.table, ()))
+        entries = [keys.entity_key(info.table, info.schema_hash, s, text) for s in known]
         scope = "model:" + model.__name__
         with core.measure(scope, "invalidate"):
             core.io().pipeline(
                 [
-                    ("UNLINK", self.keys.entity_key(info.table, info.schema_hash, pk_text(pk))),
-                    *core.bump_commands(self.keys.version_key(info.table)),
+                    *([("UNLINK", *entries)] if entries else []),
+                    *core.bump_commands(keys.row_write_key(info.table, text), ROW_COUNTER_TTL_MS),
+                    *core.bump_commands(keys.version_key(info.table)),
                 ]
             )
         core.counters.incr(scope, "invalidations")
@@ -355,9 +377,10 @@ class Cache:
     ) -> int:
         """Remove the entries that ``statement`` (with ``params``) reads; returns how many.
 
-        ``bind`` is the engine the statement runs on; by default every engine the cache
-        has served, and every engine of an attached session factory, is tried, as an
-        entry's key includes its bind. The ``FromCache`` option (and its ``ttl`` and
+        ``bind`` is the engine (or connection) the statement runs on; by default every
+        database the cache has served the statement's kind of reads from, and the database
+        of every attached session factory's engine, is tried, as an entry's key includes
+        its database. The ``FromCache`` option (and its ``ttl`` and
         ``region``) does not matter: the statement is matched with or without it.
 
         Example::
@@ -373,28 +396,22 @@ class Cache:
         plan = None if cache_key is None else self._reads.plan(cache_key.key, statement)
         if cache_key is None or plan is None:
             return 0
-        if bind is not None:
-            binds = [bind]
-        else:
-            binds = self._reads.known_binds()
-            binds += [e for e in self._attached_binds if all(e is not b for b in binds)]
-            if not binds:
-                raise ValueError(
-                    "invalidate_query() cannot tell which engine the statement ran on: this "
-                    "cache has served no query and no attached session factory names a bind; "
-                    "pass bind=engine"
-                )
         translate = statement.get_execution_options().get("schema_translate_map")
-        keys = [
+        targets = self._databases(bind)
+        keys = {
             key
-            for b in binds
-            if (key := self._reads.entry_key(plan, cache_key.bindparams, params, b, translate))
-        ]
+            for database, bind_translate in targets
+            if (
+                key := self._reads.entry_key(
+                    plan, cache_key.bindparams, params, database, translate or bind_translate
+                )
+            )
+        }
         # the entries' invalidation counters refuse a fill that read before this call, for
         # as long as such a read may take (the fill lease's life) or the entry lives
         ttl_ms = max(LEASE_MS, int(self._core.ttl_for_tables(plan.tables) * 1000))
         with self._core.measure(None, "invalidate"):
-            removed = self._core.invalidate_entries(keys, ttl_ms)
+            removed = self._core.invalidate_entries(sorted(keys), ttl_ms)
         self._core.counters.incr_total("invalidations")
         return removed
 
@@ -437,6 +454,47 @@ class Cache:
         """
         self._require_async_client("ainvalidate_query")
         return await greenlet_spawn(self.invalidate_query, statement, params, bind=bind)
+
+    def _databases(self, bind: Any) -> list[tuple[Database, Any]]:
+        """The (database, ``schema_translate_map``) pairs ``invalidate_query`` keys for."""
+        if bind is not None:
+            if isinstance(bind, AsyncEngine | AsyncConnection):
+                bind = bind.sync_engine if isinstance(bind, AsyncEngine) else bind.sync_connection
+            database = self._database_of(bind)
+            if database is None and bind.dialect.is_async:
+                raise ConfigurationError(
+                    "invalidate_query(bind=<asyncio engine>) must ask the database which one it "
+                    "is, from its event loop: await cache.ainvalidate_query(...) instead"
+                )
+            return [] if database is None else [(database, translate_map_of(bind))]
+        targets = self._reads.seen_databases()
+        for engine in self._attached_binds:
+            try:
+                database = self._database_of(engine)
+            except Exception as exc:  # noqa: BLE001 - a database that is away holds no entry
+                log.debug("invalidate_query: skipping %s: %s", engine, exc)
+                continue
+            if database is not None:
+                targets.append((database, translate_map_of(engine)))
+        if not targets:
+            raise ValueError(
+                "invalidate_query() cannot tell which database the statement ran on: this "
+                "cache has served no query and no attached session factory names a bind; "
+                "pass bind=engine"
+            )
+        return targets
+
+    def _database_of(self, bind: Engine | Connection) -> Database | None:
+        """What ``bind`` reaches; None for an asyncio one never asked, outside its loop."""
+        binds = self._core.binds
+        found = binds.known(bind)
+        if found is not None:
+            return found
+        if bind.dialect.is_async and not in_greenlet():
+            return None  # it connects from its event loop only
+        if isinstance(bind, Connection):
+            return binds.database_of(bind)
+        return binds.database_of_engine(bind)
 
     def _require_async_client(self, method: str) -> None:
         if self._core.async_clients is None:

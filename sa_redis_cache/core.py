@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy import event
 
+from .binds import Binds
 from .breaker import CircuitBreaker
 from .io import AsyncClients, SyncRedisIO, in_greenlet, unlink_matching
 from .keys import KeyScheme
@@ -33,13 +34,19 @@ if TYPE_CHECKING:
     import redis
     import redis.asyncio
 
+    from .binds import Database
     from .io import Command, RedisIO
 
 log = logging.getLogger("sa_redis_cache")
 
 _FAILURE_LOG_INTERVAL = 10.0
 COUNTER_TTL_MS = 7 * 24 * 3600 * 1000
+# row write counters live an hour at least, and as long as the entity entries they validate
+ROW_COUNTER_TTL_MS = 3_600_000
 MAX_UNDELIVERED = 10_000
+# how many entity scopes per table cache.invalidate() unlinks directly (the row write
+# counter it bumps retires the entries of every other scope)
+_SCOPES_PER_TABLE = 64
 LEASE_SUFFIX = ":lease"
 # beside a query entry: moved by invalidate_query(), compared by every fill of the entry
 INVALIDATIONS_SUFFIX = ":inv"
@@ -81,6 +88,9 @@ class CacheCore:
         self.counters = Stats(warn_below=hit_rate_warning)
         self.scripts = Scripts(client)
         self.models = ModelRegistry()
+        self.binds = Binds()
+        # the entity scopes this process read or wrote each table in
+        self.entity_scopes: dict[str, set[str]] = {}
         self._last_failure_log = float("-inf")
         # named points where tests force interleavings (e.g. a commit between a miss's
         # database read and its fill); empty in production, so each costs a dict lookup
@@ -198,6 +208,23 @@ class CacheCore:
         start = str(random.getrandbits(62))
         return int(self.io().run_script(self.scripts.invalidate_entries, paired, [ttl_ms, start]))
 
+    def entity_scope(self, info: ModelInfo, database: Database, translate: Any) -> str:
+        """The scope of ``info``'s rows in ``database`` under ``translate``
+        (:meth:`~sa_redis_cache.binds.Binds.scope`), remembered per table so that
+        ``cache.invalidate()`` can unlink the entries this process knows of.
+
+        Example::
+
+            core.entity_scope(info, core.binds.database_of(connection), None)
+        """
+        scope = self.binds.scope(database, info.table_schema, translate)
+        scopes = self.entity_scopes.get(info.table)
+        if scopes is None:
+            scopes = self.entity_scopes[info.table] = set()
+        if scope not in scopes and len(scopes) < _SCOPES_PER_TABLE:
+            scopes.add(scope)
+        return scope
+
     def ttl_for_info(self, info: ModelInfo) -> float:
         """The model's TTL, or the cache default."""
         if info.policy is not None and info.policy.ttl is not None:
@@ -269,13 +296,14 @@ class CacheCore:
         self.counters.incr(scope, "fills" if stored else "fill_refused", also=also)
         return bool(stored)
 
-    def bump_commands(self, key: str) -> list[Command]:
-        """The commands that increment a version counter or generation (for a pipeline).
+    def bump_commands(self, key: str, ttl_ms: int | None = None) -> list[Command]:
+        """The commands that increment a counter (for a pipeline); ``ttl_ms`` defaults to
+        the version counters' TTL.
 
         A counter that does not exist starts at a random value, never at 1: a counter
         lost and recreated must not come back at a value an entry was stored under.
         """
-        ttl = self.counter_ttl_ms
+        ttl = ttl_ms or self.counter_ttl_ms
         return [
             ("SET", key, random.getrandbits(62), "NX", "PX", ttl),
             ("INCR", key),

@@ -29,6 +29,7 @@ from sqlalchemy.sql.elements import TextClause
 
 from . import hydrate
 from .codec import CodecError, pack
+from .core import ROW_COUNTER_TTL_MS
 from .dml import CoreDML
 from .keys import pk_text
 from .models import Inexact
@@ -44,8 +45,6 @@ if TYPE_CHECKING:
     from .models import ModelInfo
 
 log = logging.getLogger("sa_redis_cache")
-
-ROW_COUNTER_TTL_MS = 3_600_000
 
 
 class WritePath:
@@ -87,19 +86,44 @@ class WritePath:
         tx = tx_state(session)
         frame = tx.frame()
         tz = hydrate.connection_timezone(session)
-        tickets = self._mark(tx.token, tables, {t: list(r) for t, r in rows.items()}, bulk=False)
+        scopes: dict[str, str] = {}
+        unnamed: set[str] = set()
+        for table, table_rows in list(rows.items()):
+            scope = self._scope_of(session, next(iter(table_rows.values()))[0])
+            if scope is None:
+                # the rows cannot be named: every entity entry of the table goes
+                del rows[table]
+                unnamed.add(table)
+                frame.setdefault(table, TableWrites()).bulk = True
+            else:
+                scopes[table] = scope
+        if unnamed:
+            self._mark(tx.token, unnamed, {}, {}, bulk=True)
+        pks = {t: list(r) for t, r in rows.items()}
+        tickets = self._mark(tx.token, tables - unnamed, pks, scopes, bulk=False)
         tx.marked.update(tables)
         for table, table_rows in rows.items():
             writes = frame.setdefault(table, TableWrites())
+            writes.scope = scopes[table]
             generation, row_tickets = tickets.get(table, (None, {}))
             for pk, (info, obj) in table_rows.items():
+                ticket = row_tickets.get(pk, -1)
                 writes.rows[pk] = RowWrite(
-                    ticket=row_tickets.get(pk, -1),
-                    state=self._write_through_state(info, obj, generation, tz),
+                    ticket=ticket,
+                    state=self._write_through_state(info, obj, generation, ticket, tz),
                     ttl=core.ttl_for_info(info),
                 )
         for table in tables - set(rows):
             frame.setdefault(table, TableWrites())
+
+    def _scope_of(self, session: Session, info: ModelInfo) -> str | None:
+        """The scope of ``info``'s rows on the connection this flush wrote them through."""
+        connection = session.connection(bind_arguments={"mapper": info.mapper})
+        database = self.core.binds.database_of(connection)
+        if database is None:
+            return None
+        translate = connection.get_execution_options().get("schema_translate_map")
+        return self.core.entity_scope(info, database, translate)
 
     def _collect(
         self,
@@ -132,7 +156,7 @@ class WritePath:
         rows.setdefault(info.table, {})[text] = (info, None if deleted else obj)
 
     def _write_through_state(
-        self, info: ModelInfo, obj: object | None, generation: int | None, tz: Any
+        self, info: ModelInfo, obj: object | None, generation: int | None, ticket: int, tz: Any
     ) -> bytes | None:
         if (
             obj is None
@@ -150,7 +174,8 @@ class WritePath:
             # columns the database filled in (server defaults) are not known here; a
             # partial state would cost SQL on the next hit, so the entry is deleted instead
             return None
-        return pack([generation, body])
+        # valid while neither the generation nor the row's write counter moves
+        return pack([[generation, ticket], body])
 
     def on_bulk(self, orm_context: ORMExecuteState) -> None:
         """ORM ``update()``/``delete()``/``insert()`` statements: the rows are not known."""
@@ -167,7 +192,7 @@ class WritePath:
             return  # textual DML is seen at the engine (sa_redis_cache.dml)
         session = orm_context.session
         tx = tx_state(session)
-        self._mark(tx.token, tables, {}, bulk=True)
+        self._mark(tx.token, tables, {}, {}, bulk=True)
         tx.marked.update(tables)
         frame = tx.frame()
         for table in tables:
@@ -178,10 +203,15 @@ class WritePath:
         token: str,
         tables: Iterable[str],
         rows: dict[str, list[str]],
+        scopes: dict[str, str],
         *,
         bulk: bool,
     ) -> dict[str, tuple[int, dict[str, int]]]:
-        """Run flush_mark.lua for each table in one round trip; tickets per table and row."""
+        """Run flush_mark.lua for each table in one round trip; tickets per table and row.
+
+        ``rows`` are the primary keys written per table, ``scopes`` the scope their entity
+        entries live in (:meth:`~sa_redis_cache.binds.Binds.scope`).
+        """
         core = self.core
         keys = core.keys
         scripts = core.scripts
@@ -198,7 +228,7 @@ class WritePath:
                 row_keys: list[str] = []
                 for pk in pks:
                     assert info is not None
-                    row_keys.append(keys.entity_key(table, info.schema_hash, pk))
+                    row_keys.append(keys.entity_key(table, info.schema_hash, scopes[table], pk))
                     row_keys.append(keys.row_write_key(table, pk))
                 calls.append(
                     (
@@ -237,7 +267,7 @@ class WritePath:
 
     def mark_bulk(self, token: str, tables: set[str]) -> None:
         """Core/textual DML: mark ``tables`` with unknown rows (every entity entry goes)."""
-        self._mark(token, tables, {}, bulk=True)
+        self._mark(token, tables, {}, {}, bulk=True)
 
     def finish_bulk(self, token: str, tables: set[str]) -> None:
         """Core/textual DML: the post-commit bump and mark release."""
@@ -306,14 +336,21 @@ class WritePath:
                 args: list[Any] = [
                     token,
                     channel,
-                    orjson.dumps({"t": table, "pk": list(writes.rows), "bulk": writes.bulk}),
+                    orjson.dumps(
+                        {
+                            "t": table,
+                            "s": writes.scope,
+                            "pk": list(writes.rows),
+                            "bulk": writes.bulk,
+                        }
+                    ),
                     1 if writes.bulk else 0,
                     core.counter_ttl_ms,
                     random.getrandbits(62),
                 ]
                 for pk, row in writes.rows.items():
                     assert info is not None
-                    row_keys.append(keys.entity_key(table, info.schema_hash, pk))
+                    row_keys.append(keys.entity_key(table, info.schema_hash, writes.scope, pk))
                     row_keys.append(keys.row_write_key(table, pk))
                     args.extend([row.ticket, core.jittered_ms(row.ttl), row.state or b""])
                 calls.append(

@@ -7,8 +7,10 @@ touches one slot::
     sarc:shop:{shop:products}:v                 table version counter (INCR)
     sarc:shop:{shop:products}:w                 writers in flight (ZSET, score = expiry ms)
     sarc:shop:{shop:products}:g                 entity generation (bumped by bulk DML)
-    sarc:shop:{shop:products}:rw:<pk>           row write counter (orders write-through)
-    sarc:shop:{shop:products}:e:<schema>:<pk>   entity entry
+    sarc:shop:{shop:products}:rw:<pk>           row write counter (validates entity entries)
+    sarc:shop:{shop:products}:e:<schema>:<scope>:<pk>
+                                                entity entry of one row in one database
+                                                and schema (scope: sa_redis_cache.binds)
     sarc:shop:{shop:products}:q:<digest>        query entry (tag of its first table)
     sarc:shop:f:<prefix>:<digest>               function result (cache.cached)
     sarc:shop:stats:<scope>                     hit counters of every process (HASH)
@@ -82,12 +84,27 @@ class KeyScheme:
         return self.table_prefix(table) + "g"
 
     def row_write_key(self, table: str, pk_text: str) -> str:
-        """Counts the flushes of one row; orders write-through commits of that row."""
+        """Counts the writes of one row, in every database and schema alike.
+
+        Entity entries of the row are valid only under its current value, and a
+        write-through commit stores its state only if the counter is still its ticket.
+        It has no scope on purpose: a write seen under one spelling of a database must
+        retire the entries filled under every other.
+        """
         return f"{self.table_prefix(table)}rw:{pk_text}"
 
-    def entity_key(self, table: str, schema_hash: str, pk_text: str) -> str:
-        """The entry of one row, read by ``session.get`` and many-to-one lazy loads."""
-        return f"{self.table_prefix(table)}e:{schema_hash}:{pk_text}"
+    def entity_key(self, table: str, schema_hash: str, scope: str, pk_text: str) -> str:
+        """The entry of one row, read by ``session.get`` and many-to-one lazy loads.
+
+        ``scope`` names the database and schema the row lives in
+        (:meth:`sa_redis_cache.binds.Binds.scope`): tenants never share an entry.
+
+        Example::
+
+            >>> KeyScheme("shop").entity_key("products", "ab12", "00ff", "7")
+            'sarc:shop:{shop:products}:e:ab12:00ff:7'
+        """
+        return f"{self.table_prefix(table)}e:{schema_hash}:{scope}:{pk_text}"
 
     def entity_pattern(self, table: str) -> str:
         """A SCAN pattern matching every entity entry of ``table``."""

@@ -142,6 +142,9 @@ class ModelInfo:
     policy: CachePolicy | None
     table: str
     schema_hash: str
+    # the schema the table is declared in (None: the connection's default); the one rows
+    # are read from is this one after the bind's schema_translate_map
+    table_schema: str | None
     column_keys: tuple[str, ...]
     pk_positions: tuple[int, ...]
     codec: RowCodec | None
@@ -197,6 +200,7 @@ def build_model_info(mapper: Mapper[Any], policy: CachePolicy | None) -> ModelIn
         policy=policy,
         table=table.fullname if table is not None else mapper.class_.__name__,
         schema_hash=table_schema_hash(table) if table is not None else "x",
+        table_schema=table.schema if table is not None else None,
         column_keys=column_keys,
         pk_positions=pk_positions,
         codec=codec,

@@ -24,8 +24,9 @@ from sqlalchemy.orm.interfaces import UserDefinedOption
 from sqlalchemy.sql.type_api import TypeEngine
 
 from . import hydrate, stampede
+from .binds import translate_map_of
 from .codec import CodecError, RowCodec, UncacheableType, pack, unpack
-from .core import INVALIDATIONS_SUFFIX, LEASE_SUFFIX
+from .core import INVALIDATIONS_SUFFIX, LEASE_SUFFIX, ROW_COUNTER_TTL_MS
 from .keys import Unfingerprintable, fingerprint, pk_text, values_digest
 from .options import FromCache
 from .policy import CachePolicy
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Result
     from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 
+    from .binds import Database
     from .core import CacheCore
     from .events import WritePath
     from .models import ModelInfo
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sa_redis_cache")
 
 _PLAN_CACHE_SIZE = 4096
+# how many (database, schema_translate_map) pairs invalidate_query() remembers: it bounds
+# memory for applications that make engines or connections per request
+_SEEN_BINDS = 256
 LEASE_MS = 30_000  # a filler that dies holding the lease blocks fills this long at most
 _DEFAULT_POLICY = CachePolicy()
 _BYPASS_OPTIONS = ("yield_per", "stream_results", "populate_existing", "identity_token")
@@ -113,13 +118,15 @@ class ReadPath:
     def __init__(self, core: CacheCore, writes: WritePath) -> None:
         self.core = core
         self.writes = writes
+        self.binds = core.binds
         self._plans: dict[Any, StatementPlan | None] = {}
-        self._bind_names: dict[int, str] = {}
-        self._binds: dict[int, Any] = {}
+        # (database, translate map) of the statements this cache keyed, for
+        # invalidate_query(); bounded, and holding no engine or connection alive
+        self._seen: dict[tuple[str, str], tuple[Database, Any]] = {}
 
-    def known_binds(self) -> list[Any]:
-        """Every bind this read path has computed a key for."""
-        return list(self._binds.values())
+    def seen_databases(self) -> list[tuple[Database, Any]]:
+        """The (database, ``schema_translate_map``) pairs this read path keyed statements for."""
+        return list(self._seen.values())
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -172,12 +179,13 @@ class ReadPath:
             stats.incr(region, "bypassed")
             return None
         bind = session.get_bind(**orm_context.bind_arguments)
+        database = self.binds.database_for(session, bind, orm_context.bind_arguments)
+        if database is None:
+            stats.incr(region, "bypassed")
+            return None
+        translate = translate_map_of(bind, exec_opts)
         entry_key = self.entry_key(
-            plan,
-            cache_key.bindparams,
-            orm_context.parameters,
-            bind,
-            orm_context.execution_options.get("schema_translate_map"),
+            plan, cache_key.bindparams, orm_context.parameters, database, translate
         )
         if entry_key is None:
             stats.incr(region, "uncacheable")
@@ -474,16 +482,23 @@ class ReadPath:
             return core.deliver_undelivered()
         return True
 
-    def _captured(self, current: Sequence[bytes | None], keys: Sequence[str]) -> list[bytes] | None:
-        """Versions as they were before the database read; creates missing counters."""
+    def _captured(
+        self,
+        current: Sequence[bytes | None],
+        keys: Sequence[str],
+        ttls_ms: Sequence[int] | None = None,
+    ) -> list[bytes] | None:
+        """Counters as they were before the database read; creates missing ones.
+
+        ``ttls_ms`` gives each counter's TTL (the counters' TTL by default).
+        """
         if None not in current:
             return list(current)  # type: ignore[arg-type]
         core = self.core
-        starts = [str(random.getrandbits(62)) for _ in keys]
+        ttls = ttls_ms or [core.counter_ttl_ms] * len(keys)
+        args = [a for ttl in ttls for a in (ttl, str(random.getrandbits(62)))]
         try:
-            got = core.io().run_script(
-                core.scripts.capture_versions, list(keys), [core.counter_ttl_ms, *starts]
-            )
+            got = core.io().run_script(core.scripts.capture_versions, list(keys), args)
         except RedisError as exc:
             core.redis_failed(exc)
             return None
@@ -532,35 +547,36 @@ class ReadPath:
         plan: StatementPlan,
         bindparams: Sequence[Any],
         params: Any,
-        bind: Any,
+        database: Database,
         translate: Any,
     ) -> str | None:
-        """The entry key of a planned statement with its execute-time values and bind.
+        """The entry key of a planned statement with its execute-time values and database.
 
         The bound values are those the database would see: execute-time parameters
-        override the values embedded in the statement. The bind (URL, dialect, driver)
-        and the ``schema_translate_map`` are part of the key, so tenants and shards never
-        read each other's entries. None when a value cannot be encoded exactly.
+        override the values embedded in the statement. The database (its identity, default
+        schema, dialect and driver: :class:`~sa_redis_cache.binds.Database`) and the
+        ``schema_translate_map`` are part of the key, so tenants and shards never read each
+        other's entries. None when a value cannot be encoded exactly.
         """
         params = params or {}
-        bind_id = id(bind)
-        name = self._bind_names.get(bind_id)
-        if name is None:
-            engine = getattr(bind, "engine", bind)
-            url = engine.url.render_as_string(hide_password=True)
-            dialect = engine.dialect
-            name = self._bind_names[bind_id] = f"{dialect.name}+{dialect.driver}:{url}"
-            self._binds[bind_id] = bind
-        if translate is None:
-            translate = bind.get_execution_options().get("schema_translate_map")
         try:
             values: list[Any] = [params.get(bp.key, bp.effective_value) for bp in bindparams]
-            parts: list[Any] = [plan.digest, values, name]
-            if translate:
-                parts.append(sorted((str(k), str(v)) for k, v in translate.items()))
+            parts: list[Any] = [plan.digest, values, database.name]
+            translated = sorted((str(k), str(v)) for k, v in translate.items()) if translate else []
+            if translated:
+                parts.append(translated)
+            self._remember(database, translate, translated)
             return plan.entry_prefix + values_digest(parts)
         except (CodecError, TypeError):
             return None
+
+    def _remember(self, database: Database, translate: Any, translated: list[Any]) -> None:
+        seen = self._seen
+        memo = (database.name, repr(translated))
+        if memo not in seen:
+            if len(seen) >= _SEEN_BINDS:
+                seen.pop(next(iter(seen)))
+            seen[memo] = (database, translate)
 
     def on_begin(self, session: Session, transaction: Any, connection: Any) -> None:
         """Under REPEATABLE READ or SERIALIZABLE, pin the versions before the snapshot.
@@ -669,22 +685,41 @@ class ReadPath:
             return None
         scope = "model:" + info.mapper.class_.__name__
         try:
-            key = core.keys.entity_key(info.table, info.schema_hash, pk_text(pk))
+            pk_str = pk_text(pk)
         except TypeError:
             return None
         if not self._trusted((info.table,)):
             core.counters.incr(scope, "bypassed")
             return None
-        counters = [core.keys.version_key(info.table), core.keys.generation_key(info.table)]
+        bind = session.get_bind(**orm_context.bind_arguments)
+        database = self.binds.database_for(session, bind, orm_context.bind_arguments)
+        if database is None:
+            core.counters.incr(scope, "bypassed")
+            return None
+        row_scope = core.entity_scope(
+            info, database, translate_map_of(bind, orm_context.execution_options)
+        )
+        keys = core.keys
+        key = keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
+        # the entry is valid under the table's generation and the row's write counter;
+        # the fill compares the version (any write of the table) like a query's fill
+        counters = [
+            keys.version_key(info.table),
+            keys.generation_key(info.table),
+            keys.row_write_key(info.table, pk_str),
+        ]
         # under a pinned snapshot a missing counter reads as b"", which matches nothing
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot.get(info.table) or b""
         policy = info.policy or _DEFAULT_POLICY
+        ttl = core.ttl_for_info(info)
+        # a row write counter lives as long as the entries it validates, an hour at least
+        ttls = [core.counter_ttl_ms] * 2 + [max(ROW_COUNTER_TTL_MS, int(ttl * 1000))]
 
         def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool | None:
             captured = cast("list[bytes]", look.captured)
             body = hydrate.extract_entity(data[0] if data else None, info, preexisting)
-            live_ms = core.jittered_ms(core.ttl_for_info(info))
-            stamp = [int(captured[1]), delta, stampede.now_ms() + live_ms]
+            live_ms = core.jittered_ms(ttl)
+            stamp = [int(captured[1]), int(captured[2]), delta, stampede.now_ms() + live_ms]
             return core.store(
                 key,
                 pack([stamp, body]),
@@ -703,7 +738,7 @@ class ReadPath:
                 key=key,
                 scope=scope,
                 also=(),
-                look=lambda lease: self._entity_look(key, counters, pinned, scope, lease),
+                look=lambda lease: self._entity_look(key, counters, ttls, pinned, scope, lease),
                 serve=lambda body: self._serve_entity(session, info, pk, body, key, scope),
                 fill=fill,
                 lease=True,
@@ -714,32 +749,37 @@ class ReadPath:
         )
 
     def _entity_look(
-        self, key: str, counters: list[str], pinned: bytes | None, scope: str, lease: str
+        self,
+        key: str,
+        counters: list[str],
+        ttls: list[int],
+        pinned: bytes | None,
+        scope: str,
+        lease: str,
     ) -> Look | None:
-        """One MGET of an entity entry, its table's version and generation."""
+        """One MGET of an entity entry, its table's version and generation, its row's
+        write counter."""
         fetched = self._fetch([key, *counters], scope, lease)
         if fetched is None:
             return None
-        (entry, version, generation), leased = fetched
-        numbers = (
-            None
-            if version is None or generation is None
-            else self._counters(counters, [version, generation], scope)
-        )
+        (entry, *current), leased = fetched
+        version = current[0]
+        missing = None in current
+        numbers = None if missing else self._counters(counters, current, scope)
         if entry is not None and numbers is not None and (pinned is None or pinned == version):
             try:
-                stored_generation, timing, body = entity_entry(entry)
+                stored_generation, stored_writes, timing, body = entity_entry(entry)
             except (CodecError, ValueError, TypeError) as exc:
                 self._corrupt(key, scope, exc)
             else:
-                if stored_generation == numbers[1]:
-                    return Look((timing, body), [version, generation], leased)
+                if stored_generation == numbers[1] and stored_writes == numbers[2]:
+                    return Look((timing, body), current, leased)
         captured: list[bytes] | None = None
-        if pinned is None:
-            if numbers is not None or version is None or generation is None:
-                captured = self._captured([version, generation], counters)
-        else:
-            captured = [pinned, generation] if pinned and generation is not None else None
+        if numbers is not None or missing:
+            captured = self._captured(current, counters, ttls)
+        if pinned is not None and captured is not None:
+            # the fill is validated against the version pinned before the snapshot
+            captured = [pinned, *captured[1:]] if pinned else None
         return Look(None, captured, leased=leased)
 
     def _serve_entity(
@@ -760,32 +800,29 @@ class ReadPath:
         return result
 
 
-def entity_entry(raw: bytes) -> tuple[int, stampede.Timing | None, Any]:
-    """The generation, timing and body of an entity entry; CodecError when foreign.
+def entity_entry(raw: bytes) -> tuple[int, int, stampede.Timing | None, Any]:
+    """The generation, row write counter, timing and body of an entity entry.
 
-    A read's fill stamps ``[generation, delta_ms, expires_ms]`` (for XFetch); a writer
-    (write-through, write-behind's scripts) stamps the bare generation: it read nothing,
-    so the entry is never refreshed early and simply expires with its TTL.
+    CodecError when foreign. A read's fill stamps ``[generation, row_writes, delta_ms,
+    expires_ms]`` (for XFetch); a writer (write-through, write-behind's scripts) stamps
+    ``[generation, row_writes]``: it read nothing, so the entry is never refreshed early
+    and simply expires with its TTL.
 
     Example::
 
-        >>> entity_entry(pack([[7, 3, 1000], None]))
-        (7, Timing(delta_ms=3, expires_ms=1000), None)
+        >>> entity_entry(pack([[7, 5, 3, 1000], None]))
+        (7, 5, Timing(delta_ms=3, expires_ms=1000), None)
     """
     payload = unpack(raw)
     if type(payload) is not list or len(payload) != 2:
         raise CodecError("not an entity entry of this cache")
     stamp, body = payload
-    if type(stamp) is int:
-        return stamp, None, body
-    if (
-        type(stamp) is list
-        and len(stamp) == 3
-        and type(stamp[0]) is int
-        and type(stamp[1]) is int
-        and type(stamp[2]) is int
-    ):
-        return stamp[0], stampede.Timing(stamp[1], stamp[2]), body
+    if type(stamp) is not list or not all(type(n) is int for n in stamp):
+        raise CodecError("not an entity entry stamp")
+    if len(stamp) == 2:
+        return stamp[0], stamp[1], None, body
+    if len(stamp) == 4:
+        return stamp[0], stamp[1], stampede.Timing(stamp[2], stamp[3]), body
     raise CodecError("not an entity entry stamp")
 
 

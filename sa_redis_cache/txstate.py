@@ -36,11 +36,14 @@ class TableWrites:
 
     rows: dict[str, RowWrite] = field(default_factory=dict)
     bulk: bool = False
+    # the database and schema the rows' entity entries live in (sa_redis_cache.binds)
+    scope: str = ""
 
     def merge(self, newer: TableWrites) -> None:
         """Take ``newer``'s rows over ours: a later flush of a row supersedes an earlier one."""
         self.rows.update(newer.rows)
         self.bulk = self.bulk or newer.bulk
+        self.scope = newer.scope or self.scope
 
 
 Frame = dict[str, "TableWrites"]
@@ -94,6 +97,7 @@ class TxState:
             for table, writes in top.items():
                 target = parent.setdefault(table, TableWrites())
                 target.bulk = target.bulk or writes.bulk
+                target.scope = target.scope or writes.scope
                 for pk, row in writes.rows.items():
                     target.rows.setdefault(pk, RowWrite(row.ticket, None, row.ttl))
 

@@ -3,9 +3,16 @@
 Key layout (every key of one table carries the table's hash tag, so each script that
 touches one table touches one Redis Cluster slot)::
 
-    sarc:shop:{shop:page_views}:wb:<p>              stream of partition p (XADD, consumer group)
-    sarc:shop:{shop:page_views}:wbl:<p>             lease of partition p (owner id, PX)
-    sarc:shop:{shop:page_views}:wbp:<schema>:<pk>   pending state of one row, until flushed
+    sarc:shop:{shop:page_views}:wb:<scope>:<p>      stream of partition p (XADD, consumer group)
+    sarc:shop:{shop:page_views}:wbl:<scope>:<p>     lease of partition p (owner id, PX)
+    sarc:shop:{shop:page_views}:wbw:<scope>         the workers draining these streams (ZSET)
+    sarc:shop:{shop:page_views}:wbp:<schema>:<scope>:<pk>
+                                                    pending state of one row, until flushed
+
+``scope`` names the database and schema the rows belong in
+(:meth:`sa_redis_cache.binds.Binds.scope`): sessions of two tenants (two
+``schema_translate_map`` schemas, or two databases) queue into separate streams, and a
+worker drains the streams of the database and schema its engine writes to.
 
 The *pending key* holds ``pack([stream_id, body])``: the newest queued state of a row (body
 ``None`` for a queued delete) and the id of the stream entry that carries it. It has no
@@ -46,25 +53,46 @@ HEADER: bytes = pack(0)[:-1]
 """The codec envelope (magic and version) that Lua prepends to JSON it assembles."""
 
 
-def stream_key(keys: KeyScheme, table: str, partition: int) -> str:
-    """The stream of one partition of ``table``.
+def stream_key(keys: KeyScheme, table: str, scope: str, partition: int) -> str:
+    """The stream of one partition of ``table`` in one database and schema (``scope``).
 
     Example::
 
-        >>> stream_key(KeyScheme("shop"), "page_views", 3)
-        'sarc:shop:{shop:page_views}:wb:3'
+        >>> stream_key(KeyScheme("shop"), "page_views", "00ff", 3)
+        'sarc:shop:{shop:page_views}:wb:00ff:3'
     """
-    return f"{keys.table_prefix(table)}wb:{partition}"
+    return f"{keys.table_prefix(table)}wb:{scope}:{partition}"
 
 
-def lease_key(keys: KeyScheme, table: str, partition: int) -> str:
+def lease_key(keys: KeyScheme, table: str, scope: str, partition: int) -> str:
     """The lease a worker holds to consume one partition."""
-    return f"{keys.table_prefix(table)}wbl:{partition}"
+    return f"{keys.table_prefix(table)}wbl:{scope}:{partition}"
 
 
-def pending_key(keys: KeyScheme, table: str, schema_hash: str, pk: str) -> str:
+def workers_key(keys: KeyScheme, table: str, scope: str) -> str:
+    """The workers that drain ``table``'s streams in ``scope`` (ZSET, score = expiry ms)."""
+    return f"{keys.table_prefix(table)}wbw:{scope}"
+
+
+def pending_key(keys: KeyScheme, table: str, schema_hash: str, scope: str, pk: str) -> str:
     """The newest unflushed state of one row (see the module docstring)."""
-    return f"{keys.table_prefix(table)}wbp:{schema_hash}:{pk}"
+    return f"{keys.table_prefix(table)}wbp:{schema_hash}:{scope}:{pk}"
+
+
+def scope_of_stream(keys: KeyScheme, table: str, stream: str) -> str | None:
+    """The scope a stream key of ``table`` names, or None when it is not one.
+
+    Example::
+
+        >>> stream = "sarc:shop:{shop:page_views}:wb:00ff:3"
+        >>> scope_of_stream(KeyScheme("shop"), "page_views", stream)
+        '00ff'
+    """
+    head = f"{keys.table_prefix(table)}wb:"
+    if not stream.startswith(head):
+        return None
+    scope, _, partition = stream[len(head) :].rpartition(":")
+    return scope if scope and partition.isdigit() else None
 
 
 def partition_of(pk: str, partitions: int) -> int:

@@ -45,7 +45,9 @@ from sqlalchemy.orm import make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
 
 from . import hydrate
+from .binds import translate_map_of
 from .codec import CodecError, unpack
+from .core import ROW_COUNTER_TTL_MS
 from .errors import CacheUnavailableError, ConfigurationError
 from .keys import pk_text
 from .models import Inexact
@@ -84,6 +86,7 @@ class Op:
     values: tuple[Any, ...] | None  # the row's Python values ("u"), for reads and refills
     obj: Any
     created: bool  # the object was new in this frame: a rollback makes it transient again
+    scope: str = ""  # the database and schema the row belongs in (sa_redis_cache.binds)
 
 
 @dataclass(slots=True)
@@ -147,7 +150,17 @@ class WriteBehind:
         tx = _tx(session)
         frame = tx.frames[-1]
         tz: Any = None
+        scopes: dict[str, str] = {}
         for obj, info, kind in work:
+            scope = scopes.get(info.table)
+            if scope is None:
+                found = self._scope(session, info, {"mapper": info.mapper})
+                if found is None:
+                    raise CacheUnavailableError(
+                        f"write-behind: cannot tell which database {info.mapper.class_.__name__}"
+                        " rows go to (the server did not answer); nothing was queued"
+                    )
+                scope = scopes[info.table] = found
             if kind == "deleted":
                 op = self._delete_op(obj, info)
                 session.expunge(obj)
@@ -161,7 +174,19 @@ class WriteBehind:
                     make_transient(obj)
                 make_transient_to_detached(obj)
                 session.add(obj)
+            op.scope = scope
             frame[(info.table, op.pk)] = op
+
+    def _scope(
+        self, session: Session, info: ModelInfo, bind_arguments: Any, options: Any = None
+    ) -> str | None:
+        """The scope of ``info``'s rows for this session (None when it cannot be told)."""
+        core = self.core
+        bind = session.get_bind(**bind_arguments)
+        database = core.binds.database_for(session, bind, bind_arguments)
+        if database is None:
+            return None
+        return core.entity_scope(info, database, translate_map_of(bind, options))
 
     def _capture(
         self, session: Session, obj: object, info: ModelInfo, *, created: bool, tz: Any
@@ -309,16 +334,25 @@ class WriteBehind:
                 index[table] = len(tables)
             partition = partition_of(op.pk, info.policy.partitions)
             op_keys += [
-                stream_key(keys, table, partition),
-                keys.entity_key(table, info.schema_hash, op.pk),
-                pending_key(keys, table, info.schema_hash, op.pk),
+                stream_key(keys, table, op.scope, partition),
+                keys.entity_key(table, info.schema_hash, op.scope, op.pk),
+                pending_key(keys, table, info.schema_hash, op.scope, op.pk),
+                keys.row_write_key(table, op.pk),
             ]
             op_args += [index[table], op.kind, op.pk, info.schema_hash, op.data]
         starts = [random.getrandbits(62) for _ in tables]
         ids = core.io().run_script(
             core.scripts.wb_enqueue,
             [*(keys.generation_key(t) for t in tables), *op_keys],
-            [len(tables), HEADER, core.counter_ttl_ms, *starts, *op_args],
+            [
+                len(tables),
+                HEADER,
+                core.counter_ttl_ms,
+                ROW_COUNTER_TTL_MS,
+                random.getrandbits(62),
+                *starts,
+                *op_args,
+            ],
         )
         for op in ops:
             core.counters.incr("model:" + op.info.mapper.class_.__name__, "queued")
@@ -347,16 +381,21 @@ class WriteBehind:
         if op is not None:
             values: Any = op.values
         else:
-            values = self._pending_values(info, text)
+            scope = self._scope(
+                session, info, orm_context.bind_arguments, orm_context.execution_options
+            )
+            if scope is None:
+                return None
+            values = self._pending_values(info, scope, text)
             if values is _NOTHING:
                 return None
         return serve(orm_context, info, pk, values)
 
-    def _pending_values(self, info: ModelInfo, pk: str) -> Any:
+    def _pending_values(self, info: ModelInfo, scope: str, pk: str) -> Any:
         """The row's queued state; None for a queued delete; ``_NOTHING`` when none is queued."""
         core = self.core
         assert info.codec is not None
-        key = pending_key(core.keys, info.table, info.schema_hash, pk)
+        key = pending_key(core.keys, info.table, info.schema_hash, scope, pk)
         scope = "model:" + info.mapper.class_.__name__
         try:
             raw = core.io().get(key)

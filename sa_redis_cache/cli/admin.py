@@ -23,8 +23,6 @@ from .values import parse_pk
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from sa_redis_cache.cache import Cache
-    from sa_redis_cache.models import ModelInfo
     from sa_redis_cache.worker.replay import Letter, ReplayResult
 
 __all__ = ["demo", "dlq", "invalidate", "worker"]
@@ -95,9 +93,14 @@ def invalidate(
                 f"Invalidate {cls.__name__} {shown} in {where}? (deletes its entry and retires "
                 f"the cached queries on {info.table})"
             )
-        existed = bool(cache.client.exists(_entity_key(cache, info, values)))
+        # this process read nothing: the row's entries of every database and schema are
+        # found by SCAN (cache.invalidate's counter bump retires them all the same)
+        pattern = cache.keys.entity_key(info.table, info.schema_hash, "\x00", pk_text(values))
+        found = list(cache.client.scan_iter(match=escape_glob(pattern).replace("\x00", "*")))
+        if found:
+            cache.client.unlink(*found)
         cache.invalidate(cls, *values)
-        state = "its entity entry was deleted" if existed else "it had no entity entry"
+        state = "its entity entry was deleted" if found else "it had no entity entry"
         click.echo(
             f"invalidated {cls.__name__} {shown}: {state}; version of {info.table} bumped "
             "(cached queries on it are retired)"
@@ -111,10 +114,6 @@ def invalidate(
         f"invalidated {cls.__name__}: version and generation of {info.table} bumped; its "
         "entries are now misses and expire with their TTL"
     )
-
-
-def _entity_key(cache: Cache, info: ModelInfo, values: tuple[Any, ...]) -> str:
-    return cache.keys.entity_key(info.table, info.schema_hash, pk_text(values))
 
 
 def _invalidate_namespace(settings: Settings, *, yes: bool) -> None:

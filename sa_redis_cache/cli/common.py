@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Mapper
 
+    from sa_redis_cache.binds import Database
+
 __all__ = [
     "DEFAULT_REDIS_URL",
     "CliError",
@@ -196,6 +198,35 @@ class Settings:
                 param_hint=option,
             ) from exc
         return engine
+
+    def database(self, url: str | None = None, *, option: str = "--database-url") -> Database:
+        """What ``url`` (default ``--database-url``) connects to, as cache keys name it.
+
+        Connects once (with psycopg 3 when the URL names an asyncio driver: the database
+        is the same); the name keeps the URL's own driver, which query keys include.
+        """
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from sa_redis_cache.binds import Binds, Database
+
+        given = self.engine(url, option=option, exact=True)
+        driver = f"{given.dialect.name}+{given.dialect.driver}"
+        sync_url = given.url
+        if getattr(given.dialect, "is_async", False):
+            sync_url = sync_url.set(drivername=f"{given.dialect.name}+psycopg")
+        engine = self.engine(sync_url.render_as_string(hide_password=False), option=option)
+        try:
+            found = Binds().database_of_engine(engine)
+        except SQLAlchemyError as exc:
+            raise CliError(
+                f"{option}: cannot reach {redact(str(given.url))}: {one_line(exc)}"
+            ) from exc
+        finally:
+            engine.dispose()
+            given.dispose()
+        if found is None:
+            raise CliError(f"{option}: the database did not say which one it is")
+        return Database(found.identity, found.default_schema, driver)
 
     def close(self) -> None:
         """Close the Redis connection, if one was made."""

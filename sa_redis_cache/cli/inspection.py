@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from sa_redis_cache.binds import Binds
 from sa_redis_cache.codec import CodecError
 from sa_redis_cache.keys import pk_text
 from sa_redis_cache.models import mapper_name
 from sa_redis_cache.reads import entity_entry
 
 from .common import Settings, common_options, resolve_model
+from .keyspace import escape_glob
 from .output import Block, Table, echo_json, human_ttl, int_or_none, render, text_or_dash
 from .statement import inspect_statement, statement_blocks
 from .values import parse_pk
@@ -46,9 +48,15 @@ __all__ = ["inspect_command", "inspect_row", "row_blocks"]
 @click.option(
     "--bind-url",
     metavar="URL",
-    help="URL of the engine the application runs --statement on, exactly as the "
-    "application writes it (it is part of the key; nothing connects). Default: "
-    "--database-url.",
+    help="URL of the engine the application runs --statement on (or reads the row "
+    "through), with the application's driver: the database it reaches and the driver are "
+    "part of the key (it connects once to ask the database). Default: --database-url.",
+)
+@click.option(
+    "--schema",
+    metavar="NAME",
+    help="For a row: the schema it lives in when the application maps the table through "
+    "a schema_translate_map (one schema per tenant). Default: the table's own schema.",
 )
 @click.option(
     "--rows",
@@ -69,6 +77,7 @@ def inspect_command(
     statement: str | None,
     params: tuple[str, ...],
     bind_url: str | None,
+    schema: str | None,
     max_rows: int,
     as_json: bool,
 ) -> None:
@@ -96,10 +105,10 @@ def inspect_command(
         return
     if model is None:
         raise click.UsageError("give MODEL PK... (e.g. examples.shop:Product 7) or --statement")
-    if params or bind_url:
-        raise click.UsageError("--param and --bind-url go with --statement")
+    if params:
+        raise click.UsageError("--param goes with --statement")
     settings.load_models()
-    document = inspect_row(settings, resolve_model(model, settings), pk)
+    document = inspect_row(settings, resolve_model(model, settings), pk, bind_url, schema)
     if as_json:
         echo_json(document)
     else:
@@ -122,8 +131,19 @@ def _why_not_entity_cached(info: ModelInfo) -> str | None:
     return f"{name} uses inheritance or a polymorphic mapping, which the entity cache skips"
 
 
-def inspect_row(settings: Settings, cls: type, texts: tuple[str, ...]) -> dict[str, Any]:
+def inspect_row(
+    settings: Settings,
+    cls: type,
+    texts: tuple[str, ...],
+    bind_url: str | None = None,
+    schema: str | None = None,
+) -> dict[str, Any]:
     """Describe the entity entry of one row (the ``--json`` document).
+
+    Entity entries are kept per database and schema: ``bind_url`` (default
+    ``--database-url``) names the database, ``schema`` the schema the row lives in when
+    the application translates the table's schema. Without a database URL, the row's
+    entries are looked for in every database and schema (SCAN), and the first is shown.
 
     Example::
 
@@ -132,13 +152,26 @@ def inspect_row(settings: Settings, cls: type, texts: tuple[str, ...]) -> dict[s
     cache = settings.cache()
     info, pk = parse_pk(cache, cls, texts)
     keys = cache.keys
-    key = keys.entity_key(info.table, info.schema_hash, pk_text(pk))
+    text = pk_text(pk)
+    others: list[str] = []
+    if bind_url or settings.database_url:
+        database = settings.database(bind_url, option="--bind-url")
+        translate = None if schema is None else {info.table_schema: schema}
+        scope = Binds().scope(database, info.table_schema, translate)
+        key = keys.entity_key(info.table, info.schema_hash, scope, text)
+    else:
+        pattern = keys.entity_key(info.table, info.schema_hash, "\x00", text)
+        pattern = escape_glob(pattern).replace("\x00", "*")
+        found = sorted(k.decode() for k in cache.client.scan_iter(match=pattern, count=1000))
+        key = found[0] if found else pattern
+        others = found[1:]
     pipe = cache.client.pipeline(transaction=False)
     pipe.get(key)
     pipe.pttl(key)
     pipe.get(keys.version_key(info.table))
     pipe.get(keys.generation_key(info.table))
-    raw, pttl, version, generation = pipe.execute()
+    pipe.get(keys.row_write_key(info.table, text))
+    raw, pttl, version, generation, row_writes = pipe.execute()
     document: dict[str, Any] = {
         "model": mapper_name(info.mapper),
         "table": info.table,
@@ -151,8 +184,12 @@ def inspect_row(settings: Settings, cls: type, texts: tuple[str, ...]) -> dict[s
         "current_version": int_or_none(version),
         "current_generation": int_or_none(generation),
         "stored_generation": None,
+        "current_row_writes": int_or_none(row_writes),
+        "stored_row_writes": None,
         "row": None,
         "not_loaded": [],
+        # entries of the same row in other databases or schemas (found without a URL)
+        "other_keys": others,
     }
     if raw is None:
         document.update(
@@ -163,8 +200,9 @@ def inspect_row(settings: Settings, cls: type, texts: tuple[str, ...]) -> dict[s
         document.update(state="undecodable", detail="the model has no codec in this process")
         return document
     try:
-        stored_generation, _timing, body = entity_entry(raw)
+        stored_generation, stored_writes, _timing, body = entity_entry(raw)
         document["stored_generation"] = stored_generation
+        document["stored_row_writes"] = stored_writes
         if body is not None:
             document.update(_entity_row(info, body, pk))
     except (CodecError, ValueError, TypeError, IndexError) as exc:
@@ -195,15 +233,19 @@ def _entity_row(info: ModelInfo, body: Any, pk: tuple[Any, ...]) -> dict[str, An
 
 
 def _entity_state(document: dict[str, Any]) -> tuple[str, str]:
-    # mirrors the read path: both counters must exist and parse, and the generation match
+    # mirrors the read path: the counters must exist and parse, the generation and the
+    # row's write counter match
     stored, current = document["stored_generation"], document["current_generation"]
-    if document["current_version"] is None or current is None:
+    writes = document["current_row_writes"]
+    if document["current_version"] is None or current is None or writes is None:
         return "stale", "a counter is missing: the next read misses and refills"
     if stored != current:
         return (
             "stale",
             f"stored under generation {stored}, current is {current}: the next read misses",
         )
+    if document["stored_row_writes"] != writes:
+        return "stale", "the row was written since it was stored: the next read misses"
     return "valid", "a session.get() of this row is served from this entry"
 
 

@@ -80,7 +80,7 @@ class _Layout:
         if found is None:
             keys = self.keys
             found = self._per_table[table] = (
-                _before(keys.entity_key(table, _MARK, _MARK)),
+                _before(keys.entity_key(table, _MARK, _MARK, _MARK)),
                 _before(keys.query_key(table, _MARK)),
                 _before(keys.row_write_key(table, _MARK)),
                 frozenset(

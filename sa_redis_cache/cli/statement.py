@@ -96,10 +96,11 @@ def inspect_statement(
     cache = settings.cache()
     cache_key = statement._generate_cache_key()
     params = _parse_params(pairs, [] if cache_key is None else list(cache_key.bindparams))
-    # the bind's URL, dialect and driver are part of the key: the URL is used exactly as
-    # the application writes it (no driver added), and the engine never connects
+    # the database (as it names itself) and the URL's dialect and driver are part of the
+    # key: the URL is used as the application writes it (no driver added)
     engine = settings.engine(bind_url, option="--bind-url", exact=True)
     document: dict[str, Any] = {"statement": spec, "bind": engine.url.render_as_string()}
+    engine.dispose()
     if cache_key is None:
         document.update(state="uncacheable", detail="SQLAlchemy gives it no cache key")
         return document
@@ -111,8 +112,8 @@ def inspect_statement(
         document.update(state="uncacheable", detail=why)
         return document
     translate = statement.get_execution_options().get("schema_translate_map")
-    key = cache._reads.entry_key(plan, cache_key.bindparams, params, engine, translate)
-    engine.dispose()
+    database = settings.database(bind_url, option="--bind-url")
+    key = cache._reads.entry_key(plan, cache_key.bindparams, params, database, translate)
     if key is None:
         document.update(state="uncacheable", detail="a parameter value cannot be encoded exactly")
         return document

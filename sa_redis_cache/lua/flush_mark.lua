@@ -12,7 +12,8 @@
 --          generation is bumped so that every entity entry of the table becomes a miss
 -- ARGV[6]: TTL of the version counter and the generation, in milliseconds
 -- Returns: the entity generation, then each row's write ticket (the row counter after
---          INCR); a write-through commit stores its state only if its ticket is current
+--          INCR, as a string); a write-through commit stores its state only if its ticket
+--          is current, and entity entries are valid only under the current counter
 -- Bumping the version makes every fill that captured versions before this flush fail
 -- its compare-and-set; the mark refuses fills until the commit is done; deleting the
 -- entity entries removes what was filled before the mark.
@@ -42,7 +43,9 @@ redis.call('PEXPIRE', KEYS[3], ARGV[6])
 local tickets = {generation}
 for i = 4, #KEYS, 2 do
   redis.call('DEL', KEYS[i])
-  tickets[#tickets + 1] = redis.call('INCR', KEYS[i + 1])
+  redis.call('INCR', KEYS[i + 1])
   redis.call('PEXPIRE', KEYS[i + 1], ARGV[3])
+  -- as a string: a counter a read seeded at a random 62-bit value would round as a number
+  tickets[#tickets + 1] = redis.call('GET', KEYS[i + 1])
 end
 return tickets

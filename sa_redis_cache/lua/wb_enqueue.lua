@@ -1,31 +1,35 @@
 -- Queue one commit's write-behind operations, atomically: every one or none.
 -- KEYS[1 .. n]: the entity generation of each of the n tables the commit wrote
--- KEYS[n+1 ..]: per operation, three keys: its partition's stream, its entity entry, its
---          pending key (sa_redis_cache/wb_config.py describes them)
+-- KEYS[n+1 ..]: per operation, four keys: its partition's stream, its entity entry, its
+--          pending key (sa_redis_cache/wb_config.py describes them), its row write counter
 -- ARGV[1]: n, the number of tables
 -- ARGV[2]: the codec envelope header that prefixes every stored value
 -- ARGV[3]: TTL of a generation counter created here, in milliseconds
--- ARGV[4 .. 3+n]: value to start each table's generation at when it does not exist (random)
--- ARGV[4+n ..]: per operation, five values: its table's index (1-based), 'u' (upsert) or
+-- ARGV[4]: TTL of the row write counters, in milliseconds
+-- ARGV[5]: value to start a row write counter at when it does not exist (random)
+-- ARGV[6 .. 5+n]: value to start each table's generation at when it does not exist (random)
+-- ARGV[6+n ..]: per operation, five values: its table's index (1-based), 'u' (upsert) or
 --          'd' (delete), the row's pk text, the model's schema hash, and the data as JSON:
 --          the encoded full row for 'u', the encoded primary key for 'd'
 -- Returns: the stream id of each operation, in order
 -- The entity entry and the pending key get no TTL: an unflushed state must not expire.
 -- The worker gives the entity entry its TTL and removes the pending key after the flush.
+-- The row write counter moves: entity entries of the row in other scopes (and any filled
+-- from the database before this commit) are no longer valid.
 local n = tonumber(ARGV[1])
 local header = ARGV[2]
 local generations = {}
 for i = 1, n do
   local g = redis.call('GET', KEYS[i])
   if not g then
-    g = ARGV[3 + i]
+    g = ARGV[5 + i]
     redis.call('SET', KEYS[i], g, 'PX', ARGV[3])
   end
   generations[i] = g
 end
 local ids = {}
-local a = 4 + n
-for k = n + 1, #KEYS, 3 do
+local a = 6 + n
+for k = n + 1, #KEYS, 4 do
   local t, op, pk, schema, data = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   a = a + 5
   local id = redis.call('XADD', KEYS[k], '*', 'o', op, 'k', pk, 'h', schema, 'd', data)
@@ -33,8 +37,13 @@ for k = n + 1, #KEYS, 3 do
   if op == 'u' then
     body = '[' .. data .. ',0]'
   end
+  redis.call('SET', KEYS[k + 3], ARGV[5], 'NX')
+  redis.call('INCR', KEYS[k + 3])
+  redis.call('PEXPIRE', KEYS[k + 3], ARGV[4])
+  -- read back as a string: Lua numbers are doubles and would round a 62-bit value
+  local writes = redis.call('GET', KEYS[k + 3])
   -- SET without PX also removes a TTL the key had: the state lives until flushed
-  redis.call('SET', KEYS[k + 1], header .. '[' .. generations[t] .. ',' .. body .. ']')
+  redis.call('SET', KEYS[k + 1], header .. '[[' .. generations[t] .. ',' .. writes .. '],' .. body .. ']')
   redis.call('SET', KEYS[k + 2], header .. '["' .. id .. '",' .. body .. ']')
   ids[#ids + 1] = id
 end

@@ -175,7 +175,13 @@ class Applier:
         self._schema_bytes = info.schema_hash.encode()
         dialect = engine.dialect
         self.sets: SetStatements | None = (
-            SetStatements(table, self.columns, self.pk_columns, dialect)
+            SetStatements(
+                table,
+                self.columns,
+                self.pk_columns,
+                dialect,
+                engine.get_execution_options().get("schema_translate_map"),
+            )
             if set_based(self.columns, dialect)
             else None
         )

@@ -39,7 +39,8 @@ from redis.exceptions import RedisError, ResponseError
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
 
-from sa_redis_cache.core import COUNTER_TTL_MS
+from sa_redis_cache.binds import Binds, translate_map_of
+from sa_redis_cache.core import COUNTER_TTL_MS, ROW_COUNTER_TTL_MS
 from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.keys import KeyScheme
 from sa_redis_cache.models import ModelRegistry, mapper_of
@@ -52,6 +53,7 @@ from sa_redis_cache.wb_config import (
     lease_key,
     pending_key,
     stream_key,
+    workers_key,
 )
 
 from .apply import Applier, BatchResult, Entry
@@ -94,6 +96,7 @@ class Partition:
     """One stream this worker may consume, and what it knows about it."""
 
     info: ModelInfo
+    scope: str  # the database and schema the worker's engine writes the rows to
     number: int
     stream: str
     lease: str
@@ -185,16 +188,33 @@ class FlushWorker:
         """Called with a point's name where a test may crash the worker (``"after_commit"``:
         the batch is committed to the database and not yet acknowledged)."""
         registry = ModelRegistry()
-        for model in models:
-            info = write_behind_info(model, registry)
+        self._infos = [write_behind_info(model, registry) for model in models]
+        self._binds = Binds()
+        try:
+            self._resolve()
+        except SQLAlchemyError as exc:  # Postgres is away: named on the first pass instead
+            log.warning("write-behind worker cannot reach the database yet: %s", exc)
+
+    def _resolve(self) -> None:
+        """Name this worker's streams, once: they belong to the database and schema its
+        engine writes to (one connection, the first time; raises when Postgres is away)."""
+        if self._tables:
+            return
+        database = self._binds.database_of_engine(self.engine)
+        if database is None:
+            raise ConfigurationError("cannot tell which database the worker's engine reaches")
+        translate = translate_map_of(self.engine)
+        for info in self._infos:
             assert info.policy is not None
-            applier = Applier(engine, info, namespace)
+            scope = self._binds.scope(database, info.table_schema, translate)
+            applier = Applier(self.engine, info, self.namespace)
             parts = [
                 Partition(
                     info,
+                    scope,
                     number,
-                    stream_key(self.keys, info.table, number),
-                    lease_key(self.keys, info.table, number),
+                    stream_key(self.keys, info.table, scope, number),
+                    lease_key(self.keys, info.table, scope, number),
                     applier,
                 )
                 for number in range(info.policy.partitions)
@@ -217,7 +237,9 @@ class FlushWorker:
             extra={
                 "wb_consumer": self.consumer,
                 "wb_pid": os.getpid(),
-                "wb_partitions": len(self.partitions),
+                "wb_partitions": sum(
+                    info.policy.partitions for info in self._infos if info.policy is not None
+                ),
             },
         )
         try:
@@ -240,8 +262,9 @@ class FlushWorker:
         With ``block_ms``, waits up to that long for new entries when it found none.
         """
         try:
+            self._resolve()
             done = self._pass()
-        except RedisError as exc:
+        except (RedisError, SQLAlchemyError) as exc:
             self._failed(None, exc)
             return 0
         if not done and block_ms:
@@ -254,8 +277,9 @@ class FlushWorker:
         try:
             if held:
                 self._release(held)
-            for table in self._tables:
-                self.client.zrem(self.keys.table_prefix(table) + "wbw", self.consumer)
+            for parts in self._tables.values():
+                p = parts[0]
+                self.client.zrem(workers_key(self.keys, p.info.table, p.scope), self.consumer)
         except RedisError as exc:
             log.warning("could not release write-behind leases (they expire): %s", exc)
         for p in held:
@@ -276,6 +300,7 @@ class FlushWorker:
 
             if worker.backlog() > 10_000: ...
         """
+        self._resolve()
         pipe = self.client.pipeline(transaction=False)
         for p in self.partitions:
             pipe.xlen(p.stream)
@@ -297,6 +322,7 @@ class FlushWorker:
             s = worker.stats()
             print(s.length, s.pending, s.lag_seconds, s.rows_applied)
         """
+        self._resolve()
         parts = queue_stats(
             self.client, [(p.info.table, p.number, p.stream, p.held) for p in self.partitions]
         )
@@ -323,7 +349,7 @@ class FlushWorker:
             .select_from(dead_letters)
             .where(
                 dead_letters.c.namespace == self.namespace,
-                dead_letters.c.table_name.in_(list(self._tables)),
+                dead_letters.c.table_name.in_([info.table for info in self._infos]),
                 dead_letters.c.replayed_at.is_(None),
             )
         )
@@ -355,13 +381,13 @@ class FlushWorker:
         """
         now_ms = int(time.time() * 1000)
         pipe = self.client.pipeline(transaction=False)
-        for table in self._tables:
-            key = self.keys.table_prefix(table) + "wbw"
+        for parts in self._tables.values():
+            key = workers_key(self.keys, parts[0].info.table, parts[0].scope)
             pipe.zadd(key, {self.consumer: now_ms + self.lease_ms})
             pipe.zremrangebyscore(key, "-inf", now_ms)
             pipe.zcard(key)
             pipe.pexpire(key, self.lease_ms * 2)
-            pipe.mget([p.lease for p in self._tables[table]])
+            pipe.mget([p.lease for p in parts])
         replies = pipe.execute()
         self._turn += 1
         wanted: list[Partition] = []
@@ -534,11 +560,16 @@ class FlushWorker:
     def _after_flush(self, p: Partition, entries: list[Entry], result: BatchResult) -> None:
         info = p.info
         # the keys of row pk are these prefixes + pk (built once per batch, not per row)
-        pending_prefix = pending_key(self.keys, info.table, info.schema_hash, "")
-        entity_prefix = self.keys.entity_key(info.table, info.schema_hash, "")
+        pending_prefix = pending_key(self.keys, info.table, info.schema_hash, p.scope, "")
+        entity_prefix = self.keys.entity_key(info.table, info.schema_hash, p.scope, "")
+        writes_prefix = self.keys.row_write_key(info.table, "")
         dead = result.dead
         final = result.final
-        row_keys = [key for pk in final for key in (pending_prefix + pk, entity_prefix + pk)]
+        row_keys = [
+            key
+            for pk in final
+            for key in (pending_prefix + pk, entity_prefix + pk, writes_prefix + pk)
+        ]
         ids = [entry.id for entry in final.values()]
         if dead or result.skipped or any(e.error is not None for e in final.values()):
             # skipped entries (a redelivery: the prefix at or below the offset) were
@@ -563,6 +594,8 @@ class FlushWorker:
                 int(ttl * 1000),
                 HEADER,
                 COUNTER_TTL_MS,
+                random.getrandbits(62),
+                ROW_COUNTER_TTL_MS,
                 random.getrandbits(62),
                 len(entries),
                 *(e.id for e in entries),

@@ -51,13 +51,14 @@ from redis.exceptions import RedisError
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import DBAPIError, StatementError
 
-from sa_redis_cache.core import COUNTER_TTL_MS
+from sa_redis_cache.binds import Binds, translate_map_of
+from sa_redis_cache.core import COUNTER_TTL_MS, ROW_COUNTER_TTL_MS
 from sa_redis_cache.errors import ConfigurationError
-from sa_redis_cache.events import ROW_COUNTER_TTL_MS
 from sa_redis_cache.keys import KeyScheme
 from sa_redis_cache.models import ModelRegistry
 from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.scripts import Scripts
+from sa_redis_cache.wb_config import scope_of_stream
 
 from .apply import SUPERSEDED, Applier, Entry, is_transient, sid_of, superseded_note
 from .flush import write_behind_info
@@ -167,9 +168,16 @@ def replay_dead_letters(
     """
     registry = ModelRegistry()
     appliers = {}
+    binds = Binds()
+    database = binds.database_of_engine(engine)
+    if database is None:
+        raise ConfigurationError("cannot tell which database the engine reaches; is it up?")
+    translate = translate_map_of(engine)
+    scopes: dict[str, str] = {}
     for model in models:
         info = write_behind_info(model, registry)
         appliers[info.table] = Applier(engine, info, namespace)
+        scopes[info.table] = binds.scope(database, info.table_schema, translate)
     if table is not None and table not in appliers:
         raise ConfigurationError(
             f"no write-behind model given for table {table!r} (given: "
@@ -180,16 +188,24 @@ def replay_dead_letters(
     if ids is not None:
         _explain_missing(engine, namespace, ids, {letter.id for letter in letters}, result)
     groups: dict[tuple[str, str], list[Letter]] = {}
+    keys = KeyScheme(namespace)
     for letter in letters:
         if letter.table not in appliers:
             result.skipped[letter.id] = (
                 f"no write-behind model given for table {letter.table!r}; pass its class"
             )
             continue
+        if scope_of_stream(keys, letter.table, letter.stream) != scopes[letter.table]:
+            result.skipped[letter.id] = (
+                f"queued for another database or schema than this engine writes to (stream "
+                f"{letter.stream}); replay it with an engine on that database and schema"
+            )
+            continue
         groups.setdefault((letter.table, letter.stream), []).append(letter)
     replay = _Replay(redis_client, namespace, writer_mark_ms, result)
     for (table_name, stream), group in sorted(groups.items()):
-        replay.partition(appliers[table_name], stream, [letter.id for letter in group])
+        scope = scopes[table_name]
+        replay.partition(appliers[table_name], scope, stream, [letter.id for letter in group])
     return result
 
 
@@ -227,7 +243,7 @@ class _Replay:
         self.writer_mark_ms = writer_mark_ms
         self.result = result
 
-    def partition(self, applier: Applier, stream: str, letter_ids: list[int]) -> None:
+    def partition(self, applier: Applier, scope: str, stream: str, letter_ids: list[int]) -> None:
         """Replay the given letters of one partition, in one transaction."""
         result = self.result
         token = secrets.token_hex(8)
@@ -239,7 +255,7 @@ class _Replay:
                 applier.lock_offset(conn, stream)
                 outcome = self._decide(conn, applier, letter_ids)
                 marked = [entry.pk for _, entry in outcome.to_apply]
-                tickets = self._mark(applier, token, marked)
+                tickets = self._mark(applier, scope, token, marked)
                 for letter_id, entry in outcome.to_apply:
                     error = _apply_one(conn, applier, entry)
                     if error is None:
@@ -267,7 +283,7 @@ class _Replay:
             pk for letter_id, pk in outcome.pks.items() if letter_id in outcome.replayed
         ]
         try:
-            self._commit(applier, token, marked, tickets, replayed_pks)
+            self._commit(applier, scope, token, marked, tickets, replayed_pks)
         except RedisError as exc:
             result.cache_error = (
                 f"the rows are in the database, but Redis failed after the commit ({exc}); "
@@ -310,7 +326,7 @@ class _Replay:
             outcome.pks[letter_id] = entry.pk
         return outcome
 
-    def _mark(self, applier: Applier, token: str, pks: list[str]) -> dict[str, int]:
+    def _mark(self, applier: Applier, scope: str, token: str, pks: list[str]) -> dict[str, int]:
         """``lua/flush_mark.lua`` for the rows about to be written; their write tickets."""
         if not pks:
             return {}
@@ -318,7 +334,7 @@ class _Replay:
         keys = self.keys
         row_keys: list[str] = []
         for pk in pks:
-            row_keys += [keys.entity_key(info.table, info.schema_hash, pk)]
+            row_keys += [keys.entity_key(info.table, info.schema_hash, scope, pk)]
             row_keys += [keys.row_write_key(info.table, pk)]
         reply = self.scripts.run(
             self.scripts.flush_mark,
@@ -342,6 +358,7 @@ class _Replay:
     def _commit(
         self,
         applier: Applier,
+        scope: str,
         token: str,
         marked: list[str],
         tickets: dict[str, int],
@@ -355,7 +372,7 @@ class _Replay:
         row_keys: list[str] = []
         row_args: list[Any] = []
         for pk in marked:
-            row_keys += [keys.entity_key(info.table, info.schema_hash, pk)]
+            row_keys += [keys.entity_key(info.table, info.schema_hash, scope, pk)]
             row_keys += [keys.row_write_key(info.table, pk)]
             row_args += [tickets.get(pk, 0), 1, b""]  # no state: the entry is deleted
         self.scripts.run(
@@ -369,7 +386,7 @@ class _Replay:
             [
                 token,
                 keys.prefix + "invalidations",
-                orjson.dumps({"t": info.table, "pk": replayed, "bulk": False}),
+                orjson.dumps({"t": info.table, "s": scope, "pk": replayed, "bulk": False}),
                 0,
                 COUNTER_TTL_MS,
                 random.getrandbits(62),

@@ -26,7 +26,7 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects.postgresql import JSON, JSONB
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from sqlalchemy import Column, Table
     from sqlalchemy.engine import Connection, Dialect
@@ -90,9 +90,17 @@ class SetStatements:
         columns: Sequence[Column[Any]],
         pk_columns: Sequence[Column[Any]],
         dialect: Dialect,
+        schema_translate_map: Mapping[str | None, str | None] | None = None,
     ) -> None:
         preparer = dialect.identifier_preparer
-        name = preparer.format_table(table)
+        # raw SQL skips the engine's schema_translate_map: apply it here (one schema per
+        # tenant must receive its own rows)
+        schema = table.schema
+        if schema_translate_map:
+            schema = schema_translate_map.get(schema, schema)
+        name = preparer.quote(table.name)
+        if schema is not None:
+            name = f"{preparer.quote_schema(schema)}.{name}"
         quoted = [preparer.quote(c.name) for c in columns]
 
         def cast(column: Column[Any]) -> str:

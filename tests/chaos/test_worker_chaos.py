@@ -59,9 +59,13 @@ def test_crashing_workers_and_a_restarted_redis_lose_nothing(
             for name in ("w1", "w2")
         }
         oracle: dict[uuid.UUID, tuple[str, int]] = {}
-        members = f"sarc:{namespace}:{{{namespace}:{page_view.__tablename__}}}:wbw"
+        members = f"sarc:{namespace}:{{{namespace}:{page_view.__tablename__}}}:wbw:*"
+
+        def workers_seen() -> int:
+            return sum(int(client.zcard(key)) for key in client.scan_iter(match=members))
+
         try:
-            wait_for(lambda: client.zcard(members) == 2, "both workers to start")
+            wait_for(lambda: workers_seen() == 2, "both workers to start")
             for i, (op, key, views) in enumerate(ops):
                 give_up = time.monotonic() + 15
                 while True:

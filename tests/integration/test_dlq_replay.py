@@ -25,9 +25,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from sa_redis_cache import FlushWorker
 from sa_redis_cache.cli import cli
 from sa_redis_cache.devservices import free_port
-from sa_redis_cache.keys import KeyScheme, pk_text
+from sa_redis_cache.keys import pk_text
 from sa_redis_cache.schema import dead_letters
-from sa_redis_cache.wb_config import partition_of, stream_key
+from sa_redis_cache.wb_config import partition_of
 from sa_redis_cache.worker import replay_dead_letters
 from tests.wb_support import drain, queue, rows, update
 
@@ -170,13 +170,12 @@ def test_an_older_undecodable_entry_is_superseded_by_a_newer_one_of_its_batch(
 ) -> None:
     page_view, _ = models
     pk = uuid.uuid4()
-    info_hash = (
-        FlushWorker(worker_engine, client, namespace=namespace, models=[page_view])
-        .partitions[0]
-        .info.schema_hash
-    )
+    partitions = FlushWorker(
+        worker_engine, client, namespace=namespace, models=[page_view]
+    ).partitions
+    info_hash = partitions[0].info.schema_hash
     text_pk = pk_text([pk])
-    stream = stream_key(KeyScheme(namespace), "wb_page_views", partition_of(text_pk, 4))
+    stream = partitions[partition_of(text_pk, 4)].stream
     # an entry the worker cannot decode, then a good write of the same row, in one batch
     client.xadd(stream, {"o": "u", "k": text_pk, "h": info_hash, "d": b"[not json"})
     queue(factory, page_view, id=pk, path="/newer", views=3)

@@ -255,8 +255,8 @@ def test_a_write_through_entry_is_never_refreshed_early(
 
 
 def test_entity_entry_stamps_of_both_writers_parse() -> None:
-    assert entity_entry(pack([7, None])) == (7, None, None)
-    assert entity_entry(pack([[7, 3, 1000], None])) == (7, stampede.Timing(3, 1000), None)
-    for foreign in ([[7, 3], None], [["7", 3, 1000], None], [7.0, None], [7]):
+    assert entity_entry(pack([[7, 5], None])) == (7, 5, None, None)
+    assert entity_entry(pack([[7, 5, 3, 1000], None])) == (7, 5, stampede.Timing(3, 1000), None)
+    for foreign in ([[7, 5, 3], None], [["7", 5, 3, 1000], None], [7, None], [7.0, None], [7]):
         with pytest.raises(CodecError):
             entity_entry(pack(foreign))

@@ -30,9 +30,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sa_redis_cache.devservices import RedisServer
-from sa_redis_cache.keys import KeyScheme
 from sa_redis_cache.metrics import WorkerCollector
-from sa_redis_cache.wb_config import stream_key
 from sa_redis_cache.worker.progress import BacklogProgress, choose_mode
 from tests.wb_support import drain, queue
 
@@ -248,7 +246,7 @@ def test_stats_and_metrics_move_with_the_work(
 
     # lag: the age of the oldest entry, from the time in its stream id
     now_ms = int(client.time()[0]) * 1000
-    empty = stream_key(KeyScheme(namespace), page_view.__tablename__, 0)
+    empty = worker.partitions[0].stream
     client.delete(empty)  # an id in the past needs a stream without a newer top id
     client.xadd(empty, {"o": "u"}, id=f"{now_ms - 5000}-0")
     assert 4.5 < worker.stats().lag_seconds < 60

@@ -24,7 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from examples.shop import Category
 from sa_redis_cache import Cache, CachePolicy, CacheUnavailableError, ConfigurationError, schema
 from sa_redis_cache.devservices import RedisServer
-from tests.wb_support import PARTITIONS, private_models
+from tests.wb_support import private_models
 
 if TYPE_CHECKING:
     from tests.modes import Db, Runner
@@ -63,8 +63,8 @@ def mode_redis_url(aof_redis: RedisServer) -> str:
 
 
 def stream_entries(client: redis.Redis, namespace: str, table: str) -> int:
-    prefix = f"sarc:{namespace}:{{{namespace}:{table}}}:wb:"
-    return sum(int(client.xlen(f"{prefix}{p}")) for p in range(PARTITIONS))
+    streams = client.scan_iter(match=f"sarc:{namespace}:{{{namespace}:{table}}}:wb:*")
+    return sum(int(client.xlen(stream)) for stream in streams)
 
 
 def keys_of(client: redis.Redis, namespace: str, kind: str) -> list[bytes]:

@@ -1,0 +1,227 @@
+"""Which database, and which schema in it, a read or a write touches.
+
+Two sessions that run the same statement on two databases, or on one database through two
+``schema_translate_map`` settings (one schema per tenant), read different rows: every key that
+holds rows must say which ones. This module names them:
+
+* :class:`Database`: what a connection pool connects to, asked of the server once per pool
+  (``current_database()``, ``current_schema()`` and the cluster's ``system_identifier``,
+  or its address where that is not readable), so that every process names one database
+  alike, whatever URL spelling it used (``localhost`` or ``127.0.0.1``, through a pooler);
+  a ``search_path`` given in the connect arguments shows up as the default schema. Other
+  dialects are named by their URL (without the password).
+* :meth:`Binds.scope`: the row scope of a table, a short digest of the database identity
+  and the table's *effective* schema (after ``schema_translate_map``). Entity entries and
+  write-behind states carry it in their keys.
+
+Query entries are keyed by :attr:`Database.name`, which adds the dialect and driver: the
+Python types a row comes back with may differ between drivers.
+
+The identity query runs on the raw DBAPI connection, so it is invisible to SQLAlchemy's
+event listeners (the application's statement counters, the cache's own hooks), and it
+cannot fail: it reads functions every role may call. Under REPEATABLE READ it may be the
+transaction's first statement; the cache pins its versions before that (``after_begin``),
+so the snapshot it takes is still after the pin.
+
+Example::
+
+    binds = Binds()
+    database = binds.database_of(session.connection())
+    binds.scope(database, None, {None: "tenant_x"})   # the scope of tenant_x's rows
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
+
+_SCOPE_MEMO_SIZE = 4096
+
+# every part reads a function PUBLIC may execute, so the statement cannot fail and abort
+# the transaction it runs in; pg_control_system() is checked first (some services revoke it)
+_POSTGRES_IDENTITY = (
+    "SELECT current_database(), current_schema(), "
+    "CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE') "
+    "THEN (SELECT system_identifier::text FROM pg_control_system()) END, "
+    "inet_server_addr()::text, inet_server_port()"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Database:
+    """What one connection pool connects to.
+
+    ``identity`` names the database (the same in every process that reaches it);
+    ``default_schema`` is where unqualified tables live for this pool's connections;
+    ``name`` adds the dialect and driver, for query keys.
+
+    Example::
+
+        >>> Database("pg:7715512549132433534/shop", "public", "postgresql+psycopg").name
+        'postgresql+psycopg:pg:7715512549132433534/shop@public'
+    """
+
+    identity: str
+    default_schema: str | None
+    driver: str
+
+    @property
+    def name(self) -> str:
+        """The driver-qualified name that query keys carry."""
+        return f"{self.driver}:{self.identity}@{self.default_schema or ''}"
+
+
+def _url_identity(engine: Engine) -> str:
+    url = engine.url
+    return f"url:{url.host or ''}:{url.port or ''}/{url.database or ''}"
+
+
+def _ask_postgres(connection: Connection) -> tuple[str, str | None] | None:
+    """``(identity, default schema)`` from the server; None when it did not answer."""
+    try:
+        cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(_POSTGRES_IDENTITY)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+    except Exception as exc:  # noqa: BLE001 - an unknown identity bypasses the cache
+        log.warning("cannot tell which database this connection reaches: %s", exc)
+        return None
+    if row is None:
+        return None
+    database, schema, system_id, address, port = row
+    if system_id:
+        where = f"pg:{system_id}"
+    elif address:
+        where = f"pg@{address}:{port}"
+    else:  # a Unix socket, and pg_control_system() refused: the URL is all there is
+        where = "pg" + _url_identity(connection.engine)[3:]
+    return f"{where}/{database}", schema
+
+
+# what each pool connects to is a fact about the pool, shared by every cache of the process;
+# pools are held weakly: a process that makes engines (or per-request connections) as it
+# goes does not keep them alive through the cache
+_DATABASES: weakref.WeakKeyDictionary[Any, Database] = weakref.WeakKeyDictionary()
+_DATABASES_LOCK = threading.Lock()
+
+
+class Binds:
+    """The :class:`Database` of every pool the process has met, and row scopes.
+
+    Example::
+
+        binds = Binds()
+        database = binds.database_of(connection)    # asks the server once per pool
+        binds.known(engine)                         # the same, without a query, or None
+    """
+
+    def __init__(self) -> None:
+        self._by_pool = _DATABASES
+        self._scopes: dict[tuple[str, str | None], str] = {}
+
+    def known(self, bind: Engine | Connection) -> Database | None:
+        """The database of ``bind``'s pool if it was asked already (no I/O)."""
+        return self._by_pool.get(bind.engine.pool)
+
+    def database_of(self, connection: Connection) -> Database | None:
+        """The database ``connection`` reaches, asked of the server on a pool's first use.
+
+        None when the server could not say (the caller bypasses the cache; it is asked
+        again next time).
+        """
+        engine = connection.engine
+        pool = engine.pool
+        found = self._by_pool.get(pool)
+        if found is not None:
+            return found
+        dialect = engine.dialect
+        if dialect.name == "postgresql":
+            answer = _ask_postgres(connection)
+            if answer is None:
+                return None
+            identity, schema = answer
+        else:
+            identity, schema = _url_identity(engine), None
+        found = Database(identity, schema, f"{dialect.name}+{dialect.driver}")
+        with _DATABASES_LOCK:
+            self._by_pool[pool] = found
+        return found
+
+    def database_for(
+        self, session: Session, bind: Engine | Connection, bind_arguments: Mapping[str, Any]
+    ) -> Database | None:
+        """The database of ``bind``, which ``session`` uses for ``bind_arguments``.
+
+        Known pools cost a lookup; the first use of a pool checks out the session's
+        connection (which the read would do anyway on a miss) and asks the server.
+        """
+        found = self._by_pool.get(bind.engine.pool)
+        if found is not None:
+            return found
+        return self.database_of(session.connection(bind_arguments=dict(bind_arguments)))
+
+    def database_of_engine(self, engine: Engine) -> Database | None:
+        """The database of ``engine`` (connects once when its pool was never asked)."""
+        found = self.known(engine)
+        if found is not None:
+            return found
+        with engine.connect() as connection:
+            return self.database_of(connection)
+
+    def scope(
+        self,
+        database: Database,
+        table_schema: str | None,
+        translate: Mapping[str | None, str | None] | None,
+    ) -> str:
+        """The row scope of a table: its database and effective schema, as 16 hex digits.
+
+        ``translate`` is the ``schema_translate_map`` in effect; an unqualified table (or
+        one translated to None) lives in the pool's default schema.
+
+        Example::
+
+            >>> db = Database("pg:1/shop", "public", "postgresql+psycopg")
+            >>> Binds().scope(db, None, None) == Binds().scope(db, "public", None)
+            True
+        """
+        schema = translate.get(table_schema, table_schema) if translate else table_schema
+        if schema is None:
+            schema = database.default_schema
+        memo = (database.identity, schema)
+        found = self._scopes.get(memo)
+        if found is None:
+            text = f"{database.identity}\x00{schema or ''}".encode()
+            found = hashlib.blake2b(text, digest_size=8).hexdigest()
+            if len(self._scopes) >= _SCOPE_MEMO_SIZE:
+                self._scopes.clear()
+            self._scopes[memo] = found
+        return found
+
+
+def translate_map_of(bind: Engine | Connection, options: Mapping[str, Any] | None = None) -> Any:
+    """The ``schema_translate_map`` in effect: the statement's options first, then the bind's.
+
+    Example::
+
+        translate_map_of(engine.execution_options(schema_translate_map={None: "t1"}))
+    """
+    if options is not None:
+        found = options.get("schema_translate_map")
+        if found is not None:
+            return found
+    return bind.get_execution_options().get("schema_translate_map")
