@@ -9,13 +9,18 @@ Example::
 
 from __future__ import annotations
 
+from importlib import metadata as _metadata
+
 from .cache import Cache
 from .errors import CacheUnavailableError, ConfigurationError, SaRedisCacheError
 from .options import FromCache
 from .policy import CachePolicy
 from .worker import FlushWorker
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("sa-redis-cache")
+except _metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+    __version__ = "0+unknown"
 
 __all__ = [
     "Cache",
