@@ -13,6 +13,7 @@ import click
 
 from sa_redis_cache.keys import pk_text
 from sa_redis_cache.models import ModelRegistry, mapper_of
+from sa_redis_cache.redaction import redact_url
 from sa_redis_cache.wb_config import is_queue_key
 
 from .common import CliError, Settings, common_options, import_object, one_line, resolve_model
@@ -272,6 +273,19 @@ def _check_table(engine: Engine) -> None:
         )
 
 
+def _check_database(engine: Engine) -> None:
+    """Connect once: an unreachable database, or refused credentials, is one clear line."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        raise _database_error(engine, exc) from exc
+    finally:
+        engine.dispose()
+
+
 def _database_error(engine: Engine, exc: Any) -> CliError:
     from sa_redis_cache.schema import dead_letters
 
@@ -417,9 +431,7 @@ def _table_of(cls: type) -> str:
 
 
 def _shown(engine: Engine) -> str:
-    from sa_redis_cache.devservices import redact
-
-    return redact(engine.url.render_as_string(hide_password=False))
+    return redact_url(engine.url.render_as_string(hide_password=False))
 
 
 def _open_letters(
@@ -526,7 +538,9 @@ def demo(settings: Settings, small: bool) -> None:
             "the demo needs a Postgres server: pass --database-url URL or set DATABASE_URL "
             "(it creates its own database, sarc_demo, there), or run `make demo`"
         )
-    settings.redis()  # fail here, with our message, rather than deep in the demo
+    # fail here, with our message, rather than with a traceback deep in the demo
+    settings.redis()
+    _check_database(settings.engine())
     env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url}
     if small:
         env["SARC_DEMO_SMALL"] = "1"

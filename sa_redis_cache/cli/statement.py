@@ -16,6 +16,7 @@ import click
 from sa_redis_cache.codec import CodecError, unpack
 from sa_redis_cache.core import INVALIDATIONS_SUFFIX
 from sa_redis_cache.options import FromCache
+from sa_redis_cache.redaction import redact_url
 
 from .common import Settings, import_object
 from .output import Block, Table, human_ttl, int_or_none, text_or_dash
@@ -99,7 +100,8 @@ def inspect_statement(
     # the bind's URL, dialect and driver are part of the key: the URL is used exactly as
     # the application writes it (no driver added), and the engine never connects
     engine = settings.engine(bind_url, option="--bind-url", exact=True)
-    document: dict[str, Any] = {"statement": spec, "bind": engine.url.render_as_string()}
+    shown = redact_url(engine.url.render_as_string(hide_password=False))
+    document: dict[str, Any] = {"statement": spec, "bind": shown}
     if cache_key is None:
         document.update(state="uncacheable", detail="SQLAlchemy gives it no cache key")
         return document
