@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sa_redis_cache.keys import pk_text
 from sa_redis_cache.models import ModelRegistry, mapper_of
 from sa_redis_cache.redaction import redact_url
 from sa_redis_cache.wb_config import is_queue_key
@@ -19,13 +18,11 @@ from sa_redis_cache.wb_config import is_queue_key
 from .common import CliError, Settings, common_options, import_object, one_line, resolve_model
 from .keyspace import escape_glob
 from .output import Table, echo_json, render
-from .values import parse_pk
+from .values import parse_pk, row_key
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from sa_redis_cache.cache import Cache
-    from sa_redis_cache.models import ModelInfo
     from sa_redis_cache.worker.replay import Letter, ReplayResult
 
 __all__ = ["demo", "dlq", "invalidate", "worker"]
@@ -96,7 +93,7 @@ def invalidate(
                 f"Invalidate {cls.__name__} {shown} in {where}? (deletes its entry and retires "
                 f"the cached queries on {info.table})"
             )
-        existed = bool(cache.client.exists(_entity_key(cache, info, values)))
+        existed = bool(cache.client.exists(row_key(cache, info, values)))
         cache.invalidate(cls, *values)
         state = "its entity entry was deleted" if existed else "it had no entity entry"
         click.echo(
@@ -112,10 +109,6 @@ def invalidate(
         f"invalidated {cls.__name__}: version and generation of {info.table} bumped; its "
         "entries are now misses and expire with their TTL"
     )
-
-
-def _entity_key(cache: Cache, info: ModelInfo, values: tuple[Any, ...]) -> str:
-    return cache.keys.entity_key(info.table, info.schema_hash, pk_text(values))
 
 
 def _invalidate_namespace(settings: Settings, *, yes: bool) -> None:

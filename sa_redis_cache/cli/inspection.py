@@ -12,14 +12,21 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sa_redis_cache.codec import CodecError
-from sa_redis_cache.keys import pk_text
 from sa_redis_cache.models import mapper_name
 from sa_redis_cache.reads import entity_entry
 
+from .badkeys import (
+    bad_key,
+    bad_keys_blocks,
+    not_a_number,
+    printable_key,
+    separate_errors,
+    undecodable,
+)
 from .common import Settings, common_options, resolve_model
 from .output import Block, Table, echo_json, human_ttl, int_or_none, render, text_or_dash
 from .statement import inspect_statement, statement_blocks
-from .values import parse_pk
+from .values import parse_pk, row_key
 
 if TYPE_CHECKING:
     from sa_redis_cache.models import ModelInfo
@@ -125,6 +132,10 @@ def _why_not_entity_cached(info: ModelInfo) -> str | None:
 def inspect_row(settings: Settings, cls: type, texts: tuple[str, ...]) -> dict[str, Any]:
     """Describe the entity entry of one row (the ``--json`` document).
 
+    Whatever the keys hold, this returns: an entry that does not decode is
+    ``undecodable`` with what is wrong with it, a key of the wrong type or a counter that
+    is no number is listed in ``bad_keys``.
+
     Example::
 
         inspect_row(settings, Product, ("7",))["state"]  # "valid", "stale", "absent"...
@@ -132,13 +143,32 @@ def inspect_row(settings: Settings, cls: type, texts: tuple[str, ...]) -> dict[s
     cache = settings.cache()
     info, pk = parse_pk(cache, cls, texts)
     keys = cache.keys
-    key = keys.entity_key(info.table, info.schema_hash, pk_text(pk))
+    key = row_key(cache, info, pk)
+    version_key, generation_key = keys.version_key(info.table), keys.generation_key(info.table)
     pipe = cache.client.pipeline(transaction=False)
     pipe.get(key)
     pipe.pttl(key)
-    pipe.get(keys.version_key(info.table))
-    pipe.get(keys.generation_key(info.table))
-    raw, pttl, version, generation = pipe.execute()
+    pipe.get(version_key)
+    pipe.get(generation_key)
+    replies, bad = separate_errors(
+        cache.client,
+        [
+            (key, "a string (entity entry)"),
+            (key, "any key"),
+            (version_key, "a string (version counter)"),
+            (generation_key, "a string (generation counter)"),
+        ],
+        pipe.execute(raise_on_error=False),
+    )
+    raw, pttl, version, generation = replies
+    for counter_key, value, what in (
+        (version_key, version, "version counter"),
+        (generation_key, generation, "generation counter"),
+    ):
+        if value is not None and int_or_none(value) is None:
+            bad.append(bad_key(counter_key, not_a_number(value, what)))
+    wrong_type = next((b["problem"] for b in bad if b["key"] == printable_key(key)), None)
+    exists = raw is not None or wrong_type is not None
     document: dict[str, Any] = {
         "model": mapper_name(info.mapper),
         "table": info.table,
@@ -146,18 +176,22 @@ def inspect_row(settings: Settings, cls: type, texts: tuple[str, ...]) -> dict[s
         "key": key,
         "entity_cached": info.entity_cached,
         "not_cached_because": _why_not_entity_cached(info),
-        "exists": raw is not None,
-        "ttl_ms": pttl if raw is not None else None,
+        "exists": exists,
+        "ttl_ms": pttl if exists else None,
         "current_version": int_or_none(version),
         "current_generation": int_or_none(generation),
         "stored_generation": None,
         "row": None,
         "not_loaded": [],
+        "bad_keys": bad,
     }
-    if raw is None:
+    if not exists:
         document.update(
             state="absent", detail="no entry: the next session.get() reads the database"
         )
+        return document
+    if wrong_type is not None:
+        document.update(state="undecodable", detail=f"the key {wrong_type}: {_NO_ENTRY}")
         return document
     if info.codec is None:
         document.update(state="undecodable", detail="the model has no codec in this process")
@@ -167,10 +201,8 @@ def inspect_row(settings: Settings, cls: type, texts: tuple[str, ...]) -> dict[s
         document["stored_generation"] = stored_generation
         if body is not None:
             document.update(_entity_row(info, body, pk))
-    except (CodecError, ValueError, TypeError, IndexError) as exc:
-        document.update(
-            state="undecodable", detail=f"{exc}: a read treats it as a miss and deletes it"
-        )
+    except Exception as exc:  # noqa: BLE001 - planted bytes may break any step of decoding
+        document.update(state="undecodable", detail=f"{undecodable(exc)}: {_MISS}")
         return document
     state, detail = _entity_state(document)
     if body is None:
@@ -179,9 +211,15 @@ def inspect_row(settings: Settings, cls: type, texts: tuple[str, ...]) -> dict[s
     return document
 
 
+_MISS = "a read treats it as a miss and deletes it"
+_NO_ENTRY = "a read finds no entry in it (MGET answers nil) and misses"
+
+
 def _entity_row(info: ModelInfo, body: Any, pk: tuple[Any, ...]) -> dict[str, Any]:
     """The stored column values; CodecError when they belong to another row."""
     assert info.codec is not None
+    if type(body) is not list or len(body) != 2:
+        raise CodecError("the entry's body is not [row, columns not loaded]")
     values = info.codec.load_row(body[0])
     if tuple(values[p] for p in info.pk_positions) != pk:
         raise CodecError("the entry holds another row")
@@ -198,7 +236,7 @@ def _entity_state(document: dict[str, Any]) -> tuple[str, str]:
     # mirrors the read path: both counters must exist and parse, and the generation match
     stored, current = document["stored_generation"], document["current_generation"]
     if document["current_version"] is None or current is None:
-        return "stale", "a counter is missing: the next read misses and refills"
+        return "stale", "a counter is missing or unreadable: the next read misses and refills"
     if stored != current:
         return (
             "stale",
@@ -232,4 +270,4 @@ def row_blocks(document: dict[str, Any]) -> list[Block]:
         columns = [[k, repr(v)] for k, v in row.items()]
         columns += [[k, "(not loaded when cached)"] for k in document["not_loaded"]]
         out.append(Table(["column", "value"], columns, title="Stored row"))
-    return out
+    return out + bad_keys_blocks(document["bad_keys"])

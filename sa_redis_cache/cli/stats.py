@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import redis
 
+from .badkeys import bad_keys_blocks
 from .common import Settings, common_options, one_line
 from .keyspace import collect
 from .output import Block, Table, console, echo_json, has_rich, human_bytes, render, to_rich
@@ -161,7 +162,7 @@ def blocks_for(document: dict[str, Any], redis_url: str) -> list[Block]:
                         _memory(t["memory_bytes"], t["memory_estimated"]),
                         _text(t["version"]),
                         _text(t["generation"]),
-                        str(t["writers_in_flight"]),
+                        _text(t["writers_in_flight"]),
                     ]
                     for t in tables
                 ],
@@ -175,6 +176,7 @@ def blocks_for(document: dict[str, Any], redis_url: str) -> list[Block]:
         )
     if document["other_keys"]:
         out.append(f"{document['other_keys']} other key(s) under the namespace's prefix.")
+    out += bad_keys_blocks(document["bad_keys"])
     out.append(
         published_text(document["counters_published_seconds_ago"]) + "\n"
         "entries, memory: a model's are those of its table (entity entries, and the query "

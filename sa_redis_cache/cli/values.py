@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from sa_redis_cache.keys import pk_text
 from sa_redis_cache.models import ModelInfo, mapper_of
 
 if TYPE_CHECKING:
@@ -19,7 +20,21 @@ if TYPE_CHECKING:
 
     from sa_redis_cache.cache import Cache
 
-__all__ = ["parse_pk", "parse_value"]
+__all__ = ["parse_pk", "parse_value", "row_key"]
+
+
+def row_key(cache: Cache, info: ModelInfo, pk: tuple[Any, ...]) -> str:
+    """The key of one row's entity entry, as ``session.get()`` computes it.
+
+    The one place the command line names an entity entry (``inspect`` and
+    ``invalidate`` both ask here).
+
+    Example::
+
+        info, pk = parse_pk(cache, Product, ("7",))
+        row_key(cache, info, pk)  # 'sarc:shop:{shop:products}:e:40824c7d8343:7'
+    """
+    return cache.keys.entity_key(info.table, info.schema_hash, pk_text(pk))
 
 
 def parse_pk(cache: Cache, cls: type, texts: tuple[str, ...]) -> tuple[ModelInfo, tuple[Any, ...]]:

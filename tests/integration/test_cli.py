@@ -30,6 +30,7 @@ from sqlalchemy.pool import NullPool
 from examples.shop import Customer, Product
 from sa_redis_cache import Cache, FromCache, schema
 from sa_redis_cache.cli import cli
+from sa_redis_cache.codec import pack, unpack
 from sa_redis_cache.devservices import RedisServer, ServerStartError
 from sa_redis_cache.devservices.process import free_port
 from sa_redis_cache.keys import KeyScheme
@@ -608,6 +609,190 @@ def test_demo_runs_the_example_story(services: Services, redis_client: redis.Red
     no_db = run("demo", env={"DATABASE_URL": None})
     assert no_db.exit_code == 2
     assert "the demo needs a Postgres server: pass --database-url" in no_db.stderr
+
+
+# --------------------------------------------------------------------------- planted keys
+# Anyone who can write to the Redis may leave anything under the namespace's prefix: the
+# commands report such a key (what is wrong with it) and go on, exit 0.
+
+
+def completes(result: Result) -> None:
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+
+
+def plant(client: redis.Redis, key: str | bytes, kind: str, value: Any = b"x") -> None:
+    """Replace ``key`` by a key of Redis type ``kind`` holding ``value``."""
+    client.delete(key)
+    if kind == "string":
+        client.set(key, value)
+    elif kind == "hash":
+        client.hset(key, "f", value)
+    elif kind == "list":
+        client.rpush(key, value)
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    ("target", "kind", "value", "problem"),
+    [
+        # the KeyError of issue 19: a body that is a mapping where a list is expected
+        ("entry", "string", "mapping", "the entry's body is not [row, columns not loaded]"),
+        ("entry", "hash", b"x", "holds a Redis hash, not a string (entity entry)"),
+        ("generation", "list", b"7", "holds a Redis list, not a string (generation counter)"),
+        ("version", "string", b"seven", "holds 'seven', not an integer version counter"),
+    ],
+)
+def test_inspect_row_reports_a_planted_key_and_goes_on(
+    base: list[str],
+    namespace: str,
+    session_factory: sessionmaker[Session],
+    redis_client: redis.Redis,
+    target: str,
+    kind: str,
+    value: Any,
+    problem: str,
+) -> None:
+    with session_factory() as s:
+        s.get(Product, 1)
+    keys = KeyScheme(namespace)
+    key = {
+        "entry": json_of(run(*base, "inspect", "Product", "1", "--json"))["key"],
+        "generation": keys.generation_key("products"),
+        "version": keys.version_key("products"),
+    }[target]
+    # a value of the right type that does not decode is told in the state, not a bad key
+    reported = [] if value == "mapping" else [{"key": key, "problem": problem}]
+    if value == "mapping":
+        generation = redis_client.get(keys.generation_key("products"))
+        assert isinstance(generation, bytes)
+        value = pack([int(generation), {"0": 1}])
+    plant(redis_client, key, kind, value)
+
+    document = json_of(run(*base, "inspect", "Product", "1", "--json"))
+    if target == "entry":
+        assert document["state"] == "undecodable"
+        assert problem in document["detail"]
+    else:  # the entry is fine; a counter it is checked against is not
+        assert document["state"] == "stale"
+        assert "missing or unreadable" in document["detail"]
+    assert document["bad_keys"] == reported
+    human = run(*base, "inspect", "Product", "1")
+    completes(human)
+    assert problem in human.stdout
+
+
+def _broken_body(raw: bytes, how: str) -> bytes:
+    stamp, body = unpack(raw)
+    columns, single, models, objects, rows = body
+    if how == "related-objects-not-a-mapping":
+        objects[0][3] = 7
+    elif how == "model-name-not-text":
+        models = [7]
+    elif how == "column-names-not-text":
+        columns = [7]
+    return pack([stamp, [columns, single, models, objects, rows]])
+
+
+@pytest.mark.parametrize(
+    ("how", "problem"),
+    [
+        ("related-objects-not-a-mapping", "an object's related objects are not a mapping"),
+        ("model-name-not-text", "the entry's model names are not a list of text"),
+        ("column-names-not-text", "the entry's column names are not a list of text"),
+        ("entry-is-a-hash", "holds a Redis hash, not a string (query entry)"),
+        ("version-is-a-hash", "holds a Redis hash, not a string (version counter)"),
+    ],
+)
+def test_inspect_statement_reports_a_planted_key_and_goes_on(
+    base: list[str],
+    statements: str,
+    database_url: str,
+    namespace: str,
+    session_factory: sessionmaker[Session],
+    redis_client: redis.Redis,
+    how: str,
+    problem: str,
+) -> None:
+    module = __import__(statements)
+    with session_factory() as s:
+        s.scalars(module.BY_CATEGORY).all()
+    args = [
+        *base,
+        "inspect",
+        "--bind-url",
+        database_url,
+        "--statement",
+        f"{statements}:BY_CATEGORY",
+    ]
+    entry = json_of(run(*args, "--json"))["key"]
+    version = KeyScheme(namespace).version_key("products")
+    if how == "entry-is-a-hash":
+        plant(redis_client, entry, "hash")
+    elif how == "version-is-a-hash":
+        plant(redis_client, version, "hash")
+    else:
+        raw = redis_client.get(entry)
+        assert isinstance(raw, bytes)
+        redis_client.set(entry, _broken_body(raw, how), keepttl=True)
+
+    document = json_of(run(*args, "--json"))
+    if how == "version-is-a-hash":  # the entry is fine; the counter it is checked against is not
+        assert document["state"] == "stale"
+        assert "version counter of products is missing or unreadable" in document["detail"]
+        assert document["bad_keys"] == [{"key": version, "problem": problem}]
+    else:
+        assert document["state"] == "undecodable"
+        assert problem in document["detail"]
+    human = run(*args)
+    completes(human)
+    assert problem in human.stdout
+
+
+@pytest.mark.parametrize(
+    ("key", "kind", "value", "problem"),
+    [
+        ("stats:total", "string", b"x", "holds a Redis string, not a hash (published counters)"),
+        ("stats:model:Product", "hash", b"abc", "field 'f' holds 'abc', not an integer counter"),
+        ("v", "hash", b"1", "holds a Redis hash, not a string (version counter)"),
+        ("v", "string", b"seven", "holds 'seven', not an integer version counter"),
+        ("g", "list", b"1", "holds a Redis list, not a string (generation counter)"),
+        ("w", "string", b"1", "holds a Redis string, not a sorted set (writer marks)"),
+        # not UTF-8: redis-py cannot send back a key decoded with surrogates
+        (b"stats:\xff", "string", b"x", "holds a Redis string, not a hash (published counters)"),
+    ],
+)
+def test_stats_reports_a_planted_key_and_goes_on(
+    base: list[str],
+    namespace: str,
+    session_factory: sessionmaker[Session],
+    redis_client: redis.Redis,
+    key: str | bytes,
+    kind: str,
+    value: bytes,
+    problem: str,
+) -> None:
+    with session_factory() as s:
+        s.get(Product, 1)
+    keys = KeyScheme(namespace)
+    if isinstance(key, bytes):
+        planted: str | bytes = keys.prefix.encode() + key
+        shown = keys.prefix + key.decode("utf-8", "backslashreplace")
+    elif key.startswith("stats:"):
+        planted = shown = keys.prefix + key
+    else:
+        planted = shown = keys.table_prefix("products") + key
+    plant(redis_client, planted, kind, value)
+
+    document = json_of(run(*base, "stats", "--json"))
+    assert {"key": shown, "problem": problem} in document["bad_keys"]
+    tables = {t["table"]: t for t in document["tables"]}
+    assert tables["products"]["entity_entries"] == 1  # the rest is still there
+    human = run(*base, "stats")
+    completes(human)
+    assert shown in human.stdout
+    assert problem in human.stdout
 
 
 # --------------------------------------------------------------------------- credentials
