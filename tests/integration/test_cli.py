@@ -795,6 +795,23 @@ def test_stats_reports_a_planted_key_and_goes_on(
     assert problem in human.stdout
 
 
+def test_key_names_cannot_write_to_the_terminal(
+    base: list[str], namespace: str, redis_client: redis.Redis
+) -> None:
+    # a table name with an escape sequence (clear screen) and a newline (a fake row), and
+    # one that is not UTF-8
+    keys = KeyScheme(namespace)
+    redis_client.set(keys.version_key("evil\x1b[2J\nproducts"), 1)
+    redis_client.set(keys.version_key("t\udcff").encode("utf-8", "surrogateescape"), 2)
+    document = json_of(run(*base, "stats", "--json"))
+    assert {"evil\x1b[2J\nproducts", "t\udcff"} <= {t["table"] for t in document["tables"]}
+    human = run(*base, "stats")
+    completes(human)
+    assert "\x1b" not in human.stdout
+    assert "evil\\x1b[2J\\nproducts" in human.stdout
+    assert "t\\xff" in human.stdout
+
+
 # --------------------------------------------------------------------------- credentials
 # No password reaches stdout or stderr, whether it is given in a URL's user-info or as a
 # query parameter, whether the command succeeds, is refused or finds nobody there.
