@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = [
+    "MISSES",
+    "NO_ENTRY",
     "bad_key",
     "bad_keys_blocks",
     "not_a_number",
@@ -28,6 +30,13 @@ __all__ = [
     "undecodable",
     "wrong_type",
 ]
+
+
+MISSES = "a read treats it as a miss and deletes it"
+"""What the read path does with an entry that does not decode (said after the problem)."""
+
+NO_ENTRY = "a read finds no entry in it (MGET answers nil) and misses"
+"""What the read path does with an entry key of another Redis type."""
 
 
 def printable_key(key: str | bytes) -> str:

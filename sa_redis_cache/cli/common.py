@@ -99,7 +99,8 @@ class Settings:
 
         Example::
 
-            settings.redact("failed for redis://:s3cret@h/0")  # 'failed for redis://:***@h/0'
+            settings = Settings(redis_url="redis://:s3cret@cache:6379/0")
+            settings.redact("AUTH s3cret refused")  # 'AUTH *** refused'
         """
         return redact_text(text, self.redis_url, self.database_url, *self._other_urls)
 
@@ -126,10 +127,10 @@ class Settings:
                     retry=Retry(NoBackoff(), 0),
                 )
             except (ValueError, TypeError) as exc:
-                # the message passes through redact() in app._Group: a parser may quote
-                # a piece of the password it took for a port
+                # a parser may quote a piece of the password it took for a port
+                why = self.redact(one_line(exc))
                 raise click.BadParameter(
-                    f"{self.shown_redis_url!r} is not a Redis URL ({one_line(exc)}); "
+                    f"{self.shown_redis_url!r} is not a Redis URL ({why}); "
                     "write it as redis://[USER:PASSWORD@]HOST:PORT/DB",
                     param_hint="--redis-url",
                 ) from exc
@@ -215,8 +216,9 @@ class Settings:
             target = url if exact else normalize_database_url(url)
             engine = create_engine(target, poolclass=NullPool, connect_args=_connect_args(url))
         except (ArgumentError, ValueError, ImportError) as exc:
+            why = self.redact(one_line(exc))
             raise click.BadParameter(
-                f"{redact_url(url)!r} is not a usable database URL ({one_line(exc)}); write "
+                f"{redact_url(url)!r} is not a usable database URL ({why}); write "
                 "it as postgresql+psycopg://USER[:PASSWORD]@HOST:PORT/DB",
                 param_hint=option,
             ) from exc

@@ -16,6 +16,8 @@ from sa_redis_cache.models import mapper_name
 from sa_redis_cache.reads import entity_entry
 
 from .badkeys import (
+    MISSES,
+    NO_ENTRY,
     bad_key,
     bad_keys_blocks,
     not_a_number,
@@ -191,7 +193,7 @@ def inspect_row(settings: Settings, cls: type, texts: tuple[str, ...]) -> dict[s
         )
         return document
     if wrong_type is not None:
-        document.update(state="undecodable", detail=f"the key {wrong_type}: {_NO_ENTRY}")
+        document.update(state="undecodable", detail=f"the key {wrong_type}: {NO_ENTRY}")
         return document
     if info.codec is None:
         document.update(state="undecodable", detail="the model has no codec in this process")
@@ -202,17 +204,13 @@ def inspect_row(settings: Settings, cls: type, texts: tuple[str, ...]) -> dict[s
         if body is not None:
             document.update(_entity_row(info, body, pk))
     except Exception as exc:  # noqa: BLE001 - planted bytes may break any step of decoding
-        document.update(state="undecodable", detail=f"{undecodable(exc)}: {_MISS}")
+        document.update(state="undecodable", detail=f"{undecodable(exc)}: {MISSES}")
         return document
     state, detail = _entity_state(document)
     if body is None:
         detail += "; the entry records that no such row exists"
     document.update(state=state, detail=detail)
     return document
-
-
-_MISS = "a read treats it as a miss and deletes it"
-_NO_ENTRY = "a read finds no entry in it (MGET answers nil) and misses"
 
 
 def _entity_row(info: ModelInfo, body: Any, pk: tuple[Any, ...]) -> dict[str, Any]:

@@ -198,19 +198,24 @@ def collect(
     pipe = client.pipeline(transaction=False)
     requests: list[tuple[bytes, str]] = []
     for table in tables:
-        requests += [
-            (_raw(keys.version_key(table)), "a string (version counter)"),
-            (_raw(keys.generation_key(table)), "a string (generation counter)"),
-            (_raw(keys.writers_key(table)), "a sorted set (writer marks)"),
-        ]
-        pipe.get(requests[-3][0])
-        pipe.get(requests[-2][0])
+        version_key, generation_key = (
+            _raw(keys.version_key(table)),
+            _raw(keys.generation_key(table)),
+        )
+        writers_key = _raw(keys.writers_key(table))
+        pipe.get(version_key)
+        pipe.get(generation_key)
         # a mark's score is its expiry: marks of crashed writers linger until it passes
-        pipe.zcount(requests[-1][0], now_ms, "+inf")
-    for _scope, raw in stats_scopes:
-        requests += [(raw, "a hash (published counters)"), (raw, "any key")]
-        pipe.hgetall(raw)
-        pipe.pttl(raw)
+        pipe.zcount(writers_key, now_ms, "+inf")
+        requests += [
+            (version_key, "a string (version counter)"),
+            (generation_key, "a string (generation counter)"),
+            (writers_key, "a sorted set (writer marks)"),
+        ]
+    for _scope, stats_key in stats_scopes:
+        pipe.hgetall(stats_key)
+        pipe.pttl(stats_key)
+        requests += [(stats_key, "a hash (published counters)"), (stats_key, "any key")]
     # a key of the wrong type fails its own command only: reported, the others shown
     answers, bad = separate_errors(client, requests, pipe.execute(raise_on_error=False))
     replies = iter(answers)
@@ -218,12 +223,12 @@ def collect(
     rows = []
     for table in tables:
         version, generation, writers = next(replies), next(replies), next(replies)
-        for key, raw, what in (
+        for key, value, what in (
             (keys.version_key(table), version, "version counter"),
             (keys.generation_key(table), generation, "generation counter"),
         ):
-            if raw is not None and not isinstance(_number(raw), int):
-                bad.append(bad_key(_raw(key), not_a_number(raw, what)))
+            if value is not None and not isinstance(_number(value), int):
+                bad.append(bad_key(_raw(key), not_a_number(value, what)))
         found = per_table[table]
         mappers = model_tables.get(table, [])
         entity_mem, query_mem = found.entities.memory, found.queries.memory

@@ -19,6 +19,8 @@ from sa_redis_cache.options import FromCache
 from sa_redis_cache.redaction import redact_url
 
 from .badkeys import (
+    MISSES,
+    NO_ENTRY,
     bad_key,
     bad_keys_blocks,
     not_a_number,
@@ -151,7 +153,7 @@ def inspect_statement(
         document.update(state="absent", detail=detail)
         return document
     if entry_problem is not None:
-        document.update(state="undecodable", detail=f"the key {entry_problem}: {_NO_ENTRY}")
+        document.update(state="undecodable", detail=f"the key {entry_problem}: {NO_ENTRY}")
         return document
     assert raw is not None  # it exists, and is a string
     try:
@@ -161,7 +163,7 @@ def inspect_statement(
     except _UnknownModel as exc:
         document["rows_error"] = str(exc)  # the versions still tell valid from stale
     except Exception as exc:  # noqa: BLE001 - planted bytes may break any step of decoding
-        document.update(state="undecodable", detail=f"{undecodable(exc)}: {_MISS}")
+        document.update(state="undecodable", detail=f"{undecodable(exc)}: {MISSES}")
         return document
     versions = list(
         zip(
@@ -188,8 +190,8 @@ def _fetch(
 ) -> tuple[bytes | None, int | None, list[Any], bool, list[dict[str, str]]]:
     """The entry, its PTTL, the current versions, whether it was invalidated, bad keys.
 
-    A key of the wrong type or a version that is no number is reported in the bad keys
-    (and read as absent), never raised.
+    A key of the wrong type answers None and is reported in the bad keys, as is a
+    version that is no number; nothing is raised.
     """
     pipe = client.pipeline(transaction=False)
     pipe.get(key)
@@ -218,10 +220,6 @@ def _fetch(
         elif value is not None and int_or_none(value) is None:
             bad.append(bad_key(version_key, not_a_number(value, "version counter")))
     return raw, pttl, current, bool(invalidated), bad
-
-
-_MISS = "a read treats it as a miss and deletes it"
-_NO_ENTRY = "a read finds no entry in it (MGET answers nil) and misses"
 
 
 class _UnknownModel(Exception):
