@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sa_redis_cache.keys import pk_text
 from sa_redis_cache.models import ModelRegistry, mapper_of
+from sa_redis_cache.redaction import redact_url
 from sa_redis_cache.wb_config import is_queue_key
 
 from .common import CliError, Settings, common_options, import_object, one_line, resolve_model
 from .keyspace import escape_glob
 from .output import Table, echo_json, render
-from .values import parse_pk
+from .values import parse_pk, row_keys
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -95,8 +95,7 @@ def invalidate(
             )
         # this process read nothing: the row's entries of every database and schema are
         # found by SCAN (cache.invalidate's counter bump retires them all the same)
-        pattern = cache.keys.entity_key(info.table, info.schema_hash, "\x00", pk_text(values))
-        found = list(cache.client.scan_iter(match=escape_glob(pattern).replace("\x00", "*")))
+        found = row_keys(cache, info, values)
         if found:
             cache.client.unlink(*found)
         cache.invalidate(cls, *values)
@@ -271,6 +270,19 @@ def _check_table(engine: Engine) -> None:
         )
 
 
+def _check_database(engine: Engine) -> None:
+    """Connect once: an unreachable database, or refused credentials, is one clear line."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        raise _database_error(engine, exc) from exc
+    finally:
+        engine.dispose()
+
+
 def _database_error(engine: Engine, exc: Any) -> CliError:
     from sa_redis_cache.schema import dead_letters
 
@@ -416,9 +428,7 @@ def _table_of(cls: type) -> str:
 
 
 def _shown(engine: Engine) -> str:
-    from sa_redis_cache.devservices import redact
-
-    return redact(engine.url.render_as_string(hide_password=False))
+    return redact_url(engine.url.render_as_string(hide_password=False))
 
 
 def _open_letters(
@@ -525,7 +535,9 @@ def demo(settings: Settings, small: bool) -> None:
             "the demo needs a Postgres server: pass --database-url URL or set DATABASE_URL "
             "(it creates its own database, sarc_demo, there), or run `make demo`"
         )
-    settings.redis()  # fail here, with our message, rather than deep in the demo
+    # fail here, with our message, rather than with a traceback deep in the demo
+    settings.redis()
+    _check_database(settings.engine())
     env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url}
     if small:
         env["SARC_DEMO_SMALL"] = "1"

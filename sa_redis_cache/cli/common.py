@@ -20,9 +20,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from sa_redis_cache.cache import Cache
-from sa_redis_cache.devservices import normalize_database_url, redact
+from sa_redis_cache.devservices import normalize_database_url
 from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.models import all_mappers, mapper_name, mapper_of
+from sa_redis_cache.redaction import redact_text, redact_url
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -85,14 +86,33 @@ class Settings:
     _client: redis.Redis | None = field(default=None, repr=False)
     _cache: Cache | None = field(default=None, repr=False)
     _models_loaded: bool = field(default=False, repr=False)
+    _other_urls: list[str] = field(default_factory=list, repr=False)
 
     @property
     def shown_redis_url(self) -> str:
-        """The Redis URL without its password, for messages."""
-        return redact(self.redis_url)
+        """The Redis URL without its credentials, for messages."""
+        return redact_url(self.redis_url)
+
+    def redact(self, text: str) -> str:
+        """``text`` without any credential of the URLs this command was given.
+
+        Every message the command prints passes through it (see ``app._Group``), so a
+        password cannot reach the terminal even inside a driver's or a parser's error.
+
+        Example::
+
+            settings = Settings(redis_url="redis://:s3cret@cache:6379/0")
+            settings.redact("AUTH s3cret refused")  # 'AUTH *** refused'
+        """
+        return redact_text(text, self.redis_url, self.database_url, *self._other_urls)
 
     def unreachable(self, exc: Exception) -> CliError:
-        """The error for a Redis that does not answer, with the fix."""
+        """The error for a Redis that does not answer (or refuses the credentials), with the fix."""
+        if isinstance(exc, redis.AuthenticationError):
+            return CliError(
+                f"Redis at {self.shown_redis_url} refused the credentials: {one_line(exc)}; "
+                "check the user and password of --redis-url (or REDIS_URL)"
+            )
         return CliError(
             f"cannot reach Redis at {self.shown_redis_url}: {one_line(exc)}; start it or pass "
             "--redis-url (or set REDIS_URL)"
@@ -108,10 +128,12 @@ class Settings:
                     socket_timeout=_SOCKET_TIMEOUT,
                     retry=Retry(NoBackoff(), 0),
                 )
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
+                # a parser may quote a piece of the password it took for a port
+                why = self.redact(one_line(exc))
                 raise click.BadParameter(
-                    f"{self.shown_redis_url!r} is not a Redis URL ({exc}); "
-                    "write it as redis://HOST:PORT/DB",
+                    f"{self.shown_redis_url!r} is not a Redis URL ({why}); "
+                    "write it as redis://[USER:PASSWORD@]HOST:PORT/DB",
                     param_hint="--redis-url",
                 ) from exc
             try:
@@ -182,9 +204,13 @@ class Settings:
         from sqlalchemy.exc import ArgumentError
         from sqlalchemy.pool import NullPool
 
-        url = url or self.database_url
+        asked = option
+        if url:
+            self._other_urls.append(url)  # --bind-url: its credentials are redacted too
+        else:  # the default: a bad URL is --database-url's
+            url, option = self.database_url, "--database-url"
         if not url:
-            options = option if option == "--database-url" else f"{option} or --database-url"
+            options = option if asked == option else f"{asked} or --database-url"
             raise click.UsageError(
                 f"this command needs a database: pass {options} URL (or set DATABASE_URL)"
             )
@@ -192,9 +218,10 @@ class Settings:
             target = url if exact else normalize_database_url(url)
             engine = create_engine(target, poolclass=NullPool, connect_args=_connect_args(url))
         except (ArgumentError, ValueError, ImportError) as exc:
+            why = self.redact(one_line(exc))
             raise click.BadParameter(
-                f"{redact(url)!r} is not a usable database URL ({exc}); write it as "
-                "postgresql+psycopg://USER@HOST:PORT/DB",
+                f"{redact_url(url)!r} is not a usable database URL ({why}); write "
+                "it as postgresql+psycopg://USER[:PASSWORD]@HOST:PORT/DB",
                 param_hint=option,
             ) from exc
         return engine
@@ -219,7 +246,7 @@ class Settings:
             found = Binds().database_of_engine(engine)
         except SQLAlchemyError as exc:
             raise CliError(
-                f"{option}: cannot reach {redact(str(given.url))}: {one_line(exc)}"
+                f"{option}: cannot reach {redact_url(str(given.url))}: {one_line(exc)}"
             ) from exc
         finally:
             engine.dispose()

@@ -11,17 +11,25 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sa_redis_cache.binds import Binds
 from sa_redis_cache.codec import CodecError
 from sa_redis_cache.keys import pk_text
 from sa_redis_cache.models import mapper_name
 from sa_redis_cache.reads import entity_entry
 
+from .badkeys import (
+    MISSES,
+    NO_ENTRY,
+    bad_key,
+    bad_keys_blocks,
+    not_a_number,
+    printable_key,
+    separate_errors,
+    undecodable,
+)
 from .common import Settings, common_options, resolve_model
-from .keyspace import escape_glob
 from .output import Block, Table, echo_json, human_ttl, int_or_none, render, text_or_dash
 from .statement import inspect_statement, statement_blocks
-from .values import parse_pk
+from .values import parse_pk, row_key_in, row_keys, row_pattern
 
 if TYPE_CHECKING:
     from sa_redis_cache.models import ModelInfo
@@ -144,6 +152,9 @@ def inspect_row(
     ``--database-url``) names the database, ``schema`` the schema the row lives in when
     the application translates the table's schema. Without a database URL, the row's
     entries are looked for in every database and schema (SCAN), and the first is shown.
+    Whatever the keys hold, this returns: an entry that does not decode is
+    ``undecodable`` with what is wrong with it, a key of the wrong type or a counter that
+    is no number is listed in ``bad_keys``.
 
     Example::
 
@@ -155,23 +166,40 @@ def inspect_row(
     text = pk_text(pk)
     others: list[str] = []
     if bind_url or settings.database_url:
-        database = settings.database(bind_url, option="--bind-url")
-        translate = None if schema is None else {info.table_schema: schema}
-        scope = Binds().scope(database, info.table_schema, translate)
-        key = keys.entity_key(info.table, info.schema_hash, scope, text)
+        key = row_key_in(cache, info, pk, settings.database(bind_url, option="--bind-url"), schema)
     else:
-        pattern = keys.entity_key(info.table, info.schema_hash, "\x00", text)
-        pattern = escape_glob(pattern).replace("\x00", "*")
-        found = sorted(k.decode() for k in cache.client.scan_iter(match=pattern, count=1000))
-        key = found[0] if found else pattern
+        found = row_keys(cache, info, pk)
+        key = found[0] if found else row_pattern(cache, info, pk)
         others = found[1:]
+    version_key, generation_key = keys.version_key(info.table), keys.generation_key(info.table)
+    writes_key = keys.row_write_key(info.table, text)
     pipe = cache.client.pipeline(transaction=False)
     pipe.get(key)
     pipe.pttl(key)
-    pipe.get(keys.version_key(info.table))
-    pipe.get(keys.generation_key(info.table))
-    pipe.get(keys.row_write_key(info.table, text))
-    raw, pttl, version, generation, row_writes = pipe.execute()
+    pipe.get(version_key)
+    pipe.get(generation_key)
+    pipe.get(writes_key)
+    replies, bad = separate_errors(
+        cache.client,
+        [
+            (key, "a string (entity entry)"),
+            (key, "any key"),
+            (version_key, "a string (version counter)"),
+            (generation_key, "a string (generation counter)"),
+            (writes_key, "a string (row write counter)"),
+        ],
+        pipe.execute(raise_on_error=False),
+    )
+    raw, pttl, version, generation, row_writes = replies
+    for counter_key, value, what in (
+        (version_key, version, "version counter"),
+        (generation_key, generation, "generation counter"),
+        (writes_key, row_writes, "row write counter"),
+    ):
+        if value is not None and int_or_none(value) is None:
+            bad.append(bad_key(counter_key, not_a_number(value, what)))
+    wrong_type = next((b["problem"] for b in bad if b["key"] == printable_key(key)), None)
+    exists = raw is not None or wrong_type is not None
     document: dict[str, Any] = {
         "model": mapper_name(info.mapper),
         "table": info.table,
@@ -179,8 +207,8 @@ def inspect_row(
         "key": key,
         "entity_cached": info.entity_cached,
         "not_cached_because": _why_not_entity_cached(info),
-        "exists": raw is not None,
-        "ttl_ms": pttl if raw is not None else None,
+        "exists": exists,
+        "ttl_ms": pttl if exists else None,
         "current_version": int_or_none(version),
         "current_generation": int_or_none(generation),
         "stored_generation": None,
@@ -190,11 +218,15 @@ def inspect_row(
         "not_loaded": [],
         # entries of the same row in other databases or schemas (found without a URL)
         "other_keys": others,
+        "bad_keys": bad,
     }
-    if raw is None:
+    if not exists:
         document.update(
             state="absent", detail="no entry: the next session.get() reads the database"
         )
+        return document
+    if wrong_type is not None:
+        document.update(state="undecodable", detail=f"the key {wrong_type}: {NO_ENTRY}")
         return document
     if info.codec is None:
         document.update(state="undecodable", detail="the model has no codec in this process")
@@ -205,10 +237,8 @@ def inspect_row(
         document["stored_row_writes"] = stored_writes
         if body is not None:
             document.update(_entity_row(info, body, pk))
-    except (CodecError, ValueError, TypeError, IndexError) as exc:
-        document.update(
-            state="undecodable", detail=f"{exc}: a read treats it as a miss and deletes it"
-        )
+    except Exception as exc:  # noqa: BLE001 - planted bytes may break any step of decoding
+        document.update(state="undecodable", detail=f"{undecodable(exc)}: {MISSES}")
         return document
     state, detail = _entity_state(document)
     if body is None:
@@ -220,6 +250,8 @@ def inspect_row(
 def _entity_row(info: ModelInfo, body: Any, pk: tuple[Any, ...]) -> dict[str, Any]:
     """The stored column values; CodecError when they belong to another row."""
     assert info.codec is not None
+    if type(body) is not list or len(body) != 2:
+        raise CodecError("the entry's body is not [row, columns not loaded]")
     values = info.codec.load_row(body[0])
     if tuple(values[p] for p in info.pk_positions) != pk:
         raise CodecError("the entry holds another row")
@@ -238,7 +270,7 @@ def _entity_state(document: dict[str, Any]) -> tuple[str, str]:
     stored, current = document["stored_generation"], document["current_generation"]
     writes = document["current_row_writes"]
     if document["current_version"] is None or current is None or writes is None:
-        return "stale", "a counter is missing: the next read misses and refills"
+        return "stale", "a counter is missing or unreadable: the next read misses and refills"
     if stored != current:
         return (
             "stale",
@@ -274,4 +306,4 @@ def row_blocks(document: dict[str, Any]) -> list[Block]:
         columns = [[k, repr(v)] for k, v in row.items()]
         columns += [[k, "(not loaded when cached)"] for k in document["not_loaded"]]
         out.append(Table(["column", "value"], columns, title="Stored row"))
-    return out
+    return out + bad_keys_blocks(document["bad_keys"])

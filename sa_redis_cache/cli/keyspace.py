@@ -18,6 +18,8 @@ from sa_redis_cache.policy import CachePolicy
 from sa_redis_cache.publish import STATS_TTL_MS, TOTAL, group_of
 from sa_redis_cache.stats import _with_rate
 
+from .badkeys import bad_key, not_a_number, separate_errors
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -132,6 +134,12 @@ def _number(raw: bytes | None) -> int | str | None:
         return raw.decode("utf-8", "replace")  # garbage: shown as is, the cache deletes it
 
 
+def _raw(key: str) -> bytes:
+    # table names come from SCAN, decoded with surrogateescape: this gives back the bytes
+    # of a key that is not UTF-8 (redis-py would refuse to encode the surrogates)
+    return key.encode("utf-8", "surrogateescape")
+
+
 def _measure(client: redis.Redis, groups: list[_Group]) -> None:
     pipe = client.pipeline(transaction=False)
     for group in groups:
@@ -163,7 +171,7 @@ def collect(
     layout = _Layout(keys)
     per_table: defaultdict[str, _TableKeys] = defaultdict(_TableKeys)
     functions: defaultdict[str, _Group] = defaultdict(_Group)
-    stats_scopes: list[str] = []
+    stats_scopes: list[tuple[str, bytes]] = []
     other = _Group()
     total = 0
     # one SCAN over the namespace, not one per table and kind: MATCH filters after the
@@ -177,7 +185,7 @@ def collect(
         elif kind.startswith("function:"):
             functions[kind.partition(":")[2]].add(raw)
         elif kind.startswith("stats:"):
-            stats_scopes.append(kind.partition(":")[2])
+            stats_scopes.append((kind.partition(":")[2], raw))
         else:
             other.add(raw)
     model_tables = _model_tables(all_mappers() if mappers is None else mappers)
@@ -188,19 +196,39 @@ def collect(
     seconds, micros = client.time()
     now_ms = seconds * 1000 + micros // 1000
     pipe = client.pipeline(transaction=False)
+    requests: list[tuple[bytes, str]] = []
     for table in tables:
-        pipe.get(keys.version_key(table))
-        pipe.get(keys.generation_key(table))
+        version_key, generation_key = (
+            _raw(keys.version_key(table)),
+            _raw(keys.generation_key(table)),
+        )
+        writers_key = _raw(keys.writers_key(table))
+        pipe.get(version_key)
+        pipe.get(generation_key)
         # a mark's score is its expiry: marks of crashed writers linger until it passes
-        pipe.zcount(keys.writers_key(table), now_ms, "+inf")
-    for scope in stats_scopes:
-        pipe.hgetall(keys.stats_key(scope))
-        pipe.pttl(keys.stats_key(scope))
-    replies = iter(pipe.execute())
+        pipe.zcount(writers_key, now_ms, "+inf")
+        requests += [
+            (version_key, "a string (version counter)"),
+            (generation_key, "a string (generation counter)"),
+            (writers_key, "a sorted set (writer marks)"),
+        ]
+    for _scope, stats_key in stats_scopes:
+        pipe.hgetall(stats_key)
+        pipe.pttl(stats_key)
+        requests += [(stats_key, "a hash (published counters)"), (stats_key, "any key")]
+    # a key of the wrong type fails its own command only: reported, the others shown
+    answers, bad = separate_errors(client, requests, pipe.execute(raise_on_error=False))
+    replies = iter(answers)
 
     rows = []
     for table in tables:
         version, generation, writers = next(replies), next(replies), next(replies)
+        for key, value, what in (
+            (keys.version_key(table), version, "version counter"),
+            (keys.generation_key(table), generation, "generation counter"),
+        ):
+            if value is not None and not isinstance(_number(value), int):
+                bad.append(bad_key(_raw(key), not_a_number(value, what)))
         found = per_table[table]
         mappers = model_tables.get(table, [])
         entity_mem, query_mem = found.entities.memory, found.queries.memory
@@ -219,10 +247,10 @@ def collect(
                 "memory_estimated": found.entities.estimated or found.queries.estimated,
                 "version": _number(version),
                 "generation": _number(generation),
-                "writers_in_flight": int(writers),
+                "writers_in_flight": None if writers is None else int(writers),
             }
         )
-    counters, age = _counters(stats_scopes, replies)
+    counters, age = _counters(stats_scopes, replies, bad)
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "namespace": keys.namespace,
@@ -241,24 +269,33 @@ def collect(
         "other_keys": other.count,
         "counters": counters,
         "counters_published_seconds_ago": age,
+        "bad_keys": bad,
     }
 
 
-def _counters(scopes: list[str], replies: Iterator[Any]) -> tuple[dict[str, Any], float | None]:
+def _counters(
+    scopes: list[tuple[str, bytes]], replies: Iterator[Any], bad: list[dict[str, str]]
+) -> tuple[dict[str, Any], float | None]:
     """The published counters in the shape of ``cache.stats()``, and the newest publish's age.
 
     Each publish renews its hashes' TTL to ``STATS_TTL_MS``: what is missing from it is
-    the time since the last publish.
+    the time since the last publish. A field that is no number is left out and reported
+    in ``bad``; a scope whose key is no hash (``fields`` None) is left out.
     """
     out: dict[str, Any] = {"total": _with_rate({}), "models": {}, "regions": {}, "functions": {}}
     newest: int | None = None
-    for scope in scopes:
+    for scope, key in scopes:
         fields, pttl = next(replies), next(replies)
+        if fields is None:
+            continue
         values: dict[str, int] = {}
         for name, raw in fields.items():
             number = _number(raw)
-            if isinstance(number, int):  # a foreign field that is no number is left out
-                values[name.decode("utf-8", "replace")] = number
+            field_name = name.decode("utf-8", "replace")
+            if isinstance(number, int):
+                values[field_name] = number
+            else:
+                bad.append(bad_key(key, f"field {field_name!r} " + not_a_number(raw, "counter")))
         if pttl > 0:
             newest = max(newest or 0, pttl)
         found = group_of(scope)

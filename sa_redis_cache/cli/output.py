@@ -20,7 +20,16 @@ import click
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["Block", "Table", "echo_json", "jsonable", "plain_text", "render", "to_rich"]
+__all__ = [
+    "Block",
+    "Table",
+    "echo_json",
+    "jsonable",
+    "plain_text",
+    "printable",
+    "render",
+    "to_rich",
+]
 
 # piped output is read by people in pagers and logs too: do not squeeze it to 80 columns
 _PIPE_WIDTH = 200
@@ -44,6 +53,39 @@ class Table:
 
 Block = str | Table
 """A line of text or a table; a command's output is a list of blocks."""
+
+
+def printable(text: str, *, lines: bool = False) -> str:
+    r"""``text`` safe to print on a terminal: control characters shown as escapes.
+
+    Key names, table names and stored values come from Redis, where anyone with write
+    access may plant an escape sequence that would recolour, retitle or rewrite the
+    operator's terminal, or a newline that would fake a row of a table. With ``lines``
+    (for the command's own multi-line text) newlines are kept; bytes that were not UTF-8
+    (decoded with ``surrogateescape``) are shown as ``\xNN``.
+
+    Example::
+
+        >>> printable("a\x1b[2Jb")
+        'a\\x1b[2Jb'
+    """
+    if text.isprintable():
+        return text
+    if lines:
+        return "\n".join(_escape_line(line) for line in text.split("\n"))
+    return _escape_line(text)
+
+
+def _escape_line(line: str) -> str:
+    out = []
+    for ch in line:
+        if ch.isprintable():
+            out.append(ch)
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
 
 
 def has_rich() -> bool:
@@ -74,19 +116,21 @@ def to_rich(blocks: Sequence[Block]) -> Any:
     parts: list[Any] = []
     for block in blocks:
         if isinstance(block, str):
-            parts.append(Text(block))
+            parts.append(Text(printable(block, lines=True)))
             continue
         table = RichTable(
-            title=block.title,
+            title=None if block.title is None else printable(block.title),
             title_justify="left",
             box=SIMPLE_HEAVY,
             show_header=block.show_header,
         )
         for i, header in enumerate(block.headers):
-            table.add_column(header, justify="right" if i in block.right else "left")
+            table.add_column(
+                Text(printable(header)), justify="right" if i in block.right else "left"
+            )
         for row in block.rows:
             # Text, not str: values may contain [brackets] that rich would read as markup
-            table.add_row(*(Text(cell) for cell in row))
+            table.add_row(*(Text(printable(cell)) for cell in row))
         parts.append(table)
     return Group(*parts)
 
@@ -96,11 +140,13 @@ def plain_text(blocks: Sequence[Block]) -> str:
     lines: list[str] = []
     for block in blocks:
         if isinstance(block, str):
-            lines.append(block)
+            lines.append(printable(block, lines=True))
             continue
         if block.title:
-            lines.append(block.title)
-        grid = [list(block.headers), *block.rows] if block.show_header else block.rows
+            lines.append(printable(block.title))
+        headers = [printable(h) for h in block.headers]
+        rows = [[printable(cell) for cell in row] for row in block.rows]
+        grid = [headers, *rows] if block.show_header else rows
         widths = [max((len(row[i]) for row in grid), default=0) for i in range(len(block.headers))]
 
         def fmt(
@@ -113,9 +159,9 @@ def plain_text(blocks: Sequence[Block]) -> str:
             return "  ".join(cells).rstrip()
 
         if block.show_header:
-            lines.append(fmt(block.headers))
+            lines.append(fmt(headers))
             lines.append("  ".join("-" * w for w in widths))
-        lines.extend(fmt(row) for row in block.rows)
+        lines.extend(fmt(row) for row in rows)
         lines.append("")
     return "\n".join(lines).rstrip("\n")
 

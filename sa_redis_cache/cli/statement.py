@@ -16,13 +16,26 @@ import click
 from sa_redis_cache.codec import CodecError, unpack
 from sa_redis_cache.core import INVALIDATIONS_SUFFIX
 from sa_redis_cache.options import FromCache
+from sa_redis_cache.redaction import redact_url
 
+from .badkeys import (
+    MISSES,
+    NO_ENTRY,
+    bad_key,
+    bad_keys_blocks,
+    not_a_number,
+    separate_errors,
+    undecodable,
+    wrong_type,
+)
 from .common import Settings, import_object
 from .output import Block, Table, human_ttl, int_or_none, text_or_dash
 from .values import parse_value
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    import redis
 
     from sa_redis_cache.cache import Cache
     from sa_redis_cache.models import ModelInfo
@@ -99,7 +112,8 @@ def inspect_statement(
     # the database (as it names itself) and the URL's dialect and driver are part of the
     # key: the URL is used as the application writes it (no driver added)
     engine = settings.engine(bind_url, option="--bind-url", exact=True)
-    document: dict[str, Any] = {"statement": spec, "bind": engine.url.render_as_string()}
+    shown = redact_url(engine.url.render_as_string(hide_password=False))
+    document: dict[str, Any] = {"statement": spec, "bind": shown}
     engine.dispose()
     if cache_key is None:
         document.update(state="uncacheable", detail="SQLAlchemy gives it no cache key")
@@ -117,22 +131,20 @@ def inspect_statement(
     if key is None:
         document.update(state="uncacheable", detail="a parameter value cannot be encoded exactly")
         return document
-    pipe = cache.client.pipeline(transaction=False)
-    pipe.get(key)
-    pipe.pttl(key)
-    pipe.mget(list(plan.version_keys))
-    pipe.exists(key + INVALIDATIONS_SUFFIX)
-    raw, pttl, current, invalidated = pipe.execute()
+    raw, pttl, current, invalidated, bad = _fetch(cache.client, plan, key)
+    entry_problem = next((b["problem"] for b in bad if b["key"] == key), None)
+    exists = raw is not None or entry_problem is not None
     document.update(
         key=key,
         tables=list(plan.table_names),
-        exists=raw is not None,
-        ttl_ms=pttl if raw is not None else None,
+        exists=exists,
+        ttl_ms=pttl if exists else None,
         current_versions=[int_or_none(v) for v in current],
         stored_versions=None,
         invalidated=bool(invalidated),
+        bad_keys=bad,
     )
-    if raw is None:
+    if not exists:
         detail = "no entry: the next execution reads the database"
         if invalidated:
             detail += (
@@ -141,29 +153,74 @@ def inspect_statement(
             )
         document.update(state="absent", detail=detail)
         return document
+    if entry_problem is not None:
+        document.update(state="undecodable", detail=f"the key {entry_problem}: {NO_ENTRY}")
+        return document
+    assert raw is not None  # it exists, and is a string
     try:
         stored, body = _query_payload(raw, key[len(plan.entry_prefix) :], len(plan.table_names))
         document["stored_versions"] = stored
         document.update(_describe_body(cache, plan, body, max_rows))
     except _UnknownModel as exc:
         document["rows_error"] = str(exc)  # the versions still tell valid from stale
-    except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
-        document.update(
-            state="undecodable", detail=f"{exc}: a read treats it as a miss and deletes it"
-        )
+    except Exception as exc:  # noqa: BLE001 - planted bytes may break any step of decoding
+        document.update(state="undecodable", detail=f"{undecodable(exc)}: {MISSES}")
         return document
-    moved = [
-        t
-        for t, s, c in zip(
+    versions = list(
+        zip(
             plan.table_names, document["stored_versions"], document["current_versions"], strict=True
         )
-        if c is None or s != c
-    ]
-    if moved:
+    )
+    unreadable = [t for t, _s, c in versions if c is None]
+    moved = [t for t, s, c in versions if c is not None and s != c]
+    if unreadable:
+        document.update(
+            state="stale",
+            detail=f"the version counter of {', '.join(unreadable)} is missing or unreadable: "
+            "the next execution misses",
+        )
+    elif moved:
         document.update(state="stale", detail=f"written since it was stored: {', '.join(moved)}")
     else:
         document.update(state="valid", detail="the next execution is served from this entry")
     return document
+
+
+def _fetch(
+    client: redis.Redis, plan: StatementPlan, key: str
+) -> tuple[bytes | None, int | None, list[Any], bool, list[dict[str, str]]]:
+    """The entry, its PTTL, the current versions, whether it was invalidated, bad keys.
+
+    A key of the wrong type answers None and is reported in the bad keys, as is a
+    version that is no number; nothing is raised.
+    """
+    pipe = client.pipeline(transaction=False)
+    pipe.get(key)
+    pipe.pttl(key)
+    pipe.mget(list(plan.version_keys))
+    pipe.exists(key + INVALIDATIONS_SUFFIX)
+    for version_key in plan.version_keys:
+        pipe.type(version_key)  # MGET answers nil for a key of another type: TYPE tells
+    replies, bad = separate_errors(
+        client,
+        [
+            (key, "a string (query entry)"),
+            (key, "any key"),
+            (plan.version_keys[0], "strings (version counters)"),
+            (key + INVALIDATIONS_SUFFIX, "any key"),
+        ]
+        + [(version_key, "any key") for version_key in plan.version_keys],
+        pipe.execute(raise_on_error=False),
+    )
+    raw, pttl, current, invalidated, *kinds = replies
+    if current is None:  # MGET itself was refused: reported, every version unknown
+        current = [None] * len(plan.version_keys)
+    for version_key, value, kind in zip(plan.version_keys, current, kinds, strict=True):
+        if kind not in (b"string", b"none"):
+            bad.append(bad_key(version_key, wrong_type(kind, "a string (version counter)")))
+        elif value is not None and int_or_none(value) is None:
+            bad.append(bad_key(version_key, not_a_number(value, "version counter")))
+    return raw, pttl, current, bool(invalidated), bad
 
 
 class _UnknownModel(Exception):
@@ -206,10 +263,21 @@ def _query_payload(raw: bytes, owner: str, tables: int) -> tuple[list[Any], list
     return versions, body
 
 
-def _describe_body(
-    cache: Cache, plan: StatementPlan, body: list[Any], max_rows: int
-) -> dict[str, Any]:
+def _describe_body(cache: Cache, plan: StatementPlan, body: Any, max_rows: int) -> dict[str, Any]:
+    """The columns, counts and first rows of a query entry's body.
+
+    Raises CodecError for a body that is not of the read path's shape, and _UnknownModel
+    for objects of a model this process has not imported.
+    """
+    if type(body) is not list or len(body) != 5:
+        raise CodecError("the entry's body is not [columns, single, models, objects, rows]")
     keys, single, mapper_names, objects, rows = body
+    if type(keys) is not list or not all(type(k) is str for k in keys):
+        raise CodecError("the entry's column names are not a list of text")
+    if type(single) is not bool or type(objects) is not list or type(rows) is not list:
+        raise CodecError("the entry's objects or rows are not lists")
+    if type(mapper_names) is not list or not all(type(n) is str for n in mapper_names):
+        raise CodecError("the entry's model names are not a list of text")
     infos = []
     for name in mapper_names:
         info = cache._core.models.info_by_name(name)
@@ -218,6 +286,14 @@ def _describe_body(
                 f"its rows hold {name}, which this process has not imported: pass --models"
             )
         infos.append(info)
+    for obj in objects:
+        if (
+            type(obj) is not list
+            or len(obj) != 4
+            or type(obj[0]) is not int
+            or not 0 <= obj[0] < len(infos)
+        ):
+            raise CodecError("an object of the entry is not [model, row, not loaded, related]")
     decoded = [_object(infos[o[0]], o) for o in objects[: _needed(objects, rows, single, max_rows)]]
     shown = []
     for row in rows[:max_rows]:
@@ -256,7 +332,10 @@ def _object(info: ModelInfo, obj: list[Any]) -> dict[str, Any]:
         for i, (k, v) in enumerate(zip(info.column_keys, values, strict=True))
         if i not in missing
     }
-    return {"model": info.mapper.class_.__name__, "columns": columns, "relationships": obj[3] or {}}
+    related = obj[3] or {}
+    if type(related) is not dict:
+        raise CodecError("an object's related objects are not a mapping")
+    return {"model": info.mapper.class_.__name__, "columns": columns, "relationships": related}
 
 
 def _objecttext_or_dash(obj: Any) -> str:
@@ -309,4 +388,4 @@ def statement_blocks(document: dict[str, Any]) -> list[Block]:
                 title=f"First {len(document['rows'])} row(s)",
             )
         )
-    return out
+    return out + bad_keys_blocks(document.get("bad_keys", []))

@@ -17,15 +17,14 @@ from typing import TYPE_CHECKING, Any
 import click
 import redis
 
-from .common import Settings, common_options
+from .badkeys import bad_keys_blocks
+from .common import Settings, common_options, one_line
 from .keyspace import collect
 from .output import Block, Table, console, echo_json, has_rich, human_bytes, render, to_rich
 from .output import text_or_dash as _text
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper
-
-    from sa_redis_cache.keys import KeyScheme
 
 __all__ = ["blocks_for", "published_text", "scope_blocks", "stats"]
 
@@ -163,7 +162,7 @@ def blocks_for(document: dict[str, Any], redis_url: str) -> list[Block]:
                         _memory(t["memory_bytes"], t["memory_estimated"]),
                         _text(t["version"]),
                         _text(t["generation"]),
-                        str(t["writers_in_flight"]),
+                        _text(t["writers_in_flight"]),
                     ]
                     for t in tables
                 ],
@@ -177,6 +176,7 @@ def blocks_for(document: dict[str, Any], redis_url: str) -> list[Block]:
         )
     if document["other_keys"]:
         out.append(f"{document['other_keys']} other key(s) under the namespace's prefix.")
+    out += bad_keys_blocks(document["bad_keys"])
     out.append(
         published_text(document["counters_published_seconds_ago"]) + "\n"
         "entries, memory: a model's are those of its table (entity entries, and the query "
@@ -246,7 +246,6 @@ def _watch(
     count: int | None,
 ) -> None:
     client, keys = settings.cache().client, settings.cache().keys
-    url = settings.shown_redis_url
     refreshes = 1
     if as_json:
         echo_json(document, compact=True)
@@ -256,12 +255,13 @@ def _watch(
             try:
                 echo_json(collect(client, keys, mappers), compact=True)
             except redis.RedisError as exc:
+                error = settings.redact(one_line(exc))
                 echo_json(
-                    {"time": datetime.now(timezone.utc).isoformat(), "error": str(exc)},
+                    {"time": datetime.now(timezone.utc).isoformat(), "error": error},
                     compact=True,
                 )
         return
-    blocks = blocks_for(document, url)
+    blocks = blocks_for(document, settings.shown_redis_url)
     live_console = console() if has_rich() else None
     if live_console is not None and live_console.is_terminal:
         from rich.live import Live
@@ -270,7 +270,7 @@ def _watch(
             while count is None or refreshes < count:
                 time.sleep(interval)
                 refreshes += 1
-                blocks = _refresh(client, keys, mappers, url, blocks)
+                blocks = _refresh(settings, mappers, blocks)
                 live.update(to_rich(blocks), refresh=True)
         return
     # no terminal (a pipe, a log file) or no rich: a full report per refresh, so that
@@ -280,7 +280,7 @@ def _watch(
     while count is None or refreshes < count:
         time.sleep(interval)
         refreshes += 1
-        blocks = _refresh(client, keys, mappers, url, blocks)
+        blocks = _refresh(settings, mappers, blocks)
         if tty:
             click.clear()
         else:
@@ -288,19 +288,14 @@ def _watch(
         render(blocks)
 
 
-def _refresh(
-    client: redis.Redis,
-    keys: KeyScheme,
-    mappers: list[Mapper[Any]],
-    url: str,
-    previous: list[Block],
-) -> list[Block]:
+def _refresh(settings: Settings, mappers: list[Mapper[Any]], previous: list[Block]) -> list[Block]:
     """New blocks; on a Redis error, the last good ones with the error on top.
 
     A watch survives a Redis restart: it says so and keeps trying, as ``watch`` does.
     """
+    cache, url = settings.cache(), settings.shown_redis_url
     try:
-        return blocks_for(collect(client, keys, mappers), url)
+        return blocks_for(collect(cache.client, cache.keys, mappers), url)
     except redis.RedisError as exc:
         kept = [b for b in previous if not (isinstance(b, str) and b.startswith("! "))]
-        return [f"! Redis at {url} failed: {exc}; retrying", *kept]
+        return [f"! Redis at {url} failed: {settings.redact(one_line(exc))}; retrying", *kept]

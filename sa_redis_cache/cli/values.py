@@ -10,16 +10,59 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from sa_redis_cache.binds import Binds
+from sa_redis_cache.keys import pk_text
 from sa_redis_cache.models import ModelInfo, mapper_of
+
+from .keyspace import escape_glob
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from sqlalchemy.sql.type_api import TypeEngine
 
+    from sa_redis_cache.binds import Database
     from sa_redis_cache.cache import Cache
 
-__all__ = ["parse_pk", "parse_value"]
+__all__ = ["parse_pk", "parse_value", "row_key_in", "row_keys", "row_pattern"]
+
+
+def row_keys(cache: Cache, info: ModelInfo, pk: tuple[Any, ...]) -> list[str]:
+    """The keys of one row's entity entries, in every database and schema (SCAN).
+
+    Entity entries carry the scope (database and schema) they were read in, which a
+    process that read nothing cannot compute: the command line finds them by pattern.
+    The one place the command line names an entity entry without a database URL
+    (``inspect`` and ``invalidate`` both ask here).
+
+    Example::
+
+        info, pk = parse_pk(cache, Product, ("7",))
+        row_keys(cache, info, pk)  # ['sarc:shop:{shop:products}:e:40824c7d8343:9f..:7']
+    """
+    pattern = row_pattern(cache, info, pk)
+    return sorted(k.decode() for k in cache.client.scan_iter(match=pattern, count=1000))
+
+
+def row_pattern(cache: Cache, info: ModelInfo, pk: tuple[Any, ...]) -> str:
+    """A SCAN pattern matching one row's entity entries in every database and schema."""
+    pattern = cache.keys.entity_key(info.table, info.schema_hash, "\x00", pk_text(pk))
+    return escape_glob(pattern).replace("\x00", "*")
+
+
+def row_key_in(
+    cache: Cache, info: ModelInfo, pk: tuple[Any, ...], database: Database, schema: str | None
+) -> str:
+    """The key of one row's entity entry in ``database``, in ``schema`` when the
+    application translates the table's schema to it.
+
+    Example::
+
+        row_key_in(cache, info, (7,), settings.database(), None)
+    """
+    translate = None if schema is None else {info.table_schema: schema}
+    scope = Binds().scope(database, info.table_schema, translate)
+    return cache.keys.entity_key(info.table, info.schema_hash, scope, pk_text(pk))
 
 
 def parse_pk(cache: Cache, cls: type, texts: tuple[str, ...]) -> tuple[ModelInfo, tuple[Any, ...]]:

@@ -30,7 +30,6 @@ import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import sqlalchemy as sa
@@ -45,6 +44,8 @@ from sa_redis_cache.devservices.servers import (
     RedisServer,
     find_postgres_bindir,
 )
+from sa_redis_cache.redaction import redact_text
+from sa_redis_cache.redaction import redact_url as redact
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -137,15 +138,6 @@ def normalize_database_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _choose(
     kind: str,
     *,
@@ -164,13 +156,15 @@ def _choose(
         try:
             url = normalize(env_url)
         except (ValueError, sa.exc.ArgumentError) as exc:
-            problems.append(f"{kind}: {env_var} is not a valid URL ({exc})")
+            why = redact_text(str(exc), env_url)
+            problems.append(f"{kind}: {env_var} is not a valid URL ({why})")
             return None
         reason = probe(url)
         if reason is None:
             log.info("%s: using %s from the environment (%s)", kind, env_var, redact(url))
             return url
-        problems.append(f"{kind}: {env_var}={redact(url)} does not answer ({reason})")
+        why = redact_text(reason, url, env_url)
+        problems.append(f"{kind}: {env_var}={redact(url)} does not answer ({why})")
         return None
     reason = probe(default_url)
     if reason is None:

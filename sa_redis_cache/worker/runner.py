@@ -30,13 +30,16 @@ import random
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import FrameType
+
+    import redis
+    from sqlalchemy.engine import Engine
 
     from .flush import FlushWorker
 
@@ -76,6 +79,10 @@ def load_models(specs: Sequence[str]) -> list[type]:
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line of ``python -m sa_redis_cache.worker``."""
+    return _parser().parse_args(argv)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sa_redis_cache.worker")
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--redis-url", required=True)
@@ -109,7 +116,35 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     parser.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port")
-    return parser.parse_args(argv)
+    return parser
+
+
+def _bad_url(option: str, url: str, what: str, exc: Exception) -> NoReturn:
+    """Exit 2 with one line naming the option and the problem, without the URL's secrets."""
+    from sa_redis_cache.redaction import redact_text, redact_url
+
+    why = redact_text(" ".join(str(exc).split()), url)
+    parser = _parser()
+    # one line: the option and the problem are named, a usage block would bury them
+    parser.exit(2, f"{parser.prog}: error: {option}: {redact_url(url)!r} is not {what} ({why})\n")
+
+
+def _connect(args: argparse.Namespace) -> tuple[Engine, redis.Redis]:
+    """The engine and the Redis client of the command line's URLs (nothing connects yet)."""
+    import redis
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        engine = create_engine(args.database_url, pool_pre_ping=True)
+    except (ArgumentError, ValueError, ImportError) as exc:
+        _bad_url("--database-url", args.database_url, "a usable database URL", exc)
+    try:
+        client = redis.Redis.from_url(args.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    except (ValueError, TypeError) as exc:
+        engine.dispose()
+        _bad_url("--redis-url", args.redis_url, "a Redis URL", exc)
+    return engine, client
 
 
 def crash_point_from_env() -> Any:
@@ -144,13 +179,11 @@ def _metrics(worker: FlushWorker, port: int, addr: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the worker until SIGTERM/SIGINT; returns the exit status."""
-    import redis
-    from sqlalchemy import create_engine
-
     from .flush import FlushWorker
     from .progress import BacklogProgress, choose_mode
 
     args = parse(argv)
+    engine, client = _connect(args)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
@@ -163,8 +196,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    engine = create_engine(args.database_url, pool_pre_ping=True)
-    client = redis.Redis.from_url(args.redis_url, socket_timeout=5, socket_connect_timeout=2)
     worker = FlushWorker(
         engine,
         client,

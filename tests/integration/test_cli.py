@@ -30,8 +30,11 @@ from sqlalchemy.pool import NullPool
 from examples.shop import Customer, Product
 from sa_redis_cache import Cache, FromCache, schema
 from sa_redis_cache.cli import cli
+from sa_redis_cache.codec import pack, unpack
+from sa_redis_cache.devservices import RedisServer, ServerStartError
 from sa_redis_cache.devservices.process import free_port
 from sa_redis_cache.keys import KeyScheme
+from tests.wb_support import private_models
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -607,3 +610,426 @@ def test_demo_runs_the_example_story(services: Services, redis_client: redis.Red
     no_db = run("demo", env={"DATABASE_URL": None})
     assert no_db.exit_code == 2
     assert "the demo needs a Postgres server: pass --database-url" in no_db.stderr
+
+
+# --------------------------------------------------------------------------- planted keys
+# Anyone who can write to the Redis may leave anything under the namespace's prefix: the
+# commands report such a key (what is wrong with it) and go on, exit 0.
+
+
+def completes(result: Result) -> None:
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+
+
+def plant(client: redis.Redis, key: str | bytes, kind: str, value: Any = b"x") -> None:
+    """Replace ``key`` by a key of Redis type ``kind`` holding ``value``."""
+    client.delete(key)
+    if kind == "string":
+        client.set(key, value)
+    elif kind == "hash":
+        client.hset(key, "f", value)
+    elif kind == "list":
+        client.rpush(key, value)
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    ("target", "kind", "value", "problem"),
+    [
+        # the KeyError of issue 19: a body that is a mapping where a list is expected
+        ("entry", "string", "mapping", "the entry's body is not [row, columns not loaded]"),
+        ("entry", "hash", b"x", "holds a Redis hash, not a string (entity entry)"),
+        ("generation", "list", b"7", "holds a Redis list, not a string (generation counter)"),
+        ("version", "string", b"seven", "holds 'seven', not an integer version counter"),
+    ],
+)
+def test_inspect_row_reports_a_planted_key_and_goes_on(
+    base: list[str],
+    namespace: str,
+    session_factory: sessionmaker[Session],
+    redis_client: redis.Redis,
+    target: str,
+    kind: str,
+    value: Any,
+    problem: str,
+) -> None:
+    with session_factory() as s:
+        s.get(Product, 1)
+    keys = KeyScheme(namespace)
+    key = {
+        "entry": json_of(run(*base, "inspect", "Product", "1", "--json"))["key"],
+        "generation": keys.generation_key("products"),
+        "version": keys.version_key("products"),
+    }[target]
+    # a value of the right type that does not decode is told in the state, not a bad key
+    reported = [] if value == "mapping" else [{"key": key, "problem": problem}]
+    if value == "mapping":
+        generation = redis_client.get(keys.generation_key("products"))
+        assert isinstance(generation, bytes)
+        value = pack([[int(generation), 1], {"0": 1}])  # a good stamp, a foreign body
+    plant(redis_client, key, kind, value)
+
+    document = json_of(run(*base, "inspect", "Product", "1", "--json"))
+    if target == "entry":
+        assert document["state"] == "undecodable"
+        assert problem in document["detail"]
+    else:  # the entry is fine; a counter it is checked against is not
+        assert document["state"] == "stale"
+        assert "missing or unreadable" in document["detail"]
+    assert document["bad_keys"] == reported
+    human = run(*base, "inspect", "Product", "1")
+    completes(human)
+    assert problem in human.stdout
+
+
+def _broken_body(raw: bytes, how: str) -> bytes:
+    stamp, body = unpack(raw)
+    columns, single, models, objects, rows = body
+    if how == "related-objects-not-a-mapping":
+        objects[0][3] = 7
+    elif how == "model-name-not-text":
+        models = [7]
+    elif how == "column-names-not-text":
+        columns = [7]
+    return pack([stamp, [columns, single, models, objects, rows]])
+
+
+@pytest.mark.parametrize(
+    ("how", "problem"),
+    [
+        ("related-objects-not-a-mapping", "an object's related objects are not a mapping"),
+        ("model-name-not-text", "the entry's model names are not a list of text"),
+        ("column-names-not-text", "the entry's column names are not a list of text"),
+        ("entry-is-a-hash", "holds a Redis hash, not a string (query entry)"),
+        ("version-is-a-hash", "holds a Redis hash, not a string (version counter)"),
+    ],
+)
+def test_inspect_statement_reports_a_planted_key_and_goes_on(
+    base: list[str],
+    statements: str,
+    database_url: str,
+    namespace: str,
+    session_factory: sessionmaker[Session],
+    redis_client: redis.Redis,
+    how: str,
+    problem: str,
+) -> None:
+    module = __import__(statements)
+    with session_factory() as s:
+        s.scalars(module.BY_CATEGORY).all()
+    args = [
+        *base,
+        "inspect",
+        "--bind-url",
+        database_url,
+        "--statement",
+        f"{statements}:BY_CATEGORY",
+    ]
+    entry = json_of(run(*args, "--json"))["key"]
+    version = KeyScheme(namespace).version_key("products")
+    if how == "entry-is-a-hash":
+        plant(redis_client, entry, "hash")
+    elif how == "version-is-a-hash":
+        plant(redis_client, version, "hash")
+    else:
+        raw = redis_client.get(entry)
+        assert isinstance(raw, bytes)
+        redis_client.set(entry, _broken_body(raw, how), keepttl=True)
+
+    document = json_of(run(*args, "--json"))
+    if how == "version-is-a-hash":  # the entry is fine; the counter it is checked against is not
+        assert document["state"] == "stale"
+        assert "version counter of products is missing or unreadable" in document["detail"]
+        assert document["bad_keys"] == [{"key": version, "problem": problem}]
+    else:
+        assert document["state"] == "undecodable"
+        assert problem in document["detail"]
+    human = run(*args)
+    completes(human)
+    assert problem in human.stdout
+
+
+@pytest.mark.parametrize(
+    ("key", "kind", "value", "problem"),
+    [
+        ("stats:total", "string", b"x", "holds a Redis string, not a hash (published counters)"),
+        ("stats:model:Product", "hash", b"abc", "field 'f' holds 'abc', not an integer counter"),
+        ("v", "hash", b"1", "holds a Redis hash, not a string (version counter)"),
+        ("v", "string", b"seven", "holds 'seven', not an integer version counter"),
+        ("g", "list", b"1", "holds a Redis list, not a string (generation counter)"),
+        ("w", "string", b"1", "holds a Redis string, not a sorted set (writer marks)"),
+        # not UTF-8: redis-py cannot send back a key decoded with surrogates
+        (b"stats:\xff", "string", b"x", "holds a Redis string, not a hash (published counters)"),
+    ],
+)
+def test_stats_reports_a_planted_key_and_goes_on(
+    base: list[str],
+    namespace: str,
+    session_factory: sessionmaker[Session],
+    redis_client: redis.Redis,
+    key: str | bytes,
+    kind: str,
+    value: bytes,
+    problem: str,
+) -> None:
+    with session_factory() as s:
+        s.get(Product, 1)
+    keys = KeyScheme(namespace)
+    if isinstance(key, bytes):
+        planted: str | bytes = keys.prefix.encode() + key
+        shown = keys.prefix + key.decode("utf-8", "backslashreplace")
+    elif key.startswith("stats:"):
+        planted = shown = keys.prefix + key
+    else:
+        planted = shown = keys.table_prefix("products") + key
+    plant(redis_client, planted, kind, value)
+
+    document = json_of(run(*base, "stats", "--json"))
+    assert {"key": shown, "problem": problem} in document["bad_keys"]
+    tables = {t["table"]: t for t in document["tables"]}
+    assert tables["products"]["entity_entries"] == 1  # the rest is still there
+    human = run(*base, "stats")
+    completes(human)
+    assert shown in human.stdout
+    assert problem in human.stdout
+
+
+def test_key_names_cannot_write_to_the_terminal(
+    base: list[str], namespace: str, redis_client: redis.Redis
+) -> None:
+    # a table name with an escape sequence (clear screen) and a newline (a fake row), and
+    # one that is not UTF-8
+    keys = KeyScheme(namespace)
+    redis_client.set(keys.version_key("evil\x1b[2J\nproducts"), 1)
+    redis_client.set(keys.version_key("t\udcff").encode("utf-8", "surrogateescape"), 2)
+    document = json_of(run(*base, "stats", "--json"))
+    assert {"evil\x1b[2J\nproducts", "t\udcff"} <= {t["table"] for t in document["tables"]}
+    human = run(*base, "stats")
+    completes(human)
+    assert "\x1b" not in human.stdout
+    assert "evil\\x1b[2J\\nproducts" in human.stdout
+    assert "t\\xff" in human.stdout
+
+
+# --------------------------------------------------------------------------- credentials
+# No password reaches stdout or stderr, whether it is given in a URL's user-info or as a
+# query parameter, whether the command succeeds, is refused or finds nobody there.
+
+ACL_USER = "operator"
+
+
+@pytest.fixture(scope="module")
+def locked_redis(unavailable: Any) -> Iterator[tuple[str, str]]:
+    """A private redis-server that needs a password, and an ACL user with another one.
+
+    Yields ``(address, password)``: the default user's password; the ACL user's is
+    ``password[::-1]``.
+    """
+    try:
+        # with AOF, as write-behind models need, should the process have imported some
+        server = RedisServer().start()
+    except ServerStartError as exc:
+        unavailable(f"no private redis-server: {exc}")
+    password = "pw" + secrets.token_hex(8)
+    try:
+        admin = redis.Redis(host=server.host, port=server.port)
+        admin.acl_setuser(
+            ACL_USER,
+            enabled=True,
+            passwords=[f"+{password[::-1]}"],
+            categories=["+@all"],
+            keys=["*"],
+            channels=["*"],
+        )
+        admin.config_set("requirepass", password)
+        admin.close()
+        yield f"{server.host}:{server.port}", password
+    finally:
+        server.close()
+
+
+def secret_free(result: Result, *secret_texts: str) -> str:
+    """The output, once checked for every secret (the failure names the command)."""
+    output = result.stdout + result.stderr
+    for text in secret_texts:
+        assert text not in output, output
+    assert "Traceback" not in output, output
+    return output
+
+
+def redis_urls(address: str, password: str) -> list[str]:
+    """The ways a Redis password is given: user-info (default and ACL user), query."""
+    return [
+        f"redis://:{password}@{address}/0",
+        f"redis://{ACL_USER}:{password[::-1]}@{address}/0",
+        f"redis://{address}/0?password={password}",
+    ]
+
+
+def database_urls(database_url: str, password: str) -> list[str]:
+    """A database URL with the password in its user-info, then as a query parameter.
+
+    The test server trusts local connections: it accepts them and ignores the password.
+    """
+    url = sa.make_url(database_url)
+    return [
+        url.set(password=password).render_as_string(hide_password=False),
+        url.update_query_dict({"password": password}).render_as_string(hide_password=False),
+    ]
+
+
+def test_no_command_prints_a_password(
+    locked_redis: tuple[str, str],
+    database_url: str,
+    shop_engine: sa.Engine,
+    statements: str,
+    dead_url: tuple[str, str],
+) -> None:
+    address, password = locked_redis
+    module = __import__(statements)
+    migrated, bare = dead_url
+    for redis_url, db_url, dlq_url in zip(
+        redis_urls(address, password),
+        [*database_urls(database_url, password), database_urls(database_url, password)[1]],
+        [*database_urls(migrated, password), database_urls(migrated, password)[1]],
+        strict=True,
+    ):
+        namespace = f"t{secrets.token_hex(5)}"
+        client = redis.Redis.from_url(redis_url)
+        cache = Cache(client, namespace=namespace)
+        factory = sessionmaker(shop_engine)
+        cache.attach(factory)
+        with factory() as s:
+            s.get(Product, 1)
+            s.scalars(module.BY_CATEGORY).all()
+        cache.detach()
+        client.close()
+        base = ["--redis-url", redis_url, "--namespace", namespace, "--models", "examples.shop"]
+        statement = ["inspect", "--statement", f"{statements}:BY_CATEGORY", "--bind-url", db_url]
+        for args in (
+            ["stats"],
+            ["stats", "--json"],
+            ["stats", "--json", "--watch", "0.5", "--count", "2"],
+            ["inspect", "Product", "1"],
+            ["inspect", "Product", "1", "--json"],
+            statement,
+            [*statement, "--json"],
+            ["--database-url", dlq_url, "dlq", "list"],
+            ["invalidate", "Product", "1", "--yes"],
+            ["invalidate", "Product", "--yes"],
+            ["invalidate", "--namespace-wide", "--yes"],
+        ):
+            result = run(*base, *args)
+            assert result.exit_code == 0, (args, result.output)
+            secret_free(result, password, password[::-1])
+        # refusals that print the database's URL
+        bare_url = sa.make_url(bare).set(password=password)
+        for args in (
+            ["--database-url", bare_url.render_as_string(hide_password=False), "dlq", "list"],
+            [
+                "--database-url",
+                bare_url.update_query_dict({"sslpassword": password}).render_as_string(
+                    hide_password=False
+                ),
+                "dlq",
+                "replay",
+                "--model",
+                "tests.wb_support:active_models",
+                "--yes",
+            ],
+        ):
+            # write-behind models of a private base: mapped for good, they would make
+            # every later attach() to the shared Redis (AOF off) refuse
+            with private_models():
+                result = run(*base, *args)
+            assert result.exit_code == 1, (args, result.output)
+            assert "sarc_dead_letters does not exist in " in secret_free(result, password)
+
+
+def test_connection_errors_print_no_password(
+    locked_redis: tuple[str, str], database_url: str
+) -> None:
+    address, password = locked_redis
+    wrong = "wrong" + secrets.token_hex(6)
+    dead = f"127.0.0.1:{free_port()}"
+    for redis_url in redis_urls(address, wrong):
+        for args in (["stats"], ["inspect", "Product", "1"], ["invalidate", "Product", "--yes"]):
+            result = run("--redis-url", redis_url, "--models", "examples.shop", *args)
+            assert result.exit_code == 1, (args, result.output)
+            assert "refused the credentials" in secret_free(result, wrong, wrong[::-1])
+    for redis_url in redis_urls(dead, password):
+        result = run("--redis-url", redis_url, "stats")
+        assert result.exit_code == 1, result.output
+        assert "cannot reach Redis at" in secret_free(result, password, password[::-1])
+    redis_url = redis_urls(address, password)[2]  # Redis answers; the database does not
+    for db_url in database_urls(database_url, password):
+        down = sa.make_url(db_url).set(port=free_port()).render_as_string(hide_password=False)
+        for args in (["dlq", "list"], ["demo", "--small"]):
+            result = run("--redis-url", redis_url, "--database-url", down, *args)
+            assert result.exit_code == 1, (args, result.output)
+            assert "cannot reach the database at" in secret_free(result, password)
+
+
+@pytest.mark.parametrize(
+    ("option", "url"),
+    [
+        ("--redis-url", "redis://u:{secret}@[::1/0"),
+        ("--redis-url", "redis://u:{secret}/x@h/0"),  # urllib reads part of it as the port
+        ("--redis-url", "redis://h:1/0?password={secret}&db=x"),
+        ("--database-url", "postgresql+psycopg://u:{secret}@[::1/db"),
+        ("--database-url", "postgresql+psycopg://u@h:port/db?password={secret}"),
+        ("--bind-url", "postgresql+psycopg://u:{secret}@[::1/db"),
+    ],
+)
+def test_a_malformed_url_is_one_line_without_its_password(
+    base: list[str], statements: str, option: str, url: str
+) -> None:
+    secret = "pw" + secrets.token_hex(6)
+    given = url.format(secret=secret)
+    commands = {
+        "--redis-url": [["stats"], ["inspect", "Product", "1"], ["invalidate", "--namespace-wide"]],
+        "--database-url": [
+            ["dlq", "list"],
+            ["demo"],
+            ["inspect", "--statement", f"{statements}:BY_CATEGORY"],
+        ],
+        "--bind-url": [["inspect", "--statement", f"{statements}:BY_CATEGORY"]],
+    }[option]
+    for args in commands:
+        if option == "--bind-url":
+            result = run(*base, *args, option, given)
+        else:
+            result = run(*base, option, given, *args)
+        assert result.exit_code == 2, (args, result.output)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1, result.stderr
+        assert errors[0].startswith(f"Error: Invalid value for {option}: "), errors[0]
+        assert "is not a" in errors[0]
+        secret_free(result, secret, secret[2:6])
+
+
+@pytest.mark.parametrize(
+    "urls",
+    [
+        ("postgresql+psycopg://u:{secret}@[::1/db", "redis://127.0.0.1:6379/0"),
+        ("postgresql+psycopg://u@h:1/db", "redis://u:{secret}/x@h/0"),
+        ("postgresql+psycopg://u@h:1/db", "redis://h:1/0?password={secret}&db=x"),
+    ],
+)
+def test_the_worker_reports_a_malformed_url_in_one_line(urls: tuple[str, str]) -> None:
+    secret = "pw" + secrets.token_hex(6)
+    database, redis_url = (u.format(secret=secret) for u in urls)
+    result = run(
+        "worker",
+        "--database-url", database,
+        "--redis-url", redis_url,
+        "--namespace", "n",
+        "--model", "nowhere.models:Model",  # the URLs are refused before models load
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    option = "--database-url" if "{secret}" in urls[0] else "--redis-url"
+    assert result.stderr.startswith(f"python -m sa_redis_cache.worker: error: {option}: ")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    secret_free(result, secret, secret[2:6])
