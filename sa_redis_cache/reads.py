@@ -377,7 +377,7 @@ class ReadPath:
     ) -> Result[Any] | None:
         core = self.core
         try:
-            result = hydrate.rehydrate(session, body, core.models.info_by_name, plan.shape)
+            result = hydrate.rehydrate(session, body, core.models.info_of, plan.shape)
         except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
             self._corrupt(entry_key, region, exc)
             return None
@@ -818,6 +818,7 @@ def _row_shape(statement: Any) -> hydrate.RowShape:
     descriptions = statement.column_descriptions
     keys: list[str] = []
     entity_positions: list[int] = []
+    entity_mappers: list[Mapper[Any]] = []
     scalar_positions: list[int] = []
     scalar_types: list[TypeEngine[Any]] = []
     for i, desc in enumerate(descriptions):
@@ -828,6 +829,7 @@ def _row_shape(statement: Any) -> hydrate.RowShape:
             scalar_types.append(kind)
         elif isinstance(kind, type) and hasattr(kind, "__mapper__"):
             entity_positions.append(i)
+            entity_mappers.append(kind.__mapper__)
         else:
             raise Uncacheable(f"result column {desc['name']!r} is neither an entity nor a column")
     try:
@@ -841,6 +843,7 @@ def _row_shape(statement: Any) -> hydrate.RowShape:
         entity_positions=tuple(entity_positions),
         scalar_positions=tuple(scalar_positions),
         scalar_codec=codec,
+        entity_mappers=tuple(entity_mappers),
     )
 
 

@@ -1,0 +1,359 @@
+"""Bytes planted by a party with write access to Redis are misses, never served (issue 19).
+
+Each test fills the cache through the public API, rewrites the real entry the way an
+attacker would (a well-formed value, its stamp kept so that it would validate), and checks
+that the next read gives the database's answer with SQL, counts a decode error and
+replaces the value; nothing of the planted value reaches the application or the session:
+
+* finding 2: a query entry naming another class, or an object where the statement's
+  mapper or a relationship's target cannot be; a column of another JSON type;
+* finding 3: a ``$e`` tag that names a class through a lazy module attribute (it must not
+  import), or 2,000 distinct attribute paths (they must not grow the enum registry).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import uuid
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from examples.shop import Category, Customer, Product
+from sa_redis_cache import Cache, FromCache, codec
+from sa_redis_cache.codec import pack, unpack
+from sa_redis_cache.models import mapper_name
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tests.support import SQLCounter
+
+QUERY = select(Product).where(Product.id.between(10, 14)).order_by(Product.id)
+ENTITY_PK = 11
+COLUMNS = list(sa.inspect(Product).column_attrs.keys())
+CATEGORY = mapper_name(sa.inspect(Category))
+
+
+def entry_key(client: redis.Redis, namespace: str, marker: bytes) -> bytes:
+    """The one key of this test's namespace whose name holds ``marker`` (``:q:``, ``:e:``...)."""
+    keys: list[bytes] = [k for k in client.scan_iter(match=f"sarc:*{namespace}*") if marker in k]
+    assert len(keys) == 1, keys
+    return keys[0]
+
+
+def decode_errors(cache: Cache) -> int:
+    return int(cache.stats()["total"]["decode_errors"])
+
+
+def columns(obj: Any) -> dict[str, tuple[Any, type]]:
+    """Column values of a mapped object, with their types."""
+    return {key: (getattr(obj, key), type(getattr(obj, key))) for key in COLUMNS}
+
+
+def loaded_graph_is_sound(obj: Any) -> bool:
+    """Every loaded relationship of a Product holds what the mapping says it holds."""
+    dict_ = sa.inspect(obj).dict
+    return "category" not in dict_ or isinstance(dict_["category"], Category | None)
+
+
+def read_query(factory: sessionmaker[Session]) -> tuple[list[Any], set[type]]:
+    """The rows of QUERY through FromCache, and the classes the session then holds."""
+    with factory() as s:
+        got = s.scalars(QUERY.options(FromCache())).all()
+        assert all(loaded_graph_is_sound(p) for p in got if isinstance(p, Product))
+        held = {type(o) for o in s.identity_map.values()}
+        return [(type(p), columns(p)) for p in got], held
+
+
+def read_entity(factory: sessionmaker[Session]) -> tuple[list[Any], set[type]]:
+    with factory() as s:
+        got = s.get(Product, ENTITY_PK)
+        assert got is not None
+        held = {type(o) for o in s.identity_map.values()}
+        return [(type(got), columns(got))], held
+
+
+READERS = {"query": (read_query, b":q:"), "entity": (read_entity, b":e:")}
+
+
+def assert_planted_value_is_a_counted_miss(
+    kind: str,
+    plant: Callable[[Any], Any],
+    factory: sessionmaker[Session],
+    shop_engine: sa.Engine,
+    cache: Cache,
+    redis_client: redis.Redis,
+    namespace: str,
+    sql: SQLCounter,
+) -> None:
+    """Fill, rewrite the stored document with ``plant``, read: the database's answer."""
+    read, marker = READERS[kind]
+    expected = read(sessionmaker(shop_engine))
+    assert read(factory) == expected  # the fill
+    key = entry_key(redis_client, namespace, marker)
+    good = redis_client.get(key)
+    assert isinstance(good, bytes)
+    redis_client.set(key, pack(plant(unpack(good))), px=600_000)
+    errors = decode_errors(cache)
+
+    sql.reset()
+    assert read(factory) == expected, "the planted value was served"
+    assert sql.count >= 1
+    assert decode_errors(cache) == errors + 1
+    stored = redis_client.get(key)
+    assert stored is not None
+    assert unpack(stored)[1] == unpack(good)[1], "the planted value was replaced by a fill"
+
+
+# -- finding 2: a query entry must match the statement's entities --------------------------
+
+
+def _as_categories(entry: list[Any]) -> list[Any]:
+    """The Item→Admin forgery: the same stamp, the rows rewritten as another mapped class."""
+    stamp, body = entry
+    body[2] = [CATEGORY]
+    body[3] = [[0, [obj[1][0], "forged"], 0, 0] for obj in body[3]]
+    return [stamp, body]
+
+
+def _as_customer(entry: list[Any]) -> list[Any]:
+    """A class the statement cannot reach at all."""
+    stamp, body = entry
+    body[2] = [mapper_name(sa.inspect(Customer))]
+    body[3] = [[0, [uuid.UUID(int=n).hex, "x@forged", "forged"], 0, 0] for n in range(5)]
+    return [stamp, body]
+
+
+def _with_unreached_object(entry: list[Any]) -> list[Any]:
+    """Genuine rows plus an object no row refers to: it would only land in the session."""
+    stamp, body = entry
+    body[2].append(CATEGORY)
+    body[3].append([len(body[2]) - 1, [999, "forged"], 0, 0])
+    return [stamp, body]
+
+
+def _relationship_to_wrong_class(entry: list[Any]) -> list[Any]:
+    """Product.category pointing at another Product."""
+    stamp, body = entry
+    body[3][0][3] = {"category": 1}
+    return [stamp, body]
+
+
+def _unknown_relationship(entry: list[Any]) -> list[Any]:
+    stamp, body = entry
+    body[3][0][3] = {"no_such_relationship": 1}
+    return [stamp, body]
+
+
+def _scalar_relationship_as_list(entry: list[Any]) -> list[Any]:
+    stamp, body = entry
+    body[2].append(CATEGORY)
+    body[3].append([len(body[2]) - 1, [1, "forged"], 0, 0])
+    body[3][0][3] = {"category": [len(body[3]) - 1]}
+    return [stamp, body]
+
+
+FORGERIES = {
+    "another_class": _as_categories,
+    "an_unreachable_class": _as_customer,
+    "an_object_no_row_reaches": _with_unreached_object,
+    "a_relationship_to_the_wrong_class": _relationship_to_wrong_class,
+    "an_unknown_relationship": _unknown_relationship,
+    "a_scalar_relationship_as_a_list": _scalar_relationship_as_list,
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+def test_a_query_entry_must_match_the_statements_entities(
+    session_factory: sessionmaker[Session],
+    shop_engine: sa.Engine,
+    cache: Cache,
+    redis_client: redis.Redis,
+    namespace: str,
+    sql: SQLCounter,
+    forgery: str,
+) -> None:
+    """The rows, and the classes the reading session holds, are the database's."""
+    assert_planted_value_is_a_counted_miss(
+        "query",
+        FORGERIES[forgery],
+        session_factory,
+        shop_engine,
+        cache,
+        redis_client,
+        namespace,
+        sql,
+    )
+
+
+def test_a_mixed_row_must_have_the_statements_entity_at_each_position(
+    session_factory: sessionmaker[Session],
+    shop_engine: sa.Engine,
+    cache: Cache,
+    redis_client: redis.Redis,
+    namespace: str,
+    sql: SQLCounter,
+) -> None:
+    stmt = (
+        select(Product, Category)
+        .join(Product.category)
+        .where(Product.id.between(10, 12))
+        .order_by(Product.id)
+    )
+
+    def read(factory: sessionmaker[Session]) -> list[Any]:
+        with factory() as s:
+            rows = s.execute(stmt.options(FromCache())).all()
+            return [(type(p), p.id, type(c), c.id) for p, c in rows]
+
+    expected = read(sessionmaker(shop_engine))
+    read(session_factory)
+    key = entry_key(redis_client, namespace, b":q:")
+    stamp, body = unpack(redis_client.get(key))
+    for row in body[4]:
+        row[0].reverse()  # a Category where the Product is, and the other way round
+    redis_client.set(key, pack([stamp, body]), px=600_000)
+    sql.reset()
+    assert read(session_factory) == expected
+    assert sql.count >= 1
+    assert decode_errors(cache) == 1
+
+
+# -- finding 2: every column has its stored type ---------------------------------------------
+
+WRONG_TYPES = {
+    "int_as_string": ("category_id", "1"),
+    "int_as_list": ("category_id", [1]),
+    "int_as_float": ("category_id", 1.0),
+    "int_as_bool": ("category_id", True),
+    "primary_key_as_float": ("id", None),  # the row's own id, as a float
+    "string_as_int": ("name", 7),
+    "decimal_as_float": ("price", 9.5),
+}
+
+
+@pytest.mark.parametrize("kind", ["query", "entity"])
+@pytest.mark.parametrize("wrong", sorted(WRONG_TYPES))
+def test_a_column_of_another_type_is_a_counted_miss(
+    session_factory: sessionmaker[Session],
+    shop_engine: sa.Engine,
+    cache: Cache,
+    redis_client: redis.Redis,
+    namespace: str,
+    sql: SQLCounter,
+    kind: str,
+    wrong: str,
+) -> None:
+    column, value = WRONG_TYPES[wrong]
+    at = COLUMNS.index(column)
+
+    def plant(entry: list[Any]) -> list[Any]:
+        stamp, body = entry
+        rows = [body[0]] if kind == "entity" else [obj[1] for obj in body[3]]
+        for row in rows:
+            row[at] = float(row[at]) if value is None else value
+        return [stamp, body]
+
+    assert_planted_value_is_a_counted_miss(
+        kind, plant, session_factory, shop_engine, cache, redis_client, namespace, sql
+    )
+
+
+# -- finding 3: "$e" never imports, and planted paths never grow memory --------------------
+
+
+class Colour(Enum):
+    RED = "r"
+    GREEN = "g"
+    BLUE = "b"
+
+
+def test_an_enum_tag_never_imports_a_module(redis_url: str, namespace: str, tmp_path: Any) -> None:
+    """In a fresh interpreter: ``concurrent.futures`` is imported, its lazily imported
+    submodule is not, and decoding a planted tag that names a class through the package's
+    ``__getattr__`` must leave it so (it would also import multiprocessing.connection)."""
+    script = textwrap.dedent(
+        f"""
+        import concurrent.futures
+        import json
+        import sys
+
+        import redis
+
+        from sa_redis_cache import Cache
+        from sa_redis_cache.codec import pack
+
+        lazy = "concurrent.futures.process"
+        before = lazy in sys.modules
+        client = redis.Redis.from_url({redis_url!r})
+        cache = Cache(client, namespace={namespace!r})
+        calls = []
+
+        @cache.cached("planted_enum")
+        def produce(n: int) -> int:
+            calls.append(n)
+            return n
+
+        planted = {{"$e": ["concurrent.futures:ProcessPoolExecutor", "X"]}}
+        client.set(produce.key_for(1), b"\\x01F" + pack(planted), px=60_000)
+        result = produce(1)
+        print(json.dumps({{
+            "before": before,
+            "after": lazy in sys.modules,
+            "result": result,
+            "calls": calls,
+            "decode_errors": cache.stats()["total"]["decode_errors"],
+        }}))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["before"] is False, "the probe needs a process without the submodule"
+    assert report == {
+        "before": False,
+        "after": False,
+        "result": 1,
+        "calls": [1],
+        "decode_errors": 1,
+    }
+
+
+def _walk(n: int) -> str:
+    """A distinct attribute path from Colour back to Colour (member, then its class)."""
+    steps = []
+    for _ in range(7):
+        n, digit = divmod(n, 3)
+        steps.append(f".{list(Colour)[digit].name}.__class__")
+    return f"{Colour.__module__}:Colour" + "".join(steps)
+
+
+def test_planted_enum_paths_leave_the_registry_as_it_was(
+    cache: Cache, redis_client: redis.Redis
+) -> None:
+    @cache.cached("colour")
+    def colour(n: int) -> Colour:
+        return Colour.GREEN
+
+    assert colour(0) is Colour.GREEN  # stored: the class is registered by encoding it
+    assert colour(0) is Colour.GREEN  # and read back
+    size = len(codec._ENUM_CLASSES)
+    paths = [_walk(n) for n in range(2_000)]
+    assert len(set(paths)) == 2_000
+    for path in paths:
+        redis_client.set(colour.key_for(0), b"\x01F" + pack({"$e": [path, "RED"]}), px=60_000)
+        assert colour(0) is Colour.GREEN
+    assert len(codec._ENUM_CLASSES) == size
+    assert decode_errors(cache) == 2_000
+    assert colour(0) is Colour.GREEN
