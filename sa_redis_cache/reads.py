@@ -359,7 +359,8 @@ class ReadPath:
     ) -> tuple[Any, int, int] | None:
         """The body, read time and expiry of a valid entry; None when a write retired it."""
         try:
-            stamp, body = _query_entry(raw, entry_key[len(plan.entry_prefix) :])
+            document = self.core.opened(entry_key, raw)
+            stamp, body = _query_entry(document, entry_key[len(plan.entry_prefix) :])
         except (CodecError, ValueError, TypeError, IndexError) as exc:
             self._corrupt(entry_key, region, exc)
             return None
@@ -728,7 +729,8 @@ class ReadPath:
         )
         if entry is not None and numbers is not None and (pinned is None or pinned == version):
             try:
-                stored_generation, timing, body = entity_entry(entry)
+                document = self.core.opened(key, entry, scripted=True)
+                stored_generation, timing, body = entity_entry(document)
             except (CodecError, ValueError, TypeError) as exc:
                 self._corrupt(key, scope, exc)
             else:

@@ -69,6 +69,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sa_redis_cache")
 
+# What the pending key and the entity entry add around a queued row: the codec header, a
+# stamp (a stream id of up to 41 characters, or a generation), brackets, and the 33 bytes
+# of a signature; at most 87 in all.
+_WRAPPING_BYTES = 128
+
 _INFO_KEY = "sa_redis_cache.wb"
 _NOTHING: Any = object()
 
@@ -218,6 +223,16 @@ class WriteBehind:
                 f"{info.mapper.class_.__name__}: a value cannot be queued exactly ({exc}); "
                 "write-behind stores the row in Redis until the worker inserts it"
             ) from exc
+        # the pending key and the entity entry wrap the row in a stamp (and a signature):
+        # reads refuse values above max_entry_bytes, so a row that would make one is refused
+        size = len(data) + _WRAPPING_BYTES
+        if size > self.core.max_entry_bytes:
+            raise ConfigurationError(
+                f"{info.mapper.class_.__name__}: this row takes {size} bytes queued, above "
+                f"max_entry_bytes={self.core.max_entry_bytes}; write-behind keeps every queued "
+                "row in Redis until the worker inserts it: raise max_entry_bytes, or write "
+                "this model with another strategy"
+            )
         pk_values = [values[p] for p in info.pk_positions]
         return Op(info, pk_text(pk_values), "u", data, values, obj, created)
 
@@ -300,6 +315,7 @@ class WriteBehind:
         index: dict[str, int] = {}
         op_keys: list[str] = []
         op_args: list[Any] = []
+        signer = core.signer
         for op in ops:
             info = op.info
             assert info.policy is not None
@@ -308,12 +324,19 @@ class WriteBehind:
                 tables.append(table)
                 index[table] = len(tables)
             partition = partition_of(op.pk, info.policy.partitions)
+            entity_key = keys.entity_key(table, info.schema_hash, op.pk)
             op_keys += [
                 stream_key(keys, table, partition),
-                keys.entity_key(table, info.schema_hash, op.pk),
+                entity_key,
                 pending_key(keys, table, info.schema_hash, op.pk),
             ]
-            op_args += [index[table], op.kind, op.pk, info.schema_hash, op.data]
+            # the script wraps this body in a stamp of its own; the signature covers the
+            # body, bound to the entity key (see sa_redis_cache.signing)
+            trailer = b""
+            if signer is not None:
+                body = b"[" + op.data + b",0]" if op.kind == "u" else b"null"
+                trailer = signer.body_trailer(entity_key, body)
+            op_args += [index[table], op.kind, op.pk, info.schema_hash, op.data, trailer]
         starts = [random.getrandbits(62) for _ in tables]
         ids = core.io().run_script(
             core.scripts.wb_enqueue,
@@ -367,7 +390,20 @@ class WriteBehind:
         if raw is None:
             return _NOTHING
         try:
-            _, body = unpack(raw)
+            document = core.opened(
+                core.keys.entity_key(info.table, info.schema_hash, pk), raw, scripted=True
+            )
+        except CodecError as exc:
+            # oversized or not signed by this cache: never a queued state this cache wrote
+            log.warning("pending write-behind state %s deleted: %s", key, exc)
+            core.counters.incr(scope, "decode_errors")
+            try:
+                core.io().unlink(key)
+            except RedisError as err:
+                core.redis_failed(err)
+            return _NOTHING
+        try:
+            _, body = unpack(document)
             if body is None:
                 return None
             values: tuple[Any, ...] = info.codec.load_row(body[0])

@@ -8,7 +8,9 @@ replaces the value; nothing of the planted value reaches the application or the 
 * finding 2: a query entry naming another class, or an object where the statement's
   mapper or a relationship's target cannot be; a column of another JSON type;
 * finding 3: a ``$e`` tag that names a class through a lazy module attribute (it must not
-  import), or 2,000 distinct attribute paths (they must not grow the enum registry).
+  import), or 2,000 distinct attribute paths (they must not grow the enum registry);
+* finding 9: a 50 MB value under a query, entity, function and write-behind pending key
+  (read once, then deleted: it is never loaded again).
 """
 
 from __future__ import annotations
@@ -29,18 +31,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from examples.shop import Category, Customer, Product
 from sa_redis_cache import Cache, FromCache, codec
-from sa_redis_cache.codec import pack, unpack
+from sa_redis_cache.codec import dumps_tagged, pack, unpack
 from sa_redis_cache.models import mapper_name
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from tests.support import SQLCounter
+
+pytest_plugins = ["tests.wb_fixtures"]
 
 QUERY = select(Product).where(Product.id.between(10, 14)).order_by(Product.id)
 ENTITY_PK = 11
 COLUMNS = list(sa.inspect(Product).column_attrs.keys())
 CATEGORY = mapper_name(sa.inspect(Category))
+BIG = 50 * 1024 * 1024
 
 
 def entry_key(client: redis.Redis, namespace: str, marker: bytes) -> bytes:
@@ -357,3 +362,93 @@ def test_planted_enum_paths_leave_the_registry_as_it_was(
     assert len(codec._ENUM_CLASSES) == size
     assert decode_errors(cache) == 2_000
     assert colour(0) is Colour.GREEN
+
+
+# -- finding 9: no value above max_entry_bytes is decoded, and it is deleted -----------------
+
+
+@pytest.mark.parametrize("kind", ["query", "entity"])
+def test_a_50_mb_entry_is_read_once_then_deleted(
+    session_factory: sessionmaker[Session],
+    shop_engine: sa.Engine,
+    cache: Cache,
+    redis_client: redis.Redis,
+    namespace: str,
+    sql: SQLCounter,
+    kind: str,
+) -> None:
+    at = COLUMNS.index("name")
+
+    def plant(entry: list[Any]) -> list[Any]:
+        stamp, body = entry  # a valid entry, of the right types, that is just very large
+        rows = [body[0]] if kind == "entity" else [obj[1] for obj in body[3]]
+        rows[0][at] = "x" * BIG
+        return [stamp, body]
+
+    assert_planted_value_is_a_counted_miss(
+        kind, plant, session_factory, shop_engine, cache, redis_client, namespace, sql
+    )
+    key = entry_key(redis_client, namespace, READERS[kind][1])
+    assert redis_client.strlen(key) < cache._core.max_entry_bytes
+    sql.reset()
+    READERS[kind][0](session_factory)
+    assert sql.count == 0, "the refilled entry is a hit"
+
+
+def test_a_50_mb_function_entry_is_read_once_then_deleted(
+    cache: Cache, redis_client: redis.Redis
+) -> None:
+    calls: list[int] = []
+
+    @cache.cached("big")
+    def produce(n: int) -> str:
+        calls.append(n)
+        return "small"
+
+    key = produce.key_for(1)
+    redis_client.set(key, b"\x01F" + dumps_tagged("x" * BIG), px=60_000)
+    assert produce(1) == "small"
+    assert calls == [1]
+    assert decode_errors(cache) == 1
+    assert redis_client.strlen(key) < 100
+    assert produce(1) == "small"
+    assert calls == [1]
+
+
+@pytest.fixture
+def wb_cache(
+    engine: sa.Engine, client: redis.Redis, namespace: str, models: Any
+) -> Iterator[tuple[Cache, sessionmaker[Session]]]:
+    """A cache on the AOF Redis of tests.wb_fixtures, attached to a sessionmaker."""
+    made = Cache(client, namespace=namespace)
+    factory = sessionmaker(engine)
+    made.attach(factory)
+    yield made, factory
+    made.detach()
+
+
+def test_a_50_mb_pending_key_is_read_once_then_deleted(
+    wb_cache: tuple[Cache, sessionmaker[Session]],
+    client: redis.Redis,
+    models: Any,
+    namespace: str,
+) -> None:
+    cache, factory = wb_cache
+    page_view = models[0]
+    with factory() as s:
+        row = page_view(path="/genuine", views=3)
+        s.add(row)
+        s.commit()
+        pk = row.id
+    key = entry_key(client, namespace, b":wbp:")
+    queued_id, body = unpack(client.get(key))
+    path_at = list(sa.inspect(page_view).column_attrs.keys()).index("path")
+    body[0][path_at] = "x" * BIG
+    client.set(key, pack([queued_id, body]))
+
+    with factory() as s:
+        got = s.get(page_view, pk)
+        assert got is not None
+        assert got.path == "/genuine"  # from the entity entry the enqueue also wrote
+    assert decode_errors(cache) == 1
+    assert not client.exists(key)
