@@ -30,7 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from examples.shop import Category, Customer, Product
-from sa_redis_cache import Cache, FromCache, codec
+from sa_redis_cache import Cache, ConfigurationError, FromCache, codec
 from sa_redis_cache.codec import dumps_tagged, pack, unpack
 from sa_redis_cache.models import mapper_name
 
@@ -452,3 +452,53 @@ def test_a_50_mb_pending_key_is_read_once_then_deleted(
         assert got.path == "/genuine"  # from the entity entry the enqueue also wrote
     assert decode_errors(cache) == 1
     assert not client.exists(key)
+
+
+def test_write_through_never_stores_a_state_reads_would_refuse(
+    shop_engine: sa.Engine, redis_url: str, namespace: str, product: int, sql: SQLCounter
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    small = Cache(client, namespace=namespace, max_entry_bytes=600)
+    factory = sessionmaker(shop_engine)
+    small.attach(factory)
+    try:
+        with factory() as s:
+            p = s.get(Product, product)
+            assert p is not None
+            p.name = "n" * 100  # fits
+            s.commit()
+        assert entry_key(client, namespace, b":e:")
+        with factory() as s:
+            p = s.get(Product, product)
+            assert p is not None
+            p.name = "n" * 119  # the entry would pass 600 bytes: deleted instead of written
+            p.attributes = {"long": "a" * 500}
+            s.commit()
+        assert not [k for k in client.scan_iter(match=f"sarc:*{namespace}*") if b":e:" in k]
+        assert small.stats()["models"]["Product"]["oversize"] >= 1
+        sql.reset()
+        with factory() as s:
+            got = s.get(Product, product)
+            assert got is not None
+            assert got.name == "n" * 119
+        assert sql.count == 1
+    finally:
+        small.detach()
+        client.close()
+
+
+def test_write_behind_refuses_a_row_reads_would_refuse(
+    engine: sa.Engine, client: redis.Redis, namespace: str, models: Any
+) -> None:
+    small = Cache(client, namespace=namespace, max_entry_bytes=600)
+    factory = sessionmaker(engine)
+    small.attach(factory)
+    try:
+        page_view = models[0]
+        with factory() as s:
+            s.add(page_view(path="/big", note="n" * 1000))
+            with pytest.raises(ConfigurationError, match="max_entry_bytes"):
+                s.commit()
+        assert not list(client.scan_iter(match=f"sarc:*{namespace}*:wbp:*"))
+    finally:
+        small.detach()
