@@ -859,10 +859,10 @@ class RowCodec:
     sa_redis_cache.codec.CodecError: column 0: stored as str, expected int
     """
 
-    __slots__ = ("_checks", "_dumps", "_loads", "_stored", "width")
+    __slots__ = ("_checks", "_dumps", "_loads", "width")
 
     def __init__(self, types: Sequence[TypeEngine[Any]], dialect: Dialect | None = None) -> None:
-        dumps, checks, loads, stored = [], [], [], []
+        dumps, checks, loads = [], [], []
         for index, sqltype in enumerate(types):
             try:
                 plan = _plan(sqltype, dialect)
@@ -872,14 +872,13 @@ class RowCodec:
                 dumps.append((index, plan.dump))
             elif plan.exact is not None:
                 checks.append((index, plan.exact))
-            if plan.stored is not None:
-                stored.append((index, plan.stored))
-            if plan.load is not None:
-                loads.append((index, plan.load))
+            if plan.stored is not None or plan.load is not None:
+                loads.append((index, plan.stored, plan.load))
         self._dumps: tuple[tuple[int, Callable[[Any], Any]], ...] = tuple(dumps)
         self._checks: tuple[tuple[int, type], ...] = tuple(checks)
-        self._stored: tuple[tuple[int, type], ...] = tuple(stored)
-        self._loads: tuple[tuple[int, Callable[[Any], Any]], ...] = tuple(loads)
+        # per column read back: the JSON type its stored values have (None: any, or its
+        # load checks), and its load (None: the stored value is the value)
+        self._loads: tuple[tuple[int, type | None, Callable[[Any], Any] | None], ...] = tuple(loads)
         self.width = len(types)
 
     def dump_row(self, row: Sequence[Any]) -> list[Any]:
@@ -912,24 +911,23 @@ class RowCodec:
         return self._load(data)
 
     def _load(self, data: list[Any]) -> tuple[Any, ...]:
-        for index, stored in self._stored:
-            v = data[index]
-            if type(v) is not stored and v is not None:
-                raise CodecError(
-                    f"column {index}: stored as {_type_name(v)}, expected {stored.__name__}"
-                )
-        if not self._loads:
-            return tuple(data)
         out = data[:]
-        index = -1
+        index, v = -1, None
+        stored: type | None = None
         try:
-            for index, load in self._loads:
+            for index, stored, load in self._loads:
                 v = out[index]
                 if v is not None:
-                    out[index] = load(v)
+                    if stored is not None and type(v) is not stored:
+                        break
+                    if load is not None:
+                        out[index] = load(v)
+            else:
+                return tuple(out)
         except Exception as exc:  # foreign or corrupt data is a miss
             raise CodecError(f"column {index}: cannot decode: {exc!r}") from exc
-        return tuple(out)
+        expected = stored.__name__ if stored is not None else "?"
+        raise CodecError(f"column {index}: stored as {_type_name(v)}, expected {expected}")
 
     def dump_rows(self, rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
         """:meth:`dump_row` for each row."""

@@ -350,37 +350,40 @@ def _foreign(reason: str) -> CodecError:
 
 
 class _BodyCheck:
-    """Validates one query body against its statement (see the module docstring).
+    """Validates the object graph of one query body against its statement.
 
     Touches no session: a body that fails any check leaves nothing behind. Every failure
-    raises :class:`CodecError`.
+    raises :class:`CodecError`. Written for the hit path: references are checked a list at
+    a time, and each mapper's relationships are looked up once per body.
     """
 
-    __slots__ = ("objects", "owners", "reached", "stack")
+    __slots__ = ("kinds", "mappers", "objects", "reached", "relationships_of", "stack")
 
-    def __init__(self, objects: list[Any], owners: list[ModelInfo]) -> None:
+    def __init__(self, objects: list[Any], kinds: list[int], infos: list[ModelInfo]) -> None:
         self.objects = objects
-        self.owners = owners
-        self.reached = [False] * len(objects)
+        self.kinds = kinds  # the mapper index of each object
+        self.mappers = [infos[k].mapper for k in kinds]
+        self.relationships_of = [_relationships(info.mapper) for info in infos]
+        self.reached = bytearray(len(objects))
         self.stack: list[int] = []
 
-    def reach(self, index: Any, accepted: frozenset[Mapper[Any]]) -> None:
-        """Object ``index`` is referred to where a mapper of ``accepted`` is expected."""
-        if type(index) is not int or not 0 <= index < len(self.objects):
-            raise _foreign(f"object index {index!r}")
-        mapper = self.owners[index].mapper
-        if mapper not in accepted:
-            raise _foreign(f"a {mapper.class_.__name__} where it cannot be")
-        if not self.reached[index]:
-            self.reached[index] = True
-            self.stack.append(index)
+    def reach(self, refs: Any, accepted: frozenset[Mapper[Any]]) -> None:
+        """The objects ``refs`` (indices) stand where a mapper of ``accepted`` is expected."""
+        mappers, reached, stack = self.mappers, self.reached, self.stack
+        count = len(mappers)
+        for index in refs:
+            if type(index) is not int or not 0 <= index < count:
+                raise _foreign(f"object index {index!r}")
+            if mappers[index] not in accepted:
+                raise _foreign(f"a {mappers[index].class_.__name__} where it cannot be")
+            if not reached[index]:
+                reached[index] = 1
+                stack.append(index)
 
     def rows(self, rows: list[Any], shape: RowShape) -> None:
         """Each row's entity at each position is of the statement's mapper there."""
         if shape.single_entity:
-            accepted = _accepted(shape.entity_mappers[0])
-            for index in rows:
-                self.reach(index, accepted)
+            self.reach(rows, _accepted(shape.entity_mappers[0]))
             return
         positions = [_accepted(m) for m in shape.entity_mappers]
         for row in rows:
@@ -391,32 +394,36 @@ class _BodyCheck:
                 raise _foreign("a row's entities")
             for index, accepted in zip(refs, positions, strict=True):
                 if index is not None:
-                    self.reach(index, accepted)
+                    self.reach((index,), accepted)
 
     def relationships(self) -> None:
         """Walk the graph from the rows: each relationship exists and holds its targets."""
-        stack = self.stack
+        objects, kinds, relationships_of, stack = (
+            self.objects,
+            self.kinds,
+            self.relationships_of,
+            self.stack,
+        )
         while stack:
             index = stack.pop()
-            rels = self.objects[index][3]
+            rels = objects[index][3]
             if rels == 0 and type(rels) is int:
                 continue
             if type(rels) is not dict:
                 raise _foreign("relationships must be 0 or an object")
-            owner = self.owners[index].mapper
-            known = _relationships(owner)
+            known = relationships_of[kinds[index]]
             for key, target in rels.items():
                 rel = known.get(key)
                 if rel is None:
-                    raise _foreign(f"{owner.class_.__name__} has no relationship {key}")
+                    owner = self.mappers[index].class_.__name__
+                    raise _foreign(f"{owner} has no relationship {key}")
                 uselist, accepted = rel
                 if uselist:
                     if type(target) is not list:
                         raise _foreign(f"collection {key} is not a list")
-                    for item in target:
-                        self.reach(item, accepted)
-                elif target is not None:
                     self.reach(target, accepted)
+                elif target is not None:
+                    self.reach((target,), accepted)  # a many-to-one: one reference
         if not all(self.reached):
             raise _foreign("an object no row reaches")
 
@@ -445,17 +452,19 @@ def _check_body(
         if info.codec is None:
             raise _foreign(f"{name} has no codec")
         infos.append(info)
-    owners: list[ModelInfo] = []
+    kinds: list[int] = []
+    width = len(infos)
     for obj in objects:
         if type(obj) is not list or len(obj) != 4:
             raise _foreign("an object is not [mapper, values, missing, relationships]")
         m = obj[0]
-        if type(m) is not int or not 0 <= m < len(infos):
+        if type(m) is not int or not 0 <= m < width:
             raise _foreign(f"mapper index {m!r}")
-        owners.append(infos[m])
-    check = _BodyCheck(objects, owners)
+        kinds.append(m)
+    check = _BodyCheck(objects, kinds, infos)
     check.rows(rows, shape)
     check.relationships()
+    owners = [infos[k] for k in kinds]
     values = [_object_values(i, o[1], o[2]) for i, o in zip(owners, objects, strict=True)]
     scalars: list[Any] = []
     if not single:
@@ -466,14 +475,13 @@ def _check_body(
 
 def _object_values(info: ModelInfo, dumped: Any, missing: Any) -> tuple[Any, ...]:
     """An object's column values, type-checked; its primary key must be complete."""
-    assert info.codec is not None
-    values = info.codec.load_row(dumped)
-    if type(missing) is list:
-        width = len(values)
-        if not all(type(i) is int and 0 <= i < width for i in missing):
+    codec = info.codec
+    assert codec is not None
+    values = codec.load_row(dumped)
+    if missing != 0 or type(missing) is not int:
+        width = codec.width
+        if type(missing) is not list or not all(type(i) is int and 0 <= i < width for i in missing):
             raise _foreign("missing columns")
-    elif missing != 0 or type(missing) is not int:
-        raise _foreign("missing columns")
     for p in info.pk_positions:
         if values[p] is None:
             raise _foreign("an object without its primary key")
