@@ -21,6 +21,7 @@ import sys
 import textwrap
 import uuid
 from enum import Enum
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -332,6 +333,58 @@ def test_an_enum_tag_never_imports_a_module(redis_url: str, namespace: str, tmp_
         "result": 1,
         "calls": [1],
         "decode_errors": 1,
+    }
+
+
+def test_enums_of_model_columns_decode_in_a_process_that_never_encoded_them(
+    shop_engine: sa.Engine, database_url: str, redis_url: str, namespace: str, cache: Cache
+) -> None:
+    """The registry holds the enum classes of the models' Enum columns once a cache is
+    attached: another process reads a function's ProductStatus at once. A class it has
+    neither mapped nor encoded (HTTPStatus, imported there all the same) is a miss there
+    until it stores one itself."""
+    from examples.shop import ProductStatus
+
+    @cache.cached("statuses")
+    def statuses(n: int) -> Any:
+        return [ProductStatus.ACTIVE, HTTPStatus.OK][n]
+
+    assert (statuses(0), statuses(1)) == (ProductStatus.ACTIVE, HTTPStatus.OK)
+    script = textwrap.dedent(
+        f"""
+        import json
+        from http import HTTPStatus
+
+        import redis
+        import sqlalchemy as sa
+        from sqlalchemy.orm import sessionmaker
+
+        import examples.shop  # the application's models
+        from sa_redis_cache import Cache
+
+        cache = Cache(redis.Redis.from_url({redis_url!r}), namespace={namespace!r})
+        factory = sessionmaker(sa.create_engine({database_url!r}))
+        cache.attach(factory)  # describes the shop's models, ProductStatus among them
+        calls = []
+
+        @cache.cached("statuses")
+        def statuses(n):
+            calls.append(n)
+            return ["computed", HTTPStatus.OK][n]
+
+        first = [repr(statuses(0)), repr(statuses(1)), repr(statuses(1))]
+        cache.detach()
+        print(json.dumps({{"got": first, "calls": calls}}))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {
+        "got": [repr(ProductStatus.ACTIVE), repr(HTTPStatus.OK), repr(HTTPStatus.OK)],
+        "calls": [1],  # HTTPStatus: one miss, then its own entry is a hit
     }
 
 
