@@ -403,10 +403,7 @@ class WriteBehind:
                 core.redis_failed(err)
             return _NOTHING
         try:
-            _, body = unpack(document)
-            if body is None:
-                return None
-            values: tuple[Any, ...] = info.codec.load_row(body[0])
+            values = _queued_state(info, document, pk)
         except (CodecError, ValueError, TypeError, IndexError) as exc:
             # never deleted here: it may be the only copy of a queued state the worker has
             log.warning("unreadable pending write-behind state %s: %s", key, exc)
@@ -414,6 +411,21 @@ class WriteBehind:
             return _NOTHING
         core.counters.incr(scope, "pending_hits")
         return values
+
+
+def _queued_state(info: ModelInfo, document: bytes, pk: str) -> tuple[Any, ...] | None:
+    """The row state a pending key's document holds (None: a queued delete).
+
+    Raises :class:`CodecError` when it holds no row of ``info`` or another row than ``pk``.
+    """
+    assert info.codec is not None
+    _, body = unpack(document)
+    if body is None:
+        return None
+    values: tuple[Any, ...] = info.codec.load_row(body[0])
+    if pk_text([values[p] for p in info.pk_positions]) != pk:
+        raise CodecError("the pending state of another row")
+    return values
 
 
 def _revert(session: Session, ops: Any, outer: WbTx | None) -> None:

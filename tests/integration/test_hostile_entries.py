@@ -33,7 +33,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from examples.shop import Category, Customer, Product
 from sa_redis_cache import Cache, ConfigurationError, FromCache, codec
 from sa_redis_cache.codec import dumps_tagged, pack, unpack
+from sa_redis_cache.keys import pk_text
 from sa_redis_cache.models import mapper_name
+from sa_redis_cache.wb_config import pending_key
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -555,3 +557,25 @@ def test_write_behind_refuses_a_row_reads_would_refuse(
         assert not list(client.scan_iter(match=f"sarc:*{namespace}*:wbp:*"))
     finally:
         small.detach()
+
+
+def test_a_pending_key_holding_another_rows_state_is_not_served(
+    wb_cache: tuple[Cache, sessionmaker[Session]], client: redis.Redis, models: Any
+) -> None:
+    cache, factory = wb_cache
+    page_view = models[0]
+    with factory() as s:
+        mine, theirs = page_view(path="/mine"), page_view(path="/theirs")
+        s.add_all([mine, theirs])
+        s.commit()
+        ids = (mine.id, theirs.id)
+    info = cache._core.models.info_of(sa.inspect(page_view))
+    mine_key, theirs_key = (
+        pending_key(cache.keys, info.table, info.schema_hash, pk_text((pk,))) for pk in ids
+    )
+    client.set(mine_key, client.get(theirs_key) or b"")
+    with factory() as s:
+        got = s.get(page_view, ids[0])
+        assert got is not None
+        assert (got.id, got.path) == (ids[0], "/mine")  # from its entity entry
+    assert decode_errors(cache) == 1
