@@ -27,6 +27,7 @@ from benchmarks.cases_failure import outage, stampede
 from benchmarks.cases_reads import READ_CASES
 from benchmarks.cases_scale import hit_at_scale, invalidation_at_scale
 from benchmarks.cases_size import stored_sizes
+from benchmarks.cases_trust import trust_costs
 from benchmarks.cases_writes import WRITE_CASES
 from benchmarks.env import (
     NotLoopback,
@@ -51,6 +52,7 @@ CASE_NAMES = [name for name, _ in READ_CASES + WRITE_CASES] + [
     "invalidation",
     "outage",
     "stampede",
+    "trust",
 ]
 
 
@@ -110,6 +112,10 @@ def run_cases(env: BenchEnv, plan: Plan, only: set[str], report: Report) -> None
             return [case]
 
         report.cases += _guarded("stampede", "stampede: a hot key's expiries", hot_key)
+    if not only or "trust" in only:
+        report.cases += _guarded(
+            "trust", "decoder checks and signing on the hit path", lambda: trust_costs(env, plan)
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

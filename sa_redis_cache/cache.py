@@ -60,7 +60,8 @@ class Cache:
     ``namespace`` separates applications sharing one Redis; ``default_ttl`` (seconds)
     bounds every entry whose model or option gives no TTL; ``ttl_jitter`` shortens each
     TTL by up to that fraction so entries written together do not expire together;
-    ``max_entry_bytes`` is the size above which a result is not cached.
+    ``max_entry_bytes`` is the size above which a result is not cached, and a value read
+    from Redis is not decoded (it is deleted as corrupt).
     After ``breaker_threshold`` consecutive Redis failures the cache is not asked for
     ``breaker_reset`` seconds (reads go to the database); writes made meanwhile are
     delivered as invalidations before this process trusts the cache again.
@@ -69,10 +70,16 @@ class Cache:
     Once attached, the cache adds its counters' gains into Redis every
     ``stats_publish_interval`` seconds, from a thread of its own, for ``sa-redis-cache
     stats`` to sum over every process (:mod:`sa_redis_cache.publish`); 0 turns that off.
+    ``signing_key`` (bytes, 16 or more; the same in every process of the namespace) signs
+    every entry the cache writes with an HMAC bound to its Redis key, and makes every
+    entry that does not verify a miss (deleted): for a Redis shared with less trusted
+    writers (:mod:`sa_redis_cache.signing`, docs/guarantees.md's threat model).
 
     Example::
 
         cache = Cache("redis://localhost:6379/0", namespace="shop", default_ttl=300)
+        # or, where Redis is shared with less trusted writers:
+        # Cache(url, namespace="shop", signing_key=os.environb[b"SARC_SIGNING_KEY"])
         Session = sessionmaker(engine)
         cache.attach(Session)
         with Session() as s:
@@ -99,6 +106,7 @@ class Cache:
         breaker_reset: float = 2.0,
         hit_rate_warning: float | None = 0.8,
         stats_publish_interval: float = 1.0,
+        signing_key: bytes | None = None,
     ) -> None:
         redis_client, async_factory = clients_for(redis_client, async_client, _DEFAULT_TIMEOUT)
         if not namespace or any(ch in namespace for ch in "{}:*?[] \n"):
@@ -122,6 +130,7 @@ class Cache:
             max_entry_bytes=max_entry_bytes,
             breaker=CircuitBreaker(threshold=breaker_threshold, reset_after=breaker_reset),
             hit_rate_warning=hit_rate_warning,
+            signing_key=signing_key,
         )
         self._writes = WritePath(self._core)
         self._reads = ReadPath(self._core, self._writes)

@@ -11,12 +11,17 @@ Three layers, each producing data that orjson writes natively:
 
 Decisions
 ---------
-* Strict dump, trusting load. A dump runs once per cache fill, after a database round trip;
-  a load runs on every hit. So every dump checks the exact Python type (``type(v) is X``;
-  subclasses would come back as the base class) and refuses with :class:`CodecError` what
-  its load could not rebuild identically; the caller then does not cache that result. A
-  wrong guess about what a driver returns costs a fill, never a wrong value. Columns whose
-  stored form is the value itself (str, int, bool, JSON) are skipped by ``load_row``.
+* Strict dump, strict load. A dump runs once per cache fill, after a database round trip;
+  it checks the exact Python type (``type(v) is X``; subclasses would come back as the
+  base class) and refuses with :class:`CodecError` what its load could not rebuild
+  identically; the caller then does not cache that result. A wrong guess about what a
+  driver returns costs a fill, never a wrong value. A load runs on every hit, on bytes
+  anyone with write access to Redis may have planted: it checks the JSON type of every
+  stored column exactly (a str column holds a str, an int column an int and never a bool
+  or a float, a Numeric column its text...; a JSON column accepts any JSON value) and
+  raises :class:`CodecError` on anything else, which the cache treats as a corrupt entry.
+  The check is one C-level pass over the row (``itemgetter`` and ``map(type, ...)``
+  compared with the expected tuple); rows holding NULLs take a slower per-column path.
 * TypeDecorator: the impl's converter is used when the decorator cannot change result
   values (neither ``process_result_value`` nor ``result_processor`` is overridden, and the
   impl does not depend on a dialect that was not given). Otherwise the tagged generic
@@ -44,8 +49,12 @@ Decisions
   types; set items are sorted by their encoding so that equal values give equal bytes
   (keys are hashed from these bytes). Other types are refused.
 * Enum in the generic layer: ``"module:qualname"`` plus member name. Loading resolves the
-  class only from modules already imported: cached bytes never cause an import. An
-  unresolvable class is a :class:`CodecError`, which the cache treats as a miss.
+  class only from a bounded registry (:func:`register_enum`): the enum classes of the Enum
+  columns of every model the cache has described, and every class this process has
+  encoded. Cached bytes never cause an import, an attribute lookup or a registration, so
+  whatever is planted, decoding adds nothing to memory. An unknown class is a
+  :class:`CodecError`, which the cache treats as a miss; a process that reads values of a
+  class it never encodes registers it once at start-up.
 * Uncacheable (:class:`UncacheableType` at setup): PickleType, range types, and types with
   no known Python result type (geometry, other UserDefinedTypes).
 """
@@ -53,10 +62,12 @@ Decisions
 from __future__ import annotations
 
 import binascii
+import contextlib
 import struct
 import sys
 from base64 import b64decode
 from binascii import b2a_base64
+from collections.abc import Mapping
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from enum import Enum
@@ -86,6 +97,7 @@ __all__ = [
     "encode_tagged",
     "loads_tagged",
     "pack",
+    "register_enum",
     "type_fingerprint",
     "unpack",
 ]
@@ -157,7 +169,9 @@ def _wrong(value: Any, expected: str) -> CodecError:
     return CodecError(f"expected {expected}, got {_type_name(value)}")
 
 
-# --- scalars: each dump checks the exact type; each load trusts its input ---------------
+# --- scalars: each dump checks the exact type; a load gets its input type-checked -------
+# RowCodec checks the stored JSON type of every column before its load runs (_Plan.stored);
+# loads whose stored form has two types (float, timedelta) check their input themselves.
 
 _DOUBLE, _BITS = struct.Struct(">d"), struct.Struct(">Q")
 _FLOAT_WORDS = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
@@ -259,8 +273,14 @@ def _dump_timedelta(v: Any) -> int | str:
     return us if _I64_MIN <= us <= _I64_MAX else str(us)
 
 
-def _load_timedelta(v: int | str) -> timedelta:
-    return timedelta(0, 0, int(v))
+def _load_timedelta(v: Any) -> timedelta:
+    # int() would also take a float (truncated), a bool, " 7 " or "7_0": none of them is a
+    # stored form, so none of them is accepted
+    if type(v) is not int:
+        if type(v) is not str or not v.lstrip("-").isdigit() or not v.isascii():
+            raise CodecError(f"bad timedelta {v!r}")
+        v = int(v)
+    return timedelta(0, 0, v)
 
 
 def _dump_uuid(v: Any) -> str:
@@ -316,6 +336,9 @@ class _Plan(NamedTuple):
     load: Callable[[Any], Any] | None  # None: the stored form is the value
     exact: type | None
     scalar: bool  # the stored form is never a list or dict, so ARRAY can nest on lists
+    # the JSON type of every stored (non-None) value, checked before ``load`` runs; None
+    # when the load checks its input itself, or when any JSON value is valid (JSON columns)
+    stored: type | None
 
 
 def _same(v: Any) -> Any:
@@ -323,44 +346,82 @@ def _same(v: Any) -> Any:
 
 
 _SCALAR_PLANS: dict[type, _Plan] = {
-    str: _Plan("str", None, None, str, scalar=True),
-    int: _Plan("int", None, None, int, scalar=True),
-    bool: _Plan("bool", None, None, bool, scalar=True),
-    float: _Plan("float", _dump_float, _load_float, None, scalar=True),
-    Decimal: _Plan("decimal", _dump_decimal, Decimal, None, scalar=True),
-    datetime: _Plan("datetime", _dump_datetime, _load_datetime, None, scalar=True),
-    date: _Plan("date", _dump_date, date.fromisoformat, None, scalar=True),
-    time: _Plan("time", _dump_time, time.fromisoformat, None, scalar=True),
-    timedelta: _Plan("timedelta", _dump_timedelta, _load_timedelta, None, scalar=True),
-    UUID: _Plan("uuid", _dump_uuid, _load_uuid, None, scalar=True),
-    bytes: _Plan("bytes", _dump_bytes, _strict_base64, None, scalar=True),
+    str: _Plan("str", None, None, str, scalar=True, stored=str),
+    int: _Plan("int", None, None, int, scalar=True, stored=int),
+    bool: _Plan("bool", None, None, bool, scalar=True, stored=bool),
+    float: _Plan("float", _dump_float, _load_float, None, scalar=True, stored=None),
+    Decimal: _Plan("decimal", _dump_decimal, Decimal, None, scalar=True, stored=str),
+    datetime: _Plan("datetime", _dump_datetime, _load_datetime, None, scalar=True, stored=str),
+    date: _Plan("date", _dump_date, date.fromisoformat, None, scalar=True, stored=str),
+    time: _Plan("time", _dump_time, time.fromisoformat, None, scalar=True, stored=str),
+    timedelta: _Plan("timedelta", _dump_timedelta, _load_timedelta, None, scalar=True, stored=None),
+    UUID: _Plan("uuid", _dump_uuid, _load_uuid, None, scalar=True, stored=str),
+    bytes: _Plan("bytes", _dump_bytes, _strict_base64, None, scalar=True, stored=str),
 }
 
 
 # --- tagged generic layer ----------------------------------------------------------------
 
+MAX_ENUM_CLASSES = 4096
+"""How many enum classes :func:`register_enum` holds at most (the registry never shrinks)."""
+
+# The only classes a "$e" tag can name: filled by register_enum(), never by decoding.
 _ENUM_PATHS: dict[type, str] = {}
 _ENUM_CLASSES: dict[str, type[Enum]] = {}
 
 
-def _resolve(path: str) -> Any:
+def _find_again(path: str) -> Any:
+    """The object at ``path`` among imported modules, through ``__dict__`` lookups only.
+
+    Used when registering a class the application itself holds, to check that another
+    process can name the same class by the same path. Only ``__dict__`` lookups: a
+    module's lazy ``__getattr__`` (which may import) or a class's descriptors never run.
+    """
     module_name, _, qualname = path.partition(":")
-    obj: Any = sys.modules.get(module_name)  # never import on the word of cached bytes
+    obj: Any = sys.modules.get(module_name)
     for part in qualname.split("."):
-        if obj is None:
+        namespace = getattr(obj, "__dict__", None)  # the attribute itself, never computed
+        if not isinstance(namespace, Mapping):
             return None
-        obj = getattr(obj, part, None)
+        obj = namespace.get(part)
     return obj
 
 
-def _enum_path(cls: type) -> str:
+def register_enum(cls: type[Enum]) -> str:
+    """Let tagged values (``@cache.cached`` results) hold members of ``cls``; its stored path.
+
+    Encoding a member registers its class, and so does describing a model with an Enum
+    column of that class; a process that reads a function's cached enums without ever
+    producing one calls this once at start-up, or its reads of those entries are misses.
+    Raises :class:`CodecError` when the class cannot be named again by another process
+    (defined inside a function), when another class already holds its path, or past
+    :data:`MAX_ENUM_CLASSES`.
+
+    >>> import http
+    >>> register_enum(http.HTTPStatus)
+    'http:HTTPStatus'
+    """
     path = _ENUM_PATHS.get(cls)
-    if path is None:
-        path = f"{cls.__module__}:{cls.__qualname__}"
-        if _resolve(path) is not cls:
-            raise CodecError(f"enum {path} cannot be found again by its import path")
-        _ENUM_PATHS[cls] = path
+    if path is not None:
+        return path
+    if not (isinstance(cls, type) and issubclass(cls, Enum)):
+        raise CodecError(f"{cls!r} is not an Enum class")
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    if _find_again(path) is not cls:
+        raise CodecError(f"enum {path} cannot be found again by its import path")
+    holder = _ENUM_CLASSES.get(path)
+    if holder is not None and holder is not cls:
+        raise CodecError(f"another enum class is registered as {path}")
+    if len(_ENUM_CLASSES) >= MAX_ENUM_CLASSES:
+        raise CodecError(f"more than {MAX_ENUM_CLASSES} enum classes: {path} is not cached")
+    _ENUM_CLASSES[path] = cls
+    _ENUM_PATHS[cls] = path
     return path
+
+
+def _enum_path(cls: type[Enum]) -> str:
+    path = _ENUM_PATHS.get(cls)
+    return path if path is not None else register_enum(cls)
 
 
 def _enum_name(v: Enum) -> str:
@@ -371,14 +432,16 @@ def _enum_name(v: Enum) -> str:
 
 
 def _load_enum(x: Any) -> Enum:
+    if type(x) is not list or len(x) != 2 or type(x[0]) is not str or type(x[1]) is not str:
+        raise CodecError("an enum tag holds [path, name]")
     path, name = x
     cls = _ENUM_CLASSES.get(path)
     if cls is None:
-        found = _resolve(path)
-        if not (isinstance(found, type) and issubclass(found, Enum)):
-            raise CodecError(f"{path} is not an Enum class in an imported module")
-        cls = _ENUM_CLASSES[path] = found
-    return cls[name]
+        raise CodecError(f"{path} is not an enum class this process knows (see register_enum)")
+    member = cls.__members__.get(name)
+    if member is None:
+        raise CodecError(f"{path} has no member {name!r}")
+    return member
 
 
 def _enc_dict(d: dict[Any, Any]) -> dict[str, Any]:
@@ -548,8 +611,8 @@ def _dump_json(v: Any) -> orjson.Fragment:
     return orjson.Fragment(encoded)  # embedded as is by pack(): encoded once
 
 
-_JSON_PLAN = _Plan("json", _dump_json, None, None, scalar=False)
-_GENERIC_PLAN = _Plan("generic", _enc, _dec, None, scalar=False)
+_JSON_PLAN = _Plan("json", _dump_json, None, None, scalar=False, stored=None)
+_GENERIC_PLAN = _Plan("generic", _enc, _dec, None, scalar=False, stored=None)
 # Postgres types without a python_type that SQLAlchemy's drivers return as str (INET and
 # friends unless native_inet_types=True, which the dump check then refuses).
 _PG_STR_NAMES = ("INET", "CIDR", "MACADDR", "MACADDR8", "MONEY", "REGCLASS", "REGCONFIG")
@@ -562,6 +625,10 @@ _PG_STR_TYPES = tuple(
 
 def _enum_plan(cls: type[Enum]) -> _Plan:
     members = dict(cls.__members__)
+    # a model's enum column: "$e" tags of its class decode in every process; a class no
+    # other process can name keeps its column working, only its tags stay unreadable
+    with contextlib.suppress(CodecError):
+        register_enum(cls)
 
     def dump(v: Any) -> str:
         if type(v) is not cls:
@@ -570,7 +637,12 @@ def _enum_plan(cls: type[Enum]) -> _Plan:
         return name
 
     return _Plan(
-        f"enum:{cls.__module__}:{cls.__qualname__}", dump, members.__getitem__, None, scalar=True
+        f"enum:{cls.__module__}:{cls.__qualname__}",
+        dump,
+        members.__getitem__,
+        None,
+        scalar=True,
+        stored=str,
     )
 
 
@@ -581,7 +653,7 @@ def _array_plan(t: sqltypes.ARRAY[Any], dialect: Dialect | None) -> _Plan:
     if not item.scalar:  # item forms can be lists: nesting would be ambiguous
         plan = _JSON_PLAN if item.kind == "json" and not t.as_tuple else _GENERIC_PLAN
         return plan._replace(kind=kind)
-    idump, iload, exact = item.dump, item.load or _same, item.exact
+    idump, iload, exact, istored = item.dump, item.load or _same, item.exact, item.stored
 
     def dump(v: Any) -> list[Any]:
         if type(v) is not container:
@@ -598,12 +670,20 @@ def _array_plan(t: sqltypes.ARRAY[Any], dialect: Dialect | None) -> _Plan:
                 raise _wrong(x, exact.__name__ if exact else "an array item")
         return out
 
+    def load_item(x: Any) -> Any:
+        if type(x) is list:
+            return load(x)
+        if x is None:
+            return x
+        if istored is not None and type(x) is not istored:
+            raise _wrong(x, istored.__name__)
+        return iload(x)
+
     def load(v: list[Any]) -> Any:
-        out = [load(x) if type(x) is list else x if x is None else iload(x) for x in v]
+        out = [load_item(x) for x in v]
         return out if container is list else tuple(out)
 
-    skip_load = item.load is None and container is list
-    return _Plan(kind, dump, None if skip_load else load, None, scalar=False)
+    return _Plan(kind, dump, load, None, scalar=False, stored=list)
 
 
 def _decorator_plan(t: sqltypes.TypeDecorator[Any], dialect: Dialect | None) -> _Plan:
@@ -647,7 +727,12 @@ def _base_plan(t: TypeEngine[Any], dialect: Dialect | None) -> _Plan:
         return plan
     if isinstance(py, type) and issubclass(py, str) and py is not str:  # e.g. BIT's BitString
         return _Plan(
-            f"str:{py.__module__}:{py.__qualname__}", _str_subclass_dump(py), py, None, scalar=True
+            f"str:{py.__module__}:{py.__qualname__}",
+            _str_subclass_dump(py),
+            py,
+            None,
+            scalar=True,
+            stored=str,
         )
     raise UncacheableType(f"{type(t).__name__}: no exact codec for its values")
 
@@ -760,7 +845,8 @@ class RowCodec:
     """Dump and load result rows for fixed column types; built once per statement shape.
 
     ``dump_row`` validates every value (so a fill never stores what cannot come back
-    identical) and ``load_row`` only runs the converters of non-identity columns.
+    identical); ``load_row`` checks the stored JSON type of every column (bytes read from
+    Redis are not trusted) and runs the converters of the columns that have one.
 
     >>> from sqlalchemy import Integer, Numeric, String
     >>> codec = RowCodec([Integer(), String(), Numeric(10, 2)])
@@ -768,6 +854,9 @@ class RowCodec:
     [1, 'a', '9.99']
     >>> codec.load_row(unpack(pack(codec.dump_row((1, None, Decimal("9.99"))))))
     (1, None, Decimal('9.99'))
+    >>> codec.load_row(["1", "a", "9.99"])
+    Traceback (most recent call last):
+    sa_redis_cache.codec.CodecError: column 0: stored as str, expected int
     """
 
     __slots__ = ("_checks", "_dumps", "_loads", "width")
@@ -783,11 +872,13 @@ class RowCodec:
                 dumps.append((index, plan.dump))
             elif plan.exact is not None:
                 checks.append((index, plan.exact))
-            if plan.load is not None:
-                loads.append((index, plan.load))
+            if plan.stored is not None or plan.load is not None:
+                loads.append((index, plan.stored, plan.load))
         self._dumps: tuple[tuple[int, Callable[[Any], Any]], ...] = tuple(dumps)
         self._checks: tuple[tuple[int, type], ...] = tuple(checks)
-        self._loads: tuple[tuple[int, Callable[[Any], Any]], ...] = tuple(loads)
+        # per column read back: the JSON type its stored values have (None: any, or its
+        # load checks), and its load (None: the stored value is the value)
+        self._loads: tuple[tuple[int, type | None, Callable[[Any], Any] | None], ...] = tuple(loads)
         self.width = len(types)
 
     def dump_row(self, row: Sequence[Any]) -> list[Any]:
@@ -810,20 +901,33 @@ class RowCodec:
         return out
 
     def load_row(self, data: Sequence[Any]) -> tuple[Any, ...]:
-        """Decode one row from :meth:`dump_row` output (after pack/unpack)."""
+        """Decode one row from :meth:`dump_row` output (after pack/unpack).
+
+        A row of another width, or a column whose stored value has another JSON type than
+        its column stores, raises :class:`CodecError`.
+        """
         if type(data) is not list or len(data) != self.width:
             raise CodecError(f"stored row does not have {self.width} columns")
-        if not self._loads:
-            return tuple(data)
+        return self._load(data)
+
+    def _load(self, data: list[Any]) -> tuple[Any, ...]:
         out = data[:]
+        index, v = -1, None
+        stored: type | None = None
         try:
-            for index, load in self._loads:
+            for index, stored, load in self._loads:
                 v = out[index]
                 if v is not None:
-                    out[index] = load(v)
+                    if stored is not None and type(v) is not stored:
+                        break
+                    if load is not None:
+                        out[index] = load(v)
+            else:
+                return tuple(out)
         except Exception as exc:  # foreign or corrupt data is a miss
             raise CodecError(f"column {index}: cannot decode: {exc!r}") from exc
-        return tuple(out)
+        expected = stored.__name__ if stored is not None else "?"
+        raise CodecError(f"column {index}: stored as {_type_name(v)}, expected {expected}")
 
     def dump_rows(self, rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
         """:meth:`dump_row` for each row."""
@@ -834,23 +938,12 @@ class RowCodec:
         """:meth:`load_row` for each stored row; ``data`` must be a list."""
         if type(data) is not list:
             raise CodecError("stored rows are not a list")
-        loads, width = self._loads, self.width
+        load, width = self._load, self.width
         result = []
-        index = -1
-        try:  # load_row inlined: this loop is the cache-hit path
-            for row in data:
-                if type(row) is not list or len(row) != width:
-                    break
-                out = row[:]
-                for index, load in loads:
-                    v = out[index]
-                    if v is not None:
-                        out[index] = load(v)
-                result.append(tuple(out))
-        except Exception as exc:  # foreign or corrupt data is a miss
-            raise CodecError(f"column {index}: cannot decode: {exc!r}") from exc
-        if len(result) != len(data):
-            raise CodecError(f"stored row does not have {width} columns")
+        for row in data:
+            if type(row) is not list or len(row) != width:
+                raise CodecError(f"stored row does not have {width} columns")
+            result.append(load(row))
         return result
 
 

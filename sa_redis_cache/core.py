@@ -21,10 +21,12 @@ from sqlalchemy import event
 
 from .binds import Binds
 from .breaker import CircuitBreaker
+from .codec import CodecError
 from .io import AsyncClients, SyncRedisIO, in_greenlet, unlink_matching
 from .keys import KeyScheme
 from .models import ModelInfo, ModelRegistry
 from .scripts import Scripts
+from .signing import Signer
 from .stats import Stats
 from .tracing import READ, Measurement
 
@@ -77,6 +79,7 @@ class CacheCore:
         max_entry_bytes: int,
         breaker: CircuitBreaker | None = None,
         hit_rate_warning: float | None = 0.8,
+        signing_key: bytes | None = None,
     ) -> None:
         self.client = client
         self.sync_io = SyncRedisIO(client)
@@ -85,6 +88,7 @@ class CacheCore:
         self.default_ttl = float(default_ttl)
         self.ttl_jitter = ttl_jitter
         self.max_entry_bytes = max_entry_bytes
+        self.signer = None if signing_key is None else Signer(signing_key)
         self.counters = Stats(warn_below=hit_rate_warning)
         self.scripts = Scripts(client)
         self.models = ModelRegistry()
@@ -244,6 +248,27 @@ class CacheCore:
         """``ttl`` seconds in milliseconds, shortened at random by up to ``ttl_jitter``."""
         return max(1, int(ttl * 1000 * (1 - random.random() * self.ttl_jitter)))
 
+    def sealed(self, key: str, blob: bytes) -> bytes:
+        """``blob`` as it is stored under ``key``: signed when the cache has a signing key."""
+        signer = self.signer
+        return blob if signer is None else signer.seal(key, blob)
+
+    def opened(self, key: str, raw: bytes, *, scripted: bool = False) -> bytes:
+        """The document of a value read under ``key``, before anything decodes it.
+
+        Raises :class:`~sa_redis_cache.codec.CodecError` (the caller deletes the value and
+        counts a decode error) when it is larger than ``max_entry_bytes``, which no writer
+        of this library stores, or, with a signing key, when its signature does not verify
+        (``scripted``: see :meth:`~sa_redis_cache.signing.Signer.open`).
+        """
+        if len(raw) > self.max_entry_bytes:
+            raise CodecError(
+                f"{len(raw)} bytes, above max_entry_bytes={self.max_entry_bytes}: not written "
+                "by this cache"
+            )
+        signer = self.signer
+        return raw if signer is None else signer.open(key, raw, scripted=scripted)
+
     def store(
         self,
         key: str,
@@ -265,6 +290,7 @@ class CacheCore:
         ``seen_invalidations`` is the entry's invalidation counter as the caller read it
         before its database read (None: it did not exist).
         """
+        blob = self.sealed(key, blob)
         if len(blob) > self.max_entry_bytes:
             self.counters.incr(scope, "oversize", also=also)
             return None

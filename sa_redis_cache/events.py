@@ -177,6 +177,20 @@ class WritePath:
         # valid while neither the generation nor the row's write counter moves
         return pack([[generation, ticket], body])
 
+    def _sealed_state(self, key: str, state: bytes | None, info: ModelInfo) -> bytes:
+        """The write-through value for ``key`` (signed if the cache signs), or b"" to delete.
+
+        A state above ``max_entry_bytes`` is deleted instead: reads refuse such values.
+        """
+        if not state:
+            return b""
+        core = self.core
+        sealed = core.sealed(key, state)
+        if len(sealed) > core.max_entry_bytes:
+            core.counters.incr("model:" + info.mapper.class_.__name__, "oversize")
+            return b""
+        return sealed
+
     def on_bulk(self, orm_context: ORMExecuteState) -> None:
         """ORM ``update()``/``delete()``/``insert()`` statements: the rows are not known."""
         mapper = orm_context.bind_mapper
@@ -350,9 +364,11 @@ class WritePath:
                 ]
                 for pk, row in writes.rows.items():
                     assert info is not None
-                    row_keys.append(keys.entity_key(table, info.schema_hash, writes.scope, pk))
+                    key = keys.entity_key(table, info.schema_hash, writes.scope, pk)
+                    row_keys.append(key)
                     row_keys.append(keys.row_write_key(table, pk))
-                    args.extend([row.ticket, core.jittered_ms(row.ttl), row.state or b""])
+                    state = self._sealed_state(key, row.state, info)
+                    args.extend([row.ticket, core.jittered_ms(row.ttl), state])
                 calls.append(
                     (
                         core.scripts.commit,

@@ -120,7 +120,7 @@ class CachedFunction(Generic[P, R]):
             if outcome is _CORRUPT:
                 self._delete(key)
             result = self._func(*args, **kwargs)
-            blob = self._blob(result)
+            blob = self._blob(key, result)
             if blob is not None:
                 try:
                     io.set(key, blob, px=self._ttl_ms())
@@ -166,7 +166,7 @@ class CachedFunction(Generic[P, R]):
         outcome = _MISS
         if raw is not None:
             try:
-                value = _load(raw)
+                value = _load(core.opened(key, raw))
             except CodecError as exc:
                 log.warning("unreadable cache entry %s deleted: %s", key, exc)
                 stats.incr(self._scope, "decode_errors")
@@ -177,11 +177,12 @@ class CachedFunction(Generic[P, R]):
         stats.incr(self._scope, "misses")
         return outcome, None
 
-    def _blob(self, result: Any) -> bytes | None:
-        """The entry for ``result``; None when it cannot or must not be stored (counted)."""
+    def _blob(self, key: str, result: Any) -> bytes | None:
+        """The entry for ``result`` under ``key``; None when it cannot or must not be stored
+        (counted)."""
         core = self._core
         try:
-            blob = _MAGIC + dumps_tagged(result)
+            blob = core.sealed(key, _MAGIC + dumps_tagged(result))
         except CodecError as exc:
             log.warning("%s: result not cached: %s", self._prefix, exc)
             core.counters.incr(self._scope, "uncacheable")
@@ -266,7 +267,7 @@ class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
             if outcome is _CORRUPT:
                 await self._adelete(key)
             result = await self._func(*args, **kwargs)
-            blob = self._blob(result)
+            blob = self._blob(key, result)
             if blob is not None:
                 try:
                     await client.set(key, blob, px=self._ttl_ms())

@@ -16,10 +16,22 @@ Payload of an ORM result (plain JSON-able lists, encoded by :mod:`sa_redis_cache
 
 Objects are stored once per identity (joined eager loads repeat parents), and
 relationships refer to object indices, so cycles and shared many-to-one targets survive.
+
+Nothing read is trusted (anyone who can write to Redis can plant a body): before a single
+object enters the session, :func:`rehydrate` checks that the body could have been made by
+:func:`extract` for this statement. Each mapper name must be one the statement can return
+(its entities, their relationships' targets, and sub-mappers only where the expected
+mapper loads polymorphically); the object at each entity position of a row must be of the
+statement's mapper there; each related object must be of its relationship's target mapper,
+and the relationship must exist on its owner's mapper, as a list exactly when it is a
+collection; every object must be reachable from a row; every column must have its stored
+type (:class:`~sa_redis_cache.codec.RowCodec`). Anything else raises
+:class:`~sa_redis_cache.codec.CodecError`, and the caller treats the entry as corrupt.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +42,7 @@ from sqlalchemy.orm import context as orm_context
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.sql.selectable import SelectState
 
+from .codec import CodecError
 from .models import ModelInfo, mapper_name
 
 if TYPE_CHECKING:
@@ -38,7 +51,6 @@ if TYPE_CHECKING:
 
     from .codec import RowCodec
 
-MapperLookup = Callable[[str], ModelInfo | None]
 InfoOf = Callable[[Mapper[Any]], ModelInfo]
 
 
@@ -83,13 +95,18 @@ class NotCacheable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class RowShape:
-    """Which result columns are ORM entities and how the others are encoded."""
+    """Which result columns are ORM entities and how the others are encoded.
+
+    ``entity_mappers`` holds the statement's mapper at each entity position: a cached
+    body is checked against them (see the module docstring).
+    """
 
     keys: tuple[str, ...]
     single_entity: bool
     entity_positions: tuple[int, ...]
     scalar_positions: tuple[int, ...]
     scalar_codec: RowCodec
+    entity_mappers: tuple[Mapper[Any], ...] = ()
 
 
 def identity_snapshot(session: Session) -> frozenset[Any]:
@@ -289,23 +306,201 @@ class _Materializer:
             state._commit(state.dict, keys)
 
 
-def rehydrate(
-    session: Session, body: Sequence[Any], lookup: MapperLookup, shape: RowShape
-) -> Result[Any]:
+@functools.lru_cache(maxsize=1024)
+def _accepted(mapper: Mapper[Any]) -> frozenset[Mapper[Any]]:
+    """The mappers whose objects the ORM can load where ``mapper`` is expected.
+
+    Sub-mappers only when ``mapper`` loads polymorphically (a discriminator, or a
+    polymorphic union): otherwise a query of ``mapper`` gives ``mapper``'s class alone.
+    """
+    if mapper.polymorphic_on is None and not mapper.with_polymorphic:
+        return frozenset((mapper,))
+    return frozenset(mapper.self_and_descendants)
+
+
+@functools.lru_cache(maxsize=1024)
+def _relationships(mapper: Mapper[Any]) -> dict[str, tuple[bool, frozenset[Mapper[Any]]]]:
+    """Per relationship of ``mapper``: is it a collection, and the mappers it may hold."""
+    return {rel.key: (bool(rel.uselist), _accepted(rel.mapper)) for rel in mapper.relationships}
+
+
+@functools.lru_cache(maxsize=1024)
+def _expected_names(roots: tuple[Mapper[Any], ...]) -> dict[str, Mapper[Any]]:
+    """Every mapper a body for these entity mappers can name, by :func:`mapper_name`.
+
+    The statement's entity mappers and, transitively, their relationships' targets (an
+    eager load can reach any of them). Names are resolved here only: a body never makes
+    the cache look a class up among all the process's mappers.
+    """
+    found: dict[str, Mapper[Any]] = {}
+    stack = [m for root in roots for m in _accepted(root)]
+    while stack:
+        mapper = stack.pop()
+        name = mapper_name(mapper)
+        if name in found:
+            continue
+        found[name] = mapper
+        for _uselist, targets in _relationships(mapper).values():
+            stack.extend(targets)
+    return found
+
+
+def _foreign(reason: str) -> CodecError:
+    return CodecError(f"not a body this statement can have: {reason}")
+
+
+class _BodyCheck:
+    """Validates the object graph of one query body against its statement.
+
+    Touches no session: a body that fails any check leaves nothing behind. Every failure
+    raises :class:`CodecError`. Written for the hit path: references are checked a list at
+    a time, and each mapper's relationships are looked up once per body.
+    """
+
+    __slots__ = ("kinds", "mappers", "objects", "reached", "relationships_of", "stack")
+
+    def __init__(self, objects: list[Any], kinds: list[int], infos: list[ModelInfo]) -> None:
+        self.objects = objects
+        self.kinds = kinds  # the mapper index of each object
+        self.mappers = [infos[k].mapper for k in kinds]
+        self.relationships_of = [_relationships(info.mapper) for info in infos]
+        self.reached = bytearray(len(objects))
+        self.stack: list[int] = []
+
+    def reach(self, refs: Any, accepted: frozenset[Mapper[Any]]) -> None:
+        """The objects ``refs`` (indices) stand where a mapper of ``accepted`` is expected."""
+        mappers, reached, stack = self.mappers, self.reached, self.stack
+        count = len(mappers)
+        for index in refs:
+            if type(index) is not int or not 0 <= index < count:
+                raise _foreign(f"object index {index!r}")
+            if mappers[index] not in accepted:
+                raise _foreign(f"a {mappers[index].class_.__name__} where it cannot be")
+            if not reached[index]:
+                reached[index] = 1
+                stack.append(index)
+
+    def rows(self, rows: list[Any], shape: RowShape) -> None:
+        """Each row's entity at each position is of the statement's mapper there."""
+        if shape.single_entity:
+            self.reach(rows, _accepted(shape.entity_mappers[0]))
+            return
+        positions = [_accepted(m) for m in shape.entity_mappers]
+        for row in rows:
+            if type(row) is not list or len(row) != 2:
+                raise _foreign("a row is not [entities, scalars]")
+            refs = row[0]
+            if type(refs) is not list or len(refs) != len(positions):
+                raise _foreign("a row's entities")
+            for index, accepted in zip(refs, positions, strict=True):
+                if index is not None:
+                    self.reach((index,), accepted)
+
+    def relationships(self) -> None:
+        """Walk the graph from the rows: each relationship exists and holds its targets."""
+        objects, kinds, relationships_of, stack = (
+            self.objects,
+            self.kinds,
+            self.relationships_of,
+            self.stack,
+        )
+        while stack:
+            index = stack.pop()
+            rels = objects[index][3]
+            if rels == 0 and type(rels) is int:
+                continue
+            if type(rels) is not dict:
+                raise _foreign("relationships must be 0 or an object")
+            known = relationships_of[kinds[index]]
+            for key, target in rels.items():
+                rel = known.get(key)
+                if rel is None:
+                    owner = self.mappers[index].class_.__name__
+                    raise _foreign(f"{owner} has no relationship {key}")
+                uselist, accepted = rel
+                if uselist:
+                    if type(target) is not list:
+                        raise _foreign(f"collection {key} is not a list")
+                    self.reach(target, accepted)
+                elif target is not None:
+                    self.reach((target,), accepted)  # a many-to-one: one reference
+        if not all(self.reached):
+            raise _foreign("an object no row reaches")
+
+
+def _check_body(
+    body: Any, shape: RowShape, info_of: InfoOf
+) -> tuple[list[ModelInfo], list[tuple[Any, ...]], list[Any]]:
+    """Validate a query body against the statement; owners, column values and scalars.
+
+    Touches no session; raises :class:`CodecError` (see the module docstring).
+    """
+    if type(body) is not list or len(body) != 5:
+        raise _foreign("not [keys, single, mappers, objects, rows]")
+    keys, single, names, objects, rows = body
+    if single is not shape.single_entity or keys != list(shape.keys):
+        raise _foreign("its columns are not the statement's")
+    if type(names) is not list or type(objects) is not list or type(rows) is not list:
+        raise _foreign("mappers, objects and rows must be lists")
+    expected = _expected_names(shape.entity_mappers)
+    infos: list[ModelInfo] = []
+    for name in names:
+        mapper = expected.get(name) if type(name) is str else None
+        if mapper is None:
+            raise _foreign(f"it names {name!r}, which the statement cannot load")
+        info = info_of(mapper)
+        if info.codec is None:
+            raise _foreign(f"{name} has no codec")
+        infos.append(info)
+    kinds: list[int] = []
+    width = len(infos)
+    for obj in objects:
+        if type(obj) is not list or len(obj) != 4:
+            raise _foreign("an object is not [mapper, values, missing, relationships]")
+        m = obj[0]
+        if type(m) is not int or not 0 <= m < width:
+            raise _foreign(f"mapper index {m!r}")
+        kinds.append(m)
+    check = _BodyCheck(objects, kinds, infos)
+    check.rows(rows, shape)
+    check.relationships()
+    owners = [infos[k] for k in kinds]
+    values = [_object_values(i, o[1], o[2]) for i, o in zip(owners, objects, strict=True)]
+    scalars: list[Any] = []
+    if not single:
+        load_row = shape.scalar_codec.load_row
+        scalars = [load_row(row[1]) for row in rows]
+    return owners, values, scalars
+
+
+def _object_values(info: ModelInfo, dumped: Any, missing: Any) -> tuple[Any, ...]:
+    """An object's column values, type-checked; its primary key must be complete."""
+    codec = info.codec
+    assert codec is not None
+    values = codec.load_row(dumped)
+    if missing != 0 or type(missing) is not int:
+        width = codec.width
+        if type(missing) is not list or not all(type(i) is int and 0 <= i < width for i in missing):
+            raise _foreign("missing columns")
+    for p in info.pk_positions:
+        if values[p] is None:
+            raise _foreign("an object without its primary key")
+    return values
+
+
+def rehydrate(session: Session, body: Any, info_of: InfoOf, shape: RowShape) -> Result[Any]:
     """Build the result of a cached ORM query into ``session``.
 
-    Raises ``KeyError``/``ValueError``/``TypeError`` on payloads that do not fit this
-    process's models; callers treat those as misses.
+    The whole body is checked against the statement before any object is built
+    (:func:`_check_body`); :class:`CodecError` means a corrupt or foreign entry, and
+    ``session`` is left untouched.
     """
-    keys, single, mapper_names, objects, rows = body
-    infos: list[ModelInfo] = []
-    for name in mapper_names:
-        info = lookup(name)
-        if info is None or info.codec is None:
-            raise KeyError(name)
-        infos.append(info)
+    owners, values, scalars = _check_body(body, shape, info_of)
+    objects, rows = body[3], body[4]
     mat = _Materializer(session)
-    made = [mat.object(infos[o[0]], o[1], o[2]) for o in objects]
+    made = [
+        mat.object(info, o[1], o[2], v) for info, o, v in zip(owners, objects, values, strict=True)
+    ]
     new_ids = {id(s) for s in mat.new_states}
     for obj, (_, _, _, rels) in zip(made, objects, strict=True):
         if not rels:
@@ -324,25 +519,24 @@ def rehydrate(
                 value = made[target]
             set_committed_value(obj, key, value)
     mat.finish()
-    if single:
+    if shape.single_entity:
         data: list[Any] = [made[i] for i in rows]
     else:
-        data = rows_with_scalars(rows, made, shape, len(keys))
-    return make_result(keys, data, single=single)
+        data = rows_with_scalars(rows, scalars, made, shape)
+    return make_result(shape.keys, data, single=shape.single_entity)
 
 
 def rows_with_scalars(
-    data: list[Any], made: list[Any], shape: RowShape, width: int
+    data: list[Any], scalars: list[tuple[Any, ...]], made: list[Any], shape: RowShape
 ) -> list[tuple[Any, ...]]:
-    """Assemble mixed entity/column rows from object indices and encoded scalars."""
+    """Assemble mixed entity/column rows from object indices and decoded scalars."""
     out = []
-    for entities, scalars in data:
+    width = len(shape.keys)
+    for (entities, _), values in zip(data, scalars, strict=True):
         row: list[Any] = [None] * width
         for pos, idx in zip(shape.entity_positions, entities, strict=True):
             row[pos] = made[idx] if idx is not None else None
-        for pos, value in zip(
-            shape.scalar_positions, shape.scalar_codec.load_row(scalars), strict=True
-        ):
+        for pos, value in zip(shape.scalar_positions, values, strict=True):
             row[pos] = value
         out.append(tuple(row))
     return out
@@ -360,14 +554,16 @@ def rehydrate_entity(
 ) -> Result[Any]:
     """Build the result of a primary-key load from an entity entry (``None`` = no row).
 
-    Raises ``ValueError`` when the entry holds another row than ``pk`` (foreign bytes).
+    Raises :class:`CodecError` when the body is not ``[values, missing]`` with every
+    column of its stored type, or holds another row than ``pk`` (foreign bytes).
     """
     if body is None:
         return make_result([info.mapper.class_.__name__], [], single=True)
-    assert info.codec is not None
-    values = info.codec.load_row(body[0])
+    if type(body) is not list or len(body) != 2:
+        raise _foreign("an entity body is [values, missing]")
+    values = _object_values(info, body[0], body[1])
     if tuple(values[p] for p in info.pk_positions) != pk:
-        raise ValueError("the entry holds another row")
+        raise _foreign("the entry holds another row")
     mat = _Materializer(session)
     obj = mat.object(info, body[0], body[1], values)
     mat.finish()

@@ -367,7 +367,8 @@ class ReadPath:
     ) -> tuple[Any, int, int] | None:
         """The body, read time and expiry of a valid entry; None when a write retired it."""
         try:
-            stamp, body = _query_entry(raw, entry_key[len(plan.entry_prefix) :])
+            document = self.core.opened(entry_key, raw)
+            stamp, body = _query_entry(document, entry_key[len(plan.entry_prefix) :])
         except (CodecError, ValueError, TypeError, IndexError) as exc:
             self._corrupt(entry_key, region, exc)
             return None
@@ -385,7 +386,7 @@ class ReadPath:
     ) -> Result[Any] | None:
         core = self.core
         try:
-            result = hydrate.rehydrate(session, body, core.models.info_by_name, plan.shape)
+            result = hydrate.rehydrate(session, body, core.models.info_of, plan.shape)
         except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
             self._corrupt(entry_key, region, exc)
             return None
@@ -768,7 +769,8 @@ class ReadPath:
         numbers = None if missing else self._counters(counters, current, scope)
         if entry is not None and numbers is not None and (pinned is None or pinned == version):
             try:
-                stored_generation, stored_writes, timing, body = entity_entry(entry)
+                document = self.core.opened(key, entry, scripted=True)
+                stored_generation, stored_writes, timing, body = entity_entry(document)
             except (CodecError, ValueError, TypeError) as exc:
                 self._corrupt(key, scope, exc)
             else:
@@ -855,6 +857,7 @@ def _row_shape(statement: Any) -> hydrate.RowShape:
     descriptions = statement.column_descriptions
     keys: list[str] = []
     entity_positions: list[int] = []
+    entity_mappers: list[Mapper[Any]] = []
     scalar_positions: list[int] = []
     scalar_types: list[TypeEngine[Any]] = []
     for i, desc in enumerate(descriptions):
@@ -865,6 +868,7 @@ def _row_shape(statement: Any) -> hydrate.RowShape:
             scalar_types.append(kind)
         elif isinstance(kind, type) and hasattr(kind, "__mapper__"):
             entity_positions.append(i)
+            entity_mappers.append(kind.__mapper__)
         else:
             raise Uncacheable(f"result column {desc['name']!r} is neither an entity nor a column")
     try:
@@ -878,6 +882,7 @@ def _row_shape(statement: Any) -> hydrate.RowShape:
         entity_positions=tuple(entity_positions),
         scalar_positions=tuple(scalar_positions),
         scalar_codec=codec,
+        entity_mappers=tuple(entity_mappers),
     )
 
 

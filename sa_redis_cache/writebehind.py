@@ -71,6 +71,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sa_redis_cache")
 
+# What the pending key and the entity entry add around a queued row: the codec header, a
+# stamp (a stream id of up to 41 characters, or a generation), brackets, and the 33 bytes
+# of a signature; at most 87 in all.
+_WRAPPING_BYTES = 128
+
 _INFO_KEY = "sa_redis_cache.wb"
 _NOTHING: Any = object()
 
@@ -243,6 +248,16 @@ class WriteBehind:
                 f"{info.mapper.class_.__name__}: a value cannot be queued exactly ({exc}); "
                 "write-behind stores the row in Redis until the worker inserts it"
             ) from exc
+        # the pending key and the entity entry wrap the row in a stamp (and a signature):
+        # reads refuse values above max_entry_bytes, so a row that would make one is refused
+        size = len(data) + _WRAPPING_BYTES
+        if size > self.core.max_entry_bytes:
+            raise ConfigurationError(
+                f"{info.mapper.class_.__name__}: this row takes {size} bytes queued, above "
+                f"max_entry_bytes={self.core.max_entry_bytes}; write-behind keeps every queued "
+                "row in Redis until the worker inserts it: raise max_entry_bytes, or write "
+                "this model with another strategy"
+            )
         pk_values = [values[p] for p in info.pk_positions]
         return Op(info, pk_text(pk_values), "u", data, values, obj, created)
 
@@ -325,6 +340,7 @@ class WriteBehind:
         index: dict[str, int] = {}
         op_keys: list[str] = []
         op_args: list[Any] = []
+        signer = core.signer
         for op in ops:
             info = op.info
             assert info.policy is not None
@@ -333,13 +349,20 @@ class WriteBehind:
                 tables.append(table)
                 index[table] = len(tables)
             partition = partition_of(op.pk, info.policy.partitions)
+            entity_key = keys.entity_key(table, info.schema_hash, op.scope, op.pk)
             op_keys += [
                 stream_key(keys, table, op.scope, partition),
-                keys.entity_key(table, info.schema_hash, op.scope, op.pk),
+                entity_key,
                 pending_key(keys, table, info.schema_hash, op.scope, op.pk),
                 keys.row_write_key(table, op.pk),
             ]
-            op_args += [index[table], op.kind, op.pk, info.schema_hash, op.data]
+            # the script wraps this body in a stamp of its own; the signature covers the
+            # body, bound to the entity key (see sa_redis_cache.signing)
+            trailer = b""
+            if signer is not None:
+                body = b"[" + op.data + b",0]" if op.kind == "u" else b"null"
+                trailer = signer.body_trailer(entity_key, body)
+            op_args += [index[table], op.kind, op.pk, info.schema_hash, op.data, trailer]
         starts = [random.getrandbits(62) for _ in tables]
         ids = core.io().run_script(
             core.scripts.wb_enqueue,
@@ -391,11 +414,15 @@ class WriteBehind:
                 return None
         return serve(orm_context, info, pk, values)
 
-    def _pending_values(self, info: ModelInfo, scope: str, pk: str) -> Any:
-        """The row's queued state; None for a queued delete; ``_NOTHING`` when none is queued."""
+    def _pending_values(self, info: ModelInfo, row_scope: str, pk: str) -> Any:
+        """The row's queued state; None for a queued delete; ``_NOTHING`` when none is queued.
+
+        ``row_scope`` names the database and schema of the row (``sa_redis_cache.binds``).
+        """
         core = self.core
         assert info.codec is not None
-        key = pending_key(core.keys, info.table, info.schema_hash, scope, pk)
+        key = pending_key(core.keys, info.table, info.schema_hash, row_scope, pk)
+        entity = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk)
         scope = "model:" + info.mapper.class_.__name__
         try:
             raw = core.io().get(key)
@@ -406,10 +433,18 @@ class WriteBehind:
         if raw is None:
             return _NOTHING
         try:
-            _, body = unpack(raw)
-            if body is None:
-                return None
-            values: tuple[Any, ...] = info.codec.load_row(body[0])
+            document = core.opened(entity, raw, scripted=True)
+        except CodecError as exc:
+            # oversized or not signed by this cache: never a queued state this cache wrote
+            log.warning("pending write-behind state %s deleted: %s", key, exc)
+            core.counters.incr(scope, "decode_errors")
+            try:
+                core.io().unlink(key)
+            except RedisError as err:
+                core.redis_failed(err)
+            return _NOTHING
+        try:
+            values = _queued_state(info, document, pk)
         except (CodecError, ValueError, TypeError, IndexError) as exc:
             # never deleted here: it may be the only copy of a queued state the worker has
             log.warning("unreadable pending write-behind state %s: %s", key, exc)
@@ -417,6 +452,21 @@ class WriteBehind:
             return _NOTHING
         core.counters.incr(scope, "pending_hits")
         return values
+
+
+def _queued_state(info: ModelInfo, document: bytes, pk: str) -> tuple[Any, ...] | None:
+    """The row state a pending key's document holds (None: a queued delete).
+
+    Raises :class:`CodecError` when it holds no row of ``info`` or another row than ``pk``.
+    """
+    assert info.codec is not None
+    _, body = unpack(document)
+    if body is None:
+        return None
+    values: tuple[Any, ...] = info.codec.load_row(body[0])
+    if pk_text([values[p] for p in info.pk_positions]) != pk:
+        raise CodecError("the pending state of another row")
+    return values
 
 
 def _revert(session: Session, ops: Any, outer: WbTx | None) -> None:

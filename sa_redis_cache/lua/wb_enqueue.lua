@@ -8,9 +8,10 @@
 -- ARGV[4]: TTL of the row write counters, in milliseconds
 -- ARGV[5]: value to start a row write counter at when it does not exist (random)
 -- ARGV[6 .. 5+n]: value to start each table's generation at when it does not exist (random)
--- ARGV[6+n ..]: per operation, five values: its table's index (1-based), 'u' (upsert) or
---          'd' (delete), the row's pk text, the model's schema hash, and the data as JSON:
---          the encoded full row for 'u', the encoded primary key for 'd'
+-- ARGV[6+n ..]: per operation, six values: its table's index (1-based), 'u' (upsert) or
+--          'd' (delete), the row's pk text, the model's schema hash, the data as JSON (the
+--          encoded full row for 'u', the encoded primary key for 'd'), and the trailer to
+--          append to both values ('' when the cache does not sign: sa_redis_cache/signing.py)
 -- Returns: the stream id of each operation, in order
 -- The entity entry and the pending key get no TTL: an unflushed state must not expire.
 -- The worker gives the entity entry its TTL and removes the pending key after the flush.
@@ -31,7 +32,8 @@ local ids = {}
 local a = 6 + n
 for k = n + 1, #KEYS, 4 do
   local t, op, pk, schema, data = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  a = a + 5
+  local trailer = ARGV[a + 5]
+  a = a + 6
   local id = redis.call('XADD', KEYS[k], '*', 'o', op, 'k', pk, 'h', schema, 'd', data)
   local body = 'null'
   if op == 'u' then
@@ -43,8 +45,8 @@ for k = n + 1, #KEYS, 4 do
   -- read back as a string: Lua numbers are doubles and would round a 62-bit value
   local writes = redis.call('GET', KEYS[k + 3])
   -- SET without PX also removes a TTL the key had: the state lives until flushed
-  redis.call('SET', KEYS[k + 1], header .. '[[' .. generations[t] .. ',' .. writes .. '],' .. body .. ']')
-  redis.call('SET', KEYS[k + 2], header .. '["' .. id .. '",' .. body .. ']')
+  redis.call('SET', KEYS[k + 1], header .. '[[' .. generations[t] .. ',' .. writes .. '],' .. body .. ']' .. trailer)
+  redis.call('SET', KEYS[k + 2], header .. '["' .. id .. '",' .. body .. ']' .. trailer)
   ids[#ids + 1] = id
 end
 return ids

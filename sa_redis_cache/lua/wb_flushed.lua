@@ -20,9 +20,11 @@
 -- Returns: the number of rows whose pending key was removed
 -- A pending key naming another id holds a newer queued state: it and its entity entry stay.
 -- The pending key of an applied operation holds header .. '["<id>",' .. body .. ']', where
--- body is the state the database now has ('[row,0]', or 'null' for a delete): the entity
--- entry is written from it under the current generation and the row's moved write counter
--- (the row is not sent again).
+-- body is the state the database now has ('[row,0]', or 'null' for a delete), then the
+-- signature trailer when the cache signs: the entity entry is written from it under the
+-- current generation and the row's moved write counter (the row is not sent again); the
+-- trailer covers the body alone, bound to the entity key, so it stays valid there
+-- (sa_redis_cache/signing.py).
 local call, sub, byte = redis.call, string.sub, string.byte
 call('SET', KEYS[2], ARGV[6], 'NX', 'PX', ARGV[5])
 call('INCR', KEYS[2])

@@ -300,10 +300,23 @@ class FlushWorker:
 
             if worker.backlog() > 10_000: ...
         """
-        self._resolve()
+        try:
+            self._resolve()
+        except SQLAlchemyError:
+            # Postgres is away, so which scope this worker drains is not known yet: count
+            # the streams of its tables in every database and schema
+            return self._backlog_of_every_scope()
         pipe = self.client.pipeline(transaction=False)
         for p in self.partitions:
             pipe.xlen(p.stream)
+        return sum(int(n) for n in pipe.execute())
+
+    def _backlog_of_every_scope(self) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for info in self._infos:
+            pattern = stream_key(self.keys, info.table, "*", 0)[:-1] + "*"
+            for stream in self.client.scan_iter(match=pattern, count=1000):
+                pipe.xlen(stream)
         return sum(int(n) for n in pipe.execute())
 
     def stats(self, *, database: bool = True) -> WorkerStats:

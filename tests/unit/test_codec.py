@@ -54,6 +54,12 @@ class Perm(enum.Flag):
     write = 2
 
 
+class NeverEncoded(enum.Enum):
+    """Imported, an Enum, and never encoded nor registered by any test."""
+
+    only = 1
+
+
 class Cents(TypeDecorator[Decimal]):
     """Changes only what is sent: the impl's converter is exact."""
 
@@ -352,13 +358,98 @@ def test_local_enum_and_cycles_raise_codec_error() -> None:
         dumps_tagged(loop)
 
 
-def test_enum_classes_resolve_only_from_imported_modules() -> None:
+def test_enum_classes_resolve_only_from_the_registry() -> None:
+    """A "$e" tag names a class the registry holds: no import, no attribute walk."""
     missing = "sa_redis_cache_codec_not_imported_module"
-    for path in [f"{missing}:Thing", "os:path", "enum:Enum.nope"]:
+    never_encoded = f"{NeverEncoded.__module__}:NeverEncoded"
+    assert codec._ENUM_CLASSES.get(never_encoded) is None
+    for path in [f"{missing}:Thing", "os:path", "enum:Enum.nope", never_encoded]:
         with pytest.raises(CodecError):
-            decode_tagged({"$e": [path, "x"]})
+            decode_tagged({"$e": [path, "only"]})
     assert missing not in sys.modules
+    codec.register_enum(Color)
     assert decode_tagged({"$e": [f"{Color.__module__}:Color", "green"]}) is Color.green
+    # the old resolver followed these attribute paths back to Color; the registry does not
+    for path in [f"{Color.__module__}:Color.green.__class__", f"{Color.__module__}:Perm.read"]:
+        with pytest.raises(CodecError):
+            decode_tagged({"$e": [path, "green"]})
+    for bad in [["a"], [1, "x"], "x", [f"{Color.__module__}:Color", "nope"]]:
+        with pytest.raises(CodecError):
+            decode_tagged({"$e": bad})
+
+
+def test_planted_enum_paths_leave_the_registry_as_it_was() -> None:
+    codec.register_enum(Color)
+    before = dict(codec._ENUM_CLASSES)
+    for n in range(1, 2001):  # 2,000 distinct paths, each leading back to Color by getattr
+        with pytest.raises(CodecError):
+            decode_tagged({"$e": [f"{Color.__module__}:Color" + ".green.__class__" * n, "red"]})
+    assert len(codec._ENUM_CLASSES) == len(before)
+    assert dict(codec._ENUM_CLASSES) == before
+
+
+def test_the_enum_registry_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(codec, "MAX_ENUM_CLASSES", len(codec._ENUM_CLASSES))
+    monkeypatch.setattr(codec, "_ENUM_CLASSES", dict(codec._ENUM_CLASSES))
+    monkeypatch.setattr(codec, "_ENUM_PATHS", dict(codec._ENUM_PATHS))
+    Fresh = enum.Enum("Fresh", "a b", module=__name__)  # noqa: N806 (a class, named as one)
+    globals()["Fresh"] = Fresh
+    try:
+        with pytest.raises(CodecError, match="more than"):
+            dumps_tagged(Fresh.a)
+    finally:
+        del globals()["Fresh"]
+
+
+# --- strict loads -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sqltype", "stored"),
+    [
+        (sa.Integer(), "7"),
+        (sa.Integer(), [7]),
+        (sa.Integer(), 7.0),
+        (sa.Integer(), True),
+        (sa.BigInteger(), {"a": 1}),
+        (sa.String(), 7),
+        (sa.String(), ["a"]),
+        (sa.Boolean(), 1),
+        (sa.Boolean(), "true"),
+        (sa.Numeric(), 1.5),
+        (sa.Numeric(), 1),
+        (sa.Numeric(), [0, [1], 0]),
+        (sa.Float(), 1),
+        (sa.Float(), True),
+        (sa.DateTime(), 20240101),
+        (sa.Date(), ["2024-01-01"]),
+        (sa.Interval(), 1.5),
+        (sa.Interval(), True),
+        (sa.Interval(), " 7 "),
+        (sa.Interval(), "7_0"),
+        (sa.Uuid(), 5),
+        (sa.LargeBinary(), 5),
+        (sa.Enum(Color), 0),
+        (sa.Enum(Color), ["red"]),
+        (pg.ARRAY(sa.Integer()), ["1"]),
+        (pg.ARRAY(sa.Integer()), "12"),
+        (pg.ARRAY(sa.Numeric()), [1.5]),
+        (pg.ARRAY(sa.String()), [[1]]),
+    ],
+    ids=repr,
+)
+def test_load_refuses_values_of_another_stored_type(sqltype: Any, stored: Any) -> None:
+    row_codec = RowCodec([sa.Integer(), sqltype])
+    with pytest.raises(CodecError, match="column 1"):
+        row_codec.load_row([1, stored])
+    with pytest.raises(CodecError, match="column 1"):
+        row_codec.load_rows([[1, None], [1, stored]])
+
+
+@pytest.mark.parametrize("stored", [1, 1.5, "x", True, None, [1, "a", None], {"k": [{}]}])
+def test_json_columns_load_any_json_value(stored: Any) -> None:
+    for sqltype in (sa.JSON(), pg.JSONB()):
+        assert RowCodec([sqltype]).load_row([stored]) == (stored,)
 
 
 # --- strict dumps ---------------------------------------------------------------------------
@@ -437,7 +528,8 @@ def test_identity_columns_have_no_converter() -> None:
     ]
     for sqltype in identity:
         assert column_converter(sqltype) is None
-    assert column_converter(pg.ARRAY(sa.Integer())) is None
+    # an array's load checks the type of every item it reads
+    assert column_converter(pg.ARRAY(sa.Integer())) is not None
     assert column_converter(pg.ARRAY(sa.Integer(), as_tuple=True)) is not None
     converted: list[TypeEngine[Any]] = [sa.Numeric(), sa.Float(), sa.DateTime(), pg.UUID(), Loose()]
     for sqltype in converted:
