@@ -319,11 +319,11 @@ class Cache:
         core = self._core
         scope = "model:" + model.__name__
         with core.measure(scope, "invalidate"):
-            core.io().pipeline(
-                [
-                    ("UNLINK", self.keys.entity_key(info.table, info.schema_hash, pk_text(pk))),
-                    *core.bump_commands(self.keys.version_key(info.table)),
-                ]
+            core.io().run_script(
+                *core.bump_call(
+                    [self.keys.version_key(info.table)],
+                    unlink=[self.keys.entity_key(info.table, info.schema_hash, pk_text(pk))],
+                )
             )
         core.counters.incr(scope, "invalidations")
 
@@ -342,11 +342,10 @@ class Cache:
         core = self._core
         scope = "model:" + model.__name__
         with core.measure(scope, "invalidate"):
-            core.io().pipeline(
-                [
-                    *core.bump_commands(self.keys.version_key(info.table)),
-                    *core.bump_commands(self.keys.generation_key(info.table)),
-                ]
+            core.io().run_script(
+                *core.bump_call(
+                    [self.keys.version_key(info.table), self.keys.generation_key(info.table)]
+                )
             )
         core.counters.incr(scope, "invalidations")
 

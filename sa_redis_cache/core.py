@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import redis
     import redis.asyncio
 
-    from .io import Command, RedisIO
+    from .io import Command, RedisIO, ScriptCall
 
 log = logging.getLogger("sa_redis_cache")
 
@@ -257,6 +257,7 @@ class CacheCore:
                     blob,
                     lease_token,
                     seen_invalidations or b"",
+                    random.getrandbits(62),
                     *captured,
                 ],
             )
@@ -269,23 +270,26 @@ class CacheCore:
         self.counters.incr(scope, "fills" if stored else "fill_refused", also=also)
         return bool(stored)
 
-    def bump_commands(self, key: str) -> list[Command]:
-        """The commands that increment a version counter or generation (for a pipeline).
+    def bump_call(self, counters: Sequence[str], unlink: Sequence[str] = ()) -> ScriptCall:
+        """``lua/bump_all.lua`` for ``counters`` (versions, generations), deleting ``unlink``.
 
         A counter that does not exist starts at a random value, never at 1: a counter
-        lost and recreated must not come back at a value an entry was stored under.
-        """
-        ttl = self.counter_ttl_ms
-        return [
-            ("SET", key, random.getrandbits(62), "NX", "PX", ttl),
-            ("INCR", key),
-            ("PEXPIRE", key, ttl),
-        ]
+        lost and recreated must not come back at a value an entry was stored under. One
+        of another Redis type, or holding what INCR refuses, is reseeded the same way
+        instead of failing the call. Give the keys of one table per call (one cluster
+        slot); run it with ``io().run_script(*call)`` or several in ``io().run_batch``.
 
-    def queue_bump(self, pipe: Any, key: str) -> None:
-        """Queue :meth:`bump_commands` on a redis-py pipeline (sync or asyncio)."""
-        for command in self.bump_commands(key):
-            pipe.execute_command(*command)
+        Example::
+
+            keys = core.keys
+            core.io().run_script(*core.bump_call([keys.version_key("products")]))
+        """
+        starts = [random.getrandbits(62) for _ in counters]
+        return (
+            self.scripts.bump_all,
+            [*counters, *unlink],
+            [self.counter_ttl_ms, len(counters), *starts],
+        )
 
     def _watch_restarts(self) -> None:
         """Check the server's run id on every new connection.
@@ -384,9 +388,8 @@ class CacheCore:
         keys = [k for t in tables for k in (self.keys.version_key(t), self.keys.generation_key(t))]
         command: Command | None = None
         if keys:
-            starts = [random.getrandbits(62) for _ in keys]
-            script = self.scripts.bump_all.script
-            command = ("EVAL", script, len(keys), *keys, self.counter_ttl_ms, *starts)
+            script, keys, args = self.bump_call(keys)
+            command = ("EVAL", script.script, len(keys), *keys, *args)
         return known, tables, command
 
     def _restarted(self, known: str, run_id: str | None, tables: list[str]) -> None:
@@ -423,11 +426,11 @@ class CacheCore:
             return True
         keys = self.keys
         try:
-            self.io().pipeline(
-                command
-                for table in tables
-                for key in (keys.version_key(table), keys.generation_key(table))
-                for command in self.bump_commands(key)
+            self.io().run_batch(
+                [
+                    self.bump_call([keys.version_key(table), keys.generation_key(table)])
+                    for table in tables
+                ]
             )
         except RedisError as exc:
             self.redis_failed(exc)
