@@ -131,6 +131,40 @@ def _deltas(
     return out
 
 
+def _healing(commands: list[Command], replies: list[Any]) -> list[Command]:
+    """The commands that replace unusable published counters and send their deltas again.
+
+    A hash of another Redis type under a stats key (every ``HINCRBY`` on it failed) is
+    deleted; a field holding what ``HINCRBY`` refuses (not an integer, at the largest one)
+    is removed. They hold only statistics, and a publisher that failed on them would fail
+    for good. Any other error is raised: nothing is deleted because Redis is out of memory
+    or read-only.
+    """
+    healing: list[Command] = []
+    dropped: set[Any] = set()
+    for command, reply in zip(commands, replies, strict=True):
+        if not isinstance(reply, Exception):
+            continue
+        text = str(reply)
+        if command[0] != "HINCRBY" or not isinstance(reply, redis.ResponseError):
+            raise reply
+        key, field = command[1], command[2]
+        if text.startswith("WRONGTYPE"):
+            if key not in dropped:
+                dropped.add(key)
+                healing.append(("DEL", key))
+        elif "not an integer" in text or "overflow" in text:
+            healing.append(("HDEL", key, field))
+        else:
+            raise reply
+        healing.append(command)
+    if healing:
+        keys = sorted({command[1] for command in healing})
+        log.warning("unusable published cache counters replaced under %s", ", ".join(keys))
+        healing += [("PEXPIRE", key, STATS_TTL_MS) for key in keys]
+    return healing
+
+
 def _own_client(client: redis.Redis) -> redis.Redis:
     """A client with a pool of its own, connecting as ``client`` does.
 
@@ -256,7 +290,12 @@ class StatsPublisher:
             commands.append(("PEXPIRE", key, STATS_TTL_MS))
         if self._client is None:
             self._client = _own_client(self.core.client)
-        SyncRedisIO(self._client).pipeline(commands)
+        pipe: Any = self._client.pipeline(transaction=False)  # its methods are untyped
+        for command in commands:
+            pipe.execute_command(*command)
+        healing = _healing(commands, pipe.execute(raise_on_error=False))
+        if healing:
+            SyncRedisIO(self._client).pipeline(healing)
 
     def _run(self, stop: threading.Event) -> None:
         delay = self.interval

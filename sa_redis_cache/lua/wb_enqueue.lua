@@ -9,19 +9,33 @@
 -- ARGV[4+n ..]: per operation, five values: its table's index (1-based), 'u' (upsert) or
 --          'd' (delete), the row's pk text, the model's schema hash, and the data as JSON:
 --          the encoded full row for 'u', the encoded primary key for 'd'
--- Returns: the stream id of each operation, in order
+-- Returns: the stream id of each operation, in order; an error naming the key, before
+--          anything is written, when a stream key holds another Redis type
 -- The entity entry and the pending key get no TTL: an unflushed state must not expire.
 -- The worker gives the entity entry its TTL and removes the pending key after the flush.
+-- A stream key of another type is never replaced here: the writes queued in the stream it
+-- replaced are lost, and an operator must learn that (docs/write-behind.md#hostile-values).
+-- Entity entries and pending keys of another type are overwritten by SET: this library
+-- stores strings there, so such a key holds no queued write. A generation that is not a
+-- counter is reseeded (lua/_prelude.lua).
 local n = tonumber(ARGV[1])
 local header = ARGV[2]
+local checked = {}
+for k = n + 1, #KEYS, 3 do
+  local stream = KEYS[k]
+  if not checked[stream] then
+    checked[stream] = true
+    local kind = type_of(stream)
+    if kind ~= 'stream' and kind ~= 'none' then
+      return redis.error_reply('WRONGTYPE write-behind stream ' .. stream .. ' holds a ' .. kind
+        .. ', not a stream: nothing was queued. The writes queued in the stream it replaced'
+        .. ' are lost; see what wrote it, then delete it (docs/write-behind.md)')
+    end
+  end
+end
 local generations = {}
 for i = 1, n do
-  local g = redis.call('GET', KEYS[i])
-  if not g then
-    g = ARGV[3 + i]
-    redis.call('SET', KEYS[i], g, 'PX', ARGV[3])
-  end
-  generations[i] = g
+  generations[i] = counter(KEYS[i], ARGV[3 + i], ARGV[3])
 end
 local ids = {}
 local a = 4 + n

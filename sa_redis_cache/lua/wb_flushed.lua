@@ -19,12 +19,20 @@
 -- The pending key of an applied operation holds header .. '["<id>",' .. body .. ']', where
 -- body is the state the database now has ('[row,0]', or 'null' for a delete): the entity
 -- entry is written from it under the current generation (the row is not sent again).
+-- A stream key of another Redis type is an error before anything is written (the worker
+-- keeps the batch and reports it); the version counter is healed by bump, a generation that
+-- is not a counter counts as absent (lua/_prelude.lua); a pending key of another type names
+-- no id: it and its entity entry stay, like a newer state's (the next enqueue of the row
+-- overwrites it).
 local call, sub, byte = redis.call, string.sub, string.byte
-call('SET', KEYS[2], ARGV[6], 'NX', 'PX', ARGV[5])
-call('INCR', KEYS[2])
-call('PEXPIRE', KEYS[2], ARGV[5])
+local kind = type_of(KEYS[1])
+if kind ~= 'stream' and kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE write-behind stream ' .. KEYS[1] .. ' holds a ' .. kind
+    .. ', not a stream: the batch was applied and is not acknowledged')
+end
+bump(KEYS[2], ARGV[6], ARGV[5])
 local header, ttl = ARGV[4], ARGV[3]
-local generation = call('GET', KEYS[3])
+local generation = get_counter(KEYS[3])
 local m = tonumber(ARGV[7])
 local kinds = ARGV[8 + m]
 local applied = byte('a')
@@ -37,8 +45,8 @@ for i = 4, #KEYS, 2 do
   row = row + 1
   local expected = opening .. ARGV[a] .. '",'
   a = a + 1
-  local pending = call('GET', KEYS[i])
-  if pending and sub(pending, 1, #expected) == expected then
+  local pending = redis.pcall('GET', KEYS[i])
+  if type(pending) == 'string' and sub(pending, 1, #expected) == expected then
     call('DEL', KEYS[i])
     cleared = cleared + 1
     if entity_opening and byte(kinds, row) == applied then

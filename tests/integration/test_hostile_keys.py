@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
-import sqlalchemy as sa
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,36 +25,7 @@ from sa_redis_cache.keys import KeyScheme
 from sa_redis_cache.scripts import Scripts
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-    from tests.support import SQLCounter
-
-
-class Two:
-    """A writer and a reader cache on one namespace, each with an engine of its own (a
-    cache attached to an engine sees the other's statements on it as Core DML)."""
-
-    def __init__(self, engine: sa.Engine, url: str, namespace: str) -> None:
-        self.engine = sa.create_engine(engine.url)
-        self.writer = Cache(url, namespace=namespace)
-        self.reader = Cache(url, namespace=namespace)
-        self.write = sessionmaker(self.engine)
-        self.read = sessionmaker(engine)
-        self.writer.attach(self.write)
-        self.reader.attach(self.read)
-        self.keys = KeyScheme(namespace)
-
-    def close(self) -> None:
-        self.writer.detach()
-        self.reader.detach()
-        self.engine.dispose()
-
-
-@pytest.fixture
-def two(shop_engine: sa.Engine, redis_url: str, namespace: str) -> Iterator[Two]:
-    caches = Two(shop_engine, redis_url, namespace)
-    yield caches
-    caches.close()
+    from tests.support import SQLCounter, Two
 
 
 def name_by_query(factory: sessionmaker[Session], pid: int) -> str:
