@@ -33,6 +33,10 @@ def parse_counter(raw: object) -> int | None:
         True
     """
     if type(raw) is bytes:
+        if raw.isdigit() and len(raw) <= 19 and (raw[0] != 48 or len(raw) == 1):
+            # the common case, on every read: ASCII digits, no leading zero
+            value = int(raw)
+            return value if value <= _MAX else None
         text = raw
     elif type(raw) is str:
         try:
