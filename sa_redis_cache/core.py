@@ -9,6 +9,7 @@ everywhere else (:mod:`sa_redis_cache.io`).
 
 from __future__ import annotations
 
+import enum
 import inspect
 import logging
 import random
@@ -43,6 +44,17 @@ MAX_UNDELIVERED = 10_000
 LEASE_SUFFIX = ":lease"
 # beside a query entry: moved by invalidate_query(), compared by every fill of the entry
 INVALIDATIONS_SUFFIX = ":inv"
+
+
+class NoCounter(enum.Enum):
+    """The type of :data:`NO_COUNTER`."""
+
+    NO_COUNTER = "no counter"
+
+
+NO_COUNTER = NoCounter.NO_COUNTER
+"""``CacheCore.store(seen_invalidations=...)`` left out: the entry has no invalidation
+counter (entity entries), so the fill does not compare one."""
 
 
 class CacheCore:
@@ -231,17 +243,22 @@ class CacheCore:
         also: tuple[str, ...] = (),
         lease_token: str = "",
         physical_ttl_ms: int | None = None,
-        seen_invalidations: bytes | None = None,
+        seen_invalidations: bytes | NoCounter | None = NO_COUNTER,
     ) -> bool | None:
         """Compare-and-set fill (``lua/fill.lua``): True when stored, False when refused
         or failed, None when not tried (oversized: the caller still holds its lease).
 
         ``seen_invalidations`` is the entry's invalidation counter as the caller read it
-        before its database read (None: it did not exist).
+        before its database read (None: it did not exist); left out, the entry has none
+        (an entity entry) and it is not compared.
         """
         if len(blob) > self.max_entry_bytes:
             self.counters.incr(scope, "oversize", also=also)
             return None
+        if seen_invalidations is NO_COUNTER:
+            invalidations = b"n"
+        else:
+            invalidations = b"=" + (seen_invalidations or b"")
         measured = self.measure(scope, "fill", also=also)
         try:
             stored = self.io().run_script(
@@ -257,7 +274,7 @@ class CacheCore:
                     physical_ttl_ms or self.jittered_ms(ttl),
                     blob,
                     lease_token,
-                    seen_invalidations or b"",
+                    invalidations,
                     random.getrandbits(62),
                     *captured,
                 ],

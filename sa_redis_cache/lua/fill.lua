@@ -7,8 +7,9 @@
 -- ARGV[1]: TTL in milliseconds
 -- ARGV[2]: the encoded entry
 -- ARGV[3]: the caller's lease token, or '' when it holds no lease
--- ARGV[4]: the invalidation counter as the caller read it before its database read, or ''
---          when it did not exist
+-- ARGV[4]: '=' followed by the invalidation counter as the caller read it before its
+--          database read ('=' alone when it did not exist); 'n' when the entry has none
+--          (entity entries: invalidate_query() never moves one, so it is not read)
 -- ARGV[5]: value to reseed the invalidation counter at if it holds another Redis type
 --          (random: no filler, whatever it read, can match it)
 -- ARGV[6 .. n+5]: the version counter values captured before the database read
@@ -26,13 +27,15 @@ elseif redis.call('PTTL', KEYS[2]) == -1 then
   -- of this entry wait for a filler that never comes
   redis.call('DEL', KEYS[2])
 end
-local invalidations = redis.pcall('GET', KEYS[3])
-if failed(invalidations) then
-  redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[1])
-  return 0
-end
-if (invalidations or '') ~= ARGV[4] then
-  return 0
+if ARGV[4] ~= 'n' then
+  local invalidations = redis.pcall('GET', KEYS[3])
+  if failed(invalidations) then
+    redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[1])
+    return 0
+  end
+  if '=' .. (invalidations or '') ~= ARGV[4] then
+    return 0
+  end
 end
 for i = 1, n do
   local version = redis.pcall('GET', KEYS[3 + i])

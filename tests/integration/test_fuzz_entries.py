@@ -196,7 +196,7 @@ def kind_keys(client: redis.Redis, namespace: str, pid: int) -> dict[str, list[b
         "w": [keys.writers_key(t).encode() for t in tables],
         "rw": [keys.row_write_key("products", pk_text([pid])).encode()],
         "lease": [key + b":lease" for key in entries["q"] + entries["e"]],
-        "inv": [key + b":inv" for key in entries["q"]],
+        "inv": [key + b":inv" for key in entries["q"] + entries["e"]],
         "stats": [keys.stats_key(s).encode() for s in ("total", "model:Product")],
     }
 
