@@ -368,7 +368,7 @@ class CacheCore:
             known, tables, call = plan
             failure = None
             if call is not None:
-                for command in _bump_commands(call):
+                for command in _restart_bump_commands(call):
                     connection.send_command(*command)
                 loaded = _error_of(connection.read_response)
                 failure = _bump_failure(loaded, _error_of(connection.read_response))
@@ -394,7 +394,7 @@ class CacheCore:
         known, tables, call = plan
         failure = None
         if call is not None:
-            for command in _bump_commands(call):
+            for command in _restart_bump_commands(call):
                 await connection.send_command(*command)
             loaded = await _error_of_async(connection.read_response)
             failure = _bump_failure(loaded, await _error_of_async(connection.read_response))
@@ -521,7 +521,7 @@ class CacheCore:
         return unlink_matching(self.client, pattern)
 
 
-def _bump_commands(call: ScriptCall) -> list[Command]:
+def _restart_bump_commands(call: ScriptCall) -> list[Command]:
     """The restart bump on a new connection: load ``bump_all`` (a restarted server has lost
     its scripts), then run it by its SHA1; both are sent before either reply is read."""
     script, keys, args = call

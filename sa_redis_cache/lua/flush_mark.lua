@@ -7,7 +7,7 @@
 -- ARGV[2]: how long the writer mark lives, in milliseconds (a crashed writer's mark expires)
 -- ARGV[3]: TTL of the row write counters, in milliseconds
 -- ARGV[4]: value to start the version counter or the entity generation at when it
---          does not exist (random)
+--          does not exist or is unusable (random)
 -- ARGV[5]: 1 when the rows written are not known (bulk or textual DML): the entity
 --          generation is bumped so that every entity entry of the table becomes a miss
 -- ARGV[6]: TTL of the version counter and the generation, in milliseconds

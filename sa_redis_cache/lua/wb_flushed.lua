@@ -14,7 +14,8 @@
 --          the batch was applied, 'x' when it went to the dead letters (the database kept
 --          its row)
 -- ARGV[9+m ..]: per flushed row, the stream id of its last operation in the batch
--- Returns: the number of rows whose pending key was removed
+-- Returns: the number of rows whose pending key was removed; an error, before anything is
+--          written, when the stream key holds another Redis type
 -- A pending key naming another id holds a newer queued state: it and its entity entry stay.
 -- The pending key of an applied operation holds header .. '["<id>",' .. body .. ']', where
 -- body is the state the database now has ('[row,0]', or 'null' for a delete): the entity
