@@ -11,6 +11,7 @@ log says which permission is missing.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,11 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
+
+try:  # SQLAlchemy 2.1
+    from sqlalchemy.util import await_
+except ImportError:  # SQLAlchemy 2.0
+    from sqlalchemy.util import await_only as await_
 
 from examples.shop import Product
 from sa_redis_cache import Cache, FlushWorker, FromCache, schema
@@ -238,7 +244,7 @@ def test_the_command_line_needs_only_its_documented_commands(
 
 
 def test_a_user_without_scripts_keeps_a_usable_connection_after_a_restart(
-    shop_engine: sa.Engine,
+    in_mode: Runner,
     acl_server: RedisServer,
     namespace: str,
     product: int,
@@ -246,30 +252,37 @@ def test_a_user_without_scripts_keeps_a_usable_connection_after_a_restart(
 ) -> None:
     """INFO allowed, scripts refused: the bump after a restart cannot run. It used to fail
     every new connection of the process, ``cache.client.get()`` included, for good."""
-    cache = Cache(url_of(acl_server, "sarc_noscript"), namespace=namespace)
-    factory = sessionmaker(shop_engine)
-    cache.attach(factory)
     stmt = select(Product.price).where(Product.id == product).options(FromCache())
-    try:
-        with factory() as s:
-            assert s.scalars(stmt).one() == Decimal("1.00")
+
+    def prices(db: Db) -> tuple[Decimal, Decimal]:
+        with db.session() as s:
+            by_query = s.scalars(stmt)[0]
+        with db.session() as s:
+            got = s.get(Product, product)
+            assert got is not None
+            return by_query, got.price
+
+    def scenario(db: Db) -> None:
+        assert prices(db) == (Decimal("1.00"), Decimal("1.00"))
         acl_server.restart()
         with caplog.at_level(logging.WARNING, logger="sa_redis_cache"):
-            assert cache.client.get(f"sarc:{namespace}:anything") is None
+            with db.session() as s:
+                s.get(Product, 1)  # redis-py's asyncio client loses one call to the restart
+            key = f"sarc:{namespace}:anything"
+            if db.mode == "sync":
+                assert db.cache.client.get(key) is None
+            else:
+                assert await_(db.cache._core.async_client().get(key)) is None
             for _ in range(3):
-                with factory() as s:
-                    assert s.scalars(stmt).one() == Decimal("1.00")
-                    got = s.get(Product, product)
-                    assert got is not None
-                    assert got.price == Decimal("1.00")
-        core = cache._core
+                assert prices(db) == (Decimal("1.00"), Decimal("1.00"))
+        core = db.cache._core
         assert core.restarts_seen == 1
         assert "products" in core.undelivered  # read from the database until delivered
-        told = [r.getMessage() for r in caplog.records if "+evalsha" in r.getMessage()]
-        assert len(told) == 1, told
-        assert "docs/security.md" in told[0]
-    finally:
-        cache.detach()
+
+    replace(in_mode, redis_url=url_of(acl_server, "sarc_noscript"))(scenario)
+    told = [r.getMessage() for r in caplog.records if "+evalsha" in r.getMessage()]
+    assert len(told) == 1, told
+    assert "docs/security.md" in told[0]
 
 
 def test_a_user_without_info_is_told_once_and_caches(
