@@ -21,6 +21,9 @@ How it behaves:
   ``MAX_BACKOFF`` seconds) and logged once per outage.
 * Delivery is at least once: a publish whose reply is lost (a timeout after Redis applied
   it) is sent again and counted twice. The numbers are for watching, not for billing.
+* A stats key of another Redis type, or a field ``HINCRBY`` refuses (not an integer, at
+  the largest one), is replaced and the deltas sent again: the hashes hold statistics
+  only, and a publisher that failed on them would fail for good (:func:`_healing`).
 * It neither asks nor feeds the circuit breaker: a background thread must not decide
   whether the application's reads use Redis, and it keeps its own backoff instead.
 * ``detach()`` stops the thread and publishes what is left; a process that exits
