@@ -20,7 +20,7 @@ from sqlalchemy.util import greenlet_spawn
 from . import wb_config
 from .binds import translate_map_of
 from .breaker import CircuitBreaker
-from .core import ROW_COUNTER_TTL_MS, CacheCore
+from .core import CacheCore
 from .errors import ConfigurationError
 from .events import WritePath
 from .functions import AsyncCachedFunction, CacheDecorator, CachedFunction
@@ -349,12 +349,11 @@ class Cache:
         entries = [keys.entity_key(info.table, info.schema_hash, s, text) for s in known]
         scope = "model:" + model.__name__
         with core.measure(scope, "invalidate"):
-            core.io().pipeline(
-                [
-                    *([("UNLINK", *entries)] if entries else []),
-                    *core.bump_commands(keys.row_write_key(info.table, text), ROW_COUNTER_TTL_MS),
-                    *core.bump_commands(keys.version_key(info.table)),
-                ]
+            core.io().run_script(
+                *core.bump_call(
+                    [keys.version_key(info.table), keys.row_write_key(info.table, text)],
+                    unlink=entries,
+                )
             )
         core.counters.incr(scope, "invalidations")
 
@@ -373,11 +372,10 @@ class Cache:
         core = self._core
         scope = "model:" + model.__name__
         with core.measure(scope, "invalidate"):
-            core.io().pipeline(
-                [
-                    *core.bump_commands(self.keys.version_key(info.table)),
-                    *core.bump_commands(self.keys.generation_key(info.table)),
-                ]
+            core.io().run_script(
+                *core.bump_call(
+                    [self.keys.version_key(info.table), self.keys.generation_key(info.table)]
+                )
             )
         core.counters.incr(scope, "invalidations")
 

@@ -9,6 +9,7 @@ everywhere else (:mod:`sa_redis_cache.io`).
 
 from __future__ import annotations
 
+import enum
 import inspect
 import logging
 import random
@@ -16,7 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 from sqlalchemy import event
 
 from .binds import Binds
@@ -31,13 +32,13 @@ from .stats import Stats
 from .tracing import READ, Measurement
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Sequence
 
     import redis
     import redis.asyncio
 
     from .binds import Database
-    from .io import Command, RedisIO
+    from .io import Command, RedisIO, ScriptCall
 
 log = logging.getLogger("sa_redis_cache")
 
@@ -52,6 +53,17 @@ _SCOPES_PER_TABLE = 64
 LEASE_SUFFIX = ":lease"
 # beside a query entry: moved by invalidate_query(), compared by every fill of the entry
 INVALIDATIONS_SUFFIX = ":inv"
+
+
+class NoCounter(enum.Enum):
+    """The type of :data:`NO_COUNTER`."""
+
+    NO_COUNTER = "no counter"
+
+
+NO_COUNTER = NoCounter.NO_COUNTER
+"""``CacheCore.store(seen_invalidations=...)`` left out: the entry has no invalidation
+counter (entity entries), so the fill does not compare one."""
 
 
 class CacheCore:
@@ -110,6 +122,7 @@ class CacheCore:
         self._undelivered_lock = threading.Lock()
         self.run_id: str | None = None
         self._restart_lock = threading.Lock()
+        self._detection_off_logged = False
         self.restarts_seen = 0
         self._watch_restarts()
         self.async_clients: AsyncClients | None = None
@@ -282,18 +295,23 @@ class CacheCore:
         also: tuple[str, ...] = (),
         lease_token: str = "",
         physical_ttl_ms: int | None = None,
-        seen_invalidations: bytes | None = None,
+        seen_invalidations: bytes | NoCounter | None = NO_COUNTER,
     ) -> bool | None:
         """Compare-and-set fill (``lua/fill.lua``): True when stored, False when refused
         or failed, None when not tried (oversized: the caller still holds its lease).
 
         ``seen_invalidations`` is the entry's invalidation counter as the caller read it
-        before its database read (None: it did not exist).
+        before its database read (None: it did not exist); left out, the entry has none
+        (an entity entry) and it is not compared.
         """
         blob = self.sealed(key, blob)
         if len(blob) > self.max_entry_bytes:
             self.counters.incr(scope, "oversize", also=also)
             return None
+        if seen_invalidations is NO_COUNTER:
+            invalidations = b"n"
+        else:
+            invalidations = b"=" + (seen_invalidations or b"")
         measured = self.measure(scope, "fill", also=also)
         try:
             stored = self.io().run_script(
@@ -309,7 +327,8 @@ class CacheCore:
                     physical_ttl_ms or self.jittered_ms(ttl),
                     blob,
                     lease_token,
-                    seen_invalidations or b"",
+                    invalidations,
+                    random.getrandbits(62),
                     *captured,
                 ],
             )
@@ -322,24 +341,26 @@ class CacheCore:
         self.counters.incr(scope, "fills" if stored else "fill_refused", also=also)
         return bool(stored)
 
-    def bump_commands(self, key: str, ttl_ms: int | None = None) -> list[Command]:
-        """The commands that increment a counter (for a pipeline); ``ttl_ms`` defaults to
-        the version counters' TTL.
+    def bump_call(self, counters: Sequence[str], unlink: Sequence[str] = ()) -> ScriptCall:
+        """``lua/bump_all.lua`` for ``counters`` (versions, generations), deleting ``unlink``.
 
         A counter that does not exist starts at a random value, never at 1: a counter
-        lost and recreated must not come back at a value an entry was stored under.
-        """
-        ttl = ttl_ms or self.counter_ttl_ms
-        return [
-            ("SET", key, random.getrandbits(62), "NX", "PX", ttl),
-            ("INCR", key),
-            ("PEXPIRE", key, ttl),
-        ]
+        lost and recreated must not come back at a value an entry was stored under. One
+        of another Redis type, or holding what INCR refuses, is reseeded the same way
+        instead of failing the call. Give the keys of one table per call (one cluster
+        slot); run it with ``io().run_script(*call)`` or several in ``io().run_batch``.
 
-    def queue_bump(self, pipe: Any, key: str) -> None:
-        """Queue :meth:`bump_commands` on a redis-py pipeline (sync or asyncio)."""
-        for command in self.bump_commands(key):
-            pipe.execute_command(*command)
+        Example::
+
+            keys = core.keys
+            core.io().run_script(*core.bump_call([keys.version_key("products")]))
+        """
+        starts = [random.getrandbits(62) for _ in counters]
+        return (
+            self.scripts.bump_all,
+            [*counters, *unlink],
+            [self.counter_ttl_ms, len(counters), *starts],
+        )
 
     def _watch_restarts(self) -> None:
         """Check the server's run id on every new connection.
@@ -387,8 +408,9 @@ class CacheCore:
         try:
             connection.send_command("INFO", "server")
             info = connection.read_response()
-        except ResponseError:
-            return  # INFO refused (ACL): restarts go unnoticed, as documented
+        except ResponseError as exc:
+            self._detection_off(exc)
+            return
         run_id = _run_id_of(info)
         # held across the bump: another connection of this process that notices the same
         # restart must not serve a read before the bump has landed
@@ -396,11 +418,14 @@ class CacheCore:
             plan = self._restart_plan(run_id)
             if plan is None:
                 return
-            known, tables, command = plan
-            if command is not None:
-                connection.send_command(*command)
-                connection.read_response()
-            self._restarted(known, run_id, tables)
+            known, tables, call = plan
+            failure = None
+            if call is not None:
+                for command in _restart_bump_commands(call):
+                    connection.send_command(*command)
+                loaded = _error_of(connection.read_response)
+                failure = _bump_failure(loaded, _error_of(connection.read_response))
+            self._restarted(known, run_id, tables, failure)
 
     async def _check_run_id_async(self, connection: Any) -> None:
         """:meth:`_check_run_id` on an asyncio connection.
@@ -412,19 +437,35 @@ class CacheCore:
         try:
             await connection.send_command("INFO", "server")
             info = await connection.read_response()
-        except ResponseError:
+        except ResponseError as exc:
+            self._detection_off(exc)
             return
         run_id = _run_id_of(info)
         plan = self._restart_plan(run_id)
         if plan is None:
             return
-        known, tables, command = plan
-        if command is not None:
-            await connection.send_command(*command)
-            await connection.read_response()
-        self._restarted(known, run_id, tables)
+        known, tables, call = plan
+        failure = None
+        if call is not None:
+            for command in _restart_bump_commands(call):
+                await connection.send_command(*command)
+            loaded = await _error_of_async(connection.read_response)
+            failure = _bump_failure(loaded, await _error_of_async(connection.read_response))
+        self._restarted(known, run_id, tables, failure)
 
-    def _restart_plan(self, run_id: str | None) -> tuple[str, list[str], Command | None] | None:
+    def _detection_off(self, exc: ResponseError) -> None:
+        """INFO was refused (an ACL, a renamed command): restarts go unnoticed; said once."""
+        if self._detection_off_logged:
+            return
+        self._detection_off_logged = True
+        log.warning(
+            "redis refused INFO (%s): this process cannot notice a restart of the server, "
+            "which may bring back entries older than the database; grant the cache's Redis "
+            "user +info (see the ACL in docs/security.md)",
+            exc,
+        )
+
+    def _restart_plan(self, run_id: str | None) -> tuple[str, list[str], ScriptCall | None] | None:
         """What a connection that saw ``run_id`` must do: None, or bump every known table.
 
         The run id is remembered only after the bump has landed (:meth:`_restarted`), so a
@@ -436,20 +477,38 @@ class CacheCore:
             return None
         tables = sorted(set(self.models.known_tables()) | self.undelivered)
         keys = [k for t in tables for k in (self.keys.version_key(t), self.keys.generation_key(t))]
-        command: Command | None = None
-        if keys:
-            starts = [random.getrandbits(62) for _ in keys]
-            script = self.scripts.bump_all.script
-            command = ("EVAL", script, len(keys), *keys, self.counter_ttl_ms, *starts)
-        return known, tables, command
+        return known, tables, self.bump_call(keys) if keys else None
 
-    def _restarted(self, known: str, run_id: str | None, tables: list[str]) -> None:
+    def _restarted(
+        self, known: str, run_id: str | None, tables: list[str], failure: ResponseError | None
+    ) -> None:
+        """The bump after a restart landed (``failure`` None) or was refused.
+
+        Refused (an ACL without the scripting commands, out of memory), the tables become
+        undelivered: this process reads them from the database until a delivery lands.
+        The connection itself stays usable either way.
+        """
         with self._undelivered_lock:
-            self.undelivered.difference_update(tables)
+            if failure is None:
+                self.undelivered.difference_update(tables)
+            else:
+                self.undelivered.update(tables)
             if self.run_id == run_id:
                 return  # another connection reported this restart already
             self.run_id = run_id
             self.restarts_seen += 1
+        if failure is not None:
+            log.warning(
+                "redis restarted (run id %s -> %s) and refused the invalidation of %d cached "
+                "tables (%s): they are read from the database until it is delivered; grant "
+                "the cache's Redis user +evalsha and +script|load (see the ACL in "
+                "docs/security.md)",
+                known,
+                run_id,
+                len(tables),
+                failure,
+            )
+            return
         log.warning(
             "redis restarted (run id %s -> %s): %d cached tables invalidated",
             known,
@@ -477,11 +536,11 @@ class CacheCore:
             return True
         keys = self.keys
         try:
-            self.io().pipeline(
-                command
-                for table in tables
-                for key in (keys.version_key(table), keys.generation_key(table))
-                for command in self.bump_commands(key)
+            self.io().run_batch(
+                [
+                    self.bump_call([keys.version_key(table), keys.generation_key(table)])
+                    for table in tables
+                ]
             )
         except RedisError as exc:
             self.redis_failed(exc)
@@ -501,11 +560,52 @@ class CacheCore:
         now = time.monotonic()
         if now - self._last_failure_log >= _FAILURE_LOG_INTERVAL:
             self._last_failure_log = now
-            log.warning("redis unavailable, using the database: %s", exc)
+            if isinstance(exc, NoPermissionError):
+                log.warning(
+                    "redis refused a command to the cache's user (%s), using the database; "
+                    "grant the commands of the ACL in docs/security.md",
+                    exc,
+                )
+            else:
+                log.warning("redis unavailable, using the database: %s", exc)
 
     def unlink_matching(self, pattern: str) -> int:
         """UNLINK every key matching ``pattern`` (SCAN, in batches); returns how many."""
         return unlink_matching(self.client, pattern)
+
+
+def _restart_bump_commands(call: ScriptCall) -> list[Command]:
+    """The restart bump on a new connection: load ``bump_all`` (a restarted server has lost
+    its scripts), then run it by its SHA1; both are sent before either reply is read."""
+    script, keys, args = call
+    return [
+        ("SCRIPT", "LOAD", script.script),
+        ("EVALSHA", script.sha, len(keys), *keys, *args),
+    ]
+
+
+def _bump_failure(loaded: ResponseError | None, ran: ResponseError | None) -> ResponseError | None:
+    """Why the restart bump did not land: None when EVALSHA succeeded, else the load's
+    error (the cause of the NOSCRIPT that follows) or the run's own."""
+    return None if ran is None else loaded or ran
+
+
+def _error_of(read: Callable[[], Any]) -> ResponseError | None:
+    """Read one reply from a connection: the error it holds, or None."""
+    try:
+        read()
+    except ResponseError as exc:
+        return exc
+    return None
+
+
+async def _error_of_async(read: Callable[[], Awaitable[Any]]) -> ResponseError | None:
+    """:func:`_error_of` on an asyncio connection."""
+    try:
+        await read()
+    except ResponseError as exc:
+        return exc
+    return None
 
 
 def _run_id_of(info: Any) -> str | None:

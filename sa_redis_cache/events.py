@@ -30,6 +30,7 @@ from sqlalchemy.sql.elements import TextClause
 from . import hydrate
 from .codec import CodecError, pack
 from .core import ROW_COUNTER_TTL_MS
+from .counters import parse_counter
 from .dml import CoreDML
 from .keys import pk_text
 from .models import Inexact
@@ -273,10 +274,12 @@ class WritePath:
         out: dict[str, tuple[int, dict[str, int]]] = {}
         for table, reply in zip(ordered, replies, strict=True):
             generation, *tickets = reply
-            out[table] = (
-                int(generation),
-                dict(zip(rows.get(table, []), map(int, tickets), strict=True)),
-            )
+            number = parse_counter(generation)
+            if number is None:
+                # flush_mark.lua reseeds what is not a counter, so this does not happen; the
+                # rows would be deleted at commit instead of written through
+                continue
+            out[table] = (number, dict(zip(rows.get(table, []), map(int, tickets), strict=True)))
         return out
 
     def mark_bulk(self, token: str, tables: set[str]) -> None:

@@ -21,6 +21,9 @@ How it behaves:
   ``MAX_BACKOFF`` seconds) and logged once per outage.
 * Delivery is at least once: a publish whose reply is lost (a timeout after Redis applied
   it) is sent again and counted twice. The numbers are for watching, not for billing.
+* A stats key of another Redis type, or a field ``HINCRBY`` refuses (not an integer, at
+  the largest one), is replaced and the deltas sent again: the hashes hold statistics
+  only, and a publisher that failed on them would fail for good (:func:`_healing`).
 * It neither asks nor feeds the circuit breaker: a background thread must not decide
   whether the application's reads use Redis, and it keeps its own backoff instead.
 * ``detach()`` stops the thread and publishes what is left; a process that exits
@@ -129,6 +132,40 @@ def _deltas(
         if changed:
             out[scope] = changed
     return out
+
+
+def _healing(commands: list[Command], replies: list[Any]) -> list[Command]:
+    """The commands that replace unusable published counters and send their deltas again.
+
+    A hash of another Redis type under a stats key (every ``HINCRBY`` on it failed) is
+    deleted; a field holding what ``HINCRBY`` refuses (not an integer, at the largest one)
+    is removed. They hold only statistics, and a publisher that failed on them would fail
+    for good. Any other error is raised: nothing is deleted because Redis is out of memory
+    or read-only.
+    """
+    healing: list[Command] = []
+    dropped: set[Any] = set()
+    for command, reply in zip(commands, replies, strict=True):
+        if not isinstance(reply, Exception):
+            continue
+        text = str(reply)
+        if command[0] != "HINCRBY" or not isinstance(reply, redis.ResponseError):
+            raise reply
+        key, field = command[1], command[2]
+        if text.startswith("WRONGTYPE"):
+            if key not in dropped:
+                dropped.add(key)
+                healing.append(("DEL", key))
+        elif "not an integer" in text or "overflow" in text:
+            healing.append(("HDEL", key, field))
+        else:
+            raise reply
+        healing.append(command)
+    if healing:
+        keys = sorted({command[1] for command in healing})
+        log.warning("unusable published cache counters replaced under %s", ", ".join(keys))
+        healing += [("PEXPIRE", key, STATS_TTL_MS) for key in keys]
+    return healing
 
 
 def _own_client(client: redis.Redis) -> redis.Redis:
@@ -256,7 +293,12 @@ class StatsPublisher:
             commands.append(("PEXPIRE", key, STATS_TTL_MS))
         if self._client is None:
             self._client = _own_client(self.core.client)
-        SyncRedisIO(self._client).pipeline(commands)
+        pipe: Any = self._client.pipeline(transaction=False)  # its methods are untyped
+        for command in commands:
+            pipe.execute_command(*command)
+        healing = _healing(commands, pipe.execute(raise_on_error=False))
+        if healing:
+            SyncRedisIO(self._client).pipeline(healing)
 
     def _run(self, stop: threading.Event) -> None:
         delay = self.interval

@@ -27,6 +27,7 @@ from . import hydrate, stampede
 from .binds import translate_map_of
 from .codec import CodecError, RowCodec, UncacheableType, pack, unpack
 from .core import INVALIDATIONS_SUFFIX, LEASE_SUFFIX, ROW_COUNTER_TTL_MS
+from .counters import parse_counter
 from .keys import Unfingerprintable, fingerprint, pk_text, values_digest
 from .options import FromCache
 from .policy import CachePolicy
@@ -449,17 +450,21 @@ class ReadPath:
             core.redis_failed(exc)
 
     def _counters(self, keys: Sequence[str], values: Sequence[Any], scope: str) -> list[int] | None:
-        """Parse version counters; a counter holding garbage is deleted (a miss, no fill).
+        """Parse version counters as Redis does; one it could not INCR is deleted (a miss,
+        no fill).
 
-        A deleted counter comes back at a random value, so no entry stored under the
-        garbage can ever match it.
+        A value ``int()`` would take but ``INCR`` refuses (``b" 7 "``) must not be trusted:
+        every writer's script would reseed it, and a reader that trusted it would keep
+        serving entries stored under it. A deleted counter comes back at a random value,
+        so no entry stored under the garbage can ever match it.
         """
-        try:
-            return [int(v) for v in values]
-        except (TypeError, ValueError) as exc:
-            bad = [k for k, v in zip(keys, values, strict=True) if not _is_int(v)]
-            self._corrupt_keys(bad, scope, exc)
-            return None
+        numbers = [parse_counter(v) for v in values]
+        if None not in numbers:
+            return cast("list[int]", numbers)
+        bad = [(k, v) for k, v, n in zip(keys, values, numbers, strict=True) if n is None]
+        exc = ValueError(f"not a counter: {bad[0][1]!r:.60}")
+        self._corrupt_keys([k for k, _ in bad], scope, exc)
+        return None
 
     def _corrupt(self, key: str, scope: str, exc: Exception) -> None:
         self._corrupt_keys([key], scope, exc)
@@ -600,7 +605,11 @@ class ReadPath:
         except RedisError as exc:
             core.redis_failed(exc)
             values = [None] * len(tables)
-        tx.snapshot = dict(zip(tables, values, strict=True))
+        # a pin that is not a counter pins nothing: such a table is not filled this time
+        tx.snapshot = {
+            t: v if parse_counter(v) is not None else None
+            for t, v in zip(tables, values, strict=True)
+        }
 
     def plan(self, structural_key: Any, statement: Any) -> StatementPlan | None:
         """The memoised plan of a statement shape; None when it cannot be cached."""
@@ -843,14 +852,6 @@ def _query_entry(raw: bytes, owner: str) -> tuple[list[Any], Any]:
     if stamp[0] != owner:
         raise CodecError("the entry of another statement")
     return stamp, payload[1]
-
-
-def _is_int(value: Any) -> bool:
-    try:
-        int(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _row_shape(statement: Any) -> hydrate.RowShape:

@@ -1,6 +1,8 @@
 """The Lua scripts in ``lua/``, loaded once per process and run with EVALSHA.
 
-Each script opens with a comment naming its KEYS and ARGV; keep that header true.
+Each script opens with a comment naming its KEYS and ARGV; keep that header true. Redis
+runs ``lua/_prelude.lua`` (the helpers that treat a key of the wrong type or an
+unparsable counter as absent, and heal it) followed by the script.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ if TYPE_CHECKING:
     from redis.commands.core import Script
 
 
+def _file(name: str) -> str:
+    return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
+
+
 @cache
 def source(name: str) -> str:
-    """The text of ``lua/<name>.lua``."""
-    return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
+    """The text Redis runs for ``lua/<name>.lua``: the shared prelude, then the script."""
+    return _file("_prelude") + _file(name)
 
 
 class Scripts:

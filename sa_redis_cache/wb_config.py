@@ -30,7 +30,7 @@ import threading
 import zlib
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 from sqlalchemy import Sequence, Table
 from sqlalchemy.sql.schema import ColumnDefault
 
@@ -208,7 +208,7 @@ def model_problems(mapper: Mapper[Any], info: ModelInfo) -> list[str]:
 def redis_problems(client: redis.Redis, policy: CachePolicy) -> list[str]:
     """Why ``client``'s server cannot keep write-behind queues (AOF off, an allkeys policy).
 
-    Asked at every ``attach()`` (two CONFIG GETs): the setting can change between attaches.
+    Asked at every ``attach()`` (two INFO sections): the setting can change between attaches.
     ``CachePolicy(accept_volatile=True)`` skips it, for deployments that accept losing
     queued writes with the Redis server.
     """
@@ -246,22 +246,14 @@ def _check_redis(client: redis.Redis) -> list[str]:
 
 
 def _server_settings(client: redis.Redis) -> dict[str, str]:
-    try:
-        raw = client.config_get("appendonly")
-        raw.update(client.config_get("maxmemory-policy"))
-        return {_text(k): _text(v) for k, v in raw.items()}
-    except ResponseError:
-        # managed services often rename CONFIG away; INFO tells the same two facts
-        persistence = client.info("persistence")
-        memory = client.info("memory")
-        return {
-            "appendonly": "yes" if persistence.get("aof_enabled") else "no",
-            "maxmemory-policy": str(memory.get("maxmemory_policy", "")),
-        }
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    # INFO, never CONFIG GET: managed services often rename CONFIG away, and an ACL that
+    # grants CONFIG GET also hands out the server's passwords (docs/security.md)
+    persistence = client.info("persistence")
+    memory = client.info("memory")
+    return {
+        "appendonly": "yes" if persistence.get("aof_enabled") else "no",
+        "maxmemory-policy": str(memory.get("maxmemory_policy", "")),
+    }
 
 
 # -- primary keys from a client-side sequence ----------------------------------------------

@@ -425,7 +425,9 @@ class WriteBehind:
         entity = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk)
         scope = "model:" + info.mapper.class_.__name__
         try:
-            raw = core.io().get(key)
+            # MGET reads a key of another Redis type as absent, where GET would fail (and
+            # count against the breaker): only strings are queued there, so it holds none
+            raw = core.io().mget([key])[0]
         except RedisError as exc:
             core.redis_failed(exc)
             core.counters.incr(scope, "errors")

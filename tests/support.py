@@ -5,13 +5,16 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
 
 from examples.shop import Product
-from sa_redis_cache import FromCache
+from sa_redis_cache import Cache, FromCache
+from sa_redis_cache.keys import KeyScheme
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session, sessionmaker
+    from sqlalchemy.orm import Session
 
 
 class SQLCounter:
@@ -42,3 +45,28 @@ def read_price(factory: sessionmaker[Session], pid: int) -> tuple[Decimal, Decim
         got = s.get(Product, pid)
         assert got is not None
         return by_query, got.price
+
+
+class Two:
+    """Two processes' caches on one namespace: ``writer`` commits, ``reader`` reads.
+
+    Each has an engine of its own, as processes do (a cache attached to an engine would
+    see the other's statements on it as Core DML, and bypass the tables they write). A
+    commit whose invalidation did not reach Redis shows only through the reader.
+    """
+
+    def __init__(self, engine: sa.Engine, url: str, namespace: str) -> None:
+        self.engine = sa.create_engine(engine.url)
+        self.writer = Cache(url, namespace=namespace)
+        self.reader = Cache(url, namespace=namespace)
+        self.write = sessionmaker(self.engine)
+        self.read = sessionmaker(engine)
+        self.writer.attach(self.write)
+        self.reader.attach(self.read)
+        self.keys = KeyScheme(namespace)
+
+    def close(self) -> None:
+        """Detach both caches and dispose of the writer's engine."""
+        self.writer.detach()
+        self.reader.detach()
+        self.engine.dispose()

@@ -5,18 +5,13 @@
 --          only turns every entry validated against it into a miss)
 -- ARGV[2i]: value to start counter i at when it does not exist (random, chosen by the
 --          client, so that a counter lost to eviction, expiry or a restart never comes
---          back at a value an old entry was stored under)
+--          back at a value an old entry was stored under); a counter of another Redis type
+--          or that Redis could not INCR is replaced by it too
 -- Returns: the counters' values, in KEYS order
 local out = {}
 for i, key in ipairs(KEYS) do
   local ttl = ARGV[2 * i - 1]
-  local v = redis.call('GET', key)
-  if not v then
-    v = ARGV[2 * i]
-    redis.call('SET', key, v, 'PX', ttl)
-  else
-    redis.call('PEXPIRE', key, ttl)
-  end
-  out[i] = v
+  out[i] = counter(key, ARGV[2 * i], ttl)
+  redis.call('PEXPIRE', key, ttl)
 end
 return out

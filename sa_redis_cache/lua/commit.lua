@@ -11,22 +11,20 @@
 --          that the bulk statement then overwrote may have stored its state under the
 --          generation the bulk statement's flush mark had already moved to
 -- ARGV[5]: TTL of the version counter and the generation, in milliseconds
--- ARGV[6]: value to start a counter at when it does not exist (random, never 1)
+-- ARGV[6]: value to start a counter at when it does not exist or holds what INCR refuses
+--          (random, never 1)
 -- ARGV[7], ARGV[8], ARGV[9] for each row, in KEYS order:
 --          the write ticket from flush_mark.lua, the TTL in ms, the new encoded state
 --          (an empty string means delete: cache_aside strategy or a deleted row)
 -- Returns: the number of rows whose new state was written through
-local function bump(key)
-  if redis.call('EXISTS', key) == 0 then
-    redis.call('SET', key, ARGV[6])
-  end
-  redis.call('INCR', key)
-  redis.call('PEXPIRE', key, ARGV[5])
+-- A counter, writers key or row counter of another Redis type, or a counter INCR refuses,
+-- is healed as in flush_mark.lua (lua/_prelude.lua): the commit's bump always lands.
+bump(KEYS[1], ARGV[6], ARGV[5])
+if failed(redis.pcall('ZREM', KEYS[2], ARGV[1])) then
+  redis.call('DEL', KEYS[2])
 end
-bump(KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
 if ARGV[4] == '1' then
-  bump(KEYS[3])
+  bump(KEYS[3], ARGV[6], ARGV[5])
 end
 local written = 0
 local a = 7
@@ -35,7 +33,7 @@ for i = 4, #KEYS, 2 do
   a = a + 3
   -- another writer flushed this row after us: its commit is newer or undecided, so
   -- neither state may be left in the cache
-  if state ~= '' and redis.call('GET', KEYS[i + 1]) == ticket then
+  if state ~= '' and redis.pcall('GET', KEYS[i + 1]) == ticket then
     redis.call('SET', KEYS[i], state, 'PX', ttl)
     written = written + 1
   else

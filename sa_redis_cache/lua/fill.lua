@@ -7,29 +7,55 @@
 -- ARGV[1]: TTL in milliseconds
 -- ARGV[2]: the encoded entry
 -- ARGV[3]: the caller's lease token, or '' when it holds no lease
--- ARGV[4]: the invalidation counter as the caller read it before its database read, or ''
---          when it did not exist
--- ARGV[5 .. n+4]: the version counter values captured before the database read
+-- ARGV[4]: '=' followed by the invalidation counter as the caller read it before its
+--          database read ('=' alone when it did not exist); 'n' when the entry has none
+--          (entity entries: invalidate_query() never moves one, so it is not read)
+-- ARGV[5]: value to reseed the invalidation counter at if it holds another Redis type
+--          (random: no filler, whatever it read, can match it)
+-- ARGV[6 .. n+5]: the version counter values captured before the database read
 -- Returns: 1 when stored; 0 when a counter moved or a writer is in flight (the value
 --          read from the database may be older than a committed write or an invalidation)
+-- A counter or writers set of another Redis type refuses the fill and is healed (deleted,
+-- or reseeded at random): the next look captures a fresh value, and its fill can store.
 local n = (#KEYS - 3) / 2
-if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then
+if ARGV[3] ~= '' then
+  if redis.pcall('GET', KEYS[2]) == ARGV[3] then
+    redis.call('DEL', KEYS[2])
+  end
+elseif redis.call('PTTL', KEYS[2]) == -1 then
+  -- every lease is set with an expiry: one without is foreign, and would make every miss
+  -- of this entry wait for a filler that never comes
   redis.call('DEL', KEYS[2])
 end
--- pcall: a key of another Redis type under the counter's name refuses the fill
-local invalidations = redis.pcall('GET', KEYS[3])
-if type(invalidations) == 'table' or (invalidations or '') ~= ARGV[4] then
-  return 0
+if ARGV[4] ~= 'n' then
+  local invalidations = redis.pcall('GET', KEYS[3])
+  if failed(invalidations) then
+    redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[1])
+    return 0
+  end
+  if '=' .. (invalidations or '') ~= ARGV[4] then
+    return 0
+  end
 end
 for i = 1, n do
-  if redis.call('GET', KEYS[3 + i]) ~= ARGV[4 + i] then
+  local version = redis.pcall('GET', KEYS[3 + i])
+  if version ~= ARGV[5 + i] then
+    if failed(version) then
+      redis.call('DEL', KEYS[3 + i])
+    end
     return 0
   end
 end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 1, n do
-  if #redis.call('ZRANGEBYSCORE', KEYS[3 + n + i], now_ms, '+inf', 'LIMIT', 0, 1) > 0 then
+  local writing = redis.pcall('ZRANGEBYSCORE', KEYS[3 + n + i], now_ms, '+inf', 'LIMIT', 0, 1)
+  if failed(writing) then
+    -- not a writers set: it holds no mark; the next fill finds the key absent
+    redis.call('DEL', KEYS[3 + n + i])
+    return 0
+  end
+  if #writing > 0 then
     return 0
   end
 end

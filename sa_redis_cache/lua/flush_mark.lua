@@ -6,8 +6,8 @@
 -- ARGV[1]: the transaction's token (member of the writers set)
 -- ARGV[2]: how long the writer mark lives, in milliseconds (a crashed writer's mark expires)
 -- ARGV[3]: TTL of the row write counters, in milliseconds
--- ARGV[4]: value to start the version counter or the entity generation at when it
---          does not exist (random)
+-- ARGV[4]: value to start the version counter, the entity generation or a row write
+--          counter at when it does not exist or is unusable (random)
 -- ARGV[5]: 1 when the rows written are not known (bulk or textual DML): the entity
 --          generation is bumped so that every entity entry of the table becomes a miss
 -- ARGV[6]: TTL of the version counter and the generation, in milliseconds
@@ -18,34 +18,28 @@
 -- its compare-and-set; the mark refuses fills until the commit is done; deleting the
 -- entity entries removes what was filled before the mark.
 -- A missing counter starts at the random ARGV[4], never at 1: a counter lost and
--- recreated must not come back at a value an old entry was stored under.
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('SET', KEYS[1], ARGV[4])
-end
-redis.call('INCR', KEYS[1])
+-- recreated must not come back at a value an old entry was stored under. A counter of
+-- another Redis type or that INCR refuses is reseeded the same way (row write counters
+-- too), a writers key of another type is replaced by a new set (lua/_prelude.lua): a write
+-- never fails on what another program left under our keys.
+bump(KEYS[1], ARGV[4], ARGV[6])
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
+if failed(redis.pcall('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)) then
+  redis.call('DEL', KEYS[2])
+end
 redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-local generation = redis.call('GET', KEYS[3])
-if not generation then
-  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[6])
-  generation = ARGV[4]
-end
+local generation = counter(KEYS[3], ARGV[4], ARGV[6])
 if ARGV[5] == '1' then
-  redis.call('INCR', KEYS[3])
+  bump(KEYS[3], ARGV[4], ARGV[6])
   -- read it back as a string: Lua numbers are doubles and would round a 62-bit value
   generation = redis.call('GET', KEYS[3])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
 local tickets = {generation}
 for i = 4, #KEYS, 2 do
   redis.call('DEL', KEYS[i])
-  redis.call('INCR', KEYS[i + 1])
-  redis.call('PEXPIRE', KEYS[i + 1], ARGV[3])
-  -- as a string: a counter a read seeded at a random 62-bit value would round as a number
-  tickets[#tickets + 1] = redis.call('GET', KEYS[i + 1])
+  tickets[#tickets + 1] = bump_get(KEYS[i + 1], ARGV[4], ARGV[3])
 end
 return tickets

@@ -12,21 +12,35 @@
 --          'd' (delete), the row's pk text, the model's schema hash, the data as JSON (the
 --          encoded full row for 'u', the encoded primary key for 'd'), and the trailer to
 --          append to both values ('' when the cache does not sign: sa_redis_cache/signing.py)
--- Returns: the stream id of each operation, in order
+-- Returns: the stream id of each operation, in order; an error naming the key, before
+--          anything is written, when a stream key holds another Redis type
 -- The entity entry and the pending key get no TTL: an unflushed state must not expire.
 -- The worker gives the entity entry its TTL and removes the pending key after the flush.
 -- The row write counter moves: entity entries of the row in other scopes (and any filled
 -- from the database before this commit) are no longer valid.
+-- A stream key of another type is never replaced here: the writes queued in the stream it
+-- replaced are lost, and an operator must learn that (docs/write-behind.md#hostile-values).
+-- Entity entries and pending keys of another type are overwritten by SET: this library
+-- stores strings there, so such a key holds no queued write. A generation or row write
+-- counter that is not a counter is reseeded (lua/_prelude.lua).
 local n = tonumber(ARGV[1])
 local header = ARGV[2]
+local checked = {}
+for k = n + 1, #KEYS, 4 do
+  local stream = KEYS[k]
+  if not checked[stream] then
+    checked[stream] = true
+    local kind = type_of(stream)
+    if kind ~= 'stream' and kind ~= 'none' then
+      return redis.error_reply('WRONGTYPE write-behind stream ' .. stream .. ' holds a ' .. kind
+        .. ', not a stream: nothing was queued. The writes queued in the stream it replaced'
+        .. ' are lost; see what wrote it, then delete it (docs/write-behind.md)')
+    end
+  end
+end
 local generations = {}
 for i = 1, n do
-  local g = redis.call('GET', KEYS[i])
-  if not g then
-    g = ARGV[5 + i]
-    redis.call('SET', KEYS[i], g, 'PX', ARGV[3])
-  end
-  generations[i] = g
+  generations[i] = counter(KEYS[i], ARGV[5 + i], ARGV[3])
 end
 local ids = {}
 local a = 6 + n
@@ -39,13 +53,10 @@ for k = n + 1, #KEYS, 4 do
   if op == 'u' then
     body = '[' .. data .. ',0]'
   end
-  redis.call('SET', KEYS[k + 3], ARGV[5], 'NX')
-  redis.call('INCR', KEYS[k + 3])
-  redis.call('PEXPIRE', KEYS[k + 3], ARGV[4])
-  -- read back as a string: Lua numbers are doubles and would round a 62-bit value
-  local writes = redis.call('GET', KEYS[k + 3])
+  local writes = bump_get(KEYS[k + 3], ARGV[5], ARGV[4])
   -- SET without PX also removes a TTL the key had: the state lives until flushed
-  redis.call('SET', KEYS[k + 1], header .. '[[' .. generations[t] .. ',' .. writes .. '],' .. body .. ']' .. trailer)
+  local stamp = '[[' .. generations[t] .. ',' .. writes .. '],'
+  redis.call('SET', KEYS[k + 1], header .. stamp .. body .. ']' .. trailer)
   redis.call('SET', KEYS[k + 2], header .. '["' .. id .. '",' .. body .. ']' .. trailer)
   ids[#ids + 1] = id
 end

@@ -17,7 +17,8 @@
 --          the batch was applied, 'x' when it went to the dead letters (the database kept
 --          its row)
 -- ARGV[11+m ..]: per flushed row, the stream id of its last operation in the batch
--- Returns: the number of rows whose pending key was removed
+-- Returns: the number of rows whose pending key was removed; an error, before anything is
+--          written, when the stream key holds another Redis type
 -- A pending key naming another id holds a newer queued state: it and its entity entry stay.
 -- The pending key of an applied operation holds header .. '["<id>",' .. body .. ']', where
 -- body is the state the database now has ('[row,0]', or 'null' for a delete), then the
@@ -25,12 +26,20 @@
 -- current generation and the row's moved write counter (the row is not sent again); the
 -- trailer covers the body alone, bound to the entity key, so it stays valid there
 -- (sa_redis_cache/signing.py).
+-- A stream key of another Redis type is an error before anything is written (the worker
+-- keeps the batch and reports it); the version and row write counters are healed by bump,
+-- a generation that is not a counter counts as absent (lua/_prelude.lua); a pending key of
+-- another type names no id: it and its entity entry stay, like a newer state's (the next
+-- enqueue of the row overwrites it).
 local call, sub, byte = redis.call, string.sub, string.byte
-call('SET', KEYS[2], ARGV[6], 'NX', 'PX', ARGV[5])
-call('INCR', KEYS[2])
-call('PEXPIRE', KEYS[2], ARGV[5])
+local kind = type_of(KEYS[1])
+if kind ~= 'stream' and kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE write-behind stream ' .. KEYS[1] .. ' holds a ' .. kind
+    .. ', not a stream: the batch was applied and is not acknowledged')
+end
+bump(KEYS[2], ARGV[6], ARGV[5])
 local header, ttl = ARGV[4], ARGV[3]
-local generation = call('GET', KEYS[3])
+local generation = get_counter(KEYS[3])
 local m = tonumber(ARGV[9])
 local kinds = ARGV[10 + m]
 local applied = byte('a')
@@ -42,16 +51,13 @@ for i = 4, #KEYS, 3 do
   row = row + 1
   local expected = opening .. ARGV[a] .. '",'
   a = a + 1
-  local pending = call('GET', KEYS[i])
-  if pending and sub(pending, 1, #expected) == expected then
+  local pending = redis.pcall('GET', KEYS[i])
+  if type(pending) == 'string' and sub(pending, 1, #expected) == expected then
     call('DEL', KEYS[i])
     cleared = cleared + 1
-    call('SET', KEYS[i + 2], ARGV[8], 'NX')
-    call('INCR', KEYS[i + 2])
-    call('PEXPIRE', KEYS[i + 2], ARGV[7])
+    local writes = bump_get(KEYS[i + 2], ARGV[8], ARGV[7])
     if generation and byte(kinds, row) == applied then
-      -- the counter as a string: a Lua number would round a 62-bit value
-      local stamp = '[[' .. generation .. ',' .. call('GET', KEYS[i + 2]) .. '],'
+      local stamp = '[[' .. generation .. ',' .. writes .. '],'
       call('SET', KEYS[i + 1], header .. stamp .. sub(pending, #expected + 1), 'PX', ttl)
     else
       call('DEL', KEYS[i + 1])

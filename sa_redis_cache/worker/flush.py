@@ -277,9 +277,8 @@ class FlushWorker:
         try:
             if held:
                 self._release(held)
-            for parts in self._tables.values():
-                p = parts[0]
-                self.client.zrem(workers_key(self.keys, p.info.table, p.scope), self.consumer)
+            for table in self._tables:
+                self.client.zrem(self._workers_key(table), self.consumer)
         except RedisError as exc:
             log.warning("could not release write-behind leases (they expire): %s", exc)
         for p in held:
@@ -394,30 +393,58 @@ class FlushWorker:
         """
         now_ms = int(time.time() * 1000)
         pipe = self.client.pipeline(transaction=False)
-        for parts in self._tables.values():
-            key = workers_key(self.keys, parts[0].info.table, parts[0].scope)
+        for table in self._tables:
+            key = self._workers_key(table)
             pipe.zadd(key, {self.consumer: now_ms + self.lease_ms})
             pipe.zremrangebyscore(key, "-inf", now_ms)
             pipe.zcard(key)
             pipe.pexpire(key, self.lease_ms * 2)
-            pipe.mget([p.lease for p in parts])
-        replies = pipe.execute()
+            for p in self._tables[table]:
+                # -2: free; -1: a key without expiry, which no worker sets (wb_lease.lua
+                # takes it over); else a lease someone holds
+                pipe.pttl(p.lease)
+        replies = pipe.execute(raise_on_error=False)
         self._turn += 1
         wanted: list[Partition] = []
-        for i, parts in enumerate(self._tables.values()):
-            live = max(1, int(replies[i * 5 + 2]))
-            holders = replies[i * 5 + 4]
+        at = 0
+        for table, parts in self._tables.items():
+            announced, lease_ttls = replies[at : at + 4], replies[at + 4 : at + 4 + len(parts)]
+            at += 4 + len(parts)
+            live = self._live_workers(table, announced)
             limit = -(-len(parts) // live)
             held = [p for p in parts if p.held]
             if len(held) > limit:
                 self._release(held[limit:])
                 held = held[:limit]
-            free = [p for p, h in zip(parts, holders, strict=True) if not p.held and h is None]
+            free = [
+                p
+                for p, ttl in zip(parts, lease_ttls, strict=True)
+                if not p.held and not isinstance(ttl, Exception) and ttl < 0
+            ]
             if free:
                 start = (self._turn + self._offset) % len(free)
                 free = free[start:] + free[:start]
             wanted += held + free[: limit - len(held)]
         return wanted
+
+    def _workers_key(self, table: str) -> str:
+        return workers_key(self.keys, table, self._tables[table][0].scope)
+
+    def _live_workers(self, table: str, replies: list[Any]) -> int:
+        """How many workers share ``table`` (the ZCARD), from the announcement's replies.
+
+        The set only balances partitions between workers: one of another Redis type holds
+        no announcement, and is deleted so that the next pass recreates it.
+        """
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if not errors:
+            return max(1, int(replies[2]))
+        if not all(str(e).startswith("WRONGTYPE") for e in errors):
+            raise errors[0]
+        key = self._workers_key(table)
+        log.warning("write-behind worker set %s was not a sorted set: recreated", key)
+        self.client.delete(key)
+        return 1
 
     def _release(self, parts: list[Partition]) -> None:
         self.scripts.run_batch(
@@ -427,9 +454,7 @@ class FlushWorker:
             p.held = p.clean = False
 
     def _lease_and_read(self, ready: list[Partition]) -> int:
-        for p in ready:
-            if not p.group_ready:
-                self._ensure_group(p)
+        ready = [p for p in ready if p.group_ready or self._ensure_group(p)]
         calls = [
             (
                 self.scripts.wb_lease,
@@ -457,6 +482,9 @@ class FlushWorker:
                 if reply == 0:
                     p.held = p.clean = False
                     continue
+                if reply == -1:
+                    self._not_a_stream(p)
+                    continue
                 if not p.held:
                     p.held, p.clean = True, False
                 if isinstance(reply, list) and reply:
@@ -467,13 +495,36 @@ class FlushWorker:
             done += self._settle()
         return done
 
-    def _ensure_group(self, p: Partition) -> None:
+    def _ensure_group(self, p: Partition) -> bool:
+        """Create the consumer group (and the stream); False when the key is not a stream."""
         try:
             self.client.xgroup_create(p.stream, GROUP, id="0", mkstream=True)
         except ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                self._not_a_stream(p)
+                return False
             if "BUSYGROUP" not in str(exc):
                 raise
         p.group_ready = True
+        return True
+
+    def _not_a_stream(self, p: Partition) -> None:
+        """The partition's stream key holds another Redis type: report it, leave it alone.
+
+        Never deleted nor replaced here: whatever overwrote the stream took the writes
+        queued in it, and an operator must see that (their rows' pending keys still hold
+        the states). Commits to the partition are refused meanwhile (``wb_enqueue.lua``);
+        the other partitions go on. Retried with backoff, and logged at each retry.
+        """
+        p.held = p.clean = p.group_ready = False
+        self._failed(
+            p,
+            ResponseError(
+                f"write-behind stream {p.stream} holds another Redis type, not a stream: the "
+                "writes queued in it are lost and new commits to it are refused; see what "
+                "wrote it, then delete it (docs/write-behind.md)"
+            ),
+        )
 
     def _drain_pending(self, p: Partition) -> int:
         """Apply the group's pending entries of a partition we now hold, in stream order."""

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from examples.shop import Base, Product, seed
 from sa_redis_cache import Cache
 from tests.modes import MODES, Runner
-from tests.support import SQLCounter
+from tests.support import SQLCounter, Two
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -56,6 +56,14 @@ def cache(redis_url: str, namespace: str) -> Iterator[Cache]:
     # trip per cache on each Core statement) and recreate keys of deleted namespaces
     cache.detach()
     client.close()
+
+
+@pytest.fixture
+def two(shop_engine: sa.Engine, redis_url: str, namespace: str) -> Iterator[Two]:
+    """A writer's and a reader's cache on this test's namespace (:class:`tests.support.Two`)."""
+    caches = Two(shop_engine, redis_url, namespace)
+    yield caches
+    caches.close()
 
 
 @pytest.fixture

@@ -8,9 +8,13 @@ the read after it is correct too.
 
 from __future__ import annotations
 
+import logging
+import re
+import uuid
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import pytest
 import redis
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
@@ -19,8 +23,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from examples.shop import Category, Product
-from sa_redis_cache import Cache, FromCache
+from sa_redis_cache import Cache, CacheUnavailableError, FromCache
 from sa_redis_cache.codec import CODEC_VERSION, pack
+from sa_redis_cache.keys import KeyScheme, pk_text
+from sa_redis_cache.wb_config import partition_of
+from tests.wb_support import PARTITIONS, drain, queue, rows, update
+
+if TYPE_CHECKING:
+    from tests.support import SQLCounter, Two
+
+pytest_plugins = ["tests.wb_fixtures"]
 
 KINDS = ("q", "e", "v", "g", "lease", "f")
 
@@ -118,3 +130,229 @@ def test_planted_bytes_never_reach_the_application(
     assert reads(session_factory, cache) == expected
     for key in keys["lease"]:
         redis_client.delete(key)
+
+
+# -- every key kind, every Redis type ------------------------------------------------------
+# Above, bytes under string keys. Below, each key kind the library writes gets values of
+# every other Redis type and strings that look almost right; the reads must stay true, a
+# commit must reach another process, and the cache must heal: the read after is a hit.
+
+PLANTS = ("hash", "list", "set", "zset", "stream", "garbage", "spaced", "plus", "max")
+STRINGS = {
+    "garbage": b"\x00garbage\xff",
+    "spaced": b" 7 ",  # int() takes these three, INCR does not
+    "plus": b"+7",
+    "max": b"9223372036854775807",  # INCR overflows
+}
+
+
+def plant(client: redis.Redis, key: bytes | str, how: str) -> None:
+    """Replace ``key`` with a value of the kind ``how`` names, with no TTL."""
+    client.delete(key)
+    if how in STRINGS:
+        client.set(key, STRINGS[how])
+    elif how == "hash":
+        client.hset(key, mapping={"hits": b"x", "planted": b"1"})
+    elif how == "list":
+        client.rpush(key, b"planted")
+    elif how == "set":
+        client.sadd(key, b"planted")
+    elif how == "zset":
+        client.zadd(key, {b"planted": 1})
+    else:
+        client.xadd(key, {b"planted": b"1"})
+
+
+def every_read(factory: sessionmaker[Session], cache: Cache, pid: int) -> Any:
+    """One product through FromCache, session.get, its many-to-one lazy load and a function."""
+    with factory() as s:
+        stmt = select(Product).where(Product.id == pid).options(FromCache(lease_wait=0.02))
+        listed = [(p.id, p.price) for p in s.scalars(stmt)]
+    with factory() as s:
+        got = s.get(Product, pid)
+        assert got is not None
+        category = got.category.name
+        by_get = (got.id, got.price)
+    return listed, by_get, category, double_price(cache, pid)
+
+
+def kind_keys(client: redis.Redis, namespace: str, pid: int) -> dict[str, list[bytes]]:
+    """The keys of each kind this test's reads and write made (and the counters' names)."""
+    keys = KeyScheme(namespace)
+    found = list(client.scan_iter(match=f"sarc:{namespace}:*"))
+    entries = {
+        k: [
+            key
+            for key in found
+            if f":{k}:".encode() in key and not key.endswith((b":inv", b":lease"))
+        ]
+        for k in ("q", "e", "f")
+    }
+    tables = ("products", "categories")
+    return {
+        **entries,
+        "v": [keys.version_key(t).encode() for t in tables],
+        "g": [keys.generation_key(t).encode() for t in tables],
+        "w": [keys.writers_key(t).encode() for t in tables],
+        "rw": [keys.row_write_key("products", pk_text([pid])).encode()],
+        "lease": [key + b":lease" for key in entries["q"] + entries["e"]],
+        "inv": [key + b":inv" for key in entries["q"] + entries["e"]],
+        "stats": [keys.stats_key(s).encode() for s in ("total", "model:Product")],
+    }
+
+
+@pytest.mark.parametrize("how", PLANTS)
+@pytest.mark.parametrize("kind", ["q", "e", "v", "g", "w", "rw", "lease", "inv", "f", "stats"])
+def test_planted_values_of_every_kind_heal(
+    two: Two,
+    shop_engine: sa.Engine,
+    redis_client: redis.Redis,
+    namespace: str,
+    product: int,
+    sql: SQLCounter,
+    kind: str,
+    how: str,
+) -> None:
+    _engine[:] = [shop_engine]
+    plain = sessionmaker(shop_engine)
+    expected = every_read(plain, two.reader, product)
+    assert every_read(two.read, two.reader, product) == expected  # fills every entry
+    two.reader.invalidate_query(select(Product).where(Product.id == product))  # an :inv key
+    for cache in (two.reader, two.writer):
+        assert cache._publisher.publish_now()  # the stats hashes
+    assert every_read(two.read, two.reader, product) == expected
+    for key in kind_keys(redis_client, namespace, product)[kind]:
+        plant(redis_client, key, how)
+
+    assert every_read(two.read, two.reader, product) == expected
+    with two.write() as s:  # the row write counter, the writers set, both counters
+        got = s.get(Product, product)
+        assert got is not None
+        got.price = Decimal("7.77")
+        s.commit()
+    with plain() as s:
+        s.execute(sa.update(Product).where(Product.id == product).values(price=Decimal("7.77")))
+        s.commit()  # what the cached function reads, behind the cache's back
+    moved = every_read(plain, two.reader, product)
+    assert moved[:3] == (
+        [(product, Decimal("7.77"))],
+        (product, Decimal("7.77")),
+        expected[2],
+    )
+    # a fill that finds a counter of another type is refused while it heals it: the next
+    # fill stores, and the read after it is a hit
+    for _ in range(2):
+        assert every_read(two.read, two.reader, product)[:3] == moved[:3]
+    sql.reset()
+    assert every_read(two.read, two.reader, product)[:3] == moved[:3]
+    assert sql.count == 0, sql.statements
+    for cache in (two.reader, two.writer):
+        assert cache._publisher.publish_now()
+        assert cache.stats()["total"]["errors"] == 0
+        assert cache._core.breaker.state == "closed"
+        assert cache._core.undelivered == set()
+
+
+# -- write-behind keys: queued writes must never be lost by healing ------------------------
+
+WB_KINDS = ("stream", "pending", "partition_lease", "workers", "generation", "version")
+
+
+def in_partition(partition: int) -> uuid.UUID:
+    """A PageView id whose row lands in ``partition``."""
+    while True:
+        pk = uuid.uuid4()
+        if partition_of(pk_text([pk]), PARTITIONS) == partition:
+            return pk
+
+
+def wb_key(kind: str, worker: Any, table: str, partition: int, pending: bytes) -> Any:
+    keys = worker.keys
+    return {
+        "stream": worker.partitions[partition].stream,
+        "pending": pending,
+        "partition_lease": worker.partitions[partition].lease,
+        "workers": worker._workers_key(table),
+        "generation": keys.generation_key(table),
+        "version": keys.version_key(table),
+    }[kind]
+
+
+def insert_then_update(factory: sessionmaker[Session], model: Any, new: Any, pk: Any) -> None:
+    """One commit: insert row ``new``, then update row ``pk`` (queued in that order)."""
+    with factory() as s:
+        s.add(model(id=new, path="/refused"))
+        s.flush()
+        got = s.get(model, pk)
+        assert got is not None
+        got.views = 1
+        s.commit()
+
+
+@pytest.mark.parametrize(
+    ("kind", "how"),
+    [(k, h) for k in WB_KINDS for h in PLANTS if (k, h) != ("stream", "stream")],
+)
+def test_planted_write_behind_keys_heal_or_are_reported(
+    engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+    models: Any,
+    make_worker: Any,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+    how: str,
+) -> None:
+    """Healed like the other keys, except a stream of another type: whatever replaced it
+    took the writes queued in it, so it is reported (commits to it refused, the worker
+    logging it on each pass), never deleted nor replaced (docs/write-behind.md)."""
+    page_view, _ = models
+    cache = Cache(client, namespace=namespace)
+    factory = sessionmaker(engine)
+    cache.attach(factory)
+    worker = make_worker()
+    table = page_view.__tablename__
+    try:
+        pk = queue(factory, page_view, id=in_partition(1), path="/fuzz")
+        (pending,) = client.scan_iter(match=f"sarc:{namespace}:*:wbp:*")
+        key = wb_key(kind, worker, table, 1, pending)
+        plant(client, key, how)
+        with factory() as s:  # the queued state, read back whatever was planted
+            got = s.get(page_view, pk)
+            assert got is not None
+            assert got.path == "/fuzz"
+
+        if kind == "stream":
+            with pytest.raises(CacheUnavailableError, match=re.escape(key)):
+                insert_then_update(factory, page_view, in_partition(2), pk)
+            assert client.xlen(worker.partitions[2].stream) == 0  # all or nothing
+            other = queue(factory, page_view, id=in_partition(2), path="/other")
+            with caplog.at_level(logging.WARNING, logger="sa_redis_cache.worker"):
+                drain(worker)
+            assert rows(engine, page_view) == {other: ("/other", 0)}  # the others go on
+            assert worker.errors >= 1
+            assert any(key in r.getMessage() for r in caplog.records)
+            assert client.type(key) != b"stream"  # left for an operator to look at
+            client.delete(key)  # the operator's fix
+            again = queue(factory, page_view, id=in_partition(1), path="/again")
+            worker.release()  # its backoff would wait; a restarted worker starts afresh
+            drain(make_worker("w2"))
+            assert rows(engine, page_view)[again] == ("/again", 0)
+            return
+
+        update(factory, page_view, pk, views=1)
+        drain(worker)
+        assert rows(engine, page_view) == {pk: ("/fuzz", 1)}
+        update(factory, page_view, pk, views=2)
+        drain(worker)
+        assert rows(engine, page_view) == {pk: ("/fuzz", 2)}
+        assert list(client.scan_iter(match=f"sarc:{namespace}:*:wbp:*")) == []
+        with factory() as s:
+            got = s.get(page_view, pk)
+            assert got is not None
+            assert got.views == 2
+        assert worker.errors == 0
+        assert cache.stats()["total"]["errors"] == 0
+        assert cache._core.breaker.state == "closed"
+    finally:
+        cache.detach()

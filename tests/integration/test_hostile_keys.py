@@ -1,0 +1,191 @@
+"""Counters Redis cannot INCR, and keys of the wrong Redis type, under the cache's names.
+
+Two caches on one namespace stand for two processes: ``writer`` commits, ``reader`` reads.
+A commit whose invalidation did not reach Redis is invisible to the reader alone (the
+writer's own process bypasses tables it could not deliver), so every check of a commit
+reads through the other cache. What is planted must never hide a commit from it, never
+raise into the application, never open the breaker, and never keep a table uncached: the
+next fill heals it (docs/guarantees.md#hostile-values).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+import pytest
+import redis
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from examples.shop import Product
+from sa_redis_cache import Cache, FromCache
+from sa_redis_cache.counters import parse_counter
+from sa_redis_cache.keys import KeyScheme
+from sa_redis_cache.scripts import Scripts
+
+if TYPE_CHECKING:
+    from tests.support import SQLCounter, Two
+
+
+def name_by_query(factory: sessionmaker[Session], pid: int) -> str:
+    with factory() as s:
+        stmt = select(Product).where(Product.id == pid).options(FromCache())
+        return s.scalars(stmt).one().name
+
+
+def name_by_get(factory: sessionmaker[Session], pid: int) -> str:
+    with factory() as s:
+        got = s.get(Product, pid)
+        assert got is not None
+        return got.name
+
+
+def clean(cache: Cache) -> None:
+    """Nothing failed: no Redis error counted, the breaker closed, every write delivered."""
+    assert cache.stats()["total"]["errors"] == 0
+    assert cache._core.breaker.state == "closed"
+    assert cache._core.undelivered == set()
+
+
+# -- finding 4: counters parsed exactly as Redis parses them ------------------------------
+
+CANDIDATES = [
+    "0", "7", "-7", "42", "-0", "+7", " 7", "7 ", " 7 ", "07", "00", "7_0", "1e3", "0x10",
+    "7.0", "", "-", "7\n", "\u0667", "9223372036854775807", "-9223372036854775808",
+    "9223372036854775808", "-9223372036854775809", "9999999999999999999",
+    "99999999999999999999", "1" * 25, "0007", "-07", "--7", "7-",
+]  # fmt: skip
+
+
+def test_counters_are_read_as_redis_reads_them(redis_client: redis.Redis, namespace: str) -> None:
+    """parse_counter, the scripts' check (capture_versions keeps a counter it accepts) and
+    Redis's own INCRBY agree on every candidate."""
+    key = KeyScheme(namespace).version_key("probe")
+    scripts = Scripts(redis_client)
+    for text in CANDIDATES:
+        raw = text.encode()
+        redis_client.set(key, raw)
+        try:
+            by_redis: int | None = int(redis_client.incrby(key, 0))
+        except redis.ResponseError:
+            by_redis = None
+        redis_client.set(key, raw)
+        kept = scripts.run(scripts.capture_versions, [key], [60_000, "123"]) == [raw]
+        assert parse_counter(raw) == by_redis, text
+        assert kept == (by_redis is not None), text
+
+
+@pytest.mark.parametrize("form", [" {} ", "+{}", "0{}", "{}_0"])
+@pytest.mark.parametrize("kind", ["query", "entity"])
+def test_a_counter_redis_cannot_incr_never_hides_a_commit(
+    two: Two, redis_client: redis.Redis, product: int, sql: SQLCounter, kind: str, form: str
+) -> None:
+    """A version (query) or generation (entity) that ``int()`` reads as its own value but
+    INCR refuses: the reader must not keep serving the old row once commit() returned."""
+    read = name_by_query if kind == "query" else name_by_get
+    assert read(two.read, product) == "scratch"  # filled
+    table_key = two.keys.version_key if kind == "query" else two.keys.generation_key
+    key = table_key("products")
+    current = redis_client.get(key)
+    assert isinstance(current, bytes)
+    redis_client.set(key, form.format(current.decode()).encode())
+
+    with two.write() as s:
+        if kind == "query":
+            got = s.get(Product, product)
+            assert got is not None
+            got.name = "renamed"
+        else:  # unknown rows: the generation must move
+            s.execute(update(Product).where(Product.id == product).values(name="renamed"))
+        s.commit()
+
+    assert read(two.read, product) == "renamed"
+    clean(two.writer)  # the commit's invalidation landed
+    sql.reset()
+    assert read(two.read, product) == "renamed"
+    assert sql.count == 0  # cached again
+    assert parse_counter(redis_client.get(key)) is not None  # healed
+
+
+# -- finding 5: keys of the wrong Redis type heal -----------------------------------------
+
+
+def test_a_writers_key_of_another_type_is_replaced(
+    two: Two, redis_client: redis.Redis, product: int, sql: SQLCounter
+) -> None:
+    """A string under the writers key: fills and writes went on failing with WRONGTYPE."""
+    redis_client.set(two.keys.writers_key("products"), b"planted")
+    assert name_by_query(two.read, product) == "scratch"
+    assert name_by_query(two.read, product) == "scratch"
+    sql.reset()
+    assert name_by_query(two.read, product) == "scratch"
+    assert sql.count == 0
+
+    redis_client.set(two.keys.writers_key("products"), b"planted")
+    with two.write() as s:
+        got = s.get(Product, product)
+        assert got is not None
+        got.price = Decimal("2.50")
+        s.commit()
+    clean(two.writer)
+    with two.read() as s:
+        stmt = select(Product.price).where(Product.id == product).options(FromCache())
+        assert s.scalars(stmt).one() == Decimal("2.50")
+    clean(two.reader)
+
+
+def test_a_version_key_of_another_type_neither_opens_the_breaker_nor_stays(
+    two: Two, redis_client: redis.Redis, product: int, sql: SQLCounter
+) -> None:
+    """A hash under the version key: every read's capture failed, and the breaker opened."""
+    key = two.keys.version_key("products")
+    redis_client.delete(key)
+    redis_client.hset(key, mapping={"planted": b"1"})
+    for _ in range(4):  # more than breaker_threshold
+        assert name_by_query(two.read, product) == "scratch"
+    clean(two.reader)
+    sql.reset()
+    assert name_by_query(two.read, product) == "scratch"
+    assert sql.count == 0
+    assert redis_client.type(key) == b"string"
+
+
+@pytest.mark.parametrize("plant", ["hash", "garbage"])
+def test_explicit_invalidations_heal_what_they_bump(
+    cache: Cache,
+    session_factory: sessionmaker[Session],
+    redis_client: redis.Redis,
+    namespace: str,
+    product: int,
+    plant: str,
+) -> None:
+    """invalidate(), invalidate_model() and invalidate_query() raised the Redis error."""
+    keys = KeyScheme(namespace)
+    stmt = select(Product).where(Product.id == product).options(FromCache())
+    with session_factory() as s:
+        s.scalars(stmt).one()
+    (entry,) = redis_client.scan_iter(match=f"sarc:{namespace}:*:q:*")
+    counters = [keys.version_key("products"), keys.generation_key("products"), entry + b":inv"]
+    for key in counters:
+        redis_client.delete(key)
+        if plant == "hash":
+            redis_client.hset(key, mapping={"planted": b"1"})
+        else:
+            redis_client.set(key, b"+7")
+    cache.invalidate(Product, product)
+    cache.invalidate_model(Product)
+    assert cache.invalidate_query(stmt) == 1  # the entry was there
+    for key in counters:
+        assert parse_counter(redis_client.get(key)) is not None
+
+
+def test_undelivered_writes_are_delivered_over_unusable_counters(
+    cache: Cache, redis_client: redis.Redis, namespace: str
+) -> None:
+    keys = KeyScheme(namespace)
+    redis_client.hset(keys.version_key("products"), mapping={"planted": b"1"})
+    redis_client.set(keys.generation_key("products"), b" 9 ")
+    cache._core.keep_undelivered(["products"])
+    assert cache._core.deliver_undelivered()
+    assert cache._core.undelivered == set()
