@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table
 
+from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.models import all_mappers
 from sa_redis_cache.policy import CachePolicy
 from sa_redis_cache.publish import STATS_TTL_MS, TOTAL, group_of
@@ -128,10 +129,9 @@ def _model_tables(mappers: list[Mapper[Any]]) -> dict[str, list[Mapper[Any]]]:
 def _number(raw: bytes | None) -> int | str | None:
     if raw is None:
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        return raw.decode("utf-8", "replace")  # garbage: shown as is, the cache deletes it
+    found = parse_counter(raw)
+    # not a counter as Redis reads one: shown as is, the cache deletes it
+    return raw.decode("utf-8", "replace") if found is None else found
 
 
 def _raw(key: str) -> bytes:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from sa_redis_cache.counters import parse_counter
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -239,8 +241,6 @@ def text_or_dash(value: Any) -> str:
 
 
 def int_or_none(raw: bytes | None) -> int | None:
-    """A Redis counter's value; None when missing or not a number."""
-    try:
-        return None if raw is None else int(raw)
-    except ValueError:
-        return None
+    """A Redis counter's value; None when missing or not a counter as Redis reads one
+    (``" 7 "`` and ``"+7"`` are not: the cache treats them as absent too)."""
+    return parse_counter(raw)
