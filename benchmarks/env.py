@@ -33,7 +33,7 @@ from benchmarks.dogpile_recipe import DogpileRecipe
 from examples.shop import Base, seed
 from sa_redis_cache import Cache
 from sa_redis_cache.devservices.scratch import scratch_database
-from sa_redis_cache.io import unlink_matching
+from sa_redis_cache.redis_io import unlink_matching
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

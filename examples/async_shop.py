@@ -45,7 +45,7 @@ from sqlalchemy.pool import NullPool
 from examples.shop import Base, Category, Product, seed
 from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.devservices.scratch import drop_database, recreate_database
-from sa_redis_cache.io import unlink_matching
+from sa_redis_cache.redis_io import unlink_matching
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable

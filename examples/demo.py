@@ -51,7 +51,7 @@ from sa_redis_cache.cli.output import render
 from sa_redis_cache.cli.stats import published_text, scope_blocks
 from sa_redis_cache.devservices import normalize_database_url, redact
 from sa_redis_cache.devservices.scratch import recreate_database
-from sa_redis_cache.io import unlink_matching
+from sa_redis_cache.redis_io import unlink_matching
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

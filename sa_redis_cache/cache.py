@@ -24,13 +24,13 @@ from .core import CacheCore
 from .errors import ConfigurationError
 from .events import WritePath
 from .functions import AsyncCachedFunction, CacheDecorator, CachedFunction
-from .io import clients_for, in_greenlet
-from .keys import KeyScheme, pk_text
 from .models import ModelInfo, build_model_info, mapper_of
 from .options import FromCache
 from .policy import CachePolicy, is_ttl
+from .protocol import KeyScheme, pk_text, scripts
 from .publish import StatsPublisher
-from .reads import LEASE_MS, ReadPath
+from .reads import ReadPath
+from .redis_io import clients_for, in_greenlet
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -350,7 +350,7 @@ class Cache:
         scope = "model:" + model.__name__
         with core.measure(scope, "invalidate"):
             core.io().run_script(
-                *core.bump_call(
+                *scripts.bump_all(
                     [keys.version_key(info.table), keys.row_write_key(info.table, text)],
                     unlink=entries,
                 )
@@ -373,7 +373,7 @@ class Cache:
         scope = "model:" + model.__name__
         with core.measure(scope, "invalidate"):
             core.io().run_script(
-                *core.bump_call(
+                *scripts.bump_all(
                     [self.keys.version_key(info.table), self.keys.generation_key(info.table)]
                 )
             )
@@ -416,7 +416,7 @@ class Cache:
         }
         # the entries' invalidation counters refuse a fill that read before this call, for
         # as long as such a read may take (the fill lease's life) or the entry lives
-        ttl_ms = max(LEASE_MS, int(self._core.ttl_for_tables(plan.tables) * 1000))
+        ttl_ms = max(scripts.LEASE_MS, int(self._core.ttl_for_tables(plan.tables) * 1000))
         with self._core.measure(None, "invalidate"):
             removed = self._core.invalidate_entries(sorted(keys), ttl_ms)
         self._core.counters.incr_total("invalidations")

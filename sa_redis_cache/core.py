@@ -4,12 +4,11 @@
 and the function decorator are built on this object instead of reaching into the front end.
 They make every Redis call through :meth:`CacheCore.io`, which picks the asyncio client
 inside a SQLAlchemy greenlet (a session run by ``AsyncSession``) and the synchronous one
-everywhere else (:mod:`sa_redis_cache.io`).
+everywhere else (:mod:`sa_redis_cache.redis_io`).
 """
 
 from __future__ import annotations
 
-import enum
 import inspect
 import logging
 import random
@@ -23,10 +22,10 @@ from sqlalchemy import event
 from .binds import Binds
 from .breaker import CircuitBreaker
 from .codec import CodecError
-from .io import AsyncClients, SyncRedisIO, in_greenlet, unlink_matching
-from .keys import KeyScheme
 from .models import ModelInfo, ModelRegistry
-from .scripts import Scripts
+from .protocol import KeyScheme, scripts
+from .protocol.scripts import NO_COUNTER, NoCounter
+from .redis_io import AsyncClients, SyncRedisIO, in_greenlet, unlink_matching
 from .signing import Signer
 from .stats import Stats
 from .tracing import READ, Measurement
@@ -38,32 +37,16 @@ if TYPE_CHECKING:
     import redis.asyncio
 
     from .binds import Database
-    from .io import Command, RedisIO, ScriptCall
+    from .protocol import ScriptCall
+    from .redis_io import Command, RedisIO
 
 log = logging.getLogger("sa_redis_cache")
 
 _FAILURE_LOG_INTERVAL = 10.0
-COUNTER_TTL_MS = 7 * 24 * 3600 * 1000
-# row write counters live an hour at least, and as long as the entity entries they validate
-ROW_COUNTER_TTL_MS = 3_600_000
 MAX_UNDELIVERED = 10_000
 # how many entity scopes per table cache.invalidate() unlinks directly (the row write
 # counter it bumps retires the entries of every other scope)
 _SCOPES_PER_TABLE = 64
-LEASE_SUFFIX = ":lease"
-# beside a query entry: moved by invalidate_query(), compared by every fill of the entry
-INVALIDATIONS_SUFFIX = ":inv"
-
-
-class NoCounter(enum.Enum):
-    """The type of :data:`NO_COUNTER`."""
-
-    NO_COUNTER = "no counter"
-
-
-NO_COUNTER = NoCounter.NO_COUNTER
-"""``CacheCore.store(seen_invalidations=...)`` left out: the entry has no invalidation
-counter (entity entries), so the fill does not compare one."""
 
 
 class CacheCore:
@@ -102,7 +85,6 @@ class CacheCore:
         self.max_entry_bytes = max_entry_bytes
         self.signer = None if signing_key is None else Signer(signing_key)
         self.counters = Stats(warn_below=hit_rate_warning)
-        self.scripts = Scripts(client)
         self.models = ModelRegistry()
         self.binds = Binds()
         # the entity scopes this process read or wrote each table in
@@ -110,9 +92,6 @@ class CacheCore:
         self._last_failure_log = float("-inf")
         # named points where tests force interleavings (e.g. a commit between a miss's
         # database read and its fill); empty in production, so each costs a dict lookup
-        # counters outlive entries by far, but still expire: a namespace nobody uses any
-        # more leaves nothing behind, and an expired counter only turns entries into misses
-        self.counter_ttl_ms = COUNTER_TTL_MS
         self.hooks: dict[str, Callable[[], None]] = {}
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
         self.breaker = breaker or CircuitBreaker()
@@ -221,9 +200,7 @@ class CacheCore:
         """
         if not keys:
             return 0
-        paired = [k for key in keys for k in (key, key + INVALIDATIONS_SUFFIX)]
-        start = str(random.getrandbits(62))
-        return int(self.io().run_script(self.scripts.invalidate_entries, paired, [ttl_ms, start]))
+        return int(self.io().run_script(*scripts.invalidate_entries(self.keys, keys, ttl_ms)))
 
     def entity_scope(self, info: ModelInfo, database: Database, translate: Any) -> str:
         """The scope of ``info``'s rows in ``database`` under ``translate``
@@ -308,30 +285,20 @@ class CacheCore:
         if len(blob) > self.max_entry_bytes:
             self.counters.incr(scope, "oversize", also=also)
             return None
-        if seen_invalidations is NO_COUNTER:
-            invalidations = b"n"
-        else:
-            invalidations = b"=" + (seen_invalidations or b"")
         measured = self.measure(scope, "fill", also=also)
+        call = scripts.fill(
+            self.keys,
+            key,
+            version_keys,
+            writers_keys,
+            ttl_ms=physical_ttl_ms or self.jittered_ms(ttl),
+            blob=blob,
+            lease_token=lease_token,
+            invalidations=seen_invalidations,
+            captured=captured,
+        )
         try:
-            stored = self.io().run_script(
-                self.scripts.fill,
-                [
-                    key,
-                    key + LEASE_SUFFIX,
-                    key + INVALIDATIONS_SUFFIX,
-                    *version_keys,
-                    *writers_keys,
-                ],
-                [
-                    physical_ttl_ms or self.jittered_ms(ttl),
-                    blob,
-                    lease_token,
-                    invalidations,
-                    random.getrandbits(62),
-                    *captured,
-                ],
-            )
+            stored = self.io().run_script(*call)
         except RedisError as exc:
             measured.done("error")
             self.redis_failed(exc)
@@ -340,27 +307,6 @@ class CacheCore:
         measured.done("stored" if stored else "refused")
         self.counters.incr(scope, "fills" if stored else "fill_refused", also=also)
         return bool(stored)
-
-    def bump_call(self, counters: Sequence[str], unlink: Sequence[str] = ()) -> ScriptCall:
-        """``lua/bump_all.lua`` for ``counters`` (versions, generations), deleting ``unlink``.
-
-        A counter that does not exist starts at a random value, never at 1: a counter
-        lost and recreated must not come back at a value an entry was stored under. One
-        of another Redis type, or holding what INCR refuses, is reseeded the same way
-        instead of failing the call. Give the keys of one table per call (one cluster
-        slot); run it with ``io().run_script(*call)`` or several in ``io().run_batch``.
-
-        Example::
-
-            keys = core.keys
-            core.io().run_script(*core.bump_call([keys.version_key("products")]))
-        """
-        starts = [random.getrandbits(62) for _ in counters]
-        return (
-            self.scripts.bump_all,
-            [*counters, *unlink],
-            [self.counter_ttl_ms, len(counters), *starts],
-        )
 
     def _watch_restarts(self) -> None:
         """Check the server's run id on every new connection.
@@ -477,7 +423,7 @@ class CacheCore:
             return None
         tables = sorted(set(self.models.known_tables()) | self.undelivered)
         keys = [k for t in tables for k in (self.keys.version_key(t), self.keys.generation_key(t))]
-        return known, tables, self.bump_call(keys) if keys else None
+        return known, tables, scripts.bump_all(keys) if keys else None
 
     def _restarted(
         self, known: str, run_id: str | None, tables: list[str], failure: ResponseError | None
@@ -538,7 +484,7 @@ class CacheCore:
         try:
             self.io().run_batch(
                 [
-                    self.bump_call([keys.version_key(table), keys.generation_key(table)])
+                    scripts.bump_all([keys.version_key(table), keys.generation_key(table)])
                     for table in tables
                 ]
             )
@@ -579,7 +525,7 @@ def _restart_bump_commands(call: ScriptCall) -> list[Command]:
     its scripts), then run it by its SHA1; both are sent before either reply is read."""
     script, keys, args = call
     return [
-        ("SCRIPT", "LOAD", script.script),
+        ("SCRIPT", "LOAD", script.source),
         ("EVALSHA", script.sha, len(keys), *keys, *args),
     ]
 

@@ -18,10 +18,8 @@ asyncio client and the event loop keeps running (so do write-behind's, in
 from __future__ import annotations
 
 import logging
-import random
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from redis.exceptions import RedisError
 from sqlalchemy import Table
 from sqlalchemy.orm.attributes import instance_state
@@ -29,11 +27,11 @@ from sqlalchemy.sql.elements import TextClause
 
 from . import hydrate
 from .codec import CodecError, pack
-from .core import ROW_COUNTER_TTL_MS
 from .counters import parse_counter
 from .dml import CoreDML
-from .keys import pk_text
 from .models import Inexact
+from .protocol import pk_text, scripts
+from .protocol.scripts import WRITER_MARK_MS
 from .txstate import RowWrite, TableWrites, peek_tx_state, tx_state
 from .writebehind import WriteBehind
 
@@ -53,7 +51,7 @@ class WritePath:
 
     def __init__(self, core: CacheCore) -> None:
         self.core = core
-        self.writer_mark_ms = 60_000
+        self.writer_mark_ms = WRITER_MARK_MS
         self.core_dml = CoreDML(self)
         self.write_behind = WriteBehind(core)
 
@@ -229,7 +227,6 @@ class WritePath:
         """
         core = self.core
         keys = core.keys
-        scripts = core.scripts
         ordered = sorted(tables)
         # writes ask Redis even while the breaker keeps reads away: another process that
         # reaches Redis again would otherwise serve what this write changed
@@ -240,28 +237,19 @@ class WritePath:
             for table in ordered:
                 pks = rows.get(table, [])
                 info = core.models.by_table.get(table)
-                row_keys: list[str] = []
+                entity_rows = []
                 for pk in pks:
                     assert info is not None
-                    row_keys.append(keys.entity_key(table, info.schema_hash, scopes[table], pk))
-                    row_keys.append(keys.row_write_key(table, pk))
+                    entity = keys.entity_key(table, info.schema_hash, scopes[table], pk)
+                    entity_rows.append((entity, pk))
                 calls.append(
-                    (
-                        scripts.flush_mark,
-                        [
-                            keys.version_key(table),
-                            keys.writers_key(table),
-                            keys.generation_key(table),
-                            *row_keys,
-                        ],
-                        [
-                            token,
-                            self.writer_mark_ms,
-                            ROW_COUNTER_TTL_MS,
-                            random.getrandbits(62),
-                            1 if bulk else 0,
-                            core.counter_ttl_ms,
-                        ],
+                    scripts.flush_mark(
+                        keys,
+                        table,
+                        token,
+                        entity_rows,
+                        bulk=bulk,
+                        writer_mark_ms=self.writer_mark_ms,
                     )
                 )
             replies = core.io().run_batch(calls)
@@ -340,7 +328,6 @@ class WritePath:
     def _apply(self, token: str, frame: dict[str, TableWrites], tables: set[str]) -> None:
         core = self.core
         keys = core.keys
-        channel = keys.prefix + "invalidations"
         measured = core.measure_tables(tables, "invalidate")
         if core.undelivered:
             core.deliver_undelivered()
@@ -349,40 +336,15 @@ class WritePath:
             for table in sorted(tables):
                 writes = frame.get(table) or TableWrites()
                 info = core.models.by_table.get(table)
-                row_keys: list[str] = []
-                args: list[Any] = [
-                    token,
-                    channel,
-                    orjson.dumps(
-                        {
-                            "t": table,
-                            "s": writes.scope,
-                            "pk": list(writes.rows),
-                            "bulk": writes.bulk,
-                        }
-                    ),
-                    1 if writes.bulk else 0,
-                    core.counter_ttl_ms,
-                    random.getrandbits(62),
-                ]
+                rows = []
                 for pk, row in writes.rows.items():
                     assert info is not None
                     key = keys.entity_key(table, info.schema_hash, writes.scope, pk)
-                    row_keys.append(key)
-                    row_keys.append(keys.row_write_key(table, pk))
                     state = self._sealed_state(key, row.state, info)
-                    args.extend([row.ticket, core.jittered_ms(row.ttl), state])
+                    ttl_ms = core.jittered_ms(row.ttl)
+                    rows.append(scripts.RowCommit(key, pk, row.ticket, ttl_ms, state))
                 calls.append(
-                    (
-                        core.scripts.commit,
-                        [
-                            keys.version_key(table),
-                            keys.writers_key(table),
-                            keys.generation_key(table),
-                            *row_keys,
-                        ],
-                        args,
-                    )
+                    scripts.commit(keys, table, token, rows, bulk=writes.bulk, scope=writes.scope)
                 )
             core.io().run_batch(calls)
             measured.done("delivered")

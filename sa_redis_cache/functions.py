@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, ca
 from redis.exceptions import RedisError, ResponseError
 
 from .codec import CodecError, dumps_tagged, loads_tagged
-from .keys import values_digest
+from .fingerprint import values_digest
 from .policy import is_ttl
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ _CORRUPT = object()
 _mark_coroutine: Callable[[Any], Any] | None = getattr(inspect, "markcoroutinefunction", None)
 
 _MAGIC = b"\x01F"
-_DIGEST_CHARS = len(values_digest([]))
 
 
 class CachedFunction(Generic[P, R]):
@@ -207,9 +206,6 @@ class CachedFunction(Generic[P, R]):
     def invalidate_all(self) -> int:
         """Forget every cached result of this function; returns how many went."""
         pattern = self._core.keys.function_pattern(self._prefix)
-        # match exactly one digest after the prefix, so that prefix "a" leaves "a:b" alone
-        assert pattern.endswith("*")
-        pattern = pattern[:-1] + "?" * _DIGEST_CHARS
         return self._core.unlink_matching(pattern)
 
     def _delete(self, key: str) -> bool:

@@ -51,13 +51,13 @@ from typing import TYPE_CHECKING, Any
 import redis
 from redis.exceptions import RedisError
 
-from .core import COUNTER_TTL_MS
 from .errors import ConfigurationError
-from .io import SyncRedisIO
+from .protocol.scripts import COUNTER_TTL_MS
+from .redis_io import SyncRedisIO
 
 if TYPE_CHECKING:
     from .core import CacheCore
-    from .io import Command
+    from .redis_io import Command
 
 __all__ = ["MAX_BACKOFF", "STATS_TTL_MS", "TOTAL", "StatsPublisher", "group_of", "scope_of"]
 

@@ -14,7 +14,6 @@ by ``AsyncSession`` (the event loop keeps running meanwhile), the synchronous on
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -26,11 +25,12 @@ from sqlalchemy.sql.type_api import TypeEngine
 from . import hydrate, stampede
 from .binds import translate_map_of
 from .codec import CodecError, RowCodec, UncacheableType, pack, unpack
-from .core import INVALIDATIONS_SUFFIX, LEASE_SUFFIX, ROW_COUNTER_TTL_MS
 from .counters import parse_counter
-from .keys import Unfingerprintable, fingerprint, pk_text, values_digest
+from .fingerprint import Unfingerprintable, fingerprint, values_digest
 from .options import FromCache
 from .policy import CachePolicy
+from .protocol import pk_text, scripts
+from .protocol.scripts import COUNTER_TTL_MS, ROW_COUNTER_TTL_MS
 from .txstate import peek_tx_state, tx_state
 
 if TYPE_CHECKING:
@@ -52,7 +52,6 @@ _PLAN_CACHE_SIZE = 4096
 # how many (database, schema_translate_map) pairs invalidate_query() remembers: it bounds
 # memory for applications that make engines or connections per request
 _SEEN_BINDS = 256
-LEASE_MS = 30_000  # a filler that dies holding the lease blocks fills this long at most
 _DEFAULT_POLICY = CachePolicy()
 _BYPASS_OPTIONS = ("yield_per", "stream_results", "populate_existing", "identity_token")
 
@@ -308,7 +307,7 @@ class ReadPath:
             if lease:
                 got, raw = core.io().pipeline(
                     [
-                        ("SET", keys[0] + LEASE_SUFFIX, lease, "NX", "PX", LEASE_MS),
+                        scripts.take_lease(core.keys.lease_key(keys[0]), lease),
                         ("MGET", *keys),
                     ]
                 )
@@ -336,7 +335,7 @@ class ReadPath:
         With ``lease`` (a token), the fill lease is asked for in the same round trip.
         None when Redis failed (the caller reads the database and does not fill).
         """
-        keys = [entry_key, entry_key + INVALIDATIONS_SUFFIX, *plan.version_keys]
+        keys = [entry_key, self.core.keys.invalidations_key(entry_key), *plan.version_keys]
         fetched = self._fetch(keys, region, lease)
         if fetched is None:
             return None
@@ -394,12 +393,12 @@ class ReadPath:
         core.counters.incr(region, "hits", also=plan.scopes)
         return result
 
-    def _take_lease(self, entry_key: str, lease_ms: int = LEASE_MS) -> str:
+    def _take_lease(self, entry_key: str) -> str:
         """The fill lease's token when this caller got it, else ''."""
         core = self.core
         token = stampede.new_token()
         try:
-            got = core.io().set(entry_key + LEASE_SUFFIX, token, nx=True, px=lease_ms)
+            got = core.io().pipeline([scripts.take_lease(core.keys.lease_key(entry_key), token)])[0]
         except RedisError as exc:
             core.redis_failed(exc)
             return ""
@@ -445,7 +444,7 @@ class ReadPath:
             return
         core = self.core
         try:
-            core.io().run_script(core.scripts.release_lease, [entry_key + LEASE_SUFFIX], [token])
+            core.io().run_script(*scripts.release_lease(core.keys.lease_key(entry_key), token))
         except RedisError as exc:
             core.redis_failed(exc)
 
@@ -501,10 +500,9 @@ class ReadPath:
         if None not in current:
             return list(current)  # type: ignore[arg-type]
         core = self.core
-        ttls = ttls_ms or [core.counter_ttl_ms] * len(keys)
-        args = [a for ttl in ttls for a in (ttl, str(random.getrandbits(62)))]
+        ttls = ttls_ms or [COUNTER_TTL_MS] * len(keys)
         try:
-            got = core.io().run_script(core.scripts.capture_versions, list(keys), args)
+            got = core.io().run_script(*scripts.capture_versions(keys, ttls))
         except RedisError as exc:
             core.redis_failed(exc)
             return None
@@ -723,7 +721,7 @@ class ReadPath:
         policy = info.policy or _DEFAULT_POLICY
         ttl = core.ttl_for_info(info)
         # a row write counter lives as long as the entries it validates, an hour at least
-        ttls = [core.counter_ttl_ms] * 2 + [max(ROW_COUNTER_TTL_MS, int(ttl * 1000))]
+        ttls = [COUNTER_TTL_MS] * 2 + [max(ROW_COUNTER_TTL_MS, int(ttl * 1000))]
 
         def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool | None:
             captured = cast("list[bytes]", look.captured)

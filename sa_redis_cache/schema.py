@@ -108,7 +108,7 @@ Example::
 wb_offsets = Table(
     "sarc_wb_offsets",
     metadata,
-    # The Redis stream key of one write-behind partition, e.g. "sarc:shop:{shop:products}:wb:3".
+    # The Redis stream key of one write-behind partition (KeyScheme.stream_key).
     Column("stream", Text, primary_key=True),
     # A stream id ("1700000000000-3") is two 64-bit numbers, milliseconds and sequence: text
     # keeps it exact, and it must be compared as that pair, since as text "9-0" > "10-0".

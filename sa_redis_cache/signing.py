@@ -37,7 +37,7 @@ import hmac
 
 from .codec import CodecError
 from .errors import ConfigurationError
-from .wb_config import HEADER
+from .protocol import HEADER
 
 __all__ = ["MIN_KEY_BYTES", "TRAILER_BYTES", "Signer"]
 

@@ -1,25 +1,12 @@
 """Write-behind facts shared by the session side and the flush worker.
 
-Key layout (every key of one table carries the table's hash tag, so each script that
-touches one table touches one Redis Cluster slot)::
-
-    sarc:shop:{shop:page_views}:wb:<scope>:<p>      stream of partition p (XADD, consumer group)
-    sarc:shop:{shop:page_views}:wbl:<scope>:<p>     lease of partition p (owner id, PX)
-    sarc:shop:{shop:page_views}:wbw:<scope>         the workers draining these streams (ZSET)
-    sarc:shop:{shop:page_views}:wbp:<schema>:<scope>:<pk>
-                                                    pending state of one row, until flushed
-
-``scope`` names the database and schema the rows belong in
-(:meth:`sa_redis_cache.binds.Binds.scope`): sessions of two tenants (two
-``schema_translate_map`` schemas, or two databases) queue into separate streams, and a
-worker drains the streams of the database and schema its engine writes to.
-
-The *pending key* holds ``pack([stream_id, body])``: the newest queued state of a row (body
-``None`` for a queued delete) and the id of the stream entry that carries it. It has no
-TTL, no generation and nothing but the worker removes it, and only when the entry it names
-has been applied: a generation bump, ``cache.invalidate()`` or an eviction of the entity
-entry can therefore never make an unflushed state unreadable. Identity reads consult it
-before anything else (:meth:`sa_redis_cache.writebehind.WriteBehind.on_execute`).
+The keys (streams, partition leases, pending states) are described and built by
+:class:`sa_redis_cache.protocol.KeyScheme`. The *pending key* of a row holds
+``pack([stream_id, body])``: the newest queued state of a row (body ``None`` for a queued
+delete) and the id of the stream entry that carries it. It has no TTL, no generation and
+nothing but the worker removes it, and only when the entry it names has been applied: a
+generation bump, ``cache.invalidate()`` or an eviction of the entity entry can therefore
+never make an unflushed state unreadable. Identity reads consult it before anything else.
 
 This module also checks, at ``attach()``, that a model can be written behind at all.
 """
@@ -27,14 +14,13 @@ This module also checks, at ``attach()``, that a model can be written behind at 
 from __future__ import annotations
 
 import threading
-import zlib
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 from sqlalchemy import Sequence, Table
 from sqlalchemy.sql.schema import ColumnDefault
 
-from .codec import RowCodec, pack
+from .codec import RowCodec
 
 if TYPE_CHECKING:
     import redis
@@ -42,82 +28,8 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Mapper
 
-    from .keys import KeyScheme
     from .models import ModelInfo
     from .policy import CachePolicy
-
-GROUP = "sarc-flush"
-"""The consumer group every flush worker reads the streams with."""
-
-HEADER: bytes = pack(0)[:-1]
-"""The codec envelope (magic and version) that Lua prepends to JSON it assembles."""
-
-
-def stream_key(keys: KeyScheme, table: str, scope: str, partition: int) -> str:
-    """The stream of one partition of ``table`` in one database and schema (``scope``).
-
-    Example::
-
-        >>> stream_key(KeyScheme("shop"), "page_views", "00ff", 3)
-        'sarc:shop:{shop:page_views}:wb:00ff:3'
-    """
-    return f"{keys.table_prefix(table)}wb:{scope}:{partition}"
-
-
-def lease_key(keys: KeyScheme, table: str, scope: str, partition: int) -> str:
-    """The lease a worker holds to consume one partition."""
-    return f"{keys.table_prefix(table)}wbl:{scope}:{partition}"
-
-
-def workers_key(keys: KeyScheme, table: str, scope: str) -> str:
-    """The workers that drain ``table``'s streams in ``scope`` (ZSET, score = expiry ms)."""
-    return f"{keys.table_prefix(table)}wbw:{scope}"
-
-
-def pending_key(keys: KeyScheme, table: str, schema_hash: str, scope: str, pk: str) -> str:
-    """The newest unflushed state of one row (see the module docstring)."""
-    return f"{keys.table_prefix(table)}wbp:{schema_hash}:{scope}:{pk}"
-
-
-def scope_of_stream(keys: KeyScheme, table: str, stream: str) -> str | None:
-    """The scope a stream key of ``table`` names, or None when it is not one.
-
-    Example::
-
-        >>> stream = "sarc:shop:{shop:page_views}:wb:00ff:3"
-        >>> scope_of_stream(KeyScheme("shop"), "page_views", stream)
-        '00ff'
-    """
-    head = f"{keys.table_prefix(table)}wb:"
-    if not stream.startswith(head):
-        return None
-    scope, _, partition = stream[len(head) :].rpartition(":")
-    return scope if scope and partition.isdigit() else None
-
-
-def partition_of(pk: str, partitions: int) -> int:
-    """The partition of a row: CRC-32 of its ``pk_text``, stable across processes and runs.
-
-    Example::
-
-        >>> partition_of("7", 8)
-        5
-    """
-    return zlib.crc32(pk.encode()) % partitions
-
-
-def stream_id(text: str | bytes) -> tuple[int, int]:
-    """A stream id as the pair it is ordered by (text order is wrong: ``"9-0" > "10-0"``).
-
-    Example::
-
-        >>> stream_id(b"10-0") > stream_id("9-5")
-        True
-    """
-    if isinstance(text, bytes):
-        text = text.decode()
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def is_write_behind(info: ModelInfo | None) -> bool:
@@ -291,20 +203,3 @@ class IdBlocks:
 
 
 ID_BLOCKS = IdBlocks()
-
-
-QUEUE_MARKERS = (b":wb:", b":wbp:", b":wbl:")
-
-
-def is_queue_key(key: bytes) -> bool:
-    """True for write-behind streams, pending states and partition leases.
-
-    They hold writes not yet in the database: nothing that clears the cache may delete
-    them.
-
-    Example::
-
-        >>> is_queue_key(b"sarc:shop:{shop:views}:wb:3")
-        True
-    """
-    return any(marker in key for marker in QUEUE_MARKERS)

@@ -28,13 +28,12 @@ and everybody's queued writes at once, whatever happened to the entity entries m
 
 Both Redis calls (the enqueue and the pending-key lookup) go through ``core.io()``: under
 ``AsyncSession`` they await the asyncio client through SQLAlchemy's greenlet bridge, so a
-write-behind commit or read never blocks the event loop (:mod:`sa_redis_cache.io`).
+write-behind commit or read never blocks the event loop (:mod:`sa_redis_cache.redis_io`).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -47,19 +46,10 @@ from sqlalchemy.orm.attributes import instance_state
 from . import hydrate
 from .binds import translate_map_of
 from .codec import CodecError, unpack
-from .core import ROW_COUNTER_TTL_MS
 from .errors import CacheUnavailableError, ConfigurationError
-from .keys import pk_text
 from .models import Inexact
-from .wb_config import (
-    HEADER,
-    column_of,
-    is_write_behind,
-    partition_of,
-    pending_key,
-    pk_codec,
-    stream_key,
-)
+from .protocol import HEADER, partition_of, pk_text, scripts
+from .wb_config import column_of, is_write_behind, pk_codec
 from .wb_state import evaluate, refill, serve, sync_many_to_one
 
 if TYPE_CHECKING:
@@ -336,47 +326,35 @@ class WriteBehind:
         """
         core = self.core
         keys = core.keys
-        tables: list[str] = []
-        index: dict[str, int] = {}
-        op_keys: list[str] = []
-        op_args: list[Any] = []
         signer = core.signer
+        queued = []
         for op in ops:
             info = op.info
             assert info.policy is not None
             table = info.table
-            if table not in index:
-                tables.append(table)
-                index[table] = len(tables)
-            partition = partition_of(op.pk, info.policy.partitions)
             entity_key = keys.entity_key(table, info.schema_hash, op.scope, op.pk)
-            op_keys += [
-                stream_key(keys, table, op.scope, partition),
-                entity_key,
-                pending_key(keys, table, info.schema_hash, op.scope, op.pk),
-                keys.row_write_key(table, op.pk),
-            ]
             # the script wraps this body in a stamp of its own; the signature covers the
             # body, bound to the entity key (see sa_redis_cache.signing)
             trailer = b""
             if signer is not None:
                 body = b"[" + op.data + b",0]" if op.kind == "u" else b"null"
                 trailer = signer.body_trailer(entity_key, body)
-            op_args += [index[table], op.kind, op.pk, info.schema_hash, op.data, trailer]
-        starts = [random.getrandbits(62) for _ in tables]
-        ids = core.io().run_script(
-            core.scripts.wb_enqueue,
-            [*(keys.generation_key(t) for t in tables), *op_keys],
-            [
-                len(tables),
-                HEADER,
-                core.counter_ttl_ms,
-                ROW_COUNTER_TTL_MS,
-                random.getrandbits(62),
-                *starts,
-                *op_args,
-            ],
-        )
+            queued.append(
+                scripts.QueuedOp(
+                    table=table,
+                    stream=keys.stream_key(
+                        table, op.scope, partition_of(op.pk, info.policy.partitions)
+                    ),
+                    entity_key=entity_key,
+                    pending_key=keys.pending_key(table, info.schema_hash, op.scope, op.pk),
+                    kind=op.kind,
+                    pk=op.pk,
+                    schema_hash=info.schema_hash,
+                    data=op.data,
+                    trailer=trailer,
+                )
+            )
+        ids = core.io().run_script(*scripts.wb_enqueue(keys, queued, HEADER))
         for op in ops:
             core.counters.incr("model:" + op.info.mapper.class_.__name__, "queued")
         return cast("list[bytes]", ids)
@@ -421,7 +399,7 @@ class WriteBehind:
         """
         core = self.core
         assert info.codec is not None
-        key = pending_key(core.keys, info.table, info.schema_hash, row_scope, pk)
+        key = core.keys.pending_key(info.table, info.schema_hash, row_scope, pk)
         entity = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk)
         scope = "model:" + info.mapper.class_.__name__
         try:

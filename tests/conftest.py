@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 from sa_redis_cache.devservices import Services, ServicesUnavailable, bring_up, redact
 from sa_redis_cache.devservices.scratch import scratch_database
-from sa_redis_cache.io import unlink_matching
+from sa_redis_cache.redis_io import unlink_matching
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

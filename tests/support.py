@@ -11,7 +11,7 @@ from sqlalchemy.orm import sessionmaker
 
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
-from sa_redis_cache.keys import KeyScheme
+from sa_redis_cache.protocol import KeyScheme
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sa_redis_cache.models import ModelRegistry, mapper_of
+from sa_redis_cache.protocol import is_queue_key
 from sa_redis_cache.redaction import redact_url
-from sa_redis_cache.wb_config import is_queue_key
 
 from .common import CliError, Settings, common_options, import_object, one_line, resolve_model
-from .keyspace import escape_glob
 from .output import Table, echo_json, render
 from .values import parse_pk, row_keys
 
@@ -118,7 +117,7 @@ def invalidate(
 def _invalidate_namespace(settings: Settings, *, yes: bool) -> None:
     cache = settings.cache()
     prefix = cache.keys.prefix
-    pattern = escape_glob(prefix) + "*"
+    pattern = cache.keys.namespace_pattern
     # write-behind streams and pending states hold writes not yet in the database
     keys = [k for k in cache.client.scan_iter(match=pattern, count=1000) if not is_queue_key(k)]
     if not keys:

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sa_redis_cache.codec import CodecError
-from sa_redis_cache.keys import pk_text
 from sa_redis_cache.models import mapper_name
+from sa_redis_cache.protocol import pk_text
 from sa_redis_cache.reads import entity_entry
 
 from .badkeys import (

@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     import redis
     from sqlalchemy.orm import Mapper
 
-    from sa_redis_cache.keys import KeyScheme
+    from sa_redis_cache.protocol import KeyScheme
 
-__all__ = ["MEMORY_SAMPLE", "collect", "escape_glob"]
+__all__ = ["MEMORY_SAMPLE", "collect"]
 
 MEMORY_SAMPLE = 200
 """At most this many keys per table and kind are measured with ``MEMORY USAGE``."""
@@ -176,7 +176,7 @@ def collect(
     total = 0
     # one SCAN over the namespace, not one per table and kind: MATCH filters after the
     # server has walked the whole keyspace, so every extra pattern costs a full walk
-    match = escape_glob(keys.prefix) + "*"
+    match = keys.namespace_pattern
     for raw in client.scan_iter(match=match, count=1000):
         total += 1
         table, kind = layout.classify(raw.decode("utf-8", "surrogateescape"))
@@ -305,17 +305,6 @@ def _counters(
             out[found[0]][found[1]] = _with_rate(values)
     age = None if newest is None else max(0.0, (STATS_TTL_MS - newest) / 1000)
     return out, age
-
-
-def escape_glob(text: str) -> str:
-    """``text`` with Redis glob characters escaped, for a SCAN ``MATCH`` prefix.
-
-    Example::
-
-        >>> escape_glob("sarc:a*b:")
-        'sarc:a\\*b:'
-    """
-    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 def _model_entry(mapper: Mapper[Any]) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sa_redis_cache.codec import CodecError, unpack
-from sa_redis_cache.core import INVALIDATIONS_SUFFIX
 from sa_redis_cache.options import FromCache
+from sa_redis_cache.protocol import KeyScheme
 from sa_redis_cache.redaction import redact_url
 
 from .badkeys import (
@@ -198,7 +198,7 @@ def _fetch(
     pipe.get(key)
     pipe.pttl(key)
     pipe.mget(list(plan.version_keys))
-    pipe.exists(key + INVALIDATIONS_SUFFIX)
+    pipe.exists(KeyScheme.invalidations_key(key))
     for version_key in plan.version_keys:
         pipe.type(version_key)  # MGET answers nil for a key of another type: TYPE tells
     replies, bad = separate_errors(
@@ -207,7 +207,7 @@ def _fetch(
             (key, "a string (query entry)"),
             (key, "any key"),
             (plan.version_keys[0], "strings (version counters)"),
-            (key + INVALIDATIONS_SUFFIX, "any key"),
+            (KeyScheme.invalidations_key(key), "any key"),
         ]
         + [(version_key, "any key") for version_key in plan.version_keys],
         pipe.execute(raise_on_error=False),

@@ -11,10 +11,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sa_redis_cache.binds import Binds
-from sa_redis_cache.keys import pk_text
 from sa_redis_cache.models import ModelInfo, mapper_of
-
-from .keyspace import escape_glob
+from sa_redis_cache.protocol import pk_text
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -46,8 +44,7 @@ def row_keys(cache: Cache, info: ModelInfo, pk: tuple[Any, ...]) -> list[str]:
 
 def row_pattern(cache: Cache, info: ModelInfo, pk: tuple[Any, ...]) -> str:
     """A SCAN pattern matching one row's entity entries in every database and schema."""
-    pattern = cache.keys.entity_key(info.table, info.schema_hash, "\x00", pk_text(pk))
-    return escape_glob(pattern).replace("\x00", "*")
+    return cache.keys.row_pattern(info.table, info.schema_hash, pk_text(pk))
 
 
 def row_key_in(

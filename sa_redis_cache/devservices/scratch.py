@@ -3,7 +3,7 @@
 Each of them works in a database of its own on a shared server: these create and drop
 such databases (``AUTOCOMMIT``, as ``CREATE DATABASE`` needs; ``DROP ... WITH (FORCE)``,
 so that a leaked connection cannot keep one alive). Their Redis keys go with
-:func:`sa_redis_cache.io.unlink_matching`.
+:func:`sa_redis_cache.redis_io.unlink_matching`.
 
 Example::
 

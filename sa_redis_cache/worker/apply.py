@@ -41,9 +41,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, StatementError
 
 from sa_redis_cache.codec import CodecError
-from sa_redis_cache.keys import pk_text
+from sa_redis_cache.protocol import pk_text, stream_id
 from sa_redis_cache.schema import dead_letters, wb_offsets
-from sa_redis_cache.wb_config import column_of, pk_codec, stream_id
+from sa_redis_cache.wb_config import column_of, pk_codec
 
 from .sets import SetStatements, set_based
 
@@ -150,7 +150,7 @@ class Applier:
     Example::
 
         applier = Applier(engine, info, namespace="shop")
-        result = applier.apply("sarc:shop:{shop:page_views}:wb:3", entries)
+        result = applier.apply("sarc:shop:{shop:page_views}:wb:00ff:3", entries)
     """
 
     def __init__(self, engine: Engine, info: ModelInfo, namespace: str) -> None:

@@ -40,21 +40,12 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
 
 from sa_redis_cache.binds import Binds, translate_map_of
-from sa_redis_cache.core import COUNTER_TTL_MS, ROW_COUNTER_TTL_MS
 from sa_redis_cache.errors import ConfigurationError
-from sa_redis_cache.keys import KeyScheme
 from sa_redis_cache.models import ModelRegistry, mapper_of
+from sa_redis_cache.protocol import GROUP, HEADER, KeyScheme, scripts
+from sa_redis_cache.redis_io import SyncRedisIO
 from sa_redis_cache.schema import dead_letters
-from sa_redis_cache.scripts import Scripts
-from sa_redis_cache.wb_config import (
-    GROUP,
-    HEADER,
-    is_write_behind,
-    lease_key,
-    pending_key,
-    stream_key,
-    workers_key,
-)
+from sa_redis_cache.wb_config import is_write_behind
 
 from .apply import Applier, BatchResult, Entry
 from .stats import WorkerStats, queue_stats
@@ -162,7 +153,7 @@ class FlushWorker:
         self.client = redis_client
         self.namespace = namespace
         self.keys = KeyScheme(namespace)
-        self.scripts = Scripts(redis_client)
+        self.io = SyncRedisIO(redis_client)
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.batch_size = batch_size
         self.block_ms = block_ms
@@ -213,8 +204,8 @@ class FlushWorker:
                     info,
                     scope,
                     number,
-                    stream_key(self.keys, info.table, scope, number),
-                    lease_key(self.keys, info.table, scope, number),
+                    self.keys.stream_key(info.table, scope, number),
+                    self.keys.partition_lease_key(info.table, scope, number),
                     applier,
                 )
                 for number in range(info.policy.partitions)
@@ -313,7 +304,7 @@ class FlushWorker:
     def _backlog_of_every_scope(self) -> int:
         pipe = self.client.pipeline(transaction=False)
         for info in self._infos:
-            pattern = stream_key(self.keys, info.table, "*", 0)[:-1] + "*"
+            pattern = self.keys.stream_pattern(info.table)
             for stream in self.client.scan_iter(match=pattern, count=1000):
                 pipe.xlen(stream)
         return sum(int(n) for n in pipe.execute())
@@ -428,7 +419,7 @@ class FlushWorker:
         return wanted
 
     def _workers_key(self, table: str) -> str:
-        return workers_key(self.keys, table, self._tables[table][0].scope)
+        return self.keys.workers_key(table, self._tables[table][0].scope)
 
     def _live_workers(self, table: str, replies: list[Any]) -> int:
         """How many workers share ``table`` (the ZCARD), from the announcement's replies.
@@ -447,30 +438,25 @@ class FlushWorker:
         return 1
 
     def _release(self, parts: list[Partition]) -> None:
-        self.scripts.run_batch(
-            [(self.scripts.wb_lease, [p.lease, p.stream], [self.consumer, 0, 0]) for p in parts]
-        )
+        self.io.run_batch([scripts.wb_lease(p.lease, p.stream, self.consumer, 0) for p in parts])
         for p in parts:
             p.held = p.clean = False
 
     def _lease_and_read(self, ready: list[Partition]) -> int:
         ready = [p for p in ready if p.group_ready or self._ensure_group(p)]
         calls = [
-            (
-                self.scripts.wb_lease,
-                [p.lease, p.stream],
-                [
-                    self.consumer,
-                    self.lease_ms,
-                    self.batch_size if p.clean else 0,
-                    GROUP,
-                    self.consumer,
-                ],
+            scripts.wb_lease(
+                p.lease,
+                p.stream,
+                self.consumer,
+                self.lease_ms,
+                read=self.batch_size if p.clean else 0,
+                group=GROUP,
             )
             for p in ready
         ]
         try:
-            replies = self.scripts.run_batch(calls) if calls else []
+            replies = self.io.run_batch(calls) if calls else []
         except ResponseError as exc:
             if "NOGROUP" in str(exc):  # Redis lost its data: recreate groups next pass
                 for p in self.partitions:
@@ -623,50 +609,37 @@ class FlushWorker:
 
     def _after_flush(self, p: Partition, entries: list[Entry], result: BatchResult) -> None:
         info = p.info
-        # the keys of row pk are these prefixes + pk (built once per batch, not per row)
-        pending_prefix = pending_key(self.keys, info.table, info.schema_hash, p.scope, "")
-        entity_prefix = self.keys.entity_key(info.table, info.schema_hash, p.scope, "")
-        writes_prefix = self.keys.row_write_key(info.table, "")
+        keys = self.keys
         dead = result.dead
         final = result.final
-        row_keys = [
-            key
-            for pk in final
-            for key in (pending_prefix + pk, entity_prefix + pk, writes_prefix + pk)
-        ]
-        ids = [entry.id for entry in final.values()]
-        if dead or result.skipped or any(e.error is not None for e in final.values()):
-            # skipped entries (a redelivery: the prefix at or below the offset) were
-            # applied or dead-lettered by the earlier delivery, which one is not known
-            # here: their entity entries are dropped, and the next read fills from the
-            # database
-            unsure = {e.id for e in entries[: result.skipped]} | dead.keys()
-            kinds = "".join(
-                "x" if e.id in unsure or e.error is not None else "a" for e in final.values()
+        # skipped entries (a redelivery: the prefix at or below the offset) were applied or
+        # dead-lettered by the earlier delivery, which one is not known here: their entity
+        # entries are dropped, and the next read fills from the database
+        unsure = {e.id for e in entries[: result.skipped]} | dead.keys()
+        rows = [
+            scripts.FlushedRow(
+                pending_key=keys.pending_key(info.table, info.schema_hash, p.scope, pk),
+                entity_key=keys.entity_key(info.table, info.schema_hash, p.scope, pk),
+                pk=pk,
+                last_id=entry.id,
+                applied=entry.id not in unsure and entry.error is None,
             )
-        else:
-            kinds = "a" * len(final)
+            for pk, entry in final.items()
+        ]
         newest = entries[-1].sid  # entries are in stream order
         ttl = info.policy.ttl if info.policy and info.policy.ttl else self.default_ttl
-        keys = self.keys
-        self.scripts.run(
-            self.scripts.wb_flushed,
-            [p.stream, keys.version_key(info.table), keys.generation_key(info.table), *row_keys],
-            [
-                GROUP,
-                f"{newest[0]}-{newest[1] + 1}",
-                int(ttl * 1000),
-                HEADER,
-                COUNTER_TTL_MS,
-                random.getrandbits(62),
-                ROW_COUNTER_TTL_MS,
-                random.getrandbits(62),
-                len(entries),
-                *(e.id for e in entries),
-                kinds,
-                *ids,
-            ],
+        call = scripts.wb_flushed(
+            keys,
+            info.table,
+            p.stream,
+            rows,
+            group=GROUP,
+            acked=[e.id for e in entries],
+            trim_below=f"{newest[0]}-{newest[1] + 1}",
+            entity_ttl_ms=int(ttl * 1000),
+            header=HEADER,
         )
+        self.io.run_script(*call)
 
     def _wait(self, block_ms: int) -> None:
         """Block until a held partition may have new entries (or ``block_ms`` passed)."""

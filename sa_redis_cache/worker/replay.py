@@ -41,24 +41,20 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import random
 import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from redis.exceptions import RedisError
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import DBAPIError, StatementError
 
 from sa_redis_cache.binds import Binds, translate_map_of
-from sa_redis_cache.core import COUNTER_TTL_MS, ROW_COUNTER_TTL_MS
 from sa_redis_cache.errors import ConfigurationError
-from sa_redis_cache.keys import KeyScheme
 from sa_redis_cache.models import ModelRegistry
+from sa_redis_cache.protocol import KeyScheme, scripts
+from sa_redis_cache.redis_io import SyncRedisIO
 from sa_redis_cache.schema import dead_letters
-from sa_redis_cache.scripts import Scripts
-from sa_redis_cache.wb_config import scope_of_stream
 
 from .apply import SUPERSEDED, Applier, Entry, is_transient, sid_of, superseded_note
 from .flush import write_behind_info
@@ -195,7 +191,7 @@ def replay_dead_letters(
                 f"no write-behind model given for table {letter.table!r}; pass its class"
             )
             continue
-        if scope_of_stream(keys, letter.table, letter.stream) != scopes[letter.table]:
+        if keys.scope_of_stream(letter.table, letter.stream) != scopes[letter.table]:
             result.skipped[letter.id] = (
                 f"queued for another database or schema than this engine writes to (stream "
                 f"{letter.stream}); replay it with an engine on that database and schema"
@@ -239,7 +235,7 @@ class _Replay:
     ) -> None:
         self.client = client
         self.keys = KeyScheme(namespace)
-        self.scripts = Scripts(client)
+        self.io = SyncRedisIO(client)
         self.writer_mark_ms = writer_mark_ms
         self.result = result
 
@@ -332,27 +328,11 @@ class _Replay:
             return {}
         info = applier.info
         keys = self.keys
-        row_keys: list[str] = []
-        for pk in pks:
-            row_keys += [keys.entity_key(info.table, info.schema_hash, scope, pk)]
-            row_keys += [keys.row_write_key(info.table, pk)]
-        reply = self.scripts.run(
-            self.scripts.flush_mark,
-            [
-                keys.version_key(info.table),
-                keys.writers_key(info.table),
-                keys.generation_key(info.table),
-                *row_keys,
-            ],
-            [
-                token,
-                self.writer_mark_ms,
-                ROW_COUNTER_TTL_MS,
-                random.getrandbits(62),
-                0,
-                COUNTER_TTL_MS,
-            ],
+        rows = [(keys.entity_key(info.table, info.schema_hash, scope, pk), pk) for pk in pks]
+        call = scripts.flush_mark(
+            keys, info.table, token, rows, bulk=False, writer_mark_ms=self.writer_mark_ms
         )
+        reply = self.io.run_script(*call)
         return dict(zip(pks, (int(t) for t in reply[1:]), strict=True))
 
     def _commit(
@@ -369,30 +349,21 @@ class _Replay:
             return
         info = applier.info
         keys = self.keys
-        row_keys: list[str] = []
-        row_args: list[Any] = []
-        for pk in marked:
-            row_keys += [keys.entity_key(info.table, info.schema_hash, scope, pk)]
-            row_keys += [keys.row_write_key(info.table, pk)]
-            row_args += [tickets.get(pk, 0), 1, b""]  # no state: the entry is deleted
-        self.scripts.run(
-            self.scripts.commit,
-            [
-                keys.version_key(info.table),
-                keys.writers_key(info.table),
-                keys.generation_key(info.table),
-                *row_keys,
-            ],
-            [
-                token,
-                keys.prefix + "invalidations",
-                orjson.dumps({"t": info.table, "s": scope, "pk": replayed, "bulk": False}),
-                0,
-                COUNTER_TTL_MS,
-                random.getrandbits(62),
-                *row_args,
-            ],
+        rows = [
+            # no state: the entry is deleted
+            scripts.RowCommit(
+                keys.entity_key(info.table, info.schema_hash, scope, pk),
+                pk,
+                tickets.get(pk, 0),
+                1,
+                b"",
+            )
+            for pk in marked
+        ]
+        call = scripts.commit(
+            keys, info.table, token, rows, bulk=False, scope=scope, announced=replayed
         )
+        self.io.run_script(*call)
 
     def _fail(
         self, letter_ids: list[int], message: str, applier: Applier, token: str, marked: list[str]

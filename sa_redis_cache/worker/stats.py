@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
 
-from sa_redis_cache.wb_config import GROUP, stream_id
+from sa_redis_cache.protocol import GROUP, stream_id
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -94,7 +94,7 @@ def queue_stats(
 
     Example::
 
-        queue_stats(client, [("page_views", 0, "sarc:shop:{shop:page_views}:wb:0", True)])
+        queue_stats(client, [("page_views", 0, "sarc:shop:{shop:page_views}:wb:00ff:0", True)])
     """
     pipe = client.pipeline(transaction=False)
     pipe.time()

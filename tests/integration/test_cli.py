@@ -33,7 +33,7 @@ from sa_redis_cache.cli import cli
 from sa_redis_cache.codec import pack, unpack
 from sa_redis_cache.devservices import RedisServer, ServerStartError
 from sa_redis_cache.devservices.process import free_port
-from sa_redis_cache.keys import KeyScheme
+from sa_redis_cache.protocol import KeyScheme
 from tests.wb_support import private_models
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from sa_redis_cache.devservices.scratch import drop_database
-from sa_redis_cache.io import unlink_matching
+from sa_redis_cache.redis_io import unlink_matching
 
 if TYPE_CHECKING:
     from sa_redis_cache.devservices import Services

@@ -25,9 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sa_redis_cache import FlushWorker
 from sa_redis_cache.cli import cli
 from sa_redis_cache.devservices import free_port
-from sa_redis_cache.keys import pk_text
+from sa_redis_cache.protocol import partition_of, pk_text
 from sa_redis_cache.schema import dead_letters
-from sa_redis_cache.wb_config import partition_of
 from sa_redis_cache.worker import replay_dead_letters
 from tests.wb_support import drain, queue, rows, update
 

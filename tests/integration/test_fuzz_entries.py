@@ -25,8 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from examples.shop import Category, Product
 from sa_redis_cache import Cache, CacheUnavailableError, FromCache
 from sa_redis_cache.codec import CODEC_VERSION, pack
-from sa_redis_cache.keys import KeyScheme, pk_text
-from sa_redis_cache.wb_config import partition_of
+from sa_redis_cache.protocol import KeyScheme, partition_of, pk_text
 from tests.wb_support import PARTITIONS, drain, queue, rows, update
 
 if TYPE_CHECKING:

@@ -33,8 +33,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from examples.shop import Category, Customer, Product
 from sa_redis_cache import Cache, ConfigurationError, FromCache, codec
 from sa_redis_cache.codec import dumps_tagged, pack, unpack
-from sa_redis_cache.keys import pk_text
 from sa_redis_cache.models import mapper_name
+from sa_redis_cache.protocol import pk_text
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.counters import parse_counter
-from sa_redis_cache.keys import KeyScheme
-from sa_redis_cache.scripts import Scripts
+from sa_redis_cache.protocol import KeyScheme, scripts
+from sa_redis_cache.redis_io import SyncRedisIO
 
 if TYPE_CHECKING:
     from tests.support import SQLCounter, Two
@@ -62,7 +62,7 @@ def test_counters_are_read_as_redis_reads_them(redis_client: redis.Redis, namesp
     """parse_counter, the scripts' check (capture_versions keeps a counter it accepts) and
     Redis's own INCRBY agree on every candidate."""
     key = KeyScheme(namespace).version_key("probe")
-    scripts = Scripts(redis_client)
+    io = SyncRedisIO(redis_client)
     for text in CANDIDATES:
         raw = text.encode()
         redis_client.set(key, raw)
@@ -71,7 +71,7 @@ def test_counters_are_read_as_redis_reads_them(redis_client: redis.Redis, namesp
         except redis.ResponseError:
             by_redis = None
         redis_client.set(key, raw)
-        kept = scripts.run(scripts.capture_versions, [key], [60_000, "123"]) == [raw]
+        kept = io.run_script(*scripts.capture_versions([key], [60_000])) == [raw]
         assert parse_counter(raw) == by_redis, text
         assert kept == (by_redis is not None), text
 

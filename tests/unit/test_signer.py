@@ -10,8 +10,8 @@ import pytest
 from sa_redis_cache import signing
 from sa_redis_cache.codec import CodecError, pack
 from sa_redis_cache.errors import ConfigurationError
+from sa_redis_cache.protocol import HEADER
 from sa_redis_cache.signing import TRAILER_BYTES, Signer
-from sa_redis_cache.wb_config import HEADER
 
 KEY = "sarc:shop:{shop:products}:e:0123456789ab:7"
 

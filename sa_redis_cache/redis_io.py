@@ -36,7 +36,7 @@ import asyncio
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 import redis.asyncio
@@ -53,13 +53,14 @@ except ImportError:  # pragma: no cover - SQLAlchemy 2.0
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
+    from .protocol.scripts import Script, ScriptCall
+
 
 __all__ = [
     "AsyncClients",
     "AsyncRedisIO",
     "Command",
     "RedisIO",
-    "ScriptSource",
     "SyncRedisIO",
     "clients_for",
     "in_greenlet",
@@ -68,17 +69,6 @@ __all__ = [
 
 Command = tuple[Any, ...]
 """One Redis command as its words, e.g. ``("SET", key, value, "NX", "PX", 1000)``."""
-
-
-class ScriptSource(Protocol):
-    """A Lua script as redis-py's ``Script`` holds it: its SHA1 and its source."""
-
-    sha: str
-    script: Any
-
-
-ScriptCall = tuple[ScriptSource, list[str], list[Any]]
-"""A script with its KEYS and ARGV, as :meth:`RedisIO.run_batch` takes them."""
 
 
 def _identity(reply: Any) -> Any:
@@ -129,13 +119,13 @@ class RedisIO:
         """UNLINK ``keys``; how many existed."""
         return int(self._wait(self.client.unlink(*keys)))
 
-    def run_script(self, script: ScriptSource, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA ``script``; on NOSCRIPT (a restarted or flushed server) load it and retry."""
         client = self.client
         try:
             return self._wait(client.evalsha(script.sha, len(keys), *keys, *args))
         except NoScriptError:
-            self._wait(client.script_load(script.script))
+            self._wait(client.script_load(script.source))
             return self._wait(client.evalsha(script.sha, len(keys), *keys, *args))
 
     def run_batch(self, calls: Sequence[ScriptCall]) -> list[Any]:
@@ -160,7 +150,7 @@ class RedisIO:
                 if attempt:
                     raise
                 for script, _, _ in calls:
-                    self._wait(client.script_load(script.script))
+                    self._wait(client.script_load(script.source))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def pipeline(self, commands: Iterable[Command]) -> list[Any]:

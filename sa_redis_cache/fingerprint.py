@@ -1,0 +1,132 @@
+"""Stable fingerprints of SQLAlchemy statements, for query keys.
+
+The structural part of a query key comes from SQLAlchemy's own statement cache key,
+which covers loader options, but holds process-local objects (mappers, tables, anonymous
+bind names). :func:`fingerprint` walks it once per statement shape and replaces those
+objects with stable names, so that every process computes the same digest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Table
+from sqlalchemy.orm import Mapper
+from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.selectable import TextualSelect
+from sqlalchemy.sql.type_api import TypeEngine
+
+from .codec import CODEC_VERSION, dumps_tagged
+from .protocol.keys import digest
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+
+class Unfingerprintable(Exception):
+    """A statement holds something that has no stable name across processes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """The stable identity of a statement shape and the tables its result depends on."""
+
+    digest: str
+    tables: tuple[Table, ...]
+
+
+_SIMPLE = (str, int, float, bool, type(None), bytes)
+_TEXTUAL = (TextClause, TextualSelect)
+
+
+class _Walker:
+    __slots__ = ("mappers", "out", "tables")
+
+    def __init__(self) -> None:
+        self.out: list[str] = []
+        self.tables: dict[str, Table] = {}
+        self.mappers: dict[int, Mapper[Any]] = {}
+
+    def walk(self, node: Any) -> None:
+        out = self.out
+        if isinstance(node, tuple):
+            out.append("(")
+            for item in node:
+                self.walk(item)
+            out.append(")")
+        elif isinstance(node, _SIMPLE):
+            out.append(f"{type(node).__name__}:{node!r}")
+        elif isinstance(node, Table):
+            self.tables[node.fullname] = node
+            out.append(f"T:{node.fullname}")
+        elif isinstance(node, Mapper):
+            self.mappers[id(node)] = node
+            out.append(f"M:{_qualified(node.class_)}")
+        elif isinstance(node, type):
+            if issubclass(node, _TEXTUAL):
+                # text() fragments appear in the key as their SQL string: the tables
+                # they read cannot be versioned
+                raise Unfingerprintable("textual SQL names tables the cache cannot see")
+            out.append(f"C:{_qualified(node)}")
+        elif isinstance(node, Enum):
+            out.append(f"E:{_qualified(type(node))}.{node.name}")
+        elif isinstance(node, TypeEngine):
+            out.append(f"Y:{node!r}")
+        elif isinstance(node, TextClause):
+            raise Unfingerprintable("textual SQL names tables the cache cannot see")
+        elif callable(node) and (name := _function_name(node)) is not None:
+            out.append(f"F:{name}")
+        else:
+            text = repr(node)
+            if " at 0x" in text:
+                raise Unfingerprintable(f"{type(node).__name__} has no stable name")
+            out.append(f"R:{type(node).__name__}:{text}")
+
+
+def _function_name(func: Any) -> str | None:
+    """``module.qualname`` of a module-level function (SQL operators), else None."""
+    module = getattr(func, "__module__", None)
+    qualname = getattr(func, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
+        return None
+    return f"{module}.{qualname}"
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def fingerprint(structural_key: tuple[Any, ...]) -> Fingerprint:
+    """Fingerprint the ``key`` part of a statement's ``_generate_cache_key()``.
+
+    Raises :class:`Unfingerprintable` when the statement holds textual SQL or an object
+    with no stable name; such statements run uncached.
+    """
+    walker = _Walker()
+    walker.walk(structural_key)
+    tables = dict(walker.tables)
+    for mapper in walker.mappers.values():
+        for table in _mapper_tables(mapper):
+            tables.setdefault(table.fullname, table)
+    text = "".join(walker.out) + f"|codec:{CODEC_VERSION}"
+    return Fingerprint(digest(text.encode()), tuple(tables[name] for name in sorted(tables)))
+
+
+def _mapper_tables(mapper: Mapper[Any]) -> Iterable[Table]:
+    for table in mapper.tables:
+        if isinstance(table, Table):
+            yield table
+    for rel in mapper.relationships:
+        if isinstance(rel.secondary, Table):
+            yield rel.secondary
+
+
+def values_digest(parts: Sequence[Any]) -> str:
+    """Digest execute-time values (bound parameters, execution context) exactly.
+
+    Raises :class:`~sa_redis_cache.codec.CodecError` for values that cannot be encoded
+    exactly; such statements run uncached.
+    """
+    return digest(dumps_tagged(list(parts)))

@@ -1,0 +1,284 @@
+"""Every Redis key the library and the worker use, and the invalidation channel.
+
+Every key starts with ``sarc:{namespace}:``. Keys that belong to one table carry a
+Redis Cluster hash tag ``{namespace:table}`` so that every multi-key script on one table
+touches one slot::
+
+    sarc:shop:{shop:products}:v                 table version counter (INCR)
+    sarc:shop:{shop:products}:w                 writers in flight (ZSET, score = expiry ms)
+    sarc:shop:{shop:products}:g                 entity generation (bumped by bulk DML)
+    sarc:shop:{shop:products}:rw:<pk>           row write counter (validates entity entries)
+    sarc:shop:{shop:products}:e:<schema>:<scope>:<pk>
+                                                entity entry of one row in one database
+                                                and schema (scope: sa_redis_cache.binds)
+    sarc:shop:{shop:products}:q:<digest>        query entry (tag of its first table)
+    <entry key>:lease                           fill lease of an entry (stampede control)
+    <entry key>:inv                             invalidation counter of a query entry
+    sarc:shop:{shop:views}:wb:<scope>:<p>       write-behind stream of partition p
+    sarc:shop:{shop:views}:wbl:<scope>:<p>      lease of partition p (worker id, PX)
+    sarc:shop:{shop:views}:wbw:<scope>          workers draining those streams (ZSET)
+    sarc:shop:{shop:views}:wbp:<schema>:<scope>:<pk>
+                                                pending (queued, unflushed) state of a row
+    sarc:shop:f:<prefix>:<digest>               function result (cache.cached)
+    sarc:shop:stats:<scope>                     hit counters of every process (HASH)
+    sarc:shop:invalidations                     Pub/Sub channel of commit announcements
+
+:class:`KeyScheme` builds them all; nothing else spells a key or a suffix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sa_redis_cache.codec import CodecError, dumps_tagged
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+PREFIX = "sarc"
+
+_LEASE = ":lease"
+_INVALIDATIONS = ":inv"
+_STREAM, _PARTITION_LEASE, _WORKERS, _PENDING = "wb:", "wbl:", "wbw:", "wbp:"
+QUEUE_MARKERS = (b":wb:", b":wbp:", b":wbl:")
+"""Parts of the keys that hold writes not yet in the database (never deleted to clear)."""
+
+
+def digest(data: bytes) -> str:
+    """The 32 hex digits every digest in a key is made of (BLAKE2b, 16 bytes).
+
+    Example::
+
+        >>> len(digest(b"anything"))
+        32
+    """
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+DIGEST_CHARS = len(digest(b""))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyScheme:
+    """Builds every Redis key of one namespace.
+
+    Example::
+
+        >>> KeyScheme("shop").version_key("products")
+        'sarc:shop:{shop:products}:v'
+    """
+
+    namespace: str
+
+    @property
+    def prefix(self) -> str:
+        """``sarc:{namespace}:``, the start of every key of this namespace."""
+        return f"{PREFIX}:{self.namespace}:"
+
+    def table_prefix(self, table: str) -> str:
+        """The hash-tagged prefix of every key that belongs to ``table``."""
+        return f"{PREFIX}:{self.namespace}:{{{self.namespace}:{table}}}:"
+
+    # -- counters and marks ----------------------------------------------------------------
+
+    def version_key(self, table: str) -> str:
+        """The INCR counter every query entry on ``table`` is validated against."""
+        return self.table_prefix(table) + "v"
+
+    def writers_key(self, table: str) -> str:
+        """The set of transactions that have flushed ``table`` and not yet finished."""
+        return self.table_prefix(table) + "w"
+
+    def generation_key(self, table: str) -> str:
+        """The counter every entity entry of ``table`` is validated against.
+
+        Bumped only by writes whose rows are not known (bulk and textual DML), so that
+        ordinary row writes leave the other rows' entity entries alone.
+        """
+        return self.table_prefix(table) + "g"
+
+    def row_write_key(self, table: str, pk_text: str) -> str:
+        """Counts the writes of one row, in every database and schema alike.
+
+        Entity entries of the row are valid only under its current value, and a
+        write-through commit stores its state only if the counter is still its ticket.
+        It has no scope on purpose: a write seen under one spelling of a database must
+        retire the entries filled under every other.
+        """
+        return f"{self.table_prefix(table)}rw:{pk_text}"
+
+    # -- entries ---------------------------------------------------------------------------
+
+    def entity_key(self, table: str, schema_hash: str, scope: str, pk_text: str) -> str:
+        """The entry of one row, read by ``session.get`` and many-to-one lazy loads.
+
+        ``scope`` names the database and schema the row lives in
+        (:meth:`sa_redis_cache.binds.Binds.scope`): tenants never share an entry.
+
+        Example::
+
+            >>> KeyScheme("shop").entity_key("products", "ab12", "00ff", "7")
+            'sarc:shop:{shop:products}:e:ab12:00ff:7'
+        """
+        return f"{self.table_prefix(table)}e:{schema_hash}:{scope}:{pk_text}"
+
+    def entity_pattern(self, table: str) -> str:
+        """A SCAN pattern matching every entity entry of ``table``."""
+        return escape_glob(self.table_prefix(table)) + "e:*"
+
+    def row_pattern(self, table: str, schema_hash: str, pk_text: str) -> str:
+        """A SCAN pattern matching one row's entity entries in every scope.
+
+        Example::
+
+            >>> KeyScheme("shop").row_pattern("products", "ab12", "7")
+            'sarc:shop:{shop:products}:e:ab12:*:7'
+        """
+        head = escape_glob(self.entity_key(table, schema_hash, "", ""))[:-1]
+        return f"{head}*:{escape_glob(pk_text)}"
+
+    def query_key(self, table: str, digest: str) -> str:
+        """The entry of one statement with its bound values."""
+        return f"{self.table_prefix(table)}q:{digest}"
+
+    def query_pattern(self, table: str) -> str:
+        """A SCAN pattern matching every query entry stored under ``table``'s tag."""
+        return escape_glob(self.table_prefix(table)) + "q:*"
+
+    @staticmethod
+    def lease_key(entry_key: str) -> str:
+        """The fill lease of an entry: the token of the one caller filling it."""
+        return entry_key + _LEASE
+
+    @staticmethod
+    def invalidations_key(entry_key: str) -> str:
+        """The counter ``cache.invalidate_query()`` moves beside a query entry."""
+        return entry_key + _INVALIDATIONS
+
+    def function_key(self, prefix: str, digest: str) -> str:
+        """The entry of one call of a function decorated with ``cache.cached``."""
+        return f"{self.prefix}f:{prefix}:{digest}"
+
+    def function_pattern(self, prefix: str) -> str:
+        """A SCAN pattern matching exactly the entries of one decorated function.
+
+        One digest after the prefix, so that prefix ``a`` leaves ``a:b``'s entries alone.
+        """
+        return escape_glob(f"{self.prefix}f:{prefix}:") + "?" * DIGEST_CHARS
+
+    # -- write-behind ----------------------------------------------------------------------
+
+    def stream_key(self, table: str, scope: str, partition: int) -> str:
+        """The write-behind stream of one partition of ``table`` in one database and schema.
+
+        Example::
+
+            >>> KeyScheme("shop").stream_key("page_views", "00ff", 3)
+            'sarc:shop:{shop:page_views}:wb:00ff:3'
+        """
+        return f"{self.table_prefix(table)}{_STREAM}{scope}:{partition}"
+
+    def stream_pattern(self, table: str) -> str:
+        """A SCAN pattern matching ``table``'s streams of every scope and partition."""
+        return escape_glob(self.table_prefix(table)) + _STREAM + "*"
+
+    def scope_of_stream(self, table: str, stream: str) -> str | None:
+        """The scope a stream key of ``table`` names, or None when it is not one.
+
+        Example::
+
+            >>> stream = "sarc:shop:{shop:page_views}:wb:00ff:3"
+            >>> KeyScheme("shop").scope_of_stream("page_views", stream)
+            '00ff'
+        """
+        head = self.table_prefix(table) + _STREAM
+        if not stream.startswith(head):
+            return None
+        scope, _, partition = stream[len(head) :].rpartition(":")
+        return scope if scope and partition.isdigit() else None
+
+    def partition_lease_key(self, table: str, scope: str, partition: int) -> str:
+        """The lease a worker holds to consume one partition."""
+        return f"{self.table_prefix(table)}{_PARTITION_LEASE}{scope}:{partition}"
+
+    def workers_key(self, table: str, scope: str) -> str:
+        """The workers that drain ``table``'s streams in ``scope`` (ZSET, score = expiry ms)."""
+        return f"{self.table_prefix(table)}{_WORKERS}{scope}"
+
+    def pending_key(self, table: str, schema_hash: str, scope: str, pk_text: str) -> str:
+        """The newest unflushed state of one write-behind row."""
+        return f"{self.table_prefix(table)}{_PENDING}{schema_hash}:{scope}:{pk_text}"
+
+    # -- the namespace ---------------------------------------------------------------------
+
+    def stats_key(self, scope: str) -> str:
+        """The hash of one scope's counters, summed over every process that publishes.
+
+        ``scope`` is ``total`` or a scope of ``cache.stats()`` such as ``model:Product``,
+        ``region:pages`` or ``function:profile``; each field is a counter (``hits``...).
+
+        Example::
+
+            >>> KeyScheme("shop").stats_key("model:Product")
+            'sarc:shop:stats:model:Product'
+        """
+        return f"{self.prefix}stats:{scope}"
+
+    @property
+    def invalidation_channel(self) -> str:
+        """The Pub/Sub channel every commit's invalidation is announced on.
+
+        Example::
+
+            >>> KeyScheme("shop").invalidation_channel
+            'sarc:shop:invalidations'
+        """
+        return f"{self.prefix}invalidations"
+
+    @property
+    def namespace_pattern(self) -> str:
+        """A SCAN pattern matching every key of the namespace."""
+        return escape_glob(self.prefix) + "*"
+
+
+def is_queue_key(key: bytes) -> bool:
+    """True for write-behind streams, pending states and partition leases.
+
+    They hold writes not yet in the database: nothing that clears the cache may delete
+    them.
+
+    Example::
+
+        >>> is_queue_key(b"sarc:shop:{shop:views}:wb:00ff:3")
+        True
+    """
+    return any(marker in key for marker in QUEUE_MARKERS)
+
+
+def escape_glob(text: str) -> str:
+    """``text`` with Redis glob characters escaped, for a SCAN pattern.
+
+    Example::
+
+        >>> escape_glob("a*b")
+        'a\\\\*b'
+    """
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+def pk_text(values: Sequence[Any]) -> str:
+    """Stable, unambiguous text for a primary key tuple.
+
+    Example::
+
+        >>> pk_text((7,))
+        '7'
+    """
+    if len(values) == 1 and type(values[0]) is int:
+        return str(values[0])
+    try:
+        return digest(dumps_tagged(list(values)))
+    except CodecError as exc:
+        raise TypeError(f"primary key {values!r} cannot be used in a cache key: {exc}") from exc

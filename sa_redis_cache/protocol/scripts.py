@@ -1,0 +1,355 @@
+"""The Lua scripts in ``lua/``, and one typed function per script that builds its call.
+
+Each ``.lua`` file opens with a comment naming its KEYS and ARGV; the function of the same
+name here is the one place that builds them, for the session side, the worker and
+``dlq replay`` alike. A function returns a :data:`ScriptCall` (the script, its KEYS, its
+ARGV), which :class:`~sa_redis_cache.redis_io.RedisIO` runs with EVALSHA, alone or several
+in one round trip. Redis runs ``lua/_prelude.lua`` (the helpers that treat a key of the
+wrong type or an unparsable counter as absent, and heal it) followed by the script.
+
+The random values every call passes (where a counter that does not exist starts) are drawn
+here too: a counter lost to eviction, expiry or a restart must never come back at a value
+an old entry was stored under, so it never starts at 0 or 1.
+
+Example::
+
+    call = scripts.release_lease(KeyScheme("shop").lease_key(entry_key), token)
+    io.run_script(*call)
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import random
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import orjson
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from .keys import KeyScheme
+
+COUNTER_TTL_MS = 7 * 24 * 3600 * 1000
+"""Version counters and generations outlive entries by far, but still expire: a namespace
+nobody uses any more leaves nothing behind, and an expired counter only turns entries into
+misses."""
+
+ROW_COUNTER_TTL_MS = 3_600_000
+"""Row write counters live an hour at least, and as long as the entity entries they validate."""
+
+WRITER_MARK_MS = 60_000
+"""How long a flush's writer mark refuses fills when its transaction never ends (a crash)."""
+
+LEASE_MS = 30_000
+"""A filler that dies holding an entry's fill lease blocks other fills this long at most."""
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """One Lua script as Redis runs it (the prelude, then the file) and its SHA1.
+
+    Example::
+
+        >>> len(script("fill").sha)
+        40
+    """
+
+    name: str
+    source: str
+    sha: str
+
+
+def _file(name: str) -> str:
+    return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
+
+
+@cache
+def script(name: str) -> Script:
+    """``lua/<name>.lua`` with the shared prelude, loaded once per process."""
+    source = _file("_prelude") + _file(name)
+    return Script(name, source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
+
+
+ScriptCall = tuple[Script, list[str], list[Any]]
+"""A script with its KEYS and ARGV, as :class:`~sa_redis_cache.redis_io.RedisIO` runs it."""
+
+
+def start() -> int:
+    """A random value for a counter to start at when it does not exist (62 bits)."""
+    return random.getrandbits(62)
+
+
+# -- reads ---------------------------------------------------------------------------------
+
+
+def capture_versions(counters: Sequence[str], ttls_ms: Sequence[int]) -> ScriptCall:
+    """Read (and create, where missing) the counters an entry is validated against.
+
+    Example::
+
+        call = capture_versions([keys.version_key("products")], [COUNTER_TTL_MS])
+    """
+    args = [a for ttl in ttls_ms for a in (ttl, str(start()))]
+    return script("capture_versions"), list(counters), args
+
+
+class NoCounter(enum.Enum):
+    """The type of :data:`NO_COUNTER`."""
+
+    NO_COUNTER = "no counter"
+
+
+NO_COUNTER = NoCounter.NO_COUNTER
+"""``invalidations`` of :func:`fill` for an entry that has no invalidation counter (an
+entity entry): the fill does not compare one."""
+
+
+def fill(
+    keys: KeyScheme,
+    entry_key: str,
+    version_keys: Sequence[str],
+    writers_keys: Sequence[str],
+    *,
+    ttl_ms: int,
+    blob: bytes,
+    lease_token: str,
+    invalidations: bytes | NoCounter | None,
+    captured: Sequence[bytes],
+) -> ScriptCall:
+    """The compare-and-set fill of an entry, releasing the caller's fill lease.
+
+    ``invalidations`` is the entry's invalidation counter as the caller read it before
+    its database read (None: it did not exist), or :data:`NO_COUNTER` for an entry that
+    has none (an entity entry). ``captured`` are the version counters read before the
+    database read, in ``version_keys`` order.
+    """
+    # 'n': no counter to compare; '=' and the counter as read ('=' alone: it was absent)
+    seen = b"n" if invalidations is NO_COUNTER else b"=" + (invalidations or b"")
+    return (
+        script("fill"),
+        [
+            entry_key,
+            keys.lease_key(entry_key),
+            keys.invalidations_key(entry_key),
+            *version_keys,
+            *writers_keys,
+        ],
+        [ttl_ms, blob, lease_token, seen, start(), *captured],
+    )
+
+
+def release_lease(lease_key: str, token: str) -> ScriptCall:
+    """Release a fill lease if the caller still holds it (a fill that was not attempted)."""
+    return script("release_lease"), [lease_key], [token]
+
+
+def take_lease(lease_key: str, token: str) -> tuple[Any, ...]:
+    """The command that asks for an entry's fill lease (sent with a look, one round trip)."""
+    return ("SET", lease_key, token, "NX", "PX", LEASE_MS)
+
+
+# -- invalidation --------------------------------------------------------------------------
+
+
+def invalidate_entries(keys: KeyScheme, entry_keys: Sequence[str], ttl_ms: int) -> ScriptCall:
+    """Delete query entries and move their invalidation counters (``invalidate_query``)."""
+    paired = [k for key in entry_keys for k in (key, keys.invalidations_key(key))]
+    return script("invalidate_entries"), paired, [ttl_ms, start()]
+
+
+def bump_all(
+    counters: Sequence[str], unlink: Sequence[str] = (), ttl_ms: int = COUNTER_TTL_MS
+) -> ScriptCall:
+    """Bump ``counters`` (versions, generations, row write counters), deleting ``unlink``.
+
+    Give the keys of one table per call (one cluster slot).
+    """
+    starts = [start() for _ in counters]
+    return script("bump_all"), [*counters, *unlink], [ttl_ms, len(counters), *starts]
+
+
+# -- a session's writes --------------------------------------------------------------------
+
+
+def flush_mark(
+    keys: KeyScheme,
+    table: str,
+    token: str,
+    rows: Iterable[tuple[str, str]],
+    *,
+    bulk: bool,
+    writer_mark_ms: int = WRITER_MARK_MS,
+) -> ScriptCall:
+    """Mark ``table`` as written by the transaction ``token``, before its database commit.
+
+    ``rows`` are ``(entity key, pk text)`` of the rows written; ``bulk`` says the rows are
+    not known (bulk or textual DML). The reply: the entity generation, then each row's
+    write ticket.
+    """
+    row_keys = [k for entity, pk in rows for k in (entity, keys.row_write_key(table, pk))]
+    return (
+        script("flush_mark"),
+        [keys.version_key(table), keys.writers_key(table), keys.generation_key(table), *row_keys],
+        [token, writer_mark_ms, ROW_COUNTER_TTL_MS, start(), 1 if bulk else 0, COUNTER_TTL_MS],
+    )
+
+
+class RowCommit(NamedTuple):
+    """One row of :func:`commit`: its entity entry, pk text, write ticket, TTL and state.
+
+    ``state`` is the new encoded entity entry (write-through), or ``b""`` to delete it.
+    """
+
+    entity_key: str
+    pk: str
+    ticket: int
+    ttl_ms: int
+    state: bytes
+
+
+def commit(
+    keys: KeyScheme,
+    table: str,
+    token: str,
+    rows: Sequence[RowCommit],
+    *,
+    bulk: bool,
+    scope: str,
+    announced: Sequence[str] | None = None,
+) -> ScriptCall:
+    """The post-commit work for ``table``: bump, release the mark, write or delete the rows'
+    entries, and announce the commit on the namespace's invalidation channel.
+
+    The announcement names the table, the ``scope`` (database and schema) the rows live
+    in, the primary keys ``announced`` (default: every row's) and whether rows were
+    written that cannot be named (``bulk``).
+    """
+    row_keys: list[str] = []
+    row_args: list[Any] = []
+    for row in rows:
+        row_keys += [row.entity_key, keys.row_write_key(table, row.pk)]
+        row_args += [row.ticket, row.ttl_ms, row.state]
+    pks = [row.pk for row in rows] if announced is None else list(announced)
+    announcement = orjson.dumps({"t": table, "s": scope, "pk": pks, "bulk": bulk})
+    return (
+        script("commit"),
+        [keys.version_key(table), keys.writers_key(table), keys.generation_key(table), *row_keys],
+        [
+            token,
+            keys.invalidation_channel,
+            announcement,
+            1 if bulk else 0,
+            COUNTER_TTL_MS,
+            start(),
+            *row_args,
+        ],
+    )
+
+
+# -- write-behind --------------------------------------------------------------------------
+
+
+class QueuedOp(NamedTuple):
+    """One operation of :func:`wb_enqueue`."""
+
+    table: str
+    stream: str
+    entity_key: str
+    pending_key: str
+    kind: str  # "u" (upsert with the full row) or "d" (delete)
+    pk: str
+    schema_hash: str
+    data: bytes  # the encoded row ("u") or primary key ("d"), as JSON
+    trailer: bytes  # appended to both values (a signature), b"" when unsigned
+
+
+def wb_enqueue(keys: KeyScheme, ops: Sequence[QueuedOp], header: bytes) -> ScriptCall:
+    """Queue one commit's write-behind operations, atomically; the reply is their stream ids.
+
+    ``header`` is the codec envelope the script puts before the JSON it assembles.
+    """
+    tables: list[str] = []
+    index: dict[str, int] = {}
+    op_keys: list[str] = []
+    op_args: list[Any] = []
+    for op in ops:
+        if op.table not in index:
+            tables.append(op.table)
+            index[op.table] = len(tables)
+        op_keys += [op.stream, op.entity_key, op.pending_key, keys.row_write_key(op.table, op.pk)]
+        op_args += [index[op.table], op.kind, op.pk, op.schema_hash, op.data, op.trailer]
+    return (
+        script("wb_enqueue"),
+        [*(keys.generation_key(t) for t in tables), *op_keys],
+        [
+            len(tables),
+            header,
+            COUNTER_TTL_MS,
+            ROW_COUNTER_TTL_MS,
+            start(),
+            *(start() for _ in tables),
+            *op_args,
+        ],
+    )
+
+
+class FlushedRow(NamedTuple):
+    """One row of :func:`wb_flushed`: its keys, its last operation's id, and whether that
+    operation was applied (``False``: it went to the dead letters)."""
+
+    pending_key: str
+    entity_key: str
+    pk: str
+    last_id: str
+    applied: bool
+
+
+def wb_flushed(
+    keys: KeyScheme,
+    table: str,
+    stream: str,
+    rows: Sequence[FlushedRow],
+    *,
+    group: str,
+    acked: Sequence[str],
+    trim_below: str,
+    entity_ttl_ms: int,
+    header: bytes,
+) -> ScriptCall:
+    """After a flush committed: bump the table's version, give flushed rows' entity entries
+    their TTL, remove their pending keys, acknowledge ``acked`` and trim the stream."""
+    row_keys = [
+        k for r in rows for k in (r.pending_key, r.entity_key, keys.row_write_key(table, r.pk))
+    ]
+    kinds = "".join("a" if r.applied else "x" for r in rows)
+    return (
+        script("wb_flushed"),
+        [stream, keys.version_key(table), keys.generation_key(table), *row_keys],
+        [
+            group,
+            trim_below,
+            entity_ttl_ms,
+            header,
+            COUNTER_TTL_MS,
+            start(),
+            ROW_COUNTER_TTL_MS,
+            start(),
+            len(acked),
+            *acked,
+            kinds,
+            *(r.last_id for r in rows),
+        ],
+    )
+
+
+def wb_lease(
+    lease_key: str, stream: str, owner: str, lease_ms: int, *, read: int = 0, group: str = ""
+) -> ScriptCall:
+    """Take or renew (``lease_ms`` > 0) or release (0) a partition lease; with ``read`` > 0,
+    also read up to that many new entries of ``stream`` as consumer ``owner`` of ``group``."""
+    return script("wb_lease"), [lease_key, stream], [owner, lease_ms, read, group, owner]
