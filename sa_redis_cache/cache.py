@@ -14,10 +14,10 @@ from sqlalchemy.ext.asyncio import (
     async_scoped_session,
     async_sessionmaker,
 )
-from sqlalchemy.orm import Mapper, Session, mapperlib, scoped_session, sessionmaker
+from sqlalchemy.orm import Mapper, Session, scoped_session, sessionmaker
 from sqlalchemy.util import greenlet_spawn
 
-from . import wb_config
+from . import compat, wb_config
 from .binds import translate_map_of
 from .breaker import CircuitBreaker
 from .core import CacheCore
@@ -30,7 +30,7 @@ from .policy import CachePolicy, is_ttl
 from .protocol import KeyScheme, pk_text, scripts
 from .publish import StatsPublisher
 from .reads import ReadPath
-from .redis_io import clients_for, in_greenlet
+from .redis_io import clients_for
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -282,7 +282,7 @@ class Cache:
     def _load_models(self) -> None:
         problems: list[str] = []
         found: dict[Mapper[Any], CachePolicy | None] = {}
-        mappers, unmapped = _registered_classes()
+        mappers, unmapped = compat.registered_classes()
         problems.extend(
             f"{cls.__name__} declares __cache__ but is not mapped (a DeferredReflection "
             "class before prepare(), or a class whose mapping raised); call "
@@ -395,11 +395,11 @@ class Cache:
             stmt = select(Product).where(Product.id < 10).options(FromCache())
             cache.invalidate_query(stmt)
         """
-        if not any(isinstance(o, FromCache) for o in getattr(statement, "_with_options", ())):
+        if not any(isinstance(o, FromCache) for o in compat.statement_options(statement)):
             # an option, even one outside the cache key, puts the (empty) option list into
             # SQLAlchemy's cache key: match the key of the statement as it was executed
             statement = statement.options(FromCache())
-        cache_key = statement._generate_cache_key()
+        cache_key = compat.statement_cache_key(statement)
         plan = None if cache_key is None else self._reads.plan(cache_key.key, statement)
         if cache_key is None or plan is None:
             return 0
@@ -497,7 +497,7 @@ class Cache:
         found = binds.known(bind)
         if found is not None:
             return found
-        if bind.dialect.is_async and not in_greenlet():
+        if bind.dialect.is_async and not compat.in_greenlet():
             return None  # it connects from its event loop only
         if isinstance(bind, Connection):
             return binds.database_of(bind)
@@ -601,24 +601,6 @@ def _check_pk_types(info: ModelInfo, pk: tuple[Any, ...]) -> None:
                 f"{value!r} ({type(value).__name__}). Pass the primary key as the ORM loads "
                 f"it, e.g. cache.invalidate({mapper.class_.__name__}, {expected.__name__}(...))"
             )
-
-
-def _registered_classes() -> tuple[list[Mapper[Any]], list[type]]:
-    """Every mapper of every declarative registry, and the registered classes with none.
-
-    :func:`~sa_redis_cache.models.all_mappers` raises ``UnmappedClassError`` when a registry
-    holds a class without a mapper, which happens in ordinary programs: a DeferredReflection
-    class before ``prepare()``, or the remains of a class whose mapping raised.
-    """
-    mappers: list[Mapper[Any]] = []
-    unmapped: list[type] = []
-    for registry in list(mapperlib._mapper_registries):
-        for manager in list(registry._managers):
-            if manager.is_mapped:
-                mappers.append(manager.mapper)
-            else:
-                unmapped.append(manager.class_)
-    return mappers, unmapped
 
 
 def _unmapped_policies(found: dict[Mapper[Any], CachePolicy | None], skip: set[type]) -> list[str]:

@@ -79,6 +79,8 @@ import orjson
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import postgresql as pg
 
+from . import compat
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
@@ -748,7 +750,7 @@ def _str_subclass_dump(py: type) -> Callable[[Any], str]:
 
 def _plan(sqltype: Any, dialect: Dialect | None) -> _Plan:
     t: TypeEngine[Any] = sqltypes.to_instance(sqltype)
-    variants = getattr(t, "_variant_mapping", None)  # with_variant(); private, so tolerant
+    variants = compat.type_variants(t)
     if not variants:
         return _base_plan(t, dialect)
     if dialect is not None:
@@ -832,7 +834,7 @@ def type_fingerprint(sqltype: TypeEngine[Any] | type[TypeEngine[Any]]) -> str:
         parts.append(f"impl={type_fingerprint(t.impl_instance)}")
     if isinstance(t, pg.DOMAIN):
         parts.append(f"data_type={type_fingerprint(t.data_type)}")
-    for dialect_name, variant in sorted(getattr(t, "_variant_mapping", {}).items()):
+    for dialect_name, variant in sorted(compat.type_variants(t).items()):
         parts.append(f"{dialect_name}:{type_fingerprint(variant)}")
     try:
         kind = _plan(t, None).kind

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import NoPermissionError, RedisError, ResponseError
 from sqlalchemy import event
 
+from . import compat
 from .binds import Binds
 from .breaker import CircuitBreaker
 from .codec import CodecError
 from .models import ModelInfo, ModelRegistry
 from .protocol import KeyScheme, scripts
 from .protocol.scripts import NO_COUNTER, NoCounter
-from .redis_io import AsyncClients, SyncRedisIO, in_greenlet, unlink_matching
+from .redis_io import AsyncClients, SyncRedisIO, unlink_matching
 from .signing import Signer
 from .stats import Stats
 from .tracing import READ, Measurement
@@ -120,7 +121,7 @@ class CacheCore:
         synchronous client is used.
         """
         clients = self.async_clients
-        if clients is None or not in_greenlet():
+        if clients is None or not compat.in_greenlet():
             return self.sync_io
         return clients.current()
 
@@ -315,40 +316,35 @@ class CacheCore:
         old entries (AOF, a replica promoted): every table this process knows is bumped,
         on that connection, before it serves a single read.
         """
-        pool = self.client.connection_pool
-        previous = pool.connection_kwargs.get("redis_connect_func")
 
-        def on_connect(connection: Any) -> None:
-            if previous is not None:
-                previous(connection)
-            else:
-                connection.on_connect()
-            self._check_run_id(connection)
+        def make_hook(previous: Callable[[Any], None] | None) -> Callable[[Any], None]:
+            def on_connect(connection: Any) -> None:
+                if previous is not None:
+                    previous(connection)
+                else:
+                    connection.on_connect()
+                self._check_run_id(connection)
 
-        pool.connection_kwargs["redis_connect_func"] = on_connect
-        # connections the pool already made reconnect with their own copy of the hook
-        for name in ("_available_connections", "_in_use_connections"):
-            for connection in list(getattr(pool, name, ())):
-                connection.redis_connect_func = on_connect
+            return on_connect
+
+        compat.install_connect_hook(self.client.connection_pool, make_hook)
 
     def _watch_restarts_async(self, client: redis.asyncio.Redis) -> None:
         """:meth:`_watch_restarts` for an asyncio client (its connect hook is a coroutine)."""
-        pool = client.connection_pool
-        previous = pool.connection_kwargs.get("redis_connect_func")
 
-        async def on_connect(connection: Any) -> None:
-            if previous is not None:
-                done = previous(connection)
-                if inspect.isawaitable(done):
-                    await done
-            else:
-                await connection.on_connect()
-            await self._check_run_id_async(connection)
+        def make_hook(previous: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+            async def on_connect(connection: Any) -> None:
+                if previous is not None:
+                    done = previous(connection)
+                    if inspect.isawaitable(done):
+                        await done
+                else:
+                    await connection.on_connect()
+                await self._check_run_id_async(connection)
 
-        pool.connection_kwargs["redis_connect_func"] = on_connect
-        for name in ("_available_connections", "_in_use_connections"):
-            for connection in list(getattr(pool, name, ())):
-                connection.redis_connect_func = on_connect
+            return on_connect
+
+        compat.install_connect_hook(client.connection_pool, make_hook)
 
     def _check_run_id(self, connection: Any) -> None:
         try:

@@ -99,7 +99,7 @@ def _qualified(cls: type) -> str:
 
 
 def fingerprint(structural_key: tuple[Any, ...]) -> Fingerprint:
-    """Fingerprint the ``key`` part of a statement's ``_generate_cache_key()``.
+    """Fingerprint the ``key`` part of a statement's cache key (``compat.statement_cache_key``).
 
     Raises :class:`Unfingerprintable` when the statement holds textual SQL or an object
     with no stable name; such statements run uncached.

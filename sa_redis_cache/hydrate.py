@@ -36,12 +36,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import Mapper, Session
-from sqlalchemy.orm import context as orm_context
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
-from sqlalchemy.sql.selectable import SelectState
 
+from . import compat
 from .codec import CodecError
 from .models import ModelInfo, mapper_name
 
@@ -55,25 +53,6 @@ InfoOf = Callable[[Mapper[Any]], ModelInfo]
 
 
 _NOT_WRITTEN: Any = object()
-
-_ORM_DEFAULT_OPTIONS: Any = getattr(orm_context, "_ORMCompileState", None) or getattr(
-    orm_context, "ORMCompileState", None
-)
-
-
-def canonical_statement(statement: Any) -> Any:
-    """``statement`` with the compile options it had before its first execution.
-
-    Compiling a select in a Session replaces its ``_compile_options`` in place with the
-    ORM's defaults, so a statement derived from it afterwards has another structural key
-    than the same statement derived before: the cache key must not depend on that.
-    """
-    options = getattr(statement, "_compile_options", None)
-    defaults = _ORM_DEFAULT_OPTIONS.default_compile_options
-    if isinstance(options, defaults) and not vars(options):
-        statement = statement._clone()
-        statement._compile_options = SelectState.default_select_compile_options
-    return statement
 
 
 def connection_timezone(session: Session) -> Any:
@@ -113,12 +92,6 @@ def identity_snapshot(session: Session) -> frozenset[Any]:
     """The identity keys present before a statement runs (empty when the map is empty)."""
     identity_map = session.identity_map
     return frozenset(identity_map.keys()) if len(identity_map) else frozenset()
-
-
-def autoflush_pending(session: Session) -> None:
-    """Flush pending changes the way the ORM would before the statement runs."""
-    if session.autoflush and not session._is_clean():
-        session._autoflush()
 
 
 def extract(
@@ -257,7 +230,7 @@ class _Materializer:
         if values is None:
             values = info.codec.load_row(dumped)
         pk = tuple([values[p] for p in info.pk_positions])
-        key = (mapper._identity_class, pk, None)
+        key = compat.identity_key(mapper, pk)
         identity_map = self.identity_map
         existing = identity_map.get(key)
         column_keys = info.column_keys
@@ -287,7 +260,7 @@ class _Materializer:
         state.key = key
         state.identity_token = None
         state.session_id = self.session_id
-        identity_map._add_unpresent(state, key)
+        compat.add_to_identity_map(identity_map, state, key)
         self.new_states.append(state)
         return obj
 
@@ -296,14 +269,14 @@ class _Materializer:
         for state in self.new_states:
             if state.modified or state.committed_state:
                 # a fresh state has nothing to commit unless something touched it
-                state._commit_all(state.dict, identity_map)
+                compat.commit_new(state, identity_map)
             load_event = state.manager.dispatch.load
             if load_event:
                 # reconstructors and user load listeners run as for a database load;
                 # there is no QueryContext on a hit, so they receive None
                 load_event(state, None)
         for state, keys in self.loaded:
-            state._commit(state.dict, keys)
+            compat.commit_loaded(state, keys)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -523,7 +496,7 @@ def rehydrate(session: Session, body: Any, info_of: InfoOf, shape: RowShape) -> 
         data: list[Any] = [made[i] for i in rows]
     else:
         data = rows_with_scalars(rows, scalars, made, shape)
-    return make_result(shape.keys, data, single=shape.single_entity)
+    return compat.make_result(shape.keys, data, single=shape.single_entity)
 
 
 def rows_with_scalars(
@@ -542,13 +515,6 @@ def rows_with_scalars(
     return out
 
 
-def make_result(keys: Sequence[str], data: list[Any], *, single: bool) -> Result[Any]:
-    """A result that behaves like the ORM's own for ``scalars()``, ``all()``, ``unique()``."""
-    result: IteratorResult[Any] = IteratorResult(SimpleResultMetaData(list(keys)), iter(data))
-    result._source_supports_scalars = single
-    return result
-
-
 def rehydrate_entity(
     session: Session, info: ModelInfo, body: Any, pk: tuple[Any, ...]
 ) -> Result[Any]:
@@ -558,7 +524,7 @@ def rehydrate_entity(
     column of its stored type, or holds another row than ``pk`` (foreign bytes).
     """
     if body is None:
-        return make_result([info.mapper.class_.__name__], [], single=True)
+        return compat.make_result([info.mapper.class_.__name__], [], single=True)
     if type(body) is not list or len(body) != 2:
         raise _foreign("an entity body is [values, missing]")
     values = _object_values(info, body[0], body[1])
@@ -567,23 +533,4 @@ def rehydrate_entity(
     mat = _Materializer(session)
     obj = mat.object(info, body[0], body[1], values)
     mat.finish()
-    return make_result([info.mapper.class_.__name__], [obj], single=True)
-
-
-def get_clause_pk(statement: Any, mapper: Mapper[Any], params: Any) -> tuple[Any, ...] | None:
-    """The primary key of a ``session.get``/many-to-one lazy load statement, else None.
-
-    Recognised by the ORM's own primary-key criterion object, which both paths reuse.
-    """
-    where = statement._where_criteria
-    if len(where) != 1 or params is None:
-        return None
-    get_clause, get_params = mapper._get_clause
-    clause = where[0]
-    # SQLAlchemy 2.1 reuses the criterion; 2.0 uses an annotated copy of it
-    if clause is not get_clause and getattr(clause, "_Annotated__element", None) is not get_clause:
-        return None
-    try:
-        return tuple(params[get_params[col].key] for col in mapper.primary_key)
-    except (KeyError, TypeError):
-        return None
+    return compat.make_result([info.mapper.class_.__name__], [obj], single=True)

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table, TypeDecorator, inspect
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import ColumnProperty, Mapper, mapperlib
+from sqlalchemy.orm import ColumnProperty, Mapper
 from sqlalchemy.sql import sqltypes
 
+from . import compat
 from .codec import CODEC_VERSION, RowCodec, UncacheableType, type_fingerprint
 from .policy import CachePolicy
 
@@ -232,12 +233,7 @@ def all_mappers() -> list[Mapper[Any]]:
     Classes of a registry that have no mapper (a DeferredReflection class before
     ``prepare()``, the remains of a class whose mapping failed) are skipped.
     """
-    return [
-        manager.mapper
-        for registry in list(mapperlib._mapper_registries)  # no public list of registries
-        for manager in list(registry._managers)  # registry.mappers raises on unmapped ones
-        if manager.is_mapped and isinstance(manager.mapper, Mapper)
-    ]
+    return [m for m in compat.registered_classes()[0] if isinstance(m, Mapper)]
 
 
 class ModelRegistry:

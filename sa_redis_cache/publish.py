@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from redis.exceptions import RedisError
 
+from . import compat
 from .errors import ConfigurationError
 from .protocol.scripts import COUNTER_TTL_MS
 from .redis_io import SyncRedisIO
@@ -177,7 +178,7 @@ def _own_client(client: redis.Redis) -> redis.Redis:
     pool = client.connection_pool
     if type(pool) not in (redis.ConnectionPool, redis.BlockingConnectionPool):
         return client
-    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "redis_connect_func"}
+    kwargs = compat.pool_options_without(pool)
     own = redis.ConnectionPool(connection_class=pool.connection_class, max_connections=2, **kwargs)
     return redis.Redis(connection_pool=own)
 

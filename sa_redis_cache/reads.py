@@ -22,7 +22,7 @@ from sqlalchemy import Table
 from sqlalchemy.orm.interfaces import UserDefinedOption
 from sqlalchemy.sql.type_api import TypeEngine
 
-from . import hydrate, stampede
+from . import compat, hydrate, stampede
 from .binds import translate_map_of
 from .codec import CodecError, RowCodec, UncacheableType, pack, unpack
 from .counters import parse_counter
@@ -160,10 +160,10 @@ class ReadPath:
             stats.incr(region, "bypassed")
             return None
         statement: Any = orm_context.statement
-        if statement._for_update_arg is not None:
+        if compat.is_locking(statement):
             stats.incr(region, "bypassed")  # a cached row takes no lock
             return None
-        cache_key = statement._generate_cache_key()
+        cache_key = compat.statement_cache_key(statement)
         if cache_key is None:
             stats.incr(region, "uncacheable")
             return None
@@ -172,8 +172,8 @@ class ReadPath:
             stats.incr(region, "uncacheable")
             return None
         session = orm_context.session
-        if orm_context.load_options._autoflush:
-            hydrate.autoflush_pending(session)
+        if compat.autoflush_requested(orm_context):
+            compat.autoflush_pending(session)
         tx = peek_tx_state(session)
         if tx is not None and not tx.written_tables.isdisjoint(plan.tables):
             stats.incr(region, "bypassed")
@@ -630,8 +630,8 @@ class ReadPath:
 
     def _build_plan(self, statement: Any) -> StatementPlan:
         core = self.core
-        canonical = hydrate.canonical_statement(statement)
-        fp = fingerprint(canonical._generate_cache_key().key)
+        canonical = compat.canonical_statement(statement)
+        fp = fingerprint(compat.statement_cache_key(canonical).key)
         if not fp.tables:
             raise Uncacheable("the statement reads no table the cache can version")
         tables = [t.fullname for t in fp.tables]
@@ -665,17 +665,19 @@ class ReadPath:
         execution options go to the database.
         """
         statement: Any = orm_context.statement
-        mapper = statement._propagate_attrs.get("plugin_subject")
+        mapper = compat.statement_mapper(statement)
         info = None if mapper is None else self.core.models.entity_infos.get(mapper)
         if info is None:
             return None
-        pk = hydrate.get_clause_pk(statement, mapper, orm_context.parameters)
+        pk = compat.get_clause_pk(statement, info.mapper, orm_context.parameters)
         if (
             pk is None
             or None in pk
-            or statement._for_update_arg is not None
-            or orm_context.load_options._refresh_state is not None
-            or any(not isinstance(o, UserDefinedOption) for o in statement._with_options)
+            or compat.is_locking(statement)
+            or compat.is_refresh(orm_context)
+            or any(
+                not isinstance(o, UserDefinedOption) for o in compat.statement_options(statement)
+            )
             or any(orm_context.execution_options.get(n) for n in _BYPASS_OPTIONS)
         ):
             return None

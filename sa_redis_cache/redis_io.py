@@ -41,14 +41,9 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 import redis.asyncio
 from redis.exceptions import NoScriptError
-from sqlalchemy.util.concurrency import in_greenlet
 
+from . import compat
 from .errors import ConfigurationError
-
-try:  # SQLAlchemy 2.1
-    from sqlalchemy.util import await_ as _await
-except ImportError:  # pragma: no cover - SQLAlchemy 2.0
-    from sqlalchemy.util import await_only as _await
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -63,7 +58,6 @@ __all__ = [
     "RedisIO",
     "SyncRedisIO",
     "clients_for",
-    "in_greenlet",
     "unlink_matching",
 ]
 
@@ -197,7 +191,7 @@ class AsyncRedisIO(RedisIO):
     __slots__ = ()
 
     def __init__(self, client: Any) -> None:
-        super().__init__(client, wait=_await, sleep=asyncio.sleep, is_async=True)
+        super().__init__(client, wait=compat.await_, sleep=asyncio.sleep, is_async=True)
 
 
 class AsyncClients:
@@ -325,7 +319,7 @@ def clients_for(
             f"Cache() needs a redis.Redis client or a redis:// URL, got "
             f"{type(redis_client).__name__}; pass redis.Redis.from_url(...) or the URL"
         )
-    if redis_client.connection_pool.connection_kwargs.get("decode_responses"):
+    if compat.pool_option(redis_client, "decode_responses"):
         raise ConfigurationError(
             "Cache() needs a Redis client that returns bytes: this one was made with "
             "decode_responses=True, so no entry could ever be read back. Pass a client "
@@ -338,7 +332,7 @@ def clients_for(
             f"Cache(async_client=...) needs a redis.asyncio.Redis client, got "
             f"{type(async_client).__name__}; pass redis.asyncio.Redis.from_url(...)"
         )
-    if async_client.connection_pool.connection_kwargs.get("decode_responses"):
+    if compat.pool_option(async_client, "decode_responses"):
         raise ConfigurationError(
             "Cache(async_client=...) needs a client that returns bytes: this one was made "
             "with decode_responses=True; pass a client without it"

@@ -13,7 +13,7 @@ from sqlalchemy import Sequence
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.sql.schema import ColumnDefault
 
-from . import hydrate
+from . import compat, hydrate
 from .errors import ConfigurationError
 from .wb_config import ID_BLOCKS
 
@@ -41,7 +41,7 @@ def serve(
     session = orm_context.session
     name = info.mapper.class_.__name__
     if values is None:
-        return hydrate.make_result([name], [], single=True)
+        return compat.make_result([name], [], single=True)
     identity = info.mapper.identity_key_from_primary_key(pk)
     existing = session.identity_map.get(identity)
     if existing is None:
@@ -54,7 +54,7 @@ def serve(
         # attributes with unflushed changes are the session's own; never overwritten
         if key in state.unloaded or (overwrite and key not in state.committed_state):
             set_committed_value(existing, key, value)
-    return hydrate.make_result([name], [existing], single=True)
+    return compat.make_result([name], [existing], single=True)
 
 
 def evaluate(session: Session, default: Any, given: dict[str, Any]) -> Any:

@@ -43,7 +43,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.orm import make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
 
-from . import hydrate
+from . import compat, hydrate
 from .binds import translate_map_of
 from .codec import CodecError, unpack
 from .errors import CacheUnavailableError, ConfigurationError
@@ -369,7 +369,7 @@ class WriteBehind:
         info = self._info(mapper) if mapper is not None else None
         if info is None or info.codec is None:
             return None
-        pk = hydrate.get_clause_pk(orm_context.statement, info.mapper, orm_context.parameters)
+        pk = compat.get_clause_pk(orm_context.statement, info.mapper, orm_context.parameters)
         if pk is None or None in pk:
             return None
         try:

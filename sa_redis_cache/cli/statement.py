@@ -12,7 +12,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import click
+from sqlalchemy.sql.expression import ClauseElement
 
+from sa_redis_cache import compat
 from sa_redis_cache.codec import CodecError, unpack
 from sa_redis_cache.options import FromCache
 from sa_redis_cache.protocol import KeyScheme
@@ -47,8 +49,8 @@ _REPR_WIDTH = 160
 
 
 def _load_statement(spec: str) -> Any:
-    obj = import_object(spec, param_hint="--statement")
-    if not hasattr(obj, "_generate_cache_key") and callable(obj):
+    obj: Any = import_object(spec, param_hint="--statement")
+    if not isinstance(obj, ClauseElement) and callable(obj):
         try:
             obj = obj()
         except TypeError as exc:
@@ -57,15 +59,16 @@ def _load_statement(spec: str) -> Any:
                 "a function of no arguments",
                 param_hint="--statement",
             ) from exc
-    if not getattr(obj, "is_select", False) or not hasattr(obj, "_generate_cache_key"):
+    if not isinstance(obj, ClauseElement) or not getattr(obj, "is_select", False):
         raise click.BadParameter(
             f"{spec} is {type(obj).__name__}, not a select() statement", param_hint="--statement"
         )
-    if not any(isinstance(o, FromCache) for o in getattr(obj, "_with_options", ())):
+    statement: Any = obj
+    if not any(isinstance(o, FromCache) for o in compat.statement_options(statement)):
         # the key of the statement as the application executes it, with the option
         # (as Cache.invalidate_query does: an option changes SQLAlchemy's cache key)
-        obj = obj.options(FromCache())
-    return obj
+        statement = statement.options(FromCache())
+    return statement
 
 
 def _parse_params(pairs: tuple[str, ...], bindparams: list[Any]) -> dict[str, Any]:
@@ -107,7 +110,7 @@ def inspect_statement(
     """
     statement = _load_statement(spec)
     cache = settings.cache()
-    cache_key = statement._generate_cache_key()
+    cache_key = compat.statement_cache_key(statement)
     params = _parse_params(pairs, [] if cache_key is None else list(cache_key.bindparams))
     # the database (as it names itself) and the URL's dialect and driver are part of the
     # key: the URL is used as the application writes it (no driver added)

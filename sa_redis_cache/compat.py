@@ -1,0 +1,340 @@
+"""Every private attribute or internal module of SQLAlchemy and redis-py the library uses.
+
+The cache builds objects straight into instance state and the identity map (as
+SQLAlchemy's own loader does), keys statements by SQLAlchemy's structural cache key, and
+hooks redis-py's connect step to notice a restarted server. None of that has public API.
+Each such use is one function here, and :data:`PROBES` names every internal symbol they
+touch: ``tests/unit/test_compat.py`` checks each against the installed release and fails
+naming the symbol and the version when a release moves it. Nothing outside this module
+touches a private name of either library. CI runs the whole suite on SQLAlchemy 2.0 and
+2.1.
+
+Example::
+
+    from sa_redis_cache import compat
+    compat.statement_cache_key(select(Product))      # SQLAlchemy's CacheKey, or None
+    [name for name, found in compat.probe() if not found]   # [] when everything is there
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import redis
+import sqlalchemy
+from sqlalchemy.engine import result as engine_result
+from sqlalchemy.orm import context as orm_context
+from sqlalchemy.orm import mapperlib
+from sqlalchemy.sql import selectable
+from sqlalchemy.util import concurrency
+
+try:  # SQLAlchemy 2.1
+    from sqlalchemy.util import await_ as _await
+except ImportError:  # pragma: no cover - SQLAlchemy 2.0
+    from sqlalchemy.util import await_only as _await
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+
+    from sqlalchemy.engine import Result
+    from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+    from sqlalchemy.orm.identity import IdentityMap
+    from sqlalchemy.orm.state import InstanceState
+
+__all__ = [
+    "PROBES",
+    "add_to_identity_map",
+    "autoflush_pending",
+    "autoflush_requested",
+    "await_",
+    "canonical_statement",
+    "commit_loaded",
+    "commit_new",
+    "get_clause_pk",
+    "identity_key",
+    "in_greenlet",
+    "install_connect_hook",
+    "is_locking",
+    "is_refresh",
+    "make_result",
+    "pool_option",
+    "pool_options_without",
+    "probe",
+    "registered_classes",
+    "statement_cache_key",
+    "statement_mapper",
+    "statement_options",
+    "type_variants",
+]
+
+in_greenlet: Callable[[], bool] = concurrency.in_greenlet
+"""True inside a greenlet SQLAlchemy spawned (a session run by ``AsyncSession``)."""
+
+await_: Callable[[Any], Any] = _await
+"""SQLAlchemy's greenlet bridge: await a coroutine from code such a greenlet runs."""
+
+_COMPILE_STATE: Any = getattr(orm_context, "_ORMCompileState", None) or getattr(
+    orm_context, "ORMCompileState", None
+)
+
+
+# -- statements ----------------------------------------------------------------------------
+
+
+def statement_cache_key(statement: Any) -> Any:
+    """SQLAlchemy's structural cache key of ``statement`` (``.key``, ``.bindparams``), or
+    None when the statement cannot be cached by SQLAlchemy either."""
+    return statement._generate_cache_key()
+
+
+def canonical_statement(statement: Any) -> Any:
+    """``statement`` with the compile options it had before its first execution.
+
+    Compiling a select in a Session replaces its ``_compile_options`` in place with the
+    ORM's defaults, so a statement derived from it afterwards has another structural key
+    than the same statement derived before: the cache key must not depend on that.
+    """
+    options = getattr(statement, "_compile_options", None)
+    defaults = _COMPILE_STATE.default_compile_options
+    if isinstance(options, defaults) and not vars(options):
+        statement = statement._clone()
+        statement._compile_options = selectable.SelectState.default_select_compile_options
+    return statement
+
+
+def is_locking(statement: Any) -> bool:
+    """True for ``SELECT ... FOR UPDATE`` (and its variants): a cached row takes no lock."""
+    return statement._for_update_arg is not None
+
+
+def statement_options(statement: Any) -> Sequence[Any]:
+    """The loader and user-defined options of ``statement``, as given to ``.options()``."""
+    options: Sequence[Any] = statement._with_options
+    return options
+
+
+def statement_mapper(statement: Any) -> Mapper[Any] | None:
+    """The mapper an ORM statement selects from (``session.get``, lazy loads), or None."""
+    mapper: Mapper[Any] | None = statement._propagate_attrs.get("plugin_subject")
+    return mapper
+
+
+def get_clause_pk(statement: Any, mapper: Mapper[Any], params: Any) -> tuple[Any, ...] | None:
+    """The primary key of a ``session.get``/many-to-one lazy load statement, else None.
+
+    Recognised by the ORM's own primary-key criterion object, which both paths reuse.
+    """
+    where = statement._where_criteria
+    if len(where) != 1 or params is None:
+        return None
+    get_clause, get_params = mapper._get_clause
+    clause = where[0]
+    # SQLAlchemy 2.1 reuses the criterion; 2.0 uses an annotated copy of it
+    if clause is not get_clause and getattr(clause, "_Annotated__element", None) is not get_clause:
+        return None
+    try:
+        return tuple(params[get_params[col].key] for col in mapper.primary_key)
+    except (KeyError, TypeError):
+        return None
+
+
+def autoflush_requested(orm_context: ORMExecuteState) -> bool:
+    """Whether the statement being executed would autoflush the session first."""
+    return bool(orm_context.load_options._autoflush)
+
+
+def is_refresh(orm_context: ORMExecuteState) -> bool:
+    """True when the statement refreshes the attributes of an object already loaded."""
+    return orm_context.load_options._refresh_state is not None
+
+
+def autoflush_pending(session: Session) -> None:
+    """Flush pending changes the way the ORM would before the statement runs."""
+    if session.autoflush and not session._is_clean():
+        session._autoflush()
+
+
+def type_variants(sqltype: Any) -> dict[str, Any]:
+    """The ``with_variant()`` types of a column type, by dialect name (empty: none)."""
+    variants: dict[str, Any] = getattr(sqltype, "_variant_mapping", None) or {}
+    return variants
+
+
+# -- building objects as the ORM's loader does ---------------------------------------------
+
+
+def identity_key(mapper: Mapper[Any], pk: tuple[Any, ...]) -> Any:
+    """The identity-map key of the object of ``mapper`` with primary key ``pk``."""
+    return (mapper._identity_class, pk, None)
+
+
+def add_to_identity_map(identity_map: IdentityMap, state: InstanceState[Any], key: Any) -> None:
+    """Put a new object's state into the map under ``key`` (it is not there yet)."""
+    identity_map._add_unpresent(state, key)
+
+
+def commit_new(state: InstanceState[Any], identity_map: IdentityMap) -> None:
+    """Mark every attribute of a freshly built state as loaded from the database."""
+    state._commit_all(state.dict, identity_map)
+
+
+def commit_loaded(state: InstanceState[Any], keys: Iterable[str]) -> None:
+    """Mark ``keys`` of a state as loaded (the others keep their state)."""
+    state._commit(state.dict, list(keys))
+
+
+def make_result(keys: Sequence[str], data: list[Any], *, single: bool) -> Result[Any]:
+    """A result that behaves like the ORM's own for ``scalars()``, ``all()``, ``unique()``."""
+    made: Any = engine_result.IteratorResult(
+        engine_result.SimpleResultMetaData(list(keys)), iter(data)
+    )
+    made._source_supports_scalars = single
+    result: Result[Any] = made
+    return result
+
+
+def registered_classes() -> tuple[list[Mapper[Any]], list[type]]:
+    """Every mapper of every declarative registry, and the registered classes with none.
+
+    A registry holds a class without a mapper in ordinary programs (a DeferredReflection
+    class before ``prepare()``, the remains of a class whose mapping raised), where
+    ``registry.mappers`` raises: the managers are walked instead.
+    """
+    mappers: list[Mapper[Any]] = []
+    unmapped: list[type] = []
+    for registry in list(mapperlib._mapper_registries):  # no public list of registries
+        for manager in list(registry._managers):
+            if manager.is_mapped:
+                mappers.append(manager.mapper)
+            else:
+                unmapped.append(manager.class_)
+    return mappers, unmapped
+
+
+# -- redis-py ------------------------------------------------------------------------------
+
+_CONNECT_HOOK = "redis_connect_func"
+
+
+def pool_option(client: Any, name: str) -> Any:
+    """An option the client's connection pool makes connections with (None: not set)."""
+    return client.connection_pool.connection_kwargs.get(name)
+
+
+def pool_options_without(pool: Any, *names: str) -> dict[str, Any]:
+    """The options ``pool`` makes connections with, less ``names`` and the connect hook."""
+    dropped = {*names, _CONNECT_HOOK}
+    return {k: v for k, v in pool.connection_kwargs.items() if k not in dropped}
+
+
+def install_connect_hook(pool: Any, make_hook: Callable[[Any], Any]) -> None:
+    """Run a hook instead of each new connection's plain ``on_connect`` (sync or asyncio).
+
+    ``make_hook(previous)`` returns the hook; ``previous`` is a hook already installed
+    (call it instead of ``connection.on_connect()``), or None. Connections the pool made
+    already reconnect with the new hook too.
+    """
+    hook = make_hook(pool.connection_kwargs.get(_CONNECT_HOOK))
+    pool.connection_kwargs[_CONNECT_HOOK] = hook
+    for name in ("_available_connections", "_in_use_connections"):
+        for connection in list(getattr(pool, name, ())):
+            setattr(connection, _CONNECT_HOOK, hook)
+
+
+# -- the probes ----------------------------------------------------------------------------
+
+
+def _samples() -> dict[str, Any]:
+    """A throwaway mapped class, an instance, a statement and a session to probe."""
+    from sqlalchemy import Column, Integer, MetaData, Table, select
+    from sqlalchemy.orm import Session, registry
+
+    mappers = registry()
+    table = Table("sarc_compat_probe", MetaData(), Column("id", Integer, primary_key=True))
+
+    class Probe:
+        pass
+
+    mapper = mappers.map_imperatively(Probe, table)
+    obj = Probe()
+    samples = {
+        "select": select(Probe).where(table.c.id == 1),
+        "mapper": mapper,
+        "state": sqlalchemy.inspect(obj),
+        "session": Session(),
+        "identity_map": Session().identity_map,
+        "registry": mappers,
+        "result": make_result(["x"], [], single=True),
+        "variant": sqlalchemy.Integer().with_variant(sqlalchemy.BigInteger(), "postgresql"),
+        "pool": redis.ConnectionPool(),
+        "connection": redis.Connection(),  # type: ignore[no-untyped-call]
+    }
+    mapper._get_clause  # noqa: B018 - configured here, while the registry lives
+    mappers.dispose()
+    return samples
+
+
+_PROBED: dict[str, tuple[str, str]] = {
+    "sqlalchemy Select._generate_cache_key": ("select", "_generate_cache_key"),
+    "sqlalchemy Select._for_update_arg": ("select", "_for_update_arg"),
+    "sqlalchemy Select._with_options": ("select", "_with_options"),
+    "sqlalchemy Select._propagate_attrs": ("select", "_propagate_attrs"),
+    "sqlalchemy Select._where_criteria": ("select", "_where_criteria"),
+    "sqlalchemy Select._compile_options": ("select", "_compile_options"),
+    "sqlalchemy Select._clone": ("select", "_clone"),
+    "sqlalchemy Mapper._identity_class": ("mapper", "_identity_class"),
+    "sqlalchemy Mapper._get_clause": ("mapper", "_get_clause"),
+    "sqlalchemy InstanceState._commit_all": ("state", "_commit_all"),
+    "sqlalchemy InstanceState._commit": ("state", "_commit"),
+    "sqlalchemy Session._is_clean": ("session", "_is_clean"),
+    "sqlalchemy Session._autoflush": ("session", "_autoflush"),
+    "sqlalchemy Session.identity_map._add_unpresent": ("identity_map", "_add_unpresent"),
+    "sqlalchemy registry._managers": ("registry", "_managers"),
+    "sqlalchemy IteratorResult._source_supports_scalars": ("result", "_source_supports_scalars"),
+    "sqlalchemy TypeEngine._variant_mapping": ("variant", "_variant_mapping"),
+    "redis ConnectionPool.connection_kwargs": ("pool", "connection_kwargs"),
+    "redis ConnectionPool._available_connections": ("pool", "_available_connections"),
+    "redis ConnectionPool._in_use_connections": ("pool", "_in_use_connections"),
+    "redis Connection.redis_connect_func": ("connection", _CONNECT_HOOK),
+}
+
+_MODULE_PROBES: dict[str, tuple[Any, str]] = {
+    "sqlalchemy orm.context.ORMCompileState.default_compile_options": (
+        _COMPILE_STATE,
+        "default_compile_options",
+    ),
+    "sqlalchemy sql.selectable.SelectState.default_select_compile_options": (
+        selectable.SelectState,
+        "default_select_compile_options",
+    ),
+    "sqlalchemy orm QueryContext.default_load_options._autoflush": (
+        orm_context.QueryContext.default_load_options,
+        "_autoflush",
+    ),
+    "sqlalchemy orm QueryContext.default_load_options._refresh_state": (
+        orm_context.QueryContext.default_load_options,
+        "_refresh_state",
+    ),
+    "sqlalchemy orm.mapperlib._mapper_registries": (mapperlib, "_mapper_registries"),
+    "sqlalchemy engine.result.IteratorResult": (engine_result, "IteratorResult"),
+    "sqlalchemy engine.result.SimpleResultMetaData": (engine_result, "SimpleResultMetaData"),
+    "sqlalchemy util.concurrency.in_greenlet": (concurrency, "in_greenlet"),
+}
+
+PROBES: tuple[str, ...] = (*_PROBED, *_MODULE_PROBES)
+"""Every internal symbol this module touches (checked by :func:`probe`)."""
+
+
+def probe() -> Iterator[tuple[str, bool]]:
+    """``(symbol, found)`` for every entry of :data:`PROBES`, against the installed releases.
+
+    Example::
+
+        >>> all(found for _, found in probe())
+        True
+    """
+    samples = _samples()
+    for name, (sample, attribute) in _PROBED.items():
+        yield name, hasattr(samples[sample], attribute)
+    for name, (owner, attribute) in _MODULE_PROBES.items():
+        yield name, owner is not None and hasattr(owner, attribute)
