@@ -3,7 +3,7 @@
 The telemetry example's ``PageView`` (``strategy="write_behind"``) takes a burst of page
 views: each commit queues its rows in Redis in one script and sends no SQL. A flush worker
 (:class:`~sa_redis_cache.FlushWorker`) then drains the queue into Postgres, with the
-progress display of ``sa-redis-cache worker`` (:mod:`sa_redis_cache.worker.progress`): a
+progress display of ``sa-redis-cache worker`` (its progress module): a
 rich progress bar on a terminal, its plain log lines otherwise. The rows are counted in
 Postgres afterwards.
 
@@ -31,8 +31,8 @@ from sqlalchemy.orm import sessionmaker
 
 from sa_redis_cache import Cache, FlushWorker, schema
 from sa_redis_cache.devservices import RedisServer, ServerStartError, redact
-from sa_redis_cache.wb_config import redis_problems
-from sa_redis_cache.worker.progress import BacklogProgress, choose_mode
+from sa_redis_cache.strategies.write_behind.checks import redis_problems
+from sa_redis_cache.strategies.write_behind.worker.progress import BacklogProgress, choose_mode
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -14,7 +14,7 @@ from importlib import metadata as _metadata
 from .cache import Cache
 from .errors import CacheUnavailableError, ConfigurationError, SaRedisCacheError
 from .options import FromCache
-from .policy import CachePolicy
+from .policy import CachePolicy, Strategy
 from .worker import FlushWorker
 
 try:
@@ -30,5 +30,6 @@ __all__ = [
     "FlushWorker",
     "FromCache",
     "SaRedisCacheError",
+    "Strategy",
     "__version__",
 ]

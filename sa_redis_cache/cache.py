@@ -17,20 +17,24 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Mapper, Session, scoped_session, sessionmaker
 from sqlalchemy.util import greenlet_spawn
 
-from . import compat, wb_config
+from . import compat
 from .binds import translate_map_of
 from .breaker import CircuitBreaker
 from .core import CacheCore
+from .engine_writes import EngineWrites
 from .errors import ConfigurationError
-from .events import WritePath
 from .functions import AsyncCachedFunction, CacheDecorator, CachedFunction
 from .models import ModelInfo, build_model_info, mapper_of
 from .options import FromCache
-from .policy import CachePolicy, is_ttl
+from .policy import CachePolicy, Strategy, is_ttl
 from .protocol import KeyScheme, pk_text, scripts
 from .publish import StatsPublisher
 from .reads import ReadPath
 from .redis_io import clients_for
+from .sessions import SessionHooks
+from .strategies.cache_aside import Invalidation
+from .strategies.write_behind import checks as write_behind_checks
+from .strategies.write_behind.session import WriteBehind
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -132,8 +136,12 @@ class Cache:
             hit_rate_warning=hit_rate_warning,
             signing_key=signing_key,
         )
-        self._writes = WritePath(self._core)
-        self._reads = ReadPath(self._core, self._writes)
+        self._reads = ReadPath(self._core)
+        invalidation = Invalidation(self._core)
+        self._engine_writes = EngineWrites(self._core, invalidation)
+        self._hooks = SessionHooks(
+            self._core, self._reads, invalidation, WriteBehind(self._core), self._engine_writes
+        )
         self._publisher = StatsPublisher(self._core, stats_publish_interval)
         self._attached: list[Any] = []
         self._attached_binds: list[Engine] = []
@@ -210,7 +218,7 @@ class Cache:
         if isinstance(target, Engine):
             self._load_models()
             self._publisher.start()
-            self._writes.core_dml.register(target)
+            self._engine_writes.register(target)
             self._remember_bind(target)
             return
         session_class = self._session_class_of(target)
@@ -222,13 +230,9 @@ class Cache:
         if isinstance(bind, AsyncEngine):
             bind = bind.sync_engine
         if isinstance(bind, Engine):
-            self._writes.core_dml.register(bind)
+            self._engine_writes.register(bind)
             self._remember_bind(bind)
-        # before the read path: a queued write-behind state wins over any entry or row
-        self._core.listen(session_class, "do_orm_execute", self._writes.write_behind.on_execute)
-        self._core.listen(session_class, "do_orm_execute", self._reads.on_execute)
-        self._core.listen(session_class, "after_begin", self._reads.on_begin)
-        self._writes.register(session_class)
+        self._hooks.register(session_class)
         self._attached.append(session_class)
 
     def _remember_bind(self, engine: Engine) -> None:
@@ -302,12 +306,12 @@ class Cache:
                 problems.extend(
                     f"{mapper.class_.__name__}: {problem}" for problem in policy.problems()
                 )
-                if policy.strategy == "write_behind":
+                if policy.strategy == Strategy.WRITE_BEHIND:
                     info = build_model_info(mapper, policy)
-                    problems.extend(wb_config.model_problems(mapper, info))
+                    problems.extend(write_behind_checks.model_problems(mapper, info))
                     problems.extend(
                         f"{mapper.class_.__name__}: {problem}"
-                        for problem in wb_config.redis_problems(self._core.client, policy)
+                        for problem in write_behind_checks.redis_problems(self._core.client, policy)
                     )
             found[mapper] = policy
         problems.extend(_unmapped_policies(found, skip=set(unmapped)))
@@ -568,7 +572,7 @@ class Cache:
         """
         self._core.remove_listeners()
         self._publisher.stop()  # after a last publish
-        self._writes.core_dml.forget_engines()
+        self._engine_writes.forget_engines()
         self._attached.clear()
         self._attached_binds.clear()
 

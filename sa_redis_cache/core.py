@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
     from .binds import Database
     from .protocol import ScriptCall
-    from .redis_io import Command, RedisIO
+    from .protocol.scripts import Command
+    from .redis_io import RedisIO
 
 log = logging.getLogger("sa_redis_cache")
 

@@ -7,7 +7,7 @@ families when Prometheus scrapes. Needs the ``prometheus`` extra
 
 A write-behind flush worker has a collector of its own, :class:`WorkerCollector` (queue
 depth, pending entries and lag per partition, rows applied, dead letters), re-exported
-here from :mod:`sa_redis_cache.worker.metrics` with :func:`expose_worker`.
+here from :mod:`sa_redis_cache.strategies.write_behind.worker.metrics` with :func:`expose_worker`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .breaker import CLOSED, HALF_OPEN
 from .stats import BUCKETS, COUNTERS
-from .worker.metrics import WorkerCollector, expose_worker
+from .strategies.write_behind.worker.metrics import WorkerCollector, expose_worker
 
 __all__ = ["CacheCollector", "WorkerCollector", "expose", "expose_worker"]
 

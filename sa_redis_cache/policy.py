@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
-Strategy = Literal["cache_aside", "write_through", "write_behind"]
-STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
+class Strategy(str, enum.Enum):
+    """What a committed write of a model does to the cache (``CachePolicy(strategy=...)``).
+
+    Members are strings: ``CachePolicy(strategy="write_through")`` and
+    ``CachePolicy(strategy=Strategy.WRITE_THROUGH)`` are the same policy.
+
+    Example::
+
+        >>> Strategy("write_behind") is Strategy.WRITE_BEHIND, Strategy.CACHE_ASIDE == "cache_aside"
+        (True, True)
+    """
+
+    CACHE_ASIDE = "cache_aside"
+    WRITE_THROUGH = "write_through"
+    WRITE_BEHIND = "write_behind"
+
+
+StrategyName = Literal["cache_aside", "write_through", "write_behind"]
+STRATEGIES: tuple[str, ...] = tuple(s.value for s in Strategy)
 
 
 def is_ttl(value: object) -> bool:
@@ -52,7 +71,7 @@ class CachePolicy:
             __cache__ = CachePolicy(strategy="write_through", ttl=600)
     """
 
-    strategy: str = "cache_aside"
+    strategy: StrategyName | Strategy = "cache_aside"
     ttl: float | None = None
     entity_cache: bool = True
     accept_volatile: bool = False

@@ -58,7 +58,7 @@ from .redis_io import SyncRedisIO
 
 if TYPE_CHECKING:
     from .core import CacheCore
-    from .redis_io import Command
+    from .protocol.scripts import Command
 
 __all__ = ["MAX_BACKOFF", "STATS_TTL_MS", "TOTAL", "StatsPublisher", "group_of", "scope_of"]
 

@@ -31,7 +31,7 @@ from .options import FromCache
 from .policy import CachePolicy
 from .protocol import pk_text, scripts
 from .protocol.scripts import COUNTER_TTL_MS, ROW_COUNTER_TTL_MS
-from .txstate import peek_tx_state, tx_state
+from .transaction import peek_transaction_state, transaction_state
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -41,10 +41,9 @@ if TYPE_CHECKING:
 
     from .binds import Database
     from .core import CacheCore
-    from .events import WritePath
     from .models import ModelInfo
     from .tracing import Measurement
-    from .txstate import TxState
+    from .transaction import TransactionState
 
 log = logging.getLogger("sa_redis_cache")
 
@@ -115,9 +114,8 @@ class Uncacheable(Exception):
 class ReadPath:
     """Serves cached reads for one :class:`~sa_redis_cache.Cache`."""
 
-    def __init__(self, core: CacheCore, writes: WritePath) -> None:
+    def __init__(self, core: CacheCore) -> None:
         self.core = core
-        self.writes = writes
         self.binds = core.binds
         self._plans: dict[Any, StatementPlan | None] = {}
         # (database, translate map) of the statements this cache keyed, for
@@ -131,12 +129,7 @@ class ReadPath:
     # -- entry point ---------------------------------------------------------------------
 
     def on_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
-        """The ``do_orm_execute`` listener; returns a result to short-circuit the database."""
-        if not orm_context.is_select:
-            if orm_context.is_update or orm_context.is_delete or orm_context.is_insert:
-                # ORM bulk DML through the session; textual DML is seen at the engine
-                self.writes.on_bulk(orm_context)
-            return None
+        """Serve a SELECT from the cache; returns a result to short-circuit the database."""
         option = None
         for opt in orm_context.user_defined_options:
             if type(opt) is FromCache:
@@ -174,7 +167,7 @@ class ReadPath:
         session = orm_context.session
         if compat.autoflush_requested(orm_context):
             compat.autoflush_pending(session)
-        tx = peek_tx_state(session)
+        tx = peek_transaction_state(session)
         if tx is not None and not tx.written_tables.isdisjoint(plan.tables):
             stats.incr(region, "bypassed")
             return None
@@ -201,7 +194,7 @@ class ReadPath:
         option: FromCache,
         plan: StatementPlan,
         entry_key: str,
-        tx: TxState | None,
+        tx: TransactionState | None,
         region: str,
     ) -> Result[Any] | None:
         session = orm_context.session
@@ -326,7 +319,7 @@ class ReadPath:
         entry_key: str,
         plan: StatementPlan,
         region: str,
-        tx: TxState | None,
+        tx: TransactionState | None,
         *,
         lease: str = "",
     ) -> Look | None:
@@ -597,7 +590,7 @@ class ReadPath:
             return
         core = self.core
         tables = core.models.known_tables()
-        tx = tx_state(session)
+        tx = transaction_state(session)
         try:
             values = core.io().mget([core.keys.version_key(t) for t in tables])
         except RedisError as exc:
@@ -690,7 +683,7 @@ class ReadPath:
         info, pk = target
         core = self.core
         session = orm_context.session
-        tx = peek_tx_state(session)
+        tx = peek_transaction_state(session)
         if tx is not None and info.table in tx.written_tables:
             return None
         scope = "model:" + info.mapper.class_.__name__

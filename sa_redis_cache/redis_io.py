@@ -48,21 +48,17 @@ from .errors import ConfigurationError
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
-    from .protocol.scripts import Script, ScriptCall
+    from .protocol.scripts import Command, Script, ScriptCall
 
 
 __all__ = [
     "AsyncClients",
     "AsyncRedisIO",
-    "Command",
     "RedisIO",
     "SyncRedisIO",
     "clients_for",
     "unlink_matching",
 ]
-
-Command = tuple[Any, ...]
-"""One Redis command as its words, e.g. ``("SET", key, value, "NX", "PX", 1000)``."""
 
 
 def _identity(reply: Any) -> Any:

@@ -50,7 +50,7 @@ from sqlalchemy import String, event, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from sa_redis_cache import Cache, CachePolicy, FromCache
+from sa_redis_cache import Cache, CachePolicy, FromCache, Strategy
 
 STRATEGIES = ("cache_aside", "write_through")
 READ_KINDS = ("get", "query", "list")
@@ -115,7 +115,7 @@ def history_model(strategy: str) -> type[HistoryRow]:
     name = "HistoryRow" + "".join(part.title() for part in strategy.split("_"))
     namespace = {
         "__tablename__": f"sarc_history_{strategy}",
-        "__cache__": CachePolicy(strategy=strategy),
+        "__cache__": CachePolicy(strategy=Strategy(strategy)),
         "__module__": __name__,
         "__qualname__": name,
         "__doc__": f"The hot rows of the history check under {strategy}.",

@@ -22,7 +22,7 @@ from .values import parse_pk, row_keys
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from sa_redis_cache.worker.replay import Letter, ReplayResult
+    from sa_redis_cache.strategies.write_behind.worker.replay import Letter, ReplayResult
 
 __all__ = ["demo", "dlq", "invalidate", "worker"]
 
@@ -158,7 +158,7 @@ def worker(args: tuple[str, ...]) -> None:
       sa-redis-cache worker --database-url postgresql+psycopg://... \\
           --redis-url redis://... --namespace shop --model examples.telemetry:PageView
     """
-    from sa_redis_cache.worker.runner import main as run_worker
+    from sa_redis_cache.strategies.write_behind.worker.runner import main as run_worker
 
     raise SystemExit(run_worker(list(args)))
 
@@ -347,7 +347,7 @@ def dlq_replay(
           dlq replay --model myapp.models:PageView
       sa-redis-cache ... dlq replay --model myapp.models:PageView --id 12 --id 13 --yes
     """
-    from sa_redis_cache.worker.replay import replay_dead_letters
+    from sa_redis_cache.strategies.write_behind.worker.replay import replay_dead_letters
 
     engine = settings.engine()
     try:
@@ -384,7 +384,7 @@ def dlq_replay(
 
 def _write_behind_models(settings: Settings, specs: tuple[str, ...]) -> list[type]:
     """The classes named by ``--model``, else the write-behind models of ``--models``."""
-    from sa_redis_cache.wb_config import is_write_behind
+    from sa_redis_cache.strategies.write_behind.columns import is_write_behind
 
     found: list[type] = []
     for spec in specs:
@@ -435,7 +435,7 @@ def _open_letters(
 ) -> list[Letter]:
     from sqlalchemy.exc import DBAPIError
 
-    from sa_redis_cache.worker.replay import open_dead_letters
+    from sa_redis_cache.strategies.write_behind.worker.replay import open_dead_letters
 
     _check_table(engine)
     try:

@@ -78,6 +78,9 @@ def script(name: str) -> Script:
 ScriptCall = tuple[Script, list[str], list[Any]]
 """A script with its KEYS and ARGV, as :class:`~sa_redis_cache.redis_io.RedisIO` runs it."""
 
+Command = tuple[Any, ...]
+"""One plain Redis command as its words, e.g. ``("SET", key, value, "NX", "PX", 1000)``."""
+
 
 def start() -> int:
     """A random value for a counter to start at when it does not exist (62 bits)."""
@@ -148,7 +151,7 @@ def release_lease(lease_key: str, token: str) -> ScriptCall:
     return script("release_lease"), [lease_key], [token]
 
 
-def take_lease(lease_key: str, token: str) -> tuple[Any, ...]:
+def take_lease(lease_key: str, token: str) -> Command:
     """The command that asks for an entry's fill lease (sent with a look, one round trip)."""
     return ("SET", lease_key, token, "NX", "PX", LEASE_MS)
 
@@ -174,6 +177,11 @@ def bump_all(
 
 
 # -- a session's writes --------------------------------------------------------------------
+
+
+def release_writer_mark(keys: KeyScheme, table: str, token: str) -> Command:
+    """The command that drops transaction ``token``'s writer mark on ``table`` (a rollback)."""
+    return ("ZREM", keys.writers_key(table), token)
 
 
 def flush_mark(

@@ -1,25 +1,23 @@
-"""The write-behind flush worker, dead-letter replay, and ``python -m sa_redis_cache.worker``.
+"""The write-behind flush worker's public names (it lives in
+:mod:`sa_redis_cache.strategies.write_behind.worker`, with the rest of write-behind).
 
-* :class:`FlushWorker` drains the write-behind streams into Postgres
-  (:meth:`FlushWorker.stats` reports the queue and its counters);
-* :func:`replay_dead_letters` applies dead letters again once their cause is fixed;
-* :class:`~sa_redis_cache.worker.metrics.WorkerCollector` publishes a worker's stats to
-  Prometheus.
+``python -m sa_redis_cache.worker`` runs it as ``sa-redis-cache worker`` does.
 
 Example::
 
-    from sa_redis_cache import FlushWorker
+    from sa_redis_cache.worker import FlushWorker, replay_dead_letters
     FlushWorker(engine, redis.Redis(), namespace="shop", models=[PageView]).run(stop_event)
-
-    from sa_redis_cache.worker import replay_dead_letters
-    replay_dead_letters(engine, redis.Redis(), "shop", [PageView])
 """
 
 from __future__ import annotations
 
-from .flush import FlushWorker
-from .replay import ReplayResult, replay_dead_letters
-from .stats import PartitionStats, WorkerStats
+from sa_redis_cache.strategies.write_behind.worker import (
+    FlushWorker,
+    PartitionStats,
+    ReplayResult,
+    WorkerStats,
+    replay_dead_letters,
+)
 
 __all__ = [
     "FlushWorker",

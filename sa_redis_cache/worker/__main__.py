@@ -1,9 +1,10 @@
-"""``python -m sa_redis_cache.worker``: see :mod:`sa_redis_cache.worker.runner`."""
+"""``python -m sa_redis_cache.worker``: the flush worker's command (see
+:mod:`sa_redis_cache.strategies.write_behind.worker.runner`)."""
 
 from __future__ import annotations
 
 import sys
 
-from .runner import main
+from sa_redis_cache.strategies.write_behind.worker.runner import main
 
 sys.exit(main())

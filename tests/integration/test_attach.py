@@ -112,8 +112,9 @@ def define(base: type[DeclarativeBase], name: str, policy: Any, **extra: Any) ->
 @pytest.mark.parametrize(
     ("policy", "problem", "fix"),
     [
-        (CachePolicy(strategy="write_around"), "strategy='write_around'", "pick one of those"),
-        (CachePolicy(strategy="Write_Through"), "strategy='Write_Through'", "'write_through'"),
+        # wrong on purpose: a mistyped strategy is refused with a clear message
+        (CachePolicy(strategy="write_around"), "strategy='write_around'", "pick one of those"),  # type: ignore[arg-type]
+        (CachePolicy(strategy="Write_Through"), "strategy='Write_Through'", "'write_through'"),  # type: ignore[arg-type]
         (CachePolicy(ttl=0), "ttl=0 is not a positive", "give ttl a value > 0"),
         (CachePolicy(ttl=-5), "ttl=-5 is not a positive", "give ttl a value > 0"),
         (CachePolicy(ttl=True), "ttl=True is not a positive", "give ttl a value > 0"),
@@ -140,7 +141,7 @@ def test_every_refused_model_is_reported_at_once(fresh_cache: Cache) -> None:
     with private_base() as base:
         models = [
             define(base, "Widget", CachePolicy(ttl=-1)),
-            define(base, "Sprocket", CachePolicy(strategy="nope")),
+            define(base, "Sprocket", CachePolicy(strategy="nope")),  # type: ignore[arg-type]
             define(base, "Fine", CachePolicy(ttl=5)),
         ]
         message = refusal(fresh_cache)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
-from sa_redis_cache.dml import text_dml_tables
+from sa_redis_cache.engine_writes import text_dml_tables
 from tests.support import read_price
 
 

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sa_redis_cache.devservices import RedisServer
 from sa_redis_cache.metrics import WorkerCollector
-from sa_redis_cache.worker.progress import BacklogProgress, choose_mode
+from sa_redis_cache.strategies.write_behind.worker.progress import BacklogProgress, choose_mode
 from tests.wb_support import drain, queue
 
 pytest_plugins = ["tests.wb_fixtures"]

@@ -7,14 +7,14 @@ from typing import Any
 
 import pytest
 
-from sa_redis_cache import CachePolicy
+from sa_redis_cache import CachePolicy, Strategy
 from sa_redis_cache.policy import STRATEGIES
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("ttl", [None, 1, 0.5, 600, 86_400 * 365])
 def test_valid_policies_have_no_problems(strategy: str, ttl: float | None) -> None:
-    assert CachePolicy(strategy=strategy, ttl=ttl).problems() == []
+    assert CachePolicy(strategy=Strategy(strategy), ttl=ttl).problems() == []
 
 
 def test_defaults() -> None:

@@ -1,6 +1,6 @@
 """Object state for write-behind: defaults, foreign keys, and states served or refilled.
 
-The helpers :mod:`sa_redis_cache.writebehind` applies to ORM objects while it diverts them
+The helpers :mod:`.session` applies to ORM objects while it diverts them
 from the unit of work and serves their queued states; public SQLAlchemy API only, apart
 from what :mod:`sa_redis_cache.hydrate` already encapsulates.
 """
@@ -13,15 +13,16 @@ from sqlalchemy import Sequence
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.sql.schema import ColumnDefault
 
-from . import compat, hydrate
-from .errors import ConfigurationError
-from .wb_config import ID_BLOCKS
+from sa_redis_cache import compat, hydrate
+from sa_redis_cache.errors import ConfigurationError
+
+from .ids import ID_BLOCKS
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Result
     from sqlalchemy.orm import ORMExecuteState, Session
 
-    from .models import ModelInfo
+    from sa_redis_cache.models import ModelInfo
 
 
 class DefaultContext:

@@ -3,7 +3,7 @@
 One database transaction per batch holds, together: the partition's offset row (locked
 first, so two workers that both think they own the partition apply one after the other),
 one set-based upsert of the rows whose last operation in the batch is a put, one delete of
-those whose last operation is a delete (:mod:`~sa_redis_cache.worker.sets`), the dead
+those whose last operation is a delete (:mod:`.sets`), the dead
 letters, and the new offset. Entries at or below the stored offset were applied by an
 earlier delivery of the same batch (a worker that died between the database commit and the
 ack) and are skipped.
@@ -43,7 +43,7 @@ from sqlalchemy.exc import DBAPIError, StatementError
 from sa_redis_cache.codec import CodecError
 from sa_redis_cache.protocol import pk_text, stream_id
 from sa_redis_cache.schema import dead_letters, wb_offsets
-from sa_redis_cache.wb_config import column_of, pk_codec
+from sa_redis_cache.strategies.write_behind.columns import column_of, pk_codec
 
 from .sets import SetStatements, set_based
 

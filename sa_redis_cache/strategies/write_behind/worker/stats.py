@@ -1,7 +1,7 @@
 """What a flush worker reports: the queue per partition, and its own counters.
 
 Read by :meth:`FlushWorker.stats <sa_redis_cache.worker.FlushWorker.stats>` and published
-by :class:`~sa_redis_cache.worker.metrics.WorkerCollector`.
+by :class:`~sa_redis_cache.strategies.write_behind.worker.metrics.WorkerCollector`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ state is queued), removes their pending keys, acknowledges the entries and trims
 up to them (``XTRIM MINID``: entries below are all applied; never ``MAXLEN``).
 
 :meth:`FlushWorker.stats` reports the queue (length, pending entries and lag per
-partition) and the worker's own counters; :class:`~sa_redis_cache.worker.metrics.
+partition) and the worker's own counters; :class:`.metrics.
 WorkerCollector` publishes them to Prometheus.
 """
 
@@ -45,7 +45,7 @@ from sa_redis_cache.models import ModelRegistry, mapper_of
 from sa_redis_cache.protocol import GROUP, HEADER, KeyScheme, scripts
 from sa_redis_cache.redis_io import SyncRedisIO
 from sa_redis_cache.schema import dead_letters
-from sa_redis_cache.wb_config import is_write_behind
+from sa_redis_cache.strategies.write_behind.columns import is_write_behind
 
 from .apply import Applier, BatchResult, Entry
 from .stats import WorkerStats, queue_stats

@@ -1,54 +1,26 @@
-"""Write-behind facts shared by the session side and the flush worker.
+"""What ``attach()`` checks before it accepts a write-behind model.
 
-The keys (streams, partition leases, pending states) are described and built by
-:class:`sa_redis_cache.protocol.KeyScheme`. The *pending key* of a row holds
-``pack([stream_id, body])``: the newest queued state of a row (body ``None`` for a queued
-delete) and the id of the stream entry that carries it. It has no TTL, no generation and
-nothing but the worker removes it, and only when the entry it names has been applied: a
-generation bump, ``cache.invalidate()`` or an eviction of the entity entry can therefore
-never make an unflushed state unreadable. Identity reads consult it before anything else.
-
-This module also checks, at ``attach()``, that a model can be written behind at all.
+The worker inserts rows some time after ``commit()`` returned, so everything a row holds
+must be known in Python at flush time, and the Redis server must keep the queue across a
+restart (AOF) and never evict it.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
-from sqlalchemy import Sequence, Table
+from sqlalchemy import Table
 from sqlalchemy.sql.schema import ColumnDefault
 
-from .codec import RowCodec
+from .columns import column_of
 
 if TYPE_CHECKING:
     import redis
-    from sqlalchemy import Column
-    from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Mapper
 
-    from .models import ModelInfo
-    from .policy import CachePolicy
-
-
-def is_write_behind(info: ModelInfo | None) -> bool:
-    """True when ``info`` is a model with ``strategy="write_behind"``."""
-    return info is not None and info.policy is not None and info.policy.strategy == "write_behind"
-
-
-def column_of(info: ModelInfo, key: str) -> Column[Any]:
-    """The table column mapped by attribute ``key``."""
-    column: Column[Any] = info.mapper.get_property(key).columns[0]
-    return column
-
-
-def pk_codec(info: ModelInfo) -> RowCodec:
-    """A codec for the primary key values alone (what a queued delete carries)."""
-    return RowCodec([column_of(info, info.column_keys[p]).type for p in info.pk_positions])
-
-
-# -- validation at attach() ---------------------------------------------------------------
+    from sa_redis_cache.models import ModelInfo
+    from sa_redis_cache.policy import CachePolicy
 
 
 def model_problems(mapper: Mapper[Any], info: ModelInfo) -> list[str]:
@@ -166,40 +138,3 @@ def _server_settings(client: redis.Redis) -> dict[str, str]:
         "appendonly": "yes" if persistence.get("aof_enabled") else "no",
         "maxmemory-policy": str(memory.get("maxmemory_policy", "")),
     }
-
-
-# -- primary keys from a client-side sequence ----------------------------------------------
-
-
-class IdBlocks:
-    """Primary keys reserved in blocks from a Postgres sequence, for write-behind inserts.
-
-    A model declares ``mapped_column(Sequence("page_views_id_seq", increment=100),
-    primary_key=True)``; one ``nextval`` then reserves ``increment`` ids, handed out in
-    Python without touching the database again. Ids are unique, not gap-free (a process
-    that exits loses the rest of its block), as with any sequence.
-
-    Example::
-
-        ids = IdBlocks()
-        ids.next(connection, Sequence("page_views_id_seq", increment=100))
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._blocks: dict[tuple[str, str], tuple[int, int]] = {}
-
-    def next(self, connection: Connection, sequence: Sequence) -> int:
-        """The next reserved id; reserves a new block when this one is used up."""
-        where = (connection.engine.url.render_as_string(), sequence.name)
-        with self._lock:
-            low, high = self._blocks.get(where, (0, 0))
-            if low >= high:
-                start = int(connection.scalar(sequence.next_value()))
-                step = sequence.increment or 1
-                low, high = start, start + step
-            self._blocks[where] = (low + 1, high)
-            return low
-
-
-ID_BLOCKS = IdBlocks()

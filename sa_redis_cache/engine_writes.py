@@ -1,7 +1,7 @@
 """Writes outside the unit of work: Core DML on an engine and textual DML anywhere.
 
 ORM flushes and ORM bulk statements are handled by the session hooks in
-:mod:`sa_redis_cache.events`. Everything else that reaches the database through an
+:mod:`sa_redis_cache.sessions`. Everything else that reaches the database through an
 attached engine is seen here, after the cursor ran it: a compiled ``insert()``,
 ``update()`` or ``delete()`` names its table; a ``text()`` statement is read with a
 regular expression, and when its tables cannot be told, every table the cache knows is
@@ -22,7 +22,8 @@ from sqlalchemy.sql.elements import TextClause
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
-    from .events import WritePath
+    from .core import CacheCore
+    from .strategies.cache_aside import Invalidation
 
 _TEXT_DML = re.compile(
     r"^\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM|MERGE\s+INTO|TRUNCATE(?:\s+TABLE)?)"
@@ -54,11 +55,18 @@ def text_dml_tables(sql: str, known: list[str]) -> set[str]:
     return set()
 
 
-class CoreDML:
-    """Engine listeners that invalidate after Core and textual DML."""
+class EngineWrites:
+    """Engine listeners that invalidate after Core and textual DML.
 
-    def __init__(self, writes: WritePath) -> None:
-        self.writes = writes
+    Example::
+
+        engine_writes = EngineWrites(core, invalidation)
+        engine_writes.register(engine)   # done by Cache.attach()
+    """
+
+    def __init__(self, core: CacheCore, invalidation: Invalidation) -> None:
+        self.core = core
+        self.invalidation = invalidation
         self.session_connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         # one slot per cache: several caches (namespaces) may watch the same engine
         self._pending_key = (_PENDING, id(self))
@@ -69,7 +77,7 @@ class CoreDML:
         if engine in self._engines:
             return
         self._engines.add(engine)
-        listen = self.writes.core.listen
+        listen = self.core.listen
         listen(engine, "after_cursor_execute", self.after_cursor_execute)
         listen(engine.pool, "checkin", self.checkin)
 
@@ -90,7 +98,7 @@ class CoreDML:
         compiled = getattr(context, "compiled", None)
         element = getattr(compiled, "statement", None)
         if isinstance(element, TextClause) or compiled is None:
-            tables = text_dml_tables(statement, self.writes.core.models.known_tables())
+            tables = text_dml_tables(statement, self.core.models.known_tables())
         elif context.isinsert or context.isupdate or context.isdelete:
             if conn in self.session_connections:
                 return  # the session's own hooks know the rows
@@ -107,7 +115,7 @@ class CoreDML:
         if pending is None:
             pending = info[self._pending_key] = (secrets.token_hex(8), set())
         token, marked = pending
-        self.writes.mark_bulk(token, tables)
+        self.invalidation.mark_bulk(token, tables)
         marked.update(tables)
         if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT" or (
             conn.default_isolation_level == "AUTOCOMMIT"
@@ -122,4 +130,4 @@ class CoreDML:
         pending = info.pop(self._pending_key, None)
         if pending is not None:
             token, marked = pending
-            self.writes.finish_bulk(token, marked)
+            self.invalidation.finish_bulk(token, marked)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
@@ -43,30 +43,33 @@ from redis.exceptions import RedisError
 from sqlalchemy.orm import make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
 
-from . import compat, hydrate
-from .binds import translate_map_of
-from .codec import CodecError, unpack
-from .errors import CacheUnavailableError, ConfigurationError
-from .models import Inexact
-from .protocol import HEADER, partition_of, pk_text, scripts
-from .wb_config import column_of, is_write_behind, pk_codec
-from .wb_state import evaluate, refill, serve, sync_many_to_one
+from sa_redis_cache import compat, hydrate
+from sa_redis_cache.binds import translate_map_of
+from sa_redis_cache.codec import CodecError, unpack
+from sa_redis_cache.errors import CacheUnavailableError, ConfigurationError
+from sa_redis_cache.models import Inexact
+from sa_redis_cache.protocol import HEADER, partition_of, pk_text, scripts
+from sa_redis_cache.transaction import TransactionState, peek_transaction_state
+
+from .columns import column_of, is_write_behind, pk_codec
+from .states import evaluate, refill, serve, sync_many_to_one
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from sqlalchemy.engine import Result
-    from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
+    from sqlalchemy.orm import ORMExecuteState, Session
 
-    from .core import CacheCore
-    from .models import ModelInfo
+    from sa_redis_cache.core import CacheCore
+    from sa_redis_cache.models import ModelInfo
 
-log = logging.getLogger("sa_redis_cache")
+log = logging.getLogger(__name__)
 
 # What the pending key and the entity entry add around a queued row: the codec header, a
 # stamp (a stream id of up to 41 characters, or a generation), brackets, and the 33 bytes
 # of a signature; at most 87 in all.
 _WRAPPING_BYTES = 128
 
-_INFO_KEY = "sa_redis_cache.wb"
 _NOTHING: Any = object()
 
 
@@ -84,41 +87,21 @@ class Op:
     scope: str = ""  # the database and schema the row belongs in (sa_redis_cache.binds)
 
 
-@dataclass(slots=True)
-class WbTx:
-    """The write-behind operations of one session's open transaction, per savepoint frame."""
-
-    frames: list[dict[tuple[str, str], Op]] = field(default_factory=lambda: [{}])
-    committed: bool = False
-
-    def find(self, table: str, pk: str) -> Op | None:
-        for frame in reversed(self.frames):
-            op = frame.get((table, pk))
-            if op is not None:
-                return op
-        return None
-
-
 class WriteBehind:
-    """The session hooks of ``strategy="write_behind"`` for one cache.
+    """The session side of ``strategy="write_behind"`` for one cache.
+
+    :mod:`sa_redis_cache.sessions` calls it: :meth:`divert` at every flush,
+    :meth:`serve_queued` before the read path, :meth:`revert` when a savepoint or the
+    transaction rolls back, :meth:`queue_commit` after the outermost commit.
 
     Example::
 
         wb = WriteBehind(core)
-        wb.register(Session)  # done by Cache.attach()
+        wb.queue_commit(session, ops)  # what the dispatcher does after a commit
     """
 
     def __init__(self, core: CacheCore) -> None:
         self.core = core
-
-    def register(self, session_class: Any) -> None:
-        """Listen on ``session_class`` (the read hook is registered by ``Cache.attach``)."""
-        listen = self.core.listen
-        listen(session_class, "before_flush", self.before_flush)
-        listen(session_class, "after_transaction_create", self.after_transaction_create)
-        listen(session_class, "after_commit", self.after_commit)
-        listen(session_class, "after_rollback", self.after_rollback)
-        listen(session_class, "after_transaction_end", self.after_transaction_end)
 
     def _info(self, mapper: Any) -> ModelInfo | None:
         info = self.core.models.infos.get(mapper)
@@ -126,7 +109,7 @@ class WriteBehind:
 
     # -- flush: capture and divert ----------------------------------------------------------
 
-    def before_flush(self, session: Session, flush_context: UOWTransaction, instances: Any) -> None:
+    def divert(self, session: Session, state: TransactionState) -> None:
         """Take every write-behind object out of this flush, keeping its state for commit."""
         if not any(is_write_behind(i) for i in self.core.models.infos.values()):
             return
@@ -142,8 +125,7 @@ class WriteBehind:
                 work.append((obj, info, "deleted"))
         if not work:
             return
-        tx = _tx(session)
-        frame = tx.frames[-1]
+        queued = state.frame().queued
         tz: Any = None
         scopes: dict[str, str] = {}
         for obj, info, kind in work:
@@ -162,7 +144,7 @@ class WriteBehind:
             else:
                 values, tz = self._capture(session, obj, info, created=kind == "new", tz=tz)
                 op = self._upsert_op(obj, info, values, created=kind == "new")
-                prior = tx.find(info.table, op.pk)
+                prior = state.find_queued(info.table, op.pk)
                 op.created = op.created or (prior is not None and prior.created)
                 session.expunge(obj)
                 if kind == "dirty":
@@ -170,7 +152,7 @@ class WriteBehind:
                 make_transient_to_detached(obj)
                 session.add(obj)
             op.scope = scope
-            frame[(info.table, op.pk)] = op
+            queued[(info.table, op.pk)] = op
 
     def _scope(
         self, session: Session, info: ModelInfo, bind_arguments: Any, options: Any = None
@@ -260,54 +242,18 @@ class WriteBehind:
 
     # -- transaction boundaries ------------------------------------------------------------
 
-    def after_transaction_create(self, session: Session, transaction: Any) -> None:
-        """A savepoint gets a frame of its own."""
-        tx = _peek(session)
-        if tx is not None and transaction.nested:
-            tx.frames.append({})
+    def queue_commit(self, session: Session, ops: list[Op]) -> None:
+        """The outermost transaction committed: queue its operations, all or none.
 
-    def after_commit(self, session: Session) -> None:
-        """A released savepoint merges into its parent; the outermost commit is noted."""
-        tx = _peek(session)
-        if tx is None:
-            return
-        if session.in_nested_transaction():
-            if len(tx.frames) > 1:
-                top = tx.frames.pop()
-                tx.frames[-1].update(top)
-            return
-        tx.committed = True
-
-    def after_rollback(self, session: Session) -> None:
-        """A savepoint rollback drops its operations and reverts their objects."""
-        tx = _peek(session)
-        if tx is not None and session.in_nested_transaction() and len(tx.frames) > 1:
-            _revert(session, tx.frames.pop().values(), tx)
-
-    def after_transaction_end(self, session: Session, transaction: Any) -> None:
-        """The outermost transaction ended: queue its operations if it committed.
-
-        Raised here rather than in ``after_commit``: by now SQLAlchemy has closed the
-        transaction, so the session stays usable after :class:`CacheUnavailableError`.
+        Called once SQLAlchemy has closed the transaction, so the session stays usable after
+        :class:`CacheUnavailableError`.
         """
-        if transaction.nested or transaction.parent is not None:
-            return
-        tx = _peek(session)
-        if tx is None:
-            return
-        del session.info[_INFO_KEY]
-        ops = list(tx.frames[0].values())
-        if not tx.committed:
-            _revert(session, ops, None)
-            return
-        if not ops:
-            return
         try:
             with self.core.measure_tables({op.info.table for op in ops}, "write_behind_enqueue"):
                 self.enqueue(ops)
         except RedisError as exc:
             self.core.counters.incr_total("errors")
-            _revert(session, ops, None)
+            self.revert(session, ops, None)
             raise CacheUnavailableError(
                 f"write-behind: Redis did not take this commit's {len(ops)} queued "
                 f"write(s) ({exc}); none of them was queued. Rows of other models in the same "
@@ -316,6 +262,26 @@ class WriteBehind:
         for op in ops:
             if op.kind == "u":
                 refill(session, op)
+
+    @staticmethod
+    def revert(session: Session, ops: Iterable[Op], outer: TransactionState | None) -> None:
+        """Objects of operations that will not be queued: created ones become transient again.
+
+        ``outer`` holds the frames that remain (a savepoint rolled back): an object that an
+        outer frame wrote was not created by the rolled-back one, and is expired instead, so
+        that its next access reads the outer frame's state.
+        """
+        for op in ops:
+            if op.kind != "u":
+                continue
+            state = instance_state(op.obj)
+            if state.session_id != session.hash_key:
+                continue
+            if op.created and (outer is None or outer.find_queued(op.info.table, op.pk) is None):
+                session.expunge(op.obj)
+                make_transient(op.obj)
+            else:
+                session.expire(op.obj)
 
     def enqueue(self, ops: list[Op]) -> list[bytes]:
         """Queue ``ops`` with one ``lua/wb_enqueue.lua`` call; returns their stream ids.
@@ -361,7 +327,7 @@ class WriteBehind:
 
     # -- reads -------------------------------------------------------------------------------
 
-    def on_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
+    def serve_queued(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         """Serve primary-key loads of write-behind rows from their unflushed state."""
         if not orm_context.is_select:
             return None
@@ -377,8 +343,8 @@ class WriteBehind:
         except TypeError:
             return None
         session = orm_context.session
-        tx = _peek(session)
-        op = None if tx is None else tx.find(info.table, text)
+        state = peek_transaction_state(session)
+        op = None if state is None else state.find_queued(info.table, text)
         if op is not None:
             values: Any = op.values
         else:
@@ -449,26 +415,6 @@ def _queued_state(info: ModelInfo, document: bytes, pk: str) -> tuple[Any, ...] 
     return values
 
 
-def _revert(session: Session, ops: Any, outer: WbTx | None) -> None:
-    """Objects of operations that will not be queued: created ones become transient again.
-
-    ``outer`` holds the frames that remain (a savepoint rolled back): an object that an
-    outer frame wrote was not created by the rolled-back one, and is expired instead, so
-    that its next access reads the outer frame's state.
-    """
-    for op in ops:
-        if op.kind != "u":
-            continue
-        state = instance_state(op.obj)
-        if state.session_id != session.hash_key:
-            continue
-        if op.created and (outer is None or outer.find(op.info.table, op.pk) is None):
-            session.expunge(op.obj)
-            make_transient(op.obj)
-        else:
-            session.expire(op.obj)
-
-
 _ZONES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
@@ -488,21 +434,3 @@ def _zone(session: Session, info: ModelInfo) -> Any:
         if zone is not None:
             _ZONES[engine] = zone
     return zone
-
-
-def _tx(session: Session) -> WbTx:
-    tx: WbTx | None = session.info.get(_INFO_KEY)
-    if tx is None:
-        tx = session.info[_INFO_KEY] = WbTx()
-        depth = 0
-        nested = session.get_nested_transaction()
-        while nested is not None and nested.nested:
-            depth += 1
-            nested = nested.parent
-        tx.frames.extend({} for _ in range(depth))
-    return tx
-
-
-def _peek(session: Session) -> WbTx | None:
-    tx: WbTx | None = session.info.get(_INFO_KEY)
-    return tx

@@ -5,10 +5,10 @@ releases its leases and exits 0. Log lines are JSON (one per batch, with the ``w
 fields), for log shippers.
 
 A backlog found at start (more than ``--progress-threshold`` entries) is followed while it
-drains (:mod:`~sa_redis_cache.worker.progress`): a rich progress bar when stderr is a TTY
+drains (:mod:`.progress`): a rich progress bar when stderr is a TTY
 or ``--progress`` is given, a log line every ``--progress-interval`` seconds otherwise,
 nothing with ``--no-progress``. ``--metrics-port`` serves the worker's Prometheus metrics
-(:mod:`~sa_redis_cache.worker.metrics`).
+(:mod:`.metrics`).
 
 For crash tests only: ``SARC_WB_CRASH_POINT=after_commit`` makes the process SIGKILL
 itself after a batch's database commit and before its acknowledgement, with probability

@@ -8,7 +8,7 @@ each one:
   (a dead letter must not overwrite a newer state). Newer means a larger stream id for the
   same primary key. Applied newer operations are recorded by the worker itself: when it
   applies (or dead-letters) an operation on a row with an older open letter, it marks that
-  letter superseded in the same transaction (see :mod:`~sa_redis_cache.worker.apply`).
+  letter superseded in the same transaction (see :mod:`.apply`).
   Among the letters, an older open letter of a row that has a newer open letter is
   superseded here. A superseded letter gets ``replayed_at`` and an ``error`` that begins
   with ``superseded by``; it leaves ``dlq list`` (``--all`` shows it).

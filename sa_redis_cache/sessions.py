@@ -1,0 +1,160 @@
+"""The one place session events are registered, and the order the strategies run in.
+
+``cache.attach(factory)`` registers each event below once on the factory's session class,
+and each calls the read path and the strategies in the order written here:
+
+``do_orm_execute``
+    A SELECT: write-behind first (a row's queued, unflushed state wins over any cached
+    entry or database row), then the read path (``FromCache``, the entity cache). ORM bulk
+    ``update()``/``delete()``/``insert()``: the cache-aside protocol marks the table.
+``after_begin``
+    The connection becomes the session's (Core DML on it is the session's business, not
+    the engine listeners'); under REPEATABLE READ or SERIALIZABLE the read path pins the
+    versions before the transaction's snapshot.
+``before_flush``
+    Write-behind takes its rows out of the flush (they are queued at commit instead).
+``after_flush``
+    Cache-aside marks every table and row the flush wrote, before the database commit,
+    keeping write-through states for later.
+``after_transaction_create``
+    A savepoint gets a frame of its own (:mod:`sa_redis_cache.transaction`).
+``after_commit``
+    A savepoint's release merges its frame into its parent. The outermost commit runs
+    cache-aside's post-commit work (bumps, write-through, announcements) before
+    ``commit()`` returns.
+``after_rollback``
+    A savepoint's rollback drops its frame: write-through states are forgotten and
+    write-behind objects reverted.
+``after_transaction_end``
+    The outermost transaction is over. Committed: write-behind queues its operations,
+    after the ordinary rows' cache work (so a commit that mixes both has invalidated the
+    ordinary rows first); raised here, when SQLAlchemy has closed the transaction, so the
+    session stays usable after :class:`~sa_redis_cache.CacheUnavailableError`. Rolled
+    back: the writer marks are released and write-behind objects reverted.
+
+Example::
+
+    hooks = SessionHooks(core, reads, invalidation, write_behind, engine_writes)
+    hooks.register(Session)   # what Cache.attach() does
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .transaction import peek_transaction_state, transaction_state
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Result
+    from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
+
+    from .core import CacheCore
+    from .engine_writes import EngineWrites
+    from .reads import ReadPath
+    from .strategies.cache_aside import Invalidation
+    from .strategies.write_behind.session import WriteBehind
+
+EVENTS = (
+    "do_orm_execute",
+    "after_begin",
+    "before_flush",
+    "after_flush",
+    "after_transaction_create",
+    "after_commit",
+    "after_rollback",
+    "after_transaction_end",
+)
+"""The session events the cache listens to, each registered once per session class."""
+
+
+class SessionHooks:
+    """Dispatches one cache's session events to the read path and the strategies."""
+
+    def __init__(
+        self,
+        core: CacheCore,
+        reads: ReadPath,
+        invalidation: Invalidation,
+        write_behind: WriteBehind,
+        engine_writes: EngineWrites,
+    ) -> None:
+        self.core = core
+        self.reads = reads
+        self.invalidation = invalidation
+        self.write_behind = write_behind
+        self.engine_writes = engine_writes
+
+    def register(self, session_class: Any) -> None:
+        """Listen on ``session_class`` (a sessionmaker or Session subclass), once per event."""
+        for name in EVENTS:
+            self.core.listen(session_class, name, getattr(self, name))
+
+    def do_orm_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
+        """Serve a SELECT from the cache when it may; mark a bulk statement's tables."""
+        if orm_context.is_select:
+            queued = self.write_behind.serve_queued(orm_context)
+            if queued is not None:
+                return queued
+            return self.reads.on_execute(orm_context)
+        if orm_context.is_update or orm_context.is_delete or orm_context.is_insert:
+            state = transaction_state(orm_context.session)
+            self.invalidation.mark_bulk_statement(orm_context, state)
+        return None
+
+    def after_begin(self, session: Session, transaction: Any, connection: Any) -> None:
+        """The connection is the session's; pin versions before a repeatable snapshot."""
+        self.engine_writes.session_connections.add(connection)
+        self.reads.on_begin(session, transaction, connection)
+
+    def before_flush(self, session: Session, flush_context: UOWTransaction, instances: Any) -> None:
+        """Write-behind rows leave the flush."""
+        self.write_behind.divert(session, transaction_state(session))
+
+    def after_flush(self, session: Session, flush_context: UOWTransaction) -> None:
+        """Mark what the flush wrote, before the database commit."""
+        self.invalidation.mark_flush(session, transaction_state(session))
+
+    def after_transaction_create(self, session: Session, transaction: Any) -> None:
+        """A savepoint gets a frame of its own."""
+        if transaction.nested:
+            # a state made now counts the savepoints already open, not this new one
+            transaction_state(session).push()
+
+    def after_commit(self, session: Session) -> None:
+        """A savepoint's release merges; the outermost commit applies the invalidations."""
+        state = peek_transaction_state(session)
+        if state is None:
+            return
+        if session.in_nested_transaction():
+            state.release()
+            return
+        if state.marked:
+            self.core.hook("before_post_commit")
+            self.invalidation.apply(state)
+        state.committed = True
+
+    def after_rollback(self, session: Session) -> None:
+        """A savepoint's rollback drops its frame and reverts its write-behind objects."""
+        state = peek_transaction_state(session)
+        if state is None or not session.in_nested_transaction():
+            return
+        frame = state.discard()
+        if frame is not None:
+            self.write_behind.revert(session, frame.queued.values(), state)
+
+    def after_transaction_end(self, session: Session, transaction: Any) -> None:
+        """The outermost transaction is over: queue its write-behind rows, or release."""
+        if transaction.nested or transaction.parent is not None:
+            return
+        state = peek_transaction_state(session)
+        if state is None:
+            return
+        committed, token, marked = state.committed, state.token, state.marked
+        queued = list(state.frames[0].queued.values())
+        state.reset()
+        if not committed:
+            if marked:
+                self.invalidation.release(token, marked)
+            self.write_behind.revert(session, queued, None)
+        elif queued:
+            self.write_behind.queue_commit(session, queued)

@@ -1,0 +1,271 @@
+"""``strategy="cache_aside"`` (the default): a committed write invalidates; the next read fills.
+
+This is the invalidation protocol every write the cache sees goes through, whatever the
+model's strategy (write-through models only add their new states, :mod:`.write_through`;
+write-behind rows never reach the flush, :mod:`.write_behind`). Tables without a policy are
+invalidated too: a cached query may read them. The steps, called by
+:mod:`sa_redis_cache.sessions` and :mod:`sa_redis_cache.engine_writes`:
+
+* at flush, before the database commit (:meth:`Invalidation.mark_flush`): mark the written
+  tables and rows (``lua/flush_mark.lua``): versions bumped, a writer mark that refuses
+  fills, the rows' entity entries deleted and their write counters moved;
+* on ORM bulk ``update()``/``delete()``/``insert()`` and Core or textual DML, the same for
+  the whole table (:meth:`Invalidation.mark_bulk`);
+* after the outermost commit, before ``commit()`` returns (:meth:`Invalidation.apply`):
+  bump the versions, write through or delete the entity entries, announce on Pub/Sub,
+  release the marks (``lua/commit.lua``);
+* after a rollback (:meth:`Invalidation.release`): release the marks.
+
+A Redis failure on these paths never fails the application's transaction: the flush marks
+and version bumps make the cache refuse old fills, the failure is counted, and the tables
+are kept as undelivered until Redis takes their bump. Every Redis call goes through
+``core.io()``, so under ``AsyncSession`` it awaits the asyncio client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from redis.exceptions import RedisError
+from sqlalchemy import Table
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.sql.elements import TextClause
+
+from sa_redis_cache import hydrate
+from sa_redis_cache.counters import parse_counter
+from sa_redis_cache.protocol import pk_text, scripts
+from sa_redis_cache.protocol.scripts import WRITER_MARK_MS
+from sa_redis_cache.transaction import RowWrite, TableWrites, TransactionState
+
+from .write_through import flushed_state, sealed_state
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from sqlalchemy.orm import ORMExecuteState, Session
+
+    from sa_redis_cache.core import CacheCore
+    from sa_redis_cache.models import ModelInfo
+
+log = logging.getLogger(__name__)
+
+_Rows = dict[str, dict[str, tuple["ModelInfo", object | None]]]
+
+
+class Invalidation:
+    """The invalidation protocol of one :class:`~sa_redis_cache.Cache`.
+
+    Example::
+
+        invalidation = Invalidation(core)
+        invalidation.mark_bulk(token, {"products"})     # Core DML, before its commit
+        invalidation.finish_bulk(token, {"products"})   # after it
+    """
+
+    def __init__(self, core: CacheCore) -> None:
+        self.core = core
+        self.writer_mark_ms = WRITER_MARK_MS
+
+    # -- before the database commit ------------------------------------------------------
+
+    def mark_flush(self, session: Session, state: TransactionState) -> None:
+        """Mark every table and row this flush wrote (``after_flush``)."""
+        core = self.core
+        rows: _Rows = {}
+        tables: set[str] = set()
+        for obj in session.new:
+            self._collect(obj, rows, tables, deleted=False)
+        for obj in session.dirty:
+            if session.is_modified(obj):
+                self._collect(obj, rows, tables, deleted=False)
+        for obj in session.deleted:
+            self._collect(obj, rows, tables, deleted=True)
+        if not tables:
+            return
+        frame = state.frame()
+        tz = hydrate.connection_timezone(session)
+        scopes: dict[str, str] = {}
+        unnamed: set[str] = set()
+        for table, table_rows in list(rows.items()):
+            scope = self._scope_of(session, next(iter(table_rows.values()))[0])
+            if scope is None:
+                # the rows cannot be named: every entity entry of the table goes
+                del rows[table]
+                unnamed.add(table)
+                frame.table(table).bulk = True
+            else:
+                scopes[table] = scope
+        if unnamed:
+            self._mark(state.token, unnamed, {}, {}, bulk=True)
+        pks = {t: list(r) for t, r in rows.items()}
+        tickets = self._mark(state.token, tables - unnamed, pks, scopes, bulk=False)
+        state.marked.update(tables)
+        for table, table_rows in rows.items():
+            writes = frame.table(table)
+            writes.scope = scopes[table]
+            generation, row_tickets = tickets.get(table, (None, {}))
+            for pk, (info, obj) in table_rows.items():
+                ticket = row_tickets.get(pk, -1)
+                writes.rows[pk] = RowWrite(
+                    ticket=ticket,
+                    state=flushed_state(info, obj, generation, ticket, tz),
+                    ttl=core.ttl_for_info(info),
+                )
+        for table in tables - set(rows):
+            frame.table(table)
+
+    def mark_bulk_statement(self, orm_context: ORMExecuteState, state: TransactionState) -> None:
+        """ORM ``update()``/``delete()``/``insert()`` statements: the rows are not known."""
+        if isinstance(orm_context.statement, TextClause):
+            return  # textual DML is seen at the engine (sa_redis_cache.engine_writes)
+        mapper = orm_context.bind_mapper
+        tables: set[str] = set()
+        if mapper is not None:
+            tables.update(t.fullname for t in mapper.tables if isinstance(t, Table))
+        target = getattr(orm_context.statement, "table", None)
+        if isinstance(target, Table):
+            tables.add(target.fullname)
+        if not tables:
+            return
+        self._mark(state.token, tables, {}, {}, bulk=True)
+        state.marked.update(tables)
+        frame = state.frame()
+        for table in tables:
+            frame.table(table).bulk = True
+
+    def mark_bulk(self, token: str, tables: set[str]) -> None:
+        """Core/textual DML: mark ``tables`` with unknown rows (every entity entry goes)."""
+        self._mark(token, tables, {}, {}, bulk=True)
+
+    def _scope_of(self, session: Session, info: ModelInfo) -> str | None:
+        """The scope of ``info``'s rows on the connection this flush wrote them through."""
+        connection = session.connection(bind_arguments={"mapper": info.mapper})
+        database = self.core.binds.database_of(connection)
+        if database is None:
+            return None
+        translate = connection.get_execution_options().get("schema_translate_map")
+        return self.core.entity_scope(info, database, translate)
+
+    def _collect(self, obj: object, rows: _Rows, tables: set[str], *, deleted: bool) -> None:
+        state = instance_state(obj)
+        mapper = state.mapper
+        for table in mapper.tables:
+            if isinstance(table, Table):
+                tables.add(table.fullname)
+        for rel in mapper.relationships:
+            if isinstance(rel.secondary, Table) and state.attrs[rel.key].history.has_changes():
+                tables.add(rel.secondary.fullname)
+        info = self.core.models.info_of(mapper)
+        if info is None or not info.entity_cached:
+            return
+        pk = [state.dict.get(info.column_keys[p]) for p in info.pk_positions]
+        if state.key is not None and (deleted or None in pk):
+            pk = list(state.key[1])
+        if None in pk:
+            return
+        try:
+            text = pk_text(pk)
+        except TypeError:
+            return
+        rows.setdefault(info.table, {})[text] = (info, None if deleted else obj)
+
+    def _mark(
+        self,
+        token: str,
+        tables: Iterable[str],
+        rows: dict[str, list[str]],
+        scopes: dict[str, str],
+        *,
+        bulk: bool,
+    ) -> dict[str, tuple[int, dict[str, int]]]:
+        """Run flush_mark.lua for each table in one round trip; tickets per table and row.
+
+        ``rows`` are the primary keys written per table, ``scopes`` the scope their entity
+        entries live in (:meth:`~sa_redis_cache.binds.Binds.scope`).
+        """
+        core = self.core
+        keys = core.keys
+        ordered = sorted(tables)
+        # writes ask Redis even while the breaker keeps reads away: another process that
+        # reaches Redis again would otherwise serve what this write changed
+        if core.undelivered:
+            core.deliver_undelivered()
+        calls = []
+        for table in ordered:
+            info = core.models.by_table.get(table)
+            entity_rows = []
+            for pk in rows.get(table, []):
+                assert info is not None
+                entity = keys.entity_key(table, info.schema_hash, scopes[table], pk)
+                entity_rows.append((entity, pk))
+            call = scripts.flush_mark(
+                keys, table, token, entity_rows, bulk=bulk, writer_mark_ms=self.writer_mark_ms
+            )
+            calls.append(call)
+        try:
+            replies = core.io().run_batch(calls)
+            core.breaker.success()  # resets the failure count too
+        except RedisError as exc:
+            core.redis_failed(exc)
+            core.counters.incr_total("errors")
+            core.keep_undelivered(ordered)
+            return {}
+        out: dict[str, tuple[int, dict[str, int]]] = {}
+        for table, reply in zip(ordered, replies, strict=True):
+            generation, *tickets = reply
+            number = parse_counter(generation)
+            if number is None:
+                # flush_mark.lua reseeds what is not a counter, so this does not happen; the
+                # rows would be deleted at commit instead of written through
+                continue
+            out[table] = (number, dict(zip(rows.get(table, []), map(int, tickets), strict=True)))
+        return out
+
+    # -- after the transaction -----------------------------------------------------------
+
+    def apply(self, state: TransactionState) -> None:
+        """The outermost commit: bump, write through or delete, announce, release marks."""
+        self._apply(state.token, state.frames[0].tables, state.marked)
+
+    def finish_bulk(self, token: str, tables: set[str]) -> None:
+        """Core/textual DML: the post-commit bump and mark release."""
+        self._apply(token, {table: TableWrites(bulk=True) for table in tables}, tables)
+
+    def release(self, token: str, tables: Iterable[str]) -> None:
+        """A transaction that marked ``tables`` ended without a commit: drop its marks."""
+        core = self.core
+        try:
+            core.io().pipeline(scripts.release_writer_mark(core.keys, t, token) for t in tables)
+        except RedisError as exc:
+            core.redis_failed(exc)
+
+    def _apply(self, token: str, frame: dict[str, TableWrites], tables: set[str]) -> None:
+        core = self.core
+        keys = core.keys
+        measured = core.measure_tables(tables, "invalidate")
+        if core.undelivered:
+            core.deliver_undelivered()
+        calls = []
+        for table in sorted(tables):
+            writes = frame.get(table) or TableWrites()
+            info = core.models.by_table.get(table)
+            rows = []
+            for pk, row in writes.rows.items():
+                assert info is not None
+                key = keys.entity_key(table, info.schema_hash, writes.scope, pk)
+                value = sealed_state(core, key, row.state, info)
+                ttl_ms = core.jittered_ms(row.ttl)
+                rows.append(scripts.RowCommit(key, pk, row.ticket, ttl_ms, value))
+            calls.append(
+                scripts.commit(keys, table, token, rows, bulk=writes.bulk, scope=writes.scope)
+            )
+        try:
+            core.io().run_batch(calls)
+            measured.done("delivered")
+            core.breaker.success()  # resets the failure count too
+        except RedisError as exc:
+            measured.done("error")
+            core.redis_failed(exc)
+            core.counters.incr_total("errors")
+            core.keep_undelivered(tables)

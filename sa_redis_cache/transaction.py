@@ -1,0 +1,169 @@
+"""Per-session transaction state: what the open transaction wrote, queued until commit.
+
+One object per session, shared by every strategy (:mod:`sa_redis_cache.sessions` drives
+it). Cache work for a transaction is split in two. At flush, before the database commit,
+the written tables are marked and their versions bumped (``lua/flush_mark.lua``), so no
+fill that read the old rows can land, and write-behind rows are taken out of the flush.
+The rest (write-through states, the final version bump, releasing the marks, queueing the
+write-behind operations) waits here until the outermost commit.
+
+Savepoints get a frame of their own: released, the frame merges into its parent; rolled
+back, its write-through states and its write-behind operations are dropped (the rows were
+never committed), while its marks stay until the transaction ends.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+_INFO_KEY = "sa_redis_cache.tx"
+
+
+@dataclass(slots=True)
+class RowWrite:
+    """One written row: its write ticket and, for write-through, its new encoded state."""
+
+    ticket: int
+    state: bytes | None
+    ttl: float
+
+
+@dataclass(slots=True)
+class TableWrites:
+    """What one transaction frame wrote to one table (its invalidation and write-through)."""
+
+    rows: dict[str, RowWrite] = field(default_factory=dict)
+    bulk: bool = False
+    # the database and schema the rows' entity entries live in (sa_redis_cache.binds)
+    scope: str = ""
+
+    def merge(self, newer: TableWrites) -> None:
+        """Take ``newer``'s rows over ours: a later flush of a row supersedes an earlier one."""
+        self.rows.update(newer.rows)
+        self.bulk = self.bulk or newer.bulk
+        self.scope = newer.scope or self.scope
+
+
+@dataclass(slots=True)
+class Frame:
+    """What the transaction, or one of its savepoints, wrote.
+
+    ``tables``: per table, for the invalidation protocol and write-through;
+    ``queued``: write-behind operations by ``(table, pk text)``, the newest per row.
+    """
+
+    tables: dict[str, TableWrites] = field(default_factory=dict)
+    queued: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def table(self, name: str) -> TableWrites:
+        """The writes of table ``name`` in this frame, created on first use."""
+        found = self.tables.get(name)
+        if found is None:
+            found = self.tables[name] = TableWrites()
+        return found
+
+
+@dataclass(slots=True)
+class TransactionState:
+    """What one session's open transaction has written.
+
+    ``marked`` holds the tables this transaction has flushed: reads of them go to the
+    database until the transaction ends, so a transaction always sees its own writes,
+    and their writer marks are released when it ends.
+    """
+
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
+    marked: set[str] = field(default_factory=set)
+    frames: list[Frame] = field(default_factory=lambda: [Frame()])
+    # REPEATABLE READ / SERIALIZABLE: the table versions captured when the transaction
+    # began, before its snapshot; fills must compare against these, not later ones
+    snapshot: dict[str, bytes | None] | None = None
+    committed: bool = False
+
+    @property
+    def written_tables(self) -> set[str]:
+        """The tables this transaction has written (alias of ``marked``)."""
+        return self.marked
+
+    def frame(self) -> Frame:
+        """The innermost open frame (the current savepoint's, or the transaction's)."""
+        return self.frames[-1]
+
+    def find_queued(self, table: str, pk: str) -> Any:
+        """The newest write-behind operation of a row in any open frame, or None."""
+        for frame in reversed(self.frames):
+            op = frame.queued.get((table, pk))
+            if op is not None:
+                return op
+        return None
+
+    def push(self) -> None:
+        """A savepoint began."""
+        self.frames.append(Frame())
+
+    def release(self) -> None:
+        """The innermost savepoint was released: its writes join its parent's."""
+        if len(self.frames) > 1:
+            top = self.frames.pop()
+            parent = self.frames[-1]
+            for name, writes in top.tables.items():
+                parent.table(name).merge(writes)
+            parent.queued.update(top.queued)
+
+    def discard(self) -> Frame | None:
+        """The innermost savepoint was rolled back: forget its write-through states and
+        return its frame (its write-behind operations are reverted by the caller).
+
+        Its rows keep a delete at commit (harmless, and they were deleted at flush).
+        """
+        if len(self.frames) <= 1:
+            return None
+        top = self.frames.pop()
+        parent = self.frames[-1]
+        for name, writes in top.tables.items():
+            target = parent.table(name)
+            target.bulk = target.bulk or writes.bulk
+            target.scope = target.scope or writes.scope
+            for pk, row in writes.rows.items():
+                target.rows.setdefault(pk, RowWrite(row.ticket, None, row.ttl))
+        return top
+
+    def reset(self) -> None:
+        """The transaction ended; start afresh with a new token."""
+        self.token = secrets.token_hex(8)
+        self.marked = set()
+        self.frames = [Frame()]
+        self.snapshot = None
+        self.committed = False
+
+
+def transaction_state(session: Session) -> TransactionState:
+    """The state of ``session``'s current transaction, created on first use.
+
+    Created inside savepoints (the cache was attached meanwhile), it opens a frame per
+    savepoint, so that releases and rollbacks still pair up.
+
+    Example::
+
+        transaction_state(session).written_tables  # set() in a fresh session
+    """
+    info = session.info
+    state: TransactionState | None = info.get(_INFO_KEY)
+    if state is None:
+        state = info[_INFO_KEY] = TransactionState()
+        nested = session.get_nested_transaction()
+        while nested is not None and nested.nested:
+            state.push()
+            nested = nested.parent
+    return state
+
+
+def peek_transaction_state(session: Session) -> TransactionState | None:
+    """The state of ``session`` if any cache work happened in it, else None."""
+    state: TransactionState | None = session.info.get(_INFO_KEY)
+    return state
