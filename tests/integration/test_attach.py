@@ -86,7 +86,7 @@ def refusal(cache: Cache, target: Any = None) -> str:
     with pytest.raises(ConfigurationError) as info:
         cache.attach(factory)
     if isinstance(factory, sessionmaker):
-        assert not sa.event.contains(factory, "do_orm_execute", cache._reads.on_execute)
+        assert not sa.event.contains(factory, "do_orm_execute", cache._hooks.do_orm_execute)
     return str(info.value)
 
 
