@@ -59,7 +59,7 @@ def _codecs(cache: Cache) -> list[RowCodec]:
     """Every row codec the cache's read path uses: models' and statements' scalar ones."""
     core = cache._core
     found = [info.codec for info in core.models.infos.values() if info.codec is not None]
-    found += [plan.shape.scalar_codec for plan in cache._reads._plans.values() if plan]
+    found += [plan.shape.scalar_codec for plan in cache._reads.queries._plans.values() if plan]
     return found
 
 

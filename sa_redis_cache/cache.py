@@ -404,7 +404,7 @@ class Cache:
             # SQLAlchemy's cache key: match the key of the statement as it was executed
             statement = statement.options(FromCache())
         cache_key = compat.statement_cache_key(statement)
-        plan = None if cache_key is None else self._reads.plan(cache_key.key, statement)
+        plan = None if cache_key is None else self._reads.queries.plan(cache_key.key, statement)
         if cache_key is None or plan is None:
             return 0
         translate = statement.get_execution_options().get("schema_translate_map")
@@ -413,7 +413,7 @@ class Cache:
             key
             for database, bind_translate in targets
             if (
-                key := self._reads.entry_key(
+                key := self._reads.queries.entry_key(
                     plan, cache_key.bindparams, params, database, translate or bind_translate
                 )
             )
@@ -478,7 +478,7 @@ class Cache:
                     "is, from its event loop: await cache.ainvalidate_query(...) instead"
                 )
             return [] if database is None else [(database, translate_map_of(bind))]
-        targets = self._reads.seen_databases()
+        targets = self._reads.queries.seen_databases()
         for engine in self._attached_binds:
             try:
                 database = self._database_of(engine)

@@ -122,7 +122,7 @@ def inspect_statement(
         document.update(state="uncacheable", detail="SQLAlchemy gives it no cache key")
         return document
     with _library_log() as reasons:
-        plan = cache._reads.plan(cache_key.key, statement)
+        plan = cache._reads.queries.plan(cache_key.key, statement)
     if plan is None:
         # the library's own words, e.g. "statement runs uncached: textual SQL names..."
         why = "; ".join(reasons) or "the read path refuses it"
@@ -130,7 +130,7 @@ def inspect_statement(
         return document
     translate = statement.get_execution_options().get("schema_translate_map")
     database = settings.database(bind_url, option="--bind-url")
-    key = cache._reads.entry_key(plan, cache_key.bindparams, params, database, translate)
+    key = cache._reads.queries.entry_key(plan, cache_key.bindparams, params, database, translate)
     if key is None:
         document.update(state="uncacheable", detail="a parameter value cannot be encoded exactly")
         return document

@@ -261,7 +261,7 @@ def test_per_request_connections_are_not_kept(
         connections = [request() for _ in range(300)]
         gc.collect()
         assert all(conn() is None for conn in connections)
-        assert len(cache._reads.seen_databases()) == 1
+        assert len(cache._reads.queries.seen_databases()) == 1
         assert sql.count == 2  # the first request's query and get; the others hit
         assert cache.invalidate_query(stmt) == 1
     finally:

@@ -1,0 +1,84 @@
+"""The read path: ``do_orm_execute`` serving ``FromCache`` statements and primary-key loads.
+
+* :mod:`.flow`: the read-through flow both share (look, serve, lease, wait, fill);
+* :mod:`.queries`: ``FromCache`` (plans, entry keys, query entries);
+* :mod:`.entities`: the entity cache (``session.get``, many-to-one lazy loads).
+
+Example::
+
+    reads = ReadPath(core)
+    reads.on_execute(orm_context)   # called by sa_redis_cache.sessions for a SELECT
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+
+from sa_redis_cache.counters import parse_counter
+from sa_redis_cache.options import FromCache
+from sa_redis_cache.transaction import transaction_state
+
+from .entities import EntityReads, entity_entry
+from .flow import ReadThrough
+from .queries import QueryReads, StatementPlan
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Result
+    from sqlalchemy.orm import ORMExecuteState, Session
+
+    from sa_redis_cache.core import CacheCore
+
+__all__ = ["ReadPath", "StatementPlan", "entity_entry"]
+
+
+class ReadPath:
+    """Serves cached reads for one :class:`~sa_redis_cache.Cache`."""
+
+    def __init__(self, core: CacheCore) -> None:
+        self.core = core
+        self.flow = ReadThrough(core)
+        self.queries = QueryReads(core, self.flow)
+        self.entities = EntityReads(core, self.flow)
+
+    def on_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
+        """Serve a SELECT from the cache; returns a result to short-circuit the database."""
+        option = None
+        for opt in orm_context.user_defined_options:
+            if type(opt) is FromCache:
+                option = opt
+        if option is None:
+            if orm_context.is_relationship_load and not orm_context.lazy_loaded_from:
+                return None
+            return self.entities.read(orm_context)
+        if orm_context.is_relationship_load:
+            return None
+        return self.queries.read(orm_context, option)
+
+    def on_begin(self, session: Session, transaction: Any, connection: Any) -> None:
+        """Under REPEATABLE READ or SERIALIZABLE, pin the versions before the snapshot.
+
+        Such a transaction reads one snapshot, taken at its first statement; a fill must
+        be validated against the versions as they were before it, or a value older than
+        a write committed since could be stored as current.
+        """
+        isolation = (
+            connection.get_execution_options().get("isolation_level")
+            or connection.default_isolation_level
+        )
+        if isolation not in ("REPEATABLE READ", "SERIALIZABLE"):
+            return
+        core = self.core
+        tables = core.models.known_tables()
+        tx = transaction_state(session)
+        try:
+            values = core.io().mget([core.keys.version_key(t) for t in tables])
+        except RedisError as exc:
+            core.redis_failed(exc)
+            values = [None] * len(tables)
+        # a pin that is not a counter pins nothing: such a table is not filled this time
+        tx.snapshot = {
+            t: v if parse_counter(v) is not None else None
+            for t, v in zip(tables, values, strict=True)
+        }

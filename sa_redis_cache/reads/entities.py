@@ -1,0 +1,230 @@
+"""The entity cache: ``session.get`` and many-to-one lazy loads, read through by identity.
+
+An entity entry holds one row of one database and schema (its key's scope). It is valid
+under its table's generation and its row's write counter; its fill is validated against
+the table's version captured before the database read (:mod:`.flow`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy.orm.interfaces import UserDefinedOption
+
+from sa_redis_cache import compat, hydrate, stampede
+from sa_redis_cache.binds import translate_map_of
+from sa_redis_cache.codec import CodecError, pack, unpack
+from sa_redis_cache.policy import CachePolicy
+from sa_redis_cache.protocol import pk_text
+from sa_redis_cache.protocol.scripts import COUNTER_TTL_MS, ROW_COUNTER_TTL_MS
+from sa_redis_cache.transaction import peek_transaction_state
+
+from .flow import Look, Target
+from .queries import BYPASS_OPTIONS
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Result
+    from sqlalchemy.orm import ORMExecuteState, Session
+
+    from sa_redis_cache.core import CacheCore
+    from sa_redis_cache.models import ModelInfo
+
+    from .flow import ReadThrough
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_POLICY = CachePolicy()
+
+
+class EntityReads:
+    """The entity-cache reads of one cache.
+
+    Example::
+
+        entities = EntityReads(core, flow)
+        entities.read(orm_context)   # a result, or None to read the database
+    """
+
+    def __init__(self, core: CacheCore, flow: ReadThrough) -> None:
+        self.core = core
+        self.flow = flow
+        self.binds = core.binds
+
+    def target(self, orm_context: ORMExecuteState) -> tuple[ModelInfo, tuple[Any, ...]] | None:
+        """The model and primary key of a plain load by primary key, else None.
+
+        Locking loads, attribute refreshes, loads with loader options and the bypass
+        execution options go to the database.
+        """
+        statement: Any = orm_context.statement
+        mapper = compat.statement_mapper(statement)
+        info = None if mapper is None else self.core.models.entity_infos.get(mapper)
+        if info is None:
+            return None
+        pk = compat.get_clause_pk(statement, info.mapper, orm_context.parameters)
+        if (
+            pk is None
+            or None in pk
+            or compat.is_locking(statement)
+            or compat.is_refresh(orm_context)
+            or any(
+                not isinstance(o, UserDefinedOption) for o in compat.statement_options(statement)
+            )
+            or any(orm_context.execution_options.get(n) for n in BYPASS_OPTIONS)
+        ):
+            return None
+        return info, pk
+
+    def read(self, orm_context: ORMExecuteState) -> Result[Any] | None:
+        target = self.target(orm_context)
+        if target is None:
+            return None
+        info, pk = target
+        core = self.core
+        session = orm_context.session
+        tx = peek_transaction_state(session)
+        if tx is not None and info.table in tx.written_tables:
+            return None
+        scope = "model:" + info.mapper.class_.__name__
+        try:
+            pk_str = pk_text(pk)
+        except TypeError:
+            return None
+        if not self.flow.trusted((info.table,)):
+            core.counters.incr(scope, "bypassed")
+            return None
+        bind = session.get_bind(**orm_context.bind_arguments)
+        database = self.binds.database_for(session, bind, orm_context.bind_arguments)
+        if database is None:
+            core.counters.incr(scope, "bypassed")
+            return None
+        row_scope = core.entity_scope(
+            info, database, translate_map_of(bind, orm_context.execution_options)
+        )
+        keys = core.keys
+        key = keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
+        # the entry is valid under the table's generation and the row's write counter;
+        # the fill compares the version (any write of the table) like a query's fill
+        counters = [
+            keys.version_key(info.table),
+            keys.generation_key(info.table),
+            keys.row_write_key(info.table, pk_str),
+        ]
+        # under a pinned snapshot a missing counter reads as b"", which matches nothing
+        pinned = None if tx is None or tx.snapshot is None else tx.snapshot.get(info.table) or b""
+        policy = info.policy or _DEFAULT_POLICY
+        ttl = core.ttl_for_info(info)
+        # a row write counter lives as long as the entries it validates, an hour at least
+        ttls = [COUNTER_TTL_MS] * 2 + [max(ROW_COUNTER_TTL_MS, int(ttl * 1000))]
+
+        def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool | None:
+            captured = cast("list[bytes]", look.captured)
+            body = hydrate.extract_entity(data[0] if data else None, info, preexisting)
+            live_ms = core.jittered_ms(ttl)
+            stamp = [int(captured[1]), int(captured[2]), delta, stampede.now_ms() + live_ms]
+            return core.store(
+                key,
+                pack([stamp, body]),
+                counters[:1],
+                [core.keys.writers_key(info.table)],
+                captured[:1],
+                live_ms / 1000,
+                scope,
+                lease_token=token,
+                physical_ttl_ms=live_ms,
+            )
+
+        return self.flow.read_through(
+            orm_context,
+            Target(
+                key=key,
+                scope=scope,
+                also=(),
+                look=lambda lease: self._look(key, counters, ttls, pinned, scope, lease),
+                serve=lambda body: self._serve(session, info, pk, body, key, scope),
+                fill=fill,
+                lease=True,
+                lease_wait=policy.lease_wait,
+                xfetch_beta=policy.xfetch_beta,
+                stale_ttl=0,
+            ),
+        )
+
+    def _look(
+        self,
+        key: str,
+        counters: list[str],
+        ttls: list[int],
+        pinned: bytes | None,
+        scope: str,
+        lease: str,
+    ) -> Look | None:
+        """One MGET of an entity entry, its table's version and generation, its row's
+        write counter."""
+        fetched = self.flow.fetch([key, *counters], scope, lease)
+        if fetched is None:
+            return None
+        (entry, *current), leased = fetched
+        version = current[0]
+        missing = None in current
+        numbers = None if missing else self.flow.counters(counters, current, scope)
+        if entry is not None and numbers is not None and (pinned is None or pinned == version):
+            try:
+                document = self.core.opened(key, entry, scripted=True)
+                stored_generation, stored_writes, timing, body = entity_entry(document)
+            except (CodecError, ValueError, TypeError) as exc:
+                self.flow.corrupt(key, scope, exc)
+            else:
+                if stored_generation == numbers[1] and stored_writes == numbers[2]:
+                    return Look((timing, body), current, leased)
+        captured: list[bytes] | None = None
+        if numbers is not None or missing:
+            captured = self.flow.captured(current, counters, ttls)
+        if pinned is not None and captured is not None:
+            # the fill is validated against the version pinned before the snapshot
+            captured = [pinned, *captured[1:]] if pinned else None
+        return Look(None, captured, leased=leased)
+
+    def _serve(
+        self,
+        session: Session,
+        info: ModelInfo,
+        pk: tuple[Any, ...],
+        body: Any,
+        key: str,
+        scope: str,
+    ) -> Result[Any] | None:
+        try:
+            result = hydrate.rehydrate_entity(session, info, body, pk)
+        except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
+            self.flow.corrupt(key, scope, exc)
+            return None
+        self.core.counters.incr(scope, "hits")
+        return result
+
+
+def entity_entry(raw: bytes) -> tuple[int, int, stampede.Timing | None, Any]:
+    """The generation, row write counter, timing and body of an entity entry.
+
+    CodecError when foreign. A read's fill stamps ``[generation, row_writes, delta_ms,
+    expires_ms]`` (for XFetch); a writer (write-through, write-behind's scripts) stamps
+    ``[generation, row_writes]``: it read nothing, so the entry is never refreshed early
+    and simply expires with its TTL.
+
+    Example::
+
+        >>> entity_entry(pack([[7, 5, 3, 1000], None]))
+        (7, 5, Timing(delta_ms=3, expires_ms=1000), None)
+    """
+    payload = unpack(raw)
+    if type(payload) is not list or len(payload) != 2:
+        raise CodecError("not an entity entry of this cache")
+    stamp, body = payload
+    if type(stamp) is not list or not all(type(n) is int for n in stamp):
+        raise CodecError("not an entity entry stamp")
+    if len(stamp) == 2:
+        return stamp[0], stamp[1], None, body
+    if len(stamp) == 4:
+        return stamp[0], stamp[1], stampede.Timing(stamp[2], stamp[3]), body
+    raise CodecError("not an entity entry stamp")

@@ -1,0 +1,300 @@
+"""The read-through flow every cached read shares: look, serve, wait for a filler, or fill.
+
+Protocol (docs/guarantees.md): one MGET reads an entry together with the current counters
+it is validated against. The entry is a hit only if the counters stored in it equal the
+current ones. On a miss those counters are the ones captured *before* the database read,
+and the fill is a Lua compare-and-set that stores only if they have not moved and no writer
+is in flight. The fill lease, the bounded wait and the early refresh (stampede control) are
+written here once, for query entries (:mod:`.queries`) and entity entries
+(:mod:`.entities`) alike. Any Redis error degrades to the database; nothing here raises a
+Redis error into the application.
+
+Every Redis call goes through ``core.io()``: the asyncio client when the session is run
+by ``AsyncSession`` (the event loop keeps running meanwhile), the synchronous one otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from redis.exceptions import RedisError
+
+from sa_redis_cache import hydrate, stampede
+from sa_redis_cache.codec import CodecError
+from sa_redis_cache.counters import parse_counter
+from sa_redis_cache.protocol import scripts
+from sa_redis_cache.protocol.scripts import COUNTER_TTL_MS
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+
+    from sqlalchemy.engine import Result
+    from sqlalchemy.orm import ORMExecuteState
+
+    from sa_redis_cache.core import CacheCore
+    from sa_redis_cache.tracing import Measurement
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Look:
+    """What one look at an entry found: a valid entry, or the versions a fill needs.
+
+    ``found`` is ``(timing, body)``; timing is None for an entity entry a writer stored
+    (write-through, write-behind): no read time is known, so it is never refreshed early.
+    """
+
+    found: tuple[stampede.Timing | None, Any] | None
+    captured: list[bytes] | None
+    leased: bool = False
+    # the entry's invalidate_query() counter as read (None: absent); the fill compares it
+    invalidations: bytes | None = None
+
+
+@dataclass(slots=True)
+class Target:
+    """One entry on the read path: how to look at it, serve it and fill it.
+
+    ``look(token)`` reads the entry and its counters, asking for the fill lease in the
+    same round trip when given a token; ``serve(body)`` turns a body into the result
+    (None when unreadable: it deleted the entry); ``fill(data, preexisting, look,
+    delta_ms, token)`` stores what the database returned: True stored, False refused or
+    failed, None not tried (the caller still holds its lease).
+    """
+
+    key: str
+    scope: str
+    also: tuple[str, ...]
+    look: Callable[[str], Look | None]
+    serve: Callable[[Any], Result[Any] | None]
+    fill: Callable[[Any, Any, Look, int, str], bool | None]
+    lease: bool
+    lease_wait: float
+    xfetch_beta: float
+    stale_ttl: float
+
+
+class ReadThrough:
+    """The shared flow of one cache's cached reads (see the module docstring).
+
+    Example::
+
+        flow = ReadThrough(core)
+        flow.read_through(orm_context, target)   # a result, or None to read the database
+    """
+
+    def __init__(self, core: CacheCore) -> None:
+        self.core = core
+
+    def read_through(self, orm_context: ORMExecuteState, target: Target) -> Result[Any] | None:
+        """Serve the entry, refresh it early, wait for its filler, or read and fill.
+
+        One flow for query entries and entity entries (DESIGN.md §4 and §6).
+        """
+        # a latency histogram under the read's outcome, and a span when traced; leaving by
+        # an exception records an error and ends the span
+        with self.core.measure(target.scope, also=target.also) as measured:
+            return self._serve_or_fill(orm_context, target, measured)
+
+    def _serve_or_fill(
+        self, orm_context: ORMExecuteState, target: Target, measured: Measurement
+    ) -> Result[Any] | None:
+        core = self.core
+        stats = core.counters
+        look = target.look("")
+        if look is None:
+            measured.done("error")
+            return None
+        token = ""
+        if look.found is not None:
+            timing, body = look.found
+            refresh = False
+            now = stampede.now_ms()
+            if timing is not None and stampede.due(timing, target.xfetch_beta, now):
+                # due for a refresh: one caller refreshes, the others serve this value
+                token = self._take_lease(target.key) if target.lease else ""
+                refresh = bool(token) or not target.lease
+                if refresh:
+                    stats.incr(target.scope, "early_refreshes")
+                elif timing.expires_ms <= now and target.stale_ttl:
+                    stats.incr(target.scope, "stale_served")
+            if not refresh:
+                served = target.serve(body)
+                if served is not None:
+                    measured.done("hit")
+                    return served
+                # unreadable: deleted by serve, so look again for what a fill needs
+                look = target.look("")
+                if look is None:
+                    measured.done("error")
+                    return None
+        if look.found is None and look.captured is not None and target.lease:
+            token, waited, look = self._lease_or_wait(target, look)
+            if waited is not None:
+                measured.done("hit")
+                return waited
+        stats.incr(target.scope, "misses", also=target.also)
+        preexisting = hydrate.identity_snapshot(orm_context.session)
+        started = stampede.now_ms()
+        tried: bool | None = None
+        try:
+            frozen = orm_context.invoke_statement().freeze()
+            core.hook("after_database_read")
+            if look.captured is not None:
+                try:
+                    delta = stampede.now_ms() - started
+                    tried = target.fill(frozen.data, preexisting, look, delta, token)
+                except (hydrate.NotCacheable, CodecError, ValueError) as exc:
+                    log.debug("not caching %s: %s", target.key, exc)
+                    stats.incr(target.scope, "uncacheable")
+        finally:
+            if tried is None:
+                # fill.lua releases the lease whenever it runs (stored, refused or failed
+                # mid-call); when it did not run, the lease is released here
+                self._release(target.key, token)
+        measured.done("miss")
+        return frozen()
+
+    def fetch(self, keys: list[str], scope: str, lease: str) -> tuple[list[Any], bool] | None:
+        """MGET ``keys`` (an entry first), asking for its fill lease in the same round trip.
+
+        Returns the values and whether the lease was granted; None when Redis failed (the
+        caller reads the database and does not fill).
+        """
+        core = self.core
+        leased = False
+        try:
+            if lease:
+                got, raw = core.io().pipeline(
+                    [
+                        scripts.take_lease(core.keys.lease_key(keys[0]), lease),
+                        ("MGET", *keys),
+                    ]
+                )
+                leased = bool(got)
+            else:
+                raw = core.io().mget(keys)
+        except RedisError as exc:
+            core.redis_failed(exc)
+            core.counters.incr(scope, "errors")
+            return None
+        core.breaker.success()  # resets the failure count too
+        return list(raw), leased
+
+    def _take_lease(self, entry_key: str) -> str:
+        """The fill lease's token when this caller got it, else ''."""
+        core = self.core
+        token = stampede.new_token()
+        try:
+            got = core.io().pipeline([scripts.take_lease(core.keys.lease_key(entry_key), token)])[0]
+        except RedisError as exc:
+            core.redis_failed(exc)
+            return ""
+        return token if got else ""
+
+    def _lease_or_wait(self, target: Target, look: Look) -> tuple[str, Result[Any] | None, Look]:
+        """Take the fill lease, or wait for whoever holds it to fill.
+
+        The lease is asked for in the same round trip as a second look at the entry: a
+        caller whose first look missed just before another caller's fill landed must not
+        take the lease that fill released and read the database again.
+        Returns (token, None, look) to go to the database (token '' when the wait timed
+        out), or ('', result, look) when the entry appeared.
+        """
+        core = self.core
+        core.hook("before_lease")
+        token = stampede.new_token()
+        again = target.look(token)
+        if again is None:
+            return "", None, look
+        if again.found is not None:
+            if again.leased:
+                self._release(target.key, token)
+            served = target.serve(again.found[1])
+            return "", served, again
+        if again.leased:
+            return token, None, again
+        core.counters.incr(target.scope, "lease_waits", also=target.also)
+        core.hook("lease_wait")
+        poller = stampede.Poller(target.lease_wait, sleep=core.io().sleep)
+        while poller.wait():
+            seen = target.look("")
+            if seen is None:
+                break
+            if seen.found is not None:
+                result = target.serve(seen.found[1])
+                if result is not None:
+                    return "", result, seen
+        return "", None, again
+
+    def _release(self, entry_key: str, token: str) -> None:
+        if not token:
+            return
+        core = self.core
+        try:
+            core.io().run_script(*scripts.release_lease(core.keys.lease_key(entry_key), token))
+        except RedisError as exc:
+            core.redis_failed(exc)
+
+    def counters(self, keys: Sequence[str], values: Sequence[Any], scope: str) -> list[int] | None:
+        """Parse version counters as Redis does; one it could not INCR is deleted (a miss,
+        no fill).
+
+        A value ``int()`` would take but ``INCR`` refuses (``b" 7 "``) must not be trusted:
+        every writer's script would reseed it, and a reader that trusted it would keep
+        serving entries stored under it. A deleted counter comes back at a random value,
+        so no entry stored under the garbage can ever match it.
+        """
+        numbers = [parse_counter(v) for v in values]
+        if None not in numbers:
+            return cast("list[int]", numbers)
+        bad = [(k, v) for k, v, n in zip(keys, values, numbers, strict=True) if n is None]
+        exc = ValueError(f"not a counter: {bad[0][1]!r:.60}")
+        self._corrupt_keys([k for k, _ in bad], scope, exc)
+        return None
+
+    def corrupt(self, key: str, scope: str, exc: Exception) -> None:
+        self._corrupt_keys([key], scope, exc)
+
+    def _corrupt_keys(self, keys: Sequence[str], scope: str, exc: Exception) -> None:
+        core = self.core
+        log.warning("unreadable cache keys %s deleted: %s", ", ".join(keys), exc)
+        core.counters.incr(scope, "decode_errors")
+        try:
+            core.io().unlink(*keys)
+        except RedisError as err:
+            core.redis_failed(err)
+
+    def trusted(self, tables: Iterable[str]) -> bool:
+        """May the cache be used for ``tables`` now? (breaker closed, writes delivered)"""
+        core = self.core
+        if not core.breaker.allow():
+            return False
+        undelivered = core.undelivered
+        if undelivered and not undelivered.isdisjoint(tables):
+            return core.deliver_undelivered()
+        return True
+
+    def captured(
+        self,
+        current: Sequence[bytes | None],
+        keys: Sequence[str],
+        ttls_ms: Sequence[int] | None = None,
+    ) -> list[bytes] | None:
+        """Counters as they were before the database read; creates missing ones.
+
+        ``ttls_ms`` gives each counter's TTL (the counters' TTL by default).
+        """
+        if None not in current:
+            return list(current)  # type: ignore[arg-type]
+        core = self.core
+        ttls = ttls_ms or [COUNTER_TTL_MS] * len(keys)
+        try:
+            got = core.io().run_script(*scripts.capture_versions(keys, ttls))
+        except RedisError as exc:
+            core.redis_failed(exc)
+            return None
+        return list(got)

@@ -1,0 +1,404 @@
+"""``FromCache``: cache-aside reads of any ORM statement, keyed by its structure and values.
+
+A statement's *plan* (its fingerprint, the tables it reads, the shape of its rows) is
+computed once per statement shape; the *entry key* adds the execute-time values, the
+database and the ``schema_translate_map``. The entry stores the versions of every table
+the statement reads, captured before the database read (:mod:`.flow`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy.sql.type_api import TypeEngine
+
+from sa_redis_cache import compat, hydrate, stampede
+from sa_redis_cache.binds import translate_map_of
+from sa_redis_cache.codec import CodecError, RowCodec, UncacheableType, pack, unpack
+from sa_redis_cache.fingerprint import Unfingerprintable, fingerprint, values_digest
+from sa_redis_cache.transaction import peek_transaction_state
+
+from .flow import Look, Target
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sqlalchemy.engine import Result
+    from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+
+    from sa_redis_cache.binds import Database
+    from sa_redis_cache.core import CacheCore
+    from sa_redis_cache.options import FromCache
+    from sa_redis_cache.transaction import TransactionState
+
+    from .flow import ReadThrough
+
+log = logging.getLogger(__name__)
+
+_PLAN_CACHE_SIZE = 4096
+# how many (database, schema_translate_map) pairs invalidate_query() remembers: it bounds
+# memory for applications that make engines or connections per request
+_SEEN_BINDS = 256
+BYPASS_OPTIONS = ("yield_per", "stream_results", "populate_existing", "identity_token")
+"""Execution options that ask for fresh rows: such statements bypass the cache."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatementPlan:
+    """What the read path needs about one statement shape, computed once per shape."""
+
+    digest: str
+    tables: frozenset[str]
+    table_names: tuple[str, ...]
+    version_keys: tuple[str, ...]
+    writers_keys: tuple[str, ...]
+    entry_prefix: str
+    shape: hydrate.RowShape
+    scopes: tuple[str, ...]
+
+
+class Uncacheable(Exception):
+    """The statement cannot be cached; the reason is logged once."""
+
+
+class QueryReads:
+    """The ``FromCache`` reads of one cache.
+
+    Example::
+
+        queries = QueryReads(core, flow)
+        queries.read(orm_context, option)   # a result, or None to read the database
+    """
+
+    def __init__(self, core: CacheCore, flow: ReadThrough) -> None:
+        self.core = core
+        self.flow = flow
+        self.binds = core.binds
+        self._plans: dict[Any, StatementPlan | None] = {}
+        # (database, translate map) of the statements this cache keyed, for
+        # invalidate_query(); bounded, and holding no engine or connection alive
+        self._seen: dict[tuple[str, str], tuple[Database, Any]] = {}
+
+    def read(self, orm_context: ORMExecuteState, option: FromCache) -> Result[Any] | None:
+        core = self.core
+        stats = core.counters
+        exec_opts = orm_context.execution_options
+        region = "region:" + option.region
+        if any(exec_opts.get(name) for name in BYPASS_OPTIONS):
+            stats.incr(region, "bypassed")
+            return None
+        statement: Any = orm_context.statement
+        if compat.is_locking(statement):
+            stats.incr(region, "bypassed")  # a cached row takes no lock
+            return None
+        cache_key = compat.statement_cache_key(statement)
+        if cache_key is None:
+            stats.incr(region, "uncacheable")
+            return None
+        plan = self.plan(cache_key.key, statement)
+        if plan is None:
+            stats.incr(region, "uncacheable")
+            return None
+        session = orm_context.session
+        if compat.autoflush_requested(orm_context):
+            compat.autoflush_pending(session)
+        tx = peek_transaction_state(session)
+        if tx is not None and not tx.written_tables.isdisjoint(plan.tables):
+            stats.incr(region, "bypassed")
+            return None
+        bind = session.get_bind(**orm_context.bind_arguments)
+        database = self.binds.database_for(session, bind, orm_context.bind_arguments)
+        if database is None:
+            stats.incr(region, "bypassed")
+            return None
+        translate = translate_map_of(bind, exec_opts)
+        entry_key = self.entry_key(
+            plan, cache_key.bindparams, orm_context.parameters, database, translate
+        )
+        if entry_key is None:
+            stats.incr(region, "uncacheable")
+            return None
+        if not self.flow.trusted(plan.tables):
+            stats.incr(region, "bypassed")
+            return None
+        return self._cached_read(orm_context, option, plan, entry_key, tx, region)
+
+    def _cached_read(
+        self,
+        orm_context: ORMExecuteState,
+        option: FromCache,
+        plan: StatementPlan,
+        entry_key: str,
+        tx: TransactionState | None,
+        region: str,
+    ) -> Result[Any] | None:
+        session = orm_context.session
+        core = self.core
+
+        def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool | None:
+            body = hydrate.extract(data, plan.shape, core.models.info_of, preexisting)
+            ttl = option.ttl or core.ttl_for_tables(plan.tables)
+            return self._fill(entry_key, plan, look, body, ttl, option, delta, token, region)
+
+        target = Target(
+            key=entry_key,
+            scope=region,
+            also=plan.scopes,
+            look=lambda lease: self._look(entry_key, plan, region, tx, lease=lease),
+            serve=lambda body: self._serve(session, body, plan, entry_key, region),
+            fill=fill,
+            lease=option.lease,
+            lease_wait=option.lease_wait,
+            xfetch_beta=option.xfetch_beta,
+            stale_ttl=option.stale_ttl,
+        )
+        return self.flow.read_through(orm_context, target)
+
+    def _look(
+        self,
+        entry_key: str,
+        plan: StatementPlan,
+        region: str,
+        tx: TransactionState | None,
+        *,
+        lease: str = "",
+    ) -> Look | None:
+        """One MGET of the entry and its counters: a valid entry, or what a fill needs.
+
+        With ``lease`` (a token), the fill lease is asked for in the same round trip.
+        None when Redis failed (the caller reads the database and does not fill).
+        """
+        keys = [entry_key, self.core.keys.invalidations_key(entry_key), *plan.version_keys]
+        fetched = self.flow.fetch(keys, region, lease)
+        if fetched is None:
+            return None
+        raw, leased = fetched
+        entry, invalidations, current = raw[0], raw[1], raw[2:]
+        numbers = (
+            None if None in current else self.flow.counters(plan.version_keys, current, region)
+        )
+        pinned = None if tx is None or tx.snapshot is None else tx.snapshot
+        expected = None if pinned is None else [pinned.get(t) for t in plan.table_names]
+        # a transaction pinned to an older snapshot cannot tell whether invalidate_query()
+        # came after its snapshot: it never fills an entry that was ever invalidated
+        may_fill = expected is None or invalidations is None
+        if entry is not None and numbers is not None and expected in (None, current):
+            found = self._parse(entry, numbers, plan, entry_key, region)
+            if found is not None:
+                # the counters were read before any refresh's database read: a capture
+                timing = stampede.Timing(found[1], found[2])
+                captured_now = current if may_fill else None
+                return Look((timing, found[0]), captured_now, leased, invalidations)
+        captured: list[bytes] | None = None
+        if expected is not None:
+            if may_fill and None not in expected:
+                captured = cast("list[bytes]", expected)
+        elif numbers is not None or None in current:
+            captured = self.flow.captured(current, plan.version_keys)
+        return Look(None, captured, leased=leased, invalidations=invalidations)
+
+    def _parse(
+        self, raw: bytes, current: list[int], plan: StatementPlan, entry_key: str, region: str
+    ) -> tuple[Any, int, int] | None:
+        """The body, read time and expiry of a valid entry; None when a write retired it."""
+        try:
+            document = self.core.opened(entry_key, raw)
+            stamp, body = _query_entry(document, entry_key[len(plan.entry_prefix) :])
+        except (CodecError, ValueError, TypeError, IndexError) as exc:
+            self.flow.corrupt(entry_key, region, exc)
+            return None
+        if stamp[3:] != current:
+            return None  # written since: a plain miss, the fill replaces it
+        return body, stamp[1], stamp[2]
+
+    def _serve(
+        self,
+        session: Session,
+        body: Any,
+        plan: StatementPlan,
+        entry_key: str,
+        region: str,
+    ) -> Result[Any] | None:
+        core = self.core
+        try:
+            result = hydrate.rehydrate(session, body, core.models.info_of, plan.shape)
+        except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
+            self.flow.corrupt(entry_key, region, exc)
+            return None
+        core.counters.incr(region, "hits", also=plan.scopes)
+        return result
+
+    def _fill(
+        self,
+        entry_key: str,
+        plan: StatementPlan,
+        look: Look,
+        body: Any,
+        ttl: float,
+        option: FromCache,
+        delta_ms: int,
+        token: str,
+        scope: str,
+    ) -> bool | None:
+        core = self.core
+        captured = cast("list[bytes]", look.captured)
+        live_ms = core.jittered_ms(ttl)
+        # the stamp names the statement (an entry copied under another key is foreign),
+        # says how long the read took and when the entry expires logically (XFetch,
+        # stale_ttl), then lists the versions it was read under
+        stamp = [
+            entry_key[len(plan.entry_prefix) :],
+            delta_ms,
+            stampede.now_ms() + live_ms,
+            *(int(v) for v in captured),
+        ]
+        return core.store(
+            entry_key,
+            pack([stamp, body]),
+            list(plan.version_keys),
+            list(plan.writers_keys),
+            captured,
+            ttl,
+            scope,
+            also=plan.scopes,
+            lease_token=token,
+            physical_ttl_ms=live_ms + int(option.stale_ttl * 1000),
+            seen_invalidations=look.invalidations,
+        )
+
+    def entry_key(
+        self,
+        plan: StatementPlan,
+        bindparams: Sequence[Any],
+        params: Any,
+        database: Database,
+        translate: Any,
+    ) -> str | None:
+        """The entry key of a planned statement with its execute-time values and database.
+
+        The bound values are those the database would see: execute-time parameters
+        override the values embedded in the statement. The database (its identity, default
+        schema, dialect and driver: :class:`~sa_redis_cache.binds.Database`) and the
+        ``schema_translate_map`` are part of the key, so tenants and shards never read each
+        other's entries. None when a value cannot be encoded exactly.
+        """
+        params = params or {}
+        try:
+            values: list[Any] = [params.get(bp.key, bp.effective_value) for bp in bindparams]
+            parts: list[Any] = [plan.digest, values, database.name]
+            translated = sorted((str(k), str(v)) for k, v in translate.items()) if translate else []
+            if translated:
+                parts.append(translated)
+            self._remember(database, translate, translated)
+            return plan.entry_prefix + values_digest(parts)
+        except (CodecError, TypeError):
+            return None
+
+    def _remember(self, database: Database, translate: Any, translated: list[Any]) -> None:
+        seen = self._seen
+        memo = (database.name, repr(translated))
+        if memo not in seen:
+            if len(seen) >= _SEEN_BINDS:
+                seen.pop(next(iter(seen)))
+            seen[memo] = (database, translate)
+
+    def seen_databases(self) -> list[tuple[Database, Any]]:
+        """The (database, ``schema_translate_map``) pairs this read path keyed statements for."""
+        return list(self._seen.values())
+
+    def plan(self, structural_key: Any, statement: Any) -> StatementPlan | None:
+        """The memoised plan of a statement shape; None when it cannot be cached."""
+        plans = self._plans
+        try:
+            return plans[structural_key]
+        except KeyError:
+            pass
+        except TypeError:
+            return None
+        try:
+            plan: StatementPlan | None = self._build_plan(statement)
+        except (Unfingerprintable, Uncacheable) as exc:
+            log.info("statement runs uncached: %s", exc)
+            plan = None
+        if len(plans) >= _PLAN_CACHE_SIZE:
+            plans.clear()
+        plans[structural_key] = plan
+        return plan
+
+    def _build_plan(self, statement: Any) -> StatementPlan:
+        core = self.core
+        canonical = compat.canonical_statement(statement)
+        fp = fingerprint(compat.statement_cache_key(canonical).key)
+        if not fp.tables:
+            raise Uncacheable("the statement reads no table the cache can version")
+        tables = [t.fullname for t in fp.tables]
+        schema = [core.models.table_schema(t) for t in fp.tables]
+        keys = core.keys
+        shape = _row_shape(statement)
+        scopes = tuple(
+            "model:" + info.mapper.class_.__name__
+            for t in fp.tables
+            if (info := core.models.by_table.get(t.fullname)) is not None
+        )
+        return StatementPlan(
+            digest=values_digest([fp.digest, schema]),
+            tables=frozenset(tables),
+            table_names=tuple(tables),
+            version_keys=tuple(keys.version_key(t) for t in tables),
+            writers_keys=tuple(keys.writers_key(t) for t in tables),
+            entry_prefix=keys.query_key(tables[0], ""),
+            shape=shape,
+            scopes=scopes,
+        )
+
+
+def _query_entry(raw: bytes, owner: str) -> tuple[list[Any], Any]:
+    """Unpack a query entry's ``[stamp, body]``; anything else is foreign (CodecError).
+
+    The stamp starts with its statement's digest (``owner``): an entry copied under
+    another statement's key is foreign too.
+    """
+    payload = unpack(raw)
+    if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not list:
+        raise CodecError("not an entry of this cache")
+    stamp: list[Any] = payload[0]
+    if len(stamp) < 3 or type(stamp[1]) is not int or type(stamp[2]) is not int:
+        raise CodecError("not a query entry stamp")
+    if stamp[0] != owner:
+        raise CodecError("the entry of another statement")
+    return stamp, payload[1]
+
+
+def _row_shape(statement: Any) -> hydrate.RowShape:
+    descriptions = statement.column_descriptions
+    keys: list[str] = []
+    entity_positions: list[int] = []
+    entity_mappers: list[Mapper[Any]] = []
+    scalar_positions: list[int] = []
+    scalar_types: list[TypeEngine[Any]] = []
+    for i, desc in enumerate(descriptions):
+        keys.append(desc["name"])
+        kind = desc["type"]
+        if isinstance(kind, TypeEngine):
+            scalar_positions.append(i)
+            scalar_types.append(kind)
+        elif isinstance(kind, type) and hasattr(kind, "__mapper__"):
+            entity_positions.append(i)
+            entity_mappers.append(kind.__mapper__)
+        else:
+            raise Uncacheable(f"result column {desc['name']!r} is neither an entity nor a column")
+    try:
+        codec = RowCodec(scalar_types)
+    except UncacheableType as exc:
+        raise Uncacheable(str(exc)) from exc
+    single = len(descriptions) == 1 and bool(entity_positions)
+    return hydrate.RowShape(
+        keys=tuple(keys),
+        single_entity=single,
+        entity_positions=tuple(entity_positions),
+        scalar_positions=tuple(scalar_positions),
+        scalar_codec=codec,
+        entity_mappers=tuple(entity_mappers),
+    )
