@@ -20,7 +20,7 @@ from sqlalchemy.util import greenlet_spawn
 from . import compat
 from .binds import translate_map_of
 from .breaker import CircuitBreaker
-from .core import CacheCore
+from .context import CacheContext
 from .engine_writes import EngineWrites
 from .errors import ConfigurationError
 from .functions import AsyncCachedFunction, CacheDecorator, CachedFunction
@@ -124,7 +124,7 @@ class Cache:
             )
         if not 0 <= ttl_jitter < 1:
             raise ConfigurationError(f"ttl_jitter={ttl_jitter!r} must be in [0, 1)")
-        self._core = CacheCore(
+        self._core = CacheContext(
             redis_client,
             async_client=async_client,
             async_factory=async_factory,

@@ -22,7 +22,7 @@ from sqlalchemy.sql.elements import TextClause
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
-    from .core import CacheCore
+    from .context import CacheContext
     from .strategies.cache_aside import Invalidation
 
 _TEXT_DML = re.compile(
@@ -64,7 +64,7 @@ class EngineWrites:
         engine_writes.register(engine)   # done by Cache.attach()
     """
 
-    def __init__(self, core: CacheCore, invalidation: Invalidation) -> None:
+    def __init__(self, core: CacheContext, invalidation: Invalidation) -> None:
         self.core = core
         self.invalidation = invalidation
         self.session_connections: weakref.WeakSet[Connection] = weakref.WeakSet()

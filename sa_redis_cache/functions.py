@@ -21,7 +21,7 @@ from .policy import is_ttl
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
-    from .core import CacheCore
+    from .context import CacheContext
 
 log = logging.getLogger("sa_redis_cache")
 
@@ -59,7 +59,7 @@ class CachedFunction(Generic[P, R]):
     __wrapped__: Callable[P, R]
 
     def __init__(
-        self, core: CacheCore, prefix: str, ttl: float | None, func: Callable[P, R]
+        self, core: CacheContext, prefix: str, ttl: float | None, func: Callable[P, R]
     ) -> None:
         if not prefix or any(ch in prefix for ch in "{}*?[] \n"):
             raise ValueError(
@@ -233,7 +233,7 @@ class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
 
     def __init__(
         self,
-        core: CacheCore,
+        core: CacheContext,
         prefix: str,
         ttl: float | None,
         func: Callable[P, Coroutine[Any, Any, T]],

@@ -57,7 +57,7 @@ from .protocol.scripts import COUNTER_TTL_MS
 from .redis_io import SyncRedisIO
 
 if TYPE_CHECKING:
-    from .core import CacheCore
+    from .context import CacheContext
     from .protocol.scripts import Command
 
 __all__ = ["MAX_BACKOFF", "STATS_TTL_MS", "TOTAL", "StatsPublisher", "group_of", "scope_of"]
@@ -197,7 +197,7 @@ class StatsPublisher:
         publisher.stop()         # joins the thread, then publishes what is left
     """
 
-    def __init__(self, core: CacheCore, interval: float, *, stop_timeout: float = 5.0) -> None:
+    def __init__(self, core: CacheContext, interval: float, *, stop_timeout: float = 5.0) -> None:
         if not (isinstance(interval, int | float) and math.isfinite(interval) and interval >= 0):
             raise ConfigurationError(
                 f"stats_publish_interval={interval!r} must be a number of seconds >= 0 "

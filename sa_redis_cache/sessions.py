@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Result
     from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
 
-    from .core import CacheCore
+    from .context import CacheContext
     from .engine_writes import EngineWrites
     from .reads import ReadPath
     from .strategies.cache_aside import Invalidation
@@ -72,7 +72,7 @@ class SessionHooks:
 
     def __init__(
         self,
-        core: CacheCore,
+        core: CacheContext,
         reads: ReadPath,
         invalidation: Invalidation,
         write_behind: WriteBehind,

@@ -212,8 +212,8 @@ class Stats:
         """Record that ``operation`` took ``seconds`` in ``scope`` (and the ``also`` scopes).
 
         Counted once in the total, as :meth:`incr` does; ``scope`` None records in the
-        ``also`` scopes and the total only. :meth:`CacheCore.measure
-        <sa_redis_cache.core.CacheCore.measure>` times a call and calls this.
+        ``also`` scopes and the total only. :meth:`CacheContext.measure
+        <sa_redis_cache.context.CacheContext.measure>` times a call and calls this.
 
         Example::
 

@@ -111,8 +111,8 @@ class Measurement:
     ``"write_behind_enqueue"``; the span is named ``sa_redis_cache.<operation>``. A read is
     recorded in the histogram under its outcome (``hit``, ``miss``, ``error``), as hits and
     misses differ in latency by orders of magnitude; any other operation under its own
-    name, its outcome going to the span only. Made by :meth:`CacheCore.measure
-    <sa_redis_cache.core.CacheCore.measure>`.
+    name, its outcome going to the span only. Made by :meth:`CacheContext.measure
+    <sa_redis_cache.context.CacheContext.measure>`.
 
     Example::
 

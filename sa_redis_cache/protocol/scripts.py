@@ -165,6 +165,18 @@ def invalidate_entries(keys: KeyScheme, entry_keys: Sequence[str], ttl_ms: int) 
     return script("invalidate_entries"), paired, [ttl_ms, start()]
 
 
+def load_and_run(call: ScriptCall) -> list[Command]:
+    """A script call as two plain commands, load then run by SHA1, for a connection that
+    cannot retry on NOSCRIPT (the restart bump, sent while the connection is being made,
+    on a server that may have just lost its scripts). Both are sent before either reply is
+    read."""
+    script, keys, args = call
+    return [
+        ("SCRIPT", "LOAD", script.source),
+        ("EVALSHA", script.sha, len(keys), *keys, *args),
+    ]
+
+
 def bump_all(
     counters: Sequence[str], unlink: Sequence[str] = (), ttl_ms: int = COUNTER_TTL_MS
 ) -> ScriptCall:

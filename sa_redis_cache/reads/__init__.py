@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Result
     from sqlalchemy.orm import ORMExecuteState, Session
 
-    from sa_redis_cache.core import CacheCore
+    from sa_redis_cache.context import CacheContext
 
 __all__ = ["ReadPath", "StatementPlan", "entity_entry"]
 
@@ -36,7 +36,7 @@ __all__ = ["ReadPath", "StatementPlan", "entity_entry"]
 class ReadPath:
     """Serves cached reads for one :class:`~sa_redis_cache.Cache`."""
 
-    def __init__(self, core: CacheCore) -> None:
+    def __init__(self, core: CacheContext) -> None:
         self.core = core
         self.flow = ReadThrough(core)
         self.queries = QueryReads(core, self.flow)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Result
     from sqlalchemy.orm import ORMExecuteState, Session
 
-    from sa_redis_cache.core import CacheCore
+    from sa_redis_cache.context import CacheContext
     from sa_redis_cache.models import ModelInfo
 
     from .flow import ReadThrough
@@ -46,7 +46,7 @@ class EntityReads:
         entities.read(orm_context)   # a result, or None to read the database
     """
 
-    def __init__(self, core: CacheCore, flow: ReadThrough) -> None:
+    def __init__(self, core: CacheContext, flow: ReadThrough) -> None:
         self.core = core
         self.flow = flow
         self.binds = core.binds

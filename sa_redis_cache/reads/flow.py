@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Result
     from sqlalchemy.orm import ORMExecuteState
 
-    from sa_redis_cache.core import CacheCore
+    from sa_redis_cache.context import CacheContext
     from sa_redis_cache.tracing import Measurement
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class ReadThrough:
         flow.read_through(orm_context, target)   # a result, or None to read the database
     """
 
-    def __init__(self, core: CacheCore) -> None:
+    def __init__(self, core: CacheContext) -> None:
         self.core = core
 
     def read_through(self, orm_context: ORMExecuteState, target: Target) -> Result[Any] | None:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 
     from sa_redis_cache.binds import Database
-    from sa_redis_cache.core import CacheCore
+    from sa_redis_cache.context import CacheContext
     from sa_redis_cache.options import FromCache
     from sa_redis_cache.transaction import TransactionState
 
@@ -72,7 +72,7 @@ class QueryReads:
         queries.read(orm_context, option)   # a result, or None to read the database
     """
 
-    def __init__(self, core: CacheCore, flow: ReadThrough) -> None:
+    def __init__(self, core: CacheContext, flow: ReadThrough) -> None:
         self.core = core
         self.flow = flow
         self.binds = core.binds

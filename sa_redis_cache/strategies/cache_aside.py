@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.orm import ORMExecuteState, Session
 
-    from sa_redis_cache.core import CacheCore
+    from sa_redis_cache.context import CacheContext
     from sa_redis_cache.models import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class Invalidation:
         invalidation.finish_bulk(token, {"products"})   # after it
     """
 
-    def __init__(self, core: CacheCore) -> None:
+    def __init__(self, core: CacheContext) -> None:
         self.core = core
         self.writer_mark_ms = WRITER_MARK_MS
 

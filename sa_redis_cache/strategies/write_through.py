@@ -21,7 +21,7 @@ from sa_redis_cache.models import Inexact
 from sa_redis_cache.policy import Strategy
 
 if TYPE_CHECKING:
-    from sa_redis_cache.core import CacheCore
+    from sa_redis_cache.context import CacheContext
     from sa_redis_cache.models import ModelInfo
 
 
@@ -54,7 +54,7 @@ def flushed_state(
     return pack([[generation, ticket], body])
 
 
-def sealed_state(core: CacheCore, key: str, state: bytes | None, info: ModelInfo) -> bytes:
+def sealed_state(core: CacheContext, key: str, state: bytes | None, info: ModelInfo) -> bytes:
     """The value to store under ``key`` (signed if the cache signs), or b"" to delete.
 
     A state above ``max_entry_bytes`` is deleted instead: reads refuse such values.

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Result
     from sqlalchemy.orm import ORMExecuteState, Session
 
-    from sa_redis_cache.core import CacheCore
+    from sa_redis_cache.context import CacheContext
     from sa_redis_cache.models import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class WriteBehind:
         wb.queue_commit(session, ops)  # what the dispatcher does after a commit
     """
 
-    def __init__(self, core: CacheCore) -> None:
+    def __init__(self, core: CacheContext) -> None:
         self.core = core
 
     def _info(self, mapper: Any) -> ModelInfo | None:

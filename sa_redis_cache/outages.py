@@ -1,0 +1,312 @@
+"""How one cache lives through Redis outages and restarts.
+
+* **Failures** (:meth:`RedisOutages.redis_failed`) feed the circuit breaker, which keeps
+  reads away from a Redis that does not answer, and are logged once per interval.
+* **Undelivered invalidations**: a write whose invalidation could not reach Redis leaves its
+  tables in :attr:`RedisOutages.undelivered`; this process does not trust the cache for them
+  until their versions and generations have been bumped (:meth:`deliver_undelivered`).
+* **Restarts**: every new connection reads the server's ``run_id``; a server that restarted
+  may have lost invalidations or come back with old entries (AOF, a promoted replica), so
+  every table the process knows is bumped on that connection before it serves a read. A
+  server that refuses ``INFO`` (an ACL) leaves restarts unnoticed, said once; one that
+  refuses the scripting commands leaves the tables undelivered instead.
+
+:class:`~sa_redis_cache.context.CacheContext` inherits these; the read and write paths
+call them through it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
+
+from . import compat
+from .protocol import scripts
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Iterable
+
+    import redis
+    import redis.asyncio
+
+    from .breaker import CircuitBreaker
+    from .models import ModelRegistry
+    from .protocol import KeyScheme, ScriptCall
+    from .redis_io import RedisIO
+
+log = logging.getLogger(__name__)
+
+_FAILURE_LOG_INTERVAL = 10.0
+MAX_UNDELIVERED = 10_000
+
+
+class RedisOutages:
+    """Outage and restart handling, mixed into :class:`~sa_redis_cache.context.CacheContext`.
+
+    Example::
+
+        context.redis_failed(exc)            # a read fell back to the database
+        context.keep_undelivered({"products"})
+        context.deliver_undelivered()        # True once Redis took every bump
+    """
+
+    # provided by the context
+    client: redis.Redis
+    keys: KeyScheme
+    models: ModelRegistry
+
+    def io(self) -> RedisIO:  # pragma: no cover - the context's
+        raise NotImplementedError
+
+    def _init_outages(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+        self._last_failure_log = float("-inf")
+        # tables whose invalidation could not be delivered (Redis was away): this process
+        # does not trust the cache for them until the bumps have been delivered
+        self.undelivered: set[str] = set()
+        self._undelivered_lock = threading.Lock()
+        self.run_id: str | None = None
+        self._restart_lock = threading.Lock()
+        self._detection_off_logged = False
+        self.restarts_seen = 0
+        self._watch_restarts()
+
+    def _watch_restarts(self) -> None:
+        """Check the server's run id on every new connection.
+
+        A server that restarted may have lost writes' invalidations or come back with
+        old entries (AOF, a replica promoted): every table this process knows is bumped,
+        on that connection, before it serves a single read.
+        """
+
+        def make_hook(previous: Callable[[Any], None] | None) -> Callable[[Any], None]:
+            def on_connect(connection: Any) -> None:
+                if previous is not None:
+                    previous(connection)
+                else:
+                    connection.on_connect()
+                self._check_run_id(connection)
+
+            return on_connect
+
+        compat.install_connect_hook(self.client.connection_pool, make_hook)
+
+    def _watch_restarts_async(self, client: redis.asyncio.Redis) -> None:
+        """:meth:`_watch_restarts` for an asyncio client (its connect hook is a coroutine)."""
+
+        def make_hook(previous: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+            async def on_connect(connection: Any) -> None:
+                if previous is not None:
+                    done = previous(connection)
+                    if inspect.isawaitable(done):
+                        await done
+                else:
+                    await connection.on_connect()
+                await self._check_run_id_async(connection)
+
+            return on_connect
+
+        compat.install_connect_hook(client.connection_pool, make_hook)
+
+    def _check_run_id(self, connection: Any) -> None:
+        try:
+            connection.send_command("INFO", "server")
+            info = connection.read_response()
+        except ResponseError as exc:
+            self._detection_off(exc)
+            return
+        run_id = _run_id_of(info)
+        # held across the bump: another connection of this process that notices the same
+        # restart must not serve a read before the bump has landed
+        with self._restart_lock:
+            plan = self._restart_plan(run_id)
+            if plan is None:
+                return
+            known, tables, call = plan
+            failure = None
+            if call is not None:
+                for command in scripts.load_and_run(call):
+                    connection.send_command(*command)
+                loaded = _error_of(connection.read_response)
+                failure = _bump_failure(loaded, _error_of(connection.read_response))
+            self._restarted(known, run_id, tables, failure)
+
+    async def _check_run_id_async(self, connection: Any) -> None:
+        """:meth:`_check_run_id` on an asyncio connection.
+
+        No lock is held across the bump (a thread lock must not be held across an
+        ``await``); another connection that notices the same restart meanwhile sees the
+        old run id still and bumps too, which is harmless, and the restart is counted once.
+        """
+        try:
+            await connection.send_command("INFO", "server")
+            info = await connection.read_response()
+        except ResponseError as exc:
+            self._detection_off(exc)
+            return
+        run_id = _run_id_of(info)
+        plan = self._restart_plan(run_id)
+        if plan is None:
+            return
+        known, tables, call = plan
+        failure = None
+        if call is not None:
+            for command in scripts.load_and_run(call):
+                await connection.send_command(*command)
+            loaded = await _error_of_async(connection.read_response)
+            failure = _bump_failure(loaded, await _error_of_async(connection.read_response))
+        self._restarted(known, run_id, tables, failure)
+
+    def _detection_off(self, exc: ResponseError) -> None:
+        """INFO was refused (an ACL, a renamed command): restarts go unnoticed; said once."""
+        if self._detection_off_logged:
+            return
+        self._detection_off_logged = True
+        log.warning(
+            "redis refused INFO (%s): this process cannot notice a restart of the server, "
+            "which may bring back entries older than the database; grant the cache's Redis "
+            "user +info (see the ACL in docs/security.md)",
+            exc,
+        )
+
+    def _restart_plan(self, run_id: str | None) -> tuple[str, list[str], ScriptCall | None] | None:
+        """What a connection that saw ``run_id`` must do: None, or bump every known table.
+
+        The run id is remembered only after the bump has landed (:meth:`_restarted`), so a
+        connection that sees it unchanged never serves a read before the bump.
+        """
+        known = self.run_id
+        if known is None or run_id is None or run_id == known:
+            self.run_id = run_id or known
+            return None
+        tables = sorted(set(self.models.known_tables()) | self.undelivered)
+        keys = [k for t in tables for k in (self.keys.version_key(t), self.keys.generation_key(t))]
+        return known, tables, scripts.bump_all(keys) if keys else None
+
+    def _restarted(
+        self, known: str, run_id: str | None, tables: list[str], failure: ResponseError | None
+    ) -> None:
+        """The bump after a restart landed (``failure`` None) or was refused.
+
+        Refused (an ACL without the scripting commands, out of memory), the tables become
+        undelivered: this process reads them from the database until a delivery lands.
+        The connection itself stays usable either way.
+        """
+        with self._undelivered_lock:
+            if failure is None:
+                self.undelivered.difference_update(tables)
+            else:
+                self.undelivered.update(tables)
+            if self.run_id == run_id:
+                return  # another connection reported this restart already
+            self.run_id = run_id
+            self.restarts_seen += 1
+        if failure is not None:
+            log.warning(
+                "redis restarted (run id %s -> %s) and refused the invalidation of %d cached "
+                "tables (%s): they are read from the database until it is delivered; grant "
+                "the cache's Redis user +evalsha and +script|load (see the ACL in "
+                "docs/security.md)",
+                known,
+                run_id,
+                len(tables),
+                failure,
+            )
+            return
+        log.warning(
+            "redis restarted (run id %s -> %s): %d cached tables invalidated",
+            known,
+            run_id,
+            len(tables),
+        )
+
+    def keep_undelivered(self, tables: Iterable[str]) -> None:
+        """Remember tables whose writes could not be announced to Redis."""
+        with self._undelivered_lock:
+            self.undelivered.update(tables)
+            if len(self.undelivered) > MAX_UNDELIVERED:
+                # past the bound, every table this process knows is treated as written
+                self.undelivered.update(self.models.known_tables())
+
+    def deliver_undelivered(self) -> bool:
+        """Bump the versions and generations of the undelivered tables; True when none is left.
+
+        Called before the cache is trusted again for those tables, so no entry filled
+        before the outage can be read as current after it.
+        """
+        with self._undelivered_lock:
+            tables = sorted(self.undelivered)
+        if not tables:
+            return True
+        keys = self.keys
+        try:
+            self.io().run_batch(
+                [
+                    scripts.bump_all([keys.version_key(table), keys.generation_key(table)])
+                    for table in tables
+                ]
+            )
+        except RedisError as exc:
+            self.redis_failed(exc)
+            return False
+        self.breaker.success()
+        with self._undelivered_lock:
+            self.undelivered.difference_update(tables)
+            return not self.undelivered
+
+    def redis_failed(self, exc: RedisError) -> None:
+        """Record a Redis failure on a path that degrades to the database.
+
+        Logged at most once per ``_FAILURE_LOG_INTERVAL`` seconds: while Redis is down
+        every cached call fails, and one line per call would flood the log.
+        """
+        self.breaker.failure()
+        now = time.monotonic()
+        if now - self._last_failure_log >= _FAILURE_LOG_INTERVAL:
+            self._last_failure_log = now
+            if isinstance(exc, NoPermissionError):
+                log.warning(
+                    "redis refused a command to the cache's user (%s), using the database; "
+                    "grant the commands of the ACL in docs/security.md",
+                    exc,
+                )
+            else:
+                log.warning("redis unavailable, using the database: %s", exc)
+
+
+def _bump_failure(loaded: ResponseError | None, ran: ResponseError | None) -> ResponseError | None:
+    """Why the restart bump did not land: None when EVALSHA succeeded, else the load's
+    error (the cause of the NOSCRIPT that follows) or the run's own."""
+    return None if ran is None else loaded or ran
+
+
+def _error_of(read: Callable[[], Any]) -> ResponseError | None:
+    """Read one reply from a connection: the error it holds, or None."""
+    try:
+        read()
+    except ResponseError as exc:
+        return exc
+    return None
+
+
+async def _error_of_async(read: Callable[[], Awaitable[Any]]) -> ResponseError | None:
+    """:func:`_error_of` on an asyncio connection."""
+    try:
+        await read()
+    except ResponseError as exc:
+        return exc
+    return None
+
+
+def _run_id_of(info: Any) -> str | None:
+    """The ``run_id`` line of an ``INFO server`` reply."""
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    return next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("run_id:")),
+        None,
+    )
