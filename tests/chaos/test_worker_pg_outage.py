@@ -27,8 +27,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
+from devservices import PostgresServer, RedisServer, ServerStartError
 from sa_redis_cache import Cache, schema
-from sa_redis_cache.devservices import PostgresServer, RedisServer, ServerStartError
 from sa_redis_cache.schema import dead_letters, wb_offsets
 from tests.wb_chaos import SEED, plan, start_worker, wait_for, write
 from tests.wb_support import private_models

@@ -34,10 +34,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
 
+from devservices import RedisServer, Services
 from examples import async_shop
 from examples.shop import Category, Product
 from sa_redis_cache import Cache, ConfigurationError, FromCache, schema
-from sa_redis_cache.devservices import RedisServer, Services
 from tests.modes import MODES, Db, Runner, SyncFacade, async_url, cached_price, set_price
 from tests.slow_proxy import SlowProxy
 from tests.wb_support import private_models
