@@ -108,12 +108,9 @@ class CacheCore:
         # the entity scopes this process read or wrote each table in
         self.entity_scopes: dict[str, set[str]] = {}
         self._last_failure_log = float("-inf")
-        # named points where tests force interleavings (e.g. a commit between a miss's
-        # database read and its fill); empty in production, so each costs a dict lookup
         # counters outlive entries by far, but still expire: a namespace nobody uses any
         # more leaves nothing behind, and an expired counter only turns entries into misses
         self.counter_ttl_ms = COUNTER_TTL_MS
-        self.hooks: dict[str, Callable[[], None]] = {}
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
         self.breaker = breaker or CircuitBreaker()
         # tables whose invalidation could not be delivered (Redis was away): this process
@@ -167,12 +164,6 @@ class CacheCore:
             target, name, fn = self._listeners.pop()
             if event.contains(target, name, fn):
                 event.remove(target, name, fn)
-
-    def hook(self, name: str) -> None:
-        """Run the test hook registered under ``name``, if any."""
-        fn = self.hooks.get(name)
-        if fn is not None:
-            fn()
 
     def measure(
         self, scope: str | None, operation: str = READ, *, also: tuple[str, ...] = ()

@@ -310,7 +310,6 @@ class WritePath:
             tx.release()
             return
         if tx.marked:
-            self.core.hook("before_post_commit")
             self._apply(tx.token, tx.frames[0], tx.marked)
         tx.reset()
 
