@@ -1,11 +1,12 @@
 # Developer and CI entry points. `make test` sets itself up on a fresh machine: it creates
 # .venv and installs the package with its dev and bench extras before running anything.
-# Services (Postgres, Redis) are found or started by sa_redis_cache.devservices.
+# Services (Postgres, Redis) are found or started by devservices/, the repository's own
+# development package (not in the wheel; importable because make runs from the root).
 
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEVSERVICES := $(BIN)/python -m sa_redis_cache.devservices --
+DEVSERVICES := $(BIN)/python -m devservices --
 
 .DEFAULT_GOAL := test
 .PHONY: test test-sa20 lint typecheck pytest demo bench bench-smoke clean distclean

@@ -40,9 +40,9 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from devservices import bring_up, redact
 from examples.shop import Base, Product, seed
 from sa_redis_cache import Cache, FromCache
-from sa_redis_cache.devservices import bring_up, redact
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

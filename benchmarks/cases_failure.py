@@ -1,7 +1,7 @@
 """Failure cases: reads while Redis is down (the circuit breaker), and a hot key's expiry
 under concurrent readers (stampede control).
 
-**Outage.** A throwaway Redis server (:class:`sa_redis_cache.devservices.RedisServer`, on
+**Outage.** A throwaway Redis server (:class:`devservices.RedisServer`, on
 a loopback port of its own) serves two caches built from its URL; both are warmed (a
 fill, then a hit) while it runs, then it is stopped. Three contenders alternate:
 
@@ -58,9 +58,9 @@ from benchmarks.harness import (
     Target,
     measure,
 )
+from devservices import RedisServer
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
-from sa_redis_cache.devservices import RedisServer
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

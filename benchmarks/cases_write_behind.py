@@ -4,7 +4,7 @@ Runnable on its own (it does not go through ``benchmarks.run``)::
 
     python -m benchmarks.cases_write_behind [--smoke] [--out results.md]
 
-Postgres comes from ``sa_redis_cache.devservices`` (``DATABASE_URL`` or the local server,
+Postgres comes from ``devservices`` (``DATABASE_URL`` or the local server,
 else a throwaway one); the benchmark creates a database of its own there and drops it at
 the end. The write-behind queue lives in a throwaway ``RedisServer(appendonly=True,
 appendfsync="everysec")`` started for the run, as a production queue would (AOF on).
@@ -50,8 +50,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.pool import NullPool
 from sqlalchemy.types import DateTime
 
+from devservices import RedisServer, bring_up, redact
 from sa_redis_cache import Cache, CachePolicy, FlushWorker, schema
-from sa_redis_cache.devservices import RedisServer, bring_up, redact
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

@@ -30,9 +30,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.dogpile_recipe import DogpileRecipe
+from devservices.scratch import scratch_database
 from examples.shop import Base, seed
 from sa_redis_cache import Cache
-from sa_redis_cache.devservices.scratch import scratch_database
 from sa_redis_cache.redis_io import unlink_matching
 
 if TYPE_CHECKING:

@@ -3,9 +3,9 @@
 Needs ``DATABASE_URL`` (a server-level URL; a database of our own is created there and
 dropped at the end) and ``REDIS_URL`` (keys live in a random namespace, removed at the
 end), both on loopback. ``make bench`` and ``make bench-smoke`` provide them through
-``sa_redis_cache.devservices``::
+``devservices``::
 
-    python -m sa_redis_cache.devservices -- python -m benchmarks.run --smoke
+    python -m devservices -- python -m benchmarks.run --smoke
 
 Writes ``latest.md`` and the PNG plots into ``benchmarks/results/`` (``--smoke``:
 ``benchmarks/results/smoke/``, ignored by git) and prints the table. A missed target is
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not database_url or not redis_url:
         print(
             "benchmarks need DATABASE_URL and REDIS_URL; run them through\n"
-            "  python -m sa_redis_cache.devservices -- python -m benchmarks.run",
+            "  python -m devservices -- python -m benchmarks.run",
             file=sys.stderr,
         )
         return 2

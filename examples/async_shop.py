@@ -5,7 +5,7 @@ Run it with the URLs the demo uses::
     DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/postgres \\
     REDIS_URL=redis://127.0.0.1:6379/0 python -m examples.async_shop
 
-or ``python -m sa_redis_cache.devservices -- python -m examples.async_shop``, which finds
+or ``python -m devservices -- python -m examples.async_shop``, which finds
 or starts both. ``DATABASE_URL`` is a server-level URL with any Postgres driver: the
 program talks to it through psycopg's asyncio driver (``postgresql+psycopg_async``),
 creates its own database on it (``sarc_async_demo``, or ``SARC_ASYNC_DATABASE``) and drops
@@ -42,9 +42,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.pool import NullPool
 
+from devservices.scratch import drop_database, recreate_database
 from examples.shop import Base, Category, Product, seed
 from sa_redis_cache import Cache, FromCache
-from sa_redis_cache.devservices.scratch import drop_database, recreate_database
 from sa_redis_cache.redis_io import unlink_matching
 
 if TYPE_CHECKING:
@@ -283,7 +283,7 @@ if __name__ == "__main__":
     if not server or not redis_url:
         print(
             "async_shop: DATABASE_URL and REDIS_URL must be set; `python -m "
-            "sa_redis_cache.devservices -- python -m examples.async_shop` sets both",
+            "devservices -- python -m examples.async_shop` sets both",
             file=sys.stderr,
         )
         sys.exit(2)

@@ -43,14 +43,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from devservices import normalize_database_url, redact
+from devservices.scratch import recreate_database
 from examples.demo_write_behind import BurstResult, write_behind_burst
 from examples.shop import Base, Category, Product, seed
 from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.cli.keyspace import collect
 from sa_redis_cache.cli.output import render
 from sa_redis_cache.cli.stats import published_text, scope_blocks
-from sa_redis_cache.devservices import normalize_database_url, redact
-from sa_redis_cache.devservices.scratch import recreate_database
 from sa_redis_cache.redis_io import unlink_matching
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def load_settings() -> Settings | None:
     if not server_url or not redis_url:
         print(
             "demo: DATABASE_URL and REDIS_URL must be set. Run `make demo`, which finds or\n"
-            "starts Postgres and Redis, or `python -m sa_redis_cache.devservices -- python -m\n"
+            "starts Postgres and Redis, or `python -m devservices -- python -m\n"
             "examples.demo`; with Docker, `docker compose up -d` first.",
             file=sys.stderr,
         )

@@ -29,8 +29,8 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 
+from devservices import RedisServer, ServerStartError, redact
 from sa_redis_cache import Cache, FlushWorker, schema
-from sa_redis_cache.devservices import RedisServer, ServerStartError, redact
 from sa_redis_cache.strategies.write_behind.checks import redis_problems
 from sa_redis_cache.strategies.write_behind.worker.progress import BacklogProgress, choose_mode
 

@@ -1,7 +1,7 @@
 """The README quickstart, runnable: ``python -m examples.quickstart``.
 
 Needs DATABASE_URL (a SQLAlchemy URL, e.g. postgresql+psycopg://postgres@127.0.0.1/postgres)
-and REDIS_URL (e.g. redis://127.0.0.1:6379/0); ``python -m sa_redis_cache.devservices --
+and REDIS_URL (e.g. redis://127.0.0.1:6379/0); ``python -m devservices --
 python -m examples.quickstart`` provides both. It creates (and finally drops) one table,
 ``qs_products``, in that database. Keep this file and the README's quickstart identical.
 """

@@ -85,9 +85,6 @@ class CacheContext(RedisOutages):
         self.binds = Binds()
         # the entity scopes this process read or wrote each table in
         self.entity_scopes: dict[str, set[str]] = {}
-        # named points where tests force interleavings (e.g. a commit between a miss's
-        # database read and its fill); empty in production, so each costs a dict lookup
-        self.hooks: dict[str, Callable[[], None]] = {}
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
         self._init_outages(breaker or CircuitBreaker())
         self.async_clients: AsyncClients | None = None
@@ -132,12 +129,6 @@ class CacheContext(RedisOutages):
             target, name, fn = self._listeners.pop()
             if event.contains(target, name, fn):
                 event.remove(target, name, fn)
-
-    def hook(self, name: str) -> None:
-        """Run the test hook registered under ``name``, if any."""
-        fn = self.hooks.get(name)
-        if fn is not None:
-            fn()
 
     def measure(
         self, scope: str | None, operation: str = READ, *, also: tuple[str, ...] = ()

@@ -4,7 +4,7 @@
 :class:`~sa_redis_cache.Cache` also adds what its counters gained since the last publish
 into one Redis hash per scope, ``sarc:<namespace>:stats:<scope>`` (``total``,
 ``model:Product``, ``region:pages``, ``function:profile``; see
-:meth:`~sa_redis_cache.keys.KeyScheme.stats_key`), every ``stats_publish_interval``
+:meth:`~sa_redis_cache.protocol.KeyScheme.stats_key`), every ``stats_publish_interval``
 seconds: one pipeline of ``HINCRBY``, and a ``PEXPIRE`` that keeps each hash for 7 days
 after its last publish. ``sa-redis-cache stats`` reads those hashes: the hits and misses
 of every process, summed.

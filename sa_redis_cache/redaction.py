@@ -5,7 +5,8 @@ A Redis or database URL carries secrets in two places: the password of its user-
 ``?sslpassword=...``, ``?token=...``). :func:`redact_url` replaces both with ``***``;
 :func:`redact_text` does the same to any text that may quote a URL or a piece of it, such
 as a driver's or a URL parser's error message. The command line, the flush worker and
-:mod:`sa_redis_cache.devservices` print URLs only through these two functions.
+the repository's development tools (the bring-up of the tests and the demo) print URLs
+only through these two functions.
 
 The rule, in full:
 

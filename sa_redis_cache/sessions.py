@@ -129,7 +129,6 @@ class SessionHooks:
             state.release()
             return
         if state.marked:
-            self.core.hook("before_post_commit")
             self.invalidation.apply(state)
         state.committed = True
 

@@ -3,7 +3,7 @@
 Sections (add new fixtures to the section they belong to, or open a new one at the end):
 
 1. Collection: tests under ``tests/integration`` and ``tests/chaos`` get their marker.
-2. Services: Postgres and Redis from :func:`sa_redis_cache.devservices.bring_up`, once per
+2. Services: Postgres and Redis from :func:`devservices.bring_up`, once per
    run. Unavailable services fail the run under ``CI=true`` and skip the tests elsewhere.
 3. Postgres: a fresh database per run (dropped at the end) and an engine on it.
 4. Redis: a client, and a unique cache namespace per test whose keys are deleted after it.
@@ -23,8 +23,8 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from sa_redis_cache.devservices import Services, ServicesUnavailable, bring_up, redact
-from sa_redis_cache.devservices.scratch import scratch_database
+from devservices import Services, ServicesUnavailable, bring_up, redact
+from devservices.scratch import scratch_database
 from sa_redis_cache.redis_io import unlink_matching
 
 if TYPE_CHECKING:

@@ -793,7 +793,7 @@ def delete_namespace(client: redis.Redis, namespace: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tests.history_checker``: a longer run on a throwaway database."""
-    from sa_redis_cache.devservices import bring_up
+    from devservices import bring_up
 
     parser = argparse.ArgumentParser(prog="python -m tests.history_checker")
     parser.add_argument("--seconds", type=float, default=60.0)

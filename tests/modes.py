@@ -12,9 +12,10 @@ and calls ``scalars``, ``get``, ``commit``... on them, the same code in both mod
   session underneath, as ``AsyncSession`` itself does; lazy loads work too, since the
   scenario runs in a SQLAlchemy greenlet.
 
-Test hooks (``db.cache._core.hooks``) run inside the session's own greenlet under asyncio,
-so a hook may open another ``db.session()`` (e.g. to commit a write between a miss's
-database read and its fill) in both modes.
+The points where a scenario forces an interleaving (``db.seams``, :mod:`tests.seams`: after
+a database read, before the post-commit work) are SQLAlchemy events, which run inside the
+session's own greenlet under asyncio; so a listener may open another ``db.session()``
+(e.g. to commit a write between a miss's database read and its fill) in both modes.
 
 The runner counts the round trips each Redis client makes during the scenario: in the
 async mode the synchronous client must make none (the cache used the asyncio client).
@@ -40,6 +41,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
+from tests.seams import Seams
 from tests.support import SQLCounter
 
 try:  # SQLAlchemy 2.1
@@ -214,12 +216,13 @@ class AsyncFacade(SyncFacade):
 
 @dataclass
 class Db:
-    """What a scenario gets: the mode, the cache, a session opener and counters."""
+    """What a scenario gets: the mode, the cache, a session opener, counters and seams."""
 
     mode: str
     cache: Cache
     sql: SQLCounter
     open_session: Callable[[], SyncFacade]
+    seams: Seams
     round_trips: dict[str, int] = field(default_factory=lambda: {"sync": 0, "async": 0})
 
     @contextmanager
@@ -300,11 +303,13 @@ class Runner:
         sa.event.listen(engine, "before_cursor_execute", sql)
         factory = sessionmaker(engine, **self.session_kwargs)
         cache.attach(factory)
-        db = Db("sync", cache, sql, lambda: SyncFacade(factory()))
+        seams = Seams(engine=engine, session_class=factory)
+        db = Db("sync", cache, sql, lambda: SyncFacade(factory()), seams)
         _count_sync(client, db.round_trips)
         try:
             return scenario(db), db
         finally:
+            seams.close()
             cache.detach()
             client.close()
             engine.dispose()
@@ -318,12 +323,16 @@ class Runner:
         sa.event.listen(engine.sync_engine, "before_cursor_execute", sql)
         factory = async_sessionmaker(engine, **self.session_kwargs)
         cache.attach(factory)
-        db = Db("async", cache, sql, lambda: AsyncFacade(factory()))
+        # the class this factory's sessions are made from, after attach() chose it
+        session_class = factory.kw.get("sync_session_class", Session)
+        seams = Seams(engine=engine.sync_engine, session_class=session_class)
+        db = Db("async", cache, sql, lambda: AsyncFacade(factory()), seams)
         _count_sync(client, db.round_trips)
         _count_async(aclient, db.round_trips)
         try:
             result = await greenlet_spawn(scenario, db)
         finally:
+            seams.close()
             cache.detach()
             client.close()
             await aclient.aclose()

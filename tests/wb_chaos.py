@@ -34,14 +34,17 @@ def start_worker(
     namespace: str,
     log: Any,
     *extra: str,
-    env: dict[str, str] | None = None,
+    module: str = "sa_redis_cache.worker",
 ) -> Any:
-    """A ``python -m sa_redis_cache.worker`` process on the test models; stderr to ``log``."""
+    """A ``python -m sa_redis_cache.worker`` process on the test models; stderr to ``log``.
+
+    ``module`` runs another entry point on the same arguments (``tests.crashing_worker``).
+    """
     return subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "sa_redis_cache.worker",
+            module,
             "--database-url",
             database_url,
             "--redis-url",
@@ -61,7 +64,7 @@ def start_worker(
             *extra,
         ],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.DEVNULL,
         stderr=log,
     )

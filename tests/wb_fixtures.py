@@ -15,8 +15,8 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from devservices import RedisServer
 from sa_redis_cache import Cache, FlushWorker, schema
-from sa_redis_cache.devservices import RedisServer
 from tests.wb_support import private_models
 
 

@@ -20,7 +20,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from sa_redis_cache.cache import Cache
-from sa_redis_cache.devservices import normalize_database_url
 from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.models import all_mappers, mapper_name, mapper_of
 from sa_redis_cache.redaction import redact_text, redact_url
@@ -39,6 +38,7 @@ __all__ = [
     "Settings",
     "common_options",
     "import_object",
+    "normalize_database_url",
     "one_line",
     "resolve_model",
 ]
@@ -260,6 +260,22 @@ class Settings:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def normalize_database_url(url: str) -> str:
+    """Give a plain ``postgres://``/``postgresql://`` URL the psycopg 3 driver.
+
+    Example::
+
+        >>> normalize_database_url("postgresql://app@db/shop")
+        'postgresql+psycopg://app@db/shop'
+    """
+    from sqlalchemy import make_url
+
+    parsed = make_url(url)
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
 
 
 def one_line(error: object) -> str:

@@ -1,6 +1,6 @@
 """One pass over a namespace's keys: entries, memory and counters per table, hit counters.
 
-The prefixes are computed from :class:`~sa_redis_cache.keys.KeyScheme` itself, so the
+The prefixes are computed from :class:`~sa_redis_cache.protocol.KeyScheme` itself, so the
 counts follow the key layout the library writes.
 """
 
@@ -67,7 +67,7 @@ class _TableKeys:
 class _Layout:
     """Classifies the keys of one namespace by kind and table.
 
-    The prefixes are computed from :class:`~sa_redis_cache.keys.KeyScheme` itself rather
+    The prefixes are computed from :class:`~sa_redis_cache.protocol.KeyScheme` itself rather
     than written out here, so a change of the key layout cannot silently skew the counts.
     """
 

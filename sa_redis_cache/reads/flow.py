@@ -142,7 +142,6 @@ class ReadThrough:
         tried: bool | None = None
         try:
             frozen = orm_context.invoke_statement().freeze()
-            core.hook("after_database_read")
             if look.captured is not None:
                 try:
                     delta = stampede.now_ms() - started
@@ -205,7 +204,6 @@ class ReadThrough:
         out), or ('', result, look) when the entry appeared.
         """
         core = self.core
-        core.hook("before_lease")
         token = stampede.new_token()
         again = target.look(token)
         if again is None:
@@ -218,7 +216,6 @@ class ReadThrough:
         if again.leased:
             return token, None, again
         core.counters.incr(target.scope, "lease_waits", also=target.also)
-        core.hook("lease_wait")
         poller = stampede.Poller(target.lease_wait, sleep=core.io().sleep)
         while poller.wait():
             seen = target.look("")

@@ -17,7 +17,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from sa_redis_cache.devservices import RedisServer
+from devservices import RedisServer
 from tests.history_checker import run_history
 
 WRITES_DURING_OUTAGE = 20

@@ -21,8 +21,8 @@ import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from devservices import RedisServer
 from sa_redis_cache import Cache, CacheUnavailableError, schema
-from sa_redis_cache.devservices import RedisServer
 from sa_redis_cache.schema import dead_letters
 from tests.wb_chaos import SEED, Retry, plan, restart_one, start_worker, wait_for, write
 from tests.wb_support import private_models

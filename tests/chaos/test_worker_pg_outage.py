@@ -4,7 +4,7 @@ A throwaway Postgres is started for the test (the run's shared server is never s
 The writer queues a seeded sequence of puts and deletes (including put-then-delete and
 delete-then-put on one key) before any worker runs, so a backlog waits. Two worker
 processes then drain it, each SIGKILLing itself right after some batches' database
-commit and before their acknowledgement (``SARC_WB_CRASH_POINT=after_commit``); the
+commit and before their acknowledgement (:mod:`tests.crashing_worker`); the
 test restarts each dead worker under its consumer name. Once the drain is under way,
 Postgres is stopped, and started again only after the workers have failed against it
 (their logs say so). After draining, the table equals the oracle exactly, and no
@@ -27,9 +27,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
+from devservices import PostgresServer, RedisServer, ServerStartError
 from sa_redis_cache import Cache, schema
-from sa_redis_cache.devservices import PostgresServer, RedisServer, ServerStartError
 from sa_redis_cache.schema import dead_letters, wb_offsets
+from tests.crashing_worker import CRASH_MESSAGE
 from tests.wb_chaos import SEED, plan, start_worker, wait_for, write
 from tests.wb_support import private_models
 
@@ -64,13 +65,9 @@ class Workers:
 
     def _start(self, name: str) -> Any:
         self.starts += 1
-        env = {
-            "SARC_WB_CRASH_POINT": "after_commit",
-            "SARC_WB_CRASH_RATE": CRASH_RATE,
-            "SARC_WB_CRASH_SEED": f"{SEED}-{name}-{self.starts}",
-        }
-        extra = ("--batch-size", "8", "--max-backoff", "0.3")
-        return start_worker(name, *self.args, self.log, *extra, env=env)
+        crash = ("--crash-rate", CRASH_RATE, "--crash-seed", f"{SEED}-{name}-{self.starts}")
+        extra = ("--batch-size", "8", "--max-backoff", "0.3", *crash)
+        return start_worker(name, *self.args, self.log, *extra, module="tests.crashing_worker")
 
     def revive(self) -> None:
         for name, proc in self.procs.items():
@@ -158,7 +155,7 @@ def test_a_postgres_outage_and_crashes_between_commit_and_ack_lose_nothing(
                 )
             assert letters == 0
             log = (tmp_path / "workers.log").read_text(errors="replace")
-            assert log.count("crash point after_commit: SIGKILL") == workers.crashes
+            assert log.count(CRASH_MESSAGE) == workers.crashes
         finally:
             workers.stop()
             cache.detach()

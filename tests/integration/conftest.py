@@ -47,9 +47,15 @@ def shop_engine(engine: sa.Engine) -> sa.Engine:
 
 
 @pytest.fixture
-def cache(redis_url: str, namespace: str) -> Iterator[Cache]:
+def cache_client(redis_url: str) -> redis.Redis:
+    """The Redis client of ``cache`` (a module may override this fixture, e.g. to tap it)."""
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def cache(cache_client: redis.Redis, namespace: str) -> Iterator[Cache]:
     """A cache in this test's own namespace."""
-    client = redis.Redis.from_url(redis_url)
+    client = cache_client
     cache = Cache(client, namespace=namespace, default_ttl=300)
     yield cache
     # the shared engine would otherwise keep every test's listeners (one Redis round

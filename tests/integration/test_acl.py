@@ -28,10 +28,10 @@ try:  # SQLAlchemy 2.1
 except ImportError:  # SQLAlchemy 2.0
     from sqlalchemy.util import await_only as await_
 
+from devservices import RedisServer
 from examples.shop import Product
 from sa_redis_cache import Cache, FlushWorker, FromCache, schema
 from sa_redis_cache.cli import cli
-from sa_redis_cache.devservices import RedisServer
 from tests.wb_support import drain, private_models, queue, remove, rows
 from tests.wb_support import update as update_row
 

@@ -34,11 +34,12 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
 
+from devservices import RedisServer, Services
 from examples import async_shop
 from examples.shop import Category, Product
 from sa_redis_cache import Cache, ConfigurationError, FromCache, schema
-from sa_redis_cache.devservices import RedisServer, Services
 from tests.modes import MODES, Db, Runner, SyncFacade, async_url, cached_price, set_price
+from tests.seams import RedisTap, Seams
 from tests.slow_proxy import SlowProxy
 from tests.wb_support import private_models
 
@@ -313,9 +314,13 @@ def test_a_lease_waiter_lets_the_loop_run(
         sa.event.listen(
             engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2])
         )
-        cache = Cache(redis_url, namespace=namespace)
+        tap = RedisTap()  # the cache's clients are tapped: the test sees the lease wait
+        client = tap.client(redis_url)
+        aclient = tap.async_client(redis_url)
+        cache = Cache(client, async_client=aclient, namespace=namespace)
         factory = async_sessionmaker(engine)
         cache.attach(factory)
+        seams = Seams(engine=engine.sync_engine, tap=tap)
         waiting = asyncio.Event()  # set by the task that did not get the lease
         ticked = asyncio.Event()  # 30 ticks since then
         done = asyncio.Event()
@@ -328,14 +333,12 @@ def test_a_lease_waiter_lets_the_loop_run(
                 if count >= 30:
                     ticked.set()
 
-        hooks = cache._core.hooks
-
-        # hooks run in the session's greenlet: the filler awaits the ticks there
+        # engine events run in the session's greenlet: the filler awaits the ticks there
         def wait_for_ticks() -> None:
             await_(ticked.wait())
 
-        hooks["after_database_read"] = wait_for_ticks
-        hooks["lease_wait"] = waiting.set
+        seams.after_database_read(wait_for_ticks)
+        seams.lease_wait(waiting.set)
 
         async def read() -> Any:
             async with factory() as s:
@@ -347,9 +350,10 @@ def test_a_lease_waiter_lets_the_loop_run(
         finally:
             done.set()
             await tick_task
+            seams.close()
             cache.detach()
-            await cache.aclose()
-            cache.client.close()
+            await aclient.aclose()
+            client.close()
             await engine.dispose()
         return prices, len(statements), cache.stats()["total"]
 

@@ -27,19 +27,19 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from devservices import RedisServer, ServerStartError
+from devservices.process import free_port
 from examples.shop import Customer, Product
 from sa_redis_cache import Cache, FromCache, schema
 from sa_redis_cache.cli import cli
 from sa_redis_cache.codec import pack, unpack
-from sa_redis_cache.devservices import RedisServer, ServerStartError
-from sa_redis_cache.devservices.process import free_port
 from sa_redis_cache.protocol import KeyScheme
 from tests.wb_support import private_models
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from sa_redis_cache.devservices import Services
+    from devservices import Services
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from sa_redis_cache.devservices.scratch import drop_database
+from devservices.scratch import drop_database
 from sa_redis_cache.redis_io import unlink_matching
 
 if TYPE_CHECKING:
-    from sa_redis_cache.devservices import Services
+    from devservices import Services
 
 ROOT = Path(__file__).resolve().parents[2]
 

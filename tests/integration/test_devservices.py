@@ -16,7 +16,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from sa_redis_cache.devservices import (
+from devservices import (
     PostgresServer,
     RedisServer,
     bring_up,
@@ -27,7 +27,9 @@ from sa_redis_cache.devservices import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from sa_redis_cache.devservices import Services
+    from devservices import Services
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def refuses(host: str, port: int) -> bool:
@@ -162,7 +164,8 @@ def test_command_runs_with_urls_exported_and_its_exit_code(services: Services) -
         "import os, sys; print(os.environ['DATABASE_URL'], os.environ['REDIS_URL']); sys.exit(7)"
     )
     result = subprocess.run(
-        [sys.executable, "-m", "sa_redis_cache.devservices", "--", sys.executable, "-c", script],
+        [sys.executable, "-m", "devservices", "--", sys.executable, "-c", script],
+        cwd=ROOT,  # the development package is importable from the repository's root
         env=env,
         capture_output=True,
         text=True,

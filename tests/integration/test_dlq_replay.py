@@ -22,9 +22,9 @@ from redis.retry import Retry
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from devservices import free_port
 from sa_redis_cache import FlushWorker
 from sa_redis_cache.cli import cli
-from sa_redis_cache.devservices import free_port
 from sa_redis_cache.protocol import partition_of, pk_text
 from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.worker import replay_dead_letters

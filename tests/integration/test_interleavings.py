@@ -1,10 +1,11 @@
-"""Deterministic interleavings of readers and writers (DESIGN.md §4), forced with test hooks.
+"""Deterministic interleavings of readers and writers (DESIGN.md §4), forced from outside.
 
 Each test runs one side of the protocol up to an exact point (after a miss's database
-read, or between a writer's database commit and its cache work), where a test hook runs
-the other side to completion; then it checks that the cache ends equal to the database.
-The scenarios run with a ``Session`` and with an ``AsyncSession`` (``in_mode``, see
-:mod:`tests.modes`): under asyncio the hook runs in the session's greenlet.
+read, or between a writer's database commit and its cache work), where a listener
+(:mod:`tests.seams`: SQLAlchemy events, no hook in the library) runs the other side to
+completion; then it checks that the cache ends equal to the database. The scenarios run
+with a ``Session`` and with an ``AsyncSession`` (``in_mode``, see :mod:`tests.modes`):
+under asyncio the listener runs in the session's greenlet.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy import select, update
 from examples.shop import Category, Product
 from sa_redis_cache import FromCache
 from tests.modes import cached_price, db_price, set_price
+from tests.seams import once
 
 if TYPE_CHECKING:
     from tests.modes import Db, Runner
@@ -41,15 +43,13 @@ def test_a_fill_that_read_before_a_commit_is_refused(
             return price
 
     def scenario(db: Db) -> None:
-        hooks = db.cache._core.hooks
         fired: list[str] = []
 
         def write_in_between() -> None:
-            hooks.clear()  # once
             fired.append("write")
             set_price(db, product, "2.00")
 
-        hooks["after_database_read"] = write_in_between
+        db.seams.after_database_read(once(write_in_between))
         assert load(db) == Decimal("1.00")  # read before the commit: returned, not stored
         assert fired == ["write"]
         assert load(db) == Decimal("2.00") == db_price(db, product)
@@ -102,13 +102,11 @@ def test_write_through_writers_whose_cache_writes_arrive_reversed(
     """Writer A commits first but its cache write arrives after writer B's."""
 
     def scenario(db: Db) -> None:
-        hooks = db.cache._core.hooks
-
         def writer_b() -> None:
-            hooks.clear()  # A committed in Postgres, its cache work is pending
+            # A committed in Postgres, its cache work is pending
             set_price(db, product, "7.00")  # B: flushes after A's commit, commits, writes
 
-        hooks["before_post_commit"] = writer_b
+        db.seams.before_post_commit(once(writer_b))
         set_price(db, product, "6.00")  # A
         assert db_price(db, product) == Decimal("7.00")
         with db.session() as s:

@@ -30,8 +30,8 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
+from devservices.scratch import scratch_database
 from sa_redis_cache import Cache, CachePolicy, FromCache
-from sa_redis_cache.devservices.scratch import scratch_database
 from tests.modes import async_url
 from tests.support import SQLCounter
 

@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from devservices import free_port
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
-from sa_redis_cache.devservices import free_port
 from sa_redis_cache.metrics import CacheCollector
 from sa_redis_cache.stats import BUCKETS
 

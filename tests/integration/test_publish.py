@@ -16,9 +16,9 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from devservices import RedisServer
 from examples.shop import Product
 from sa_redis_cache import Cache
-from sa_redis_cache.devservices import RedisServer
 from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.publish import STATS_TTL_MS
 

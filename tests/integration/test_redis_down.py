@@ -14,9 +14,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from devservices import RedisServer, free_port
 from examples.shop import Product
 from sa_redis_cache import Cache
-from sa_redis_cache.devservices import RedisServer, free_port
 from tests.support import SQLCounter, read_price
 
 

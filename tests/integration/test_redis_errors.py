@@ -12,9 +12,9 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from devservices import RedisServer
 from examples.shop import Category, Product
 from sa_redis_cache import Cache
-from sa_redis_cache.devservices import RedisServer
 from tests.support import SQLCounter, read_price
 
 

@@ -9,6 +9,8 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import pytest
+import redis
+import sqlalchemy as sa
 from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,6 +18,7 @@ from examples.shop import Category, OrderLine, Product
 from sa_redis_cache import Cache, FromCache, stampede
 from sa_redis_cache.codec import CodecError, pack
 from sa_redis_cache.reads import entity_entry
+from tests.seams import RedisTap, Seams
 from tests.support import SQLCounter
 
 T = TypeVar("T")
@@ -25,15 +28,26 @@ TIMEOUT = 60
 
 
 @pytest.fixture
-def hooks(cache: Cache) -> Iterator[dict[str, Any]]:
-    registry = cache._core.hooks  # the cache's test-hook table
-    yield registry
-    registry.clear()
+def redis_tap() -> RedisTap:
+    return RedisTap()
+
+
+@pytest.fixture
+def cache_client(redis_url: str, redis_tap: RedisTap) -> redis.Redis:
+    """The cache's client, tapped: the tests see its lease requests and polls."""
+    return redis_tap.client(redis_url)
+
+
+@pytest.fixture
+def seams(shop_engine: sa.Engine, redis_tap: RedisTap) -> Iterator[Seams]:
+    points = Seams(engine=shop_engine, tap=redis_tap)
+    yield points
+    points.close()
 
 
 def concurrent_misses(
     session_factory: sessionmaker[Session],
-    hooks: dict[str, Any],
+    seams: Seams,
     read: Callable[[Session], T],
 ) -> list[T]:
     """``read`` by CALLERS threads at once, each in its own session; their results.
@@ -42,13 +56,12 @@ def concurrent_misses(
     its lease, so the test forces the worst interleaving instead of hoping for it.
     """
     waiting = threading.Semaphore(0)
-    hooks["lease_wait"] = waiting.release
 
     def hold_filler() -> None:
         for _ in range(CALLERS - 1):
             assert waiting.acquire(timeout=TIMEOUT)
 
-    hooks["after_database_read"] = hold_filler
+    points = [seams.lease_wait(waiting.release), seams.after_database_read(hold_filler)]
     start = threading.Barrier(CALLERS)
     results: list[Any] = [None] * CALLERS
 
@@ -62,6 +75,8 @@ def concurrent_misses(
         t.start()
     for t in threads:
         t.join(TIMEOUT)
+    for remove in points:
+        remove()  # the test's own reads afterwards are not the filler's
     assert not any(t.is_alive() for t in threads)
     return results
 
@@ -78,14 +93,14 @@ def expensive() -> Any:
 def test_64_concurrent_misses_send_one_query(
     session_factory: sessionmaker[Session],
     sql: SQLCounter,
-    hooks: dict[str, Any],
+    seams: Seams,
     cache: Cache,
 ) -> None:
     stmt = expensive().options(FromCache(lease_wait=TIMEOUT))
     with sessionmaker(session_factory.kw["bind"])() as s:
         expected = s.execute(expensive()).all()
     sql.reset()
-    results = concurrent_misses(session_factory, hooks, lambda s: s.execute(stmt).all())
+    results = concurrent_misses(session_factory, seams, lambda s: s.execute(stmt).all())
     assert sql.count == 1
     assert all(r == expected for r in results)
     region = cache.stats()["regions"]["default"]
@@ -94,12 +109,12 @@ def test_64_concurrent_misses_send_one_query(
 
 
 def test_without_leases_every_caller_reads_the_database(
-    session_factory: sessionmaker[Session], sql: SQLCounter, hooks: dict[str, Any]
+    session_factory: sessionmaker[Session], sql: SQLCounter, seams: Seams
 ) -> None:
     """The control: the same interleaving with lease=False reaches Postgres once per caller."""
     callers = 4
     arrived = threading.Barrier(callers)
-    hooks["after_database_read"] = lambda: arrived.wait(TIMEOUT)
+    seams.after_database_read(lambda: arrived.wait(TIMEOUT))
     stmt = expensive().options(FromCache(lease=False))
     sql.reset()
 
@@ -155,7 +170,7 @@ def test_xfetch_refreshes_early_only_near_expiry() -> None:
 
 
 def test_a_fill_landing_before_the_lease_is_asked_for_is_served(
-    session_factory: sessionmaker[Session], sql: SQLCounter, hooks: dict[str, Any]
+    session_factory: sessionmaker[Session], sql: SQLCounter, seams: Seams
 ) -> None:
     """The first look missed; another caller filled (and released the lease) just before
     this one asks for it: the lease request's second look serves that fill, no query."""
@@ -168,7 +183,7 @@ def test_a_fill_landing_before_the_lease_is_asked_for_is_served(
             with session_factory() as s:
                 s.execute(stmt).all()
 
-    hooks["before_lease"] = another_caller_fills
+    seams.before_lease(another_caller_fills)
     sql.reset()
     with session_factory() as s:
         s.execute(stmt).all()
@@ -188,7 +203,7 @@ def entity_key(cache: Cache, table: str) -> bytes:
 def test_64_concurrent_entity_misses_send_one_query(
     session_factory: sessionmaker[Session],
     sql: SQLCounter,
-    hooks: dict[str, Any],
+    seams: Seams,
     cache: Cache,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -200,7 +215,7 @@ def test_64_concurrent_entity_misses_send_one_query(
         category = s.get(Category, 1)
         return None if category is None else category.name
 
-    names = concurrent_misses(session_factory, hooks, name)
+    names = concurrent_misses(session_factory, seams, name)
     assert sql.count == 1
     with sessionmaker(session_factory.kw["bind"])() as s:
         expected = s.get_one(Category, 1).name

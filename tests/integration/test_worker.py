@@ -23,7 +23,7 @@ from tests.wb_support import drain, offsets, queue, remove, rows, update
 if TYPE_CHECKING:
     import uuid
 
-    from sa_redis_cache.devservices import RedisServer
+    from devservices import RedisServer
     from tests.modes import Db, Runner
 
 pytest_plugins = ["tests.wb_fixtures"]

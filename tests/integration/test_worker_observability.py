@@ -29,7 +29,7 @@ from redis.retry import Retry
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from sa_redis_cache.devservices import RedisServer
+from devservices import RedisServer
 from sa_redis_cache.metrics import WorkerCollector
 from sa_redis_cache.strategies.write_behind.worker.progress import BacklogProgress, choose_mode
 from tests.wb_support import drain, queue

@@ -21,9 +21,9 @@ import sqlalchemy as sa
 from sqlalchemy import Integer, String, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from devservices import RedisServer
 from examples.shop import Category
 from sa_redis_cache import Cache, CachePolicy, CacheUnavailableError, ConfigurationError, schema
-from sa_redis_cache.devservices import RedisServer
 from tests.wb_support import private_models
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from sa_redis_cache.devservices import (
+from devservices import (
     ServicesUnavailable,
     bring_up,
     free_port,
@@ -14,7 +14,7 @@ from sa_redis_cache.devservices import (
     redact,
     servers,
 )
-from sa_redis_cache.devservices.cli import main
+from devservices.cli import main
 
 if TYPE_CHECKING:
     from pathlib import Path

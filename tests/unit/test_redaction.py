@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sa_redis_cache import devservices, redaction
+import devservices
+from sa_redis_cache import redaction
 from sa_redis_cache.redaction import redact_text, redact_url, url_secrets
 
 

@@ -175,9 +175,6 @@ class FlushWorker:
         self.superseded = 0
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: _InFlight | None = None
-        self.crash_point: Callable[[str], None] | None = None
-        """Called with a point's name where a test may crash the worker (``"after_commit"``:
-        the batch is committed to the database and not yet acknowledged)."""
         registry = ModelRegistry()
         self._infos = [write_behind_info(model, registry) for model in models]
         self._binds = Binds()
@@ -562,8 +559,6 @@ class FlushWorker:
         self.applied += result.applied
         self.dead_letters += len(result.dead)
         self.superseded += result.superseded
-        if self.crash_point is not None:
-            self.crash_point("after_commit")
         done = self._settle()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="sarc-wb-ack")

@@ -10,10 +10,6 @@ or ``--progress`` is given, a log line every ``--progress-interval`` seconds oth
 nothing with ``--no-progress``. ``--metrics-port`` serves the worker's Prometheus metrics
 (:mod:`.metrics`).
 
-For crash tests only: ``SARC_WB_CRASH_POINT=after_commit`` makes the process SIGKILL
-itself after a batch's database commit and before its acknowledgement, with probability
-``SARC_WB_CRASH_RATE`` (default 1) per batch, seeded by ``SARC_WB_CRASH_SEED``.
-
 Example::
 
     python -m sa_redis_cache.worker --database-url postgresql+psycopg://app@db/shop \\
@@ -25,8 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
-import random
 import signal
 import sys
 import threading
@@ -147,25 +141,6 @@ def _connect(args: argparse.Namespace) -> tuple[Engine, redis.Redis]:
     return engine, client
 
 
-def crash_point_from_env() -> Any:
-    """The ``SARC_WB_CRASH_*`` test hook (see the module docstring), or None."""
-    point = os.environ.get("SARC_WB_CRASH_POINT")
-    if not point:
-        return None
-    rate = float(os.environ.get("SARC_WB_CRASH_RATE", "1"))
-    seed = os.environ.get("SARC_WB_CRASH_SEED")
-    rnd = random.Random(seed)
-
-    def crash(name: str) -> None:
-        if name == point and rnd.random() < rate:
-            logging.getLogger("sa_redis_cache.worker").warning(
-                "crash point %s: SIGKILL", name, extra={"wb_crash_point": name}
-            )
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return crash
-
-
 def _metrics(worker: FlushWorker, port: int, addr: str) -> None:
     try:
         from .metrics import expose_worker
@@ -207,7 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         claim_idle_ms=args.claim_idle_ms,
         max_backoff=args.max_backoff,
     )
-    worker.crash_point = crash_point_from_env()
     if args.metrics_port is not None:
         _metrics(worker, args.metrics_port, args.metrics_addr)
     progress = BacklogProgress(

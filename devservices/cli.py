@@ -1,9 +1,9 @@
-"""``python -m sa_redis_cache.devservices [--print] [--no-env] [-- CMD ARGS...]``.
+"""``python -m devservices [--print] [--no-env] [-- CMD ARGS...]``.
 
 Brings the services up, runs CMD with ``DATABASE_URL`` and ``REDIS_URL`` exported, stops
 what it started, and exits with CMD's exit code. Example::
 
-    python -m sa_redis_cache.devservices -- python -m examples.demo
+    python -m devservices -- python -m examples.demo
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from sa_redis_cache.devservices import ServicesUnavailable, bring_up, log, redact
+from devservices import ServicesUnavailable, bring_up, log, redact
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import FrameType
 
-    from sa_redis_cache.devservices import Services
+    from devservices import Services
 
 __all__ = ["main"]
 
@@ -55,14 +55,14 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m sa_redis_cache.devservices [--print] [-- CMD ARGS...]``."""
+    """Entry point of ``python -m devservices [--print] [-- CMD ARGS...]``."""
     args = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
     if "--" in args:
         split = args.index("--")
         args, command = args[:split], args[split + 1 :]
     parser = argparse.ArgumentParser(
-        prog="python -m sa_redis_cache.devservices",
+        prog="python -m devservices",
         description="Find or start Postgres and Redis, then run CMD with DATABASE_URL and "
         "REDIS_URL exported; throwaway servers are stopped when CMD exits.",
         usage="%(prog)s [--print] [--no-env] [-- CMD [ARGS...]]",

@@ -7,7 +7,7 @@ Servers still alive at interpreter exit are stopped and their folders deleted.
 
 Example::
 
-    from sa_redis_cache.devservices import RedisServer
+    from devservices import RedisServer
 
     server = RedisServer().start()
     try:

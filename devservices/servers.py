@@ -2,7 +2,7 @@
 
 Example::
 
-    from sa_redis_cache.devservices import PostgresServer, RedisServer
+    from devservices import PostgresServer, RedisServer
 
     with PostgresServer() as pg, RedisServer() as rs:
         print(pg.url, rs.url)
@@ -23,7 +23,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from sa_redis_cache.devservices.process import (
+from devservices.process import (
     ManagedServer,
     ServerStartError,
     child_env,

@@ -14,13 +14,17 @@ Each service is chosen on its own; the first source that works wins:
 Example::
 
     from sqlalchemy import create_engine
-    from sa_redis_cache.devservices import bring_up
+    from devservices import bring_up
 
     with bring_up() as services:
         engine = create_engine(services.database_url)
 
-From a shell, ``python -m sa_redis_cache.devservices -- pytest -q`` runs a command with
+From a shell, ``python -m devservices -- pytest -q`` runs a command with
 ``DATABASE_URL`` and ``REDIS_URL`` exported, and ``--print`` shows what was found.
+
+This is a development package of the repository, not part of the library: it is not in
+the wheel, and it is importable from the repository's root (the working directory of
+``make``, and pytest's ``pythonpath``). The library never imports it.
 """
 
 from __future__ import annotations
@@ -37,13 +41,14 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy.pool import NullPool
 
-from sa_redis_cache.devservices.process import ManagedServer, ServerStartError, free_port
-from sa_redis_cache.devservices.servers import (
+from devservices.process import ManagedServer, ServerStartError, free_port
+from devservices.servers import (
     PG_BIN_GLOBS,
     PostgresServer,
     RedisServer,
     find_postgres_bindir,
 )
+from sa_redis_cache.cli.common import normalize_database_url
 from sa_redis_cache.redaction import redact_text
 from sa_redis_cache.redaction import redact_url as redact
 
@@ -128,14 +133,6 @@ def _probe_redis(url: str) -> str | None:
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def normalize_database_url(url: str) -> str:
-    """Give a plain ``postgres://``/``postgresql://`` URL the psycopg 3 driver."""
-    parsed = sa.make_url(url)
-    if parsed.drivername in ("postgres", "postgresql"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed.render_as_string(hide_password=False)
 
 
 def _choose(
