@@ -59,7 +59,7 @@ def one_row_statement() -> Any:
 
 
 def graph_statement() -> Any:
-    """50 orders with their 200 order lines eager-loaded (DESIGN.md §3's measurement)."""
+    """50 orders with their 200 order lines eager-loaded (docs/design.md, "Reads"'s measurement)."""
     return select(Order).options(selectinload(Order.lines)).order_by(Order.id).limit(50)
 
 

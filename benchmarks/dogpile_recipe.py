@@ -15,7 +15,8 @@ nothing else:
   every object (and, through the merge cascade, every eager-loaded child) into the
   session.
 
-It shares the recipe's known faults (DESIGN.md §7: the key ignores loader options, no
+It shares the recipe's known faults (docs/design.md, "Known failures": the key ignores loader
+options, no
 version check, so a write leaves stale entries until their TTL); they do not change the
 cost of a hit, which is what it is here for.
 """

@@ -20,18 +20,18 @@ from sqlalchemy.util import greenlet_spawn
 from . import compat
 from .binds import translate_map_of
 from .breaker import CircuitBreaker
+from .cached_functions import AsyncCachedFunction, CacheDecorator, CachedFunction
 from .context import CacheContext
 from .engine_writes import EngineWrites
 from .errors import ConfigurationError
-from .functions import AsyncCachedFunction, CacheDecorator, CachedFunction
 from .models import ModelInfo, build_model_info, mapper_of
 from .options import FromCache
 from .policy import CachePolicy, Strategy, is_ttl
 from .protocol import KeyScheme, pk_text, scripts
-from .publish import StatsPublisher
 from .reads import ReadPath
 from .redis_io import clients_for
 from .sessions import SessionHooks
+from .stats_publisher import StatsPublisher
 from .strategies.cache_aside import Invalidation
 from .strategies.write_behind import checks as write_behind_checks
 from .strategies.write_behind.session import WriteBehind
@@ -73,7 +73,7 @@ class Cache:
     least 200 lookups) is logged once per window; None turns the warning off.
     Once attached, the cache adds its counters' gains into Redis every
     ``stats_publish_interval`` seconds, from a thread of its own, for ``sa-redis-cache
-    stats`` to sum over every process (:mod:`sa_redis_cache.publish`); 0 turns that off.
+    stats`` to sum over every process (:mod:`sa_redis_cache.stats_publisher`); 0 turns that off.
     ``signing_key`` (bytes, 16 or more; the same in every process of the namespace) signs
     every entry the cache writes with an HMAC bound to its Redis key, and makes every
     entry that does not verify a miss (deleted): for a Redis shared with less trusted

@@ -8,7 +8,8 @@ Sections (add new fixtures to the section they belong to, or open a new one at t
 3. Postgres: a fresh database per run (dropped at the end) and an engine on it.
 4. Redis: a client, and a unique cache namespace per test whose keys are deleted after it.
 
-This run never flushes a Redis server: it may be shared with other users (DESIGN.md §8).
+This run never flushes a Redis server: it may be shared with other users (docs/design.md, "Tests
+and measurement").
 """
 
 from __future__ import annotations

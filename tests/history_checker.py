@@ -1,11 +1,13 @@
-"""Randomized history check of read-after-write across processes (DESIGN.md §4, issue 4).
+"""Randomized history check of read-after-write across processes (docs/design.md, "Consistency",
+issue 4).
 
 Several worker processes, each with several threads, run random reads and writes on a small
 hot set of rows of a table of their own for a bounded time. Every row carries a ``version``
 that each write raises by one (under the row lock, so per row the versions are unique and
 grow in commit order). Every read is logged with the versions it saw and its start and end
 times; every write with its new version and the start and end of its ``commit()``. Then
-:func:`check_history` applies guarantee 1 of DESIGN.md §4: a read that *started* after a
+:func:`check_history` applies guarantee 1 of docs/design.md, "Consistency": a read that *started*
+after a
 write's ``commit()`` *returned* must not see an older version of that row.
 
 Reads: a ``FromCache`` query by id, a ``FromCache`` query of every row, ``session.get``

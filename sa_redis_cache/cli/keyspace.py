@@ -16,8 +16,8 @@ from sqlalchemy import Table
 from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.models import all_mappers
 from sa_redis_cache.policy import CachePolicy
-from sa_redis_cache.publish import STATS_TTL_MS, TOTAL, group_of
 from sa_redis_cache.stats import _with_rate
+from sa_redis_cache.stats_publisher import STATS_TTL_MS, TOTAL, group_of
 
 from .badkeys import bad_key, not_a_number, separate_errors
 

@@ -1,7 +1,7 @@
 """``stats``: hits, misses and entries per model and region, and what Redis holds per table.
 
 The hit and miss counters of ``cache.stats()`` are counted in each application process;
-every attached cache publishes them into Redis (:mod:`sa_redis_cache.publish`), and this
+every attached cache publishes them into Redis (:mod:`sa_redis_cache.stats_publisher`), and this
 command shows their sums over every process, next to what Redis itself can tell: entries
 and their memory, the version counters and entity generations, the writers in flight.
 """

@@ -92,7 +92,8 @@ class ReadThrough:
     def read_through(self, orm_context: ORMExecuteState, target: Target) -> Result[Any] | None:
         """Serve the entry, refresh it early, wait for its filler, or read and fill.
 
-        One flow for query entries and entity entries (DESIGN.md §4 and §6).
+        One flow for query entries and entity entries (docs/design.md, "Consistency" and "Failure
+        and bad input").
         """
         # a latency histogram under the read's outcome, and a span when traced; leaving by
         # an exception records an error and ends the span

@@ -1,4 +1,5 @@
-"""The history check with a Redis outage in the middle (DESIGN.md §6, issue 6).
+"""The history check with a Redis outage in the middle (docs/design.md, "Failure and bad input",
+issue 6).
 
 Worker processes read and write a hot set of rows through their caches while the test
 stops the Redis server it started, lets writes commit while it is away, and starts it

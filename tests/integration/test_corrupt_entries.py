@@ -1,4 +1,5 @@
-"""Corrupt, truncated or foreign values under the cache's real keys read as misses (DESIGN §3, §6).
+"""Corrupt, truncated or foreign values under the cache's real keys read as misses (docs/design.md,
+"Reads" and "Failure and bad input").
 
 Each test fills the cache through the public API, finds the real Redis key by SCAN, plants
 bad data under it, and checks that the next read gives the database's rows with SQL, never

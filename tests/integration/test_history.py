@@ -1,4 +1,5 @@
-"""Randomized history check of read-after-write across processes (DESIGN.md §4, issue 4).
+"""Randomized history check of read-after-write across processes (docs/design.md, "Consistency",
+issue 4).
 
 Worker processes with several threads each read and write a hot set of rows at random; no
 read that started after a write's ``commit()`` returned may see an older version of the row

@@ -1,4 +1,5 @@
-"""Deterministic interleavings of readers and writers (DESIGN.md §4), forced from outside.
+"""Deterministic interleavings of readers and writers (docs/design.md, "Consistency"), forced from
+outside.
 
 Each test runs one side of the protocol up to an exact point (after a miss's database
 read, or between a writer's database commit and its cache work), where a listener
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 def test_a_fill_that_read_before_a_commit_is_refused(
     in_mode: Runner, product: int, read: str
 ) -> None:
-    """DESIGN §7: the stamp taken after the read left a stale entry valid for ever.
+    """docs/design.md, "Known failures": the stamp taken after the read left a stale entry valid
+    for ever.
 
     The stale set: a write commits between a miss's database read and its fill.
     """

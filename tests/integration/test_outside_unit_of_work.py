@@ -1,4 +1,4 @@
-"""Writes that bypass the unit of work still invalidate (DESIGN.md §4)."""
+"""Writes that bypass the unit of work still invalidate (docs/design.md, "Consistency")."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from devservices import RedisServer
 from examples.shop import Product
 from sa_redis_cache import Cache
 from sa_redis_cache.errors import ConfigurationError
-from sa_redis_cache.publish import STATS_TTL_MS
+from sa_redis_cache.stats_publisher import STATS_TTL_MS
 
 
 def published(client: redis.Redis, cache: Cache, scope: str) -> dict[str, int]:

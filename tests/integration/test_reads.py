@@ -154,7 +154,8 @@ def test_scalar_and_aggregate(in_mode: Runner) -> None:
 
 
 def test_loader_options_are_part_of_the_key(in_mode: Runner) -> None:
-    """DESIGN §7: select(X) and select(X).options(selectinload(...)) must not share an entry."""
+    """docs/design.md, "Known failures": select(X) and select(X).options(selectinload(...)) must
+    not share an entry."""
     plain = select(Category).options(FromCache()).order_by(Category.id)
     eager = (
         select(Category).options(selectinload(Category.products), FromCache()).order_by(Category.id)
@@ -176,7 +177,8 @@ def test_loader_options_are_part_of_the_key(in_mode: Runner) -> None:
 
 
 def test_execute_time_parameters_are_part_of_the_key(in_mode: Runner) -> None:
-    """DESIGN §7: a key blind to execute-time parameters made every execution share one entry."""
+    """docs/design.md, "Known failures": a key blind to execute-time parameters made every
+    execution share one entry."""
     stmt = select(Product.id).where(Product.category_id == bindparam("cat")).options(FromCache())
 
     def scenario(db: Db) -> None:
@@ -194,7 +196,7 @@ def test_execute_time_parameters_are_part_of_the_key(in_mode: Runner) -> None:
 
 
 def test_empty_results_are_cached(in_mode: Runner) -> None:
-    """DESIGN §7: `if not cached_value` never cached empty results."""
+    """docs/design.md, "Known failures": `if not cached_value` never cached empty results."""
     stmt = select(Product).where(Product.name == "no such product").options(FromCache())
 
     def scenario(db: Db) -> None:
@@ -206,7 +208,8 @@ def test_empty_results_are_cached(in_mode: Runner) -> None:
 
 
 def test_hit_never_overwrites_unflushed_change(in_mode: Runner) -> None:
-    """DESIGN §7: merging a cached result overwrote an unflushed change in the session."""
+    """docs/design.md, "Known failures": merging a cached result overwrote an unflushed change in
+    the session."""
     stmt = select(Product).where(Product.id == 3).options(FromCache())
 
     def scenario(db: Db) -> None:
@@ -240,7 +243,7 @@ def test_populate_existing_reads_the_database(in_mode: Runner) -> None:
 
 
 def test_every_entry_has_a_ttl(in_mode: Runner, redis_client: redis.Redis, namespace: str) -> None:
-    """DESIGN §7: the Redis keys had no TTL by default."""
+    """docs/design.md, "Known failures": the Redis keys had no TTL by default."""
 
     def scenario(db: Db) -> None:
         with db.session() as s:

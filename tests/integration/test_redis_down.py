@@ -1,4 +1,5 @@
-"""Redis down from the start, going down mid-run, and coming back (DESIGN.md §6).
+"""Redis down from the start, going down mid-run, and coming back (docs/design.md, "Failure and bad
+input").
 
 Reads keep returning the database's answer and never raise; the breaker stops asking a
 dead Redis; writes committed while Redis was away are delivered as invalidations before

@@ -1,4 +1,5 @@
-"""A Redis that answers with an error: NOSCRIPT, OOM, READONLY (DESIGN.md §6).
+"""A Redis that answers with an error: NOSCRIPT, OOM, READONLY (docs/design.md, "Failure and bad
+input").
 
 Each is a miss or a skipped fill, counted, never an exception in the application, and
 never a stale read afterwards.

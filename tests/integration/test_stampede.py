@@ -1,4 +1,5 @@
-"""Stampede control: concurrent misses fill once; early refresh and stale serving (DESIGN §6)."""
+"""Stampede control: concurrent misses fill once; early refresh and stale serving (docs/design.md,
+"Failure and bad input")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The flush worker (DESIGN.md §5): order, exactly-once, dead letters, shared partitions.
+"""The flush worker (docs/design.md, "Write-behind"): order, exactly-once, dead letters, shared
+partitions.
 
 Every test drives :meth:`FlushWorker.run_once` deterministically; nothing waits on time.
 The worker gets an engine of its own, as a worker process would. The end-to-end flush

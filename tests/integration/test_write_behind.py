@@ -1,4 +1,5 @@
-"""Write-behind on the session side (DESIGN.md §5): flushes diverted, commits queued.
+"""Write-behind on the session side (docs/design.md, "Write-behind"): flushes diverted, commits
+queued.
 
 The models come from :mod:`tests.wb_support` in a registry disposed of after each test;
 the positive tests use a Redis server started here with AOF ``always``, since ``attach()``

@@ -10,7 +10,7 @@ ack) and are skipped.
 
 Coalescing keeps the *last* operation per primary key in stream order, and a put carries
 the full row, so put-then-delete ends deleted and delete-then-put ends present (the
-reordering of DESIGN.md §7 cannot happen).
+reordering of docs/design.md, "Known failures" cannot happen).
 
 An error that the row itself causes (SQLSTATE classes 22 and 23: bad data, a violated
 constraint) fails on every attempt: the batch is applied again under savepoints, bisected

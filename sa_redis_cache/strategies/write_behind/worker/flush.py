@@ -1,4 +1,4 @@
-"""The flush worker: drains write-behind streams into Postgres (DESIGN.md §5).
+"""The flush worker: drains write-behind streams into Postgres (docs/design.md, "Write-behind").
 
 Per partition (one stream), at most one worker consumes at a time: it holds the
 partition's lease (``lua/wb_lease.lua``; ``SET NX PX``, renewed on every pass). New
