@@ -24,8 +24,8 @@ from .cached_functions import AsyncCachedFunction, CacheDecorator, CachedFunctio
 from .context import CacheContext
 from .engine_writes import EngineWrites
 from .errors import ConfigurationError
+from .inspector import CacheInspector
 from .models import ModelInfo, build_model_info, mapper_of
-from .options import FromCache
 from .policy import CachePolicy, Strategy, is_ttl
 from .protocol import KeyScheme, pk_text, scripts
 from .reads import ReadPath
@@ -143,6 +143,8 @@ class Cache:
             self._core, self._reads, invalidation, WriteBehind(self._core), self._engine_writes
         )
         self._publisher = StatsPublisher(self._core, stats_publish_interval)
+        self.inspector = CacheInspector(self._core, self._reads)
+        """A read-only view of the cache for tools (:mod:`sa_redis_cache.inspector`)."""
         self._attached: list[Any] = []
         self._attached_binds: list[Engine] = []
 
@@ -399,22 +401,16 @@ class Cache:
             stmt = select(Product).where(Product.id < 10).options(FromCache())
             cache.invalidate_query(stmt)
         """
-        if not any(isinstance(o, FromCache) for o in compat.statement_options(statement)):
-            # an option, even one outside the cache key, puts the (empty) option list into
-            # SQLAlchemy's cache key: match the key of the statement as it was executed
-            statement = statement.options(FromCache())
-        cache_key = compat.statement_cache_key(statement)
-        plan = None if cache_key is None else self._reads.queries.plan(cache_key.key, statement)
-        if cache_key is None or plan is None:
+        inspector = self.inspector
+        plan = inspector.statement_plan(statement)
+        if plan is None:
             return 0
-        translate = statement.get_execution_options().get("schema_translate_map")
-        targets = self._databases(bind)
         keys = {
             key
-            for database, bind_translate in targets
+            for database, translate in self._databases(bind)
             if (
-                key := self._reads.queries.entry_key(
-                    plan, cache_key.bindparams, params, database, translate or bind_translate
+                key := inspector.statement_key(
+                    statement, params, database=database, translate=translate
                 )
             )
         }

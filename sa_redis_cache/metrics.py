@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .breaker import CLOSED, HALF_OPEN
 from .stats import BUCKETS, COUNTERS
 from .strategies.write_behind.worker.metrics import WorkerCollector, expose_worker
 
@@ -67,10 +66,9 @@ class CacheCollector:
                     family.add_metric([namespace, kind, name], values.get(counter, 0))
             family.add_metric([namespace, "total", ""], snapshot["total"].get(counter, 0))
             yield family
-        core = self.cache._core
-        yield self._latency(HistogramMetricFamily, core.counters.histograms())
-        breaker = core.breaker
-        state = 0.0 if breaker.state is CLOSED else 0.5 if breaker.state is HALF_OPEN else 1.0
+        inspector = self.cache.inspector
+        yield self._latency(HistogramMetricFamily, inspector.latency())
+        state = {"closed": 0.0, "half-open": 0.5, "open": 1.0}[inspector.breaker_state()]
         yield _gauge(
             GaugeMetricFamily,
             "sarc_breaker_open",
@@ -83,14 +81,14 @@ class CacheCollector:
             "sarc_breaker_opened",
             "How many times the Redis circuit breaker opened",
             namespace,
-            breaker.opened,
+            inspector.breaker_openings(),
         )
         yield _gauge(
             GaugeMetricFamily,
             "sarc_undelivered_tables",
             "Tables whose invalidations wait for Redis (the cache is not trusted for them)",
             namespace,
-            len(core.undelivered),
+            len(inspector.undelivered_tables()),
         )
 
     def _latency(self, family_type: Any, histograms: dict[str, Any]) -> Any:

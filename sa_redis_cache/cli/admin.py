@@ -104,7 +104,7 @@ def invalidate(
             "(cached queries on it are retired)"
         )
         return
-    info = cache._core.models.info_of(mapper)
+    info = cache.inspector.model(cls)
     if not yes:
         _confirm(f"Invalidate every entry of {cls.__name__} (table {info.table}) in {where}?")
     cache.invalidate_model(cls)

@@ -16,7 +16,6 @@ from sqlalchemy.sql.expression import ClauseElement
 
 from sa_redis_cache import compat
 from sa_redis_cache.codec import CodecError, unpack
-from sa_redis_cache.options import FromCache
 from sa_redis_cache.protocol import KeyScheme
 from sa_redis_cache.redaction import redact_url
 
@@ -63,12 +62,7 @@ def _load_statement(spec: str) -> Any:
         raise click.BadParameter(
             f"{spec} is {type(obj).__name__}, not a select() statement", param_hint="--statement"
         )
-    statement: Any = obj
-    if not any(isinstance(o, FromCache) for o in compat.statement_options(statement)):
-        # the key of the statement as the application executes it, with the option
-        # (as Cache.invalidate_query does: an option changes SQLAlchemy's cache key)
-        statement = statement.options(FromCache())
-    return statement
+    return obj
 
 
 def _parse_params(pairs: tuple[str, ...], bindparams: list[Any]) -> dict[str, Any]:
@@ -122,15 +116,14 @@ def inspect_statement(
         document.update(state="uncacheable", detail="SQLAlchemy gives it no cache key")
         return document
     with _library_log() as reasons:
-        plan = cache._reads.queries.plan(cache_key.key, statement)
+        plan = cache.inspector.statement_plan(statement)
     if plan is None:
         # the library's own words, e.g. "statement runs uncached: textual SQL names..."
         why = "; ".join(reasons) or "the read path refuses it"
         document.update(state="uncacheable", detail=why)
         return document
-    translate = statement.get_execution_options().get("schema_translate_map")
     database = settings.database(bind_url, option="--bind-url")
-    key = cache._reads.queries.entry_key(plan, cache_key.bindparams, params, database, translate)
+    key = cache.inspector.statement_key(statement, params, database=database)
     if key is None:
         document.update(state="uncacheable", detail="a parameter value cannot be encoded exactly")
         return document
@@ -283,7 +276,7 @@ def _describe_body(cache: Cache, plan: StatementPlan, body: Any, max_rows: int) 
         raise CodecError("the entry's model names are not a list of text")
     infos = []
     for name in mapper_names:
-        info = cache._core.models.info_by_name(name)
+        info = cache.inspector.model_named(name)
         if info is None or info.codec is None:
             raise _UnknownModel(
                 f"its rows hold {name}, which this process has not imported: pass --models"

@@ -73,7 +73,7 @@ def parse_pk(cache: Cache, cls: type, texts: tuple[str, ...]) -> tuple[ModelInfo
     """
     mapper = mapper_of(cls)
     assert mapper is not None  # resolve_model returns mapped classes only
-    info = cache._core.models.info_of(mapper)
+    info = cache.inspector.model(cls)
     columns = list(mapper.primary_key)
     attrs = [mapper.get_property_by_column(c).key for c in columns]
     if len(texts) != len(columns):
