@@ -114,7 +114,7 @@ def _drain(worker: FlushWorker, out: Output, deadline: float) -> bool:
     # the queue is looked at after every pass (one XLEN per partition): a demo's burst
     # drains in a few passes, which the worker's usual throttling would not show
     progress = BacklogProgress(worker, threshold=0, mode=mode, interval=0, refresh=0)
-    logger = logging.getLogger("sa_redis_cache.worker")
+    logger = logging.getLogger("sa_redis_cache")  # the package root: the worker logs under it
     handler: logging.Handler | None = None
     level = logger.level
     if mode == "log":  # no terminal: the progress comes as lines, printed here

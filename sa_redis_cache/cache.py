@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     from .binds import Database
 
-log = logging.getLogger("sa_redis_cache")
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from .context import CacheContext
 
-log = logging.getLogger("sa_redis_cache")
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .binds import Database
     from .redis_io import RedisIO
 
-log = logging.getLogger("sa_redis_cache")
+log = logging.getLogger(__name__)
 
 # how many entity scopes per table cache.invalidate() unlinks directly (the row write
 # counter it bumps retires the entries of every other scope)

@@ -7,14 +7,14 @@ import threading
 import time
 from bisect import bisect_left
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-log = logging.getLogger("sa_redis_cache")
+log = logging.getLogger(__name__)
 
-COUNTERS = (
+Counter = Literal[
     "hits",
     "misses",
     "fills",
@@ -28,7 +28,29 @@ COUNTERS = (
     "lease_waits",
     "early_refreshes",
     "stale_served",
-)
+    "queued",
+    "pending_hits",
+]
+"""Every counter of ``cache.stats()``: a name outside this list does not type-check."""
+
+COUNTERS: tuple[Counter, ...] = get_args(Counter)
+"""The counters, in the order ``cache.stats()`` and Prometheus list them."""
+
+ScopeKind = Literal["model", "region", "function"]
+"""What a scope of ``cache.stats()`` counts for: ``model:<class>``, ``region:<FromCache
+region>`` or ``function:<cache.cached prefix>``."""
+
+
+def scope(kind: ScopeKind, name: str) -> str:
+    """The scope name of one model, region or cached function.
+
+    Example::
+
+        >>> scope("model", "Product")
+        'model:Product'
+    """
+    return f"{kind}:{name}"
+
 
 # upper bounds in seconds: a hit takes about 150 us, a miss a database read (milliseconds),
 # a call stuck on a Redis timeout 250 ms; the last bucket (+Inf) takes the rest
@@ -49,8 +71,12 @@ BUCKETS: tuple[float, ...] = (
     2.5,
 )
 
-OPERATIONS = ("hit", "miss", "fill", "invalidate", "write_behind_enqueue")
-"""The operations timed by the library; a read that failed on Redis is timed as ``error``."""
+Operation = Literal["read", "hit", "miss", "fill", "invalidate", "write_behind_enqueue"]
+"""An operation timed by the library; a read is recorded under its outcome (``hit``,
+``miss``, or ``error`` when Redis failed)."""
+
+OPERATIONS: tuple[str, ...] = ("hit", "miss", "fill", "invalidate", "write_behind_enqueue")
+"""The operations histograms are kept for (a read appears under its outcome)."""
 
 QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
 
@@ -160,7 +186,7 @@ class Stats:
         self._windows: dict[str, tuple[float, int, int]] = {}
 
     def incr(
-        self, scope: str, counter: str, amount: int = 1, *, also: tuple[str, ...] = ()
+        self, scope: str, counter: Counter, amount: int = 1, *, also: tuple[str, ...] = ()
     ) -> None:
         """Add ``amount`` to ``counter`` of ``scope`` (and of the ``also`` scopes).
 
@@ -253,7 +279,7 @@ class Stats:
             group.setdefault(name, {})[operation] = histogram
         return out
 
-    def incr_total(self, counter: str, amount: int = 1) -> None:
+    def incr_total(self, counter: Counter, amount: int = 1) -> None:
         """Count an event that belongs to no model or region (a failed commit script)."""
         with self._lock:
             self._counts[_TOTAL][counter] += amount

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_BACKOFF", "STATS_TTL_MS", "TOTAL", "StatsPublisher", "group_of", "scope_of"]
 
-log = logging.getLogger("sa_redis_cache")
+log = logging.getLogger(__name__)
 
 STATS_TTL_MS = COUNTER_TTL_MS
 """How long a scope's hash lives after its last publish: as long as the version counters."""

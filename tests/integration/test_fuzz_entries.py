@@ -327,7 +327,7 @@ def test_planted_write_behind_keys_heal_or_are_reported(
                 insert_then_update(factory, page_view, in_partition(2), pk)
             assert client.xlen(worker.partitions[2].stream) == 0  # all or nothing
             other = queue(factory, page_view, id=in_partition(2), path="/other")
-            with caplog.at_level(logging.WARNING, logger="sa_redis_cache.worker"):
+            with caplog.at_level(logging.WARNING, logger="sa_redis_cache"):
                 drain(worker)
             assert rows(engine, page_view) == {other: ("/other", 0)}  # the others go on
             assert worker.errors >= 1

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -17,7 +17,7 @@ from devservices import free_port
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.metrics import CacheCollector
-from sa_redis_cache.stats import BUCKETS
+from sa_redis_cache.stats import BUCKETS, COUNTERS
 
 
 @pytest.fixture
@@ -165,3 +165,20 @@ def test_latency_histograms_are_scraped(
     invalidated = value(before, "sarc_latency_seconds_count", **invalidate)
     assert value(after, "sarc_latency_seconds_count", **invalidate) == invalidated + 1
     assert value(after, "sarc_latency_seconds_count", kind="total", operation="fill") == 2
+
+
+def test_every_counter_reaches_prometheus(cache: Cache) -> None:
+    """Every counter the library counts is scraped: ``queued`` and ``pending_hits`` were
+    counted but never published, for want of a place in the list the collector reads."""
+    for counter in COUNTERS:
+        cache._core.counters.incr("model:Probe", counter)
+    text = generate_latest(_registry_of(cache)).decode()
+    for counter in COUNTERS:
+        assert value(text, f"sarc_{counter}_total", kind="model", scope="Probe") == 1, counter
+    assert {"queued", "pending_hits"} <= set(COUNTERS)
+
+
+def _registry_of(cache: Cache) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(CacheCollector(cache))
+    return registry

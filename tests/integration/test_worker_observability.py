@@ -138,7 +138,7 @@ def test_log_lines_report_the_backlog_as_it_drains(
     queue_many(factory, page_view, 200)
     worker = make_worker(batch_size=10)
     progress = BacklogProgress(worker, threshold=50, mode="log", interval=0)
-    caplog.set_level(logging.INFO, logger="sa_redis_cache.worker")
+    caplog.set_level(logging.INFO, logger="sa_redis_cache")
     assert progress.start()
     assert progress.start_backlog == 200
     worker.run_once()

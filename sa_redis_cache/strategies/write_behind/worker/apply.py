@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
     from sa_redis_cache.models import ModelInfo
 
-log = logging.getLogger("sa_redis_cache.worker")
+log = logging.getLogger(__name__)
 
 _DETERMINISTIC_CLASSES = ("22", "23")
 # the database refused the set-based statement itself (a cast, a type it cannot take in an

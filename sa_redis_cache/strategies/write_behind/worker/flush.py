@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
     from sa_redis_cache.models import ModelInfo
 
-log = logging.getLogger("sa_redis_cache.worker")
+log = logging.getLogger(__name__)
 
 
 def write_behind_info(model: type, registry: ModelRegistry | None = None) -> ModelInfo:

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .flush import FlushWorker
     from .stats import WorkerStats
 
-log = logging.getLogger("sa_redis_cache.worker")
+log = logging.getLogger(__name__)
 
 _COUNTERS = (
     ("rows_applied", "rows_applied", "Rows the write-behind worker wrote to the database"),

@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 if TYPE_CHECKING:
     from .flush import FlushWorker
 
-log = logging.getLogger("sa_redis_cache.worker")
+log = logging.getLogger(__name__)
 
 MODES = ("bar", "log", "off")
 

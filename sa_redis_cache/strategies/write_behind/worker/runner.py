@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         del frame
-        logging.getLogger("sa_redis_cache.worker").info("signal %s: stopping", signum)
+        logging.getLogger(__name__).info("signal %s: stopping", signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
