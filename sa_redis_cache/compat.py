@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -244,8 +245,14 @@ def install_connect_hook(pool: Any, make_hook: Callable[[Any], Any]) -> None:
 # -- the probes ----------------------------------------------------------------------------
 
 
+@functools.cache
 def _samples() -> dict[str, Any]:
-    """A throwaway mapped class, an instance, a statement and a session to probe."""
+    """A throwaway mapped class, an instance, a statement and a session to probe.
+
+    Made once and kept: SQLAlchemy registers the class's generated ``__init__`` with
+    :mod:`linecache`, and a class collected later would pull that entry from under
+    whatever reads the cache then (a debugger, doctest's output capture).
+    """
     from sqlalchemy import Column, Integer, MetaData, Table, select
     from sqlalchemy.orm import Session, registry
 

@@ -11,7 +11,7 @@ from datetime import datetime, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table, TypeDecorator, inspect
+from sqlalchemy import Table, TypeDecorator, event, inspect
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import ColumnProperty, Mapper
 from sqlalchemy.sql import sqltypes
@@ -31,7 +31,8 @@ def table_schema_hash(table: Table) -> str:
 
     Example::
 
-        >>> len(table_schema_hash(Product.__table__))
+        >>> from sqlalchemy import Column, Integer, MetaData, Table
+        >>> len(table_schema_hash(Table("t", MetaData(), Column("id", Integer))))
         12
     """
     parts = [f"codec={CODEC_VERSION}", table.fullname]
@@ -91,6 +92,7 @@ def write_normalizer(sqltype: TypeEngine[Any]) -> Normalizer | None:
 
     Example::
 
+        >>> from sqlalchemy import Numeric
         >>> write_normalizer(Numeric(10, 2))(Decimal("1.5"), None)
         Decimal('1.50')
     """
@@ -236,6 +238,20 @@ def all_mappers() -> list[Mapper[Any]]:
     return [m for m in compat.registered_classes()[0] if isinstance(m, Mapper)]
 
 
+# Bumped whenever a mapper is made or configured anywhere in the process, so that the
+# tables a registry lists include models defined after its first look (a plugin
+# imported late, a test's models); SQLAlchemy's own events, so no polling
+_MAPPERS_CHANGED = [0]
+
+
+def _mappers_changed(*_: Any) -> None:
+    _MAPPERS_CHANGED[0] += 1
+
+
+event.listen(Mapper, "after_mapper_constructed", _mappers_changed)
+event.listen(Mapper, "mapper_configured", _mappers_changed)
+
+
 class ModelRegistry:
     """The :class:`ModelInfo` of every mapper the cache has met, by mapper, name and table.
 
@@ -251,7 +267,7 @@ class ModelRegistry:
         self.by_table: dict[str, ModelInfo] = {}
         self.entity_infos: dict[Mapper[Any], ModelInfo] = {}
         self._schema_hashes: dict[str, str] = {}
-        self._known_tables: list[str] | None = None
+        self._known_tables: tuple[int, list[str]] | None = None
 
     def register(self, mapper: Mapper[Any], policy: CachePolicy | None) -> ModelInfo:
         """Describe ``mapper`` under ``policy`` and index it."""
@@ -281,8 +297,13 @@ class ModelRegistry:
         return info
 
     def known_tables(self) -> list[str]:
-        """Every table of every mapper in the process (with association tables), sorted."""
-        if self._known_tables is None:
+        """Every table of every mapper in the process (with association tables), sorted.
+
+        Computed again after a mapper was made or configured since the last call.
+        """
+        seen = _MAPPERS_CHANGED[0]
+        known = self._known_tables
+        if known is None or known[0] != seen:
             names: set[str] = set()
             for mapper in all_mappers():
                 names.update(t.fullname for t in mapper.tables if isinstance(t, Table))
@@ -291,8 +312,8 @@ class ModelRegistry:
                     for r in mapper.relationships
                     if isinstance(r.secondary, Table)
                 )
-            self._known_tables = sorted(names)
-        return self._known_tables
+            known = self._known_tables = (seen, sorted(names))
+        return known[1]
 
     def table_schema(self, table: Table) -> str:
         """The memoised :func:`table_schema_hash` of ``table``."""

@@ -6,8 +6,11 @@ import dataclasses
 from typing import Any
 
 import pytest
+from sqlalchemy import Integer
+from sqlalchemy.orm import DeclarativeBase, mapped_column
 
 from sa_redis_cache import CachePolicy, Strategy
+from sa_redis_cache.models import ModelRegistry
 from sa_redis_cache.policy import STRATEGIES
 
 
@@ -87,3 +90,23 @@ def test_fromcache_refuses_an_infinite_ttl() -> None:
 
     with pytest.raises(ValueError, match="ttl"):
         FromCache(ttl=float("inf"))
+
+
+def test_known_tables_include_models_defined_later() -> None:
+    """A registry that listed the tables once still sees a model mapped afterwards (the
+    list was computed once and never again: textual DML and restarts missed such tables)."""
+    registry = ModelRegistry()
+    before = registry.known_tables()
+
+    class Base(DeclarativeBase):
+        pass
+
+    class LateModel(Base):
+        __tablename__ = "sarc_late_model"
+        id = mapped_column(Integer, primary_key=True)
+
+    try:
+        assert "sarc_late_model" not in before
+        assert "sarc_late_model" in registry.known_tables()
+    finally:
+        Base.registry.dispose()
