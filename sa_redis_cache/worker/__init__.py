@@ -11,18 +11,7 @@ Example::
 
 from __future__ import annotations
 
-from sa_redis_cache.strategies.write_behind.worker import (
-    FlushWorker,
-    PartitionStats,
-    ReplayResult,
-    WorkerStats,
-    replay_dead_letters,
-)
+from sa_redis_cache.strategies.write_behind import worker as _worker
+from sa_redis_cache.strategies.write_behind.worker import *  # noqa: F403 - the same names
 
-__all__ = [
-    "FlushWorker",
-    "PartitionStats",
-    "ReplayResult",
-    "WorkerStats",
-    "replay_dead_letters",
-]
+__all__ = _worker.__all__
