@@ -353,7 +353,7 @@ class Cache:
         # retires the cached queries that may contain the row.
         known = sorted(core.entity_scopes.get(info.table, ()))
         entries = [keys.entity_key(info.table, info.schema_hash, s, text) for s in known]
-        scope = "model:" + model.__name__
+        scope = info.scope
         with core.measure(scope, "invalidate"):
             core.io().run_script(
                 *scripts.bump_all(
@@ -376,7 +376,7 @@ class Cache:
         """
         info = self._model_info(model)
         core = self._core
-        scope = "model:" + model.__name__
+        scope = info.scope
         with core.measure(scope, "invalidate"):
             core.io().run_script(
                 *scripts.bump_all(

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError, ResponseError
 from .codec import CodecError, dumps_tagged, loads_tagged
 from .fingerprint import values_digest
 from .policy import is_ttl
+from .stats import scope
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -84,7 +85,7 @@ class CachedFunction(Generic[P, R]):
             ),
             None,
         )
-        self._scope = "function:" + prefix
+        self._scope = scope("function", prefix)
         functools.update_wrapper(self, func)
 
     def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:

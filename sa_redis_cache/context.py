@@ -160,7 +160,7 @@ class CacheContext(RedisOutages):
         """
         scopes = sorted(
             {
-                "model:" + info.mapper.class_.__name__
+                info.scope
                 for table in tables
                 if (info := self.models.by_table.get(table)) is not None
             }

@@ -19,6 +19,7 @@ from sqlalchemy.sql import sqltypes
 from . import compat
 from .codec import CODEC_VERSION, RowCodec, UncacheableType, type_fingerprint
 from .policy import CachePolicy
+from .stats import scope
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.type_api import TypeEngine
@@ -164,6 +165,11 @@ class ModelInfo:
             if values[i] is not None:
                 values[i] = normalize(values[i], tz)
         return values
+
+    @property
+    def scope(self) -> str:
+        """The scope of this model's counters in ``cache.stats()`` (``model:<class>``)."""
+        return scope("model", self.mapper.class_.__name__)
 
     @property
     def entity_cached(self) -> bool:

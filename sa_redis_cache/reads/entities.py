@@ -86,7 +86,7 @@ class EntityReads:
         tx = peek_transaction_state(session)
         if tx is not None and info.table in tx.written_tables:
             return None
-        scope = "model:" + info.mapper.class_.__name__
+        scope = info.scope
         try:
             pk_str = pk_text(pk)
         except TypeError:

@@ -18,6 +18,7 @@ from sa_redis_cache import compat, hydrate, stampede
 from sa_redis_cache.binds import translate_map_of
 from sa_redis_cache.codec import CodecError, RowCodec, UncacheableType, pack, unpack
 from sa_redis_cache.fingerprint import Unfingerprintable, fingerprint, values_digest
+from sa_redis_cache.stats import scope
 from sa_redis_cache.transaction import peek_transaction_state
 
 from .flow import Look, Target
@@ -85,7 +86,7 @@ class QueryReads:
         core = self.core
         stats = core.counters
         exec_opts = orm_context.execution_options
-        region = "region:" + option.region
+        region = scope("region", option.region)
         if any(exec_opts.get(name) for name in BYPASS_OPTIONS):
             stats.incr(region, "bypassed")
             return None
@@ -338,7 +339,7 @@ class QueryReads:
         keys = core.keys
         shape = _row_shape(statement)
         scopes = tuple(
-            "model:" + info.mapper.class_.__name__
+            info.scope
             for t in fp.tables
             if (info := core.models.by_table.get(t.fullname)) is not None
         )

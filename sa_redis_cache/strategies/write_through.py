@@ -63,6 +63,6 @@ def sealed_state(core: CacheContext, key: str, state: bytes | None, info: ModelI
         return b""
     sealed = core.sealed(key, state)
     if len(sealed) > core.max_entry_bytes:
-        core.counters.incr("model:" + info.mapper.class_.__name__, "oversize")
+        core.counters.incr(info.scope, "oversize")
         return b""
     return sealed

@@ -322,7 +322,7 @@ class WriteBehind:
             )
         ids = core.io().run_script(*scripts.wb_enqueue(keys, queued, HEADER))
         for op in ops:
-            core.counters.incr("model:" + op.info.mapper.class_.__name__, "queued")
+            core.counters.incr(op.info.scope, "queued")
         return cast("list[bytes]", ids)
 
     # -- reads -------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ class WriteBehind:
         assert info.codec is not None
         key = core.keys.pending_key(info.table, info.schema_hash, row_scope, pk)
         entity = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk)
-        scope = "model:" + info.mapper.class_.__name__
+        scope = info.scope
         try:
             # MGET reads a key of another Redis type as absent, where GET would fail (and
             # count against the breaker): only strings are queued there, so it holds none
