@@ -11,7 +11,7 @@ against variants of our own cache, so that the ratios compare like with like:
   a converter, in the untimed setup, and restored in the teardown): the load as it was
   before the checks.
 * ``ours, no checks``: also without the body checks (a trusting stand-in for
-  ``hydrate._check_body`` that only resolves and decodes, as the code did before).
+  ``hydrate.prepare`` that only resolves and decodes, as the code did before).
 * ``ours, signed``: a cache with ``signing_key`` in a namespace of its own: every read
   verifies an HMAC-SHA256 over the value, bound to its key.
 
@@ -63,7 +63,7 @@ def _codecs(cache: Cache) -> list[RowCodec]:
     return found
 
 
-def _trusting_check_body(body: Any, shape: Any, info_of: Any) -> Any:
+def _trusting_prepare(body: Any, shape: Any, info_of: Any) -> Any:
     """What rehydrate() did before the body checks: resolve the names, decode the rows."""
     _keys, single, names, objects, rows = body
     expected = hydrate._expected_names(shape.entity_mappers)
@@ -71,7 +71,7 @@ def _trusting_check_body(body: Any, shape: Any, info_of: Any) -> Any:
     owners = [infos[o[0]] for o in objects]
     values = [info.codec.load_row(o[1]) for info, o in zip(owners, objects, strict=True)]
     scalars = [] if single else [shape.scalar_codec.load_row(row[1]) for row in rows]
-    return owners, values, scalars
+    return hydrate.Prepared(owners, values, objects, rows, scalars)
 
 
 @contextmanager
@@ -97,19 +97,19 @@ def _variant(
         switched = _without_type_checks(cache)
         switched.__enter__()
         if body:
-            hydrate._check_body = _trusting_check_body  # the A/B: restored in teardown
+            hydrate.prepare = _trusting_prepare  # the A/B: restored in teardown
         return factory(), switched
 
     def teardown(state: tuple[Session, Any]) -> None:
         session, switched = state
         session.close()
-        hydrate._check_body = _CHECK_BODY
+        hydrate.prepare = _PREPARE
         switched.__exit__(None, None, None)
 
     return Contender(name, call=lambda state: consume(state[0]), setup=setup, teardown=teardown)
 
 
-_CHECK_BODY = hydrate._check_body
+_PREPARE = hydrate.prepare
 
 
 def _ratios() -> list[Comparison]:

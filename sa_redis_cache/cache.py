@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     import redis.asyncio
 
     from .binds import Database
+    from .local import Consistency
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,11 @@ class Cache:
         hit_rate_warning: float | None = 0.8,
         stats_publish_interval: float = 1.0,
         signing_key: bytes | None = None,
+        local: bool = False,
+        local_max_entries: int = 10_000,
+        local_max_bytes: int = 64 << 20,
+        local_lease: float = 2.0,
+        local_consistency: Consistency = "strict",
     ) -> None:
         redis_client, async_factory = clients_for(redis_client, async_client, _DEFAULT_TIMEOUT)
         if not namespace or any(ch in namespace for ch in "{}:*?[] \n"):
@@ -124,6 +130,7 @@ class Cache:
             )
         if not 0 <= ttl_jitter < 1:
             raise ConfigurationError(f"ttl_jitter={ttl_jitter!r} must be in [0, 1)")
+        _check_local(local, local_max_entries, local_max_bytes, local_lease, local_consistency)
         self._core = CacheContext(
             redis_client,
             async_client=async_client,
@@ -135,7 +142,11 @@ class Cache:
             breaker=CircuitBreaker(threshold=breaker_threshold, reset_after=breaker_reset),
             hit_rate_warning=hit_rate_warning,
             signing_key=signing_key,
+            local_lease=local_lease,
+            local_consistency=local_consistency,
         )
+        if local:
+            self._core.enable_local(max_entries=local_max_entries, max_bytes=local_max_bytes)
         self._reads = ReadPath(self._core)
         invalidation = Invalidation(self._core)
         self._engine_writes = EngineWrites(self._core, invalidation)
@@ -226,6 +237,8 @@ class Cache:
         session_class = self._session_class_of(target)
         self._load_models()
         self._publisher.start()
+        if self._core.local is not None:
+            self._core.local.start()
         if any(session_class is known for known in self._attached):
             return  # listening twice would run every hook twice
         bind = getattr(target, "kw", {}).get("bind")
@@ -355,11 +368,14 @@ class Cache:
         entries = [keys.entity_key(info.table, info.schema_hash, s, text) for s in known]
         scope = info.scope
         with core.measure(scope, "invalidate"):
-            core.io().run_script(
-                *scripts.bump_all(
-                    [keys.version_key(info.table), keys.row_write_key(info.table, text)],
-                    unlink=entries,
-                )
+            core.run_fenced(
+                [
+                    scripts.bump_all(
+                        [keys.version_key(info.table), keys.row_write_key(info.table, text)],
+                        unlink=entries,
+                    )
+                ],
+                [info.table],
             )
         core.counters.incr(scope, "invalidations")
 
@@ -378,10 +394,13 @@ class Cache:
         core = self._core
         scope = info.scope
         with core.measure(scope, "invalidate"):
-            core.io().run_script(
-                *scripts.bump_all(
-                    [self.keys.version_key(info.table), self.keys.generation_key(info.table)]
-                )
+            core.run_fenced(
+                [
+                    scripts.bump_all(
+                        [self.keys.version_key(info.table), self.keys.generation_key(info.table)]
+                    )
+                ],
+                [info.table],
             )
         core.counters.incr(scope, "invalidations")
 
@@ -418,7 +437,7 @@ class Cache:
         # as long as such a read may take (the fill lease's life) or the entry lives
         ttl_ms = max(scripts.LEASE_MS, int(self._core.ttl_for_tables(plan.tables) * 1000))
         with self._core.measure(None, "invalidate"):
-            removed = self._core.invalidate_entries(sorted(keys), ttl_ms)
+            removed = self._core.invalidate_entries(sorted(keys), ttl_ms, plan.tables)
         self._core.counters.incr_total("invalidations")
         return removed
 
@@ -567,6 +586,9 @@ class Cache:
             cache.detach()
         """
         self._core.remove_listeners()
+        self._hooks.uninstall_gets()
+        if self._core.local is not None:
+            self._core.local.stop()
         self._publisher.stop()  # after a last publish
         self._engine_writes.forget_engines()
         self._attached.clear()
@@ -578,8 +600,33 @@ class Cache:
         Example::
 
             cache.stats()["models"]["Product"]["hit_rate"]
+            cache.stats()["local"]["entries"]   # with Cache(local=True)
         """
-        return self._core.counters.snapshot()
+        snapshot = self._core.counters.snapshot()
+        if self._core.local is not None:
+            snapshot["local"] = self._core.local.gauges()
+        return snapshot
+
+
+def _check_local(
+    local: bool, max_entries: int, max_bytes: int, lease: float, consistency: str
+) -> None:
+    """Refuse local-tier settings that cannot work, naming the fix."""
+    if not isinstance(local, bool):
+        raise ConfigurationError(f"local={local!r} must be True or False")
+    for name, value in (("local_max_entries", max_entries), ("local_max_bytes", max_bytes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigurationError(f"{name}={value!r} must be a whole number >= 1")
+    if not is_ttl(lease) or not 0.1 <= lease <= 60:
+        raise ConfigurationError(
+            f"local_lease={lease!r} must be from 0.1 to 60 seconds: how long a process that "
+            "stops answering can delay a commit; the default of 2 suits most deployments"
+        )
+    if consistency not in ("strict", "bounded"):
+        raise ConfigurationError(
+            f"local_consistency={consistency!r} must be 'strict' (commits wait for the local "
+            "tiers, the default) or 'bounded' (they do not; see docs/guarantees.md)"
+        )
 
 
 def _check_pk_types(info: ModelInfo, pk: tuple[Any, ...]) -> None:

@@ -843,6 +843,20 @@ def type_fingerprint(sqltype: TypeEngine[Any] | type[TypeEngine[Any]]) -> str:
     return f"{_class_name(type(t))}({','.join(parts)})->{kind}"
 
 
+def _thaw(value: Any) -> Any:
+    """A deep copy of the containers a loaded value can hold (the leaves are immutable)."""
+    kind = type(value)
+    if kind is list:
+        return [_thaw(v) for v in value]
+    if kind is dict:
+        return {k: _thaw(v) for k, v in value.items()}
+    if kind is tuple:
+        return tuple(_thaw(v) for v in value)
+    if kind is set or kind is bytearray:
+        return kind(value)
+    return value
+
+
 class RowCodec:
     """Dump and load result rows for fixed column types; built once per statement shape.
 
@@ -861,15 +875,17 @@ class RowCodec:
     sa_redis_cache.codec.CodecError: column 0: stored as str, expected int
     """
 
-    __slots__ = ("_checks", "_dumps", "_loads", "width")
+    __slots__ = ("_checks", "_dumps", "_loads", "mutable", "width")
 
     def __init__(self, types: Sequence[TypeEngine[Any]], dialect: Dialect | None = None) -> None:
-        dumps, checks, loads = [], [], []
+        dumps, checks, loads, mutable = [], [], [], []
         for index, sqltype in enumerate(types):
             try:
                 plan = _plan(sqltype, dialect)
             except UncacheableType as exc:
                 raise UncacheableType(exc.reason, index) from exc
+            if not plan.scalar:
+                mutable.append(index)
             if plan.dump is not None:
                 dumps.append((index, plan.dump))
             elif plan.exact is not None:
@@ -882,6 +898,26 @@ class RowCodec:
         # load checks), and its load (None: the stored value is the value)
         self._loads: tuple[tuple[int, type | None, Callable[[Any], Any] | None], ...] = tuple(loads)
         self.width = len(types)
+        # columns whose loaded values are lists or dicts: a value kept for several sessions
+        # (the local tier) is copied for each, as each would get its own from the database
+        self.mutable: tuple[int, ...] = tuple(mutable)
+
+    def thawed(self, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``values`` with every list or dict of a mutable column copied (deeply).
+
+        >>> from sqlalchemy import JSON, Integer
+        >>> codec = RowCodec([Integer(), JSON()])
+        >>> kept = (1, {"tags": ["a"]})
+        >>> fresh = codec.thawed(kept)
+        >>> fresh == kept, fresh[1]["tags"] is kept[1]["tags"]
+        (True, False)
+        """
+        if not self.mutable:
+            return values
+        out = list(values)
+        for index in self.mutable:
+            out[index] = _thaw(out[index])
+        return tuple(out)
 
     def dump_row(self, row: Sequence[Any]) -> list[Any]:
         """Encode one row; :class:`CodecError` names the column that cannot be stored."""

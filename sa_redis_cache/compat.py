@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - SQLAlchemy 2.0
     from sqlalchemy.util import await_only as _await
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable, Iterable, Iterator, Sequence
 
     from sqlalchemy.engine import Result
@@ -149,6 +150,11 @@ def is_refresh(orm_context: ORMExecuteState) -> bool:
     return orm_context.load_options._refresh_state is not None
 
 
+def is_clean(session: Session) -> bool:
+    """True when ``session`` has nothing new, changed or deleted to flush."""
+    return bool(session._is_clean())
+
+
 def autoflush_pending(session: Session) -> None:
     """Flush pending changes the way the ORM would before the statement runs."""
     if session.autoflush and not session._is_clean():
@@ -242,6 +248,31 @@ def install_connect_hook(pool: Any, make_hook: Callable[[Any], Any]) -> None:
             setattr(connection, _CONNECT_HOOK, hook)
 
 
+def dedicated_connection(client: Any, **overrides: Any) -> Any:
+    """A connection of its own to ``client``'s server, outside its pool, not yet connected.
+
+    Made with the pool's options (address, TLS, credentials, timeouts) and ``overrides``;
+    without the connect hook, so that no restart bump runs on it. The local tier's
+    invalidation and control connections are made this way: tracking belongs to one
+    connection, which must never be handed to anyone else.
+    """
+    pool = client.connection_pool
+    options = pool_options_without(pool)
+    options.update(overrides)
+    return pool.connection_class(**options)
+
+
+def connection_socket(connection: Any) -> socket.socket:
+    """The socket of a connected redis-py connection, read directly by the local tier.
+
+    Raises ``ConnectionError`` when the connection is not connected.
+    """
+    sock = connection._sock
+    if sock is None:
+        raise ConnectionError("the connection is closed")
+    return sock  # type: ignore[no-any-return]
+
+
 # -- the probes ----------------------------------------------------------------------------
 
 
@@ -303,6 +334,8 @@ _PROBED: dict[str, tuple[str, str]] = {
     "redis ConnectionPool._available_connections": ("pool", "_available_connections"),
     "redis ConnectionPool._in_use_connections": ("pool", "_in_use_connections"),
     "redis Connection.redis_connect_func": ("connection", _CONNECT_HOOK),
+    "redis Connection._sock": ("connection", "_sock"),
+    "redis ConnectionPool.connection_class": ("pool", "connection_class"),
 }
 
 _MODULE_PROBES: dict[str, tuple[Any, str]] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -20,10 +21,11 @@ from . import compat
 from .binds import Binds
 from .breaker import CircuitBreaker
 from .codec import CodecError
+from .local import Fences, LocalTier
 from .models import ModelInfo, ModelRegistry
 from .outages import RedisOutages
 from .protocol import KeyScheme, scripts
-from .protocol.scripts import NO_COUNTER, NoCounter
+from .protocol.scripts import NO_COUNTER, NoCounter, ScriptCall
 from .redis_io import AsyncClients, SyncRedisIO, unlink_matching
 from .signing import Signer
 from .stats import Stats
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     import redis.asyncio
 
     from .binds import Database
+    from .local.tier import Consistency
     from .redis_io import RedisIO
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,8 @@ class CacheContext(RedisOutages):
         breaker: CircuitBreaker | None = None,
         hit_rate_warning: float | None = 0.8,
         signing_key: bytes | None = None,
+        local_lease: float = 2.0,
+        local_consistency: Consistency = "strict",
     ) -> None:
         self.client = client
         self.sync_io = SyncRedisIO(client)
@@ -86,12 +91,32 @@ class CacheContext(RedisOutages):
         # the entity scopes this process read or wrote each table in
         self.entity_scopes: dict[str, set[str]] = {}
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
+        self.fences = Fences(self, lease=local_lease, strict=local_consistency == "strict")
+        # the local tier, when the cache has one (Cache(local=True): enable_local)
+        self.local: LocalTier | None = None
         self._init_outages(breaker or CircuitBreaker())
         self.async_clients: AsyncClients | None = None
         if async_client is not None or async_factory is not None:
             self.async_clients = AsyncClients(
                 async_client, factory=async_factory, prepare=self._watch_restarts_async
             )
+
+    def enable_local(self, *, max_entries: int, max_bytes: int) -> LocalTier:
+        """Give this cache its local tier (started by the first ``attach``)."""
+        self.local = LocalTier(
+            self,
+            max_entries=max_entries,
+            max_bytes=max_bytes,
+            lease=self.fences.lease,
+            consistency="strict" if self.fences.strict else "bounded",
+        )
+        return self.local
+
+    def on_restart(self) -> None:
+        """Redis restarted: empty the local tier, and make commits wait one lease."""
+        self.fences.restarted()
+        if self.local is not None:
+            self.local.reset("redis restarted")
 
     def io(self) -> RedisIO:
         """The Redis operations for the calling code: asyncio inside a SQLAlchemy greenlet.
@@ -168,16 +193,38 @@ class CacheContext(RedisOutages):
         scope = scopes.pop(0) if scopes else None
         return self.measure(scope, operation, also=tuple(scopes))
 
-    def invalidate_entries(self, keys: Sequence[str], ttl_ms: int) -> int:
+    def invalidate_entries(self, keys: Sequence[str], ttl_ms: int, tables: Iterable[str]) -> int:
         """Delete query entries and move their invalidation counters; how many there were.
 
         ``lua/invalidate_entries.lua``: a fill whose look came before this call finds the
-        counter moved and is refused; one that looked after it may store. Raises
-        ``RedisError``: the caller asked for this invalidation and must know.
+        counter moved and is refused; one that looked after it may store. ``tables`` are
+        the tables the entries read: the local tiers holding them drop the entries before
+        this returns (:meth:`run_fenced`). Raises ``RedisError``: the caller asked for this
+        invalidation and must know.
         """
         if not keys:
             return 0
-        return int(self.io().run_script(*scripts.invalidate_entries(self.keys, keys, ttl_ms)))
+        reply = self.run_fenced([scripts.invalidate_entries(self.keys, keys, ttl_ms)], tables)
+        return int(reply[0])
+
+    def run_fenced(self, calls: Sequence[ScriptCall], tables: Iterable[str]) -> list[Any]:
+        """Run invalidation ``calls``; return once no local tier serves what they changed.
+
+        The fences of ``tables`` go in the same round trip, after the calls
+        (:mod:`sa_redis_cache.local.fences`). The calls' replies are returned. Raises
+        ``RedisError``.
+
+        Example::
+
+            core.run_fenced([scripts.bump_all([core.keys.version_key("products")])], ["products"])
+        """
+        token = secrets.token_hex(8)
+        tables = sorted(set(tables))
+        fences = self.fences.calls(token, tables)
+        replies = self.io().run_batch([*calls, *fences])
+        if fences:
+            self.fences.wait(token, tables, replies[len(calls) :])
+        return replies[: len(calls)]
 
     def entity_scope(self, info: ModelInfo, database: Database, translate: Any) -> str:
         """The scope of ``info``'s rows in ``database`` under ``translate``

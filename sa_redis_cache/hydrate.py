@@ -18,7 +18,7 @@ Objects are stored once per identity (joined eager loads repeat parents), and
 relationships refer to object indices, so cycles and shared many-to-one targets survive.
 
 Nothing read is trusted (anyone who can write to Redis can plant a body): before a single
-object enters the session, :func:`rehydrate` checks that the body could have been made by
+object enters the session, :func:`prepare` checks that the body could have been made by
 :func:`extract` for this statement. Each mapper name must be one the statement can return
 (its entities, their relationships' targets, and sub-mappers only where the expected
 mapper loads polymorphically); the object at each entity position of a row must be of the
@@ -210,9 +210,12 @@ def extract_entity(
 class _Materializer:
     """Builds objects into one session's identity map."""
 
-    __slots__ = ("identity_map", "loaded", "new_states", "session_id")
+    __slots__ = ("identity_map", "loaded", "new_states", "session_id", "shared")
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, *, shared: bool = False) -> None:
+        # shared: the values are kept for other sessions too (the local tier), so mutable
+        # ones are copied into each object
+        self.shared = shared
         self.identity_map = session.identity_map
         self.session_id = session.hash_key
         self.new_states: list[InstanceState[Any]] = []
@@ -229,6 +232,8 @@ class _Materializer:
         mapper = info.mapper
         if values is None:
             values = info.codec.load_row(dumped)
+        elif self.shared:
+            values = info.codec.thawed(values)
         pk = tuple([values[p] for p in info.pk_positions])
         key = compat.identity_key(mapper, pk)
         identity_map = self.identity_map
@@ -401,10 +406,23 @@ class _BodyCheck:
             raise _foreign("an object no row reaches")
 
 
-def _check_body(
-    body: Any, shape: RowShape, info_of: InfoOf
-) -> tuple[list[ModelInfo], list[tuple[Any, ...]], list[Any]]:
-    """Validate a query body against the statement; owners, column values and scalars.
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A query body checked against its statement and decoded, ready to build objects from.
+
+    Built by :func:`prepare` from a Redis entry; the local tier keeps it and builds every
+    hit's objects from it (:func:`build`), without checking or decoding again.
+    """
+
+    owners: list[ModelInfo]
+    values: list[tuple[Any, ...]]
+    objects: list[Any]
+    rows: list[Any]
+    scalars: list[tuple[Any, ...]]
+
+
+def prepare(body: Any, shape: RowShape, info_of: InfoOf) -> Prepared:
+    """Validate a query body against the statement and decode its values.
 
     Touches no session; raises :class:`CodecError` (see the module docstring).
     """
@@ -443,7 +461,7 @@ def _check_body(
     if not single:
         load_row = shape.scalar_codec.load_row
         scalars = [load_row(row[1]) for row in rows]
-    return owners, values, scalars
+    return Prepared(owners, values, objects, rows, scalars)
 
 
 def _object_values(info: ModelInfo, dumped: Any, missing: Any) -> tuple[Any, ...]:
@@ -465,14 +483,25 @@ def rehydrate(session: Session, body: Any, info_of: InfoOf, shape: RowShape) -> 
     """Build the result of a cached ORM query into ``session``.
 
     The whole body is checked against the statement before any object is built
-    (:func:`_check_body`); :class:`CodecError` means a corrupt or foreign entry, and
+    (:func:`prepare`); :class:`CodecError` means a corrupt or foreign entry, and
     ``session`` is left untouched.
     """
-    owners, values, scalars = _check_body(body, shape, info_of)
-    objects, rows = body[3], body[4]
-    mat = _Materializer(session)
+    return build(session, prepare(body, shape, info_of), shape)
+
+
+def build(
+    session: Session, prepared: Prepared, shape: RowShape, *, shared: bool = False
+) -> Result[Any]:
+    """Build the result of a prepared query body into ``session``.
+
+    ``shared``: ``prepared`` is kept for other sessions too (the local tier); mutable
+    values are copied into each object, and nothing of it is modified.
+    """
+    objects, rows = prepared.objects, prepared.rows
+    mat = _Materializer(session, shared=shared)
     made = [
-        mat.object(info, o[1], o[2], v) for info, o, v in zip(owners, objects, values, strict=True)
+        mat.object(info, o[1], o[2], v)
+        for info, o, v in zip(prepared.owners, objects, prepared.values, strict=True)
     ]
     new_ids = {id(s) for s in mat.new_states}
     for obj, (_, _, _, rels) in zip(made, objects, strict=True):
@@ -495,6 +524,9 @@ def rehydrate(session: Session, body: Any, info_of: InfoOf, shape: RowShape) -> 
     if shape.single_entity:
         data: list[Any] = [made[i] for i in rows]
     else:
+        scalars = prepared.scalars
+        if shared and shape.scalar_codec.mutable:
+            scalars = [shape.scalar_codec.thawed(row) for row in scalars]
         data = rows_with_scalars(rows, scalars, made, shape)
     return compat.make_result(shape.keys, data, single=shape.single_entity)
 
@@ -515,22 +547,53 @@ def rows_with_scalars(
     return out
 
 
-def rehydrate_entity(
-    session: Session, info: ModelInfo, body: Any, pk: tuple[Any, ...]
-) -> Result[Any]:
-    """Build the result of a primary-key load from an entity entry (``None`` = no row).
+PreparedEntity = tuple[tuple[Any, ...], Any] | None
+"""An entity body checked and decoded: ``(values, missing)``, or None for "no such row"."""
+
+
+def prepare_entity(info: ModelInfo, body: Any, pk: tuple[Any, ...]) -> PreparedEntity:
+    """Check and decode an entity entry's body (``None`` = no row).
 
     Raises :class:`CodecError` when the body is not ``[values, missing]`` with every
     column of its stored type, or holds another row than ``pk`` (foreign bytes).
     """
     if body is None:
-        return compat.make_result([info.mapper.class_.__name__], [], single=True)
+        return None
     if type(body) is not list or len(body) != 2:
         raise _foreign("an entity body is [values, missing]")
     values = _object_values(info, body[0], body[1])
     if tuple(values[p] for p in info.pk_positions) != pk:
         raise _foreign("the entry holds another row")
-    mat = _Materializer(session)
-    obj = mat.object(info, body[0], body[1], values)
+    return values, body[1]
+
+
+def build_entity(
+    session: Session, info: ModelInfo, prepared: PreparedEntity, *, shared: bool = False
+) -> object | None:
+    """The object of a prepared entity body, built into ``session`` (None: no row)."""
+    if prepared is None:
+        return None
+    values, missing = prepared
+    mat = _Materializer(session, shared=shared)
+    obj: object = mat.object(info, (), missing, values)
     mat.finish()
-    return compat.make_result([info.mapper.class_.__name__], [obj], single=True)
+    return obj
+
+
+def entity_result(info: ModelInfo, obj: object | None) -> Result[Any]:
+    """The result a primary-key load of ``obj`` gives (empty for None)."""
+    return compat.make_result(
+        [info.mapper.class_.__name__], [] if obj is None else [obj], single=True
+    )
+
+
+def rehydrate_entity(
+    session: Session, info: ModelInfo, body: Any, pk: tuple[Any, ...]
+) -> Result[Any]:
+    """Build the result of a primary-key load from an entity entry (``None`` = no row).
+
+    Raises :class:`CodecError` as :func:`prepare_entity` does; ``session`` is then left
+    untouched.
+    """
+    obj = build_entity(session, info, prepare_entity(info, body, pk))
+    return entity_result(info, obj)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from .binds import Database
     from .context import CacheContext
+    from .local import LocalTier
     from .models import ModelInfo
     from .protocol import KeyScheme
     from .reads import ReadPath
@@ -151,6 +152,17 @@ class CacheInspector:
     def restarts_seen(self) -> int:
         """How many restarts of the Redis server this process noticed (run id changes)."""
         return self._context.restarts_seen
+
+    @property
+    def local_tier(self) -> LocalTier | None:
+        """The cache's local tier (``Cache(local=True)``), or None.
+
+        Example::
+
+            tier = cache.inspector.local_tier
+            ready = tier is not None and tier.wait_ready(5.0)
+        """
+        return self._context.local
 
     def latency(self) -> dict[str, Any]:
         """The latency histograms, by group and scope then operation (``total`` first)."""

@@ -172,6 +172,15 @@ class ModelInfo:
         return scope("model", self.mapper.class_.__name__)
 
     @property
+    def local(self) -> bool:
+        """May the local tier keep this model's rows and the queries on its table?
+
+        Not for write-behind models: their newest state may be a queued one in Redis.
+        """
+        policy = self.policy
+        return policy is None or (policy.local and policy.strategy != "write_behind")
+
+    @property
     def entity_cached(self) -> bool:
         """True when ``session.get`` and many-to-one lazy loads read the entity cache."""
         return (

@@ -20,6 +20,9 @@ class FromCache(UserDefinedOption):
     off); ``stale_ttl`` keeps an entry that many seconds past its TTL, served while one
     caller refreshes it. None of these ever serves a value a committed write invalidated.
 
+    ``local=False`` keeps this statement out of the cache's local tier
+    (``Cache(local=True)``): it is always looked up in Redis.
+
     Example::
 
         stmt = select(Product).where(Product.category_id == 3).options(FromCache(ttl=60))
@@ -39,6 +42,7 @@ class FromCache(UserDefinedOption):
         lease_wait: float = 0.5,
         xfetch_beta: float = 1.0,
         stale_ttl: float = 0,
+        local: bool = True,
     ) -> None:
         if ttl is not None and not is_ttl(ttl):
             raise ValueError(
@@ -59,6 +63,7 @@ class FromCache(UserDefinedOption):
         self.lease_wait = float(lease_wait)
         self.xfetch_beta = float(xfetch_beta)
         self.stale_ttl = float(stale_ttl)
+        self.local = bool(local)
 
     def __repr__(self) -> str:
         return f"FromCache(ttl={self.ttl!r}, region={self.region!r})"

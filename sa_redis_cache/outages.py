@@ -206,6 +206,7 @@ class RedisOutages:
                 return  # another connection reported this restart already
             self.run_id = run_id
             self.restarts_seen += 1
+        self.on_restart()
         if failure is not None:
             log.warning(
                 "redis restarted (run id %s -> %s) and refused the invalidation of %d cached "
@@ -224,6 +225,9 @@ class RedisOutages:
             run_id,
             len(tables),
         )
+
+    def on_restart(self) -> None:
+        """What else a restart means (the local tier is emptied, commits wait a lease)."""
 
     def keep_undelivered(self, tables: Iterable[str]) -> None:
         """Remember tables whose writes could not be announced to Redis."""

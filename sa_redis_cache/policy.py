@@ -64,6 +64,10 @@ class CachePolicy:
     seconds for its entry; ``xfetch_beta`` scales the probabilistic early refresh of
     entries a read filled (0 turns it off).
 
+    ``local=False`` keeps the model out of the cache's local tier (``Cache(local=True)``):
+    its rows, and every cached query that reads its table, are always looked up in
+    Redis. Write-behind models are never in the local tier.
+
     Example::
 
         class Product(Base):
@@ -78,6 +82,7 @@ class CachePolicy:
     partitions: int = 8
     lease_wait: float = 0.5
     xfetch_beta: float = 1.0
+    local: bool = True
 
     def problems(self) -> list[str]:
         """Return what is wrong with this policy, each with its fix (empty when valid).
@@ -98,7 +103,7 @@ class CachePolicy:
                 f"ttl={self.ttl!r} is not a positive, finite number of seconds; give ttl a "
                 "value > 0, or None to use the cache default_ttl"
             )
-        for name in ("entity_cache", "accept_volatile"):
+        for name in ("entity_cache", "accept_volatile", "local"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 found.append(f"{name}={value!r} is not a bool; write {name}=True or False")

@@ -36,17 +36,25 @@ Example::
 
     hooks = SessionHooks(core, reads, invalidation, write_behind, engine_writes)
     hooks.register(Session)   # what Cache.attach() does
+
+With a local tier, the session class's ``get`` is also given a fast path
+(:meth:`SessionHooks.install_get`): a plain ``session.get`` whose row the local tier holds
+is built without SQLAlchemy's execute pipeline; everything else goes on to ``Session.get``
+and through the events above.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
 
 from .transaction import peek_transaction_state, transaction_state
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Result
-    from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
+    from sqlalchemy.orm import ORMExecuteState, UOWTransaction
 
     from .context import CacheContext
     from .engine_writes import EngineWrites
@@ -83,11 +91,44 @@ class SessionHooks:
         self.invalidation = invalidation
         self.write_behind = write_behind
         self.engine_writes = engine_writes
+        self._gets: list[type[Session]] = []
 
     def register(self, session_class: Any) -> None:
         """Listen on ``session_class`` (a sessionmaker or Session subclass), once per event."""
         for name in EVENTS:
             self.core.listen(session_class, name, getattr(self, name))
+        if self.core.local is not None:
+            self.install_get(getattr(session_class, "class_", session_class))
+
+    def install_get(self, session_class: type[Session]) -> None:
+        """Give ``session_class`` a ``get`` that serves local-tier hits directly.
+
+        Only a class whose ``get`` is SQLAlchemy's own: an application's override is left
+        alone (its gets still use the local tier, through the execute pipeline). A call
+        with any keyword argument, or that the local tier cannot answer, is
+        ``Session.get``'s (:meth:`~sa_redis_cache.reads.entities.EntityReads.local_get`).
+        """
+        if session_class.get is not Session.get:
+            return
+        local_get = self.reads.entities.local_get
+
+        @functools.wraps(Session.get)
+        def get(session: Session, entity: Any, ident: Any, **kw: Any) -> Any:
+            if not kw:
+                hit, found = local_get(session, entity, ident)
+                if hit:
+                    return found
+            return Session.get(session, entity, ident, **kw)
+
+        setattr(session_class, "get", get)  # noqa: B010 - a method, replaced on purpose
+        self._gets.append(session_class)
+
+    def uninstall_gets(self) -> None:
+        """Give back SQLAlchemy's ``get`` to every class :meth:`install_get` changed."""
+        while self._gets:
+            session_class = self._gets.pop()
+            if "get" in vars(session_class):
+                delattr(session_class, "get")
 
     def do_orm_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         """Serve a SELECT from the cache when it may; mark a bulk statement's tables."""

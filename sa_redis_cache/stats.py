@@ -30,6 +30,10 @@ Counter = Literal[
     "stale_served",
     "queued",
     "pending_hits",
+    "local_hits",
+    "local_misses",
+    "fence_waits",
+    "fence_timeouts",
 ]
 """Every counter of ``cache.stats()``: a name outside this list does not type-check."""
 
@@ -205,6 +209,22 @@ class Stats:
                 for name in (scope, *also):
                     if name.startswith("model:"):
                         self._judge(name, counts[name])
+
+    def incr_each(
+        self, scope: str, counters: tuple[Counter, ...], also: tuple[str, ...] = ()
+    ) -> None:
+        """Add one to each of ``counters`` (not ``misses``) under one lock, as :meth:`incr`.
+
+        Example::
+
+            stats.incr_each("region:default", ("hits", "local_hits"))
+        """
+        with self._lock:
+            counts = self._counts
+            for name in (scope, *also, _TOTAL):
+                values = counts[name]
+                for counter in counters:
+                    values[counter] += 1
 
     def _judge(self, scope: str, values: defaultdict[str, int]) -> None:
         now = self._clock()

@@ -19,6 +19,12 @@ touches one slot::
     sarc:shop:{shop:views}:wbw:<scope>          workers draining those streams (ZSET)
     sarc:shop:{shop:views}:wbp:<schema>:<scope>:<pk>
                                                 pending (queued, unflushed) state of a row
+    sarc:shop:{shop:products}:fence:<token>     set and deleted by a commit, for the local
+                                                tiers to acknowledge (never holds a value)
+    sarc:shop:lh:{shop:products}                processes holding local-tier entries of the
+                                                table (ZSET, score = lease expiry ms)
+    sarc:shop:ack:<token>                       acknowledgements of one commit's fences (LIST)
+    sarc:shop:local:<holder>                    one process's local-tier gauges (HASH)
     sarc:shop:f:<prefix>:<digest>               function result (cache.cached)
     sarc:shop:stats:<scope>                     hit counters of every process (HASH)
     sarc:shop:invalidations                     Pub/Sub channel of commit announcements
@@ -40,6 +46,7 @@ if TYPE_CHECKING:
 PREFIX = "sarc"
 
 _LEASE = ":lease"
+_FENCE = "fence:"
 _INVALIDATIONS = ":inv"
 _STREAM, _PARTITION_LEASE, _WORKERS, _PENDING = "wb:", "wbl:", "wbw:", "wbp:"
 QUEUE_MARKERS = (b":wb:", b":wbp:", b":wbl:")
@@ -167,6 +174,69 @@ class KeyScheme:
         One digest after the prefix, so that prefix ``a`` leaves ``a:b``'s entries alone.
         """
         return escape_glob(f"{self.prefix}f:{prefix}:") + "?" * DIGEST_CHARS
+
+    # -- the local tier --------------------------------------------------------------------
+
+    @property
+    def tracked_prefix(self) -> str:
+        """The prefix the local tier asks Redis to track (``CLIENT TRACKING ... BCAST``).
+
+        Every key that belongs to a table starts with it: counters, entries, fences. The
+        holder sets, acknowledgements and statistics do not, so that their traffic
+        reaches no process's invalidation connection.
+
+        Example::
+
+            >>> KeyScheme("shop").tracked_prefix
+            'sarc:shop:{'
+        """
+        return f"{self.prefix}{{"
+
+    def fence_key(self, table: str, token: str) -> str:
+        """The key a commit on ``table`` sets and deletes for the local tiers to see."""
+        return f"{self.table_prefix(table)}{_FENCE}{token}"
+
+    def fence_token(self, key: bytes) -> str | None:
+        """The commit token of a fence key of this namespace, or None for any other key.
+
+        Example::
+
+            >>> keys = KeyScheme("shop")
+            >>> keys.fence_token(keys.fence_key("products", "t1").encode())
+            't1'
+            >>> keys.fence_token(keys.version_key("products").encode()) is None
+            True
+        """
+        head, sep, token = key.rpartition(b":" + _FENCE.encode())
+        if not sep or not head.endswith(b"}") or not key.startswith(self.tracked_prefix.encode()):
+            return None
+        return token.decode(errors="replace")
+
+    def holders_key(self, table: str) -> str:
+        """The processes that hold local-tier entries of ``table`` (ZSET, score = expiry ms).
+
+        Outside the tracked prefix, and in ``table``'s hash slot (the fence script reads
+        it with the fence key).
+
+        Example::
+
+            >>> KeyScheme("shop").holders_key("products")
+            'sarc:shop:lh:{shop:products}'
+        """
+        return f"{self.prefix}lh:{{{self.namespace}:{table}}}"
+
+    def ack_key(self, token: str) -> str:
+        """The list holders push their id onto once they have seen commit ``token``'s fences."""
+        return f"{self.prefix}ack:{token}"
+
+    def local_stats_key(self, holder: str) -> str:
+        """One process's local-tier gauges, for ``sa-redis-cache stats`` (HASH, expires)."""
+        return f"{self.prefix}local:{holder}"
+
+    @property
+    def local_stats_pattern(self) -> str:
+        """A SCAN pattern matching every process's local-tier gauges."""
+        return escape_glob(f"{self.prefix}local:") + "*"
 
     # -- write-behind ----------------------------------------------------------------------
 

@@ -373,3 +373,45 @@ def wb_lease(
     """Take or renew (``lease_ms`` > 0) or release (0) a partition lease; with ``read`` > 0,
     also read up to that many new entries of ``stream`` as consumer ``owner`` of ``group``."""
     return script("wb_lease"), [lease_key, stream], [owner, lease_ms, read, group, owner]
+
+
+# -- the local tier ------------------------------------------------------------------------
+
+
+def hold(keys: KeyScheme, table: str, holder: str, lease_ms: int, *, renew: bool) -> ScriptCall:
+    """Register (or, ``renew``, extend) ``holder``'s lease on ``table``'s local entries.
+
+    Replies ``[server time ms, 1 held | 0 gone]``: a renewal that finds the holder gone
+    (its lease lapsed and was pruned) must empty the local tier before holding again.
+
+    Example::
+
+        call = hold(keys, "products", "host:42:ab12", 2000, renew=False)
+    """
+    return script("hold"), [keys.holders_key(table)], [holder, lease_ms, "1" if renew else "0"]
+
+
+def fence(keys: KeyScheme, table: str, token: str) -> ScriptCall:
+    """After commit ``token``'s invalidation of ``table``: the live holders to wait for.
+
+    Replies ``[server time ms, holder, expiry ms, holder, expiry ms, ...]``; sent in the
+    same round trip as, and after, the scripts that changed the table's keys.
+    """
+    return script("fence"), [keys.holders_key(table), keys.fence_key(table, token)], []
+
+
+def holders(keys: KeyScheme, table: str, ids: Sequence[str]) -> ScriptCall:
+    """Where holders ``ids`` of ``table`` stand: ``[server time ms, expiry ms or -1, ...]``."""
+    return script("holders"), [keys.holders_key(table)], list(ids)
+
+
+def ack(keys: KeyScheme, token: str, holder: str, ttl_ms: int) -> list[Command]:
+    """The commands a holder sends once it has seen commit ``token``'s fence."""
+    key = keys.ack_key(token)
+    return [("RPUSH", key, holder), ("PEXPIRE", key, ttl_ms)]
+
+
+def take_acks(keys: KeyScheme, token: str, timeout: float) -> list[Command]:
+    """Wait up to ``timeout`` seconds for an acknowledgement, then take all that came."""
+    key = keys.ack_key(token)
+    return [("BLPOP", key, f"{timeout:.3f}"), ("LPOP", key, 1000)]

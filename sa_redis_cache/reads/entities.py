@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.interfaces import UserDefinedOption
 
 from sa_redis_cache import compat, hydrate, stampede
@@ -25,9 +26,10 @@ from .queries import BYPASS_OPTIONS
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Result
-    from sqlalchemy.orm import ORMExecuteState, Session
+    from sqlalchemy.orm import ORMExecuteState
 
     from sa_redis_cache.context import CacheContext
+    from sa_redis_cache.local import Mark
     from sa_redis_cache.models import ModelInfo
 
     from .flow import ReadThrough
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DEFAULT_POLICY = CachePolicy()
+_PLAIN_GET_BIND = Session.get_bind
 
 
 class EntityReads:
@@ -76,6 +79,54 @@ class EntityReads:
             return None
         return info, pk
 
+    def local_get(self, session: Session, entity: Any, ident: Any) -> tuple[bool, Any]:
+        """``session.get(entity, ident)`` from the local tier without SQLAlchemy's execute
+        pipeline: ``(True, object or None)`` on a local hit, ``(False, None)`` otherwise.
+
+        Only for a plain get the pipeline would bring to the entity cache and nowhere else:
+        a local-tier model, a scalar or tuple primary key, an object not in the identity
+        map, a session with nothing to autoflush, no other ``do_orm_execute`` listener
+        (which could change what the load returns) and no ``get_bind`` override. Anything
+        else takes the ordinary path, which reads the local tier too.
+        """
+        local = self.core.local
+        mapper = getattr(entity, "__mapper__", None)
+        info = None if mapper is None else self.core.models.entity_infos.get(mapper)
+        if local is None or info is None or not info.local or not local.serving():
+            return False, None
+        mapper = info.mapper
+        pk = ident if type(ident) is tuple else (ident,)
+        if len(pk) != len(info.pk_positions) or None in pk:
+            return False, None
+        if (
+            compat.identity_key(mapper, pk) in session.identity_map
+            or not compat.is_clean(session)
+            or len(session.dispatch.do_orm_execute) != 1
+            or type(session).get_bind is not _PLAIN_GET_BIND
+        ):
+            return False, None
+        tx = peek_transaction_state(session)
+        if tx is not None and (tx.snapshot is not None or info.table in tx.written_tables):
+            return False, None
+        try:
+            pk_str = pk_text(pk)
+        except TypeError:
+            return False, None
+        if not self.flow.trusted((info.table,)):
+            return False, None
+        bind = session.get_bind(mapper=mapper)
+        database = self.binds.known(bind)
+        if database is None:
+            return False, None
+        row_scope = self.core.entity_scope(info, database, translate_map_of(bind))
+        key = self.core.keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
+        entry = local.store.get(key)
+        if entry is None:
+            return False, None
+        obj = hydrate.build_entity(session, info, entry.value, shared=True)
+        self.core.counters.incr_each(info.scope, ("hits", "local_hits"))
+        return True, obj
+
     def read(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         target = self.target(orm_context)
         if target is None:
@@ -113,6 +164,17 @@ class EntityReads:
         ]
         # under a pinned snapshot a missing counter reads as b"", which matches nothing
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot.get(info.table) or b""
+        mark: Mark | None = None
+        local = core.local
+        if local is not None and pinned is None and info.local:
+            if local.serving():
+                entry = local.store.get(key)
+                if entry is not None:
+                    obj = hydrate.build_entity(session, info, entry.value, shared=True)
+                    core.counters.incr_each(scope, ("hits", "local_hits"))
+                    return hydrate.entity_result(info, obj)
+            core.counters.incr(scope, "local_misses")
+            mark = local.hold((info.table,))
         policy = info.policy or _DEFAULT_POLICY
         ttl = core.ttl_for_info(info)
         # a row write counter lives as long as the entries it validates, an hour at least
@@ -142,7 +204,7 @@ class EntityReads:
                 scope=scope,
                 also=(),
                 look=lambda lease: self._look(key, counters, ttls, pinned, scope, lease),
-                serve=lambda body: self._serve(session, info, pk, body, key, scope),
+                serve=lambda look: self._serve(session, info, pk, look, key, scope, mark, ttl),
                 fill=fill,
                 lease=True,
                 lease_wait=policy.lease_wait,
@@ -177,7 +239,8 @@ class EntityReads:
                 self.flow.corrupt(key, scope, exc)
             else:
                 if stored_generation == numbers[1] and stored_writes == numbers[2]:
-                    return Look((timing, body), current, leased)
+                    valid_under = [(counters[1], current[1]), (counters[2], current[2])]
+                    return Look((timing, body), current, leased, None, valid_under, len(entry))
         captured: list[bytes] | None = None
         if numbers is not None or missing:
             captured = self.flow.captured(current, counters, ttls)
@@ -191,17 +254,28 @@ class EntityReads:
         session: Session,
         info: ModelInfo,
         pk: tuple[Any, ...],
-        body: Any,
+        look: Look,
         key: str,
         scope: str,
+        mark: Mark | None,
+        ttl: float,
     ) -> Result[Any] | None:
+        assert look.found is not None
+        timing, body = look.found
         try:
-            result = hydrate.rehydrate_entity(session, info, body, pk)
+            prepared = hydrate.prepare_entity(info, body, pk)
         except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
             self.flow.corrupt(key, scope, exc)
             return None
+        kept = False
+        if mark is not None:
+            # an entry a writer stored has no logical expiry: it lives its model's TTL, and
+            # its expiry in Redis reaches the local tier as an invalidation anyway
+            left = ttl if timing is None else (timing.expires_ms - stampede.now_ms()) / 1000
+            kept = self.flow.keep_local(key, prepared, look, min(left, ttl), mark)
+        obj = hydrate.build_entity(session, info, prepared, shared=kept)
         self.core.counters.incr(scope, "hits")
-        return result
+        return hydrate.entity_result(info, obj)
 
 
 def entity_entry(raw: bytes) -> tuple[int, int, stampede.Timing | None, Any]:

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from sa_redis_cache import hydrate, stampede
 from sa_redis_cache.codec import CodecError
 from sa_redis_cache.counters import parse_counter
+from sa_redis_cache.local.store import estimated_size
 from sa_redis_cache.protocol import scripts
 from sa_redis_cache.protocol.scripts import COUNTER_TTL_MS
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import ORMExecuteState
 
     from sa_redis_cache.context import CacheContext
+    from sa_redis_cache.local import Mark
     from sa_redis_cache.tracing import Measurement
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,11 @@ class Look:
     leased: bool = False
     # the entry's invalidate_query() counter as read (None: absent); the fill compares it
     invalidations: bytes | None = None
+    # for a found entry: the counters it was valid under, as read (the local tier keeps
+    # the entry under them)
+    valid_under: list[tuple[str, bytes]] | None = None
+    # bytes of the entry as stored (the local tier's size estimate starts from it)
+    size: int = 0
 
 
 @dataclass(slots=True)
@@ -59,8 +66,8 @@ class Target:
     """One entry on the read path: how to look at it, serve it and fill it.
 
     ``look(token)`` reads the entry and its counters, asking for the fill lease in the
-    same round trip when given a token; ``serve(body)`` turns a body into the result
-    (None when unreadable: it deleted the entry); ``fill(data, preexisting, look,
+    same round trip when given a token; ``serve(look)`` turns the entry a look found into
+    the result (None when unreadable: it deleted the entry); ``fill(data, preexisting, look,
     delta_ms, token)`` stores what the database returned: True stored, False refused or
     failed, None not tried (the caller still holds its lease).
     """
@@ -69,7 +76,7 @@ class Target:
     scope: str
     also: tuple[str, ...]
     look: Callable[[str], Look | None]
-    serve: Callable[[Any], Result[Any] | None]
+    serve: Callable[[Look], Result[Any] | None]
     fill: Callable[[Any, Any, Look, int, str], bool | None]
     lease: bool
     lease_wait: float
@@ -111,7 +118,7 @@ class ReadThrough:
             return None
         token = ""
         if look.found is not None:
-            timing, body = look.found
+            timing = look.found[0]
             refresh = False
             now = stampede.now_ms()
             if timing is not None and stampede.due(timing, target.xfetch_beta, now):
@@ -123,7 +130,7 @@ class ReadThrough:
                 elif timing.expires_ms <= now and target.stale_ttl:
                     stats.incr(target.scope, "stale_served")
             if not refresh:
-                served = target.serve(body)
+                served = target.serve(look)
                 if served is not None:
                     measured.done("hit")
                     return served
@@ -157,6 +164,20 @@ class ReadThrough:
                 self._release(target.key, token)
         measured.done("miss")
         return frozen()
+
+    def keep_local(self, key: str, value: Any, look: Look, ttl: float, mark: Mark) -> bool:
+        """Keep a prepared entry a Redis look found valid in the local tier, for ``ttl`` s.
+
+        Under the counters the look read (:attr:`Look.valid_under`); refused when an
+        invalidation of one of them, or of ``key``, arrived since ``mark``. True when kept:
+        the value is then shared, and must be built with ``shared=True``.
+        """
+        local = self.core.local
+        if local is None or look.valid_under is None or ttl <= 0:
+            return False
+        return local.store.put(
+            key, value, look.valid_under, size=estimated_size(look.size), ttl=ttl, mark=mark
+        )
 
     def fetch(self, keys: list[str], scope: str, lease: str) -> tuple[list[Any], bool] | None:
         """MGET ``keys`` (an entry first), asking for its fill lease in the same round trip.
@@ -212,7 +233,7 @@ class ReadThrough:
         if again.found is not None:
             if again.leased:
                 self._release(target.key, token)
-            served = target.serve(again.found[1])
+            served = target.serve(again)
             return "", served, again
         if again.leased:
             return token, None, again
@@ -223,7 +244,7 @@ class ReadThrough:
             if seen is None:
                 break
             if seen.found is not None:
-                result = target.serve(seen.found[1])
+                result = target.serve(seen)
                 if result is not None:
                     return "", result, seen
         return "", None, again

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from sa_redis_cache.binds import Database
     from sa_redis_cache.context import CacheContext
+    from sa_redis_cache.local import Mark
     from sa_redis_cache.options import FromCache
     from sa_redis_cache.transaction import TransactionState
 
@@ -58,6 +59,8 @@ class StatementPlan:
     entry_prefix: str
     shape: hydrate.RowShape
     scopes: tuple[str, ...]
+    # may the local tier keep its entries (no table of a write-behind or local=False model)
+    local: bool = True
 
 
 class Uncacheable(Exception):
@@ -124,7 +127,23 @@ class QueryReads:
         if not self.flow.trusted(plan.tables):
             stats.incr(region, "bypassed")
             return None
-        return self._cached_read(orm_context, option, plan, entry_key, tx, region)
+        mark: Mark | None = None
+        local = core.local
+        if (
+            local is not None
+            and option.local
+            and plan.local
+            and (tx is None or tx.snapshot is None)
+        ):
+            if local.serving():
+                entry = local.store.get(entry_key)
+                if entry is not None:
+                    result = hydrate.build(session, entry.value, plan.shape, shared=True)
+                    stats.incr_each(region, ("hits", "local_hits"), also=plan.scopes)
+                    return result
+            stats.incr(region, "local_misses", also=plan.scopes)
+            mark = local.hold(plan.tables)
+        return self._cached_read(orm_context, option, plan, entry_key, tx, region, mark)
 
     def _cached_read(
         self,
@@ -134,6 +153,7 @@ class QueryReads:
         entry_key: str,
         tx: TransactionState | None,
         region: str,
+        mark: Mark | None,
     ) -> Result[Any] | None:
         session = orm_context.session
         core = self.core
@@ -148,7 +168,7 @@ class QueryReads:
             scope=region,
             also=plan.scopes,
             look=lambda lease: self._look(entry_key, plan, region, tx, lease=lease),
-            serve=lambda body: self._serve(session, body, plan, entry_key, region),
+            serve=lambda look: self._serve(session, look, plan, entry_key, region, mark),
             fill=fill,
             lease=option.lease,
             lease_wait=option.lease_wait,
@@ -191,7 +211,15 @@ class QueryReads:
                 # the counters were read before any refresh's database read: a capture
                 timing = stampede.Timing(found[1], found[2])
                 captured_now = current if may_fill else None
-                return Look((timing, found[0]), captured_now, leased, invalidations)
+                valid_under = list(zip(plan.version_keys, current, strict=True))
+                return Look(
+                    (timing, found[0]),
+                    captured_now,
+                    leased,
+                    invalidations,
+                    valid_under,
+                    len(entry),
+                )
         captured: list[bytes] | None = None
         if expected is not None:
             if may_fill and None not in expected:
@@ -217,17 +245,25 @@ class QueryReads:
     def _serve(
         self,
         session: Session,
-        body: Any,
+        look: Look,
         plan: StatementPlan,
         entry_key: str,
         region: str,
+        mark: Mark | None,
     ) -> Result[Any] | None:
         core = self.core
+        assert look.found is not None
+        timing, body = look.found
         try:
-            result = hydrate.rehydrate(session, body, core.models.info_of, plan.shape)
+            prepared = hydrate.prepare(body, plan.shape, core.models.info_of)
         except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
             self.flow.corrupt(entry_key, region, exc)
             return None
+        kept = False
+        if mark is not None and timing is not None:
+            ttl = (timing.expires_ms - stampede.now_ms()) / 1000
+            kept = self.flow.keep_local(entry_key, prepared, look, ttl, mark)
+        result = hydrate.build(session, prepared, plan.shape, shared=kept)
         core.counters.incr(region, "hits", also=plan.scopes)
         return result
 
@@ -343,7 +379,9 @@ class QueryReads:
             for t in fp.tables
             if (info := core.models.by_table.get(t.fullname)) is not None
         )
+        infos = [core.models.by_table.get(t) for t in tables]
         return StatementPlan(
+            local=all(info is None or info.local for info in infos),
             digest=values_digest([fp.digest, schema]),
             tables=frozenset(tables),
             table_names=tuple(tables),

@@ -13,7 +13,8 @@ invalidated too: a cached query may read them. The steps, called by
   the whole table (:meth:`Invalidation.mark_bulk`);
 * after the outermost commit, before ``commit()`` returns (:meth:`Invalidation.apply`):
   bump the versions, write through or delete the entity entries, announce on Pub/Sub,
-  release the marks (``lua/commit.lua``);
+  release the marks (``lua/commit.lua``); then, in the same round trip, fence the tables
+  and wait for the local tiers that hold them (:mod:`sa_redis_cache.local.fences`);
 * after a rollback (:meth:`Invalidation.release`): release the marks.
 
 A Redis failure on these paths never fails the application's transaction: the flush marks
@@ -260,8 +261,10 @@ class Invalidation:
             calls.append(
                 scripts.commit(keys, table, token, rows, bulk=writes.bulk, scope=writes.scope)
             )
+        # the local tiers that hold the tables see the commit before it returns
+        fences = core.fences.calls(token, tables)
         try:
-            core.io().run_batch(calls)
+            replies = core.io().run_batch([*calls, *fences])
             measured.done("delivered")
             core.breaker.success()  # resets the failure count too
         except RedisError as exc:
@@ -269,3 +272,6 @@ class Invalidation:
             core.redis_failed(exc)
             core.counters.incr_total("errors")
             core.keep_undelivered(tables)
+            return
+        if fences:
+            core.fences.wait(token, tables, replies[len(calls) :])

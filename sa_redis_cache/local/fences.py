@@ -1,0 +1,161 @@
+"""The writer's side of the local tier: a commit returns once no process can serve what it
+changed from its local tier.
+
+After a commit's invalidation scripts, in the same round trip, one ``fence.lua`` per table
+names the processes holding a live lease on the table's local entries, and sets and
+deletes a fence key that Redis's tracking sends them after the keys the commit changed.
+Each holder, once it has applied everything before the fence, pushes its id onto the
+commit's ack list. The writer waits (``BLPOP``, in slices shorter than the client's socket
+timeout) until every holder has acknowledged or its lease has ended: a holder whose lease
+expiry passes is asked about again (``holders.lua``), since a live holder that renewed
+is still serving and is waited for; one whose lease ended, or that left, is not.
+
+A table nobody holds costs one short script in the commit's existing round trip. With
+``local_consistency="bounded"`` nothing is sent and nothing waited for.
+
+After this process saw Redis restart (a new run id), its commits wait for one lease from
+that moment: a process that did not notice the restart (no connection reset reached it)
+and still holds entries from the old server stops serving them within one lease, and the
+new server knows no holder to wait for.
+
+Example::
+
+    calls = fences.calls(token, {"products"})
+    replies = core.io().run_batch([*commit_calls, *calls])
+    fences.wait(token, {"products"}, replies[len(commit_calls):])
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+
+from sa_redis_cache import compat
+from sa_redis_cache.protocol import scripts
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from sa_redis_cache.context import CacheContext
+    from sa_redis_cache.protocol.scripts import ScriptCall
+
+log = logging.getLogger(__name__)
+
+# a writer never waits longer than this many leases for one commit, whatever the holders
+# do: past it, a holder that keeps renewing without acknowledging is a bug, reported
+_CAP_LEASES = 5
+_SLICE = 0.1
+
+
+class Fences:
+    """The fences and acknowledgement waits of one cache's writes (module docstring)."""
+
+    def __init__(self, core: CacheContext, *, lease: float, strict: bool) -> None:
+        self.core = core
+        self.lease = lease
+        self.strict = strict
+        self._quiet_until = 0.0
+        timeout = compat.pool_option(core.client, "socket_timeout")
+        self._slice = _SLICE if not timeout else min(_SLICE, float(timeout) / 2)
+
+    def calls(self, token: str, tables: Iterable[str]) -> list[ScriptCall]:
+        """The fence scripts to send after commit ``token``'s invalidation of ``tables``."""
+        if not self.strict:
+            return []
+        keys = self.core.keys
+        return [scripts.fence(keys, table, token) for table in sorted(tables)]
+
+    def restarted(self) -> None:
+        """Redis restarted: commits wait one lease from now (see the module docstring)."""
+        if self.strict:
+            self._quiet_until = time.monotonic() + self.lease
+
+    def wait(self, token: str, tables: Iterable[str], replies: Sequence[Any]) -> None:
+        """Return once every holder named in ``replies`` acknowledged or lost its lease."""
+        if not self.strict:
+            return
+        received = time.monotonic()
+        ordered = sorted(tables)
+        pending: dict[str, float] = {}
+        tables_of: dict[str, list[str]] = {}
+        for table, reply in zip(ordered, replies, strict=True):
+            now_ms = int(reply[0])
+            for i in range(1, len(reply) - 1, 2):
+                holder = _text(reply[i])
+                ends = received + (float(reply[i + 1]) - now_ms) / 1000
+                pending[holder] = max(pending.get(holder, 0.0), ends)
+                tables_of.setdefault(holder, []).append(table)
+        quiet = self._quiet_until - received
+        if pending:
+            self._wait_acks(token, pending, tables_of)
+        if quiet > 0:
+            self.core.io().sleep(max(0.0, self._quiet_until - time.monotonic()))
+
+    def _wait_acks(
+        self, token: str, pending: dict[str, float], tables_of: dict[str, list[str]]
+    ) -> None:
+        core = self.core
+        counters = core.counters
+        counters.incr_total("fence_waits")
+        started = time.monotonic()
+        cap = started + self.lease * _CAP_LEASES
+        try:
+            while pending:
+                now = time.monotonic()
+                if now >= cap:
+                    log.error(
+                        "commit %s: holders %s kept their leases without acknowledging for "
+                        "%.1f s; the commit returns without them",
+                        token,
+                        ", ".join(sorted(pending)),
+                        now - started,
+                    )
+                    counters.incr_total("fence_timeouts")
+                    return
+                due = [h for h, ends in pending.items() if ends <= now]
+                if due:
+                    self._ask_again(due, pending, tables_of)
+                    continue
+                timeout = max(0.001, min(min(pending.values()) - now, self._slice))
+                popped, more = core.io().pipeline(scripts.take_acks(core.keys, token, timeout))
+                acked = ([popped[1]] if popped else []) + list(more or [])
+                for holder in acked:
+                    pending.pop(_text(holder), None)
+        except RedisError as exc:
+            # the commit is in the database; the holders' leases are all that bounds them
+            core.redis_failed(exc)
+            counters.incr_total("errors")
+            log.warning("commit %s: waiting for local tiers failed: %s", token, exc)
+
+    def _ask_again(
+        self, due: list[str], pending: dict[str, float], tables_of: dict[str, list[str]]
+    ) -> None:
+        """Holders whose leases should have ended: renewed ones are waited for again."""
+        by_table: dict[str, list[str]] = {}
+        for holder in due:
+            for table in tables_of[holder]:
+                by_table.setdefault(table, []).append(holder)
+        ordered = sorted(by_table)
+        calls = [scripts.holders(self.core.keys, t, by_table[t]) for t in ordered]
+        received = time.monotonic()
+        replies = self.core.io().run_batch(calls)
+        ends_of: dict[str, float] = {}
+        for table, reply in zip(ordered, replies, strict=True):
+            now_ms = int(reply[0])
+            for holder, score in zip(by_table[table], reply[1:], strict=True):
+                expiry = float(score)
+                if expiry > now_ms:
+                    ends = received + (expiry - now_ms) / 1000
+                    ends_of[holder] = max(ends_of.get(holder, 0.0), ends)
+        for holder in due:
+            if holder in ends_of:
+                pending[holder] = ends_of[holder]
+            else:
+                pending.pop(holder, None)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
