@@ -63,7 +63,11 @@ class SlowProxy:
                 downstream, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            upstream = socket.create_connection(self.upstream)
+            try:
+                upstream = socket.create_connection(self.upstream)
+            except OSError:
+                downstream.close()  # the server is away (restarting): as a refused connection
+                continue
             with self._lock:
                 if self._closed:
                     downstream.close()

@@ -1,0 +1,518 @@
+"""The local tier (``Cache(local=True)``): hits that ask nobody, and the guarantee kept.
+
+Two caches on one namespace stand for two processes (each has its own engine, Redis
+client, invalidation connection and holder id). The hard cases of docs/guarantees.md, "The
+local tier", each have a test: an invalidation sitting unread on the connection, a writer
+waiting for a holder's acknowledgement, a killed invalidation or control connection, a
+restarted server, the breaker, a transaction that wrote the table, REPEATABLE READ. The
+multi-process history (a paused process included) is tests/chaos/test_local_history.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import threading
+import time
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy import select as sa_select
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from devservices import RedisServer
+from examples.shop import Product
+from sa_redis_cache import Cache, ConfigurationError, FromCache
+from tests.modes import async_url
+from tests.seams import RedisTap
+from tests.support import SQLCounter
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from sa_redis_cache.local import LocalTier
+
+# short leases keep the tests in which a holder stops answering short
+LEASE = 0.5
+WAIT = 10.0
+
+
+def until(condition: Callable[[], bool], what: str) -> None:
+    """Poll the system under test for a state it reaches by itself (a reconnection)."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.005)
+
+
+def tier_of(cache: Cache) -> LocalTier:
+    tier = cache.inspector.local_tier
+    assert tier is not None
+    return tier
+
+
+class Process:
+    """One cache with a local tier, its own engine and session factory: a process."""
+
+    def __init__(
+        self, database_url: str, client: redis.Redis | str, namespace: str, **kwargs: Any
+    ) -> None:
+        self.engine = sa.create_engine(database_url)
+        self.sql = SQLCounter()
+        sa.event.listen(self.engine, "before_cursor_execute", self.sql)
+        kwargs.setdefault("local_lease", LEASE)
+        self.cache = Cache(client, namespace=namespace, local=True, **kwargs)
+        self.factory = sessionmaker(self.engine)
+        self.cache.attach(self.factory)
+        assert tier_of(self.cache).wait_ready(WAIT)
+
+    @property
+    def tier(self) -> LocalTier:
+        return tier_of(self.cache)
+
+    def total(self, counter: str) -> int:
+        return int(self.cache.stats()["total"][counter])
+
+    def price(self, pid: int, *, get: bool = False) -> Decimal:
+        with self.factory() as s:
+            if get:
+                found = s.get(Product, pid)
+                assert found is not None
+                return found.price
+            stmt = sa_select(Product).where(Product.id == pid).options(FromCache())
+            return s.scalars(stmt).one().price
+
+    def hold(self, pid: int, *, get: bool = False) -> None:
+        """Read until the row is a local hit (a fill, a Redis hit kept, a local hit)."""
+        for _ in range(3):
+            self.price(pid, get=get)
+        before = self.total("local_hits")
+        self.price(pid, get=get)
+        assert self.total("local_hits") == before + 1
+
+    def set_price(self, pid: int, price: str) -> None:
+        with self.factory() as s:
+            s.execute(update(Product).where(Product.id == pid).values(price=Decimal(price)))
+            s.commit()
+
+    def close(self) -> None:
+        self.cache.detach()
+        self.engine.dispose()
+
+
+@pytest.fixture
+def spawn(
+    database_url: str, redis_url: str, namespace: str, shop_engine: sa.Engine
+) -> Iterator[Callable[..., Process]]:
+    made: list[Process] = []
+
+    def make(**kwargs: Any) -> Process:
+        made.append(Process(database_url, redis_url, namespace, **kwargs))
+        return made[-1]
+
+    yield make
+    for process in made:
+        process.close()
+
+
+# -- what a local hit costs ---------------------------------------------------------------
+
+
+def _thread_trips(tap: RedisTap) -> list[Any]:
+    """The round trips the calling thread sends (the tier's own threads are not counted)."""
+    me = threading.get_ident()
+    trips: list[Any] = []
+    tap.listen(lambda trip: trips.append(trip) if threading.get_ident() == me else None)
+    return trips
+
+
+def test_a_local_hit_runs_no_sql_and_no_redis_command(
+    database_url: str, redis_url: str, namespace: str, product: int, sql: SQLCounter
+) -> None:
+    tap = RedisTap()
+    trips = _thread_trips(tap)
+    engine = sa.create_engine(database_url)
+    cache = Cache(tap.client(redis_url), namespace=namespace, local=True)
+    factory = sessionmaker(engine)
+    sa.event.listen(engine, "before_cursor_execute", sql)
+    cache.attach(factory)
+    try:
+        assert tier_of(cache).wait_ready(WAIT)
+        stmt = sa_select(Product).where(Product.id == product).options(FromCache())
+        for _ in range(2):  # a fill, then a Redis hit the tier keeps
+            with factory() as s:
+                s.scalars(stmt).one()
+                s.get(Product, product)
+        sql.reset()
+        trips.clear()
+        with factory() as s:
+            assert s.scalars(stmt).one().price == Decimal("1.00")
+            got = s.get(Product, product)
+            assert got is not None
+            assert got.price == Decimal("1.00")
+        assert sql.count == 0
+        assert trips == []
+        assert cache.stats()["total"]["local_hits"] == 2
+    finally:
+        cache.detach()
+        engine.dispose()
+
+
+def test_a_local_hit_under_asyncio_runs_no_sql_and_no_redis_command(
+    database_url: str, redis_url: str, namespace: str, product: int
+) -> None:
+    tap = RedisTap()
+    trips = _thread_trips(tap)
+    statements: list[str] = []
+
+    async def scenario() -> None:
+        engine = create_async_engine(async_url(database_url))
+        sa.event.listen(
+            engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2])
+        )
+        aclient = tap.async_client(redis_url)
+        cache = Cache(tap.client(redis_url), async_client=aclient, namespace=namespace, local=True)
+        factory = async_sessionmaker(engine)
+        cache.attach(factory)
+        try:
+            assert tier_of(cache).wait_ready(WAIT)
+            stmt = sa_select(Product).where(Product.id == product).options(FromCache())
+            for _ in range(2):
+                async with factory() as s:
+                    (await s.scalars(stmt)).one()
+                    await s.get(Product, product)
+            statements.clear()
+            trips.clear()
+            async with factory() as s:
+                assert (await s.scalars(stmt)).one().price == Decimal("1.00")
+                got = await s.get(Product, product)
+                assert got is not None
+            assert statements == []
+            assert trips == []
+            assert cache.stats()["total"]["local_hits"] == 2
+        finally:
+            cache.detach()
+            await aclient.aclose()
+            await engine.dispose()
+
+    asyncio.run(scenario())
+
+
+def test_session_get_from_the_local_tier_keeps_the_identity_map(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    reader = spawn()
+    reader.hold(product, get=True)
+    with reader.factory() as s:
+        first = s.get(Product, product)
+        assert first is not None
+        assert s.get(Product, product) is first
+        assert first in s
+        # any keyword argument goes the ordinary way, and still sees the same object
+        assert s.get(Product, product, populate_existing=True) is first
+    with reader.factory() as s:
+        assert s.get(Product, 10**9) is None
+        assert s.get(Product, 10**9) is None
+
+
+def test_mutable_values_are_never_shared_between_sessions(
+    spawn: Callable[..., Process], product: int, shop_engine: sa.Engine
+) -> None:
+    with Session(shop_engine) as s:
+        s.execute(update(Product).where(Product.id == product).values(attributes={"tags": ["a"]}))
+        s.commit()
+    reader = spawn()
+    reader.hold(product)
+    stmt = sa_select(Product).where(Product.id == product).options(FromCache())
+    with reader.factory() as s:
+        s.scalars(stmt).one().attributes["tags"].append("changed in one session")
+        got = s.get(Product, product)
+        assert got is not None
+        got.attributes["new"] = 1
+    with reader.factory() as s:
+        assert s.scalars(stmt).one().attributes == {"tags": ["a"]}
+    assert reader.total("local_hits") >= 2
+
+
+# -- the guarantee ------------------------------------------------------------------------
+
+
+def test_a_commit_waits_for_every_holder_to_drop_what_it_changed(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    """The writer's commit returns only after the holder acknowledged its fence."""
+    reader = spawn(local_lease=30.0)  # a lease that cannot end during the test
+    writer = spawn()
+    reader.hold(product)
+    tier = reader.tier
+    seen_fence = threading.Event()
+    release = threading.Event()
+    take_acks = tier.take_acks
+
+    def held_back_acks() -> list[str]:
+        acks = take_acks()
+        if acks:
+            seen_fence.set()
+            assert release.wait(WAIT)
+        return acks
+
+    tier.take_acks = held_back_acks  # type: ignore[method-assign]  # the holder's ack, held
+    returned = threading.Event()
+
+    def commit() -> None:
+        writer.set_price(product, "2.00")
+        returned.set()
+
+    committer = threading.Thread(target=commit)
+    committer.start()
+    try:
+        assert seen_fence.wait(WAIT), "the holder never saw the commit's fence"
+        # the holder has dropped the entry and not yet said so: the commit has not returned
+        assert not returned.is_set()
+        assert reader.price(product) == Decimal("2.00")
+    finally:
+        release.set()
+        committer.join(WAIT)
+    assert returned.is_set()
+    assert writer.total("fence_waits") == 1
+
+
+def test_no_local_hit_while_an_invalidation_sits_unread_on_the_connection(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    """The reading thread applies what the connection holds before it serves: the
+    listener thread not having run yet is no excuse."""
+    reader = spawn(local_lease=30.0)
+    writer = spawn(local_consistency="bounded")  # returns without waiting for anyone
+    reader.hold(product)
+    tier = reader.tier
+    release = threading.Event()
+    read_invalidations = tier.read_invalidations
+
+    def stalled() -> None:
+        assert release.wait(WAIT)
+        read_invalidations()
+
+    tier.read_invalidations = stalled  # type: ignore[method-assign]  # the listener, stalled
+    try:
+        writer.set_price(product, "3.00")
+        sock = tier._sock
+        assert sock is not None
+        readable, _, _ = select.select([sock], [], [], WAIT)
+        assert readable, "redis never sent the invalidation"
+        hits = reader.total("local_hits")
+        assert reader.price(product) == Decimal("3.00")
+        assert reader.total("local_hits") == hits
+    finally:
+        release.set()
+
+
+def test_a_holder_that_stops_answering_delays_a_commit_by_its_lease_at_most(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    reader = spawn()
+    writer = spawn()
+    reader.hold(product)
+    tier = reader.tier
+    release = threading.Event()
+    read_invalidations = tier.read_invalidations
+
+    def stuck() -> None:
+        assert release.wait(WAIT)
+        read_invalidations()
+
+    tier.read_invalidations = stuck  # type: ignore[method-assign]  # its listener, stuck
+    try:
+        # the commit returns once the holder's lease has ended (nothing waits forever) ...
+        writer.set_price(product, "4.00")
+        # ... and the holder, whose lease ended, serves nothing it held
+        assert reader.price(product) == Decimal("4.00")
+        assert reader.price(product, get=True) == Decimal("4.00")
+        assert tier.lapses >= 1
+    finally:
+        release.set()
+
+
+def test_a_killed_invalidation_connection_empties_the_tier(
+    spawn: Callable[..., Process], product: int, redis_client: redis.Redis
+) -> None:
+    reader = spawn()
+    writer = spawn()
+    reader.hold(product)
+    tier = reader.tier
+    breaks = tier.breaks
+    redis_client.client_kill_filter(_type="pubsub")
+    until(lambda: tier.breaks > breaks, "the tier noticed its connection was killed")
+    writer.set_price(product, "5.00")
+    assert reader.price(product) == Decimal("5.00")
+    assert tier.wait_ready(WAIT)
+    reader.hold(product)  # it serves again once tracking is back
+    assert reader.price(product) == Decimal("5.00")
+
+
+def test_a_killed_control_connection_ends_tracking_and_empties_the_tier(
+    spawn: Callable[..., Process], product: int, redis_client: redis.Redis
+) -> None:
+    """Tracking belongs to the connection that asked for it: killed, Redis stops sending
+    invalidations without a word. The holder stops serving before its lease ends."""
+    reader = spawn()
+    writer = spawn()
+    reader.hold(product)
+    tier = reader.tier
+    sub_id = tier._listener._sub_id
+    (control,) = [c for c in redis_client.client_list() if c.get("redir") == str(sub_id)]
+    breaks = tier.breaks
+    redis_client.client_kill_filter(_id=control["id"])
+    writer.set_price(product, "6.00")
+    assert reader.price(product) == Decimal("6.00")
+    assert reader.price(product, get=True) == Decimal("6.00")
+    until(lambda: tier.breaks > breaks, "the tier noticed tracking had stopped")
+
+
+def test_a_restarted_server_empties_every_tier(
+    database_url: str, namespace: str, product: int
+) -> None:
+    with RedisServer() as server:
+        reader = Process(database_url, server.url, namespace)
+        writer = Process(database_url, server.url, namespace)
+        try:
+            reader.hold(product)
+            reader.hold(product, get=True)
+            tier = reader.tier
+            breaks = tier.breaks
+            server.restart()
+            until(lambda: tier.breaks > breaks, "the tier noticed the restart")
+            writer.set_price(product, "7.00")
+            assert reader.price(product) == Decimal("7.00")
+            assert reader.price(product, get=True) == Decimal("7.00")
+            assert tier.wait_ready(WAIT)
+            reader.hold(product)
+        finally:
+            reader.close()
+            writer.close()
+
+
+def test_an_open_breaker_serves_nothing_from_the_local_tier(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    reader = spawn()
+    sql = reader.sql
+    reader.hold(product)
+    reader.hold(product, get=True)
+    breaker = reader.cache._core.breaker
+    for _ in range(breaker.threshold):
+        breaker.failure()
+    hits = reader.total("local_hits")
+    sql.reset()
+    reader.price(product)
+    reader.price(product, get=True)
+    assert reader.total("local_hits") == hits
+    assert sql.count == 2
+
+
+def test_a_transaction_that_wrote_the_table_reads_the_database(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    reader = spawn()
+    sql = reader.sql
+    reader.hold(product)
+    stmt = sa_select(Product).where(Product.id == product).options(FromCache())
+    with reader.factory() as s:
+        s.execute(update(Product).where(Product.id == product).values(price=Decimal("8.00")))
+        sql.reset()
+        assert s.scalars(stmt).one().price == Decimal("8.00")
+        assert sql.count == 1
+        s.rollback()
+    assert reader.price(product) == Decimal("1.00")
+
+
+def test_a_repeatable_read_transaction_reads_its_snapshot_not_the_local_tier(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    reader = spawn()
+    writer = spawn()
+    reader.hold(product)
+    stmt = sa_select(Product).where(Product.id == product).options(FromCache())
+    with reader.factory() as s:
+        s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        s.execute(sa.text("SELECT 1"))  # the snapshot starts
+        hits = reader.total("local_hits")
+        assert s.scalars(stmt).one().price == Decimal("1.00")
+        writer.set_price(product, "9.00")
+        s.expire_all()
+        assert s.scalars(stmt).one().price == Decimal("1.00")
+        assert reader.total("local_hits") == hits
+    assert reader.price(product) == Decimal("9.00")
+
+
+def test_bounded_commits_do_not_wait_and_holders_catch_up(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    reader = spawn(local_consistency="bounded")
+    writer = spawn(local_consistency="bounded")
+    reader.hold(product)
+    invalidations = reader.tier.store.invalidations
+    writer.set_price(product, "2.50")
+    assert writer.total("fence_waits") == 0
+    until(lambda: reader.tier.store.invalidations > invalidations, "the holder got the news")
+    assert reader.price(product) == Decimal("2.50")
+
+
+# -- opting out, limits ---------------------------------------------------------------------
+
+
+def test_from_cache_local_false_always_asks_redis(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    reader = spawn()
+    stmt = sa_select(Product).where(Product.id == product).options(FromCache(local=False))
+    for _ in range(4):
+        with reader.factory() as s:
+            s.scalars(stmt).one()
+    assert reader.total("local_hits") == 0
+    assert reader.total("hits") == 3
+
+
+def test_the_entry_limit_evicts_the_least_recently_used(
+    spawn: Callable[..., Process], shop_engine: sa.Engine
+) -> None:
+    reader = spawn(local_max_entries=2)
+    for pid in (1, 2, 3):
+        for _ in range(2):
+            reader.price(pid, get=True)
+    local = reader.cache.stats()["local"]
+    assert local["entries"] == 2
+    assert local["evictions"] == 1
+    hits = reader.total("local_hits")
+    reader.price(1, get=True)  # evicted: from Redis again
+    assert reader.total("local_hits") == hits
+
+
+def test_the_local_settings_are_checked(redis_url: str) -> None:
+    for kwargs, named in (
+        ({"local_lease": 0}, "local_lease"),
+        ({"local_max_entries": 0}, "local_max_entries"),
+        ({"local_max_bytes": -1}, "local_max_bytes"),
+        ({"local_consistency": "eventual"}, "local_consistency"),
+    ):
+        with pytest.raises(ConfigurationError, match=named):
+            Cache(redis_url, local=True, **kwargs)
+
+
+def test_stats_show_the_tier(spawn: Callable[..., Process], product: int) -> None:
+    reader = spawn()
+    reader.hold(product)
+    local = reader.cache.stats()["local"]
+    assert local["ready"] is True
+    assert local["entries"] == 1
+    assert local["bytes"] > 0
+    assert local["tables_held"] == 1
+    assert local["seconds_since_invalidation"] is not None
+    total = reader.cache.stats()["total"]
+    assert total["local_hits"] == 2  # hold() read it locally twice
+    assert total["local_misses"] >= 1

@@ -1,0 +1,241 @@
+"""Multi-process check of the local tier's guarantee, with faults (issue 14).
+
+Several processes, each with a ``Cache(local=True)``, read and write a few hot rows. Each
+row has a ``version`` that every write raises by one (under the row lock). After a write's
+``commit()`` returns, its process sends ``(row, version)`` to every other process through a
+pipe (a ``multiprocessing.Queue`` each); a process's receiving thread raises its *floor* of
+that row. Every read notes the floor of the rows it reads before it starts, and fails the
+run if it returns an older version: a read that started after it learnt of a commit is
+causally after that commit, and docs/guarantees.md promises it the commit's data.
+
+The reads are ``session.get`` (the local tier's fast path), a ``FromCache`` query by id and
+a ``FromCache`` query of every row; the writes go through the ORM (``SELECT ... FOR
+UPDATE``, increment, commit) and through Core (``engine.begin()``). Meanwhile the test
+(tests/chaos/test_local_history.py) kills the invalidation connections, stops a process
+with SIGSTOP and resumes it, and restarts Redis.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import random
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import String, select, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from sa_redis_cache import Cache, CachePolicy, FromCache, Strategy
+
+STRATEGIES = ("cache_aside", "write_through")
+_WRITE_SHARE = 0.08
+
+
+class LocalHistoryBase(DeclarativeBase):
+    """Declarative base of the local-tier history tables."""
+
+
+class LocalHistoryRow(LocalHistoryBase):
+    """A hot row: ``version`` counts its committed writes."""
+
+    __abstract__ = True
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(nullable=False)
+    payload: Mapped[str] = mapped_column(String(40), nullable=False)
+
+
+@functools.cache
+def local_history_model(strategy: str) -> type[LocalHistoryRow]:
+    """The model of ``strategy``'s table, defined once per process (see history_checker)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}; pick one of {STRATEGIES}")
+    name = "LocalHistory" + "".join(part.title() for part in strategy.split("_"))
+    namespace = {
+        "__tablename__": f"sarc_local_history_{strategy}",
+        "__cache__": CachePolicy(strategy=Strategy(strategy)),
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"The hot rows of the local-tier history under {strategy}.",
+    }
+    return type(name, (LocalHistoryRow,), namespace)
+
+
+def prepare_table(engine: sa.Engine, strategy: str, rows: int) -> None:
+    """(Re)create ``strategy``'s table with ``rows`` rows at version 0."""
+    model = local_history_model(strategy)
+    model.__table__.drop(engine, checkfirst=True)  # type: ignore[attr-defined]
+    model.__table__.create(engine)  # type: ignore[attr-defined]
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(model), [{"id": i, "version": 0, "payload": "v0"} for i in range(rows)]
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """One run's settings, the same in every process."""
+
+    database_url: str
+    redis_urls: tuple[str, ...]  # per process: some reach Redis through a slow proxy
+    namespace: str
+    strategy: str
+    rows: int
+    lease: float
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """What the processes share with the test: counters, events, the pipes."""
+
+    reads: Any  # multiprocessing.Value("q")
+    writes: Any
+    ready: Any  # multiprocessing.Semaphore-like counter: Value("i")
+    go: Any  # Event
+    stop: Any  # Event
+    inboxes: list[Any]  # one Queue per process
+    results: Any  # Queue
+
+
+def worker(config: Config, index: int, shared: Shared) -> None:
+    """A process of the run: reports ``{"worker", "kind": "done"|"fatal", ...}``."""
+    try:
+        payload = _Worker(config, index, shared).run()
+    except BaseException:
+        payload = {"worker": index, "kind": "fatal", "fatal": traceback.format_exc()}
+    shared.results.put(payload)
+
+
+class _Worker:
+    def __init__(self, config: Config, index: int, shared: Shared) -> None:
+        self.config = config
+        self.index = index
+        self.shared = shared
+        self.model = local_history_model(config.strategy)
+        self.engine = sa.create_engine(config.database_url, pool_size=3)
+        self.cache = Cache(
+            config.redis_urls[index],
+            namespace=config.namespace,
+            local=True,
+            local_lease=config.lease,
+            stats_publish_interval=0,
+        )
+        self.factory = sessionmaker(self.engine)
+        self.cache.attach(self.factory)
+        self.floor = [0] * config.rows
+        self.floor_lock = threading.Lock()
+        self.random = random.Random(config.seed * 1000 + index)
+        self.violations: list[str] = []
+        self.counts = {"reads": 0, "writes": 0}
+
+    def run(self) -> dict[str, Any]:
+        tier = self.cache.inspector.local_tier
+        assert tier is not None
+        if not tier.wait_ready(30):
+            raise RuntimeError("the local tier never got ready")
+        with self.shared.ready.get_lock():
+            self.shared.ready.value += 1
+        receiver = threading.Thread(target=self._receive, daemon=True)
+        receiver.start()
+        if not self.shared.go.wait(60):
+            raise RuntimeError("never released")
+        try:
+            while not self.shared.stop.is_set():
+                if self.random.random() < _WRITE_SHARE:
+                    self._write()
+                else:
+                    self._read()
+        finally:
+            stats = self.cache.stats()
+            self.cache.detach()
+            self.engine.dispose()
+        return {
+            "worker": self.index,
+            "kind": "done",
+            "violations": self.violations,
+            "reads": self.counts["reads"],
+            "writes": self.counts["writes"],
+            "local_hits": stats["total"]["local_hits"],
+            "fence_waits": stats["total"]["fence_waits"],
+            "breaks": tier.breaks,
+            "lapses": tier.lapses,
+        }
+
+    def _receive(self) -> None:
+        inbox = self.shared.inboxes[self.index]
+        while True:
+            try:
+                row, version = inbox.get(timeout=0.5)
+            except queue.Empty:
+                if self.shared.stop.is_set():
+                    return
+                continue
+            with self.floor_lock:
+                self.floor[row] = max(self.floor[row], version)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        row = self.random.randrange(self.config.rows)
+        model = self.model
+        if self.random.random() < 0.5:
+            with self.factory() as s:
+                obj = s.get(model, row, with_for_update=True)
+                assert obj is not None
+                obj.version += 1
+                obj.payload = f"v{obj.version}"
+                version = obj.version
+                s.commit()
+        else:
+            with self.engine.begin() as conn:
+                version = conn.execute(
+                    update(model)
+                    .where(model.id == row)
+                    .values(version=model.version + 1, payload="core")
+                    .returning(model.version)
+                ).scalar_one()
+        # commit() has returned: tell everyone
+        with self.floor_lock:
+            self.floor[row] = max(self.floor[row], version)
+        for i, inbox in enumerate(self.shared.inboxes):
+            if i != self.index:
+                inbox.put((row, version))
+        self.counts["writes"] += 1
+        with self.shared.writes.get_lock():
+            self.shared.writes.value += 1
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        model = self.model
+        kind = self.random.choice(("get", "get", "query", "list"))
+        with self.floor_lock:
+            floor = list(self.floor)
+        with self.factory() as s:
+            if kind == "get":
+                row = self.random.randrange(self.config.rows)
+                obj = s.get(model, row)
+                assert obj is not None
+                seen = {row: obj.version}
+            elif kind == "query":
+                row = self.random.randrange(self.config.rows)
+                stmt = select(model).where(model.id == row).options(FromCache())
+                seen = {row: s.scalars(stmt).one().version}
+            else:
+                stmt = select(model).order_by(model.id).options(FromCache())
+                seen = {o.id: o.version for o in s.scalars(stmt)}
+        for row, version in seen.items():
+            if version < floor[row]:
+                self.violations.append(
+                    f"worker {self.index} {kind}: row {row} at version {version}, "
+                    f"but version {floor[row]} had been committed and announced"
+                )
+        self.counts["reads"] += 1
+        if self.counts["reads"] % 50 == 0:
+            with self.shared.reads.get_lock():
+                self.shared.reads.value += 50
