@@ -32,7 +32,9 @@ class CacheCollector:
 
     Counters are ``sarc_<event>_total`` labelled by namespace, scope kind (model, region,
     function) and scope name; gauges give the breaker's state (0 closed, 0.5 half-open,
-    1 open), how many times it opened, and the tables whose invalidations wait for Redis.
+    1 open), how many times it opened, and the tables whose invalidations wait for Redis;
+    with a local tier, ``sarc_local_*`` gauges (entries, bytes, evictions, invalidation
+    messages, seconds since the last one, lapses, reconnects, ready).
     ``sarc_latency_seconds`` is a histogram with the same labels and ``operation`` (``hit``,
     ``miss``, ``error``, ``fill``, ``invalidate``, ``write_behind_enqueue``).
 
@@ -90,6 +92,13 @@ class CacheCollector:
             namespace,
             len(inspector.undelivered_tables()),
         )
+        local = snapshot.get("local")
+        if local is not None:
+            for name, key, documentation in _LOCAL_GAUGES:
+                value = local[key]
+                if value is None:
+                    continue
+                yield _gauge(GaugeMetricFamily, name, documentation, namespace, float(value))
 
     def _latency(self, family_type: Any, histograms: dict[str, Any]) -> Any:
         family = family_type(
@@ -113,6 +122,31 @@ class CacheCollector:
                     histogram.sum,
                 )
         return family
+
+
+_LOCAL_GAUGES = (
+    ("sarc_local_ready", "ready", "1 while the local tier receives invalidations, else 0"),
+    ("sarc_local_entries", "entries", "Entries held by the local tier"),
+    ("sarc_local_bytes", "bytes", "Estimated bytes held by the local tier"),
+    ("sarc_local_evictions", "evictions", "Local entries evicted by the LRU limits, so far"),
+    (
+        "sarc_local_invalidation_messages",
+        "invalidations",
+        "Invalidation messages the local tier received from Redis, so far",
+    ),
+    (
+        "sarc_local_seconds_since_invalidation",
+        "seconds_since_invalidation",
+        "Seconds since the local tier's last invalidation message",
+    ),
+    ("sarc_local_lapses", "lapses", "Times the local tier's lease lapsed and it was emptied"),
+    (
+        "sarc_local_reconnects",
+        "reconnects",
+        "Times the local tier lost its invalidation connection and was emptied",
+    ),
+)
+"""The gauges of ``cache.stats()["local"]`` (``Cache(local=True)``) and their metric names."""
 
 
 def _gauge(family_type: Any, name: str, documentation: str, namespace: str, value: float) -> Any:

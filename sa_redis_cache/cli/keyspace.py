@@ -76,6 +76,8 @@ class _Layout:
         self.tag_start, self.tag_end = keys.table_prefix(_MARK).split(_MARK)
         self.function_start = _before(keys.function_key(_MARK, _MARK))
         self.stats_start = _before(keys.stats_key(_MARK))
+        self.local_start = _before(keys.local_stats_key(_MARK))
+        self.holders_start = _before(keys.holders_key(_MARK))
         self._per_table: dict[str, tuple[str, str, str, frozenset[str]]] = {}
 
     def _table(self, table: str) -> tuple[str, str, str, frozenset[str]]:
@@ -93,8 +95,8 @@ class _Layout:
         return found
 
     def classify(self, key: str) -> tuple[str, str]:
-        """``(table, kind)``, ``("", "function:<prefix>")``, ``("", "stats:<scope>")``
-        or ``("", "other")``."""
+        """``(table, kind)``, ``("", "function:<prefix>")``, ``("", "stats:<scope>")``,
+        ``("", "local:<holder>")``, ``("", "holders")`` or ``("", "other")``."""
         if key.startswith(self.tag_start):
             end = key.find(self.tag_end, len(self.tag_start))
             if end > 0:
@@ -113,6 +115,10 @@ class _Layout:
             return "", "function:" + prefix
         elif key.startswith(self.stats_start):
             return "", "stats:" + key[len(self.stats_start) :]
+        elif key.startswith(self.local_start):
+            return "", "local:" + key[len(self.local_start) :]
+        elif key.startswith(self.holders_start):
+            return "", "holders"
         return "", "other"
 
 
@@ -172,6 +178,7 @@ def collect(
     per_table: defaultdict[str, _TableKeys] = defaultdict(_TableKeys)
     functions: defaultdict[str, _Group] = defaultdict(_Group)
     stats_scopes: list[tuple[str, bytes]] = []
+    local_tiers: list[bytes] = []
     other = _Group()
     total = 0
     # one SCAN over the namespace, not one per table and kind: MATCH filters after the
@@ -186,7 +193,9 @@ def collect(
             functions[kind.partition(":")[2]].add(raw)
         elif kind.startswith("stats:"):
             stats_scopes.append((kind.partition(":")[2], raw))
-        else:
+        elif kind.startswith("local:"):
+            local_tiers.append(raw)
+        elif kind != "holders":
             other.add(raw)
     model_tables = _model_tables(all_mappers() if mappers is None else mappers)
     tables = sorted(set(per_table) | set(model_tables))
@@ -203,26 +212,32 @@ def collect(
             _raw(keys.generation_key(table)),
         )
         writers_key = _raw(keys.writers_key(table))
+        holders_key = _raw(keys.holders_key(table))
         pipe.get(version_key)
         pipe.get(generation_key)
         # a mark's score is its expiry: marks of crashed writers linger until it passes
         pipe.zcount(writers_key, now_ms, "+inf")
+        pipe.zcount(holders_key, now_ms, "+inf")  # live leases on the table's local entries
         requests += [
             (version_key, "a string (version counter)"),
             (generation_key, "a string (generation counter)"),
             (writers_key, "a sorted set (writer marks)"),
+            (holders_key, "a sorted set (local-tier holders)"),
         ]
     for _scope, stats_key in stats_scopes:
         pipe.hgetall(stats_key)
         pipe.pttl(stats_key)
         requests += [(stats_key, "a hash (published counters)"), (stats_key, "any key")]
+    for local_key in local_tiers:
+        pipe.hgetall(local_key)
+        requests.append((local_key, "a hash (a process's local-tier gauges)"))
     # a key of the wrong type fails its own command only: reported, the others shown
     answers, bad = separate_errors(client, requests, pipe.execute(raise_on_error=False))
     replies = iter(answers)
 
     rows = []
     for table in tables:
-        version, generation, writers = next(replies), next(replies), next(replies)
+        version, generation, writers, holders = (next(replies) for _ in range(4))
         for key, value, what in (
             (keys.version_key(table), version, "version counter"),
             (keys.generation_key(table), generation, "generation counter"),
@@ -248,9 +263,11 @@ def collect(
                 "version": _number(version),
                 "generation": _number(generation),
                 "writers_in_flight": None if writers is None else int(writers),
+                "local_holders": None if holders is None else int(holders),
             }
         )
     counters, age = _counters(stats_scopes, replies, bad)
+    tiers = [_local_tier(next(replies)) for _ in local_tiers]
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "namespace": keys.namespace,
@@ -269,8 +286,30 @@ def collect(
         "other_keys": other.count,
         "counters": counters,
         "counters_published_seconds_ago": age,
+        "local_tiers": sorted((t for t in tiers if t), key=lambda t: str(t.get("holder"))),
         "bad_keys": bad,
     }
+
+
+_LOCAL_TEXT = frozenset(("holder", "consistency", "ready"))
+
+
+def _local_tier(fields: dict[bytes, bytes] | None) -> dict[str, Any] | None:
+    """One process's published local-tier gauges (numbers as numbers; None: not a hash)."""
+    if not fields:
+        return None
+    out: dict[str, Any] = {}
+    for raw_name, raw in fields.items():
+        name = raw_name.decode("utf-8", "replace")
+        text = raw.decode("utf-8", "replace")
+        if name in _LOCAL_TEXT:
+            out[name] = text
+            continue
+        try:
+            out[name] = float(text) if "." in text else int(text)
+        except ValueError:
+            out[name] = None
+    return out
 
 
 def _counters(

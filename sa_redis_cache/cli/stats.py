@@ -152,6 +152,7 @@ def blocks_for(document: dict[str, Any], redis_url: str) -> list[Block]:
                     "version",
                     "generation",
                     "writers",
+                    "local holders",
                 ],
                 [
                     [
@@ -163,10 +164,11 @@ def blocks_for(document: dict[str, Any], redis_url: str) -> list[Block]:
                         _text(t["version"]),
                         _text(t["generation"]),
                         _text(t["writers_in_flight"]),
+                        _text(t["local_holders"]),
                     ]
                     for t in tables
                 ],
-                right={2, 3, 4, 7},
+                right={2, 3, 4, 7, 8},
             )
         )
     else:
@@ -174,6 +176,8 @@ def blocks_for(document: dict[str, Any], redis_url: str) -> list[Block]:
             "No cache keys in this namespace, and no models imported (pass --models MODULE "
             "to list your models' tables even when they hold no entries)."
         )
+    if document["local_tiers"]:
+        out.append(_local_table(document["local_tiers"]))
     if document["other_keys"]:
         out.append(f"{document['other_keys']} other key(s) under the namespace's prefix.")
     out += bad_keys_blocks(document["bad_keys"])
@@ -184,9 +188,53 @@ def blocks_for(document: dict[str, Any], redis_url: str) -> list[Block]:
         f"≈: estimated from MEMORY USAGE of up to {document['memory_sample_limit']} keys per "
         "table and kind.\n"
         "version, generation: the counters entries are checked against; writers: "
-        "transactions between flush and commit."
+        "transactions between flush and commit; local holders: processes whose local tier "
+        "holds a live lease on the table (its commits wait for them)."
     )
     return out
+
+
+def _local_table(tiers: list[dict[str, Any]]) -> Table:
+    """One row per process with a local tier (``Cache(local=True)``), as it last published."""
+    rows = []
+    for tier in tiers:
+        looked = (tier.get("hits") or 0) + (tier.get("misses") or 0)
+        rate = "-" if not looked else f"{(tier.get('hits') or 0) / looked:.1%}"
+        since = tier.get("seconds_since_invalidation")
+        rows.append(
+            [
+                _text(tier.get("holder")),
+                "yes" if tier.get("ready") == "True" else "no",
+                _text(tier.get("entries")),
+                human_bytes(tier.get("bytes")),
+                f"{tier.get('hits') or 0:,}",
+                f"{tier.get('misses') or 0:,}",
+                rate,
+                _text(tier.get("evictions")),
+                _text(tier.get("invalidations")),
+                "-" if since is None else f"{since:.1f} s",
+                _text(tier.get("lapses")),
+                _text(tier.get("reconnects")),
+            ]
+        )
+    return Table(
+        [
+            "local tier (host:pid:id)",
+            "ready",
+            "entries",
+            "bytes",
+            "hits",
+            "misses",
+            "hit rate",
+            "evictions",
+            "invalidations",
+            "last invalidation",
+            "lapses",
+            "reconnects",
+        ],
+        rows,
+        right=set(range(2, 12)),
+    )
 
 
 @click.command(short_help="Hits, misses, entries and memory per model and region, live.")

@@ -159,6 +159,48 @@ def test_the_application_needs_only_its_documented_commands(
     assert refusals(acl_server) == []
 
 
+def test_the_local_tier_needs_only_the_documented_commands(
+    database_url: str, acl_server: RedisServer, namespace: str, product: int
+) -> None:
+    """Tracking, the invalidation subscription, leases, fences and acknowledgements, and
+    the published gauges, as the application's user."""
+    engines = [sa.create_engine(database_url) for _ in range(2)]
+    caches = [
+        Cache(url_of(acl_server, "sarc_app"), namespace=namespace, local=True) for _ in engines
+    ]
+    factories = [sessionmaker(engine) for engine in engines]
+    for cache, factory in zip(caches, factories, strict=True):
+        cache.attach(factory)
+        tier = cache.inspector.local_tier
+        assert tier is not None
+        assert tier.wait_ready(10)
+    reader, writer = factories
+    stmt = select(Product).where(Product.id == product).options(FromCache())
+    try:
+        for _ in range(3):
+            with reader() as s:
+                s.scalars(stmt).one()
+                s.get(Product, product)
+        assert caches[0].stats()["total"]["local_hits"] == 2
+        with writer() as s:
+            s.execute(update(Product).where(Product.id == product).values(price=Decimal("4")))
+            s.commit()
+        assert caches[1].stats()["total"]["fence_waits"] == 1
+        with reader() as s:
+            assert s.scalars(stmt).one().price == Decimal("4")
+        caches[1].invalidate(Product, product)
+        for cache in caches:
+            assert cache.stats()["total"]["errors"] == 0
+            tier = cache.inspector.local_tier
+            assert tier is not None
+            assert tier.breaks == 0
+    finally:
+        for cache, engine in zip(caches, engines, strict=True):
+            cache.detach()
+            engine.dispose()
+    assert refusals(acl_server) == []
+
+
 def test_cached_functions_need_only_the_documented_commands(
     acl_server: RedisServer, namespace: str
 ) -> None:

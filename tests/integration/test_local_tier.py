@@ -516,3 +516,45 @@ def test_stats_show_the_tier(spawn: Callable[..., Process], product: int) -> Non
     total = reader.cache.stats()["total"]
     assert total["local_hits"] == 2  # hold() read it locally twice
     assert total["local_misses"] >= 1
+
+
+def test_prometheus_and_the_command_line_show_each_process_tier(
+    spawn: Callable[..., Process], product: int, redis_url: str, namespace: str
+) -> None:
+    from click.testing import CliRunner
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from sa_redis_cache.cli import cli
+    from sa_redis_cache.metrics import CacheCollector
+
+    first, second = spawn(), spawn()
+    first.hold(product)
+    second.hold(product, get=True)
+    registry = CollectorRegistry()
+    registry.register(CacheCollector(first.cache))
+    text = generate_latest(registry).decode()
+    assert f'sarc_local_entries{{namespace="{namespace}"}} 1.0' in text
+    assert f'sarc_local_ready{{namespace="{namespace}"}} 1.0' in text
+    assert "sarc_local_hits_total" in text
+    holders = {first.tier.holder, second.tier.holder}
+    base = ["--redis-url", redis_url, "--namespace", namespace, "--models", "examples.shop"]
+
+    def published() -> list[dict[str, Any]]:
+        result = CliRunner().invoke(cli, [*base, "stats", "--json"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        document = __import__("json").loads(result.output)
+        tiers: list[dict[str, Any]] = document["local_tiers"]
+        return tiers
+
+    # each process publishes its gauges with its lease renewals
+    until(
+        lambda: (
+            {t["holder"] for t in published()} == holders
+            and all(t["hits"] >= 2 for t in published())
+        ),
+        "both processes published their local tiers",
+    )
+    shown = CliRunner().invoke(cli, [*base, "stats"], catch_exceptions=False).output
+    for holder in holders:
+        assert holder in shown
+    assert "local holders" in shown
