@@ -331,19 +331,19 @@ class Cache:
 
         Its entity entry is removed, and the table's version is bumped: cached queries
         that may contain the row are retired, and a fill that read the row before this
-        call is refused.
+        call is refused. Each value is read as its column's type, as a load would give it
+        (``"7"`` for an integer column is ``7``, a UUID's text is the UUID); one that
+        cannot be raises :class:`~sa_redis_cache.models.PrimaryKeyTypeError` (a
+        ``ValueError``).
 
         Example::
 
             cache.invalidate(Product, 7)
         """
         info = self._model_info(model)
-        if len(pk) != len(info.pk_positions):
-            raise ValueError(
-                f"{model.__name__} has a primary key of {len(info.pk_positions)} column(s); "
-                f"got {len(pk)} value(s)"
-            )
-        _check_pk_types(info, pk)
+        # keyed as loads give it ("7" for an int column is 7): a key of another type would
+        # name another entry and remove nothing (PrimaryKeyTypeError when it cannot be read)
+        pk = info.coerce_pk(pk)
         core = self._core
         keys = self.keys
         text = pk_text(pk)
@@ -580,27 +580,6 @@ class Cache:
             cache.stats()["models"]["Product"]["hit_rate"]
         """
         return self._core.counters.snapshot()
-
-
-def _check_pk_types(info: ModelInfo, pk: tuple[Any, ...]) -> None:
-    """Refuse primary key values whose type differs from the column's (``"7"`` for 7).
-
-    The entity key is built from the exact values the ORM loads; a value of another type
-    would name another key and remove nothing, silently.
-    """
-    mapper = info.mapper
-    for column, value in zip(mapper.primary_key, pk, strict=True):
-        try:
-            expected = column.type.python_type
-        except NotImplementedError:
-            continue
-        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
-            attr = mapper.get_property_by_column(column).key
-            raise ValueError(
-                f"{mapper.class_.__name__}.{attr} holds {expected.__name__} values; got "
-                f"{value!r} ({type(value).__name__}). Pass the primary key as the ORM loads "
-                f"it, e.g. cache.invalidate({mapper.class_.__name__}, {expected.__name__}(...))"
-            )
 
 
 def _unmapped_policies(found: dict[Mapper[Any], CachePolicy | None], skip: set[type]) -> list[str]:

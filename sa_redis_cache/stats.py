@@ -30,6 +30,7 @@ Counter = Literal[
     "stale_served",
     "queued",
     "pending_hits",
+    "write_through_fallbacks",
 ]
 """Every counter of ``cache.stats()``: a name outside this list does not type-check."""
 
