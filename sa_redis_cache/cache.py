@@ -26,8 +26,9 @@ from .engine_writes import EngineWrites
 from .errors import ConfigurationError
 from .inspector import CacheInspector
 from .models import ModelInfo, build_model_info, mapper_of
+from .options import FromCache
 from .policy import CachePolicy, Strategy, is_ttl
-from .protocol import KeyScheme, pk_text, scripts
+from .protocol import KeyScheme, is_queue_key, pk_text, scripts
 from .reads import ReadPath
 from .redis_io import clients_for
 from .sessions import SessionHooks
@@ -37,7 +38,7 @@ from .strategies.write_behind import checks as write_behind_checks
 from .strategies.write_behind.session import WriteBehind
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     import redis
     import redis.asyncio
@@ -187,7 +188,7 @@ class Cache:
 
     # -- attaching ------------------------------------------------------------------------
 
-    def attach(self, target: Any) -> None:
+    def attach(self, target: Any, *, cache_queries: FromCache | bool | None = None) -> None:
         """Enable caching for sessions made by ``target`` and check every model's policy.
 
         ``target`` is a ``sessionmaker``, a ``Session`` subclass, an
@@ -197,12 +198,21 @@ class Cache:
         An ``Engine`` alone may be attached for applications that write through Core.
         Every mapped class with a ``__cache__`` attribute is validated; all problems are
         reported at once, each naming the model and the fix, and nothing is attached when
-        any is found. Attaching the same target again only checks the models again.
+        any is found. Attaching the same target again only checks the models again (and
+        sets ``cache_queries``).
+
+        ``cache_queries`` caches every eligible select of these sessions as if it carried
+        that ``FromCache`` (``True``: ``FromCache()``): not primary-key loads (the entity
+        cache's), relationship loads or refreshes, nor statements run with
+        ``.execution_options(cache_queries=False)``; a statement's own ``FromCache``
+        wins (:mod:`sa_redis_cache.reads.auto`).
 
         Example::
 
             Session = sessionmaker(engine)
             cache.attach(Session)
+            # or cache every select of these sessions for a minute:
+            cache.attach(Session, cache_queries=FromCache(ttl=60))
         """
         if isinstance(target, scoped_session | async_scoped_session):
             target = target.session_factory
@@ -217,7 +227,13 @@ class Cache:
                 "from a URL (Cache('redis://...')) or pass one: "
                 "Cache(redis.Redis(...), async_client=redis.asyncio.Redis(...))"
             )
+        option = _query_option(cache_queries)
         if isinstance(target, Engine):
+            if option is not None:
+                raise ConfigurationError(
+                    "attach(engine, cache_queries=...): an engine runs no ORM selects; pass "
+                    "cache_queries= when attaching the session factory"
+                )
             self._load_models()
             self._publisher.start()
             self._engine_writes.register(target)
@@ -226,6 +242,8 @@ class Cache:
         session_class = self._session_class_of(target)
         self._load_models()
         self._publisher.start()
+        # a sessionmaker makes sessions of its own subclass: the option is looked up by it
+        self._reads.auto.set(getattr(session_class, "class_", session_class), option)
         if any(session_class is known for known in self._attached):
             return  # listening twice would run every hook twice
         bind = getattr(target, "kw", {}).get("bind")
@@ -422,6 +440,66 @@ class Cache:
         self._core.counters.incr_total("invalidations")
         return removed
 
+    def invalidate_region(self, region: str) -> list[str]:
+        """Retire every entry of the ``FromCache`` region ``region``; the tables bumped.
+
+        Each process records, per region, the table of the first entity of the statements
+        it reads there; bumping those tables' versions retires the region's entries in
+        every process and refuses any fill that read the database before this call. Other
+        regions' entries on those tables are retired too (misses, never wrong values).
+        Lazy-loaded collections are the regions ``"<Parent>.<relationship>"``.
+
+        Example::
+
+            stmt = select(Product).options(FromCache(region="catalogue"))
+            ...
+            cache.invalidate_region("catalogue")
+        """
+        core = self._core
+        tables = self._reads.regions.tables(region)
+        with core.measure(None, "invalidate"):
+            if tables:
+                core.io().run_batch([scripts.bump_all([self.keys.version_key(t)]) for t in tables])
+        core.counters.incr_total("invalidations")
+        return tables
+
+    def clear(self) -> int:
+        """Delete every cache entry of this namespace; returns how many keys went.
+
+        Entity, query and function entries go, with the counters they were validated
+        against (a counter comes back at a random value, so a fill that read the database
+        before this call is refused). Kept: write-behind queues and pending states (writes
+        not yet in the database), writer marks of transactions in flight, the published
+        statistics and the regions' table sets. Other processes' caches need nothing:
+        what they read next is a miss.
+
+        Example::
+
+            cache.clear()   # e.g. after restoring a database backup
+        """
+        core = self._core
+        keys = core.keys
+        stats_prefix = keys.stats_key("").encode()
+        regions_prefix = keys.region_key("").encode()
+        removed = 0
+        batch: list[bytes] = []
+        for key in core.client.scan_iter(match=keys.namespace_pattern, count=1000):
+            if (
+                is_queue_key(key)
+                or key.endswith(b":w")  # writer marks: guarantee 2 for writes in flight
+                or b":wbw:" in key
+                or key.startswith((stats_prefix, regions_prefix))
+            ):
+                continue
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += int(core.client.unlink(*batch))
+                batch.clear()
+        if batch:
+            removed += int(core.client.unlink(*batch))
+        core.counters.incr_total("invalidations")
+        return removed
+
     # The awaitable versions run the synchronous method in a SQLAlchemy greenlet, as
     # AsyncSession runs its session: core.io() there awaits the asyncio client through the
     # greenlet bridge, so the checks, keys and commands stay written once, above.
@@ -511,7 +589,14 @@ class Cache:
                 f"or call cache.{method[1:]}() (it blocks for its round trip)"
             )
 
-    def cached(self, prefix: str, ttl: float | None = None) -> CacheDecorator:
+    def cached(
+        self,
+        prefix: str,
+        ttl: float | None = None,
+        *,
+        key: Callable[..., Any] | None = None,
+        ignore: Iterable[str] = (),
+    ) -> CacheDecorator:
         """Cache a plain function's results under ``prefix`` (the recipe's decorator).
 
         The decorated function keeps its signature for type checkers and gains
@@ -521,11 +606,22 @@ class Cache:
         client (the cache needs one: a URL or ``async_client``); ``await
         f.ainvalidate(...)`` is the non-blocking ``invalidate``.
 
+        ``ignore`` names parameters left out of the key (``("db", "request")`` on a FastAPI
+        endpoint); ``key`` is a function of the same arguments whose result is the key
+        instead. Calls whose arguments make no key run uncached, with a WARNING naming the
+        argument once per function.
+
         Example::
 
             @cache.cached("user_profile", ttl=600)
             def profile(user_id: int) -> dict: ...
             profile.invalidate(42)
+
+            @cache.cached("user_page", ignore=("db",))
+            async def user_page(user_id: int, db: AsyncSession) -> dict: ...
+
+            @cache.cached("search", key=lambda q, db: q.strip().lower())
+            def search(q: str, db: Session) -> list[int]: ...
 
             @cache.cached("exchange_rate", ttl=60)
             async def rate(currency: str) -> Decimal: ...
@@ -540,8 +636,8 @@ class Cache:
                         "an asyncio Redis client; make the cache from a URL or pass "
                         "async_client=redis.asyncio.Redis(...)"
                     )
-                return AsyncCachedFunction(self._core, prefix, ttl, func)
-            return CachedFunction(self._core, prefix, ttl, func)
+                return AsyncCachedFunction(self._core, prefix, ttl, func, key=key, ignore=ignore)
+            return CachedFunction(self._core, prefix, ttl, func, key=key, ignore=ignore)
 
         return cast("CacheDecorator", decorate)
 
@@ -567,6 +663,7 @@ class Cache:
             cache.detach()
         """
         self._core.remove_listeners()
+        self._reads.auto.clear()
         self._publisher.stop()  # after a last publish
         self._engine_writes.forget_engines()
         self._attached.clear()
@@ -580,6 +677,20 @@ class Cache:
             cache.stats()["models"]["Product"]["hit_rate"]
         """
         return self._core.counters.snapshot()
+
+
+def _query_option(cache_queries: FromCache | bool | None) -> FromCache | None:
+    """``attach(cache_queries=)`` as an option: a ``FromCache``, True or False/None."""
+    if cache_queries is None or cache_queries is False:
+        return None
+    if cache_queries is True:
+        return FromCache()
+    if isinstance(cache_queries, FromCache):
+        return cache_queries
+    raise ConfigurationError(
+        f"attach(cache_queries={cache_queries!r}): give a FromCache(...) (its ttl and region "
+        "apply to every select), True for FromCache(), or None"
+    )
 
 
 def _unmapped_policies(found: dict[Mapper[Any], CachePolicy | None], skip: set[type]) -> list[str]:
