@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from typing import TYPE_CHECKING, Any, ParamSpec, cast
@@ -38,7 +39,8 @@ from .strategies.write_behind import checks as write_behind_checks
 from .strategies.write_behind.session import WriteBehind
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import AsyncIterator, Callable, Iterable
+    from contextlib import AbstractAsyncContextManager
 
     import redis
     import redis.asyncio
@@ -243,9 +245,19 @@ class Cache:
         self._load_models()
         self._publisher.start()
         # a sessionmaker makes sessions of its own subclass: the option is looked up by it
-        self._reads.auto.set(getattr(session_class, "class_", session_class), option)
+        made = getattr(session_class, "class_", session_class)
+        self._reads.auto.set(made, option)
         if any(session_class is known for known in self._attached):
             return  # listening twice would run every hook twice
+        for known in self._attached:
+            other = getattr(known, "class_", known)
+            if issubclass(made, other) or issubclass(other, made):
+                raise ConfigurationError(
+                    f"attach({target!r}): its sessions are {made.__name__} and "
+                    f"{other.__name__} is attached already; one is a subclass of the other, so "
+                    "every hook would run twice. Attach one of them (Session itself covers "
+                    "every session of the process)"
+                )
         bind = getattr(target, "kw", {}).get("bind")
         if isinstance(bind, AsyncEngine):
             bind = bind.sync_engine
@@ -254,6 +266,42 @@ class Cache:
             self._remember_bind(bind)
         self._hooks.register(session_class)
         self._attached.append(session_class)
+
+    def lifespan(
+        self, *targets: Any, cache_queries: FromCache | bool | None = None
+    ) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+        """An ASGI lifespan (FastAPI, Starlette) that attaches ``targets`` and detaches.
+
+        At startup each target (a sessionmaker, an ``async_sessionmaker``, an engine...)
+        is attached as by :meth:`attach`, with ``cache_queries`` for the session
+        factories; at shutdown the cache is detached (its last counters published) and
+        the asyncio Redis client it made for the app's event loop is closed. The
+        synchronous client stays open, so an app started again (a test client per test)
+        attaches again. Nest it in a lifespan of the application's own with ``async with
+        cache.lifespan(...)(app):``.
+
+        Example::
+
+            cache = Cache(REDIS_URL, namespace="app")
+            app = FastAPI(lifespan=cache.lifespan(SessionLocal, AsyncSessionLocal, engine))
+        """
+        if not targets:
+            raise ConfigurationError(
+                "cache.lifespan() needs the session factories (and engines) to attach"
+            )
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_app: Any) -> AsyncIterator[None]:
+            for target in targets:
+                queries = None if isinstance(target, Engine) else cache_queries
+                self.attach(target, cache_queries=queries)
+            try:
+                yield
+            finally:
+                self.detach()
+                await self.aclose()
+
+        return lifespan
 
     def _remember_bind(self, engine: Engine) -> None:
         """Keep the engines of attached factories: ``invalidate_query`` tries them.
@@ -275,9 +323,14 @@ class Cache:
         if isinstance(target, sessionmaker):
             return target  # type: ignore[return-value]  # sessionmaker is an event target
         if isinstance(target, async_sessionmaker):
-            sync_class = target.kw.get("sync_session_class", Session)
+            # the factory's AsyncSession class may name its own (SQLModel's names its Session)
+            sync_class: type[Session] = (
+                target.kw.get("sync_session_class")
+                or getattr(target.class_, "sync_session_class", None)
+                or Session
+            )
             if any(sync_class is known for known in self._attached):
-                return sync_class  # type: ignore[no-any-return]  # attached before
+                return sync_class  # attached before
             # a subclass of our own scopes the listeners to this factory's sessions
             scoped = type(f"Cached{sync_class.__name__}", (sync_class,), {})
             target.kw["sync_session_class"] = scoped

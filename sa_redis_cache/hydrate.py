@@ -501,7 +501,9 @@ def rehydrate(session: Session, body: Any, info_of: InfoOf, shape: RowShape) -> 
         data: list[Any] = [made[i] for i in rows]
     else:
         data = rows_with_scalars(rows, scalars, made, shape)
-    return compat.make_result(shape.keys, data, single=shape.single_entity)
+    return compat.make_result(
+        shape.keys, data, single=shape.single_entity, entity_positions=shape.entity_positions
+    )
 
 
 def rows_with_scalars(
