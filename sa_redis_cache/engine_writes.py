@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Table
 from sqlalchemy.sql.elements import TextClause
 
+from .schema import is_library_table
+
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
@@ -125,6 +127,8 @@ class EngineWrites:
             tables = {target.fullname}
         else:
             return
+        # the worker's offsets and dead letters: no cache entry reads them
+        tables = {t for t in tables if not is_library_table(t)}
         if not tables:
             return
         info = conn.info
