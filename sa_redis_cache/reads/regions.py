@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 from sqlalchemy import Table
 
+from sa_redis_cache.breaker import CLOSED
 from sa_redis_cache.protocol.scripts import COUNTER_TTL_MS
+from sa_redis_cache.stats import scope
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import ORMExecuteState
@@ -61,11 +63,15 @@ class RegionIndex:
         if last is not None and now - last < _REFRESH_S:
             return
         core = self.core
+        if core.breaker.state is not CLOSED:
+            return  # the read goes to the database and fills nothing: recorded by a later one
         key = core.keys.region_key(option.region)
         try:
             core.io().pipeline([("SADD", key, table.fullname), ("PEXPIRE", key, COUNTER_TTL_MS)])
         except RedisError as exc:
-            core.redis_failed(exc)  # the read degrades too; recorded by a later one
+            # a failure of the read's first round trip: counted as the read's own would be
+            core.redis_failed(exc)
+            core.counters.incr(scope("region", option.region), "errors")
             return
         if len(self._noted) >= _MAX_NOTED:
             self._noted.clear()

@@ -124,13 +124,3 @@ def test_the_lifespan_detaches_at_shutdown(
     with TestClient(app) as client:
         flow(client, *credentials[2])  # attached again: served from the cache
         assert sql.count == 0
-
-
-def test_the_app_without_the_cache(
-    database_url: str, credentials: list[tuple[str, str]], caplog: pytest.LogCaptureFixture
-) -> None:
-    app = fastapi_app.create_app(database_url, None)
-    with TestClient(app) as client:
-        assert flow(client, *credentials[3])["page"] == {"name": "User 4", "posts": 3}
-    for engine in app.state.engines:
-        engine.dispose()
