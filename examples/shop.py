@@ -138,12 +138,13 @@ def seed(
     """
     rng = random.Random(rng_seed)
     base_time = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    cats = [Category(name=f"category-{i}") for i in range(categories)]
+    # names count from 1, as the ids do: category-1 is the category whose id is 1
+    cats = [Category(name=f"category-{i + 1}") for i in range(categories)]
     session.add_all(cats)
     prods = [
         Product(
             category=cats[i % categories],
-            name=f"product-{i}",
+            name=f"product-{i + 1}",
             price=Decimal(rng.randrange(100, 100_000)) / 100,
             status=rng.choice(list(ProductStatus)),
             attributes={"colour": rng.choice(["red", "green", "blue"]), "weight_g": i * 3},
@@ -154,8 +155,8 @@ def seed(
     custs = [
         Customer(
             id=uuid.UUID(int=rng.getrandbits(128), version=4),
-            email=f"customer{i}@example.com",
-            name=f"Customer {i}",
+            email=f"customer{i + 1}@example.com",
+            name=f"Customer {i + 1}",
         )
         for i in range(customers)
     ]

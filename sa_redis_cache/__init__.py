@@ -13,6 +13,7 @@ from importlib import metadata as _metadata
 
 from .cache import Cache
 from .errors import CacheUnavailableError, ConfigurationError, SaRedisCacheError
+from .models import PrimaryKeyTypeError
 from .options import FromCache
 from .policy import CachePolicy, Strategy
 from .worker import FlushWorker
@@ -29,6 +30,7 @@ __all__ = [
     "ConfigurationError",
     "FlushWorker",
     "FromCache",
+    "PrimaryKeyTypeError",
     "SaRedisCacheError",
     "Strategy",
     "__version__",

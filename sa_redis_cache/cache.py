@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from typing import TYPE_CHECKING, Any, ParamSpec, cast
@@ -26,8 +27,9 @@ from .engine_writes import EngineWrites
 from .errors import ConfigurationError
 from .inspector import CacheInspector
 from .models import ModelInfo, build_model_info, mapper_of
+from .options import FromCache
 from .policy import CachePolicy, Strategy, is_ttl
-from .protocol import KeyScheme, pk_text, scripts
+from .protocol import KeyScheme, is_queue_key, pk_text, scripts
 from .reads import ReadPath
 from .redis_io import clients_for
 from .sessions import SessionHooks
@@ -37,7 +39,8 @@ from .strategies.write_behind import checks as write_behind_checks
 from .strategies.write_behind.session import WriteBehind
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable, Iterable
+    from contextlib import AbstractAsyncContextManager
 
     import redis
     import redis.asyncio
@@ -198,7 +201,7 @@ class Cache:
 
     # -- attaching ------------------------------------------------------------------------
 
-    def attach(self, target: Any) -> None:
+    def attach(self, target: Any, *, cache_queries: FromCache | bool | None = None) -> None:
         """Enable caching for sessions made by ``target`` and check every model's policy.
 
         ``target`` is a ``sessionmaker``, a ``Session`` subclass, an
@@ -208,12 +211,21 @@ class Cache:
         An ``Engine`` alone may be attached for applications that write through Core.
         Every mapped class with a ``__cache__`` attribute is validated; all problems are
         reported at once, each naming the model and the fix, and nothing is attached when
-        any is found. Attaching the same target again only checks the models again.
+        any is found. Attaching the same target again only checks the models again (and
+        sets ``cache_queries``).
+
+        ``cache_queries`` caches every eligible select of these sessions as if it carried
+        that ``FromCache`` (``True``: ``FromCache()``): not primary-key loads (the entity
+        cache's), relationship loads or refreshes, nor statements run with
+        ``.execution_options(cache_queries=False)``; a statement's own ``FromCache``
+        wins (:mod:`sa_redis_cache.reads.auto`).
 
         Example::
 
             Session = sessionmaker(engine)
             cache.attach(Session)
+            # or cache every select of these sessions for a minute:
+            cache.attach(Session, cache_queries=FromCache(ttl=60))
         """
         if isinstance(target, scoped_session | async_scoped_session):
             target = target.session_factory
@@ -228,7 +240,13 @@ class Cache:
                 "from a URL (Cache('redis://...')) or pass one: "
                 "Cache(redis.Redis(...), async_client=redis.asyncio.Redis(...))"
             )
+        option = _query_option(cache_queries)
         if isinstance(target, Engine):
+            if option is not None:
+                raise ConfigurationError(
+                    "attach(engine, cache_queries=...): an engine runs no ORM selects; pass "
+                    "cache_queries= when attaching the session factory"
+                )
             self._load_models()
             self._publisher.start()
             self._engine_writes.register(target)
@@ -239,8 +257,20 @@ class Cache:
         self._publisher.start()
         if self._core.local is not None:
             self._core.local.start()
+        # a sessionmaker makes sessions of its own subclass: the option is looked up by it
+        made = getattr(session_class, "class_", session_class)
+        self._reads.auto.set(made, option)
         if any(session_class is known for known in self._attached):
             return  # listening twice would run every hook twice
+        for known in self._attached:
+            other = getattr(known, "class_", known)
+            if issubclass(made, other) or issubclass(other, made):
+                raise ConfigurationError(
+                    f"attach({target!r}): its sessions are {made.__name__} and "
+                    f"{other.__name__} is attached already; one is a subclass of the other, so "
+                    "every hook would run twice. Attach one of them (Session itself covers "
+                    "every session of the process)"
+                )
         bind = getattr(target, "kw", {}).get("bind")
         if isinstance(bind, AsyncEngine):
             bind = bind.sync_engine
@@ -249,6 +279,42 @@ class Cache:
             self._remember_bind(bind)
         self._hooks.register(session_class)
         self._attached.append(session_class)
+
+    def lifespan(
+        self, *targets: Any, cache_queries: FromCache | bool | None = None
+    ) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+        """An ASGI lifespan (FastAPI, Starlette) that attaches ``targets`` and detaches.
+
+        At startup each target (a sessionmaker, an ``async_sessionmaker``, an engine...)
+        is attached as by :meth:`attach`, with ``cache_queries`` for the session
+        factories; at shutdown the cache is detached (its last counters published) and
+        the asyncio Redis client it made for the app's event loop is closed. The
+        synchronous client stays open, so an app started again (a test client per test)
+        attaches again. Nest it in a lifespan of the application's own with ``async with
+        cache.lifespan(...)(app):``.
+
+        Example::
+
+            cache = Cache(REDIS_URL, namespace="app")
+            app = FastAPI(lifespan=cache.lifespan(SessionLocal, AsyncSessionLocal, engine))
+        """
+        if not targets:
+            raise ConfigurationError(
+                "cache.lifespan() needs the session factories (and engines) to attach"
+            )
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_app: Any) -> AsyncIterator[None]:
+            for target in targets:
+                queries = None if isinstance(target, Engine) else cache_queries
+                self.attach(target, cache_queries=queries)
+            try:
+                yield
+            finally:
+                self.detach()
+                await self.aclose()
+
+        return lifespan
 
     def _remember_bind(self, engine: Engine) -> None:
         """Keep the engines of attached factories: ``invalidate_query`` tries them.
@@ -270,9 +336,14 @@ class Cache:
         if isinstance(target, sessionmaker):
             return target  # type: ignore[return-value]  # sessionmaker is an event target
         if isinstance(target, async_sessionmaker):
-            sync_class = target.kw.get("sync_session_class", Session)
+            # the factory's AsyncSession class may name its own (SQLModel's names its Session)
+            sync_class: type[Session] = (
+                target.kw.get("sync_session_class")
+                or getattr(target.class_, "sync_session_class", None)
+                or Session
+            )
             if any(sync_class is known for known in self._attached):
-                return sync_class  # type: ignore[no-any-return]  # attached before
+                return sync_class  # attached before
             # a subclass of our own scopes the listeners to this factory's sessions
             scoped = type(f"Cached{sync_class.__name__}", (sync_class,), {})
             target.kw["sync_session_class"] = scoped
@@ -344,19 +415,19 @@ class Cache:
 
         Its entity entry is removed, and the table's version is bumped: cached queries
         that may contain the row are retired, and a fill that read the row before this
-        call is refused.
+        call is refused. Each value is read as its column's type, as a load would give it
+        (``"7"`` for an integer column is ``7``, a UUID's text is the UUID); one that
+        cannot be raises :class:`~sa_redis_cache.models.PrimaryKeyTypeError` (a
+        ``ValueError``).
 
         Example::
 
             cache.invalidate(Product, 7)
         """
         info = self._model_info(model)
-        if len(pk) != len(info.pk_positions):
-            raise ValueError(
-                f"{model.__name__} has a primary key of {len(info.pk_positions)} column(s); "
-                f"got {len(pk)} value(s)"
-            )
-        _check_pk_types(info, pk)
+        # keyed as loads give it ("7" for an int column is 7): a key of another type would
+        # name another entry and remove nothing (PrimaryKeyTypeError when it cannot be read)
+        pk = info.coerce_pk(pk)
         core = self._core
         keys = self.keys
         text = pk_text(pk)
@@ -439,6 +510,66 @@ class Cache:
         with self._core.measure(None, "invalidate"):
             removed = self._core.invalidate_entries(sorted(keys), ttl_ms, plan.tables)
         self._core.counters.incr_total("invalidations")
+        return removed
+
+    def invalidate_region(self, region: str) -> list[str]:
+        """Retire every entry of the ``FromCache`` region ``region``; the tables bumped.
+
+        Each process records, per region, the table of the first entity of the statements
+        it reads there; bumping those tables' versions retires the region's entries in
+        every process and refuses any fill that read the database before this call. Other
+        regions' entries on those tables are retired too (misses, never wrong values).
+        Lazy-loaded collections are the regions ``"<Parent>.<relationship>"``.
+
+        Example::
+
+            stmt = select(Product).options(FromCache(region="catalogue"))
+            ...
+            cache.invalidate_region("catalogue")
+        """
+        core = self._core
+        tables = self._reads.regions.tables(region)
+        with core.measure(None, "invalidate"):
+            if tables:
+                core.io().run_batch([scripts.bump_all([self.keys.version_key(t)]) for t in tables])
+        core.counters.incr_total("invalidations")
+        return tables
+
+    def clear(self) -> int:
+        """Delete every cache entry of this namespace; returns how many keys went.
+
+        Entity, query and function entries go, with the counters they were validated
+        against (a counter comes back at a random value, so a fill that read the database
+        before this call is refused). Kept: write-behind queues and pending states (writes
+        not yet in the database), writer marks of transactions in flight, the published
+        statistics and the regions' table sets. Other processes' caches need nothing:
+        what they read next is a miss.
+
+        Example::
+
+            cache.clear()   # e.g. after restoring a database backup
+        """
+        core = self._core
+        keys = core.keys
+        stats_prefix = keys.stats_key("").encode()
+        regions_prefix = keys.region_key("").encode()
+        removed = 0
+        batch: list[bytes] = []
+        for key in core.client.scan_iter(match=keys.namespace_pattern, count=1000):
+            if (
+                is_queue_key(key)
+                or key.endswith(b":w")  # writer marks: guarantee 2 for writes in flight
+                or b":wbw:" in key
+                or key.startswith((stats_prefix, regions_prefix))
+            ):
+                continue
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += int(core.client.unlink(*batch))
+                batch.clear()
+        if batch:
+            removed += int(core.client.unlink(*batch))
+        core.counters.incr_total("invalidations")
         return removed
 
     # The awaitable versions run the synchronous method in a SQLAlchemy greenlet, as
@@ -530,7 +661,14 @@ class Cache:
                 f"or call cache.{method[1:]}() (it blocks for its round trip)"
             )
 
-    def cached(self, prefix: str, ttl: float | None = None) -> CacheDecorator:
+    def cached(
+        self,
+        prefix: str,
+        ttl: float | None = None,
+        *,
+        key: Callable[..., Any] | None = None,
+        ignore: Iterable[str] = (),
+    ) -> CacheDecorator:
         """Cache a plain function's results under ``prefix`` (the recipe's decorator).
 
         The decorated function keeps its signature for type checkers and gains
@@ -540,11 +678,22 @@ class Cache:
         client (the cache needs one: a URL or ``async_client``); ``await
         f.ainvalidate(...)`` is the non-blocking ``invalidate``.
 
+        ``ignore`` names parameters left out of the key (``("db", "request")`` on a FastAPI
+        endpoint); ``key`` is a function of the same arguments whose result is the key
+        instead. Calls whose arguments make no key run uncached, with a WARNING naming the
+        argument once per function.
+
         Example::
 
             @cache.cached("user_profile", ttl=600)
             def profile(user_id: int) -> dict: ...
             profile.invalidate(42)
+
+            @cache.cached("user_page", ignore=("db",))
+            async def user_page(user_id: int, db: AsyncSession) -> dict: ...
+
+            @cache.cached("search", key=lambda q, db: q.strip().lower())
+            def search(q: str, db: Session) -> list[int]: ...
 
             @cache.cached("exchange_rate", ttl=60)
             async def rate(currency: str) -> Decimal: ...
@@ -559,8 +708,8 @@ class Cache:
                         "an asyncio Redis client; make the cache from a URL or pass "
                         "async_client=redis.asyncio.Redis(...)"
                     )
-                return AsyncCachedFunction(self._core, prefix, ttl, func)
-            return CachedFunction(self._core, prefix, ttl, func)
+                return AsyncCachedFunction(self._core, prefix, ttl, func, key=key, ignore=ignore)
+            return CachedFunction(self._core, prefix, ttl, func, key=key, ignore=ignore)
 
         return cast("CacheDecorator", decorate)
 
@@ -589,6 +738,7 @@ class Cache:
         self._hooks.uninstall_gets()
         if self._core.local is not None:
             self._core.local.stop()
+        self._reads.auto.clear()
         self._publisher.stop()  # after a last publish
         self._engine_writes.forget_engines()
         self._attached.clear()
@@ -629,25 +779,18 @@ def _check_local(
         )
 
 
-def _check_pk_types(info: ModelInfo, pk: tuple[Any, ...]) -> None:
-    """Refuse primary key values whose type differs from the column's (``"7"`` for 7).
-
-    The entity key is built from the exact values the ORM loads; a value of another type
-    would name another key and remove nothing, silently.
-    """
-    mapper = info.mapper
-    for column, value in zip(mapper.primary_key, pk, strict=True):
-        try:
-            expected = column.type.python_type
-        except NotImplementedError:
-            continue
-        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
-            attr = mapper.get_property_by_column(column).key
-            raise ValueError(
-                f"{mapper.class_.__name__}.{attr} holds {expected.__name__} values; got "
-                f"{value!r} ({type(value).__name__}). Pass the primary key as the ORM loads "
-                f"it, e.g. cache.invalidate({mapper.class_.__name__}, {expected.__name__}(...))"
-            )
+def _query_option(cache_queries: FromCache | bool | None) -> FromCache | None:
+    """``attach(cache_queries=)`` as an option: a ``FromCache``, True or False/None."""
+    if cache_queries is None or cache_queries is False:
+        return None
+    if cache_queries is True:
+        return FromCache()
+    if isinstance(cache_queries, FromCache):
+        return cache_queries
+    raise ConfigurationError(
+        f"attach(cache_queries={cache_queries!r}): give a FromCache(...) (its ttl and region "
+        "apply to every select), True for FromCache(), or None"
+    )
 
 
 def _unmapped_policies(found: dict[Mapper[Any], CachePolicy | None], skip: set[type]) -> list[str]:

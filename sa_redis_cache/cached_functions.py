@@ -20,7 +20,7 @@ from .policy import is_ttl
 from .stats import scope
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Callable, Coroutine, Iterable
 
     from .context import CacheContext
 
@@ -46,12 +46,21 @@ class CachedFunction(Generic[P, R]):
     or full of separators, makes a safe key. Results are stored with the tagged codec;
     a result it cannot encode exactly is returned but not cached.
 
+    ``ignore`` names parameters left out of the key (a database session, a request);
+    ``key`` is a function of the same arguments whose result (anything the codec encodes
+    exactly: str, int, tuple...) is the key instead. When the arguments of a call cannot
+    make a key, the call runs uncached (counted in ``uncacheable``) and a WARNING names
+    the argument and the fix, once per function.
+
     Example::
 
         @cache.cached("user_profile", ttl=600)
         def profile(user_id: int) -> dict: ...
         profile(42)
         profile.invalidate(42)
+
+        @cache.cached("user_page", ignore=("db", "request"))
+        async def user_page(user_id: int, db: AsyncSession, request: Request) -> dict: ...
     """
 
     # set by functools.update_wrapper, declared for type checkers
@@ -60,7 +69,14 @@ class CachedFunction(Generic[P, R]):
     __wrapped__: Callable[P, R]
 
     def __init__(
-        self, core: CacheContext, prefix: str, ttl: float | None, func: Callable[P, R]
+        self,
+        core: CacheContext,
+        prefix: str,
+        ttl: float | None,
+        func: Callable[P, R],
+        *,
+        key: Callable[..., Any] | None = None,
+        ignore: Iterable[str] = (),
     ) -> None:
         if not prefix or any(ch in prefix for ch in "{}*?[] \n"):
             raise ValueError(
@@ -86,18 +102,36 @@ class CachedFunction(Generic[P, R]):
             None,
         )
         self._scope = scope("function", prefix)
+        self._ignore = _ignored(prefix, self._signature, ignore)
+        if key is not None and self._ignore:
+            raise ValueError(
+                f"cached({prefix!r}): give key= or ignore=, not both (key= decides the whole key)"
+            )
+        if key is not None and not callable(key):
+            raise ValueError(f"cached({prefix!r}, key={key!r}): key must be a function")
+        self._key = key
+        self._warned = False
         functools.update_wrapper(self, func)
 
     def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """The Redis key of one call."""
+        if self._key is not None:
+            digest = values_digest(["key=", self._key(*args, **kwargs)])
+            return self._core.keys.function_key(self._prefix, digest)
+        digest = values_digest([list(self._arguments(args, kwargs).items())])
+        return self._core.keys.function_key(self._prefix, digest)
+
+    def _arguments(self, args: Any, kwargs: Any) -> dict[str, Any]:
+        """The call's arguments by name, defaults applied, ``ignore`` left out."""
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
         arguments = bound.arguments
         if self._var_keyword is not None and arguments[self._var_keyword]:
             # f(a=1, b=2) and f(b=2, a=1) are one call: **kwargs order is not meaningful
             arguments[self._var_keyword] = dict(sorted(arguments[self._var_keyword].items()))
-        digest = values_digest([list(arguments.items())])
-        return self._core.keys.function_key(self._prefix, digest)
+        for name in self._ignore:
+            arguments.pop(name, None)
+        return dict(arguments)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         key = self._lookup_key(args, kwargs)
@@ -139,13 +173,42 @@ class CachedFunction(Generic[P, R]):
         try:
             key = self.key_for(*args, **kwargs)
         except (CodecError, TypeError) as exc:
-            log.debug("%s: arguments cannot make a key (%s); calling uncached", self._prefix, exc)
-            core.counters.incr(self._scope, "uncacheable")
+            self._uncacheable(args, kwargs, exc)
             return None
         if not core.breaker.allow():
             core.counters.incr(self._scope, "bypassed")
             return None
         return key
+
+    def _uncacheable(self, args: Any, kwargs: Any, exc: Exception) -> None:
+        """Count a call whose arguments make no key; say why, once per function."""
+        self._core.counters.incr(self._scope, "uncacheable")
+        if self._warned:
+            log.debug("%s: arguments cannot make a key (%s); calling uncached", self._prefix, exc)
+            return
+        self._warned = True
+        culprit = None if self._key is not None else _culprit(self._arguments_or_none(args, kwargs))
+        if culprit is not None:
+            name, value = culprit
+            why = (
+                f"argument {name!r} ({type(value).__name__}) cannot be part of a key; pass "
+                f"ignore=({name!r},) if it does not change the result, or key=..."
+            )
+        else:
+            why = f"{exc}; pass key=... returning a str, int or tuple of them"
+        log.warning(
+            "cached(%r) on %s: calls run uncached: %s (logged once; counted in uncacheable)",
+            self._prefix,
+            self.__qualname__,
+            why,
+            extra={"sarc_scope": self._scope},
+        )
+
+    def _arguments_or_none(self, args: Any, kwargs: Any) -> dict[str, Any] | None:
+        try:
+            return self._arguments(args, kwargs)
+        except TypeError:
+            return None
 
     def _read_failed(self, key: str, exc: RedisError) -> bool:
         """The GET failed: True to go on as after a miss, False to call uncached."""
@@ -238,8 +301,11 @@ class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
         prefix: str,
         ttl: float | None,
         func: Callable[P, Coroutine[Any, Any, T]],
+        *,
+        key: Callable[..., Any] | None = None,
+        ignore: Iterable[str] = (),
     ) -> None:
-        super().__init__(core, prefix, ttl, func)
+        super().__init__(core, prefix, ttl, func, key=key, ignore=ignore)
         if _mark_coroutine is not None:  # Python 3.12+: inspect.iscoroutinefunction says so
             _mark_coroutine(self)
 
@@ -294,6 +360,36 @@ class CacheDecorator(Protocol):
     def __call__(self, func: Callable[P, Coroutine[Any, Any, T]]) -> AsyncCachedFunction[P, T]: ...
     @overload
     def __call__(self, func: Callable[P, R]) -> CachedFunction[P, R]: ...
+
+
+def _ignored(prefix: str, signature: inspect.Signature, ignore: Iterable[str]) -> tuple[str, ...]:
+    """``ignore`` checked against the signature: a misspelt name would ignore nothing."""
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    names = tuple(ignore)
+    unknown = [n for n in names if n not in signature.parameters]
+    if unknown:
+        raise ValueError(
+            f"cached({prefix!r}, ignore={names!r}): {', '.join(map(repr, unknown))} is not a "
+            f"parameter of the function; it has {', '.join(signature.parameters) or 'none'}"
+        )
+    return names
+
+
+def _culprit(arguments: dict[str, Any] | None) -> tuple[str, Any] | None:
+    """The first argument the codec cannot encode exactly, to name it in the warning."""
+    for name, value in (arguments or {}).items():
+        if not _encodable(value):
+            return name, value
+    return None
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        dumps_tagged(value)
+    except CodecError:
+        return False
+    return True
 
 
 def _load(raw: bytes) -> Any:

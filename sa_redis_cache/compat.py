@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -190,10 +191,44 @@ def commit_loaded(state: InstanceState[Any], keys: Iterable[str]) -> None:
     state._commit(state.dict, list(keys))
 
 
-def make_result(keys: Sequence[str], data: list[Any], *, single: bool) -> Result[Any]:
-    """A result that behaves like the ORM's own for ``scalars()``, ``all()``, ``unique()``."""
+_CREATES_UNIQUE_FILTERS = (
+    "_create_unique_filters"
+    in inspect.signature(engine_result.SimpleResultMetaData.__init__).parameters
+)
+
+
+def make_result(
+    keys: Sequence[str],
+    data: list[Any],
+    *,
+    single: bool,
+    entity_positions: Sequence[int] | None = None,
+) -> Result[Any]:
+    """A result that behaves like the ORM's own for ``scalars()``, ``all()``, ``unique()``.
+
+    Objects are told apart by identity in ``unique()``, as the ORM does: a mapped class
+    may be unhashable (SQLModel's, pydantic models). ``entity_positions`` are the columns
+    holding objects (all of them, for a ``single`` result, by default).
+    """
+    if entity_positions is None:
+        entity_positions = range(len(keys)) if single else ()
+    positions = set(entity_positions)
+    filters = [id if i in positions else None for i in range(len(keys))]
+    metadata: Any
+    if not positions:
+        metadata = engine_result.SimpleResultMetaData(list(keys))
+    elif _CREATES_UNIQUE_FILTERS:  # SQLAlchemy 2.1: made when unique() is asked for
+        metadata = engine_result.SimpleResultMetaData(
+            list(keys), _create_unique_filters=lambda _result: filters
+        )
+    else:  # SQLAlchemy 2.0
+        metadata = engine_result.SimpleResultMetaData(
+            list(keys),
+            _unique_filters=filters,  # type: ignore[call-arg]  # its name in SQLAlchemy 2.0
+        )
     made: Any = engine_result.IteratorResult(
-        engine_result.SimpleResultMetaData(list(keys)), iter(data)
+        metadata,
+        iter(data),
     )
     made._source_supports_scalars = single
     result: Result[Any] = made

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Table
 from sqlalchemy.sql.elements import TextClause
 
+from .schema import is_library_table
+
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
@@ -31,26 +33,43 @@ _TEXT_DML = re.compile(
     re.IGNORECASE,
 )
 _ANY_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|TRUNCATE|COPY)\b", re.IGNORECASE)
+# a second statement after a ';' (a trailing ';' and comments after it are not one)
+_MORE = re.compile(r";\s*(?!--|/\*)\S")
 _PENDING = "sa_redis_cache.pending"
 
 
 def text_dml_tables(sql: str, known: list[str]) -> set[str]:
     """The tables a textual statement writes: parsed, or all of ``known`` when unsure.
 
+    A single ``INSERT INTO``/``UPDATE``/``DELETE FROM``/``MERGE INTO``/``TRUNCATE`` names
+    the table it writes: the known tables that name may be (``s.t`` is ``s.t`` or a
+    ``t`` declared without a schema; ``t`` is any schema's ``t``), or the name alone when
+    no model maps it, exactly as Core DML on that table invalidates that table only. A
+    statement that writes some other way (a CTE, a function call, ``COPY``, several
+    statements) is unknowable, and gives every known table.
+
     Example::
 
         >>> text_dml_tables("UPDATE products SET price = 1", ["products", "orders"])
         {'products'}
+        >>> text_dml_tables("INSERT INTO audit_log VALUES (1)", ["products", "orders"])
+        {'audit_log'}
     """
     found = _TEXT_DML.match(sql)
-    if found is not None:
+    if found is not None and _MORE.search(sql, found.end()) is None:
         name = found.group("table").replace('"', "")
-        for candidate in (name, name.rpartition(".")[2]):
-            if candidate in known:
-                return {candidate}
+        schema, _, table = name.rpartition(".")
+        # a model's table without a schema lives in the connection's default schema,
+        # which may be the one named; an unqualified name may be any schema's table
+        matched = {
+            t for t in known if t in (name, table) or (not schema and t.rpartition(".")[2] == table)
+        }
+        # no model's table: that table alone, as Core DML on it is (a FromCache statement
+        # may read a Core table, versioned under its name)
+        return matched or {name}
     if found is not None or _ANY_DML.search(sql):
-        # a table we cannot match to a model's, a CTE, a function call or several
-        # statements: which cached tables changed is unknowable
+        # a CTE, a function call, COPY or several statements: which cached tables
+        # changed is unknowable
         return set(known)
     return set()
 
@@ -108,6 +127,8 @@ class EngineWrites:
             tables = {target.fullname}
         else:
             return
+        # the worker's offsets and dead letters: no cache entry reads them
+        tables = {t for t in tables if not is_library_table(t)}
         if not tables:
             return
         info = conn.info

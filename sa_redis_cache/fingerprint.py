@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import PurePath
+from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table
-from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import Mapper, MapperProperty
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import TextualSelect
 from sqlalchemy.sql.type_api import TypeEngine
@@ -76,6 +78,13 @@ class _Walker:
             out.append(f"Y:{node!r}")
         elif isinstance(node, TextClause):
             raise Unfingerprintable("textual SQL names tables the cache cannot see")
+        elif isinstance(node, MapperProperty):
+            # a loader path (a lazy load's current path names its relationship)
+            out.append(f"P:{_qualified(node.parent.class_)}.{node.key}")
+        elif isinstance(node, CodeType):
+            # a lambda_stmt() (the ORM's lazy loaders build theirs so): SQLAlchemy keys it
+            # by its code object, the tracked elements follow in the key
+            out.append(f"K:{_code_name(node)}")
         elif callable(node) and (name := _function_name(node)) is not None:
             out.append(f"F:{name}")
         else:
@@ -92,6 +101,12 @@ def _function_name(func: Any) -> str | None:
     if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
         return None
     return f"{module}.{qualname}"
+
+
+def _code_name(code: CodeType) -> str:
+    """Where a code object is defined: its file (last two parts), line and name."""
+    where = "/".join(PurePath(code.co_filename).parts[-2:])
+    return f"{where}:{code.co_firstlineno}:{getattr(code, 'co_qualname', code.co_name)}"
 
 
 def _qualified(cls: type) -> str:

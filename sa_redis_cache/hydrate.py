@@ -188,12 +188,15 @@ def extract_entity(
     *,
     allow_modified: bool = False,
     as_stored: Any = _NOT_WRITTEN,
+    pk: tuple[Any, ...] | None = None,
 ) -> Any:
     """Encode one object (or its absence) for the entity cache.
 
     ``allow_modified`` and ``as_stored`` are for write-through, which encodes the state a
     flush just wrote, normalised as Postgres will return it (``as_stored`` is the
-    connection's time zone, see ``ModelInfo.as_stored``).
+    connection's time zone, see ``ModelInfo.as_stored``). ``pk`` is the key the entry is
+    stored under: a row with another primary key (a case-insensitive or padded key the
+    database matched) is not stored there, as the entry's reader would refuse it.
     """
     if obj is None:
         return None
@@ -202,6 +205,8 @@ def extract_entity(
     if not allow_modified and (state.key in preexisting or state.modified):
         raise NotCacheable("the object was already in the session")
     values, missing = _column_values(state.dict, info)
+    if pk is not None and tuple(values[p] for p in info.pk_positions) != pk:
+        raise NotCacheable(f"the database matched the key {pk!r} to another row")
     if as_stored is not _NOT_WRITTEN:
         values = info.as_stored(values, as_stored)
     return [info.codec.dump_row(values), missing or 0]
@@ -528,7 +533,9 @@ def build(
         if shared and shape.scalar_codec.mutable:
             scalars = [shape.scalar_codec.thawed(row) for row in scalars]
         data = rows_with_scalars(rows, scalars, made, shape)
-    return compat.make_result(shape.keys, data, single=shape.single_entity)
+    return compat.make_result(
+        shape.keys, data, single=shape.single_entity, entity_positions=shape.entity_positions
+    )
 
 
 def rows_with_scalars(

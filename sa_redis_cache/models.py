@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table, TypeDecorator, event, inspect
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import ColumnProperty, Mapper
 from sqlalchemy.sql import sqltypes
@@ -22,7 +26,10 @@ from .policy import CachePolicy
 from .stats import scope
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
     from sqlalchemy.sql.type_api import TypeEngine
+
+log = logging.getLogger(__name__)
 
 
 def table_schema_hash(table: Table) -> str:
@@ -80,6 +87,58 @@ def _refuse(_value: Any, _tz: tzinfo | None) -> Any:
 
 Normalizer = Callable[[Any, "tzinfo | None"], Any]
 
+_DIALECT: list[Dialect] = []
+
+
+def postgres_dialect() -> Dialect:
+    """The dialect a ``TypeDecorator`` is asked about: the one the library writes to.
+
+    Example::
+
+        >>> postgres_dialect().name
+        'postgresql'
+    """
+    if not _DIALECT:
+        _DIALECT.append(postgresql.dialect())  # type: ignore[no-untyped-call]  # untyped in SA
+    return _DIALECT[0]
+
+
+def _overrides(t: TypeDecorator[Any], name: str) -> bool:
+    return getattr(type(t), name) is not getattr(TypeDecorator, name)
+
+
+def _decorator_normalizer(t: TypeDecorator[Any]) -> Normalizer | None:
+    """A TypeDecorator's values come back as its impl's do, through its own hooks.
+
+    The value Postgres stores is ``process_bind_param(value)`` as the impl stores it; a
+    load gives ``process_result_value`` of what the impl returns. A decorator that changes
+    neither (SQLModel's ``AutoString``) normalises as its impl; one with the documented
+    hooks is run through them; one that replaces the low-level ``bind_processor`` or
+    ``result_processor`` is not predicted (:class:`Inexact`).
+    """
+    if _overrides(t, "bind_processor") or _overrides(t, "result_processor"):
+        return _refuse
+    dialect = postgres_dialect()
+    impl = t.load_dialect_impl(dialect)
+    inner = write_normalizer(impl) if impl is not t else None
+    binds = _overrides(t, "process_bind_param")
+    results = _overrides(t, "process_result_value")
+    if not binds and not results:
+        return inner
+
+    def through(value: Any, tz: tzinfo | None) -> Any:
+        try:
+            stored = t.process_bind_param(value, dialect) if binds else value
+            if stored is not None and inner is not None:
+                stored = inner(stored, tz)
+            return t.process_result_value(stored, dialect) if results else stored
+        except Inexact:
+            raise
+        except Exception as exc:  # the application's hook: any error means "unknown"
+            raise Inexact(f"{type(t).__name__} raised {exc!r}") from exc
+
+    return through
+
 
 def write_normalizer(sqltype: TypeEngine[Any]) -> Normalizer | None:
     """How a value assigned in Python comes back from Postgres, for write-through.
@@ -87,9 +146,11 @@ def write_normalizer(sqltype: TypeEngine[Any]) -> Normalizer | None:
     Write-through caches the state a flush wrote without reading it back, so the value
     must be the one the database will return: a Numeric is rounded to its scale, a JSONB
     document gets JSONB's key order, a timestamptz comes back in the connection's time
-    zone (``tz``). Raises :class:`Inexact` when that cannot be predicted (a JSONB float
-    in exponent form, a REAL, a padded CHAR, a TypeDecorator); None when values come
-    back unchanged.
+    zone (``tz``), a TypeDecorator's value goes through its ``process_bind_param`` and
+    ``process_result_value`` around its impl's rule. Raises :class:`Inexact` when that
+    cannot be predicted (a JSONB float in exponent form, a REAL, a padded CHAR, a
+    TypeDecorator with its own low-level processors); None when values come back
+    unchanged.
 
     Example::
 
@@ -98,7 +159,7 @@ def write_normalizer(sqltype: TypeEngine[Any]) -> Normalizer | None:
         Decimal('1.50')
     """
     if isinstance(sqltype, TypeDecorator):
-        return _refuse
+        return _decorator_normalizer(sqltype)
     if isinstance(sqltype, sqltypes.Numeric) and not isinstance(sqltype, sqltypes.Float):
         scale = sqltype.scale
         if scale is None or not sqltype.asdecimal:
@@ -130,6 +191,117 @@ def write_normalizer(sqltype: TypeEngine[Any]) -> Normalizer | None:
     return None
 
 
+class PrimaryKeyTypeError(ValueError):
+    """A primary key value that cannot be read as its column's type (``"abc"`` for an int)."""
+
+
+Coercer = Callable[[Any], Any]
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, str):
+        return int(value)  # Postgres reads ' 7 ' and '+7' as 7 too; int() refuses '7.5'
+    if isinstance(value, float | Decimal) and value == int(value):
+        return int(value)  # 7.0 = 7 in Postgres: the same row
+    raise TypeError
+
+
+def _as_decimal(scale: int | None) -> Coercer:
+    def coerce(value: Any) -> Decimal:
+        if isinstance(value, bool) or not isinstance(value, int | str | Decimal):
+            raise TypeError
+        number = Decimal(value)
+        if scale is not None:
+            rounded = number.quantize(Decimal(1).scaleb(-scale))
+            if rounded != number:
+                raise TypeError  # 7.005 in a NUMERIC(10, 2) key matches no row
+            number = rounded
+        return number
+
+    return coerce
+
+
+def _as_uuid(value: Any) -> uuid.UUID:
+    if isinstance(value, str):
+        return uuid.UUID(value)
+    raise TypeError
+
+
+def pk_coercer(sqltype: TypeEngine[Any]) -> Coercer:
+    """A function turning a primary key value into the value the ORM loads for its column.
+
+    ``session.get(User, "0b1c...")`` works with a ``str`` for a UUID column: Postgres casts
+    it. The cache must key the row by the value a load gives (``UUID('0b1c...')``), or the
+    entry of a read would never be found again. A value of the column's Python type is
+    kept; a string, or an integral number, is read as the column's type where Postgres
+    would read it alike (int, UUID, Decimal, Enum names); a TypeDecorator's value goes
+    through its ``process_bind_param`` and ``process_result_value``. Anything else raises
+    ``TypeError`` or ``ValueError``.
+
+    Example::
+
+        >>> from sqlalchemy import Integer, Uuid
+        >>> pk_coercer(Uuid())("00000000-0000-0000-0000-000000000001")
+        UUID('00000000-0000-0000-0000-000000000001')
+        >>> pk_coercer(Integer())("7")
+        7
+    """
+    if isinstance(sqltype, TypeDecorator) and not (
+        _overrides(sqltype, "bind_processor") or _overrides(sqltype, "result_processor")
+    ):
+        dialect = postgres_dialect()
+        impl = sqltype.load_dialect_impl(dialect)
+        inner = pk_coercer(impl) if impl is not sqltype else _keep
+        binds = _overrides(sqltype, "process_bind_param")
+        results = _overrides(sqltype, "process_result_value")
+        if not binds and not results:
+            return inner
+        decorator = sqltype
+
+        def through(value: Any) -> Any:
+            stored = decorator.process_bind_param(value, dialect) if binds else value
+            stored = inner(stored)
+            return decorator.process_result_value(stored, dialect) if results else stored
+
+        return through
+    try:
+        expected: Any = sqltype.python_type
+    except NotImplementedError:
+        return _keep
+    convert: Coercer | None = None
+    if expected is int:
+        convert = _as_int
+    elif expected is uuid.UUID:
+        convert = _as_uuid
+    elif expected is Decimal:
+        scale = getattr(sqltype, "scale", None)
+        convert = _as_decimal(scale if isinstance(scale, int) else None)
+    elif isinstance(expected, type) and issubclass(expected, Enum):
+        enum_class = expected
+
+        def convert(value: Any) -> Any:
+            return enum_class[value]
+
+    def coerce(value: Any) -> Any:
+        if isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool):
+            return value
+        if convert is None or isinstance(value, bool):
+            raise TypeError
+        return convert(value)
+
+    return coerce
+
+
+def _keep(value: Any) -> Any:
+    return value
+
+
+def _not_null(value: Any) -> Any:
+    if value is None:
+        raise TypeError("no row has a NULL primary key")
+    return value
+
+
 class UncacheableModelWarning(UserWarning):
     """A model has a column whose values the codec cannot round-trip exactly."""
 
@@ -155,16 +327,54 @@ class ModelInfo:
     uncacheable_reason: str | None = None
     relationship_keys: frozenset[str] = field(default_factory=frozenset)
     normalizers: tuple[tuple[int, Normalizer], ...] = ()
+    pk_coercers: tuple[Coercer, ...] = ()
 
     def as_stored(self, values: list[Any], tz: tzinfo | None) -> list[Any]:
         """``values`` as Postgres will return them (see :func:`write_normalizer`).
 
-        Raises :class:`Inexact` when that cannot be predicted.
+        Raises :class:`Inexact`, naming the column, when that cannot be predicted.
         """
         for i, normalize in self.normalizers:
             if values[i] is not None:
-                values[i] = normalize(values[i], tz)
+                try:
+                    values[i] = normalize(values[i], tz)
+                except Inexact as exc:
+                    raise Inexact(f"{self.column_keys[i]}: {exc}") from exc
         return values
+
+    def coerce_pk(self, values: Sequence[Any]) -> tuple[Any, ...]:
+        """The primary key as the ORM loads it, each value read through its column's type.
+
+        Every place that names a row in a key calls this (the entity cache's reads,
+        write-behind's queued states, the flush marks, ``cache.invalidate``): a key built
+        from ``"7"`` where loads give ``7`` would name another entry, never found again.
+        Raises :class:`PrimaryKeyTypeError` (a ``ValueError``) naming the column and the
+        fix when a value cannot be read as its column's type (:func:`pk_coercer`).
+
+        Example::
+
+            info.coerce_pk(("0b1c2d3e-...",))  # (UUID('0b1c2d3e-...'),)
+        """
+        if len(values) != len(self.pk_positions):
+            name = self.mapper.class_.__name__
+            raise PrimaryKeyTypeError(
+                f"{name} has a primary key of {len(self.pk_positions)} column(s); got "
+                f"{len(values)} value(s)"
+            )
+        out: list[Any] = []
+        value = None
+        try:
+            for coerce, value in zip(self.pk_coercers, values, strict=True):
+                out.append(coerce(_not_null(value)))
+        except (TypeError, ValueError, KeyError, ArithmeticError) as exc:
+            key = self.column_keys[self.pk_positions[len(out)]]
+            name = f"{self.mapper.class_.__name__}.{key}"
+            column = self.mapper.get_property(key).columns[0]
+            raise PrimaryKeyTypeError(
+                f"{name} is a {column.type} column; {value!r} ({type(value).__name__}) "
+                "cannot be read as one. Pass the primary key as the ORM loads it"
+            ) from exc
+        return tuple(out)
 
     @property
     def scope(self) -> str:
@@ -229,6 +439,7 @@ def build_model_info(mapper: Mapper[Any], policy: CachePolicy | None) -> ModelIn
             for i, p in enumerate(props)
             if (normalize := write_normalizer(p.columns[0].type)) is not None
         ),
+        pk_coercers=tuple(pk_coercer(props[p].columns[0].type) for p in pk_positions),
     )
 
 

@@ -64,6 +64,10 @@ class CachePolicy:
     seconds for its entry; ``xfetch_beta`` scales the probabilistic early refresh of
     entries a read filled (0 turns it off).
 
+    ``cache_queries=True`` caches every eligible select whose first entity is this model
+    as if it carried ``FromCache()`` (:mod:`sa_redis_cache.reads.auto`); primary-key
+    loads stay with the entity cache.
+
     ``local=False`` keeps the model out of the cache's local tier (``Cache(local=True)``):
     its rows, and every cached query that reads its table, are always looked up in
     Redis. Write-behind models are never in the local tier.
@@ -82,6 +86,7 @@ class CachePolicy:
     partitions: int = 8
     lease_wait: float = 0.5
     xfetch_beta: float = 1.0
+    cache_queries: bool = False
     local: bool = True
 
     def problems(self) -> list[str]:
@@ -103,7 +108,7 @@ class CachePolicy:
                 f"ttl={self.ttl!r} is not a positive, finite number of seconds; give ttl a "
                 "value > 0, or None to use the cache default_ttl"
             )
-        for name in ("entity_cache", "accept_volatile", "local"):
+        for name in ("entity_cache", "accept_volatile", "cache_queries", "local"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 found.append(f"{name}={value!r} is not a bool; write {name}=True or False")

@@ -267,3 +267,20 @@ def _connection(bind: str | URL | Engine | Connection) -> Iterator[Connection]:
             yield connection
     finally:
         engine.dispose()
+
+
+def is_library_table(name: str) -> bool:
+    """True for the library's own tables (``sarc_*``, with or without a schema).
+
+    No cache entry reads them: writes to them invalidate nothing, and ``sa-redis-cache
+    stats`` does not list them among the application's tables.
+
+    Example::
+
+        >>> is_library_table("sarc_wb_offsets"), is_library_table("products")
+        (True, False)
+    """
+    return name.rpartition(".")[2] in _LIBRARY_TABLES or name == VERSION_TABLE
+
+
+_LIBRARY_TABLES = frozenset(metadata.tables)

@@ -34,6 +34,7 @@ Counter = Literal[
     "local_misses",
     "fence_waits",
     "fence_timeouts",
+    "write_through_fallbacks",
 ]
 """Every counter of ``cache.stats()``: a name outside this list does not type-check."""
 

@@ -16,6 +16,8 @@ from sqlalchemy import Table
 from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.models import all_mappers
 from sa_redis_cache.policy import CachePolicy
+from sa_redis_cache.protocol.keys import PREFIX
+from sa_redis_cache.schema import is_library_table
 from sa_redis_cache.stats import _with_rate
 from sa_redis_cache.stats_publisher import STATS_TTL_MS, TOTAL, group_of
 
@@ -198,7 +200,8 @@ def collect(
         elif kind != "holders":
             other.add(raw)
     model_tables = _model_tables(all_mappers() if mappers is None else mappers)
-    tables = sorted(set(per_table) | set(model_tables))
+    # the library's own tables (the worker's offsets) hold no entry of the application's
+    tables = sorted(t for t in set(per_table) | set(model_tables) if not is_library_table(t))
     entries = [g for t in tables for g in (per_table[t].entities, per_table[t].queries)]
     _measure(client, [*entries, *functions.values(), other])
 
@@ -288,6 +291,8 @@ def collect(
         "counters_published_seconds_ago": age,
         "local_tiers": sorted((t for t in tiers if t), key=lambda t: str(t.get("holder"))),
         "bad_keys": bad,
+        # where the keys are, when this namespace has none (a misspelt --namespace)
+        "namespaces_with_keys": namespaces_with_keys(client) if total == 0 else None,
     }
 
 
@@ -310,6 +315,28 @@ def _local_tier(fields: dict[bytes, bytes] | None) -> dict[str, Any] | None:
         except ValueError:
             out[name] = None
     return out
+
+
+NAMESPACE_SCAN_LIMIT = 100_000
+"""At most this many keys are looked at to find the namespaces that have keys."""
+
+
+def namespaces_with_keys(client: redis.Redis, limit: int = NAMESPACE_SCAN_LIMIT) -> dict[str, int]:
+    """The namespaces that have keys on this server, with how many (of the first ``limit``).
+
+    Example::
+
+        namespaces_with_keys(redis.Redis())  # {"shop": 1520, "demo": 239}
+    """
+    found: dict[str, int] = defaultdict(int)
+    start = len(PREFIX) + 1
+    for seen, raw in enumerate(client.scan_iter(match=f"{PREFIX}:*", count=1000)):
+        if seen >= limit:
+            break
+        name = raw[start:].partition(b":")[0].decode("utf-8", "replace")
+        if name and not name.startswith("{"):
+            found[name] += 1
+    return dict(sorted(found.items()))
 
 
 def _counters(

@@ -140,6 +140,19 @@ def blocks_for(document: dict[str, Any], redis_url: str) -> list[Block]:
     """The human-readable form of a :func:`collect` document."""
     tables = document["tables"]
     out = scope_blocks(document, redis_url)
+    others = document.get("namespaces_with_keys")
+    if others is not None:
+        where = (
+            "; namespaces with keys there: "
+            + ", ".join(f"{name} ({count} keys)" for name, count in others.items())
+            + ". Pass --namespace NAME (or set SARC_NAMESPACE)"
+            if others
+            else "; no namespace has keys there (nothing attached a Cache to this Redis yet?)"
+        )
+        out.append(
+            f"! Namespace {document['namespace']!r} has no keys on {redis_url}: nothing is "
+            f"cached under it{where}."
+        )
     if tables:
         out.append(
             Table(

@@ -26,6 +26,7 @@ touches one slot::
     sarc:shop:ack:<token>                       acknowledgements of one commit's fences (LIST)
     sarc:shop:local:<holder>                    one process's local-tier gauges (HASH)
     sarc:shop:f:<prefix>:<digest>               function result (cache.cached)
+    sarc:shop:r:<region>                        tables a FromCache region's entries read (SET)
     sarc:shop:stats:<scope>                     hit counters of every process (HASH)
     sarc:shop:invalidations                     Pub/Sub channel of commit announcements
 
@@ -167,6 +168,16 @@ class KeyScheme:
     def function_key(self, prefix: str, digest: str) -> str:
         """The entry of one call of a function decorated with ``cache.cached``."""
         return f"{self.prefix}f:{prefix}:{digest}"
+
+    def region_key(self, region: str) -> str:
+        """The set of tables whose version retires every entry of a ``FromCache`` region.
+
+        Example::
+
+            >>> KeyScheme("shop").region_key("pages")
+            'sarc:shop:r:pages'
+        """
+        return f"{self.prefix}r:{region}"
 
     def function_pattern(self, prefix: str) -> str:
         """A SCAN pattern matching exactly the entries of one decorated function.

@@ -2,7 +2,10 @@
 
 * :mod:`.flow`: the read-through flow both share (look, serve, lease, wait, fill);
 * :mod:`.queries`: ``FromCache`` (plans, entry keys, query entries);
-* :mod:`.entities`: the entity cache (``session.get``, many-to-one lazy loads).
+* :mod:`.entities`: the entity cache (``session.get``, many-to-one lazy loads);
+* :mod:`.relationships`: lazy loads of collections, through query entries;
+* :mod:`.auto`: every eligible select without ``FromCache`` (``cache_queries``);
+* :mod:`.regions`: the tables of each ``FromCache`` region (``cache.invalidate_region``).
 
 Example::
 
@@ -20,9 +23,12 @@ from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.options import FromCache
 from sa_redis_cache.transaction import transaction_state
 
+from .auto import AutoQueries
 from .entities import EntityReads, entity_entry
 from .flow import ReadThrough
 from .queries import QueryReads, StatementPlan
+from .regions import RegionIndex
+from .relationships import RelationshipReads
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Result
@@ -41,6 +47,9 @@ class ReadPath:
         self.flow = ReadThrough(core)
         self.queries = QueryReads(core, self.flow)
         self.entities = EntityReads(core, self.flow)
+        self.relationships = RelationshipReads(core)
+        self.auto = AutoQueries(core)
+        self.regions = RegionIndex(core)
 
     def on_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         """Serve a SELECT from the cache; returns a result to short-circuit the database."""
@@ -51,9 +60,17 @@ class ReadPath:
         if option is None:
             if orm_context.is_relationship_load and not orm_context.lazy_loaded_from:
                 return None
-            return self.entities.read(orm_context)
-        if orm_context.is_relationship_load:
+            # a collection's lazy load, or any eligible select under cache_queries
+            option = (
+                self.relationships.option_for(orm_context)
+                if orm_context.is_relationship_load
+                else self.auto.option_for(orm_context)
+            )
+            if option is None:
+                return self.entities.read(orm_context)
+        elif orm_context.is_relationship_load:
             return None
+        self.regions.note(orm_context, option)
         return self.queries.read(orm_context, option)
 
     def on_begin(self, session: Session, transaction: Any, connection: Any) -> None:

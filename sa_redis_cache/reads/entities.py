@@ -77,7 +77,10 @@ class EntityReads:
             or any(orm_context.execution_options.get(n) for n in BYPASS_OPTIONS)
         ):
             return None
-        return info, pk
+        try:
+            return info, info.coerce_pk(pk)  # keyed as loads give it: "7" reads as 7
+        except ValueError:
+            return None  # the database reads it (or refuses it) as it would uncached
 
     def local_get(self, session: Session, entity: Any, ident: Any) -> tuple[bool, Any]:
         """``session.get(entity, ident)`` from the local tier without SQLAlchemy's execute
@@ -97,6 +100,10 @@ class EntityReads:
         mapper = info.mapper
         pk = ident if type(ident) is tuple else (ident,)
         if len(pk) != len(info.pk_positions) or None in pk:
+            return False, None
+        try:
+            pk = info.coerce_pk(pk)
+        except ValueError:
             return False, None
         if (
             compat.identity_key(mapper, pk) in session.identity_map
@@ -182,7 +189,7 @@ class EntityReads:
 
         def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool | None:
             captured = cast("list[bytes]", look.captured)
-            body = hydrate.extract_entity(data[0] if data else None, info, preexisting)
+            body = hydrate.extract_entity(data[0] if data else None, info, preexisting, pk=pk)
             live_ms = core.jittered_ms(ttl)
             stamp = [int(captured[1]), int(captured[2]), delta, stampede.now_ms() + live_ms]
             return core.store(

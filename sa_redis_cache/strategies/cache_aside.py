@@ -110,7 +110,7 @@ class Invalidation:
                 ticket = row_tickets.get(pk, -1)
                 writes.rows[pk] = RowWrite(
                     ticket=ticket,
-                    state=flushed_state(info, obj, generation, ticket, tz),
+                    state=flushed_state(info, obj, generation, ticket, tz, core.counters),
                     ttl=core.ttl_for_info(info),
                 )
         for table in tables - set(rows):
@@ -166,8 +166,9 @@ class Invalidation:
         if None in pk:
             return
         try:
-            text = pk_text(pk)
-        except TypeError:
+            # keyed as loads give it: an object given id="7" is the row reads key as 7
+            text = pk_text(info.coerce_pk(pk))
+        except (TypeError, ValueError):
             return
         rows.setdefault(info.table, {})[text] = (info, None if deleted else obj)
 

@@ -6,7 +6,6 @@ and every other entry stays a hit (zero SQL).
 
 from __future__ import annotations
 
-import uuid
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
@@ -335,13 +334,33 @@ def test_invalidate_with_the_wrong_number_of_pk_values(cache: Cache, pk: tuple[i
 
 @pytest.mark.parametrize(
     ("model", "pk"),
-    [(Product, "11"), (Product, 11.0), (Product, None), (Customer, str(uuid.UUID(int=1)))],
+    [
+        (Product, "eleven"),
+        (Product, 11.5),
+        (Product, None),
+        (Customer, "not-a-uuid"),
+        (Customer, 1),
+    ],
 )
 def test_invalidate_with_a_pk_of_the_wrong_type(cache: Cache, model: type, pk: Any) -> None:
-    """A pk of another type would build another key and silently remove nothing."""
+    """A pk that cannot be read as its column's type names no row: refused, never ignored."""
     with pytest.raises(ValueError, match=rf"{model.__name__}\.id") as info:
         cache.invalidate(model, pk)
     assert type(pk).__name__ in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["11", 11.0])
+def test_invalidate_reads_the_pk_as_its_column_type(
+    session_factory: sessionmaker[Session], cache: Cache, sql: SQLCounter, text: Any
+) -> None:
+    """``"11"`` for an integer key is the row 11, as ``session.get`` reads it (issue 16)."""
+    with session_factory() as s:
+        assert s.get(Product, 11) is not None
+    cache.invalidate(Product, text)
+    with session_factory() as s:
+        sql.reset()
+        assert s.get(Product, 11) is not None
+        assert sql.count == 1
 
 
 class NotMapped:

@@ -70,7 +70,11 @@ def test_text_dml_table_parsing() -> None:
     assert text_dml_tables("update products set x = 1", known) == {"products"}
     assert text_dml_tables('DELETE FROM "orders" WHERE id = 1', known) == {"orders"}
     assert text_dml_tables("INSERT INTO public.products VALUES (1)", known) == {"products"}
-    assert text_dml_tables("UPDATE elsewhere SET x = 1", known) == set(known)
+    # a table no model maps: that table alone, as Core DML on it (issue 16)
+    assert text_dml_tables("UPDATE elsewhere SET x = 1", known) == {"elsewhere"}
+    assert text_dml_tables("INSERT INTO audit VALUES (1); UPDATE orders SET x = 1", known) == set(
+        known
+    )
     assert text_dml_tables("SELECT 1", known) == set()
     assert text_dml_tables("WITH x AS (DELETE FROM orders RETURNING 1) SELECT 1", known) == set(
         known

@@ -339,8 +339,9 @@ class WriteBehind:
         if pk is None or None in pk:
             return None
         try:
+            pk = info.coerce_pk(pk)  # keyed as the queued state holds it: "7" reads as 7
             text = pk_text(pk)
-        except TypeError:
+        except (TypeError, ValueError):
             return None
         session = orm_context.session
         state = peek_transaction_state(session)

@@ -1,0 +1,83 @@
+"""Which tables retire every entry of a ``FromCache`` region: ``cache.invalidate_region``.
+
+A query entry is valid only while the version of every table it read is unchanged, so
+bumping the version of one table each of a region's statements reads retires all of the
+region's entries, and refuses every fill that read the database before the bump, in every
+process, with the guarantees of any other invalidation. The table chosen is the one of
+the statement's first entity (``orm_context.bind_mapper``); each process records it in a
+Redis set per region (``KeyScheme.region_key``) before the statement's first read, and
+again once a day while it keeps reading it (the set lives 7 days, as the counters).
+
+The cost of this coarseness: invalidating a region also retires the entries of other
+regions that read those tables (misses, never a wrong value).
+
+Example::
+
+    regions = RegionIndex(core)
+    regions.note(orm_context, option)     # called before each FromCache read
+    regions.tables("pages")               # what cache.invalidate_region("pages") bumps
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+from sqlalchemy import Table
+
+from sa_redis_cache.breaker import CLOSED
+from sa_redis_cache.protocol.scripts import COUNTER_TTL_MS
+from sa_redis_cache.stats import scope
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import ORMExecuteState
+
+    from sa_redis_cache.context import CacheContext
+    from sa_redis_cache.options import FromCache
+
+log = logging.getLogger(__name__)
+
+_REFRESH_S = 24 * 3600
+_MAX_NOTED = 4096
+
+
+class RegionIndex:
+    """The tables of each ``FromCache`` region, recorded in Redis for every process."""
+
+    def __init__(self, core: CacheContext) -> None:
+        self.core = core
+        # (region, table) -> when this process last recorded it (monotonic seconds)
+        self._noted: dict[tuple[str, str], float] = {}
+
+    def note(self, orm_context: ORMExecuteState, option: FromCache) -> None:
+        """Record the table that retires ``option.region``'s entry of this statement."""
+        mapper = orm_context.bind_mapper
+        table = None if mapper is None else mapper.local_table
+        if not isinstance(table, Table):
+            return  # no entity: invalidate_region cannot name it (documented)
+        memo = (option.region, table.fullname)
+        now = time.monotonic()
+        last = self._noted.get(memo)
+        if last is not None and now - last < _REFRESH_S:
+            return
+        core = self.core
+        if core.breaker.state is not CLOSED:
+            return  # the read goes to the database and fills nothing: recorded by a later one
+        key = core.keys.region_key(option.region)
+        try:
+            core.io().pipeline([("SADD", key, table.fullname), ("PEXPIRE", key, COUNTER_TTL_MS)])
+        except RedisError as exc:
+            # a failure of the read's first round trip: counted as the read's own would be
+            core.redis_failed(exc)
+            core.counters.incr(scope("region", option.region), "errors")
+            return
+        if len(self._noted) >= _MAX_NOTED:
+            self._noted.clear()
+        self._noted[memo] = now
+
+    def tables(self, region: str) -> list[str]:
+        """The tables recorded for ``region`` by every process (raises ``RedisError``)."""
+        members: Any = self.core.io().pipeline([("SMEMBERS", self.core.keys.region_key(region))])
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members[0])

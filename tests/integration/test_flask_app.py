@@ -1,0 +1,70 @@
+"""The Flask-SQLAlchemy example (examples/flask_app.py) through Flask's test client.
+
+``attach_flask_sqlalchemy`` attaches ``db.session`` and the app's engine: reads are
+cached, a session write and a ``text()`` write on ``db.engine`` are both seen at once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import sqlalchemy as sa
+
+from examples import flask_app
+from tests.support import SQLCounter
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from flask import Flask
+
+
+@pytest.fixture
+def app(database_url: str, redis_url: str, namespace: str) -> Iterator[Flask]:
+    made = flask_app.create_app(database_url, redis_url, namespace)
+    with made.app_context():
+        flask_app.db.drop_all()
+        flask_app.db.create_all()
+        flask_app.db.session.add_all(
+            flask_app.Book(id=i, title=f"book {i}", shelf="new" if i % 2 else "old")
+            for i in range(1, 7)
+        )
+        flask_app.db.session.commit()
+    yield made
+    with made.app_context():
+        flask_app.db.drop_all()
+        engines = list(flask_app.db.engines.values())
+    made.extensions["sa_redis_cache"].detach()
+    for engine in engines:
+        engine.dispose()
+
+
+@pytest.fixture
+def sql(app: Flask) -> Iterator[SQLCounter]:
+    with app.app_context():
+        engine = flask_app.db.engine
+    counter = SQLCounter()
+    sa.event.listen(engine, "before_cursor_execute", counter)
+    yield counter
+    sa.event.remove(engine, "before_cursor_execute", counter)
+
+
+def test_reads_are_cached_and_writes_seen(app: Flask, sql: SQLCounter) -> None:
+    client = app.test_client()
+    for expected in (1, 0):
+        sql.reset()
+        assert client.get("/books/3").json == {"title": "book 3", "shelf": "new"}
+        assert client.get("/shelves/new").json == {"titles": ["book 1", "book 3", "book 5"]}
+        assert sql.count == 2 * expected
+    assert client.post("/books/3/title", json={"title": "renamed"}).json == {"title": "renamed"}
+    assert client.get("/books/3").json == {"title": "renamed", "shelf": "new"}
+    assert client.get("/shelves/new").json == {"titles": ["book 1", "renamed", "book 5"]}
+    # a text() write on db.engine: seen because attach_flask_sqlalchemy attached the engine
+    assert client.post("/shelves/new/rename", json={"to": "top"}).json == {"moved": 3}
+    assert client.get("/shelves/new").json == {"titles": []}
+    assert client.get("/books/1").json == {"title": "book 1", "shelf": "top"}
+    sql.reset()
+    assert client.get("/shelves/top").json == {"titles": ["book 1", "renamed", "book 5"]}
+    assert client.get("/shelves/top").json == {"titles": ["book 1", "renamed", "book 5"]}
+    assert sql.count == 1
