@@ -39,8 +39,9 @@ from sa_redis_cache.protocol import scripts
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
-    from sa_redis_cache.context import CacheContext
     from sa_redis_cache.protocol.scripts import ScriptCall
+
+    from .tier import Host
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ _SLICE = 0.1
 class Fences:
     """The fences and acknowledgement waits of one cache's writes (module docstring)."""
 
-    def __init__(self, core: CacheContext, *, lease: float, strict: bool) -> None:
+    def __init__(self, core: Host, *, lease: float, strict: bool) -> None:
         self.core = core
         self.lease = lease
         self.strict = strict

@@ -26,7 +26,7 @@ import select
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import RedisError
 
@@ -34,7 +34,11 @@ from sa_redis_cache import compat
 from sa_redis_cache.protocol import scripts
 
 if TYPE_CHECKING:
-    from .tier import LocalTier
+    from collections.abc import Sequence
+
+    import redis
+
+    from sa_redis_cache.protocol import KeyScheme
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,41 @@ INVALIDATE_CHANNEL = "__redis__:invalidate"
 _BACKOFF = (0.05, 1.0)
 # seconds an acknowledgement list lives: far longer than any writer waits
 _ACK_TTL_MS = 60_000
+
+
+class Client(Protocol):
+    """The cache context as the listener sees it: the client its connections copy."""
+
+    @property
+    def client(self) -> redis.Redis: ...
+
+
+class Listened(Protocol):
+    """The tier a :class:`Listener` serves (:class:`~sa_redis_cache.local.LocalTier`)."""
+
+    holder: str
+    lease: float
+    lease_ms: int
+
+    @property
+    def core(self) -> Client: ...
+
+    @property
+    def keys(self) -> KeyScheme: ...
+
+    def connected(self, sock: socket.socket) -> None: ...
+
+    def broken(self) -> None: ...
+
+    def read_invalidations(self) -> None: ...
+
+    def take_acks(self) -> list[str]: ...
+
+    def held_tables(self) -> list[str]: ...
+
+    def renewed(self, tables: Sequence[str], held: Sequence[bool], sent: float) -> None: ...
+
+    def gauge_commands(self) -> list[tuple[Any, ...]]: ...
 
 
 class Listener:
@@ -58,7 +97,7 @@ class Listener:
         listener.stop()
     """
 
-    def __init__(self, tier: LocalTier) -> None:
+    def __init__(self, tier: Listened) -> None:
         self.tier = tier
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -32,7 +32,7 @@ import ssl
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import hiredis
 from redis.exceptions import RedisError
@@ -45,9 +45,31 @@ from .store import LocalStore, Mark
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
-    from sa_redis_cache.context import CacheContext
+    import redis
+
+    from sa_redis_cache.protocol import KeyScheme
+    from sa_redis_cache.redis_io import RedisIO
+    from sa_redis_cache.stats import Stats
 
 log = logging.getLogger(__name__)
+
+
+class Host(Protocol):
+    """What the local tier and the fences use of the cache they belong to (its context)."""
+
+    @property
+    def client(self) -> redis.Redis: ...
+
+    @property
+    def keys(self) -> KeyScheme: ...
+
+    @property
+    def counters(self) -> Stats: ...
+
+    def io(self) -> RedisIO: ...
+
+    def redis_failed(self, exc: RedisError) -> None: ...
+
 
 Consistency = Literal["strict", "bounded"]
 """``strict``: a commit returns once every process holding local entries of its tables has
@@ -70,7 +92,7 @@ class LocalTier:
 
     def __init__(
         self,
-        core: CacheContext,
+        core: Host,
         *,
         max_entries: int,
         max_bytes: int,
