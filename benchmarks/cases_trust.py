@@ -71,7 +71,8 @@ def _trusting_prepare(body: Any, shape: Any, info_of: Any) -> Any:
     owners = [infos[o[0]] for o in objects]
     values = [info.codec.load_row(o[1]) for info, o in zip(owners, objects, strict=True)]
     scalars = [] if single else [shape.scalar_codec.load_row(row[1]) for row in rows]
-    return hydrate.Prepared(owners, values, objects, rows, scalars)
+    keys = [hydrate.identity_key_of(i, v) for i, v in zip(owners, values, strict=True)]
+    return hydrate.Prepared(owners, values, objects, rows, scalars, keys)
 
 
 @contextmanager

@@ -212,6 +212,11 @@ def extract_entity(
     return [info.codec.dump_row(values), missing or 0]
 
 
+def identity_key_of(info: ModelInfo, values: Sequence[Any]) -> Any:
+    """The identity-map key of the row ``values`` of ``info``'s mapper."""
+    return compat.identity_key(info.mapper, tuple([values[p] for p in info.pk_positions]))
+
+
 class _Materializer:
     """Builds objects into one session's identity map."""
 
@@ -232,15 +237,17 @@ class _Materializer:
         dumped: Sequence[Any],
         missing: Sequence[int] | int,
         values: tuple[Any, ...] | None = None,
+        key: Any = None,
     ) -> Any:
-        assert info.codec is not None
+        codec = info.codec
+        assert codec is not None
         mapper = info.mapper
         if values is None:
-            values = info.codec.load_row(dumped)
-        elif self.shared:
-            values = info.codec.thawed(values)
-        pk = tuple([values[p] for p in info.pk_positions])
-        key = compat.identity_key(mapper, pk)
+            values = codec.load_row(dumped)
+        elif self.shared and codec.mutable:
+            values = codec.thawed(values)
+        if key is None:
+            key = identity_key_of(info, values)
         identity_map = self.identity_map
         existing = identity_map.get(key)
         column_keys = info.column_keys
@@ -266,7 +273,8 @@ class _Materializer:
                 if i not in absent:
                     dict_[k] = values[i]
         else:
-            dict_.update(zip(column_keys, values, strict=True))
+            # as many values as columns: load_row checked the width
+            dict_.update(zip(column_keys, values))  # noqa: B905 - checked above
         state.key = key
         state.identity_token = None
         state.session_id = self.session_id
@@ -424,6 +432,8 @@ class Prepared:
     objects: list[Any]
     rows: list[Any]
     scalars: list[tuple[Any, ...]]
+    # the identity-map key of each object, computed once
+    keys: list[Any]
 
 
 def prepare(body: Any, shape: RowShape, info_of: InfoOf) -> Prepared:
@@ -466,7 +476,8 @@ def prepare(body: Any, shape: RowShape, info_of: InfoOf) -> Prepared:
     if not single:
         load_row = shape.scalar_codec.load_row
         scalars = [load_row(row[1]) for row in rows]
-    return Prepared(owners, values, objects, rows, scalars)
+    keys = [identity_key_of(info, v) for info, v in zip(owners, values, strict=True)]
+    return Prepared(owners, values, objects, rows, scalars, keys)
 
 
 def _object_values(info: ModelInfo, dumped: Any, missing: Any) -> tuple[Any, ...]:
@@ -505,8 +516,10 @@ def build(
     objects, rows = prepared.objects, prepared.rows
     mat = _Materializer(session, shared=shared)
     made = [
-        mat.object(info, o[1], o[2], v)
-        for info, o, v in zip(prepared.owners, objects, prepared.values, strict=True)
+        mat.object(info, o[1], o[2], v, k)
+        for info, o, v, k in zip(
+            prepared.owners, objects, prepared.values, prepared.keys, strict=True
+        )
     ]
     new_ids = {id(s) for s in mat.new_states}
     for obj, (_, _, _, rels) in zip(made, objects, strict=True):
@@ -554,8 +567,9 @@ def rows_with_scalars(
     return out
 
 
-PreparedEntity = tuple[tuple[Any, ...], Any] | None
-"""An entity body checked and decoded: ``(values, missing)``, or None for "no such row"."""
+PreparedEntity = tuple[tuple[Any, ...], Any, Any] | None
+"""An entity body checked and decoded: ``(values, missing, identity key)``, or None for
+"no such row"."""
 
 
 def prepare_entity(info: ModelInfo, body: Any, pk: tuple[Any, ...]) -> PreparedEntity:
@@ -571,7 +585,7 @@ def prepare_entity(info: ModelInfo, body: Any, pk: tuple[Any, ...]) -> PreparedE
     values = _object_values(info, body[0], body[1])
     if tuple(values[p] for p in info.pk_positions) != pk:
         raise _foreign("the entry holds another row")
-    return values, body[1]
+    return values, body[1], compat.identity_key(info.mapper, pk)
 
 
 def build_entity(
@@ -580,9 +594,9 @@ def build_entity(
     """The object of a prepared entity body, built into ``session`` (None: no row)."""
     if prepared is None:
         return None
-    values, missing = prepared
+    values, missing, key = prepared
     mat = _Materializer(session, shared=shared)
-    obj: object = mat.object(info, (), missing, values)
+    obj: object = mat.object(info, (), missing, values, key)
     mat.finish()
     return obj
 
