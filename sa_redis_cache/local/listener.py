@@ -101,9 +101,9 @@ class Listener:
         self.tier = tier
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)  # noqa: FBT003 - the socket API's own signature
-        self._wake_w.setblocking(False)  # noqa: FBT003 - the socket API's own signature
+        # made when the thread starts: a listener never started holds no socket
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
         self._sub: Any = None
         self._ctl: Any = None
         self._sub_id = -1
@@ -119,6 +119,9 @@ class Listener:
         """Start the thread (once)."""
         if self._thread is not None:
             return
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)  # noqa: FBT003 - the socket API's own signature
+        self._wake_w.setblocking(False)  # noqa: FBT003 - the socket API's own signature
         self._thread = threading.Thread(
             target=self._run, name=f"sa-redis-cache-local-{self.tier.holder}", daemon=True
         )
@@ -133,18 +136,27 @@ class Listener:
             thread.join(timeout)
         self._close()
         for sock in (self._wake_r, self._wake_w):
-            sock.close()
+            if sock is not None:
+                sock.close()
+        self._wake_r = self._wake_w = None
 
     def wake(self) -> None:
         """Make the loop look again now (acks queued by a reading thread, stop)."""
+        wake = self._wake_w
+        if wake is None:
+            return  # not started
         # full (a wake is pending anyway) or closed (stopping)
         with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
+            wake.send(b"x")
 
     def forget(self) -> None:
         """After ``fork()``: the parent's connections and thread are not this process's."""
         self._sub = self._ctl = None
         self._thread = None
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()  # this process's copies only
+        self._wake_r = self._wake_w = None
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -209,13 +221,15 @@ class Listener:
     def _loop(self) -> None:
         tier = self.tier
         sock = compat.connection_socket(self._sub)
+        wake = self._wake_r
+        assert wake is not None
         renew_every = tier.lease / 3
         next_renewal = time.monotonic()
         while not self._stop.is_set():
             wait = max(0.0, next_renewal - time.monotonic())
-            readable, _, _ = select.select([sock, self._wake_r], [], [], wait)
-            if self._wake_r in readable:
-                self._clear_wakes()
+            readable, _, _ = select.select([sock, wake], [], [], wait)
+            if wake in readable:
+                self._clear_wakes(wake)
             tier.read_invalidations()
             self._send_acks()
             if time.monotonic() >= next_renewal:
@@ -233,9 +247,10 @@ class Listener:
         commands.append(("DEL", tier.keys.local_stats_key(tier.holder)))
         self._roundtrip(commands)
 
-    def _clear_wakes(self) -> None:
+    @staticmethod
+    def _clear_wakes(wake: socket.socket) -> None:
         try:
-            while self._wake_r.recv(4096):
+            while wake.recv(4096):
                 pass
         except (BlockingIOError, OSError):
             pass

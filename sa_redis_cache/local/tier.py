@@ -133,6 +133,8 @@ class LocalTier:
         self._started = False
         self._listener.stop()
         self.broken()
+        # a later attach() starts a listener of its own
+        self._listener = Listener(self)
 
     def after_fork_in_child(self) -> None:
         """A forked child shares its parent's sockets: forget them, start afresh when used."""

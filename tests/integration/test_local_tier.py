@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from devservices import RedisServer
 from examples.shop import Product
 from sa_redis_cache import Cache, ConfigurationError, FromCache
+from sa_redis_cache.protocol import KeyScheme
 from tests.modes import async_url
 from tests.seams import RedisTap
 from tests.support import SQLCounter
@@ -558,3 +559,57 @@ def test_prometheus_and_the_command_line_show_each_process_tier(
     for holder in holders:
         assert holder in shown
     assert "local holders" in shown
+
+
+def test_detach_stops_the_tier_and_attach_starts_it_again(
+    spawn: Callable[..., Process], product: int, redis_client: redis.Redis, namespace: str
+) -> None:
+    reader = spawn()
+    reader.hold(product)
+    tier = reader.tier
+    holders = KeyScheme(namespace).holders_key("products")
+    assert redis_client.zscore(holders, tier.holder) is not None
+    reader.cache.detach()
+    assert not tier.ready
+    assert redis_client.zscore(holders, tier.holder) is None  # writers no longer wait for it
+    reader.cache.attach(reader.factory)
+    assert tier.wait_ready(WAIT)
+    reader.hold(product)
+
+
+def test_a_forked_child_starts_a_tier_of_its_own(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    """The child shares its parent's sockets: it must not read them, nor serve what the
+    parent holds; it connects afresh, under a holder id of its own."""
+    import multiprocessing
+
+    reader = spawn()
+    reader.hold(product)
+    parent_holder = reader.tier.holder
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+
+    def child() -> None:
+        tier = reader.tier
+        out: dict[str, Any] = {"holder": tier.holder, "entries": len(tier.store)}
+        out["ready"] = tier.wait_ready(WAIT)
+        reader.engine.dispose(close=False)  # the parent's database connections stay its own
+        out["price"] = str(reader.price(product))
+        reader.hold(product)
+        out["local_hits"] = reader.total("local_hits")
+        results.put(out)
+
+    process = context.Process(target=child)
+    process.start()
+    got = results.get(timeout=WAIT * 3)
+    process.join(WAIT)
+    assert got["holder"] != parent_holder
+    assert got["entries"] == 0
+    assert got["ready"] is True
+    assert got["price"] == "1.00"
+    # the parent's tier is untouched: still ready, still serving
+    assert reader.tier.ready
+    hits = reader.total("local_hits")
+    reader.price(product)
+    assert reader.total("local_hits") == hits + 1
