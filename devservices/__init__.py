@@ -41,6 +41,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy.pool import NullPool
 
+from devservices.cluster import ClusterNode, RedisCluster
 from devservices.process import ManagedServer, ServerStartError, free_port
 from devservices.servers import (
     PG_BIN_GLOBS,
@@ -59,8 +60,10 @@ __all__ = [
     "DEFAULT_PG_ADDRESS",
     "DEFAULT_REDIS_ADDRESS",
     "PG_BIN_GLOBS",
+    "ClusterNode",
     "ManagedServer",
     "PostgresServer",
+    "RedisCluster",
     "RedisServer",
     "ServerStartError",
     "Services",
