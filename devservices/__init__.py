@@ -38,9 +38,11 @@ from typing import TYPE_CHECKING
 import redis
 import sqlalchemy as sa
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from sqlalchemy.pool import NullPool
 
+from devservices.cluster import ClusterNode, RedisCluster
 from devservices.process import ManagedServer, ServerStartError, free_port
 from devservices.servers import (
     PG_BIN_GLOBS,
@@ -51,6 +53,7 @@ from devservices.servers import (
 from sa_redis_cache.cli.common import normalize_database_url
 from sa_redis_cache.redaction import redact_text
 from sa_redis_cache.redaction import redact_url as redact
+from sa_redis_cache.redis_io import client_from_url
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -59,8 +62,10 @@ __all__ = [
     "DEFAULT_PG_ADDRESS",
     "DEFAULT_REDIS_ADDRESS",
     "PG_BIN_GLOBS",
+    "ClusterNode",
     "ManagedServer",
     "PostgresServer",
+    "RedisCluster",
     "RedisServer",
     "ServerStartError",
     "Services",
@@ -118,14 +123,14 @@ def _probe_database(url: str) -> str | None:
 def _probe_redis(url: str) -> str | None:
     """None when ``url`` answers PING, else a one-line reason."""
     try:
-        client = redis.Redis.from_url(
+        client = client_from_url(
             url, socket_connect_timeout=1, socket_timeout=2, retry=Retry(NoBackoff(), 0)
         )
         try:
             client.ping()
         finally:
             client.close()
-    except (redis.RedisError, OSError, ValueError) as exc:
+    except (redis.RedisError, RedisClusterException, OSError, ValueError) as exc:
         return _first_line(exc)
     return None
 

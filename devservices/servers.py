@@ -16,7 +16,7 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import redis
@@ -32,6 +32,8 @@ from devservices.process import (
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+
+    from devservices.tls import TLSFiles
 
 __all__ = [
     "PG_BIN_GLOBS",
@@ -77,6 +79,8 @@ class RedisServer(ManagedServer):
 
     AOF is on by default (``appendfsync everysec``), RDB snapshots are off, so a
     :meth:`kill` followed by :meth:`restart` replays the AOF like a crashed production server.
+    With ``tls`` (:func:`devservices.tls.make_tls_files`) its one port speaks TLS and
+    :attr:`url` is a ``rediss://`` URL that trusts the test authority.
 
     Example::
 
@@ -100,8 +104,10 @@ class RedisServer(ManagedServer):
         extra_args: Sequence[str] = (),
         binary: str | None = None,
         startup_timeout: float = 30.0,
+        tls: TLSFiles | None = None,
     ) -> None:
         super().__init__(host=host, port=port, run_as=None, startup_timeout=startup_timeout)
+        self.tls = tls
         found = binary or shutil.which("redis-server")
         if found is None:
             raise ServerStartError("redis-server was not found on PATH")
@@ -112,16 +118,25 @@ class RedisServer(ManagedServer):
 
     @property
     def url(self) -> str:
-        """``redis://host:port/0``."""
+        """``redis://host:port/0``; with ``tls``, ``rediss://host:port/0?ssl_ca_certs=CA``."""
+        if self.tls is not None:
+            return f"rediss://{self.host}:{self.port}/0?ssl_ca_certs={self.tls.ca}"
         return f"redis://{self.host}:{self.port}/0"
 
     def _command(self) -> list[str]:
+        # with TLS the only port speaks TLS (the plain one is off): nothing can bypass it
+        ports = ["--port", str(self.port)]
+        if self.tls is not None:
+            ports = [
+                *("--port", "0", "--tls-port", str(self.port)),
+                *("--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)),
+                *("--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "no"),
+            ]
         return [
             self.binary,
             "--bind",
             self.host,
-            "--port",
-            str(self.port),
+            *ports,
             "--dir",
             str(self.data_dir),
             "--daemonize",
@@ -142,6 +157,7 @@ class RedisServer(ManagedServer):
             socket_connect_timeout=1,
             socket_timeout=1,
             retry=Retry(NoBackoff(), 0),
+            **self._tls_options(),
         )
         try:
             # Compare the pid: a lost race for the port would otherwise find another server.
@@ -151,6 +167,11 @@ class RedisServer(ManagedServer):
         finally:
             client.close()
         return self._proc is not None and info.get("process_id") == self._proc.pid
+
+    def _tls_options(self) -> dict[str, Any]:
+        if self.tls is None:
+            return {}
+        return {"ssl": True, "ssl_ca_certs": str(self.tls.ca)}
 
 
 class PostgresServer(ManagedServer):

@@ -31,7 +31,7 @@ from .options import FromCache
 from .policy import CachePolicy, Strategy, is_ttl
 from .protocol import KeyScheme, is_queue_key, pk_text, scripts
 from .reads import ReadPath
-from .redis_io import clients_for
+from .redis_io import clients_for, refuse_cluster
 from .sessions import SessionHooks
 from .stats_publisher import StatsPublisher
 from .strategies.cache_aside import Invalidation
@@ -42,11 +42,9 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable
     from contextlib import AbstractAsyncContextManager
 
-    import redis
-    import redis.asyncio
-
     from .binds import Database
     from .local import Consistency
+    from .redis_io import AsyncClient, SyncClient
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +101,9 @@ class Cache:
 
     def __init__(
         self,
-        redis_client: redis.Redis | str,
+        redis_client: SyncClient | str,
         *,
-        async_client: redis.asyncio.Redis | None = None,
+        async_client: AsyncClient | None = None,
         namespace: str = "default",
         default_ttl: float = 300,
         ttl_jitter: float = 0.1,
@@ -163,7 +161,7 @@ class Cache:
         self._attached_binds: list[Engine] = []
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> SyncClient:
         """The synchronous Redis client (sessions run by ``AsyncSession`` use the asyncio one)."""
         return self._core.client
 
@@ -227,6 +225,7 @@ class Cache:
             # or cache every select of these sessions for a minute:
             cache.attach(Session, cache_queries=FromCache(ttl=60))
         """
+        refuse_cluster(self._core.client, "cache.attach()")
         if isinstance(target, scoped_session | async_scoped_session):
             target = target.session_factory
         if self._core.async_clients is None and (

@@ -23,6 +23,9 @@ import inspect
 from typing import TYPE_CHECKING, Any
 
 import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 import sqlalchemy
 from sqlalchemy.engine import result as engine_result
 from sqlalchemy.orm import context as orm_context
@@ -256,10 +259,17 @@ def registered_classes() -> tuple[list[Mapper[Any]], list[type]]:
 # -- redis-py ------------------------------------------------------------------------------
 
 _CONNECT_HOOK = "redis_connect_func"
+_CLUSTER_CONNECT_HOOK = "user_on_connect_func"
 
 
 def pool_option(client: Any, name: str) -> Any:
-    """An option the client's connection pool makes connections with (None: not set)."""
+    """An option the client makes its connections with (None: not set).
+
+    A Redis Cluster client has one pool per node, all made from the same options, which
+    ``get_connection_kwargs()`` returns.
+    """
+    if isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster):
+        return client.get_connection_kwargs().get(name)
     return client.connection_pool.connection_kwargs.get(name)
 
 
@@ -269,18 +279,80 @@ def pool_options_without(pool: Any, *names: str) -> dict[str, Any]:
     return {k: v for k, v in pool.connection_kwargs.items() if k not in dropped}
 
 
-def install_connect_hook(pool: Any, make_hook: Callable[[Any], Any]) -> None:
-    """Run a hook instead of each new connection's plain ``on_connect`` (sync or asyncio).
+def install_connect_hook(client: Any, check: Callable[[Any], Any]) -> None:
+    """Run ``check(connection)`` on each new connection of ``client``, once it is ready.
 
-    ``make_hook(previous)`` returns the hook; ``previous`` is a hook already installed
-    (call it instead of ``connection.on_connect()``), or None. Connections the pool made
-    already reconnect with the new hook too.
+    "Ready" is after the connection's own handshake (``AUTH``, ``SELECT``, ``HELLO``) and
+    after any hook installed before (a cluster client's ``READONLY``, the application's
+    own ``redis_connect_func``). For an asyncio client ``check`` is a coroutine function.
+    Every connection the client makes from now on runs it: for a Redis Cluster client,
+    those to every node, including nodes it discovers later (a promoted replica, a node
+    added by resharding); connections made already run it when they reconnect.
+
+    Where redis-py keeps the hook:
+
+    * ``redis.Redis`` and ``redis.asyncio.Redis``: the pool's ``redis_connect_func``
+      connection option, called *instead of* ``on_connect``;
+    * ``redis.cluster.RedisCluster``: every node's connections call the cluster's own
+      ``on_connect``, which calls ``user_on_connect_func`` last;
+    * ``redis.asyncio.cluster.RedisCluster``: ``redis_connect_func`` in the nodes
+      manager's connection options, which each node copies when it is made (so every
+      node made already, and its connections, get it too).
     """
-    hook = make_hook(pool.connection_kwargs.get(_CONNECT_HOOK))
-    pool.connection_kwargs[_CONNECT_HOOK] = hook
+    if isinstance(client, redis.cluster.RedisCluster):
+        previous = getattr(client, _CLUSTER_CONNECT_HOOK, None)
+
+        def after_cluster(connection: Any) -> None:
+            if previous is not None:
+                previous(connection)
+            check(connection)
+
+        setattr(client, _CLUSTER_CONNECT_HOOK, after_cluster)
+        return
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        options = client.nodes_manager.connection_kwargs
+        hook = _async_hook(options.get(_CONNECT_HOOK), check)
+        options[_CONNECT_HOOK] = hook
+        for node in client.nodes_manager.nodes_cache.values():
+            node.connection_kwargs[_CONNECT_HOOK] = hook
+            for connection in list(node._connections):
+                setattr(connection, _CONNECT_HOOK, hook)
+        for node in client.nodes_manager.startup_nodes.values():
+            node.connection_kwargs[_CONNECT_HOOK] = hook
+        return
+    pool = client.connection_pool
+    previous = pool.connection_kwargs.get(_CONNECT_HOOK)
+    made: Any
+    if isinstance(client, redis.asyncio.Redis):
+        made = _async_hook(previous, check)
+    else:
+
+        def made(connection: Any) -> None:
+            if previous is not None:
+                previous(connection)
+            else:
+                connection.on_connect()
+            check(connection)
+
+    pool.connection_kwargs[_CONNECT_HOOK] = made
     for name in ("_available_connections", "_in_use_connections"):
         for connection in list(getattr(pool, name, ())):
-            setattr(connection, _CONNECT_HOOK, hook)
+            setattr(connection, _CONNECT_HOOK, made)
+
+
+def _async_hook(previous: Any, check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """An asyncio ``redis_connect_func``: the previous one (or ``on_connect``), then ``check``."""
+
+    async def on_connect(connection: Any) -> None:
+        if previous is not None:
+            done = previous(connection)
+            if inspect.isawaitable(done):
+                await done
+        else:
+            await connection.on_connect()
+        await check(connection)
+
+    return on_connect
 
 
 def dedicated_connection(client: Any, **overrides: Any) -> Any:
@@ -290,6 +362,9 @@ def dedicated_connection(client: Any, **overrides: Any) -> Any:
     without the connect hook, so that no restart bump runs on it. The local tier's
     invalidation and control connections are made this way: tracking belongs to one
     connection, which must never be handed to anyone else.
+
+    A single server only: on a Redis Cluster tracking is per node, so the local tier will
+    need such a pair per primary (docs/cluster.md, "The local tier").
     """
     pool = client.connection_pool
     options = pool_options_without(pool)
@@ -341,6 +416,12 @@ def _samples() -> dict[str, Any]:
         "variant": sqlalchemy.Integer().with_variant(sqlalchemy.BigInteger(), "postgresql"),
         "pool": redis.ConnectionPool(),
         "connection": redis.Connection(),  # type: ignore[no-untyped-call]
+        # made without connecting (an asyncio cluster client connects on first use)
+        "async_cluster": (
+            async_cluster := redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=1)
+        ),
+        "async_nodes": async_cluster.nodes_manager,
+        "async_node": redis.asyncio.cluster.ClusterNode("127.0.0.1", 1),
     }
     mapper._get_clause  # noqa: B018 - configured here, while the registry lives
     mappers.dispose()
@@ -371,6 +452,12 @@ _PROBED: dict[str, tuple[str, str]] = {
     "redis Connection.redis_connect_func": ("connection", _CONNECT_HOOK),
     "redis Connection._sock": ("connection", "_sock"),
     "redis ConnectionPool.connection_class": ("pool", "connection_class"),
+    "redis asyncio RedisCluster.nodes_manager": ("async_cluster", "nodes_manager"),
+    "redis asyncio NodesManager.connection_kwargs": ("async_nodes", "connection_kwargs"),
+    "redis asyncio NodesManager.nodes_cache": ("async_nodes", "nodes_cache"),
+    "redis asyncio NodesManager.startup_nodes": ("async_nodes", "startup_nodes"),
+    "redis asyncio ClusterNode.connection_kwargs": ("async_node", "connection_kwargs"),
+    "redis asyncio ClusterNode._connections": ("async_node", "_connections"),
 }
 
 _MODULE_PROBES: dict[str, tuple[Any, str]] = {
@@ -396,7 +483,16 @@ _MODULE_PROBES: dict[str, tuple[Any, str]] = {
     "sqlalchemy util.concurrency.in_greenlet": (concurrency, "in_greenlet"),
 }
 
-PROBES: tuple[str, ...] = (*_PROBED, *_MODULE_PROBES)
+_SOURCE_PROBES: dict[str, tuple[Any, str]] = {
+    # a sync cluster client is made connected, so no sample: its on_connect must call the
+    # hook install_connect_hook sets
+    "redis cluster.RedisCluster.on_connect calls user_on_connect_func": (
+        redis.cluster.RedisCluster.on_connect,
+        _CLUSTER_CONNECT_HOOK,
+    ),
+}
+
+PROBES: tuple[str, ...] = (*_PROBED, *_MODULE_PROBES, *_SOURCE_PROBES)
 """Every internal symbol this module touches (checked by :func:`probe`)."""
 
 
@@ -413,3 +509,5 @@ def probe() -> Iterator[tuple[str, bool]]:
         yield name, hasattr(samples[sample], attribute)
     for name, (owner, attribute) in _MODULE_PROBES.items():
         yield name, owner is not None and hasattr(owner, attribute)
+    for name, (function, word) in _SOURCE_PROBES.items():
+        yield name, word in inspect.getsource(function)

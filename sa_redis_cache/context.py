@@ -34,12 +34,9 @@ from .tracing import READ, Measurement
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
-    import redis
-    import redis.asyncio
-
     from .binds import Database
     from .local.tier import Consistency
-    from .redis_io import RedisIO
+    from .redis_io import AsyncClient, RedisIO, SyncClient
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +60,10 @@ class CacheContext(RedisOutages):
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: SyncClient,
         *,
-        async_client: redis.asyncio.Redis | None = None,
-        async_factory: Callable[[], redis.asyncio.Redis] | None = None,
+        async_client: AsyncClient | None = None,
+        async_factory: Callable[[], AsyncClient] | None = None,
         namespace: str,
         default_ttl: float,
         ttl_jitter: float,
@@ -132,7 +129,7 @@ class CacheContext(RedisOutages):
             return self.sync_io
         return clients.current()
 
-    def async_client(self) -> redis.asyncio.Redis:
+    def async_client(self) -> AsyncClient:
         """The asyncio client for the running event loop (``await`` its methods directly).
 
         Raises ``RuntimeError`` when the cache was given no way to make one.
@@ -140,7 +137,7 @@ class CacheContext(RedisOutages):
         clients = self.async_clients
         if clients is None:
             raise RuntimeError("this cache has no asyncio Redis client")
-        client: redis.asyncio.Redis = clients.current().client
+        client: AsyncClient = clients.current().client
         return client
 
     def listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:

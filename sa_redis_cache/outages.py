@@ -17,7 +17,6 @@ call them through it.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -27,17 +26,15 @@ from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from . import compat
 from .protocol import scripts
+from .redis_io import is_cluster
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable
 
-    import redis
-    import redis.asyncio
-
     from .breaker import CircuitBreaker
     from .models import ModelRegistry
     from .protocol import KeyScheme, ScriptCall
-    from .redis_io import RedisIO
+    from .redis_io import AsyncClient, RedisIO, SyncClient
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +53,7 @@ class RedisOutages:
     """
 
     # provided by the context
-    client: redis.Redis
+    client: SyncClient
     keys: KeyScheme
     models: ModelRegistry
 
@@ -71,6 +68,8 @@ class RedisOutages:
         self.undelivered: set[str] = set()
         self._undelivered_lock = threading.Lock()
         self.run_id: str | None = None
+        # a Redis Cluster's nodes each have a run id: by node address
+        self.node_run_ids: dict[str, str] = {}
         self._restart_lock = threading.Lock()
         self._detection_off_logged = False
         self.restarts_seen = 0
@@ -81,37 +80,71 @@ class RedisOutages:
 
         A server that restarted may have lost writes' invalidations or come back with
         old entries (AOF, a replica promoted): every table this process knows is bumped,
-        on that connection, before it serves a single read.
+        on that connection, before it serves a single read. On a Redis Cluster, every
+        node's connections are checked (:meth:`_check_node_run_id`).
         """
+        if is_cluster(self.client):
+            compat.install_connect_hook(self.client, self._check_node_run_id)
+        else:
+            compat.install_connect_hook(self.client, self._check_run_id)
 
-        def make_hook(previous: Callable[[Any], None] | None) -> Callable[[Any], None]:
-            def on_connect(connection: Any) -> None:
-                if previous is not None:
-                    previous(connection)
-                else:
-                    connection.on_connect()
-                self._check_run_id(connection)
-
-            return on_connect
-
-        compat.install_connect_hook(self.client.connection_pool, make_hook)
-
-    def _watch_restarts_async(self, client: redis.asyncio.Redis) -> None:
+    def _watch_restarts_async(self, client: AsyncClient) -> None:
         """:meth:`_watch_restarts` for an asyncio client (its connect hook is a coroutine)."""
+        if is_cluster(client):
+            compat.install_connect_hook(client, self._check_node_run_id_async)
+        else:
+            compat.install_connect_hook(client, self._check_run_id_async)
 
-        def make_hook(previous: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
-            async def on_connect(connection: Any) -> None:
-                if previous is not None:
-                    done = previous(connection)
-                    if inspect.isawaitable(done):
-                        await done
-                else:
-                    await connection.on_connect()
-                await self._check_run_id_async(connection)
+    def _check_node_run_id(self, connection: Any) -> None:
+        """A new connection to one node of a Redis Cluster: remember its run id, per node.
 
-            return on_connect
+        Each node has a run id of its own, so one per node is remembered (by address).
+        A node seen again under another run id restarted: every table this process knows
+        becomes undelivered, so its bumps are delivered, table by table (one slot each),
+        before the cache is trusted again for them. A replica promoted at another address
+        is a node seen for the first time here; docs/cluster.md says how phase 2 of the
+        cluster support notices it (the owner of each slot, not only each node's run id).
+        """
+        try:
+            connection.send_command("INFO", "server")
+            info = connection.read_response()
+        except ResponseError as exc:
+            self._detection_off(exc)
+            return
+        self._node_restarted(connection, _run_id_of(info))
 
-        compat.install_connect_hook(client.connection_pool, make_hook)
+    async def _check_node_run_id_async(self, connection: Any) -> None:
+        """:meth:`_check_node_run_id` on an asyncio connection."""
+        try:
+            await connection.send_command("INFO", "server")
+            info = await connection.read_response()
+        except ResponseError as exc:
+            self._detection_off(exc)
+            return
+        self._node_restarted(connection, _run_id_of(info))
+
+    def _node_restarted(self, connection: Any, run_id: str | None) -> None:
+        if run_id is None:
+            return
+        node = f"{connection.host}:{connection.port}"
+        with self._restart_lock:
+            known = self.node_run_ids.get(node)
+            self.node_run_ids[node] = run_id
+        if known is None or known == run_id:
+            return
+        tables = sorted(set(self.models.known_tables()) | self.undelivered)
+        self.keep_undelivered(tables)
+        with self._undelivered_lock:
+            self.restarts_seen += 1
+        self.on_restart()
+        log.warning(
+            "redis cluster node %s restarted (run id %s -> %s): %d cached tables are read "
+            "from the database until their invalidation is delivered",
+            node,
+            known,
+            run_id,
+            len(tables),
+        )
 
     def _check_run_id(self, connection: Any) -> None:
         try:

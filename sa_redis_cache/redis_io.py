@@ -36,14 +36,18 @@ import asyncio
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Union, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.exceptions import NoScriptError
 
 from . import compat
 from .errors import ConfigurationError
+from .redaction import redact_text, redact_url
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -52,13 +56,37 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "CLUSTER_PARAMETER",
+    "AsyncClient",
     "AsyncClients",
     "AsyncRedisIO",
     "RedisIO",
+    "SyncClient",
     "SyncRedisIO",
+    "async_client_from_url",
+    "client_from_url",
     "clients_for",
+    "is_cluster",
+    "refuse_cluster",
+    "split_cluster_url",
     "unlink_matching",
 ]
+
+SyncClient = Union[redis.Redis, redis.cluster.RedisCluster]  # noqa: UP007 - a runtime alias on 3.10
+"""What the cache's synchronous Redis client may be: one server, or a Redis Cluster."""
+
+AsyncClient = Union[redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster]  # noqa: UP007 - as above
+"""What the cache's asyncio Redis client may be: one server, or a Redis Cluster."""
+
+CLUSTER_PARAMETER = "cluster"
+"""The query parameter of a Redis URL that asks for a Redis Cluster client:
+``redis://host:port/0?cluster=true`` (or ``rediss://`` for TLS). redis-py's URLs name the
+transport in the scheme and client options in the query; whether to speak the cluster
+protocol is such an option, read and removed by this library before redis-py sees the URL
+(a plain redis-py client given it fails on connect, rather than talking to one node)."""
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 def _identity(reply: Any) -> Any:
@@ -277,43 +305,148 @@ class AsyncClients:
             await io.client.aclose()
 
 
+def is_cluster(client: object) -> bool:
+    """True for a Redis Cluster client (``redis.cluster.RedisCluster`` or its asyncio twin).
+
+    Example::
+
+        is_cluster(redis.Redis())  # False
+    """
+    return isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster)
+
+
+def refuse_cluster(client: object, what: str) -> None:
+    """Raise :class:`~sa_redis_cache.errors.ConfigurationError` when ``client`` is a Redis
+    Cluster client and ``what`` cannot run on a cluster yet.
+
+    A ``Cache`` is made on a cluster client, and ``@cache.cached`` functions (one key per
+    call) work on it; what reads and writes through sessions waits for the cluster
+    protocol of docs/cluster.md.
+
+    Example::
+
+        refuse_cluster(cache.client, "cache.attach()")
+    """
+    if is_cluster(client):
+        raise ConfigurationError(
+            f"{what} does not run on a Redis Cluster yet: the consistency protocol checks "
+            "the version counters of several tables, which live in several hash slots, in "
+            "one script, and a cluster refuses that. Cluster support is being built "
+            "(docs/cluster.md); until it lands, give the cache a single Redis server "
+            "(a URL without ?cluster=true, or a redis.Redis)"
+        )
+
+
+def split_cluster_url(url: str) -> tuple[str, bool]:
+    """``url`` without the :data:`CLUSTER_PARAMETER`, and whether it asked for a cluster.
+
+    Raises ``ValueError`` (without the URL's secrets) for a value that is not a boolean.
+
+    Example::
+
+        >>> split_cluster_url("rediss://app:pw@node1:6379/0?cluster=true&socket_timeout=1")
+        ('rediss://app:pw@node1:6379/0?socket_timeout=1', True)
+        >>> split_cluster_url("redis://localhost:6379/0")
+        ('redis://localhost:6379/0', False)
+    """
+    parts = urlsplit(url)
+    if not parts.query:
+        return url, False
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    values = [value for name, value in query if name == CLUSTER_PARAMETER]
+    if not values:
+        return url, False
+    word = values[-1].strip().lower()
+    if word not in _TRUE | _FALSE:
+        raise ValueError(
+            f"{redact_url(url)}: {CLUSTER_PARAMETER}={values[-1]!r} is not a boolean; "
+            f"write {CLUSTER_PARAMETER}=true for a Redis Cluster (or leave it out)"
+        )
+    rest = urlencode([(name, value) for name, value in query if name != CLUSTER_PARAMETER])
+    return urlunsplit(parts._replace(query=rest)), word in _TRUE
+
+
+def client_from_url(url: str, **options: Any) -> SyncClient:
+    """A ``redis.Redis``, or a ``redis.cluster.RedisCluster`` for a URL with
+    ``?cluster=true``, made with ``options`` (timeouts...); nothing connects yet for a
+    single server, a cluster client asks the seed node for the slots at once.
+
+    Raises ``ValueError`` (or redis-py's errors) for a URL that cannot be used.
+
+    Example::
+
+        client_from_url("redis://localhost:6379/0", socket_timeout=0.25)
+        client_from_url("rediss://app:pw@node1:6379/0?cluster=true")
+    """
+    plain, cluster = split_cluster_url(url)
+    if cluster:
+        return redis.cluster.RedisCluster.from_url(plain, **options)
+    return redis.Redis.from_url(plain, **options)
+
+
+def async_client_from_url(url: str, **options: Any) -> AsyncClient:
+    """:func:`client_from_url` for asyncio: a ``redis.asyncio.Redis`` or
+    ``redis.asyncio.cluster.RedisCluster`` (which connects on its first command).
+
+    Example::
+
+        async_client_from_url("redis://node1:6379/0?cluster=true", socket_timeout=0.25)
+    """
+    plain, cluster = split_cluster_url(url)
+    if cluster:
+        return redis.asyncio.cluster.RedisCluster.from_url(plain, **options)
+    return redis.asyncio.Redis.from_url(plain, **options)
+
+
 def clients_for(
     redis_client: object, async_client: object, timeout: float
-) -> tuple[redis.Redis, Callable[[], redis.asyncio.Redis] | None]:
+) -> tuple[SyncClient, Callable[[], AsyncClient] | None]:
     """Check what ``Cache()`` was given; the sync client and a maker of asyncio clients.
 
-    ``redis_client`` is a ``redis.Redis`` or a URL (then both clients come from the URL,
-    with ``timeout`` for sockets and connects); ``async_client`` a ``redis.asyncio.Redis``
-    or None. The maker is None when there is no URL, or when ``async_client`` is given.
-    Anything else raises :class:`~sa_redis_cache.errors.ConfigurationError` with the fix.
+    ``redis_client`` is a ``redis.Redis``, a ``redis.cluster.RedisCluster`` or a URL
+    (then both clients come from the URL, with ``timeout`` for sockets and connects;
+    ``?cluster=true`` makes them cluster clients); ``async_client`` a
+    ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster`` of the same kind as
+    the synchronous client, or None. The maker is None when there is no URL, or when
+    ``async_client`` is given. Anything else raises
+    :class:`~sa_redis_cache.errors.ConfigurationError` with the fix.
 
     Example::
 
         sync, make_async = clients_for("redis://localhost:6379/0", None, 0.25)
     """
-    factory: Callable[[], redis.asyncio.Redis] | None = None
+    factory: Callable[[], AsyncClient] | None = None
     if isinstance(redis_client, str):
         url = redis_client
-        redis_client = redis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        try:
+            redis_client = client_from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(
+                f"Cache() cannot use the Redis URL {redact_url(url)!r}: "
+                f"{redact_text(str(exc), url)}; write it as "
+                "redis[s]://[USER:PASSWORD@]HOST:PORT/DB, with ?cluster=true for a Redis Cluster"
+            ) from exc
 
-        def from_url() -> redis.asyncio.Redis:
-            return redis.asyncio.Redis.from_url(
+        def from_url() -> AsyncClient:
+            return async_client_from_url(
                 url, socket_timeout=timeout, socket_connect_timeout=timeout
             )
 
         factory = from_url
-    if isinstance(redis_client, redis.asyncio.Redis):
+    if isinstance(redis_client, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):
         raise ConfigurationError(
-            "Cache() takes a synchronous redis.Redis (or a URL) first, for the "
-            "synchronous sessions and the explicit invalidation methods; pass the "
-            "asyncio client as async_client=, or give a URL and the cache makes both"
+            "Cache() takes a synchronous redis.Redis or redis.cluster.RedisCluster (or a "
+            "URL) first, for the synchronous sessions and the explicit invalidation "
+            "methods; pass the asyncio client as async_client=, or give a URL and the "
+            "cache makes both"
         )
-    if not isinstance(redis_client, redis.Redis):
+    if not isinstance(redis_client, redis.Redis | redis.cluster.RedisCluster):
         raise ConfigurationError(
-            f"Cache() needs a redis.Redis client or a redis:// URL, got "
-            f"{type(redis_client).__name__}; pass redis.Redis.from_url(...) or the URL"
+            f"Cache() needs a redis.Redis or redis.cluster.RedisCluster client or a "
+            f"redis:// URL, got {type(redis_client).__name__}; pass "
+            "redis.Redis.from_url(...) or the URL"
         )
     if compat.pool_option(redis_client, "decode_responses"):
         raise ConfigurationError(
@@ -323,10 +456,19 @@ def clients_for(
         )
     if async_client is None:
         return redis_client, factory
-    if not isinstance(async_client, redis.asyncio.Redis):
+    if not isinstance(async_client, redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster):
         raise ConfigurationError(
-            f"Cache(async_client=...) needs a redis.asyncio.Redis client, got "
-            f"{type(async_client).__name__}; pass redis.asyncio.Redis.from_url(...)"
+            f"Cache(async_client=...) needs a redis.asyncio.Redis or "
+            f"redis.asyncio.cluster.RedisCluster client, got {type(async_client).__name__}; "
+            "pass redis.asyncio.Redis.from_url(...)"
+        )
+    if is_cluster(async_client) != is_cluster(redis_client):
+        kinds = {True: "a Redis Cluster client", False: "a single-server client"}
+        raise ConfigurationError(
+            f"Cache() got {kinds[is_cluster(redis_client)]} and, as async_client, "
+            f"{kinds[is_cluster(async_client)]}: both must reach the same Redis. Pass "
+            "redis.cluster.RedisCluster with redis.asyncio.cluster.RedisCluster (or give "
+            "a URL, and the cache makes both)"
         )
     if compat.pool_option(async_client, "decode_responses"):
         raise ConfigurationError(
@@ -336,7 +478,7 @@ def clients_for(
     return redis_client, None  # the application's client wins over one from the URL
 
 
-def unlink_matching(client: redis.Redis, pattern: str) -> int:
+def unlink_matching(client: SyncClient, pattern: str) -> int:
     """UNLINK every key matching ``pattern`` (SCAN, in batches of 500); how many went.
 
     Never a ``FLUSH``: the server may be shared.

@@ -54,11 +54,12 @@ from redis.exceptions import RedisError
 from . import compat
 from .errors import ConfigurationError
 from .protocol.scripts import COUNTER_TTL_MS
-from .redis_io import SyncRedisIO
+from .redis_io import SyncRedisIO, is_cluster
 
 if TYPE_CHECKING:
     from .context import CacheContext
     from .protocol.scripts import Command
+    from .redis_io import SyncClient
 
 __all__ = ["MAX_BACKOFF", "STATS_TTL_MS", "TOTAL", "StatsPublisher", "group_of", "scope_of"]
 
@@ -169,12 +170,16 @@ def _healing(commands: list[Command], replies: list[Any]) -> list[Command]:
     return healing
 
 
-def _own_client(client: redis.Redis) -> redis.Redis:
+def _own_client(client: SyncClient) -> SyncClient:
     """A client with a pool of its own, connecting as ``client`` does.
 
     The cache's connect hook (the restart check) is left out: it guards entries, and this
-    client writes none. A pool of a kind that cannot be copied (Sentinel) is shared.
+    client writes none. A pool of a kind that cannot be copied (Sentinel) is shared, and
+    so is a Redis Cluster client (a pool per node, made as it discovers them).
     """
+    if is_cluster(client):
+        return client
+    assert isinstance(client, redis.Redis)
     pool = client.connection_pool
     if type(pool) not in (redis.ConnectionPool, redis.BlockingConnectionPool):
         return client
@@ -214,7 +219,7 @@ class StatsPublisher:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client: redis.Redis | None = None
+        self._client: SyncClient | None = None
         self._failing = False
 
     @property
@@ -245,7 +250,7 @@ class StatsPublisher:
             thread.join(self.stop_timeout)
             self._publish(self.stop_timeout)
         client, self._client = self._client, None
-        if client is not None and client is not self.core.client:
+        if isinstance(client, redis.Redis) and client is not self.core.client:
             client.connection_pool.disconnect()
 
     def publish_now(self) -> bool:

@@ -19,6 +19,8 @@ from .output import Block, Table
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from sa_redis_cache.redis_io import SyncClient
+
 __all__ = [
     "MISSES",
     "NO_ENTRY",
@@ -86,7 +88,7 @@ def undecodable(exc: BaseException) -> str:
 
 
 def separate_errors(
-    client: redis.Redis,
+    client: SyncClient,
     requests: Sequence[tuple[str | bytes, str]],
     replies: Sequence[Any],
 ) -> tuple[list[Any], list[dict[str, str]]]:

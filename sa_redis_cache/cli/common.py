@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from sa_redis_cache.cache import Cache
 from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.models import all_mappers, mapper_name, mapper_of
 from sa_redis_cache.redaction import redact_text, redact_url
+from sa_redis_cache.redis_io import client_from_url, refuse_cluster
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -119,15 +121,21 @@ class Settings:
         )
 
     def redis(self) -> redis.Redis:
-        """A client on ``redis_url`` that has answered PING (bytes replies, no retries)."""
+        """A client on ``redis_url`` that has answered PING (bytes replies, no retries).
+
+        A URL with ``?cluster=true`` makes a Redis Cluster client, which the commands
+        refuse until the cache runs on a cluster (docs/cluster.md): exit status 2.
+        """
         if self._client is None:
             try:
-                client = redis.Redis.from_url(
+                client = client_from_url(
                     self.redis_url,
                     socket_connect_timeout=_CONNECT_TIMEOUT,
                     socket_timeout=_SOCKET_TIMEOUT,
                     retry=Retry(NoBackoff(), 0),
                 )
+            except RedisClusterException as exc:
+                raise self.unreachable(exc) from exc
             except (ValueError, TypeError) as exc:
                 # a parser may quote a piece of the password it took for a port
                 why = self.redact(one_line(exc))
@@ -141,6 +149,12 @@ class Settings:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 client.close()
                 raise self.unreachable(exc) from exc
+            try:
+                refuse_cluster(client, "sa-redis-cache")
+            except ConfigurationError as exc:
+                client.close()
+                raise click.UsageError(str(exc)) from exc
+            assert isinstance(client, redis.Redis)  # a cluster client was refused above
             self._client = client
         return self._client
 

@@ -26,10 +26,10 @@ from .badkeys import bad_key, not_a_number, separate_errors
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    import redis
     from sqlalchemy.orm import Mapper
 
     from sa_redis_cache.protocol import KeyScheme
+    from sa_redis_cache.redis_io import SyncClient
 
 __all__ = ["MEMORY_SAMPLE", "collect"]
 
@@ -148,7 +148,7 @@ def _raw(key: str) -> bytes:
     return key.encode("utf-8", "surrogateescape")
 
 
-def _measure(client: redis.Redis, groups: list[_Group]) -> None:
+def _measure(client: SyncClient, groups: list[_Group]) -> None:
     pipe = client.pipeline(transaction=False)
     for group in groups:
         for key in group.sample:
@@ -165,7 +165,7 @@ def _measure(client: redis.Redis, groups: list[_Group]) -> None:
 
 
 def collect(
-    client: redis.Redis, keys: KeyScheme, mappers: list[Mapper[Any]] | None = None
+    client: SyncClient, keys: KeyScheme, mappers: list[Mapper[Any]] | None = None
 ) -> dict[str, Any]:
     """Scan the namespace once and describe it per table (the ``--json`` document).
 
@@ -321,7 +321,7 @@ NAMESPACE_SCAN_LIMIT = 100_000
 """At most this many keys are looked at to find the namespaces that have keys."""
 
 
-def namespaces_with_keys(client: redis.Redis, limit: int = NAMESPACE_SCAN_LIMIT) -> dict[str, int]:
+def namespaces_with_keys(client: SyncClient, limit: int = NAMESPACE_SCAN_LIMIT) -> dict[str, int]:
     """The namespaces that have keys on this server, with how many (of the first ``limit``).
 
     Example::

@@ -36,11 +36,10 @@ from .values import parse_value
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    import redis
-
     from sa_redis_cache.cache import Cache
     from sa_redis_cache.models import ModelInfo
     from sa_redis_cache.reads import StatementPlan
+    from sa_redis_cache.redis_io import SyncClient
 
 __all__ = ["inspect_statement", "statement_blocks"]
 
@@ -183,7 +182,7 @@ def inspect_statement(
 
 
 def _fetch(
-    client: redis.Redis, plan: StatementPlan, key: str
+    client: SyncClient, plan: StatementPlan, key: str
 ) -> tuple[bytes | None, int | None, list[Any], bool, list[dict[str, str]]]:
     """The entry, its PTTL, the current versions, whether it was invalidated, bad keys.
 

@@ -36,9 +36,8 @@ from sa_redis_cache.protocol import scripts
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    import redis
-
     from sa_redis_cache.protocol import KeyScheme
+    from sa_redis_cache.redis_io import SyncClient
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class Client(Protocol):
     """The cache context as the listener sees it: the client its connections copy."""
 
     @property
-    def client(self) -> redis.Redis: ...
+    def client(self) -> SyncClient: ...
 
 
 class Listened(Protocol):

@@ -45,10 +45,8 @@ from .store import LocalStore, Mark
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
-    import redis
-
     from sa_redis_cache.protocol import KeyScheme
-    from sa_redis_cache.redis_io import RedisIO
+    from sa_redis_cache.redis_io import RedisIO, SyncClient
     from sa_redis_cache.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -58,7 +56,7 @@ class Host(Protocol):
     """What the local tier and the fences use of the cache they belong to (its context)."""
 
     @property
-    def client(self) -> redis.Redis: ...
+    def client(self) -> SyncClient: ...
 
     @property
     def keys(self) -> KeyScheme: ...

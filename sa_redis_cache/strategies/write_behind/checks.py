@@ -16,11 +16,11 @@ from sqlalchemy.sql.schema import ColumnDefault
 from .columns import column_of
 
 if TYPE_CHECKING:
-    import redis
     from sqlalchemy.orm import Mapper
 
     from sa_redis_cache.models import ModelInfo
     from sa_redis_cache.policy import CachePolicy
+    from sa_redis_cache.redis_io import SyncClient
 
 
 def model_problems(mapper: Mapper[Any], info: ModelInfo) -> list[str]:
@@ -89,7 +89,7 @@ def model_problems(mapper: Mapper[Any], info: ModelInfo) -> list[str]:
     return problems
 
 
-def redis_problems(client: redis.Redis, policy: CachePolicy) -> list[str]:
+def redis_problems(client: SyncClient, policy: CachePolicy) -> list[str]:
     """Why ``client``'s server cannot keep write-behind queues (AOF off, an allkeys policy).
 
     Asked at every ``attach()`` (two INFO sections): the setting can change between attaches.
@@ -101,7 +101,7 @@ def redis_problems(client: redis.Redis, policy: CachePolicy) -> list[str]:
     return _check_redis(client)
 
 
-def _check_redis(client: redis.Redis) -> list[str]:
+def _check_redis(client: SyncClient) -> list[str]:
     try:
         settings = _server_settings(client)
     except RedisError as exc:
@@ -129,7 +129,7 @@ def _check_redis(client: redis.Redis) -> list[str]:
     return problems
 
 
-def _server_settings(client: redis.Redis) -> dict[str, str]:
+def _server_settings(client: SyncClient) -> dict[str, str]:
     # INFO, never CONFIG GET: managed services often rename CONFIG away, and an ACL that
     # grants CONFIG GET also hands out the server's passwords (docs/security.md)
     persistence = client.info("persistence")

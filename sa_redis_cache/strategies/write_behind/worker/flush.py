@@ -33,7 +33,7 @@ import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy import func, select
@@ -43,7 +43,7 @@ from sa_redis_cache.binds import Binds, translate_map_of
 from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.models import ModelRegistry, mapper_of
 from sa_redis_cache.protocol import GROUP, HEADER, KeyScheme, scripts
-from sa_redis_cache.redis_io import SyncRedisIO
+from sa_redis_cache.redis_io import SyncRedisIO, refuse_cluster
 from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.strategies.write_behind.columns import is_write_behind
 
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from sa_redis_cache.models import ModelInfo
+    from sa_redis_cache.redis_io import SyncClient
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class FlushWorker:
     def __init__(
         self,
         engine: Engine,
-        redis_client: redis.Redis,
+        redis_client: SyncClient,
         *,
         namespace: str,
         models: list[type],
@@ -150,7 +151,9 @@ class FlushWorker:
         if not 1 <= batch_size <= 5000:
             raise ConfigurationError(f"batch_size={batch_size} must be from 1 to 5000")
         self.engine = engine
-        self.client = redis_client
+        refuse_cluster(redis_client, "FlushWorker")
+        # a single server from here on (a cluster client was refused just above)
+        self.client = cast("redis.Redis", redis_client)
         self.namespace = namespace
         self.keys = KeyScheme(namespace)
         self.io = SyncRedisIO(redis_client)

@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import FrameType
 
-    import redis
     from sqlalchemy.engine import Engine
+
+    from sa_redis_cache.redis_io import SyncClient
 
     from .flush import FlushWorker
 
@@ -123,21 +124,27 @@ def _bad_url(option: str, url: str, what: str, exc: Exception) -> NoReturn:
     parser.exit(2, f"{parser.prog}: error: {option}: {redact_url(url)!r} is not {what} ({why})\n")
 
 
-def _connect(args: argparse.Namespace) -> tuple[Engine, redis.Redis]:
-    """The engine and the Redis client of the command line's URLs (nothing connects yet)."""
-    import redis
+def _connect(args: argparse.Namespace) -> tuple[Engine, SyncClient]:
+    """The engine and the Redis client of the command line's URLs (nothing connects yet,
+    but a Redis Cluster client, which asks a node for the slots when it is made)."""
+    from redis.exceptions import RedisClusterException
     from sqlalchemy import create_engine
     from sqlalchemy.exc import ArgumentError
+
+    from sa_redis_cache.redis_io import client_from_url
 
     try:
         engine = create_engine(args.database_url, pool_pre_ping=True)
     except (ArgumentError, ValueError, ImportError) as exc:
         _bad_url("--database-url", args.database_url, "a usable database URL", exc)
     try:
-        client = redis.Redis.from_url(args.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        client = client_from_url(args.redis_url, socket_timeout=5, socket_connect_timeout=2)
     except (ValueError, TypeError) as exc:
         engine.dispose()
         _bad_url("--redis-url", args.redis_url, "a Redis URL", exc)
+    except RedisClusterException as exc:
+        engine.dispose()
+        _bad_url("--redis-url", args.redis_url, "a reachable Redis Cluster", exc)
     return engine, client
 
 
@@ -154,6 +161,8 @@ def _metrics(worker: FlushWorker, port: int, addr: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the worker until SIGTERM/SIGINT; returns the exit status."""
+    from sa_redis_cache.errors import ConfigurationError
+
     from .flush import FlushWorker
     from .progress import BacklogProgress, choose_mode
 
@@ -171,17 +180,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    worker = FlushWorker(
-        engine,
-        client,
-        namespace=args.namespace,
-        models=load_models(args.model),
-        consumer=args.consumer,
-        batch_size=args.batch_size,
-        lease_ms=args.lease_ms,
-        claim_idle_ms=args.claim_idle_ms,
-        max_backoff=args.max_backoff,
-    )
+    try:
+        worker = FlushWorker(
+            engine,
+            client,
+            namespace=args.namespace,
+            models=load_models(args.model),
+            consumer=args.consumer,
+            batch_size=args.batch_size,
+            lease_ms=args.lease_ms,
+            claim_idle_ms=args.claim_idle_ms,
+            max_backoff=args.max_backoff,
+        )
+    except ConfigurationError as exc:
+        engine.dispose()
+        client.close()
+        # one line naming the problem and the fix, as for a bad option
+        parser = _parser()
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     if args.metrics_port is not None:
         _metrics(worker, args.metrics_port, args.metrics_addr)
     progress = BacklogProgress(
