@@ -28,7 +28,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from sa_redis_cache import compat
 from sa_redis_cache.protocol import scripts
@@ -106,7 +106,6 @@ class Listener:
         self._sub: Any = None
         self._ctl: Any = None
         self._sub_id = -1
-        self._hold_sha = ""
         self._last_failure = ""
 
     @property
@@ -198,8 +197,6 @@ class Listener:
         ctl = compat.dedicated_connection(client, protocol=2, health_check_interval=0)
         self._ctl = ctl
         ctl.connect()
-        hold = scripts.script("hold")
-        ctl.send_command("SCRIPT", "LOAD", hold.source)
         ctl.send_command(
             "CLIENT",
             "TRACKING",
@@ -210,7 +207,6 @@ class Listener:
             "PREFIX",
             tier.keys.tracked_prefix,
         )
-        self._hold_sha = _text(ctl.read_response())
         ctl.read_response()
         sock = compat.connection_socket(sub)
         sock.setblocking(False)  # noqa: FBT003 - the socket API's own signature
@@ -270,14 +266,17 @@ class Listener:
         """Extend the leases of the tables this process holds; check tracking is still on."""
         tier = self.tier
         tables = tier.held_tables()
-        commands: list[tuple[Any, ...]] = []
+        # loaded again each time: a SCRIPT FLUSH (any client may send one) must cost a
+        # renewal nothing, rather than look like a broken connection that empties the tier
+        hold = scripts.script("hold")
+        commands: list[tuple[Any, ...]] = [("SCRIPT", "LOAD", hold.source)] if tables else []
         for table in tables:
             _, keys, args = scripts.hold(tier.keys, table, tier.holder, tier.lease_ms, renew=True)
-            commands.append(("EVALSHA", self._hold_sha, len(keys), *keys, *args))
+            commands.append(("EVALSHA", hold.sha, len(keys), *keys, *args))
         commands.append(("CLIENT", "TRACKINGINFO"))
         commands.extend(tier.gauge_commands())
         sent = time.monotonic()
-        replies = self._roundtrip(commands)
+        replies = self._roundtrip(commands)[1 if tables else 0 :]
         self._check_tracking(replies[len(tables)])
         held = [bool(reply[1]) for reply in replies[: len(tables)]]
         tier.renewed(tables, held, sent)
@@ -293,7 +292,18 @@ class Listener:
         if ctl is None:
             raise ConnectionError("no control connection")
         ctl.send_packed_command(ctl.pack_commands(commands))
-        return [ctl.read_response() for _ in commands]
+        # every reply is read before an error one is raised: the connection stays in step
+        replies: list[Any] = []
+        failure: RedisError | None = None
+        for _ in commands:
+            try:
+                replies.append(ctl.read_response())
+            except ResponseError as exc:  # noqa: PERF203 - a reply per command, few commands
+                failure = failure or exc
+                replies.append(exc)
+        if failure is not None:
+            raise failure
+        return replies
 
     def _close(self) -> None:
         for connection in (self._sub, self._ctl):

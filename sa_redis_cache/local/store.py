@@ -41,21 +41,28 @@ if TYPE_CHECKING:
 _SEEN_KEYS = 100_000
 
 
-# a decoded entry takes about this many times its stored bytes in Python objects, plus a
-# fixed part for the entry, its key and its counters (benchmarks/cases_local.py measures it)
-_SIZE_FACTOR = 4
-_SIZE_BASE = 400
+# what a local entry takes in Python objects: a share per stored byte (the decoded values),
+# a fixed part per object built from it (its values tuple, identity key, the body's lists),
+# and one for the entry itself (the entry, its key, its counters). Fitted to what
+# benchmarks/cases_local.py measures with tracemalloc for a 1-row entity, a 1-row query and
+# a 50 + 200 object graph.
+_PER_BYTE = 4
+_PER_OBJECT = 350
+_PER_ENTRY = 200
 
 
-def estimated_size(stored_bytes: int) -> int:
-    """The memory a local entry decoded from ``stored_bytes`` bytes is counted at.
+def estimated_size(stored_bytes: int, objects: int = 1) -> int:
+    """The memory a local entry of ``objects`` objects, decoded from ``stored_bytes``
+    bytes, is counted at.
 
     Example::
 
         >>> estimated_size(100)
-        800
+        950
+        >>> estimated_size(12_000, objects=250)
+        135700
     """
-    return stored_bytes * _SIZE_FACTOR + _SIZE_BASE
+    return stored_bytes * _PER_BYTE + objects * _PER_OBJECT + _PER_ENTRY
 
 
 class Mark(NamedTuple):

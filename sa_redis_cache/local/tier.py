@@ -116,6 +116,7 @@ class LocalTier:
         self._started = False
         self.lapses = 0
         self.breaks = 0
+        self.renewals = 0
         _TIERS.add(self)
 
     # -- life ------------------------------------------------------------------------------
@@ -285,6 +286,7 @@ class LocalTier:
     def renewed(self, tables: Sequence[str], held: Sequence[bool], sent: float) -> None:
         """The listener's renewal, sent at ``sent``, came back."""
         with self.lock:
+            self.renewals += 1
             if not all(held) or (self._held and time.monotonic() >= self.deadline):
                 # pruned by a writer, or lapsed meanwhile (paused): writers may have gone
                 # on without this process's acknowledgement

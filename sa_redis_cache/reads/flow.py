@@ -165,18 +165,26 @@ class ReadThrough:
         measured.done("miss")
         return frozen()
 
-    def keep_local(self, key: str, value: Any, look: Look, ttl: float, mark: Mark) -> bool:
+    def keep_local(
+        self, key: str, value: Any, look: Look, ttl: float, mark: Mark, objects: int = 1
+    ) -> bool:
         """Keep a prepared entry a Redis look found valid in the local tier, for ``ttl`` s.
 
         Under the counters the look read (:attr:`Look.valid_under`); refused when an
         invalidation of one of them, or of ``key``, arrived since ``mark``. True when kept:
-        the value is then shared, and must be built with ``shared=True``.
+        the value is then shared, and must be built with ``shared=True``. ``objects``:
+        how many objects the value builds (its memory estimate counts them).
         """
         local = self.core.local
         if local is None or look.valid_under is None or ttl <= 0:
             return False
         return local.store.put(
-            key, value, look.valid_under, size=estimated_size(look.size), ttl=ttl, mark=mark
+            key,
+            value,
+            look.valid_under,
+            size=estimated_size(look.size, objects),
+            ttl=ttl,
+            mark=mark,
         )
 
     def fetch(self, keys: list[str], scope: str, lease: str) -> tuple[list[Any], bool] | None:

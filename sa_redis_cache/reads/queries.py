@@ -262,7 +262,9 @@ class QueryReads:
         kept = False
         if mark is not None and timing is not None:
             ttl = (timing.expires_ms - stampede.now_ms()) / 1000
-            kept = self.flow.keep_local(entry_key, prepared, look, ttl, mark)
+            kept = self.flow.keep_local(
+                entry_key, prepared, look, ttl, mark, objects=max(1, len(prepared.objects))
+            )
         result = hydrate.build(session, prepared, plan.shape, shared=kept)
         core.counters.incr(region, "hits", also=plan.scopes)
         return result

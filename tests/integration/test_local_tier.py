@@ -613,3 +613,20 @@ def test_a_forked_child_starts_a_tier_of_its_own(
     hits = reader.total("local_hits")
     reader.price(product)
     assert reader.total("local_hits") == hits + 1
+
+
+def test_a_script_flush_costs_the_tier_nothing(
+    spawn: Callable[..., Process], product: int, redis_client: redis.Redis
+) -> None:
+    """Any client may send SCRIPT FLUSH: the next lease renewal loads its script again
+    instead of taking the refusal for a broken connection and emptying the tier."""
+    reader = spawn()
+    reader.hold(product)
+    tier = reader.tier
+    breaks, renewals = tier.breaks, tier.renewals
+    redis_client.script_flush()
+    until(lambda: tier.renewals >= renewals + 2, "two renewals after the flush")
+    assert tier.breaks == breaks
+    hits = reader.total("local_hits")
+    reader.price(product)
+    assert reader.total("local_hits") == hits + 1
