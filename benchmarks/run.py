@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks.cases_failure import outage, stampede
+from benchmarks.cases_local import LOCAL_CASES
 from benchmarks.cases_reads import READ_CASES
 from benchmarks.cases_scale import hit_at_scale, invalidation_at_scale
 from benchmarks.cases_size import stored_sizes
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from benchmarks.env import BenchEnv
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CASE_NAMES = [name for name, _ in READ_CASES + WRITE_CASES] + [
+CASE_NAMES = [name for name, _ in READ_CASES + WRITE_CASES + LOCAL_CASES] + [
     "bytes",
     "scale",
     "invalidation",
@@ -78,6 +79,7 @@ def run_cases(env: BenchEnv, plan: Plan, only: set[str], report: Report) -> None
     for slug, case in READ_CASES + WRITE_CASES:
         if not only or slug in only:
             report.cases += _guarded(slug, slug, lambda case=case: [case(env, plan)])  # type: ignore[misc]
+    _run_local(env, plan, only, report)
     if not only or "bytes" in only:
         try:
             report.sizes = stored_sizes(env)
@@ -116,6 +118,13 @@ def run_cases(env: BenchEnv, plan: Plan, only: set[str], report: Report) -> None
         report.cases += _guarded(
             "trust", "decoder checks and signing on the hit path", lambda: trust_costs(env, plan)
         )
+
+
+def _run_local(env: BenchEnv, plan: Plan, only: set[str], report: Report) -> None:
+    """The local tier's cases (:mod:`benchmarks.cases_local`)."""
+    for slug, case in LOCAL_CASES:
+        if not only or slug in only:
+            report.cases += _guarded(slug, slug, lambda case=case: [case(env, plan)])  # type: ignore[misc]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

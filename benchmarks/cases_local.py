@@ -1,0 +1,455 @@
+"""The local tier (``Cache(local=True)``): its hits, its memory, and what it costs writers.
+
+Read cases (same conventions as :mod:`benchmarks.cases_reads`: alternating contenders, a
+fresh session per call, results checked against the uncached query, hits checked to run no
+SQL and, for the local tier, no Redis command either):
+
+* a 1-row ``FromCache`` hit, a ``session.get`` hit and the 50-order + 200-line eager hit,
+  each served by a local tier (a cache of its own, in a namespace of its own, attached to a
+  sessionmaker of its own), against the uncached ORM, the dogpile recipe and our Redis tier
+  (the benchmark's main cache, ``local=False``). The entry is made local the way an
+  application makes it: a first read fills Redis, a second is a Redis hit the tier keeps.
+  Contenders that time one part of the local hit alone (SQLAlchemy's execute pipeline on a
+  canned result, the entry key, building the objects from the kept entry, the tier's check
+  that it may serve) split its median under "Where the time goes".
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from benchmarks.cases_reads import (
+    FLOOR,
+    GET_PRODUCT,
+    PIPELINE,
+    RECIPE,
+    UNCACHED,
+    graph_statement,
+    one_row_statement,
+)
+from benchmarks.common import (
+    Consume,
+    canned_sessions,
+    check_result,
+    counter_probe,
+    entities,
+    expect_count,
+    floor_contender,
+    orm_contender,
+    region_counter,
+    snapshot,
+)
+from benchmarks.dogpile_recipe import RecipeFromCache
+from benchmarks.harness import (
+    TIMES,
+    CaseResult,
+    Comparison,
+    Contender,
+    Target,
+    measure,
+)
+from examples.shop import Product
+from sa_redis_cache import Cache, FromCache, hydrate
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    import redis
+
+    from benchmarks.env import BenchEnv
+    from benchmarks.plan import Plan
+    from sa_redis_cache.binds import Database
+    from sa_redis_cache.local import LocalTier
+
+LOCAL = "ours, local tier"
+REDIS_TIER = "ours, Redis tier (local=False)"
+KEY = "the entry key alone"
+BUILD = "building the objects alone"
+SERVING = "serving() alone (reads the invalidation socket)"
+
+# -- a local tier of our own ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class LocalSide:
+    """A ``Cache(local=True)`` in a namespace of its own, attached to its own sessionmaker."""
+
+    cache: Cache
+    factory: sessionmaker[Session]
+    tier: LocalTier
+    database: Database
+
+    def local_hits(self) -> int:
+        """The cache's ``local_hits`` counter."""
+        return int(self.cache.stats()["total"].get("local_hits", 0))
+
+    def statement_key(self, statement: Any) -> str:
+        """The entry key of a ``FromCache`` statement in this namespace."""
+        key = self.cache.inspector.statement_key(statement, database=self.database)
+        if key is None:
+            raise RuntimeError("the statement is not cached")
+        return key
+
+    def keep(self, consume: Consume, key: str) -> None:
+        """Read twice, as an application does: a fill, then a Redis hit the tier keeps."""
+        for _ in range(2):
+            with self.factory() as session:
+                consume(session)
+        if self.tier.store.get(key) is None:
+            raise RuntimeError(f"the local tier did not keep {key} after a fill and a hit")
+
+
+@contextmanager
+def local_side(env: BenchEnv, label: str, **options: Any) -> Iterator[LocalSide]:
+    """A :class:`LocalSide`, detached (listener stopped) at the end.
+
+    It shares the benchmark's Redis client (pool and parser) with every other contender;
+    its engine is alike too (:meth:`BenchEnv.new_engine`).
+    """
+    # a namespace never used before in this run: nothing of another case's is in it
+    namespace = env.new_namespace(f"{label}{secrets.token_hex(3)}")
+    cache = Cache(env.client, namespace=namespace, default_ttl=600, local=True, **options)
+    engine = env.new_engine()
+    factory: sessionmaker[Session] = sessionmaker(engine)
+    cache.attach(factory)
+    try:
+        tier = cache.inspector.local_tier
+        if tier is None or not tier.wait_ready(10.0):
+            raise RuntimeError("the local tier did not turn tracking on within 10 s")
+        database = cache.inspector.database_of(engine)
+        if database is None:
+            raise RuntimeError("the cache does not know the benchmark database")
+        yield LocalSide(cache, factory, tier, database)
+    finally:
+        cache.detach()
+
+
+def redis_round_trips(client: redis.Redis, call: Callable[[], object]) -> int:
+    """How many connections ``call`` took from ``client``'s pool in this thread.
+
+    Every command and pipeline redis-py sends takes one; the local tier's own connections
+    are outside the pool, and other threads' commands (the stats publishers) are not
+    counted. Untimed: a check, not a measurement.
+    """
+    pool = client.connection_pool
+    original = pool.get_connection
+    me = threading.get_ident()
+    taken = 0
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal taken
+        if threading.get_ident() == me:
+            taken += 1
+        return original(*args, **kwargs)
+
+    pool.get_connection = counting  # type: ignore[method-assign]
+    try:
+        call()
+    finally:
+        del pool.get_connection  # the class's method again
+    return taken
+
+
+def _local_checks(
+    env: BenchEnv, side: LocalSide, consume: Consume, expected: Any, key: str
+) -> list[str]:
+    """A local hit returns what the uncached query returns, runs no SQL, sends no Redis
+    command, and is counted as a local hit."""
+    notes = check_result(env, LOCAL, side.factory, consume, expected, expect_no_sql=True)
+    hits = counter_probe(side.local_hits)
+
+    def read() -> None:
+        with side.factory() as session:
+            consume(session)
+
+    sent = redis_round_trips(env.client, read)
+    if sent:
+        notes.append(f"{LOCAL}: a local hit sent {sent} Redis command(s); it should send none")
+    notes += expect_count("local hits", hits(), 1)
+    if side.tier.store.get(key) is None:
+        notes.append(f"{LOCAL}: the entry is no longer held locally")
+    return notes
+
+
+def _emptied(side: LocalSide) -> Callable[[], list[str]]:
+    """Start watching the tier: returns a function giving a note if it was emptied since."""
+    tier = side.tier
+    start = tier.breaks + tier.lapses
+
+    def notes() -> list[str]:
+        emptied = tier.breaks + tier.lapses - start
+        if not emptied:
+            return []
+        note = (
+            f"{LOCAL}: the tier was emptied {emptied} time(s) while timed (its connection "
+            "dropped or its lease lapsed; another client of the shared Redis server may "
+            "have run SCRIPT FLUSH or CLIENT KILL): some calls were not local hits"
+        )
+        return [note]
+
+    return notes
+
+
+def _speedup(numerator: str, name: str, target: Target | None = None, note: str = "") -> Comparison:
+    """``numerator ÷ local``: how many times faster the local hit is."""
+    return Comparison(
+        row=LOCAL,
+        numerator=numerator,
+        denominator=LOCAL,
+        label=f"{name} ÷ local",
+        target=target,
+        miss_note=note,
+    )
+
+
+_QUERY_MISS = (
+    "a local hit skips the Redis round trip and the decode, but still runs SQLAlchemy's "
+    "execute pipeline up to do_orm_execute, computes the statement's cache key and the "
+    "entry digest, and builds the objects into the session; 'Where the time goes' splits "
+    "the median into those parts and gives the bound the pipeline alone sets"
+)
+
+
+def _query_breakdown(result: CaseResult, objects: int) -> str:
+    s = result.summaries
+    local, pipeline, key, build = (s[n].p50 for n in (LOCAL, PIPELINE, KEY, BUILD))
+    serving = s[SERVING].p50
+    rest = local - pipeline - key - build - serving
+    per_object = f" ({build / objects:.1f} µs per object)" if objects > 1 else ""
+    return (
+        f"local hit {local:.0f} µs ≈ {pipeline:.0f} µs SQLAlchemy execute pipeline (canned "
+        f"result) + {key:.0f} µs the entry key (the statement's cache key, the digest of its "
+        f"bound values) + {build:.0f} µs building the objects into the session{per_object} "
+        f"+ {serving:.0f} µs the tier's check that it may serve (one recv on the invalidation "
+        f"socket) + {rest:.0f} µs the rest (the library's do_orm_execute dispatch, the "
+        "session's bind and database, the transaction checks, the store look-up, the "
+        "counters). No Redis round trip, no "
+        f"decode: the Redis tier's hit costs {s[REDIS_TIER].p50 - local:.0f} µs more. With "
+        "no work of its own at all, a cache inside do_orm_execute could be at most "
+        f"{s[RECIPE].p50 / pipeline:.1f}{TIMES} faster than the recipe and "
+        f"{s[UNCACHED].p50 / pipeline:.1f}{TIMES} faster than the uncached query here. "
+        "Sums of medians: approximate."
+    )
+
+
+def _local_query_case(
+    env: BenchEnv,
+    plan: Plan,
+    *,
+    slug: str,
+    title: str,
+    statement: Any,
+    heavy: bool,
+    objects: int,
+    recipe_target: float,
+    uncached_target: float | None,
+) -> CaseResult:
+    cached_stmt = statement.options(FromCache())
+    plain, ours, recipe = (
+        entities(statement),
+        entities(cached_stmt),
+        entities(statement.options(RecipeFromCache())),
+    )
+    with env.plain() as session:
+        loaded = plain(session)
+        expected = snapshot(loaded)
+    assert isinstance(loaded, list)
+    column_keys = [d["name"] for d in statement.column_descriptions]
+    with env.cached() as session:
+        ours(session)  # fills the Redis tier (or hits, if an earlier case filled it)
+    with env.recipe_sessions() as session:
+        recipe(session)
+    redis_engine = env.cached.kw["bind"]
+    redis_db = env.cache.inspector.database_of(redis_engine)
+    assert redis_db is not None
+    redis_key = env.cache.inspector.statement_key(cached_stmt, database=redis_db)
+    assert redis_key is not None
+    notes = check_result(env, REDIS_TIER, env.cached, ours, expected, expect_no_sql=True)
+    notes += check_result(env, RECIPE, env.recipe_sessions, recipe, expected, expect_no_sql=True)
+    with local_side(env, slug) as side:
+        key = side.statement_key(cached_stmt)
+        side.keep(ours, key)
+        notes += _local_checks(env, side, ours, expected, key)
+        entry = side.tier.store.get(key)
+        shape_plan = side.cache.inspector.statement_plan(cached_stmt)
+        assert entry is not None
+        assert shape_plan is not None
+        prepared, shape = entry.value, shape_plan.shape
+        inspector, database, tier = side.cache.inspector, side.database, side.tier
+
+        def build(session: Session) -> object:
+            return hydrate.build(session, prepared, shape, shared=True).scalars().all()
+
+        def entry_key(_: object) -> object:
+            return inspector.statement_key(cached_stmt, database=database)
+
+        def serving(_: object) -> object:
+            return tier.serving()
+
+        counts = plan.heavy if heavy else plan.cheap
+        comparisons = [
+            _speedup(
+                UNCACHED,
+                "uncached",
+                None if uncached_target is None else Target(">=", uncached_target),
+                _QUERY_MISS,
+            ),
+            _speedup(RECIPE, "recipe", Target(">=", recipe_target), _QUERY_MISS),
+            _speedup(REDIS_TIER, "Redis tier"),
+        ]
+        local_hits = counter_probe(side.local_hits)
+        redis_hits = counter_probe(lambda: region_counter(env, "hits"))
+        emptied = _emptied(side)
+        result = measure(
+            slug,
+            title,
+            [
+                orm_contender(UNCACHED, env.plain, plain),
+                floor_contender(env.client, redis_key, FLOOR),
+                orm_contender(RECIPE, env.recipe_sessions, recipe),
+                orm_contender(REDIS_TIER, env.cached, ours),
+                orm_contender(LOCAL, side.factory, ours),
+                orm_contender(
+                    PIPELINE,
+                    canned_sessions(env.engine, loaded, column_keys, scalars=True),
+                    plain,
+                ),
+                Contender(KEY, call=entry_key),
+                orm_contender(BUILD, side.factory, build),
+                Contender(SERVING, call=serving),
+            ],
+            counts,
+            comparisons,
+        )
+        total = counts.warmup + counts.iterations
+        result.notes += notes + expect_count("local hits", local_hits(), total)
+        result.notes += expect_count("Redis-tier hits", redis_hits(), total) + emptied()
+    result.breakdown.append(_query_breakdown(result, objects))
+    return result
+
+
+def local_hit_one_row(env: BenchEnv, plan: Plan) -> CaseResult:
+    """FromCache 1-row hit served by the local tier."""
+    return _local_query_case(
+        env,
+        plan,
+        slug="local_hit_1row",
+        title="local tier: FromCache hit, 1 row",
+        statement=one_row_statement(),
+        heavy=False,
+        objects=1,
+        recipe_target=4.0,
+        uncached_target=8.0,
+    )
+
+
+def local_hit_graph(env: BenchEnv, plan: Plan) -> CaseResult:
+    """FromCache hit of 50 orders + 200 selectinload lines served by the local tier."""
+    return _local_query_case(
+        env,
+        plan,
+        slug="local_hit_50rows",
+        title="local tier: FromCache hit, 50 orders + 200 selectinload lines",
+        statement=graph_statement(),
+        heavy=True,
+        objects=250,
+        recipe_target=5.0,
+        uncached_target=None,
+    )
+
+
+def local_get(env: BenchEnv, plan: Plan) -> CaseResult:
+    """``session.get`` served by the local tier's fast path (no execute pipeline)."""
+
+    def get(session: Session) -> object:
+        return session.get(Product, GET_PRODUCT)
+
+    def recipe_get(session: Session) -> object:
+        return session.get(Product, GET_PRODUCT, options=[RecipeFromCache()])
+
+    with env.plain() as session:
+        product = get(session)
+        expected = snapshot(product)
+    with env.cached() as session:
+        get(session)
+    with env.recipe_sessions() as session:
+        recipe_get(session)
+    notes = check_result(env, REDIS_TIER, env.cached, get, expected, expect_no_sql=True)
+    notes += check_result(
+        env, RECIPE, env.recipe_sessions, recipe_get, expected, expect_no_sql=True
+    )
+    with local_side(env, "local_get") as side:
+        if side.factory.class_.get is Session.get:
+            notes.append(f"{LOCAL}: the session.get fast path is not installed")
+        key = side.cache.inspector.row_key(Product, (GET_PRODUCT,), database=side.database)
+        side.keep(get, key)
+        notes += _local_checks(env, side, get, expected, key)
+        entry = side.tier.store.get(key)
+        assert entry is not None
+        prepared, info, tier = entry.value, side.cache.inspector.model(Product), side.tier
+
+        def build(session: Session) -> object:
+            return hydrate.build_entity(session, info, prepared, shared=True)
+
+        def serving(_: object) -> object:
+            return tier.serving()
+
+        counts = plan.cheap
+        local_hits = counter_probe(side.local_hits)
+        emptied = _emptied(side)
+        result = measure(
+            "local_get",
+            "local tier: session.get hit, fresh session per call",
+            [
+                orm_contender(UNCACHED, env.plain, get),
+                orm_contender(RECIPE, env.recipe_sessions, recipe_get),
+                orm_contender(REDIS_TIER, env.cached, get),
+                orm_contender(LOCAL, side.factory, get),
+                orm_contender(
+                    PIPELINE, canned_sessions(env.engine, [product], ["Product"], scalars=True), get
+                ),
+                orm_contender(BUILD, side.factory, build),
+                Contender(SERVING, call=serving),
+            ],
+            counts,
+            [
+                _speedup(
+                    UNCACHED,
+                    "uncached",
+                    Target(">=", 10.0),
+                    "the fast path runs no execute pipeline: what is left is building the "
+                    "object and the checks before it ('Where the time goes')",
+                ),
+                _speedup(RECIPE, "recipe"),
+                _speedup(REDIS_TIER, "Redis tier"),
+            ],
+        )
+        result.notes += notes + expect_count(
+            "local hits", local_hits(), counts.warmup + counts.iterations
+        )
+        result.notes += emptied()
+    s = result.summaries
+    local, build_us, serve_us = s[LOCAL].p50, s[BUILD].p50, s[SERVING].p50
+    result.breakdown.append(
+        f"local get {local:.1f} µs ≈ {build_us:.1f} µs building the object into the session "
+        f"+ {serve_us:.1f} µs the tier's check that it may serve (one recv on the "
+        f"invalidation socket) + {local - build_us - serve_us:.1f} µs the rest (the fast "
+        "path's checks: identity map, autoflush, transaction; session.get_bind; the entity "
+        "key; the store look-up; the counters). It runs no SQLAlchemy execute pipeline, "
+        f"which alone costs {s[PIPELINE].p50:.0f} µs (the canned-result row) and is what the "
+        "Redis tier's get still pays. Sums of medians: approximate."
+    )
+    return result
+
+
+LOCAL_CASES: list[tuple[str, Callable[[BenchEnv, Plan], CaseResult]]] = [
+    ("local_hit_1row", local_hit_one_row),
+    ("local_get", local_get),
+    ("local_hit_50rows", local_hit_graph),
+]
