@@ -12,16 +12,25 @@ SQL and, for the local tier, no Redis command either):
   Contenders that time one part of the local hit alone (SQLAlchemy's execute pipeline on a
   canned result, the entry key, building the objects from the kept entry, the tier's check
   that it may serve) split its median under "Where the time goes".
+
+Memory (:func:`local_memory`): what a local entry really holds in the process (tracemalloc,
+over many entries of one kind: what dropping them frees), beside what the store *counts*
+for it (``estimated_size`` in ``sa_redis_cache/local/store.py``), so the estimate can be
+judged.
 """
 
 from __future__ import annotations
 
+import gc
+import math
 import secrets
 import threading
+import tracemalloc
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.cases_reads import (
@@ -58,7 +67,7 @@ from examples.shop import Product
 from sa_redis_cache import Cache, FromCache, hydrate
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
 
     import redis
 
@@ -453,3 +462,152 @@ LOCAL_CASES: list[tuple[str, Callable[[BenchEnv, Plan], CaseResult]]] = [
     ("local_get", local_get),
     ("local_hit_50rows", local_hit_graph),
 ]
+
+
+# -- memory per entry -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LocalMemoryRow:
+    """Memory of the local entries of one kind, per entry."""
+
+    title: str
+    entries: int
+    stored_bytes: float  # the Redis entry (STRLEN), from which the local one was decoded
+    held_bytes: float  # freed when the entries are dropped (tracemalloc)
+    bookkeeping_bytes: float  # further freed by emptying the store: counter mirror, memo
+    counted_bytes: float  # what the store counts (estimated_size)
+
+    @property
+    def ratio(self) -> float:
+        """counted ÷ held: above 1 the estimate overcounts, below 1 it undercounts."""
+        return self.counted_bytes / self.held_bytes if self.held_bytes > 0 else math.nan
+
+
+# Allocations made under the read path (which decodes, builds and keeps local entries),
+# leaving out what redis-py's pooled connections and the counters keep of their own: other
+# threads (the tier's listener, the stats publisher) allocate meanwhile, and would
+# otherwise add a few hundred bytes of noise per entry. tracemalloc.Filter does the same
+# but matches every frame with fnmatch, which takes seconds per snapshot.
+_READ_PATH = ("/sa_redis_cache/reads/", "/sa_redis_cache/sessions.py")
+_NOT_ENTRIES = ("/redis/", "/sa_redis_cache/stats.py", "/sa_redis_cache/counters.py")
+_FRAMES = 25  # deep enough to reach a read-path frame from any allocation it makes
+_ATTEMPTS = 3
+
+
+def _read_path_bytes() -> int:
+    gc.collect()
+    kinds: dict[str, int] = {}  # file name -> 1 read path, -1 excluded, 0 neither
+
+    def kind(filename: str) -> int:
+        found = kinds.get(filename)
+        if found is None:
+            path = filename.replace("\\", "/")
+            found = (
+                -1
+                if any(p in path for p in _NOT_ENTRIES)
+                else 1
+                if any(p in path for p in _READ_PATH)
+                else 0
+            )
+            kinds[filename] = found
+        return found
+
+    total = 0
+    for trace in tracemalloc.take_snapshot().traces:
+        marks = {kind(frame.filename) for frame in trace.traceback}
+        if 1 in marks and -1 not in marks:
+            total += trace.size
+    return total
+
+
+def _memory_row(env: BenchEnv, label: str, title: str, reads: Sequence[Consume]) -> LocalMemoryRow:
+    """Keep one local entry per read of ``reads``; measure what they hold.
+
+    Traced from after the fills (so the Redis fills' own allocations are not charged)
+    through the reads that keep the entries. Dropping the entries alone frees what they
+    hold; emptying the store then frees the bookkeeping (the mirror of the counters the
+    entries are valid under, and the memo of recently invalidated keys, which this
+    process's own fills fed through the invalidations Redis pushes to it). A tier that was
+    emptied meanwhile (its connection dropped: the Redis server is shared) is measured
+    again, with a fresh cache.
+    """
+    for _ in range(_ATTEMPTS):
+        row = _memory_attempt(env, label, title, reads)
+        if row is not None:
+            return row
+    raise RuntimeError(f"{title}: the local tier was emptied in each of {_ATTEMPTS} attempts")
+
+
+def _memory_attempt(
+    env: BenchEnv, label: str, title: str, reads: Sequence[Consume]
+) -> LocalMemoryRow | None:
+    with local_side(env, label) as side:
+        tier, store = side.tier, side.tier.store
+        for consume in reads:  # fills
+            with side.factory() as session:
+                consume(session)
+        # the fills' own invalidations (Redis pushes this process's writes back to it)
+        # are applied now, not in the middle of the traced reads
+        tier.drain()
+        gc.collect()
+        breaks = tier.breaks + tier.lapses
+        tracemalloc.start(_FRAMES)
+        try:
+            for consume in reads:  # Redis hits, kept
+                with side.factory() as session:
+                    consume(session)
+            full = _read_path_bytes()
+            entries, counted = len(store), store.bytes
+            # the store has no public way to drop entries and keep its bookkeeping; the
+            # benchmark reaches in to tell the two apart
+            keys = list(store._entries)
+            for key in keys:
+                store._drop(key)
+            dropped = _read_path_bytes()
+            store.clear()
+            cleared = _read_path_bytes()
+        finally:
+            tracemalloc.stop()
+        if tier.breaks + tier.lapses != breaks:
+            return None
+        if entries != len(reads):
+            raise RuntimeError(f"{title}: {entries} entries kept of {len(reads)} reads")
+        pipe = env.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.strlen(key)
+        stored = sum(int(n) for n in pipe.execute())
+        return LocalMemoryRow(
+            title=title,
+            entries=entries,
+            stored_bytes=stored / entries,
+            held_bytes=(full - dropped) / entries,
+            bookkeeping_bytes=(dropped - cleared) / entries,
+            counted_bytes=counted / entries,
+        )
+
+
+def local_memory(env: BenchEnv, plan: Plan) -> list[LocalMemoryRow]:
+    """Resident and counted bytes per local entry: 1-row entity, 1-row query, the graph."""
+    rows_n, graphs_n = plan.local_memory_entries
+    ids = range(1, rows_n + 1)
+
+    def getter(ident: int) -> Consume:
+        return lambda session: session.get(Product, ident)
+
+    def one_row(ident: int) -> Consume:
+        return entities(sa.select(Product).where(Product.id == ident).options(FromCache()))
+
+    def graph(offset: int) -> Consume:
+        return entities(graph_statement().offset(offset).options(FromCache()))
+
+    return [
+        _memory_row(env, "mem_get", "1-row entity (session.get)", [getter(i) for i in ids]),
+        _memory_row(env, "mem_query", "1-row query (FromCache)", [one_row(i) for i in ids]),
+        _memory_row(
+            env,
+            "mem_graph",
+            "50 orders + 200 lines (FromCache)",
+            [graph(k) for k in range(graphs_n)],
+        ),
+    ]

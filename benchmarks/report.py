@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from benchmarks.cases_failure import StampedeRow
+    from benchmarks.cases_local import LocalMemoryRow
     from benchmarks.cases_scale import ScaleRow
     from benchmarks.cases_size import SizeRow
     from benchmarks.harness import CaseResult, RatioResult
@@ -56,6 +57,7 @@ class Report:
     sizes: list[SizeRow] = field(default_factory=list)
     scale: list[ScaleRow] = field(default_factory=list)
     stampede: list[StampedeRow] = field(default_factory=list)
+    local_memory: list[LocalMemoryRow] = field(default_factory=list)
     # load averages taken during the run, beside the start and end ones: (when, value)
     load_marks: list[tuple[str, str]] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -200,6 +202,34 @@ def stampede_table(rows: list[StampedeRow]) -> list[str]:
     return lines
 
 
+def local_memory_table(rows: list[LocalMemoryRow]) -> list[str]:
+    """Bytes per local entry: held in the process (tracemalloc) against counted by the store."""
+    lines = [
+        (
+            "What a local entry holds in the process, measured with tracemalloc over the "
+            "entries of one kind (kept by a second read each, then dropped: *held* is what "
+            "dropping them freed), beside what the store *counts* for it against "
+            "`local_max_bytes` (`estimated_size` in `sa_redis_cache/local/store.py`: the "
+            f"Redis entry's bytes {TIMES} 4 + 400). *Bookkeeping* is what emptying the store freed "
+            "after that: the mirror of the counters the entries are valid under and the "
+            "memo of recently invalidated keys (this process's own fills feed it through "
+            "the invalidations Redis pushes back to it)."
+        ),
+        "",
+        (
+            "| entries | kept | Redis entry (bytes) | held per entry | counted per entry "
+            "| counted ÷ held | bookkeeping per entry |"
+        ),
+        "|---|--:|--:|--:|--:|---|--:|",
+    ]
+    lines.extend(
+        f"| {r.title} | {r.entries:,} | {r.stored_bytes:,.0f} | {r.held_bytes:,.0f} B | "
+        f"{r.counted_bytes:,.0f} B | **{r.ratio:.2f}{TIMES}** | {r.bookkeeping_bytes:,.0f} B |"
+        for r in rows
+    )
+    return lines
+
+
 def missed(cases: list[CaseResult], sizes: list[SizeRow]) -> list[str]:
     """One line per missed target, with the why and what would close it."""
     out = []
@@ -261,6 +291,13 @@ def render(report: Report) -> str:
         lines += ["", "## Scale", "", *scale_table(report.scale)]
     if report.stampede:
         lines += ["", "## Stampede", "", *stampede_table(report.stampede)]
+    if report.local_memory:
+        lines += [
+            "",
+            "## Local tier: memory per entry",
+            "",
+            *local_memory_table(report.local_memory),
+        ]
     misses = missed(report.cases, report.sizes)
     lines += ["", "## Targets missed", ""]
     lines += misses or ["None."]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks.cases_failure import outage, stampede
-from benchmarks.cases_local import LOCAL_CASES
+from benchmarks.cases_local import LOCAL_CASES, local_memory
 from benchmarks.cases_reads import READ_CASES
 from benchmarks.cases_scale import hit_at_scale, invalidation_at_scale
 from benchmarks.cases_size import stored_sizes
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASE_NAMES = [name for name, _ in READ_CASES + WRITE_CASES + LOCAL_CASES] + [
+    "local_memory",
     "bytes",
     "scale",
     "invalidation",
@@ -121,10 +122,17 @@ def run_cases(env: BenchEnv, plan: Plan, only: set[str], report: Report) -> None
 
 
 def _run_local(env: BenchEnv, plan: Plan, only: set[str], report: Report) -> None:
-    """The local tier's cases (:mod:`benchmarks.cases_local`)."""
+    """The local tier's cases (:mod:`benchmarks.cases_local`) but its commit case."""
     for slug, case in LOCAL_CASES:
         if not only or slug in only:
             report.cases += _guarded(slug, slug, lambda case=case: [case(env, plan)])  # type: ignore[misc]
+    if not only or "local_memory" in only:
+
+        def memory() -> list[CaseResult]:
+            report.local_memory = local_memory(env, plan)
+            return []
+
+        report.cases += _guarded("local_memory", "local tier: memory per entry", memory)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
