@@ -12,7 +12,8 @@ contenders, over the example shop schema (:mod:`examples.shop`):
 * ours: ``FromCache()`` and ``session.get`` through an attached sessionmaker.
 
 The local tier's cases (:mod:`benchmarks.cases_local`) serve the same hits from
-``Cache(local=True)`` and measure the memory of a local entry.
+``Cache(local=True)``, measure the memory of a local entry, and time a commit on rows that
+four other processes hold locally, with the bound of ``local_consistency="bounded"``.
 
 The failure cases (:mod:`benchmarks.cases_failure`) add reads while Redis is down (the
 circuit breaker, against the uncached query) and a hot key's expiries under concurrent

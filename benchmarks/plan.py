@@ -31,6 +31,7 @@ class Plan:
     stampede_seconds: float  # how long each stampede variant runs, in total
     stampede_slices: int  # the variants take turns in this many slices of that time
     local_memory_entries: tuple[int, int]  # local entries measured: 1-row kinds, graphs
+    local_bound_commits: int  # commits timed for the local tier's invalidation delay
 
 
 SMOKE = Plan(
@@ -48,6 +49,7 @@ SMOKE = Plan(
     stampede_seconds=0.4,
     stampede_slices=1,
     local_memory_entries=(40, 4),
+    local_bound_commits=10,
 )
 
 DEFAULT = Plan(
@@ -65,6 +67,7 @@ DEFAULT = Plan(
     stampede_seconds=3.0,
     stampede_slices=3,
     local_memory_entries=(300, 40),
+    local_bound_commits=200,
 )
 
 FULL = Plan(
@@ -82,4 +85,5 @@ FULL = Plan(
     stampede_seconds=DEFAULT.stampede_seconds,
     stampede_slices=DEFAULT.stampede_slices,
     local_memory_entries=DEFAULT.local_memory_entries,
+    local_bound_commits=DEFAULT.local_bound_commits,
 )
