@@ -66,7 +66,7 @@ DEFAULT = Plan(
     stampede_threads=32,
     stampede_seconds=3.0,
     stampede_slices=3,
-    local_memory_entries=(300, 40),
+    local_memory_entries=(200, 20),
     local_bound_commits=200,
 )
 
