@@ -407,9 +407,9 @@ def local_hit_graph(env: BenchEnv, plan: Plan) -> CaseResult:
         uncached_target=None,
         miss_note=(
             "building the 250 objects into the session (the 'building the objects alone' "
-            "row) is nearly all of a local hit, and the Redis tier pays it too; what is "
-            "left of the pipeline, the key and the tier's check is a few per cent. Only a "
-            "cheaper build per object ('Where the time goes' gives it) can close the gap"
+            "row) is most of a local hit, and the Redis tier pays it too; 'Where the time "
+            "goes' gives the cost per object and splits the rest. Only a cheaper build per "
+            "object can close most of the gap"
         ),
     )
 
