@@ -11,6 +11,10 @@ contenders, over the example shop schema (:mod:`examples.shop`):
   :mod:`benchmarks.dogpile_recipe` (pickled ``FrozenResult``, ``merge_frozen_result``);
 * ours: ``FromCache()`` and ``session.get`` through an attached sessionmaker.
 
+The local tier's cases (:mod:`benchmarks.cases_local`) serve the same hits from
+``Cache(local=True)``, measure the memory of a local entry, and time a commit on rows that
+four other processes hold locally, with the bound of ``local_consistency="bounded"``.
+
 The failure cases (:mod:`benchmarks.cases_failure`) add reads while Redis is down (the
 circuit breaker, against the uncached query) and a hot key's expiries under concurrent
 readers (database queries with and without stampede control).

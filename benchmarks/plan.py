@@ -30,6 +30,8 @@ class Plan:
     stampede_threads: int  # concurrent readers of the hot key
     stampede_seconds: float  # how long each stampede variant runs, in total
     stampede_slices: int  # the variants take turns in this many slices of that time
+    local_memory_entries: tuple[int, int]  # local entries measured: 1-row kinds, graphs
+    local_bound_commits: int  # commits timed for the local tier's invalidation delay
 
 
 SMOKE = Plan(
@@ -46,6 +48,8 @@ SMOKE = Plan(
     stampede_threads=6,
     stampede_seconds=0.4,
     stampede_slices=1,
+    local_memory_entries=(40, 4),
+    local_bound_commits=10,
 )
 
 DEFAULT = Plan(
@@ -62,6 +66,8 @@ DEFAULT = Plan(
     stampede_threads=32,
     stampede_seconds=3.0,
     stampede_slices=3,
+    local_memory_entries=(200, 20),
+    local_bound_commits=200,
 )
 
 FULL = Plan(
@@ -78,4 +84,6 @@ FULL = Plan(
     stampede_threads=DEFAULT.stampede_threads,
     stampede_seconds=DEFAULT.stampede_seconds,
     stampede_slices=DEFAULT.stampede_slices,
+    local_memory_entries=DEFAULT.local_memory_entries,
+    local_bound_commits=DEFAULT.local_bound_commits,
 )

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from benchmarks.cases_failure import StampedeRow
+    from benchmarks.cases_local import BoundRow, LocalMemoryRow
     from benchmarks.cases_scale import ScaleRow
     from benchmarks.cases_size import SizeRow
     from benchmarks.harness import CaseResult, RatioResult
@@ -56,6 +57,8 @@ class Report:
     sizes: list[SizeRow] = field(default_factory=list)
     scale: list[ScaleRow] = field(default_factory=list)
     stampede: list[StampedeRow] = field(default_factory=list)
+    local_memory: list[LocalMemoryRow] = field(default_factory=list)
+    local_bound: list[BoundRow] = field(default_factory=list)
     # load averages taken during the run, beside the start and end ones: (when, value)
     load_marks: list[tuple[str, str]] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -200,6 +203,77 @@ def stampede_table(rows: list[StampedeRow]) -> list[str]:
     return lines
 
 
+def local_memory_table(rows: list[LocalMemoryRow]) -> list[str]:
+    """Bytes per local entry: held in the process (tracemalloc) against counted by the store."""
+    lines = [
+        (
+            "What a local entry holds in the process, measured with tracemalloc over the "
+            "entries of one kind (kept by a second read each, then dropped: *held* is what "
+            "dropping them freed), beside what the store *counts* for it against "
+            "`local_max_bytes` (`estimated_size` in `sa_redis_cache/local/store.py`: 4 per "
+            "byte of the Redis entry, 350 per object built from it, 200 per entry). "
+            "*Bookkeeping* is what emptying the store freed "
+            "after that: the mirror of the counters the entries are valid under and the "
+            "memo of recently invalidated keys (this process's own fills feed it through "
+            "the invalidations Redis pushes back to it)."
+        ),
+        "",
+        (
+            "| entries | kept | Redis entry (bytes) | held per entry | counted per entry "
+            "| counted ÷ held | bookkeeping per entry |"
+        ),
+        "|---|--:|--:|--:|--:|---|--:|",
+    ]
+    lines.extend(
+        f"| {r.title} | {r.entries:,} | {r.stored_bytes:,.0f} | {r.held_bytes:,.0f} B | "
+        f"{r.counted_bytes:,.0f} B | **{r.ratio:.2f}{TIMES}** | {r.bookkeeping_bytes:,.0f} B |"
+        for r in rows
+    )
+    return lines
+
+
+def _spread(values: tuple[float, float, float]) -> str:
+    return " / ".join(DASH if math.isnan(v) else f"{v:,.0f}" for v in values)
+
+
+def local_bound_table(rows: list[BoundRow]) -> list[str]:
+    """When holder processes applied each commit's invalidations, by consistency mode."""
+    first = rows[0]
+    lines = [
+        (
+            f"{first.holders} holder processes keep reading one category row (by "
+            "`session.get` and by a `FromCache` query), each time in a fresh session, and "
+            "hold it locally; the writer (`local=False`) changes the row once every holder "
+            "holds the current value again. Each holder notes when it *applied* each "
+            "invalidation of the table's version (whichever of its threads read it), on "
+            "CLOCK_MONOTONIC, which all processes share; times are in µs after the writer's "
+            "`commit()` returned (negative: before). A commit bumps the version twice: at "
+            "flush, before the database commit, when the holders *drop* their entries of the "
+            "table (none can be kept again until the commit is done: fills are refused "
+            "meanwhile), and after the database commit, the invalidation a strict commit "
+            "waits for the holders to have applied. *Stale reads*: (commit, holder) pairs in "
+            "which a read that started after `commit()` returned gave the value from before "
+            "(reads every ~1 ms, so a window shorter than that may go unseen). *New value "
+            "seen*: when the holder's first read giving the new value ended."
+        ),
+        "",
+        (
+            f"| consistency | commits {TIMES} holders | entries dropped p50 / p99 / max "
+            "| commit-time invalidation applied p50 / p99 / max | applied after return "
+            "| stale reads | new value seen p50 / p99 / max |"
+        ),
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    lines.extend(
+        f"| {r.consistency} | {r.commits:,} {TIMES} {r.holders} | {_spread(r.dropped)} µs | "
+        f"{_spread(r.committed)} µs | {r.committed_after:.1%} | {r.stale_reads:,}"
+        + ("" if math.isnan(r.stale_max_us) else f" (latest {r.stale_max_us:,.0f} µs after)")
+        + f" | {_spread(r.visible)} µs |"
+        for r in rows
+    )
+    return lines
+
+
 def missed(cases: list[CaseResult], sizes: list[SizeRow]) -> list[str]:
     """One line per missed target, with the why and what would close it."""
     out = []
@@ -261,6 +335,20 @@ def render(report: Report) -> str:
         lines += ["", "## Scale", "", *scale_table(report.scale)]
     if report.stampede:
         lines += ["", "## Stampede", "", *stampede_table(report.stampede)]
+    if report.local_memory:
+        lines += [
+            "",
+            "## Local tier: memory per entry",
+            "",
+            *local_memory_table(report.local_memory),
+        ]
+    if report.local_bound:
+        lines += [
+            "",
+            "## Local tier: when other processes stop serving a commit's change",
+            "",
+            *local_bound_table(report.local_bound),
+        ]
     misses = missed(report.cases, report.sizes)
     lines += ["", "## Targets missed", ""]
     lines += misses or ["None."]

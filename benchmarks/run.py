@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks.cases_failure import outage, stampede
+from benchmarks.cases_local import LOCAL_CASES, local_commits, local_memory
 from benchmarks.cases_reads import READ_CASES
 from benchmarks.cases_scale import hit_at_scale, invalidation_at_scale
 from benchmarks.cases_size import stored_sizes
@@ -46,7 +47,9 @@ if TYPE_CHECKING:
     from benchmarks.env import BenchEnv
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CASE_NAMES = [name for name, _ in READ_CASES + WRITE_CASES] + [
+CASE_NAMES = [name for name, _ in READ_CASES + WRITE_CASES + LOCAL_CASES] + [
+    "local_memory",
+    "local_commit",
     "bytes",
     "scale",
     "invalidation",
@@ -78,6 +81,7 @@ def run_cases(env: BenchEnv, plan: Plan, only: set[str], report: Report) -> None
     for slug, case in READ_CASES + WRITE_CASES:
         if not only or slug in only:
             report.cases += _guarded(slug, slug, lambda case=case: [case(env, plan)])  # type: ignore[misc]
+    _run_local(env, plan, only, report)
     if not only or "bytes" in only:
         try:
             report.sizes = stored_sizes(env)
@@ -116,6 +120,35 @@ def run_cases(env: BenchEnv, plan: Plan, only: set[str], report: Report) -> None
         report.cases += _guarded(
             "trust", "decoder checks and signing on the hit path", lambda: trust_costs(env, plan)
         )
+    if not only or "local_commit" in only:
+        _run_local_commits(env, plan, report)
+
+
+def _run_local(env: BenchEnv, plan: Plan, only: set[str], report: Report) -> None:
+    """The local tier's cases (:mod:`benchmarks.cases_local`) but its commit case."""
+    for slug, case in LOCAL_CASES:
+        if not only or slug in only:
+            report.cases += _guarded(slug, slug, lambda case=case: [case(env, plan)])  # type: ignore[misc]
+    if not only or "local_memory" in only:
+
+        def memory() -> list[CaseResult]:
+            report.local_memory = local_memory(env, plan)
+            return []
+
+        report.cases += _guarded("local_memory", "local tier: memory per entry", memory)
+
+
+def _run_local_commits(env: BenchEnv, plan: Plan, report: Report) -> None:
+    """The local tier's commit case: it starts holder processes, so it runs last."""
+    # its holder processes raise the load average: note it before
+    report.load_marks.append(("before the local tier's commit case", load_average()))
+
+    def commits() -> list[CaseResult]:
+        case, rows = local_commits(env, plan)
+        report.local_bound = rows
+        return [case]
+
+    report.cases += _guarded("local_commit", "local tier: commit path", commits)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
