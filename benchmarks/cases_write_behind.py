@@ -18,10 +18,10 @@ Three measures, printed as one markdown table:
 2. **Rows per second the worker flushes**: a backlog of queued inserts, drained by one
    :class:`~sa_redis_cache.FlushWorker` (``run_once`` until dry), against the floor: a
    raw psycopg batched upsert of the same rows, in transactions of the worker's batch
-   size, as ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO UPDATE`` and as
-   ``executemany`` (pipelined). Alternating rounds. Target: the worker ≥ 0.5x each. For
-   context, a third floor binds the arrays in binary, as the worker itself does: that is
-   the database's share of the worker's work alone.
+   size, as ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO UPDATE``. Alternating
+   rounds. Target: the worker ≥ 0.7x. For context, two more floors: ``executemany``
+   (pipelined), and the unnest statement with its arrays bound in binary, as the worker
+   itself does: that is the database's share of the worker's work alone.
 3. **Database writes for 1,000 updates to one hot row**, counted by a row-level trigger:
    once with the worker draining after the updates, once with a worker running while
    they are made. A plain ORM session makes one row write per update.
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 COMMITS_TARGET = 5.0
-FLUSH_TARGET = 0.5
+FLUSH_TARGET = 0.7
 BATCH_SIZE = 500
 PARTITIONS = 4
 HOT_UPDATES = 1000
@@ -344,7 +344,7 @@ FLOORS = {
     "executemany": "raw psycopg executemany upsert (pipeline)",
     "unnest-binary": "raw psycopg unnest upsert, binary params",
 }
-"""The floors: the two forms the target is judged on, and (context) the worker's own."""
+"""The floors: the form the target is judged on (unnest), and two for context."""
 
 FLOOR_EXECUTEMANY = f"""
 INSERT INTO {FLOOR_TABLE} (id, path, views, note, viewed_at) VALUES (%s, %s, %s, %s, %s)
@@ -398,7 +398,7 @@ def flush(w: World, sizes: Sizes, *, profile: str | None = None) -> list[Row]:
     for form, label in FLOORS.items():
         floor_rate = statistics.median(floors[form])
         ratio = ours_rate / floor_rate
-        judged = form != "unnest-binary"
+        judged = form == "unnest"
         out.append(
             Row(
                 f"rows/s flushed, backlog of {sizes.backlog:,} inserts, "

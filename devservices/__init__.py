@@ -49,6 +49,7 @@ from devservices.servers import (
     PostgresServer,
     RedisServer,
     find_postgres_bindir,
+    find_waitaof_server,
 )
 from sa_redis_cache.cli.common import normalize_database_url
 from sa_redis_cache.redaction import redact_text
@@ -72,6 +73,7 @@ __all__ = [
     "ServicesUnavailable",
     "bring_up",
     "find_postgres_bindir",
+    "find_waitaof_server",
     "free_port",
     "normalize_database_url",
     "redact",

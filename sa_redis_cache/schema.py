@@ -115,9 +115,16 @@ wb_offsets = Table(
     Column("last_id", Text, nullable=False),
     Column("applied_ops", BigInteger, nullable=False, server_default=text("0")),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # The fencing token: moved by every worker that takes the partition's lease, and checked
+    # in each batch's transaction, so a worker that lost its lease cannot apply a batch.
+    Column("lease_token", BigInteger, nullable=False, server_default=text("0")),
     comment="sa_redis_cache: last Redis stream id applied per write-behind partition",
 )
 """One row per write-behind stream partition, written in each flush transaction.
+
+``lease_token`` is the partition's fencing token: a worker that takes the partition's
+lease increments it and keeps the new value; each of its batches locks the row and
+proceeds only while the token is still its own (docs/write-behind.md, "Leases").
 
 Example::
 

@@ -13,8 +13,8 @@ What the tag covers:
 * ``E``, the whole document: every value the client assembles (query and entity fills,
   write-through states, ``@cache.cached`` results). Their stamps (versions, generation,
   timing) are signed with their bodies.
-* ``B``, the body alone: entity entries and pending keys that ``lua/wb_enqueue.lua`` and
-  ``lua/wb_flushed.lua`` assemble as ``header [stamp, body] trailer``. The stamp (the
+* ``B``, the body alone: entity entries and pending keys that ``lua/wb_enqueue.lua``
+  assembles as ``header [stamp, body] trailer``. The stamp (the
   generation, or the stream id) is read or made inside the script, after the client has
   signed; the client signs the body it sends, bound to the row's entity key, and the
   script appends the trailer it is given. The unsigned stamp is checked against the live

@@ -28,7 +28,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from sa_redis_cache.strategies.write_behind.worker import runner
+from sa_redis_cache.cli.admin import worker_main
 from sa_redis_cache.strategies.write_behind.worker.apply import Applier
 
 if TYPE_CHECKING:
@@ -46,11 +46,13 @@ def crash_after_commit(rate: float, seed: str | None) -> None:
     apply = Applier.apply
     depth = threading.local()  # apply() calls itself once after dropping set-based SQL
 
-    def apply_then_maybe_crash(self: Applier, stream: str, entries: list[Any]) -> Any:
+    def apply_then_maybe_crash(
+        self: Applier, stream: str, entries: list[Any], **kwargs: Any
+    ) -> Any:
         outer = not getattr(depth, "inside", False)
         depth.inside = True
         try:
-            result = apply(self, stream, entries)
+            result = apply(self, stream, entries, **kwargs)
         finally:
             depth.inside = not outer
         if outer and rnd.random() < rate:
@@ -68,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--crash-seed", default=None)
     ours, worker_args = parser.parse_known_args(argv)
     crash_after_commit(ours.crash_rate, ours.crash_seed)
-    return runner.main(worker_args)
+    return worker_main(worker_args)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,14 @@ def start_worker(
     log: Any,
     *extra: str,
     module: str = "sa_redis_cache.worker",
+    lease_ms: int | None = 1500,
 ) -> Any:
     """A ``python -m sa_redis_cache.worker`` process on the test models; stderr to ``log``.
 
-    ``module`` runs another entry point on the same arguments (``tests.crashing_worker``).
+    ``module`` runs another entry point on the same arguments (``tests.crashing_worker``);
+    ``lease_ms=None`` keeps the worker's default lease.
     """
+    lease = () if lease_ms is None else ("--lease-ms", str(lease_ms))
     return subprocess.Popen(
         [
             sys.executable,
@@ -57,10 +60,7 @@ def start_worker(
             name,
             "--batch-size",
             "16",
-            "--lease-ms",
-            "1500",
-            "--claim-idle-ms",
-            "800",
+            *lease,
             *extra,
         ],
         cwd=ROOT,

@@ -7,24 +7,29 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
+from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.models import ModelRegistry, mapper_of
 from sa_redis_cache.protocol import is_queue_key
 from sa_redis_cache.redaction import redact_url
+from sa_redis_cache.strategies.write_behind.worker.flush import LEASE_MS
 
 from .common import CliError, Settings, common_options, import_object, one_line, resolve_model
 from .output import Table, echo_json, render
 from .values import parse_pk, row_keys
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import redis
     from sqlalchemy.engine import Engine
 
     from sa_redis_cache.strategies.write_behind.worker.replay import Letter, ReplayResult
 
-__all__ = ["demo", "dlq", "invalidate", "worker"]
+__all__ = ["demo", "dlq", "invalidate", "worker", "worker_main"]
 
 
 def _confirm(question: str, *, nothing: str = "nothing was invalidated") -> None:
@@ -136,31 +141,261 @@ def _invalidate_namespace(settings: Settings, *, yes: bool) -> None:
 
 # --------------------------------------------------------------------------- write-behind
 
-_PASS_THROUGH: dict[str, Any] = {"ignore_unknown_options": True, "allow_extra_args": True}
+WORKER_PROG = "python -m sa_redis_cache.worker"
+"""The standalone name of the ``worker`` command (its usage line when run that way)."""
 
 
 @click.command(
-    context_settings={**_PASS_THROUGH, "help_option_names": []},
     short_help="Run the write-behind flush worker.",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def worker(args: tuple[str, ...]) -> None:
-    """Run the write-behind flush worker until SIGTERM (python -m sa_redis_cache.worker).
+@click.option(
+    "--model",
+    "model_specs",
+    multiple=True,
+    metavar="MODULE:CLASS",
+    help="Write-behind model to flush (or module:function returning classes); repeatable. "
+    "Default: the write-behind models of the --models modules.",
+)
+@click.option(
+    "--consumer",
+    metavar="NAME",
+    help="This worker's name in the partition leases. Give a replacement the name of the "
+    "worker it replaces: it takes that one's partitions at once, not after --lease-ms. "
+    "Two live workers must not share a name. [default: HOST:PID:RANDOM]",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 5000),
+    default=500,
+    show_default=True,
+    metavar="N",
+    help="Stream entries applied per database transaction.",
+)
+@click.option(
+    "--lease-ms",
+    type=click.IntRange(min=200),
+    default=LEASE_MS,
+    show_default=True,
+    metavar="MS",
+    help="How long a partition lease lasts unrenewed: a dead or stopped worker's partitions "
+    "are taken over by the others within this time.",
+)
+@click.option(
+    "--heartbeat-ms",
+    type=click.IntRange(min=1),
+    metavar="MS",
+    help="How often the held leases are renewed, at most half of --lease-ms. "
+    "[default: a fifth of --lease-ms]",
+)
+@click.option(
+    "--max-backoff",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Longest wait between retries while the database or Redis fails.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Follow a backlog found at start with a progress bar (--progress), or not at all "
+    "(--no-progress). [default: a bar on a terminal, log lines otherwise]",
+)
+@click.option(
+    "--progress-threshold",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    metavar="N",
+    help="Entries queued at start above which their draining is followed.",
+)
+@click.option(
+    "--progress-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Time between backlog log lines when no bar is shown.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    metavar="PORT",
+    help="Serve the worker's Prometheus metrics on this port (needs the prometheus extra).",
+)
+@click.option(
+    "--metrics-addr",
+    default="127.0.0.1",
+    show_default=True,
+    metavar="ADDRESS",
+    help="Address to serve --metrics-port on.",
+)
+@common_options("redis_url", "namespace", "database_url", "models")
+@click.pass_obj
+def worker(
+    settings: Settings,
+    model_specs: tuple[str, ...],
+    consumer: str | None,
+    batch_size: int,
+    lease_ms: int,
+    heartbeat_ms: int | None,
+    max_backoff: float,
+    progress: bool | None,
+    progress_threshold: int,
+    progress_interval: float,
+    metrics_port: int | None,
+    metrics_addr: str,
+) -> None:
+    """Run the write-behind flush worker until SIGTERM or SIGINT.
 
-    Its options: --database-url, --redis-url, --namespace, --model module:Class
-    (repeatable), --consumer, --batch-size, --lease-ms, --claim-idle-ms, --max-backoff,
-    --progress / --no-progress, --progress-threshold, --progress-interval (a backlog
-    found at start is followed: a bar on a TTY, log lines otherwise), --metrics-port,
-    --metrics-addr (Prometheus); --help lists them.
+    It applies the queued writes of the write-behind models to the database, in batches,
+    and logs one JSON line per batch on stderr. On SIGTERM it finishes and acknowledges
+    the batch in flight, releases its partition leases and exits 0. Run several (one
+    per host or container): they share the partitions; see docs/write-behind.md,
+    "Scaling".
 
+    Before it starts it checks that Redis and the database answer and that the
+    library's tables are migrated. While the database cannot be reached later on, it
+    retries with backoff and says so in a log line every 15 seconds (and in the
+    sarc_wb_database_up metric).
+
+    Exit status: 0 stopped by a signal, 1 a service unreachable or not ready, 2 bad usage.
+
+    \b
     Example:
-
-      sa-redis-cache worker --database-url postgresql+psycopg://... \\
-          --redis-url redis://... --namespace shop --model examples.telemetry:PageView
+      sa-redis-cache --database-url postgresql+psycopg://app@db/shop \\
+          --redis-url redis://cache:6379/0 --namespace shop \\
+          worker --model myapp.models:PageView --consumer worker-1
     """
-    from sa_redis_cache.strategies.write_behind.worker.runner import main as run_worker
+    from sa_redis_cache.strategies.write_behind.worker.flush import FlushWorker
+    from sa_redis_cache.strategies.write_behind.worker.progress import choose_mode
+    from sa_redis_cache.strategies.write_behind.worker.runner import log_as_json, serve
 
-    raise SystemExit(run_worker(list(args)))
+    if heartbeat_ms is not None and heartbeat_ms > lease_ms // 2:
+        raise click.BadParameter(
+            f"{heartbeat_ms} is more than half of --lease-ms {lease_ms}: one late renewal "
+            f"would lose the leases; give at most {lease_ms // 2}",
+            param_hint="--heartbeat-ms",
+        )
+    if not settings.database_url:
+        raise click.UsageError(
+            "the worker needs a database: pass --database-url URL (or set DATABASE_URL)"
+        )
+    engine = settings.engine(pool=True)  # a URL that cannot be parsed is refused here
+    try:
+        settings.redis()  # one clear line when Redis does not answer
+        models = _write_behind_models(settings, model_specs, purpose="flush")
+        _check_worker_database(engine, models)
+        client = _worker_client(settings, lease_ms)
+        try:
+            flush_worker = FlushWorker(
+                engine,
+                client,
+                namespace=settings.namespace,
+                models=models,
+                consumer=consumer,
+                batch_size=batch_size,
+                lease_ms=lease_ms,
+                heartbeat_ms=heartbeat_ms,
+                max_backoff=max_backoff,
+            )
+        except ConfigurationError as exc:
+            raise click.UsageError(str(exc)) from exc
+        log_as_json()
+        mode = choose_mode(forced=progress is True, disabled=progress is False)
+        try:
+            serve(
+                flush_worker,
+                progress=mode,
+                threshold=progress_threshold,
+                interval=progress_interval,
+                metrics_port=metrics_port,
+                metrics_addr=metrics_addr,
+            )
+        except ImportError as exc:
+            raise CliError(
+                "--metrics-port needs prometheus-client: pip install "
+                f"'sa-redis-cache[prometheus]' ({exc})"
+            ) from exc
+        except OSError as exc:
+            raise CliError(
+                f"--metrics-port {metrics_port}: cannot serve on {metrics_addr}: {one_line(exc)}"
+            ) from exc
+        finally:
+            client.close()
+    finally:
+        engine.dispose()
+
+
+def worker_main(argv: Sequence[str] | None = None, prog_name: str = WORKER_PROG) -> int:
+    """Run the ``worker`` command on its own (``python -m sa_redis_cache.worker``).
+
+    The global options of ``sa-redis-cache`` are the command's own options here, with the
+    same environment variables (``REDIS_URL``, ``DATABASE_URL``, ``SARC_NAMESPACE``,
+    ``SARC_MODELS``) and defaults; returns the exit status.
+
+    Example::
+
+        worker_main(["--database-url", url, "--namespace", "shop", "--model", "app:View"])
+    """
+    from .app import cli
+
+    # the group's own parsing of no arguments: its defaults and environment variables
+    group = cli.make_context(prog_name, [], resilient_parsing=True)
+    with group:
+        group.invoke(cast("Any", cli.callback), **group.params)
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        worker.main(args=args, prog_name=prog_name, obj=group.obj)  # always exits
+    except SystemExit as exc:
+        code = exc.code
+    return code if isinstance(code, int) else (0 if code is None else 1)
+
+
+def _worker_client(settings: Settings, lease_ms: int) -> redis.Redis:
+    """The worker's own Redis client: a call that hangs must not outlast half a lease."""
+    from sa_redis_cache.redis_io import client_from_url
+
+    client = client_from_url(
+        settings.redis_url,
+        socket_timeout=max(1.0, lease_ms / 2000),
+        socket_connect_timeout=2,
+        health_check_interval=30,
+    )
+    # settings.redis() refused a cluster before the worker makes its own client
+    return cast("redis.Redis", client)
+
+
+def _check_worker_database(engine: Engine, models: list[type]) -> None:
+    """The database answers, the library's tables are migrated, the models' tables exist."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import DBAPIError
+
+    from sa_redis_cache.schema import wb_offsets
+
+    try:
+        with engine.connect() as conn:
+            inspector = inspect(conn)
+            missing = [t for t in (_table_of(m) for m in models) if not inspector.has_table(t)]
+            offsets = (
+                {c["name"] for c in inspector.get_columns(wb_offsets.name)}
+                if inspector.has_table(wb_offsets.name)
+                else set()
+            )
+    except DBAPIError as exc:
+        raise _database_error(engine, exc) from exc
+    if not {c.name for c in wb_offsets.columns} <= offsets:
+        raise CliError(
+            f"the library's tables in {_shown(engine)} are missing or out of date "
+            f"({wb_offsets.name} needs the write-behind migrations): run "
+            "sa_redis_cache.schema.upgrade(URL) (or alembic upgrade sa_redis_cache@head) first"
+        )
+    if missing:
+        raise CliError(
+            f"the table(s) {', '.join(missing)} of the write-behind models do not exist in "
+            f"{_shown(engine)}: create them (your migrations) before starting the worker"
+        )
 
 
 @click.group(short_help="Dead letters of write-behind: list and replay them.")
@@ -382,7 +617,9 @@ def dlq_replay(
         click.get_current_context().exit(1)
 
 
-def _write_behind_models(settings: Settings, specs: tuple[str, ...]) -> list[type]:
+def _write_behind_models(
+    settings: Settings, specs: tuple[str, ...], *, purpose: str = "replay"
+) -> list[type]:
     """The classes named by ``--model``, else the write-behind models of ``--models``."""
     from sa_redis_cache.strategies.write_behind.columns import is_write_behind
 
@@ -409,7 +646,7 @@ def _write_behind_models(settings: Settings, specs: tuple[str, ...]) -> list[typ
         ]
     if not found:
         raise click.UsageError(
-            "no write-behind model to replay for: pass --model module:Class (repeatable), "
+            f"no write-behind model to {purpose}: pass --model module:Class (repeatable), "
             "or --models MODULE defining them"
         )
     return found

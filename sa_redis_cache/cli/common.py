@@ -206,13 +206,20 @@ class Settings:
         ]
 
     def engine(
-        self, url: str | None = None, *, option: str = "--database-url", exact: bool = False
+        self,
+        url: str | None = None,
+        *,
+        option: str = "--database-url",
+        exact: bool = False,
+        pool: bool = False,
     ) -> Engine:
         """An engine on ``url`` (default ``--database-url``); it connects on first use.
 
         A URL without a driver (``postgresql://``) gets psycopg 3, the driver the library
         installs, unless ``exact``: a cache key includes the bind's URL and driver, so a
-        key computed for the application must use its URL untouched.
+        key computed for the application must use its URL untouched. Without ``pool``,
+        every use opens its own connection (a one-shot command); with it, connections
+        are pooled and checked before use (a long-running one, the worker).
         """
         from sqlalchemy import create_engine
         from sqlalchemy.exc import ArgumentError
@@ -230,7 +237,8 @@ class Settings:
             )
         try:
             target = url if exact else normalize_database_url(url)
-            engine = create_engine(target, poolclass=NullPool, connect_args=_connect_args(url))
+            pooling: dict[str, Any] = {"pool_pre_ping": True} if pool else {"poolclass": NullPool}
+            engine = create_engine(target, connect_args=_connect_args(url), **pooling)
         except (ArgumentError, ValueError, ImportError) as exc:
             why = self.redact(one_line(exc))
             raise click.BadParameter(

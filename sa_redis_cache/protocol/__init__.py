@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from .keys import KeyScheme, escape_glob, is_queue_key, pk_text
 from .scripts import Script, ScriptCall
-from .streams import GROUP, HEADER, partition_of, stream_id
+from .streams import HEADER, partition_of, stream_id
 
 __all__ = [
-    "GROUP",
     "HEADER",
     "KeyScheme",
     "Script",

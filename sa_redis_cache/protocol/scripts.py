@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import orjson
 
@@ -302,7 +302,8 @@ def wb_enqueue(keys: KeyScheme, ops: Sequence[QueuedOp], header: bytes) -> Scrip
             tables.append(op.table)
             index[op.table] = len(tables)
         op_keys += [op.stream, op.entity_key, op.pending_key, keys.row_write_key(op.table, op.pk)]
-        op_args += [index[op.table], op.kind, op.pk, op.schema_hash, op.data, op.trailer]
+        pk = orjson.dumps(op.pk)  # the script puts it in the entry's JSON as it is
+        op_args += [index[op.table], op.kind, pk, op.schema_hash, op.data, op.trailer]
     return (
         script("wb_enqueue"),
         [*(keys.generation_key(t) for t in tables), *op_keys],
@@ -318,15 +319,24 @@ def wb_enqueue(keys: KeyScheme, ops: Sequence[QueuedOp], header: bytes) -> Scrip
     )
 
 
+def wait_for_fsync(timeout_ms: int) -> Command:
+    """The command that waits until the Redis server has written every earlier write of
+    this connection to its append-only file on disk, at most ``timeout_ms`` (Redis 7.2+);
+    its reply is ``[local copies on disk (0 or 1), replicas]``.
+
+    Example::
+
+        io.pipeline([wait_for_fsync(200)])  # [[1, 0]] once on disk
+    """
+    return ("WAITAOF", 1, 0, timeout_ms)
+
+
 class FlushedRow(NamedTuple):
-    """One row of :func:`wb_flushed`: its keys, its last operation's id, and whether that
-    operation was applied (``False``: it went to the dead letters)."""
+    """One row of :func:`wb_flushed`: its keys and the id of its last operation in the batch."""
 
     pending_key: str
     entity_key: str
-    pk: str
     last_id: str
-    applied: bool
 
 
 def wb_flushed(
@@ -335,44 +345,76 @@ def wb_flushed(
     stream: str,
     rows: Sequence[FlushedRow],
     *,
-    group: str,
-    acked: Sequence[str],
     trim_below: str,
-    entity_ttl_ms: int,
     header: bytes,
 ) -> ScriptCall:
-    """After a flush committed: bump the table's version, give flushed rows' entity entries
-    their TTL, remove their pending keys, acknowledge ``acked`` and trim the stream."""
-    row_keys = [
-        k for r in rows for k in (r.pending_key, r.entity_key, keys.row_write_key(table, r.pk))
-    ]
-    kinds = "".join("a" if r.applied else "x" for r in rows)
+    """After a flush committed: bump the table's version, remove the pending keys (and the
+    entity entries) of flushed rows that have no newer queued state, and trim the stream
+    below ``trim_below`` (the acknowledgement: workers read from the stream's head)."""
+    row_keys = [k for r in rows for k in (r.pending_key, r.entity_key)]
     return (
         script("wb_flushed"),
-        [stream, keys.version_key(table), keys.generation_key(table), *row_keys],
-        [
-            group,
-            trim_below,
-            entity_ttl_ms,
-            header,
-            COUNTER_TTL_MS,
-            start(),
-            ROW_COUNTER_TTL_MS,
-            start(),
-            len(acked),
-            *acked,
-            kinds,
-            *(r.last_id for r in rows),
-        ],
+        [stream, keys.version_key(table), *row_keys],
+        [trim_below, header, COUNTER_TTL_MS, start(), *(r.last_id for r in rows)],
     )
 
 
+LeaseMode = Literal["take", "renew", "release"]
+"""What :func:`wb_lease` does with a partition lease."""
+
+
 def wb_lease(
-    lease_key: str, stream: str, owner: str, lease_ms: int, *, read: int = 0, group: str = ""
+    lease_key: str,
+    stream: str,
+    *,
+    mode: LeaseMode,
+    owner: str,
+    name: str,
+    lease_ms: int,
 ) -> ScriptCall:
-    """Take or renew (``lease_ms`` > 0) or release (0) a partition lease; with ``read`` > 0,
-    also read up to that many new entries of ``stream`` as consumer ``owner`` of ``group``."""
-    return script("wb_lease"), [lease_key, stream], [owner, lease_ms, read, group, owner]
+    """Take (``"take"``), extend (``"renew"``) or give up (``"release"``) a partition lease.
+
+    ``owner`` is the worker's instance id and consumer ``name``, space-separated (see
+    :func:`lease_owner`).
+
+    Example::
+
+        call = wb_lease(lease, stream, mode="take", owner=lease_owner("a1b2", "w1"),
+                        name="w1", lease_ms=5000)
+    """
+    return script("wb_lease"), [lease_key, stream], [mode, owner, name, lease_ms]
+
+
+def lease_owner(instance: str, name: str) -> str:
+    """What a partition lease holds to name its worker: ``instance`` (no space), a space,
+    the consumer ``name``.
+
+    Example::
+
+        >>> lease_owner("a1b2c3", "w1")
+        'a1b2c3 w1'
+    """
+    if not instance or " " in instance:
+        raise ValueError(f"a lease owner cannot be made of {instance!r} and {name!r}")
+    return f"{instance} {name}"
+
+
+def parse_lease(value: bytes | str | None) -> tuple[str, str] | None:
+    """A lease value as ``(instance, consumer name)``; None if absent or not a lease this
+    library wrote.
+
+    Example::
+
+        >>> parse_lease(b"a1b2c3 w1")
+        ('a1b2c3', 'w1')
+    """
+    if value is None:
+        return None
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    instance, space, name = text.partition(" ")
+    if not space or not instance:
+        return None
+    return instance, name
 
 
 # -- the local tier ------------------------------------------------------------------------

@@ -1,14 +1,14 @@
-"""What the write-behind streams hold, beyond their keys: the consumer group, partitions,
-stream ids, and the envelope the scripts put around the JSON they assemble."""
+"""What the write-behind streams hold, beyond their keys: partitions, stream ids, and the
+envelope the scripts put around the JSON they assemble.
+
+Workers read the streams with ``XRANGE`` (no consumer group since sarc_0002; releases
+before it left a group named ``sarc-flush`` on each stream, which nothing reads now)."""
 
 from __future__ import annotations
 
 import zlib
 
 from sa_redis_cache.codec import pack
-
-GROUP = "sarc-flush"
-"""The consumer group every flush worker reads the streams with."""
 
 HEADER: bytes = pack(0)[:-1]
 """The codec envelope (magic and version) that Lua prepends to JSON it assembles."""

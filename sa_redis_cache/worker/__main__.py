@@ -1,10 +1,10 @@
-"""``python -m sa_redis_cache.worker``: the flush worker's command (see
-:mod:`sa_redis_cache.strategies.write_behind.worker.runner`)."""
+"""``python -m sa_redis_cache.worker``: the flush worker's command, ``sa-redis-cache worker``
+run on its own (see :func:`sa_redis_cache.cli.admin.worker_main`)."""
 
 from __future__ import annotations
 
 import sys
 
-from sa_redis_cache.strategies.write_behind.worker.runner import main
+from sa_redis_cache.cli.admin import worker_main
 
-sys.exit(main())
+sys.exit(worker_main())

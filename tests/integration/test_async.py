@@ -21,6 +21,7 @@ import inspect
 import itertools
 import re
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
@@ -38,6 +39,7 @@ from devservices import RedisServer, Services
 from examples import async_shop
 from examples.shop import Category, Product
 from sa_redis_cache import Cache, ConfigurationError, FromCache, schema
+from sa_redis_cache.strategies.write_behind.ids import ID_BLOCKS
 from tests.modes import MODES, Db, Runner, SyncFacade, async_url, cached_price, set_price
 from tests.seams import RedisTap, Seams
 from tests.slow_proxy import SlowProxy
@@ -293,6 +295,118 @@ def test_a_cached_query_never_blocks_the_event_loop(
     assert got["worst_gap"] < MAX_LAG, got
     assert got["ticks"] >= got["elapsed"] / TICK / 3, got
     assert got["control_gap"] >= DELAY * 0.9, got  # the ticker does notice a blocked loop
+
+
+def test_a_write_behind_commit_never_blocks_the_event_loop(
+    database_url: str, engine: sa.Engine, aof_redis: RedisServer, namespace: str
+) -> None:
+    """A ticker on the loop keeps its beat while write-behind commits (and the read of a
+    queued row) wait on a slow Redis; the same commit through a synchronous ``Session``
+    on the loop stalls it for a whole reply."""
+    schema.upgrade(engine)
+    server = urlsplit(aof_redis.url)
+    host, port = server.hostname or "127.0.0.1", server.port or 6379
+
+    async def main(proxy: SlowProxy, page_view: Any) -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        client = redis.Redis.from_url(proxy.url(), socket_timeout=5)
+        aclient = redis.asyncio.Redis.from_url(proxy.url(), socket_timeout=5)
+        cache = Cache(client, async_client=aclient, namespace=namespace)
+        async_engine = create_async_engine(async_url(database_url))
+        factory = async_sessionmaker(async_engine)
+        sync_factory = sessionmaker(engine)
+        cache.attach(factory)
+        cache.attach(sync_factory)
+        out: dict[str, float] = {}
+        try:
+            with sync_factory() as s:  # the control's connections (the loop is not timed)
+                s.add(page_view(path="/warm-sync", views=0))
+                s.commit()
+            async with Ticker() as ticker:  # from the first commit: nothing is warm
+                start = loop.time()
+                for i in range(3):
+                    async with factory() as s:
+                        view = page_view(path=f"/a/{i}", views=i)
+                        s.add(view)
+                        await s.commit()  # one enqueue
+                async with factory() as s:
+                    got = await s.get(page_view, view.id)  # its pending state
+                    assert got is not None
+                    assert got.views == 2
+                end = loop.time()
+                with sync_factory() as s:  # the control: blocks the loop
+                    s.add(page_view(path="/blocked", views=9))
+                    s.commit()
+                control_end = loop.time()
+            out["elapsed"] = end - start
+            out["worst_gap"] = ticker.worst_gap(start, end)
+            out["ticks"] = len([t for t in ticker.times if start <= t <= end])
+            out["control_gap"] = ticker.worst_gap(end, control_end)
+        finally:
+            cache.detach()
+            client.close()
+            await aclient.aclose()
+            await async_engine.dispose()
+        return out
+
+    with private_models() as (page_view, _), SlowProxy(host, port, delay=DELAY) as proxy:
+        page_view.metadata.create_all(engine)
+        got = asyncio.run(main(proxy, page_view))
+    print(
+        f"\nasync write-behind commits and read through a {DELAY * 1000:.0f} ms Redis: "
+        f"{got['elapsed'] * 1000:.0f} ms, {got['ticks']:.0f} ticks, worst gap "
+        f"{got['worst_gap'] * 1000:.1f} ms; sync control: worst gap "
+        f"{got['control_gap'] * 1000:.1f} ms"
+    )
+    assert got["elapsed"] >= 4 * DELAY  # the commits really waited on the slow Redis
+    assert got["worst_gap"] < MAX_LAG, got
+    assert got["ticks"] >= got["elapsed"] / TICK / 3, got
+    assert got["control_gap"] >= DELAY * 0.9, got  # the ticker does notice a blocked loop
+
+
+def test_concurrent_commits_reserving_sequence_ids_do_not_block_the_loop(
+    database_url: str, engine: sa.Engine, aof_redis: RedisServer, namespace: str
+) -> None:
+    """Tasks that each need a new block of ids from a client-side sequence at once.
+
+    A block is reserved with ``nextval``, awaited on the task's connection: a lock held
+    across that await would stop the thread, and with it the loop and the task holding it.
+    """
+    schema.upgrade(engine)
+
+    async def main(stock_level: Any) -> list[int]:
+        cache = Cache(aof_redis.url, namespace=namespace)
+        async_engine = create_async_engine(async_url(database_url))
+        factory = async_sessionmaker(async_engine)
+        cache.attach(factory)
+
+        async def commit(i: int) -> int:
+            async with factory() as s:
+                level = stock_level(warehouse=f"w{i}", quantity=i)
+                s.add(level)
+                await s.commit()
+                return int(level.id)
+
+        try:
+            return list(await asyncio.gather(*(commit(i) for i in range(6))))
+        finally:
+            cache.detach()
+            await cache.aclose()
+            await async_engine.dispose()
+
+    with private_models() as (_, stock_level):
+        stock_level.metadata.create_all(engine)
+        ID_BLOCKS.clear()  # every task needs a block first
+        found: list[list[int]] = []
+        runner = threading.Thread(
+            target=lambda: found.append(asyncio.run(main(stock_level))), daemon=True
+        )
+        runner.start()
+        runner.join(timeout=30)
+        assert not runner.is_alive(), "the event loop is stuck: a task blocked the thread"
+        ID_BLOCKS.clear()  # the other tests count their nextvals from no block
+    ids = found[0]
+    assert len(set(ids)) == len(ids) == 6
 
 
 def test_a_lease_waiter_lets_the_loop_run(

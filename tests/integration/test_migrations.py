@@ -29,9 +29,10 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+HEAD = "sarc_0002"
 OUR_TABLES = {"sarc_wb_offsets", "sarc_dead_letters"}
 
-# What sarc_0001 must create, written out independently of schema.py:
+# What the revisions up to the head must create, written out independently of schema.py:
 # column -> (type as Postgres prints it, nullable, server default as reflected).
 EXPECTED_COLUMNS: dict[str, dict[str, tuple[str, bool, str | None]]] = {
     "sarc_wb_offsets": {
@@ -39,6 +40,7 @@ EXPECTED_COLUMNS: dict[str, dict[str, tuple[str, bool, str | None]]] = {
         "last_id": ("TEXT", False, None),
         "applied_ops": ("BIGINT", False, "0"),
         "updated_at": ("TIMESTAMP WITH TIME ZONE", False, "now()"),
+        "lease_token": ("BIGINT", False, "0"),  # sarc_0002
     },
     "sarc_dead_letters": {
         "id": ("BIGINT", False, None),
@@ -132,7 +134,9 @@ def test_versions_ship_inside_the_package() -> None:
     assert base.branch_labels == {"sa_redis_cache"}
     assert base.down_revision is None
     assert base.dependencies is None
-    assert script.get_revision("sa_redis_cache@head") is not None
+    head = script.get_revision("sa_redis_cache@head")
+    assert head is not None
+    assert head.revision == HEAD
 
 
 def test_upgrade_creates_the_tables_and_the_index(fresh_engine: Engine) -> None:
@@ -165,7 +169,7 @@ def test_upgrade_creates_the_tables_and_the_index(fresh_engine: Engine) -> None:
     assert index["dialect_options"]["postgresql_where"] == "(replayed_at IS NULL)"
 
     with fresh_engine.connect() as conn:
-        assert our_migration_context(conn).get_current_heads() == ("sarc_0001",)
+        assert our_migration_context(conn).get_current_heads() == (HEAD,)
 
 
 def test_metadata_matches_what_the_migrations_create(fresh_engine: Engine) -> None:
@@ -194,6 +198,36 @@ def test_metadata_matches_what_the_migrations_create(fresh_engine: Engine) -> No
     assert reflected_id["identity"]["always"] is bool(declared_identity.always)
 
 
+def test_the_lease_token_is_added_to_existing_offsets_and_dropped_on_downgrade(
+    fresh_engine: Engine,
+) -> None:
+    """sarc_0002 on a database that already has offsets: they keep their values, token 0."""
+    schema.upgrade(fresh_engine, "sarc_0001")
+    with fresh_engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO sarc_wb_offsets (stream, last_id, applied_ops) "
+                "VALUES ('sarc:shop:{shop:views}:wb:00ff:0', '1700000000000-3', 7)"
+            )
+        )
+    schema.upgrade(fresh_engine)
+    query = text("SELECT stream, last_id, applied_ops, lease_token FROM sarc_wb_offsets")
+    with fresh_engine.connect() as conn:
+        assert [tuple(r) for r in conn.execute(query)] == [
+            ("sarc:shop:{shop:views}:wb:00ff:0", "1700000000000-3", 7, 0)
+        ]
+        assert our_migration_context(conn).get_current_heads() == (HEAD,)
+
+    schema.downgrade(fresh_engine, "sarc_0001")
+    columns = {c["name"] for c in inspect(fresh_engine).get_columns("sarc_wb_offsets")}
+    assert "lease_token" not in columns
+    with fresh_engine.connect() as conn:
+        assert conn.execute(text("SELECT last_id FROM sarc_wb_offsets")).scalar_one() == (
+            "1700000000000-3"
+        )
+        assert our_migration_context(conn).get_current_heads() == ("sarc_0001",)
+
+
 def test_downgrade_base_drops_the_tables(fresh_engine: Engine) -> None:
     schema.upgrade(fresh_engine)
     schema.downgrade(fresh_engine)
@@ -214,7 +248,7 @@ def test_upgrade_leaves_the_application_version_table_alone(fresh_engine: Engine
     schema.upgrade(fresh_engine)
 
     assert version_rows(fresh_engine, "alembic_version") == {"app_0007"}
-    assert version_rows(fresh_engine, schema.VERSION_TABLE) == {"sarc_0001"}
+    assert version_rows(fresh_engine, schema.VERSION_TABLE) == {HEAD}
 
 
 def test_upgrade_runs_inside_the_callers_transaction(fresh_engine: Engine) -> None:
@@ -274,7 +308,7 @@ def test_concurrent_upgrades_from_a_url_all_succeed(fresh_url: str, fresh_engine
                 failures.append(stderr)
 
     assert failures == []
-    assert version_rows(fresh_engine, schema.VERSION_TABLE) == {"sarc_0001"}
+    assert version_rows(fresh_engine, schema.VERSION_TABLE) == {HEAD}
     assert table_names(fresh_engine) >= OUR_TABLES
 
 
@@ -285,7 +319,7 @@ def test_alembic_command_line_from_the_repository_root(
     assert table_names(fresh_engine) >= OUR_TABLES
 
     current = run_alembic("current", cwd=REPO_ROOT, env={"DATABASE_URL": fresh_url})
-    assert "sarc_0001 (head)" in current
+    assert f"{HEAD} (head)" in current
     assert "No new upgrade operations detected" in run_alembic(
         "-x", f"url={fresh_url}", "check", cwd=REPO_ROOT
     )
@@ -372,7 +406,7 @@ def test_an_application_environment_includes_our_branch(
     alembic("upgrade", "heads")
     assert table_names(fresh_engine) == {*OUR_TABLES, "alembic_version", "products"}
     # One history table, the application's; ours is one more row in it.
-    assert version_rows(fresh_engine, "alembic_version") == {"app_0001", "sarc_0001"}
+    assert version_rows(fresh_engine, "alembic_version") == {"app_0001", HEAD}
     assert "No new upgrade operations detected" in alembic("check")
 
     alembic("downgrade", "sa_redis_cache@base")

@@ -9,8 +9,11 @@ queues its writes with a ``Session`` and with an ``AsyncSession`` (``in_mode``, 
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import pytest
 import redis
 import sqlalchemy as sa
@@ -18,12 +21,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from sa_redis_cache.protocol import partition_of, pk_text
 from sa_redis_cache.schema import dead_letters
+from sa_redis_cache.strategies.write_behind.worker.flush import write_behind_info
 from tests.wb_support import drain, offsets, queue, remove, rows, update
 
 if TYPE_CHECKING:
-    import uuid
-
     from devservices import RedisServer
     from tests.modes import Db, Runner
 
@@ -70,11 +73,9 @@ def test_inserts_updates_and_deletes_reach_the_database(
     expected[ids[0]] = ("/p/0", 100)
     del expected[ids[1]]
     assert rows(worker_engine, page_view) == expected
-    # flushed: no pending state left, entity entries expire again, streams trimmed
+    # flushed: no pending state left, no entity entry without a TTL, streams trimmed
     assert list(client.scan_iter(match=f"sarc:{namespace}:*:wbp:*")) == []
-    entity_keys = list(client.scan_iter(match=f"sarc:{namespace}:*:e:*"))
-    assert entity_keys
-    assert all(client.pttl(k) > 0 for k in entity_keys)
+    assert list(client.scan_iter(match=f"sarc:{namespace}:*:e:*")) == []
     assert sum(int(client.xlen(k)) for k in client.scan_iter(match=f"sarc:{namespace}:*:wb:*")) == 0
 
     def read(db: Db) -> None:
@@ -85,6 +86,10 @@ def test_inserts_updates_and_deletes_reach_the_database(
             assert s.get(page_view, ids[1]) is None
 
     in_mode(read)
+    # the reads filled the entity entries from the database, with the model's TTL
+    entity_keys = list(client.scan_iter(match=f"sarc:{namespace}:*:e:*"))
+    assert entity_keys
+    assert all(client.pttl(k) > 0 for k in entity_keys)
 
 
 def test_put_then_delete_and_delete_then_put_keep_their_order(
@@ -221,3 +226,29 @@ def test_a_redelivered_dead_letter_never_reaches_the_cache(
         got = s.get(page_view, pk)
         assert got is not None
         assert got.views == 1
+
+
+def test_entries_queued_in_the_earlier_four_field_form_are_applied(
+    models: Any, make_worker: Any, worker_engine: sa.Engine, client: redis.Redis
+) -> None:
+    """A queue written by the previous release (fields o, k, h, d) drains after an upgrade."""
+    page_view, _ = models
+    worker = make_worker()
+    worker.run_once()
+    info = write_behind_info(page_view)
+    assert info.codec is not None
+    pk = uuid.uuid4()
+    values = (pk, "/old", 4, None, datetime(2026, 1, 1, tzinfo=timezone.utc))
+    text = pk_text([pk])
+    stream = worker.partitions[partition_of(text, len(worker.partitions))].stream
+    client.xadd(
+        stream,
+        {
+            "o": "u",
+            "k": text,
+            "h": info.schema_hash,
+            "d": orjson.dumps(info.codec.dump_row(values)),
+        },
+    )
+    assert drain(worker) == 1
+    assert rows(worker_engine, page_view) == {pk: ("/old", 4)}

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
@@ -28,11 +28,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
-from devservices import RedisServer
+from devservices import PostgresServer, RedisServer, ServerStartError
+from sa_redis_cache import Cache, FlushWorker, schema
 from sa_redis_cache.metrics import WorkerCollector
 from sa_redis_cache.strategies.write_behind.worker.progress import BacklogProgress, choose_mode
-from tests.wb_support import drain, queue
+from tests.wb_support import drain, private_models, queue
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 pytest_plugins = ["tests.wb_fixtures"]
 
@@ -264,3 +269,64 @@ def test_metrics_without_redis_or_database(make_worker: Any, namespace: str) -> 
     assert sample(text, "sarc_wb_queue_up", namespace=namespace) == 0
     assert sample(text, "sarc_wb_dead_letters_unreplayed", source="worker") == 0
     assert "sarc_wb_queue_length" not in text
+
+
+@pytest.fixture(scope="module")
+def own_postgres(unavailable: Any) -> Iterator[PostgresServer]:
+    """A Postgres server of this module's own: a test stops and starts it."""
+    try:
+        server = PostgresServer().start()
+    except ServerStartError as exc:
+        unavailable(f"cannot start a throwaway Postgres: {exc}")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_a_database_outage_is_logged_while_it_lasts_and_published(
+    own_postgres: PostgresServer,
+    client: redis.Redis,
+    namespace: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = sa.create_engine(own_postgres.url, poolclass=NullPool)
+    schema.upgrade(engine)
+    with private_models() as (page_view, _):
+        page_view.metadata.create_all(engine)
+        cache = Cache(client, namespace=namespace)
+        factory = sessionmaker(engine)
+        cache.attach(factory)
+        queued = [queue(factory, page_view, path=f"/o/{i}", views=i) for i in range(5)]
+        worker = FlushWorker(
+            engine, client, namespace=namespace, models=[page_view], consumer="w1", max_backoff=0
+        )
+        worker.database.every = 0  # repeat the line at every failure (every 15 s by default)
+        registry = CollectorRegistry()
+        registry.register(WorkerCollector(worker, database=False))
+        own_postgres.stop()
+        try:
+            with caplog.at_level(logging.WARNING):
+                for _ in range(3):
+                    assert worker.run_once() == 0
+            said = [r.getMessage() for r in caplog.records]
+            assert sum(m.startswith("write-behind worker cannot reach") for m in said) == 1, said
+            assert sum(m.startswith("write-behind worker still cannot") for m in said) >= 2, said
+            stats = worker.stats(database=False)
+            assert not stats.database_up
+            assert stats.database_down_seconds > 0
+            text = generate_latest(registry).decode()
+            assert sample(text, "sarc_wb_database_up", namespace=namespace) == 0
+            assert sample(text, "sarc_wb_database_down_seconds", namespace=namespace) > 0
+        finally:
+            own_postgres.start()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert drain(worker) == 5
+        assert any("reaches the database again" in r.getMessage() for r in caplog.records)
+        assert worker.stats(database=False).database_up
+        assert sample(generate_latest(registry).decode(), "sarc_wb_database_up") == 1
+        assert count_rows(engine, page_view) == len(queued)
+        worker.release()
+        cache.detach()
+        engine.dispose()

@@ -90,15 +90,78 @@ def model_problems(mapper: Mapper[Any], info: ModelInfo) -> list[str]:
 
 
 def redis_problems(client: SyncClient, policy: CachePolicy) -> list[str]:
-    """Why ``client``'s server cannot keep write-behind queues (AOF off, an allkeys policy).
+    """Why ``client``'s server cannot keep write-behind queues (AOF off, an allkeys policy),
+    or cannot make ``durable`` commits (a server older than 7.2, ``appendfsync no``).
 
-    Asked at every ``attach()`` (two INFO sections): the setting can change between attaches.
-    ``CachePolicy(accept_volatile=True)`` skips it, for deployments that accept losing
-    queued writes with the Redis server.
+    Asked at every ``attach()`` (two INFO sections, three with ``durable``): the setting can
+    change between attaches. ``CachePolicy(accept_volatile=True)`` skips it, for
+    deployments that accept losing queued writes with the Redis server.
     """
     if policy.accept_volatile:
         return []
-    return _check_redis(client)
+    problems = _check_redis(client)
+    if policy.durable and not problems:
+        problems += _durable_problems(client)
+    return problems
+
+
+WAITAOF_SINCE = (7, 2)
+"""The first Redis version with ``WAITAOF`` (Valkey has it from its first release)."""
+
+
+def _durable_problems(client: SyncClient) -> list[str]:
+    try:
+        server = client.info("server")
+    except RedisError as exc:
+        return [f"cannot tell the Redis version ({exc}); durable=True needs Redis 7.2+"]
+    version = str(server.get("redis_version", "0"))
+    if _version(version) < WAITAOF_SINCE:
+        return [
+            (
+                f"CachePolicy(durable=True) makes commit() wait until Redis has written the "
+                f"queued writes to disk (WAITAOF), which Redis {version} lacks (7.2 and later, "
+                "and Valkey, have it). Upgrade the server; or set appendfsync always on it, which "
+                "puts every write on disk before Redis replies, and drop durable=True; or drop it "
+                "and accept losing up to a second of commits on a crash of the Redis host "
+                "(appendfsync everysec)"
+            )
+        ]
+    fsync = _appendfsync(client)
+    if fsync == "no":
+        return [
+            (
+                "CachePolicy(durable=True) waits for Redis to write the queue to disk, and this "
+                "server has appendfsync no: it leaves the writing to the operating system and "
+                "would never confirm it. Set appendfsync everysec (a durable commit then waits "
+                "about 0.1 s) or always"
+            )
+        ]
+    return []
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _appendfsync(client: SyncClient) -> str | None:
+    """The server's ``appendfsync``, or None when ``CONFIG GET`` is refused or renamed.
+
+    Asked only for ``durable`` models: the application's minimal ACL has no ``CONFIG``
+    (docs/security.md), and a refused one only costs the early warning; a commit would
+    then fail with :class:`~sa_redis_cache.errors.NotOnDiskError` instead.
+    """
+    try:
+        found: Any = client.config_get("appendfsync")
+    except RedisError:
+        return None
+    value = found.get("appendfsync") if isinstance(found, dict) else None
+    if isinstance(value, bytes):
+        value = value.decode()
+    return value if isinstance(value, str) else None
 
 
 def _check_redis(client: SyncClient) -> list[str]:

@@ -26,19 +26,43 @@ class IdBlocks:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._blocks: dict[tuple[str, str], tuple[int, int]] = {}
+        # per database and sequence, the reserved ids not handed out yet: [next, end) pairs
+        self._blocks: dict[tuple[str, str], list[list[int]]] = {}
 
     def next(self, connection: Connection, sequence: Sequence) -> int:
-        """The next reserved id; reserves a new block when this one is used up."""
+        """The next reserved id; reserves a new block when every block is used up.
+
+        The lock is never held across the ``nextval``: under ``AsyncSession`` that call
+        suspends the task until the database answers, and another task of the same thread
+        waiting for the lock would stop the event loop, the first task with it. Tasks
+        that find no id left each reserve a block; the ids of all of them are used.
+        """
         where = (connection.engine.url.render_as_string(), sequence.name)
         with self._lock:
-            low, high = self._blocks.get(where, (0, 0))
-            if low >= high:
-                start = int(connection.scalar(sequence.next_value()))
-                step = sequence.increment or 1
-                low, high = start, start + step
-            self._blocks[where] = (low + 1, high)
-            return low
+            blocks = self._blocks.setdefault(where, [])
+            while blocks:
+                block = blocks[0]
+                if block[0] < block[1]:
+                    block[0] += 1
+                    return block[0] - 1
+                blocks.pop(0)
+        start = int(connection.scalar(sequence.next_value()))
+        step = sequence.increment or 1
+        with self._lock:
+            if step > 1:
+                self._blocks.setdefault(where, []).append([start + 1, start + step])
+        return start
+
+    def clear(self) -> None:
+        """Forget every reserved block: their ids are never handed out (a gap, as a process
+        that exits leaves).
+
+        Example::
+
+            ID_BLOCKS.clear()  # the next id of every sequence comes from a new nextval
+        """
+        with self._lock:
+            self._blocks.clear()
 
 
 ID_BLOCKS = IdBlocks()

@@ -34,6 +34,7 @@ write-behind commit or read never blocks the event loop (:mod:`sa_redis_cache.re
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -46,7 +47,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sa_redis_cache import compat, hydrate
 from sa_redis_cache.binds import translate_map_of
 from sa_redis_cache.codec import CodecError, unpack
-from sa_redis_cache.errors import CacheUnavailableError, ConfigurationError
+from sa_redis_cache.errors import CacheUnavailableError, ConfigurationError, NotOnDiskError
 from sa_redis_cache.models import Inexact
 from sa_redis_cache.protocol import HEADER, partition_of, pk_text, scripts
 from sa_redis_cache.transaction import TransactionState, peek_transaction_state
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
 
     from sa_redis_cache.context import CacheContext
     from sa_redis_cache.models import ModelInfo
+    from sa_redis_cache.redis_io import RedisIO
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +253,13 @@ class WriteBehind:
         try:
             with self.core.measure_tables({op.info.table for op in ops}, "write_behind_enqueue"):
                 self.enqueue(ops)
+        except NotOnDiskError:
+            # queued all the same: the objects keep their committed state
+            self.core.counters.incr_total("errors")
+            for op in ops:
+                if op.kind == "u":
+                    refill(session, op)
+            raise
         except RedisError as exc:
             self.core.counters.incr_total("errors")
             self.revert(session, ops, None)
@@ -320,9 +329,12 @@ class WriteBehind:
                     trailer=trailer,
                 )
             )
-        ids = core.io().run_script(*scripts.wb_enqueue(keys, queued, HEADER))
+        io = core.io()
+        ids = io.run_script(*scripts.wb_enqueue(keys, queued, HEADER))
         for op in ops:
             core.counters.incr(op.info.scope, "queued")
+        if any(op.info.policy is not None and op.info.policy.durable for op in ops):
+            _wait_for_fsync(io, len(ops))
         return cast("list[bytes]", ids)
 
     # -- reads -------------------------------------------------------------------------------
@@ -399,6 +411,39 @@ class WriteBehind:
             return _NOTHING
         core.counters.incr(scope, "pending_hits")
         return values
+
+
+DURABLE_WAIT_S = 5.0
+"""How long a ``durable`` commit waits for Redis to write its queued writes to disk."""
+
+
+def _wait_for_fsync(io: RedisIO, count: int) -> None:
+    """Wait until Redis has the commit's writes on disk (``WAITAOF``), at most
+    :data:`DURABLE_WAIT_S`; raise :class:`~sa_redis_cache.errors.NotOnDiskError` after that.
+
+    The writes are queued already: no failure here may look like a commit that queued
+    nothing. Each wait is kept well below the client's socket timeout (the server checks
+    a blocked command's timeout only about every 100 ms) and repeated; a Redis error
+    counts as one more unconfirmed wait.
+    """
+    timeout = compat.pool_option(io.client, "socket_timeout")
+    step_ms = 1000 if not timeout else max(1, min(1000, int(timeout * 400)))
+    deadline = time.monotonic() + DURABLE_WAIT_S
+    why = "it did not confirm"
+    while True:
+        try:
+            if int(io.pipeline([scripts.wait_for_fsync(step_ms)])[0][0]) >= 1:
+                return
+        except RedisError as exc:
+            why = f"the last wait failed: {exc}"
+        if time.monotonic() >= deadline:
+            raise NotOnDiskError(
+                f"write-behind: this commit's {count} write(s) are queued and will be "
+                f"flushed, but Redis did not confirm writing them to disk within "
+                f"{DURABLE_WAIT_S:g} s ({why}; CachePolicy(durable=True)); a crash of the "
+                "Redis host before its next fsync would lose them. Check its disk, and that "
+                "appendfsync is everysec or always (appendfsync no never fsyncs on its own)"
+            )
 
 
 def _queued_state(info: ModelInfo, document: bytes, pk: str) -> tuple[Any, ...] | None:

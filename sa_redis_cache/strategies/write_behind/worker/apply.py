@@ -45,7 +45,7 @@ from sa_redis_cache.protocol import pk_text, stream_id
 from sa_redis_cache.schema import dead_letters, wb_offsets
 from sa_redis_cache.strategies.write_behind.columns import column_of, pk_codec
 
-from .sets import SetStatements, set_based
+from .sets import SetStatements, qualified_name, set_based
 
 if TYPE_CHECKING:
     from sqlalchemy import Table
@@ -60,6 +60,8 @@ _DETERMINISTIC_CLASSES = ("22", "23")
 # array): the table falls back to executemany, which SQLAlchemy binds column by column
 _STATEMENT_CLASSES = ("42", "0A")
 _OPS = {"u": "upsert", "d": "delete"}
+ENTRY_FIELD = b"e"
+"""The one field of a stream entry (``lua/wb_enqueue.lua``)."""
 SUPERSEDED = "superseded by entry "
 """How the ``error`` of a dead letter that a newer write made obsolete begins."""
 
@@ -78,7 +80,7 @@ class Entry:
     id: str
     op: str
     pk: str
-    data: bytes
+    data: Any  # the row or key as queued: parsed JSON, or bytes (older entries, bad ones)
     schema: str = ""
     values: tuple[Any, ...] | None = None
     error: str | None = None
@@ -98,6 +100,29 @@ class BatchResult:
     dead: dict[str, str] = field(default_factory=dict)  # entry id -> error
     final: dict[str, Entry] = field(default_factory=dict)
     superseded: int = 0  # open dead letters this batch made obsolete
+
+
+class LeaseLost(Exception):
+    """The partition's fencing token is no longer this worker's: nothing was applied.
+
+    Another worker took the partition's lease (this one paused past its lease, or its
+    lease expired while Redis was unreachable) and moved ``sarc_wb_offsets.lease_token``;
+    the batch's transaction was rolled back before it wrote anything.
+    """
+
+    def __init__(self, stream: str, token: int, found: int | None) -> None:
+        now = "no offset row" if found is None else f"token {found}"
+        super().__init__(
+            f"write-behind partition {stream} was taken over by another worker (this one "
+            f"holds token {token}, the database has {now}): the batch was not applied"
+        )
+        self.stream = stream
+        self.token = token
+        self.found = found
+
+
+class _Delivered(Exception):
+    """Some entries of the batch are at or below the partition's offset (a redelivery)."""
 
 
 def superseded_note(reason: str) -> str:
@@ -185,10 +210,37 @@ class Applier:
             if set_based(self.columns, dialect)
             else None
         )
+        # the usual batch, as raw SQL sent in one round trip (:meth:`_run_pipelined`)
+        translate = engine.get_execution_options().get("schema_translate_map")
+        offsets = qualified_name(wb_offsets, dialect, translate)
+        letters = qualified_name(dead_letters, dialect, translate)
+        # identifiers come quoted from the dialect; values are bound
+        self._pipelined_lock = (
+            f"SELECT last_id, lease_token FROM {offsets} WHERE stream = %s FOR UPDATE"  # noqa: S608
+        )
+        self._pipelined_advance = (
+            f"UPDATE {offsets} SET last_id = %s, applied_ops = applied_ops + %s, "  # noqa: S608
+            f"updated_at = now() WHERE stream = %s RETURNING EXISTS (SELECT 1 FROM {letters} "
+            "WHERE namespace = %s AND table_name = %s AND replayed_at IS NULL)"
+        )
         lock = insert(wb_offsets).values(stream=bindparam("stream"), last_id="0-0")
         self._lock = lock.on_conflict_do_update(
             index_elements=[wb_offsets.c.stream], set_={"stream": lock.excluded.stream}
         ).returning(wb_offsets.c.last_id)
+        # a batch locks the row without writing a new version of it (the update at the end
+        # of the batch does that once), and reads the token it must still hold
+        self._fenced_lock = (
+            select(wb_offsets.c.last_id, wb_offsets.c.lease_token)
+            .where(wb_offsets.c.stream == bindparam("stream"))
+            .with_for_update()
+        )
+        acquire = insert(wb_offsets).values(
+            stream=bindparam("stream"), last_id="0-0", lease_token=1
+        )
+        self._acquire = acquire.on_conflict_do_update(
+            index_elements=[wb_offsets.c.stream],
+            set_={"lease_token": wb_offsets.c.lease_token + 1},
+        ).returning(wb_offsets.c.lease_token)
         self.open_letters = self._letters_where(
             select(
                 dead_letters.c.id,
@@ -219,28 +271,32 @@ class Applier:
     def decode(self, entry_id: bytes | str, fields: Any) -> Entry:
         """Decode one stream entry; a bad one comes back with ``error`` set, never raises.
 
-        ``fields`` is what Redis returned: the flat ``[b"o", op, b"k", pk, ...]`` list of
-        a script reply, or redis-py's dict.
+        ``fields`` is what Redis returned for the entry: redis-py's dict, or the flat list
+        of a script reply. An entry is ``{e: [op, pk text, schema hash, data]}`` (JSON);
+        entries of the earlier four-field form (``o``, ``k``, ``h``, ``d``) are read too.
         """
         text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-        if (
-            type(fields) is list
-            and len(fields) == 8
-            and fields[0] == b"o"
-            and fields[2] == b"k"
-            and fields[4] == b"h"
-            and fields[6] == b"d"
-        ):
-            raw_op, raw_pk, raw_schema, data = fields[1], fields[3], fields[5], fields[7]
+        found = _fields(fields)
+        if ENTRY_FIELD in found:
+            raw = found[ENTRY_FIELD]
+            try:
+                op, pk, schema, data = orjson.loads(raw)
+            except (orjson.JSONDecodeError, TypeError, ValueError):
+                return Entry(text, "", "", raw, error=f"not a write-behind operation: {raw!r}")
+            if not (isinstance(op, str) and isinstance(pk, str) and isinstance(schema, str)):
+                return Entry(text, "", "", raw, error=f"not a write-behind operation: {raw!r}")
+            entry = Entry(text, op, pk, data, schema)
         else:
-            found = _fields(fields)
             raw_op, raw_pk = found.get(b"o", b""), found.get(b"k", b"")
             raw_schema, data = found.get(b"h", b""), found.get(b"d", b"")
-        op = "u" if raw_op == b"u" else "d" if raw_op == b"d" else raw_op.decode(errors="replace")
-        entry = Entry(
-            text, op, raw_pk.decode(errors="replace"), data, raw_schema.decode(errors="replace")
-        )
-        if op not in _OPS or not entry.pk:
+            entry = Entry(
+                text,
+                raw_op.decode(errors="replace"),
+                raw_pk.decode(errors="replace"),
+                data,
+                raw_schema.decode(errors="replace"),
+            )
+        if entry.op not in _OPS or not entry.pk:
             entry.error = f"not a write-behind operation: {fields!r}"
         elif entry.schema != self.info.schema_hash:
             entry.error = (
@@ -248,9 +304,10 @@ class Applier:
                 f"has {self.info.schema_hash}); replay it with the matching code"
             )
         else:
-            codec = self.codec if op == "u" else self.pk_codec
+            codec = self.codec if entry.op == "u" else self.pk_codec
             try:
-                entry.values = codec.load_row(orjson.loads(data))
+                row = orjson.loads(entry.data) if isinstance(entry.data, bytes) else entry.data
+                entry.values = codec.load_row(row)
             except (CodecError, ValueError, TypeError) as exc:
                 entry.error = f"undecodable stream entry: {exc}"
         return entry
@@ -263,42 +320,30 @@ class Applier:
         """
         out: list[Entry] = []
         append = out.append
-        schema, schema_text = self._schema_bytes, self.info.schema_hash
+        schema = self.info.schema_hash
         load_row, pk_load_row, loads = self.codec.load_row, self.pk_codec.load_row, orjson.loads
         for entry_id, fields in raw:
-            if (
-                type(fields) is list
-                and len(fields) == 8
-                and fields[5] == schema
-                and fields[0] == b"o"
-                and fields[2] == b"k"
-                and fields[6] == b"d"
-                and fields[3]
-            ):
-                op = fields[1]
-                try:
-                    if op == b"u":
-                        values = load_row(loads(fields[7]))
-                    elif op == b"d":
-                        values = pk_load_row(loads(fields[7]))
-                    else:
-                        append(self.decode(entry_id, fields))
-                        continue
-                except (CodecError, ValueError, TypeError):
-                    append(self.decode(entry_id, fields))
-                    continue
-                append(
-                    Entry(
-                        entry_id.decode() if type(entry_id) is bytes else entry_id,
-                        "u" if op == b"u" else "d",
-                        fields[3].decode(errors="replace"),
-                        fields[7],
-                        schema_text,
-                        values,
-                    )
-                )
+            if type(fields) is list and len(fields) == 2 and fields[0] == ENTRY_FIELD:
+                value = fields[1]  # as Redis sends it
+            elif type(fields) is dict:
+                value = fields.get(ENTRY_FIELD)  # as redis-py parses it
             else:
-                append(self.decode(entry_id, fields))
+                value = None
+            if value is not None:
+                try:
+                    op, pk, found, data = loads(value)
+                    if found == schema and type(pk) is str and pk:
+                        if op == "u":
+                            append(Entry(entry_id.decode(), "u", pk, data, schema, load_row(data)))
+                            continue
+                        if op == "d":
+                            append(
+                                Entry(entry_id.decode(), "d", pk, data, schema, pk_load_row(data))
+                            )
+                            continue
+                except (CodecError, ValueError, TypeError):
+                    pass
+            append(self.decode(entry_id, fields))
         return out
 
     def letter_pk(self, pk: Any, payload: Any = None) -> str | None:
@@ -354,24 +399,52 @@ class Applier:
 
     # -- one batch ----------------------------------------------------------------------------
 
-    def apply(self, stream: str, entries: list[Entry]) -> BatchResult:
+    def acquire(self, stream: str, *, lock_timeout_ms: int = 1000) -> int:
+        """Take the partition's fencing token: move ``lease_token`` on; the new value.
+
+        Called by a worker that has just taken the partition's lease in Redis. The update
+        waits for a batch of the previous holder that is still in its transaction (it holds
+        the row), at most ``lock_timeout_ms``; then that batch either committed before the
+        token moved, or will find the token moved and apply nothing (:class:`LeaseLost`).
+
+        Example::
+
+            token = applier.acquire("sarc:shop:{shop:page_views}:wb:00ff:3")
+        """
+        with self.engine.begin() as conn:
+            # a previous holder stopped (SIGSTOP) inside its transaction holds the row for
+            # as long as it is stopped: give up and try again on a later pass
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, int(lock_timeout_ms))}")
+            return int(conn.execute(self._acquire, {"stream": stream}).scalar_one())
+
+    def apply(self, stream: str, entries: list[Entry], *, token: int | None = None) -> BatchResult:
         """Apply ``entries`` (in stream order) in one transaction; see the module docstring.
+
+        With ``token`` (the fencing token :meth:`acquire` returned), the transaction first
+        checks that the partition's token is still that one, and raises :class:`LeaseLost`
+        (applying nothing) when another worker has taken the partition since.
 
         Raises the database error when it is transient: nothing is then applied.
         """
         result = BatchResult(final={e.pk: e for e in entries})
         try:
-            with self.engine.begin() as conn:
-                self._run(conn, stream, entries, result, bisect=False)
+            try:
+                with self.engine.begin() as conn:
+                    if not self._run_pipelined(conn, stream, entries, result, token):
+                        self._run(conn, stream, entries, result, bisect=False, token=token)
+            except _Delivered:  # some entries were applied before: rolled back, done again
+                result = BatchResult(final=result.final)
+                with self.engine.begin() as conn:
+                    self._run(conn, stream, entries, result, bisect=False, token=token)
         except (DBAPIError, StatementError) as exc:
             if self.sets is not None and _statement_refused(exc):
                 self._drop_set_based(exc)
-                return self.apply(stream, entries)
+                return self.apply(stream, entries, token=token)
             if is_transient(exc):
                 raise
             result.dead.clear()
             with self.engine.begin() as conn:
-                self._run(conn, stream, entries, result, bisect=True)
+                self._run(conn, stream, entries, result, bisect=True, token=token)
         return result
 
     def _drop_set_based(self, exc: BaseException) -> None:
@@ -391,8 +464,9 @@ class Applier:
         result: BatchResult,
         *,
         bisect: bool,
+        token: int | None,
     ) -> None:
-        last = self.lock_offset(conn, stream)
+        last = self.lock_offset(conn, stream, token)
         # entries come in stream order: usually all of them are newer than the offset
         fresh = (
             entries
@@ -425,9 +499,78 @@ class Applier:
             if open_letters:
                 result.superseded = self.supersede(conn, {e.pk: e for e in fresh if e.pk})
 
-    def lock_offset(self, conn: Connection, stream: str) -> tuple[int, int]:
-        """The partition's last applied id, with its row locked until this transaction ends."""
-        return stream_id(str(conn.execute(self._lock, {"stream": stream}).scalar_one()))
+    def _run_pipelined(
+        self,
+        conn: Connection,
+        stream: str,
+        entries: list[Entry],
+        result: BatchResult,
+        token: int | None,
+    ) -> bool:
+        """:meth:`_run` for the usual batch, in one round trip; False when it does not apply.
+
+        The usual batch: fenced, set-based, every entry decoded, none applied before. Its
+        statements (lock the offset row, delete, upsert, move the offset) go to Postgres in
+        one psycopg pipeline rather than one round trip each; the checks that need the
+        locked row come after, and undo everything by raising: :class:`LeaseLost` when the
+        token moved, :class:`_Delivered` when some entries were applied before (the caller
+        rolls back and runs :meth:`_run`).
+        """
+        sets = self.sets
+        raw: Any = conn.connection.driver_connection
+        if (
+            token is None
+            or sets is None
+            or not hasattr(raw, "pipeline")
+            or any(e.error is not None for e in entries)
+        ):
+            return False
+        latest = {e.pk: e for e in entries}  # the last operation per row
+        ops = sorted(latest.values(), key=attrgetter("pk"))  # one lock order for all
+        puts = [e.values for e in ops if e.op == "u" and e.values is not None]
+        keys = [e.values for e in ops if e.op == "d" and e.values is not None]
+        advance = (entries[-1].id, len(ops), stream, self.namespace, self.info.table)
+        try:
+            with raw.pipeline(), raw.cursor() as lock, raw.cursor() as moved:
+                lock.execute(self._pipelined_lock, (stream,))
+                if keys:
+                    raw.execute(sets.delete_sql, sets.delete_arrays(keys))
+                if puts:
+                    raw.execute(sets.upsert_sql, sets.upsert_arrays(puts))
+                moved.execute(self._pipelined_advance, advance)
+                row = lock.fetchone()
+                open_letters = bool(moved.fetchone()[0])
+        except self.engine.dialect.loaded_dbapi.Error as exc:
+            raise DBAPIError.instance(
+                "write-behind batch (pipelined)",
+                None,
+                exc,
+                self.engine.dialect.loaded_dbapi.Error,
+                connection_invalidated=bool(getattr(raw, "closed", False)),
+            ) from exc
+        if row is None or row[1] != token:
+            raise LeaseLost(stream, token, None if row is None else int(row[1]))
+        if entries[0].sid <= stream_id(str(row[0])):
+            raise _Delivered
+        result.applied = len(ops)
+        if open_letters:
+            result.superseded = self.supersede(conn, latest)
+        return True
+
+    def lock_offset(
+        self, conn: Connection, stream: str, token: int | None = None
+    ) -> tuple[int, int]:
+        """The partition's last applied id, with its row locked until this transaction ends.
+
+        With ``token``, the row must exist and hold that fencing token, else
+        :class:`LeaseLost`; without, a missing row is created (dead-letter replay).
+        """
+        if token is None:
+            return stream_id(str(conn.execute(self._lock, {"stream": stream}).scalar_one()))
+        row = conn.execute(self._fenced_lock, {"stream": stream}).one_or_none()
+        if row is None or row.lease_token != token:
+            raise LeaseLost(stream, token, None if row is None else int(row.lease_token))
+        return stream_id(str(row.last_id))
 
     def supersede(self, conn: Connection, newest: dict[str, Entry]) -> int:
         """Mark the open dead letters older than ``newest[their pk]``; returns how many."""
@@ -511,7 +654,7 @@ class Applier:
         payload: dict[str, Any] = {}
         pk: Any = None
         try:
-            data = orjson.loads(entry.data)
+            data = orjson.loads(entry.data) if isinstance(entry.data, bytes) else entry.data
         except orjson.JSONDecodeError:
             payload = {RAW_KEY: entry.data.decode(errors="replace")}
         else:
@@ -537,7 +680,7 @@ class Applier:
 
 
 def _fields(raw: Any) -> dict[bytes, bytes]:
-    """Entry fields as a dict: redis-py parses XREADGROUP replies, a script returns pairs."""
+    """Entry fields as a dict: redis-py parses XRANGE replies, a script returns pairs."""
     if raw is None:
         return {}
     if isinstance(raw, dict):

@@ -1,21 +1,30 @@
 """The flush worker: drains write-behind streams into Postgres (docs/design.md, "Write-behind").
 
-Per partition (one stream), at most one worker consumes at a time: it holds the
-partition's lease (``lua/wb_lease.lua``; ``SET NX PX``, renewed on every pass). New
-entries are read by the lease script itself, so a worker that lost its lease (a pause
-longer than the lease) can never be handed new entries of that partition.
+Per partition (one stream), at most one worker applies batches at a time, enforced in two
+layers:
 
-Order is kept by one rule: a partition's new entries are read only when the consumer
-group has no pending entry left. A worker that takes a partition over first claims the
-entries its previous holder read and did not acknowledge (``XAUTOCLAIM`` once they are
-idle longer than ``claim_idle_ms``, which must exceed the longest flush) and applies them,
-in stream order; the offset row in Postgres makes any of them that the previous holder did
-apply a no-op. Only then does it read further.
+* **A lease in Redis** (``lua/wb_lease.lua``, ``SET PX``) says who should consume the
+  partition. A heartbeat thread renews every lease the worker holds several times per
+  lease period, so a live worker keeps its partitions however long a batch takes, and a
+  dead one's expire within ``lease_ms``; a replacement started under the same
+  ``consumer`` name takes its predecessor's leases at once.
+* **A fencing token in Postgres** (``sarc_wb_offsets.lease_token``) decides who may apply.
+  A worker that takes a lease moves the partition's token on and keeps the new value;
+  each of its batches locks the offset row and checks the token in the batch's own
+  transaction. A worker that paused past its lease (and whose partition another worker
+  took meanwhile) wakes up to find the token moved: its batch is rolled back
+  (:class:`~.apply.LeaseLost`) and it drops the partition.
+
+Workers read from the head of the stream (``XRANGE``, no consumer group): entries are
+trimmed only after the transaction that applied them committed, so the head is always the
+oldest entry not known to be applied, whoever read it before. Entries at or below the
+partition's offset row (a batch applied by a worker that died before trimming) are skipped
+by the offset check and trimmed by the next batch.
 
 After a batch's transaction commits, ``lua/wb_flushed.lua`` bumps the table version (cached
 queries see the rows), gives the flushed rows' entity entries their TTL (unless a newer
-state is queued), removes their pending keys, acknowledges the entries and trims the stream
-up to them (``XTRIM MINID``: entries below are all applied; never ``MAXLEN``).
+state is queued), removes their pending keys and trims the stream up to them
+(``XTRIM MINID``: entries below are all applied; never ``MAXLEN``).
 
 :meth:`FlushWorker.stats` reports the queue (length, pending entries and lag per
 partition) and the worker's own counters; :class:`.metrics.
@@ -29,29 +38,31 @@ import os
 import random
 import secrets
 import socket
+import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from redis.exceptions import RedisError, ResponseError
+from redis import Redis
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
 
 from sa_redis_cache.binds import Binds, translate_map_of
 from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.models import ModelRegistry, mapper_of
-from sa_redis_cache.protocol import GROUP, HEADER, KeyScheme, scripts
+from sa_redis_cache.protocol import HEADER, KeyScheme, scripts
 from sa_redis_cache.redis_io import SyncRedisIO, refuse_cluster
 from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.strategies.write_behind.columns import is_write_behind
 
-from .apply import Applier, BatchResult, Entry
+from .apply import Applier, BatchResult, Entry, LeaseLost
+from .outage import DatabaseOutage, is_unreachable
 from .stats import WorkerStats, queue_stats
 
 if TYPE_CHECKING:
-    import threading
     from collections.abc import Callable
 
     import redis
@@ -61,6 +72,10 @@ if TYPE_CHECKING:
     from sa_redis_cache.redis_io import SyncClient
 
 log = logging.getLogger(__name__)
+
+LEASE_MS = 5_000
+"""How long a partition lease lasts without renewal: a dead worker's partitions are taken
+over within this time. Its heartbeat renews it every fifth of it."""
 
 
 def write_behind_info(model: type, registry: ModelRegistry | None = None) -> ModelInfo:
@@ -83,6 +98,12 @@ def write_behind_info(model: type, registry: ModelRegistry | None = None) -> Mod
     return info
 
 
+def _as_sent(reply: Any, **options: Any) -> Any:
+    """A response callback that leaves the reply as Redis sent it (nested lists)."""
+    del options
+    return reply
+
+
 @dataclass(slots=True)
 class Partition:
     """One stream this worker may consume, and what it knows about it."""
@@ -93,9 +114,14 @@ class Partition:
     stream: str
     lease: str
     applier: Applier
-    held: bool = False
-    clean: bool = False  # held, and the group had no pending entry when last looked
-    group_ready: bool = False
+    held: bool = False  # this worker holds the lease in Redis
+    token: int | None = None  # its fencing token, once moved on in the database
+    lost: bool = False  # the heartbeat found the lease taken: drop it on the next pass
+    caught_up: bool = False  # the last read found less than a batch
+    unacked: int = 0  # entries read and not yet trimmed (being applied or acknowledged)
+    # where the next read starts: "-" (the head) after a takeover or a failure, else just
+    # after the last entry read (its acknowledgement may still be running)
+    cursor: str = "-"
     retry_at: float = 0.0
     failures: int = 0
 
@@ -118,8 +144,10 @@ class FlushWorker:
     ``models`` are the mapped classes to flush (each with ``strategy="write_behind"``);
     ``namespace`` is the cache's. Several workers, in one process or on several machines,
     share the partitions through leases; give each a distinct ``consumer`` name, and the
-    same name again to a worker that replaces a crashed one (it then resumes that one's
-    unacknowledged entries at once instead of after ``claim_idle_ms``).
+    same name again to a worker that replaces a crashed one: it then takes that one's
+    partitions at once instead of after ``lease_ms``. A worker that dies is replaced by the
+    others within ``lease_ms`` (5 s); :meth:`run` renews the leases it holds every
+    ``heartbeat_ms`` (a fifth of ``lease_ms``) from a thread of its own.
 
     Example::
 
@@ -130,7 +158,8 @@ class FlushWorker:
         worker.stats().lag_seconds  # the queue and this worker's counters
 
     The counters (``applied`` rows, ``entries``, ``batches``, ``skipped``, ``errors``,
-    ``dead_letters``, ``superseded``) count since the worker was made; see :meth:`stats`.
+    ``dead_letters``, ``superseded``, ``fenced``) count since the worker was made; see
+    :meth:`stats`.
     """
 
     def __init__(
@@ -143,29 +172,51 @@ class FlushWorker:
         consumer: str | None = None,
         batch_size: int = 500,
         block_ms: int = 100,
-        lease_ms: int = 30_000,
-        claim_idle_ms: int = 60_000,
+        lease_ms: int = LEASE_MS,
+        heartbeat_ms: int | None = None,
         default_ttl: float = 300,
         max_backoff: float = 5.0,
     ) -> None:
         if not 1 <= batch_size <= 5000:
             raise ConfigurationError(f"batch_size={batch_size} must be from 1 to 5000")
+        if lease_ms < 200:
+            raise ConfigurationError(
+                f"lease_ms={lease_ms} is too short to be renewed reliably; give at least 200"
+            )
+        heartbeat_ms = lease_ms // 5 if heartbeat_ms is None else heartbeat_ms
+        if not 0 < heartbeat_ms <= lease_ms // 2:
+            raise ConfigurationError(
+                f"heartbeat_ms={heartbeat_ms} must be above 0 and at most half of "
+                f"lease_ms={lease_ms}, so that one late renewal does not lose a lease"
+            )
         self.engine = engine
         refuse_cluster(redis_client, "FlushWorker")
         # a single server from here on (a cluster client was refused just above)
         self.client = cast("redis.Redis", redis_client)
+        # the same connections, with XRANGE replies left as Redis sends them: redis-py's
+        # parsing into tuples and dicts cost more than the rest of reading a batch
+        self._reader = Redis(connection_pool=self.client.connection_pool)
+        self._reader.set_response_callback("XRANGE", _as_sent)
         self.namespace = namespace
         self.keys = KeyScheme(namespace)
         self.io = SyncRedisIO(redis_client)
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        if "\n" in self.consumer or not self.consumer.strip():
+            raise ConfigurationError(
+                f"consumer={self.consumer!r}: give a name without newlines, e.g. the host name"
+            )
+        # this worker object, among the workers that share its consumer name (a replacement)
+        self.instance = secrets.token_hex(6)
+        self.owner = scripts.lease_owner(self.instance, self.consumer)
         self.batch_size = batch_size
         self.block_ms = block_ms
         self.lease_ms = lease_ms
-        self.claim_idle_ms = claim_idle_ms
+        self.heartbeat_ms = heartbeat_ms
         self.default_ttl = default_ttl
         self.max_backoff = max_backoff
         self.partitions: list[Partition] = []
         self._tables: dict[str, list[Partition]] = {}
+        self._live_counts: dict[str, int] = {}  # workers per table, as last announced
         self._turn = 0
         # workers start their search for free partitions at different places
         self._offset = zlib.crc32(self.consumer.encode())
@@ -176,6 +227,8 @@ class FlushWorker:
         self.skipped = 0
         self.dead_letters = 0
         self.superseded = 0
+        self.fenced = 0
+        self.database = DatabaseOutage()
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: _InFlight | None = None
         registry = ModelRegistry()
@@ -184,7 +237,7 @@ class FlushWorker:
         try:
             self._resolve()
         except SQLAlchemyError as exc:  # Postgres is away: named on the first pass instead
-            log.warning("write-behind worker cannot reach the database yet: %s", exc)
+            self.database.failed(exc)
 
     def _resolve(self) -> None:
         """Name this worker's streams, once: they belong to the database and schema its
@@ -212,6 +265,7 @@ class FlushWorker:
             ]
             self._tables[info.table] = parts
             self.partitions += parts
+        self.database.answered()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -219,8 +273,10 @@ class FlushWorker:
         """Flush until ``stop`` is set; then finish the batch in flight and release leases.
 
         A failure (database or Redis away) is logged and retried with backoff; nothing is
-        acknowledged that was not applied. ``on_pass`` is called after every pass (the
-        runner's backlog progress uses it).
+        acknowledged that was not applied. While the database cannot be reached, a warning
+        says so every ``max(30, max_backoff)`` seconds, and :meth:`stats` reports it.
+        A heartbeat thread renews the leases meanwhile. ``on_pass`` is called after every
+        pass (the runner's backlog progress uses it).
         """
         delay = 0.0
         log.info(
@@ -228,15 +284,21 @@ class FlushWorker:
             extra={
                 "wb_consumer": self.consumer,
                 "wb_pid": os.getpid(),
+                "wb_lease_ms": self.lease_ms,
                 "wb_partitions": sum(
                     info.policy.partitions for info in self._infos if info.policy is not None
                 ),
             },
         )
+        beat_stop = threading.Event()
+        beat = threading.Thread(
+            target=self._heartbeat_loop, args=(beat_stop,), name="sarc-wb-heartbeat", daemon=True
+        )
+        beat.start()
         try:
             while not stop.is_set():
                 failures_before = self.errors
-                self.run_once(block_ms=self.block_ms)
+                self.run_once(block_ms=self.block_ms, settle=False)
                 if on_pass is not None:
                     on_pass()
                 if self.errors > failures_before:
@@ -245,16 +307,21 @@ class FlushWorker:
                 else:
                     delay = 0.0
         finally:
+            beat_stop.set()
+            beat.join()
             self.release()
 
-    def run_once(self, block_ms: int | None = None) -> int:
+    def run_once(self, block_ms: int | None = None, *, settle: bool = True) -> int:
         """One pass over every partition; returns how many entries it processed.
 
         With ``block_ms``, waits up to that long for new entries when it found none.
+        ``settle=False`` leaves the acknowledgement of the pass's last batch running into
+        the next pass (:meth:`run` does: the next reads need not wait for it); it is then
+        counted by the pass that settles it.
         """
         try:
             self._resolve()
-            done = self._pass()
+            done = self._pass(settle=settle)
         except (RedisError, SQLAlchemyError) as exc:
             self._failed(None, exc)
             return 0
@@ -262,10 +329,55 @@ class FlushWorker:
             self._wait(block_ms)
         return done
 
+    def heartbeat(self) -> None:
+        """Renew every lease this worker holds, and its place in the worker sets.
+
+        :meth:`run` calls it every ``heartbeat_ms`` from a thread of its own, so that a
+        batch slower than the lease (a slow database) does not lose the partition. A lease
+        found taken by another worker is dropped on the next pass.
+        """
+        held = [p for p in self.partitions if p.held]
+        kept = {id(p) for p in self._renew(held)}
+        for p in held:
+            if id(p) not in kept and p.held:
+                p.lost = True
+        self._announce()
+
+    def _renew(self, parts: list[Partition]) -> list[Partition]:
+        """Extend the leases of ``parts``; those that are still this worker's."""
+        calls = [
+            scripts.wb_lease(
+                p.lease,
+                p.stream,
+                mode="renew",
+                owner=self.owner,
+                name=self.consumer,
+                lease_ms=self.lease_ms,
+            )
+            for p in parts
+        ]
+        replies = self.io.run_batch(calls) if calls else []
+        return [p for p, reply in zip(parts, replies, strict=True) if reply == 1]
+
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_ms / 1000):
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            self.heartbeat()
+        except RedisError as exc:
+            # the leases expire unless a later beat gets through; the pass reports it
+            log.debug("write-behind heartbeat failed: %s", exc)
+        except Exception:
+            # a heartbeat thread that died on a bug would let every lease lapse
+            log.exception("write-behind heartbeat raised")
+
     def release(self) -> None:
         """Give up every lease this worker holds, and leave the worker set (on shutdown)."""
         held = [p for p in self.partitions if p.held]
         try:
+            self._settle()
             if held:
                 self._release(held)
             for table in self._tables:
@@ -273,7 +385,7 @@ class FlushWorker:
         except RedisError as exc:
             log.warning("could not release write-behind leases (they expire): %s", exc)
         for p in held:
-            p.held = p.clean = False
+            self._forget(p)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -312,22 +424,27 @@ class FlushWorker:
     def stats(self, *, database: bool = True) -> WorkerStats:
         """The queue per partition, and what this worker did since it started.
 
-        Per partition: entries in the stream (``XLEN``), entries delivered to a worker and
-        not yet acknowledged (``XPENDING``), and the lag: the age of the oldest entry not
-        yet acknowledged, from its stream id's time (Redis server clock). Counters: rows
-        applied, entries processed, batches, errors, dead letters written by this worker.
-        With ``database``, ``open_dead_letters`` counts the unreplayed dead letters of its
-        tables in ``sarc_dead_letters`` (None when the database cannot be asked). One Redis
-        round trip, plus one query with ``database``.
+        Per partition: entries in the stream (``XLEN``), entries a worker has read and not
+        yet trimmed (pending), and the lag: the age of the oldest entry not yet applied,
+        from its stream id's time (Redis server clock). Counters: rows applied, entries
+        processed, batches, errors, dead letters written by this worker, batches refused
+        by the fencing token. With ``database``, ``open_dead_letters`` counts the
+        unreplayed dead letters of its tables in ``sarc_dead_letters`` (None when the
+        database cannot be asked). ``database_up`` is False while the worker cannot reach
+        the database. One or two Redis round trips, plus one query with ``database``.
 
         Example::
 
             s = worker.stats()
             print(s.length, s.pending, s.lag_seconds, s.rows_applied)
         """
-        self._resolve()
+        try:
+            self._resolve()
+        except SQLAlchemyError as exc:  # which streams are this worker's is not known yet
+            self.database.failed(exc)
         parts = queue_stats(
-            self.client, [(p.info.table, p.number, p.stream, p.held) for p in self.partitions]
+            self.client,
+            [(p.info.table, p.number, p.stream, p.held, p.unacked) for p in self.partitions],
         )
         open_letters: int | None = None
         if database:
@@ -343,7 +460,10 @@ class FlushWorker:
             errors=self.errors,
             dead_letters=self.dead_letters,
             superseded=self.superseded,
+            fenced=self.fenced,
             open_dead_letters=open_letters,
+            database_up=self.database.up,
+            database_down_seconds=self.database.down_seconds(),
         )
 
     def _open_dead_letters(self) -> int | None:
@@ -365,14 +485,16 @@ class FlushWorker:
 
     # -- one pass ------------------------------------------------------------------------
 
-    def _pass(self) -> int:
+    def _pass(self, *, settle: bool) -> int:
+        for p in self.partitions:
+            if p.lost:
+                self._dropped(p, "its lease was taken by another worker")
         now = time.monotonic()
-        ready = [p for p in self._wanted() if p.retry_at <= now]
-        was_clean = {id(p) for p in ready if p.clean}
-        done = self._lease_and_read(ready)
-        # partitions found clean just now may have new entries: read them in this pass too
-        done += self._lease_and_read([p for p in ready if p.clean and id(p) not in was_clean])
-        return done
+        wanted = [p for p in self._wanted() if p.retry_at <= now]
+        self._take([p for p in wanted if not p.held])
+        self._fence([p for p in wanted if p.held and p.token is None])
+        ready = [p for p in wanted if p.held and p.token is not None]
+        return self._lease_and_read(ready, settle=settle)
 
     def _wanted(self) -> list[Partition]:
         """The partitions to hold this pass: a fair share of each table's, per live worker.
@@ -380,43 +502,80 @@ class FlushWorker:
         Workers announce themselves in a per-table set (score: when they stop counting);
         each holds at most ``ceil(partitions / live workers)`` and releases the rest, so a
         worker that joins gets partitions as the others' shares shrink. The share is only
-        about balance: the leases alone decide who consumes a partition.
+        about balance: the leases and fencing tokens decide who consumes a partition.
+
+        A lease is free when absent, foreign (another Redis type, no expiry, not written by
+        a worker), or held by an earlier worker of this consumer name: a replacement
+        resumes at once. Those of an earlier worker of this name come first.
         """
-        now_ms = int(time.time() * 1000)
         pipe = self.client.pipeline(transaction=False)
+        self._announce_into(pipe)
+        for parts in self._tables.values():
+            for p in parts:
+                pipe.get(p.lease)
+                pipe.pttl(p.lease)
+        replies = pipe.execute(raise_on_error=False)
+        self._turn += 1
+        wanted: list[Partition] = []
+        at = 0
+        for table in self._tables:
+            self._live_workers(table, replies[at : at + 4])
+            at += 4
+        for table, parts in self._tables.items():
+            leases = replies[at : at + 2 * len(parts)]
+            at += 2 * len(parts)
+            live = self._live_counts[table]
+            limit = -(-len(parts) // live)
+            mine: list[Partition] = []
+            earlier: list[Partition] = []
+            free: list[Partition] = []
+            for p, value, ttl in zip(parts, leases[::2], leases[1::2], strict=True):
+                state = self._lease_state(value, ttl)
+                if p.held:
+                    if state in ("mine", "free"):
+                        mine.append(p)  # a lapsed lease is taken again by the lease script
+                    else:
+                        self._dropped(p, "its lease expired and another worker took it")
+                elif state == "earlier":
+                    earlier.append(p)
+                elif state == "free":
+                    free.append(p)
+            if len(mine) > limit:
+                self._release(mine[limit:])
+                mine = mine[:limit]
+            if free:
+                start = (self._turn + self._offset) % len(free)
+                free = free[start:] + free[:start]
+            wanted += mine + (earlier + free)[: max(0, limit - len(mine))]
+        return wanted
+
+    def _lease_state(self, value: Any, ttl: Any) -> str:
+        """``mine``, ``earlier`` (a previous worker of this name), ``busy`` or ``free``."""
+        if isinstance(value, Exception) or value is None or ttl == -1:
+            return "free"  # absent, another Redis type, or without the expiry leases have
+        parsed = scripts.parse_lease(value)
+        if parsed is None:
+            return "busy"  # a string with an expiry: another program's, left alone
+        instance, name = parsed
+        if name != self.consumer:
+            return "busy"
+        return "mine" if instance == self.instance else "earlier"
+
+    def _announce_into(self, pipe: Any) -> None:
+        now_ms = int(time.time() * 1000)
         for table in self._tables:
             key = self._workers_key(table)
             pipe.zadd(key, {self.consumer: now_ms + self.lease_ms})
             pipe.zremrangebyscore(key, "-inf", now_ms)
             pipe.zcard(key)
             pipe.pexpire(key, self.lease_ms * 2)
-            for p in self._tables[table]:
-                # -2: free; -1: a key without expiry, which no worker sets (wb_lease.lua
-                # takes it over); else a lease someone holds
-                pipe.pttl(p.lease)
+
+    def _announce(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        self._announce_into(pipe)
         replies = pipe.execute(raise_on_error=False)
-        self._turn += 1
-        wanted: list[Partition] = []
-        at = 0
-        for table, parts in self._tables.items():
-            announced, lease_ttls = replies[at : at + 4], replies[at + 4 : at + 4 + len(parts)]
-            at += 4 + len(parts)
-            live = self._live_workers(table, announced)
-            limit = -(-len(parts) // live)
-            held = [p for p in parts if p.held]
-            if len(held) > limit:
-                self._release(held[limit:])
-                held = held[:limit]
-            free = [
-                p
-                for p, ttl in zip(parts, lease_ttls, strict=True)
-                if not p.held and not isinstance(ttl, Exception) and ttl < 0
-            ]
-            if free:
-                start = (self._turn + self._offset) % len(free)
-                free = free[start:] + free[:start]
-            wanted += held + free[: limit - len(held)]
-        return wanted
+        for i, table in enumerate(self._tables):
+            self._live_workers(table, replies[4 * i : 4 * i + 4])
 
     def _workers_key(self, table: str) -> str:
         return self.keys.workers_key(table, self._tables[table][0].scope)
@@ -429,70 +588,172 @@ class FlushWorker:
         """
         errors = [r for r in replies if isinstance(r, Exception)]
         if not errors:
-            return max(1, int(replies[2]))
-        if not all(str(e).startswith("WRONGTYPE") for e in errors):
+            live = max(1, int(replies[2]))
+        elif not all(str(e).startswith("WRONGTYPE") for e in errors):
             raise errors[0]
-        key = self._workers_key(table)
-        log.warning("write-behind worker set %s was not a sorted set: recreated", key)
-        self.client.delete(key)
-        return 1
+        else:
+            key = self._workers_key(table)
+            log.warning("write-behind worker set %s was not a sorted set: recreated", key)
+            self.client.delete(key)
+            live = 1
+        self._live_counts[table] = live
+        return live
 
     def _release(self, parts: list[Partition]) -> None:
-        self.io.run_batch([scripts.wb_lease(p.lease, p.stream, self.consumer, 0) for p in parts])
+        self.io.run_batch(
+            [
+                scripts.wb_lease(
+                    p.lease,
+                    p.stream,
+                    mode="release",
+                    owner=self.owner,
+                    name=self.consumer,
+                    lease_ms=self.lease_ms,
+                )
+                for p in parts
+            ]
+        )
         for p in parts:
-            p.held = p.clean = False
+            self._forget(p)
 
-    def _lease_and_read(self, ready: list[Partition]) -> int:
-        ready = [p for p in ready if p.group_ready or self._ensure_group(p)]
+    @staticmethod
+    def _forget(p: Partition) -> None:
+        p.held = p.lost = p.caught_up = False
+        p.token = None
+        p.unacked = 0
+        p.cursor = "-"
+
+    def _dropped(self, p: Partition, why: str) -> None:
+        """This worker no longer holds ``p``: forget it (the lease is someone else's)."""
+        if p.held:
+            log.warning(
+                "write-behind partition %s/%s dropped: %s",
+                p.info.table,
+                p.number,
+                why,
+                extra={
+                    "wb_table": p.info.table,
+                    "wb_partition": p.number,
+                    "wb_consumer": self.consumer,
+                },
+            )
+        self._forget(p)
+
+    def _take(self, parts: list[Partition]) -> None:
+        """Take the leases of free partitions (Redis); their tokens come next (database)."""
+        if not parts:
+            return
         calls = [
             scripts.wb_lease(
                 p.lease,
                 p.stream,
-                self.consumer,
-                self.lease_ms,
-                read=self.batch_size if p.clean else 0,
-                group=GROUP,
+                mode="take",
+                owner=self.owner,
+                name=self.consumer,
+                lease_ms=self.lease_ms,
             )
-            for p in ready
+            for p in parts
         ]
-        try:
-            replies = self.io.run_batch(calls) if calls else []
-        except ResponseError as exc:
-            if "NOGROUP" in str(exc):  # Redis lost its data: recreate groups next pass
-                for p in self.partitions:
-                    p.group_ready = p.clean = False
-            raise
+        for p, reply in zip(parts, self.io.run_batch(calls), strict=True):
+            if reply == -1:
+                self._not_a_stream(p)
+            elif reply == 1:
+                p.held, p.token, p.lost = True, None, False
+
+    def _fence(self, parts: list[Partition]) -> None:
+        """Move the fencing token of partitions whose lease was just taken; keep the new one.
+
+        From then on a batch of any previous holder is refused by the database. A previous
+        holder stopped inside its batch's transaction holds the offset row: the update
+        gives up after a heartbeat period, and is tried again on a later pass. Leases lost
+        since they were taken (this worker paused) are dropped first, so that a token is
+        moved on only by the lease's holder, save for a pause between the two steps.
+        """
+        if not parts:
+            return
+        kept = self._renew(parts)
+        renewed = {id(p) for p in kept}
+        for p in parts:
+            if id(p) not in renewed:
+                self._dropped(p, "its lease was taken by another worker")
+        for p in kept:
+            try:
+                p.token = p.applier.acquire(p.stream, lock_timeout_ms=self.heartbeat_ms)
+            except (DBAPIError, StatementError) as exc:
+                self._failed(p, exc)
+                continue
+            self.database.answered()
+            log.info(
+                "write-behind partition %s/%s taken",
+                p.info.table,
+                p.number,
+                extra={
+                    "wb_table": p.info.table,
+                    "wb_partition": p.number,
+                    "wb_token": p.token,
+                    "wb_consumer": self.consumer,
+                },
+            )
+
+    def _lease_and_read(self, ready: list[Partition], *, settle: bool) -> int:
+        """Renew the leases of ``ready`` and read their streams from where this worker's
+        last read ended; apply what was read where the lease is still this worker's. One
+        round trip for all of them. Without ``settle``, the last batch's acknowledgement
+        stays in flight, unless nothing new was read."""
+        if not ready:
+            return self._settle()
+        replies = self._take_and_read(ready)
         done = 0
+        read_any = False
         try:
-            for p, reply in zip(ready, replies, strict=True):
-                if reply == 0:
-                    p.held = p.clean = False
+            for p, (lease, reply) in zip(ready, replies, strict=True):
+                if isinstance(lease, Exception):
+                    raise lease
+                if lease == 0:
+                    self._dropped(p, "another worker holds its lease")
                     continue
-                if reply == -1:
+                if lease == -1:
                     self._not_a_stream(p)
                     continue
-                if not p.held:
-                    p.held, p.clean = True, False
-                if isinstance(reply, list) and reply:
+                if isinstance(reply, Exception):
+                    raise reply
+                p.caught_up = len(reply) < self.batch_size
+                if reply:
+                    read_any = True
                     done += self._process(p, reply)
-                elif not p.clean:
-                    done += self._drain_pending(p)
         finally:
-            done += self._settle()
+            if settle or not read_any:
+                done += self._settle()
         return done
 
-    def _ensure_group(self, p: Partition) -> bool:
-        """Create the consumer group (and the stream); False when the key is not a stream."""
-        try:
-            self.client.xgroup_create(p.stream, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if str(exc).startswith("WRONGTYPE"):
-                self._not_a_stream(p)
-                return False
-            if "BUSYGROUP" not in str(exc):
-                raise
-        p.group_ready = True
-        return True
+    def _take_and_read(self, parts: list[Partition]) -> list[tuple[Any, Any]]:
+        """Per partition, the lease script's reply and ``XRANGE - + COUNT batch_size``.
+
+        Plain ``XRANGE`` rather than a read inside the script: a script would turn each
+        entry into Lua values and back. Reading changes nothing, so reading a partition
+        whose lease turns out to be lost costs only the transfer.
+        """
+        calls = [
+            scripts.wb_lease(
+                p.lease,
+                p.stream,
+                mode="take",
+                owner=self.owner,
+                name=self.consumer,
+                lease_ms=self.lease_ms,
+            )
+            for p in parts
+        ]
+        for attempt in range(2):
+            pipe = self._reader.pipeline(transaction=False)
+            for p, (script, keys, args) in zip(parts, calls, strict=True):
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.xrange(p.stream, min=p.cursor, count=self.batch_size)
+            replies = pipe.execute(raise_on_error=False)
+            if attempt or not any(isinstance(r, NoScriptError) for r in replies[::2]):
+                break
+            self.client.script_load(calls[0][0].source)  # a restarted or flushed server
+        return list(zip(replies[::2], replies[1::2], strict=True))
 
     def _not_a_stream(self, p: Partition) -> None:
         """The partition's stream key holds another Redis type: report it, leave it alone.
@@ -502,7 +763,7 @@ class FlushWorker:
         the states). Commits to the partition are refused meanwhile (``wb_enqueue.lua``);
         the other partitions go on. Retried with backoff, and logged at each retry.
         """
-        p.held = p.clean = p.group_ready = False
+        self._forget(p)
         self._failed(
             p,
             ResponseError(
@@ -512,35 +773,8 @@ class FlushWorker:
             ),
         )
 
-    def _drain_pending(self, p: Partition) -> int:
-        """Apply the group's pending entries of a partition we now hold, in stream order."""
-        summary = self.client.xpending(p.stream, GROUP)
-        if not summary["pending"]:
-            p.clean = True
-            return 0
-        me = self.consumer.encode()
-        if any(c["name"] != me for c in summary["consumers"]):
-            start: Any = "0-0"
-            while True:
-                start, _, _ = self.client.xautoclaim(
-                    p.stream, GROUP, self.consumer, self.claim_idle_ms, start, count=1000
-                )
-                if start in (b"0-0", "0-0"):
-                    break
-            summary = self.client.xpending(p.stream, GROUP)
-            if any(c["name"] != me for c in summary["consumers"]):
-                return 0  # entries read by a holder that may still be alive: not yet idle
-        got: Any = self.client.xreadgroup(
-            GROUP, self.consumer, {p.stream: "0"}, count=self.batch_size
-        )
-        entries: list[Any] = got[0][1] if got else []
-        if not entries:
-            p.clean = True
-            return 0
-        return self._process(p, entries)
-
     def _process(self, p: Partition, raw: list[Any]) -> int:
-        """Apply one batch, then acknowledge it; on failure leave it pending for a retry.
+        """Apply one batch, then acknowledge it; on failure leave it queued for a retry.
 
         The acknowledgement (``lua/wb_flushed.lua``) runs on a helper thread while the
         next batch, of another partition, is applied: Redis and Postgres work at the same
@@ -549,20 +783,45 @@ class FlushWorker:
         """
         applier = p.applier
         entries = applier.decode_batch(raw)
+        p.unacked = len(entries)
+        p.cursor = f"({entries[-1].id}"
         started = time.perf_counter()
         try:
-            result = applier.apply(p.stream, entries)
+            result = applier.apply(p.stream, entries, token=p.token)
+        except LeaseLost as exc:
+            self.fenced += 1
+            if self._renew([p]):
+                # the lease is still ours: the token was moved by a worker that took the
+                # lease, paused, and then lost it; that one drops the partition on its
+                # next pass, so move the token on again rather than orphan the partition
+                log.warning(
+                    "write-behind partition %s/%s: %s; the lease is still this worker's, "
+                    "so it takes the token back",
+                    p.info.table,
+                    p.number,
+                    exc,
+                    extra={"wb_table": p.info.table, "wb_partition": p.number},
+                )
+                p.token, p.cursor = None, "-"  # the batch is read again under the new token
+            else:
+                self._dropped(p, str(exc))
+            return 0
         except (DBAPIError, StatementError) as exc:
-            p.clean = False
             self._failed(p, exc)
             return 0
+        self.database.answered()
         db_ms = (time.perf_counter() - started) * 1000
         # committed: what the database now holds counts even if the ack is lost (the
-        # redelivery is then skipped by the offset, and counted as skipped)
+        # entries are read again, skipped by the offset, and counted as skipped)
         self.applied += result.applied
         self.dead_letters += len(result.dead)
         self.superseded += result.superseded
         done = self._settle()
+        if p.cursor == "-":
+            # this partition's previous acknowledgement failed: acknowledging this batch
+            # would trim that one's entries too, whose pending keys it left behind. Both
+            # are read again from the head, skipped by the offset, and acknowledged then.
+            return done
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="sarc-wb-ack")
         future = self._executor.submit(self._after_flush, p, entries, result)
@@ -578,11 +837,11 @@ class FlushWorker:
         try:
             flight.future.result()
         except RedisError as exc:
-            # applied, not acknowledged: the redelivery is skipped by the offset row
-            p.clean = False
+            # applied, not trimmed: read again from the head, skipped by the offset row
             self._failed(p, exc)
             return 0
         p.failures = 0
+        p.unacked = 0
         self.entries += len(entries)
         self.batches += 1
         self.skipped += result.skipped
@@ -601,6 +860,7 @@ class FlushWorker:
                 "wb_db_ms": round(flight.db_ms, 2),
                 "wb_total_ms": round((time.perf_counter() - flight.started) * 1000, 2),
                 "wb_consumer": self.consumer,
+                "wb_token": p.token,
             },
         )
         return len(entries)
@@ -608,40 +868,30 @@ class FlushWorker:
     def _after_flush(self, p: Partition, entries: list[Entry], result: BatchResult) -> None:
         info = p.info
         keys = self.keys
-        dead = result.dead
-        final = result.final
-        # skipped entries (a redelivery: the prefix at or below the offset) were applied or
-        # dead-lettered by the earlier delivery, which one is not known here: their entity
-        # entries are dropped, and the next read fills from the database
-        unsure = {e.id for e in entries[: result.skipped]} | dead.keys()
         rows = [
             scripts.FlushedRow(
                 pending_key=keys.pending_key(info.table, info.schema_hash, p.scope, pk),
                 entity_key=keys.entity_key(info.table, info.schema_hash, p.scope, pk),
-                pk=pk,
                 last_id=entry.id,
-                applied=entry.id not in unsure and entry.error is None,
             )
-            for pk, entry in final.items()
+            for pk, entry in result.final.items()
         ]
         newest = entries[-1].sid  # entries are in stream order
-        ttl = info.policy.ttl if info.policy and info.policy.ttl else self.default_ttl
         call = scripts.wb_flushed(
             keys,
             info.table,
             p.stream,
             rows,
-            group=GROUP,
-            acked=[e.id for e in entries],
             trim_below=f"{newest[0]}-{newest[1] + 1}",
-            entity_ttl_ms=int(ttl * 1000),
             header=HEADER,
         )
         self.io.run_script(*call)
 
     def _wait(self, block_ms: int) -> None:
         """Block until a held partition may have new entries (or ``block_ms`` passed)."""
-        streams: dict[Any, Any] = {p.stream: "$" for p in self.partitions if p.held and p.clean}
+        streams: dict[Any, Any] = {
+            p.stream: "$" for p in self.partitions if p.held and p.token is not None
+        }
         if not streams:
             return
         try:
@@ -652,11 +902,14 @@ class FlushWorker:
     def _failed(self, p: Partition | None, exc: Exception) -> None:
         self.errors += 1
         for part in [p] if p is not None else self.partitions:
+            part.cursor = "-"  # whatever was read and not acknowledged is read again
             part.failures += 1
             delay = min(self.max_backoff, 0.05 * 2 ** min(part.failures, 10))
             part.retry_at = time.monotonic() + delay
-            if p is None:
-                part.clean = False
+        if is_unreachable(exc):
+            # logged by the outage tracker: once when it starts, then every few seconds
+            self.database.failed(exc, retry_in=self.max_backoff)
+            return
         log.warning(
             "write-behind flush failed, will retry: %s",
             exc,

@@ -1,8 +1,9 @@
 """Prometheus metrics of a flush worker, read from :meth:`FlushWorker.stats` at scrape time.
 
 Nothing is added to the flush path: each scrape costs one Redis round trip (``XLEN``,
-``XPENDING`` and the oldest entry of every partition) and, with ``database=True``, one
-``count(*)`` of the open dead letters. Needs the ``prometheus`` extra.
+the lease and the oldest entry of every partition; a second one counts the entries read
+and not yet trimmed) and, with ``database=True``, one ``count(*)`` of the open dead
+letters. Needs the ``prometheus`` extra.
 
 =====================================  =======  =============================================
 metric                                 type     labels, meaning
@@ -20,7 +21,12 @@ metric                                 type     labels, meaning
                                                 (``source="database"``), or this worker's
                                                 count when the database cannot be asked
                                                 (``source="worker"``)
+``sarc_wb_fenced_total``               counter  namespace, consumer: batches refused because
+                                                another worker had taken the partition
 ``sarc_wb_queue_up``                   gauge    namespace: 0 when Redis did not answer
+``sarc_wb_database_up``                gauge    namespace, consumer: 0 while the worker
+                                                cannot reach its database (it retries)
+``sarc_wb_database_down_seconds``      gauge    ... how long it has not reached it (0 when up)
 =====================================  =======  =============================================
 
 Example::
@@ -51,6 +57,7 @@ _COUNTERS = (
     ("batches", "batches", "Write-behind batches committed and acknowledged"),
     ("errors", "errors", "Failed write-behind flush attempts (retried with backoff)"),
     ("dead_letters", "dead_letters", "Write-behind operations this worker dead-lettered"),
+    ("fenced", "fenced", "Write-behind batches refused: another worker held the partition"),
 )
 _PARTITION_GAUGES = (
     ("queue_length", "length", "Entries in a write-behind stream (not yet applied)"),
@@ -129,6 +136,21 @@ class WorkerCollector:
         )
         queue_up.add_metric([namespace], up)
         yield queue_up
+        outage = worker.database
+        database_up = GaugeMetricFamily(
+            "sarc_wb_database_up",
+            "0 while the write-behind worker cannot reach its database (it retries)",
+            labels=["namespace", "consumer"],
+        )
+        database_up.add_metric(labels, float(outage.up))
+        yield database_up
+        down = GaugeMetricFamily(
+            "sarc_wb_database_down_seconds",
+            "How long the write-behind worker has not reached its database (0 when it does)",
+            labels=["namespace", "consumer"],
+        )
+        down.add_metric(labels, outage.down_seconds())
+        yield down
 
 
 def _counter(worker: FlushWorker, stats: WorkerStats | None, attr: str) -> float:

@@ -93,14 +93,7 @@ class SetStatements:
         schema_translate_map: Mapping[str | None, str | None] | None = None,
     ) -> None:
         preparer = dialect.identifier_preparer
-        # raw SQL skips the engine's schema_translate_map: apply it here (one schema per
-        # tenant must receive its own rows)
-        schema = table.schema
-        if schema_translate_map:
-            schema = schema_translate_map.get(schema, schema)
-        name = preparer.quote(table.name)
-        if schema is not None:
-            name = f"{preparer.quote_schema(schema)}.{name}"
+        name = qualified_name(table, dialect, schema_translate_map)
         quoted = [preparer.quote(c.name) for c in columns]
 
         def cast(column: Column[Any]) -> str:
@@ -144,10 +137,41 @@ class SetStatements:
                 array[:] = [process(v) for v in array]
         return tuple(arrays)
 
+    def upsert_arrays(self, rows: Sequence[Sequence[Any]]) -> tuple[list[Any], ...]:
+        """The parameters of :attr:`upsert_sql` for ``rows``: one array per column."""
+        return self._arrays(rows, self._processors)
+
+    def delete_arrays(self, keys: Sequence[Sequence[Any]]) -> tuple[list[Any], ...]:
+        """The parameters of :attr:`delete_sql` for ``keys``: one array per key column."""
+        return self._arrays(keys, self._pk_processors)
+
     def upsert(self, conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
         """Insert or overwrite ``rows`` (full rows, in column order; unique keys)."""
-        conn.exec_driver_sql(self.upsert_sql, self._arrays(rows, self._processors))
+        conn.exec_driver_sql(self.upsert_sql, self.upsert_arrays(rows))
 
     def delete(self, conn: Connection, keys: Sequence[Sequence[Any]]) -> None:
         """Delete the rows with the primary keys ``keys``."""
-        conn.exec_driver_sql(self.delete_sql, self._arrays(keys, self._pk_processors))
+        conn.exec_driver_sql(self.delete_sql, self.delete_arrays(keys))
+
+
+def qualified_name(
+    table: Table, dialect: Dialect, schema_translate_map: Mapping[str | None, str | None] | None
+) -> str:
+    """``table``'s name for raw SQL, quoted, in the schema the engine's map sends it to.
+
+    Raw SQL skips the engine's ``schema_translate_map``: applied here, so that each
+    tenant's schema receives its own rows.
+
+    Example::
+
+        qualified_name(wb_offsets, engine.dialect, {None: "tenant_a"})
+        # '"tenant_a".sarc_wb_offsets'
+    """
+    preparer = dialect.identifier_preparer
+    schema = table.schema
+    if schema_translate_map:
+        schema = schema_translate_map.get(schema, schema)
+    name = preparer.quote(table.name)
+    if schema is not None:
+        name = f"{preparer.quote_schema(schema)}.{name}"
+    return name

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
 
-from sa_redis_cache.protocol import GROUP, stream_id
+from sa_redis_cache.protocol import stream_id
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -24,7 +24,8 @@ class PartitionStats:
     """One partition's stream.
 
     ``length`` is ``XLEN`` (applied entries are trimmed, so: entries not yet applied);
-    ``pending`` the entries delivered to a worker and not acknowledged (``XPENDING``);
+    ``pending`` the entries the reporting worker has read and not yet trimmed (being
+    applied, or applied and not yet acknowledged; 0 for partitions it does not hold);
     ``lag_seconds`` the age of the oldest entry still in the stream (0 when empty), from
     the time in its stream id and the Redis server's clock; ``held`` whether the worker
     that reported it holds the partition's lease.
@@ -47,6 +48,10 @@ class WorkerStats:
         stats = worker.stats()
         stats.length, stats.pending, stats.lag_seconds     # the whole queue
         stats.rows_applied, stats.dead_letter_count        # this worker / the database
+        stats.database_up, stats.database_down_seconds     # False, 42.0 in an outage
+
+    ``fenced`` counts the batches the database refused because another worker had taken
+    the partition (this worker paused past its lease); none of them was applied.
     """
 
     namespace: str
@@ -59,7 +64,10 @@ class WorkerStats:
     errors: int = 0
     dead_letters: int = 0
     superseded: int = 0
+    fenced: int = 0
     open_dead_letters: int | None = None
+    database_up: bool = True
+    database_down_seconds: float = 0.0
 
     @property
     def length(self) -> int:
@@ -68,7 +76,7 @@ class WorkerStats:
 
     @property
     def pending(self) -> int:
-        """Entries delivered and not acknowledged, in every partition."""
+        """Entries this worker read and has not yet trimmed, in every partition."""
         return sum(p.pending for p in self.partitions)
 
     @property
@@ -88,19 +96,21 @@ class WorkerStats:
 
 
 def queue_stats(
-    client: redis.Redis, partitions: Sequence[tuple[str, int, str, bool]]
+    client: redis.Redis, partitions: Sequence[tuple[str, int, str, bool, int]]
 ) -> list[PartitionStats]:
-    """``(table, number, stream key, held)`` per partition -> their stats; one round trip.
+    """``(table, number, stream key, held, pending)`` per partition -> their stats.
+
+    ``pending`` is what the reporting worker has read from the partition and not yet
+    acknowledged (0 for a partition it does not hold). One round trip.
 
     Example::
 
-        queue_stats(client, [("page_views", 0, "sarc:shop:{shop:page_views}:wb:00ff:0", True)])
+        queue_stats(client, [("views", 0, "sarc:shop:{shop:views}:wb:00ff:0", True, 0)])
     """
     pipe = client.pipeline(transaction=False)
     pipe.time()
-    for _, _, stream, _ in partitions:
+    for _, _, stream, _, _ in partitions:
         pipe.xlen(stream)
-        pipe.xpending(stream, GROUP)
         pipe.xrange(stream, count=1)
     replies = pipe.execute(raise_on_error=False)
     now = replies[0]
@@ -108,14 +118,14 @@ def queue_stats(
         raise now
     now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
     out = []
-    for i, (table, number, _, held) in enumerate(partitions):
-        length, pending, first = replies[1 + 3 * i : 4 + 3 * i]
+    for i, (table, number, _, held, pending) in enumerate(partitions):
+        length, first = replies[1 + 2 * i : 3 + 2 * i]
         out.append(
             PartitionStats(
                 table=table,
                 partition=number,
                 length=_count(length),
-                pending=_pending(pending),
+                pending=pending if held else 0,
                 lag_seconds=_lag(first, now_ms),
                 held=held,
             )
@@ -130,13 +140,6 @@ def _count(reply: Any) -> int:
     return int(reply)
 
 
-def _pending(reply: Any) -> int:
-    if isinstance(reply, Exception):
-        _raise_unless_missing(reply)  # NOGROUP: no worker has read this stream yet
-        return 0
-    return int(reply["pending"])
-
-
 def _lag(reply: Any, now_ms: int) -> float:
     if isinstance(reply, Exception):
         _raise_unless_missing(reply)
@@ -149,6 +152,5 @@ def _lag(reply: Any, now_ms: int) -> float:
 
 def _raise_unless_missing(exc: Exception) -> None:
     # WRONGTYPE: the stream key holds another type; the worker reports it on every pass
-    text = str(exc)
-    if not (isinstance(exc, ResponseError) and ("NOGROUP" in text or "WRONGTYPE" in text)):
+    if not (isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc)):
         raise exc
