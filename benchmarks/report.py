@@ -31,19 +31,10 @@ PASS, MISS = "✅ pass", "❌ miss"
 DASH = "\u2013"  # en dash, for empty cells and ranges
 
 # Cases the issue asks for that the library cannot run yet, with the target each will
-# be held to once it can.
-NOT_YET_AVAILABLE = [
-    (
-        "write-behind commits per second vs plain commits",
-        f"≥ 5{TIMES}",
-        "strategy='write_behind' is refused by attach() in this version",
-    ),
-    (
-        "flush worker rows per second vs a raw batched upsert",
-        f"≥ 0.5{TIMES}",
-        "the flush worker (sa_redis_cache/worker) does not exist yet",
-    ),
-]
+# be held to once it can. Write-behind throughput runs on its own
+# (`python -m benchmarks.cases_write_behind`, results/write_behind.md): it needs a
+# dedicated worker and backlog, not the call-by-call alternation of this report.
+NOT_YET_AVAILABLE: list[tuple[str, str, str]] = []
 
 
 @dataclass(slots=True)
@@ -352,6 +343,13 @@ def render(report: Report) -> str:
     misses = missed(report.cases, report.sizes)
     lines += ["", "## Targets missed", ""]
     lines += misses or ["None."]
+    lines += [
+        "",
+        (
+            "Write-behind throughput (commits per second, worker rows per second) is measured by "
+            "`python -m benchmarks.cases_write_behind` into `results/write_behind.md`."
+        ),
+    ]
     if NOT_YET_AVAILABLE:
         lines += [
             "",

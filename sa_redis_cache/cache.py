@@ -29,7 +29,7 @@ from .inspector import CacheInspector
 from .models import ModelInfo, build_model_info, mapper_of
 from .options import FromCache
 from .policy import CachePolicy, Strategy, is_ttl
-from .protocol import KeyScheme, is_queue_key, pk_text, scripts
+from .protocol import KeyScheme, pk_text, scripts
 from .reads import ReadPath
 from .redis_io import clients_for, refuse_cluster
 from .sessions import SessionHooks
@@ -550,17 +550,10 @@ class Cache:
         """
         core = self._core
         keys = core.keys
-        stats_prefix = keys.stats_key("").encode()
-        regions_prefix = keys.region_key("").encode()
         removed = 0
         batch: list[bytes] = []
         for key in core.client.scan_iter(match=keys.namespace_pattern, count=1000):
-            if (
-                is_queue_key(key)
-                or key.endswith(b":w")  # writer marks: guarantee 2 for writes in flight
-                or b":wbw:" in key
-                or key.startswith((stats_prefix, regions_prefix))
-            ):
+            if not keys.clearable(key):
                 continue
             batch.append(key)
             if len(batch) >= 500:

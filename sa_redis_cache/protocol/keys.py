@@ -318,6 +318,35 @@ class KeyScheme:
         """
         return f"{self.prefix}invalidations"
 
+    def clearable(self, key: bytes) -> bool:
+        """True for a key ``cache.clear()`` deletes: entries and the counters they check.
+
+        Kept: write-behind queues, pending states and leases (writes not yet in the
+        database), writer marks (transactions in flight), the worker registries, and
+        everything outside the tables' tags but function entries (published statistics,
+        regions' table sets, the local tier's holder sets and acknowledgements).
+
+        Example::
+
+            >>> keys = KeyScheme("shop")
+            >>> keys.clearable(keys.version_key("products").encode())
+            True
+            >>> keys.clearable(keys.writers_key("products").encode())
+            False
+            >>> keys.clearable(keys.function_key("profile", "0" * 32).encode())
+            True
+            >>> keys.clearable(keys.region_key("pages").encode())
+            False
+        """
+        if key.startswith(f"{self.prefix}f:".encode()):
+            return True
+        if not key.startswith(self.tracked_prefix.encode()) or is_queue_key(key):
+            return False
+        # The first "}:" ends the table's tag: a primary key's text may hold "}:" too.
+        end = key.find(b"}:", len(self.tracked_prefix))
+        tail = key[end + 2 :] if end >= 0 else b""
+        return end >= 0 and tail != b"w" and not tail.startswith(_WORKERS.encode())
+
     @property
     def namespace_pattern(self) -> str:
         """A SCAN pattern matching every key of the namespace."""

@@ -116,9 +116,14 @@ def test_clear_empties_the_namespace_but_keeps_queues_marks_and_stats(
         keys.prefix + "{" + cache.namespace + ":page_views}:wb:abc:0": "queued",
         keys.prefix + "{" + cache.namespace + ":page_views}:wbp:s:abc:1": "pending",
         keys.writers_key("products"): "mark",
+        keys.workers_key("page_views", "s"): "workers",
+        keys.holders_key("products"): "local-tier holders",
+        keys.ack_key("t1"): "acknowledgements",
     }
     for name, value in kept.items():
         redis_client.set(name, value, px=60_000)
+    # a primary key's text may end like a writer mark: the entry still goes
+    redis_client.set(keys.entity_key("products", "h", "s", "x}:w"), "entry", px=60_000)
     redis_client.hset(keys.stats_key("total"), "hits", 1)
     assert cache.clear() >= 4  # entries, counters, the function's result
     left = {k.decode() for k in redis_client.scan_iter(match=keys.namespace_pattern)}
