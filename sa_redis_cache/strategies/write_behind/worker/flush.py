@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from sa_redis_cache.models import ModelInfo
+    from sa_redis_cache.protocol.scripts import LeaseMode, ScriptCall
     from sa_redis_cache.redis_io import SyncClient
 
 log = logging.getLogger(__name__)
@@ -343,20 +344,23 @@ class FlushWorker:
                 p.lost = True
         self._announce()
 
-    def _renew(self, parts: list[Partition]) -> list[Partition]:
-        """Extend the leases of ``parts``; those that are still this worker's."""
-        calls = [
+    def _lease_calls(self, parts: list[Partition], mode: LeaseMode) -> list[ScriptCall]:
+        """One ``wb_lease.lua`` call per partition, taking or renewing as this worker."""
+        return [
             scripts.wb_lease(
                 p.lease,
                 p.stream,
-                mode="renew",
+                mode=mode,
                 owner=self.owner,
                 name=self.consumer,
                 lease_ms=self.lease_ms,
             )
             for p in parts
         ]
-        replies = self.io.run_batch(calls) if calls else []
+
+    def _renew(self, parts: list[Partition]) -> list[Partition]:
+        """Extend the leases of ``parts``; those that are still this worker's."""
+        replies = self.io.run_batch(self._lease_calls(parts, "renew")) if parts else []
         return [p for p, reply in zip(parts, replies, strict=True) if reply == 1]
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
@@ -643,18 +647,9 @@ class FlushWorker:
         """Take the leases of free partitions (Redis); their tokens come next (database)."""
         if not parts:
             return
-        calls = [
-            scripts.wb_lease(
-                p.lease,
-                p.stream,
-                mode="take",
-                owner=self.owner,
-                name=self.consumer,
-                lease_ms=self.lease_ms,
-            )
-            for p in parts
-        ]
-        for p, reply in zip(parts, self.io.run_batch(calls), strict=True):
+        for p, reply in zip(
+            parts, self.io.run_batch(self._lease_calls(parts, "take")), strict=True
+        ):
             if reply == -1:
                 self._not_a_stream(p)
             elif reply == 1:
