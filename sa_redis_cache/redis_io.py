@@ -227,7 +227,8 @@ class AsyncClients:
     obscure failures. A ``factory`` (the cache was made from a URL) makes one client per
     running loop, on first use: ``asyncio.run`` called several times, or loops in several
     threads, each get their own. ``prepare`` is called with each client before its first
-    command (the cache hooks its pool).
+    command (the cache hooks its pool); ``make_io`` wraps each client (the cluster variant
+    of :mod:`sa_redis_cache.cluster_io` for a cluster client).
 
     Example::
 
@@ -242,11 +243,13 @@ class AsyncClients:
         *,
         factory: Callable[[], Any] | None = None,
         prepare: Callable[[Any], None] = _identity,
+        make_io: Callable[[Any], AsyncRedisIO] = AsyncRedisIO,
     ) -> None:
         if (client is None) == (factory is None):
             raise ValueError("AsyncClients needs a client or a factory, not both")
         self._factory = factory
         self._prepare = prepare
+        self._make_io = make_io
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRedisIO] = (
             weakref.WeakKeyDictionary()
         )
@@ -255,7 +258,7 @@ class AsyncClients:
         self._given_loop: asyncio.AbstractEventLoop | None = None
         if client is not None:
             prepare(client)
-            self._given = AsyncRedisIO(client)
+            self._given = make_io(client)
         # (loop, io) of the last lookup, read and written as one object (threads)
         self._last: tuple[object, AsyncRedisIO | None] = (None, None)
 
@@ -276,7 +279,7 @@ class AsyncClients:
                 assert self._factory is not None
                 client = self._factory()
                 self._prepare(client)
-                io = self._by_loop[loop] = AsyncRedisIO(client)
+                io = self._by_loop[loop] = self._make_io(client)
         self._last = (loop, io)
         return io
 

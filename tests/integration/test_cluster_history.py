@@ -1,0 +1,119 @@
+"""Read-after-write on a Redis Cluster while its slots move: the history checker
+(:mod:`tests.history_checker`) runs its worker processes on the run's cluster while
+another thread reshards the slot of the history table's keys back and forth, or fails
+its primary over, for the whole run. No read that started after a write's ``commit()``
+returned may see an older version (docs/guarantees.md, "Redis Cluster").
+
+The chaos thread loops until the run ends (no sleeps): each reshard moves every key of the
+slot in batches, with ``ASK`` redirections and ``TRYAGAIN`` answers meanwhile; each
+failover promotes the slot's replica with ``CLUSTER FAILOVER``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.history_checker import HistoryRun, run_history
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from devservices.cluster import RedisCluster
+
+pytestmark = pytest.mark.slow
+
+SECONDS = 4.0
+STRATEGY = "cache_aside"
+
+
+def history_slot(cluster: RedisCluster, namespace: str, strategy: str) -> int:
+    """The slot every key of the history table of ``strategy`` lives in (its hash tag)."""
+    return cluster.slot_of(f"{{{namespace}:sarc_history_{strategy}}}")
+
+
+def run_with(
+    chaos: Callable[[threading.Event], int],
+    database_url: str,
+    url: str,
+    namespace: str,
+    seconds: float = SECONDS,
+) -> tuple[HistoryRun, int]:
+    """The history run on ``url`` with ``chaos`` looping in a thread until it ends; the
+    run and how many rounds of chaos completed."""
+    stop = threading.Event()
+    rounds: list[int] = []
+    failures: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            rounds.append(chaos(stop))
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=loop, name="cluster-chaos")
+    thread.start()
+    try:
+        run = run_history(
+            database_url,
+            url,
+            namespace,
+            strategy=STRATEGY,
+            processes=2,
+            threads=3,
+            seconds=seconds,
+        )
+    finally:
+        stop.set()
+        thread.join()
+    if failures:
+        raise failures[0]
+    return run, rounds[0]
+
+
+def check(run: HistoryRun, writes: int) -> None:
+    """0 stale reads, and a run that wrote and hit often enough to mean something."""
+    print(run.summary())
+    if run.violations() or run.errors:
+        pytest.fail(run.report(), pytrace=False)
+    assert len(run.writes) >= writes, run.summary()
+    assert run.counter("total", "hits") >= 30, run.summary()
+
+
+def test_no_stale_read_while_the_tables_slot_is_resharded(
+    redis_cluster: RedisCluster, database_url: str, namespace: str
+) -> None:
+    slot = history_slot(redis_cluster, namespace, STRATEGY)
+
+    def reshard(stop: threading.Event) -> int:
+        moved = 0
+        while not stop.is_set():
+            owner = redis_cluster.owner_of(slot)
+            target = next(p for p in redis_cluster.primaries() if p is not owner)
+            redis_cluster.reshard([slot], target, batch=5)
+            moved += 1
+        return moved
+
+    run, moved = run_with(reshard, database_url, redis_cluster.url, namespace)
+    check(run, writes=20)
+    assert moved >= 2
+
+
+def test_no_stale_read_while_the_tables_primary_fails_over(
+    redis_cluster: RedisCluster, database_url: str, namespace: str
+) -> None:
+    slot = history_slot(redis_cluster, namespace, STRATEGY)
+
+    def fail_over(stop: threading.Event) -> int:
+        done = 0
+        while not stop.is_set():
+            redis_cluster.failover(redis_cluster.owner_of(slot))
+            done += 1
+        return done
+
+    # each failover stalls the slot's commands for a moment: a longer run, fewer writes
+    run, done = run_with(fail_over, database_url, redis_cluster.url, namespace, seconds=6.0)
+    check(run, writes=10)
+    assert done >= 1
