@@ -103,11 +103,14 @@ def split(call: ScriptCall) -> Split:
             for at in pairs.values()
         ]
         return Split(calls, lambda replies: sum(int(r) for r in replies))
-    tables = sorted({key.partition("{")[2].partition("}")[0] for key in keys})
+    # a hash tag is {<namespace>:<table>}
+    tags = {key.partition("{")[2].partition("}")[0] for key in keys}
+    tables = sorted(tag.partition(":")[2] or tag for tag in tags)
     raise CrossSlot(
         f"{script.name} needs its keys in one Redis Cluster slot, and these span "
-        f"{len(_by_slot(keys))}: {', '.join(tables)}. Put the tables written together in "
-        "one slot group (CachePolicy(slot_group=...)), see docs/cluster.md"
+        f"{len(_by_slot(keys))} slots (tables {', '.join(tables)}); its atomicity is what "
+        "it is for, so it is not split. Write these tables in separate transactions, or "
+        "use a single Redis server (docs/cluster.md, 'Not supported yet')"
     )
 
 
