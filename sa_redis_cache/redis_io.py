@@ -322,21 +322,20 @@ def refuse_cluster(client: object, what: str) -> None:
     """Raise :class:`~sa_redis_cache.errors.ConfigurationError` when ``client`` is a Redis
     Cluster client and ``what`` cannot run on a cluster yet.
 
-    A ``Cache`` is made on a cluster client, and ``@cache.cached`` functions (one key per
-    call) work on it; what reads and writes through sessions waits for the cluster
-    protocol of docs/cluster.md.
+    Sessions, reads and cache-aside and write-through commits run on a cluster; the
+    write-behind worker and the command line do not yet (docs/cluster.md, "Not supported
+    yet").
 
     Example::
 
-        refuse_cluster(cache.client, "cache.attach()")
+        refuse_cluster(client, "FlushWorker")
     """
     if is_cluster(client):
         raise ConfigurationError(
-            f"{what} does not run on a Redis Cluster yet: the consistency protocol checks "
-            "the version counters of several tables, which live in several hash slots, in "
-            "one script, and a cluster refuses that. Cluster support is being built "
-            "(docs/cluster.md); until it lands, give the cache a single Redis server "
-            "(a URL without ?cluster=true, or a redis.Redis)"
+            f"{what} does not run on a Redis Cluster yet: its scans and stream reads span "
+            "every node, and are not split per node yet (docs/cluster.md, 'Not supported "
+            "yet'). Point it at a single Redis server (a URL without ?cluster=true, or a "
+            "redis.Redis)"
         )
 
 
