@@ -42,9 +42,11 @@ class _ClusterCalls(RedisIO):
 
     def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         """MGET over any slots: one MGET per slot, in one round trip."""
-        if cluster.one_slot(keys):
+        given: list[Command] = [("MGET", *keys)]
+        sent, where = cluster.split_mget(given)
+        if where[0][1] is None:
             return super().mget(keys)
-        return list(self.pipeline([("MGET", *keys)])[0])
+        return list(cluster.join_mget(given, where, super().pipeline(sent))[0])
 
     def pipeline(self, commands: Iterable[Command]) -> list[Any]:
         """Send ``commands`` in one cluster pipeline; an MGET over several slots is split."""

@@ -212,51 +212,56 @@ def fill_plan(call: ScriptCall) -> FillPlan:
     return FillPlan(checks, fill, release)
 
 
-def split_mget(commands: Sequence[Command]) -> tuple[list[Command], list[list[int]]]:
+def split_mget(
+    commands: Sequence[Command],
+) -> tuple[list[Command], list[tuple[int, list[list[int]] | None]]]:
     """``commands`` with every ``MGET`` over several slots as one ``MGET`` per slot.
 
-    Returns the commands to send and, for each given command, the positions of its
-    replies among theirs (one, or one per slot); :func:`join_mget` puts them back.
+    Returns the commands to send and, for each given command, where its reply starts among
+    theirs and, for a split ``MGET``, the positions of its keys in each part;
+    :func:`join_mget` puts the replies back.
 
     Example::
 
         sent, where = split_mget([("MGET", "{a}x", "{b}y")])
-        # sent: [("MGET", "{a}x"), ("MGET", "{b}y")], where: [[0, 1]]
+        # sent: [("MGET", "{a}x"), ("MGET", "{b}y")], where: [(0, [[0], [1]])]
     """
     sent: list[Command] = []
-    where: list[list[int]] = []
+    where: list[tuple[int, list[list[int]] | None]] = []
     for command in commands:
         name = command[0]
-        if isinstance(name, str) and name.upper() == "MGET" and not one_slot(command[1:]):
-            at = []
-            for positions in _by_slot(command[1:]).values():
-                at.append(len(sent))
-                sent.append(("MGET", *(command[1 + i] for i in positions)))
-            where.append(at)
-        else:
-            where.append([len(sent)])
+        groups = None
+        if isinstance(name, str) and name.upper() == "MGET" and len(command) > 2:
+            found = list(_by_slot(command[1:]).values())
+            groups = found if len(found) > 1 else None
+        where.append((len(sent), groups))
+        if groups is None:
             sent.append(command)
+        else:
+            sent += [("MGET", *(command[1 + i] for i in positions)) for positions in groups]
     return sent, where
 
 
 def join_mget(
-    commands: Sequence[Command], where: Sequence[list[int]], replies: Sequence[Any]
+    commands: Sequence[Command],
+    where: Sequence[tuple[int, list[list[int]] | None]],
+    replies: Sequence[Any],
 ) -> list[Any]:
     """The replies of the commands given to :func:`split_mget`, from those of the ones sent.
 
     Example::
 
-        join_mget([("MGET", "{a}x", "{b}y")], [[0, 1]], [[b"1"], [b"2"]])  # [[b"1", b"2"]]
+        join_mget([("MGET", "{a}x", "{b}y")], [(0, [[0], [1]])], [[b"1"], [b"2"]])
+        # [[b"1", b"2"]]
     """
     out: list[Any] = []
-    for command, at in zip(commands, where, strict=True):
-        if len(at) == 1:
-            out.append(replies[at[0]])
+    for command, (at, groups) in zip(commands, where, strict=True):
+        if groups is None:
+            out.append(replies[at])
             continue
         values: list[Any] = [None] * (len(command) - 1)
-        groups = _by_slot(command[1:]).values()
-        for positions, index in zip(groups, at, strict=True):
-            for i, value in zip(positions, replies[index], strict=True):
+        for part, positions in enumerate(groups):
+            for i, value in zip(positions, replies[at + part], strict=True):
                 values[i] = value
         out.append(values)
     return out

@@ -97,7 +97,7 @@ def test_an_mget_over_slots_is_one_mget_per_slot() -> None:
     commands = [("SET", "k", "v"), ("MGET", *keys)]
     sent, where = cluster.split_mget(commands)
     assert sent[0] == commands[0]
-    assert len(sent) == 4
+    assert len(sent) == 4  # the SET, and one MGET per slot
     assert all(cluster.one_slot(c[1:]) for c in sent[1:])
     replies = ["OK", *[[f"{k}".encode() for k in c[1:]] for c in sent[1:]]]
     assert cluster.join_mget(commands, where, replies) == ["OK", [k.encode() for k in keys]]
