@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.history_checker import HistoryRun, run_history
+from tests.history_checker import DEFAULT_WRITES, HistoryRun, run_history
+from tests.integration.test_history import SECONDS as HISTORY_SECONDS
+from tests.integration.test_history import assert_meaningful
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -80,6 +82,27 @@ def check(run: HistoryRun, writes: int, hits: int = 30) -> None:
         pytest.fail(run.report(), pytrace=False)
     assert len(run.writes) >= writes, run.summary()
     assert run.counter("total", "hits") >= hits, run.summary()
+
+
+@pytest.mark.parametrize("strategy", ["cache_aside", "write_through"])
+def test_the_history_suite_on_a_cluster(
+    redis_cluster: RedisCluster, database_url: str, namespace: str, strategy: str
+) -> None:
+    """tests/integration/test_history.py's run, on the cluster, every write kind."""
+    run = run_history(
+        database_url,
+        redis_cluster.url,
+        namespace,
+        strategy=strategy,
+        processes=2,
+        threads=3,
+        seconds=HISTORY_SECONDS,
+        writes=DEFAULT_WRITES,
+    )
+    print(run.summary())
+    if run.violations() or run.errors:
+        pytest.fail(run.report(), pytrace=False)
+    assert_meaningful(run)
 
 
 def test_no_stale_read_while_the_tables_slot_is_resharded(
