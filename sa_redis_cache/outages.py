@@ -213,8 +213,9 @@ class RedisOutages:
             run_id,
             len(tables),
             "invalidated"
-            if sent and failure is None
-            else f"are read from the database until their invalidation is delivered ({failure})",
+            if not tables or (sent and failure is None)
+            else "are read from the database until their invalidation is delivered"
+            + (f" ({failure})" if failure is not None else " (CLUSTER refused)"),
         )
 
     def _watch_slot_map(self, client: Any) -> None:
