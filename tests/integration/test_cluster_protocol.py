@@ -138,3 +138,26 @@ def test_a_commit_retires_a_two_slot_entry(in_mode: Runner, category: int) -> No
         assert read(db, category)[0][1] == f"again-{category}"
 
     in_mode(scenario)
+
+
+def test_explicit_invalidations_and_clear_reach_every_slot(in_mode: Runner, category: int) -> None:
+    def misses_once(db: Db) -> None:
+        db.sql.reset()
+        read(db, category)
+        assert db.sql.count == 1  # the invalidation made it a miss
+        db.sql.reset()
+        read(db, category)
+        assert db.sql.count == 0  # filled again
+
+    def scenario(db: Db) -> None:
+        two_slots(db)
+        read(db, category)
+        db.invalidate("invalidate_model", Category)
+        misses_once(db)
+        db.invalidate("invalidate_query", joined(category))
+        misses_once(db)
+        if db.mode in ("sync", "cluster-sync"):  # clear() is synchronous
+            assert db.cache.clear() > 0  # every primary scanned
+            misses_once(db)
+
+    in_mode(scenario)
