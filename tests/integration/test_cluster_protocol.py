@@ -10,25 +10,29 @@ counters really are in two slots, so that the two-step fill is what runs.
 from __future__ import annotations
 
 import secrets
+import threading
+import time
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from examples.shop import Category, Product
-from sa_redis_cache import FromCache
+from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.compat import key_slot
-from tests.seams import once
+from tests.seams import Seams, once
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from devservices.cluster import RedisCluster
     from tests.modes import Db, Runner
 
 pytestmark = pytest.mark.cluster
+TIMEOUT = 10.0
 
 
 @pytest.fixture
@@ -161,3 +165,59 @@ def test_explicit_invalidations_and_clear_reach_every_slot(in_mode: Runner, cate
             misses_once(db)
 
     in_mode(scenario)
+
+
+def test_concurrent_misses_on_a_cluster_send_one_query(
+    redis_cluster: RedisCluster, shop_engine: sa.Engine, namespace: str
+) -> None:
+    """The stampede lease on a cluster: the filler holds its database read until every
+    other caller waits on its lease (``lease_waits`` counts them before they wait); one
+    query reaches Postgres, and every caller gets its rows."""
+    callers = 8
+    cache = Cache(redis_cluster.url, namespace=namespace)
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    seams = Seams(engine=shop_engine)
+    statement = (
+        select(Product.category_id, func.count(Product.id))
+        .group_by(Product.category_id)
+        .order_by(Product.category_id)
+    )
+    cached = statement.options(FromCache(lease_wait=TIMEOUT))
+    queries: list[str] = []
+
+    def waiting() -> int:
+        return int(cache.stats()["regions"].get("default", {}).get("lease_waits", 0))
+
+    def hold_filler() -> None:
+        queries.append("read")
+        deadline = time.monotonic() + TIMEOUT
+        while waiting() < callers - 1:  # the others count themselves, then wait
+            assert time.monotonic() < deadline, "the other callers never waited"
+            time.sleep(0.005)
+
+    try:
+        with Session(shop_engine) as s:
+            expected = s.execute(statement).all()
+        seams.after_database_read(hold_filler)
+        start = threading.Barrier(callers)
+        results: list[Any] = [None] * callers
+
+        def call(i: int) -> None:
+            start.wait(TIMEOUT)
+            with factory() as s:
+                results[i] = s.execute(cached).all()
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        assert not any(t.is_alive() for t in threads)
+        assert queries == ["read"]
+        assert all(r == expected for r in results)
+        assert cache.stats()["regions"]["default"]["hits"] == callers - 1
+    finally:
+        seams.close()
+        cache.detach()
+        cache.client.close()
