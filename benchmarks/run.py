@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from benchmarks.cases_cluster import cluster_cases
 from benchmarks.cases_failure import outage, stampede
 from benchmarks.cases_local import LOCAL_CASES, local_commits, local_memory
 from benchmarks.cases_reads import READ_CASES
@@ -56,6 +57,7 @@ CASE_NAMES = [name for name, _ in READ_CASES + WRITE_CASES + LOCAL_CASES] + [
     "outage",
     "stampede",
     "trust",
+    "cluster",
 ]
 
 
@@ -119,6 +121,11 @@ def run_cases(env: BenchEnv, plan: Plan, only: set[str], report: Report) -> None
     if not only or "trust" in only:
         report.cases += _guarded(
             "trust", "decoder checks and signing on the hit path", lambda: trust_costs(env, plan)
+        )
+    if not only or "cluster" in only:
+        # a cluster of three redis-server processes is started for these and stopped after
+        report.cases += _guarded(
+            "cluster", "Redis Cluster vs a single Redis", lambda: cluster_cases(env, plan)
         )
     if not only or "local_commit" in only:
         _run_local_commits(env, plan, report)

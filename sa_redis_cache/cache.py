@@ -22,6 +22,7 @@ from . import compat
 from .binds import translate_map_of
 from .breaker import CircuitBreaker
 from .cached_functions import AsyncCachedFunction, CacheDecorator, CachedFunction
+from .cluster_io import WRITE_BEHIND_ON_CLUSTER, refuse_local_tier_on_cluster
 from .context import CacheContext
 from .engine_writes import EngineWrites
 from .errors import ConfigurationError
@@ -31,7 +32,7 @@ from .options import FromCache
 from .policy import CachePolicy, Strategy, is_ttl
 from .protocol import KeyScheme, pk_text, scripts
 from .reads import ReadPath
-from .redis_io import clients_for, refuse_cluster
+from .redis_io import clients_for, is_cluster
 from .sessions import SessionHooks
 from .stats_publisher import StatsPublisher
 from .strategies.cache_aside import Invalidation
@@ -225,7 +226,8 @@ class Cache:
             # or cache every select of these sessions for a minute:
             cache.attach(Session, cache_queries=FromCache(ttl=60))
         """
-        refuse_cluster(self._core.client, "cache.attach()")
+        if is_cluster(self._core.client):
+            refuse_local_tier_on_cluster(self._core.local is not None)
         if isinstance(target, scoped_session | async_scoped_session):
             target = target.session_factory
         if self._core.async_clients is None and (
@@ -392,6 +394,9 @@ class Cache:
                     f"{mapper.class_.__name__}: {problem}" for problem in policy.problems()
                 )
                 if policy.strategy == Strategy.WRITE_BEHIND:
+                    if is_cluster(self._core.client):
+                        problems.append(f"{mapper.class_.__name__}: {WRITE_BEHIND_ON_CLUSTER}")
+                        continue
                     info = build_model_info(mapper, policy)
                     problems.extend(write_behind_checks.model_problems(mapper, info))
                     problems.extend(

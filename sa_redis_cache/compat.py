@@ -26,6 +26,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+import redis.crc
 import sqlalchemy
 from sqlalchemy.engine import result as engine_result
 from sqlalchemy.orm import context as orm_context
@@ -258,6 +259,18 @@ def registered_classes() -> tuple[list[Mapper[Any]], list[type]]:
 
 # -- redis-py ------------------------------------------------------------------------------
 
+
+def key_slot(key: str) -> int:
+    """The Redis Cluster hash slot of ``key`` (its hash tag's, when it has one).
+
+    Example::
+
+        >>> key_slot("sarc:shop:{shop:products}:v") == key_slot("{shop:products}")
+        True
+    """
+    return int(redis.crc.key_slot(key.encode()))
+
+
 _CONNECT_HOOK = "redis_connect_func"
 _CLUSTER_CONNECT_HOOK = "user_on_connect_func"
 
@@ -338,6 +351,35 @@ def install_connect_hook(client: Any, check: Callable[[Any], Any]) -> None:
     for name in ("_available_connections", "_in_use_connections"):
         for connection in list(getattr(pool, name, ())):
             setattr(connection, _CONNECT_HOOK, made)
+
+
+def watch_slot_map(client: Any, seen: Callable[[dict[int, str]], None]) -> bool:
+    """Call ``seen(slot -> primary address)`` with a synchronous cluster client's slot map
+    now and after every refresh of it (redis-py refreshes on ``MOVED`` and on a node that
+    fails). False for a client whose refreshes cannot be watched (the asyncio cluster
+    client's nodes manager has ``__slots__``): its new connections are still checked.
+
+    redis-py keeps the map in ``nodes_manager.slots_cache`` (slot -> nodes, the primary
+    first) and refreshes it in ``nodes_manager.initialize()``.
+    """
+    if not isinstance(client, redis.cluster.RedisCluster):
+        return False
+    manager = client.nodes_manager
+    initialize = manager.initialize
+
+    def report() -> None:
+        cache = manager.slots_cache
+        seen({slot: nodes[0].name for slot, nodes in cache.items() if nodes})
+
+    def initialize_and_report(*args: Any, **kwargs: Any) -> Any:
+        done = initialize(*args, **kwargs)
+        report()
+        return done
+
+    manager.initialize = initialize_and_report  # type: ignore[method-assign]
+    if manager.slots_cache:
+        report()
+    return True
 
 
 def _async_hook(previous: Any, check: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -20,13 +20,14 @@ from sqlalchemy import event
 from . import compat
 from .binds import Binds
 from .breaker import CircuitBreaker
+from .cluster_io import async_io_for, io_for
 from .codec import CodecError
 from .local import Fences, LocalTier
 from .models import ModelInfo, ModelRegistry
 from .outages import RedisOutages
 from .protocol import KeyScheme, scripts
 from .protocol.scripts import NO_COUNTER, NoCounter, ScriptCall
-from .redis_io import AsyncClients, SyncRedisIO, unlink_matching
+from .redis_io import AsyncClients, unlink_matching
 from .signing import Signer
 from .stats import Stats
 from .tracing import READ, Measurement
@@ -75,7 +76,8 @@ class CacheContext(RedisOutages):
         local_consistency: Consistency = "strict",
     ) -> None:
         self.client = client
-        self.sync_io = SyncRedisIO(client)
+        # a cluster client gets the cluster variant, chosen once here: no per-call branch
+        self.sync_io = io_for(client)
         self.namespace = namespace
         self.keys = KeyScheme(namespace)
         self.default_ttl = float(default_ttl)
@@ -95,7 +97,10 @@ class CacheContext(RedisOutages):
         self.async_clients: AsyncClients | None = None
         if async_client is not None or async_factory is not None:
             self.async_clients = AsyncClients(
-                async_client, factory=async_factory, prepare=self._watch_restarts_async
+                async_client,
+                factory=async_factory,
+                prepare=self._watch_restarts_async,
+                make_io=async_io_for,
             )
 
     def enable_local(self, *, max_entries: int, max_bytes: int) -> LocalTier:

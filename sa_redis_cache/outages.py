@@ -27,6 +27,7 @@ from redis.exceptions import NoPermissionError, RedisError, ResponseError
 from . import compat
 from .protocol import scripts
 from .redis_io import is_cluster
+from .slot_owners import OWNER_QUERY, SlotOwners, own_ranges, tables_in
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from .breaker import CircuitBreaker
     from .models import ModelRegistry
     from .protocol import KeyScheme, ScriptCall
+    from .protocol.scripts import Command
     from .redis_io import AsyncClient, RedisIO, SyncClient
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,10 @@ class RedisOutages:
         self.run_id: str | None = None
         # a Redis Cluster's nodes each have a run id: by node address
         self.node_run_ids: dict[str, str] = {}
+        # who served each slot, by (node id, run id) from connections and by address from
+        # the client's slot map (slot_owners.py)
+        self.slot_owners = SlotOwners()
+        self.slot_addresses = SlotOwners()
         self._restart_lock = threading.Lock()
         self._detection_off_logged = False
         self.restarts_seen = 0
@@ -85,6 +91,7 @@ class RedisOutages:
         """
         if is_cluster(self.client):
             compat.install_connect_hook(self.client, self._check_node_run_id)
+            self._watch_slot_map(self.client)
         else:
             compat.install_connect_hook(self.client, self._check_run_id)
 
@@ -96,53 +103,141 @@ class RedisOutages:
             compat.install_connect_hook(client, self._check_run_id_async)
 
     def _check_node_run_id(self, connection: Any) -> None:
-        """A new connection to one node of a Redis Cluster: remember its run id, per node.
+        """A new connection to one node of a Redis Cluster: check who serves its slots.
 
-        Each node has a run id of its own, so one per node is remembered (by address).
-        A node seen again under another run id restarted: every table this process knows
-        becomes undelivered, so its bumps are delivered, table by table (one slot each),
-        before the cache is trusted again for them. A replica promoted at another address
-        is a node seen for the first time here; docs/cluster.md says how phase 2 of the
-        cluster support notices it (the owner of each slot, not only each node's run id).
+        One round trip asks the node's run id, its id and the slot map
+        (:data:`~sa_redis_cache.slot_owners.OWNER_QUERY`). Every slot it serves as primary
+        whose last known owner was another ``(node id, run id)`` (a replica promoted by a
+        failover, a restart, a resharding) changed hands: the tables whose keys live there
+        are bumped on this connection before it serves a command, as a single server's
+        restart bumps every table (:meth:`_owners_changed`). A slot seen for the first
+        time is only recorded. Held under a lock across the bump, as on a single server.
         """
-        try:
-            connection.send_command("INFO", "server")
-            info = connection.read_response()
-        except ResponseError as exc:
-            self._detection_off(exc)
-            return
-        self._node_restarted(connection, _run_id_of(info))
+        for command in OWNER_QUERY:
+            connection.send_command(*command)
+        info, myid, slots = (_reply_or_error(connection.read_response) for _ in OWNER_QUERY)
+        with self._restart_lock:
+            plan = self._owner_plan(connection, info, myid, slots)
+            if plan is None:
+                return
+            node, run_id, tables, call = plan
+            failure = None
+            if call:
+                for command in call:
+                    connection.send_command(*command)
+                loaded = _error_of(connection.read_response)
+                ran = [_error_of(connection.read_response) for _ in call[1:]]
+                failure = _bump_failure(loaded, next((e for e in ran if e), None))
+            self._owners_changed(node, run_id, tables, failure, sent=bool(call))
 
     async def _check_node_run_id_async(self, connection: Any) -> None:
-        """:meth:`_check_node_run_id` on an asyncio connection."""
-        try:
-            await connection.send_command("INFO", "server")
-            info = await connection.read_response()
-        except ResponseError as exc:
-            self._detection_off(exc)
+        """:meth:`_check_node_run_id` on an asyncio connection (no lock across awaits:
+        two connections that see the same change both bump, which is harmless)."""
+        for command in OWNER_QUERY:
+            await connection.send_command(*command)
+        info = await _reply_or_error_async(connection.read_response)
+        myid = await _reply_or_error_async(connection.read_response)
+        slots = await _reply_or_error_async(connection.read_response)
+        plan = self._owner_plan(connection, info, myid, slots)
+        if plan is None:
             return
-        self._node_restarted(connection, _run_id_of(info))
+        node, run_id, tables, call = plan
+        failure = None
+        if call:
+            for command in call:
+                await connection.send_command(*command)
+            loaded = await _error_of_async(connection.read_response)
+            ran = [await _error_of_async(connection.read_response) for _ in call[1:]]
+            failure = _bump_failure(loaded, next((e for e in ran if e), None))
+        self._owners_changed(node, run_id, tables, failure, sent=bool(call))
 
-    def _node_restarted(self, connection: Any, run_id: str | None) -> None:
+    def _owner_plan(
+        self, connection: Any, info: Any, myid: Any, slots: Any
+    ) -> tuple[str, str, list[str], list[Command]] | None:
+        """What a new connection to a cluster node must bump: None, or
+        ``(node, run id, tables, commands)`` (SCRIPT LOAD, then one EVALSHA per table)."""
+        if isinstance(info, ResponseError):
+            self._detection_off(info)
+            return None
+        run_id = _run_id_of(info)
         if run_id is None:
-            return
+            return None
         node = f"{connection.host}:{connection.port}"
-        with self._restart_lock:
-            known = self.node_run_ids.get(node)
-            self.node_run_ids[node] = run_id
-        if known is None or known == run_id:
-            return
-        tables = sorted(set(self.models.known_tables()) | self.undelivered)
-        self.keep_undelivered(tables)
+        known = self.node_run_ids.get(node)
+        self.node_run_ids[node] = run_id
+        known_tables = set(self.models.known_tables()) | self.undelivered
+        if isinstance(myid, ResponseError) or isinstance(slots, ResponseError):
+            # CLUSTER refused (an ACL): a node seen again under another run id restarted,
+            # and which slots it served is unknown, so every table is undelivered
+            if known is None or known == run_id:
+                return None
+            return node, run_id, sorted(known_tables), []
+        changed = self.slot_owners.claim((myid, run_id), own_ranges(slots, myid))
+        if not changed:
+            return None
+        tables = tables_in(changed, known_tables, self.keys.version_key)
+        calls = [
+            scripts.bump_all([self.keys.version_key(t), self.keys.generation_key(t)])
+            for t in tables
+        ]
+        commands: list[Command] = []
+        for call in calls:
+            loaded, run = scripts.load_and_run(call)
+            commands += [loaded] if not commands else []
+            commands.append(run)
+        return node, run_id, tables, commands
+
+    def _owners_changed(
+        self,
+        node: str,
+        run_id: str,
+        tables: list[str],
+        failure: ResponseError | None,
+        *,
+        sent: bool,
+    ) -> None:
+        """Slots now served by ``node`` (run ``run_id``) had another owner: ``tables`` were
+        bumped there (``sent``, ``failure`` None), or are kept undelivered until they are."""
+        if tables and (failure is not None or not sent):
+            self.keep_undelivered(tables)
+        elif tables:
+            with self._undelivered_lock:
+                self.undelivered.difference_update(tables)
         with self._undelivered_lock:
             self.restarts_seen += 1
         self.on_restart()
         log.warning(
-            "redis cluster node %s restarted (run id %s -> %s): %d cached tables are read "
-            "from the database until their invalidation is delivered",
+            "redis cluster node %s restarted or took over slots (run id %s now serves slots "
+            "another node or run served): %d cached tables in them %s",
             node,
-            known,
             run_id,
+            len(tables),
+            "invalidated"
+            if not tables or (sent and failure is None)
+            else "are read from the database until their invalidation is delivered"
+            + (f" ({failure})" if failure is not None else " (CLUSTER refused)"),
+        )
+
+    def _watch_slot_map(self, client: Any) -> None:
+        """Refreshes of a synchronous cluster client's slot map (a MOVED, a failed node): a
+        slot whose primary is now at another address changed hands (a failover whose new
+        primary was connected before, a resharding); its tables become undelivered,
+        bumped before the cache is trusted for them again. (The asyncio client's refreshes
+        cannot be watched: its new connections are, by :meth:`_check_node_run_id_async`.)"""
+        compat.watch_slot_map(client, self._slot_map_seen)
+
+    def _slot_map_seen(self, slots: dict[int, str]) -> None:
+        changed = self.slot_addresses.claim_map(slots)
+        if not changed:
+            return
+        known_tables = set(self.models.known_tables()) | self.undelivered
+        tables = tables_in(changed, known_tables, self.keys.version_key)
+        if tables:
+            self.keep_undelivered(tables)
+        log.warning(
+            "redis cluster: %d slots moved to other primaries; %d cached tables in them are "
+            "read from the database until their invalidation is delivered",
+            len(changed),
             len(tables),
         )
 
@@ -338,6 +433,23 @@ async def _error_of_async(read: Callable[[], Awaitable[Any]]) -> ResponseError |
     except ResponseError as exc:
         return exc
     return None
+
+
+def _reply_or_error(read: Callable[[], Any]) -> Any:
+    """Read one reply from a connection: the reply, or the ``ResponseError`` it holds
+    (every reply of a round trip is read, so the connection stays in step)."""
+    try:
+        return read()
+    except ResponseError as exc:
+        return exc
+
+
+async def _reply_or_error_async(read: Callable[[], Awaitable[Any]]) -> Any:
+    """:func:`_reply_or_error` on an asyncio connection."""
+    try:
+        return await read()
+    except ResponseError as exc:
+        return exc
 
 
 def _run_id_of(info: Any) -> str | None:

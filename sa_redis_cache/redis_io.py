@@ -227,7 +227,8 @@ class AsyncClients:
     obscure failures. A ``factory`` (the cache was made from a URL) makes one client per
     running loop, on first use: ``asyncio.run`` called several times, or loops in several
     threads, each get their own. ``prepare`` is called with each client before its first
-    command (the cache hooks its pool).
+    command (the cache hooks its pool); ``make_io`` wraps each client (the cluster variant
+    of :mod:`sa_redis_cache.cluster_io` for a cluster client).
 
     Example::
 
@@ -242,11 +243,13 @@ class AsyncClients:
         *,
         factory: Callable[[], Any] | None = None,
         prepare: Callable[[Any], None] = _identity,
+        make_io: Callable[[Any], AsyncRedisIO] = AsyncRedisIO,
     ) -> None:
         if (client is None) == (factory is None):
             raise ValueError("AsyncClients needs a client or a factory, not both")
         self._factory = factory
         self._prepare = prepare
+        self._make_io = make_io
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRedisIO] = (
             weakref.WeakKeyDictionary()
         )
@@ -255,7 +258,7 @@ class AsyncClients:
         self._given_loop: asyncio.AbstractEventLoop | None = None
         if client is not None:
             prepare(client)
-            self._given = AsyncRedisIO(client)
+            self._given = make_io(client)
         # (loop, io) of the last lookup, read and written as one object (threads)
         self._last: tuple[object, AsyncRedisIO | None] = (None, None)
 
@@ -276,7 +279,7 @@ class AsyncClients:
                 assert self._factory is not None
                 client = self._factory()
                 self._prepare(client)
-                io = self._by_loop[loop] = AsyncRedisIO(client)
+                io = self._by_loop[loop] = self._make_io(client)
         self._last = (loop, io)
         return io
 
@@ -319,21 +322,20 @@ def refuse_cluster(client: object, what: str) -> None:
     """Raise :class:`~sa_redis_cache.errors.ConfigurationError` when ``client`` is a Redis
     Cluster client and ``what`` cannot run on a cluster yet.
 
-    A ``Cache`` is made on a cluster client, and ``@cache.cached`` functions (one key per
-    call) work on it; what reads and writes through sessions waits for the cluster
-    protocol of docs/cluster.md.
+    Sessions, reads and cache-aside and write-through commits run on a cluster; the
+    write-behind worker and the command line do not yet (docs/cluster.md, "Not supported
+    yet").
 
     Example::
 
-        refuse_cluster(cache.client, "cache.attach()")
+        refuse_cluster(client, "FlushWorker")
     """
     if is_cluster(client):
         raise ConfigurationError(
-            f"{what} does not run on a Redis Cluster yet: the consistency protocol checks "
-            "the version counters of several tables, which live in several hash slots, in "
-            "one script, and a cluster refuses that. Cluster support is being built "
-            "(docs/cluster.md); until it lands, give the cache a single Redis server "
-            "(a URL without ?cluster=true, or a redis.Redis)"
+            f"{what} does not run on a Redis Cluster yet: its scans and stream reads span "
+            "every node, and are not split per node yet (docs/cluster.md, 'Not supported "
+            "yet'). Point it at a single Redis server (a URL without ?cluster=true, or a "
+            "redis.Redis)"
         )
 
 

@@ -7,6 +7,8 @@ Sections (add new fixtures to the section they belong to, or open a new one at t
    run. Unavailable services fail the run under ``CI=true`` and skip the tests elsewhere.
 3. Postgres: a fresh database per run (dropped at the end) and an engine on it.
 4. Redis: a client, and a unique cache namespace per test whose keys are deleted after it.
+5. Redis Cluster: one real local cluster per run (``devservices.RedisCluster``), started
+   on first use, for the cluster modes of ``in_mode`` (``--redis-mode``).
 
 This run never flushes a Redis server: it may be shared with other users (docs/design.md, "Tests
 and measurement").
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -25,6 +28,7 @@ import redis
 import sqlalchemy as sa
 
 from devservices import Services, ServicesUnavailable, bring_up, redact
+from devservices.cluster import RedisCluster
 from devservices.scratch import scratch_database
 from sa_redis_cache.redis_io import unlink_matching
 
@@ -55,6 +59,18 @@ def unavailable() -> Callable[[str], NoReturn]:
 # --------------------------------------------------------------------------- 1. collection
 
 _MARKER_BY_FOLDER = {"integration": pytest.mark.integration, "chaos": pytest.mark.chaos}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--redis-mode",
+        choices=("single", "cluster", "all"),
+        default="single",
+        help=(
+            "which Redis the in_mode scenarios run against: a single server (default; "
+            "tests marked 'cluster' also run on a cluster), a Redis Cluster only, or both"
+        ),
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -150,3 +166,16 @@ def namespace(redis_client: redis.Redis) -> Iterator[str]:
     name = f"t{secrets.token_hex(5)}"
     yield name
     delete_namespace(redis_client, name)
+
+
+# --------------------------------------------------------------------------- 5. redis cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(unavailable: Callable[[str], NoReturn]) -> Iterator[RedisCluster]:
+    """A real Redis Cluster for this run: 3 primaries with one replica each, on free
+    loopback ports (a test that fails a primary over leaves it ok, with other owners)."""
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server is not installed: the cluster modes need it")
+    with RedisCluster(primaries=3, replicas=1, appendonly=False, node_timeout_ms=1000) as made:
+        yield made

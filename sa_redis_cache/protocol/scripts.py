@@ -146,6 +146,20 @@ def fill(
     )
 
 
+def check_versions(
+    version_keys: Sequence[str], writers_keys: Sequence[str], captured: Sequence[bytes]
+) -> ScriptCall:
+    """Step 1 of a fill on a Redis Cluster: 1 when the counters of these tables (all in one
+    slot) still equal ``captured`` and none of them has a live writer mark, else 0
+    (:mod:`sa_redis_cache.protocol.cluster`).
+
+    Example::
+
+        call = check_versions([keys.version_key("t")], [keys.writers_key("t")], [b"41"])
+    """
+    return script("check_versions"), [*version_keys, *writers_keys], list(captured)
+
+
 def release_lease(lease_key: str, token: str) -> ScriptCall:
     """Release a fill lease if the caller still holds it (a fill that was not attempted)."""
     return script("release_lease"), [lease_key], [token]

@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from examples.shop import Base, Product, seed
 from sa_redis_cache import Cache
-from tests.modes import MODES, Runner
+from sa_redis_cache.redis_io import client_from_url
+from tests.modes import CLUSTER_MODES, MODES, Runner
 from tests.support import SQLCounter, Two
 
 if TYPE_CHECKING:
@@ -109,7 +110,25 @@ def mode_redis_url(redis_url: str) -> str:
     return redis_url
 
 
-@pytest.fixture(params=MODES)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``in_mode``'s modes: a single server always (unless ``--redis-mode=cluster``), a
+    Redis Cluster with ``--redis-mode=cluster`` or ``all``, and for tests marked
+    ``cluster`` in every run (the subset CI runs on a cluster each time)."""
+    if "in_mode" not in metafunc.fixturenames:
+        return
+    chosen = metafunc.config.getoption("--redis-mode")
+    modes: tuple[str, ...] = () if chosen == "cluster" else MODES
+    # a module with a server of its own (ACL, TLS, AOF) runs its scenarios there only
+    own_server = hasattr(metafunc.module, "mode_redis_url")
+    marked = metafunc.definition.get_closest_marker("cluster") is not None
+    if not own_server and (chosen != "single" or marked):
+        modes += CLUSTER_MODES
+    if not modes:
+        modes = MODES
+    metafunc.parametrize("in_mode", modes, indirect=True)
+
+
+@pytest.fixture
 def in_mode(
     request: pytest.FixtureRequest,
     database_url: str,
@@ -117,5 +136,21 @@ def in_mode(
     namespace: str,
     shop_engine: sa.Engine,
 ) -> Runner:
-    """Runs a scenario with a ``Session`` (sync) or an ``AsyncSession`` (async)."""
-    return Runner(request.param, database_url, mode_redis_url, namespace)
+    """Runs a scenario with a ``Session`` (sync) or an ``AsyncSession`` (async), on a
+    single server or (``cluster-sync``, ``cluster-async``) on the run's Redis Cluster."""
+    mode: str = request.param
+    url = mode_redis_url
+    if mode in CLUSTER_MODES:
+        url = request.getfixturevalue("redis_cluster").url
+    return Runner(mode, database_url, url, namespace)
+
+
+@pytest.fixture
+def mode_redis_client(in_mode: Runner) -> Iterator[redis.Redis]:
+    """A client of the Redis ``in_mode`` runs against (a cluster client in a cluster mode;
+    typed as ``redis.Redis``, whose key commands it shares)."""
+    client = client_from_url(in_mode.redis_url)
+    try:
+        yield client  # type: ignore[misc]
+    finally:
+        client.close()

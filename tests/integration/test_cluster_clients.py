@@ -22,6 +22,7 @@ from devservices.cluster import RedisCluster
 from sa_redis_cache import Cache, ConfigurationError, FlushWorker
 from sa_redis_cache.cli import cli
 from sa_redis_cache.cli.admin import worker_main
+from tests.wb_support import private_models
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -102,17 +103,30 @@ def test_a_bad_cluster_parameter_is_named_without_the_password(namespace: str) -
     assert "s3cret-pw" not in message
 
 
-def test_attach_and_the_worker_refuse_a_cluster_until_its_protocol_lands(
+def test_attach_takes_a_cluster_and_what_is_not_built_yet_is_refused(
     live_cluster: RedisCluster, namespace: str, shop_engine: sa.Engine
 ) -> None:
+    from sqlalchemy.orm import sessionmaker
+
     cache = Cache(live_cluster.url, namespace=namespace)
     try:
-        from sqlalchemy.orm import sessionmaker
-
-        with pytest.raises(ConfigurationError, match=r"cache.attach\(\) does not run on a Redis"):
-            cache.attach(sessionmaker(shop_engine))
+        factory = sessionmaker(shop_engine)
+        cache.attach(factory)  # reads, cache-aside and write-through run on a cluster
+        cache.detach()
         with pytest.raises(ConfigurationError, match=r"docs/cluster\.md"):
             FlushWorker(shop_engine, cache.client, namespace=namespace, models=[])
+        with private_models() as (page_view, _):
+            with pytest.raises(ConfigurationError) as refused:
+                cache.attach(factory)
+            assert f"{page_view.__name__}: CachePolicy(strategy='write_behind') does not run" in (
+                str(refused.value)
+            )
+        local = Cache(live_cluster.url, namespace=namespace, local=True)
+        try:
+            with pytest.raises(ConfigurationError, match=r"local tier .* Redis Cluster yet"):
+                local.attach(factory)
+        finally:
+            local.client.close()
 
         # a cached function keeps one key per call: it works on a cluster already
         calls: list[int] = []
@@ -178,7 +192,8 @@ def test_every_node_connection_is_watched_including_a_promoted_replica(
         promoted = live_cluster.failover(old)
         assert cache.client.get(keys[0]) == b"1"  # MOVED, the new owner found
         assert f"{promoted.host}:{promoted.port}" in core.node_run_ids
-        assert core.restarts_seen == 0
+        # the promoted replica serves slots another primary served: a restart of those
+        assert core.restarts_seen == 1
     finally:
         cache.client.close()
 

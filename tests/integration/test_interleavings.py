@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from tests.modes import Db, Runner
 
 
+# the CI subset that runs on a Redis Cluster in every run (tests/integration/conftest.py)
+pytestmark = pytest.mark.cluster
+
+
 @pytest.mark.parametrize("read", ["query", "entity"])
 def test_a_fill_that_read_before_a_commit_is_refused(
     in_mode: Runner, product: int, read: str

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from tests.modes import Db, Runner, SyncFacade
     from tests.support import SQLCounter
 
+# the CI subset that runs on a Redis Cluster in every run (tests/integration/conftest.py)
+pytestmark = pytest.mark.cluster
+
+
 T = TypeVar("T")
 
 
@@ -242,7 +246,9 @@ def test_populate_existing_reads_the_database(in_mode: Runner) -> None:
     in_mode(scenario)
 
 
-def test_every_entry_has_a_ttl(in_mode: Runner, redis_client: redis.Redis, namespace: str) -> None:
+def test_every_entry_has_a_ttl(
+    in_mode: Runner, mode_redis_client: redis.Redis, namespace: str
+) -> None:
     """docs/design.md, "Known failures": the Redis keys had no TTL by default."""
 
     def scenario(db: Db) -> None:
@@ -252,11 +258,13 @@ def test_every_entry_has_a_ttl(in_mode: Runner, redis_client: redis.Redis, names
 
     in_mode(scenario)
     entries = [
-        k for k in redis_client.scan_iter(match=f"sarc:{namespace}:*") if b":q:" in k or b":e:" in k
+        k
+        for k in mode_redis_client.scan_iter(match=f"sarc:{namespace}:*")
+        if b":q:" in k or b":e:" in k
     ]
     assert len(entries) >= 2
     for key in entries:
-        assert 0 < redis_client.pttl(key) <= 600_000  # Product.__cache__ ttl=600
+        assert 0 < mode_redis_client.pttl(key) <= 600_000  # Product.__cache__ ttl=600
 
 
 def test_session_get_reads_the_entity_cache(in_mode: Runner) -> None:
@@ -384,7 +392,7 @@ def test_detach_removes_every_listener(
 
 
 def test_version_counters_expire_too(
-    in_mode: Runner, redis_client: redis.Redis, namespace: str
+    in_mode: Runner, mode_redis_client: redis.Redis, namespace: str
 ) -> None:
     """Counters outlive entries but are not immortal: an abandoned namespace empties itself."""
 
@@ -401,15 +409,17 @@ def test_version_counters_expire_too(
 
     in_mode(scenario)
     counters = [
-        k for k in redis_client.scan_iter(match=f"sarc:{namespace}:*") if k.endswith((b":v", b":g"))
+        k
+        for k in mode_redis_client.scan_iter(match=f"sarc:{namespace}:*")
+        if k.endswith((b":v", b":g"))
     ]
     assert counters
     for key in counters:
-        assert redis_client.pttl(key) > 0, key
+        assert mode_redis_client.pttl(key) > 0, key
 
 
 def test_a_lost_counter_never_restarts_at_one(
-    in_mode: Runner, redis_client: redis.Redis, namespace: str
+    in_mode: Runner, mode_redis_client: redis.Redis, namespace: str
 ) -> None:
     """A counter recreated at 1 could climb back to a value an old entry was stored under."""
     version_key = f"sarc:{namespace}:{{{namespace}:categories}}:v"
@@ -420,13 +430,13 @@ def test_a_lost_counter_never_restarts_at_one(
             assert category is not None
             original = category.name
         for name in ("renamed once", original):
-            redis_client.delete(version_key)
+            mode_redis_client.delete(version_key)
             with db.session() as s:
                 category = s.get(Category, 1)
                 assert category is not None
                 category.name = name
                 s.commit()
-            assert int(redis_client.get(version_key) or 0) > 2**32
+            assert int(mode_redis_client.get(version_key) or 0) > 2**32
 
     in_mode(scenario)
 

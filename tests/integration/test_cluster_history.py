@@ -1,0 +1,188 @@
+"""Read-after-write on a Redis Cluster while its slots move: the history checker
+(:mod:`tests.history_checker`) runs its worker processes on the run's cluster while
+another thread reshards the slot of the history table's keys back and forth, or fails
+its primary over, for the whole run. No read that started after a write's ``commit()``
+returned may see an older version (docs/guarantees.md, "Redis Cluster").
+
+The chaos thread starts once the workers have read the table (its version counter exists
+on the cluster), so that it overlaps the run. A reshard moves every key of the slot in
+batches, with ``ASK`` redirections and ``TRYAGAIN`` answers meanwhile, again and again
+until the run ends; failovers (``CLUSTER FAILOVER``, or a SIGKILL and an election) are
+counted, so that the run also has calm stretches in which to commit and hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import TYPE_CHECKING
+
+import pytest
+import redis
+
+from sa_redis_cache.protocol import KeyScheme
+from tests.history_checker import DEFAULT_WRITES, HistoryRun, run_history
+from tests.integration.test_history import SECONDS as HISTORY_SECONDS
+from tests.integration.test_history import assert_meaningful
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from devservices.cluster import RedisCluster
+
+pytestmark = pytest.mark.slow
+
+SECONDS = 4.0
+STRATEGY = "cache_aside"
+FAILOVERS = 2
+
+
+def history_slot(cluster: RedisCluster, namespace: str, strategy: str) -> int:
+    """The slot every key of the history table of ``strategy`` lives in (its hash tag)."""
+    return cluster.slot_of(f"{{{namespace}:sarc_history_{strategy}}}")
+
+
+def started(cluster: RedisCluster, namespace: str, stop: threading.Event) -> bool:
+    """Wait until the run's workers have read the history table (True), or the run ended."""
+    key = KeyScheme(namespace).version_key(f"sarc_history_{STRATEGY}")
+    client = cluster.client()
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(redis.RedisError):
+                if client.exists(key):
+                    return True
+            stop.wait(0.05)  # polls a condition the workers make true by themselves
+        return False
+    finally:
+        client.close()
+
+
+def run_with(
+    chaos: Callable[[threading.Event], int],
+    database_url: str,
+    url: str,
+    namespace: str,
+    seconds: float = SECONDS,
+) -> tuple[HistoryRun, int]:
+    """The history run on ``url`` with ``chaos`` looping in a thread until it ends; the
+    run and how many rounds of chaos completed."""
+    stop = threading.Event()
+    rounds: list[int] = []
+    failures: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            rounds.append(chaos(stop))
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=loop, name="cluster-chaos")
+    thread.start()
+    try:
+        run = run_history(
+            database_url,
+            url,
+            namespace,
+            strategy=STRATEGY,
+            processes=2,
+            threads=3,
+            seconds=seconds,
+        )
+    finally:
+        stop.set()
+        thread.join()
+    if failures:
+        raise failures[0]
+    return run, rounds[0]
+
+
+def check(run: HistoryRun, writes: int, hits: int = 30) -> None:
+    """0 stale reads, and a run that wrote and hit often enough to mean something."""
+    print(run.summary())
+    if run.violations() or run.errors:
+        pytest.fail(run.report(), pytrace=False)
+    assert len(run.writes) >= writes, run.summary()
+    assert run.counter("total", "hits") >= hits, run.summary()
+
+
+@pytest.mark.parametrize("strategy", ["cache_aside", "write_through"])
+def test_the_history_suite_on_a_cluster(
+    redis_cluster: RedisCluster, database_url: str, namespace: str, strategy: str
+) -> None:
+    """tests/integration/test_history.py's run, on the cluster, every write kind."""
+    run = run_history(
+        database_url,
+        redis_cluster.url,
+        namespace,
+        strategy=strategy,
+        processes=2,
+        threads=3,
+        seconds=HISTORY_SECONDS,
+        writes=DEFAULT_WRITES,
+    )
+    print(run.summary())
+    if run.violations() or run.errors:
+        pytest.fail(run.report(), pytrace=False)
+    assert_meaningful(run)
+
+
+def test_no_stale_read_while_the_tables_slot_is_resharded(
+    redis_cluster: RedisCluster, database_url: str, namespace: str
+) -> None:
+    slot = history_slot(redis_cluster, namespace, STRATEGY)
+
+    def reshard(stop: threading.Event) -> int:
+        moved = 0
+        started(redis_cluster, namespace, stop)
+        while not stop.is_set():
+            owner = redis_cluster.owner_of(slot)
+            target = next(p for p in redis_cluster.primaries() if p is not owner)
+            redis_cluster.reshard([slot], target, batch=5)
+            moved += 1
+        return moved
+
+    run, moved = run_with(reshard, database_url, redis_cluster.url, namespace)
+    check(run, writes=20)
+    assert moved >= 2
+
+
+def test_no_stale_read_while_the_tables_primary_fails_over(
+    redis_cluster: RedisCluster, database_url: str, namespace: str
+) -> None:
+    slot = history_slot(redis_cluster, namespace, STRATEGY)
+
+    def fail_over(stop: threading.Event) -> int:
+        done = 0
+        if started(redis_cluster, namespace, stop):
+            for _ in range(FAILOVERS):
+                redis_cluster.failover(redis_cluster.owner_of(slot))
+                done += 1
+        return done
+
+    # each failover stalls the slot's commands for a moment: a longer run, fewer writes
+    run, done = run_with(fail_over, database_url, redis_cluster.url, namespace, seconds=8.0)
+    check(run, writes=10)
+    assert done == FAILOVERS
+
+
+def test_no_stale_read_while_the_tables_primary_is_killed(
+    redis_cluster: RedisCluster, database_url: str, namespace: str
+) -> None:
+    """A crash: the primary is SIGKILLed (writes it acknowledged may not have reached its
+    replica), a replica is elected, and the dead node comes back as a replica."""
+    slot = history_slot(redis_cluster, namespace, STRATEGY)
+
+    def kill(stop: threading.Event) -> int:
+        done = 0
+        if started(redis_cluster, namespace, stop):
+            old = redis_cluster.owner_of(slot)
+            redis_cluster.failover(old, kill=True)
+            redis_cluster.restart_node(old)
+            done += 1
+        return done
+
+    # while the slot has no primary (about 2 s per kill) its reads and writes wait for
+    # redis-py's retries, then use the database: few operations, each one checked
+    run, done = run_with(kill, database_url, redis_cluster.url, namespace, seconds=8.0)
+    check(run, writes=10, hits=10)
+    assert done == 1
