@@ -331,12 +331,23 @@ def refuse_cluster(client: object, what: str) -> None:
         refuse_cluster(client, "FlushWorker")
     """
     if is_cluster(client):
-        raise ConfigurationError(
-            f"{what} does not run on a Redis Cluster yet: its scans and stream reads span "
-            "every node, and are not split per node yet (docs/cluster.md, 'Not supported "
-            "yet'). Point it at a single Redis server (a URL without ?cluster=true, or a "
-            "redis.Redis)"
-        )
+        raise not_on_cluster(what)
+
+
+def not_on_cluster(what: str) -> ConfigurationError:
+    """The error :func:`refuse_cluster` raises for ``what``, for a caller that knows a
+    cluster is asked for before any client is made (a ``?cluster=true`` URL).
+
+    Example::
+
+        raise not_on_cluster("sa-redis-cache dlq replay")
+    """
+    return ConfigurationError(
+        f"{what} does not run on a Redis Cluster yet: write-behind's stream reads span "
+        "every node, and are not split per node yet (docs/cluster.md, 'Not supported "
+        "yet'). Point it at a single Redis server (a URL without ?cluster=true, or a "
+        "redis.Redis)"
+    )
 
 
 def split_cluster_url(url: str) -> tuple[str, bool]:

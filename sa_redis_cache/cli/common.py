@@ -24,7 +24,13 @@ from sa_redis_cache.cache import Cache
 from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.models import all_mappers, mapper_name, mapper_of
 from sa_redis_cache.redaction import redact_text, redact_url
-from sa_redis_cache.redis_io import client_from_url, refuse_cluster
+from sa_redis_cache.redis_io import (
+    SyncClient,
+    client_from_url,
+    not_on_cluster,
+    refuse_cluster,
+    split_cluster_url,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -85,7 +91,7 @@ class Settings:
     namespace: str = "default"
     database_url: str | None = None
     models: list[str] = field(default_factory=list)
-    _client: redis.Redis | None = field(default=None, repr=False)
+    _client: SyncClient | None = field(default=None, repr=False)
     _cache: Cache | None = field(default=None, repr=False)
     _models_loaded: bool = field(default=False, repr=False)
     _other_urls: list[str] = field(default_factory=list, repr=False)
@@ -120,11 +126,18 @@ class Settings:
             "--redis-url (or set REDIS_URL)"
         )
 
-    def redis(self) -> redis.Redis:
+    def redis(self, *, refused_on_cluster_by: str | None = None) -> SyncClient:
         """A client on ``redis_url`` that has answered PING (bytes replies, no retries).
 
-        A URL with ``?cluster=true`` makes a Redis Cluster client, which the commands
-        refuse until the cache runs on a cluster (docs/cluster.md): exit status 2.
+        A URL with ``?cluster=true`` makes a Redis Cluster client: the commands that read
+        and invalidate the cache (``stats``, ``inspect``, ``invalidate``) run on it, their
+        scans covering every primary (redis-py's cluster ``SCAN``) and their multi-key
+        reads split per slot (docs/cluster.md). A command that does not run on a cluster
+        yet names itself in ``refused_on_cluster_by``: exit status 2 on a cluster.
+
+        Example::
+
+            Settings(redis_url="redis://localhost:6379/0").redis().ping()
         """
         if self._client is None:
             try:
@@ -149,14 +162,28 @@ class Settings:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 client.close()
                 raise self.unreachable(exc) from exc
-            try:
-                refuse_cluster(client, "sa-redis-cache")
-            except ConfigurationError as exc:
-                client.close()
-                raise click.UsageError(str(exc)) from exc
-            assert isinstance(client, redis.Redis)  # a cluster client was refused above
             self._client = client
+        if refused_on_cluster_by is not None:
+            try:
+                refuse_cluster(self._client, refused_on_cluster_by)
+            except ConfigurationError as exc:
+                raise click.UsageError(str(exc)) from exc
         return self._client
+
+    def refuse_cluster_url(self, what: str) -> None:
+        """Exit with status 2 when ``redis_url`` asks for a Redis Cluster (``?cluster=true``),
+        which ``what`` does not run on yet; nothing is connected to.
+
+        Example::
+
+            settings.refuse_cluster_url("sa-redis-cache dlq replay")
+        """
+        try:
+            _, wanted = split_cluster_url(self.redis_url)
+        except ValueError:
+            return  # self.redis() reports the malformed URL, naming the parameter
+        if wanted:
+            raise click.UsageError(str(not_on_cluster(what)))
 
     def cache(self) -> Cache:
         """A :class:`~sa_redis_cache.Cache` on this namespace, with ``--models`` imported."""

@@ -17,7 +17,9 @@ from sqlalchemy.sql.expression import ClauseElement
 from sa_redis_cache import compat
 from sa_redis_cache.codec import CodecError, unpack
 from sa_redis_cache.protocol import KeyScheme
+from sa_redis_cache.protocol.cluster import join_mget, split_mget
 from sa_redis_cache.redaction import redact_url
+from sa_redis_cache.redis_io import is_cluster
 
 from .badkeys import (
     MISSES,
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 
     from sa_redis_cache.cache import Cache
     from sa_redis_cache.models import ModelInfo
+    from sa_redis_cache.protocol.scripts import Command
     from sa_redis_cache.reads import StatementPlan
     from sa_redis_cache.redis_io import SyncClient
 
@@ -189,13 +192,14 @@ def _fetch(
     A key of the wrong type answers None and is reported in the bad keys, as is a
     version that is no number; nothing is raised.
     """
-    pipe = client.pipeline(transaction=False)
-    pipe.get(key)
-    pipe.pttl(key)
-    pipe.mget(list(plan.version_keys))
-    pipe.exists(KeyScheme.invalidations_key(key))
-    for version_key in plan.version_keys:
-        pipe.type(version_key)  # MGET answers nil for a key of another type: TYPE tells
+    commands: list[Command] = [
+        ("GET", key),
+        ("PTTL", key),
+        ("MGET", *plan.version_keys),
+        ("EXISTS", KeyScheme.invalidations_key(key)),
+        # MGET answers nil for a key of another type: TYPE tells
+        *(("TYPE", version_key) for version_key in plan.version_keys),
+    ]
     replies, bad = separate_errors(
         client,
         [
@@ -205,7 +209,7 @@ def _fetch(
             (KeyScheme.invalidations_key(key), "any key"),
         ]
         + [(version_key, "any key") for version_key in plan.version_keys],
-        pipe.execute(raise_on_error=False),
+        _send(client, commands),
     )
     raw, pttl, current, invalidated, *kinds = replies
     if current is None:  # MGET itself was refused: reported, every version unknown
@@ -216,6 +220,33 @@ def _fetch(
         elif value is not None and int_or_none(value) is None:
             bad.append(bad_key(version_key, not_a_number(value, "version counter")))
     return raw, pttl, current, bool(invalidated), bad
+
+
+def _send(client: SyncClient, commands: list[Command]) -> list[Any]:
+    """``commands`` in one pipeline, errors as replies; on a Redis Cluster, a statement's
+    ``MGET`` over several tables' slots is sent as one ``MGET`` per slot (a cluster refuses
+    a multi-slot one) and its replies are put back in order."""
+    sent, where = split_mget(commands) if is_cluster(client) else (commands, None)
+    pipe = client.pipeline(transaction=False)
+    for command in sent:
+        pipe.execute_command(*command)
+    replies = pipe.execute(raise_on_error=False)
+    if where is None:
+        return list(replies)
+    # a part that failed makes the whole MGET fail, as one MGET would, for the report
+    failed = {
+        given: next(
+            reply for reply in replies[at : at + len(groups)] if isinstance(reply, Exception)
+        )
+        for given, (at, groups) in enumerate(where)
+        if groups is not None
+        and any(isinstance(reply, Exception) for reply in replies[at : at + len(groups)])
+    }
+    if not failed:
+        return join_mget(commands, where, replies)
+    kept = [(at, None) if i in failed else (at, groups) for i, (at, groups) in enumerate(where)]
+    joined = join_mget(commands, kept, replies)
+    return [failed.get(i, reply) for i, reply in enumerate(joined)]
 
 
 class _UnknownModel(Exception):

@@ -34,6 +34,7 @@ from sa_redis_cache import Cache, FromCache, schema
 from sa_redis_cache.cli import cli
 from sa_redis_cache.codec import pack, unpack
 from sa_redis_cache.protocol import KeyScheme
+from sa_redis_cache.redis_io import client_from_url
 from tests.wb_support import private_models
 
 if TYPE_CHECKING:
@@ -204,7 +205,7 @@ def test_stats_sums_the_hits_and_misses_every_process_published(
             s.get(Product, 4)
             s.scalars(pages).all()
     # another process of the same application: a cache of its own on the namespace
-    other_client = redis.Redis.from_url(redis_url)
+    other_client = client_from_url(redis_url)  # a cluster client in test_cli_cluster.py
     other = Cache(other_client, namespace=namespace)
     other_factory = sessionmaker(shop_engine)
     other.attach(other_factory)
