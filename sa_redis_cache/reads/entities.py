@@ -247,7 +247,9 @@ class EntityReads:
             else:
                 if stored_generation == numbers[1] and stored_writes == numbers[2]:
                     valid_under = [(counters[1], current[1]), (counters[2], current[2])]
-                    return Look((timing, body), current, leased, None, valid_under, len(entry))
+                    return Look(
+                        (timing, body), current, leased, None, valid_under, len(entry), entry
+                    )
         captured: list[bytes] | None = None
         if numbers is not None or missing:
             captured = self.flow.captured(current, counters, ttls)

@@ -219,6 +219,7 @@ class QueryReads:
                     invalidations,
                     valid_under,
                     len(entry),
+                    entry,
                 )
         captured: list[bytes] | None = None
         if expected is not None:
