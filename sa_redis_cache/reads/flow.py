@@ -69,9 +69,9 @@ class Target:
 
     ``look(token)`` reads the entry and its counters, asking for the fill lease in the
     same round trip when given a token; ``serve(look)`` turns the entry a look found into
-    the result (None when unreadable: it deleted the entry); ``fill(data, preexisting, look,
-    delta_ms, token)`` stores what the database returned: True stored, False refused or
-    failed, None not tried (the caller still holds its lease).
+    the result (None when unreadable: it deleted the entry; the flow counts the hit);
+    ``fill(data, preexisting, look, delta_ms, token)`` stores what the database returned:
+    True stored, False refused or failed, None not tried (the caller still holds its lease).
     """
 
     key: str
@@ -134,7 +134,7 @@ class ReadThrough:
             if not refresh:
                 served = target.serve(look)
                 if served is not None:
-                    measured.done("hit")
+                    measured.hit()
                     return served
                 # unreadable: deleted by serve, so look again for what a fill needs
                 look = target.look("")
@@ -144,7 +144,7 @@ class ReadThrough:
         if look.found is None and look.captured is not None and target.lease:
             token, waited, look = self._lease_or_wait(target, look)
             if waited is not None:
-                measured.done("hit")
+                measured.hit()
                 return waited
         stats.incr(target.scope, "misses", also=target.also)
         preexisting = hydrate.identity_snapshot(orm_context.session)
