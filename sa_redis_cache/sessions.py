@@ -151,8 +151,10 @@ class SessionHooks:
         self.reads.on_begin(session, transaction, connection)
 
     def before_flush(self, session: Session, flush_context: UOWTransaction, instances: Any) -> None:
-        """Write-behind rows leave the flush."""
-        self.write_behind.divert(session, transaction_state(session))
+        """Write-behind rows leave the flush; the marks of what remains are sent."""
+        state = transaction_state(session)
+        self.write_behind.divert(session, state)
+        self.invalidation.premark_flush(session, state)
 
     def after_flush(self, session: Session, flush_context: UOWTransaction) -> None:
         """Mark what the flush wrote, before the database commit."""
@@ -192,6 +194,10 @@ class SessionHooks:
         state = peek_transaction_state(session)
         if state is None:
             return
+        # replies still unread: the post-commit work's (commit() returns after them), and
+        # the marks of a flush that failed
+        self.invalidation.settle_posted(state)
+        self.invalidation.settle_premark(state)
         committed, token, marked = state.committed, state.token, state.marked
         queued = list(state.frames[0].queued.values())
         state.reset()
