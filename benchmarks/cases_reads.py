@@ -310,12 +310,12 @@ def session_get(env: BenchEnv, plan: Plan) -> CaseResult:
             _over_floor(
                 Target("<=", 1.5),
                 miss_note=(
-                    "session.get builds the ORM's primary-key SELECT and runs the whole "
-                    "execute pipeline (the canned-result row) before the entity key is "
-                    "read, and the MGET carries three keys (entry, table version, "
-                    "generation) where a hit needs two; serving the identity before "
-                    "SQLAlchemy builds the statement (no public hook: a Session subclass "
-                    "overriding get()) would remove most of the gap"
+                    "the get is served by the session class's own get() before SQLAlchemy "
+                    "builds a statement (no execute pipeline); what is left over the floor "
+                    "is the library's work: the fast path's checks (identity map, "
+                    "autoflush, transaction, get_bind), the entity key, the MGET's three "
+                    "keys (entry, generation, row write counter, and the version a miss "
+                    "captures), decode, building the object, the stats"
                 ),
             ),
             _speedup_over(RECIPE, "recipe"),
