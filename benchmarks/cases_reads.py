@@ -313,7 +313,7 @@ def session_get(env: BenchEnv, plan: Plan) -> CaseResult:
                     "the get is served by the session class's own get() before SQLAlchemy "
                     "builds a statement (no execute pipeline); what is left over the floor "
                     "is the library's work: the fast path's checks (identity map, "
-                    "autoflush, transaction, get_bind), the entity key, the MGET's three "
+                    "autoflush, transaction, get_bind), the entity key, the MGET's four "
                     "keys (entry, generation, row write counter, and the version a miss "
                     "captures), decode, building the object, the stats"
                 ),
