@@ -74,11 +74,12 @@ class _FlushPlan:
 class _Premark:
     """Marks sent before a flush ran (:meth:`Invalidation.premark_flush`), replies unread."""
 
-    pending: Pending
+    pending: Pending | None  # None: sending failed (``error``)
     plan: _FlushPlan
     pks: dict[str, list[str]]
     bulk_calls: int
     named: list[str]
+    error: RedisError | None = None
 
 
 @dataclass(slots=True)
@@ -152,16 +153,19 @@ class Invalidation:
         named_tables, named_calls = self._mark_calls(
             state.token, named, pks, plan.scopes, bulk=False
         )
+        error: RedisError | None = None
         try:
             pending = core.io().send_batch([*bulk_calls, *named_calls])
-        except RedisError:
-            return  # mark_flush marks, and counts the failure if it persists
-        if pending is None:
+        except RedisError as exc:
+            # counted by mark_flush as its own failure would be: one attempt per flush,
+            # so a flush waits for one timeout while Redis is unreachable, not two
+            pending, error = None, exc
+        if pending is None and error is None:
             return
         # reads of these tables go to the database from now on, and their marks are
         # released when the transaction ends, even if the flush fails
         state.marked.update(plan.tables)
-        state.premark = _Premark(pending, plan, pks, len(bulk_tables), named_tables)
+        state.premark = _Premark(pending, plan, pks, len(bulk_tables), named_tables, error)
 
     def settle_premark(self, state: TransactionState) -> None:
         """Drop the replies of marks a flush that failed never read (the transaction's
@@ -169,7 +173,8 @@ class Invalidation:
         premark: _Premark | None = state.premark
         if premark is not None:
             state.premark = None
-            premark.pending.discard()
+            if premark.pending is not None:
+                premark.pending.discard()
 
     def mark_flush(self, session: Session, state: TransactionState) -> None:
         """Mark every table and row this flush wrote (``after_flush``); the marks
@@ -314,6 +319,9 @@ class Invalidation:
         :meth:`_mark` handles one."""
         core = self.core
         try:
+            if premark.pending is None:
+                assert premark.error is not None
+                raise premark.error
             replies = premark.pending.replies()
             core.breaker.success()  # resets the failure count too
         except RedisError as exc:
