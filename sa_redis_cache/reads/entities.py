@@ -18,7 +18,7 @@ from sqlalchemy.orm.interfaces import UserDefinedOption
 from sa_redis_cache import compat, hydrate, stampede
 from sa_redis_cache.binds import translate_map_of
 from sa_redis_cache.codec import CodecError, pack, unpack
-from sa_redis_cache.policy import CachePolicy
+from sa_redis_cache.policy import CachePolicy, Strategy
 from sa_redis_cache.protocol import pk_text
 from sa_redis_cache.protocol.scripts import COUNTER_TTL_MS, ROW_COUNTER_TTL_MS
 from sa_redis_cache.tracing import active_tracer
@@ -98,16 +98,20 @@ class EntityReads:
         round trip.
 
         Only for a plain get the pipeline would bring to the entity cache and nowhere else:
-        a model with an entity cache, a scalar or tuple primary key, an object not in the
-        identity map, a session with nothing to autoflush, no other ``do_orm_execute``
-        listener (which could change what the load returns), no ``get_bind`` override, no
-        pinned snapshot (REPEATABLE READ) and, for Redis, no active tracer (the read's span
-        is the pipeline's). Anything else takes the ordinary path.
+        a model with an entity cache (not write-behind: its queued states come first), a
+        scalar or tuple primary key, an object not in the identity map, a session with
+        nothing to autoflush, no other ``do_orm_execute`` listener (which could change what
+        the load returns), no ``get_bind`` override, no pinned snapshot (REPEATABLE READ)
+        and, for Redis, no active tracer (the read's span is the pipeline's). Anything else
+        takes the ordinary path.
         """
         core = self.core
         mapper = getattr(entity, "__mapper__", None)
         info = None if mapper is None else core.models.entity_infos.get(mapper)
-        if info is None:
+        if info is None or (
+            info.policy is not None and info.policy.strategy == Strategy.WRITE_BEHIND
+        ):
+            # a write-behind row's queued state comes first: the pipeline serves it
             return False, None
         local = core.local if info.local else None
         if local is not None and not local.serving():
