@@ -87,8 +87,10 @@ class _Posted:
     """Post-commit work sent after the database commit (:meth:`Invalidation.apply`)."""
 
     pending: Pending
+    token: str
     tables: set[str]
     measured: Measurement
+    calls: int  # commit.lua calls; the fence calls' replies follow theirs
 
 
 class Invalidation:
@@ -380,8 +382,8 @@ class Invalidation:
 
         Sent at once; its replies are read by :meth:`settle_posted` when SQLAlchemy has
         finished the commit (``after_transaction_end``, before ``commit()`` returns), so
-        the round trip overlaps SQLAlchemy's own post-commit work. With local tiers to
-        fence, the replies are waited for here.
+        the round trip overlaps SQLAlchemy's own post-commit work; the wait for the local
+        tiers the fences name starts then too.
         """
         self._apply(state.token, state.frames[0].tables, state.marked, state)
 
@@ -393,12 +395,14 @@ class Invalidation:
         state.posted = None
         core = self.core
         try:
-            posted.pending.replies()
+            replies = posted.pending.replies()
         except RedisError as exc:
             self._undelivered(exc, posted.tables, posted.measured)
             return
         posted.measured.done("delivered")
         core.breaker.success()  # resets the failure count too
+        if len(replies) > posted.calls:
+            core.fences.wait(posted.token, posted.tables, replies[posted.calls :])
 
     def finish_bulk(self, token: str, tables: set[str]) -> None:
         """Core/textual DML: the post-commit bump and mark release."""
@@ -441,10 +445,10 @@ class Invalidation:
         # the local tiers that hold the tables see the commit before it returns
         fences = core.fences.calls(token, tables)
         try:
-            if state is not None and not fences:
-                pending = core.io().send_batch(calls)
+            if state is not None:
+                pending = core.io().send_batch([*calls, *fences])
                 if pending is not None:
-                    state.posted = _Posted(pending, set(tables), measured)
+                    state.posted = _Posted(pending, token, set(tables), measured, len(calls))
                     return
             replies = core.io().run_batch([*calls, *fences])
             measured.done("delivered")
