@@ -27,6 +27,7 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
 import redis.crc
+import redis.exceptions
 import sqlalchemy
 from sqlalchemy.engine import result as engine_result
 from sqlalchemy.orm import context as orm_context
@@ -414,6 +415,47 @@ def dedicated_connection(client: Any, **overrides: Any) -> Any:
     return pool.connection_class(**options)
 
 
+def send_now(client: Any, commands: Sequence[Sequence[Any]]) -> Any:
+    """Send ``commands`` on a connection taken from ``client``'s pool (a ``redis.Redis``)
+    and return it without reading the replies: the caller does other work meanwhile,
+    then reads them with :func:`read_replies`, which gives the connection back.
+
+    redis-py's client reads each reply before it returns; its pipelines too. A lost
+    connection raises ``ConnectionError`` (the connection is dropped and given back).
+    """
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        connection.send_packed_command(connection.pack_commands(commands))
+    except BaseException:
+        connection.disconnect()
+        pool.release(connection)
+        raise
+    return connection
+
+
+def read_replies(client: Any, connection: Any, count: int) -> list[Any]:
+    """The ``count`` replies to what :func:`send_now` sent on ``connection``, in order; an
+    error reply is returned as its exception. The connection goes back to the pool, or is
+    dropped first when reading failed (``ConnectionError``, ``TimeoutError``: raised)."""
+    pool = client.connection_pool
+    try:
+        replies = [_reply(connection) for _ in range(count)]
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
+    return replies
+
+
+def _reply(connection: Any) -> Any:
+    try:
+        return connection.read_response()
+    except redis.exceptions.ResponseError as exc:
+        return exc
+
+
 def connection_socket(connection: Any) -> socket.socket:
     """The socket of a connected redis-py connection, read directly by the local tier.
 
@@ -494,6 +536,12 @@ _PROBED: dict[str, tuple[str, str]] = {
     "redis Connection.redis_connect_func": ("connection", _CONNECT_HOOK),
     "redis Connection._sock": ("connection", "_sock"),
     "redis ConnectionPool.connection_class": ("pool", "connection_class"),
+    "redis ConnectionPool.get_connection": ("pool", "get_connection"),
+    "redis ConnectionPool.release": ("pool", "release"),
+    "redis Connection.pack_commands": ("connection", "pack_commands"),
+    "redis Connection.send_packed_command": ("connection", "send_packed_command"),
+    "redis Connection.read_response": ("connection", "read_response"),
+    "redis Connection.disconnect": ("connection", "disconnect"),
     "redis asyncio RedisCluster.nodes_manager": ("async_cluster", "nodes_manager"),
     "redis asyncio NodesManager.connection_kwargs": ("async_nodes", "connection_kwargs"),
     "redis asyncio NodesManager.nodes_cache": ("async_nodes", "nodes_cache"),
