@@ -202,6 +202,23 @@ _CREATES_UNIQUE_FILTERS = (
 )
 
 
+@functools.lru_cache(maxsize=1024)
+def _result_metadata(keys: tuple[str, ...], positions: frozenset[int]) -> Any:
+    """The metadata of a built result, made once per shape: results only read it (the
+    ORM shares its own results' metadata through its compiled cache too)."""
+    filters = [id if i in positions else None for i in range(len(keys))]
+    if not positions:
+        return engine_result.SimpleResultMetaData(list(keys))
+    if _CREATES_UNIQUE_FILTERS:  # SQLAlchemy 2.1: made when unique() is asked for
+        return engine_result.SimpleResultMetaData(
+            list(keys), _create_unique_filters=lambda _result: filters
+        )
+    return engine_result.SimpleResultMetaData(  # SQLAlchemy 2.0
+        list(keys),
+        _unique_filters=filters,  # type: ignore[call-arg]  # its name in SQLAlchemy 2.0
+    )
+
+
 def make_result(
     keys: Sequence[str],
     data: list[Any],
@@ -217,20 +234,7 @@ def make_result(
     """
     if entity_positions is None:
         entity_positions = range(len(keys)) if single else ()
-    positions = set(entity_positions)
-    filters = [id if i in positions else None for i in range(len(keys))]
-    metadata: Any
-    if not positions:
-        metadata = engine_result.SimpleResultMetaData(list(keys))
-    elif _CREATES_UNIQUE_FILTERS:  # SQLAlchemy 2.1: made when unique() is asked for
-        metadata = engine_result.SimpleResultMetaData(
-            list(keys), _create_unique_filters=lambda _result: filters
-        )
-    else:  # SQLAlchemy 2.0
-        metadata = engine_result.SimpleResultMetaData(
-            list(keys),
-            _unique_filters=filters,  # type: ignore[call-arg]  # its name in SQLAlchemy 2.0
-        )
+    metadata = _result_metadata(tuple(keys), frozenset(entity_positions))
     made: Any = engine_result.IteratorResult(
         metadata,
         iter(data),
