@@ -73,7 +73,9 @@ class Workers:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
                 if proc.returncode == 1:  # started during the outage: it refuses to start
-                    assert "Error: cannot reach the database" in self.tail(), self.tail()
+                    # the whole log: the other worker's lines may fill its tail meanwhile
+                    log = self.log_path.read_text(errors="replace")
+                    assert "Error: cannot reach the database" in log, self.tail()
                 else:
                     assert proc.returncode == -signal.SIGKILL, self.tail()
                     self.crashes += 1
