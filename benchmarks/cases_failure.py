@@ -478,13 +478,14 @@ def _stampede_result(
             label="database queries per refresh",
             target=Target("<=", 1.0, unit="") if controlled else None,
             miss_note=(
-                "more than one caller read the database for one expiry: a caller whose "
-                "look found no entry (or an entry due for refresh) just before the "
-                "holder's fill landed then takes the lease the fill has just released "
-                "(_take_lease is a bare SET NX, with no second look at the entry) and "
-                "reads again; a lease waiter that gives up after lease_wait also does. "
-                "Taking the lease in one script with a second GET of the entry would close "
-                "the first"
+                "more than one caller read the database for one expiry. A refresh's lease "
+                "request looks at the entry again (refresh_lease.lua), so a stale look no "
+                "longer repeats a refresh; what remains with XFetch is its formula: when "
+                "the refresh read (delta, the 'refreshing read p50') is a large share of "
+                "the TTL at a high read rate, delta*beta*ln(rate*delta) exceeds the TTL and "
+                "the new entry is refreshed again at once, before the previous refresher's "
+                "read has returned (charged to the same expiry); a lease waiter that gives "
+                "up after lease_wait also reads"
             ),
             unit="",
         )

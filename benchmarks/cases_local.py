@@ -492,8 +492,9 @@ def local_get(env: BenchEnv, plan: Plan) -> CaseResult:
         f"invalidation socket) + {local - build_us - serve_us:.1f} µs the rest (the fast "
         "path's checks: identity map, autoflush, transaction; session.get_bind; the entity "
         "key; the store look-up; the counters). It runs no SQLAlchemy execute pipeline, "
-        f"which alone costs {s[PIPELINE].p50:.0f} µs (the canned-result row) and is what the "
-        "Redis tier's get still pays. Sums of medians: approximate."
+        f"which alone costs {s[PIPELINE].p50:.0f} µs (the canned-result row); neither does "
+        "the Redis tier's get, which pays the MGET and the decode instead. Sums of medians: "
+        "approximate."
     )
     return result
 

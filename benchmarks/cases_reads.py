@@ -310,12 +310,12 @@ def session_get(env: BenchEnv, plan: Plan) -> CaseResult:
             _over_floor(
                 Target("<=", 1.5),
                 miss_note=(
-                    "session.get builds the ORM's primary-key SELECT and runs the whole "
-                    "execute pipeline (the canned-result row) before the entity key is "
-                    "read, and the MGET carries three keys (entry, table version, "
-                    "generation) where a hit needs two; serving the identity before "
-                    "SQLAlchemy builds the statement (no public hook: a Session subclass "
-                    "overriding get()) would remove most of the gap"
+                    "the get is served by the session class's own get() before SQLAlchemy "
+                    "builds a statement (no execute pipeline); what is left over the floor "
+                    "is the library's work: the fast path's checks (identity map, "
+                    "autoflush, transaction, get_bind), the entity key, the MGET's four "
+                    "keys (entry, generation, row write counter, and the version a miss "
+                    "captures), decode, building the object, the stats"
                 ),
             ),
             _speedup_over(RECIPE, "recipe"),
@@ -392,8 +392,9 @@ def _miss_case(
     result.breakdown.append(
         f"a miss costs {extra:.0f} µs more than the uncached query, ≈ "
         f"{extra / s[FLOOR].p50:.1f}{TIMES} the floor's {s[FLOOR].p50:.0f} µs round trip; a miss "
-        "needs two round trips (the MGET that finds no entry, the fill's EVALSHA), the rest "
-        "is extract() + codec + pack. Sums of medians: approximate."
+        "needs three round trips (the MGET that finds no entry, the lease request with its "
+        "second look, the fill's EVALSHA), the rest is extract() + codec + pack. Sums of "
+        "medians: approximate."
     )
     return result
 
@@ -407,12 +408,13 @@ def miss_one_row(env: BenchEnv, plan: Plan) -> CaseResult:
         title="FromCache miss + fill, 1 row",
         statement=select(Product).where(Product.id == MISS_PRODUCT),
         note=(
-            "a miss adds two Redis calls to the query: the MGET that finds no entry and "
-            "the fill, an EVALSHA of fill.lua (GET of each version, TIME, ZRANGEBYSCORE "
-            "of each writers set, SET PX) that takes about twice a plain round trip in "
-            "cProfile; on a sub-millisecond query that alone exceeds 1.25x, so the "
-            "target needs the fill off the critical path (sent without waiting for its "
-            "reply, or from a background thread), or holds only for longer queries"
+            "a miss adds three Redis round trips to the query: the MGET that finds no "
+            "entry, the lease request with its second look (SET NX + MGET) and the fill, "
+            "an EVALSHA of fill.lua (GET of each version, TIME, ZRANGEBYSCORE of each "
+            "writers set, SET PX); on a sub-millisecond query those alone exceed 1.25x. "
+            "Taking the lease in the first look would need a script on every hit; not "
+            "waiting for the fill's reply would let a read from another connection run "
+            "before it (benchmarks/results/speed.md)"
         ),
     )
 
@@ -426,7 +428,7 @@ def miss_graph(env: BenchEnv, plan: Plan) -> CaseResult:
         title="FromCache miss + fill, 50 orders + 200 lines",
         statement=graph_statement(),
         note=(
-            "beyond the two round trips, extract() walks the 250-object graph "
+            "beyond the three round trips, extract() walks the 250-object graph "
             "(instance_state, _column_values, _relationship_refs per object) and the codec "
             "dumps every row with exact-type checks: a few µs per object, a cost the fill "
             "could pay after the result is returned (background thread) instead of before"

@@ -102,13 +102,12 @@ def commit_write_through(env: BenchEnv, plan: Plan) -> CaseResult:
                 label="ours ÷ plain",
                 target=Target("<=", 1.2),
                 miss_note=(
-                    "the commit adds two Redis pipelines to a plain UPDATE + COMMIT "
-                    "(flush_mark.lua after the flush, commit.lua after COMMIT), and redis-py "
-                    "sends SCRIPT EXISTS before executing any pipeline that holds a Script "
-                    "object (Pipeline.load_scripts), so each costs two round trips plus "
-                    "redis-py's pipeline overhead. Running the script directly when one "
-                    "table was written (EVALSHA, reloaded on NOSCRIPT), or queueing raw "
-                    "EVALSHA in the pipeline, halves the round trips"
+                    "the commit adds two Redis round trips to a plain UPDATE + COMMIT: "
+                    "flush_mark.lua (sent before the UPDATE, read after it: overlapped) and "
+                    "commit.lua (after COMMIT, read once SQLAlchemy has finished the commit: "
+                    "only SQLAlchemy's post-commit work overlaps it); commit.lua cannot be "
+                    "sent before the database commit, and not waiting for it would let a "
+                    "read that starts after commit() returned run before it"
                 ),
             )
         ],
@@ -154,7 +153,19 @@ def commit_invalidate(env: BenchEnv, plan: Plan) -> CaseResult:
             _floor(env),
         ],
         plan.commits,
-        [Comparison(row=ours, numerator=ours, denominator=PLAIN, label="ours ÷ plain")],
+        [
+            Comparison(
+                row=ours,
+                numerator=ours,
+                denominator=PLAIN,
+                label="ours ÷ plain",
+                target=Target("<=", 1.25),
+                miss_note=(
+                    "as for write-through: flush_mark.lua overlaps the UPDATE, commit.lua "
+                    "follows the database COMMIT and is read before commit() returns"
+                ),
+            )
+        ],
     )
     _round_trips(result, ours)
     return result

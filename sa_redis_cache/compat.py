@@ -27,6 +27,7 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
 import redis.crc
+import redis.exceptions
 import sqlalchemy
 from sqlalchemy.engine import result as engine_result
 from sqlalchemy.orm import context as orm_context
@@ -201,6 +202,23 @@ _CREATES_UNIQUE_FILTERS = (
 )
 
 
+@functools.lru_cache(maxsize=1024)
+def _result_metadata(keys: tuple[str, ...], positions: frozenset[int]) -> Any:
+    """The metadata of a built result, made once per shape: results only read it (the
+    ORM shares its own results' metadata through its compiled cache too)."""
+    filters = [id if i in positions else None for i in range(len(keys))]
+    if not positions:
+        return engine_result.SimpleResultMetaData(list(keys))
+    if _CREATES_UNIQUE_FILTERS:  # SQLAlchemy 2.1: made when unique() is asked for
+        return engine_result.SimpleResultMetaData(
+            list(keys), _create_unique_filters=lambda _result: filters
+        )
+    return engine_result.SimpleResultMetaData(  # SQLAlchemy 2.0
+        list(keys),
+        _unique_filters=filters,  # type: ignore[call-arg]  # its name in SQLAlchemy 2.0
+    )
+
+
 def make_result(
     keys: Sequence[str],
     data: list[Any],
@@ -216,20 +234,7 @@ def make_result(
     """
     if entity_positions is None:
         entity_positions = range(len(keys)) if single else ()
-    positions = set(entity_positions)
-    filters = [id if i in positions else None for i in range(len(keys))]
-    metadata: Any
-    if not positions:
-        metadata = engine_result.SimpleResultMetaData(list(keys))
-    elif _CREATES_UNIQUE_FILTERS:  # SQLAlchemy 2.1: made when unique() is asked for
-        metadata = engine_result.SimpleResultMetaData(
-            list(keys), _create_unique_filters=lambda _result: filters
-        )
-    else:  # SQLAlchemy 2.0
-        metadata = engine_result.SimpleResultMetaData(
-            list(keys),
-            _unique_filters=filters,  # type: ignore[call-arg]  # its name in SQLAlchemy 2.0
-        )
+    metadata = _result_metadata(tuple(keys), frozenset(entity_positions))
     made: Any = engine_result.IteratorResult(
         metadata,
         iter(data),
@@ -414,6 +419,47 @@ def dedicated_connection(client: Any, **overrides: Any) -> Any:
     return pool.connection_class(**options)
 
 
+def send_now(client: Any, commands: Sequence[Sequence[Any]]) -> Any:
+    """Send ``commands`` on a connection taken from ``client``'s pool (a ``redis.Redis``)
+    and return it without reading the replies: the caller does other work meanwhile,
+    then reads them with :func:`read_replies`, which gives the connection back.
+
+    redis-py's client reads each reply before it returns; its pipelines too. A lost
+    connection raises ``ConnectionError`` (the connection is dropped and given back).
+    """
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        connection.send_packed_command(connection.pack_commands(commands))
+    except BaseException:
+        connection.disconnect()
+        pool.release(connection)
+        raise
+    return connection
+
+
+def read_replies(client: Any, connection: Any, count: int) -> list[Any]:
+    """The ``count`` replies to what :func:`send_now` sent on ``connection``, in order; an
+    error reply is returned as its exception. The connection goes back to the pool, or is
+    dropped first when reading failed (``ConnectionError``, ``TimeoutError``: raised)."""
+    pool = client.connection_pool
+    try:
+        replies = [_reply(connection) for _ in range(count)]
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
+    return replies
+
+
+def _reply(connection: Any) -> Any:
+    try:
+        return connection.read_response()
+    except redis.exceptions.ResponseError as exc:
+        return exc
+
+
 def connection_socket(connection: Any) -> socket.socket:
     """The socket of a connected redis-py connection, read directly by the local tier.
 
@@ -494,6 +540,12 @@ _PROBED: dict[str, tuple[str, str]] = {
     "redis Connection.redis_connect_func": ("connection", _CONNECT_HOOK),
     "redis Connection._sock": ("connection", "_sock"),
     "redis ConnectionPool.connection_class": ("pool", "connection_class"),
+    "redis ConnectionPool.get_connection": ("pool", "get_connection"),
+    "redis ConnectionPool.release": ("pool", "release"),
+    "redis Connection.pack_commands": ("connection", "pack_commands"),
+    "redis Connection.send_packed_command": ("connection", "send_packed_command"),
+    "redis Connection.read_response": ("connection", "read_response"),
+    "redis Connection.disconnect": ("connection", "disconnect"),
     "redis asyncio RedisCluster.nodes_manager": ("async_cluster", "nodes_manager"),
     "redis asyncio NodesManager.connection_kwargs": ("async_nodes", "connection_kwargs"),
     "redis asyncio NodesManager.nodes_cache": ("async_nodes", "nodes_cache"),

@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import weakref
@@ -60,6 +61,7 @@ __all__ = [
     "AsyncClient",
     "AsyncClients",
     "AsyncRedisIO",
+    "Pending",
     "RedisIO",
     "SyncClient",
     "SyncRedisIO",
@@ -171,6 +173,25 @@ class RedisIO:
                     self._wait(client.script_load(script.source))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def send_batch(self, calls: Sequence[ScriptCall]) -> Pending | None:
+        """Send several script calls now and read their replies later (:class:`Pending`),
+        so that the round trip overlaps the caller's other work (a database statement).
+
+        None where that is not offered (the asyncio and cluster clients): use
+        :meth:`run_batch`. Every script given here must be safe to run twice, as for
+        :meth:`run_batch`. Raises ``RedisError`` when the calls cannot be sent.
+
+        Example::
+
+            pending = io.send_batch(calls)     # sent
+            ...                                # the database works meanwhile
+            replies = pending.replies() if pending else io.run_batch(calls)
+        """
+        if self.is_async or type(self.client) is not redis.Redis:
+            return None
+        commands = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
+        return Pending(self, compat.send_now(self.client, commands), calls)
+
     def pipeline(self, commands: Iterable[Command]) -> list[Any]:
         """Send ``commands`` in one round trip (no MULTI); their replies in order."""
         pipe = self.client.pipeline(transaction=False)
@@ -181,6 +202,60 @@ class RedisIO:
     def sleep(self, seconds: float) -> None:
         """Pause the calling session; under asyncio, other tasks run meanwhile."""
         self._wait(self._sleep(seconds))
+
+
+class Pending:
+    """Script calls sent by :meth:`RedisIO.send_batch` whose replies are not read yet.
+
+    Read them once with :meth:`replies` (or drop them with :meth:`discard`): until then
+    the connection they were sent on is out of the pool.
+
+    Example::
+
+        pending = io.send_batch(calls)
+        replies = pending.replies()   # as run_batch(calls) would return them
+    """
+
+    __slots__ = ("_calls", "_connection", "_io")
+
+    def __init__(self, io: RedisIO, connection: Any, calls: Sequence[ScriptCall]) -> None:
+        self._io = io
+        self._connection: Any = connection
+        self._calls = calls
+
+    def replies(self) -> list[Any]:
+        """The replies in order, as :meth:`RedisIO.run_batch` returns them.
+
+        A server that lost its scripts (NOSCRIPT) gets them loaded and the calls run
+        again; so does a connection lost before the replies came (the client's own
+        retry would have sent them again too). Other error replies are raised.
+        """
+        connection, self._connection = self._connection, None
+        if connection is None:
+            raise RuntimeError("the replies of these calls were already read")
+        io, calls = self._io, self._calls
+        try:
+            got = compat.read_replies(io.client, connection, len(calls))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            return io.run_batch(calls)
+        if any(isinstance(reply, NoScriptError) for reply in got):
+            for script, _, _ in calls:
+                io.client.script_load(script.source)
+            return io.run_batch(calls)
+        for reply in got:
+            if isinstance(reply, Exception):
+                raise reply
+        return got
+
+    def discard(self) -> None:
+        """Read and drop the replies (the caller no longer needs them); never raises
+        a Redis error."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        # a lost connection was dropped; what the calls did is the callers' concern
+        with contextlib.suppress(redis.exceptions.RedisError):
+            compat.read_replies(self._io.client, connection, len(self._calls))
 
 
 class SyncRedisIO(RedisIO):

@@ -37,8 +37,8 @@ Example::
     hooks = SessionHooks(core, reads, invalidation, write_behind, engine_writes)
     hooks.register(Session)   # what Cache.attach() does
 
-With a local tier, the session class's ``get`` is also given a fast path
-(:meth:`SessionHooks.install_get`): a plain ``session.get`` whose row the local tier holds
+The session class's ``get`` is also given a fast path (:meth:`SessionHooks.install_get`):
+a plain ``session.get`` whose row the entity cache holds (in the local tier, or in Redis)
 is built without SQLAlchemy's execute pipeline; everything else goes on to ``Session.get``
 and through the events above.
 """
@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     from .reads import ReadPath
     from .strategies.cache_aside import Invalidation
     from .strategies.write_behind.session import WriteBehind
+
+_SESSION_GET = Session.get  # SQLAlchemy's own, even once a class's get is replaced
 
 EVENTS = (
     "do_orm_execute",
@@ -97,28 +99,27 @@ class SessionHooks:
         """Listen on ``session_class`` (a sessionmaker or Session subclass), once per event."""
         for name in EVENTS:
             self.core.listen(session_class, name, getattr(self, name))
-        if self.core.local is not None:
-            self.install_get(getattr(session_class, "class_", session_class))
+        self.install_get(getattr(session_class, "class_", session_class))
 
     def install_get(self, session_class: type[Session]) -> None:
-        """Give ``session_class`` a ``get`` that serves local-tier hits directly.
+        """Give ``session_class`` a ``get`` that serves entity-cache hits directly.
 
         Only a class whose ``get`` is SQLAlchemy's own: an application's override is left
-        alone (its gets still use the local tier, through the execute pipeline). A call
-        with any keyword argument, or that the local tier cannot answer, is
-        ``Session.get``'s (:meth:`~sa_redis_cache.reads.entities.EntityReads.local_get`).
+        alone (its gets still use the cache, through the execute pipeline). A call with
+        any keyword argument, or that the cache cannot answer, is ``Session.get``'s
+        (:meth:`~sa_redis_cache.reads.entities.EntityReads.direct_get`).
         """
-        if session_class.get is not Session.get:
+        if session_class.get is not _SESSION_GET:
             return
-        local_get = self.reads.entities.local_get
+        direct_get = self.reads.entities.direct_get
 
         @functools.wraps(Session.get)
         def get(session: Session, entity: Any, ident: Any, **kw: Any) -> Any:
             if not kw:
-                hit, found = local_get(session, entity, ident)
+                hit, found = direct_get(session, entity, ident)
                 if hit:
                     return found
-            return Session.get(session, entity, ident, **kw)
+            return _SESSION_GET(session, entity, ident, **kw)
 
         setattr(session_class, "get", get)  # noqa: B010 - a method, replaced on purpose
         self._gets.append(session_class)
@@ -127,7 +128,9 @@ class SessionHooks:
         """Give back SQLAlchemy's ``get`` to every class :meth:`install_get` changed."""
         while self._gets:
             session_class = self._gets.pop()
-            if "get" in vars(session_class):
+            if session_class is Session:
+                Session.get = _SESSION_GET  # type: ignore[method-assign]
+            elif "get" in vars(session_class):
                 delattr(session_class, "get")
 
     def do_orm_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
@@ -148,8 +151,10 @@ class SessionHooks:
         self.reads.on_begin(session, transaction, connection)
 
     def before_flush(self, session: Session, flush_context: UOWTransaction, instances: Any) -> None:
-        """Write-behind rows leave the flush."""
-        self.write_behind.divert(session, transaction_state(session))
+        """Write-behind rows leave the flush; the marks of what remains are sent."""
+        state = transaction_state(session)
+        self.write_behind.divert(session, state)
+        self.invalidation.premark_flush(session, state)
 
     def after_flush(self, session: Session, flush_context: UOWTransaction) -> None:
         """Mark what the flush wrote, before the database commit."""
@@ -189,6 +194,10 @@ class SessionHooks:
         state = peek_transaction_state(session)
         if state is None:
             return
+        # replies still unread: the post-commit work's (commit() returns after them), and
+        # the marks of a flush that failed
+        self.invalidation.settle_posted(state)
+        self.invalidation.settle_premark(state)
         committed, token, marked = state.committed, state.token, state.marked
         queued = list(state.frames[0].queued.values())
         state.reset()

@@ -253,6 +253,40 @@ class Stats:
                 extra={"sarc_scope": scope, "sarc_hit_rate": rate, "sarc_lookups": looked},
             )
 
+    def hit(
+        self,
+        scope: str | None,
+        seconds: float,
+        *,
+        also: tuple[str, ...] = (),
+        counters: tuple[Counter, ...] = ("hits",),
+    ) -> None:
+        """Count a hit (``counters``) and record its latency under ``"hit"``, under one lock:
+        :meth:`incr_each` and :meth:`observe` at once, for the path every hit takes.
+
+        Example::
+
+            >>> s = Stats()
+            >>> s.hit("model:Product", 0.0001)
+            >>> s.snapshot()["models"]["Product"]["hits"]
+            1
+        """
+        slot = bisect_left(BUCKETS, seconds)
+        names = (*also, _TOTAL) if scope is None else (scope, *also, _TOTAL)
+        with self._lock:
+            counts = self._counts
+            latency = self._latency
+            for name in names:
+                values = counts[name]
+                for counter in counters:
+                    values[counter] += 1
+                histogram = latency.get((name, "hit"))
+                if histogram is None:
+                    histogram = latency[name, "hit"] = Histogram()
+                histogram.counts[slot] += 1
+                histogram.sum += seconds
+                histogram.count += 1
+
     def observe(
         self, scope: str | None, operation: str, seconds: float, *, also: tuple[str, ...] = ()
     ) -> None:

@@ -176,6 +176,27 @@ class Measurement:
                 span.set_attribute("sa_redis_cache.outcome", outcome)
             span.end()
 
+    def hit(self) -> None:
+        """End a read as a hit: count it in ``hits`` and record its latency, under one lock
+        (:meth:`Stats.hit <sa_redis_cache.stats.Stats.hit>`). Once only, as :meth:`done`.
+
+        Example::
+
+            m = core.measure("model:Product")
+            ...
+            m.hit()
+        """
+        stats = self._stats
+        if stats is None:
+            return
+        elapsed = time.perf_counter() - self._started
+        self._stats = None
+        stats.hit(self._scope, elapsed, also=self._also)
+        span = self._span
+        if span is not None:
+            span.set_attribute("sa_redis_cache.outcome", "hit")
+            span.end()
+
     def __enter__(self) -> Measurement:
         return self
 

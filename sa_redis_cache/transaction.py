@@ -84,6 +84,10 @@ class TransactionState:
     # began, before its snapshot; fills must compare against these, not later ones
     snapshot: dict[str, bytes | None] | None = None
     committed: bool = False
+    # Redis calls sent and not yet read (strategies/cache_aside.py): the marks sent before
+    # a flush's statements ran, the post-commit work sent after the database commit
+    premark: Any = None
+    posted: Any = None
 
     @property
     def written_tables(self) -> set[str]:
@@ -140,6 +144,8 @@ class TransactionState:
         self.frames = [Frame()]
         self.snapshot = None
         self.committed = False
+        self.premark = None
+        self.posted = None
 
 
 def transaction_state(session: Session) -> TransactionState:

@@ -181,7 +181,12 @@ class AsyncTapConnection(redis.asyncio.connection.Connection):
 
 
 def lease_entry(command: Command) -> str | None:
-    """The entry key whose fill lease ``command`` asks for, or None."""
+    """The entry key whose fill lease ``command`` asks for, or None.
+
+    A miss asks with ``SET <entry>:lease <token> NX ...``; a refresh with
+    ``lua/refresh_lease.lua``, an ``EVALSHA <sha> 2 <entry> <entry>:lease ...`` (the only
+    script with those two keys alone).
+    """
     if (
         len(command) >= 4
         and command[0].upper() == "SET"
@@ -189,6 +194,13 @@ def lease_entry(command: Command) -> str | None:
         and "NX" in (word.upper() for word in command[3:])
     ):
         return command[1][: -len(LEASE_SUFFIX)]
+    if (
+        len(command) >= 5
+        and command[0].upper() == "EVALSHA"
+        and command[2] == "2"
+        and command[4] == command[3] + LEASE_SUFFIX
+    ):
+        return command[3]
     return None
 
 

@@ -165,6 +165,25 @@ def release_lease(lease_key: str, token: str) -> ScriptCall:
     return script("release_lease"), [lease_key], [token]
 
 
+def refresh_lease(keys: KeyScheme, entry_key: str, token: str, seen: bytes) -> ScriptCall:
+    """Ask for an entry's fill lease to refresh it, unless the entry changed since the look
+    that read ``seen`` (its stored bytes): the lease and the second look are one script, so
+    a refresh that landed between the look and the request is never repeated.
+
+    The reply: 1 the lease is the caller's, 0 another caller holds it, -1 the entry changed.
+
+    Example::
+
+        call = refresh_lease(KeyScheme("shop"), entry_key, token, raw_entry)
+    """
+    digest = hashlib.sha1(seen, usedforsecurity=False).hexdigest()
+    return (
+        script("refresh_lease"),
+        [entry_key, keys.lease_key(entry_key)],
+        [token, LEASE_MS, digest],
+    )
+
+
 def take_lease(lease_key: str, token: str) -> Command:
     """The command that asks for an entry's fill lease (sent with a look, one round trip)."""
     return ("SET", lease_key, token, "NX", "PX", LEASE_MS)

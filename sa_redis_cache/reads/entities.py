@@ -8,6 +8,8 @@ the table's version captured before the database read (:mod:`.flow`).
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy.orm import Session
@@ -16,9 +18,10 @@ from sqlalchemy.orm.interfaces import UserDefinedOption
 from sa_redis_cache import compat, hydrate, stampede
 from sa_redis_cache.binds import translate_map_of
 from sa_redis_cache.codec import CodecError, pack, unpack
-from sa_redis_cache.policy import CachePolicy
+from sa_redis_cache.policy import CachePolicy, Strategy
 from sa_redis_cache.protocol import pk_text
 from sa_redis_cache.protocol.scripts import COUNTER_TTL_MS, ROW_COUNTER_TTL_MS
+from sa_redis_cache.tracing import active_tracer
 from sa_redis_cache.transaction import peek_transaction_state
 
 from .flow import Look, Target
@@ -53,6 +56,8 @@ class EntityReads:
         self.core = core
         self.flow = flow
         self.binds = core.binds
+        # (session, key, look) from direct_get to the pipeline's read it falls back to
+        self._handed = threading.local()
 
     def target(self, orm_context: ORMExecuteState) -> tuple[ModelInfo, tuple[Any, ...]] | None:
         """The model and primary key of a plain load by primary key, else None.
@@ -82,20 +87,34 @@ class EntityReads:
         except ValueError:
             return None  # the database reads it (or refuses it) as it would uncached
 
-    def local_get(self, session: Session, entity: Any, ident: Any) -> tuple[bool, Any]:
-        """``session.get(entity, ident)`` from the local tier without SQLAlchemy's execute
-        pipeline: ``(True, object or None)`` on a local hit, ``(False, None)`` otherwise.
+    def direct_get(self, session: Session, entity: Any, ident: Any) -> tuple[bool, Any]:
+        """``session.get(entity, ident)`` served without SQLAlchemy's execute pipeline:
+        ``(True, object or None)`` on a hit, ``(False, None)`` otherwise.
+
+        From the local tier for a local-tier model; otherwise from Redis, with the one MGET
+        the pipeline's read would send. When that look is no hit (a miss, an entry due for
+        an early refresh, a Redis error), it is handed to the pipeline's read of the same
+        key in this session, which uses it as its first look: a miss costs no second
+        round trip.
 
         Only for a plain get the pipeline would bring to the entity cache and nowhere else:
-        a local-tier model, a scalar or tuple primary key, an object not in the identity
-        map, a session with nothing to autoflush, no other ``do_orm_execute`` listener
-        (which could change what the load returns) and no ``get_bind`` override. Anything
-        else takes the ordinary path, which reads the local tier too.
+        a model with an entity cache (not write-behind: its queued states come first), a
+        scalar or tuple primary key, an object not in the identity map, a session with
+        nothing to autoflush, no other ``do_orm_execute`` listener (which could change what
+        the load returns), no ``get_bind`` override, no pinned snapshot (REPEATABLE READ)
+        and, for Redis, no active tracer (the read's span is the pipeline's). Anything else
+        takes the ordinary path.
         """
-        local = self.core.local
+        core = self.core
         mapper = getattr(entity, "__mapper__", None)
-        info = None if mapper is None else self.core.models.entity_infos.get(mapper)
-        if local is None or info is None or not info.local or not local.serving():
+        info = None if mapper is None else core.models.entity_infos.get(mapper)
+        if info is None or (
+            info.policy is not None and info.policy.strategy == Strategy.WRITE_BEHIND
+        ):
+            # a write-behind row's queued state comes first: the pipeline serves it
+            return False, None
+        local = core.local if info.local else None
+        if local is not None and not local.serving():
             return False, None
         mapper = info.mapper
         pk = ident if type(ident) is tuple else (ident,)
@@ -125,14 +144,69 @@ class EntityReads:
         database = self.binds.known(bind)
         if database is None:
             return False, None
-        row_scope = self.core.entity_scope(info, database, translate_map_of(bind))
-        key = self.core.keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
-        entry = local.store.get(key)
-        if entry is None:
+        row_scope = core.entity_scope(info, database, translate_map_of(bind))
+        key = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
+        if local is not None:
+            entry = local.store.get(key)
+            if entry is None:
+                return False, None
+            obj = hydrate.build_entity(session, info, entry.value, shared=True)
+            core.counters.incr_each(info.scope, ("hits", "local_hits"))
+            return True, obj
+        return self._redis_get(session, info, pk, pk_str, key)
+
+    def _redis_get(
+        self, session: Session, info: ModelInfo, pk: tuple[Any, ...], pk_str: str, key: str
+    ) -> tuple[bool, Any]:
+        """The Redis tier's part of :meth:`direct_get`."""
+        started = time.perf_counter()
+        if active_tracer(started) is not None:
             return False, None
-        obj = hydrate.build_entity(session, info, entry.value, shared=True)
-        self.core.counters.incr_each(info.scope, ("hits", "local_hits"))
-        return True, obj
+        core = self.core
+        scope = info.scope
+        counters = self._counters(info.table, pk_str)
+        look = self._look(key, counters, self._ttls(info), None, scope, "")
+        if look is not None and look.found is not None:
+            timing, body = look.found
+            policy = info.policy or _DEFAULT_POLICY
+            if timing is None or not stampede.due(timing, policy.xfetch_beta):
+                try:
+                    prepared = hydrate.prepare_entity(info, body, pk)
+                except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
+                    self.flow.corrupt(key, scope, exc)
+                    return False, None  # deleted: the pipeline looks again
+                obj = hydrate.build_entity(session, info, prepared, shared=False)
+                core.counters.hit(scope, time.perf_counter() - started)
+                return True, obj
+        # the pipeline's read of this key uses this look as its first: it was read before
+        # any database read, so its counters are a capture like any other
+        self._handed.look = (session, key, look)
+        return False, None
+
+    def _handed_look(self, session: Session, key: str) -> tuple[bool, Look | None]:
+        """The look :meth:`direct_get` handed to this read of ``key``, if any (taken once)."""
+        handed = getattr(self._handed, "look", None)
+        if handed is None:
+            return False, None
+        self._handed.look = None
+        if handed[0] is not session or handed[1] != key:
+            return False, None
+        return True, handed[2]
+
+    def _counters(self, table: str, pk_str: str) -> list[str]:
+        keys = self.core.keys
+        # the entry is valid under the table's generation and the row's write counter;
+        # the fill compares the version (any write of the table) like a query's fill
+        return [
+            keys.version_key(table),
+            keys.generation_key(table),
+            keys.row_write_key(table, pk_str),
+        ]
+
+    def _ttls(self, info: ModelInfo) -> list[int]:
+        ttl = self.core.ttl_for_info(info)
+        # a row write counter lives as long as the entries it validates, an hour at least
+        return [COUNTER_TTL_MS] * 2 + [max(ROW_COUNTER_TTL_MS, int(ttl * 1000))]
 
     def read(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         target = self.target(orm_context)
@@ -160,15 +234,9 @@ class EntityReads:
         row_scope = core.entity_scope(
             info, database, translate_map_of(bind, orm_context.execution_options)
         )
-        keys = core.keys
-        key = keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
-        # the entry is valid under the table's generation and the row's write counter;
-        # the fill compares the version (any write of the table) like a query's fill
-        counters = [
-            keys.version_key(info.table),
-            keys.generation_key(info.table),
-            keys.row_write_key(info.table, pk_str),
-        ]
+        key = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
+        counters = self._counters(info.table, pk_str)
+        handed, first = self._handed_look(session, key)
         # under a pinned snapshot a missing counter reads as b"", which matches nothing
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot.get(info.table) or b""
         mark: Mark | None = None
@@ -184,8 +252,7 @@ class EntityReads:
             mark = local.hold((info.table,))
         policy = info.policy or _DEFAULT_POLICY
         ttl = core.ttl_for_info(info)
-        # a row write counter lives as long as the entries it validates, an hour at least
-        ttls = [COUNTER_TTL_MS] * 2 + [max(ROW_COUNTER_TTL_MS, int(ttl * 1000))]
+        ttls = self._ttls(info)
 
         def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool | None:
             captured = cast("list[bytes]", look.captured)
@@ -204,13 +271,20 @@ class EntityReads:
                 physical_ttl_ms=live_ms,
             )
 
+        def look_at(lease: str) -> Look | None:
+            nonlocal handed
+            if handed and not lease and pinned is None and mark is None:
+                handed = False
+                return first
+            return self._look(key, counters, ttls, pinned, scope, lease)
+
         return self.flow.read_through(
             orm_context,
             Target(
                 key=key,
                 scope=scope,
                 also=(),
-                look=lambda lease: self._look(key, counters, ttls, pinned, scope, lease),
+                look=look_at,
                 serve=lambda look: self._serve(session, info, pk, look, key, scope, mark, ttl),
                 fill=fill,
                 lease=True,
@@ -247,7 +321,9 @@ class EntityReads:
             else:
                 if stored_generation == numbers[1] and stored_writes == numbers[2]:
                     valid_under = [(counters[1], current[1]), (counters[2], current[2])]
-                    return Look((timing, body), current, leased, None, valid_under, len(entry))
+                    return Look(
+                        (timing, body), current, leased, None, valid_under, len(entry), entry
+                    )
         captured: list[bytes] | None = None
         if numbers is not None or missing:
             captured = self.flow.captured(current, counters, ttls)
@@ -281,7 +357,6 @@ class EntityReads:
             left = ttl if timing is None else (timing.expires_ms - stampede.now_ms()) / 1000
             kept = self.flow.keep_local(key, prepared, look, min(left, ttl), mark)
         obj = hydrate.build_entity(session, info, prepared, shared=kept)
-        self.core.counters.incr(scope, "hits")
         return hydrate.entity_result(info, obj)
 
 

@@ -59,6 +59,8 @@ class Look:
     valid_under: list[tuple[str, bytes]] | None = None
     # bytes of the entry as stored (the local tier's size estimate starts from it)
     size: int = 0
+    # the entry as stored, for a found entry: a refresh's lease request compares it
+    raw: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -67,9 +69,9 @@ class Target:
 
     ``look(token)`` reads the entry and its counters, asking for the fill lease in the
     same round trip when given a token; ``serve(look)`` turns the entry a look found into
-    the result (None when unreadable: it deleted the entry); ``fill(data, preexisting, look,
-    delta_ms, token)`` stores what the database returned: True stored, False refused or
-    failed, None not tried (the caller still holds its lease).
+    the result (None when unreadable: it deleted the entry; the flow counts the hit);
+    ``fill(data, preexisting, look, delta_ms, token)`` stores what the database returned:
+    True stored, False refused or failed, None not tried (the caller still holds its lease).
     """
 
     key: str
@@ -123,7 +125,7 @@ class ReadThrough:
             now = stampede.now_ms()
             if timing is not None and stampede.due(timing, target.xfetch_beta, now):
                 # due for a refresh: one caller refreshes, the others serve this value
-                token = self._take_lease(target.key) if target.lease else ""
+                token = self._take_lease(target.key, look.raw) if target.lease else ""
                 refresh = bool(token) or not target.lease
                 if refresh:
                     stats.incr(target.scope, "early_refreshes")
@@ -132,7 +134,7 @@ class ReadThrough:
             if not refresh:
                 served = target.serve(look)
                 if served is not None:
-                    measured.done("hit")
+                    measured.hit()
                     return served
                 # unreadable: deleted by serve, so look again for what a fill needs
                 look = target.look("")
@@ -142,7 +144,7 @@ class ReadThrough:
         if look.found is None and look.captured is not None and target.lease:
             token, waited, look = self._lease_or_wait(target, look)
             if waited is not None:
-                measured.done("hit")
+                measured.hit()
                 return waited
         stats.incr(target.scope, "misses", also=target.also)
         preexisting = hydrate.identity_snapshot(orm_context.session)
@@ -213,16 +215,20 @@ class ReadThrough:
         core.breaker.success()  # resets the failure count too
         return list(raw), leased
 
-    def _take_lease(self, entry_key: str) -> str:
-        """The fill lease's token when this caller got it, else ''."""
+    def _take_lease(self, entry_key: str, seen: bytes | None) -> str:
+        """The fill lease's token when this caller got it to refresh the entry it saw
+        (``seen``, as stored), else '': another caller holds the lease, or already stored
+        a newer entry since this caller's look (it is not refreshed twice)."""
         core = self.core
         token = stampede.new_token()
         try:
-            got = core.io().pipeline([scripts.take_lease(core.keys.lease_key(entry_key), token)])[0]
+            got = core.io().run_script(
+                *scripts.refresh_lease(core.keys, entry_key, token, seen or b"")
+            )
         except RedisError as exc:
             core.redis_failed(exc)
             return ""
-        return token if got else ""
+        return token if got == 1 else ""
 
     def _lease_or_wait(self, target: Target, look: Look) -> tuple[str, Result[Any] | None, Look]:
         """Take the fill lease, or wait for whoever holds it to fill.

@@ -219,6 +219,7 @@ class QueryReads:
                     invalidations,
                     valid_under,
                     len(entry),
+                    entry,
                 )
         captured: list[bytes] | None = None
         if expected is not None:
@@ -265,9 +266,7 @@ class QueryReads:
             kept = self.flow.keep_local(
                 entry_key, prepared, look, ttl, mark, objects=max(1, len(prepared.objects))
             )
-        result = hydrate.build(session, prepared, plan.shape, shared=kept)
-        core.counters.incr(region, "hits", also=plan.scopes)
-        return result
+        return hydrate.build(session, prepared, plan.shape, shared=kept)
 
     def _fill(
         self,

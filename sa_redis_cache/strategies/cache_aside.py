@@ -26,7 +26,8 @@ are kept as undelivered until Redis takes their bump. Every Redis call goes thro
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 from sqlalchemy import Table
@@ -48,10 +49,48 @@ if TYPE_CHECKING:
 
     from sa_redis_cache.context import CacheContext
     from sa_redis_cache.models import ModelInfo
+    from sa_redis_cache.redis_io import Pending
+    from sa_redis_cache.tracing import Measurement
 
 log = logging.getLogger(__name__)
 
 _Rows = dict[str, dict[str, tuple["ModelInfo", object | None]]]
+
+
+@dataclass(slots=True)
+class _FlushPlan:
+    """What one flush writes: its tables, the rows it can name (and their scopes), the
+    tables whose rows it cannot name; ``complete`` is False when a row's key is not known
+    yet (a new row whose primary key the database will make)."""
+
+    tables: set[str]
+    rows: _Rows
+    scopes: dict[str, str]
+    unnamed: set[str]
+    complete: bool = True
+
+
+@dataclass(slots=True)
+class _Premark:
+    """Marks sent before a flush ran (:meth:`Invalidation.premark_flush`), replies unread."""
+
+    pending: Pending | None  # None: sending failed (``error``)
+    plan: _FlushPlan
+    pks: dict[str, list[str]]
+    bulk_calls: int
+    named: list[str]
+    error: RedisError | None = None
+
+
+@dataclass(slots=True)
+class _Posted:
+    """Post-commit work sent after the database commit (:meth:`Invalidation.apply`)."""
+
+    pending: Pending
+    token: str
+    tables: set[str]
+    measured: Measurement
+    calls: int  # commit.lua calls; the fence calls' replies follow theirs
 
 
 class Invalidation:
@@ -70,22 +109,20 @@ class Invalidation:
 
     # -- before the database commit ------------------------------------------------------
 
-    def mark_flush(self, session: Session, state: TransactionState) -> None:
-        """Mark every table and row this flush wrote (``after_flush``)."""
-        core = self.core
+    def _plan(self, session: Session) -> _FlushPlan | None:
+        """What the flush about to run (or just run) writes; None when nothing."""
         rows: _Rows = {}
         tables: set[str] = set()
+        complete = True
         for obj in session.new:
-            self._collect(obj, rows, tables, deleted=False)
+            complete = self._collect(obj, rows, tables, deleted=False) and complete
         for obj in session.dirty:
             if session.is_modified(obj):
                 self._collect(obj, rows, tables, deleted=False)
         for obj in session.deleted:
             self._collect(obj, rows, tables, deleted=True)
         if not tables:
-            return
-        frame = state.frame()
-        tz = hydrate.connection_timezone(session)
+            return None
         scopes: dict[str, str] = {}
         unnamed: set[str] = set()
         for table, table_rows in list(rows.items()):
@@ -94,13 +131,88 @@ class Invalidation:
                 # the rows cannot be named: every entity entry of the table goes
                 del rows[table]
                 unnamed.add(table)
-                frame.table(table).bulk = True
             else:
                 scopes[table] = scope
-        if unnamed:
-            self._mark(state.token, unnamed, {}, {}, bulk=True)
+        return _FlushPlan(tables, rows, scopes, unnamed, complete)
+
+    def premark_flush(self, session: Session, state: TransactionState) -> None:
+        """Send the marks of the flush about to run (``before_flush``), without waiting:
+        the round trip overlaps the flush's statements, and :meth:`mark_flush` reads the
+        replies. Marking before the statements run refuses fills a little earlier,
+        never later. Not offered by every client (:meth:`RedisIO.send_batch
+        <sa_redis_cache.redis_io.RedisIO.send_batch>`); then ``mark_flush`` marks alone.
+        """
+        self.settle_premark(state)
+        plan = self._plan(session)
+        if plan is None or not plan.complete:
+            return  # a new row's key is known after the flush only: mark_flush marks
+        core = self.core
+        if core.undelivered:
+            core.deliver_undelivered()
+        named = plan.tables - plan.unnamed
+        pks = {t: list(r) for t, r in plan.rows.items()}
+        bulk_tables, bulk_calls = self._mark_calls(state.token, plan.unnamed, {}, {}, bulk=True)
+        named_tables, named_calls = self._mark_calls(
+            state.token, named, pks, plan.scopes, bulk=False
+        )
+        error: RedisError | None = None
+        try:
+            pending = core.io().send_batch([*bulk_calls, *named_calls])
+        except RedisError as exc:
+            # counted by mark_flush as its own failure would be: one attempt per flush,
+            # so a flush waits for one timeout while Redis is unreachable, not two
+            pending, error = None, exc
+        if pending is None and error is None:
+            return
+        # reads of these tables go to the database from now on, and their marks are
+        # released when the transaction ends, even if the flush fails
+        state.marked.update(plan.tables)
+        state.premark = _Premark(pending, plan, pks, len(bulk_tables), named_tables, error)
+
+    def settle_premark(self, state: TransactionState) -> None:
+        """Drop the replies of marks a flush that failed never read (the transaction's
+        end releases the marks)."""
+        premark: _Premark | None = state.premark
+        if premark is not None:
+            state.premark = None
+            if premark.pending is not None:
+                premark.pending.discard()
+
+    def mark_flush(self, session: Session, state: TransactionState) -> None:
+        """Mark every table and row this flush wrote (``after_flush``); the marks
+        :meth:`premark_flush` sent count, and only what they missed is marked now."""
+        tickets: dict[str, tuple[int, dict[str, int]]] = {}
+        covered: set[str] = set()
+        covered_bulk: set[str] = set()
+        premark: _Premark | None = state.premark
+        state.premark = None
+        plan = self._plan(session)
+        if premark is not None:
+            tickets = self._premark_replies(premark)
+            covered_bulk = premark.plan.unnamed
+            if plan is not None:
+                covered = {
+                    t
+                    for t in premark.named
+                    if t in plan.tables
+                    and t not in plan.unnamed
+                    and plan.scopes.get(t) == premark.plan.scopes.get(t)
+                    and set(plan.rows.get(t, ())) <= set(premark.pks.get(t, ()))
+                }
+        if plan is None:
+            return
+        core = self.core
+        rows, scopes, unnamed, tables = plan.rows, plan.scopes, plan.unnamed, plan.tables
+        frame = state.frame()
+        for table in unnamed:
+            frame.table(table).bulk = True
+        tz = hydrate.connection_timezone(session)
+        if unnamed - covered_bulk:
+            self._mark(state.token, unnamed - covered_bulk, {}, {}, bulk=True)
         pks = {t: list(r) for t, r in rows.items()}
-        tickets = self._mark(state.token, tables - unnamed, pks, scopes, bulk=False)
+        rest = tables - unnamed - covered
+        if rest:
+            tickets.update(self._mark(state.token, rest, pks, scopes, bulk=False))
         state.marked.update(tables)
         for table, table_rows in rows.items():
             writes = frame.table(table)
@@ -148,7 +260,8 @@ class Invalidation:
         translate = connection.get_execution_options().get("schema_translate_map")
         return self.core.entity_scope(info, database, translate)
 
-    def _collect(self, obj: object, rows: _Rows, tables: set[str], *, deleted: bool) -> None:
+    def _collect(self, obj: object, rows: _Rows, tables: set[str], *, deleted: bool) -> bool:
+        """Add ``obj``'s tables and row; False when its row cannot be keyed yet."""
         state = instance_state(obj)
         mapper = state.mapper
         for table in mapper.tables:
@@ -159,18 +272,19 @@ class Invalidation:
                 tables.add(rel.secondary.fullname)
         info = self.core.models.info_of(mapper)
         if info is None or not info.entity_cached:
-            return
+            return True
         pk = [state.dict.get(info.column_keys[p]) for p in info.pk_positions]
         if state.key is not None and (deleted or None in pk):
             pk = list(state.key[1])
         if None in pk:
-            return
+            return False
         try:
             # keyed as loads give it: an object given id="7" is the row reads key as 7
             text = pk_text(info.coerce_pk(pk))
         except (TypeError, ValueError):
-            return
+            return True
         rows.setdefault(info.table, {})[text] = (info, None if deleted else obj)
+        return True
 
     def _mark(
         self,
@@ -187,12 +301,51 @@ class Invalidation:
         entries live in (:meth:`~sa_redis_cache.binds.Binds.scope`).
         """
         core = self.core
-        keys = core.keys
-        ordered = sorted(tables)
         # writes ask Redis even while the breaker keeps reads away: another process that
         # reaches Redis again would otherwise serve what this write changed
         if core.undelivered:
             core.deliver_undelivered()
+        ordered, calls = self._mark_calls(token, tables, rows, scopes, bulk=bulk)
+        try:
+            replies = core.io().run_batch(calls)
+            core.breaker.success()  # resets the failure count too
+        except RedisError as exc:
+            core.redis_failed(exc)
+            core.counters.incr_total("errors")
+            core.keep_undelivered(ordered)
+            return {}
+        return self._tickets(ordered, replies, rows)
+
+    def _premark_replies(self, premark: _Premark) -> dict[str, tuple[int, dict[str, int]]]:
+        """The tickets of the marks :meth:`premark_flush` sent; a failure is handled as
+        :meth:`_mark` handles one."""
+        core = self.core
+        try:
+            if premark.pending is None:
+                assert premark.error is not None
+                raise premark.error
+            replies = premark.pending.replies()
+            core.breaker.success()  # resets the failure count too
+        except RedisError as exc:
+            core.redis_failed(exc)
+            core.counters.incr_total("errors")
+            core.keep_undelivered(premark.plan.tables)
+            return {}
+        return self._tickets(premark.named, replies[premark.bulk_calls :], premark.pks)
+
+    def _mark_calls(
+        self,
+        token: str,
+        tables: Iterable[str],
+        rows: dict[str, list[str]],
+        scopes: dict[str, str],
+        *,
+        bulk: bool,
+    ) -> tuple[list[str], list[scripts.ScriptCall]]:
+        """The tables in order, and a flush_mark.lua call for each."""
+        core = self.core
+        keys = core.keys
+        ordered = sorted(tables)
         calls = []
         for table in ordered:
             info = core.models.by_table.get(table)
@@ -205,14 +358,12 @@ class Invalidation:
                 keys, table, token, entity_rows, bulk=bulk, writer_mark_ms=self.writer_mark_ms
             )
             calls.append(call)
-        try:
-            replies = core.io().run_batch(calls)
-            core.breaker.success()  # resets the failure count too
-        except RedisError as exc:
-            core.redis_failed(exc)
-            core.counters.incr_total("errors")
-            core.keep_undelivered(ordered)
-            return {}
+        return ordered, calls
+
+    def _tickets(
+        self, ordered: list[str], replies: list[Any], rows: dict[str, list[str]]
+    ) -> dict[str, tuple[int, dict[str, int]]]:
+        """flush_mark.lua's replies as each table's generation and its rows' tickets."""
         out: dict[str, tuple[int, dict[str, int]]] = {}
         for table, reply in zip(ordered, replies, strict=True):
             generation, *tickets = reply
@@ -227,8 +378,31 @@ class Invalidation:
     # -- after the transaction -----------------------------------------------------------
 
     def apply(self, state: TransactionState) -> None:
-        """The outermost commit: bump, write through or delete, announce, release marks."""
-        self._apply(state.token, state.frames[0].tables, state.marked)
+        """The outermost commit: bump, write through or delete, announce, release marks.
+
+        Sent at once; its replies are read by :meth:`settle_posted` when SQLAlchemy has
+        finished the commit (``after_transaction_end``, before ``commit()`` returns), so
+        the round trip overlaps SQLAlchemy's own post-commit work; the wait for the local
+        tiers the fences name starts then too.
+        """
+        self._apply(state.token, state.frames[0].tables, state.marked, state)
+
+    def settle_posted(self, state: TransactionState) -> None:
+        """Read the replies of the post-commit work :meth:`apply` sent."""
+        posted: _Posted | None = state.posted
+        if posted is None:
+            return
+        state.posted = None
+        core = self.core
+        try:
+            replies = posted.pending.replies()
+        except RedisError as exc:
+            self._undelivered(exc, posted.tables, posted.measured)
+            return
+        posted.measured.done("delivered")
+        core.breaker.success()  # resets the failure count too
+        if len(replies) > posted.calls:
+            core.fences.wait(posted.token, posted.tables, replies[posted.calls :])
 
     def finish_bulk(self, token: str, tables: set[str]) -> None:
         """Core/textual DML: the post-commit bump and mark release."""
@@ -242,7 +416,13 @@ class Invalidation:
         except RedisError as exc:
             core.redis_failed(exc)
 
-    def _apply(self, token: str, frame: dict[str, TableWrites], tables: set[str]) -> None:
+    def _apply(
+        self,
+        token: str,
+        frame: dict[str, TableWrites],
+        tables: set[str],
+        state: TransactionState | None = None,
+    ) -> None:
         core = self.core
         keys = core.keys
         measured = core.measure_tables(tables, "invalidate")
@@ -265,14 +445,24 @@ class Invalidation:
         # the local tiers that hold the tables see the commit before it returns
         fences = core.fences.calls(token, tables)
         try:
+            if state is not None:
+                pending = core.io().send_batch([*calls, *fences])
+                if pending is not None:
+                    state.posted = _Posted(pending, token, set(tables), measured, len(calls))
+                    return
             replies = core.io().run_batch([*calls, *fences])
             measured.done("delivered")
             core.breaker.success()  # resets the failure count too
         except RedisError as exc:
-            measured.done("error")
-            core.redis_failed(exc)
-            core.counters.incr_total("errors")
-            core.keep_undelivered(tables)
+            self._undelivered(exc, tables, measured)
             return
         if fences:
             core.fences.wait(token, tables, replies[len(calls) :])
+
+    def _undelivered(self, exc: RedisError, tables: set[str], measured: Measurement) -> None:
+        """The post-commit work failed: counted, and kept until Redis takes it."""
+        core = self.core
+        measured.done("error")
+        core.redis_failed(exc)
+        core.counters.incr_total("errors")
+        core.keep_undelivered(tables)

@@ -96,13 +96,39 @@ def run_with(
     return run, rounds[0]
 
 
-def check(run: HistoryRun, writes: int, hits: int = 30) -> None:
-    """0 stale reads, and a run that wrote and hit often enough to mean something."""
+ATTEMPTS = 3
+
+
+def check(run: HistoryRun) -> None:
+    """0 stale reads and no operation errors in ``run``."""
     print(run.summary())
     if run.violations() or run.errors:
         pytest.fail(run.report(), pytrace=False)
-    assert len(run.writes) >= writes, run.summary()
-    assert run.counter("total", "hits") >= hits, run.summary()
+
+
+def run_until_meaningful(
+    chaos: Callable[[threading.Event], int],
+    database_url: str,
+    url: str,
+    namespace: str,
+    *,
+    writes: int,
+    hits: int = 30,
+    seconds: float = SECONDS,
+) -> int:
+    """History runs under ``chaos`` until, together, they wrote and hit often enough to
+    mean something (at most :data:`ATTEMPTS`: a loaded machine makes thin runs); every
+    run is checked on its own. Returns the rounds of chaos of all runs."""
+    written = hit = rounds = 0
+    for _ in range(ATTEMPTS):
+        run, done = run_with(chaos, database_url, url, namespace, seconds)
+        check(run)
+        written += len(run.writes)
+        hit += run.counter("total", "hits")
+        rounds += done
+        if written >= writes and hit >= hits:
+            return rounds
+    pytest.fail(f"{ATTEMPTS} runs wrote {written} times (< {writes}) or hit {hit} (< {hits})")
 
 
 @pytest.mark.parametrize("strategy", ["cache_aside", "write_through"])
@@ -120,9 +146,7 @@ def test_the_history_suite_on_a_cluster(
         seconds=HISTORY_SECONDS,
         writes=DEFAULT_WRITES,
     )
-    print(run.summary())
-    if run.violations() or run.errors:
-        pytest.fail(run.report(), pytrace=False)
+    check(run)
     assert_meaningful(run)
 
 
@@ -141,8 +165,7 @@ def test_no_stale_read_while_the_tables_slot_is_resharded(
             moved += 1
         return moved
 
-    run, moved = run_with(reshard, database_url, redis_cluster.url, namespace)
-    check(run, writes=20)
+    moved = run_until_meaningful(reshard, database_url, redis_cluster.url, namespace, writes=20)
     assert moved >= 2
 
 
@@ -160,9 +183,10 @@ def test_no_stale_read_while_the_tables_primary_fails_over(
         return done
 
     # each failover stalls the slot's commands for a moment: a longer run, fewer writes
-    run, done = run_with(fail_over, database_url, redis_cluster.url, namespace, seconds=8.0)
-    check(run, writes=10)
-    assert done == FAILOVERS
+    done = run_until_meaningful(
+        fail_over, database_url, redis_cluster.url, namespace, writes=10, seconds=8.0
+    )
+    assert done >= FAILOVERS
 
 
 def test_no_stale_read_while_the_tables_primary_is_killed(
@@ -183,6 +207,7 @@ def test_no_stale_read_while_the_tables_primary_is_killed(
 
     # while the slot has no primary (about 2 s per kill) its reads and writes wait for
     # redis-py's retries, then use the database: few operations, each one checked
-    run, done = run_with(kill, database_url, redis_cluster.url, namespace, seconds=8.0)
-    check(run, writes=10, hits=10)
-    assert done == 1
+    done = run_until_meaningful(
+        kill, database_url, redis_cluster.url, namespace, writes=10, hits=10, seconds=8.0
+    )
+    assert done >= 1

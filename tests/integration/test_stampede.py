@@ -192,6 +192,69 @@ def test_a_fill_landing_before_the_lease_is_asked_for_is_served(
     assert sql.count == 1  # only the other caller's fill reached Postgres
 
 
+def test_a_refresh_landing_before_the_lease_is_asked_for_is_not_repeated(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    seams: Seams,
+    cache: Cache,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two callers find the entry past its logical expiry; the other one refreshes it (and
+    releases the lease) between this caller's look and its lease request: the request
+    sees the entry changed, takes no lease and serves what it read: one query, not two."""
+    stmt = expensive().options(FromCache(ttl=60, stale_ttl=600, xfetch_beta=0))
+    with session_factory() as s:
+        expected = s.execute(stmt).all()
+    later = stampede.now_ms() + 3_600_000  # past the logical TTL, within stale_ttl
+    monkeypatch.setattr(stampede, "now_ms", lambda: later)
+    nested = {"done": False}
+
+    def another_caller_refreshes() -> None:
+        if not nested["done"]:
+            nested["done"] = True
+            with session_factory() as s:
+                s.execute(stmt).all()
+
+    seams.before_lease(another_caller_refreshes)
+    sql.reset()
+    with session_factory() as s:
+        assert s.execute(stmt).all() == expected
+    assert nested["done"]
+    assert sql.count == 1  # only the other caller's refresh reached Postgres
+    assert cache.stats()["regions"]["default"]["early_refreshes"] == 1
+    lease_key = (
+        next(k for k in cache.client.scan_iter(match=f"sarc:{cache.namespace}:*:q:*")).decode()
+        + ":lease"
+    )
+    assert cache.client.get(lease_key) is None  # nobody was left holding the lease
+
+
+def test_an_entity_refresh_landing_before_the_lease_is_asked_for_is_not_repeated(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    seams: Seams,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with session_factory() as s:
+        name = s.get_one(Category, 1).name
+    later = stampede.now_ms() + 3_600_000  # at the entry's logical expiry: due for sure
+    monkeypatch.setattr(stampede, "now_ms", lambda: later)
+    nested = {"done": False}
+
+    def another_caller_refreshes() -> None:
+        if not nested["done"]:
+            nested["done"] = True
+            with session_factory() as s:
+                s.get_one(Category, 1)
+
+    seams.before_lease(another_caller_refreshes)
+    sql.reset()
+    with session_factory() as s:
+        assert s.get_one(Category, 1).name == name
+    assert nested["done"]
+    assert sql.count == 1
+
+
 # -- the entity cache (session.get) ------------------------------------------------------
 
 
