@@ -192,6 +192,31 @@ class RedisIO:
         commands = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
         return Pending(self, compat.send_now(self.client, commands), calls)
 
+    def run_then(self, call: ScriptCall, commands: Sequence[Command]) -> list[Any]:
+        """Run a script call, then ``commands``, on one connection in one round trip.
+
+        For commands that concern the writes of their own connection (``WAITAOF`` and
+        ``WAIT`` count the acknowledgements of those alone: on another connection of the
+        pool they would answer at once). Replies in order, an error reply as its
+        exception (not raised); the script is loaded and the whole batch sent again on
+        NOSCRIPT. Raises ``RedisError`` when the connection fails.
+
+        Example::
+
+            ids, on_disk = io.run_then(wb_enqueue(...), [wait_for_fsync(100)])
+        """
+        script, keys, args = call
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            for command in commands:
+                pipe.execute_command(*command)
+            replies = list(self._wait(pipe.execute(raise_on_error=False)))
+            if not isinstance(replies[0], NoScriptError) or attempt:
+                return replies
+            self._wait(self.client.script_load(script.source))
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def pipeline(self, commands: Iterable[Command]) -> list[Any]:
         """Send ``commands`` in one round trip (no MULTI); their replies in order."""
         pipe = self.client.pipeline(transaction=False)

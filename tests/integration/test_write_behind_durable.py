@@ -9,6 +9,7 @@ commandstats``), not timed.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -169,3 +170,68 @@ def test_durable_is_for_write_behind_and_not_volatile() -> None:
     both = CachePolicy(strategy="write_behind", durable=True, accept_volatile=True)
     assert any("contradict" in p for p in both.problems())
     assert CachePolicy(strategy="write_behind", durable=True).problems() == []
+
+
+class OneUseConnections(redis.ConnectionPool):
+    """A pool that never hands out a connection twice: each command's connection is new.
+
+    Legitimate for a pool (redis-py may drop and remake connections at any time); here it
+    makes certain that two calls of the cache do not share a connection by chance.
+    """
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        connection = self.make_connection()
+        connection.connect()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        return connection
+
+    def release(self, connection: Any) -> None:
+        connection.disconnect()
+
+
+def test_the_wait_for_disk_runs_on_the_connection_that_queued(
+    waitaof_binary: str, reading: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """WAITAOF confirms the writes of its own connection only: sent on another one, it
+    would answer at once, and a commit would be called durable before the fsync."""
+    with RedisServer(appendfsync="everysec", binary=waitaof_binary) as server:
+        client = redis.Redis.from_url(server.url)
+        cache = Cache(
+            redis.Redis(connection_pool=OneUseConnections.from_url(server.url)),
+            namespace=namespace,
+        )
+        factory = sessionmaker(engine)
+        cache.attach(factory)
+        seen: list[dict[str, Any]] = []
+        ready, done = threading.Event(), threading.Event()
+
+        def watch() -> None:
+            with client.monitor() as monitor:  # type: ignore[no-untyped-call]
+                ready.set()
+                for command in monitor.listen():
+                    seen.append(command)
+                    if command["command"].startswith("ECHO stop-watching"):
+                        break
+            done.set()
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            assert ready.wait(10)
+            with factory() as s:
+                s.add(reading(sensor="t3", value=7))
+                s.commit()
+        finally:
+            redis.Redis.from_url(server.url).echo("stop-watching")
+            done.wait(10)
+            watcher.join(10)
+            cache.detach()
+            client.close()
+
+    def client_of(command: dict[str, Any]) -> tuple[str, str]:
+        return command["client_address"], command["client_port"]
+
+    # the last enqueue is the one that ran (a first one may meet NOSCRIPT on a new server)
+    last = max(i for i, c in enumerate(seen) if c["command"].startswith("EVALSHA"))
+    waits = [c for c in seen[last:] if c["command"].startswith("WAITAOF")]
+    assert waits, seen
+    assert {client_of(c) for c in waits} == {client_of(seen[last])}

@@ -34,7 +34,7 @@ write-behind commit or read never blocks the event loop (:mod:`sa_redis_cache.re
 from __future__ import annotations
 
 import logging
-import time
+import math
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
     from sa_redis_cache.context import CacheContext
     from sa_redis_cache.models import ModelInfo
+    from sa_redis_cache.protocol.scripts import ScriptCall
     from sa_redis_cache.redis_io import RedisIO
 
 log = logging.getLogger(__name__)
@@ -330,11 +331,13 @@ class WriteBehind:
                 )
             )
         io = core.io()
-        ids = io.run_script(*scripts.wb_enqueue(keys, queued, HEADER))
+        call = scripts.wb_enqueue(keys, queued, HEADER)
+        if any(op.info.policy is not None and op.info.policy.durable for op in ops):
+            ids = _enqueue_durably(io, call, len(ops))
+        else:
+            ids = io.run_script(*call)
         for op in ops:
             core.counters.incr(op.info.scope, "queued")
-        if any(op.info.policy is not None and op.info.policy.durable for op in ops):
-            _wait_for_fsync(io, len(ops))
         return cast("list[bytes]", ids)
 
     # -- reads -------------------------------------------------------------------------------
@@ -417,33 +420,36 @@ DURABLE_WAIT_S = 5.0
 """How long a ``durable`` commit waits for Redis to write its queued writes to disk."""
 
 
-def _wait_for_fsync(io: RedisIO, count: int) -> None:
-    """Wait until Redis has the commit's writes on disk (``WAITAOF``), at most
-    :data:`DURABLE_WAIT_S`; raise :class:`~sa_redis_cache.errors.NotOnDiskError` after that.
+def _enqueue_durably(io: RedisIO, call: ScriptCall, count: int) -> Any:
+    """Queue the commit's writes and wait until Redis has them on disk (``WAITAOF``), at
+    most :data:`DURABLE_WAIT_S`; the stream ids. Raises
+    :class:`~sa_redis_cache.errors.NotOnDiskError` when the disk is not confirmed.
 
-    The writes are queued already: no failure here may look like a commit that queued
-    nothing. Each wait is kept well below the client's socket timeout (the server checks
-    a blocked command's timeout only about every 100 ms) and repeated; a Redis error
-    counts as one more unconfirmed wait.
+    ``WAITAOF`` waits for the writes of its own connection only (on another connection of
+    the pool it would confirm at once), so the waits follow the script on its connection,
+    in its round trip. Each wait is kept well below the client's socket timeout (the
+    server checks a blocked command's timeout only about every 100 ms) and the next one
+    queued behind it; once one confirms, the rest answer at once.
     """
     timeout = compat.pool_option(io.client, "socket_timeout")
     step_ms = 1000 if not timeout else max(1, min(1000, int(timeout * 400)))
-    deadline = time.monotonic() + DURABLE_WAIT_S
+    waits = max(1, math.ceil(DURABLE_WAIT_S * 1000 / step_ms))
+    replies = io.run_then(call, [scripts.wait_for_fsync(step_ms)] * waits)
+    if isinstance(replies[0], Exception):
+        raise replies[0]  # nothing was queued
     why = "it did not confirm"
-    while True:
-        try:
-            if int(io.pipeline([scripts.wait_for_fsync(step_ms)])[0][0]) >= 1:
-                return
-        except RedisError as exc:
-            why = f"the last wait failed: {exc}"
-        if time.monotonic() >= deadline:
-            raise NotOnDiskError(
-                f"write-behind: this commit's {count} write(s) are queued and will be "
-                f"flushed, but Redis did not confirm writing them to disk within "
-                f"{DURABLE_WAIT_S:g} s ({why}; CachePolicy(durable=True)); a crash of the "
-                "Redis host before its next fsync would lose them. Check its disk, and that "
-                "appendfsync is everysec or always (appendfsync no never fsyncs on its own)"
-            )
+    for reply in replies[1:]:
+        if isinstance(reply, Exception):
+            why = f"the wait failed: {reply}"
+        elif int(reply[0]) >= 1:
+            return replies[0]
+    raise NotOnDiskError(
+        f"write-behind: this commit's {count} write(s) are queued and will be "
+        f"flushed, but Redis did not confirm writing them to disk within "
+        f"{DURABLE_WAIT_S:g} s ({why}; CachePolicy(durable=True)); a crash of the "
+        "Redis host before its next fsync would lose them. Check its disk, and that "
+        "appendfsync is everysec or always (appendfsync no never fsyncs on its own)"
+    )
 
 
 def _queued_state(info: ModelInfo, document: bytes, pk: str) -> tuple[Any, ...] | None:
