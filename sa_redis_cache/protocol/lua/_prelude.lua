@@ -1,4 +1,5 @@
--- Shared helpers, prepended to every script by sa_redis_cache/scripts.py (no KEYS, no ARGV).
+-- Shared helpers, prepended to every script by sa_redis_cache/protocol/scripts.py (no KEYS
+-- or ARGV of their own: a helper is told where in them to look).
 -- A key of the wrong Redis type, or a counter Redis cannot INCR, is treated as absent and
 -- healed, never left to fail every later call: the cache's keys may be overwritten by an
 -- operator, another program or an attacker, and a script that errors on them would keep a
@@ -80,4 +81,34 @@ end
 -- The Redis type of a key ('none' when absent)
 local function type_of(key)
   return redis.call('TYPE', key)['ok']
+end
+
+-- true when each of n version counters (KEYS[vkeys + 1 ..]) still holds the value captured
+-- before the database read (ARGV[args + 1 ..]) and no writers set (KEYS[wkeys + 1 ..])
+-- holds a live mark: a value read from the database is then no older than a committed
+-- write. A counter or writers set of another Redis type answers false and is deleted (it
+-- holds no mark; the next look captures a fresh value).
+local function unchanged_and_unmarked(vkeys, args, wkeys, n)
+  for i = 1, n do
+    local version = redis.pcall('GET', KEYS[vkeys + i])
+    if version ~= ARGV[args + i] then
+      if failed(version) then
+        redis.call('DEL', KEYS[vkeys + i])
+      end
+      return false
+    end
+  end
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for i = 1, n do
+    local writing = redis.pcall('ZRANGEBYSCORE', KEYS[wkeys + i], now_ms, '+inf', 'LIMIT', 0, 1)
+    if failed(writing) then
+      redis.call('DEL', KEYS[wkeys + i])
+      return false
+    end
+    if #writing > 0 then
+      return false
+    end
+  end
+  return true
 end

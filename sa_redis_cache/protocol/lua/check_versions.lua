@@ -7,25 +7,7 @@
 -- Returns: 1 when every version equals its capture and no writer mark is live, else 0
 -- A counter or writers set of another Redis type answers 0 and is healed as fill.lua does.
 local n = #KEYS / 2
-for i = 1, n do
-  local version = redis.pcall('GET', KEYS[i])
-  if version ~= ARGV[i] then
-    if failed(version) then
-      redis.call('DEL', KEYS[i])
-    end
-    return 0
-  end
+if unchanged_and_unmarked(0, 0, n, n) then
+  return 1
 end
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 1, n do
-  local writing = redis.pcall('ZRANGEBYSCORE', KEYS[n + i], now_ms, '+inf', 'LIMIT', 0, 1)
-  if failed(writing) then
-    redis.call('DEL', KEYS[n + i])
-    return 0
-  end
-  if #writing > 0 then
-    return 0
-  end
-end
-return 1
+return 0

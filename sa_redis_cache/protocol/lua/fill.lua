@@ -37,27 +37,8 @@ if ARGV[4] ~= 'n' then
     return 0
   end
 end
-for i = 1, n do
-  local version = redis.pcall('GET', KEYS[3 + i])
-  if version ~= ARGV[5 + i] then
-    if failed(version) then
-      redis.call('DEL', KEYS[3 + i])
-    end
-    return 0
-  end
-end
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 1, n do
-  local writing = redis.pcall('ZRANGEBYSCORE', KEYS[3 + n + i], now_ms, '+inf', 'LIMIT', 0, 1)
-  if failed(writing) then
-    -- not a writers set: it holds no mark; the next fill finds the key absent
-    redis.call('DEL', KEYS[3 + n + i])
-    return 0
-  end
-  if #writing > 0 then
-    return 0
-  end
+if not unchanged_and_unmarked(3, 5, 3 + n, n) then
+  return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
 return 1
