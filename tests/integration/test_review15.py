@@ -3,18 +3,17 @@ keys change during the flush, and what the fast path must check like the pipelin
 
 from __future__ import annotations
 
+import threading
+import time
 from decimal import Decimal
-from typing import TYPE_CHECKING
 
+import redis
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from examples.shop import Product
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import sessionmaker
-
-    from sa_redis_cache import Cache
+from sa_redis_cache import Cache
+from tests.conftest import delete_namespace
 
 
 def test_a_primary_key_update_drops_the_entry_of_the_old_key(
@@ -44,4 +43,96 @@ def test_a_primary_key_update_drops_the_entry_of_the_old_key(
     finally:
         with Session(shop_engine) as s:
             s.execute(sa.delete(Product).where(Product.id.in_([old, new])))
+            s.commit()
+
+
+def test_a_get_in_a_session_of_another_cache_is_that_caches_read(
+    session_factory: sessionmaker[Session],
+    cache: Cache,
+    shop_engine: sa.Engine,
+    redis_url: str,
+    namespace: str,
+    product: int,
+) -> None:
+    """Two caches (two namespaces) attached to plain-Session sessionmakers: the fast path
+    installed on ``Session`` by the first must not serve the second's sessions from the
+    first's entries, which the second's writes do not reach."""
+    other = Cache(redis.Redis.from_url(redis_url), namespace=f"{namespace}b", default_ttl=300)
+    try:
+        other_factory = sessionmaker(shop_engine)
+        other.attach(other_factory)
+        with session_factory() as s:
+            assert s.get_one(Product, product).name == "scratch"  # fills the first's entry
+        with other_factory() as s:
+            s.get_one(Product, product).name = "renamed"
+            s.commit()
+        with other_factory() as s:
+            assert s.get_one(Product, product).name == "renamed"
+    finally:
+        other.detach()
+        delete_namespace(redis.Redis.from_url(redis_url), f"{namespace}b")
+
+
+def test_a_flush_waiting_for_a_row_lock_holds_no_connection_another_writer_needs(
+    shop_engine: sa.Engine, redis_url: str, namespace: str, product: int
+) -> None:
+    """A bounded, blocking pool (one connection here; N connections and N+1 threads in
+    general): a flush blocked on a row lock must not hold the pool's connection, or the
+    lock's holder waits for it before it can commit (a deadlock until the pool's
+    timeout, forever without one) and its marks fail."""
+    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=2)
+    client = redis.Redis(connection_pool=pool)
+    cache = Cache(client, namespace=f"{namespace}p", default_ttl=300)
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    with Session(shop_engine) as s:
+        other = Product(category_id=1, name="other", price=Decimal("1.00"), status="ACTIVE")
+        s.add(other)
+        s.commit()
+        other_id = other.id
+    pid: list[int] = []
+    started = threading.Event()
+    failures: list[BaseException] = []
+
+    def blocked_writer() -> None:
+        try:
+            with factory() as s:
+                row = s.get_one(Product, product)
+                pid.append(s.connection().exec_driver_sql("select pg_backend_pid()").scalar_one())
+                started.set()
+                row.name = "second"
+                s.flush()  # waits for the main thread's row lock
+                s.commit()
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+            started.set()
+
+    try:
+        with factory() as first:
+            first.get_one(Product, product).name = "first"
+            first.flush()  # holds the row lock
+            thread = threading.Thread(target=blocked_writer)
+            thread.start()
+            assert started.wait(10)
+            with shop_engine.connect() as watch:
+                deadline = time.monotonic() + 10
+                while not watch.exec_driver_sql(
+                    "select 1 from pg_stat_activity where pid = %(pid)s "
+                    "and wait_event_type = 'Lock'",
+                    {"pid": pid[0]},
+                ).first():
+                    assert time.monotonic() < deadline, "the second writer never waited"
+            first.get_one(Product, other_id).name = "also first"
+            first.flush()  # its marks need a connection of the pool
+            first.commit()
+        thread.join(10)
+        assert not thread.is_alive()
+        assert not failures
+        assert cache.stats()["total"]["errors"] == 0
+    finally:
+        cache.detach()
+        client.close()
+        delete_namespace(redis.Redis.from_url(redis_url), f"{namespace}p")
+        with Session(shop_engine) as s:
+            s.execute(sa.delete(Product).where(Product.id == other_id))
             s.commit()
