@@ -7,6 +7,7 @@ import threading
 import time
 from decimal import Decimal
 
+import pytest
 import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,7 +27,8 @@ def test_a_primary_key_update_drops_the_entry_of_the_old_key(
         s.add(p)
         s.commit()
         old = p.id
-        new = s.scalar(sa.select(sa.func.max(Product.id))) + 1000
+        new = s.scalar(sa.select(sa.func.max(Product.id))) or 0
+        new += 1000
     try:
         with session_factory() as s:
             assert s.get(Product, old) is not None  # fills the entry of the old key
@@ -136,3 +138,40 @@ def test_a_flush_waiting_for_a_row_lock_holds_no_connection_another_writer_needs
         with Session(shop_engine) as s:
             s.execute(sa.delete(Product).where(Product.id == other_id))
             s.commit()
+
+
+def test_a_flush_refused_by_a_before_flush_listener_gives_its_connection_back(
+    shop_engine: sa.Engine, redis_url: str, namespace: str, product: int
+) -> None:
+    """An application's ``before_flush`` validation raising after the marks were sent,
+    in a session whose transaction had not begun: closing the session must read the
+    marks' replies and give their connection back to the pool."""
+    client = redis.Redis.from_url(redis_url)
+    cache = Cache(client, namespace=f"{namespace}v", default_ttl=300)
+    factory = sessionmaker(shop_engine, expire_on_commit=False)
+    cache.attach(factory)
+    refusing = False
+
+    def refuse(session: Session, *_: object) -> None:
+        if refusing:
+            raise ValueError("refused by the application")
+
+    sa.event.listen(factory, "before_flush", refuse)  # after the cache's
+
+    try:
+        with factory() as s:
+            row = s.get_one(Product, product)
+            s.commit()
+            row.name = "refused"
+            refusing = True
+            with pytest.raises(ValueError, match="refused"):
+                s.flush()
+            refusing = False
+        pool = client.connection_pool
+        assert not pool._in_use_connections
+        with factory() as s:
+            assert s.get_one(Product, product).name == "scratch"
+    finally:
+        cache.detach()
+        client.close()
+        delete_namespace(redis.Redis.from_url(redis_url), f"{namespace}v")
