@@ -177,9 +177,10 @@ class RedisIO:
         """Send several script calls now and read their replies later (:class:`Pending`),
         so that the round trip overlaps the caller's other work (a database statement).
 
-        None where that is not offered (the asyncio and cluster clients): use
-        :meth:`run_batch`. Every script given here must be safe to run twice, as for
-        :meth:`run_batch`. Raises ``RedisError`` when the calls cannot be sent.
+        None where that is not offered (the asyncio and cluster clients, and a
+        ``BlockingConnectionPool``): use :meth:`run_batch`. Every script given here must
+        be safe to run twice, as for :meth:`run_batch`. Raises ``RedisError`` when the
+        calls cannot be sent.
 
         Example::
 
@@ -188,6 +189,11 @@ class RedisIO:
             replies = pending.replies() if pending else io.run_batch(calls)
         """
         if self.is_async or type(self.client) is not redis.Redis:
+            return None
+        if isinstance(self.client.connection_pool, redis.BlockingConnectionPool):
+            # the connection stays out of the pool while the caller works, and that work
+            # can wait (a flush's statement for a row lock) on a thread that waits for a
+            # connection of this pool: a deadlock until the pool's timeout
             return None
         commands = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
         return Pending(self, compat.send_now(self.client, commands), calls)

@@ -111,15 +111,23 @@ class SessionHooks:
         """
         if session_class.get is not _SESSION_GET:
             return
-        direct_get = self.reads.entities.direct_get
+        entities = self.reads.entities
+        direct_get = entities.direct_get
 
         @functools.wraps(Session.get)
         def get(session: Session, entity: Any, ident: Any, **kw: Any) -> Any:
-            if not kw:
-                hit, found = direct_get(session, entity, ident)
-                if hit:
-                    return found
-            return _SESSION_GET(session, entity, ident, **kw)
+            if kw:
+                return _SESSION_GET(session, entity, ident, **kw)
+            hit, found = direct_get(session, entity, ident)
+            if hit:
+                return found
+            try:
+                return _SESSION_GET(session, entity, ident)
+            finally:
+                # a look the pipeline did not take (it returned before the read: the
+                # breaker opened, another thread left the table undelivered, an error) is
+                # a past look: a later read of the key must not start from it
+                entities.drop_handed()
 
         setattr(session_class, "get", get)  # noqa: B010 - a method, replaced on purpose
         self._gets.append(session_class)

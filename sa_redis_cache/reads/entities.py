@@ -193,6 +193,11 @@ class EntityReads:
             return False, None
         return True, handed[2]
 
+    def drop_handed(self) -> None:
+        """Forget a look :meth:`direct_get` handed on that no read took (see
+        :meth:`~sa_redis_cache.sessions.SessionHooks.install_get`)."""
+        self._handed.look = None
+
     def _counters(self, table: str, pk_str: str) -> list[str]:
         keys = self.core.keys
         # the entry is valid under the table's generation and the row's write counter;

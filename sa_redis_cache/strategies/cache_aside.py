@@ -283,7 +283,17 @@ class Invalidation:
             text = pk_text(info.coerce_pk(pk))
         except (TypeError, ValueError):
             return True
-        rows.setdefault(info.table, {})[text] = (info, None if deleted else obj)
+        table_rows = rows.setdefault(info.table, {})
+        table_rows[text] = (info, None if deleted else obj)
+        if state.key is not None and not deleted:
+            # a primary key update moves the row: its old key's entry goes as a delete
+            # would (state.key still names the old key until the flush is finalised)
+            try:
+                before = pk_text(info.coerce_pk(list(state.key[1])))
+            except (TypeError, ValueError):
+                return True
+            if before != text:
+                table_rows.setdefault(before, (info, None))
         return True
 
     def _mark(
