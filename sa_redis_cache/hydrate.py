@@ -52,9 +52,6 @@ if TYPE_CHECKING:
 InfoOf = Callable[[Mapper[Any]], ModelInfo]
 
 
-_NOT_WRITTEN: Any = object()
-
-
 def connection_timezone(session: Session) -> Any:
     """The time zone psycopg gives timestamptz values in on this session's connection.
 
@@ -186,29 +183,23 @@ def extract_entity(
     info: ModelInfo,
     preexisting: frozenset[Any],
     *,
-    allow_modified: bool = False,
-    as_stored: Any = _NOT_WRITTEN,
     pk: tuple[Any, ...] | None = None,
 ) -> Any:
     """Encode one object (or its absence) for the entity cache.
 
-    ``allow_modified`` and ``as_stored`` are for write-through, which encodes the state a
-    flush just wrote, normalised as Postgres will return it (``as_stored`` is the
-    connection's time zone, see ``ModelInfo.as_stored``). ``pk`` is the key the entry is
-    stored under: a row with another primary key (a case-insensitive or padded key the
-    database matched) is not stored there, as the entry's reader would refuse it.
+    ``pk`` is the key the entry is stored under: a row with another primary key (a
+    case-insensitive or padded key the database matched) is not stored there, as the
+    entry's reader would refuse it.
     """
     if obj is None:
         return None
     assert info.codec is not None
     state = instance_state(obj)
-    if not allow_modified and (state.key in preexisting or state.modified):
+    if state.key in preexisting or state.modified:
         raise NotCacheable("the object was already in the session")
     values, missing = _column_values(state.dict, info)
     if pk is not None and tuple(values[p] for p in info.pk_positions) != pk:
         raise NotCacheable(f"the database matched the key {pk!r} to another row")
-    if as_stored is not _NOT_WRITTEN:
-        values = info.as_stored(values, as_stored)
     return [info.codec.dump_row(values), missing or 0]
 
 

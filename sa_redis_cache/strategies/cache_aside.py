@@ -34,13 +34,12 @@ from sqlalchemy import Table
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import TextClause
 
-from sa_redis_cache import hydrate
 from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.protocol import pk_text, scripts
 from sa_redis_cache.protocol.scripts import WRITER_MARK_MS
 from sa_redis_cache.transaction import RowWrite, TableWrites, TransactionState
 
-from .write_through import flushed_state, sealed_state
+from .write_through import flushed_state, is_written_through, read_back, sealed_state
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -206,7 +205,6 @@ class Invalidation:
         frame = state.frame()
         for table in unnamed:
             frame.table(table).bulk = True
-        tz = hydrate.connection_timezone(session)
         if unnamed - covered_bulk:
             self._mark(state.token, unnamed - covered_bulk, {}, {}, bulk=True)
         pks = {t: list(r) for t, r in rows.items()}
@@ -218,15 +216,31 @@ class Invalidation:
             writes = frame.table(table)
             writes.scope = scopes[table]
             generation, row_tickets = tickets.get(table, (None, {}))
+            current = self._read_back(session, table_rows) if generation is not None else {}
             for pk, (info, obj) in table_rows.items():
                 ticket = row_tickets.get(pk, -1)
-                writes.rows[pk] = RowWrite(
-                    ticket=ticket,
-                    state=flushed_state(info, obj, generation, ticket, tz, core.counters),
-                    ttl=core.ttl_for_info(info),
-                )
+                entry = None
+                row = None if obj is None else current.get(id(obj))
+                if row is not None:  # gone since the flush (a trigger): deleted instead
+                    entry = flushed_state(info, row, generation, ticket, core.counters)
+                writes.rows[pk] = RowWrite(ticket=ticket, state=entry, ttl=core.ttl_for_info(info))
         for table in tables - set(rows):
             frame.table(table)
+
+    def _read_back(
+        self, session: Session, table_rows: dict[str, tuple[ModelInfo, object | None]]
+    ) -> dict[int, list[Any]]:
+        """The written-through rows among ``table_rows`` as the database holds them after
+        this flush, by ``id`` of their object (:func:`.write_through.read_back`)."""
+        groups: dict[int, tuple[ModelInfo, list[object]]] = {}
+        for info, obj in table_rows.values():
+            if obj is not None and is_written_through(info):
+                groups.setdefault(id(info), (info, []))[1].append(obj)
+        found: dict[int, list[Any]] = {}
+        for info, objs in groups.values():
+            connection = session.connection(bind_arguments={"mapper": info.mapper})
+            found.update(read_back(connection, info, objs))
+        return found
 
     def mark_bulk_statement(self, orm_context: ORMExecuteState, state: TransactionState) -> None:
         """ORM ``update()``/``delete()``/``insert()`` statements: the rows are not known."""

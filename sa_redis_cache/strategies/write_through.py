@@ -2,18 +2,19 @@
 
 It runs inside the invalidation protocol of :mod:`.cache_aside` (marks at flush, bump at
 commit): where cache-aside deletes a written row's entity entry after the commit, a
-write-through model's entry is set to the state the flush wrote, normalised as Postgres
-will return it, unless another writer flushed the row meanwhile (then it is deleted: the
-cache is never left older than the database). This module encodes those states.
+write-through model's entry is set to the row as the database holds it after the flush,
+read back in the writing transaction (:func:`read_back`), unless another writer flushed
+the row meanwhile (then it is deleted: the cache is never left older than the database).
+This module reads and encodes those states.
 
-When the value Postgres will return cannot be predicted (a REAL, a padded CHAR, a JSONB
-float in exponent form, a TypeDecorator with low-level processors of its own), the entry
-is deleted instead, as cache-aside would: counted in ``write_through_fallbacks`` and
-logged at WARNING once per model and column (docs/strategies.md).
+A value the codec cannot store exactly deletes the entry instead, as cache-aside would:
+counted in ``write_through_fallbacks`` and logged at WARNING once per model and column
+(docs/strategies.md).
 
 Example::
 
-    state = flushed_state(info, obj, generation=7, ticket=3, tz=None)  # bytes or None
+    rows = read_back(session.connection(), info, [product])  # {id(product): [...]}
+    state = flushed_state(info, rows[id(product)], generation=7, ticket=3)  # bytes or None
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from sa_redis_cache import hydrate
+from sqlalchemy import select, tuple_
+from sqlalchemy.orm.attributes import instance_state
+
 from sa_redis_cache.codec import CodecError, pack
-from sa_redis_cache.models import Inexact
 from sa_redis_cache.policy import Strategy
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sqlalchemy.engine import Connection
+
     from sa_redis_cache.context import CacheContext
     from sa_redis_cache.models import ModelInfo
     from sa_redis_cache.stats import Stats
@@ -39,40 +45,70 @@ _WARNED: set[tuple[str, str]] = set()
 _WARNED_LOCK = threading.Lock()
 
 
+def is_written_through(info: ModelInfo) -> bool:
+    """True for a model whose commits write their rows' state into the cache."""
+    return info.policy is not None and info.policy.strategy == Strategy.WRITE_THROUGH
+
+
+def read_back(
+    connection: Connection, info: ModelInfo, objs: Sequence[object]
+) -> dict[int, list[Any]]:
+    """The rows ``objs`` were flushed to, as the database holds them now, by ``id(obj)``.
+
+    Read inside the writing transaction, after its flush: the transaction holds the rows'
+    locks, so no other commit can change them before this one ends. An UPDATE sets only
+    the columns this session changed; the object's other attributes may be older than a
+    commit made since it was loaded, so the state written through is the row, not the
+    object.
+    """
+    mapper = info.mapper
+    positions = info.pk_positions
+    wanted: dict[tuple[Any, ...], list[int]] = {}
+    for obj in objs:
+        attributes = instance_state(obj).dict
+        key = tuple(attributes.get(info.column_keys[p]) for p in positions)
+        wanted.setdefault(key, []).append(id(obj))
+    if not wanted:
+        return {}
+    columns = [mapper.columns[key] for key in info.column_keys]
+    pk_columns = [columns[p] for p in positions]
+    statement = select(*columns).select_from(mapper.persist_selectable)
+    if len(pk_columns) == 1:
+        statement = statement.where(pk_columns[0].in_([key[0] for key in wanted]))
+    else:
+        statement = statement.where(tuple_(*pk_columns).in_(list(wanted)))
+    found: dict[int, list[Any]] = {}
+    for row in connection.execute(statement):
+        values = list(row)
+        for ident in wanted.get(tuple(values[p] for p in positions), ()):
+            found[ident] = values
+    return found
+
+
 def flushed_state(
     info: ModelInfo,
-    obj: object | None,
+    row: list[Any],
     generation: int | None,
     ticket: int,
-    tz: Any,
     counters: Stats | None = None,
 ) -> bytes | None:
-    """The entity entry for the state a flush just wrote; None when the entry is deleted
-    instead (another strategy, a deleted row, a value Postgres would return otherwise).
+    """The entity entry of a row a flush just wrote, as the database holds it after the
+    flush (:func:`read_back`); None when the entry is deleted instead (another strategy, no
+    mark, a value the codec cannot store exactly).
 
     ``generation`` and ``ticket`` are the table's generation and the row's write ticket
-    from the flush's mark: the entry is valid while neither moves. ``tz`` is the
-    connection's time zone (timestamptz values come back in it). A fallback to deleting
+    from the flush's mark: the entry is valid while neither moves. A fallback to deleting
     is counted in ``counters`` (``write_through_fallbacks``) and logged.
     """
-    if (
-        obj is None
-        or generation is None
-        or info.policy is None
-        or info.policy.strategy != Strategy.WRITE_THROUGH
-    ):
+    if generation is None or not is_written_through(info):
         return None
+    assert info.codec is not None
     try:
-        body = hydrate.extract_entity(obj, info, frozenset(), allow_modified=True, as_stored=tz)
-    except (hydrate.NotCacheable, CodecError, Inexact) as exc:
-        # Postgres would return something we cannot predict: delete, never guess
+        body = info.codec.dump_row(row)
+    except CodecError as exc:
         _fell_back(info, exc, counters)
         return None
-    if body is None or body[1]:
-        # columns the database filled in (server defaults) are not known here; a partial
-        # state would cost SQL on the next hit, so the entry is deleted instead
-        return None
-    return pack([[generation, ticket], body])
+    return pack([[generation, ticket], [body, 0]])
 
 
 def _fell_back(info: ModelInfo, exc: Exception, counters: Stats | None) -> None:

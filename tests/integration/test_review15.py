@@ -181,11 +181,6 @@ def test_a_flush_refused_by_a_before_flush_listener_gives_its_connection_back(
         delete_namespace(redis.Redis.from_url(redis_url), f"{namespace}v")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known (pre-dates issue 15): a write-through state is built from the flushed "
-    "object, whose unchanged columns may be older than the row the UPDATE changed",
-)
 def test_a_write_through_of_an_object_loaded_before_another_commit(
     session_factory: sessionmaker[Session], shop_engine: sa.Engine, product: int
 ) -> None:
