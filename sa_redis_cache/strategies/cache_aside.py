@@ -334,9 +334,7 @@ class Invalidation:
             replies = core.io().run_batch(calls)
             core.breaker.success()  # resets the failure count too
         except RedisError as exc:
-            core.redis_failed(exc)
-            core.counters.incr_total("errors")
-            core.keep_undelivered(ordered)
+            self._marks_failed(exc, ordered)
             return {}
         return self._tickets(ordered, replies, rows)
 
@@ -351,11 +349,17 @@ class Invalidation:
             replies = premark.pending.replies()
             core.breaker.success()  # resets the failure count too
         except RedisError as exc:
-            core.redis_failed(exc)
-            core.counters.incr_total("errors")
-            core.keep_undelivered(premark.plan.tables)
+            self._marks_failed(exc, premark.plan.tables)
             return {}
         return self._tickets(premark.named, replies[premark.bulk_calls :], premark.pks)
+
+    def _marks_failed(self, exc: RedisError, tables: Iterable[str]) -> None:
+        """Marks Redis did not take: counted, and ``tables`` kept undelivered (reads of
+        them bypass the cache until Redis takes their invalidation)."""
+        core = self.core
+        core.redis_failed(exc)
+        core.counters.incr_total("errors")
+        core.keep_undelivered(tables)
 
     def _mark_calls(
         self,
