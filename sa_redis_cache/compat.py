@@ -156,6 +156,19 @@ def is_refresh(orm_context: ORMExecuteState) -> bool:
     return orm_context.load_options._refresh_state is not None
 
 
+def populates_existing(orm_context: ORMExecuteState) -> bool:
+    """True when the statement must overwrite objects already in the identity map.
+
+    ``Session.get(populate_existing=True)`` says so in the load options on SQLAlchemy 2.0
+    and in the execution options on 2.1; ``Query.populate_existing()`` and the execution
+    option, in the execution options on both.
+    """
+    return bool(
+        orm_context.execution_options.get("populate_existing")
+        or orm_context.load_options._populate_existing
+    )
+
+
 def is_clean(session: Session) -> bool:
     """True when ``session`` has nothing new, changed or deleted to flush."""
     return bool(session._is_clean())
@@ -570,6 +583,10 @@ _MODULE_PROBES: dict[str, tuple[Any, str]] = {
     "sqlalchemy orm QueryContext.default_load_options._refresh_state": (
         orm_context.QueryContext.default_load_options,
         "_refresh_state",
+    ),
+    "sqlalchemy orm QueryContext.default_load_options._populate_existing": (
+        orm_context.QueryContext.default_load_options,
+        "_populate_existing",
     ),
     "sqlalchemy orm.mapperlib._mapper_registries": (mapperlib, "_mapper_registries"),
     "sqlalchemy engine.result.IteratorResult": (engine_result, "IteratorResult"),

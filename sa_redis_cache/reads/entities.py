@@ -80,6 +80,7 @@ class EntityReads:
                 not isinstance(o, UserDefinedOption) for o in compat.statement_options(statement)
             )
             or any(orm_context.execution_options.get(n) for n in BYPASS_OPTIONS)
+            or compat.populates_existing(orm_context)
         ):
             return None
         try:

@@ -90,7 +90,9 @@ class QueryReads:
         stats = core.counters
         exec_opts = orm_context.execution_options
         region = scope("region", option.region)
-        if any(exec_opts.get(name) for name in BYPASS_OPTIONS):
+        if any(exec_opts.get(name) for name in BYPASS_OPTIONS) or compat.populates_existing(
+            orm_context
+        ):
             stats.incr(region, "bypassed")
             return None
         statement: Any = orm_context.statement

@@ -50,7 +50,7 @@ def serve(
         body = [info.codec.dump_row(values), 0]
         return hydrate.rehydrate_entity(session, info, body, pk)
     state = instance_state(existing)
-    overwrite = orm_context.execution_options.get("populate_existing", False)
+    overwrite = compat.populates_existing(orm_context)
     for key, value in zip(info.column_keys, values, strict=True):
         # attributes with unflushed changes are the session's own; never overwritten
         if key in state.unloaded or (overwrite and key not in state.committed_state):
