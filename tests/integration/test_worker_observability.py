@@ -330,3 +330,42 @@ def test_a_database_outage_is_logged_while_it_lasts_and_published(
         worker.release()
         cache.detach()
         engine.dispose()
+
+
+def test_a_database_lost_while_the_worker_names_its_streams_is_an_outage_it_outlasts(
+    database_url: str, engine: sa.Engine, client: redis.Redis, namespace: str
+) -> None:
+    """Postgres accepts the worker's first connection and drops it before answering the
+    identity query (it was shutting down): the worker starts anyway, reports the outage,
+    and names its streams and drains them once the database answers."""
+    schema.upgrade(engine)
+    with private_models() as (page_view, _):
+        page_view.metadata.create_all(engine)
+        cache = Cache(client, namespace=namespace)
+        factory = sessionmaker(engine)
+        cache.attach(factory)
+        queued = [queue(factory, page_view, path=f"/lost/{i}", views=i) for i in range(3)]
+        worker_engine = sa.create_engine(database_url)
+        dropped: list[int] = []
+
+        @sa.event.listens_for(worker_engine, "checkout")
+        def drop_the_first_checkout(dbapi_connection: Any, *_: Any) -> None:
+            if dropped:
+                return
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                dropped.append(cursor.fetchone()[0])
+            with engine.connect() as admin:
+                admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": dropped[0]})
+
+        try:
+            worker = FlushWorker(
+                worker_engine, client, namespace=namespace, models=[page_view], consumer="w1"
+            )
+            assert dropped, "the identity query never ran on a dropped connection"
+            assert not worker.database.up
+            assert drain(worker) == len(queued)
+            assert worker.stats(database=False).database_up
+            assert count_rows(engine, page_view) == len(queued)
+        finally:
+            worker_engine.dispose()

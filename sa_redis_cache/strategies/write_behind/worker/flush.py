@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, cast
 from redis import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from sqlalchemy import func, select
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError, StatementError
 
 from sa_redis_cache.binds import Binds, translate_map_of
 from sa_redis_cache.errors import ConfigurationError
@@ -247,7 +247,9 @@ class FlushWorker:
             return
         database = self._binds.database_of_engine(self.engine)
         if database is None:
-            raise ConfigurationError("cannot tell which database the worker's engine reaches")
+            # the server went away between connecting and answering the identity query:
+            # an outage like any other, retried by the loop (never a startup failure)
+            raise DisconnectionError("the database did not say which database it is")
         translate = translate_map_of(self.engine)
         for info in self._infos:
             assert info.policy is not None
