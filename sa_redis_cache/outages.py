@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
@@ -30,13 +31,16 @@ from .redis_io import is_cluster
 from .slot_owners import OWNER_QUERY, SlotOwners, own_ranges, tables_in
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable
+    from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 
     from .breaker import CircuitBreaker
     from .models import ModelRegistry
     from .protocol import KeyScheme, ScriptCall
     from .protocol.scripts import Command
     from .redis_io import AsyncClient, RedisIO, SyncClient
+
+    # a connect-time check: yields the commands of each round trip, receives their replies
+    _Steps: TypeAlias = Generator[Sequence[Command], list[Any], None]
 
 log = logging.getLogger(__name__)
 
@@ -113,43 +117,28 @@ class RedisOutages:
         restart bumps every table (:meth:`_owners_changed`). A slot seen for the first
         time is only recorded. Held under a lock across the bump, as on a single server.
         """
-        for command in OWNER_QUERY:
-            connection.send_command(*command)
-        info, myid, slots = (_reply_or_error(connection.read_response) for _ in OWNER_QUERY)
-        with self._restart_lock:
+        _drive(connection, self._owner_steps(connection, self._restart_lock))
+
+    async def _check_node_run_id_async(self, connection: Any) -> None:
+        """:meth:`_check_node_run_id` on an asyncio connection (no lock across awaits:
+        two connections that see the same change both bump, which is harmless)."""
+        await _drive_async(connection, self._owner_steps(connection, nullcontext()))
+
+    def _owner_steps(self, connection: Any, lock: AbstractContextManager[Any]) -> _Steps:
+        """The round trips of :meth:`_check_node_run_id`, for either driver."""
+        info, myid, slots = yield list(OWNER_QUERY)
+        with lock:
             plan = self._owner_plan(connection, info, myid, slots)
             if plan is None:
                 return
             node, run_id, tables, call = plan
             failure = None
             if call:
-                for command in call:
-                    connection.send_command(*command)
-                loaded = _error_of(connection.read_response)
-                ran = [_error_of(connection.read_response) for _ in call[1:]]
-                failure = _bump_failure(loaded, next((e for e in ran if e), None))
+                loaded, *ran = yield call
+                failure = _bump_failure(
+                    _error(loaded), next((e for e in map(_error, ran) if e), None)
+                )
             self._owners_changed(node, run_id, tables, failure, sent=bool(call))
-
-    async def _check_node_run_id_async(self, connection: Any) -> None:
-        """:meth:`_check_node_run_id` on an asyncio connection (no lock across awaits:
-        two connections that see the same change both bump, which is harmless)."""
-        for command in OWNER_QUERY:
-            await connection.send_command(*command)
-        info = await _reply_or_error_async(connection.read_response)
-        myid = await _reply_or_error_async(connection.read_response)
-        slots = await _reply_or_error_async(connection.read_response)
-        plan = self._owner_plan(connection, info, myid, slots)
-        if plan is None:
-            return
-        node, run_id, tables, call = plan
-        failure = None
-        if call:
-            for command in call:
-                await connection.send_command(*command)
-            loaded = await _error_of_async(connection.read_response)
-            ran = [await _error_of_async(connection.read_response) for _ in call[1:]]
-            failure = _bump_failure(loaded, next((e for e in ran if e), None))
-        self._owners_changed(node, run_id, tables, failure, sent=bool(call))
 
     def _owner_plan(
         self, connection: Any, info: Any, myid: Any, slots: Any
@@ -242,27 +231,9 @@ class RedisOutages:
         )
 
     def _check_run_id(self, connection: Any) -> None:
-        try:
-            connection.send_command("INFO", "server")
-            info = connection.read_response()
-        except ResponseError as exc:
-            self._detection_off(exc)
-            return
-        run_id = _run_id_of(info)
         # held across the bump: another connection of this process that notices the same
         # restart must not serve a read before the bump has landed
-        with self._restart_lock:
-            plan = self._restart_plan(run_id)
-            if plan is None:
-                return
-            known, tables, call = plan
-            failure = None
-            if call is not None:
-                for command in scripts.load_and_run(call):
-                    connection.send_command(*command)
-                loaded = _error_of(connection.read_response)
-                failure = _bump_failure(loaded, _error_of(connection.read_response))
-            self._restarted(known, run_id, tables, failure)
+        _drive(connection, self._run_id_steps(self._restart_lock))
 
     async def _check_run_id_async(self, connection: Any) -> None:
         """:meth:`_check_run_id` on an asyncio connection.
@@ -271,24 +242,25 @@ class RedisOutages:
         ``await``); another connection that notices the same restart meanwhile sees the
         old run id still and bumps too, which is harmless, and the restart is counted once.
         """
-        try:
-            await connection.send_command("INFO", "server")
-            info = await connection.read_response()
-        except ResponseError as exc:
-            self._detection_off(exc)
+        await _drive_async(connection, self._run_id_steps(nullcontext()))
+
+    def _run_id_steps(self, lock: AbstractContextManager[Any]) -> _Steps:
+        """The round trips of :meth:`_check_run_id`, for either driver."""
+        (info,) = yield [("INFO", "server")]
+        if isinstance(info, ResponseError):
+            self._detection_off(info)
             return
         run_id = _run_id_of(info)
-        plan = self._restart_plan(run_id)
-        if plan is None:
-            return
-        known, tables, call = plan
-        failure = None
-        if call is not None:
-            for command in scripts.load_and_run(call):
-                await connection.send_command(*command)
-            loaded = await _error_of_async(connection.read_response)
-            failure = _bump_failure(loaded, await _error_of_async(connection.read_response))
-        self._restarted(known, run_id, tables, failure)
+        with lock:
+            plan = self._restart_plan(run_id)
+            if plan is None:
+                return
+            known, tables, call = plan
+            failure = None
+            if call is not None:
+                loaded, ran = yield list(scripts.load_and_run(call))
+                failure = _bump_failure(_error(loaded), _error(ran))
+            self._restarted(known, run_id, tables, failure)
 
     def _detection_off(self, exc: ResponseError) -> None:
         """INFO was refused (an ACL, a renamed command): restarts go unnoticed; said once."""
@@ -417,22 +389,9 @@ def _bump_failure(loaded: ResponseError | None, ran: ResponseError | None) -> Re
     return None if ran is None else loaded or ran
 
 
-def _error_of(read: Callable[[], Any]) -> ResponseError | None:
-    """Read one reply from a connection: the error it holds, or None."""
-    try:
-        read()
-    except ResponseError as exc:
-        return exc
-    return None
-
-
-async def _error_of_async(read: Callable[[], Awaitable[Any]]) -> ResponseError | None:
-    """:func:`_error_of` on an asyncio connection."""
-    try:
-        await read()
-    except ResponseError as exc:
-        return exc
-    return None
+def _error(reply: Any) -> ResponseError | None:
+    """The error a reply holds, or None."""
+    return reply if isinstance(reply, ResponseError) else None
 
 
 def _reply_or_error(read: Callable[[], Any]) -> Any:
@@ -444,12 +403,39 @@ def _reply_or_error(read: Callable[[], Any]) -> Any:
         return exc
 
 
+def _drive(connection: Any, steps: _Steps) -> None:
+    """Run a connect-time check on a synchronous connection: each step's commands are
+    sent together, their replies (errors as values) sent back into the check."""
+    try:
+        commands = next(steps)
+        while True:
+            for command in commands:
+                connection.send_command(*command)
+            replies = [_reply_or_error(connection.read_response) for _ in commands]
+            commands = steps.send(replies)
+    except StopIteration:
+        return
+
+
 async def _reply_or_error_async(read: Callable[[], Awaitable[Any]]) -> Any:
     """:func:`_reply_or_error` on an asyncio connection."""
     try:
         return await read()
     except ResponseError as exc:
         return exc
+
+
+async def _drive_async(connection: Any, steps: _Steps) -> None:
+    """:func:`_drive` on an asyncio connection."""
+    try:
+        commands = next(steps)
+        while True:
+            for command in commands:
+                await connection.send_command(*command)
+            replies = [await _reply_or_error_async(connection.read_response) for _ in commands]
+            commands = steps.send(replies)
+    except StopIteration:
+        return
 
 
 def _run_id_of(info: Any) -> str | None:
