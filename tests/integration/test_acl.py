@@ -63,6 +63,11 @@ def without(rules: list[str], *refused: str) -> list[str]:
     return [rule for rule in rules if rule not in refused]
 
 
+def user_args(users: dict[str, list[str]]) -> list[str]:
+    """``redis-server`` arguments that create ``users`` with their rules."""
+    return [arg for name, rules in users.items() for arg in ("--user", name, *rules)]
+
+
 @pytest.fixture
 def acl_server(namespace: str) -> Iterator[RedisServer]:
     """A Redis (AOF on, for write-behind) whose users are those of docs/security.md, plus
@@ -72,8 +77,7 @@ def acl_server(namespace: str) -> Iterator[RedisServer]:
     app = users["sarc_app"]
     users["sarc_noscript"] = without(app, "+evalsha", "+script|load")
     users["sarc_noinfo"] = without(app, "+info")
-    args = [arg for name, rules in users.items() for arg in ("--user", name, *rules)]
-    with RedisServer(appendonly=True, appendfsync="always", extra_args=args) as server:
+    with RedisServer(appendonly=True, appendfsync="always", extra_args=user_args(users)) as server:
         yield server
 
 

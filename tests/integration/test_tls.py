@@ -24,7 +24,7 @@ from devservices.tls import make_tls_files
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.cli import cli
-from tests.integration.test_acl import PASSWORD, documented_users
+from tests.integration.test_acl import PASSWORD, documented_users, refusals, user_args
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -39,8 +39,7 @@ WRONG = "not-the-password-9f3"
 @pytest.fixture
 def tls_server(tmp_path: Path, namespace: str) -> Iterator[RedisServer]:
     """A Redis whose one port speaks TLS, with the documented users (AOF on)."""
-    users = documented_users(namespace)
-    args = [arg for name, rules in users.items() for arg in ("--user", name, *rules)]
+    args = user_args(documented_users(namespace))
     files = make_tls_files(tmp_path / "tls")
     with RedisServer(appendfsync="always", extra_args=args, tls=files) as server:
         yield server
@@ -49,14 +48,6 @@ def tls_server(tmp_path: Path, namespace: str) -> Iterator[RedisServer]:
 def url_of(server: RedisServer, user: str, password: str = PASSWORD) -> str:
     assert server.tls is not None
     return f"rediss://{user}:{password}@{server.host}:{server.port}/0?ssl_ca_certs={server.tls.ca}"
-
-
-def refusals(server: RedisServer) -> list[object]:
-    admin = redis.Redis.from_url(server.url)
-    try:
-        return list(admin.acl_log())
-    finally:
-        admin.close()
 
 
 @pytest.fixture
