@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -284,6 +285,24 @@ def own_postgres(unavailable: Any) -> Iterator[PostgresServer]:
         server.close()
 
 
+@contextmanager
+def attached_page_views(
+    engine: sa.Engine, client: redis.Redis, namespace: str
+) -> Iterator[tuple[Any, sessionmaker[Session]]]:
+    """A private write-behind model's table in ``engine``'s database, and a session
+    factory a cache in ``namespace`` is attached to (detached at the end)."""
+    schema.upgrade(engine)
+    with private_models() as (page_view, _):
+        page_view.metadata.create_all(engine)
+        cache = Cache(client, namespace=namespace)
+        factory = sessionmaker(engine)
+        cache.attach(factory)
+        try:
+            yield page_view, factory
+        finally:
+            cache.detach()
+
+
 def test_a_database_outage_is_logged_while_it_lasts_and_published(
     own_postgres: PostgresServer,
     client: redis.Redis,
@@ -291,12 +310,7 @@ def test_a_database_outage_is_logged_while_it_lasts_and_published(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     engine = sa.create_engine(own_postgres.url, poolclass=NullPool)
-    schema.upgrade(engine)
-    with private_models() as (page_view, _):
-        page_view.metadata.create_all(engine)
-        cache = Cache(client, namespace=namespace)
-        factory = sessionmaker(engine)
-        cache.attach(factory)
+    with attached_page_views(engine, client, namespace) as (page_view, factory):
         queued = [queue(factory, page_view, path=f"/o/{i}", views=i) for i in range(5)]
         worker = FlushWorker(
             engine, client, namespace=namespace, models=[page_view], consumer="w1", max_backoff=0
@@ -328,8 +342,7 @@ def test_a_database_outage_is_logged_while_it_lasts_and_published(
         assert sample(generate_latest(registry).decode(), "sarc_wb_database_up") == 1
         assert count_rows(engine, page_view) == len(queued)
         worker.release()
-        cache.detach()
-        engine.dispose()
+    engine.dispose()
 
 
 def test_a_database_lost_while_the_worker_names_its_streams_is_an_outage_it_outlasts(
@@ -338,12 +351,7 @@ def test_a_database_lost_while_the_worker_names_its_streams_is_an_outage_it_outl
     """Postgres accepts the worker's first connection and drops it before answering the
     identity query (it was shutting down): the worker starts anyway, reports the outage,
     and names its streams and drains them once the database answers."""
-    schema.upgrade(engine)
-    with private_models() as (page_view, _):
-        page_view.metadata.create_all(engine)
-        cache = Cache(client, namespace=namespace)
-        factory = sessionmaker(engine)
-        cache.attach(factory)
+    with attached_page_views(engine, client, namespace) as (page_view, factory):
         queued = [queue(factory, page_view, path=f"/lost/{i}", views=i) for i in range(3)]
         worker_engine = sa.create_engine(database_url)
         dropped: list[int] = []
@@ -367,5 +375,6 @@ def test_a_database_lost_while_the_worker_names_its_streams_is_an_outage_it_outl
             assert drain(worker) == len(queued)
             assert worker.stats(database=False).database_up
             assert count_rows(engine, page_view) == len(queued)
+            worker.release()
         finally:
             worker_engine.dispose()
