@@ -223,6 +223,18 @@ class RedisIO:
             self._wait(self.client.script_load(script.source))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def replicas_of(self, key: str) -> int:
+        """How many replicas must confirm a write of ``key`` before it is known to survive
+        a failover: none on a single server (no failover moves its data elsewhere); on a
+        cluster, every replica of the slot's primary (``cluster_io``).
+
+        Example::
+
+            io.replicas_of("sarc:shop:{shop:views}:wb:00ff:0")  # 0
+        """
+        del key
+        return 0
+
     def pipeline(self, commands: Iterable[Command]) -> list[Any]:
         """Send ``commands`` in one round trip (no MULTI); their replies in order."""
         pipe = self.client.pipeline(transaction=False)
@@ -428,32 +440,19 @@ def refuse_cluster(client: object, what: str) -> None:
     """Raise :class:`~sa_redis_cache.errors.ConfigurationError` when ``client`` is a Redis
     Cluster client and ``what`` cannot run on a cluster yet.
 
-    Sessions, reads and cache-aside and write-through commits run on a cluster; the
-    write-behind worker and the command line do not yet (docs/cluster.md, "Not supported
-    yet").
+    Everything but the local tier and the demo runs on a cluster (docs/cluster.md, "Not
+    supported yet").
 
     Example::
 
-        refuse_cluster(client, "FlushWorker")
+        refuse_cluster(client, "sa-redis-cache demo")
     """
     if is_cluster(client):
-        raise not_on_cluster(what)
-
-
-def not_on_cluster(what: str) -> ConfigurationError:
-    """The error :func:`refuse_cluster` raises for ``what``, for a caller that knows a
-    cluster is asked for before any client is made (a ``?cluster=true`` URL).
-
-    Example::
-
-        raise not_on_cluster("sa-redis-cache dlq replay")
-    """
-    return ConfigurationError(
-        f"{what} does not run on a Redis Cluster yet: write-behind's stream reads span "
-        "every node, and are not split per node yet (docs/cluster.md, 'Not supported "
-        "yet'). Point it at a single Redis server (a URL without ?cluster=true, or a "
-        "redis.Redis)"
-    )
+        raise ConfigurationError(
+            f"{what} does not run on a Redis Cluster yet: it starts processes and servers "
+            "that speak to one Redis server (docs/cluster.md, 'Not supported yet'). Point it "
+            "at a single Redis server (a URL without ?cluster=true, or a redis.Redis)"
+        )
 
 
 def split_cluster_url(url: str) -> tuple[str, bool]:

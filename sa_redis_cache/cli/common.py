@@ -27,9 +27,7 @@ from sa_redis_cache.redaction import redact_text, redact_url
 from sa_redis_cache.redis_io import (
     SyncClient,
     client_from_url,
-    not_on_cluster,
     refuse_cluster,
-    split_cluster_url,
 )
 
 if TYPE_CHECKING:
@@ -169,21 +167,6 @@ class Settings:
             except ConfigurationError as exc:
                 raise click.UsageError(str(exc)) from exc
         return self._client
-
-    def refuse_cluster_url(self, what: str) -> None:
-        """Exit with status 2 when ``redis_url`` asks for a Redis Cluster (``?cluster=true``),
-        which ``what`` does not run on yet; nothing is connected to.
-
-        Example::
-
-            settings.refuse_cluster_url("sa-redis-cache dlq replay")
-        """
-        try:
-            _, wanted = split_cluster_url(self.redis_url)
-        except ValueError:
-            return  # self.redis() reports the malformed URL, naming the parameter
-        if wanted:
-            raise click.UsageError(str(not_on_cluster(what)))
 
     def cache(self) -> Cache:
         """A :class:`~sa_redis_cache.Cache` on this namespace, with ``--models`` imported."""
