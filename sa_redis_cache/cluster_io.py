@@ -242,6 +242,12 @@ class AsyncClusterIO(_ClusterCalls, AsyncRedisIO):
 
     __slots__ = ()
 
+    def _node_of(self, key: str) -> Any:
+        if not self.client.nodes_manager.slots_cache:
+            # an asyncio cluster client learns the slots on its first command
+            self._wait(self.client.initialize())
+        return self.client.get_node_from_key(key)
+
     def _on_node(self, node: Any, commands: Sequence[Command]) -> list[Any]:
         sent = [PipelineCommand(at, *command) for at, command in enumerate(commands)]
         self._wait(node.execute_pipeline(sent))

@@ -136,7 +136,7 @@ class WriteBehind:
         if not work:
             return
         if is_cluster(self.core.client):
-            self._refuse_several_slots(state, {info for _, info, _ in work})
+            self._refuse_several_slots(state, [info for _, info, _ in work])
         queued = state.frame().queued
         tz: Any = None
         scopes: dict[str, str] = {}
@@ -166,7 +166,7 @@ class WriteBehind:
             op.scope = scope
             queued[(info.table, op.pk)] = op
 
-    def _refuse_several_slots(self, state: TransactionState, infos: set[ModelInfo]) -> None:
+    def _refuse_several_slots(self, state: TransactionState, infos: list[ModelInfo]) -> None:
         """On a cluster, refuse a flush that would make the commit's queued operations span
         several slots: ``wb_enqueue.lua`` queues them all or none, in one call, which a
         cluster runs in one slot only. Raised before this flush changes anything.
@@ -177,9 +177,9 @@ class WriteBehind:
         """
         models: dict[int, set[str]] = {}
         queued = [op.info for frame in state.frames for op in frame.queued.values()]
-        for info in {*infos, *queued}:
-            slot = key_slot(self.core.keys.generation_key(info.table))
-            models.setdefault(slot, set()).add(info.mapper.class_.__name__)
+        tables = {info.table: info.mapper.class_.__name__ for info in [*infos, *queued]}
+        for table, name in tables.items():
+            models.setdefault(key_slot(self.core.keys.generation_key(table)), set()).add(name)
         if len(models) > 1:
             names = ", ".join(sorted(name for group in models.values() for name in group))
             raise ConfigurationError(
