@@ -146,7 +146,7 @@ def test_a_killed_primary_loses_no_acknowledged_operation_and_applies_none_twice
                 .where(dead_letters.c.namespace == namespace)
             ).scalar_one()
         assert letters == 0
-        # the kill happened mid-run: some commits failed, most were acknowledged
-        print("DEBUG", n, over_at, raised)
-        assert 0 < raised < n // 2
+        # most commits were acknowledged; those in the failover's window either waited in
+        # redis-py's redirections and retries and were acknowledged after it, or raised
+        assert raised < n // 2
         print(f"\n{n} operations, {raised} raised around the failover (op {KILL_AT} to {over_at})")
