@@ -31,16 +31,11 @@ from sa_redis_cache.strategies.write_behind.ids import ID_BLOCKS
 from tests.modes import CLUSTER_MODES
 from tests.wb_support import private_models
 
+pytest_plugins = ["tests.wb_fixtures"]  # aof_redis, aof_cluster
 pytestmark = pytest.mark.cluster
 
 if TYPE_CHECKING:
     from tests.modes import Db, Runner
-
-
-@pytest.fixture(scope="module")
-def aof_redis() -> Iterator[RedisServer]:
-    with RedisServer(appendonly=True, appendfsync="always") as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +55,6 @@ def models(wb_engine: sa.Engine) -> Iterator[tuple[Any, Any]]:
 def mode_redis_url(aof_redis: RedisServer) -> str:
     """``in_mode``'s caches use the AOF server: ``attach()`` demands it for these models."""
     return aof_redis.url
-
-
-@pytest.fixture(scope="module")
-def aof_cluster() -> Iterator[RedisCluster]:
-    with RedisCluster(primaries=3, replicas=1, appendonly=True, node_timeout_ms=1000) as made:
-        yield made
 
 
 @pytest.fixture

@@ -2,11 +2,11 @@
 slot with one ``wb_enqueue.lua`` call on the slot's primary, ``WAIT``s there for the
 shard's replicas, and the worker drains the streams of every node.
 
-The cluster is started here with AOF on (``attach()`` demands it of every primary for
-write-behind models). The commit scenarios run with a ``Session`` and an ``AsyncSession``
-(``cluster-sync``, ``cluster-async``: :mod:`tests.modes`); in the async mode any round
-trip of the synchronous client fails the test, so the enqueue and its ``WAIT`` are proven
-to await the asyncio client.
+The cluster has AOF on (``attach()`` demands it of every primary for write-behind
+models: ``aof_cluster`` of :mod:`tests.wb_fixtures`). The commit scenarios run with a
+``Session`` and an ``AsyncSession`` (``cluster-sync``, ``cluster-async``:
+:mod:`tests.modes`); in the async mode any round trip of the synchronous client fails the
+test, so the enqueue and its ``WAIT`` are proven to await the asyncio client.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -22,61 +21,34 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from devservices import RedisCluster
-from sa_redis_cache import Cache, ConfigurationError, FlushWorker, schema
+from sa_redis_cache import ConfigurationError, FlushWorker
 from sa_redis_cache.errors import NotReplicatedError
 from sa_redis_cache.protocol.keys import KeyScheme
-from sa_redis_cache.redis_io import client_from_url
 from tests.modes import CLUSTER_MODES, Runner
-from tests.wb_support import drain, private_models, rows
+from tests.wb_support import drain, rows
 
 if TYPE_CHECKING:
     from tests.modes import Db
 
 
-@pytest.fixture(scope="module")
-def wb_cluster() -> Iterator[RedisCluster]:
-    with RedisCluster(primaries=3, replicas=1, appendonly=True, node_timeout_ms=1000) as made:
-        yield made
+pytest_plugins = ["tests.wb_fixtures"]
 
 
 @pytest.fixture
-def models(engine: sa.Engine) -> Iterator[tuple[Any, Any]]:
-    schema.upgrade(engine)
-    with private_models() as found:
-        found[0].metadata.create_all(engine)
-        with engine.begin() as conn:
-            conn.execute(found[0].__table__.delete())
-            conn.execute(found[1].__table__.delete())
-        yield found
-
-
-@pytest.fixture
-def client(wb_cluster: RedisCluster) -> Iterator[Any]:
-    made = client_from_url(wb_cluster.url)
-    yield made
-    made.close()
-
-
-@pytest.fixture
-def factory(
-    engine: sa.Engine, client: Any, namespace: str, models: Any
-) -> Iterator[sessionmaker[Session]]:
-    cache = Cache(client, namespace=namespace)
-    made = sessionmaker(engine)
-    cache.attach(made)
-    yield made
-    cache.detach()
+def wb_redis_url(aof_cluster: RedisCluster) -> str:
+    """``client``, ``factory`` and the workers here are on the cluster with AOF."""
+    return aof_cluster.url
 
 
 @pytest.fixture(params=CLUSTER_MODES)
 def on_cluster(
     request: pytest.FixtureRequest,
     database_url: str,
-    wb_cluster: RedisCluster,
+    aof_cluster: RedisCluster,
     namespace: str,
     shop_engine: sa.Engine,
 ) -> Runner:
-    return Runner(request.param, database_url, wb_cluster.url, namespace)
+    return Runner(request.param, database_url, aof_cluster.url, namespace)
 
 
 def stream_owner(cluster: RedisCluster, namespace: str, table: str) -> Any:
@@ -140,7 +112,7 @@ def test_a_commit_writing_tables_of_two_slots_is_refused_at_flush_before_anythin
 def test_a_commit_raises_when_the_replica_of_its_shard_does_not_confirm_and_stays_queued(
     factory: sessionmaker[Session],
     models: Any,
-    wb_cluster: RedisCluster,
+    aof_cluster: RedisCluster,
     client: Any,
     namespace: str,
     engine: sa.Engine,
@@ -149,8 +121,8 @@ def test_a_commit_raises_when_the_replica_of_its_shard_does_not_confirm_and_stay
     connection (or on every node, as a cluster pipeline sends a keyless command) it
     would answer at once with the connected replica, and the commit would return."""
     page_view, _ = models
-    owner = stream_owner(wb_cluster, namespace, page_view.__table__.name)
-    (replica,) = wb_cluster.replicas_of(owner)
+    owner = stream_owner(aof_cluster, namespace, page_view.__table__.name)
+    (replica,) = aof_cluster.replicas_of(owner)
     with factory() as s:
         s.add(page_view(path="/copied", views=1))
         s.commit()  # the replica runs: confirmed
