@@ -69,7 +69,6 @@ __all__ = [
     "client_from_url",
     "clients_for",
     "is_cluster",
-    "refuse_cluster",
     "split_cluster_url",
     "unlink_matching",
 ]
@@ -434,25 +433,6 @@ def is_cluster(client: object) -> bool:
         is_cluster(redis.Redis())  # False
     """
     return isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster)
-
-
-def refuse_cluster(client: object, what: str) -> None:
-    """Raise :class:`~sa_redis_cache.errors.ConfigurationError` when ``client`` is a Redis
-    Cluster client and ``what`` cannot run on a cluster yet.
-
-    Everything but the local tier and the demo runs on a cluster (docs/cluster.md, "Not
-    supported yet").
-
-    Example::
-
-        refuse_cluster(client, "sa-redis-cache demo")
-    """
-    if is_cluster(client):
-        raise ConfigurationError(
-            f"{what} does not run on a Redis Cluster yet: it starts processes and servers "
-            "that speak to one Redis server (docs/cluster.md, 'Not supported yet'). Point it "
-            "at a single Redis server (a URL without ?cluster=true, or a redis.Redis)"
-        )
 
 
 def split_cluster_url(url: str) -> tuple[str, bool]:

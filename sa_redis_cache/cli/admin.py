@@ -774,7 +774,7 @@ def demo(settings: Settings, small: bool) -> None:
             "(it creates its own database, sarc_demo, there), or run `make demo`"
         )
     # fail here, with our message, rather than with a traceback deep in the demo
-    settings.redis(refused_on_cluster_by="sa-redis-cache demo")
+    settings.redis()
     _check_database(settings.engine())
     env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url}
     if small:
