@@ -119,15 +119,26 @@ class _ClusterCalls(RedisIO):
         replica stays connected (and counted) until ``repl-timeout``, so that a ``WAIT``
         for it times out rather than passing without it.
         """
-        node = self._node_of(key)
-        now = time.monotonic()
-        known = _REPLICAS.get(node.name)
-        if known is None or now - known[1] > _REPLICAS_FOR_S:
-            reply = self._on_node(node, [("INFO", "replication")])[0]
+        for _ in range(_REDIRECTS):
+            node = self._node_of(key)
+            now = time.monotonic()
+            known = _REPLICAS.get(node.name)
+            if known is not None and now - known[1] <= _REPLICAS_FOR_S:
+                return known[0]
+            try:
+                reply = self._on_node(node, [("INFO", "replication")])[0]
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                reply = exc
             if isinstance(reply, Exception):
+                self._gone(reply)
                 raise reply
-            known = _REPLICAS[node.name] = (int(reply.get("connected_slaves", 0)), now)
-        return known[0]
+            if reply.get("role") == "master":
+                _REPLICAS[node.name] = (int(reply.get("connected_slaves", 0)), now)
+                return int(reply.get("connected_slaves", 0))
+            # a primary demoted since the client's map was read (a failover): read it
+            # again, or the count would be a replica's (none) and nothing waited for
+            self._refresh()
+        raise ClusterDownError(f"no primary found for the slot of {key}")
 
     def run_then(self, call: ScriptCall, commands: Sequence[Command]) -> list[Any]:
         """Run a one-slot script call, then ``commands``, on one connection of the slot's
@@ -159,8 +170,7 @@ class _ClusterCalls(RedisIO):
                 replies = [exc]
             first = replies[0]
             if isinstance(first, RedisConnectionError | RedisTimeoutError):
-                with contextlib.suppress(RedisError):
-                    self._refresh()
+                self._gone(first)
                 raise first
             if isinstance(first, NoScriptError):
                 self._on_node(node, [("SCRIPT", "LOAD", script.source)])
@@ -182,6 +192,13 @@ class _ClusterCalls(RedisIO):
 
     def _node_of(self, key: str) -> Any:
         return self.client.get_node_from_key(key)
+
+    def _gone(self, error: Exception) -> None:
+        """A node's connection failed: read the slot map again (the node may have been
+        replaced), so that the next call goes to the slot's new primary."""
+        if isinstance(error, RedisConnectionError | RedisTimeoutError):
+            with contextlib.suppress(RedisError):
+                self._refresh()
 
     def _on_node(self, node: Any, commands: Sequence[Command]) -> list[Any]:
         """``commands`` on one connection of ``node``; error replies as exceptions."""

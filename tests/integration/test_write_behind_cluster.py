@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from devservices import RedisCluster
-from sa_redis_cache import ConfigurationError, FlushWorker
+from sa_redis_cache import ConfigurationError, FlushWorker, cluster_io
 from sa_redis_cache.errors import NotReplicatedError
 from sa_redis_cache.protocol.keys import KeyScheme
 from tests.modes import CLUSTER_MODES, Runner
@@ -146,3 +146,38 @@ def test_a_commit_raises_when_the_replica_of_its_shard_does_not_confirm_and_stay
         worker.release()
     assert rows(engine, page_view)[pk] == ("/not-copied", 2)
     assert len(rows(engine, page_view)) == 2
+
+
+def test_after_a_failover_the_commit_waits_for_the_new_primarys_replica(
+    factory: sessionmaker[Session],
+    models: Any,
+    aof_cluster: RedisCluster,
+    client: Any,
+    namespace: str,
+) -> None:
+    """The cache's slot map still names the old primary after a ``CLUSTER FAILOVER``; the
+    count of replicas to wait for must be the new primary's, not the demoted node's (a
+    replica has none: nothing would be waited for)."""
+    page_view, _ = models
+    with factory() as s:
+        s.add(page_view(path="/before", views=1))
+        s.commit()  # the cache's client has learned the slot's primary
+    owner = stream_owner(aof_cluster, namespace, page_view.__table__.name)
+    promoted = aof_cluster.failover(owner)  # the old primary is now its replica
+    assert stream_owner(aof_cluster, namespace, page_view.__table__.name) is promoted
+    # the demoted node keeps answering (INFO, MOVED) but stops applying its primary's
+    # writes, so a WAIT for it times out
+    owner.admin().execute_command("CLIENT", "PAUSE", 15_000, "WRITE")
+    # as a client that has not heard of the failover yet (another process's, say): its map
+    # names the demoted node for the slot
+    slot = aof_cluster.slot_of(KeyScheme(namespace).generation_key(page_view.__table__.name))
+    stale = client.nodes_manager.get_node(host=owner.host, port=owner.port)
+    client.nodes_manager.slots_cache[slot] = [stale]
+    cluster_io._REPLICAS.clear()  # nor asked any primary how many replicas it has
+    try:
+        with factory() as s:
+            s.add(page_view(path="/after", views=2))
+            with pytest.raises(NotReplicatedError):
+                s.commit()
+    finally:
+        owner.admin().execute_command("CLIENT", "UNPAUSE")
