@@ -24,6 +24,7 @@ from devservices import RedisCluster
 from sa_redis_cache import ConfigurationError, FlushWorker, cluster_io
 from sa_redis_cache.errors import NotReplicatedError
 from sa_redis_cache.protocol.keys import KeyScheme
+from sa_redis_cache.strategies.write_behind import session as wb_session
 from tests.modes import CLUSTER_MODES, Runner
 from tests.wb_support import drain, rows
 
@@ -116,6 +117,7 @@ def test_a_commit_raises_when_the_replica_of_its_shard_does_not_confirm_and_stay
     client: Any,
     namespace: str,
     engine: sa.Engine,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The ``WAIT`` follows the enqueue on the connection that ran it: on any other
     connection (or on every node, as a cluster pipeline sends a keyless command) it
@@ -128,6 +130,7 @@ def test_a_commit_raises_when_the_replica_of_its_shard_does_not_confirm_and_stay
         s.commit()  # the replica runs: confirmed
     pid = replica.pid
     assert pid is not None
+    monkeypatch.setattr(wb_session, "DURABLE_WAIT_S", 0.5)  # the wait that must time out
     os.kill(pid, signal.SIGSTOP)
     try:
         with factory() as s:
@@ -154,6 +157,7 @@ def test_after_a_failover_the_commit_waits_for_the_new_primarys_replica(
     aof_cluster: RedisCluster,
     client: Any,
     namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The cache's slot map still names the old primary after a ``CLUSTER FAILOVER``; the
     count of replicas to wait for must be the new primary's, not the demoted node's (a
@@ -167,6 +171,7 @@ def test_after_a_failover_the_commit_waits_for_the_new_primarys_replica(
     assert stream_owner(aof_cluster, namespace, page_view.__table__.name) is promoted
     # the demoted node keeps answering (INFO, MOVED) but stops applying its primary's
     # writes, so a WAIT for it times out
+    monkeypatch.setattr(wb_session, "DURABLE_WAIT_S", 0.5)  # the wait that must time out
     owner.admin().execute_command("CLIENT", "PAUSE", 15_000, "WRITE")
     # as a client that has not heard of the failover yet (another process's, say): its map
     # names the demoted node for the slot
