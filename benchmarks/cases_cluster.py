@@ -1,8 +1,10 @@
-"""Redis Cluster cases: a 1-row hit, a two-table hit and a write-through commit on a local
-cluster, against the same on the single Redis of the run, in one run.
+"""Redis Cluster cases: a 1-row hit, a two-table hit, a write-through commit and a
+write-behind commit on a local cluster, against the same on the single Redis of the run,
+in one run.
 
-The cluster is a ``devservices.RedisCluster`` of three primaries (no replicas: nothing
-the cache sends waits for them) started on loopback for the case and stopped after it.
+The cluster is a ``devservices.RedisCluster`` of three primaries with a replica each
+(only the write-behind commit waits for them: ``WAIT`` after its enqueue) started on
+loopback for the case and stopped after it.
 Its cache has a namespace of its own, is attached to a sessionmaker on an engine of its
 own, and reads and writes the same rows as the single-Redis cache's contender (the
 contenders alternate, so each sees the other's commits as a plain invalidation would).
@@ -17,17 +19,26 @@ node, as on one server.
 from __future__ import annotations
 
 import shutil
+import uuid
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import String, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from benchmarks.cases_writes import committer, new_price
-from benchmarks.common import Consume, check_result, entities, orm_contender, rows, snapshot
+from benchmarks.common import (
+    Consume,
+    check_result,
+    close,
+    entities,
+    orm_contender,
+    rows,
+    snapshot,
+)
 from benchmarks.harness import CaseResult, Comparison, Contender, measure
 from devservices.cluster import RedisCluster
 from examples.shop import Category, Product
-from sa_redis_cache import Cache, FromCache
+from sa_redis_cache import Cache, CachePolicy, FromCache
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,7 +56,7 @@ class ClusterCache:
     """The cluster, a cache on it and a sessionmaker attached to it; closed by ``close``."""
 
     def __init__(self, env: BenchEnv) -> None:
-        self.cluster = RedisCluster(primaries=3, replicas=0, appendonly=False).start()
+        self.cluster = RedisCluster(primaries=3, replicas=1, appendonly=False).start()
         self.engine = env.new_engine()
         self.cache = Cache(self.cluster.url, namespace=env.new_namespace("cl"), default_ttl=3600)
         self.sessions: sessionmaker[Session] = sessionmaker(self.engine)
@@ -70,12 +81,17 @@ def _two_tables() -> Any:
 
 
 def cluster_cases(env: BenchEnv, plan: Plan) -> list[CaseResult]:
-    """The three cluster cases, on one cluster started for them."""
+    """The four cluster cases, on one cluster started for them."""
     if shutil.which("redis-server") is None:
         raise RuntimeError("redis-server is not installed: the cluster cases start a cluster")
     made = ClusterCache(env)
     try:
-        return [_hits(env, plan, made), _joins(env, plan, made), _commits(env, plan, made)]
+        return [
+            _hits(env, plan, made),
+            _joins(env, plan, made),
+            _commits(env, plan, made),
+            _queued_commits(env, plan, made),
+        ]
     finally:
         made.close()
 
@@ -159,4 +175,67 @@ def _commits(env: BenchEnv, plan: Plan, made: ClusterCache) -> CaseResult:
         cached = session.get(Product, COMMIT_CLUSTER)
         if cached is None or cached.price != stored:
             result.notes.append("cluster: the entity cache does not hold the last committed price")
+    return result
+
+
+def _queued_view_model() -> Any:
+    """A write-behind model on a table of its own, in a registry of its own: mapped only
+    for the case (disposed of after it, so that no later cache attaches it)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class QueuedView(Base):
+        __tablename__ = "bench_cluster_queued_views"
+        # the run's Redis and this cluster keep no AOF: the case measures the commit, not
+        # a queue that must survive a restart
+        __cache__ = CachePolicy(strategy="write_behind", accept_volatile=True)
+
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+        path: Mapped[str] = mapped_column(String(100))
+        views: Mapped[int] = mapped_column(default=0)
+
+    return QueuedView
+
+
+def _queuer(name: str, factory: sessionmaker[Session], model: Any) -> Contender:
+    """A contender whose timed call commits one new write-behind row (no SQL: queued)."""
+
+    def setup() -> Session:
+        session = factory()
+        session.add(model(path="/bench", views=1))
+        return session
+
+    return Contender(name=name, call=lambda session: session.commit(), setup=setup, teardown=close)
+
+
+def _queued_commits(env: BenchEnv, plan: Plan, made: ClusterCache) -> CaseResult:
+    """A write-behind commit of one new row: one ``wb_enqueue.lua`` on each side; on the
+    cluster, in the same round trip, ``WAIT`` for the shard's replica (docs/cluster.md)."""
+    model = _queued_view_model()
+    model.metadata.create_all(env.engine)
+    single = Cache(env.redis_url, namespace=env.new_namespace("wbs"))
+    on_cluster = Cache(made.cluster.url, namespace=env.new_namespace("wbc"))
+    factories = (sessionmaker(made.engine), sessionmaker(made.engine))
+    try:
+        single.attach(factories[0])
+        on_cluster.attach(factories[1])
+        result = measure(
+            "cluster_wb_commit",
+            "cluster: write-behind commit of one new row (queued, no SQL)",
+            [_queuer(SINGLE, factories[0], model), _queuer(CLUSTER, factories[1], model)],
+            plan.commits,
+            [_ratio("cluster ÷ single")],
+        )
+    finally:
+        single.detach()
+        on_cluster.detach()
+        single.client.close()
+        on_cluster.client.close()
+        model.metadata.drop_all(env.engine)
+        model.registry.dispose()
+    result.breakdown.append(
+        "both: one wb_enqueue.lua call; the cluster sends it on the slot's primary's own "
+        "connection followed by WAIT 1 (its replica's acknowledgement) in the same round trip"
+    )
     return result

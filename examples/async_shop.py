@@ -35,7 +35,6 @@ import time
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-import redis
 import sqlalchemy as sa
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
@@ -45,7 +44,7 @@ from sqlalchemy.pool import NullPool
 from devservices.scratch import drop_database, recreate_database
 from examples.shop import Base, Category, Product, seed
 from sa_redis_cache import Cache, FromCache
-from sa_redis_cache.redis_io import unlink_matching
+from sa_redis_cache.redis_io import client_from_url, unlink_matching
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -248,7 +247,7 @@ def set_up(server_url: str, database: str, redis_url: str, namespace: str) -> st
 
 def clear_namespace(redis_url: str, namespace: str) -> None:
     """Delete the namespace's keys (SCAN + UNLINK, never FLUSH: the server may be shared)."""
-    client = redis.Redis.from_url(redis_url)
+    client = client_from_url(redis_url)  # a ?cluster=true URL: every primary is scanned
     try:
         unlink_matching(client, f"sarc:{namespace}:*")
     finally:

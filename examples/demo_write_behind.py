@@ -25,12 +25,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 
 from devservices import RedisServer, ServerStartError, redact
 from sa_redis_cache import Cache, FlushWorker, schema
+from sa_redis_cache.redis_io import client_from_url
 from sa_redis_cache.strategies.write_behind.checks import redis_problems
 from sa_redis_cache.strategies.write_behind.worker.progress import BacklogProgress, choose_mode
 
@@ -65,7 +65,7 @@ def aof_redis(redis_url: str, out: Output) -> Iterator[str | None]:
     """
     from examples.telemetry import PageView
 
-    client = redis.Redis.from_url(redis_url)
+    client = client_from_url(redis_url)  # a ?cluster=true URL makes a cluster client
     try:
         problems = redis_problems(client, PageView.__cache__)
     finally:
@@ -175,7 +175,7 @@ def write_behind_burst(
         schema.upgrade(engine)  # the worker's offsets and dead letters
         table: Any = PageView.__table__
         table.create(engine, checkfirst=True)
-        client = redis.Redis.from_url(url)
+        client = client_from_url(url)
         cache = Cache(client, namespace=namespace)
         factory = sessionmaker(engine)
         cache.attach(factory)

@@ -22,7 +22,7 @@ from . import compat
 from .binds import translate_map_of
 from .breaker import CircuitBreaker
 from .cached_functions import AsyncCachedFunction, CacheDecorator, CachedFunction
-from .cluster_io import WRITE_BEHIND_ON_CLUSTER, refuse_local_tier_on_cluster
+from .cluster_io import refuse_local_tier_on_cluster
 from .context import CacheContext
 from .engine_writes import EngineWrites
 from .errors import ConfigurationError
@@ -394,9 +394,6 @@ class Cache:
                     f"{mapper.class_.__name__}: {problem}" for problem in policy.problems()
                 )
                 if policy.strategy == Strategy.WRITE_BEHIND:
-                    if is_cluster(self._core.client):
-                        problems.append(f"{mapper.class_.__name__}: {WRITE_BEHIND_ON_CLUSTER}")
-                        continue
                     info = build_model_info(mapper, policy)
                     problems.extend(write_behind_checks.model_problems(mapper, info))
                     problems.extend(

@@ -19,9 +19,20 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import PipelineCommand
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import ConfigurationError
 from .protocol import cluster
@@ -33,6 +44,21 @@ if TYPE_CHECKING:
     from .protocol.scripts import Command, Script, ScriptCall
 
 __all__ = ["AsyncClusterIO", "SyncClusterIO", "async_io_for", "io_for"]
+
+_REDIRECTS = 5
+"""How often :meth:`_ClusterCalls.run_then` follows a redirection (or reloads its script)
+before it gives up: a slot moves once per reshard batch or failover."""
+
+_REPLICAS_FOR_S = 1.0
+"""How long a primary's count of connected replicas is trusted (:meth:`replicas_of`)."""
+
+_REPLICAS: dict[str, tuple[int, float]] = {}
+"""Per primary (``host:port``): its connected replicas, and when it said so. Shared by
+every client of the process: it describes the server, not the client."""
+
+_TRYAGAIN_S = 0.05
+"""The pause before sending again a call refused with ``TRYAGAIN`` (its keys are split
+between the two nodes of a slot being migrated, for the time of one ``MIGRATE``)."""
 
 
 class _ClusterCalls(RedisIO):
@@ -84,6 +110,104 @@ class _ClusterCalls(RedisIO):
             for at, count, merge in merges
         ]
 
+    def replicas_of(self, key: str) -> int:
+        """How many replicas the primary of ``key``'s slot has connected, as it said at most
+        :data:`_REPLICAS_FOR_S` ago (``INFO replication``: one round trip when older).
+
+        Asked of the primary, not read from the client's slot map: ``CLUSTER SLOTS`` leaves
+        out a replica until its replication offset has been gossiped, and a stopped
+        replica stays connected (and counted) until ``repl-timeout``, so that a ``WAIT``
+        for it times out rather than passing without it.
+        """
+        for _ in range(_REDIRECTS):
+            node = self._node_of(key)
+            now = time.monotonic()
+            known = _REPLICAS.get(node.name)
+            if known is not None and now - known[1] <= _REPLICAS_FOR_S:
+                return known[0]
+            try:
+                reply = self._on_node(node, [("INFO", "replication")])[0]
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                reply = exc
+            if isinstance(reply, Exception):
+                self._gone(reply)
+                raise reply
+            if reply.get("role") == "master":
+                _REPLICAS[node.name] = (int(reply.get("connected_slaves", 0)), now)
+                return int(reply.get("connected_slaves", 0))
+            # a primary demoted since the client's map was read (a failover): read it
+            # again, or the count would be a replica's (none) and nothing waited for
+            self._refresh()
+        raise ClusterDownError(f"no primary found for the slot of {key}")
+
+    def run_then(self, call: ScriptCall, commands: Sequence[Command]) -> list[Any]:
+        """Run a one-slot script call, then ``commands``, on one connection of the slot's
+        primary, in one round trip; replies as :meth:`RedisIO.run_then`.
+
+        Never a cluster pipeline: it sends a keyless command (``WAIT``, ``WAITAOF``) to
+        every node, each on a connection that wrote nothing, which answers at once. The
+        redirections a cluster pipeline would follow are followed here: ``MOVED`` (the
+        slot's map is read again), ``ASK`` (``ASKING`` first, on the importing node) and
+        ``TRYAGAIN``; each means the script did not run, so sending it again is safe. A
+        connection that fails is not sent again (the script may have run): the slot map
+        is read again for the next call, and the error raised.
+        """
+        script, keys, args = call
+        if not cluster.one_slot(keys):
+            raise ConfigurationError(
+                f"{script.name}.lua with commands after it must run in one slot: its keys "
+                "span several (docs/cluster.md#write-behind)"
+            )
+        node = self._node_of(keys[0])
+        asking = False
+        first: Any = None
+        for _ in range(_REDIRECTS):
+            sent: list[Command] = [("ASKING",)] if asking else []
+            sent += [("EVALSHA", script.sha, len(keys), *keys, *args), *commands]
+            try:
+                replies = self._on_node(node, sent)[len(sent) - len(commands) - 1 :]
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                replies = [exc]
+            first = replies[0]
+            if isinstance(first, RedisConnectionError | RedisTimeoutError):
+                self._gone(first)
+                raise first
+            if isinstance(first, NoScriptError):
+                self._on_node(node, [("SCRIPT", "LOAD", script.source)])
+            elif isinstance(first, AskError):
+                found = self.client.get_node(host=first.host, port=first.port)
+                if found is None:
+                    self._refresh()
+                    node, asking = self._node_of(keys[0]), False
+                else:
+                    node, asking = found, True
+            elif isinstance(first, MovedError | TryAgainError | ClusterDownError):
+                if isinstance(first, TryAgainError):
+                    self.sleep(_TRYAGAIN_S)
+                self._refresh()
+                node, asking = self._node_of(keys[0]), False
+            else:
+                return replies
+        raise first
+
+    def _node_of(self, key: str) -> Any:
+        return self.client.get_node_from_key(key)
+
+    def _gone(self, error: Exception) -> None:
+        """A node's connection failed: read the slot map again (the node may have been
+        replaced), so that the next call goes to the slot's new primary."""
+        if isinstance(error, RedisConnectionError | RedisTimeoutError):
+            with contextlib.suppress(RedisError):
+                self._refresh()
+
+    def _on_node(self, node: Any, commands: Sequence[Command]) -> list[Any]:
+        """``commands`` on one connection of ``node``; error replies as exceptions."""
+        raise NotImplementedError
+
+    def _refresh(self) -> None:
+        """Read the cluster's slot map again."""
+        raise NotImplementedError
+
     def _fill_across(self, plan: cluster.FillPlan) -> int:
         """Check the foreign slots, then fill in the entry's slot (docs/guarantees.md)."""
         try:
@@ -113,6 +237,15 @@ class SyncClusterIO(_ClusterCalls, SyncRedisIO):
 
     __slots__ = ()
 
+    def _on_node(self, node: Any, commands: Sequence[Command]) -> list[Any]:
+        pipe = self.client.get_redis_connection(node).pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(pipe.execute(raise_on_error=False))
+
+    def _refresh(self) -> None:
+        self.client.nodes_manager.initialize()
+
 
 class AsyncClusterIO(_ClusterCalls, AsyncRedisIO):
     """:class:`~sa_redis_cache.redis_io.AsyncRedisIO` over a
@@ -125,6 +258,20 @@ class AsyncClusterIO(_ClusterCalls, AsyncRedisIO):
     """
 
     __slots__ = ()
+
+    def _node_of(self, key: str) -> Any:
+        if not self.client.nodes_manager.slots_cache:
+            # an asyncio cluster client learns the slots on its first command
+            self._wait(self.client.initialize())
+        return self.client.get_node_from_key(key)
+
+    def _on_node(self, node: Any, commands: Sequence[Command]) -> list[Any]:
+        sent = [PipelineCommand(at, *command) for at, command in enumerate(commands)]
+        self._wait(node.execute_pipeline(sent))
+        return [command.result for command in sent]
+
+    def _refresh(self) -> None:
+        self._wait(self.client.nodes_manager.initialize())
 
 
 def io_for(client: Any) -> SyncRedisIO:
@@ -145,15 +292,6 @@ def async_io_for(client: Any) -> AsyncRedisIO:
         async_io_for(redis.asyncio.Redis())  # an AsyncRedisIO
     """
     return AsyncClusterIO(client) if is_cluster(client) else AsyncRedisIO(client)
-
-
-WRITE_BEHIND_ON_CLUSTER = (
-    "CachePolicy(strategy='write_behind') does not run on a Redis Cluster yet: a commit's "
-    "queued operations must be enqueued atomically, in one slot, and the worker does not "
-    "drain per node yet (docs/cluster.md, 'Not supported yet'). Use write_through or "
-    "invalidate on a cluster, or give the cache a single Redis server"
-)
-"""Why ``attach()`` refuses a write-behind model on a cluster (said per model)."""
 
 
 def refuse_local_tier_on_cluster(local: bool) -> None:

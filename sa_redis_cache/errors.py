@@ -65,3 +65,21 @@ class NotOnDiskError(CacheUnavailableError):
         except NotOnDiskError:
             log.error("queued, not yet on Redis' disk")
     """
+
+
+class NotReplicatedError(CacheUnavailableError):
+    """A write-behind commit on a Redis Cluster is queued, but not every replica of its
+    shard confirmed having it in time.
+
+    The writes will be flushed like any other, unless the shard's primary dies before a
+    replica has them: a failover would then lose them. Do not retry them (they are
+    queued): alert, and check the shard's replicas (a replica that is down, paused or
+    far behind).
+
+    Example::
+
+        try:
+            session.commit()
+        except NotReplicatedError:
+            log.error("queued, not yet on every replica")
+    """

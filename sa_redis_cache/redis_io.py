@@ -69,7 +69,6 @@ __all__ = [
     "client_from_url",
     "clients_for",
     "is_cluster",
-    "refuse_cluster",
     "split_cluster_url",
     "unlink_matching",
 ]
@@ -222,6 +221,18 @@ class RedisIO:
                 return replies
             self._wait(self.client.script_load(script.source))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def replicas_of(self, key: str) -> int:
+        """How many replicas must confirm a write of ``key`` before it is known to survive
+        a failover: none on a single server (no failover moves its data elsewhere); on a
+        cluster, every replica of the slot's primary (``cluster_io``).
+
+        Example::
+
+            io.replicas_of("sarc:shop:{shop:views}:wb:00ff:0")  # 0
+        """
+        del key
+        return 0
 
     def pipeline(self, commands: Iterable[Command]) -> list[Any]:
         """Send ``commands`` in one round trip (no MULTI); their replies in order."""
@@ -422,38 +433,6 @@ def is_cluster(client: object) -> bool:
         is_cluster(redis.Redis())  # False
     """
     return isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster)
-
-
-def refuse_cluster(client: object, what: str) -> None:
-    """Raise :class:`~sa_redis_cache.errors.ConfigurationError` when ``client`` is a Redis
-    Cluster client and ``what`` cannot run on a cluster yet.
-
-    Sessions, reads and cache-aside and write-through commits run on a cluster; the
-    write-behind worker and the command line do not yet (docs/cluster.md, "Not supported
-    yet").
-
-    Example::
-
-        refuse_cluster(client, "FlushWorker")
-    """
-    if is_cluster(client):
-        raise not_on_cluster(what)
-
-
-def not_on_cluster(what: str) -> ConfigurationError:
-    """The error :func:`refuse_cluster` raises for ``what``, for a caller that knows a
-    cluster is asked for before any client is made (a ``?cluster=true`` URL).
-
-    Example::
-
-        raise not_on_cluster("sa-redis-cache dlq replay")
-    """
-    return ConfigurationError(
-        f"{what} does not run on a Redis Cluster yet: write-behind's stream reads span "
-        "every node, and are not split per node yet (docs/cluster.md, 'Not supported "
-        "yet'). Point it at a single Redis server (a URL without ?cluster=true, or a "
-        "redis.Redis)"
-    )
 
 
 def split_cluster_url(url: str) -> tuple[str, bool]:

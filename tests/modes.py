@@ -248,8 +248,10 @@ class Db:
 
 
 def _count_cluster(client: Any, counts: dict[str, int], kind: str) -> None:
-    """Count a cluster client's commands and pipelines (it has a pool per node)."""
-    execute, pipeline = client.execute_command, client.pipeline
+    """Count a cluster client's commands and pipelines (it has a pool per node), and the
+    calls the cache sends on one node's connection (``cluster_io``'s ``run_then``: it
+    looks the node up first)."""
+    execute, pipeline, node_of = client.execute_command, client.pipeline, client.get_node_from_key
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         counts[kind] += 1
@@ -259,8 +261,13 @@ def _count_cluster(client: Any, counts: dict[str, int], kind: str) -> None:
         counts[kind] += 1
         return pipeline(*args, **kwargs)
 
+    def counting_node_of(*args: Any, **kwargs: Any) -> Any:
+        counts[kind] += 1
+        return node_of(*args, **kwargs)
+
     client.execute_command = counting
     client.pipeline = counting_pipeline
+    client.get_node_from_key = counting_node_of
 
 
 def _count_sync(client: Any, counts: dict[str, int]) -> None:

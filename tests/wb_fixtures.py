@@ -1,8 +1,10 @@
 """Fixtures of the write-behind worker tests: ``pytest_plugins = ["tests.wb_fixtures"]``.
 
 Loaded as a plugin (never imported by name, so that pytest can rewrite its asserts):
-a Redis with AOF for the module, the test models with empty tables, a cache-attached
-sessionmaker, an engine of the worker's own, and a factory of flush workers.
+a Redis with AOF for the module (and a Redis Cluster with AOF, started when a test asks
+for it), the test models with empty tables, a cache-attached sessionmaker, an engine of
+the worker's own, and a factory of flush workers. A module runs its tests on both the
+server and the cluster by overriding ``wb_redis_url`` (:func:`tests.wb_support.wb_server_url`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from devservices import RedisServer
+from devservices import RedisCluster, RedisServer
 from sa_redis_cache import Cache, FlushWorker, schema
+from sa_redis_cache.redis_io import client_from_url
 from tests.wb_support import private_models
 
 
@@ -38,11 +41,25 @@ def models(engine: sa.Engine) -> Iterator[tuple[Any, Any]]:
         yield found
 
 
+@pytest.fixture(scope="module")
+def aof_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster started for the module, AOF on (3 primaries, a replica each)."""
+    with RedisCluster(primaries=3, replicas=1, appendonly=True, node_timeout_ms=1000) as made:
+        yield made
+
+
 @pytest.fixture
-def client(aof_redis: RedisServer) -> Iterator[redis.Redis]:
-    """A client of :func:`aof_redis`."""
-    made = redis.Redis.from_url(aof_redis.url)
-    yield made
+def wb_redis_url(aof_redis: RedisServer) -> str:
+    """The Redis the tests queue in: :func:`aof_redis` (a module may override this)."""
+    return aof_redis.url
+
+
+@pytest.fixture
+def client(wb_redis_url: str) -> Iterator[redis.Redis]:
+    """A client of :func:`wb_redis_url` (a cluster client on a cluster; typed as
+    ``redis.Redis``, whose key commands it shares)."""
+    made = client_from_url(wb_redis_url)
+    yield made  # type: ignore[misc]
     made.close()
 
 

@@ -156,3 +156,22 @@ def offsets(engine: sa.Engine, namespace: str) -> int:
             wb_offsets.c.stream.like(f"sarc:{namespace}:%")
         )
         return int(conn.scalar(stmt) or 0)
+
+
+WB_SERVERS = ("single", "cluster")
+"""The parameters of a module's ``wb_redis_url`` override that runs on both."""
+
+
+def wb_server_url(request: Any) -> str:
+    """The URL of the module's Redis with AOF (``"single"``) or Redis Cluster with AOF
+    (``"cluster"``), by ``request.param``: a module overrides ``wb_redis_url`` with
+
+    .. code-block:: python
+
+        @pytest.fixture(params=WB_SERVERS)
+        def wb_redis_url(request: pytest.FixtureRequest) -> str:
+            return wb_server_url(request)
+    """
+    name = "aof_cluster" if request.param == "cluster" else "aof_redis"
+    url: str = request.getfixturevalue(name).url
+    return url

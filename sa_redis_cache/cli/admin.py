@@ -284,8 +284,8 @@ def worker(
         )
     engine = settings.engine(pool=True)  # a URL that cannot be parsed is refused here
     try:
-        # one clear line when Redis does not answer or is a cluster
-        settings.redis(refused_on_cluster_by="sa-redis-cache worker")
+        # one clear line when Redis does not answer
+        settings.redis()
         models = _write_behind_models(settings, model_specs, purpose="flush")
         _check_worker_database(engine, models)
         client = _worker_client(settings, lease_ms)
@@ -364,7 +364,7 @@ def _worker_client(settings: Settings, lease_ms: int) -> redis.Redis:
         socket_connect_timeout=2,
         health_check_interval=30,
     )
-    # settings.redis() refused a cluster before the worker makes its own client
+    # a cluster client shares redis.Redis's key commands (FlushWorker takes either)
     return cast("redis.Redis", client)
 
 
@@ -585,8 +585,6 @@ def dlq_replay(
     """
     from sa_redis_cache.strategies.write_behind.worker.replay import replay_dead_letters
 
-    # before the database is asked anything: write-behind does not run on a cluster yet
-    settings.refuse_cluster_url("sa-redis-cache dlq replay")
     engine = settings.engine()
     try:
         models = _write_behind_models(settings, model_specs)
@@ -609,8 +607,8 @@ def dlq_replay(
                 f"(tables: {names}) into {_shown(engine)}?",
                 nothing="nothing was replayed",
             )
-        client = settings.redis(refused_on_cluster_by="sa-redis-cache dlq replay")
-        client = cast("redis.Redis", client)  # a cluster URL was refused above
+        # a cluster client shares redis.Redis's key commands (the replay takes either)
+        client = cast("redis.Redis", settings.redis())
         result = replay_dead_letters(
             engine, client, settings.namespace, models, ids=ids or None, table=table
         )
@@ -776,7 +774,7 @@ def demo(settings: Settings, small: bool) -> None:
             "(it creates its own database, sarc_demo, there), or run `make demo`"
         )
     # fail here, with our message, rather than with a traceback deep in the demo
-    settings.redis(refused_on_cluster_by="sa-redis-cache demo")
+    settings.redis()
     _check_database(settings.engine())
     env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url}
     if small:

@@ -27,9 +27,6 @@ from sa_redis_cache.redaction import redact_text, redact_url
 from sa_redis_cache.redis_io import (
     SyncClient,
     client_from_url,
-    not_on_cluster,
-    refuse_cluster,
-    split_cluster_url,
 )
 
 if TYPE_CHECKING:
@@ -126,14 +123,12 @@ class Settings:
             "--redis-url (or set REDIS_URL)"
         )
 
-    def redis(self, *, refused_on_cluster_by: str | None = None) -> SyncClient:
+    def redis(self) -> SyncClient:
         """A client on ``redis_url`` that has answered PING (bytes replies, no retries).
 
-        A URL with ``?cluster=true`` makes a Redis Cluster client: the commands that read
-        and invalidate the cache (``stats``, ``inspect``, ``invalidate``) run on it, their
-        scans covering every primary (redis-py's cluster ``SCAN``) and their multi-key
-        reads split per slot (docs/cluster.md). A command that does not run on a cluster
-        yet names itself in ``refused_on_cluster_by``: exit status 2 on a cluster.
+        A URL with ``?cluster=true`` makes a Redis Cluster client, which every command
+        takes: scans cover every primary (redis-py's cluster ``SCAN``) and multi-key reads
+        are split per slot (docs/cluster.md).
 
         Example::
 
@@ -163,27 +158,7 @@ class Settings:
                 client.close()
                 raise self.unreachable(exc) from exc
             self._client = client
-        if refused_on_cluster_by is not None:
-            try:
-                refuse_cluster(self._client, refused_on_cluster_by)
-            except ConfigurationError as exc:
-                raise click.UsageError(str(exc)) from exc
         return self._client
-
-    def refuse_cluster_url(self, what: str) -> None:
-        """Exit with status 2 when ``redis_url`` asks for a Redis Cluster (``?cluster=true``),
-        which ``what`` does not run on yet; nothing is connected to.
-
-        Example::
-
-            settings.refuse_cluster_url("sa-redis-cache dlq replay")
-        """
-        try:
-            _, wanted = split_cluster_url(self.redis_url)
-        except ValueError:
-            return  # self.redis() reports the malformed URL, naming the parameter
-        if wanted:
-            raise click.UsageError(str(not_on_cluster(what)))
 
     def cache(self) -> Cache:
         """A :class:`~sa_redis_cache.Cache` on this namespace, with ``--models`` imported."""

@@ -364,6 +364,17 @@ def wait_for_fsync(timeout_ms: int) -> Command:
     return ("WAITAOF", 1, 0, timeout_ms)
 
 
+def wait_for_replicas(replicas: int, timeout_ms: int) -> Command:
+    """The command that waits until ``replicas`` replicas have acknowledged every earlier
+    write of this connection, at most ``timeout_ms``; its reply is how many did.
+
+    Example::
+
+        io.run_then(wb_enqueue(...), [wait_for_replicas(1, 200)])  # [ids, 1] once copied
+    """
+    return ("WAIT", replicas, timeout_ms)
+
+
 class FlushedRow(NamedTuple):
     """One row of :func:`wb_flushed`: its keys and the id of its last operation in the batch."""
 

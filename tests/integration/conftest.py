@@ -118,8 +118,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     chosen = metafunc.config.getoption("--redis-mode")
     modes: tuple[str, ...] = () if chosen == "cluster" else MODES
-    # a module with a server of its own (ACL, TLS, AOF) runs its scenarios there only
-    own_server = hasattr(metafunc.module, "mode_redis_url")
+    # a module with a server of its own (ACL, TLS, AOF) runs its scenarios there only,
+    # unless it names a cluster of its own too (write-behind's, with AOF)
+    own_server = hasattr(metafunc.module, "mode_redis_url") and not hasattr(
+        metafunc.module, "mode_cluster_url"
+    )
     marked = metafunc.definition.get_closest_marker("cluster") is not None
     if not own_server and (chosen != "single" or marked):
         modes += CLUSTER_MODES
@@ -141,8 +144,16 @@ def in_mode(
     mode: str = request.param
     url = mode_redis_url
     if mode in CLUSTER_MODES:
-        url = request.getfixturevalue("redis_cluster").url
+        url = request.getfixturevalue("mode_cluster_url")
     return Runner(mode, database_url, url, namespace)
+
+
+@pytest.fixture
+def mode_cluster_url(request: pytest.FixtureRequest) -> str:
+    """The Redis Cluster of ``in_mode``'s cluster modes: the run's (a module may override
+    this fixture with a cluster of its own, e.g. with AOF)."""
+    url: str = request.getfixturevalue("redis_cluster").url
+    return url
 
 
 @pytest.fixture

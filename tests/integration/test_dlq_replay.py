@@ -28,9 +28,16 @@ from sa_redis_cache.cli import cli
 from sa_redis_cache.protocol import partition_of, pk_text
 from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.worker import replay_dead_letters
-from tests.wb_support import drain, queue, rows, update
+from tests.wb_support import WB_SERVERS, drain, queue, rows, update, wb_server_url
 
 pytest_plugins = ["tests.wb_fixtures"]
+
+
+@pytest.fixture(params=WB_SERVERS)
+def wb_redis_url(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on a Redis server and on a Redis Cluster, both with AOF."""
+    return wb_server_url(request)
+
 
 MODELS = "tests.wb_support:active_models"
 CHECK = "wb_views_not_negative"
@@ -62,11 +69,9 @@ def run(*args: str, stdin: str | None = None) -> Result:
 
 
 @pytest.fixture
-def base(client: redis.Redis, namespace: str, database_url: str) -> list[str]:
+def base(wb_redis_url: str, namespace: str, database_url: str) -> list[str]:
     """Global options for the in-process command line."""
-    kwargs = client.connection_pool.connection_kwargs
-    url = f"redis://{kwargs['host']}:{kwargs['port']}/0"
-    return ["--redis-url", url, "--namespace", namespace, "--database-url", database_url]
+    return ["--redis-url", wb_redis_url, "--namespace", namespace, "--database-url", database_url]
 
 
 def test_a_poison_row_is_replayed_once_its_cause_is_fixed(

@@ -24,19 +24,25 @@ from sqlalchemy.orm import Session, sessionmaker
 from sa_redis_cache.protocol import partition_of, pk_text
 from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.strategies.write_behind.worker.flush import write_behind_info
-from tests.wb_support import drain, offsets, queue, remove, rows, update
+from tests.wb_support import WB_SERVERS, drain, offsets, queue, remove, rows, update, wb_server_url
 
 if TYPE_CHECKING:
-    from devservices import RedisServer
     from tests.modes import Db, Runner
 
 pytest_plugins = ["tests.wb_fixtures"]
 
 
+@pytest.fixture(params=WB_SERVERS)
+def wb_redis_url(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on a Redis server and on a Redis Cluster, both with AOF."""
+    return wb_server_url(request)
+
+
 @pytest.fixture
-def mode_redis_url(aof_redis: RedisServer) -> str:
-    """``in_mode``'s caches use the AOF server: ``attach()`` demands it for these models."""
-    return aof_redis.url
+def mode_redis_url(wb_redis_url: str) -> str:
+    """``in_mode``'s caches use the AOF server or cluster the worker drains (``attach()``
+    demands AOF for these models)."""
+    return wb_redis_url
 
 
 def test_inserts_updates_and_deletes_reach_the_database(

@@ -29,7 +29,7 @@ from sqlalchemy.pool import NullPool
 from devservices.process import free_port
 from sa_redis_cache.cli import cli
 from sa_redis_cache.cli.admin import WORKER_PROG, worker, worker_main
-from tests.wb_support import queue, rows
+from tests.wb_support import WB_SERVERS, queue, rows, wb_server_url
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -39,6 +39,13 @@ if TYPE_CHECKING:
     from devservices import RedisServer
 
 pytest_plugins = ["tests.wb_fixtures"]
+
+
+@pytest.fixture(params=WB_SERVERS)
+def wb_redis_url(request: pytest.FixtureRequest) -> str:
+    """The worker process drains a Redis server and a Redis Cluster (``?cluster=true``)."""
+    return wb_server_url(request)
+
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = "tests.wb_support:active_models"  # the running test's models (in-process)
@@ -183,7 +190,7 @@ def test_the_worker_takes_its_urls_from_the_environment_and_the_global_namespace
     entry: str,
     factory: sessionmaker[Session],
     models: Any,
-    aof_redis: RedisServer,
+    wb_redis_url: str,
     database_url: str,
     worker_engine: sa.Engine,
     namespace: str,
@@ -199,7 +206,7 @@ def test_the_worker_takes_its_urls_from_the_environment_and_the_global_namespace
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "REDIS_URL": aof_redis.url,
+        "REDIS_URL": wb_redis_url,
         "DATABASE_URL": database_url,
     }
     log = tmp_path / "worker.log"

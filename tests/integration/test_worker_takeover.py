@@ -20,7 +20,7 @@ from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.protocol import scripts
 from sa_redis_cache.schema import wb_offsets
 from sa_redis_cache.strategies.write_behind.worker.apply import LeaseLost
-from tests.wb_support import drain, offsets, queue, rows, update
+from tests.wb_support import WB_SERVERS, drain, offsets, queue, rows, update, wb_server_url
 
 if TYPE_CHECKING:
     import uuid
@@ -31,6 +31,12 @@ if TYPE_CHECKING:
     from sa_redis_cache import FlushWorker
 
 pytest_plugins = ["tests.wb_fixtures"]
+
+
+@pytest.fixture(params=WB_SERVERS)
+def wb_redis_url(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on a Redis server and on a Redis Cluster, both with AOF."""
+    return wb_server_url(request)
 
 
 def expire(client: redis.Redis, worker: FlushWorker) -> None:

@@ -20,9 +20,10 @@ import sqlalchemy as sa
 from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from devservices import RedisServer, find_waitaof_server
+from devservices import RedisCluster, RedisServer, find_waitaof_server
 from sa_redis_cache import Cache, CachePolicy, ConfigurationError, schema
 from sa_redis_cache.errors import NotOnDiskError
+from sa_redis_cache.protocol.keys import KeyScheme
 from sa_redis_cache.strategies.write_behind import session as wb_session
 
 
@@ -235,3 +236,29 @@ def test_the_wait_for_disk_runs_on_the_connection_that_queued(
     waits = [c for c in seen[last:] if c["command"].startswith("WAITAOF")]
     assert waits, seen
     assert {client_of(c) for c in waits} == {client_of(seen[last])}
+
+
+def test_a_durable_commit_on_a_cluster_waits_on_its_primary_for_the_replica_then_the_disk(
+    waitaof_binary: str, reading: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """On a cluster the enqueue's own connection, on the slot's primary, carries both
+    waits: ``WAIT`` for the shard's replica, then ``WAITAOF`` (docs/cluster.md)."""
+    with RedisCluster(primaries=3, replicas=1, binary=waitaof_binary) as cluster:
+        cache, factory = attached(cluster.url, namespace, engine)
+        slot = cluster.slot_of(KeyScheme(namespace).generation_key("wb_durable_readings"))
+        primary = cluster.owner_of(slot).admin()
+        try:
+            before = (waitaof_calls(primary), wait_calls(primary))
+            with factory() as s:
+                s.add(reading(sensor="c1", value=7))
+                s.commit()
+            assert waitaof_calls(primary) > before[0]
+            assert wait_calls(primary) > before[1]
+        finally:
+            cache.detach()
+            cache.client.close()
+            primary.close()
+
+
+def wait_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))

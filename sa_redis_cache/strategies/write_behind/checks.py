@@ -13,6 +13,8 @@ from redis.exceptions import RedisError
 from sqlalchemy import Table
 from sqlalchemy.sql.schema import ColumnDefault
 
+from sa_redis_cache.redis_io import is_cluster
+
 from .columns import column_of
 
 if TYPE_CHECKING:
@@ -99,6 +101,15 @@ def redis_problems(client: SyncClient, policy: CachePolicy) -> list[str]:
     """
     if policy.accept_volatile:
         return []
+    if is_cluster(client):
+        # each shard keeps its own queues: every primary must keep them (a replica takes
+        # its primary's settings when promoted only if configured alike: docs/cluster.md)
+        cluster: Any = client
+        return [
+            f"Redis Cluster node {node.name}: {problem}"
+            for node in cluster.get_primaries()
+            for problem in redis_problems(cluster.get_redis_connection(node), policy)
+        ]
     problems = _check_redis(client)
     if policy.durable and not problems:
         problems += _durable_problems(client)

@@ -47,16 +47,23 @@ from sqlalchemy.orm.attributes import instance_state
 from sa_redis_cache import compat, hydrate
 from sa_redis_cache.binds import translate_map_of
 from sa_redis_cache.codec import CodecError, unpack
-from sa_redis_cache.errors import CacheUnavailableError, ConfigurationError, NotOnDiskError
+from sa_redis_cache.compat import key_slot
+from sa_redis_cache.errors import (
+    CacheUnavailableError,
+    ConfigurationError,
+    NotOnDiskError,
+    NotReplicatedError,
+)
 from sa_redis_cache.models import Inexact
 from sa_redis_cache.protocol import HEADER, partition_of, pk_text, scripts
+from sa_redis_cache.redis_io import is_cluster
 from sa_redis_cache.transaction import TransactionState, peek_transaction_state
 
 from .columns import column_of, is_write_behind, pk_codec
 from .states import evaluate, refill, serve, sync_many_to_one
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from sqlalchemy.engine import Result
     from sqlalchemy.orm import ORMExecuteState, Session
@@ -128,6 +135,8 @@ class WriteBehind:
                 work.append((obj, info, "deleted"))
         if not work:
             return
+        if is_cluster(self.core.client):
+            self._refuse_several_slots(state, [info for _, info, _ in work])
         queued = state.frame().queued
         tz: Any = None
         scopes: dict[str, str] = {}
@@ -156,6 +165,30 @@ class WriteBehind:
                 session.add(obj)
             op.scope = scope
             queued[(info.table, op.pk)] = op
+
+    def _refuse_several_slots(self, state: TransactionState, infos: list[ModelInfo]) -> None:
+        """On a cluster, refuse a flush that would make the commit's queued operations span
+        several slots: ``wb_enqueue.lua`` queues them all or none, in one call, which a
+        cluster runs in one slot only. Raised before this flush changes anything.
+
+        The slot is the one of the keys the enqueue writes (each table's generation; every
+        other key of the table shares its hash tag), so tables that share a tag (a slot
+        group) pass.
+        """
+        models: dict[int, set[str]] = {}
+        queued = [op.info for frame in state.frames for op in frame.queued.values()]
+        tables = {info.table: info.mapper.class_.__name__ for info in [*infos, *queued]}
+        for table, name in tables.items():
+            models.setdefault(key_slot(self.core.keys.generation_key(table)), set()).add(name)
+        if len(models) > 1:
+            names = ", ".join(sorted(name for group in models.values() for name in group))
+            raise ConfigurationError(
+                f"write-behind on a Redis Cluster: this transaction writes {names}, whose "
+                f"keys lie in {len(models)} cluster slots; a commit's queued writes are "
+                "enqueued atomically, in one slot. Give these models one slot group "
+                "(CachePolicy(slot_group=...), docs/cluster.md#write-behind), or write them "
+                "in separate transactions. Nothing of this flush was queued"
+            )
 
     def _scope(
         self, session: Session, info: ModelInfo, bind_arguments: Any, options: Any = None
@@ -254,7 +287,7 @@ class WriteBehind:
         try:
             with self.core.measure_tables({op.info.table for op in ops}, "write_behind_enqueue"):
                 self.enqueue(ops)
-        except NotOnDiskError:
+        except (NotOnDiskError, NotReplicatedError):
             # queued all the same: the objects keep their committed state
             self.core.counters.incr_total("errors")
             for op in ops:
@@ -296,9 +329,10 @@ class WriteBehind:
     def enqueue(self, ops: list[Op]) -> list[bytes]:
         """Queue ``ops`` with one ``lua/wb_enqueue.lua`` call; returns their stream ids.
 
-        One call, so on standalone Redis every operation of the commit is queued or none
-        is. The keys of several tables lie in several cluster slots: a commit writing two
-        write-behind tables needs standalone Redis (or one table per commit on a cluster).
+        One call, so every operation of the commit is queued or none is. On a cluster,
+        the flush already refused operations in several slots
+        (:meth:`_refuse_several_slots`); the call runs on the slot's primary, followed
+        there by ``WAIT`` for its replicas.
         """
         core = self.core
         keys = core.keys
@@ -332,8 +366,10 @@ class WriteBehind:
             )
         io = core.io()
         call = scripts.wb_enqueue(keys, queued, HEADER)
-        if any(op.info.policy is not None and op.info.policy.durable for op in ops):
-            ids = _enqueue_durably(io, call, len(ops))
+        durable = any(op.info.policy is not None and op.info.policy.durable for op in ops)
+        replicas = io.replicas_of(call[1][0])
+        if durable or replicas:
+            ids = _enqueue_confirmed(io, call, len(ops), durable=durable, replicas=replicas)
         else:
             ids = io.run_script(*call)
         for op in ops:
@@ -417,39 +453,64 @@ class WriteBehind:
 
 
 DURABLE_WAIT_S = 5.0
-"""How long a ``durable`` commit waits for Redis to write its queued writes to disk."""
+"""How long a commit waits for Redis to confirm its queued writes: on disk (``durable``)
+and, on a cluster, on every replica of the shard."""
 
 
-def _enqueue_durably(io: RedisIO, call: ScriptCall, count: int) -> Any:
-    """Queue the commit's writes and wait until Redis has them on disk (``WAITAOF``), at
-    most :data:`DURABLE_WAIT_S`; the stream ids. Raises
-    :class:`~sa_redis_cache.errors.NotOnDiskError` when the disk is not confirmed.
+def _enqueue_confirmed(
+    io: RedisIO, call: ScriptCall, count: int, *, durable: bool, replicas: int
+) -> Any:
+    """Queue the commit's writes and wait, at most :data:`DURABLE_WAIT_S`, until Redis has
+    them on disk (``WAITAOF``, with ``durable``) and on ``replicas`` replicas (``WAIT``,
+    on a cluster); the stream ids. Raises
+    :class:`~sa_redis_cache.errors.NotReplicatedError` or
+    :class:`~sa_redis_cache.errors.NotOnDiskError` when either is not confirmed: the
+    writes are queued all the same.
 
-    ``WAITAOF`` waits for the writes of its own connection only (on another connection of
-    the pool it would confirm at once), so the waits follow the script on its connection,
-    in its round trip. Each wait is kept well below the client's socket timeout (the
-    server checks a blocked command's timeout only about every 100 ms) and the next one
-    queued behind it; once one confirms, the rest answer at once.
+    ``WAITAOF`` and ``WAIT`` wait for the writes of their own connection only (on another
+    connection they would confirm at once), so the waits follow the script on its
+    connection, in its round trip (``io.run_then``). Each wait is kept well below the
+    client's socket timeout (the server checks a blocked command's timeout only about
+    every 100 ms) and the next one queued behind it; once one confirms, the rest answer
+    at once.
     """
     timeout = compat.pool_option(io.client, "socket_timeout")
     step_ms = 1000 if not timeout else max(1, min(1000, int(timeout * 400)))
     waits = max(1, math.ceil(DURABLE_WAIT_S * 1000 / step_ms))
-    replies = io.run_then(call, [scripts.wait_for_fsync(step_ms)] * waits)
+    copies = [scripts.wait_for_replicas(replicas, step_ms)] * waits if replicas else []
+    disk = [scripts.wait_for_fsync(step_ms)] * waits if durable else []
+    replies = io.run_then(call, [*copies, *disk])
     if isinstance(replies[0], Exception):
         raise replies[0]  # nothing was queued
-    why = "it did not confirm"
-    for reply in replies[1:]:
-        if isinstance(reply, Exception):
-            why = f"the wait failed: {reply}"
-        elif int(reply[0]) >= 1:
-            return replies[0]
-    raise NotOnDiskError(
-        f"write-behind: this commit's {count} write(s) are queued and will be "
-        f"flushed, but Redis did not confirm writing them to disk within "
-        f"{DURABLE_WAIT_S:g} s ({why}; CachePolicy(durable=True)); a crash of the "
-        "Redis host before its next fsync would lose them. Check its disk, and that "
-        "appendfsync is everysec or always (appendfsync no never fsyncs on its own)"
-    )
+    if copies and not _confirmed(replies[1 : 1 + waits], lambda r: int(r) >= replicas):
+        raise NotReplicatedError(
+            f"write-behind: this commit's {count} write(s) are queued and will be flushed, "
+            f"but fewer than the {replicas} replica(s) of their Redis Cluster shard "
+            f"confirmed them within {DURABLE_WAIT_S:g} s ({_why(replies[1 : 1 + waits])}); "
+            "a failover before they are copied would lose them. Check the shard's replicas "
+            "(down, paused or far behind)"
+        )
+    if disk and not _confirmed(replies[1 + len(copies) :], lambda r: int(r[0]) >= 1):
+        raise NotOnDiskError(
+            f"write-behind: this commit's {count} write(s) are queued and will be "
+            f"flushed, but Redis did not confirm writing them to disk within "
+            f"{DURABLE_WAIT_S:g} s ({_why(replies[1 + len(copies) :])}; "
+            "CachePolicy(durable=True)); a crash of the Redis host before its next fsync "
+            "would lose them. Check its disk, and that appendfsync is everysec or always "
+            "(appendfsync no never fsyncs on its own)"
+        )
+    return replies[0]
+
+
+def _confirmed(replies: list[Any], enough: Callable[[Any], bool]) -> bool:
+    """Whether any of a run of waits' replies confirmed (an error reply never does)."""
+    return any(not isinstance(reply, Exception) and enough(reply) for reply in replies)
+
+
+def _why(replies: list[Any]) -> str:
+    """Why a run of waits did not confirm, for the error message."""
+    failed = [reply for reply in replies if isinstance(reply, Exception)]
+    return f"the wait failed: {failed[-1]}" if failed else "it did not confirm"
 
 
 def _queued_state(info: ModelInfo, document: bytes, pk: str) -> tuple[Any, ...] | None:

@@ -51,10 +51,12 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError, StatementError
 
 from sa_redis_cache.binds import Binds, translate_map_of
+from sa_redis_cache.cluster_io import io_for
+from sa_redis_cache.compat import key_slot
 from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.models import ModelRegistry, mapper_of
 from sa_redis_cache.protocol import HEADER, KeyScheme, scripts
-from sa_redis_cache.redis_io import SyncRedisIO, refuse_cluster
+from sa_redis_cache.redis_io import is_cluster
 from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.strategies.write_behind.columns import is_write_behind
 
@@ -191,16 +193,20 @@ class FlushWorker:
                 f"lease_ms={lease_ms}, so that one late renewal does not lose a lease"
             )
         self.engine = engine
-        refuse_cluster(redis_client, "FlushWorker")
-        # a single server from here on (a cluster client was refused just above)
+        # a cluster client shares redis.Redis's key commands and pipelines: each command
+        # and each pipelined command goes to its key's slot's primary
         self.client = cast("redis.Redis", redis_client)
-        # the same connections, with XRANGE replies left as Redis sends them: redis-py's
-        # parsing into tuples and dicts cost more than the rest of reading a batch
-        self._reader = Redis(connection_pool=self.client.connection_pool)
-        self._reader.set_response_callback("XRANGE", _as_sent)
+        self.cluster = is_cluster(redis_client)
+        self._reader = self.client
+        if not self.cluster:
+            # the same connections, with XRANGE replies left as Redis sends them: redis-py's
+            # parsing into tuples and dicts cost more than the rest of reading a batch (a
+            # cluster client parses them: Applier.decode_batch reads both forms)
+            self._reader = Redis(connection_pool=self.client.connection_pool)
+            self._reader.set_response_callback("XRANGE", _as_sent)
         self.namespace = namespace
         self.keys = KeyScheme(namespace)
-        self.io = SyncRedisIO(redis_client)
+        self.io = io_for(redis_client)
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         if "\n" in self.consumer or not self.consumer.strip():
             raise ConfigurationError(
@@ -885,14 +891,24 @@ class FlushWorker:
         self.io.run_script(*call)
 
     def _wait(self, block_ms: int) -> None:
-        """Block until a held partition may have new entries (or ``block_ms`` passed)."""
-        streams: dict[Any, Any] = {
-            p.stream: "$" for p in self.partitions if p.held and p.token is not None
-        }
+        """Block until a held partition may have new entries (or ``block_ms`` passed).
+
+        On a cluster one ``XREAD`` may name the streams of one slot only: the slots are
+        waited on in turn, each for its share of ``block_ms``, so an entry is noticed
+        within ``block_ms`` wherever it lands (docs/cluster.md#write-behind).
+        """
+        streams = [p.stream for p in self.partitions if p.held and p.token is not None]
         if not streams:
             return
+        groups: dict[int, dict[Any, Any]] = {}
+        for stream in streams:
+            slot = key_slot(stream) if self.cluster else 0
+            groups.setdefault(slot, {})[stream] = "$"
+        share = max(1, block_ms // len(groups))
         try:
-            self.client.xread(streams, count=1, block=block_ms)
+            for group in groups.values():
+                if self.client.xread(group, count=1, block=share):
+                    return
         except RedisError as exc:
             self._failed(None, exc)
 

@@ -50,10 +50,10 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import DBAPIError, StatementError
 
 from sa_redis_cache.binds import Binds, translate_map_of
+from sa_redis_cache.cluster_io import io_for
 from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.models import ModelRegistry
 from sa_redis_cache.protocol import KeyScheme, scripts
-from sa_redis_cache.redis_io import SyncRedisIO
 from sa_redis_cache.schema import dead_letters
 
 from .apply import SUPERSEDED, Applier, Entry, is_transient, sid_of, superseded_note
@@ -235,7 +235,7 @@ class _Replay:
     ) -> None:
         self.client = client
         self.keys = KeyScheme(namespace)
-        self.io = SyncRedisIO(client)
+        self.io = io_for(client)
         self.writer_mark_ms = writer_mark_ms
         self.result = result
 

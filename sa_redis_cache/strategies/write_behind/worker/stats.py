@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import ResponseError
 
 from sa_redis_cache.protocol import stream_id
+from sa_redis_cache.redis_io import is_cluster
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -101,18 +102,24 @@ def queue_stats(
     """``(table, number, stream key, held, pending)`` per partition -> their stats.
 
     ``pending`` is what the reporting worker has read from the partition and not yet
-    acknowledged (0 for a partition it does not hold). One round trip.
+    acknowledged (0 for a partition it does not hold). One round trip (two on a cluster).
 
     Example::
 
         queue_stats(client, [("views", 0, "sarc:shop:{shop:views}:wb:00ff:0", True, 0)])
     """
     pipe = client.pipeline(transaction=False)
-    pipe.time()
+    if is_cluster(client):
+        # a cluster pipeline takes keyed commands only: the clock is one node's (entry ids
+        # are their own primary's milliseconds; the nodes' clocks are assumed close)
+        replies: list[Any] = [client.time()]
+    else:
+        pipe.time()
+        replies = []
     for _, _, stream, _, _ in partitions:
         pipe.xlen(stream)
         pipe.xrange(stream, count=1)
-    replies = pipe.execute(raise_on_error=False)
+    replies += pipe.execute(raise_on_error=False)
     now = replies[0]
     if isinstance(now, Exception):
         raise now
