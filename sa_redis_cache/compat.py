@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import socket
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -41,7 +42,6 @@ except ImportError:  # pragma: no cover - SQLAlchemy 2.0
     from sqlalchemy.util import await_only as _await
 
 if TYPE_CHECKING:
-    import socket
     from collections.abc import Callable, Iterable, Iterator, Sequence
 
     from sqlalchemy.engine import Result
@@ -471,6 +471,25 @@ def _reply(connection: Any) -> Any:
         return connection.read_response()
     except redis.exceptions.ResponseError as exc:
         return exc
+
+
+def failed_to_connect(exc: BaseException) -> bool:
+    """Whether a redis-py error is a connection that was never made (refused, no such
+    host, a connect timeout): nothing was sent. Any other connection error may have
+    come after the command reached the server.
+
+    Example::
+
+        >>> failed_to_connect(redis.exceptions.TimeoutError("Timeout connecting to server"))
+        True
+    """
+    if isinstance(exc, redis.exceptions.TimeoutError):
+        # redis-py's wording for a connect timeout (a read timeout says "reading")
+        return str(exc).startswith("Timeout connecting")
+    cause = exc.__cause__
+    return isinstance(exc, redis.exceptions.ConnectionError) and isinstance(
+        cause, ConnectionRefusedError | socket.gaierror
+    )
 
 
 def connection_socket(connection: Any) -> socket.socket:

@@ -13,6 +13,8 @@ and the queued-state reads are proven to await the asyncio one.
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -311,6 +313,34 @@ def test_redis_down_at_commit_raises_and_queues_nothing(
             assert keys_of(client, namespace, "e") == []
         finally:
             client.close()
+
+
+def test_a_commit_whose_reply_never_came_says_its_writes_may_be_queued(
+    wb_engine: sa.Engine, models: Any, namespace: str
+) -> None:
+    """Redis paused during the commit's round trips: a reply times out, and what was sent
+    runs once Redis resumes (it may be the enqueue). The error must not say that nothing
+    was queued, as it does when Redis refused the connection or the script."""
+    page_view, _ = models
+    with RedisServer(appendonly=True, appendfsync="always") as server:
+        cache = Cache(server.url, namespace=namespace)  # 0.25 s socket timeouts
+        factory = sessionmaker(wb_engine)
+        cache.attach(factory)
+        try:
+            with factory() as s:
+                s.add(page_view(path="/paused"))
+                s.flush()
+                assert server.pid is not None
+                os.kill(server.pid, signal.SIGSTOP)
+                try:
+                    with pytest.raises(CacheUnavailableError, match="queued is unknown"):
+                        s.commit()
+                finally:
+                    os.kill(server.pid, signal.SIGCONT)
+                # the session stays usable: the error came after the database commit
+                assert s.scalar(select(func.count()).select_from(page_view)) is not None
+        finally:
+            cache.detach()
 
 
 # -- attach() ------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.orm import make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
 
@@ -297,9 +297,17 @@ class WriteBehind:
         except RedisError as exc:
             self.core.counters.incr_total("errors")
             self.revert(session, ops, None)
+            if isinstance(exc, ResponseError) or compat.failed_to_connect(exc):
+                # the script refused (it writes all or none), or it was never sent
+                outcome = "none of them was queued"
+            else:  # the connection failed, maybe after the script was sent
+                outcome = (
+                    "whether they were queued is unknown: the connection failed, maybe after "
+                    "Redis ran the enqueue (then the worker flushes them)"
+                )
             raise CacheUnavailableError(
                 f"write-behind: Redis did not take this commit's {len(ops)} queued "
-                f"write(s) ({exc}); none of them was queued. Rows of other models in the same "
+                f"write(s) ({exc}); {outcome}. Rows of other models in the same "
                 "commit are committed to the database. Retry the writes when Redis is back"
             ) from exc
         for op in ops:
