@@ -92,6 +92,7 @@ class Settings:
     namespace: str = "default"
     database_url: str | None = None
     models: list[str] = field(default_factory=list)
+    slot_groups: dict[str, list[str]] = field(default_factory=dict)
     _client: SyncClient | None = field(default=None, repr=False)
     _cache: Cache | None = field(default=None, repr=False)
     _models_loaded: bool = field(default=False, repr=False)
@@ -203,10 +204,12 @@ class Settings:
         return self._cache
 
     def _slot_groups(self) -> dict[str, list[str]]:
-        """Group -> tables, as the imported models' ``CachePolicy(slot_group=...)`` say."""
-        by_group: dict[str, list[str]] = {}
+        """Group -> tables, as the imported models' ``CachePolicy(slot_group=...)`` and
+        ``--slot-group`` (the application's ``Cache(slot_groups=...)``) say."""
+        by_group: dict[str, list[str]] = {g: list(t) for g, t in self.slot_groups.items()}
         for table, group in model_groups(m.class_ for m in all_mappers()).items():
-            by_group.setdefault(group, []).append(table)
+            if table not in by_group.get(group, []):
+                by_group.setdefault(group, []).append(table)
         return by_group
 
     def load_models(self) -> None:

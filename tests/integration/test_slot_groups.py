@@ -26,6 +26,7 @@ from sa_redis_cache.cli.keyspace import collect
 from sa_redis_cache.compat import key_slot
 from sa_redis_cache.protocol import KeyScheme, cluster
 from tests.integration.test_attach import private_base
+from tests.integration.test_cli import run
 from tests.integration.test_cluster_protocol import category, joined, read, rename
 
 if TYPE_CHECKING:
@@ -338,3 +339,28 @@ def test_a_models_policy_spreads_its_queries_and_from_cache_overrides_it(
             base.metadata.drop_all(shop_engine)
             client.close()
         del Hot
+
+
+def test_the_command_line_invalidates_through_a_group_given_with_slot_group(
+    redis_url: str, namespace: str
+) -> None:
+    client = redis_lib.Redis.from_url(redis_url)
+    grouped_keys = KeyScheme(namespace, dict.fromkeys(GROUPS["catalog"], "catalog"))
+    try:
+        args = ["--redis-url", redis_url, "--namespace", namespace, "--models", "examples.shop"]
+        done = run(
+            *args,
+            "--slot-group",
+            "catalog=products,categories",
+            "invalidate",
+            "examples.shop:Product",
+            "--yes",
+        )
+        assert done.exit_code == 0, done.output
+        assert client.get(grouped_keys.version_key("products")) is not None
+        assert client.get(KeyScheme(namespace).version_key("products")) is None
+        bad = run(*args, "--slot-group", "catalog", "stats")
+        assert bad.exit_code == 2
+        assert "write GROUP=TABLE[,TABLE...]" in bad.output
+    finally:
+        client.close()
