@@ -87,7 +87,14 @@ def group_name_problem(name: object) -> str | None:
 
 
 class TableKey(NamedTuple):
-    """A key of a table, taken apart by :meth:`KeyScheme.split_key`."""
+    """A key of a table, taken apart by :meth:`KeyScheme.split_key`: the table, what
+    follows its prefix, and the slot group its tag names (None: the table's own tag).
+
+    Example::
+
+        >>> KeyScheme("shop").split_key(b"sarc:shop:{shop:products}:v").tail
+        b'v'
+    """
 
     table: bytes
     tail: bytes
