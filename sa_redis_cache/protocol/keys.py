@@ -363,6 +363,8 @@ class KeyScheme:
             >>> keys.fence_token(keys.version_key("products").encode()) is None
             True
         """
+        if b":" + _FENCE.encode() not in key:
+            return None  # most keys the local tier hears of: not taken apart
         found = self.split_key(key)
         if found is None or not found.tail.startswith(_FENCE.encode()):
             return None
