@@ -164,20 +164,25 @@ def test_the_history_suite_on_a_slot_group_and_with_spread_entries(
     """The same run with the table's keys in a slot group (``{ns:@history}``), or with its
     query entries spread over the slots by their digest (every look and fill then spans
     the entry's slot and the table's): every write still retires every entry."""
-    run = run_history(
-        database_url,
-        redis_cluster.url,
-        namespace,
-        strategy="write_through",
-        processes=2,
-        threads=3,
-        seconds=HISTORY_SECONDS,
-        writes=DEFAULT_WRITES,
-        slot_group=slot_group,
-        spread=spread,
-    )
-    check(run)
-    assert_meaningful(run)
+    for _ in range(ATTEMPTS):  # a loaded machine makes thin runs: each is checked
+        run = run_history(
+            database_url,
+            redis_cluster.url,
+            namespace,
+            strategy="write_through",
+            processes=2,
+            threads=3,
+            seconds=HISTORY_SECONDS,
+            writes=DEFAULT_WRITES,
+            slot_group=slot_group,
+            spread=spread,
+        )
+        check(run)
+        with contextlib.suppress(AssertionError):
+            assert_meaningful(run)
+            break
+    else:
+        pytest.fail(f"{ATTEMPTS} runs were all too thin to mean something: {run.summary()}")
     table = f"sarc_history_{run.config.strategy}"
     keys = KeyScheme(namespace, {} if slot_group is None else {table: slot_group})
     client = redis_cluster.client()
