@@ -159,6 +159,7 @@ class Cache:
         )
         # what Cache(slot_groups=...) said, apart from the models' policies (attach())
         self._given_groups = dict(groups)
+        self._groups_fixed = False  # set by the first attach(): no group may appear later
         if local:
             self._core.enable_local(max_entries=local_max_entries, max_bytes=local_max_bytes)
         self._reads = ReadPath(self._core)
@@ -420,6 +421,16 @@ class Cache:
         problems.extend(_unmapped_policies(found, skip=set(unmapped)))
         groups = dict(self._core.keys.groups)
         problems.extend(policy_groups(found, groups))
+        if self._groups_fixed:
+            # a table read under its own tag since the first attach() would keep entries
+            # (plans, the local tier) under counters no write bumps any more
+            problems.extend(
+                f"table {table!r} is put in slot group {group!r} after the cache's first "
+                "attach(), when its keys may be in use under its own tag; import the model "
+                "before the first attach() (or give the group in Cache(slot_groups=...))"
+                for table, group in groups.items()
+                if table not in self._core.keys.groups
+            )
         problems.extend(
             write_behind_checks.group_problems(
                 found, groups, self._given_groups, cluster=is_cluster(self._core.client)
@@ -431,6 +442,7 @@ class Cache:
             )
         # in place: every part of the cache builds its keys through this one KeyScheme
         self._core.keys.groups.update(groups)
+        self._groups_fixed = True
         for mapper, policy in found.items():
             self._core.models.register(mapper, policy)
 

@@ -221,6 +221,25 @@ def test_attach_takes_a_models_slot_group(redis_url: str, namespace: str) -> Non
     cache.detach()
 
 
+def test_attach_refuses_a_group_that_appears_after_the_first_attach(
+    redis_url: str, namespace: str
+) -> None:
+    cache = Cache(redis_url, namespace=namespace)
+    cache.attach(sessionmaker())
+    with private_base() as base:
+
+        class Late(base):  # type: ignore[valid-type,misc]
+            __tablename__ = "sg_late"
+            __cache__ = CachePolicy(slot_group="late")
+            id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+        with pytest.raises(ConfigurationError, match="after the cache's first attach"):
+            cache.attach(sessionmaker())
+        assert cache.keys.version_key("sg_late") == KeyScheme(namespace).version_key("sg_late")
+        del Late
+    cache.detach()
+
+
 def test_write_behind_refuses_a_group_the_worker_cannot_see(redis_url: str, namespace: str) -> None:
     cache = Cache(redis_url, namespace=namespace, slot_groups={"views": ["sg_views"]})
     with private_base() as base:
