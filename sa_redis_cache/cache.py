@@ -34,13 +34,14 @@ from .protocol import KeyScheme, pk_text, scripts
 from .reads import ReadPath
 from .redis_io import clients_for, is_cluster
 from .sessions import SessionHooks
+from .slot_groups import policy_groups, table_groups
 from .stats_publisher import StatsPublisher
 from .strategies.cache_aside import Invalidation
 from .strategies.write_behind import checks as write_behind_checks
 from .strategies.write_behind.session import WriteBehind
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable
+    from collections.abc import AsyncIterator, Callable, Iterable, Mapping
     from contextlib import AbstractAsyncContextManager
 
     from .binds import Database
@@ -81,10 +82,16 @@ class Cache:
     every entry the cache writes with an HMAC bound to its Redis key, and makes every
     entry that does not verify a miss (deleted): for a Redis shared with less trusted
     writers (:mod:`sa_redis_cache.signing`, docs/guarantees.md's threat model).
+    ``slot_groups`` (group name -> table names, as ``Table.fullname``) puts tables without
+    a model, such as association tables, in slot groups, as ``CachePolicy(slot_group=...)``
+    does for a model's table: on a Redis Cluster a group's keys share one slot
+    (docs/cluster.md, "Slot groups").
 
     Example::
 
         cache = Cache("redis://localhost:6379/0", namespace="shop", default_ttl=300)
+        # tables read and written together, on a Redis Cluster:
+        # Cache(url, namespace="shop", slot_groups={"orders": ["order_tags"]})
         # or, where Redis is shared with less trusted writers:
         # Cache(url, namespace="shop", signing_key=os.environb[b"SARC_SIGNING_KEY"])
         Session = sessionmaker(engine)
@@ -119,7 +126,9 @@ class Cache:
         local_max_bytes: int = 64 << 20,
         local_lease: float = 2.0,
         local_consistency: Consistency = "strict",
+        slot_groups: Mapping[str, Iterable[str]] | None = None,
     ) -> None:
+        groups = table_groups(slot_groups)
         redis_client, async_factory = clients_for(redis_client, async_client, _DEFAULT_TIMEOUT)
         if not namespace or any(ch in namespace for ch in "{}:*?[] \n"):
             raise ConfigurationError(
@@ -146,7 +155,11 @@ class Cache:
             signing_key=signing_key,
             local_lease=local_lease,
             local_consistency=local_consistency,
+            slot_groups=groups,
         )
+        # what Cache(slot_groups=...) said, apart from the models' policies (attach())
+        self._given_groups = dict(groups)
+        self._groups_fixed = False  # set by the first attach(): no group may appear later
         if local:
             self._core.enable_local(max_entries=local_max_entries, max_bytes=local_max_bytes)
         self._reads = ReadPath(self._core)
@@ -402,10 +415,30 @@ class Cache:
                     )
             found[mapper] = policy
         problems.extend(_unmapped_policies(found, skip=set(unmapped)))
+        groups = dict(self._core.keys.groups)
+        problems.extend(policy_groups(found, groups))
+        if self._groups_fixed:
+            # a table read under its own tag since the first attach() would keep entries
+            # (plans, the local tier) under counters no write bumps any more
+            problems.extend(
+                f"table {table!r} is put in slot group {group!r} after the cache's first "
+                "attach(), when its keys may be in use under its own tag; import the model "
+                "before the first attach() (or give the group in Cache(slot_groups=...))"
+                for table, group in groups.items()
+                if table not in self._core.keys.groups
+            )
+        problems.extend(
+            write_behind_checks.group_problems(
+                found, groups, self._given_groups, cluster=is_cluster(self._core.client)
+            )
+        )
         if problems:
             raise ConfigurationError(
                 "cache.attach() refused these models:\n  - " + "\n  - ".join(problems)
             )
+        # in place: every part of the cache builds its keys through this one KeyScheme
+        self._core.keys.groups.update(groups)
+        self._groups_fixed = True
         for mapper, policy in found.items():
             self._core.models.register(mapper, policy)
 
@@ -496,12 +529,14 @@ class Cache:
         plan = inspector.statement_plan(statement)
         if plan is None:
             return 0
+        # an entry may be spread or not (FromCache(spread=...)): both keys are retired
         keys = {
             key
             for database, translate in self._databases(bind)
+            for spread in (False, True)
             if (
                 key := inspector.statement_key(
-                    statement, params, database=database, translate=translate
+                    statement, params, database=database, translate=translate, spread=spread
                 )
             )
         }

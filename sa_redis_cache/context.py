@@ -74,12 +74,14 @@ class CacheContext(RedisOutages):
         signing_key: bytes | None = None,
         local_lease: float = 2.0,
         local_consistency: Consistency = "strict",
+        slot_groups: dict[str, str] | None = None,
     ) -> None:
         self.client = client
         # a cluster client gets the cluster variant, chosen once here: no per-call branch
         self.sync_io = io_for(client)
         self.namespace = namespace
-        self.keys = KeyScheme(namespace)
+        # table -> slot group; attach() adds the models' CachePolicy(slot_group=...)
+        self.keys = KeyScheme(namespace, dict(slot_groups or {}))
         self.default_ttl = float(default_ttl)
         self.ttl_jitter = ttl_jitter
         self.max_entry_bytes = max_entry_bytes

@@ -114,11 +114,14 @@ class CacheInspector:
         *,
         database: Database,
         translate: Any = None,
+        spread: bool | None = None,
     ) -> str | None:
         """The entry key of ``statement`` run with ``params`` on ``database``; None when it
         is not cached, or a value cannot be encoded exactly.
 
         ``translate`` is the bind's ``schema_translate_map``; the statement's own wins.
+        ``spread`` picks the key tagged by its digest (``FromCache(spread=True)``); None:
+        as the statement's ``FromCache`` and its first table's model say.
         """
         statement = _with_option(statement)
         cache_key = compat.statement_cache_key(statement)
@@ -126,8 +129,11 @@ class CacheInspector:
         if cache_key is None or plan is None:
             return None
         own = statement.get_execution_options().get("schema_translate_map")
+        if spread is None:
+            option = _option_of(statement)
+            spread = plan.spread if option.spread is None else option.spread
         return self._reads.queries.entry_key(
-            plan, cache_key.bindparams, params, database, own or translate
+            plan, cache_key.bindparams, params, database, own or translate, spread
         )
 
     def translate_map_of(self, bind: Any) -> Any:
@@ -174,3 +180,8 @@ def _with_option(statement: Any) -> Any:
     if not any(isinstance(o, FromCache) for o in compat.statement_options(statement)):
         return statement.options(FromCache())
     return statement
+
+
+def _option_of(statement: Any) -> FromCache:
+    """The statement's ``FromCache`` (one is there: :func:`_with_option` added it)."""
+    return next(o for o in compat.statement_options(statement) if isinstance(o, FromCache))

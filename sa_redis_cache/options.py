@@ -23,6 +23,12 @@ class FromCache(UserDefinedOption):
     ``local=False`` keeps this statement out of the cache's local tier
     (``Cache(local=True)``): it is always looked up in Redis.
 
+    ``spread=True`` keys the entry by its own digest rather than its first table, so that
+    one table's statements spread over the slots (and shards) of a Redis Cluster; each
+    look then reads the table's counters from the table's slot too (docs/cluster.md,
+    "Spreading one hot table"). ``None``: the first table's model decides
+    (``CachePolicy(spread_queries=True)``). No effect on what is served.
+
     Example::
 
         stmt = select(Product).where(Product.category_id == 3).options(FromCache(ttl=60))
@@ -43,6 +49,7 @@ class FromCache(UserDefinedOption):
         xfetch_beta: float = 1.0,
         stale_ttl: float = 0,
         local: bool = True,
+        spread: bool | None = None,
     ) -> None:
         if ttl is not None and not is_ttl(ttl):
             raise ValueError(
@@ -64,6 +71,9 @@ class FromCache(UserDefinedOption):
         self.xfetch_beta = float(xfetch_beta)
         self.stale_ttl = float(stale_ttl)
         self.local = bool(local)
+        if spread is not None and not isinstance(spread, bool):
+            raise ValueError(f"FromCache(spread={spread!r}): give True, False or None")
+        self.spread = spread
 
     def __repr__(self) -> str:
         return f"FromCache(ttl={self.ttl!r}, region={self.region!r})"

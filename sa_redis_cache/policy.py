@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from .protocol.keys import group_name_problem
+
 
 class Strategy(str, enum.Enum):
     """What a committed write of a model does to the cache (``CachePolicy(strategy=...)``).
@@ -78,11 +80,22 @@ class CachePolicy:
     second of commits with ``appendfsync everysec`` (docs/write-behind.md, "What commit()
     promises").
 
+    ``slot_group`` puts the model's table in a named slot group: every table of a group
+    shares one Redis Cluster hash tag, so statements and commits over them touch one slot
+    (docs/cluster.md, "Slot groups"). ``None``: the table is its own group.
+
+    ``spread_queries=True`` makes ``FromCache`` entries of statements whose first table is
+    this model's spread over the cluster by their digest, as ``FromCache(spread=True)``.
+
     Example::
 
         class Product(Base):
             __tablename__ = "products"
             __cache__ = CachePolicy(strategy="write_through", ttl=600)
+
+        class OrderLine(Base):
+            __tablename__ = "order_lines"
+            __cache__ = CachePolicy(slot_group="orders")
     """
 
     strategy: StrategyName | Strategy = "cache_aside"
@@ -95,6 +108,8 @@ class CachePolicy:
     cache_queries: bool = False
     local: bool = True
     durable: bool = False
+    slot_group: str | None = None
+    spread_queries: bool = False
 
     def problems(self) -> list[str]:
         """Return what is wrong with this policy, each with its fix (empty when valid).
@@ -115,7 +130,16 @@ class CachePolicy:
                 f"ttl={self.ttl!r} is not a positive, finite number of seconds; give ttl a "
                 "value > 0, or None to use the cache default_ttl"
             )
-        for name in ("entity_cache", "accept_volatile", "cache_queries", "local", "durable"):
+        if self.slot_group is not None and (problem := group_name_problem(self.slot_group)):
+            found.append(f"{problem} (CachePolicy(slot_group=...))")
+        for name in (
+            "entity_cache",
+            "accept_volatile",
+            "cache_queries",
+            "local",
+            "durable",
+            "spread_queries",
+        ):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 found.append(f"{name}={value!r} is not a bool; write {name}=True or False")

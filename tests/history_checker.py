@@ -269,6 +269,9 @@ class RunConfig:
     bypass_writes: bool
     seed: int
     start_timeout: float
+    # the table's keys in this slot group (Cache(slot_groups=...)); FromCache(spread=...)
+    slot_group: str | None = None
+    spread: bool = False
 
 
 class HistoryError(RuntimeError):
@@ -372,12 +375,15 @@ def run_history(
     seed: int | None = None,
     start_timeout: float = 30.0,
     start_method: str = "forkserver",
+    slot_group: str | None = None,
+    spread: bool = False,
 ) -> HistoryRun:
     """Run the workers for ``seconds`` and return their merged log.
 
     ``writes`` are the write kinds to draw from (:data:`WRITE_KINDS`). ``bypass_writes``
     makes the workers write through an engine and sessionmaker the cache is not attached
-    to (the checker's own test: that must produce stale reads). Raises
+    to (the checker's own test: that must produce stale reads). ``slot_group`` puts the
+    table in that slot group; ``spread`` spreads the query entries by their digest. Raises
     :class:`HistoryError` when a worker crashes, hangs or never starts; every worker
     process is ended before this returns.
     """
@@ -397,6 +403,8 @@ def run_history(
         bypass_writes=bypass_writes,
         seed=secrets.randbits(32) if seed is None else seed,
         start_timeout=start_timeout,
+        slot_group=slot_group,
+        spread=spread,
     )
     engine = sa.create_engine(database_url, poolclass=NullPool)
     try:
@@ -543,7 +551,9 @@ class _Worker:
             pool_timeout=10,
             connect_args={"options": "-c statement_timeout=10000 -c lock_timeout=10000"},
         )
-        self.cache = Cache(config.redis_url, namespace=config.namespace)
+        groups = None if config.slot_group is None else {config.slot_group: [self.table.fullname]}
+        self.cache = Cache(config.redis_url, namespace=config.namespace, slot_groups=groups)
+        self.option = FromCache(spread=config.spread)
         self.factory = sessionmaker(self.engine)
         self.cache.attach(self.factory)
         # the checker's own test: writes the cache never hears of, on an engine of their
@@ -656,14 +666,14 @@ class _Thread:
         k, model = self.row(), self.w.model
         sql, start = self.w.sql_count(), now_ns()
         with self.w.factory() as s:
-            got = s.scalars(select(model).where(model.id == k).options(FromCache())).one()
+            got = s.scalars(select(model).where(model.id == k).options(self.w.option)).one()
             self._log_read("query", [(k, got.version)], start, sql)
 
     def read_list(self) -> None:
         model = self.w.model
         sql, start = self.w.sql_count(), now_ns()
         with self.w.factory() as s:
-            rows = s.scalars(select(model).order_by(model.id).options(FromCache())).all()
+            rows = s.scalars(select(model).order_by(model.id).options(self.w.option)).all()
             assert len(rows) == self.w.config.rows, f"the list read {len(rows)} rows"
             self._log_read("list", [(r.id, r.version) for r in rows], start, sql)
 

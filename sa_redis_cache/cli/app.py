@@ -95,6 +95,16 @@ def _with_message(exc: click.ClickException, message: str) -> click.ClickExcepti
     help="Dotted module to import so its mapped models are known (e.g. examples.shop); "
     "repeatable [env: SARC_MODELS, space-separated].",
 )
+@click.option(
+    "--slot-group",
+    "slot_groups",
+    envvar="SARC_SLOT_GROUPS",
+    multiple=True,
+    metavar="GROUP=TABLE,...",
+    help="A slot group of the application's Cache(slot_groups=...), e.g. "
+    "orders=orders,order_tags; repeatable [env: SARC_SLOT_GROUPS, space-separated]. The "
+    "models' CachePolicy(slot_group=...) are read from --models.",
+)
 @click.version_option(__version__, "-V", "--version", prog_name="sa-redis-cache")
 @click.pass_context
 def cli(
@@ -103,6 +113,7 @@ def cli(
     namespace: str,
     database_url: str | None,
     models: tuple[str, ...],
+    slot_groups: tuple[str, ...],
 ) -> None:
     """Look into and manage a sa_redis_cache Redis cache.
 
@@ -120,6 +131,7 @@ def cli(
         namespace=namespace,
         database_url=database_url or None,
         models=list(models),
+        slot_groups=_slot_groups(slot_groups),
     )
 
 
@@ -139,3 +151,18 @@ def main(argv: Sequence[str] | None = None, prog_name: str = "sa-redis-cache") -
         main(["--namespace", "shop", "stats", "--json"])
     """
     cli.main(args=list(sys.argv[1:] if argv is None else argv), prog_name=prog_name)
+
+
+def _slot_groups(texts: tuple[str, ...]) -> dict[str, list[str]]:
+    """``--slot-group orders=orders,order_tags`` options as group -> tables."""
+    groups: dict[str, list[str]] = {}
+    for text in texts:
+        group, sep, tables = text.partition("=")
+        names = [t for t in tables.split(",") if t]
+        if not sep or not group or not names:
+            raise click.BadParameter(
+                f"{text!r}: write GROUP=TABLE[,TABLE...], e.g. orders=orders,order_tags",
+                param_hint="--slot-group",
+            )
+        groups.setdefault(group, []).extend(names)
+    return groups

@@ -28,6 +28,7 @@ from sa_redis_cache.redis_io import (
     SyncClient,
     client_from_url,
 )
+from sa_redis_cache.slot_groups import model_groups
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -88,6 +89,7 @@ class Settings:
     namespace: str = "default"
     database_url: str | None = None
     models: list[str] = field(default_factory=list)
+    slot_groups: dict[str, list[str]] = field(default_factory=dict)
     _client: SyncClient | None = field(default=None, repr=False)
     _cache: Cache | None = field(default=None, repr=False)
     _models_loaded: bool = field(default=False, repr=False)
@@ -166,12 +168,24 @@ class Settings:
             self.load_models()
             client = self.redis()
             try:
-                self._cache = Cache(client, namespace=self.namespace)
+                # the slot groups the models declare: their tables' keys carry the group's tag
+                self._cache = Cache(
+                    client, namespace=self.namespace, slot_groups=self._slot_groups()
+                )
             except ConfigurationError as exc:
                 # a namespace with a colon, a URL asking for decode_responses: what the
                 # user typed cannot work, and the library's message says why
                 raise click.UsageError(str(exc)) from exc
         return self._cache
+
+    def _slot_groups(self) -> dict[str, list[str]]:
+        """Group -> tables, as the imported models' ``CachePolicy(slot_group=...)`` and
+        ``--slot-group`` (the application's ``Cache(slot_groups=...)``) say."""
+        by_group: dict[str, list[str]] = {g: list(t) for g, t in self.slot_groups.items()}
+        for table, group in model_groups(m.class_ for m in all_mappers()).items():
+            if table not in by_group.get(group, []):
+                by_group.setdefault(group, []).append(table)
+        return by_group
 
     def load_models(self) -> None:
         """Import every ``--models`` module, so that their mapped classes exist."""

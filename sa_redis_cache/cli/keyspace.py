@@ -16,7 +16,7 @@ from sqlalchemy import Table
 from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.models import all_mappers
 from sa_redis_cache.policy import CachePolicy
-from sa_redis_cache.protocol.keys import PREFIX
+from sa_redis_cache.protocol.keys import PREFIX, KeyScheme
 from sa_redis_cache.schema import is_library_table
 from sa_redis_cache.stats import _with_rate
 from sa_redis_cache.stats_publisher import STATS_TTL_MS, TOTAL, group_of
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
     from sqlalchemy.orm import Mapper
 
-    from sa_redis_cache.protocol import KeyScheme
     from sa_redis_cache.redis_io import SyncClient
 
 __all__ = ["MEMORY_SAMPLE", "collect"]
@@ -71,47 +70,49 @@ class _Layout:
 
     The prefixes are computed from :class:`~sa_redis_cache.protocol.KeyScheme` itself rather
     than written out here, so a change of the key layout cannot silently skew the counts.
+    A table's keys are told apart by :meth:`~sa_redis_cache.protocol.KeyScheme.split_key`,
+    whatever tag they carry (the table's, its slot group's, a spread entry's); a group
+    the scan finds that the models did not declare is learnt from its keys, in this
+    layout's own copy of the key scheme (``self.keys``), so that its counters are found.
     """
 
     def __init__(self, keys: KeyScheme) -> None:
-        self.keys = keys
-        self.tag_start, self.tag_end = keys.table_prefix(_MARK).split(_MARK)
+        self.keys = KeyScheme(keys.namespace, dict(keys.groups))
+        probe, table = KeyScheme(keys.namespace), _MARK
+        start = len(probe.table_prefix(table))
+        self.tails = (
+            (_before(probe.entity_key(table, _MARK, _MARK, _MARK)[start:]), "entities"),
+            (_before(probe.query_key(table, _MARK)[start:]), "queries"),
+            (_before(probe.row_write_key(table, _MARK)[start:]), "row_writes"),
+        )
+        self.counters = frozenset(
+            key[start:]
+            for key in (
+                probe.version_key(table),
+                probe.writers_key(table),
+                probe.generation_key(table),
+            )
+        )
         self.function_start = _before(keys.function_key(_MARK, _MARK))
         self.stats_start = _before(keys.stats_key(_MARK))
         self.local_start = _before(keys.local_stats_key(_MARK))
         self.holders_start = _before(keys.holders_key(_MARK))
-        self._per_table: dict[str, tuple[str, str, str, frozenset[str]]] = {}
-
-    def _table(self, table: str) -> tuple[str, str, str, frozenset[str]]:
-        found = self._per_table.get(table)
-        if found is None:
-            keys = self.keys
-            found = self._per_table[table] = (
-                _before(keys.entity_key(table, _MARK, _MARK, _MARK)),
-                _before(keys.query_key(table, _MARK)),
-                _before(keys.row_write_key(table, _MARK)),
-                frozenset(
-                    (keys.version_key(table), keys.writers_key(table), keys.generation_key(table))
-                ),
-            )
-        return found
 
     def classify(self, key: str) -> tuple[str, str]:
         """``(table, kind)``, ``("", "function:<prefix>")``, ``("", "stats:<scope>")``,
         ``("", "local:<holder>")``, ``("", "holders")`` or ``("", "other")``."""
-        if key.startswith(self.tag_start):
-            end = key.find(self.tag_end, len(self.tag_start))
-            if end > 0:
-                table = key[len(self.tag_start) : end]
-                entity, query, row_write, counters = self._table(table)
-                if key.startswith(entity):
-                    return table, "entities"
-                if key.startswith(query):
-                    return table, "queries"
-                if key.startswith(row_write):
-                    return table, "row_writes"
-                if key in counters:
-                    return table, "counters"
+        found = self.keys.split_key(_raw(key))
+        if found is not None:
+            table = found.table.decode("utf-8", "surrogateescape")
+            tail = found.tail.decode("utf-8", "surrogateescape")
+            group = found.group
+            if group is not None and b":" not in group and table not in self.keys.groups:
+                self.keys.groups[table] = group.decode("utf-8", "surrogateescape")
+            for start, kind in self.tails:
+                if tail.startswith(start):
+                    return table, kind
+            if tail in self.counters:
+                return table, "counters"
         elif key.startswith(self.function_start):
             prefix = key[len(self.function_start) :].rpartition(":")[0]
             return "", "function:" + prefix
@@ -177,6 +178,7 @@ def collect(
         collect(redis.Redis(), KeyScheme("shop"))["tables"][0]["entity_entries"]
     """
     layout = _Layout(keys)
+    keys = layout.keys  # with the slot groups the scan found
     per_table: defaultdict[str, _TableKeys] = defaultdict(_TableKeys)
     functions: defaultdict[str, _Group] = defaultdict(_Group)
     stats_scopes: list[tuple[str, bytes]] = []

@@ -18,6 +18,7 @@ from sa_redis_cache import compat
 from sa_redis_cache.codec import CodecError, unpack
 from sa_redis_cache.protocol import KeyScheme
 from sa_redis_cache.protocol.cluster import join_mget, split_mget
+from sa_redis_cache.protocol.keys import query_digest
 from sa_redis_cache.redaction import redact_url
 from sa_redis_cache.redis_io import is_cluster
 
@@ -156,7 +157,7 @@ def inspect_statement(
         return document
     assert raw is not None  # it exists, and is a string
     try:
-        stored, body = _query_payload(raw, key[len(plan.entry_prefix) :], len(plan.table_names))
+        stored, body = _query_payload(raw, query_digest(key), len(plan.table_names))
         document["stored_versions"] = stored
         document.update(_describe_body(cache, plan, body, max_rows))
     except _UnknownModel as exc:

@@ -12,6 +12,8 @@ touches one slot::
                                                 entity entry of one row in one database
                                                 and schema (scope: sa_redis_cache.binds)
     sarc:shop:{shop:products}:q:<digest>        query entry (tag of its first table)
+    sarc:shop:{shop:@q:3f2}:products:q:<digest> query entry spread by its digest
+                                                (FromCache(spread=True))
     <entry key>:lease                           fill lease of an entry (stampede control)
     <entry key>:inv                             invalidation counter of a query entry
     sarc:shop:{shop:views}:wb:<scope>:<p>       write-behind stream of partition p
@@ -30,14 +32,19 @@ touches one slot::
     sarc:shop:stats:<scope>                     hit counters of every process (HASH)
     sarc:shop:invalidations                     Pub/Sub channel of commit announcements
 
+A table in a slot group (``CachePolicy(slot_group="orders")``, ``Cache(slot_groups=...)``)
+carries the group's tag instead, its name after it: ``sarc:shop:{shop:@orders}:orders:v``,
+``sarc:shop:lh:{shop:@orders}:orders``. Group names hold no ``:``, so a spread entry's
+``@q:<hex>`` never names a group (docs/cluster.md, "Slot groups").
+
 :class:`KeyScheme` builds them all; nothing else spells a key or a suffix.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sa_redis_cache.codec import CodecError, dumps_tagged
 
@@ -51,7 +58,47 @@ _FENCE = "fence:"
 _INVALIDATIONS = ":inv"
 _STREAM, _PARTITION_LEASE, _WORKERS, _PENDING = "wb:", "wbl:", "wbw:", "wbp:"
 QUEUE_MARKERS = (b":wb:", b":wbp:", b":wbl:")
+GROUP_MARK = "@"
+"""Starts a slot group's name in a hash tag (``{shop:@orders}``), where a table's name
+stands otherwise."""
 """Parts of the keys that hold writes not yet in the database (never deleted to clear)."""
+
+
+_GROUP_FORBIDDEN = "{}:*?[]\\ \n@"
+
+
+def group_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a slot group, with the fix; None when it can.
+
+    Example::
+
+        >>> group_name_problem("orders") is None
+        True
+        >>> group_name_problem("a:b").startswith("slot group 'a:b'")
+        True
+    """
+    if not isinstance(name, str) or not name or any(ch in name for ch in _GROUP_FORBIDDEN):
+        return (
+            f"slot group {name!r} must be a non-empty name without spaces, ':', '@', braces "
+            "or glob characters (it becomes part of a Redis hash tag); use something like "
+            "'orders'"
+        )
+    return None
+
+
+class TableKey(NamedTuple):
+    """A key of a table, taken apart by :meth:`KeyScheme.split_key`: the table, what
+    follows its prefix, and the slot group its tag names (None: the table's own tag).
+
+    Example::
+
+        >>> KeyScheme("shop").split_key(b"sarc:shop:{shop:products}:v").tail
+        b'v'
+    """
+
+    table: bytes
+    tail: bytes
+    group: bytes | None
 
 
 def digest(data: bytes) -> str:
@@ -68,17 +115,37 @@ def digest(data: bytes) -> str:
 DIGEST_CHARS = len(digest(b""))
 
 
+def query_digest(entry_key: str) -> str:
+    """The statement digest that ends a query entry's key, whatever tag the key carries
+    (its first table's, its slot group's, or its own when spread).
+
+    Example::
+
+        >>> query_digest(KeyScheme("shop").query_key("products", "0" * 32, spread=True))
+        '00000000000000000000000000000000'
+    """
+    return entry_key[-DIGEST_CHARS:]
+
+
 @dataclass(frozen=True, slots=True)
 class KeyScheme:
     """Builds every Redis key of one namespace.
+
+    ``groups`` maps a table to its slot group (docs/cluster.md, "Slot groups"); a table
+    not in it is its own group. The cache fills it at ``Cache(slot_groups=...)`` and
+    ``attach()`` (each model's ``CachePolicy(slot_group=...)``), before any key of the
+    table is built.
 
     Example::
 
         >>> KeyScheme("shop").version_key("products")
         'sarc:shop:{shop:products}:v'
+        >>> KeyScheme("shop", {"orders": "sales"}).version_key("orders")
+        'sarc:shop:{shop:@sales}:orders:v'
     """
 
     namespace: str
+    groups: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def prefix(self) -> str:
@@ -86,8 +153,71 @@ class KeyScheme:
         return f"{PREFIX}:{self.namespace}:"
 
     def table_prefix(self, table: str) -> str:
-        """The hash-tagged prefix of every key that belongs to ``table``."""
-        return f"{PREFIX}:{self.namespace}:{{{self.namespace}:{table}}}:"
+        """The hash-tagged prefix of every key that belongs to ``table``.
+
+        Example::
+
+            >>> KeyScheme("shop", {"order_lines": "sales"}).table_prefix("order_lines")
+            'sarc:shop:{shop:@sales}:order_lines:'
+        """
+        return f"{self.prefix}{self.tagged_table(table)}:"
+
+    def tagged_table(self, table: str) -> str:
+        """``table``'s hash tag, followed by its name when the tag is its slot group's: the
+        one place that picks a table's tag.
+
+        Example::
+
+            >>> KeyScheme("shop").tagged_table("products")
+            '{shop:products}'
+            >>> KeyScheme("shop", {"orders": "sales"}).tagged_table("orders")
+            '{shop:@sales}:orders'
+        """
+        group = self.groups.get(table)
+        if group is None:
+            return f"{{{self.namespace}:{table}}}"
+        return f"{{{self.namespace}:{GROUP_MARK}{group}}}:{table}"
+
+    def split_key(self, key: bytes) -> TableKey | None:
+        """The table a key of this namespace belongs to, what follows the table's prefix,
+        and the slot group its tag names (None: the table's own tag); None for a key that
+        belongs to no table.
+
+        A grouped key's table is one of its group's known tables; in a group this process
+        does not know (another process's configuration) it is read up to the first ``:``.
+        A spread query entry's group is ``q:<hex>`` (no group name holds a ``:``).
+
+        Example::
+
+            >>> keys = KeyScheme("shop", {"orders": "sales"})
+            >>> keys.split_key(keys.writers_key("orders").encode())
+            TableKey(table=b'orders', tail=b'w', group=b'sales')
+            >>> keys.split_key(b"sarc:shop:{shop:products}:rw:7")
+            TableKey(table=b'products', tail=b'rw:7', group=None)
+        """
+        start = self.tracked_prefix.encode()
+        head = f"{self.namespace}:".encode()
+        if not key.startswith(start) or not key.startswith(head, len(start)):
+            return None
+        # the first "}:" ends the tag: a primary key's text may hold "}:" too
+        end = key.find(b"}:", len(start))
+        if end < 0:
+            return None
+        name, rest = key[len(start) + len(head) : end], key[end + 2 :]
+        if not name.startswith(GROUP_MARK.encode()):
+            return TableKey(name, rest, None)
+        group = name[len(GROUP_MARK) :]
+        text = group.decode("utf-8", "surrogateescape")
+        members = sorted(
+            (t.encode("utf-8", "surrogateescape") for t, g in self.groups.items() if g == text),
+            key=len,
+            reverse=True,
+        )
+        for table in members:
+            if rest.startswith(table + b":"):
+                return TableKey(table, rest[len(table) + 1 :], group)
+        table, sep, tail = rest.partition(b":")
+        return TableKey(table, tail, group) if sep else None
 
     # -- counters and marks ----------------------------------------------------------------
 
@@ -147,8 +277,23 @@ class KeyScheme:
         head = escape_glob(self.entity_key(table, schema_hash, "", ""))[:-1]
         return f"{head}*:{escape_glob(pk_text)}"
 
-    def query_key(self, table: str, digest: str) -> str:
-        """The entry of one statement with its bound values."""
+    def query_key(self, table: str, digest: str, *, spread: bool = False) -> str:
+        """The entry of one statement with its bound values, under its first ``table``.
+
+        ``spread`` (``FromCache(spread=True)``) tags it by its own digest instead, in one
+        of 4096 slots, so that one table's statements spread over the shards of a cluster;
+        ``table`` stays in the key, after the tag, as in a slot group.
+
+        Example::
+
+            >>> KeyScheme("shop").query_key("products", "3f2a")
+            'sarc:shop:{shop:products}:q:3f2a'
+            >>> KeyScheme("shop").query_key("products", "3f2a", spread=True)
+            'sarc:shop:{shop:@q:3f2}:products:q:3f2a'
+        """
+        if spread:
+            tag = f"{self.namespace}:{GROUP_MARK}q:{digest[:3]}"
+            return f"{PREFIX}:{self.namespace}:{{{tag}}}:{table}:q:{digest}"
         return f"{self.table_prefix(table)}q:{digest}"
 
     def query_pattern(self, table: str) -> str:
@@ -218,10 +363,12 @@ class KeyScheme:
             >>> keys.fence_token(keys.version_key("products").encode()) is None
             True
         """
-        head, sep, token = key.rpartition(b":" + _FENCE.encode())
-        if not sep or not head.endswith(b"}") or not key.startswith(self.tracked_prefix.encode()):
+        if b":" + _FENCE.encode() not in key:
+            return None  # most keys the local tier hears of: not taken apart
+        found = self.split_key(key)
+        if found is None or not found.tail.startswith(_FENCE.encode()):
             return None
-        return token.decode(errors="replace")
+        return found.tail[len(_FENCE) :].decode(errors="replace")
 
     def holders_key(self, table: str) -> str:
         """The processes that hold local-tier entries of ``table`` (ZSET, score = expiry ms).
@@ -234,7 +381,7 @@ class KeyScheme:
             >>> KeyScheme("shop").holders_key("products")
             'sarc:shop:lh:{shop:products}'
         """
-        return f"{self.prefix}lh:{{{self.namespace}:{table}}}"
+        return f"{self.prefix}lh:{self.tagged_table(table)}"
 
     def ack_key(self, token: str) -> str:
         """The list holders push their id onto once they have seen commit ``token``'s fences."""
@@ -340,12 +487,11 @@ class KeyScheme:
         """
         if key.startswith(f"{self.prefix}f:".encode()):
             return True
-        if not key.startswith(self.tracked_prefix.encode()) or is_queue_key(key):
+        found = None if is_queue_key(key) else self.split_key(key)
+        if found is None:
             return False
-        # The first "}:" ends the table's tag: a primary key's text may hold "}:" too.
-        end = key.find(b"}:", len(self.tracked_prefix))
-        tail = key[end + 2 :] if end >= 0 else b""
-        return end >= 0 and tail != b"w" and not tail.startswith(_WORKERS.encode())
+        tail = found.tail
+        return tail != b"w" and not tail.startswith(_WORKERS.encode())
 
     @property
     def namespace_pattern(self) -> str:

@@ -18,6 +18,7 @@ from sa_redis_cache import compat, hydrate, stampede
 from sa_redis_cache.binds import translate_map_of
 from sa_redis_cache.codec import CodecError, RowCodec, UncacheableType, pack, unpack
 from sa_redis_cache.fingerprint import Unfingerprintable, fingerprint, values_digest
+from sa_redis_cache.protocol.keys import query_digest
 from sa_redis_cache.stats import scope
 from sa_redis_cache.transaction import peek_transaction_state
 
@@ -61,6 +62,9 @@ class StatementPlan:
     scopes: tuple[str, ...]
     # may the local tier keep its entries (no table of a write-behind or local=False model)
     local: bool = True
+    # are its entries spread by digest unless FromCache(spread=...) says (the first
+    # table's CachePolicy(spread_queries=True))
+    spread: bool = False
 
 
 class Uncacheable(Exception):
@@ -120,8 +124,9 @@ class QueryReads:
             stats.incr(region, "bypassed")
             return None
         translate = translate_map_of(bind, exec_opts)
+        spread = plan.spread if option.spread is None else option.spread
         entry_key = self.entry_key(
-            plan, cache_key.bindparams, orm_context.parameters, database, translate
+            plan, cache_key.bindparams, orm_context.parameters, database, translate, spread
         )
         if entry_key is None:
             stats.incr(region, "uncacheable")
@@ -237,7 +242,7 @@ class QueryReads:
         """The body, read time and expiry of a valid entry; None when a write retired it."""
         try:
             document = self.core.opened(entry_key, raw)
-            stamp, body = _query_entry(document, entry_key[len(plan.entry_prefix) :])
+            stamp, body = _query_entry(document, query_digest(entry_key))
         except (CodecError, ValueError, TypeError, IndexError) as exc:
             self.flow.corrupt(entry_key, region, exc)
             return None
@@ -289,7 +294,7 @@ class QueryReads:
         # says how long the read took and when the entry expires logically (XFetch,
         # stale_ttl), then lists the versions it was read under
         stamp = [
-            entry_key[len(plan.entry_prefix) :],
+            query_digest(entry_key),
             delta_ms,
             stampede.now_ms() + live_ms,
             *(int(v) for v in captured),
@@ -315,6 +320,7 @@ class QueryReads:
         params: Any,
         database: Database,
         translate: Any,
+        spread: bool = False,
     ) -> str | None:
         """The entry key of a planned statement with its execute-time values and database.
 
@@ -322,7 +328,8 @@ class QueryReads:
         override the values embedded in the statement. The database (its identity, default
         schema, dialect and driver: :class:`~sa_redis_cache.binds.Database`) and the
         ``schema_translate_map`` are part of the key, so tenants and shards never read each
-        other's entries. None when a value cannot be encoded exactly.
+        other's entries. None when a value cannot be encoded exactly. ``spread``: the key
+        tagged by its digest (``FromCache(spread=True)``).
         """
         params = params or {}
         try:
@@ -332,7 +339,10 @@ class QueryReads:
             if translated:
                 parts.append(translated)
             self._remember(database, translate, translated)
-            return plan.entry_prefix + values_digest(parts)
+            found = values_digest(parts)
+            if spread:
+                return self.core.keys.query_key(plan.table_names[0], found, spread=True)
+            return plan.entry_prefix + found
         except (CodecError, TypeError):
             return None
 
@@ -383,7 +393,11 @@ class QueryReads:
             if (info := core.models.by_table.get(t.fullname)) is not None
         )
         infos = [core.models.by_table.get(t) for t in tables]
+        first = infos[0]
         return StatementPlan(
+            spread=first is not None
+            and first.policy is not None
+            and first.policy.spread_queries is True,
             local=all(info is None or info.local for info in infos),
             digest=values_digest([fp.digest, schema]),
             tables=frozenset(tables),

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import pytest
 import redis
 
+from sa_redis_cache.compat import key_slot
 from sa_redis_cache.protocol import KeyScheme
 from tests.history_checker import DEFAULT_WRITES, HistoryRun, run_history
+from tests.integration.test_history import MIN_CACHED_READS, MIN_WRITES, assert_meaningful
 from tests.integration.test_history import SECONDS as HISTORY_SECONDS
-from tests.integration.test_history import assert_meaningful
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -148,6 +150,60 @@ def test_the_history_suite_on_a_cluster(
     )
     check(run)
     assert_meaningful(run)
+
+
+@pytest.mark.parametrize(
+    ("slot_group", "spread"), [("history", False), (None, True)], ids=["slot-group", "spread"]
+)
+def test_the_history_suite_on_a_slot_group_and_with_spread_entries(
+    redis_cluster: RedisCluster,
+    database_url: str,
+    namespace: str,
+    slot_group: str | None,
+    spread: bool,
+) -> None:
+    """The same run with the table's keys in a slot group (``{ns:@history}``), or with its
+    query entries spread over the slots by their digest (every look and fill then spans
+    the entry's slot and the table's): every write still retires every entry."""
+    # a loaded machine makes thin runs: each run is checked, and together (at most
+    # ATTEMPTS) they must write and hit as much as assert_meaningful asks of one
+    written: Counter[str] = Counter()
+    served: Counter[str] = Counter()
+    for _ in range(ATTEMPTS):
+        run = run_history(
+            database_url,
+            redis_cluster.url,
+            namespace,
+            strategy="write_through",
+            processes=2,
+            threads=3,
+            seconds=HISTORY_SECONDS,
+            writes=DEFAULT_WRITES,
+            slot_group=slot_group,
+            spread=spread,
+        )
+        check(run)
+        written.update(w.kind for w in run.writes)
+        served.update({kind: run.reads_by[(kind, "cache")] for kind in ("get", "query", "list")})
+        if (
+            min(written[k] for k in DEFAULT_WRITES) >= MIN_WRITES
+            and min(served.values()) >= MIN_CACHED_READS
+        ):
+            break
+    else:
+        pytest.fail(f"{ATTEMPTS} runs wrote {dict(written)} and served {dict(served)}: too thin")
+    table = f"sarc_history_{run.config.strategy}"
+    keys = KeyScheme(namespace, {} if slot_group is None else {table: slot_group})
+    client = redis_cluster.client()
+    try:
+        assert client.exists(keys.version_key(table))  # the run used the group's keys
+        if spread:
+            # the query entries of the one table: the list and the by-id reads of 5 rows
+            pattern = f"sarc:{namespace}:{{{namespace}:@q:*"
+            found = list(client.scan_iter(match=pattern, count=1000))
+            assert len({key_slot(k.decode()) for k in found}) > 1
+    finally:
+        client.close()
 
 
 def test_no_stale_read_while_the_tables_slot_is_resharded(

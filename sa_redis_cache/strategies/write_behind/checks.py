@@ -18,6 +18,8 @@ from sa_redis_cache.redis_io import is_cluster
 from .columns import column_of
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from sqlalchemy.orm import Mapper
 
     from sa_redis_cache.models import ModelInfo
@@ -88,6 +90,56 @@ def model_problems(mapper: Mapper[Any], info: ModelInfo) -> list[str]:
                 f"Sequence('{table.name}_id_seq', increment=100) (ids are reserved in "
                 "blocks), or autoincrement=False when the application sets the key"
             )
+    return problems
+
+
+def group_problems(
+    policies: Mapping[Mapper[Any], CachePolicy | None],
+    groups: Mapping[str, str],
+    given: Mapping[str, str],
+    *,
+    cluster: bool,
+) -> list[str]:
+    """Why the write-behind models of ``policies`` cannot keep their slot groups.
+
+    The flush worker knows the groups of the models it is given only (their
+    ``CachePolicy(slot_group=...)``), not ``Cache(slot_groups=...)`` (``given``); and on a
+    Redis Cluster one commit's queued writes must be in one slot (``wb_enqueue.lua`` is
+    atomic), so write-behind models related by a foreign key share a group.
+
+    Example::
+
+        group_problems({mapper: policy}, {"orders": "sales"}, {}, cluster=True)
+    """
+    behind = {
+        mapper.local_table.fullname: mapper
+        for mapper, policy in policies.items()
+        if policy is not None
+        and policy.strategy == "write_behind"
+        and isinstance(mapper.local_table, Table)
+    }
+    problems: list[str] = []
+    for table, mapper in behind.items():
+        policy = policies[mapper]
+        if table in given and policy is not None and policy.slot_group != given[table]:
+            problems.append(
+                f"{mapper.class_.__name__}: Cache(slot_groups=...) puts its table {table!r} in "
+                f"slot group {given[table]!r}, which the flush worker does not see (it reads "
+                f"the models' policies); write CachePolicy(slot_group={given[table]!r}) on "
+                f"{mapper.class_.__name__} instead"
+            )
+        for fk in mapper.local_table.foreign_keys if cluster else ():
+            other = fk.column.table.fullname
+            if other == table or other not in behind:
+                continue
+            group = groups.get(table)
+            if group is None or group != groups.get(other):
+                problems.append(
+                    f"{mapper.class_.__name__} and {behind[other].class_.__name__} are "
+                    f"write-behind models related by a foreign key ({fk.parent}) in different "
+                    "slot groups; on a Redis Cluster a commit's queued writes must be in one "
+                    "slot: give both the same CachePolicy(slot_group='...')"
+                )
     return problems
 
 

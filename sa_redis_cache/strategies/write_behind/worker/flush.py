@@ -58,6 +58,7 @@ from sa_redis_cache.models import ModelRegistry, mapper_of
 from sa_redis_cache.protocol import HEADER, KeyScheme, scripts
 from sa_redis_cache.redis_io import is_cluster
 from sa_redis_cache.schema import dead_letters
+from sa_redis_cache.slot_groups import model_groups
 from sa_redis_cache.strategies.write_behind.columns import is_write_behind
 
 from .apply import Applier, BatchResult, Entry, LeaseLost
@@ -205,7 +206,7 @@ class FlushWorker:
             self._reader = Redis(connection_pool=self.client.connection_pool)
             self._reader.set_response_callback("XRANGE", _as_sent)
         self.namespace = namespace
-        self.keys = KeyScheme(namespace)
+        self.keys = KeyScheme(namespace, model_groups(models))
         self.io = io_for(redis_client)
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         if "\n" in self.consumer or not self.consumer.strip():

@@ -55,6 +55,7 @@ from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.models import ModelRegistry
 from sa_redis_cache.protocol import KeyScheme, scripts
 from sa_redis_cache.schema import dead_letters
+from sa_redis_cache.slot_groups import model_groups
 
 from .apply import SUPERSEDED, Applier, Entry, is_transient, sid_of, superseded_note
 from .flush import write_behind_info
@@ -184,7 +185,7 @@ def replay_dead_letters(
     if ids is not None:
         _explain_missing(engine, namespace, ids, {letter.id for letter in letters}, result)
     groups: dict[tuple[str, str], list[Letter]] = {}
-    keys = KeyScheme(namespace)
+    keys = KeyScheme(namespace, model_groups(models))
     for letter in letters:
         if letter.table not in appliers:
             result.skipped[letter.id] = (
@@ -198,7 +199,7 @@ def replay_dead_letters(
             )
             continue
         groups.setdefault((letter.table, letter.stream), []).append(letter)
-    replay = _Replay(redis_client, namespace, writer_mark_ms, result)
+    replay = _Replay(redis_client, keys, writer_mark_ms, result)
     for (table_name, stream), group in sorted(groups.items()):
         scope = scopes[table_name]
         replay.partition(appliers[table_name], scope, stream, [letter.id for letter in group])
@@ -231,10 +232,10 @@ class _Replay:
     """The per-partition work of one :func:`replay_dead_letters` call."""
 
     def __init__(
-        self, client: redis.Redis, namespace: str, writer_mark_ms: int, result: ReplayResult
+        self, client: redis.Redis, keys: KeyScheme, writer_mark_ms: int, result: ReplayResult
     ) -> None:
         self.client = client
-        self.keys = KeyScheme(namespace)
+        self.keys = keys
         self.io = io_for(client)
         self.writer_mark_ms = writer_mark_ms
         self.result = result
