@@ -11,6 +11,7 @@ test, so the enqueue and its ``WAIT`` are proven to await the asyncio client.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import uuid
@@ -21,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from devservices import RedisCluster
-from sa_redis_cache import ConfigurationError, FlushWorker, cluster_io
+from sa_redis_cache import Cache, ConfigurationError, FlushWorker, cluster_io
 from sa_redis_cache.errors import NotReplicatedError
 from sa_redis_cache.protocol.keys import KeyScheme
 from sa_redis_cache.strategies.write_behind import session as wb_session
@@ -186,3 +187,43 @@ def test_after_a_failover_the_commit_waits_for_the_new_primarys_replica(
                 s.commit()
     finally:
         owner.admin().execute_command("CLIENT", "UNPAUSE")
+
+
+def test_a_commit_writing_two_tables_of_one_slot_group_is_queued_and_flushed(
+    models: Any,
+    client: Any,
+    namespace: str,
+    engine: sa.Engine,
+    worker_engine: sa.Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fix the refusal above names: the two tables in one slot group are one slot, so
+    one commit writing both is queued in one call, and a worker flushes both."""
+    page_view, stock_level = models
+    for model in models:
+        grouped = dataclasses.replace(model.__cache__, slot_group="stock")
+        monkeypatch.setattr(model, "__cache__", grouped)
+    cache = Cache(client, namespace=namespace)
+    factory = sessionmaker(engine)
+    cache.attach(factory)
+    try:
+        with factory() as s:
+            view = page_view(path="/together", views=3)
+            level = stock_level(warehouse="east", quantity=4)
+            s.add_all([view, level])
+            s.commit()
+            view_id, level_id = view.id, level.id
+        worker = FlushWorker(
+            worker_engine, client, namespace=namespace, models=list(models), consumer="w1"
+        )
+        try:
+            assert drain(worker) == 2
+        finally:
+            worker.release()
+        assert rows(engine, page_view) == {view_id: ("/together", 3)}
+        with engine.connect() as conn:
+            table = stock_level.__table__
+            found = conn.execute(sa.select(table.c.quantity).where(table.c.id == level_id))
+            assert found.scalar_one() == 4
+    finally:
+        cache.detach()
