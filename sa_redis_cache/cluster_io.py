@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from .errors import ConfigurationError
 from .protocol import cluster
 from .redis_io import AsyncRedisIO, RedisIO, SyncRedisIO, is_cluster
 
@@ -154,21 +153,3 @@ WRITE_BEHIND_ON_CLUSTER = (
     "invalidate on a cluster, or give the cache a single Redis server"
 )
 """Why ``attach()`` refuses a write-behind model on a cluster (said per model)."""
-
-
-def refuse_local_tier_on_cluster(local: bool) -> None:
-    """Raise :class:`~sa_redis_cache.errors.ConfigurationError` for a local tier on a
-    cluster: its invalidations come from client-side tracking, which is per node, and the
-    tier tracks one server (docs/cluster.md, "Not supported yet").
-
-    Example::
-
-        refuse_local_tier_on_cluster(cache_has_local_tier)
-    """
-    if local:
-        raise ConfigurationError(
-            "cache.attach(): the local tier (Cache(local=True)) does not run on a Redis "
-            "Cluster yet: it learns of changes through client-side tracking, which is per "
-            "node, and tracks one server. Make the cache without local=True on a cluster "
-            "(docs/cluster.md, 'Not supported yet')"
-        )

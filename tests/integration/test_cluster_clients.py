@@ -121,11 +121,16 @@ def test_attach_takes_a_cluster_and_what_is_not_built_yet_is_refused(
             assert f"{page_view.__name__}: CachePolicy(strategy='write_behind') does not run" in (
                 str(refused.value)
             )
+        # the local tier runs on a cluster (tests/integration/test_local_tier.py)
         local = Cache(live_cluster.url, namespace=namespace, local=True)
         try:
-            with pytest.raises(ConfigurationError, match=r"local tier .* Redis Cluster yet"):
-                local.attach(factory)
+            local.attach(factory)
+            tier = local.inspector.local_tier
+            assert tier is not None
+            assert tier.wait_ready(10.0)
+            assert len(tier._listener._links) == len(live_cluster.primaries())
         finally:
+            local.detach()
             local.client.close()
 
         # a cached function keeps one key per call: it works on a cluster already

@@ -29,6 +29,7 @@ from devservices import RedisServer
 from examples.shop import Product
 from sa_redis_cache import Cache, ConfigurationError, FromCache
 from sa_redis_cache.protocol import KeyScheme
+from sa_redis_cache.redis_io import client_from_url, split_cluster_url
 from tests.modes import async_url
 from tests.seams import RedisTap
 from tests.support import SQLCounter
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from sa_redis_cache.local import LocalTier
+
+# in every run on the cluster too (as the CI subset of tests/integration/conftest.py)
+pytestmark = pytest.mark.cluster
 
 # short leases keep the tests in which a holder stops answering short
 LEASE = 0.5
@@ -49,6 +53,10 @@ def until(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"never happened: {what}"
         time.sleep(0.005)
+
+
+def is_cluster_url(url: str) -> bool:
+    return split_cluster_url(url)[1]
 
 
 def tier_of(cache: Cache) -> LocalTier:
@@ -106,14 +114,48 @@ class Process:
         self.engine.dispose()
 
 
+@pytest.fixture(params=["single", "cluster"])
+def tier_url(request: pytest.FixtureRequest, redis_url: str) -> str:
+    """The Redis of the processes ``spawn`` makes: the run's server, and the run's Redis
+    Cluster (tracking, fences and acknowledgements per primary); ``--redis-mode=cluster``
+    leaves the server out."""
+    chosen = request.config.getoption("--redis-mode")
+    marked = request.node.get_closest_marker("cluster") is not None
+    if request.param == "cluster":
+        if chosen == "single" and not marked:
+            pytest.skip("--redis-mode=single")
+        url: str = request.getfixturevalue("redis_cluster").url
+        return url
+    if chosen == "cluster":
+        pytest.skip("--redis-mode=cluster")
+    return redis_url
+
+
+@pytest.fixture
+def table_node(tier_url: str, namespace: str) -> Iterator[redis.Redis]:
+    """A client of the server that keeps the ``products`` table's keys (on a cluster, the
+    primary of its slot)."""
+    node_url = tier_url
+    if is_cluster_url(tier_url):
+        scout = client_from_url(tier_url)
+        node = scout.get_node_from_key(KeyScheme(namespace).version_key("products"))
+        node_url = f"redis://{node.host}:{node.port}/0"
+        scout.close()
+    client = redis.Redis.from_url(node_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def spawn(
-    database_url: str, redis_url: str, namespace: str, shop_engine: sa.Engine
+    database_url: str, tier_url: str, namespace: str, shop_engine: sa.Engine
 ) -> Iterator[Callable[..., Process]]:
     made: list[Process] = []
 
     def make(**kwargs: Any) -> Process:
-        made.append(Process(database_url, redis_url, namespace, **kwargs))
+        made.append(Process(database_url, tier_url, namespace, **kwargs))
         return made[-1]
 
     yield make
@@ -255,7 +297,7 @@ def test_a_commit_waits_for_every_holder_to_drop_what_it_changed(
     release = threading.Event()
     take_acks = tier.take_acks
 
-    def held_back_acks() -> list[str]:
+    def held_back_acks() -> list[tuple[str, str]]:
         acks = take_acks()
         if acks:
             seen_fence.set()
@@ -302,9 +344,9 @@ def test_no_local_hit_while_an_invalidation_sits_unread_on_the_connection(
     tier.read_invalidations = stalled  # type: ignore[method-assign]  # the listener, stalled
     try:
         writer.set_price(product, "3.00")
-        sock = tier._sock
-        assert sock is not None
-        readable, _, _ = select.select([sock], [], [], WAIT)
+        socks = [sock for sock, _ in tier._socks]
+        assert socks
+        readable, _, _ = select.select(socks, [], [], WAIT)
         assert readable, "redis never sent the invalidation"
         hits = reader.total("local_hits")
         assert reader.price(product) == Decimal("3.00")
@@ -340,14 +382,15 @@ def test_a_holder_that_stops_answering_delays_a_commit_by_its_lease_at_most(
 
 
 def test_a_killed_invalidation_connection_empties_the_tier(
-    spawn: Callable[..., Process], product: int, redis_client: redis.Redis
+    spawn: Callable[..., Process], product: int, table_node: redis.Redis
 ) -> None:
     reader = spawn()
     writer = spawn()
     reader.hold(product)
     tier = reader.tier
     breaks = tier.breaks
-    redis_client.client_kill_filter(_type="pubsub")
+    # on a cluster, the table's primary's only: one broken pair of several empties the tier
+    table_node.client_kill_filter(_type="pubsub")
     until(lambda: tier.breaks > breaks, "the tier noticed its connection was killed")
     writer.set_price(product, "5.00")
     assert reader.price(product) == Decimal("5.00")
@@ -357,7 +400,7 @@ def test_a_killed_invalidation_connection_empties_the_tier(
 
 
 def test_a_killed_control_connection_ends_tracking_and_empties_the_tier(
-    spawn: Callable[..., Process], product: int, redis_client: redis.Redis
+    spawn: Callable[..., Process], product: int, table_node: redis.Redis
 ) -> None:
     """Tracking belongs to the connection that asked for it: killed, Redis stops sending
     invalidations without a word. The holder stops serving before its lease ends."""
@@ -365,10 +408,10 @@ def test_a_killed_control_connection_ends_tracking_and_empties_the_tier(
     writer = spawn()
     reader.hold(product)
     tier = reader.tier
-    sub_id = tier._listener._sub_id
-    (control,) = [c for c in redis_client.client_list() if c.get("redir") == str(sub_id)]
+    redirects = {str(link.sub_id) for link in tier._listener._links}
+    (control,) = [c for c in table_node.client_list() if c.get("redir") in redirects]
     breaks = tier.breaks
-    redis_client.client_kill_filter(_id=control["id"])
+    table_node.client_kill_filter(_id=control["id"])
     writer.set_price(product, "6.00")
     assert reader.price(product) == Decimal("6.00")
     assert reader.price(product, get=True) == Decimal("6.00")
@@ -520,7 +563,7 @@ def test_stats_show_the_tier(spawn: Callable[..., Process], product: int) -> Non
 
 
 def test_prometheus_and_the_command_line_show_each_process_tier(
-    spawn: Callable[..., Process], product: int, redis_url: str, namespace: str
+    spawn: Callable[..., Process], product: int, tier_url: str, namespace: str
 ) -> None:
     from click.testing import CliRunner
     from prometheus_client import CollectorRegistry, generate_latest
@@ -538,7 +581,7 @@ def test_prometheus_and_the_command_line_show_each_process_tier(
     assert f'sarc_local_ready{{namespace="{namespace}"}} 1.0' in text
     assert "sarc_local_hits_total" in text
     holders = {first.tier.holder, second.tier.holder}
-    base = ["--redis-url", redis_url, "--namespace", namespace, "--models", "examples.shop"]
+    base = ["--redis-url", tier_url, "--namespace", namespace, "--models", "examples.shop"]
 
     def published() -> list[dict[str, Any]]:
         result = CliRunner().invoke(cli, [*base, "stats", "--json"], catch_exceptions=False)
@@ -562,16 +605,16 @@ def test_prometheus_and_the_command_line_show_each_process_tier(
 
 
 def test_detach_stops_the_tier_and_attach_starts_it_again(
-    spawn: Callable[..., Process], product: int, redis_client: redis.Redis, namespace: str
+    spawn: Callable[..., Process], product: int, table_node: redis.Redis, namespace: str
 ) -> None:
     reader = spawn()
     reader.hold(product)
     tier = reader.tier
     holders = KeyScheme(namespace).holders_key("products")
-    assert redis_client.zscore(holders, tier.holder) is not None
+    assert table_node.zscore(holders, tier.holder) is not None
     reader.cache.detach()
     assert not tier.ready
-    assert redis_client.zscore(holders, tier.holder) is None  # writers no longer wait for it
+    assert table_node.zscore(holders, tier.holder) is None  # writers no longer wait for it
     reader.cache.attach(reader.factory)
     assert tier.wait_ready(WAIT)
     reader.hold(product)
@@ -616,7 +659,7 @@ def test_a_forked_child_starts_a_tier_of_its_own(
 
 
 def test_a_script_flush_costs_the_tier_nothing(
-    spawn: Callable[..., Process], product: int, redis_client: redis.Redis
+    spawn: Callable[..., Process], product: int, table_node: redis.Redis
 ) -> None:
     """Any client may send SCRIPT FLUSH: the next lease renewal loads its script again
     instead of taking the refusal for a broken connection and emptying the tier."""
@@ -624,7 +667,7 @@ def test_a_script_flush_costs_the_tier_nothing(
     reader.hold(product)
     tier = reader.tier
     breaks, renewals = tier.breaks, tier.renewals
-    redis_client.script_flush()
+    table_node.script_flush()
     until(lambda: tier.renewals >= renewals + 2, "two renewals after the flush")
     assert tier.breaks == breaks
     hits = reader.total("local_hits")
