@@ -448,7 +448,8 @@ def primary_clients(client: Any) -> list[tuple[str, Any]]:
         kwargs = client.connection_pool.connection_kwargs
         return [(f"{kwargs.get('host', kwargs.get('path', ''))}:{kwargs.get('port', '')}", client)]
     client.nodes_manager.initialize(disconnect_startup_nodes_pools=False)
-    return [(node.name, client.get_redis_connection(node)) for node in client.get_primaries()]
+    primaries = client.get_primaries()  # type: ignore[no-untyped-call]  # untyped in redis-py
+    return [(node.name, client.get_redis_connection(node)) for node in primaries]
 
 
 def node_name_of(client: Any, key: str) -> str:

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from devservices import RedisServer
-from examples.shop import Product
+from examples.shop import Category, Product
 from sa_redis_cache import Cache, ConfigurationError, FromCache
 from sa_redis_cache.protocol import KeyScheme
 from sa_redis_cache.redis_io import client_from_url, split_cluster_url
@@ -137,7 +137,7 @@ def table_node(tier_url: str, namespace: str) -> Iterator[redis.Redis]:
     primary of its slot)."""
     node_url = tier_url
     if is_cluster_url(tier_url):
-        scout = client_from_url(tier_url)
+        scout: Any = client_from_url(tier_url)  # a RedisCluster: the URL says so
         node = scout.get_node_from_key(KeyScheme(namespace).version_key("products"))
         node_url = f"redis://{node.host}:{node.port}/0"
         scout.close()
@@ -323,6 +323,102 @@ def test_a_commit_waits_for_every_holder_to_drop_what_it_changed(
         committer.join(WAIT)
     assert returned.is_set()
     assert writer.total("fence_waits") == 1
+
+
+def test_on_a_cluster_a_commit_over_two_nodes_waits_for_each_tables_fence(
+    database_url: str, tier_url: str, namespace: str, product: int, shop_engine: sa.Engine
+) -> None:
+    """Each table's fence is reported by its own node, after that node's reports of the
+    commit only: the holder's acknowledgement of one table's fence must not release the
+    writer while it has not seen another's."""
+    if not is_cluster_url(tier_url):
+        pytest.skip("one server: one connection carries every fence, in order")
+    scout: Any = client_from_url(tier_url)  # a RedisCluster: the URL says so
+
+    def node(ns: str, table: str) -> str:
+        return str(scout.get_node_from_key(KeyScheme(ns).version_key(table)).name)
+
+    # a namespace of the test's own whose two tables live on two primaries
+    ns = next(
+        f"{namespace}n{i}"
+        for i in range(200)
+        if node(f"{namespace}n{i}", "products") != node(f"{namespace}n{i}", "categories")
+    )
+    with Session(shop_engine) as s:
+        category = Category(name=f"c-{ns}")
+        s.add(category)
+        s.commit()
+        cid = category.id
+    reader = Process(database_url, tier_url, ns, local_lease=30.0)
+    writer = Process(database_url, tier_url, ns)
+    try:
+        reader.hold(product)
+        by_id = sa_select(Category).where(Category.id == cid).options(FromCache())
+        for _ in range(3):
+            with reader.factory() as s:
+                s.scalars(by_id).one()
+        hits = reader.total("local_hits")
+        with reader.factory() as s:
+            s.scalars(by_id).one()
+        assert reader.total("local_hits") == hits + 1
+        tier, listener = reader.tier, reader.tier._listener
+        categories = f"{{{ns}:categories}}"
+        held: list[tuple[str, str]] = []
+        release = threading.Event()
+        products_taken, products_sent = threading.Event(), threading.Event()
+        take_acks, send_acks = tier.take_acks, listener._send_acks
+
+        def only_products() -> list[tuple[str, str]]:
+            acks = take_acks()
+            held.extend(a for a in acks if categories in a[1])
+            passed = [a for a in acks if categories not in a[1]]
+            if passed:
+                products_taken.set()
+            if release.is_set():
+                passed += held
+                held.clear()
+            return passed
+
+        def sending() -> None:
+            send_acks()
+            if products_taken.is_set():
+                products_sent.set()
+
+        tier.take_acks = only_products  # type: ignore[method-assign]
+        listener._send_acks = sending  # type: ignore[method-assign]
+        returned = threading.Event()
+
+        def commit() -> None:
+            with writer.factory() as s:
+                s.execute(update(Product).where(Product.id == product).values(price=2))
+                s.execute(update(Category).where(Category.id == cid).values(name=f"d-{ns}"))
+                s.commit()
+            returned.set()
+
+        committer = threading.Thread(target=commit)
+        committer.start()
+        try:
+            assert products_sent.wait(WAIT), "the holder never acknowledged the products fence"
+            until(lambda: bool(held), "the holder saw the categories fence")
+            token = held[0][0]
+            # the writer took the products acknowledgement ...
+            ack_key = KeyScheme(ns).ack_key(token)
+            until(lambda: returned.is_set() or not scout.exists(ack_key), "the ack taken")
+            # ... and still waits for the categories one
+            assert not returned.wait(0.5), "the commit returned before the categories fence"
+        finally:
+            release.set()
+            listener.wake()
+            committer.join(WAIT)
+        assert returned.is_set()
+        assert reader.price(product) == Decimal("2.00")
+    finally:
+        reader.close()
+        writer.close()
+        scout.close()
+        with Session(shop_engine) as s:
+            s.execute(sa.delete(Category).where(Category.id == cid))
+            s.commit()
 
 
 def test_no_local_hit_while_an_invalidation_sits_unread_on_the_connection(

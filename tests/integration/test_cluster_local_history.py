@@ -1,0 +1,171 @@
+"""The local tier's guarantee on a Redis Cluster while its slots move and its primaries
+fail over: three processes with ``Cache(local=True)`` on the run's cluster announce every
+commit to each other (tests/local_history.py), and no read that starts after an
+announcement may return older data (docs/guarantees.md, "The local tier" on a cluster).
+
+Meanwhile a thread reshards the slot of the table's keys back and forth (its keys are
+reported deleted by the source and written by the target: every process must track the
+target before it serves again), fails its primary over with ``CLUSTER FAILOVER`` (the old
+primary lives on as a replica: the processes must notice the new set of primaries), or
+SIGKILLs it (a replica is elected; the dead node comes back as a replica).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import threading
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from sa_redis_cache.protocol import KeyScheme
+from tests.local_history import Config, Shared, assert_no_stale_read, prepare_table, run_processes
+from tests.local_history import until as until_progress
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from devservices.cluster import RedisCluster
+
+pytestmark = pytest.mark.slow
+
+STRATEGY = "write_through"
+PROCESSES = 3
+ROWS = 4
+LEASE = 0.5
+DEADLINE = 45.0  # each test stays well under a minute
+MIN_READS = 3000
+MIN_WRITES = 30
+
+
+def table_slot(cluster: RedisCluster, namespace: str) -> int:
+    """The slot of every key of the run's table (its hash tag)."""
+    return cluster.slot_of(f"{{{namespace}:sarc_local_history_{STRATEGY}}}")
+
+
+def table_exists(cluster: RedisCluster, namespace: str, stop: threading.Event) -> bool:
+    """Wait until the processes have read the table (its version counter exists)."""
+    key = KeyScheme(namespace).version_key(f"sarc_local_history_{STRATEGY}")
+    client = cluster.client()
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(redis.RedisError):
+                if client.exists(key):
+                    return True
+            stop.wait(0.05)  # polls a condition the processes make true by themselves
+        return False
+    finally:
+        client.close()
+
+
+def run_through(
+    cluster: RedisCluster,
+    database_url: str,
+    namespace: str,
+    chaos: Callable[[threading.Event, list[int]], None],
+    rounds_wanted: int,
+) -> tuple[list[dict[str, Any]], int]:
+    """The run with ``chaos`` in a thread (it appends one item to its list per round, and
+    stops when the event is set or it is done); the run ends once ``rounds_wanted``
+    rounds are done and the processes read and wrote enough. The results and rounds."""
+    engine = sa.create_engine(database_url)
+    prepare_table(engine, STRATEGY, rows=ROWS)
+    engine.dispose()
+    config = Config(
+        database_url=database_url,
+        redis_urls=(cluster.url,) * PROCESSES,
+        namespace=namespace,
+        strategy=STRATEGY,
+        rows=ROWS,
+        lease=LEASE,
+        seed=secrets.randbits(31),
+    )
+    rounds: list[int] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        try:
+            chaos(stop, rounds)
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            failures.append(exc)
+
+    def during(shared: Shared, _procs: list[Any]) -> None:
+        thread = threading.Thread(target=loop, name="cluster-chaos")
+        thread.start()
+        try:
+            until_progress(
+                lambda: (
+                    bool(failures)
+                    or (
+                        len(rounds) >= rounds_wanted
+                        and shared.reads.value >= MIN_READS
+                        and shared.writes.value >= MIN_WRITES
+                    )
+                ),
+                f"{rounds_wanted} rounds of chaos, {MIN_READS} reads, {MIN_WRITES} writes",
+                DEADLINE,
+            )
+        finally:
+            stop.set()
+            thread.join()
+
+    results = run_processes(config, during, deadline=DEADLINE)
+    if failures:
+        raise failures[0]
+    assert_no_stale_read(results)
+    # the run was served by the local tiers, and every process's writes were waited for
+    assert all(r["local_hits"] > 0 for r in results), results
+    return results, len(rounds)
+
+
+def test_no_stale_local_read_while_the_tables_slot_is_resharded(
+    redis_cluster: RedisCluster, database_url: str, namespace: str
+) -> None:
+    slot = table_slot(redis_cluster, namespace)
+
+    def reshard(stop: threading.Event, rounds: list[int]) -> None:
+        table_exists(redis_cluster, namespace, stop)
+        while not stop.is_set():
+            owner = redis_cluster.owner_of(slot)
+            target = next(p for p in redis_cluster.primaries() if p is not owner)
+            redis_cluster.reshard([slot], target, batch=2)
+            rounds.append(1)
+
+    _, rounds = run_through(redis_cluster, database_url, namespace, reshard, rounds_wanted=3)
+    assert rounds >= 3
+
+
+def test_no_stale_local_read_while_the_tables_primary_fails_over(
+    redis_cluster: RedisCluster, database_url: str, namespace: str
+) -> None:
+    slot = table_slot(redis_cluster, namespace)
+
+    def fail_over(stop: threading.Event, rounds: list[int]) -> None:
+        if table_exists(redis_cluster, namespace, stop):
+            for _ in range(2):
+                redis_cluster.failover(redis_cluster.owner_of(slot))
+                rounds.append(1)
+
+    results, _ = run_through(redis_cluster, database_url, namespace, fail_over, rounds_wanted=2)
+    # each process saw the set of primaries change and tracked the new one
+    assert all(r["breaks"] >= 1 for r in results), results
+
+
+def test_no_stale_local_read_while_the_tables_primary_is_killed(
+    redis_cluster: RedisCluster, database_url: str, namespace: str
+) -> None:
+    slot = table_slot(redis_cluster, namespace)
+
+    def kill(stop: threading.Event, rounds: list[int]) -> None:
+        if table_exists(redis_cluster, namespace, stop):
+            old = redis_cluster.owner_of(slot)
+            redis_cluster.failover(old, kill=True)
+            redis_cluster.restart_node(old)
+            rounds.append(1)
+
+    results, _ = run_through(redis_cluster, database_url, namespace, kill, rounds_wanted=1)
+    assert all(r["breaks"] >= 1 for r in results), results
