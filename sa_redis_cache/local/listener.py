@@ -55,6 +55,8 @@ INVALIDATE_CHANNEL = "__redis__:invalidate"
 
 # how long the loop waits before connecting again after a failure, doubling up to the last
 _BACKOFF = (0.05, 1.0)
+# seconds the invalidation connections have to answer a PING before they count as lost
+_CATCH_UP = 2.0
 # seconds an acknowledgement list lives: far longer than any writer waits
 _ACK_TTL_MS = 60_000
 
@@ -86,6 +88,8 @@ class Listened(Protocol):
     def read_invalidations(self) -> None: ...
 
     def take_acks(self) -> list[tuple[str, str]]: ...
+
+    def caught_up(self, ping: int) -> bool: ...
 
     def held_tables(self) -> list[str]: ...
 
@@ -142,6 +146,7 @@ class Listener:
         self._wake_w: socket.socket | None = None
         self._links: list[Link] = []
         self._cluster = False
+        self._pings = 0
         self._last_failure = ""
 
     @property
@@ -313,17 +318,43 @@ class Listener:
 
     def _send_acks(self) -> None:
         tier = self.tier
-        seen = tier.take_acks()
-        if not seen:
-            return
-        batches = _Batches()
-        for token, fence in seen:
-            # on a cluster each fence is acknowledged by name: the writer waits for every
-            # table's, each reported by its own node (fences.py)
-            named = fence if self._cluster else None
-            for command in scripts.ack(tier.keys, token, tier.holder, _ACK_TTL_MS, fence=named):
-                batches.add(self._link_for(command[1]), command)
-        self._exchange(batches)
+        # again while any came: catching up reads on, and may find more fences
+        while seen := tier.take_acks():
+            if self._cluster:
+                self._catch_up()
+            batches = _Batches()
+            for token, fence in seen:
+                # on a cluster each fence is acknowledged by name: the writer waits for
+                # every table's, each reported by its own node (fences.py)
+                named = fence if self._cluster else None
+                for command in scripts.ack(tier.keys, token, tier.holder, _ACK_TTL_MS, fence=named):
+                    batches.add(self._link_for(command[1]), command)
+            self._exchange(batches)
+
+    def _catch_up(self) -> None:
+        """Before acknowledging on a cluster: apply every node's reports sent so far.
+
+        A table's fence is normally set on the node that ran the commit's script for it,
+        so that node's reports come first on one connection. Mid-resharding the two may
+        run on the two nodes of the slot (the script on the source, the fence, redirected,
+        on the target): the source's report then comes on another connection, sent before
+        the fence but not necessarily read before it. A ``PING`` on every invalidation
+        connection is answered after everything that node sent on it before; once every
+        answer is read, every report sent before the fences just seen has been applied.
+        """
+        tier = self.tier
+        self._pings += 1
+        for link in self._links:
+            link.sub.send_command("PING", self._pings)
+        deadline = time.monotonic() + _CATCH_UP
+        watched = [compat.connection_socket(link.sub) for link in self._links]
+        tier.read_invalidations()
+        while not tier.caught_up(self._pings):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectionError("an invalidation connection did not answer PING")
+            select.select(watched, [], [], left)
+            tier.read_invalidations()
 
     def _renew(self) -> None:
         """Extend the leases of the tables this process holds; check tracking is still on."""

@@ -111,6 +111,7 @@ class LocalTier:
         self._held: dict[str, float] = {}
         # one (socket, reader) per tracked primary
         self._socks: list[tuple[socket.socket, Any]] = []
+        self._pongs: list[int] = []
         self._acks: list[tuple[str, str]] = []
         self._listener = Listener(self)
         self._started = False
@@ -142,6 +143,7 @@ class LocalTier:
         self.lock = threading.Lock()
         self.holder = _new_holder()
         self._socks = []
+        self._pongs = []
         self.ready = False
         self._ready_event = threading.Event()
         self._held.clear()
@@ -201,7 +203,7 @@ class LocalTier:
     def _read_locked(self) -> None:
         # every primary's reports, each connection's in its order: an entry kept under
         # counters of several nodes goes when any of them reports one
-        for sock, reader in self._socks:
+        for at, (sock, reader) in enumerate(self._socks):
             while True:
                 try:
                     data = sock.recv(_RECV)
@@ -214,7 +216,11 @@ class LocalTier:
                     break
             message = reader.gets()
             while message is not False:
-                self._apply(message)
+                if type(message) is list and message and message[0] == b"pong":
+                    # the answer to the listener's PING (listener.Listener._catch_up)
+                    self._pongs[at] = int(message[1])
+                else:
+                    self._apply(message)
                 message = reader.gets()
 
     def _apply(self, message: Any) -> None:
@@ -232,6 +238,11 @@ class LocalTier:
                 token = fence_token(key)
                 if token is not None:
                     self._acks.append((token, key.decode()))
+
+    def caught_up(self, ping: int) -> bool:
+        """Whether every invalidation connection has answered the listener's PING ``ping``."""
+        with self.lock:
+            return bool(self._pongs) and min(self._pongs) >= ping
 
     def take_acks(self) -> list[tuple[str, str]]:
         """The ``(commit token, fence key)`` seen since the last call (for the listener)."""
@@ -317,6 +328,7 @@ class LocalTier:
         """Tracking is on, on every primary, and its invalidations come to ``socks``."""
         with self.lock:
             self._socks = [(sock, hiredis.Reader()) for sock in socks]
+            self._pongs = [0] * len(socks)
             self.store.clear()
             self.ready = True
             self._ready_event.set()
@@ -332,6 +344,7 @@ class LocalTier:
         self.ready = False
         self._ready_event.clear()
         self._socks = []
+        self._pongs = []
         self._held.clear()
         self.deadline = 0.0
         self._acks.clear()

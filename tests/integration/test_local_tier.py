@@ -350,7 +350,7 @@ def test_on_a_cluster_a_commit_over_two_nodes_waits_for_each_tables_fence(
         s.commit()
         cid = category.id
     reader = Process(database_url, tier_url, ns, local_lease=30.0)
-    writer = Process(database_url, tier_url, ns)
+    writer = Process(database_url, tier_url, ns, local_lease=5.0)  # waits up to 5 leases
     try:
         reader.hold(product)
         by_id = sa_select(Category).where(Category.id == cid).options(FromCache())
