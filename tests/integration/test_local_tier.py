@@ -246,6 +246,49 @@ def test_a_local_hit_under_asyncio_runs_no_sql_and_no_redis_command(
     asyncio.run(scenario())
 
 
+def test_asyncio_sessions_hit_the_local_tier_and_see_a_commit_at_once(
+    database_url: str, tier_url: str, namespace: str, product: int
+) -> None:
+    """AsyncSession readers and writers, on one server and on the cluster (each cache
+    with its asyncio client): local hits, and a commit the holder drops before it returns."""
+
+    async def scenario() -> None:
+        engine = create_async_engine(async_url(database_url))
+        statements: list[str] = []
+        sa.event.listen(
+            engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2])
+        )
+        reader = Cache(tier_url, namespace=namespace, local=True, local_lease=LEASE)
+        writer = Cache(tier_url, namespace=namespace, local=True, local_lease=LEASE)
+        reads, writes = async_sessionmaker(engine), async_sessionmaker(engine)
+        reader.attach(reads)
+        writer.attach(writes)
+        try:
+            assert tier_of(reader).wait_ready(WAIT)
+            stmt = sa_select(Product).where(Product.id == product).options(FromCache())
+            for _ in range(3):  # a fill, a Redis hit kept, a local hit
+                async with reads() as s:
+                    (await s.scalars(stmt)).one()
+            statements.clear()
+            async with reads() as s:
+                assert (await s.scalars(stmt)).one().price == Decimal("1.00")
+            assert statements == []
+            assert reader.stats()["total"]["local_hits"] >= 2
+            async with writes() as s:
+                await s.execute(update(Product).where(Product.id == product).values(price=8))
+                await s.commit()
+            async with reads() as s:
+                assert (await s.scalars(stmt)).one().price == Decimal("8.00")
+            assert writer.stats()["total"]["fence_waits"] == 1  # it waited for the reader
+        finally:
+            for cache in (reader, writer):
+                cache.detach()
+                await cache.aclose()
+            await engine.dispose()
+
+    asyncio.run(scenario())
+
+
 def test_session_get_from_the_local_tier_keeps_the_identity_map(
     spawn: Callable[..., Process], product: int
 ) -> None:
