@@ -12,16 +12,14 @@ SIGKILLs it (a replica is elected; the dead node comes back as a replica).
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import threading
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import redis
 import sqlalchemy as sa
 
-from sa_redis_cache.protocol import KeyScheme
+from tests.integration.test_cluster_history import started
 from tests.local_history import Config, Shared, assert_no_stale_read, prepare_table, run_processes
 from tests.local_history import until as until_progress
 
@@ -48,18 +46,8 @@ def table_slot(cluster: RedisCluster, namespace: str) -> int:
 
 
 def table_exists(cluster: RedisCluster, namespace: str, stop: threading.Event) -> bool:
-    """Wait until the processes have read the table (its version counter exists)."""
-    key = KeyScheme(namespace).version_key(f"sarc_local_history_{STRATEGY}")
-    client = cluster.client()
-    try:
-        while not stop.is_set():
-            with contextlib.suppress(redis.RedisError):
-                if client.exists(key):
-                    return True
-            stop.wait(0.05)  # polls a condition the processes make true by themselves
-        return False
-    finally:
-        client.close()
+    """Wait until the processes have read the table (True), or the run ended."""
+    return started(cluster, namespace, stop, table=f"sarc_local_history_{STRATEGY}")
 
 
 def run_through(
