@@ -99,7 +99,7 @@ class Listened(Protocol):
 
 
 @dataclass(eq=False)
-class Link:
+class _Link:
     """One primary's pair: the invalidation connection and the control connection."""
 
     name: str
@@ -113,15 +113,15 @@ class _Batches:
     """Commands to send, per link, in one round trip of wall time; replies by handle."""
 
     def __init__(self) -> None:
-        self.commands: dict[Link, list[tuple[Any, ...]]] = {}
-        self.replies: dict[Link, list[Any]] = {}
+        self.commands: dict[_Link, list[tuple[Any, ...]]] = {}
+        self.replies: dict[_Link, list[Any]] = {}
 
-    def add(self, link: Link, command: tuple[Any, ...]) -> tuple[Link, int]:
+    def add(self, link: _Link, command: tuple[Any, ...]) -> tuple[_Link, int]:
         batch = self.commands.setdefault(link, [])
         batch.append(command)
         return link, len(batch) - 1
 
-    def reply(self, handle: tuple[Link, int]) -> Any:
+    def reply(self, handle: tuple[_Link, int]) -> Any:
         link, at = handle
         return self.replies[link][at]
 
@@ -144,7 +144,7 @@ class Listener:
         # made when the thread starts: a listener never started holds no socket
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
-        self._links: list[Link] = []
+        self._links: list[_Link] = []
         self._cluster = False
         self._pings = 0
         self._last_failure = ""
@@ -229,7 +229,7 @@ class Listener:
         self._cluster = is_cluster(client)
         for name, node in compat.primary_clients(client):
             sub = compat.dedicated_connection(node, protocol=2, health_check_interval=0)
-            link = Link(name, sub)
+            link = _Link(name, sub)
             self._links.append(link)
             self._track(link, node)
         socks = [compat.connection_socket(link.sub) for link in self._links]
@@ -240,7 +240,7 @@ class Listener:
         tier.connected(socks)
         log.debug("local tier %s: tracking on %d node(s)", tier.holder, len(socks))
 
-    def _track(self, link: Link, node: Any) -> None:
+    def _track(self, link: _Link, node: Any) -> None:
         # RESP2 whatever the client speaks: invalidations then come as Pub/Sub messages on
         # a connection of their own, which Redis 6 and 7 both support
         sub = link.sub
@@ -267,7 +267,7 @@ class Listener:
             ctl.send_command("CLUSTER", "MYID")
             link.node_id = _text(ctl.read_response())
 
-    def _link_for(self, key: str) -> Link:
+    def _link_for(self, key: str) -> _Link:
         """The link whose control connection takes ``key``'s commands."""
         if not self._cluster:
             return self._links[0]
@@ -369,7 +369,7 @@ class Listener:
         # loaded again each time: a SCRIPT FLUSH (any client may send one) must cost a
         # renewal nothing, rather than look like a broken connection that empties the tier
         hold = scripts.script("hold")
-        loaded: set[Link] = set()
+        loaded: set[_Link] = set()
         renewals = []
         for table in tables:
             _, keys, args = scripts.hold(tier.keys, table, tier.holder, tier.lease_ms, renew=True)
@@ -391,7 +391,7 @@ class Listener:
         tier.renewed(tables, held, sent)
 
     @staticmethod
-    def _check_tracking(link: Link, reply: Any) -> None:
+    def _check_tracking(link: _Link, reply: Any) -> None:
         info = _pairs(reply)
         flags = {_text(f) for f in info.get("flags", [])}
         if "on" not in flags or "broken_redirect" in flags or info.get("redirect") != link.sub_id:
@@ -432,7 +432,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _check_primaries(link: Link, tracked: set[str], reply: Any) -> None:
+def _check_primaries(link: _Link, tracked: set[str], reply: Any) -> None:
     """Raise when ``link``'s node names other primaries than the ones tracked."""
     # CLUSTER SLOTS: [[first slot, last slot, [host, port, node id, ...], replicas...], ...]
     primaries = {_text(entry[2][2]) for entry in reply}
