@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import secrets
 import threading
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
 
+from sa_redis_cache.protocol import KeyScheme
 from tests.integration.test_cluster_history import started
+from tests.integration.test_local_tier import Process, until
 from tests.local_history import Config, Shared, assert_no_stale_read, prepare_table, run_processes
 from tests.local_history import until as until_progress
 
@@ -174,3 +177,33 @@ def test_no_stale_local_read_while_the_tables_primary_is_killed(
 
     results, _ = run_through(redis_cluster, database_url, namespace, kill, rounds_wanted=1)
     assert all(r["breaks"] >= 1 for r in results), results
+
+
+def test_after_a_failover_the_tier_tracks_the_new_primary_before_it_serves(
+    redis_cluster: RedisCluster, database_url: str, namespace: str, product: int
+) -> None:
+    """``CLUSTER FAILOVER`` leaves the old primary up, as a replica: the tier must see the
+    new set of primaries, empty itself, and serve again only once every current primary
+    (the promoted replica among them) has a pair with tracking on."""
+    reader = Process(database_url, redis_cluster.url, namespace)
+    writer = Process(database_url, redis_cluster.url, namespace)
+    try:
+        reader.hold(product)
+        tier = reader.tier
+        breaks = tier.breaks
+        slot = redis_cluster.slot_of(KeyScheme(namespace).version_key("products"))
+        promoted = redis_cluster.failover(redis_cluster.owner_of(slot))
+        until(lambda: tier.breaks > breaks, "the tier noticed the failover")
+        writer.set_price(product, "9.00")  # on the promoted primary
+        assert reader.price(product) == Decimal("9.00")
+        primaries = {node.node_id for node in redis_cluster.primaries()}
+        assert promoted.node_id in primaries
+        until(
+            lambda: tier.ready and {link.node_id for link in tier._listener._links} == primaries,
+            "the tier tracks every current primary",
+        )
+        reader.hold(product)  # served locally again
+        assert reader.price(product) == Decimal("9.00")
+    finally:
+        reader.close()
+        writer.close()
