@@ -1,6 +1,6 @@
-"""Redis Cluster cases: a 1-row hit, a two-table hit, a write-through commit and a
-write-behind commit on a local cluster, against the same on the single Redis of the run,
-in one run.
+"""Redis Cluster cases: a 1-row hit (from Redis and from the local tier), a two-table hit,
+a write-through commit and a write-behind commit on a local cluster, against the same on
+the single Redis of the run, in one run.
 
 The cluster is a ``devservices.RedisCluster`` of three primaries with a replica each
 (only the write-behind commit waits for them: ``WAIT`` after its enqueue) started on
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from benchmarks.cases_local import local_side
 from benchmarks.cases_writes import committer, new_price
 from benchmarks.common import (
     Consume,
@@ -100,6 +101,7 @@ def cluster_cases(env: BenchEnv, plan: Plan) -> list[CaseResult]:
     try:
         return [
             _hits(env, plan, made),
+            _local_hits(env, plan, made),
             _joins(env, plan, made),
             _commits(env, plan, made),
             _queued_commits(env, plan, made),
@@ -149,6 +151,35 @@ def _hits(env: BenchEnv, plan: Plan, made: ClusterCache) -> CaseResult:
     result.breakdown.append(
         "both: one round trip (MGET of the entry, its invalidation counter and the table's "
         "version, all in one slot); the cluster client adds its slot lookup and node choice"
+    )
+    return result
+
+
+def _local_hits(env: BenchEnv, plan: Plan, made: ClusterCache) -> CaseResult:
+    """The 1-row hit served by the local tier, on a cluster (a tracking pair per primary,
+    all drained before the hit) and on the single Redis (one pair)."""
+    consume = entities(_one_row().options(FromCache()))
+    with (
+        local_side(env, "lsingle") as single,
+        local_side(env, "lcluster", client=made.cache.client) as clustered,
+    ):
+        contenders = []
+        for name, side in ((SINGLE, single), (CLUSTER, clustered)):
+            side.keep(consume, side.statement_key(_one_row().options(FromCache())))
+            contenders.append(orm_contender(name, side.factory, consume))
+        result = measure(
+            "cluster_local_hit",
+            "cluster: local-tier hit, 1 row (Product by id)",
+            contenders,
+            plan.cheap,
+            [_ratio("cluster ÷ single")],
+        )
+        for name, side in ((SINGLE, single), (CLUSTER, clustered)):
+            if side.local_hits() == 0:
+                result.notes.append(f"{name}: no local hit")
+    result.breakdown.append(
+        "no round trip on either: before the hit the reading thread reads every tracked "
+        "node's invalidation socket (one non-blocking recv each: 1 on one server, 3 here)"
     )
     return result
 

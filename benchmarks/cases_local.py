@@ -149,15 +149,18 @@ class LocalSide:
 
 
 @contextmanager
-def local_side(env: BenchEnv, label: str, **options: Any) -> Iterator[LocalSide]:
+def local_side(
+    env: BenchEnv, label: str, client: Any = None, **options: Any
+) -> Iterator[LocalSide]:
     """A :class:`LocalSide`, detached (listener stopped) at the end.
 
-    It shares the benchmark's Redis client (pool and parser) with every other contender;
-    its engine is alike too (:meth:`BenchEnv.new_engine`).
+    It shares the benchmark's Redis client (pool and parser) with every other contender,
+    or uses ``client`` (a cluster's); its engine is alike too (:meth:`BenchEnv.new_engine`).
     """
     # a namespace never used before in this run: nothing of another case's is in it
     namespace = env.new_namespace(f"{label}{secrets.token_hex(3)}")
-    cache = Cache(env.client, namespace=namespace, default_ttl=600, local=True, **options)
+    redis_client = env.client if client is None else client
+    cache = Cache(redis_client, namespace=namespace, default_ttl=600, local=True, **options)
     engine = env.new_engine()
     factory: sessionmaker[Session] = sessionmaker(engine)
     cache.attach(factory)

@@ -22,7 +22,6 @@ from . import compat
 from .binds import translate_map_of
 from .breaker import CircuitBreaker
 from .cached_functions import AsyncCachedFunction, CacheDecorator, CachedFunction
-from .cluster_io import refuse_local_tier_on_cluster
 from .context import CacheContext
 from .engine_writes import EngineWrites
 from .errors import ConfigurationError
@@ -239,8 +238,6 @@ class Cache:
             # or cache every select of these sessions for a minute:
             cache.attach(Session, cache_queries=FromCache(ttl=60))
         """
-        if is_cluster(self._core.client):
-            refuse_local_tier_on_cluster(self._core.local is not None)
         if isinstance(target, scoped_session | async_scoped_session):
             target = target.session_factory
         if self._core.async_clients is None and (

@@ -292,21 +292,3 @@ def async_io_for(client: Any) -> AsyncRedisIO:
         async_io_for(redis.asyncio.Redis())  # an AsyncRedisIO
     """
     return AsyncClusterIO(client) if is_cluster(client) else AsyncRedisIO(client)
-
-
-def refuse_local_tier_on_cluster(local: bool) -> None:
-    """Raise :class:`~sa_redis_cache.errors.ConfigurationError` for a local tier on a
-    cluster: its invalidations come from client-side tracking, which is per node, and the
-    tier tracks one server (docs/cluster.md, "Not supported yet").
-
-    Example::
-
-        refuse_local_tier_on_cluster(cache_has_local_tier)
-    """
-    if local:
-        raise ConfigurationError(
-            "cache.attach(): the local tier (Cache(local=True)) does not run on a Redis "
-            "Cluster yet: it learns of changes through client-side tracking, which is per "
-            "node, and tracks one server. Make the cache without local=True on a cluster "
-            "(docs/cluster.md, 'Not supported yet')"
-        )

@@ -423,13 +423,43 @@ def dedicated_connection(client: Any, **overrides: Any) -> Any:
     invalidation and control connections are made this way: tracking belongs to one
     connection, which must never be handed to anyone else.
 
-    A single server only: on a Redis Cluster tracking is per node, so the local tier will
-    need such a pair per primary (docs/cluster.md, "The local tier").
+    ``client`` is one server's client; on a Redis Cluster, one of :func:`primary_clients`.
     """
     pool = client.connection_pool
     options = pool_options_without(pool)
     options.update(overrides)
     return pool.connection_class(**options)
+
+
+def primary_clients(client: Any) -> list[tuple[str, Any]]:
+    """``(name, redis.Redis)`` of every primary ``client`` talks to: itself for one server.
+
+    For a Redis Cluster the client first asks the cluster for its slots again: the local
+    tier connects to each primary after a failover or a resharding, and redis-py otherwise
+    learns of them only when a command of the application's is redirected. The pools of
+    the seed nodes are kept (other threads may be using them).
+
+    Example::
+
+        for name, node in primary_clients(client):
+            connection = dedicated_connection(node, protocol=2)
+    """
+    if not isinstance(client, redis.cluster.RedisCluster):
+        kwargs = client.connection_pool.connection_kwargs
+        return [(f"{kwargs.get('host', kwargs.get('path', ''))}:{kwargs.get('port', '')}", client)]
+    client.nodes_manager.initialize(disconnect_startup_nodes_pools=False)
+    primaries = client.get_primaries()  # type: ignore[no-untyped-call]  # untyped in redis-py
+    return [(node.name, client.get_redis_connection(node)) for node in primaries]
+
+
+def node_name_of(client: Any, key: str) -> str:
+    """The name (``host:port``) of the primary ``client`` sends ``key``'s commands to.
+
+    Example::
+
+        node_name_of(cluster_client, "sarc:shop:lh:{shop:products}")   # '10.0.0.2:7001'
+    """
+    return str(client.get_node_from_key(key).name)
 
 
 def send_now(client: Any, commands: Sequence[Sequence[Any]]) -> Any:

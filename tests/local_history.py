@@ -18,18 +18,23 @@ with SIGSTOP and resumes it, and restarts Redis.
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import queue
 import random
 import threading
+import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import String, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from sa_redis_cache import Cache, CachePolicy, FromCache, Strategy
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 STRATEGIES = ("cache_aside", "write_through")
 _WRITE_SHARE = 0.08
@@ -104,6 +109,70 @@ class Shared:
     stop: Any  # Event
     inboxes: list[Any]  # one Queue per process
     results: Any  # Queue
+
+
+def run_processes(
+    config: Config,
+    during: Callable[[Shared, list[Any]], None],
+    *,
+    deadline: float = 120.0,
+    start_method: str = "forkserver",
+) -> list[dict[str, Any]]:
+    """Run one worker process per URL of ``config``, call ``during(shared, processes)``
+    once all are ready and released (it makes the faults and returns when the run has
+    done enough), then stop them and return their results, each checked by
+    :func:`assert_no_stale_read`.
+
+    Example::
+
+        results = run_processes(config, lambda shared, procs: until_reads(shared, 5000))
+        assert_no_stale_read(results)
+    """
+    context: Any = multiprocessing.get_context(start_method)  # typeshed: BaseContext, no Process
+    shared = Shared(
+        reads=context.Value("q", 0),
+        writes=context.Value("q", 0),
+        ready=context.Value("i", 0),
+        go=context.Event(),
+        stop=context.Event(),
+        inboxes=[context.Queue() for _ in config.redis_urls],
+        results=context.Queue(),
+    )
+    procs = [
+        context.Process(target=worker, args=(config, i, shared), daemon=True)
+        for i in range(len(config.redis_urls))
+    ]
+    for proc in procs:
+        proc.start()
+    results: list[dict[str, Any]] = []
+    try:
+        until(lambda: shared.ready.value == len(procs), "every process ready", deadline)
+        shared.go.set()
+        during(shared, procs)
+    finally:
+        shared.stop.set()
+        results.extend(shared.results.get(timeout=deadline) for _ in procs)
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    return results
+
+
+def until(condition: Callable[[], bool], what: str, deadline: float = 120.0) -> None:
+    """Poll the run's counters (progress the processes make by themselves)."""
+    ends = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < ends, f"the processes made no progress: {what}"
+        time.sleep(0.02)
+
+
+def assert_no_stale_read(results: list[dict[str, Any]]) -> None:
+    """No process died and no read returned older data than an announced commit."""
+    fatal = [r["fatal"] for r in results if r["kind"] == "fatal"]
+    assert not fatal, "\n".join(fatal)
+    violations = [v for r in results for v in r["violations"]]
+    assert violations == [], "\n".join(violations[:20])
 
 
 def worker(config: Config, index: int, shared: Shared) -> None:

@@ -82,6 +82,8 @@ class Fences:
         ordered = sorted(tables)
         pending: dict[str, float] = {}
         tables_of: dict[str, list[str]] = {}
+        fences_of: dict[str, set[str]] = {}
+        keys = self.core.keys
         for table, reply in zip(ordered, replies, strict=True):
             now_ms = int(reply[0])
             for i in range(1, len(reply) - 1, 2):
@@ -89,14 +91,19 @@ class Fences:
                 ends = received + (float(reply[i + 1]) - now_ms) / 1000
                 pending[holder] = max(pending.get(holder, 0.0), ends)
                 tables_of.setdefault(holder, []).append(table)
+                fences_of.setdefault(holder, set()).add(keys.fence_key(table, token))
         quiet = self._quiet_until - received
         if pending:
-            self._wait_acks(token, pending, tables_of)
+            self._wait_acks(token, pending, tables_of, fences_of)
         if quiet > 0:
             self.core.io().sleep(max(0.0, self._quiet_until - time.monotonic()))
 
     def _wait_acks(
-        self, token: str, pending: dict[str, float], tables_of: dict[str, list[str]]
+        self,
+        token: str,
+        pending: dict[str, float],
+        tables_of: dict[str, list[str]],
+        fences_of: dict[str, set[str]],
     ) -> None:
         core = self.core
         counters = core.counters
@@ -123,8 +130,8 @@ class Fences:
                 timeout = max(0.001, min(min(pending.values()) - now, self._slice))
                 popped, more = core.io().pipeline(scripts.take_acks(core.keys, token, timeout))
                 acked = ([popped[1]] if popped else []) + list(more or [])
-                for holder in acked:
-                    pending.pop(_text(holder), None)
+                for entry in acked:
+                    _acknowledged(_text(entry), pending, fences_of)
         except RedisError as exc:
             # the commit is in the database; the holders' leases are all that bounds them
             core.redis_failed(exc)
@@ -156,6 +163,21 @@ class Fences:
                 pending[holder] = ends_of[holder]
             else:
                 pending.pop(holder, None)
+
+
+def _acknowledged(entry: str, pending: dict[str, float], fences_of: dict[str, set[str]]) -> None:
+    """Apply one acknowledgement: a holder's id (every fence: one server), or, on a Redis
+    Cluster, ``"<holder> <fence key>"``: the holder is done once it named each of its fences,
+    since each table's fence is reported by that table's node, after that node's reports
+    of the commit and not after any other node's."""
+    holder, _, fence = entry.partition(" ")
+    if fence:
+        left = fences_of.get(holder)
+        if left is not None:
+            left.discard(fence)
+            if left:
+                return
+    pending.pop(holder, None)
 
 
 def _text(value: Any) -> str:

@@ -109,9 +109,10 @@ class LocalTier:
         self._ready_event = threading.Event()
         self.deadline = 0.0
         self._held: dict[str, float] = {}
-        self._sock: socket.socket | None = None
-        self._reader: Any = None
-        self._acks: list[str] = []
+        # one (socket, reader) per tracked primary
+        self._socks: list[tuple[socket.socket, Any]] = []
+        self._pongs: list[int] = []
+        self._acks: list[tuple[str, str]] = []
         self._listener = Listener(self)
         self._started = False
         self.lapses = 0
@@ -141,7 +142,8 @@ class LocalTier:
         self._listener = Listener(self)
         self.lock = threading.Lock()
         self.holder = _new_holder()
-        self._sock = None
+        self._socks = []
+        self._pongs = []
         self.ready = False
         self._ready_event = threading.Event()
         self._held.clear()
@@ -178,9 +180,9 @@ class LocalTier:
         return self.drain()
 
     def drain(self) -> bool:
-        """Apply every invalidation the connection holds; False when it broke."""
+        """Apply every invalidation the connections hold; False when one broke."""
         with self.lock:
-            if self._sock is None or not self.ready:
+            if not self._socks or not self.ready:
                 return False
             try:
                 self._read_locked()
@@ -196,26 +198,30 @@ class LocalTier:
     def read_invalidations(self) -> None:
         """The listener's read: like :meth:`drain`, but a broken connection raises."""
         with self.lock:
-            if self._sock is not None:
-                self._read_locked()
+            self._read_locked()
 
     def _read_locked(self) -> None:
-        sock, reader = self._sock, self._reader
-        assert sock is not None
-        while True:
-            try:
-                data = sock.recv(_RECV)
-            except _WOULD_BLOCK:
-                break
-            if not data:
-                raise ConnectionError("the invalidation connection was closed")
-            reader.feed(data)
-            if len(data) < _RECV:
-                break
-        message = reader.gets()
-        while message is not False:
-            self._apply(message)
+        # every primary's reports, each connection's in its order: an entry kept under
+        # counters of several nodes goes when any of them reports one
+        for at, (sock, reader) in enumerate(self._socks):
+            while True:
+                try:
+                    data = sock.recv(_RECV)
+                except _WOULD_BLOCK:
+                    break
+                if not data:
+                    raise ConnectionError("the invalidation connection was closed")
+                reader.feed(data)
+                if len(data) < _RECV:
+                    break
             message = reader.gets()
+            while message is not False:
+                if type(message) is list and message and message[0] == b"pong":
+                    # the answer to the listener's PING (listener.Listener._catch_up)
+                    self._pongs[at] = int(message[1])
+                else:
+                    self._apply(message)
+                message = reader.gets()
 
     def _apply(self, message: Any) -> None:
         if type(message) is not list or len(message) != 3 or message[0] != b"message":
@@ -231,10 +237,15 @@ class LocalTier:
             if b":fence:" in key:
                 token = fence_token(key)
                 if token is not None:
-                    self._acks.append(token)
+                    self._acks.append((token, key.decode()))
 
-    def take_acks(self) -> list[str]:
-        """The commit tokens whose fences were seen since the last call (for the listener)."""
+    def caught_up(self, ping: int) -> bool:
+        """Whether every invalidation connection has answered the listener's PING ``ping``."""
+        with self.lock:
+            return bool(self._pongs) and min(self._pongs) >= ping
+
+    def take_acks(self) -> list[tuple[str, str]]:
+        """The ``(commit token, fence key)`` seen since the last call (for the listener)."""
         with self.lock:
             acks, self._acks = self._acks, []
         return acks
@@ -313,11 +324,11 @@ class LocalTier:
 
     # -- the connection ------------------------------------------------------------------
 
-    def connected(self, sock: socket.socket) -> None:
-        """Tracking is on and its invalidations come to ``sock`` (the listener)."""
+    def connected(self, socks: Sequence[socket.socket]) -> None:
+        """Tracking is on, on every primary, and its invalidations come to ``socks``."""
         with self.lock:
-            self._sock = sock
-            self._reader = hiredis.Reader()
+            self._socks = [(sock, hiredis.Reader()) for sock in socks]
+            self._pongs = [0] * len(socks)
             self.store.clear()
             self.ready = True
             self._ready_event.set()
@@ -332,7 +343,8 @@ class LocalTier:
             self.breaks += 1
         self.ready = False
         self._ready_event.clear()
-        self._sock = None
+        self._socks = []
+        self._pongs = []
         self._held.clear()
         self.deadline = 0.0
         self._acks.clear()

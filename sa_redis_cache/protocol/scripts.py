@@ -491,10 +491,18 @@ def holders(keys: KeyScheme, table: str, ids: Sequence[str]) -> ScriptCall:
     return script("holders"), [keys.holders_key(table)], list(ids)
 
 
-def ack(keys: KeyScheme, token: str, holder: str, ttl_ms: int) -> list[Command]:
-    """The commands a holder sends once it has seen commit ``token``'s fence."""
+def ack(
+    keys: KeyScheme, token: str, holder: str, ttl_ms: int, *, fence: str | None = None
+) -> list[Command]:
+    """The commands a holder sends once it has seen commit ``token``'s fence.
+
+    On one server the holder's id acknowledges every fence of the commit (they come on one
+    connection, after everything the commit changed); on a Redis Cluster each fence comes
+    from its own node and is acknowledged by name, ``"<holder> <fence key>"``.
+    """
     key = keys.ack_key(token)
-    return [("RPUSH", key, holder), ("PEXPIRE", key, ttl_ms)]
+    entry = holder if fence is None else f"{holder} {fence}"
+    return [("RPUSH", key, entry), ("PEXPIRE", key, ttl_ms)]
 
 
 def take_acks(keys: KeyScheme, token: str, timeout: float) -> list[Command]:

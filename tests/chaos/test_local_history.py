@@ -15,7 +15,6 @@ commit, and this test fails (checked by hand when the fences were written).
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import secrets
 import signal
@@ -27,7 +26,14 @@ import redis
 import sqlalchemy as sa
 
 from devservices import RedisServer
-from tests.local_history import Config, Shared, prepare_table, worker
+from tests.local_history import (
+    Config,
+    Shared,
+    assert_no_stale_read,
+    prepare_table,
+    run_processes,
+    until,
+)
 from tests.slow_proxy import SlowProxy
 
 PROCESSES = 3
@@ -38,14 +44,6 @@ DEADLINE = 120.0
 PAUSED = 1  # the reader that is stopped: it only reads (see Config.readers_only)
 
 
-def _until(condition: Any, what: str) -> None:
-    """Poll the run's counters (progress the processes make by themselves)."""
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, f"the processes made no progress: {what}"
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("strategy", ["cache_aside", "write_through"])
 def test_no_stale_read_from_any_local_tier_through_faults(
     database_url: str, namespace: str, strategy: str
@@ -53,7 +51,6 @@ def test_no_stale_read_from_any_local_tier_through_faults(
     engine = sa.create_engine(database_url)
     prepare_table(engine, strategy, rows=4)
     engine.dispose()
-    context = multiprocessing.get_context("forkserver")
     with RedisServer() as server, SlowProxy(server.host, server.port, delay=DELAY) as proxy:
         config = Config(
             database_url=database_url,
@@ -65,40 +62,26 @@ def test_no_stale_read_from_any_local_tier_through_faults(
             seed=secrets.randbits(31),
             readers_only=frozenset({PAUSED}),
         )
-        shared = Shared(
-            reads=context.Value("q", 0),
-            writes=context.Value("q", 0),
-            ready=context.Value("i", 0),
-            go=context.Event(),
-            stop=context.Event(),
-            inboxes=[context.Queue() for _ in range(PROCESSES)],
-            results=context.Queue(),
-        )
-        procs = [
-            context.Process(target=worker, args=(config, i, shared), daemon=True)
-            for i in range(PROCESSES)
-        ]
-        for proc in procs:
-            proc.start()
         admin = redis.Redis.from_url(server.url)
-        paused = procs[PAUSED]
-        results: list[dict[str, Any]] = []
-        try:
-            _until(lambda: shared.ready.value == PROCESSES, "ready")
-            shared.go.set()
 
+        def faults(shared: Shared, procs: list[Any]) -> None:
             def reads_grow(by: int) -> None:
                 start = shared.reads.value
-                _until(lambda: shared.reads.value >= start + by, f"{by} more reads")
+                until(lambda: shared.reads.value >= start + by, f"{by} more reads", DEADLINE)
 
             reads_grow(2000)
             admin.client_kill_filter(_type="pubsub")
             reads_grow(2000)
+            paused = procs[PAUSED]
             assert paused.pid is not None
             os.kill(paused.pid, signal.SIGSTOP)
             try:
                 writes = shared.writes.value
-                _until(lambda: shared.writes.value >= writes + 20, "writes while one is stopped")
+                until(
+                    lambda: shared.writes.value >= writes + 20,
+                    "writes while one is stopped",
+                    DEADLINE,
+                )
                 # its lease must end while it is stopped: writers stop waiting for it
                 time.sleep(LEASE * 2)
             finally:
@@ -106,19 +89,13 @@ def test_no_stale_read_from_any_local_tier_through_faults(
             reads_grow(2000)
             server.restart()
             reads_grow(2000)
-            _until(lambda: shared.reads.value >= MIN_READS, f"{MIN_READS} reads in all")
+            until(lambda: shared.reads.value >= MIN_READS, f"{MIN_READS} reads in all", DEADLINE)
+
+        try:
+            results = run_processes(config, faults, deadline=DEADLINE)
         finally:
-            shared.stop.set()
-            results.extend(shared.results.get(timeout=DEADLINE) for _ in procs)
-            for proc in procs:
-                proc.join(timeout=10)
-                if proc.is_alive():
-                    proc.kill()
             admin.close()
-    fatal = [r["fatal"] for r in results if r["kind"] == "fatal"]
-    assert not fatal, "\n".join(fatal)
-    violations = [v for r in results for v in r["violations"]]
-    assert violations == [], "\n".join(violations[:20])
+    assert_no_stale_read(results)
     assert sum(r["reads"] for r in results) >= MIN_READS
     # the run was served by the local tiers, and every fault reached them
     assert sum(r["local_hits"] for r in results) > MIN_READS // 10

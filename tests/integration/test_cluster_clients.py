@@ -123,11 +123,16 @@ def test_attach_takes_a_cluster_and_checks_every_primary_for_write_behind(
                 assert f"{page_view.__name__}: Redis Cluster node {node.host}:{node.port}: " in (
                     str(refused.value)
                 )
+        # the local tier runs on a cluster (tests/integration/test_local_tier.py)
         local = Cache(live_cluster.url, namespace=namespace, local=True)
         try:
-            with pytest.raises(ConfigurationError, match=r"local tier .* Redis Cluster yet"):
-                local.attach(factory)
+            local.attach(factory)
+            tier = local.inspector.local_tier
+            assert tier is not None
+            assert tier.wait_ready(10.0)
+            assert len(tier._listener._links) == len(live_cluster.primaries())
         finally:
+            local.detach()
             local.client.close()
 
         # a cached function keeps one key per call: it works on a cluster already

@@ -44,9 +44,14 @@ def history_slot(cluster: RedisCluster, namespace: str, strategy: str) -> int:
     return cluster.slot_of(f"{{{namespace}:sarc_history_{strategy}}}")
 
 
-def started(cluster: RedisCluster, namespace: str, stop: threading.Event) -> bool:
-    """Wait until the run's workers have read the history table (True), or the run ended."""
-    key = KeyScheme(namespace).version_key(f"sarc_history_{STRATEGY}")
+def started(
+    cluster: RedisCluster,
+    namespace: str,
+    stop: threading.Event,
+    table: str = f"sarc_history_{STRATEGY}",
+) -> bool:
+    """Wait until the run's workers have read ``table`` (True), or the run ended."""
+    key = KeyScheme(namespace).version_key(table)
     client = cluster.client()
     try:
         while not stop.is_set():

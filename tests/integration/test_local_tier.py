@@ -26,9 +26,10 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from devservices import RedisServer
-from examples.shop import Product
+from examples.shop import Category, Product
 from sa_redis_cache import Cache, ConfigurationError, FromCache
 from sa_redis_cache.protocol import KeyScheme
+from sa_redis_cache.redis_io import client_from_url, split_cluster_url
 from tests.modes import async_url
 from tests.seams import RedisTap
 from tests.support import SQLCounter
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from sa_redis_cache.local import LocalTier
+
+# in every run on the cluster too (as the CI subset of tests/integration/conftest.py)
+pytestmark = pytest.mark.cluster
 
 # short leases keep the tests in which a holder stops answering short
 LEASE = 0.5
@@ -49,6 +53,10 @@ def until(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"never happened: {what}"
         time.sleep(0.005)
+
+
+def is_cluster_url(url: str) -> bool:
+    return split_cluster_url(url)[1]
 
 
 def tier_of(cache: Cache) -> LocalTier:
@@ -106,14 +114,48 @@ class Process:
         self.engine.dispose()
 
 
+@pytest.fixture(params=["single", "cluster"])
+def tier_url(request: pytest.FixtureRequest, redis_url: str) -> str:
+    """The Redis of the processes ``spawn`` makes: the run's server, and the run's Redis
+    Cluster (tracking, fences and acknowledgements per primary); ``--redis-mode=cluster``
+    leaves the server out."""
+    chosen = request.config.getoption("--redis-mode")
+    marked = request.node.get_closest_marker("cluster") is not None
+    if request.param == "cluster":
+        if chosen == "single" and not marked:
+            pytest.skip("--redis-mode=single")
+        url: str = request.getfixturevalue("redis_cluster").url
+        return url
+    if chosen == "cluster":
+        pytest.skip("--redis-mode=cluster")
+    return redis_url
+
+
+@pytest.fixture
+def table_node(tier_url: str, namespace: str) -> Iterator[redis.Redis]:
+    """A client of the server that keeps the ``products`` table's keys (on a cluster, the
+    primary of its slot)."""
+    node_url = tier_url
+    if is_cluster_url(tier_url):
+        scout: Any = client_from_url(tier_url)  # a RedisCluster: the URL says so
+        node = scout.get_node_from_key(KeyScheme(namespace).version_key("products"))
+        node_url = f"redis://{node.host}:{node.port}/0"
+        scout.close()
+    client = redis.Redis.from_url(node_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def spawn(
-    database_url: str, redis_url: str, namespace: str, shop_engine: sa.Engine
+    database_url: str, tier_url: str, namespace: str, shop_engine: sa.Engine
 ) -> Iterator[Callable[..., Process]]:
     made: list[Process] = []
 
     def make(**kwargs: Any) -> Process:
-        made.append(Process(database_url, redis_url, namespace, **kwargs))
+        made.append(Process(database_url, tier_url, namespace, **kwargs))
         return made[-1]
 
     yield make
@@ -204,6 +246,49 @@ def test_a_local_hit_under_asyncio_runs_no_sql_and_no_redis_command(
     asyncio.run(scenario())
 
 
+def test_asyncio_sessions_hit_the_local_tier_and_see_a_commit_at_once(
+    database_url: str, tier_url: str, namespace: str, product: int
+) -> None:
+    """AsyncSession readers and writers, on one server and on the cluster (each cache
+    with its asyncio client): local hits, and a commit the holder drops before it returns."""
+
+    async def scenario() -> None:
+        engine = create_async_engine(async_url(database_url))
+        statements: list[str] = []
+        sa.event.listen(
+            engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2])
+        )
+        reader = Cache(tier_url, namespace=namespace, local=True, local_lease=LEASE)
+        writer = Cache(tier_url, namespace=namespace, local=True, local_lease=LEASE)
+        reads, writes = async_sessionmaker(engine), async_sessionmaker(engine)
+        reader.attach(reads)
+        writer.attach(writes)
+        try:
+            assert tier_of(reader).wait_ready(WAIT)
+            stmt = sa_select(Product).where(Product.id == product).options(FromCache())
+            for _ in range(3):  # a fill, a Redis hit kept, a local hit
+                async with reads() as s:
+                    (await s.scalars(stmt)).one()
+            statements.clear()
+            async with reads() as s:
+                assert (await s.scalars(stmt)).one().price == Decimal("1.00")
+            assert statements == []
+            assert reader.stats()["total"]["local_hits"] >= 2
+            async with writes() as s:
+                await s.execute(update(Product).where(Product.id == product).values(price=8))
+                await s.commit()
+            async with reads() as s:
+                assert (await s.scalars(stmt)).one().price == Decimal("8.00")
+            assert writer.stats()["total"]["fence_waits"] == 1  # it waited for the reader
+        finally:
+            for cache in (reader, writer):
+                cache.detach()
+                await cache.aclose()
+            await engine.dispose()
+
+    asyncio.run(scenario())
+
+
 def test_session_get_from_the_local_tier_keeps_the_identity_map(
     spawn: Callable[..., Process], product: int
 ) -> None:
@@ -255,7 +340,7 @@ def test_a_commit_waits_for_every_holder_to_drop_what_it_changed(
     release = threading.Event()
     take_acks = tier.take_acks
 
-    def held_back_acks() -> list[str]:
+    def held_back_acks() -> list[tuple[str, str]]:
         acks = take_acks()
         if acks:
             seen_fence.set()
@@ -283,6 +368,102 @@ def test_a_commit_waits_for_every_holder_to_drop_what_it_changed(
     assert writer.total("fence_waits") == 1
 
 
+def test_on_a_cluster_a_commit_over_two_nodes_waits_for_each_tables_fence(
+    database_url: str, tier_url: str, namespace: str, product: int, shop_engine: sa.Engine
+) -> None:
+    """Each table's fence is reported by its own node, after that node's reports of the
+    commit only: the holder's acknowledgement of one table's fence must not release the
+    writer while it has not seen another's."""
+    if not is_cluster_url(tier_url):
+        pytest.skip("one server: one connection carries every fence, in order")
+    scout: Any = client_from_url(tier_url)  # a RedisCluster: the URL says so
+
+    def node(ns: str, table: str) -> str:
+        return str(scout.get_node_from_key(KeyScheme(ns).version_key(table)).name)
+
+    # a namespace of the test's own whose two tables live on two primaries
+    ns = next(
+        f"{namespace}n{i}"
+        for i in range(200)
+        if node(f"{namespace}n{i}", "products") != node(f"{namespace}n{i}", "categories")
+    )
+    with Session(shop_engine) as s:
+        category = Category(name=f"c-{ns}")
+        s.add(category)
+        s.commit()
+        cid = category.id
+    reader = Process(database_url, tier_url, ns, local_lease=30.0)
+    writer = Process(database_url, tier_url, ns, local_lease=5.0)  # waits up to 5 leases
+    try:
+        reader.hold(product)
+        by_id = sa_select(Category).where(Category.id == cid).options(FromCache())
+        for _ in range(3):
+            with reader.factory() as s:
+                s.scalars(by_id).one()
+        hits = reader.total("local_hits")
+        with reader.factory() as s:
+            s.scalars(by_id).one()
+        assert reader.total("local_hits") == hits + 1
+        tier, listener = reader.tier, reader.tier._listener
+        categories = f"{{{ns}:categories}}"
+        held: list[tuple[str, str]] = []
+        release = threading.Event()
+        products_taken, products_sent = threading.Event(), threading.Event()
+        take_acks, send_acks = tier.take_acks, listener._send_acks
+
+        def only_products() -> list[tuple[str, str]]:
+            acks = take_acks()
+            held.extend(a for a in acks if categories in a[1])
+            passed = [a for a in acks if categories not in a[1]]
+            if passed:
+                products_taken.set()
+            if release.is_set():
+                passed += held
+                held.clear()
+            return passed
+
+        def sending() -> None:
+            send_acks()
+            if products_taken.is_set():
+                products_sent.set()
+
+        tier.take_acks = only_products  # type: ignore[method-assign]
+        listener._send_acks = sending  # type: ignore[method-assign]
+        returned = threading.Event()
+
+        def commit() -> None:
+            with writer.factory() as s:
+                s.execute(update(Product).where(Product.id == product).values(price=2))
+                s.execute(update(Category).where(Category.id == cid).values(name=f"d-{ns}"))
+                s.commit()
+            returned.set()
+
+        committer = threading.Thread(target=commit)
+        committer.start()
+        try:
+            assert products_sent.wait(WAIT), "the holder never acknowledged the products fence"
+            until(lambda: bool(held), "the holder saw the categories fence")
+            token = held[0][0]
+            # the writer took the products acknowledgement ...
+            ack_key = KeyScheme(ns).ack_key(token)
+            until(lambda: returned.is_set() or not scout.exists(ack_key), "the ack taken")
+            # ... and still waits for the categories one
+            assert not returned.wait(0.5), "the commit returned before the categories fence"
+        finally:
+            release.set()
+            listener.wake()
+            committer.join(WAIT)
+        assert returned.is_set()
+        assert reader.price(product) == Decimal("2.00")
+    finally:
+        reader.close()
+        writer.close()
+        scout.close()
+        with Session(shop_engine) as s:
+            s.execute(sa.delete(Category).where(Category.id == cid))
+            s.commit()
+
+
 def test_no_local_hit_while_an_invalidation_sits_unread_on_the_connection(
     spawn: Callable[..., Process], product: int
 ) -> None:
@@ -302,9 +483,9 @@ def test_no_local_hit_while_an_invalidation_sits_unread_on_the_connection(
     tier.read_invalidations = stalled  # type: ignore[method-assign]  # the listener, stalled
     try:
         writer.set_price(product, "3.00")
-        sock = tier._sock
-        assert sock is not None
-        readable, _, _ = select.select([sock], [], [], WAIT)
+        socks = [sock for sock, _ in tier._socks]
+        assert socks
+        readable, _, _ = select.select(socks, [], [], WAIT)
         assert readable, "redis never sent the invalidation"
         hits = reader.total("local_hits")
         assert reader.price(product) == Decimal("3.00")
@@ -340,14 +521,15 @@ def test_a_holder_that_stops_answering_delays_a_commit_by_its_lease_at_most(
 
 
 def test_a_killed_invalidation_connection_empties_the_tier(
-    spawn: Callable[..., Process], product: int, redis_client: redis.Redis
+    spawn: Callable[..., Process], product: int, table_node: redis.Redis
 ) -> None:
     reader = spawn()
     writer = spawn()
     reader.hold(product)
     tier = reader.tier
     breaks = tier.breaks
-    redis_client.client_kill_filter(_type="pubsub")
+    # on a cluster, the table's primary's only: one broken pair of several empties the tier
+    table_node.client_kill_filter(_type="pubsub")
     until(lambda: tier.breaks > breaks, "the tier noticed its connection was killed")
     writer.set_price(product, "5.00")
     assert reader.price(product) == Decimal("5.00")
@@ -357,7 +539,7 @@ def test_a_killed_invalidation_connection_empties_the_tier(
 
 
 def test_a_killed_control_connection_ends_tracking_and_empties_the_tier(
-    spawn: Callable[..., Process], product: int, redis_client: redis.Redis
+    spawn: Callable[..., Process], product: int, table_node: redis.Redis
 ) -> None:
     """Tracking belongs to the connection that asked for it: killed, Redis stops sending
     invalidations without a word. The holder stops serving before its lease ends."""
@@ -365,10 +547,10 @@ def test_a_killed_control_connection_ends_tracking_and_empties_the_tier(
     writer = spawn()
     reader.hold(product)
     tier = reader.tier
-    sub_id = tier._listener._sub_id
-    (control,) = [c for c in redis_client.client_list() if c.get("redir") == str(sub_id)]
+    redirects = {str(link.sub_id) for link in tier._listener._links}
+    (control,) = [c for c in table_node.client_list() if c.get("redir") in redirects]
     breaks = tier.breaks
-    redis_client.client_kill_filter(_id=control["id"])
+    table_node.client_kill_filter(_id=control["id"])
     writer.set_price(product, "6.00")
     assert reader.price(product) == Decimal("6.00")
     assert reader.price(product, get=True) == Decimal("6.00")
@@ -520,7 +702,7 @@ def test_stats_show_the_tier(spawn: Callable[..., Process], product: int) -> Non
 
 
 def test_prometheus_and_the_command_line_show_each_process_tier(
-    spawn: Callable[..., Process], product: int, redis_url: str, namespace: str
+    spawn: Callable[..., Process], product: int, tier_url: str, namespace: str
 ) -> None:
     from click.testing import CliRunner
     from prometheus_client import CollectorRegistry, generate_latest
@@ -538,7 +720,7 @@ def test_prometheus_and_the_command_line_show_each_process_tier(
     assert f'sarc_local_ready{{namespace="{namespace}"}} 1.0' in text
     assert "sarc_local_hits_total" in text
     holders = {first.tier.holder, second.tier.holder}
-    base = ["--redis-url", redis_url, "--namespace", namespace, "--models", "examples.shop"]
+    base = ["--redis-url", tier_url, "--namespace", namespace, "--models", "examples.shop"]
 
     def published() -> list[dict[str, Any]]:
         result = CliRunner().invoke(cli, [*base, "stats", "--json"], catch_exceptions=False)
@@ -562,16 +744,16 @@ def test_prometheus_and_the_command_line_show_each_process_tier(
 
 
 def test_detach_stops_the_tier_and_attach_starts_it_again(
-    spawn: Callable[..., Process], product: int, redis_client: redis.Redis, namespace: str
+    spawn: Callable[..., Process], product: int, table_node: redis.Redis, namespace: str
 ) -> None:
     reader = spawn()
     reader.hold(product)
     tier = reader.tier
     holders = KeyScheme(namespace).holders_key("products")
-    assert redis_client.zscore(holders, tier.holder) is not None
+    assert table_node.zscore(holders, tier.holder) is not None
     reader.cache.detach()
     assert not tier.ready
-    assert redis_client.zscore(holders, tier.holder) is None  # writers no longer wait for it
+    assert table_node.zscore(holders, tier.holder) is None  # writers no longer wait for it
     reader.cache.attach(reader.factory)
     assert tier.wait_ready(WAIT)
     reader.hold(product)
@@ -616,7 +798,7 @@ def test_a_forked_child_starts_a_tier_of_its_own(
 
 
 def test_a_script_flush_costs_the_tier_nothing(
-    spawn: Callable[..., Process], product: int, redis_client: redis.Redis
+    spawn: Callable[..., Process], product: int, table_node: redis.Redis
 ) -> None:
     """Any client may send SCRIPT FLUSH: the next lease renewal loads its script again
     instead of taking the refusal for a broken connection and emptying the tier."""
@@ -624,7 +806,7 @@ def test_a_script_flush_costs_the_tier_nothing(
     reader.hold(product)
     tier = reader.tier
     breaks, renewals = tier.breaks, tier.renewals
-    redis_client.script_flush()
+    table_node.script_flush()
     until(lambda: tier.renewals >= renewals + 2, "two renewals after the flush")
     assert tier.breaks == breaks
     hits = reader.total("local_hits")
