@@ -383,3 +383,31 @@ def test_the_command_line_invalidates_through_a_group_given_with_slot_group(
         assert "write GROUP=TABLE[,TABLE...]" in bad.output
     finally:
         client.close()
+
+
+def test_the_local_tier_serves_a_group_and_drops_it_on_a_commit(
+    in_mode: Runner, category: int
+) -> None:
+    """A grouped statement kept by the local tier (its counters and fences under the
+    group's tag, on a cluster on one node) is a local hit, and a commit to either table
+    retires it before ``commit()`` returns."""
+
+    def local_hits(db: Db) -> int:
+        return int(db.cache.stats()["total"].get("local_hits", 0))
+
+    def scenario(db: Db) -> None:
+        tier = db.cache.inspector.local_tier
+        assert tier is not None
+        assert tier.wait_ready(10.0)
+        read(db, category)  # a fill
+        read(db, category)  # a Redis hit, kept by the tier
+        hits = local_hits(db)
+        read(db, category)
+        assert local_hits(db) == hits + 1
+        with db.session() as s:
+            s.get(Category, category).name = f"local-{category}"
+            s.commit()
+        assert {name for _, name in read(db, category)} == {f"local-{category}"}
+
+    local = {"slot_groups": GROUPS, "local": True}
+    dataclasses.replace(in_mode, cache_kwargs=local)(scenario)
