@@ -98,6 +98,9 @@ class EngineWrites:
         self._engines.add(engine)
         listen = self.core.listen
         listen(engine, "after_cursor_execute", self.after_cursor_execute)
+        returning = self.invalidation.returning
+        listen(engine, "before_cursor_execute", returning.before_cursor_execute, retval=True)
+        listen(engine, "after_cursor_execute", returning.after_cursor_execute)
         listen(engine.pool, "checkin", self.checkin)
 
     def forget_engines(self) -> None:
