@@ -111,7 +111,7 @@ class Capture:
     the database's and are not used.
     """
 
-    tables: dict[Table, ModelInfo]
+    tables: dict[str, ModelInfo]  # by the table's full name
     # the connection's ``info`` (its pool record's, which outlives a closed Connection)
     home: dict[Any, Any]
     rows: dict[str, dict[tuple[Any, ...], list[Any]]] = field(default_factory=dict)
@@ -166,15 +166,11 @@ class Returning:
         """Start capturing the rows the next statements on ``connection`` write to the
         tables of ``infos`` (write-through models); None when none of them can be."""
         dialect = connection.dialect
-        tables = {
-            info.mapper.local_table: info
-            for info in infos
-            if self._clause(info, dialect) is not None
-        }
+        tables = {info.table: info for info in infos if self._clause(info, dialect) is not None}
         if not tables:
             return None
         home = connection.info
-        capture = Capture(tables, home)  # type: ignore[arg-type]  # local_table is a Table
+        capture = Capture(tables, home)
         home[self._key] = capture
         return capture
 
@@ -222,11 +218,16 @@ class Returning:
         element = getattr(compiled, "statement", None)
         if isinstance(element, (Update, Insert, Delete)):
             table = element.table
-            info = capture.tables.get(table)  # type: ignore[call-overload]
+            # by name: another Table object of the same table (a Core ``table()``) writes
+            # the same rows
+            info = capture.tables.get(getattr(table, "fullname", ""))
             if info is None:
                 return statement, parameters  # not a written-through table
             if (
-                isinstance(element, Update) and not executemany and not compiled.effective_returning  # type: ignore[union-attr]
+                table is info.mapper.local_table
+                and isinstance(element, Update)
+                and not executemany
+                and not compiled.effective_returning  # type: ignore[union-attr]
             ):
                 clause = self._clause(info, conn.dialect)
                 if clause is not None:

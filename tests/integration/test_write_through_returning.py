@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session
 
 from examples.shop import Product
 
+PRODUCTS = sa.table("products", sa.column("id"), sa.column("name"))
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -100,7 +102,7 @@ def test_a_later_write_of_the_row_in_the_flush_is_what_is_written_through(
     many: bool,
 ) -> None:
     pid = products[0]
-    table = Product.__table__
+    table = PRODUCTS
     rename_stmt = (
         sa.update(table).where(table.c.id == sa.bindparam("pid")).values(name=sa.bindparam("n"))
     )
@@ -148,16 +150,12 @@ def test_no_statement_outside_a_flush_gets_returning_even_after_a_failed_flush(
             sent.clear()
             # the same session and connection, outside a flush
             result = s.connection().execute(
-                sa.update(Product.__table__)
-                .where(Product.__table__.c.id == pid)
-                .values(name="core")
+                sa.update(PRODUCTS).where(PRODUCTS.c.id == pid).values(name="core")
             )
             assert not result.returns_rows
             s.commit()
         with shop_engine.connect() as conn:  # a pooled connection, maybe the same one
-            result = conn.execute(
-                sa.update(Product.__table__).where(Product.__table__.c.id == pid).values(name="x")
-            )
+            result = conn.execute(sa.update(PRODUCTS).where(PRODUCTS.c.id == pid).values(name="x"))
             assert not result.returns_rows
             conn.commit()
     finally:
