@@ -100,7 +100,6 @@ class EngineWrites:
         listen(engine, "after_cursor_execute", self.after_cursor_execute)
         returning = self.invalidation.returning
         listen(engine, "before_cursor_execute", returning.before_cursor_execute, retval=True)
-        listen(engine, "after_cursor_execute", returning.after_cursor_execute)
         listen(engine.pool, "checkin", self.checkin)
 
     def forget_engines(self) -> None:
@@ -116,7 +115,11 @@ class EngineWrites:
         context: Any,
         executemany: bool,
     ) -> None:
-        """Mark the tables a DML statement wrote, before its transaction commits."""
+        """Mark the tables a DML statement wrote, before its transaction commits; read the
+        row of a flush's UPDATE given RETURNING (one listener per engine and cache)."""
+        self.invalidation.returning.after_cursor_execute(
+            conn, cursor, statement, parameters, context, executemany
+        )
         compiled = getattr(context, "compiled", None)
         element = getattr(compiled, "statement", None)
         if isinstance(element, TextClause) or compiled is None:

@@ -247,7 +247,12 @@ class Returning:
         context: Any,
         executemany: bool,
     ) -> None:
-        """Read the row of a statement :meth:`before_cursor_execute` gave RETURNING."""
+        """Read the row of a statement :meth:`before_cursor_execute` gave RETURNING.
+
+        Called by :meth:`EngineWrites.after_cursor_execute
+        <sa_redis_cache.engine_writes.EngineWrites.after_cursor_execute>`, first."""
+        if not getattr(context, "isupdate", False):
+            return
         capture: Capture | None = conn.info.get(self._key)
         if capture is None or capture.expect is None:
             return
