@@ -98,8 +98,8 @@ class EngineWrites:
         self._engines.add(engine)
         listen = self.core.listen
         listen(engine, "after_cursor_execute", self.after_cursor_execute)
-        returning = self.invalidation.returning
-        listen(engine, "before_cursor_execute", returning.before_cursor_execute, retval=True)
+        append_returning = self.invalidation.returning.before_cursor_execute
+        listen(engine, "before_cursor_execute", append_returning, retval=True, named=True)
         listen(engine.pool, "checkin", self.checkin)
 
     def forget_engines(self) -> None:
@@ -117,9 +117,7 @@ class EngineWrites:
     ) -> None:
         """Mark the tables a DML statement wrote, before its transaction commits; read the
         row of a flush's UPDATE given RETURNING (one listener per engine and cache)."""
-        self.invalidation.returning.after_cursor_execute(
-            conn, cursor, statement, parameters, context, executemany
-        )
+        self.invalidation.returning.read_returned(conn, cursor, context)
         compiled = getattr(context, "compiled", None)
         element = getattr(compiled, "statement", None)
         if isinstance(element, TextClause) or compiled is None:

@@ -134,7 +134,7 @@ class Returning:
     table (:meth:`arm`); while it is armed, an engine listener appends ``RETURNING`` and
     every column of the model to each single-row ``UPDATE`` of such a table
     (:meth:`before_cursor_execute`), reads the returned row right after the statement ran
-    (:meth:`after_cursor_execute`, through the column types' own result processors, as a
+    (:meth:`read_returned`, through the column types' own result processors, as a
     ``SELECT`` would) and tells SQLAlchemy the statement returned nothing.
     ``after_flush`` disarms it and takes the rows (:meth:`disarm`); the rows it lacks are
     read back by :func:`read_back`. Only on dialects with ``UPDATE … RETURNING``
@@ -146,8 +146,8 @@ class Returning:
 
         returning = Returning()
         event.listen(engine, "before_cursor_execute", returning.before_cursor_execute,
-                     retval=True)
-        event.listen(engine, "after_cursor_execute", returning.after_cursor_execute)
+                     retval=True, named=True)
+        # and from an after_cursor_execute listener: returning.read_returned(conn, cursor, ctx)
         capture = returning.arm(connection, [info])   # before the flush
         ...                                            # the flush's UPDATEs
         returning.disarm(capture)                      # after it
@@ -200,16 +200,12 @@ class Returning:
         self._clauses[key] = clause
         return clause
 
-    def before_cursor_execute(
-        self,
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
-    ) -> tuple[str, Any]:
-        """Append RETURNING to a single-row ``UPDATE`` of an armed table (``retval=True``)."""
+    def before_cursor_execute(self, **kw: Any) -> tuple[str, Any]:
+        """Append RETURNING to a single-row ``UPDATE`` of an armed table (listened with
+        ``retval=True, named=True``: SQLAlchemy passes the event's arguments by name)."""
+        conn: Connection = kw["conn"]
+        statement: str = kw["statement"]
+        parameters, context = kw["parameters"], kw["context"]
         capture: Capture | None = conn.info.get(self._key)
         if capture is None:
             return statement, parameters
@@ -226,7 +222,7 @@ class Returning:
             if (
                 table is info.mapper.local_table
                 and isinstance(element, Update)
-                and not executemany
+                and not kw["executemany"]
                 and not compiled.effective_returning  # type: ignore[union-attr]
             ):
                 clause = self._clause(info, conn.dialect)
@@ -238,15 +234,7 @@ class Returning:
             capture.spoiled.add(_ALL)  # textual SQL may write any table
         return statement, parameters
 
-    def after_cursor_execute(
-        self,
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
-    ) -> None:
+    def read_returned(self, conn: Connection, cursor: Any, context: Any) -> None:
         """Read the row of a statement :meth:`before_cursor_execute` gave RETURNING.
 
         Called by :meth:`EngineWrites.after_cursor_execute
