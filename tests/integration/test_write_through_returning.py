@@ -6,7 +6,7 @@ equal the database row, and rows the capture cannot vouch for are read back.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import sqlalchemy as sa
@@ -93,26 +93,27 @@ def test_rows_one_executemany_updates_are_read_back(
         assert cached_row(session_factory, sql, pid) == database_row(shop_engine, pid)
 
 
-@pytest.mark.parametrize("many", [False, True], ids=["captured-again", "executemany"])
+@pytest.mark.parametrize("how", ["mapped-table", "other-table-object", "executemany"])
 def test_a_later_write_of_the_row_in_the_flush_is_what_is_written_through(
     shop_engine: sa.Engine,
     session_factory: sessionmaker[Session],
     sql: SQLCounter,
     products: list[int],
-    many: bool,
+    how: str,
 ) -> None:
     pid = products[0]
-    table = PRODUCTS
+    table = cast("sa.Table", Product.__table__) if how == "mapped-table" else PRODUCTS
     rename_stmt = (
         sa.update(table).where(table.c.id == sa.bindparam("pid")).values(name=sa.bindparam("n"))
     )
 
     def rename(_mapper: Any, connection: sa.Connection, target: Product) -> None:
-        # runs right after the flush's UPDATE returned the row: the row changes again, by
-        # one UPDATE (its row captured in turn) or by an executemany (whose rows cannot be:
-        # the table's captured rows are then read back)
+        # runs right after the flush's UPDATE returned the row: the row changes again. One
+        # UPDATE of the mapped Table is captured in turn (its row replaces the first); one
+        # through another Table object of the same table, or an executemany, cannot be:
+        # the table's captured rows are then read back
         params = [{"pid": target.id, "n": "renamed by a listener"}]
-        if many:
+        if how == "executemany":
             params.append({"pid": -1, "n": "no such row"})
         connection.execute(rename_stmt, params)
 
