@@ -58,7 +58,12 @@ def is_written_through(info: ModelInfo) -> bool:
 
 
 def flushed_pk(info: ModelInfo, obj: object) -> tuple[Any, ...]:
-    """The primary key ``obj`` was flushed under, as its attributes hold it."""
+    """The primary key ``obj`` was flushed under, as its attributes hold it.
+
+    Example::
+
+        flushed_pk(info, product)   # (7,)
+    """
     attributes = instance_state(obj).dict
     keys = info.column_keys
     return tuple(attributes.get(keys[p]) for p in info.pk_positions)
@@ -109,6 +114,11 @@ class Capture:
     statement the capture could not read wrote during the flush (an ``executemany``, an
     ``INSERT``, a ``DELETE``, textual SQL: ``*``), whose captured rows may be older than
     the database's and are not used.
+
+    Example::
+
+        capture = returning.arm(connection, [info])   # Returning.arm, before the flush
+        capture.row(info, (7,))   # after it: row 7 as its UPDATE returned it, or None
     """
 
     tables: dict[str, ModelInfo]  # by the table's full name
