@@ -30,6 +30,8 @@ import redis.cluster
 import redis.crc
 import redis.exceptions
 import sqlalchemy
+from sqlalchemy.engine import cursor as engine_cursor
+from sqlalchemy.engine import default as engine_default
 from sqlalchemy.engine import result as engine_result
 from sqlalchemy.orm import context as orm_context
 from sqlalchemy.orm import mapperlib
@@ -462,6 +464,15 @@ def node_name_of(client: Any, key: str) -> str:
     return str(client.get_node_from_key(key).name)
 
 
+def rows_already_read(context: Any) -> None:
+    """Tell SQLAlchemy that the statement of ``context`` (an ``ExecutionContext``) returns
+    no rows: a listener appended a RETURNING clause SQLAlchemy did not ask for and read
+    the rows itself (:mod:`sa_redis_cache.strategies.write_through`). The result is then
+    the plain DML result SQLAlchemy expected (its rowcount, the cursor released).
+    """
+    context.cursor_fetch_strategy = engine_cursor._NO_CURSOR_DML
+
+
 def send_now(client: Any, commands: Sequence[Sequence[Any]]) -> Any:
     """Send ``commands`` on a connection taken from ``client``'s pool (a ``redis.Redis``)
     and return it without reading the replies: the caller does other work meanwhile,
@@ -641,6 +652,11 @@ _MODULE_PROBES: dict[str, tuple[Any, str]] = {
     "sqlalchemy engine.result.IteratorResult": (engine_result, "IteratorResult"),
     "sqlalchemy engine.result.SimpleResultMetaData": (engine_result, "SimpleResultMetaData"),
     "sqlalchemy util.concurrency.in_greenlet": (concurrency, "in_greenlet"),
+    "sqlalchemy engine.cursor._NO_CURSOR_DML": (engine_cursor, "_NO_CURSOR_DML"),
+    "sqlalchemy DefaultExecutionContext.cursor_fetch_strategy": (
+        engine_default.DefaultExecutionContext,
+        "cursor_fetch_strategy",
+    ),
 }
 
 _SOURCE_PROBES: dict[str, tuple[Any, str]] = {

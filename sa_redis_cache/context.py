@@ -147,9 +147,9 @@ class CacheContext(RedisOutages):
         client: AsyncClient = clients.current().client
         return client
 
-    def listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:
+    def listen(self, target: Any, name: str, fn: Callable[..., Any], **kw: Any) -> None:
         """``event.listen``, remembered so that :meth:`remove_listeners` can undo it."""
-        event.listen(target, name, fn)
+        event.listen(target, name, fn, **kw)
         self._listeners.append((target, name, fn))
 
     def remove_listeners(self) -> None:

@@ -98,6 +98,8 @@ class EngineWrites:
         self._engines.add(engine)
         listen = self.core.listen
         listen(engine, "after_cursor_execute", self.after_cursor_execute)
+        append_returning = self.invalidation.returning.before_cursor_execute
+        listen(engine, "before_cursor_execute", append_returning, retval=True, named=True)
         listen(engine.pool, "checkin", self.checkin)
 
     def forget_engines(self) -> None:
@@ -113,7 +115,9 @@ class EngineWrites:
         context: Any,
         executemany: bool,
     ) -> None:
-        """Mark the tables a DML statement wrote, before its transaction commits."""
+        """Mark the tables a DML statement wrote, before its transaction commits; read the
+        row of a flush's UPDATE given RETURNING (one listener per engine and cache)."""
+        self.invalidation.returning.read_returned(conn, cursor, context)
         compiled = getattr(context, "compiled", None)
         element = getattr(compiled, "statement", None)
         if isinstance(element, TextClause) or compiled is None:

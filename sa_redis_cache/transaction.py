@@ -88,6 +88,8 @@ class TransactionState:
     # a flush's statements ran, the post-commit work sent after the database commit
     premark: Any = None
     posted: Any = None
+    # the flush's write-through rows, captured from its UPDATEs (strategies/write_through)
+    captures: Any = None
 
     @property
     def written_tables(self) -> set[str]:
@@ -146,6 +148,7 @@ class TransactionState:
         self.committed = False
         self.premark = None
         self.posted = None
+        self.captures = None
 
 
 def transaction_state(session: Session) -> TransactionState:

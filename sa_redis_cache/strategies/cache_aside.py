@@ -39,11 +39,20 @@ from sa_redis_cache.protocol import pk_text, scripts
 from sa_redis_cache.protocol.scripts import WRITER_MARK_MS
 from sa_redis_cache.transaction import RowWrite, TableWrites, TransactionState
 
-from .write_through import flushed_state, is_written_through, read_back, sealed_state
+from .write_through import (
+    Capture,
+    Returning,
+    flushed_pk,
+    flushed_state,
+    is_written_through,
+    read_back,
+    sealed_state,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from sqlalchemy.engine import Connection
     from sqlalchemy.orm import ORMExecuteState, Session
 
     from sa_redis_cache.context import CacheContext
@@ -105,6 +114,8 @@ class Invalidation:
     def __init__(self, core: CacheContext) -> None:
         self.core = core
         self.writer_mark_ms = WRITER_MARK_MS
+        # the engine listeners that read write-through rows from the flush's own UPDATEs
+        self.returning = Returning()
 
     # -- before the database commit ------------------------------------------------------
 
@@ -143,7 +154,10 @@ class Invalidation:
         """
         self.settle_premark(state)
         plan = self._plan(session)
-        if plan is None or not plan.complete:
+        if plan is None:
+            return
+        self._arm_returning(session, plan, state)
+        if not plan.complete:
             return  # a new row's key is known after the flush only: mark_flush marks
         core = self.core
         if core.undelivered:
@@ -168,9 +182,36 @@ class Invalidation:
         state.marked.update(plan.tables)
         state.premark = _Premark(pending, plan, pks, len(bulk_tables), named_tables, error)
 
+    def _arm_returning(self, session: Session, plan: _FlushPlan, state: TransactionState) -> None:
+        """Capture the written-through rows of the flush about to run from its own
+        UPDATEs (:class:`.write_through.Returning`), on each connection it writes them on."""
+        by_connection: dict[Connection, list[ModelInfo]] = {}
+        for table_rows in plan.rows.values():
+            info, _ = next(iter(table_rows.values()))
+            if is_written_through(info) and any(o is not None for _, o in table_rows.values()):
+                connection = session.connection(bind_arguments={"mapper": info.mapper})
+                by_connection.setdefault(connection, []).append(info)
+        captures: dict[Connection, Capture] = {}
+        for connection, infos in by_connection.items():
+            capture = self.returning.arm(connection, infos)
+            if capture is not None:
+                captures[connection] = capture
+        state.captures = captures or None
+
+    def _take_captures(self, state: TransactionState) -> dict[Connection, Capture]:
+        """Disarm the flush's captures and return them (empty when none were armed)."""
+        captures: dict[Connection, Capture] | None = state.captures
+        state.captures = None
+        if not captures:
+            return {}
+        for capture in captures.values():
+            self.returning.disarm(capture)
+        return captures
+
     def settle_premark(self, state: TransactionState) -> None:
         """Drop the replies of marks a flush that failed never read (the transaction's
-        end releases the marks)."""
+        end releases the marks), and stop its captures."""
+        self._take_captures(state)
         premark: _Premark | None = state.premark
         if premark is not None:
             state.premark = None
@@ -185,6 +226,7 @@ class Invalidation:
         covered_bulk: set[str] = set()
         premark: _Premark | None = state.premark
         state.premark = None
+        captures = self._take_captures(state)
         plan = self._plan(session)
         if premark is not None:
             tickets = self._premark_replies(premark)
@@ -216,7 +258,9 @@ class Invalidation:
             writes = frame.table(table)
             writes.scope = scopes[table]
             generation, row_tickets = tickets.get(table, (None, {}))
-            current = self._read_back(session, table_rows) if generation is not None else {}
+            current = (
+                self._read_back(session, table_rows, captures) if generation is not None else {}
+            )
             for pk, (info, obj) in table_rows.items():
                 ticket = row_tickets.get(pk, -1)
                 entry = None
@@ -228,10 +272,14 @@ class Invalidation:
             frame.table(table)
 
     def _read_back(
-        self, session: Session, table_rows: dict[str, tuple[ModelInfo, object | None]]
+        self,
+        session: Session,
+        table_rows: dict[str, tuple[ModelInfo, object | None]],
+        captures: dict[Connection, Capture],
     ) -> dict[int, list[Any]]:
         """The written-through rows among ``table_rows`` as the database holds them after
-        this flush, by ``id`` of their object (:func:`.write_through.read_back`)."""
+        this flush, by ``id`` of their object: as the flush's UPDATEs returned them
+        (``captures``), the others read back (:func:`.write_through.read_back`)."""
         groups: dict[int, tuple[ModelInfo, list[object]]] = {}
         for info, obj in table_rows.values():
             if obj is not None and is_written_through(info):
@@ -239,7 +287,18 @@ class Invalidation:
         found: dict[int, list[Any]] = {}
         for info, objs in groups.values():
             connection = session.connection(bind_arguments={"mapper": info.mapper})
-            found.update(read_back(connection, info, objs))
+            capture = captures.get(connection)
+            rest = objs
+            if capture is not None:
+                rest = []
+                for obj in objs:
+                    row = capture.row(info, flushed_pk(info, obj))
+                    if row is None:
+                        rest.append(obj)
+                    else:
+                        found[id(obj)] = row
+            if rest:
+                found.update(read_back(connection, info, rest))
         return found
 
     def mark_bulk_statement(self, orm_context: ORMExecuteState, state: TransactionState) -> None:

@@ -3,9 +3,12 @@
 It runs inside the invalidation protocol of :mod:`.cache_aside` (marks at flush, bump at
 commit): where cache-aside deletes a written row's entity entry after the commit, a
 write-through model's entry is set to the row as the database holds it after the flush,
-read back in the writing transaction (:func:`read_back`), unless another writer flushed
+read back in the writing transaction, unless another writer flushed
 the row meanwhile (then it is deleted: the cache is never left older than the database).
-This module reads and encodes those states.
+This module reads and encodes those states. The row comes, where it can, from the flush's
+own ``UPDATE``, given a ``RETURNING`` clause of every column (:class:`Returning`: no
+statement and no round trip of its own); otherwise from one ``SELECT`` per table and flush
+(:func:`read_back`).
 
 A value the codec cannot store exactly deletes the entry instead, as cache-aside would:
 counted in ``write_through_fallbacks`` and logged at WARNING once per model and column
@@ -21,18 +24,22 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import Column, Table, select, tuple_
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.sql.dml import Delete, Insert, Update
+from sqlalchemy.sql.elements import TextClause
 
+from sa_redis_cache import compat
 from sa_redis_cache.codec import CodecError, pack
 from sa_redis_cache.policy import Strategy
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
-    from sqlalchemy.engine import Connection
+    from sqlalchemy.engine import Connection, Dialect
 
     from sa_redis_cache.context import CacheContext
     from sa_redis_cache.models import ModelInfo
@@ -50,6 +57,18 @@ def is_written_through(info: ModelInfo) -> bool:
     return info.policy is not None and info.policy.strategy == Strategy.WRITE_THROUGH
 
 
+def flushed_pk(info: ModelInfo, obj: object) -> tuple[Any, ...]:
+    """The primary key ``obj`` was flushed under, as its attributes hold it.
+
+    Example::
+
+        flushed_pk(info, product)   # (7,)
+    """
+    attributes = instance_state(obj).dict
+    keys = info.column_keys
+    return tuple(attributes.get(keys[p]) for p in info.pk_positions)
+
+
 def read_back(
     connection: Connection, info: ModelInfo, objs: Sequence[object]
 ) -> dict[int, list[Any]]:
@@ -65,9 +84,7 @@ def read_back(
     positions = info.pk_positions
     wanted: dict[tuple[Any, ...], list[int]] = {}
     for obj in objs:
-        attributes = instance_state(obj).dict
-        key = tuple(attributes.get(info.column_keys[p]) for p in positions)
-        wanted.setdefault(key, []).append(id(obj))
+        wanted.setdefault(flushed_pk(info, obj), []).append(id(obj))
     if not wanted:
         return {}
     columns = [mapper.columns[key] for key in info.column_keys]
@@ -83,6 +100,186 @@ def read_back(
         for ident in wanted.get(tuple(values[p] for p in positions), ()):
             found[ident] = values
     return found
+
+
+_ALL = "*"  # Capture.spoiled: every table
+
+
+@dataclass(slots=True)
+class Capture:
+    """The rows one flush's ``UPDATE`` statements returned on one connection.
+
+    ``rows``: per written-through table, each row's values (``ModelInfo.column_keys``
+    order, as a ``SELECT`` would give them) by primary key; ``spoiled``: tables that a
+    statement the capture could not read wrote during the flush (an ``executemany``, an
+    ``INSERT``, a ``DELETE``, textual SQL: ``*``), whose captured rows may be older than
+    the database's and are not used.
+
+    Example::
+
+        capture = returning.arm(connection, [info])   # Returning.arm, before the flush
+        capture.row(info, (7,))   # after it: row 7 as its UPDATE returned it, or None
+    """
+
+    tables: dict[str, ModelInfo]  # by the table's full name
+    # the connection's ``info`` (its pool record's, which outlives a closed Connection)
+    home: dict[Any, Any]
+    rows: dict[str, dict[tuple[Any, ...], list[Any]]] = field(default_factory=dict)
+    spoiled: set[str] = field(default_factory=set)
+    # the statement sent with our RETURNING clause and not read yet: (context, info)
+    expect: tuple[Any, ModelInfo] | None = None
+
+    def row(self, info: ModelInfo, pk: tuple[Any, ...]) -> list[Any] | None:
+        """The row ``pk`` of ``info``'s table as the flush left it, or None if unknown."""
+        if _ALL in self.spoiled or info.table in self.spoiled:
+            return None
+        return self.rows.get(info.table, {}).get(pk)
+
+
+class Returning:
+    """Reads the rows a flush writes to write-through tables from the flush's own
+    ``UPDATE`` statements, instead of a ``SELECT`` after the flush.
+
+    ``before_flush`` arms a :class:`Capture` on the connection of each written-through
+    table (:meth:`arm`); while it is armed, an engine listener appends ``RETURNING`` and
+    every column of the model to each single-row ``UPDATE`` of such a table
+    (:meth:`before_cursor_execute`), reads the returned row right after the statement ran
+    (:meth:`read_returned`, through the column types' own result processors, as a
+    ``SELECT`` would) and tells SQLAlchemy the statement returned nothing.
+    ``after_flush`` disarms it and takes the rows (:meth:`disarm`); the rows it lacks are
+    read back by :func:`read_back`. Only on dialects with ``UPDATE … RETURNING``
+    (PostgreSQL), for models whose columns are all columns of one table, and for
+    statements SQLAlchemy did not give a ``RETURNING`` of its own (``eager_defaults`` with
+    server ``onupdate``, a server-side version counter).
+
+    Example::
+
+        returning = Returning()
+        event.listen(engine, "before_cursor_execute", returning.before_cursor_execute,
+                     retval=True, named=True)
+        # and from an after_cursor_execute listener: returning.read_returned(conn, cursor, ctx)
+        capture = returning.arm(connection, [info])   # before the flush
+        ...                                            # the flush's UPDATEs
+        returning.disarm(capture)                      # after it
+        capture.row(info, (7,))                        # [7, "name", Decimal("1.50"), ...]
+    """
+
+    def __init__(self) -> None:
+        # one slot per cache: several caches may watch the same engine
+        self._key = ("sa_redis_cache.returning", id(self))
+        # per (mapper, dialect): the RETURNING clause, or None when the model has none
+        self._clauses: dict[tuple[Any, Any], str | None] = {}
+        # per (mapper, dialect, the cursor's type codes): the columns' result processors
+        self._processors: dict[tuple[Any, ...], list[Callable[[Any], Any] | None]] = {}
+
+    def arm(self, connection: Connection, infos: Iterable[ModelInfo]) -> Capture | None:
+        """Start capturing the rows the next statements on ``connection`` write to the
+        tables of ``infos`` (write-through models); None when none of them can be."""
+        dialect = connection.dialect
+        tables = {info.table: info for info in infos if self._clause(info, dialect) is not None}
+        if not tables:
+            return None
+        home = connection.info
+        capture = Capture(tables, home)
+        home[self._key] = capture
+        return capture
+
+    def disarm(self, capture: Capture) -> None:
+        """Stop ``capture`` (the flush is over, or failed); works on a closed Connection."""
+        if capture.home.get(self._key) is capture:
+            del capture.home[self._key]
+
+    def _clause(self, info: ModelInfo, dialect: Dialect) -> str | None:
+        key = (info.mapper, dialect)
+        try:
+            return self._clauses[key]
+        except KeyError:
+            pass
+        mapper = info.mapper
+        table = mapper.local_table
+        columns = [mapper.columns[k] for k in info.column_keys]
+        clause = None
+        if (
+            dialect.update_returning
+            and isinstance(table, Table)
+            and mapper.persist_selectable is table
+            and all(isinstance(c, Column) and c.table is table for c in columns)
+        ):
+            preparer = dialect.identifier_preparer
+            clause = " RETURNING " + ", ".join(preparer.format_column(c) for c in columns)
+        self._clauses[key] = clause
+        return clause
+
+    def before_cursor_execute(self, **kw: Any) -> tuple[str, Any]:
+        """Append RETURNING to a single-row ``UPDATE`` of an armed table (listened with
+        ``retval=True, named=True``: SQLAlchemy passes the event's arguments by name)."""
+        conn: Connection = kw["conn"]
+        statement: str = kw["statement"]
+        parameters, context = kw["parameters"], kw["context"]
+        capture: Capture | None = conn.info.get(self._key)
+        if capture is None:
+            return statement, parameters
+        capture.expect = None
+        compiled = getattr(context, "compiled", None)
+        element = getattr(compiled, "statement", None)
+        if isinstance(element, (Update, Insert, Delete)):
+            table = element.table
+            # by name: another Table object of the same table (a Core ``table()``) writes
+            # the same rows
+            info = capture.tables.get(getattr(table, "fullname", ""))
+            if info is None:
+                return statement, parameters  # not a written-through table
+            if (
+                table is info.mapper.local_table
+                and isinstance(element, Update)
+                and not kw["executemany"]
+                and not compiled.effective_returning  # type: ignore[union-attr]
+            ):
+                clause = self._clause(info, conn.dialect)
+                if clause is not None:
+                    capture.expect = (context, info)
+                    return statement + clause, parameters
+            capture.spoiled.add(info.table)
+        elif compiled is None or isinstance(element, TextClause):
+            capture.spoiled.add(_ALL)  # textual SQL may write any table
+        return statement, parameters
+
+    def read_returned(self, conn: Connection, cursor: Any, context: Any) -> None:
+        """Read the row of a statement :meth:`before_cursor_execute` gave RETURNING.
+
+        Called by :meth:`EngineWrites.after_cursor_execute
+        <sa_redis_cache.engine_writes.EngineWrites.after_cursor_execute>`, first."""
+        if not getattr(context, "isupdate", False):
+            return
+        capture: Capture | None = conn.info.get(self._key)
+        if capture is None or capture.expect is None:
+            return
+        expected, info = capture.expect
+        capture.expect = None
+        if expected is not context:
+            return
+        raw = cursor.fetchall()
+        compat.rows_already_read(context)
+        processors = self._row_processors(info, conn.dialect, cursor.description)
+        rows = capture.rows.setdefault(info.table, {})
+        positions = info.pk_positions
+        for values in raw:
+            row = [v if p is None else p(v) for p, v in zip(processors, values, strict=True)]
+            rows[tuple(row[p] for p in positions)] = row
+
+    def _row_processors(
+        self, info: ModelInfo, dialect: Dialect, description: Sequence[Any]
+    ) -> list[Callable[[Any], Any] | None]:
+        codes = tuple(d[1] for d in description)
+        key = (info.mapper, dialect, codes)
+        found = self._processors.get(key)
+        if found is None:
+            mapper = info.mapper
+            found = self._processors[key] = [
+                mapper.columns[k].type.dialect_impl(dialect).result_processor(dialect, code)
+                for k, code in zip(info.column_keys, codes, strict=True)
+            ]
+        return found
 
 
 def flushed_state(
