@@ -264,7 +264,8 @@ class EntityReads:
             captured = cast("list[bytes]", look.captured)
             body = hydrate.extract_entity(data[0] if data else None, info, preexisting, pk=pk)
             live_ms = core.jittered_ms(ttl)
-            stamp = [int(captured[1]), int(captured[2]), delta, stampede.now_ms() + live_ms]
+            now = stampede.now_ms()
+            stamp = [int(captured[1]), int(captured[2]), delta, now + live_ms, now]
             return core.store(
                 key,
                 pack([stamp, body]),
@@ -370,14 +371,15 @@ def entity_entry(raw: bytes) -> tuple[int, int, stampede.Timing | None, Any]:
     """The generation, row write counter, timing and body of an entity entry.
 
     CodecError when foreign. A read's fill stamps ``[generation, row_writes, delta_ms,
-    expires_ms]`` (for XFetch); a writer (write-through, write-behind's scripts) stamps
+    expires_ms, filled_ms]`` (for XFetch; entries filled before the fill time was
+    recorded have no ``filled_ms``); a writer (write-through, write-behind's scripts) stamps
     ``[generation, row_writes]``: it read nothing, so the entry is never refreshed early
     and simply expires with its TTL.
 
     Example::
 
-        >>> entity_entry(pack([[7, 5, 3, 1000], None]))
-        (7, 5, Timing(delta_ms=3, expires_ms=1000), None)
+        >>> entity_entry(pack([[7, 5, 3, 1000, 900], None]))
+        (7, 5, Timing(delta_ms=3, expires_ms=1000, filled_ms=900), None)
     """
     payload = unpack(raw)
     if type(payload) is not list or len(payload) != 2:
@@ -387,6 +389,6 @@ def entity_entry(raw: bytes) -> tuple[int, int, stampede.Timing | None, Any]:
         raise CodecError("not an entity entry stamp")
     if len(stamp) == 2:
         return stamp[0], stamp[1], None, body
-    if len(stamp) == 4:
-        return stamp[0], stamp[1], stampede.Timing(stamp[2], stamp[3]), body
+    if len(stamp) in (4, 5):
+        return stamp[0], stamp[1], stampede.Timing(*stamp[2:]), body
     raise CodecError("not an entity entry stamp")

@@ -211,7 +211,7 @@ class QueryReads:
             found = self._parse(entry, numbers, plan, entry_key, region)
             if found is not None:
                 # the counters were read before any refresh's database read: a capture
-                timing = stampede.Timing(found[1], found[2])
+                timing = stampede.Timing(*found[1])
                 captured_now = current if may_fill else None
                 valid_under = list(zip(plan.version_keys, current, strict=True))
                 return Look(
@@ -233,17 +233,20 @@ class QueryReads:
 
     def _parse(
         self, raw: bytes, current: list[int], plan: StatementPlan, entry_key: str, region: str
-    ) -> tuple[Any, int, int] | None:
-        """The body, read time and expiry of a valid entry; None when a write retired it."""
+    ) -> tuple[Any, tuple[int, int, int]] | None:
+        """The body and (read time, expiry, fill time) of a valid entry; None when a write
+        retired it."""
         try:
             document = self.core.opened(entry_key, raw)
             stamp, body = _query_entry(document, entry_key[len(plan.entry_prefix) :])
         except (CodecError, ValueError, TypeError, IndexError) as exc:
             self.flow.corrupt(entry_key, region, exc)
             return None
-        if stamp[3:] != current:
-            return None  # written since: a plain miss, the fill replaces it
-        return body, stamp[1], stamp[2]
+        if stamp[4:] != current:
+            # written since (or stamped in the format before the fill time): a plain miss,
+            # the fill replaces it
+            return None
+        return body, (stamp[1], stamp[2], stamp[3])
 
     def _serve(
         self,
@@ -286,12 +289,14 @@ class QueryReads:
         captured = cast("list[bytes]", look.captured)
         live_ms = core.jittered_ms(ttl)
         # the stamp names the statement (an entry copied under another key is foreign),
-        # says how long the read took and when the entry expires logically (XFetch,
-        # stale_ttl), then lists the versions it was read under
+        # says how long the read took, when the entry expires logically and when it was
+        # filled (XFetch, stale_ttl), then lists the versions it was read under
+        now = stampede.now_ms()
         stamp = [
             entry_key[len(plan.entry_prefix) :],
             delta_ms,
-            stampede.now_ms() + live_ms,
+            now + live_ms,
+            now,
             *(int(v) for v in captured),
         ]
         return core.store(
@@ -406,7 +411,7 @@ def _query_entry(raw: bytes, owner: str) -> tuple[list[Any], Any]:
     if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not list:
         raise CodecError("not an entry of this cache")
     stamp: list[Any] = payload[0]
-    if len(stamp) < 3 or type(stamp[1]) is not int or type(stamp[2]) is not int:
+    if len(stamp) < 4 or not all(type(n) is int for n in stamp[1:4]):
         raise CodecError("not a query entry stamp")
     if stamp[0] != owner:
         raise CodecError("the entry of another statement")

@@ -170,6 +170,46 @@ def test_xfetch_refreshes_early_only_near_expiry() -> None:
     assert not stampede.due(timing, 0.0, now=1_000_000 - 10)
 
 
+def test_xfetch_never_refreshes_an_entry_younger_than_its_read() -> None:
+    """An entry filled 50 ms ago whose read took 80 ms is not due, whatever XFetch draws:
+    its refresher may still be returning (two reads for one expiry otherwise)."""
+    young = stampede.Timing(delta_ms=80, expires_ms=1_000_200, filled_ms=1_000_000)
+    assert not any(stampede.due(young, 1e9, now=1_000_050) for _ in range(200))
+    assert stampede.due(young, 1e9, now=1_000_080)  # as old as its read: XFetch decides
+    assert stampede.due(young, 0.0, now=1_000_200)  # expired: due whatever its age
+
+
+def test_a_query_entry_is_not_refreshed_early_before_it_is_as_old_as_its_read(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    cache: Cache,
+    seams: Seams,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [stampede.now_ms()]
+    monkeypatch.setattr(stampede, "now_ms", lambda: clock[0])
+
+    def slow_read() -> None:
+        clock[0] += 1_000  # the database read takes 1 s by the cache's clock
+
+    stmt = expensive().options(FromCache(ttl=60, xfetch_beta=1e9))
+    remove = seams.after_database_read(slow_read)
+    with session_factory() as s:
+        expected = s.execute(stmt).all()  # fills: delta 1 s, filled at the clock's now
+    remove()
+    sql.reset()
+    clock[0] += 500  # half a read time after the fill: XFetch alone would refresh now
+    with session_factory() as s:
+        assert s.execute(stmt).all() == expected
+    assert sql.count == 0
+    assert cache.stats()["regions"]["default"]["early_refreshes"] == 0
+    clock[0] += 600  # older than its read: the huge beta makes the refresh due
+    with session_factory() as s:
+        assert s.execute(stmt).all() == expected
+    assert sql.count == 1
+    assert cache.stats()["regions"]["default"]["early_refreshes"] == 1
+
+
 def test_a_fill_landing_before_the_lease_is_asked_for_is_served(
     session_factory: sessionmaker[Session], sql: SQLCounter, seams: Seams
 ) -> None:
@@ -336,6 +376,8 @@ def test_a_write_through_entry_is_never_refreshed_early(
 def test_entity_entry_stamps_of_both_writers_parse() -> None:
     assert entity_entry(pack([[7, 5], None])) == (7, 5, None, None)
     assert entity_entry(pack([[7, 5, 3, 1000], None])) == (7, 5, stampede.Timing(3, 1000), None)
+    filled = entity_entry(pack([[7, 5, 3, 1000, 900], None]))
+    assert filled == (7, 5, stampede.Timing(3, 1000, 900), None)
     for foreign in ([[7, 5, 3], None], [["7", 5, 3, 1000], None], [7, None], [7.0, None], [7]):
         with pytest.raises(CodecError):
             entity_entry(pack(foreign))
