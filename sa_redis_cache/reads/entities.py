@@ -25,7 +25,7 @@ from sa_redis_cache.tracing import active_tracer
 from sa_redis_cache.transaction import peek_transaction_state
 
 from .flow import Look, Target
-from .queries import BYPASS_OPTIONS
+from .queries import bypasses
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Result
@@ -79,8 +79,7 @@ class EntityReads:
             or any(
                 not isinstance(o, UserDefinedOption) for o in compat.statement_options(statement)
             )
-            or any(orm_context.execution_options.get(n) for n in BYPASS_OPTIONS)
-            or compat.populates_existing(orm_context)
+            or bypasses(orm_context)
         ):
             return None
         try:

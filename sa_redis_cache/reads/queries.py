@@ -43,8 +43,24 @@ _PLAN_CACHE_SIZE = 4096
 # how many (database, schema_translate_map) pairs invalidate_query() remembers: it bounds
 # memory for applications that make engines or connections per request
 _SEEN_BINDS = 256
-BYPASS_OPTIONS = ("yield_per", "stream_results", "populate_existing", "identity_token")
-"""Execution options that ask for fresh rows: such statements bypass the cache."""
+
+
+def bypasses(orm_context: ORMExecuteState) -> bool:
+    """True when the statement asks for fresh or streamed rows: it bypasses the cache.
+
+    ``populate_existing`` (in the execution or the load options, see
+    :func:`~sa_redis_cache.compat.populates_existing`), ``yield_per``,
+    ``stream_results`` and ``identity_token``; checked once per read.
+
+    Example::
+
+        if bypasses(orm_context):
+            return None  # the database reads it
+    """
+    if compat.populates_existing(orm_context):
+        return True
+    opts = orm_context.execution_options
+    return bool(opts.get("yield_per") or opts.get("stream_results") or opts.get("identity_token"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +106,7 @@ class QueryReads:
         stats = core.counters
         exec_opts = orm_context.execution_options
         region = scope("region", option.region)
-        if any(exec_opts.get(name) for name in BYPASS_OPTIONS) or compat.populates_existing(
-            orm_context
-        ):
+        if bypasses(orm_context):
             stats.incr(region, "bypassed")
             return None
         statement: Any = orm_context.statement
