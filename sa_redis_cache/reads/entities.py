@@ -277,7 +277,7 @@ class EntityReads:
                 physical_ttl_ms=live_ms,
             )
 
-        def look_at(lease: str) -> Look | None:
+        def look_at(lease: str, *, if_absent: bool = False) -> Look | None:
             nonlocal handed
             if handed and not lease and pinned is None and mark is None:
                 handed = False

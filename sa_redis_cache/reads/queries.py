@@ -183,13 +183,17 @@ class QueryReads:
             key=entry_key,
             scope=region,
             also=plan.scopes,
-            look=lambda lease: self._look(entry_key, plan, region, tx, lease=lease),
+            look=lambda lease, if_absent=False: self._look(
+                entry_key, plan, region, tx, lease=lease, if_absent=if_absent
+            ),
             serve=lambda look: self._serve(session, look, plan, entry_key, region, mark),
             fill=fill,
             lease=option.lease,
             lease_wait=option.lease_wait,
             xfetch_beta=option.xfetch_beta,
             stale_ttl=option.stale_ttl,
+            # a transaction pinned to a snapshot may not fill: its misses take no lease
+            lease_in_look=option.lease and (tx is None or tx.snapshot is None),
         )
         return self.flow.read_through(orm_context, target)
 
@@ -201,14 +205,16 @@ class QueryReads:
         tx: TransactionState | None,
         *,
         lease: str = "",
+        if_absent: bool = False,
     ) -> Look | None:
         """One MGET of the entry and its counters: a valid entry, or what a fill needs.
 
-        With ``lease`` (a token), the fill lease is asked for in the same round trip.
-        None when Redis failed (the caller reads the database and does not fill).
+        With ``lease`` (a token), the fill lease is asked for in the same round trip; with
+        ``if_absent``, only when the entry is absent. None when Redis failed (the caller
+        reads the database and does not fill).
         """
         keys = [entry_key, self.core.keys.invalidations_key(entry_key), *plan.version_keys]
-        fetched = self.flow.fetch(keys, region, lease)
+        fetched = self.flow.fetch(keys, region, lease, if_absent=if_absent)
         if fetched is None:
             return None
         raw, leased = fetched

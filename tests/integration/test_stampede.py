@@ -19,7 +19,7 @@ from examples.shop import Category, OrderLine, Product
 from sa_redis_cache import Cache, FromCache, stampede
 from sa_redis_cache.codec import CodecError, pack
 from sa_redis_cache.reads import entity_entry
-from tests.seams import RedisTap, Seams
+from tests.seams import RedisTap, RoundTrip, Seams
 from tests.support import SQLCounter
 
 T = TypeVar("T")
@@ -230,6 +230,72 @@ def test_a_fill_landing_before_the_lease_is_asked_for_is_served(
         s.execute(stmt).all()
     assert nested["done"]
     assert sql.count == 1  # only the other caller's fill reached Postgres
+
+
+def test_a_query_miss_takes_its_lease_in_its_first_look(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    seams: Seams,
+    redis_tap: RedisTap,
+    cache: Cache,
+) -> None:
+    """One round trip before the database read: the look asks for the lease when the
+    entry is absent (lua/look.lua), so no second look is needed; the fill releases it."""
+    stmt = expensive().options(FromCache())
+    with session_factory() as s:
+        expected = s.execute(stmt).all()  # connections, the region, the counters
+    cache.invalidate_query(stmt)
+    trips: list[RoundTrip] = []
+    before_read: list[int] = []
+    seams.after_database_read(lambda: before_read.append(len(trips)))
+    redis_tap.listen(trips.append)
+    with session_factory() as s:
+        assert s.execute(stmt).all() == expected
+    redis_tap.remove(trips.append)
+    assert before_read == [1], trips
+    assert len(trips) == 2, trips  # the look with its lease, then the fill
+    assert cache.stats()["regions"]["default"]["fills"] == 2
+    assert not list(cache.client.scan_iter(match="*:lease"))  # the fill released it
+    sql.reset()
+    with session_factory() as s:
+        assert s.execute(stmt).all() == expected
+    assert sql.count == 0
+
+
+def test_a_first_look_that_finds_the_entry_takes_no_lease(
+    session_factory: sessionmaker[Session], sql: SQLCounter, cache: Cache
+) -> None:
+    stmt = expensive().options(FromCache())
+    with session_factory() as s:
+        expected = s.execute(stmt).all()
+    for _ in range(3):
+        with session_factory() as s:
+            assert s.execute(stmt).all() == expected
+    assert not list(cache.client.scan_iter(match="*:lease"))
+    assert cache.stats()["regions"]["default"]["hits"] == 3
+
+
+def test_an_entity_fill_landing_before_the_lease_is_asked_for_is_served(
+    session_factory: sessionmaker[Session], sql: SQLCounter, seams: Seams
+) -> None:
+    """An entity miss still asks for the lease with a second look (SET NX + MGET): a fill
+    that landed between its first look and that request is served, no second query."""
+    nested = {"done": False}
+
+    def another_caller_fills() -> None:
+        if not nested["done"]:
+            nested["done"] = True
+            with session_factory() as s:
+                s.get_one(Category, 2)
+
+    seams.before_lease(another_caller_fills)
+    sql.reset()
+    with session_factory() as s:
+        name = s.get_one(Category, 2).name
+    assert nested["done"]
+    assert sql.count == 1  # only the other caller's fill reached Postgres
+    with session_factory() as s:
+        assert s.get_one(Category, 2).name == name
 
 
 def test_a_refresh_landing_before_the_lease_is_asked_for_is_not_repeated(
