@@ -392,8 +392,8 @@ def _miss_case(
     result.breakdown.append(
         f"a miss costs {extra:.0f} µs more than the uncached query, ≈ "
         f"{extra / s[FLOOR].p50:.1f}{TIMES} the floor's {s[FLOOR].p50:.0f} µs round trip; a miss "
-        "needs three round trips (the MGET that finds no entry, the lease request with its "
-        "second look, the fill's EVALSHA), the rest is extract() + codec + pack. Sums of "
+        "needs two round trips (the look that finds no entry and takes the lease, "
+        "look.lua; the fill's EVALSHA), the rest is extract() + codec + pack. Sums of "
         "medians: approximate."
     )
     return result
