@@ -480,12 +480,10 @@ def _stampede_result(
             miss_note=(
                 "more than one caller read the database for one expiry. A refresh's lease "
                 "request looks at the entry again (refresh_lease.lua), so a stale look no "
-                "longer repeats a refresh; what remains with XFetch is its formula: when "
-                "the refresh read (delta, the 'refreshing read p50') is a large share of "
-                "the TTL at a high read rate, delta*beta*ln(rate*delta) exceeds the TTL and "
-                "the new entry is refreshed again at once, before the previous refresher's "
-                "read has returned (charged to the same expiry); a lease waiter that gives "
-                "up after lease_wait also reads"
+                "longer repeats a refresh, and XFetch leaves an entry younger than its "
+                "read (delta) alone, so a fresh entry is not refreshed again before its "
+                "refresher has returned; a lease waiter that gives up after lease_wait "
+                "also reads"
             ),
             unit="",
         )
@@ -525,8 +523,9 @@ def _stampede_lines(rows: Sequence[StampedeRow]) -> list[str]:
             f"one comes about d {TIMES} ln(h {TIMES} d) before expiry (beta=1): here "
             f"{took_s * 1000:.0f} ms (median refreshing read) {TIMES} ln({hits_in_refresh:.0f}) "
             f"≈ {lead_s * 1000:.0f} ms, {lead_s / TTL_S:.0%} of a {TTL_S:g} s entry's life. "
-            "With a TTL of minutes the same lead is a negligible part of the life: XFetch "
-            "needs a TTL far above the query's duration."
+            "An entry younger than d is never refreshed early, so when that lead exceeds "
+            "the entry's life XFetch refreshes about once per d, one read each. With a TTL "
+            "of minutes the same lead is a negligible part of the life."
         )
     if any(r.early_refreshes or r.stale_served for r in (off, lease)):
         lines.append(

@@ -392,8 +392,8 @@ def _miss_case(
     result.breakdown.append(
         f"a miss costs {extra:.0f} µs more than the uncached query, ≈ "
         f"{extra / s[FLOOR].p50:.1f}{TIMES} the floor's {s[FLOOR].p50:.0f} µs round trip; a miss "
-        "needs three round trips (the MGET that finds no entry, the lease request with its "
-        "second look, the fill's EVALSHA), the rest is extract() + codec + pack. Sums of "
+        "needs two round trips (the look that finds no entry and takes the lease, "
+        "look.lua; the fill's EVALSHA), the rest is extract() + codec + pack. Sums of "
         "medians: approximate."
     )
     return result
@@ -408,13 +408,12 @@ def miss_one_row(env: BenchEnv, plan: Plan) -> CaseResult:
         title="FromCache miss + fill, 1 row",
         statement=select(Product).where(Product.id == MISS_PRODUCT),
         note=(
-            "a miss adds three Redis round trips to the query: the MGET that finds no "
-            "entry, the lease request with its second look (SET NX + MGET) and the fill, "
+            "a miss adds two Redis round trips to the query: the look that finds no "
+            "entry and takes the fill lease in the same script (look.lua), and the fill, "
             "an EVALSHA of fill.lua (GET of each version, TIME, ZRANGEBYSCORE of each "
             "writers set, SET PX); on a sub-millisecond query those alone exceed 1.25x. "
-            "Taking the lease in the first look would need a script on every hit; not "
-            "waiting for the fill's reply would let a read from another connection run "
-            "before it (benchmarks/results/speed.md)"
+            "Not waiting for the fill's reply would let a read from another connection "
+            "run before it (benchmarks/results/speed.md)"
         ),
     )
 
@@ -428,7 +427,7 @@ def miss_graph(env: BenchEnv, plan: Plan) -> CaseResult:
         title="FromCache miss + fill, 50 orders + 200 lines",
         statement=graph_statement(),
         note=(
-            "beyond the three round trips, extract() walks the 250-object graph "
+            "beyond the two round trips, extract() walks the 250-object graph "
             "(instance_state, _column_values, _relationship_refs per object) and the codec "
             "dumps every row with exact-type checks: a few µs per object, a cost the fill "
             "could pay after the result is returned (background thread) instead of before"

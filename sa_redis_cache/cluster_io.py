@@ -80,6 +80,15 @@ class _ClusterCalls(RedisIO):
         sent, where = cluster.split_mget(given)
         return cluster.join_mget(given, where, super().pipeline(sent))
 
+    def look(
+        self, keys: Sequence[str], lease_key: str, token: str
+    ) -> tuple[list[bytes | None], bool]:
+        """The look script in one slot; over several, a plain MGET and no lease (the read
+        path then asks for it with its second look)."""
+        if cluster.one_slot([*keys, lease_key]):
+            return super().look(keys, lease_key, token)
+        return self.mget(keys), False
+
     def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA in one slot; over several, the split of :mod:`.protocol.cluster`."""
         if cluster.one_slot(keys):

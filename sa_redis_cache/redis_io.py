@@ -48,6 +48,7 @@ from redis.exceptions import NoScriptError
 
 from . import compat
 from .errors import ConfigurationError
+from .protocol import scripts
 from .redaction import redact_text, redact_url
 
 if TYPE_CHECKING:
@@ -146,6 +147,20 @@ class RedisIO:
         except NoScriptError:
             self._wait(client.script_load(script.source))
             return self._wait(client.evalsha(script.sha, len(keys), *keys, *args))
+
+    def look(
+        self, keys: Sequence[str], lease_key: str, token: str
+    ) -> tuple[list[bytes | None], bool]:
+        """The values of ``keys`` (an entry first) and whether the entry's fill lease
+        (``lease_key``) was taken for ``token``: asked only when the entry is absent, in
+        the same script (``lua/look.lua``). One round trip.
+
+        Example::
+
+            values, leased = io.look([entry, *counters], keys.lease_key(entry), token)
+        """
+        got = self.run_script(*scripts.look(keys, lease_key, token))
+        return list(got[:-1]), bool(got[-1])
 
     def run_batch(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """Run several script calls in one round trip; their replies in order.

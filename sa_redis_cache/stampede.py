@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import random
-import secrets
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -28,10 +27,14 @@ _MAX_POLL = 0.05
 
 
 class Timing(NamedTuple):
-    """How long an entry's read took, and when it expires logically (made on every hit)."""
+    """How long an entry's read took, when it expires logically, and when it was filled.
+
+    ``filled_ms`` is 0 for an entry stamped before fills recorded it (unknown age).
+    """
 
     delta_ms: int
     expires_ms: int
+    filled_ms: int = 0
 
 
 def now_ms() -> int:
@@ -42,15 +45,25 @@ def now_ms() -> int:
 def due(timing: Timing, beta: float, now: int | None = None) -> bool:
     """Should this hit refresh the entry (past its logical expiry, or XFetch says so)?
 
+    An entry younger than its own database read (``delta``) is never refreshed early.
+
     Example::
 
         >>> due(Timing(delta_ms=5, expires_ms=0), beta=1.0, now=1)
         True
+        >>> due(Timing(delta_ms=80, expires_ms=200, filled_ms=100), beta=50.0, now=150)
+        False
     """
     now = now_ms() if now is None else now
     if now >= timing.expires_ms:
         return True
     if timing.delta_ms <= 0 or beta <= 0:
+        return False
+    if now < timing.filled_ms + timing.delta_ms:
+        # When delta is a large share of the TTL, XFetch's draw would refresh a fresh
+        # entry at once, often while the refresher that filled it is still returning:
+        # two database reads for one expiry. Waiting delta after the fill keeps refreshes
+        # at most one per read time and still starts one before expiry when TTL > delta.
         return False
     # -log(u) for u in (0, 1] is an exponential draw: rarely large, so refreshes cluster
     # just before expiry and almost never happen long before it
@@ -58,8 +71,13 @@ def due(timing: Timing, beta: float, now: int | None = None) -> bool:
 
 
 def new_token() -> str:
-    """A lease token unique to one caller's attempt."""
-    return secrets.token_hex(8)
+    """A lease token unique to one caller's attempt.
+
+    Made for every query read that may miss (its first look carries it), so it is drawn
+    from :mod:`random` (64 bits, reseeded in each forked process) rather than from the
+    operating system: it tells callers apart, it guards nothing.
+    """
+    return f"{random.getrandbits(64):016x}"
 
 
 class Poller:

@@ -15,9 +15,10 @@ public mechanisms can see, and runs the other side there. Four points:
 * **Before a lease is asked for** (:meth:`Seams.before_lease`) and **when a caller starts
   waiting for one** (:meth:`Seams.lease_wait`): a :class:`RedisTap` on the cache's Redis
   clients sees the commands of each round trip before they are sent. A lease request is
-  ``SET <entry>:lease <token> NX ...``; a caller that was refused the lease polls: its
-  next round trip is a lone ``MGET`` of the entry, and that is when it has started
-  waiting (whoever got the lease sends its fill instead).
+  ``SET <entry>:lease <token> NX ...``, or a script that asks for it (a query's first
+  look, ``lua/look.lua``; a refresh, ``lua/refresh_lease.lua``); a caller that was
+  refused the lease polls: its next round trip is a lone ``MGET`` of the entry, and that
+  is when it has started waiting (whoever got the lease sends its fill instead).
 
 Listeners run in the caller's thread (or greenlet) at that point and may open sessions
 of their own; under asyncio the Redis points run in the event loop's task, outside the
@@ -45,6 +46,8 @@ import redis.asyncio.connection
 import redis.connection
 import sqlalchemy as sa
 
+from sa_redis_cache.protocol import scripts
+
 Command = tuple[str, ...]
 """One command's words as text, as sent (``("SET", "sarc:...:lease", "tok", "NX", ...)``)."""
 
@@ -52,6 +55,8 @@ RoundTrip = list[Command]
 """The commands one round trip carries, in order (one, or a pipeline's)."""
 
 LEASE_SUFFIX = ":lease"
+# the scripts that ask for an entry's lease (KEYS[1] the entry, KEYS[2] its lease)
+_LEASE_SCRIPTS = frozenset(scripts.script(name).sha for name in ("look", "refresh_lease"))
 
 
 def _word(arg: Any) -> str:
@@ -183,9 +188,9 @@ class AsyncTapConnection(redis.asyncio.connection.Connection):
 def lease_entry(command: Command) -> str | None:
     """The entry key whose fill lease ``command`` asks for, or None.
 
-    A miss asks with ``SET <entry>:lease <token> NX ...``; a refresh with
-    ``lua/refresh_lease.lua``, an ``EVALSHA <sha> 2 <entry> <entry>:lease ...`` (the only
-    script with those two keys alone).
+    A miss asks with ``SET <entry>:lease <token> NX ...`` or, a query's first look, with
+    ``lua/look.lua``; a refresh with ``lua/refresh_lease.lua``: ``EVALSHA <sha> <n>
+    <entry> <entry>:lease ...``.
     """
     if (
         len(command) >= 4
@@ -197,7 +202,7 @@ def lease_entry(command: Command) -> str | None:
     if (
         len(command) >= 5
         and command[0].upper() == "EVALSHA"
-        and command[2] == "2"
+        and command[1] in _LEASE_SCRIPTS
         and command[4] == command[3] + LEASE_SUFFIX
     ):
         return command[3]

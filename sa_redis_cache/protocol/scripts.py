@@ -184,6 +184,19 @@ def refresh_lease(keys: KeyScheme, entry_key: str, token: str, seen: bytes) -> S
     )
 
 
+def look(keys: Sequence[str], lease_key: str, token: str) -> ScriptCall:
+    """Read ``keys`` (an entry first, then what it is validated against) and take the
+    entry's fill lease (``lease_key``) when the entry is absent, in one script.
+
+    The reply is the values as ``MGET`` gives them, then 1 when the lease is the caller's.
+
+    Example::
+
+        call = look([entry_key, keys.invalidations_key(entry_key), version_key], lease, token)
+    """
+    return script("look"), [keys[0], lease_key, *keys[1:]], [token, LEASE_MS]
+
+
 def take_lease(lease_key: str, token: str) -> Command:
     """The command that asks for an entry's fill lease (sent with a look, one round trip)."""
     return ("SET", lease_key, token, "NX", "PX", LEASE_MS)

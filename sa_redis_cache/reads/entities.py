@@ -25,7 +25,7 @@ from sa_redis_cache.tracing import active_tracer
 from sa_redis_cache.transaction import peek_transaction_state
 
 from .flow import Look, Target
-from .queries import BYPASS_OPTIONS
+from .queries import bypasses
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Result
@@ -79,8 +79,7 @@ class EntityReads:
             or any(
                 not isinstance(o, UserDefinedOption) for o in compat.statement_options(statement)
             )
-            or any(orm_context.execution_options.get(n) for n in BYPASS_OPTIONS)
-            or compat.populates_existing(orm_context)
+            or bypasses(orm_context)
         ):
             return None
         try:
@@ -264,7 +263,8 @@ class EntityReads:
             captured = cast("list[bytes]", look.captured)
             body = hydrate.extract_entity(data[0] if data else None, info, preexisting, pk=pk)
             live_ms = core.jittered_ms(ttl)
-            stamp = [int(captured[1]), int(captured[2]), delta, stampede.now_ms() + live_ms]
+            now = stampede.now_ms()
+            stamp = [int(captured[1]), int(captured[2]), delta, now + live_ms, now]
             return core.store(
                 key,
                 pack([stamp, body]),
@@ -277,7 +277,7 @@ class EntityReads:
                 physical_ttl_ms=live_ms,
             )
 
-        def look_at(lease: str) -> Look | None:
+        def look_at(lease: str, *, if_absent: bool = False) -> Look | None:
             nonlocal handed
             if handed and not lease and pinned is None and mark is None:
                 handed = False
@@ -370,14 +370,15 @@ def entity_entry(raw: bytes) -> tuple[int, int, stampede.Timing | None, Any]:
     """The generation, row write counter, timing and body of an entity entry.
 
     CodecError when foreign. A read's fill stamps ``[generation, row_writes, delta_ms,
-    expires_ms]`` (for XFetch); a writer (write-through, write-behind's scripts) stamps
+    expires_ms, filled_ms]`` (for XFetch; entries filled before the fill time was
+    recorded have no ``filled_ms``); a writer (write-through, write-behind's scripts) stamps
     ``[generation, row_writes]``: it read nothing, so the entry is never refreshed early
     and simply expires with its TTL.
 
     Example::
 
-        >>> entity_entry(pack([[7, 5, 3, 1000], None]))
-        (7, 5, Timing(delta_ms=3, expires_ms=1000), None)
+        >>> entity_entry(pack([[7, 5, 3, 1000, 900], None]))
+        (7, 5, Timing(delta_ms=3, expires_ms=1000, filled_ms=900), None)
     """
     payload = unpack(raw)
     if type(payload) is not list or len(payload) != 2:
@@ -387,6 +388,6 @@ def entity_entry(raw: bytes) -> tuple[int, int, stampede.Timing | None, Any]:
         raise CodecError("not an entity entry stamp")
     if len(stamp) == 2:
         return stamp[0], stamp[1], None, body
-    if len(stamp) == 4:
-        return stamp[0], stamp[1], stampede.Timing(stamp[2], stamp[3]), body
+    if len(stamp) in (4, 5):
+        return stamp[0], stamp[1], stampede.Timing(*stamp[2:]), body
     raise CodecError("not an entity entry stamp")

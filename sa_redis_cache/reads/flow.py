@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from redis.exceptions import RedisError
 
@@ -63,13 +63,21 @@ class Look:
     raw: bytes | None = None
 
 
+class LookAt(Protocol):
+    """How a :class:`Target` looks at its entry (see there)."""
+
+    def __call__(self, lease: str, *, if_absent: bool = False) -> Look | None: ...
+
+
 @dataclass(slots=True)
 class Target:
     """One entry on the read path: how to look at it, serve it and fill it.
 
     ``look(token)`` reads the entry and its counters, asking for the fill lease in the
-    same round trip when given a token; ``serve(look)`` turns the entry a look found into
-    the result (None when unreadable: it deleted the entry; the flow counts the hit);
+    same round trip when given a token (with ``if_absent``, only if the entry is absent:
+    the read's first look, given a token only with ``lease_in_look``); ``serve(look)``
+    turns the entry a look found into the result (None when unreadable: it deleted the
+    entry; the flow counts the hit);
     ``fill(data, preexisting, look, delta_ms, token)`` stores what the database returned:
     True stored, False refused or failed, None not tried (the caller still holds its lease).
     """
@@ -77,13 +85,16 @@ class Target:
     key: str
     scope: str
     also: tuple[str, ...]
-    look: Callable[[str], Look | None]
+    look: LookAt
     serve: Callable[[Look], Result[Any] | None]
     fill: Callable[[Any, Any, Look, int, str], bool | None]
     lease: bool
     lease_wait: float
     xfetch_beta: float
     stale_ttl: float
+    # the first look asks for the lease when the entry is absent: a miss then needs no
+    # second round trip before its database read
+    lease_in_look: bool = False
 
 
 class ReadThrough:
@@ -114,11 +125,13 @@ class ReadThrough:
     ) -> Result[Any] | None:
         core = self.core
         stats = core.counters
-        look = target.look("")
+        first = stampede.new_token() if target.lease_in_look else ""
+        look = target.look(first, if_absent=True)
         if look is None:
             measured.done("error")
             return None
-        token = ""
+        # a lease the first look took is held from here: released by the fill, or below
+        token = first if look.leased else ""
         if look.found is not None:
             timing = look.found[0]
             refresh = False
@@ -141,7 +154,7 @@ class ReadThrough:
                 if look is None:
                     measured.done("error")
                     return None
-        if look.found is None and look.captured is not None and target.lease:
+        if look.found is None and look.captured is not None and target.lease and not token:
             token, waited, look = self._lease_or_wait(target, look)
             if waited is not None:
                 measured.hit()
@@ -189,8 +202,11 @@ class ReadThrough:
             mark=mark,
         )
 
-    def fetch(self, keys: list[str], scope: str, lease: str) -> tuple[list[Any], bool] | None:
-        """MGET ``keys`` (an entry first), asking for its fill lease in the same round trip.
+    def fetch(
+        self, keys: list[str], scope: str, lease: str, *, if_absent: bool = False
+    ) -> tuple[list[Any], bool] | None:
+        """MGET ``keys`` (an entry first), asking for its fill lease in the same round trip;
+        with ``if_absent``, only when the entry is absent (``lua/look.lua``).
 
         Returns the values and whether the lease was granted; None when Redis failed (the
         caller reads the database and does not fill).
@@ -198,7 +214,9 @@ class ReadThrough:
         core = self.core
         leased = False
         try:
-            if lease:
+            if lease and if_absent:
+                raw, leased = core.io().look(keys, core.keys.lease_key(keys[0]), lease)
+            elif lease:
                 got, raw = core.io().pipeline(
                     [
                         scripts.take_lease(core.keys.lease_key(keys[0]), lease),

@@ -44,8 +44,24 @@ _PLAN_CACHE_SIZE = 4096
 # how many (database, schema_translate_map) pairs invalidate_query() remembers: it bounds
 # memory for applications that make engines or connections per request
 _SEEN_BINDS = 256
-BYPASS_OPTIONS = ("yield_per", "stream_results", "populate_existing", "identity_token")
-"""Execution options that ask for fresh rows: such statements bypass the cache."""
+
+
+def bypasses(orm_context: ORMExecuteState) -> bool:
+    """True when the statement asks for fresh or streamed rows: it bypasses the cache.
+
+    ``populate_existing`` (in the execution or the load options, see
+    :func:`~sa_redis_cache.compat.populates_existing`), ``yield_per``,
+    ``stream_results`` and ``identity_token``; checked once per read.
+
+    Example::
+
+        if bypasses(orm_context):
+            return None  # the database reads it
+    """
+    if compat.populates_existing(orm_context):
+        return True
+    opts = orm_context.execution_options
+    return bool(opts.get("yield_per") or opts.get("stream_results") or opts.get("identity_token"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +110,7 @@ class QueryReads:
         stats = core.counters
         exec_opts = orm_context.execution_options
         region = scope("region", option.region)
-        if any(exec_opts.get(name) for name in BYPASS_OPTIONS) or compat.populates_existing(
-            orm_context
-        ):
+        if bypasses(orm_context):
             stats.incr(region, "bypassed")
             return None
         statement: Any = orm_context.statement
@@ -174,13 +188,17 @@ class QueryReads:
             key=entry_key,
             scope=region,
             also=plan.scopes,
-            look=lambda lease: self._look(entry_key, plan, region, tx, lease=lease),
+            look=lambda lease, if_absent=False: self._look(
+                entry_key, plan, region, tx, lease=lease, if_absent=if_absent
+            ),
             serve=lambda look: self._serve(session, look, plan, entry_key, region, mark),
             fill=fill,
             lease=option.lease,
             lease_wait=option.lease_wait,
             xfetch_beta=option.xfetch_beta,
             stale_ttl=option.stale_ttl,
+            # a transaction pinned to a snapshot may not fill: its misses take no lease
+            lease_in_look=option.lease and (tx is None or tx.snapshot is None),
         )
         return self.flow.read_through(orm_context, target)
 
@@ -192,14 +210,16 @@ class QueryReads:
         tx: TransactionState | None,
         *,
         lease: str = "",
+        if_absent: bool = False,
     ) -> Look | None:
         """One MGET of the entry and its counters: a valid entry, or what a fill needs.
 
-        With ``lease`` (a token), the fill lease is asked for in the same round trip.
-        None when Redis failed (the caller reads the database and does not fill).
+        With ``lease`` (a token), the fill lease is asked for in the same round trip; with
+        ``if_absent``, only when the entry is absent. None when Redis failed (the caller
+        reads the database and does not fill).
         """
         keys = [entry_key, self.core.keys.invalidations_key(entry_key), *plan.version_keys]
-        fetched = self.flow.fetch(keys, region, lease)
+        fetched = self.flow.fetch(keys, region, lease, if_absent=if_absent)
         if fetched is None:
             return None
         raw, leased = fetched
@@ -216,7 +236,7 @@ class QueryReads:
             found = self._parse(entry, numbers, plan, entry_key, region)
             if found is not None:
                 # the counters were read before any refresh's database read: a capture
-                timing = stampede.Timing(found[1], found[2])
+                timing = stampede.Timing(*found[1])
                 captured_now = current if may_fill else None
                 valid_under = list(zip(plan.version_keys, current, strict=True))
                 return Look(
@@ -238,17 +258,20 @@ class QueryReads:
 
     def _parse(
         self, raw: bytes, current: list[int], plan: StatementPlan, entry_key: str, region: str
-    ) -> tuple[Any, int, int] | None:
-        """The body, read time and expiry of a valid entry; None when a write retired it."""
+    ) -> tuple[Any, tuple[int, int, int]] | None:
+        """The body and (read time, expiry, fill time) of a valid entry; None when a write
+        retired it."""
         try:
             document = self.core.opened(entry_key, raw)
             stamp, body = _query_entry(document, query_digest(entry_key))
         except (CodecError, ValueError, TypeError, IndexError) as exc:
             self.flow.corrupt(entry_key, region, exc)
             return None
-        if stamp[3:] != current:
-            return None  # written since: a plain miss, the fill replaces it
-        return body, stamp[1], stamp[2]
+        if stamp[4:] != current:
+            # written since (or stamped in the format before the fill time): a plain miss,
+            # the fill replaces it
+            return None
+        return body, (stamp[1], stamp[2], stamp[3])
 
     def _serve(
         self,
@@ -291,12 +314,14 @@ class QueryReads:
         captured = cast("list[bytes]", look.captured)
         live_ms = core.jittered_ms(ttl)
         # the stamp names the statement (an entry copied under another key is foreign),
-        # says how long the read took and when the entry expires logically (XFetch,
-        # stale_ttl), then lists the versions it was read under
+        # says how long the read took, when the entry expires logically and when it was
+        # filled (XFetch, stale_ttl), then lists the versions it was read under
+        now = stampede.now_ms()
         stamp = [
             query_digest(entry_key),
             delta_ms,
-            stampede.now_ms() + live_ms,
+            now + live_ms,
+            now,
             *(int(v) for v in captured),
         ]
         return core.store(
@@ -420,7 +445,7 @@ def _query_entry(raw: bytes, owner: str) -> tuple[list[Any], Any]:
     if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not list:
         raise CodecError("not an entry of this cache")
     stamp: list[Any] = payload[0]
-    if len(stamp) < 3 or type(stamp[1]) is not int or type(stamp[2]) is not int:
+    if len(stamp) < 4 or not all(type(n) is int for n in stamp[1:4]):
         raise CodecError("not a query entry stamp")
     if stamp[0] != owner:
         raise CodecError("the entry of another statement")

@@ -263,7 +263,7 @@ def test_a_cached_query_never_blocks_the_event_loop(
             async with Ticker() as ticker:
                 start = loop.time()
                 async with factory() as s:
-                    miss = (await s.scalars(stmt)).one().price  # MGET, lease, read, fill
+                    miss = (await s.scalars(stmt)).one().price  # look + lease, read, fill
                 async with factory() as s:
                     hit = (await s.scalars(stmt)).one().price  # MGET
                 end = loop.time()
@@ -291,7 +291,8 @@ def test_a_cached_query_never_blocks_the_event_loop(
         f"{got['worst_gap'] * 1000:.1f} ms; sync control: {got['control_elapsed'] * 1000:.0f} "
         f"ms, worst gap {got['control_gap'] * 1000:.1f} ms"
     )
-    assert got["elapsed"] >= 4 * DELAY  # the queries really waited on the slow Redis
+    # the queries really waited on the slow Redis: three round trips
+    assert got["elapsed"] >= 3 * DELAY
     assert got["worst_gap"] < MAX_LAG, got
     assert got["ticks"] >= got["elapsed"] / TICK / 3, got
     assert got["control_gap"] >= DELAY * 0.9, got  # the ticker does notice a blocked loop

@@ -106,9 +106,10 @@ def same_entry(got: object, good: bytes) -> bool:
     """The same rows under the same versions (a query stamp's timing differs per fill)."""
     assert isinstance(got, bytes)
     a, b = unpack(got), unpack(good)
-    if isinstance(a[0][0], str):  # query entry: [digest, delta_ms, expires_ms, *versions]
-        return bool(a[1] == b[1] and a[0][0] == b[0][0] and a[0][3:] == b[0][3:])
-    # entity entry: [generation, row_writes] (a writer's), or with delta_ms, expires_ms
+    if isinstance(a[0][0], str):  # query: [digest, delta_ms, expires_ms, filled_ms, *versions]
+        return bool(a[1] == b[1] and a[0][0] == b[0][0] and a[0][4:] == b[0][4:])
+    # entity entry: [generation, row_writes] (a writer's), or with delta_ms, expires_ms and
+    # filled_ms
     return bool(a[1] == b[1] and a[0][:2] == b[0][:2])
 
 

@@ -19,7 +19,7 @@ from examples.shop import Category, OrderLine, Product
 from sa_redis_cache import Cache, FromCache, stampede
 from sa_redis_cache.codec import CodecError, pack
 from sa_redis_cache.reads import entity_entry
-from tests.seams import RedisTap, Seams
+from tests.seams import RedisTap, RoundTrip, Seams, once
 from tests.support import SQLCounter
 
 T = TypeVar("T")
@@ -170,6 +170,46 @@ def test_xfetch_refreshes_early_only_near_expiry() -> None:
     assert not stampede.due(timing, 0.0, now=1_000_000 - 10)
 
 
+def test_xfetch_never_refreshes_an_entry_younger_than_its_read() -> None:
+    """An entry filled 50 ms ago whose read took 80 ms is not due, whatever XFetch draws:
+    its refresher may still be returning (two reads for one expiry otherwise)."""
+    young = stampede.Timing(delta_ms=80, expires_ms=1_000_200, filled_ms=1_000_000)
+    assert not any(stampede.due(young, 1e9, now=1_000_050) for _ in range(200))
+    assert stampede.due(young, 1e9, now=1_000_080)  # as old as its read: XFetch decides
+    assert stampede.due(young, 0.0, now=1_000_200)  # expired: due whatever its age
+
+
+def test_a_query_entry_is_not_refreshed_early_before_it_is_as_old_as_its_read(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    cache: Cache,
+    seams: Seams,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [stampede.now_ms()]
+    monkeypatch.setattr(stampede, "now_ms", lambda: clock[0])
+
+    def slow_read() -> None:
+        clock[0] += 1_000  # the database read takes 1 s by the cache's clock
+
+    stmt = expensive().options(FromCache(ttl=60, xfetch_beta=1e9))
+    remove = seams.after_database_read(slow_read)
+    with session_factory() as s:
+        expected = s.execute(stmt).all()  # fills: delta 1 s, filled at the clock's now
+    remove()
+    sql.reset()
+    clock[0] += 500  # half a read time after the fill: XFetch alone would refresh now
+    with session_factory() as s:
+        assert s.execute(stmt).all() == expected
+    assert sql.count == 0
+    assert cache.stats()["regions"]["default"]["early_refreshes"] == 0
+    clock[0] += 600  # older than its read: the huge beta makes the refresh due
+    with session_factory() as s:
+        assert s.execute(stmt).all() == expected
+    assert sql.count == 1
+    assert cache.stats()["regions"]["default"]["early_refreshes"] == 1
+
+
 def test_a_fill_landing_before_the_lease_is_asked_for_is_served(
     session_factory: sessionmaker[Session], sql: SQLCounter, seams: Seams
 ) -> None:
@@ -190,6 +230,70 @@ def test_a_fill_landing_before_the_lease_is_asked_for_is_served(
         s.execute(stmt).all()
     assert nested["done"]
     assert sql.count == 1  # only the other caller's fill reached Postgres
+
+
+def test_a_query_miss_takes_its_lease_in_its_first_look(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    seams: Seams,
+    redis_tap: RedisTap,
+    cache: Cache,
+) -> None:
+    """One round trip before the database read: the look asks for the lease when the
+    entry is absent (lua/look.lua), so no second look is needed; the fill releases it."""
+    stmt = expensive().options(FromCache())
+    with session_factory() as s:
+        expected = s.execute(stmt).all()  # connections, the region, the counters
+    cache.invalidate_query(stmt)
+    trips: list[RoundTrip] = []
+    before_read: list[int] = []
+    seams.after_database_read(lambda: before_read.append(len(trips)))
+    redis_tap.listen(trips.append)
+    with session_factory() as s:
+        assert s.execute(stmt).all() == expected
+    redis_tap.remove(trips.append)
+    assert before_read == [1], trips
+    assert len(trips) == 2, trips  # the look with its lease, then the fill
+    assert cache.stats()["regions"]["default"]["fills"] == 2
+    assert not list(cache.client.scan_iter(match="*:lease"))  # the fill released it
+    sql.reset()
+    with session_factory() as s:
+        assert s.execute(stmt).all() == expected
+    assert sql.count == 0
+
+
+def test_a_first_look_that_finds_the_entry_takes_no_lease(
+    session_factory: sessionmaker[Session], sql: SQLCounter, cache: Cache
+) -> None:
+    stmt = expensive().options(FromCache())
+    with session_factory() as s:
+        expected = s.execute(stmt).all()
+    for _ in range(3):
+        with session_factory() as s:
+            assert s.execute(stmt).all() == expected
+    assert not list(cache.client.scan_iter(match="*:lease"))
+    assert cache.stats()["regions"]["default"]["hits"] == 3
+
+
+def test_an_entity_fill_landing_before_the_lease_is_asked_for_is_served(
+    session_factory: sessionmaker[Session], sql: SQLCounter, seams: Seams
+) -> None:
+    """An entity miss still asks for the lease with a second look (SET NX + MGET): a fill
+    that landed between its first look and that request is served, no second query."""
+    filled: list[str] = []
+
+    def another_caller_fills() -> None:
+        with session_factory() as s:
+            filled.append(s.get_one(Category, 2).name)
+
+    seams.before_lease(once(another_caller_fills))
+    sql.reset()
+    with session_factory() as s:
+        name = s.get_one(Category, 2).name
+    assert filled == [name]
+    assert sql.count == 1  # only the other caller's fill reached Postgres
+    with session_factory() as s:
+        assert s.get_one(Category, 2).name == name
 
 
 def test_a_refresh_landing_before_the_lease_is_asked_for_is_not_repeated(
@@ -336,6 +440,8 @@ def test_a_write_through_entry_is_never_refreshed_early(
 def test_entity_entry_stamps_of_both_writers_parse() -> None:
     assert entity_entry(pack([[7, 5], None])) == (7, 5, None, None)
     assert entity_entry(pack([[7, 5, 3, 1000], None])) == (7, 5, stampede.Timing(3, 1000), None)
+    filled = entity_entry(pack([[7, 5, 3, 1000, 900], None]))
+    assert filled == (7, 5, stampede.Timing(3, 1000, 900), None)
     for foreign in ([[7, 5, 3], None], [["7", 5, 3, 1000], None], [7, None], [7.0, None], [7]):
         with pytest.raises(CodecError):
             entity_entry(pack(foreign))

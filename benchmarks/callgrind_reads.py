@@ -1,0 +1,110 @@
+"""Instruction counts of one read: ``python -m benchmarks.callgrind_reads KIND``.
+
+KIND is ``hit`` (a 1-row ``FromCache`` hit), ``get`` (a ``session.get`` hit) or
+``miss`` (a 1-row ``FromCache`` miss and its fill). Wall-clock medians move with whatever
+else the machine runs; instruction counts do not, so decisions about the read path's own
+work are made on them. The script runs the read 20 times and then 220 times under
+``valgrind --tool=callgrind`` and prints ``(I(220) - I(20)) / 200``: start-up, seeding
+and warm-up cancel out. Instructions of the main thread only (``--separate-threads``):
+the cache's and redis-py's background threads work per second, not per read, and a
+slower (busier) machine would count more of their work. Redis and Postgres are other
+processes. Needs ``DATABASE_URL`` and ``REDIS_URL`` as :mod:`benchmarks.run` does::
+
+    python -m devservices -- python -m benchmarks.callgrind_reads hit
+
+benchmarks/results/speed.md quotes its output.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from benchmarks.env import Sizes, bench_env
+from examples.shop import Product
+from sa_redis_cache import FromCache
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+KINDS = ("hit", "get", "miss")
+FEW, MANY = 20, 220
+PRODUCT = 7
+
+
+def run_reads(kind: str, calls: int) -> None:
+    """Seed, warm up, then make ``calls`` reads of ``kind`` (what callgrind counts)."""
+    with bench_env(
+        os.environ["DATABASE_URL"],
+        os.environ["REDIS_URL"],
+        Sizes(products=50, customers=10, orders=20, extra_orders=0),
+    ) as env:
+        cached = select(Product).where(Product.id == PRODUCT).options(FromCache())
+        cache = env.cache
+
+        def hit() -> None:
+            with env.cached() as s:
+                s.scalars(cached).all()
+
+        def get() -> None:
+            with env.cached() as s:
+                s.get(Product, PRODUCT)
+
+        def miss() -> None:
+            cache.invalidate_query(cached)  # the entry is gone: the read misses and fills
+            hit()
+
+        read: Callable[[], None] = {"hit": hit, "get": get, "miss": miss}[kind]
+        for _ in range(20):
+            read()
+        for _ in range(calls):
+            read()
+
+
+def instructions(kind: str, calls: int) -> int:
+    """Instructions callgrind counts for a process making ``calls`` reads."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "callgrind.out")
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--separate-threads=yes",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                "-m",
+                "benchmarks.callgrind_reads",
+                "--run",
+                kind,
+                str(calls),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        # with --separate-threads the main thread's counts are in <out>-01
+        with open(f"{out}-01", encoding="utf-8") as f:
+            summary = re.search(r"^summary: (\d+)", f.read(), re.MULTILINE)
+    if summary is None:
+        raise RuntimeError("callgrind wrote no summary line")
+    return int(summary.group(1))
+
+
+def main(argv: list[str]) -> None:
+    """``KIND``: print the per-read count; ``--run KIND N``: make the reads (internal)."""
+    if argv[:1] == ["--run"]:
+        run_reads(argv[1], int(argv[2]))
+        return
+    if len(argv) != 1 or argv[0] not in KINDS:
+        raise SystemExit(f"usage: python -m benchmarks.callgrind_reads {{{'|'.join(KINDS)}}}")
+    few, many = instructions(argv[0], FEW), instructions(argv[0], MANY)
+    print(f"{argv[0]}: {(many - few) / (MANY - FEW):,.0f} instructions per read")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
