@@ -44,6 +44,8 @@ _PLAN_CACHE_SIZE = 4096
 # how many (database, schema_translate_map) pairs invalidate_query() remembers: it bounds
 # memory for applications that make engines or connections per request
 _SEEN_BINDS = 256
+# entry keys remembered as hit at their last look (a few hundred KiB at most)
+HITS_REMEMBERED = 10_000
 
 
 def bypasses(orm_context: ORMExecuteState) -> bool:
@@ -104,6 +106,11 @@ class QueryReads:
         # (database, translate map) of the statements this cache keyed, for
         # invalidate_query(); bounded, and holding no engine or connection alive
         self._seen: dict[tuple[str, str], tuple[Database, Any]] = {}
+        # entry keys whose last look in this process found the entry: their next look is
+        # a plain MGET, since a hit through look.lua's EVALSHA costs ~35 µs more (measured
+        # in benchmarks/results/speed.md); any other key's look takes the fill lease in
+        # the same script, saving its miss a round trip
+        self._hits_last: dict[str, None] = {}
 
     def read(self, orm_context: ORMExecuteState, option: FromCache) -> Result[Any] | None:
         core = self.core
@@ -198,7 +205,9 @@ class QueryReads:
             xfetch_beta=option.xfetch_beta,
             stale_ttl=option.stale_ttl,
             # a transaction pinned to a snapshot may not fill: its misses take no lease
-            lease_in_look=option.lease and (tx is None or tx.snapshot is None),
+            lease_in_look=option.lease
+            and (tx is None or tx.snapshot is None)
+            and entry_key not in self._hits_last,
         )
         return self.flow.read_through(orm_context, target)
 
@@ -235,6 +244,7 @@ class QueryReads:
         if entry is not None and numbers is not None and expected in (None, current):
             found = self._parse(entry, numbers, plan, entry_key, region)
             if found is not None:
+                self._hit_last(entry_key)
                 # the counters were read before any refresh's database read: a capture
                 timing = stampede.Timing(*found[1])
                 captured_now = current if may_fill else None
@@ -248,6 +258,7 @@ class QueryReads:
                     len(entry),
                     entry,
                 )
+        self._hits_last.pop(entry_key, None)
         captured: list[bytes] | None = None
         if expected is not None:
             if may_fill and None not in expected:
@@ -255,6 +266,12 @@ class QueryReads:
         elif numbers is not None or None in current:
             captured = self.flow.captured(current, plan.version_keys)
         return Look(None, captured, leased=leased, invalidations=invalidations)
+
+    def _hit_last(self, entry_key: str) -> None:
+        hits_last = self._hits_last
+        if len(hits_last) >= HITS_REMEMBERED:
+            hits_last.clear()  # forgetting costs the next looks ~35 µs each, nothing else
+        hits_last[entry_key] = None
 
     def _parse(
         self, raw: bytes, current: list[int], plan: StatementPlan, entry_key: str, region: str

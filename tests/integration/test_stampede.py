@@ -262,6 +262,30 @@ def test_a_query_miss_takes_its_lease_in_its_first_look(
     assert sql.count == 0
 
 
+def test_a_statement_that_hit_last_time_is_looked_at_with_a_plain_mget(
+    session_factory: sessionmaker[Session], redis_tap: RedisTap, cache: Cache
+) -> None:
+    """Hits are the common case: a key whose last look found its entry is read with an
+    MGET (a script look costs a hit more); a miss makes its next look take the lease."""
+    stmt = expensive().options(FromCache())
+
+    def commands_of_one_read() -> list[str]:
+        trips: list[RoundTrip] = []
+        redis_tap.listen(trips.append)
+        with session_factory() as s:
+            s.execute(stmt).all()
+        redis_tap.remove(trips.append)
+        return [str(command[0]).upper() for trip in trips for command in trip]
+
+    with session_factory() as s:
+        s.execute(stmt).all()  # a miss and its fill
+    assert commands_of_one_read()[0] == "EVALSHA"  # the last look missed: look.lua
+    assert commands_of_one_read() == ["MGET"]  # the last look hit
+    cache.invalidate_query(stmt)
+    assert commands_of_one_read()[0] == "MGET"  # still thought hot: the miss is found...
+    assert commands_of_one_read()[0] == "EVALSHA"  # ...and the next look takes the lease
+
+
 def test_a_first_look_that_finds_the_entry_takes_no_lease(
     session_factory: sessionmaker[Session], sql: SQLCounter, cache: Cache
 ) -> None:
