@@ -213,7 +213,7 @@ class RedisCluster:
         host: str = "127.0.0.1",
         extra_args: Sequence[str] = (),
         binary: str | None = None,
-        startup_timeout: float = 30.0,
+        startup_timeout: float = 60.0,
     ) -> None:
         if primaries < 1 or replicas < 0:
             raise ValueError("a cluster needs at least one primary and no negative replicas")
