@@ -405,7 +405,12 @@ def _reply_or_error(read: Callable[[], Any]) -> Any:
 
 def _drive(connection: Any, steps: _Steps) -> None:
     """Run a connect-time check on a synchronous connection: each step's commands are
-    sent together, their replies (errors as values) sent back into the check."""
+    sent together, their replies (errors as values) sent back into the check.
+
+    The check is closed however this ends: a connection error between two steps must not
+    leave it suspended inside its ``with lock`` (every later connection would wait on
+    the lock for as long as the traceback keeps the check alive).
+    """
     try:
         commands = next(steps)
         while True:
@@ -415,6 +420,8 @@ def _drive(connection: Any, steps: _Steps) -> None:
             commands = steps.send(replies)
     except StopIteration:
         return
+    finally:
+        steps.close()
 
 
 async def _reply_or_error_async(read: Callable[[], Awaitable[Any]]) -> Any:
@@ -436,6 +443,8 @@ async def _drive_async(connection: Any, steps: _Steps) -> None:
             commands = steps.send(replies)
     except StopIteration:
         return
+    finally:
+        steps.close()
 
 
 def _run_id_of(info: Any) -> str | None:
