@@ -99,7 +99,7 @@ class EngineWrites:
         listen = self.core.listen
         listen(engine, "after_cursor_execute", self.after_cursor_execute)
         append_returning = self.invalidation.returning.before_cursor_execute
-        listen(engine, "before_cursor_execute", append_returning, retval=True, named=True)
+        listen(engine, "before_cursor_execute", append_returning, retval=True)
         listen(engine.pool, "checkin", self.checkin)
 
     def forget_engines(self) -> None:

@@ -156,7 +156,7 @@ class Returning:
 
         returning = Returning()
         event.listen(engine, "before_cursor_execute", returning.before_cursor_execute,
-                     retval=True, named=True)
+                     retval=True)
         # and from an after_cursor_execute listener: returning.read_returned(conn, cursor, ctx)
         capture = returning.arm(connection, [info])   # before the flush
         ...                                            # the flush's UPDATEs
@@ -210,12 +210,18 @@ class Returning:
         self._clauses[key] = clause
         return clause
 
-    def before_cursor_execute(self, **kw: Any) -> tuple[str, Any]:
+    def before_cursor_execute(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> tuple[str, Any]:
         """Append RETURNING to a single-row ``UPDATE`` of an armed table (listened with
-        ``retval=True, named=True``: SQLAlchemy passes the event's arguments by name)."""
-        conn: Connection = kw["conn"]
-        statement: str = kw["statement"]
-        parameters, context = kw["parameters"], kw["context"]
+        ``retval=True``; positional, so that every other statement of the engine pays
+        no dictionary of arguments for it)."""
         capture: Capture | None = conn.info.get(self._key)
         if capture is None:
             return statement, parameters
@@ -232,7 +238,7 @@ class Returning:
             if (
                 table is info.mapper.local_table
                 and isinstance(element, Update)
-                and not kw["executemany"]
+                and not executemany
                 and not compiled.effective_returning  # type: ignore[union-attr]
             ):
                 clause = self._clause(info, conn.dialect)
