@@ -23,10 +23,12 @@ import inspect
 import socket
 from typing import TYPE_CHECKING, Any
 
+import hiredis
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+import redis.connection
 import redis.crc
 import redis.exceptions
 import sqlalchemy
@@ -473,6 +475,53 @@ def rows_already_read(context: Any) -> None:
     context.cursor_fetch_strategy = engine_cursor._NO_CURSOR_DML
 
 
+# redis-py's own packers: both frame each command as hiredis.pack_command does, after the
+# connection's encoder turned every argument into bytes
+_STANDARD_PACKERS = tuple(
+    packer
+    for name in ("HiredisRespSerializer", "PythonRespSerializer")
+    if (packer := getattr(redis.connection, name, None)) is not None
+)
+_PACK_COMMANDS = getattr(
+    getattr(redis.connection, "AbstractConnection", None), "pack_commands", None
+)
+_UTF8 = frozenset({"utf-8", "utf8", "UTF-8", "UTF8"})
+# per connection class: whether it packs with redis-py's own pack_commands (a subclass that
+# overrides it, an application's instrumentation, must see what is sent)
+_OWN_PACKING: dict[type, bool] = {}
+
+
+def _packed(connection: Any, commands: Sequence[Sequence[Any]]) -> Any:
+    """``commands`` as the bytes ``connection.pack_commands`` would send.
+
+    Every argument the cache sends is a ``str``, ``bytes`` or ``int``: with redis-py's own
+    ``pack_commands`` and packer and a UTF-8 encoder (the defaults), hiredis frames them
+    in C, into the bytes redis-py's encoder would have produced (a ``str`` as UTF-8, an
+    ``int`` in decimal); redis-py encodes each argument in Python first, several
+    microseconds a command. Any other connection (a packer, an encoding or a
+    ``pack_commands`` of the application's, client-side caching's proxy) packs its way.
+    """
+    kind = type(connection)
+    own = _OWN_PACKING.get(kind)
+    if own is None:
+        own = _OWN_PACKING[kind] = _PACK_COMMANDS is not None and (
+            getattr(kind, "pack_commands", None) is _PACK_COMMANDS
+        )
+    encoder = connection.encoder if own else None
+    if (
+        encoder is not None
+        and type(connection._command_packer) in _STANDARD_PACKERS
+        and encoder.encoding in _UTF8
+        and encoder.encoding_errors == "strict"
+    ):
+        pack = hiredis.pack_command
+        try:
+            return [b"".join([pack(tuple(command)) for command in commands])]
+        except TypeError:
+            pass  # an argument of another type: redis-py says what is wrong with it
+    return connection.pack_commands(commands)
+
+
 def send_now(client: Any, commands: Sequence[Sequence[Any]]) -> Any:
     """Send ``commands`` on a connection taken from ``client``'s pool (a ``redis.Redis``)
     and return it without reading the replies: the caller does other work meanwhile,
@@ -480,11 +529,12 @@ def send_now(client: Any, commands: Sequence[Sequence[Any]]) -> Any:
 
     redis-py's client reads each reply before it returns; its pipelines too. A lost
     connection raises ``ConnectionError`` (the connection is dropped and given back).
+    The arguments are ``str``, ``bytes`` or ``int`` (:func:`_packed`).
     """
     pool = client.connection_pool
     connection = pool.get_connection()
     try:
-        connection.send_packed_command(connection.pack_commands(commands))
+        connection.send_packed_command(_packed(connection, commands))
     except BaseException:
         connection.disconnect()
         pool.release(connection)
@@ -616,6 +666,8 @@ _PROBED: dict[str, tuple[str, str]] = {
     "redis ConnectionPool.get_connection": ("pool", "get_connection"),
     "redis ConnectionPool.release": ("pool", "release"),
     "redis Connection.pack_commands": ("connection", "pack_commands"),
+    "redis Connection._command_packer": ("connection", "_command_packer"),
+    "redis Connection.encoder": ("connection", "encoder"),
     "redis Connection.send_packed_command": ("connection", "send_packed_command"),
     "redis Connection.read_response": ("connection", "read_response"),
     "redis Connection.disconnect": ("connection", "disconnect"),
@@ -653,6 +705,12 @@ _MODULE_PROBES: dict[str, tuple[Any, str]] = {
     "sqlalchemy engine.result.SimpleResultMetaData": (engine_result, "SimpleResultMetaData"),
     "sqlalchemy util.concurrency.in_greenlet": (concurrency, "in_greenlet"),
     "sqlalchemy engine.cursor._NO_CURSOR_DML": (engine_cursor, "_NO_CURSOR_DML"),
+    "redis connection.HiredisRespSerializer": (redis.connection, "HiredisRespSerializer"),
+    "redis connection.PythonRespSerializer": (redis.connection, "PythonRespSerializer"),
+    "redis connection.AbstractConnection.pack_commands": (
+        getattr(redis.connection, "AbstractConnection", None),
+        "pack_commands",
+    ),
     "sqlalchemy DefaultExecutionContext.cursor_fetch_strategy": (
         engine_default.DefaultExecutionContext,
         "cursor_fetch_strategy",
