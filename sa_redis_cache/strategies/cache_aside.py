@@ -35,6 +35,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import TextClause
 
 from sa_redis_cache.counters import parse_counter
+from sa_redis_cache.models import mappers_changed
 from sa_redis_cache.protocol import pk_text, scripts
 from sa_redis_cache.protocol.scripts import WRITER_MARK_MS
 from sa_redis_cache.transaction import RowWrite, TableWrites, TransactionState
@@ -53,7 +54,9 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from sqlalchemy.engine import Connection
-    from sqlalchemy.orm import ORMExecuteState, Session
+    from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+    from sqlalchemy.orm.state import InstanceState
+    from sqlalchemy.util import IdentitySet
 
     from sa_redis_cache.context import CacheContext
     from sa_redis_cache.models import ModelInfo
@@ -66,16 +69,48 @@ _Rows = dict[str, dict[str, tuple["ModelInfo", object | None]]]
 
 
 @dataclass(slots=True)
+class _Seen:
+    """What a :class:`_FlushPlan` was made from, so that ``after_flush`` can tell that it
+    still holds (:meth:`Invalidation._still_holds`) instead of making it again.
+
+    The plan depends on nothing else: which objects are new, dirty (with or without a net
+    change) and deleted, each keyed row's primary key attributes and identity key, the
+    association tables' histories (a plan with those is never reused), and the connection
+    (with its execution options) each named table was written through.
+    """
+
+    new: list[object]
+    dirty: list[object]
+    deleted: list[object]
+    unmodified: list[object]  # dirty with no net change: left out of the plan
+    # each keyed row's state, the model, its primary key attributes as read, its identity key
+    keys: list[tuple[InstanceState[Any], ModelInfo, list[Any], Any]]
+    # per named table: the mapper, the connection and its execution options
+    connections: dict[str, tuple[Any, Connection, Any]]
+
+
+@dataclass(slots=True)
 class _FlushPlan:
     """What one flush writes: its tables, the rows it can name (and their scopes), the
     tables whose rows it cannot name; ``complete`` is False when a row's key is not known
-    yet (a new row whose primary key the database will make)."""
+    yet (a new row whose primary key the database will make). ``seen``: what it was made
+    from, None when it must be made again after the flush."""
 
     tables: set[str]
     rows: _Rows
     scopes: dict[str, str]
     unnamed: set[str]
     complete: bool = True
+    seen: _Seen | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _MapperTables:
+    """The tables a flushed object of one mapper writes: its own, and the association
+    tables of its many-to-many relationships (written when their history changed)."""
+
+    tables: tuple[str, ...]
+    secondaries: tuple[tuple[str, str], ...]  # (relationship key, association table)
 
 
 @dataclass(slots=True)
@@ -101,6 +136,11 @@ class _Posted:
     calls: int  # commit.lua calls; the fence calls' replies follow theirs
 
 
+def _same(now: IdentitySet, before: list[object]) -> bool:
+    """Whether the session collection ``now`` holds exactly the objects ``before``."""
+    return len(now) == len(before) and all(obj in now for obj in before)
+
+
 class Invalidation:
     """The invalidation protocol of one :class:`~sa_redis_cache.Cache`.
 
@@ -114,6 +154,8 @@ class Invalidation:
     def __init__(self, core: CacheContext) -> None:
         self.core = core
         self.writer_mark_ms = WRITER_MARK_MS
+        self._tables_by_mapper: dict[Mapper[Any], _MapperTables] = {}
+        self._tables_generation = -1
         # the engine listeners that read write-through rows from the flush's own UPDATEs
         self.returning = Returning()
 
@@ -124,26 +166,83 @@ class Invalidation:
         rows: _Rows = {}
         tables: set[str] = set()
         complete = True
-        for obj in session.new:
-            complete = self._collect(obj, rows, tables, deleted=False) and complete
-        for obj in session.dirty:
-            if session.is_modified(obj):
-                self._collect(obj, rows, tables, deleted=False)
-        for obj in session.deleted:
-            self._collect(obj, rows, tables, deleted=True)
+        keys: list[tuple[InstanceState[Any], ModelInfo, list[Any], Any]] = []
+        # reusable after the flush unless an association table's history counts
+        reusable = True
+        new, dirty, deleted = list(session.new), list(session.dirty), list(session.deleted)
+        unmodified: list[object] = []
+        collect = self._collect
+        for obj in new:
+            done, plain = collect(obj, rows, tables, keys, deleted=False)
+            complete = done and complete
+            reusable = reusable and plain
+        is_modified = session.is_modified
+        for obj in dirty:
+            if is_modified(obj):
+                reusable = collect(obj, rows, tables, keys, deleted=False)[1] and reusable
+            else:
+                unmodified.append(obj)
+        for obj in deleted:
+            reusable = collect(obj, rows, tables, keys, deleted=True)[1] and reusable
         if not tables:
             return None
         scopes: dict[str, str] = {}
         unnamed: set[str] = set()
+        connections: dict[str, tuple[Any, Connection, Any]] = {}
         for table, table_rows in list(rows.items()):
-            scope = self._scope_of(session, next(iter(table_rows.values()))[0])
+            mapper = next(iter(table_rows.values()))[0].mapper
+            connection = session.connection(bind_arguments={"mapper": mapper})
+            options = connection.get_execution_options()
+            scope = self._scope_on(connection, options, next(iter(table_rows.values()))[0])
             if scope is None:
                 # the rows cannot be named: every entity entry of the table goes
                 del rows[table]
                 unnamed.add(table)
             else:
                 scopes[table] = scope
-        return _FlushPlan(tables, rows, scopes, unnamed, complete)
+                connections[table] = (mapper, connection, options)
+        seen = None
+        if reusable:
+            seen = _Seen(new, dirty, deleted, unmodified, keys, connections)
+        return _FlushPlan(tables, rows, scopes, unnamed, complete, seen)
+
+    def _still_holds(self, session: Session, plan: _FlushPlan) -> bool:
+        """Whether ``plan``, made before the flush, is what :meth:`_plan` would make now.
+
+        Between ``before_flush`` and ``after_flush`` the session's collections still show
+        the state before the flush, but other ``before_flush`` listeners, mapper events
+        and the flush's own synchronisation of foreign keys may add, delete or change
+        objects; any of that shows as another member of ``new``, ``dirty`` or ``deleted``,
+        a dirty object that now has a net change, a primary key attribute or identity key
+        that is not the same object any more, or another connection (or execution options)
+        for a table. Then the plan is made again.
+        """
+        seen = plan.seen
+        if seen is None:
+            return False
+        if not (
+            _same(session.new, seen.new)
+            and _same(session.dirty, seen.dirty)
+            and _same(session.deleted, seen.deleted)
+        ):
+            return False
+        is_modified = session.is_modified
+        for obj in seen.unmodified:
+            if is_modified(obj):
+                return False
+        for state, info, pk, identity in seen.keys:
+            if state.key is not identity:
+                return False
+            attributes = state.dict
+            names = info.column_keys
+            for position, value in zip(info.pk_positions, pk, strict=True):
+                if attributes.get(names[position]) is not value:
+                    return False
+        for mapper, connection, options in seen.connections.values():
+            now = session.connection(bind_arguments={"mapper": mapper})
+            if now is not connection or now.get_execution_options() is not options:
+                return False
+        return True
 
     def premark_flush(self, session: Session, state: TransactionState) -> None:
         """Send the marks of the flush about to run (``before_flush``), without waiting:
@@ -227,11 +326,16 @@ class Invalidation:
         premark: _Premark | None = state.premark
         state.premark = None
         captures = self._take_captures(state)
-        plan = self._plan(session)
+        if premark is not None and self._still_holds(session, premark.plan):
+            plan: _FlushPlan | None = premark.plan
+        else:
+            plan = self._plan(session)
         if premark is not None:
             tickets = self._premark_replies(premark)
             covered_bulk = premark.plan.unnamed
-            if plan is not None:
+            if plan is premark.plan:
+                covered = set(premark.named)
+            elif plan is not None:
                 covered = {
                     t
                     for t in premark.named
@@ -324,50 +428,85 @@ class Invalidation:
         """Core/textual DML: mark ``tables`` with unknown rows (every entity entry goes)."""
         self._mark(token, tables, {}, {}, bulk=True)
 
-    def _scope_of(self, session: Session, info: ModelInfo) -> str | None:
-        """The scope of ``info``'s rows on the connection this flush wrote them through."""
-        connection = session.connection(bind_arguments={"mapper": info.mapper})
+    def _scope_on(self, connection: Connection, options: Any, info: ModelInfo) -> str | None:
+        """The scope of ``info``'s rows written through ``connection``, whose execution
+        options are ``options``; None when its database cannot be told."""
         database = self.core.binds.database_of(connection)
         if database is None:
             return None
-        translate = connection.get_execution_options().get("schema_translate_map")
-        return self.core.entity_scope(info, database, translate)
+        return self.core.entity_scope(info, database, options.get("schema_translate_map"))
 
-    def _collect(self, obj: object, rows: _Rows, tables: set[str], *, deleted: bool) -> bool:
-        """Add ``obj``'s tables and row; False when its row cannot be keyed yet."""
+    def _tables_of(self, mapper: Mapper[Any]) -> _MapperTables:
+        """The tables ``mapper``'s flushed objects may write, worked out once per mapper
+        (again after any mapper was made or configured)."""
+        generation = mappers_changed()
+        if generation != self._tables_generation:
+            self._tables_by_mapper.clear()
+            self._tables_generation = generation
+        found = self._tables_by_mapper.get(mapper)
+        if found is None:
+            found = self._tables_by_mapper[mapper] = _MapperTables(
+                tuple(t.fullname for t in mapper.tables if isinstance(t, Table)),
+                tuple(
+                    (rel.key, rel.secondary.fullname)
+                    for rel in mapper.relationships
+                    if isinstance(rel.secondary, Table)
+                ),
+            )
+        return found
+
+    def _collect(
+        self,
+        obj: object,
+        rows: _Rows,
+        tables: set[str],
+        keys: list[tuple[InstanceState[Any], ModelInfo, list[Any], Any]],
+        *,
+        deleted: bool,
+    ) -> tuple[bool, bool]:
+        """Add ``obj``'s tables and row, and what its row's key was made from to ``keys``.
+
+        Returns whether its row could be keyed (False: not yet), and whether no
+        association table's history counted (a plan that read one is not reused).
+        """
         state = instance_state(obj)
         mapper = state.mapper
-        for table in mapper.tables:
-            if isinstance(table, Table):
-                tables.add(table.fullname)
-        for rel in mapper.relationships:
-            if isinstance(rel.secondary, Table) and state.attrs[rel.key].history.has_changes():
-                tables.add(rel.secondary.fullname)
+        written = self._tables_of(mapper)
+        tables.update(written.tables)
+        for key, secondary in written.secondaries:
+            if state.attrs[key].history.has_changes():
+                tables.add(secondary)
+        plain = not written.secondaries
         info = self.core.models.info_of(mapper)
         if info is None or not info.entity_cached:
-            return True
-        pk = [state.dict.get(info.column_keys[p]) for p in info.pk_positions]
-        if state.key is not None and (deleted or None in pk):
-            pk = list(state.key[1])
+            return True, plain
+        attributes = state.dict
+        names = info.column_keys
+        raw = [attributes.get(names[p]) for p in info.pk_positions]
+        identity = state.key
+        keys.append((state, info, raw, identity))
+        pk = raw
+        if identity is not None and (deleted or None in pk):
+            pk = list(identity[1])
         if None in pk:
-            return False
+            return False, plain
         try:
             # keyed as loads give it: an object given id="7" is the row reads key as 7
             text = pk_text(info.coerce_pk(pk))
         except (TypeError, ValueError):
-            return True
+            return True, plain
         table_rows = rows.setdefault(info.table, {})
         table_rows[text] = (info, None if deleted else obj)
-        if state.key is not None and not deleted:
+        if identity is not None and not deleted:
             # a primary key update moves the row: its old key's entry goes as a delete
             # would (state.key still names the old key until the flush is finalised)
             try:
-                before = pk_text(info.coerce_pk(list(state.key[1])))
+                before = pk_text(info.coerce_pk(list(identity[1])))
             except (TypeError, ValueError):
-                return True
+                return True, plain
             if before != text:
                 table_rows.setdefault(before, (info, None))
-        return True
+        return True, plain
 
     def _mark(
         self,
