@@ -26,7 +26,7 @@ are kept as undelivered until Redis takes their bump. Every Redis call goes thro
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -76,7 +76,8 @@ class _Seen:
     The plan depends on nothing else: which objects are new, dirty (with or without a net
     change) and deleted, each keyed row's primary key attributes and identity key, the
     association tables' histories (a plan with those is never reused), and the connection
-    (with its execution options) each named table was written through.
+    (with its execution options) each named table was written through
+    (:attr:`_FlushPlan.connections`).
     """
 
     new: list[object]
@@ -85,22 +86,23 @@ class _Seen:
     unmodified: list[object]  # dirty with no net change: left out of the plan
     # each keyed row's state, the model, its primary key attributes as read, its identity key
     keys: list[tuple[InstanceState[Any], ModelInfo, list[Any], Any]]
-    # per named table: the mapper, the connection and its execution options
-    connections: dict[str, tuple[Any, Connection, Any]]
 
 
 @dataclass(slots=True)
 class _FlushPlan:
     """What one flush writes: its tables, the rows it can name (and their scopes), the
     tables whose rows it cannot name; ``complete`` is False when a row's key is not known
-    yet (a new row whose primary key the database will make). ``seen``: what it was made
-    from, None when it must be made again after the flush."""
+    yet (a new row whose primary key the database will make). ``connections``: per named
+    table, the mapper of its first row, the connection the session writes it through and
+    that connection's execution options; ``seen``: what it was made from, None when it
+    must be made again after the flush."""
 
     tables: set[str]
     rows: _Rows
     scopes: dict[str, str]
     unnamed: set[str]
     complete: bool = True
+    connections: dict[str, tuple[Any, Connection, Any]] = field(default_factory=dict)
     seen: _Seen | None = None
 
 
@@ -203,8 +205,8 @@ class Invalidation:
                 connections[table] = (mapper, connection, options)
         seen = None
         if reusable:
-            seen = _Seen(new, dirty, deleted, unmodified, keys, connections)
-        return _FlushPlan(tables, rows, scopes, unnamed, complete, seen)
+            seen = _Seen(new, dirty, deleted, unmodified, keys)
+        return _FlushPlan(tables, rows, scopes, unnamed, complete, connections, seen)
 
     def _still_holds(self, session: Session, plan: _FlushPlan) -> bool:
         """Whether ``plan``, made before the flush, is what :meth:`_plan` would make now.
@@ -238,7 +240,7 @@ class Invalidation:
             for position, value in zip(info.pk_positions, pk, strict=True):
                 if attributes.get(names[position]) is not value:
                     return False
-        for mapper, connection, options in seen.connections.values():
+        for mapper, connection, options in plan.connections.values():
             now = session.connection(bind_arguments={"mapper": mapper})
             if now is not connection or now.get_execution_options() is not options:
                 return False
@@ -263,7 +265,10 @@ class Invalidation:
             core.deliver_undelivered()
         named = plan.tables - plan.unnamed
         pks = {t: list(r) for t, r in plan.rows.items()}
-        bulk_tables, bulk_calls = self._mark_calls(state.token, plan.unnamed, {}, {}, bulk=True)
+        bulk_tables: list[str] = []
+        bulk_calls: list[scripts.ScriptCall] = []
+        if plan.unnamed:
+            bulk_tables, bulk_calls = self._mark_calls(state.token, plan.unnamed, {}, {}, bulk=True)
         named_tables, named_calls = self._mark_calls(
             state.token, named, pks, plan.scopes, bulk=False
         )
@@ -285,10 +290,10 @@ class Invalidation:
         """Capture the written-through rows of the flush about to run from its own
         UPDATEs (:class:`.write_through.Returning`), on each connection it writes them on."""
         by_connection: dict[Connection, list[ModelInfo]] = {}
-        for table_rows in plan.rows.values():
+        for table, table_rows in plan.rows.items():
             info, _ = next(iter(table_rows.values()))
             if is_written_through(info) and any(o is not None for _, o in table_rows.values()):
-                connection = session.connection(bind_arguments={"mapper": info.mapper})
+                connection = self._connection_for(session, plan, table, info)
                 by_connection.setdefault(connection, []).append(info)
         captures: dict[Connection, Capture] = {}
         for connection, infos in by_connection.items():
@@ -296,6 +301,18 @@ class Invalidation:
             if capture is not None:
                 captures[connection] = capture
         state.captures = captures or None
+
+    @staticmethod
+    def _connection_for(
+        session: Session, plan: _FlushPlan, table: str, info: ModelInfo
+    ) -> Connection:
+        """The connection the session writes ``info``'s rows of ``table`` through: the one
+        ``plan`` was made with when it asked for the same mapper."""
+        found = plan.connections.get(table)
+        if found is not None and found[0] is info.mapper:
+            connection: Connection = found[1]
+            return connection
+        return session.connection(bind_arguments={"mapper": info.mapper})
 
     def _take_captures(self, state: TransactionState) -> dict[Connection, Capture]:
         """Disarm the flush's captures and return them (empty when none were armed)."""
@@ -363,7 +380,9 @@ class Invalidation:
             writes.scope = scopes[table]
             generation, row_tickets = tickets.get(table, (None, {}))
             current = (
-                self._read_back(session, table_rows, captures) if generation is not None else {}
+                self._read_back(session, plan, table, table_rows, captures)
+                if generation is not None
+                else {}
             )
             for pk, (info, obj) in table_rows.items():
                 ticket = row_tickets.get(pk, -1)
@@ -378,6 +397,8 @@ class Invalidation:
     def _read_back(
         self,
         session: Session,
+        plan: _FlushPlan,
+        table: str,
         table_rows: dict[str, tuple[ModelInfo, object | None]],
         captures: dict[Connection, Capture],
     ) -> dict[int, list[Any]]:
@@ -390,7 +411,7 @@ class Invalidation:
                 groups.setdefault(id(info), (info, []))[1].append(obj)
         found: dict[int, list[Any]] = {}
         for info, objs in groups.values():
-            connection = session.connection(bind_arguments={"mapper": info.mapper})
+            connection = self._connection_for(session, plan, table, info)
             capture = captures.get(connection)
             rest = objs
             if capture is not None:
