@@ -37,6 +37,7 @@ from sqlalchemy.engine import default as engine_default
 from sqlalchemy.engine import result as engine_result
 from sqlalchemy.orm import context as orm_context
 from sqlalchemy.orm import mapperlib
+from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.sql import selectable
 from sqlalchemy.util import concurrency
 
@@ -63,6 +64,7 @@ __all__ = [
     "commit_loaded",
     "commit_new",
     "get_clause_pk",
+    "has_net_change",
     "identity_key",
     "in_greenlet",
     "install_connect_hook",
@@ -84,6 +86,8 @@ in_greenlet: Callable[[], bool] = concurrency.in_greenlet
 
 await_: Callable[[Any], Any] = _await
 """SQLAlchemy's greenlet bridge: await a coroutine from code such a greenlet runs."""
+
+_NO_CHANGE = PassiveFlag.NO_CHANGE
 
 _COMPILE_STATE: Any = getattr(orm_context, "_ORMCompileState", None) or getattr(
     orm_context, "ORMCompileState", None
@@ -176,6 +180,31 @@ def populates_existing(orm_context: ORMExecuteState) -> bool:
 def is_clean(session: Session) -> bool:
     """True when ``session`` has nothing new, changed or deleted to flush."""
     return bool(session._is_clean())
+
+
+def has_net_change(state: InstanceState[Any]) -> bool:
+    """``Session.is_modified(obj)`` for the object of ``state``, without visiting every
+    attribute: only an attribute whose previous value the state recorded
+    (``committed_state``: every change event records it) can have added or deleted
+    history under ``NO_CHANGE``; the others report none, a collection's pending
+    mutations included (``NO_CHANGE`` leaves them out). ``is_modified`` asks each
+    attribute of the class, through its loader for an unloaded relationship.
+    """
+    if not state.modified:
+        return False
+    committed = state.committed_state
+    if not committed:
+        return False
+    manager = state.manager
+    attributes = state.dict
+    for key in list(committed):
+        attribute = manager.get(key)
+        if attribute is None:
+            continue  # not an attribute is_modified would look at
+        added, _, deleted = attribute.impl.get_history(state, attributes, passive=_NO_CHANGE)
+        if added or deleted:
+            return True
+    return False
 
 
 def autoflush_pending(session: Session) -> None:
@@ -653,6 +682,9 @@ _PROBED: dict[str, tuple[str, str]] = {
     "sqlalchemy InstanceState._commit": ("state", "_commit"),
     "sqlalchemy Session._is_clean": ("session", "_is_clean"),
     "sqlalchemy Session._autoflush": ("session", "_autoflush"),
+    "sqlalchemy InstanceState.committed_state": ("state", "committed_state"),
+    "sqlalchemy InstanceState.modified": ("state", "modified"),
+    "sqlalchemy InstanceState.manager": ("state", "manager"),
     "sqlalchemy Session.identity_map._add_unpresent": ("identity_map", "_add_unpresent"),
     "sqlalchemy registry._managers": ("registry", "_managers"),
     "sqlalchemy IteratorResult._source_supports_scalars": ("result", "_source_supports_scalars"),
@@ -701,6 +733,7 @@ _MODULE_PROBES: dict[str, tuple[Any, str]] = {
         "_populate_existing",
     ),
     "sqlalchemy orm.mapperlib._mapper_registries": (mapperlib, "_mapper_registries"),
+    "sqlalchemy orm.base.PassiveFlag.NO_CHANGE": (PassiveFlag, "NO_CHANGE"),
     "sqlalchemy engine.result.IteratorResult": (engine_result, "IteratorResult"),
     "sqlalchemy engine.result.SimpleResultMetaData": (engine_result, "SimpleResultMetaData"),
     "sqlalchemy util.concurrency.in_greenlet": (concurrency, "in_greenlet"),

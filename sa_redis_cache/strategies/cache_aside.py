@@ -34,6 +34,7 @@ from sqlalchemy import Table
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import TextClause
 
+from sa_redis_cache.compat import has_net_change
 from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.models import mappers_changed
 from sa_redis_cache.protocol import pk_text, scripts
@@ -178,9 +179,8 @@ class Invalidation:
             done, plain = collect(obj, rows, tables, keys, deleted=False)
             complete = done and complete
             reusable = reusable and plain
-        is_modified = session.is_modified
         for obj in dirty:
-            if is_modified(obj):
+            if has_net_change(instance_state(obj)):
                 reusable = collect(obj, rows, tables, keys, deleted=False)[1] and reusable
             else:
                 unmodified.append(obj)
@@ -228,9 +228,8 @@ class Invalidation:
             and _same(session.deleted, seen.deleted)
         ):
             return False
-        is_modified = session.is_modified
         for obj in seen.unmodified:
-            if is_modified(obj):
+            if has_net_change(instance_state(obj)):
                 return False
         for state, info, pk, identity in seen.keys:
             if state.key is not identity:
