@@ -258,6 +258,7 @@ class Invalidation:
             return
         self._arm_returning(session, plan, state)
         if not plan.complete:
+            state.plan = plan  # mark_flush sees whether it still holds (it will not)
             return  # a new row's key is known after the flush only: mark_flush marks
         core = self.core
         if core.undelivered:
@@ -279,6 +280,7 @@ class Invalidation:
             # so a flush waits for one timeout while Redis is unreachable, not two
             pending, error = None, exc
         if pending is None and error is None:
+            state.plan = plan  # not offered: mark_flush marks alone, from this plan if it holds
             return
         # reads of these tables go to the database from now on, and their marks are
         # released when the transaction ends, even if the flush fails
@@ -327,6 +329,7 @@ class Invalidation:
         """Drop the replies of marks a flush that failed never read (the transaction's
         end releases the marks), and stop its captures."""
         self._take_captures(state)
+        state.plan = None
         premark: _Premark | None = state.premark
         if premark is not None:
             state.premark = None
@@ -342,8 +345,10 @@ class Invalidation:
         premark: _Premark | None = state.premark
         state.premark = None
         captures = self._take_captures(state)
-        if premark is not None and self._still_holds(session, premark.plan):
-            plan: _FlushPlan | None = premark.plan
+        early: _FlushPlan | None = premark.plan if premark is not None else state.plan
+        state.plan = None
+        if early is not None and self._still_holds(session, early):
+            plan: _FlushPlan | None = early
         else:
             plan = self._plan(session)
         if premark is not None:
