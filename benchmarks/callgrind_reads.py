@@ -67,8 +67,9 @@ def run_reads(kind: str, calls: int) -> None:
             read()
 
 
-def instructions(kind: str, calls: int) -> int:
-    """Instructions callgrind counts for a process making ``calls`` reads."""
+def instructions(kind: str, calls: int, module: str = "benchmarks.callgrind_reads") -> int:
+    """Instructions callgrind counts in the main thread of ``python -m module --run kind
+    calls`` (this module's: a process making ``calls`` reads)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
         subprocess.run(
@@ -79,7 +80,7 @@ def instructions(kind: str, calls: int) -> int:
                 f"--callgrind-out-file={out}",
                 sys.executable,
                 "-m",
-                "benchmarks.callgrind_reads",
+                module,
                 "--run",
                 kind,
                 str(calls),

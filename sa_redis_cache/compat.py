@@ -23,10 +23,12 @@ import inspect
 import socket
 from typing import TYPE_CHECKING, Any
 
+import hiredis
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+import redis.connection
 import redis.crc
 import redis.exceptions
 import sqlalchemy
@@ -35,6 +37,7 @@ from sqlalchemy.engine import default as engine_default
 from sqlalchemy.engine import result as engine_result
 from sqlalchemy.orm import context as orm_context
 from sqlalchemy.orm import mapperlib
+from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.sql import selectable
 from sqlalchemy.util import concurrency
 
@@ -61,6 +64,7 @@ __all__ = [
     "commit_loaded",
     "commit_new",
     "get_clause_pk",
+    "has_net_change",
     "identity_key",
     "in_greenlet",
     "install_connect_hook",
@@ -82,6 +86,8 @@ in_greenlet: Callable[[], bool] = concurrency.in_greenlet
 
 await_: Callable[[Any], Any] = _await
 """SQLAlchemy's greenlet bridge: await a coroutine from code such a greenlet runs."""
+
+_NO_CHANGE = PassiveFlag.NO_CHANGE
 
 _COMPILE_STATE: Any = getattr(orm_context, "_ORMCompileState", None) or getattr(
     orm_context, "ORMCompileState", None
@@ -174,6 +180,31 @@ def populates_existing(orm_context: ORMExecuteState) -> bool:
 def is_clean(session: Session) -> bool:
     """True when ``session`` has nothing new, changed or deleted to flush."""
     return bool(session._is_clean())
+
+
+def has_net_change(state: InstanceState[Any]) -> bool:
+    """``Session.is_modified(obj)`` for the object of ``state``, without visiting every
+    attribute: only an attribute whose previous value the state recorded
+    (``committed_state``: every change event records it) can have added or deleted
+    history under ``NO_CHANGE``; the others report none, a collection's pending
+    mutations included (``NO_CHANGE`` leaves them out). ``is_modified`` asks each
+    attribute of the class, through its loader for an unloaded relationship.
+    """
+    if not state.modified:
+        return False
+    committed = state.committed_state
+    if not committed:
+        return False
+    manager = state.manager
+    attributes = state.dict
+    for key in list(committed):
+        attribute = manager.get(key)
+        if attribute is None:
+            continue  # not an attribute is_modified would look at
+        added, _, deleted = attribute.impl.get_history(state, attributes, passive=_NO_CHANGE)
+        if added or deleted:
+            return True
+    return False
 
 
 def autoflush_pending(session: Session) -> None:
@@ -473,6 +504,53 @@ def rows_already_read(context: Any) -> None:
     context.cursor_fetch_strategy = engine_cursor._NO_CURSOR_DML
 
 
+# redis-py's own packers: both frame each command as hiredis.pack_command does, after the
+# connection's encoder turned every argument into bytes
+_STANDARD_PACKERS = tuple(
+    packer
+    for name in ("HiredisRespSerializer", "PythonRespSerializer")
+    if (packer := getattr(redis.connection, name, None)) is not None
+)
+_PACK_COMMANDS = getattr(
+    getattr(redis.connection, "AbstractConnection", None), "pack_commands", None
+)
+_UTF8 = frozenset({"utf-8", "utf8", "UTF-8", "UTF8"})
+# per connection class: whether it packs with redis-py's own pack_commands (a subclass that
+# overrides it, an application's instrumentation, must see what is sent)
+_OWN_PACKING: dict[type, bool] = {}
+
+
+def _packed(connection: Any, commands: Sequence[Sequence[Any]]) -> Any:
+    """``commands`` as the bytes ``connection.pack_commands`` would send.
+
+    Every argument the cache sends is a ``str``, ``bytes`` or ``int``: with redis-py's own
+    ``pack_commands`` and packer and a UTF-8 encoder (the defaults), hiredis frames them
+    in C, into the bytes redis-py's encoder would have produced (a ``str`` as UTF-8, an
+    ``int`` in decimal); redis-py encodes each argument in Python first, several
+    microseconds a command. Any other connection (a packer, an encoding or a
+    ``pack_commands`` of the application's, client-side caching's proxy) packs its way.
+    """
+    kind = type(connection)
+    own = _OWN_PACKING.get(kind)
+    if own is None:
+        own = _OWN_PACKING[kind] = _PACK_COMMANDS is not None and (
+            getattr(kind, "pack_commands", None) is _PACK_COMMANDS
+        )
+    encoder = connection.encoder if own else None
+    if (
+        encoder is not None
+        and type(connection._command_packer) in _STANDARD_PACKERS
+        and encoder.encoding in _UTF8
+        and encoder.encoding_errors == "strict"
+    ):
+        pack = hiredis.pack_command
+        try:
+            return [b"".join([pack(tuple(command)) for command in commands])]
+        except TypeError:
+            pass  # an argument of another type: redis-py says what is wrong with it
+    return connection.pack_commands(commands)
+
+
 def send_now(client: Any, commands: Sequence[Sequence[Any]]) -> Any:
     """Send ``commands`` on a connection taken from ``client``'s pool (a ``redis.Redis``)
     and return it without reading the replies: the caller does other work meanwhile,
@@ -480,11 +558,12 @@ def send_now(client: Any, commands: Sequence[Sequence[Any]]) -> Any:
 
     redis-py's client reads each reply before it returns; its pipelines too. A lost
     connection raises ``ConnectionError`` (the connection is dropped and given back).
+    The arguments are ``str``, ``bytes`` or ``int`` (:func:`_packed`).
     """
     pool = client.connection_pool
     connection = pool.get_connection()
     try:
-        connection.send_packed_command(connection.pack_commands(commands))
+        connection.send_packed_command(_packed(connection, commands))
     except BaseException:
         connection.disconnect()
         pool.release(connection)
@@ -603,6 +682,9 @@ _PROBED: dict[str, tuple[str, str]] = {
     "sqlalchemy InstanceState._commit": ("state", "_commit"),
     "sqlalchemy Session._is_clean": ("session", "_is_clean"),
     "sqlalchemy Session._autoflush": ("session", "_autoflush"),
+    "sqlalchemy InstanceState.committed_state": ("state", "committed_state"),
+    "sqlalchemy InstanceState.modified": ("state", "modified"),
+    "sqlalchemy InstanceState.manager": ("state", "manager"),
     "sqlalchemy Session.identity_map._add_unpresent": ("identity_map", "_add_unpresent"),
     "sqlalchemy registry._managers": ("registry", "_managers"),
     "sqlalchemy IteratorResult._source_supports_scalars": ("result", "_source_supports_scalars"),
@@ -616,6 +698,8 @@ _PROBED: dict[str, tuple[str, str]] = {
     "redis ConnectionPool.get_connection": ("pool", "get_connection"),
     "redis ConnectionPool.release": ("pool", "release"),
     "redis Connection.pack_commands": ("connection", "pack_commands"),
+    "redis Connection._command_packer": ("connection", "_command_packer"),
+    "redis Connection.encoder": ("connection", "encoder"),
     "redis Connection.send_packed_command": ("connection", "send_packed_command"),
     "redis Connection.read_response": ("connection", "read_response"),
     "redis Connection.disconnect": ("connection", "disconnect"),
@@ -649,10 +733,17 @@ _MODULE_PROBES: dict[str, tuple[Any, str]] = {
         "_populate_existing",
     ),
     "sqlalchemy orm.mapperlib._mapper_registries": (mapperlib, "_mapper_registries"),
+    "sqlalchemy orm.base.PassiveFlag.NO_CHANGE": (PassiveFlag, "NO_CHANGE"),
     "sqlalchemy engine.result.IteratorResult": (engine_result, "IteratorResult"),
     "sqlalchemy engine.result.SimpleResultMetaData": (engine_result, "SimpleResultMetaData"),
     "sqlalchemy util.concurrency.in_greenlet": (concurrency, "in_greenlet"),
     "sqlalchemy engine.cursor._NO_CURSOR_DML": (engine_cursor, "_NO_CURSOR_DML"),
+    "redis connection.HiredisRespSerializer": (redis.connection, "HiredisRespSerializer"),
+    "redis connection.PythonRespSerializer": (redis.connection, "PythonRespSerializer"),
+    "redis connection.AbstractConnection.pack_commands": (
+        getattr(redis.connection, "AbstractConnection", None),
+        "pack_commands",
+    ),
     "sqlalchemy DefaultExecutionContext.cursor_fetch_strategy": (
         engine_default.DefaultExecutionContext,
         "cursor_fetch_strategy",

@@ -478,6 +478,12 @@ event.listen(Mapper, "after_mapper_constructed", _mappers_changed)
 event.listen(Mapper, "mapper_configured", _mappers_changed)
 
 
+def mappers_changed() -> int:
+    """A number that moves whenever a mapper is made or configured in the process: what
+    was worked out from the mappers before it moved may be out of date."""
+    return _MAPPERS_CHANGED[0]
+
+
 class ModelRegistry:
     """The :class:`ModelInfo` of every mapper the cache has met, by mapper, name and table.
 

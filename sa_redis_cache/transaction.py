@@ -88,6 +88,9 @@ class TransactionState:
     # a flush's statements ran, the post-commit work sent after the database commit
     premark: Any = None
     posted: Any = None
+    # the plan of the flush running now, made before its statements, when no marks were
+    # sent with it (strategies/cache_aside.py: after_flush reuses it if it still holds)
+    plan: Any = None
     # the flush's write-through rows, captured from its UPDATEs (strategies/write_through)
     captures: Any = None
 
@@ -148,6 +151,7 @@ class TransactionState:
         self.committed = False
         self.premark = None
         self.posted = None
+        self.plan = None
         self.captures = None
 
 

@@ -79,6 +79,8 @@ class Fences:
         if not self.strict:
             return
         received = time.monotonic()
+        if self._quiet_until <= received and all(len(reply) < 3 for reply in replies):
+            return  # no table has a holder (the usual case without a local tier)
         ordered = sorted(tables)
         pending: dict[str, float] = {}
         tables_of: dict[str, list[str]] = {}

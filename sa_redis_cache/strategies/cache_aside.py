@@ -26,7 +26,7 @@ are kept as undelivered until Redis takes their bump. Every Redis call goes thro
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -34,7 +34,9 @@ from sqlalchemy import Table
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import TextClause
 
+from sa_redis_cache.compat import has_net_change
 from sa_redis_cache.counters import parse_counter
+from sa_redis_cache.models import mappers_changed
 from sa_redis_cache.protocol import pk_text, scripts
 from sa_redis_cache.protocol.scripts import WRITER_MARK_MS
 from sa_redis_cache.transaction import RowWrite, TableWrites, TransactionState
@@ -53,7 +55,9 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from sqlalchemy.engine import Connection
-    from sqlalchemy.orm import ORMExecuteState, Session
+    from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+    from sqlalchemy.orm.state import InstanceState
+    from sqlalchemy.util import IdentitySet
 
     from sa_redis_cache.context import CacheContext
     from sa_redis_cache.models import ModelInfo
@@ -66,16 +70,50 @@ _Rows = dict[str, dict[str, tuple["ModelInfo", object | None]]]
 
 
 @dataclass(slots=True)
+class _Seen:
+    """What a :class:`_FlushPlan` was made from, so that ``after_flush`` can tell that it
+    still holds (:meth:`Invalidation._still_holds`) instead of making it again.
+
+    The plan depends on nothing else: which objects are new, dirty (with or without a net
+    change) and deleted, each keyed row's primary key attributes and identity key, the
+    association tables' histories (a plan with those is never reused), and the connection
+    (with its execution options) each named table was written through
+    (:attr:`_FlushPlan.connections`).
+    """
+
+    new: list[object]
+    dirty: list[object]
+    deleted: list[object]
+    unmodified: list[object]  # dirty with no net change: left out of the plan
+    # each keyed row's state, the model, its primary key attributes as read, its identity key
+    keys: list[tuple[InstanceState[Any], ModelInfo, list[Any], Any]]
+
+
+@dataclass(slots=True)
 class _FlushPlan:
     """What one flush writes: its tables, the rows it can name (and their scopes), the
     tables whose rows it cannot name; ``complete`` is False when a row's key is not known
-    yet (a new row whose primary key the database will make)."""
+    yet (a new row whose primary key the database will make). ``connections``: per named
+    table, the mapper of its first row, the connection the session writes it through and
+    that connection's execution options; ``seen``: what it was made from, None when it
+    must be made again after the flush."""
 
     tables: set[str]
     rows: _Rows
     scopes: dict[str, str]
     unnamed: set[str]
     complete: bool = True
+    connections: dict[str, tuple[Any, Connection, Any]] = field(default_factory=dict)
+    seen: _Seen | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _MapperTables:
+    """The tables a flushed object of one mapper writes: its own, and the association
+    tables of its many-to-many relationships (written when their history changed)."""
+
+    tables: tuple[str, ...]
+    secondaries: tuple[tuple[str, str], ...]  # (relationship key, association table)
 
 
 @dataclass(slots=True)
@@ -101,6 +139,11 @@ class _Posted:
     calls: int  # commit.lua calls; the fence calls' replies follow theirs
 
 
+def _same(now: IdentitySet, before: list[object]) -> bool:
+    """Whether the session collection ``now`` holds exactly the objects ``before``."""
+    return len(now) == len(before) and all(obj in now for obj in before)
+
+
 class Invalidation:
     """The invalidation protocol of one :class:`~sa_redis_cache.Cache`.
 
@@ -114,6 +157,8 @@ class Invalidation:
     def __init__(self, core: CacheContext) -> None:
         self.core = core
         self.writer_mark_ms = WRITER_MARK_MS
+        self._tables_by_mapper: dict[Mapper[Any], _MapperTables] = {}
+        self._tables_generation = -1
         # the engine listeners that read write-through rows from the flush's own UPDATEs
         self.returning = Returning()
 
@@ -124,26 +169,81 @@ class Invalidation:
         rows: _Rows = {}
         tables: set[str] = set()
         complete = True
-        for obj in session.new:
-            complete = self._collect(obj, rows, tables, deleted=False) and complete
-        for obj in session.dirty:
-            if session.is_modified(obj):
-                self._collect(obj, rows, tables, deleted=False)
-        for obj in session.deleted:
-            self._collect(obj, rows, tables, deleted=True)
+        keys: list[tuple[InstanceState[Any], ModelInfo, list[Any], Any]] = []
+        # reusable after the flush unless an association table's history counts
+        reusable = True
+        new, dirty, deleted = list(session.new), list(session.dirty), list(session.deleted)
+        unmodified: list[object] = []
+        collect = self._collect
+        for obj in new:
+            done, plain = collect(obj, rows, tables, keys, deleted=False)
+            complete = done and complete
+            reusable = reusable and plain
+        for obj in dirty:
+            if has_net_change(instance_state(obj)):
+                reusable = collect(obj, rows, tables, keys, deleted=False)[1] and reusable
+            else:
+                unmodified.append(obj)
+        for obj in deleted:
+            reusable = collect(obj, rows, tables, keys, deleted=True)[1] and reusable
         if not tables:
             return None
         scopes: dict[str, str] = {}
         unnamed: set[str] = set()
+        connections: dict[str, tuple[Any, Connection, Any]] = {}
         for table, table_rows in list(rows.items()):
-            scope = self._scope_of(session, next(iter(table_rows.values()))[0])
+            mapper = next(iter(table_rows.values()))[0].mapper
+            connection = session.connection(bind_arguments={"mapper": mapper})
+            options = connection.get_execution_options()
+            scope = self._scope_on(connection, options, next(iter(table_rows.values()))[0])
             if scope is None:
                 # the rows cannot be named: every entity entry of the table goes
                 del rows[table]
                 unnamed.add(table)
             else:
                 scopes[table] = scope
-        return _FlushPlan(tables, rows, scopes, unnamed, complete)
+                connections[table] = (mapper, connection, options)
+        seen = None
+        if reusable:
+            seen = _Seen(new, dirty, deleted, unmodified, keys)
+        return _FlushPlan(tables, rows, scopes, unnamed, complete, connections, seen)
+
+    def _still_holds(self, session: Session, plan: _FlushPlan) -> bool:
+        """Whether ``plan``, made before the flush, is what :meth:`_plan` would make now.
+
+        Between ``before_flush`` and ``after_flush`` the session's collections still show
+        the state before the flush, but other ``before_flush`` listeners, mapper events
+        and the flush's own synchronisation of foreign keys may add, delete or change
+        objects; any of that shows as another member of ``new``, ``dirty`` or ``deleted``,
+        a dirty object that now has a net change, a primary key attribute or identity key
+        that is not the same object any more, or another connection (or execution options)
+        for a table. Then the plan is made again.
+        """
+        seen = plan.seen
+        if seen is None:
+            return False
+        if not (
+            _same(session.new, seen.new)
+            and _same(session.dirty, seen.dirty)
+            and _same(session.deleted, seen.deleted)
+        ):
+            return False
+        for obj in seen.unmodified:
+            if has_net_change(instance_state(obj)):
+                return False
+        for state, info, pk, identity in seen.keys:
+            if state.key is not identity:
+                return False
+            attributes = state.dict
+            names = info.column_keys
+            for position, value in zip(info.pk_positions, pk, strict=True):
+                if attributes.get(names[position]) is not value:
+                    return False
+        for mapper, connection, options in plan.connections.values():
+            now = session.connection(bind_arguments={"mapper": mapper})
+            if now is not connection or now.get_execution_options() is not options:
+                return False
+        return True
 
     def premark_flush(self, session: Session, state: TransactionState) -> None:
         """Send the marks of the flush about to run (``before_flush``), without waiting:
@@ -158,13 +258,17 @@ class Invalidation:
             return
         self._arm_returning(session, plan, state)
         if not plan.complete:
+            state.plan = plan  # mark_flush sees whether it still holds (it will not)
             return  # a new row's key is known after the flush only: mark_flush marks
         core = self.core
         if core.undelivered:
             core.deliver_undelivered()
         named = plan.tables - plan.unnamed
         pks = {t: list(r) for t, r in plan.rows.items()}
-        bulk_tables, bulk_calls = self._mark_calls(state.token, plan.unnamed, {}, {}, bulk=True)
+        bulk_tables: list[str] = []
+        bulk_calls: list[scripts.ScriptCall] = []
+        if plan.unnamed:
+            bulk_tables, bulk_calls = self._mark_calls(state.token, plan.unnamed, {}, {}, bulk=True)
         named_tables, named_calls = self._mark_calls(
             state.token, named, pks, plan.scopes, bulk=False
         )
@@ -176,6 +280,7 @@ class Invalidation:
             # so a flush waits for one timeout while Redis is unreachable, not two
             pending, error = None, exc
         if pending is None and error is None:
+            state.plan = plan  # not offered: mark_flush marks alone, from this plan if it holds
             return
         # reads of these tables go to the database from now on, and their marks are
         # released when the transaction ends, even if the flush fails
@@ -186,10 +291,10 @@ class Invalidation:
         """Capture the written-through rows of the flush about to run from its own
         UPDATEs (:class:`.write_through.Returning`), on each connection it writes them on."""
         by_connection: dict[Connection, list[ModelInfo]] = {}
-        for table_rows in plan.rows.values():
+        for table, table_rows in plan.rows.items():
             info, _ = next(iter(table_rows.values()))
             if is_written_through(info) and any(o is not None for _, o in table_rows.values()):
-                connection = session.connection(bind_arguments={"mapper": info.mapper})
+                connection = self._connection_for(session, plan, table, info)
                 by_connection.setdefault(connection, []).append(info)
         captures: dict[Connection, Capture] = {}
         for connection, infos in by_connection.items():
@@ -197,6 +302,18 @@ class Invalidation:
             if capture is not None:
                 captures[connection] = capture
         state.captures = captures or None
+
+    @staticmethod
+    def _connection_for(
+        session: Session, plan: _FlushPlan, table: str, info: ModelInfo
+    ) -> Connection:
+        """The connection the session writes ``info``'s rows of ``table`` through: the one
+        ``plan`` was made with when it asked for the same mapper."""
+        found = plan.connections.get(table)
+        if found is not None and found[0] is info.mapper:
+            connection: Connection = found[1]
+            return connection
+        return session.connection(bind_arguments={"mapper": info.mapper})
 
     def _take_captures(self, state: TransactionState) -> dict[Connection, Capture]:
         """Disarm the flush's captures and return them (empty when none were armed)."""
@@ -212,6 +329,7 @@ class Invalidation:
         """Drop the replies of marks a flush that failed never read (the transaction's
         end releases the marks), and stop its captures."""
         self._take_captures(state)
+        state.plan = None
         premark: _Premark | None = state.premark
         if premark is not None:
             state.premark = None
@@ -227,11 +345,18 @@ class Invalidation:
         premark: _Premark | None = state.premark
         state.premark = None
         captures = self._take_captures(state)
-        plan = self._plan(session)
+        early: _FlushPlan | None = premark.plan if premark is not None else state.plan
+        state.plan = None
+        if early is not None and self._still_holds(session, early):
+            plan: _FlushPlan | None = early
+        else:
+            plan = self._plan(session)
         if premark is not None:
             tickets = self._premark_replies(premark)
             covered_bulk = premark.plan.unnamed
-            if plan is not None:
+            if plan is premark.plan:
+                covered = set(premark.named)
+            elif plan is not None:
                 covered = {
                     t
                     for t in premark.named
@@ -259,7 +384,9 @@ class Invalidation:
             writes.scope = scopes[table]
             generation, row_tickets = tickets.get(table, (None, {}))
             current = (
-                self._read_back(session, table_rows, captures) if generation is not None else {}
+                self._read_back(session, plan, table, table_rows, captures)
+                if generation is not None
+                else {}
             )
             for pk, (info, obj) in table_rows.items():
                 ticket = row_tickets.get(pk, -1)
@@ -274,6 +401,8 @@ class Invalidation:
     def _read_back(
         self,
         session: Session,
+        plan: _FlushPlan,
+        table: str,
         table_rows: dict[str, tuple[ModelInfo, object | None]],
         captures: dict[Connection, Capture],
     ) -> dict[int, list[Any]]:
@@ -286,7 +415,7 @@ class Invalidation:
                 groups.setdefault(id(info), (info, []))[1].append(obj)
         found: dict[int, list[Any]] = {}
         for info, objs in groups.values():
-            connection = session.connection(bind_arguments={"mapper": info.mapper})
+            connection = self._connection_for(session, plan, table, info)
             capture = captures.get(connection)
             rest = objs
             if capture is not None:
@@ -324,50 +453,85 @@ class Invalidation:
         """Core/textual DML: mark ``tables`` with unknown rows (every entity entry goes)."""
         self._mark(token, tables, {}, {}, bulk=True)
 
-    def _scope_of(self, session: Session, info: ModelInfo) -> str | None:
-        """The scope of ``info``'s rows on the connection this flush wrote them through."""
-        connection = session.connection(bind_arguments={"mapper": info.mapper})
+    def _scope_on(self, connection: Connection, options: Any, info: ModelInfo) -> str | None:
+        """The scope of ``info``'s rows written through ``connection``, whose execution
+        options are ``options``; None when its database cannot be told."""
         database = self.core.binds.database_of(connection)
         if database is None:
             return None
-        translate = connection.get_execution_options().get("schema_translate_map")
-        return self.core.entity_scope(info, database, translate)
+        return self.core.entity_scope(info, database, options.get("schema_translate_map"))
 
-    def _collect(self, obj: object, rows: _Rows, tables: set[str], *, deleted: bool) -> bool:
-        """Add ``obj``'s tables and row; False when its row cannot be keyed yet."""
+    def _tables_of(self, mapper: Mapper[Any]) -> _MapperTables:
+        """The tables ``mapper``'s flushed objects may write, worked out once per mapper
+        (again after any mapper was made or configured)."""
+        generation = mappers_changed()
+        if generation != self._tables_generation:
+            self._tables_by_mapper.clear()
+            self._tables_generation = generation
+        found = self._tables_by_mapper.get(mapper)
+        if found is None:
+            found = self._tables_by_mapper[mapper] = _MapperTables(
+                tuple(t.fullname for t in mapper.tables if isinstance(t, Table)),
+                tuple(
+                    (rel.key, rel.secondary.fullname)
+                    for rel in mapper.relationships
+                    if isinstance(rel.secondary, Table)
+                ),
+            )
+        return found
+
+    def _collect(
+        self,
+        obj: object,
+        rows: _Rows,
+        tables: set[str],
+        keys: list[tuple[InstanceState[Any], ModelInfo, list[Any], Any]],
+        *,
+        deleted: bool,
+    ) -> tuple[bool, bool]:
+        """Add ``obj``'s tables and row, and what its row's key was made from to ``keys``.
+
+        Returns whether its row could be keyed (False: not yet), and whether no
+        association table's history counted (a plan that read one is not reused).
+        """
         state = instance_state(obj)
         mapper = state.mapper
-        for table in mapper.tables:
-            if isinstance(table, Table):
-                tables.add(table.fullname)
-        for rel in mapper.relationships:
-            if isinstance(rel.secondary, Table) and state.attrs[rel.key].history.has_changes():
-                tables.add(rel.secondary.fullname)
+        written = self._tables_of(mapper)
+        tables.update(written.tables)
+        for key, secondary in written.secondaries:
+            if state.attrs[key].history.has_changes():
+                tables.add(secondary)
+        plain = not written.secondaries
         info = self.core.models.info_of(mapper)
         if info is None or not info.entity_cached:
-            return True
-        pk = [state.dict.get(info.column_keys[p]) for p in info.pk_positions]
-        if state.key is not None and (deleted or None in pk):
-            pk = list(state.key[1])
+            return True, plain
+        attributes = state.dict
+        names = info.column_keys
+        raw = [attributes.get(names[p]) for p in info.pk_positions]
+        identity = state.key
+        keys.append((state, info, raw, identity))
+        pk = raw
+        if identity is not None and (deleted or None in pk):
+            pk = list(identity[1])
         if None in pk:
-            return False
+            return False, plain
         try:
             # keyed as loads give it: an object given id="7" is the row reads key as 7
             text = pk_text(info.coerce_pk(pk))
         except (TypeError, ValueError):
-            return True
+            return True, plain
         table_rows = rows.setdefault(info.table, {})
         table_rows[text] = (info, None if deleted else obj)
-        if state.key is not None and not deleted:
+        if identity is not None and not deleted:
             # a primary key update moves the row: its old key's entry goes as a delete
             # would (state.key still names the old key until the flush is finalised)
             try:
-                before = pk_text(info.coerce_pk(list(state.key[1])))
+                before = pk_text(info.coerce_pk(list(identity[1])))
             except (TypeError, ValueError):
-                return True
+                return True, plain
             if before != text:
                 table_rows.setdefault(before, (info, None))
-        return True
+        return True, plain
 
     def _mark(
         self,

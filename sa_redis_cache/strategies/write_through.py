@@ -266,7 +266,7 @@ class Returning:
             return
         raw = cursor.fetchall()
         compat.rows_already_read(context)
-        processors = self._row_processors(info, conn.dialect, cursor.description)
+        processors = self._row_processors(info, conn.dialect, _type_codes(cursor))
         rows = capture.rows.setdefault(info.table, {})
         positions = info.pk_positions
         for values in raw:
@@ -274,9 +274,8 @@ class Returning:
             rows[tuple(row[p] for p in positions)] = row
 
     def _row_processors(
-        self, info: ModelInfo, dialect: Dialect, description: Sequence[Any]
+        self, info: ModelInfo, dialect: Dialect, codes: tuple[Any, ...]
     ) -> list[Callable[[Any], Any] | None]:
-        codes = tuple(d[1] for d in description)
         key = (info.mapper, dialect, codes)
         found = self._processors.get(key)
         if found is None:
@@ -286,6 +285,23 @@ class Returning:
                 for k, code in zip(info.column_keys, codes, strict=True)
             ]
         return found
+
+
+def _type_codes(cursor: Any) -> tuple[Any, ...]:
+    """The DBAPI type code of each column of the statement ``cursor`` ran, as
+    ``cursor.description`` gives them.
+
+    psycopg 3 builds a ``Column`` per column on each ``description`` (tens of
+    microseconds for a model's columns); its result says the same codes (the columns'
+    type OIDs) directly (``Cursor.pgresult``, ``PGresult.ftype``).
+    """
+    result = getattr(cursor, "pgresult", None)
+    if result is not None:
+        try:
+            return tuple(map(result.ftype, range(result.nfields)))
+        except AttributeError:
+            pass  # another driver's attribute of that name
+    return tuple(d[1] for d in cursor.description)
 
 
 def flushed_state(

@@ -16,6 +16,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from examples.shop import Category, Product
 from sa_redis_cache.protocol import KeyScheme, scripts
@@ -24,7 +25,7 @@ from tests.seams import RedisTap, RoundTrip
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from sqlalchemy.orm import Session, sessionmaker
+    from sqlalchemy.orm import sessionmaker
 
     from sa_redis_cache import Cache
 
@@ -120,3 +121,42 @@ def test_a_flush_that_fails_after_its_marks_were_sent_releases_them(
         s.rollback()
     assert in_use(cache) == 0
     assert cache.client.zcard(keys.writers_key("categories")) == 0
+
+
+@pytest.mark.parametrize("before", ["clean", "set_to_itself"])
+def test_a_row_a_later_before_flush_listener_changes_is_marked(
+    session_factory: sessionmaker[Session],
+    shop_engine: sa.Engine,
+    product: int,
+    before: str,
+) -> None:
+    """The plan made for the early marks is reused after the flush only if nothing
+    changed it: a listener that runs after the cache's changes another row (one that
+    was clean, or dirty with no net change), and that row is marked and invalidated too."""
+    with session_factory() as s:
+        other = Product(category_id=1, name="other", price=Decimal("1.00"), status="ACTIVE")
+        s.add(other)
+        s.commit()
+        other_id = other.id
+    try:
+        with session_factory() as s:  # both rows in the entity cache
+            s.get_one(Product, product)
+            s.get_one(Product, other_id)
+        with session_factory() as s:
+            first = s.get_one(Product, product)
+            second = s.get_one(Product, other_id)
+            if before == "set_to_itself":
+                second.price = second.price  # dirty, with no net change
+
+            def later(*_: Any) -> None:
+                second.price = Decimal("7.50")
+
+            sa.event.listen(s, "before_flush", later)  # after the cache's listener
+            first.price = Decimal("2.00")
+            s.commit()
+        with session_factory() as s:
+            assert s.get_one(Product, other_id).price == Decimal("7.50")
+    finally:
+        with Session(shop_engine) as s:
+            s.execute(sa.delete(Product).where(Product.id == other_id))
+            s.commit()
