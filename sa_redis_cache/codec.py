@@ -548,6 +548,23 @@ def _dec(v: Any) -> Any:
     return v
 
 
+def plain(values: list[Any]) -> bool:
+    """True when :func:`encode_tagged` gives ``values`` back unchanged (every item a str,
+    a bool, None or an int orjson writes as one): the hot path then packs them as they are.
+
+    >>> plain([7, "a", None, True]), plain([2**64]), plain([1.5])
+    (True, False, False)
+    """
+    for v in values:
+        t = type(v)
+        if t is int:
+            if not _INT_MIN <= v <= _INT_MAX:
+                return False
+        elif t is not str and t is not bool and v is not None:
+            return False
+    return True
+
+
 def encode_tagged(obj: Any) -> Any:
     """Turn ``obj`` into JSON data that :func:`decode_tagged` turns back into an equal,
     same-typed value; unsupported types raise :class:`CodecError`.
