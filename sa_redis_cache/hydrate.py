@@ -494,9 +494,12 @@ def prepare(body: Any, shape: RowShape, info_of: InfoOf) -> Prepared:
         if type(m) is not int or not 0 <= m < width:
             raise _foreign(f"mapper index {m!r}")
         kinds.append(m)
-    check = _BodyCheck(objects, kinds, infos)
-    check.rows(rows, shape)
-    check.relationships()
+    if single and _unrelated(objects):
+        _reach_rows(rows, [infos[k].mapper for k in kinds], _accepted(shape.entity_mappers[0]))
+    else:
+        check = _BodyCheck(objects, kinds, infos)
+        check.rows(rows, shape)
+        check.relationships()
     owners = [infos[k] for k in kinds]
     values = [_object_values(i, o[1], o[2]) for i, o in zip(owners, objects, strict=True)]
     scalars: list[Any] = []
@@ -505,6 +508,30 @@ def prepare(body: Any, shape: RowShape, info_of: InfoOf) -> Prepared:
         scalars = [load_row(row[1]) for row in rows]
     keys = [identity_key_of(info, v) for info, v in zip(owners, values, strict=True)]
     return Prepared(owners, values, objects, rows, scalars, keys)
+
+
+def _unrelated(objects: list[Any]) -> bool:
+    """No object of the body holds a relationship (its fourth item is the int 0)."""
+    for obj in objects:
+        rels = obj[3]
+        if type(rels) is not int or rels != 0:
+            return False
+    return True
+
+
+def _reach_rows(rows: list[Any], mappers: list[Mapper[Any]], accepted: frozenset[Any]) -> None:
+    """:class:`_BodyCheck` for a single-entity body without relationships: each row is
+    the index of an object of an accepted mapper, and every object is some row's."""
+    count = len(mappers)
+    reached = bytearray(count)
+    for index in rows:
+        if type(index) is not int or not 0 <= index < count:
+            raise _foreign(f"object index {index!r}")
+        if mappers[index] not in accepted:
+            raise _foreign(f"a {mappers[index].class_.__name__} where it cannot be")
+        reached[index] = 1
+    if not all(reached):
+        raise _foreign("an object no row reaches")
 
 
 def _object_values(info: ModelInfo, dumped: Any, missing: Any) -> tuple[Any, ...]:
@@ -548,10 +575,12 @@ def build(
             prepared.owners, objects, prepared.values, prepared.keys, strict=True
         )
     ]
-    new_ids = {id(s) for s in mat.new_states}
+    new_ids: set[int] | None = None
     for obj, (_, _, _, rels) in zip(made, objects, strict=True):
         if not rels:
             continue
+        if new_ids is None:
+            new_ids = {id(s) for s in mat.new_states}
         state = instance_state(obj)
         fresh = id(state) in new_ids
         dict_ = state.dict
@@ -610,7 +639,7 @@ def prepare_entity(info: ModelInfo, body: Any, pk: tuple[Any, ...]) -> PreparedE
     if type(body) is not list or len(body) != 2:
         raise _foreign("an entity body is [values, missing]")
     values = _object_values(info, body[0], body[1])
-    if tuple(values[p] for p in info.pk_positions) != pk:
+    if tuple([values[p] for p in info.pk_positions]) != pk:
         raise _foreign("the entry holds another row")
     return values, body[1], compat.identity_key(info.mapper, pk)
 

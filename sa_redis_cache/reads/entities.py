@@ -331,7 +331,12 @@ class EntityReads:
                 self.flow.corrupt(key, scope, exc)
             else:
                 if stored_generation == numbers[1] and stored_writes == numbers[2]:
-                    valid_under = [(counters[1], current[1]), (counters[2], current[2])]
+                    # only the local tier keeps an entry under the counters it was valid under
+                    valid_under = (
+                        None
+                        if self.core.local is None
+                        else [(counters[1], current[1]), (counters[2], current[2])]
+                    )
                     return Look(
                         (timing, body), current, leased, None, valid_under, len(entry), entry
                     )
