@@ -428,9 +428,10 @@ def miss_graph(env: BenchEnv, plan: Plan) -> CaseResult:
         statement=graph_statement(),
         note=(
             "beyond the two round trips, extract() walks the 250-object graph "
-            "(instance_state, _column_values, _relationship_refs per object) and the codec "
-            "dumps every row with exact-type checks: a few µs per object, a cost the fill "
-            "could pay after the result is returned (background thread) instead of before"
+            "(instance_state, the column values, the relationships' references per object) "
+            "and the codec dumps every row with exact-type checks: a few µs per object, a "
+            "cost the fill could pay after the result is returned (background thread) "
+            "instead of before"
         ),
     )
 

@@ -120,6 +120,10 @@ _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what orjson reads and writes as ints
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 _ONE_US = timedelta(microseconds=1)
 _UTC = timezone.utc
+# the IANA names of UTC itself (tzdata's links to Etc/UTC): offset 0, no transitions
+_UTC_ZONES = frozenset(
+    ("UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Universal", "Universal", "Etc/Zulu", "Zulu")
+)
 
 
 class CodecError(ValueError):
@@ -236,6 +240,10 @@ def _dump_datetime(v: Any) -> str:
         return v.isoformat()
     if type(tz) is ZoneInfo and tz.key:
         text = v.isoformat()
+        if tz.key in _UTC_ZONES and not v.fold:
+            # one offset for all time: every wall time exists once, so the check below
+            # could only fail on fold=1 (Postgres's own UTC gives every timestamptz this way)
+            return f"{text}[{tz.key}]"
         # Loading converts the instant back into the zone, which fixes wall time and fold;
         # refuse the values that conversion cannot reproduce (wall times in a DST gap).
         back = datetime.fromisoformat(text).astimezone(tz)
@@ -546,6 +554,23 @@ def _dec(v: Any) -> Any:
                 return decoder(x)
         return {k: _dec(x) for k, x in v.items()}
     return v
+
+
+def plain(values: list[Any]) -> bool:
+    """True when :func:`encode_tagged` gives ``values`` back unchanged (every item a str,
+    a bool, None or an int orjson writes as one): the hot path then packs them as they are.
+
+    >>> plain([7, "a", None, True]), plain([2**64]), plain([1.5])
+    (True, False, False)
+    """
+    for v in values:
+        t = type(v)
+        if t is int:
+            if not _INT_MIN <= v <= _INT_MAX:
+                return False
+        elif t is not str and t is not bool and v is not None:
+            return False
+    return True
 
 
 def encode_tagged(obj: Any) -> Any:

@@ -32,6 +32,7 @@ type (:class:`~sa_redis_cache.codec.RowCodec`). Anything else raises
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -104,19 +105,20 @@ def extract(
     read) or has a collection that is not a list.
     """
     objects: list[Any] = []
+    # by id() of the object: every object stays referenced by ``rows`` meanwhile
     index: dict[int, int] = {}
     mapper_names: list[str] = []
     mapper_index: dict[str, int] = {}
+    # what each mapper's objects need, looked up once per body rather than per object
+    per_mapper: dict[Mapper[Any], _Extracting] = {}
     pending: list[tuple[int, InstanceState[Any]]] = []
 
     def ref(obj: object) -> int:
-        state = instance_state(obj)
-        found = index.get(id(state))
+        found = index.get(id(obj))
         if found is None:
-            found = len(objects)
-            index[id(state)] = found
+            found = index[id(obj)] = len(objects)
             objects.append(None)
-            pending.append((found, state))
+            pending.append((found, instance_state(obj)))
         return found
 
     if shape.single_entity:
@@ -130,20 +132,73 @@ def extract(
 
     while pending:
         position, state = pending.pop()
-        if state.key in preexisting or state.modified or state.key is None:
+        key = state.key
+        # an empty snapshot (the usual case) needs no hash of the key
+        if key is None or (preexisting and key in preexisting) or state.modified:
             raise NotCacheable("an object of the result was already in the session")
-        info = info_of(state.mapper)
-        if info.codec is None:
-            raise NotCacheable(f"{state.class_.__name__} has no exact codec")
-        name = mapper_name(state.mapper)
-        m_idx = mapper_index.get(name)
-        if m_idx is None:
-            m_idx = mapper_index[name] = len(mapper_names)
-            mapper_names.append(name)
-        values, missing = _column_values(state.dict, info)
-        rels = _relationship_refs(state.dict, info, ref)
-        objects[position] = [m_idx, info.codec.dump_row(values), missing or 0, rels or 0]
+        mapper = state.mapper
+        how = per_mapper.get(mapper)
+        if how is None:
+            how = per_mapper[mapper] = _extracting(info_of(mapper), mapper_names, mapper_index)
+        dict_ = state.dict
+        try:
+            values: Sequence[Any] = how.values(dict_)
+            missing: list[int] | int = 0
+        except KeyError:  # a deferred or expired column
+            values, missing = _column_values(dict_, how.info)
+            missing = missing or 0
+        rels: dict[str, Any] | int = 0
+        for rel in how.relationships:
+            if rel in dict_:
+                if not rels:
+                    rels = {}
+                rels[rel] = _relationship_ref(dict_[rel], rel, ref)  # type: ignore[index]
+        objects[position] = [how.index, how.dump_row(values), missing, rels]
     return [list(shape.keys), shape.single_entity, mapper_names, objects, out_rows]
+
+
+@dataclass(slots=True)
+class _Extracting:
+    """How :func:`extract` encodes one mapper's objects (see there)."""
+
+    info: ModelInfo
+    index: int
+    # the column values in ``info.column_keys`` order (KeyError: one is not loaded)
+    values: Callable[[dict[str, Any]], Sequence[Any]]
+    dump_row: Callable[[Sequence[Any]], list[Any]]
+    relationships: tuple[str, ...]
+
+
+def _extracting(
+    info: ModelInfo, mapper_names: list[str], mapper_index: dict[str, int]
+) -> _Extracting:
+    codec = info.codec
+    if codec is None:
+        raise NotCacheable(f"{info.mapper.class_.__name__} has no exact codec")
+    name = mapper_name(info.mapper)
+    m_idx = mapper_index.get(name)
+    if m_idx is None:
+        m_idx = mapper_index[name] = len(mapper_names)
+        mapper_names.append(name)
+    keys = info.column_keys
+    values: Callable[[dict[str, Any]], Sequence[Any]]
+    if len(keys) == 1:
+        only = keys[0]
+        values = lambda dict_: (dict_[only],)  # noqa: E731 - itemgetter of one key gives no tuple
+    else:
+        values = operator.itemgetter(*keys)
+    return _Extracting(info, m_idx, values, codec.dump_row, tuple(sorted(info.relationship_keys)))
+
+
+def _relationship_ref(target: Any, key: str, ref: Callable[[object], int]) -> Any:
+    """A loaded relationship as object indices (None, an index, or a list of indices)."""
+    if target is None:
+        return None
+    if isinstance(target, list):
+        return [ref(o) for o in target]
+    if hasattr(target, "_sa_instance_state"):
+        return ref(target)
+    raise NotCacheable(f"collection {key} is not a list")
 
 
 def _column_values(dict_: dict[str, Any], info: ModelInfo) -> tuple[list[Any], list[int]]:
@@ -157,25 +212,6 @@ def _column_values(dict_: dict[str, Any], info: ModelInfo) -> tuple[list[Any], l
             values.append(None)
             missing.append(i)
     return values, missing
-
-
-def _relationship_refs(
-    dict_: dict[str, Any], info: ModelInfo, ref: Callable[[object], int]
-) -> dict[str, Any]:
-    """Loaded relationships as object indices (None, an index, or a list of indices)."""
-    rels: dict[str, Any] = {}
-    for key in info.relationship_keys:
-        if key in dict_:
-            target = dict_[key]
-            if target is None:
-                rels[key] = None
-            elif isinstance(target, list):
-                rels[key] = [ref(o) for o in target]
-            elif hasattr(target, "_sa_instance_state"):
-                rels[key] = ref(target)
-            else:
-                raise NotCacheable(f"collection {key} is not a list")
-    return rels
 
 
 def extract_entity(
@@ -458,9 +494,12 @@ def prepare(body: Any, shape: RowShape, info_of: InfoOf) -> Prepared:
         if type(m) is not int or not 0 <= m < width:
             raise _foreign(f"mapper index {m!r}")
         kinds.append(m)
-    check = _BodyCheck(objects, kinds, infos)
-    check.rows(rows, shape)
-    check.relationships()
+    if single and _unrelated(objects):
+        _reach_rows(rows, [infos[k].mapper for k in kinds], _accepted(shape.entity_mappers[0]))
+    else:
+        check = _BodyCheck(objects, kinds, infos)
+        check.rows(rows, shape)
+        check.relationships()
     owners = [infos[k] for k in kinds]
     values = [_object_values(i, o[1], o[2]) for i, o in zip(owners, objects, strict=True)]
     scalars: list[Any] = []
@@ -469,6 +508,30 @@ def prepare(body: Any, shape: RowShape, info_of: InfoOf) -> Prepared:
         scalars = [load_row(row[1]) for row in rows]
     keys = [identity_key_of(info, v) for info, v in zip(owners, values, strict=True)]
     return Prepared(owners, values, objects, rows, scalars, keys)
+
+
+def _unrelated(objects: list[Any]) -> bool:
+    """No object of the body holds a relationship (its fourth item is the int 0)."""
+    for obj in objects:
+        rels = obj[3]
+        if type(rels) is not int or rels != 0:
+            return False
+    return True
+
+
+def _reach_rows(rows: list[Any], mappers: list[Mapper[Any]], accepted: frozenset[Any]) -> None:
+    """:class:`_BodyCheck` for a single-entity body without relationships: each row is
+    the index of an object of an accepted mapper, and every object is some row's."""
+    count = len(mappers)
+    reached = bytearray(count)
+    for index in rows:
+        if type(index) is not int or not 0 <= index < count:
+            raise _foreign(f"object index {index!r}")
+        if mappers[index] not in accepted:
+            raise _foreign(f"a {mappers[index].class_.__name__} where it cannot be")
+        reached[index] = 1
+    if not all(reached):
+        raise _foreign("an object no row reaches")
 
 
 def _object_values(info: ModelInfo, dumped: Any, missing: Any) -> tuple[Any, ...]:
@@ -512,10 +575,12 @@ def build(
             prepared.owners, objects, prepared.values, prepared.keys, strict=True
         )
     ]
-    new_ids = {id(s) for s in mat.new_states}
+    new_ids: set[int] | None = None
     for obj, (_, _, _, rels) in zip(made, objects, strict=True):
         if not rels:
             continue
+        if new_ids is None:
+            new_ids = {id(s) for s in mat.new_states}
         state = instance_state(obj)
         fresh = id(state) in new_ids
         dict_ = state.dict
@@ -574,7 +639,7 @@ def prepare_entity(info: ModelInfo, body: Any, pk: tuple[Any, ...]) -> PreparedE
     if type(body) is not list or len(body) != 2:
         raise _foreign("an entity body is [values, missing]")
     values = _object_values(info, body[0], body[1])
-    if tuple(values[p] for p in info.pk_positions) != pk:
+    if tuple([values[p] for p in info.pk_positions]) != pk:
         raise _foreign("the entry holds another row")
     return values, body[1], compat.identity_key(info.mapper, pk)
 

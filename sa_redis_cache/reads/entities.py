@@ -58,6 +58,9 @@ class EntityReads:
         self.binds = core.binds
         # (session, key, look) from direct_get to the pipeline's read it falls back to
         self._handed = threading.local()
+        # per table: its version and generation keys and its row write counters' prefix,
+        # built once (a table's slot group is fixed before its first key is built)
+        self._table_keys: dict[str, tuple[str, str, str]] = {}
 
     def target(self, orm_context: ORMExecuteState) -> tuple[ModelInfo, tuple[Any, ...]] | None:
         """The model and primary key of a plain load by primary key, else None.
@@ -165,7 +168,7 @@ class EntityReads:
         core = self.core
         scope = info.scope
         counters = self._counters(info.table, pk_str)
-        look = self._look(key, counters, self._ttls(info), None, scope, "")
+        look = self._look(key, counters, info, None, scope, "")
         if look is not None and look.found is not None:
             timing, body = look.found
             policy = info.policy or _DEFAULT_POLICY
@@ -199,14 +202,17 @@ class EntityReads:
         self._handed.look = None
 
     def _counters(self, table: str, pk_str: str) -> list[str]:
-        keys = self.core.keys
+        known = self._table_keys.get(table)
+        if known is None:
+            keys = self.core.keys
+            known = self._table_keys[table] = (
+                keys.version_key(table),
+                keys.generation_key(table),
+                keys.row_write_key(table, ""),
+            )
         # the entry is valid under the table's generation and the row's write counter;
         # the fill compares the version (any write of the table) like a query's fill
-        return [
-            keys.version_key(table),
-            keys.generation_key(table),
-            keys.row_write_key(table, pk_str),
-        ]
+        return [known[0], known[1], known[2] + pk_str]
 
     def _ttls(self, info: ModelInfo) -> list[int]:
         ttl = self.core.ttl_for_info(info)
@@ -257,7 +263,6 @@ class EntityReads:
             mark = local.hold((info.table,))
         policy = info.policy or _DEFAULT_POLICY
         ttl = core.ttl_for_info(info)
-        ttls = self._ttls(info)
 
         def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool | None:
             captured = cast("list[bytes]", look.captured)
@@ -282,7 +287,7 @@ class EntityReads:
             if handed and not lease and pinned is None and mark is None:
                 handed = False
                 return first
-            return self._look(key, counters, ttls, pinned, scope, lease)
+            return self._look(key, counters, info, pinned, scope, lease)
 
         return self.flow.read_through(
             orm_context,
@@ -304,7 +309,7 @@ class EntityReads:
         self,
         key: str,
         counters: list[str],
-        ttls: list[int],
+        info: ModelInfo,
         pinned: bytes | None,
         scope: str,
         lease: str,
@@ -326,13 +331,18 @@ class EntityReads:
                 self.flow.corrupt(key, scope, exc)
             else:
                 if stored_generation == numbers[1] and stored_writes == numbers[2]:
-                    valid_under = [(counters[1], current[1]), (counters[2], current[2])]
+                    # only the local tier keeps an entry under the counters it was valid under
+                    valid_under = (
+                        None
+                        if self.core.local is None
+                        else [(counters[1], current[1]), (counters[2], current[2])]
+                    )
                     return Look(
                         (timing, body), current, leased, None, valid_under, len(entry), entry
                     )
         captured: list[bytes] | None = None
         if numbers is not None or missing:
-            captured = self.flow.captured(current, counters, ttls)
+            captured = self.flow.captured(current, counters, self._ttls(info))
         if pinned is not None and captured is not None:
             # the fill is validated against the version pinned before the snapshot
             captured = [pinned, *captured[1:]] if pinned else None
@@ -384,8 +394,11 @@ def entity_entry(raw: bytes) -> tuple[int, int, stampede.Timing | None, Any]:
     if type(payload) is not list or len(payload) != 2:
         raise CodecError("not an entity entry of this cache")
     stamp, body = payload
-    if type(stamp) is not list or not all(type(n) is int for n in stamp):
+    if type(stamp) is not list:
         raise CodecError("not an entity entry stamp")
+    for n in stamp:
+        if type(n) is not int:
+            raise CodecError("not an entity entry stamp")
     if len(stamp) == 2:
         return stamp[0], stamp[1], None, body
     if len(stamp) in (4, 5):

@@ -16,9 +16,9 @@ from sqlalchemy.sql.type_api import TypeEngine
 
 from sa_redis_cache import compat, hydrate, stampede
 from sa_redis_cache.binds import translate_map_of
-from sa_redis_cache.codec import CodecError, RowCodec, UncacheableType, pack, unpack
+from sa_redis_cache.codec import CodecError, RowCodec, UncacheableType, pack, plain, unpack
 from sa_redis_cache.fingerprint import Unfingerprintable, fingerprint, values_digest
-from sa_redis_cache.protocol.keys import query_digest
+from sa_redis_cache.protocol.keys import digest, query_digest
 from sa_redis_cache.stats import scope
 from sa_redis_cache.transaction import peek_transaction_state
 
@@ -248,7 +248,12 @@ class QueryReads:
                 # the counters were read before any refresh's database read: a capture
                 timing = stampede.Timing(*found[1])
                 captured_now = current if may_fill else None
-                valid_under = list(zip(plan.version_keys, current, strict=True))
+                # only the local tier keeps an entry under the counters it was valid under
+                valid_under = (
+                    None
+                    if self.core.local is None
+                    else list(zip(plan.version_keys, current, strict=True))
+                )
                 return Look(
                     (timing, found[0]),
                     captured_now,
@@ -381,7 +386,12 @@ class QueryReads:
             if translated:
                 parts.append(translated)
             self._remember(database, translate, translated)
-            found = values_digest(parts)
+            if not translated and plain(values):
+                # the tagged encoding of plain values is the values themselves: the same
+                # bytes as values_digest(parts), without walking them again
+                found = digest(pack([plan.digest, values, database.name]))
+            else:
+                found = values_digest(parts)
             if spread:
                 return self.core.keys.query_key(plan.table_names[0], found, spread=True)
             return plan.entry_prefix + found
@@ -462,7 +472,12 @@ def _query_entry(raw: bytes, owner: str) -> tuple[list[Any], Any]:
     if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not list:
         raise CodecError("not an entry of this cache")
     stamp: list[Any] = payload[0]
-    if len(stamp) < 4 or not all(type(n) is int for n in stamp[1:4]):
+    if (
+        len(stamp) < 4
+        or type(stamp[1]) is not int
+        or type(stamp[2]) is not int
+        or type(stamp[3]) is not int
+    ):
         raise CodecError("not a query entry stamp")
     if stamp[0] != owner:
         raise CodecError("the entry of another statement")

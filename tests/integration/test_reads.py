@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import bindparam, func, select
-from sqlalchemy.orm import joinedload, selectinload, sessionmaker, subqueryload
+from sqlalchemy.orm import joinedload, load_only, selectinload, sessionmaker, subqueryload
 
 from examples.shop import Category, Customer, Order, OrderLine, Product, ProductStatus
 from sa_redis_cache import Cache, FromCache
@@ -65,6 +65,31 @@ def test_entity_rows_hit_without_sql(in_mode: Runner) -> None:
         assert count == 0
         assert expected == first == second
         assert isinstance(second[0]["price"][0], Decimal)
+        assert db.cache.stats()["regions"]["default"]["hits"] == 1
+
+    in_mode(scenario)
+
+
+def test_load_only_rows_hit_with_their_columns_unloaded(in_mode: Runner) -> None:
+    # the fill records the columns the query did not load (extract's per-column walk)
+    # and a hit leaves them unloaded, as the uncached query does
+    stmt = (
+        select(Product)
+        .where(Product.category_id == 2)
+        .order_by(Product.id)
+        .options(load_only(Product.name))
+    )
+
+    def consume(s: SyncFacade, st: Any) -> list[tuple[int, str, set[str]]]:
+        return [(p.id, p.name, set(sa.inspect(p).unloaded)) for p in s.scalars(st)]
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:
+            expected = consume(s, stmt)
+        first, second, count = run_twice(db, stmt.options(FromCache()), consume)
+        assert count == 0
+        assert expected == first == second
+        assert "price" in second[0][2]
         assert db.cache.stats()["regions"]["default"]["hits"] == 1
 
     in_mode(scenario)

@@ -338,12 +338,22 @@ def test_sets_encode_independently_of_iteration_order() -> None:
         time(1, 2, tzinfo=timezone(timedelta(hours=1, microseconds=1))),
         time(1, 2, tzinfo=ZoneInfo("Europe/Paris")),
         datetime(2024, 3, 31, 2, 30, tzinfo=ZoneInfo("Europe/Paris")),  # inside the DST gap
+        datetime(2024, 1, 1, tzinfo=ZoneInfo("Etc/UTC")).replace(fold=1),  # UTC's fast path
         sa.Integer(),
     ],
 )
 def test_unsupported_values_raise_codec_error(value: Any) -> None:
     with pytest.raises(CodecError):
         dumps_tagged(value)
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Etc/UTC", "Etc/UCT", "Zulu"])
+def test_utc_zones_round_trip_with_their_zone(zone: str) -> None:
+    value = datetime(2024, 3, 31, 2, 30, 1, 5, tzinfo=ZoneInfo(zone))
+    back = loads_tagged(dumps_tagged(value))
+    assert back == value
+    assert back.tzinfo is value.tzinfo
+    assert back.fold == 0
 
 
 def test_local_enum_and_cycles_raise_codec_error() -> None:
@@ -673,3 +683,23 @@ def test_documented_examples() -> None:
     failures, tried = doctest.testmod(codec)
     assert tried > 10
     assert failures == 0
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.text(max_size=5),
+            st.integers(min_value=-(2**70), max_value=2**70),
+            st.floats(allow_nan=True),
+            st.decimals(allow_nan=False, places=2),
+        ),
+        max_size=6,
+    )
+)
+def test_plain_values_are_their_own_tagged_encoding(values: list[Any]) -> None:
+    # entry keys digest plain bound values packed as they are: the bytes must be the ones
+    # the tagged walk gives, or keys would change between the two paths
+    if codec.plain(values):
+        assert pack(["d", values, "db"]) == dumps_tagged(["d", values, "db"])
