@@ -36,7 +36,7 @@ import hashlib
 import logging
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -76,11 +76,12 @@ class Database:
     identity: str
     default_schema: str | None
     driver: str
+    # the driver-qualified name that query keys carry: formatted once, every read packs it
+    name: str = field(init=False, repr=False, compare=False, hash=False)
 
-    @property
-    def name(self) -> str:
-        """The driver-qualified name that query keys carry."""
-        return f"{self.driver}:{self.identity}@{self.default_schema or ''}"
+    def __post_init__(self) -> None:
+        name = f"{self.driver}:{self.identity}@{self.default_schema or ''}"
+        object.__setattr__(self, "name", name)  # frozen: set once, here
 
 
 def _url_identity(engine: Engine) -> str:

@@ -328,6 +328,12 @@ class ModelInfo:
     relationship_keys: frozenset[str] = field(default_factory=frozenset)
     normalizers: tuple[tuple[int, Normalizer], ...] = ()
     pk_coercers: tuple[Coercer, ...] = ()
+    # the model's scope in ``cache.stats()`` (``model:<class>``): every read counts under
+    # it, and the class's name does not change
+    scope: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.scope = scope("model", self.mapper.class_.__name__)
 
     def as_stored(self, values: list[Any], tz: tzinfo | None) -> list[Any]:
         """``values`` as Postgres will return them (see :func:`write_normalizer`).
@@ -375,11 +381,6 @@ class ModelInfo:
                 "cannot be read as one. Pass the primary key as the ORM loads it"
             ) from exc
         return tuple(out)
-
-    @property
-    def scope(self) -> str:
-        """The scope of this model's counters in ``cache.stats()`` (``model:<class>``)."""
-        return scope("model", self.mapper.class_.__name__)
 
     @property
     def local(self) -> bool:

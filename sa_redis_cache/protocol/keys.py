@@ -146,6 +146,12 @@ class KeyScheme:
 
     namespace: str
     groups: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    # table -> (its slot group when the prefix was built, the prefix): every key of a
+    # table starts with it, so it is formatted once; the group is checked again on each
+    # use because ``groups`` is a plain dict others may still add to (cli keyspace)
+    _prefixes: dict[str, tuple[str | None, str]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @property
     def prefix(self) -> str:
@@ -160,7 +166,13 @@ class KeyScheme:
             >>> KeyScheme("shop", {"order_lines": "sales"}).table_prefix("order_lines")
             'sarc:shop:{shop:@sales}:order_lines:'
         """
-        return f"{self.prefix}{self.tagged_table(table)}:"
+        group = self.groups.get(table)
+        found = self._prefixes.get(table)
+        if found is not None and found[0] == group:
+            return found[1]
+        text = f"{self.prefix}{self.tagged_table(table)}:"
+        self._prefixes[table] = (group, text)
+        return text
 
     def tagged_table(self, table: str) -> str:
         """``table``'s hash tag, followed by its name when the tag is its slot group's: the

@@ -62,3 +62,31 @@ def test_spread_entries_keep_their_table_and_digest_and_spread_over_slots() -> N
         for i in range(64)
     }
     assert len(slots) > 32
+
+
+def test_memoised_table_prefixes_build_the_same_keys_as_before() -> None:
+    """Each table's prefix is formatted once; the keys must stay byte-identical to the
+    layout spelled out in full, also for a table given a group after its first key."""
+    keys = KeyScheme("s", {"orders": "sales"})
+
+    def spelled(table: str, group: str | None) -> str:
+        tag = f"{{s:{table}}}" if group is None else f"{{s:@{group}}}:{table}"
+        return f"sarc:s:{tag}:"
+
+    for _ in range(2):  # the second round reads the memo
+        for table, group in (("orders", "sales"), ("products", None)):
+            head = spelled(table, group)
+            assert keys.version_key(table) == head + "v"
+            assert keys.writers_key(table) == head + "w"
+            assert keys.generation_key(table) == head + "g"
+            assert keys.row_write_key(table, "7") == head + "rw:7"
+            assert keys.entity_key(table, "ab", "cd", "7") == head + "e:ab:cd:7"
+            assert keys.query_key(table, DIGEST) == head + "q:" + DIGEST
+            assert keys.stream_key(table, "cd", 3) == head + "wb:cd:3"
+            assert keys.query_key(table, DIGEST, spread=True) == (
+                f"sarc:s:{{s:@q:012}}:{table}:q:{DIGEST}"
+            )
+    keys.groups["products"] = "shelf"  # as the keyspace CLI learns a group late
+    assert keys.version_key("products") == spelled("products", "shelf") + "v"
+    del keys.groups["products"]
+    assert keys.version_key("products") == spelled("products", None) + "v"

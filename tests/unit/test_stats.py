@@ -4,6 +4,8 @@ the latency histograms: buckets, quantile estimates, scopes, measurements."""
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 from bisect import bisect_left
 
 import pytest
@@ -142,3 +144,37 @@ def test_a_read_is_recorded_under_its_outcome_and_only_once() -> None:
         "error": 1,
     }
     assert set(latency["models"]["Product"]) == {"hit", "fill", "invalidate"}
+
+
+def test_counts_and_histograms_lose_nothing_under_threads() -> None:
+    """Hits, misses and their latencies from many threads at once are all counted:
+    each call updates every scope's counters and histograms under the one lock."""
+    stats = Stats(warn_below=None)
+    threads, calls = 8, 2000
+    start = threading.Barrier(threads)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(calls):
+            stats.hit("model:Product", 0.0001, also=("region:r",))
+            stats.incr("model:Product", "misses", also=("region:r",))
+            stats.observe("model:Product", "miss", 0.002, also=("region:r",))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        workers = [threading.Thread(target=work) for _ in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    total = threads * calls
+    snap = stats.snapshot()
+    for counts in (snap["total"], snap["models"]["Product"], snap["regions"]["r"]):
+        assert (counts["hits"], counts["misses"]) == (total, total)
+    histograms = stats.histograms()
+    for ops in (histograms["total"], histograms["models"]["Product"], histograms["regions"]["r"]):
+        assert ops["hit"].count == sum(ops["hit"].counts) == total
+        assert ops["miss"].count == sum(ops["miss"].counts) == total
