@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from benchmarks.callgrind_reads import FEW, MANY, instructions
+from benchmarks.callgrind_reads import per_call
 from benchmarks.cases_writes import new_name, new_price
 from benchmarks.env import Sizes, bench_env
 from examples.shop import Category, Product
@@ -58,14 +58,9 @@ def run_commits(kind: str, calls: int) -> None:
 
 def main(argv: list[str]) -> None:
     """``KIND``: print the per-commit count; ``--run KIND N``: make the commits (internal)."""
-    if argv[:1] == ["--run"]:
-        run_commits(argv[1], int(argv[2]))
-        return
-    if len(argv) != 1 or argv[0] not in KINDS:
-        raise SystemExit(f"usage: python -m benchmarks.callgrind_commits {{{'|'.join(KINDS)}}}")
-    module = "benchmarks.callgrind_commits"
-    few, many = instructions(argv[0], FEW, module), instructions(argv[0], MANY, module)
-    print(f"{argv[0]}: {(many - few) / (MANY - FEW):,.0f} instructions per commit")
+    per_call(
+        argv, kinds=KINDS, run=run_commits, module="benchmarks.callgrind_commits", unit="commit"
+    )
 
 
 if __name__ == "__main__":

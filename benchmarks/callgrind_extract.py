@@ -15,15 +15,13 @@ benchmarks/results/speed.md quotes its output.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from benchmarks.callgrind_reads import per_call
 from benchmarks.env import Sizes, bench_env
 from examples.shop import Order, Product
 from sa_redis_cache import hydrate
@@ -57,42 +55,17 @@ def run_extracts(body: str, calls: int) -> None:
                 hydrate.extract(rows, shape, info_of, frozenset())
 
 
-def instructions(body: str, calls: int) -> int:
-    """Instructions of the main thread of a process making ``calls`` extracts."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "callgrind.out")
-        subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--separate-threads=yes",
-                f"--callgrind-out-file={out}",
-                sys.executable,
-                "-m",
-                "benchmarks.callgrind_extract",
-                "--run",
-                body,
-                str(calls),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        with open(f"{out}-01", encoding="utf-8") as f:
-            summary = re.search(r"^summary: (\d+)", f.read(), re.MULTILINE)
-    if summary is None:
-        raise RuntimeError("callgrind wrote no summary line")
-    return int(summary.group(1))
-
-
 def main(argv: list[str]) -> None:
     """``BODY``: print the per-extract count; ``--run BODY N``: make the extracts (internal)."""
-    if argv[:1] == ["--run"]:
-        run_extracts(argv[1], int(argv[2]))
-        return
-    if len(argv) != 1 or argv[0] not in BODIES:
-        raise SystemExit(f"usage: python -m benchmarks.callgrind_extract {{{'|'.join(BODIES)}}}")
-    few, many = instructions(argv[0], FEW), instructions(argv[0], MANY)
-    print(f"{argv[0]}: {(many - few) / (MANY - FEW):,.0f} instructions per extract")
+    per_call(
+        argv,
+        kinds=BODIES,
+        run=run_extracts,
+        module="benchmarks.callgrind_extract",
+        unit="extract",
+        few=FEW,
+        many=MANY,
+    )
 
 
 if __name__ == "__main__":

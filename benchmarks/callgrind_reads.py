@@ -31,7 +31,7 @@ from examples.shop import Product
 from sa_redis_cache import FromCache
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 KINDS = ("hit", "get", "miss")
 FEW, MANY = 20, 220
@@ -96,15 +96,31 @@ def instructions(kind: str, calls: int, module: str = "benchmarks.callgrind_read
     return int(summary.group(1))
 
 
+def per_call(
+    argv: list[str],
+    *,
+    kinds: Sequence[str],
+    run: Callable[[str, int], None],
+    module: str,
+    unit: str,
+    few: int = FEW,
+    many: int = MANY,
+) -> None:
+    """The command line of a callgrind script: ``KIND`` prints the instructions per call
+    of that kind, ``(I(many) - I(few)) / (many - few)``; ``--run KIND N`` makes N calls
+    (what callgrind runs, in a process of its own)."""
+    if argv[:1] == ["--run"]:
+        run(argv[1], int(argv[2]))
+        return
+    if len(argv) != 1 or argv[0] not in kinds:
+        raise SystemExit(f"usage: python -m {module} {{{'|'.join(kinds)}}}")
+    low, high = instructions(argv[0], few, module), instructions(argv[0], many, module)
+    print(f"{argv[0]}: {(high - low) / (many - few):,.0f} instructions per {unit}")
+
+
 def main(argv: list[str]) -> None:
     """``KIND``: print the per-read count; ``--run KIND N``: make the reads (internal)."""
-    if argv[:1] == ["--run"]:
-        run_reads(argv[1], int(argv[2]))
-        return
-    if len(argv) != 1 or argv[0] not in KINDS:
-        raise SystemExit(f"usage: python -m benchmarks.callgrind_reads {{{'|'.join(KINDS)}}}")
-    few, many = instructions(argv[0], FEW), instructions(argv[0], MANY)
-    print(f"{argv[0]}: {(many - few) / (MANY - FEW):,.0f} instructions per read")
+    per_call(argv, kinds=KINDS, run=run_reads, module="benchmarks.callgrind_reads", unit="read")
 
 
 if __name__ == "__main__":
