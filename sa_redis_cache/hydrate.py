@@ -390,10 +390,7 @@ class _BodyCheck:
         mappers, reached, stack = self.mappers, self.reached, self.stack
         count = len(mappers)
         for index in refs:
-            if type(index) is not int or not 0 <= index < count:
-                raise _foreign(f"object index {index!r}")
-            if mappers[index] not in accepted:
-                raise _foreign(f"a {mappers[index].class_.__name__} where it cannot be")
+            _check_index(index, count, mappers, accepted)
             if not reached[index]:
                 reached[index] = 1
                 stack.append(index)
@@ -519,16 +516,24 @@ def _unrelated(objects: list[Any]) -> bool:
     return True
 
 
+def _check_index(
+    index: Any, count: int, mappers: list[Mapper[Any]], accepted: frozenset[Any]
+) -> None:
+    """Raise unless ``index`` is an object's index and that object's mapper is accepted
+    where the index stands (a planted entry may name any index or any mapped class)."""
+    if type(index) is not int or not 0 <= index < count:
+        raise _foreign(f"object index {index!r}")
+    if mappers[index] not in accepted:
+        raise _foreign(f"a {mappers[index].class_.__name__} where it cannot be")
+
+
 def _reach_rows(rows: list[Any], mappers: list[Mapper[Any]], accepted: frozenset[Any]) -> None:
     """:class:`_BodyCheck` for a single-entity body without relationships: each row is
     the index of an object of an accepted mapper, and every object is some row's."""
     count = len(mappers)
     reached = bytearray(count)
     for index in rows:
-        if type(index) is not int or not 0 <= index < count:
-            raise _foreign(f"object index {index!r}")
-        if mappers[index] not in accepted:
-            raise _foreign(f"a {mappers[index].class_.__name__} where it cannot be")
+        _check_index(index, count, mappers, accepted)
         reached[index] = 1
     if not all(reached):
         raise _foreign("an object no row reaches")
