@@ -20,7 +20,7 @@ from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import TextualSelect
 from sqlalchemy.sql.type_api import TypeEngine
 
-from .codec import CODEC_VERSION, dumps_tagged
+from .codec import CODEC_VERSION, dumps_tagged, pack, plain
 from .protocol.keys import digest
 
 if TYPE_CHECKING:
@@ -144,4 +144,9 @@ def values_digest(parts: Sequence[Any]) -> str:
     Raises :class:`~sa_redis_cache.codec.CodecError` for values that cannot be encoded
     exactly; such statements run uncached.
     """
-    return digest(dumps_tagged(list(parts)))
+    items = list(parts)
+    # most statements bind only plain values (str, bool, None, ints orjson writes), whose
+    # tagged encoding is the values themselves: the same bytes, without the tagged walk
+    if all(plain(p) if type(p) is list else plain([p]) for p in items):
+        return digest(pack(items))
+    return digest(dumps_tagged(items))

@@ -58,9 +58,6 @@ class EntityReads:
         self.binds = core.binds
         # (session, key, look) from direct_get to the pipeline's read it falls back to
         self._handed = threading.local()
-        # per table: its version and generation keys and its row write counters' prefix,
-        # built once (a table's slot group is fixed before its first key is built)
-        self._table_keys: dict[str, tuple[str, str, str]] = {}
 
     def target(self, orm_context: ORMExecuteState) -> tuple[ModelInfo, tuple[Any, ...]] | None:
         """The model and primary key of a plain load by primary key, else None.
@@ -202,17 +199,14 @@ class EntityReads:
         self._handed.look = None
 
     def _counters(self, table: str, pk_str: str) -> list[str]:
-        known = self._table_keys.get(table)
-        if known is None:
-            keys = self.core.keys
-            known = self._table_keys[table] = (
-                keys.version_key(table),
-                keys.generation_key(table),
-                keys.row_write_key(table, ""),
-            )
+        keys = self.core.keys  # formats each table's prefix once (KeyScheme.table_prefix)
         # the entry is valid under the table's generation and the row's write counter;
         # the fill compares the version (any write of the table) like a query's fill
-        return [known[0], known[1], known[2] + pk_str]
+        return [
+            keys.version_key(table),
+            keys.generation_key(table),
+            keys.row_write_key(table, pk_str),
+        ]
 
     def _ttls(self, info: ModelInfo) -> list[int]:
         ttl = self.core.ttl_for_info(info)

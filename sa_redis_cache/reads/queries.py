@@ -16,9 +16,9 @@ from sqlalchemy.sql.type_api import TypeEngine
 
 from sa_redis_cache import compat, hydrate, stampede
 from sa_redis_cache.binds import translate_map_of
-from sa_redis_cache.codec import CodecError, RowCodec, UncacheableType, pack, plain, unpack
+from sa_redis_cache.codec import CodecError, RowCodec, UncacheableType, pack, unpack
 from sa_redis_cache.fingerprint import Unfingerprintable, fingerprint, values_digest
-from sa_redis_cache.protocol.keys import digest, query_digest
+from sa_redis_cache.protocol.keys import query_digest
 from sa_redis_cache.stats import scope
 from sa_redis_cache.transaction import peek_transaction_state
 
@@ -386,12 +386,7 @@ class QueryReads:
             if translated:
                 parts.append(translated)
             self._remember(database, translate, translated)
-            if not translated and plain(values):
-                # the tagged encoding of plain values is the values themselves: the same
-                # bytes as values_digest(parts), without walking them again
-                found = digest(pack([plan.digest, values, database.name]))
-            else:
-                found = values_digest(parts)
+            found = values_digest(parts)
             if spread:
                 return self.core.keys.query_key(plan.table_names[0], found, spread=True)
             return plan.entry_prefix + found
