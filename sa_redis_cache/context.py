@@ -189,12 +189,8 @@ class CacheContext(RedisOutages):
         """
         by_table = self.models.by_table
         found = {info.scope for table in tables if (info := by_table.get(table)) is not None}
-        if len(found) <= 1:  # one model's tables, the usual commit: nothing to order
-            return Measurement(
-                self.counters, found.pop() if found else None, operation, (), self.namespace
-            )
         scopes = sorted(found)
-        return self.measure(scopes[0], operation, also=tuple(scopes[1:]))
+        return self.measure(scopes[0] if scopes else None, operation, also=tuple(scopes[1:]))
 
     def invalidate_entries(self, keys: Sequence[str], ttl_ms: int, tables: Iterable[str]) -> int:
         """Delete query entries and move their invalidation counters; how many there were.
