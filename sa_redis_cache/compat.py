@@ -586,6 +586,39 @@ def read_replies(client: Any, connection: Any, count: int) -> list[Any]:
     return replies
 
 
+def call_now(client: Any, command: Sequence[Any]) -> Any:
+    """Run one command on a connection of ``client``'s pool (a ``redis.Redis``) and
+    return its reply, as ``client.execute_command`` would: the connection's retry policy
+    (the connection dropped and made again after a connection error), the connection
+    given back to the pool, an error reply raised (``NoScriptError`` for NOSCRIPT).
+
+    What it leaves out is redis-py's per-call layer: the observability records, the
+    option parsing and the response callbacks (so: commands whose reply redis-py leaves
+    as the server sent it, MGET and EVALSHA), and the argument encoding in Python
+    (:func:`_packed`). That layer is ~20 µs of a ~120 µs MGET on loopback, ~15% of a
+    cache hit.
+
+    Example::
+
+        call_now(redis.Redis(), ("MGET", "a", "b"))   # [None, None]
+    """
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        packed = _packed(connection, (command,))
+        return connection.retry.call_with_retry(
+            lambda: _send_and_read(connection, packed),
+            lambda _error: connection.disconnect(),
+        )
+    finally:
+        pool.release(connection)
+
+
+def _send_and_read(connection: Any, packed: Any) -> Any:
+    connection.send_packed_command(packed)
+    return connection.read_response()
+
+
 def _reply(connection: Any) -> Any:
     try:
         return connection.read_response()
@@ -703,6 +736,7 @@ _PROBED: dict[str, tuple[str, str]] = {
     "redis Connection.send_packed_command": ("connection", "send_packed_command"),
     "redis Connection.read_response": ("connection", "read_response"),
     "redis Connection.disconnect": ("connection", "disconnect"),
+    "redis Connection.retry": ("connection", "retry"),
     "redis asyncio RedisCluster.nodes_manager": ("async_cluster", "nodes_manager"),
     "redis asyncio NodesManager.connection_kwargs": ("async_nodes", "connection_kwargs"),
     "redis asyncio NodesManager.nodes_cache": ("async_nodes", "nodes_cache"),

@@ -323,10 +323,31 @@ class SyncRedisIO(RedisIO):
         SyncRedisIO(redis.Redis()).get("missing")  # None
     """
 
-    __slots__ = ()
+    __slots__ = ("_direct",)
 
     def __init__(self, client: Any) -> None:
         super().__init__(client, wait=_identity, sleep=time.sleep, is_async=False)
+        # the per-read commands go straight to a pooled connection (compat.call_now);
+        # a subclass of redis.Redis (an application's instrumentation) and a
+        # single-connection client keep redis-py's own path
+        self._direct = type(client) is redis.Redis and client.connection is None
+
+    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values of ``keys`` (None for a missing key), in one round trip."""
+        if self._direct:
+            return cast("list[bytes | None]", compat.call_now(self.client, ("MGET", *keys)))
+        return super().mget(keys)
+
+    def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA ``script``; on NOSCRIPT (a restarted or flushed server) load it and retry."""
+        if not self._direct:
+            return super().run_script(script, keys, args)
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return compat.call_now(self.client, command)
+        except NoScriptError:
+            compat.call_now(self.client, ("SCRIPT", "LOAD", script.source))
+            return compat.call_now(self.client, command)
 
 
 class AsyncRedisIO(RedisIO):
