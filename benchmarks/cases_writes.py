@@ -13,7 +13,7 @@ import itertools
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.common import close, floor_contender
+from benchmarks.common import close, floor_contender, round_trip_commits
 from benchmarks.harness import CaseResult, Comparison, Contender, Target, measure
 from examples.shop import Category, Product
 from sa_redis_cache.codec import pack, unpack
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 PLAIN = "plain commit"
 FLOOR = "floor: GET + orjson"
+BOUND = "bound: plain + two round trips, no cache work"
 
 
 def _floor(env: BenchEnv) -> Contender:
@@ -37,12 +38,25 @@ def _floor(env: BenchEnv) -> Contender:
     return floor_contender(env.client, key, FLOOR)
 
 
+def _bound(env: BenchEnv, model: type, ident: int, mutate: Callable[[Any, int], None]) -> Contender:
+    """The plain commit plus the cache's two round trips, carrying nothing
+    (:func:`benchmarks.common.round_trip_commits`), on a row of its own."""
+    return committer(BOUND, round_trip_commits(env.engine, env.client), model, ident, mutate)
+
+
+BOUND_COMPARISON = Comparison(row=BOUND, numerator=BOUND, denominator=PLAIN, label="bound ÷ plain")
+
+
 def _round_trips(result: CaseResult, ours: str) -> None:
     s = result.summaries
     extra = s[ours].p50 - s[PLAIN].p50
+    trips = s[BOUND].p50 - s[PLAIN].p50
     result.breakdown.append(
         f"ours adds {extra:.0f} µs to the commit, ≈ {extra / s[FLOOR].p50:.1f} round trips "
-        f"of the floor's {s[FLOOR].p50:.0f} µs. Sums of medians: approximate."
+        f"of the floor's {s[FLOOR].p50:.0f} µs: {trips:.0f} µs of it is what the two round "
+        f"trips cost when they carry nothing (the bound row), {extra - trips:.0f} µs the "
+        "library's work in the flush and commit hooks (the flush plan, the scripts' "
+        "arguments, the rows' states, the replies). Sums of medians: approximate."
     )
 
 
@@ -92,9 +106,11 @@ def commit_write_through(env: BenchEnv, plan: Plan) -> CaseResult:
             committer(PLAIN, env.plain, Product, 21, new_price),
             committer(ours, env.cached, Product, 22, new_price),
             _floor(env),
+            _bound(env, Product, 23, new_price),
         ],
         plan.commits,
         [
+            BOUND_COMPARISON,
             Comparison(
                 row=ours,
                 numerator=ours,
@@ -109,7 +125,7 @@ def commit_write_through(env: BenchEnv, plan: Plan) -> CaseResult:
                     "sent before the database commit, and not waiting for it would let a "
                     "read that starts after commit() returned run before it"
                 ),
-            )
+            ),
         ],
     )
     result.notes += _check_written_through(env, 22, Decimal(100_000 + plan_total(plan)) / 100)
@@ -151,9 +167,11 @@ def commit_invalidate(env: BenchEnv, plan: Plan) -> CaseResult:
             committer(PLAIN, env.plain, Category, 1, new_name),
             committer(ours, env.cached, Category, 2, new_name),
             _floor(env),
+            _bound(env, Category, 3, new_name),
         ],
         plan.commits,
         [
+            BOUND_COMPARISON,
             Comparison(
                 row=ours,
                 numerator=ours,
@@ -164,7 +182,7 @@ def commit_invalidate(env: BenchEnv, plan: Plan) -> CaseResult:
                     "as for write-through: flush_mark.lua overlaps the UPDATE, commit.lua "
                     "follows the database COMMIT and is read before commit() returns"
                 ),
-            )
+            ),
         ],
     )
     _round_trips(result, ours)

@@ -19,6 +19,7 @@ from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.harness import Contender
+from sa_redis_cache import compat
 from sa_redis_cache.codec import pack
 
 if TYPE_CHECKING:
@@ -73,6 +74,64 @@ def canned_sessions(
         return result
 
     sa.event.listen(factory, "do_orm_execute", on_execute)
+    return factory
+
+
+def _noop_script(client: redis.Redis) -> tuple[str, str, int]:
+    """An EVALSHA of a script that does nothing: a round trip that runs Lua, as ours do."""
+    return ("EVALSHA", client.script_load("return 1"), 0)
+
+
+def round_trip_reads(engine: sa.Engine, client: redis.Redis) -> sessionmaker[Session]:
+    """Sessions whose every ORM statement pays a miss's two Redis round trips and nothing
+    else: a no-op script before the database read (where the look is) and one after it
+    (where the fill is), then the rows as SQLAlchemy loaded them, frozen and thawed (a
+    cache on ``do_orm_execute`` keeps the rows it returns: ours does, the recipe too).
+
+    The bound of a miss: what no cache that looks before reading and fills after it can
+    get under. The round trips go the way ours do (``compat.call_now``).
+    """
+    factory: sessionmaker[Session] = sessionmaker(engine)
+    noop = _noop_script(client)
+
+    def on_execute(orm_context: Any) -> Any:
+        if orm_context.is_relationship_load:
+            return None  # an eager load's own statement: ours are part of the top one
+        compat.call_now(client, noop)
+        frozen = orm_context.invoke_statement().freeze()
+        compat.call_now(client, noop)
+        return frozen()
+
+    sa.event.listen(factory, "do_orm_execute", on_execute)
+    return factory
+
+
+def round_trip_commits(engine: sa.Engine, client: redis.Redis) -> sessionmaker[Session]:
+    """Sessions whose commit pays the cache's two Redis round trips, overlapped where the
+    cache overlaps them, and nothing else: a no-op script sent in ``before_flush`` and read
+    in ``after_flush`` (the flush marks), another sent in ``after_commit`` and read in
+    ``after_transaction_end`` (the post-commit script).
+
+    The bound of a commit: what no cache that marks before the database commit and
+    releases after it can get under. Sent and read the way ours are (``compat.send_now``).
+    """
+    factory: sessionmaker[Session] = sessionmaker(engine)
+    noop = _noop_script(client)
+    sent: list[Any] = []
+
+    def send(*_: Any) -> None:
+        sent.append(compat.send_now(client, [noop]))
+
+    def read(*_: Any) -> None:
+        if sent:
+            compat.read_replies(client, sent.pop(), 1)
+
+    for sending, reading in (
+        ("before_flush", "after_flush"),
+        ("after_commit", "after_transaction_end"),
+    ):
+        sa.event.listen(factory, sending, send)
+        sa.event.listen(factory, reading, read)
     return factory
 
 
