@@ -586,6 +586,37 @@ def read_replies(client: Any, connection: Any, count: int) -> list[Any]:
     return replies
 
 
+def sends_directly(client: Any) -> bool:
+    """Whether the cache may send ``client``'s commands past ``execute_command``
+    (:func:`call_now`, :func:`send_now`): a plain ``redis.Redis`` with a pool, whose
+    ``execute_command`` is redis-py's own.
+
+    Anything that sees commands through ``execute_command`` keeps seeing the cache's: a
+    subclass of the application's, a single-connection client, and an instrumentation
+    that patches ``redis.Redis.execute_command`` (OpenTelemetry's, Sentry's, ddtrace's),
+    checked on every call, since it may be installed after the cache is made.
+
+    Example::
+
+        sends_directly(redis.Redis())   # True, until something patches execute_command
+    """
+    return (
+        type(client) is redis.Redis
+        and client.connection is None
+        and _is_redis_pys(redis.Redis.execute_command)
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _is_redis_pys(execute_command: Any) -> bool:
+    # a wrapper keeps __wrapped__ (functools.wraps, wrapt) or has a name of its own
+    return (
+        getattr(execute_command, "__wrapped__", None) is None
+        and getattr(execute_command, "__module__", None) == "redis.client"
+        and getattr(execute_command, "__qualname__", None) == "Redis.execute_command"
+    )
+
+
 def call_now(client: Any, command: Sequence[Any]) -> Any:
     """Run one command on a connection of ``client``'s pool (a ``redis.Redis``) and
     return its reply, as ``client.execute_command`` would: the connection's retry policy

@@ -191,7 +191,9 @@ class RedisIO:
         """Send several script calls now and read their replies later (:class:`Pending`),
         so that the round trip overlaps the caller's other work (a database statement).
 
-        None where that is not offered (the asyncio and cluster clients, and a
+        None where that is not offered (the asyncio and cluster clients, a client whose
+        commands something watches through ``execute_command``
+        (:func:`compat.sends_directly <sa_redis_cache.compat.sends_directly>`), and a
         ``BlockingConnectionPool``): use :meth:`run_batch`. Every script given here must
         be safe to run twice, as for :meth:`run_batch`. Raises ``RedisError`` when the
         calls cannot be sent.
@@ -202,7 +204,7 @@ class RedisIO:
             ...                                # the database works meanwhile
             replies = pending.replies() if pending else io.run_batch(calls)
         """
-        if self.is_async or type(self.client) is not redis.Redis:
+        if self.is_async or not compat.sends_directly(self.client):
             return None
         if isinstance(self.client.connection_pool, redis.BlockingConnectionPool):
             # the connection stays out of the pool while the caller works, and that work
@@ -323,24 +325,23 @@ class SyncRedisIO(RedisIO):
         SyncRedisIO(redis.Redis()).get("missing")  # None
     """
 
-    __slots__ = ("_direct",)
+    __slots__ = ()
 
     def __init__(self, client: Any) -> None:
         super().__init__(client, wait=_identity, sleep=time.sleep, is_async=False)
-        # the per-read commands go straight to a pooled connection (compat.call_now);
-        # a subclass of redis.Redis (an application's instrumentation) and a
-        # single-connection client keep redis-py's own path
-        self._direct = type(client) is redis.Redis and client.connection is None
+
+    # The per-read commands go straight to a pooled connection (compat.call_now), unless
+    # something watches execute_command (compat.sends_directly).
 
     def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         """The values of ``keys`` (None for a missing key), in one round trip."""
-        if self._direct:
+        if compat.sends_directly(self.client):
             return cast("list[bytes | None]", compat.call_now(self.client, ("MGET", *keys)))
         return super().mget(keys)
 
     def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA ``script``; on NOSCRIPT (a restarted or flushed server) load it and retry."""
-        if not self._direct:
+        if not compat.sends_directly(self.client):
             return super().run_script(script, keys, args)
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:

@@ -1,11 +1,13 @@
 """The per-read commands (MGET, EVALSHA) sent straight to a pooled connection
 (``compat.call_now``), past redis-py's per-call layer, must behave as
 ``client.execute_command`` would: the connection's own retry policy, NOSCRIPT raised for
-the reload, and an application's ``redis.Redis`` subclass still seeing every command.
+the reload; and whatever watches ``execute_command`` (an application's ``redis.Redis``
+subclass, an instrumentation that patches the method) still sees every command.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -137,6 +139,47 @@ def test_a_subclassed_client_sees_every_read(
             with factory() as s:
                 s.get(Product, product)
         assert client.seen.count("MGET") == 2
+    finally:
+        cache.detach()
+        client.close()
+
+
+def test_an_instrumentation_patching_execute_command_sees_every_command(
+    redis_url: str,
+    shop_engine: Any,
+    namespace: str,
+    product: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As OpenTelemetry's redis instrumentation does: ``redis.Redis.execute_command``
+    wrapped on the class, after the cache was made."""
+    from sqlalchemy.orm import sessionmaker
+
+    client = redis.Redis.from_url(redis_url)
+    cache = Cache(client, namespace=namespace)
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    seen: list[str] = []
+    original = redis.Redis.execute_command
+
+    @functools.wraps(original)
+    def traced(self: redis.Redis, *args: Any, **options: Any) -> Any:
+        seen.append(str(args[0]))
+        return original(self, *args, **options)  # type: ignore[no-untyped-call]
+
+    try:
+        for _ in range(3):  # a miss, a first hit, a hit: all direct so far
+            _read(factory, product)
+        monkeypatch.setattr(redis.Redis, "execute_command", traced)
+        _read(factory, product)  # a hit (MGET)
+        with factory() as s:
+            s.get(Product, product)  # an entity miss: its look and its fill (EVALSHA)
+        assert seen[0] == "MGET"
+        assert seen.count("EVALSHA") >= 2
+        monkeypatch.undo()
+        seen.clear()
+        _read(factory, product)
+        assert seen == []  # direct again once the patch is gone
     finally:
         cache.detach()
         client.close()
