@@ -38,15 +38,6 @@ def _floor(env: BenchEnv) -> Contender:
     return floor_contender(env.client, key, FLOOR)
 
 
-def _bound(env: BenchEnv, model: type, ident: int, mutate: Callable[[Any, int], None]) -> Contender:
-    """The plain commit plus the cache's two round trips, carrying nothing
-    (:func:`benchmarks.common.round_trip_commits`), on a row of its own."""
-    return committer(BOUND, round_trip_commits(env.engine, env.client), model, ident, mutate)
-
-
-BOUND_COMPARISON = Comparison(row=BOUND, numerator=BOUND, denominator=PLAIN, label="bound ÷ plain")
-
-
 def _round_trips(result: CaseResult, ours: str) -> None:
     s = result.summaries
     extra = s[ours].p50 - s[PLAIN].p50
@@ -96,40 +87,68 @@ def new_name(category: Any, n: int) -> None:
     category.name = f"category-{category.id}-v{n}"
 
 
-def commit_write_through(env: BenchEnv, plan: Plan) -> CaseResult:
-    """Write-through commit (Product.price) vs the same commit through a plain session."""
-    ours = "ours: write-through"
+def _commit_case(
+    env: BenchEnv,
+    plan: Plan,
+    *,
+    slug: str,
+    title: str,
+    ours: str,
+    model: type,
+    mutate: Callable[[Any, int], None],
+    target: float,
+    miss_note: str,
+) -> CaseResult:
+    """One commit case: plain, ours, the floor and the bound, each on a row of its own
+    (ids 1, 2, 3 of the category table, 21, 22, 23 of the products)."""
+    first = 21 if model is Product else 1
     result = measure(
-        "commit_write_through",
-        "commit: update Product.price (write_through)",
+        slug,
+        title,
         [
-            committer(PLAIN, env.plain, Product, 21, new_price),
-            committer(ours, env.cached, Product, 22, new_price),
+            committer(PLAIN, env.plain, model, first, mutate),
+            committer(ours, env.cached, model, first + 1, mutate),
             _floor(env),
-            _bound(env, Product, 23, new_price),
+            committer(BOUND, round_trip_commits(env.engine, env.client), model, first + 2, mutate),
         ],
         plan.commits,
         [
-            BOUND_COMPARISON,
+            Comparison(row=BOUND, numerator=BOUND, denominator=PLAIN, label="bound ÷ plain"),
             Comparison(
                 row=ours,
                 numerator=ours,
                 denominator=PLAIN,
                 label="ours ÷ plain",
-                target=Target("<=", 1.2),
-                miss_note=(
-                    "the commit adds two Redis round trips to a plain UPDATE + COMMIT: "
-                    "flush_mark.lua (sent before the UPDATE, read after it: overlapped) and "
-                    "commit.lua (after COMMIT, read once SQLAlchemy has finished the commit: "
-                    "only SQLAlchemy's post-commit work overlaps it); commit.lua cannot be "
-                    "sent before the database commit, and not waiting for it would let a "
-                    "read that starts after commit() returned run before it"
-                ),
+                target=Target("<=", target),
+                miss_note=miss_note,
             ),
         ],
     )
-    result.notes += _check_written_through(env, 22, Decimal(100_000 + plan_total(plan)) / 100)
     _round_trips(result, ours)
+    return result
+
+
+def commit_write_through(env: BenchEnv, plan: Plan) -> CaseResult:
+    """Write-through commit (Product.price) vs the same commit through a plain session."""
+    result = _commit_case(
+        env,
+        plan,
+        slug="commit_write_through",
+        title="commit: update Product.price (write_through)",
+        ours="ours: write-through",
+        model=Product,
+        mutate=new_price,
+        target=1.2,
+        miss_note=(
+            "the commit adds two Redis round trips to a plain UPDATE + COMMIT: "
+            "flush_mark.lua (sent before the UPDATE, read after it: overlapped) and "
+            "commit.lua (after COMMIT, read once SQLAlchemy has finished the commit: "
+            "only SQLAlchemy's post-commit work overlaps it); commit.lua cannot be "
+            "sent before the database commit, and not waiting for it would let a "
+            "read that starts after commit() returned run before it"
+        ),
+    )
+    result.notes += _check_written_through(env, 22, Decimal(100_000 + plan_total(plan)) / 100)
     return result
 
 
@@ -159,34 +178,20 @@ def _same_decimal(stored: object, price: Decimal) -> bool:
 
 def commit_invalidate(env: BenchEnv, plan: Plan) -> CaseResult:
     """Invalidating commit (Category, cache_aside) vs the same commit through a plain session."""
-    ours = "ours: invalidate"
-    result = measure(
-        "commit_invalidate",
-        "commit: update Category.name (cache_aside, invalidates)",
-        [
-            committer(PLAIN, env.plain, Category, 1, new_name),
-            committer(ours, env.cached, Category, 2, new_name),
-            _floor(env),
-            _bound(env, Category, 3, new_name),
-        ],
-        plan.commits,
-        [
-            BOUND_COMPARISON,
-            Comparison(
-                row=ours,
-                numerator=ours,
-                denominator=PLAIN,
-                label="ours ÷ plain",
-                target=Target("<=", 1.25),
-                miss_note=(
-                    "as for write-through: flush_mark.lua overlaps the UPDATE, commit.lua "
-                    "follows the database COMMIT and is read before commit() returns"
-                ),
-            ),
-        ],
+    return _commit_case(
+        env,
+        plan,
+        slug="commit_invalidate",
+        title="commit: update Category.name (cache_aside, invalidates)",
+        ours="ours: invalidate",
+        model=Category,
+        mutate=new_name,
+        target=1.25,
+        miss_note=(
+            "as for write-through: flush_mark.lua overlaps the UPDATE, commit.lua "
+            "follows the database COMMIT and is read before commit() returns"
+        ),
     )
-    _round_trips(result, ours)
-    return result
 
 
 WRITE_CASES: list[tuple[str, Callable[[BenchEnv, Plan], CaseResult]]] = [
