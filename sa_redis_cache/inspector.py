@@ -170,6 +170,16 @@ class CacheInspector:
         """
         return self._context.local
 
+    def decoded(self) -> dict[str, int]:
+        """How many query entries this process keeps decoded for hits on the same bytes,
+        and the memory they are estimated at (``QueryReads.decoded``; bounded at 8 MiB).
+
+        Example::
+
+            cache.inspector.decoded()   # {"entries": 12, "bytes": 18000}
+        """
+        return self._reads.queries.decoded.gauges()
+
     def latency(self) -> dict[str, Any]:
         """The latency histograms, by group and scope then operation (``total`` first)."""
         histograms: dict[str, Any] = self._context.counters.histograms()

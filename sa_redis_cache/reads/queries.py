@@ -9,6 +9,7 @@ the statement reads, captured before the database read (:mod:`.flow`).
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,6 +19,7 @@ from sa_redis_cache import compat, hydrate, stampede
 from sa_redis_cache.binds import translate_map_of
 from sa_redis_cache.codec import CodecError, RowCodec, UncacheableType, pack, unpack
 from sa_redis_cache.fingerprint import Unfingerprintable, fingerprint, values_digest
+from sa_redis_cache.local.store import estimated_size
 from sa_redis_cache.protocol.keys import query_digest
 from sa_redis_cache.stats import scope
 from sa_redis_cache.transaction import peek_transaction_state
@@ -46,6 +48,10 @@ _PLAN_CACHE_SIZE = 4096
 _SEEN_BINDS = 256
 # entry keys remembered as hit at their last look (a few hundred KiB at most)
 HITS_REMEMBERED = 10_000
+# the decoded entries kept for hits on the same bytes (DecodedEntries): memory as the local
+# tier estimates it, for all of them and for one (a larger entry is decoded on every hit)
+DECODED_MAX_BYTES = 8 << 20
+DECODED_MAX_ONE = DECODED_MAX_BYTES // 16
 
 
 def bypasses(orm_context: ORMExecuteState) -> bool:
@@ -89,6 +95,61 @@ class Uncacheable(Exception):
     """The statement cannot be cached; the reason is logged once."""
 
 
+class DecodedEntries:
+    """The last decoded and checked form of the query entries this process served, by
+    entry key: a hit whose bytes are exactly those decoded before reuses their decoding
+    (the document, its stamp, the body checked against the statement) instead of doing
+    it again, ~19 µs of a 1-row hit (benchmarks/results/speed.md).
+
+    Nothing is served from here without Redis: the hit's MGET still reads the entry and
+    its counters, the stamp is still compared with the counters just read, and only
+    bytes equal to the ones decoded before reuse that decoding, so what a hit returns is
+    what decoding the bytes Redis returned would give. The values are shared between
+    sessions (:func:`hydrate.build` with ``shared=True`` copies the mutable ones).
+    Bounded by the local tier's memory estimate (:data:`DECODED_MAX_BYTES` in all, none
+    above :data:`DECODED_MAX_ONE`); emptied when full.
+
+    Example::
+
+        decoded = DecodedEntries()
+        decoded.get(key, raw)   # (stamp, prepared) when raw is what was decoded before
+    """
+
+    __slots__ = ("_bytes", "_entries", "_lock")
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[bytes, list[Any], hydrate.Prepared, int]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str, raw: bytes) -> tuple[list[Any], hydrate.Prepared] | None:
+        """The stamp and checked body decoded from ``raw`` under ``key`` before, if any."""
+        found = self._entries.get(key)
+        if found is None or found[0] != raw:
+            return None
+        return found[1], found[2]
+
+    def gauges(self) -> dict[str, int]:
+        """How many entries are kept, and their estimated memory in bytes."""
+        return {"entries": len(self._entries), "bytes": self._bytes}
+
+    def put(self, key: str, raw: bytes, stamp: list[Any], prepared: hydrate.Prepared) -> None:
+        """Keep what ``raw`` decoded to (unless it is too large to keep)."""
+        size = estimated_size(len(raw), max(1, len(prepared.objects)))
+        if size > DECODED_MAX_ONE:
+            return
+        with self._lock:
+            entries = self._entries
+            if self._bytes + size > DECODED_MAX_BYTES:
+                entries.clear()
+                self._bytes = 0
+            old = entries.get(key)
+            if old is not None:
+                self._bytes -= old[3]
+            entries[key] = (raw, stamp, prepared, size)
+            self._bytes += size
+
+
 class QueryReads:
     """The ``FromCache`` reads of one cache.
 
@@ -111,6 +172,7 @@ class QueryReads:
         # in benchmarks/results/speed.md); any other key's look takes the fill lease in
         # the same script, saving its miss a round trip
         self._hits_last: dict[str, None] = {}
+        self.decoded = DecodedEntries()
 
     def read(self, orm_context: ORMExecuteState, option: FromCache) -> Result[Any] | None:
         core = self.core
@@ -198,7 +260,7 @@ class QueryReads:
             look=lambda lease, if_absent=False: self._look(
                 entry_key, plan, region, tx, lease=lease, if_absent=if_absent
             ),
-            serve=lambda look: self._serve(session, look, plan, entry_key, region, mark),
+            serve=lambda look: self._serve(session, look, plan, entry_key, mark),
             fill=fill,
             lease=option.lease,
             lease_wait=option.lease_wait,
@@ -280,20 +342,28 @@ class QueryReads:
 
     def _parse(
         self, raw: bytes, current: list[int], plan: StatementPlan, entry_key: str, region: str
-    ) -> tuple[Any, tuple[int, int, int]] | None:
-        """The body and (read time, expiry, fill time) of a valid entry; None when a write
-        retired it."""
+    ) -> tuple[hydrate.Prepared, tuple[int, int, int]] | None:
+        """The checked body and (read time, expiry, fill time) of a valid entry; None
+        when a write retired it, or when it is unreadable (deleted and counted)."""
+        decoded = self.decoded.get(entry_key, raw)
+        if decoded is not None:
+            stamp, prepared = decoded
+            if stamp[4:] != current:
+                return None  # written since: a plain miss, as below
+            return prepared, (stamp[1], stamp[2], stamp[3])
         try:
             document = self.core.opened(entry_key, raw)
             stamp, body = _query_entry(document, query_digest(entry_key))
-        except (CodecError, ValueError, TypeError, IndexError) as exc:
+            if stamp[4:] != current:
+                # written since (or stamped in the format before the fill time): a plain
+                # miss, the fill replaces it
+                return None
+            prepared = hydrate.prepare(body, plan.shape, self.core.models.info_of)
+        except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
             self.flow.corrupt(entry_key, region, exc)
             return None
-        if stamp[4:] != current:
-            # written since (or stamped in the format before the fill time): a plain miss,
-            # the fill replaces it
-            return None
-        return body, (stamp[1], stamp[2], stamp[3])
+        self.decoded.put(entry_key, raw, stamp, prepared)
+        return prepared, (stamp[1], stamp[2], stamp[3])
 
     def _serve(
         self,
@@ -301,24 +371,19 @@ class QueryReads:
         look: Look,
         plan: StatementPlan,
         entry_key: str,
-        region: str,
         mark: Mark | None,
     ) -> Result[Any] | None:
-        core = self.core
+        """Build the result of the valid entry ``look`` found (checked when it was read:
+        :meth:`_parse`), and let the local tier keep it when it holds the tables."""
         assert look.found is not None
-        timing, body = look.found
-        try:
-            prepared = hydrate.prepare(body, plan.shape, core.models.info_of)
-        except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
-            self.flow.corrupt(entry_key, region, exc)
-            return None
-        kept = False
+        timing, prepared = look.found
         if mark is not None and timing is not None:
             ttl = (timing.expires_ms - stampede.now_ms()) / 1000
-            kept = self.flow.keep_local(
+            self.flow.keep_local(
                 entry_key, prepared, look, ttl, mark, objects=max(1, len(prepared.objects))
             )
-        return hydrate.build(session, prepared, plan.shape, shared=kept)
+        # shared with later hits on the same bytes (DecodedEntries), and the local tier's
+        return hydrate.build(session, prepared, plan.shape, shared=True)
 
     def _fill(
         self,
