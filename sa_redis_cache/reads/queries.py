@@ -99,7 +99,7 @@ class DecodedEntries:
     """The last decoded and checked form of the query entries this process served, by
     entry key: a hit whose bytes are exactly those decoded before reuses their decoding
     (the document, its stamp, the body checked against the statement) instead of doing
-    it again, ~19 µs of a 1-row hit (benchmarks/results/speed.md).
+    it again, ~15 µs of a 1-row hit (benchmarks/results/speed.md).
 
     Nothing is served from here without Redis: the hit's MGET still reads the entry and
     its counters, the stamp is still compared with the counters just read, and only
