@@ -64,6 +64,8 @@ SLOTS = 16384
 
 # between two looks at the cluster's state while waiting for it to settle
 _POLL = 0.02
+# how long a reshard waits for the nodes to agree before it tells them the new owner again
+_SETTLE_S = 10.0
 
 
 class ClusterNotReady(ServerStartError):
@@ -404,10 +406,12 @@ class RedisCluster:
         node agrees.
         """
         target = to_node.node_id
+        moved: list[int] = []
         for slot in slots:
             source = self.owner_of(slot)
             if source.node_id == target:
                 continue
+            moved.append(slot)
             self._call(to_node, "CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
             self._call(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target)
             with contextlib.closing(source.admin()) as client:
@@ -424,7 +428,19 @@ class RedisCluster:
             for node in [to_node, source, *self.primaries()]:
                 with contextlib.suppress(redis.ResponseError):  # a replica refuses: fine
                     self._call(node, "CLUSTER", "SETSLOT", slot, "NODE", target)
-        self.wait_ok()
+        try:
+            self.wait_ok(timeout=_SETTLE_S)
+        except ClusterNotReady:
+            # Seen when one slot moves back and forth quickly: the new owner gives the
+            # slot back to a stale claim gossiped by its old owner, and the nodes never
+            # agree. Telling every primary again and making the new owner's config epoch
+            # the highest lets its claim win.
+            for slot in moved:
+                for node in [to_node, *self.primaries()]:
+                    with contextlib.suppress(redis.ResponseError):
+                        self._call(node, "CLUSTER", "SETSLOT", slot, "NODE", target)
+            self._call(to_node, "CLUSTER", "BUMPEPOCH")
+            self.wait_ok()
 
     def failover(self, primary: ClusterNode, *, kill: bool = False) -> ClusterNode:
         """Promote a replica of ``primary``; returns the new primary once the cluster is ok.
