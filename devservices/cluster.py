@@ -425,9 +425,7 @@ class RedisCluster:
                     if between_batches is not None:
                         between_batches(slot)
             # the target first, then the source, then everyone else (as redis-cli does)
-            for node in [to_node, source, *self.primaries()]:
-                with contextlib.suppress(redis.ResponseError):  # a replica refuses: fine
-                    self._call(node, "CLUSTER", "SETSLOT", slot, "NODE", target)
+            self._assign(slot, to_node, [source, *self.primaries()])
         try:
             self.wait_ok(timeout=_SETTLE_S)
         except ClusterNotReady:
@@ -436,11 +434,15 @@ class RedisCluster:
             # agree. Telling every primary again and making the new owner's config epoch
             # the highest lets its claim win.
             for slot in moved:
-                for node in [to_node, *self.primaries()]:
-                    with contextlib.suppress(redis.ResponseError):
-                        self._call(node, "CLUSTER", "SETSLOT", slot, "NODE", target)
+                self._assign(slot, to_node, self.primaries())
             self._call(to_node, "CLUSTER", "BUMPEPOCH")
             self.wait_ok()
+
+    def _assign(self, slot: int, owner: ClusterNode, others: Iterable[ClusterNode]) -> None:
+        """Tell ``owner``, then ``others``, that ``owner`` serves ``slot``."""
+        for node in [owner, *others]:
+            with contextlib.suppress(redis.ResponseError):  # a replica refuses: fine
+                self._call(node, "CLUSTER", "SETSLOT", slot, "NODE", owner.node_id)
 
     def failover(self, primary: ClusterNode, *, kill: bool = False) -> ClusterNode:
         """Promote a replica of ``primary``; returns the new primary once the cluster is ok.

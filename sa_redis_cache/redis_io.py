@@ -141,12 +141,17 @@ class RedisIO:
 
     def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA ``script``; on NOSCRIPT (a restarted or flushed server) load it and retry."""
-        client = self.client
         try:
-            return self._wait(client.evalsha(script.sha, len(keys), *keys, *args))
+            return self._evalsha(script, keys, args)
         except NoScriptError:
-            self._wait(client.script_load(script.source))
-            return self._wait(client.evalsha(script.sha, len(keys), *keys, *args))
+            self._script_load(script)
+            return self._evalsha(script, keys, args)
+
+    def _evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return self._wait(self.client.evalsha(script.sha, len(keys), *keys, *args))
+
+    def _script_load(self, script: Script) -> None:
+        self._wait(self.client.script_load(script.source))
 
     def look(
         self, keys: Sequence[str], lease_key: str, token: str
@@ -339,16 +344,16 @@ class SyncRedisIO(RedisIO):
             return cast("list[bytes | None]", compat.call_now(self.client, ("MGET", *keys)))
         return super().mget(keys)
 
-    def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """EVALSHA ``script``; on NOSCRIPT (a restarted or flushed server) load it and retry."""
-        if not compat.sends_directly(self.client):
-            return super().run_script(script, keys, args)
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        try:
-            return compat.call_now(self.client, command)
-        except NoScriptError:
+    def _evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if compat.sends_directly(self.client):
+            return compat.call_now(self.client, ("EVALSHA", script.sha, len(keys), *keys, *args))
+        return super()._evalsha(script, keys, args)
+
+    def _script_load(self, script: Script) -> None:
+        if compat.sends_directly(self.client):
             compat.call_now(self.client, ("SCRIPT", "LOAD", script.source))
-            return compat.call_now(self.client, command)
+        else:
+            super()._script_load(script)
 
 
 class AsyncRedisIO(RedisIO):
