@@ -761,7 +761,7 @@ class Cache:
             cache.detach()
         """
         self._core.remove_listeners()
-        self._hooks.uninstall_gets()
+        self._hooks.uninstall_direct_reads()
         if self._core.local is not None:
             self._core.local.stop()
         self._reads.auto.clear()

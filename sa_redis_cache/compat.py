@@ -135,6 +135,18 @@ def statement_mapper(statement: Any) -> Mapper[Any] | None:
     return mapper
 
 
+def statement_subject_mapper(statement: Any) -> Mapper[Any] | None:
+    """The mapper an ORM SELECT is about, which the session asks its binds for (as
+    ``bind_arguments["mapper"]``); None for anything else (Core, DML, text)."""
+    if not getattr(statement, "is_select", False):
+        return None
+    attrs = statement._propagate_attrs
+    if attrs.get("compile_state_plugin") != "orm":
+        return None
+    subject = attrs.get("plugin_subject")
+    return None if subject is None else subject.mapper  # a mapper, or an alias's
+
+
 def get_clause_pk(statement: Any, mapper: Mapper[Any], params: Any) -> tuple[Any, ...] | None:
     """The primary key of a ``session.get``/many-to-one lazy load statement, else None.
 

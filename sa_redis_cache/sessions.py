@@ -37,10 +37,11 @@ Example::
     hooks = SessionHooks(core, reads, invalidation, write_behind, engine_writes)
     hooks.register(Session)   # what Cache.attach() does
 
-The session class's ``get`` is also given a fast path (:meth:`SessionHooks.install_get`):
-a plain ``session.get`` whose row the entity cache holds (in the local tier, or in Redis)
-is built without SQLAlchemy's execute pipeline; everything else goes on to ``Session.get``
-and through the events above.
+The session class's ``get``, ``execute``, ``scalars`` and ``scalar`` are also given a fast
+path (:meth:`SessionHooks.install_direct_reads`): a plain ``session.get`` whose row the
+entity cache holds, or a ``FromCache`` statement whose entry it holds (in the local tier,
+or in Redis), is built without SQLAlchemy's execute pipeline; everything else goes on to
+SQLAlchemy's method and through the events above.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
+from . import compat
+from .reads import from_cache_in
+from .reads.flow import reads_directly
 from .transaction import peek_transaction_state, transaction_state
 
 if TYPE_CHECKING:
@@ -62,7 +66,17 @@ if TYPE_CHECKING:
     from .strategies.cache_aside import Invalidation
     from .strategies.write_behind.session import WriteBehind
 
-_SESSION_GET = Session.get  # SQLAlchemy's own, even once a class's get is replaced
+# SQLAlchemy's own, even once a class's methods are replaced
+_SESSION_GET = Session.get
+_SESSION_EXECUTE = Session.execute
+_SESSION_SCALARS = Session.scalars
+_SESSION_SCALAR = Session.scalar
+_SQLALCHEMY_READS: dict[str, Any] = {
+    "get": _SESSION_GET,
+    "execute": _SESSION_EXECUTE,
+    "scalars": _SESSION_SCALARS,
+    "scalar": _SESSION_SCALAR,
+}
 
 EVENTS = (
     "do_orm_execute",
@@ -93,53 +107,105 @@ class SessionHooks:
         self.invalidation = invalidation
         self.write_behind = write_behind
         self.engine_writes = engine_writes
-        self._gets: list[type[Session]] = []
+        # (class, method name) install_direct_reads replaced
+        self._replaced: list[tuple[type[Session], str]] = []
 
     def register(self, session_class: Any) -> None:
         """Listen on ``session_class`` (a sessionmaker or Session subclass), once per event."""
         for name in EVENTS:
             self.core.listen(session_class, name, getattr(self, name))
-        self.install_get(getattr(session_class, "class_", session_class))
+        self.install_direct_reads(getattr(session_class, "class_", session_class))
 
-    def install_get(self, session_class: type[Session]) -> None:
-        """Give ``session_class`` a ``get`` that serves entity-cache hits directly.
+    def install_direct_reads(self, session_class: type[Session]) -> None:
+        """Give ``session_class`` a ``get``, ``execute``, ``scalars`` and ``scalar`` that
+        serve cache hits before SQLAlchemy's execute pipeline.
 
-        Only a class whose ``get`` is SQLAlchemy's own: an application's override is left
-        alone (its gets still use the cache, through the execute pipeline). A call with
-        any keyword argument, or that the cache cannot answer, is ``Session.get``'s
-        (:meth:`~sa_redis_cache.reads.entities.EntityReads.direct_get`).
+        ``get``: entity-cache hits (:meth:`EntityReads.direct_get
+        <sa_redis_cache.reads.entities.EntityReads.direct_get>`); the others: hits of a
+        ``FromCache`` statement (:meth:`ReadPath.direct_read
+        <sa_redis_cache.reads.ReadPath.direct_read>`). Only in a session
+        :func:`~sa_redis_cache.reads.flow.reads_directly` allows, and only where the
+        method is SQLAlchemy's own: an application's override is left alone (its reads
+        still use the cache, through the pipeline). A call with parameters or any keyword
+        argument, or that the cache cannot answer, is SQLAlchemy's.
         """
-        if session_class.get is not _SESSION_GET:
-            return
-        entities = self.reads.entities
-        direct_get = entities.direct_get
+        reads = self.reads
+        flow = reads.flow
+        direct_get = reads.entities.direct_get
+        direct_read = reads.direct_read
+        serves_queued = self.write_behind.serves_queued
+
+        def read(session: Session, statement: Any) -> Result[Any] | None:
+            option = from_cache_in(getattr(statement, "_with_options", ()))
+            if option is None or not reads_directly(session):
+                return None
+            mapper = compat.statement_subject_mapper(statement)
+            if mapper is None or serves_queued(mapper):
+                return None  # a write-behind row's queued state comes first
+            return direct_read(session, statement, option, mapper)
+
+        def fallback(method: Any, session: Session, *args: Any) -> Any:
+            try:
+                return method(session, *args)
+            finally:
+                # a look the pipeline did not take (it returned before the read: the
+                # breaker opened, another thread left the table undelivered, an error) is
+                # a past look: a later read of the key must not start from it
+                flow.drop_handed()
 
         @functools.wraps(Session.get)
         def get(session: Session, entity: Any, ident: Any, **kw: Any) -> Any:
             if kw:
                 return _SESSION_GET(session, entity, ident, **kw)
             hit, found = direct_get(session, entity, ident)
-            if hit:
-                return found
-            try:
-                return _SESSION_GET(session, entity, ident)
-            finally:
-                # a look the pipeline did not take (it returned before the read: the
-                # breaker opened, another thread left the table undelivered, an error) is
-                # a past look: a later read of the key must not start from it
-                entities.drop_handed()
+            return found if hit else fallback(_SESSION_GET, session, entity, ident)
 
-        setattr(session_class, "get", get)  # noqa: B010 - a method, replaced on purpose
-        self._gets.append(session_class)
+        @functools.wraps(Session.execute)
+        def execute(session: Session, statement: Any, params: Any = None, **kw: Any) -> Any:
+            if params is None and not kw:
+                result = read(session, statement)
+                if result is not None:
+                    return result
+                return fallback(_SESSION_EXECUTE, session, statement)
+            return _SESSION_EXECUTE(session, statement, params, **kw)
 
-    def uninstall_gets(self) -> None:
-        """Give back SQLAlchemy's ``get`` to every class :meth:`install_get` changed."""
-        while self._gets:
-            session_class = self._gets.pop()
+        @functools.wraps(Session.scalars)
+        def scalars(session: Session, statement: Any, params: Any = None, **kw: Any) -> Any:
+            if params is None and not kw:
+                result = read(session, statement)
+                if result is not None:
+                    return result.scalars()
+                return fallback(_SESSION_SCALARS, session, statement)
+            return _SESSION_SCALARS(session, statement, params, **kw)
+
+        @functools.wraps(Session.scalar)
+        def scalar(session: Session, statement: Any, params: Any = None, **kw: Any) -> Any:
+            if params is None and not kw:
+                result = read(session, statement)
+                if result is not None:
+                    return result.scalar()
+                return fallback(_SESSION_SCALAR, session, statement)
+            return _SESSION_SCALAR(session, statement, params, **kw)
+
+        for name, method in (
+            ("get", get),
+            ("execute", execute),
+            ("scalars", scalars),
+            ("scalar", scalar),
+        ):
+            if getattr(session_class, name) is _SQLALCHEMY_READS[name]:
+                setattr(session_class, name, method)
+                self._replaced.append((session_class, name))
+
+    def uninstall_direct_reads(self) -> None:
+        """Give back SQLAlchemy's methods to every class :meth:`install_direct_reads`
+        changed."""
+        while self._replaced:
+            session_class, name = self._replaced.pop()
             if session_class is Session:
-                Session.get = _SESSION_GET  # type: ignore[method-assign]
-            elif "get" in vars(session_class):
-                delattr(session_class, "get")
+                setattr(Session, name, _SQLALCHEMY_READS[name])
+            elif name in vars(session_class):
+                delattr(session_class, name)
 
     def do_orm_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         """Serve a SELECT from the cache when it may; mark a bulk statement's tables."""

@@ -31,12 +31,28 @@ from .regions import RegionIndex
 from .relationships import RelationshipReads
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from sqlalchemy.engine import Result
-    from sqlalchemy.orm import ORMExecuteState, Session
+    from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 
     from sa_redis_cache.context import CacheContext
 
-__all__ = ["ReadPath", "StatementPlan", "entity_entry"]
+__all__ = ["ReadPath", "StatementPlan", "entity_entry", "from_cache_in"]
+
+
+def from_cache_in(options: Iterable[Any]) -> FromCache | None:
+    """The ``FromCache`` among a statement's options (the last one given), else None.
+
+    Example::
+
+        from_cache_in(select(Product).options(FromCache(ttl=60))._with_options)
+    """
+    found = None
+    for option in options:
+        if type(option) is FromCache:
+            found = option
+    return found
 
 
 class ReadPath:
@@ -53,10 +69,7 @@ class ReadPath:
 
     def on_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         """Serve a SELECT from the cache; returns a result to short-circuit the database."""
-        option = None
-        for opt in orm_context.user_defined_options:
-            if type(opt) is FromCache:
-                option = opt
+        option = from_cache_in(orm_context.user_defined_options)
         if option is None:
             if orm_context.is_relationship_load and not orm_context.lazy_loaded_from:
                 return None
@@ -70,8 +83,27 @@ class ReadPath:
                 return self.entities.read(orm_context)
         elif orm_context.is_relationship_load:
             return None
-        self.regions.note(orm_context, option)
+        self.regions.note(orm_context.bind_mapper, option)
         return self.queries.read(orm_context, option)
+
+    def direct_read(
+        self, session: Session, statement: Any, option: FromCache, mapper: Mapper[Any]
+    ) -> Result[Any] | None:
+        """The result of ``session.execute(statement)``, a ``FromCache`` statement about
+        ``mapper``, when it is a hit the cache can serve before SQLAlchemy's execute
+        pipeline, else None (the pipeline runs: :meth:`QueryReads.direct_read
+        <.queries.QueryReads.direct_read>`).
+
+        Example::
+
+            result = reads.direct_read(session, statement, option, mapper)
+            if result is None:
+                result = Session.execute(session, statement)
+        """
+        result = self.queries.direct_read(session, statement, option, mapper)
+        if result is not None:
+            self.regions.note(mapper, option)
+        return result
 
     def on_begin(self, session: Session, transaction: Any, connection: Any) -> None:
         """Under REPEATABLE READ or SERIALIZABLE, pin the versions before the snapshot.

@@ -8,11 +8,9 @@ the table's version captured before the database read (:mod:`.flow`).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy.orm import Session
 from sqlalchemy.orm.interfaces import UserDefinedOption
 
 from sa_redis_cache import compat, hydrate, stampede
@@ -24,12 +22,12 @@ from sa_redis_cache.protocol.scripts import COUNTER_TTL_MS, ROW_COUNTER_TTL_MS
 from sa_redis_cache.tracing import active_tracer
 from sa_redis_cache.transaction import peek_transaction_state
 
-from .flow import Look, Target
+from .flow import Look, Target, reads_directly
 from .queries import bypasses
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Result
-    from sqlalchemy.orm import ORMExecuteState
+    from sqlalchemy.orm import ORMExecuteState, Session
 
     from sa_redis_cache.context import CacheContext
     from sa_redis_cache.local import Mark
@@ -40,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DEFAULT_POLICY = CachePolicy()
-_PLAIN_GET_BIND = Session.get_bind
 
 
 class EntityReads:
@@ -56,8 +53,6 @@ class EntityReads:
         self.core = core
         self.flow = flow
         self.binds = core.binds
-        # (session, key, look) from direct_get to the pipeline's read it falls back to
-        self._handed = threading.local()
 
     def target(self, orm_context: ORMExecuteState) -> tuple[ModelInfo, tuple[Any, ...]] | None:
         """The model and primary key of a plain load by primary key, else None.
@@ -124,12 +119,7 @@ class EntityReads:
             pk = info.coerce_pk(pk)
         except ValueError:
             return False, None
-        if (
-            compat.identity_key(mapper, pk) in session.identity_map
-            or not compat.is_clean(session)
-            or len(session.dispatch.do_orm_execute) != 1
-            or type(session).get_bind is not _PLAIN_GET_BIND
-        ):
+        if compat.identity_key(mapper, pk) in session.identity_map or not reads_directly(session):
             return False, None
         tx = peek_transaction_state(session)
         if tx is not None and (tx.snapshot is not None or info.table in tx.written_tables):
@@ -138,7 +128,7 @@ class EntityReads:
             pk_str = pk_text(pk)
         except TypeError:
             return False, None
-        if not self.flow.trusted((info.table,)):
+        if not self.flow.trusted_quietly((info.table,)):
             return False, None
         bind = session.get_bind(mapper=mapper)
         database = self.binds.known(bind)
@@ -178,25 +168,8 @@ class EntityReads:
                 obj = hydrate.build_entity(session, info, prepared, shared=False)
                 core.counters.hit(scope, time.perf_counter() - started)
                 return True, obj
-        # the pipeline's read of this key uses this look as its first: it was read before
-        # any database read, so its counters are a capture like any other
-        self._handed.look = (session, key, look)
+        self.flow.hand(session, key, look)
         return False, None
-
-    def _handed_look(self, session: Session, key: str) -> tuple[bool, Look | None]:
-        """The look :meth:`direct_get` handed to this read of ``key``, if any (taken once)."""
-        handed = getattr(self._handed, "look", None)
-        if handed is None:
-            return False, None
-        self._handed.look = None
-        if handed[0] is not session or handed[1] != key:
-            return False, None
-        return True, handed[2]
-
-    def drop_handed(self) -> None:
-        """Forget a look :meth:`direct_get` handed on that no read took (see
-        :meth:`~sa_redis_cache.sessions.SessionHooks.install_get`)."""
-        self._handed.look = None
 
     def _counters(self, table: str, pk_str: str) -> list[str]:
         keys = self.core.keys  # formats each table's prefix once (KeyScheme.table_prefix)
@@ -241,7 +214,7 @@ class EntityReads:
         )
         key = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
         counters = self._counters(info.table, pk_str)
-        handed, first = self._handed_look(session, key)
+        handed, first = self.flow.take_handed(session, key)
         # under a pinned snapshot a missing counter reads as b"", which matches nothing
         pinned = None if tx is None or tx.snapshot is None else tx.snapshot.get(info.table) or b""
         mark: Mark | None = None

@@ -16,12 +16,15 @@ by ``AsyncSession`` (the event loop keeps running meanwhile), the synchronous on
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from redis.exceptions import RedisError
+from sqlalchemy.orm import Session
 
-from sa_redis_cache import hydrate, stampede
+from sa_redis_cache import compat, hydrate, stampede
+from sa_redis_cache.breaker import CLOSED
 from sa_redis_cache.codec import CodecError
 from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.local.store import estimated_size
@@ -39,6 +42,30 @@ if TYPE_CHECKING:
     from sa_redis_cache.tracing import Measurement
 
 log = logging.getLogger(__name__)
+
+_PLAIN_GET_BIND = Session.get_bind
+
+
+def reads_directly(session: Session) -> bool:
+    """Whether a read in ``session`` may be served before SQLAlchemy's execute pipeline
+    (``session.get``, ``session.execute`` of a ``FromCache`` statement: see
+    :meth:`ReadThrough.hand`), the session being one the pipeline would bring to the cache
+    and to nothing else: nothing to autoflush, no ``do_orm_execute`` listener but the
+    cache's (another could change what the read returns), no ``get_bind`` override, no
+    session-wide execution options (``Session(execution_options=...)``: they may bypass
+    the cache or translate schemas, which the pipeline's read sees).
+
+    Example::
+
+        if reads_directly(session):
+            ...  # the cache may answer before the pipeline runs
+    """
+    return (
+        len(session.dispatch.do_orm_execute) == 1
+        and type(session).get_bind is _PLAIN_GET_BIND
+        and not getattr(session, "execution_options", None)
+        and compat.is_clean(session)
+    )
 
 
 @dataclass(slots=True)
@@ -108,6 +135,38 @@ class ReadThrough:
 
     def __init__(self, core: CacheContext) -> None:
         self.core = core
+        # (session, key, look): a direct read's look, handed to the pipeline's read it
+        # falls back to (see hand())
+        self._handed = threading.local()
+
+    def hand(self, session: Session, key: str, look: Look | None) -> None:
+        """Hand a look that was no hit to the pipeline's read of ``key`` in ``session``.
+
+        A direct read (``session.get``, ``session.execute`` of a ``FromCache`` statement,
+        served before SQLAlchemy's execute pipeline) that is not a hit falls back to the
+        pipeline. Its look (a miss, an entry due for an early refresh, None for a Redis
+        error) was read before any database read, so its counters are a capture like any
+        other: the pipeline's read takes it as its first look (:meth:`take_handed`), and
+        a miss costs no second round trip, a Redis error no second timeout.
+        """
+        self._handed.look = (session, key, look)
+
+    def take_handed(self, session: Session, key: str) -> tuple[bool, Look | None]:
+        """``(True, look)`` when a direct read handed ``key``'s look in ``session`` (taken
+        once), else ``(False, None)``."""
+        handed = getattr(self._handed, "look", None)
+        if handed is None:
+            return False, None
+        self._handed.look = None
+        if handed[0] is not session or handed[1] != key:
+            return False, None
+        return True, handed[2]
+
+    def drop_handed(self) -> None:
+        """Forget a handed look no read took: the pipeline returned before reading (the
+        breaker opened, another thread left the table undelivered, an error). A later
+        read of the key must not start from a past look."""
+        self._handed.look = None
 
     def read_through(self, orm_context: ORMExecuteState, target: Target) -> Result[Any] | None:
         """Serve the entry, refresh it early, wait for its filler, or read and fill.
@@ -318,6 +377,21 @@ class ReadThrough:
             core.io().unlink(*keys)
         except RedisError as err:
             core.redis_failed(err)
+
+    def trusted_quietly(self, tables: Iterable[str]) -> bool:
+        """:meth:`trusted`, without changing anything: the breaker closed and no write of
+        ``tables`` waiting for delivery.
+
+        For a read served before SQLAlchemy's pipeline, which may still leave the read to
+        the pipeline after this check: taking the breaker's half-open probe (or delivering
+        writes) there would leave the pipeline's read without it, and a probe taken and
+        never used keeps the breaker shut until it goes stale.
+        """
+        core = self.core
+        undelivered = core.undelivered
+        return core.breaker.state is CLOSED and not (
+            undelivered and not undelivered.isdisjoint(tables)
+        )
 
     def trusted(self, tables: Iterable[str]) -> bool:
         """May the cache be used for ``tables`` now? (breaker closed, writes delivered)"""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -17,11 +18,13 @@ from sqlalchemy.sql.type_api import TypeEngine
 
 from sa_redis_cache import compat, hydrate, stampede
 from sa_redis_cache.binds import translate_map_of
+from sa_redis_cache.breaker import CLOSED
 from sa_redis_cache.codec import CodecError, RowCodec, UncacheableType, pack, unpack
 from sa_redis_cache.fingerprint import Unfingerprintable, fingerprint, values_digest
 from sa_redis_cache.local.store import estimated_size
 from sa_redis_cache.protocol.keys import query_digest
 from sa_redis_cache.stats import scope
+from sa_redis_cache.tracing import active_tracer
 from sa_redis_cache.transaction import peek_transaction_state
 
 from .flow import Look, Target
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
     from sa_redis_cache.context import CacheContext
     from sa_redis_cache.local import Mark
     from sa_redis_cache.options import FromCache
+    from sa_redis_cache.stats import Counter
     from sa_redis_cache.transaction import TransactionState
 
     from .flow import ReadThrough
@@ -183,17 +187,11 @@ class QueryReads:
             stats.incr(region, "bypassed")
             return None
         statement: Any = orm_context.statement
-        if compat.is_locking(statement):
-            stats.incr(region, "bypassed")  # a cached row takes no lock
+        planned = self._planned(statement)
+        if isinstance(planned, str):
+            stats.incr(region, planned)
             return None
-        cache_key = compat.statement_cache_key(statement)
-        if cache_key is None:
-            stats.incr(region, "uncacheable")
-            return None
-        plan = self.plan(cache_key.key, statement)
-        if plan is None:
-            stats.incr(region, "uncacheable")
-            return None
+        cache_key, plan = planned
         session = orm_context.session
         if compat.autoflush_requested(orm_context):
             compat.autoflush_pending(session)
@@ -206,10 +204,13 @@ class QueryReads:
         if database is None:
             stats.incr(region, "bypassed")
             return None
-        translate = translate_map_of(bind, exec_opts)
-        spread = plan.spread if option.spread is None else option.spread
-        entry_key = self.entry_key(
-            plan, cache_key.bindparams, orm_context.parameters, database, translate, spread
+        entry_key = self._entry_key_of(
+            plan,
+            cache_key,
+            orm_context.parameters,
+            database,
+            translate_map_of(bind, exec_opts),
+            option,
         )
         if entry_key is None:
             stats.incr(region, "uncacheable")
@@ -226,14 +227,106 @@ class QueryReads:
             and (tx is None or tx.snapshot is None)
         ):
             if local.serving():
-                entry = local.store.get(entry_key)
-                if entry is not None:
-                    result = hydrate.build(session, entry.value, plan.shape, shared=True)
-                    stats.incr_each(region, ("hits", "local_hits"), also=plan.scopes)
+                result = self._local_hit(session, plan, entry_key, region)
+                if result is not None:
                     return result
             stats.incr(region, "local_misses", also=plan.scopes)
             mark = local.hold(plan.tables)
         return self._cached_read(orm_context, option, plan, entry_key, tx, region, mark)
+
+    def direct_read(
+        self, session: Session, statement: Any, option: FromCache, mapper: Mapper[Any]
+    ) -> Result[Any] | None:
+        """``session.execute(statement)`` of a ``FromCache`` statement served without
+        SQLAlchemy's execute pipeline, as :meth:`EntityReads.direct_get
+        <sa_redis_cache.reads.entities.EntityReads.direct_get>` serves ``session.get``:
+        the result on a hit, else None. ``mapper``: the statement's subject, whose
+        binds the pipeline would ask for.
+
+        A hit in the local tier; or a hit in Redis of an entry whose last look in this
+        process found it, with the one MGET the pipeline's read would send. A Redis look
+        that is no hit is handed to the pipeline's read (:meth:`ReadThrough.hand
+        <sa_redis_cache.reads.flow.ReadThrough.hand>`). An entry not known to be there,
+        a local-tier miss, anything the pipeline's read would count or bypass, any
+        execution option, a pinned snapshot (REPEATABLE READ) or, for Redis, an active
+        tracer (the read's span is the pipeline's): the pipeline reads, having seen no
+        look. The session is one :func:`~sa_redis_cache.reads.flow.reads_directly` allows.
+        """
+        if statement._execution_options or self.core.breaker.state is not CLOSED:
+            return None
+        planned = self._planned(statement)
+        if isinstance(planned, str):
+            return None
+        cache_key, plan = planned
+        tx = peek_transaction_state(session)
+        if tx is not None and (
+            tx.snapshot is not None or not tx.written_tables.isdisjoint(plan.tables)
+        ):
+            return None
+        bind = session.get_bind(mapper=mapper, clause=statement)  # as the pipeline asks
+        database = self.binds.known(bind)
+        if database is None or not self.flow.trusted_quietly(plan.tables):
+            return None
+        entry_key = self._entry_key_of(
+            plan, cache_key, None, database, translate_map_of(bind), option
+        )
+        if entry_key is None:
+            return None
+        core = self.core
+        region = scope("region", option.region)
+        local = core.local
+        if local is not None and option.local and plan.local:
+            # a local miss is the pipeline's: it holds the tables before its Redis look
+            if local.serving():
+                return self._local_hit(session, plan, entry_key, region)
+            return None
+        started = time.perf_counter()
+        if entry_key not in self._hits_last or active_tracer(started) is not None:
+            return None
+        look = self._look(entry_key, plan, region, None)
+        if look is not None and look.found is not None:
+            timing = look.found[0]
+            if timing is None or not stampede.due(timing, option.xfetch_beta):
+                result = self._serve(session, look, plan, entry_key, None)
+                core.counters.hit(region, time.perf_counter() - started, also=plan.scopes)
+                return result
+        self.flow.hand(session, entry_key, look)
+        return None
+
+    def _planned(self, statement: Any) -> tuple[Any, StatementPlan] | Counter:
+        """SQLAlchemy's cache key of ``statement`` and its plan; or the counter a read that
+        cannot use the cache counts (``bypassed``: a locking read; ``uncacheable``)."""
+        if compat.is_locking(statement):
+            return "bypassed"  # a cached row takes no lock
+        cache_key = compat.statement_cache_key(statement)
+        if cache_key is None:
+            return "uncacheable"
+        plan = self.plan(cache_key.key, statement)
+        if plan is None:
+            return "uncacheable"
+        return cache_key, plan
+
+    def _entry_key_of(
+        self,
+        plan: StatementPlan,
+        cache_key: Any,
+        params: Any,
+        database: Database,
+        translate: Any,
+        option: FromCache,
+    ) -> str | None:
+        spread = plan.spread if option.spread is None else option.spread
+        return self.entry_key(plan, cache_key.bindparams, params, database, translate, spread)
+
+    def _local_hit(
+        self, session: Session, plan: StatementPlan, entry_key: str, region: str
+    ) -> Result[Any] | None:
+        entry = self.core.local.store.get(entry_key)  # type: ignore[union-attr]
+        if entry is None:
+            return None
+        result = hydrate.build(session, entry.value, plan.shape, shared=True)
+        self.core.counters.incr_each(region, ("hits", "local_hits"), also=plan.scopes)
+        return result
 
     def _cached_read(
         self,
@@ -247,27 +340,38 @@ class QueryReads:
     ) -> Result[Any] | None:
         session = orm_context.session
         core = self.core
+        # a direct read's look (direct_read); not under a local-tier hold, which must
+        # come before the look whose entry the local tier may keep
+        handed, first = self.flow.take_handed(session, entry_key)
+        handed = handed and mark is None
 
         def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool | None:
             body = hydrate.extract(data, plan.shape, core.models.info_of, preexisting)
             ttl = option.ttl or core.ttl_for_tables(plan.tables)
             return self._fill(entry_key, plan, look, body, ttl, option, delta, token, region)
 
+        def look_at(lease: str, *, if_absent: bool = False) -> Look | None:
+            nonlocal handed
+            if handed and not lease:
+                handed = False
+                return first
+            return self._look(entry_key, plan, region, tx, lease=lease, if_absent=if_absent)
+
         target = Target(
             key=entry_key,
             scope=region,
             also=plan.scopes,
-            look=lambda lease, if_absent=False: self._look(
-                entry_key, plan, region, tx, lease=lease, if_absent=if_absent
-            ),
+            look=look_at,
             serve=lambda look: self._serve(session, look, plan, entry_key, mark),
             fill=fill,
             lease=option.lease,
             lease_wait=option.lease_wait,
             xfetch_beta=option.xfetch_beta,
             stale_ttl=option.stale_ttl,
-            # a transaction pinned to a snapshot may not fill: its misses take no lease
+            # a transaction pinned to a snapshot may not fill: its misses take no lease;
+            # a handed look took none either
             lease_in_look=option.lease
+            and not handed
             and (tx is None or tx.snapshot is None)
             and entry_key not in self._hits_last,
         )

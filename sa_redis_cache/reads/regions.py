@@ -4,9 +4,11 @@ A query entry is valid only while the version of every table it read is unchange
 bumping the version of one table each of a region's statements reads retires all of the
 region's entries, and refuses every fill that read the database before the bump, in every
 process, with the guarantees of any other invalidation. The table chosen is the one of
-the statement's first entity (``orm_context.bind_mapper``); each process records it in a
-Redis set per region (``KeyScheme.region_key``) before the statement's first read, and
-again once a day while it keeps reading it (the set lives 7 days, as the counters).
+the statement's first entity (its subject mapper, ``orm_context.bind_mapper``); each
+process records it in a Redis set per region (``KeyScheme.region_key``) before the
+statement's first read, which SQLAlchemy's execute pipeline makes (a read served before
+the pipeline is a hit on an entry an earlier read of this process looked at), and again
+once a day while it keeps reading it (the set lives 7 days, as the counters).
 
 The cost of this coarseness: invalidating a region also retires the entries of other
 regions that read those tables (misses, never a wrong value).
@@ -14,7 +16,7 @@ regions that read those tables (misses, never a wrong value).
 Example::
 
     regions = RegionIndex(core)
-    regions.note(orm_context, option)     # called before each FromCache read
+    regions.note(orm_context.bind_mapper, option)   # called before each FromCache read
     regions.tables("pages")               # what cache.invalidate_region("pages") bumps
 """
 
@@ -32,7 +34,7 @@ from sa_redis_cache.protocol.scripts import COUNTER_TTL_MS
 from sa_redis_cache.stats import scope
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import ORMExecuteState
+    from sqlalchemy.orm import Mapper
 
     from sa_redis_cache.context import CacheContext
     from sa_redis_cache.options import FromCache
@@ -51,9 +53,9 @@ class RegionIndex:
         # (region, table) -> when this process last recorded it (monotonic seconds)
         self._noted: dict[tuple[str, str], float] = {}
 
-    def note(self, orm_context: ORMExecuteState, option: FromCache) -> None:
-        """Record the table that retires ``option.region``'s entry of this statement."""
-        mapper = orm_context.bind_mapper
+    def note(self, mapper: Mapper[Any] | None, option: FromCache) -> None:
+        """Record the table that retires ``option.region``'s entry of a statement about
+        ``mapper`` (its subject; None for none)."""
         table = None if mapper is None else mapper.local_table
         if not isinstance(table, Table):
             return  # no entity: invalidate_region cannot name it (documented)

@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     from sqlalchemy.engine import Result
-    from sqlalchemy.orm import ORMExecuteState, Session
+    from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 
     from sa_redis_cache.context import CacheContext
     from sa_redis_cache.models import ModelInfo
@@ -386,13 +386,21 @@ class WriteBehind:
 
     # -- reads -------------------------------------------------------------------------------
 
+    def serves_queued(self, mapper: Mapper[Any]) -> bool:
+        """Whether a SELECT about ``mapper`` must first go to :meth:`serve_queued` (a
+        write-behind model's rows: their queued state wins over any other)."""
+        return self._queued_info(mapper) is not None
+
+    def _queued_info(self, mapper: Mapper[Any] | None) -> ModelInfo | None:
+        info = self._info(mapper) if mapper is not None else None
+        return None if info is None or info.codec is None else info
+
     def serve_queued(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         """Serve primary-key loads of write-behind rows from their unflushed state."""
         if not orm_context.is_select:
             return None
-        mapper = orm_context.bind_mapper
-        info = self._info(mapper) if mapper is not None else None
-        if info is None or info.codec is None:
+        info = self._queued_info(orm_context.bind_mapper)
+        if info is None:
             return None
         pk = compat.get_clause_pk(orm_context.statement, info.mapper, orm_context.parameters)
         if pk is None or None in pk:
