@@ -293,7 +293,8 @@ _PREAMBLE = (
     "*dogpile recipe* = SQLAlchemy's dogpile_caching recipe (pickled FrozenResult, "
     "merge_frozen_result), written afresh in `benchmarks/dogpile_recipe.py`; *SQLAlchemy "
     "pipeline only* = a do_orm_execute hook returning a ready result, i.e. what any cache "
-    "built on do_orm_execute pays before its own work; *bound* (misses and commits) = the "
+    "built on do_orm_execute pays before its own work (ours serves its hits before the "
+    "pipeline; the recipe pays it); *bound* (misses and commits) = the "
     "same call paying only the cache's Redis round trips, at the cache's points and "
     "carrying nothing (a no-op script), i.e. what no cache work could get under."
 )

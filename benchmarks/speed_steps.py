@@ -9,11 +9,12 @@ process (medians of N rounds, 2,000 by default):
 * the ``MGET`` our hit sends (the entry and its counters), sent as ours is
   (``compat.call_now``), with nothing done with it;
 * SQLAlchemy's execute pipeline alone (a ``do_orm_execute`` hook returning a ready
-  result; ``session.get`` included, which the Redis tier's fast ``get`` no longer runs);
+  result), for a select and for ``session.get``: what a hit served before the pipeline
+  (both are, ``sessions.SessionHooks.install_direct_reads``) no longer pays;
 * opening and closing a session, which every contender's call includes.
 
-What is left of the hit after its ``MGET``, the pipeline it runs and the session is the
-library's own work (keys, decode, building objects, counters). Needs ``DATABASE_URL``
+What is left of the hit after its ``MGET`` and the session is the library's own work
+(keys, decode, building objects, counters). Needs ``DATABASE_URL``
 and ``REDIS_URL`` as :mod:`benchmarks.run` does (``python -m devservices -- ...``).
 benchmarks/results/speed.md quotes its output before and after issue 15.
 """
@@ -128,8 +129,8 @@ def main() -> None:
     hit, get = med["FromCache hit, 1 row"], med["session.get hit"]
     print(f"\nhit ÷ floor {hit / med['floor (FromCache entry)']:.2f}{TIMES}, ", end="")
     print(f"get ÷ floor {get / med['floor (entity entry)']:.2f}{TIMES}")
-    rest = hit - med["MGET of the hit's 3 keys"] - med["SQLAlchemy pipeline, select"]
-    print(f"FromCache hit: the library's own work ≈ {rest:.1f} µs")
+    rest = hit - med["MGET of the hit's 3 keys"] - med["an empty session"]
+    print(f"FromCache hit (without the pipeline): the library's own work ≈ {rest:.1f} µs")
     rest_get = get - med["MGET of the get's 4 keys"] - med["an empty session"]
     print(f"session.get hit (without the pipeline): the library's own work ≈ {rest_get:.1f} µs")
 
