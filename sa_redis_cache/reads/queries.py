@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from sa_redis_cache.binds import Database
     from sa_redis_cache.context import CacheContext
-    from sa_redis_cache.local import Mark
+    from sa_redis_cache.local import LocalTier, Mark
     from sa_redis_cache.options import FromCache
     from sa_redis_cache.stats import Counter
     from sa_redis_cache.transaction import TransactionState
@@ -227,7 +227,7 @@ class QueryReads:
             and (tx is None or tx.snapshot is None)
         ):
             if local.serving():
-                result = self._local_hit(session, plan, entry_key, region)
+                result = self._local_hit(local, session, plan, entry_key, region)
                 if result is not None:
                     return result
             stats.incr(region, "local_misses", also=plan.scopes)
@@ -252,6 +252,7 @@ class QueryReads:
         tracer (the read's span is the pipeline's): the pipeline reads, having seen no
         look. The session is one :func:`~sa_redis_cache.reads.flow.reads_directly` allows.
         """
+        # during an outage the pipeline's read bypasses the cache: nothing to compute here
         if statement._execution_options or self.core.breaker.state is not CLOSED:
             return None
         planned = self._planned(statement)
@@ -278,7 +279,7 @@ class QueryReads:
         if local is not None and option.local and plan.local:
             # a local miss is the pipeline's: it holds the tables before its Redis look
             if local.serving():
-                return self._local_hit(session, plan, entry_key, region)
+                return self._local_hit(local, session, plan, entry_key, region)
             return None
         started = time.perf_counter()
         if entry_key not in self._hits_last or active_tracer(started) is not None:
@@ -319,9 +320,9 @@ class QueryReads:
         return self.entry_key(plan, cache_key.bindparams, params, database, translate, spread)
 
     def _local_hit(
-        self, session: Session, plan: StatementPlan, entry_key: str, region: str
+        self, local: LocalTier, session: Session, plan: StatementPlan, entry_key: str, region: str
     ) -> Result[Any] | None:
-        entry = self.core.local.store.get(entry_key)  # type: ignore[union-attr]
+        entry = local.store.get(entry_key)
         if entry is None:
             return None
         result = hydrate.build(session, entry.value, plan.shape, shared=True)
