@@ -57,6 +57,8 @@ from .reads.flow import reads_directly
 from .transaction import peek_transaction_state, transaction_state
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sqlalchemy.engine import Result
     from sqlalchemy.orm import ORMExecuteState, UOWTransaction
 
@@ -160,32 +162,24 @@ class SessionHooks:
             hit, found = direct_get(session, entity, ident)
             return found if hit else fallback(_SESSION_GET, session, entity, ident)
 
-        @functools.wraps(Session.execute)
-        def execute(session: Session, statement: Any, params: Any = None, **kw: Any) -> Any:
-            if params is None and not kw:
-                result = read(session, statement)
-                if result is not None:
-                    return result
-                return fallback(_SESSION_EXECUTE, session, statement)
-            return _SESSION_EXECUTE(session, statement, params, **kw)
+        def statement_reader(method: Any, finish: Callable[[Result[Any]], Any]) -> Any:
+            """SQLAlchemy's ``method`` (execute, scalars, scalar), a hit answered first;
+            ``finish`` turns the hit's result into what ``method`` returns."""
 
-        @functools.wraps(Session.scalars)
-        def scalars(session: Session, statement: Any, params: Any = None, **kw: Any) -> Any:
-            if params is None and not kw:
+            @functools.wraps(method)
+            def reader(session: Session, statement: Any, params: Any = None, **kw: Any) -> Any:
+                if params is not None or kw:
+                    return method(session, statement, params, **kw)
                 result = read(session, statement)
                 if result is not None:
-                    return result.scalars()
-                return fallback(_SESSION_SCALARS, session, statement)
-            return _SESSION_SCALARS(session, statement, params, **kw)
+                    return finish(result)
+                return fallback(method, session, statement)
 
-        @functools.wraps(Session.scalar)
-        def scalar(session: Session, statement: Any, params: Any = None, **kw: Any) -> Any:
-            if params is None and not kw:
-                result = read(session, statement)
-                if result is not None:
-                    return result.scalar()
-                return fallback(_SESSION_SCALAR, session, statement)
-            return _SESSION_SCALAR(session, statement, params, **kw)
+            return reader
+
+        execute = statement_reader(_SESSION_EXECUTE, lambda result: result)
+        scalars = statement_reader(_SESSION_SCALARS, lambda result: result.scalars())
+        scalar = statement_reader(_SESSION_SCALAR, lambda result: result.scalar())
 
         for name, method in (
             ("get", get),

@@ -18,6 +18,7 @@ from examples.shop import Base, Product, seed
 from sa_redis_cache import Cache
 from sa_redis_cache.redis_io import client_from_url
 from tests.modes import CLUSTER_MODES, MODES, Runner
+from tests.seams import RedisTap
 from tests.support import SQLCounter, Two
 
 if TYPE_CHECKING:
@@ -48,8 +49,20 @@ def shop_engine(engine: sa.Engine) -> sa.Engine:
 
 
 @pytest.fixture
-def cache_client(redis_url: str) -> redis.Redis:
-    """The Redis client of ``cache`` (a module may override this fixture, e.g. to tap it)."""
+def redis_tap() -> RedisTap:
+    """A tap on the Redis transport: its listeners see every round trip of the clients it
+    makes (:class:`tests.seams.RedisTap`)."""
+    return RedisTap()
+
+
+@pytest.fixture
+def cache_client(redis_url: str, request: pytest.FixtureRequest) -> redis.Redis:
+    """The Redis client of ``cache`` (a module may override this fixture). Tapped by
+    ``redis_tap`` in a module that sets ``TAPS_CACHE = True``: its tests see the cache's
+    round trips."""
+    if getattr(request.module, "TAPS_CACHE", False):
+        tap: RedisTap = request.getfixturevalue("redis_tap")
+        return tap.client(redis_url)
     return redis.Redis.from_url(redis_url)
 
 

@@ -13,7 +13,6 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import redis
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -30,15 +29,7 @@ if TYPE_CHECKING:
     from sa_redis_cache import Cache
 
 
-@pytest.fixture
-def redis_tap() -> RedisTap:
-    return RedisTap()
-
-
-@pytest.fixture
-def cache_client(redis_url: str, redis_tap: RedisTap) -> redis.Redis:
-    """The cache's client, tapped: the tests see its round trips."""
-    return redis_tap.client(redis_url)
+TAPS_CACHE = True  # the cache's client is tapped: tests see its round trips (conftest)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import redis
 from sqlalchemy.orm import loading
 
 from examples.shop import Category, Product
@@ -23,15 +22,7 @@ if TYPE_CHECKING:
     from tests.support import SQLCounter
 
 
-@pytest.fixture
-def redis_tap() -> RedisTap:
-    return RedisTap()
-
-
-@pytest.fixture
-def cache_client(redis_url: str, redis_tap: RedisTap) -> redis.Redis:
-    """The cache's client, tapped: the tests see its round trips."""
-    return redis_tap.client(redis_url)
+TAPS_CACHE = True  # the cache's client is tapped: tests see its round trips (conftest)
 
 
 @pytest.fixture

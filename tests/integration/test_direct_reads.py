@@ -30,15 +30,7 @@ if TYPE_CHECKING:
     from tests.support import SQLCounter
 
 
-@pytest.fixture
-def redis_tap() -> RedisTap:
-    return RedisTap()
-
-
-@pytest.fixture
-def cache_client(redis_url: str, redis_tap: RedisTap) -> redis.Redis:
-    """The cache's client, tapped: the tests see its round trips."""
-    return redis_tap.client(redis_url)
+TAPS_CACHE = True  # the cache's client is tapped: tests see its round trips (conftest)
 
 
 @pytest.fixture
@@ -67,16 +59,22 @@ def warm(factory: sessionmaker[Session], statement: Any) -> None:
             s.execute(statement).all()
 
 
+@pytest.fixture
+def known(session_factory: sessionmaker[Session], product: int) -> sa.Select[Any]:
+    """The product's ``FromCache`` statement, warmed: its entry is known to be there."""
+    statement = by_id(product)
+    warm(session_factory, statement)
+    return statement
+
+
 def test_a_hit_skips_the_execute_pipeline_in_execute_scalars_and_scalar(
     session_factory: sessionmaker[Session],
     cache: Cache,
     sql: SQLCounter,
-    product: int,
+    known: sa.Select[Any],
     pipeline_runs: list[Any],
 ) -> None:
-    statement = by_id(product)
-    warm(session_factory, statement)
-    assert len(pipeline_runs) == 3  # the miss (its look, its database read), the hit
+    statement = known
     hits_before = cache.stats()["regions"]["default"]["hits"]
     sql.reset()
     pipeline_runs.clear()
@@ -124,12 +122,12 @@ def test_a_miss_after_a_write_looks_once_and_reads_the_new_row(
     redis_tap: RedisTap,
     sql: SQLCounter,
     product: int,
+    known: sa.Select[Any],
 ) -> None:
     """The fast path's look (an MGET that finds the entry retired) is the pipeline's first
     look: the miss costs what it costs without the fast path (the look, the lease, the
     fill), with no second look before the database read."""
-    statement = by_id(product)
-    warm(session_factory, statement)
+    statement = known
     with session_factory() as s:
         s.get_one(Product, product).name = "renamed"
         s.commit()
@@ -155,9 +153,9 @@ def test_a_redis_error_in_the_fast_look_is_the_reads_only_attempt(
     redis_tap: RedisTap,
     sql: SQLCounter,
     product: int,
+    known: sa.Select[Any],
 ) -> None:
-    statement = by_id(product)
-    warm(session_factory, statement)
+    statement = known
     attempts: list[RoundTrip] = []
 
     def fail_reads(trip: RoundTrip) -> None:
@@ -179,13 +177,12 @@ def test_a_redis_error_in_the_fast_look_is_the_reads_only_attempt(
 
 def test_another_do_orm_execute_listener_sees_every_read(
     session_factory: sessionmaker[Session],
-    product: int,
+    known: sa.Select[Any],
     pipeline_runs: list[Any],
 ) -> None:
     """A listener may change what a read returns (``with_loader_criteria`` for tenants):
     the cache must not answer before it."""
-    statement = by_id(product)
-    warm(session_factory, statement)
+    statement = known
     seen: list[Any] = []
 
     def hide_scratch_products(orm_context: Any) -> None:
@@ -207,10 +204,10 @@ def test_execution_options_parameters_and_keywords_take_the_pipeline(
     session_factory: sessionmaker[Session],
     sql: SQLCounter,
     product: int,
+    known: sa.Select[Any],
     pipeline_runs: list[Any],
 ) -> None:
-    statement = by_id(product)
-    warm(session_factory, statement)
+    statement = known
     pipeline_runs.clear()
     sql.reset()
     with session_factory() as s:
@@ -228,10 +225,9 @@ def test_execution_options_parameters_and_keywords_take_the_pipeline(
 
 
 def test_pending_changes_are_flushed_before_the_read(
-    session_factory: sessionmaker[Session], sql: SQLCounter, product: int
+    session_factory: sessionmaker[Session], sql: SQLCounter, product: int, known: sa.Select[Any]
 ) -> None:
-    statement = by_id(product)
-    warm(session_factory, statement)
+    statement = known
     with session_factory() as s:
         s.get_one(Product, product).price = Decimal("9.50")
         sql.reset()
@@ -283,14 +279,13 @@ def categories_renamed_back(shop_engine: sa.Engine) -> Iterator[None]:
 
 def test_a_hit_inside_a_transaction_that_wrote_another_table(
     session_factory: sessionmaker[Session],
-    product: int,
+    known: sa.Select[Any],
     pipeline_runs: list[Any],
     categories_renamed_back: None,
 ) -> None:
     """A transaction that wrote another table still reads this one from the cache; once
     it writes this table, from the database (its own uncommitted row)."""
-    statement = by_id(product)
-    warm(session_factory, statement)
+    statement = known
     with session_factory() as s:
         s.get_one(Category, 1).name = "renamed in a transaction"
         s.flush()
@@ -315,11 +310,11 @@ def test_session_wide_execution_options_take_the_pipeline(
     session_factory: sessionmaker[Session],
     sql: SQLCounter,
     product: int,
+    known: sa.Select[Any],
 ) -> None:
     """``Session(execution_options=...)`` reaches every read of the session: a
     ``populate_existing`` there bypasses the cache for ``get`` and ``FromCache`` alike."""
-    statement = by_id(product)
-    warm(session_factory, statement)
+    statement = known
     with session_factory() as s:
         s.get_one(Product, product)
     with session_factory() as s:

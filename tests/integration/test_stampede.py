@@ -10,7 +10,6 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import pytest
-import redis
 import sqlalchemy as sa
 from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,15 +27,7 @@ CALLERS = 64
 TIMEOUT = 60
 
 
-@pytest.fixture
-def redis_tap() -> RedisTap:
-    return RedisTap()
-
-
-@pytest.fixture
-def cache_client(redis_url: str, redis_tap: RedisTap) -> redis.Redis:
-    """The cache's client, tapped: the tests see its lease requests and polls."""
-    return redis_tap.client(redis_url)
+TAPS_CACHE = True  # the cache's client is tapped: tests see its round trips (conftest)
 
 
 @pytest.fixture
