@@ -68,6 +68,50 @@ if TYPE_CHECKING:
     from .strategies.cache_aside import Invalidation
     from .strategies.write_behind.session import WriteBehind
 
+# what AsyncSession adds to the execution options of every execute, scalars and scalar:
+# a result served from the cache is buffered already
+_ASYNC_EXECUTE_OPTIONS = {"prebuffer_rows": True}
+# the keyword arguments AsyncSession.get passes, all given as their defaults
+_GET_KEYWORDS = frozenset(
+    ("options", "populate_existing", "with_for_update", "identity_token", "execution_options")
+)
+
+
+def plain_execute(kw: dict[str, Any]) -> bool:
+    """Whether ``execute``/``scalars``/``scalar`` keyword arguments leave the read as a
+    call with the statement alone would be: none, or ``AsyncSession``'s defaults (no bind
+    arguments, no execution options but ``prebuffer_rows``).
+
+    Example::
+
+        >>> plain_execute({"execution_options": {"prebuffer_rows": True}, "bind_arguments": None})
+        True
+        >>> plain_execute({"execution_options": {"populate_existing": True}})
+        False
+    """
+    for name, value in kw.items():
+        if name == "execution_options":
+            if value and dict(value) != _ASYNC_EXECUTE_OPTIONS:
+                return False
+        elif name != "bind_arguments" or value:
+            return False
+    return True
+
+
+def plain_get(kw: dict[str, Any]) -> bool:
+    """Whether ``get`` keyword arguments leave the load as ``session.get(entity, ident)``
+    would be: none, or each given as its default (as ``AsyncSession.get`` passes them).
+
+    Example::
+
+        >>> plain_get({"options": None, "populate_existing": False, "execution_options": {}})
+        True
+        >>> plain_get({"populate_existing": True})
+        False
+    """
+    return all(name in _GET_KEYWORDS and not value for name, value in kw.items())
+
+
 # SQLAlchemy's own, even once a class's methods are replaced
 _SESSION_GET = Session.get
 _SESSION_EXECUTE = Session.execute
@@ -128,8 +172,10 @@ class SessionHooks:
         <sa_redis_cache.reads.ReadPath.direct_read>`). Only in a session
         :func:`~sa_redis_cache.reads.flow.reads_directly` allows, and only where the
         method is SQLAlchemy's own: an application's override is left alone (its reads
-        still use the cache, through the pipeline). A call with parameters or any keyword
-        argument, or that the cache cannot answer, is SQLAlchemy's.
+        still use the cache, through the pipeline). A call with parameters or keyword
+        arguments that change the read (anything but what ``AsyncSession`` passes by
+        default: :func:`plain_execute`, :func:`plain_get`), or that the cache cannot
+        answer, is SQLAlchemy's.
         """
         reads = self.reads
         flow = reads.flow
@@ -146,9 +192,9 @@ class SessionHooks:
                 return None  # a write-behind row's queued state comes first
             return direct_read(session, statement, option, mapper)
 
-        def fallback(method: Any, session: Session, *args: Any) -> Any:
+        def fallback(method: Any, session: Session, *args: Any, **kw: Any) -> Any:
             try:
-                return method(session, *args)
+                return method(session, *args, **kw)
             finally:
                 # a look the pipeline did not take (it returned before the read: the
                 # breaker opened, another thread left the table undelivered, an error) is
@@ -157,10 +203,10 @@ class SessionHooks:
 
         @functools.wraps(Session.get)
         def get(session: Session, entity: Any, ident: Any, **kw: Any) -> Any:
-            if kw:
+            if not plain_get(kw):
                 return _SESSION_GET(session, entity, ident, **kw)
             hit, found = direct_get(session, entity, ident)
-            return found if hit else fallback(_SESSION_GET, session, entity, ident)
+            return found if hit else fallback(_SESSION_GET, session, entity, ident, **kw)
 
         def statement_reader(method: Any, finish: Callable[[Result[Any]], Any]) -> Any:
             """SQLAlchemy's ``method`` (execute, scalars, scalar), a hit answered first;
@@ -168,12 +214,12 @@ class SessionHooks:
 
             @functools.wraps(method)
             def reader(session: Session, statement: Any, params: Any = None, **kw: Any) -> Any:
-                if params is not None or kw:
+                if params is not None or not plain_execute(kw):
                     return method(session, statement, params, **kw)
                 result = read(session, statement)
                 if result is not None:
                     return finish(result)
-                return fallback(method, session, statement)
+                return fallback(method, session, statement, **kw)
 
             return reader
 

@@ -11,6 +11,7 @@ Redis error no second round trip.
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +19,12 @@ import pytest
 import redis
 import sqlalchemy as sa
 from sqlalchemy import event, select
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from examples.shop import Category, Product
 from sa_redis_cache import Cache, FromCache
+from tests.modes import async_url
 from tests.seams import RedisTap, RoundTrip
 
 if TYPE_CHECKING:
@@ -389,3 +392,55 @@ def test_the_breakers_probe_is_left_to_the_pipeline(
         assert s.scalars(by_id(product)).one().id == product
     assert breaker.state == "closed"
     assert cache.stats()["regions"]["default"]["misses"] == 2  # the warm-up and this one
+
+
+def test_asyncsession_hits_skip_the_execute_pipeline_too(
+    database_url: str,
+    redis_url: str,
+    namespace: str,
+    product: int,
+    pipeline_runs: list[Any],
+) -> None:
+    """``AsyncSession`` passes its own defaults (``prebuffer_rows``, ``options=None``...)
+    to the sync session's methods: they are plain calls, served the same way, through the
+    asyncio client; anything else it passes takes the pipeline."""
+    cache = Cache(redis_url, namespace=namespace)
+    statement = by_id(product)
+    outcome: dict[str, Any] = {}
+
+    async def main() -> None:
+        engine = create_async_engine(async_url(database_url))
+        factory = async_sessionmaker(engine)
+        cache.attach(factory)
+        try:
+            for _ in range(2):  # fills, then hits through the pipeline
+                async with factory() as s:
+                    (await s.execute(statement)).all()
+                    await s.get(Product, product)
+            pipeline_runs.clear()
+            async with factory() as s:
+                outcome["execute"] = (await s.execute(statement)).scalar_one().name
+                outcome["scalars"] = (await s.scalars(statement)).one().name
+                outcome["scalar"] = (await s.scalar(statement)).name
+            async with factory() as s:
+                got = await s.get(Product, product)
+                outcome["get"] = None if got is None else got.name
+            outcome["direct"] = len(pipeline_runs)
+            async with factory() as s:
+                fresh = await s.get(Product, product, populate_existing=True)
+                outcome["populate_existing"] = None if fresh is None else fresh.name
+            outcome["with it"] = len(pipeline_runs)
+        finally:
+            cache.detach()
+            await cache.aclose()
+            await engine.dispose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        cache.client.close()
+    names = {k: outcome[k] for k in ("execute", "scalars", "scalar", "get", "populate_existing")}
+    assert set(names.values()) == {"scratch"}
+    assert outcome["direct"] == 0
+    assert outcome["with it"] == 1
+    assert cache.stats()["regions"]["default"]["hits"] == 4  # one pipeline hit, three direct
