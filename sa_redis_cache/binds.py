@@ -39,6 +39,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sa_redis_cache import compat
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -212,6 +214,23 @@ class Binds:
                 self._scopes.clear()
             self._scopes[memo] = found
         return found
+
+
+def session_translate_map(
+    session: Session, bind: Engine | Connection, options: Mapping[str, Any] | None = None
+) -> Any:
+    """The ``schema_translate_map`` a statement of ``session`` on ``bind`` runs under: the
+    statement's options first, then those of the connection the session's transaction
+    holds for ``bind`` (``session.connection(execution_options={...})``, SQLAlchemy's way
+    to give one session a tenant's schema), then the bind's.
+
+    Example::
+
+        session.connection(execution_options={"schema_translate_map": {None: "t1"}})
+        session_translate_map(session, engine)   # {None: "t1"}
+    """
+    connection = compat.session_connection(session, bind)
+    return translate_map_of(bind if connection is None else connection, options)
 
 
 def translate_map_of(bind: Engine | Connection, options: Mapping[str, Any] | None = None) -> Any:

@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover - SQLAlchemy 2.0
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
 
-    from sqlalchemy.engine import Result
+    from sqlalchemy.engine import Connection, Result
     from sqlalchemy.orm import Mapper, ORMExecuteState, Session
     from sqlalchemy.orm.identity import IdentityMap
     from sqlalchemy.orm.state import InstanceState
@@ -135,11 +135,22 @@ def statement_mapper(statement: Any) -> Mapper[Any] | None:
     return mapper
 
 
-def statement_subject_mapper(statement: Any) -> Mapper[Any] | None:
-    """The mapper an ORM SELECT is about, which the session asks its binds for (as
-    ``bind_arguments["mapper"]``); None for anything else (Core, DML, text)."""
-    if not getattr(statement, "is_select", False):
+def session_connection(session: Session, bind: Any) -> Connection | None:
+    """The connection ``session``'s transaction already holds for ``bind``, if any (never
+    a new one): made by ``session.connection(execution_options=...)`` or an earlier
+    statement, it carries the execution options the session's statements run under."""
+    transaction = session.get_transaction()
+    if transaction is None:
         return None
+    found = transaction._connections.get(bind)
+    return None if found is None else found[0]
+
+
+def statement_subject_mapper(statement: Any) -> Mapper[Any] | None:
+    """The mapper an ORM ``select()`` is about, which the session asks its binds for (as
+    ``bind_arguments["mapper"]``); None for anything else (Core, DML, text, UNION)."""
+    if not isinstance(statement, selectable.Select):
+        return None  # a compound select (UNION) asks the session for no mapper's bind
     attrs = statement._propagate_attrs
     if attrs.get("compile_state_plugin") != "orm":
         return None

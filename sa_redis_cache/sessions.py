@@ -71,16 +71,26 @@ if TYPE_CHECKING:
 # what AsyncSession adds to the execution options of every execute, scalars and scalar:
 # a result served from the cache is buffered already
 _ASYNC_EXECUTE_OPTIONS = {"prebuffer_rows": True}
-# the keyword arguments AsyncSession.get passes, all given as their defaults
+# keyword arguments a plain call may carry at their defaults (None, empty): what
+# AsyncSession and scoped_session pass on for the arguments their callers left out
+_EXECUTE_KEYWORDS = frozenset(("bind_arguments", "_parent_execute_state", "_add_event"))
 _GET_KEYWORDS = frozenset(
-    ("options", "populate_existing", "with_for_update", "identity_token", "execution_options")
+    (
+        "options",
+        "populate_existing",
+        "with_for_update",
+        "identity_token",
+        "execution_options",
+        "bind_arguments",
+    )
 )
 
 
 def plain_execute(kw: dict[str, Any]) -> bool:
     """Whether ``execute``/``scalars``/``scalar`` keyword arguments leave the read as a
-    call with the statement alone would be: none, or ``AsyncSession``'s defaults (no bind
-    arguments, no execution options but ``prebuffer_rows``).
+    call with the statement alone would be: none, or the defaults ``AsyncSession`` and
+    ``scoped_session`` pass on (no bind arguments, no execution options but
+    ``prebuffer_rows``).
 
     Example::
 
@@ -93,14 +103,15 @@ def plain_execute(kw: dict[str, Any]) -> bool:
         if name == "execution_options":
             if value and dict(value) != _ASYNC_EXECUTE_OPTIONS:
                 return False
-        elif name != "bind_arguments" or value:
+        elif name not in _EXECUTE_KEYWORDS or value:
             return False
     return True
 
 
 def plain_get(kw: dict[str, Any]) -> bool:
     """Whether ``get`` keyword arguments leave the load as ``session.get(entity, ident)``
-    would be: none, or each given as its default (as ``AsyncSession.get`` passes them).
+    would be: none, or each given as its default (as ``AsyncSession.get`` and
+    ``scoped_session.get`` pass them).
 
     Example::
 
@@ -153,8 +164,8 @@ class SessionHooks:
         self.invalidation = invalidation
         self.write_behind = write_behind
         self.engine_writes = engine_writes
-        # (class, method name) install_direct_reads replaced
-        self._replaced: list[tuple[type[Session], str]] = []
+        # (class, method name, the method set) install_direct_reads replaced
+        self._replaced: list[tuple[type[Session], str, Any]] = []
 
     def register(self, session_class: Any) -> None:
         """Listen on ``session_class`` (a sessionmaker or Session subclass), once per event."""
@@ -235,16 +246,18 @@ class SessionHooks:
         ):
             if getattr(session_class, name) is _SQLALCHEMY_READS[name]:
                 setattr(session_class, name, method)
-                self._replaced.append((session_class, name))
+                self._replaced.append((session_class, name, method))
 
     def uninstall_direct_reads(self) -> None:
         """Give back SQLAlchemy's methods to every class :meth:`install_direct_reads`
         changed."""
         while self._replaced:
-            session_class, name = self._replaced.pop()
+            session_class, name, method = self._replaced.pop()
+            if vars(session_class).get(name) is not method:
+                continue  # replaced again since, by the application: its own now
             if session_class is Session:
                 setattr(Session, name, _SQLALCHEMY_READS[name])
-            elif name in vars(session_class):
+            else:
                 delattr(session_class, name)
 
     def do_orm_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:

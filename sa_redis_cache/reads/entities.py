@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy.orm.interfaces import UserDefinedOption
 
 from sa_redis_cache import compat, hydrate, stampede
-from sa_redis_cache.binds import translate_map_of
+from sa_redis_cache.binds import session_translate_map
 from sa_redis_cache.codec import CodecError, pack, unpack
 from sa_redis_cache.policy import CachePolicy, Strategy
 from sa_redis_cache.protocol import pk_text
@@ -134,7 +134,7 @@ class EntityReads:
         database = self.binds.known(bind)
         if database is None:
             return False, None
-        row_scope = core.entity_scope(info, database, translate_map_of(bind))
+        row_scope = core.entity_scope(info, database, session_translate_map(session, bind))
         key = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
         if local is not None:
             entry = local.store.get(key)
@@ -157,9 +157,9 @@ class EntityReads:
         counters = self._counters(info.table, pk_str)
         look = self._look(key, counters, info, None, scope, "")
         if look is not None and look.found is not None:
-            timing, body = look.found
+            body = look.found[1]
             policy = info.policy or _DEFAULT_POLICY
-            if timing is None or not stampede.due(timing, policy.xfetch_beta):
+            if not look.due_now(policy.xfetch_beta):
                 try:
                     prepared = hydrate.prepare_entity(info, body, pk)
                 except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
@@ -210,7 +210,7 @@ class EntityReads:
             core.counters.incr(scope, "bypassed")
             return None
         row_scope = core.entity_scope(
-            info, database, translate_map_of(bind, orm_context.execution_options)
+            info, database, session_translate_map(session, bind, orm_context.execution_options)
         )
         key = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
         counters = self._counters(info.table, pk_str)

@@ -88,6 +88,21 @@ class Look:
     size: int = 0
     # the entry as stored, for a found entry: a refresh's lease request compares it
     raw: bytes | None = None
+    # for a found entry: whether it is due for an early refresh, once drawn (due_now)
+    due: bool | None = None
+
+    def due_now(self, beta: float, now: int | None = None) -> bool:
+        """Whether the entry this look found is due for a refresh (past its logical
+        expiry, or XFetch's draw says so: :func:`~sa_redis_cache.stampede.due`).
+
+        Drawn once per look: a read served before the pipeline that hands its look on
+        (:meth:`ReadThrough.hand`) hands its draw with it, so one read is one draw, and
+        early refreshes keep the rate XFetch gives them.
+        """
+        if self.due is None:
+            timing = None if self.found is None else self.found[0]
+            self.due = timing is not None and stampede.due(timing, beta, now)
+        return self.due
 
 
 class LookAt(Protocol):
@@ -195,7 +210,7 @@ class ReadThrough:
             timing = look.found[0]
             refresh = False
             now = stampede.now_ms()
-            if timing is not None and stampede.due(timing, target.xfetch_beta, now):
+            if timing is not None and look.due_now(target.xfetch_beta, now):
                 # due for a refresh: one caller refreshes, the others serve this value
                 token = self._take_lease(target.key, look.raw) if target.lease else ""
                 refresh = bool(token) or not target.lease

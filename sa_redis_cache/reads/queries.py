@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy.sql.type_api import TypeEngine
 
 from sa_redis_cache import compat, hydrate, stampede
-from sa_redis_cache.binds import translate_map_of
+from sa_redis_cache.binds import session_translate_map
 from sa_redis_cache.breaker import CLOSED
 from sa_redis_cache.codec import CodecError, RowCodec, UncacheableType, pack, unpack
 from sa_redis_cache.fingerprint import Unfingerprintable, fingerprint, values_digest
@@ -209,7 +209,7 @@ class QueryReads:
             cache_key,
             orm_context.parameters,
             database,
-            translate_map_of(bind, exec_opts),
+            session_translate_map(session, bind, exec_opts),
             option,
         )
         if entry_key is None:
@@ -269,7 +269,7 @@ class QueryReads:
         if database is None or not self.flow.trusted_quietly(plan.tables):
             return None
         entry_key = self._entry_key_of(
-            plan, cache_key, None, database, translate_map_of(bind), option
+            plan, cache_key, None, database, session_translate_map(session, bind), option
         )
         if entry_key is None:
             return None
@@ -285,12 +285,10 @@ class QueryReads:
         if entry_key not in self._hits_last or active_tracer(started) is not None:
             return None
         look = self._look(entry_key, plan, region, None)
-        if look is not None and look.found is not None:
-            timing = look.found[0]
-            if timing is None or not stampede.due(timing, option.xfetch_beta):
-                result = self._serve(session, look, plan, entry_key, None)
-                core.counters.hit(region, time.perf_counter() - started, also=plan.scopes)
-                return result
+        if look is not None and look.found is not None and not look.due_now(option.xfetch_beta):
+            result = self._serve(session, look, plan, entry_key, None)
+            core.counters.hit(region, time.perf_counter() - started, also=plan.scopes)
+            return result
         self.flow.hand(session, entry_key, look)
         return None
 
@@ -650,7 +648,10 @@ def _query_entry(raw: bytes, owner: str) -> tuple[list[Any], Any]:
 
 
 def _row_shape(statement: Any) -> hydrate.RowShape:
-    descriptions = statement.column_descriptions
+    descriptions = getattr(statement, "column_descriptions", None)
+    if descriptions is None:
+        # a UNION/INTERSECT/EXCEPT of selects names no columns of its own to rebuild
+        raise Uncacheable(f"{type(statement).__name__} statements are not cached")
     keys: list[str] = []
     entity_positions: list[int] = []
     entity_mappers: list[Mapper[Any]] = []

@@ -20,10 +20,10 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from examples.shop import Category, Product
-from sa_redis_cache import Cache, FromCache
+from sa_redis_cache import Cache, FromCache, stampede
 from tests.modes import async_url
 from tests.seams import RedisTap, RoundTrip
 
@@ -444,3 +444,78 @@ def test_asyncsession_hits_skip_the_execute_pipeline_too(
     assert outcome["direct"] == 0
     assert outcome["with it"] == 1
     assert cache.stats()["regions"]["default"]["hits"] == 4  # one pipeline hit, three direct
+
+
+def test_an_early_refresh_is_drawn_once_per_read(
+    session_factory: sessionmaker[Session],
+    cache: Cache,
+    product: int,
+    known: sa.Select[Any],
+    sql: SQLCounter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """XFetch draws whether a hit refreshes its entry early. A direct read whose draw says
+    so hands its look to the pipeline with the draw: drawing again there would make an
+    early refresh rarer (two draws must agree) than XFetch's rate."""
+    with session_factory() as s:
+        s.get_one(Product, product)
+    with session_factory() as s:
+        s.get_one(Product, product)  # an entity hit: its next get is a direct read
+    answers: list[bool] = []
+
+    def draw(*_args: Any) -> bool:
+        return answers.pop(0)  # IndexError: a second draw
+
+    monkeypatch.setattr(stampede, "due", draw)
+    sql.reset()
+    answers.append(True)
+    with session_factory() as s:
+        assert s.scalars(known).one().name == "scratch"
+    answers.append(True)
+    with session_factory() as s:
+        assert s.get_one(Product, product).name == "scratch"
+    assert answers == []
+    assert sql.count == 2  # each refresh read the database
+    stats = cache.stats()
+    assert stats["regions"]["default"]["early_refreshes"] == 1
+    assert stats["models"]["Product"]["early_refreshes"] == 1
+
+
+def test_scoped_session_reads_are_served_before_the_pipeline(
+    session_factory: sessionmaker[Session],
+    product: int,
+    known: sa.Select[Any],
+    pipeline_runs: list[Any],
+) -> None:
+    """``scoped_session`` passes its own defaults (``bind_arguments=None``, ...) on."""
+    scoped = scoped_session(session_factory)
+    try:
+        for _ in range(2):  # the entity entry: filled, then a hit through the pipeline
+            scoped.get(Product, product)
+            scoped.remove()
+        pipeline_runs.clear()
+        assert scoped.execute(known).scalar_one().name == "scratch"
+        assert scoped.scalars(known).one().name == "scratch"
+        assert scoped.scalar(known).name == "scratch"
+        scoped.remove()
+        got = scoped.get(Product, product)
+        assert got is not None
+        assert got.name == "scratch"
+    finally:
+        scoped.remove()
+    assert pipeline_runs == []
+
+
+def test_detach_leaves_a_method_the_application_set_after_attach(
+    shop_engine: sa.Engine, cache: Cache
+) -> None:
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+
+    def audited_execute(self: Session, statement: Any, *args: Any, **kw: Any) -> Any:
+        return Session.execute(self, statement, *args, **kw)
+
+    factory.class_.execute = audited_execute  # type: ignore[method-assign]
+    cache.detach()
+    assert factory.class_.execute is audited_execute
+    assert factory.class_.scalars is Session.scalars

@@ -145,6 +145,23 @@ def test_tenants_by_schema_translate_map(
 
 
 @pytest.mark.parametrize("read", READS.values(), ids=list(READS))
+def test_tenants_by_the_sessions_connection_options(
+    tenants: dict[str, sa.Engine], engine: sa.Engine, cache: Cache, read: Read
+) -> None:
+    """One factory for every tenant; each session names its tenant's schema when it
+    begins, with ``session.connection(execution_options=...)``: reads that follow run
+    under that map, and so are keyed by it (the engine's own options name none)."""
+    factory = sessionmaker(engine)
+    cache.attach(factory)
+    for _ in range(2):  # the second round is served from the cache, still apart
+        for name in TENANTS:
+            with factory() as s:
+                s.connection(execution_options={"schema_translate_map": {None: name}})
+                assert read(s) == secret_of(name)
+    assert cache.stats()["total"]["hits"] >= len(TENANTS)  # the cache did serve them
+
+
+@pytest.mark.parametrize("read", READS.values(), ids=list(READS))
 def test_tenants_by_search_path_in_the_connect_arguments(
     tenants: dict[str, sa.Engine], database_url: str, cache: Cache, read: Read
 ) -> None:

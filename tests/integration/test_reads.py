@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, select, union_all
 from sqlalchemy.orm import joinedload, load_only, selectinload, sessionmaker, subqueryload
 
 from examples.shop import Category, Customer, Order, OrderLine, Product, ProductStatus
@@ -485,3 +485,22 @@ def test_results_over_the_size_cap_are_not_cached_and_are_counted(in_mode: Runne
         assert region["hits"] == 2
 
     replace(in_mode, cache_kwargs={"max_entry_bytes": 2_000})(scenario)
+
+
+def test_a_union_runs_uncached_and_is_counted(in_mode: Runner) -> None:
+    """``FromCache`` on a UNION of selects: there are no entity columns to rebuild a
+    result from, so it is read from the database and counted, never an error."""
+    ids = select(Product.id).where(Product.id == 1)
+    both = union_all(ids, select(Product.id).where(Product.id == 2)).options(FromCache())
+
+    def scenario(db: Db) -> None:
+        with db.session() as s:  # the cache is in use (each mode checks its client was)
+            s.scalars(select(Product).where(Product.id == 1).options(FromCache()))
+        db.sql.reset()
+        for _ in range(2):
+            with db.session() as s:
+                assert sorted(r[0] for r in s.execute(both)) == [1, 2]
+        assert db.sql.count == 2
+        assert db.cache.stats()["regions"]["default"]["uncacheable"] == 2
+
+    in_mode(scenario)

@@ -45,7 +45,7 @@ from sqlalchemy.orm import make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
 
 from sa_redis_cache import compat, hydrate
-from sa_redis_cache.binds import translate_map_of
+from sa_redis_cache.binds import session_translate_map
 from sa_redis_cache.codec import CodecError, unpack
 from sa_redis_cache.compat import key_slot
 from sa_redis_cache.errors import (
@@ -199,7 +199,7 @@ class WriteBehind:
         database = core.binds.database_for(session, bind, bind_arguments)
         if database is None:
             return None
-        return core.entity_scope(info, database, translate_map_of(bind, options))
+        return core.entity_scope(info, database, session_translate_map(session, bind, options))
 
     def _capture(
         self, session: Session, obj: object, info: ModelInfo, *, created: bool, tz: Any
