@@ -139,6 +139,8 @@ def session_connection(session: Session, bind: Any) -> Connection | None:
     """The connection ``session``'s transaction already holds for ``bind``, if any (never
     a new one): made by ``session.connection(execution_options=...)`` or an earlier
     statement, it carries the execution options the session's statements run under."""
+    if session._transaction is None:
+        return None  # not begun: its next statement takes a connection of the bind's
     transaction = session.get_transaction()
     if transaction is None:
         return None

@@ -214,7 +214,7 @@ class SessionHooks:
 
         @functools.wraps(Session.get)
         def get(session: Session, entity: Any, ident: Any, **kw: Any) -> Any:
-            if not plain_get(kw):
+            if kw and not plain_get(kw):
                 return _SESSION_GET(session, entity, ident, **kw)
             hit, found = direct_get(session, entity, ident)
             return found if hit else fallback(_SESSION_GET, session, entity, ident, **kw)
@@ -225,7 +225,7 @@ class SessionHooks:
 
             @functools.wraps(method)
             def reader(session: Session, statement: Any, params: Any = None, **kw: Any) -> Any:
-                if params is not None or not plain_execute(kw):
+                if params is not None or (kw and not plain_execute(kw)):
                     return method(session, statement, params, **kw)
                 result = read(session, statement)
                 if result is not None:
