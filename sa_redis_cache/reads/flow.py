@@ -402,21 +402,21 @@ class ReadThrough:
         writes) there would leave the pipeline's read without it, and a probe taken and
         never used keeps the breaker shut until it goes stale.
         """
-        core = self.core
-        undelivered = core.undelivered
-        return core.breaker.state is CLOSED and not (
-            undelivered and not undelivered.isdisjoint(tables)
-        )
+        return self.core.breaker.state is CLOSED and not self._undelivered_in(tables)
 
     def trusted(self, tables: Iterable[str]) -> bool:
         """May the cache be used for ``tables`` now? (breaker closed, writes delivered)"""
         core = self.core
         if not core.breaker.allow():
             return False
-        undelivered = core.undelivered
-        if undelivered and not undelivered.isdisjoint(tables):
+        if self._undelivered_in(tables):
             return core.deliver_undelivered()
         return True
+
+    def _undelivered_in(self, tables: Iterable[str]) -> bool:
+        """Whether a write of one of ``tables`` still waits to be delivered to Redis."""
+        undelivered = self.core.undelivered
+        return bool(undelivered) and not undelivered.isdisjoint(tables)
 
     def captured(
         self,
