@@ -39,7 +39,7 @@ def close(session: Session) -> None:
     session.close()
 
 
-def orm_contender(name: str, factory: sessionmaker[Session], consume: Consume) -> Contender:
+def orm_contender(name: str, factory: Callable[[], Session], consume: Consume) -> Contender:
     """A contender that runs ``consume(session)`` in a fresh session per call."""
     return Contender(name=name, call=consume, setup=factory, teardown=close)
 
@@ -82,28 +82,36 @@ def _noop_script(client: redis.Redis) -> tuple[str, str, int]:
     return ("EVALSHA", client.script_load("return 1"), 0)
 
 
-def round_trip_reads(engine: sa.Engine, client: redis.Redis) -> sessionmaker[Session]:
+def round_trip_reads(engine: sa.Engine, client: redis.Redis) -> Callable[[], Session]:
     """Sessions whose every ORM statement pays a miss's two Redis round trips and nothing
-    else: a no-op script before the database read (where the look is) and one after it
-    (where the fill is), then the rows as SQLAlchemy loaded them, frozen and thawed (a
-    cache on ``do_orm_execute`` keeps the rows it returns: ours does, the recipe too).
+    else: a no-op script before the database read (where the look is), waited for, and
+    one after it (where the fill is), sent and its reply read when the next session is
+    made (ours reads it at the thread's next cache call); then the rows as SQLAlchemy
+    loaded them, frozen and thawed (a cache on ``do_orm_execute`` keeps the rows it
+    returns: ours does, the recipe too).
 
     The bound of a miss: what no cache that looks before reading and fills after it can
-    get under. The round trips go the way ours do (``compat.call_now``).
+    get under. The round trips go the way ours do (``compat.call_now``, ``send_now``).
     """
     factory: sessionmaker[Session] = sessionmaker(engine)
     noop = _noop_script(client)
+    owed: list[Any] = []
 
     def on_execute(orm_context: Any) -> Any:
         if orm_context.is_relationship_load:
             return None  # an eager load's own statement: ours are part of the top one
         compat.call_now(client, noop)
         frozen = orm_context.invoke_statement().freeze()
-        compat.call_now(client, noop)
+        owed.append(compat.send_now(client, [noop]))
         return frozen()
 
+    def sessions() -> Session:
+        while owed:
+            compat.read_replies(client, owed.pop(), 1)
+        return factory()
+
     sa.event.listen(factory, "do_orm_execute", on_execute)
-    return factory
+    return sessions
 
 
 def round_trip_commits(engine: sa.Engine, client: redis.Redis) -> sessionmaker[Session]:

@@ -761,6 +761,7 @@ class Cache:
             cache.detach()
         """
         self._core.remove_listeners()
+        self._core.settle_owed()  # the fills' replies: their connections go back to the pool
         self._hooks.uninstall_direct_reads()
         if self._core.local is not None:
             self._core.local.stop()

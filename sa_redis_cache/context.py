@@ -27,7 +27,7 @@ from .models import ModelInfo, ModelRegistry
 from .outages import RedisOutages
 from .protocol import KeyScheme, scripts
 from .protocol.scripts import NO_COUNTER, NoCounter, ScriptCall
-from .redis_io import AsyncClients, unlink_matching
+from .redis_io import AsyncClients, OwedReplies, unlink_matching
 from .signing import Signer
 from .stats import Stats
 from .tracing import READ, Measurement
@@ -37,12 +37,15 @@ if TYPE_CHECKING:
 
     from .binds import Database
     from .local.tier import Consistency
-    from .redis_io import AsyncClient, RedisIO, SyncClient
+    from .redis_io import AsyncClient, Pending, RedisIO, SyncClient
 
 log = logging.getLogger(__name__)
 
 # how many entity scopes per table cache.invalidate() unlinks directly (the row write
 # counter it bumps retires the entries of every other scope)
+OWED_WAIT = 1.0
+"""How long taking the counters waits, in all, for fill replies not yet read (a Redis
+that stopped answering delays ``cache.stats()`` no longer than this)."""
 _SCOPES_PER_TABLE = 64
 
 
@@ -86,7 +89,9 @@ class CacheContext(RedisOutages):
         self.ttl_jitter = ttl_jitter
         self.max_entry_bytes = max_entry_bytes
         self.signer = None if signing_key is None else Signer(signing_key)
-        self.counters = Stats(warn_below=hit_rate_warning)
+        # fills sent without waiting for their replies; the counters read them first
+        self.owed = OwedReplies()
+        self.counters = Stats(warn_below=hit_rate_warning, before_snapshot=self.settle_owed)
         self.models = ModelRegistry()
         self.binds = Binds()
         # the entity scopes this process read or wrote each table in
@@ -117,7 +122,10 @@ class CacheContext(RedisOutages):
         return self.local
 
     def on_restart(self) -> None:
-        """Redis restarted: empty the local tier, and make commits wait one lease."""
+        """Redis restarted: empty the local tier, make commits wait one lease, and send no
+        script unwaited until it ran on the new server (:meth:`RedisIO.send_later
+        <sa_redis_cache.redis_io.RedisIO.send_later>`)."""
+        self.sync_io.scripts_seen.clear()
         self.fences.restarted()
         if self.local is not None:
             self.local.reset("redis restarted")
@@ -133,8 +141,16 @@ class CacheContext(RedisOutages):
         """
         clients = self.async_clients
         if clients is None or not compat.in_greenlet():
+            if self.owed.by_thread:
+                self.owed.settle_own()  # this thread's calls come after its fills
             return self.sync_io
         return clients.current()
+
+    def settle_owed(self) -> None:
+        """Read every thread's unread fill replies (:class:`~sa_redis_cache.redis_io.
+        OwedReplies`) that arrive within a second, so the counters count those fills."""
+        if self.owed.by_thread:
+            self.owed.settle_all(wait=OWED_WAIT)
 
     def async_client(self) -> AsyncClient:
         """The asyncio client for the running event loop (``await`` its methods directly).
@@ -297,8 +313,16 @@ class CacheContext(RedisOutages):
         physical_ttl_ms: int | None = None,
         seen_invalidations: bytes | NoCounter | None = NO_COUNTER,
     ) -> bool | None:
-        """Compare-and-set fill (``lua/fill.lua``): True when stored, False when refused
-        or failed, None when not tried (oversized: the caller still holds its lease).
+        """Compare-and-set fill (``lua/fill.lua``): True when stored or sent, False when
+        refused or failed, None when not tried (oversized: the caller still holds its
+        lease).
+
+        Where the client allows it (:meth:`RedisIO.send_later
+        <sa_redis_cache.redis_io.RedisIO.send_later>`) and no span is traced, the fill is
+        sent and its reply read at the calling thread's next call (:attr:`owed`): the
+        read returns a round trip sooner. Whatever the reply says is counted then
+        (``fills``, ``fill_refused``, ``errors``); the ``fill`` histogram records the
+        sending.
 
         ``seen_invalidations`` is the entry's invalidation counter as the caller read it
         before its database read (None: it did not exist); left out, the entry has none
@@ -320,16 +344,37 @@ class CacheContext(RedisOutages):
             invalidations=seen_invalidations,
             captured=captured,
         )
+        io = self.io()
         try:
-            stored = self.io().run_script(*call)
+            pending = None if measured.traced else io.send_later(call)
+        except RedisError:
+            pending = None  # not sent: run_script sends it under the client's retries
+        try:
+            if pending is not None:
+                measured.done()
+                self.owed.owe(pending, lambda sent: self._fill_replied(sent, scope, also))
+                return True
+            stored = io.run_script(*call)
         except RedisError as exc:
             measured.done("error")
-            self.redis_failed(exc)
-            self.counters.incr(scope, "errors", also=also)
+            self._fill_failed(exc, scope, also)
             return False
         measured.done("stored" if stored else "refused")
         self.counters.incr(scope, "fills" if stored else "fill_refused", also=also)
         return bool(stored)
+
+    def _fill_replied(self, sent: Pending, scope: str, also: tuple[str, ...]) -> None:
+        """Count what a fill sent without waiting came to (:meth:`store`)."""
+        try:
+            stored = sent.replies()[0]
+        except RedisError as exc:
+            self._fill_failed(exc, scope, also)
+            return
+        self.counters.incr(scope, "fills" if stored else "fill_refused", also=also)
+
+    def _fill_failed(self, exc: RedisError, scope: str, also: tuple[str, ...]) -> None:
+        self.redis_failed(exc)
+        self.counters.incr(scope, "errors", also=also)
 
     def unlink_matching(self, pattern: str) -> int:
         """UNLINK every key matching ``pattern`` (SCAN, in batches); returns how many."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 import weakref
@@ -62,6 +63,7 @@ __all__ = [
     "AsyncClient",
     "AsyncClients",
     "AsyncRedisIO",
+    "OwedReplies",
     "Pending",
     "RedisIO",
     "SyncClient",
@@ -108,7 +110,7 @@ class RedisIO:
         io.set("k", b"v", px=1000, nx=True)   # True the first time, then False
     """
 
-    __slots__ = ("_sleep", "_wait", "client", "is_async")
+    __slots__ = ("_sleep", "_wait", "client", "is_async", "scripts_seen")
 
     def __init__(
         self,
@@ -122,6 +124,9 @@ class RedisIO:
         self.is_async = is_async
         self._wait = wait
         self._sleep = sleep
+        # the SHAs of the scripts run by this client since it last met NOSCRIPT (a server
+        # that lost its scripts loses them all): the ones send_later may send unwaited
+        self.scripts_seen: set[str] = set()
 
     def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         """The values of ``keys`` (None for a missing key), in one round trip."""
@@ -142,10 +147,13 @@ class RedisIO:
     def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA ``script``; on NOSCRIPT (a restarted or flushed server) load it and retry."""
         try:
-            return self._evalsha(script, keys, args)
+            reply = self._evalsha(script, keys, args)
         except NoScriptError:
+            self.scripts_seen.clear()
             self._script_load(script)
-            return self._evalsha(script, keys, args)
+            reply = self._evalsha(script, keys, args)
+        self.scripts_seen.add(script.sha)
+        return reply
 
     def _evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return self._wait(self.client.evalsha(script.sha, len(keys), *keys, *args))
@@ -188,6 +196,7 @@ class RedisIO:
             except NoScriptError:
                 if attempt:
                     raise
+                self.scripts_seen.clear()
                 for script, _, _ in calls:
                     self._wait(client.script_load(script.source))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -219,6 +228,21 @@ class RedisIO:
         commands = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
         return Pending(self, compat.send_now(self.client, commands), calls)
 
+    def send_later(self, call: ScriptCall) -> Pending | None:
+        """Send one script call whose reply can wait (a fill): its :class:`Pending`, or
+        None where :meth:`send_batch` offers none, or when the server may not have the
+        script (it has not run on this client since it last met NOSCRIPT), whose NOSCRIPT,
+        read later, would delay the call until then: use :meth:`run_script`.
+
+        Example::
+
+            pending = io.send_later(call)
+            reply = pending.replies()[0] if pending else io.run_script(*call)
+        """
+        if call[0].sha not in self.scripts_seen:
+            return None
+        return self.send_batch([call])
+
     def run_then(self, call: ScriptCall, commands: Sequence[Command]) -> list[Any]:
         """Run a script call, then ``commands``, on one connection in one round trip.
 
@@ -241,6 +265,7 @@ class RedisIO:
             replies = list(self._wait(pipe.execute(raise_on_error=False)))
             if not isinstance(replies[0], NoScriptError) or attempt:
                 return replies
+            self.scripts_seen.clear()
             self._wait(self.client.script_load(script.source))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -303,6 +328,7 @@ class Pending:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             return io.run_batch(calls)
         if any(isinstance(reply, NoScriptError) for reply in got):
+            io.scripts_seen.clear()
             for script, _, _ in calls:
                 io.client.script_load(script.source)
             return io.run_batch(calls)
@@ -310,6 +336,17 @@ class Pending:
             if isinstance(reply, Exception):
                 raise reply
         return got
+
+    def arrived(self, timeout: float) -> bool:
+        """Whether the replies are here, or :meth:`replies` can say at once what became
+        of them (read already, a connection dropped since), waiting up to ``timeout`` s."""
+        connection = self._connection
+        if connection is None or connection._sock is None:
+            return True
+        try:
+            return bool(connection.can_read(timeout))
+        except redis.exceptions.RedisError:
+            return True  # a broken connection: replies() sends the calls again
 
     def discard(self) -> None:
         """Read and drop the replies (the caller no longer needs them); never raises
@@ -320,6 +357,97 @@ class Pending:
         # a lost connection was dropped; what the calls did is the callers' concern
         with contextlib.suppress(redis.exceptions.RedisError):
             compat.read_replies(self._io.client, connection, len(self._calls))
+
+
+MAX_OWED = 64
+"""How many threads may each hold a connection out of the pool for an unread reply
+(:class:`OwedReplies`) before the one that sends next reads the others' (threads that
+ended, or went quiet, would otherwise keep theirs)."""
+
+
+class OwedReplies:
+    """Script calls sent without waiting for their replies, at most one batch per thread:
+    a miss's fill, whose reply only says whether it was stored.
+
+    The sending thread reads its reply at its next call of the cache (:meth:`settle_own`,
+    before the call is sent), so that thread's reads always come after its fills, as on
+    one connection. Whoever takes the counters reads every thread's (:meth:`settle_all`),
+    so they count every fill sent. Until then the reply's connection stays out of the
+    pool. After a ``fork`` the child forgets the parent's (the parent reads them).
+
+    Example::
+
+        owed = OwedReplies()
+        owed.owe(io.send_batch([fill_call]), lambda pending: print(pending.replies()))
+        ...
+        owed.settle_own()      # this thread's next call: prints [1]
+    """
+
+    __slots__ = ("__weakref__", "_lock", "by_thread")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # thread ident (or a key of its own for a reply settle_all left) -> what is owed
+        self.by_thread: dict[int, tuple[Pending, Callable[[Pending], None]]] = {}
+        _EVERY_OWED.add(self)
+
+    def owe(self, pending: Pending, settle: Callable[[Pending], None]) -> None:
+        """Hold ``pending`` until the calling thread's next call; ``settle`` reads it."""
+        ident = threading.get_ident()
+        with self._lock:
+            earlier = self.by_thread.pop(ident, None)
+            self.by_thread[ident] = (pending, settle)
+            crowded = len(self.by_thread) > MAX_OWED
+        if earlier is not None:
+            earlier[1](earlier[0])
+        if crowded:
+            self.settle_all(wait=0.0, keep_own=True)
+
+    def settle_own(self) -> None:
+        """Read the calling thread's owed replies, if any (blocks until they arrive)."""
+        with self._lock:
+            owed = self.by_thread.pop(threading.get_ident(), None)
+        if owed is not None:
+            owed[1](owed[0])
+
+    def settle_all(self, wait: float, *, keep_own: bool = False) -> None:
+        """Read every thread's owed replies that arrive within ``wait`` seconds in all;
+        the later ones stay owed (a Redis that stopped answering delays no caller of
+        this more than ``wait``). ``keep_own``: leave the calling thread's."""
+        own = threading.get_ident()
+        with self._lock:
+            taken = [item for item in self.by_thread.items() if not (keep_own and item[0] == own)]
+            for key, _ in taken:
+                del self.by_thread[key]
+        deadline = time.monotonic() + wait
+        late: list[tuple[int, tuple[Pending, Callable[[Pending], None]]]] = []
+        for key, (pending, settle) in taken:
+            if pending.arrived(max(0.0, deadline - time.monotonic())):
+                settle(pending)
+            else:
+                late.append((key, (pending, settle)))
+        if late:
+            with self._lock:
+                for key, owed in late:
+                    # the thread may owe a newer call by now: keep this one beside it
+                    self.by_thread[key if key not in self.by_thread else -id(owed)] = owed
+
+    def forget(self) -> None:
+        """Drop every owed reply unread (a forked child: the sockets are the parent's)."""
+        self._lock = threading.Lock()
+        self.by_thread = {}
+
+
+_EVERY_OWED: weakref.WeakSet[OwedReplies] = weakref.WeakSet()
+
+
+def _forget_owed_in_child() -> None:
+    for owed in list(_EVERY_OWED):
+        owed.forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_owed_in_child)
 
 
 class SyncRedisIO(RedisIO):

@@ -177,7 +177,10 @@ class Stats:
         warn_min_lookups: int = 200,
         warn_window: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        before_snapshot: Callable[[], None] | None = None,
     ) -> None:
+        # counts still owed by Redis (a fill's reply not read yet) are read before a snapshot
+        self._before_snapshot = before_snapshot
         self._lock = threading.Lock()
         self._counts: defaultdict[str, defaultdict[str, int]] = defaultdict(
             lambda: defaultdict(int)
@@ -346,6 +349,7 @@ class Stats:
         ``{"total": {operation: summary}, "models": {name: {operation: summary}}, ...}``
         with each summary as :meth:`Histogram.summary` gives it.
         """
+        self._settle()
         with self._lock:
             counts = {scope: dict(values) for scope, values in self._counts.items()}
         total = counts.pop(_TOTAL, {})
@@ -369,8 +373,13 @@ class Stats:
         out["latency"] = latency
         return out
 
+    def _settle(self) -> None:
+        if self._before_snapshot is not None:
+            self._before_snapshot()
+
     def reset(self) -> None:
-        """Forget every counter and histogram."""
+        """Forget every counter and histogram (what Redis still owed them included)."""
+        self._settle()
         with self._lock:
             self._counts.clear()
             self._latency.clear()

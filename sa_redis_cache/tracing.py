@@ -155,6 +155,11 @@ class Measurement:
             self._span = tracer.start_span("sa_redis_cache." + operation, attributes=attributes)
         self._started = started
 
+    @property
+    def traced(self) -> bool:
+        """Whether the call has a span (an OpenTelemetry tracer was active)."""
+        return self._span is not None
+
     def done(self, outcome: str | None = None) -> None:
         """End the call with ``outcome``: record its latency, end its span. Once only.
 
