@@ -346,13 +346,17 @@ class CacheContext(RedisOutages):
         )
         io = self.io()
         try:
-            pending = None if measured.traced else io.send_later(call)
+            pending = (
+                None if measured.traced else io.send_later(call, held=len(self.owed.by_thread))
+            )
         except RedisError:
             pending = None  # not sent: run_script sends it under the client's retries
         try:
             if pending is not None:
                 measured.done()
-                self.owed.owe(pending, lambda sent: self._fill_replied(sent, scope, also))
+                self.owed.owe(
+                    pending, lambda sent, *, resend: self._fill_replied(sent, resend, scope, also)
+                )
                 return True
             stored = io.run_script(*call)
         except RedisError as exc:
@@ -363,12 +367,19 @@ class CacheContext(RedisOutages):
         self.counters.incr(scope, "fills" if stored else "fill_refused", also=also)
         return bool(stored)
 
-    def _fill_replied(self, sent: Pending, scope: str, also: tuple[str, ...]) -> None:
-        """Count what a fill sent without waiting came to (:meth:`store`)."""
+    def _fill_replied(self, sent: Pending, resend: bool, scope: str, also: tuple[str, ...]) -> None:
+        """Count what a fill sent without waiting came to (:meth:`store`). Never raises:
+        it runs at the start of another call, or in ``cache.stats()``."""
         try:
-            stored = sent.replies()[0]
+            stored = sent.replies(resend=resend)[0]
         except RedisError as exc:
             self._fill_failed(exc, scope, also)
+            return
+        except Exception:
+            # redis-py raises these for a connection closed under an unread reply
+            # (client.close() in another thread): dropped and given back by read_replies
+            log.warning("a fill's reply could not be read; counted as an error", exc_info=True)
+            self.counters.incr(scope, "errors", also=also)
             return
         self.counters.incr(scope, "fills" if stored else "fill_refused", also=also)
 

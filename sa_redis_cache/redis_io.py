@@ -38,7 +38,7 @@ import os
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Union, cast
+from typing import TYPE_CHECKING, Any, Protocol, Union, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -228,11 +228,14 @@ class RedisIO:
         commands = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
         return Pending(self, compat.send_now(self.client, commands), calls)
 
-    def send_later(self, call: ScriptCall) -> Pending | None:
+    def send_later(self, call: ScriptCall, *, held: int = 0) -> Pending | None:
         """Send one script call whose reply can wait (a fill): its :class:`Pending`, or
-        None where :meth:`send_batch` offers none, or when the server may not have the
-        script (it has not run on this client since it last met NOSCRIPT), whose NOSCRIPT,
-        read later, would delay the call until then: use :meth:`run_script`.
+        None (use :meth:`run_script`) where :meth:`send_batch` offers none; when the
+        server may not have the script (it has not run on this client since it last met
+        NOSCRIPT), whose NOSCRIPT, read later, would hold the call back until then; and
+        when the caller would hold more than an eighth of the pool's ``max_connections``
+        out of it for replies (``held``: how many it holds now): more could leave another
+        thread without a connection (redis-py 8's pools hold 100 by default).
 
         Example::
 
@@ -240,6 +243,10 @@ class RedisIO:
             reply = pending.replies()[0] if pending else io.run_script(*call)
         """
         if call[0].sha not in self.scripts_seen:
+            return None
+        # a cluster client has no pool of its own: send_batch offers it nothing
+        cap = getattr(getattr(self.client, "connection_pool", None), "max_connections", None)
+        if isinstance(cap, int) and (held + 1) * 8 > cap:
             return None
         return self.send_batch([call])
 
@@ -312,12 +319,13 @@ class Pending:
         self._connection: Any = connection
         self._calls = calls
 
-    def replies(self) -> list[Any]:
+    def replies(self, *, resend: bool = True) -> list[Any]:
         """The replies in order, as :meth:`RedisIO.run_batch` returns them.
 
         A server that lost its scripts (NOSCRIPT) gets them loaded and the calls run
         again; so does a connection lost before the replies came (the client's own
-        retry would have sent them again too). Other error replies are raised.
+        retry would have sent them again too), unless ``resend`` is False: then its
+        ``ConnectionError`` or ``TimeoutError`` is raised. Other error replies are raised.
         """
         connection, self._connection = self._connection, None
         if connection is None:
@@ -326,6 +334,8 @@ class Pending:
         try:
             got = compat.read_replies(io.client, connection, len(calls))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            if not resend:
+                raise
             return io.run_batch(calls)
         if any(isinstance(reply, NoScriptError) for reply in got):
             io.scripts_seen.clear()
@@ -341,12 +351,12 @@ class Pending:
         """Whether the replies are here, or :meth:`replies` can say at once what became
         of them (read already, a connection dropped since), waiting up to ``timeout`` s."""
         connection = self._connection
-        if connection is None or connection._sock is None:
+        if connection is None or getattr(connection, "_sock", None) is None:
             return True
         try:
             return bool(connection.can_read(timeout))
-        except redis.exceptions.RedisError:
-            return True  # a broken connection: replies() sends the calls again
+        except Exception:  # noqa: BLE001 - any broken connection: replies() says what became of it
+            return True
 
     def discard(self) -> None:
         """Read and drop the replies (the caller no longer needs them); never raises
@@ -359,6 +369,12 @@ class Pending:
             compat.read_replies(self._io.client, connection, len(self._calls))
 
 
+class Settle(Protocol):
+    """How an owed reply is read: ``settle(pending, resend=...)`` (:class:`OwedReplies`)."""
+
+    def __call__(self, pending: Pending, *, resend: bool) -> None: ...
+
+
 MAX_OWED = 64
 """How many threads may each hold a connection out of the pool for an unread reply
 (:class:`OwedReplies`) before the one that sends next reads the others' (threads that
@@ -366,64 +382,75 @@ ended, or went quiet, would otherwise keep theirs)."""
 
 
 class OwedReplies:
-    """Script calls sent without waiting for their replies, at most one batch per thread:
-    a miss's fill, whose reply only says whether it was stored.
+    """Script calls sent without waiting for their replies, one batch per thread: a
+    miss's fill, whose reply only says whether it was stored.
 
     The sending thread reads its reply at its next call of the cache (:meth:`settle_own`,
-    before the call is sent), so that thread's reads always come after its fills, as on
-    one connection. Whoever takes the counters reads every thread's (:meth:`settle_all`),
-    so they count every fill sent. Until then the reply's connection stays out of the
-    pool. After a ``fork`` the child forgets the parent's (the parent reads them).
+    before the call is sent), so that thread's reads come after its fills, as on one
+    connection. Whoever takes the counters reads every thread's replies that have come
+    (:meth:`settle_all`), so they count the fills sent. Until then the reply's connection
+    stays out of the pool. A forked child forgets the parent's: the sockets are the
+    parent's, and so are the replies.
+
+    ``settle(pending, resend=...)`` reads a reply and must not raise; ``resend`` is False when
+    the reply is read on another thread's behalf: a call whose connection was lost is not
+    sent again there (it would make the counters wait for a round trip or a connect).
 
     Example::
 
         owed = OwedReplies()
-        owed.owe(io.send_batch([fill_call]), lambda pending: print(pending.replies()))
+        owed.owe(io.send_batch([fill_call]), lambda pending, *, resend: print(pending.replies()))
         ...
         owed.settle_own()      # this thread's next call: prints [1]
     """
 
-    __slots__ = ("__weakref__", "_lock", "by_thread")
+    __slots__ = ("_lock", "_pid", "by_thread")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         # thread ident (or a key of its own for a reply settle_all left) -> what is owed
-        self.by_thread: dict[int, tuple[Pending, Callable[[Pending], None]]] = {}
-        _EVERY_OWED.add(self)
+        self.by_thread: dict[int, tuple[Pending, Settle]] = {}
 
-    def owe(self, pending: Pending, settle: Callable[[Pending], None]) -> None:
+    def owe(self, pending: Pending, settle: Settle) -> None:
         """Hold ``pending`` until the calling thread's next call; ``settle`` reads it."""
+        self._forget_if_forked()
         ident = threading.get_ident()
         with self._lock:
             earlier = self.by_thread.pop(ident, None)
             self.by_thread[ident] = (pending, settle)
             crowded = len(self.by_thread) > MAX_OWED
         if earlier is not None:
-            earlier[1](earlier[0])
+            earlier[1](earlier[0], resend=True)
         if crowded:
             self.settle_all(wait=0.0, keep_own=True)
 
     def settle_own(self) -> None:
         """Read the calling thread's owed replies, if any (blocks until they arrive)."""
+        ident = threading.get_ident()
+        if ident not in self.by_thread:
+            return
+        self._forget_if_forked()
         with self._lock:
-            owed = self.by_thread.pop(threading.get_ident(), None)
+            owed = self.by_thread.pop(ident, None)
         if owed is not None:
-            owed[1](owed[0])
+            owed[1](owed[0], resend=True)
 
     def settle_all(self, wait: float, *, keep_own: bool = False) -> None:
         """Read every thread's owed replies that arrive within ``wait`` seconds in all;
         the later ones stay owed (a Redis that stopped answering delays no caller of
         this more than ``wait``). ``keep_own``: leave the calling thread's."""
+        self._forget_if_forked()
         own = threading.get_ident()
         with self._lock:
             taken = [item for item in self.by_thread.items() if not (keep_own and item[0] == own)]
             for key, _ in taken:
                 del self.by_thread[key]
         deadline = time.monotonic() + wait
-        late: list[tuple[int, tuple[Pending, Callable[[Pending], None]]]] = []
+        late: list[tuple[int, tuple[Pending, Settle]]] = []
         for key, (pending, settle) in taken:
             if pending.arrived(max(0.0, deadline - time.monotonic())):
-                settle(pending)
+                settle(pending, resend=key == own)
             else:
                 late.append((key, (pending, settle)))
         if late:
@@ -432,22 +459,11 @@ class OwedReplies:
                     # the thread may owe a newer call by now: keep this one beside it
                     self.by_thread[key if key not in self.by_thread else -id(owed)] = owed
 
-    def forget(self) -> None:
-        """Drop every owed reply unread (a forked child: the sockets are the parent's)."""
-        self._lock = threading.Lock()
-        self.by_thread = {}
-
-
-_EVERY_OWED: weakref.WeakSet[OwedReplies] = weakref.WeakSet()
-
-
-def _forget_owed_in_child() -> None:
-    for owed in list(_EVERY_OWED):
-        owed.forget()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_owed_in_child)
+    def _forget_if_forked(self) -> None:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self.by_thread = {}
 
 
 class SyncRedisIO(RedisIO):

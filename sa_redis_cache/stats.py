@@ -342,14 +342,18 @@ class Stats:
         with self._lock:
             self._counts[_TOTAL][counter] += amount
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, *, settled: bool = True) -> dict[str, Any]:
         """All counters with hit rates: ``{"total", "models", "regions", "functions"}``.
+
+        ``settled``: the counts Redis still owes (a fill's reply not read yet) are read
+        first; False for a caller that must not wait on Redis for counts it does not use.
 
         ``"latency"`` holds the histograms' summaries in the same groups:
         ``{"total": {operation: summary}, "models": {name: {operation: summary}}, ...}``
         with each summary as :meth:`Histogram.summary` gives it.
         """
-        self._settle()
+        if settled:
+            self._settle()
         with self._lock:
             counts = {scope: dict(values) for scope, values in self._counts.items()}
         total = counts.pop(_TOTAL, {})
@@ -378,7 +382,8 @@ class Stats:
             self._before_snapshot()
 
     def reset(self) -> None:
-        """Forget every counter and histogram (what Redis still owed them included)."""
+        """Forget every counter and histogram, and what Redis still owed them (the fill
+        replies that came within the wait of :meth:`snapshot`)."""
         self._settle()
         with self._lock:
             self._counts.clear()

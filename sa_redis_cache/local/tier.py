@@ -381,7 +381,8 @@ class LocalTier:
 
     def gauge_commands(self) -> list[tuple[Any, ...]]:
         """Commands that publish this process's gauges for ``sa-redis-cache stats``."""
-        totals = self.core.counters.snapshot().get("total", {})
+        # on the listener's thread: the local counters only, no wait for fills' replies
+        totals = self.core.counters.snapshot(settled=False).get("total", {})
         fields: dict[str, Any] = {
             "hits": totals.get("local_hits", 0),
             "misses": totals.get("local_misses", 0),
