@@ -41,11 +41,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# how many entity scopes per table cache.invalidate() unlinks directly (the row write
-# counter it bumps retires the entries of every other scope)
 OWED_WAIT = 1.0
 """How long taking the counters waits, in all, for fill replies not yet read (a Redis
 that stopped answering delays ``cache.stats()`` no longer than this)."""
+
+# how many entity scopes per table cache.invalidate() unlinks directly (the row write
+# counter it bumps retires the entries of every other scope)
 _SCOPES_PER_TABLE = 64
 
 

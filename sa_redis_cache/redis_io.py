@@ -370,7 +370,13 @@ class Pending:
 
 
 class Settle(Protocol):
-    """How an owed reply is read: ``settle(pending, resend=...)`` (:class:`OwedReplies`)."""
+    """How an owed reply is read: ``settle(pending, resend=...)`` (:class:`OwedReplies`).
+
+    Example::
+
+        def settle(pending: Pending, *, resend: bool) -> None:
+            count(pending.replies(resend=resend))
+    """
 
     def __call__(self, pending: Pending, *, resend: bool) -> None: ...
 
