@@ -149,8 +149,7 @@ class RedisIO:
         try:
             reply = self._evalsha(script, keys, args)
         except NoScriptError:
-            self.scripts_seen.clear()
-            self._script_load(script)
+            self.reload_scripts([script])
             reply = self._evalsha(script, keys, args)
         self.scripts_seen.add(script.sha)
         return reply
@@ -160,6 +159,19 @@ class RedisIO:
 
     def _script_load(self, script: Script) -> None:
         self._wait(self.client.script_load(script.source))
+
+    def reload_scripts(self, scripts: Iterable[Script]) -> None:
+        """The server answered NOSCRIPT: it lost every script (a restart, SCRIPT FLUSH).
+        Load ``scripts`` again, and send no script unwaited (:meth:`send_later`) until it
+        has run again.
+
+        Example::
+
+            io.reload_scripts([scripts.script("fill")])
+        """
+        self.scripts_seen.clear()
+        for script in scripts:
+            self._script_load(script)
 
     def look(
         self, keys: Sequence[str], lease_key: str, token: str
@@ -196,9 +208,7 @@ class RedisIO:
             except NoScriptError:
                 if attempt:
                     raise
-                self.scripts_seen.clear()
-                for script, _, _ in calls:
-                    self._wait(client.script_load(script.source))
+                self.reload_scripts(script for script, _, _ in calls)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def send_batch(self, calls: Sequence[ScriptCall]) -> Pending | None:
@@ -272,8 +282,7 @@ class RedisIO:
             replies = list(self._wait(pipe.execute(raise_on_error=False)))
             if not isinstance(replies[0], NoScriptError) or attempt:
                 return replies
-            self.scripts_seen.clear()
-            self._wait(self.client.script_load(script.source))
+            self.reload_scripts([script])
         raise AssertionError("unreachable")  # pragma: no cover
 
     def replicas_of(self, key: str) -> int:
@@ -338,9 +347,7 @@ class Pending:
                 raise
             return io.run_batch(calls)
         if any(isinstance(reply, NoScriptError) for reply in got):
-            io.scripts_seen.clear()
-            for script, _, _ in calls:
-                io.client.script_load(script.source)
+            io.reload_scripts(script for script, _, _ in calls)
             return io.run_batch(calls)
         for reply in got:
             if isinstance(reply, Exception):
