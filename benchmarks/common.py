@@ -9,6 +9,7 @@ the work a cached read adds to a session the application already holds.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -19,13 +20,16 @@ from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.harness import Contender
-from sa_redis_cache import compat
 from sa_redis_cache.codec import pack
+from sa_redis_cache.protocol.scripts import Script
+from sa_redis_cache.redis_io import SyncRedisIO
 
 if TYPE_CHECKING:
     import redis
 
     from benchmarks.env import BenchEnv
+    from sa_redis_cache.protocol.scripts import ScriptCall
+    from sa_redis_cache.redis_io import Pending
 
 # What codec.unpack skips before handing the rest to orjson (magic and version byte),
 # measured from codec.pack itself rather than copied from its private constant.
@@ -77,9 +81,12 @@ def canned_sessions(
     return factory
 
 
-def _noop_script(client: redis.Redis) -> tuple[str, str, int]:
-    """An EVALSHA of a script that does nothing: a round trip that runs Lua, as ours do."""
-    return ("EVALSHA", client.script_load("return 1"), 0)
+def _noop_script(client: redis.Redis) -> ScriptCall:
+    """A call of a script that does nothing: a round trip that runs Lua, as ours do."""
+    source = "return 1"
+    client.script_load(source)
+    sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+    return Script("noop", source, sha), [], []
 
 
 def round_trip_reads(engine: sa.Engine, client: redis.Redis) -> Callable[[], Session]:
@@ -91,23 +98,25 @@ def round_trip_reads(engine: sa.Engine, client: redis.Redis) -> Callable[[], Ses
     returns: ours does, the recipe too).
 
     The bound of a miss: what no cache that looks before reading and fills after it can
-    get under. The round trips go the way ours do (``compat.call_now``, ``send_now``).
+    get under. The round trips go the way ours do: through a ``SyncRedisIO`` of the same
+    client, on the thread's own connection.
     """
     factory: sessionmaker[Session] = sessionmaker(engine)
+    io = SyncRedisIO(client)
     noop = _noop_script(client)
-    owed: list[Any] = []
+    owed: list[Pending] = []
 
     def on_execute(orm_context: Any) -> Any:
         if orm_context.is_relationship_load:
             return None  # an eager load's own statement: ours are part of the top one
-        compat.call_now(client, noop)
+        io.run_script(*noop)
         frozen = orm_context.invoke_statement().freeze()
-        owed.append(compat.send_now(client, [noop]))
+        owed.append(_sent(io, noop))
         return frozen()
 
     def sessions() -> Session:
         while owed:
-            compat.read_replies(client, owed.pop(), 1)
+            owed.pop().replies()
         return factory()
 
     sa.event.listen(factory, "do_orm_execute", on_execute)
@@ -121,18 +130,20 @@ def round_trip_commits(engine: sa.Engine, client: redis.Redis) -> sessionmaker[S
     ``after_transaction_end`` (the post-commit script).
 
     The bound of a commit: what no cache that marks before the database commit and
-    releases after it can get under. Sent and read the way ours are (``compat.send_now``).
+    releases after it can get under. Sent and read the way ours are (a ``SyncRedisIO``'s
+    ``send_batch``).
     """
     factory: sessionmaker[Session] = sessionmaker(engine)
+    io = SyncRedisIO(client)
     noop = _noop_script(client)
-    sent: list[Any] = []
+    sent: list[Pending] = []
 
     def send(*_: Any) -> None:
-        sent.append(compat.send_now(client, [noop]))
+        sent.append(_sent(io, noop))
 
     def read(*_: Any) -> None:
         if sent:
-            compat.read_replies(client, sent.pop(), 1)
+            sent.pop().replies()
 
     for sending, reading in (
         ("before_flush", "after_flush"),
@@ -141,6 +152,13 @@ def round_trip_commits(engine: sa.Engine, client: redis.Redis) -> sessionmaker[S
         sa.event.listen(factory, sending, send)
         sa.event.listen(factory, reading, read)
     return factory
+
+
+def _sent(io: SyncRedisIO, call: ScriptCall) -> Pending:
+    pending = io.send_batch([call])
+    if pending is None:
+        raise RuntimeError("the benchmark's client must send past execute_command")
+    return pending
 
 
 def breakdown(ours: float, floor: float, pipeline: float, objects: int = 0, work: str = "") -> str:

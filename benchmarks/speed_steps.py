@@ -7,7 +7,7 @@ process (medians of N rounds, 2,000 by default):
 * the whole hit, ours;
 * the floor: redis-py ``GET`` of the stored entry and an orjson decode;
 * the ``MGET`` our hit sends (the entry and its counters), sent as ours is
-  (``compat.call_now``), with nothing done with it;
+  (``SyncRedisIO.call``: on the thread's own connection), with nothing done with it;
 * SQLAlchemy's execute pipeline alone (a ``do_orm_execute`` hook returning a ready
   result), for a select and for ``session.get``: what a hit served before the pipeline
   (both are, ``sessions.SessionHooks.install_direct_reads``) no longer pays;
@@ -34,7 +34,8 @@ from benchmarks.common import HEADER_LEN, canned_sessions
 from benchmarks.env import Sizes, bench_env
 from benchmarks.harness import TIMES
 from examples.shop import Product
-from sa_redis_cache import FromCache, compat
+from sa_redis_cache import FromCache
+from sa_redis_cache.redis_io import SyncRedisIO
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -51,6 +52,7 @@ def steps(rounds: int) -> dict[str, float]:
         Sizes(products=50, customers=10, orders=20, extra_orders=0),
     ) as env:
         client = env.client
+        io = SyncRedisIO(client)
         statement = select(Product).where(Product.id == HIT_PRODUCT)
         cached = statement.options(FromCache())
         with env.cached() as s:
@@ -100,11 +102,11 @@ def steps(rounds: int) -> dict[str, float]:
         contenders: dict[str, Callable[[], Any]] = {
             "FromCache hit, 1 row": hit,
             "floor (FromCache entry)": floor(query_key),
-            "MGET of the hit's 3 keys": lambda: compat.call_now(client, ("MGET", *query_keys)),
+            "MGET of the hit's 3 keys": lambda: io.call(("MGET", *query_keys)),
             "SQLAlchemy pipeline, select": pipeline_select,
             "session.get hit": get,
             "floor (entity entry)": floor(entity_key),
-            "MGET of the get's 4 keys": lambda: compat.call_now(client, ("MGET", *entity_keys)),
+            "MGET of the get's 4 keys": lambda: io.call(("MGET", *entity_keys)),
             "SQLAlchemy pipeline, session.get": pipeline_get,
             "an empty session": session,
         }

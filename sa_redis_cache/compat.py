@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import hiredis
 import redis
@@ -588,27 +588,42 @@ def send_now(client: Any, commands: Sequence[Sequence[Any]]) -> Any:
     pool = client.connection_pool
     connection = pool.get_connection()
     try:
-        connection.send_packed_command(_packed(connection, commands))
+        send_on(connection, commands)
     except BaseException:
-        connection.disconnect()
         pool.release(connection)
         raise
     return connection
+
+
+def send_on(connection: Any, commands: Sequence[Sequence[Any]]) -> None:
+    """Send ``commands`` on ``connection`` without reading the replies (:func:`read_on`
+    reads them). A connection that fails while sending is dropped (``ConnectionError``)."""
+    try:
+        connection.send_packed_command(_packed(connection, commands))
+    except BaseException:
+        connection.disconnect()
+        raise
 
 
 def read_replies(client: Any, connection: Any, count: int) -> list[Any]:
     """The ``count`` replies to what :func:`send_now` sent on ``connection``, in order; an
     error reply is returned as its exception. The connection goes back to the pool, or is
     dropped first when reading failed (``ConnectionError``, ``TimeoutError``: raised)."""
-    pool = client.connection_pool
     try:
-        replies = [_reply(connection) for _ in range(count)]
+        return read_on(connection, count)
+    finally:
+        client.connection_pool.release(connection)
+
+
+def read_on(connection: Any, count: int) -> list[Any]:
+    """The ``count`` replies to what was sent on ``connection``, in order; an error reply
+    is returned as its exception. A connection that fails while reading is dropped
+    (``ConnectionError``, ``TimeoutError``: raised): what it still owed is lost with it."""
+    try:
+        return [_reply(connection) for _ in range(count)]
     except BaseException:
         connection.disconnect()
         raise
-    finally:
-        pool.release(connection)
-    return replies
 
 
 def sends_directly(client: Any) -> bool:
@@ -642,6 +657,48 @@ def _is_redis_pys(execute_command: Any) -> bool:
     )
 
 
+def connection_outside_pool(client: Any) -> Any | None:
+    """A new, unconnected connection to ``client``'s server, made as its pool makes
+    them but counted by no pool: for a thread to hold across its calls
+    (:class:`~sa_redis_cache.redis_io.ThreadConnections`). None where a pool's own
+    connections are more than that: a pool of another class (``BlockingConnectionPool``,
+    one of the application's), client-side caching, RESP3 (its push messages are the
+    pool's to handle), a credential provider (the pool re-authenticates its own).
+
+    Taking one from the pool and giving it back costs ~20 µs a call in redis-py 8 (locks,
+    a readiness poll, observability records): a quarter of a loopback round trip.
+
+    Example::
+
+        connection = connection_outside_pool(redis.Redis())   # connects on first send
+    """
+    pool = getattr(client, "connection_pool", None)
+    if type(pool) is not redis.ConnectionPool or getattr(pool, "cache", None) is not None:
+        return None
+    kwargs = pool.connection_kwargs
+    if str(kwargs.get("protocol") or 2) != "2" or kwargs.get("credential_provider") is not None:
+        return None
+    return pool.connection_class(**kwargs)
+
+
+def drop_if_stale(connection: Any) -> None:
+    """Drop ``connection`` (it connects again on its next send) when something is waiting
+    to be read on it before anything was sent: the server closed it (a restart, its idle
+    ``timeout``, ``CLIENT KILL``), or a reply nobody read. A pool checks each connection it
+    hands out the same way; a connection held across calls is checked before each one,
+    so that a command is never sent on a socket the server already closed (it would fail,
+    and a client without retries would report that as an outage).
+    """
+    if getattr(connection, "_sock", None) is None:
+        return  # not connected: it connects on send
+    try:
+        stale = connection.can_read()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        stale = True
+    if stale:
+        connection.disconnect()
+
+
 def call_now(client: Any, command: Sequence[Any]) -> Any:
     """Run one command on a connection of ``client``'s pool (a ``redis.Redis``) and
     return its reply, as ``client.execute_command`` would: the connection's retry policy
@@ -661,18 +718,57 @@ def call_now(client: Any, command: Sequence[Any]) -> Any:
     pool = client.connection_pool
     connection = pool.get_connection()
     try:
-        packed = _packed(connection, (command,))
-        return connection.retry.call_with_retry(
-            lambda: _send_and_read(connection, packed),
-            lambda _error: connection.disconnect(),
-        )
+        return call_on(connection, command)
     finally:
         pool.release(connection)
 
 
-def _send_and_read(connection: Any, packed: Any) -> Any:
+def call_on(connection: Any, command: Sequence[Any]) -> Any:
+    """:func:`call_now` on ``connection``, which the caller holds: its reply, an error
+    reply raised, the connection's retry policy on a connection error."""
+    packed = _packed(connection, (command,))
+    return connection.retry.call_with_retry(
+        lambda: _send_and_read(connection, packed, 1)[0],
+        lambda _error: connection.disconnect(),
+    )
+
+
+def run_on(connection: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """Send ``commands`` on ``connection`` in one write and read their replies, as a
+    pipeline without MULTI would: in order, an error reply returned as its exception; on
+    a connection error the connection's retry policy sends them all again (as redis-py's
+    pipelines do: every command given must be safe to run twice)."""
+    packed = _packed(connection, commands)
+    return cast(
+        "list[Any]",
+        connection.retry.call_with_retry(
+            lambda: _send_and_read(connection, packed, len(commands)),
+            lambda _error: connection.disconnect(),
+        ),
+    )
+
+
+def as_pipelines_return(
+    client: Any, commands: Sequence[Sequence[Any]], replies: list[Any]
+) -> list[Any]:
+    """The replies of :func:`run_on` as ``client``'s own pipeline returns them: each
+    through the client's response callback for its command (``SET`` True or None,
+    ``SMEMBERS`` a set...), the first error reply raised."""
+    callbacks = client.response_callbacks
+    parsed: list[Any] = []
+    for command, reply in zip(commands, replies, strict=True):
+        if isinstance(reply, Exception):
+            raise reply
+        callback = callbacks.get(command[0])
+        parsed.append(reply if callback is None else callback(reply))
+    return parsed
+
+
+def _send_and_read(connection: Any, packed: Any, count: int) -> list[Any]:
     connection.send_packed_command(packed)
-    return connection.read_response()
+    if count == 1:
+        return [connection.read_response()]
+    return [_reply(connection) for _ in range(count)]
 
 
 def _reply(connection: Any) -> Any:
@@ -745,6 +841,7 @@ def _samples() -> dict[str, Any]:
         "variant": sqlalchemy.Integer().with_variant(sqlalchemy.BigInteger(), "postgresql"),
         "pool": redis.ConnectionPool(),
         "connection": redis.Connection(),  # type: ignore[no-untyped-call]
+        "client": redis.Redis(),  # connects on first use
         # made without connecting (an asyncio cluster client connects on first use)
         "async_cluster": (
             async_cluster := redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=1)
@@ -793,6 +890,10 @@ _PROBED: dict[str, tuple[str, str]] = {
     "redis Connection.read_response": ("connection", "read_response"),
     "redis Connection.disconnect": ("connection", "disconnect"),
     "redis Connection.retry": ("connection", "retry"),
+    "redis Connection.can_read": ("connection", "can_read"),
+    "redis ConnectionPool.max_connections": ("pool", "max_connections"),
+    "redis ConnectionPool.cache": ("pool", "cache"),
+    "redis Redis.response_callbacks": ("client", "response_callbacks"),
     "redis asyncio RedisCluster.nodes_manager": ("async_cluster", "nodes_manager"),
     "redis asyncio NodesManager.connection_kwargs": ("async_nodes", "connection_kwargs"),
     "redis asyncio NodesManager.nodes_cache": ("async_nodes", "nodes_cache"),

@@ -347,9 +347,7 @@ class CacheContext(RedisOutages):
         )
         io = self.io()
         try:
-            pending = (
-                None if measured.traced else io.send_later(call, held=len(self.owed.by_thread))
-            )
+            pending = None if measured.traced else io.send_later(call)
         except RedisError:
             pending = None  # not sent: run_script sends it under the client's retries
         try:

@@ -60,14 +60,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLUSTER_PARAMETER",
+    "HELD_SHARE",
     "AsyncClient",
     "AsyncClients",
     "AsyncRedisIO",
+    "Held",
     "OwedReplies",
     "Pending",
+    "PoolShare",
     "RedisIO",
     "SyncClient",
     "SyncRedisIO",
+    "ThreadConnections",
     "async_client_from_url",
     "client_from_url",
     "clients_for",
@@ -110,7 +114,7 @@ class RedisIO:
         io.set("k", b"v", px=1000, nx=True)   # True the first time, then False
     """
 
-    __slots__ = ("_sleep", "_wait", "client", "is_async", "scripts_seen")
+    __slots__ = ("_sleep", "_wait", "client", "is_async", "replies_out", "scripts_seen", "threads")
 
     def __init__(
         self,
@@ -127,6 +131,11 @@ class RedisIO:
         # the SHAs of the scripts run by this client since it last met NOSCRIPT (a server
         # that lost its scripts loses them all): the ones send_later may send unwaited
         self.scripts_seen: set[str] = set()
+        # a connection per thread, for clients whose commands go past execute_command
+        # (SyncRedisIO); None: every call takes one from the client's pool
+        self.threads: ThreadConnections | None = None
+        # the connections send_later's replies hold out of the pool now
+        self.replies_out = PoolShare()
 
     def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         """The values of ``keys`` (None for a missing key), in one round trip."""
@@ -198,6 +207,9 @@ class RedisIO:
         if len(calls) == 1:
             script, keys, args = calls[0]
             return [self.run_script(script, keys, args)]
+        lent = self._lend()
+        if lent is not None:
+            return self._run_batch_on(lent, calls)
         client = self.client
         for attempt in range(2):
             pipe = client.pipeline(transaction=False)
@@ -220,7 +232,8 @@ class RedisIO:
         (:func:`compat.sends_directly <sa_redis_cache.compat.sends_directly>`), and a
         ``BlockingConnectionPool``): use :meth:`run_batch`. Every script given here must
         be safe to run twice, as for :meth:`run_batch`. Raises ``RedisError`` when the
-        calls cannot be sent.
+        calls cannot be sent. They go on the thread's own connection when it has one free
+        (:class:`ThreadConnections`), else on one taken from the pool.
 
         Example::
 
@@ -228,6 +241,10 @@ class RedisIO:
             ...                                # the database works meanwhile
             replies = pending.replies() if pending else io.run_batch(calls)
         """
+        return self._send(calls, capped=False)
+
+    def _send(self, calls: Sequence[ScriptCall], *, capped: bool) -> Pending | None:
+        # capped: the reply may wait long (send_later): at most an eighth of the pool
         if self.is_async or not compat.sends_directly(self.client):
             return None
         if isinstance(self.client.connection_pool, redis.BlockingConnectionPool):
@@ -236,16 +253,34 @@ class RedisIO:
             # connection of this pool: a deadlock until the pool's timeout
             return None
         commands = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
-        return Pending(self, compat.send_now(self.client, commands), calls)
+        lent = self._lend()
+        if lent is not None:
+            try:
+                compat.send_on(lent.connection, commands)
+            except BaseException:
+                lent.busy = False
+                raise
+            return Pending(self, lent.connection, calls, lent)
+        share = self.replies_out if capped else None
+        if share is not None and not share.take(self.client.connection_pool.max_connections):
+            return None
+        try:
+            connection = compat.send_now(self.client, commands)
+        except BaseException:
+            if share is not None:
+                share.give_back()
+            raise
+        return Pending(self, connection, calls, share=share)
 
-    def send_later(self, call: ScriptCall, *, held: int = 0) -> Pending | None:
+    def send_later(self, call: ScriptCall) -> Pending | None:
         """Send one script call whose reply can wait (a fill): its :class:`Pending`, or
         None (use :meth:`run_script`) where :meth:`send_batch` offers none; when the
         server may not have the script (it has not run on this client since it last met
-        NOSCRIPT), whose NOSCRIPT, read later, would hold the call back until then; and
-        when the caller would hold more than an eighth of the pool's ``max_connections``
-        out of it for replies (``held``: how many it holds now): more could leave another
-        thread without a connection (redis-py 8's pools hold 100 by default).
+        NOSCRIPT), whose NOSCRIPT, read later, would hold the call back until then; and,
+        when the thread's own connection (:class:`ThreadConnections`) is not free, when
+        such replies would hold more than an eighth of the pool's ``max_connections`` out
+        of it (:class:`PoolShare`): more could leave another thread without a connection
+        (redis-py 8's pools hold 100 by default).
 
         Example::
 
@@ -254,11 +289,7 @@ class RedisIO:
         """
         if call[0].sha not in self.scripts_seen:
             return None
-        # a cluster client has no pool of its own: send_batch offers it nothing
-        cap = getattr(getattr(self.client, "connection_pool", None), "max_connections", None)
-        if isinstance(cap, int) and (held + 1) * 8 > cap:
-            return None
-        return self.send_batch([call])
+        return self._send([call], capped=True)
 
     def run_then(self, call: ScriptCall, commands: Sequence[Command]) -> list[Any]:
         """Run a script call, then ``commands``, on one connection in one round trip.
@@ -285,6 +316,26 @@ class RedisIO:
             self.reload_scripts([script])
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _lend(self) -> Held | None:
+        threads = self.threads
+        if threads is None or not compat.sends_directly(self.client):
+            return None
+        return threads.lend()
+
+    def _run_batch_on(self, lent: Held, calls: Sequence[ScriptCall]) -> list[Any]:
+        commands = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
+        try:
+            replies = compat.run_on(lent.connection, commands)
+            if any(isinstance(reply, NoScriptError) for reply in replies):
+                self.reload_scripts(script for script, _, _ in calls)
+                replies = compat.run_on(lent.connection, commands)
+        finally:
+            lent.busy = False
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
     def replicas_of(self, key: str) -> int:
         """How many replicas must confirm a write of ``key`` before it is known to survive
         a failover: none on a single server (no failover moves its data elsewhere); on a
@@ -309,6 +360,40 @@ class RedisIO:
         self._wait(self._sleep(seconds))
 
 
+class PoolShare:
+    """How many connections replies hold out of a pool, kept to an eighth of it
+    (:meth:`RedisIO.send_later`); a forked child starts from none.
+
+    Example::
+
+        share = PoolShare()
+        if share.take(pool.max_connections):
+            ...               # one connection out, until share.give_back()
+    """
+
+    __slots__ = ("_lock", "_out", "_pid")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._out = 0
+        self._pid = os.getpid()
+
+    def take(self, max_connections: Any) -> bool:
+        """Count one more, unless that makes more than an eighth of ``max_connections``."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid, self._out = os.getpid(), 0
+            if isinstance(max_connections, int) and (self._out + 1) * 8 > max_connections:
+                return False
+            self._out += 1
+            return True
+
+    def give_back(self) -> None:
+        """One fewer out."""
+        with self._lock:
+            self._out = max(0, self._out - 1)
+
+
 class Pending:
     """Script calls sent by :meth:`RedisIO.send_batch` whose replies are not read yet.
 
@@ -321,12 +406,37 @@ class Pending:
         replies = pending.replies()   # as run_batch(calls) would return them
     """
 
-    __slots__ = ("_calls", "_connection", "_io")
+    __slots__ = ("_calls", "_connection", "_io", "_lent", "_share")
 
-    def __init__(self, io: RedisIO, connection: Any, calls: Sequence[ScriptCall]) -> None:
+    def __init__(
+        self,
+        io: RedisIO,
+        connection: Any,
+        calls: Sequence[ScriptCall],
+        lent: Held | None = None,
+        *,
+        share: PoolShare | None = None,
+    ) -> None:
         self._io = io
         self._connection: Any = connection
         self._calls = calls
+        # the sending thread's own connection (ThreadConnections), lent until the replies
+        # are read; None: a connection of the client's pool (counted in share, if given)
+        self._lent = lent
+        self._share = share
+
+    def _read(self, connection: Any) -> list[Any]:
+        lent, share = self._lent, self._share
+        if lent is None:
+            try:
+                return compat.read_replies(self._io.client, connection, len(self._calls))
+            finally:
+                if share is not None:
+                    share.give_back()
+        try:
+            return compat.read_on(connection, len(self._calls))
+        finally:
+            lent.busy = False
 
     def replies(self, *, resend: bool = True) -> list[Any]:
         """The replies in order, as :meth:`RedisIO.run_batch` returns them.
@@ -341,7 +451,7 @@ class Pending:
             raise RuntimeError("the replies of these calls were already read")
         io, calls = self._io, self._calls
         try:
-            got = compat.read_replies(io.client, connection, len(calls))
+            got = self._read(connection)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             if not resend:
                 raise
@@ -373,7 +483,7 @@ class Pending:
             return
         # a lost connection was dropped; what the calls did is the callers' concern
         with contextlib.suppress(redis.exceptions.RedisError):
-            compat.read_replies(self._io.client, connection, len(self._calls))
+            self._read(connection)
 
 
 class Settle(Protocol):
@@ -479,6 +589,115 @@ class OwedReplies:
             self.by_thread = {}
 
 
+class Held:
+    """A thread's connection (:class:`ThreadConnections`) and whether it is lent: to a
+    call in progress, or to replies not read yet (:class:`Pending`), which any thread may
+    read, and which give it back (``busy = False``) once read.
+
+    Example::
+
+        lent = threads.lend()          # busy
+        ...                            # one call on lent.connection
+        lent.busy = False
+    """
+
+    __slots__ = ("__weakref__", "busy", "connection", "pid")
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.pid = os.getpid()
+        self.busy = False
+
+    def __del__(self) -> None:
+        # its thread ended, or the cache let go of it: closed now, not whenever the
+        # collector reaches the socket (which would warn that it was left open); in a
+        # forked child, closing leaves the parent's socket open (redis-py checks the pid)
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                self.connection.disconnect()
+
+
+HELD_SHARE = 8
+"""Threads may hold at most one connection each outside the client's pool for every
+``HELD_SHARE`` the pool may hold (``max_connections``; redis-py 8's default, 100, lets 12
+threads hold one)."""
+
+
+class ThreadConnections:
+    """A connection per thread, outside the client's pool, for that thread's calls.
+
+    redis-py takes a connection from the pool for every call and gives it back after:
+    ~20 µs of locks, a readiness poll and observability records, a quarter of a loopback
+    round trip and more than a tenth of a cache hit. A thread that keeps its own pays
+    none of it. The connection is made as the pool makes its own
+    (:func:`compat.connection_outside_pool <sa_redis_cache.compat.connection_outside_pool>`,
+    which also says which clients get none), connects on first use, reconnects after an
+    error as pool connections do, and is closed when its thread ends, when the cache is
+    detached (:meth:`drop_all`), or in a forked child, which makes its own.
+
+    At most ``max_connections // HELD_SHARE`` threads hold one (at least one thread); the
+    others, and a call made while the thread's connection is lent (a reply not read yet),
+    use the pool as before. ``client.close()`` closes the pool's connections, not these.
+
+    Example::
+
+        threads = ThreadConnections(redis.Redis())
+        lent = threads.lend()            # None: use the pool
+        if lent is not None:
+            try:
+                compat.call_on(lent.connection, ("MGET", "a"))
+            finally:
+                lent.busy = False
+    """
+
+    __slots__ = ("_cap", "_client", "_local", "_made", "_pid")
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        cap = getattr(getattr(client, "connection_pool", None), "max_connections", None)
+        self._cap = max(1, cap // HELD_SHARE) if isinstance(cap, int) else 0
+        self._local = threading.local()
+        # every thread's Held, to count them; a thread that ends drops its own
+        self._made: weakref.WeakSet[Held] = weakref.WeakSet()
+        self._pid = os.getpid()
+
+    def lend(self) -> Held | None:
+        """The calling thread's connection, lent (``busy``) until the caller sets
+        ``busy = False``; None when the thread has none, or it is lent already."""
+        held: Held | None = getattr(self._local, "held", None)
+        if held is None or held.pid != os.getpid():
+            held = self._hold()
+        if held.busy or held.connection is None:
+            return None
+        held.busy = True
+        try:
+            compat.drop_if_stale(held.connection)
+        except BaseException:
+            held.busy = False
+            raise
+        return held
+
+    def _hold(self) -> Held:
+        if self._pid != os.getpid():
+            # a forked child: the parent's sockets are the parent's
+            self._pid = os.getpid()
+            self._made = weakref.WeakSet()
+        connection = None
+        if len(self._made) < self._cap:
+            connection = compat.connection_outside_pool(self._client)
+        held = Held(connection)
+        if connection is not None:
+            self._made.add(held)
+        # a thread refused one keeps using the pool (checked once, not on every call)
+        self._local.held = held
+        return held
+
+    def drop_all(self) -> None:
+        """Let go of every thread's connection: each closes once no call uses it."""
+        self._local = threading.local()
+        self._made = weakref.WeakSet()
+
+
 class SyncRedisIO(RedisIO):
     """:class:`RedisIO` over a ``redis.Redis``: every call blocks until its reply.
 
@@ -491,26 +710,70 @@ class SyncRedisIO(RedisIO):
 
     def __init__(self, client: Any) -> None:
         super().__init__(client, wait=_identity, sleep=time.sleep, is_async=False)
+        self.threads = ThreadConnections(client)
 
-    # The per-read commands go straight to a pooled connection (compat.call_now), unless
-    # something watches execute_command (compat.sends_directly).
+    # The per-read commands go straight to the thread's connection (ThreadConnections) or
+    # a pooled one (compat.call_now), unless something watches execute_command
+    # (compat.sends_directly).
 
     def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         """The values of ``keys`` (None for a missing key), in one round trip."""
         if compat.sends_directly(self.client):
-            return cast("list[bytes | None]", compat.call_now(self.client, ("MGET", *keys)))
+            return cast("list[bytes | None]", self.call(("MGET", *keys)))
         return super().mget(keys)
 
     def _evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         if compat.sends_directly(self.client):
-            return compat.call_now(self.client, ("EVALSHA", script.sha, len(keys), *keys, *args))
+            return self.call(("EVALSHA", script.sha, len(keys), *keys, *args))
         return super()._evalsha(script, keys, args)
 
     def _script_load(self, script: Script) -> None:
         if compat.sends_directly(self.client):
-            compat.call_now(self.client, ("SCRIPT", "LOAD", script.source))
+            self.call(("SCRIPT", "LOAD", script.source))
         else:
             super()._script_load(script)
+
+    def pipeline(self, commands: Iterable[Command]) -> list[Any]:
+        """Send ``commands`` in one round trip (no MULTI); their replies in order, as
+        redis-py's pipeline gives them. On the thread's connection when it has one free."""
+        lent = self._lend()
+        if lent is None:
+            return super().pipeline(commands)
+        sent = list(commands)
+        try:
+            replies = compat.run_on(lent.connection, sent)
+        finally:
+            lent.busy = False
+        return compat.as_pipelines_return(self.client, sent, replies)
+
+    def call(self, command: Command) -> Any:
+        """Run one command whose reply redis-py leaves as the server sent it (MGET,
+        EVALSHA) the way the cache runs its own: on the thread's connection, or one of
+        the pool's (:func:`compat.call_now <sa_redis_cache.compat.call_now>`). For a
+        client that :func:`compat.sends_directly <sa_redis_cache.compat.sends_directly>`.
+
+        Example::
+
+            SyncRedisIO(redis.Redis()).call(("MGET", "a", "b"))   # [None, None]
+        """
+        lent = self.threads.lend() if self.threads is not None else None
+        if lent is None:
+            return compat.call_now(self.client, command)
+        try:
+            return compat.call_on(lent.connection, command)
+        finally:
+            lent.busy = False
+
+    def drop_connections(self) -> None:
+        """Close the threads' own connections (:class:`ThreadConnections`), each once no
+        call uses it: the cache is detached.
+
+        Example::
+
+            io.drop_connections()
+        """
+        if self.threads is not None:
+            self.threads.drop_all()
 
 
 class AsyncRedisIO(RedisIO):

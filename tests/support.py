@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+import redis
 import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
@@ -14,6 +16,8 @@ from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.protocol import KeyScheme
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sqlalchemy.orm import Session
 
 
@@ -70,3 +74,39 @@ class Two:
         self.writer.detach()
         self.reader.detach()
         self.engine.dispose()
+
+
+def cache_on_a_small_pool(
+    engine: sa.Engine, url: str, namespace: str, max_connections: int
+) -> tuple[redis.Redis, Cache, sessionmaker[Session]]:
+    """A client whose pool holds at most ``max_connections``, a cache on it (in a namespace
+    of its own) and a sessionmaker attached to it. Detach the cache and close the client.
+
+    Example::
+
+        client, cache, factory = cache_on_a_small_pool(engine, url, namespace, 8)
+    """
+    client = redis.Redis.from_url(url, max_connections=max_connections)
+    cache = Cache(client, namespace=f"{namespace}-small", default_ttl=300)
+    factory: sessionmaker[Session] = sessionmaker(engine)
+    cache.attach(factory)
+    return client, cache, factory
+
+
+def exit_code_of_a_forked_child(child: Callable[[], int]) -> int:
+    """Fork; the child runs ``child`` and exits with what it returns (4 if it raised),
+    without running the parent's cleanups; the parent waits and returns that code.
+
+    Example::
+
+        assert exit_code_of_a_forked_child(lambda: 0 if cache.stats() else 3) == 0
+    """
+    pid = os.fork()
+    if pid == 0:
+        code = 4
+        try:
+            code = child()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)

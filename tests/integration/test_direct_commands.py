@@ -1,8 +1,9 @@
-"""The per-read commands (MGET, EVALSHA) sent straight to a pooled connection
-(``compat.call_now``), past redis-py's per-call layer, must behave as
-``client.execute_command`` would: the connection's own retry policy, NOSCRIPT raised for
-the reload; and whatever watches ``execute_command`` (an application's ``redis.Redis``
-subclass, an instrumentation that patches the method) still sees every command.
+"""The per-read commands (MGET, EVALSHA) sent straight to a connection (the thread's
+own, ``redis_io.ThreadConnections``, or a pooled one, ``compat.call_now``), past
+redis-py's per-call layer, must behave as ``client.execute_command`` would: the
+connection's own retry policy, NOSCRIPT raised for the reload; and whatever watches
+``execute_command`` (an application's ``redis.Redis`` subclass, an instrumentation that
+patches the method) still sees every command.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy import select
 
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache, compat
+from sa_redis_cache.redis_io import SyncRedisIO
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -66,6 +68,38 @@ def test_call_now_answers_as_execute_command(redis_client: redis.Redis, namespac
     with pytest.raises(redis.exceptions.ResponseError, match="wrong number"):
         compat.call_now(redis_client, ("MGET",))
     redis_client.delete(key)
+
+
+def test_a_pipeline_on_the_threads_connection_answers_as_redis_pys(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    """``SyncRedisIO.pipeline`` on the thread's own connection: the replies of redis-py's
+    pipeline, its response callbacks applied (``SET`` True or None, ``SMEMBERS`` a set,
+    ``PEXPIRE`` a bool), and an error reply raised."""
+    io = SyncRedisIO(redis_client)
+    key, members = f"{namespace}:p", f"{namespace}:s"
+    redis_client.sadd(members, "a", "b")
+
+    def commands() -> list[tuple[Any, ...]]:
+        return [
+            ("SET", key, "v", "NX", "PX", 10_000),
+            ("SMEMBERS", members),
+            ("PEXPIRE", key, 10_000),
+            ("MGET", key, f"{namespace}:absent"),
+        ]
+
+    lent = io.threads.lend() if io.threads is not None else None
+    assert lent is not None  # the pipeline below runs on the thread's connection
+    lent.busy = False
+    ours = io.pipeline(commands())
+    redis_client.delete(key)
+    pipe = redis_client.pipeline(transaction=False)
+    for command in commands():
+        pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+    assert ours == pipe.execute()
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        io.pipeline([("GET", members)])
+    redis_client.delete(key, members)
 
 
 def _read(factory: sessionmaker[Session], pid: int) -> str:

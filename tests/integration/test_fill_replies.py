@@ -33,6 +33,7 @@ from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.context import OWED_WAIT
 from sa_redis_cache.tracing import use_tracer_provider
+from tests.support import cache_on_a_small_pool, exit_code_of_a_forked_child
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -176,25 +177,31 @@ def test_the_thread_that_filled_reads_after_its_fill(
     assert (region["misses"], region["fills"], region["hits"]) == (3, 3, 3)
 
 
-def test_a_connection_per_thread_at_most_waits_out_of_the_pool(
+def test_a_fill_reply_waits_on_the_threads_own_connection(
     session_factory: sessionmaker[Session], cache: Cache, scripts_ran: int
 ) -> None:
+    """The fill is sent on the thread's own connection (``ThreadConnections``): the reply
+    holds nothing out of the pool, and the thread's next call reads it first."""
     client = cache.client
     assert isinstance(client, redis.Redis)
     pool: Any = client.connection_pool
-    with session_factory() as s:
-        s.scalars(by_id(scripts_ran)).one()
-    assert len(pool._in_use_connections) == 1  # the fill's
-    with session_factory() as s:
-        s.scalars(by_id(scripts_ran)).one()  # reads the reply first: the connection is back
-    assert len(pool._in_use_connections) == 0
+    threads = cache._core.sync_io.threads
+    assert threads is not None
     for _ in range(4):
         cache.invalidate_query(by_id(scripts_ran))
         with session_factory() as s:
             s.scalars(by_id(scripts_ran)).one()
-        assert len(pool._in_use_connections) <= 1
-    cache.stats()
-    assert len(pool._in_use_connections) == 0
+        assert len(pool._in_use_connections) == 0
+        assert threads.lend() is None  # lent to the reply
+        assert len(cache._core.owed.by_thread) == 1
+    with session_factory() as s:
+        s.scalars(by_id(scripts_ran)).one()  # reads the reply first: a hit
+    lent = threads.lend()
+    assert lent is not None  # given back
+    lent.busy = False
+    assert cache._core.owed.by_thread == {}
+    region = cache.stats()["regions"]["default"]
+    assert (region["fills"], region["hits"]) == (4, 1)
 
 
 def test_a_server_that_lost_its_scripts_still_gets_the_fill(
@@ -224,18 +231,12 @@ def test_a_forked_child_leaves_the_parents_fill_reply_to_the_parent(
     pause_writes_before_the_query(shop_engine, probe)
     with session_factory() as s:
         s.scalars(by_id(scripts_ran)).one()  # the fill waits in Redis: its reply is owed
-    pid = os.fork()
-    if pid == 0:  # the child: takes its counters (which must not read the parent's reply)
-        code = 0
-        try:
-            probe.client_unpause()
-            code = 3 if cache.stats()["regions"]["default"]["fills"] else 0
-        except BaseException:
-            code = 4
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> int:  # takes its counters, which must not read the parent's reply
+        probe.client_unpause()
+        return 3 if cache.stats()["regions"]["default"]["fills"] else 0
+
+    assert exit_code_of_a_forked_child(child) == 0
     assert fills(cache) == 1  # the parent read its own reply (the child did not take it)
 
 
@@ -276,10 +277,7 @@ def test_a_small_pool_is_not_held_out_by_idle_threads_fill_replies(
 ) -> None:
     """At most an eighth of the pool's ``max_connections`` waits out of it for replies:
     a thread that fills and then idles must not leave the others without a connection."""
-    client = redis.Redis.from_url(own_redis.url, max_connections=8)
-    small = Cache(client, namespace=f"{namespace}-small", default_ttl=300)
-    factory = sessionmaker(shop_engine)
-    small.attach(factory)
+    client, small, factory = cache_on_a_small_pool(shop_engine, own_redis.url, namespace, 8)
     threads = 4
     all_filled = threading.Barrier(threads + 1)
     done = threading.Barrier(threads + 1)
@@ -301,13 +299,16 @@ def test_a_small_pool_is_not_held_out_by_idle_threads_fill_replies(
         all_filled.wait()
         pool: Any = client.connection_pool
         assert len(pool._in_use_connections) <= 1  # one eighth of 8
-        assert len(small._core.owed.by_thread) <= 1
+        # and one thread (8 // 8) keeps a connection of its own, outside the pool
+        assert len(small._core.owed.by_thread) <= 2
         done.wait()
         for worker in workers:
             worker.join()
         total = small.stats()["total"]
         assert (total["fills"], total["errors"]) == (threads, 0)
     finally:
+        all_filled.abort()  # a failed assertion must not leave the workers waiting
+        done.abort()
         small.detach()
         client.close()
 
