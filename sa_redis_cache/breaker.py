@@ -71,6 +71,19 @@ class CircuitBreaker:
                 return True
             return self.state is CLOSED
 
+    def refusing(self) -> bool:
+        """Whether :meth:`allow` would say no now, asked without changing anything: open,
+        and not yet due for its half-open probe. For a caller with work to skip before it
+        asks :meth:`allow` (a read computing its entry key); lock-free, so a read that
+        races the breaker's change is told what the read before it was.
+
+        Example::
+
+            if breaker.refusing():
+                return read_the_database()
+        """
+        return self.state is OPEN and self.clock() < self._open_until
+
     def success(self) -> None:
         """A Redis call succeeded."""
         if self.state is CLOSED and not self._failures:

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session
 
 from . import compat
+from .breaker import CLOSED
 from .reads import from_cache_in
 from .reads.flow import reads_directly
 from .transaction import peek_transaction_state, transaction_state
@@ -194,9 +195,12 @@ class SessionHooks:
         direct_read = reads.direct_read
         serves_queued = self.write_behind.serves_queued
 
+        breaker = reads.core.breaker
+
         def read(session: Session, statement: Any) -> Result[Any] | None:
             option = from_cache_in(getattr(statement, "_with_options", ()))
-            if option is None or not reads_directly(session):
+            # while Redis is out the pipeline's read goes to the database: nothing to check
+            if option is None or breaker.state is not CLOSED or not reads_directly(session):
                 return None
             mapper = compat.statement_subject_mapper(statement)
             if mapper is None or serves_queued(mapper):

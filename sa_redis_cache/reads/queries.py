@@ -192,6 +192,10 @@ class QueryReads:
             stats.incr(region, planned)
             return None
         cache_key, plan = planned
+        if core.breaker.refusing():
+            # Redis is out: the key and the binds below would be computed for nothing
+            stats.incr(region, "bypassed")
+            return None
         session = orm_context.session
         if compat.autoflush_requested(orm_context):
             compat.autoflush_pending(session)

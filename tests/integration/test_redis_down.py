@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from devservices import RedisServer, free_port
 from examples.shop import Product
-from sa_redis_cache import Cache
+from sa_redis_cache import Cache, FromCache
 from tests.support import SQLCounter, read_price
 
 
@@ -151,3 +152,46 @@ def test_breaker_counts_only_consecutive_failures(
         read_price(session_factory, product)  # a successful round trip resets the count
     assert breaker.state == "closed"
     assert breaker.opened == 0
+
+
+def test_with_the_breaker_open_a_read_computes_no_entry_key(
+    shop_engine: sa.Engine,
+    product: int,
+    sql: SQLCounter,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read the breaker will refuse goes to the database before the cache keys it: the
+    statement's bound values are not digested for an entry nobody will look at."""
+    cache = Cache(
+        f"redis://127.0.0.1:{free_port()}/0",
+        namespace=namespace,
+        breaker_threshold=1,
+        breaker_reset=3600,
+    )
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    statement = sa.select(Product).where(Product.id == product).options(FromCache())
+    try:
+        with factory() as s:
+            s.scalars(statement).one()  # the refused connection opens the breaker
+        assert cache._core.breaker.refusing()
+        keyed: list[str] = []
+        queries = cache._reads.queries
+        original = queries.entry_key
+
+        def entry_key(*args: Any, **kwargs: Any) -> str | None:
+            keyed.append("key")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(queries, "entry_key", entry_key)
+        bypassed = cache.stats()["total"]["bypassed"]
+        sql.reset()
+        for _ in range(3):
+            with factory() as s:
+                assert s.scalars(statement).one().id == product
+        assert sql.count == 3
+        assert keyed == []
+        assert cache.stats()["total"]["bypassed"] == bypassed + 3
+    finally:
+        cache.detach()

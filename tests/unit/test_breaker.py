@@ -62,3 +62,18 @@ def test_success_resets_the_failure_count() -> None:
     breaker.success()
     breaker.failure()
     assert breaker.state is CLOSED
+
+
+def test_refusing_says_what_allow_would_without_taking_the_probe() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, reset_after=5.0, clock=clock)
+    assert not breaker.refusing()  # closed
+    breaker.failure()
+    assert breaker.refusing()  # open, not yet due
+    assert not breaker.allow()
+    clock.now += 5.0
+    assert not breaker.refusing()  # due: the next allow() may probe
+    assert not breaker.refusing()  # asking twice took nothing
+    assert breaker.state is OPEN
+    assert breaker.allow()  # the probe is still there for the read that asks
+    assert not breaker.allow()
