@@ -161,13 +161,12 @@ def outage(env: BenchEnv, plan: Plan) -> CaseResult:
                     label="ours ÷ uncached",
                     target=Target("<=", 1.1),
                     miss_note=(
-                        "with the breaker open a FromCache read still computes the "
-                        "statement's cache key, plan and entry key (a digest of the bound "
-                        "values) before asking the breaker, about a third of the cache's "
-                        "own time on this path in cProfile; the rest is the cache's other "
-                        "session and engine listeners (transaction begin and end, the "
-                        "write-behind checks, pool checkin), which run whether Redis is up "
-                        "or not. Asking the breaker first would remove the third"
+                        "with the breaker open a FromCache read still finds the statement's "
+                        "plan (a dictionary look-up on SQLAlchemy's cache key) before it asks "
+                        "the breaker, which it does before keying the entry; the rest is the "
+                        "cache's other session and engine listeners (transaction begin and "
+                        "end, the write-behind checks, pool checkin), which run whether "
+                        "Redis is up or not"
                     ),
                 ),
                 Comparison(
