@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
@@ -25,8 +26,6 @@ from sa_redis_cache.protocol.scripts import Script
 from sa_redis_cache.redis_io import SyncRedisIO
 
 if TYPE_CHECKING:
-    import redis
-
     from benchmarks.env import BenchEnv
     from sa_redis_cache.protocol.scripts import ScriptCall
     from sa_redis_cache.redis_io import Pending
@@ -102,7 +101,7 @@ def round_trip_reads(engine: sa.Engine, client: redis.Redis) -> Callable[[], Ses
     client, on the thread's own connection.
     """
     factory: sessionmaker[Session] = sessionmaker(engine)
-    io = SyncRedisIO(client)
+    io = SyncRedisIO(_sibling(client))
     noop = _noop_script(client)
     owed: list[Pending] = []
 
@@ -134,7 +133,7 @@ def round_trip_commits(engine: sa.Engine, client: redis.Redis) -> sessionmaker[S
     ``send_batch``).
     """
     factory: sessionmaker[Session] = sessionmaker(engine)
-    io = SyncRedisIO(client)
+    io = SyncRedisIO(_sibling(client))
     noop = _noop_script(client)
     sent: list[Pending] = []
 
@@ -152,6 +151,19 @@ def round_trip_commits(engine: sa.Engine, client: redis.Redis) -> sessionmaker[S
         sa.event.listen(factory, sending, send)
         sa.event.listen(factory, reading, read)
     return factory
+
+
+def _sibling(client: redis.Redis) -> redis.Redis:
+    """A client like ``client`` on a pool of its own: the bound's round trips get thread
+    connections of their own (``redis_io.ThreadConnections``, one set per pool), as a
+    cache on its own client does, and leave the measured cache's alone (a reply the
+    bound leaves unread would otherwise send the cache's calls to the pool)."""
+    pool = client.connection_pool
+    return redis.Redis(
+        connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class, **pool.connection_kwargs
+        )
+    )
 
 
 def _sent(io: SyncRedisIO, call: ScriptCall) -> Pending:

@@ -657,22 +657,22 @@ def _is_redis_pys(execute_command: Any) -> bool:
     )
 
 
-def connection_outside_pool(client: Any) -> Any | None:
-    """A new, unconnected connection to ``client``'s server, made as its pool makes
-    them but counted by no pool: for a thread to hold across its calls
-    (:class:`~sa_redis_cache.redis_io.ThreadConnections`). None where a pool's own
-    connections are more than that: a pool of another class (``BlockingConnectionPool``,
-    one of the application's), client-side caching, RESP3 (its push messages are the
-    pool's to handle), a credential provider (the pool re-authenticates its own).
+def connection_outside_pool(pool: Any) -> Any | None:
+    """A new, unconnected connection to ``pool``'s server (a client's
+    ``connection_pool``), made as the pool makes them but counted by none: for a thread to
+    hold across its calls (:class:`~sa_redis_cache.redis_io.ThreadConnections`). None
+    where a pool's own connections are more than that: a pool of another class
+    (``BlockingConnectionPool``, one of the application's), client-side caching, RESP3
+    (its push messages are the pool's to handle), a credential provider (the pool
+    re-authenticates its own).
 
     Taking one from the pool and giving it back costs ~20 µs a call in redis-py 8 (locks,
     a readiness poll, observability records): a quarter of a loopback round trip.
 
     Example::
 
-        connection = connection_outside_pool(redis.Redis())   # connects on first send
+        connection = connection_outside_pool(redis.Redis().connection_pool)   # or None
     """
-    pool = getattr(client, "connection_pool", None)
     if type(pool) is not redis.ConnectionPool or getattr(pool, "cache", None) is not None:
         return None
     kwargs = pool.connection_kwargs

@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import threading
@@ -65,6 +66,7 @@ __all__ = [
     "AsyncClients",
     "AsyncRedisIO",
     "Held",
+    "IdleConnections",
     "OwedReplies",
     "Pending",
     "PoolShare",
@@ -601,20 +603,82 @@ class Held:
         lent.busy = False
     """
 
-    __slots__ = ("__weakref__", "busy", "connection", "pid")
+    __slots__ = ("__weakref__", "busy", "connection", "idle", "pid")
 
-    def __init__(self, connection: Any) -> None:
+    def __init__(self, connection: Any, idle: IdleConnections) -> None:
         self.connection = connection
+        self.idle = idle
         self.pid = os.getpid()
         self.busy = False
 
     def __del__(self) -> None:
-        # its thread ended, or the cache let go of it: closed now, not whenever the
-        # collector reaches the socket (which would warn that it was left open); in a
-        # forked child, closing leaves the parent's socket open (redis-py checks the pid)
-        if self.connection is not None:
-            with contextlib.suppress(Exception):
-                self.connection.disconnect()
+        # its thread ended (or the cache let go of it): the connection waits for the next
+        # new thread, or is closed now, not whenever the collector reaches the socket
+        # (which would warn that it was left open)
+        if self.connection is None:
+            return
+        if self.pid == os.getpid():
+            self.idle.keep(self.connection)
+        else:  # a forked child: closing leaves the parent's socket open (redis-py checks)
+            _close_quietly(self.connection)
+
+
+class IdleConnections:
+    """Connections of threads that ended, for the next new threads: a server that makes a
+    thread (or a greenlet) per request would otherwise connect, check the server's run id
+    and leave a socket in TIME_WAIT for every request. At most ``room`` are kept; closed
+    ones close whatever comes back to them.
+
+    Example::
+
+        idle = IdleConnections(room=12)
+        idle.keep(connection)          # a thread ended
+        idle.take()                    # the connection, for a new thread
+    """
+
+    __slots__ = ("_connections", "closed", "room")
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.closed = False
+        # appended and popped without a lock: keep() runs in __del__, possibly while
+        # this thread is inside take() or close()
+        self._connections: collections.deque[Any] = collections.deque()
+
+    def keep(self, connection: Any) -> None:
+        """Keep ``connection`` for a new thread, or close it (closed, or no room)."""
+        if self.closed or len(self._connections) >= self.room:
+            _close_quietly(connection)
+            return
+        self._connections.append(connection)
+        self._close_if_closed()
+
+    def _close_if_closed(self) -> None:
+        # close() may have run since keep() looked (detach() on another thread): it may
+        # not have seen the connection just kept
+        if self.closed:
+            self.close()
+
+    def take(self) -> Any | None:
+        """An idle connection, or None."""
+        try:
+            return self._connections.pop()
+        except IndexError:
+            return None
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def close(self) -> None:
+        """Close every idle connection, and those given back from now on."""
+        self.closed = True
+        while (connection := self.take()) is not None:
+            _close_quietly(connection)
+
+
+def _close_quietly(connection: Any) -> None:
+    with contextlib.suppress(Exception):
+        connection.disconnect()
 
 
 HELD_SHARE = 8
@@ -624,25 +688,27 @@ threads hold one)."""
 
 
 class ThreadConnections:
-    """A connection per thread, outside the client's pool, for that thread's calls.
+    """A connection per thread, outside a client's pool, for that thread's calls.
 
     redis-py takes a connection from the pool for every call and gives it back after:
     ~20 µs of locks, a readiness poll and observability records, a quarter of a loopback
     round trip and more than a tenth of a cache hit. A thread that keeps its own pays
     none of it. The connection is made as the pool makes its own
     (:func:`compat.connection_outside_pool <sa_redis_cache.compat.connection_outside_pool>`,
-    which also says which clients get none), connects on first use, reconnects after an
-    error as pool connections do, and is closed when its thread ends, when the cache is
-    detached (:meth:`drop_all`), or in a forked child, which makes its own.
+    which also says which pools get none), connects on first use, is checked before each
+    call as the pool checks its own, and reconnects after an error as pool connections
+    do. When its thread ends it waits for the next new thread (:class:`IdleConnections`);
+    :meth:`drop_all` closes them all; a forked child makes its own.
 
-    At most ``max_connections // HELD_SHARE`` threads hold one (at least one thread); the
-    others, and a call made while the thread's connection is lent (a reply not read yet),
-    use the pool as before. ``client.close()`` closes the pool's connections, not these.
+    One per pool (:meth:`of`), whichever caches and workers use it: at most
+    ``max_connections // HELD_SHARE`` threads hold one (at least one thread); the others,
+    and a call made while the thread's connection is lent (a reply not read yet), use the
+    pool as before. ``client.close()`` closes the pool's connections, not these.
 
     Example::
 
-        threads = ThreadConnections(redis.Redis())
-        lent = threads.lend()            # None: use the pool
+        threads = ThreadConnections.of(redis.Redis())
+        lent = threads.lend() if threads else None      # None: use the pool
         if lent is not None:
             try:
                 compat.call_on(lent.connection, ("MGET", "a"))
@@ -650,15 +716,30 @@ class ThreadConnections:
                 lent.busy = False
     """
 
-    __slots__ = ("_cap", "_client", "_local", "_made", "_pid")
+    __slots__ = ("__weakref__", "_cap", "_idle", "_local", "_made", "_pid", "_pool")
 
-    def __init__(self, client: Any) -> None:
-        self._client = client
-        cap = getattr(getattr(client, "connection_pool", None), "max_connections", None)
+    @classmethod
+    def of(cls, client: Any) -> ThreadConnections | None:
+        """The thread connections of ``client``'s pool; None for a client without one (a
+        cluster client)."""
+        pool = getattr(client, "connection_pool", None)
+        if pool is None:
+            return None
+        with _OF_POOL_LOCK:
+            threads = _OF_POOL.get(pool)
+            if threads is None:
+                threads = _OF_POOL[pool] = cls(pool)
+            return threads
+
+    def __init__(self, pool: Any) -> None:
+        # weakly: the pool is this object's key in _of_pool
+        self._pool = weakref.ref(pool)
+        cap = getattr(pool, "max_connections", None)
         self._cap = max(1, cap // HELD_SHARE) if isinstance(cap, int) else 0
         self._local = threading.local()
         # every thread's Held, to count them; a thread that ends drops its own
         self._made: weakref.WeakSet[Held] = weakref.WeakSet()
+        self._idle = IdleConnections(self._cap)
         self._pid = os.getpid()
 
     def lend(self) -> Held | None:
@@ -682,10 +763,12 @@ class ThreadConnections:
             # a forked child: the parent's sockets are the parent's
             self._pid = os.getpid()
             self._made = weakref.WeakSet()
-        connection = None
-        if len(self._made) < self._cap:
-            connection = compat.connection_outside_pool(self._client)
-        held = Held(connection)
+            self._idle = IdleConnections(self._cap)
+        connection = self._idle.take()
+        pool = self._pool()
+        if connection is None and pool is not None and len(self._made) < self._cap:
+            connection = compat.connection_outside_pool(pool)
+        held = Held(connection, self._idle)
         if connection is not None:
             self._made.add(held)
         # a thread refused one keeps using the pool (checked once, not on every call)
@@ -694,8 +777,14 @@ class ThreadConnections:
 
     def drop_all(self) -> None:
         """Let go of every thread's connection: each closes once no call uses it."""
+        idle, self._idle = self._idle, IdleConnections(self._cap)
+        idle.close()
         self._local = threading.local()
         self._made = weakref.WeakSet()
+
+
+_OF_POOL: weakref.WeakKeyDictionary[Any, ThreadConnections] = weakref.WeakKeyDictionary()
+_OF_POOL_LOCK = threading.Lock()
 
 
 class SyncRedisIO(RedisIO):
@@ -710,7 +799,7 @@ class SyncRedisIO(RedisIO):
 
     def __init__(self, client: Any) -> None:
         super().__init__(client, wait=_identity, sleep=time.sleep, is_async=False)
-        self.threads = ThreadConnections(client)
+        self.threads = ThreadConnections.of(client)
 
     # The per-read commands go straight to the thread's connection (ThreadConnections) or
     # a pooled one (compat.call_now), unless something watches execute_command
@@ -736,10 +825,10 @@ class SyncRedisIO(RedisIO):
     def pipeline(self, commands: Iterable[Command]) -> list[Any]:
         """Send ``commands`` in one round trip (no MULTI); their replies in order, as
         redis-py's pipeline gives them. On the thread's connection when it has one free."""
+        sent = list(commands)  # before lending: a generator may raise
         lent = self._lend()
         if lent is None:
-            return super().pipeline(commands)
-        sent = list(commands)
+            return super().pipeline(sent)
         try:
             replies = compat.run_on(lent.connection, sent)
         finally:

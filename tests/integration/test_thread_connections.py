@@ -1,11 +1,12 @@
 """A thread keeps a connection of its own for the cache's calls
 (``redis_io.ThreadConnections``), outside the client's pool.
 
-Hits, looks and fills take nothing from the pool; a thread that ends closes its
-connection, and so does ``detach()``; a forked child makes its own and leaves the
+Hits, looks and fills take nothing from the pool; ``detach()`` closes the threads'
+connections; a forked child makes its own and leaves the
 parent's socket alone; at most an eighth of the pool's ``max_connections`` threads hold
-one, the others use the pool; a connection the server dropped is made again; clients
-whose pool does more than hand out connections get none.
+one (counted per pool), the others use the pool; a thread that ends leaves its
+connection to the next; a connection the server dropped is made again; clients whose
+pool does more than hand out connections get none.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from sa_redis_cache.redis_io import SyncRedisIO
 from tests.support import cache_on_a_small_pool, exit_code_of_a_forked_child
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     from sqlalchemy.orm import Session
 
     from sa_redis_cache.redis_io import ThreadConnections
@@ -87,28 +90,105 @@ def test_hits_misses_and_fills_take_nothing_from_the_pool(
     assert (region["hits"], region["fills"]) == (2, 1)
 
 
-def test_a_thread_that_ends_closes_its_connection(
-    session_factory: sessionmaker[Session], cache: Cache, product: int
-) -> None:
-    seen: list[Any] = []
-
-    def read() -> None:
-        with session_factory() as s:
-            s.scalars(by_id(product)).one()
-        with session_factory() as s:
-            s.scalars(by_id(product)).one()  # reads its fill's reply: the connection is free
-        connection = own_connection(cache)
-        assert connection._sock is not None
-        seen.append(connection)
-
-    made = len(threads_of(cache)._made)
-    worker = threading.Thread(target=read)
+def in_a_thread(work: Callable[[], Any]) -> Any:
+    """Run ``work`` in a new thread, to its end; what it returned."""
+    got: list[Any] = []
+    worker = threading.Thread(target=lambda: got.append(work()))
     worker.start()
     worker.join(GIVE_UP_S)
     assert not worker.is_alive()
-    assert len(seen) == 1
-    assert seen[0]._sock is None  # closed with its thread (no collection needed)
-    assert len(threads_of(cache)._made) == made
+    assert len(got) == 1
+    return got[0]
+
+
+def test_a_thread_that_ends_leaves_its_connection_to_the_next(
+    session_factory: sessionmaker[Session], cache: Cache, product: int, pool_takes: list[int]
+) -> None:
+    """A server that makes a thread per request must not connect once per request."""
+
+    def read() -> Any:
+        for _ in range(2):  # a miss and its fill, then a hit that reads the fill's reply
+            with session_factory() as s:
+                s.scalars(by_id(product)).one()
+        connection = own_connection(cache)
+        assert connection._sock is not None
+        return connection
+
+    first = in_a_thread(read)
+    assert first._sock is not None  # kept open for the next thread
+    assert len(threads_of(cache)._idle) == 1
+    second = in_a_thread(read)
+    assert second is first  # taken again: no new connection, no new handshake
+    assert pool_takes == []
+    cache.detach()
+    assert first._sock is None  # the idle connections close with the cache
+
+
+def test_idle_connections_beyond_the_cap_close(
+    shop_engine: sa.Engine, redis_url: str, namespace: str, product: int
+) -> None:
+    client, small, factory = cache_on_a_small_pool(shop_engine, redis_url, namespace, 8)
+    workers = 3
+    all_read = threading.Barrier(workers)
+    connections: list[Any] = []
+
+    def read() -> None:
+        with factory() as s:
+            s.scalars(by_id(product)).one()
+        lent = threads_of(small).lend()
+        if lent is not None:
+            connections.append(lent.connection)
+            lent.busy = False
+        all_read.wait(GIVE_UP_S)
+
+    threads = [threading.Thread(target=read) for _ in range(workers)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(GIVE_UP_S)
+        assert len(connections) == 1  # 8 // 8: one thread holds one
+        assert len(threads_of(small)._idle) == 1  # its thread ended: kept, within the cap
+    finally:
+        all_read.abort()
+        small.detach()
+        client.close()
+    assert connections[0]._sock is None
+
+
+def test_caches_sharing_a_pool_share_its_thread_connections(
+    shop_engine: sa.Engine, redis_url: str, namespace: str, product: int
+) -> None:
+    """The cap is the pool's: two caches (or a cache and a worker) on one client hold no
+    more connections beside it than one cache."""
+    client, first, factory = cache_on_a_small_pool(shop_engine, redis_url, namespace, 16)
+    second = Cache(client, namespace=f"{namespace}-second", default_ttl=300)
+    other: sessionmaker[Session] = sessionmaker(shop_engine)
+    second.attach(other)
+    try:
+        assert threads_of(first) is threads_of(second)
+        for read_with in (factory, other):
+            with read_with() as s:
+                s.scalars(by_id(product)).one()
+        assert len(threads_of(first)._made) == 1  # this thread's, used by both
+    finally:
+        second.detach()
+        first.detach()
+        client.close()
+
+
+def test_a_pipeline_whose_commands_fail_to_come_leaves_the_connection_free(
+    cache: Cache,
+) -> None:
+    io = cache._core.sync_io
+
+    def commands() -> Iterator[tuple[Any, ...]]:
+        yield ("PING",)
+        raise RuntimeError("the caller's generator failed")
+
+    with pytest.raises(RuntimeError, match="generator failed"):
+        io.pipeline(commands())
+    own_connection(cache)  # not left lent: the thread still has its connection
 
 
 def test_detach_closes_the_threads_connections(
