@@ -36,17 +36,26 @@ def set_price(factory: sessionmaker[Session], pid: int, price: str) -> None:
         s.commit()
 
 
-def test_redis_down_from_the_start(
-    shop_engine: sa.Engine, product: int, sql: SQLCounter, namespace: str
-) -> None:
+def cache_on_no_redis(
+    engine: sa.Engine, namespace: str, *, breaker_threshold: int
+) -> tuple[Cache, sessionmaker[Session]]:
+    """A cache whose Redis URL nothing listens on (its breaker, once open, stays open for
+    the test) and a sessionmaker attached to it. Detach the cache."""
     cache = Cache(
         f"redis://127.0.0.1:{free_port()}/0",
         namespace=namespace,
-        breaker_threshold=2,
+        breaker_threshold=breaker_threshold,
         breaker_reset=3600,
     )
-    factory = sessionmaker(shop_engine)
+    factory = sessionmaker(engine)
     cache.attach(factory)
+    return cache, factory
+
+
+def test_redis_down_from_the_start(
+    shop_engine: sa.Engine, product: int, sql: SQLCounter, namespace: str
+) -> None:
+    cache, factory = cache_on_no_redis(shop_engine, namespace, breaker_threshold=2)
     try:
         for _ in range(5):
             assert read_price(factory, product) == (Decimal("1.00"), Decimal("1.00"))
@@ -163,14 +172,7 @@ def test_with_the_breaker_open_a_read_computes_no_entry_key(
 ) -> None:
     """A read the breaker will refuse goes to the database before the cache keys it: the
     statement's bound values are not digested for an entry nobody will look at."""
-    cache = Cache(
-        f"redis://127.0.0.1:{free_port()}/0",
-        namespace=namespace,
-        breaker_threshold=1,
-        breaker_reset=3600,
-    )
-    factory = sessionmaker(shop_engine)
-    cache.attach(factory)
+    cache, factory = cache_on_no_redis(shop_engine, namespace, breaker_threshold=1)
     statement = sa.select(Product).where(Product.id == product).options(FromCache())
     try:
         with factory() as s:
