@@ -761,7 +761,7 @@ class Cache:
             cache.detach()
         """
         self._core.remove_listeners()
-        self._core.settle_owed()  # the fills' replies: their connections go back to the pool
+        self._core.settle_owed()  # the fills' replies, read before the connections close
         self._core.sync_io.drop_connections()
         self._hooks.uninstall_direct_reads()
         if self._core.local is not None:

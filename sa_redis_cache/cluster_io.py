@@ -35,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import ConfigurationError
-from .protocol import cluster
+from .protocol import cluster, scripts
 from .redis_io import AsyncRedisIO, RedisIO, SyncRedisIO, is_cluster
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ class _ClusterCalls(RedisIO):
         first: Any = None
         for _ in range(_REDIRECTS):
             sent: list[Command] = [("ASKING",)] if asking else []
-            sent += [("EVALSHA", script.sha, len(keys), *keys, *args), *commands]
+            sent += [scripts.evalsha(script, keys, args), *commands]
             try:
                 replies = self._on_node(node, sent)[len(sent) - len(commands) - 1 :]
             except (RedisConnectionError, RedisTimeoutError) as exc:

@@ -376,7 +376,7 @@ class CacheContext(RedisOutages):
             return
         except Exception:
             # redis-py raises these for a connection closed under an unread reply
-            # (client.close() in another thread): dropped and given back by read_replies
+            # (client.close() in another thread): Pending dropped it and let it go
             log.warning("a fill's reply could not be read; counted as an error", exc_info=True)
             self.counters.incr(scope, "errors", also=also)
             return

@@ -254,7 +254,7 @@ class RedisIO:
             # can wait (a flush's statement for a row lock) on a thread that waits for a
             # connection of this pool: a deadlock until the pool's timeout
             return None
-        commands = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
+        commands = [scripts.evalsha(*call) for call in calls]
         lent = self._lend()
         if lent is not None:
             try:
@@ -325,7 +325,7 @@ class RedisIO:
         return threads.lend()
 
     def _run_batch_on(self, lent: Held, calls: Sequence[ScriptCall]) -> list[Any]:
-        commands = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
+        commands = [scripts.evalsha(*call) for call in calls]
         try:
             replies = compat.run_on(lent.connection, commands)
             if any(isinstance(reply, NoScriptError) for reply in replies):
@@ -813,7 +813,7 @@ class SyncRedisIO(RedisIO):
 
     def _evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         if compat.sends_directly(self.client):
-            return self.call(("EVALSHA", script.sha, len(keys), *keys, *args))
+            return self.call(scripts.evalsha(script, keys, args))
         return super()._evalsha(script, keys, args)
 
     def _script_load(self, script: Script) -> None:

@@ -377,7 +377,7 @@ class Listener:
             if link not in loaded:
                 loaded.add(link)
                 batches.add(link, ("SCRIPT", "LOAD", hold.source))
-            renewals.append(batches.add(link, ("EVALSHA", hold.sha, len(keys), *keys, *args)))
+            renewals.append(batches.add(link, scripts.evalsha(hold, keys, args)))
         for command in tier.gauge_commands():
             batches.add(self._link_for(command[1]), command)
         sent = time.monotonic()

@@ -211,16 +211,23 @@ def invalidate_entries(keys: KeyScheme, entry_keys: Sequence[str], ttl_ms: int) 
     return script("invalidate_entries"), paired, [ttl_ms, start()]
 
 
+def evalsha(script: Script, keys: Sequence[str], args: Sequence[Any]) -> Command:
+    """A script call as the plain command that runs it by SHA1 (for a pipeline, or a
+    connection the cache writes to directly).
+
+    Example::
+
+        evalsha(*invalidate_entries(keys, [entry_key], 1000))   # ("EVALSHA", sha, 2, ...)
+    """
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
 def load_and_run(call: ScriptCall) -> list[Command]:
     """A script call as two plain commands, load then run by SHA1, for a connection that
     cannot retry on NOSCRIPT (the restart bump, sent while the connection is being made,
     on a server that may have just lost its scripts). Both are sent before either reply is
     read."""
-    script, keys, args = call
-    return [
-        ("SCRIPT", "LOAD", script.source),
-        ("EVALSHA", script.sha, len(keys), *keys, *args),
-    ]
+    return [("SCRIPT", "LOAD", call[0].source), evalsha(*call)]
 
 
 def bump_all(
