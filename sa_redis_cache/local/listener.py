@@ -173,6 +173,9 @@ class Listener:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        # (the thread does it too, unless the join timed out) before the sockets close,
+        # so that no reading thread looks at a closed socket's number, maybe reused
+        self.tier.broken()
         self._close()
         for sock in (self._wake_r, self._wake_w):
             if sock is not None:

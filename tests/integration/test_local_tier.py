@@ -538,6 +538,37 @@ def test_a_killed_invalidation_connection_empties_the_tier(
     assert reader.price(product) == Decimal("5.00")
 
 
+def test_a_reading_thread_notices_a_killed_invalidation_connection_itself(
+    spawn: Callable[..., Process], product: int, table_node: redis.Redis
+) -> None:
+    """With the listener thread stalled, the connection's close (which a readiness poll
+    reports, as it reports data) is found by the thread about to serve: no local hit."""
+    reader = spawn(local_lease=30.0)
+    reader.hold(product)
+    tier = reader.tier
+    release = threading.Event()
+    read_invalidations = tier.read_invalidations
+
+    def stalled() -> None:
+        assert release.wait(WAIT)
+        read_invalidations()
+
+    tier.read_invalidations = stalled  # type: ignore[method-assign]  # the listener, stalled
+    try:
+        breaks, hits = tier.breaks, reader.total("local_hits")
+        table_node.client_kill_filter(_type="pubsub")
+        socks = [sock for sock, _ in tier._socks]
+        assert socks
+        readable, _, _ = select.select(socks, [], [], WAIT)
+        assert readable, "redis never closed the connection"
+        assert not tier.serving()
+        assert tier.breaks == breaks + 1
+        reader.price(product)
+        assert reader.total("local_hits") == hits
+    finally:
+        release.set()
+
+
 def test_a_killed_control_connection_ends_tracking_and_empties_the_tier(
     spawn: Callable[..., Process], product: int, table_node: redis.Redis
 ) -> None:
