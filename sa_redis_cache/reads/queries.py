@@ -52,6 +52,13 @@ _PLAN_CACHE_SIZE = 4096
 _SEEN_BINDS = 256
 # entry keys remembered as hit at their last look (a few hundred KiB at most)
 HITS_REMEMBERED = 10_000
+# entry keys remembered by the values they were made of (KeysMade), and the most
+# characters of str values one of them may hold (a few MiB at most in all)
+KEYS_REMEMBERED = 10_000
+KEY_TEXT_REMEMBERED = 256
+# values whose equality (with their type) means the same tagged encoding: str, int, bool,
+# None; not float (0.0 == -0.0), Decimal (Decimal("1.0") == 1) or anything mutable
+_EXACT_TYPES = frozenset((str, int, bool, type(None)))
 # the decoded entries kept for hits on the same bytes (DecodedEntries): memory as the local
 # tier estimates it, for all of them and for one (a larger entry is decoded on every hit)
 DECODED_MAX_BYTES = 8 << 20
@@ -154,6 +161,54 @@ class DecodedEntries:
             self._bytes += size
 
 
+class KeysMade:
+    """Entry keys by the values they were made of, so that a read of values keyed before
+    costs a dict look-up instead of encoding and hashing them again (~3 µs of a ~26 µs
+    local-tier hit, benchmarks/results/speed.md).
+
+    Only for bound values of types whose equality means the same encoding (str, int,
+    bool, None: see :data:`_EXACT_TYPES`; ``1 == True`` is told apart by the types kept
+    beside the values), no ``schema_translate_map``, and at most
+    :data:`KEY_TEXT_REMEMBERED` characters of str values; anything else is keyed as
+    before. Bounded by :data:`KEYS_REMEMBERED`; emptied when full.
+
+    Example::
+
+        made = KeysMade()
+        memo = made.memo_of(plan, database, False, [7])   # None for values it cannot hold
+        made.get(memo)                                    # None: not made yet
+        made.put(memo, "sarc:ns:q:products:...")          # what was made of them
+    """
+
+    __slots__ = ("_keys",)
+
+    def __init__(self) -> None:
+        self._keys: dict[tuple[Any, ...], str] = {}
+
+    @staticmethod
+    def memo_of(
+        plan: StatementPlan, database: Database, spread: bool, values: list[Any]
+    ) -> tuple[Any, ...] | None:
+        """What the key of these values is remembered under; None when they cannot be."""
+        types = tuple(map(type, values))
+        if not _EXACT_TYPES.issuperset(types):
+            return None
+        if str in types and sum(len(v) for v in values if type(v) is str) > KEY_TEXT_REMEMBERED:
+            return None
+        return (plan.entry_prefix, plan.digest, database.name, spread, types, *values)
+
+    def get(self, memo: tuple[Any, ...]) -> str | None:
+        """The key made before under ``memo``, if any."""
+        return self._keys.get(memo)
+
+    def put(self, memo: tuple[Any, ...], key: str) -> None:
+        """Remember ``key`` under ``memo`` (from :meth:`memo_of`)."""
+        keys = self._keys
+        if len(keys) >= KEYS_REMEMBERED:
+            keys.clear()
+        keys[memo] = key
+
+
 class QueryReads:
     """The ``FromCache`` reads of one cache.
 
@@ -177,6 +232,7 @@ class QueryReads:
         # the same script, saving its miss a round trip
         self._hits_last: dict[str, None] = {}
         self.decoded = DecodedEntries()
+        self._keys_made = KeysMade()
 
     def read(self, orm_context: ORMExecuteState, option: FromCache) -> Result[Any] | None:
         core = self.core
@@ -553,17 +609,40 @@ class QueryReads:
         params = params or {}
         try:
             values: list[Any] = [params.get(bp.key, bp.effective_value) for bp in bindparams]
+        except TypeError:
+            return None
+        keys_made = self._keys_made
+        memo = None if translate else keys_made.memo_of(plan, database, spread, values)
+        if memo is not None:
+            known = keys_made.get(memo)
+            if known is not None:
+                self._remember(database, translate, [])
+                return known
+        made = self._make_entry_key(plan, values, database, translate, spread)
+        if made is not None and memo is not None:
+            keys_made.put(memo, made)
+        return made
+
+    def _make_entry_key(
+        self,
+        plan: StatementPlan,
+        values: list[Any],
+        database: Database,
+        translate: Any,
+        spread: bool,
+    ) -> str | None:
+        try:
             parts: list[Any] = [plan.digest, values, database.name]
             translated = sorted((str(k), str(v)) for k, v in translate.items()) if translate else []
             if translated:
                 parts.append(translated)
             self._remember(database, translate, translated)
             found = values_digest(parts)
-            if spread:
-                return self.core.keys.query_key(plan.table_names[0], found, spread=True)
-            return plan.entry_prefix + found
         except (CodecError, TypeError):
             return None
+        if spread:
+            return self.core.keys.query_key(plan.table_names[0], found, spread=True)
+        return plan.entry_prefix + found
 
     def _remember(self, database: Database, translate: Any, translated: list[Any]) -> None:
         seen = self._seen

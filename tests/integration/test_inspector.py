@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import redis
 import sqlalchemy as sa
 from sqlalchemy import select
@@ -45,3 +47,36 @@ def test_models_and_health(cache: Cache, session_factory: sessionmaker[Session])
     with session_factory() as s:
         s.get(Product, 8)
     assert inspector.latency()["models"]["Product"]
+
+
+def test_values_equal_in_python_but_encoded_apart_key_apart(
+    cache: Cache, shop_engine: sa.Engine
+) -> None:
+    """Entry keys are remembered by the values they were made of (``KeysMade``): values
+    that compare equal but encode apart (``1``, ``True``, ``1.0``; ``0.0``, ``-0.0``) keep
+    keys of their own, whichever was keyed first, and a remembered key is the one made."""
+    inspector = cache.inspector
+    database = inspector.database_of(shop_engine)
+    assert database is not None
+    values: list[object] = [1, True, 1.0, Decimal("1.0"), "1", 0, False, 0.0, -0.0, None]
+    # one statement, the values given at execute time (a literal True or None would be
+    # rendered into the SQL, another statement)
+    stmt = select(Product).where(Product.id == sa.bindparam("v"))
+
+    def keys(order: list[object]) -> dict[str, str | None]:
+        return {repr(v): inspector.statement_key(stmt, {"v": v}, database=database) for v in order}
+
+    first = keys(values)
+    assert len(set(first.values())) == len(values)
+    assert None not in first.values()
+    assert keys(values[::-1]) == first  # remembered now: the same keys
+    other = Cache(cache.client, namespace=cache.namespace)  # remembers nothing yet
+    try:
+        other_database = other.inspector.database_of(shop_engine)
+        assert other_database is not None
+        assert {
+            repr(v): other.inspector.statement_key(stmt, {"v": v}, database=other_database)
+            for v in values[::-1]
+        } == first
+    finally:
+        other.detach()
