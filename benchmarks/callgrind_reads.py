@@ -1,7 +1,8 @@
 """Instruction counts of one read: ``python -m benchmarks.callgrind_reads KIND``.
 
-KIND is ``hit`` (a 1-row ``FromCache`` hit), ``get`` (a ``session.get`` hit) or
-``miss`` (a 1-row ``FromCache`` miss and its fill). Wall-clock medians move with whatever
+KIND is ``hit`` (a 1-row ``FromCache`` hit), ``get`` (a ``session.get`` hit),
+``miss`` (a 1-row ``FromCache`` miss and its fill), or ``local-hit`` / ``local-get`` (the
+first two served by a ``Cache(local=True)``'s local tier). Wall-clock medians move with whatever
 else the machine runs; instruction counts do not, so decisions about the read path's own
 work are made on them. The script runs the read 20 times and then 220 times under
 ``valgrind --tool=callgrind`` and prints ``(I(220) - I(20)) / 200``: start-up, seeding
@@ -22,10 +23,12 @@ import re
 import subprocess
 import sys
 import tempfile
+from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
+from benchmarks.cases_local import local_side
 from benchmarks.env import Sizes, bench_env
 from examples.shop import Product
 from sa_redis_cache import FromCache
@@ -33,7 +36,7 @@ from sa_redis_cache import FromCache
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-KINDS = ("hit", "get", "miss")
+KINDS = ("hit", "get", "miss", "local-hit", "local-get")
 FEW, MANY = 20, 220
 PRODUCT = 7
 
@@ -47,24 +50,35 @@ def run_reads(kind: str, calls: int) -> None:
     ) as env:
         cached = select(Product).where(Product.id == PRODUCT).options(FromCache())
         cache = env.cache
+        with ExitStack() as stack:
+            sessions = env.cached
+            if kind.startswith("local-"):
+                # a lease that outlasts the run and no stats thread: under callgrind the
+                # threads take turns on one core, and a renewal late by a whole lease
+                # would empty the tier (every read after it a miss, counted as a hit's)
+                side = local_side(env, "callgrind", local_lease=60.0, stats_publish_interval=0)
+                sessions = stack.enter_context(side).factory
 
-        def hit() -> None:
-            with env.cached() as s:
-                s.scalars(cached).all()
+            def hit() -> None:
+                with sessions() as s:
+                    s.scalars(cached).all()
 
-        def get() -> None:
-            with env.cached() as s:
-                s.get(Product, PRODUCT)
+            def get() -> None:
+                with sessions() as s:
+                    s.get(Product, PRODUCT)
 
-        def miss() -> None:
-            cache.invalidate_query(cached)  # the entry is gone: the read misses and fills
-            hit()
+            def miss() -> None:
+                cache.invalidate_query(cached)  # the entry is gone: the read misses and fills
+                hit()
 
-        read: Callable[[], None] = {"hit": hit, "get": get, "miss": miss}[kind]
-        for _ in range(20):
-            read()
-        for _ in range(calls):
-            read()
+            read: Callable[[], None] = {"hit": hit, "get": get, "miss": miss}[
+                kind.removeprefix("local-")
+            ]
+            # the local tier keeps an entry at its second read (a fill, then a Redis hit)
+            for _ in range(20):
+                read()
+            for _ in range(calls):
+                read()
 
 
 def instructions(kind: str, calls: int, module: str = "benchmarks.callgrind_reads") -> int:
