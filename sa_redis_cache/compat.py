@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROBES",
-    "add_to_identity_map",
     "autoflush_pending",
     "autoflush_requested",
     "await_",
@@ -66,6 +65,7 @@ __all__ = [
     "get_clause_pk",
     "has_net_change",
     "identity_key",
+    "identity_map_adder",
     "in_greenlet",
     "install_connect_hook",
     "is_locking",
@@ -252,9 +252,11 @@ def identity_key(mapper: Mapper[Any], pk: tuple[Any, ...]) -> Any:
     return (mapper._identity_class, pk, None)
 
 
-def add_to_identity_map(identity_map: IdentityMap, state: InstanceState[Any], key: Any) -> None:
-    """Put a new object's state into the map under ``key`` (it is not there yet)."""
-    identity_map._add_unpresent(state, key)
+def identity_map_adder(identity_map: IdentityMap) -> Callable[[InstanceState[Any], Any], None]:
+    """What puts a new object's state into ``identity_map`` under a key it is not under yet:
+    ``adder(state, key)``."""
+    adder: Callable[[InstanceState[Any], Any], None] = identity_map._add_unpresent
+    return adder
 
 
 def commit_new(state: InstanceState[Any], identity_map: IdentityMap) -> None:

@@ -258,65 +258,95 @@ class _Materializer:
         self.new_states: list[InstanceState[Any]] = []
         self.loaded: list[tuple[InstanceState[Any], list[str]]] = []
 
-    def object(
+    def objects(
         self,
-        info: ModelInfo,
-        dumped: Sequence[Any],
-        missing: Sequence[int] | int,
-        values: tuple[Any, ...] | None = None,
-        key: Any = None,
-    ) -> Any:
-        codec = info.codec
-        assert codec is not None
-        mapper = info.mapper
-        if values is None:
-            values = codec.load_row(dumped)
-        elif self.shared and codec.mutable:
-            values = codec.thawed(values)
-        if key is None:
-            key = identity_key_of(info, values)
+        owners: Sequence[ModelInfo],
+        missings: Sequence[Sequence[int] | int],
+        rows: Sequence[tuple[Any, ...]],
+        keys: Sequence[Any],
+    ) -> tuple[list[Any], list[InstanceState[Any] | None]]:
+        """The objects of decoded ``rows`` (one per owner, with its columns' ``missings``
+        and identity ``keys``): the session's own where it holds one, else new.
+
+        Returns the objects and, beside each, its state when this call made it (None for
+        one the session held). One loop for every object of a body: a local hit of 250
+        objects spent ~1.2 µs per object on a call per object and its look-ups
+        (benchmarks/results/speed.md).
+        """
+        shared = self.shared
         identity_map = self.identity_map
-        existing = identity_map.get(key)
-        column_keys = info.column_keys
-        if existing is not None:
-            state = instance_state(existing)
-            unloaded = state.unloaded
-            if unloaded and not state.modified:
-                # the uncached query would fill expired or deferred attributes from the row
-                absent: set[int] | tuple[()] = set(missing) if isinstance(missing, list) else ()
-                keys = [k for i, k in enumerate(column_keys) if k in unloaded and i not in absent]
-                dict_ = state.dict
+        held = identity_map.get
+        add = compat.identity_map_adder(identity_map)
+        session_id = self.session_id
+        new_states = self.new_states
+        made: list[Any] = []
+        fresh: list[InstanceState[Any] | None] = []
+        for info, missing, row, key in zip(owners, missings, rows, keys, strict=True):
+            codec = info.codec
+            assert codec is not None
+            values = codec.thawed(row) if shared and codec.mutable else row
+            column_keys = info.column_keys
+            existing = held(key)
+            if existing is not None:
+                self._fill_unloaded(existing, column_keys, missing, values)
+                made.append(existing)
+                fresh.append(None)
+                continue
+            obj = info.mapper.class_manager.new_instance()
+            state = instance_state(obj)
+            dict_ = state.dict
+            if isinstance(missing, list) and missing:
+                absent = set(missing)
                 for i, k in enumerate(column_keys):
-                    if k in keys:
+                    if i not in absent:
                         dict_[k] = values[i]
-                self.loaded.append((state, keys))
-            return existing
-        obj = mapper.class_manager.new_instance()
-        state = instance_state(obj)
+            else:
+                # as many values as columns: load_row checked the width
+                dict_.update(zip(column_keys, values))  # noqa: B905 - checked above
+            state.key = key
+            state.identity_token = None
+            state.session_id = session_id
+            add(state, key)
+            new_states.append(state)
+            made.append(obj)
+            fresh.append(state)
+        return made, fresh
+
+    def _fill_unloaded(
+        self,
+        existing: object,
+        column_keys: Sequence[str],
+        missing: Sequence[int] | int,
+        values: tuple[Any, ...],
+    ) -> None:
+        """The uncached query would fill an object's expired or deferred attributes from
+        the row (unless the object holds changes): so does a hit."""
+        state = instance_state(existing)
+        unloaded = state.unloaded
+        if not unloaded or state.modified:
+            return
+        absent: set[int] | tuple[()] = set(missing) if isinstance(missing, list) else ()
+        keys = [k for i, k in enumerate(column_keys) if k in unloaded and i not in absent]
         dict_ = state.dict
-        if isinstance(missing, list) and missing:
-            absent = set(missing)
-            for i, k in enumerate(column_keys):
-                if i not in absent:
-                    dict_[k] = values[i]
-        else:
-            # as many values as columns: load_row checked the width
-            dict_.update(zip(column_keys, values))  # noqa: B905 - checked above
-        state.key = key
-        state.identity_token = None
-        state.session_id = self.session_id
-        compat.add_to_identity_map(identity_map, state, key)
-        self.new_states.append(state)
-        return obj
+        for i, k in enumerate(column_keys):
+            if k in keys:
+                dict_[k] = values[i]
+        self.loaded.append((state, keys))
 
     def finish(self) -> None:
         identity_map = self.identity_map
+        # whether a class has load listeners, asked once per class in a row of its objects
+        # (as SQLAlchemy's loading asks once per query)
+        manager: Any = None
+        load_event: Any = None
         for state in self.new_states:
             if state.modified or state.committed_state:
                 # a fresh state has nothing to commit unless something touched it
                 compat.commit_new(state, identity_map)
-            load_event = state.manager.dispatch.load
-            if load_event:
+            if state.manager is not manager:
+                manager = state.manager
+                load_event = manager.dispatch.load or None
+            if load_event is not None:
                 # reconstructors and user load listeners run as for a database load;
                 # there is no QueryContext on a hit, so they receive None
                 load_event(state, None)
@@ -574,23 +604,15 @@ def build(
     """
     objects, rows = prepared.objects, prepared.rows
     mat = _Materializer(session, shared=shared)
-    made = [
-        mat.object(info, o[1], o[2], v, k)
-        for info, o, v, k in zip(
-            prepared.owners, objects, prepared.values, prepared.keys, strict=True
-        )
-    ]
-    new_ids: set[int] | None = None
-    for obj, (_, _, _, rels) in zip(made, objects, strict=True):
+    made, made_here = mat.objects(
+        prepared.owners, [o[2] for o in objects], prepared.values, prepared.keys
+    )
+    for obj, made_state, (_, _, _, rels) in zip(made, made_here, objects, strict=True):
         if not rels:
             continue
-        if new_ids is None:
-            new_ids = {id(s) for s in mat.new_states}
-        state = instance_state(obj)
-        fresh = id(state) in new_ids
-        dict_ = state.dict
+        dict_ = instance_state(obj).dict if made_state is None else made_state.dict
         for key, target in rels.items():
-            if not fresh and key in dict_:
+            if made_state is None and key in dict_:
                 continue  # never overwrite what the session already holds
             if target is None:
                 value: Any = None
@@ -657,7 +679,7 @@ def build_entity(
         return None
     values, missing, key = prepared
     mat = _Materializer(session, shared=shared)
-    obj: object = mat.object(info, (), missing, values, key)
+    obj: object = mat.objects([info], [missing], [values], [key])[0][0]
     mat.finish()
     return obj
 

@@ -23,10 +23,10 @@ import sqlalchemy as sa
 from sqlalchemy import select as sa_select
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from devservices import RedisServer
-from examples.shop import Category, Product
+from examples.shop import Category, Order, OrderLine, Product
 from sa_redis_cache import Cache, ConfigurationError, FromCache
 from sa_redis_cache.protocol import KeyScheme
 from sa_redis_cache.redis_io import client_from_url, split_cluster_url
@@ -304,6 +304,42 @@ def test_session_get_from_the_local_tier_keeps_the_identity_map(
     with reader.factory() as s:
         assert s.get(Product, 10**9) is None
         assert s.get(Product, 10**9) is None
+
+
+def test_load_listeners_run_for_every_object_a_hit_builds(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    """A hit runs the classes' ``load`` listeners (and reconstructors) once per object it
+    builds, as the database load does: from Redis and from the local tier, for a graph of
+    two classes (one listened to) and for ``session.get``."""
+    process = spawn()
+    loaded: list[str] = []
+
+    def on_load(target: Any, _context: Any) -> None:
+        loaded.append(type(target).__name__)
+
+    graph = (
+        sa_select(Order)
+        .options(selectinload(Order.lines), FromCache())
+        .where(Order.id <= 4)
+        .order_by(Order.id)
+    )
+    sa.event.listen(OrderLine, "load", on_load)
+    sa.event.listen(Product, "load", on_load)
+    try:
+        counts = []
+        for _ in range(4):  # a fill, a Redis hit the tier keeps, two local hits
+            loaded.clear()
+            with process.factory() as s:
+                lines = sum(len(o.lines) for o in s.scalars(graph).all())
+                assert s.get(Product, product) is not None
+            counts.append((loaded.count("OrderLine"), loaded.count("Product"), lines))
+        assert lines > 0
+        assert counts == [(lines, 1, lines)] * 4
+        assert process.total("local_hits") >= 4
+    finally:
+        sa.event.remove(OrderLine, "load", on_load)
+        sa.event.remove(Product, "load", on_load)
 
 
 def test_mutable_values_are_never_shared_between_sessions(
