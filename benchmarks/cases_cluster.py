@@ -178,8 +178,9 @@ def _local_hits(env: BenchEnv, plan: Plan, made: ClusterCache) -> CaseResult:
             if side.local_hits() == 0:
                 result.notes.append(f"{name}: no local hit")
     result.breakdown.append(
-        "no round trip on either: before the hit the reading thread reads every tracked "
-        "node's invalidation socket (one non-blocking recv each: 1 on one server, 3 here)"
+        "no round trip on either: before the hit the reading thread asks whether anything "
+        "arrived on every tracked node's invalidation socket (one poll of them all: 1 "
+        "socket on one server, 3 here) and reads those that got something"
     )
     return result
 

@@ -273,7 +273,7 @@ def _query_breakdown(result: CaseResult, objects: int) -> str:
         f"local hit {local:.0f} µs ≈ {key:.0f} µs the entry key (the statement's cache key, "
         f"the digest of its bound values) + {build:.0f} µs building the objects into the "
         f"session{per_object} + {serving:.0f} µs the tier's check that it may serve (one "
-        f"recv on the invalidation socket) + {rest:.0f} µs the rest (the fast path's checks, "
+        f"poll of the invalidation socket) + {rest:.0f} µs the rest (the fast path's checks, "
         "the session's bind and database, the transaction checks, the store look-up, the "
         "counters). No Redis round trip, no decode, and no SQLAlchemy execute pipeline: the "
         f"hit is served before it (the pipeline alone costs {pipeline:.0f} µs, the "
@@ -493,7 +493,7 @@ def local_get(env: BenchEnv, plan: Plan) -> CaseResult:
     local, build_us, serve_us = s[LOCAL].p50, s[BUILD].p50, s[SERVING].p50
     result.breakdown.append(
         f"local get {local:.1f} µs ≈ {build_us:.1f} µs building the object into the session "
-        f"+ {serve_us:.1f} µs the tier's check that it may serve (one recv on the "
+        f"+ {serve_us:.1f} µs the tier's check that it may serve (one poll of the "
         f"invalidation socket) + {local - build_us - serve_us:.1f} µs the rest (the fast "
         "path's checks: identity map, autoflush, transaction; session.get_bind; the entity "
         "key; the store look-up; the counters). It runs no SQLAlchemy execute pipeline, "
