@@ -219,22 +219,31 @@ class LocalTier:
             self._read_locked()
 
     def _read_locked(self) -> None:
+        socks = self._socks
         arrivals = self._arrivals
-        if arrivals is not None and not arrivals.poll(0):
-            return  # nothing arrived on any connection: no report is unread
-        # every primary's reports, each connection's in its order: an entry kept under
-        # counters of several nodes goes when any of them reports one
-        for at, (sock, reader) in enumerate(self._socks):
-            while True:
-                try:
-                    data = sock.recv(_RECV)
-                except _WOULD_BLOCK:
-                    break
-                if not data:
-                    raise ConnectionError("the invalidation connection was closed")
-                reader.feed(data)
-                if len(data) < _RECV:
-                    break
+        for sock, _ in socks:
+            if sock.fileno() < 0:
+                # closed under the tier (redis-py closes a connection whose send failed):
+                # its number may already be another socket's, which the poll would ask
+                raise ConnectionError("the invalidation connection was closed")
+        if arrivals is None or arrivals.poll(0):
+            # every primary's reports, each connection's in its order: an entry kept
+            # under counters of several nodes goes when any of them reports one
+            for sock, reader in socks:
+                while True:
+                    try:
+                        data = sock.recv(_RECV)
+                    except _WOULD_BLOCK:
+                        break
+                    if not data:
+                        raise ConnectionError("the invalidation connection was closed")
+                    reader.feed(data)
+                    if len(data) < _RECV:
+                        break
+        # a read cut short after it fed a reader (an exception from a signal handler)
+        # leaves reports there that no poll will announce again: the readers are always
+        # asked
+        for at, (_, reader) in enumerate(socks):
             message = reader.gets()
             while message is not False:
                 if type(message) is list and message and message[0] == b"pong":

@@ -11,7 +11,9 @@ multi-process history (a paused process included) is tests/chaos/test_local_hist
 from __future__ import annotations
 
 import asyncio
+import os
 import select
+import socket
 import threading
 import time
 from decimal import Decimal
@@ -509,14 +511,7 @@ def test_no_local_hit_while_an_invalidation_sits_unread_on_the_connection(
     writer = spawn(local_consistency="bounded")  # returns without waiting for anyone
     reader.hold(product)
     tier = reader.tier
-    release = threading.Event()
-    read_invalidations = tier.read_invalidations
-
-    def stalled() -> None:
-        assert release.wait(WAIT)
-        read_invalidations()
-
-    tier.read_invalidations = stalled  # type: ignore[method-assign]  # the listener, stalled
+    release = _stall_listener(tier)
     try:
         writer.set_price(product, "3.00")
         socks = [sock for sock, _ in tier._socks]
@@ -528,6 +523,101 @@ def test_no_local_hit_while_an_invalidation_sits_unread_on_the_connection(
         assert reader.total("local_hits") == hits
     finally:
         release.set()
+
+
+def _stall_listener(tier: LocalTier) -> threading.Event:
+    """Stall the tier's listener thread (its reads wait for the event returned)."""
+    release = threading.Event()
+    read_invalidations = tier.read_invalidations
+
+    def stalled() -> None:
+        assert release.wait(WAIT)
+        read_invalidations()
+
+    tier.read_invalidations = stalled  # type: ignore[method-assign]  # the listener, stalled
+    return release
+
+
+def _reported_on(tier: LocalTier) -> int:
+    """Which of the tier's invalidation sockets got the report of a write (one node's,
+    on a cluster), once it is there."""
+    socks = [sock for sock, _ in tier._socks]
+    readable, _, _ = select.select(socks, [], [], WAIT)
+    assert readable, "redis never sent the invalidation"
+    return socks.index(readable[0])
+
+
+class _Interrupted(Exception):
+    """What a signal handler raises in the middle of a read (a request timeout)."""
+
+
+def test_reports_a_cut_short_read_fed_to_the_parser_are_applied_before_serving(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    """A read interrupted right after it fed the socket's bytes to the parser leaves the
+    reports there, where no readiness poll announces them again: the next hit applies
+    them first."""
+    reader = spawn(local_lease=30.0)
+    writer = spawn(local_consistency="bounded")
+    reader.hold(product)
+    tier = reader.tier
+    release = _stall_listener(tier)
+    try:
+        writer.set_price(product, "6.00")
+        at = _reported_on(tier)
+        sock, parser = tier._socks[at]
+
+        class FeedThenInterrupt:
+            interrupted = False
+
+            def feed(self, data: bytes) -> None:
+                parser.feed(data)
+                if not FeedThenInterrupt.interrupted:
+                    FeedThenInterrupt.interrupted = True
+                    raise _Interrupted
+
+            def gets(self) -> Any:
+                return parser.gets()
+
+        tier._socks[at] = (sock, FeedThenInterrupt())
+        with pytest.raises(_Interrupted):
+            tier.serving()
+        hits = reader.total("local_hits")
+        assert reader.price(product) == Decimal("6.00")
+        assert reader.total("local_hits") == hits
+    finally:
+        release.set()
+
+
+def test_a_socket_closed_under_the_tier_is_not_polled_by_its_number(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    """redis-py closes a connection whose send failed before the listener tells the tier;
+    the socket's number may then be another connection's, which a poll would ask instead:
+    a closed socket breaks the tier at the next hit."""
+    reader = spawn(local_lease=30.0)
+    writer = spawn(local_consistency="bounded")
+    reader.hold(product)
+    tier = reader.tier
+    release = _stall_listener(tier)
+    ours, theirs = socket.socketpair()
+    number = -1
+    try:
+        writer.set_price(product, "7.00")
+        sock = tier._socks[_reported_on(tier)][0]
+        number = sock.fileno()
+        sock.close()  # as redis-py's disconnect() does
+        os.dup2(ours.fileno(), number)  # the number is another connection's now, idle
+        hits = reader.total("local_hits")
+        assert not tier.serving()
+        assert reader.price(product) == Decimal("7.00")
+        assert reader.total("local_hits") == hits
+    finally:
+        release.set()
+        if number >= 0:
+            os.close(number)
+        ours.close()
+        theirs.close()
 
 
 def test_a_holder_that_stops_answering_delays_a_commit_by_its_lease_at_most(
@@ -582,14 +672,7 @@ def test_a_reading_thread_notices_a_killed_invalidation_connection_itself(
     reader = spawn(local_lease=30.0)
     reader.hold(product)
     tier = reader.tier
-    release = threading.Event()
-    read_invalidations = tier.read_invalidations
-
-    def stalled() -> None:
-        assert release.wait(WAIT)
-        read_invalidations()
-
-    tier.read_invalidations = stalled  # type: ignore[method-assign]  # the listener, stalled
+    release = _stall_listener(tier)
     try:
         breaks, hits = tier.breaks, reader.total("local_hits")
         table_node.client_kill_filter(_type="pubsub")
