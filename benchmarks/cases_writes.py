@@ -65,8 +65,10 @@ def committer(
         session = factory()
         # Begin the database transaction here, for both contenders alike: ours may serve
         # the get() from the entity cache without a connection, which would otherwise move
-        # the pool checkout and BEGIN into its timed commit and nothing else's.
-        session.connection()
+        # the pool checkout and BEGIN into its timed commit and nothing else's. Checking a
+        # connection out is not enough: psycopg sends BEGIN (a round trip of its own) with
+        # the connection's first statement, so one is executed here.
+        session.connection().exec_driver_sql("SELECT 1")
         obj = session.get(model, ident)
         mutate(obj, next(counter))
         return session
