@@ -159,9 +159,7 @@ class LocalTier:
         self._listener = Listener(self)
         self.lock = threading.Lock()
         self.holder = _new_holder()
-        self._socks = []
-        self._arrivals = None
-        self._pongs = []
+        self._watch(())
         self.ready = False
         self._ready_event = threading.Event()
         self._held.clear()
@@ -357,12 +355,17 @@ class LocalTier:
     def connected(self, socks: Sequence[socket.socket]) -> None:
         """Tracking is on, on every primary, and its invalidations come to ``socks``."""
         with self.lock:
-            self._socks = [(sock, hiredis.Reader()) for sock in socks]
-            self._arrivals = _arrivals(socks)
-            self._pongs = [0] * len(socks)
+            self._watch(socks)
             self.store.clear()
             self.ready = True
             self._ready_event.set()
+
+    def _watch(self, socks: Sequence[socket.socket]) -> None:
+        # what is kept per tracked socket, all derived from the same list: its parser, the
+        # poll over all of them, and its last PING's number
+        self._socks = [(sock, hiredis.Reader()) for sock in socks]
+        self._arrivals = _arrivals(socks) if socks else None
+        self._pongs = [0] * len(socks)
 
     def broken(self) -> None:
         """The invalidation connection or tracking is gone: serve nothing, keep nothing."""
@@ -374,9 +377,7 @@ class LocalTier:
             self.breaks += 1
         self.ready = False
         self._ready_event.clear()
-        self._socks = []
-        self._arrivals = None
-        self._pongs = []
+        self._watch(())
         self._held.clear()
         self.deadline = 0.0
         self._acks.clear()
