@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
+from sqlalchemy.orm.base import instance_dict
 
 from . import compat
 from .codec import CodecError
@@ -109,38 +110,52 @@ def extract(
     index: dict[int, int] = {}
     mapper_names: list[str] = []
     mapper_index: dict[str, int] = {}
-    # what each mapper's objects need, looked up once per body rather than per object
-    per_mapper: dict[Mapper[Any], _Extracting] = {}
-    pending: list[tuple[int, InstanceState[Any]]] = []
+    # what each class's objects need, looked up once per body rather than per object; by
+    # class, as a mapped class has one mapper: a fresh state's ``mapper`` is a memoized
+    # property computed on first use, which would cost every object a Python call
+    per_class: dict[type, _Extracting] = {}
+    # objects met and not encoded yet, and their positions in ``objects``
+    pending: list[Any] = []
+    positions: list[int] = []
 
-    def ref(obj: object) -> int:
-        found = index.get(id(obj))
-        if found is None:
-            found = index[id(obj)] = len(objects)
-            objects.append(None)
-            pending.append((found, instance_state(obj)))
-        return found
+    def refs(targets: Sequence[Any]) -> list[int]:
+        # one call per collection, not per member: a body is mostly collections
+        found_all = []
+        for obj in targets:
+            found = index.get(id(obj))
+            if found is None:
+                found = index[id(obj)] = len(objects)
+                objects.append(None)
+                pending.append(obj)
+                positions.append(found)
+            found_all.append(found)
+        return found_all
 
     if shape.single_entity:
-        out_rows: list[Any] = [ref(obj) for obj in rows]
+        out_rows: list[Any] = refs(rows)
     else:
         out_rows = []
         for row in rows:
-            entities = [ref(row[p]) if row[p] is not None else None for p in shape.entity_positions]
+            entities = [
+                refs((row[p],))[0] if row[p] is not None else None for p in shape.entity_positions
+            ]
             scalars = shape.scalar_codec.dump_row([row[p] for p in shape.scalar_positions])
             out_rows.append([entities, scalars])
 
     while pending:
-        position, state = pending.pop()
+        obj = pending.pop()
+        position = positions.pop()
+        state = instance_state(obj)
         key = state.key
         # an empty snapshot (the usual case) needs no hash of the key
         if key is None or (preexisting and key in preexisting) or state.modified:
             raise NotCacheable("an object of the result was already in the session")
-        mapper = state.mapper
-        how = per_mapper.get(mapper)
+        how = per_class.get(type(obj))
         if how is None:
-            how = per_mapper[mapper] = _extracting(info_of(mapper), mapper_names, mapper_index)
-        dict_ = state.dict
+            info = info_of(state.mapper)
+            how = per_class[type(obj)] = _extracting(info, mapper_names, mapper_index)
+        # the object's own dict, as ``state.dict`` gives it without its property call
+        dict_ = instance_dict(obj)
         try:
             values: Sequence[Any] = how.values(dict_)
             missing: list[int] | int = 0
@@ -152,7 +167,7 @@ def extract(
             if rel in dict_:
                 if not rels:
                     rels = {}
-                rels[rel] = _relationship_ref(dict_[rel], rel, ref)  # type: ignore[index]
+                rels[rel] = _relationship_ref(dict_[rel], rel, refs)  # type: ignore[index]
         objects[position] = [how.index, how.dump_row(values), missing, rels]
     return [list(shape.keys), shape.single_entity, mapper_names, objects, out_rows]
 
@@ -190,14 +205,14 @@ def _extracting(
     return _Extracting(info, m_idx, values, codec.dump_row, tuple(sorted(info.relationship_keys)))
 
 
-def _relationship_ref(target: Any, key: str, ref: Callable[[object], int]) -> Any:
+def _relationship_ref(target: Any, key: str, refs: Callable[[Sequence[Any]], list[int]]) -> Any:
     """A loaded relationship as object indices (None, an index, or a list of indices)."""
     if target is None:
         return None
     if isinstance(target, list):
-        return [ref(o) for o in target]
+        return refs(target)
     if hasattr(target, "_sa_instance_state"):
-        return ref(target)
+        return refs((target,))[0]
     raise NotCacheable(f"collection {key} is not a list")
 
 
