@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - SQLAlchemy 2.0
     from sqlalchemy.util import await_only as _await
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
     from sqlalchemy.engine import Connection, Result
     from sqlalchemy.orm import Mapper, ORMExecuteState, Session
@@ -257,6 +257,13 @@ def identity_map_adder(identity_map: IdentityMap) -> Callable[[InstanceState[Any
     ``adder(state, key)``."""
     adder: Callable[[InstanceState[Any], Any], None] = identity_map._add_unpresent
     return adder
+
+
+def identity_map_states(identity_map: IdentityMap) -> Mapping[Any, InstanceState[Any]]:
+    """The states ``identity_map`` holds, by identity key: a key absent from it is absent
+    from the map, told without a call of the map's Python ``get()``."""
+    states: Mapping[Any, InstanceState[Any]] = identity_map._dict
+    return states
 
 
 def commit_new(state: InstanceState[Any], identity_map: IdentityMap) -> None:
@@ -874,6 +881,7 @@ _PROBED: dict[str, tuple[str, str]] = {
     "sqlalchemy InstanceState.modified": ("state", "modified"),
     "sqlalchemy InstanceState.manager": ("state", "manager"),
     "sqlalchemy Session.identity_map._add_unpresent": ("identity_map", "_add_unpresent"),
+    "sqlalchemy Session.identity_map._dict": ("identity_map", "_dict"),
     "sqlalchemy registry._managers": ("registry", "_managers"),
     "sqlalchemy IteratorResult._source_supports_scalars": ("result", "_source_supports_scalars"),
     "sqlalchemy TypeEngine._variant_mapping": ("variant", "_variant_mapping"),

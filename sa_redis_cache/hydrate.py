@@ -291,6 +291,7 @@ class _Materializer:
         shared = self.shared
         identity_map = self.identity_map
         held = identity_map.get
+        states = compat.identity_map_states(identity_map)
         add = compat.identity_map_adder(identity_map)
         session_id = self.session_id
         new_states = self.new_states
@@ -301,7 +302,8 @@ class _Materializer:
             assert codec is not None
             values = codec.thawed(row) if shared and codec.mutable else row
             column_keys = info.column_keys
-            existing = held(key)
+            # a body's objects are mostly not in the session yet: held() only for a key it has
+            existing = held(key) if key in states else None
             if existing is not None:
                 self._fill_unloaded(existing, column_keys, missing, values)
                 made.append(existing)
@@ -309,7 +311,7 @@ class _Materializer:
                 continue
             obj = info.mapper.class_manager.new_instance()
             state = instance_state(obj)
-            dict_ = state.dict
+            dict_ = instance_dict(obj)  # state.dict, without its property call
             if isinstance(missing, list) and missing:
                 absent = set(missing)
                 for i, k in enumerate(column_keys):
@@ -625,7 +627,7 @@ def build(
     for obj, made_state, (_, _, _, rels) in zip(made, made_here, objects, strict=True):
         if not rels:
             continue
-        dict_ = instance_state(obj).dict if made_state is None else made_state.dict
+        dict_ = instance_dict(obj)
         for key, target in rels.items():
             if made_state is None and key in dict_:
                 continue  # never overwrite what the session already holds

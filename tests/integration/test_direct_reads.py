@@ -98,6 +98,31 @@ def test_a_hit_skips_the_execute_pipeline_in_execute_scalars_and_scalar(
     assert cache.stats()["latency"]["regions"]["default"]["hit"]["count"] >= 4
 
 
+def test_a_hit_fills_the_sessions_own_object_as_the_database_load_would(
+    session_factory: sessionmaker[Session],
+    cache: Cache,
+    sql: SQLCounter,
+    product: int,
+    known: sa.Select[Any],
+) -> None:
+    """A hit into a session that already holds the row's object gives that object and
+    fills the attributes it has expired from the entry, with no SQL, as SQLAlchemy's load
+    of the same row does (hydrate looks the session's objects up before making new ones)."""
+    with session_factory() as s:
+        held = s.get(Product, product)
+        assert held is not None
+        expected = held.name
+        s.expire(held, ["name"])
+        hits = cache.stats()["regions"]["default"]["hits"]
+        sql.reset()
+        got = s.scalars(known).one()
+        assert got is held
+        assert "name" not in sa.inspect(held).unloaded
+        assert held.name == expected
+        assert sql.count == 0
+        assert cache.stats()["regions"]["default"]["hits"] == hits + 1
+
+
 def test_columns_and_labels_come_back_as_the_pipeline_returns_them(
     session_factory: sessionmaker[Session], product: int, pipeline_runs: list[Any]
 ) -> None:
