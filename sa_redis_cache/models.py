@@ -18,6 +18,7 @@ from sqlalchemy import Table, TypeDecorator, event, inspect
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import ColumnProperty, Mapper
+from sqlalchemy.orm.instrumentation import ClassManager
 from sqlalchemy.sql import sqltypes
 
 from . import compat
@@ -413,17 +414,31 @@ def build_model_info(mapper: Mapper[Any], policy: CachePolicy | None) -> ModelIn
     table = local if isinstance(local, Table) else None
     codec: RowCodec | None
     reason: str | None = None
-    try:
-        codec = RowCodec([p.columns[0].type for p in props])
-    except UncacheableType as exc:
+    name = mapper.class_.__name__
+    if type(mapper.class_manager) is not ClassManager:
+        # hydrate reads and builds objects through their __dict__, as SQLAlchemy's own
+        # instrumentation keeps them (docs/decisions.md)
         codec = None
-        reason = f"{mapper.class_.__name__}: {exc}"
+        reason = f"{name} has a custom instrumentation manager (sqlalchemy.ext.instrumentation)"
         warnings.warn(
-            f"{reason}; rows of {mapper.class_.__name__} will not be cached. Give the column "
-            "a type the codec round-trips exactly, or leave the model without a CachePolicy.",
+            f"{reason}; rows of {name} will not be cached. The cache reads and builds objects "
+            "as SQLAlchemy's default instrumentation keeps them; map the class without "
+            "__sa_instrumentation_manager__, or leave it without a CachePolicy.",
             UncacheableModelWarning,
             stacklevel=3,
         )
+    else:
+        try:
+            codec = RowCodec([p.columns[0].type for p in props])
+        except UncacheableType as exc:
+            codec = None
+            reason = f"{name}: {exc}"
+            warnings.warn(
+                f"{reason}; rows of {name} will not be cached. Give the column a type the "
+                "codec round-trips exactly, or leave the model without a CachePolicy.",
+                UncacheableModelWarning,
+                stacklevel=3,
+            )
     return ModelInfo(
         mapper=mapper,
         policy=policy,
