@@ -412,33 +412,31 @@ def build_model_info(mapper: Mapper[Any], policy: CachePolicy | None) -> ModelIn
     pk_positions = tuple(column_keys.index(p.key) for p in pk_props)
     local = mapper.local_table
     table = local if isinstance(local, Table) else None
-    codec: RowCodec | None
-    reason: str | None = None
+    codec: RowCodec | None = None
+    reason: str | None = None  # why the rows are not cached, and what would let them be
+    fix = ""
     name = mapper.class_.__name__
     if type(mapper.class_manager) is not ClassManager:
         # hydrate reads and builds objects through their __dict__, as SQLAlchemy's own
         # instrumentation keeps them (docs/decisions.md)
-        codec = None
         reason = f"{name} has a custom instrumentation manager (sqlalchemy.ext.instrumentation)"
-        warnings.warn(
-            f"{reason}; rows of {name} will not be cached. The cache reads and builds objects "
-            "as SQLAlchemy's default instrumentation keeps them; map the class without "
-            "__sa_instrumentation_manager__, or leave it without a CachePolicy.",
-            UncacheableModelWarning,
-            stacklevel=3,
+        fix = (
+            "The cache reads and builds objects as SQLAlchemy's default instrumentation "
+            "keeps them: map the class without __sa_instrumentation_manager__"
         )
     else:
         try:
             codec = RowCodec([p.columns[0].type for p in props])
         except UncacheableType as exc:
-            codec = None
             reason = f"{name}: {exc}"
-            warnings.warn(
-                f"{reason}; rows of {name} will not be cached. Give the column a type the "
-                "codec round-trips exactly, or leave the model without a CachePolicy.",
-                UncacheableModelWarning,
-                stacklevel=3,
-            )
+            fix = "Give the column a type the codec round-trips exactly"
+    if reason is not None:
+        warnings.warn(
+            f"{reason}; rows of {name} will not be cached. {fix}, or leave the model "
+            "without a CachePolicy.",
+            UncacheableModelWarning,
+            stacklevel=3,
+        )
     return ModelInfo(
         mapper=mapper,
         policy=policy,
