@@ -171,8 +171,9 @@ class CacheInspector:
         return self._context.local
 
     def decoded(self) -> dict[str, int]:
-        """How many query entries this process keeps decoded for hits on the same bytes,
-        and the memory they are estimated at (``QueryReads.decoded``; bounded at 8 MiB).
+        """How many query and entity entries this process keeps decoded for hits on the
+        same bytes, and the memory they are estimated at (``DecodedEntries``; bounded at
+        8 MiB).
 
         Example::
 

@@ -26,7 +26,7 @@ from sa_redis_cache.transaction import transaction_state
 from .auto import AutoQueries
 from .entities import EntityReads, entity_entry
 from .flow import ReadThrough
-from .queries import QueryReads, StatementPlan
+from .queries import DecodedEntries, QueryReads, StatementPlan
 from .regions import RegionIndex
 from .relationships import RelationshipReads
 
@@ -61,8 +61,10 @@ class ReadPath:
     def __init__(self, core: CacheContext) -> None:
         self.core = core
         self.flow = ReadThrough(core)
-        self.queries = QueryReads(core, self.flow)
-        self.entities = EntityReads(core, self.flow)
+        # one bound for the decodings that query and entity hits keep
+        decoded = DecodedEntries()
+        self.queries = QueryReads(core, self.flow, decoded)
+        self.entities = EntityReads(core, self.flow, decoded)
         self.relationships = RelationshipReads(core)
         self.auto = AutoQueries(core)
         self.regions = RegionIndex(core)

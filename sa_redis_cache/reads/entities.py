@@ -23,7 +23,7 @@ from sa_redis_cache.tracing import active_tracer
 from sa_redis_cache.transaction import peek_transaction_state
 
 from .flow import Look, Target, reads_directly
-from .queries import bypasses
+from .queries import DecodedEntries, bypasses
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Result
@@ -45,14 +45,16 @@ class EntityReads:
 
     Example::
 
-        entities = EntityReads(core, flow)
+        entities = EntityReads(core, flow, DecodedEntries())
         entities.read(orm_context)   # a result, or None to read the database
     """
 
-    def __init__(self, core: CacheContext, flow: ReadThrough) -> None:
+    def __init__(self, core: CacheContext, flow: ReadThrough, decoded: DecodedEntries) -> None:
         self.core = core
         self.flow = flow
         self.binds = core.binds
+        # entity hits on bytes decoded before reuse that decoding, as query hits do
+        self.decoded = decoded
 
     def target(self, orm_context: ORMExecuteState) -> tuple[ModelInfo, tuple[Any, ...]] | None:
         """The model and primary key of a plain load by primary key, else None.
@@ -155,17 +157,12 @@ class EntityReads:
         core = self.core
         scope = info.scope
         counters = self._counters(info.table, pk_str)
-        look = self._look(key, counters, info, None, scope, "")
+        look = self._look(key, counters, info, pk, None, scope, "")
         if look is not None and look.found is not None:
-            body = look.found[1]
             policy = info.policy or _DEFAULT_POLICY
             if not look.due_now(policy.xfetch_beta):
-                try:
-                    prepared = hydrate.prepare_entity(info, body, pk)
-                except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
-                    self.flow.corrupt(key, scope, exc)
-                    return False, None  # deleted: the pipeline looks again
-                obj = hydrate.build_entity(session, info, prepared, shared=False)
+                # shared: the values are kept decoded for later hits (DecodedEntries)
+                obj = hydrate.build_entity(session, info, look.found[1], shared=True)
                 core.counters.hit(scope, time.perf_counter() - started)
                 return True, obj
         self.flow.hand(session, key, look)
@@ -254,7 +251,7 @@ class EntityReads:
             if handed and not lease and pinned is None and mark is None:
                 handed = False
                 return first
-            return self._look(key, counters, info, pinned, scope, lease)
+            return self._look(key, counters, info, pk, pinned, scope, lease)
 
         return self.flow.read_through(
             orm_context,
@@ -263,7 +260,7 @@ class EntityReads:
                 scope=scope,
                 also=(),
                 look=look_at,
-                serve=lambda look: self._serve(session, info, pk, look, key, scope, mark, ttl),
+                serve=lambda look: self._serve(session, info, look, key, mark, ttl),
                 fill=fill,
                 lease=True,
                 lease_wait=policy.lease_wait,
@@ -277,12 +274,15 @@ class EntityReads:
         key: str,
         counters: list[str],
         info: ModelInfo,
+        pk: tuple[Any, ...],
         pinned: bytes | None,
         scope: str,
         lease: str,
     ) -> Look | None:
         """One MGET of an entity entry, its table's version and generation, its row's
-        write counter."""
+        write counter. A valid entry is found decoded and checked against ``pk``
+        (:func:`hydrate.prepare_entity`); an unreadable one is deleted, counted, and
+        looked at as missing."""
         fetched = self.flow.fetch([key, *counters], scope, lease)
         if fetched is None:
             return None
@@ -291,12 +291,9 @@ class EntityReads:
         missing = None in current
         numbers = None if missing else self.flow.counters(counters, current, scope)
         if entry is not None and numbers is not None and (pinned is None or pinned == version):
-            try:
-                document = self.core.opened(key, entry, scripted=True)
-                stored_generation, stored_writes, timing, body = entity_entry(document)
-            except (CodecError, ValueError, TypeError) as exc:
-                self.flow.corrupt(key, scope, exc)
-            else:
+            decoded = self._decoded(key, entry, info, pk, scope)
+            if decoded is not None:
+                stored_generation, stored_writes, timing, prepared = decoded
                 if stored_generation == numbers[1] and stored_writes == numbers[2]:
                     # only the local tier keeps an entry under the counters it was valid under
                     valid_under = (
@@ -305,7 +302,7 @@ class EntityReads:
                         else [(counters[1], current[1]), (counters[2], current[2])]
                     )
                     return Look(
-                        (timing, body), current, leased, None, valid_under, len(entry), entry
+                        (timing, prepared), current, leased, None, valid_under, len(entry), entry
                     )
         captured: list[bytes] | None = None
         if numbers is not None or missing:
@@ -319,28 +316,42 @@ class EntityReads:
         self,
         session: Session,
         info: ModelInfo,
-        pk: tuple[Any, ...],
         look: Look,
         key: str,
-        scope: str,
         mark: Mark | None,
         ttl: float,
-    ) -> Result[Any] | None:
+    ) -> Result[Any]:
         assert look.found is not None
-        timing, body = look.found
-        try:
-            prepared = hydrate.prepare_entity(info, body, pk)
-        except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
-            self.flow.corrupt(key, scope, exc)
-            return None
-        kept = False
+        timing, prepared = look.found  # checked when it was read (_look)
         if mark is not None:
             # an entry a writer stored has no logical expiry: it lives its model's TTL, and
             # its expiry in Redis reaches the local tier as an invalidation anyway
             left = ttl if timing is None else (timing.expires_ms - stampede.now_ms()) / 1000
-            kept = self.flow.keep_local(key, prepared, look, min(left, ttl), mark)
-        obj = hydrate.build_entity(session, info, prepared, shared=kept)
+            self.flow.keep_local(key, prepared, look, min(left, ttl), mark)
+        # shared with later hits on the same bytes (DecodedEntries), and the local tier's
+        obj = hydrate.build_entity(session, info, prepared, shared=True)
         return hydrate.entity_result(info, obj)
+
+    def _decoded(
+        self, key: str, raw: bytes, info: ModelInfo, pk: tuple[Any, ...], scope: str
+    ) -> tuple[int, int, stampede.Timing | None, hydrate.PreparedEntity] | None:
+        """The stamp and checked body of the entity entry ``raw``, decoded once per bytes
+        (:class:`~sa_redis_cache.reads.queries.DecodedEntries`); None when unreadable
+        (deleted and counted)."""
+        decoded: tuple[int, int, stampede.Timing | None, hydrate.PreparedEntity] | None = (
+            self.decoded.get(key, raw)
+        )
+        if decoded is not None:
+            return decoded
+        try:
+            document = self.core.opened(key, raw, scripted=True)
+            generation, writes, timing, body = entity_entry(document)
+            decoded = (generation, writes, timing, hydrate.prepare_entity(info, body, pk))
+        except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
+            self.flow.corrupt(key, scope, exc)
+            return None
+        self.decoded.put(key, raw, decoded, objects=1)
+        return decoded
 
 
 def entity_entry(raw: bytes) -> tuple[int, int, stampede.Timing | None, Any]:

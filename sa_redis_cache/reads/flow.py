@@ -72,8 +72,10 @@ def reads_directly(session: Session) -> bool:
 class Look:
     """What one look at an entry found: a valid entry, or the versions a fill needs.
 
-    ``found`` is ``(timing, body)``; timing is None for an entity entry a writer stored
-    (write-through, write-behind): no read time is known, so it is never refreshed early.
+    ``found`` is ``(timing, body)``, the body decoded and checked (a query entry's against
+    its statement, an entity entry's against its primary key); timing is None for an
+    entity entry a writer stored (write-through, write-behind): no read time is known, so
+    it is never refreshed early.
     """
 
     found: tuple[stampede.Timing | None, Any] | None

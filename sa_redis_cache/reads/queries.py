@@ -110,46 +110,50 @@ class Uncacheable(Exception):
 
 
 class DecodedEntries:
-    """The last decoded and checked form of the query entries this process served, by
-    entry key: a hit whose bytes are exactly those decoded before reuses their decoding
-    (the document, its stamp, the body checked against the statement) instead of doing
-    it again, ~15 µs of a 1-row hit (benchmarks/results/speed.md).
+    """The last decoded and checked form of the entries this process served, by entry
+    key (query entries and entity entries alike): a hit whose bytes are exactly those
+    decoded before reuses their decoding (the document, its stamp, the body checked
+    against the statement or the row's primary key) instead of doing it again, ~15 µs of
+    a 1-row hit (benchmarks/results/speed.md).
 
     Nothing is served from here without Redis: the hit's MGET still reads the entry and
     its counters, the stamp is still compared with the counters just read, and only
     bytes equal to the ones decoded before reuse that decoding, so what a hit returns is
     what decoding the bytes Redis returned would give. The values are shared between
-    sessions (:func:`hydrate.build` with ``shared=True`` copies the mutable ones).
-    Bounded by the local tier's memory estimate (:data:`DECODED_MAX_BYTES` in all, none
-    above :data:`DECODED_MAX_ONE`); emptied when full.
+    sessions (:func:`hydrate.build` and :func:`hydrate.build_entity` with
+    ``shared=True`` copy the mutable ones). Bounded by the local tier's memory estimate
+    (:data:`DECODED_MAX_BYTES` in all, none above :data:`DECODED_MAX_ONE`); emptied
+    when full.
 
     Example::
 
         decoded = DecodedEntries()
-        decoded.get(key, raw)   # (stamp, prepared) when raw is what was decoded before
+        decoded.put(key, raw, (stamp, prepared), objects=1)
+        decoded.get(key, raw)   # (stamp, prepared): raw is what was decoded before
     """
 
     __slots__ = ("_bytes", "_entries", "_lock")
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[bytes, list[Any], hydrate.Prepared, int]] = {}
+        self._entries: dict[str, tuple[bytes, Any, int]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: str, raw: bytes) -> tuple[list[Any], hydrate.Prepared] | None:
-        """The stamp and checked body decoded from ``raw`` under ``key`` before, if any."""
+    def get(self, key: str, raw: bytes) -> Any:
+        """What ``raw`` under ``key`` decoded to before, if any (else None)."""
         found = self._entries.get(key)
         if found is None or found[0] != raw:
             return None
-        return found[1], found[2]
+        return found[1]
 
     def gauges(self) -> dict[str, int]:
         """How many entries are kept, and their estimated memory in bytes."""
         return {"entries": len(self._entries), "bytes": self._bytes}
 
-    def put(self, key: str, raw: bytes, stamp: list[Any], prepared: hydrate.Prepared) -> None:
-        """Keep what ``raw`` decoded to (unless it is too large to keep)."""
-        size = estimated_size(len(raw), max(1, len(prepared.objects)))
+    def put(self, key: str, raw: bytes, decoded: Any, *, objects: int) -> None:
+        """Keep what ``raw`` decoded to, holding the values of ``objects`` objects
+        (unless it is too large to keep)."""
+        size = estimated_size(len(raw), max(1, objects))
         if size > DECODED_MAX_ONE:
             return
         with self._lock:
@@ -159,8 +163,8 @@ class DecodedEntries:
                 self._bytes = 0
             old = entries.get(key)
             if old is not None:
-                self._bytes -= old[3]
-            entries[key] = (raw, stamp, prepared, size)
+                self._bytes -= old[2]
+            entries[key] = (raw, decoded, size)
             self._bytes += size
 
 
@@ -227,11 +231,11 @@ class QueryReads:
 
     Example::
 
-        queries = QueryReads(core, flow)
+        queries = QueryReads(core, flow, DecodedEntries())
         queries.read(orm_context, option)   # a result, or None to read the database
     """
 
-    def __init__(self, core: CacheContext, flow: ReadThrough) -> None:
+    def __init__(self, core: CacheContext, flow: ReadThrough, decoded: DecodedEntries) -> None:
         self.core = core
         self.flow = flow
         self.binds = core.binds
@@ -244,7 +248,7 @@ class QueryReads:
         # in benchmarks/results/speed.md); any other key's look takes the fill lease in
         # the same script, saving its miss a round trip
         self._hits_last: dict[str, None] = {}
-        self.decoded = DecodedEntries()
+        self.decoded = decoded
         self._keys_made = KeysMade()
 
     def read(self, orm_context: ORMExecuteState, option: FromCache) -> Result[Any] | None:
@@ -521,7 +525,7 @@ class QueryReads:
     ) -> tuple[hydrate.Prepared, tuple[int, int, int]] | None:
         """The checked body and (read time, expiry, fill time) of a valid entry; None
         when a write retired it, or when it is unreadable (deleted and counted)."""
-        decoded = self.decoded.get(entry_key, raw)
+        decoded: tuple[list[Any], hydrate.Prepared] | None = self.decoded.get(entry_key, raw)
         if decoded is not None:
             stamp, prepared = decoded
             if stamp[4:] != current:
@@ -538,7 +542,7 @@ class QueryReads:
         except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
             self.flow.corrupt(entry_key, region, exc)
             return None
-        self.decoded.put(entry_key, raw, stamp, prepared)
+        self.decoded.put(entry_key, raw, (stamp, prepared), objects=len(prepared.objects))
         return prepared, (stamp[1], stamp[2], stamp[3])
 
     def _serve(

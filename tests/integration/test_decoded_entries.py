@@ -1,7 +1,8 @@
 """A hit whose bytes are those an earlier hit decoded reuses that decoding
-(``QueryReads.decoded``): the document, its stamp and the body checked against the
-statement. Only the work moves; what a hit returns must stay what decoding the bytes
-Redis returned gives, and the objects of two sessions must not share a mutable value.
+(``DecodedEntries``, shared by query and entity reads): the document, its stamp and the
+body checked against the statement or the row's primary key. Only the work moves; what a
+hit returns must stay what decoding the bytes Redis returned gives, and the objects of
+two sessions must not share a mutable value.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from examples.shop import Product
 from sa_redis_cache import FromCache, hydrate
@@ -36,6 +37,37 @@ def prepared(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(hydrate, "prepare", counted)
     return calls
+
+
+@pytest.fixture
+def prepared_entities(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every entity body the read path decodes and checks against its primary key."""
+    calls: list[Any] = []
+    original = hydrate.prepare_entity
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        calls.append(args[2])
+        return original(*args, **kw)
+
+    monkeypatch.setattr(hydrate, "prepare_entity", counted)
+    return calls
+
+
+def get(factory: sessionmaker[Session], pid: int) -> Product:
+    with factory() as s:
+        found = s.get(Product, pid)
+        assert found is not None
+        return found
+
+
+def the_entity_entry(client: redis.Redis, namespace: str, pid: int) -> bytes:
+    keys: list[bytes] = [
+        k
+        for k in client.scan_iter(match=f"sarc:*{namespace}*")
+        if b":e:" in k and k.endswith(b":%d" % pid)
+    ]
+    assert len(keys) == 1, keys
+    return keys[0]
 
 
 def by_id(pid: int) -> Any:
@@ -145,3 +177,92 @@ def test_the_kept_decodings_stay_within_their_bound(
     held = cache.inspector.decoded()
     assert 1 <= held["entries"] < 6
     assert 0 < held["bytes"] <= 4_000
+
+
+def test_an_entity_hit_on_the_bytes_it_decoded_before_does_not_decode_them_again(
+    session_factory: sessionmaker[Session],
+    product: int,
+    prepared_entities: list[Any],
+    sql: SQLCounter,
+) -> None:
+    name = get(session_factory, product).name  # a miss: fills
+    sql.reset()
+    assert get(session_factory, product).name == name
+    assert prepared_entities == [(product,)]  # the first hit decodes
+    for _ in range(3):
+        assert get(session_factory, product).name == name
+    assert prepared_entities == [(product,)]  # the next ones reuse it
+    assert sql.count == 0
+
+
+def test_other_bytes_under_an_entity_key_are_decoded_and_served(
+    session_factory: sessionmaker[Session],
+    redis_client: redis.Redis,
+    namespace: str,
+    product: int,
+    prepared_entities: list[Any],
+    sql: SQLCounter,
+) -> None:
+    get(session_factory, product)
+    get(session_factory, product)  # decoded and kept
+    key = the_entity_entry(redis_client, namespace, product)
+    raw = redis_client.get(key)
+    assert raw is not None
+    stamp, body = unpack(raw)
+    names = list(Product.__mapper__.column_attrs.keys())
+    body[0][names.index("name")] = "renamed in Redis"
+    redis_client.set(key, pack([stamp, body]), keepttl=True)  # still valid: stamp kept
+    sql.reset()
+    assert get(session_factory, product).name == "renamed in Redis"
+    assert sql.count == 0
+    assert len(prepared_entities) == 2
+
+
+def test_an_entity_write_is_seen_by_the_next_get(
+    session_factory: sessionmaker[Session], product: int
+) -> None:
+    get(session_factory, product)
+    get(session_factory, product)
+    with session_factory() as s:
+        s.get_one(Product, product).name = "written"
+        s.commit()
+    assert get(session_factory, product).name == "written"
+    assert get(session_factory, product).name == "written"  # a hit on the new bytes
+
+
+@pytest.mark.parametrize("path", ["direct", "pipeline"])
+def test_two_sessions_never_share_a_mutable_value_of_an_entity(
+    session_factory: sessionmaker[Session], product: int, sql: SQLCounter, path: str
+) -> None:
+    get(session_factory, product)
+    get(session_factory, product)  # decoded and kept
+    sql.reset()
+    with session_factory() as first, session_factory() as second:
+        if path == "pipeline":
+            for session in (first, second):
+                # another listener: the get goes through SQLAlchemy's execute pipeline
+                event.listen(session, "do_orm_execute", lambda orm_context: None)
+        one = first.get_one(Product, product)
+        one.attributes["seen"] = "by the first session only"  # in place, never flushed
+        other = second.get_one(Product, product)
+        assert "seen" not in other.attributes
+        assert other.attributes is not one.attributes
+    assert sql.count == 0  # both were hits
+    assert "seen" not in get(session_factory, product).attributes
+
+
+def test_an_unreadable_entity_entry_is_never_served_from_an_earlier_decoding(
+    session_factory: sessionmaker[Session],
+    redis_client: redis.Redis,
+    namespace: str,
+    product: int,
+    sql: SQLCounter,
+) -> None:
+    name = get(session_factory, product).name
+    get(session_factory, product)  # decoded and kept
+    key = the_entity_entry(redis_client, namespace, product)
+    redis_client.set(key, b"\x01not an entry", keepttl=True)
+    sql.reset()
+    assert get(session_factory, product).name == name  # read from the database
+    assert sql.count == 1
+    assert redis_client.get(key) != b"\x01not an entry"  # deleted, then filled again
