@@ -150,6 +150,12 @@ class DecodedEntries:
         """How many entries are kept, and their estimated memory in bytes."""
         return {"entries": len(self._entries), "bytes": self._bytes}
 
+    def clear(self) -> None:
+        """Forget every decoding: the next hit of each entry decodes and checks it."""
+        with self._lock:
+            self._entries = {}
+            self._bytes = 0
+
     def put(self, key: str, raw: bytes, decoded: Any, *, objects: int) -> None:
         """Keep what ``raw`` decoded to, holding the values of ``objects`` objects
         (unless it is too large to keep)."""

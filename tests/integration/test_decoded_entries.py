@@ -266,3 +266,22 @@ def test_an_unreadable_entity_entry_is_never_served_from_an_earlier_decoding(
     assert get(session_factory, product).name == name  # read from the database
     assert sql.count == 1
     assert redis_client.get(key) != b"\x01not an entry"  # deleted, then filled again
+
+
+def test_forgotten_decodings_are_decoded_again(
+    session_factory: sessionmaker[Session],
+    cache: Cache,
+    product: int,
+    prepared: list[Any],
+    prepared_entities: list[Any],
+) -> None:
+    # what benchmarks/cases_trust.py relies on to time the checks of every hit
+    for _ in range(2):
+        read(session_factory, product)
+        get(session_factory, product)
+    assert (len(prepared), len(prepared_entities)) == (1, 1)
+    cache._reads.queries.decoded.clear()
+    assert cache.inspector.decoded() == {"entries": 0, "bytes": 0}
+    read(session_factory, product)
+    get(session_factory, product)
+    assert (len(prepared), len(prepared_entities)) == (2, 2)
