@@ -667,9 +667,9 @@ def rows_with_scalars(
     return out
 
 
-PreparedEntity = tuple[tuple[Any, ...], Any, Any] | None
-"""An entity body checked and decoded: ``(values, missing, identity key)``, or None for
-"no such row"."""
+PreparedEntity = tuple[tuple[Any, ...], Any, Any, ModelInfo] | None
+"""An entity body checked and decoded: ``(values, missing, identity key, model)``, the
+model being the one it was checked against; or None for "no such row"."""
 
 
 def prepare_entity(info: ModelInfo, body: Any, pk: tuple[Any, ...]) -> PreparedEntity:
@@ -685,16 +685,31 @@ def prepare_entity(info: ModelInfo, body: Any, pk: tuple[Any, ...]) -> PreparedE
     values = _object_values(info, body[0], body[1])
     if tuple([values[p] for p in info.pk_positions]) != pk:
         raise _foreign("the entry holds another row")
-    return values, body[1], compat.identity_key(info.mapper, pk)
+    return values, body[1], compat.identity_key(info.mapper, pk), info
+
+
+def entity_prepared_for(prepared: PreparedEntity, info: ModelInfo) -> bool:
+    """Whether ``prepared``, kept from an earlier read (the decodings hits reuse, the local
+    tier), may be built as ``info``'s object: it was checked against that model, or it
+    says "no such row". Two classes may map one table, and then share its entity keys;
+    what one class's read decoded holds its own columns and identity key.
+
+    Example::
+
+        if not entity_prepared_for(entry.value, info):
+            ...  # decode the bytes again for this model
+    """
+    return prepared is None or prepared[3] is info
 
 
 def build_entity(
     session: Session, info: ModelInfo, prepared: PreparedEntity, *, shared: bool = False
 ) -> object | None:
-    """The object of a prepared entity body, built into ``session`` (None: no row)."""
+    """The object of a prepared entity body, built into ``session`` (None: no row).
+    ``prepared`` must be ``info``'s (:func:`entity_prepared_for`)."""
     if prepared is None:
         return None
-    values, missing, key = prepared
+    values, missing, key, _ = prepared
     mat = _Materializer(session, shared=shared)
     obj: object = mat.objects([info], [missing], [values], [key])[0][0]
     mat.finish()

@@ -140,7 +140,7 @@ class EntityReads:
         key = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
         if local is not None:
             entry = local.store.get(key)
-            if entry is None:
+            if entry is None or not hydrate.entity_prepared_for(entry.value, info):
                 return False, None
             obj = hydrate.build_entity(session, info, entry.value, shared=True)
             core.counters.incr_each(info.scope, ("hits", "local_hits"))
@@ -219,7 +219,7 @@ class EntityReads:
         if local is not None and pinned is None and info.local:
             if local.serving():
                 entry = local.store.get(key)
-                if entry is not None:
+                if entry is not None and hydrate.entity_prepared_for(entry.value, info):
                     obj = hydrate.build_entity(session, info, entry.value, shared=True)
                     core.counters.incr_each(scope, ("hits", "local_hits"))
                     return hydrate.entity_result(info, obj)
@@ -280,9 +280,9 @@ class EntityReads:
         lease: str,
     ) -> Look | None:
         """One MGET of an entity entry, its table's version and generation, its row's
-        write counter. A valid entry is found decoded and checked against ``pk``
-        (:func:`hydrate.prepare_entity`); an unreadable one is deleted, counted, and
-        looked at as missing."""
+        write counter. A valid entry is found decoded and checked against ``info`` and
+        ``pk`` (:meth:`_valid`); an unreadable one is deleted, counted, and looked at as
+        missing."""
         fetched = self.flow.fetch([key, *counters], scope, lease)
         if fetched is None:
             return None
@@ -291,19 +291,15 @@ class EntityReads:
         missing = None in current
         numbers = None if missing else self.flow.counters(counters, current, scope)
         if entry is not None and numbers is not None and (pinned is None or pinned == version):
-            decoded = self._decoded(key, entry, info, pk, scope)
-            if decoded is not None:
-                stored_generation, stored_writes, timing, prepared = decoded
-                if stored_generation == numbers[1] and stored_writes == numbers[2]:
-                    # only the local tier keeps an entry under the counters it was valid under
-                    valid_under = (
-                        None
-                        if self.core.local is None
-                        else [(counters[1], current[1]), (counters[2], current[2])]
-                    )
-                    return Look(
-                        (timing, prepared), current, leased, None, valid_under, len(entry), entry
-                    )
+            found = self._valid(key, entry, (numbers[1], numbers[2]), info, pk, scope)
+            if found is not None:
+                # only the local tier keeps an entry under the counters it was valid under
+                valid_under = (
+                    None
+                    if self.core.local is None
+                    else [(counters[1], current[1]), (counters[2], current[2])]
+                )
+                return Look(found, current, leased, None, valid_under, len(entry), entry)
         captured: list[bytes] | None = None
         if numbers is not None or missing:
             captured = self.flow.captured(current, counters, self._ttls(info))
@@ -332,26 +328,37 @@ class EntityReads:
         obj = hydrate.build_entity(session, info, prepared, shared=True)
         return hydrate.entity_result(info, obj)
 
-    def _decoded(
-        self, key: str, raw: bytes, info: ModelInfo, pk: tuple[Any, ...], scope: str
-    ) -> tuple[int, int, stampede.Timing | None, hydrate.PreparedEntity] | None:
-        """The stamp and checked body of the entity entry ``raw``, decoded once per bytes
-        (:class:`~sa_redis_cache.reads.queries.DecodedEntries`); None when unreadable
-        (deleted and counted)."""
-        decoded: tuple[int, int, stampede.Timing | None, hydrate.PreparedEntity] | None = (
+    def _valid(
+        self,
+        key: str,
+        raw: bytes,
+        counters: tuple[int, int],
+        info: ModelInfo,
+        pk: tuple[Any, ...],
+        scope: str,
+    ) -> tuple[stampede.Timing | None, hydrate.PreparedEntity] | None:
+        """The timing and checked body of the entity entry ``raw`` when its stamp is the
+        table's generation and the row's write counter just read (``counters``); None
+        when a write retired it (a plain miss) or when it is unreadable (deleted and
+        counted). A valid entry is decoded once per bytes and model
+        (:class:`~sa_redis_cache.reads.queries.DecodedEntries`)."""
+        kept: tuple[int, int, stampede.Timing | None, hydrate.PreparedEntity] | None = (
             self.decoded.get(key, raw)
         )
-        if decoded is not None:
-            return decoded
+        if kept is not None and hydrate.entity_prepared_for(kept[3], info):
+            generation, writes, timing, prepared = kept
+            return (timing, prepared) if (generation, writes) == counters else None
         try:
             document = self.core.opened(key, raw, scripted=True)
             generation, writes, timing, body = entity_entry(document)
-            decoded = (generation, writes, timing, hydrate.prepare_entity(info, body, pk))
+            if (generation, writes) != counters:
+                return None  # written since: the body is not read, as a query's is not
+            prepared = hydrate.prepare_entity(info, body, pk)
         except (CodecError, ValueError, TypeError, KeyError, IndexError) as exc:
             self.flow.corrupt(key, scope, exc)
             return None
-        self.decoded.put(key, raw, decoded, objects=1)
-        return decoded
+        self.decoded.put(key, raw, (generation, writes, timing, prepared), objects=1)
+        return timing, prepared
 
 
 def entity_entry(raw: bytes) -> tuple[int, int, stampede.Timing | None, Any]:

@@ -120,8 +120,8 @@ class Target:
     ``look(token)`` reads the entry and its counters, asking for the fill lease in the
     same round trip when given a token (with ``if_absent``, only if the entry is absent:
     the read's first look, given a token only with ``lease_in_look``); ``serve(look)``
-    turns the entry a look found into the result (None when unreadable: it deleted the
-    entry; the flow counts the hit);
+    turns the entry a look found, already decoded and checked, into the result (the flow
+    counts the hit);
     ``fill(data, preexisting, look, delta_ms, token)`` stores what the database returned:
     True stored, False refused or failed, None not tried (the caller still holds its lease).
     """
@@ -130,7 +130,7 @@ class Target:
     scope: str
     also: tuple[str, ...]
     look: LookAt
-    serve: Callable[[Look], Result[Any] | None]
+    serve: Callable[[Look], Result[Any]]
     fill: Callable[[Any, Any, Look, int, str], bool | None]
     lease: bool
     lease_wait: float
@@ -222,14 +222,8 @@ class ReadThrough:
                     stats.incr(target.scope, "stale_served")
             if not refresh:
                 served = target.serve(look)
-                if served is not None:
-                    measured.hit()
-                    return served
-                # unreadable: deleted by serve, so look again for what a fill needs
-                look = target.look("")
-                if look is None:
-                    measured.done("error")
-                    return None
+                measured.hit()
+                return served
         if look.found is None and look.captured is not None and target.lease and not token:
             token, waited, look = self._lease_or_wait(target, look)
             if waited is not None:
@@ -352,9 +346,7 @@ class ReadThrough:
             if seen is None:
                 break
             if seen.found is not None:
-                result = target.serve(seen)
-                if result is not None:
-                    return "", result, seen
+                return "", target.serve(seen), seen
         return "", None, again
 
     def _release(self, entry_key: str, token: str) -> None:

@@ -558,7 +558,7 @@ class QueryReads:
         plan: StatementPlan,
         entry_key: str,
         mark: Mark | None,
-    ) -> Result[Any] | None:
+    ) -> Result[Any]:
         """Build the result of the valid entry ``look`` found (checked when it was read:
         :meth:`_parse`), and let the local tier keep it when it holds the tables."""
         assert look.found is not None

@@ -285,3 +285,31 @@ def test_forgotten_decodings_are_decoded_again(
     read(session_factory, product)
     get(session_factory, product)
     assert (len(prepared), len(prepared_entities)) == (2, 2)
+
+
+def test_an_entity_entry_a_write_retired_is_a_plain_miss_whose_body_is_not_read(
+    session_factory: sessionmaker[Session],
+    cache: Cache,
+    redis_client: redis.Redis,
+    namespace: str,
+    product: int,
+    prepared_entities: list[Any],
+    sql: SQLCounter,
+) -> None:
+    get(session_factory, product)
+    get(session_factory, product)  # decoded and kept
+    key = the_entity_entry(redis_client, namespace, product)
+    retired = redis_client.get(key)
+    assert retired is not None
+    with session_factory() as s:
+        s.get_one(Product, product).name = "written"
+        s.commit()
+    # the old bytes put back under the key: their stamp names the counters before the write
+    redis_client.set(key, retired, ex=300)
+    cache._reads.queries.decoded.clear()  # as a process that never read them
+    decode_errors = cache.stats()["total"]["decode_errors"]
+    sql.reset()
+    assert get(session_factory, product).name == "written"
+    assert sql.count == 1
+    assert prepared_entities == [(product,)]  # only the first hit's decode
+    assert cache.stats()["total"]["decode_errors"] == decode_errors
