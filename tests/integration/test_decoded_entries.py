@@ -7,6 +7,7 @@ two sessions must not share a mutable value.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -18,6 +19,8 @@ from sa_redis_cache.codec import pack, unpack
 from sa_redis_cache.reads import queries
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import redis
     from sqlalchemy.orm import Session, sessionmaker
 
@@ -86,19 +89,66 @@ def the_entry(client: redis.Redis, namespace: str) -> bytes:
     return keys[0]
 
 
+def rename_in_query_body(body: Any, name: str) -> None:
+    names = list(Product.__mapper__.column_attrs.keys())
+    body[3][0][1][names.index("name")] = name
+
+
+def rename_in_entity_body(body: Any, name: str) -> None:
+    names = list(Product.__mapper__.column_attrs.keys())
+    body[0][names.index("name")] = name
+
+
+@dataclass
+class Kind:
+    """A kind of entry, as a test reads it: a ``FromCache`` query of one product, or
+    ``session.get`` of it."""
+
+    load: Callable[[Session, int], Product]
+    entry: Callable[[redis.Redis, str, int], bytes]
+    rename: Callable[[Any, str], None]
+    # every body of this kind the read path decoded and checked
+    decoded: list[Any]
+
+    def read(self, factory: sessionmaker[Session], pid: int) -> Product:
+        with factory() as session:
+            return self.load(session, pid)
+
+
+@pytest.fixture(params=["query", "entity"])
+def kind(request: pytest.FixtureRequest, prepared: list[Any], prepared_entities: list[Any]) -> Kind:
+    if request.param == "query":
+        return Kind(
+            lambda session, pid: session.scalars(by_id(pid)).one(),
+            lambda client, namespace, _: the_entry(client, namespace),
+            rename_in_query_body,
+            prepared,
+        )
+    return Kind(
+        lambda session, pid: session.get_one(Product, pid),
+        the_entity_entry,
+        rename_in_entity_body,
+        prepared_entities,
+    )
+
+
+def through(session: Session, path: str) -> Session:
+    if path == "pipeline":
+        # another listener: the read goes through SQLAlchemy's execute pipeline
+        event.listen(session, "do_orm_execute", lambda orm_context: None)
+    return session
+
+
 def test_a_hit_on_the_bytes_it_decoded_before_does_not_decode_them_again(
-    session_factory: sessionmaker[Session],
-    product: int,
-    prepared: list[Any],
-    sql: SQLCounter,
+    session_factory: sessionmaker[Session], product: int, kind: Kind, sql: SQLCounter
 ) -> None:
-    name = read(session_factory, product).name  # a miss: fills
+    name = kind.read(session_factory, product).name  # a miss: fills
     sql.reset()
-    assert read(session_factory, product).name == name
-    assert len(prepared) == 1  # the first hit decodes
+    assert kind.read(session_factory, product).name == name
+    assert len(kind.decoded) == 1  # the first hit decodes
     for _ in range(3):
-        assert read(session_factory, product).name == name
-    assert len(prepared) == 1  # the next ones reuse it
+        assert kind.read(session_factory, product).name == name
+    assert len(kind.decoded) == 1  # the next ones reuse it
     assert sql.count == 0
 
 
@@ -107,47 +157,96 @@ def test_other_bytes_under_the_same_key_are_decoded_and_served(
     redis_client: redis.Redis,
     namespace: str,
     product: int,
-    prepared: list[Any],
+    kind: Kind,
     sql: SQLCounter,
 ) -> None:
-    read(session_factory, product)
-    read(session_factory, product)  # decoded and kept
-    key = the_entry(redis_client, namespace)
+    kind.read(session_factory, product)
+    kind.read(session_factory, product)  # decoded and kept
+    key = kind.entry(redis_client, namespace, product)
     raw = redis_client.get(key)
     assert raw is not None
     stamp, body = unpack(raw)
-    names = Product.__mapper__.column_attrs.keys()
-    body[3][0][1][list(names).index("name")] = "renamed in Redis"
+    kind.rename(body, "renamed in Redis")
     redis_client.set(key, pack([stamp, body]), keepttl=True)  # still valid: stamp kept
     sql.reset()
-    assert read(session_factory, product).name == "renamed in Redis"
+    assert kind.read(session_factory, product).name == "renamed in Redis"
     assert sql.count == 0
-    assert len(prepared) == 2
+    assert len(kind.decoded) == 2
 
 
 def test_a_write_is_seen_by_the_next_read(
-    session_factory: sessionmaker[Session], product: int
+    session_factory: sessionmaker[Session], product: int, kind: Kind
 ) -> None:
-    read(session_factory, product)
-    read(session_factory, product)
+    kind.read(session_factory, product)
+    kind.read(session_factory, product)
     with session_factory() as s:
         s.get_one(Product, product, populate_existing=True).name = "written"
         s.commit()
-    assert read(session_factory, product).name == "written"  # a miss, then a fill
-    assert read(session_factory, product).name == "written"  # a hit on the new bytes
+    assert kind.read(session_factory, product).name == "written"  # a miss, then a fill
+    assert kind.read(session_factory, product).name == "written"  # a hit on the new bytes
 
 
+@pytest.mark.parametrize("path", ["direct", "pipeline"])
 def test_two_sessions_never_share_a_mutable_value(
-    session_factory: sessionmaker[Session], product: int, sql: SQLCounter
+    session_factory: sessionmaker[Session], product: int, kind: Kind, sql: SQLCounter, path: str
 ) -> None:
-    read(session_factory, product)
+    kind.read(session_factory, product)
+    kind.read(session_factory, product)  # decoded and kept
+    sql.reset()
     with session_factory() as first, session_factory() as second:
-        one = first.scalars(by_id(product)).one()
+        one = kind.load(through(first, path), product)
         one.attributes["seen"] = "by the first session only"  # in place, never flushed
-        other = second.scalars(by_id(product)).one()
+        other = kind.load(through(second, path), product)
         assert "seen" not in other.attributes
         assert other.attributes is not one.attributes
-    assert "seen" not in read(session_factory, product).attributes
+    assert sql.count == 0  # both were hits
+    assert "seen" not in kind.read(session_factory, product).attributes
+
+
+def test_an_unreadable_entry_is_never_served_from_an_earlier_decoding(
+    session_factory: sessionmaker[Session],
+    redis_client: redis.Redis,
+    namespace: str,
+    product: int,
+    kind: Kind,
+    sql: SQLCounter,
+) -> None:
+    name = kind.read(session_factory, product).name
+    kind.read(session_factory, product)  # decoded and kept
+    key = kind.entry(redis_client, namespace, product)
+    redis_client.set(key, b"\x01not an entry", keepttl=True)
+    sql.reset()
+    assert kind.read(session_factory, product).name == name  # read from the database
+    assert sql.count == 1
+    assert redis_client.get(key) != b"\x01not an entry"  # deleted, then filled again
+
+
+def test_an_entry_a_write_retired_is_a_plain_miss_whose_body_is_not_read(
+    session_factory: sessionmaker[Session],
+    cache: Cache,
+    redis_client: redis.Redis,
+    namespace: str,
+    product: int,
+    kind: Kind,
+    sql: SQLCounter,
+) -> None:
+    kind.read(session_factory, product)
+    kind.read(session_factory, product)  # decoded and kept
+    key = kind.entry(redis_client, namespace, product)
+    retired = redis_client.get(key)
+    assert retired is not None
+    with session_factory() as s:
+        s.get_one(Product, product).name = "written"
+        s.commit()
+    # the old bytes put back under the key: their stamp names the counters before the write
+    redis_client.set(key, retired, ex=300)
+    cache._reads.queries.decoded.clear()  # as a process that never read them
+    decode_errors = cache.stats()["total"]["decode_errors"]
+    sql.reset()
+    assert kind.read(session_factory, product).name == "written"
+    assert sql.count == 1
+    assert len(kind.decoded) == 1  # only the first hit's decode
+    assert cache.stats()["total"]["decode_errors"] == decode_errors
 
 
 def test_an_entry_too_large_to_keep_is_decoded_on_every_hit(
@@ -179,95 +278,6 @@ def test_the_kept_decodings_stay_within_their_bound(
     assert 0 < held["bytes"] <= 4_000
 
 
-def test_an_entity_hit_on_the_bytes_it_decoded_before_does_not_decode_them_again(
-    session_factory: sessionmaker[Session],
-    product: int,
-    prepared_entities: list[Any],
-    sql: SQLCounter,
-) -> None:
-    name = get(session_factory, product).name  # a miss: fills
-    sql.reset()
-    assert get(session_factory, product).name == name
-    assert prepared_entities == [(product,)]  # the first hit decodes
-    for _ in range(3):
-        assert get(session_factory, product).name == name
-    assert prepared_entities == [(product,)]  # the next ones reuse it
-    assert sql.count == 0
-
-
-def test_other_bytes_under_an_entity_key_are_decoded_and_served(
-    session_factory: sessionmaker[Session],
-    redis_client: redis.Redis,
-    namespace: str,
-    product: int,
-    prepared_entities: list[Any],
-    sql: SQLCounter,
-) -> None:
-    get(session_factory, product)
-    get(session_factory, product)  # decoded and kept
-    key = the_entity_entry(redis_client, namespace, product)
-    raw = redis_client.get(key)
-    assert raw is not None
-    stamp, body = unpack(raw)
-    names = list(Product.__mapper__.column_attrs.keys())
-    body[0][names.index("name")] = "renamed in Redis"
-    redis_client.set(key, pack([stamp, body]), keepttl=True)  # still valid: stamp kept
-    sql.reset()
-    assert get(session_factory, product).name == "renamed in Redis"
-    assert sql.count == 0
-    assert len(prepared_entities) == 2
-
-
-def test_an_entity_write_is_seen_by_the_next_get(
-    session_factory: sessionmaker[Session], product: int
-) -> None:
-    get(session_factory, product)
-    get(session_factory, product)
-    with session_factory() as s:
-        s.get_one(Product, product).name = "written"
-        s.commit()
-    assert get(session_factory, product).name == "written"
-    assert get(session_factory, product).name == "written"  # a hit on the new bytes
-
-
-@pytest.mark.parametrize("path", ["direct", "pipeline"])
-def test_two_sessions_never_share_a_mutable_value_of_an_entity(
-    session_factory: sessionmaker[Session], product: int, sql: SQLCounter, path: str
-) -> None:
-    get(session_factory, product)
-    get(session_factory, product)  # decoded and kept
-    sql.reset()
-    with session_factory() as first, session_factory() as second:
-        if path == "pipeline":
-            for session in (first, second):
-                # another listener: the get goes through SQLAlchemy's execute pipeline
-                event.listen(session, "do_orm_execute", lambda orm_context: None)
-        one = first.get_one(Product, product)
-        one.attributes["seen"] = "by the first session only"  # in place, never flushed
-        other = second.get_one(Product, product)
-        assert "seen" not in other.attributes
-        assert other.attributes is not one.attributes
-    assert sql.count == 0  # both were hits
-    assert "seen" not in get(session_factory, product).attributes
-
-
-def test_an_unreadable_entity_entry_is_never_served_from_an_earlier_decoding(
-    session_factory: sessionmaker[Session],
-    redis_client: redis.Redis,
-    namespace: str,
-    product: int,
-    sql: SQLCounter,
-) -> None:
-    name = get(session_factory, product).name
-    get(session_factory, product)  # decoded and kept
-    key = the_entity_entry(redis_client, namespace, product)
-    redis_client.set(key, b"\x01not an entry", keepttl=True)
-    sql.reset()
-    assert get(session_factory, product).name == name  # read from the database
-    assert sql.count == 1
-    assert redis_client.get(key) != b"\x01not an entry"  # deleted, then filled again
-
-
 def test_forgotten_decodings_are_decoded_again(
     session_factory: sessionmaker[Session],
     cache: Cache,
@@ -285,31 +295,3 @@ def test_forgotten_decodings_are_decoded_again(
     read(session_factory, product)
     get(session_factory, product)
     assert (len(prepared), len(prepared_entities)) == (2, 2)
-
-
-def test_an_entity_entry_a_write_retired_is_a_plain_miss_whose_body_is_not_read(
-    session_factory: sessionmaker[Session],
-    cache: Cache,
-    redis_client: redis.Redis,
-    namespace: str,
-    product: int,
-    prepared_entities: list[Any],
-    sql: SQLCounter,
-) -> None:
-    get(session_factory, product)
-    get(session_factory, product)  # decoded and kept
-    key = the_entity_entry(redis_client, namespace, product)
-    retired = redis_client.get(key)
-    assert retired is not None
-    with session_factory() as s:
-        s.get_one(Product, product).name = "written"
-        s.commit()
-    # the old bytes put back under the key: their stamp names the counters before the write
-    redis_client.set(key, retired, ex=300)
-    cache._reads.queries.decoded.clear()  # as a process that never read them
-    decode_errors = cache.stats()["total"]["decode_errors"]
-    sql.reset()
-    assert get(session_factory, product).name == "written"
-    assert sql.count == 1
-    assert prepared_entities == [(product,)]  # only the first hit's decode
-    assert cache.stats()["total"]["decode_errors"] == decode_errors
