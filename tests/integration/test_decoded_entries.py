@@ -28,32 +28,29 @@ if TYPE_CHECKING:
     from tests.support import SQLCounter
 
 
+def calls_of(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Any]:
+    """Every call of ``hydrate.<name>`` from now on, by its arguments."""
+    calls: list[Any] = []
+    original = getattr(hydrate, name)
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        calls.append(args)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(hydrate, name, counted)
+    return calls
+
+
 @pytest.fixture
 def prepared(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Every body the read path decodes and checks against its statement."""
-    calls: list[Any] = []
-    original = hydrate.prepare
-
-    def counted(*args: Any, **kw: Any) -> Any:
-        calls.append(args[0])
-        return original(*args, **kw)
-
-    monkeypatch.setattr(hydrate, "prepare", counted)
-    return calls
+    return calls_of(monkeypatch, "prepare")
 
 
 @pytest.fixture
 def prepared_entities(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Every entity body the read path decodes and checks against its primary key."""
-    calls: list[Any] = []
-    original = hydrate.prepare_entity
-
-    def counted(*args: Any, **kw: Any) -> Any:
-        calls.append(args[2])
-        return original(*args, **kw)
-
-    monkeypatch.setattr(hydrate, "prepare_entity", counted)
-    return calls
+    return calls_of(monkeypatch, "prepare_entity")
 
 
 def get(factory: sessionmaker[Session], pid: int) -> Product:
@@ -114,6 +111,17 @@ class Kind:
         with factory() as session:
             return self.load(session, pid)
 
+    def kept(
+        self, factory: sessionmaker[Session], client: redis.Redis, namespace: str, pid: int
+    ) -> tuple[bytes, bytes]:
+        """Fill the entry, hit it (its decoding is kept): its key and its bytes."""
+        self.read(factory, pid)
+        self.read(factory, pid)
+        key = self.entry(client, namespace, pid)
+        raw = client.get(key)
+        assert isinstance(raw, bytes)
+        return key, raw
+
 
 @pytest.fixture(params=["query", "entity"])
 def kind(request: pytest.FixtureRequest, prepared: list[Any], prepared_entities: list[Any]) -> Kind:
@@ -160,11 +168,7 @@ def test_other_bytes_under_the_same_key_are_decoded_and_served(
     kind: Kind,
     sql: SQLCounter,
 ) -> None:
-    kind.read(session_factory, product)
-    kind.read(session_factory, product)  # decoded and kept
-    key = kind.entry(redis_client, namespace, product)
-    raw = redis_client.get(key)
-    assert raw is not None
+    key, raw = kind.kept(session_factory, redis_client, namespace, product)
     stamp, body = unpack(raw)
     kind.rename(body, "renamed in Redis")
     redis_client.set(key, pack([stamp, body]), keepttl=True)  # still valid: stamp kept
@@ -211,9 +215,8 @@ def test_an_unreadable_entry_is_never_served_from_an_earlier_decoding(
     kind: Kind,
     sql: SQLCounter,
 ) -> None:
+    key, _ = kind.kept(session_factory, redis_client, namespace, product)
     name = kind.read(session_factory, product).name
-    kind.read(session_factory, product)  # decoded and kept
-    key = kind.entry(redis_client, namespace, product)
     redis_client.set(key, b"\x01not an entry", keepttl=True)
     sql.reset()
     assert kind.read(session_factory, product).name == name  # read from the database
@@ -230,11 +233,7 @@ def test_an_entry_a_write_retired_is_a_plain_miss_whose_body_is_not_read(
     kind: Kind,
     sql: SQLCounter,
 ) -> None:
-    kind.read(session_factory, product)
-    kind.read(session_factory, product)  # decoded and kept
-    key = kind.entry(redis_client, namespace, product)
-    retired = redis_client.get(key)
-    assert retired is not None
+    key, retired = kind.kept(session_factory, redis_client, namespace, product)
     with session_factory() as s:
         s.get_one(Product, product).name = "written"
         s.commit()
