@@ -26,7 +26,7 @@ from .context import CacheContext
 from .engine_writes import EngineWrites
 from .errors import ConfigurationError
 from .inspector import CacheInspector
-from .models import ModelInfo, build_model_info, mapper_of
+from .models import ModelInfo, build_model_info, mapper_of, shared_table_problems
 from .options import FromCache
 from .policy import CachePolicy, Strategy, is_ttl
 from .protocol import KeyScheme, pk_text, scripts
@@ -383,6 +383,7 @@ class Cache:
     def _load_models(self) -> None:
         problems: list[str] = []
         found: dict[Mapper[Any], CachePolicy | None] = {}
+        infos: list[ModelInfo] = []
         mappers, unmapped = compat.registered_classes()
         problems.extend(
             f"{cls.__name__} declares __cache__ but is not mapped (a DeferredReflection "
@@ -399,19 +400,21 @@ class Cache:
                     "write __cache__ = CachePolicy(...)"
                 )
                 continue
+            info = build_model_info(mapper, policy)
             if policy is not None:
                 problems.extend(
                     f"{mapper.class_.__name__}: {problem}" for problem in policy.problems()
                 )
                 if policy.strategy == Strategy.WRITE_BEHIND:
-                    info = build_model_info(mapper, policy)
                     problems.extend(write_behind_checks.model_problems(mapper, info))
                     problems.extend(
                         f"{mapper.class_.__name__}: {problem}"
                         for problem in write_behind_checks.redis_problems(self._core.client, policy)
                     )
             found[mapper] = policy
+            infos.append(info)
         problems.extend(_unmapped_policies(found, skip=set(unmapped)))
+        problems.extend(shared_table_problems(infos))
         groups = dict(self._core.keys.groups)
         problems.extend(policy_groups(found, groups))
         if self._groups_fixed:
@@ -436,8 +439,8 @@ class Cache:
         # in place: every part of the cache builds its keys through this one KeyScheme
         self._core.keys.groups.update(groups)
         self._groups_fixed = True
-        for mapper, policy in found.items():
-            self._core.models.register(mapper, policy)
+        for info in infos:
+            self._core.models.add(info)
 
     # -- explicit invalidation ---------------------------------------------------------
 

@@ -7,14 +7,14 @@ import logging
 import math
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from decimal import ROUND_HALF_UP, Decimal
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table, TypeDecorator, event, inspect
+from sqlalchemy import Column, Table, TypeDecorator, event, inspect
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import ColumnProperty, Mapper
@@ -329,6 +329,9 @@ class ModelInfo:
     relationship_keys: frozenset[str] = field(default_factory=frozenset)
     normalizers: tuple[tuple[int, Normalizer], ...] = ()
     pk_coercers: tuple[Coercer, ...] = ()
+    # what each of ``column_keys`` reads: the column's name, or ``=key`` for an expression
+    # (``column_property``); an entity entry holds these values by position
+    layout: tuple[str, ...] = ()
     # the model's scope in ``cache.stats()`` (``model:<class>``): every read counts under
     # it, and the class's name does not change
     scope: str = field(init=False, repr=False, compare=False)
@@ -448,6 +451,9 @@ def build_model_info(mapper: Mapper[Any], policy: CachePolicy | None) -> ModelIn
         codec=codec,
         uncacheable_reason=reason,
         relationship_keys=frozenset(r.key for r in mapper.relationships),
+        layout=tuple(
+            c.name if isinstance(c := p.columns[0], Column) else f"={p.key}" for p in props
+        ),
         normalizers=tuple(
             (i, normalize)
             for i, p in enumerate(props)
@@ -498,6 +504,43 @@ def mappers_changed() -> int:
     return _MAPPERS_CHANGED[0]
 
 
+def shared_table_problems(infos: Iterable[ModelInfo]) -> list[str]:
+    """Classes whose rows the entity cache would mix up: entity-cached models of one table
+    that map different columns of it.
+
+    An entity entry holds the mapped columns' values by position, under a key that names
+    the table and the row, not the class, so each class would read the other's entries:
+    as foreign when they map different numbers of columns (deleted and read again, each
+    class in turn), and with values in the wrong attributes when they map as many columns
+    of the same types. Classes mapping the same columns share entries safely.
+
+    Example::
+
+        shared_table_problems(infos)   # [] unless two layouts of one table are cached
+    """
+    by_table: dict[str, dict[tuple[str, ...], list[str]]] = {}
+    for info in infos:
+        if info.entity_cached:
+            layouts = by_table.setdefault(info.table, {})
+            layouts.setdefault(info.layout, []).append(info.mapper.class_.__name__)
+    problems = []
+    for table, layouts in sorted(by_table.items()):
+        if len(layouts) < 2:
+            continue
+        described = "; ".join(
+            f"{', '.join(sorted(names))} map{'s' if len(names) == 1 else ''} "
+            f"({', '.join(layout)})"
+            for layout, names in sorted(layouts.items(), key=lambda item: sorted(item[1]))
+        )
+        problems.append(
+            f"table {table!r} is kept in the entity cache by classes that map different "
+            f"columns of it ({described}): they share its entity entries, and one would read "
+            "the other's rows. Give all but one layout CachePolicy(entity_cache=False), or "
+            "map the same columns in each"
+        )
+    return problems
+
+
 class ModelRegistry:
     """The :class:`ModelInfo` of every mapper the cache has met, by mapper, name and table.
 
@@ -517,7 +560,11 @@ class ModelRegistry:
 
     def register(self, mapper: Mapper[Any], policy: CachePolicy | None) -> ModelInfo:
         """Describe ``mapper`` under ``policy`` and index it."""
-        info = build_model_info(mapper, policy)
+        return self.add(build_model_info(mapper, policy))
+
+    def add(self, info: ModelInfo) -> ModelInfo:
+        """Index ``info`` (made by :func:`build_model_info`)."""
+        mapper = info.mapper
         self.infos[mapper] = info
         self.by_name[mapper_name(mapper)] = info
         self.by_table.setdefault(info.table, info)

@@ -1,16 +1,22 @@
-"""Two classes mapping one table share its entity keys: what one class's read decoded is
-never built as the other's object.
+"""Classes mapping one table share its entity keys: what one class's read decoded is
+never built as another's object, and classes that map different columns of the table
+cannot both keep entity entries.
 
 The entity key names the table, its columns' hash, the scope and the primary key; it
 does not name the class. A hit on bytes decoded before reuses that decoding
 (``DecodedEntries``) and the local tier keeps decoded entries: both hold one class's
-columns and identity key, so another class reading the same key must decode the bytes
-for itself (or read the database) and get its own object with its own columns.
+identity key, so another class mapping the same columns must build its own object.
+Classes mapping different columns would read each other's rows by position: ``attach()``
+refuses them unless all but one keep out of the entity cache (checked in a child process
+here, since a refused class would stay mapped in this one and refuse every later attach).
 """
 
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
+import textwrap
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -47,11 +53,11 @@ class Whole(Base):
 
 
 class Partial(Base):
-    """The same table without ``name``: its rows have one column less."""
+    """The same table without ``name``: out of the entity cache, as ``attach()`` asks."""
 
     __table__ = NOTES
     __mapper_args__ = {"exclude_properties": ["name"]}  # noqa: RUF012 - SQLAlchemy's own
-    __cache__ = CachePolicy(ttl=300)
+    __cache__ = CachePolicy(ttl=300, entity_cache=False)
 
 
 class Twin(Base):
@@ -132,3 +138,80 @@ def test_a_class_with_the_same_columns_gets_objects_of_its_own_class(
         whole: Any = session.get(Whole, 1)
         assert sa.inspect(whole).mapper.class_ is Whole
         assert whole is not twin
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+
+    import redis
+    import sqlalchemy as sa
+    from sqlalchemy.orm import DeclarativeBase, sessionmaker
+
+    from sa_redis_cache import Cache, CachePolicy, ConfigurationError
+
+    second_policy = {
+        "cached": CachePolicy(ttl=300),
+        "out": CachePolicy(ttl=300, entity_cache=False),
+    }[sys.argv[2]]
+
+    class Base(DeclarativeBase):
+        pass
+
+    rows = sa.Table(
+        "shared_rows",
+        Base.metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", sa.String(40)),
+        sa.Column("note", sa.String(40)),
+    )
+
+    class Named(Base):
+        __table__ = rows
+        __mapper_args__ = {"exclude_properties": ["note"]}
+        __cache__ = CachePolicy(ttl=300)
+
+    class Noted(Base):
+        __table__ = rows
+        __mapper_args__ = {"exclude_properties": ["name"]}
+        __cache__ = second_policy
+
+    cache = Cache(redis.Redis.from_url(sys.argv[1]), namespace=sys.argv[3])
+    try:
+        cache.attach(sessionmaker())
+    except ConfigurationError as exc:
+        print("refused:", exc)
+    else:
+        print("attached")
+        cache.detach()
+    """
+)
+
+
+def attach_in_child(redis_url: str, namespace: str, second: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, redis_url, second, namespace],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_classes_mapping_other_columns_of_one_table_are_refused(
+    redis_url: str, namespace: str
+) -> None:
+    # Named (id, name) and Noted (id, note) store rows of one width and the same types:
+    # each would read the other's entries as its own, with the values in the wrong columns
+    said = attach_in_child(redis_url, namespace, "cached")
+    assert said.startswith("refused:"), said
+    assert "'shared_rows'" in said
+    assert "Named maps (id, name)" in said
+    assert "Noted maps (id, note)" in said
+    assert "CachePolicy(entity_cache=False)" in said
+
+
+def test_one_layout_in_the_entity_cache_is_attached(redis_url: str, namespace: str) -> None:
+    assert attach_in_child(redis_url, namespace, "out") == "attached"
