@@ -528,8 +528,7 @@ def shared_table_problems(infos: Iterable[ModelInfo]) -> list[str]:
         if len(layouts) < 2:
             continue
         described = "; ".join(
-            f"{', '.join(sorted(names))} map{'s' if len(names) == 1 else ''} "
-            f"({', '.join(layout)})"
+            f"{', '.join(sorted(names))} map{'s' if len(names) == 1 else ''} ({', '.join(layout)})"
             for layout, names in sorted(layouts.items(), key=lambda item: sorted(item[1]))
         )
         problems.append(
