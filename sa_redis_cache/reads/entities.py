@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import ORMExecuteState, Session
 
     from sa_redis_cache.context import CacheContext
-    from sa_redis_cache.local import Mark
+    from sa_redis_cache.local import LocalTier, Mark
     from sa_redis_cache.models import ModelInfo
 
     from .flow import ReadThrough
@@ -139,13 +139,21 @@ class EntityReads:
         row_scope = core.entity_scope(info, database, session_translate_map(session, bind))
         key = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
         if local is not None:
-            entry = local.store.get(key)
-            if entry is None or not hydrate.entity_prepared_for(entry.value, info):
-                return False, None
-            obj = hydrate.build_entity(session, info, entry.value, shared=True)
-            core.counters.incr_each(info.scope, ("hits", "local_hits"))
-            return True, obj
+            return self._local_hit(local, session, info, key)
         return self._redis_get(session, info, pk, pk_str, key)
+
+    def _local_hit(
+        self, local: LocalTier, session: Session, info: ModelInfo, key: str
+    ) -> tuple[bool, Any]:
+        """The local tier's entry of ``key`` built into ``session``: ``(True, object or
+        None)`` on a hit (None: no such row), ``(False, None)`` when the tier holds no
+        entry of ``info``'s model under it."""
+        entry = local.store.get(key)
+        if entry is None or not hydrate.entity_prepared_for(entry.value, info):
+            return False, None
+        obj = hydrate.build_entity(session, info, entry.value, shared=True)
+        self.core.counters.incr_each(info.scope, ("hits", "local_hits"))
+        return True, obj
 
     def _redis_get(
         self, session: Session, info: ModelInfo, pk: tuple[Any, ...], pk_str: str, key: str
@@ -218,10 +226,8 @@ class EntityReads:
         local = core.local
         if local is not None and pinned is None and info.local:
             if local.serving():
-                entry = local.store.get(key)
-                if entry is not None and hydrate.entity_prepared_for(entry.value, info):
-                    obj = hydrate.build_entity(session, info, entry.value, shared=True)
-                    core.counters.incr_each(scope, ("hits", "local_hits"))
+                hit, obj = self._local_hit(local, session, info, key)
+                if hit:
                     return hydrate.entity_result(info, obj)
             core.counters.incr(scope, "local_misses")
             mark = local.hold((info.table,))
