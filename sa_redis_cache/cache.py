@@ -15,10 +15,11 @@ from sqlalchemy.ext.asyncio import (
     async_scoped_session,
     async_sessionmaker,
 )
-from sqlalchemy.orm import Mapper, Session, scoped_session, sessionmaker
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from sqlalchemy.util import greenlet_spawn
 
 from . import compat
+from .admission import ModelAdmission
 from .binds import translate_map_of
 from .breaker import CircuitBreaker
 from .cached_functions import AsyncCachedFunction, CacheDecorator, CachedFunction
@@ -26,17 +27,16 @@ from .context import CacheContext
 from .engine_writes import EngineWrites
 from .errors import ConfigurationError
 from .inspector import CacheInspector
-from .models import ModelInfo, build_model_info, mapper_of, shared_table_problems
+from .models import ModelInfo, mapper_of
 from .options import FromCache
-from .policy import CachePolicy, Strategy, is_ttl
+from .policy import is_ttl
 from .protocol import KeyScheme, pk_text, scripts
 from .reads import ReadPath
-from .redis_io import clients_for, is_cluster
+from .redis_io import clients_for
 from .sessions import SessionHooks
-from .slot_groups import policy_groups, table_groups
+from .slot_groups import table_groups
 from .stats_publisher import StatsPublisher
 from .strategies.cache_aside import Invalidation
-from .strategies.write_behind import checks as write_behind_checks
 from .strategies.write_behind.session import WriteBehind
 
 if TYPE_CHECKING:
@@ -156,9 +156,7 @@ class Cache:
             local_consistency=local_consistency,
             slot_groups=groups,
         )
-        # what Cache(slot_groups=...) said, apart from the models' policies (attach())
-        self._given_groups = dict(groups)
-        self._groups_fixed = False  # set by the first attach(): no group may appear later
+        self._admission = ModelAdmission(self._core, given_groups=groups)
         if local:
             self._core.enable_local(max_entries=local_max_entries, max_bytes=local_max_bytes)
         self._reads = ReadPath(self._core)
@@ -381,66 +379,8 @@ class Cache:
         )
 
     def _load_models(self) -> None:
-        problems: list[str] = []
-        found: dict[Mapper[Any], CachePolicy | None] = {}
-        infos: list[ModelInfo] = []
-        mappers, unmapped = compat.registered_classes()
-        problems.extend(
-            f"{cls.__name__} declares __cache__ but is not mapped (a DeferredReflection "
-            "class before prepare(), or a class whose mapping raised); call "
-            "prepare(engine) or fix the mapping before cache.attach()"
-            for cls in unmapped
-            if getattr(cls, "__cache__", None) is not None
-        )
-        for mapper in mappers:
-            policy = getattr(mapper.class_, "__cache__", None)
-            if policy is not None and not isinstance(policy, CachePolicy):
-                problems.append(
-                    f"{mapper.class_.__name__}.__cache__ is {policy!r}, not a CachePolicy; "
-                    "write __cache__ = CachePolicy(...)"
-                )
-                continue
-            info = build_model_info(mapper, policy)
-            if policy is not None:
-                problems.extend(
-                    f"{mapper.class_.__name__}: {problem}" for problem in policy.problems()
-                )
-                if policy.strategy == Strategy.WRITE_BEHIND:
-                    problems.extend(write_behind_checks.model_problems(mapper, info))
-                    problems.extend(
-                        f"{mapper.class_.__name__}: {problem}"
-                        for problem in write_behind_checks.redis_problems(self._core.client, policy)
-                    )
-            found[mapper] = policy
-            infos.append(info)
-        problems.extend(_unmapped_policies(found, skip=set(unmapped)))
-        problems.extend(shared_table_problems(infos))
-        groups = dict(self._core.keys.groups)
-        problems.extend(policy_groups(found, groups))
-        if self._groups_fixed:
-            # a table read under its own tag since the first attach() would keep entries
-            # (plans, the local tier) under counters no write bumps any more
-            problems.extend(
-                f"table {table!r} is put in slot group {group!r} after the cache's first "
-                "attach(), when its keys may be in use under its own tag; import the model "
-                "before the first attach() (or give the group in Cache(slot_groups=...))"
-                for table, group in groups.items()
-                if table not in self._core.keys.groups
-            )
-        problems.extend(
-            write_behind_checks.group_problems(
-                found, groups, self._given_groups, cluster=is_cluster(self._core.client)
-            )
-        )
-        if problems:
-            raise ConfigurationError(
-                "cache.attach() refused these models:\n  - " + "\n  - ".join(problems)
-            )
-        # in place: every part of the cache builds its keys through this one KeyScheme
-        self._core.keys.groups.update(groups)
-        self._groups_fixed = True
-        for info in infos:
-            self._core.models.add(info)
+        self._admission.admit_all()
+        self._admission.listen()  # a class mapped from now on is checked as it is configured
 
     # -- explicit invalidation ---------------------------------------------------------
 
@@ -822,34 +762,3 @@ def _query_option(cache_queries: FromCache | bool | None) -> FromCache | None:
         f"attach(cache_queries={cache_queries!r}): give a FromCache(...) (its ttl and region "
         "apply to every select), True for FromCache(), or None"
     )
-
-
-def _unmapped_policies(found: dict[Mapper[Any], CachePolicy | None], skip: set[type]) -> list[str]:
-    """Policies declared on classes of a declarative hierarchy that are not mapped."""
-    mapped = {m.class_ for m in found}
-    roots: set[type] = set()
-    for cls in mapped:
-        for base in cls.__mro__:
-            if "registry" in base.__dict__ and "metadata" in base.__dict__:
-                roots.add(base)
-    problems = []
-    seen: set[type] = set()
-    stack = list(roots)
-    while stack:
-        cls = stack.pop()
-        for sub in cls.__subclasses__():
-            if sub in seen:
-                continue
-            seen.add(sub)
-            stack.append(sub)
-            if (
-                "__cache__" in sub.__dict__
-                and sub not in mapped
-                and sub not in skip
-                and not sub.__dict__.get("__abstract__", False)
-            ):
-                problems.append(
-                    f"{sub.__name__} declares __cache__ but is not mapped; map it (give it a "
-                    "__tablename__) or move the policy to the mapped class"
-                )
-    return problems

@@ -556,6 +556,8 @@ class ModelRegistry:
         self.entity_infos: dict[Mapper[Any], ModelInfo] = {}
         self._schema_hashes: dict[str, str] = {}
         self._known_tables: tuple[int, list[str]] | None = None
+        # set by the cache's first attach(): a class mapped after it is checked on first sight
+        self.admit: Callable[[Mapper[Any], object], ModelInfo] | None = None
 
     def register(self, mapper: Mapper[Any], policy: CachePolicy | None) -> ModelInfo:
         """Describe ``mapper`` under ``policy`` and index it."""
@@ -572,10 +574,14 @@ class ModelRegistry:
         return info
 
     def info_of(self, mapper: Mapper[Any]) -> ModelInfo:
-        """The info of ``mapper``, registered on first sight with its ``__cache__`` policy."""
+        """The info of ``mapper``, registered on first sight with its ``__cache__`` policy;
+        after the cache's first ``attach()``, once the policy passes ``attach()``'s checks
+        (:class:`ConfigurationError` otherwise: :mod:`sa_redis_cache.admission`)."""
         info = self.infos.get(mapper)
         if info is None:
             policy = getattr(mapper.class_, "__cache__", None)
+            if self.admit is not None:
+                return self.add(self.admit(mapper, policy))
             info = self.register(mapper, policy if isinstance(policy, CachePolicy) else None)
         return info
 

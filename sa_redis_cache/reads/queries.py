@@ -708,6 +708,8 @@ class QueryReads:
         schema = [core.models.table_schema(t) for t in fp.tables]
         keys = core.keys
         shape = _row_shape(statement)
+        for mapper in shape.entity_mappers:
+            core.models.info_of(mapper)  # a class refused after attach() is refused here too
         scopes = tuple(
             info.scope
             for t in fp.tables
