@@ -202,6 +202,13 @@ def populates_existing(orm_context: ORMExecuteState) -> bool:
     )
 
 
+def is_orm_statement(statement: Any) -> bool:
+    """True for a statement the ORM compiles (``update(Model)``, ``insert(Model)``...): run
+    through a session, ``do_orm_execute`` saw it first. ``table.update()`` is Core."""
+    attributes = getattr(statement, "_propagate_attrs", None) or {}
+    return attributes.get("compile_state_plugin") == "orm"
+
+
 def is_clean(session: Session) -> bool:
     """True when ``session`` has nothing new, changed or deleted to flush."""
     return bool(session._is_clean())

@@ -2,7 +2,8 @@
 
 ORM flushes and ORM bulk statements are handled by the session hooks in
 :mod:`sa_redis_cache.sessions`. Everything else that reaches the database through an
-attached engine is seen here, after the cursor ran it: a compiled ``insert()``,
+attached engine is seen here, after the cursor ran it, Core DML on a session's own
+connection included: a compiled ``insert()``,
 ``update()`` or ``delete()`` names its table; a ``text()`` statement is read with a
 regular expression, and when its tables cannot be told, every table the cache knows is
 invalidated. The tables are marked at once (before the commit), and the post-commit bump
@@ -19,10 +20,13 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Table
 from sqlalchemy.sql.elements import TextClause
 
+from . import compat
 from .schema import is_library_table
+from .transaction import peek_transaction_state
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.orm import Session
 
     from .context import CacheContext
     from .strategies.cache_aside import Invalidation
@@ -86,7 +90,10 @@ class EngineWrites:
     def __init__(self, core: CacheContext, invalidation: Invalidation) -> None:
         self.core = core
         self.invalidation = invalidation
-        self.session_connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        # the connections sessions of attached factories run their transactions on
+        self.session_connections: weakref.WeakKeyDictionary[Connection, weakref.ref[Session]] = (
+            weakref.WeakKeyDictionary()
+        )
         # one slot per cache: several caches (namespaces) may watch the same engine
         self._pending_key = (_PENDING, id(self))
         self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -123,7 +130,7 @@ class EngineWrites:
         if isinstance(element, TextClause) or compiled is None:
             tables = text_dml_tables(statement, self.core.models.known_tables())
         elif context.isinsert or context.isupdate or context.isdelete:
-            if conn in self.session_connections:
+            if self._seen_by_session(conn, element):
                 return  # the session's own hooks know the rows
             target = getattr(element, "table", None)
             if not isinstance(target, Table):
@@ -146,6 +153,22 @@ class EngineWrites:
             conn.default_isolation_level == "AUTOCOMMIT"
         ):
             self._finish(info)
+
+    def _seen_by_session(self, conn: Connection, statement: Any) -> bool:
+        """Whether a session's hooks already know the rows ``statement`` writes on
+        ``conn``: its flush's own statements, and the ORM statements ``do_orm_execute``
+        marked. Core DML the application runs on the session's connection
+        (``session.connection().execute(update(table))``, ``bulk_save_objects``, which
+        runs no flush events) is known here only: it is marked as on any other
+        connection, and finished when the connection goes back to the pool."""
+        found = self.session_connections.get(conn)
+        session = None if found is None else found()
+        if session is None:
+            return False
+        if compat.is_orm_statement(statement):
+            return True
+        state = peek_transaction_state(session)
+        return state is not None and state.flushing
 
     def checkin(self, dbapi_connection: Any, connection_record: Any) -> None:
         """The connection's transaction is over: bump the versions, release the marks."""

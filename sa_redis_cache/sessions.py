@@ -47,6 +47,7 @@ SQLAlchemy's method and through the events above.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
@@ -278,18 +279,21 @@ class SessionHooks:
 
     def after_begin(self, session: Session, transaction: Any, connection: Any) -> None:
         """The connection is the session's; pin versions before a repeatable snapshot."""
-        self.engine_writes.session_connections.add(connection)
+        self.engine_writes.session_connections[connection] = weakref.ref(session)
         self.reads.on_begin(session, transaction, connection)
 
     def before_flush(self, session: Session, flush_context: UOWTransaction, instances: Any) -> None:
         """Write-behind rows leave the flush; the marks of what remains are sent."""
         state = transaction_state(session)
+        state.flushing = True
         self.write_behind.divert(session, state)
         self.invalidation.premark_flush(session, state)
 
     def after_flush(self, session: Session, flush_context: UOWTransaction) -> None:
         """Mark what the flush wrote, before the database commit."""
-        self.invalidation.mark_flush(session, transaction_state(session))
+        state = transaction_state(session)
+        state.flushing = False
+        self.invalidation.mark_flush(session, state)
 
     def after_transaction_create(self, session: Session, transaction: Any) -> None:
         """A savepoint gets a frame of its own."""
@@ -320,10 +324,12 @@ class SessionHooks:
 
     def after_transaction_end(self, session: Session, transaction: Any) -> None:
         """The outermost transaction is over: queue its write-behind rows, or release."""
-        if transaction.nested or transaction.parent is not None:
-            return
         state = peek_transaction_state(session)
         if state is None:
+            return
+        # a flush ends its own subtransaction here, also when its statements failed
+        state.flushing = False
+        if transaction.nested or transaction.parent is not None:
             return
         # replies still unread: the post-commit work's (commit() returns after them), and
         # the marks of a flush that failed

@@ -93,6 +93,9 @@ class TransactionState:
     plan: Any = None
     # the flush's write-through rows, captured from its UPDATEs (strategies/write_through)
     captures: Any = None
+    # between before_flush and after_flush: the DML on the session's connection is the
+    # flush's, whose rows the hooks know (engine_writes.py leaves it to them)
+    flushing: bool = False
 
     @property
     def written_tables(self) -> set[str]:

@@ -50,6 +50,40 @@ def test_text_dml_through_the_session(session_factory: sessionmaker[Session], pr
     assert read_price(session_factory, product) == (Decimal("4.00"), Decimal("4.00"))
 
 
+def test_core_dml_on_the_sessions_own_connection(
+    session_factory: sessionmaker[Session], product: int
+) -> None:
+    """``session.connection().execute(update(table))`` runs on the connection the session's
+    hooks watch, but no flush and no ``do_orm_execute`` sees it: it was once skipped as
+    the session's own, and the old price was served in the transaction and after it."""
+    warm(session_factory, product)
+    table: Any = Product.__table__
+    with session_factory() as s:
+        s.connection().execute(
+            update(table).where(table.c.id == product).values(price=Decimal("6.00"))
+        )
+        stmt = select(Product).where(Product.id == product).options(FromCache())
+        assert s.scalars(stmt).one().price == Decimal("6.00")  # its own write, in its transaction
+        s.commit()
+    assert read_price(session_factory, product) == (Decimal("6.00"), Decimal("6.00"))
+
+
+def test_bulk_save_objects_invalidates(
+    session_factory: sessionmaker[Session], product: int
+) -> None:
+    """``Session.bulk_save_objects`` writes through Core statements on the session's
+    connection, outside a flush."""
+    warm(session_factory, product)
+    with session_factory(expire_on_commit=False) as s:
+        changed = s.get(Product, product)
+    assert changed is not None
+    changed.price = Decimal("7.00")  # detached: no session flushes it
+    with session_factory() as s:
+        s.bulk_save_objects([changed])
+        s.commit()
+    assert read_price(session_factory, product) == (Decimal("7.00"), Decimal("7.00"))
+
+
 def test_text_dml_whose_tables_cannot_be_told_invalidates_everything(
     session_factory: sessionmaker[Session], shop_engine: sa.Engine, product: int
 ) -> None:
