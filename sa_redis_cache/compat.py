@@ -32,6 +32,7 @@ import redis.connection
 import redis.crc
 import redis.exceptions
 import sqlalchemy
+from sqlalchemy.engine import NestedTransaction
 from sqlalchemy.engine import cursor as engine_cursor
 from sqlalchemy.engine import default as engine_default
 from sqlalchemy.engine import result as engine_result
@@ -200,6 +201,27 @@ def populates_existing(orm_context: ORMExecuteState) -> bool:
         orm_context.execution_options.get("populate_existing")
         or orm_context.load_options._populate_existing
     )
+
+
+def uncommitted_connections(session: Session) -> list[Connection]:
+    """In ``after_commit`` of ``session``'s outermost transaction: its connections whose
+    database transaction that commit did not commit. A session joined to a transaction
+    the application began on the connection (``Session(bind=connection)``,
+    ``join_transaction_mode``) releases a savepoint (``create_savepoint``, and
+    ``conditional_savepoint`` inside a savepoint) or commits nothing (``rollback_only``,
+    and ``conditional_savepoint`` otherwise): the database commits when the application
+    commits the connection's transaction, if it does.
+    """
+    transaction = session._transaction
+    if transaction is None:
+        return []
+    return [
+        connection
+        for connection, database_transaction, should_commit, _ in set(
+            transaction._connections.values()
+        )
+        if not should_commit or isinstance(database_transaction, NestedTransaction)
+    ]
 
 
 def is_orm_statement(statement: Any) -> bool:

@@ -40,6 +40,7 @@ _ANY_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|TRUNCATE|COPY)\b", re.IGNO
 # a second statement after a ';' (a trailing ';' and comments after it are not one)
 _MORE = re.compile(r";\s*(?!--|/\*)\S")
 _PENDING = "sa_redis_cache.pending"
+_HANDED = "sa_redis_cache.handed"
 
 
 def text_dml_tables(sql: str, known: list[str]) -> set[str]:
@@ -96,6 +97,7 @@ class EngineWrites:
         )
         # one slot per cache: several caches (namespaces) may watch the same engine
         self._pending_key = (_PENDING, id(self))
+        self._handed_key = (_HANDED, id(self))
         self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
     def register(self, engine: Engine) -> None:
@@ -170,6 +172,16 @@ class EngineWrites:
         state = peek_transaction_state(session)
         return state is not None and state.flushing
 
+    def finish_on_checkin(self, conn: Connection, token: str, tables: set[str]) -> None:
+        """Finish a session's writes of ``tables`` (marked under ``token``) as Core DML on
+        ``conn`` is finished: when the connection goes back to the pool, after the
+        transaction the application holds on it committed or rolled back. For a session
+        joined to that transaction, whose commit committed nothing
+        (:func:`~sa_redis_cache.compat.uncommitted_connections`)."""
+        self.register(conn.engine)  # its pool's checkin must reach this cache
+        handed: list[tuple[str, set[str]]] = conn.info.setdefault(self._handed_key, [])
+        handed.append((token, set(tables)))
+
     def checkin(self, dbapi_connection: Any, connection_record: Any) -> None:
         """The connection's transaction is over: bump the versions, release the marks."""
         self._finish(connection_record.info)
@@ -179,3 +191,5 @@ class EngineWrites:
         if pending is not None:
             token, marked = pending
             self.invalidation.finish_bulk(token, marked)
+        for token, tables in info.pop(self._handed_key, ()):
+            self.invalidation.finish_bulk(token, tables)

@@ -310,7 +310,14 @@ class SessionHooks:
             state.release()
             return
         if state.marked:
-            self.invalidation.apply(state)
+            uncommitted = compat.uncommitted_connections(session)
+            if uncommitted:
+                # joined to the application's transaction: the database has committed
+                # nothing yet, and may roll back; the marks hold until that ends
+                self.engine_writes.finish_on_checkin(uncommitted[0], state.token, state.marked)
+                state.marked = set()
+            else:
+                self.invalidation.apply(state)
         state.committed = True
 
     def after_rollback(self, session: Session) -> None:
