@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import socket
@@ -37,7 +38,11 @@ from sqlalchemy.engine import cursor as engine_cursor
 from sqlalchemy.engine import default as engine_default
 from sqlalchemy.engine import result as engine_result
 from sqlalchemy.orm import context as orm_context
+from sqlalchemy.orm import interfaces as orm_interfaces
 from sqlalchemy.orm import mapperlib
+from sqlalchemy.orm import properties as orm_properties
+from sqlalchemy.orm import session as orm_session
+from sqlalchemy.orm import strategy_options as orm_strategy_options
 from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.sql import selectable
 from sqlalchemy.util import concurrency
@@ -222,6 +227,75 @@ def uncommitted_connections(session: Session) -> list[Connection]:
         )
         if not should_commit or isinstance(database_transaction, NestedTransaction)
     ]
+
+
+class _RowContext:
+    """What a lazy loader's ``create_row_processor`` reads of a query's context when no
+    refresh is under way: with it, the loader builds the per-object loader it would give
+    an object of that query."""
+
+    __slots__ = ()
+    load_options = orm_context.QueryContext.default_load_options
+    populate_existing = False
+
+
+def loader_compile_state(statement: Any) -> Any:
+    """The ORM compile state of a select, on which its loader options are looked up per
+    load path (:func:`loader_at`)."""
+    return statement.compile().compile_state
+
+
+def entity_load_path(entity: Any) -> Any:
+    """The load path of an entity of a statement (a mapper or an alias of one)."""
+    return entity._path_registry
+
+
+def relationship_load_path(path: Any, relationship: Any) -> Any:
+    """The load path of ``relationship``'s objects below ``path``."""
+    return path[relationship][relationship.mapper]
+
+
+def loader_at(prop: Any, compile_state: Any, path: Any) -> tuple[Any, Any]:
+    """The loader strategy a statement uses for ``prop`` (a column or relationship
+    property) at load path ``path``, and the option that chose it (None: the property's
+    own): SQLAlchemy's own lookup (``StrategizedProperty.create_row_processor``)."""
+    option = prop._get_context_loader(compile_state, path)
+    if option is not None and option.strategy:
+        return prop._get_strategy(option.strategy), option
+    return prop.strategy, option
+
+
+def loader_settings(strategy: Any) -> dict[str, Any]:
+    """What a loader strategy was chosen by: ``{"deferred": True, "raiseload": True}``,
+    ``{"lazy": "selectin"}``..."""
+    return dict(strategy.strategy_key)
+
+
+def is_class_level(strategy: Any) -> bool:
+    """True when the strategy's attribute loads through its class's loader, which every
+    object has (a class-level deferred column, the mapping's own lazy relationship)."""
+    return bool(strategy.is_class_level)
+
+
+def per_object_column_loader(prop: Any, *, raiseload: bool) -> Any:
+    """SQLAlchemy's setter ``(state, dict_, row)`` of a per-object loader for a column a
+    query option deferred: one that loads it on access, or raises (``raiseload=True``)."""
+    return prop._raise_column_loader if raiseload else prop._deferred_column_loader
+
+
+def option_has_criteria(option: Any) -> bool:
+    """True for a loader option with criteria (``A.bs.and_(...)``): they hold the values
+    of one statement."""
+    return bool(option._extra_criteria)
+
+
+def per_object_lazy_loaders(strategy: Any, path: Any, option: Any, mapper: Any) -> list[Any]:
+    """The setters ``(key, (state, dict_, row))`` of the per-object lazy loader a
+    relationship's ``strategy`` gives an object the statement loads at ``path`` (one
+    that raises for ``raiseload``)."""
+    populators: collections.defaultdict[str, list[Any]] = collections.defaultdict(list)
+    strategy.create_row_processor(_RowContext, None, path, option, mapper, None, None, populators)
+    return populators["new"]
 
 
 def is_orm_statement(statement: Any) -> bool:
@@ -906,6 +980,7 @@ _PROBED: dict[str, tuple[str, str]] = {
     "sqlalchemy InstanceState._commit": ("state", "_commit"),
     "sqlalchemy Session._is_clean": ("session", "_is_clean"),
     "sqlalchemy Session._autoflush": ("session", "_autoflush"),
+    "sqlalchemy Session._transaction": ("session", "_transaction"),
     "sqlalchemy InstanceState.committed_state": ("state", "committed_state"),
     "sqlalchemy InstanceState.modified": ("state", "modified"),
     "sqlalchemy InstanceState.manager": ("state", "manager"),
@@ -942,6 +1017,35 @@ _PROBED: dict[str, tuple[str, str]] = {
 }
 
 _MODULE_PROBES: dict[str, tuple[Any, str]] = {
+    "sqlalchemy StrategizedProperty._get_context_loader": (
+        orm_interfaces.StrategizedProperty,
+        "_get_context_loader",
+    ),
+    "sqlalchemy StrategizedProperty._get_strategy": (
+        orm_interfaces.StrategizedProperty,
+        "_get_strategy",
+    ),
+    "sqlalchemy LoaderStrategy.create_row_processor": (
+        orm_interfaces.LoaderStrategy,
+        "create_row_processor",
+    ),
+    "sqlalchemy ColumnProperty._deferred_column_loader": (
+        orm_properties.ColumnProperty,
+        "_memoized_attr__deferred_column_loader",
+    ),
+    "sqlalchemy ColumnProperty._raise_column_loader": (
+        orm_properties.ColumnProperty,
+        "_memoized_attr__raise_column_loader",
+    ),
+    "sqlalchemy Mapper._path_registry": (sqlalchemy.orm.Mapper, "_path_registry"),
+    "sqlalchemy strategy_options._LoadElement._extra_criteria": (
+        orm_strategy_options._LoadElement,
+        "_extra_criteria",
+    ),
+    "sqlalchemy orm QueryContext.default_load_options": (
+        orm_context.QueryContext,
+        "default_load_options",
+    ),
     "sqlalchemy orm.context.ORMCompileState.default_compile_options": (
         _COMPILE_STATE,
         "default_compile_options",
@@ -981,6 +1085,19 @@ _MODULE_PROBES: dict[str, tuple[Any, str]] = {
 }
 
 _SOURCE_PROBES: dict[str, tuple[Any, str]] = {
+    "sqlalchemy SessionTransaction._connections": (
+        orm_session.SessionTransaction.__init__,
+        "_connections",
+    ),
+    # the loader internals a hit reads once per statement shape (hydrate.loading_of)
+    "sqlalchemy LoaderStrategy.strategy_key": (
+        orm_interfaces.LoaderStrategy.__init__,
+        "strategy_key",
+    ),
+    "sqlalchemy LoaderStrategy.is_class_level": (
+        orm_interfaces.LoaderStrategy.__init__,
+        "is_class_level",
+    ),
     # a sync cluster client is made connected, so no sample: its on_connect must call the
     # hook install_connect_hook sets
     "redis cluster.RedisCluster.on_connect calls user_on_connect_func": (

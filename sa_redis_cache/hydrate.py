@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.base import instance_dict
@@ -76,7 +78,9 @@ class RowShape:
     """Which result columns are ORM entities and how the others are encoded.
 
     ``entity_mappers`` holds the statement's mapper at each entity position: a cached
-    body is checked against them (see the module docstring).
+    body is checked against them (see the module docstring). ``loading``: what the
+    statement's loader options make of the attributes its rows leave unloaded
+    (:func:`loading_of`); None when the mapped classes alone say it.
     """
 
     keys: tuple[str, ...]
@@ -85,6 +89,7 @@ class RowShape:
     scalar_positions: tuple[int, ...]
     scalar_codec: RowCodec
     entity_mappers: tuple[Mapper[Any], ...] = ()
+    loading: Loading | None = None
 
 
 def identity_snapshot(session: Session) -> frozenset[Any]:
@@ -271,7 +276,7 @@ class _Materializer:
         self.identity_map = session.identity_map
         self.session_id = session.hash_key
         self.new_states: list[InstanceState[Any]] = []
-        self.loaded: list[tuple[InstanceState[Any], list[str]]] = []
+        self.loaded: list[tuple[InstanceState[Any], list[str], set[str]]] = []
 
     def objects(
         self,
@@ -279,9 +284,14 @@ class _Materializer:
         missings: Sequence[Sequence[int] | int],
         rows: Sequence[tuple[Any, ...]],
         keys: Sequence[Any],
+        unloaded: Sequence[Unloaded | None] | None = None,
     ) -> tuple[list[Any], list[InstanceState[Any] | None]]:
         """The objects of decoded ``rows`` (one per owner, with its columns' ``missings``
         and identity ``keys``): the session's own where it holds one, else new.
+
+        ``unloaded``: per object, what its load path's options make of the attributes
+        its row leaves unloaded (:meth:`Loading.of_objects`); None, or None for an
+        object, where its class alone says it.
 
         Returns the objects and, beside each, its state when this call made it (None for
         one the session held). One loop for every object of a body: a local hit of 250
@@ -297,7 +307,10 @@ class _Materializer:
         new_states = self.new_states
         made: list[Any] = []
         fresh: list[InstanceState[Any] | None] = []
-        for info, missing, row, key in zip(owners, missings, rows, keys, strict=True):
+        # equal lengths: prepare() made them together; repeat() stands for "no options"
+        for info, missing, row, key, how in zip(  # noqa: B905 - repeat() has no length
+            owners, missings, rows, keys, repeat(None) if unloaded is None else unloaded
+        ):
             codec = info.codec
             assert codec is not None
             values = codec.thawed(row) if shared and codec.mutable else row
@@ -305,7 +318,7 @@ class _Materializer:
             # a body's objects are mostly not in the session yet: held() only for a key it has
             existing = held(key) if key in states else None
             if existing is not None:
-                self._fill_unloaded(existing, column_keys, missing, values)
+                self._fill_unloaded(existing, info, missing, values, how)
                 made.append(existing)
                 fresh.append(None)
                 continue
@@ -317,9 +330,13 @@ class _Materializer:
                 for i, k in enumerate(column_keys):
                     if i not in absent:
                         dict_[k] = values[i]
+                _leave_unloaded(state, dict_, info, missing, how, None)
             else:
                 # as many values as columns: load_row checked the width
                 dict_.update(zip(column_keys, values))  # noqa: B905 - checked above
+            if how is not None and how.relationships:
+                for _, populate in how.relationships:
+                    populate(state, dict_, None)
             state.key = key
             state.identity_token = None
             state.session_id = session_id
@@ -332,23 +349,33 @@ class _Materializer:
     def _fill_unloaded(
         self,
         existing: object,
-        column_keys: Sequence[str],
+        info: ModelInfo,
         missing: Sequence[int] | int,
         values: tuple[Any, ...],
+        how: Unloaded | None,
     ) -> None:
         """The uncached query would fill an object's expired or deferred attributes from
-        the row (unless the object holds changes): so does a hit."""
+        the row (unless the object holds changes), and leave the others it did not load
+        as its options say: so does a hit (``_populate_partial`` in SQLAlchemy's
+        ``orm/loading.py``)."""
         state = instance_state(existing)
         unloaded = state.unloaded
         if not unloaded or state.modified:
             return
+        column_keys = info.column_keys
         absent: set[int] | tuple[()] = set(missing) if isinstance(missing, list) else ()
         keys = [k for i, k in enumerate(column_keys) if k in unloaded and i not in absent]
         dict_ = state.dict
         for i, k in enumerate(column_keys):
             if k in keys:
                 dict_[k] = values[i]
-        self.loaded.append((state, keys))
+        if isinstance(missing, list) and missing:
+            _leave_unloaded(state, dict_, info, missing, how, unloaded)
+        if how is not None and how.relationships:
+            for key, populate in how.relationships:
+                if key in unloaded:
+                    populate(state, dict_, None)
+        self.loaded.append((state, keys, unloaded))
 
     def finish(self) -> None:
         identity_map = self.identity_map
@@ -367,8 +394,265 @@ class _Materializer:
                 # reconstructors and user load listeners run as for a database load;
                 # there is no QueryContext on a hit, so they receive None
                 load_event(state, None)
-        for state, keys in self.loaded:
+        for state, keys, unloaded in self.loaded:
+            refresh = state.manager.dispatch.refresh
+            if refresh:
+                # as the uncached query refreshes an object it held: with the names of
+                # the attributes that were unloaded, before they are committed
+                refresh(state, None, unloaded)
             compat.commit_loaded(state, keys)
+
+
+def _leave_unloaded(
+    state: InstanceState[Any],
+    dict_: dict[str, Any],
+    info: ModelInfo,
+    missing: Sequence[int],
+    how: Unloaded | None,
+    only: set[str] | None,
+) -> None:
+    """Give the columns a row did not hold what the uncached query gives them: expired
+    (loaded on access, with the object's other expired ones), a per-object deferred or
+    raising loader, or nothing (the class's own deferred loader). ``only``: just these
+    keys (an object the session held)."""
+    columns = (how or _class_unloaded(info.mapper)).columns
+    column_keys = info.column_keys
+    for i in missing:
+        key = column_keys[i]
+        if only is not None and key not in only:
+            continue
+        action = columns.get(key)
+        if action is None:
+            continue
+        if action is _EXPIRE:
+            state.expired_attributes.add(key)
+        else:
+            action(state, dict_, None)
+
+
+# -- what a hit leaves unloaded -------------------------------------------------------------
+#
+# A row the uncached query reads does not hold every attribute of its object: deferred
+# columns, ``load_only``, a joined-table subclass's own columns under ``select(Base)``,
+# relationships not eagerly loaded. SQLAlchemy gives each one a way to load later, per
+# object, as it builds it (``populators`` in orm/loading.py): a column not in the row is
+# expired; a column a per-query option defers gets a per-object loader (one that raises
+# for ``raiseload=True``); a relationship a per-query option loads lazily or forbids gets
+# a per-object lazy loader; where the class's own strategy says it, nothing. A hit builds
+# objects itself, so it does the same: which way each attribute goes depends only on the
+# statement (its loader options, resolved per load path by SQLAlchemy's own lookup) and is
+# worked out once per statement shape, here; a statement without loader options needs no
+# resolving at all, as the classes alone say it. The SQLAlchemy internals this reads (the
+# option lookup per load path, the strategies' per-object loaders) are compat's, all on
+# the plan path.
+
+_EXPIRE: Any = True  # a column's way: expired, loaded on access with the object's others
+
+# relationship strategies that leave the attribute unloaded (a lazy loader, raising or not)
+_LAZY_STRATEGIES = frozenset((True, "select", "raise", "raise_on_sql"))
+# those that load it with the query: its objects are in the body, at a deeper path
+_EAGER_STRATEGIES = frozenset((False, "joined", "selectin", "subquery", "immediate"))
+# load paths followed from a statement's entities (a self-referential join_depth ends)
+_MAX_PATH_DEPTH = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Unloaded:
+    """What an object built by a hit gets for the attributes its row did not hold, as
+    the uncached query would give them at one load path.
+
+    ``columns``: by column key, :data:`_EXPIRE` or SQLAlchemy's per-object loader setter
+    (``(state, dict_, row)``); a key absent: nothing (the class's own loader).
+    ``relationships``: per-object lazy loader setters, applied to every new object.
+
+    Example::
+
+        how = _class_unloaded(Product.__mapper__)
+        how.columns.get("price")   # _EXPIRE: a column the row did not hold loads on access
+    """
+
+    columns: Mapping[str, Any]
+    relationships: tuple[tuple[str, Callable[[Any, dict[str, Any], Any], None]], ...] = ()
+
+    def same_as_class(self, mapper: Mapper[Any]) -> bool:
+        """True when the class alone says as much (:func:`_class_unloaded`)."""
+        return not self.relationships and self.columns == _class_unloaded(mapper).columns
+
+
+@functools.lru_cache(maxsize=1024)
+def _class_unloaded(mapper: Mapper[Any]) -> Unloaded:
+    """What a statement without loader options leaves unloaded: a column not in the row
+    is expired, unless the class defers it (its own loader then loads it)."""
+    return Unloaded({p.key: _EXPIRE for p in mapper.column_attrs if not p.deferred})
+
+
+class _PathNode:
+    """One load path of a statement: per mapper loaded there, its :class:`Unloaded`
+    (None: as the class says); per (mapper, eagerly loaded relationship), the deeper path."""
+
+    __slots__ = ("children", "unloaded")
+
+    def __init__(self) -> None:
+        self.unloaded: dict[Mapper[Any], Unloaded | None] = {}
+        self.children: dict[tuple[Mapper[Any], str], _PathNode] = {}
+
+
+_NOWHERE = _PathNode()  # a path no option reaches: everything as the class says
+
+
+@dataclass(frozen=True, slots=True)
+class Loading:
+    """What one statement's loader options make of the attributes its rows leave
+    unloaded, by load path (:func:`loading_of`); the common statement without options has
+    none, and its hits pay nothing for it.
+
+    Example::
+
+        loading = loading_of(select(Item).options(raiseload(Item.category)))
+        loading.by_mapper[Item.__mapper__].relationships   # the raising lazy loader
+    """
+
+    roots: tuple[_PathNode, ...]
+    # when every object of a mapper gets the same, whatever its path: by mapper
+    by_mapper: Mapping[Mapper[Any], Unloaded | None] | None
+
+    def of_objects(self, prepared: Prepared, single: bool) -> list[Unloaded | None]:
+        """Per object of ``prepared``: what it gets, from the path the rows reach it by
+        first (as SQLAlchemy sets an object's loaders when it first builds it)."""
+        owners = prepared.owners
+        by_mapper = self.by_mapper
+        if by_mapper is not None:
+            get = by_mapper.get
+            return [get(info.mapper) for info in owners]
+        objects, rows, roots = prepared.objects, prepared.rows, self.roots
+        nodes: list[_PathNode | None] = [None] * len(objects)
+        order: list[int] = []
+        if single:
+            for index in rows:
+                if nodes[index] is None:
+                    nodes[index] = roots[0]
+                    order.append(index)
+        else:
+            for entities, _ in rows:
+                for root, index in zip(roots, entities, strict=True):
+                    if index is not None and nodes[index] is None:
+                        nodes[index] = root
+                        order.append(index)
+        for index in order:  # grows as related objects are reached
+            rels = objects[index][3]
+            if not rels:
+                continue
+            node = nodes[index]
+            assert node is not None
+            mapper = owners[index].mapper
+            for key, target in rels.items():
+                child = node.children.get((mapper, key), _NOWHERE)
+                for reached in target if isinstance(target, list) else (target,):
+                    if reached is not None and nodes[reached] is None:
+                        nodes[reached] = child
+                        order.append(reached)
+        # prepare() checked that the rows reach every object
+        return [
+            node.unloaded.get(info.mapper) if node is not None else None
+            for node, info in zip(nodes, owners, strict=True)
+        ]
+
+
+def loading_of(statement: Any) -> Loading | None:
+    """What ``statement``'s loader options make of the attributes its rows leave
+    unloaded; None when it has no options, or they leave everything as the classes say.
+
+    Worked out once per statement shape (its plan). Where SQLAlchemy cannot resolve the
+    options outside an execution, None too: a hit then loads such attributes as the
+    classes say (a column not in the row on access), never reads them as None.
+
+    Example::
+
+        loading_of(select(Product))                          # None
+        loading_of(select(Product).options(defer(Product.price, raiseload=True)))
+    """
+    if not compat.statement_options(statement):
+        return None
+    try:
+        return _resolve_loading(statement)
+    except Exception:  # noqa: BLE001 - internals moved or an option SQLAlchemy refuses here
+        return None
+
+
+def _resolve_loading(statement: Any) -> Loading | None:
+    compile_state = compat.loader_compile_state(statement)
+    entities = [
+        inspect(d["entity"])
+        for d in statement.column_descriptions
+        if isinstance(d["type"], type) and hasattr(d["type"], "__mapper__")
+    ]
+    nodes: dict[Any, _PathNode] = {}
+
+    def node_at(path: Any, mapper: Mapper[Any], depth: int) -> _PathNode | None:
+        """The node of ``path`` (None when everything under it is as the classes say)."""
+        if path in nodes:
+            return nodes[path]
+        node = nodes[path] = _PathNode()
+        for sub in _accepted(mapper):  # a sub-mapper's objects load at the same path
+            how = _unloaded_at(compile_state, path, sub)
+            node.unloaded[sub] = None if how.same_as_class(sub) else how
+            if depth >= _MAX_PATH_DEPTH:
+                continue
+            for rel in sub.relationships:
+                strategy, _ = compat.loader_at(rel, compile_state, path)
+                if compat.loader_settings(strategy).get("lazy") not in _EAGER_STRATEGIES:
+                    continue
+                child = node_at(compat.relationship_load_path(path, rel), rel.mapper, depth + 1)
+                if child is not None:
+                    node.children[(sub, rel.key)] = child
+        if node.children or any(node.unloaded.values()):
+            return node
+        return None
+
+    roots = [node_at(compat.entity_load_path(e), e.mapper, 0) or _NOWHERE for e in entities]
+    if all(root is _NOWHERE for root in roots):
+        return None
+    by_mapper: dict[Mapper[Any], Unloaded | None] | None = {}
+    for root in roots:
+        if root.children:
+            by_mapper = None
+            break
+        for mapper, how in root.unloaded.items():
+            assert by_mapper is not None
+            if by_mapper.setdefault(mapper, how) is not how:
+                by_mapper = None  # one mapper at two positions, loaded two ways
+                break
+        if by_mapper is None:
+            break
+    return Loading(tuple(roots), by_mapper)
+
+
+def _unloaded_at(compile_state: Any, path: Any, mapper: Mapper[Any]) -> Unloaded:
+    """What the statement gives ``mapper``'s objects at ``path`` for attributes their
+    rows leave unloaded (``create_row_processor`` of each strategy in strategies.py)."""
+    columns: dict[str, Any] = {}
+    for prop in mapper.column_attrs:
+        strategy, _ = compat.loader_at(prop, compile_state, path)
+        how = compat.loader_settings(strategy)
+        if not how.get("deferred"):
+            columns[prop.key] = _EXPIRE  # loaded by the query: absent from its row
+        elif not compat.is_class_level(strategy):
+            columns[prop.key] = compat.per_object_column_loader(
+                prop, raiseload=bool(how.get("raiseload"))
+            )
+    relationships: list[tuple[str, Any]] = []
+    for rel in mapper.relationships:
+        strategy, option = compat.loader_at(rel, compile_state, path)
+        if compat.is_class_level(strategy) or option is None:
+            continue
+        if compat.loader_settings(strategy).get("lazy") not in _LAZY_STRATEGIES:
+            continue
+        if compat.option_has_criteria(option):
+            # its criteria hold this statement's values, not a later one's: left to the
+            # class's lazy loader (see docs/decisions.md)
+            continue
+        relationships.extend(compat.per_object_lazy_loaders(strategy, path, option, mapper))
+    return Unloaded(columns, tuple(relationships))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -621,8 +905,13 @@ def build(
     """
     objects, rows = prepared.objects, prepared.rows
     mat = _Materializer(session, shared=shared)
+    loading = shape.loading
     made, made_here = mat.objects(
-        prepared.owners, [o[2] for o in objects], prepared.values, prepared.keys
+        prepared.owners,
+        [o[2] for o in objects],
+        prepared.values,
+        prepared.keys,
+        None if loading is None else loading.of_objects(prepared, shape.single_entity),
     )
     for obj, made_state, (_, _, _, rels) in zip(made, made_here, objects, strict=True):
         if not rels:

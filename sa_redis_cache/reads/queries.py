@@ -788,4 +788,5 @@ def _row_shape(statement: Any) -> hydrate.RowShape:
         scalar_positions=tuple(scalar_positions),
         scalar_codec=codec,
         entity_mappers=tuple(entity_mappers),
+        loading=hydrate.loading_of(statement),
     )

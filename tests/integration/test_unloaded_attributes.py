@@ -1,0 +1,342 @@
+"""Attributes a query did not load, on a ``FromCache`` hit: as plain SQLAlchemy has them.
+
+A row does not hold every attribute of its object: ``defer()`` and ``load_only()``
+columns, a joined-table subclass's own columns under ``select(Base)``, relationships not
+eagerly loaded. Plain SQLAlchemy loads such a column on access (one SELECT), raises where
+the query said ``raiseload``, and fires ``refresh`` when a query fills an object it held.
+Each test reads through a hit of the Redis tier and of the local tier and compares what
+every attribute gives with what the uncached query gives (docs/decisions.md, "Reads").
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import ForeignKey, Integer, Numeric, String, select
+from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    defer,
+    joinedload,
+    load_only,
+    mapped_column,
+    raiseload,
+    relationship,
+    selectinload,
+    sessionmaker,
+)
+
+from sa_redis_cache import Cache, CachePolicy, FromCache
+from sa_redis_cache.hydrate import loading_of
+from tests.support import SQLCounter
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from sa_redis_cache.local import LocalTier
+
+WAIT = 10.0
+
+
+@dataclass
+class Models:
+    """The private models of this module (``unl_*`` tables)."""
+
+    cat: Any
+    item: Any
+    emp: Any
+    mgr: Any
+    eng: Any
+
+
+@pytest.fixture(scope="module")
+def models(engine: sa.Engine) -> Iterator[Models]:
+    """Categories and items, and an employee hierarchy with a joined-table (manager) and
+    a single-table (engineer) subclass; tables made and dropped here, registry disposed
+    of afterwards (no later ``attach()`` sees them)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class UnlCat(Base):
+        __tablename__ = "unl_cat"
+        __cache__ = CachePolicy(ttl=600)
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(40))
+        items: Mapped[list[UnlItem]] = relationship(back_populates="cat", order_by="UnlItem.id")
+
+    class UnlItem(Base):
+        __tablename__ = "unl_item"
+        __cache__ = CachePolicy(ttl=600)
+        id: Mapped[int] = mapped_column(primary_key=True)
+        cat_id: Mapped[int] = mapped_column(ForeignKey("unl_cat.id"))
+        name: Mapped[str] = mapped_column(String(40))
+        price: Mapped[Decimal] = mapped_column(Numeric(10, 2))
+        note: Mapped[str | None] = mapped_column(String(200), deferred=True)
+        cat: Mapped[UnlCat] = relationship(back_populates="items")
+
+    class UnlEmp(Base):
+        __tablename__ = "unl_emp"
+        __cache__ = CachePolicy(ttl=600)
+        id: Mapped[int] = mapped_column(primary_key=True)
+        kind: Mapped[str] = mapped_column(String(20))
+        name: Mapped[str] = mapped_column(String(20))
+        __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "emp"}  # noqa: RUF012 - SQLAlchemy's declarative form
+
+    class UnlMgr(UnlEmp):
+        __tablename__ = "unl_mgr"
+        __cache__ = CachePolicy(ttl=600)
+        id: Mapped[int] = mapped_column(ForeignKey("unl_emp.id"), primary_key=True)
+        level: Mapped[int] = mapped_column(Integer)
+        __mapper_args__ = {"polymorphic_identity": "mgr"}  # noqa: RUF012 - as above
+
+    class UnlEng(UnlEmp):
+        lang: Mapped[str | None] = mapped_column(String(20), nullable=True)
+        __mapper_args__ = {"polymorphic_identity": "eng"}  # noqa: RUF012 - as above
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([UnlCat(id=1, name="c1"), UnlCat(id=2, name="c2")])
+        s.flush()
+        s.add_all(
+            UnlItem(id=i, cat_id=1 if i <= 3 else 2, name=f"i{i}", price=Decimal(i), note=f"n{i}")
+            for i in range(1, 6)
+        )
+        s.add_all([UnlMgr(id=2, name="m", level=3), UnlEng(id=3, name="g", lang="py")])
+        s.commit()
+    try:
+        yield Models(UnlCat, UnlItem, UnlEmp, UnlMgr, UnlEng)
+    finally:
+        Base.metadata.drop_all(engine)
+        Base.registry.dispose()
+
+
+@dataclass
+class World:
+    """A cached and a plain session factory on one engine, and its SQL counter."""
+
+    cache: Cache
+    cached: sessionmaker[Session]
+    plain: sessionmaker[Session]
+    sql: SQLCounter
+    local: bool
+
+    def local_hits(self) -> int:
+        return int(self.cache.stats()["total"].get("local_hits", 0))
+
+
+@pytest.fixture(params=["redis", "local"])
+def world(
+    request: pytest.FixtureRequest,
+    models: Models,
+    database_url: str,
+    redis_url: str,
+    namespace: str,
+) -> Iterator[World]:
+    """Hits of the Redis tier, or of the local tier (``Cache(local=True)``)."""
+    local = request.param == "local"
+    engine = sa.create_engine(database_url)
+    sql = SQLCounter()
+    sa.event.listen(engine, "before_cursor_execute", sql)
+    cache = Cache(redis_url, namespace=namespace, default_ttl=300, local=local)
+    cached = sessionmaker(engine)
+    cache.attach(cached)
+    try:
+        if local:
+            tier: LocalTier | None = cache.inspector.local_tier
+            assert tier is not None
+            assert tier.wait_ready(WAIT)
+        yield World(cache, cached, sessionmaker(engine), sql, local)
+    finally:
+        cache.detach()
+        engine.dispose()
+
+
+@contextmanager
+def served(world: World, stmt: Any) -> Iterator[tuple[Session, list[Any]]]:
+    """A session holding ``stmt``'s objects as a cache hit gives them (no SQL ran for
+    the query), of the local tier in the local world."""
+    for _ in range(2):  # a fill, then a Redis hit (the local tier keeps it)
+        with world.cached() as s:
+            s.scalars(stmt).unique().all()
+    before = world.local_hits()
+    with world.cached() as s:
+        world.sql.reset()
+        objects = list(s.scalars(stmt).unique().all())
+        assert world.sql.count == 0, "the query was not served from the cache"
+        if world.local:
+            assert world.local_hits() == before + 1
+        yield s, objects
+
+
+@contextmanager
+def uncached(world: World, stmt: Any) -> Iterator[tuple[Session, list[Any]]]:
+    """A session holding ``stmt``'s objects as plain SQLAlchemy loads them."""
+    with world.plain() as s:
+        yield s, list(s.scalars(stmt).unique().all())
+
+
+def outcome(world: World, obj: Any, attr: str) -> tuple[Any, ...]:
+    """What reading ``attr`` gives: its value (a related object by its id) and the
+    statements it ran, or that it raised."""
+    world.sql.reset()
+    try:
+        value = getattr(obj, attr)
+    except InvalidRequestError:
+        return ("raises",)
+    if hasattr(value, "_sa_instance_state"):
+        value = (type(value).__name__, value.id)
+    return (value, world.sql.count)
+
+
+def compare(
+    world: World, stmt: Any, attrs: tuple[str, ...], pick: Callable[[list[Any]], Any] = min
+) -> None:
+    """Each attribute of the picked object reads on a hit as without the cache."""
+    expected: list[tuple[Any, ...]] = []
+    with uncached(world, stmt) as (_, objects):
+        obj = pick(objects)
+        expected = [outcome(world, obj, attr) for attr in attrs]
+    with served(world, stmt) as (_, objects):
+        obj = pick(objects)
+        got = [outcome(world, obj, attr) for attr in attrs]
+    assert dict(zip(attrs, got, strict=True)) == dict(zip(attrs, expected, strict=True))
+
+
+def by_id(wanted: int) -> Callable[[list[Any]], Any]:
+    return lambda objects: next(o for o in objects if o.id == wanted)
+
+
+# -- columns the row did not hold load on access ----------------------------------------
+
+
+def test_a_joined_subclass_column_loads_on_access(world: World, models: Models) -> None:
+    emp = models.emp
+    stmt = select(emp).where(emp.id.in_([2, 3])).options(FromCache())
+    compare(world, stmt, ("level", "name"), by_id(2))
+    with served(world, stmt) as (_, objects):
+        world.sql.reset()
+        assert by_id(2)(objects).level == 3  # not None: one SELECT of the subclass table
+        assert world.sql.count == 1
+
+
+def test_a_single_table_subclass_column_loads_on_access(world: World, models: Models) -> None:
+    emp = models.emp
+    stmt = select(emp).where(emp.id == 3).options(FromCache())
+    compare(world, stmt, ("lang", "kind"))
+
+
+def test_a_deferred_column_loads_on_access(world: World, models: Models) -> None:
+    item = models.item
+    stmt = select(item).where(item.id == 1).options(defer(item.price), FromCache())
+    compare(world, stmt, ("price", "cat_id", "note"))
+    emp = models.emp
+    stmt = select(emp).where(emp.id == 3).options(defer(emp.name), FromCache())
+    compare(world, stmt, ("name", "lang"))
+
+
+def test_load_only_leaves_the_other_columns_to_load_on_access(world: World, models: Models) -> None:
+    item = models.item
+    stmt = select(item).where(item.id == 1).options(load_only(item.name), FromCache())
+    compare(world, stmt, ("price", "cat_id", "cat", "note"))
+
+
+def test_load_only_on_eagerly_loaded_objects(world: World, models: Models) -> None:
+    cat, item = models.cat, models.item
+    stmt = (
+        select(cat)
+        .where(cat.id == 1)
+        .options(selectinload(cat.items).load_only(item.name), FromCache())
+    )
+    compare(world, stmt, ("price", "cat_id"), lambda cats: cats[0].items[0])
+    stmt = (
+        select(cat)
+        .where(cat.id == 2)
+        .options(joinedload(cat.items).load_only(item.name, raiseload=True), FromCache())
+    )
+    compare(world, stmt, ("price", "name"), lambda cats: cats[0].items[0])
+
+
+# -- per-query raiseload ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param(lambda m: [raiseload(m.item.cat)], id="raiseload(rel)"),
+        pytest.param(lambda _: [raiseload("*")], id="raiseload(*)"),
+        pytest.param(lambda m: [defer(m.item.note, raiseload=True)], id="defer-raiseload"),
+        pytest.param(lambda m: [defer(m.item.price, raiseload=True)], id="defer-raiseload-2"),
+        pytest.param(lambda m: [load_only(m.item.name, raiseload=True)], id="load_only-raiseload"),
+    ],
+)
+def test_a_raiseload_option_raises_on_a_hit(
+    world: World, models: Models, options: Callable[[Models], list[Any]]
+) -> None:
+    item = models.item
+    stmt = select(item).where(item.id == 1).options(*options(models), FromCache())
+    compare(world, stmt, ("cat", "note", "price", "cat_id"))
+
+
+def test_raiseload_on_eagerly_loaded_objects(world: World, models: Models) -> None:
+    cat, item = models.cat, models.item
+    stmt = (
+        select(cat)
+        .where(cat.id == 1)
+        .options(selectinload(cat.items).raiseload(item.cat), FromCache())
+    )
+    compare(world, stmt, ("cat", "price"), lambda cats: cats[0].items[0])
+    compare(world, stmt, ("name",))  # the category itself: nothing raises
+
+
+# -- the refresh event --------------------------------------------------------------------
+
+
+def test_a_hit_that_fills_an_expired_object_fires_refresh(world: World, models: Models) -> None:
+    item = models.item
+    stmt = select(item).where(item.cat_id == 1).order_by(item.id).options(FromCache())
+    seen: list[tuple[int, list[str]]] = []
+
+    def on_refresh(target: Any, _context: Any, attrs: Any) -> None:
+        seen.append((target.id, sorted(attrs or ())))
+
+    def run(factory: sessionmaker[Session]) -> list[tuple[int, list[str]]]:
+        seen.clear()
+        with factory() as s:
+            held = s.scalars(select(item).where(item.id == 1)).one()
+            s.expire(held)
+            s.scalars(stmt).all()
+            world.sql.reset()
+            assert held.name == "i1"
+            assert world.sql.count == 0  # filled by the query (or the hit)
+        return list(seen)
+
+    for _ in range(2):  # a fill, then a Redis hit (the local tier keeps it)
+        with world.cached() as s:
+            s.scalars(stmt).all()
+    sa.event.listen(item, "refresh", on_refresh)
+    try:
+        expected = run(world.plain)
+        assert expected == [(1, ["cat", "cat_id", "id", "name", "note", "price"])]
+        assert run(world.cached) == expected
+    finally:
+        sa.event.remove(item, "refresh", on_refresh)
+
+
+# -- what plain statements pay ------------------------------------------------------------
+
+
+def test_a_statement_without_loader_options_resolves_nothing(models: Models) -> None:
+    item, emp = models.item, models.emp
+    assert loading_of(select(item).where(item.id == 1)) is None
+    assert loading_of(select(emp)) is None
+    # options that leave every attribute as the class says: nothing per hit either
+    assert loading_of(select(models.cat).options(selectinload(models.cat.items))) is None
+    assert loading_of(select(item).options(raiseload(item.cat))) is not None
