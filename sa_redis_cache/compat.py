@@ -154,6 +154,19 @@ def session_connection(session: Session, bind: Any) -> Connection | None:
     return None if found is None else found[0]
 
 
+def isolation_level_of(bind: Any) -> str | None:
+    """The isolation level a transaction begun on ``bind`` (an engine or a connection)
+    gets unless the session asks another: its ``isolation_level`` execution option, else
+    ``create_engine(isolation_level=...)``, else the server's default (known once the
+    engine has connected)."""
+    level = bind.get_execution_options().get("isolation_level")
+    if level:
+        return str(level)
+    dialect = bind.dialect
+    found = dialect._on_connect_isolation_level or dialect.default_isolation_level
+    return None if found is None else str(found)
+
+
 def statement_subject_mapper(statement: Any) -> Mapper[Any] | None:
     """The mapper an ORM ``select()`` is about, which the session asks its binds for (as
     ``bind_arguments["mapper"]``); None for anything else (Core, DML, text, UNION)."""
@@ -1085,6 +1098,10 @@ _MODULE_PROBES: dict[str, tuple[Any, str]] = {
 }
 
 _SOURCE_PROBES: dict[str, tuple[Any, str]] = {
+    "sqlalchemy DefaultDialect._on_connect_isolation_level": (
+        engine_default.DefaultDialect.__init__,
+        "_on_connect_isolation_level",
+    ),
     "sqlalchemy SessionTransaction._connections": (
         orm_session.SessionTransaction.__init__,
         "_connections",

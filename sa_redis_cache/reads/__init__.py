@@ -123,11 +123,20 @@ class ReadPath:
         core = self.core
         tables = core.models.known_tables()
         tx = transaction_state(session)
+        keys = [core.keys.version_key(t) for t in tables]
+        values: list[bytes | None]
         try:
-            values = core.io().mget([core.keys.version_key(t) for t in tables])
+            values = core.io().mget(keys)
         except RedisError as exc:
             core.redis_failed(exc)
             values = [None] * len(tables)
+        else:
+            # missing counters are made, as a look makes them: a pin of an absent counter
+            # pins nothing and forbids fills, and a transaction that reads only from its
+            # pins would never make them
+            made = self.flow.captured(values, keys)
+            if made is not None:
+                values = list(made)
         # a pin that is not a counter pins nothing: such a table is not filled this time
         tx.snapshot = {
             t: v if parse_counter(v) is not None else None

@@ -22,7 +22,7 @@ from sa_redis_cache.protocol.scripts import COUNTER_TTL_MS, ROW_COUNTER_TTL_MS
 from sa_redis_cache.tracing import active_tracer
 from sa_redis_cache.transaction import peek_transaction_state
 
-from .flow import Look, Target, reads_directly
+from .flow import Look, Target, reads_directly, start_snapshot
 from .queries import DecodedEntries, bypasses
 
 if TYPE_CHECKING:
@@ -134,7 +134,8 @@ class EntityReads:
             return False, None
         bind = session.get_bind(mapper=mapper)
         database = self.binds.known(bind)
-        if database is None:
+        # pinned now: the pipeline's read checks the entry against the pin
+        if database is None or start_snapshot(session, bind, {"mapper": mapper}):
             return False, None
         row_scope = core.entity_scope(info, database, session_translate_map(session, bind))
         key = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
@@ -214,6 +215,8 @@ class EntityReads:
         if database is None:
             core.counters.incr(scope, "bypassed")
             return None
+        if start_snapshot(session, bind, orm_context.bind_arguments):
+            tx = peek_transaction_state(session)
         row_scope = core.entity_scope(
             info, database, session_translate_map(session, bind, orm_context.execution_options)
         )

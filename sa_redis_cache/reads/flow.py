@@ -68,6 +68,35 @@ def reads_directly(session: Session) -> bool:
     )
 
 
+_SNAPSHOT_LEVELS = frozenset(("REPEATABLE READ", "SERIALIZABLE"))
+
+
+def start_snapshot(session: Session, bind: Any, bind_arguments: dict[str, Any]) -> bool:
+    """Begin ``session``'s transaction and take its snapshot when a read would otherwise
+    come before it; True when it did.
+
+    Under REPEATABLE READ and SERIALIZABLE a transaction's snapshot is taken at its first
+    statement. A read the cache serves before the transaction holds a connection of
+    ``bind`` begins nothing, so the snapshot would come at a later statement and the
+    transaction would read two moments. Such a read first runs ``SELECT 1`` on the
+    session's connection (``bind_arguments`` as the read would ask): the transaction
+    begins (:meth:`ReadPath.on_begin <sa_redis_cache.reads.ReadPath.on_begin>` pins the
+    versions) and its snapshot is taken, and the read is then checked against the pins.
+
+    Example::
+
+        if start_snapshot(session, bind, {"mapper": mapper}):
+            tx = peek_transaction_state(session)   # now pinned
+    """
+    if (
+        compat.isolation_level_of(bind) not in _SNAPSHOT_LEVELS
+        or compat.session_connection(session, bind) is not None
+    ):
+        return False
+    session.connection(bind_arguments=bind_arguments).exec_driver_sql("SELECT 1")
+    return True
+
+
 @dataclass(slots=True)
 class Look:
     """What one look at an entry found: a valid entry, or the versions a fill needs.

@@ -27,7 +27,7 @@ from sa_redis_cache.stats import scope
 from sa_redis_cache.tracing import active_tracer
 from sa_redis_cache.transaction import peek_transaction_state
 
-from .flow import Look, Target
+from .flow import Look, Target, start_snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -287,6 +287,8 @@ class QueryReads:
         if database is None:
             stats.incr(region, "bypassed")
             return None
+        if start_snapshot(session, bind, orm_context.bind_arguments):
+            tx = peek_transaction_state(session)
         entry_key = self._entry_key_of(
             plan,
             cache_key,
@@ -349,7 +351,12 @@ class QueryReads:
             return None
         bind = session.get_bind(mapper=mapper, clause=statement)  # as the pipeline asks
         database = self.binds.known(bind)
-        if database is None or not self.flow.trusted_quietly(plan.tables):
+        if (
+            database is None
+            or not self.flow.trusted_quietly(plan.tables)
+            # pinned now: the pipeline's read checks the entry against the pins
+            or start_snapshot(session, bind, {"mapper": mapper, "clause": statement})
+        ):
             return None
         entry_key = self._entry_key_of(
             plan, cache_key, None, database, session_translate_map(session, bind), option

@@ -166,6 +166,36 @@ def test_repeatable_read_reader_cannot_fill_its_old_snapshot(in_mode: Runner, pr
     replace(in_mode, engine_kwargs={"isolation_level": "REPEATABLE READ"})(scenario)
 
 
+@pytest.mark.parametrize("first", ["FromCache", "session.get"])
+def test_repeatable_read_snapshot_starts_at_a_first_read_the_cache_could_serve(
+    in_mode: Runner, product: int, first: str
+) -> None:
+    """The transaction's first read would be a hit; served from the cache, it began no
+    transaction, so the snapshot came at a later statement, after another commit. It is
+    still a hit: the statement that takes the snapshot is a ``SELECT 1``."""
+
+    def scenario(db: Db) -> None:
+        assert cached_price(db, product) == Decimal("1.00")  # the entries are there
+        with db.session() as s:
+            s.get(Product, product)
+        with db.session() as reader:
+            db.sql.reset()
+            if first == "FromCache":
+                stmt = select(Product).where(Product.id == product).options(FromCache())
+                assert reader.scalars(stmt)[0].price == Decimal("1.00")
+            else:
+                got = reader.get(Product, product)
+                assert got is not None
+                assert got.price == Decimal("1.00")
+            assert db.sql.statements == ["SELECT 1"]
+            set_price(db, product, "10.00")
+            uncached = select(Product.price).where(Product.id == product)
+            assert reader.scalars(uncached) == [Decimal("1.00")]  # the same snapshot
+        assert cached_price(db, product) == Decimal("10.00")
+
+    replace(in_mode, engine_kwargs={"isolation_level": "REPEATABLE READ"})(scenario)
+
+
 def test_bulk_update_invalidates_queries_and_entities(in_mode: Runner, product: int) -> None:
     def scenario(db: Db) -> None:
         assert cached_price(db, product) == Decimal("1.00")
