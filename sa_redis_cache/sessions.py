@@ -47,6 +47,7 @@ SQLAlchemy's method and through the events above.
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +126,8 @@ def plain_get(kw: dict[str, Any]) -> bool:
     return all(name in _GET_KEYWORDS and not value for name, value in kw.items())
 
 
+log = logging.getLogger(__name__)
+
 # SQLAlchemy's own, even once a class's methods are replaced
 _SESSION_GET = Session.get
 _SESSION_EXECUTE = Session.execute
@@ -168,6 +171,8 @@ class SessionHooks:
         self.engine_writes = engine_writes
         # (class, method name, the method set) install_direct_reads replaced
         self._replaced: list[tuple[type[Session], str, Any]] = []
+        # the application's do_orm_execute listeners found after the cache's (warned once)
+        self._warned_listeners: set[str] = set()
 
     def register(self, session_class: Any) -> None:
         """Listen on ``session_class`` (a sessionmaker or Session subclass), once per event."""
@@ -268,6 +273,9 @@ class SessionHooks:
     def do_orm_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         """Serve a SELECT from the cache when it may; mark a bulk statement's tables."""
         if orm_context.is_select:
+            listeners = orm_context.session.dispatch.do_orm_execute
+            if len(listeners) > 1:
+                self._warn_of_later_listeners(listeners)
             queued = self.write_behind.serve_queued(orm_context)
             if queued is not None:
                 return queued
@@ -276,6 +284,32 @@ class SessionHooks:
             state = transaction_state(orm_context.session)
             self.invalidation.mark_bulk_statement(orm_context, state)
         return None
+
+    def _warn_of_later_listeners(self, listeners: Any) -> None:
+        """Log, once per listener, an application ``do_orm_execute`` listener that runs after
+        the cache's: SQLAlchemy stops at the first listener that returns a result, so it
+        does not see a hit, and what it would add to a select (``with_loader_criteria``
+        for a tenant) is not in the cache key: a result cached without it is served."""
+        later = list(listeners)
+        ours = self.do_orm_execute
+        if ours not in later:
+            return
+        for listener in later[later.index(ours) + 1 :]:
+            name = getattr(listener, "__qualname__", repr(listener))
+            module = getattr(listener, "__module__", "")
+            described = f"{module}.{name}" if module else name
+            if described in self._warned_listeners:
+                continue
+            self._warned_listeners.add(described)
+            log.warning(
+                "do_orm_execute listener %s runs after the cache's (registered after "
+                "cache.attach(), or on a session): it does not see cached reads, and what "
+                "it changes in a select (with_loader_criteria for a tenant, an added "
+                "FromCache) does not reach the cache, which may serve a result made "
+                "without it. Register it on the session factory or class before "
+                "cache.attach()",
+                described,
+            )
 
     def after_begin(self, session: Session, transaction: Any, connection: Any) -> None:
         """The connection is the session's; pin versions before a repeatable snapshot."""

@@ -8,7 +8,8 @@ read from query entries that writes to either side invalidate.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
@@ -140,7 +141,7 @@ def test_cache_queries_skips_refreshes(
 
 
 def test_cache_queries_whatever_the_order_of_other_hooks(
-    shop_engine: sa.Engine, cache: Cache, sql: SQLCounter
+    shop_engine: sa.Engine, cache: Cache, sql: SQLCounter, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The issue's user hook, registered after attach(), saw 0 hits: the option is chosen
     inside the cache's own listener, so hooks of the application around it do not matter."""
@@ -149,12 +150,20 @@ def test_cache_queries_whatever_the_order_of_other_hooks(
     sa.event.listen(factory, "do_orm_execute", lambda ctx: seen.append(ctx.is_select))
     cache.attach(factory)
     cache.attach(factory, cache_queries=True)  # attached again: the option takes effect
-    sa.event.listen(factory, "do_orm_execute", lambda ctx: seen.append(ctx.is_select))
+
+    def late_hook(ctx: Any) -> None:
+        seen.append(ctx.is_select)
+
+    sa.event.listen(factory, "do_orm_execute", late_hook)
     stmt = select(Customer).where(Customer.email == "customer1@example.com")
-    assert sql_of(sql, factory, lambda s: s.scalars(stmt).one()) == [1, 0]
+    with caplog.at_level(logging.WARNING, logger="sa_redis_cache.sessions"):
+        assert sql_of(sql, factory, lambda s: s.scalars(stmt).one()) == [1, 0]
     # SQLAlchemy stops at the first listener that returns a result: the one registered
-    # after attach() does not see the hit
+    # after attach() does not see the hit, and is told so once
     assert len(seen) == 3
+    (warning,) = [r.getMessage() for r in caplog.records if "late_hook" in r.getMessage()]
+    assert "runs after the cache's" in warning
+    assert "before cache.attach()" in warning
     cache.attach(factory, cache_queries=None)  # and taken back
     assert sql_of(sql, factory, lambda s: s.scalars(stmt).one()) == [1, 1]
 
