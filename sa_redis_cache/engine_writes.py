@@ -31,11 +31,24 @@ if TYPE_CHECKING:
     from .context import CacheContext
     from .strategies.cache_aside import Invalidation
 
+# an identifier: quoted (its case kept, "" an escaped quote) or not (folded to lower case,
+# as Postgres folds it)
+_PART = r'(?:"(?:[^"]|"")+"|[\w$]+)'
+_NAME = rf"{_PART}(?:\s*\.\s*{_PART})?"
 _TEXT_DML = re.compile(
-    r"^\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM|MERGE\s+INTO|TRUNCATE(?:\s+TABLE)?)"
-    r"\s+(?:ONLY\s+)?(?P<table>\"[^\"]+\"(?:\.\"[^\"]+\")?|[\w$]+(?:\.[\w$]+)?)",
+    r"^\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM|MERGE\s+INTO)"
+    rf"\s+(?:ONLY\s+)?(?P<table>{_NAME})",
     re.IGNORECASE,
 )
+# TRUNCATE [TABLE] [ONLY] name [*] [, ...] [RESTART | CONTINUE IDENTITY] [CASCADE | RESTRICT]
+_TRUNCATE = re.compile(
+    r"^\s*TRUNCATE(?:\s+TABLE)?\s+"
+    rf"(?P<tables>(?:ONLY\s+)?{_NAME}(?:\s*\*)?(?:\s*,\s*(?:ONLY\s+)?{_NAME}(?:\s*\*)?)*)"
+    r"(?:\s+(?:RESTART|CONTINUE)\s+IDENTITY)?(?:\s+(?P<how>CASCADE|RESTRICT))?\s*;?\s*$",
+    re.IGNORECASE,
+)
+_TRUNCATED = re.compile(rf"(?:ONLY\s+)?(?P<table>{_NAME})", re.IGNORECASE)
+_PARTS = re.compile(_PART)
 _ANY_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|TRUNCATE|COPY)\b", re.IGNORECASE)
 # a second statement after a ';' (a trailing ';' and comments after it are not one)
 _MORE = re.compile(r";\s*(?!--|/\*)\S")
@@ -46,37 +59,73 @@ _HANDED = "sa_redis_cache.handed"
 def text_dml_tables(sql: str, known: list[str]) -> set[str]:
     """The tables a textual statement writes: parsed, or all of ``known`` when unsure.
 
-    A single ``INSERT INTO``/``UPDATE``/``DELETE FROM``/``MERGE INTO``/``TRUNCATE`` names
-    the table it writes: the known tables that name may be (``s.t`` is ``s.t`` or a
-    ``t`` declared without a schema; ``t`` is any schema's ``t``), or the name alone when
-    no model maps it, exactly as Core DML on that table invalidates that table only. A
-    statement that writes some other way (a CTE, a function call, ``COPY``, several
-    statements) is unknowable, and gives every known table.
+    A single ``INSERT INTO``/``UPDATE``/``DELETE FROM``/``MERGE INTO`` names the table it
+    writes, a ``TRUNCATE`` the tables it empties: the known tables each name may be
+    (``s.t`` is ``s.t`` or a ``t`` declared without a schema; ``t`` is any schema's
+    ``t``; an unquoted name in any case, as Postgres folds it, a quoted one exactly), or
+    the name alone when no model maps it, exactly as Core DML on that table invalidates
+    that table only. A statement that writes some other way (a CTE, a function call,
+    ``COPY``, several statements, ``TRUNCATE ... CASCADE``, which empties the tables that
+    refer to these) is unknowable, and gives every known table.
 
     Example::
 
-        >>> text_dml_tables("UPDATE products SET price = 1", ["products", "orders"])
+        >>> text_dml_tables("UPDATE Products SET price = 1", ["products", "orders"])
         {'products'}
         >>> text_dml_tables("INSERT INTO audit_log VALUES (1)", ["products", "orders"])
         {'audit_log'}
+        >>> sorted(text_dml_tables("TRUNCATE products, orders", ["products", "orders"]))
+        ['orders', 'products']
     """
     found = _TEXT_DML.match(sql)
     if found is not None and _MORE.search(sql, found.end()) is None:
-        name = found.group("table").replace('"', "")
-        schema, _, table = name.rpartition(".")
-        # a model's table without a schema lives in the connection's default schema,
-        # which may be the one named; an unqualified name may be any schema's table
-        matched = {
-            t for t in known if t in (name, table) or (not schema and t.rpartition(".")[2] == table)
-        }
-        # no model's table: that table alone, as Core DML on it is (a FromCache statement
-        # may read a Core table, versioned under its name)
-        return matched or {name}
+        return _named(found.group("table"), known)
+    truncate = _TRUNCATE.match(sql)
+    if truncate is not None and (truncate.group("how") or "").upper() != "CASCADE":
+        tables: set[str] = set()
+        for name in _TRUNCATED.finditer(truncate.group("tables")):
+            tables |= _named(name.group("table"), known)
+        return tables
     if found is not None or _ANY_DML.search(sql):
-        # a CTE, a function call, COPY or several statements: which cached tables
-        # changed is unknowable
+        # a CTE, a function call, COPY, several statements, TRUNCATE ... CASCADE: which
+        # cached tables changed is unknowable
         return set(known)
     return set()
+
+
+def _named(written: str, known: list[str]) -> set[str]:
+    """The known tables a table name as written in SQL may be; the name itself (as the
+    database reads it) when it is none of them."""
+    parts = _PARTS.findall(written)
+    schema = _part(parts[0]) if len(parts) == 2 else None
+    table = _part(parts[-1])
+    matched = set()
+    for candidate in known:
+        candidate_schema, _, candidate_table = candidate.rpartition(".")
+        if not _same(table, candidate_table):
+            continue
+        # a model's table without a schema lives in the connection's default schema,
+        # which may be the one named; an unqualified name may be any schema's table
+        if schema is None or not candidate_schema or _same(schema, candidate_schema):
+            matched.add(candidate)
+    # no model's table: that table alone, as Core DML on it is (a FromCache statement may
+    # read a Core table, versioned under its name)
+    return matched or {table[0] if schema is None else f"{schema[0]}.{table[0]}"}
+
+
+def _part(written: str) -> tuple[str, bool]:
+    """An identifier as the database reads it, and whether it was quoted (case kept)."""
+    if written.startswith('"'):
+        return written[1:-1].replace('""', '"'), True
+    return written.lower(), False
+
+
+def _same(part: tuple[str, bool], declared: str) -> bool:
+    """Whether an identifier as written names ``declared`` (a model's name): a quoted one
+    exactly; an unquoted one in any case (the model's may be a mixed-case name SQLAlchemy
+    quotes: invalidating it too costs misses, missing it would serve stale rows)."""
+    name, quoted = part
+    return name == declared if quoted else name == declared.lower()
 
 
 class EngineWrites:

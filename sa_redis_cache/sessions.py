@@ -313,7 +313,11 @@ class SessionHooks:
 
     def after_begin(self, session: Session, transaction: Any, connection: Any) -> None:
         """The connection is the session's; pin versions before a repeatable snapshot."""
-        self.engine_writes.session_connections[connection] = weakref.ref(session)
+        engine_writes = self.engine_writes
+        engine_writes.session_connections[connection] = weakref.ref(session)
+        # an engine the factory did not name at attach() (binds=..., configure(bind=...)):
+        # its Core, textual and bulk-mapping DML must be seen from this statement on
+        engine_writes.register(connection.engine)
         self.reads.on_begin(session, transaction, connection)
 
     def before_flush(self, session: Session, flush_context: UOWTransaction, instances: Any) -> None:

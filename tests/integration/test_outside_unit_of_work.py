@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from examples.shop import Product
+from examples.shop import Category, Product
 from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.engine_writes import text_dml_tables
 from tests.support import read_price
@@ -84,6 +84,29 @@ def test_bulk_save_objects_invalidates(
     assert read_price(session_factory, product) == (Decimal("7.00"), Decimal("7.00"))
 
 
+def test_text_dml_in_a_session_whose_factory_names_no_engine(
+    shop_engine: sa.Engine, cache: Cache, product: int
+) -> None:
+    """``sessionmaker(binds={...})`` (or ``configure(bind=...)`` after ``attach()``): the
+    engine was not known at ``attach()``, and its listeners, which see textual, Core and
+    bulk-mapping DML, were never added."""
+    factory = sessionmaker(binds={Product: shop_engine, Category: shop_engine})
+    cache.attach(factory)
+    warm(factory, product)
+    with factory() as s:
+        s.execute(
+            text("UPDATE Products SET price = 13.00 WHERE id = :id"),
+            {"id": product},
+            bind_arguments={"mapper": Product},
+        )
+        s.commit()
+    assert read_price(factory, product) == (Decimal("13.00"), Decimal("13.00"))
+    with factory() as s:
+        s.bulk_update_mappings(Product, [{"id": product, "price": Decimal("14.00")}])
+        s.commit()
+    assert read_price(factory, product) == (Decimal("14.00"), Decimal("14.00"))
+
+
 def test_text_dml_whose_tables_cannot_be_told_invalidates_everything(
     session_factory: sessionmaker[Session], shop_engine: sa.Engine, product: int
 ) -> None:
@@ -113,6 +136,16 @@ def test_text_dml_table_parsing() -> None:
     assert text_dml_tables("WITH x AS (DELETE FROM orders RETURNING 1) SELECT 1", known) == set(
         known
     )
+    # Postgres folds an unquoted name to lower case: these write "products"
+    assert text_dml_tables("UPDATE PRODUCTS SET x = 1", known) == {"products"}
+    assert text_dml_tables("DELETE FROM Public.Products WHERE id = 1", known) == {"products"}
+    assert text_dml_tables('UPDATE "PRODUCTS" SET x = 1', known) == {"PRODUCTS"}  # another table
+    assert text_dml_tables("UPDATE Elsewhere SET x = 1", known) == {"elsewhere"}
+    # every table a TRUNCATE names; CASCADE empties the tables that refer to them too
+    assert text_dml_tables("TRUNCATE products, ORDERS", known) == {"products", "orders"}
+    assert text_dml_tables("TRUNCATE TABLE ONLY products * RESTART IDENTITY", known) == {"products"}
+    assert text_dml_tables("TRUNCATE products CASCADE", known) == set(known)
+    assert text_dml_tables("TRUNCATE products; UPDATE orders SET x = 1", known) == set(known)
 
 
 def test_every_commit_is_announced_on_pub_sub(
