@@ -159,12 +159,12 @@ def isolation_level_of(bind: Any) -> str | None:
     gets unless the session asks another: its ``isolation_level`` execution option, else
     ``create_engine(isolation_level=...)``, else the server's default (known once the
     engine has connected)."""
-    level = bind.get_execution_options().get("isolation_level")
+    level: str | None = bind.get_execution_options().get("isolation_level")
     if level:
-        return str(level)
+        return level
     dialect = bind.dialect
-    found = dialect._on_connect_isolation_level or dialect.default_isolation_level
-    return None if found is None else str(found)
+    found: str | None = dialect._on_connect_isolation_level or dialect.default_isolation_level
+    return found
 
 
 def statement_subject_mapper(statement: Any) -> Mapper[Any] | None:

@@ -135,7 +135,7 @@ class EntityReads:
         bind = session.get_bind(mapper=mapper)
         database = self.binds.known(bind)
         # pinned now: the pipeline's read checks the entry against the pin
-        if database is None or start_snapshot(session, bind, {"mapper": mapper}):
+        if database is None or start_snapshot(session, bind, mapper=mapper):
             return False, None
         row_scope = core.entity_scope(info, database, session_translate_map(session, bind))
         key = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)

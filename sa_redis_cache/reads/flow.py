@@ -71,7 +71,14 @@ def reads_directly(session: Session) -> bool:
 _SNAPSHOT_LEVELS = frozenset(("REPEATABLE READ", "SERIALIZABLE"))
 
 
-def start_snapshot(session: Session, bind: Any, bind_arguments: dict[str, Any]) -> bool:
+def start_snapshot(
+    session: Session,
+    bind: Any,
+    bind_arguments: dict[str, Any] | None = None,
+    *,
+    mapper: Any = None,
+    clause: Any = None,
+) -> bool:
     """Begin ``session``'s transaction and take its snapshot when a read would otherwise
     come before it; True when it did.
 
@@ -79,20 +86,23 @@ def start_snapshot(session: Session, bind: Any, bind_arguments: dict[str, Any]) 
     statement. A read the cache serves before the transaction holds a connection of
     ``bind`` begins nothing, so the snapshot would come at a later statement and the
     transaction would read two moments. Such a read first runs ``SELECT 1`` on the
-    session's connection (``bind_arguments`` as the read would ask): the transaction
-    begins (:meth:`ReadPath.on_begin <sa_redis_cache.reads.ReadPath.on_begin>` pins the
-    versions) and its snapshot is taken, and the read is then checked against the pins.
+    session's connection: the transaction begins (:meth:`ReadPath.on_begin
+    <sa_redis_cache.reads.ReadPath.on_begin>` pins the versions) and its snapshot is
+    taken, and the read is then checked against the pins. ``bind_arguments``: what the
+    read would ask the session's binds with (else ``mapper`` and ``clause``, made into
+    them only then).
 
     Example::
 
-        if start_snapshot(session, bind, {"mapper": mapper}):
+        if start_snapshot(session, bind, mapper=mapper):
             tx = peek_transaction_state(session)   # now pinned
     """
-    if (
-        compat.isolation_level_of(bind) not in _SNAPSHOT_LEVELS
-        or compat.session_connection(session, bind) is not None
-    ):
+    if compat.isolation_level_of(bind) not in _SNAPSHOT_LEVELS:
         return False
+    if compat.session_connection(session, bind) is not None:
+        return False
+    if bind_arguments is None:
+        bind_arguments = {"mapper": mapper, "clause": clause}
     session.connection(bind_arguments=bind_arguments).exec_driver_sql("SELECT 1")
     return True
 

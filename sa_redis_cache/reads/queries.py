@@ -355,7 +355,7 @@ class QueryReads:
             database is None
             or not self.flow.trusted_quietly(plan.tables)
             # pinned now: the pipeline's read checks the entry against the pins
-            or start_snapshot(session, bind, {"mapper": mapper, "clause": statement})
+            or start_snapshot(session, bind, mapper=mapper, clause=statement)
         ):
             return None
         entry_key = self._entry_key_of(
