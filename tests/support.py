@@ -40,15 +40,23 @@ class SQLCounter:
         self.statements.clear()
 
 
+def read_both(
+    factory: sessionmaker[Session], model: Any, pk: int, attribute: str
+) -> tuple[Any, Any]:
+    """A row's ``attribute`` through FromCache and through session.get, each in a fresh
+    session."""
+    with factory() as s:
+        stmt = select(model).where(model.id == pk).options(FromCache())
+        by_query = getattr(s.scalars(stmt).one(), attribute)
+    with factory() as s:
+        got = s.get(model, pk)
+        assert got is not None
+        return by_query, getattr(got, attribute)
+
+
 def read_price(factory: sessionmaker[Session], pid: int) -> tuple[Decimal, Decimal]:
     """A product's price through FromCache and through session.get, each in a fresh session."""
-    with factory() as s:
-        stmt = select(Product).where(Product.id == pid).options(FromCache())
-        by_query = s.scalars(stmt).one().price
-    with factory() as s:
-        got = s.get(Product, pid)
-        assert got is not None
-        return by_query, got.price
+    return read_both(factory, Product, pid, "price")
 
 
 class Two:

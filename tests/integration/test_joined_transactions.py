@@ -12,11 +12,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import select
 
 from examples.shop import Category, Product
-from sa_redis_cache import FromCache
-from tests.support import read_price
+from tests.support import read_both, read_price
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -28,13 +26,7 @@ JOINED = ["conditional_savepoint", "create_savepoint", "rollback_only"]
 
 def names(factory: sessionmaker[Session], category: int) -> tuple[str, str]:
     """A category's name through FromCache and through session.get, in fresh sessions."""
-    with factory() as s:
-        stmt = select(Category).where(Category.id == category).options(FromCache())
-        by_query = s.scalars(stmt).one().name
-    with factory() as s:
-        got = s.get(Category, category)
-        assert got is not None
-        return by_query, got.name
+    return read_both(factory, Category, category, "name")
 
 
 @pytest.fixture
