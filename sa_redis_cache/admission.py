@@ -43,8 +43,10 @@ class ModelAdmission:
     Example::
 
         admission = ModelAdmission(core, given_groups={})
-        admission.admit_all()                      # attach(): raises on any problem
-        info = admission.admit_late(Gadget.__mapper__, Gadget.__cache__)
+        admission.admit_all()   # attach(): ConfigurationError naming every problem
+        admission.listen()      # then each class SQLAlchemy configures: admit_new()
+        # a refused class raises ConfigurationError where the cache needs its policy:
+        core.models.info_of(Gadget.__mapper__)
     """
 
     def __init__(self, core: CacheContext, given_groups: dict[str, str]) -> None:

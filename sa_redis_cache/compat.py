@@ -311,11 +311,10 @@ def per_object_lazy_loaders(strategy: Any, path: Any, option: Any, mapper: Any) 
     return populators["new"]
 
 
-def is_orm_statement(statement: Any) -> bool:
-    """True for a statement the ORM compiles (``update(Model)``, ``insert(Model)``...): run
-    through a session, ``do_orm_execute`` saw it first. ``table.update()`` is Core."""
-    attributes = getattr(statement, "_propagate_attrs", None) or {}
-    return attributes.get("compile_state_plugin") == "orm"
+def is_flushing(session: Session) -> bool:
+    """True while ``session`` runs a flush, or a bulk operation that runs the unit of
+    work's statements without flush events (``bulk_save_objects``, bulk mappings)."""
+    return bool(session._flushing)
 
 
 def is_clean(session: Session) -> bool:
@@ -994,6 +993,7 @@ _PROBED: dict[str, tuple[str, str]] = {
     "sqlalchemy Session._is_clean": ("session", "_is_clean"),
     "sqlalchemy Session._autoflush": ("session", "_autoflush"),
     "sqlalchemy Session._transaction": ("session", "_transaction"),
+    "sqlalchemy Session._flushing": ("session", "_flushing"),
     "sqlalchemy InstanceState.committed_state": ("state", "committed_state"),
     "sqlalchemy InstanceState.modified": ("state", "modified"),
     "sqlalchemy InstanceState.manager": ("state", "manager"),

@@ -9,9 +9,11 @@ everywhere else (:mod:`sa_redis_cache.redis_io`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import secrets
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -48,6 +50,11 @@ that stopped answering delays ``cache.stats()`` no longer than this)."""
 # how many entity scopes per table cache.invalidate() unlinks directly (the row write
 # counter it bumps retires the entries of every other scope)
 _SCOPES_PER_TABLE = 64
+
+
+def _same(target: Any) -> Any:
+    """A strong stand-in for ``weakref.ref(target)()``."""
+    return target
 
 
 class CacheContext(RedisOutages):
@@ -97,7 +104,7 @@ class CacheContext(RedisOutages):
         self.binds = Binds()
         # the entity scopes this process read or wrote each table in
         self.entity_scopes: dict[str, set[str]] = {}
-        self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
+        self._listeners: list[tuple[Callable[[], Any], str, Callable[..., Any]]] = []
         self.fences = Fences(self, lease=local_lease, strict=local_consistency == "strict")
         # the local tier, when the cache has one (Cache(local=True): enable_local)
         self.local: LocalTier | None = None
@@ -165,15 +172,25 @@ class CacheContext(RedisOutages):
         return client
 
     def listen(self, target: Any, name: str, fn: Callable[..., Any], **kw: Any) -> None:
-        """``event.listen``, remembered so that :meth:`remove_listeners` can undo it."""
+        """``event.listen``, remembered so that :meth:`remove_listeners` can undo it.
+
+        Remembered weakly: an engine a session began on (``binds=``, one per tenant) must
+        be freed with its last reference, as SQLAlchemy's own event registry lets it be.
+        """
         event.listen(target, name, fn, **kw)
-        self._listeners.append((target, name, fn))
+        try:
+            held: Callable[[], Any] = weakref.ref(target)
+        except TypeError:  # not weakly referenceable: kept until remove_listeners()
+            held = functools.partial(_same, target)
+        self._listeners.append((held, name, fn))
 
     def remove_listeners(self) -> None:
-        """Remove every listener this cache added (sessions and engines)."""
+        """Remove every listener this cache added (sessions and engines) to targets that
+        still exist."""
         while self._listeners:
-            target, name, fn = self._listeners.pop()
-            if event.contains(target, name, fn):
+            held, name, fn = self._listeners.pop()
+            target = held()
+            if target is not None and event.contains(target, name, fn):
                 event.remove(target, name, fn)
 
     def measure(

@@ -146,6 +146,8 @@ class EngineWrites:
         )
         # one slot per cache: several caches (namespaces) may watch the same engine
         self._pending_key = (_PENDING, id(self))
+        # the execution option the session hooks give an ORM statement they marked
+        self.marked_option = f"sa_redis_cache_marked_{id(self)}"
         self._handed_key = (_HANDED, id(self))
         self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -181,7 +183,7 @@ class EngineWrites:
         if isinstance(element, TextClause) or compiled is None:
             tables = text_dml_tables(statement, self.core.models.known_tables())
         elif context.isinsert or context.isupdate or context.isdelete:
-            if self._seen_by_session(conn, element):
+            if self._seen_by_session(conn, context):
                 return  # the session's own hooks know the rows
             target = getattr(element, "table", None)
             if not isinstance(target, Table):
@@ -205,21 +207,28 @@ class EngineWrites:
         ):
             self._finish(info)
 
-    def _seen_by_session(self, conn: Connection, statement: Any) -> bool:
-        """Whether a session's hooks already know the rows ``statement`` writes on
-        ``conn``: its flush's own statements, and the ORM statements ``do_orm_execute``
-        marked. Core DML the application runs on the session's connection
-        (``session.connection().execute(update(table))``, ``bulk_save_objects``, which
-        runs no flush events) is known here only: it is marked as on any other
-        connection, and finished when the connection goes back to the pool."""
+    def _seen_by_session(self, conn: Connection, context: Any) -> bool:
+        """Whether a session's hooks already know the rows a DML statement on ``conn``
+        wrote: an ORM statement ``do_orm_execute`` marked (it carries
+        :attr:`marked_option`), or a statement of the unit of work of a flush running in
+        the session that holds ``conn``. Anything else is marked here as on any other
+        connection, and finished when the connection goes back to the pool: Core DML the
+        application runs on the session's connection (``session.connection().execute``,
+        also of ``update(Model)``), ``bulk_save_objects`` and bulk mappings (no flush
+        events), and DML a mapper event runs during a flush."""
+        options = context.execution_options
+        if options.get(self.marked_option):
+            return True
+        if options.get("compiled_cache") is None:
+            return False  # not the unit of work's: persistence.py gives its statements one
         found = self.session_connections.get(conn)
         session = None if found is None else found()
         if session is None:
             return False
-        if compat.is_orm_statement(statement):
-            return True
         state = peek_transaction_state(session)
-        return state is not None and state.flushing
+        flush = None if state is None or state.flushing is None else state.flushing()
+        # a bulk operation runs the same statements, with no flush: its rows are not known
+        return flush is not None and compat.is_flushing(session)
 
     def finish_on_checkin(self, conn: Connection, token: str, tables: set[str]) -> None:
         """Finish a session's writes of ``tables`` (marked under ``token``) as Core DML on

@@ -587,9 +587,13 @@ def _resolve_loading(statement: Any) -> Loading | None:
         if isinstance(d["type"], type) and hasattr(d["type"], "__mapper__")
     ]
     nodes: dict[Any, _PathNode] = {}
+    # objects loaded eagerly sit at deeper paths, where a mapper of a root may be loaded
+    # otherwise (a self-referential relationship): then no answer holds per mapper
+    eager_paths = False
 
     def node_at(path: Any, mapper: Mapper[Any], depth: int) -> _PathNode | None:
         """The node of ``path`` (None when everything under it is as the classes say)."""
+        nonlocal eager_paths
         if path in nodes:
             return nodes[path]
         node = nodes[path] = _PathNode()
@@ -602,6 +606,7 @@ def _resolve_loading(statement: Any) -> Loading | None:
                 strategy, _ = compat.loader_at(rel, compile_state, path)
                 if compat.loader_settings(strategy).get("lazy") not in _EAGER_STRATEGIES:
                     continue
+                eager_paths = True
                 child = node_at(compat.relationship_load_path(path, rel), rel.mapper, depth + 1)
                 if child is not None:
                     node.children[(sub, rel.key)] = child
@@ -612,8 +617,8 @@ def _resolve_loading(statement: Any) -> Loading | None:
     roots = [node_at(compat.entity_load_path(e), e.mapper, 0) or _NOWHERE for e in entities]
     if all(root is _NOWHERE for root in roots):
         return None
-    by_mapper: dict[Mapper[Any], Unloaded | None] | None = {}
-    for root in roots:
+    by_mapper: dict[Mapper[Any], Unloaded | None] | None = None if eager_paths else {}
+    for root in roots if by_mapper is not None else ():
         if root.children:
             by_mapper = None
             break

@@ -172,7 +172,7 @@ class SessionHooks:
         # (class, method name, the method set) install_direct_reads replaced
         self._replaced: list[tuple[type[Session], str, Any]] = []
         # the application's do_orm_execute listeners found after the cache's (warned once)
-        self._warned_listeners: set[str] = set()
+        self._warned_listeners: set[object] = set()
 
     def register(self, session_class: Any) -> None:
         """Listen on ``session_class`` (a sessionmaker or Session subclass), once per event."""
@@ -282,7 +282,9 @@ class SessionHooks:
             return self.reads.on_execute(orm_context)
         if orm_context.is_update or orm_context.is_delete or orm_context.is_insert:
             state = transaction_state(orm_context.session)
-            self.invalidation.mark_bulk_statement(orm_context, state)
+            if self.invalidation.mark_bulk_statement(orm_context, state):
+                # its Core statement, seen at the engine, is marked already
+                orm_context.update_execution_options(**{self.engine_writes.marked_option: True})
         return None
 
     def _warn_of_later_listeners(self, listeners: Any) -> None:
@@ -290,17 +292,20 @@ class SessionHooks:
         the cache's: SQLAlchemy stops at the first listener that returns a result, so it
         does not see a hit, and what it would add to a select (``with_loader_criteria``
         for a tenant) is not in the cache key: a result cached without it is served."""
-        later = list(listeners)
         ours = self.do_orm_execute
-        if ours not in later:
-            return
-        for listener in later[later.index(ours) + 1 :]:
+        after_ours = False
+        for listener in listeners:
+            if not after_ours:
+                after_ours = listener == ours
+                continue
+            # by its code: a listener made per session (a closure) is one listener
+            code = getattr(getattr(listener, "__func__", listener), "__code__", listener)
+            if code in self._warned_listeners:
+                continue
+            self._warned_listeners.add(code)
             name = getattr(listener, "__qualname__", repr(listener))
             module = getattr(listener, "__module__", "")
             described = f"{module}.{name}" if module else name
-            if described in self._warned_listeners:
-                continue
-            self._warned_listeners.add(described)
             log.warning(
                 "do_orm_execute listener %s runs after the cache's (registered after "
                 "cache.attach(), or on a session): it does not see cached reads, and what "
@@ -323,14 +328,14 @@ class SessionHooks:
     def before_flush(self, session: Session, flush_context: UOWTransaction, instances: Any) -> None:
         """Write-behind rows leave the flush; the marks of what remains are sent."""
         state = transaction_state(session)
-        state.flushing = True
+        state.flushing = weakref.ref(flush_context)
         self.write_behind.divert(session, state)
         self.invalidation.premark_flush(session, state)
 
     def after_flush(self, session: Session, flush_context: UOWTransaction) -> None:
         """Mark what the flush wrote, before the database commit."""
         state = transaction_state(session)
-        state.flushing = False
+        state.flushing = None
         self.invalidation.mark_flush(session, state)
 
     def after_transaction_create(self, session: Session, transaction: Any) -> None:
@@ -351,8 +356,10 @@ class SessionHooks:
             uncommitted = compat.uncommitted_connections(session)
             if uncommitted:
                 # joined to the application's transaction: the database has committed
-                # nothing yet, and may roll back; the marks hold until that ends
-                self.engine_writes.finish_on_checkin(uncommitted[0], state.token, state.marked)
+                # nothing yet, and may roll back; the marks hold until that ends, on each
+                # connection (each checkin bumps again: the last one is what counts)
+                for connection in uncommitted:
+                    self.engine_writes.finish_on_checkin(connection, state.token, state.marked)
                 state.marked = set()
             else:
                 self.invalidation.apply(state)
@@ -373,7 +380,7 @@ class SessionHooks:
         if state is None:
             return
         # a flush ends its own subtransaction here, also when its statements failed
-        state.flushing = False
+        state.flushing = None
         if transaction.nested or transaction.parent is not None:
             return
         # replies still unread: the post-commit work's (commit() returns after them), and

@@ -93,9 +93,10 @@ class TransactionState:
     plan: Any = None
     # the flush's write-through rows, captured from its UPDATEs (strategies/write_through)
     captures: Any = None
-    # between before_flush and after_flush: the DML on the session's connection is the
-    # flush's, whose rows the hooks know (engine_writes.py leaves it to them)
-    flushing: bool = False
+    # the flush between its before_flush and after_flush, weakly (a flush that its
+    # before_flush listeners emptied never reaches after_flush, and is gone when it
+    # returns): its unit of work's statements are the hooks' (engine_writes.py)
+    flushing: Any = None
 
     @property
     def written_tables(self) -> set[str]:

@@ -430,10 +430,11 @@ class Invalidation:
                 found.update(read_back(connection, info, rest))
         return found
 
-    def mark_bulk_statement(self, orm_context: ORMExecuteState, state: TransactionState) -> None:
-        """ORM ``update()``/``delete()``/``insert()`` statements: the rows are not known."""
+    def mark_bulk_statement(self, orm_context: ORMExecuteState, state: TransactionState) -> bool:
+        """ORM ``update()``/``delete()``/``insert()`` statements: the rows are not known.
+        True when it marked the statement's tables."""
         if isinstance(orm_context.statement, TextClause):
-            return  # textual DML is seen at the engine (sa_redis_cache.engine_writes)
+            return False  # textual DML is seen at the engine (sa_redis_cache.engine_writes)
         mapper = orm_context.bind_mapper
         tables: set[str] = set()
         if mapper is not None:
@@ -442,12 +443,13 @@ class Invalidation:
         if isinstance(target, Table):
             tables.add(target.fullname)
         if not tables:
-            return
+            return False
         self._mark(state.token, tables, {}, {}, bulk=True)
         state.marked.update(tables)
         frame = state.frame()
         for table in tables:
             frame.table(table).bulk = True
+        return True
 
     def mark_bulk(self, token: str, tables: set[str]) -> None:
         """Core/textual DML: mark ``tables`` with unknown rows (every entity entry goes)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from decimal import Decimal
 from typing import Any
 
@@ -68,6 +70,80 @@ def test_core_dml_on_the_sessions_own_connection(
     assert read_price(session_factory, product) == (Decimal("6.00"), Decimal("6.00"))
 
 
+def test_an_orm_update_run_on_the_sessions_connection(
+    session_factory: sessionmaker[Session], product: int
+) -> None:
+    """``update(Model)`` compiled by the ORM but run on the connection: no
+    ``do_orm_execute`` marked it, so it is marked as Core DML."""
+    warm(session_factory, product)
+    with session_factory() as s:
+        s.connection().execute(
+            update(Product).where(Product.id == product).values(price=Decimal("15.00"))
+        )
+        s.commit()
+    assert read_price(session_factory, product) == (Decimal("15.00"), Decimal("15.00"))
+
+
+def test_dml_a_mapper_event_runs_during_a_flush(
+    session_factory: sessionmaker[Session], product: int, shop_engine: sa.Engine
+) -> None:
+    """SQLAlchemy's mapper events may write other tables on the flush's connection: those
+    rows are not the flush's, whose rows the session's hooks know."""
+    category = 5
+    with shop_engine.connect() as connection:
+        before = connection.scalar(text("SELECT name FROM categories WHERE id = 5"))
+
+    def rename_category(mapper: Any, connection: sa.Connection, target: Any) -> None:
+        table: Any = Category.__table__
+        connection.execute(
+            update(table).where(table.c.id == category).values(name="renamed by an event")
+        )
+
+    statement = select(Category.name).where(Category.id == category).options(FromCache())
+    with session_factory() as s:
+        assert s.scalars(statement).one() == before
+    sa.event.listen(Product, "after_update", rename_category)
+    try:
+        with session_factory() as s:
+            changed = s.get(Product, product)
+            assert changed is not None
+            changed.price = Decimal("16.00")
+            s.commit()
+        with session_factory() as s:
+            assert s.scalars(statement).one() == "renamed by an event"
+    finally:
+        sa.event.remove(Product, "after_update", rename_category)
+        with shop_engine.begin() as connection:
+            connection.execute(text("UPDATE categories SET name = :n WHERE id = 5"), {"n": before})
+
+
+def test_bulk_save_objects_after_a_flush_its_listeners_emptied(
+    session_factory: sessionmaker[Session], product: int
+) -> None:
+    """A ``before_flush`` listener that takes every object out of the flush: the flush
+    returns before ``after_flush``, and the bulk write after it is not the flush's."""
+    warm(session_factory, product)
+    with session_factory(expire_on_commit=False) as s:
+        changed = s.get(Product, product)
+    assert changed is not None
+    changed.price = Decimal("17.00")
+
+    def take_out_the_new(session: Session, *_: Any) -> None:
+        for obj in list(session.new):
+            session.expunge(obj)
+
+    sa.event.listen(session_factory, "before_flush", take_out_the_new)
+    try:
+        with session_factory() as s:
+            s.add(Product(category_id=1, name="never flushed", price=Decimal(1), status="ACTIVE"))
+            s.flush()
+            s.bulk_save_objects([changed])
+            s.commit()
+    finally:
+        sa.event.remove(session_factory, "before_flush", take_out_the_new)
+    assert read_price(session_factory, product) == (Decimal("17.00"), Decimal("17.00"))
+
+
 def test_bulk_save_objects_invalidates(
     session_factory: sessionmaker[Session], product: int
 ) -> None:
@@ -105,6 +181,21 @@ def test_text_dml_in_a_session_whose_factory_names_no_engine(
         s.bulk_update_mappings(Product, [{"id": product, "price": Decimal("14.00")}])
         s.commit()
     assert read_price(factory, product) == (Decimal("14.00"), Decimal("14.00"))
+
+
+def test_an_engine_a_session_began_on_is_not_kept_alive(
+    session_factory: sessionmaker[Session], database_url: str
+) -> None:
+    """The cache watches every engine its sessions begin on (one per tenant, say), and
+    must not keep one alive after the application let it go."""
+    engine = sa.create_engine(database_url)
+    gone = weakref.ref(engine)
+    with session_factory(bind=engine) as s:
+        s.execute(text("SELECT 1"))
+    engine.dispose()
+    del engine, s
+    gc.collect()
+    assert gone() is None
 
 
 def test_text_dml_whose_tables_cannot_be_told_invalidates_everything(

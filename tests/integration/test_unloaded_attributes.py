@@ -54,6 +54,7 @@ class Models:
     emp: Any
     mgr: Any
     eng: Any
+    node: Any
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,17 @@ def models(engine: sa.Engine) -> Iterator[Models]:
         lang: Mapped[str | None] = mapped_column(String(20), nullable=True)
         __mapper_args__ = {"polymorphic_identity": "eng"}  # noqa: RUF012 - as above
 
+    class UnlNode(Base):
+        __tablename__ = "unl_node"
+        __cache__ = CachePolicy(ttl=600)
+        id: Mapped[int] = mapped_column(primary_key=True)
+        parent_id: Mapped[int | None] = mapped_column(ForeignKey("unl_node.id"))
+        label: Mapped[str] = mapped_column(String(20))
+        parent: Mapped[UnlNode | None] = relationship(
+            back_populates="children", remote_side="UnlNode.id"
+        )
+        children: Mapped[list[UnlNode]] = relationship(back_populates="parent")
+
     Base.metadata.create_all(engine)
     with Session(engine) as s:
         s.add_all([UnlCat(id=1, name="c1"), UnlCat(id=2, name="c2")])
@@ -110,9 +122,12 @@ def models(engine: sa.Engine) -> Iterator[Models]:
             for i in range(1, 6)
         )
         s.add_all([UnlMgr(id=2, name="m", level=3), UnlEng(id=3, name="g", lang="py")])
+        s.add(UnlNode(id=1, label="root"))
+        s.flush()
+        s.add_all([UnlNode(id=2, parent_id=1, label="a"), UnlNode(id=3, parent_id=1, label="b")])
         s.commit()
     try:
-        yield Models(UnlCat, UnlItem, UnlEmp, UnlMgr, UnlEng)
+        yield Models(UnlCat, UnlItem, UnlEmp, UnlMgr, UnlEng, UnlNode)
     finally:
         Base.metadata.drop_all(engine)
         Base.registry.dispose()
@@ -294,6 +309,22 @@ def test_raiseload_on_eagerly_loaded_objects(world: World, models: Models) -> No
     )
     compare(world, stmt, ("cat", "price"), lambda cats: cats[0].items[0])
     compare(world, stmt, ("name",))  # the category itself: nothing raises
+
+
+def test_an_option_of_the_root_path_stays_there_for_the_same_class_loaded_deeper(
+    world: World, models: Models
+) -> None:
+    """``raiseload(Node.parent)`` is an option of the queried nodes' path; their children,
+    loaded eagerly, are nodes too, at another path, and load ``parent`` as the class says.
+    A per-class shortcut once gave the children the root's raising loader."""
+    node = models.node
+    stmt = (
+        select(node)
+        .where(node.id == 1)
+        .options(selectinload(node.children), raiseload(node.parent), FromCache())
+    )
+    compare(world, stmt, ("parent",))  # the root: raises
+    compare(world, stmt, ("parent",), lambda nodes: nodes[0].children[0])  # a child: loads
 
 
 # -- the refresh event --------------------------------------------------------------------
