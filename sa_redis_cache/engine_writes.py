@@ -183,7 +183,7 @@ class EngineWrites:
         if isinstance(element, TextClause) or compiled is None:
             tables = text_dml_tables(statement, self.core.models.known_tables())
         elif context.isinsert or context.isupdate or context.isdelete:
-            if self._seen_by_session(conn, context):
+            if self._seen_by_session(conn, context, element):
                 return  # the session's own hooks know the rows
             target = getattr(element, "table", None)
             if not isinstance(target, Table):
@@ -207,20 +207,21 @@ class EngineWrites:
         ):
             self._finish(info)
 
-    def _seen_by_session(self, conn: Connection, context: Any) -> bool:
+    def _seen_by_session(self, conn: Connection, context: Any, statement: Any) -> bool:
         """Whether a session's hooks already know the rows a DML statement on ``conn``
         wrote: an ORM statement ``do_orm_execute`` marked (it carries
-        :attr:`marked_option`), or a statement of the unit of work of a flush running in
-        the session that holds ``conn``. Anything else is marked here as on any other
-        connection, and finished when the connection goes back to the pool: Core DML the
-        application runs on the session's connection (``session.connection().execute``,
-        also of ``update(Model)``), ``bulk_save_objects`` and bulk mappings (no flush
-        events), and DML a mapper event runs during a flush."""
+        :attr:`marked_option`), or, while a flush runs in the session that holds
+        ``conn`` (between its ``before_flush`` and ``after_flush``), a statement of its
+        unit of work (persistence.py gives each a ``compiled_cache`` option) or one a
+        mapper event runs on a table the flush writes (its write-through rows are read
+        from what the flush's UPDATEs return, a later write included). Anything else is
+        marked here as on any other connection, and finished when the connection goes
+        back to the pool: Core DML the application runs on the session's connection
+        (also of ``update(Model)``), ``bulk_save_objects`` and bulk mappings (no flush
+        events), and DML a mapper event runs on another table during a flush."""
         options = context.execution_options
         if options.get(self.marked_option):
             return True
-        if options.get("compiled_cache") is None:
-            return False  # not the unit of work's: persistence.py gives its statements one
         found = self.session_connections.get(conn)
         session = None if found is None else found()
         if session is None:
@@ -228,7 +229,15 @@ class EngineWrites:
         state = peek_transaction_state(session)
         flush = None if state is None or state.flushing is None else state.flushing()
         # a bulk operation runs the same statements, with no flush: its rows are not known
-        return flush is not None and compat.is_flushing(session)
+        if flush is None or not compat.is_flushing(session):
+            return False
+        if options.get("compiled_cache") is not None:
+            return True
+        assert state is not None
+        target = getattr(statement, "table", None)
+        return isinstance(target, Table) and target.fullname in self.invalidation.flush_tables(
+            state
+        )
 
     def finish_on_checkin(self, conn: Connection, token: str, tables: set[str]) -> None:
         """Finish a session's writes of ``tables`` (marked under ``token``) as Core DML on

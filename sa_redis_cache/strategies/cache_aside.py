@@ -287,6 +287,14 @@ class Invalidation:
         state.marked.update(plan.tables)
         state.premark = _Premark(pending, plan, pks, len(bulk_tables), named_tables, error)
 
+    @staticmethod
+    def flush_tables(state: TransactionState) -> set[str]:
+        """The tables the flush running now writes, as planned before its statements
+        (empty when no plan was made: it writes nothing the cache keeps)."""
+        premark: _Premark | None = state.premark
+        plan: _FlushPlan | None = premark.plan if premark is not None else state.plan
+        return set() if plan is None else plan.tables
+
     def _arm_returning(self, session: Session, plan: _FlushPlan, state: TransactionState) -> None:
         """Capture the written-through rows of the flush about to run from its own
         UPDATEs (:class:`.write_through.Returning`), on each connection it writes them on."""
