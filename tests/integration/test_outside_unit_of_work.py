@@ -26,6 +26,15 @@ def warm(factory: sessionmaker[Session], pid: int) -> Decimal:
     return price
 
 
+def change_price(factory: sessionmaker[Session], pid: int, price: str) -> None:
+    """Change a product's price through a session's flush, and commit."""
+    with factory() as s:
+        changed = s.get(Product, pid)
+        assert changed is not None
+        changed.price = Decimal(price)
+        s.commit()
+
+
 def test_core_update_on_the_engine(
     session_factory: sessionmaker[Session], shop_engine: sa.Engine, product: int
 ) -> None:
@@ -104,11 +113,7 @@ def test_dml_a_mapper_event_runs_during_a_flush(
         assert s.scalars(statement).one() == before
     sa.event.listen(Product, "after_update", rename_category)
     try:
-        with session_factory() as s:
-            changed = s.get(Product, product)
-            assert changed is not None
-            changed.price = Decimal("16.00")
-            s.commit()
+        change_price(session_factory, product, "16.00")
         with session_factory() as s:
             assert s.scalars(statement).one() == "renamed by an event"
     finally:
@@ -251,11 +256,7 @@ def test_every_commit_is_announced_on_pub_sub(
     pubsub.subscribe(f"sarc:{namespace}:invalidations")
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"
     try:
-        with session_factory() as s:
-            p = s.get(Product, product)
-            assert p is not None
-            p.price = Decimal("6.00")
-            s.commit()
+        change_price(session_factory, product, "6.00")
         with shop_engine.begin() as conn:
             conn.execute(text("UPDATE products SET price = 7.00 WHERE id = :id"), {"id": product})
         first = pubsub.get_message(timeout=5)
