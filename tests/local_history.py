@@ -17,14 +17,20 @@ with SIGSTOP and resumes it, and restarts Redis.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import functools
 import multiprocessing
+import os
 import queue
 import random
+import signal
+import tempfile
 import threading
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -138,8 +144,9 @@ def run_processes(
         inboxes=[context.Queue() for _ in config.redis_urls],
         results=context.Queue(),
     )
+    dumps = Path(tempfile.mkdtemp(prefix="local-history-"))
     procs = [
-        context.Process(target=worker, args=(config, i, shared), daemon=True)
+        context.Process(target=worker, args=(config, i, shared, str(dumps)), daemon=True)
         for i in range(len(config.redis_urls))
     ]
     for proc in procs:
@@ -149,6 +156,9 @@ def run_processes(
         until(lambda: shared.ready.value == len(procs), "every process ready", deadline)
         shared.go.set()
         during(shared, procs)
+    except AssertionError as exc:
+        # a run that made no progress: say where each process was, or the failure is a guess
+        raise AssertionError(f"{exc}\n{_stacks(procs, dumps)}") from exc
     finally:
         shared.stop.set()
         results.extend(shared.results.get(timeout=deadline) for _ in procs)
@@ -157,6 +167,38 @@ def run_processes(
             if proc.is_alive():
                 proc.kill()
     return results
+
+
+def _stacks(procs: list[Any], dumps: Path, wait: float = 10.0) -> str:
+    """Every live process's threads' stacks (faulthandler, on SIGUSR1), for a failure."""
+    asked = []
+    for index, proc in enumerate(procs):
+        if proc.is_alive() and proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)  # a stopped process dumps once resumed
+                os.kill(proc.pid, signal.SIGUSR1)
+                asked.append(index)
+    ends = time.monotonic() + wait
+    texts = []
+    for index in asked:
+        path = dumps / f"worker-{index}.txt"
+        # faulthandler writes from its signal handler: read until the text stops growing
+        seen = ""
+        while time.monotonic() < ends:
+            text = _read(path)
+            if "File" in text and text == seen:
+                break
+            seen = text
+            time.sleep(0.05)
+        texts.append(f"--- worker {index} ---\n{seen or '(no dump)'}")
+    return "\n".join(texts)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def until(condition: Callable[[], bool], what: str, deadline: float = 120.0) -> None:
@@ -175,8 +217,11 @@ def assert_no_stale_read(results: list[dict[str, Any]]) -> None:
     assert violations == [], "\n".join(violations[:20])
 
 
-def worker(config: Config, index: int, shared: Shared) -> None:
-    """A process of the run: reports ``{"worker", "kind": "done"|"fatal", ...}``."""
+def worker(config: Config, index: int, shared: Shared, dumps: str) -> None:
+    """A process of the run: reports ``{"worker", "kind": "done"|"fatal", ...}``; SIGUSR1
+    writes its threads' stacks to ``<dumps>/worker-<index>.txt``."""
+    dump = Path(dumps, f"worker-{index}.txt").open("w")  # noqa: SIM115 - open while it lives
+    faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
     try:
         payload = _Worker(config, index, shared).run()
     except BaseException:
