@@ -152,13 +152,15 @@ def run_processes(
     for proc in procs:
         proc.start()
     results: list[dict[str, Any]] = []
+    stalled: AssertionError | None = None
+    stacks = ""
     try:
         until(lambda: shared.ready.value == len(procs), "every process ready", deadline)
         shared.go.set()
         during(shared, procs)
     except AssertionError as exc:
         # a run that made no progress: say where each process was, or the failure is a guess
-        raise AssertionError(f"{exc}\n{_stacks(procs, dumps)}") from exc
+        stalled, stacks = exc, _stacks(procs, dumps)
     finally:
         shared.stop.set()
         results.extend(shared.results.get(timeout=deadline) for _ in procs)
@@ -166,6 +168,10 @@ def run_processes(
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
+    if stalled is not None:
+        # a process that died stops the run's progress too: its traceback is the reason
+        fatal = "\n".join(r["fatal"] for r in results if r["kind"] == "fatal")
+        raise AssertionError(f"{stalled}\n{fatal}\n{stacks}") from stalled
     return results
 
 
