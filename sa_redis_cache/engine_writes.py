@@ -177,13 +177,13 @@ class EngineWrites:
     ) -> None:
         """Mark the tables a DML statement wrote, before its transaction commits; read the
         row of a flush's UPDATE given RETURNING (one listener per engine and cache)."""
-        self.invalidation.returning.read_returned(conn, cursor, context)
+        returned = self.invalidation.returning.read_returned(conn, cursor, context)
         compiled = getattr(context, "compiled", None)
         element = getattr(compiled, "statement", None)
         if isinstance(element, TextClause) or compiled is None:
             tables = text_dml_tables(statement, self.core.models.known_tables())
         elif context.isinsert or context.isupdate or context.isdelete:
-            if self._seen_by_session(conn, context, element):
+            if self._seen_by_session(conn, context, element, returned):
                 return  # the session's own hooks know the rows
             target = getattr(element, "table", None)
             if not isinstance(target, Table):
@@ -207,18 +207,26 @@ class EngineWrites:
         ):
             self._finish(info)
 
-    def _seen_by_session(self, conn: Connection, context: Any, statement: Any) -> bool:
+    def _seen_by_session(
+        self,
+        conn: Connection,
+        context: Any,
+        statement: Any,
+        returned: list[tuple[Any, ...]] | None,
+    ) -> bool:
         """Whether a session's hooks already know the rows a DML statement on ``conn``
         wrote: an ORM statement ``do_orm_execute`` marked (it carries
         :attr:`marked_option`), or, while a flush runs in the session that holds
         ``conn`` (between its ``before_flush`` and ``after_flush``), a statement of its
-        unit of work (persistence.py gives each a ``compiled_cache`` option) or one a
-        mapper event runs on a table the flush writes (its write-through rows are read
-        from what the flush's UPDATEs return, a later write included). Anything else is
-        marked here as on any other connection, and finished when the connection goes
-        back to the pool: Core DML the application runs on the session's connection
-        (also of ``update(Model)``), ``bulk_save_objects`` and bulk mappings (no flush
-        events), and DML a mapper event runs on another table during a flush."""
+        unit of work (persistence.py gives each a ``compiled_cache`` option) or an
+        ``UPDATE`` a mapper event runs that wrote only rows the flush writes, as the
+        write-through capture read them back (``returned``: their primary keys; the
+        captured row replaces the flush's). Anything else is marked here as on any other
+        connection, and finished when the connection goes back to the pool: Core DML the
+        application runs on the session's connection (also of ``update(Model)``),
+        ``bulk_save_objects`` and bulk mappings (no flush events), and DML a mapper event
+        runs during a flush on rows the flush's hooks cannot name (another table, another
+        row of the same table, or rows no capture read)."""
         options = context.execution_options
         if options.get(self.marked_option):
             return True
@@ -235,8 +243,10 @@ class EngineWrites:
             return True
         assert state is not None
         target = getattr(statement, "table", None)
-        return isinstance(target, Table) and target.fullname in self.invalidation.flush_tables(
-            state
+        return (
+            returned is not None
+            and isinstance(target, Table)
+            and self.invalidation.flush_writes_rows(state, target.fullname, returned)
         )
 
     def finish_on_checkin(self, conn: Connection, token: str, tables: set[str]) -> None:

@@ -288,12 +288,25 @@ class Invalidation:
         state.premark = _Premark(pending, plan, pks, len(bulk_tables), named_tables, error)
 
     @staticmethod
-    def flush_tables(state: TransactionState) -> set[str]:
-        """The tables the flush running now writes, as planned before its statements
-        (empty when no plan was made: it writes nothing the cache keeps)."""
+    def _running_plan(state: TransactionState) -> _FlushPlan | None:
+        """The plan of the flush running now, made before its statements (None when it
+        writes nothing the cache keeps)."""
         premark: _Premark | None = state.premark
-        plan: _FlushPlan | None = premark.plan if premark is not None else state.plan
-        return set() if plan is None else plan.tables
+        return premark.plan if premark is not None else state.plan
+
+    def flush_writes_rows(
+        self, state: TransactionState, table: str, pks: list[tuple[Any, ...]]
+    ) -> bool:
+        """Whether the rows ``pks`` of ``table`` are all rows the flush running now writes
+        (its plan names them): a later write of such a row reaches the cache with the
+        flush's own (write-through reads it from what the write returned); any other row
+        is not known to the flush's hooks."""
+        plan = self._running_plan(state)
+        table_rows = None if plan is None else plan.rows.get(table)
+        if table_rows is None:
+            return not pks
+        flushed = {flushed_pk(info, obj) for info, obj in table_rows.values() if obj is not None}
+        return all(pk in flushed for pk in pks)
 
     def _arm_returning(self, session: Session, plan: _FlushPlan, state: TransactionState) -> None:
         """Capture the written-through rows of the flush about to run from its own

@@ -250,28 +250,35 @@ class Returning:
             capture.spoiled.add(_ALL)  # textual SQL may write any table
         return statement, parameters
 
-    def read_returned(self, conn: Connection, cursor: Any, context: Any) -> None:
-        """Read the row of a statement :meth:`before_cursor_execute` gave RETURNING.
+    def read_returned(
+        self, conn: Connection, cursor: Any, context: Any
+    ) -> list[tuple[Any, ...]] | None:
+        """Read the rows of a statement :meth:`before_cursor_execute` gave RETURNING, and
+        return their primary keys (None for any other statement).
 
         Called by :meth:`EngineWrites.after_cursor_execute
         <sa_redis_cache.engine_writes.EngineWrites.after_cursor_execute>`, first."""
         if not getattr(context, "isupdate", False):
-            return
+            return None
         capture: Capture | None = conn.info.get(self._key)
         if capture is None or capture.expect is None:
-            return
+            return None
         expected, info = capture.expect
         capture.expect = None
         if expected is not context:
-            return
+            return None
         raw = cursor.fetchall()
         compat.rows_already_read(context)
         processors = self._row_processors(info, conn.dialect, _type_codes(cursor))
         rows = capture.rows.setdefault(info.table, {})
         positions = info.pk_positions
+        pks = []
         for values in raw:
             row = [v if p is None else p(v) for p, v in zip(processors, values, strict=True)]
-            rows[tuple(row[p] for p in positions)] = row
+            pk = tuple(row[p] for p in positions)
+            rows[pk] = row
+            pks.append(pk)
+        return pks
 
     def _row_processors(
         self, info: ModelInfo, dialect: Dialect, codes: tuple[Any, ...]

@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
+import pytest
 import sqlalchemy as sa
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -120,6 +121,49 @@ def test_dml_a_mapper_event_runs_during_a_flush(
         sa.event.remove(Product, "after_update", rename_category)
         with shop_engine.begin() as connection:
             connection.execute(text("UPDATE categories SET name = :n WHERE id = 5"), {"n": before})
+
+
+@pytest.mark.parametrize("model", [Product, Category], ids=["write_through", "cache_aside"])
+@pytest.mark.parametrize("rows", ["another", "both"])
+def test_a_mapper_events_update_of_another_row_of_the_flushed_table(
+    session_factory: sessionmaker[Session], shop_engine: sa.Engine, model: Any, rows: str
+) -> None:
+    """A mapper event that writes another row of the table being flushed: the flush's
+    hooks name only the flushed rows, so the other row's entity entry must go too (a
+    ``session.get`` of it served the old name). ``both``: one UPDATE of the flushed row
+    and the other, which the write-through capture reads back as two rows."""
+    table: Any = model.__table__
+    with shop_engine.connect() as connection:
+        (flushed, flushed_name), (other, other_name) = connection.execute(
+            select(table.c.id, table.c.name).order_by(table.c.id).limit(2)
+        ).all()
+    touched = [other] if rows == "another" else [flushed, other]
+
+    def rename_other(mapper: Any, connection: sa.Connection, target: Any) -> None:
+        connection.execute(
+            update(table).where(table.c.id.in_(touched)).values(name=table.c.name + " (event)")
+        )
+
+    def name_of(pid: int) -> str:
+        with session_factory() as s:
+            return str(s.get_one(model, pid).name)
+
+    assert name_of(other) == other_name  # its entity entry is filled
+    sa.event.listen(model, "after_update", rename_other)
+    try:
+        with session_factory() as s:
+            s.get_one(model, flushed).name = flushed_name + " (flushed)"
+            s.commit()
+    finally:
+        sa.event.remove(model, "after_update", rename_other)
+    try:
+        assert name_of(other) == other_name + " (event)"
+        flushed_now = flushed_name + " (flushed)" + (" (event)" if rows == "both" else "")
+        assert name_of(flushed) == flushed_now
+    finally:
+        with shop_engine.begin() as connection:
+            for pid, name in ((flushed, flushed_name), (other, other_name)):
+                connection.execute(update(table).where(table.c.id == pid).values(name=name))
 
 
 def test_bulk_save_objects_after_a_flush_its_listeners_emptied(
