@@ -135,6 +135,31 @@ def statement_options(statement: Any) -> Sequence[Any]:
     return options
 
 
+def propagated_options(statement: Any) -> tuple[Any, ...]:
+    """The options of ``statement`` that SQLAlchemy keeps on each object it loads
+    (``state.load_options``) and replays in that object's lazy loads and refreshes:
+    ``with_loader_criteria()``, loader options; those of the statement as executed, with
+    their current values (``QueryContext.propagated_loader_options``)."""
+    return tuple(opt for opt in statement._with_options if opt.propagate_to_loaders)
+
+
+def loaded_path(statement: Any, entity: Any) -> Any:
+    """The load path SQLAlchemy gives the objects of ``entity`` (a statement's inspected
+    entity): below the statement's current path, which a lazy load's statement carries
+    (its parent's path and relationship), as ``_instance_processor`` sets it."""
+    path = entity._path_registry
+    # a select no ORM option touched carries Core's compile options, with no such path
+    current = getattr(statement._compile_options, "_current_path", None)
+    return current + path if current is not None and current.path else path
+
+
+def stamp_load(state: InstanceState[Any], options: tuple[Any, ...], path: Any) -> None:
+    """Give a new object the options and load path SQLAlchemy's loading gives one it
+    builds (``_instance`` in ``orm/loading.py``), so that its lazy loads apply them."""
+    state.load_options = options
+    state.load_path = path
+
+
 def statement_mapper(statement: Any) -> Mapper[Any] | None:
     """The mapper an ORM statement selects from (``session.get``, lazy loads), or None."""
     mapper: Mapper[Any] | None = statement._propagate_attrs.get("plugin_subject")
@@ -995,6 +1020,8 @@ _PROBED: dict[str, tuple[str, str]] = {
     "sqlalchemy Session._transaction": ("session", "_transaction"),
     "sqlalchemy Session._flushing": ("session", "_flushing"),
     "sqlalchemy InstanceState.committed_state": ("state", "committed_state"),
+    "sqlalchemy InstanceState.load_options": ("state", "load_options"),
+    "sqlalchemy InstanceState.load_path": ("state", "load_path"),
     "sqlalchemy InstanceState.modified": ("state", "modified"),
     "sqlalchemy InstanceState.manager": ("state", "manager"),
     "sqlalchemy Session.identity_map._add_unpresent": ("identity_map", "_add_unpresent"),

@@ -36,7 +36,7 @@ import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper, Session
@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from .codec import RowCodec
 
 InfoOf = Callable[[Mapper[Any]], ModelInfo]
+# a step of a load path: a _PathNode, or SQLAlchemy's PathRegistry (_first_reached)
+_Step = TypeVar("_Step")
 
 
 def connection_timezone(session: Session) -> Any:
@@ -73,6 +75,13 @@ class NotCacheable(Exception):
     """This result cannot be stored exactly (objects already in the session, odd collections)."""
 
 
+class UnservableLoading(Exception):
+    """A statement's loader options give its objects what a hit cannot: a lazy loader
+    whose criteria hold the values of the execution that loaded them
+    (``lazyload(Category.products.and_(Product.price < limit))``). Such a statement runs
+    uncached."""
+
+
 @dataclass(frozen=True, slots=True)
 class RowShape:
     """Which result columns are ORM entities and how the others are encoded.
@@ -80,7 +89,9 @@ class RowShape:
     ``entity_mappers`` holds the statement's mapper at each entity position: a cached
     body is checked against them (see the module docstring). ``loading``: what the
     statement's loader options make of the attributes its rows leave unloaded
-    (:func:`loading_of`); None when the mapped classes alone say it.
+    (:func:`loading_of`); None when the mapped classes alone say it. ``propagating``:
+    the statement has options SQLAlchemy keeps on the objects it loads
+    (:func:`compat.propagated_options`), which a hit gives them too.
     """
 
     keys: tuple[str, ...]
@@ -90,6 +101,7 @@ class RowShape:
     scalar_codec: RowCodec
     entity_mappers: tuple[Mapper[Any], ...] = ()
     loading: Loading | None = None
+    propagating: bool = False
 
 
 def identity_snapshot(session: Session) -> frozenset[Any]:
@@ -524,38 +536,86 @@ class Loading:
         if by_mapper is not None:
             get = by_mapper.get
             return [get(info.mapper) for info in owners]
-        objects, rows, roots = prepared.objects, prepared.rows, self.roots
-        nodes: list[_PathNode | None] = [None] * len(objects)
-        order: list[int] = []
-        if single:
-            for index in rows:
-                if nodes[index] is None:
-                    nodes[index] = roots[0]
-                    order.append(index)
-        else:
-            for entities, _ in rows:
-                for root, index in zip(roots, entities, strict=True):
-                    if index is not None and nodes[index] is None:
-                        nodes[index] = root
-                        order.append(index)
-        for index in order:  # grows as related objects are reached
-            rels = objects[index][3]
-            if not rels:
-                continue
-            node = nodes[index]
-            assert node is not None
-            mapper = owners[index].mapper
-            for key, target in rels.items():
-                child = node.children.get((mapper, key), _NOWHERE)
-                for reached in target if isinstance(target, list) else (target,):
-                    if reached is not None and nodes[reached] is None:
-                        nodes[reached] = child
-                        order.append(reached)
+        nodes = _first_reached(prepared, single, self.roots, _child_node)
         # prepare() checked that the rows reach every object
         return [
             node.unloaded.get(info.mapper) if node is not None else None
             for node, info in zip(nodes, owners, strict=True)
         ]
+
+
+def _child_node(node: _PathNode, mapper: Mapper[Any], key: str) -> _PathNode:
+    return node.children.get((mapper, key), _NOWHERE)
+
+
+def _child_path(path: Any, mapper: Mapper[Any], key: str) -> Any:
+    return compat.relationship_load_path(path, mapper.relationships[key])
+
+
+def _first_reached(
+    prepared: Prepared,
+    single: bool,
+    roots: Sequence[_Step],
+    descend: Callable[[_Step, Mapper[Any], str], _Step],
+) -> list[_Step | None]:
+    """Per object of ``prepared``: the step of the first path its rows reach it by (each
+    entity position's root, then ``descend(step, mapper, relationship key)`` for the
+    objects eagerly loaded below it), as SQLAlchemy settles an object's loaders and load
+    path when it first builds it; None for an object no row reaches."""
+    owners, objects, rows = prepared.owners, prepared.objects, prepared.rows
+    steps: list[_Step | None] = [None] * len(objects)
+    order: list[int] = []
+    if single:
+        for index in rows:
+            if steps[index] is None:
+                steps[index] = roots[0]
+                order.append(index)
+    else:
+        for entities, _ in rows:
+            for root, index in zip(roots, entities, strict=True):
+                if index is not None and steps[index] is None:
+                    steps[index] = root
+                    order.append(index)
+    for index in order:  # grows as related objects are reached
+        rels = objects[index][3]
+        if not rels:
+            continue
+        step = steps[index]
+        assert step is not None
+        mapper = owners[index].mapper
+        for key, target in rels.items():
+            child = descend(step, mapper, key)
+            for reached in target if isinstance(target, list) else (target,):
+                if reached is not None and steps[reached] is None:
+                    steps[reached] = child
+                    order.append(reached)
+    return steps
+
+
+def _stamp_load(
+    prepared: Prepared, single: bool, made_here: list[InstanceState[Any] | None], statement: Any
+) -> None:
+    """Give the objects a hit made the options SQLAlchemy would have kept on them
+    (:func:`compat.propagated_options`) with their load paths: their lazy loads and
+    refreshes then apply the statement's ``with_loader_criteria()`` and loader options
+    as after a database read, where without them a lazy load read unfiltered rows."""
+    options = compat.propagated_options(statement)
+    if not options:
+        return
+    roots = [compat.loaded_path(statement, e) for e in _root_entities(statement)]
+    paths = _first_reached(prepared, single, roots, _child_path)
+    for state, path in zip(made_here, paths, strict=True):
+        if state is not None and path is not None:
+            compat.stamp_load(state, options, path)
+
+
+def _root_entities(statement: Any) -> list[Any]:
+    """The inspected entities (mappers or aliases) of ``statement``'s entity columns."""
+    return [
+        inspect(d["entity"])
+        for d in statement.column_descriptions
+        if isinstance(d["type"], type) and hasattr(d["type"], "__mapper__")
+    ]
 
 
 def loading_of(statement: Any) -> Loading | None:
@@ -564,7 +624,8 @@ def loading_of(statement: Any) -> Loading | None:
 
     Worked out once per statement shape (its plan). Where SQLAlchemy cannot resolve the
     options outside an execution, None too: a hit then loads such attributes as the
-    classes say (a column not in the row on access), never reads them as None.
+    classes say (a column not in the row on access), never reads them as None. Raises
+    :class:`UnservableLoading` for options no hit can honour.
 
     Example::
 
@@ -575,17 +636,15 @@ def loading_of(statement: Any) -> Loading | None:
         return None
     try:
         return _resolve_loading(statement)
+    except UnservableLoading:
+        raise
     except Exception:  # noqa: BLE001 - internals moved or an option SQLAlchemy refuses here
         return None
 
 
 def _resolve_loading(statement: Any) -> Loading | None:
     compile_state = compat.loader_compile_state(statement)
-    entities = [
-        inspect(d["entity"])
-        for d in statement.column_descriptions
-        if isinstance(d["type"], type) and hasattr(d["type"], "__mapper__")
-    ]
+    entities = _root_entities(statement)
     nodes: dict[Any, _PathNode] = {}
     # objects loaded eagerly sit at deeper paths, where a mapper of a root may be loaded
     # otherwise (a self-referential relationship): then no answer holds per mapper
@@ -648,13 +707,16 @@ def _unloaded_at(compile_state: Any, path: Any, mapper: Mapper[Any]) -> Unloaded
     relationships: list[tuple[str, Any]] = []
     for rel in mapper.relationships:
         strategy, option = compat.loader_at(rel, compile_state, path)
-        if compat.is_class_level(strategy) or option is None:
-            continue
-        if compat.loader_settings(strategy).get("lazy") not in _LAZY_STRATEGIES:
+        if option is None or compat.loader_settings(strategy).get("lazy") not in _LAZY_STRATEGIES:
             continue
         if compat.option_has_criteria(option):
-            # its criteria hold this statement's values, not a later one's: left to the
-            # class's lazy loader (see docs/decisions.md)
+            # SQLAlchemy gives each object a lazy loader holding the criteria's values of
+            # the execution that loaded it; a loader made from one statement would load
+            # later hits' objects with the first one's values
+            raise UnservableLoading(
+                f"the lazy load of {rel} has criteria (.and_()) with each execution's values"
+            )
+        if compat.is_class_level(strategy):
             continue
         relationships.extend(compat.per_object_lazy_loaders(strategy, path, option, mapper))
     return Unloaded(columns, tuple(relationships))
@@ -901,12 +963,19 @@ def rehydrate(session: Session, body: Any, info_of: InfoOf, shape: RowShape) -> 
 
 
 def build(
-    session: Session, prepared: Prepared, shape: RowShape, *, shared: bool = False
+    session: Session,
+    prepared: Prepared,
+    shape: RowShape,
+    *,
+    shared: bool = False,
+    statement: Any = None,
 ) -> Result[Any]:
     """Build the result of a prepared query body into ``session``.
 
     ``shared``: ``prepared`` is kept for other sessions too (the local tier); mutable
-    values are copied into each object, and nothing of it is modified.
+    values are copied into each object, and nothing of it is modified. ``statement``:
+    the statement as executed, whose propagating options the new objects keep (needed
+    when ``shape.propagating``).
     """
     objects, rows = prepared.objects, prepared.rows
     mat = _Materializer(session, shared=shared)
@@ -932,6 +1001,8 @@ def build(
             else:
                 value = made[target]
             set_committed_value(obj, key, value)
+    if shape.propagating and statement is not None:
+        _stamp_load(prepared, shape.single_entity, made_here, statement)
     mat.finish()
     if shape.single_entity:
         data: list[Any] = [made[i] for i in rows]

@@ -312,7 +312,7 @@ class QueryReads:
             and (tx is None or tx.snapshot is None)
         ):
             if local.serving():
-                result = self._local_hit(local, session, plan, entry_key, region)
+                result = self._local_hit(local, session, statement, plan, entry_key, region)
                 if result is not None:
                     return result
             stats.incr(region, "local_misses", also=plan.scopes)
@@ -369,14 +369,14 @@ class QueryReads:
         if local is not None and option.local and plan.local:
             # a local miss is the pipeline's: it holds the tables before its Redis look
             if local.serving():
-                return self._local_hit(local, session, plan, entry_key, region)
+                return self._local_hit(local, session, statement, plan, entry_key, region)
             return None
         started = time.perf_counter()
         if entry_key not in self._hits_last or active_tracer(started) is not None:
             return None
         look = self._look(entry_key, plan, region, None)
         if look is not None and look.found is not None and not look.due_now(option.xfetch_beta):
-            result = self._serve(session, look, plan, entry_key, None)
+            result = self._serve(session, statement, look, plan, entry_key, None)
             core.counters.hit(region, time.perf_counter() - started, also=plan.scopes)
             return result
         self.flow.hand(session, entry_key, look)
@@ -408,12 +408,18 @@ class QueryReads:
         return self.entry_key(plan, cache_key.bindparams, params, database, translate, spread)
 
     def _local_hit(
-        self, local: LocalTier, session: Session, plan: StatementPlan, entry_key: str, region: str
+        self,
+        local: LocalTier,
+        session: Session,
+        statement: Any,
+        plan: StatementPlan,
+        entry_key: str,
+        region: str,
     ) -> Result[Any] | None:
         entry = local.store.get(entry_key)
         if entry is None:
             return None
-        result = hydrate.build(session, entry.value, plan.shape, shared=True)
+        result = hydrate.build(session, entry.value, plan.shape, shared=True, statement=statement)
         self.core.counters.incr_each(region, ("hits", "local_hits"), also=plan.scopes)
         return result
 
@@ -451,7 +457,9 @@ class QueryReads:
             scope=region,
             also=plan.scopes,
             look=look_at,
-            serve=lambda look: self._serve(session, look, plan, entry_key, mark),
+            serve=lambda look: self._serve(
+                session, orm_context.statement, look, plan, entry_key, mark
+            ),
             fill=fill,
             lease=option.lease,
             lease_wait=option.lease_wait,
@@ -561,6 +569,7 @@ class QueryReads:
     def _serve(
         self,
         session: Session,
+        statement: Any,
         look: Look,
         plan: StatementPlan,
         entry_key: str,
@@ -576,7 +585,7 @@ class QueryReads:
                 entry_key, prepared, look, ttl, mark, objects=max(1, len(prepared.objects))
             )
         # shared with later hits on the same bytes (DecodedEntries), and the local tier's
-        return hydrate.build(session, prepared, plan.shape, shared=True)
+        return hydrate.build(session, prepared, plan.shape, shared=True, statement=statement)
 
     def _fill(
         self,
@@ -788,6 +797,10 @@ def _row_shape(statement: Any) -> hydrate.RowShape:
     except UncacheableType as exc:
         raise Uncacheable(str(exc)) from exc
     single = len(descriptions) == 1 and bool(entity_positions)
+    try:
+        loading = hydrate.loading_of(statement)
+    except hydrate.UnservableLoading as exc:
+        raise Uncacheable(str(exc)) from exc
     return hydrate.RowShape(
         keys=tuple(keys),
         single_entity=single,
@@ -795,5 +808,6 @@ def _row_shape(statement: Any) -> hydrate.RowShape:
         scalar_positions=tuple(scalar_positions),
         scalar_codec=codec,
         entity_mappers=tuple(entity_mappers),
-        loading=hydrate.loading_of(statement),
+        loading=loading,
+        propagating=bool(compat.propagated_options(statement)),
     )

@@ -371,3 +371,70 @@ def test_a_statement_without_loader_options_resolves_nothing(models: Models) -> 
     # options that leave every attribute as the class says: nothing per hit either
     assert loading_of(select(models.cat).options(selectinload(models.cat.items))) is None
     assert loading_of(select(item).options(raiseload(item.cat))) is not None
+
+
+def test_with_loader_criteria_reaches_the_lazy_loads_of_a_hits_objects(
+    world: World, models: Models
+) -> None:
+    """SQLAlchemy keeps a statement's ``with_loader_criteria()`` on the objects it loads
+    and applies it to their lazy loads; a hit's objects keep it too, with the values of
+    the execution that built them (the lazy load read every item without it)."""
+
+    def statement(limit: int) -> Any:
+        return (
+            select(models.cat)
+            .where(models.cat.id == 1)
+            .options(
+                FromCache(), sa.orm.with_loader_criteria(models.item, lambda c: c.price < limit)
+            )
+        )
+
+    for limit, names in ((2, ["i1"]), (10, ["i1", "i2", "i3"])):
+        with uncached(world, statement(limit)) as (_, objects):
+            assert [i.name for i in objects[0].items] == names
+        with served(world, statement(limit)) as (_, objects):
+            assert [i.name for i in objects[0].items] == names
+
+
+def test_loader_options_reach_the_lazy_loads_of_a_hits_objects(
+    world: World, models: Models
+) -> None:
+    """A loader option below a relationship the query does not load eagerly
+    (``defaultload(Cat.items).raiseload(Item.cat)``) applies when the objects' lazy load
+    runs: SQLAlchemy replays it from the objects' load options and path."""
+    stmt = (
+        select(models.cat)
+        .where(models.cat.id == 1)
+        .options(FromCache(), sa.orm.defaultload(models.cat.items).raiseload(models.item.cat))
+    )
+    with uncached(world, stmt) as (_, objects):
+        expected = outcome(world, objects[0].items[0], "cat")
+    with served(world, stmt) as (_, objects):
+        got = outcome(world, objects[0].items[0], "cat")
+    assert got == expected == ("raises",)
+    # the lazy load served too (a cached collection): its objects sit below the
+    # parent's path, where the option names them
+    with served(world, stmt) as (_, objects):
+        items = outcome(world, objects[0], "items")
+        assert items[1] == 0, "the lazy load was not served from the cache"
+        assert outcome(world, objects[0].items[0], "cat") == ("raises",)
+
+
+def test_a_lazy_load_with_criteria_runs_uncached(world: World, models: Models) -> None:
+    """``lazyload(rel.and_(...))``: SQLAlchemy gives each object a lazy loader holding
+    the criteria's values of that execution, which a hit cannot (it loaded every item),
+    so the statement runs uncached, with each execution's values."""
+
+    def statement(limit: int) -> Any:
+        criteria = models.cat.items.and_(models.item.price < limit)
+        return (
+            select(models.cat)
+            .where(models.cat.id == 1)
+            .options(FromCache(), sa.orm.lazyload(criteria))
+        )
+
+    for limit, names in ((2, ["i1"]), (10, ["i1", "i2", "i3"]), (2, ["i1"])):
+        for _ in range(2):
+            with world.cached() as s:
+                assert [i.name for i in s.scalars(statement(limit)).one().items] == names
+    assert world.cache.stats()["total"]["uncacheable"] == 6
