@@ -106,15 +106,29 @@ class Config:
 
 @dataclass(frozen=True, slots=True)
 class Shared:
-    """What the processes share with the test: counters, events, the pipes."""
+    """What the processes share with the test: counters, events, the pipes.
 
-    reads: Any  # multiprocessing.Value("q")
-    writes: Any
+    What a process touches while the run goes on takes no lock: a process stopped with
+    SIGSTOP while it held one (a synchronized counter's, an Event's) stalled every other
+    process at its next read of that counter or of the stop flag. Each process counts in
+    its own slot, and the flag is a plain shared byte.
+    """
+
+    read_counts: Any  # multiprocessing.RawArray("q", processes): each process's own
+    write_counts: Any
+    halt: Any  # RawValue("b"): 1 once the processes are to stop
     ready: Any  # multiprocessing.Semaphore-like counter: Value("i")
     go: Any  # Event
-    stop: Any  # Event
     inboxes: list[Any]  # one Queue per process
     results: Any  # Queue
+
+    def reads(self) -> int:
+        """The reads every process counted so far."""
+        return sum(self.read_counts)
+
+    def writes(self) -> int:
+        """The writes every process counted so far."""
+        return sum(self.write_counts)
 
 
 def run_processes(
@@ -136,11 +150,11 @@ def run_processes(
     """
     context: Any = multiprocessing.get_context(start_method)  # typeshed: BaseContext, no Process
     shared = Shared(
-        reads=context.Value("q", 0),
-        writes=context.Value("q", 0),
+        read_counts=context.RawArray("q", len(config.redis_urls)),
+        write_counts=context.RawArray("q", len(config.redis_urls)),
+        halt=context.RawValue("b", 0),
         ready=context.Value("i", 0),
         go=context.Event(),
-        stop=context.Event(),
         inboxes=[context.Queue() for _ in config.redis_urls],
         results=context.Queue(),
     )
@@ -162,7 +176,7 @@ def run_processes(
         # a run that made no progress: say where each process was, or the failure is a guess
         stalled, stacks = exc, _stacks(procs, dumps)
     finally:
-        shared.stop.set()
+        shared.halt.value = 1
         results.extend(shared.results.get(timeout=deadline) for _ in procs)
         for proc in procs:
             proc.join(timeout=10)
@@ -270,7 +284,7 @@ class _Worker:
             raise RuntimeError("never released")
         try:
             writes = self.index not in self.config.readers_only
-            while not self.shared.stop.is_set():
+            while not self.shared.halt.value:
                 if writes and self.random.random() < _WRITE_SHARE:
                     self._write()
                 else:
@@ -297,7 +311,7 @@ class _Worker:
             try:
                 row, version = inbox.get(timeout=0.5)
             except queue.Empty:
-                if self.shared.stop.is_set():
+                if self.shared.halt.value:
                     return
                 continue
             with self.floor_lock:
@@ -331,8 +345,7 @@ class _Worker:
             if i != self.index:
                 inbox.put((row, version))
         self.counts["writes"] += 1
-        with self.shared.writes.get_lock():
-            self.shared.writes.value += 1
+        self.shared.write_counts[self.index] += 1
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -362,5 +375,4 @@ class _Worker:
                 )
         self.counts["reads"] += 1
         if self.counts["reads"] % 50 == 0:
-            with self.shared.reads.get_lock():
-                self.shared.reads.value += 50
+            self.shared.read_counts[self.index] += 50

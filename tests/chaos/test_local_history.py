@@ -66,8 +66,8 @@ def test_no_stale_read_from_any_local_tier_through_faults(
 
         def faults(shared: Shared, procs: list[Any]) -> None:
             def reads_grow(by: int) -> None:
-                start = shared.reads.value
-                until(lambda: shared.reads.value >= start + by, f"{by} more reads", DEADLINE)
+                start = shared.reads()
+                until(lambda: shared.reads() >= start + by, f"{by} more reads", DEADLINE)
 
             reads_grow(2000)
             admin.client_kill_filter(_type="pubsub")
@@ -76,9 +76,9 @@ def test_no_stale_read_from_any_local_tier_through_faults(
             assert paused.pid is not None
             os.kill(paused.pid, signal.SIGSTOP)
             try:
-                writes = shared.writes.value
+                writes = shared.writes()
                 until(
-                    lambda: shared.writes.value >= writes + 20,
+                    lambda: shared.writes() >= writes + 20,
                     "writes while one is stopped",
                     DEADLINE,
                 )
@@ -89,7 +89,7 @@ def test_no_stale_read_from_any_local_tier_through_faults(
             reads_grow(2000)
             server.restart()
             reads_grow(2000)
-            until(lambda: shared.reads.value >= MIN_READS, f"{MIN_READS} reads in all", DEADLINE)
+            until(lambda: shared.reads() >= MIN_READS, f"{MIN_READS} reads in all", DEADLINE)
 
         try:
             results = run_processes(config, faults, deadline=DEADLINE)

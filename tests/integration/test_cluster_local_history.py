@@ -83,8 +83,8 @@ def run_through(
 
     def during(shared: Shared, _procs: list[Any]) -> None:
         def calm() -> None:
-            start = shared.reads.value
-            while not stop.is_set() and shared.reads.value < start + CALM:
+            start = shared.reads()
+            while not stop.is_set() and shared.reads() < start + CALM:
                 stop.wait(0.02)  # polls the processes' progress
 
         def loop() -> None:
@@ -101,8 +101,8 @@ def run_through(
                     bool(failures)
                     or (
                         len(rounds) >= rounds_wanted
-                        and shared.reads.value >= MIN_READS
-                        and shared.writes.value >= MIN_WRITES
+                        and shared.reads() >= MIN_READS
+                        and shared.writes() >= MIN_WRITES
                     )
                 ),
                 f"{rounds_wanted} rounds of chaos, {MIN_READS} reads, {MIN_WRITES} writes",
