@@ -161,9 +161,10 @@ class Cache:
             self._core.enable_local(max_entries=local_max_entries, max_bytes=local_max_bytes)
         self._reads = ReadPath(self._core)
         invalidation = Invalidation(self._core)
-        self._engine_writes = EngineWrites(self._core, invalidation)
+        write_behind = WriteBehind(self._core)
+        self._engine_writes = EngineWrites(self._core, invalidation, write_behind)
         self._hooks = SessionHooks(
-            self._core, self._reads, invalidation, WriteBehind(self._core), self._engine_writes
+            self._core, self._reads, invalidation, write_behind, self._engine_writes
         )
         self._publisher = StatsPublisher(self._core, stats_publish_interval)
         self.inspector = CacheInspector(self._core, self._reads)

@@ -246,6 +246,17 @@ def populates_existing(orm_context: ORMExecuteState) -> bool:
     )
 
 
+def enclosing_savepoints(connection: Connection) -> frozenset[str]:
+    """The names of the savepoints open on ``connection`` now: rolling back any of them
+    undoes what its transaction did since."""
+    names = set()
+    nested = connection._nested_transaction
+    while nested is not None:
+        names.add(nested._savepoint)
+        nested = nested._previous_nested
+    return frozenset(names)
+
+
 def uncommitted_connections(session: Session) -> list[Connection]:
     """In ``after_commit`` of ``session``'s outermost transaction: its connections whose
     database transaction that commit did not commit. A session joined to a transaction

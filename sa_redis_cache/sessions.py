@@ -51,13 +51,14 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from . import compat
 from .breaker import CLOSED
 from .reads import from_cache_in
 from .reads.flow import reads_directly
-from .transaction import peek_transaction_state, transaction_state
+from .transaction import TransactionState, peek_transaction_state, transaction_state
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -352,6 +353,8 @@ class SessionHooks:
         if session.in_nested_transaction():
             state.release()
             return
+        if state.frames[0].queued:
+            state.joined = _joined_connection(session, state)
         if state.marked:
             uncommitted = compat.uncommitted_connections(session)
             if uncommitted:
@@ -389,10 +392,29 @@ class SessionHooks:
         self.invalidation.settle_premark(state)
         committed, token, marked = state.committed, state.token, state.marked
         queued = list(state.frames[0].queued.values())
+        joined = state.joined
         state.reset()
         if not committed:
             if marked:
                 self.invalidation.release(token, marked)
             self.write_behind.revert(session, queued, None)
+        elif queued and joined is not None:
+            self.engine_writes.queue_on_commit(joined, queued)
+            self.write_behind.keep_committed(session, queued)
         elif queued:
             self.write_behind.queue_commit(session, queued)
+
+
+def _joined_connection(session: Session, state: TransactionState) -> Connection | None:
+    """In ``after_commit``: the connection whose transaction the session's write-behind
+    operations belong to when the session is joined to a transaction the application
+    holds open on it (its commit committed nothing: they are queued when the
+    application commits, :meth:`EngineWrites.queue_on_commit
+    <sa_redis_cache.engine_writes.EngineWrites.queue_on_commit>`); None otherwise. Found
+    by the operations' binds, as a write-behind flush may run no SQL at all."""
+    for op in state.frames[0].queued.values():
+        bind = session.get_bind(mapper=op.info.mapper)
+        if isinstance(bind, Connection) and bind.in_transaction():
+            # one connection queues them all: a commit is one enqueue, all or nothing
+            return bind
+    return None

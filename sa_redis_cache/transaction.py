@@ -97,6 +97,9 @@ class TransactionState:
     # before_flush listeners emptied never reaches after_flush, and is gone when it
     # returns): its unit of work's statements are the hooks' (engine_writes.py)
     flushing: Any = None
+    # the connections whose database transaction the outermost commit left to the
+    # application (a session joined to it): write-behind queues when that one commits
+    joined: Any = None
 
     @property
     def written_tables(self) -> set[str]:
@@ -157,6 +160,7 @@ class TransactionState:
         self.posted = None
         self.plan = None
         self.captures = None
+        self.joined = None
 
 
 def transaction_state(session: Session) -> TransactionState:

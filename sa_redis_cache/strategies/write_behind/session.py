@@ -285,34 +285,58 @@ class WriteBehind:
         :class:`CacheUnavailableError`.
         """
         try:
-            with self.core.measure_tables({op.info.table for op in ops}, "write_behind_enqueue"):
-                self.enqueue(ops)
+            self._enqueue_measured(ops)
         except (NotOnDiskError, NotReplicatedError):
             # queued all the same: the objects keep their committed state
             self.core.counters.incr_total("errors")
-            for op in ops:
-                if op.kind == "u":
-                    refill(session, op)
+            self.keep_committed(session, ops)
             raise
         except RedisError as exc:
             self.core.counters.incr_total("errors")
             self.revert(session, ops, None)
-            if isinstance(exc, ResponseError) or compat.failed_to_connect(exc):
-                # the script refused (it writes all or none), or it was never sent
-                outcome = "none of them was queued"
-            else:  # the connection failed, maybe after the script was sent
-                outcome = (
-                    "whether they were queued is unknown: the connection failed, maybe after "
-                    "Redis ran the enqueue (then the worker flushes them)"
-                )
             raise CacheUnavailableError(
                 f"write-behind: Redis did not take this commit's {len(ops)} queued "
-                f"write(s) ({exc}); {outcome}. Rows of other models in the same "
+                f"write(s) ({exc}); {_outcome(exc)}. Rows of other models in the same "
                 "commit are committed to the database. Retry the writes when Redis is back"
             ) from exc
+        self.keep_committed(session, ops)
+
+    def queue_joined(self, ops: list[Op]) -> None:
+        """Queue the operations of sessions joined to an application's transaction, as the
+        application commits it (SQLAlchemy's ``commit`` event, before the database's
+        commit: :meth:`EngineWrites.queue_on_commit
+        <sa_redis_cache.engine_writes.EngineWrites.queue_on_commit>`).
+
+        Raising :class:`CacheUnavailableError` here fails the application's commit before
+        the database's, so nothing of its transaction is committed. Operations queued whose
+        durability was not confirmed (:class:`NotOnDiskError`, :class:`NotReplicatedError`)
+        are logged and the commit goes on: refusing it would leave them queued for a
+        transaction that never committed.
+        """
+        try:
+            self._enqueue_measured(ops)
+        except (NotOnDiskError, NotReplicatedError) as exc:
+            self.core.counters.incr_total("errors")
+            log.warning("write-behind: a joined transaction's writes were queued: %s", exc)
+        except RedisError as exc:
+            self.core.counters.incr_total("errors")
+            raise CacheUnavailableError(
+                f"write-behind: Redis did not take the {len(ops)} queued write(s) of a "
+                f"session joined to this transaction ({exc}); {_outcome(exc)}. The "
+                "transaction's commit is refused, so the database committed none of it. "
+                "Retry it when Redis is back"
+            ) from exc
+
+    @staticmethod
+    def keep_committed(session: Session, ops: list[Op]) -> None:
+        """Give the operations' objects their queued state again (``expire_on_commit``)."""
         for op in ops:
             if op.kind == "u":
                 refill(session, op)
+
+    def _enqueue_measured(self, ops: list[Op]) -> None:
+        with self.core.measure_tables({op.info.table for op in ops}, "write_behind_enqueue"):
+            self.enqueue(ops)
 
     @staticmethod
     def revert(session: Session, ops: Iterable[Op], outer: TransactionState | None) -> None:
@@ -563,3 +587,15 @@ def _zone(session: Session, info: ModelInfo) -> Any:
         if zone is not None:
             _ZONES[engine] = zone
     return zone
+
+
+def _outcome(exc: RedisError) -> str:
+    """What a failed enqueue left in Redis."""
+    if isinstance(exc, ResponseError) or compat.failed_to_connect(exc):
+        # the script refused (it writes all or none), or it was never sent
+        return "none of them was queued"
+    # the connection failed, maybe after the script was sent
+    return (
+        "whether they were queued is unknown: the connection failed, maybe after "
+        "Redis ran the enqueue (then the worker flushes them)"
+    )
