@@ -161,10 +161,10 @@ class Cache:
             self._core.enable_local(max_entries=local_max_entries, max_bytes=local_max_bytes)
         self._reads = ReadPath(self._core)
         invalidation = Invalidation(self._core)
-        write_behind = WriteBehind(self._core)
-        self._engine_writes = EngineWrites(self._core, invalidation, write_behind)
+        self._engine_writes = EngineWrites(self._core, invalidation)
+        self._write_behind = WriteBehind(self._core)
         self._hooks = SessionHooks(
-            self._core, self._reads, invalidation, write_behind, self._engine_writes
+            self._core, self._reads, invalidation, self._write_behind, self._engine_writes
         )
         self._publisher = StatsPublisher(self._core, stats_publish_interval)
         self.inspector = CacheInspector(self._core, self._reads)
@@ -713,6 +713,7 @@ class Cache:
         self._reads.auto.clear()
         self._publisher.stop()  # after a last publish
         self._engine_writes.forget_engines()
+        self._write_behind.forget_engines()
         self._attached.clear()
         self._attached_binds.clear()
 

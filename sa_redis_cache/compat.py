@@ -34,6 +34,7 @@ import redis.crc
 import redis.exceptions
 import sqlalchemy
 from sqlalchemy.engine import NestedTransaction
+from sqlalchemy.engine import base as engine_base
 from sqlalchemy.engine import cursor as engine_cursor
 from sqlalchemy.engine import default as engine_default
 from sqlalchemy.engine import result as engine_result
@@ -244,6 +245,16 @@ def populates_existing(orm_context: ORMExecuteState) -> bool:
         orm_context.execution_options.get("populate_existing")
         or orm_context.load_options._populate_existing
     )
+
+
+def commit_now(connection: Connection) -> None:
+    """Commit ``connection``'s database transaction now, from SQLAlchemy's ``commit`` event
+    (which runs before SQLAlchemy's own commit, then a no-op), failing as that commit
+    fails: the driver's error wrapped, a lost connection invalidated."""
+    try:
+        connection.dialect.do_commit(connection.connection)
+    except BaseException as exc:  # noqa: BLE001 - re-raised by SQLAlchemy, as its own commit does
+        connection._handle_dbapi_exception(exc, None, None, None, None)
 
 
 def enclosing_savepoints(connection: Connection) -> frozenset[str]:
@@ -1136,6 +1147,20 @@ _MODULE_PROBES: dict[str, tuple[Any, str]] = {
 }
 
 _SOURCE_PROBES: dict[str, tuple[Any, str]] = {
+    # a joined session's write-behind commits the database first (commit_now), and knows
+    # the savepoints around it (enclosing_savepoints)
+    "sqlalchemy Connection._commit_impl calls _handle_dbapi_exception": (
+        engine_base.Connection._commit_impl,
+        "_handle_dbapi_exception",
+    ),
+    "sqlalchemy NestedTransaction._previous_nested": (
+        engine_base.NestedTransaction.__init__,
+        "_previous_nested",
+    ),
+    "sqlalchemy NestedTransaction._savepoint": (
+        engine_base.NestedTransaction.__init__,
+        "_savepoint",
+    ),
     "sqlalchemy DefaultDialect._on_connect_isolation_level": (
         engine_default.DefaultDialect.__init__,
         "_on_connect_isolation_level",

@@ -21,7 +21,6 @@ from sqlalchemy import Table
 from sqlalchemy.sql.elements import TextClause
 
 from . import compat
-from .errors import CacheUnavailableError
 from .schema import is_library_table
 from .transaction import peek_transaction_state
 
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 
     from .context import CacheContext
     from .strategies.cache_aside import Invalidation
-    from .strategies.write_behind.session import Op, WriteBehind
 
 # an identifier: quoted (its case kept, "" an escaped quote) or not (folded to lower case,
 # as Postgres folds it)
@@ -56,7 +54,6 @@ _ANY_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|TRUNCATE|COPY)\b", re.IGNO
 _MORE = re.compile(r";\s*(?!--|/\*)\S")
 _PENDING = "sa_redis_cache.pending"
 _HANDED = "sa_redis_cache.handed"
-_QUEUED = "sa_redis_cache.queued_on_commit"
 
 
 def text_dml_tables(sql: str, known: list[str]) -> set[str]:
@@ -136,16 +133,13 @@ class EngineWrites:
 
     Example::
 
-        engine_writes = EngineWrites(core, invalidation, write_behind)
+        engine_writes = EngineWrites(core, invalidation)
         engine_writes.register(engine)   # done by Cache.attach()
     """
 
-    def __init__(
-        self, core: CacheContext, invalidation: Invalidation, write_behind: WriteBehind
-    ) -> None:
+    def __init__(self, core: CacheContext, invalidation: Invalidation) -> None:
         self.core = core
         self.invalidation = invalidation
-        self.write_behind = write_behind
         # the connections sessions of attached factories run their transactions on
         self.session_connections: weakref.WeakKeyDictionary[Connection, weakref.ref[Session]] = (
             weakref.WeakKeyDictionary()
@@ -155,7 +149,6 @@ class EngineWrites:
         # the execution option the session hooks give an ORM statement they marked
         self.marked_option = f"sa_redis_cache_marked_{id(self)}"
         self._handed_key = (_HANDED, id(self))
-        self._queued_key = (_QUEUED, id(self))
         self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
     def register(self, engine: Engine) -> None:
@@ -168,9 +161,6 @@ class EngineWrites:
         append_returning = self.invalidation.returning.before_cursor_execute
         listen(engine, "before_cursor_execute", append_returning, retval=True)
         listen(engine.pool, "checkin", self.checkin)
-        listen(engine, "commit", self.commit)
-        listen(engine, "rollback", self.rollback)
-        listen(engine, "rollback_savepoint", self.rollback_savepoint)
 
     def forget_engines(self) -> None:
         """The listeners were removed; a later ``register`` must add them again."""
@@ -269,47 +259,9 @@ class EngineWrites:
         handed: list[tuple[str, set[str]]] = conn.info.setdefault(self._handed_key, [])
         handed.append((token, set(tables)))
 
-    def queue_on_commit(self, conn: Connection, ops: list[Op]) -> None:
-        """Queue a joined session's write-behind operations (:meth:`finish_on_checkin`)
-        when the application commits ``conn``'s transaction, before the database commits;
-        drop them when it rolls back, wholly or to a savepoint open now, or ends without a
-        commit (the pool's reset at checkin)."""
-        self.register(conn.engine)
-        handed: list[tuple[frozenset[str], list[Op]]] = conn.info.setdefault(self._queued_key, [])
-        handed.append((compat.enclosing_savepoints(conn), ops))
-
-    def commit(self, conn: Connection) -> None:
-        """The application commits a transaction: queue its joined sessions' operations
-        (an error here refuses the commit: :meth:`WriteBehind.queue_joined
-        <sa_redis_cache.strategies.write_behind.session.WriteBehind.queue_joined>`)."""
-        handed = conn.info.pop(self._queued_key, None)
-        if handed:
-            try:
-                self.write_behind.queue_joined([op for _, ops in handed for op in ops])
-            except CacheUnavailableError:
-                # SQLAlchemy skips the database's commit and counts the transaction as
-                # over without rolling it back: the connection would go back to the pool
-                # in the middle of it, for its next user to commit
-                conn.dialect.do_rollback(conn.connection)
-                raise
-
-    def rollback(self, conn: Connection) -> None:
-        """The transaction rolled back: its joined sessions' operations are dropped."""
-        conn.info.pop(self._queued_key, None)
-
-    def rollback_savepoint(self, conn: Connection, name: str, context: Any) -> None:
-        """A savepoint rolled back: the operations handed over inside it are dropped."""
-        handed = conn.info.get(self._queued_key)
-        if handed:
-            handed[:] = [(names, ops) for names, ops in handed if name not in names]
-
     def checkin(self, dbapi_connection: Any, connection_record: Any) -> None:
         """The connection's transaction is over: bump the versions, release the marks."""
-        info = connection_record.info
-        # write-behind handed over in a transaction that ended without a commit (the
-        # pool's reset rolled it back)
-        info.pop(self._queued_key, None)
-        self._finish(info)
+        self._finish(connection_record.info)
 
     def _finish(self, info: dict[Any, Any]) -> None:
         pending = info.pop(self._pending_key, None)

@@ -399,7 +399,7 @@ class SessionHooks:
                 self.invalidation.release(token, marked)
             self.write_behind.revert(session, queued, None)
         elif queued and joined is not None:
-            self.engine_writes.queue_on_commit(joined, queued)
+            self.write_behind.hand_over(joined, queued)
             self.write_behind.keep_committed(session, queued)
         elif queued:
             self.write_behind.queue_commit(session, queued)
@@ -409,8 +409,8 @@ def _joined_connection(session: Session, state: TransactionState) -> Connection 
     """In ``after_commit``: the connection whose transaction the session's write-behind
     operations belong to when the session is joined to a transaction the application
     holds open on it (its commit committed nothing: they are queued when the
-    application commits, :meth:`EngineWrites.queue_on_commit
-    <sa_redis_cache.engine_writes.EngineWrites.queue_on_commit>`); None otherwise. Found
+    application commits, :meth:`WriteBehind.hand_over
+    <sa_redis_cache.strategies.write_behind.session.WriteBehind.hand_over>`); None otherwise. Found
     by the operations' binds, as a write-behind flush may run no SQL at all."""
     for op in state.frames[0].queued.values():
         bind = session.get_bind(mapper=op.info.mapper)

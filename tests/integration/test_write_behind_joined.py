@@ -45,8 +45,9 @@ def add_view(
         return view.id
 
 
+@pytest.mark.parametrize("ending", ["rollback", "commit"])
 @pytest.mark.parametrize("mode", JOINED)
-def test_an_application_rollback_queues_nothing(
+def test_the_applications_commit_or_rollback_decides(
     factory: sessionmaker[Session],
     engine: sa.Engine,
     client: redis.Redis,
@@ -54,40 +55,23 @@ def test_an_application_rollback_queues_nothing(
     models: Any,
     make_worker: Any,
     mode: str,
+    ending: str,
 ) -> None:
+    """Nothing is queued at the session's commit; the application's rollback queues
+    nothing, its commit queues the operation, which the worker then writes."""
     page_view, _ = models
     with engine.connect() as connection:
         outer = connection.begin()
         pk = add_view(factory, connection, mode, page_view)
         assert queued(client, namespace) == 0, "queued before the application committed"
-        outer.rollback()
-    assert queued(client, namespace) == 0
-    drain(make_worker())
-    assert pk not in rows(engine, page_view)
+        getattr(outer, ending)()
+    committed = ending == "commit"
+    assert queued(client, namespace) == int(committed)
     with factory() as s:
-        assert s.get(page_view, pk) is None
-
-
-@pytest.mark.parametrize("mode", JOINED)
-def test_an_application_commit_queues_the_operations(
-    factory: sessionmaker[Session],
-    engine: sa.Engine,
-    client: redis.Redis,
-    namespace: str,
-    models: Any,
-    make_worker: Any,
-    mode: str,
-) -> None:
-    page_view, _ = models
-    with engine.connect() as connection:
-        outer = connection.begin()
-        pk = add_view(factory, connection, mode, page_view)
-        outer.commit()
-    assert queued(client, namespace) == 1
-    with factory() as s:
-        assert s.get_one(page_view, pk).path == f"/joined/{mode}"
+        found = s.get(page_view, pk)
+        assert (found.path if found else None) == (f"/joined/{mode}" if committed else None)
     drain(make_worker())
-    assert rows(engine, page_view)[pk] == (f"/joined/{mode}", 0)
+    assert rows(engine, page_view).get(pk) == ((f"/joined/{mode}", 0) if committed else None)
 
 
 def test_a_rolled_back_savepoint_that_holds_the_session_drops_its_operations(
@@ -113,30 +97,95 @@ def test_a_rolled_back_savepoint_that_holds_the_session_drops_its_operations(
         assert s.get(page_view, kept) is not None
 
 
-def test_redis_down_at_the_application_commit_refuses_it(
+def test_redis_down_at_the_application_commit_raises_after_the_database_commit(
     factory: sessionmaker[Session],
     engine: sa.Engine,
     aof_redis: RedisServer,
     models: Any,
 ) -> None:
-    """The operations are queued before the database commits: when Redis refuses them,
-    the application's commit raises and the database commits nothing of it."""
+    """The database commits first, as for a session of its own: when Redis then refuses
+    the operations, the application's commit raises, saying the transaction is
+    committed, and the connection goes back to the pool with no transaction open."""
     page_view, _ = models
     table = page_view.__table__
+    core_row = uuid.uuid4()
     with engine.connect() as connection:
         outer = connection.begin()
-        add_view(factory, connection, "create_savepoint", page_view)
-        connection.execute(sa.insert(table).values(id=uuid.uuid4(), path="/core", views=0))
+        queued_view = add_view(factory, connection, "create_savepoint", page_view)
+        connection.execute(sa.insert(table).values(id=core_row, path="/core", views=0))
         aof_redis.stop()
         try:
-            with pytest.raises(CacheUnavailableError, match="joined to this transaction"):
+            with pytest.raises(CacheUnavailableError, match="committed to the database"):
                 outer.commit()
         finally:
             aof_redis.start()
-        # the same pooled connection serves the next read: no transaction is left open
-        # on it (SQLAlchemy counts a commit that raised as the transaction's end)
         assert not connection.in_transaction()
-    assert rows(engine, page_view) == {}
+    assert set(rows(engine, page_view)) == {core_row}
+    assert queued_view not in rows(engine, page_view)
     with engine.connect() as connection:
         status = connection.connection.dbapi_connection.info.transaction_status  # type: ignore[union-attr]
         assert status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_a_database_commit_that_fails_queues_nothing(
+    factory: sessionmaker[Session],
+    engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+    models: Any,
+    make_worker: Any,
+) -> None:
+    """COMMIT itself fails (a deferred constraint): the database keeps nothing, and the
+    operations, queued only after it, are not queued either; the error is SQLAlchemy's."""
+    page_view, _ = models
+    with engine.connect() as connection:
+        outer = connection.begin()
+        connection.execute(
+            sa.text("CREATE TEMP TABLE wb_deferred (x int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+        )
+        connection.execute(sa.text("INSERT INTO wb_deferred VALUES (1), (1)"))
+        pk = add_view(factory, connection, "create_savepoint", page_view)
+        with pytest.raises(sa.exc.IntegrityError):
+            outer.commit()
+    assert queued(client, namespace) == 0
+    drain(make_worker())
+    assert pk not in rows(engine, page_view)
+
+
+@pytest.mark.parametrize("mode", JOINED)
+def test_the_transactions_other_sessions_read_the_joined_sessions_writes(
+    factory: sessionmaker[Session], engine: sa.Engine, models: Any, mode: str
+) -> None:
+    """As with plain SQLAlchemy, a session joined to the same transaction after the first
+    one committed reads its row (by primary key: write-behind rows are not in the
+    database yet); a session outside the transaction does not."""
+    page_view, _ = models
+    with engine.connect() as connection:
+        outer = connection.begin()
+        pk = add_view(factory, connection, mode, page_view)
+        with factory(bind=connection, join_transaction_mode=mode) as s:
+            assert s.get_one(page_view, pk).path == f"/joined/{mode}"
+        with factory() as s:
+            assert s.get(page_view, pk) is None
+        outer.rollback()
+
+
+def test_a_rollback_after_the_database_dropped_the_connection_is_sqlalchemys(
+    factory: sessionmaker[Session], engine: sa.Engine, models: Any
+) -> None:
+    """The listeners a joined session's hand-over adds never read the connection: one the
+    database dropped rolls back as in plain SQLAlchemy (a look at its ``info`` raised
+    ``PendingRollbackError`` there, over the original error)."""
+    page_view, _ = models
+    with engine.connect() as connection:
+        outer = connection.begin()
+        add_view(factory, connection, "create_savepoint", page_view)  # listens on engine
+        pid = connection.scalar(sa.text("SELECT pg_backend_pid()"))
+        with engine.connect() as admin:
+            admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        with pytest.raises(sa.exc.OperationalError):
+            connection.execute(sa.text("SELECT 1"))
+        outer.rollback()
+    with factory() as s:
+        s.execute(sa.text("SELECT 1"))
+        s.rollback()

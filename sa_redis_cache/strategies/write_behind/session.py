@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from redis.exceptions import RedisError, ResponseError
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
 
@@ -65,7 +66,7 @@ from .states import evaluate, refill, serve, sync_many_to_one
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from sqlalchemy.engine import Result
+    from sqlalchemy.engine import Engine, Result
     from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 
     from sa_redis_cache.context import CacheContext
@@ -112,6 +113,12 @@ class WriteBehind:
 
     def __init__(self, core: CacheContext) -> None:
         self.core = core
+        # operations of sessions joined to a transaction the application holds on a
+        # connection, queued when it commits (hand_over); the engines listened on for it
+        self._handed: weakref.WeakKeyDictionary[
+            Connection, list[tuple[frozenset[str], list[Op]]]
+        ] = weakref.WeakKeyDictionary()
+        self._listened: weakref.WeakSet[Engine] = weakref.WeakSet()
 
     def _info(self, mapper: Any) -> ModelInfo | None:
         info = self.core.models.infos.get(mapper)
@@ -301,31 +308,73 @@ class WriteBehind:
             ) from exc
         self.keep_committed(session, ops)
 
-    def queue_joined(self, ops: list[Op]) -> None:
-        """Queue the operations of sessions joined to an application's transaction, as the
-        application commits it (SQLAlchemy's ``commit`` event, before the database's
-        commit: :meth:`EngineWrites.queue_on_commit
-        <sa_redis_cache.engine_writes.EngineWrites.queue_on_commit>`).
-
-        Raising :class:`CacheUnavailableError` here fails the application's commit before
-        the database's, so nothing of its transaction is committed. Operations queued whose
-        durability was not confirmed (:class:`NotOnDiskError`, :class:`NotReplicatedError`)
-        are logged and the commit goes on: refusing it would leave them queued for a
-        transaction that never committed.
+    def hand_over(self, connection: Connection, ops: list[Op]) -> None:
+        """Queue a joined session's operations when the application commits the
+        transaction it holds on ``connection`` (the session's own commit committed
+        nothing); drop them if it rolls back, wholly or to a savepoint open now. Until then
+        the transaction's other sessions read them (:meth:`serve_queued`), nobody else.
         """
+        engine = connection.engine
+        if engine not in self._listened:
+            # only engines a joined session wrote through pay for these listeners
+            self._listened.add(engine)
+            listen = self.core.listen
+            listen(engine, "commit", self._committing)
+            listen(engine, "rollback", self._rolled_back)
+            listen(engine, "rollback_savepoint", self._rolled_back_to)
+        handed = self._handed.setdefault(connection, [])
+        handed.append((compat.enclosing_savepoints(connection), ops))
+
+    def forget_engines(self) -> None:
+        """The listeners were removed (``detach()``): operations handed over are dropped."""
+        self._listened = weakref.WeakSet()
+        self._handed = weakref.WeakKeyDictionary()
+
+    def _committing(self, connection: Connection) -> None:
+        """SQLAlchemy's ``commit`` event, before the database's commit: commit it first,
+        then queue, as for a session's own commit (operations queued for a transaction
+        whose commit then failed would be flushed all the same). SQLAlchemy's COMMIT that
+        follows finds nothing left to commit. An error raised here reaches the
+        application's ``commit()``; the database has committed, as the message says."""
+        handed = self._handed.pop(connection, None)
+        if not handed:
+            return
+        ops = [op for _, batch in handed for op in batch]
+        compat.commit_now(connection)
         try:
             self._enqueue_measured(ops)
-        except (NotOnDiskError, NotReplicatedError) as exc:
+        except (NotOnDiskError, NotReplicatedError):
             self.core.counters.incr_total("errors")
-            log.warning("write-behind: a joined transaction's writes were queued: %s", exc)
+            raise
         except RedisError as exc:
             self.core.counters.incr_total("errors")
             raise CacheUnavailableError(
-                f"write-behind: Redis did not take the {len(ops)} queued write(s) of a "
-                f"session joined to this transaction ({exc}); {_outcome(exc)}. The "
-                "transaction's commit is refused, so the database committed none of it. "
-                "Retry it when Redis is back"
+                f"write-behind: Redis did not take the {len(ops)} queued write(s) of the "
+                f"sessions joined to this transaction ({exc}); {_outcome(exc)}. The "
+                "transaction is committed to the database. Retry the writes when Redis "
+                "is back"
             ) from exc
+
+    def _rolled_back(self, connection: Connection) -> None:
+        # keyed by the Connection, never read from it: a connection the database dropped
+        # refuses even a look at its info until the rollback is done
+        self._handed.pop(connection, None)
+
+    def _rolled_back_to(self, connection: Connection, name: str, context: Any) -> None:
+        handed = self._handed.get(connection)
+        if handed:
+            handed[:] = [(names, ops) for names, ops in handed if name not in names]
+
+    def _handed_op(self, session: Session, info: ModelInfo, pk: str) -> Op | None:
+        """The newest operation of a row that a session joined to the same transaction
+        as ``session`` committed (:meth:`hand_over`), or None."""
+        bind = session.get_bind(mapper=info.mapper)
+        handed = self._handed.get(bind) if isinstance(bind, Connection) else None
+        for _, ops in reversed(handed or ()):
+            for op in reversed(ops):
+                if op.pk == pk and op.info.table == info.table:
+                    return op
+        return None
 
     @staticmethod
     def keep_committed(session: Session, ops: list[Op]) -> None:
@@ -437,6 +486,8 @@ class WriteBehind:
         session = orm_context.session
         state = peek_transaction_state(session)
         op = None if state is None else state.find_queued(info.table, text)
+        if op is None and self._handed:
+            op = self._handed_op(session, info, text)
         if op is not None:
             values: Any = op.values
         else:
