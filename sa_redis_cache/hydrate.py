@@ -91,7 +91,8 @@ class RowShape:
     statement's loader options make of the attributes its rows leave unloaded
     (:func:`loading_of`); None when the mapped classes alone say it. ``propagating``:
     the statement has options SQLAlchemy keeps on the objects it loads
-    (:func:`compat.propagated_options`), which a hit gives them too.
+    (:func:`compat.propagated_options`), which a hit gives them too, below
+    ``root_paths``.
     """
 
     keys: tuple[str, ...]
@@ -102,6 +103,7 @@ class RowShape:
     entity_mappers: tuple[Mapper[Any], ...] = ()
     loading: Loading | None = None
     propagating: bool = False
+    root_paths: tuple[Any, ...] = ()  # per entity position, when propagating
 
 
 def identity_snapshot(session: Session) -> frozenset[Any]:
@@ -565,6 +567,8 @@ def _first_reached(
     owners, objects, rows = prepared.owners, prepared.objects, prepared.rows
     steps: list[_Step | None] = [None] * len(objects)
     order: list[int] = []
+    # a body's objects share a few paths: each child step is made once per call
+    children: dict[tuple[int, Mapper[Any], str], _Step] = {}
     if single:
         for index in rows:
             if steps[index] is None:
@@ -584,7 +588,10 @@ def _first_reached(
         assert step is not None
         mapper = owners[index].mapper
         for key, target in rels.items():
-            child = descend(step, mapper, key)
+            known = (id(step), mapper, key)
+            child = children.get(known)
+            if child is None:
+                child = children[known] = descend(step, mapper, key)
             for reached in target if isinstance(target, list) else (target,):
                 if reached is not None and steps[reached] is None:
                     steps[reached] = child
@@ -592,8 +599,14 @@ def _first_reached(
     return steps
 
 
+def root_paths(statement: Any) -> tuple[Any, ...]:
+    """The load path of each entity of ``statement`` (:func:`compat.loaded_path`), once
+    per statement shape: SQLAlchemy's, from the compiled statement's entities, too."""
+    return tuple(compat.loaded_path(statement, e) for e in _root_entities(statement))
+
+
 def _stamp_load(
-    prepared: Prepared, single: bool, made_here: list[InstanceState[Any] | None], statement: Any
+    prepared: Prepared, shape: RowShape, made_here: list[InstanceState[Any] | None], statement: Any
 ) -> None:
     """Give the objects a hit made the options SQLAlchemy would have kept on them
     (:func:`compat.propagated_options`) with their load paths: their lazy loads and
@@ -602,8 +615,7 @@ def _stamp_load(
     options = compat.propagated_options(statement)
     if not options:
         return
-    roots = [compat.loaded_path(statement, e) for e in _root_entities(statement)]
-    paths = _first_reached(prepared, single, roots, _child_path)
+    paths = _first_reached(prepared, shape.single_entity, shape.root_paths, _child_path)
     for state, path in zip(made_here, paths, strict=True):
         if state is not None and path is not None:
             compat.stamp_load(state, options, path)
@@ -1002,7 +1014,7 @@ def build(
                 value = made[target]
             set_committed_value(obj, key, value)
     if shape.propagating and statement is not None:
-        _stamp_load(prepared, shape.single_entity, made_here, statement)
+        _stamp_load(prepared, shape, made_here, statement)
     mat.finish()
     if shape.single_entity:
         data: list[Any] = [made[i] for i in rows]
