@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -615,10 +615,14 @@ def _stamp_load(
     options = compat.propagated_options(statement)
     if not options:
         return
-    paths = _first_reached(prepared, shape.single_entity, shape.root_paths, _child_path)
+    paths = prepared.load_paths
+    if len(paths) != len(made_here):
+        # one slice assignment: another thread's hit on the same body sees all or none
+        paths[:] = _first_reached(prepared, shape.single_entity, shape.root_paths, _child_path)
+    stamp = compat.stamp_load
     for state, path in zip(made_here, paths, strict=True):
         if state is not None and path is not None:
-            compat.stamp_load(state, options, path)
+            stamp(state, options, path)
 
 
 def _root_entities(statement: Any) -> list[Any]:
@@ -868,6 +872,8 @@ class Prepared:
     scalars: list[tuple[Any, ...]]
     # the identity-map key of each object, computed once
     keys: list[Any]
+    # each object's load path, worked out by the first hit that needs them (_stamp_load)
+    load_paths: list[Any] = field(default_factory=list, compare=False)
 
 
 def prepare(body: Any, shape: RowShape, info_of: InfoOf) -> Prepared:
