@@ -776,11 +776,19 @@ class ThreadConnections:
         return held
 
     def drop_all(self) -> None:
-        """Let go of every thread's connection: each closes once no call uses it."""
+        """Let go of every thread's connection: closed now, or, lent to a call, once
+        that call gives it back."""
         idle, self._idle = self._idle, IdleConnections(self._cap)
         idle.close()
         self._local = threading.local()
-        self._made = weakref.WeakSet()
+        made, self._made = self._made, weakref.WeakSet()
+        for held in list(made):
+            # now, not when the collector reaches it: an exception's traceback (one the
+            # application keeps, a test's) may hold it in a cycle, and the socket's own
+            # finalizer, run first, warns that it was left open. A thread that still
+            # uses it reconnects on its next send, as after any disconnect
+            if not held.busy and held.connection is not None:
+                _close_quietly(held.connection)
 
 
 _OF_POOL: weakref.WeakKeyDictionary[Any, ThreadConnections] = weakref.WeakKeyDictionary()
