@@ -703,7 +703,19 @@ class Cache:
             cache.attach(Session)
             ...
             cache.detach()
+
+        Refused (:class:`ConfigurationError`, nothing detached) while sessions joined to
+        an application's transaction hold write-behind writes that wait for its commit:
+        end that transaction first (docs/write-behind.md).
         """
+        waiting = self._write_behind.pending_joined()
+        if waiting:
+            raise ConfigurationError(
+                f"detach(): {waiting} write-behind write(s) of sessions joined to an "
+                "application's transaction wait for its commit, which a detached cache "
+                "would not see (they would be lost). Commit or roll back that transaction, "
+                "then detach"
+            )
         self._core.remove_listeners()
         self._core.settle_owed()  # the fills' replies, read before the connections close
         self._core.sync_io.drop_connections()

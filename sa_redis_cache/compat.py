@@ -247,6 +247,15 @@ def populates_existing(orm_context: ORMExecuteState) -> bool:
     )
 
 
+def is_autocommit(connection: Connection) -> bool:
+    """Whether each statement on ``connection`` commits by itself (AUTOCOMMIT isolation,
+    set on the connection or the engine's default)."""
+    return (
+        connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+        or connection.default_isolation_level == "AUTOCOMMIT"
+    )
+
+
 def commit_now(connection: Connection) -> None:
     """Commit ``connection``'s database transaction now, from SQLAlchemy's ``commit`` event
     (which runs before SQLAlchemy's own commit, then a no-op), failing as that commit

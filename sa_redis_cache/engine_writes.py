@@ -202,9 +202,7 @@ class EngineWrites:
         token, marked = pending
         self.invalidation.mark_bulk(token, tables)
         marked.update(tables)
-        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT" or (
-            conn.default_isolation_level == "AUTOCOMMIT"
-        ):
+        if compat.is_autocommit(conn):
             self._finish(info)
 
     def _seen_by_session(

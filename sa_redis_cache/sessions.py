@@ -51,19 +51,19 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from . import compat
 from .breaker import CLOSED
 from .reads import from_cache_in
 from .reads.flow import reads_directly
+from .strategies.write_behind.joined import joined_connection
 from .transaction import TransactionState, peek_transaction_state, transaction_state
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from sqlalchemy.engine import Result
+    from sqlalchemy.engine import Connection, Result
     from sqlalchemy.orm import ORMExecuteState, UOWTransaction
 
     from .context import CacheContext
@@ -409,12 +409,11 @@ def _joined_connection(session: Session, state: TransactionState) -> Connection 
     """In ``after_commit``: the connection whose transaction the session's write-behind
     operations belong to when the session is joined to a transaction the application
     holds open on it (its commit committed nothing: they are queued when the
-    application commits, :meth:`WriteBehind.hand_over
-    <sa_redis_cache.strategies.write_behind.session.WriteBehind.hand_over>`); None otherwise. Found
+    application commits, :mod:`.strategies.write_behind.joined`); None otherwise. Found
     by the operations' binds, as a write-behind flush may run no SQL at all."""
     for op in state.frames[0].queued.values():
-        bind = session.get_bind(mapper=op.info.mapper)
-        if isinstance(bind, Connection) and bind.in_transaction():
+        connection = joined_connection(session, op.info.mapper)
+        if connection is not None:
             # one connection queues them all: a commit is one enqueue, all or nothing
-            return bind
+            return connection
     return None

@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
 
-from sa_redis_cache import CacheUnavailableError
+from devservices import RedisServer
+from sa_redis_cache import Cache, CacheUnavailableError, ConfigurationError
+from sa_redis_cache.redis_io import client_from_url
 from tests.wb_support import drain, rows
 
 if TYPE_CHECKING:
     import redis
-    from sqlalchemy.orm import Session, sessionmaker
-
-    from devservices import RedisServer
 
 pytest_plugins = ["tests.wb_fixtures"]  # aof_redis, models, factory, make_worker
 
@@ -189,3 +189,111 @@ def test_a_rollback_after_the_database_dropped_the_connection_is_sqlalchemys(
     with factory() as s:
         s.execute(sa.text("SELECT 1"))
         s.rollback()
+
+
+@pytest.mark.parametrize("mode", ["rollback_only", "conditional_savepoint"])
+def test_a_savepoint_decides_by_what_it_held_at_the_flush(
+    factory: sessionmaker[Session],
+    engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+    models: Any,
+    mode: str,
+) -> None:
+    """As SQL would: a row flushed before the application's savepoint survives that
+    savepoint's rollback; one flushed inside it is undone by it, though the session
+    committed after the rollback (savepoint membership is the flush's, not the
+    session's commit's)."""
+    page_view, _ = models
+    with engine.connect() as connection:
+        outer = connection.begin()
+        with factory(bind=connection, join_transaction_mode=mode) as s:
+            before = page_view(path="/before")
+            s.add(before)
+            s.flush()
+            savepoint = connection.begin_nested()
+            inside = page_view(path="/inside")
+            s.add(inside)
+            s.flush()
+            savepoint.rollback()
+            s.commit()
+        outer.commit()
+    assert queued(client, namespace) == 1
+    with factory() as s:
+        assert s.get(page_view, before.id) is not None
+        assert s.get(page_view, inside.id) is None
+
+
+def test_an_autocommit_connection_queues_at_the_sessions_commit(
+    factory: sessionmaker[Session],
+    engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+    models: Any,
+) -> None:
+    """On an AUTOCOMMIT connection each statement commits: the session's commit is the
+    row's, whatever the application does with its (empty) transaction afterwards."""
+    page_view, _ = models
+    with engine.connect() as plain:
+        connection = plain.execution_options(isolation_level="AUTOCOMMIT")
+        outer = connection.begin()
+        pk = add_view(factory, connection, "rollback_only", page_view)
+        assert queued(client, namespace) == 1
+        outer.rollback()
+    with factory() as s:
+        assert s.get(page_view, pk) is not None
+
+
+def test_detach_is_refused_while_writes_wait_for_the_applications_commit(
+    factory: sessionmaker[Session],
+    engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+    models: Any,
+) -> None:
+    """A detached cache would not see the commit, and the writes would be lost: detach()
+    says so and detaches nothing; once the transaction ends it detaches."""
+    page_view, _ = models
+    cache = Cache(client, namespace=f"{namespace}d")
+    other = sessionmaker(engine)
+    cache.attach(other)
+    with engine.connect() as connection:
+        outer = connection.begin()
+        add_view(other, connection, "create_savepoint", page_view)
+        with pytest.raises(ConfigurationError, match="Commit or roll back that transaction"):
+            cache.detach()
+        outer.commit()
+    assert queued(client, f"{namespace}d") == 1
+    cache.detach()
+
+
+def test_one_caches_failure_keeps_no_other_caches_writes_back(
+    factory: sessionmaker[Session],
+    engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+    models: Any,
+) -> None:
+    """Two caches on one engine, each with a joined session's write in one transaction;
+    the second's Redis is down at the commit: it raises, and the first's are queued."""
+    page_view, _ = models
+    with RedisServer(appendonly=True, appendfsync="always") as down:
+        down_client = client_from_url(down.url)
+        cache = Cache(down_client, namespace=f"{namespace}x")
+        other = sessionmaker(engine)
+        cache.attach(other)
+        try:
+            with engine.connect() as connection:
+                outer = connection.begin()
+                add_view(other, connection, "create_savepoint", page_view)
+                kept = add_view(factory, connection, "create_savepoint", page_view)
+                down.stop()
+                with pytest.raises(CacheUnavailableError, match="committed to the database"):
+                    outer.commit()
+        finally:
+            down.start()
+            cache.detach()
+            down_client.close()
+    assert queued(client, namespace) == 1
+    with factory() as s:
+        assert s.get(page_view, kept) is not None

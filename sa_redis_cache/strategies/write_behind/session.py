@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from redis.exceptions import RedisError, ResponseError
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
 
@@ -60,13 +59,14 @@ from sa_redis_cache.protocol import HEADER, partition_of, pk_text, scripts
 from sa_redis_cache.redis_io import is_cluster
 from sa_redis_cache.transaction import TransactionState, peek_transaction_state
 
+from . import joined
 from .columns import column_of, is_write_behind, pk_codec
 from .states import evaluate, refill, serve, sync_many_to_one
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from sqlalchemy.engine import Engine, Result
+    from sqlalchemy.engine import Connection, Result
     from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 
     from sa_redis_cache.context import CacheContext
@@ -96,6 +96,9 @@ class Op:
     obj: Any
     created: bool  # the object was new in this frame: a rollback makes it transient again
     scope: str = ""  # the database and schema the row belongs in (sa_redis_cache.binds)
+    # on a connection the application holds in a transaction (a joined session): the
+    # savepoints open at the flush, whose rollback undoes it (joined.py)
+    savepoints: frozenset[str] = frozenset()
 
 
 class WriteBehind:
@@ -113,12 +116,6 @@ class WriteBehind:
 
     def __init__(self, core: CacheContext) -> None:
         self.core = core
-        # operations of sessions joined to a transaction the application holds on a
-        # connection, queued when it commits (hand_over); the engines listened on for it
-        self._handed: weakref.WeakKeyDictionary[
-            Connection, list[tuple[frozenset[str], list[Op]]]
-        ] = weakref.WeakKeyDictionary()
-        self._listened: weakref.WeakSet[Engine] = weakref.WeakSet()
 
     def _info(self, mapper: Any) -> ModelInfo | None:
         info = self.core.models.infos.get(mapper)
@@ -147,9 +144,14 @@ class WriteBehind:
         queued = state.frame().queued
         tz: Any = None
         scopes: dict[str, str] = {}
+        tags: dict[str, frozenset[str]] = {}
         for obj, info, kind in work:
             scope = scopes.get(info.table)
             if scope is None:
+                connection = joined.joined_connection(session, info.mapper)
+                tags[info.table] = (
+                    frozenset() if connection is None else joined.watch(self, connection)
+                )
                 found = self._scope(session, info, {"mapper": info.mapper})
                 if found is None:
                     raise CacheUnavailableError(
@@ -171,6 +173,7 @@ class WriteBehind:
                 make_transient_to_detached(obj)
                 session.add(obj)
             op.scope = scope
+            op.savepoints = tags[info.table]
             queued[(info.table, op.pk)] = op
 
     def _refuse_several_slots(self, state: TransactionState, infos: list[ModelInfo]) -> None:
@@ -310,37 +313,21 @@ class WriteBehind:
 
     def hand_over(self, connection: Connection, ops: list[Op]) -> None:
         """Queue a joined session's operations when the application commits the
-        transaction it holds on ``connection`` (the session's own commit committed
-        nothing); drop them if it rolls back, wholly or to a savepoint open now. Until then
-        the transaction's other sessions read them (:meth:`serve_queued`), nobody else.
-        """
-        engine = connection.engine
-        if engine not in self._listened:
-            # only engines a joined session wrote through pay for these listeners
-            self._listened.add(engine)
-            listen = self.core.listen
-            listen(engine, "commit", self._committing)
-            listen(engine, "rollback", self._rolled_back)
-            listen(engine, "rollback_savepoint", self._rolled_back_to)
-        handed = self._handed.setdefault(connection, [])
-        handed.append((compat.enclosing_savepoints(connection), ops))
+        transaction it holds on ``connection`` (:mod:`.joined`)."""
+        joined.hand_over(self, connection, ops)
 
     def forget_engines(self) -> None:
-        """The listeners were removed (``detach()``): operations handed over are dropped."""
-        self._listened = weakref.WeakSet()
-        self._handed = weakref.WeakKeyDictionary()
+        """The cache is detached: it follows no application's transaction any more."""
+        joined.forget(self)
 
-    def _committing(self, connection: Connection) -> None:
-        """SQLAlchemy's ``commit`` event, before the database's commit: commit it first,
-        then queue, as for a session's own commit (operations queued for a transaction
-        whose commit then failed would be flushed all the same). SQLAlchemy's COMMIT that
-        follows finds nothing left to commit. An error raised here reaches the
-        application's ``commit()``; the database has committed, as the message says."""
-        handed = self._handed.pop(connection, None)
-        if not handed:
-            return
-        ops = [op for _, batch in handed for op in batch]
-        compat.commit_now(connection)
+    def pending_joined(self) -> int:
+        """Operations of joined sessions that wait for an application's commit."""
+        return joined.pending(self)
+
+    def queue_handed(self, ops: list[Op]) -> None:
+        """Queue the operations of sessions joined to a transaction the application has
+        just committed (the database committed first, :mod:`.joined`); an error reaches
+        the application's ``commit()``, saying the transaction is committed."""
         try:
             self._enqueue_measured(ops)
         except (NotOnDiskError, NotReplicatedError):
@@ -354,27 +341,6 @@ class WriteBehind:
                 "transaction is committed to the database. Retry the writes when Redis "
                 "is back"
             ) from exc
-
-    def _rolled_back(self, connection: Connection) -> None:
-        # keyed by the Connection, never read from it: a connection the database dropped
-        # refuses even a look at its info until the rollback is done
-        self._handed.pop(connection, None)
-
-    def _rolled_back_to(self, connection: Connection, name: str, context: Any) -> None:
-        handed = self._handed.get(connection)
-        if handed:
-            handed[:] = [(names, ops) for names, ops in handed if name not in names]
-
-    def _handed_op(self, session: Session, info: ModelInfo, pk: str) -> Op | None:
-        """The newest operation of a row that a session joined to the same transaction
-        as ``session`` committed (:meth:`hand_over`), or None."""
-        bind = session.get_bind(mapper=info.mapper)
-        handed = self._handed.get(bind) if isinstance(bind, Connection) else None
-        for _, ops in reversed(handed or ()):
-            for op in reversed(ops):
-                if op.pk == pk and op.info.table == info.table:
-                    return op
-        return None
 
     @staticmethod
     def keep_committed(session: Session, ops: list[Op]) -> None:
@@ -486,8 +452,9 @@ class WriteBehind:
         session = orm_context.session
         state = peek_transaction_state(session)
         op = None if state is None else state.find_queued(info.table, text)
-        if op is None and self._handed:
-            op = self._handed_op(session, info, text)
+        if op is None and joined.any_handed():
+            bind = session.get_bind(mapper=info.mapper)
+            op = joined.handed_op(self, bind, info.table, text)
         if op is not None:
             values: Any = op.values
         else:
