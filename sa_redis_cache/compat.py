@@ -249,11 +249,8 @@ def populates_existing(orm_context: ORMExecuteState) -> bool:
 
 def is_autocommit(connection: Connection) -> bool:
     """Whether each statement on ``connection`` commits by itself (AUTOCOMMIT isolation,
-    set on the connection or the engine's default)."""
-    return (
-        connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
-        or connection.default_isolation_level == "AUTOCOMMIT"
-    )
+    set on the connection or the engine: :func:`isolation_level_of`)."""
+    return isolation_level_of(connection) == "AUTOCOMMIT"
 
 
 def commit_now(connection: Connection) -> None:

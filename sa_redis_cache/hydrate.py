@@ -89,10 +89,10 @@ class RowShape:
     ``entity_mappers`` holds the statement's mapper at each entity position: a cached
     body is checked against them (see the module docstring). ``loading``: what the
     statement's loader options make of the attributes its rows leave unloaded
-    (:func:`loading_of`); None when the mapped classes alone say it. ``propagating``:
-    the statement has options SQLAlchemy keeps on the objects it loads
-    (:func:`compat.propagated_options`), which a hit gives them too, below
-    ``root_paths``.
+    (:func:`loading_of`); None when the mapped classes alone say it. ``root_paths``:
+    when the statement has options SQLAlchemy keeps on the objects it loads
+    (:func:`compat.propagated_options`), which a hit gives them too, the load path of
+    each entity position; empty otherwise.
     """
 
     keys: tuple[str, ...]
@@ -102,8 +102,7 @@ class RowShape:
     scalar_codec: RowCodec
     entity_mappers: tuple[Mapper[Any], ...] = ()
     loading: Loading | None = None
-    propagating: bool = False
-    root_paths: tuple[Any, ...] = ()  # per entity position, when propagating
+    root_paths: tuple[Any, ...] = ()
 
 
 def identity_snapshot(session: Session) -> frozenset[Any]:
@@ -993,7 +992,7 @@ def build(
     ``shared``: ``prepared`` is kept for other sessions too (the local tier); mutable
     values are copied into each object, and nothing of it is modified. ``statement``:
     the statement as executed, whose propagating options the new objects keep (needed
-    when ``shape.propagating``).
+    when ``shape.root_paths`` says it has some).
     """
     objects, rows = prepared.objects, prepared.rows
     mat = _Materializer(session, shared=shared)
@@ -1019,7 +1018,7 @@ def build(
             else:
                 value = made[target]
             set_committed_value(obj, key, value)
-    if shape.propagating and statement is not None:
+    if shape.root_paths and statement is not None:
         _stamp_load(prepared, shape, made_here, statement)
     mat.finish()
     if shape.single_entity:

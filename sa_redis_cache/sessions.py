@@ -57,13 +57,12 @@ from . import compat
 from .breaker import CLOSED
 from .reads import from_cache_in
 from .reads.flow import reads_directly
-from .strategies.write_behind.joined import joined_connection
-from .transaction import TransactionState, peek_transaction_state, transaction_state
+from .transaction import peek_transaction_state, transaction_state
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from sqlalchemy.engine import Connection, Result
+    from sqlalchemy.engine import Result
     from sqlalchemy.orm import ORMExecuteState, UOWTransaction
 
     from .context import CacheContext
@@ -353,8 +352,11 @@ class SessionHooks:
         if session.in_nested_transaction():
             state.release()
             return
-        if state.frames[0].queued:
-            state.joined = _joined_connection(session, state)
+        joined = state.joined
+        if joined is not None and not joined.in_transaction():
+            # the session began the connection's transaction itself, and its commit was
+            # the database's: its write-behind is queued now, as any session's
+            state.joined = None
         if state.marked:
             uncommitted = compat.uncommitted_connections(session)
             if uncommitted:
@@ -403,17 +405,3 @@ class SessionHooks:
             self.write_behind.keep_committed(session, queued)
         elif queued:
             self.write_behind.queue_commit(session, queued)
-
-
-def _joined_connection(session: Session, state: TransactionState) -> Connection | None:
-    """In ``after_commit``: the connection whose transaction the session's write-behind
-    operations belong to when the session is joined to a transaction the application
-    holds open on it (its commit committed nothing: they are queued when the
-    application commits, :mod:`.strategies.write_behind.joined`); None otherwise. Found
-    by the operations' binds, as a write-behind flush may run no SQL at all."""
-    for op in state.frames[0].queued.values():
-        connection = joined_connection(session, op.info.mapper)
-        if connection is not None:
-            # one connection queues them all: a commit is one enqueue, all or nothing
-            return connection
-    return None

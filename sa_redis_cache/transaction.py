@@ -97,8 +97,9 @@ class TransactionState:
     # before_flush listeners emptied never reaches after_flush, and is gone when it
     # returns): its unit of work's statements are the hooks' (engine_writes.py)
     flushing: Any = None
-    # the connections whose database transaction the outermost commit left to the
-    # application (a session joined to it): write-behind queues when that one commits
+    # the connection the application holds in a transaction that the write-behind rows
+    # were flushed on (a joined session, strategies/write_behind/joined.py): found at the
+    # flush, kept at the commit if that left its transaction open; queued when it commits
     joined: Any = None
 
     @property

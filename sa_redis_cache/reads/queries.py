@@ -801,7 +801,6 @@ def _row_shape(statement: Any) -> hydrate.RowShape:
         loading = hydrate.loading_of(statement)
     except hydrate.UnservableLoading as exc:
         raise Uncacheable(str(exc)) from exc
-    propagating = bool(compat.propagated_options(statement))
     return hydrate.RowShape(
         keys=tuple(keys),
         single_entity=single,
@@ -810,6 +809,5 @@ def _row_shape(statement: Any) -> hydrate.RowShape:
         scalar_codec=codec,
         entity_mappers=tuple(entity_mappers),
         loading=loading,
-        propagating=propagating,
-        root_paths=hydrate.root_paths(statement) if propagating else (),
+        root_paths=(hydrate.root_paths(statement) if compat.propagated_options(statement) else ()),
     )

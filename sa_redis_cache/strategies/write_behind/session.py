@@ -149,9 +149,11 @@ class WriteBehind:
             scope = scopes.get(info.table)
             if scope is None:
                 connection = joined.joined_connection(session, info.mapper)
-                tags[info.table] = (
-                    frozenset() if connection is None else joined.watch(self, connection)
-                )
+                tags[info.table] = frozenset()
+                if connection is not None:
+                    tags[info.table] = joined.watch(self, connection)
+                    # one connection queues them all: a commit is one enqueue
+                    state.joined = connection
                 found = self._scope(session, info, {"mapper": info.mapper})
                 if found is None:
                     raise CacheUnavailableError(
