@@ -230,6 +230,27 @@ def test_an_autocommit_connection_queues_at_the_sessions_commit(joined: Joined) 
     assert joined.get(pk) is not None
 
 
+def test_a_two_phase_transaction_is_refused_at_the_flush(joined: Joined) -> None:
+    """A two-phase commit (``COMMIT PREPARED``) leaves no moment at which the database has
+    committed and the operations could still be queued: the flush is refused, saying
+    so, and changes nothing; the session's other work and the transaction go on."""
+    page_view = joined.page_view
+    with joined.engine.connect() as connection:
+        outer = connection.begin_twophase()
+        with joined.factory(bind=connection, join_transaction_mode="create_savepoint") as s:
+            view = page_view(path="/two-phase")
+            s.add(view)
+            with pytest.raises(ConfigurationError, match="two-phase transaction"):
+                s.flush()
+            assert view in s.new, "the refused flush took the object out of the session"
+            assert s.is_active
+            s.expunge(view)
+            s.commit()
+        assert connection.scalar(sa.text("SELECT 1")) == 1
+        outer.rollback()
+    assert joined.queued() == 0
+
+
 def test_detach_is_refused_while_writes_wait_for_the_applications_commit(
     joined: Joined,
 ) -> None:

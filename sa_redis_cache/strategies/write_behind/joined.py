@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, TwoPhaseTransaction
 
 from sa_redis_cache import compat
-from sa_redis_cache.errors import CacheUnavailableError
+from sa_redis_cache.errors import CacheUnavailableError, ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -71,9 +71,23 @@ _EVENTS = ("commit", "rollback", "rollback_savepoint")
 def joined_connection(session: Session, mapper: Mapper[Any]) -> Connection | None:
     """The connection ``mapper``'s rows of ``session`` are written through when it is one
     the application holds in a transaction (the session's commit commits nothing there);
-    None otherwise, and for an AUTOCOMMIT connection, whose statements commit each."""
+    None otherwise, and for an AUTOCOMMIT connection, whose statements commit each.
+
+    Raises :class:`~sa_redis_cache.errors.ConfigurationError` for a two-phase transaction
+    (``connection.begin_twophase()``): its commit (``COMMIT PREPARED``) gives no point at
+    which the database has committed and the operations could still be queued, and queued
+    before it they would be written for a transaction that may yet roll back."""
     bind = session.get_bind(mapper=mapper)
     if isinstance(bind, Connection) and bind.in_transaction() and not compat.is_autocommit(bind):
+        if isinstance(bind.get_transaction(), TwoPhaseTransaction):
+            raise ConfigurationError(
+                f"write-behind: {mapper.class_.__name__} rows were flushed by a session "
+                "joined to a two-phase transaction (connection.begin_twophase()), whose "
+                "commit leaves no moment to queue them after the database commits; nothing "
+                "was flushed or queued. Write these rows from a session with its own "
+                "transaction, or give the "
+                "model write_through or cache_aside"
+            )
         return bind
     return None
 

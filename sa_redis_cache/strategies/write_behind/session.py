@@ -141,6 +141,10 @@ class WriteBehind:
             return
         if is_cluster(self.core.client):
             self._refuse_several_slots(state, [info for _, info, _ in work])
+        # refused before this flush changes anything (a two-phase transaction)
+        connections = {
+            info.table: joined.joined_connection(session, info.mapper) for _, info, _ in work
+        }
         queued = state.frame().queued
         tz: Any = None
         scopes: dict[str, str] = {}
@@ -148,7 +152,7 @@ class WriteBehind:
         for obj, info, kind in work:
             scope = scopes.get(info.table)
             if scope is None:
-                connection = joined.joined_connection(session, info.mapper)
+                connection = connections[info.table]
                 tags[info.table] = frozenset()
                 if connection is not None:
                     tags[info.table] = joined.watch(self, connection)
