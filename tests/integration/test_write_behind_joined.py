@@ -218,6 +218,40 @@ def test_a_savepoint_decides_by_what_it_held_at_the_flush(joined: Joined, mode: 
     assert joined.get(inside.id) is None
 
 
+@pytest.mark.parametrize("rolled_back", ["before_the_sessions_commit", "after_it"])
+@pytest.mark.parametrize("second", ["update", "delete"])
+def test_a_savepoint_rollback_undoes_only_the_write_made_inside_it(
+    joined: Joined, make_worker: Any, second: str, rolled_back: str
+) -> None:
+    """One session writes a row, then, inside the application's savepoint, writes it
+    again; the savepoint rolls back, before or after the session commits. As with SQL,
+    the first write stays and is queued at the application's commit (the second one's
+    operation had replaced it, and the rollback dropped the row's write altogether)."""
+    page_view = joined.page_view
+    with joined.engine.connect() as connection:
+        outer = connection.begin()
+        with joined.factory(bind=connection, join_transaction_mode="rollback_only") as s:
+            view = page_view(path="/first")
+            s.add(view)
+            s.flush()
+            pk = view.id
+            savepoint = connection.begin_nested()
+            if second == "update":
+                view.path = "/second"
+            else:
+                s.delete(view)
+            s.flush()
+            if rolled_back == "after_it":
+                s.commit()
+            savepoint.rollback()
+            s.commit()
+        outer.commit()
+    assert joined.queued() == 1
+    assert joined.get(pk).path == "/first"
+    drain(make_worker())
+    assert rows(joined.engine, page_view).get(pk) == ("/first", 0)
+
+
 def test_an_autocommit_connection_queues_at_the_sessions_commit(joined: Joined) -> None:
     """On an AUTOCOMMIT connection each statement commits: the session's commit is the
     row's, whatever the application does with its (empty) transaction afterwards."""

@@ -112,9 +112,19 @@ def hand_over(write_behind: WriteBehind, connection: Connection, ops: list[Op]) 
     not those a savepoint rollback undid since their flush."""
     with _lock:
         transaction = _transactions.setdefault(connection, _Transaction())
-        kept = [op for op in ops if not op.savepoints & transaction.undone]
+        kept = [found for op in ops if (found := surviving(op, transaction.undone))]
         if kept:
             transaction.handed.append((write_behind, kept))
+
+
+def surviving(op: Op, undone: set[str] | frozenset[str]) -> Op | None:
+    """What the transaction keeps of a row's write ``op`` once the savepoints ``undone``
+    are rolled back: ``op``, or the newest write it replaced (:attr:`Op.earlier`) that no
+    such rollback undoes, or None."""
+    found: Op | None = op
+    while found is not None and found.savepoints & undone:
+        found = found.earlier
+    return found
 
 
 def handed_op(write_behind: WriteBehind, bind: Any, table: str, pk: str) -> Op | None:
@@ -133,7 +143,8 @@ def handed_op(write_behind: WriteBehind, bind: Any, table: str, pk: str) -> Op |
 
 def any_handed() -> bool:
     """Whether any transaction holds handed-over operations (a cheap first look)."""
-    return any(t.handed for t in list(_transactions.values()))
+    # no copy of the values (another thread may change them) while none is followed
+    return bool(_transactions) and any(t.handed for t in list(_transactions.values()))
 
 
 def pending(write_behind: WriteBehind) -> int:
@@ -201,10 +212,11 @@ def _rolled_back_to(connection: Connection, name: str, context: Any) -> None:
         if transaction is None:
             return
         transaction.undone.add(name)
+        undone = frozenset((name,))
         transaction.handed = [
             (owner, kept)
             for owner, ops in transaction.handed
-            if (kept := [op for op in ops if name not in op.savepoints])
+            if (kept := [found for op in ops if (found := surviving(op, undone))])
         ]
 
 

@@ -99,6 +99,9 @@ class Op:
     # on a connection the application holds in a transaction (a joined session): the
     # savepoints open at the flush, whose rollback undoes it (joined.py)
     savepoints: frozenset[str] = frozenset()
+    # the row's operation this one replaced in its frame, flushed under other savepoints:
+    # what the transaction keeps when a rollback undoes this one (joined.surviving)
+    earlier: Op | None = None
 
 
 class WriteBehind:
@@ -180,6 +183,11 @@ class WriteBehind:
                 session.add(obj)
             op.scope = scope
             op.savepoints = tags[info.table]
+            replaced = queued.get((info.table, op.pk))
+            if replaced is not None and replaced.savepoints != op.savepoints:
+                # a rollback to a savepoint the earlier flush was outside of undoes this
+                # write only, as it would the row's SQL
+                op.earlier = replaced
             queued[(info.table, op.pk)] = op
 
     def _refuse_several_slots(self, state: TransactionState, infos: list[ModelInfo]) -> None:
