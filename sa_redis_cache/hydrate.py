@@ -280,12 +280,13 @@ def identity_key_of(info: ModelInfo, values: Sequence[Any]) -> Any:
 class _Materializer:
     """Builds objects into one session's identity map."""
 
-    __slots__ = ("identity_map", "loaded", "new_states", "session_id", "shared")
+    __slots__ = ("identity_map", "loaded", "new_states", "session", "session_id", "shared")
 
     def __init__(self, session: Session, *, shared: bool = False) -> None:
         # shared: the values are kept for other sessions too (the local tier), so mutable
         # ones are copied into each object
         self.shared = shared
+        self.session = session
         self.identity_map = session.identity_map
         self.session_id = session.hash_key
         self.new_states: list[InstanceState[Any]] = []
@@ -396,6 +397,10 @@ class _Materializer:
         # (as SQLAlchemy's loading asks once per query)
         manager: Any = None
         load_event: Any = None
+        session = self.session
+        # the session's loaded_as_persistent listeners see each new object after its
+        # class's load listeners, as for a database load
+        persistent_event = session.dispatch.loaded_as_persistent or None
         for state in self.new_states:
             if state.modified or state.committed_state:
                 # a fresh state has nothing to commit unless something touched it
@@ -407,6 +412,8 @@ class _Materializer:
                 # reconstructors and user load listeners run as for a database load;
                 # there is no QueryContext on a hit, so they receive None
                 load_event(state, None)
+            if persistent_event is not None:
+                persistent_event(session, state)
         for state, keys, unloaded in self.loaded:
             refresh = state.manager.dispatch.refresh
             if refresh:

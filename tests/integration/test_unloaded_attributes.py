@@ -372,6 +372,38 @@ def test_a_hit_that_fills_an_expired_object_fires_refresh(world: World, models: 
         sa.event.remove(item, "refresh", on_refresh)
 
 
+def test_a_hit_fires_loaded_as_persistent_for_each_object_it_builds(
+    world: World, models: Models
+) -> None:
+    """The session event ``loaded_as_persistent`` (an audit, a tenant check) fires for
+    every object a hit builds, as for a database load: the query's objects and those of
+    its eager loads, and ``session.get``'s."""
+    cat = models.cat
+    stmt = select(cat).where(cat.id == 1).options(selectinload(cat.items), FromCache())
+    seen: list[tuple[Session, str, int]] = []
+
+    def on_loaded(session: Session, instance: Any) -> None:
+        seen.append((session, type(instance).__name__, instance.id))
+
+    def loaded_by(session: Session) -> list[tuple[str, int]]:
+        return sorted((name, pk) for s, name, pk in seen if s is session)
+
+    for factory in (world.cached, world.plain):
+        sa.event.listen(factory, "loaded_as_persistent", on_loaded)
+    with uncached(world, stmt) as (s, _):
+        expected = loaded_by(s)
+    assert expected == [("UnlCat", 1), ("UnlItem", 1), ("UnlItem", 2), ("UnlItem", 3)]
+    with served(world, stmt) as (s, _):
+        assert loaded_by(s) == expected
+    for _ in range(3):  # a miss that fills the entity entry, then hits
+        with world.cached() as s:
+            world.sql.reset()
+            assert s.get(models.item, 4) is not None
+            hit = world.sql.count == 0
+            assert loaded_by(s) == [("UnlItem", 4)]
+    assert hit, "session.get was never served from the cache"
+
+
 # -- what plain statements pay ------------------------------------------------------------
 
 
