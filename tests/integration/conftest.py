@@ -87,6 +87,16 @@ def two(shop_engine: sa.Engine, redis_url: str, namespace: str) -> Iterator[Two]
 
 
 @pytest.fixture
+def category(shop_engine: sa.Engine) -> Iterator[int]:
+    """Category 3, its name restored afterwards (the shop's rows are shared)."""
+    with shop_engine.connect() as connection:
+        before = connection.scalar(sa.text("SELECT name FROM categories WHERE id = 3"))
+    yield 3
+    with shop_engine.begin() as connection:
+        connection.execute(sa.text("UPDATE categories SET name = :n WHERE id = 3"), {"n": before})
+
+
+@pytest.fixture
 def product(shop_engine: sa.Engine) -> Iterator[int]:
     """A product of the test's own (category 1, price 1.00), deleted afterwards."""
     with Session(shop_engine) as s:

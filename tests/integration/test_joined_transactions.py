@@ -17,8 +17,6 @@ from examples.shop import Category, Product
 from tests.support import read_both, read_price
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from sqlalchemy.orm import Session, sessionmaker
 
 JOINED = ["conditional_savepoint", "create_savepoint", "rollback_only"]
@@ -27,16 +25,6 @@ JOINED = ["conditional_savepoint", "create_savepoint", "rollback_only"]
 def names(factory: sessionmaker[Session], category: int) -> tuple[str, str]:
     """A category's name through FromCache and through session.get, in fresh sessions."""
     return read_both(factory, Category, category, "name")
-
-
-@pytest.fixture
-def category(shop_engine: sa.Engine) -> Iterator[int]:
-    """Category 3, its name restored afterwards (the shop's rows are shared)."""
-    with shop_engine.connect() as connection:
-        before = connection.scalar(sa.text("SELECT name FROM categories WHERE id = 3"))
-    yield 3
-    with shop_engine.begin() as connection:
-        connection.execute(sa.text("UPDATE categories SET name = :n WHERE id = 3"), {"n": before})
 
 
 @pytest.mark.parametrize("mode", JOINED)
