@@ -63,7 +63,28 @@ TEXTUAL = select(Product).where(text("id < 5")).options(FromCache())
 """
 
 
+# the caches of the running test (the cache fixture's)
+_LIVE: list[Cache] = []
+
+
+@pytest.fixture
+def cache(cache: Cache) -> Iterator[Cache]:
+    """The conftest's cache; the commands a test runs see its fills (:func:`run`)."""
+    _LIVE.append(cache)
+    try:
+        yield cache
+    finally:
+        _LIVE.remove(cache)
+
+
 def run(*args: str, stdin: str | None = None, env: dict[str, Any] | None = None) -> Result:
+    # a miss returns before its fill's reply, which the thread's next cache call reads:
+    # the command's own connection could otherwise reach Redis before the fill does
+    for live in _LIVE:
+        live.stats()
+    # the test's database is named by --database-url where a command needs one: a
+    # DATABASE_URL of the shell (python -m devservices sets one) would name another
+    env = {"DATABASE_URL": None, **(env or {})}
     # catch_exceptions=False: a traceback from the command is a test failure, never an exit 1
     return CliRunner().invoke(cli, list(args), input=stdin, env=env, catch_exceptions=False)
 
