@@ -321,6 +321,13 @@ def relationship_load_path(path: Any, relationship: Any) -> Any:
     return path[relationship][relationship.mapper]
 
 
+def is_query_expression(prop: Any) -> bool:
+    """Whether a column property is a ``query_expression()``: SQLAlchemy's loader leaves
+    it alone when a row does not hold it (it reads as its default, with no SQL), never
+    expired (``_ExpressionColumnLoader.create_row_processor``)."""
+    return ("query_expression", True) in prop.strategy_key
+
+
 def loader_at(prop: Any, compile_state: Any, path: Any) -> tuple[Any, Any]:
     """The loader strategy a statement uses for ``prop`` (a column or relationship
     property) at load path ``path``, and the option that chose it (None: the property's
@@ -455,16 +462,76 @@ def _result_metadata(keys: tuple[str, ...], positions: frozenset[int]) -> Any:
     """The metadata of a built result, made once per shape: results only read it (the
     ORM shares its own results' metadata through its compiled cache too)."""
     filters = [id if i in positions else None for i in range(len(keys))]
-    if not positions:
-        return engine_result.SimpleResultMetaData(list(keys))
+    return _metadata(keys, None, filters if positions else None)
+
+
+def _metadata(
+    keys: Sequence[str],
+    extra: Sequence[Any] | None,
+    filters: Sequence[Callable[[Any], Any] | None] | None,
+) -> Any:
+    if filters is None:
+        return engine_result.SimpleResultMetaData(list(keys), extra)
     if _CREATES_UNIQUE_FILTERS:  # SQLAlchemy 2.1: made when unique() is asked for
         return engine_result.SimpleResultMetaData(
-            list(keys), _create_unique_filters=lambda _result: filters
+            list(keys), extra, _create_unique_filters=lambda _result: filters
         )
     return engine_result.SimpleResultMetaData(  # SQLAlchemy 2.0
         list(keys),
+        extra,
         _unique_filters=filters,  # type: ignore[call-arg]  # its name in SQLAlchemy 2.0
     )
+
+
+def statement_result_metadata(statement: Any, keys: Sequence[str]) -> Any:
+    """The metadata of the results a hit of ``statement`` (an ORM select) builds, as the
+    ORM makes its own (``loading.instances``): each column is also found by the objects
+    that name it (``row._mapping[Product]``, ``row._mapping[Product.name]``, an
+    ``aliased()`` entity), and ``unique()`` refuses a column whose type gives
+    unhashable values (JSONB) with the ORM's error. None when the statement's compile
+    state does not say (the caller falls back to names alone)."""
+    entities = getattr(statement.compile().compile_state, "_entities", None)
+    if entities is None or len(entities) != len(keys):
+        return None
+    try:
+        extra = [entity._extra_entities for entity in entities]
+        filters = [_unique_filter(entity) for entity in entities]
+    except AttributeError:
+        return None
+    return _metadata(keys, extra, filters)
+
+
+def entity_result_metadata(cls: type) -> Any:
+    """The metadata of a primary-key load's result of ``cls`` (``select(cls)``): its one
+    column found by the class too (``row._mapping[cls]``), its objects told apart by
+    identity in ``unique()``."""
+    return _metadata([cls.__name__], [(cls,)], [id])
+
+
+def _unique_filter(entity: Any) -> Callable[[Any], Any] | None:
+    """What ``unique()`` tells a column's values apart by, as the ORM's 2.0-style results
+    do: objects by identity, hashable values by value, and a type whose values may not
+    be hashable refused with the ORM's error."""
+    if entity.use_id_for_hash:
+        return id
+    uncertain = entity._null_column_type
+    if not (entity._non_hashable_value or uncertain):
+        return None
+    datatype = entity.column.type
+    said = "the values returned appear to be" if uncertain else "this datatype produces"
+
+    def refuse(value: Any) -> Any:
+        if uncertain:
+            try:
+                return hash(value)
+            except TypeError:
+                pass
+        raise sqlalchemy.exc.InvalidRequestError(
+            "Can't apply uniqueness to row tuple containing value of "
+            f"type {datatype!r}; {said} non-hashable values"
+        )
+
+    return refuse
 
 
 def make_result(
@@ -473,16 +540,19 @@ def make_result(
     *,
     single: bool,
     entity_positions: Sequence[int] | None = None,
+    metadata: Any = None,
 ) -> Result[Any]:
     """A result that behaves like the ORM's own for ``scalars()``, ``all()``, ``unique()``.
 
     Objects are told apart by identity in ``unique()``, as the ORM does: a mapped class
     may be unhashable (SQLModel's, pydantic models). ``entity_positions`` are the columns
-    holding objects (all of them, for a ``single`` result, by default).
+    holding objects (all of them, for a ``single`` result, by default). ``metadata``: the
+    statement's own (:func:`statement_result_metadata`), which replaces both.
     """
-    if entity_positions is None:
-        entity_positions = range(len(keys)) if single else ()
-    metadata = _result_metadata(tuple(keys), frozenset(entity_positions))
+    if metadata is None:
+        if entity_positions is None:
+            entity_positions = range(len(keys)) if single else ()
+        metadata = _result_metadata(tuple(keys), frozenset(entity_positions))
     made: Any = engine_result.IteratorResult(
         metadata,
         iter(data),

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -92,7 +92,9 @@ class RowShape:
     (:func:`loading_of`); None when the mapped classes alone say it. ``root_paths``:
     when the statement has options SQLAlchemy keeps on the objects it loads
     (:func:`compat.propagated_options`), which a hit gives them too, the load path of
-    each entity position; empty otherwise.
+    each entity position; empty otherwise. ``metadata``: the statement's result metadata
+    (:func:`compat.statement_result_metadata`), which hits' results share; None: made
+    from ``keys`` and ``entity_positions``.
     """
 
     keys: tuple[str, ...]
@@ -103,6 +105,7 @@ class RowShape:
     entity_mappers: tuple[Mapper[Any], ...] = ()
     loading: Loading | None = None
     root_paths: tuple[Any, ...] = ()
+    metadata: Any = field(default=None, compare=False)
 
 
 def identity_snapshot(session: Session) -> frozenset[Any]:
@@ -369,12 +372,13 @@ class _Materializer:
         how: Unloaded | None,
     ) -> None:
         """The uncached query would fill an object's expired or deferred attributes from
-        the row (unless the object holds changes), and leave the others it did not load
-        as its options say: so does a hit (``_populate_partial`` in SQLAlchemy's
-        ``orm/loading.py``)."""
+        the row, and leave the others it did not load as its options say: so does a hit
+        (``_populate_partial`` in SQLAlchemy's ``orm/loading.py``). Also when the object
+        holds changes (``no_autoflush``): an attribute that was set is loaded, so its
+        change is never among those filled."""
         state = instance_state(existing)
         unloaded = state.unloaded
-        if not unloaded or state.modified:
+        if not unloaded:
             return
         column_keys = info.column_keys
         absent: set[int] | tuple[()] = set(missing) if isinstance(missing, list) else ()
@@ -391,29 +395,46 @@ class _Materializer:
                     populate(state, dict_, None)
         self.loaded.append((state, keys, unloaded))
 
-    def finish(self) -> None:
+    def finish(
+        self, ordered: Callable[[], Sequence[InstanceState[Any] | None]] | None = None
+    ) -> None:
+        """Commit the new objects, then fire their load events: in the order ``ordered``
+        gives (states, None for an object the session held; asked only when some event
+        has listeners), else as they were made; then the refresh events of the objects
+        the session held."""
         identity_map = self.identity_map
+        new_states = self.new_states
         # whether a class has load listeners, asked once per class in a row of its objects
         # (as SQLAlchemy's loading asks once per query)
         manager: Any = None
-        load_event: Any = None
-        session = self.session
-        # the session's loaded_as_persistent listeners see each new object after its
-        # class's load listeners, as for a database load
-        persistent_event = session.dispatch.loaded_as_persistent or None
-        for state in self.new_states:
+        listened = False
+        for state in new_states:
             if state.modified or state.committed_state:
                 # a fresh state has nothing to commit unless something touched it
                 compat.commit_new(state, identity_map)
             if state.manager is not manager:
                 manager = state.manager
-                load_event = manager.dispatch.load or None
-            if load_event is not None:
-                # reconstructors and user load listeners run as for a database load;
-                # there is no QueryContext on a hit, so they receive None
-                load_event(state, None)
-            if persistent_event is not None:
-                persistent_event(session, state)
+                listened = listened or bool(manager.dispatch.load)
+        session = self.session
+        # the session's loaded_as_persistent listeners see each new object after its
+        # class's load listeners, as for a database load
+        persistent_event = session.dispatch.loaded_as_persistent or None
+        if listened or persistent_event is not None:
+            manager = None
+            load_event: Any = None
+            for made in new_states if ordered is None else ordered():
+                if made is None:
+                    continue
+                state = made
+                if state.manager is not manager:
+                    manager = state.manager
+                    load_event = manager.dispatch.load or None
+                if load_event is not None:
+                    # reconstructors and user load listeners run as for a database
+                    # load; there is no QueryContext on a hit, so they receive None
+                    load_event(state, None)
+                if persistent_event is not None:
+                    persistent_event(session, state)
         for state, keys, unloaded in self.loaded:
             refresh = state.manager.dispatch.refresh
             if refresh:
@@ -502,8 +523,15 @@ class Unloaded:
 @functools.lru_cache(maxsize=1024)
 def _class_unloaded(mapper: Mapper[Any]) -> Unloaded:
     """What a statement without loader options leaves unloaded: a column not in the row
-    is expired, unless the class defers it (its own loader then loads it)."""
-    return Unloaded({p.key: _EXPIRE for p in mapper.column_attrs if not p.deferred})
+    is expired, unless the class defers it (its own loader then loads it) or it is a
+    ``query_expression()`` (left alone)."""
+    return Unloaded(
+        {
+            p.key: _EXPIRE
+            for p in mapper.column_attrs
+            if not p.deferred and not compat.is_query_expression(p)
+        }
+    )
 
 
 class _PathNode:
@@ -718,6 +746,8 @@ def _unloaded_at(compile_state: Any, path: Any, mapper: Mapper[Any]) -> Unloaded
     rows leave unloaded (``create_row_processor`` of each strategy in strategies.py)."""
     columns: dict[str, Any] = {}
     for prop in mapper.column_attrs:
+        if compat.is_query_expression(prop):
+            continue  # left alone where its row does not hold it
         strategy, _ = compat.loader_at(prop, compile_state, path)
         how = compat.loader_settings(strategy)
         if not how.get("deferred"):
@@ -880,6 +910,9 @@ class Prepared:
     keys: list[Any]
     # each object's load path, worked out by the first hit that needs them (_stamp_load)
     load_paths: list[Any] = field(default_factory=list, compare=False)
+    # the order load events fire in, worked out by the first hit that has listeners
+    # (load_order), as the one item of this list; empty when it is the body's own
+    event_order: list[list[int]] = field(default_factory=list, compare=False)
 
 
 def prepare(body: Any, shape: RowShape, info_of: InfoOf) -> Prepared:
@@ -1027,7 +1060,7 @@ def build(
             set_committed_value(obj, key, value)
     if shape.root_paths and statement is not None:
         _stamp_load(prepared, shape, made_here, statement)
-    mat.finish()
+    mat.finish(lambda: [made_here[i] for i in load_order(prepared, shape)] or made_here)
     if shape.single_entity:
         data: list[Any] = [made[i] for i in rows]
     else:
@@ -1036,8 +1069,68 @@ def build(
             scalars = [shape.scalar_codec.thawed(row) for row in scalars]
         data = rows_with_scalars(rows, scalars, made, shape)
     return compat.make_result(
-        shape.keys, data, single=shape.single_entity, entity_positions=shape.entity_positions
+        shape.keys,
+        data,
+        single=shape.single_entity,
+        entity_positions=shape.entity_positions,
+        metadata=shape.metadata,
     )
+
+
+def load_order(prepared: Prepared, shape: RowShape) -> list[int]:
+    """The order in which a database load of ``prepared``'s rows would fire its objects'
+    load events, as near as a body says (it does not record which relationships were
+    joined or selectin-loaded): each object after the objects its many-to-one
+    relationships hold (a joined load builds those first, so a reconstructor may read
+    them), the rows' objects in row order, then the objects of their collections, level
+    by level (a selectin load's order). Empty when that is the body's own order. Worked
+    out once per decoded body and kept with it.
+
+    Example::
+
+        load_order(prepared, shape)  # [2, 0, 3, 1]: object 2 is held by object 0
+    """
+    if prepared.event_order:
+        return prepared.event_order[0]
+    objects = prepared.objects
+    if shape.single_entity:
+        queue = list(prepared.rows)
+    else:
+        queue = [i for entities, _ in prepared.rows for i in entities if i is not None]
+    order: list[int] = []
+    seen: set[int] = set()
+    emitted = 0
+    for root in queue:  # grows while it is walked: the collections' objects join it
+        if root not in seen:
+            seen.add(root)
+            # the many-to-one targets first, without recursion (a chain may be long)
+            stack = [(root, _scalar_targets(objects[root]))]
+            while stack:
+                node, targets = stack[-1]
+                for target in targets:
+                    if target not in seen:
+                        seen.add(target)
+                        stack.append((target, _scalar_targets(objects[target])))
+                        break
+                else:
+                    stack.pop()
+                    order.append(node)
+        while emitted < len(order):
+            rels = objects[order[emitted]][3]
+            emitted += 1
+            if rels:
+                queue.extend(c for t in rels.values() if type(t) is list for c in t)
+    order.extend(i for i in range(len(objects)) if i not in seen)
+    if order == list(range(len(objects))):
+        order = []
+    prepared.event_order[:] = [order]
+    return order
+
+
+def _scalar_targets(entry: Any) -> Iterator[int]:
+    """The objects a body's object holds in many-to-one (scalar) relationships."""
+    rels = entry[3]
+    return iter([t for t in rels.values() if type(t) is int] if rels else ())
 
 
 def rows_with_scalars(
@@ -1108,7 +1201,10 @@ def build_entity(
 def entity_result(info: ModelInfo, obj: object | None) -> Result[Any]:
     """The result a primary-key load of ``obj`` gives (empty for None)."""
     return compat.make_result(
-        [info.mapper.class_.__name__], [] if obj is None else [obj], single=True
+        [info.mapper.class_.__name__],
+        [] if obj is None else [obj],
+        single=True,
+        metadata=info.result_metadata,
     )
 
 

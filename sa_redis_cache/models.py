@@ -335,9 +335,12 @@ class ModelInfo:
     # the model's scope in ``cache.stats()`` (``model:<class>``): every read counts under
     # it, and the class's name does not change
     scope: str = field(init=False, repr=False, compare=False)
+    # the metadata of a primary-key load's result (compat.entity_result_metadata)
+    result_metadata: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.scope = scope("model", self.mapper.class_.__name__)
+        self.result_metadata = compat.entity_result_metadata(self.mapper.class_)
 
     def as_stored(self, values: list[Any], tz: tzinfo | None) -> list[Any]:
         """``values`` as Postgres will return them (see :func:`write_normalizer`).

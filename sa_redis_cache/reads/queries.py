@@ -810,4 +810,5 @@ def _row_shape(statement: Any) -> hydrate.RowShape:
         entity_mappers=tuple(entity_mappers),
         loading=loading,
         root_paths=(hydrate.root_paths(statement) if compat.propagated_options(statement) else ()),
+        metadata=compat.statement_result_metadata(statement, keys),
     )

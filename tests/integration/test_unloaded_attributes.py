@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import ForeignKey, Integer, Numeric, String, select
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -27,6 +28,7 @@ from sqlalchemy.orm import (
     joinedload,
     load_only,
     mapped_column,
+    query_expression,
     raiseload,
     relationship,
     selectinload,
@@ -71,6 +73,7 @@ def models(engine: sa.Engine) -> Iterator[Models]:
         __cache__ = CachePolicy(ttl=600)
         id: Mapped[int] = mapped_column(primary_key=True)
         name: Mapped[str] = mapped_column(String(40))
+        tags: Mapped[list[str]] = mapped_column(JSONB, default=list)
         items: Mapped[list[UnlItem]] = relationship(back_populates="cat", order_by="UnlItem.id")
 
     class UnlItem(Base):
@@ -81,6 +84,7 @@ def models(engine: sa.Engine) -> Iterator[Models]:
         name: Mapped[str] = mapped_column(String(40))
         price: Mapped[Decimal] = mapped_column(Numeric(10, 2))
         note: Mapped[str | None] = mapped_column(String(200), deferred=True)
+        doubled: Mapped[Decimal | None] = query_expression()
         cat: Mapped[UnlCat] = relationship(back_populates="items")
 
     class UnlEmp(Base):
@@ -366,7 +370,7 @@ def test_a_hit_that_fills_an_expired_object_fires_refresh(world: World, models: 
     sa.event.listen(item, "refresh", on_refresh)
     try:
         expected = run(world.plain)
-        assert expected == [(1, ["cat", "cat_id", "id", "name", "note", "price"])]
+        assert expected == [(1, ["cat", "cat_id", "doubled", "id", "name", "note", "price"])]
         assert run(world.cached) == expected
     finally:
         sa.event.remove(item, "refresh", on_refresh)
@@ -402,6 +406,146 @@ def test_a_hit_fires_loaded_as_persistent_for_each_object_it_builds(
             hit = world.sql.count == 0
             assert loaded_by(s) == [("UnlItem", 4)]
     assert hit, "session.get was never served from the cache"
+
+
+# -- the rest of what a database load gives -------------------------------------------------
+
+
+def test_a_hits_rows_are_found_by_the_objects_that_name_their_columns(
+    world: World, models: Models
+) -> None:
+    """``row._mapping[Model]``, ``row._mapping[Model.column]``, ``columns(Model.column)``
+    and ``scalars(Model.column)``: the ORM's results find a column by the entity or
+    attribute that names it; a hit's results do too (they raised ``KeyError``)."""
+    cat, item = models.cat, models.item
+    stmt = select(cat, cat.name, item).join(cat.items).order_by(item.id).options(FromCache())
+
+    def read(s: Session) -> list[Any]:
+        first = s.execute(stmt).first()
+        assert first is not None
+        return [
+            first._mapping[cat].id,
+            first._mapping[cat.name],
+            first._mapping[item].id,
+            [(r[0].id, r[1]) for r in s.execute(stmt).columns(item, cat.name)],
+            s.execute(stmt).scalars(cat.name).all(),
+        ]
+
+    with uncached(world, stmt) as (s, _):
+        expected = read(s)
+    with served(world, stmt) as (s, _):
+        assert read(s) == expected
+    by_pk = select(item).where(item.id == 2).options(FromCache())
+    for _ in range(3):  # the entity cache's result of a primary-key select
+        with world.cached() as s:
+            row = s.execute(by_pk).first()
+            assert row is not None
+            assert row._mapping[item].id == 2
+
+
+def test_unique_refuses_unhashable_column_values_as_the_orm_does(
+    world: World, models: Models
+) -> None:
+    """``unique()`` over a JSONB column: the ORM refuses it with ``InvalidRequestError``
+    naming the type; a hit did not, and raised ``TypeError`` from hashing a list."""
+    cat = models.cat
+    stmt = select(cat.id, cat.tags).order_by(cat.id).options(FromCache())
+    with uncached(world, stmt) as (s, _), pytest.raises(InvalidRequestError, match="JSONB"):
+        s.execute(stmt).unique().all()
+    with served(world, stmt) as (s, _), pytest.raises(InvalidRequestError, match="JSONB"):
+        s.execute(stmt).unique().all()
+
+
+def test_a_joined_many_to_one_target_loads_before_the_objects_that_hold_it(
+    world: World, models: Models
+) -> None:
+    """As a joined eager load builds an item's category before the item, the category's
+    ``load`` event (a reconstructor) fires first: an item's reconstructor may read what
+    its category's set up (it found nothing there on a hit, which fired them in reverse)."""
+    cat, item = models.cat, models.item
+    stmt = select(item).order_by(item.id).options(joinedload(item.cat), FromCache())
+    seen: list[tuple[Session | None, int, bool]] = []
+
+    def on_cat(target: Any, _context: Any) -> None:
+        target.__dict__["set_up_on_load"] = True
+
+    def on_item(target: Any, _context: Any) -> None:
+        ready = "set_up_on_load" in target.__dict__["cat"].__dict__
+        seen.append((sa.orm.object_session(target), target.id, ready))
+
+    def loaded_by(session: Session) -> list[tuple[int, bool]]:
+        return sorted((pk, ready) for s, pk, ready in seen if s is session)
+
+    sa.event.listen(cat, "load", on_cat)
+    sa.event.listen(item, "load", on_item)
+    try:
+        with uncached(world, stmt) as (s, _):
+            expected = loaded_by(s)
+        assert expected == [(i, True) for i in range(1, 6)]
+        with served(world, stmt) as (s, _):
+            assert loaded_by(s) == expected
+    finally:
+        sa.event.remove(cat, "load", on_cat)
+        sa.event.remove(item, "load", on_item)
+
+
+def test_a_hit_fills_the_expired_attributes_of_an_object_with_pending_changes(
+    world: World, models: Models
+) -> None:
+    """Without autoflush, a query's row fills the expired attributes of an object the
+    session holds with unflushed changes (SQLAlchemy's ``_populate_partial``) and fires
+    ``refresh``; a hit left them expired, to one more SELECT each."""
+    item = models.item
+    stmt = select(item).where(item.id == 1).options(FromCache())
+    refreshed: list[list[str]] = []
+
+    def on_refresh(_target: Any, _context: Any, attrs: Any) -> None:
+        refreshed.append(sorted(attrs or ()))
+
+    def run(factory: sessionmaker[Session]) -> tuple[int, list[list[str]], Any, int]:
+        refreshed.clear()
+        with factory() as s, s.no_autoflush:
+            held = s.scalars(select(item).where(item.id == 1)).one()
+            s.expire(held, ["price"])
+            held.name = "changed, not flushed"
+            world.sql.reset()
+            s.scalars(stmt).all()
+            query_sql = world.sql.count
+            world.sql.reset()
+            price = held.price
+            return query_sql, list(refreshed), price, world.sql.count
+
+    for _ in range(2):  # a fill, then a Redis hit: the entry is there
+        with world.cached() as s:
+            s.scalars(stmt).all()
+    sa.event.listen(item, "refresh", on_refresh)
+    try:
+        query_sql, *expected = run(world.plain)
+        assert query_sql == 1
+        assert expected[1:] == [Decimal(1), 0]
+        assert "price" in expected[0][0]
+        query_sql, *got = run(world.cached)
+        assert query_sql == 0, "the query was not a hit"
+        assert got == expected
+    finally:
+        sa.event.remove(item, "refresh", on_refresh)
+
+
+def test_a_query_expression_the_statement_did_not_set_is_left_alone(
+    world: World, models: Models
+) -> None:
+    """A ``query_expression()`` without ``with_expression()`` reads as None with no SQL,
+    and is not among an object's expired attributes; a hit marked it expired."""
+    item = models.item
+    stmt = select(item).where(item.id == 1).options(FromCache())
+    with uncached(world, stmt) as (_, objects):
+        expected = sorted(sa.inspect(objects[0]).expired_attributes)
+    with served(world, stmt) as (_, objects):
+        state = sa.inspect(objects[0])
+        assert sorted(state.expired_attributes) == expected
+        world.sql.reset()
+        assert objects[0].doubled is None
+        assert world.sql.count == 0
 
 
 # -- what plain statements pay ------------------------------------------------------------

@@ -42,7 +42,7 @@ def serve(
     session = orm_context.session
     name = info.mapper.class_.__name__
     if values is None:
-        return compat.make_result([name], [], single=True)
+        return compat.make_result([name], [], single=True, metadata=info.result_metadata)
     identity = info.mapper.identity_key_from_primary_key(pk)
     existing = session.identity_map.get(identity)
     if existing is None:
@@ -55,7 +55,7 @@ def serve(
         # attributes with unflushed changes are the session's own; never overwritten
         if key in state.unloaded or (overwrite and key not in state.committed_state):
             set_committed_value(existing, key, value)
-    return compat.make_result([name], [existing], single=True)
+    return compat.make_result([name], [existing], single=True, metadata=info.result_metadata)
 
 
 def evaluate(session: Session, default: Any, given: dict[str, Any]) -> Any:
