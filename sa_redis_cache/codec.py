@@ -78,6 +78,7 @@ from zoneinfo import ZoneInfo
 import orjson
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.ext.mutable import Mutable
 
 from . import compat
 
@@ -627,9 +628,22 @@ def _no_default(v: Any) -> Any:
     raise _wrong(v, "a JSON value")
 
 
+def _json_default(v: Any) -> Any:
+    """A tracked container of ``sqlalchemy.ext.mutable`` (``MutableDict.as_mutable(JSONB)``,
+    the usual JSONB recipe) is stored as the plain JSON the database returns: its class's
+    ``load`` listener, which a hit fires as a database load does, wraps it again. Any
+    other value that is not plain JSON is refused."""
+    if isinstance(v, Mutable):
+        if isinstance(v, dict):
+            return dict(v)
+        if isinstance(v, list):
+            return list(v)
+    return _no_default(v)
+
+
 def _dump_json(v: Any) -> orjson.Fragment:
     try:
-        encoded = orjson.dumps(v, default=_no_default, option=_ORJSON_OPTS)
+        encoded = orjson.dumps(v, default=_json_default, option=_ORJSON_OPTS)
     except orjson.JSONEncodeError as exc:
         raise CodecError(f"JSON value cannot be stored: {exc}") from exc
     # orjson writes NaN and Infinity as null and UUIDs as strings without complaint.

@@ -1,4 +1,5 @@
-"""Attributes a query did not load, on a ``FromCache`` hit: as plain SQLAlchemy has them.
+"""Attributes a query did not load, and the rest of what a load gives, on a ``FromCache``
+hit: as plain SQLAlchemy has them.
 
 A row does not hold every attribute of its object: ``defer()`` and ``load_only()``
 columns, a joined-table subclass's own columns under ``select(Base)``, relationships not
@@ -20,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy import ForeignKey, Integer, Numeric, String, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.ext.mutable import MutableDict
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -74,6 +76,7 @@ def models(engine: sa.Engine) -> Iterator[Models]:
         id: Mapped[int] = mapped_column(primary_key=True)
         name: Mapped[str] = mapped_column(String(40))
         tags: Mapped[list[str]] = mapped_column(JSONB, default=list)
+        extra: Mapped[dict[str, Any]] = mapped_column(MutableDict.as_mutable(JSONB), default=dict)
         items: Mapped[list[UnlItem]] = relationship(back_populates="cat", order_by="UnlItem.id")
 
     class UnlItem(Base):
@@ -529,6 +532,32 @@ def test_a_hit_fills_the_expired_attributes_of_an_object_with_pending_changes(
         assert got == expected
     finally:
         sa.event.remove(item, "refresh", on_refresh)
+
+
+def test_a_hits_tracked_json_is_tracked_as_a_database_loads_is(
+    world: World, models: Models
+) -> None:
+    """``MutableDict.as_mutable(JSONB)``, the usual way to track changes inside a JSONB
+    value: a hit's value is the tracked type again (its class's ``load`` listener wraps
+    it), and a change inside it marks the object dirty and is committed. Such rows were
+    never stored: the codec refused the tracked dict, and every read went to the
+    database."""
+    cat = models.cat
+    stmt = select(cat).where(cat.id == 2).options(FromCache())
+    with served(world, stmt) as (s, objects):
+        held = objects[0]
+        assert type(held.extra) is MutableDict
+        held.extra["seen_by"] = "a hit"
+        assert held in s.dirty
+        s.commit()
+    for _ in range(3):  # a miss that fills the entity entry, then hits
+        with world.cached() as s:
+            world.sql.reset()
+            got = s.get(cat, 2)
+            assert got is not None
+            assert type(got.extra) is MutableDict
+            assert got.extra["seen_by"] == "a hit"
+    assert world.sql.count == 0, "session.get was not served from the cache"
 
 
 def test_a_query_expression_the_statement_did_not_set_is_left_alone(

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.ext.mutable import MutableDict, MutableList
 from sqlalchemy.types import TypeDecorator, TypeEngine, UserDefinedType
 
 from sa_redis_cache import codec
@@ -460,6 +461,24 @@ def test_load_refuses_values_of_another_stored_type(sqltype: Any, stored: Any) -
 def test_json_columns_load_any_json_value(stored: Any) -> None:
     for sqltype in (sa.JSON(), pg.JSONB()):
         assert RowCodec([sqltype]).load_row([stored]) == (stored,)
+
+
+def test_json_tracked_by_sqlalchemy_mutable_is_stored_as_plain_json() -> None:
+    """``MutableDict``/``MutableList`` values (``as_mutable(JSONB)``) are stored as the
+    plain JSON the database returns; the class's ``load`` listener wraps them again.
+    Other subclasses of dict and list stay refused: they would come back changed."""
+
+    class Tagged(dict[str, Any]):
+        pass
+
+    row_codec = RowCodec([pg.JSONB(), pg.JSONB(), pg.JSONB()])
+    nested = MutableDict({"a": MutableList([1, {"b": 2}])})
+    stored = orjson.loads(orjson.dumps(row_codec.dump_row((nested, MutableList([3]), {}))))
+    loaded = row_codec.load_row(stored)
+    assert loaded == ({"a": [1, {"b": 2}]}, [3], {})
+    assert (type(loaded[0]), type(loaded[0]["a"]), type(loaded[1])) == (dict, list, list)
+    with pytest.raises(CodecError, match="column 0"):
+        row_codec.dump_row((Tagged(a=1), [], {}))
 
 
 # --- strict dumps ---------------------------------------------------------------------------
