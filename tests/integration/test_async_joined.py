@@ -118,6 +118,17 @@ class AsyncApp:
         return self.factory(bind=conn, join_transaction_mode=mode)
 
 
+async def add_view(
+    app: AsyncApp, conn: AsyncConnection, page_view: Any, path: str, mode: str = "create_savepoint"
+) -> Any:
+    """A page view committed by a session joined to ``conn``'s transaction; its id."""
+    async with app.joined(conn, mode) as s:
+        view = page_view(path=path)
+        s.add(view)
+        await s.commit()
+        return view.id
+
+
 @asynccontextmanager
 async def async_app(
     database_url: str,
@@ -293,13 +304,10 @@ def test_the_database_commits_before_the_operations_are_queued_under_asyncio(
                 await conn.execute(
                     sa.insert(page_view.__table__).values(id=core_row, path="/core", views=0)
                 )
-                async with app.joined(conn, "create_savepoint") as s:
-                    view = page_view(path="/queued")
-                    s.add(view)
-                    await s.commit()
+                view_id = await add_view(app, conn, page_view, "/queued")
                 assert visible_at_enqueue == []
                 await trans.commit()
-            return view.id, app.sync_trips
+            return view_id, app.sync_trips
 
     pk, sync_trips = asyncio.run(main())
     assert visible_at_enqueue == [True]
@@ -323,15 +331,12 @@ def test_a_database_commit_that_fails_queues_nothing_under_asyncio(
                 deferred = "x int UNIQUE DEFERRABLE INITIALLY DEFERRED"
                 await conn.execute(sa.text(f"CREATE TEMP TABLE ajr_deferred ({deferred})"))
                 await conn.execute(sa.text("INSERT INTO ajr_deferred VALUES (1), (1)"))
-                async with app.joined(conn, "create_savepoint") as s:
-                    view = page_view(path="/never")
-                    s.add(view)
-                    await s.commit()
+                view_id = await add_view(app, conn, page_view, "/never")
                 with pytest.raises(sa.exc.IntegrityError):
                     await trans.commit()
             async with app.plain() as s:  # the pool hands out a working connection
                 assert (await s.execute(sa.text("SELECT 1"))).scalar() == 1
-            return view.id, app.sync_trips
+            return view_id, app.sync_trips
 
     pk, sync_trips = asyncio.run(main())
     assert wb.queued() == 0
@@ -357,10 +362,7 @@ def test_redis_down_at_the_applications_commit_raises_after_the_database_commit_
                 await conn.execute(
                     sa.insert(page_view.__table__).values(id=core_row, path="/core", views=0)
                 )
-                async with app.joined(conn, "create_savepoint") as s:
-                    view = page_view(path="/lost")
-                    s.add(view)
-                    await s.commit()
+                view_id = await add_view(app, conn, page_view, "/lost")
                 aof_redis.stop()
                 try:
                     with pytest.raises(CacheUnavailableError, match="committed to the database"):
@@ -368,7 +370,7 @@ def test_redis_down_at_the_applications_commit_raises_after_the_database_commit_
                 finally:
                     aof_redis.start()
                 in_transaction = conn.in_transaction()
-            return view.id, in_transaction
+            return view_id, in_transaction
 
     pk, in_transaction = asyncio.run(main())
     assert not in_transaction
@@ -383,22 +385,15 @@ def test_a_rolled_back_application_savepoint_drops_the_sessions_operations_under
     rollback drops its operation, a released savepoint keeps the other's."""
     page_view = wb.page_view
 
-    async def add_view(app: AsyncApp, conn: Any, path: str) -> Any:
-        async with app.joined(conn, "create_savepoint") as s:
-            view = page_view(path=path)
-            s.add(view)
-            await s.commit()
-            return view.id
-
     async def main() -> dict[str, Any]:
         async with wb.app() as app:
             async with app.engine.connect() as conn:
                 trans = await conn.begin()
                 before = await conn.begin_nested()
-                dropped = await add_view(app, conn, "/dropped")
+                dropped = await add_view(app, conn, page_view, "/dropped")
                 await before.rollback()
                 after = await conn.begin_nested()
-                kept = await add_view(app, conn, "/kept")
+                kept = await add_view(app, conn, page_view, "/kept")
                 await after.commit()  # released: its work is the outer transaction's
                 await trans.commit()
             return {
