@@ -490,13 +490,14 @@ def statement_result_metadata(statement: Any, keys: Sequence[str]) -> Any:
     ``aliased()`` entity), and ``unique()`` refuses a column whose type gives
     unhashable values (JSONB) with the ORM's error. None when the statement's compile
     state does not say (the caller falls back to names alone)."""
-    entities = getattr(statement.compile().compile_state, "_entities", None)
-    if entities is None or len(entities) != len(keys):
-        return None
     try:
+        # compiled without a dialect, once per statement shape, as loading_of compiles
+        entities = getattr(loader_compile_state(statement), "_entities", None)
+        if entities is None or len(entities) != len(keys):
+            return None
         extra = [entity._extra_entities for entity in entities]
         filters = [_unique_filter(entity) for entity in entities]
-    except AttributeError:
+    except (AttributeError, sqlalchemy.exc.SQLAlchemyError):
         return None
     return _metadata(keys, extra, filters)
 
