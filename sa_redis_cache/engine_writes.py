@@ -21,6 +21,7 @@ from sqlalchemy import Table
 from sqlalchemy.sql.elements import TextClause
 
 from . import compat
+from .referential import referential_actions
 from .schema import is_library_table
 from .transaction import peek_transaction_state
 
@@ -182,6 +183,8 @@ class EngineWrites:
         element = getattr(compiled, "statement", None)
         if isinstance(element, TextClause) or compiled is None:
             tables = text_dml_tables(statement, self.core.models.known_tables())
+            # what the statement does is not parsed: any foreign-key action may follow
+            tables |= referential_actions().written_by(tables, deletes=True, updates=True)
         elif context.isinsert or context.isupdate or context.isdelete:
             if self._seen_by_session(conn, context, element, returned):
                 return  # the session's own hooks know the rows
@@ -189,6 +192,9 @@ class EngineWrites:
             if not isinstance(target, Table):
                 return
             tables = {target.fullname}
+            tables |= referential_actions().written_by(
+                tables, deletes=context.isdelete, updates=context.isupdate
+            )
         else:
             return
         # the worker's offsets and dead letters: no cache entry reads them

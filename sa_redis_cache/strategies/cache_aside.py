@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 from sqlalchemy import Table
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.sql.elements import TextClause
 
 from sa_redis_cache.compat import has_net_change
@@ -39,6 +40,7 @@ from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.models import mappers_changed
 from sa_redis_cache.protocol import pk_text, scripts
 from sa_redis_cache.protocol.scripts import WRITER_MARK_MS
+from sa_redis_cache.referential import referential_actions
 from sa_redis_cache.transaction import RowWrite, TableWrites, TransactionState
 
 from .write_through import (
@@ -114,6 +116,19 @@ class _MapperTables:
 
     tables: tuple[str, ...]
     secondaries: tuple[tuple[str, str], ...]  # (relationship key, association table)
+    # what the database writes through foreign-key actions (referential.py) when the
+    # flush deletes such an object, or changes one of ``key_attributes``
+    on_delete: frozenset[str] = frozenset()
+    on_update: frozenset[str] = frozenset()
+    key_attributes: tuple[str, ...] = ()
+
+
+def _key_of(mapper: Mapper[Any], column: Any) -> str | None:
+    """The attribute ``mapper`` maps ``column`` to; None when it maps none."""
+    try:
+        return mapper.get_property_by_column(column).key
+    except UnmappedColumnError:
+        return None
 
 
 @dataclass(slots=True)
@@ -174,22 +189,27 @@ class Invalidation:
         reusable = True
         new, dirty, deleted = list(session.new), list(session.dirty), list(session.deleted)
         unmodified: list[object] = []
+        acted: set[str] = set()
         collect = self._collect
         for obj in new:
-            done, plain = collect(obj, rows, tables, keys, deleted=False)
+            done, plain = collect(obj, rows, tables, keys, acted, deleted=False)
             complete = done and complete
             reusable = reusable and plain
         for obj in dirty:
             if has_net_change(instance_state(obj)):
-                reusable = collect(obj, rows, tables, keys, deleted=False)[1] and reusable
+                reusable = collect(obj, rows, tables, keys, acted, deleted=False)[1] and reusable
             else:
                 unmodified.append(obj)
         for obj in deleted:
-            reusable = collect(obj, rows, tables, keys, deleted=True)[1] and reusable
+            reusable = collect(obj, rows, tables, keys, acted, deleted=True)[1] and reusable
         if not tables:
             return None
         scopes: dict[str, str] = {}
-        unnamed: set[str] = set()
+        # rows the database writes on its own (foreign-key actions) cannot be named
+        unnamed: set[str] = set(acted)
+        tables |= acted
+        for table in acted:
+            rows.pop(table, None)
         connections: dict[str, tuple[Any, Connection, Any]] = {}
         for table, table_rows in list(rows.items()):
             mapper = next(iter(table_rows.values()))[0].mapper
@@ -465,6 +485,9 @@ class Invalidation:
             tables.add(target.fullname)
         if not tables:
             return False
+        tables |= referential_actions().written_by(
+            tables, deletes=orm_context.is_delete, updates=orm_context.is_update
+        )
         self._mark(state.token, tables, {}, {}, bulk=True)
         state.marked.update(tables)
         frame = state.frame()
@@ -493,13 +516,29 @@ class Invalidation:
             self._tables_generation = generation
         found = self._tables_by_mapper.get(mapper)
         if found is None:
+            own = [t for t in mapper.tables if isinstance(t, Table)]
+            names = [t.fullname for t in own]
+            actions = referential_actions()
+            updated_columns = [
+                column
+                for table in own
+                for column in table.columns
+                if column.name in actions.update_columns(table.fullname)
+            ]
             found = self._tables_by_mapper[mapper] = _MapperTables(
-                tuple(t.fullname for t in mapper.tables if isinstance(t, Table)),
+                tuple(names),
                 tuple(
                     (rel.key, rel.secondary.fullname)
                     for rel in mapper.relationships
                     if isinstance(rel.secondary, Table)
                 ),
+                frozenset(
+                    actions.written_by((t.fullname for t in own), deletes=True, updates=False)
+                ),
+                frozenset(
+                    actions.written_by((t.fullname for t in own), deletes=False, updates=True)
+                ),
+                tuple(key for column in updated_columns if (key := _key_of(mapper, column))),
             )
         return found
 
@@ -509,10 +548,13 @@ class Invalidation:
         rows: _Rows,
         tables: set[str],
         keys: list[tuple[InstanceState[Any], ModelInfo, list[Any], Any]],
+        acted: set[str],
         *,
         deleted: bool,
     ) -> tuple[bool, bool]:
-        """Add ``obj``'s tables and row, and what its row's key was made from to ``keys``.
+        """Add ``obj``'s tables and row, and what its row's key was made from to ``keys``;
+        add to ``acted`` the tables the database writes through foreign-key actions when
+        the flush deletes its row or changes a key others reference (referential.py).
 
         Returns whether its row could be keyed (False: not yet), and whether no
         association table's history counted (a plan that read one is not reused).
@@ -521,6 +563,12 @@ class Invalidation:
         mapper = state.mapper
         written = self._tables_of(mapper)
         tables.update(written.tables)
+        if deleted:
+            acted |= written.on_delete
+        elif state.key is not None and written.key_attributes:
+            attrs = state.attrs
+            if any(attrs[key].history.has_changes() for key in written.key_attributes):
+                acted |= written.on_update
         for key, secondary in written.secondaries:
             if state.attrs[key].history.has_changes():
                 tables.add(secondary)
