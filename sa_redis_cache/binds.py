@@ -57,7 +57,14 @@ _POSTGRES_IDENTITY = (
     "SELECT current_database(), current_schema(), "
     "CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE') "
     "THEN (SELECT system_identifier::text FROM pg_control_system()) END, "
-    "inet_server_addr()::text, inet_server_port()"
+    "inet_server_addr()::text, inet_server_port(), "
+    # the tables with an enabled AFTER ... FOR EACH ROW trigger on UPDATE: tgtype has the
+    # ROW bit (1) and UPDATE (16), neither BEFORE (2) nor INSTEAD OF (64)
+    "CASE WHEN has_table_privilege('pg_catalog.pg_trigger', 'SELECT') "
+    "AND has_table_privilege('pg_catalog.pg_class', 'SELECT') "
+    "THEN (SELECT array_agg(DISTINCT c.relname::text) FROM pg_catalog.pg_trigger t "
+    "JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid WHERE NOT t.tgisinternal "
+    "AND t.tgenabled <> 'D' AND t.tgtype & 83 = 17) END"
 )
 
 
@@ -78,6 +85,9 @@ class Database:
     identity: str
     default_schema: str | None
     driver: str
+    # tables (by name, in any schema) with an AFTER row trigger on UPDATE when the pool was
+    # first used: a row that UPDATE ... RETURNING gives may not be the row it leaves
+    after_update_triggers: frozenset[str] = field(default=frozenset(), compare=False)
     # the driver-qualified name that query keys carry: formatted once, every read packs it
     name: str = field(init=False, repr=False, compare=False, hash=False)
 
@@ -91,8 +101,9 @@ def _url_identity(engine: Engine) -> str:
     return f"url:{url.host or ''}:{url.port or ''}/{url.database or ''}"
 
 
-def _ask_postgres(connection: Connection) -> tuple[str, str | None] | None:
-    """``(identity, default schema)`` from the server; None when it did not answer."""
+def _ask_postgres(connection: Connection) -> tuple[str, str | None, frozenset[str]] | None:
+    """``(identity, default schema, tables with AFTER row triggers on UPDATE)`` from the
+    server; None when it did not answer."""
     try:
         cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
@@ -105,14 +116,14 @@ def _ask_postgres(connection: Connection) -> tuple[str, str | None] | None:
         return None
     if row is None:
         return None
-    database, schema, system_id, address, port = row
+    database, schema, system_id, address, port, triggered = row
     if system_id:
         where = f"pg:{system_id}"
     elif address:
         where = f"pg@{address}:{port}"
     else:  # a Unix socket, and pg_control_system() refused: the URL is all there is
         where = "pg" + _url_identity(connection.engine)[3:]
-    return f"{where}/{database}", schema
+    return f"{where}/{database}", schema, frozenset(triggered or ())
 
 
 # what each pool connects to is a fact about the pool, shared by every cache of the process;
@@ -152,14 +163,15 @@ class Binds:
         if found is not None:
             return found
         dialect = engine.dialect
+        triggered: frozenset[str] = frozenset()
         if dialect.name == "postgresql":
             answer = _ask_postgres(connection)
             if answer is None:
                 return None
-            identity, schema = answer
+            identity, schema, triggered = answer
         else:
             identity, schema = _url_identity(engine), None
-        found = Database(identity, schema, f"{dialect.name}+{dialect.driver}")
+        found = Database(identity, schema, f"{dialect.name}+{dialect.driver}", triggered)
         with _DATABASES_LOCK:
             self._by_pool[pool] = found
         return found

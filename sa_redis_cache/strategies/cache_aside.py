@@ -338,7 +338,14 @@ class Invalidation:
                 connection = self._connection_for(session, plan, table, info)
                 by_connection.setdefault(connection, []).append(info)
         captures: dict[Connection, Capture] = {}
-        for connection, infos in by_connection.items():
+        for connection, written in by_connection.items():
+            infos = written
+            database = self.core.binds.known(connection)
+            if database is not None and database.after_update_triggers:
+                # RETURNING gives the row before AFTER row triggers run, which may change
+                # it: such tables are read back after the flush instead
+                triggered = database.after_update_triggers
+                infos = [i for i in written if i.table.rpartition(".")[2] not in triggered]
             capture = self.returning.arm(connection, infos)
             if capture is not None:
                 captures[connection] = capture

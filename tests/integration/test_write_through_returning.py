@@ -10,19 +10,18 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import String
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from examples.shop import Product
+from sa_redis_cache import Cache, CachePolicy
+from tests.support import SQLCounter
 
 PRODUCTS = sa.table("products", sa.column("id"), sa.column("name"))
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-
-    from sqlalchemy.orm import sessionmaker
-
-    from tests.support import SQLCounter
 
 
 def row(p: Product) -> tuple[Any, ...]:
@@ -162,3 +161,65 @@ def test_no_statement_outside_a_flush_gets_returning_even_after_a_failed_flush(
     finally:
         sa.event.remove(shop_engine, "before_cursor_execute", on_sql)
     assert [s for s in sent if "RETURNING" in s] == []
+
+
+def test_a_table_with_an_after_row_trigger_is_read_back_after_the_flush(
+    engine: sa.Engine, redis_url: str, namespace: str
+) -> None:
+    """``UPDATE ... RETURNING`` gives the row before the statement's AFTER row triggers
+    run; one that changes the row (an audit stamp) is not in it. Such a table, seen when
+    the pool first meets the database, is read back after the flush, and the entry
+    written through is the row the trigger left (it was the row before the trigger)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Audited(Base):
+        __tablename__ = "wt_audited"
+        __cache__ = CachePolicy(strategy="write_through", ttl=600)
+        id: Mapped[int] = mapped_column(primary_key=True)
+        status: Mapped[str] = mapped_column(String(20))
+        audit: Mapped[str | None] = mapped_column(String(40))
+
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "CREATE OR REPLACE FUNCTION wt_audited_stamp() RETURNS trigger "
+                "LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.audit IS DISTINCT FROM 'changed:' || NEW.status THEN "
+                "UPDATE wt_audited SET audit = 'changed:' || NEW.status WHERE id = NEW.id; "
+                "END IF; RETURN NULL; END $$"
+            )
+        )
+        connection.execute(
+            sa.text(
+                "CREATE TRIGGER wt_audited_after AFTER UPDATE ON wt_audited "
+                "FOR EACH ROW EXECUTE FUNCTION wt_audited_stamp()"
+            )
+        )
+        connection.execute(sa.insert(Audited).values(id=1, status="new"))
+    own = sa.create_engine(engine.url)  # a pool that meets the database with the trigger
+    sql = SQLCounter()
+    sa.event.listen(own, "before_cursor_execute", sql)
+    factory = sessionmaker(own)
+    cache = Cache(redis_url, namespace=namespace)
+    cache.attach(factory)
+    try:
+        with factory() as s:
+            s.get_one(Audited, 1).status = "active"
+            s.commit()
+        sql.reset()
+        with factory() as s:
+            got = s.get_one(Audited, 1)
+            assert (got.status, got.audit) == ("active", "changed:active")
+        assert sql.statements == [], "the row was not written through"
+    finally:
+        cache.clear()
+        cache.detach()
+        own.dispose()
+        Base.metadata.drop_all(engine)
+        with engine.begin() as connection:
+            connection.execute(sa.text("DROP FUNCTION IF EXISTS wt_audited_stamp()"))
+        Base.registry.dispose()
