@@ -7,10 +7,12 @@ rows; a write that fires no action leaves their entries alone (sa_redis_cache/re
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 from sqlalchemy import ForeignKey, String, select
 from sqlalchemy.orm import (
@@ -23,6 +25,7 @@ from sqlalchemy.orm import (
 )
 
 from sa_redis_cache import Cache, CachePolicy, FromCache
+from tests.conftest import delete_namespace
 from tests.support import SQLCounter
 
 if TYPE_CHECKING:
@@ -106,14 +109,17 @@ def world(request: pytest.FixtureRequest, engine: sa.Engine, redis_url: str) -> 
     sql = SQLCounter()
     sa.event.listen(own, "before_cursor_execute", sql)
     factory = sessionmaker(own)
-    cache = Cache(redis_url, namespace=f"ref{strategy[:2]}{id(factory) % 10_000}")
+    namespace = f"ref{secrets.token_hex(4)}"
+    cache = Cache(redis_url, namespace=namespace)
     cache.attach(factory)
     try:
         yield World(RefParent, RefChild, RefNode, factory, own, sql)
     finally:
-        cache.clear()
         cache.detach()
         own.dispose()
+        client = redis.Redis.from_url(redis_url)
+        delete_namespace(client, namespace)
+        client.close()
         Base.metadata.drop_all(engine)
         Base.registry.dispose()
 
