@@ -144,9 +144,11 @@ class WriteBehind:
             return
         if is_cluster(self.core.client):
             self._refuse_several_slots(state, [info for _, info, _ in work])
-        # refused before this flush changes anything (a two-phase transaction)
+        # refused before this flush changes anything (a two-phase transaction); asked once
+        # per table, not per object
+        infos = {info.table: info for _, info, _ in work}
         connections = {
-            info.table: joined.joined_connection(session, info.mapper) for _, info, _ in work
+            table: joined.joined_connection(session, info.mapper) for table, info in infos.items()
         }
         queued = state.frame().queued
         tz: Any = None
