@@ -7,6 +7,7 @@ import inspect
 import logging
 from typing import TYPE_CHECKING, Any, ParamSpec, cast
 
+from sqlalchemy import Table
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -33,6 +34,7 @@ from .policy import is_ttl
 from .protocol import KeyScheme, pk_text, scripts
 from .reads import ReadPath
 from .redis_io import clients_for
+from .referential import referential_actions
 from .sessions import SessionHooks
 from .slot_groups import table_groups
 from .stats_publisher import StatsPublisher
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 
     from .binds import Database
     from .local import Consistency
+    from .protocol.scripts import ScriptCall
     from .redis_io import AsyncClient, SyncClient
 
 log = logging.getLogger(__name__)
@@ -393,7 +396,9 @@ class Cache:
         call is refused. Each value is read as its column's type, as a load would give it
         (``"7"`` for an integer column is ``7``, a UUID's text is the UUID); one that
         cannot be raises :class:`~sa_redis_cache.models.PrimaryKeyTypeError` (a
-        ``ValueError``).
+        ``ValueError``). Tables that foreign keys with ``ON DELETE`` / ``ON UPDATE``
+        actions on the model's table write are retired whole: the row may have been
+        deleted, or its key changed, and the rows Postgres wrote in turn cannot be named.
 
         Example::
 
@@ -403,27 +408,18 @@ class Cache:
         # keyed as loads give it ("7" for an int column is 7): a key of another type would
         # name another entry and remove nothing (PrimaryKeyTypeError when it cannot be read)
         pk = info.coerce_pk(pk)
-        core = self._core
         keys = self.keys
         text = pk_text(pk)
         # the row write counter retires the row's entity entries in every database and
         # schema (also those of other processes); those this process knows are unlinked.
         # Bumping the version refuses a fill that read the row before this call, and
         # retires the cached queries that may contain the row.
-        known = sorted(core.entity_scopes.get(info.table, ()))
+        known = sorted(self._core.entity_scopes.get(info.table, ()))
         entries = [keys.entity_key(info.table, info.schema_hash, s, text) for s in known]
-        scope = info.scope
-        with core.measure(scope, "invalidate"):
-            core.run_fenced(
-                [
-                    scripts.bump_all(
-                        [keys.version_key(info.table), keys.row_write_key(info.table, text)],
-                        unlink=entries,
-                    )
-                ],
-                [info.table],
-            )
-        core.counters.incr(scope, "invalidations")
+        row = scripts.bump_all(
+            [keys.version_key(info.table), keys.row_write_key(info.table, text)], unlink=entries
+        )
+        self._retire(info.scope, [info.table], row=row)
 
     def invalidate_model(self, model: type) -> None:
         """Invalidate every cached query that read ``model``'s table, and its entity entries.
@@ -431,24 +427,78 @@ class Cache:
         Costs one round trip whatever the number of entries: the table's version (which
         query entries are validated against) and its entity generation (which entity
         entries are validated against) are bumped; the old entries expire with their TTL.
+        So are those of the tables that foreign keys with ``ON DELETE`` / ``ON UPDATE``
+        actions on the table write: the unseen write may have cascaded.
 
         Example::
 
             cache.invalidate_model(Product)
         """
         info = self._model_info(model)
-        core = self._core
-        scope = info.scope
-        with core.measure(scope, "invalidate"):
-            core.run_fenced(
-                [
-                    scripts.bump_all(
-                        [self.keys.version_key(info.table), self.keys.generation_key(info.table)]
-                    )
-                ],
-                [info.table],
+        self._retire(info.scope, [info.table])
+
+    def invalidate_table(self, *tables: Table | str) -> list[str]:
+        """Say that whole tables changed outside the cache's sight; the tables retired.
+
+        For a table no model maps alone, such as the association table of a many-to-many
+        ``relationship(secondary=...)`` that another program wrote: every cached query
+        that read it becomes a miss. Each table is a ``Table`` or its ``fullname``
+        (``"schema.name"`` in a schema), one of the mapped classes' ``MetaData``. As
+        :meth:`invalidate_model` does for a model's table, each table's version and entity
+        generation are bumped (one round trip in all), and so are those of the tables
+        its foreign keys' ``ON DELETE`` / ``ON UPDATE`` actions write, which the returned
+        list includes.
+
+        Example::
+
+            cache.invalidate_table(order_tags)          # the Table object
+            cache.invalidate_table("shop.order_tags")   # or its fullname
+        """
+        if not tables:
+            raise TypeError("invalidate_table() takes at least one Table or table name")
+        names = [self._table_name(table) for table in tables]
+        return self._retire(None, names)
+
+    def _table_name(self, table: Table | str) -> str:
+        if isinstance(table, Table):
+            return table.fullname
+        if not isinstance(table, str):
+            raise TypeError(f"invalidate_table() takes Table objects or names, not {table!r}")
+        known = self._core.models.known_tables()
+        if table not in known:
+            shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+            raise ConfigurationError(
+                f"no mapped MetaData has a table named {table!r}; give its fullname "
+                f"('schema.name' in a schema), or the Table object itself (known: "
+                f"{shown or 'none'})"
             )
-        core.counters.incr(scope, "invalidations")
+        return table
+
+    def _retire(
+        self, scope: str | None, tables: list[str], row: ScriptCall | None = None
+    ) -> list[str]:
+        """Bump ``tables``' versions and generations (with ``row``: only that row's
+        counters, and the version) and those of every table their foreign-key actions
+        write; return once no local tier serves what changed. The tables retired.
+
+        The application says these tables changed out of sight, maybe by a delete or a key
+        update that Postgres carried on through ``ON DELETE`` / ``ON UPDATE`` actions: the
+        referencing tables' rows cannot be named, so they are retired whole, as for a
+        flush that deletes a referenced row (:mod:`~sa_redis_cache.referential`).
+        """
+        keys = self.keys
+        acted = referential_actions().written_by(tables, deletes=True, updates=True)
+        whole = sorted(acted if row is not None else acted | set(tables))
+        calls = [] if row is None else [row]
+        calls += [scripts.bump_all([keys.version_key(t), keys.generation_key(t)]) for t in whole]
+        core = self._core
+        with core.measure(scope, "invalidate"):
+            core.run_fenced(calls, [*tables, *whole])
+        if scope is None:
+            core.counters.incr_total("invalidations")
+        else:
+            core.counters.incr(scope, "invalidations")
+        return sorted({*tables, *whole})
 
     def invalidate_query(
         self, statement: Any, params: dict[str, Any] | None = None, *, bind: Any = None
@@ -565,6 +615,16 @@ class Cache:
         """
         self._require_async_client("ainvalidate_model")
         await greenlet_spawn(self.invalidate_model, model)
+
+    async def ainvalidate_table(self, *tables: Table | str) -> list[str]:
+        """:meth:`invalidate_table` for coroutines, over the asyncio client.
+
+        Example::
+
+            await cache.ainvalidate_table(order_tags)
+        """
+        self._require_async_client("ainvalidate_table")
+        return await greenlet_spawn(self.invalidate_table, *tables)
 
     async def ainvalidate_query(
         self, statement: Any, params: dict[str, Any] | None = None, *, bind: Any = None

@@ -49,9 +49,18 @@ def _confirm(question: str, *, nothing: str = "nothing was invalidated") -> None
 # --------------------------------------------------------------------------- invalidate
 
 
-@click.command(short_help="Invalidate a row, a model, or the whole namespace.")
+@click.command(short_help="Invalidate a row, a model, a table, or the whole namespace.")
 @click.argument("model", required=False, metavar="[MODEL]")
 @click.argument("pk", nargs=-1, metavar="[PK]...")
+@click.option(
+    "--table",
+    "tables",
+    multiple=True,
+    metavar="NAME",
+    help="A table of the models' MetaData (its fullname, 'schema.name' in a schema), such "
+    "as a many-to-many association table: every cached query that read it is retired. "
+    "Repeatable.",
+)
 @click.option(
     "--namespace-wide",
     is_flag=True,
@@ -61,25 +70,39 @@ def _confirm(question: str, *, nothing: str = "nothing was invalidated") -> None
 @common_options("redis_url", "namespace", "models")
 @click.pass_obj
 def invalidate(
-    settings: Settings, model: str | None, pk: tuple[str, ...], namespace_wide: bool, yes: bool
+    settings: Settings,
+    model: str | None,
+    pk: tuple[str, ...],
+    tables: tuple[str, ...],
+    namespace_wide: bool,
+    yes: bool,
 ) -> None:
-    """Invalidate one row (MODEL PK...), a whole model (MODEL), or the namespace.
+    """Invalidate one row (MODEL PK...), a whole model (MODEL), tables, or the namespace.
 
     One row: its entity entry is deleted and its table's version bumped, so cached
     queries on the table are retired (cache.invalidate). A model: its table's version
     and entity generation are bumped, so every entry on it becomes a miss and expires
-    with its TTL (cache.invalidate_model). --namespace-wide deletes every key of the
+    with its TTL (cache.invalidate_model). --table NAME does the same for a table that
+    no model maps alone, such as a many-to-many association table
+    (cache.invalidate_table). Each also retires the tables that the foreign keys'
+    ON DELETE / ON UPDATE actions write. --namespace-wide deletes every key of the
     namespace, counters included, as a Redis restart without persistence would.
 
     \b
     Examples:
       sa-redis-cache --models examples.shop invalidate Product 7
+      sa-redis-cache --models examples.shop invalidate --table order_tags --yes
       sa-redis-cache --namespace shop invalidate --namespace-wide --yes
     """
     if namespace_wide:
-        if model is not None:
-            raise click.UsageError("--namespace-wide takes no MODEL or PK")
+        if model is not None or tables:
+            raise click.UsageError("--namespace-wide takes no MODEL, PK or --table")
         _invalidate_namespace(settings, yes=yes)
+        return
+    if tables:
+        if model is not None:
+            raise click.UsageError("--table takes no MODEL or PK: run invalidate once for each")
+        _invalidate_tables(settings, tables, yes=yes)
         return
     if model is None:
         raise click.UsageError("give MODEL [PK]... or --namespace-wide")
@@ -116,6 +139,22 @@ def invalidate(
     click.echo(
         f"invalidated {cls.__name__}: version and generation of {info.table} bumped; its "
         "entries are now misses and expire with their TTL"
+    )
+
+
+def _invalidate_tables(settings: Settings, tables: tuple[str, ...], *, yes: bool) -> None:
+    settings.load_models()
+    cache = settings.cache()
+    where = f"namespace {settings.namespace!r} on {settings.shown_redis_url}"
+    if not yes:
+        _confirm(f"Invalidate every entry that read {', '.join(tables)} in {where}?")
+    try:
+        retired = cache.invalidate_table(*tables)
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from None
+    click.echo(
+        f"invalidated {', '.join(retired)}: versions and generations bumped; their entries "
+        "are now misses and expire with their TTL"
     )
 
 

@@ -602,6 +602,8 @@ def test_invalidation_removes_the_same_entries_in_both_modes(in_mode: Runner, pr
         assert misses(db) == {"entity", "query"}
         assert db.invalidate("invalidate_model", Category) is None
         assert misses(db) == {"categories", "category"}
+        assert db.invalidate("invalidate_table", "categories") == ["categories"]
+        assert misses(db) == {"categories", "category"}
         assert db.invalidate("invalidate_query", by_id) == 1
         assert misses(db) == {"query"}
         assert db.invalidate("invalidate_query", by_id.where(Product.id > 0)) == 0

@@ -29,7 +29,7 @@ from sqlalchemy.pool import NullPool
 
 from devservices import RedisServer, ServerStartError
 from devservices.process import free_port
-from examples.shop import Customer, Product
+from examples.shop import Category, Customer, Product
 from sa_redis_cache import Cache, FromCache, schema
 from sa_redis_cache.cli import cli
 from sa_redis_cache.codec import pack, unpack
@@ -396,6 +396,27 @@ def test_invalidate_row_and_model(
     assert after["state"] == "stale"
     assert after["current_generation"] == before["current_generation"] + 1
     assert redis_client.exists(before["key"])  # retired by the generation, not deleted
+
+
+def test_invalidate_a_table(
+    base: list[str], session_factory: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    with session_factory() as s:
+        s.get(Category, 1)
+    before = json_of(run(*base, "inspect", "Category", "1", "--json"))
+    done = run(*base, "invalidate", "--table", "categories", "--yes")
+    assert done.exit_code == 0, done.output
+    assert "invalidated categories: versions and generations bumped" in done.stdout
+    after = json_of(run(*base, "inspect", "Category", "1", "--json"))
+    assert after["state"] == "stale"
+    assert after["current_generation"] == before["current_generation"] + 1
+
+    unknown = run(*base, "invalidate", "--table", "category", "--yes")
+    assert unknown.exit_code == 1
+    assert "no mapped MetaData has a table named 'category'" in unknown.stderr
+    both = run(*base, "invalidate", "Category", "--table", "categories", "--yes")
+    assert both.exit_code == 2
+    assert "--table takes no MODEL or PK" in both.stderr
 
 
 def test_invalidate_asks_for_confirmation(

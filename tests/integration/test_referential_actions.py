@@ -3,6 +3,8 @@ NULL`` and ``ON UPDATE CASCADE`` change rows of the referencing table that no st
 names (``relationship(passive_deletes=True)`` leaves them to Postgres). After the commit,
 neither ``session.get`` nor a ``FromCache`` query of the referencing table serves the old
 rows; a write that fires no action leaves their entries alone (sa_redis_cache/referential.py).
+The explicit invalidations, which say that a write the cache did not see happened, retire
+the rows its actions wrote too; ``invalidate_table`` retires an association table.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from sa_redis_cache import Cache, CachePolicy, FromCache
+from sa_redis_cache import Cache, CachePolicy, ConfigurationError, FromCache
 from tests.conftest import delete_namespace
 from tests.support import SQLCounter
 
@@ -39,12 +41,16 @@ class World:
     parent: Any
     child: Any
     node: Any
+    tags: sa.Table
     factory: sessionmaker[Session]
     engine: sa.Engine
     sql: SQLCounter
+    cache: Cache
+    outside: sa.Engine  # not attached: its writes are another program's
 
     def seed(self) -> None:
         with Session(self.engine) as s:
+            s.execute(self.tags.delete())
             for model in (self.child, self.parent, self.node):
                 s.execute(sa.delete(model))
             s.add_all([self.parent(id=1), self.parent(id=2)])
@@ -77,6 +83,13 @@ def world(request: pytest.FixtureRequest, engine: sa.Engine, redis_url: str) -> 
     class Base(DeclarativeBase):
         pass
 
+    parent_tags = sa.Table(
+        "ref_parent_tag",
+        Base.metadata,
+        sa.Column("parent_id", sa.ForeignKey("ref_parent.id"), primary_key=True),
+        sa.Column("tag_id", sa.ForeignKey("ref_node.id"), primary_key=True),
+    )
+
     class RefParent(Base):
         __tablename__ = "ref_parent"
         __cache__ = CachePolicy(strategy=strategy, ttl=600)
@@ -85,6 +98,7 @@ def world(request: pytest.FixtureRequest, engine: sa.Engine, redis_url: str) -> 
         children: Mapped[list[RefChild]] = relationship(
             passive_deletes=True, foreign_keys="RefChild.parent_id"
         )
+        tags: Mapped[list[RefNode]] = relationship(secondary=parent_tags, order_by="RefNode.id")
 
     class RefChild(Base):
         __tablename__ = "ref_child"
@@ -113,7 +127,7 @@ def world(request: pytest.FixtureRequest, engine: sa.Engine, redis_url: str) -> 
     cache = Cache(redis_url, namespace=namespace)
     cache.attach(factory)
     try:
-        yield World(RefParent, RefChild, RefNode, factory, own, sql)
+        yield World(RefParent, RefChild, RefNode, parent_tags, factory, own, sql, cache, engine)
     finally:
         cache.detach()
         own.dispose()
@@ -204,3 +218,53 @@ def test_a_write_that_fires_no_action_leaves_the_children_cached(world: World) -
         world.sql.reset()
         assert child_of(world, 1)(s) == (1, 1)
         assert world.sql.count == 0, "the children's entries were retired"
+
+
+def _outside(world: World, statement: str) -> None:
+    with world.outside.begin() as connection:
+        connection.execute(sa.text(statement))
+
+
+@pytest.mark.parametrize("call", ["invalidate", "invalidate_model", "invalidate_table"])
+def test_an_explicit_invalidation_retires_what_an_unseen_delete_cascaded_to(
+    world: World, call: str
+) -> None:
+    world.seed()
+    assert world.served(child_of(world, 1)) == (1, 1)
+    assert world.served(children(world)) == [(1, 1, 1), (2, 2, None)]
+    _outside(world, "DELETE FROM ref_parent WHERE id = 1")  # Postgres deletes child 1
+    assert world.served(child_of(world, 1)) == (1, 1), "unseen: still cached until told"
+    if call == "invalidate":
+        world.cache.invalidate(world.parent, 1)
+    elif call == "invalidate_model":
+        world.cache.invalidate_model(world.parent)
+    else:
+        assert world.cache.invalidate_table("ref_parent") == ["ref_child", "ref_parent"]
+    assert world.read(child_of(world, 1)) is None
+    assert world.read(children(world)) == [(2, 2, None)]
+
+
+def test_invalidate_table_retires_an_association_tables_readers(world: World) -> None:
+    world.seed()
+    tagged = select(world.parent).order_by(world.parent.id).options(FromCache())
+
+    def tags_of(s: Session) -> Any:
+        return [[t.id for t in p.tags] for p in s.scalars(tagged)]
+
+    assert world.served(tags_of) == [[], []]
+    _outside(world, "INSERT INTO ref_parent_tag VALUES (1, 1), (2, 3)")
+    assert world.served(tags_of) == [[], []], "unseen: still cached until told"
+    assert world.cache.invalidate_table(world.tags) == ["ref_parent_tag"]
+    assert world.read(tags_of) == [[1], [3]]
+    assert world.served(tags_of) == [[1], [3]]
+
+
+def test_invalidate_table_names_what_it_refuses(world: World) -> None:
+    with pytest.raises(
+        ConfigurationError, match="no mapped MetaData has a table named 'ref_parent_tags'"
+    ):
+        world.cache.invalidate_table("ref_parent_tags")
+    with pytest.raises(TypeError, match="at least one"):
+        world.cache.invalidate_table()
+    with pytest.raises(TypeError, match="Table objects or names"):
+        world.cache.invalidate_table(world.parent)
