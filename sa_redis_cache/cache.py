@@ -558,7 +558,11 @@ class Cache:
         tables = self._reads.regions.tables(region)
         with core.measure(None, "invalidate"):
             if tables:
-                core.io().run_batch([scripts.bump_all([self.keys.version_key(t)]) for t in tables])
+                # fenced as every explicit invalidation is: no local tier serves the
+                # region's entries once this returns
+                core.run_fenced(
+                    [scripts.bump_all([self.keys.version_key(t)]) for t in tables], tables
+                )
         core.counters.incr_total("invalidations")
         return tables
 

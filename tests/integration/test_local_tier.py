@@ -406,6 +406,55 @@ def test_a_commit_waits_for_every_holder_to_drop_what_it_changed(
     assert writer.total("fence_waits") == 1
 
 
+@pytest.mark.parametrize(
+    "call", ["invalidate", "invalidate_model", "invalidate_table", "invalidate_region"]
+)
+def test_an_explicit_invalidation_waits_for_every_holder_to_drop_what_it_retired(
+    spawn: Callable[..., Process], product: int, call: str
+) -> None:
+    """As a commit does: the call returns once the holder acknowledged its fence."""
+    reader = spawn(local_lease=30.0)  # a lease that cannot end during the test
+    writer = spawn()
+    reader.hold(product)
+    tier = reader.tier
+    seen_fence, release, returned = threading.Event(), threading.Event(), threading.Event()
+    take_acks = tier.take_acks
+
+    def held_back_acks() -> list[tuple[str, str]]:
+        acks = take_acks()
+        if acks:
+            seen_fence.set()
+            assert release.wait(WAIT)
+        return acks
+
+    tier.take_acks = held_back_acks  # type: ignore[method-assign]  # the holder's ack, held
+    invalidations = {
+        "invalidate": lambda: writer.cache.invalidate(Product, product),
+        "invalidate_model": lambda: writer.cache.invalidate_model(Product),
+        "invalidate_table": lambda: writer.cache.invalidate_table("products"),
+        # the reader recorded the region's table when it filled
+        "invalidate_region": lambda: writer.cache.invalidate_region("default"),
+    }
+
+    def invalidate() -> None:
+        invalidations[call]()
+        returned.set()
+
+    caller = threading.Thread(target=invalidate)
+    caller.start()
+    try:
+        assert seen_fence.wait(WAIT), "the holder never saw the invalidation's fence"
+        assert not returned.is_set()
+        before = reader.sql.count
+        reader.price(product)
+        assert reader.sql.count > before, "the holder served a retired entry"
+    finally:
+        release.set()
+        caller.join(WAIT)
+    assert returned.is_set()
+    assert writer.total("fence_waits") == 1
+
+
 def test_on_a_cluster_a_commit_over_two_nodes_waits_for_each_tables_fence(
     database_url: str, tier_url: str, namespace: str, product: int, shop_engine: sa.Engine
 ) -> None:
