@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 import random
-import secrets
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -251,13 +250,7 @@ class CacheContext(RedisOutages):
 
             core.run_fenced([scripts.bump_all([core.keys.version_key("products")])], ["products"])
         """
-        token = secrets.token_hex(8)
-        tables = sorted(set(tables))
-        fences = self.fences.calls(token, tables)
-        replies = self.io().run_batch([*calls, *fences])
-        if fences:
-            self.fences.wait(token, tables, replies[len(calls) :])
-        return replies[: len(calls)]
+        return self.fences.run(calls, tables)
 
     def entity_scope(self, info: ModelInfo, database: Database, translate: Any) -> str:
         """The scope of ``info``'s rows in ``database`` under ``translate``

@@ -7,7 +7,9 @@ connection included: a compiled ``insert()``,
 ``update()`` or ``delete()`` names its table; a ``text()`` statement is read with a
 regular expression, and when its tables cannot be told, every table the cache knows is
 invalidated. The tables are marked at once (before the commit), and the post-commit bump
-runs when the connection goes back to the pool, which is after its commit or rollback.
+runs as the connection's commit returns (``Connection.commit()``, the end of
+``engine.begin()``, a session's commit), or when the connection goes back to the pool
+after a rollback.
 """
 
 from __future__ import annotations
@@ -161,6 +163,7 @@ class EngineWrites:
         listen(engine, "after_cursor_execute", self.after_cursor_execute)
         append_returning = self.invalidation.returning.before_cursor_execute
         listen(engine, "before_cursor_execute", append_returning, retval=True)
+        listen(engine, "commit", self.committing)
         listen(engine.pool, "checkin", self.checkin)
 
     def forget_engines(self) -> None:
@@ -262,6 +265,19 @@ class EngineWrites:
         self.register(conn.engine)  # its pool's checkin must reach this cache
         handed: list[tuple[str, set[str]]] = conn.info.setdefault(self._handed_key, [])
         handed.append((token, set(tables)))
+
+    def committing(self, conn: Connection) -> None:
+        """The connection commits: the post-commit bump, the marks' release and the local
+        tiers' fences run before ``commit()`` returns, not when the connection goes back
+        to the pool. With commit-as-you-go (``conn.commit()`` on a connection kept open)
+        the pool may get it back much later, and until then another process's local tier
+        could serve the rows as they were before the commit."""
+        info = conn.info
+        if self._pending_key not in info and not info.get(self._handed_key):
+            return
+        # the database first; SQLAlchemy's own COMMIT that follows finds nothing to commit
+        compat.commit_now(conn)
+        self._finish(info)
 
     def checkin(self, dbapi_connection: Any, connection_record: Any) -> None:
         """The connection's transaction is over: bump the versions, release the marks."""

@@ -204,7 +204,8 @@ class RedisIO:
         A ``Script`` object queued in a pipeline makes redis-py send SCRIPT EXISTS before
         every execute, a second round trip on each commit. Raw EVALSHA is queued instead,
         and on NOSCRIPT the scripts are loaded and the batch is sent once more: every
-        script given here must be safe to run twice.
+        script given here must be safe to run twice. A batch holding a fence is not sent
+        again: :class:`ScriptsReloaded` is raised once the scripts are loaded.
         """
         if len(calls) == 1:
             script, keys, args = calls[0]
@@ -222,8 +223,19 @@ class RedisIO:
             except NoScriptError:
                 if attempt:
                     raise
-                self.reload_scripts(script for script, _, _ in calls)
+                self.reload_for_another_try(calls)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def reload_for_another_try(self, calls: Sequence[ScriptCall]) -> None:
+        """A call of batch ``calls`` met NOSCRIPT: load the scripts again, so that the batch
+        can be sent once more; raise :class:`ScriptsReloaded` when it holds a script that
+        vouches for the calls before it (a fence), which ran after the refused call."""
+        self.reload_scripts(script for script, _, _ in calls)
+        if any(script.name in scripts.VOUCHING_SCRIPTS for script, _, _ in calls):
+            raise ScriptsReloaded(
+                "NOSCRIPT in a batch that holds a fence: the scripts are loaded again, "
+                "and the fences must be new"
+            )
 
     def send_batch(self, calls: Sequence[ScriptCall]) -> Pending | None:
         """Send several script calls now and read their replies later (:class:`Pending`),
@@ -329,7 +341,7 @@ class RedisIO:
         try:
             replies = compat.run_on(lent.connection, commands)
             if any(isinstance(reply, NoScriptError) for reply in replies):
-                self.reload_scripts(script for script, _, _ in calls)
+                self.reload_for_another_try(calls)
                 replies = compat.run_on(lent.connection, commands)
         finally:
             lent.busy = False
@@ -396,6 +408,21 @@ class PoolShare:
             self._out = max(0, self._out - 1)
 
 
+class ScriptsReloaded(NoScriptError):
+    """A batch met NOSCRIPT and holds a fence, which Redis ran after the refused call: the
+    scripts are loaded again, and the sender sends the batch again with new fences
+    (:meth:`Fences.run <sa_redis_cache.local.fences.Fences.run>`). A holder that saw the
+    old fence may have acknowledged it before the refused call's changes existed.
+
+    Example::
+
+        try:
+            io.run_batch([*commit_calls, *fence_calls])
+        except ScriptsReloaded:
+            ...  # new fence calls, under a new token
+    """
+
+
 class Pending:
     """Script calls sent by :meth:`RedisIO.send_batch` whose replies are not read yet.
 
@@ -459,7 +486,7 @@ class Pending:
                 raise
             return io.run_batch(calls)
         if any(isinstance(reply, NoScriptError) for reply in got):
-            io.reload_scripts(script for script, _, _ in calls)
+            io.reload_for_another_try(calls)
             return io.run_batch(calls)
         for reply in got:
             if isinstance(reply, Exception):

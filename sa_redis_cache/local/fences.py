@@ -20,14 +20,13 @@ new server knows no holder to wait for.
 
 Example::
 
-    calls = fences.calls(token, {"products"})
-    replies = core.io().run_batch([*commit_calls, *calls])
-    fences.wait(token, {"products"}, replies[len(commit_calls):])
+    replies = fences.run(commit_calls, {"products"}, token)
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -35,11 +34,13 @@ from redis.exceptions import RedisError
 
 from sa_redis_cache import compat
 from sa_redis_cache.protocol import scripts
+from sa_redis_cache.redis_io import ScriptsReloaded
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
     from sa_redis_cache.protocol.scripts import ScriptCall
+    from sa_redis_cache.redis_io import Pending
 
     from .tier import Host
 
@@ -61,6 +62,43 @@ class Fences:
         self._quiet_until = 0.0
         timeout = compat.pool_option(core.client, "socket_timeout")
         self._slice = _SLICE if not timeout else min(_SLICE, float(timeout) / 2)
+
+    def run(
+        self,
+        calls: Sequence[ScriptCall],
+        tables: Iterable[str],
+        token: str | None = None,
+        *,
+        sent: tuple[Pending, str] | None = None,
+    ) -> list[Any]:
+        """Run invalidation ``calls``, then the fences of ``tables``, in one round trip;
+        return the calls' replies once no local tier serves what they changed.
+
+        ``token`` names the fences (a new one when None); ``sent``: the batch was sent
+        already (:meth:`RedisIO.send_batch <sa_redis_cache.redis_io.RedisIO.send_batch>`),
+        with the token of its fences. When a call met NOSCRIPT, the fences after it ran
+        anyway, and a holder may have acknowledged them before the call's changes existed:
+        the batch is run again with new fences, whose acknowledgements alone count.
+        Raises ``RedisError``.
+        """
+        tables = sorted(set(tables))
+        for attempt in range(2):
+            try:
+                if sent is not None:
+                    pending, token = sent
+                    sent = None
+                    replies = pending.replies()
+                else:
+                    token = token if token is not None and not attempt else secrets.token_hex(8)
+                    replies = self.core.io().run_batch([*calls, *self.calls(token, tables)])
+            except ScriptsReloaded:
+                if attempt:
+                    raise
+                continue
+            if len(replies) > len(calls):
+                self.wait(token, tables, replies[len(calls) :])
+            return replies[: len(calls)]
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def calls(self, token: str, tables: Iterable[str]) -> list[ScriptCall]:
         """The fence scripts to send after commit ``token``'s invalidation of ``tables``."""

@@ -497,6 +497,13 @@ def hold(keys: KeyScheme, table: str, holder: str, lease_ms: int, *, renew: bool
     return script("hold"), [keys.holders_key(table)], [holder, lease_ms, "1" if renew else "0"]
 
 
+VOUCHING_SCRIPTS = frozenset({"fence"})
+"""Scripts whose effect vouches for the calls sent before them in the same batch: a fence
+tells the holders that the commit's changes were applied. When one of those calls met
+NOSCRIPT, the fence after it ran anyway, so a batch holding one is never sent again as it
+was (:class:`~sa_redis_cache.redis_io.ScriptsReloaded`): its sender builds new fences."""
+
+
 def fence(keys: KeyScheme, table: str, token: str) -> ScriptCall:
     """After commit ``token``'s invalidation of ``table``: the live holders to wait for.
 

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
     from sa_redis_cache.context import CacheContext
     from sa_redis_cache.models import ModelInfo
+    from sa_redis_cache.protocol.scripts import ScriptCall
     from sa_redis_cache.redis_io import Pending
     from sa_redis_cache.tracing import Measurement
 
@@ -151,7 +152,7 @@ class _Posted:
     token: str
     tables: set[str]
     measured: Measurement
-    calls: int  # commit.lua calls; the fence calls' replies follow theirs
+    calls: list[ScriptCall]  # commit.lua calls; the fence calls' replies follow theirs
 
 
 def _same(now: IdentitySet, before: list[object]) -> bool:
@@ -724,14 +725,12 @@ class Invalidation:
         state.posted = None
         core = self.core
         try:
-            replies = posted.pending.replies()
+            core.fences.run(posted.calls, posted.tables, sent=(posted.pending, posted.token))
         except RedisError as exc:
             self._undelivered(exc, posted.tables, posted.measured)
             return
         posted.measured.done("delivered")
         core.breaker.success()  # resets the failure count too
-        if len(replies) > posted.calls:
-            core.fences.wait(posted.token, posted.tables, replies[posted.calls :])
 
     def finish_bulk(self, token: str, tables: set[str]) -> None:
         """Core/textual DML: the post-commit bump and mark release."""
@@ -772,21 +771,17 @@ class Invalidation:
                 scripts.commit(keys, table, token, rows, bulk=writes.bulk, scope=writes.scope)
             )
         # the local tiers that hold the tables see the commit before it returns
-        fences = core.fences.calls(token, tables)
         try:
             if state is not None:
-                pending = core.io().send_batch([*calls, *fences])
+                pending = core.io().send_batch([*calls, *core.fences.calls(token, tables)])
                 if pending is not None:
-                    state.posted = _Posted(pending, token, set(tables), measured, len(calls))
+                    state.posted = _Posted(pending, token, set(tables), measured, calls)
                     return
-            replies = core.io().run_batch([*calls, *fences])
+            core.fences.run(calls, tables, token)
             measured.done("delivered")
             core.breaker.success()  # resets the failure count too
         except RedisError as exc:
             self._undelivered(exc, tables, measured)
-            return
-        if fences:
-            core.fences.wait(token, tables, replies[len(calls) :])
 
     def _undelivered(self, exc: RedisError, tables: set[str], measured: Measurement) -> None:
         """The post-commit work failed: counted, and kept until Redis takes it."""

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import redis
@@ -37,7 +37,7 @@ from tests.seams import RedisTap
 from tests.support import SQLCounter
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
 
     from sa_redis_cache.local import LocalTier
 
@@ -366,6 +366,66 @@ def test_mutable_values_are_never_shared_between_sessions(
 # -- the guarantee ------------------------------------------------------------------------
 
 
+class HeldAck:
+    """Holds back the holder's acknowledgement of a fence that came with the table's
+    changed version, until :attr:`release` is set: the writer cannot return meanwhile.
+
+    A fence that came alone is let through: one that ran after a call that met NOSCRIPT
+    (the server lost its scripts) is followed by the batch again, under new fences, which
+    the writer waits for (``Fences.run``).
+    """
+
+    def __init__(self, holder: Process) -> None:
+        self.seen, self.release = threading.Event(), threading.Event()
+        version = holder.cache.keys.version_key("products").encode()
+        tier = holder.tier
+        invalidate, take_acks = tier.store.invalidate, tier.take_acks
+        real: set[str] = set()
+
+        def noting(keys: Iterable[bytes | str]) -> None:
+            names = [key.encode() if isinstance(key, str) else key for key in keys]
+            if version in names:
+                real.update(name.decode() for name in names if b":fence:" in name)
+            invalidate(names)
+
+        def held_back() -> list[tuple[str, str]]:
+            acks = take_acks()
+            if any(fence in real for _, fence in acks):
+                self.seen.set()
+                assert self.release.wait(WAIT)
+            return acks
+
+        tier.store.invalidate = noting  # type: ignore[method-assign]
+        tier.take_acks = held_back  # type: ignore[method-assign]
+
+
+def held_until_dropped(reader: Process, product: int, write: Callable[[], object]) -> Decimal:
+    """Run ``write`` in a thread with the reader's acknowledgement held back: it must not
+    return before the reader dropped what it changed, which the reader's next read, made
+    then, shows. That read's price."""
+    held = HeldAck(reader)
+    returned = threading.Event()
+
+    def run() -> None:
+        write()
+        returned.set()
+
+    caller = threading.Thread(target=run)
+    caller.start()
+    try:
+        assert held.seen.wait(WAIT), "the holder never saw the write's fence"
+        # the holder has dropped the entry and not yet said so: the write has not returned
+        assert not returned.is_set(), "the write returned before the holder acknowledged"
+        before = reader.sql.count
+        price = reader.price(product)
+        assert reader.sql.count > before, "the holder served a retired entry"
+    finally:
+        held.release.set()
+        caller.join(WAIT)
+    assert returned.is_set()
+    return price
+
+
 def test_a_commit_waits_for_every_holder_to_drop_what_it_changed(
     spawn: Callable[..., Process], product: int
 ) -> None:
@@ -373,36 +433,39 @@ def test_a_commit_waits_for_every_holder_to_drop_what_it_changed(
     reader = spawn(local_lease=30.0)  # a lease that cannot end during the test
     writer = spawn()
     reader.hold(product)
-    tier = reader.tier
-    seen_fence = threading.Event()
-    release = threading.Event()
-    take_acks = tier.take_acks
+    assert held_until_dropped(
+        reader, product, lambda: writer.set_price(product, "2.00")
+    ) == Decimal("2.00")
+    assert writer.total("fence_waits") == 1
 
-    def held_back_acks() -> list[tuple[str, str]]:
-        acks = take_acks()
-        if acks:
-            seen_fence.set()
-            assert release.wait(WAIT)
-        return acks
 
-    tier.take_acks = held_back_acks  # type: ignore[method-assign]  # the holder's ack, held
-    returned = threading.Event()
+def test_commit_as_you_go_waits_for_every_holder_before_commit_returns(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    """``Connection.commit()`` on a connection kept open: the fences are waited for as
+    the commit returns, not when the pool gets the connection back."""
+    reader = spawn(local_lease=30.0)  # a lease that cannot end during the test
+    writer = spawn()
+    reader.hold(product)
+    table = cast("sa.Table", Product.__table__)
+    committed = threading.Event()
+    go_on = threading.Event()
 
-    def commit() -> None:
-        writer.set_price(product, "2.00")
-        returned.set()
+    def commit_as_you_go() -> None:
+        with writer.engine.connect() as conn:
+            conn.execute(update(table).where(table.c.id == product).values(price=Decimal("3.00")))
+            conn.commit()
+            committed.set()
+            # the connection stays checked out until the reader has read
+            assert go_on.wait(WAIT)
 
-    committer = threading.Thread(target=commit)
-    committer.start()
+    keeper = threading.Thread(target=commit_as_you_go)
+    keeper.start()
     try:
-        assert seen_fence.wait(WAIT), "the holder never saw the commit's fence"
-        # the holder has dropped the entry and not yet said so: the commit has not returned
-        assert not returned.is_set()
-        assert reader.price(product) == Decimal("2.00")
+        assert held_until_dropped(reader, product, committed.wait) == Decimal("3.00")
     finally:
-        release.set()
-        committer.join(WAIT)
-    assert returned.is_set()
+        go_on.set()
+        keeper.join(WAIT)
     assert writer.total("fence_waits") == 1
 
 
@@ -416,42 +479,14 @@ def test_an_explicit_invalidation_waits_for_every_holder_to_drop_what_it_retired
     reader = spawn(local_lease=30.0)  # a lease that cannot end during the test
     writer = spawn()
     reader.hold(product)
-    tier = reader.tier
-    seen_fence, release, returned = threading.Event(), threading.Event(), threading.Event()
-    take_acks = tier.take_acks
-
-    def held_back_acks() -> list[tuple[str, str]]:
-        acks = take_acks()
-        if acks:
-            seen_fence.set()
-            assert release.wait(WAIT)
-        return acks
-
-    tier.take_acks = held_back_acks  # type: ignore[method-assign]  # the holder's ack, held
-    invalidations = {
+    invalidations: dict[str, Callable[[], object]] = {
         "invalidate": lambda: writer.cache.invalidate(Product, product),
         "invalidate_model": lambda: writer.cache.invalidate_model(Product),
         "invalidate_table": lambda: writer.cache.invalidate_table("products"),
         # the reader recorded the region's table when it filled
         "invalidate_region": lambda: writer.cache.invalidate_region("default"),
     }
-
-    def invalidate() -> None:
-        invalidations[call]()
-        returned.set()
-
-    caller = threading.Thread(target=invalidate)
-    caller.start()
-    try:
-        assert seen_fence.wait(WAIT), "the holder never saw the invalidation's fence"
-        assert not returned.is_set()
-        before = reader.sql.count
-        reader.price(product)
-        assert reader.sql.count > before, "the holder served a retired entry"
-    finally:
-        release.set()
-        caller.join(WAIT)
-    assert returned.is_set()
+    held_until_dropped(reader, product, invalidations[call])
     assert writer.total("fence_waits") == 1
 
 
@@ -1011,3 +1046,21 @@ def test_a_script_flush_costs_the_tier_nothing(
     hits = reader.total("local_hits")
     reader.price(product)
     assert reader.total("local_hits") == hits + 1
+
+
+@pytest.mark.parametrize("write", ["commit", "invalidate"])
+def test_a_write_whose_scripts_the_server_lost_waits_for_its_new_fence(
+    spawn: Callable[..., Process], product: int, table_node: redis.Redis, write: str
+) -> None:
+    """The server lost its scripts (SCRIPT FLUSH): the write's first call meets NOSCRIPT,
+    but the fence sent after it runs, and the holder acknowledges it before the write's
+    changes exist. The writer must wait for the fence of the batch it sends again."""
+    reader = spawn(local_lease=30.0)
+    writer = spawn()
+    reader.hold(product)
+    table_node.script_flush()
+    if write == "commit":
+        price = held_until_dropped(reader, product, lambda: writer.set_price(product, "4.00"))
+        assert price == Decimal("4.00")
+    else:
+        held_until_dropped(reader, product, lambda: writer.cache.invalidate_model(Product))
