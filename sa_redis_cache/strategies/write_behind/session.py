@@ -23,7 +23,9 @@ rows of that commit stay committed (the database commit cannot be undone).
 Reads (``do_orm_execute``, registered before the read path's): a primary-key load of a
 write-behind model (``session.get``, a many-to-one lazy load, a refresh of expired
 attributes) is served from the transaction's own unqueued operations, then from the row's
-pending key, and only then by the ordinary read path. Every process therefore reads its own
+pending key, and only then by the ordinary read path; the dispatcher has run the load's
+autoflush before (:mod:`sa_redis_cache.sessions`), so the operations include the
+session's unflushed objects. Every process therefore reads its own
 and everybody's queued writes at once, whatever happened to the entity entries meanwhile.
 
 Both Redis calls (the enqueue and the pending-key lookup) go through ``core.io()``: under
