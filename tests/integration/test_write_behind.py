@@ -34,12 +34,14 @@ from sa_redis_cache import (
     CachePolicy,
     CacheUnavailableError,
     ConfigurationError,
+    FlushWorker,
+    FromCache,
     schema,
 )
 from sa_redis_cache.redis_io import client_from_url
 from sa_redis_cache.strategies.write_behind.ids import ID_BLOCKS
 from tests.modes import CLUSTER_MODES, SyncFacade
-from tests.wb_support import private_models
+from tests.wb_support import drain, private_models
 
 pytest_plugins = ["tests.wb_fixtures"]  # aof_redis, aof_cluster
 pytestmark = pytest.mark.cluster
@@ -342,6 +344,62 @@ def test_get_sees_unflushed_changes_as_plain_sqlalchemy_does(
     assert expected[0] == ("a pending new object", ("/fresh", 0, None), True)  # the oracle's
     got, _ = in_mode(lambda db: unflushed_reads(db.session, page_view, keys))
     assert got == expected
+
+
+def test_a_row_switch_keeps_the_new_row_as_plain_sqlalchemy_does(
+    in_mode: Runner,
+    models: Any,
+    oracle_model: Any,
+    wb_engine: sa.Engine,
+    mode_redis_client: redis.Redis,
+    namespace: str,
+) -> None:
+    """A delete and an add of the same primary key in one flush: SQLAlchemy turns them
+    into an UPDATE of the row (columns the new object leaves unset keep the old row's
+    values, no insert default). Queued, the new row wins over the delete: in reads before
+    the worker drains and in the table after."""
+    page_view, _ = models
+    pk = uuid.uuid4()
+
+    def create(session: Callable[[], Any], model: Any) -> None:
+        with session() as s:
+            s.add(model(id=pk, path="/old", views=1, note="kept"))
+            s.commit()
+
+    def switch(session: Callable[[], Any], model: Any) -> Any:
+        with session() as s:
+            s.delete(s.get(model, pk))
+            s.add(model(id=pk, path="/new"))
+            s.commit()
+        with session() as s:
+            return seen(s.get(model, pk))
+
+    def query(db: Db) -> Any:
+        with db.session() as s:
+            stmt = select(page_view).where(page_view.id == pk).options(FromCache())
+            return [seen(o) for o in s.scalars(stmt)]
+
+    def drained() -> Any:
+        worker = FlushWorker(wb_engine, mode_redis_client, namespace=namespace, models=[page_view])
+        try:
+            drain(worker)
+        finally:
+            worker.release()
+        row = in_database(wb_engine, page_view, pk)
+        return (row.path, row.views, row.note)
+
+    create(lambda: plain_session(wb_engine), oracle_model)
+    expected = switch(lambda: plain_session(wb_engine), oracle_model)
+    assert expected == ("/new", 1, "kept")
+    in_mode(lambda db: create(db.session, page_view))
+    assert drained() == ("/old", 1, "kept")
+    assert in_mode(query)[0] == [("/old", 1, "kept")]  # cached before the switch
+    got, _ = in_mode(lambda db: switch(db.session, page_view))
+    assert got == expected
+    # queries read the database: the row as of the last drain (docs/write-behind.md)
+    assert in_mode(query)[0] == [("/old", 1, "kept")]
+    assert drained() == expected
+    assert in_mode(query)[0] == [expected]
 
 
 # -- rollback, savepoints, failure --------------------------------------------------------

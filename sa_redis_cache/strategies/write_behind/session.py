@@ -132,16 +132,7 @@ class WriteBehind:
         """Take every write-behind object out of this flush, keeping its state for commit."""
         if not any(is_write_behind(i) for i in self.core.models.infos.values()):
             return
-        work: list[tuple[object, ModelInfo, str]] = []
-        for kind, objects in (("new", session.new), ("dirty", session.dirty)):
-            for obj in objects:
-                info = self._info(instance_state(obj).mapper)
-                if info is not None and (kind == "new" or session.is_modified(obj)):
-                    work.append((obj, info, kind))
-        for obj in session.deleted:
-            info = self._info(instance_state(obj).mapper)
-            if info is not None:
-                work.append((obj, info, "deleted"))
+        work, switched = self._work(session)
         if not work:
             return
         if is_cluster(self.core.client):
@@ -176,7 +167,9 @@ class WriteBehind:
                 op = self._delete_op(obj, info)
                 session.expunge(obj)
             else:
-                values, tz = self._capture(session, obj, info, created=kind == "new", tz=tz)
+                values, tz = self._capture(
+                    session, obj, info, created=kind == "new", tz=tz, old=switched.get(id(obj))
+                )
                 op = self._upsert_op(obj, info, values, created=kind == "new")
                 prior = state.find_queued(info.table, op.pk)
                 op.created = op.created or (prior is not None and prior.created)
@@ -193,6 +186,39 @@ class WriteBehind:
                 # write only, as it would the row's SQL
                 op.earlier = replaced
             queued[(info.table, op.pk)] = op
+
+    def _work(
+        self, session: Session
+    ) -> tuple[list[tuple[object, ModelInfo, str]], dict[int, dict[str, Any]]]:
+        """The write-behind objects of this flush, deleted ones first, and the old rows of
+        its row switches (by the new object's ``id()``).
+
+        A new object with the key of one deleted in this flush (what SQLAlchemy turns into
+        an UPDATE of the row, a "row switch") is added back under that key once the
+        deleted one is out, and its operation replaces the delete's.
+        """
+        work: list[tuple[object, ModelInfo, str]] = []
+        deleted: dict[tuple[Any, ...], object] = {}
+        for obj in session.deleted:
+            gone = instance_state(obj)
+            info = self._info(gone.mapper)
+            if info is not None:
+                work.append((obj, info, "deleted"))
+                assert gone.key is not None
+                deleted[gone.key[:2]] = obj
+        # read before the deleted objects leave the session
+        switched: dict[int, dict[str, Any]] = {}
+        for kind, objects in (("new", session.new), ("dirty", session.dirty)):
+            for obj in objects:
+                info = self._info(instance_state(obj).mapper)
+                if info is not None and (kind == "new" or session.is_modified(obj)):
+                    work.append((obj, info, kind))
+                    old = None
+                    if kind == "new" and deleted:
+                        old = deleted.get(_pending_key(obj, info))
+                    if old is not None:
+                        switched[id(obj)] = {key: getattr(old, key) for key in info.column_keys}
+        return work, switched
 
     def _refuse_several_slots(self, state: TransactionState, infos: list[ModelInfo]) -> None:
         """On a cluster, refuse a flush that would make the commit's queued operations span
@@ -230,9 +256,21 @@ class WriteBehind:
         return core.entity_scope(info, database, session_translate_map(session, bind, options))
 
     def _capture(
-        self, session: Session, obj: object, info: ModelInfo, *, created: bool, tz: Any
+        self,
+        session: Session,
+        obj: object,
+        info: ModelInfo,
+        *,
+        created: bool,
+        tz: Any,
+        old: dict[str, Any] | None = None,
     ) -> tuple[tuple[Any, ...], Any]:
-        """The object's full column state, as the database will hold it after the insert."""
+        """The object's full column state, as the database will hold it after the insert.
+
+        ``old``: the row a new object replaces in a row switch (its key's object deleted in
+        the same flush). SQLAlchemy updates that row with the columns the new object set;
+        the others keep the old row's values, or take their ``onupdate``.
+        """
         state = instance_state(obj)
         sync_many_to_one(obj, info)
         dict_ = state.dict
@@ -240,7 +278,12 @@ class WriteBehind:
         pk_keys = {info.column_keys[p] for p in info.pk_positions}
         for key in info.column_keys:
             column = column_of(info, key)
-            if created:
+            if old is not None:
+                # the UPDATE sets what the new object was given (every attribute set on a
+                # pending object is recorded in its committed_state)
+                missing = key not in state.committed_state
+                default = column.onupdate
+            elif created:
                 missing = key not in given or (key in pk_keys and given[key] is None)
                 default = column.default
             else:
@@ -251,8 +294,11 @@ class WriteBehind:
                 given[key] = evaluate(session, default, given)
         for key in info.column_keys:
             if key not in given:
-                # an unloaded column of a loaded row: load it now (pending state first)
-                given[key] = getattr(obj, key) if not created else None
+                if old is not None:
+                    given[key] = old[key]
+                else:
+                    # an unloaded column of a loaded row: load it now (pending state first)
+                    given[key] = getattr(obj, key) if not created else None
         values = [given[k] for k in info.column_keys]
         if any(values[p] is None for p in info.pk_positions):
             raise ConfigurationError(
@@ -587,6 +633,13 @@ def _why(replies: list[Any]) -> str:
     """Why a run of waits did not confirm, for the error message."""
     failed = [reply for reply in replies if isinstance(reply, Exception)]
     return f"the wait failed: {failed[-1]}" if failed else "it did not confirm"
+
+
+def _pending_key(obj: object, info: ModelInfo) -> tuple[Any, ...]:
+    """The class and primary key a pending object will be flushed under, as the first two
+    parts of an identity key (SQLAlchemy's row switch matches them exactly, as here)."""
+    dict_ = instance_state(obj).dict
+    return (info.mapper.class_, tuple(dict_.get(info.column_keys[p]) for p in info.pk_positions))
 
 
 def _queued_state(info: ModelInfo, document: bytes, pk: str) -> tuple[Any, ...] | None:
