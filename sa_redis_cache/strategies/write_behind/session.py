@@ -48,7 +48,7 @@ from sqlalchemy.orm.attributes import instance_state
 
 from sa_redis_cache import compat, hydrate
 from sa_redis_cache.binds import session_translate_map
-from sa_redis_cache.codec import CodecError, unpack
+from sa_redis_cache.codec import CodecError
 from sa_redis_cache.compat import key_slot
 from sa_redis_cache.errors import (
     CacheUnavailableError,
@@ -63,7 +63,7 @@ from sa_redis_cache.transaction import TransactionState, peek_transaction_state
 
 from . import joined
 from .columns import column_of, is_write_behind, pk_codec
-from .states import evaluate, refill, serve, sync_many_to_one
+from .states import evaluate, pending_state, refill, serve, sync_many_to_one
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -564,7 +564,7 @@ class WriteBehind:
                 core.redis_failed(err)
             return _NOTHING
         try:
-            values = _queued_state(info, document, pk)
+            _, values = pending_state(info, document, pk)
         except (CodecError, ValueError, TypeError, IndexError) as exc:
             # never deleted here: it may be the only copy of a queued state the worker has
             log.warning("unreadable pending write-behind state %s: %s", key, exc)
@@ -640,21 +640,6 @@ def _pending_key(obj: object, info: ModelInfo) -> tuple[Any, ...]:
     parts of an identity key (SQLAlchemy's row switch matches them exactly, as here)."""
     dict_ = instance_state(obj).dict
     return (info.mapper.class_, tuple(dict_.get(info.column_keys[p]) for p in info.pk_positions))
-
-
-def _queued_state(info: ModelInfo, document: bytes, pk: str) -> tuple[Any, ...] | None:
-    """The row state a pending key's document holds (None: a queued delete).
-
-    Raises :class:`CodecError` when it holds no row of ``info`` or another row than ``pk``.
-    """
-    assert info.codec is not None
-    _, body = unpack(document)
-    if body is None:
-        return None
-    values: tuple[Any, ...] = info.codec.load_row(body[0])
-    if pk_text([values[p] for p in info.pk_positions]) != pk:
-        raise CodecError("the pending state of another row")
-    return values
 
 
 _ZONES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
