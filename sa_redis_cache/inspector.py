@@ -16,15 +16,18 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import compat
 from .binds import translate_map_of
 from .breaker import CLOSED, HALF_OPEN, OPEN
+from .codec import CodecError
 from .errors import ConfigurationError
 from .models import mapper_of
 from .options import FromCache
 from .protocol import pk_text
+from .strategies.write_behind.states import pending_state
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -37,7 +40,24 @@ if TYPE_CHECKING:
     from .reads import ReadPath
     from .reads.queries import StatementPlan
 
-__all__ = ["CacheInspector"]
+__all__ = ["CacheInspector", "PendingState"]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingState:
+    """A write-behind row's queued, unflushed state, as its pending key holds it.
+
+    ``row`` is the queued row by attribute name, or None for a queued delete: what
+    ``session.get`` of the row returns until the worker has flushed it.
+
+    Example::
+
+        PendingState("sarc:shop:{shop:views}:wbp:ab12:00ff:7", "1700000000000-0", None)
+    """
+
+    key: str
+    stream_id: str
+    row: dict[str, Any] | None
 
 
 class CacheInspector:
@@ -90,9 +110,49 @@ class CacheInspector:
             cache.inspector.row_key(Product, (7,), database=inspector.database_of(engine))
         """
         info = self.model(cls)
-        translate = None if schema is None else {info.table_schema: schema}
-        scope = self._context.binds.scope(database, info.table_schema, translate)
+        scope = self._row_scope(info, database, schema)
         return self.keys.entity_key(info.table, info.schema_hash, scope, pk_text(pk))
+
+    def pending_key(
+        self, cls: type, pk: tuple[Any, ...], *, database: Database, schema: str | None = None
+    ) -> str:
+        """The pending key of one write-behind row in ``database`` (its queued, unflushed
+        state, which ``session.get`` reads before the entity entry); ``schema`` as in
+        :meth:`row_key`.
+
+        Example::
+
+            cache.inspector.pending_key(PageView, (view_id,), database=database)
+        """
+        info = self.model(cls)
+        scope = self._row_scope(info, database, schema)
+        return self.keys.pending_key(info.table, info.schema_hash, scope, pk_text(pk))
+
+    def pending_state(self, key: str, raw: bytes, cls: type, pk: tuple[Any, ...]) -> PendingState:
+        """What the value ``raw`` of the pending key ``key`` of row ``pk`` says, decoded as
+        ``session.get`` decodes it (size and signature checked as this cache checks them).
+
+        Raises :class:`~sa_redis_cache.codec.CodecError` (or the codec's ``ValueError``,
+        ``TypeError``, ``IndexError``) when it holds no queued state the reads would serve:
+        they skip it and read the entity entry.
+
+        Example::
+
+            state = cache.inspector.pending_state(key, client.get(key), PageView, (view_id,))
+            state.row is None  # a queued delete: session.get() returns None
+        """
+        info = self.model(cls)
+        if info.codec is None:
+            raise CodecError("the model has no codec in this process")
+        stream_id, values = pending_state(
+            info, self._context.opened(key, raw, scripted=True), pk_text(pk)
+        )
+        row = None if values is None else dict(zip(info.column_keys, values, strict=True))
+        return PendingState(key, stream_id, row)
+
+    def _row_scope(self, info: ModelInfo, database: Database, schema: str | None) -> str:
+        translate = None if schema is None else {info.table_schema: schema}
+        return self._context.binds.scope(database, info.table_schema, translate)
 
     def statement_plan(self, statement: Any) -> StatementPlan | None:
         """What the read path knows of a statement's shape (its tables, their version

@@ -4,8 +4,10 @@
 and each calls the read path and the strategies in the order written here:
 
 ``do_orm_execute``
-    A SELECT: write-behind first (a row's queued, unflushed state wins over any cached
-    entry or database row), then the read path (``FromCache``, the entity cache). ORM bulk
+    A SELECT: first the autoflush the statement asks for (SQLAlchemy's own comes after
+    these hooks, too late for an answer from the cache), then write-behind (a row's
+    queued, unflushed state wins over any cached entry or database row), then the read
+    path (``FromCache``, the entity cache). ORM bulk
     ``update()``/``delete()``/``insert()``: the cache-aside protocol marks the table.
 ``after_begin``
     The connection becomes the session's (Core DML on it is the session's business, not
@@ -276,6 +278,11 @@ class SessionHooks:
             listeners = orm_context.session.dispatch.do_orm_execute
             if len(listeners) > 1:
                 self._warn_of_later_listeners(listeners)
+            if compat.autoflush_requested(orm_context):
+                # SQLAlchemy autoflushes only after these hooks, when none answered: an
+                # answer from a queued state or an entry must see what the flush would
+                # write first (a pending object found, a deleted one gone)
+                compat.autoflush_pending(orm_context.session)
             queued = self.write_behind.serve_queued(orm_context)
             if queued is not None:
                 return queued

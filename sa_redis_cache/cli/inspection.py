@@ -15,6 +15,7 @@ from sa_redis_cache.codec import CodecError
 from sa_redis_cache.models import mapper_name
 from sa_redis_cache.protocol import pk_text
 from sa_redis_cache.reads import entity_entry
+from sa_redis_cache.strategies.write_behind.columns import is_write_behind
 
 from .badkeys import (
     MISSES,
@@ -29,9 +30,10 @@ from .badkeys import (
 from .common import Settings, common_options, resolve_model
 from .output import Block, Table, echo_json, human_ttl, int_or_none, render, text_or_dash
 from .statement import inspect_statement, statement_blocks
-from .values import parse_pk, row_key_in, row_keys, row_pattern
+from .values import parse_pk, pending_keys, row_key_in, row_keys, row_pattern
 
 if TYPE_CHECKING:
+    from sa_redis_cache.binds import Database
     from sa_redis_cache.models import ModelInfo
 
 __all__ = ["inspect_command", "inspect_row", "row_blocks"]
@@ -146,7 +148,8 @@ def inspect_row(
     bind_url: str | None = None,
     schema: str | None = None,
 ) -> dict[str, Any]:
-    """Describe the entity entry of one row (the ``--json`` document).
+    """Describe the entity entry of one row, and of a write-behind row its pending state
+    (the ``--json`` document).
 
     Entity entries are kept per database and schema: ``bind_url`` (default
     ``--database-url``) names the database, ``schema`` the schema the row lives in when
@@ -154,7 +157,10 @@ def inspect_row(
     entries are looked for in every database and schema (SCAN), and the first is shown.
     Whatever the keys hold, this returns: an entry that does not decode is
     ``undecodable`` with what is wrong with it, a key of the wrong type or a counter that
-    is no number is listed in ``bad_keys``.
+    is no number is listed in ``bad_keys``. ``state`` says what ``session.get()`` does:
+    ``pending`` when a write-behind write of the row is queued and not flushed yet (it
+    returns the queued row, or None for a queued delete, whatever the entry holds);
+    ``entry_state`` is the entity entry's own.
 
     Example::
 
@@ -165,12 +171,15 @@ def inspect_row(
     keys = cache.keys
     text = pk_text(pk)
     others: list[str] = []
+    database = None
     if bind_url or settings.database_url:
-        key = row_key_in(cache, info, pk, settings.database(bind_url, option="--bind-url"), schema)
+        database = settings.database(bind_url, option="--bind-url")
+        key = row_key_in(cache, info, pk, database, schema)
     else:
         found = row_keys(cache, info, pk)
         key = found[0] if found else row_pattern(cache, info, pk)
         others = found[1:]
+    pending_key, other_pending = _pending_keys(settings, cls, info, pk, key, database, schema)
     version_key, generation_key = keys.version_key(info.table), keys.generation_key(info.table)
     writes_key = keys.row_write_key(info.table, text)
     pipe = cache.client.pipeline(transaction=False)
@@ -179,18 +188,18 @@ def inspect_row(
     pipe.get(version_key)
     pipe.get(generation_key)
     pipe.get(writes_key)
-    replies, bad = separate_errors(
-        cache.client,
-        [
-            (key, "a string (entity entry)"),
-            (key, "any key"),
-            (version_key, "a string (version counter)"),
-            (generation_key, "a string (generation counter)"),
-            (writes_key, "a string (row write counter)"),
-        ],
-        pipe.execute(raise_on_error=False),
-    )
-    raw, pttl, version, generation, row_writes = replies
+    requests: list[tuple[str | bytes, str]] = [
+        (key, "a string (entity entry)"),
+        (key, "any key"),
+        (version_key, "a string (version counter)"),
+        (generation_key, "a string (generation counter)"),
+        (writes_key, "a string (row write counter)"),
+    ]
+    if pending_key is not None:
+        pipe.get(pending_key)
+        requests.append((pending_key, "a string (pending write-behind state)"))
+    replies, bad = separate_errors(cache.client, requests, pipe.execute(raise_on_error=False))
+    raw, pttl, version, generation, row_writes = replies[:5]
     for counter_key, value, what in (
         (version_key, version, "version counter"),
         (generation_key, generation, "generation counter"),
@@ -219,18 +228,102 @@ def inspect_row(
         # entries of the same row in other databases or schemas (found without a URL)
         "other_keys": others,
         "bad_keys": bad,
+        "pending": None,
     }
-    if not exists:
-        document.update(
-            state="absent", detail="no entry: the next session.get() reads the database"
-        )
-        return document
+    state, detail = _entry_state(document, info, raw, pk, wrong_type)
+    document.update(state=state, detail=detail, entry_state=state, entry_detail=detail)
+    if pending_key is not None:
+        pending = _pending(settings, cls, pk, pending_key, replies[5], bad)
+        pending["other_keys"] = other_pending
+        document["pending"] = pending
+        if pending["op"] is not None:
+            document.update(state="pending", detail=pending["detail"])
+    return document
+
+
+def _pending_keys(
+    settings: Settings,
+    cls: type,
+    info: ModelInfo,
+    pk: tuple[Any, ...],
+    entry_key: str,
+    database: Database | None,
+    schema: str | None,
+) -> tuple[str | None, list[str]]:
+    """The pending key of a write-behind row in the database and schema of the entity
+    entry shown (None: not a write-behind model, or none found without a database URL),
+    and the row's pending keys in other databases and schemas."""
+    if not is_write_behind(info):
+        return None, []
+    cache = settings.cache()
+    if database is not None:
+        return cache.inspector.pending_key(cls, pk, database=database, schema=schema), []
+    found = pending_keys(cache, info, pk)
+    # both keys end in "<scope>:<pk text>" after their heads
+    keys = cache.keys
+    scoped = entry_key[len(keys.entity_key(info.table, info.schema_hash, "", "")) - 1 :]
+    head = len(keys.pending_key(info.table, info.schema_hash, "", "")) - 1
+    chosen = next((k for k in found if k[head:] == scoped), found[0] if found else None)
+    return chosen, [k for k in found if k != chosen]
+
+
+def _pending(
+    settings: Settings,
+    cls: type,
+    pk: tuple[Any, ...],
+    key: str,
+    raw: bytes | None,
+    bad: list[dict[str, str]],
+) -> dict[str, Any]:
+    """The pending state under ``key``, as ``session.get()`` reads it."""
+    pending: dict[str, Any] = {
+        "key": key,
+        "stream_id": None,
+        "op": None,
+        "row": None,
+        "detail": "no queued write: session.get() reads the entity entry",
+    }
+    wrong_type = next((b["problem"] for b in bad if b["key"] == printable_key(key)), None)
     if wrong_type is not None:
-        document.update(state="undecodable", detail=f"the key {wrong_type}: {NO_ENTRY}")
-        return document
+        pending["detail"] = f"the key {wrong_type}: session.get() finds no queued write in it"
+        return pending
+    if raw is None:
+        return pending
+    try:
+        state = settings.cache().inspector.pending_state(key, raw, cls, pk)
+    except Exception as exc:  # noqa: BLE001 - planted bytes may break any step of decoding
+        pending["detail"] = f"{undecodable(exc)}: session.get() skips it"
+        return pending
+    pending.update(stream_id=state.stream_id, row=state.row)
+    if state.row is None:
+        pending["op"] = "delete"
+        pending["detail"] = (
+            f"a write-behind delete is queued (stream entry {state.stream_id}) and not "
+            "flushed yet: session.get() returns None"
+        )
+    else:
+        pending["op"] = "upsert"
+        pending["detail"] = (
+            f"a write-behind write is queued (stream entry {state.stream_id}) and not "
+            "flushed yet: session.get() returns the queued row, whatever the entity entry holds"
+        )
+    return pending
+
+
+def _entry_state(
+    document: dict[str, Any],
+    info: ModelInfo,
+    raw: bytes | None,
+    pk: tuple[Any, ...],
+    wrong_type: str | None,
+) -> tuple[str, str]:
+    """What a read does with the entity entry ``raw``; fills in what it stores."""
+    if raw is None and wrong_type is None:
+        return "absent", "no entry: the next session.get() reads the database"
+    if raw is None:
+        return "undecodable", f"the key {wrong_type}: {NO_ENTRY}"
     if info.codec is None:
-        document.update(state="undecodable", detail="the model has no codec in this process")
-        return document
+        return "undecodable", "the model has no codec in this process"
     try:
         stored_generation, stored_writes, _timing, body = entity_entry(raw)
         document["stored_generation"] = stored_generation
@@ -238,13 +331,11 @@ def inspect_row(
         if body is not None:
             document.update(_entity_row(info, body, pk))
     except Exception as exc:  # noqa: BLE001 - planted bytes may break any step of decoding
-        document.update(state="undecodable", detail=f"{undecodable(exc)}: {MISSES}")
-        return document
+        return "undecodable", f"{undecodable(exc)}: {MISSES}"
     state, detail = _entity_state(document)
     if body is None:
         detail += "; the entry records that no such row exists"
-    document.update(state=state, detail=detail)
-    return document
+    return state, detail
 
 
 def _entity_row(info: ModelInfo, body: Any, pk: tuple[Any, ...]) -> dict[str, Any]:
@@ -296,11 +387,21 @@ def row_blocks(document: dict[str, Any]) -> list[Block]:
             ),
         ],
         ["version", text_or_dash(document["current_version"])],
-        ["state", f"{document['state']}: {document['detail']}"],
     ]
+    pending = document["pending"]
+    if pending is not None:
+        facts.append(["pending key", pending["key"]])
+        if document["state"] == "pending":
+            facts.append(["entry state", f"{document['entry_state']}: {document['entry_detail']}"])
+        else:
+            facts.append(["pending", pending["detail"]])
+    facts.append(["state", f"{document['state']}: {document['detail']}"])
     if document["not_cached_because"]:
         facts.append(["note", document["not_cached_because"]])
     out: list[Block] = [Table(["", ""], facts, show_header=False)]
+    if pending is not None and pending["row"] is not None:
+        queued = [[k, repr(v)] for k, v in pending["row"].items()]
+        out.append(Table(["column", "value"], queued, title="Queued row (write-behind)"))
     row = document["row"]
     if row is not None:
         columns = [[k, repr(v)] for k, v in row.items()]

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from sa_redis_cache.binds import Database
     from sa_redis_cache.cache import Cache
 
-__all__ = ["parse_pk", "parse_value", "row_key_in", "row_keys", "row_pattern"]
+__all__ = ["parse_pk", "parse_value", "pending_keys", "row_key_in", "row_keys", "row_pattern"]
 
 
 def row_keys(cache: Cache, info: ModelInfo, pk: tuple[Any, ...]) -> list[str]:
@@ -39,6 +39,18 @@ def row_keys(cache: Cache, info: ModelInfo, pk: tuple[Any, ...]) -> list[str]:
         row_keys(cache, info, pk)  # ['sarc:shop:{shop:products}:e:40824c7d8343:9f..:7']
     """
     pattern = row_pattern(cache, info, pk)
+    return sorted(k.decode() for k in cache.client.scan_iter(match=pattern, count=1000))
+
+
+def pending_keys(cache: Cache, info: ModelInfo, pk: tuple[Any, ...]) -> list[str]:
+    """The keys of one write-behind row's pending states, in every database and schema
+    (SCAN), found as :func:`row_keys` finds its entity entries.
+
+    Example::
+
+        pending_keys(cache, info, pk)  # ['sarc:shop:{shop:views}:wbp:40824c7d8343:9f..:7']
+    """
+    pattern = cache.keys.pending_pattern(info.table, info.schema_hash, pk_text(pk))
     return sorted(k.decode() for k in cache.client.scan_iter(match=pattern, count=1000))
 
 

@@ -451,6 +451,17 @@ class KeyScheme:
         """The newest unflushed state of one write-behind row."""
         return f"{self.table_prefix(table)}{_PENDING}{schema_hash}:{scope}:{pk_text}"
 
+    def pending_pattern(self, table: str, schema_hash: str, pk_text: str) -> str:
+        """A SCAN pattern matching one write-behind row's pending keys in every scope.
+
+        Example::
+
+            >>> KeyScheme("shop").pending_pattern("views", "ab12", "7")
+            'sarc:shop:{shop:views}:wbp:ab12:*:7'
+        """
+        head = escape_glob(self.pending_key(table, schema_hash, "", ""))[:-1]
+        return f"{head}*:{escape_glob(pk_text)}"
+
     # -- the namespace ---------------------------------------------------------------------
 
     def stats_key(self, scope: str) -> str:

@@ -276,8 +276,6 @@ class QueryReads:
             stats.incr(region, "bypassed")
             return None
         session = orm_context.session
-        if compat.autoflush_requested(orm_context):
-            compat.autoflush_pending(session)
         tx = peek_transaction_state(session)
         if tx is not None and not tx.written_tables.isdisjoint(plan.tables):
             stats.incr(region, "bypassed")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -16,17 +18,25 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import bindparam, func, select, union_all
-from sqlalchemy.orm import joinedload, load_only, selectinload, sessionmaker, subqueryload
+from sqlalchemy.orm import (
+    Session,
+    joinedload,
+    load_only,
+    selectinload,
+    sessionmaker,
+    subqueryload,
+)
 
 from examples.shop import Category, Customer, Order, OrderLine, Product, ProductStatus
 from sa_redis_cache import Cache, FromCache
+from tests.modes import SyncFacade
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import redis
 
-    from tests.modes import Db, Runner, SyncFacade
+    from tests.modes import Db, Runner
     from tests.support import SQLCounter
 
 # the CI subset that runs on a Redis Cluster in every run (tests/integration/conftest.py)
@@ -255,6 +265,53 @@ def test_hit_never_overwrites_unflushed_change(in_mode: Runner) -> None:
             s.rollback()
 
     in_mode(scenario)
+
+
+def test_get_sees_unflushed_changes_as_plain_sqlalchemy_does(
+    in_mode: Runner, shop_engine: sa.Engine
+) -> None:
+    """SQLAlchemy autoflushes only after the ``do_orm_execute`` hooks, and the entity cache
+    answers in one: a hit must not come before the flush of what the session holds (an
+    absent row's entry served for a pending object, a deleted object kept)."""
+
+    def script(session: Callable[[], Any], keys: list[uuid.UUID]) -> list[Any]:
+        new, old, other = keys
+        out: list[Any] = []
+        with session() as s:
+            s.add_all([Customer(id=k, email=f"{k}@unflushed", name="c") for k in (old, other)])
+            s.commit()
+        with session() as s:
+            out.append(s.get(Customer, new))  # an absent row: its entry is cached
+            out.append([s.get(Customer, k).name for k in (old, other)])
+        with session() as s:
+            added = Customer(id=new, email=f"{new}@unflushed", name="added")
+            s.add(added)
+            out.append(s.get(Customer, new) is added)
+            gone = s.get(Customer, old)
+            s.delete(gone)
+            s.get(Customer, other)  # loaded through the hook: the delete is flushed first
+            out.append(s.get(Customer, old))
+            s.rollback()
+        return out
+
+    def remove(keys: list[uuid.UUID]) -> None:
+        with shop_engine.begin() as conn:
+            conn.execute(sa.delete(Customer).where(Customer.id.in_(keys)))
+
+    @contextmanager
+    def plain() -> Iterator[SyncFacade]:
+        with Session(shop_engine) as s:
+            yield SyncFacade(s)
+
+    plain_keys = [uuid.uuid4() for _ in range(3)]
+    keys = [uuid.uuid4() for _ in range(3)]
+    try:
+        expected = script(plain, plain_keys)
+        assert expected == [None, ["c", "c"], True, None]
+        got, _ = in_mode(lambda db: script(db.session, keys))
+        assert got == expected
+    finally:
+        remove(plain_keys + keys)
 
 
 def test_populate_existing_reads_the_database(in_mode: Runner) -> None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +29,19 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from devservices import RedisCluster, RedisServer
 from examples.shop import Category
-from sa_redis_cache import Cache, CachePolicy, CacheUnavailableError, ConfigurationError, schema
+from sa_redis_cache import (
+    Cache,
+    CachePolicy,
+    CacheUnavailableError,
+    ConfigurationError,
+    FlushWorker,
+    FromCache,
+    schema,
+)
 from sa_redis_cache.redis_io import client_from_url
 from sa_redis_cache.strategies.write_behind.ids import ID_BLOCKS
-from tests.modes import CLUSTER_MODES
-from tests.wb_support import private_models
+from tests.modes import CLUSTER_MODES, SyncFacade
+from tests.wb_support import drain, private_models
 
 pytest_plugins = ["tests.wb_fixtures"]  # aof_redis, aof_cluster
 pytestmark = pytest.mark.cluster
@@ -237,6 +246,160 @@ def test_ids_from_a_sequence_are_reserved_in_blocks(in_mode: Runner, models: Any
         assert len(db.sql.statements) == 2
 
     in_mode(scenario)
+
+
+# -- reads of unflushed changes, plain SQLAlchemy as the oracle ---------------------------
+
+
+@pytest.fixture
+def oracle_model(wb_engine: sa.Engine) -> Iterator[Any]:
+    """A model with PageView's columns and no cache policy, read and written by plain
+    sessions: what SQLAlchemy itself does with the same script."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class PlainView(Base):
+        __tablename__ = "wb_oracle_views"
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+        path: Mapped[str] = mapped_column(String(200))
+        views: Mapped[int] = mapped_column(default=0)
+        note: Mapped[str | None]
+
+    Base.metadata.create_all(wb_engine)
+    yield PlainView
+    Base.metadata.drop_all(wb_engine)
+    Base.registry.dispose()
+
+
+@contextmanager
+def plain_session(engine: sa.Engine) -> Iterator[SyncFacade]:
+    """A session no cache is attached to."""
+    with Session(engine) as s:
+        yield SyncFacade(s)
+
+
+def seen(obj: Any) -> Any:
+    return None if obj is None else (obj.path, obj.views, obj.note)
+
+
+def unflushed_reads(session: Callable[[], Any], model: Any, keys: list[uuid.UUID]) -> list[Any]:
+    """``session.get`` of rows whose changes in the transaction are not flushed yet: what
+    it returns, with autoflush on and under ``no_autoflush``."""
+    a, b, c, d, e, f = keys
+    out: list[Any] = []
+    with session() as s:
+        s.add_all([model(id=k, path=f"/{n}") for n, k in (("a", a), ("d", d), ("e", e))])
+        s.commit()
+    with session() as s:
+        fresh = model(id=b, path="/fresh")
+        s.add(fresh)
+        got = s.get(model, b)
+        out.append(("a pending new object", seen(got), got is fresh))
+        s.delete(s.get(model, a))
+        s.flush()
+        again = model(id=a, path="/again", views=2)
+        s.add(again)
+        got = s.get(model, a)
+        out.append(("deleted, flushed, added again", seen(got), got is again))
+        first = model(id=c, path="/first")
+        s.add(first)
+        got = s.get(model, c) or model(id=c, path="/created")  # get-or-create
+        s.add(got)
+        got.views = 7
+        out.append(("get-or-create", seen(got), got is first))
+        gone = s.get(model, d)
+        s.delete(gone)
+        out.append(("deleted, not flushed", s.get(model, d) is gone))
+        s.get(model, e).views = 5  # another row's load flushes the delete
+        out.append(("deleted, after another load", seen(s.get(model, d))))
+        s.commit()
+    with session() as s:
+        with s.no_autoflush:
+            late = model(id=f, path="/late")
+            s.add(late)
+            out.append(("no_autoflush: pending", seen(s.get(model, f))))
+            gone = s.get(model, e)
+            s.delete(gone)
+            s.get(model, a)  # another row: loaded without a flush
+            out.append(("no_autoflush: deleted", s.get(model, e) is gone))
+        got = s.get(model, f)
+        out.append(("autoflush again", seen(got), got is late))
+        s.commit()
+    with session() as s:
+        out.append(("committed", [seen(s.get(model, k)) for k in keys]))
+    return out
+
+
+def test_get_sees_unflushed_changes_as_plain_sqlalchemy_does(
+    in_mode: Runner, models: Any, oracle_model: Any, wb_engine: sa.Engine
+) -> None:
+    """A primary-key load runs the autoflush first, as SQLAlchemy's own does (after the
+    ``do_orm_execute`` hooks): a pending object is found, a deleted one is gone, a
+    get-or-create does not make a second object of one key; ``no_autoflush`` flushes
+    nothing."""
+    page_view, _ = models
+    keys = [uuid.uuid4() for _ in range(6)]
+    expected = unflushed_reads(lambda: plain_session(wb_engine), oracle_model, keys)
+    assert expected[0] == ("a pending new object", ("/fresh", 0, None), True)  # the oracle's
+    got, _ = in_mode(lambda db: unflushed_reads(db.session, page_view, keys))
+    assert got == expected
+
+
+def test_a_row_switch_keeps_the_new_row_as_plain_sqlalchemy_does(
+    in_mode: Runner,
+    models: Any,
+    oracle_model: Any,
+    wb_engine: sa.Engine,
+    mode_redis_client: redis.Redis,
+    namespace: str,
+) -> None:
+    """A delete and an add of the same primary key in one flush: SQLAlchemy turns them
+    into an UPDATE of the row (columns the new object leaves unset keep the old row's
+    values, no insert default). Queued, the new row wins over the delete: in reads before
+    the worker drains and in the table after."""
+    page_view, _ = models
+    pk = uuid.uuid4()
+
+    def create(session: Callable[[], Any], model: Any) -> None:
+        with session() as s:
+            s.add(model(id=pk, path="/old", views=1, note="kept"))
+            s.commit()
+
+    def switch(session: Callable[[], Any], model: Any) -> Any:
+        with session() as s:
+            s.delete(s.get(model, pk))
+            s.add(model(id=pk, path="/new"))
+            s.commit()
+        with session() as s:
+            return seen(s.get(model, pk))
+
+    def query(db: Db) -> Any:
+        with db.session() as s:
+            stmt = select(page_view).where(page_view.id == pk).options(FromCache())
+            return [seen(o) for o in s.scalars(stmt)]
+
+    def drained() -> Any:
+        worker = FlushWorker(wb_engine, mode_redis_client, namespace=namespace, models=[page_view])
+        try:
+            drain(worker)
+        finally:
+            worker.release()
+        row = in_database(wb_engine, page_view, pk)
+        return (row.path, row.views, row.note)
+
+    create(lambda: plain_session(wb_engine), oracle_model)
+    expected = switch(lambda: plain_session(wb_engine), oracle_model)
+    assert expected == ("/new", 1, "kept")
+    in_mode(lambda db: create(db.session, page_view))
+    assert drained() == ("/old", 1, "kept")
+    assert in_mode(query)[0] == [("/old", 1, "kept")]  # cached before the switch
+    got, _ = in_mode(lambda db: switch(db.session, page_view))
+    assert got == expected
+    # queries read the database: the row as of the last drain (docs/write-behind.md)
+    assert in_mode(query)[0] == [("/old", 1, "kept")]
+    assert drained() == expected
+    assert in_mode(query)[0] == [expected]
 
 
 # -- rollback, savepoints, failure --------------------------------------------------------

@@ -23,7 +23,9 @@ rows of that commit stay committed (the database commit cannot be undone).
 Reads (``do_orm_execute``, registered before the read path's): a primary-key load of a
 write-behind model (``session.get``, a many-to-one lazy load, a refresh of expired
 attributes) is served from the transaction's own unqueued operations, then from the row's
-pending key, and only then by the ordinary read path. Every process therefore reads its own
+pending key, and only then by the ordinary read path; the dispatcher has run the load's
+autoflush before (:mod:`sa_redis_cache.sessions`), so the operations include the
+session's unflushed objects. Every process therefore reads its own
 and everybody's queued writes at once, whatever happened to the entity entries meanwhile.
 
 Both Redis calls (the enqueue and the pending-key lookup) go through ``core.io()``: under
@@ -46,7 +48,7 @@ from sqlalchemy.orm.attributes import instance_state
 
 from sa_redis_cache import compat, hydrate
 from sa_redis_cache.binds import session_translate_map
-from sa_redis_cache.codec import CodecError, unpack
+from sa_redis_cache.codec import CodecError
 from sa_redis_cache.compat import key_slot
 from sa_redis_cache.errors import (
     CacheUnavailableError,
@@ -61,7 +63,7 @@ from sa_redis_cache.transaction import TransactionState, peek_transaction_state
 
 from . import joined
 from .columns import column_of, is_write_behind, pk_codec
-from .states import evaluate, refill, serve, sync_many_to_one
+from .states import evaluate, pending_state, refill, serve, sync_many_to_one
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -130,16 +132,7 @@ class WriteBehind:
         """Take every write-behind object out of this flush, keeping its state for commit."""
         if not any(is_write_behind(i) for i in self.core.models.infos.values()):
             return
-        work: list[tuple[object, ModelInfo, str]] = []
-        for kind, objects in (("new", session.new), ("dirty", session.dirty)):
-            for obj in objects:
-                info = self._info(instance_state(obj).mapper)
-                if info is not None and (kind == "new" or session.is_modified(obj)):
-                    work.append((obj, info, kind))
-        for obj in session.deleted:
-            info = self._info(instance_state(obj).mapper)
-            if info is not None:
-                work.append((obj, info, "deleted"))
+        work, switched = self._work(session)
         if not work:
             return
         if is_cluster(self.core.client):
@@ -174,7 +167,9 @@ class WriteBehind:
                 op = self._delete_op(obj, info)
                 session.expunge(obj)
             else:
-                values, tz = self._capture(session, obj, info, created=kind == "new", tz=tz)
+                values, tz = self._capture(
+                    session, obj, info, created=kind == "new", tz=tz, old=switched.get(id(obj))
+                )
                 op = self._upsert_op(obj, info, values, created=kind == "new")
                 prior = state.find_queued(info.table, op.pk)
                 op.created = op.created or (prior is not None and prior.created)
@@ -191,6 +186,39 @@ class WriteBehind:
                 # write only, as it would the row's SQL
                 op.earlier = replaced
             queued[(info.table, op.pk)] = op
+
+    def _work(
+        self, session: Session
+    ) -> tuple[list[tuple[object, ModelInfo, str]], dict[int, dict[str, Any]]]:
+        """The write-behind objects of this flush, deleted ones first, and the old rows of
+        its row switches (by the new object's ``id()``).
+
+        A new object with the key of one deleted in this flush (what SQLAlchemy turns into
+        an UPDATE of the row, a "row switch") is added back under that key once the
+        deleted one is out, and its operation replaces the delete's.
+        """
+        work: list[tuple[object, ModelInfo, str]] = []
+        deleted: dict[tuple[Any, ...], object] = {}
+        for obj in session.deleted:
+            gone = instance_state(obj)
+            info = self._info(gone.mapper)
+            if info is not None:
+                work.append((obj, info, "deleted"))
+                assert gone.key is not None
+                deleted[gone.key[:2]] = obj
+        # read before the deleted objects leave the session
+        switched: dict[int, dict[str, Any]] = {}
+        for kind, objects in (("new", session.new), ("dirty", session.dirty)):
+            for obj in objects:
+                info = self._info(instance_state(obj).mapper)
+                if info is not None and (kind == "new" or session.is_modified(obj)):
+                    work.append((obj, info, kind))
+                    old = None
+                    if kind == "new" and deleted:
+                        old = deleted.get(_pending_key(obj, info))
+                    if old is not None:
+                        switched[id(obj)] = {key: getattr(old, key) for key in info.column_keys}
+        return work, switched
 
     def _refuse_several_slots(self, state: TransactionState, infos: list[ModelInfo]) -> None:
         """On a cluster, refuse a flush that would make the commit's queued operations span
@@ -228,9 +256,21 @@ class WriteBehind:
         return core.entity_scope(info, database, session_translate_map(session, bind, options))
 
     def _capture(
-        self, session: Session, obj: object, info: ModelInfo, *, created: bool, tz: Any
+        self,
+        session: Session,
+        obj: object,
+        info: ModelInfo,
+        *,
+        created: bool,
+        tz: Any,
+        old: dict[str, Any] | None = None,
     ) -> tuple[tuple[Any, ...], Any]:
-        """The object's full column state, as the database will hold it after the insert."""
+        """The object's full column state, as the database will hold it after the insert.
+
+        ``old``: the row a new object replaces in a row switch (its key's object deleted in
+        the same flush). SQLAlchemy updates that row with the columns the new object set;
+        the others keep the old row's values, or take their ``onupdate``.
+        """
         state = instance_state(obj)
         sync_many_to_one(obj, info)
         dict_ = state.dict
@@ -238,7 +278,12 @@ class WriteBehind:
         pk_keys = {info.column_keys[p] for p in info.pk_positions}
         for key in info.column_keys:
             column = column_of(info, key)
-            if created:
+            if old is not None:
+                # the UPDATE sets what the new object was given (every attribute set on a
+                # pending object is recorded in its committed_state)
+                missing = key not in state.committed_state
+                default = column.onupdate
+            elif created:
                 missing = key not in given or (key in pk_keys and given[key] is None)
                 default = column.default
             else:
@@ -249,8 +294,11 @@ class WriteBehind:
                 given[key] = evaluate(session, default, given)
         for key in info.column_keys:
             if key not in given:
-                # an unloaded column of a loaded row: load it now (pending state first)
-                given[key] = getattr(obj, key) if not created else None
+                if old is not None:
+                    given[key] = old[key]
+                else:
+                    # an unloaded column of a loaded row: load it now (pending state first)
+                    given[key] = getattr(obj, key) if not created else None
         values = [given[k] for k in info.column_keys]
         if any(values[p] is None for p in info.pk_positions):
             raise ConfigurationError(
@@ -516,7 +564,7 @@ class WriteBehind:
                 core.redis_failed(err)
             return _NOTHING
         try:
-            values = _queued_state(info, document, pk)
+            _, values = pending_state(info, document, pk)
         except (CodecError, ValueError, TypeError, IndexError) as exc:
             # never deleted here: it may be the only copy of a queued state the worker has
             log.warning("unreadable pending write-behind state %s: %s", key, exc)
@@ -587,19 +635,11 @@ def _why(replies: list[Any]) -> str:
     return f"the wait failed: {failed[-1]}" if failed else "it did not confirm"
 
 
-def _queued_state(info: ModelInfo, document: bytes, pk: str) -> tuple[Any, ...] | None:
-    """The row state a pending key's document holds (None: a queued delete).
-
-    Raises :class:`CodecError` when it holds no row of ``info`` or another row than ``pk``.
-    """
-    assert info.codec is not None
-    _, body = unpack(document)
-    if body is None:
-        return None
-    values: tuple[Any, ...] = info.codec.load_row(body[0])
-    if pk_text([values[p] for p in info.pk_positions]) != pk:
-        raise CodecError("the pending state of another row")
-    return values
+def _pending_key(obj: object, info: ModelInfo) -> tuple[Any, ...]:
+    """The class and primary key a pending object will be flushed under, as the first two
+    parts of an identity key (SQLAlchemy's row switch matches them exactly, as here)."""
+    dict_ = instance_state(obj).dict
+    return (info.mapper.class_, tuple(dict_.get(info.column_keys[p]) for p in info.pk_positions))
 
 
 _ZONES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()

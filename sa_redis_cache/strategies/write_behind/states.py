@@ -14,7 +14,9 @@ from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.sql.schema import ColumnDefault
 
 from sa_redis_cache import compat, hydrate
+from sa_redis_cache.codec import CodecError, unpack
 from sa_redis_cache.errors import ConfigurationError
+from sa_redis_cache.protocol import pk_text
 
 from .ids import ID_BLOCKS
 
@@ -56,6 +58,32 @@ def serve(
         if key in state.unloaded or (overwrite and key not in state.committed_state):
             set_committed_value(existing, key, value)
     return compat.make_result([name], [existing], single=True, metadata=info.result_metadata)
+
+
+def pending_state(info: ModelInfo, document: bytes, pk: str) -> tuple[str, tuple[Any, ...] | None]:
+    """The stream id and the row state a pending key's document holds (the state None: a
+    queued delete), as reads serve it and ``sa-redis-cache inspect`` shows it.
+
+    ``document`` is the value opened (size and signature checked, ``CacheContext.opened``);
+    ``pk`` the row's pk text. Raises :class:`~sa_redis_cache.codec.CodecError` (or the
+    codec's ``ValueError``, ``TypeError``, ``IndexError``) when it holds no queued state of
+    ``info``'s rows, or another row's.
+
+    Example::
+
+        stream_id, values = pending_state(info, opened, "7")  # values None: a delete
+    """
+    assert info.codec is not None
+    payload = unpack(document)
+    if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not str:
+        raise CodecError("not a pending write-behind state")
+    stream_id, body = payload
+    if body is None:
+        return stream_id, None
+    values: tuple[Any, ...] = info.codec.load_row(body[0])
+    if pk_text([values[p] for p in info.pk_positions]) != pk:
+        raise CodecError("the pending state of another row")
+    return stream_id, values
 
 
 def evaluate(session: Session, default: Any, given: dict[str, Any]) -> Any:
