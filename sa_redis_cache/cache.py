@@ -816,10 +816,11 @@ def _check_local(
     for name, value in (("local_max_entries", max_entries), ("local_max_bytes", max_bytes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigurationError(f"{name}={value!r} must be a whole number >= 1")
-    if not is_ttl(lease) or not 0.1 <= lease <= 60:
+    longest = scripts.LOCAL_LEASE_MAX_MS / 1000  # the scripts take a longer one for forged
+    if not is_ttl(lease) or not 0.1 <= lease <= longest:
         raise ConfigurationError(
-            f"local_lease={lease!r} must be from 0.1 to 60 seconds: how long a process that "
-            "stops answering can delay a commit; the default of 2 suits most deployments"
+            f"local_lease={lease!r} must be from 0.1 to {longest:g} seconds: how long a process "
+            "that stops answering can delay a commit; the default of 2 suits most deployments"
         )
     if consistency not in ("strict", "bounded"):
         raise ConfigurationError(

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from devservices import RedisServer
 from examples.shop import Category, Order, OrderLine, Product
 from sa_redis_cache import Cache, ConfigurationError, FromCache
-from sa_redis_cache.protocol import KeyScheme
+from sa_redis_cache.protocol import KeyScheme, scripts
 from sa_redis_cache.redis_io import client_from_url, split_cluster_url
 from tests.modes import async_url
 from tests.seams import RedisTap
@@ -693,6 +693,37 @@ def test_a_holder_that_stops_answering_delays_a_commit_by_its_lease_at_most(
         assert tier.lapses >= 1
     finally:
         release.set()
+
+
+FAR_MS = 4_102_444_800_000  # 2100-01-01 in milliseconds: beyond any lease
+
+
+def test_a_holder_scored_beyond_any_lease_is_never_waited_for(
+    spawn: Callable[..., Process], product: int, table_node: redis.Redis, namespace: str
+) -> None:
+    """``ZADD <holders> <year 2100> ghost``: every commit on the table waited five leases
+    for a holder that never acknowledges, in every process, and each holder's renewal kept
+    the set alive. A holder that renews is still waited for (the other tests)."""
+    key = KeyScheme(namespace).holders_key("products")
+    reader = spawn()
+    writer = spawn()
+    reader.hold(product)
+    table_node.zadd(key, {"ghost": FAR_MS})
+    writer.set_price(product, "5.00")
+    assert writer.total("fence_timeouts") == 0  # the reader acknowledged; nobody else
+    assert table_node.zscore(key, "ghost") is None
+    assert reader.price(product) == Decimal("5.00")
+
+    # a holder's registration removes it too, and the question a waiting writer asks
+    # about a holder whose lease should have ended (holders.lua) answers "gone"
+    table_node.zadd(key, {"ghost": FAR_MS})
+    spawn().hold(product)
+    assert table_node.zscore(key, "ghost") is None
+    table_node.zadd(key, {"ghost": FAR_MS})
+    io = writer.cache._core.io()
+    reply = io.run_script(*scripts.holders(KeyScheme(namespace), "products", ["ghost"]))
+    assert int(reply[1]) == -1
+    assert table_node.zscore(key, "ghost") is None
 
 
 def test_a_killed_invalidation_connection_empties_the_tier(
