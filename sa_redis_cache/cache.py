@@ -546,7 +546,10 @@ class Cache:
         it reads there; bumping those tables' versions retires the region's entries in
         every process and refuses any fill that read the database before this call. Other
         regions' entries on those tables are retired too (misses, never wrong values).
-        Lazy-loaded collections are the regions ``"<Parent>.<relationship>"``.
+        Lazy-loaded collections are the regions ``"<Parent>.<relationship>"``. When the
+        region's record in Redis is found of another Redis type (not the cache's: it is
+        deleted), which tables it named is lost, and every table this process maps is
+        bumped instead.
 
         Example::
 
@@ -556,6 +559,9 @@ class Cache:
         """
         core = self._core
         tables = self._reads.regions.tables(region)
+        if tables is None:
+            # no fewer tables are known to hold every entry of the region
+            tables = core.models.known_tables()
         with core.measure(None, "invalidate"):
             if tables:
                 # fenced as every explicit invalidation is: no local tier serves the

@@ -224,6 +224,31 @@ def take_lease(lease_key: str, token: str) -> Command:
     return ("SET", lease_key, token, "NX", "PX", LEASE_MS)
 
 
+# -- regions -------------------------------------------------------------------------------
+
+
+def note_region(keys: KeyScheme, region: str, table: str) -> ScriptCall:
+    """Record ``table`` as the one whose version retires an entry of ``region`` (the set
+    lives as long as the counters; a key of another Redis type there is replaced).
+
+    Example::
+
+        call = note_region(KeyScheme("shop"), "pages", "products")
+    """
+    return script("note_region"), [keys.region_key(region)], [table, COUNTER_TTL_MS]
+
+
+def region_tables(keys: KeyScheme, region: str) -> ScriptCall:
+    """The tables recorded for ``region``: the reply is ``[1, table, ...]``, or ``[0]`` when
+    the region's key held another Redis type (deleted: what it recorded is lost).
+
+    Example::
+
+        call = region_tables(KeyScheme("shop"), "pages")
+    """
+    return script("region_tables"), [keys.region_key(region)], []
+
+
 # -- invalidation --------------------------------------------------------------------------
 
 

@@ -258,3 +258,38 @@ def test_a_writer_mark_within_a_writers_reach_still_refuses_fills(
         assert name_by_query(two.read, product) == "scratch"
     assert two.reader.stats()["total"]["fill_refused"] == 2
     assert redis_client.zscore(key, "in flight") is not None
+
+
+# -- the other keys: region sets -----------------------------------------------------------
+
+
+def test_a_region_key_of_another_type_heals(
+    cache: Cache,
+    session_factory: sessionmaker[Session],
+    redis_client: redis.Redis,
+    namespace: str,
+    product: int,
+    sql: SQLCounter,
+) -> None:
+    """A string at ``sarc:<ns>:r:default``: every ``FromCache`` read paid a failing SADD,
+    counted an error and logged "redis unavailable" (the breaker opened), the PEXPIRE sent
+    with it kept the string alive, and ``invalidate_region`` raised WRONGTYPE."""
+    key = KeyScheme(namespace).region_key("default")
+    redis_client.set(key, b"planted")
+    for _ in range(4):  # more than breaker_threshold
+        assert name_by_query(session_factory, product) == "scratch"
+    clean(cache)
+    assert redis_client.smembers(key) == {b"products"}  # recorded over what was planted
+    sql.reset()
+    assert name_by_query(session_factory, product) == "scratch"
+    assert sql.count == 0
+
+    # met by invalidate_region: what the set recorded is lost, so every table retires
+    redis_client.set(key, b"planted")
+    retired = cache.invalidate_region("default")
+    assert "products" in retired
+    assert name_by_query(session_factory, product) == "scratch"
+    assert sql.count == 1  # the entry was retired
+    assert redis_client.smembers(key) == {b"products"}  # and its table recorded again
+    assert cache.invalidate_region("default") == ["products"]
+    clean(cache)

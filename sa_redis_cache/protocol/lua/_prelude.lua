@@ -105,6 +105,18 @@ local function drop_forged(key, now, horizon)
   return true
 end
 
+-- The Redis type `key` held ('none' when absent); one of another type than `wanted` is
+-- deleted (and the deletion logged, naming the key as `what`): the commands meant for
+-- `wanted` would fail on it at every call, and the TTL they renew would keep it for good
+local function heal_type(key, wanted, what)
+  local kind = type_of(key)
+  if kind ~= wanted and kind ~= 'none' then
+    redis.log(redis.LOG_WARNING, 'sa_redis_cache: unusable ' .. what .. ' deleted: ' .. key)
+    redis.call('DEL', key)
+  end
+  return kind
+end
+
 -- true when each of n version counters (KEYS[vkeys + 1 ..]) still holds the value captured
 -- before the database read (ARGV[args + 1 ..]) and no writers set (KEYS[wkeys + 1 ..])
 -- holds a live mark: a value read from the database is then no older than a committed

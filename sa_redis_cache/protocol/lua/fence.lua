@@ -11,12 +11,7 @@
 -- written and nobody waits. A holder scored beyond any lease (HOLDER_HORIZON_MS) was
 -- planted: it is removed, never waited for.
 local now = server_ms()
-local kind = type_of(KEYS[1])
-if kind ~= 'zset' then
-  if kind ~= 'none' then
-    redis.log(redis.LOG_WARNING, 'sa_redis_cache: unusable holder set deleted: ' .. KEYS[1])
-    redis.call('DEL', KEYS[1])
-  end
+if heal_type(KEYS[1], 'zset', 'holder set') ~= 'zset' then
   return {now}
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)

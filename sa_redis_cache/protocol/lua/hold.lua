@@ -6,11 +6,7 @@
 --          pruned it) is not added back, it must empty its tier and register again
 -- Returns: {server time in ms, 1 when held, 0 when a renewal found the holder gone}
 local now = server_ms()
-local kind = type_of(KEYS[1])
-if kind ~= 'zset' and kind ~= 'none' then
-  redis.log(redis.LOG_WARNING, 'sa_redis_cache: unusable holder set deleted: ' .. KEYS[1])
-  redis.call('DEL', KEYS[1])
-end
+heal_type(KEYS[1], 'zset', 'holder set')
 -- holders that died without leaving: writers stopped waiting for them at their expiry;
 -- and planted ones scored beyond any lease, which the TTL below would keep alive for good
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
