@@ -579,8 +579,9 @@ class Cache:
         against (a counter comes back at a random value, so a fill that read the database
         before this call is refused). Kept: write-behind queues and pending states (writes
         not yet in the database), writer marks of transactions in flight, the published
-        statistics and the regions' table sets. Other processes' caches need nothing:
-        what they read next is a miss.
+        statistics and the regions' table sets. Returns once no process's local tier
+        serves what was deleted, as every explicit invalidation does: the tables whose
+        holder sets exist once the entries are gone are fenced.
 
         Example::
 
@@ -590,15 +591,24 @@ class Cache:
         keys = core.keys
         removed = 0
         batch: list[bytes] = []
-        for key in core.client.scan_iter(match=keys.namespace_pattern, count=1000):
-            if not keys.clearable(key):
-                continue
-            batch.append(key)
-            if len(batch) >= 500:
+        with core.measure(None, "invalidate"):
+            for key in core.client.scan_iter(match=keys.namespace_pattern, count=1000):
+                if not keys.clearable(key):
+                    continue
+                batch.append(key)
+                if len(batch) >= 500:
+                    removed += int(core.client.unlink(*batch))
+                    batch.clear()
+            if batch:
                 removed += int(core.client.unlink(*batch))
-                batch.clear()
-        if batch:
-            removed += int(core.client.unlink(*batch))
+            # listed after the deletions: a process registers as a holder before it looks,
+            # so one that registered later can only have read what was left
+            held = {
+                table
+                for key in core.client.scan_iter(match=keys.holders_pattern, count=1000)
+                if (table := keys.holders_table(key)) is not None
+            }
+            core.run_fenced([], held)
         core.counters.incr_total("invalidations")
         return removed
 

@@ -254,6 +254,8 @@ class CacheContext(RedisOutages):
         token = secrets.token_hex(8)
         tables = sorted(set(tables))
         fences = self.fences.calls(token, tables)
+        if not calls and not fences:
+            return []
         replies = self.io().run_batch([*calls, *fences])
         if fences:
             self.fences.wait(token, tables, replies[len(calls) :])

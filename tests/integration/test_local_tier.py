@@ -407,7 +407,7 @@ def test_a_commit_waits_for_every_holder_to_drop_what_it_changed(
 
 
 @pytest.mark.parametrize(
-    "call", ["invalidate", "invalidate_model", "invalidate_table", "invalidate_region"]
+    "call", ["invalidate", "invalidate_model", "invalidate_table", "invalidate_region", "clear"]
 )
 def test_an_explicit_invalidation_waits_for_every_holder_to_drop_what_it_retired(
     spawn: Callable[..., Process], product: int, call: str
@@ -428,12 +428,14 @@ def test_an_explicit_invalidation_waits_for_every_holder_to_drop_what_it_retired
         return acks
 
     tier.take_acks = held_back_acks  # type: ignore[method-assign]  # the holder's ack, held
-    invalidations = {
+    invalidations: dict[str, Callable[[], object]] = {
         "invalidate": lambda: writer.cache.invalidate(Product, product),
         "invalidate_model": lambda: writer.cache.invalidate_model(Product),
         "invalidate_table": lambda: writer.cache.invalidate_table("products"),
         # the reader recorded the region's table when it filled
         "invalidate_region": lambda: writer.cache.invalidate_region("default"),
+        # deletes the entry and its counters: the holder must have dropped it too
+        "clear": writer.cache.clear,
     }
 
     def invalidate() -> None:
