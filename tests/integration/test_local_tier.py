@@ -728,6 +728,24 @@ def test_a_holder_scored_beyond_any_lease_is_never_waited_for(
     assert table_node.zscore(key, "ghost") is None
 
 
+def test_a_gauge_key_of_another_type_does_not_stop_the_tier(
+    spawn: Callable[..., Process], product: int, namespace: str
+) -> None:
+    """A string at ``sarc:<ns>:local:<holder>`` (the name is found by ``SCAN``): the HSET of
+    every renewal failed, which broke the tier and reconnected it, again and again, for as
+    long as the process lived (its own PEXPIRE kept the string)."""
+    reader = spawn()
+    tier = reader.tier
+    reader.hold(product)
+    key = KeyScheme(namespace).local_stats_key(tier.holder)
+    reader.cache.client.set(key, b"planted")
+    breaks, renewals = tier.breaks, tier.renewals
+    until(lambda: tier.renewals >= renewals + 2, "renewals went on")
+    assert tier.breaks == breaks
+    assert reader.cache.client.type(key) == b"hash"
+    reader.hold(product)  # still served from the tier
+
+
 def test_a_killed_invalidation_connection_empties_the_tier(
     spawn: Callable[..., Process], product: int, table_node: redis.Redis
 ) -> None:
