@@ -546,7 +546,10 @@ class Cache:
         it reads there; bumping those tables' versions retires the region's entries in
         every process and refuses any fill that read the database before this call. Other
         regions' entries on those tables are retired too (misses, never wrong values).
-        Lazy-loaded collections are the regions ``"<Parent>.<relationship>"``.
+        Lazy-loaded collections are the regions ``"<Parent>.<relationship>"``. When the
+        region's record in Redis is found of another Redis type (not the cache's: it is
+        deleted), which tables it named is lost, and every table this process maps is
+        bumped instead.
 
         Example::
 
@@ -556,6 +559,9 @@ class Cache:
         """
         core = self._core
         tables = self._reads.regions.tables(region)
+        if tables is None:
+            # no fewer tables are known to hold every entry of the region
+            tables = core.models.known_tables()
         with core.measure(None, "invalidate"):
             if tables:
                 # fenced as every explicit invalidation is: no local tier serves the
@@ -573,8 +579,9 @@ class Cache:
         against (a counter comes back at a random value, so a fill that read the database
         before this call is refused). Kept: write-behind queues and pending states (writes
         not yet in the database), writer marks of transactions in flight, the published
-        statistics and the regions' table sets. Other processes' caches need nothing:
-        what they read next is a miss.
+        statistics and the regions' table sets. Returns once no process's local tier
+        serves what was deleted, as every explicit invalidation does: the tables whose
+        holder sets exist once the entries are gone are fenced.
 
         Example::
 
@@ -584,15 +591,24 @@ class Cache:
         keys = core.keys
         removed = 0
         batch: list[bytes] = []
-        for key in core.client.scan_iter(match=keys.namespace_pattern, count=1000):
-            if not keys.clearable(key):
-                continue
-            batch.append(key)
-            if len(batch) >= 500:
+        with core.measure(None, "invalidate"):
+            for key in core.client.scan_iter(match=keys.namespace_pattern, count=1000):
+                if not keys.clearable(key):
+                    continue
+                batch.append(key)
+                if len(batch) >= 500:
+                    removed += int(core.client.unlink(*batch))
+                    batch.clear()
+            if batch:
                 removed += int(core.client.unlink(*batch))
-                batch.clear()
-        if batch:
-            removed += int(core.client.unlink(*batch))
+            # listed after the deletions: a process registers as a holder before it looks,
+            # so one that registered later can only have read what was left
+            held = {
+                table
+                for key in core.client.scan_iter(match=keys.holders_pattern, count=1000)
+                if (table := keys.holders_table(key)) is not None
+            }
+            core.run_fenced([], held)
         core.counters.incr_total("invalidations")
         return removed
 
@@ -816,10 +832,11 @@ def _check_local(
     for name, value in (("local_max_entries", max_entries), ("local_max_bytes", max_bytes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigurationError(f"{name}={value!r} must be a whole number >= 1")
-    if not is_ttl(lease) or not 0.1 <= lease <= 60:
+    longest = scripts.LOCAL_LEASE_MAX_MS / 1000  # the scripts take a longer one for forged
+    if not is_ttl(lease) or not 0.1 <= lease <= longest:
         raise ConfigurationError(
-            f"local_lease={lease!r} must be from 0.1 to 60 seconds: how long a process that "
-            "stops answering can delay a commit; the default of 2 suits most deployments"
+            f"local_lease={lease!r} must be from 0.1 to {longest:g} seconds: how long a process "
+            "that stops answering can delay a commit; the default of 2 suits most deployments"
         )
     if consistency not in ("strict", "bounded"):
         raise ConfigurationError(

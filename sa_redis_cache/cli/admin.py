@@ -15,7 +15,7 @@ from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.models import ModelRegistry, mapper_of
 from sa_redis_cache.protocol import is_queue_key
 from sa_redis_cache.redaction import redact_url
-from sa_redis_cache.strategies.write_behind.worker.flush import LEASE_MS
+from sa_redis_cache.strategies.write_behind.worker.flush import LEASE_MAX_MS, LEASE_MS
 
 from .common import CliError, Settings, common_options, import_object, one_line, resolve_model
 from .output import Table, echo_json, render
@@ -213,7 +213,7 @@ WORKER_PROG = "python -m sa_redis_cache.worker"
 )
 @click.option(
     "--lease-ms",
-    type=click.IntRange(min=200),
+    type=click.IntRange(min=200, max=LEASE_MAX_MS),
     default=LEASE_MS,
     show_default=True,
     metavar="MS",

@@ -90,7 +90,10 @@ class Fences:
                     replies = pending.replies()
                 else:
                     token = token if token is not None and not attempt else secrets.token_hex(8)
-                    replies = self.core.io().run_batch([*calls, *self.calls(token, tables)])
+                    batch = [*calls, *self.calls(token, tables)]
+                    if not batch:
+                        return []  # nothing changed, and no fence is asked for (bounded)
+                    replies = self.core.io().run_batch(batch)
             except ScriptsReloaded:
                 if attempt:
                     raise

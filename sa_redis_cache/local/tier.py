@@ -425,7 +425,13 @@ class LocalTier:
             fields[name] = "" if value is None else str(value)
         key = self.keys.local_stats_key(self.holder)
         flat = [item for pair in fields.items() for item in pair]
-        return [("HSET", key, *flat), ("PEXPIRE", key, max(10_000, self.lease_ms * 3))]
+        # written whole each time, so deleting it first costs nothing and replaces a key of
+        # another Redis type, on which HSET failed at every renewal and broke the tier
+        return [
+            ("DEL", key),
+            ("HSET", key, *flat),
+            ("PEXPIRE", key, max(10_000, self.lease_ms * 3)),
+        ]
 
 
 _TIERS: weakref.WeakSet[LocalTier] = weakref.WeakSet()

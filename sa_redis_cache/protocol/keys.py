@@ -395,6 +395,32 @@ class KeyScheme:
         """
         return f"{self.prefix}lh:{self.tagged_table(table)}"
 
+    @property
+    def holders_pattern(self) -> str:
+        """A SCAN pattern matching every table's holder set."""
+        return escape_glob(f"{self.prefix}lh:") + "*"
+
+    def holders_table(self, key: bytes) -> str | None:
+        """The table whose holder set ``key`` is, or None for any other key (or one this
+        scheme would not name so: a table in a slot group this process does not know).
+
+        Example::
+
+            >>> keys = KeyScheme("shop", {"orders": "sales"})
+            >>> keys.holders_table(keys.holders_key("orders").encode())
+            'orders'
+            >>> keys.holders_table(keys.version_key("orders").encode()) is None
+            True
+        """
+        head = f"{self.prefix}lh:".encode()
+        if not key.startswith(head):
+            return None
+        found = self.split_key(self.prefix.encode() + key[len(head) :] + b":")
+        if found is None or found.tail:
+            return None
+        table = found.table.decode("utf-8", "surrogateescape")
+        return table if self.holders_key(table).encode() == key else None
+
     def ack_key(self, token: str) -> str:
         """The list holders push their id onto once they have seen commit ``token``'s fences."""
         return f"{self.prefix}ack:{token}"

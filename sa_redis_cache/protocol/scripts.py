@@ -43,7 +43,19 @@ ROW_COUNTER_TTL_MS = 3_600_000
 """Row write counters live an hour at least, and as long as the entity entries they validate."""
 
 WRITER_MARK_MS = 60_000
-"""How long a flush's writer mark refuses fills when its transaction never ends (a crash)."""
+"""How long a flush's writer mark refuses fills when its transaction never ends (a crash);
+also the longest a mark may be given (:func:`flush_mark`)."""
+
+LOCAL_LEASE_MAX_MS = 60_000
+"""The longest ``Cache(local_lease=)`` accepted: no holder's lease on a table's local
+entries ends later than this after the server's clock when it was taken or renewed."""
+
+CLOCK_STEP_MS = 10_000
+"""How far the Redis server's clock may step back (a failover to a node whose clock is
+behind) before a genuine writer mark or holder lease reads as forged. A sorted-set member
+scored further ahead than its longest life plus this can only have been written by someone
+else: the scripts remove it rather than honour it until its score (lua/_prelude.lua,
+``drop_forged``)."""
 
 LEASE_MS = 30_000
 """A filler that dies holding an entry's fill lease blocks other fills this long at most."""
@@ -68,10 +80,20 @@ def _file(name: str) -> str:
     return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
 
 
+def _limits() -> str:
+    """The Lua constants the prelude's checks use, from the one place they are set (here)."""
+    return (
+        "-- sa_redis_cache/protocol/scripts.py: how far ahead of the server's clock a writer\n"
+        "-- mark, and a holder's lease, can genuinely be scored\n"
+        f"local MARK_HORIZON_MS = {WRITER_MARK_MS + CLOCK_STEP_MS}\n"
+        f"local HOLDER_HORIZON_MS = {LOCAL_LEASE_MAX_MS + CLOCK_STEP_MS}\n"
+    )
+
+
 @cache
 def script(name: str) -> Script:
     """``lua/<name>.lua`` with the shared prelude, loaded once per process."""
-    source = _file("_prelude") + _file(name)
+    source = _limits() + _file("_prelude") + _file(name)
     return Script(name, source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
 
 
@@ -202,6 +224,31 @@ def take_lease(lease_key: str, token: str) -> Command:
     return ("SET", lease_key, token, "NX", "PX", LEASE_MS)
 
 
+# -- regions -------------------------------------------------------------------------------
+
+
+def note_region(keys: KeyScheme, region: str, table: str) -> ScriptCall:
+    """Record ``table`` as the one whose version retires an entry of ``region`` (the set
+    lives as long as the counters; a key of another Redis type there is replaced).
+
+    Example::
+
+        call = note_region(KeyScheme("shop"), "pages", "products")
+    """
+    return script("note_region"), [keys.region_key(region)], [table, COUNTER_TTL_MS]
+
+
+def region_tables(keys: KeyScheme, region: str) -> ScriptCall:
+    """The tables recorded for ``region``: the reply is ``[1, table, ...]``, or ``[0]`` when
+    the region's key held another Redis type (deleted: what it recorded is lost).
+
+    Example::
+
+        call = region_tables(KeyScheme("shop"), "pages")
+    """
+    return script("region_tables"), [keys.region_key(region)], []
+
+
 # -- invalidation --------------------------------------------------------------------------
 
 
@@ -262,8 +309,11 @@ def flush_mark(
 
     ``rows`` are ``(entity key, pk text)`` of the rows written; ``bulk`` says the rows are
     not known (bulk or textual DML). The reply: the entity generation, then each row's
-    write ticket.
+    write ticket. ``writer_mark_ms`` is at most :data:`WRITER_MARK_MS`: a mark scored
+    further ahead is taken for forged and removed by the next script that meets it.
     """
+    if not 0 < writer_mark_ms <= WRITER_MARK_MS:
+        raise ValueError(f"writer_mark_ms={writer_mark_ms} must be from 1 to {WRITER_MARK_MS}")
     row_keys = [k for entity, pk in rows for k in (entity, keys.row_write_key(table, pk))]
     return (
         script("flush_mark"),

@@ -8,7 +8,9 @@ the statement's first entity (its subject mapper, ``orm_context.bind_mapper``); 
 process records it in a Redis set per region (``KeyScheme.region_key``) before the
 statement's first read, which SQLAlchemy's execute pipeline makes (a read served before
 the pipeline is a hit on an entry an earlier read of this process looked at), and again
-once a day while it keeps reading it (the set lives 7 days, as the counters).
+once a day while it keeps reading it (the set lives 7 days, as the counters). A key of
+another Redis type under the set's name is deleted by the scripts that meet it
+(``note_region.lua``, ``region_tables.lua``), never reported as Redis failing.
 
 The cost of this coarseness: invalidating a region also retires the entries of other
 regions that read those tables (misses, never a wrong value).
@@ -30,7 +32,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import Table
 
 from sa_redis_cache.breaker import CLOSED
-from sa_redis_cache.protocol.scripts import COUNTER_TTL_MS
+from sa_redis_cache.protocol import scripts
 from sa_redis_cache.stats import scope
 
 if TYPE_CHECKING:
@@ -67,9 +69,8 @@ class RegionIndex:
         core = self.core
         if core.breaker.state is not CLOSED:
             return  # the read goes to the database and fills nothing: recorded by a later one
-        key = core.keys.region_key(option.region)
         try:
-            core.io().pipeline([("SADD", key, table.fullname), ("PEXPIRE", key, COUNTER_TTL_MS)])
+            core.io().run_script(*scripts.note_region(core.keys, option.region, table.fullname))
         except RedisError as exc:
             # a failure of the read's first round trip: counted as the read's own would be
             core.redis_failed(exc)
@@ -79,7 +80,15 @@ class RegionIndex:
             self._noted.clear()
         self._noted[memo] = now
 
-    def tables(self, region: str) -> list[str]:
-        """The tables recorded for ``region`` by every process (raises ``RedisError``)."""
-        members: Any = self.core.io().pipeline([("SMEMBERS", self.core.keys.region_key(region))])
-        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members[0])
+    def tables(self, region: str) -> list[str] | None:
+        """The tables recorded for ``region`` by every process; None when the region's key
+        held another Redis type (deleted, and logged by Redis): which tables it recorded is
+        lost. Raises ``RedisError``."""
+        reply: Any = self.core.io().run_script(*scripts.region_tables(self.core.keys, region))
+        if not int(reply[0]):
+            log.warning("the table set of region %r was not a Redis set: deleted", region)
+            # recorded again by this process's next read, not a day later
+            for memo in [m for m in self._noted if m[0] == region]:
+                del self._noted[memo]
+            return None
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in reply[1:])

@@ -137,7 +137,10 @@ def test_planted_bytes_never_reach_the_application(
 # every other Redis type and strings that look almost right; the reads must stay true, a
 # commit must reach another process, and the cache must heal: the read after is a hit.
 
-PLANTS = ("hash", "list", "set", "zset", "stream", "garbage", "spaced", "plus", "max")
+PLANTS = (
+    "hash", "list", "set", "zset", "future", "stream", "garbage", "spaced", "plus", "max",
+)  # fmt: skip
+FAR_MS = 4_102_444_800_000  # "future": a member scored in 2100, beyond any mark or lease
 STRINGS = {
     "garbage": b"\x00garbage\xff",
     "spaced": b" 7 ",  # int() takes these three, INCR does not
@@ -159,6 +162,8 @@ def plant(client: redis.Redis, key: bytes | str, how: str) -> None:
         client.sadd(key, b"planted")
     elif how == "zset":
         client.zadd(key, {b"planted": 1})
+    elif how == "future":
+        client.zadd(key, {b"planted": FAR_MS})
     else:
         client.xadd(key, {b"planted": b"1"})
 

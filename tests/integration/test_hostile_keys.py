@@ -18,13 +18,14 @@ import redis
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from examples.shop import Product
+from examples.shop import Category, Product
 from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.protocol import KeyScheme, scripts
 from sa_redis_cache.redis_io import SyncRedisIO
 
 if TYPE_CHECKING:
+    from tests.modes import Db, Runner
     from tests.support import SQLCounter, Two
 
 
@@ -189,3 +190,106 @@ def test_undelivered_writes_are_delivered_over_unusable_counters(
     cache._core.keep_undelivered(["products"])
     assert cache._core.deliver_undelivered()
     assert cache._core.undelivered == set()
+
+
+# -- sorted sets scored beyond anything the cache writes ----------------------------------
+
+FAR_MS = 4_102_444_800_000  # 2100-01-01 in milliseconds: no mark or lease is scored so late
+
+
+@pytest.mark.cluster
+def test_a_writer_mark_scored_beyond_any_writers_is_removed(
+    in_mode: Runner, mode_redis_client: redis.Redis, product: int
+) -> None:
+    """``ZADD <writers> <year 2100> forged``: every fill of the table was refused until
+    then, and each flush renewed the set's TTL, keeping the mark for good. Planted in both
+    tables of a joined statement, so that on a cluster the other slot's check
+    (``check_versions.lua``) meets one too."""
+    keys = KeyScheme(in_mode.namespace)
+    marks = [keys.writers_key(t) for t in ("products", "categories")]
+    joined = (
+        select(Product.name, Category.name)
+        .join(Category, Category.id == Product.category_id)
+        .where(Product.id == product)
+        .options(FromCache())
+    )
+
+    def read(db: Db) -> tuple[str, str]:
+        with db.session() as s:
+            got = s.get(Product, product)
+            assert got is not None
+            (row,) = s.execute(joined)
+            assert row[0] == got.name
+            return (row[0], row[1])
+
+    def scenario(db: Db) -> None:
+        for key in marks:
+            mode_redis_client.zadd(key, {"forged": FAR_MS})
+        first = read(db)
+        assert db.cache.stats()["total"]["fill_refused"] == 0
+        db.sql.reset()
+        assert read(db) == first
+        assert db.sql.count == 0  # cached: both entries stored
+        assert [mode_redis_client.zscore(key, "forged") for key in marks] == [None, None]
+
+        # a flush meets one too, and does not keep it alive
+        mode_redis_client.zadd(marks[0], {"forged": FAR_MS})
+        with db.session() as s:
+            got = s.get(Product, product)
+            got.name = "renamed"
+            s.commit()
+        assert mode_redis_client.zscore(marks[0], "forged") is None
+        assert read(db)[0] == "renamed"
+        assert db.cache.stats()["total"]["errors"] == 0
+
+    in_mode(scenario)
+
+
+def test_a_writer_mark_within_a_writers_reach_still_refuses_fills(
+    two: Two, redis_client: redis.Redis, product: int, sql: SQLCounter
+) -> None:
+    """What is removed is only what no writer could have scored: a mark that ends within
+    one mark's life (a writer between flush and commit) still refuses every fill."""
+    seconds, micros = redis_client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    key = two.keys.writers_key("products")
+    redis_client.zadd(key, {"in flight": now_ms + scripts.WRITER_MARK_MS})
+    for _ in range(2):
+        assert name_by_query(two.read, product) == "scratch"
+    assert two.reader.stats()["total"]["fill_refused"] == 2
+    assert redis_client.zscore(key, "in flight") is not None
+
+
+# -- the other keys: region sets -----------------------------------------------------------
+
+
+def test_a_region_key_of_another_type_heals(
+    cache: Cache,
+    session_factory: sessionmaker[Session],
+    redis_client: redis.Redis,
+    namespace: str,
+    product: int,
+    sql: SQLCounter,
+) -> None:
+    """A string at ``sarc:<ns>:r:default``: every ``FromCache`` read paid a failing SADD,
+    counted an error and logged "redis unavailable" (the breaker opened), the PEXPIRE sent
+    with it kept the string alive, and ``invalidate_region`` raised WRONGTYPE."""
+    key = KeyScheme(namespace).region_key("default")
+    redis_client.set(key, b"planted")
+    for _ in range(4):  # more than breaker_threshold
+        assert name_by_query(session_factory, product) == "scratch"
+    clean(cache)
+    assert redis_client.smembers(key) == {b"products"}  # recorded over what was planted
+    sql.reset()
+    assert name_by_query(session_factory, product) == "scratch"
+    assert sql.count == 0
+
+    # met by invalidate_region: what the set recorded is lost, so every table retires
+    redis_client.set(key, b"planted")
+    retired = cache.invalidate_region("default")
+    assert "products" in retired
+    assert name_by_query(session_factory, product) == "scratch"
+    assert sql.count == 1  # the entry was retired
+    assert redis_client.smembers(key) == {b"products"}  # and its table recorded again
+    assert cache.invalidate_region("default") == ["products"]
+    clean(cache)

@@ -369,14 +369,16 @@ def test_mutable_values_are_never_shared_between_sessions(
 
 class HeldAck:
     """Holds back the holder's acknowledgement of a fence that came with the table's
-    changed version, until :attr:`release` is set: the writer cannot return meanwhile.
+    changed version (``together``; else with or after it: ``clear()`` deletes, then
+    fences, in two round trips), until :attr:`release` is set: the writer cannot return
+    meanwhile.
 
-    A fence that came alone is let through: one that ran after a call that met NOSCRIPT
-    (the server lost its scripts) is followed by the batch again, under new fences, which
-    the writer waits for (``Fences.run``).
+    Another fence is let through: one that ran after a call that met NOSCRIPT (the server
+    lost its scripts) is followed by the batch again, under new fences, which the writer
+    waits for (``Fences.run``).
     """
 
-    def __init__(self, holder: Process) -> None:
+    def __init__(self, holder: Process, *, together: bool = True) -> None:
         self.seen, self.release = threading.Event(), threading.Event()
         # an acknowledgement of a fence that came alone was sent
         self.early_sent = threading.Event()
@@ -387,10 +389,13 @@ class HeldAck:
         send_acks = listener._send_acks
         real: set[str] = set()
         early: list[tuple[str, str]] = []
+        changed = threading.Event()
 
         def noting(keys: Iterable[bytes | str]) -> None:
             names = [key.encode() if isinstance(key, str) else key for key in keys]
-            if version in names:
+            if version in names and not together:
+                changed.set()
+            if version in names or changed.is_set():
                 real.update(name.decode() for name in names if b":fence:" in name)
             invalidate(names)
 
@@ -485,7 +490,7 @@ def test_commit_as_you_go_waits_for_every_holder_before_commit_returns(
 
 
 @pytest.mark.parametrize(
-    "call", ["invalidate", "invalidate_model", "invalidate_table", "invalidate_region"]
+    "call", ["invalidate", "invalidate_model", "invalidate_table", "invalidate_region", "clear"]
 )
 def test_an_explicit_invalidation_waits_for_every_holder_to_drop_what_it_retired(
     spawn: Callable[..., Process], product: int, call: str
@@ -500,8 +505,11 @@ def test_an_explicit_invalidation_waits_for_every_holder_to_drop_what_it_retired
         "invalidate_table": lambda: writer.cache.invalidate_table("products"),
         # the reader recorded the region's table when it filled
         "invalidate_region": lambda: writer.cache.invalidate_region("default"),
+        # deletes the entry and its counters: the holder must have dropped it too
+        "clear": writer.cache.clear,
     }
-    held_until_dropped(reader, product, invalidations[call])
+    held = HeldAck(reader, together=call != "clear")
+    held_until_dropped(reader, product, invalidations[call], held)
     assert writer.total("fence_waits") == 1
 
 
@@ -743,6 +751,55 @@ def test_a_holder_that_stops_answering_delays_a_commit_by_its_lease_at_most(
         assert tier.lapses >= 1
     finally:
         release.set()
+
+
+FAR_MS = 4_102_444_800_000  # 2100-01-01 in milliseconds: beyond any lease
+
+
+def test_a_holder_scored_beyond_any_lease_is_never_waited_for(
+    spawn: Callable[..., Process], product: int, table_node: redis.Redis, namespace: str
+) -> None:
+    """``ZADD <holders> <year 2100> ghost``: every commit on the table waited five leases
+    for a holder that never acknowledges, in every process, and each holder's renewal kept
+    the set alive. A holder that renews is still waited for (the other tests)."""
+    key = KeyScheme(namespace).holders_key("products")
+    reader = spawn()
+    writer = spawn()
+    reader.hold(product)
+    table_node.zadd(key, {"ghost": FAR_MS})
+    writer.set_price(product, "5.00")
+    assert writer.total("fence_timeouts") == 0  # the reader acknowledged; nobody else
+    assert table_node.zscore(key, "ghost") is None
+    assert reader.price(product) == Decimal("5.00")
+
+    # a holder's registration removes it too, and the question a waiting writer asks
+    # about a holder whose lease should have ended (holders.lua) answers "gone"
+    table_node.zadd(key, {"ghost": FAR_MS})
+    spawn().hold(product)
+    assert table_node.zscore(key, "ghost") is None
+    table_node.zadd(key, {"ghost": FAR_MS})
+    io = writer.cache._core.io()
+    reply = io.run_script(*scripts.holders(KeyScheme(namespace), "products", ["ghost"]))
+    assert int(reply[1]) == -1
+    assert table_node.zscore(key, "ghost") is None
+
+
+def test_a_gauge_key_of_another_type_does_not_stop_the_tier(
+    spawn: Callable[..., Process], product: int, namespace: str
+) -> None:
+    """A string at ``sarc:<ns>:local:<holder>`` (the name is found by ``SCAN``): the HSET of
+    every renewal failed, which broke the tier and reconnected it, again and again, for as
+    long as the process lived (its own PEXPIRE kept the string)."""
+    reader = spawn()
+    tier = reader.tier
+    reader.hold(product)
+    key = KeyScheme(namespace).local_stats_key(tier.holder)
+    reader.cache.client.set(key, b"planted")
+    breaks, renewals = tier.breaks, tier.renewals
+    until(lambda: tier.renewals >= renewals + 2, "renewals went on")
+    assert tier.breaks == breaks
+    assert reader.cache.client.type(key) == b"hash"
+    reader.hold(product)  # still served from the tier
 
 
 def test_a_killed_invalidation_connection_empties_the_tier(

@@ -204,6 +204,20 @@ def test_two_workers_share_the_partitions_and_apply_each_write_once(
     assert second.applied > 0
 
 
+def test_a_worker_announcement_scored_beyond_any_lease_is_not_counted(
+    make_worker: Any, client: redis.Redis, models: Any
+) -> None:
+    """``ZADD <worker set> <year 2100> ghost``: a worker counted the ghost as a live worker
+    for good (its own PEXPIRE kept the set) and held only its share of the partitions,
+    leaving the others' queued writes unflushed."""
+    worker = make_worker("w1")
+    key = worker._workers_key(models[0].__tablename__)
+    client.zadd(key, {"ghost": 4_102_444_800_000})  # 2100-01-01 in milliseconds
+    worker.run_once()
+    assert all(p.held for p in worker.partitions)
+    assert client.zscore(key, "ghost") is None
+
+
 def test_a_redelivered_dead_letter_never_reaches_the_cache(
     factory: sessionmaker[Session],
     models: Any,

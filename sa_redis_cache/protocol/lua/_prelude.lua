@@ -83,11 +83,46 @@ local function type_of(key)
   return redis.call('TYPE', key)['ok']
 end
 
+-- The server's clock in milliseconds (writer marks and holder leases are scored by it)
+local function server_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Remove the members of sorted set `key` scored more than `horizon` ms after `now`. No
+-- writer mark or holder lease is ever scored that far ahead (MARK_HORIZON_MS,
+-- HOLDER_HORIZON_MS: the longest life plus a clock step), so such a member was planted:
+-- honoured, it would refuse every fill of a table, or hold every commit on it, until the
+-- year its score names. false when `key` holds another Redis type (the caller heals it).
+local function drop_forged(key, now, horizon)
+  local gone = redis.pcall('ZREMRANGEBYSCORE', key, '(' .. (now + horizon), '+inf')
+  if failed(gone) then
+    return false
+  end
+  if gone > 0 then
+    redis.log(redis.LOG_WARNING, 'sa_redis_cache: member scored too far ahead removed: ' .. key)
+  end
+  return true
+end
+
+-- The Redis type `key` held ('none' when absent); one of another type than `wanted` is
+-- deleted (and the deletion logged, naming the key as `what`): the commands meant for
+-- `wanted` would fail on it at every call, and the TTL they renew would keep it for good
+local function heal_type(key, wanted, what)
+  local kind = type_of(key)
+  if kind ~= wanted and kind ~= 'none' then
+    redis.log(redis.LOG_WARNING, 'sa_redis_cache: unusable ' .. what .. ' deleted: ' .. key)
+    redis.call('DEL', key)
+  end
+  return kind
+end
+
 -- true when each of n version counters (KEYS[vkeys + 1 ..]) still holds the value captured
 -- before the database read (ARGV[args + 1 ..]) and no writers set (KEYS[wkeys + 1 ..])
 -- holds a live mark: a value read from the database is then no older than a committed
 -- write. A counter or writers set of another Redis type answers false and is deleted (it
--- holds no mark; the next look captures a fresh value).
+-- holds no mark; the next look captures a fresh value); a mark scored beyond any
+-- writer's is removed, not honoured (drop_forged).
 local function unchanged_and_unmarked(vkeys, args, wkeys, n)
   for i = 1, n do
     local version = redis.pcall('GET', KEYS[vkeys + i])
@@ -98,15 +133,14 @@ local function unchanged_and_unmarked(vkeys, args, wkeys, n)
       return false
     end
   end
-  local t = redis.call('TIME')
-  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now_ms = server_ms()
   for i = 1, n do
-    local writing = redis.pcall('ZRANGEBYSCORE', KEYS[wkeys + i], now_ms, '+inf', 'LIMIT', 0, 1)
-    if failed(writing) then
-      redis.call('DEL', KEYS[wkeys + i])
+    local key = KEYS[wkeys + i]
+    if not drop_forged(key, now_ms, MARK_HORIZON_MS) then
+      redis.call('DEL', key)
       return false
     end
-    if #writing > 0 then
+    if #redis.call('ZRANGEBYSCORE', key, now_ms, '+inf', 'LIMIT', 0, 1) > 0 then
       return false
     end
   end

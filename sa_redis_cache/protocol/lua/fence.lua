@@ -8,18 +8,14 @@
 -- name to every holder, after the names of the keys this commit changed (they were
 -- changed earlier). A holder that reads the fence name has dropped everything the commit
 -- changed, and acknowledges on the commit's ack list. With no live holder, nothing is
--- written and nobody waits.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local kind = type_of(KEYS[1])
-if kind ~= 'zset' then
-  if kind ~= 'none' then
-    redis.log(redis.LOG_WARNING, 'sa_redis_cache: unusable holder set deleted: ' .. KEYS[1])
-    redis.call('DEL', KEYS[1])
-  end
+-- written and nobody waits. A holder scored beyond any lease (HOLDER_HORIZON_MS) was
+-- planted: it is removed, never waited for.
+local now = server_ms()
+if heal_type(KEYS[1], 'zset', 'holder set') ~= 'zset' then
   return {now}
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
+drop_forged(KEYS[1], now, HOLDER_HORIZON_MS)
 local holders = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 if #holders == 0 then
   return {now}

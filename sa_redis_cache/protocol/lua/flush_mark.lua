@@ -20,12 +20,15 @@
 -- A missing counter starts at the random ARGV[4], never at 1: a counter lost and
 -- recreated must not come back at a value an old entry was stored under. A counter of
 -- another Redis type or that INCR refuses is reseeded the same way (row write counters
--- too), a writers key of another type is replaced by a new set (lua/_prelude.lua): a write
--- never fails on what another program left under our keys.
+-- too), a writers key of another type is replaced by a new set, and a mark scored beyond
+-- any writer's is removed (lua/_prelude.lua): a write never fails on what another program
+-- left under our keys.
 bump(KEYS[1], ARGV[4], ARGV[6])
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if failed(redis.pcall('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)) then
+local now_ms = server_ms()
+-- a planted far-future mark goes too: the TTL set below would keep it alive for good
+if drop_forged(KEYS[2], now_ms, MARK_HORIZON_MS) then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
+else
   redis.call('DEL', KEYS[2])
 end
 redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[2]), ARGV[1])

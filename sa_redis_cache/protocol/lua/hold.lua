@@ -5,15 +5,12 @@
 -- ARGV[3]: '1' to renew only: a holder no longer in the set (its lease lapsed and a writer
 --          pruned it) is not added back, it must empty its tier and register again
 -- Returns: {server time in ms, 1 when held, 0 when a renewal found the holder gone}
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local kind = type_of(KEYS[1])
-if kind ~= 'zset' and kind ~= 'none' then
-  redis.log(redis.LOG_WARNING, 'sa_redis_cache: unusable holder set deleted: ' .. KEYS[1])
-  redis.call('DEL', KEYS[1])
-end
--- holders that died without leaving: writers stopped waiting for them at their expiry
+local now = server_ms()
+heal_type(KEYS[1], 'zset', 'holder set')
+-- holders that died without leaving: writers stopped waiting for them at their expiry;
+-- and planted ones scored beyond any lease, which the TTL below would keep alive for good
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
+drop_forged(KEYS[1], now, HOLDER_HORIZON_MS)
 local lease = tonumber(ARGV[2])
 if ARGV[3] == '1' then
   if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + lease, ARGV[1]) == 0

@@ -81,6 +81,14 @@ LEASE_MS = 5_000
 """How long a partition lease lasts without renewal: a dead worker's partitions are taken
 over within this time. Its heartbeat renews it every fifth of it."""
 
+LEASE_MAX_MS = 600_000
+"""The longest ``lease_ms`` a worker takes. A worker's announcement in the worker set is
+scored at most this far ahead of its clock (plus :data:`scripts.CLOCK_STEP_MS` between
+hosts' clocks): one scored further was planted, and is removed rather than counted as a
+live worker, which would shrink every worker's share of the partitions for good."""
+
+_ANNOUNCED = 5  # commands per table in an announcement; the live count is the last but one
+
 
 def write_behind_info(model: type, registry: ModelRegistry | None = None) -> ModelInfo:
     """The :class:`ModelInfo` of a mapped class with ``strategy="write_behind"``.
@@ -186,6 +194,11 @@ class FlushWorker:
         if lease_ms < 200:
             raise ConfigurationError(
                 f"lease_ms={lease_ms} is too short to be renewed reliably; give at least 200"
+            )
+        if lease_ms > LEASE_MAX_MS:
+            raise ConfigurationError(
+                f"lease_ms={lease_ms} is longer than {LEASE_MAX_MS}: a worker set member "
+                "scored further ahead is taken for planted"
             )
         heartbeat_ms = lease_ms // 5 if heartbeat_ms is None else heartbeat_ms
         if not 0 < heartbeat_ms <= lease_ms // 2:
@@ -532,8 +545,8 @@ class FlushWorker:
         wanted: list[Partition] = []
         at = 0
         for table in self._tables:
-            self._live_workers(table, replies[at : at + 4])
-            at += 4
+            self._live_workers(table, replies[at : at + _ANNOUNCED])
+            at += _ANNOUNCED
         for table, parts in self._tables.items():
             leases = replies[at : at + 2 * len(parts)]
             at += 2 * len(parts)
@@ -580,6 +593,7 @@ class FlushWorker:
             key = self._workers_key(table)
             pipe.zadd(key, {self.consumer: now_ms + self.lease_ms})
             pipe.zremrangebyscore(key, "-inf", now_ms)
+            pipe.zremrangebyscore(key, f"({now_ms + LEASE_MAX_MS + scripts.CLOCK_STEP_MS}", "+inf")
             pipe.zcard(key)
             pipe.pexpire(key, self.lease_ms * 2)
 
@@ -588,7 +602,7 @@ class FlushWorker:
         self._announce_into(pipe)
         replies = pipe.execute(raise_on_error=False)
         for i, table in enumerate(self._tables):
-            self._live_workers(table, replies[4 * i : 4 * i + 4])
+            self._live_workers(table, replies[_ANNOUNCED * i : _ANNOUNCED * (i + 1)])
 
     def _workers_key(self, table: str) -> str:
         return self.keys.workers_key(table, self._tables[table][0].scope)
@@ -601,7 +615,7 @@ class FlushWorker:
         """
         errors = [r for r in replies if isinstance(r, Exception)]
         if not errors:
-            live = max(1, int(replies[2]))
+            live = max(1, int(replies[-2]))
         elif not all(str(e).startswith("WRONGTYPE") for e in errors):
             raise errors[0]
         else:

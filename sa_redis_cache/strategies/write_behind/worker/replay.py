@@ -149,20 +149,25 @@ def replay_dead_letters(
     *,
     ids: Sequence[int] | None = None,
     table: str | None = None,
-    writer_mark_ms: int = 60_000,
+    writer_mark_ms: int = scripts.WRITER_MARK_MS,
 ) -> ReplayResult:
     """Apply the open dead letters of ``namespace`` again; see the module docstring.
 
     ``models`` are the write-behind classes whose letters may be replayed (letters of other
     tables are skipped); ``ids`` and ``table`` narrow the selection. A second call finds
     nothing left to do. Raises :class:`ConfigurationError` when ``table`` is not the table
-    of one of ``models``.
+    of one of ``models``, or ``writer_mark_ms`` is longer than any writer's mark may be
+    (``scripts.WRITER_MARK_MS``: the scripts remove a mark scored further ahead).
 
     Example::
 
         result = replay_dead_letters(engine, client, "shop", [PageView], ids=[12, 13])
         assert result.ok, result.failed
     """
+    if not 0 < writer_mark_ms <= scripts.WRITER_MARK_MS:
+        raise ConfigurationError(
+            f"writer_mark_ms={writer_mark_ms} must be from 1 to {scripts.WRITER_MARK_MS}"
+        )
     registry = ModelRegistry()
     appliers = {}
     binds = Binds()
