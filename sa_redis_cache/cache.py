@@ -396,7 +396,9 @@ class Cache:
         call is refused. Each value is read as its column's type, as a load would give it
         (``"7"`` for an integer column is ``7``, a UUID's text is the UUID); one that
         cannot be raises :class:`~sa_redis_cache.models.PrimaryKeyTypeError` (a
-        ``ValueError``). Tables that foreign keys with ``ON DELETE`` / ``ON UPDATE``
+        ``ValueError``). A key whose column takes several forms for one value (``CHAR(n)``
+        pads, ``citext`` folds case) retires the whole table's entries, as
+        :meth:`invalidate_model` does. Tables that foreign keys with ``ON DELETE`` / ``ON UPDATE``
         actions on the model's table write are retired whole: the row may have been
         deleted, or its key changed, and the rows Postgres wrote in turn cannot be named.
 
@@ -408,6 +410,11 @@ class Cache:
         # keyed as loads give it ("7" for an int column is 7): a key of another type would
         # name another entry and remove nothing (PrimaryKeyTypeError when it cannot be read)
         pk = info.coerce_pk(pk)
+        if info.pk_equal_forms:
+            # 'ab' for a CHAR(5) key is the row 'ab   ', whose entry is keyed by the form
+            # a load gave: the row's entry cannot be named, the table's entries can
+            self._retire(info.scope, [info.table])
+            return
         keys = self.keys
         text = pk_text(pk)
         # the row write counter retires the row's entity entries in every database and

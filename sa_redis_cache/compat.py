@@ -38,6 +38,7 @@ from sqlalchemy.engine import base as engine_base
 from sqlalchemy.engine import cursor as engine_cursor
 from sqlalchemy.engine import default as engine_default
 from sqlalchemy.engine import result as engine_result
+from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import context as orm_context
 from sqlalchemy.orm import interfaces as orm_interfaces
 from sqlalchemy.orm import mapperlib
@@ -245,6 +246,14 @@ def populates_existing(orm_context: ORMExecuteState) -> bool:
         orm_context.execution_options.get("populate_existing")
         or orm_context.load_options._populate_existing
     )
+
+
+def is_sharded(session: Session) -> bool:
+    """Whether ``session`` is a horizontal-sharding session
+    (``sqlalchemy.ext.horizontal_shard.ShardedSession``): its own ``do_orm_execute``
+    listener, which runs after the cache's, picks the shard a read goes to, so the
+    database the cache would key the read by (``get_bind``) may not be the one read."""
+    return isinstance(session, horizontal_shard.ShardedSession)
 
 
 def is_autocommit(connection: Connection) -> bool:

@@ -14,7 +14,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Column, Table, TypeDecorator, event, inspect
+from sqlalchemy import CHAR, NCHAR, Column, String, Table, TypeDecorator, event, inspect
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import ColumnProperty, Mapper
@@ -228,6 +228,26 @@ def _as_uuid(value: Any) -> uuid.UUID:
     raise TypeError
 
 
+def has_equal_forms(sqltype: TypeEngine[Any]) -> bool:
+    """Whether Postgres may take two different values of ``sqltype`` for the same key:
+    ``CHAR(n)`` pads (``'ab'`` is ``'ab   '``), ``citext`` and a column collation may fold
+    case. A row of such a key is cached under the form a load gives, which the
+    application's own form may not be.
+
+    Example::
+
+        >>> from sqlalchemy import CHAR, String
+        >>> has_equal_forms(CHAR(5)), has_equal_forms(String(5))
+        (True, False)
+    """
+    if isinstance(sqltype, TypeDecorator):
+        impl = sqltype.load_dialect_impl(postgres_dialect())
+        return impl is not sqltype and has_equal_forms(impl)
+    if isinstance(sqltype, CHAR | NCHAR) or "CITEXT" in type(sqltype).__name__.upper():
+        return True
+    return isinstance(sqltype, String) and sqltype.collation is not None
+
+
 def pk_coercer(sqltype: TypeEngine[Any]) -> Coercer:
     """A function turning a primary key value into the value the ORM loads for its column.
 
@@ -329,6 +349,9 @@ class ModelInfo:
     relationship_keys: frozenset[str] = field(default_factory=frozenset)
     normalizers: tuple[tuple[int, Normalizer], ...] = ()
     pk_coercers: tuple[Coercer, ...] = ()
+    # a primary-key column's type takes different values for one key (has_equal_forms):
+    # cache.invalidate() cannot name the row's entry, and retires the table's
+    pk_equal_forms: bool = False
     # what each of ``column_keys`` reads: the column's name, or ``=key`` for an expression
     # (``column_property``); an entity entry holds these values by position
     layout: tuple[str, ...] = ()
@@ -463,6 +486,7 @@ def build_model_info(mapper: Mapper[Any], policy: CachePolicy | None) -> ModelIn
             if (normalize := write_normalizer(p.columns[0].type)) is not None
         ),
         pk_coercers=tuple(pk_coercer(props[p].columns[0].type) for p in pk_positions),
+        pk_equal_forms=any(has_equal_forms(props[p].columns[0].type) for p in pk_positions),
     )
 
 

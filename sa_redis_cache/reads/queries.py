@@ -73,14 +73,16 @@ def bypasses(orm_context: ORMExecuteState) -> bool:
 
     ``populate_existing`` (in the execution or the load options, see
     :func:`~sa_redis_cache.compat.populates_existing`), ``yield_per``,
-    ``stream_results`` and ``identity_token``; checked once per read.
+    ``stream_results`` and ``identity_token``; and any read of a horizontal-sharding
+    session (:func:`~sa_redis_cache.compat.is_sharded`), whose shard is chosen after the
+    cache would have keyed it. Checked once per read.
 
     Example::
 
         if bypasses(orm_context):
             return None  # the database reads it
     """
-    if compat.populates_existing(orm_context):
+    if compat.populates_existing(orm_context) or compat.is_sharded(orm_context.session):
         return True
     opts = orm_context.execution_options
     return bool(opts.get("yield_per") or opts.get("stream_results") or opts.get("identity_token"))

@@ -13,10 +13,18 @@ import pytest
 import redis as redis_lib
 import sqlalchemy as sa
 from sqlalchemy import bindparam, select
-from sqlalchemy.orm import DeclarativeBase, Session, selectinload, sessionmaker
+from sqlalchemy.dialects.postgresql import CITEXT
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    selectinload,
+    sessionmaker,
+)
 
 from examples.shop import Category, Customer, Order, Product
-from sa_redis_cache import Cache, ConfigurationError, FromCache
+from sa_redis_cache import Cache, CachePolicy, ConfigurationError, FromCache
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -538,3 +546,54 @@ def test_a_repeatable_read_transaction_does_not_fill_its_older_snapshot(
         finally:
             cache.detach()
             rr_engine.dispose()
+
+
+def test_invalidate_a_key_the_database_takes_in_several_forms(
+    engine: sa.Engine, cache: Cache
+) -> None:
+    """``CHAR(5)`` pads ``'ab'`` to the ``'ab   '`` a load gives, and ``citext`` matches
+    ``'BOB@X.ORG'`` to a stored ``'Bob@x.org'``: the entity entry is keyed by the loaded
+    form, which ``invalidate()`` given the application's form cannot name. It retires the
+    table's entries instead."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Padded(Base):
+        __tablename__ = "inv_padded"
+        __cache__ = CachePolicy()
+        code: Mapped[str] = mapped_column(sa.CHAR(5), primary_key=True)
+        label: Mapped[str] = mapped_column(sa.String(20))
+
+    class Folded(Base):
+        __tablename__ = "inv_folded"
+        __cache__ = CachePolicy()
+        email: Mapped[str] = mapped_column(CITEXT, primary_key=True)
+        label: Mapped[str] = mapped_column(sa.String(20))
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS citext"))
+        Base.metadata.drop_all(conn)
+        Base.metadata.create_all(conn)
+        conn.execute(sa.insert(Padded), [{"code": "ab", "label": "v1"}])
+        conn.execute(sa.insert(Folded), [{"email": "Bob@x.org", "label": "v1"}])
+    factory = sessionmaker(engine)
+    cache.attach(factory)
+    outside = sa.create_engine(engine.url)
+    try:
+        # the application's form of the key, and the one a load gives
+        for model, asked, loaded in ((Padded, "ab", "ab   "), (Folded, "BOB@X.ORG", "Bob@x.org")):
+            table = cast("sa.Table", model.__table__)
+            for _ in range(2):  # filled, then served
+                with factory() as s:
+                    assert s.get(model, loaded).label == "v1"  # type: ignore[union-attr]
+            with outside.begin() as conn:  # not attached: another program's write
+                conn.execute(sa.update(table).values(label="raw"))
+            cache.invalidate(model, asked)
+            for key in (asked, loaded):
+                with factory() as s:
+                    assert s.get(model, key).label == "raw"  # type: ignore[union-attr]
+    finally:
+        outside.dispose()
+        cache.detach()
+        Base.metadata.drop_all(engine)

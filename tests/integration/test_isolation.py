@@ -21,6 +21,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy import ForeignKey, String, select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.horizontal_shard import ShardedSession
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -293,3 +294,52 @@ def test_the_entity_key_names_the_database_and_schema(
     assert len(keys) == len(TENANTS)
     scopes = {key.rsplit(b":", 2)[1] for key in keys}
     assert len(scopes) == len(TENANTS)
+
+
+def test_a_sharded_session_reads_the_shards_and_fills_nothing(services: Any, cache: Cache) -> None:
+    """``ShardedSession`` picks a read's shard in its own ``do_orm_execute`` listener, after
+    the cache's: keyed by the bind ``shard_chooser`` names, shard b's row was stored as
+    database a's, and a plain session on database a then read it. Its reads bypass."""
+    with (
+        scratch_database(services.database_url, f"sarc_iso_{secrets.token_hex(4)}") as url_a,
+        scratch_database(services.database_url, f"sarc_iso_{secrets.token_hex(4)}") as url_b,
+    ):
+        shards = {"a": sa.create_engine(url_a), "b": sa.create_engine(url_b)}
+        try:
+            for name, e in shards.items():
+                fill(e, name)
+
+            class Sharded(ShardedSession):
+                pass
+
+            cache.attach(Sharded)
+            plain = sessionmaker(shards["a"])
+            cache.attach(plain)
+
+            def sharded() -> Session:
+                return Sharded(
+                    shards=shards,
+                    shard_chooser=lambda *_, **__: "a",
+                    identity_chooser=lambda *_, **__: ["a", "b"],
+                    execute_chooser=lambda _: ["a", "b"],
+                )
+
+            everyone = select(Acct).order_by(Acct.id).options(FromCache())
+            for _ in range(2):
+                with sharded() as s:
+                    got = s.get(Acct, 1, identity_token="b")  # noqa: S106 - a shard's name
+                    assert got is not None
+                    assert got.secret == secret_of("b")
+                    rows = s.scalars(everyone).all()
+                    assert sorted((sa.inspect(a).identity_token, a.secret) for a in rows) == [
+                        ("a", secret_of("a")),
+                        ("b", secret_of("b")),
+                    ]
+            for _ in range(2):
+                with plain() as s:
+                    own = s.get(Acct, 1)
+                    assert own is not None
+                    assert own.secret == secret_of("a")
+        finally:
+            for e in shards.values():
+                e.dispose()
