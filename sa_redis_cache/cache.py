@@ -242,6 +242,13 @@ class Cache:
         any is found. Attaching the same target again only checks the models again (and
         sets ``cache_queries``).
 
+        A session class or factory takes one cache: attaching one that another ``Cache``
+        of the process is attached to (or a subclass or superclass of its sessions'
+        class) raises :class:`ConfigurationError`, naming that cache's namespace, until
+        that cache is detached. A target this or another cache detached since it was
+        last attached wrote unseen meanwhile: attaching it again retires every table the
+        process maps (:meth:`detach`).
+
         ``cache_queries`` caches every eligible select of these sessions as if it carried
         that ``FromCache`` (``True``: ``FromCache()``): not primary-key loads (the entity
         cache's), relationship loads or refreshes, nor statements run with
@@ -370,7 +377,9 @@ class Cache:
         factories; at shutdown the cache is detached (its last counters published) and
         the asyncio Redis client it made for the app's event loop is closed. The
         synchronous client stays open, so an app started again (a test client per test)
-        attaches again. Nest it in a lifespan of the application's own with ``async with
+        attaches again; what was written while it was stopped reached no cache, so that
+        startup retires every table the process maps, once for all targets
+        (:meth:`detach`). Nest it in a lifespan of the application's own with ``async with
         cache.lifespan(...)(app):``.
 
         Example::
@@ -854,7 +863,14 @@ class Cache:
 
         Sessions made afterwards by the factories this cache was attached to read and
         write the database only. Useful in tests and before re-configuring a process.
-        The counters' publisher stops after a last publish (one round trip).
+        The counters' publisher stops after a last publish (one round trip). The
+        factories are freed: another ``Cache`` may attach them.
+
+        Entries in Redis stay valid, but the writes made through those factories and
+        engines from now on reach no cache: the next :meth:`attach` of one of them (by
+        this cache or another, :meth:`lifespan` at the next startup) bumps the version
+        and entity generation of every table the process maps, so what was cached before
+        is read again once. Results of :meth:`cached` functions are not retired.
 
         Example::
 

@@ -12,6 +12,8 @@ import pytest
 import sqlalchemy as sa
 
 from examples import flask_app
+from sa_redis_cache import Cache, ConfigurationError
+from sa_redis_cache.integrations import attach_flask_sqlalchemy
 from tests.support import SQLCounter
 
 if TYPE_CHECKING:
@@ -102,3 +104,27 @@ def test_two_apps_made_in_one_process_share_one_cache(
             engines = list(flask_app.db.engines.values())
         for engine in engines:
             engine.dispose()
+
+
+def test_a_second_cache_on_db_session_is_refused_until_the_first_detaches(
+    app: Flask, redis_url: str, namespace: str
+) -> None:
+    """A Cache per app over the module-level ``db`` (the pattern the example avoids):
+    ``attach_flask_sqlalchemy`` of a second cache is refused, naming the fix; after the
+    first detaches (a test's teardown), it attaches, and reads what was written between."""
+    first = app.extensions["sa_redis_cache"]
+    second = Cache(redis_url, namespace=namespace)
+    client = app.test_client()
+    assert client.get("/books/2").json == {"title": "book 2", "shelf": "old"}
+    try:
+        with pytest.raises(ConfigurationError, match=r"another Cache \(namespace '") as info:
+            attach_flask_sqlalchemy(second, flask_app.db, app)
+        assert "cache.detach()" in str(info.value)
+        first.detach()
+        with app.app_context():  # unseen: no cache is attached
+            flask_app.db.session.get_one(flask_app.Book, 2).title = "retitled while detached"
+            flask_app.db.session.commit()
+        attach_flask_sqlalchemy(second, flask_app.db, app)
+        assert client.get("/books/2").json == {"title": "retitled while detached", "shelf": "old"}
+    finally:
+        second.detach()
