@@ -62,9 +62,12 @@ _DEFAULT_TIMEOUT = 0.25
 # most, as a second set of hooks would append RETURNING twice to a write-through UPDATE
 # and make every miss wait for the other cache's fill lease.
 _HOLDERS: weakref.WeakKeyDictionary[Any, Cache] = weakref.WeakKeyDictionary()
-# Session classes, factories and engines a detach() un-hooked: the writes made through
-# them since were seen by no cache, so the next attach() of one retires what they wrote.
-_RELEASED: weakref.WeakSet[Any] = weakref.WeakSet()
+# Session classes, factories and engines a detach() un-hooked, with the namespaces they
+# were un-hooked from: the writes made through them since were seen by no cache, so the
+# next attach() of one to such a namespace retires what they may have written there. (A
+# namespace the target was never attached to in this process never saw its writes: a
+# test's fresh namespace has nothing to retire.)
+_RELEASED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 # The session classes attach() made for async factories: attached again (after a detach,
 # or by another cache) the factory keeps its class rather than a subclass of it.
 _SCOPED: weakref.WeakSet[type[Session]] = weakref.WeakSet()
@@ -245,9 +248,9 @@ class Cache:
         A session class or factory takes one cache: attaching one that another ``Cache``
         of the process is attached to (or a subclass or superclass of its sessions'
         class) raises :class:`ConfigurationError`, naming that cache's namespace, until
-        that cache is detached. A target this or another cache detached since it was
+        that cache is detached. A target a cache of this namespace detached since it was
         last attached wrote unseen meanwhile: attaching it again retires every table the
-        process maps (:meth:`detach`).
+        process maps in this namespace (:meth:`detach`).
 
         ``cache_queries`` caches every eligible select of these sessions as if it carried
         that ``FromCache`` (``True``: ``FromCache()``): not primary-key loads (the entity
@@ -292,7 +295,7 @@ class Cache:
             self._publisher.start()
             self._engine_writes.register(target)
             self._remember_bind(target)
-            return _take_released(target)
+            return self._take_released(target)
         with _HOLDERS_LOCK:
             session_class = self._session_class_of(target)
             held = self._check_holders(target, session_class)
@@ -308,11 +311,11 @@ class Cache:
             bind = getattr(target, "kw", {}).get("bind")
             if isinstance(bind, AsyncEngine):
                 bind = bind.sync_engine
-            unseen = _take_released(session_class)
+            unseen = self._take_released(session_class)
             if isinstance(bind, Engine):
                 self._engine_writes.register(bind)
                 self._remember_bind(bind)
-                unseen = _take_released(bind) or unseen
+                unseen = self._take_released(bind) or unseen
             self._hooks.register(session_class)
             self._attached.append(session_class)
             _HOLDERS[session_class] = self
@@ -353,6 +356,15 @@ class Cache:
                 "previous one (docs/integrations.md)"
             )
         return False
+
+    def _take_released(self, target: Any) -> bool:
+        """Whether a :meth:`detach` un-hooked ``target`` from this namespace since it was
+        last attached to it (forgotten now: it is attached again)."""
+        namespaces = _RELEASED.get(target)
+        if namespaces is None or self.namespace not in namespaces:
+            return False
+        namespaces.discard(self.namespace)
+        return True
 
     def _retire_unseen(self) -> None:
         """Retire every table the process maps: a factory or engine attached again after
@@ -867,10 +879,10 @@ class Cache:
         factories are freed: another ``Cache`` may attach them.
 
         Entries in Redis stay valid, but the writes made through those factories and
-        engines from now on reach no cache: the next :meth:`attach` of one of them (by
-        this cache or another, :meth:`lifespan` at the next startup) bumps the version
-        and entity generation of every table the process maps, so what was cached before
-        is read again once. Results of :meth:`cached` functions are not retired.
+        engines from now on reach no cache: the next :meth:`attach` of one of them to this
+        namespace (by this cache or another of the namespace, :meth:`lifespan` at the next
+        startup) bumps the version and entity generation of every table the process maps,
+        so what was cached before is read again once. Results of :meth:`cached` functions are not retired.
 
         Example::
 
@@ -904,7 +916,7 @@ class Cache:
             for target in released:
                 if _HOLDERS.get(target) is self:
                     del _HOLDERS[target]
-                _RELEASED.add(target)
+                _RELEASED.setdefault(target, set()).add(self.namespace)
         self._attached.clear()
         self._attached_binds.clear()
 
@@ -920,15 +932,6 @@ class Cache:
         if self._core.local is not None:
             snapshot["local"] = self._core.local.gauges()
         return snapshot
-
-
-def _take_released(target: Any) -> bool:
-    """Whether a :meth:`Cache.detach` un-hooked ``target`` since it was last attached
-    (forgotten now: it is attached again)."""
-    if target in _RELEASED:
-        _RELEASED.discard(target)
-        return True
-    return False
 
 
 def _check_local(

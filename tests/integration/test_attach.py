@@ -371,6 +371,7 @@ def test_attach_async_factories(
         async_client = redis_lib.asyncio.Redis.from_url(redis_url)
         stmt = select(Product).where(Product.id == 3).options(FromCache())
         results: dict[str, list[int]] = {}
+        caches: list[Cache] = []
         try:
             factories: dict[str, Any] = {
                 "async_sessionmaker": async_sessionmaker(engine),
@@ -381,6 +382,7 @@ def test_attach_async_factories(
             }
             for index, (name, target) in enumerate(factories.items()):
                 cache = Cache(client, async_client=async_client, namespace=f"{namespace}x{index}")
+                caches.append(cache)
                 cache.attach(target)
                 counts = []
                 for _ in range(2):
@@ -397,6 +399,8 @@ def test_attach_async_factories(
                     counts.append(len(statements))
                 results[name] = counts
         finally:
+            for cache in caches:  # its hooks would hold the factories' session classes
+                cache.detach()
             client.close()
             await async_client.aclose()
             await engine.dispose()
