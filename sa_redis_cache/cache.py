@@ -9,6 +9,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, ParamSpec, cast
 
+from redis.exceptions import RedisError
 from sqlalchemy import Table
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import (
@@ -368,16 +369,26 @@ class Cache:
 
     def _retire_unseen(self) -> None:
         """Retire every table the process maps: a factory or engine attached again after
-        a :meth:`detach` wrote unseen meanwhile, and which of its rows it wrote is unknown."""
-        tables = self._core.models.known_tables()
-        if tables:
-            log.info(
-                "attached again after detach(): %d table(s) retired in namespace %r, as "
-                "writes made meanwhile through what was detached went unseen",
-                len(tables),
-                self.namespace,
-            )
+        a :meth:`detach` wrote unseen meanwhile, and which of its rows it wrote is unknown.
+
+        With Redis away the tables are kept undelivered, as a commit's are: their reads
+        go to the database until Redis takes the bump, and the application starts."""
+        core = self._core
+        tables = core.models.known_tables()
+        if not tables:
+            return
+        log.info(
+            "attached again after detach(): %d table(s) retired in namespace %r, as "
+            "writes made meanwhile through what was detached went unseen",
+            len(tables),
+            self.namespace,
+        )
+        try:
             self._retire(None, list(tables))
+        except RedisError as exc:
+            core.redis_failed(exc)
+            core.counters.incr_total("errors")
+            core.keep_undelivered(tables)
 
     def lifespan(
         self, *targets: Any, cache_queries: FromCache | bool | None = None
@@ -882,7 +893,8 @@ class Cache:
         engines from now on reach no cache: the next :meth:`attach` of one of them to this
         namespace (by this cache or another of the namespace, :meth:`lifespan` at the next
         startup) bumps the version and entity generation of every table the process maps,
-        so what was cached before is read again once. Results of :meth:`cached` functions are not retired.
+        so what was cached before is read again once (kept undelivered while Redis is
+        away). Results of :meth:`cached` functions are not retired.
 
         Example::
 
