@@ -101,6 +101,7 @@ def create_app(database_url: str, redis_url: str | None, namespace: str = "app")
     app = FastAPI(lifespan=lifespan)
     app.state.cache = cache
     app.state.engines = (engine, async_engine.sync_engine)
+    app.state.session_factory = session_factory  # for scripts and test fixtures
 
     def db() -> Iterator[Session]:
         with session_factory() as session:

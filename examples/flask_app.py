@@ -44,10 +44,31 @@ class Book(db.Model):  # type: ignore[name-defined,misc]  # Flask-SQLAlchemy's d
     shelf: Mapped[str] = mapped_column(String(40))
 
 
+# The process's one Cache, by (Redis URL, namespace): ``db`` is module-level, so every app
+# this module makes shares ``db.session``, which one Cache at a time may be attached to.
+_caches: dict[tuple[str, str], Cache] = {}
+
+
+def _cache_for(redis_url: str, namespace: str) -> Cache:
+    """The Cache of every app made with ``redis_url`` and ``namespace``; another pair
+    (a test's own namespace) detaches the previous one first."""
+    found = _caches.get((redis_url, namespace))
+    if found is None:
+        for previous in _caches.values():
+            previous.detach()
+        _caches.clear()
+        found = _caches[redis_url, namespace] = Cache(redis_url, namespace=namespace)
+    return found
+
+
 def create_app(
     database_url: str | None = None, redis_url: str | None = None, namespace: str = "flask_app"
 ) -> Flask:
     """The application, with the cache attached when ``redis_url`` (or ``REDIS_URL``) is set.
+
+    Called once per test, as Flask's testing guide does, it gives every app of one Redis
+    URL and namespace the same Cache (the module's ``db.session`` takes one), attached
+    to each app's engines as well.
 
     Example::
 
@@ -57,7 +78,7 @@ def create_app(
     app.config["SQLALCHEMY_DATABASE_URI"] = database_url or os.environ["DATABASE_URL"]
     db.init_app(app)
     redis_url = redis_url or os.environ.get("REDIS_URL")
-    cache = None if redis_url is None else Cache(redis_url, namespace=namespace)
+    cache = None if redis_url is None else _cache_for(redis_url, namespace)
     if cache is not None:
         attach_flask_sqlalchemy(cache, db, app, cache_queries=FromCache(ttl=60))
     app.extensions["sa_redis_cache"] = cache

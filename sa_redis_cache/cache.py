@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import threading
+import weakref
 from typing import TYPE_CHECKING, Any, ParamSpec, cast
 
+from redis.exceptions import RedisError
 from sqlalchemy import Table
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import (
@@ -55,6 +58,22 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 
 _DEFAULT_TIMEOUT = 0.25
+
+# The Cache whose hooks each session class or sessionmaker of the process carries: one at
+# most, as a second set of hooks would append RETURNING twice to a write-through UPDATE
+# and make every miss wait for the other cache's fill lease.
+_HOLDERS: weakref.WeakKeyDictionary[Any, Cache] = weakref.WeakKeyDictionary()
+# Session classes, factories and engines a detach() un-hooked, with the namespaces they
+# were un-hooked from: the writes made through them since were seen by no cache, so the
+# next attach() of one to such a namespace retires what they may have written there. (A
+# namespace the target was never attached to in this process never saw its writes: a
+# test's fresh namespace has nothing to retire.)
+_RELEASED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+# The session classes attach() made for async factories: attached again (after a detach,
+# or by another cache) the factory keeps its class rather than a subclass of it.
+_SCOPED: weakref.WeakSet[type[Session]] = weakref.WeakSet()
+# held from a holder's check to its claim (attach() asks the database in between)
+_HOLDERS_LOCK = threading.RLock()
 
 
 class Cache:
@@ -227,6 +246,13 @@ class Cache:
         any is found. Attaching the same target again only checks the models again (and
         sets ``cache_queries``).
 
+        A session class or factory takes one cache: attaching one that another ``Cache``
+        of the process is attached to (or a subclass or superclass of its sessions'
+        class) raises :class:`ConfigurationError`, naming that cache's namespace, until
+        that cache is detached. A target a cache of this namespace detached since it was
+        last attached wrote unseen meanwhile: attaching it again retires every table the
+        process maps in this namespace (:meth:`detach`).
+
         ``cache_queries`` caches every eligible select of these sessions as if it carried
         that ``FromCache`` (``True``: ``FromCache()``): not primary-key loads (the entity
         cache's), relationship loads or refreshes, nor statements run with
@@ -240,6 +266,12 @@ class Cache:
             # or cache every select of these sessions for a minute:
             cache.attach(Session, cache_queries=FromCache(ttl=60))
         """
+        if self._attach(target, cache_queries):
+            self._retire_unseen()
+
+    def _attach(self, target: Any, cache_queries: FromCache | bool | None) -> bool:
+        """:meth:`attach` but the retirement: whether ``target`` (or the engine its
+        factory names) was un-hooked by a :meth:`detach` since it was last attached."""
         if isinstance(target, scoped_session | async_scoped_session):
             target = target.session_factory
         if self._core.async_clients is None and (
@@ -264,34 +296,99 @@ class Cache:
             self._publisher.start()
             self._engine_writes.register(target)
             self._remember_bind(target)
-            return
-        session_class = self._session_class_of(target)
-        self._load_models()
-        self._publisher.start()
-        if self._core.local is not None:
-            self._core.local.start()
-        # a sessionmaker makes sessions of its own subclass: the option is looked up by it
+            return self._take_released(target)
+        with _HOLDERS_LOCK:
+            session_class = self._session_class_of(target)
+            held = self._check_holders(target, session_class)
+            self._load_models()
+            self._publisher.start()
+            if self._core.local is not None:
+                self._core.local.start()
+            # a sessionmaker makes sessions of its own subclass: the option is looked up by it
+            made = getattr(session_class, "class_", session_class)
+            self._reads.auto.set(made, option)
+            if held:
+                return False  # listening twice would run every hook twice
+            bind = getattr(target, "kw", {}).get("bind")
+            if isinstance(bind, AsyncEngine):
+                bind = bind.sync_engine
+            unseen = self._take_released(session_class)
+            if isinstance(bind, Engine):
+                self._engine_writes.register(bind)
+                self._remember_bind(bind)
+                unseen = self._take_released(bind) or unseen
+            self._hooks.register(session_class)
+            self._attached.append(session_class)
+            _HOLDERS[session_class] = self
+            return unseen
+
+    def _check_holders(self, target: Any, session_class: Any) -> bool:
+        """Whether this cache holds ``session_class`` already; refused
+        (:class:`ConfigurationError`) when its sessions would get a second cache's hooks:
+        it, a subclass or a superclass of it is attached, to another cache or this one."""
         made = getattr(session_class, "class_", session_class)
-        self._reads.auto.set(made, option)
-        if any(session_class is known for known in self._attached):
-            return  # listening twice would run every hook twice
-        for known in self._attached:
+        for known, holder in list(_HOLDERS.items()):
             other = getattr(known, "class_", known)
-            if issubclass(made, other) or issubclass(other, made):
+            if known is session_class and holder is self:
+                return True
+            if known is not session_class and not (
+                issubclass(made, other) or issubclass(other, made)
+            ):
+                continue
+            if holder is self:
                 raise ConfigurationError(
                     f"attach({target!r}): its sessions are {made.__name__} and "
-                    f"{other.__name__} is attached already; one is a subclass of the other, so "
-                    "every hook would run twice. Attach one of them (Session itself covers "
+                    f"{other.__name__} is attached already; one is a subclass of the other, "
+                    "so every hook would run twice. Attach one of them (Session itself covers "
                     "every session of the process)"
                 )
-        bind = getattr(target, "kw", {}).get("bind")
-        if isinstance(bind, AsyncEngine):
-            bind = bind.sync_engine
-        if isinstance(bind, Engine):
-            self._engine_writes.register(bind)
-            self._remember_bind(bind)
-        self._hooks.register(session_class)
-        self._attached.append(session_class)
+            what = (
+                "this session factory"
+                if known is session_class
+                else f"{other.__name__}, and one of {made.__name__} and {other.__name__} is a "
+                "subclass of the other"
+            )
+            raise ConfigurationError(
+                f"attach({target!r}): another Cache (namespace {holder.namespace!r}) is "
+                f"attached to {what}, so every hook would run twice (each write-through "
+                "UPDATE given RETURNING twice, each miss waiting for the other's fill). "
+                "Detach it first (cache.detach()), or attach one Cache per process: an app "
+                "factory called once per test reuses the process's Cache, or detaches the "
+                "previous one (docs/integrations.md)"
+            )
+        return False
+
+    def _take_released(self, target: Any) -> bool:
+        """Whether a :meth:`detach` un-hooked ``target`` from this namespace since it was
+        last attached to it (forgotten now: it is attached again)."""
+        namespaces = _RELEASED.get(target)
+        if namespaces is None or self.namespace not in namespaces:
+            return False
+        namespaces.discard(self.namespace)
+        return True
+
+    def _retire_unseen(self) -> None:
+        """Retire every table the process maps: a factory or engine attached again after
+        a :meth:`detach` wrote unseen meanwhile, and which of its rows it wrote is unknown.
+
+        With Redis away the tables are kept undelivered, as a commit's are: their reads
+        go to the database until Redis takes the bump, and the application starts."""
+        core = self._core
+        tables = core.models.known_tables()
+        if not tables:
+            return
+        log.info(
+            "attached again after detach(): %d table(s) retired in namespace %r, as "
+            "writes made meanwhile through what was detached went unseen",
+            len(tables),
+            self.namespace,
+        )
+        try:
+            self._retire(None, list(tables))
+        except RedisError as exc:
+            core.redis_failed(exc)
+            core.counters.incr_total("errors")
+            core.keep_undelivered(tables)
 
     def lifespan(
         self, *targets: Any, cache_queries: FromCache | bool | None = None
@@ -303,7 +400,9 @@ class Cache:
         factories; at shutdown the cache is detached (its last counters published) and
         the asyncio Redis client it made for the app's event loop is closed. The
         synchronous client stays open, so an app started again (a test client per test)
-        attaches again. Nest it in a lifespan of the application's own with ``async with
+        attaches again; what was written while it was stopped reached no cache, so that
+        startup retires every table the process maps, once for all targets
+        (:meth:`detach`). Nest it in a lifespan of the application's own with ``async with
         cache.lifespan(...)(app):``.
 
         Example::
@@ -318,9 +417,12 @@ class Cache:
 
         @contextlib.asynccontextmanager
         async def lifespan(_app: Any) -> AsyncIterator[None]:
+            unseen = False
             for target in targets:
                 queries = None if isinstance(target, Engine) else cache_queries
-                self.attach(target, cache_queries=queries)
+                unseen = self._attach(target, queries) or unseen
+            if unseen:
+                self._retire_unseen()  # once for every target started again
             try:
                 yield
             finally:
@@ -355,10 +457,10 @@ class Cache:
                 or getattr(target.class_, "sync_session_class", None)
                 or Session
             )
-            if any(sync_class is known for known in self._attached):
-                return sync_class  # attached before
+            if sync_class in _SCOPED or _HOLDERS.get(sync_class) is self:
+                return sync_class  # attached before (by this cache or another)
             # a subclass of our own scopes the listeners to this factory's sessions
-            scoped = type(f"Cached{sync_class.__name__}", (sync_class,), {})
+            scoped = self._scoped_class(target, sync_class)
             target.kw["sync_session_class"] = scoped
             return scoped
         if isinstance(target, type) and issubclass(target, AsyncSession):
@@ -367,7 +469,7 @@ class Cache:
                 return sync_class
             # listening on Session itself would cache every session of the process: give
             # this AsyncSession subclass a sync class of its own, as for async_sessionmaker
-            scoped = type(f"Cached{sync_class.__name__}", (sync_class,), {})
+            scoped = self._scoped_class(target, sync_class)
             target.sync_session_class = scoped
             return scoped
         if isinstance(target, type) and issubclass(target, Session):
@@ -381,6 +483,14 @@ class Cache:
             f"attach() got {target!r}; pass a sessionmaker, a Session subclass, an "
             f"async_sessionmaker or an AsyncSession subclass{hint}"
         )
+
+    def _scoped_class(self, target: Any, sync_class: type[Session]) -> type[Session]:
+        """A subclass of ``sync_class`` for an async ``target``'s sessions alone; checked
+        against the attached classes before the target is given it."""
+        scoped = type(f"Cached{sync_class.__name__}", (sync_class,), {})
+        self._check_holders(target, scoped)
+        _SCOPED.add(scoped)
+        return scoped
 
     def _load_models(self) -> None:
         self._admission.admit_all()
@@ -783,7 +893,15 @@ class Cache:
 
         Sessions made afterwards by the factories this cache was attached to read and
         write the database only. Useful in tests and before re-configuring a process.
-        The counters' publisher stops after a last publish (one round trip).
+        The counters' publisher stops after a last publish (one round trip). The
+        factories are freed: another ``Cache`` may attach them.
+
+        Entries in Redis stay valid, but the writes made through those factories and
+        engines from now on reach no cache: the next :meth:`attach` of one of them to this
+        namespace (by this cache or another of the namespace, :meth:`lifespan` at the next
+        startup) bumps the version and entity generation of every table the process maps,
+        so what was cached before is read again once (kept undelivered while Redis is
+        away). Results of :meth:`cached` functions are not retired.
 
         Example::
 
@@ -811,8 +929,13 @@ class Cache:
             self._core.local.stop()
         self._reads.auto.clear()
         self._publisher.stop()  # after a last publish
-        self._engine_writes.forget_engines()
+        released = [*self._attached, *self._engine_writes.forget_engines()]
         self._write_behind.forget_engines()
+        with _HOLDERS_LOCK:
+            for target in released:
+                if _HOLDERS.get(target) is self:
+                    del _HOLDERS[target]
+                _RELEASED.setdefault(target, set()).add(self.namespace)
         self._attached.clear()
         self._attached_binds.clear()
 

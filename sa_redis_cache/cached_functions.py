@@ -110,20 +110,47 @@ class CachedFunction(Generic[P, R]):
         if key is not None and not callable(key):
             raise ValueError(f"cached({prefix!r}, key={key!r}): key must be a function")
         self._key = key
-        self._warned = False
+        self._warned = False  # the arguments that make no key, once per function
+        self._warned_result = False  # a result the codec refuses, once per function
         functools.update_wrapper(self, func)
 
     def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """The Redis key of one call."""
+        """The Redis key of one call; ``ignore``'s parameters may be left out.
+
+        Example::
+
+            @cache.cached("team_size", ignore=("session",))
+            def team_size(team_id: int, session: Session) -> int: ...
+            team_size.key_for(3) == team_size.key_for(3, session)
+        """
+        return self._key_of(args, kwargs, partial=True)
+
+    def _key_of(self, args: Any, kwargs: Any, *, partial: bool) -> str:
+        """The key of a call (``partial``: the ignored parameters may be missing)."""
         if self._key is not None:
             digest = values_digest(["key=", self._key(*args, **kwargs)])
             return self._core.keys.function_key(self._prefix, digest)
-        digest = values_digest([list(self._arguments(args, kwargs).items())])
+        digest = values_digest([list(self._arguments(args, kwargs, partial=partial).items())])
         return self._core.keys.function_key(self._prefix, digest)
 
-    def _arguments(self, args: Any, kwargs: Any) -> dict[str, Any]:
-        """The call's arguments by name, defaults applied, ``ignore`` left out."""
-        bound = self._signature.bind(*args, **kwargs)
+    def _arguments(self, args: Any, kwargs: Any, *, partial: bool = False) -> dict[str, Any]:
+        """The call's arguments by name, defaults applied, ``ignore`` left out; with
+        ``partial``, the ignored parameters may be missing (they are no part of the key)."""
+        signature = self._signature
+        bound = (
+            signature.bind_partial(*args, **kwargs) if partial else signature.bind(*args, **kwargs)
+        )
+        if partial:
+            missing = [
+                name
+                for name, parameter in signature.parameters.items()
+                if name not in bound.arguments
+                and parameter.default is inspect.Parameter.empty
+                and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+                and name not in self._ignore
+            ]
+            if missing:
+                raise TypeError(f"missing a required argument: {missing[0]!r}")
         bound.apply_defaults()
         arguments = bound.arguments
         if self._var_keyword is not None and arguments[self._var_keyword]:
@@ -171,7 +198,7 @@ class CachedFunction(Generic[P, R]):
         """The call's key, or None to call the function uncached (counted)."""
         core = self._core
         try:
-            key = self.key_for(*args, **kwargs)
+            key = self._key_of(args, kwargs, partial=False)
         except (CodecError, TypeError) as exc:
             self._uncacheable(args, kwargs, exc)
             return None
@@ -247,8 +274,20 @@ class CachedFunction(Generic[P, R]):
         try:
             blob = core.sealed(key, _MAGIC + dumps_tagged(result))
         except CodecError as exc:
-            log.warning("%s: result not cached: %s", self._prefix, exc)
             core.counters.incr(self._scope, "uncacheable")
+            if self._warned_result:
+                log.debug("%s: result not cached: %s", self._prefix, exc)
+                return None
+            self._warned_result = True
+            log.warning(
+                "cached(%r) on %s: results not cached: %s; return plain data (dict, list, "
+                "str, numbers, dates...) rather than ORM objects (logged once; counted in "
+                "uncacheable)",
+                self._prefix,
+                self.__qualname__,
+                exc,
+                extra={"sarc_scope": self._scope},
+            )
             return None
         if len(blob) > core.max_entry_bytes:
             core.counters.incr(self._scope, "oversize")
@@ -264,7 +303,8 @@ class CachedFunction(Generic[P, R]):
         self._core.counters.incr(self._scope, "errors")
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Forget the cached result of one call; True if there was one."""
+        """Forget the cached result of one call; True if there was one. ``ignore``'s
+        parameters may be left out (``team_size.invalidate(3)`` without the session)."""
         return self._delete(self.key_for(*args, **kwargs))
 
     def invalidate_all(self) -> int:

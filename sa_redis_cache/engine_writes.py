@@ -166,9 +166,12 @@ class EngineWrites:
         listen(engine, "commit", self.committing)
         listen(engine.pool, "checkin", self.checkin)
 
-    def forget_engines(self) -> None:
-        """The listeners were removed; a later ``register`` must add them again."""
+    def forget_engines(self) -> list[Engine]:
+        """The listeners were removed; a later ``register`` must add them again. The
+        engines forgotten."""
+        engines = list(self._engines)
         self._engines = weakref.WeakSet()
+        return engines
 
     def after_cursor_execute(
         self,

@@ -37,7 +37,9 @@ def attach_flask_sqlalchemy(
     Call it after ``db.init_app(app)`` (or ``SQLAlchemy(app)``), once per app: the
     session factory gets the read path and the session hooks, and each engine of the app
     (the default one and every ``SQLALCHEMY_BINDS`` key) gets the Core and ``text()`` DML
-    listeners. ``cache_queries`` is :meth:`~sa_redis_cache.Cache.attach`'s.
+    listeners. ``cache_queries`` is :meth:`~sa_redis_cache.Cache.attach`'s. Every app of
+    one ``db`` shares ``db.session``: give them one ``cache`` (another one is refused with
+    :class:`~sa_redis_cache.ConfigurationError` until the first is detached).
 
     Example::
 

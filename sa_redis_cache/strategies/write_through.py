@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -103,6 +104,9 @@ def read_back(
 
 
 _ALL = "*"  # Capture.spoiled: every table
+# a RETURNING clause in the statement's text: SQLAlchemy's own, or one another listener
+# appended (a second RETURNING is a syntax error)
+_RETURNING = re.compile(r"\bRETURNING\b", re.IGNORECASE)
 
 
 @dataclass(slots=True)
@@ -150,7 +154,8 @@ class Returning:
     read back by :func:`read_back`. Only on dialects with ``UPDATE … RETURNING``
     (PostgreSQL), for models whose columns are all columns of one table, and for
     statements SQLAlchemy did not give a ``RETURNING`` of its own (``eager_defaults`` with
-    server ``onupdate``, a server-side version counter).
+    server ``onupdate``, a server-side version counter), nor another listener appended one
+    to (the row is read back instead).
 
     Example::
 
@@ -240,6 +245,7 @@ class Returning:
                 and isinstance(element, Update)
                 and not executemany
                 and not compiled.effective_returning  # type: ignore[union-attr]
+                and _RETURNING.search(statement) is None
             ):
                 clause = self._clause(info, conn.dialect)
                 if clause is not None:

@@ -371,6 +371,7 @@ def test_attach_async_factories(
         async_client = redis_lib.asyncio.Redis.from_url(redis_url)
         stmt = select(Product).where(Product.id == 3).options(FromCache())
         results: dict[str, list[int]] = {}
+        caches: list[Cache] = []
         try:
             factories: dict[str, Any] = {
                 "async_sessionmaker": async_sessionmaker(engine),
@@ -381,6 +382,7 @@ def test_attach_async_factories(
             }
             for index, (name, target) in enumerate(factories.items()):
                 cache = Cache(client, async_client=async_client, namespace=f"{namespace}x{index}")
+                caches.append(cache)
                 cache.attach(target)
                 counts = []
                 for _ in range(2):
@@ -397,6 +399,8 @@ def test_attach_async_factories(
                     counts.append(len(statements))
                 results[name] = counts
         finally:
+            for cache in caches:  # its hooks would hold the factories' session classes
+                cache.detach()
             client.close()
             await async_client.aclose()
             await engine.dispose()
@@ -438,3 +442,121 @@ def test_unmapped_class_elsewhere_never_fails_a_read(
         for cache in caches:
             cache.detach()  # their engine listeners and publishers must not outlive the test
         client.close()
+
+
+# -- one cache per session class ------------------------------------------------------
+
+
+class OwnSession(Session):
+    pass
+
+
+class OwnAsyncSession(AsyncSession):
+    pass
+
+
+@pytest.fixture
+def url_caches(redis_url: str, namespace: str) -> Iterator[list[Cache]]:
+    """Two caches of this test's namespace made from the URL (so async factories attach)."""
+    caches = [Cache(redis_url, namespace=namespace), Cache(redis_url, namespace=namespace)]
+    yield caches
+    for cache in caches:
+        cache.detach()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "sessionmaker",
+        "scoped_session",
+        "session_subclass",
+        "sessionmaker_of_the_subclass",
+        "async_sessionmaker",
+        "async_session_subclass",
+    ],
+)
+def test_a_second_cache_on_one_session_class_is_refused_until_the_first_detaches(
+    url_caches: list[Cache], shop_engine: sa.Engine, async_url: str, sql: SQLCounter, kind: str
+) -> None:
+    """Two caches' hooks on one session class would run every hook twice: each
+    write-through UPDATE would get RETURNING twice (a syntax error) and each miss would
+    wait for the other cache's fill lease. The second attach() is refused, naming the
+    first cache's namespace and the fix; once the first detaches, it is accepted."""
+    first, second = url_caches
+    async_engine = create_async_engine(async_url)
+    factory = sessionmaker(shop_engine)
+    targets: dict[str, tuple[Any, Any]] = {  # (what the first attaches, what the second does)
+        "sessionmaker": (factory, factory),
+        "scoped_session": (factory, scoped_session(factory)),
+        "session_subclass": (OwnSession, OwnSession),
+        "sessionmaker_of_the_subclass": (OwnSession, sessionmaker(shop_engine, class_=OwnSession)),
+        "async_sessionmaker": (async_sessionmaker(async_engine),) * 2,
+        "async_session_subclass": (OwnAsyncSession, OwnAsyncSession),
+    }
+    held, target = targets[kind]
+    first.attach(held)
+    given = dict(getattr(target, "kw", {}))
+    with pytest.raises(ConfigurationError) as info:
+        second.attach(target)
+    message = str(info.value)
+    assert f"another Cache (namespace {first.namespace!r}) is attached" in message
+    assert "Detach it first (cache.detach())" in message
+    assert dict(getattr(target, "kw", {})) == given  # the refused attach changed nothing
+    assert not second._attached
+    if kind in ("sessionmaker", "scoped_session", "session_subclass"):
+        # the first cache alone serves a write-through write and its reads
+        made = factory if kind != "session_subclass" else lambda: OwnSession(shop_engine)
+        with made() as s:
+            product = s.get_one(Product, 5)
+            name = product.name
+            product.name = "renamed by the one cache"
+            s.commit()
+        try:
+            assert hit_after_miss(made, sql) == [1, 0]
+        finally:
+            with made() as s:
+                s.get_one(Product, 5).name = name
+                s.commit()
+    first.detach()
+    second.attach(target)  # the detached cache freed it
+    assert second._attached
+    asyncio.run(async_engine.dispose())
+
+
+@pytest.mark.parametrize("again", ["the same cache", "a new cache"])
+def test_writes_made_while_detached_are_seen_once_attached_again(
+    url_caches: list[Cache], shop_engine: sa.Engine, sql: SQLCounter, again: str
+) -> None:
+    """Between detach() and the next attach() of a factory, its writes reach no cache
+    (a fixture between two test clients, an app made again per test): the attach
+    retires every table the process maps, so neither the entity cache nor a cached
+    query serves what was cached before."""
+    first = url_caches[0]
+    later = first if again == "the same cache" else url_caches[1]
+    factory = sessionmaker(shop_engine)
+    stmt = select(Product).where(Product.id == 7).options(FromCache())
+    first.attach(factory)
+    with factory() as s:
+        name = s.get_one(Product, 7).name
+        assert s.scalars(stmt).one().name == name
+    first.detach()
+    try:
+        with factory() as s:  # unseen: nothing is attached
+            s.get_one(Product, 7).name = "renamed while detached"
+            s.commit()
+        later.attach(factory)
+        for expected in (2, 0):  # read again once, then cached again
+            sql.reset()
+            with factory() as s:
+                assert s.get_one(Product, 7).name == "renamed while detached"
+                assert s.scalars(stmt).one().name == "renamed while detached"
+            assert sql.count == expected
+        later.attach(factory)  # attached already: nothing retired
+        sql.reset()
+        with factory() as s:
+            assert s.scalars(stmt).one().name == "renamed while detached"
+        assert sql.count == 0
+    finally:
+        with Session(shop_engine) as s:
+            s.get_one(Product, 7).name = name
+            s.commit()

@@ -45,6 +45,49 @@ def test_ignore_leaves_a_session_argument_out_of_the_key(
     assert not caplog.records
 
 
+def test_ignored_arguments_may_be_left_out_of_invalidate_and_key_for(
+    session_factory: sessionmaker[Session], cache: Cache
+) -> None:
+    """They are no part of the key: ``invalidate(1)`` needs no session to name the call."""
+    calls: list[int] = []
+
+    @cache.cached("category_by_id", ignore=("db", "request"))
+    def category_name(category_id: int, db: Session, *, request: Request | None) -> str:
+        calls.append(category_id)
+        return db.get_one(Category, category_id).name
+
+    with session_factory() as s:
+        category_name(1, s, request=Request())
+        assert category_name.key_for(1) == category_name.key_for(1, s, request=None)  # type: ignore[call-arg]
+        assert category_name.invalidate(1) is True  # type: ignore[call-arg]
+        assert category_name.invalidate(category_id=1) is False  # type: ignore[call-arg]
+        category_name(1, s, request=None)
+    assert calls == [1, 1]
+    with pytest.raises(TypeError, match="'category_id'"):
+        category_name.invalidate()  # type: ignore[call-arg]  # a key's part is missing
+    with pytest.raises(TypeError):
+        category_name(1)  # type: ignore[call-arg]  # a call still needs every argument
+
+
+def test_a_result_that_cannot_be_cached_warns_once_naming_the_function(
+    cache: Cache, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="sa_redis_cache")
+
+    @cache.cached("request_of")
+    def request_of(user_id: int) -> Request:
+        return Request()
+
+    for user_id in range(3):
+        request_of(user_id)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1
+    message = warned[0].getMessage()
+    assert "cached('request_of') on " in message
+    assert "logged once" in message
+    assert cache.stats()["functions"]["request_of"]["uncacheable"] == 3
+
+
 def test_key_builds_the_key_from_the_arguments(cache: Cache) -> None:
     calls: list[str] = []
 

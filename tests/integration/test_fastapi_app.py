@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from sqlmodel import select
 
 from examples import fastapi_app
 from tests.support import SQLCounter
@@ -120,7 +121,51 @@ def test_the_lifespan_detaches_at_shutdown(
             assert len(engine.dispatch.after_cursor_execute) == before + 1
             flow(client, *credentials[2])
         assert len(engine.dispatch.after_cursor_execute) == before
-    sql.reset()
     with TestClient(app) as client:
-        flow(client, *credentials[2])  # attached again: served from the cache
+        # attached again: what the first block cached was retired at startup (writes made
+        # while detached went unseen), and is served from the cache once read again
+        flow(client, *credentials[2])
+        sql.reset()
+        flow(client, *credentials[2])
         assert sql.count == 0
+
+
+def test_writes_between_two_test_clients_are_seen_by_the_second(
+    app: FastAPI, credentials: list[tuple[str, str]], sql: SQLCounter
+) -> None:
+    """A fixture writes through the app's own session factory between two TestClient
+    blocks, while the lifespan has detached the cache: the second block must read those
+    writes, from the entity cache (the profile), a cached query (the login's select by
+    e-mail, the posts of /me) and a lazy-loaded collection, not what the first cached."""
+    email, password = credentials[3]
+    with TestClient(app) as client:
+        before = flow(client, email, password)
+        flow(client, email, password)  # every read is a hit now
+    user_id = before["me"]["id"]  # type: ignore[index]
+    with app.state.session_factory() as session:
+        user = session.get(fastapi_app.AppUser, user_id)
+        user.name = "Renamed between clients"
+        user.password_hash = fastapi_app.password_hash("new secret")
+        first_post = session.exec(
+            select(fastapi_app.AppPost)
+            .where(fastapi_app.AppPost.author_id == user.id)
+            .order_by(fastapi_app.AppPost.id)
+        ).first()
+        first_post.title = "retitled between clients"
+        session.add(fastapi_app.AppPost(author_id=user.id, title="added between clients"))
+        session.commit()
+    with TestClient(app) as client:
+        refused = client.post("/login", json={"email": email, "password": password})
+        assert refused.status_code == 401  # the cached select held the old password hash
+        after = flow(client, email, "new secret")
+        assert after["me"]["name"] == "Renamed between clients"  # type: ignore[index]
+        assert after["me"]["posts"] == [  # type: ignore[index]
+            "retitled between clients",
+            "post 2 of user 4",
+            "post 3 of user 4",
+            "added between clients",
+        ]
+        assert after["page"] == {"name": "Renamed between clients", "posts": 4}
+        sql.reset()
+        assert flow(client, email, "new secret") == after
+        assert sql.count == 0  # cached again

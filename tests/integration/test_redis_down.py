@@ -197,3 +197,31 @@ def test_with_the_breaker_open_a_read_computes_no_entry_key(
         assert cache.stats()["total"]["bypassed"] == bypassed + 3
     finally:
         cache.detach()
+
+
+def test_attaching_again_with_redis_down_starts_and_serves_what_was_written_meanwhile(
+    shop_engine: sa.Engine, product: int, sql: SQLCounter, server: RedisServer, namespace: str
+) -> None:
+    """A factory attached again after detach() retires every table (writes made while
+    detached went unseen); with Redis away that bump cannot be sent: attach() must not
+    fail the application's startup, and the tables wait, undelivered, until Redis is back."""
+    cache = Cache(server.url, namespace=namespace, breaker_threshold=1, breaker_reset=0)
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    try:
+        assert read_price(factory, product) == (Decimal("1.00"), Decimal("1.00"))
+        cache.detach()
+        set_price(factory, product, "5.00")  # unseen: nothing is attached
+        server.stop()
+        cache.attach(factory)
+        assert "products" in cache._core.undelivered
+        assert read_price(factory, product) == (Decimal("5.00"), Decimal("5.00"))
+        server.start()
+        assert read_price(factory, product) == (Decimal("5.00"), Decimal("5.00"))
+        assert not cache._core.undelivered
+        sql.reset()
+        assert read_price(factory, product) == (Decimal("5.00"), Decimal("5.00"))
+        assert sql.count == 0  # trusted and cached again
+    finally:
+        cache.detach()
+        set_price(factory, product, "1.00")

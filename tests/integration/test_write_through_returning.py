@@ -223,3 +223,62 @@ def test_a_table_with_an_after_row_trigger_is_read_back_after_the_flush(
         with engine.begin() as connection:
             connection.execute(sa.text("DROP FUNCTION IF EXISTS wt_audited_stamp()"))
         Base.registry.dispose()
+
+
+def test_a_returning_another_listener_appended_is_not_appended_again(
+    shop_engine: sa.Engine, cache: Cache, sql: SQLCounter, products: list[int]
+) -> None:
+    """An engine listener that runs first (registered before attach()) and gives an
+    UPDATE a RETURNING of its own (an audit hook, or another cache's capture): a second
+    clause would be a syntax error; the row is read back after the flush instead."""
+    pid = products[0]
+
+    def audit(
+        conn: sa.Connection, cursor: Any, statement: str, parameters: Any, *rest: Any
+    ) -> tuple[str, Any]:
+        if statement.startswith("UPDATE products "):
+            statement += " RETURNING products.id"
+        return statement, parameters
+
+    sa.event.listen(shop_engine, "before_cursor_execute", audit, retval=True)
+    session_factory = sessionmaker(shop_engine)
+    cache.attach(session_factory)  # its listeners run after audit's
+    try:
+        with session_factory() as s:
+            s.get_one(Product, pid).name = "audited"
+            s.commit()
+    finally:
+        sa.event.remove(shop_engine, "before_cursor_execute", audit)
+    assert cached_row(session_factory, sql, pid) == database_row(shop_engine, pid)
+    assert database_row(shop_engine, pid)[1] == "audited"
+
+
+def test_two_caches_on_one_engine_write_through_each_its_own_factory(
+    shop_engine: sa.Engine,
+    session_factory: sessionmaker[Session],
+    cache: Cache,
+    redis_url: str,
+    sql: SQLCounter,
+    products: list[int],
+) -> None:
+    """Two caches (namespaces) attached to two factories of one engine: each arms the
+    capture of its own sessions only, and sees the other's flush as Core DML."""
+    other = Cache(redis_url, namespace=f"{cache.namespace}-other")
+    other_factory = sessionmaker(shop_engine)
+    other.attach(other_factory)
+    try:
+        pid = products[1]
+        for factory in (session_factory, other_factory):
+            with factory() as s:
+                s.get_one(Product, pid)  # both entity entries filled
+        for name, writer in (("first", session_factory), ("second", other_factory)):
+            with writer() as s:
+                s.get_one(Product, pid).name = name
+                s.commit()
+            for factory in (session_factory, other_factory):
+                with factory() as s:
+                    assert s.get_one(Product, pid).name == name
+        assert cached_row(other_factory, sql, pid) == database_row(shop_engine, pid)
+    finally:
+        other.detach()
+        other.client.close()
