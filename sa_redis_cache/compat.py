@@ -57,7 +57,7 @@ except ImportError:  # pragma: no cover - SQLAlchemy 2.0
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
-    from sqlalchemy.engine import Connection, Result
+    from sqlalchemy.engine import Connection, Engine, Result
     from sqlalchemy.orm import Mapper, ORMExecuteState, Session
     from sqlalchemy.orm.identity import IdentityMap
     from sqlalchemy.orm.state import InstanceState
@@ -260,6 +260,14 @@ def is_autocommit(connection: Connection) -> bool:
     """Whether each statement on ``connection`` commits by itself (AUTOCOMMIT isolation,
     set on the connection or the engine: :func:`isolation_level_of`)."""
     return isolation_level_of(connection) == "AUTOCOMMIT"
+
+
+def root_engine(engine: Engine) -> Engine:
+    """The engine that owns ``engine``'s pool and whose connection events its connections
+    dispatch too: ``engine.execution_options(...)`` makes a copy that proxies it."""
+    while (proxied := getattr(engine, "_proxied", None)) is not None:
+        engine = proxied
+    return engine
 
 
 def commit_now(connection: Connection) -> None:

@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Table
 from sqlalchemy.sql.elements import TextClause
 
-from . import compat
+from . import commit_first, compat
 from .referential import referential_actions
 from .schema import is_library_table
 from .transaction import peek_transaction_state
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.orm import Session
 
@@ -163,13 +165,15 @@ class EngineWrites:
         listen(engine, "after_cursor_execute", self.after_cursor_execute)
         append_returning = self.invalidation.returning.before_cursor_execute
         listen(engine, "before_cursor_execute", append_returning, retval=True)
-        listen(engine, "commit", self.committing)
+        commit_first.join(engine, self)
         listen(engine.pool, "checkin", self.checkin)
 
     def forget_engines(self) -> list[Engine]:
         """The listeners were removed; a later ``register`` must add them again. The
         engines forgotten."""
         engines = list(self._engines)
+        for engine in engines:
+            commit_first.leave(engine, self)
         self._engines = weakref.WeakSet()
         return engines
 
@@ -269,18 +273,18 @@ class EngineWrites:
         handed: list[tuple[str, set[str]]] = conn.info.setdefault(self._handed_key, [])
         handed.append((token, set(tables)))
 
-    def committing(self, conn: Connection) -> None:
+    def commit_work(self, conn: Connection) -> Callable[[], None] | None:
         """The connection commits: the post-commit bump, the marks' release and the local
-        tiers' fences run before ``commit()`` returns, not when the connection goes back
-        to the pool. With commit-as-you-go (``conn.commit()`` on a connection kept open)
-        the pool may get it back much later, and until then another process's local tier
-        could serve the rows as they were before the commit."""
+        tiers' fences run once the database committed, before ``commit()`` returns
+        (:mod:`~sa_redis_cache.commit_first`), not when the connection goes back to the
+        pool. With commit-as-you-go (``conn.commit()`` on a connection kept open) the
+        pool may get it back much later, and until then another process's local tier
+        could serve the rows as they were before the commit. A COMMIT that fails leaves
+        them to the pool's checkin, as a rollback does."""
         info = conn.info
         if self._pending_key not in info and not info.get(self._handed_key):
-            return
-        # the database first; SQLAlchemy's own COMMIT that follows finds nothing to commit
-        compat.commit_now(conn)
-        self._finish(info)
+            return None
+        return lambda: self._finish(info)
 
     def checkin(self, dbapi_connection: Any, connection_record: Any) -> None:
         """The connection's transaction is over: bump the versions, release the marks."""

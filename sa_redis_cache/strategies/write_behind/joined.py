@@ -14,10 +14,10 @@ operations follow that transaction, not the session:
   (:func:`handed_op`), nobody else does.
 * At the application's commit (SQLAlchemy's ``commit`` event, which runs before the
   database's), the database is committed first, then every cache's operations are queued
-  (:func:`_committing`), the order of a session's own commit: a COMMIT that fails queues
-  nothing. A rollback drops them.
+  (:class:`_Committing`, through :mod:`sa_redis_cache.commit_first`), the order of a
+  session's own commit: a COMMIT that fails queues nothing. A rollback drops them.
 
-One listener per engine serves every cache on it, so that one cache's failure does not
+One participant per engine serves every cache on it, so that one cache's failure does not
 keep another's operations from being queued. State is kept by ``Connection`` object,
 weakly, and never read from the connection: one the database dropped refuses even a look
 at its ``info`` until it is rolled back.
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, TwoPhaseTransaction
 
-from sa_redis_cache import compat
+from sa_redis_cache import commit_first, compat
 from sa_redis_cache.errors import CacheUnavailableError, ConfigurationError
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ _users: weakref.WeakKeyDictionary[Engine, weakref.WeakSet[WriteBehind]] = (
     weakref.WeakKeyDictionary()
 )
 _lock = threading.Lock()
-_EVENTS = ("commit", "rollback", "rollback_savepoint")
+_EVENTS = ("rollback", "rollback_savepoint")
 
 
 def joined_connection(session: Session, mapper: Mapper[Any]) -> Connection | None:
@@ -102,6 +102,7 @@ def watch(write_behind: WriteBehind, connection: Connection) -> frozenset[str]:
             users = _users[engine] = weakref.WeakSet()
             for name, listener in zip(_EVENTS, _LISTENERS, strict=True):
                 event.listen(engine, name, listener)
+            commit_first.join(engine, _COMMITTING)
         users.add(write_behind)
         _transactions.setdefault(connection, _Transaction())
     return compat.enclosing_savepoints(connection)
@@ -168,29 +169,28 @@ def forget(write_behind: WriteBehind) -> None:
                 for name, listener in zip(_EVENTS, _LISTENERS, strict=True):
                     if event.contains(engine, name, listener):
                         event.remove(engine, name, listener)
+                commit_first.leave(engine, _COMMITTING)
 
 
-def _committing(connection: Connection) -> None:
-    with _lock:
-        transaction = _transactions.pop(connection, None)
-    if transaction is None or not transaction.handed:
-        return
-    by_cache: dict[WriteBehind, list[Op]] = {}
-    for owner, ops in transaction.handed:
-        by_cache.setdefault(owner, []).extend(ops)
-    # the database first; SQLAlchemy's own COMMIT that follows finds nothing to commit
-    compat.commit_now(connection)
-    # every cache is tried before one failure is raised: none keeps another's back
-    failed = [exc for owner, ops in by_cache.items() if (exc := _queue(owner, ops))]
-    if failed:
-        error = failed[0]
-        failed.clear()
-        try:
-            raise error
-        finally:
-            # no cycle through this frame: its traceback holds the Redis connections of
-            # the failed call, whose sockets would wait for the garbage collector
-            del error, exc
+class _Committing:
+    """The application commits a connection's transaction: its handed operations are
+    let go of now, and queued once the database committed (:mod:`.commit_first`)."""
+
+    def commit_work(self, connection: Connection) -> Callable[[], None] | None:
+        with _lock:
+            transaction = _transactions.pop(connection, None)
+        if transaction is None or not transaction.handed:
+            return None
+        by_cache: dict[WriteBehind, list[Op]] = {}
+        for owner, ops in transaction.handed:
+            by_cache.setdefault(owner, []).extend(ops)
+        # every cache is tried before one failure is raised: none keeps another's back
+        return lambda: commit_first.raise_first(
+            [exc for owner, ops in by_cache.items() if (exc := _queue(owner, ops))]
+        )
+
+
+_COMMITTING = _Committing()
 
 
 def _queue(owner: WriteBehind, ops: list[Op]) -> CacheUnavailableError | None:
@@ -220,4 +220,4 @@ def _rolled_back_to(connection: Connection, name: str, context: Any) -> None:
         ]
 
 
-_LISTENERS: tuple[Callable[..., Any], ...] = (_committing, _rolled_back, _rolled_back_to)
+_LISTENERS: tuple[Callable[..., Any], ...] = (_rolled_back, _rolled_back_to)
