@@ -178,22 +178,28 @@ def test_tenants_by_search_path_in_the_connect_arguments(
             e.dispose()
 
 
-@pytest.mark.parametrize("read", READS.values(), ids=list(READS))
-def test_two_databases_share_a_namespace(
-    services: Any, engine: sa.Engine, cache: Cache, read: Read
-) -> None:
+@pytest.fixture
+def two_databases(services: Any) -> Iterator[dict[str, sa.Engine]]:
+    """Two scratch databases, ``a`` and ``b``, each filled with its own secrets."""
     with (
         scratch_database(services.database_url, f"sarc_iso_{secrets.token_hex(4)}") as url_a,
         scratch_database(services.database_url, f"sarc_iso_{secrets.token_hex(4)}") as url_b,
     ):
-        engines = {"db_a": sa.create_engine(url_a), "db_b": sa.create_engine(url_b)}
+        engines = {"a": sa.create_engine(url_a), "b": sa.create_engine(url_b)}
         try:
             for name, e in engines.items():
                 fill(e, name)
-            each_reads_its_own(attached(cache, engines), read)
+            yield engines
         finally:
             for e in engines.values():
                 e.dispose()
+
+
+@pytest.mark.parametrize("read", READS.values(), ids=list(READS))
+def test_two_databases_share_a_namespace(
+    two_databases: dict[str, sa.Engine], cache: Cache, read: Read
+) -> None:
+    each_reads_its_own(attached(cache, two_databases), read)
 
 
 def owner_of(_: Session, note: Note) -> Acct:
@@ -296,50 +302,41 @@ def test_the_entity_key_names_the_database_and_schema(
     assert len(scopes) == len(TENANTS)
 
 
-def test_a_sharded_session_reads_the_shards_and_fills_nothing(services: Any, cache: Cache) -> None:
+def test_a_sharded_session_reads_the_shards_and_fills_nothing(
+    two_databases: dict[str, sa.Engine], cache: Cache
+) -> None:
     """``ShardedSession`` picks a read's shard in its own ``do_orm_execute`` listener, after
     the cache's: keyed by the bind ``shard_chooser`` names, shard b's row was stored as
     database a's, and a plain session on database a then read it. Its reads bypass."""
-    with (
-        scratch_database(services.database_url, f"sarc_iso_{secrets.token_hex(4)}") as url_a,
-        scratch_database(services.database_url, f"sarc_iso_{secrets.token_hex(4)}") as url_b,
-    ):
-        shards = {"a": sa.create_engine(url_a), "b": sa.create_engine(url_b)}
-        try:
-            for name, e in shards.items():
-                fill(e, name)
 
-            class Sharded(ShardedSession):
-                pass
+    class Sharded(ShardedSession):
+        pass
 
-            cache.attach(Sharded)
-            plain = sessionmaker(shards["a"])
-            cache.attach(plain)
+    cache.attach(Sharded)
+    plain = sessionmaker(two_databases["a"])
+    cache.attach(plain)
 
-            def sharded() -> Session:
-                return Sharded(
-                    shards=shards,
-                    shard_chooser=lambda *_, **__: "a",
-                    identity_chooser=lambda *_, **__: ["a", "b"],
-                    execute_chooser=lambda _: ["a", "b"],
-                )
+    def sharded() -> Session:
+        return Sharded(
+            shards=two_databases,
+            shard_chooser=lambda *_, **__: "a",
+            identity_chooser=lambda *_, **__: ["a", "b"],
+            execute_chooser=lambda _: ["a", "b"],
+        )
 
-            everyone = select(Acct).order_by(Acct.id).options(FromCache())
-            for _ in range(2):
-                with sharded() as s:
-                    got = s.get(Acct, 1, identity_token="b")  # noqa: S106 - a shard's name
-                    assert got is not None
-                    assert got.secret == secret_of("b")
-                    rows = s.scalars(everyone).all()
-                    assert sorted((sa.inspect(a).identity_token, a.secret) for a in rows) == [
-                        ("a", secret_of("a")),
-                        ("b", secret_of("b")),
-                    ]
-            for _ in range(2):
-                with plain() as s:
-                    own = s.get(Acct, 1)
-                    assert own is not None
-                    assert own.secret == secret_of("a")
-        finally:
-            for e in shards.values():
-                e.dispose()
+    everyone = select(Acct).order_by(Acct.id).options(FromCache())
+    for _ in range(2):
+        with sharded() as s:
+            got = s.get(Acct, 1, identity_token="b")  # noqa: S106 - a shard's name
+            assert got is not None
+            assert got.secret == secret_of("b")
+            rows = s.scalars(everyone).all()
+            assert sorted((sa.inspect(a).identity_token, a.secret) for a in rows) == [
+                ("a", secret_of("a")),
+                ("b", secret_of("b")),
+            ]
+    for _ in range(2):
+        with plain() as s:
+            own = s.get(Acct, 1)
+            assert own is not None
+            assert own.secret == secret_of("a")
