@@ -220,6 +220,10 @@ def bench_env(database_url: str, redis_url: str, sizes: Sizes) -> Iterator[Bench
             env.recipe.attach(env.recipe_sessions)
             yield env
         finally:
+            if env is not None:
+                # its statistics publisher publishes once more as it stops: before the
+                # namespace is removed, not after
+                env.cache.detach()
             for ns in [namespace, *(env.extra_namespaces if env else [])]:
                 unlink_matching(client, f"sarc:{ns}:*")
             client.close()
