@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import orjson
 
+from sa_redis_cache.errors import ConfigurationError
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
@@ -296,6 +298,24 @@ def release_writer_mark(keys: KeyScheme, table: str, token: str) -> Command:
     return ("ZREM", keys.writers_key(table), token)
 
 
+def checked_writer_mark_ms(writer_mark_ms: int) -> int:
+    """``writer_mark_ms`` when a writer's mark may live that long: 1 ms to
+    :data:`WRITER_MARK_MS`. A mark scored further ahead is taken for forged, and removed by
+    the next script that meets it; a longer one raises ``ConfigurationError``.
+
+    Example::
+
+        >>> checked_writer_mark_ms(5_000)
+        5000
+    """
+    if not 0 < writer_mark_ms <= WRITER_MARK_MS:
+        raise ConfigurationError(
+            f"writer_mark_ms={writer_mark_ms} must be from 1 to {WRITER_MARK_MS}: the scripts "
+            "remove a writer mark scored further ahead, as no writer's is"
+        )
+    return writer_mark_ms
+
+
 def flush_mark(
     keys: KeyScheme,
     table: str,
@@ -312,8 +332,7 @@ def flush_mark(
     write ticket. ``writer_mark_ms`` is at most :data:`WRITER_MARK_MS`: a mark scored
     further ahead is taken for forged and removed by the next script that meets it.
     """
-    if not 0 < writer_mark_ms <= WRITER_MARK_MS:
-        raise ValueError(f"writer_mark_ms={writer_mark_ms} must be from 1 to {WRITER_MARK_MS}")
+    checked_writer_mark_ms(writer_mark_ms)
     row_keys = [k for entity, pk in rows for k in (entity, keys.row_write_key(table, pk))]
     return (
         script("flush_mark"),

@@ -164,10 +164,7 @@ def replay_dead_letters(
         result = replay_dead_letters(engine, client, "shop", [PageView], ids=[12, 13])
         assert result.ok, result.failed
     """
-    if not 0 < writer_mark_ms <= scripts.WRITER_MARK_MS:
-        raise ConfigurationError(
-            f"writer_mark_ms={writer_mark_ms} must be from 1 to {scripts.WRITER_MARK_MS}"
-        )
+    scripts.checked_writer_mark_ms(writer_mark_ms)
     registry = ModelRegistry()
     appliers = {}
     binds = Binds()
