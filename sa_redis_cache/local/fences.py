@@ -82,14 +82,12 @@ class Fences:
         Raises ``RedisError``.
         """
         tables = sorted(set(tables))
+        pending, token = sent if sent is not None else (None, token or secrets.token_hex(8))
         for attempt in range(2):
             try:
-                if sent is not None:
-                    pending, token = sent
-                    sent = None
+                if pending is not None:
                     replies = pending.replies()
                 else:
-                    token = token if token is not None and not attempt else secrets.token_hex(8)
                     batch = [*calls, *self.calls(token, tables)]
                     if not batch:
                         return []  # nothing changed, and no fence is asked for (bounded)
@@ -97,6 +95,7 @@ class Fences:
             except ScriptsReloaded:
                 if attempt:
                     raise
+                pending, token = None, secrets.token_hex(8)  # new fences, a new name
                 continue
             if len(replies) > len(calls):
                 self.wait(token, tables, replies[len(calls) :])
