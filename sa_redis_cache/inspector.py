@@ -144,8 +144,12 @@ class CacheInspector:
         info = self.model(cls)
         if info.codec is None:
             raise CodecError("the model has no codec in this process")
+        # signed as the row's entity entry is, as session.get opens it
+        entity = self.keys.pending_entity_key(info.table, info.schema_hash, key)
+        if entity is None:
+            raise CodecError(f"{key} is no pending key of {cls.__name__}")
         stream_id, values = pending_state(
-            info, self._context.opened(key, raw, scripted=True), pk_text(pk)
+            info, self._context.opened(entity, raw, scripted=True), pk_text(pk)
         )
         row = None if values is None else dict(zip(info.column_keys, values, strict=True))
         return PendingState(key, stream_id, row)

@@ -477,6 +477,22 @@ class KeyScheme:
         """The newest unflushed state of one write-behind row."""
         return f"{self.table_prefix(table)}{_PENDING}{schema_hash}:{scope}:{pk_text}"
 
+    def pending_entity_key(self, table: str, schema_hash: str, pending: str) -> str | None:
+        """The entity key of the row whose pending key is ``pending`` (a queued state's
+        signature is bound to it); None when ``pending`` is no pending key of the table.
+
+        Example::
+
+            >>> keys = KeyScheme("shop")
+            >>> pending = keys.pending_key("views", "ab12", "00ff", "7")
+            >>> keys.pending_entity_key("views", "ab12", pending)
+            'sarc:shop:{shop:views}:e:ab12:00ff:7'
+        """
+        head = self.pending_key(table, schema_hash, "", "")[:-1]
+        if not pending.startswith(head):
+            return None
+        return self.entity_key(table, schema_hash, "", "")[:-1] + pending[len(head) :]
+
     def pending_pattern(self, table: str, schema_hash: str, pk_text: str) -> str:
         """A SCAN pattern matching one write-behind row's pending keys in every scope.
 

@@ -273,6 +273,12 @@ def test_write_behind_values_are_signed(
         assert isinstance(value, bytes)
         assert value[-TRAILER_BYTES:-32] == b"B", "the script's value signs its body"
     assert state_of(pk) == ("/signed", 1)  # from the pending key
+    # sa-redis-cache inspect opens it as session.get does
+    pending_value = client.get(pending)
+    assert isinstance(pending_value, bytes)
+    shown = cache.inspector.pending_state(pending.decode(), pending_value, page_view, (pk,))
+    assert shown.row is not None
+    assert (shown.row["path"], shown.row["views"]) == ("/signed", 1)
 
     # a pending state changed by someone else is deleted; the entity entry still serves
     value = client.get(pending)
