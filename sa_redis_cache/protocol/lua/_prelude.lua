@@ -105,6 +105,17 @@ local function drop_forged(key, now, horizon)
   return true
 end
 
+-- Remove the members of sorted set `key` whose life ended before `now` (a writer or
+-- holder that died without leaving) and those drop_forged removes; false when `key`
+-- holds another Redis type (the caller heals it)
+local function prune(key, now, horizon)
+  if not drop_forged(key, now, horizon) then
+    return false
+  end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. now)
+  return true
+end
+
 -- The Redis type `key` held ('none' when absent); one of another type than `wanted` is
 -- deleted (and the deletion logged, naming the key as `what`): the commands meant for
 -- `wanted` would fail on it at every call, and the TTL they renew would keep it for good

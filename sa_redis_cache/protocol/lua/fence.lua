@@ -14,8 +14,7 @@ local now = server_ms()
 if heal_type(KEYS[1], 'zset', 'holder set') ~= 'zset' then
   return {now}
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
-drop_forged(KEYS[1], now, HOLDER_HORIZON_MS)
+prune(KEYS[1], now, HOLDER_HORIZON_MS)
 local holders = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 if #holders == 0 then
   return {now}

@@ -25,10 +25,8 @@
 -- left under our keys.
 bump(KEYS[1], ARGV[4], ARGV[6])
 local now_ms = server_ms()
--- a planted far-future mark goes too: the TTL set below would keep it alive for good
-if drop_forged(KEYS[2], now_ms, MARK_HORIZON_MS) then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
-else
+-- lapsed marks go, and planted far-future ones: the TTL set below would keep those for good
+if not prune(KEYS[2], now_ms, MARK_HORIZON_MS) then
   redis.call('DEL', KEYS[2])
 end
 redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[2]), ARGV[1])

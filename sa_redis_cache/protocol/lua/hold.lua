@@ -9,8 +9,7 @@ local now = server_ms()
 heal_type(KEYS[1], 'zset', 'holder set')
 -- holders that died without leaving: writers stopped waiting for them at their expiry;
 -- and planted ones scored beyond any lease, which the TTL below would keep alive for good
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
-drop_forged(KEYS[1], now, HOLDER_HORIZON_MS)
+prune(KEYS[1], now, HOLDER_HORIZON_MS)
 local lease = tonumber(ARGV[2])
 if ARGV[3] == '1' then
   if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + lease, ARGV[1]) == 0
