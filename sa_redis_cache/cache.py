@@ -386,9 +386,7 @@ class Cache:
         try:
             self._retire(None, list(tables))
         except RedisError as exc:
-            core.redis_failed(exc)
-            core.counters.incr_total("errors")
-            core.keep_undelivered(tables)
+            core.invalidation_failed(exc, tables)
 
     def lifespan(
         self, *targets: Any, cache_queries: FromCache | bool | None = None

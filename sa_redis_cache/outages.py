@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .protocol import KeyScheme, ScriptCall
     from .protocol.scripts import Command
     from .redis_io import AsyncClient, RedisIO, SyncClient
+    from .stats import Stats
 
     # a connect-time check: yields the commands of each round trip, receives their replies
     _Steps: TypeAlias = Generator[Sequence[Command], list[Any], None]
@@ -62,6 +63,7 @@ class RedisOutages:
     client: SyncClient
     keys: KeyScheme
     models: ModelRegistry
+    counters: Stats
 
     def io(self) -> RedisIO:  # pragma: no cover - the context's
         raise NotImplementedError
@@ -336,6 +338,14 @@ class RedisOutages:
             if len(self.undelivered) > MAX_UNDELIVERED:
                 # past the bound, every table this process knows is treated as written
                 self.undelivered.update(self.models.known_tables())
+
+    def invalidation_failed(self, exc: RedisError, tables: Iterable[str]) -> None:
+        """An invalidation of ``tables`` Redis did not take: the failure recorded and
+        counted, and the tables kept undelivered (their reads go to the database until
+        Redis takes the bump)."""
+        self.redis_failed(exc)
+        self.counters.incr_total("errors")
+        self.keep_undelivered(tables)
 
     def deliver_undelivered(self) -> bool:
         """Bump the versions and generations of the undelivered tables; True when none is left.

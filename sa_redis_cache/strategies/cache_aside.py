@@ -636,7 +636,7 @@ class Invalidation:
             replies = core.io().run_batch(calls)
             core.breaker.success()  # resets the failure count too
         except RedisError as exc:
-            self._marks_failed(exc, ordered)
+            self.core.invalidation_failed(exc, ordered)
             return {}
         return self._tickets(ordered, replies, rows)
 
@@ -651,17 +651,9 @@ class Invalidation:
             replies = premark.pending.replies()
             core.breaker.success()  # resets the failure count too
         except RedisError as exc:
-            self._marks_failed(exc, premark.plan.tables)
+            self.core.invalidation_failed(exc, premark.plan.tables)
             return {}
         return self._tickets(premark.named, replies[premark.bulk_calls :], premark.pks)
-
-    def _marks_failed(self, exc: RedisError, tables: Iterable[str]) -> None:
-        """Marks Redis did not take: counted, and ``tables`` kept undelivered (reads of
-        them bypass the cache until Redis takes their invalidation)."""
-        core = self.core
-        core.redis_failed(exc)
-        core.counters.incr_total("errors")
-        core.keep_undelivered(tables)
 
     def _mark_calls(
         self,
@@ -785,8 +777,5 @@ class Invalidation:
 
     def _undelivered(self, exc: RedisError, tables: set[str], measured: Measurement) -> None:
         """The post-commit work failed: counted, and kept until Redis takes it."""
-        core = self.core
         measured.done("error")
-        core.redis_failed(exc)
-        core.counters.incr_total("errors")
-        core.keep_undelivered(tables)
+        self.core.invalidation_failed(exc, tables)
