@@ -110,6 +110,14 @@ class CachedFunction(Generic[P, R]):
         if key is not None and not callable(key):
             raise ValueError(f"cached({prefix!r}, key={key!r}): key must be a function")
         self._key = key
+        # what key_for() and invalidate() cannot do without (ignore's may be left out)
+        self._required = tuple(
+            name
+            for name, parameter in self._signature.parameters.items()
+            if parameter.default is inspect.Parameter.empty
+            and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+            and name not in self._ignore
+        )
         self._warned = False  # the arguments that make no key, once per function
         self._warned_result = False  # a result the codec refuses, once per function
         functools.update_wrapper(self, func)
@@ -141,14 +149,7 @@ class CachedFunction(Generic[P, R]):
             signature.bind_partial(*args, **kwargs) if partial else signature.bind(*args, **kwargs)
         )
         if partial:
-            missing = [
-                name
-                for name, parameter in signature.parameters.items()
-                if name not in bound.arguments
-                and parameter.default is inspect.Parameter.empty
-                and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
-                and name not in self._ignore
-            ]
+            missing = [name for name in self._required if name not in bound.arguments]
             if missing:
                 raise TypeError(f"missing a required argument: {missing[0]!r}")
         bound.apply_defaults()
