@@ -17,6 +17,7 @@ from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.models import all_mappers
 from sa_redis_cache.policy import CachePolicy
 from sa_redis_cache.protocol.keys import PREFIX, KeyScheme
+from sa_redis_cache.protocol.scripts import HOLDER_HORIZON_MS, MARK_HORIZON_MS
 from sa_redis_cache.schema import is_library_table
 from sa_redis_cache.stats import _with_rate
 from sa_redis_cache.stats_publisher import STATS_TTL_MS, TOTAL, group_of
@@ -220,9 +221,10 @@ def collect(
         holders_key = _raw(keys.holders_key(table))
         pipe.get(version_key)
         pipe.get(generation_key)
-        # a mark's score is its expiry: marks of crashed writers linger until it passes
-        pipe.zcount(writers_key, now_ms, "+inf")
-        pipe.zcount(holders_key, now_ms, "+inf")  # live leases on the table's local entries
+        # a mark's score is its expiry: marks of crashed writers linger until it passes;
+        # one scored beyond any writer's or holder's was planted, and is never honoured
+        pipe.zcount(writers_key, now_ms, now_ms + MARK_HORIZON_MS)
+        pipe.zcount(holders_key, now_ms, now_ms + HOLDER_HORIZON_MS)  # live local-tier leases
         requests += [
             (version_key, "a string (version counter)"),
             (generation_key, "a string (generation counter)"),

@@ -59,6 +59,13 @@ scored further ahead than its longest life plus this can only have been written 
 else: the scripts remove it rather than honour it until its score (lua/_prelude.lua,
 ``drop_forged``)."""
 
+MARK_HORIZON_MS = WRITER_MARK_MS + CLOCK_STEP_MS
+"""How far ahead of the server's clock a genuine writer mark can be scored; one further
+ahead was planted (removed by the scripts, and not counted by ``stats``)."""
+
+HOLDER_HORIZON_MS = LOCAL_LEASE_MAX_MS + CLOCK_STEP_MS
+"""How far ahead of the server's clock a genuine holder's lease can be scored."""
+
 LEASE_MS = 30_000
 """A filler that dies holding an entry's fill lease blocks other fills this long at most."""
 
@@ -87,8 +94,8 @@ def _limits() -> str:
     return (
         "-- sa_redis_cache/protocol/scripts.py: how far ahead of the server's clock a writer\n"
         "-- mark, and a holder's lease, can genuinely be scored\n"
-        f"local MARK_HORIZON_MS = {WRITER_MARK_MS + CLOCK_STEP_MS}\n"
-        f"local HOLDER_HORIZON_MS = {LOCAL_LEASE_MAX_MS + CLOCK_STEP_MS}\n"
+        f"local MARK_HORIZON_MS = {MARK_HORIZON_MS}\n"
+        f"local HOLDER_HORIZON_MS = {HOLDER_HORIZON_MS}\n"
     )
 
 

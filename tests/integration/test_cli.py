@@ -33,7 +33,7 @@ from examples.shop import Category, Customer, Product
 from sa_redis_cache import Cache, FromCache, schema
 from sa_redis_cache.cli import cli
 from sa_redis_cache.codec import pack, unpack
-from sa_redis_cache.protocol import KeyScheme
+from sa_redis_cache.protocol import KeyScheme, scripts
 from sa_redis_cache.redis_io import client_from_url
 from tests.wb_support import private_models
 
@@ -210,6 +210,30 @@ def test_stats_counts_entries_memory_and_counters_per_table(
     assert str(products["version"]) in table.stdout
     # the scope table lists the function with its entries, as the models with theirs
     assert re.search(r"function profile(\s+\S+){4}\s+1\s", table.stdout), table.stdout
+
+
+def test_stats_counts_live_marks_and_holders_but_not_planted_ones(
+    base: list[str], cache: Cache, redis_client: redis.Redis
+) -> None:
+    """A writer mark or holder lease scored beyond any writer's or holder's reach was
+    planted: the scripts never honour it (lua/_prelude.lua), so stats must not report it
+    as a writer in flight or a live holder either."""
+    seconds, micros = redis_client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    keys = cache.keys
+    far = 4_102_444_800_000  # 2100-01-01: no mark or lease is scored so late
+    redis_client.zadd(
+        keys.writers_key("products"),
+        {"in flight": now_ms + scripts.WRITER_MARK_MS, "lapsed": now_ms - 1, "planted": far},
+    )
+    redis_client.zadd(
+        keys.holders_key("products"),
+        {"live": now_ms + scripts.LOCAL_LEASE_MAX_MS, "planted": far},
+    )
+    products = {t["table"]: t for t in json_of(run(*base, "stats", "--json"))["tables"]}[
+        "products"
+    ]
+    assert (products["writers_in_flight"], products["local_holders"]) == (1, 1)
 
 
 def test_stats_sums_the_hits_and_misses_every_process_published(
