@@ -761,6 +761,16 @@ class Cache:
         self._require_async_client("ainvalidate_table")
         return await greenlet_spawn(self.invalidate_table, *tables)
 
+    async def ainvalidate_region(self, region: str) -> list[str]:
+        """:meth:`invalidate_region` for coroutines, over the asyncio client; the tables bumped.
+
+        Example::
+
+            await cache.ainvalidate_region("catalogue")
+        """
+        self._require_async_client("ainvalidate_region")
+        return await greenlet_spawn(self.invalidate_region, region)
+
     async def ainvalidate_query(
         self, statement: Any, params: dict[str, Any] | None = None, *, bind: Any = None
     ) -> int:

@@ -241,8 +241,8 @@ class Db:
     def invalidate(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``cache.<method>(...)`` in the sync mode, ``await cache.a<method>(...)`` in async.
 
-        ``method`` is ``"invalidate"``, ``"invalidate_model"``, ``"invalidate_table"`` or
-        ``"invalidate_query"``.
+        ``method`` is ``"invalidate"``, ``"invalidate_model"``, ``"invalidate_table"``,
+        ``"invalidate_query"`` or ``"invalidate_region"``.
         """
         if self.mode in ("sync", "cluster-sync"):
             return getattr(self.cache, method)(*args, **kwargs)

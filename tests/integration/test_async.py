@@ -575,12 +575,14 @@ def test_invalidation_removes_the_same_entries_in_both_modes(in_mode: Runner, pr
     """``cache.invalidate*`` in the sync mode, ``await cache.ainvalidate*`` in the async one."""
     by_id = select(Product).where(Product.id == product).options(FromCache())
     categories = select(Category).order_by(Category.id).options(FromCache())
+    in_region = select(Category).where(Category.id == 1).options(FromCache(region="menu"))
     reads: dict[str, Callable[[SyncFacade], Any]] = {
         "entity": lambda s: s.get(Product, product),
         "other entity": lambda s: s.get(Product, 1),
         "query": lambda s: s.scalars(by_id),
         "categories": lambda s: s.scalars(categories),
         "category": lambda s: s.get(Category, 1),
+        "region": lambda s: s.scalars(in_region),
     }
 
     def misses(db: Db) -> set[str]:
@@ -601,9 +603,12 @@ def test_invalidation_removes_the_same_entries_in_both_modes(in_mode: Runner, pr
         # the row may be in any cached query on its table: those are retired too
         assert misses(db) == {"entity", "query"}
         assert db.invalidate("invalidate_model", Category) is None
-        assert misses(db) == {"categories", "category"}
+        assert misses(db) == {"categories", "category", "region"}
         assert db.invalidate("invalidate_table", "categories") == ["categories"]
-        assert misses(db) == {"categories", "category"}
+        assert misses(db) == {"categories", "category", "region"}
+        # a region's tables are bumped: its entries go, and the others on those tables
+        assert db.invalidate("invalidate_region", "menu") == ["categories"]
+        assert misses(db) == {"categories", "region"}
         assert db.invalidate("invalidate_query", by_id) == 1
         assert misses(db) == {"query"}
         assert db.invalidate("invalidate_query", by_id.where(Product.id > 0)) == 0

@@ -230,9 +230,7 @@ def test_stats_counts_live_marks_and_holders_but_not_planted_ones(
         keys.holders_key("products"),
         {"live": now_ms + scripts.LOCAL_LEASE_MAX_MS, "planted": far},
     )
-    products = {t["table"]: t for t in json_of(run(*base, "stats", "--json"))["tables"]}[
-        "products"
-    ]
+    products = {t["table"]: t for t in json_of(run(*base, "stats", "--json"))["tables"]}["products"]
     assert (products["writers_in_flight"], products["local_holders"]) == (1, 1)
 
 
