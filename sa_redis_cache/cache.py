@@ -704,23 +704,14 @@ class Cache:
         """
         core = self._core
         keys = core.keys
-        removed = 0
-        batch: list[bytes] = []
+        io = core.io()
         with core.measure(None, "invalidate"):
-            for key in core.client.scan_iter(match=keys.namespace_pattern, count=1000):
-                if not keys.clearable(key):
-                    continue
-                batch.append(key)
-                if len(batch) >= 500:
-                    removed += int(core.client.unlink(*batch))
-                    batch.clear()
-            if batch:
-                removed += int(core.client.unlink(*batch))
+            removed = io.unlink_matching(keys.namespace_pattern, only=keys.clearable)
             # listed after the deletions: a process registers as a holder before it looks,
             # so one that registered later can only have read what was left
             held = {
                 table
-                for key in core.client.scan_iter(match=keys.holders_pattern, count=1000)
+                for key in io.scan(keys.holders_pattern)
                 if (table := keys.holders_table(key)) is not None
             }
             core.run_fenced([], held)
@@ -770,6 +761,16 @@ class Cache:
         """
         self._require_async_client("ainvalidate_region")
         return await greenlet_spawn(self.invalidate_region, region)
+
+    async def aclear(self) -> int:
+        """:meth:`clear` for coroutines: its SCANs and UNLINKs await the asyncio client.
+
+        Example::
+
+            await cache.aclear()
+        """
+        self._require_async_client("aclear")
+        return await greenlet_spawn(self.clear)
 
     async def ainvalidate_query(
         self, statement: Any, params: dict[str, Any] | None = None, *, bind: Any = None

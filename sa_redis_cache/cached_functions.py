@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from redis.exceptions import RedisError, ResponseError
+from sqlalchemy.util import greenlet_spawn
 
 from .codec import CodecError, dumps_tagged, loads_tagged
 from .fingerprint import values_digest
@@ -385,6 +386,16 @@ class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
     async def ainvalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Forget the cached result of one call without blocking; True if there was one."""
         return await self._adelete(self.key_for(*args, **kwargs))
+
+    async def ainvalidate_all(self) -> int:
+        """:meth:`invalidate_all` without blocking: its SCAN and UNLINKs await the asyncio
+        client; how many results went.
+
+        Example::
+
+            await rate.ainvalidate_all()
+        """
+        return await greenlet_spawn(self.invalidate_all)
 
     async def _adelete(self, key: str) -> bool:
         try:

@@ -28,7 +28,7 @@ from .models import ModelInfo, ModelRegistry
 from .outages import RedisOutages
 from .protocol import KeyScheme, scripts
 from .protocol.scripts import NO_COUNTER, NoCounter, ScriptCall
-from .redis_io import AsyncClients, OwedReplies, unlink_matching
+from .redis_io import AsyncClients, OwedReplies
 from .signing import Signer
 from .stats import Stats
 from .tracing import READ, Measurement
@@ -398,4 +398,4 @@ class CacheContext(RedisOutages):
 
     def unlink_matching(self, pattern: str) -> int:
         """UNLINK every key matching ``pattern`` (SCAN, in batches); returns how many."""
-        return unlink_matching(self.client, pattern)
+        return self.io().unlink_matching(pattern)

@@ -54,7 +54,7 @@ from .protocol import scripts
 from .redaction import redact_text, redact_url
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
 
     from .protocol.scripts import Command, Script, ScriptCall
 
@@ -154,6 +154,32 @@ class RedisIO:
     def unlink(self, *keys: str | bytes) -> int:
         """UNLINK ``keys``; how many existed."""
         return int(self._wait(self.client.unlink(*keys)))
+
+    def scan(self, pattern: str) -> Iterator[bytes]:
+        """Every key matching ``pattern`` (SCAN, 1,000 per round trip; on a Redis Cluster,
+        every primary's), each round trip awaited like the other calls."""
+        found = self.client.scan_iter(match=pattern, count=1000)
+        if not self.is_async:
+            yield from found
+            return
+        while (key := self._wait(anext(found, None))) is not None:
+            yield key
+
+    def unlink_matching(self, pattern: str, *, only: Callable[[bytes], bool] | None = None) -> int:
+        """UNLINK every key matching ``pattern`` (with ``only``: that it accepts), in
+        batches of 500; how many went. Never a ``FLUSH``: the server may be shared."""
+        removed = 0
+        batch: list[bytes] = []
+        for key in self.scan(pattern):
+            if only is not None and not only(key):
+                continue
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += self.unlink(*batch)
+                batch.clear()
+        if batch:
+            removed += self.unlink(*batch)
+        return removed
 
     def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA ``script``; on NOSCRIPT (a restarted or flushed server) load it and retry."""
@@ -1171,13 +1197,4 @@ def unlink_matching(client: SyncClient, pattern: str) -> int:
 
         unlink_matching(redis.Redis(), "sarc:shop:*")
     """
-    removed = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=pattern, count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            removed += int(client.unlink(*batch))
-            batch.clear()
-    if batch:
-        removed += int(client.unlink(*batch))
-    return removed
+    return SyncRedisIO(client).unlink_matching(pattern)

@@ -242,7 +242,7 @@ class Db:
         """``cache.<method>(...)`` in the sync mode, ``await cache.a<method>(...)`` in async.
 
         ``method`` is ``"invalidate"``, ``"invalidate_model"``, ``"invalidate_table"``,
-        ``"invalidate_query"`` or ``"invalidate_region"``.
+        ``"invalidate_query"``, ``"invalidate_region"`` or ``"clear"``.
         """
         if self.mode in ("sync", "cluster-sync"):
             return getattr(self.cache, method)(*args, **kwargs)

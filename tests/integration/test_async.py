@@ -609,6 +609,11 @@ def test_invalidation_removes_the_same_entries_in_both_modes(in_mode: Runner, pr
         # a region's tables are bumped: its entries go, and the others on those tables
         assert db.invalidate("invalidate_region", "menu") == ["categories"]
         assert misses(db) == {"categories", "region"}
+        # every entry and the counters they were checked against: 5 entries, 4 counters
+        # (the queries' invalidation counters, the entities' row counters, and the
+        # versions and generations of both tables)
+        assert db.invalidate("clear") >= 5
+        assert misses(db) == set(reads)
         assert db.invalidate("invalidate_query", by_id) == 1
         assert misses(db) == {"query"}
         assert db.invalidate("invalidate_query", by_id.where(Product.id > 0)) == 0
@@ -661,9 +666,12 @@ def test_ainvalidate_query_takes_the_async_engine_and_raises_redis_errors(
 # -- cache.cached on async functions -------------------------------------------------------
 
 
-def test_cached_decorates_async_functions(redis_url: str, namespace: str) -> None:
+def test_cached_decorates_async_functions(
+    redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = Cache(redis_url, namespace=namespace)
     calls: list[str] = []
+    blocking: list[tuple[Any, ...]] = []
 
     @cache.cached("rates", ttl=60)
     async def rate(currency: str, *, scale: int = 2) -> dict[str, Any]:
@@ -680,6 +688,18 @@ def test_cached_decorates_async_functions(redis_url: str, namespace: str) -> Non
             got.append(await rate.ainvalidate("EUR"))
             got.append(await rate("EUR"))
             got.append(rate.invalidate("EUR"))  # the synchronous one works too
+            await rate("EUR")
+            # every cached result goes, without a round trip on the synchronous client
+            sync_command = cache.client.execute_command
+
+            def record(*args: Any, **options: Any) -> Any:
+                blocking.append(args)
+                return sync_command(*args, **options)
+
+            monkeypatch.setattr(cache.client, "execute_command", record)
+            got.append(await rate.ainvalidate_all())
+            monkeypatch.undo()
+            got.append(await rate("USD"))
             return got
         finally:
             await cache.aclose()
@@ -689,10 +709,12 @@ def test_cached_decorates_async_functions(redis_url: str, namespace: str) -> Non
     finally:
         cache.client.close()
     eur = {"currency": "EUR", "rate": Decimal("1.08"), "scale": 2}
-    assert got == [eur, eur, {**eur, "currency": "USD"}, True, eur, True]
-    assert calls == ["EUR", "USD", "EUR"]
+    usd = {**eur, "currency": "USD"}
+    assert got == [eur, eur, usd, True, eur, True, 2, usd]
+    assert blocking == []
+    assert calls == ["EUR", "USD", "EUR", "EUR", "USD"]
     assert cache.stats()["functions"]["rates"]["hits"] == 1
-    assert cache.stats()["functions"]["rates"]["fills"] == 3
+    assert cache.stats()["functions"]["rates"]["fills"] == 5
     # frameworks (Starlette, FastAPI) see a coroutine function and await it
     assert asyncio.iscoroutinefunction(rate.__call__)
     assert inspect.iscoroutinefunction(rate.__call__)
