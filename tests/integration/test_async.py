@@ -678,9 +678,9 @@ def test_cached_decorates_async_functions(
         calls.append(currency)
         return {"currency": currency, "rate": Decimal("1.08"), "scale": scale}
 
-    async def main() -> list[dict[str, Any] | bool]:
+    async def main() -> list[dict[str, Any] | bool | int]:
         try:
-            got: list[dict[str, Any] | bool] = [
+            got: list[dict[str, Any] | bool | int] = [
                 await rate("EUR"),
                 await rate(currency="EUR"),
                 await rate("USD"),
@@ -690,7 +690,7 @@ def test_cached_decorates_async_functions(
             got.append(rate.invalidate("EUR"))  # the synchronous one works too
             await rate("EUR")
             # every cached result goes, without a round trip on the synchronous client
-            sync_command = cache.client.execute_command
+            sync_command: Any = cache.client.execute_command
 
             def record(*args: Any, **options: Any) -> Any:
                 blocking.append(args)
