@@ -706,18 +706,8 @@ class Cache:
         """
         core = self._core
         keys = core.keys
-        removed = 0
-        batch: list[bytes] = []
         with core.measure(None, "invalidate"):
-            for key in core.client.scan_iter(match=keys.namespace_pattern, count=1000):
-                if not keys.clearable(key):
-                    continue
-                batch.append(key)
-                if len(batch) >= 500:
-                    removed += int(core.client.unlink(*batch))
-                    batch.clear()
-            if batch:
-                removed += int(core.client.unlink(*batch))
+            removed = core.unlink_matching(keys.namespace_pattern, keys.clearable)
             # listed after the deletions: a process registers as a holder before it looks,
             # so one that registered later can only have read what was left
             held = {

@@ -1162,8 +1162,11 @@ def clients_for(
     return redis_client, None  # the application's client wins over one from the URL
 
 
-def unlink_matching(client: SyncClient, pattern: str) -> int:
-    """UNLINK every key matching ``pattern`` (SCAN, in batches of 500); how many went.
+def unlink_matching(
+    client: SyncClient, pattern: str, where: Callable[[bytes], bool] | None = None
+) -> int:
+    """UNLINK every key matching ``pattern`` (SCAN, in batches of 500), only those ``where``
+    accepts when it is given; how many went.
 
     Never a ``FLUSH``: the server may be shared.
 
@@ -1174,6 +1177,8 @@ def unlink_matching(client: SyncClient, pattern: str) -> int:
     removed = 0
     batch: list[bytes] = []
     for key in client.scan_iter(match=pattern, count=1000):
+        if where is not None and not where(key):
+            continue
         batch.append(key)
         if len(batch) >= 500:
             removed += int(client.unlink(*batch))

@@ -400,6 +400,30 @@ class KeyScheme:
         """A SCAN pattern matching every table's holder set."""
         return escape_glob(f"{self.prefix}lh:") + "*"
 
+    def is_registration(self, key: bytes) -> bool:
+        """True for what running processes registered once and count on finding: a
+        table's holder set (a local tier holding a table does not register again before
+        its lease renewal, and every commit's fences read the set) and a region's table
+        set (a process records a statement's table once a day, and
+        ``cache.invalidate_region`` reads the set). Deleting one would let commits stop
+        waiting for a tier, or a region's invalidation miss a table. Any table or slot
+        group.
+
+        Example::
+
+            >>> keys = KeyScheme("shop")
+            >>> keys.is_registration(keys.holders_key("products").encode())
+            True
+            >>> keys.is_registration(keys.region_key("pages").encode())
+            True
+            >>> keys.is_registration(keys.version_key("products").encode())
+            False
+        """
+        return key.startswith((self._holders_head(), self.region_key("").encode()))
+
+    def _holders_head(self) -> bytes:
+        return f"{self.prefix}lh:".encode()
+
     def holders_table(self, key: bytes) -> str | None:
         """The table whose holder set ``key`` is, or None for any other key (or one this
         scheme would not name so: a table in a slot group this process does not know).
@@ -412,7 +436,7 @@ class KeyScheme:
             >>> keys.holders_table(keys.version_key("orders").encode()) is None
             True
         """
-        head = f"{self.prefix}lh:".encode()
+        head = self._holders_head()
         if not key.startswith(head):
             return None
         found = self.split_key(self.prefix.encode() + key[len(head) :] + b":")
