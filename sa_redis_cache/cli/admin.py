@@ -126,7 +126,7 @@ def invalidate(
             )
         # this process read nothing: the row's entries of every database and schema are
         # found by SCAN (cache.invalidate's counter bump retires them all the same)
-        found = row_keys(cache, info, values)
+        found = row_keys(cache, info, values).entries
         if found:
             cache.client.unlink(*found)
         cache.invalidate(cls, *values)
