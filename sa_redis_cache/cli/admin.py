@@ -167,13 +167,13 @@ def _invalidate_namespace(settings: Settings, *, yes: bool) -> None:
     keys = cache.keys
     pattern = keys.namespace_pattern
 
-    def deleted(key: bytes) -> bool:
-        # kept: write-behind streams, pending states and leases hold writes not yet in the
+    def kept(key: bytes) -> bool:
+        # write-behind streams, pending states and leases hold writes not yet in the
         # database; the local tiers' holder sets and the regions' table sets are what
         # running processes registered and will not register again soon
-        return not is_queue_key(key) and not keys.is_registration(key)
+        return is_queue_key(key) or keys.is_registration(key)
 
-    count = sum(1 for key in cache.client.scan_iter(match=pattern, count=1000) if deleted(key))
+    count = sum(1 for key in cache.client.scan_iter(match=pattern, count=1000) if not kept(key))
     if not count:
         click.echo(f"namespace {settings.namespace!r} has no cache keys: nothing to delete")
         return
@@ -182,11 +182,14 @@ def _invalidate_namespace(settings: Settings, *, yes: bool) -> None:
             f"Delete all {count} cache key(s) of namespace {settings.namespace!r} "
             f"({keys.prefix}*, write-behind queues kept) on {settings.shown_redis_url}?"
         )
-    # the entries and their counters first, as cache.clear() deletes them: it returns once
-    # no process's local tier serves them any more; what it keeps and this command does not
-    # (writer marks, published statistics, worker registries) no tier serves
+    # the entries and their counters first, by cache.clear(): it returns once no process's
+    # local tier serves them any more. Then what clear() keeps (writer marks, published
+    # statistics, worker registries), which no tier serves; entries filled since are
+    # left, as clear() leaves them
     removed = cache.clear()
-    removed += unlink_matching(cache.client, pattern, deleted)
+    removed += unlink_matching(
+        cache.client, pattern, lambda key: not kept(key) and not keys.clearable(key)
+    )
     click.echo(
         f"deleted {removed} key(s) of namespace {settings.namespace!r} (write-behind queues kept)"
     )
