@@ -396,6 +396,7 @@ class CacheContext(RedisOutages):
         self.redis_failed(exc)
         self.counters.incr(scope, "errors", also=also)
 
-    def unlink_matching(self, pattern: str) -> int:
-        """UNLINK every key matching ``pattern`` (SCAN, in batches); returns how many."""
-        return self.io().unlink_matching(pattern)
+    def unlink_matching(self, pattern: str, only: Callable[[bytes], bool] | None = None) -> int:
+        """UNLINK every key matching ``pattern`` that ``only`` accepts (all when None;
+        SCAN, in batches); returns how many."""
+        return self.io().unlink_matching(pattern, only=only)

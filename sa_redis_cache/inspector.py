@@ -52,10 +52,9 @@ class PendingState:
 
     Example::
 
-        PendingState("sarc:shop:{shop:views}:wbp:ab12:00ff:7", "1700000000000-0", None)
+        PendingState("1700000000000-0", None)
     """
 
-    key: str
     stream_id: str
     row: dict[str, Any] | None
 
@@ -152,7 +151,7 @@ class CacheInspector:
             info, self._context.opened(entity, raw, scripted=True), pk_text(pk)
         )
         row = None if values is None else dict(zip(info.column_keys, values, strict=True))
-        return PendingState(key, stream_id, row)
+        return PendingState(stream_id, row)
 
     def _row_scope(self, info: ModelInfo, database: Database, schema: str | None) -> str:
         translate = None if schema is None else {info.table_schema: schema}

@@ -1188,8 +1188,11 @@ def clients_for(
     return redis_client, None  # the application's client wins over one from the URL
 
 
-def unlink_matching(client: SyncClient, pattern: str) -> int:
-    """UNLINK every key matching ``pattern`` (SCAN, in batches of 500); how many went.
+def unlink_matching(
+    client: SyncClient, pattern: str, only: Callable[[bytes], bool] | None = None
+) -> int:
+    """UNLINK every key matching ``pattern`` (SCAN, in batches of 500), only those ``only``
+    accepts when it is given; how many went.
 
     Never a ``FLUSH``: the server may be shared.
 
@@ -1197,4 +1200,4 @@ def unlink_matching(client: SyncClient, pattern: str) -> int:
 
         unlink_matching(redis.Redis(), "sarc:shop:*")
     """
-    return SyncRedisIO(client).unlink_matching(pattern)
+    return SyncRedisIO(client).unlink_matching(pattern, only=only)

@@ -15,6 +15,7 @@ from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.models import ModelRegistry, mapper_of
 from sa_redis_cache.protocol import is_queue_key
 from sa_redis_cache.redaction import redact_url
+from sa_redis_cache.redis_io import unlink_matching
 from sa_redis_cache.strategies.write_behind.worker.flush import LEASE_MAX_MS, LEASE_MS
 
 from .common import CliError, Settings, common_options, import_object, one_line, resolve_model
@@ -64,7 +65,9 @@ def _confirm(question: str, *, nothing: str = "nothing was invalidated") -> None
 @click.option(
     "--namespace-wide",
     is_flag=True,
-    help="Delete every key of the namespace (SCAN + UNLINK of sarc:NAMESPACE:*; never FLUSH).",
+    help="Delete every key of the namespace (SCAN + UNLINK of sarc:NAMESPACE:*; never FLUSH) "
+    "but the write-behind queues and what running processes registered; returns once no "
+    "local tier serves what went.",
 )
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @common_options("redis_url", "namespace", "models")
@@ -86,7 +89,8 @@ def invalidate(
     no model maps alone, such as a many-to-many association table
     (cache.invalidate_table). Each also retires the tables that the foreign keys'
     ON DELETE / ON UPDATE actions write. --namespace-wide deletes every key of the
-    namespace, counters included, as a Redis restart without persistence would.
+    namespace, counters included, as a Redis restart without persistence would, and
+    returns once no process's local tier serves what went (cache.clear, then the rest).
 
     \b
     Examples:
@@ -122,7 +126,7 @@ def invalidate(
             )
         # this process read nothing: the row's entries of every database and schema are
         # found by SCAN (cache.invalidate's counter bump retires them all the same)
-        found = row_keys(cache, info, values)
+        found = row_keys(cache, info, values).entries
         if found:
             cache.client.unlink(*found)
         cache.invalidate(cls, *values)
@@ -160,19 +164,32 @@ def _invalidate_tables(settings: Settings, tables: tuple[str, ...], *, yes: bool
 
 def _invalidate_namespace(settings: Settings, *, yes: bool) -> None:
     cache = settings.cache()
-    prefix = cache.keys.prefix
-    pattern = cache.keys.namespace_pattern
-    # write-behind streams and pending states hold writes not yet in the database
-    keys = [k for k in cache.client.scan_iter(match=pattern, count=1000) if not is_queue_key(k)]
-    if not keys:
+    keys = cache.keys
+    pattern = keys.namespace_pattern
+
+    def kept(key: bytes) -> bool:
+        # write-behind streams, pending states and leases hold writes not yet in the
+        # database; the local tiers' holder sets and the regions' table sets are what
+        # running processes registered and will not register again soon
+        return is_queue_key(key) or keys.is_registration(key)
+
+    count = sum(1 for key in cache.client.scan_iter(match=pattern, count=1000) if not kept(key))
+    if not count:
         click.echo(f"namespace {settings.namespace!r} has no cache keys: nothing to delete")
         return
     if not yes:
         _confirm(
-            f"Delete all {len(keys)} cache key(s) of namespace {settings.namespace!r} "
-            f"({prefix}*, write-behind queues kept) on {settings.shown_redis_url}?"
+            f"Delete all {count} cache key(s) of namespace {settings.namespace!r} "
+            f"({keys.prefix}*, write-behind queues kept) on {settings.shown_redis_url}?"
         )
-    removed = sum(int(cache.client.unlink(*keys[i : i + 500])) for i in range(0, len(keys), 500))
+    # the entries and their counters first, by cache.clear(): it returns once no process's
+    # local tier serves them any more. Then what clear() keeps (writer marks, published
+    # statistics, worker registries), which no tier serves; entries filled since are
+    # left, as clear() leaves them
+    removed = cache.clear()
+    removed += unlink_matching(
+        cache.client, pattern, lambda key: not kept(key) and not keys.clearable(key)
+    )
     click.echo(
         f"deleted {removed} key(s) of namespace {settings.namespace!r} (write-behind queues kept)"
     )

@@ -30,7 +30,7 @@ from .badkeys import (
 from .common import Settings, common_options, resolve_model
 from .output import Block, Table, echo_json, human_ttl, int_or_none, render, text_or_dash
 from .statement import inspect_statement, statement_blocks
-from .values import parse_pk, pending_keys, row_key_in, row_keys, row_pattern
+from .values import RowKeys, parse_pk, row_key_in, row_keys
 
 if TYPE_CHECKING:
     from sa_redis_cache.binds import Database
@@ -172,14 +172,18 @@ def inspect_row(
     text = pk_text(pk)
     others: list[str] = []
     database = None
+    found = RowKeys([], [])
     if bind_url or settings.database_url:
         database = settings.database(bind_url, option="--bind-url")
         key = row_key_in(cache, info, pk, database, schema)
     else:
         found = row_keys(cache, info, pk)
-        key = found[0] if found else row_pattern(cache, info, pk)
-        others = found[1:]
-    pending_key, other_pending = _pending_keys(settings, cls, info, pk, key, database, schema)
+        entries = found.entries
+        key = entries[0] if entries else keys.row_pattern(info.table, info.schema_hash, text)
+        others = entries[1:]
+    pending_key, other_pending = _pending_keys(
+        settings, cls, info, pk, key, database, schema, found.pending
+    )
     version_key, generation_key = keys.version_key(info.table), keys.generation_key(info.table)
     writes_key = keys.row_write_key(info.table, text)
     pipe = cache.client.pipeline(transaction=False)
@@ -249,21 +253,22 @@ def _pending_keys(
     entry_key: str,
     database: Database | None,
     schema: str | None,
+    found: list[str],
 ) -> tuple[str | None, list[str]]:
     """The pending key of a write-behind row in the database and schema of the entity
     entry shown (None: not a write-behind model, or none found without a database URL),
-    and the row's pending keys in other databases and schemas."""
+    and the row's pending keys in other databases and schemas (``found``, the row's
+    pending keys the SCAN without a database found)."""
     if not is_write_behind(info):
         return None, []
     cache = settings.cache()
     if database is not None:
         return cache.inspector.pending_key(cls, pk, database=database, schema=schema), []
-    found = pending_keys(cache, info, pk)
-    # both keys end in "<scope>:<pk text>" after their heads
     keys = cache.keys
-    scoped = entry_key[len(keys.entity_key(info.table, info.schema_hash, "", "")) - 1 :]
-    head = len(keys.pending_key(info.table, info.schema_hash, "", "")) - 1
-    chosen = next((k for k in found if k[head:] == scoped), found[0] if found else None)
+    chosen = next(
+        (k for k in found if keys.pending_entity_key(info.table, info.schema_hash, k) == entry_key),
+        found[0] if found else None,
+    )
     return chosen, [k for k in found if k != chosen]
 
 

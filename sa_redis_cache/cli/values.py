@@ -6,7 +6,7 @@ import enum
 import uuid
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import click
 
@@ -22,41 +22,45 @@ if TYPE_CHECKING:
     from sa_redis_cache.binds import Database
     from sa_redis_cache.cache import Cache
 
-__all__ = ["parse_pk", "parse_value", "pending_keys", "row_key_in", "row_keys", "row_pattern"]
+__all__ = ["RowKeys", "parse_pk", "parse_value", "row_key_in", "row_keys"]
 
 
-def row_keys(cache: Cache, info: ModelInfo, pk: tuple[Any, ...]) -> list[str]:
-    """The keys of one row's entity entries, in every database and schema (SCAN).
+class RowKeys(NamedTuple):
+    """One row's keys in every database and schema, each list sorted."""
 
-    Entity entries carry the scope (database and schema) they were read in, which a
-    process that read nothing cannot compute: the command line finds them by pattern.
-    The one place the command line names an entity entry without a database URL
-    (``inspect`` and ``invalidate`` both ask here).
+    entries: list[str]
+    """Its entity entries."""
+    pending: list[str]
+    """Its write-behind pending states."""
+
+
+def row_keys(cache: Cache, info: ModelInfo, pk: tuple[Any, ...]) -> RowKeys:
+    """The keys of one row's entity entries and pending states, in every database and
+    schema (one SCAN).
+
+    Entity entries (and pending states) carry the scope (database and schema) they were
+    written in, which a process that read nothing cannot compute: the command line finds
+    them by pattern. The one place the command line names them without a database URL
+    (``inspect`` and ``invalidate`` both ask here). One walk finds both kinds: ``MATCH``
+    filters after the server has walked the whole keyspace.
 
     Example::
 
         info, pk = parse_pk(cache, Product, ("7",))
-        row_keys(cache, info, pk)  # ['sarc:shop:{shop:products}:e:40824c7d8343:9f..:7']
+        row_keys(cache, info, pk).entries  # ['sarc:shop:{shop:products}:e:40824c7d8343:9f..:7']
     """
-    pattern = row_pattern(cache, info, pk)
-    return sorted(k.decode() for k in cache.client.scan_iter(match=pattern, count=1000))
-
-
-def pending_keys(cache: Cache, info: ModelInfo, pk: tuple[Any, ...]) -> list[str]:
-    """The keys of one write-behind row's pending states, in every database and schema
-    (SCAN), found as :func:`row_keys` finds its entity entries.
-
-    Example::
-
-        pending_keys(cache, info, pk)  # ['sarc:shop:{shop:views}:wbp:40824c7d8343:9f..:7']
-    """
-    pattern = cache.keys.pending_pattern(info.table, info.schema_hash, pk_text(pk))
-    return sorted(k.decode() for k in cache.client.scan_iter(match=pattern, count=1000))
-
-
-def row_pattern(cache: Cache, info: ModelInfo, pk: tuple[Any, ...]) -> str:
-    """A SCAN pattern matching one row's entity entries in every database and schema."""
-    return cache.keys.row_pattern(info.table, info.schema_hash, pk_text(pk))
+    keys, text = cache.keys, pk_text(pk)
+    found = RowKeys([], [])
+    pattern = keys.row_keys_pattern(info.table, info.schema_hash, text)
+    for raw in cache.client.scan_iter(match=pattern, count=1000):
+        # the wider pattern matches other keys too, whose bytes may be anything
+        key = raw.decode("utf-8", "surrogateescape")
+        kind = keys.row_kind(key, info.table, info.schema_hash, text)
+        if kind is not None:
+            (found.entries if kind == "entity" else found.pending).append(raw.decode())
+    found.entries.sort()
+    found.pending.sort()
+    return found
 
 
 def row_key_in(

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from sa_redis_cache.codec import CodecError, dumps_tagged
 
@@ -286,8 +286,54 @@ class KeyScheme:
             >>> KeyScheme("shop").row_pattern("products", "ab12", "7")
             'sarc:shop:{shop:products}:e:ab12:*:7'
         """
-        head = escape_glob(self.entity_key(table, schema_hash, "", ""))[:-1]
+        head = escape_glob(self._scoped_head(table, schema_hash, pending=False))
         return f"{head}*:{escape_glob(pk_text)}"
+
+    def row_keys_pattern(self, table: str, schema_hash: str, pk_text: str) -> str:
+        """A SCAN pattern matching one row's entity entries and write-behind pending
+        states in every scope, and some other keys (:meth:`row_kind` tells them apart):
+        one walk of the keyspace finds both kinds.
+
+        Example::
+
+            >>> KeyScheme("shop").row_keys_pattern("views", "ab12", "7")
+            'sarc:shop:{shop:views}:*:ab12:*:7'
+        """
+        head = escape_glob(self.table_prefix(table))
+        return f"{head}*:{escape_glob(schema_hash)}:*:{escape_glob(pk_text)}"
+
+    def row_kind(
+        self, key: str, table: str, schema_hash: str, pk_text: str
+    ) -> Literal["entity", "pending"] | None:
+        """``"entity"`` when ``key`` is one of the row's entity entries (:meth:`row_pattern`
+        matches it), ``"pending"`` when it is one of its pending states (the same pattern
+        over :meth:`pending_key`), else None.
+
+        Example::
+
+            >>> keys = KeyScheme("shop")
+            >>> keys.row_kind(keys.pending_key("views", "ab12", "00ff", "7"), "views", "ab12", "7")
+            'pending'
+            >>> other_row = keys.entity_key("views", "ab12", "00ff", "17")
+            >>> keys.row_kind(other_row, "views", "ab12", "7") is None
+            True
+        """
+        kinds: tuple[tuple[Literal["entity", "pending"], bool], ...] = (
+            ("entity", False),
+            ("pending", True),
+        )
+        for kind, pending in kinds:
+            head = self._scoped_head(table, schema_hash, pending=pending)
+            # the patterns' "*" matches anything, the empty text included
+            if key.startswith(head) and key[len(head) :].endswith(f":{pk_text}"):
+                return kind
+        return None
+
+    def _scoped_head(self, table: str, schema_hash: str, *, pending: bool) -> str:
+        """What one table's entity keys (or pending keys) of ``schema_hash`` start with,
+        before their scope: the two differ only in it, ``<head><scope>:<pk text>``."""
+        key = self.pending_key if pending else self.entity_key
+        return key(table, schema_hash, "", "")[:-1]
 
     def query_key(self, table: str, digest: str, *, spread: bool = False) -> str:
         """The entry of one statement with its bound values, under its first ``table``.
@@ -400,6 +446,30 @@ class KeyScheme:
         """A SCAN pattern matching every table's holder set."""
         return escape_glob(f"{self.prefix}lh:") + "*"
 
+    def is_registration(self, key: bytes) -> bool:
+        """True for what running processes registered once and count on finding: a
+        table's holder set (a local tier holding a table does not register again before
+        its lease renewal, and every commit's fences read the set) and a region's table
+        set (a process records a statement's table once a day, and
+        ``cache.invalidate_region`` reads the set). Deleting one would let commits stop
+        waiting for a tier, or a region's invalidation miss a table. Any table or slot
+        group.
+
+        Example::
+
+            >>> keys = KeyScheme("shop")
+            >>> keys.is_registration(keys.holders_key("products").encode())
+            True
+            >>> keys.is_registration(keys.region_key("pages").encode())
+            True
+            >>> keys.is_registration(keys.version_key("products").encode())
+            False
+        """
+        return key.startswith((self._holders_head(), self.region_key("").encode()))
+
+    def _holders_head(self) -> bytes:
+        return f"{self.prefix}lh:".encode()
+
     def holders_table(self, key: bytes) -> str | None:
         """The table whose holder set ``key`` is, or None for any other key (or one this
         scheme would not name so: a table in a slot group this process does not know).
@@ -412,7 +482,7 @@ class KeyScheme:
             >>> keys.holders_table(keys.version_key("orders").encode()) is None
             True
         """
-        head = f"{self.prefix}lh:".encode()
+        head = self._holders_head()
         if not key.startswith(head):
             return None
         found = self.split_key(self.prefix.encode() + key[len(head) :] + b":")
@@ -488,21 +558,10 @@ class KeyScheme:
             >>> keys.pending_entity_key("views", "ab12", pending)
             'sarc:shop:{shop:views}:e:ab12:00ff:7'
         """
-        head = self.pending_key(table, schema_hash, "", "")[:-1]
+        head = self._scoped_head(table, schema_hash, pending=True)
         if not pending.startswith(head):
             return None
-        return self.entity_key(table, schema_hash, "", "")[:-1] + pending[len(head) :]
-
-    def pending_pattern(self, table: str, schema_hash: str, pk_text: str) -> str:
-        """A SCAN pattern matching one write-behind row's pending keys in every scope.
-
-        Example::
-
-            >>> KeyScheme("shop").pending_pattern("views", "ab12", "7")
-            'sarc:shop:{shop:views}:wbp:ab12:*:7'
-        """
-        head = escape_glob(self.pending_key(table, schema_hash, "", ""))[:-1]
-        return f"{head}*:{escape_glob(pk_text)}"
+        return self._scoped_head(table, schema_hash, pending=False) + pending[len(head) :]
 
     # -- the namespace ---------------------------------------------------------------------
 

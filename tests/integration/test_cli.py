@@ -35,6 +35,7 @@ from sa_redis_cache.cli import cli
 from sa_redis_cache.codec import pack, unpack
 from sa_redis_cache.protocol import KeyScheme, scripts
 from sa_redis_cache.redis_io import client_from_url
+from tests.integration.test_local_tier import HeldAck, Process, held_until_dropped
 from tests.wb_support import private_models
 
 if TYPE_CHECKING:
@@ -487,6 +488,64 @@ def test_invalidate_namespace_wide_deletes_only_that_namespace(
     assert {k for k in left if not k.startswith(stats_prefix)} == set(queue)
     assert redis_client.exists(neighbour)
     assert run(*base, "invalidate", "--namespace-wide", "Product").exit_code == 2
+
+
+def test_invalidate_namespace_wide_returns_once_every_local_tier_dropped_what_it_deleted(
+    base: list[str], database_url: str, redis_url: str, namespace: str, product: int
+) -> None:
+    """Another process's local tier holds the row: the command returns only once that tier
+    has dropped it, as ``cache.clear()`` does. The tier's registration as a holder is
+    kept: a commit after the command still waits for the tier to drop what it changed."""
+    reader = Process(database_url, redis_url, namespace, local_lease=30.0)  # cannot lapse here
+    writer = Process(database_url, redis_url, namespace)
+    wiped: list[Result] = []
+    try:
+        reader.hold(product)
+        # deleted, then fenced, in two round trips (as cache.clear())
+        held = HeldAck(reader, together=False)
+
+        def wipe() -> None:
+            wiped.append(run(*base, "invalidate", "--namespace-wide", "--yes"))
+
+        assert held_until_dropped(reader, product, wipe, held) == Decimal("1.00")
+        assert wiped[0].exit_code == 0, wiped[0].output
+        reader.hold(product)  # kept again, under the lease it never lost
+        assert held_until_dropped(
+            reader, product, lambda: writer.set_price(product, "2.00")
+        ) == Decimal("2.00")
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_invalidate_region_still_retires_a_region_after_invalidate_namespace_wide(
+    base: list[str],
+    database_url: str,
+    session_factory: sessionmaker[Session],
+    cache: Cache,
+    product: int,
+) -> None:
+    """A process records a region's tables once a day, not before each read: the region's
+    table sets outlive the command, or ``invalidate_region`` would retire nothing of what
+    that process fills afterwards."""
+    stmt = select(Product).where(Product.id == product).options(FromCache(region="pages"))
+
+    def price() -> Decimal:
+        with session_factory() as s:
+            return s.scalars(stmt).one().price
+
+    assert price() == Decimal("1.00")  # recorded the region's table, and filled
+    assert run(*base, "invalidate", "--namespace-wide", "--yes").exit_code == 0
+    assert price() == Decimal("1.00")  # filled again, the region not recorded again
+    # written where the cache does not see it: what invalidate_region is for
+    elsewhere = sa.create_engine(database_url, poolclass=NullPool)
+    try:
+        with elsewhere.begin() as conn:
+            conn.execute(sa.update(Product).where(Product.id == product).values(price=2))
+    finally:
+        elsewhere.dispose()
+    assert cache.invalidate_region("pages") == ["products"]
+    assert price() == Decimal("2.00")
 
 
 # --------------------------------------------------------------------------- bad usage

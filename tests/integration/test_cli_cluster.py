@@ -32,6 +32,8 @@ from tests.integration.test_cli import (  # noqa: F401 - collected here, on the 
     test_inspect_statement_reports_a_planted_key_and_goes_on,
     test_invalidate_asks_for_confirmation,
     test_invalidate_namespace_wide_deletes_only_that_namespace,
+    test_invalidate_namespace_wide_returns_once_every_local_tier_dropped_what_it_deleted,
+    test_invalidate_region_still_retires_a_region_after_invalidate_namespace_wide,
     test_invalidate_row_and_model,
     test_key_names_cannot_write_to_the_terminal,
     test_stats_counts_entries_memory_and_counters_per_table,

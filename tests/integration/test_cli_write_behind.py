@@ -12,6 +12,8 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import redis
+import redis.cluster
 from click.testing import CliRunner
 
 from sa_redis_cache.cli import cli
@@ -20,7 +22,6 @@ from tests.wb_support import WB_SERVERS, drain, queue, remove, update, wb_server
 if TYPE_CHECKING:
     import uuid
 
-    import redis
     from sqlalchemy.orm import Session, sessionmaker
 
 pytest_plugins = ["tests.wb_fixtures"]
@@ -114,3 +115,31 @@ def test_inspect_reports_the_queued_state_session_get_returns(
     assert "session.get() skips it" in document["pending"]["detail"]
     assert document["state"] == document["entry_state"] != "pending"
     assert got(factory, page_view, pk) is None
+
+
+def test_inspect_finds_the_entries_and_pending_states_in_one_walk(
+    base: list[str],
+    factory: sessionmaker[Session],
+    models: Any,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a database URL, a write-behind row's entity entries and pending states are
+    found by pattern: in one walk of the keyspace, since ``MATCH`` filters only after the
+    server has walked every key (on a cluster, every primary's)."""
+    page_view, _ = models
+    pk = queue(factory, page_view, path="/v1")
+    walks: list[str] = []
+    for cls in (redis.Redis, redis.cluster.RedisCluster):
+        scan_iter = cls.scan_iter
+
+        def counted(self: Any, *args: Any, scan_iter: Any = scan_iter, **kwargs: Any) -> Any:
+            if str(kwargs.get("match", "")).startswith(f"sarc:{namespace}:"):
+                walks.append(kwargs["match"])
+            return scan_iter(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "scan_iter", counted)
+    document = inspected(base, pk)
+    assert document["state"] == "pending"
+    assert document["row"]["path"] == "/v1"
+    assert len(walks) == 1, walks
