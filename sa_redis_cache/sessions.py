@@ -384,7 +384,7 @@ class SessionHooks:
             return
         frame = state.discard()
         if frame is not None:
-            self.write_behind.revert(session, frame.queued.values(), state)
+            self.write_behind.revert(session, frame.queued.values(), state, frame.removed)
 
     def after_transaction_end(self, session: Session, transaction: Any) -> None:
         """The outermost transaction is over: queue its write-behind rows, or release."""
@@ -401,12 +401,13 @@ class SessionHooks:
         self.invalidation.settle_premark(state)
         committed, token, marked = state.committed, state.token, state.marked
         queued = list(state.frames[0].queued.values())
+        removed = state.frames[0].removed
         joined = state.joined
         state.reset()
         if not committed:
             if marked:
                 self.invalidation.release(token, marked)
-            self.write_behind.revert(session, queued, None)
+            self.write_behind.revert(session, queued, None, removed)
         elif queued and joined is not None:
             self.write_behind.hand_over(joined, queued)
             self.write_behind.keep_committed(session, queued)

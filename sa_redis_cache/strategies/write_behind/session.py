@@ -165,6 +165,11 @@ class WriteBehind:
                 scope = scopes[info.table] = found
             if kind == "deleted":
                 op = self._delete_op(obj, info)
+                prior = state.find_queued(info.table, op.pk)
+                # deleted in the transaction that created it: a rollback of that creation
+                # leaves it transient, as any other rollback leaves it persistent
+                op.created = prior is not None and prior.obj is obj and prior.created
+                state.frame().removed.append(op)
                 session.expunge(obj)
             else:
                 values, tz = self._capture(
@@ -418,12 +423,23 @@ class WriteBehind:
             self.enqueue(ops)
 
     @staticmethod
-    def revert(session: Session, ops: Iterable[Op], outer: TransactionState | None) -> None:
+    def revert(
+        session: Session,
+        ops: Iterable[Op],
+        outer: TransactionState | None,
+        removed: Iterable[Op] = (),
+    ) -> None:
         """Objects of operations that will not be queued: created ones become transient again.
 
         ``outer`` holds the frames that remain (a savepoint rolled back): an object that an
         outer frame wrote was not created by the rolled-back one, and is expired instead, so
         that its next access reads the outer frame's state.
+
+        ``removed``: the rolled-back frame's deletes. Their objects left the session at the
+        flush (:meth:`divert`), where SQLAlchemy's own rollback does not look for them: they
+        come back persistent and expired, as SQLAlchemy restores a deleted object, unless
+        the rollback also undoes their creation (then transient). After the writes, whose
+        created objects free their keys first (a delete then an add of one key).
         """
         for op in ops:
             if op.kind != "u":
@@ -431,10 +447,19 @@ class WriteBehind:
             state = instance_state(op.obj)
             if state.session_id != session.hash_key:
                 continue
-            if op.created and (outer is None or outer.find_queued(op.info.table, op.pk) is None):
+            if _creation_undone(op, outer):
                 session.expunge(op.obj)
                 make_transient(op.obj)
             else:
+                session.expire(op.obj)
+        for op in removed:
+            state = instance_state(op.obj)
+            if state.session_id is not None or state.key is None:
+                continue  # added again meanwhile, here or to another session
+            if _creation_undone(op, outer):
+                make_transient(op.obj)
+            elif session.identity_map.get(state.key) is None:
+                session.add(op.obj)
                 session.expire(op.obj)
 
     def enqueue(self, ops: list[Op]) -> list[bytes]:
@@ -633,6 +658,12 @@ def _why(replies: list[Any]) -> str:
     """Why a run of waits did not confirm, for the error message."""
     failed = [reply for reply in replies if isinstance(reply, Exception)]
     return f"the wait failed: {failed[-1]}" if failed else "it did not confirm"
+
+
+def _creation_undone(op: Op, outer: TransactionState | None) -> bool:
+    """Whether a rollback undoes the creation of ``op``'s object: it was created in the
+    frames rolled back, and no frame that remains (``outer``) wrote its row."""
+    return op.created and (outer is None or outer.find_queued(op.info.table, op.pk) is None)
 
 
 def _pending_key(obj: object, info: ModelInfo) -> tuple[Any, ...]:
