@@ -1,0 +1,510 @@
+"""Write-behind as the application's session sees it, with plain SQLAlchemy as the oracle.
+
+Each scenario runs twice: with a plain ``Session`` (no cache) on tables of the same shape,
+and with a cached ``Session`` or ``AsyncSession`` (``in_mode``) on the write-behind models.
+What the session shows along the way (objects' states, ``session.get``, values) must be
+the same, and so must the tables once a flush worker has drained the queue: a rolled-back
+write must never be applied, a committed one never lost.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy import CheckConstraint, String, inspect, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.types import DateTime
+
+from devservices import RedisServer
+from sa_redis_cache import ConfigurationError, FlushWorker, schema
+from tests.modes import AsyncFacade, SyncFacade
+from tests.wb_support import drain, private_models
+
+try:  # SQLAlchemy 2.1
+    from sqlalchemy.util import await_
+except ImportError:  # SQLAlchemy 2.0
+    from sqlalchemy.util import await_only as await_
+
+if TYPE_CHECKING:
+    from tests.modes import Runner
+
+pytest_plugins = ["tests.wb_fixtures"]  # aof_redis
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def oracle_models(engine: sa.Engine) -> Iterator[tuple[Any, Any]]:
+    """Tables of the write-behind models' shape, without a cache policy."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class PlainView(Base):
+        __tablename__ = "wb_review_views"
+        __table_args__ = (CheckConstraint("views >= 0", name="wb_review_views_not_negative"),)
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+        path: Mapped[str] = mapped_column(String(200))
+        views: Mapped[int] = mapped_column(default=0)
+        note: Mapped[str | None]
+        viewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+    class PlainStock(Base):
+        __tablename__ = "wb_review_stock"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        warehouse: Mapped[str] = mapped_column(String(40))
+        quantity: Mapped[int] = mapped_column(default=0)
+
+    Base.metadata.create_all(engine)
+    yield PlainView, PlainStock
+    Base.metadata.drop_all(engine)
+    Base.registry.dispose()
+
+
+@pytest.fixture
+def mode_redis_url(aof_redis: RedisServer) -> str:
+    """``in_mode``'s caches use the AOF server: ``attach()`` demands it for these models."""
+    return aof_redis.url
+
+
+@pytest.fixture
+def models(engine: sa.Engine, oracle_models: Any) -> Iterator[tuple[Any, Any]]:
+    """``(PageView, StockLevel)`` and the oracle's tables, all empty."""
+    schema.upgrade(engine)
+    with private_models() as found:
+        found[0].metadata.create_all(engine)
+        with engine.begin() as conn:
+            for model in (*found, *oracle_models):
+                conn.execute(model.__table__.delete())
+        yield found
+
+
+@contextmanager
+def plain_session(engine: sa.Engine) -> Iterator[SyncFacade]:
+    """A session no cache is attached to."""
+    with Session(engine) as s:
+        yield SyncFacade(s)
+
+
+def state_of(obj: Any) -> str:
+    """The object's state as ``inspect()`` tells it."""
+    found = inspect(obj)
+    for name in ("transient", "pending", "persistent", "deleted", "detached"):
+        if getattr(found, name):
+            return name
+    raise AssertionError("no state")
+
+
+def seen(obj: Any) -> Any:
+    """What the application reads from a page view or a stock level (or the error)."""
+    if obj is None:
+        return None
+    try:
+        if hasattr(obj, "path"):
+            return (obj.path, obj.views, obj.note)
+        return (obj.id, obj.warehouse, obj.quantity)
+    except Exception as exc:  # the error is what the oracle compares
+        return type(exc).__name__
+
+
+def look(s: SyncFacade, obj: Any) -> tuple[Any, ...]:
+    """The object as the session shows it: in it, its state, and its values."""
+    return (obj in s, state_of(obj), seen(obj))
+
+
+def merge(s: SyncFacade, obj: Any) -> Any:
+    if isinstance(s, AsyncFacade):
+        return await_(s.asession.merge(obj))
+    return s.session.merge(obj)
+
+
+def dml(s: SyncFacade, stmt: Any, params: Any = None) -> None:
+    """Run an ORM-enabled DML statement, its result unread."""
+    if isinstance(s, AsyncFacade):
+        await_(s.asession.execute(stmt, params))
+    else:
+        s.session.execute(stmt, params)
+
+
+def tables(engine: sa.Engine, view: Any, stock: Any) -> tuple[Any, Any]:
+    """The two tables' rows, as comparable values."""
+    with engine.connect() as conn:
+        views = {r.id: (r.path, r.views, r.note) for r in conn.execute(select(view.__table__))}
+        stocks = {r.id: (r.warehouse, r.quantity) for r in conn.execute(select(stock.__table__))}
+    return views, stocks
+
+
+Script = Callable[[Callable[[], Any], Any, Any], Any]
+
+
+def against_oracle(
+    in_mode: Runner,
+    models: Any,
+    oracle_models: Any,
+    engine: sa.Engine,
+    namespace: str,
+    script: Script,
+    runner: Runner | None = None,
+) -> Any:
+    """Run ``script(session, View, Stock)`` with plain SQLAlchemy, then cached; the
+    observations and, after a drain, the tables must be equal. The observations."""
+    expected = script(lambda: plain_session(engine), *oracle_models)
+    got, _ = (runner or in_mode)(lambda db: script(db.session, *models))
+    assert got == expected
+    client = redis.Redis.from_url(in_mode.redis_url)
+    worker = FlushWorker(engine, client, namespace=namespace, models=list(models))
+    try:
+        drain(worker)
+    finally:
+        worker.release()
+        client.close()
+    assert tables(engine, *models) == tables(engine, *oracle_models)
+    return expected
+
+
+# -- savepoints and rollbacks ---------------------------------------------------------------
+
+
+def _committed(session: Callable[[], Any], view: Any, pk: uuid.UUID, **values: Any) -> None:
+    with session() as s:
+        s.add(view(id=pk, **values))
+        s.commit()
+
+
+def test_a_delete_rolled_back_in_a_savepoint_restores_the_object(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """A delete flushed in a savepoint that is then rolled back: SQLAlchemy puts the object
+    back in the session, persistent, and a later change to it is written."""
+    pk = uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/kept", views=1)
+        out: list[Any] = []
+        with session() as s:
+            obj = s.get(view, pk)
+            savepoint = s.begin_nested()
+            s.delete(obj)
+            s.flush()
+            out.append(s.get(view, pk))
+            savepoint.rollback()
+            out.append(look(s, obj))
+            out.append(s.get(view, pk) is obj)
+            obj.views = 9
+            s.commit()
+            out.append(seen(obj))
+        with session() as s:
+            out.append(seen(s.get(view, pk)))
+        return out
+
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    restored = (True, "persistent", ("/kept", 1, None))
+    assert expected[1:] == [restored, True, ("/kept", 9, None), ("/kept", 9, None)]
+
+
+def test_a_rollback_after_a_flushed_delete_restores_the_object(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    pk = uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/kept", views=1)
+        out: list[Any] = []
+        with session() as s:
+            obj = s.get(view, pk)
+            s.delete(obj)
+            s.flush()
+            s.rollback()
+            out.append(look(s, obj))
+            out.append(s.get(view, pk) is obj)
+            obj.note = "after the rollback"
+            s.commit()
+        with session() as s:
+            out.append(seen(s.get(view, pk)))
+        return out
+
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    assert expected[-1] == ("/kept", 1, "after the rollback")
+
+
+def test_objects_created_then_deleted_come_back_as_their_creation_is_undone_or_not(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """An object created outside the savepoint and deleted in it comes back persistent with
+    the outer state (and is committed); one created and deleted in the savepoint, or in a
+    transaction rolled back, becomes transient."""
+    outer_pk, inner_pk, lost_pk = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        out: list[Any] = []
+        with session() as s:
+            outer = view(id=outer_pk, path="/outer", views=1)
+            s.add(outer)
+            s.flush()
+            savepoint = s.begin_nested()
+            outer.views = 2
+            s.flush()
+            inner = view(id=inner_pk, path="/inner")
+            s.add(inner)
+            s.flush()
+            s.delete(outer)
+            s.delete(inner)
+            s.flush()
+            savepoint.rollback()
+            out.append((look(s, outer), look(s, inner)))
+            s.commit()
+        with session() as s:
+            lost = view(id=lost_pk, path="/lost")
+            s.add(lost)
+            s.flush()
+            s.delete(lost)
+            s.flush()
+            s.rollback()
+            out.append(look(s, lost))
+        with session() as s:
+            out.append([seen(s.get(view, k)) for k in (outer_pk, inner_pk, lost_pk)])
+        return out
+
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    assert expected[0] == (
+        (True, "persistent", ("/outer", 1, None)),
+        (False, "transient", ("/inner", 0, None)),
+    )
+
+
+def test_nested_savepoints_released_then_rolled_back_apply_nothing(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """An add, a change and a delete in an inner savepoint released into an outer one that
+    is rolled back; then the same released into a transaction that is rolled back."""
+    kept, changed, gone = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        for pk in (kept, changed, gone):
+            _committed(session, view, pk, path=f"/{pk}", views=1)
+        out: list[Any] = []
+        with session() as s:
+            a, b, c = (s.get(view, pk) for pk in (kept, changed, gone))
+            a.views = 2
+            outer = s.begin_nested()
+            new = view(path="/new")
+            s.add(new)
+            inner = s.begin_nested()
+            a.views = 3
+            b.note = "inner"
+            s.delete(c)
+            inner.commit()
+            out.append([look(s, o) for o in (a, b, new)])
+            outer.rollback()
+            out.append([look(s, o) for o in (a, b, c, new)])
+            out.append([seen(s.get(view, pk)) for pk in (kept, changed, gone)])
+            s.commit()
+        with session() as s:
+            a, b, c = (s.get(view, pk) for pk in (kept, changed, gone))
+            savepoint = s.begin_nested()
+            a.views = 5
+            s.delete(c)
+            s.add(view(id=uuid.uuid4(), path="/lost"))
+            savepoint.commit()
+            s.rollback()
+            out.append([look(s, o) for o in (a, b, c)])
+        with session() as s:
+            out.append([seen(s.get(view, pk)) for pk in (kept, changed, gone)])
+        return out
+
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    assert expected[-1] == [(f"/{kept}", 2, None), (f"/{changed}", 1, None), (f"/{gone}", 1, None)]
+
+
+def test_a_row_switch_rolled_back_in_a_savepoint(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """Delete and add again one key in a savepoint, rolled back: the old object is back,
+    the new one transient, and the old row stays."""
+    pk = uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/old", views=1)
+        out: list[Any] = []
+        with session() as s:
+            old = s.get(view, pk)
+            savepoint = s.begin_nested()
+            s.delete(old)
+            s.flush()
+            new = view(id=pk, path="/new")
+            s.add(new)
+            s.flush()
+            out.append(seen(s.get(view, pk)))
+            savepoint.rollback()
+            out.append((look(s, old), look(s, new)))
+            out.append(s.get(view, pk) is old)
+            s.commit()
+        with session() as s:
+            out.append(seen(s.get(view, pk)))
+        return out
+
+    against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+
+
+def test_a_change_rolled_back_in_a_savepoint_is_never_applied(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    pk, other = uuid.uuid4(), uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/a", views=1)
+        out: list[Any] = []
+        with session() as s:
+            obj = s.get(view, pk)
+            created = view(id=other, path="/created")
+            s.add(created)
+            s.flush()
+            with s.begin_nested():
+                obj.views = 4
+                created.views = 6
+            savepoint = s.begin_nested()
+            obj.views = 5
+            obj.note = "rolled back"
+            created.note = "rolled back too"
+            s.flush()
+            savepoint.rollback()
+            out.append((look(s, obj), look(s, created)))
+            s.commit()
+            out.append((look(s, obj), look(s, created)))
+        with session() as s:
+            out.append([seen(s.get(view, k)) for k in (pk, other)])
+        return out
+
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    assert expected[-1] == [("/a", 4, None), ("/created", 6, None)]
+
+
+# -- row switches with keys of other Python types -------------------------------------------
+
+
+def test_a_delete_and_an_add_of_its_key_as_text_change_nothing(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """A delete and an add of the same key given as text (``str(uuid)``, ``"7"``): not one
+    identity to SQLAlchemy, so no row switch; its flush fails (the INSERT collides), and
+    the cache's refuses (a value of another type cannot be queued exactly). Either way the
+    row is left as it was, and nothing is queued."""
+    pk = uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/old", views=1)
+        with session() as s:
+            s.add(stock(id=7, warehouse="north", quantity=3))
+            s.commit()
+        out: list[Any] = []
+        for model, key, new in (
+            (view, pk, lambda: view(id=str(pk), path="/new")),
+            (stock, 7, lambda: stock(id="7", warehouse="south")),
+        ):
+            with session() as s:
+                s.delete(s.get(model, key))
+                s.add(new())
+                try:
+                    s.commit()
+                except (sa.exc.IntegrityError, ConfigurationError):
+                    out.append("refused")
+            with session() as s:
+                out.append(seen(s.get(model, key)))
+        return out
+
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    assert expected == ["refused", ("/old", 1, None), "refused", (7, "north", 3)]
+
+
+# -- merge, expunge, expire_on_commit ------------------------------------------------------
+
+
+def test_merge_of_a_detached_object_changed_while_detached(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    pk, fresh = uuid.uuid4(), uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        out: list[Any] = []
+        with session() as s:
+            obj = view(id=pk, path="/m", views=1)
+            s.add(obj)
+            s.commit()
+            s.refresh(obj)
+        obj.views = 8  # detached
+        with session() as s:
+            merged = merge(s, obj)
+            out.append((look(s, merged), merged is obj, list(s.dirty) == [merged]))
+            added = merge(s, view(id=fresh, path="/fresh"))
+            out.append(look(s, added))
+            s.commit()
+        with session() as s:
+            out.append([seen(s.get(view, k)) for k in (pk, fresh)])
+        return out
+
+    against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+
+
+def test_expunge_after_a_flush_keeps_the_flushed_write(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    pk = uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/x", views=1)
+        out: list[Any] = []
+        with session() as s:
+            obj = s.get(view, pk)
+            obj.views = 2
+            s.flush()
+            s.session.expunge(obj)
+            obj.views = 3  # detached: never written
+            out.append(look(s, obj))
+            out.append(seen(s.get(view, pk)))
+            s.commit()
+        with session() as s:
+            out.append(seen(s.get(view, pk)))
+        return out
+
+    against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+
+
+# -- ORM bulk statements --------------------------------------------------------------------
+
+
+def test_orm_bulk_statements_on_rows_in_the_database(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """ORM-enabled ``insert``/``update``/``delete`` write the database directly
+    (docs/write-behind.md): on rows that are not queued, the session sees what SQLAlchemy
+    shows."""
+    a, b = uuid.uuid4(), uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        out: list[Any] = []
+        with session() as s:
+            dml(s, sa.insert(view), [{"id": a, "path": "/a"}, {"id": b, "path": "/b"}])
+            out.append([seen(s.get(view, k)) for k in (a, b)])
+            s.commit()
+        with session() as s:
+            obj = s.get(view, a)
+            other = s.get(view, b)
+            dml(s, sa.update(view).where(view.id == a).values(views=view.views + 4))
+            out.append(seen(obj))
+            dml(s, sa.delete(view).where(view.id == b))
+            out.append((look(s, other), s.get(view, b)))
+            s.commit()
+        with session() as s:
+            out.append([seen(s.get(view, k)) for k in (a, b)])
+        return out
+
+    against_oracle(in_mode, models, oracle_models, engine, namespace, script)
