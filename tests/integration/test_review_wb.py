@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -89,9 +90,9 @@ def models(engine: sa.Engine, oracle_models: Any) -> Iterator[tuple[Any, Any]]:
 
 
 @contextmanager
-def plain_session(engine: sa.Engine) -> Iterator[SyncFacade]:
+def plain_session(engine: sa.Engine, **kwargs: Any) -> Iterator[SyncFacade]:
     """A session no cache is attached to."""
-    with Session(engine) as s:
+    with Session(engine, **kwargs) as s:
         yield SyncFacade(s)
 
 
@@ -153,12 +154,14 @@ def against_oracle(
     engine: sa.Engine,
     namespace: str,
     script: Script,
-    runner: Runner | None = None,
+    **session_kwargs: Any,
 ) -> Any:
-    """Run ``script(session, View, Stock)`` with plain SQLAlchemy, then cached; the
-    observations and, after a drain, the tables must be equal. The observations."""
-    expected = script(lambda: plain_session(engine), *oracle_models)
-    got, _ = (runner or in_mode)(lambda db: script(db.session, *models))
+    """Run ``script(session, View, Stock)`` with plain SQLAlchemy, then cached, sessions
+    made with ``session_kwargs``; the observations and, after a drain, the tables must be
+    equal. The observations."""
+    expected = script(lambda: plain_session(engine, **session_kwargs), *oracle_models)
+    runner = replace(in_mode, session_kwargs=session_kwargs)
+    got, _ = runner(lambda db: script(db.session, *models))
     assert got == expected
     client = redis.Redis.from_url(in_mode.redis_url)
     worker = FlushWorker(engine, client, namespace=namespace, models=list(models))
@@ -286,6 +289,18 @@ def test_nested_savepoints_released_then_rolled_back_apply_nothing(
 ) -> None:
     """An add, a change and a delete in an inner savepoint released into an outer one that
     is rolled back; then the same released into a transaction that is rolled back."""
+    for keep in (True, False):
+        nested_then_rolled_back(in_mode, models, oracle_models, engine, namespace, keep)
+
+
+def nested_then_rolled_back(
+    in_mode: Runner,
+    models: Any,
+    oracle_models: Any,
+    engine: sa.Engine,
+    namespace: str,
+    expire_on_commit: bool,
+) -> None:
     kept, changed, gone = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
 
     def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
@@ -321,8 +336,20 @@ def test_nested_savepoints_released_then_rolled_back_apply_nothing(
             out.append([seen(s.get(view, pk)) for pk in (kept, changed, gone)])
         return out
 
-    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
-    assert expected[-1] == [(f"/{kept}", 2, None), (f"/{changed}", 1, None), (f"/{gone}", 1, None)]
+    expected = against_oracle(
+        in_mode,
+        models,
+        oracle_models,
+        engine,
+        namespace,
+        script,
+        expire_on_commit=expire_on_commit,
+    )
+    assert expected[-1] == [
+        (f"/{kept}", 2, None),
+        (f"/{changed}", 1, None),
+        (f"/{gone}", 1, None),
+    ]
 
 
 def test_a_row_switch_rolled_back_in_a_savepoint(
@@ -358,6 +385,18 @@ def test_a_row_switch_rolled_back_in_a_savepoint(
 def test_a_change_rolled_back_in_a_savepoint_is_never_applied(
     in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
 ) -> None:
+    for keep in (True, False):
+        changed_then_rolled_back(in_mode, models, oracle_models, engine, namespace, keep)
+
+
+def changed_then_rolled_back(
+    in_mode: Runner,
+    models: Any,
+    oracle_models: Any,
+    engine: sa.Engine,
+    namespace: str,
+    expire_on_commit: bool,
+) -> None:
     pk, other = uuid.uuid4(), uuid.uuid4()
 
     def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
@@ -384,7 +423,15 @@ def test_a_change_rolled_back_in_a_savepoint_is_never_applied(
             out.append([seen(s.get(view, k)) for k in (pk, other)])
         return out
 
-    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    expected = against_oracle(
+        in_mode,
+        models,
+        oracle_models,
+        engine,
+        namespace,
+        script,
+        expire_on_commit=expire_on_commit,
+    )
     assert expected[-1] == [("/a", 4, None), ("/created", 6, None)]
 
 
@@ -406,13 +453,14 @@ def test_a_delete_and_an_add_of_its_key_as_text_change_nothing(
             s.add(stock(id=7, warehouse="north", quantity=3))
             s.commit()
         out: list[Any] = []
-        for model, key, new in (
-            (view, pk, lambda: view(id=str(pk), path="/new")),
-            (stock, 7, lambda: stock(id="7", warehouse="south")),
-        ):
+        replacements: list[tuple[Any, Any, Any]] = [
+            (view, pk, view(id=str(pk), path="/new")),
+            (stock, 7, stock(id="7", warehouse="south")),
+        ]
+        for model, key, new in replacements:
             with session() as s:
                 s.delete(s.get(model, key))
-                s.add(new())
+                s.add(new)
                 try:
                     s.commit()
                 except (sa.exc.IntegrityError, ConfigurationError):
@@ -508,3 +556,74 @@ def test_orm_bulk_statements_on_rows_in_the_database(
         return out
 
     against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+
+
+def test_a_restored_object_can_be_deleted_again_and_a_merge_finds_a_queued_delete(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """The object a rolled-back savepoint gave back is deleted for good by the next flush;
+    merging a detached copy of it afterwards makes a new row, as for a row gone from the
+    database."""
+    pk = uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/twice", views=1)
+        out: list[Any] = []
+        with session() as s:
+            obj = s.get(view, pk)
+            savepoint = s.begin_nested()
+            s.delete(obj)
+            s.flush()
+            savepoint.rollback()
+            s.delete(obj)
+            s.commit()
+            out.append(look(s, obj))
+        with session() as s:
+            out.append(s.get(view, pk))
+            merged = merge(s, obj)
+            out.append((look(s, merged), merged is obj))
+            s.commit()
+        with session() as s:
+            out.append(seen(s.get(view, pk)))
+        return out
+
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    assert expected[1] is None
+
+
+def test_a_restored_object_shows_the_state_outside_the_rolled_back_savepoint(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """Changed in an outer savepoint, deleted in an inner one that is released, then the
+    outer one rolled back: the object comes back with the transaction's state, not the
+    savepoint's; one changed without a flush, then deleted, too."""
+    pk, other = uuid.uuid4(), uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/p", views=1)
+        _committed(session, view, other, path="/o", views=1)
+        out: list[Any] = []
+        with session() as s:
+            obj, unflushed = s.get(view, pk), s.get(view, other)
+            obj.views = 2
+            s.flush()
+            outer = s.begin_nested()
+            obj.views = 3
+            s.flush()
+            inner = s.begin_nested()
+            s.delete(obj)
+            unflushed.views = 7
+            s.delete(unflushed)
+            inner.commit()
+            outer.rollback()
+            out.append((look(s, obj), look(s, unflushed)))
+            s.commit()
+        with session() as s:
+            out.append([seen(s.get(view, k)) for k in (pk, other)])
+        return out
+
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    assert expected[0] == (
+        (True, "persistent", ("/p", 2, None)),
+        (True, "persistent", ("/o", 1, None)),
+    )

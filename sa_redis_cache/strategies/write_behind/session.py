@@ -104,6 +104,9 @@ class Op:
     # the row's operation this one replaced in its frame, flushed under other savepoints:
     # what the transaction keeps when a rollback undoes this one (joined.surviving)
     earlier: Op | None = None
+    # a delete: the object's own write it followed, in any open frame; a rollback of that
+    # write's frame leaves the object showing rolled-back values (revert expires it)
+    written: Op | None = None
 
 
 class WriteBehind:
@@ -168,7 +171,8 @@ class WriteBehind:
                 prior = state.find_queued(info.table, op.pk)
                 # deleted in the transaction that created it: a rollback of that creation
                 # leaves it transient, as any other rollback leaves it persistent
-                op.created = prior is not None and prior.obj is obj and prior.created
+                if prior is not None and prior.obj is obj:
+                    op.created, op.written = prior.created, prior
                 state.frame().removed.append(op)
                 session.expunge(obj)
             else:
@@ -437,9 +441,11 @@ class WriteBehind:
 
         ``removed``: the rolled-back frame's deletes. Their objects left the session at the
         flush (:meth:`divert`), where SQLAlchemy's own rollback does not look for them: they
-        come back persistent and expired, as SQLAlchemy restores a deleted object, unless
-        the rollback also undoes their creation (then transient). After the writes, whose
-        created objects free their keys first (a delete then an add of one key).
+        come back persistent, as SQLAlchemy restores a deleted object, unless the rollback
+        also undoes their creation (then transient). As SQLAlchemy's, a savepoint's rollback
+        expires only those with changes of their own or a write it undid; the
+        transaction's, all. After the writes, whose created objects free their keys first
+        (a delete then an add of one key).
         """
         for op in ops:
             if op.kind != "u":
@@ -460,7 +466,11 @@ class WriteBehind:
                 make_transient(op.obj)
             elif session.identity_map.get(state.key) is None:
                 session.add(op.obj)
-                session.expire(op.obj)
+                undone = op.written is not None and (
+                    outer is None or outer.find_queued(op.info.table, op.pk) is not op.written
+                )
+                if outer is None or state.modified or undone:
+                    session.expire(op.obj)
 
     def enqueue(self, ops: list[Op]) -> list[bytes]:
         """Queue ``ops`` with one ``lua/wb_enqueue.lua`` call; returns their stream ids.
