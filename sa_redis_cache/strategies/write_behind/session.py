@@ -672,8 +672,13 @@ def _why(replies: list[Any]) -> str:
 
 def _creation_undone(op: Op, outer: TransactionState | None) -> bool:
     """Whether a rollback undoes the creation of ``op``'s object: it was created in the
-    frames rolled back, and no frame that remains (``outer``) wrote its row."""
-    return op.created and (outer is None or outer.find_queued(op.info.table, op.pk) is None)
+    frames rolled back, and no frame that remains (``outer``) wrote it. A remaining
+    operation of another object of that key (deleted, or replaced, before the rolled-back
+    frames made this one) does not keep it."""
+    if not op.created:
+        return False
+    kept = None if outer is None else outer.find_queued(op.info.table, op.pk)
+    return kept is None or kept.obj is not op.obj
 
 
 def _pending_key(obj: object, info: ModelInfo) -> tuple[Any, ...]:
