@@ -760,3 +760,66 @@ def test_a_key_deleted_outside_a_savepoint_and_added_in_it(
 
     expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
     assert expected[-1] == [None, ("/second", 0, None)]
+
+
+def test_closing_a_session_after_a_flushed_delete_restores_nothing(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """``close()`` (and the end of a ``with`` block) rolls back without restoring: every
+    object leaves the session, a deleted one too, and the session is empty if used again."""
+    pk = uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/kept", views=1)
+        out: list[Any] = []
+        with session() as s:
+            obj = s.get(view, pk)
+            s.delete(obj)
+            s.flush()
+            s.close()
+            out.append((look(s, obj), len(s.session.identity_map)))
+            again = s.get(view, pk)
+            out.append((seen(again), again is obj))
+        return out
+
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    assert expected[0] == ((False, "detached", ("/kept", 1, None)), 0)
+
+
+def test_a_failed_flush_then_a_rollback_restores_a_deleted_object(
+    in_mode: Runner,
+    models: Any,
+    oracle_models: Any,
+    engine: sa.Engine,
+    namespace: str,
+    shop_engine: sa.Engine,
+) -> None:
+    """A flush that the database refuses (an ordinary row breaks a unique constraint)
+    rolls the transaction back: a write-behind object deleted earlier in it comes back."""
+    pk = uuid.uuid4()
+    with shop_engine.connect() as conn:
+        taken = conn.scalar(select(Category.name).limit(1))
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/kept", views=1)
+        out: list[Any] = []
+        with session() as s:
+            obj = s.get(view, pk)
+            s.delete(obj)
+            s.flush()
+            s.add(Category(name=taken))
+            with pytest.raises(sa.exc.IntegrityError):
+                s.flush()
+            s.rollback()
+            out.append(look(s, obj))
+            obj.note = "after the failed flush"
+            s.commit()
+        with session() as s:
+            out.append(seen(s.get(view, pk)))
+        return out
+
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    assert expected == [
+        (True, "persistent", ("/kept", 1, None)),
+        ("/kept", 1, "after the failed flush"),
+    ]
