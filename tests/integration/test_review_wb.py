@@ -823,3 +823,37 @@ def test_a_failed_flush_then_a_rollback_restores_a_deleted_object(
         (True, "persistent", ("/kept", 1, None)),
         ("/kept", 1, "after the failed flush"),
     ]
+
+
+def test_a_row_switch_keeps_the_row_not_the_deleted_objects_unflushed_changes(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """The deleted object was changed before its delete, without a flush: SQLAlchemy's row
+    switch updates the row as stored, so the columns the new object leaves unset keep the
+    row's values, not those changes; also for a value changed while expired."""
+    pk, expired = uuid.uuid4(), uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/old", views=1, note="stored")
+        _committed(session, view, expired, path="/old", views=1, note="stored")
+        out: list[Any] = []
+        with session() as s:
+            old = s.get(view, pk)
+            old.note = "never flushed"
+            old.views = 5
+            s.delete(old)
+            new = view(id=pk, path="/new")
+            s.add(new)
+            other = s.get(view, expired)
+            s.session.expire(other, ["note"])
+            other.note = "never flushed either"
+            s.delete(other)
+            s.add(view(id=expired, path="/new"))
+            s.commit()
+            out.append(seen(new))
+        with session() as s:
+            out.append([seen(s.get(view, k)) for k in (pk, expired)])
+        return out
+
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    assert expected[-1] == [("/new", 1, "stored"), ("/new", 1, "stored")]

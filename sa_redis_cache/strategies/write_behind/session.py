@@ -63,7 +63,14 @@ from sa_redis_cache.transaction import TransactionState, peek_transaction_state
 
 from . import joined
 from .columns import column_of, is_write_behind, pk_codec
-from .states import evaluate, pending_state, refill, serve, sync_many_to_one
+from .states import (
+    evaluate,
+    pending_state,
+    refill,
+    serve,
+    stored_values,
+    sync_many_to_one,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -226,7 +233,7 @@ class WriteBehind:
                     if kind == "new" and deleted:
                         old = deleted.get(_pending_key(obj, info))
                     if old is not None:
-                        switched[id(obj)] = {key: getattr(old, key) for key in info.column_keys}
+                        switched[id(obj)] = stored_values(session, old, info)
         return work, switched
 
     def _refuse_several_slots(self, state: TransactionState, infos: list[ModelInfo]) -> None:
