@@ -857,3 +857,36 @@ def test_a_row_switch_keeps_the_row_not_the_deleted_objects_unflushed_changes(
 
     expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
     assert expected[-1] == [("/new", 1, "stored"), ("/new", 1, "stored")]
+
+
+def test_a_rollback_with_savepoints_still_open_restores_every_deleted_object(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    keys = [uuid.uuid4() for _ in range(3)]
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        for n, pk in enumerate(keys):
+            _committed(session, view, pk, path=f"/{n}", views=n)
+        out: list[Any] = []
+        with session() as s:
+            a, b, c = (s.get(view, pk) for pk in keys)
+            s.delete(a)
+            s.flush()
+            s.begin_nested()
+            s.delete(b)
+            s.flush()
+            s.begin_nested()
+            c.views = 9
+            s.delete(c)
+            s.flush()
+            s.rollback()
+            out.append([look(s, o) for o in (a, b, c)])
+            for o in (a, b, c):
+                o.note = "kept"
+            s.commit()
+        with session() as s:
+            out.append([seen(s.get(view, pk)) for pk in keys])
+        return out
+
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    assert expected[-1] == [(f"/{n}", n, "kept") for n in range(3)]
