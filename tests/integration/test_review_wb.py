@@ -36,7 +36,7 @@ except ImportError:  # SQLAlchemy 2.0
     from sqlalchemy.util import await_only as await_
 
 if TYPE_CHECKING:
-    from tests.modes import Runner
+    from tests.modes import Db, Runner
 
 pytest_plugins = ["tests.wb_fixtures"]  # aof_redis
 
@@ -890,3 +890,37 @@ def test_a_rollback_with_savepoints_still_open_restores_every_deleted_object(
 
     expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
     assert expected[-1] == [(f"/{n}", n, "kept") for n in range(3)]
+
+
+def test_orm_bulk_update_in_a_transaction_that_writes_the_row_is_overwritten(
+    in_mode: Runner, models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """What docs/write-behind.md says of mixing them: the bulk UPDATE writes the database
+    at once; the transaction's own queued write of the row, the full row as the session
+    held it at its flush, overwrites it once flushed."""
+    view, _ = models
+    pk = uuid.uuid4()
+    client = redis.Redis.from_url(in_mode.redis_url)
+    worker = FlushWorker(engine, client, namespace=namespace, models=[view])
+
+    def scenario(db: Db) -> None:
+        _committed(db.session, view, pk, path="/p", views=1, note="stored")
+
+    def mixed(db: Db) -> Any:
+        with db.session() as s:
+            obj = s.get(view, pk)
+            obj.views = 2
+            dml(s, sa.update(view).where(view.id == pk).values(note="bulk"))
+            s.commit()
+            return seen(obj)
+
+    try:
+        in_mode(scenario)
+        drain(worker)
+        assert in_mode(mixed)[0] == ("/p", 2, "stored")
+        assert tables(engine, *models)[0][pk] == ("/p", 1, "bulk")
+        drain(worker)
+        assert tables(engine, *models)[0][pk] == ("/p", 2, "stored")
+    finally:
+        worker.release()
+        client.close()
