@@ -1030,3 +1030,52 @@ def test_write_through_row_switch_merge_and_bulk_statements_as_plain_sqlalchemy(
     finally:
         with shop_engine.begin() as conn:
             conn.execute(sa.delete(Product).where(Product.id.in_(made)))
+
+
+def refresh_locking(s: SyncFacade, obj: Any) -> None:
+    if isinstance(s, AsyncFacade):
+        await_(s.asession.refresh(obj, with_for_update=True))
+    else:
+        s.session.refresh(obj, with_for_update=True)
+
+
+def test_a_locking_read_of_a_write_behind_model_is_refused(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """``with_for_update()`` on a queued row: SQLAlchemy's second locker waits (here,
+    ``nowait``: refused); served from the queued state, it took no lock, and both
+    read-modify-writes went through, the first lost. A lock in the database cannot cover
+    a queued state, so a locking read of a write-behind model is refused, by key or not."""
+    pk = uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/locked", views=1)
+        out: list[Any] = []
+        with session() as a, session() as b:
+            first = a.get(view, pk, with_for_update=True)
+            out.append(seen(first))
+            with pytest.raises(sa.exc.OperationalError, match="lock"):
+                b.get(view, pk, with_for_update={"nowait": True})
+        return out
+
+    expected = script(lambda: plain_session(engine), *oracle_models)
+    assert expected == [("/locked", 1, None)]
+
+    def cached(db: Db) -> None:
+        _committed(db.session, models[0], pk, path="/locked", views=1)
+        locking = [
+            select(models[0]).where(models[0].id == pk).with_for_update(),
+            select(models[0]).where(models[0].path == "/locked").with_for_update(nowait=True),
+        ]
+        with db.session() as s:
+            with pytest.raises(ConfigurationError, match="locking read"):
+                s.get(models[0], pk, with_for_update=True)
+            for statement in locking:
+                with pytest.raises(ConfigurationError, match="locking read"):
+                    s.scalars(statement)
+            obj = s.get(models[0], pk)
+            with pytest.raises(ConfigurationError, match="locking read"):
+                refresh_locking(s, obj)
+            assert seen(s.get(models[0], pk)) == ("/locked", 1, None)  # the session usable
+
+    in_mode(cached)

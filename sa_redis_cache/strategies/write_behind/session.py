@@ -547,6 +547,15 @@ class WriteBehind:
         info = self._queued_info(orm_context.bind_mapper)
         if info is None:
             return None
+        if compat.is_locking(orm_context.statement):
+            raise ConfigurationError(
+                f"{info.mapper.class_.__name__} is write-behind: a locking read "
+                "(with_for_update) cannot serialize its writes (a row's newest state is its "
+                "queued one, which no database lock covers, and its writes reach the "
+                "database later, from the queue); nothing was read. Read without "
+                "with_for_update() (concurrent writes of a row keep the later commit), or "
+                "give the model another strategy"
+            )
         pk = compat.get_clause_pk(orm_context.statement, info.mapper, orm_context.parameters)
         if pk is None or None in pk:
             return None
