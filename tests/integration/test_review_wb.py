@@ -1079,3 +1079,47 @@ def test_a_locking_read_of_a_write_behind_model_is_refused(
             assert seen(s.get(models[0], pk)) == ("/locked", 1, None)  # the session usable
 
     in_mode(cached)
+
+
+def test_a_change_to_an_object_a_query_loaded_keeps_the_rows_later_commits(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """A query reads the database (docs/write-behind.md): before the worker flushed a later
+    commit of the row, its object holds the row as it was. Changing one of its columns must
+    not write the others back as they were: SQLAlchemy's UPDATE sets the changed column
+    only, and the later commit stays. And a change to such an object whose row another
+    session deleted since raises ``StaleDataError``, as the UPDATE would match no row,
+    instead of writing the row back."""
+    pk, gone = uuid.uuid4(), uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/q", views=1)
+        _committed(session, view, gone, path="/gone", views=1)
+        return []
+
+    def later(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        out: list[Any] = []
+        with session() as s:
+            s.get(view, pk).views = 5
+            s.commit()
+        with session() as s:
+            (obj,) = s.scalars(select(view).where(view.path == "/q"))
+            obj.note = "changed by a query's object"
+            s.flush()
+            out.append(seen(obj))
+            s.commit()
+            out.append(seen(obj))
+        with session() as s, session() as other:
+            (obj,) = s.scalars(select(view).where(view.path == "/gone"))
+            other.delete(other.get(view, gone))
+            other.commit()
+            obj.note = "too late"
+            with pytest.raises(sa.orm.exc.StaleDataError):
+                s.flush()
+        with session() as s:
+            out.append([seen(s.get(view, k)) for k in (pk, gone)])
+        return out
+
+    against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, later)
+    assert expected[-1] == [("/q", 5, "changed by a query's object"), None]

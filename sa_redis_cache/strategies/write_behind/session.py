@@ -45,6 +45,7 @@ import orjson
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.orm import make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.exc import StaleDataError
 
 from sa_redis_cache import compat, hydrate
 from sa_redis_cache.binds import session_translate_map
@@ -157,22 +158,27 @@ class WriteBehind:
         tz: Any = None
         scopes: dict[str, str] = {}
         tags: dict[str, frozenset[str]] = {}
+        for table, info in infos.items():
+            connection = connections[table]
+            tags[table] = frozenset()
+            if connection is not None:
+                tags[table] = joined.watch(self, connection)
+                # one connection queues them all: a commit is one enqueue
+                state.joined = connection
+            found = self._scope(session, info, {"mapper": info.mapper})
+            if found is None:
+                raise CacheUnavailableError(
+                    f"write-behind: cannot tell which database {info.mapper.class_.__name__}"
+                    " rows go to (the server did not answer); nothing was queued"
+                )
+            scopes[table] = found
+        rows = self._newest_rows(
+            session,
+            state,
+            [(obj, info, scopes[info.table]) for obj, info, k in work if k == "dirty"],
+        )
         for obj, info, kind in work:
-            scope = scopes.get(info.table)
-            if scope is None:
-                connection = connections[info.table]
-                tags[info.table] = frozenset()
-                if connection is not None:
-                    tags[info.table] = joined.watch(self, connection)
-                    # one connection queues them all: a commit is one enqueue
-                    state.joined = connection
-                found = self._scope(session, info, {"mapper": info.mapper})
-                if found is None:
-                    raise CacheUnavailableError(
-                        f"write-behind: cannot tell which database {info.mapper.class_.__name__}"
-                        " rows go to (the server did not answer); nothing was queued"
-                    )
-                scope = scopes[info.table] = found
+            scope = scopes[info.table]
             if kind == "deleted":
                 op = self._delete_op(obj, info)
                 prior = state.find_queued(info.table, op.pk)
@@ -184,7 +190,13 @@ class WriteBehind:
                 session.expunge(obj)
             else:
                 values, tz = self._capture(
-                    session, obj, info, created=kind == "new", tz=tz, old=switched.get(id(obj))
+                    session,
+                    obj,
+                    info,
+                    created=kind == "new",
+                    tz=tz,
+                    old=switched.get(id(obj)),
+                    row=rows.get(id(obj)),
                 )
                 op = self._upsert_op(obj, info, values, created=kind == "new")
                 prior = state.find_queued(info.table, op.pk)
@@ -280,17 +292,23 @@ class WriteBehind:
         created: bool,
         tz: Any,
         old: dict[str, Any] | None = None,
+        row: tuple[Any, ...] | None = None,
     ) -> tuple[tuple[Any, ...], Any]:
         """The object's full column state, as the database will hold it after the insert.
 
         ``old``: the row a new object replaces in a row switch (its key's object deleted in
         the same flush). SQLAlchemy updates that row with the columns the new object set;
         the others keep the old row's values, or take their ``onupdate``.
+
+        ``row``: a changed object's row as queued now (:meth:`_newest_rows`). SQLAlchemy's
+        UPDATE sets the changed columns only: the others keep the row's values, which the
+        object may hold older (loaded by a query, from the database, before the worker
+        flushed a later commit).
         """
         state = instance_state(obj)
         sync_many_to_one(obj, info)
         dict_ = state.dict
-        given = {k: dict_[k] for k in info.column_keys if k in dict_}
+        given = _known_values(state, info, row)
         pk_keys = {info.column_keys[p] for p in info.pk_positions}
         for key in info.column_keys:
             column = column_of(info, key)
@@ -330,8 +348,9 @@ class WriteBehind:
                 stored = info.as_stored(list(values), tz)
             except Inexact:
                 stored = values  # the database keeps the same value in another form
-        for key, before, after in zip(info.column_keys, values, stored, strict=True):
-            if after is not before or key not in dict_:
+        for key, after in zip(info.column_keys, stored, strict=True):
+            # normalised, defaulted, loaded, or taken from the queued row
+            if dict_.get(key, _NOTHING) is not after:
                 dict_[key] = after
         return tuple(stored), tz
 
@@ -583,24 +602,81 @@ class WriteBehind:
                 return None
         return serve(orm_context, info, pk, values)
 
+    def _newest_rows(
+        self, session: Session, state: TransactionState, changed: list[tuple[Any, ModelInfo, str]]
+    ) -> dict[int, tuple[Any, ...]]:
+        """The rows of changed objects as queued now (by the object's ``id()``), looked up
+        as a load by primary key would (:meth:`serve_queued`): this transaction's
+        operations, a joined transaction's, then the pending keys, in one round trip.
+        Rows with no queued state are left out (the object holds what the database has).
+
+        Raises SQLAlchemy's :class:`~sqlalchemy.orm.exc.StaleDataError` for an object
+        whose row is deleted in the queue, as its UPDATE would match no row.
+        """
+        found: dict[int, Any] = {}
+        asked: list[tuple[Any, ModelInfo, str, str]] = []
+        for obj, info, scope in changed:
+            key = instance_state(obj).key
+            assert key is not None
+            text = pk_text(list(key[1]))
+            op = state.find_queued(info.table, text)
+            if op is None and joined.any_handed():
+                bind = session.get_bind(mapper=info.mapper)
+                op = joined.handed_op(self, bind, info.table, text)
+            if op is not None:
+                found[id(obj)] = op.values
+            else:
+                asked.append((obj, info, scope, text))
+        if asked:
+            queued = self._pending_rows([(info, scope, text) for _, info, scope, text in asked])
+            for (obj, *_), values in zip(asked, queued, strict=True):
+                if values is not _NOTHING:
+                    found[id(obj)] = values
+        for obj, info, _ in changed:
+            if id(obj) in found and found[id(obj)] is None:
+                raise StaleDataError(
+                    f"UPDATE statement on table '{info.table}' expected to update 1 row(s); "
+                    f"0 were matched: {info.mapper.class_.__name__} {obj!r} is deleted (a "
+                    "queued write-behind delete); nothing of this flush was queued"
+                )
+        return found
+
     def _pending_values(self, info: ModelInfo, row_scope: str, pk: str) -> Any:
         """The row's queued state; None for a queued delete; ``_NOTHING`` when none is queued.
 
         ``row_scope`` names the database and schema of the row (``sa_redis_cache.binds``).
         """
+        return self._pending_rows([(info, row_scope, pk)])[0]
+
+    def _pending_rows(self, rows: list[tuple[ModelInfo, str, str]]) -> list[Any]:
+        """:meth:`_pending_values` of each ``(info, row scope, pk text)``, in one round trip."""
         core = self.core
-        assert info.codec is not None
-        key = core.keys.pending_key(info.table, info.schema_hash, row_scope, pk)
-        entity = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk)
-        scope = info.scope
+        keys = [
+            core.keys.pending_key(info.table, info.schema_hash, scope, pk)
+            for info, scope, pk in rows
+        ]
         try:
             # MGET reads a key of another Redis type as absent, where GET would fail (and
             # count against the breaker): only strings are queued there, so it holds none
-            raw = core.io().mget([key])[0]
+            raws = core.io().mget(keys)
         except RedisError as exc:
             core.redis_failed(exc)
-            core.counters.incr(scope, "errors")
-            return _NOTHING
+            for info, _, _ in rows:
+                core.counters.incr(info.scope, "errors")
+            return [_NOTHING] * len(rows)
+        return [
+            self._opened_pending(info, scope, pk, key, raw)
+            for (info, scope, pk), key, raw in zip(rows, keys, raws, strict=True)
+        ]
+
+    def _opened_pending(
+        self, info: ModelInfo, row_scope: str, pk: str, key: str, raw: bytes | None
+    ) -> Any:
+        """The queued state a pending key's value holds (see :meth:`_pending_values`)."""
+        core = self.core
+        assert info.codec is not None
+        entity = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk)
+        scope = info.scope
         if raw is None:
             return _NOTHING
         try:
@@ -684,6 +760,19 @@ def _why(replies: list[Any]) -> str:
     """Why a run of waits did not confirm, for the error message."""
     failed = [reply for reply in replies if isinstance(reply, Exception)]
     return f"the wait failed: {failed[-1]}" if failed else "it did not confirm"
+
+
+def _known_values(state: Any, info: ModelInfo, row: tuple[Any, ...] | None) -> dict[str, Any]:
+    """The object's loaded column values; with ``row`` (its row as queued now), those of the
+    columns it has not changed since its last flush are the row's."""
+    dict_ = state.dict
+    given = {key: dict_[key] for key in info.column_keys if key in dict_}
+    if row is not None:
+        unchanged = state.committed_state
+        given.update(
+            {k: v for k, v in zip(info.column_keys, row, strict=True) if k not in unchanged}
+        )
+    return given
 
 
 def _creation_undone(op: Op, outer: TransactionState | None) -> bool:
