@@ -172,10 +172,16 @@ class WriteBehind:
                     " rows go to (the server did not answer); nothing was queued"
                 )
             scopes[table] = found
+        # the rows that changed objects, and the deleted objects of row switches, stand for
+        switched_out = {id(gone) for gone, _ in switched.values()}
         rows = self._newest_rows(
             session,
             state,
-            [(obj, info, scopes[info.table]) for obj, info, k in work if k == "dirty"],
+            [
+                (obj, info, scopes[info.table])
+                for obj, info, kind in work
+                if kind == "dirty" or id(obj) in switched_out
+            ],
         )
         for obj, info, kind in work:
             scope = scopes[info.table]
@@ -195,7 +201,7 @@ class WriteBehind:
                     info,
                     created=kind == "new",
                     tz=tz,
-                    old=switched.get(id(obj)),
+                    old=_old_row(info, switched.get(id(obj)), rows),
                     row=rows.get(id(obj)),
                 )
                 op = self._upsert_op(obj, info, values, created=kind == "new")
@@ -217,9 +223,9 @@ class WriteBehind:
 
     def _work(
         self, session: Session
-    ) -> tuple[list[tuple[object, ModelInfo, str]], dict[int, dict[str, Any]]]:
-        """The write-behind objects of this flush, deleted ones first, and the old rows of
-        its row switches (by the new object's ``id()``).
+    ) -> tuple[list[tuple[object, ModelInfo, str]], dict[int, tuple[object, dict[str, Any]]]]:
+        """The write-behind objects of this flush, deleted ones first, and its row switches:
+        by the new object's ``id()``, the deleted object and its row as it holds it.
 
         A new object with the key of one deleted in this flush (what SQLAlchemy turns into
         an UPDATE of the row, a "row switch") is added back under that key once the
@@ -235,7 +241,7 @@ class WriteBehind:
                 assert gone.key is not None
                 deleted[gone.key[:2]] = obj
         # read before the deleted objects leave the session
-        switched: dict[int, dict[str, Any]] = {}
+        switched: dict[int, tuple[object, dict[str, Any]]] = {}
         for kind, objects in (("new", session.new), ("dirty", session.dirty)):
             for obj in objects:
                 info = self._info(instance_state(obj).mapper)
@@ -245,7 +251,7 @@ class WriteBehind:
                     if kind == "new" and deleted:
                         old = deleted.get(_pending_key(obj, info))
                     if old is not None:
-                        switched[id(obj)] = stored_values(session, old, info)
+                        switched[id(obj)] = (old, stored_values(session, old, info))
         return work, switched
 
     def _refuse_several_slots(self, state: TransactionState, infos: list[ModelInfo]) -> None:
@@ -760,6 +766,20 @@ def _why(replies: list[Any]) -> str:
     """Why a run of waits did not confirm, for the error message."""
     failed = [reply for reply in replies if isinstance(reply, Exception)]
     return f"the wait failed: {failed[-1]}" if failed else "it did not confirm"
+
+
+def _old_row(
+    info: ModelInfo,
+    switch: tuple[object, dict[str, Any]] | None,
+    rows: dict[int, tuple[Any, ...]],
+) -> dict[str, Any] | None:
+    """The row a row switch's new object updates: as queued now when it is queued, else as
+    its deleted object holds it (which a query may have read before a later commit)."""
+    if switch is None:
+        return None
+    gone, held = switch
+    newest = rows.get(id(gone))
+    return held if newest is None else dict(zip(info.column_keys, newest, strict=True))
 
 
 def _known_values(state: Any, info: ModelInfo, row: tuple[Any, ...] | None) -> dict[str, Any]:
