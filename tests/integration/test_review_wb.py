@@ -1153,3 +1153,27 @@ def test_a_row_switch_of_an_object_a_query_loaded_keeps_the_rows_later_commits(
     against_oracle(in_mode, models, oracle_models, engine, namespace, script)
     expected = against_oracle(in_mode, models, oracle_models, engine, namespace, later)
     assert expected == [("/switched", 5, "later")]
+
+
+def test_a_new_object_with_a_taken_key_replaces_the_row_as_documented(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """SQLAlchemy's INSERT of a taken key fails (IntegrityError); write-behind queues an
+    upsert without looking (the flush runs no SQL), which replaces the row: what
+    docs/write-behind.md says."""
+    pk = uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/first", views=3, note="kept?")
+        with session() as s:
+            s.add(view(id=pk, path="/second"))
+            try:
+                s.commit()
+            except sa.exc.IntegrityError:
+                return "refused"
+        with session() as s:
+            return seen(s.get(view, pk))
+
+    assert script(lambda: plain_session(engine), *oracle_models) == "refused"
+    got, _ = in_mode(lambda db: script(db.session, *models))
+    assert got == ("/second", 0, None)
