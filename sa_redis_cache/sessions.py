@@ -389,13 +389,17 @@ class SessionHooks:
             # here, where SQLAlchemy restores its own snapshot right after: close() rolls
             # back without this event, having expunged every object, deleted ones included
             for undone in state.frames:
-                self.write_behind.revert(session, undone.queued.values(), None, undone.removed)
+                self.write_behind.revert(
+                    session, undone.queued.values(), None, undone.removed, rollback=True
+                )
                 undone.queued.clear()
                 undone.removed.clear()
             return
         frame = state.discard()
         if frame is not None:
-            self.write_behind.revert(session, frame.queued.values(), state, frame.removed)
+            self.write_behind.revert(
+                session, frame.queued.values(), state, frame.removed, rollback=True
+            )
 
     def after_transaction_end(self, session: Session, transaction: Any) -> None:
         """The outermost transaction is over: queue its write-behind rows, or release."""

@@ -776,15 +776,19 @@ def test_closing_a_session_after_a_flushed_delete_restores_nothing(
         with session() as s:
             obj = s.get(view, pk)
             s.delete(obj)
+            new = view(path="/new")
+            s.add(new)
             s.flush()
+            s.session.expunge(new)
             s.close()
             out.append((look(s, obj), len(s.session.identity_map)))
+            out.append(state_of(new))
             again = s.get(view, pk)
             out.append((seen(again), again is obj))
         return out
 
     expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
-    assert expected[0] == ((False, "detached", ("/kept", 1, None)), 0)
+    assert expected[:2] == [((False, "detached", ("/kept", 1, None)), 0), "detached"]
 
 
 def test_a_failed_flush_then_a_rollback_restores_a_deleted_object(
@@ -1177,3 +1181,29 @@ def test_a_new_object_with_a_taken_key_replaces_the_row_as_documented(
     assert script(lambda: plain_session(engine), *oracle_models) == "refused"
     got, _ = in_mode(lambda db: script(db.session, *models))
     assert got == ("/second", 0, None)
+
+
+def test_a_new_object_expunged_after_its_flush_is_transient_after_the_rollback(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """SQLAlchemy makes every object the rolled-back transaction inserted transient, also
+    one the application expunged meanwhile: added again, it is inserted."""
+    pk = uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        out: list[Any] = []
+        with session() as s:
+            obj = view(id=pk, path="/expunged")
+            s.add(obj)
+            s.flush()
+            s.session.expunge(obj)
+            s.rollback()
+            out.append(look(s, obj))
+            s.add(obj)
+            s.commit()
+        with session() as s:
+            out.append(seen(s.get(view, pk)))
+        return out
+
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    assert expected == [(False, "transient", ("/expunged", 0, None)), ("/expunged", 0, None)]

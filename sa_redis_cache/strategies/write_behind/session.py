@@ -464,12 +464,18 @@ class WriteBehind:
         ops: Iterable[Op],
         outer: TransactionState | None,
         removed: Iterable[Op] = (),
+        *,
+        rollback: bool = False,
     ) -> None:
         """Objects of operations that will not be queued: created ones become transient again.
 
         ``outer`` holds the frames that remain (a savepoint rolled back): an object that an
         outer frame wrote was not created by the rolled-back one, and is expired instead, so
         that its next access reads the outer frame's state.
+
+        ``rollback``: a rollback (not the end of a closed session, nor a failed enqueue).
+        As SQLAlchemy's, it makes a created object transient also when the application
+        expunged it since (added again, it is new: SQLAlchemy inserts it).
 
         ``removed``: the rolled-back frame's deletes. Their objects left the session at the
         flush (:meth:`divert`), where SQLAlchemy's own rollback does not look for them: they
@@ -482,14 +488,15 @@ class WriteBehind:
         for op in ops:
             if op.kind != "u":
                 continue
-            state = instance_state(op.obj)
-            if state.session_id != session.hash_key:
-                continue
-            if _creation_undone(op, outer):
-                session.expunge(op.obj)
+            owner = instance_state(op.obj).session_id
+            if owner == session.hash_key:
+                if _creation_undone(op, outer):
+                    session.expunge(op.obj)
+                    make_transient(op.obj)
+                else:
+                    session.expire(op.obj)
+            elif owner is None and rollback and _creation_undone(op, outer):
                 make_transient(op.obj)
-            else:
-                session.expire(op.obj)
         for op in removed:
             state = instance_state(op.obj)
             if state.session_id is not None or state.key is None:
