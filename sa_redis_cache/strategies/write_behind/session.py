@@ -172,7 +172,8 @@ class WriteBehind:
                     " rows go to (the server did not answer); nothing was queued"
                 )
             scopes[table] = found
-        # the rows that changed objects, and the deleted objects of row switches, stand for
+        # the newest rows of changed objects and of row switches' deleted ones: the objects
+        # may hold them older than the queue does
         switched_out = {id(gone) for gone, _ in switched.values()}
         rows = self._newest_rows(
             session,
@@ -674,8 +675,8 @@ class WriteBehind:
             raws = core.io().mget(keys)
         except RedisError as exc:
             core.redis_failed(exc)
-            for info, _, _ in rows:
-                core.counters.incr(info.scope, "errors")
+            for scope in {info.scope for info, _, _ in rows}:  # one failed call
+                core.counters.incr(scope, "errors")
             return [_NOTHING] * len(rows)
         return [
             self._opened_pending(info, scope, pk, key, raw)
