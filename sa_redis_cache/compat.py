@@ -128,7 +128,8 @@ def canonical_statement(statement: Any) -> Any:
 
 def is_locking(statement: Any) -> bool:
     """True for ``SELECT ... FOR UPDATE`` (and its variants): a cached row takes no lock."""
-    return statement._for_update_arg is not None
+    # a FromStatement (select().from_statement(...)) carries none
+    return getattr(statement, "_for_update_arg", None) is not None
 
 
 def statement_options(statement: Any) -> Sequence[Any]:

@@ -26,13 +26,15 @@ and each calls the read path and the strategies in the order written here:
     ``commit()`` returns.
 ``after_rollback``
     A savepoint's rollback drops its frame: write-through states are forgotten and
-    write-behind objects reverted.
+    write-behind objects reverted. The transaction's reverts them all (deleted objects
+    come back, as SQLAlchemy's snapshot restores them right after).
 ``after_transaction_end``
     The outermost transaction is over. Committed: write-behind queues its operations,
     after the ordinary rows' cache work (so a commit that mixes both has invalidated the
     ordinary rows first); raised here, when SQLAlchemy has closed the transaction, so the
     session stays usable after :class:`~sa_redis_cache.CacheUnavailableError`. Rolled
-    back: the writer marks are released and write-behind objects reverted.
+    back (or closed without a rollback): the writer marks are released and write-behind
+    objects left in the session reverted.
 
 Example::
 
@@ -378,13 +380,26 @@ class SessionHooks:
         state.committed = True
 
     def after_rollback(self, session: Session) -> None:
-        """A savepoint's rollback drops its frame and reverts its write-behind objects."""
+        """A rollback reverts the write-behind objects of what it undid: a savepoint's drops
+        its frame; the transaction's empties them all (queued nothing at its end)."""
         state = peek_transaction_state(session)
-        if state is None or not session.in_nested_transaction():
+        if state is None:
+            return
+        if not session.in_nested_transaction():
+            # here, where SQLAlchemy restores its own snapshot right after: close() rolls
+            # back without this event, having expunged every object, deleted ones included
+            for undone in state.frames:
+                self.write_behind.revert(
+                    session, undone.queued.values(), None, undone.removed, rollback=True
+                )
+                undone.queued.clear()
+                undone.removed.clear()
             return
         frame = state.discard()
         if frame is not None:
-            self.write_behind.revert(session, frame.queued.values(), state)
+            self.write_behind.revert(
+                session, frame.queued.values(), state, frame.removed, rollback=True
+            )
 
     def after_transaction_end(self, session: Session, transaction: Any) -> None:
         """The outermost transaction is over: queue its write-behind rows, or release."""

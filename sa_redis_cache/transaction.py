@@ -54,11 +54,14 @@ class Frame:
     """What the transaction, or one of its savepoints, wrote.
 
     ``tables``: per table, for the invalidation protocol and write-through;
-    ``queued``: write-behind operations by ``(table, pk text)``, the newest per row.
+    ``queued``: write-behind operations by ``(table, pk text)``, the newest per row;
+    ``removed``: every write-behind delete of the frame, also one a later write of its row
+    replaced in ``queued`` (a rollback gives each deleted object back to the session).
     """
 
     tables: dict[str, TableWrites] = field(default_factory=dict)
     queued: dict[tuple[str, str], Any] = field(default_factory=dict)
+    removed: list[Any] = field(default_factory=list)
 
     def table(self, name: str) -> TableWrites:
         """The writes of table ``name`` in this frame, created on first use."""
@@ -131,6 +134,7 @@ class TransactionState:
             for name, writes in top.tables.items():
                 parent.table(name).merge(writes)
             parent.queued.update(top.queued)
+            parent.removed.extend(top.removed)
 
     def discard(self) -> Frame | None:
         """The innermost savepoint was rolled back: forget its write-through states and

@@ -45,6 +45,7 @@ import orjson
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.orm import make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.exc import StaleDataError
 
 from sa_redis_cache import compat, hydrate
 from sa_redis_cache.binds import session_translate_map
@@ -63,7 +64,14 @@ from sa_redis_cache.transaction import TransactionState, peek_transaction_state
 
 from . import joined
 from .columns import column_of, is_write_behind, pk_codec
-from .states import evaluate, pending_state, refill, serve, sync_many_to_one
+from .states import (
+    evaluate,
+    pending_state,
+    refill,
+    serve,
+    stored_values,
+    sync_many_to_one,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -104,6 +112,9 @@ class Op:
     # the row's operation this one replaced in its frame, flushed under other savepoints:
     # what the transaction keeps when a rollback undoes this one (joined.surviving)
     earlier: Op | None = None
+    # a delete: the object's own write it followed, in any open frame; a rollback of that
+    # write's frame leaves the object showing rolled-back values (revert expires it)
+    written: Op | None = None
 
 
 class WriteBehind:
@@ -147,28 +158,52 @@ class WriteBehind:
         tz: Any = None
         scopes: dict[str, str] = {}
         tags: dict[str, frozenset[str]] = {}
+        for table, info in infos.items():
+            connection = connections[table]
+            tags[table] = frozenset()
+            if connection is not None:
+                tags[table] = joined.watch(self, connection)
+                # one connection queues them all: a commit is one enqueue
+                state.joined = connection
+            found = self._scope(session, info, {"mapper": info.mapper})
+            if found is None:
+                raise CacheUnavailableError(
+                    f"write-behind: cannot tell which database {info.mapper.class_.__name__}"
+                    " rows go to (the server did not answer); nothing was queued"
+                )
+            scopes[table] = found
+        # the newest rows of changed objects and of row switches' deleted ones: the objects
+        # may hold them older than the queue does
+        switched_out = {id(gone) for gone, _ in switched.values()}
+        rows = self._newest_rows(
+            session,
+            state,
+            [
+                (obj, info, scopes[info.table])
+                for obj, info, kind in work
+                if kind == "dirty" or id(obj) in switched_out
+            ],
+        )
         for obj, info, kind in work:
-            scope = scopes.get(info.table)
-            if scope is None:
-                connection = connections[info.table]
-                tags[info.table] = frozenset()
-                if connection is not None:
-                    tags[info.table] = joined.watch(self, connection)
-                    # one connection queues them all: a commit is one enqueue
-                    state.joined = connection
-                found = self._scope(session, info, {"mapper": info.mapper})
-                if found is None:
-                    raise CacheUnavailableError(
-                        f"write-behind: cannot tell which database {info.mapper.class_.__name__}"
-                        " rows go to (the server did not answer); nothing was queued"
-                    )
-                scope = scopes[info.table] = found
+            scope = scopes[info.table]
             if kind == "deleted":
                 op = self._delete_op(obj, info)
+                prior = state.find_queued(info.table, op.pk)
+                # deleted in the transaction that created it: a rollback of that creation
+                # leaves it transient, as any other rollback leaves it persistent
+                if prior is not None and prior.obj is obj:
+                    op.created, op.written = prior.created, prior
+                state.frame().removed.append(op)
                 session.expunge(obj)
             else:
                 values, tz = self._capture(
-                    session, obj, info, created=kind == "new", tz=tz, old=switched.get(id(obj))
+                    session,
+                    obj,
+                    info,
+                    created=kind == "new",
+                    tz=tz,
+                    old=_old_row(info, switched.get(id(obj)), rows),
+                    row=rows.get(id(obj)),
                 )
                 op = self._upsert_op(obj, info, values, created=kind == "new")
                 prior = state.find_queued(info.table, op.pk)
@@ -189,9 +224,9 @@ class WriteBehind:
 
     def _work(
         self, session: Session
-    ) -> tuple[list[tuple[object, ModelInfo, str]], dict[int, dict[str, Any]]]:
-        """The write-behind objects of this flush, deleted ones first, and the old rows of
-        its row switches (by the new object's ``id()``).
+    ) -> tuple[list[tuple[object, ModelInfo, str]], dict[int, tuple[object, dict[str, Any]]]]:
+        """The write-behind objects of this flush, deleted ones first, and its row switches:
+        by the new object's ``id()``, the deleted object and its row as it holds it.
 
         A new object with the key of one deleted in this flush (what SQLAlchemy turns into
         an UPDATE of the row, a "row switch") is added back under that key once the
@@ -207,7 +242,7 @@ class WriteBehind:
                 assert gone.key is not None
                 deleted[gone.key[:2]] = obj
         # read before the deleted objects leave the session
-        switched: dict[int, dict[str, Any]] = {}
+        switched: dict[int, tuple[object, dict[str, Any]]] = {}
         for kind, objects in (("new", session.new), ("dirty", session.dirty)):
             for obj in objects:
                 info = self._info(instance_state(obj).mapper)
@@ -217,7 +252,7 @@ class WriteBehind:
                     if kind == "new" and deleted:
                         old = deleted.get(_pending_key(obj, info))
                     if old is not None:
-                        switched[id(obj)] = {key: getattr(old, key) for key in info.column_keys}
+                        switched[id(obj)] = (old, stored_values(session, old, info))
         return work, switched
 
     def _refuse_several_slots(self, state: TransactionState, infos: list[ModelInfo]) -> None:
@@ -264,17 +299,23 @@ class WriteBehind:
         created: bool,
         tz: Any,
         old: dict[str, Any] | None = None,
+        row: tuple[Any, ...] | None = None,
     ) -> tuple[tuple[Any, ...], Any]:
         """The object's full column state, as the database will hold it after the insert.
 
         ``old``: the row a new object replaces in a row switch (its key's object deleted in
         the same flush). SQLAlchemy updates that row with the columns the new object set;
         the others keep the old row's values, or take their ``onupdate``.
+
+        ``row``: a changed object's row as queued now (:meth:`_newest_rows`). SQLAlchemy's
+        UPDATE sets the changed columns only: the others keep the row's values, which the
+        object may hold older (loaded by a query, from the database, before the worker
+        flushed a later commit).
         """
         state = instance_state(obj)
         sync_many_to_one(obj, info)
         dict_ = state.dict
-        given = {k: dict_[k] for k in info.column_keys if k in dict_}
+        given = _known_values(state, info, row)
         pk_keys = {info.column_keys[p] for p in info.pk_positions}
         for key in info.column_keys:
             column = column_of(info, key)
@@ -314,8 +355,9 @@ class WriteBehind:
                 stored = info.as_stored(list(values), tz)
             except Inexact:
                 stored = values  # the database keeps the same value in another form
-        for key, before, after in zip(info.column_keys, values, stored, strict=True):
-            if after is not before or key not in dict_:
+        for key, after in zip(info.column_keys, stored, strict=True):
+            # normalised, defaulted, loaded, or taken from the queued row
+            if dict_.get(key, _NOTHING) is not after:
                 dict_[key] = after
         return tuple(stored), tz
 
@@ -418,24 +460,57 @@ class WriteBehind:
             self.enqueue(ops)
 
     @staticmethod
-    def revert(session: Session, ops: Iterable[Op], outer: TransactionState | None) -> None:
+    def revert(
+        session: Session,
+        ops: Iterable[Op],
+        outer: TransactionState | None,
+        removed: Iterable[Op] = (),
+        *,
+        rollback: bool = False,
+    ) -> None:
         """Objects of operations that will not be queued: created ones become transient again.
 
         ``outer`` holds the frames that remain (a savepoint rolled back): an object that an
         outer frame wrote was not created by the rolled-back one, and is expired instead, so
         that its next access reads the outer frame's state.
+
+        ``rollback``: a rollback (not the end of a closed session, nor a failed enqueue).
+        As SQLAlchemy's, it makes a created object transient also when the application
+        expunged it since (added again, it is new: SQLAlchemy inserts it).
+
+        ``removed``: the rolled-back frame's deletes. Their objects left the session at the
+        flush (:meth:`divert`), where SQLAlchemy's own rollback does not look for them: they
+        come back persistent, as SQLAlchemy restores a deleted object, unless the rollback
+        also undoes their creation (then transient). As SQLAlchemy's, a savepoint's rollback
+        expires only those with changes of their own or a write it undid; the
+        transaction's, all. After the writes, whose created objects free their keys first
+        (a delete then an add of one key).
         """
         for op in ops:
             if op.kind != "u":
                 continue
-            state = instance_state(op.obj)
-            if state.session_id != session.hash_key:
-                continue
-            if op.created and (outer is None or outer.find_queued(op.info.table, op.pk) is None):
-                session.expunge(op.obj)
+            owner = instance_state(op.obj).session_id
+            if owner == session.hash_key:
+                if _creation_undone(op, outer):
+                    session.expunge(op.obj)
+                    make_transient(op.obj)
+                else:
+                    session.expire(op.obj)
+            elif owner is None and rollback and _creation_undone(op, outer):
                 make_transient(op.obj)
-            else:
-                session.expire(op.obj)
+        for op in removed:
+            state = instance_state(op.obj)
+            if state.session_id is not None or state.key is None:
+                continue  # added again meanwhile, here or to another session
+            if _creation_undone(op, outer):
+                make_transient(op.obj)
+            elif session.identity_map.get(state.key) is None:
+                session.add(op.obj)
+                undone = op.written is not None and (
+                    outer is None or outer.find_queued(op.info.table, op.pk) is not op.written
+                )
+                if outer is None or state.modified or undone:
+                    session.expire(op.obj)
 
     def enqueue(self, ops: list[Op]) -> list[bytes]:
         """Queue ``ops`` with one ``lua/wb_enqueue.lua`` call; returns their stream ids.
@@ -505,6 +580,15 @@ class WriteBehind:
         info = self._queued_info(orm_context.bind_mapper)
         if info is None:
             return None
+        if compat.is_locking(orm_context.statement):
+            raise ConfigurationError(
+                f"{info.mapper.class_.__name__} is write-behind: a locking read "
+                "(with_for_update) cannot serialize its writes (a row's newest state is its "
+                "queued one, which no database lock covers, and its writes reach the "
+                "database later, from the queue); nothing was read. Read without "
+                "with_for_update() (concurrent writes of a row keep the later commit), or "
+                "give the model another strategy"
+            )
         pk = compat.get_clause_pk(orm_context.statement, info.mapper, orm_context.parameters)
         if pk is None or None in pk:
             return None
@@ -532,24 +616,81 @@ class WriteBehind:
                 return None
         return serve(orm_context, info, pk, values)
 
+    def _newest_rows(
+        self, session: Session, state: TransactionState, changed: list[tuple[Any, ModelInfo, str]]
+    ) -> dict[int, tuple[Any, ...]]:
+        """The rows of changed objects as queued now (by the object's ``id()``), looked up
+        as a load by primary key would (:meth:`serve_queued`): this transaction's
+        operations, a joined transaction's, then the pending keys, in one round trip.
+        Rows with no queued state are left out (the object holds what the database has).
+
+        Raises SQLAlchemy's :class:`~sqlalchemy.orm.exc.StaleDataError` for an object
+        whose row is deleted in the queue, as its UPDATE would match no row.
+        """
+        found: dict[int, Any] = {}
+        asked: list[tuple[Any, ModelInfo, str, str]] = []
+        for obj, info, scope in changed:
+            key = instance_state(obj).key
+            assert key is not None
+            text = pk_text(list(key[1]))
+            op = state.find_queued(info.table, text)
+            if op is None and joined.any_handed():
+                bind = session.get_bind(mapper=info.mapper)
+                op = joined.handed_op(self, bind, info.table, text)
+            if op is not None:
+                found[id(obj)] = op.values
+            else:
+                asked.append((obj, info, scope, text))
+        if asked:
+            queued = self._pending_rows([(info, scope, text) for _, info, scope, text in asked])
+            for (obj, *_), values in zip(asked, queued, strict=True):
+                if values is not _NOTHING:
+                    found[id(obj)] = values
+        for obj, info, _ in changed:
+            if id(obj) in found and found[id(obj)] is None:
+                raise StaleDataError(
+                    f"UPDATE statement on table '{info.table}' expected to update 1 row(s); "
+                    f"0 were matched: {info.mapper.class_.__name__} {obj!r} is deleted (a "
+                    "queued write-behind delete); nothing of this flush was queued"
+                )
+        return found
+
     def _pending_values(self, info: ModelInfo, row_scope: str, pk: str) -> Any:
         """The row's queued state; None for a queued delete; ``_NOTHING`` when none is queued.
 
         ``row_scope`` names the database and schema of the row (``sa_redis_cache.binds``).
         """
+        return self._pending_rows([(info, row_scope, pk)])[0]
+
+    def _pending_rows(self, rows: list[tuple[ModelInfo, str, str]]) -> list[Any]:
+        """:meth:`_pending_values` of each ``(info, row scope, pk text)``, in one round trip."""
         core = self.core
-        assert info.codec is not None
-        key = core.keys.pending_key(info.table, info.schema_hash, row_scope, pk)
-        entity = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk)
-        scope = info.scope
+        keys = [
+            core.keys.pending_key(info.table, info.schema_hash, scope, pk)
+            for info, scope, pk in rows
+        ]
         try:
             # MGET reads a key of another Redis type as absent, where GET would fail (and
             # count against the breaker): only strings are queued there, so it holds none
-            raw = core.io().mget([key])[0]
+            raws = core.io().mget(keys)
         except RedisError as exc:
             core.redis_failed(exc)
-            core.counters.incr(scope, "errors")
-            return _NOTHING
+            for scope in {info.scope for info, _, _ in rows}:  # one failed call
+                core.counters.incr(scope, "errors")
+            return [_NOTHING] * len(rows)
+        return [
+            self._opened_pending(info, scope, pk, key, raw)
+            for (info, scope, pk), key, raw in zip(rows, keys, raws, strict=True)
+        ]
+
+    def _opened_pending(
+        self, info: ModelInfo, row_scope: str, pk: str, key: str, raw: bytes | None
+    ) -> Any:
+        """The queued state a pending key's value holds (see :meth:`_pending_values`)."""
+        core = self.core
+        assert info.codec is not None
+        entity = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk)
+        scope = info.scope
         if raw is None:
             return _NOTHING
         try:
@@ -633,6 +774,44 @@ def _why(replies: list[Any]) -> str:
     """Why a run of waits did not confirm, for the error message."""
     failed = [reply for reply in replies if isinstance(reply, Exception)]
     return f"the wait failed: {failed[-1]}" if failed else "it did not confirm"
+
+
+def _old_row(
+    info: ModelInfo,
+    switch: tuple[object, dict[str, Any]] | None,
+    rows: dict[int, tuple[Any, ...]],
+) -> dict[str, Any] | None:
+    """The row a row switch's new object updates: as queued now when it is queued, else as
+    its deleted object holds it (which a query may have read before a later commit)."""
+    if switch is None:
+        return None
+    gone, held = switch
+    newest = rows.get(id(gone))
+    return held if newest is None else dict(zip(info.column_keys, newest, strict=True))
+
+
+def _known_values(state: Any, info: ModelInfo, row: tuple[Any, ...] | None) -> dict[str, Any]:
+    """The object's loaded column values; with ``row`` (its row as queued now), those of the
+    columns it has not changed since its last flush are the row's."""
+    dict_ = state.dict
+    given = {key: dict_[key] for key in info.column_keys if key in dict_}
+    if row is not None:
+        unchanged = state.committed_state
+        given.update(
+            {k: v for k, v in zip(info.column_keys, row, strict=True) if k not in unchanged}
+        )
+    return given
+
+
+def _creation_undone(op: Op, outer: TransactionState | None) -> bool:
+    """Whether a rollback undoes the creation of ``op``'s object: it was created in the
+    frames rolled back, and no frame that remains (``outer``) wrote it. A remaining
+    operation of another object of that key (deleted, or replaced, before the rolled-back
+    frames made this one) does not keep it."""
+    if not op.created:
+        return False
+    kept = None if outer is None else outer.find_queued(op.info.table, op.pk)
+    return kept is None or kept.obj is not op.obj
 
 
 def _pending_key(obj: object, info: ModelInfo) -> tuple[Any, ...]:

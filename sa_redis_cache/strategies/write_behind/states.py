@@ -129,6 +129,32 @@ def sync_many_to_one(obj: object, info: ModelInfo) -> None:
             setattr(obj, info.mapper.get_property_by_column(local).key, value)
 
 
+def stored_values(session: Session, obj: object, info: ModelInfo) -> dict[str, Any]:
+    """The column values of ``obj``'s row as last flushed: its attributes without their
+    unflushed changes.
+
+    For an object deleted in a row switch: SQLAlchemy's UPDATE keeps the row's values in the
+    columns the new object leaves unset, never the deleted object's unflushed changes. A
+    value changed while unloaded (its earlier value unknown) is loaded again, through the
+    reads of queued states: the object is being deleted, so its change is dropped anyway.
+    """
+    state = instance_state(obj)
+    values: dict[str, Any] = {}
+    unknown = []
+    for key in info.column_keys:
+        history = state.attrs[key].history
+        if history.deleted:
+            values[key] = history.deleted[0]
+        elif key in state.committed_state:
+            unknown.append(key)
+    if unknown:
+        session.expire(obj, unknown)
+    for key in info.column_keys:
+        if key not in values:
+            values[key] = getattr(obj, key)
+    return values
+
+
 def refill(session: Session, op: Any) -> None:
     """Give an object its queued state again after ``expire_on_commit`` expired it.
 
