@@ -1207,3 +1207,29 @@ def test_a_new_object_expunged_after_its_flush_is_transient_after_the_rollback(
 
     expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
     assert expected == [(False, "transient", ("/expunged", 0, None)), ("/expunged", 0, None)]
+
+
+def test_merge_without_load_then_a_change(
+    in_mode: Runner, models: Any, oracle_models: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """``merge(load=False)`` of a clean detached copy trusts it as the row; a change to the
+    merged object then writes that column only."""
+    pk = uuid.uuid4()
+
+    def script(session: Callable[[], Any], view: Any, stock: Any) -> Any:
+        _committed(session, view, pk, path="/m", views=1)
+        with session() as s:
+            detached = s.get(view, pk)
+            s.session.expunge(detached)
+        with session() as s:
+            s.get(view, pk).views = 4
+            s.commit()
+        with session() as s:
+            merged = s.session.merge(detached, load=False)
+            merged.note = "merged"
+            s.commit()
+        with session() as s:
+            return [seen(s.get(view, pk))]
+
+    expected = against_oracle(in_mode, models, oracle_models, engine, namespace, script)
+    assert expected == [("/m", 4, "merged")]
