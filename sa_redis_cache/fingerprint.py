@@ -21,6 +21,7 @@ from sqlalchemy.sql.selectable import TextualSelect
 from sqlalchemy.sql.type_api import TypeEngine
 
 from .codec import CODEC_VERSION, dumps_tagged, pack, plain
+from .models import expression_reads
 from .protocol.keys import digest
 
 if TYPE_CHECKING:
@@ -130,12 +131,18 @@ def fingerprint(structural_key: tuple[Any, ...]) -> Fingerprint:
 
 
 def _mapper_tables(mapper: Mapper[Any]) -> Iterable[Table]:
-    for table in mapper.tables:
-        if isinstance(table, Table):
-            yield table
-    for rel in mapper.relationships:
-        if isinstance(rel.secondary, Table):
-            yield rel.secondary
+    """The tables a load of ``mapper``'s objects may read though the statement does not
+    name them: its own, those its ``column_property`` expressions read, and its
+    subclasses' (a base's load brings their columns along with ``polymorphic_load``
+    or the mapper's ``with_polymorphic``, without naming them)."""
+    for each in mapper.self_and_descendants:
+        for table in each.tables:
+            if isinstance(table, Table):
+                yield table
+        yield from expression_reads(each)[0]
+        for rel in each.relationships:
+            if isinstance(rel.secondary, Table):
+                yield rel.secondary
 
 
 def values_digest(parts: Sequence[Any]) -> str:

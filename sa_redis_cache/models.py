@@ -19,7 +19,9 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import ColumnProperty, Mapper
 from sqlalchemy.orm.instrumentation import ClassManager
-from sqlalchemy.sql import sqltypes
+from sqlalchemy.sql import sqltypes, visitors
+from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.sql.selectable import SelectBase
 
 from . import compat
 from .codec import CODEC_VERSION, RowCodec, UncacheableType, type_fingerprint
@@ -355,6 +357,9 @@ class ModelInfo:
     # what each of ``column_keys`` reads: the column's name, or ``=key`` for an expression
     # (``column_property``); an entity entry holds these values by position
     layout: tuple[str, ...] = ()
+    # a column_property reads rows other than the object's own (expression_reads): a write
+    # of them moves neither the row's write counter nor the table's generation
+    reads_other_rows: bool = False
     # the model's scope in ``cache.stats()`` (``model:<class>``): every read counts under
     # it, and the class's name does not change
     scope: str = field(init=False, repr=False, compare=False)
@@ -430,7 +435,37 @@ class ModelInfo:
             and self.codec is not None
             and self.mapper.inherits is None
             and self.mapper.polymorphic_on is None
+            and not self.reads_other_rows
         )
+
+
+def expression_reads(mapper: Mapper[Any]) -> tuple[list[Table], bool]:
+    """What ``mapper``'s SQL-expression attributes (``column_property(select(...))``,
+    ``column_property(a + b)``) read: their tables, and whether any reads rows other than
+    the object's own (a subquery, or a column of a table the mapper does not map).
+
+    Every load of the mapper reads them, though no statement that loads it names them.
+
+    Example::
+
+        Parent.child_count = column_property(select(func.count(Child.id))...)
+        expression_reads(inspect(Parent))  # ([children, parents], True)
+    """
+    own = set(mapper.tables)
+    tables: dict[str, Table] = {}
+    other_rows = False
+    for prop in mapper.column_attrs:
+        for expression in prop.columns:
+            if isinstance(expression, Column):
+                continue
+            for element in visitors.iterate(expression):
+                if isinstance(element, SelectBase):
+                    other_rows = True
+                table = element.table if isinstance(element, ColumnClause) else element
+                if isinstance(table, Table):
+                    tables[table.fullname] = table
+                    other_rows |= table not in own
+    return list(tables.values()), other_rows
 
 
 def build_model_info(mapper: Mapper[Any], policy: CachePolicy | None) -> ModelInfo:
@@ -487,6 +522,7 @@ def build_model_info(mapper: Mapper[Any], policy: CachePolicy | None) -> ModelIn
         ),
         pk_coercers=tuple(pk_coercer(props[p].columns[0].type) for p in pk_positions),
         pk_equal_forms=any(has_equal_forms(props[p].columns[0].type) for p in pk_positions),
+        reads_other_rows=expression_reads(mapper)[1],
     )
 
 

@@ -138,6 +138,8 @@ def _why_not_entity_cached(info: ModelInfo) -> str | None:
         return f"{name} has CachePolicy(entity_cache=False)"
     if info.codec is None:
         return info.uncacheable_reason or f"{name} has a column the codec cannot store"
+    if info.reads_other_rows:
+        return f"{name} has a column_property that reads other rows, which the entity cache skips"
     return f"{name} uses inheritance or a polymorphic mapping, which the entity cache skips"
 
 

@@ -1,0 +1,874 @@
+"""Cached reads of model shapes real applications use, checked against an oracle.
+
+The oracle is a plain session on an engine the cache is not attached to: after committed
+writes (through a cached session under each write strategy, a plain session or Core on
+the attached engine), a cached read (``FromCache``, ``session.get``, relationship loads)
+must give what the oracle gives. The shapes are those the other read tests leave out:
+inheritance, ``column_property``, relationship loaders over association tables,
+composite and non-integer primary keys, version counters, server-side values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy import ForeignKey, String, func, select
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    column_property,
+    composite,
+    deferred,
+    joinedload,
+    load_only,
+    mapped_column,
+    relationship,
+    selectin_polymorphic,
+    selectinload,
+    sessionmaker,
+    subqueryload,
+    with_polymorphic,
+)
+
+from sa_redis_cache import Cache, CachePolicy, FromCache
+from tests.conftest import delete_namespace
+from tests.support import SQLCounter
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    x: int
+    y: int
+
+
+@dataclasses.dataclass
+class World:
+    """The models, a cached factory, the attached engine and the oracle's engine."""
+
+    m: Any  # namespace of model classes
+    factory: sessionmaker[Session]
+    engine: sa.Engine
+    oracle_engine: sa.Engine
+    sql: SQLCounter
+    cache: Cache
+    strategy: str
+
+    def oracle(self, read: Callable[[Session], Any]) -> Any:
+        with Session(self.oracle_engine) as s:
+            return read(s)
+
+    def cached(self, read: Callable[[Session], Any]) -> Any:
+        with self.factory() as s:
+            return read(s)
+
+    def served(self, read: Callable[[Session], Any]) -> Any:
+        """What ``read`` gives once it is a hit (no SQL), checked against the oracle."""
+        for _ in range(3):
+            with self.factory() as s:
+                self.sql.reset()
+                got = read(s)
+                if self.sql.count == 0:
+                    assert got == self.oracle(read)
+                    return got
+        raise AssertionError("the read was never served from the cache")
+
+    def agree(self, read: Callable[[Session], Any]) -> Any:
+        """A cached read (twice: after its fill too) gives what the oracle gives."""
+        want = self.oracle(read)
+        assert self.cached(read) == want
+        assert self.cached(read) == want
+        return want
+
+
+class _Models:
+    pass
+
+
+def make_models(strategy: str) -> tuple[type[DeclarativeBase], Any]:
+    class Base(DeclarativeBase):
+        pass
+
+    policy = CachePolicy(strategy=strategy, ttl=600)  # type: ignore[arg-type]
+    m: Any = _Models()
+
+    parent_tag = sa.Table(
+        "rv_parent_tag",
+        Base.metadata,
+        sa.Column("parent_id", sa.ForeignKey("rv_parent.id"), primary_key=True),
+        sa.Column("tag_id", sa.ForeignKey("rv_tag.id"), primary_key=True),
+        sa.Column("active", sa.Boolean, nullable=False, server_default=sa.true()),
+    )
+
+    class RvChild(Base):
+        __tablename__ = "rv_child"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        parent_id: Mapped[int] = mapped_column(ForeignKey("rv_parent.id"))
+        name: Mapped[str] = mapped_column(String(20))
+
+    class RvTag(Base):
+        __tablename__ = "rv_tag"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(20))
+
+    class RvParent(Base):
+        __tablename__ = "rv_parent"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(20))
+        # a column computed from another table, loaded with every parent
+        child_count: Mapped[int] = column_property(
+            select(func.count(RvChild.id))
+            .where(RvChild.parent_id == id)  # noqa: A003 - the column above
+            .correlate_except(RvChild)
+            .scalar_subquery()
+        )
+        children: Mapped[list[RvChild]] = relationship(
+            order_by=RvChild.id, backref="parent", lazy="select"
+        )
+        tags: Mapped[list[RvTag]] = relationship(secondary=parent_tag, order_by=RvTag.id)
+        active_tags: Mapped[list[RvTag]] = relationship(
+            secondary=parent_tag,
+            primaryjoin=lambda: sa.and_(
+                RvParent.id == parent_tag.c.parent_id, parent_tag.c.active.is_(True)
+            ),
+            order_by=RvTag.id,
+            viewonly=True,
+        )
+
+    # joined-table inheritance; the manager's columns are loaded by a second SELECT
+    class RvEmployee(Base):
+        __tablename__ = "rv_employee"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        type: Mapped[str] = mapped_column(String(20))
+        name: Mapped[str] = mapped_column(String(20))
+        __mapper_args__ = {"polymorphic_on": "type", "polymorphic_identity": "employee"}  # noqa: RUF012
+
+    class RvEngineer(RvEmployee):
+        __tablename__ = "rv_engineer"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(ForeignKey("rv_employee.id"), primary_key=True)
+        language: Mapped[str] = mapped_column(String(20))
+        __mapper_args__ = {"polymorphic_identity": "engineer"}  # noqa: RUF012
+
+    class RvManager(RvEmployee):
+        __tablename__ = "rv_manager"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(ForeignKey("rv_employee.id"), primary_key=True)
+        budget: Mapped[int] = mapped_column()
+        __mapper_args__ = {  # noqa: RUF012
+            "polymorphic_identity": "manager",
+            "polymorphic_load": "selectin",
+        }
+
+    # single-table inheritance
+    class RvVehicle(Base):
+        __tablename__ = "rv_vehicle"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        kind: Mapped[str] = mapped_column(String(20))
+        name: Mapped[str] = mapped_column(String(20))
+        __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "vehicle"}  # noqa: RUF012
+
+    class RvCar(RvVehicle):
+        __cache__ = policy
+        doors: Mapped[int | None] = mapped_column(nullable=True)
+        __mapper_args__ = {"polymorphic_identity": "car"}  # noqa: RUF012
+
+    class RvBike(RvVehicle):
+        __cache__ = policy
+        __mapper_args__ = {"polymorphic_identity": "bike"}  # noqa: RUF012
+
+    class RvPair(Base):  # a composite primary key, one part text
+        __tablename__ = "rv_pair"
+        __cache__ = policy
+        a: Mapped[int] = mapped_column(primary_key=True)
+        b: Mapped[str] = mapped_column(String(10), primary_key=True)
+        val: Mapped[str] = mapped_column(String(20))
+
+    class RvToken(Base):
+        __tablename__ = "rv_token"
+        __cache__ = policy
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+        label: Mapped[str] = mapped_column(String(20))
+
+    class RvCode(Base):
+        __tablename__ = "rv_code"
+        __cache__ = policy
+        code: Mapped[str] = mapped_column(String(10), primary_key=True)
+        label: Mapped[str] = mapped_column(String(20))
+
+    class RvVersioned(Base):
+        __tablename__ = "rv_versioned"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        version: Mapped[int] = mapped_column(nullable=False)
+        val: Mapped[str] = mapped_column(String(20))
+        __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
+
+    class RvStamped(Base):
+        __tablename__ = "rv_stamped"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        val: Mapped[str] = mapped_column(String(20))
+        created: Mapped[int] = mapped_column(server_default=sa.text("7"))
+        edits: Mapped[int] = mapped_column(default=0, onupdate=sa.text("edits + 1"))
+
+    class RvShape(Base):
+        __tablename__ = "rv_shape"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        x: Mapped[int] = mapped_column()
+        y: Mapped[int] = mapped_column()
+        at: Mapped[Point] = composite("x", "y")
+        body: Mapped[str] = deferred(mapped_column(String(200), default=""))
+
+        @property
+        def norm(self) -> int:
+            return abs(self.x) + abs(self.y)
+
+    # relationships the mapper itself loads eagerly: no option in the statement names them
+    class RvBox(Base):
+        __tablename__ = "rv_box"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(20))
+        items: Mapped[list[RvItem]] = relationship(
+            lazy="selectin", order_by="RvItem.id", back_populates="box"
+        )
+
+    class RvItem(Base):
+        __tablename__ = "rv_item"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        box_id: Mapped[int] = mapped_column(ForeignKey("rv_box.id"))
+        name: Mapped[str] = mapped_column(String(20))
+        box: Mapped[RvBox] = relationship(lazy="joined", back_populates="items")
+
+    for cls in (
+        RvBox,
+        RvItem,
+        RvChild,
+        RvTag,
+        RvParent,
+        RvEmployee,
+        RvEngineer,
+        RvManager,
+        RvVehicle,
+        RvCar,
+        RvBike,
+        RvPair,
+        RvToken,
+        RvCode,
+        RvVersioned,
+        RvStamped,
+        RvShape,
+    ):
+        setattr(m, cls.__name__.removeprefix("Rv").lower(), cls)
+    m.parent_tag = parent_tag
+    return Base, m
+
+
+@pytest.fixture(scope="module", params=["cache_aside", "write_through"])
+def world(request: pytest.FixtureRequest, engine: sa.Engine, redis_url: str) -> Iterator[World]:
+    base, m = make_models(request.param)
+    base.metadata.drop_all(engine)
+    base.metadata.create_all(engine)
+    own = sa.create_engine(engine.url)
+    oracle = sa.create_engine(engine.url)
+    sql = SQLCounter()
+    sa.event.listen(own, "before_cursor_execute", sql)
+    factory = sessionmaker(own)
+    namespace = f"rvorm{secrets.token_hex(4)}"
+    cache = Cache(redis_url, namespace=namespace)
+    cache.attach(factory)
+    try:
+        yield World(m, factory, own, oracle, sql, cache, request.param)
+    finally:
+        cache.detach()
+        own.dispose()
+        oracle.dispose()
+        client = redis.Redis.from_url(redis_url)
+        delete_namespace(client, namespace)
+        client.close()
+        base.metadata.drop_all(engine)
+        base.registry.dispose()
+
+
+@pytest.fixture
+def w(world: World) -> World:
+    """The world with its rows as every test starts from."""
+    m = world.m
+    with Session(world.oracle_engine) as s:
+        s.execute(m.parent_tag.delete())
+        for model in (m.item, m.box, m.child, m.parent, m.tag, m.engineer, m.manager):
+            s.execute(sa.delete(model.__table__))
+        for model in (
+            m.employee,
+            m.vehicle,
+            m.pair,
+            m.token,
+            m.code,
+            m.versioned,
+            m.stamped,
+            m.shape,
+        ):
+            s.execute(sa.delete(model.__table__))
+        s.add_all([m.parent(id=1, name="p1"), m.parent(id=2, name="p2")])
+        s.add_all([m.tag(id=1, name="t1"), m.tag(id=2, name="t2")])
+        s.flush()
+        s.add_all([m.child(id=1, parent_id=1, name="c1"), m.child(id=2, parent_id=1, name="c2")])
+        s.execute(
+            m.parent_tag.insert(),
+            [
+                {"parent_id": 1, "tag_id": 1, "active": True},
+                {"parent_id": 1, "tag_id": 2, "active": False},
+            ],
+        )
+        s.add_all(
+            [
+                m.engineer(id=1, name="e1", language="py"),
+                m.manager(id=2, name="m1", budget=10),
+                m.employee(id=3, name="x1"),
+            ]
+        )
+        s.add_all([m.car(id=1, name="car1", doors=4), m.bike(id=2, name="bike1")])
+        s.add_all([m.pair(a=1, b="x", val="v1"), m.pair(a=1, b="y", val="v2")])
+        s.add(m.code(code="ab", label="l1"))
+        s.add(m.versioned(id=1, val="v1"))
+        s.add(m.stamped(id=1, val="s1"))
+        s.add(m.shape(id=1, x=1, y=2, body="long"))
+        s.add_all([m.box(id=1, name="b1"), m.box(id=2, name="b2")])
+        s.flush()
+        s.add_all([m.item(id=1, box_id=1, name="i1"), m.item(id=2, box_id=1, name="i2")])
+        s.commit()
+    # the seed ran behind the cache's back
+    for model in (m.box, m.item, m.child, m.parent, m.tag, m.employee, m.vehicle, m.pair):
+        world.cache.invalidate_model(model)
+    for model in (m.engineer, m.manager, m.token, m.code, m.versioned, m.stamped, m.shape):
+        world.cache.invalidate_model(model)
+    world.cache.invalidate_table(m.parent_tag)
+    return world
+
+
+# -- column_property over another table ----------------------------------------------------
+
+
+def test_a_column_property_over_another_table_follows_its_writes_by_get(w: World) -> None:
+    m = w.m
+
+    def count(s: Session) -> Any:
+        return s.get_one(m.parent, 1).child_count
+
+    assert w.agree(count) == 2
+    with w.factory() as s:
+        s.add(m.child(id=3, parent_id=1, name="c3"))
+        s.commit()
+    assert w.agree(count) == 3
+
+
+def test_a_column_property_over_another_table_follows_its_writes_by_query(w: World) -> None:
+    m = w.m
+
+    def counts(s: Session) -> Any:
+        stmt = select(m.parent).order_by(m.parent.id).options(FromCache())
+        return [(p.id, p.child_count) for p in s.scalars(stmt)]
+
+    assert w.agree(counts) == [(1, 2), (2, 0)]
+    with w.factory() as s:
+        s.add(m.child(id=3, parent_id=2, name="c3"))
+        s.commit()
+    assert w.agree(counts) == [(1, 2), (2, 1)]
+
+
+# -- inheritance ----------------------------------------------------------------------------
+
+
+def employees(stmt_of: Callable[[Any], Any]) -> Callable[[World], Callable[[Session], Any]]:
+    def make(w: World) -> Callable[[Session], Any]:
+        def read(s: Session) -> Any:
+            stmt = stmt_of(w.m).options(FromCache())
+            return [
+                (
+                    type(e).__name__,
+                    e.id,
+                    e.name,
+                    getattr(e, "language", None),
+                    getattr(e, "budget", None),
+                )
+                for e in s.scalars(stmt)
+            ]
+
+        return read
+
+    return make
+
+
+POLYMORPHIC_READS = {
+    "base": employees(lambda m: select(m.employee).order_by(m.employee.id)),
+    "with_polymorphic": employees(
+        lambda m: select(with_polymorphic(m.employee, "*")).order_by(m.employee.id)
+    ),
+    "selectin_polymorphic": employees(
+        lambda m: (
+            select(m.employee)
+            .order_by(m.employee.id)
+            .options(selectin_polymorphic(m.employee, [m.engineer, m.manager]))
+        )
+    ),
+    "engineer": employees(lambda m: select(m.engineer).order_by(m.engineer.id)),
+    "manager": employees(lambda m: select(m.manager).order_by(m.manager.id)),
+}
+
+
+def write_engineer_language(w: World, how: str) -> None:
+    m = w.m
+    if how == "session":
+        with w.factory() as s:
+            s.get_one(m.engineer, 1).language = "rust"
+            s.commit()
+    elif how == "core":
+        with w.engine.begin() as c:
+            c.execute(
+                sa.update(m.engineer.__table__).where(sa.column("id") == 1).values(language="rust")
+            )
+    else:
+        with w.engine.begin() as c:
+            c.execute(sa.text("UPDATE rv_engineer SET language = 'rust' WHERE id = 1"))
+
+
+def write_manager_budget(w: World, how: str) -> None:
+    m = w.m
+    if how == "session":
+        with w.factory() as s:
+            s.get_one(m.manager, 2).budget = 99
+            s.commit()
+    elif how == "core":
+        with w.engine.begin() as c:
+            c.execute(sa.update(m.manager.__table__).where(sa.column("id") == 2).values(budget=99))
+    else:
+        with w.engine.begin() as c:
+            c.execute(sa.text("UPDATE rv_manager SET budget = 99 WHERE id = 2"))
+
+
+@pytest.mark.parametrize("how", ["session", "core", "text"])
+@pytest.mark.parametrize("shape", sorted(POLYMORPHIC_READS))
+def test_a_subclass_tables_write_reaches_polymorphic_queries(
+    w: World, shape: str, how: str
+) -> None:
+    read = POLYMORPHIC_READS[shape](w)
+    w.agree(read)  # a hit, whose unloaded subclass columns may still load on access
+    write_engineer_language(w, how)
+    write_manager_budget(w, how)
+    w.agree(read)
+
+
+def test_a_subclass_insert_and_delete_reach_base_queries(w: World) -> None:
+    read = POLYMORPHIC_READS["base"](w)
+    w.agree(read)
+    with w.factory() as s:
+        s.add(w.m.manager(id=4, name="m2", budget=5))
+        s.commit()
+    w.agree(read)
+    with w.factory() as s:
+        s.delete(s.get_one(w.m.engineer, 1))
+        s.commit()
+    w.agree(read)
+
+
+def vehicles(stmt_of: Callable[[Any], Any]) -> Callable[[World], Callable[[Session], Any]]:
+    def make(w: World) -> Callable[[Session], Any]:
+        def read(s: Session) -> Any:
+            stmt = stmt_of(w.m).options(FromCache())
+            return [
+                (type(v).__name__, v.id, v.name, getattr(v, "doors", None)) for v in s.scalars(stmt)
+            ]
+
+        return read
+
+    return make
+
+
+@pytest.mark.parametrize("target", ["vehicle", "car", "bike"])
+def test_single_table_subclass_writes_reach_base_and_subclass_queries(
+    w: World, target: str
+) -> None:
+    model = getattr(w.m, target)
+    read = vehicles(lambda m: select(model).order_by(model.id))(w)
+    w.agree(read)
+    with w.factory() as s:
+        s.get_one(w.m.car, 1).doors = 2
+        s.add(w.m.bike(id=3, name="bike2"))
+        s.commit()
+    w.agree(read)
+    with w.factory() as s:
+        s.get_one(w.m.bike, 2).name = "bike1b"
+        s.commit()
+    w.agree(read)
+
+
+# -- relationships --------------------------------------------------------------------------
+
+
+LOADERS: dict[str, Callable[[Any], tuple[Any, ...]]] = {
+    "selectin": lambda m: (
+        selectinload(m.parent.children),
+        selectinload(m.parent.tags),
+        selectinload(m.parent.active_tags),
+    ),
+    "joined": lambda m: (
+        joinedload(m.parent.children),
+        joinedload(m.parent.tags),
+        joinedload(m.parent.active_tags),
+    ),
+    "subquery": lambda m: (
+        subqueryload(m.parent.children),
+        subqueryload(m.parent.tags),
+        subqueryload(m.parent.active_tags),
+    ),
+    "lazy": lambda m: (sa.orm.lazyload(m.parent.children),),
+}
+
+
+def relationship_read(loader: str) -> Callable[[World], Callable[[Session], Any]]:
+    def make(w: World) -> Callable[[Session], Any]:
+        def read(s: Session) -> Any:
+            stmt = select(w.m.parent).order_by(w.m.parent.id)
+            stmt = stmt.options(*LOADERS[loader](w.m), FromCache())
+            return [
+                (
+                    p.id,
+                    [(c.id, c.name) for c in p.children],
+                    [(t.id, t.name) for t in p.tags],
+                    [t.id for t in p.active_tags],
+                )
+                for p in s.scalars(stmt).unique()
+            ]
+
+        return read
+
+    return make
+
+
+RELATIONSHIP_WRITES: dict[str, Callable[[World], None]] = {}
+
+
+def _rel_write(fn: Callable[[World], None]) -> Callable[[World], None]:
+    RELATIONSHIP_WRITES[fn.__name__] = fn
+    return fn
+
+
+@_rel_write
+def child_renamed(w: World) -> None:
+    with w.factory() as s:
+        s.get_one(w.m.child, 1).name = "c1b"
+        s.commit()
+
+
+@_rel_write
+def child_moved_by_backref(w: World) -> None:
+    with w.factory() as s:
+        s.get_one(w.m.child, 2).parent = s.get_one(w.m.parent, 2)
+        s.commit()
+
+
+@_rel_write
+def tag_renamed(w: World) -> None:
+    with w.factory() as s:
+        s.get_one(w.m.tag, 1).name = "t1b"
+        s.commit()
+
+
+@_rel_write
+def tag_added_to_collection(w: World) -> None:
+    with w.factory() as s:
+        parent = s.get_one(w.m.parent, 2)
+        parent.tags.append(s.get_one(w.m.tag, 2))
+        s.commit()
+
+
+@_rel_write
+def association_flag_flipped_core(w: World) -> None:
+    with w.engine.begin() as c:
+        c.execute(w.m.parent_tag.update().where(w.m.parent_tag.c.tag_id == 2).values(active=True))
+
+
+@pytest.mark.parametrize("write", sorted(RELATIONSHIP_WRITES))
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_relationship_loads_follow_writes_on_either_side(w: World, loader: str, write: str) -> None:
+    read = relationship_read(loader)(w)
+    w.agree(read)
+    w.agree(read)
+    RELATIONSHIP_WRITES[write](w)
+    w.agree(read)
+
+
+def boxes(s: Session, m: Any) -> Any:
+    stmt = select(m.box).order_by(m.box.id).options(FromCache())
+    return [(b.id, b.name, [(i.id, i.name, i.box.name) for i in b.items]) for b in s.scalars(stmt)]
+
+
+def items(s: Session, m: Any) -> Any:
+    stmt = select(m.item).order_by(m.item.id).options(FromCache())
+    return [(i.id, i.name, i.box.name) for i in s.scalars(stmt)]
+
+
+@pytest.mark.parametrize("how", ["session", "core"])
+def test_relationships_the_mapper_loads_eagerly_follow_their_targets_writes(
+    w: World, how: str
+) -> None:
+    m = w.m
+    w.served(lambda s: boxes(s, m))
+    w.served(lambda s: items(s, m))
+    if how == "session":
+        with w.factory() as s:
+            s.get_one(m.item, 1).name = "i1b"
+            s.add(m.item(id=3, box_id=2, name="i3"))
+            s.get_one(m.box, 1).name = "b1b"
+            s.commit()
+    else:
+        with w.engine.begin() as c:
+            c.execute(sa.update(m.item.__table__).where(sa.column("id") == 1).values(name="i1b"))
+            c.execute(sa.insert(m.item.__table__).values(id=3, box_id=2, name="i3"))
+        with w.engine.begin() as c:
+            c.execute(sa.update(m.box.__table__).where(sa.column("id") == 1).values(name="b1b"))
+    w.agree(lambda s: boxes(s, m))
+    w.agree(lambda s: items(s, m))
+
+
+def test_get_of_a_model_with_eager_relationships_follows_their_targets_writes(w: World) -> None:
+    m = w.m
+
+    def box(s: Session) -> Any:
+        b = s.get_one(m.box, 1)
+        return [(i.id, i.name) for i in b.items]
+
+    def item(s: Session) -> Any:
+        return s.get_one(m.item, 1).box.name
+
+    w.agree(box)
+    w.agree(item)
+    with w.engine.begin() as c:
+        c.execute(sa.update(m.item.__table__).where(sa.column("id") == 1).values(name="i1b"))
+        c.execute(sa.update(m.box.__table__).where(sa.column("id") == 1).values(name="b1b"))
+    w.agree(box)
+    w.agree(item)
+
+
+# -- primary keys ---------------------------------------------------------------------------
+
+
+def test_a_composite_key_with_text_follows_writes(w: World) -> None:
+    m = w.m
+
+    def both(s: Session) -> Any:
+        got = [s.get(m.pair, (1, "x")), s.get(m.pair, {"a": 1, "b": "y"}), s.get(m.pair, (2, "x"))]
+        return [None if p is None else (p.a, p.b, p.val) for p in got]
+
+    def query(s: Session) -> Any:
+        stmt = select(m.pair).where(m.pair.a == 1).order_by(m.pair.b).options(FromCache())
+        return [(p.a, p.b, p.val) for p in s.scalars(stmt)]
+
+    w.served(both)
+    w.served(query)
+    with w.factory() as s:
+        s.get_one(m.pair, (1, "x")).val = "v1b"
+        s.add(m.pair(a=2, b="x", val="v3"))
+        s.commit()
+    w.agree(both)
+    w.agree(query)
+    with w.factory() as s:
+        s.get_one(m.pair, (1, "y")).b = "z"  # a key update
+        s.commit()
+    w.agree(both)
+    w.agree(query)
+    with w.engine.begin() as c:
+        c.execute(sa.text("UPDATE rv_pair SET val = 'raw' WHERE a = 1 AND b = 'x'"))
+    w.agree(both)
+
+
+def test_uuid_and_text_keys_follow_writes_and_key_updates(w: World) -> None:
+    m = w.m
+    one, two = uuid.uuid4(), uuid.uuid4()
+    with w.factory() as s:
+        s.add(m.token(id=one, label="a"))
+        s.commit()
+
+    def tokens(s: Session) -> Any:
+        got = [s.get(m.token, one), s.get(m.token, str(two)), s.get(m.code, "ab")]
+        return [None if t is None else (t.label,) for t in got]
+
+    w.served(tokens)
+    with w.factory() as s:
+        s.get_one(m.token, one).id = two  # the row moves to another key
+        s.get_one(m.code, "ab").code = "cd"
+        s.commit()
+    w.agree(tokens)
+    with w.factory() as s:
+        s.add(m.code(code="ab", label="new"))
+        s.commit()
+    w.agree(tokens)
+
+
+# -- versions, server-side values, composites, deferred columns ----------------------------
+
+
+def test_a_version_counter_is_served_as_the_database_has_it(w: World) -> None:
+    m = w.m
+
+    def versioned(s: Session) -> Any:
+        v = s.get_one(m.versioned, 1)
+        return (v.version, v.val)
+
+    w.served(versioned)
+    for value in ("v2", "v3"):
+        with w.factory() as s:
+            s.get_one(m.versioned, 1).val = value
+            s.commit()
+        w.agree(versioned)
+    # a write from a cached read's object does not raise StaleDataError
+    with w.factory() as s:
+        s.get_one(m.versioned, 1).val = "v4"
+        s.commit()
+    w.agree(versioned)
+
+
+def test_server_defaults_and_sql_onupdate_are_served_as_the_database_has_them(w: World) -> None:
+    m = w.m
+
+    def stamped(s: Session) -> Any:
+        got = [s.get(m.stamped, 1), s.get(m.stamped, 2)]
+        return [None if x is None else (x.val, x.created, x.edits) for x in got]
+
+    def query(s: Session) -> Any:
+        stmt = select(m.stamped).order_by(m.stamped.id).options(FromCache())
+        return [(x.val, x.created, x.edits) for x in s.scalars(stmt)]
+
+    w.served(stamped)
+    w.served(query)
+    with w.factory() as s:
+        s.get_one(m.stamped, 1).val = "s1b"
+        s.add(m.stamped(id=2, val="s2"))
+        s.commit()
+    w.agree(stamped)
+    w.agree(query)
+    with w.factory() as s:
+        x = s.get_one(m.stamped, 2)
+        x.val = "s2b"
+        s.flush()
+        s.get_one(m.stamped, 2).val = "s2c"
+        s.commit()
+    w.agree(stamped)
+    w.agree(query)
+
+
+def test_composite_and_deferred_columns_follow_writes(w: World) -> None:
+    m = w.m
+
+    def shape(s: Session) -> Any:
+        x = s.get_one(m.shape, 1)
+        return (x.at, x.norm, x.body)
+
+    def query(s: Session) -> Any:
+        stmt = select(m.shape).options(FromCache())
+        return [(x.at, x.body) for x in s.scalars(stmt)]
+
+    def only(s: Session) -> Any:
+        stmt = select(m.shape).options(load_only(m.shape.x), FromCache())
+        return [(x.x, x.y, x.at) for x in s.scalars(stmt)]
+
+    def undeferred(s: Session) -> Any:
+        stmt = select(m.shape).options(sa.orm.undefer(m.shape.body), FromCache())
+        return [(x.at, x.body) for x in s.scalars(stmt)]
+
+    for read in (shape, query, only, undeferred):
+        w.agree(read)
+    with w.factory() as s:
+        x = s.get_one(m.shape, 1)
+        x.at = Point(5, -6)
+        x.body = "changed"
+        s.commit()
+    for read in (shape, query, only, undeferred):
+        w.agree(read)
+
+
+# -- column selects, aggregates, joins -----------------------------------------------------
+
+
+COLUMN_READS: dict[str, Callable[[Any], Any]] = {
+    "rows": lambda m: select(m.child.id, m.child.name).order_by(m.child.id),
+    "count": lambda m: select(func.count(m.child.id)),
+    "grouped": lambda m: (
+        select(m.child.parent_id, func.count())
+        .group_by(m.child.parent_id)
+        .order_by(m.child.parent_id)
+    ),
+    "join": lambda m: (
+        select(m.parent.name, m.child.name).join(m.child, m.parent.children).order_by(m.child.id)
+    ),
+    "entities": lambda m: (
+        select(m.parent, m.child).join(m.child, m.parent.children).order_by(m.child.id)
+    ),
+    "subquery": lambda m: select(m.parent.name).where(
+        m.parent.id.in_(select(m.child.parent_id).where(m.child.name != "zz"))
+    ),
+    "exists": lambda m: select(m.parent.id).where(
+        sa.exists().where(m.child.parent_id == m.parent.id)
+    ),
+    "association": lambda m: select(m.tag.name).join(m.parent.tags).where(m.parent.id == 1),
+}
+
+
+def plain(value: Any) -> Any:
+    if isinstance(value, sa.Row):
+        return tuple(plain(v) for v in value)
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if hasattr(value, "__table__"):
+        return (type(value).__name__, sa.inspect(value).identity, getattr(value, "name", None))
+    return value
+
+
+@pytest.mark.parametrize("kind", ["all", "scalars", "scalar", "unique", "mappings"])
+@pytest.mark.parametrize("shape", sorted(COLUMN_READS))
+def test_column_selects_follow_writes_on_either_side(w: World, shape: str, kind: str) -> None:
+    m = w.m
+
+    def read(s: Session) -> Any:
+        stmt = COLUMN_READS[shape](m).options(FromCache())
+        if kind == "all":
+            return plain(list(s.execute(stmt).all()))
+        if kind == "scalars":
+            return plain(list(s.scalars(stmt).all()))
+        if kind == "scalar":
+            return plain(s.scalar(stmt))
+        if kind == "unique":
+            return plain(list(s.execute(stmt).unique().all()))
+        return [dict(r) for r in s.execute(stmt).mappings()] if shape in ("rows", "count") else None
+
+    w.served(read)
+    with w.factory() as s:
+        s.add(m.child(id=5, parent_id=2, name="c5"))
+        s.commit()
+    w.agree(read)
+    with w.factory() as s:
+        s.get_one(m.parent, 1).name = "p1b"
+        s.get_one(m.tag, 1).name = "t1b"
+        s.commit()
+    w.agree(read)
+    with Session(w.engine) as s:  # a plain session on the attached engine
+        s.execute(sa.update(m.child).where(m.child.id == 5).values(name="zz"))
+        s.commit()
+    w.agree(read)
