@@ -21,7 +21,7 @@ from sqlalchemy.sql.selectable import TextualSelect
 from sqlalchemy.sql.type_api import TypeEngine
 
 from .codec import CODEC_VERSION, dumps_tagged, pack, plain
-from .models import expression_reads
+from .models import clause_tables, expression_reads
 from .protocol.keys import digest
 
 if TYPE_CHECKING:
@@ -132,17 +132,25 @@ def fingerprint(structural_key: tuple[Any, ...]) -> Fingerprint:
 
 def _mapper_tables(mapper: Mapper[Any]) -> Iterable[Table]:
     """The tables a load of ``mapper``'s objects may read though the statement does not
-    name them: its own, those its ``column_property`` expressions read, and its
-    subclasses' (a base's load brings their columns along with ``polymorphic_load``
-    or the mapper's ``with_polymorphic``, without naming them)."""
+    name them: its own, those its ``column_property`` expressions and its relationships'
+    conditions read, and its subclasses' (a base's load brings their columns along with
+    ``polymorphic_load`` or the mapper's ``with_polymorphic``, without naming them)."""
     for each in mapper.self_and_descendants:
         for table in each.tables:
             if isinstance(table, Table):
                 yield table
         yield from expression_reads(each)[0]
         for rel in each.relationships:
-            if isinstance(rel.secondary, Table):
-                yield rel.secondary
+            # the association table, and any third table the join conditions read (a
+            # secondaryjoin that filters with a subquery): loads of the relationship
+            # read them, named by the relationship alone. The two sides' own tables are
+            # left to the mappers the statement names, so that a lazy relationship does
+            # not make the parent's queries depend on its target's writes
+            sides = {*each.tables, *rel.mapper.tables}
+            for clause in (rel.secondary, rel.primaryjoin, rel.secondaryjoin):
+                if clause is not None:
+                    found = clause_tables(clause)[0]
+                    yield from (t for t in found if t not in sides)
 
 
 def values_digest(parts: Sequence[Any]) -> str:

@@ -436,7 +436,26 @@ class ModelInfo:
             and self.mapper.inherits is None
             and self.mapper.polymorphic_on is None
             and not self.reads_other_rows
+            # a class over a join or a select: no one table's counters cover its rows
+            and isinstance(self.mapper.local_table, Table)
         )
+
+
+def clause_tables(clause: Any) -> tuple[list[Table], bool]:
+    """The tables a SQL ``clause`` reads, and whether it holds a subquery.
+
+    Example::
+
+        clause_tables(Child.parent_id == Parent.id)  # ([children, parents], False)
+    """
+    tables: dict[str, Table] = {}
+    subquery = False
+    for element in visitors.iterate(clause):
+        subquery |= isinstance(element, SelectBase)
+        table = element.table if isinstance(element, ColumnClause) else element
+        if isinstance(table, Table):
+            tables[table.fullname] = table
+    return list(tables.values()), subquery
 
 
 def expression_reads(mapper: Mapper[Any]) -> tuple[list[Table], bool]:
@@ -458,13 +477,9 @@ def expression_reads(mapper: Mapper[Any]) -> tuple[list[Table], bool]:
         for expression in prop.columns:
             if isinstance(expression, Column):
                 continue
-            for element in visitors.iterate(expression):
-                if isinstance(element, SelectBase):
-                    other_rows = True
-                table = element.table if isinstance(element, ColumnClause) else element
-                if isinstance(table, Table):
-                    tables[table.fullname] = table
-                    other_rows |= table not in own
+            found, subquery = clause_tables(expression)
+            other_rows |= subquery or any(t not in own for t in found)
+            tables.update((t.fullname, t) for t in found)
     return list(tables.values()), other_rows
 
 

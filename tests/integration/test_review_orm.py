@@ -37,7 +37,8 @@ from sqlalchemy.orm import (
     with_polymorphic,
 )
 
-from sa_redis_cache import Cache, CachePolicy, FromCache
+from sa_redis_cache import Cache, CachePolicy, FromCache, compat
+from sa_redis_cache.fingerprint import fingerprint
 from tests.conftest import delete_namespace
 from tests.support import SQLCounter
 
@@ -872,3 +873,238 @@ def test_column_selects_follow_writes_on_either_side(w: World, shape: str, kind:
         s.execute(sa.update(m.child).where(m.child.id == 5).values(name="zz"))
         s.commit()
     w.agree(read)
+
+
+# -- a second set of shapes: classes over joins, relationships through other tables ---------
+
+
+def make_models2(strategy: str) -> tuple[type[DeclarativeBase], Any]:
+    class Base(DeclarativeBase):
+        pass
+
+    policy = CachePolicy(strategy=strategy, ttl=600)  # type: ignore[arg-type]
+    m: Any = _Models()
+
+    users = sa.Table(
+        "rv2_user",
+        Base.metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", sa.String(20), nullable=False),
+    )
+    addresses = sa.Table(
+        "rv2_address",
+        Base.metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("user_id", sa.ForeignKey("rv2_user.id"), nullable=False, unique=True),
+        sa.Column("email", sa.String(40), nullable=False),
+    )
+
+    class RvUserMail(Base):  # one class over a join of two tables
+        __table__ = sa.join(users, addresses)
+        __cache__ = policy
+        id = column_property(users.c.id, addresses.c.user_id)
+        address_id = addresses.c.id
+        __mapper_args__ = {"primary_key": [users.c.id]}  # noqa: RUF012
+
+    group_member = sa.Table(
+        "rv2_group_member",
+        Base.metadata,
+        sa.Column("group_id", sa.ForeignKey("rv2_group.id"), primary_key=True),
+        sa.Column("member_id", sa.ForeignKey("rv2_member.id"), primary_key=True),
+    )
+
+    class RvBlocked(Base):  # members hidden from every group's list
+        __tablename__ = "rv2_blocked"
+        __cache__ = policy
+        member_id: Mapped[int] = mapped_column(ForeignKey("rv2_member.id"), primary_key=True)
+
+    class RvMember(Base):
+        __tablename__ = "rv2_member"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(20))
+        code: Mapped[str] = mapped_column(String(10), unique=True)
+
+    class RvGroup(Base):
+        __tablename__ = "rv2_group"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        leader_code: Mapped[str | None] = mapped_column(ForeignKey("rv2_member.code"))
+        # a relationship whose condition reads a third table
+        visible: Mapped[list[RvMember]] = relationship(
+            secondary=group_member,
+            secondaryjoin=lambda: sa.and_(
+                RvMember.id == group_member.c.member_id,
+                ~RvMember.id.in_(select(RvBlocked.member_id)),
+            ),
+            order_by=RvMember.id,
+            viewonly=True,
+        )
+        members: Mapped[list[RvMember]] = relationship(secondary=group_member, order_by=RvMember.id)
+        # a many-to-one to a column that is not the target's primary key
+        leader: Mapped[RvMember | None] = relationship(
+            primaryjoin=lambda: RvGroup.leader_code == RvMember.code, viewonly=True
+        )
+        member_names: Mapped[str | None] = sa.orm.query_expression()
+
+    for cls in (RvUserMail, RvBlocked, RvMember, RvGroup):
+        setattr(m, cls.__name__.removeprefix("Rv").lower(), cls)
+    m.users, m.addresses, m.group_member = users, addresses, group_member
+    return Base, m
+
+
+@pytest.fixture(scope="module", params=["cache_aside", "write_through"])
+def world2(request: pytest.FixtureRequest, engine: sa.Engine, redis_url: str) -> Iterator[World]:
+    base, m = make_models2(request.param)
+    base.metadata.drop_all(engine)
+    base.metadata.create_all(engine)
+    own = sa.create_engine(engine.url)
+    oracle = sa.create_engine(engine.url)
+    sql = SQLCounter()
+    sa.event.listen(own, "before_cursor_execute", sql)
+    factory = sessionmaker(own)
+    namespace = f"rvorm{secrets.token_hex(4)}"
+    cache = Cache(redis_url, namespace=namespace)
+    cache.attach(factory)
+    try:
+        yield World(m, factory, own, oracle, sql, cache, request.param)
+    finally:
+        cache.detach()
+        own.dispose()
+        oracle.dispose()
+        client = redis.Redis.from_url(redis_url)
+        delete_namespace(client, namespace)
+        client.close()
+        base.metadata.drop_all(engine)
+        base.registry.dispose()
+
+
+@pytest.fixture
+def w2(world2: World) -> World:
+    m = world2.m
+    with world2.oracle_engine.begin() as c:
+        for table in (m.group_member, m.blocked.__table__, m.group.__table__):
+            c.execute(table.delete())
+        for table in (m.member.__table__, m.addresses, m.users):
+            c.execute(table.delete())
+        c.execute(m.users.insert(), [{"id": 1, "name": "u1"}, {"id": 2, "name": "u2"}])
+        c.execute(
+            m.addresses.insert(),
+            [{"id": 10, "user_id": 1, "email": "a@x"}, {"id": 20, "user_id": 2, "email": "b@x"}],
+        )
+        c.execute(
+            m.member.__table__.insert(),
+            [{"id": i, "name": f"m{i}", "code": f"c{i}"} for i in (1, 2, 3)],
+        )
+        c.execute(m.group.__table__.insert(), [{"id": 1, "leader_code": "c1"}])
+        c.execute(m.group_member.insert(), [{"group_id": 1, "member_id": i} for i in (1, 2, 3)])
+    for table in ("rv2_user", "rv2_address", "rv2_group_member", "rv2_blocked"):
+        world2.cache.invalidate_table(table)
+    for table in ("rv2_member", "rv2_group"):
+        world2.cache.invalidate_table(table)
+    return world2
+
+
+@pytest.mark.parametrize("how", ["session", "core", "text"])
+def test_a_class_over_a_join_follows_writes_to_either_table(w2: World, how: str) -> None:
+    m = w2.m
+
+    def by_get(s: Session) -> Any:
+        u = s.get_one(m.usermail, 1)
+        return (u.name, u.email)
+
+    def by_query(s: Session) -> Any:
+        stmt = select(m.usermail).order_by(m.usermail.id).options(FromCache())
+        return [(u.id, u.name, u.email) for u in s.scalars(stmt)]
+
+    w2.agree(by_get)
+    w2.agree(by_query)
+    if how == "session":
+        with w2.factory() as s:
+            s.get_one(m.usermail, 1).email = "new@x"
+            s.commit()
+    elif how == "core":
+        with w2.engine.begin() as c:
+            c.execute(m.addresses.update().where(m.addresses.c.id == 10).values(email="new@x"))
+    else:
+        with w2.engine.begin() as c:
+            c.execute(sa.text("UPDATE rv2_address SET email = 'new@x' WHERE id = 10"))
+    w2.agree(by_get)
+    w2.agree(by_query)
+
+
+def visible_members(loader: str) -> Callable[[World], Callable[[Session], Any]]:
+    def make(w: World) -> Callable[[Session], Any]:
+        m = w.m
+
+        def read(s: Session) -> Any:
+            stmt = select(m.group).order_by(m.group.id)
+            if loader == "selectin":
+                stmt = stmt.options(selectinload(m.group.visible), selectinload(m.group.leader))
+            elif loader == "joined":
+                stmt = stmt.options(joinedload(m.group.visible), joinedload(m.group.leader))
+            stmt = stmt.options(FromCache())
+            return [
+                (
+                    g.id,
+                    [x.id for x in g.visible],
+                    [x.id for x in g.members],
+                    None if g.leader is None else g.leader.name,
+                )
+                for g in s.scalars(stmt).unique()
+            ]
+
+        return read
+
+    return make
+
+
+@pytest.mark.parametrize("loader", ["selectin", "joined", "lazy"])
+def test_a_relationship_over_a_third_table_follows_its_writes(w2: World, loader: str) -> None:
+    m = w2.m
+    read = visible_members(loader)(w2)
+    w2.agree(read)
+    with w2.factory() as s:
+        s.add(m.blocked(member_id=2))
+        s.commit()
+    w2.agree(read)
+    with w2.factory() as s:
+        s.get_one(m.member, 1).name = "m1b"
+        s.commit()
+    w2.agree(read)
+    with w2.factory() as s:
+        s.get_one(m.group, 1).leader_code = "c3"  # a many-to-one to a non-key column
+        s.commit()
+    w2.agree(read)
+    with w2.factory() as s:
+        s.get_one(m.member, 3).name = "m3b"
+        s.commit()
+    w2.agree(read)
+
+
+def test_a_query_expression_over_another_table_follows_its_writes(w2: World) -> None:
+    m = w2.m
+
+    def read(s: Session) -> Any:
+        names = (
+            select(func.string_agg(m.member.name, sa.literal_column("','")))
+            .join(m.group_member, m.group_member.c.member_id == m.member.id)
+            .where(m.group_member.c.group_id == m.group.id)
+            .scalar_subquery()
+        )
+        stmt = select(m.group).options(sa.orm.with_expression(m.group.member_names, names))
+        return [(g.id, g.member_names) for g in s.scalars(stmt.options(FromCache()))]
+
+    w2.agree(read)
+    with w2.factory() as s:
+        s.get_one(m.member, 1).name = "m1b"
+        s.commit()
+    w2.agree(read)
+
+
+def test_a_lazy_relationship_does_not_tie_the_parents_queries_to_its_target(w2: World) -> None:
+    """The relationship's third table is a dependency; its target's table is not (a write
+    to members must not retire every cached query of groups)."""
+    m = w2.m
+    tables = fingerprint(compat.statement_cache_key(select(m.group)).key).tables
+    assert sorted(t.name for t in tables) == ["rv2_blocked", "rv2_group", "rv2_group_member"]
