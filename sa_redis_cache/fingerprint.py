@@ -123,34 +123,49 @@ def fingerprint(structural_key: tuple[Any, ...]) -> Fingerprint:
     walker = _Walker()
     walker.walk(structural_key)
     tables = dict(walker.tables)
-    for mapper in walker.mappers.values():
-        for table in _mapper_tables(mapper):
-            tables.setdefault(table.fullname, table)
+    for table in _mapper_tables(walker.mappers.values()):
+        tables.setdefault(table.fullname, table)
     text = "".join(walker.out) + f"|codec:{CODEC_VERSION}"
     return Fingerprint(digest(text.encode()), tuple(tables[name] for name in sorted(tables)))
 
 
-def _mapper_tables(mapper: Mapper[Any]) -> Iterable[Table]:
-    """The tables a load of ``mapper``'s objects may read though the statement does not
-    name them: its own, those its ``column_property`` expressions and its relationships'
-    conditions read, and its subclasses' (a base's load brings their columns along with
-    ``polymorphic_load`` or the mapper's ``with_polymorphic``, without naming them)."""
-    for each in mapper.self_and_descendants:
-        for table in each.tables:
-            if isinstance(table, Table):
-                yield table
-        yield from expression_reads(each)[0]
-        for rel in each.relationships:
-            # the association table, and any third table the join conditions read (a
-            # secondaryjoin that filters with a subquery): loads of the relationship
-            # read them, named by the relationship alone. The two sides' own tables are
-            # left to the mappers the statement names, so that a lazy relationship does
-            # not make the parent's queries depend on its target's writes
-            sides = {*each.tables, *rel.mapper.tables}
-            for clause in (rel.secondary, rel.primaryjoin, rel.secondaryjoin):
-                if clause is not None:
-                    found = clause_tables(clause)[0]
-                    yield from (t for t in found if t not in sides)
+# relationship(lazy=...) strategies that load the target with the parent's statement
+# (``lazy=False`` is SQLAlchemy's old spelling of "joined")
+_EAGER = frozenset({"joined", "selectin", "subquery", "immediate", False})
+
+
+def _mapper_tables(named: Iterable[Mapper[Any]]) -> Iterable[Table]:
+    """The tables a load of the ``named`` mappers' objects may read though the statement
+    does not name them: their own; their subclasses' (a base's load brings their columns
+    along with ``polymorphic_load`` or the mapper's ``with_polymorphic``); those their
+    ``column_property`` expressions and relationship conditions read; and, through each
+    relationship the mapper itself loads eagerly (``relationship(lazy="selectin")``), the
+    same of its target's."""
+    todo = list(named)
+    seen: set[Mapper[Any]] = set()
+    while todo:
+        mapper = todo.pop()
+        if mapper in seen:
+            continue
+        seen.add(mapper)
+        for each in mapper.self_and_descendants:
+            for table in each.tables:
+                if isinstance(table, Table):
+                    yield table
+            yield from expression_reads(each)[0]
+            for rel in each.relationships:
+                if rel.lazy in _EAGER:
+                    todo.append(rel.mapper)
+                # the association table, and any third table the join conditions read
+                # (a secondaryjoin that filters with a subquery): loads of the
+                # relationship read them, named by the relationship alone. The two
+                # sides' own tables are left to the mappers loaded, so that a lazy
+                # relationship does not make the parent's queries depend on its target
+                sides = {*each.tables, *rel.mapper.tables}
+                for clause in (rel.secondary, rel.primaryjoin, rel.secondaryjoin):
+                    if clause is not None:
+                        found = clause_tables(clause)[0]
+                        yield from (t for t in found if t not in sides)
 
 
 def values_digest(parts: Sequence[Any]) -> str:
