@@ -19,6 +19,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 from sqlalchemy import ForeignKey, String, func, select
+from sqlalchemy.ext.declarative import ConcreteBase
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -957,6 +958,48 @@ def make_models2(strategy: str) -> tuple[type[DeclarativeBase], Any]:
         )
         member_names: Mapped[str | None] = sa.orm.query_expression()
 
+    # a relationship to an aliased class over a subquery that reads two more tables
+    unblocked = (
+        select(RvMember, group_member.c.group_id)
+        .join(group_member, group_member.c.member_id == RvMember.id)
+        .where(~RvMember.id.in_(select(RvBlocked.member_id)))
+        .subquery()
+    )
+    RvGroup.unblocked = relationship(
+        sa.orm.aliased(RvMember, unblocked),
+        primaryjoin=RvGroup.id == unblocked.c.group_id,
+        order_by=unblocked.c.id,
+        viewonly=True,
+    )
+
+    # concrete table inheritance: each class its own table, the base a UNION of them
+    class RvAnimal(ConcreteBase, Base):
+        __tablename__ = "rv2_animal"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(20))
+        __mapper_args__ = {"polymorphic_identity": "animal", "concrete": True}  # noqa: RUF012
+
+    class RvDog(RvAnimal):
+        __tablename__ = "rv2_dog"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(20))
+        bark: Mapped[str] = mapped_column(String(20))
+        __mapper_args__ = {"polymorphic_identity": "dog", "concrete": True}  # noqa: RUF012
+
+    class RvPerson(Base):  # a column_property over the row's own columns keeps the entity cache
+        __tablename__ = "rv2_person"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        first: Mapped[str] = mapped_column(String(20))
+        last: Mapped[str] = mapped_column(String(20))
+        full: Mapped[str] = column_property(first + " " + last)
+        upper_last: Mapped[str] = deferred(column_property(func.upper(last)))
+
+    for cls in (RvAnimal, RvDog, RvPerson):
+        setattr(m, cls.__name__.removeprefix("Rv").lower(), cls)
+
     for cls in (RvUserMail, RvBlocked, RvMember, RvGroup):
         setattr(m, cls.__name__.removeprefix("Rv").lower(), cls)
     m.users, m.addresses, m.group_member = users, addresses, group_member
@@ -995,7 +1038,9 @@ def w2(world2: World) -> World:
     with world2.oracle_engine.begin() as c:
         for table in (m.group_member, m.blocked.__table__, m.group.__table__):
             c.execute(table.delete())
-        for table in (m.member.__table__, m.addresses, m.users):
+        for table in (m.member.__table__, m.addresses, m.users, m.animal.__table__):
+            c.execute(table.delete())
+        for table in (m.dog.__table__, m.person.__table__):
             c.execute(table.delete())
         c.execute(m.users.insert(), [{"id": 1, "name": "u1"}, {"id": 2, "name": "u2"}])
         c.execute(
@@ -1007,10 +1052,16 @@ def w2(world2: World) -> World:
             [{"id": i, "name": f"m{i}", "code": f"c{i}"} for i in (1, 2, 3)],
         )
         c.execute(m.group.__table__.insert(), [{"id": 1, "leader_code": "c1"}])
+        c.execute(m.animal.__table__.insert(), [{"id": 1, "name": "generic"}])
+        c.execute(
+            m.person.__table__.insert(),
+            [{"id": 1, "first": "ada", "last": "lovelace"}, {"id": 2, "first": "al", "last": "t"}],
+        )
+        c.execute(m.dog.__table__.insert(), [{"id": 2, "name": "rex", "bark": "woof"}])
         c.execute(m.group_member.insert(), [{"group_id": 1, "member_id": i} for i in (1, 2, 3)])
     for table in ("rv2_user", "rv2_address", "rv2_group_member", "rv2_blocked"):
         world2.cache.invalidate_table(table)
-    for table in ("rv2_member", "rv2_group"):
+    for table in ("rv2_member", "rv2_group", "rv2_animal", "rv2_dog", "rv2_person"):
         world2.cache.invalidate_table(table)
     return world2
 
@@ -1118,3 +1169,145 @@ def test_a_lazy_relationship_does_not_tie_the_parents_queries_to_its_target(w2: 
     m = w2.m
     tables = fingerprint(compat.statement_cache_key(select(m.group)).key).tables
     assert sorted(t.name for t in tables) == ["rv2_blocked", "rv2_group", "rv2_group_member"]
+
+
+# -- keys made of parameters, and statements that bypass the cache -------------------------
+
+
+PARAMETER_READS: dict[str, Callable[[Any, int], Any]] = {
+    "in": lambda m, n: select(m.child.id).where(m.child.id.in_(list(range(1, n + 1)))),
+    "limit": lambda m, n: select(m.child.id).order_by(m.child.id).limit(n),
+    "offset": lambda m, n: select(m.child.id).order_by(m.child.id).offset(n - 1),
+    "tuple_in": lambda m, n: select(m.pair.val).where(
+        sa.tuple_(m.pair.a, m.pair.b).in_([(1, "x"), (1, "y")][:n])
+    ),
+    "any": lambda m, n: select(m.parent.id).where(m.parent.children.any(m.child.name == f"c{n}")),
+    "slice": lambda m, n: select(m.child.id).order_by(m.child.id).slice(0, n),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(PARAMETER_READS))
+def test_parameters_key_entries_apart(w: World, shape: str) -> None:
+    m = w.m
+    for n in (1, 2, 1, 2):
+
+        def read(s: Session, n: int = n) -> Any:
+            stmt = PARAMETER_READS[shape](m, n).options(FromCache())
+            return list(s.scalars(stmt))
+
+        w.agree(read)
+
+
+@pytest.mark.parametrize(
+    "variant", ["populate_existing", "yield_per", "first", "one_or_none", "partitions"]
+)
+def test_result_methods_and_bypasses_agree(w: World, variant: str) -> None:
+    m = w.m
+
+    def read(s: Session) -> Any:
+        stmt = select(m.child).order_by(m.child.id).options(FromCache())
+        if variant == "populate_existing":
+            return [c.name for c in s.scalars(stmt.execution_options(populate_existing=True))]
+        if variant == "yield_per":
+            return [c.name for c in s.scalars(stmt.execution_options(yield_per=1))]
+        if variant == "first":
+            got = s.scalars(stmt).first()
+            return None if got is None else got.name
+        if variant == "one_or_none":
+            got = s.scalars(stmt.where(m.child.id == 1)).one_or_none()
+            return None if got is None else got.name
+        return [[c.name for c in part] for part in s.scalars(stmt).partitions(1)]
+
+    w.agree(read)
+    with w.factory() as s:
+        s.get_one(m.child, 1).name = "c1b"
+        s.commit()
+    w.agree(read)
+
+
+@pytest.mark.parametrize("loader", ["selectin", "joined", "subquery", "lazy"])
+def test_a_relationship_to_an_aliased_subquery_follows_its_tables_writes(
+    w2: World, loader: str
+) -> None:
+    m = w2.m
+
+    def read(s: Session) -> Any:
+        stmt = select(m.group).order_by(m.group.id)
+        if loader != "lazy":
+            option = {"selectin": selectinload, "joined": joinedload, "subquery": subqueryload}
+            stmt = stmt.options(option[loader](m.group.unblocked))
+        return [
+            (g.id, [x.id for x in g.unblocked])
+            for g in s.scalars(stmt.options(FromCache())).unique()
+        ]
+
+    w2.agree(read)
+    with w2.factory() as s:
+        s.add(m.blocked(member_id=2))
+        s.commit()
+    w2.agree(read)
+    with w2.engine.begin() as c:
+        c.execute(m.group_member.delete().where(m.group_member.c.member_id == 3))
+    w2.agree(read)
+
+
+@pytest.mark.parametrize("how", ["session", "core", "text"])
+def test_concrete_inheritance_queries_follow_each_tables_writes(w2: World, how: str) -> None:
+    m = w2.m
+
+    def base(s: Session) -> Any:
+        stmt = select(m.animal).order_by(m.animal.id).options(FromCache())
+        return [(type(a).__name__, a.id, a.name, getattr(a, "bark", None)) for a in s.scalars(stmt)]
+
+    def dogs(s: Session) -> Any:
+        stmt = select(m.dog).order_by(m.dog.id).options(FromCache())
+        return [(d.id, d.name, d.bark) for d in s.scalars(stmt)]
+
+    def got(s: Session) -> Any:
+        d = s.get(m.dog, 2)
+        return None if d is None else (d.name, d.bark)
+
+    for read in (base, dogs, got):
+        w2.agree(read)
+    if how == "session":
+        with w2.factory() as s:
+            s.get_one(m.dog, 2).bark = "grr"
+            s.commit()
+    elif how == "core":
+        with w2.engine.begin() as c:
+            c.execute(m.dog.__table__.update().values(bark="grr"))
+    else:
+        with w2.engine.begin() as c:
+            c.execute(sa.text("UPDATE rv2_dog SET bark = 'grr'"))
+    for read in (base, dogs, got):
+        w2.agree(read)
+
+
+def test_a_column_property_over_the_rows_own_columns_follows_its_writes(w2: World) -> None:
+    m = w2.m
+    assert w2.cache.inspector is not None
+
+    def by_get(s: Session) -> Any:
+        p = s.get_one(m.person, 1)
+        return (p.full, p.upper_last)
+
+    def by_query(s: Session) -> Any:
+        stmt = select(m.person).order_by(m.person.id).options(FromCache())
+        return [(p.full, p.upper_last) for p in s.scalars(stmt)]
+
+    w2.served(lambda s: s.get_one(m.person, 1).full)
+    w2.agree(by_get)
+    w2.agree(by_query)
+    with w2.factory() as s:
+        s.get_one(m.person, 1).last = "byron"  # one row: RETURNING
+        s.commit()
+    w2.agree(by_get)
+    w2.agree(by_query)
+    with w2.factory() as s:
+        for p in s.scalars(select(m.person)):
+            p.first = p.first.upper()  # several rows: read back with a SELECT
+        s.add(m.person(id=3, first="grace", last="hopper"))
+        s.commit()
+    w2.agree(by_get)
+    w2.agree(lambda s: s.get_one(m.person, 3).full)
+    w2.agree(by_query)
