@@ -38,7 +38,7 @@ from sqlalchemy.orm import (
     with_polymorphic,
 )
 
-from sa_redis_cache import Cache, CachePolicy, FromCache, compat
+from sa_redis_cache import Cache, CachePolicy, ConfigurationError, FromCache, compat
 from sa_redis_cache.fingerprint import fingerprint
 from tests.conftest import delete_namespace
 from tests.support import SQLCounter
@@ -94,6 +94,10 @@ class World:
 
 class _Models:
     pass
+
+
+# each write strategy; and cache-aside with the local tier, which keeps decoded entries
+STRATEGIES = ["cache_aside", "write_through", "cache_aside+local"]
 
 
 def make_models(strategy: str) -> tuple[type[DeclarativeBase], Any]:
@@ -283,9 +287,10 @@ def make_models(strategy: str) -> tuple[type[DeclarativeBase], Any]:
     return Base, m
 
 
-@pytest.fixture(scope="module", params=["cache_aside", "write_through"])
+@pytest.fixture(scope="module", params=STRATEGIES)
 def world(request: pytest.FixtureRequest, engine: sa.Engine, redis_url: str) -> Iterator[World]:
-    base, m = make_models(request.param)
+    strategy, local = request.param.split("+") if "+" in request.param else (request.param, "")
+    base, m = make_models(strategy)
     base.metadata.drop_all(engine)
     base.metadata.create_all(engine)
     own = sa.create_engine(engine.url)
@@ -294,10 +299,14 @@ def world(request: pytest.FixtureRequest, engine: sa.Engine, redis_url: str) -> 
     sa.event.listen(own, "before_cursor_execute", sql)
     factory = sessionmaker(own)
     namespace = f"rvorm{secrets.token_hex(4)}"
-    cache = Cache(redis_url, namespace=namespace)
+    cache = Cache(redis_url, namespace=namespace, local=bool(local))
     cache.attach(factory)
+    if local:
+        tier = cache.inspector.local_tier
+        assert tier is not None
+        assert tier.wait_ready(10.0)
     try:
-        yield World(m, factory, own, oracle, sql, cache, request.param)
+        yield World(m, factory, own, oracle, sql, cache, strategy)
     finally:
         cache.detach()
         own.dispose()
@@ -997,8 +1006,8 @@ def make_models2(strategy: str) -> tuple[type[DeclarativeBase], Any]:
         full: Mapped[str] = column_property(first + " " + last)
         upper_last: Mapped[str] = deferred(column_property(func.upper(last)))
 
-    for cls in (RvAnimal, RvDog, RvPerson):
-        setattr(m, cls.__name__.removeprefix("Rv").lower(), cls)
+    for kind in (RvAnimal, RvDog, RvPerson):
+        setattr(m, kind.__name__.removeprefix("Rv").lower(), kind)
 
     for cls in (RvUserMail, RvBlocked, RvMember, RvGroup):
         setattr(m, cls.__name__.removeprefix("Rv").lower(), cls)
@@ -1006,9 +1015,10 @@ def make_models2(strategy: str) -> tuple[type[DeclarativeBase], Any]:
     return Base, m
 
 
-@pytest.fixture(scope="module", params=["cache_aside", "write_through"])
+@pytest.fixture(scope="module", params=STRATEGIES)
 def world2(request: pytest.FixtureRequest, engine: sa.Engine, redis_url: str) -> Iterator[World]:
-    base, m = make_models2(request.param)
+    strategy, local = request.param.split("+") if "+" in request.param else (request.param, "")
+    base, m = make_models2(strategy)
     base.metadata.drop_all(engine)
     base.metadata.create_all(engine)
     own = sa.create_engine(engine.url)
@@ -1017,10 +1027,14 @@ def world2(request: pytest.FixtureRequest, engine: sa.Engine, redis_url: str) ->
     sa.event.listen(own, "before_cursor_execute", sql)
     factory = sessionmaker(own)
     namespace = f"rvorm{secrets.token_hex(4)}"
-    cache = Cache(redis_url, namespace=namespace)
+    cache = Cache(redis_url, namespace=namespace, local=bool(local))
     cache.attach(factory)
+    if local:
+        tier = cache.inspector.local_tier
+        assert tier is not None
+        assert tier.wait_ready(10.0)
     try:
-        yield World(m, factory, own, oracle, sql, cache, request.param)
+        yield World(m, factory, own, oracle, sql, cache, strategy)
     finally:
         cache.detach()
         own.dispose()
@@ -1311,3 +1325,40 @@ def test_a_column_property_over_the_rows_own_columns_follows_its_writes(w2: Worl
     w2.agree(by_get)
     w2.agree(lambda s: s.get_one(m.person, 3).full)
     w2.agree(by_query)
+
+
+# -- shapes attach() refuses ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("expression", ["own_row", "other_table"])
+def test_write_behind_refuses_a_column_property_with_a_clear_error(
+    engine: sa.Engine, redis_url: str, namespace: str, expression: str
+) -> None:
+    """A queued row cannot know a SQL expression only the database evaluates: attach()
+    says so (it raised AttributeError from inside its checks)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class RvOther(Base):
+        __tablename__ = "rv3_other"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class RvQueued(Base):
+        __tablename__ = "rv3_queued"
+        __cache__ = CachePolicy(strategy="write_behind", accept_volatile=True)
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+        name: Mapped[str] = mapped_column(String(20))
+        derived: Mapped[Any] = column_property(
+            func.upper(name)
+            if expression == "own_row"
+            else select(func.count(RvOther.id)).scalar_subquery()
+        )
+
+    cache = Cache(redis_url, namespace=namespace)
+    try:
+        with pytest.raises(ConfigurationError, match=r"RvQueued\.derived .*SQL expression"):
+            cache.attach(sessionmaker(engine))
+    finally:
+        cache.detach()
+        Base.registry.dispose()
