@@ -1362,3 +1362,80 @@ def test_write_behind_refuses_a_column_property_with_a_clear_error(
     finally:
         cache.detach()
         Base.registry.dispose()
+
+
+# -- SQL the cache cannot see tables in ---------------------------------------------------
+
+
+HIDDEN_TABLE_READS: dict[str, Callable[[Any], Any]] = {
+    "literal_column": lambda m: select(
+        m.child.id, sa.literal_column("(SELECT count(*) FROM rv_tag)")
+    ).order_by(m.child.id),
+    "lightweight_table": lambda m: select(
+        sa.table("rv_tag", sa.column("id"), sa.column("name")).c.name
+    ).order_by(sa.column("name")),
+    "lightweight_in_where": lambda m: select(m.child.id).where(
+        m.child.id.in_(select(sa.table("rv_tag", sa.column("id")).c.id))
+    ),
+}
+
+
+def lightweight_join(m: Any) -> Any:
+    tag = sa.table("rv_tag", sa.column("id"), sa.column("name"))
+    return select(m.child.id, tag.c.name).join(tag, sa.true()).order_by(m.child.id, tag.c.name)
+
+
+HIDDEN_TABLE_READS["lightweight_join"] = lightweight_join
+
+
+@pytest.mark.parametrize("shape", sorted(HIDDEN_TABLE_READS))
+def test_sql_whose_tables_the_cache_cannot_see_is_never_served_stale(w: World, shape: str) -> None:
+    m = w.m
+
+    def read(s: Session) -> Any:
+        return [tuple(r) for r in s.execute(HIDDEN_TABLE_READS[shape](m).options(FromCache()))]
+
+    w.agree(read)
+    with w.factory() as s:
+        s.add(m.tag(id=7, name="a7"))
+        s.commit()
+    w.agree(read)
+
+
+def test_legacy_query_api_follows_writes(w: World) -> None:
+    """``session.query(...)`` returns objects for one entity and de-duplicates them, as it
+    reads from the result's attributes: a hit's result must say what the ORM's says."""
+    m = w.m
+
+    def read(s: Session) -> Any:
+        q = s.query(m.child).options(FromCache()).order_by(m.child.id)
+        first = q.first()
+        parents = (
+            s.query(m.parent)
+            .options(joinedload(m.parent.children), FromCache())
+            .order_by(m.parent.id)
+        )
+        joined = s.query(m.parent).join(m.parent.children).options(FromCache())
+        pairs = s.query(m.parent, m.child).join(m.parent.children).options(FromCache())
+        return (
+            [c.name for c in q.all()],
+            None if first is None else first.name,
+            [c.name for c in q],
+            q.filter(m.child.parent_id == 1).count(),
+            s.query(m.child.name).options(FromCache()).filter_by(id=1).scalar(),
+            [(p.id, [c.id for c in p.children]) for p in parents],
+            sorted(p.id for p in joined.order_by(m.parent.id)),
+            [(p.id, c.id) for p, c in pairs.order_by(m.child.id)],
+            [tuple(type(x).__name__ for x in row) for row in q.only_return_tuples(value=True)],
+            [
+                tuple(r)
+                for r in s.query(m.child.parent_id).options(FromCache()).order_by("parent_id")
+            ],
+        )
+
+    w.agree(read)
+    with w.factory() as s:
+        s.get_one(m.child, 1).name = "c1b"
+        s.add(m.child(id=8, parent_id=1, name="c8"))
+        s.commit()
+    w.agree(read)
