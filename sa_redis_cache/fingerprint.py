@@ -8,6 +8,7 @@ objects with stable names, so that every process computes the same digest.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import PurePath
@@ -16,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table
 from sqlalchemy.orm import Mapper, MapperProperty
-from sqlalchemy.sql.elements import TextClause
-from sqlalchemy.sql.selectable import TextualSelect
+from sqlalchemy.sql.elements import ColumnClause, TextClause
+from sqlalchemy.sql.selectable import TableClause, TextualSelect
 from sqlalchemy.sql.type_api import TypeEngine
 
 from .codec import CODEC_VERSION, dumps_tagged, pack, plain
@@ -42,6 +43,23 @@ class Fingerprint:
 
 _SIMPLE = (str, int, float, bool, type(None), bytes)
 _TEXTUAL = (TextClause, TextualSelect)
+# what a literal_column() may say without reading a table: a name (dotted, quoted), "*"
+# (func.count() and exists() make one), a number
+_PLAIN_LITERAL = re.compile(
+    r'\*|-?\d+(\.\d+)?|("[^"]+"|[A-Za-z_][\w$]*)(\.("[^"]+"|[A-Za-z_][\w$]*|\*))*'
+)
+
+
+def _literal_sql(node: tuple[Any, ...]) -> bool:
+    """Whether ``node`` is the key of a ``literal_column()`` whose text is more than a name:
+    SQL written out, such as ``(SELECT count(*) FROM tags)``, whose tables the cache
+    cannot see."""
+    if len(node) < 4 or node[1] is not ColumnClause:
+        return False
+    if not any(type(item) is str and item == "is_literal" for item in node):
+        return False
+    text = node[node.index("name") + 1]
+    return not (isinstance(text, str) and _PLAIN_LITERAL.fullmatch(text))
 
 
 class _Walker:
@@ -55,6 +73,8 @@ class _Walker:
     def walk(self, node: Any) -> None:
         out = self.out
         if isinstance(node, tuple):
+            if _literal_sql(node):
+                raise Unfingerprintable("literal_column() SQL names tables the cache cannot see")
             out.append("(")
             for item in node:
                 self.walk(item)
@@ -68,9 +88,10 @@ class _Walker:
             self.mappers[id(node)] = node
             out.append(f"M:{_qualified(node.class_)}")
         elif isinstance(node, type):
-            if issubclass(node, _TEXTUAL):
-                # text() fragments appear in the key as their SQL string: the tables
-                # they read cannot be versioned
+            if issubclass(node, _TEXTUAL) or node is TableClause:
+                # text() fragments appear in the key as their SQL string, and a
+                # lightweight table("name", column(...)) by its name, not as a Table of
+                # the models' MetaData: the tables they read cannot be versioned
                 raise Unfingerprintable("textual SQL names tables the cache cannot see")
             out.append(f"C:{_qualified(node)}")
         elif isinstance(node, Enum):
