@@ -1455,3 +1455,67 @@ def test_literal_names_and_stars_stay_cached(w: World, shape: Callable[[Any], An
     table of their own: still served from the cache."""
     m = w.m
     w.served(lambda s: [tuple(r) for r in s.execute(shape(m).options(FromCache()))])
+
+
+# -- lambdas: SQLAlchemy keys them by their code ---------------------------------------------
+
+
+def test_loader_criteria_follow_the_tables_they_read(w: World) -> None:
+    child, tag, parent = w.m.child, w.m.tag, w.m.parent
+
+    def by_criteria(s: Session) -> Any:
+        stmt = (
+            select(child)
+            .order_by(child.id)
+            .options(
+                sa.orm.with_loader_criteria(child, lambda cls: cls.name.in_(select(tag.name))),
+                FromCache(),
+            )
+        )
+        return [c.id for c in s.scalars(stmt).all()]
+
+    def by_parent_criteria(s: Session) -> Any:
+        stmt = (
+            select(parent)
+            .order_by(parent.id)
+            .options(
+                selectinload(parent.children),
+                sa.orm.with_loader_criteria(child, child.name.in_(select(tag.name))),
+                FromCache(),
+            )
+        )
+        return [(p.id, [c.id for c in p.children]) for p in s.scalars(stmt).all()]
+
+    reads = (by_criteria, by_parent_criteria)
+    for read in reads:
+        w.agree(read)
+    with w.factory() as s:
+        s.add(tag(id=7, name="c1"))
+        s.commit()
+    for read in reads:
+        w.agree(read)
+
+
+@pytest.mark.parametrize("how", ["cached", "plain_session", "core", "text"])
+def test_an_absent_row_and_a_query_that_missed_it_see_its_insert(w: World, how: str) -> None:
+    m = w.m
+
+    def absent(s: Session) -> Any:
+        got = [s.get(m.code, "zz"), s.get(m.pair, (9, "q"))]
+        stmt = select(m.code.label).where(m.code.code == "zz").options(FromCache())
+        return [None if x is None else type(x).__name__ for x in got], s.scalars(stmt).all()
+
+    w.served(absent)
+    if how in ("cached", "plain_session"):
+        with w.factory() if how == "cached" else Session(w.engine) as s:
+            s.add_all([m.code(code="zz", label="new"), m.pair(a=9, b="q", val="v")])
+            s.commit()
+    else:
+        with w.engine.begin() as c:
+            if how == "core":
+                c.execute(m.code.__table__.insert().values(code="zz", label="new"))
+                c.execute(m.pair.__table__.insert().values(a=9, b="q", val="v"))
+            else:
+                c.execute(sa.text("INSERT INTO rv_code (code, label) VALUES ('zz', 'new')"))
+                c.execute(sa.text("INSERT INTO rv_pair (a, b, val) VALUES (9, 'q', 'v')"))
+    w.agree(absent)
