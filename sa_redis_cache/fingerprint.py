@@ -22,7 +22,7 @@ from sqlalchemy.sql.selectable import TableClause, TextualSelect
 from sqlalchemy.sql.type_api import TypeEngine
 
 from .codec import CODEC_VERSION, dumps_tagged, pack, plain
-from .models import clause_tables, expression_reads
+from .models import EAGER_LOADS, clause_tables, expression_reads
 from .protocol.keys import digest
 
 if TYPE_CHECKING:
@@ -150,11 +150,6 @@ def fingerprint(structural_key: tuple[Any, ...]) -> Fingerprint:
     return Fingerprint(digest(text.encode()), tuple(tables[name] for name in sorted(tables)))
 
 
-# relationship(lazy=...) strategies that load the target with the parent's statement
-# (``lazy=False`` is SQLAlchemy's old spelling of "joined")
-_EAGER = frozenset({"joined", "selectin", "subquery", "immediate", False})
-
-
 def _mapper_tables(named: Iterable[Mapper[Any]]) -> Iterable[Table]:
     """The tables a load of the ``named`` mappers' objects may read though the statement
     does not name them: their own; their subclasses' (a base's load brings their columns
@@ -175,7 +170,7 @@ def _mapper_tables(named: Iterable[Mapper[Any]]) -> Iterable[Table]:
                     yield table
             yield from expression_reads(each)[0]
             for rel in each.relationships:
-                if rel.lazy in _EAGER:
+                if rel.lazy in EAGER_LOADS:
                     todo.append(rel.mapper)
                 # the association table, and any third table the join conditions read
                 # (a secondaryjoin that filters with a subquery): loads of the

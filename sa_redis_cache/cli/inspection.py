@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import click
-import sqlalchemy as sa
 
 from sa_redis_cache.codec import CodecError
 from sa_redis_cache.models import mapper_name
@@ -139,10 +138,8 @@ def _why_not_entity_cached(info: ModelInfo) -> str | None:
         return f"{name} has CachePolicy(entity_cache=False)"
     if info.codec is None:
         return info.uncacheable_reason or f"{name} has a column the codec cannot store"
-    if info.reads_other_rows:
-        return f"{name} has a column_property that reads other rows, which the entity cache skips"
-    if not isinstance(info.mapper.local_table, sa.Table):
-        return f"{name} is mapped over a join or a select, which the entity cache skips"
+    if info.entity_unfit is not None:
+        return f"{name} {info.entity_unfit}, which the entity cache skips"
     return f"{name} uses inheritance or a polymorphic mapping, which the entity cache skips"
 
 

@@ -1519,3 +1519,23 @@ def test_an_absent_row_and_a_query_that_missed_it_see_its_insert(w: World, how: 
                 c.execute(sa.text("INSERT INTO rv_code (code, label) VALUES ('zz', 'new')"))
                 c.execute(sa.text("INSERT INTO rv_pair (a, b, val) VALUES (9, 'q', 'v')"))
     w.agree(absent)
+
+
+def test_eager_relationships_are_loaded_by_get_as_the_orm_loads_them(w: World) -> None:
+    """``relationship(lazy="selectin")`` / ``"joined"`` are loaded by ``session.get``: an
+    application reads them after the session closed (or under asyncio, where a lazy load
+    raises)."""
+    m = w.m
+
+    def read(s: Session) -> Any:
+        box = s.get_one(m.box, 1)
+        item = s.get_one(m.item, 2)
+        s.expunge_all()  # what the session loaded is all there is
+        return [(i.id, i.name) for i in box.items], item.box.name
+
+    for _ in range(3):
+        w.agree(read)
+    with w.factory() as s:
+        s.get_one(m.item, 1).name = "i1b"
+        s.commit()
+    w.agree(read)
