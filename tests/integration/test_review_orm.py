@@ -1539,3 +1539,32 @@ def test_eager_relationships_are_loaded_by_get_as_the_orm_loads_them(w: World) -
         s.get_one(m.item, 1).name = "i1b"
         s.commit()
     w.agree(read)
+
+
+@pytest.mark.parametrize("target", ["manager", "engineer"])
+def test_orm_bulk_writes_through_a_subclass_reach_every_query_of_its_tables(
+    w: World, target: str
+) -> None:
+    m = w.m
+    model = getattr(m, target)
+    own = model.__table__
+
+    def reads(s: Session) -> Any:
+        return (
+            POLYMORPHIC_READS["base"](w)(s),
+            POLYMORPHIC_READS[target](w)(s),
+            [tuple(r) for r in s.execute(select(own).order_by(own.c.id).options(FromCache()))],
+        )
+
+    w.agree(reads)
+    column = "budget" if target == "manager" else "language"
+    value: Any = 5 if target == "manager" else "go"
+    with w.factory() as s:
+        s.execute(sa.update(model).where(model.id.in_([1, 2])).values({column: value}))
+        s.commit()
+    w.agree(reads)
+    with w.factory() as s:
+        for obj in s.scalars(select(model)):
+            s.delete(obj)
+        s.commit()
+    w.agree(reads)
