@@ -1006,7 +1006,21 @@ def make_models2(strategy: str) -> tuple[type[DeclarativeBase], Any]:
         full: Mapped[str] = column_property(first + " " + last)
         upper_last: Mapped[str] = deferred(column_property(func.upper(last)))
 
-    for kind in (RvAnimal, RvDog, RvPerson):
+    renamed = sa.Table(
+        "rv2_renamed",
+        Base.metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("db_a", sa.String(20), key="table_a"),
+        sa.Column("db_b", sa.Integer),
+    )
+
+    class RvRenamed(Base):  # attribute names, column keys and column names all differ
+        __table__ = renamed
+        __cache__ = policy
+        attr_a = renamed.c.table_a
+        attr_b = renamed.c.db_b
+
+    for kind in (RvAnimal, RvDog, RvPerson, RvRenamed):
         setattr(m, kind.__name__.removeprefix("Rv").lower(), kind)
 
     for cls in (RvUserMail, RvBlocked, RvMember, RvGroup):
@@ -1054,7 +1068,7 @@ def w2(world2: World) -> World:
             c.execute(table.delete())
         for table in (m.member.__table__, m.addresses, m.users, m.animal.__table__):
             c.execute(table.delete())
-        for table in (m.dog.__table__, m.person.__table__):
+        for table in (m.dog.__table__, m.person.__table__, m.renamed.__table__):
             c.execute(table.delete())
         c.execute(m.users.insert(), [{"id": 1, "name": "u1"}, {"id": 2, "name": "u2"}])
         c.execute(
@@ -1067,6 +1081,7 @@ def w2(world2: World) -> World:
         )
         c.execute(m.group.__table__.insert(), [{"id": 1, "leader_code": "c1"}])
         c.execute(m.animal.__table__.insert(), [{"id": 1, "name": "generic"}])
+        c.execute(m.renamed.__table__.insert(), [{"id": 1, "table_a": "a", "db_b": 1}])
         c.execute(
             m.person.__table__.insert(),
             [{"id": 1, "first": "ada", "last": "lovelace"}, {"id": 2, "first": "al", "last": "t"}],
@@ -1075,7 +1090,7 @@ def w2(world2: World) -> World:
         c.execute(m.group_member.insert(), [{"group_id": 1, "member_id": i} for i in (1, 2, 3)])
     for table in ("rv2_user", "rv2_address", "rv2_group_member", "rv2_blocked"):
         world2.cache.invalidate_table(table)
-    for table in ("rv2_member", "rv2_group", "rv2_animal", "rv2_dog", "rv2_person"):
+    for table in ("rv2_member", "rv2_group", "rv2_animal", "rv2_dog", "rv2_person", "rv2_renamed"):
         world2.cache.invalidate_table(table)
     return world2
 
@@ -1568,3 +1583,32 @@ def test_orm_bulk_writes_through_a_subclass_reach_every_query_of_its_tables(
             s.delete(obj)
         s.commit()
     w.agree(reads)
+
+
+def test_attributes_named_apart_from_their_columns_follow_writes(w2: World) -> None:
+    m = w2.m
+
+    def by_get(s: Session) -> Any:
+        x = s.get_one(m.renamed, 1)
+        return (x.attr_a, x.attr_b)
+
+    def by_query(s: Session) -> Any:
+        stmt = select(m.renamed).where(m.renamed.attr_b > 0).options(FromCache())
+        return [(x.attr_a, x.attr_b) for x in s.scalars(stmt)]
+
+    w2.served(by_get)
+    w2.served(by_query)
+    with w2.factory() as s:
+        x = s.get_one(m.renamed, 1)
+        x.attr_a, x.attr_b = "b", 2
+        s.commit()
+    w2.agree(by_get)
+    w2.agree(by_query)
+    with w2.factory() as s:
+        s.add(m.renamed(id=2, attr_a="c", attr_b=3))
+        for x in s.scalars(select(m.renamed)):
+            x.attr_b += 10
+        s.commit()
+    w2.agree(by_get)
+    w2.agree(lambda s: (s.get_one(m.renamed, 2).attr_a, s.get_one(m.renamed, 2).attr_b))
+    w2.agree(by_query)
