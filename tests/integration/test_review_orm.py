@@ -967,6 +967,17 @@ def make_models2(strategy: str) -> tuple[type[DeclarativeBase], Any]:
         )
         member_names: Mapped[str | None] = sa.orm.query_expression()
 
+    # collections that are not lists
+    RvGroup.member_set = relationship(
+        RvMember, secondary=group_member, collection_class=set, viewonly=True
+    )
+    RvGroup.members_by_code = relationship(
+        RvMember,
+        secondary=group_member,
+        collection_class=sa.orm.attribute_keyed_dict("code"),
+        viewonly=True,
+    )
+
     # a relationship to an aliased class over a subquery that reads two more tables
     unblocked = (
         select(RvMember, group_member.c.group_id)
@@ -1612,3 +1623,30 @@ def test_attributes_named_apart_from_their_columns_follow_writes(w2: World) -> N
     w2.agree(by_get)
     w2.agree(lambda s: (s.get_one(m.renamed, 2).attr_a, s.get_one(m.renamed, 2).attr_b))
     w2.agree(by_query)
+
+
+@pytest.mark.parametrize("loader", ["selectin", "joined", "lazy"])
+def test_set_and_dict_collections_follow_writes(w2: World, loader: str) -> None:
+    m = w2.m
+
+    def read(s: Session) -> Any:
+        stmt = select(m.group).order_by(m.group.id)
+        if loader != "lazy":
+            option = selectinload if loader == "selectin" else joinedload
+            stmt = stmt.options(option(m.group.member_set), option(m.group.members_by_code))
+        return [
+            (
+                g.id,
+                type(g.member_set).__name__,
+                sorted(x.id for x in g.member_set),
+                sorted((k, v.id) for k, v in g.members_by_code.items()),
+            )
+            for g in s.scalars(stmt.options(FromCache())).unique()
+        ]
+
+    w2.agree(read)
+    with w2.factory() as s:
+        s.get_one(m.member, 2).code = "z2"
+        s.execute(m.group_member.delete().where(m.group_member.c.member_id == 3))
+        s.commit()
+    w2.agree(read)
