@@ -56,9 +56,11 @@ def _literal_sql(node: tuple[Any, ...]) -> bool:
     cannot see."""
     if len(node) < 4 or node[1] is not ColumnClause:
         return False
-    if not any(type(item) is str and item == "is_literal" for item in node):
+    # the key alternates attribute names and values: ..., "name", text, ..., "is_literal", True
+    values = {node[i]: node[i + 1] for i in range(2, len(node) - 1) if type(node[i]) is str}
+    if values.get("is_literal") is not True:
         return False
-    text = node[node.index("name") + 1]
+    text = values.get("name")
     return not (isinstance(text, str) and _PLAIN_LITERAL.fullmatch(text))
 
 
