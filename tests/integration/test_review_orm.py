@@ -1031,7 +1031,33 @@ def make_models2(strategy: str) -> tuple[type[DeclarativeBase], Any]:
         attr_a = renamed.c.table_a
         attr_b = renamed.c.db_b
 
-    for kind in (RvAnimal, RvDog, RvPerson, RvRenamed):
+    class RvTouched(Base):  # values a BEFORE trigger sets, which the ORM only fetches
+        __tablename__ = "rv2_touched"
+        __cache__ = policy
+        id: Mapped[int] = mapped_column(primary_key=True)
+        val: Mapped[str] = mapped_column(String(20))
+        touches: Mapped[int] = mapped_column(
+            server_default=sa.FetchedValue(), server_onupdate=sa.FetchedValue()
+        )
+        __mapper_args__ = {"eager_defaults": False}  # noqa: RUF012
+
+    sa.event.listen(
+        RvTouched.__table__,
+        "after_create",
+        sa.DDL(  # type: ignore[no-untyped-call]
+            "CREATE OR REPLACE FUNCTION rv2_touch() RETURNS trigger AS $$ BEGIN "
+            "NEW.touches := COALESCE(OLD.touches, 0) + 1; RETURN NEW; END $$ LANGUAGE plpgsql;"
+            "CREATE TRIGGER rv2_touch BEFORE INSERT OR UPDATE ON rv2_touched "
+            "FOR EACH ROW EXECUTE FUNCTION rv2_touch()"
+        ),
+    )
+    sa.event.listen(
+        RvTouched.__table__,
+        "after_drop",
+        sa.DDL("DROP FUNCTION IF EXISTS rv2_touch()"),  # type: ignore[no-untyped-call]
+    )
+
+    for kind in (RvAnimal, RvDog, RvPerson, RvRenamed, RvTouched):
         setattr(m, kind.__name__.removeprefix("Rv").lower(), kind)
 
     for cls in (RvUserMail, RvBlocked, RvMember, RvGroup):
@@ -1079,7 +1105,12 @@ def w2(world2: World) -> World:
             c.execute(table.delete())
         for table in (m.member.__table__, m.addresses, m.users, m.animal.__table__):
             c.execute(table.delete())
-        for table in (m.dog.__table__, m.person.__table__, m.renamed.__table__):
+        for table in (
+            m.dog.__table__,
+            m.person.__table__,
+            m.renamed.__table__,
+            m.touched.__table__,
+        ):
             c.execute(table.delete())
         c.execute(m.users.insert(), [{"id": 1, "name": "u1"}, {"id": 2, "name": "u2"}])
         c.execute(
@@ -1101,7 +1132,15 @@ def w2(world2: World) -> World:
         c.execute(m.group_member.insert(), [{"group_id": 1, "member_id": i} for i in (1, 2, 3)])
     for table in ("rv2_user", "rv2_address", "rv2_group_member", "rv2_blocked"):
         world2.cache.invalidate_table(table)
-    for table in ("rv2_member", "rv2_group", "rv2_animal", "rv2_dog", "rv2_person", "rv2_renamed"):
+    for table in (
+        "rv2_member",
+        "rv2_group",
+        "rv2_animal",
+        "rv2_dog",
+        "rv2_person",
+        "rv2_renamed",
+        "rv2_touched",
+    ):
         world2.cache.invalidate_table(table)
     return world2
 
@@ -1650,3 +1689,35 @@ def test_set_and_dict_collections_follow_writes(w2: World, loader: str) -> None:
         s.execute(m.group_member.delete().where(m.group_member.c.member_id == 3))
         s.commit()
     w2.agree(read)
+
+
+def test_values_a_trigger_sets_are_served_as_the_database_has_them(w2: World) -> None:
+    m = w2.m
+    with w2.factory() as s:
+        s.add(m.touched(id=1, val="a"))
+        s.commit()
+
+    def by_get(s: Session) -> Any:
+        x = s.get_one(m.touched, 1)
+        return (x.val, x.touches)
+
+    def by_query(s: Session) -> Any:
+        stmt = select(m.touched).order_by(m.touched.id).options(FromCache())
+        return [(x.val, x.touches) for x in s.scalars(stmt)]
+
+    w2.agree(by_get)
+    w2.agree(by_query)
+    for value in ("b", "c"):
+        with w2.factory() as s:
+            s.get_one(m.touched, 1).val = value
+            s.commit()
+        w2.agree(by_get)
+        w2.agree(by_query)
+    with w2.factory() as s:
+        s.add(m.touched(id=2, val="x"))
+        for x in s.scalars(select(m.touched)):
+            x.val += "!"
+        s.commit()
+    w2.agree(by_get)
+    w2.agree(lambda s: s.get_one(m.touched, 2).touches)
+    w2.agree(by_query)
