@@ -245,6 +245,10 @@ def make_models(strategy: str) -> tuple[type[DeclarativeBase], Any]:
         def norm(self) -> int:
             return abs(self.x) + abs(self.y)
 
+    class RvParentTag(Base):  # the association object over the secondary table
+        __table__ = parent_tag
+        __cache__ = policy
+
     # relationships the mapper itself loads eagerly: no option in the statement names them
     class RvBox(Base):
         __tablename__ = "rv_box"
@@ -264,6 +268,7 @@ def make_models(strategy: str) -> tuple[type[DeclarativeBase], Any]:
         box: Mapped[RvBox] = relationship(lazy="joined", back_populates="items")
 
     for cls in (
+        RvParentTag,
         RvBox,
         RvItem,
         RvChild,
@@ -1721,3 +1726,21 @@ def test_values_a_trigger_sets_are_served_as_the_database_has_them(w2: World) ->
     w2.agree(by_get)
     w2.agree(lambda s: s.get_one(m.touched, 2).touches)
     w2.agree(by_query)
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_association_objects_written_reach_the_secondary_relationships(
+    w: World, loader: str
+) -> None:
+    m = w.m
+    read = relationship_read(loader)(w)
+    w.agree(read)
+    with w.factory() as s:
+        s.add(m.parenttag(parent_id=2, tag_id=1, active=True))
+        s.get_one(m.parenttag, (1, 2)).active = True
+        s.commit()
+    w.agree(read)
+    with w.factory() as s:
+        s.delete(s.get_one(m.parenttag, (1, 1)))
+        s.commit()
+    w.agree(read)
