@@ -82,7 +82,10 @@ class World:
                 if self.sql.count == 0:
                     assert got == self.oracle(read)
                     return got
-        raise AssertionError("the read was never served from the cache")
+        raise AssertionError(
+            f"the read was never served from the cache: {self.sql.statements} "
+            f"{self.cache.stats()['regions']}"
+        )
 
     def agree(self, read: Callable[[Session], Any]) -> Any:
         """A cached read (twice: after its fill too) gives what the oracle gives."""
@@ -1744,3 +1747,31 @@ def test_association_objects_written_reach_the_secondary_relationships(
         s.delete(s.get_one(m.parenttag, (1, 1)))
         s.commit()
     w.agree(read)
+
+
+@pytest.mark.parametrize(
+    "how", ["bulk_update_mappings", "bulk_insert_mappings", "bulk_save_objects", "orm_bulk"]
+)
+def test_legacy_bulk_operations_reach_cached_reads(w: World, how: str) -> None:
+    m = w.m
+
+    def reads(s: Session) -> Any:
+        stmt = select(m.child).order_by(m.child.id).options(FromCache())
+        rows = [(c.id, c.name) for c in s.scalars(stmt)]  # first: a result with objects
+        s.expunge_all()  # the session held before is served but not stored
+        one = s.get(m.child, 1)
+        absent = s.get(m.child, 9)
+        return rows, None if one is None else one.name, None if absent is None else absent.name
+
+    w.served(reads)
+    with w.factory() as s:
+        if how == "bulk_update_mappings":
+            s.bulk_update_mappings(m.child, [{"id": 1, "name": "bulk"}])
+        elif how == "bulk_insert_mappings":
+            s.bulk_insert_mappings(m.child, [{"id": 9, "parent_id": 1, "name": "bulk"}])
+        elif how == "bulk_save_objects":
+            s.bulk_save_objects([m.child(id=9, parent_id=1, name="bulk")])
+        else:
+            s.execute(sa.update(m.child), [{"id": 1, "name": "bulk"}])
+        s.commit()
+    w.agree(reads)
