@@ -1775,3 +1775,52 @@ def test_legacy_bulk_operations_reach_cached_reads(w: World, how: str) -> None:
             s.execute(sa.update(m.child), [{"id": 1, "name": "bulk"}])
         s.commit()
     w.agree(reads)
+
+
+def test_eager_relationships_under_asyncio_need_no_lazy_load(
+    w: World, database_url: str, redis_url: str
+) -> None:
+    """Under asyncio a lazy load raises (MissingGreenlet): what the mapper loads eagerly
+    must be loaded by a cached ``get`` and a cached query, as by the ORM's."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from sa_redis_cache.redis_io import async_client_from_url
+    from tests.modes import async_url
+
+    m = w.m
+
+    async def run() -> list[Any]:
+        engine = create_async_engine(async_url(database_url))
+        factory = async_sessionmaker(engine)
+        client = redis.Redis.from_url(redis_url)
+        aclient = async_client_from_url(redis_url)
+        namespace = f"rvasync{secrets.token_hex(4)}"
+        cache = Cache(client, async_client=aclient, namespace=namespace)
+        cache.attach(factory)
+        seen = []
+        try:
+            for _ in range(3):  # a miss, then hits
+                async with factory() as s:
+                    box = await s.get_one(m.box, 1)
+                    items = [i.name for i in box.items]
+                async with factory() as s:
+                    item = await s.get_one(m.item, 2)
+                    parent = item.box.name
+                async with factory() as s:
+                    stmt = select(m.box).order_by(m.box.id).options(FromCache())
+                    boxes = (await s.scalars(stmt)).all()
+                    graph = [(b.id, [(i.id, i.box.name) for i in b.items]) for b in boxes]
+                seen.append((items, parent, graph))
+        finally:
+            cache.detach()
+            delete_namespace(client, namespace)
+            client.close()
+            await aclient.aclose()
+            await engine.dispose()
+        return seen
+
+    seen = asyncio.run(run())
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[0][0] == ["i1", "i2"]
