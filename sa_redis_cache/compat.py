@@ -577,7 +577,26 @@ def make_result(
         iter(data),
     )
     made._source_supports_scalars = single
+    # what loading.instances tells the legacy Query, which reads it to return objects
+    # rather than rows (is_single_entity) and to de-duplicate them (filtered)
+    made._attributes = made._attributes.union(
+        {"filtered": single or bool(entity_positions), "is_single_entity": single}
+    )
     result: Result[Any] = made
+    return result
+
+
+def returns_tuples(orm_context: ORMExecuteState) -> bool:
+    """Whether a legacy ``Query`` asked for rows even of a single entity
+    (``Query.only_return_tuples(True)``, ``Query.tuples()``): the ORM's result then holds
+    one-object rows, not objects."""
+    return bool(orm_context.load_options._only_return_tuples)
+
+
+def honour_tuples(result: Result[Any], orm_context: ORMExecuteState) -> Result[Any]:
+    """``result`` as the ORM gives it to a query that :func:`returns_tuples`: rows."""
+    if returns_tuples(orm_context):
+        result._attributes = result._attributes.union({"is_single_entity": False})
     return result
 
 
@@ -1145,6 +1164,7 @@ _PROBED: dict[str, tuple[str, str]] = {
     "sqlalchemy Session.identity_map._dict": ("identity_map", "_dict"),
     "sqlalchemy registry._managers": ("registry", "_managers"),
     "sqlalchemy IteratorResult._source_supports_scalars": ("result", "_source_supports_scalars"),
+    "sqlalchemy Result._attributes": ("result", "_attributes"),
     "sqlalchemy TypeEngine._variant_mapping": ("variant", "_variant_mapping"),
     "redis ConnectionPool.connection_kwargs": ("pool", "connection_kwargs"),
     "redis ConnectionPool._available_connections": ("pool", "_available_connections"),
@@ -1211,6 +1231,10 @@ _MODULE_PROBES: dict[str, tuple[Any, str]] = {
         selectable.SelectState,
         "default_select_compile_options",
     ),
+    "sqlalchemy orm QueryContext.default_load_options._only_return_tuples": (
+        orm_context.QueryContext.default_load_options,
+        "_only_return_tuples",
+    ),
     "sqlalchemy orm QueryContext.default_load_options._autoflush": (
         orm_context.QueryContext.default_load_options,
         "_autoflush",
@@ -1242,6 +1266,13 @@ _MODULE_PROBES: dict[str, tuple[Any, str]] = {
 }
 
 _SOURCE_PROBES: dict[str, tuple[Any, str]] = {
+    # the legacy Query returns objects and de-duplicates by what a result's _attributes
+    # say (make_result sets them as loading.instances does)
+    "sqlalchemy Query._iter reads is_single_entity": (
+        sqlalchemy.orm.Query._iter,
+        "is_single_entity",
+    ),
+    "sqlalchemy Query._iter reads filtered": (sqlalchemy.orm.Query._iter, '"filtered"'),
     # a joined session's write-behind commits the database first (commit_now), and knows
     # the savepoints around it (enclosing_savepoints)
     "sqlalchemy Connection._commit_impl calls _handle_dbapi_exception": (

@@ -8,6 +8,7 @@ objects with stable names, so that every process computes the same digest.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import PurePath
@@ -16,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table
 from sqlalchemy.orm import Mapper, MapperProperty
-from sqlalchemy.sql.elements import TextClause
-from sqlalchemy.sql.selectable import TextualSelect
+from sqlalchemy.sql.elements import ColumnClause, TextClause
+from sqlalchemy.sql.selectable import TableClause, TextualSelect
 from sqlalchemy.sql.type_api import TypeEngine
 
 from .codec import CODEC_VERSION, dumps_tagged, pack, plain
+from .models import EAGER_LOADS, clause_tables, expression_reads
 from .protocol.keys import digest
 
 if TYPE_CHECKING:
@@ -41,6 +43,25 @@ class Fingerprint:
 
 _SIMPLE = (str, int, float, bool, type(None), bytes)
 _TEXTUAL = (TextClause, TextualSelect)
+# what a literal_column() may say without reading a table: a name (dotted, quoted), "*"
+# (func.count() and exists() make one), a number
+_PLAIN_LITERAL = re.compile(
+    r'\*|-?\d+(\.\d+)?|("[^"]+"|[A-Za-z_][\w$]*)(\.("[^"]+"|[A-Za-z_][\w$]*|\*))*'
+)
+
+
+def _literal_sql(node: tuple[Any, ...]) -> bool:
+    """Whether ``node`` is the key of a ``literal_column()`` whose text is more than a name:
+    SQL written out, such as ``(SELECT count(*) FROM tags)``, whose tables the cache
+    cannot see."""
+    if len(node) < 4 or node[1] is not ColumnClause:
+        return False
+    # the key alternates attribute names and values: ..., "name", text, ..., "is_literal", True
+    values = {node[i]: node[i + 1] for i in range(2, len(node) - 1) if type(node[i]) is str}
+    if values.get("is_literal") is not True:
+        return False
+    text = values.get("name")
+    return not (isinstance(text, str) and _PLAIN_LITERAL.fullmatch(text))
 
 
 class _Walker:
@@ -54,6 +75,8 @@ class _Walker:
     def walk(self, node: Any) -> None:
         out = self.out
         if isinstance(node, tuple):
+            if _literal_sql(node):
+                raise Unfingerprintable("literal_column() SQL names tables the cache cannot see")
             out.append("(")
             for item in node:
                 self.walk(item)
@@ -67,9 +90,10 @@ class _Walker:
             self.mappers[id(node)] = node
             out.append(f"M:{_qualified(node.class_)}")
         elif isinstance(node, type):
-            if issubclass(node, _TEXTUAL):
-                # text() fragments appear in the key as their SQL string: the tables
-                # they read cannot be versioned
+            if issubclass(node, _TEXTUAL) or node is TableClause:
+                # text() fragments appear in the key as their SQL string, and a
+                # lightweight table("name", column(...)) by its name, not as a Table of
+                # the models' MetaData: the tables they read cannot be versioned
                 raise Unfingerprintable("textual SQL names tables the cache cannot see")
             out.append(f"C:{_qualified(node)}")
         elif isinstance(node, Enum):
@@ -122,20 +146,44 @@ def fingerprint(structural_key: tuple[Any, ...]) -> Fingerprint:
     walker = _Walker()
     walker.walk(structural_key)
     tables = dict(walker.tables)
-    for mapper in walker.mappers.values():
-        for table in _mapper_tables(mapper):
-            tables.setdefault(table.fullname, table)
+    for table in _mapper_tables(walker.mappers.values()):
+        tables.setdefault(table.fullname, table)
     text = "".join(walker.out) + f"|codec:{CODEC_VERSION}"
     return Fingerprint(digest(text.encode()), tuple(tables[name] for name in sorted(tables)))
 
 
-def _mapper_tables(mapper: Mapper[Any]) -> Iterable[Table]:
-    for table in mapper.tables:
-        if isinstance(table, Table):
-            yield table
-    for rel in mapper.relationships:
-        if isinstance(rel.secondary, Table):
-            yield rel.secondary
+def _mapper_tables(named: Iterable[Mapper[Any]]) -> Iterable[Table]:
+    """The tables a load of the ``named`` mappers' objects may read though the statement
+    does not name them: their own; their subclasses' (a base's load brings their columns
+    along with ``polymorphic_load`` or the mapper's ``with_polymorphic``); those their
+    ``column_property`` expressions and relationship conditions read; and, through each
+    relationship the mapper itself loads eagerly (``relationship(lazy="selectin")``), the
+    same of its target's."""
+    todo = list(named)
+    seen: set[Mapper[Any]] = set()
+    while todo:
+        mapper = todo.pop()
+        if mapper in seen:
+            continue
+        seen.add(mapper)
+        for each in mapper.self_and_descendants:
+            for table in each.tables:
+                if isinstance(table, Table):
+                    yield table
+            yield from expression_reads(each)[0]
+            for rel in each.relationships:
+                if rel.lazy in EAGER_LOADS:
+                    todo.append(rel.mapper)
+                # the association table, and any third table the join conditions read
+                # (a secondaryjoin that filters with a subquery): loads of the
+                # relationship read them, named by the relationship alone. The two
+                # sides' own tables are left to the mappers loaded, so that a lazy
+                # relationship does not make the parent's queries depend on its target
+                sides = {*each.tables, *rel.mapper.tables}
+                for clause in (rel.secondary, rel.primaryjoin, rel.secondaryjoin):
+                    if clause is not None:
+                        found = clause_tables(clause)[0]
+                        yield from (t for t in found if t not in sides)
 
 
 def values_digest(parts: Sequence[Any]) -> str:

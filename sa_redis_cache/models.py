@@ -19,7 +19,9 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import ColumnProperty, Mapper
 from sqlalchemy.orm.instrumentation import ClassManager
-from sqlalchemy.sql import sqltypes
+from sqlalchemy.sql import sqltypes, visitors
+from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.sql.selectable import SelectBase
 
 from . import compat
 from .codec import CODEC_VERSION, RowCodec, UncacheableType, type_fingerprint
@@ -355,6 +357,9 @@ class ModelInfo:
     # what each of ``column_keys`` reads: the column's name, or ``=key`` for an expression
     # (``column_property``); an entity entry holds these values by position
     layout: tuple[str, ...] = ()
+    # why an entity entry cannot stand for the model's loaded object (entity_unfit), or
+    # None; the entity cache then skips the model
+    entity_unfit: str | None = None
     # the model's scope in ``cache.stats()`` (``model:<class>``): every read counts under
     # it, and the class's name does not change
     scope: str = field(init=False, repr=False, compare=False)
@@ -430,7 +435,77 @@ class ModelInfo:
             and self.codec is not None
             and self.mapper.inherits is None
             and self.mapper.polymorphic_on is None
+            and self.entity_unfit is None
         )
+
+
+def clause_tables(clause: Any) -> tuple[list[Table], bool]:
+    """The tables a SQL ``clause`` reads, and whether it holds a subquery.
+
+    Example::
+
+        clause_tables(Child.parent_id == Parent.id)  # ([children, parents], False)
+    """
+    tables: dict[str, Table] = {}
+    subquery = False
+    for element in visitors.iterate(clause):
+        subquery |= isinstance(element, SelectBase)
+        table = element.table if isinstance(element, ColumnClause) else element
+        if isinstance(table, Table):
+            tables[table.fullname] = table
+    return list(tables.values()), subquery
+
+
+def expression_reads(mapper: Mapper[Any]) -> tuple[list[Table], bool]:
+    """What ``mapper``'s SQL-expression attributes (``column_property(select(...))``,
+    ``column_property(a + b)``) read: their tables, and whether any reads rows other than
+    the object's own (a subquery, or a column of a table the mapper does not map).
+
+    Every load of the mapper reads them, though no statement that loads it names them.
+
+    Example::
+
+        Parent.child_count = column_property(select(func.count(Child.id))...)
+        expression_reads(inspect(Parent))  # ([children, parents], True)
+    """
+    own = set(mapper.tables)
+    tables: dict[str, Table] = {}
+    other_rows = False
+    for prop in mapper.column_attrs:
+        for expression in prop.columns:
+            if isinstance(expression, Column):
+                continue
+            found, subquery = clause_tables(expression)
+            other_rows |= subquery or any(t not in own for t in found)
+            tables.update((t.fullname, t) for t in found)
+    return list(tables.values()), other_rows
+
+
+# relationship(lazy=...) strategies that load the target with the parent's statement
+# (lazy=False is SQLAlchemy's old spelling of "joined")
+EAGER_LOADS = frozenset({"joined", "selectin", "subquery", "immediate", False})
+
+
+def entity_unfit(mapper: Mapper[Any]) -> str | None:
+    """Why an entity entry (one row of one table, retired by that row's writes) cannot
+    stand for what a primary-key load of ``mapper`` gives, else None.
+
+    Example::
+
+        entity_unfit(inspect(Parent))  # "has a column_property that reads other rows"
+    """
+    if not isinstance(mapper.local_table, Table):
+        # a class over a join or a select: no one table's counters cover its rows
+        return "is mapped over a join or a select"
+    if expression_reads(mapper)[1]:
+        # their writes move neither the row's write counter nor the table's generation
+        return "has a column_property that reads other rows"
+    eager = sorted(r.key for r in mapper.relationships if r.lazy in EAGER_LOADS)
+    if eager:
+        # a load by primary key loads them too, and the application may read them with
+        # no session to load them (closed, or asyncio, where a lazy load raises)
+        return f"loads {', '.join(eager)} eagerly (relationship(lazy=...))"
+    return None
 
 
 def build_model_info(mapper: Mapper[Any], policy: CachePolicy | None) -> ModelInfo:
@@ -487,6 +562,7 @@ def build_model_info(mapper: Mapper[Any], policy: CachePolicy | None) -> ModelIn
         ),
         pk_coercers=tuple(pk_coercer(props[p].columns[0].type) for p in pk_positions),
         pk_equal_forms=any(has_equal_forms(props[p].columns[0].type) for p in pk_positions),
+        entity_unfit=entity_unfit(mapper),
     )
 
 

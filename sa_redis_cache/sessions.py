@@ -285,10 +285,10 @@ class SessionHooks:
                 # answer from a queued state or an entry must see what the flush would
                 # write first (a pending object found, a deleted one gone)
                 compat.autoflush_pending(orm_context.session)
-            queued = self.write_behind.serve_queued(orm_context)
-            if queued is not None:
-                return queued
-            return self.reads.on_execute(orm_context)
+            served = self.write_behind.serve_queued(orm_context)
+            if served is None:
+                served = self.reads.on_execute(orm_context)
+            return None if served is None else compat.honour_tuples(served, orm_context)
         if orm_context.is_update or orm_context.is_delete or orm_context.is_insert:
             state = transaction_state(orm_context.session)
             if self.invalidation.mark_bulk_statement(orm_context, state):

@@ -138,6 +138,8 @@ def _why_not_entity_cached(info: ModelInfo) -> str | None:
         return f"{name} has CachePolicy(entity_cache=False)"
     if info.codec is None:
         return info.uncacheable_reason or f"{name} has a column the codec cannot store"
+    if info.entity_unfit is not None:
+        return f"{name} {info.entity_unfit}, which the entity cache skips"
     return f"{name} uses inheritance or a polymorphic mapping, which the entity cache skips"
 
 

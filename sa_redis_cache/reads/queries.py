@@ -441,6 +441,8 @@ class QueryReads:
         handed = handed and mark is None
 
         def fill(data: Any, preexisting: Any, look: Look, delta: int, token: str) -> bool | None:
+            if plan.shape.single_entity and compat.returns_tuples(orm_context):
+                data = [row[0] for row in data]  # one-object rows: stored as the objects
             body = hydrate.extract(data, plan.shape, core.models.info_of, preexisting)
             ttl = option.ttl or core.ttl_for_tables(plan.tables)
             return self._fill(entry_key, plan, look, body, ttl, option, delta, token, region)

@@ -61,9 +61,18 @@ def model_problems(mapper: Mapper[Any], info: ModelInfo) -> list[str]:
             f"{name}: the mapper's primary key differs from the table's PRIMARY KEY, which "
             "the worker's INSERT ... ON CONFLICT needs; declare the same columns"
         )
-    for key in info.column_keys:
-        column = column_of(info, key)
+    for key, reads in zip(info.column_keys, info.layout, strict=True):
         where = f"{name}.{key}"
+        if reads.startswith("="):
+            # column_property(...): a queued row's state is built in Python, and the
+            # worker's INSERT has no column to write it to
+            problems.append(
+                f"{where} is a SQL expression (column_property), evaluated only by the "
+                "database, which a queued row cannot know; use a Python @property or "
+                "hybrid_property, or strategy='write_through' for this model"
+            )
+            continue
+        column = column_of(info, key)
         if column.server_default is not None or column.server_onupdate is not None:
             problems.append(
                 f"{where} has a server-side default, whose value a queued row cannot know; "
