@@ -25,7 +25,7 @@ from sqlalchemy.sql.elements import TextClause
 from . import commit_first, compat
 from .referential import referential_actions
 from .schema import is_library_table
-from .transaction import peek_transaction_state
+from .transaction import peek_transaction_state, transaction_state
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -218,6 +218,12 @@ class EngineWrites:
         token, marked = pending
         self.invalidation.mark_bulk(token, tables)
         marked.update(tables)
+        session = self._session_of(conn)
+        if session is not None and session.in_transaction():
+            # the session reads its own write from now on: from the database, as after a
+            # flush, not from an entry of this process's local tier that the mark's
+            # report, on another connection than the mark's reply, has not reached yet
+            transaction_state(session).dml.update(tables)
         if compat.is_autocommit(conn):
             self._finish(info)
 
@@ -244,8 +250,7 @@ class EngineWrites:
         options = context.execution_options
         if options.get(self.marked_option):
             return True
-        found = self.session_connections.get(conn)
-        session = None if found is None else found()
+        session = self._session_of(conn)
         if session is None:
             return False
         state = peek_transaction_state(session)
@@ -262,6 +267,11 @@ class EngineWrites:
             and isinstance(target, Table)
             and self.invalidation.flush_writes_rows(state, target.fullname, returned)
         )
+
+    def _session_of(self, conn: Connection) -> Session | None:
+        """The session whose transaction runs on ``conn``, if any."""
+        found = self.session_connections.get(conn)
+        return None if found is None else found()
 
     def finish_on_checkin(self, conn: Connection, token: str, tables: set[str]) -> None:
         """Finish a session's writes of ``tables`` (marked under ``token``) as Core DML on

@@ -1,0 +1,159 @@
+"""A review of the local tier within one process: threads and tasks sharing one cache.
+
+The oracle is a plain read of the database at the same moment (a statement without
+``FromCache`` in the same session, or a session of no cache). Each probe forces its
+interleaving with events and the tier's own points (what it applies from its
+invalidation connection, its listener's reads), never with sleeps. The processes are
+:class:`tests.integration.test_local_tier.Process` (one cache, engine and session factory
+each), on a single server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
+
+from examples.shop import Product
+from sa_redis_cache import Cache, FromCache
+from tests.integration.test_local_tier import (
+    LEASE,
+    WAIT,
+    Process,
+    spawn,
+    tier_of,
+    tier_url,
+)
+from tests.modes import async_url
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from sa_redis_cache.local import LocalTier
+
+__all__ = ["spawn", "tier_url"]  # the fixtures, shared with test_local_tier.py
+
+
+def _from_cache(pid: int) -> Any:
+    return select(Product).where(Product.id == pid).options(FromCache())
+
+
+def _database_price(s: Session, pid: int) -> Decimal:
+    """The oracle: the price the session's own connection reads, no cache involved."""
+    price: Decimal = s.execute(select(Product.price).where(Product.id == pid)).scalar_one()
+    return price
+
+
+class LateReports:
+    """Reports that Redis sent this process but that have not reached it yet.
+
+    The reports of a change travel on the tier's invalidation connection, the replies to
+    the writer on another: nothing orders their arrival (a network between the two hosts,
+    a busy socket). While :meth:`hold_back` is in force, every report the tier reads is
+    kept aside, as if still on its way; :meth:`deliver` applies them, in order.
+    """
+
+    def __init__(self, tier: LocalTier) -> None:
+        self.tier = tier
+        self._apply = tier._apply
+        self._late: list[Any] = []
+        self._holding = False
+
+        def applying(message: Any) -> None:
+            if self._holding:
+                self._late.append(message)
+            else:
+                self._apply(message)
+
+        tier._apply = applying  # type: ignore[method-assign]  # the arrival, delayed
+
+    def hold_back(self) -> None:
+        self._holding = True
+
+    def deliver(self) -> None:
+        with self.tier.lock:  # as the tier applies reports: under its lock
+            self._holding = False
+            late, self._late = self._late, []
+            for message in late:
+                self._apply(message)
+
+
+@pytest.fixture
+def late(spawn: Callable[..., Process]) -> Iterator[tuple[Process, LateReports]]:
+    """A process with a long lease (none ends during the test), its reports deliverable late."""
+    reader = spawn(local_lease=30.0)
+    reports = LateReports(reader.tier)
+    try:
+        yield reader, reports
+    finally:
+        reports.deliver()
+
+
+# -- read your writes: DML on the session's own connection ------------------------------
+
+
+def _text_update(s: Session, pid: int) -> None:
+    s.execute(sa.text("UPDATE products SET price = 8.00 WHERE id = :id"), {"id": pid})
+
+
+def _core_update(s: Session, pid: int) -> None:
+    table = Product.__table__
+    s.connection().execute(update(table).where(table.c.id == pid).values(price=Decimal("8.00")))
+
+
+def _driver_sql(s: Session, pid: int) -> None:
+    s.connection().exec_driver_sql(f"UPDATE products SET price = 8.00 WHERE id = {int(pid)}")
+
+
+def _bulk_mappings(s: Session, pid: int) -> None:
+    s.bulk_update_mappings(Product, [{"id": pid, "price": Decimal("8.00")}])  # type: ignore[arg-type]
+
+
+def _orm_bulk(s: Session, pid: int) -> None:
+    s.execute(update(Product).where(Product.id == pid).values(price=Decimal("8.00")))
+
+
+WRITES = {
+    "text": _text_update,
+    "core": _core_update,
+    "driver_sql": _driver_sql,
+    "bulk_mappings": _bulk_mappings,
+    "orm_bulk": _orm_bulk,
+}
+
+
+@pytest.mark.parametrize("write", sorted(WRITES))
+@pytest.mark.parametrize("get", [False, True], ids=["from_cache", "get"])
+def test_a_transaction_reads_its_own_dml_whenever_the_reports_arrive(
+    late: tuple[Process, LateReports], product: int, write: str, *, get: bool
+) -> None:
+    """DML the session ran on its own connection (textual, Core, bulk mappings: not a
+    flush) makes its table one the transaction wrote: its reads come from the database,
+    never from a local entry whose report of the change has not arrived yet."""
+    reader, reports = late
+    reader.hold(product, get=get)
+    with reader.factory() as s:
+        reports.hold_back()
+        try:
+            WRITES[write](s, product)
+            oracle = _database_price(s, product)
+            if get:
+                got = s.get(Product, product)
+                assert got is not None
+                served = got.price
+            else:
+                served = s.scalars(_from_cache(product)).one().price
+        finally:
+            # before the rollback, whose fence this process acknowledges once it read it
+            reports.deliver()
+        s.rollback()
+    assert oracle == Decimal("8.00")
+    assert served == oracle, "the local tier served the row as it was before the write"
+    assert reader.price(product, get=get) == Decimal("1.00")
