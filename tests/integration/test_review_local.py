@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from select import select as wait_readable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
@@ -27,9 +29,11 @@ from tests.integration.test_local_tier import (
     LEASE,
     WAIT,
     Process,
+    _stall_listener,
     spawn,
     tier_of,
     tier_url,
+    until,
 )
 from tests.modes import async_url
 
@@ -157,3 +161,46 @@ def test_a_transaction_reads_its_own_dml_whenever_the_reports_arrive(
     assert oracle == Decimal("8.00")
     assert served == oracle, "the local tier served the row as it was before the write"
     assert reader.price(product, get=get) == Decimal("1.00")
+
+
+# -- the invalidation connection dropped under a waiting writer --------------------------
+
+
+def test_a_holder_that_lost_its_connection_holds_up_no_commit_once_its_lease_ended(
+    spawn: Callable[..., Process], product: int, redis_client: redis.Redis
+) -> None:
+    """A holder whose invalidation connection is killed while a commit waits for it loses
+    the fence's report with the connection: it empties its tier and, reconnected, holds
+    the table again. The writer must stop waiting once the lease the fence named ended,
+    not take the new registration for that lease renewed and wait for an acknowledgement
+    that can no longer come (up to five leases, then an error)."""
+    reader = spawn()
+    writer = spawn()
+    reader.hold(product)
+    tier = reader.tier
+    release = _stall_listener(tier)  # nothing reads the fence's report meanwhile
+    returned = threading.Event()
+
+    def commit() -> None:
+        writer.set_price(product, "2.00")
+        returned.set()
+
+    committer = threading.Thread(target=commit)
+    try:
+        (link,) = tier._listener._links
+        committer.start()
+        socks = [sock for sock, _ in tier._socks]
+        readable, _, _ = wait_readable(socks, [], [], WAIT)
+        assert readable, "redis never sent the commit's reports"
+        assert not returned.is_set()
+        redis_client.client_kill_filter(_id=str(link.sub_id))
+    finally:
+        release.set()
+    breaks = tier.breaks
+    until(lambda: tier.breaks > breaks or not tier.ready, "the tier noticed the kill")
+    assert tier.wait_ready(WAIT)
+    # read again: the table is held anew, and renewed by the listener from then on
+    assert reader.price(product) == Decimal("2.00")
+    committer.join(WAIT)
+    assert returned.is_set()
+    assert writer.total("fence_timeouts") == 0, "the writer waited out its cap"
