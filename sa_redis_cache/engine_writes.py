@@ -268,6 +268,19 @@ class EngineWrites:
             and self.invalidation.flush_writes_rows(state, target.fullname, returned)
         )
 
+    def session_began(self, session: Session, conn: Connection) -> None:
+        """``session``'s transaction runs on ``conn`` from now on. What the connection's
+        open transaction wrote before (Core DML, an earlier session joined to it) is a
+        write of the session's transaction too: its reads see it in the database."""
+        self.session_connections[conn] = weakref.ref(session)
+        info = conn.info
+        pending: tuple[str, set[str]] | None = info.get(self._pending_key)
+        written = set() if pending is None else set(pending[1])
+        for _, tables in info.get(self._handed_key, ()):
+            written |= tables
+        if written:
+            transaction_state(session).dml.update(written)
+
     def _session_of(self, conn: Connection) -> Session | None:
         """The session whose transaction runs on ``conn``, if any."""
         found = self.session_connections.get(conn)

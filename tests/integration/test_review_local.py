@@ -204,3 +204,160 @@ def test_a_holder_that_lost_its_connection_holds_up_no_commit_once_its_lease_end
     committer.join(WAIT)
     assert returned.is_set()
     assert writer.total("fence_timeouts") == 0, "the writer waited out its cap"
+
+
+def _dml_before_joining(conn: sa.Connection, factory: Any, pid: int) -> None:
+    conn.execute(sa.text("UPDATE products SET price = 8.00 WHERE id = :id"), {"id": pid})
+
+
+def _session_before_joining(conn: sa.Connection, factory: Any, pid: int) -> None:
+    with factory(bind=conn, join_transaction_mode="create_savepoint") as first:
+        first.execute(update(Product).where(Product.id == pid).values(price=Decimal("8.00")))
+        first.commit()  # the savepoint's: the connection's transaction goes on
+
+
+JOINED_WRITES = {"dml": _dml_before_joining, "session": _session_before_joining}
+
+
+@pytest.mark.parametrize("write", sorted(JOINED_WRITES))
+@pytest.mark.parametrize("get", [False, True], ids=["from_cache", "get"])
+def test_a_session_joined_to_a_transaction_that_wrote_reads_the_write(
+    late: tuple[Process, LateReports], product: int, write: str, *, get: bool
+) -> None:
+    """A session joined to the application's transaction (``Session(bind=connection)``)
+    reads what that transaction wrote before the session began on it (Core DML, or an
+    earlier joined session's flush), not a local entry whose report has not arrived."""
+    reader, reports = late
+    reader.hold(product, get=get)
+    with reader.engine.connect() as conn:
+        conn.begin()  # the application's transaction, which the sessions join
+        reports.hold_back()
+        try:
+            JOINED_WRITES[write](conn, reader.factory, product)
+            with reader.factory(bind=conn, join_transaction_mode="create_savepoint") as s:
+                oracle = _database_price(s, product)
+                if get:
+                    got = s.get(Product, product)
+                    assert got is not None
+                    served = got.price
+                else:
+                    served = s.scalars(_from_cache(product)).one().price
+        finally:
+            reports.deliver()
+        conn.rollback()
+    assert oracle == Decimal("8.00")
+    assert served == oracle, "the local tier served the row as it was before the write"
+    assert reader.price(product, get=get) == Decimal("1.00")
+
+
+# -- threads and tasks sharing one cache --------------------------------------------------
+
+
+def test_objects_built_from_one_local_entry_in_two_threads_share_no_mutable_value(
+    spawn: Callable[..., Process], product: int, shop_engine: sa.Engine
+) -> None:
+    """Two threads get the same row from the local tier at once (a query and a get) and
+    change its JSON in place: neither sees the other's change, and the tier keeps the
+    database's value."""
+    stored = {"tags": ["a", {"deep": [1]}], "size": {"w": 1}}
+    with Session(shop_engine) as s:
+        s.execute(update(Product).where(Product.id == product).values(attributes=stored))
+        s.commit()
+    reader = spawn(local_lease=30.0)  # no lapse under a loaded machine empties the tier
+    reader.hold(product)
+    reader.hold(product, get=True)
+    both = threading.Barrier(2, timeout=WAIT)
+    seen: dict[int, Any] = {}
+
+    def change(at: int) -> None:
+        with reader.factory() as s:
+            got = s.get(Product, product) if at else s.scalars(_from_cache(product)).one()
+            assert got is not None
+            both.wait()  # both hold their objects
+            got.attributes["tags"][1]["deep"].append(at)
+            got.attributes["size"]["w"] = 10 + at
+            got.attributes["tags"].append(f"thread {at}")
+            both.wait()  # both changed theirs
+            seen[at] = got.attributes
+            s.rollback()
+
+    statements = reader.sql.count
+    threads = [threading.Thread(target=change, args=(at,)) for at in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert reader.sql.count == statements  # both served from the cache (a thread's
+    # counters reach stats() later: the tiers are told apart by the reads below)
+    for at in range(2):
+        assert seen[at] == {"tags": ["a", {"deep": [1, at]}, f"thread {at}"], "size": {"w": 10 + at}}
+    hits = reader.total("local_hits")
+    with reader.factory() as s:
+        assert s.scalars(_from_cache(product)).one().attributes == stored
+    with reader.factory() as s:
+        got = s.get(Product, product)
+        assert got is not None
+        assert got.attributes == stored
+    assert reader.total("local_hits") == hits + 2
+    assert reader.sql.count == statements
+
+
+def test_asyncio_tasks_of_one_cache_see_a_commit_of_another_task_at_once(
+    database_url: str, redis_url: str, namespace: str, product: int
+) -> None:
+    """Tasks of one event loop share one cache: readers keep reading (local hits) while
+    another task commits; every read that starts after the commit returned sees it, as
+    the database does."""
+
+    async def scenario() -> None:
+        engine = create_async_engine(async_url(database_url))
+        cache = Cache(redis_url, namespace=namespace, local=True, local_lease=LEASE)
+        factory = async_sessionmaker(engine)
+        cache.attach(factory)
+        committed = asyncio.Event()
+        stale: list[tuple[Decimal, Decimal]] = []
+
+        async def price(s: Any, *, get: bool) -> Decimal:
+            if get:
+                got = await s.get(Product, product)
+                assert got is not None
+                return Decimal(got.price)
+            return Decimal((await s.scalars(_from_cache(product))).one().price)
+
+        async def read(get: bool) -> None:  # noqa: FBT001 - a task's own argument
+            for _ in range(200):
+                after = committed.is_set()
+                async with factory() as s:
+                    served = await price(s, get=get)
+                    oracle = (
+                        await s.execute(select(Product.price).where(Product.id == product))
+                    ).scalar_one()
+                if after and served != oracle:
+                    stale.append((served, oracle))
+                await asyncio.sleep(0)  # the other tasks' turn: no timing involved
+
+        async def write() -> None:
+            for _ in range(20):
+                await asyncio.sleep(0)
+            async with factory() as s:
+                await s.execute(
+                    update(Product).where(Product.id == product).values(price=Decimal("4.00"))
+                )
+                await s.commit()
+            committed.set()
+
+        try:
+            assert tier_of(cache).wait_ready(WAIT)
+            for _ in range(3):
+                async with factory() as s:
+                    await price(s, get=False)
+                    await price(s, get=True)
+            await asyncio.gather(read(False), read(True), write())
+            assert stale == []
+            assert cache.stats()["total"]["local_hits"] > 0
+        finally:
+            cache.detach()
+            await cache.aclose()
+            await engine.dispose()
+
+    asyncio.run(scenario())
