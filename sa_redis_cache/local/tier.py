@@ -214,8 +214,13 @@ class LocalTier:
         return True
 
     def read_invalidations(self) -> None:
-        """The listener's read: like :meth:`drain`, but a broken connection raises."""
+        """The listener's read: like :meth:`drain`, but a broken connection raises, and so
+        does one a reading thread found broken (:meth:`drain` let go of it): the listener
+        still watches its socket, readable at every poll once closed, and would spin on it
+        until its next renewal found tracking off, the tier idle meanwhile."""
         with self.lock:
+            if not self.ready:
+                raise ConnectionError("the invalidation connection was found broken")
             self._read_locked()
 
     def _read_locked(self) -> None:

@@ -250,6 +250,30 @@ def test_a_session_joined_to_a_transaction_that_wrote_reads_the_write(
     assert reader.price(product, get=get) == Decimal("1.00")
 
 
+def test_the_listener_reconnects_at_once_when_a_reading_thread_found_the_connection_broken(
+    spawn: Callable[..., Process], product: int, redis_client: redis.Redis
+) -> None:
+    """A reading thread that finds the invalidation connection closed empties the tier and
+    lets go of the connection; the listener, which still watched it, must take that as
+    the end of its connections and reconnect, not spin on the closed socket (readable at
+    every poll) until its next renewal, a third of a lease later, with the tier idle."""
+    reader = spawn(local_lease=60.0)  # renewals 20 s apart: longer than WAIT
+    reader.hold(product)
+    tier = reader.tier
+    release = _stall_listener(tier)
+    try:
+        (link,) = tier._listener._links
+        socks = [sock for sock, _ in tier._socks]
+        redis_client.client_kill_filter(_id=str(link.sub_id))
+        readable, _, _ = wait_readable(socks, [], [], WAIT)
+        assert readable, "redis never closed the connection"
+        assert not tier.serving()  # found by this thread
+    finally:
+        release.set()
+    assert tier.wait_ready(WAIT), "the listener went on with the dropped connection"
+    reader.hold(product)
+
+
 # -- threads and tasks sharing one cache --------------------------------------------------
 
 
