@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from select import select as wait_readable
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from select import select as wait_readable
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import redis
@@ -108,16 +108,18 @@ def _text_update(s: Session, pid: int) -> None:
 
 
 def _core_update(s: Session, pid: int) -> None:
-    table = Product.__table__
+    table = cast("sa.Table", Product.__table__)
     s.connection().execute(update(table).where(table.c.id == pid).values(price=Decimal("8.00")))
 
 
 def _driver_sql(s: Session, pid: int) -> None:
-    s.connection().exec_driver_sql(f"UPDATE products SET price = 8.00 WHERE id = {int(pid)}")
+    s.connection().exec_driver_sql(
+        "UPDATE products SET price = 8.00 WHERE id = %(id)s", {"id": pid}
+    )
 
 
 def _bulk_mappings(s: Session, pid: int) -> None:
-    s.bulk_update_mappings(Product, [{"id": pid, "price": Decimal("8.00")}])  # type: ignore[arg-type]
+    s.bulk_update_mappings(Product, [{"id": pid, "price": Decimal("8.00")}])
 
 
 def _orm_bulk(s: Session, pid: int) -> None:
@@ -314,7 +316,10 @@ def test_objects_built_from_one_local_entry_in_two_threads_share_no_mutable_valu
     assert reader.sql.count == statements  # both served from the cache (a thread's
     # counters reach stats() later: the tiers are told apart by the reads below)
     for at in range(2):
-        assert seen[at] == {"tags": ["a", {"deep": [1, at]}, f"thread {at}"], "size": {"w": 10 + at}}
+        assert seen[at] == {
+            "tags": ["a", {"deep": [1, at]}, f"thread {at}"],
+            "size": {"w": 10 + at},
+        }
     hits = reader.total("local_hits")
     with reader.factory() as s:
         assert s.scalars(_from_cache(product)).one().attributes == stored
@@ -348,7 +353,7 @@ def test_asyncio_tasks_of_one_cache_see_a_commit_of_another_task_at_once(
                 return Decimal(got.price)
             return Decimal((await s.scalars(_from_cache(product))).one().price)
 
-        async def read(get: bool) -> None:  # noqa: FBT001 - a task's own argument
+        async def read(*, get: bool) -> None:
             for _ in range(200):
                 after = committed.is_set()
                 async with factory() as s:
@@ -376,7 +381,7 @@ def test_asyncio_tasks_of_one_cache_see_a_commit_of_another_task_at_once(
                 async with factory() as s:
                     await price(s, get=False)
                     await price(s, get=True)
-            await asyncio.gather(read(False), read(True), write())
+            await asyncio.gather(read(get=False), read(get=True), write())
             assert stale == []
             assert cache.stats()["total"]["local_hits"] > 0
         finally:
