@@ -390,3 +390,148 @@ def test_asyncio_tasks_of_one_cache_see_a_commit_of_another_task_at_once(
             await engine.dispose()
 
     asyncio.run(scenario())
+
+
+# -- a commit between a reader's Redis look and the tier keeping what it read -----------
+
+
+def _flush(p: Process, pid: int, price: str) -> None:
+    with p.factory() as s:
+        got = s.get(Product, pid, populate_existing=True)
+        assert got is not None
+        got.price = Decimal(price)
+        s.commit()
+
+
+def _bulk(p: Process, pid: int, price: str) -> None:
+    p.set_price(pid, price)
+
+
+def _session_text(p: Process, pid: int, price: str) -> None:
+    with p.factory() as s:
+        s.execute(sa.text("UPDATE products SET price = :p WHERE id = :id"), {"p": price, "id": pid})
+        s.commit()
+
+
+def _commit_as_you_go(p: Process, pid: int, price: str) -> None:
+    with p.engine.connect() as conn:
+        conn.execute(
+            sa.text("UPDATE products SET price = :p WHERE id = :id"), {"p": price, "id": pid}
+        )
+        conn.commit()
+        # the connection is kept open: its commit, not its checkin, must have finished
+
+
+def _engine_begin(p: Process, pid: int, price: str) -> None:
+    table = cast("sa.Table", Product.__table__)
+    with p.engine.begin() as conn:
+        conn.execute(update(table).where(table.c.id == pid).values(price=Decimal(price)))
+
+
+def _autocommit(p: Process, pid: int, price: str) -> None:
+    with p.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(
+            sa.text("UPDATE products SET price = :p WHERE id = :id"), {"p": price, "id": pid}
+        )
+
+
+COMMITS = {
+    "flush": _flush,
+    "orm_bulk": _bulk,
+    "session_text": _session_text,
+    "commit_as_you_go": _commit_as_you_go,
+    "engine_begin": _engine_begin,
+    "autocommit": _autocommit,
+}
+
+
+@pytest.mark.parametrize("commit", sorted(COMMITS))
+@pytest.mark.parametrize("get", [False, True], ids=["from_cache", "get"])
+def test_a_commit_between_a_look_and_its_keeping_is_never_served_after_it_returned(
+    spawn: Callable[..., Process], product: int, commit: str, *, get: bool
+) -> None:
+    """Thread B read the row's entry valid in Redis and is about to keep it in the tier
+    when thread A, of the same cache, commits a change of the row and returns. B's read
+    began before the commit and may give the old price; the tier must not keep it, and
+    every read that starts after the commit returned gives the new one."""
+    process = spawn(local_lease=30.0)
+    process.price(product, get=get)  # the fill: the next read is a Redis hit, kept
+    store = process.tier.store
+    put = store.put
+    at_put, go_on = threading.Event(), threading.Event()
+    kept: list[bool] = []
+
+    def paused_put(*args: Any, **kwargs: Any) -> bool:
+        if threading.current_thread() is reader:
+            at_put.set()
+            assert go_on.wait(WAIT)
+        kept.append(put(*args, **kwargs))
+        return kept[-1]
+
+    store.put = paused_put  # type: ignore[method-assign]  # the point between look and keep
+    served: list[Decimal] = []
+    reader = threading.Thread(target=lambda: served.append(process.price(product, get=get)))
+    reader.start()
+    try:
+        assert at_put.wait(WAIT), "the read never reached the tier with a Redis hit"
+        COMMITS[commit](process, product, "6.00")
+    finally:
+        go_on.set()
+        reader.join(WAIT)
+    assert served == [Decimal("1.00")]  # began before the commit: the old price is fine
+    assert kept == [False], "the tier kept a value read before a commit that returned"
+    with Session(process.engine) as oracle:
+        assert _database_price(oracle, product) == Decimal("6.00")
+    assert process.price(product, get=get) == Decimal("6.00")
+    assert process.price(product, get=not get) == Decimal("6.00")
+
+
+@pytest.mark.parametrize("killed", ["pubsub", "control"])
+def test_a_look_from_before_a_dropped_connection_is_not_kept_after_it(
+    spawn: Callable[..., Process], product: int, redis_client: redis.Redis, killed: str
+) -> None:
+    """Thread B read the row's entry valid in Redis and is about to keep it when the
+    tier's invalidation (or tracking) connection is killed; a commit lands while the tier
+    reconnects, unreported to it. Once tracking is back, B's value, read under the old
+    connection, must not be kept: the tier serves the commit's price from then on."""
+    # a killed control connection is found by the next renewal, a third of a lease later;
+    # the writer waits for the old connection's lease to end
+    process = spawn(local_lease=3.0)
+    writer = spawn()
+    process.price(product)  # the fill: the next read is a Redis hit, kept
+    tier = process.tier
+    store = tier.store
+    put = store.put
+    at_put, go_on = threading.Event(), threading.Event()
+    kept: list[bool] = []
+
+    def paused_put(*args: Any, **kwargs: Any) -> bool:
+        if threading.current_thread() is reader:
+            at_put.set()
+            assert go_on.wait(WAIT)
+        kept.append(put(*args, **kwargs))
+        return kept[-1]
+
+    store.put = paused_put  # type: ignore[method-assign]  # the point between look and keep
+    reader = threading.Thread(target=process.price, args=(product,))
+    reader.start()
+    try:
+        assert at_put.wait(WAIT), "the read never reached the tier with a Redis hit"
+        (link,) = tier._listener._links
+        breaks = tier.breaks
+        if killed == "pubsub":
+            redis_client.client_kill_filter(_id=str(link.sub_id))
+        else:
+            (control,) = [
+                c for c in redis_client.client_list() if c.get("redir") == str(link.sub_id)
+            ]
+            redis_client.client_kill_filter(_id=control["id"])
+        writer.set_price(product, "7.00")
+        until(lambda: tier.breaks > breaks, "the tier noticed the kill")
+        assert tier.wait_ready(WAIT)
+    finally:
+        go_on.set()
+        reader.join(WAIT)
+    assert kept == [False], "the tier kept a value read under the connection it lost"
+    assert process.price(product) == Decimal("7.00")
+    assert process.price(product, get=True) == Decimal("7.00")
