@@ -535,3 +535,125 @@ def test_a_look_from_before_a_dropped_connection_is_not_kept_after_it(
     assert kept == [False], "the tier kept a value read under the connection it lost"
     assert process.price(product) == Decimal("7.00")
     assert process.price(product, get=True) == Decimal("7.00")
+
+
+# -- explicit invalidations after a write behind the cache's back ------------------------
+
+REGION = "review"
+
+
+def _region_stmt(pid: int) -> Any:
+    return select(Product).where(Product.id == pid).options(FromCache(region=REGION))
+
+
+INVALIDATIONS: dict[str, Callable[[Cache, int], object]] = {
+    "invalidate": lambda cache, pid: cache.invalidate(Product, pid),
+    "invalidate_model": lambda cache, pid: cache.invalidate_model(Product),
+    "invalidate_table": lambda cache, pid: cache.invalidate_table("products"),
+    "invalidate_query": lambda cache, pid: cache.invalidate_query(_region_stmt(pid)),
+    "invalidate_region": lambda cache, pid: cache.invalidate_region(REGION),
+    "clear": lambda cache, pid: cache.clear(),
+}
+# what each retires: invalidate_query and invalidate_region only query entries
+QUERIES_ONLY = {"invalidate_query", "invalidate_region"}
+
+
+def _region_price(p: Process, pid: int, *, get: bool) -> Decimal:
+    with p.factory() as s:
+        if get:
+            got = s.get(Product, pid)
+            assert got is not None
+            return got.price
+        return s.scalars(_region_stmt(pid)).one().price
+
+
+@pytest.mark.parametrize("how", sorted(INVALIDATIONS))
+@pytest.mark.parametrize("where", ["same", "other"])
+def test_an_explicit_invalidation_that_returned_is_seen_by_every_tier(
+    spawn: Callable[..., Process],
+    product: int,
+    shop_engine: sa.Engine,
+    how: str,
+    where: str,
+) -> None:
+    """A row changed behind the cache's back (a plain engine) is served at its old price
+    by the local tier until the application says so; once that call returned, in this
+    process or in another, no read gets the old price."""
+    reader = spawn(local_lease=30.0)
+    caller = reader if where == "same" else spawn()
+    kinds = [False] if how in QUERIES_ONLY else [False, True]
+    for get in kinds:
+        for _ in range(3):
+            _region_price(reader, product, get=get)
+    with Session(shop_engine) as s:
+        s.execute(update(Product).where(Product.id == product).values(price=Decimal("3.00")))
+        s.commit()
+    for get in kinds:  # still served: the cache was not told
+        assert _region_price(reader, product, get=get) == Decimal("1.00")
+    INVALIDATIONS[how](caller.cache, product)
+    for get in kinds:
+        assert _region_price(reader, product, get=get) == Decimal("3.00"), get
+
+
+AINVALIDATIONS: dict[str, Callable[[Cache, int, Any], Any]] = {
+    "ainvalidate": lambda cache, pid, engine: cache.ainvalidate(Product, pid),
+    "ainvalidate_model": lambda cache, pid, engine: cache.ainvalidate_model(Product),
+    "ainvalidate_table": lambda cache, pid, engine: cache.ainvalidate_table("products"),
+    "ainvalidate_query": lambda cache, pid, engine: cache.ainvalidate_query(
+        _region_stmt(pid), bind=engine
+    ),
+    "ainvalidate_region": lambda cache, pid, engine: cache.ainvalidate_region(REGION),
+    "aclear": lambda cache, pid, engine: cache.aclear(),
+}
+
+
+@pytest.mark.parametrize("how", sorted(AINVALIDATIONS))
+def test_an_awaited_invalidation_is_seen_by_the_next_task_read(
+    database_url: str,
+    redis_url: str,
+    namespace: str,
+    product: int,
+    shop_engine: sa.Engine,
+    how: str,
+) -> None:
+    """The awaitable invalidations, called by one task, and read by the next task of the
+    same event loop through the same cache's local tier."""
+
+    async def scenario() -> None:
+        engine = create_async_engine(async_url(database_url))
+        cache = Cache(redis_url, namespace=namespace, local=True, local_lease=30.0)
+        factory = async_sessionmaker(engine)
+        cache.attach(factory)
+        kinds = [False] if how.removeprefix("a") in QUERIES_ONLY else [False, True]
+
+        async def price(*, get: bool) -> Decimal:
+            async with factory() as s:
+                if get:
+                    got = await s.get(Product, product)
+                    assert got is not None
+                    return Decimal(got.price)
+                return Decimal((await s.scalars(_region_stmt(product))).one().price)
+
+        try:
+            assert tier_of(cache).wait_ready(WAIT)
+            for _ in range(3):
+                for get in kinds:
+                    await price(get=get)
+            with Session(shop_engine) as s:
+                s.execute(
+                    update(Product).where(Product.id == product).values(price=Decimal("3.00"))
+                )
+                s.commit()
+            hits = cache.stats()["total"]["local_hits"]
+            for get in kinds:
+                assert await price(get=get) == Decimal("1.00")
+            assert cache.stats()["total"]["local_hits"] == hits + len(kinds)
+            await asyncio.create_task(AINVALIDATIONS[how](cache, product, engine))
+            reads = [asyncio.create_task(price(get=get)) for get in kinds]
+            assert await asyncio.gather(*reads) == [Decimal("3.00")] * len(kinds)
+        finally:
+            cache.detach()
+            await cache.aclose()
+            await engine.dispose()
+
+    asyncio.run(scenario())
