@@ -564,7 +564,7 @@ def _region_price(p: Process, pid: int, *, get: bool) -> Decimal:
             got = s.get(Product, pid)
             assert got is not None
             return got.price
-        return s.scalars(_region_stmt(pid)).one().price
+        return Decimal(s.scalars(_region_stmt(pid)).one().price)
 
 
 @pytest.mark.parametrize("how", sorted(INVALIDATIONS))
@@ -657,3 +657,242 @@ def test_an_awaited_invalidation_is_seen_by_the_next_task_read(
             await engine.dispose()
 
     asyncio.run(scenario())
+
+
+# -- what a read changes in Redis must not empty the tier ---------------------------------
+
+
+@pytest.fixture
+def other_product(shop_engine: sa.Engine) -> Iterator[int]:
+    """A second product of the test's own, never read before the test reads it."""
+    with Session(shop_engine) as s:
+        p = Product(category_id=1, name="scratch 2", price=Decimal("2.00"), status="ACTIVE")
+        s.add(p)
+        s.commit()
+        pid = p.id
+    yield pid
+    with Session(shop_engine) as s:
+        s.execute(sa.delete(Product).where(Product.id == pid))
+        s.commit()
+
+
+def test_reading_a_row_for_the_first_time_keeps_the_tables_local_query_entries(
+    spawn: Callable[..., Process], product: int, other_product: int
+) -> None:
+    """The first entity read of a row creates its write counter; refreshing the TTL of
+    the table's version in the same script changed that key in Redis, whose report
+    dropped every local query entry of the table, in every process, at each row read
+    for the first time (or once its counter expired). A read changes no value: the tier
+    keeps what it holds."""
+    reader = spawn(local_lease=30.0)
+    reader.hold(product)
+    hits = reader.total("local_hits")
+    with reader.factory() as s:
+        got = s.get(Product, other_product)  # a miss: its write counter is created
+        assert got is not None
+    assert reader.price(product) == Decimal("1.00")
+    assert reader.total("local_hits") == hits + 1, "the query's local entry was dropped"
+
+
+# -- session operations around another thread's commit ------------------------------------
+
+
+def test_refresh_populate_existing_and_savepoints_read_what_the_database_holds(
+    spawn: Callable[..., Process], product: int
+) -> None:
+    """A session that kept an object built from the local tier (``expire_on_commit=False``)
+    while another thread committed: ``refresh()``, ``populate_existing`` and a read after
+    a rolled-back savepoint that wrote the row each give what the database holds."""
+    process = spawn(local_lease=30.0)
+    process.hold(product)
+    process.hold(product, get=True)
+    kept = process.factory(expire_on_commit=False)
+    try:
+        obj = kept.scalars(_from_cache(product)).one()
+        kept.commit()
+        assert obj.price == Decimal("1.00")
+        writer = threading.Thread(target=process.set_price, args=(product, "5.00"))
+        writer.start()
+        writer.join(WAIT)
+        assert obj.price == Decimal("1.00")  # the identity map's, as without a cache
+        kept.refresh(obj)
+        assert obj.price == Decimal("5.00") == _database_price(kept, product)
+    finally:
+        kept.close()
+    with process.factory() as s:
+        old = s.scalars(_from_cache(product)).one()
+        s.execute(update(Product).where(Product.id == product).values(price=Decimal("6.00")))
+        # the bulk update synchronised the object; populate_existing must read the row
+        again = s.scalars(_from_cache(product).execution_options(populate_existing=True)).one()
+        assert again is old
+        assert again.price == Decimal("6.00") == _database_price(s, product)
+        got = s.get(Product, product, populate_existing=True)
+        assert got is not None
+        assert got.price == Decimal("6.00")
+        s.rollback()
+    with process.factory() as s:
+        nested = s.begin_nested()
+        changed = s.get(Product, product)
+        assert changed is not None
+        assert changed.price == Decimal("5.00")
+        changed.price = Decimal("9.00")
+        s.flush()
+        nested.rollback()
+        s.expire_all()
+        assert s.scalars(_from_cache(product)).one().price == Decimal("5.00")
+        got = s.get(Product, product)
+        assert got is not None
+        assert got.price == Decimal("5.00") == _database_price(s, product)
+        s.commit()
+    assert process.price(product) == Decimal("5.00")
+    assert process.price(product, get=True) == Decimal("5.00")
+
+
+# -- a history of threads sharing one cache -----------------------------------------------
+
+HISTORY_ROWS = 4
+HISTORY_WRITES = 60
+
+
+@pytest.mark.parametrize("strategy", ["cache_aside", "write_through"])
+def test_threads_sharing_one_cache_never_read_before_a_commit_that_returned(
+    database_url: str, redis_url: str, namespace: str, strategy: str
+) -> None:
+    """Writer threads commit increments of a few rows' versions in every way the library
+    sees (an ORM flush, an ORM bulk update, textual DML on the session's connection, Core
+    on an engine connection committed as it goes, autocommit), and some flush a change
+    and roll it back; each raises the row's floor once its commit returned. Reader
+    threads of the same cache note the floors before each read (``get``, ``FromCache`` by
+    id and of every row): no read returns a version below its floor, none returns a
+    version no commit made (a rolled-back one is negative)."""
+    from tests.local_history import local_history_model, prepare_table
+
+    model: Any = local_history_model(strategy)
+    table = cast("sa.Table", model.__table__)
+    setup = sa.create_engine(database_url)
+    prepare_table(setup, strategy, HISTORY_ROWS)
+    setup.dispose()
+    process = Process(database_url, redis_url, namespace, local_lease=30.0)
+    floor = [0] * HISTORY_ROWS
+    lock = threading.Lock()
+    failures: list[str] = []
+    done = threading.Event()
+    reads = [0]
+
+    def committed(row: int, version: int) -> None:
+        with lock:
+            floor[row] = max(floor[row], version)
+
+    def next_version(conn: sa.Connection, row: int) -> int:
+        return int(
+            conn.execute(
+                select(table.c.version).where(table.c.id == row).with_for_update()
+            ).scalar_one()
+        )
+
+    def write(turn: int) -> None:
+        row = turn % HISTORY_ROWS
+        how = turn % 6
+        if how == 0:  # an ORM flush
+            with process.factory() as s:
+                obj: Any = s.get(model, row, with_for_update=True)
+                obj.version += 1
+                obj.payload = f"v{obj.version}"
+                version = obj.version
+                s.commit()
+        elif how == 1:  # an ORM bulk update
+            with process.factory() as s:
+                version = next_version(s.connection(), row) + 1
+                s.execute(update(model).where(model.id == row).values(version=version))
+                s.commit()
+        elif how == 2:  # textual DML on the session's connection
+            with process.factory() as s:
+                version = next_version(s.connection(), row) + 1
+                s.execute(
+                    sa.text(f"UPDATE {table.name} SET version = :v WHERE id = :id"),  # noqa: S608
+                    {"v": version, "id": row},
+                )
+                s.commit()
+        elif how == 3:  # Core, committed as it goes
+            with process.engine.connect() as conn:
+                version = next_version(conn, row) + 1
+                conn.execute(update(table).where(table.c.id == row).values(version=version))
+                conn.commit()
+        elif how == 4:  # autocommit, one statement
+            with process.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                version = int(
+                    conn.execute(
+                        update(table)
+                        .where(table.c.id == row)
+                        .values(version=table.c.version + 1)
+                        .returning(table.c.version)
+                    ).scalar_one()
+                )
+        else:  # a change flushed, read back in its transaction, and rolled back
+            with process.factory() as s:
+                undone: Any = s.get(model, row, with_for_update=True)
+                undone.version = -1 - undone.version
+                s.flush()
+                stmt = select(model).where(model.id == row).options(FromCache())
+                assert s.scalars(stmt).one().version < 0  # its own write
+                s.rollback()
+            return
+        committed(row, version)
+
+    read_more = threading.Condition()
+
+    def read_past(wanted: int) -> Callable[[], bool]:
+        return lambda: reads[0] >= wanted or bool(failures)
+
+    def writer(start: int) -> None:
+        try:
+            for turn in range(start, HISTORY_WRITES, 2):
+                with read_more:  # the readers' turn: the tier keeps what they read again
+                    wanted = reads[0] + 3 * HISTORY_ROWS
+                    read_more.wait_for(read_past(wanted), WAIT)
+                write(turn)
+        except Exception as exc:
+            failures.append(f"writer: {exc!r}")
+
+    def reader(kind: int) -> None:
+        rng = iter(range(10**9))
+        try:
+            while not done.is_set():
+                row = next(rng) % HISTORY_ROWS
+                with lock:
+                    before = list(floor)
+                with process.factory() as s:
+                    if kind == 0:
+                        obj: Any = s.get(model, row)
+                        seen = {row: obj.version}
+                    elif kind == 1:
+                        stmt = select(model).where(model.id == row).options(FromCache())
+                        seen = {row: s.scalars(stmt).one().version}
+                    else:
+                        stmt = select(model).order_by(model.id).options(FromCache())
+                        seen = {o.id: o.version for o in s.scalars(stmt)}
+                with read_more:
+                    reads[0] += 1
+                    read_more.notify_all()
+                for at, version in seen.items():
+                    if version < before[at]:
+                        failures.append(f"reader {kind}: row {at} at {version} < {before[at]}")
+        except Exception as exc:
+            failures.append(f"reader {kind}: {exc!r}")
+
+    readers = [threading.Thread(target=reader, args=(k,)) for k in range(3)]
+    writers = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
+    try:
+        for thread in readers + writers:
+            thread.start()
+        for thread in writers:
+            thread.join(120)
+        done.set()
+        for thread in readers:
+            thread.join(WAIT)
+        assert failures == []
+        assert reads[0] > HISTORY_WRITES
+        assert process.total("local_hits") > 0
+    finally:
+        done.set()
+        process.close()
