@@ -55,6 +55,8 @@ _TRUNCATE = re.compile(
 _TRUNCATED = re.compile(rf"(?:ONLY\s+)?(?P<table>{_NAME})", re.IGNORECASE)
 _PARTS = re.compile(_PART)
 _ANY_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|TRUNCATE|COPY)\b", re.IGNORECASE)
+# the locking clause of a read (SELECT ... FOR UPDATE, FOR NO KEY UPDATE): not a write
+_LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?UPDATE\b", re.IGNORECASE)
 # a second statement after a ';' (a trailing ';' and comments after it are not one)
 _MORE = re.compile(r";\s*(?!--|/\*)\S")
 _PENDING = "sa_redis_cache.pending"
@@ -71,7 +73,8 @@ def text_dml_tables(sql: str, known: list[str]) -> set[str]:
     the name alone when no model maps it, exactly as Core DML on that table invalidates
     that table only. A statement that writes some other way (a CTE, a function call,
     ``COPY``, several statements, ``TRUNCATE ... CASCADE``, which empties the tables that
-    refer to these) is unknowable, and gives every known table.
+    refer to these) is unknowable, and gives every known table. A read's locking clause
+    (``FOR UPDATE``, ``FOR NO KEY UPDATE``) writes nothing.
 
     Example::
 
@@ -81,6 +84,8 @@ def text_dml_tables(sql: str, known: list[str]) -> set[str]:
         {'audit_log'}
         >>> sorted(text_dml_tables("TRUNCATE products, orders", ["products", "orders"]))
         ['orders', 'products']
+        >>> text_dml_tables("SELECT id FROM products FOR UPDATE", ["products", "orders"])
+        set()
     """
     found = _TEXT_DML.match(sql)
     if found is not None and _MORE.search(sql, found.end()) is None:
@@ -91,7 +96,7 @@ def text_dml_tables(sql: str, known: list[str]) -> set[str]:
         for name in _TRUNCATED.finditer(truncate.group("tables")):
             tables |= _named(name.group("table"), known)
         return tables
-    if found is not None or _ANY_DML.search(sql):
+    if found is not None or _ANY_DML.search(_LOCKING.sub(" ", sql)):
         # a CTE, a function call, COPY, several statements, TRUNCATE ... CASCADE: which
         # cached tables changed is unknowable
         return set(known)

@@ -896,3 +896,28 @@ def test_threads_sharing_one_cache_never_read_before_a_commit_that_returned(
     finally:
         done.set()
         process.close()
+
+
+@pytest.mark.parametrize(
+    "lock", ["FOR UPDATE", "FOR NO KEY UPDATE SKIP LOCKED", "FOR SHARE", "FOR KEY SHARE NOWAIT"]
+)
+def test_a_textual_locking_read_retires_nothing(
+    spawn: Callable[..., Process], product: int, lock: str
+) -> None:
+    """``SELECT ... FOR UPDATE`` through ``text()`` writes nothing: its commit must not
+    retire every table's entries (and empty every local tier of them), as the textual DML
+    whose tables cannot be told does."""
+    reader = spawn(local_lease=30.0)
+    reader.hold(product)
+    reader.hold(product, get=True)
+    with reader.factory() as s:
+        locked = s.execute(
+            sa.text(f"SELECT id FROM products WHERE id = :id {lock}"),  # noqa: S608 - a constant
+            {"id": product},
+        ).scalar_one()
+        assert locked == product
+        s.commit()
+    hits = reader.total("local_hits")
+    assert reader.price(product) == Decimal("1.00")
+    assert reader.price(product, get=True) == Decimal("1.00")
+    assert reader.total("local_hits") == hits + 2, "the locking read retired the entries"
