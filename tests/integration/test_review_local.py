@@ -921,3 +921,124 @@ def test_a_textual_locking_read_retires_nothing(
     assert reader.price(product) == Decimal("1.00")
     assert reader.price(product, get=True) == Decimal("1.00")
     assert reader.total("local_hits") == hits + 2, "the locking read retired the entries"
+
+
+# -- every kind of mutable value, shared by sessions of two threads ----------------------
+
+
+def test_no_kind_of_mutable_value_is_shared_between_threads_sessions(
+    database_url: str, redis_url: str, namespace: str, shop_engine: sa.Engine
+) -> None:
+    """ARRAY (one and two dimensions, tracked by ``MutableList``), JSONB tracked by
+    ``MutableDict`` and a ``MutableComposite``: two threads build the same row from the
+    local tier at once and change every value in place; neither sees the other's
+    change, the database keeps its values, and so does the tier."""
+    from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+    from sqlalchemy.ext.mutable import MutableComposite, MutableDict, MutableList
+    from sqlalchemy.orm import Mapped, composite, mapped_column
+
+    from tests.integration.test_attach import private_base
+
+    class Point(MutableComposite):
+        def __init__(self, x: int, y: int) -> None:
+            self.x, self.y = x, y
+
+        def __setattr__(self, key: str, value: Any) -> None:
+            object.__setattr__(self, key, value)
+            self.changed()
+
+        def __composite_values__(self) -> tuple[int, int]:
+            return self.x, self.y
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Point) and (self.x, self.y) == (other.x, other.y)
+
+        __hash__ = None  # type: ignore[assignment]  # mutable
+
+    stored = {
+        "ints": [1, 2],
+        "grid": [[1, 2], [3, 4]],
+        "tags": ["a"],
+        "doc": {"k": [1, {"deep": "v"}]},
+    }
+    with private_base() as base:
+        bag: Any = type(
+            "ReviewBag",
+            (base,),
+            {
+                "__tablename__": "review_local_bags",
+                "__annotations__": {"id": Mapped[int], "px": Mapped[int], "py": Mapped[int]},
+                "id": mapped_column(sa.Integer, primary_key=True, autoincrement=False),
+                "ints": mapped_column(ARRAY(sa.Integer)),
+                "grid": mapped_column(ARRAY(sa.Integer, dimensions=2)),
+                "tags": mapped_column(MutableList.as_mutable(ARRAY(sa.Text))),
+                "doc": mapped_column(MutableDict.as_mutable(JSONB)),
+                "px": mapped_column(sa.Integer),
+                "py": mapped_column(sa.Integer),
+                "point": composite(Point, "px", "py"),
+            },
+        )
+        table = cast("sa.Table", bag.__table__)
+        table.drop(shop_engine, checkfirst=True)
+        table.create(shop_engine)
+        with shop_engine.begin() as conn:
+            conn.execute(sa.insert(table).values(id=1, px=1, py=2, **stored))
+        process = Process(database_url, redis_url, namespace, local_lease=30.0)
+        try:
+            stmt = select(bag).where(bag.id == 1).options(FromCache())
+
+            def values(obj: Any) -> dict[str, Any]:
+                return {k: getattr(obj, k) for k in stored} | {"point": (obj.px, obj.py)}
+
+            original = stored | {"point": (1, 2)}
+            for _ in range(3):
+                with process.factory() as s:
+                    s.scalars(stmt).one()
+                    s.get(bag, 1)
+            both = threading.Barrier(2, timeout=WAIT)
+            seen: dict[int, Any] = {}
+            failures: list[str] = []
+
+            def change(at: int) -> None:
+                try:
+                    with process.factory() as s:
+                        obj: Any = s.get(bag, 1) if at else s.scalars(stmt).one()
+                        both.wait()
+                        obj.ints.append(at)
+                        obj.grid[0][0] = 10 + at
+                        obj.tags.append(f"t{at}")
+                        obj.doc["k"][1]["deep"] = at
+                        obj.point.x = 20 + at
+                        both.wait()
+                        seen[at] = values(obj)
+                        s.rollback()
+                except Exception as exc:
+                    failures.append(repr(exc))
+                    both.abort()
+
+            hits = process.total("local_hits")
+            threads = [threading.Thread(target=change, args=(at,)) for at in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(WAIT)
+            assert failures == []
+            for at in range(2):
+                assert seen[at] == {
+                    "ints": [1, 2, at],
+                    "grid": [[10 + at, 2], [3, 4]],
+                    "tags": ["a", f"t{at}"],
+                    "doc": {"k": [1, {"deep": at}]},
+                    "point": (20 + at, 2),
+                }
+            with Session(shop_engine) as oracle:
+                row = oracle.execute(sa.select(table).where(table.c.id == 1)).one()
+                assert {k: row._mapping[k] for k in stored} == stored
+            with process.factory() as s:
+                assert values(s.scalars(stmt).one()) == original
+            with process.factory() as s:
+                assert values(s.get(bag, 1)) == original
+            assert process.total("local_hits") >= hits + 2
+        finally:
+            process.close()
+            table.drop(shop_engine)
