@@ -697,7 +697,11 @@ def _array_plan(t: sqltypes.ARRAY[Any], dialect: Dialect | None) -> _Plan:
     idump, iload, exact, istored = item.dump, item.load or _same, item.exact, item.stored
 
     def dump(v: Any) -> list[Any]:
-        if type(v) is not container:
+        # a tracked list (MutableList.as_mutable(ARRAY(...))) is stored as the plain list
+        # the database returns, as a tracked JSON container is (_json_default)
+        if type(v) is not container and not (
+            container is list and isinstance(v, list) and isinstance(v, Mutable)
+        ):
             raise _wrong(v, container.__name__)
         out = []
         for x in v:

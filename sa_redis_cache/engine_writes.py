@@ -25,7 +25,7 @@ from sqlalchemy.sql.elements import TextClause
 from . import commit_first, compat
 from .referential import referential_actions
 from .schema import is_library_table
-from .transaction import peek_transaction_state
+from .transaction import peek_transaction_state, transaction_state
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -55,6 +55,8 @@ _TRUNCATE = re.compile(
 _TRUNCATED = re.compile(rf"(?:ONLY\s+)?(?P<table>{_NAME})", re.IGNORECASE)
 _PARTS = re.compile(_PART)
 _ANY_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|TRUNCATE|COPY)\b", re.IGNORECASE)
+# the locking clause of a read (SELECT ... FOR UPDATE, FOR NO KEY UPDATE): not a write
+_LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?UPDATE\b", re.IGNORECASE)
 # a second statement after a ';' (a trailing ';' and comments after it are not one)
 _MORE = re.compile(r";\s*(?!--|/\*)\S")
 _PENDING = "sa_redis_cache.pending"
@@ -71,7 +73,8 @@ def text_dml_tables(sql: str, known: list[str]) -> set[str]:
     the name alone when no model maps it, exactly as Core DML on that table invalidates
     that table only. A statement that writes some other way (a CTE, a function call,
     ``COPY``, several statements, ``TRUNCATE ... CASCADE``, which empties the tables that
-    refer to these) is unknowable, and gives every known table.
+    refer to these) is unknowable, and gives every known table. A read's locking clause
+    (``FOR UPDATE``, ``FOR NO KEY UPDATE``) writes nothing.
 
     Example::
 
@@ -81,6 +84,8 @@ def text_dml_tables(sql: str, known: list[str]) -> set[str]:
         {'audit_log'}
         >>> sorted(text_dml_tables("TRUNCATE products, orders", ["products", "orders"]))
         ['orders', 'products']
+        >>> text_dml_tables("SELECT id FROM products FOR UPDATE", ["products", "orders"])
+        set()
     """
     found = _TEXT_DML.match(sql)
     if found is not None and _MORE.search(sql, found.end()) is None:
@@ -91,7 +96,7 @@ def text_dml_tables(sql: str, known: list[str]) -> set[str]:
         for name in _TRUNCATED.finditer(truncate.group("tables")):
             tables |= _named(name.group("table"), known)
         return tables
-    if found is not None or _ANY_DML.search(sql):
+    if found is not None or _ANY_DML.search(_LOCKING.sub(" ", sql)):
         # a CTE, a function call, COPY, several statements, TRUNCATE ... CASCADE: which
         # cached tables changed is unknowable
         return set(known)
@@ -218,6 +223,12 @@ class EngineWrites:
         token, marked = pending
         self.invalidation.mark_bulk(token, tables)
         marked.update(tables)
+        session = self._session_of(conn)
+        if session is not None and session.in_transaction():
+            # the session reads its own write from now on: from the database, as after a
+            # flush, not from an entry of this process's local tier that the mark's
+            # report, on another connection than the mark's reply, has not reached yet
+            transaction_state(session).dml.update(tables)
         if compat.is_autocommit(conn):
             self._finish(info)
 
@@ -244,8 +255,7 @@ class EngineWrites:
         options = context.execution_options
         if options.get(self.marked_option):
             return True
-        found = self.session_connections.get(conn)
-        session = None if found is None else found()
+        session = self._session_of(conn)
         if session is None:
             return False
         state = peek_transaction_state(session)
@@ -262,6 +272,24 @@ class EngineWrites:
             and isinstance(target, Table)
             and self.invalidation.flush_writes_rows(state, target.fullname, returned)
         )
+
+    def session_began(self, session: Session, conn: Connection) -> None:
+        """``session``'s transaction runs on ``conn`` from now on. What the connection's
+        open transaction wrote before (Core DML, an earlier session joined to it) is a
+        write of the session's transaction too: its reads see it in the database."""
+        self.session_connections[conn] = weakref.ref(session)
+        info = conn.info
+        pending: tuple[str, set[str]] | None = info.get(self._pending_key)
+        written = set() if pending is None else set(pending[1])
+        for _, tables in info.get(self._handed_key, ()):
+            written |= tables
+        if written:
+            transaction_state(session).dml.update(written)
+
+    def _session_of(self, conn: Connection) -> Session | None:
+        """The session whose transaction runs on ``conn``, if any."""
+        found = self.session_connections.get(conn)
+        return None if found is None else found()
 
     def finish_on_checkin(self, conn: Connection, token: str, tables: set[str]) -> None:
         """Finish a session's writes of ``tables`` (marked under ``token``) as Core DML on

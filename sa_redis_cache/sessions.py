@@ -328,7 +328,7 @@ class SessionHooks:
     def after_begin(self, session: Session, transaction: Any, connection: Any) -> None:
         """The connection is the session's; pin versions before a repeatable snapshot."""
         engine_writes = self.engine_writes
-        engine_writes.session_connections[connection] = weakref.ref(session)
+        engine_writes.session_began(session, connection)
         # an engine the factory did not name at attach() (binds=..., configure(bind=...)):
         # its Core, textual and bulk-mapping DML must be seen from this statement on
         engine_writes.register(connection.engine)

@@ -77,11 +77,15 @@ class TransactionState:
 
     ``marked`` holds the tables this transaction has flushed: reads of them go to the
     database until the transaction ends, so a transaction always sees its own writes,
-    and their writer marks are released when it ends.
+    and their writer marks are released when it ends. ``dml`` holds the tables that Core,
+    textual or bulk-mapping DML wrote on the session's connection: their marks are the
+    connection's (:mod:`~sa_redis_cache.engine_writes`), their reads go to the database
+    likewise.
     """
 
     token: str = field(default_factory=lambda: secrets.token_hex(8))
     marked: set[str] = field(default_factory=set)
+    dml: set[str] = field(default_factory=set)
     frames: list[Frame] = field(default_factory=lambda: [Frame()])
     # REPEATABLE READ / SERIALIZABLE: the table versions captured when the transaction
     # began, before its snapshot; fills must compare against these, not later ones
@@ -107,8 +111,9 @@ class TransactionState:
 
     @property
     def written_tables(self) -> set[str]:
-        """The tables this transaction has written (alias of ``marked``)."""
-        return self.marked
+        """The tables this transaction has written: flushed (``marked``), or by DML on
+        its connection (``dml``)."""
+        return self.marked | self.dml if self.dml else self.marked
 
     def frame(self) -> Frame:
         """The innermost open frame (the current savepoint's, or the transaction's)."""
@@ -158,6 +163,7 @@ class TransactionState:
         """The transaction ended; start afresh with a new token."""
         self.token = secrets.token_hex(8)
         self.marked = set()
+        self.dml = set()
         self.frames = [Frame()]
         self.snapshot = None
         self.committed = False

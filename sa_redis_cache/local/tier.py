@@ -119,6 +119,8 @@ class LocalTier:
         self.lease_ms = int(lease * 1000)
         self.consistency: Consistency = consistency
         self.holder = _new_holder()
+        # the gauge key of the id a reconnection replaced, deleted at the next publication
+        self._replaced_gauges: str | None = None
         self.lock = threading.Lock()
         self.ready = False
         self._ready_event = threading.Event()
@@ -212,8 +214,13 @@ class LocalTier:
         return True
 
     def read_invalidations(self) -> None:
-        """The listener's read: like :meth:`drain`, but a broken connection raises."""
+        """The listener's read: like :meth:`drain`, but a broken connection raises, and so
+        does one a reading thread found broken (:meth:`drain` let go of it): the listener
+        still watches its socket, readable at every poll once closed, and would spin on it
+        until its next renewal found tracking off, the tier idle meanwhile."""
         with self.lock:
+            if not self.ready:
+                raise ConnectionError("the invalidation connection was found broken")
             self._read_locked()
 
     def _read_locked(self) -> None:
@@ -353,8 +360,18 @@ class LocalTier:
     # -- the connection ------------------------------------------------------------------
 
     def connected(self, socks: Sequence[socket.socket]) -> None:
-        """Tracking is on, on every primary, and its invalidations come to ``socks``."""
+        """Tracking is on, on every primary, and its invalidations come to ``socks``.
+
+        The tier holds its tables under a new id from here on: a writer waiting for the
+        id of the connection before may wait for the fence that connection lost, and
+        must see that id's lease end, not renewed by this connection's registrations
+        (it would wait for an acknowledgement that cannot come, up to its cap).
+        """
         with self.lock:
+            self._replaced_gauges = self.keys.local_stats_key(self.holder)
+            # before the store's new epoch: a hold() that marked the store after it
+            # registers under this id
+            self.holder = _new_holder()
             self._watch(socks)
             self.store.clear()
             self.ready = True
@@ -425,9 +442,11 @@ class LocalTier:
             fields[name] = "" if value is None else str(value)
         key = self.keys.local_stats_key(self.holder)
         flat = [item for pair in fields.items() for item in pair]
+        replaced, self._replaced_gauges = self._replaced_gauges, None
         # written whole each time, so deleting it first costs nothing and replaces a key of
         # another Redis type, on which HSET failed at every renewal and broke the tier
         return [
+            *([("DEL", replaced)] if replaced is not None else []),
             ("DEL", key),
             ("HSET", key, *flat),
             ("PEXPIRE", key, max(10_000, self.lease_ms * 3)),
