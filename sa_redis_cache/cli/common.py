@@ -451,6 +451,14 @@ def import_object(spec: str, *, param_hint: str) -> Any:
     return obj
 
 
+def _imported_model(target: str, spec: str) -> type:
+    """The mapped class ``module:Class`` names (``spec`` is how the user wrote it)."""
+    cls = import_object(target, param_hint="MODEL")
+    if not isinstance(cls, type) or mapper_of(cls) is None:
+        raise click.BadParameter(f"{spec!r} is not a mapped class", param_hint="MODEL")
+    return cls
+
+
 def resolve_model(spec: str, settings: Settings) -> type:
     """The mapped class named ``spec``: ``module:Class``, ``module.Class`` or ``Class``.
 
@@ -463,14 +471,16 @@ def resolve_model(spec: str, settings: Settings) -> type:
         resolve_model("examples.shop:Product", settings)
     """
     if ":" in spec:
-        cls = import_object(spec, param_hint="MODEL")
-        if not isinstance(cls, type) or mapper_of(cls) is None:
-            raise click.BadParameter(f"{spec!r} is not a mapped class", param_hint="MODEL")
-        return cls
+        return _imported_model(spec, spec)
     mappers = settings.model_mappers()
     found = [m for m in mappers if spec in (m.class_.__name__, mapper_name(m))]
     if not found:
         found = [m for m in all_mappers() if mapper_name(m) == spec]
+    module_name, dot, class_name = spec.rpartition(".")
+    if not found and dot and module_name and class_name:
+        # module.Class names its module as module:Class does: imported on the spot, so it
+        # needs no --models (cli.md lists the two forms side by side)
+        return _imported_model(f"{module_name}:{class_name}", spec)
     if len(found) == 1:
         return found[0].class_
     if found:
