@@ -9,6 +9,7 @@ Postgres unreachable, a table missing, an operation refused) raises :class:`CliE
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -449,6 +450,32 @@ def import_object(spec: str, *, param_hint: str) -> Any:
                 f"module {module_name!r} has no attribute {attr!r}", param_hint=param_hint
             )
     return obj
+
+
+def call_factory(spec: str, func: Any, *, param_hint: str, wanted: str) -> Any:
+    """What ``func``, the function of no arguments ``spec`` names, returns.
+
+    A function that needs arguments is bad usage (exit 2); one that raises is the
+    user's code failing, told in one line (exit 1) like a module that raises on import.
+
+    Example::
+
+        call_factory("app.queries:books", books, param_hint="--statement", wanted="a select()")
+    """
+    try:
+        inspect.signature(func).bind()
+    except TypeError as exc:
+        raise click.BadParameter(
+            f"{spec} is a callable that needs arguments ({exc}); point at {wanted} or "
+            "a function of no arguments returning it",
+            param_hint=param_hint,
+        ) from exc
+    except ValueError:
+        pass  # no signature to check (some builtins): calling it tells
+    try:
+        return func()
+    except Exception as exc:
+        raise CliError(f"calling {spec} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _imported_model(target: str, spec: str) -> type:

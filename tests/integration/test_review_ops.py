@@ -10,8 +10,11 @@ import os
 import secrets
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import pytest
 
 from devservices.scratch import drop_database
 from examples.shop import Product
@@ -112,3 +115,69 @@ def test_the_demo_prints_no_error_on_a_redis_without_aof(services: Services) -> 
     assert "refused" not in done.stderr, done.stderr
     if appendonly == "no":
         assert "this part uses a redis-server started for it" in " ".join(done.stdout.split())
+
+
+FACTORIES = """
+from sqlalchemy import select
+
+from examples.shop import Product
+
+
+def broken_statement():
+    raise RuntimeError("the query module is broken")
+
+
+def statement_of(category):
+    return select(Product).where(Product.category_id == category)
+
+
+def broken_models():
+    raise KeyError("no such setting")
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "says"),
+    [
+        (
+            ["inspect", "--statement", "{module}:broken_statement"],
+            1,
+            "calling {module}:broken_statement failed: RuntimeError: the query module is broken",
+        ),
+        (
+            ["inspect", "--statement", "{module}:statement_of"],
+            2,
+            "is a callable that needs arguments",
+        ),
+        (
+            ["dlq", "replay", "--model", "{module}:broken_models", "--yes"],
+            1,
+            "calling {module}:broken_models failed: KeyError",
+        ),
+        (["worker", "--model", "{module}:broken_models"], 1, "KeyError: 'no such setting'"),
+        (["worker", "--model", "{module}:statement_of"], 2, "needs arguments"),
+    ],
+)
+def test_a_function_named_on_the_command_line_that_raises_is_one_error_line(
+    args: list[str],
+    status: int,
+    says: str,
+    tmp_path: Path,
+    redis_url: str,
+    database_url: str,
+    namespace: str,
+) -> None:
+    # cli.md: "a function of no arguments returning one" (--statement), "module:function
+    # returning classes works too" (--model); "Errors are one line on stderr that names
+    # the problem": a function that raised, or needed arguments, used to end in a traceback
+    module = f"sarc_ops_factories_{secrets.token_hex(4)}"
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(FACTORIES))
+    done = command(
+        "--redis-url", redis_url, "--namespace", namespace, "--database-url", database_url,
+        *(arg.format(module=module) for arg in args),
+        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])},
+    )  # fmt: skip
+    assert done.returncode == status, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert says.format(module=module) in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("Error: ")
