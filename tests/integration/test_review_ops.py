@@ -60,7 +60,9 @@ def test_a_model_named_module_dot_class_is_imported_like_module_colon_class(
         assert s.get(Product, product) is not None  # write-through model: now cached
     cache.stats()  # the fill's reply is read by the thread's next cache call
     inspector = cache.inspector
-    key = inspector.row_key(Product, (product,), database=inspector.database_of(shop_engine))
+    database = inspector.database_of(shop_engine)
+    assert database is not None
+    key = inspector.row_key(Product, (product,), database=database)
     assert redis_client.exists(key)
     for form in ("examples.shop.Product", "examples.shop:Product"):
         done = command(
