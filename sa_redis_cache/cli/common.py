@@ -284,8 +284,13 @@ class Settings:
         try:
             found = Binds().database_of_engine(engine)
         except SQLAlchemyError as exc:
+            # worded as every command words an unreachable database (cli.md), naming the
+            # option the URL came from; the driver's own text, without SQLAlchemy's links
+            named = option if url is not None else "--database-url"
             raise CliError(
-                f"{option}: cannot reach {redact_url(str(given.url))}: {one_line(exc)}"
+                f"cannot reach the database at {redact_url(str(given.url))}: "
+                f"{one_line(getattr(exc, 'orig', None) or exc)}; start it or pass {named} "
+                "(or set DATABASE_URL)"
             ) from exc
         finally:
             engine.dispose()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from devservices.process import free_port
 from devservices.scratch import drop_database
 from examples.shop import Product
 from sa_redis_cache.redis_io import client_from_url, unlink_matching
@@ -183,3 +184,42 @@ def test_a_function_named_on_the_command_line_that_raises_is_one_error_line(
     assert "Traceback" not in done.stderr, done.stderr
     assert says.format(module=module) in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("Error: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--database-url", "{url}", "inspect", "examples.shop:Product", "7"], "--database-url"),
+        (["inspect", "examples.shop:Product", "7", "--bind-url", "{url}"], "--bind-url"),
+        (
+            ["--database-url", "{url}", "inspect", "--statement", "{module}:BOOKS"],
+            "--database-url",
+        ),
+    ],
+)
+def test_inspect_words_an_unreachable_database_as_every_command_does(
+    args: list[str], option: str, tmp_path: Path, redis_url: str, namespace: str
+) -> None:
+    # cli.md: Redis/Postgres that cannot be reached is exit 1 with one line naming the
+    # problem and the fix ("cannot reach the database at URL: ...; start it or pass
+    # --database-url"); inspect said "--bind-url: cannot reach URL: (psycopg...) ...
+    # (Background on this error at: https://sqlalche.me/...)", even for --database-url
+    module = f"sarc_ops_statements_{secrets.token_hex(4)}"
+    (tmp_path / f"{module}.py").write_text(
+        "from sqlalchemy import select\n"
+        "from examples.shop import Product\n"
+        "from sa_redis_cache import FromCache\n"
+        "BOOKS = select(Product).options(FromCache())\n"
+    )
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/shop"
+    done = command(
+        "--redis-url", redis_url, "--namespace", namespace,
+        *(arg.format(url=url, module=module) for arg in args),
+        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    line = done.stderr.strip()
+    assert len(line.splitlines()) == 1, line
+    assert line.startswith(f"Error: cannot reach the database at {url}: "), line
+    assert line.endswith(f"; start it or pass {option} (or set DATABASE_URL)"), line
+    assert "sqlalche.me" not in line
