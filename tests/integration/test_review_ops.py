@@ -6,28 +6,31 @@ Each test holds one promise the documents make that the program did not keep.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from sqlalchemy.orm import sessionmaker
 
 from devservices.process import free_port
 from devservices.scratch import drop_database
 from examples.shop import Product
+from sa_redis_cache import Cache
 from sa_redis_cache.redis_io import client_from_url, unlink_matching
+from tests.integration.test_local_tier import until
 
 if TYPE_CHECKING:
     import redis
     import sqlalchemy as sa
-    from sqlalchemy.orm import Session, sessionmaker
+    from sqlalchemy.orm import Session
 
     from devservices import Services
-    from sa_redis_cache import Cache
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -223,3 +226,34 @@ def test_inspect_words_an_unreachable_database_as_every_command_does(
     assert line.startswith(f"Error: cannot reach the database at {url}: "), line
     assert line.endswith(f"; start it or pass {option} (or set DATABASE_URL)"), line
     assert "sqlalche.me" not in line
+
+
+def test_stats_json_gives_a_local_tiers_readiness_as_a_boolean(
+    redis_url: str, namespace: str, shop_engine: sa.Engine, product: int
+) -> None:
+    # cli.md: local_tiers hold what cache.stats()["local"] shows, whose ready is a bool;
+    # the JSON had the string "True" (the published hash's text), so a script testing
+    # `if tier["ready"]` took "False" for ready too
+    cache = Cache(redis_url, namespace=namespace, local=True)
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    try:
+        with factory() as s:
+            s.get(Product, product)
+        local = cache.stats()["local"]
+        assert local is not None
+        assert local["ready"] is True
+        tiers: list[dict[str, Any]] = []
+
+        def published() -> bool:
+            # the tier publishes its gauges at each lease renewal
+            done = command("--redis-url", redis_url, "--namespace", namespace, "stats", "--json")
+            assert done.returncode == 0, done.stderr
+            tiers[:] = json.loads(done.stdout)["local_tiers"]
+            return bool(tiers)
+
+        until(published, "the local tier published its gauges")
+        assert [t["holder"] for t in tiers] == [local["holder"]]
+        assert tiers[0]["ready"] is True
+    finally:
+        cache.detach()
