@@ -18,7 +18,15 @@ from sa_redis_cache.redaction import redact_url
 from sa_redis_cache.redis_io import unlink_matching
 from sa_redis_cache.strategies.write_behind.worker.flush import LEASE_MAX_MS, LEASE_MS
 
-from .common import CliError, Settings, common_options, import_object, one_line, resolve_model
+from .common import (
+    CliError,
+    Settings,
+    call_factory,
+    common_options,
+    import_object,
+    one_line,
+    resolve_model,
+)
 from .output import Table, echo_json, render
 from .values import parse_pk, row_keys
 
@@ -685,7 +693,7 @@ def _write_behind_models(
     for spec in specs:
         obj = import_object(spec, param_hint="--model")
         if not isinstance(obj, type) and callable(obj):
-            obj = obj()
+            obj = call_factory(spec, obj, param_hint="--model", wanted="a mapped class")
         for cls in obj if isinstance(obj, list | tuple) else [obj]:
             if not (isinstance(cls, type) and _is_write_behind_class(cls)):
                 raise click.BadParameter(

@@ -9,6 +9,7 @@ Postgres unreachable, a table missing, an operation refused) raises :class:`CliE
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -283,8 +284,13 @@ class Settings:
         try:
             found = Binds().database_of_engine(engine)
         except SQLAlchemyError as exc:
+            # worded as every command words an unreachable database (cli.md), naming the
+            # option the URL came from; the driver's own text, without SQLAlchemy's links
+            named = option if url is not None else "--database-url"
             raise CliError(
-                f"{option}: cannot reach {redact_url(str(given.url))}: {one_line(exc)}"
+                f"cannot reach the database at {redact_url(str(given.url))}: "
+                f"{one_line(getattr(exc, 'orig', None) or exc)}; start it or pass {named} "
+                "(or set DATABASE_URL)"
             ) from exc
         finally:
             engine.dispose()
@@ -451,6 +457,40 @@ def import_object(spec: str, *, param_hint: str) -> Any:
     return obj
 
 
+def call_factory(spec: str, func: Any, *, param_hint: str, wanted: str) -> Any:
+    """What ``func``, the function of no arguments ``spec`` names, returns.
+
+    A function that needs arguments is bad usage (exit 2); one that raises is the
+    user's code failing, told in one line (exit 1) like a module that raises on import.
+
+    Example::
+
+        call_factory("app.queries:books", books, param_hint="--statement", wanted="a select()")
+    """
+    try:
+        inspect.signature(func).bind()
+    except TypeError as exc:
+        raise click.BadParameter(
+            f"{spec} is a callable that needs arguments ({exc}); point at {wanted} or "
+            "a function of no arguments returning it",
+            param_hint=param_hint,
+        ) from exc
+    except ValueError:
+        pass  # no signature to check (some builtins): calling it tells
+    try:
+        return func()
+    except Exception as exc:
+        raise CliError(f"calling {spec} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _imported_model(target: str, spec: str) -> type:
+    """The mapped class ``module:Class`` names (``spec`` is how the user wrote it)."""
+    cls = import_object(target, param_hint="MODEL")
+    if not isinstance(cls, type) or mapper_of(cls) is None:
+        raise click.BadParameter(f"{spec!r} is not a mapped class", param_hint="MODEL")
+    return cls
+
+
 def resolve_model(spec: str, settings: Settings) -> type:
     """The mapped class named ``spec``: ``module:Class``, ``module.Class`` or ``Class``.
 
@@ -463,14 +503,16 @@ def resolve_model(spec: str, settings: Settings) -> type:
         resolve_model("examples.shop:Product", settings)
     """
     if ":" in spec:
-        cls = import_object(spec, param_hint="MODEL")
-        if not isinstance(cls, type) or mapper_of(cls) is None:
-            raise click.BadParameter(f"{spec!r} is not a mapped class", param_hint="MODEL")
-        return cls
+        return _imported_model(spec, spec)
     mappers = settings.model_mappers()
     found = [m for m in mappers if spec in (m.class_.__name__, mapper_name(m))]
     if not found:
         found = [m for m in all_mappers() if mapper_name(m) == spec]
+    module_name, dot, class_name = spec.rpartition(".")
+    if not found and dot and module_name and class_name:
+        # module.Class names its module as module:Class does: imported on the spot, so it
+        # needs no --models (cli.md lists the two forms side by side)
+        return _imported_model(f"{module_name}:{class_name}", spec)
     if len(found) == 1:
         return found[0].class_
     if found:

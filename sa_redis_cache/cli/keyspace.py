@@ -300,11 +300,13 @@ def collect(
     }
 
 
-_LOCAL_TEXT = frozenset(("holder", "consistency", "ready"))
+_LOCAL_TEXT = frozenset(("holder", "consistency"))
+_LOCAL_FLAGS = {"True": True, "False": False}  # how the tier publishes a bool (str())
 
 
 def _local_tier(fields: dict[bytes, bytes] | None) -> dict[str, Any] | None:
-    """One process's published local-tier gauges (numbers as numbers; None: not a hash)."""
+    """One process's published local-tier gauges (numbers as numbers, ``ready`` a bool as
+    in ``cache.stats()["local"]``; None: not a hash)."""
     if not fields:
         return None
     out: dict[str, Any] = {}
@@ -313,6 +315,9 @@ def _local_tier(fields: dict[bytes, bytes] | None) -> dict[str, Any] | None:
         text = raw.decode("utf-8", "replace")
         if name in _LOCAL_TEXT:
             out[name] = text
+            continue
+        if name == "ready":
+            out[name] = _LOCAL_FLAGS.get(text)
             continue
         try:
             out[name] = float(text) if "." in text else int(text)

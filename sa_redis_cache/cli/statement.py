@@ -32,7 +32,7 @@ from .badkeys import (
     undecodable,
     wrong_type,
 )
-from .common import Settings, import_object
+from .common import Settings, call_factory, import_object
 from .output import Block, Table, human_ttl, int_or_none, text_or_dash
 from .values import parse_value
 
@@ -53,14 +53,7 @@ _REPR_WIDTH = 160
 def _load_statement(spec: str) -> Any:
     obj: Any = import_object(spec, param_hint="--statement")
     if not isinstance(obj, ClauseElement) and callable(obj):
-        try:
-            obj = obj()
-        except TypeError as exc:
-            raise click.BadParameter(
-                f"{spec} is a callable that needs arguments ({exc}); point at a select() or "
-                "a function of no arguments",
-                param_hint="--statement",
-            ) from exc
+        obj = call_factory(spec, obj, param_hint="--statement", wanted="a select()")
     if not isinstance(obj, ClauseElement) or not getattr(obj, "is_select", False):
         raise click.BadParameter(
             f"{spec} is {type(obj).__name__}, not a select() statement", param_hint="--statement"

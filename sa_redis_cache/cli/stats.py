@@ -217,7 +217,7 @@ def _local_table(tiers: list[dict[str, Any]]) -> Table:
         rows.append(
             [
                 _text(tier.get("holder")),
-                "yes" if tier.get("ready") == "True" else "no",
+                "yes" if tier.get("ready") is True else "no",
                 _text(tier.get("entries")),
                 human_bytes(tier.get("bytes")),
                 f"{tier.get('hits') or 0:,}",
