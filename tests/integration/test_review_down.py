@@ -419,3 +419,39 @@ def test_a_write_that_fails_while_a_delivery_is_in_flight_stays_undelivered(
         other.detach()
         for engine in (plain, mine, others):
             engine.dispose()
+
+
+def test_a_half_open_probe_records_its_region_before_it_fills(
+    shop_engine: sa.Engine, proxy: CutProxy, product: int
+) -> None:
+    """The region of a FromCache read is recorded in Redis before the read (so that
+    ``invalidate_region`` knows its table). While the breaker is not closed the record is
+    skipped; the read that then takes the half-open probe must not fill an entry that
+    ``invalidate_region`` cannot find."""
+    # reset 0: the read after a failure is the half-open probe, no clock needed
+    cache = Cache(proxy.url, namespace="review", breaker_threshold=1, breaker_reset=0)
+    engine = sa.create_engine(shop_engine.url)
+    factory = sessionmaker(engine)
+    cache.attach(factory)
+    stmt = sa.select(Product).where(Product.id == product).options(FromCache(region="prices"))
+
+    def price() -> Decimal:
+        with factory() as s:
+            return s.scalars(stmt).one().price
+
+    try:
+        proxy.cut()
+        assert price() == Decimal("1.00")  # Redis fails: the breaker opens
+        assert cache.inspector.breaker_state() == "open"
+        proxy.mend()
+        assert price() == Decimal("1.00")  # the probe: a miss, filled
+        assert cache.inspector.breaker_state() == "closed"
+        with Session(shop_engine) as s:  # a write the cache does not see...
+            s.execute(sa.update(PRODUCTS).where(PRODUCTS.c.id == product).values(price=5))
+            s.commit()
+        cache.invalidate_region("prices")  # ...and the invalidation the docs prescribe
+        assert oracle(shop_engine, product) == Decimal("5.00")
+        assert price() == Decimal("5.00")
+    finally:
+        cache.detach()
+        engine.dispose()
