@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from devservices import RedisServer
-from examples.shop import Product
+from examples.shop import Category, Product
 from sa_redis_cache import Cache, FromCache
 
 if TYPE_CHECKING:
@@ -452,6 +452,124 @@ def test_a_half_open_probe_records_its_region_before_it_fills(
         cache.invalidate_region("prices")  # ...and the invalidation the docs prescribe
         assert oracle(shop_engine, product) == Decimal("5.00")
         assert price() == Decimal("5.00")
+    finally:
+        cache.detach()
+        engine.dispose()
+
+
+def _rename(path: str, factory: sessionmaker[Session], engine: sa.Engine, name: str) -> None:
+    """A write of another table (categories) through ``path``."""
+    categories = cast("sa.Table", Category.__table__)
+    if path == "orm":
+        with factory() as s:
+            c = s.get(Category, 3, populate_existing=True)
+            assert c is not None
+            c.name = name
+            s.commit()
+    elif path == "bulk":
+        with factory() as s:
+            s.execute(sa.update(Category).where(Category.id == 3).values(name=name))
+            s.commit()
+    elif path == "core":
+        with engine.begin() as conn:
+            conn.execute(sa.update(categories).where(categories.c.id == 3).values(name=name))
+    else:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE categories SET name = :n WHERE id = 3"), {"n": name})
+
+
+@pytest.mark.parametrize("path", ["orm", "bulk", "core", "text"])
+def test_the_next_write_of_another_table_delivers_the_undelivered_ones(
+    pair: Pair, proxy: CutProxy, shop_engine: sa.Engine, product: int, category: int, path: str
+) -> None:
+    """docs/guarantees.md: delivery is tried before every later write of the process."""
+    assert cached_prices(pair.read, product) == (Decimal("1.00"), Decimal("1.00"))
+    proxy.cut()
+    _orm(pair.write, pair.writer_engine, product, Decimal("2.00"))
+    proxy.mend()
+    _rename(path, pair.write, pair.writer_engine, f"renamed-{path}")
+    assert pair.writer._core.undelivered == set()
+    assert oracle(shop_engine, product) == Decimal("2.00")
+    assert cached_prices(pair.read, product) == (Decimal("2.00"), Decimal("2.00"))
+
+
+def test_concurrent_readers_through_an_outage_and_the_half_open_probe(
+    shop_engine: sa.Engine, proxy: CutProxy, product: int
+) -> None:
+    """Eight threads read through a cut and its end, with a write committed during the
+    cut: each read gives the database's answer, and the breaker closes again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = Cache(proxy.url, namespace="review", breaker_threshold=2, breaker_reset=0)
+    engine = sa.create_engine(shop_engine.url, pool_size=10)
+    factory = sessionmaker(engine)
+    cache.attach(factory)
+    barrier = threading.Barrier(8)
+
+    def reader(phase: str) -> tuple[Decimal, Decimal]:
+        barrier.wait(10)
+        return cached_prices(factory, product)
+
+    try:
+        assert cached_prices(factory, product) == (Decimal("1.00"),) * 2
+        with ThreadPoolExecutor(8) as pool:
+            proxy.cut()
+            got = list(pool.map(reader, ["cut"] * 8))
+            assert set(got) == {(Decimal("1.00"),) * 2}
+            _orm(factory, engine, product, Decimal("2.00"))
+            got = list(pool.map(reader, ["cut"] * 8))
+            assert set(got) == {(Decimal("2.00"),) * 2}
+            proxy.mend()
+            for _ in range(3):
+                got = list(pool.map(reader, ["back"] * 8))
+                assert set(got) == {(Decimal("2.00"),) * 2}
+        assert cache.inspector.breaker_state() == "closed"
+        assert cache._core.undelivered == set()
+        assert cache.stats()["total"]["hits"] > 0
+    finally:
+        cache.detach()
+        engine.dispose()
+
+
+@pytest.mark.parametrize("call", ["invalidate", "invalidate_model", "invalidate_region", "clear"])
+def test_an_explicit_invalidation_against_a_hung_redis_raises_within_its_timeout(
+    shop_engine: sa.Engine, server: RedisServer, product: int, call: str
+) -> None:
+    """configuration.md: the invalidate* methods raise the Redis error when Redis fails."""
+    import time
+
+    from redis.exceptions import RedisError
+
+    cache = Cache(server.url, namespace="review", local=True)
+    engine = sa.create_engine(shop_engine.url)
+    factory = sessionmaker(engine)
+    cache.attach(factory)
+    try:
+        tier = cache.inspector.local_tier
+        assert tier is not None
+        assert tier.wait_ready(10)
+        assert cached_prices(factory, product) == (Decimal("1.00"),) * 2
+        calls: dict[str, Callable[[], object]] = {
+            "invalidate": lambda: cache.invalidate(Product, product),
+            "invalidate_model": lambda: cache.invalidate_model(Product),
+            "invalidate_region": lambda: cache.invalidate_region("default"),
+            "clear": cache.clear,
+        }
+        with hung(server):
+            started = time.monotonic()
+            with pytest.raises(RedisError):
+                calls[call]()
+            took = time.monotonic() - started
+        assert took < 3.0
+        calls[call]()  # retried once Redis answers, as the docs say
+        with Session(shop_engine) as s:
+            s.execute(sa.update(PRODUCTS).where(PRODUCTS.c.id == product).values(price=9))
+            s.commit()
+        calls[call]()
+        by_query, by_get = cached_prices(factory, product)
+        assert by_query == Decimal("9.00")
+        if call != "invalidate_region":  # entity entries are in no region
+            assert by_get == Decimal("9.00")
     finally:
         cache.detach()
         engine.dispose()
