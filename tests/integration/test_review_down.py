@@ -573,3 +573,55 @@ def test_an_explicit_invalidation_against_a_hung_redis_raises_within_its_timeout
     finally:
         cache.detach()
         engine.dispose()
+
+
+def test_an_async_reader_never_reads_stale_after_a_restart_from_old_data(
+    shop_engine: sa.Engine, database_url: str, product: int
+) -> None:
+    """An asyncio process that knew the old server, and a writer that committed while
+    Redis was down: Redis comes back from its AOF with the entries of 1.00."""
+    from tests.modes import async_url
+
+    stmt = sa.select(Product).where(Product.id == product).options(FromCache())
+    with RedisServer(appendonly=True, appendfsync="always") as server:
+        writer = Cache(server.url, namespace="review", breaker_threshold=1, breaker_reset=0)
+        writer_engine = sa.create_engine(shop_engine.url)
+        write = sessionmaker(writer_engine)
+        writer.attach(write)
+
+        async def main() -> list[tuple[Decimal, Decimal]]:
+            engine = create_async_engine(async_url(database_url))
+            cache = Cache(server.url, namespace="review", breaker_threshold=1, breaker_reset=0)
+            factory = async_sessionmaker(engine)
+            cache.attach(factory)
+
+            async def prices() -> tuple[Decimal, Decimal]:
+                async with factory() as s:
+                    by_query = (await s.scalars(stmt)).one().price
+                async with factory() as s:
+                    got = await s.get(Product, product)
+                    assert got is not None
+                    return by_query, got.price
+
+            seen = []
+            try:
+                seen.append(await prices())
+                seen.append(await prices())
+                server.stop()
+                await asyncio.to_thread(_orm, write, writer_engine, product, Decimal("2.00"))
+                server.start()
+                seen.append(await prices())
+                seen.append(await prices())
+            finally:
+                cache.detach()
+                await cache.aclose()
+                await engine.dispose()
+            return seen
+
+        try:
+            seen = asyncio.run(main())
+        finally:
+            writer.detach()
+            writer_engine.dispose()
+    assert oracle(shop_engine, product) == Decimal("2.00")
+    assert seen == [(Decimal("1.00"),) * 2] * 2 + [(Decimal("2.00"),) * 2] * 2
