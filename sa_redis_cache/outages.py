@@ -74,6 +74,10 @@ class RedisOutages:
         # tables whose invalidation could not be delivered (Redis was away): this process
         # does not trust the cache for them until the bumps have been delivered
         self.undelivered: set[str] = set()
+        # which keep last made each table undelivered: a bump sent before that keep cannot
+        # have delivered it (:meth:`_undelivered_marks`, :meth:`_forget_delivered`)
+        self._kept_by: dict[str, int] = {}
+        self._keeps = 0
         self._undelivered_lock = threading.Lock()
         self.run_id: str | None = None
         # a Redis Cluster's nodes each have a run id: by node address
@@ -134,13 +138,14 @@ class RedisOutages:
             if plan is None:
                 return
             node, run_id, tables, call = plan
+            marks = self._undelivered_marks(tables)
             failure = None
             if call:
                 loaded, *ran = yield call
                 failure = _bump_failure(
                     _error(loaded), next((e for e in map(_error, ran) if e), None)
                 )
-            self._owners_changed(node, run_id, tables, failure, sent=bool(call))
+            self._owners_changed(node, run_id, marks, failure, sent=bool(call))
 
     def _owner_plan(
         self, connection: Any, info: Any, myid: Any, slots: Any
@@ -182,18 +187,20 @@ class RedisOutages:
         self,
         node: str,
         run_id: str,
-        tables: list[str],
+        marks: dict[str, int],
         failure: ResponseError | None,
         *,
         sent: bool,
     ) -> None:
-        """Slots now served by ``node`` (run ``run_id``) had another owner: ``tables`` were
-        bumped there (``sent``, ``failure`` None), or are kept undelivered until they are."""
+        """Slots now served by ``node`` (run ``run_id``) had another owner: the tables of
+        ``marks`` (:meth:`_undelivered_marks`) were bumped there (``sent``, ``failure``
+        None), or are kept undelivered until they are."""
+        tables = list(marks)
         if tables and (failure is not None or not sent):
             self.keep_undelivered(tables)
         elif tables:
             with self._undelivered_lock:
-                self.undelivered.difference_update(tables)
+                self._forget_delivered(marks)
         with self._undelivered_lock:
             self.restarts_seen += 1
         self.on_restart()
@@ -258,11 +265,12 @@ class RedisOutages:
             if plan is None:
                 return
             known, tables, call = plan
+            marks = self._undelivered_marks(tables)
             failure = None
             if call is not None:
                 loaded, ran = yield list(scripts.load_and_run(call))
                 failure = _bump_failure(_error(loaded), _error(ran))
-            self._restarted(known, run_id, tables, failure)
+            self._restarted(known, run_id, marks, failure)
 
     def _detection_off(self, exc: ResponseError) -> None:
         """INFO was refused (an ACL, a renamed command): restarts go unnoticed; said once."""
@@ -291,19 +299,21 @@ class RedisOutages:
         return known, tables, scripts.bump_all(keys) if keys else None
 
     def _restarted(
-        self, known: str, run_id: str | None, tables: list[str], failure: ResponseError | None
+        self, known: str, run_id: str | None, marks: dict[str, int], failure: ResponseError | None
     ) -> None:
-        """The bump after a restart landed (``failure`` None) or was refused.
+        """The bump of the tables of ``marks`` (:meth:`_undelivered_marks`) after a restart
+        landed (``failure`` None) or was refused.
 
         Refused (an ACL without the scripting commands, out of memory), the tables become
         undelivered: this process reads them from the database until a delivery lands.
         The connection itself stays usable either way.
         """
+        tables = list(marks)
+        if failure is not None:
+            self.keep_undelivered(tables)
         with self._undelivered_lock:
             if failure is None:
-                self.undelivered.difference_update(tables)
-            else:
-                self.undelivered.update(tables)
+                self._forget_delivered(marks)
             if self.run_id == run_id:
                 return  # another connection reported this restart already
             self.run_id = run_id
@@ -334,10 +344,29 @@ class RedisOutages:
     def keep_undelivered(self, tables: Iterable[str]) -> None:
         """Remember tables whose writes could not be announced to Redis."""
         with self._undelivered_lock:
-            self.undelivered.update(tables)
-            if len(self.undelivered) > MAX_UNDELIVERED:
+            self._keeps += 1
+            kept = set(tables)
+            if len(self.undelivered | kept) > MAX_UNDELIVERED:
                 # past the bound, every table this process knows is treated as written
-                self.undelivered.update(self.models.known_tables())
+                kept.update(self.models.known_tables())
+            self.undelivered.update(kept)
+            self._kept_by.update(dict.fromkeys(kept, self._keeps))
+
+    def _undelivered_marks(self, tables: Iterable[str]) -> dict[str, int]:
+        """``tables`` with the keep that last made each undelivered (0: none), taken before
+        a bump of them is sent: see :meth:`_forget_delivered`."""
+        with self._undelivered_lock:
+            return {table: self._kept_by.get(table, 0) for table in tables}
+
+    def _forget_delivered(self, marks: dict[str, int]) -> None:
+        """The bump of the tables of ``marks`` landed: they are delivered, except those a
+        write made undelivered again while the bump was on its way. That write may have
+        committed after the bump ran, so the bump retired nothing it wrote. Call with
+        ``_undelivered_lock`` held."""
+        for table, mark in marks.items():
+            if self._kept_by.get(table, 0) == mark:
+                self.undelivered.discard(table)
+                self._kept_by.pop(table, None)
 
     def invalidation_failed(self, exc: RedisError, tables: Iterable[str]) -> None:
         """An invalidation of ``tables`` Redis did not take: the failure recorded and
@@ -355,6 +384,7 @@ class RedisOutages:
         """
         with self._undelivered_lock:
             tables = sorted(self.undelivered)
+            marks = {table: self._kept_by.get(table, 0) for table in tables}
         if not tables:
             return True
         keys = self.keys
@@ -370,7 +400,7 @@ class RedisOutages:
             return False
         self.breaker.success()
         with self._undelivered_lock:
-            self.undelivered.difference_update(tables)
+            self._forget_delivered(marks)
             return not self.undelivered
 
     def redis_failed(self, exc: RedisError) -> None:

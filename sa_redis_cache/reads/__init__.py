@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.options import FromCache
+from sa_redis_cache.stats import scope
 from sa_redis_cache.transaction import transaction_state
 
 from .auto import AutoQueries
@@ -85,7 +86,10 @@ class ReadPath:
                 return self.entities.read(orm_context)
         elif orm_context.is_relationship_load:
             return None
-        self.regions.note(orm_context.bind_mapper, option)
+        if not self.regions.note(orm_context.bind_mapper, option):
+            # its region is not recorded: invalidate_region would miss what it filled
+            self.core.counters.incr(scope("region", option.region), "bypassed")
+            return None
         return self.queries.read(orm_context, option)
 
     def direct_read(

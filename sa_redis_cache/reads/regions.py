@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 from sqlalchemy import Table
 
-from sa_redis_cache.breaker import CLOSED
 from sa_redis_cache.protocol import scripts
 from sa_redis_cache.stats import scope
 
@@ -55,30 +54,37 @@ class RegionIndex:
         # (region, table) -> when this process last recorded it (monotonic seconds)
         self._noted: dict[tuple[str, str], float] = {}
 
-    def note(self, mapper: Mapper[Any] | None, option: FromCache) -> None:
+    def note(self, mapper: Mapper[Any] | None, option: FromCache) -> bool:
         """Record the table that retires ``option.region``'s entry of a statement about
-        ``mapper`` (its subject; None for none)."""
+        ``mapper`` (its subject; None for none). False when it could not be recorded: the
+        read must then not use the cache, since ``invalidate_region`` would not find
+        what it fills (the caller reads the database)."""
         table = None if mapper is None else mapper.local_table
         if not isinstance(table, Table):
-            return  # no entity: invalidate_region cannot name it (documented)
+            return True  # no entity: invalidate_region cannot name it (documented)
         memo = (option.region, table.fullname)
         now = time.monotonic()
         last = self._noted.get(memo)
         if last is not None and now - last < _REFRESH_S:
-            return
+            return True
         core = self.core
-        if core.breaker.state is not CLOSED:
-            return  # the read goes to the database and fills nothing: recorded by a later one
+        # the breaker is asked, not only looked at: a half-open breaker lets this record be
+        # its probe, where skipping it would let the read's own look be the probe and fill
+        # an entry no record names
+        if not core.breaker.allow():
+            return False
         try:
             core.io().run_script(*scripts.note_region(core.keys, option.region, table.fullname))
         except RedisError as exc:
             # a failure of the read's first round trip: counted as the read's own would be
             core.redis_failed(exc)
             core.counters.incr(scope("region", option.region), "errors")
-            return
+            return False
+        core.breaker.success()
         if len(self._noted) >= _MAX_NOTED:
             self._noted.clear()
         self._noted[memo] = now
+        return True
 
     def tables(self, region: str) -> list[str] | None:
         """The tables recorded for ``region`` by every process; None when the region's key
