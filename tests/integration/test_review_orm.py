@@ -1008,6 +1008,14 @@ def make_models2(strategy: str) -> tuple[type[DeclarativeBase], Any]:
         name: Mapped[str] = mapped_column(String(20))
         __mapper_args__ = {"polymorphic_identity": "animal", "concrete": True}  # noqa: RUF012
 
+        @classmethod
+        def __declare_first__(cls) -> None:
+            # SQLAlchemy 2.0 runs this hook from a global listener that outlives the
+            # registry's dispose(): once disposed, the class has no mapper to set up, and
+            # the hook would fail every later configure of any registry in the process
+            if hasattr(cls, "__mapper__"):
+                super().__declare_first__()  # type: ignore[no-untyped-call]
+
     class RvDog(RvAnimal):
         __tablename__ = "rv2_dog"
         __cache__ = policy
