@@ -295,10 +295,13 @@ def make_models(strategy: str) -> tuple[type[DeclarativeBase], Any]:
     return Base, m
 
 
-@pytest.fixture(scope="module", params=STRATEGIES)
-def world(request: pytest.FixtureRequest, engine: sa.Engine, redis_url: str) -> Iterator[World]:
-    strategy, local = request.param.split("+") if "+" in request.param else (request.param, "")
-    base, m = make_models(strategy)
+def _world(
+    param: str, engine: sa.Engine, redis_url: str, make: Callable[[str], tuple[Any, Any]]
+) -> Iterator[World]:
+    """The models ``make`` defines, their tables, a cache attached to a session factory of
+    their own and an oracle engine the cache is not attached to; all removed afterwards."""
+    strategy, local = param.split("+") if "+" in param else (param, "")
+    base, m = make(strategy)
     base.metadata.drop_all(engine)
     base.metadata.create_all(engine)
     own = sa.create_engine(engine.url)
@@ -324,6 +327,11 @@ def world(request: pytest.FixtureRequest, engine: sa.Engine, redis_url: str) -> 
         client.close()
         base.metadata.drop_all(engine)
         base.registry.dispose()
+
+
+@pytest.fixture(scope="module", params=STRATEGIES)
+def world(request: pytest.FixtureRequest, engine: sa.Engine, redis_url: str) -> Iterator[World]:
+    yield from _world(request.param, engine, redis_url, make_models)
 
 
 @pytest.fixture
@@ -1084,33 +1092,7 @@ def make_models2(strategy: str) -> tuple[type[DeclarativeBase], Any]:
 
 @pytest.fixture(scope="module", params=STRATEGIES)
 def world2(request: pytest.FixtureRequest, engine: sa.Engine, redis_url: str) -> Iterator[World]:
-    strategy, local = request.param.split("+") if "+" in request.param else (request.param, "")
-    base, m = make_models2(strategy)
-    base.metadata.drop_all(engine)
-    base.metadata.create_all(engine)
-    own = sa.create_engine(engine.url)
-    oracle = sa.create_engine(engine.url)
-    sql = SQLCounter()
-    sa.event.listen(own, "before_cursor_execute", sql)
-    factory = sessionmaker(own)
-    namespace = f"rvorm{secrets.token_hex(4)}"
-    cache = Cache(redis_url, namespace=namespace, local=bool(local))
-    cache.attach(factory)
-    if local:
-        tier = cache.inspector.local_tier
-        assert tier is not None
-        assert tier.wait_ready(10.0)
-    try:
-        yield World(m, factory, own, oracle, sql, cache, strategy)
-    finally:
-        cache.detach()
-        own.dispose()
-        oracle.dispose()
-        client = redis.Redis.from_url(redis_url)
-        delete_namespace(client, namespace)
-        client.close()
-        base.metadata.drop_all(engine)
-        base.registry.dispose()
+    yield from _world(request.param, engine, redis_url, make_models2)
 
 
 @pytest.fixture
