@@ -28,6 +28,11 @@ The rule, in full:
   to integer value as 's3'`` for ``redis://u:s3/cret@host/0``. Such a fragment is masked
   even when it is also harmless text found elsewhere (a one-letter host name that occurs
   in the password): hiding too much costs little.
+- **Short secrets** (fewer than :data:`SHORT_SECRET` characters) are replaced in a message
+  only where they stand alone, not inside a longer word: a one-letter password ``a``
+  would otherwise turn ``connecting to cache`` into ``connecting to c***che``, a message
+  nobody can read. A parser echoing such a password quotes it or cuts the URL at a
+  delimiter, which the rules above still mask.
 
 Neither function raises, whatever the input: a malformed URL is exactly when an error
 message must be printed safely.
@@ -40,16 +45,20 @@ Example::
 
 from __future__ import annotations
 
+import re
 from itertools import pairwise
 from urllib.parse import unquote, unquote_plus
 
-__all__ = ["MASK", "SECRET_WORDS", "redact_text", "redact_url", "url_secrets"]
+__all__ = ["MASK", "SECRET_WORDS", "SHORT_SECRET", "redact_text", "redact_url", "url_secrets"]
 
 MASK = "***"
 """What a secret is replaced with."""
 
 SECRET_WORDS = ("pass", "pwd", "secret", "token", "key", "auth", "cred")
 """A query parameter whose name contains one of these (in any case) holds a secret."""
+
+SHORT_SECRET = 4
+"""A secret shorter than this is masked in a message only where it stands as a whole word."""
 
 
 def _query_spans(url: str, start: int) -> list[tuple[int, int]]:
@@ -159,7 +168,11 @@ def redact_text(text: str, *urls: str | None) -> str:
     if not found:
         return text
     for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, MASK)
+        if len(secret) >= SHORT_SECRET:
+            text = text.replace(secret, MASK)
+        else:
+            alone = rf"(?<![^\W_]){re.escape(secret)}(?![^\W_])"
+            text = re.sub(alone, MASK, text)
 
     masked: list[tuple[int, int]] = []
     for start, end in _quoted(text):

@@ -100,6 +100,15 @@ def test_redact_text_keeps_what_is_no_secret() -> None:
     assert redact_text("no urls", None, "") == "no urls"
 
 
+def test_a_short_password_is_masked_where_it_stands_alone_not_inside_words() -> None:
+    url = "redis://app:a@cache:6379/0"
+    message = f"Error 111 connecting to cache:6379 for {url}: AUTH a failed, saw 'a'"
+    assert redact_text(message, url) == (
+        "Error 111 connecting to cache:6379 for redis://app:***@cache:6379/0: "
+        "AUTH *** failed, saw '***'"
+    )
+
+
 _PASSWORD = st.text(alphabet=st.sampled_from("abcXYZ019:/?#@[]%&=+ .-"), min_size=1, max_size=24)
 
 
