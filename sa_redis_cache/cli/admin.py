@@ -342,6 +342,14 @@ def worker(
             f"would lose the leases; give at most {lease_ms // 2}",
             param_hint="--heartbeat-ms",
         )
+    addr_source = click.get_current_context().get_parameter_source("metrics_addr")
+    if metrics_port is None and addr_source is not click.core.ParameterSource.DEFAULT:
+        # an address alone would serve nothing, silently: the operator meant metrics
+        raise click.BadParameter(
+            f"{metrics_addr!r} is given without --metrics-port, so nothing would be served "
+            "on it; add --metrics-port PORT",
+            param_hint="--metrics-addr",
+        )
     if not settings.database_url:
         raise click.UsageError(
             "the worker needs a database: pass --database-url URL (or set DATABASE_URL)"

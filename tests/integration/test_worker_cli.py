@@ -118,6 +118,7 @@ def test_python_m_worker_names_itself_in_its_usage_line() -> None:
         (["--model", MODELS, "--heartbeat-ms", "3000"], 2, "more than half of --lease-ms"),
         (["--model", MODELS, "--lease-ms", "10"], 2, "--lease-ms"),
         (["--model", MODELS, "--consumer", "a\nb"], 2, "without newlines"),
+        (["--model", MODELS, "--metrics-addr", "127.0.0.2"], 2, "add --metrics-port PORT"),
     ],
     ids=[
         "unknown module",
@@ -128,6 +129,7 @@ def test_python_m_worker_names_itself_in_its_usage_line() -> None:
         "heartbeat",
         "lease",
         "consumer",
+        "metrics address without a port",
     ],
 )
 def test_bad_input_is_one_line_and_a_usage_error(
