@@ -84,6 +84,21 @@ class CircuitBreaker:
         """
         return self.state is OPEN and self.clock() < self._open_until
 
+    def observed_state(self) -> str:
+        """The state an observer should report: :data:`HALF_OPEN` once an open breaker is
+        due for its probe, although :attr:`state` turns half-open only when the next call
+        asks :meth:`allow` (a process with no Redis traffic would otherwise show open
+        long after its reset time). Changes nothing.
+
+        Example::
+
+            gauge.set({CLOSED: 0.0, HALF_OPEN: 0.5, OPEN: 1.0}[breaker.observed_state()])
+        """
+        state = self.state
+        if state is OPEN and self.clock() >= self._open_until:
+            return HALF_OPEN
+        return state
+
     def success(self) -> None:
         """A Redis call succeeded."""
         if self.state is CLOSED and not self._failures:

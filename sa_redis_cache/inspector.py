@@ -206,8 +206,9 @@ class CacheInspector:
     # -- health --------------------------------------------------------------------------
 
     def breaker_state(self) -> str:
-        """``"closed"`` (Redis used), ``"half-open"`` (one trial call) or ``"open"``."""
-        state = self._context.breaker.state
+        """``"closed"`` (Redis used), ``"half-open"`` (one trial call is due, or under way)
+        or ``"open"`` (Redis skipped until ``breaker_reset`` has passed)."""
+        state = self._context.breaker.observed_state()
         return {CLOSED: "closed", HALF_OPEN: "half-open", OPEN: "open"}[state]
 
     def breaker_openings(self) -> int:

@@ -77,3 +77,16 @@ def test_refusing_says_what_allow_would_without_taking_the_probe() -> None:
     assert breaker.state is OPEN
     assert breaker.allow()  # the probe is still there for the read that asks
     assert not breaker.allow()
+
+
+def test_an_observer_sees_half_open_once_the_probe_is_due_without_taking_it() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, reset_after=5.0, clock=clock)
+    breaker.failure()
+    assert breaker.observed_state() is OPEN
+    clock.now += 5.0
+    assert breaker.observed_state() is HALF_OPEN  # no call has asked allow() yet
+    assert breaker.state is OPEN
+    assert breaker.allow()  # the probe is still there for the next caller
+    breaker.success()
+    assert breaker.observed_state() is CLOSED
