@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterable
 
     from .context import CacheContext
+    from .tracing import Measurement
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +186,13 @@ class CachedFunction(Generic[P, R]):
             result = self._func(*args, **kwargs)
             blob = self._blob(key, result)
             if blob is not None:
+                filling = self._core.measure(self._scope, "fill")
                 try:
                     io.set(key, blob, px=self._ttl_ms())
                 except RedisError as exc:
-                    self._failed(exc)
+                    self._filled(filling, exc)
                 else:
-                    self._core.counters.incr(self._scope, "fills")
+                    self._filled(filling, None)
             measured.done("miss")
             return result
 
@@ -238,6 +240,15 @@ class CachedFunction(Generic[P, R]):
             return self._arguments(args, kwargs)
         except TypeError:
             return None
+
+    def _filled(self, filling: Measurement, failure: RedisError | None) -> None:
+        """End a fill's ``fill`` histogram entry and count it (``fills`` or ``errors``)."""
+        if failure is not None:
+            filling.done("error")
+            self._failed(failure)
+            return
+        filling.done("stored")
+        self._core.counters.incr(self._scope, "fills")
 
     def _read_failed(self, key: str, exc: RedisError) -> bool:
         """The GET failed: True to go on as after a miss, False to call uncached."""
@@ -374,12 +385,13 @@ class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
             result = await self._func(*args, **kwargs)
             blob = self._blob(key, result)
             if blob is not None:
+                filling = self._core.measure(self._scope, "fill")
                 try:
                     await client.set(key, blob, px=self._ttl_ms())
                 except RedisError as exc:
-                    self._failed(exc)
+                    self._filled(filling, exc)
                 else:
-                    self._core.counters.incr(self._scope, "fills")
+                    self._filled(filling, None)
             measured.done("miss")
             return result
 

@@ -3,6 +3,7 @@ histograms move."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -125,6 +126,29 @@ def test_reads_are_timed_under_their_outcome(
     assert region["hit"]["p50"] <= region["miss"]["p99"]
     function = latency["functions"]["square"]
     assert (function["miss"]["count"], function["hit"]["count"]) == (1, 1)
+    assert function["fill"]["count"] == 1  # the miss's SET, timed on its own
+
+
+def test_an_async_cached_functions_fill_is_timed(redis_url: str, namespace: str) -> None:
+    cache = Cache(redis_url, namespace=namespace)  # a URL: it makes its asyncio client too
+
+    @cache.cached("acube", ttl=60)
+    async def cube(x: int) -> int:
+        return x * x * x
+
+    async def twice() -> list[int]:
+        try:
+            return [await cube(2), await cube(2)]
+        finally:
+            await cache.aclose()
+
+    assert asyncio.run(twice()) == [8, 8]
+    function = cache.stats()["latency"]["functions"]["acube"]
+    assert (function["miss"]["count"], function["hit"]["count"], function["fill"]["count"]) == (
+        1,
+        1,
+        1,
+    )
 
 
 def buckets(text: str, **labels: str) -> list[tuple[float, float]]:
