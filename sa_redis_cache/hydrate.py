@@ -1195,7 +1195,26 @@ def build_entity(
     mat = _Materializer(session, shared=shared)
     obj: object = mat.objects([info], [missing], [values], [key])[0][0]
     mat.finish()
+    if info.eager_keys:
+        load_eager(obj, info)
     return obj
+
+
+def load_eager(obj: object, info: ModelInfo) -> None:
+    """Load the relationships ``info``'s mapper loads eagerly and ``obj`` lacks, as a
+    primary-key load of the database would have: an entity entry holds one row, and the
+    application may read them with no session to load them (closed, or under asyncio,
+    where a lazy load raises). Each is loaded by its lazy loader through the session, so a
+    cached collection or a many-to-one target is itself read through the cache.
+
+    Example::
+
+        obj = build_entity(session, info, prepared)  # calls it: box.items is loaded
+    """
+    unloaded = instance_state(obj).unloaded
+    for key in info.eager_keys:
+        if key in unloaded:
+            getattr(obj, key)
 
 
 def entity_result(info: ModelInfo, obj: object | None) -> Result[Any]:

@@ -349,6 +349,9 @@ class ModelInfo:
     codec: RowCodec | None
     uncacheable_reason: str | None = None
     relationship_keys: frozenset[str] = field(default_factory=frozenset)
+    # relationships the mapper loads eagerly (relationship(lazy="selectin"...)): a
+    # primary-key load served from an entity entry loads them after building the object
+    eager_keys: tuple[str, ...] = ()
     normalizers: tuple[tuple[int, Normalizer], ...] = ()
     pk_coercers: tuple[Coercer, ...] = ()
     # a primary-key column's type takes different values for one key (has_equal_forms):
@@ -484,6 +487,7 @@ def expression_reads(mapper: Mapper[Any]) -> tuple[list[Table], bool]:
 # relationship(lazy=...) strategies that load the target with the parent's statement
 # (lazy=False is SQLAlchemy's old spelling of "joined")
 EAGER_LOADS = frozenset({"joined", "selectin", "subquery", "immediate", False})
+JOINED_LOADS = frozenset({"joined", False})
 
 
 def entity_unfit(mapper: Mapper[Any]) -> str | None:
@@ -500,12 +504,30 @@ def entity_unfit(mapper: Mapper[Any]) -> str | None:
     if expression_reads(mapper)[1]:
         # their writes move neither the row's write counter nor the table's generation
         return "has a column_property that reads other rows"
-    eager = sorted(r.key for r in mapper.relationships if r.lazy in EAGER_LOADS)
-    if eager:
-        # a load by primary key loads them too, and the application may read them with
-        # no session to load them (closed, or asyncio, where a lazy load raises)
-        return f"loads {', '.join(eager)} eagerly (relationship(lazy=...))"
+    nested = sorted(
+        r.key
+        for r in mapper.relationships
+        if r.lazy in EAGER_LOADS and any(eager_keys(m) for m in r.mapper.self_and_descendants)
+    )
+    if nested:
+        # a hit loads them by their lazy loaders (hydrate.load_eager), which leave what
+        # SQLAlchemy's eager loaders would load below them, by rules of their own
+        # (reverse relationships, join_depth), unloaded
+        return (
+            f"loads {', '.join(nested)} eagerly (relationship(lazy=...)), and their model "
+            "loads relationships eagerly in turn"
+        )
+    inner = sorted(r.key for r in mapper.relationships if r.lazy in JOINED_LOADS and r.innerjoin)
+    if inner:
+        # the load's INNER JOIN finds no row when the relationship is empty: the object
+        # does not exist for a primary-key load, though its row does
+        return f"loads {', '.join(inner)} with an inner join (relationship(innerjoin=True))"
     return None
+
+
+def eager_keys(mapper: Mapper[Any]) -> tuple[str, ...]:
+    """The relationships ``mapper`` loads with every load of its objects, by name."""
+    return tuple(sorted(r.key for r in mapper.relationships if r.lazy in EAGER_LOADS))
 
 
 def build_model_info(mapper: Mapper[Any], policy: CachePolicy | None) -> ModelInfo:
@@ -552,6 +574,7 @@ def build_model_info(mapper: Mapper[Any], policy: CachePolicy | None) -> ModelIn
         codec=codec,
         uncacheable_reason=reason,
         relationship_keys=frozenset(r.key for r in mapper.relationships),
+        eager_keys=eager_keys(mapper),
         layout=tuple(
             c.name if isinstance(c := p.columns[0], Column) else f"={p.key}" for p in props
         ),
