@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -16,9 +18,11 @@ from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.protocol import KeyScheme
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from sqlalchemy.orm import Session
+
+    from sa_redis_cache.local import LocalTier
 
 
 class SQLCounter:
@@ -82,6 +86,65 @@ class Two:
         self.writer.detach()
         self.reader.detach()
         self.engine.dispose()
+
+
+@dataclass
+class TierWorld:
+    """A cached and a plain session factory on one engine of their own, and its SQL
+    counter; the cache serves hits from Redis, or from its local tier (``local``)."""
+
+    cache: Cache
+    cached: sessionmaker[Session]
+    plain: sessionmaker[Session]
+    sql: SQLCounter
+    local: bool
+
+    def local_hits(self) -> int:
+        """How many hits the local tier served so far."""
+        return int(self.cache.stats()["total"].get("local_hits", 0))
+
+    def agree(self, read: Callable[[Session], Any]) -> Any:
+        """``read`` through the cache equals ``read`` of the database; that value."""
+        with self.cached() as s:
+            got = read(s)
+        with self.plain() as s:
+            want = read(s)
+        assert got == want
+        return got
+
+    def selects_of(self, table: str) -> int:
+        """How many statements counted read ``table``."""
+        return sum(f"FROM {table}" in statement for statement in self.sql.statements)
+
+
+@contextmanager
+def tier_world(tier: str, database_url: str, redis_url: str, namespace: str) -> Iterator[TierWorld]:
+    """A :class:`TierWorld` whose hits come from ``tier``, ``"redis"`` or ``"local"``
+    (``Cache(local=True)``, ready before it is yielded).
+
+    Example::
+
+        @pytest.fixture(params=["redis", "local"])
+        def world(request, database_url, redis_url, namespace):
+            with tier_world(request.param, database_url, redis_url, namespace) as w:
+                yield w
+    """
+    local = tier == "local"
+    engine = sa.create_engine(database_url)
+    sql = SQLCounter()
+    sa.event.listen(engine, "before_cursor_execute", sql)
+    cache = Cache(redis_url, namespace=namespace, default_ttl=300, local=local)
+    cached = sessionmaker(engine)
+    cache.attach(cached)
+    try:
+        if local:
+            found: LocalTier | None = cache.inspector.local_tier
+            assert found is not None
+            assert found.wait_ready(10.0)
+        yield TierWorld(cache, cached, sessionmaker(engine), sql, local)
+    finally:
+        cache.detach()
+        engine.dispose()
 
 
 def cache_on_a_small_pool(

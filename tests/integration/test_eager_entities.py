@@ -24,17 +24,14 @@ from sqlalchemy.orm import (
     Session,
     mapped_column,
     relationship,
-    sessionmaker,
 )
 
 from sa_redis_cache import Cache, CachePolicy
 from tests.modes import async_url
-from tests.support import SQLCounter
+from tests.support import TierWorld, tier_world
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
-
-    from sa_redis_cache.local import LocalTier
 
 
 @dataclass
@@ -112,26 +109,10 @@ def models(engine: sa.Engine) -> Iterator[Models]:
 
 
 @dataclass
-class World:
-    """A cached and a plain session factory on one engine, and its SQL counter."""
+class World(TierWorld):
+    """A :class:`TierWorld` serving the module's models."""
 
     m: Models
-    cache: Cache
-    cached: sessionmaker[Session]
-    plain: sessionmaker[Session]
-    sql: SQLCounter
-
-    def agree(self, read: Callable[[Session], Any]) -> Any:
-        """``read`` through the cache equals ``read`` of the database; that value."""
-        with self.cached() as s:
-            got = read(s)
-        with self.plain() as s:
-            want = read(s)
-        assert got == want
-        return got
-
-    def selects_of(self, table: str) -> int:
-        return sum(f"FROM {table}" in statement for statement in self.sql.statements)
 
 
 @pytest.fixture(params=["redis", "local"])
@@ -143,22 +124,8 @@ def w(
     namespace: str,
 ) -> Iterator[World]:
     """Hits of the Redis tier, or of the local tier (``Cache(local=True)``)."""
-    local = request.param == "local"
-    engine = sa.create_engine(database_url)
-    sql = SQLCounter()
-    sa.event.listen(engine, "before_cursor_execute", sql)
-    cache = Cache(redis_url, namespace=namespace, default_ttl=300, local=local)
-    cached = sessionmaker(engine)
-    cache.attach(cached)
-    try:
-        if local:
-            tier: LocalTier | None = cache.inspector.local_tier
-            assert tier is not None
-            assert tier.wait_ready(10.0)
-        yield World(models, cache, cached, sessionmaker(engine), sql)
-    finally:
-        cache.detach()
-        engine.dispose()
+    with tier_world(request.param, database_url, redis_url, namespace) as tier:
+        yield World(tier.cache, tier.cached, tier.plain, tier.sql, tier.local, models)
 
 
 def shelf_and_books(m: Models, pk: int) -> Callable[[Session], Any]:

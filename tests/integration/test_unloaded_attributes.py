@@ -37,14 +37,13 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from sa_redis_cache import Cache, CachePolicy, FromCache
+from sa_redis_cache import CachePolicy, FromCache
 from sa_redis_cache.hydrate import loading_of
-from tests.support import SQLCounter
+from tests.support import TierWorld, tier_world
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from sa_redis_cache.local import LocalTier
 
 WAIT = 10.0
 
@@ -140,18 +139,7 @@ def models(engine: sa.Engine) -> Iterator[Models]:
         Base.registry.dispose()
 
 
-@dataclass
-class World:
-    """A cached and a plain session factory on one engine, and its SQL counter."""
-
-    cache: Cache
-    cached: sessionmaker[Session]
-    plain: sessionmaker[Session]
-    sql: SQLCounter
-    local: bool
-
-    def local_hits(self) -> int:
-        return int(self.cache.stats()["total"].get("local_hits", 0))
+World = TierWorld
 
 
 @pytest.fixture(params=["redis", "local"])
@@ -163,22 +151,8 @@ def world(
     namespace: str,
 ) -> Iterator[World]:
     """Hits of the Redis tier, or of the local tier (``Cache(local=True)``)."""
-    local = request.param == "local"
-    engine = sa.create_engine(database_url)
-    sql = SQLCounter()
-    sa.event.listen(engine, "before_cursor_execute", sql)
-    cache = Cache(redis_url, namespace=namespace, default_ttl=300, local=local)
-    cached = sessionmaker(engine)
-    cache.attach(cached)
-    try:
-        if local:
-            tier: LocalTier | None = cache.inspector.local_tier
-            assert tier is not None
-            assert tier.wait_ready(WAIT)
-        yield World(cache, cached, sessionmaker(engine), sql, local)
-    finally:
-        cache.detach()
-        engine.dispose()
+    with tier_world(request.param, database_url, redis_url, namespace) as world:
+        yield world
 
 
 @contextmanager
