@@ -466,6 +466,12 @@ class Applier:
         bisect: bool,
         token: int | None,
     ) -> None:
+        if bisect:
+            # a deferred constraint (DEFERRABLE INITIALLY DEFERRED) is checked at COMMIT:
+            # every savepoint would succeed and the commit fail again on every pass, so
+            # one poison row would hold its partition forever. Checked per statement
+            # here, the savepoint that wrote it fails and isolates it.
+            conn.exec_driver_sql("SET CONSTRAINTS ALL IMMEDIATE")
         last = self.lock_offset(conn, stream, token)
         # entries come in stream order: usually all of them are newer than the offset
         fresh = (
