@@ -84,3 +84,96 @@ def test_a_deferred_constraint_poison_is_dead_lettered_not_retried_forever(
     [letter] = letters(worker_engine, namespace)
     assert letter.payload["id"] == second.hex
     assert "wb_review_path_unique" in letter.error
+
+
+def test_an_earlier_write_of_a_row_survives_its_poison_successor_in_one_batch(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+    constraints: list[str],
+) -> None:
+    """Two commits of one row reach one batch, the second one poison (a CHECK). Plain
+    SQLAlchemy leaves the row at the first commit and refuses the second; coalescing
+    applied only the second, dead-lettered it, and the first commit was nowhere: not in
+    the table, not in the dead letters. The earlier write must land, and the letter of the
+    later one stays replayable, in order, once the cause is fixed."""
+    page_view, _ = models
+    constraints.append("wb_views_not_negative")  # dropped below, put back by test_dlq_replay
+    pk = queue(factory, page_view, path="/v1", views=1)
+    update(factory, page_view, pk, path="/v2", views=-1)  # the poison
+    drain(make_worker())
+    assert rows(worker_engine, page_view) == {pk: ("/v1", 1)}
+    [letter] = letters(worker_engine, namespace)
+    assert letter.payload["path"] == "/v2"
+    with factory() as s:  # the cache shows the database's row again
+        found = s.get(page_view, pk)
+        assert found is not None and found.path == "/v1"
+
+    ddl(worker_engine, "ALTER TABLE wb_page_views DROP CONSTRAINT wb_views_not_negative")
+    result = replay_dead_letters(worker_engine, client, namespace, [page_view])
+    assert result.replayed == [letter.id]
+    assert rows(worker_engine, page_view) == {pk: ("/v2", -1)}
+
+
+@pytest.mark.parametrize("cause", ["foreign key", "unique", "too long"])
+def test_a_poison_operation_goes_to_the_dead_letters_and_the_rest_lands(
+    cause: str,
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+    constraints: list[str],
+) -> None:
+    """Constraints the application did not foresee: a parent deleted meanwhile, a unique
+    value another row took, a value longer than the column. The poison row is
+    dead-lettered, the rest of its partition lands, and the letter replays once fixed."""
+    page_view, _ = models
+    if cause == "foreign key":
+        ddl(
+            worker_engine,
+            "CREATE TABLE wb_review_parents (name varchar(200) PRIMARY KEY)",
+            "INSERT INTO wb_review_parents VALUES ('kept'), ('gone')",
+            "ALTER TABLE wb_page_views ADD CONSTRAINT wb_review_parent_fk "
+            "FOREIGN KEY (note) REFERENCES wb_review_parents (name)",
+        )
+        constraints.append("wb_review_parent_fk")
+        poison = queue(factory, page_view, path="/child", note="gone")
+        ddl(worker_engine, "DELETE FROM wb_review_parents WHERE name = 'gone'")
+        fix = "INSERT INTO wb_review_parents VALUES ('gone')"
+    elif cause == "unique":
+        ddl(
+            worker_engine,
+            "ALTER TABLE wb_page_views ADD CONSTRAINT wb_review_note_unique UNIQUE (note)",
+        )
+        constraints.append("wb_review_note_unique")
+        with worker_engine.begin() as conn:  # a row written around the queue
+            conn.execute(
+                page_view.__table__.insert().values(id=uuid.uuid4(), path="/sql", note="taken")
+            )
+        poison = queue(factory, page_view, path="/dup", note="taken")
+        fix = "DELETE FROM wb_page_views WHERE path = '/sql'"
+    else:
+        poison = queue(factory, page_view, path="x" * 201)
+        fix = "ALTER TABLE wb_page_views ALTER COLUMN path TYPE varchar(300)"
+    good = [queue(factory, page_view, path=f"/good{i}", views=i) for i in range(8)]
+    drain(make_worker())
+    table = rows(worker_engine, page_view)
+    assert set(good) <= set(table) and poison not in table
+    [letter] = letters(worker_engine, namespace)
+    ddl(worker_engine, fix)
+    try:
+        result = replay_dead_letters(worker_engine, client, namespace, [page_view])
+        assert result.replayed == [letter.id], result
+        assert poison in rows(worker_engine, page_view)
+    finally:
+        if cause == "too long":
+            ddl(
+                worker_engine,
+                "DELETE FROM wb_page_views",
+                "ALTER TABLE wb_page_views ALTER COLUMN path TYPE varchar(200)",
+            )
