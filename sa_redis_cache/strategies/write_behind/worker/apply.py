@@ -486,12 +486,15 @@ class Applier:
                 if entry.error is not None:
                     result.dead[entry.id] = entry.error
         ops = sorted(latest.values(), key=attrgetter("pk"))  # one lock order for all
+        instead = 0
         if bisect:
             self._bisect(conn, ops, result.dead)
+            instead = self._earlier(conn, fresh, ops, result.dead)
         else:
             self.write(conn, ops)
         dead = result.dead
         result.applied = len(ops) - sum(1 for e in ops if e.id in dead) if dead else len(ops)
+        result.applied += instead
         if result.dead:
             conn.execute(
                 insert(dead_letters),
@@ -638,6 +641,36 @@ class Applier:
             middle = len(ops) // 2
             self._bisect(conn, ops[:middle], dead)
             self._bisect(conn, ops[middle:], dead)
+
+    def _earlier(
+        self, conn: Connection, fresh: list[Entry], ops: list[Entry], dead: dict[str, str]
+    ) -> int:
+        """Where a row's last operation in the batch was dead-lettered, apply its newest
+        earlier one that the database takes; returns how many were applied.
+
+        Coalescing tried only the last write of each row. Had each commit been written on
+        its own, as plain SQLAlchemy writes them, the earlier ones would have landed before
+        the refused one: without this they would be in neither the table nor the dead
+        letters. Earlier operations refused too are dead-lettered (and superseded by the
+        newer letter of their row).
+        """
+        refused = {e.pk for e in ops if e.id in dead}
+        if not refused:
+            return 0
+        earlier: dict[str, list[Entry]] = {}
+        for entry in fresh:  # in stream order
+            if entry.pk in refused and entry.error is None and entry.id not in dead:
+                earlier.setdefault(entry.pk, []).append(entry)
+        applied = 0
+        while earlier:
+            tries = sorted((left.pop() for left in earlier.values()), key=attrgetter("pk"))
+            self._bisect(conn, tries, dead)
+            for entry in tries:
+                if entry.id not in dead:
+                    applied += 1
+                if entry.id not in dead or not earlier[entry.pk]:
+                    del earlier[entry.pk]
+        return applied
 
     def _one(
         self, conn: Connection, entry: Entry, exc: BaseException, dead: dict[str, str]
