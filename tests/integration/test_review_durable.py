@@ -21,9 +21,12 @@ import sqlalchemy as sa
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from sa_redis_cache import FlushWorker
+from sa_redis_cache.protocol import partition_of, pk_text
 from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.worker import replay_dead_letters
-from tests.wb_support import drain, queue, rows, update
+from tests.wb_chaos import wait_for
+from tests.wb_support import PARTITIONS, drain, queue, rows, update
 
 pytest_plugins = ["tests.wb_fixtures"]
 
@@ -177,3 +180,144 @@ def test_a_poison_operation_goes_to_the_dead_letters_and_the_rest_lands(
                 "DELETE FROM wb_page_views",
                 "ALTER TABLE wb_page_views ALTER COLUMN path TYPE varchar(200)",
             )
+
+
+# -- (2) the database fails mid-batch ------------------------------------------------------
+
+WORKER_APP = "review-durable-worker"
+
+
+@pytest.fixture
+def write_counts(worker_engine: sa.Engine) -> Iterator[Any]:
+    """``write_counts()``: committed row writes of ``wb_page_views`` per id (a trigger)."""
+    ddl(
+        worker_engine,
+        "CREATE TABLE IF NOT EXISTS wb_review_writes (id uuid, op text)",
+        "DELETE FROM wb_review_writes",
+        "CREATE OR REPLACE FUNCTION wb_review_count() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN INSERT INTO wb_review_writes VALUES (COALESCE(NEW.id, OLD.id), TG_OP); "
+        "RETURN NULL; END $$",
+        "CREATE TRIGGER wb_review_count AFTER INSERT OR UPDATE OR DELETE ON wb_page_views "
+        "FOR EACH ROW EXECUTE FUNCTION wb_review_count()",
+    )
+
+    def counts() -> dict[uuid.UUID, int]:
+        with worker_engine.connect() as conn:
+            found = conn.execute(text("SELECT id, count(*) FROM wb_review_writes GROUP BY id"))
+            return {row[0]: row[1] for row in found}
+
+    yield counts
+    ddl(
+        worker_engine,
+        "DROP TRIGGER IF EXISTS wb_review_count ON wb_page_views",
+        "DROP TABLE IF EXISTS wb_review_writes",
+    )
+
+
+def same_partition_keys() -> tuple[uuid.UUID, uuid.UUID]:
+    """Two ids of one partition, the first one first in the worker's lock order."""
+    found: dict[int, list[uuid.UUID]] = {}
+    while True:
+        key = uuid.uuid4()
+        group = found.setdefault(partition_of(pk_text([key]), PARTITIONS), [])
+        group.append(key)
+        if len(group) == 2:
+            first, second = sorted(group, key=lambda k: pk_text([k]))
+            return first, second
+
+
+def waiting_worker(engine: sa.Engine) -> int | None:
+    """The backend pid of the worker's connection while it waits for a row lock."""
+    with engine.connect() as conn:
+        return conn.scalar(
+            text(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = :app "
+                "AND wait_event_type = 'Lock'"
+            ),
+            {"app": WORKER_APP},
+        )
+
+
+@pytest.mark.parametrize(
+    "fault", ["terminated", "statement timeout", "deadlock", "serialization failure"]
+)
+def test_a_database_fault_mid_batch_is_retried_and_applied_once(
+    fault: str,
+    factory: sessionmaker[Session],
+    models: Any,
+    client: redis.Redis,
+    namespace: str,
+    database_url: str,
+    worker_engine: sa.Engine,
+    write_counts: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The application's own transaction holds a row the worker's batch writes; while
+    the batch waits for it, its connection is killed (pg_terminate_backend), its
+    statement times out, it deadlocks with the application, or (REPEATABLE READ) the
+    application's commit makes it a serialization failure. The batch is retried and
+    applied once: the table equals the queue, each row written once, no dead letters."""
+    page_view, _ = models
+    first, second = same_partition_keys()
+    table = page_view.__table__
+    with worker_engine.begin() as conn:  # rows written around the queue, before it
+        conn.execute(table.insert(), [{"id": k, "path": "/sql", "views": 0} for k in (first, second)])
+    update(factory, page_view, first, path="/queued", views=1)
+    update(factory, page_view, second, path="/queued", views=2)
+    args: dict[str, Any] = {"application_name": WORKER_APP}
+    if fault == "statement timeout":
+        args["options"] = "-c statement_timeout=200"
+    engine = sa.create_engine(
+        database_url,
+        connect_args=args,
+        isolation_level="REPEATABLE READ" if fault == "serialization failure" else None,
+    )
+    worker = FlushWorker(
+        engine, client, namespace=namespace, models=[page_view], max_backoff=0.05
+    )
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run, args=(stop,))
+    app = worker_engine.connect()
+    try:
+        app.begin()
+        app.execute(sa.update(table).where(table.c.id == second).values(note="app"))
+        ddl(worker_engine, "DELETE FROM wb_review_writes")
+        runner.start()
+        wait_for(lambda: waiting_worker(worker_engine) is not None, "the batch to wait")
+        if fault == "terminated":
+            pid = waiting_worker(worker_engine)
+            ddl(worker_engine, f"SELECT pg_terminate_backend({int(pid or 0)})")
+            wait_for(lambda: worker.errors > 0, "the worker to fail")
+            app.rollback()
+        elif fault == "statement timeout":
+            wait_for(lambda: worker.errors > 0, "the statement to time out")
+            app.rollback()
+        elif fault == "deadlock":
+            try:  # the batch holds `first` and waits for `second`: one of the two loses
+                app.execute(select(table.c.id).where(table.c.id == first).with_for_update())
+            except sa.exc.DBAPIError as exc:
+                assert "deadlock" in str(exc)
+            app.rollback()
+        else:
+            app.commit()
+            wait_for(lambda: worker.errors > 0, "the batch to fail to serialize")
+        wait_for(
+            lambda: rows(worker_engine, page_view)
+            == {first: ("/queued", 1), second: ("/queued", 2)},
+            "the batch to land",
+        )
+    finally:
+        app.close()
+        stop.set()
+        if runner.is_alive():
+            runner.join()
+        worker.release()
+        engine.dispose()
+    # the application's own UPDATE of `second` committed in the serialization case
+    assert write_counts() == {first: 1, second: 2 if fault == "serialization failure" else 1}
+    # a conflict or a timeout is not an outage: only a lost connection says "down"
+    assert worker.database.up
+    outage_logged = any("cannot reach the database" in r.getMessage() for r in caplog.records)
+    assert outage_logged == (fault == "terminated"), [r.getMessage() for r in caplog.records]
+    assert letters(worker_engine, namespace) == []
+    assert worker.dead_letters == 0
