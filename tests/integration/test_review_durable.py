@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -430,3 +431,67 @@ def test_a_worker_warns_when_its_redis_would_lose_the_queue_on_restart(
             client.close()
     [warning] = [r for r in caplog.records if "appendonly no" in r.getMessage()]
     assert "PageView" in warning.getMessage()
+
+
+# -- (6) a batch longer than the lease ------------------------------------------------------
+
+
+def test_a_batch_longer_than_the_lease_keeps_its_partition_and_applies_once(
+    factory: sessionmaker[Session],
+    models: Any,
+    client: redis.Redis,
+    namespace: str,
+    database_url: str,
+    worker_engine: sa.Engine,
+    write_counts: Any,
+) -> None:
+    """A batch waits in Postgres (a row lock the application holds) for several leases
+    while a second worker runs: the heartbeat keeps the partition, the batch is not
+    fenced, and every write lands once."""
+    page_view, _ = models
+    first, second = ids = same_partition_keys()
+    table = page_view.__table__
+    with worker_engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": k, "path": "/sql", "views": 0} for k in ids])
+    update(factory, page_view, first, path="/queued", views=1)
+    update(factory, page_view, second, path="/queued", views=2)
+    engine = sa.create_engine(database_url, connect_args={"application_name": WORKER_APP})
+    slow, other = (
+        FlushWorker(
+            eng, client, namespace=namespace, models=[page_view], consumer=name, lease_ms=300
+        )
+        for eng, name in ((engine, "slow"), (worker_engine, "other"))
+    )
+    stop = threading.Event()
+    runner = threading.Thread(target=slow.run, args=(stop,))
+    app = worker_engine.connect()
+    try:
+        app.begin()
+        app.execute(sa.update(table).where(table.c.id == second).values(note="app"))
+        ddl(worker_engine, "DELETE FROM wb_review_writes")
+        runner.start()
+        wait_for(lambda: waiting_worker(worker_engine) is not None, "the batch to wait")
+        blocked_since = time.monotonic()
+        # the other worker tries its luck for five leases while the batch waits
+        wait_for(
+            lambda: other.run_once() >= 0 and time.monotonic() - blocked_since > 1.5,
+            "five leases to pass",
+        )
+        assert waiting_worker(worker_engine) is not None  # still the same batch
+        app.rollback()
+        wait_for(
+            lambda: (
+                rows(worker_engine, page_view) == {first: ("/queued", 1), second: ("/queued", 2)}
+            ),
+            "the batch to land",
+        )
+    finally:
+        app.close()
+        stop.set()
+        if runner.is_alive():
+            runner.join()
+        slow.release()
+        other.release()
+        engine.dispose()
+    assert slow.fenced == 0
+    assert write_counts() == dict.fromkeys(ids, 1)
