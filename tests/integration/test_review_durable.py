@@ -495,3 +495,108 @@ def test_a_batch_longer_than_the_lease_keeps_its_partition_and_applies_once(
         engine.dispose()
     assert slow.fenced == 0
     assert write_counts() == dict.fromkeys(ids, 1)
+
+
+def test_a_redis_process_killed_with_appendfsync_everysec_keeps_every_returned_commit(
+    engine: sa.Engine, models: Any, namespace: str, worker_engine: sa.Engine
+) -> None:
+    """docs/write-behind.md: with AOF everysec, a crash of the Redis *process* loses
+    nothing, as a rule (the file is written before the reply). SIGKILL after the commits
+    returned, restart from the AOF, drain: the table holds every returned commit."""
+    page_view, _ = models
+    with RedisServer(appendonly=True, appendfsync="everysec") as server:
+        cache = Cache(server.url, namespace=namespace)
+        factory = sessionmaker(engine)
+        cache.attach(factory)
+        try:
+            ids = [queue(factory, page_view, path=f"/p{i}", views=i) for i in range(30)]
+            for pk in ids[:10]:
+                update(factory, page_view, pk, views=100)
+            server.kill()
+            server.restart()
+            client = redis.Redis.from_url(server.url)
+            worker = FlushWorker(worker_engine, client, namespace=namespace, models=[page_view])
+            try:
+                drain(worker)
+            finally:
+                worker.release()
+                client.close()
+        finally:
+            cache.detach()
+    assert rows(worker_engine, page_view) == {
+        pk: (f"/p{i}", 100 if i < 10 else i) for i, pk in enumerate(ids)
+    }
+
+
+def test_replay_keeps_the_order_of_a_rows_writes(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+    constraints: list[str],
+) -> None:
+    """Two poison writes of one row in two batches, then a good one still queued when the
+    cause is fixed: the replay applies only the newest letter, and the queued write, newer
+    still, ends the row."""
+    page_view, _ = models
+    constraints.append("wb_views_not_negative")  # put back by the fixture's drop + re-add
+    pk = queue(factory, page_view, path="/v1", views=1)
+    worker = make_worker()
+    drain(worker)
+    update(factory, page_view, pk, path="/v2", views=-2)
+    drain(worker)
+    update(factory, page_view, pk, path="/v3", views=-3)
+    drain(worker)
+    assert rows(worker_engine, page_view) == {pk: ("/v1", 1)}
+    older, newer = letters(worker_engine, namespace)
+    update(factory, page_view, pk, path="/v4", views=4)  # queued, not yet flushed
+    ddl(worker_engine, "ALTER TABLE wb_page_views DROP CONSTRAINT wb_views_not_negative")
+    result = replay_dead_letters(worker_engine, client, namespace, [page_view])
+    assert result.replayed == [newer.id]
+    assert older.error.startswith("superseded by entry")  # by the worker, at once
+    assert rows(worker_engine, page_view) == {pk: ("/v3", -3)}
+    drain(worker)
+    assert rows(worker_engine, page_view) == {pk: ("/v4", 4)}
+
+
+def test_a_validation_trigger_poison_is_dead_lettered_not_retried_forever(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+) -> None:
+    """A trigger that validates rows with plain RAISE EXCEPTION (SQLSTATE P0001, the
+    PL/pgSQL default) refused one row: taken for a transient error, the batch was retried
+    forever and its partition's later writes never landed."""
+    page_view, _ = models
+    ddl(
+        worker_engine,
+        "CREATE OR REPLACE FUNCTION wb_review_validate() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN IF NEW.path = '/forbidden' THEN RAISE EXCEPTION 'path % is forbidden', "
+        "NEW.path; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER wb_review_validate BEFORE INSERT OR UPDATE ON wb_page_views "
+        "FOR EACH ROW EXECUTE FUNCTION wb_review_validate()",
+    )
+    try:
+        poison = queue(factory, page_view, path="/forbidden")
+        good = [queue(factory, page_view, path=f"/good{i}") for i in range(8)]
+        worker = make_worker()
+        drain(worker)
+        table = rows(worker_engine, page_view)
+        assert set(table) == set(good)
+        [letter] = letters(worker_engine, namespace)
+        assert "forbidden" in letter.error
+        assert worker.stats(database=False).length == 0
+        ddl(worker_engine, "DROP TRIGGER wb_review_validate ON wb_page_views")
+        assert replay_dead_letters(worker_engine, client, namespace, [page_view]).ok
+        assert poison in rows(worker_engine, page_view)
+    finally:
+        ddl(
+            worker_engine,
+            "DROP TRIGGER IF EXISTS wb_review_validate ON wb_page_views",
+            "DELETE FROM wb_page_views",
+        )

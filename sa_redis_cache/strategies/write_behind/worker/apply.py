@@ -13,12 +13,13 @@ the full row, so put-then-delete ends deleted and delete-then-put ends present (
 reordering of docs/design.md, "Known failures" cannot happen).
 
 An error that the row itself causes (SQLSTATE classes 22 and 23: bad data, a violated
-constraint) fails on every attempt: the batch is applied again under savepoints, bisected
-until the failing operations are isolated, and those go to ``sarc_dead_letters`` with their
-error while the rest lands. An operation is dead-lettered only after it failed alone
-through SQLAlchemy's own ``executemany`` as well, so a quirk of the set-based statement can
-never condemn a row. Any other database error is treated as transient and raised: the
-caller retries the whole batch later and acknowledges nothing.
+constraint; P0: a trigger's RAISE EXCEPTION) fails on every attempt: the batch is
+applied again under savepoints, bisected until the failing operations are isolated, and
+those go to ``sarc_dead_letters`` with their error while the rest lands. An operation is
+dead-lettered only after it failed alone through SQLAlchemy's own ``executemany`` as
+well, so a quirk of the set-based statement can never condemn a row. Any other database
+error is treated as transient and raised: the caller retries the whole batch later and
+acknowledges nothing.
 
 **Dead letters never overwrite newer writes.** When a batch applies (or dead-letters) an
 operation on a row that has an open dead letter with an older stream id, that letter is
@@ -55,7 +56,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_DETERMINISTIC_CLASSES = ("22", "23")
+_DETERMINISTIC_CLASSES = ("22", "23", "P0")
+# P0: PL/pgSQL's own errors, a trigger's plain RAISE EXCEPTION (P0001) above all: how a
+# validation trigger refuses a row. Taken for transient, one such row held its partition
+# for good; dead-lettered, it waits for a replay like any refused row.
 # the database refused the set-based statement itself (a cast, a type it cannot take in an
 # array): the table falls back to executemany, which SQLAlchemy binds column by column
 _STATEMENT_CLASSES = ("42", "0A")
