@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from devservices import RedisServer
 from sa_redis_cache import Cache, FlushWorker
+from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.protocol import partition_of, pk_text
 from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.worker import replay_dead_letters
@@ -31,6 +32,9 @@ from tests.wb_chaos import wait_for
 from tests.wb_support import PARTITIONS, drain, queue, rows, update
 
 pytest_plugins = ["tests.wb_fixtures"]
+
+
+CHECK = "wb_views_not_negative"
 
 
 @pytest.fixture
@@ -44,6 +48,9 @@ def constraints(worker_engine: sa.Engine) -> Iterator[list[str]]:
         for name in added:
             conn.execute(text(f"ALTER TABLE wb_page_views DROP CONSTRAINT IF EXISTS {name}"))
         conn.execute(text("DROP TABLE IF EXISTS wb_review_parents"))
+        # the model's own CHECK, which some tests drop to fix a poison row's cause
+        conn.execute(text(f"ALTER TABLE wb_page_views DROP CONSTRAINT IF EXISTS {CHECK}"))
+        conn.execute(text(f"ALTER TABLE wb_page_views ADD CONSTRAINT {CHECK} CHECK (views >= 0)"))
 
 
 def letters(engine: sa.Engine, namespace: str) -> list[Any]:
@@ -106,7 +113,7 @@ def test_an_earlier_write_of_a_row_survives_its_poison_successor_in_one_batch(
     the table, not in the dead letters. The earlier write must land, and the letter of the
     later one stays replayable, in order, once the cause is fixed."""
     page_view, _ = models
-    constraints.append("wb_views_not_negative")  # dropped below, put back by test_dlq_replay
+    constraints.append(CHECK)  # dropped below
     pk = queue(factory, page_view, path="/v1", views=1)
     update(factory, page_view, pk, path="/v2", views=-1)  # the poison
     drain(make_worker())
@@ -541,7 +548,7 @@ def test_replay_keeps_the_order_of_a_rows_writes(
     cause is fixed: the replay applies only the newest letter, and the queued write, newer
     still, ends the row."""
     page_view, _ = models
-    constraints.append("wb_views_not_negative")  # put back by the fixture's drop + re-add
+    constraints.append(CHECK)  # dropped below
     pk = queue(factory, page_view, path="/v1", views=1)
     worker = make_worker()
     drain(worker)
@@ -600,3 +607,41 @@ def test_a_validation_trigger_poison_is_dead_lettered_not_retried_forever(
             "DROP TRIGGER IF EXISTS wb_review_validate ON wb_page_views",
             "DELETE FROM wb_page_views",
         )
+
+
+def test_a_row_postgres_cannot_store_at_all_is_dead_lettered(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A string with a NUL character: Postgres text cannot hold it (nor can jsonb, where
+    the dead letter keeps the row). The letter must still be written, and the partition
+    go on."""
+    page_view, _ = models
+    poison = queue(factory, page_view, path="a-NUL-b")
+    # the flush refuses a NUL now: this is an entry an earlier version queued
+    [stream] = [
+        k for k in client.scan_iter(match=f"*{namespace}*:wb:*") if client.type(k) == b"stream"
+    ]
+    found: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(stream)  # type: ignore[assignment]
+    [(entry_id, fields)] = found
+    client.xdel(stream, entry_id)
+    client.xadd(stream, {b"e": fields[b"e"].replace(b"-NUL-", b"\\u0000")})
+    good = [queue(factory, page_view, path=f"/good{i}") for i in range(8)]
+    worker = make_worker()
+    drain(worker)
+    assert set(rows(worker_engine, page_view)) == set(good)
+    [letter] = letters(worker_engine, namespace)
+    assert poison.hex in letter.payload["$raw"]
+    assert "NUL" in letter.error
+    assert worker.stats(database=False).length == 0
+    assert not [r for r in caplog.records if "set-based" in r.getMessage()]
+
+    with factory() as s:  # the flush refuses it now, as Postgres would refuse the INSERT
+        s.add(page_view(path="a\x00b"))
+        with pytest.raises(ConfigurationError, match="NUL"):
+            s.commit()

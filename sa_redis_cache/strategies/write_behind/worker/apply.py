@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from sqlalchemy import bindparam, delete, exists, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.exc import DataError, DBAPIError, StatementError
 
 from sa_redis_cache.codec import CodecError
 from sa_redis_cache.protocol import pk_text, stream_id
@@ -142,6 +142,9 @@ def is_transient(exc: BaseException) -> bool:
         if exc.connection_invalidated:
             return True
         state = _sqlstate(exc)
+        if not state and isinstance(exc, DataError):
+            # refused by the driver before sending, for a value (a NUL in a string)
+            return False
         return not state.startswith(_DETERMINISTIC_CLASSES)
     return True
 
@@ -696,6 +699,7 @@ class Applier:
     def _dead_row(self, stream: str, entry: Entry, dead: dict[str, str]) -> dict[str, Any]:
         payload: dict[str, Any] = {}
         pk: Any = None
+        data: Any = None
         try:
             data = orjson.loads(entry.data) if isinstance(entry.data, bytes) else entry.data
         except orjson.JSONDecodeError:
@@ -710,6 +714,16 @@ class Applier:
             else:
                 pk = data
         payload[KEY_KEY] = entry.pk
+        if _has_nul([pk, payload]):
+            # jsonb cannot hold U+0000: the letter's INSERT would fail, and with it the
+            # batch, on every pass. The row is kept as its JSON text, NULs escaped; it
+            # cannot be replayed as it is (Postgres text cannot store it either).
+            if data is not None:
+                text = orjson.dumps(data).decode()
+            else:
+                text = entry.data.decode(errors="replace").replace("\x00", "\\u0000")
+            payload = {RAW_KEY: text, KEY_KEY: entry.pk.replace("\x00", "\\u0000")}
+            pk = None
         return {
             "namespace": self.namespace,
             "table_name": self.info.table,
@@ -720,6 +734,17 @@ class Applier:
             "payload": payload,
             "error": dead[entry.id],
         }
+
+
+def _has_nul(value: Any) -> bool:
+    """A NUL character in any string of ``value`` (lists and dicts, keys too)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    return False
 
 
 def _fields(raw: Any) -> dict[bytes, bytes]:
