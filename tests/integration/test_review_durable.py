@@ -645,3 +645,40 @@ def test_a_row_postgres_cannot_store_at_all_is_dead_lettered(
         s.add(page_view(path="a\x00b"))
         with pytest.raises(ConfigurationError, match="NUL"):
             s.commit()
+
+
+def test_replay_isolates_a_letter_that_still_violates_a_deferred_constraint(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+    constraints: list[str],
+) -> None:
+    """Two letters of one partition: one whose cause is fixed (a CHECK dropped), one that
+    still violates a deferred UNIQUE. The deferred check came at the replay's COMMIT, so
+    neither was replayed ("the database failed"); the fixed one must land, the other fail
+    on its own."""
+    page_view, _ = models
+    ddl(
+        worker_engine,
+        "ALTER TABLE wb_page_views ADD CONSTRAINT wb_review_path_unique UNIQUE (path) "
+        "DEFERRABLE INITIALLY DEFERRED",
+    )
+    constraints += ["wb_review_path_unique", CHECK]
+    taken = queue(factory, page_view, path="/same")
+    worker = make_worker()
+    drain(worker)
+    unique_key, check_key = same_partition_keys()
+    queue(factory, page_view, id=unique_key, path="/same")
+    queue(factory, page_view, id=check_key, path="/negative", views=-1)
+    drain(worker)
+    by_row = {letter.payload["id"]: letter.id for letter in letters(worker_engine, namespace)}
+    assert set(by_row) == {unique_key.hex, check_key.hex}
+    ddl(worker_engine, f"ALTER TABLE wb_page_views DROP CONSTRAINT {CHECK}")
+    result = replay_dead_letters(worker_engine, client, namespace, [page_view])
+    assert result.replayed == [by_row[check_key.hex]], result
+    assert set(result.failed) == {by_row[unique_key.hex]}
+    assert "wb_review_path_unique" in result.failed[by_row[unique_key.hex]]
+    assert set(rows(worker_engine, page_view)) == {taken, check_key}
