@@ -29,7 +29,7 @@ from sa_redis_cache.protocol import partition_of, pk_text
 from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.worker import replay_dead_letters
 from tests.wb_chaos import wait_for
-from tests.wb_support import PARTITIONS, drain, queue, rows, update
+from tests.wb_support import PARTITIONS, drain, queue, remove, rows, update
 
 pytest_plugins = ["tests.wb_fixtures"]
 
@@ -682,3 +682,26 @@ def test_replay_isolates_a_letter_that_still_violates_a_deferred_constraint(
     assert set(result.failed) == {by_row[unique_key.hex]}
     assert "wb_review_path_unique" in result.failed[by_row[unique_key.hex]]
     assert set(rows(worker_engine, page_view)) == {taken, check_key}
+
+
+def test_a_delete_lands_when_the_put_after_it_in_one_batch_is_refused(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+    namespace: str,
+    constraints: list[str],
+) -> None:
+    """Delete, then a poison put of the same key, in one batch: as separate commits would,
+    the row ends deleted and the put waits in the dead letters."""
+    page_view, _ = models
+    constraints.append(CHECK)
+    pk = queue(factory, page_view, path="/v1", views=1)
+    worker = make_worker()
+    drain(worker)
+    remove(factory, page_view, pk)
+    queue(factory, page_view, id=pk, path="/v3", views=-3)
+    drain(worker)
+    assert rows(worker_engine, page_view) == {}
+    [letter] = letters(worker_engine, namespace)
+    assert letter.payload["path"] == "/v3"
