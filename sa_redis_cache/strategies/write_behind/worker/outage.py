@@ -28,7 +28,7 @@ OUTAGE_LOG_SECONDS = 15.0
 """How often a worker repeats that it still cannot reach its database."""
 
 
-_UNREACHABLE_STATES = ("08", "57P", "53")
+_UNREACHABLE_STATES = ("08", "57P", "53300")
 """SQLSTATEs of a server that cannot be talked to: connection exceptions, a server shutting
 down or starting (``57P01`` is also ``pg_terminate_backend``), too many connections."""
 
