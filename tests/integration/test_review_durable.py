@@ -705,3 +705,53 @@ def test_a_delete_lands_when_the_put_after_it_in_one_batch_is_refused(
     assert rows(worker_engine, page_view) == {}
     [letter] = letters(worker_engine, namespace)
     assert letter.payload["path"] == "/v3"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed: partitions are applied independently, and a unique violation "
+    "against a row of another partition that is still queued is dead-lettered at once",
+)
+def test_a_unique_value_freed_by_an_earlier_commit_in_another_partition_lands(
+    factory: sessionmaker[Session],
+    models: Any,
+    client: redis.Redis,
+    namespace: str,
+    database_url: str,
+    worker_engine: sa.Engine,
+    constraints: list[str],
+) -> None:
+    """Commit 1 moves row B's unique value away, commit 2 gives it to a new row A: valid
+    in commit order, as plain SQLAlchemy would write them. B's partition lags (its batch
+    waits for a row lock and times out) while A's is applied: A's insert violates the
+    UNIQUE against B's old value and goes to the dead letters for good, although B's
+    write lands a moment later and the pair was consistent all along."""
+    page_view, _ = models
+    ddl(worker_engine, "ALTER TABLE wb_page_views ADD CONSTRAINT wb_review_note_u UNIQUE (note)")
+    constraints.append("wb_review_note_u")
+    b_key = uuid.uuid4()
+    while True:
+        a_key = uuid.uuid4()
+        if partition_of(pk_text([a_key]), PARTITIONS) != partition_of(pk_text([b_key]), PARTITIONS):
+            break
+    with worker_engine.begin() as conn:
+        conn.execute(page_view.__table__.insert().values(id=b_key, path="/b", note="y"))
+    update(factory, page_view, b_key, note="z")
+    queue(factory, page_view, id=a_key, path="/a", note="y")
+    engine = sa.create_engine(database_url, connect_args={"options": "-c statement_timeout=200"})
+    worker = FlushWorker(engine, client, namespace=namespace, models=[page_view])
+    table = page_view.__table__
+    try:
+        with worker_engine.connect() as app:
+            app.execute(select(table.c.id).where(table.c.id == b_key).with_for_update())
+            wait_for(lambda: worker.run_once() >= 0 and worker.errors > 0, "B's batch to lag")
+            app.rollback()
+        wait_for(
+            lambda: worker.run_once() == 0 and worker.stats(database=False).length == 0, "drain"
+        )
+    finally:
+        worker.release()
+        engine.dispose()
+    with worker_engine.connect() as conn:
+        notes = dict(conn.execute(select(table.c.id, table.c.note)).all())
+    assert notes == {b_key: "z", a_key: "y"}
