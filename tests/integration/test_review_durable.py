@@ -753,5 +753,5 @@ def test_a_unique_value_freed_by_an_earlier_commit_in_another_partition_lands(
         worker.release()
         engine.dispose()
     with worker_engine.connect() as conn:
-        notes = dict(conn.execute(select(table.c.id, table.c.note)).all())
+        notes: dict[Any, Any] = dict(conn.execute(select(table.c.id, table.c.note)).all())
     assert notes == {b_key: "z", a_key: "y"}
