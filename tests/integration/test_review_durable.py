@@ -755,3 +755,42 @@ def test_a_unique_value_freed_by_an_earlier_commit_in_another_partition_lands(
     with worker_engine.connect() as conn:
         notes: dict[Any, Any] = dict(conn.execute(select(table.c.id, table.c.note)).all())
     assert notes == {b_key: "z", a_key: "y"}
+
+
+class _Died(BaseException):
+    """The worker process ends here (as SIGKILL would: nothing after it runs)."""
+
+
+def test_a_worker_dying_after_committing_a_dead_letter_leaves_one_letter(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+    namespace: str,
+    write_counts: Any,
+    constraints: list[str],
+) -> None:
+    """A batch with a poison row commits (rows and dead letter in one transaction), and
+    the worker dies before its acknowledgement. Its replacement (same consumer name)
+    reads the batch again: skipped by the offset, so one letter, each row written once."""
+    page_view, _ = models
+    constraints.append(CHECK)
+    first, second = same_partition_keys()
+    queue(factory, page_view, id=first, path="/ok", views=1)
+    queue(factory, page_view, id=second, path="/poison", views=-1)
+    dying = make_worker("w1")
+    applier = dying.partitions[0].applier  # one per table, shared by its partitions
+    apply = applier.apply
+
+    def die_after(*args: Any, **kwargs: Any) -> Any:
+        apply(*args, **kwargs)  # committed in Postgres
+        raise _Died
+
+    applier.apply = die_after
+    with pytest.raises(_Died):
+        dying.run_once()
+    dying.partitions.clear()  # dead: it releases nothing
+    drain(make_worker("w1"))
+    assert rows(worker_engine, page_view) == {first: ("/ok", 1)}
+    assert write_counts() == {first: 1}
+    assert len(letters(worker_engine, namespace)) == 1
