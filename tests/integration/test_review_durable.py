@@ -794,3 +794,53 @@ def test_a_worker_dying_after_committing_a_dead_letter_leaves_one_letter(
     assert rows(worker_engine, page_view) == {first: ("/ok", 1)}
     assert write_counts() == {first: 1}
     assert len(letters(worker_engine, namespace)) == 1
+
+
+def test_a_swap_under_a_deferred_unique_survives_a_poison_row_in_its_batch(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+    namespace: str,
+    constraints: list[str],
+) -> None:
+    """Two rows swap their values of a DEFERRABLE INITIALLY DEFERRED unique column in one
+    commit (what such a constraint is for), and an unrelated poison row shares their
+    batch. Bisecting must not check the deferred constraint between the halves that
+    split the swap: only the poison row is dead-lettered."""
+    page_view, _ = models
+    ddl(
+        worker_engine,
+        "ALTER TABLE wb_page_views ADD CONSTRAINT wb_review_note_d UNIQUE (note) "
+        "DEFERRABLE INITIALLY DEFERRED",
+    )
+    constraints += ["wb_review_note_d", CHECK]
+    found: dict[int, list[uuid.UUID]] = {}
+    while True:  # three keys of one partition
+        key = uuid.uuid4()
+        group = found.setdefault(partition_of(pk_text([key]), PARTITIONS), [])
+        group.append(key)
+        if len(group) == 3:
+            break
+    # in the worker's order (pk text): the swap's rows first and last, the poison between,
+    # so that the bisection's first split puts them in two halves
+    a_key, poison_key, b_key = sorted(group, key=lambda k: pk_text([k]))
+    table = page_view.__table__
+    with worker_engine.begin() as conn:
+        conn.execute(
+            table.insert(),
+            [{"id": a_key, "path": "/a", "note": "x"}, {"id": b_key, "path": "/b", "note": "y"}],
+        )
+    with factory() as s:
+        a, b = s.get(page_view, a_key), s.get(page_view, b_key)
+        assert a is not None
+        assert b is not None
+        a.note, b.note = "y", "x"
+        s.add(page_view(id=poison_key, path="/poison", views=-1))
+        s.commit()
+    drain(make_worker())
+    with worker_engine.connect() as conn:
+        notes: dict[Any, Any] = dict(conn.execute(select(table.c.id, table.c.note)).all())
+    assert notes == {a_key: "y", b_key: "x"}
+    [letter] = letters(worker_engine, namespace)
+    assert letter.payload["id"] == poison_key.hex

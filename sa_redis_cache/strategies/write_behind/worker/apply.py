@@ -449,9 +449,24 @@ class Applier:
                 return self.apply(stream, entries, token=token)
             if is_transient(exc):
                 raise
-            result.dead.clear()
-            with self.engine.begin() as conn:
-                self._run(conn, stream, entries, result, bisect=True, token=token)
+            result = BatchResult(final=result.final)
+            try:
+                with self.engine.begin() as conn:
+                    self._run(conn, stream, entries, result, bisect=True, token=token)
+            except (DBAPIError, StatementError) as again:
+                if is_transient(again):
+                    raise
+                # every savepoint passed and the COMMIT failed: a deferred constraint
+                # (DEFERRABLE INITIALLY DEFERRED), which the same bisection would fail
+                # again on every pass, holding the partition forever. Checked per
+                # statement, the savepoint that violates it fails instead (a change that
+                # holds only at COMMIT, a swap split between two halves, may then be
+                # refused too: the price of isolating the row at all)
+                result = BatchResult(final=result.final)
+                with self.engine.begin() as conn:
+                    self._run(
+                        conn, stream, entries, result, bisect=True, token=token, immediate=True
+                    )
         return result
 
     def _drop_set_based(self, exc: BaseException) -> None:
@@ -472,12 +487,9 @@ class Applier:
         *,
         bisect: bool,
         token: int | None,
+        immediate: bool = False,
     ) -> None:
-        if bisect:
-            # a deferred constraint (DEFERRABLE INITIALLY DEFERRED) is checked at COMMIT:
-            # every savepoint would succeed and the commit fail again on every pass, so
-            # one poison row would hold its partition forever. Checked per statement
-            # here, the savepoint that wrote it fails and isolates it.
+        if immediate:
             conn.exec_driver_sql("SET CONSTRAINTS ALL IMMEDIATE")
         last = self.lock_offset(conn, stream, token)
         # entries come in stream order: usually all of them are newer than the offset
