@@ -222,6 +222,7 @@ def write_counts(worker_engine: sa.Engine) -> Iterator[Any]:
         worker_engine,
         "DROP TRIGGER IF EXISTS wb_review_count ON wb_page_views",
         "DROP TABLE IF EXISTS wb_review_writes",
+        "DROP FUNCTION IF EXISTS wb_review_count()",
     )
 
 
@@ -605,6 +606,7 @@ def test_a_validation_trigger_poison_is_dead_lettered_not_retried_forever(
         ddl(
             worker_engine,
             "DROP TRIGGER IF EXISTS wb_review_validate ON wb_page_views",
+            "DROP FUNCTION IF EXISTS wb_review_validate()",
             "DELETE FROM wb_page_views",
         )
 
