@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from redis.exceptions import RedisError, ResponseError
+from sqlalchemy import types as sqltypes
 from sqlalchemy.orm import make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.exc import StaleDataError
@@ -372,6 +373,8 @@ class WriteBehind:
                 f"{info.mapper.class_.__name__}: a value cannot be queued exactly ({exc}); "
                 "write-behind stores the row in Redis until the worker inserts it"
             ) from exc
+        if b"\\u0000" in data:  # orjson's escape of a NUL; rare, then looked at exactly
+            _refuse_nul(info, values)
         # the pending key and the entity entry wrap the row in a stamp (and a signature):
         # reads refuse values above max_entry_bytes, so a row that would make one is refused
         size = len(data) + _WRAPPING_BYTES
@@ -852,3 +855,22 @@ def _outcome(exc: RedisError) -> str:
         "whether they were queued is unknown: the connection failed, maybe after "
         "Redis ran the enqueue (then the worker flushes them)"
     )
+
+
+def _refuse_nul(info: ModelInfo, values: tuple[Any, ...]) -> None:
+    """Refuse a NUL character in a string column's value, as the database would.
+
+    Postgres text cannot hold one: SQLAlchemy's INSERT fails at the flush (the driver
+    refuses it). Queued, the row could never be written; caught here, the application
+    gets the error at its commit, as without write-behind.
+    """
+    for key, value in zip(info.column_keys, values, strict=True):
+        if (
+            isinstance(value, str)
+            and "\x00" in value
+            and isinstance(column_of(info, key).type, sqltypes.String)
+        ):
+            raise ConfigurationError(
+                f"{info.mapper.class_.__name__}.{key}: the value holds a NUL character "
+                "(\\x00), which a Postgres text column cannot store; the INSERT would fail"
+            )

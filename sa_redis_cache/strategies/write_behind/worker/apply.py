@@ -13,12 +13,13 @@ the full row, so put-then-delete ends deleted and delete-then-put ends present (
 reordering of docs/design.md, "Known failures" cannot happen).
 
 An error that the row itself causes (SQLSTATE classes 22 and 23: bad data, a violated
-constraint) fails on every attempt: the batch is applied again under savepoints, bisected
-until the failing operations are isolated, and those go to ``sarc_dead_letters`` with their
-error while the rest lands. An operation is dead-lettered only after it failed alone
-through SQLAlchemy's own ``executemany`` as well, so a quirk of the set-based statement can
-never condemn a row. Any other database error is treated as transient and raised: the
-caller retries the whole batch later and acknowledges nothing.
+constraint; P0: a trigger's RAISE EXCEPTION) fails on every attempt: the batch is
+applied again under savepoints, bisected until the failing operations are isolated, and
+those go to ``sarc_dead_letters`` with their error while the rest lands. An operation is
+dead-lettered only after it failed alone through SQLAlchemy's own ``executemany`` as
+well, so a quirk of the set-based statement can never condemn a row. Any other database
+error is treated as transient and raised: the caller retries the whole batch later and
+acknowledges nothing.
 
 **Dead letters never overwrite newer writes.** When a batch applies (or dead-letters) an
 operation on a row that has an open dead letter with an older stream id, that letter is
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from sqlalchemy import bindparam, delete, exists, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.exc import DataError, DBAPIError, StatementError
 
 from sa_redis_cache.codec import CodecError
 from sa_redis_cache.protocol import pk_text, stream_id
@@ -55,7 +56,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_DETERMINISTIC_CLASSES = ("22", "23")
+_DETERMINISTIC_CLASSES = ("22", "23", "P0")
+# P0: PL/pgSQL's own errors, a trigger's plain RAISE EXCEPTION (P0001) above all: how a
+# validation trigger refuses a row. Taken for transient, one such row held its partition
+# for good; dead-lettered, it waits for a replay like any refused row.
 # the database refused the set-based statement itself (a cast, a type it cannot take in an
 # array): the table falls back to executemany, which SQLAlchemy binds column by column
 _STATEMENT_CLASSES = ("42", "0A")
@@ -138,6 +142,9 @@ def is_transient(exc: BaseException) -> bool:
         if exc.connection_invalidated:
             return True
         state = _sqlstate(exc)
+        if not state and isinstance(exc, DataError):
+            # refused by the driver before sending, for a value (a NUL in a string)
+            return False
         return not state.startswith(_DETERMINISTIC_CLASSES)
     return True
 
@@ -442,9 +449,24 @@ class Applier:
                 return self.apply(stream, entries, token=token)
             if is_transient(exc):
                 raise
-            result.dead.clear()
-            with self.engine.begin() as conn:
-                self._run(conn, stream, entries, result, bisect=True, token=token)
+            result = BatchResult(final=result.final)
+            try:
+                with self.engine.begin() as conn:
+                    self._run(conn, stream, entries, result, bisect=True, token=token)
+            except (DBAPIError, StatementError) as again:
+                if is_transient(again):
+                    raise
+                # every savepoint passed and the COMMIT failed: a deferred constraint
+                # (DEFERRABLE INITIALLY DEFERRED), which the same bisection would fail
+                # again on every pass, holding the partition forever. Checked per
+                # statement, the savepoint that violates it fails instead (a change that
+                # holds only at COMMIT, a swap split between two halves, may then be
+                # refused too: the price of isolating the row at all)
+                result = BatchResult(final=result.final)
+                with self.engine.begin() as conn:
+                    self._run(
+                        conn, stream, entries, result, bisect=True, token=token, immediate=True
+                    )
         return result
 
     def _drop_set_based(self, exc: BaseException) -> None:
@@ -465,7 +487,10 @@ class Applier:
         *,
         bisect: bool,
         token: int | None,
+        immediate: bool = False,
     ) -> None:
+        if immediate:
+            conn.exec_driver_sql("SET CONSTRAINTS ALL IMMEDIATE")
         last = self.lock_offset(conn, stream, token)
         # entries come in stream order: usually all of them are newer than the offset
         fresh = (
@@ -480,12 +505,15 @@ class Applier:
                 if entry.error is not None:
                     result.dead[entry.id] = entry.error
         ops = sorted(latest.values(), key=attrgetter("pk"))  # one lock order for all
+        instead = 0
         if bisect:
             self._bisect(conn, ops, result.dead)
+            instead = self._earlier(conn, fresh, ops, result.dead)
         else:
             self.write(conn, ops)
         dead = result.dead
         result.applied = len(ops) - sum(1 for e in ops if e.id in dead) if dead else len(ops)
+        result.applied += instead
         if result.dead:
             conn.execute(
                 insert(dead_letters),
@@ -633,6 +661,36 @@ class Applier:
             self._bisect(conn, ops[:middle], dead)
             self._bisect(conn, ops[middle:], dead)
 
+    def _earlier(
+        self, conn: Connection, fresh: list[Entry], ops: list[Entry], dead: dict[str, str]
+    ) -> int:
+        """Where a row's last operation in the batch was dead-lettered, apply its newest
+        earlier one that the database takes; returns how many were applied.
+
+        Coalescing tried only the last write of each row. Had each commit been written on
+        its own, as plain SQLAlchemy writes them, the earlier ones would have landed before
+        the refused one: without this they would be in neither the table nor the dead
+        letters. Earlier operations refused too are dead-lettered (and superseded by the
+        newer letter of their row).
+        """
+        refused = {e.pk for e in ops if e.id in dead}
+        if not refused:
+            return 0
+        earlier: dict[str, list[Entry]] = {}
+        for entry in fresh:  # in stream order
+            if entry.pk in refused and entry.error is None and entry.id not in dead:
+                earlier.setdefault(entry.pk, []).append(entry)
+        applied = 0
+        while earlier:
+            tries = sorted((left.pop() for left in earlier.values()), key=attrgetter("pk"))
+            self._bisect(conn, tries, dead)
+            for entry in tries:
+                if entry.id not in dead:
+                    applied += 1
+                if entry.id not in dead or not earlier[entry.pk]:
+                    del earlier[entry.pk]
+        return applied
+
     def _one(
         self, conn: Connection, entry: Entry, exc: BaseException, dead: dict[str, str]
     ) -> None:
@@ -653,6 +711,7 @@ class Applier:
     def _dead_row(self, stream: str, entry: Entry, dead: dict[str, str]) -> dict[str, Any]:
         payload: dict[str, Any] = {}
         pk: Any = None
+        data: Any = None
         try:
             data = orjson.loads(entry.data) if isinstance(entry.data, bytes) else entry.data
         except orjson.JSONDecodeError:
@@ -667,6 +726,16 @@ class Applier:
             else:
                 pk = data
         payload[KEY_KEY] = entry.pk
+        if _has_nul([pk, payload]):
+            # jsonb cannot hold U+0000: the letter's INSERT would fail, and with it the
+            # batch, on every pass. The row is kept as its JSON text, NULs escaped; it
+            # cannot be replayed as it is (Postgres text cannot store it either).
+            if data is not None:
+                text = orjson.dumps(data).decode()
+            else:
+                text = entry.data.decode(errors="replace").replace("\x00", "\\u0000")
+            payload = {RAW_KEY: text, KEY_KEY: entry.pk.replace("\x00", "\\u0000")}
+            pk = None
         return {
             "namespace": self.namespace,
             "table_name": self.info.table,
@@ -677,6 +746,17 @@ class Applier:
             "payload": payload,
             "error": dead[entry.id],
         }
+
+
+def _has_nul(value: Any) -> bool:
+    """A NUL character in any string of ``value`` (lists and dicts, keys too)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    return False
 
 
 def _fields(raw: Any) -> dict[bytes, bytes]:

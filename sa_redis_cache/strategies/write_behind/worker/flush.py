@@ -59,6 +59,7 @@ from sa_redis_cache.protocol import HEADER, KeyScheme, scripts
 from sa_redis_cache.redis_io import is_cluster
 from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.slot_groups import model_groups
+from sa_redis_cache.strategies.write_behind.checks import redis_problems
 from sa_redis_cache.strategies.write_behind.columns import is_write_behind
 
 from .apply import Applier, BatchResult, Entry, LeaseLost
@@ -302,6 +303,7 @@ class FlushWorker:
         pass (the runner's backlog progress uses it).
         """
         delay = 0.0
+        self._warn_volatile()
         log.info(
             "write-behind worker started",
             extra={
@@ -333,6 +335,30 @@ class FlushWorker:
             beat_stop.set()
             beat.join()
             self.release()
+
+    def _warn_volatile(self) -> None:
+        """Warn when the Redis server cannot keep the queue across a restart.
+
+        ``attach()`` refuses such a server, but only in the processes that attach, and
+        when they attach; the worker runs for as long as the queue lives, and is where a
+        server restarted with other settings (``CONFIG SET appendonly yes`` that was never
+        written to the config file) is seen. Never fatal: the worker drains what is queued.
+        """
+        seen: set[str] = set()
+        for info in self._infos:
+            if info.policy is None:
+                continue
+            for problem in redis_problems(self.client, info.policy):
+                # the worker's minimal ACL (docs/security.md) has no INFO: say only
+                # what is known to be wrong
+                if "cannot tell" not in problem and problem not in seen:
+                    seen.add(problem)
+                    log.warning(
+                        "write-behind worker: %s (model %s)",
+                        problem,
+                        info.mapper.class_.__name__,
+                        extra={"wb_consumer": self.consumer},
+                    )
 
     def run_once(self, block_ms: int | None = None, *, settle: bool = True) -> int:
         """One pass over every partition; returns how many entries it processed.

@@ -28,6 +28,11 @@ OUTAGE_LOG_SECONDS = 15.0
 """How often a worker repeats that it still cannot reach its database."""
 
 
+_UNREACHABLE_STATES = ("08", "57P", "53300")
+"""SQLSTATEs of a server that cannot be talked to: connection exceptions, a server shutting
+down or starting (``57P01`` is also ``pg_terminate_backend``), too many connections."""
+
+
 def is_unreachable(exc: BaseException) -> bool:
     """True for a database error that says the server could not be reached or talked to.
 
@@ -35,9 +40,17 @@ def is_unreachable(exc: BaseException) -> bool:
 
         is_unreachable(OperationalError("connect", {}, Exception("refused")))  # True
     """
-    if isinstance(exc, OperationalError | InterfaceError):
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
         return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    state = str(getattr(exc.orig, "sqlstate", None) or "")
+    if state and not state.startswith(_UNREACHABLE_STATES):
+        # the server answered: psycopg raises a serialization failure, a deadlock, a
+        # statement or lock timeout as OperationalError, but calling them an outage would
+        # report the database down (sarc_wb_database_up 0) while it works
+        return False
+    return isinstance(exc, OperationalError | InterfaceError)
 
 
 def _short(exc: BaseException) -> str:

@@ -251,6 +251,9 @@ class _Replay:
         outcome: _Outcome | None = None
         try:
             with applier.engine.begin() as conn:
+                # each letter's savepoint must see its own deferred constraint violation:
+                # at COMMIT it would fail the whole partition's replay, every time
+                conn.exec_driver_sql("SET CONSTRAINTS ALL IMMEDIATE")
                 applier.lock_offset(conn, stream)
                 outcome = self._decide(conn, applier, letter_ids)
                 marked = [entry.pk for _, entry in outcome.to_apply]

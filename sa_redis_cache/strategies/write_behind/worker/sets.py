@@ -5,7 +5,7 @@ by psycopg, but parsed, bound and executed row by row). A batch instead binds on
 per column and runs one statement for all of its rows::
 
     INSERT INTO page_views (id, path, views)
-    SELECT * FROM unnest(%s::UUID[], %s::VARCHAR(200)[], %s::INTEGER[])
+    SELECT * FROM unnest(%s::UUID[], %s::VARCHAR[], %s::INTEGER[])
     ON CONFLICT (id) DO UPDATE SET path = excluded.path, views = excluded.views
 
     DELETE FROM page_views WHERE id = ANY(%s::UUID[])
@@ -58,6 +58,23 @@ def _base_type(sqltype: Any, dialect: Dialect) -> Any:
     return sqltype.dialect_impl(dialect)
 
 
+def _array_type(column: Column[Any], dialect: Dialect) -> str:
+    """The element type of ``column``'s array parameter.
+
+    A string type with a length is cast to its unbounded form: an explicit cast to
+    ``varchar(n)`` or ``char(n)`` silently truncates a longer value, where the INSERT's own
+    assignment to the column refuses it (SQLSTATE 22001) as SQLAlchemy's INSERT would.
+    """
+    base = _base_type(column.type, dialect)
+    if (
+        isinstance(base, sqltypes.String)
+        and not isinstance(base, sqltypes.Enum)
+        and base.length is not None
+    ):
+        return "BPCHAR" if isinstance(base, sqltypes.CHAR | sqltypes.NCHAR) else "VARCHAR"
+    return str(column.type.compile(dialect=dialect))
+
+
 def set_based(columns: Sequence[Column[Any]], dialect: Dialect) -> bool:
     """True when every column's type can be bound as an array of its values.
 
@@ -97,7 +114,7 @@ class SetStatements:
         quoted = [preparer.quote(c.name) for c in columns]
 
         def cast(column: Column[Any]) -> str:
-            return f"%b::{column.type.compile(dialect=dialect)}[]"
+            return f"%b::{_array_type(column, dialect)}[]"
 
         self._processors: list[Callable[[Any], Any] | None] = [
             c.type.dialect_impl(dialect).bind_processor(dialect) for c in columns
