@@ -642,6 +642,10 @@ def test_a_row_postgres_cannot_store_at_all_is_dead_lettered(
     assert "NUL" in letter.error
     assert worker.stats(database=False).length == 0
     assert not [r for r in caplog.records if "set-based" in r.getMessage()]
+    # a replay cannot write it either, and says what to do instead
+    why = replay_dead_letters(worker_engine, client, namespace, [page_view]).failed[letter.id]
+    assert "NUL" in why
+    assert "replayed_at" in why
 
     with factory() as s:  # the flush refuses it now, as Postgres would refuse the INSERT
         s.add(page_view(path="a\x00b"))

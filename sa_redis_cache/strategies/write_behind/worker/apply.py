@@ -398,7 +398,18 @@ class Applier:
                 )
             return self.codec.load_row(payload[ROW_KEY])
         if RAW_KEY in payload:
-            raise ValueError("the queued entry was not JSON")
+            if "\\u0000" in str(payload[RAW_KEY]):
+                raise ValueError(
+                    "the row holds a NUL character (\\u0000), which Postgres text cannot "
+                    "store; it is kept as its JSON text in the letter's payload: write the "
+                    "row yourself without the NUL, then close the letter (UPDATE "
+                    "sarc_dead_letters SET replayed_at = now() WHERE id = ...)"
+                )
+            raise ValueError(
+                "the queued entry was not JSON; its bytes are kept as text in the letter's "
+                "payload: write the row yourself from them, then close the letter (UPDATE "
+                "sarc_dead_letters SET replayed_at = now() WHERE id = ...)"
+            )
         missing = [k for k in self.info.column_keys if k not in payload]
         if missing:
             raise KeyError(f"the model changed since: the row lacks {', '.join(missing)}")
