@@ -1,0 +1,280 @@
+"""Review probes of the asyncio side: many tasks on one loop, cancellation, two loops.
+
+Each test builds its own ``AsyncEngine`` and a cache whose clients a :class:`RedisTap`
+sees, and uses the database (a plain synchronous connection) as the oracle. Interleavings
+are forced with asyncio events and the points of :mod:`tests.seams`, never with sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+import sqlalchemy as sa
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+
+from examples.shop import Product
+from sa_redis_cache import Cache, FromCache
+from tests.modes import async_url
+from tests.seams import RedisTap, Seams
+
+try:  # SQLAlchemy 2.1
+    from sqlalchemy.util import await_
+except ImportError:  # SQLAlchemy 2.0
+    from sqlalchemy.util import await_only as await_
+
+
+@dataclass
+class App:
+    """An asyncio application: engine, attached factory, tapped cache, SQL log."""
+
+    engine: AsyncEngine
+    factory: async_sessionmaker[Any]
+    cache: Cache
+    tap: RedisTap
+    seams: Seams
+    statements: list[str] = field(default_factory=list)
+
+    def selects(self) -> int:
+        return sum(s.lstrip().upper().startswith("SELECT") for s in self.statements)
+
+
+@asynccontextmanager
+async def async_app(
+    database_url: str, redis_url: str, namespace: str, **cache_options: Any
+) -> AsyncIterator[App]:
+    engine = create_async_engine(async_url(database_url), pool_size=60, max_overflow=0)
+    tap = RedisTap()
+    client = tap.client(redis_url)
+    aclient = tap.async_client(redis_url)
+    cache = Cache(client, async_client=aclient, namespace=namespace, **cache_options)
+    factory = async_sessionmaker(engine, expire_on_commit=False)
+    cache.attach(factory)
+    seams = Seams(engine=engine.sync_engine, session_class=factory.class_.sync_session_class, tap=tap)
+    app = App(engine, factory, cache, tap, seams)
+    sa.event.listen(
+        engine.sync_engine, "before_cursor_execute", lambda *a: app.statements.append(a[2])
+    )
+    try:
+        yield app
+    finally:
+        seams.close()
+        cache.detach()
+        client.close()
+        await aclient.aclose()
+        await engine.dispose()
+
+
+def db_price(engine: sa.Engine, pid: int) -> Decimal:
+    with engine.connect() as conn:
+        return Decimal(conn.scalar(sa.text("SELECT price FROM products WHERE id = :i"), {"i": pid}))
+
+
+# -- stampede on one loop ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["query", "entity"])
+def test_fifty_tasks_missing_one_key_read_the_database_once(
+    database_url: str, redis_url: str, namespace: str, product: int, shop_engine: sa.Engine, how: str
+) -> None:
+    """asyncio.gather of 50 misses of one entry: the lease holder reads, the others wait.
+
+    The holder's database read is held (in its greenlet, awaiting an event) until all 49
+    others have started waiting for the lease: the loop must stay free for them to get
+    there, and they must then be served the holder's fill.
+    """
+    n = 50
+    stmt = select(Product).where(Product.id == product).options(FromCache(lease_wait=5))
+
+    async def main() -> tuple[list[Decimal], int, dict[str, Any]]:
+        async with async_app(database_url, redis_url, namespace) as app:
+            all_waiting = asyncio.Event()
+            waiting = 0
+
+            def one_waits() -> None:
+                nonlocal waiting
+                waiting += 1
+                if waiting == n - 1:
+                    all_waiting.set()
+
+            app.seams.lease_wait(one_waits)
+            app.seams.after_database_read(lambda: await_(all_waiting.wait()))
+
+            async def read() -> Decimal:
+                async with app.factory() as s:
+                    if how == "query":
+                        return (await s.scalars(stmt)).one().price  # type: ignore[no-any-return]
+                    got = await s.get(Product, product)
+                    assert got is not None
+                    return got.price  # type: ignore[no-any-return]
+
+            app.statements.clear()
+            prices = await asyncio.wait_for(asyncio.gather(*(read() for _ in range(n))), 30)
+            return prices, app.selects(), app.cache.stats()["total"]
+
+    prices, selects, total = asyncio.run(main())
+    assert prices == [db_price(shop_engine, product)] * n
+    assert total["lease_waits"] == n - 1, total
+    assert selects == 1, (selects, total)
+
+
+# -- cancellation --------------------------------------------------------------------------
+
+
+def writers_left(client: redis.Redis, cache: Cache, table: str) -> int:
+    return int(client.zcard(cache.keys.writers_key(table)))
+
+
+def test_a_commit_cancelled_before_its_post_commit_work_leaves_no_mark_and_no_stale_read(
+    database_url: str,
+    redis_url: str,
+    namespace: str,
+    product: int,
+    shop_engine: sa.Engine,
+    redis_client: redis.Redis,
+) -> None:
+    """The writer's task is cancelled after Postgres committed, while its post-commit
+    Redis round trip waits for a connection (the pool's were closed: it must connect).
+
+    Afterwards: the committed price is what every reader gets, the writer mark does not
+    keep fills out for its 60 s, the session and the engine's pool still work.
+    """
+    stmt = select(Product).where(Product.id == product).options(FromCache())
+
+    async def main() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with async_app(database_url, redis_url, namespace) as app:
+            async with app.factory() as s:  # both entries filled with 1.00
+                (await s.scalars(stmt)).one()
+                await s.get(Product, product)
+            writer: asyncio.Task[None] | None = None
+
+            def cancel_writer() -> None:
+                assert writer is not None
+                # the next Redis call has to connect: the cancellation lands before it sends
+                await_(app.cache._core.async_client().connection_pool.disconnect())
+                writer.cancel()
+
+            app.seams.before_post_commit(cancel_writer)
+            session = app.factory()
+
+            async def write() -> None:
+                p = await session.get(Product, product, populate_existing=True)
+                assert p is not None
+                p.price = Decimal("2.00")
+                await session.commit()
+
+            writer = asyncio.create_task(write())
+            done = await asyncio.gather(writer, return_exceptions=True)
+            out["writer"] = done[0]
+            app.seams.close()
+            out["marks_after_cancel"] = writers_left(redis_client, app.cache, "products")
+            out["db"] = db_price(shop_engine, product)
+            # the cancelled session is closed by the application and its connection returns
+            await session.close()
+            out["checked_out"] = app.engine.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
+            prices = []
+            app.statements.clear()
+            for _ in range(3):
+                async with app.factory() as s:
+                    prices.append((await s.scalars(stmt)).one().price)
+                    got = await s.get(Product, product)
+                    assert got is not None
+                    prices.append(got.price)
+            out["prices"] = prices
+            out["selects"] = app.selects()
+            out["marks_at_end"] = writers_left(redis_client, app.cache, "products")
+        return out
+
+    out = asyncio.run(main())
+    assert isinstance(out["writer"], asyncio.CancelledError), out
+    assert out["db"] == Decimal("2.00")
+    assert out["checked_out"] == 0, out
+    assert out["prices"] == [Decimal("2.00")] * 6, out
+    # the first round fills both entries, the later rounds are hits
+    assert out["selects"] == 2, out
+    assert out["marks_at_end"] == 0, out
+
+
+@pytest.mark.parametrize("how", ["query", "entity"])
+def test_a_read_from_before_a_cancelled_commit_is_not_stored_as_current(
+    database_url: str, redis_url: str, namespace: str, product: int, shop_engine: sa.Engine, how: str
+) -> None:
+    """Guarantee 2 when the writer's task is cancelled between Postgres's COMMIT and the
+    post-commit script (the cancellation lands while that script's connection connects).
+
+    A reader captures the versions after the writer's flush and reads the row before its
+    commit (1.00); its fill is held until the writer's task was cancelled and its session
+    closed. The fill must be refused: every later reader gets the committed 2.00.
+    """
+    stmt = select(Product).where(Product.id == product).options(FromCache())
+
+    async def main() -> tuple[Decimal, list[Decimal]]:
+        async with async_app(database_url, redis_url, namespace) as app:
+            flushed = asyncio.Event()
+            reader_read = asyncio.Event()
+            writer_over = asyncio.Event()
+            writer: asyncio.Task[None] | None = None
+            unarm: list[Callable[[], None]] = []
+
+            async def read(s: Any) -> Decimal:
+                if how == "query":
+                    return (await s.scalars(stmt)).one().price  # type: ignore[no-any-return]
+                got = await s.get(Product, product, populate_existing=True)
+                assert got is not None
+                return got.price  # type: ignore[no-any-return]
+
+            def cancel_writer() -> None:
+                assert writer is not None
+                await_(app.cache._core.async_client().connection_pool.disconnect())
+                writer.cancel()
+
+            async def write() -> None:
+                async with app.factory() as s:
+                    p = await s.get(Product, product)
+                    assert p is not None
+                    p.price = Decimal("2.00")
+                    await s.flush()
+                    flushed.set()
+                    await reader_read.wait()
+                    unarm.append(app.seams.before_post_commit(cancel_writer))
+                    await s.commit()
+
+            def hold_fill() -> None:
+                reader_read.set()
+                await_(writer_over.wait())
+
+            async def reader() -> Decimal:
+                await flushed.wait()
+                remove = app.seams.after_database_read(hold_fill)
+                try:
+                    async with app.factory() as s:
+                        return await read(s)
+                finally:
+                    remove()
+
+            writer = asyncio.create_task(write())
+            reading = asyncio.create_task(reader())
+            await asyncio.gather(writer, return_exceptions=True)  # cancelled, session closed
+            unarm[0]()
+            writer_over.set()
+            before = await reading  # read before the commit: 1.00, its fill sent now
+            later = []
+            for _ in range(2):
+                async with app.factory() as s:
+                    later.append(await read(s))
+            return before, later
+
+    before, later = asyncio.run(main())
+    assert before == Decimal("1.00")
+    assert db_price(shop_engine, product) == Decimal("2.00")
+    assert later == [Decimal("2.00")] * 2
