@@ -376,7 +376,14 @@ class SessionHooks:
                     self.engine_writes.finish_on_checkin(connection, state.token, state.marked)
                 state.marked = set()
             else:
-                self.invalidation.apply(state)
+                try:
+                    self.invalidation.apply(state)
+                except BaseException:
+                    # the database has committed: a cancellation landing here must not
+                    # make the session's end release the marks unbumped, as a rollback's
+                    # (a read made before the commit could then be filled as current)
+                    state.committed = state.interrupted = True
+                    raise
         state.committed = True
 
     def after_rollback(self, session: Session) -> None:
@@ -414,6 +421,9 @@ class SessionHooks:
         # the marks of a flush that failed
         self.invalidation.settle_posted(state)
         self.invalidation.settle_premark(state)
+        if state.interrupted:
+            state.interrupted = False
+            self.invalidation.apply_again(state)
         committed, token, marked = state.committed, state.token, state.marked
         queued = list(state.frames[0].queued.values())
         joined = state.joined

@@ -91,6 +91,9 @@ class TransactionState:
     # began, before its snapshot; fills must compare against these, not later ones
     snapshot: dict[str, bytes | None] | None = None
     committed: bool = False
+    # the post-commit work was interrupted (an asyncio cancellation or timeout landed at
+    # one of its awaits, after the database committed): done again at the transaction's end
+    interrupted: bool = False
     # Redis calls sent and not yet read (strategies/cache_aside.py): the marks sent before
     # a flush's statements ran, the post-commit work sent after the database commit
     premark: Any = None
@@ -167,6 +170,7 @@ class TransactionState:
         self.frames = [Frame()]
         self.snapshot = None
         self.committed = False
+        self.interrupted = False
         self.premark = None
         self.posted = None
         self.plan = None

@@ -709,6 +709,13 @@ class Invalidation:
         """
         self._apply(state.token, state.frames[0].tables, state.marked, state)
 
+    def apply_again(self, state: TransactionState) -> None:
+        """The post-commit work :meth:`apply` began was interrupted (its tables are
+        undelivered meanwhile): done now, when the session's transaction ends (its
+        ``close()``), and waited for. ``commit.lua`` may then run twice: one more
+        version bump, the same states written or deleted under the same tickets."""
+        self._apply(state.token, state.frames[0].tables, state.marked)
+
     def settle_posted(self, state: TransactionState) -> None:
         """Read the replies of the post-commit work :meth:`apply` sent."""
         posted: _Posted | None = state.posted
@@ -721,6 +728,9 @@ class Invalidation:
         except RedisError as exc:
             self._undelivered(exc, posted.tables, posted.measured)
             return
+        except BaseException:
+            self._interrupted(posted.tables, posted.measured)
+            raise
         posted.measured.done("delivered")
         core.breaker.success()  # resets the failure count too
 
@@ -774,6 +784,17 @@ class Invalidation:
             core.breaker.success()  # resets the failure count too
         except RedisError as exc:
             self._undelivered(exc, tables, measured)
+        except BaseException:
+            self._interrupted(tables, measured)
+            raise
+
+    def _interrupted(self, tables: set[str], measured: Measurement) -> None:
+        """The post-commit work was interrupted (under asyncio, a cancellation or timeout
+        lands at any of its awaits), after the database committed: whether Redis ran it
+        is unknown, so it is undelivered, as after a Redis error, and delivered before
+        this process trusts the cache for those tables again."""
+        measured.done("error")
+        self.core.keep_undelivered(tables)
 
     def _undelivered(self, exc: RedisError, tables: set[str], measured: Measurement) -> None:
         """The post-commit work failed: counted, and kept until Redis takes it."""

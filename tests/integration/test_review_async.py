@@ -22,8 +22,10 @@ import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
+from devservices import RedisServer
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
+from sa_redis_cache.protocol import scripts
 from tests.modes import async_url
 from tests.seams import RedisTap, Seams
 
@@ -229,7 +231,7 @@ def test_a_read_from_before_a_cancelled_commit_is_not_stored_as_current(
             async def read(s: Any) -> Decimal:
                 if how == "query":
                     return (await s.scalars(stmt)).one().price  # type: ignore[no-any-return]
-                got = await s.get(Product, product, populate_existing=True)
+                got = await s.get(Product, product)
                 assert got is not None
                 return got.price  # type: ignore[no-any-return]
 
@@ -278,3 +280,77 @@ def test_a_read_from_before_a_cancelled_commit_is_not_stored_as_current(
     assert before == Decimal("1.00")
     assert db_price(shop_engine, product) == Decimal("2.00")
     assert later == [Decimal("2.00")] * 2
+
+
+# -- Redis dies in the middle of a call ----------------------------------------------------
+
+COMMIT_SHA = scripts.script("commit").sha
+LOOK_SHA = scripts.script("look").sha
+
+
+@pytest.mark.parametrize("point", ["look", "post-commit"])
+def test_redis_killed_in_the_middle_of_a_call_degrades_to_the_database(
+    database_url: str, namespace: str, product: int, shop_engine: sa.Engine, point: str
+) -> None:
+    """Redis is SIGKILLed as one of the cache's asyncio round trips is about to be sent.
+
+    Nothing raises; reads give the database's value while it is away; restarted from its
+    AOF (with the entries of 1.00 back), it serves the committed 2.00.
+    """
+    stmt = select(Product).where(Product.id == product).options(FromCache())
+
+    async def read(app: App) -> tuple[Decimal, Decimal]:
+        async with app.factory() as s:
+            by_query = (await s.scalars(stmt)).one().price
+        async with app.factory() as s:
+            got = await s.get(Product, product)
+            assert got is not None
+            return by_query, got.price
+
+    async def main(server: RedisServer) -> list[tuple[Decimal, Decimal]]:
+        seen = []
+        async with async_app(database_url, server.url, namespace) as app:
+            seen.append(await read(app))  # filled
+            seen.append(await read(app))  # hits
+
+            def kill_at(trip: list[tuple[str, ...]]) -> None:
+                shas = {c[1] for c in trip if c[0].upper() == "EVALSHA"}
+                if point == "post-commit" and COMMIT_SHA in shas or point == "look" and (
+                    LOOK_SHA in shas or any(c[0].upper() == "MGET" for c in trip)
+                ):
+                    app.tap.remove(kill_at)
+                    server.kill()
+
+            app.tap.listen(kill_at)
+            if point == "look":
+                # the entry was invalidated elsewhere: this read's look meets a dead server
+                with shop_engine.begin() as conn:
+                    conn.execute(
+                        sa.text("UPDATE products SET price = 2.00 WHERE id = :i"), {"i": product}
+                    )
+                seen.append(await read(app))  # cached 1.00 or the database's 2.00: no error
+                server.restart()
+                async with app.factory() as s:
+                    p = await s.get(Product, product, populate_existing=True)
+                    assert p is not None
+                    p.price = Decimal("2.00")
+                    p.name = "scratch again"
+                    await s.commit()
+            else:
+                async with app.factory() as s:
+                    p = await s.get(Product, product)
+                    assert p is not None
+                    p.price = Decimal("2.00")
+                    await s.commit()  # the post-commit script meets a dead server
+                seen.append(await read(app))
+                server.restart()
+            seen.append(await read(app))
+            seen.append(await read(app))
+        return seen
+
+    with RedisServer(appendonly=True, appendfsync="always") as server:
+        seen = asyncio.run(main(server))
+    assert seen[:2] == [(Decimal("1.00"),) * 2] * 2
+    assert seen[-2:] == [(Decimal("2.00"),) * 2] * 2, seen
+    if point == "post-commit":
+        assert seen[2] == (Decimal("2.00"),) * 2, seen
