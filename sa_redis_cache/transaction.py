@@ -94,6 +94,9 @@ class TransactionState:
     # the post-commit work was interrupted (an asyncio cancellation or timeout landed at
     # one of its awaits, after the database committed): done again at the transaction's end
     interrupted: bool = False
+    # the outermost commit() began (before_commit): from then on, until after_commit, its
+    # COMMIT may reach the database even if commit() raises
+    commit_began: bool = False
     # Redis calls sent and not yet read (strategies/cache_aside.py): the marks sent before
     # a flush's statements ran, the post-commit work sent after the database commit
     premark: Any = None
@@ -171,6 +174,7 @@ class TransactionState:
         self.snapshot = None
         self.committed = False
         self.interrupted = False
+        self.commit_began = False
         self.premark = None
         self.posted = None
         self.plan = None

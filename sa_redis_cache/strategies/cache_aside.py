@@ -738,6 +738,12 @@ class Invalidation:
         """Core/textual DML: the post-commit bump and mark release."""
         self._apply(token, {table: TableWrites(bulk=True) for table in tables}, tables)
 
+    def finish_uncertain(self, token: str, tables: set[str]) -> None:
+        """A transaction whose commit may or may not have reached the database ended:
+        the post-commit bump and the marks' release, no states written (its rows' entries
+        were deleted at flush)."""
+        self._apply(token, {}, tables)
+
     def release(self, token: str, tables: Iterable[str]) -> None:
         """A transaction that marked ``tables`` ended without a commit: drop its marks."""
         core = self.core

@@ -8,8 +8,9 @@ are forced with asyncio events and the points of :mod:`tests.seams`, never with 
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -21,10 +22,11 @@ import redis.asyncio
 import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from devservices import RedisServer
 from examples.shop import Product
-from sa_redis_cache import Cache, FromCache
+from sa_redis_cache import Cache, CachePolicy, FromCache
 from sa_redis_cache.protocol import scripts
 from tests.modes import async_url
 from tests.seams import RedisTap, Seams
@@ -354,3 +356,250 @@ def test_redis_killed_in_the_middle_of_a_call_degrades_to_the_database(
     assert seen[-2:] == [(Decimal("2.00"),) * 2] * 2, seen
     if point == "post-commit":
         assert seen[2] == (Decimal("2.00"),) * 2, seen
+
+
+# -- two event loops, one cache ------------------------------------------------------------
+
+
+def test_two_event_loops_in_two_threads_share_one_cache(
+    database_url: str, redis_url: str, namespace: str, product: int, shop_engine: sa.Engine
+) -> None:
+    """One ``Cache(url)``; each thread runs its own loop, engine and ``async_sessionmaker``.
+
+    The threads take turns (a barrier between steps): one writes, the other, after the
+    commit returned, reads the new price through both entries; then the other way round.
+    Each loop gets its own asyncio client; closing one leaves the other's working.
+    """
+    cache = Cache(redis_url, namespace=namespace)
+    turns = threading.Barrier(2, timeout=30)
+    stmt = select(Product).where(Product.id == product).options(FromCache())
+    seen: dict[int, list[Decimal]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    async def read(factory: async_sessionmaker[Any]) -> list[Decimal]:
+        async with factory() as s:
+            by_query = (await s.scalars(stmt)).one().price
+        async with factory() as s:
+            got = await s.get(Product, product)
+            assert got is not None
+            return [by_query, got.price]
+
+    async def main(me: int) -> None:
+        engine = create_async_engine(async_url(database_url))
+        factory = async_sessionmaker(engine)
+        cache.attach(factory)
+        try:
+            for step, price in enumerate(("2.00", "3.00", "4.00", "5.00")):
+                writer = step % 2
+                seen[me] += await read(factory)  # both fill or hit
+                turns.wait()
+                if me == writer:
+                    async with factory() as s:
+                        p = await s.get(Product, product)
+                        assert p is not None
+                        p.price = Decimal(price)
+                        await s.commit()
+                turns.wait()  # the commit returned
+                seen[me] += await read(factory)
+                turns.wait()
+            client = cache._core.async_client()
+            await cache.aclose()
+            assert client is not cache._core.async_client()  # a new one for this loop
+        finally:
+            await cache.aclose()
+            await engine.dispose()
+
+    def run(me: int) -> None:
+        try:
+            asyncio.run(main(me))
+        except BaseException as exc:
+            errors.append(exc)
+            turns.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        cache.detach()
+        cache.client.close()
+    assert not errors, errors
+    expected = []
+    for before, after in (("1.00", "2.00"), ("2.00", "3.00"), ("3.00", "4.00"), ("4.00", "5.00")):
+        expected += [Decimal(before)] * 2 + [Decimal(after)] * 2
+    assert seen[0] == seen[1] == expected
+    assert db_price(shop_engine, product) == Decimal("5.00")
+
+
+# -- a COMMIT whose outcome the application never learns ----------------------------------
+
+HOLD_LOCK = 7_306_211  # the advisory lock a held COMMIT waits for
+
+
+@pytest.fixture
+def gauge(engine: sa.Engine) -> Iterator[Any]:
+    """A private cache-aside model whose COMMIT of a row named 'hold' waits, in a deferred
+    constraint trigger, for the advisory lock ``HOLD_LOCK``; the trigger swallows the
+    cancel request psycopg sends when the committing task is cancelled, so that COMMIT
+    then succeeds while the client raises ``CancelledError``: a commit whose outcome the
+    application does not learn (as after a connection lost during COMMIT)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Gauge(Base):
+        __tablename__ = "review_async_gauges"
+        __cache__ = CachePolicy(strategy="cache_aside", ttl=600)
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str]
+        value: Mapped[int]
+
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"""
+                CREATE OR REPLACE FUNCTION review_async_hold() RETURNS trigger AS $$
+                BEGIN
+                    BEGIN
+                        PERFORM pg_advisory_xact_lock({HOLD_LOCK});
+                    EXCEPTION WHEN query_canceled THEN
+                        NULL;
+                    END;
+                    RETURN NULL;
+                END $$ LANGUAGE plpgsql
+                """
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE CONSTRAINT TRIGGER review_async_hold AFTER UPDATE ON review_async_gauges "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.name = 'hold') "
+                "EXECUTE FUNCTION review_async_hold()"
+            )
+        )
+        conn.execute(sa.insert(Gauge).values(id=1, name="plain", value=1))
+    try:
+        yield Gauge
+    finally:
+        Base.metadata.drop_all(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP FUNCTION IF EXISTS review_async_hold()"))
+        Base.registry.dispose()
+        del Gauge, Base
+        gc.collect()
+
+
+def test_a_read_from_before_a_commit_of_unknown_outcome_is_not_stored_as_current(
+    database_url: str, redis_url: str, namespace: str, engine: sa.Engine, gauge: Any
+) -> None:
+    """The writer's task is cancelled while Postgres runs its COMMIT, which succeeds.
+
+    SQLAlchemy raises ``CancelledError`` from ``commit()`` and the session ends as if it
+    had rolled back. A reader that captured the versions after the writer's flush and read
+    the row before the COMMIT (value 1) fills after that: the fill must be refused, as it
+    would be after a commit the session saw, since the database holds value 2.
+    """
+    stmt = select(gauge).where(gauge.id == 1).options(FromCache())
+
+    async def main() -> tuple[int, list[int]]:
+        async with async_app(database_url, redis_url, namespace) as app:
+            flushed = asyncio.Event()
+            reader_read = asyncio.Event()
+            writer_over = asyncio.Event()
+
+            async def write() -> None:
+                async with app.factory() as s:
+                    g = await s.get(gauge, 1)
+                    g.value, g.name = 2, "hold"
+                    await s.flush()
+                    flushed.set()
+                    await reader_read.wait()
+                    await s.commit()  # waits in the trigger, then is cancelled
+
+            def hold_fill() -> None:
+                reader_read.set()
+                await_(writer_over.wait())
+
+            async def reader() -> int:
+                await flushed.wait()
+                remove = app.seams.after_database_read(hold_fill)
+                try:
+                    async with app.factory() as s:
+                        return (await s.scalars(stmt)).one().value  # type: ignore[no-any-return]
+                finally:
+                    remove()
+
+            async with app.factory() as s:  # filled with 1
+                assert (await s.scalars(stmt)).one().value == 1
+            with engine.connect() as holder:
+                holder.execute(sa.text(f"SELECT pg_advisory_lock({HOLD_LOCK})"))
+                writer = asyncio.create_task(write())
+                reading = asyncio.create_task(reader())
+                await reader_read.wait()
+                # the writer's COMMIT is inside Postgres, waiting for the lock
+                while not holder.scalar(
+                    sa.text(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                        "AND objid = :k AND NOT granted"
+                    ),
+                    {"k": HOLD_LOCK},
+                ):
+                    await asyncio.sleep(0.01)  # polls a condition (no event reaches here)
+                writer.cancel()
+                outcome = await asyncio.gather(writer, return_exceptions=True)
+                holder.execute(sa.text(f"SELECT pg_advisory_unlock({HOLD_LOCK})"))
+                holder.commit()
+            assert isinstance(outcome[0], asyncio.CancelledError), outcome
+            writer_over.set()
+            before = await reading
+            later = []
+            for _ in range(2):
+                async with app.factory() as s:
+                    later.append((await s.scalars(stmt)).one().value)
+            return before, later
+
+    before, later = asyncio.run(main())
+    with engine.connect() as conn:
+        committed = conn.scalar(sa.text("SELECT value FROM review_async_gauges WHERE id = 1"))
+    assert committed == 2, "the COMMIT was meant to succeed"
+    assert before == 1
+    assert later == [2, 2]
+
+
+def test_a_reader_cancelled_between_its_database_read_and_its_fill_leaves_no_lease(
+    database_url: str, redis_url: str, namespace: str, product: int, redis_client: redis.Redis
+) -> None:
+    """The lease holder's task is cancelled after its database read: the lease goes with
+    it, so the next reader neither waits ``lease_wait`` nor finds anything but the row."""
+    stmt = select(Product).where(Product.id == product).options(FromCache(lease_wait=5))
+
+    async def main() -> tuple[Any, list[bytes], Decimal, dict[str, Any]]:
+        async with async_app(database_url, redis_url, namespace) as app:
+            reader: asyncio.Task[Any] | None = None
+
+            def cancel_reader() -> None:
+                assert reader is not None
+                reader.cancel()
+
+            remove = app.seams.after_database_read(cancel_reader)
+
+            async def read() -> Decimal:
+                async with app.factory() as s:
+                    return (await s.scalars(stmt)).one().price  # type: ignore[no-any-return]
+
+            reader = asyncio.create_task(read())
+            outcome = (await asyncio.gather(reader, return_exceptions=True))[0]
+            remove()
+            leases = list(redis_client.scan_iter(f"sarc:{namespace}:*:lease"))
+            again = await asyncio.wait_for(read(), 2)  # a lease left would hold it 5 s
+            return outcome, leases, again, app.cache.stats()["total"]
+
+    outcome, leases, again, total = asyncio.run(main())
+    assert isinstance(outcome, asyncio.CancelledError), outcome
+    assert leases == []
+    assert again == Decimal("1.00")
+    assert total["lease_waits"] == 0
