@@ -26,8 +26,7 @@ and each calls the read path and the strategies in the order written here:
 ``after_commit``
     A savepoint's release merges its frame into its parent. The outermost commit runs
     cache-aside's post-commit work (bumps, write-through, announcements) before
-    ``commit()`` returns; interrupted (an asyncio cancellation), it is done again at the
-    transaction's end.
+    ``commit()`` returns.
 ``after_rollback``
     A savepoint's rollback drops its frame: write-through states are forgotten and
     write-behind objects reverted. The transaction's reverts them all (deleted objects
@@ -388,14 +387,7 @@ class SessionHooks:
                     self.engine_writes.finish_on_checkin(connection, state.token, state.marked)
                 state.marked = set()
             else:
-                try:
-                    self.invalidation.apply(state)
-                except BaseException:
-                    # the database has committed: a cancellation landing here must not
-                    # make the session's end release the marks unbumped, as a rollback's
-                    # (a read made before the commit could then be filled as current)
-                    state.committed = state.interrupted = True
-                    raise
+                self.invalidation.apply(state)
         state.committed = True
 
     def after_rollback(self, session: Session) -> None:
@@ -433,9 +425,6 @@ class SessionHooks:
         # the marks of a flush that failed
         self.invalidation.settle_posted(state)
         self.invalidation.settle_premark(state)
-        if state.interrupted:
-            state.interrupted = False
-            self.invalidation.apply_again(state)
         committed, token, marked = state.committed, state.token, state.marked
         uncertain = state.commit_began and not committed
         queued = list(state.frames[0].queued.values())
@@ -444,9 +433,10 @@ class SessionHooks:
         if not committed:
             if marked and uncertain:
                 # commit() raised after it began (a connection lost or a task cancelled
-                # while Postgres ran the COMMIT): the database may have committed, so the
-                # marks go with a commit's bump, not unbumped as a rollback's (a read made
-                # before the COMMIT could otherwise be filled as current)
+                # while Postgres ran the COMMIT, or during the post-commit work): the
+                # database may have committed, so the marks go with a commit's bump, not
+                # unbumped as a rollback's (a read made before the COMMIT could otherwise
+                # be filled as current)
                 self.invalidation.finish_uncertain(token, marked)
             elif marked:
                 self.invalidation.release(token, marked)

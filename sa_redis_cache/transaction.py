@@ -91,9 +91,6 @@ class TransactionState:
     # began, before its snapshot; fills must compare against these, not later ones
     snapshot: dict[str, bytes | None] | None = None
     committed: bool = False
-    # the post-commit work was interrupted (an asyncio cancellation or timeout landed at
-    # one of its awaits, after the database committed): done again at the transaction's end
-    interrupted: bool = False
     # the outermost commit() began (before_commit): from then on, until after_commit, its
     # COMMIT may reach the database even if commit() raises
     commit_began: bool = False
@@ -173,7 +170,6 @@ class TransactionState:
         self.frames = [Frame()]
         self.snapshot = None
         self.committed = False
-        self.interrupted = False
         self.commit_began = False
         self.premark = None
         self.posted = None

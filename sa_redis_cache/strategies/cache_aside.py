@@ -709,13 +709,6 @@ class Invalidation:
         """
         self._apply(state.token, state.frames[0].tables, state.marked, state)
 
-    def apply_again(self, state: TransactionState) -> None:
-        """The post-commit work :meth:`apply` began was interrupted (its tables are
-        undelivered meanwhile): done now, when the session's transaction ends (its
-        ``close()``), and waited for. ``commit.lua`` may then run twice: one more
-        version bump, the same states written or deleted under the same tickets."""
-        self._apply(state.token, state.frames[0].tables, state.marked)
-
     def settle_posted(self, state: TransactionState) -> None:
         """Read the replies of the post-commit work :meth:`apply` sent."""
         posted: _Posted | None = state.posted
@@ -798,7 +791,8 @@ class Invalidation:
         """The post-commit work was interrupted (under asyncio, a cancellation or timeout
         lands at any of its awaits), after the database committed: whether Redis ran it
         is unknown, so it is undelivered, as after a Redis error, and delivered before
-        this process trusts the cache for those tables again."""
+        this process trusts the cache for those tables again. The session's end then
+        bumps and releases the marks (:meth:`finish_uncertain`)."""
         measured.done("error")
         self.core.keep_undelivered(tables)
 

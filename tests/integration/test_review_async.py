@@ -30,6 +30,9 @@ from sa_redis_cache import Cache, CachePolicy, FromCache
 from sa_redis_cache.protocol import scripts
 from tests.modes import async_url
 from tests.seams import RedisTap, Seams
+from tests.wb_support import drain, rows
+
+pytest_plugins = ["tests.wb_fixtures"]  # aof_redis, models, make_worker
 
 try:  # SQLAlchemy 2.1
     from sqlalchemy.util import await_
@@ -46,6 +49,7 @@ class App:
     cache: Cache
     tap: RedisTap
     seams: Seams
+    aclient: redis.asyncio.Redis
     statements: list[str] = field(default_factory=list)
 
     def selects(self) -> int:
@@ -63,8 +67,10 @@ async def async_app(
     cache = Cache(client, async_client=aclient, namespace=namespace, **cache_options)
     factory = async_sessionmaker(engine, expire_on_commit=False)
     cache.attach(factory)
-    seams = Seams(engine=engine.sync_engine, session_class=factory.class_.sync_session_class, tap=tap)
-    app = App(engine, factory, cache, tap, seams)
+    seams = Seams(
+        engine=engine.sync_engine, session_class=factory.class_.sync_session_class, tap=tap
+    )
+    app = App(engine, factory, cache, tap, seams, aclient)
     sa.event.listen(
         engine.sync_engine, "before_cursor_execute", lambda *a: app.statements.append(a[2])
     )
@@ -88,7 +94,12 @@ def db_price(engine: sa.Engine, pid: int) -> Decimal:
 
 @pytest.mark.parametrize("how", ["query", "entity"])
 def test_fifty_tasks_missing_one_key_read_the_database_once(
-    database_url: str, redis_url: str, namespace: str, product: int, shop_engine: sa.Engine, how: str
+    database_url: str,
+    redis_url: str,
+    namespace: str,
+    product: int,
+    shop_engine: sa.Engine,
+    how: str,
 ) -> None:
     """asyncio.gather of 50 misses of one entry: the lease holder reads, the others wait.
 
@@ -165,7 +176,7 @@ def test_a_commit_cancelled_before_its_post_commit_work_leaves_no_mark_and_no_st
             def cancel_writer() -> None:
                 assert writer is not None
                 # the next Redis call has to connect: the cancellation lands before it sends
-                await_(app.cache._core.async_client().connection_pool.disconnect())
+                await_(app.aclient.connection_pool.disconnect())
                 writer.cancel()
 
             app.seams.before_post_commit(cancel_writer)
@@ -182,6 +193,8 @@ def test_a_commit_cancelled_before_its_post_commit_work_leaves_no_mark_and_no_st
             out["writer"] = done[0]
             app.seams.close()
             out["marks_after_cancel"] = writers_left(redis_client, app.cache, "products")
+            # until the session ends, this process reads products from the database
+            out["undelivered"] = set(app.cache._core.undelivered)
             out["db"] = db_price(shop_engine, product)
             # the cancelled session is closed by the application and its connection returns
             await session.close()
@@ -202,6 +215,7 @@ def test_a_commit_cancelled_before_its_post_commit_work_leaves_no_mark_and_no_st
     out = asyncio.run(main())
     assert isinstance(out["writer"], asyncio.CancelledError), out
     assert out["db"] == Decimal("2.00")
+    assert out["undelivered"] == {"products"}, out
     assert out["checked_out"] == 0, out
     assert out["prices"] == [Decimal("2.00")] * 6, out
     # the first round fills both entries, the later rounds are hits
@@ -211,7 +225,12 @@ def test_a_commit_cancelled_before_its_post_commit_work_leaves_no_mark_and_no_st
 
 @pytest.mark.parametrize("how", ["query", "entity"])
 def test_a_read_from_before_a_cancelled_commit_is_not_stored_as_current(
-    database_url: str, redis_url: str, namespace: str, product: int, shop_engine: sa.Engine, how: str
+    database_url: str,
+    redis_url: str,
+    namespace: str,
+    product: int,
+    shop_engine: sa.Engine,
+    how: str,
 ) -> None:
     """Guarantee 2 when the writer's task is cancelled between Postgres's COMMIT and the
     post-commit script (the cancellation lands while that script's connection connects).
@@ -239,7 +258,7 @@ def test_a_read_from_before_a_cancelled_commit_is_not_stored_as_current(
 
             def cancel_writer() -> None:
                 assert writer is not None
-                await_(app.cache._core.async_client().connection_pool.disconnect())
+                await_(app.aclient.connection_pool.disconnect())
                 writer.cancel()
 
             async def write() -> None:
@@ -317,9 +336,8 @@ def test_redis_killed_in_the_middle_of_a_call_degrades_to_the_database(
 
             def kill_at(trip: list[tuple[str, ...]]) -> None:
                 shas = {c[1] for c in trip if c[0].upper() == "EVALSHA"}
-                if point == "post-commit" and COMMIT_SHA in shas or point == "look" and (
-                    LOOK_SHA in shas or any(c[0].upper() == "MGET" for c in trip)
-                ):
+                looks = LOOK_SHA in shas or any(c[0].upper() == "MGET" for c in trip)
+                if (COMMIT_SHA in shas) if point == "post-commit" else looks:
                     app.tap.remove(kill_at)
                     server.kill()
 
@@ -573,33 +591,111 @@ def test_a_read_from_before_a_commit_of_unknown_outcome_is_not_stored_as_current
 def test_a_reader_cancelled_between_its_database_read_and_its_fill_leaves_no_lease(
     database_url: str, redis_url: str, namespace: str, product: int, redis_client: redis.Redis
 ) -> None:
-    """The lease holder's task is cancelled after its database read: the lease goes with
-    it, so the next reader neither waits ``lease_wait`` nor finds anything but the row."""
+    """The lease holder's task is cancelled (from another task, as a timeout does) after
+    its database read, before its fill: the lease goes with it, so the next reader neither
+    waits ``lease_wait`` nor finds anything but the row; the pool gets its connection back."""
     stmt = select(Product).where(Product.id == product).options(FromCache(lease_wait=5))
 
-    async def main() -> tuple[Any, list[bytes], Decimal, dict[str, Any]]:
+    async def main() -> tuple[Any, list[bytes], Decimal, dict[str, Any], int]:
         async with async_app(database_url, redis_url, namespace) as app:
-            reader: asyncio.Task[Any] | None = None
+            read_done = asyncio.Event()
+            never = asyncio.Event()
 
-            def cancel_reader() -> None:
-                assert reader is not None
-                reader.cancel()
+            def park() -> None:
+                read_done.set()
+                await_(never.wait())  # the cancellation lands here
 
-            remove = app.seams.after_database_read(cancel_reader)
+            remove = app.seams.after_database_read(park)
 
             async def read() -> Decimal:
                 async with app.factory() as s:
                     return (await s.scalars(stmt)).one().price  # type: ignore[no-any-return]
 
             reader = asyncio.create_task(read())
+            await read_done.wait()
+            reader.cancel()
             outcome = (await asyncio.gather(reader, return_exceptions=True))[0]
             remove()
             leases = list(redis_client.scan_iter(f"sarc:{namespace}:*:lease"))
             again = await asyncio.wait_for(read(), 2)  # a lease left would hold it 5 s
-            return outcome, leases, again, app.cache.stats()["total"]
+            checked_out = app.engine.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
+            return outcome, leases, again, app.cache.stats()["total"], checked_out
 
-    outcome, leases, again, total = asyncio.run(main())
+    outcome, leases, again, total, checked_out = asyncio.run(main())
     assert isinstance(outcome, asyncio.CancelledError), outcome
     assert leases == []
     assert again == Decimal("1.00")
     assert total["lease_waits"] == 0
+    assert checked_out == 0
+
+
+# -- write-behind under asyncio ------------------------------------------------------------
+
+
+def test_write_behind_from_asyncio_queues_reads_its_writes_and_drains(
+    database_url: str,
+    engine: sa.Engine,
+    wb_redis_url: str,
+    namespace: str,
+    models: Any,
+    make_worker: Callable[..., Any],
+) -> None:
+    """``AsyncSession`` commits of a write-behind model: queued (not in Postgres), read
+    back by ``await session.get``, flushed by the worker. A commit whose task is cancelled
+    before its enqueue reached Redis queues nothing, says so by raising, and leaves the
+    session's engine usable for the next commit of the same row."""
+    page_view = models[0]
+
+    async def main() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with async_app(database_url, wb_redis_url, namespace) as app:
+            async with app.factory() as s:
+                first = page_view(path="/one", views=1)
+                s.add(first)
+                await s.commit()
+                one = first.id
+            out["db_before_drain"] = rows(engine, page_view)
+            async with app.factory() as s:
+                got = await s.get(page_view, one)
+                out["queued"] = (got.path, got.views)
+                got.views = 2
+                await s.commit()
+
+            writer: asyncio.Task[None] | None = None
+
+            def cancel_writer() -> None:
+                assert writer is not None
+                await_(app.aclient.connection_pool.disconnect())
+                writer.cancel()
+
+            unarm = app.seams.before_post_commit(cancel_writer)
+            lost = page_view(path="/lost", views=9)
+
+            async def write() -> None:
+                async with app.factory() as s:
+                    s.add(lost)
+                    await s.commit()
+
+            writer = asyncio.create_task(write())
+            out["cancelled"] = (await asyncio.gather(writer, return_exceptions=True))[0]
+            unarm()
+            async with app.factory() as s:
+                out["lost_read"] = await s.get(page_view, lost.id)
+                again = page_view(id=lost.id, path="/lost", views=10)
+                s.add(again)
+                await s.commit()
+            async with app.factory() as s:
+                got = await s.get(page_view, lost.id)
+                out["again_read"] = (got.path, got.views)
+        return out
+
+    out = asyncio.run(main())
+    assert out["db_before_drain"] == {}
+    assert out["queued"] == ("/one", 1)
+    assert isinstance(out["cancelled"], asyncio.CancelledError), out
+    assert out["lost_read"] is None
+    assert out["again_read"] == ("/lost", 10)
+    worker = make_worker()
+    drain(worker)
+    found = rows(engine, page_view)
+    assert sorted(found.values()) == [("/lost", 10), ("/one", 2)]
