@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -374,6 +376,46 @@ def test_redis_killed_in_the_middle_of_a_call_degrades_to_the_database(
     assert seen[-2:] == [(Decimal("2.00"),) * 2] * 2, seen
     if point == "post-commit":
         assert seen[2] == (Decimal("2.00"),) * 2, seen
+
+
+def test_a_redis_that_stops_answering_degrades_fifty_concurrent_reads_to_the_database(
+    database_url: str, namespace: str, product: int, shop_engine: sa.Engine
+) -> None:
+    """Redis is SIGSTOPped (it accepts nothing, answers nothing) with the entries of 1.00
+    cached and 2.00 committed meanwhile by a write the cache saw fail: 50 concurrent
+    reads on one loop give 2.00, none raises, and the loop is not stuck meanwhile."""
+    stmt = select(Product).where(Product.id == product).options(FromCache())
+
+    async def main(server: RedisServer) -> tuple[list[Any], dict[str, Any]]:
+        # the short timeouts Cache(url) sets
+        url = f"{server.url}?socket_timeout=0.25&socket_connect_timeout=0.25"
+        async with async_app(database_url, url, namespace) as app:
+            async with app.factory() as s:
+                (await s.scalars(stmt)).one()
+            os.kill(server.pid or 0, signal.SIGSTOP)
+            await app.aclient.connection_pool.disconnect()
+            try:
+                async with app.factory() as s:
+                    p = await s.get(Product, product, populate_existing=True)
+                    assert p is not None
+                    p.price = Decimal("2.00")
+                    await s.commit()  # its marks and post-commit time out: undelivered
+
+                async def read() -> Any:
+                    async with app.factory() as s:
+                        return (await s.scalars(stmt)).one().price
+
+                got = await asyncio.wait_for(
+                    asyncio.gather(*(read() for _ in range(50)), return_exceptions=True), 30
+                )
+            finally:
+                os.kill(server.pid or 0, signal.SIGCONT)
+            return got, app.cache.stats()["total"]
+
+    with RedisServer() as server:
+        got, total = asyncio.run(main(server))
+    assert got == [Decimal("2.00")] * 50, got
+    assert total["errors"] >= 1
 
 
 # -- two event loops, one cache ------------------------------------------------------------
