@@ -8,7 +8,9 @@ are forced with asyncio events and the points of :mod:`tests.seams`, never with 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
+import logging
 import os
 import signal
 import threading
@@ -421,8 +423,14 @@ def test_a_redis_that_stops_answering_degrades_fifty_concurrent_reads_to_the_dat
 # -- two event loops, one cache ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("local", [False, True])
 def test_two_event_loops_in_two_threads_share_one_cache(
-    database_url: str, redis_url: str, namespace: str, product: int, shop_engine: sa.Engine
+    database_url: str,
+    redis_url: str,
+    namespace: str,
+    product: int,
+    shop_engine: sa.Engine,
+    local: bool,
 ) -> None:
     """One ``Cache(url)``; each thread runs its own loop, engine and ``async_sessionmaker``.
 
@@ -430,7 +438,7 @@ def test_two_event_loops_in_two_threads_share_one_cache(
     commit returned, reads the new price through both entries; then the other way round.
     Each loop gets its own asyncio client; closing one leaves the other's working.
     """
-    cache = Cache(redis_url, namespace=namespace)
+    cache = Cache(redis_url, namespace=namespace, local=local)
     turns = threading.Barrier(2, timeout=30)
     stmt = select(Product).where(Product.id == product).options(FromCache())
     seen: dict[int, list[Decimal]] = {0: [], 1: []}
@@ -451,7 +459,8 @@ def test_two_event_loops_in_two_threads_share_one_cache(
         try:
             for step, price in enumerate(("2.00", "3.00", "4.00", "5.00")):
                 writer = step % 2
-                seen[me] += await read(factory)  # both fill or hit
+                await read(factory)  # fills, or a Redis hit the local tier keeps
+                seen[me] += await read(factory)  # a hit (in the local tier, with local=True)
                 turns.wait()
                 if me == writer:
                     async with factory() as s:
@@ -491,6 +500,7 @@ def test_two_event_loops_in_two_threads_share_one_cache(
         expected += [Decimal(before)] * 2 + [Decimal(after)] * 2
     assert seen[0] == seen[1] == expected
     assert db_price(shop_engine, product) == Decimal("5.00")
+    assert (cache.stats()["total"]["local_hits"] > 0) == local
 
 
 # -- a COMMIT whose outcome the application never learns ----------------------------------
@@ -741,3 +751,52 @@ def test_write_behind_from_asyncio_queues_reads_its_writes_and_drains(
     drain(worker)
     found = rows(engine, page_view)
     assert sorted(found.values()) == [("/lost", 10), ("/one", 2)]
+
+
+# -- cache.cached on what is not a plain function ------------------------------------------
+
+
+def test_cached_partials_and_callable_objects_degrade_and_are_awaited(
+    redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``functools.partial`` (sync or async) whose result the codec refuses is returned
+    uncached with the usual warning, instead of an ``AttributeError`` from the warning
+    (a partial has no ``__qualname__``); an object with an ``async def __call__`` gets the
+    async wrapper, so its results are cached over the asyncio client."""
+    cache = Cache(redis_url, namespace=namespace)
+    calls: list[str] = []
+
+    def lookup(table: str, key: int) -> object:
+        calls.append(table)
+        return object()  # no codec takes it
+
+    async def alookup(table: str, key: int) -> object:
+        return lookup(table, key)
+
+    class Rate:
+        async def __call__(self, currency: str) -> int:
+            calls.append(currency)
+            return 3
+
+    sync_partial = cache.cached("lookup")(functools.partial(lookup, "t"))
+    async_partial = cache.cached("alookup")(functools.partial(alookup, "a"))
+    rate = cache.cached("rate")(Rate())
+
+    async def main() -> list[Any]:
+        try:
+            return [await async_partial(1), await rate("EUR"), await rate("EUR")]
+        finally:
+            await cache.aclose()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="sa_redis_cache"):
+            first = sync_partial(1)
+            out = asyncio.run(main())
+    finally:
+        cache.client.close()
+    assert type(first) is object
+    assert type(out[0]) is object
+    assert out[1:] == [3, 3]
+    assert calls == ["t", "a", "EUR"]  # the second rate("EUR") was a hit
+    named = [r.getMessage() for r in caplog.records if "results not cached" in r.getMessage()]
+    assert any("partial(" in message for message in named), named
