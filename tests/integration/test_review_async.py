@@ -420,6 +420,47 @@ def test_a_redis_that_stops_answering_degrades_fifty_concurrent_reads_to_the_dat
     assert total["errors"] >= 1
 
 
+def test_a_commit_under_asyncio_waits_for_a_silent_local_holder_on_a_short_timeout_client(
+    database_url: str, redis_url: str, namespace: str, product: int, redis_client: redis.Redis
+) -> None:
+    """Strict local tiers: a commit returns once every holder acknowledged or its lease
+    ended. A holder that stopped answering (as a SIGSTOPped process) is planted in the
+    table's holder set with 0.6 s of lease left. The application's asyncio client has a
+    short socket timeout (0.05 s), its sync client none: the acknowledgement waits must
+    be sliced for the client they run on, or the first times out and the commit returns
+    at once, its holder unwaited for."""
+
+    async def main() -> tuple[float, dict[str, Any]]:
+        engine = create_async_engine(async_url(database_url))
+        client = redis.Redis.from_url(redis_url)
+        aclient = redis.asyncio.Redis.from_url(redis_url, socket_timeout=0.05)
+        cache = Cache(client, async_client=aclient, namespace=namespace)
+        factory = async_sessionmaker(engine)
+        cache.attach(factory)
+        loop = asyncio.get_running_loop()
+        try:
+            seconds, micros = redis_client.time()
+            lease_end = seconds * 1000 + micros // 1000 + 600
+            redis_client.zadd(cache.keys.holders_key("products"), {"silent-holder": lease_end})
+            async with factory() as s:
+                p = await s.get(Product, product)
+                assert p is not None
+                p.price = Decimal("2.00")
+                started = loop.time()
+                await s.commit()
+                took = loop.time() - started
+            return took, cache.stats()["total"]
+        finally:
+            cache.detach()
+            client.close()
+            await aclient.aclose()
+            await engine.dispose()
+
+    took, total = asyncio.run(main())
+    assert total["errors"] == 0, total
+    assert took >= 0.5, took
+
+
 # -- two event loops, one cache ------------------------------------------------------------
 
 
