@@ -30,7 +30,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from devservices import RedisServer
 from examples.shop import Product
-from sa_redis_cache import Cache, CachePolicy, FromCache
+from sa_redis_cache import Cache, CachePolicy, FromCache, stampede
 from sa_redis_cache.protocol import scripts
 from tests.modes import async_url
 from tests.seams import RedisTap, Seams
@@ -144,6 +144,54 @@ def test_fifty_tasks_missing_one_key_read_the_database_once(
     assert prices == [db_price(shop_engine, product)] * n
     assert total["lease_waits"] == n - 1, total
     assert selects == 1, (selects, total)
+
+
+def test_fifty_tasks_on_an_expired_entry_refresh_it_once_and_are_served_stale(
+    database_url: str,
+    redis_url: str,
+    namespace: str,
+    product: int,
+    shop_engine: sa.Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stale-while-refresh on one loop: past its logical TTL (within ``stale_ttl``), 50
+    tasks read the entry; one takes the lease and refreshes (its database read held until
+    the 49 others were served), the others are served the expired entry."""
+    n = 50
+    stmt = (
+        select(Product)
+        .where(Product.id == product)
+        .options(FromCache(ttl=60, stale_ttl=600, xfetch_beta=0))
+    )
+
+    async def main() -> tuple[list[Decimal], int, dict[str, Any]]:
+        async with async_app(database_url, redis_url, namespace) as app:
+            async with app.factory() as s:
+                (await s.scalars(stmt)).one()
+            later = stampede.now_ms() + 3_600_000
+            monkeypatch.setattr(stampede, "now_ms", lambda: later)
+            served = 0
+            all_served = asyncio.Event()
+
+            async def read() -> Decimal:
+                nonlocal served
+                async with app.factory() as s:
+                    price = (await s.scalars(stmt)).one().price
+                served += 1
+                if served == n - 1:
+                    all_served.set()
+                return price  # type: ignore[no-any-return]
+
+            app.seams.after_database_read(lambda: await_(all_served.wait()))
+            app.statements.clear()
+            prices = await asyncio.wait_for(asyncio.gather(*(read() for _ in range(n))), 30)
+            return prices, app.selects(), app.cache.stats()["regions"]["default"]
+
+    prices, selects, region = asyncio.run(main())
+    assert prices == [Decimal("1.00")] * n
+    assert selects == 1
+    assert region["stale_served"] == n - 1, region
+    assert region["early_refreshes"] == 1, region
 
 
 # -- cancellation --------------------------------------------------------------------------
