@@ -7,9 +7,10 @@ deletes a fence key that Redis's tracking sends them after the keys the commit c
 Each holder, once it has applied everything before the fence, pushes its id onto the
 commit's ack list. The writer waits (``BLPOP``, in slices shorter than the socket timeout
 of the client it waits on, the asyncio one under ``AsyncSession``; with a timeout below
-0.2 s, polls with ``LPOP`` and sleeps) until every holder has acknowledged or its lease has ended: a holder whose lease
-expiry passes is asked about again (``holders.lua``), since a live holder that renewed
-is still serving and is waited for; one whose lease ended, or that left, is not.
+0.2 s, polls with ``LPOP`` and sleeps) until every holder has acknowledged or its lease
+has ended: a holder whose lease expiry passes is asked about again (``holders.lua``),
+since a live holder that renewed is still serving and is waited for; one whose lease
+ended, or that left, is not.
 
 A table nobody holds costs one short script in the commit's existing round trip. With
 ``local_consistency="bounded"`` nothing is sent and nothing waited for.
