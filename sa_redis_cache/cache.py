@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import threading
 import weakref
@@ -26,7 +25,13 @@ from . import compat
 from .admission import ModelAdmission
 from .binds import translate_map_of
 from .breaker import CircuitBreaker
-from .cached_functions import AsyncCachedFunction, CacheDecorator, CachedFunction
+from .cached_functions import (
+    AsyncCachedFunction,
+    CacheDecorator,
+    CachedFunction,
+    callable_name,
+    is_async_callable,
+)
 from .context import CacheContext
 from .engine_writes import EngineWrites
 from .errors import ConfigurationError
@@ -877,10 +882,12 @@ class Cache:
         """
 
         def decorate(func: Callable[P, Any]) -> CachedFunction[P, Any]:
-            if inspect.iscoroutinefunction(func):
+            # an object with an async __call__ too: wrapped as a function, its coroutine
+            # would be encoded as the result (refused) and looked up on the sync client
+            if is_async_callable(func):
                 if self._core.async_clients is None:
                     raise ConfigurationError(
-                        f"cached({prefix!r}) on the async function {func.__qualname__} needs "
+                        f"cached({prefix!r}) on the async function {callable_name(func)} needs "
                         "an asyncio Redis client; make the cache from a URL or pass "
                         "async_client=redis.asyncio.Redis(...)"
                     )

@@ -123,6 +123,9 @@ class CachedFunction(Generic[P, R]):
         self._warned = False  # the arguments that make no key, once per function
         self._warned_result = False  # a result the codec refuses, once per function
         functools.update_wrapper(self, func)
+        if not hasattr(self, "__qualname__"):
+            # a functools.partial or a callable object has none to copy; the warnings name it
+            self.__qualname__ = self.__name__ = callable_name(func)
 
     def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """The Redis key of one call; ``ignore``'s parameters may be left out.
@@ -424,6 +427,36 @@ class CacheDecorator(Protocol):
     def __call__(self, func: Callable[P, Coroutine[Any, Any, T]]) -> AsyncCachedFunction[P, T]: ...
     @overload
     def __call__(self, func: Callable[P, R]) -> CachedFunction[P, R]: ...
+
+
+def callable_name(func: Callable[..., Any]) -> str:
+    """How to name ``func`` in a message: its ``__qualname__``, or, for a
+    ``functools.partial`` or a callable object (which have none), what they wrap or are.
+
+    Example::
+
+        callable_name(functools.partial(rate, "EUR"))  # 'partial(rate)'
+    """
+    name = getattr(func, "__qualname__", None)
+    if isinstance(name, str):
+        return name
+    inner = getattr(func, "func", None)
+    if isinstance(func, functools.partial) and inner is not None:
+        return f"partial({callable_name(inner)})"
+    return type(func).__qualname__
+
+
+def is_async_callable(func: object) -> bool:
+    """Whether calling ``func`` returns a coroutine: an ``async def`` (or a partial of one),
+    or an object whose ``__call__`` is an ``async def`` (not a class: calling it makes one).
+
+    Example::
+
+        is_async_callable(rate)  # True for ``async def rate(...)``
+    """
+    if inspect.iscoroutinefunction(func):
+        return True
+    return not isinstance(func, type) and inspect.iscoroutinefunction(type(func).__call__)
 
 
 def _ignored(prefix: str, signature: inspect.Signature, ignore: Iterable[str]) -> tuple[str, ...]:

@@ -20,6 +20,9 @@ and each calls the read path and the strategies in the order written here:
     keeping write-through states for later.
 ``after_transaction_create``
     A savepoint gets a frame of its own (:mod:`sa_redis_cache.transaction`).
+``before_commit``
+    The outermost commit began: from here its COMMIT may reach the database even if
+    ``commit()`` raises.
 ``after_commit``
     A savepoint's release merges its frame into its parent. The outermost commit runs
     cache-aside's post-commit work (bumps, write-through, announcements) before
@@ -34,7 +37,8 @@ and each calls the read path and the strategies in the order written here:
     ordinary rows first); raised here, when SQLAlchemy has closed the transaction, so the
     session stays usable after :class:`~sa_redis_cache.CacheUnavailableError`. Rolled
     back (or closed without a rollback): the writer marks are released and write-behind
-    objects left in the session reverted.
+    objects left in the session reverted. A ``commit()`` that began and raised (its
+    COMMIT's outcome unknown) releases them with a commit's bump instead.
 
 Example::
 
@@ -150,6 +154,7 @@ EVENTS = (
     "before_flush",
     "after_flush",
     "after_transaction_create",
+    "before_commit",
     "after_commit",
     "after_rollback",
     "after_transaction_end",
@@ -353,6 +358,12 @@ class SessionHooks:
             # a state made now counts the savepoints already open, not this new one
             transaction_state(session).push()
 
+    def before_commit(self, session: Session) -> None:
+        """The outermost commit begins: see :meth:`after_transaction_end`."""
+        state = peek_transaction_state(session)
+        if state is not None and not session.in_nested_transaction():
+            state.commit_began = True
+
     def after_commit(self, session: Session) -> None:
         """A savepoint's release merges; the outermost commit applies the invalidations."""
         state = peek_transaction_state(session)
@@ -415,11 +426,19 @@ class SessionHooks:
         self.invalidation.settle_posted(state)
         self.invalidation.settle_premark(state)
         committed, token, marked = state.committed, state.token, state.marked
+        uncertain = state.commit_began and not committed
         queued = list(state.frames[0].queued.values())
         joined = state.joined
         state.reset()
         if not committed:
-            if marked:
+            if marked and uncertain:
+                # commit() raised after it began (a connection lost or a task cancelled
+                # while Postgres ran the COMMIT, or during the post-commit work): the
+                # database may have committed, so the marks go with a commit's bump, not
+                # unbumped as a rollback's (a read made before the COMMIT could otherwise
+                # be filled as current)
+                self.invalidation.finish_uncertain(token, marked)
+            elif marked:
                 self.invalidation.release(token, marked)
             self.write_behind.revert(session, queued, None)
         elif queued and joined is not None:

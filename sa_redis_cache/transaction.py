@@ -91,6 +91,9 @@ class TransactionState:
     # began, before its snapshot; fills must compare against these, not later ones
     snapshot: dict[str, bytes | None] | None = None
     committed: bool = False
+    # the outermost commit() began (before_commit): from then on, until after_commit, its
+    # COMMIT may reach the database even if commit() raises
+    commit_began: bool = False
     # Redis calls sent and not yet read (strategies/cache_aside.py): the marks sent before
     # a flush's statements ran, the post-commit work sent after the database commit
     premark: Any = None
@@ -167,6 +170,7 @@ class TransactionState:
         self.frames = [Frame()]
         self.snapshot = None
         self.committed = False
+        self.commit_began = False
         self.premark = None
         self.posted = None
         self.plan = None

@@ -5,10 +5,12 @@ After a commit's invalidation scripts, in the same round trip, one ``fence.lua``
 names the processes holding a live lease on the table's local entries, and sets and
 deletes a fence key that Redis's tracking sends them after the keys the commit changed.
 Each holder, once it has applied everything before the fence, pushes its id onto the
-commit's ack list. The writer waits (``BLPOP``, in slices shorter than the client's socket
-timeout) until every holder has acknowledged or its lease has ended: a holder whose lease
-expiry passes is asked about again (``holders.lua``), since a live holder that renewed
-is still serving and is waited for; one whose lease ended, or that left, is not.
+commit's ack list. The writer waits (``BLPOP``, in slices shorter than the socket timeout
+of the client it waits on, the asyncio one under ``AsyncSession``; with a timeout below
+0.2 s, polls with ``LPOP`` and sleeps) until every holder has acknowledged or its lease
+has ended: a holder whose lease expiry passes is asked about again (``holders.lua``),
+since a live holder that renewed is still serving and is waited for; one whose lease
+ended, or that left, is not.
 
 A table nobody holds costs one short script in the commit's existing round trip. With
 ``local_consistency="bounded"`` nothing is sent and nothing waited for.
@@ -60,8 +62,6 @@ class Fences:
         self.lease = lease
         self.strict = strict
         self._quiet_until = 0.0
-        timeout = compat.pool_option(core.client, "socket_timeout")
-        self._slice = _SLICE if not timeout else min(_SLICE, float(timeout) / 2)
 
     def run(
         self,
@@ -152,6 +152,13 @@ class Fences:
         counters.incr_total("fence_waits")
         started = time.monotonic()
         cap = started + self.lease * _CAP_LEASES
+        # each wait well inside the socket timeout of the client it runs on (under
+        # AsyncSession the asyncio client's, which may be shorter than the sync one's);
+        # Redis ends a blocked command up to ~0.1 s after its timeout, so below twice that
+        # the acknowledgements are polled, the caller sleeping in between
+        timeout = compat.pool_option(core.io().client, "socket_timeout")
+        most = _SLICE if not timeout else min(_SLICE, float(timeout) / 2)
+        blocking = most >= _SLICE
         try:
             while pending:
                 now = time.monotonic()
@@ -169,9 +176,15 @@ class Fences:
                 if due:
                     self._ask_again(due, pending, tables_of)
                     continue
-                timeout = max(0.001, min(min(pending.values()) - now, self._slice))
-                popped, more = core.io().pipeline(scripts.take_acks(core.keys, token, timeout))
-                acked = ([popped[1]] if popped else []) + list(more or [])
+                wait = max(0.001, min(min(pending.values()) - now, most))
+                if blocking:
+                    popped, more = core.io().pipeline(scripts.take_acks(core.keys, token, wait))
+                    acked = ([popped[1]] if popped else []) + list(more or [])
+                else:
+                    (more,) = core.io().pipeline(scripts.poll_acks(core.keys, token))
+                    acked = list(more or [])
+                    if not acked:
+                        core.io().sleep(wait)
                 for entry in acked:
                     _acknowledged(_text(entry), pending, fences_of)
         except RedisError as exc:

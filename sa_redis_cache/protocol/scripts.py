@@ -612,3 +612,8 @@ def take_acks(keys: KeyScheme, token: str, timeout: float) -> list[Command]:
     """Wait up to ``timeout`` seconds for an acknowledgement, then take all that came."""
     key = keys.ack_key(token)
     return [("BLPOP", key, f"{timeout:.3f}"), ("LPOP", key, 1000)]
+
+
+def poll_acks(keys: KeyScheme, token: str) -> list[Command]:
+    """Take the acknowledgements that came, without waiting for one."""
+    return [("LPOP", keys.ack_key(token), 1000)]

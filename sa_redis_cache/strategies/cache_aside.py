@@ -721,12 +721,21 @@ class Invalidation:
         except RedisError as exc:
             self._undelivered(exc, posted.tables, posted.measured)
             return
+        except BaseException:
+            self._interrupted(posted.tables, posted.measured)
+            raise
         posted.measured.done("delivered")
         core.breaker.success()  # resets the failure count too
 
     def finish_bulk(self, token: str, tables: set[str]) -> None:
         """Core/textual DML: the post-commit bump and mark release."""
         self._apply(token, {table: TableWrites(bulk=True) for table in tables}, tables)
+
+    def finish_uncertain(self, token: str, tables: set[str]) -> None:
+        """A transaction whose commit may or may not have reached the database ended:
+        the post-commit bump and the marks' release, no states written (its rows' entries
+        were deleted at flush)."""
+        self._apply(token, {}, tables)
 
     def release(self, token: str, tables: Iterable[str]) -> None:
         """A transaction that marked ``tables`` ended without a commit: drop its marks."""
@@ -774,6 +783,18 @@ class Invalidation:
             core.breaker.success()  # resets the failure count too
         except RedisError as exc:
             self._undelivered(exc, tables, measured)
+        except BaseException:
+            self._interrupted(tables, measured)
+            raise
+
+    def _interrupted(self, tables: set[str], measured: Measurement) -> None:
+        """The post-commit work was interrupted (under asyncio, a cancellation or timeout
+        lands at any of its awaits), after the database committed: whether Redis ran it
+        is unknown, so it is undelivered, as after a Redis error, and delivered before
+        this process trusts the cache for those tables again. The session's end then
+        bumps and releases the marks (:meth:`finish_uncertain`)."""
+        measured.done("error")
+        self.core.keep_undelivered(tables)
 
     def _undelivered(self, exc: RedisError, tables: set[str], measured: Measurement) -> None:
         """The post-commit work failed: counted, and kept until Redis takes it."""
