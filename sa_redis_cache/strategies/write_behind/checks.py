@@ -56,6 +56,15 @@ def model_problems(mapper: Mapper[Any], info: ModelInfo) -> list[str]:
             f"{name}: strategy='write_behind' serves unflushed rows from the entity cache; "
             "remove entity_cache=False"
         )
+    if mapper.version_id_col is not None:
+        # SQLAlchemy sets the version in its INSERT and checks and bumps it in its UPDATE's
+        # WHERE; a queued row runs neither, and the worker's upsert checks nothing
+        problems.append(
+            f"{name}: version_id_col ({mapper.version_id_col.key}) is set and checked by "
+            "SQLAlchemy's own INSERT and UPDATE, which write-behind does not run; remove "
+            "version_id_col from __mapper_args__, or use strategy='write_through' for this "
+            "model"
+        )
     if set(mapper.primary_key) != set(table.primary_key.columns):
         problems.append(
             f"{name}: the mapper's primary key differs from the table's PRIMARY KEY, which "
