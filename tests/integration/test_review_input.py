@@ -19,7 +19,7 @@ import pytest
 import redis as redis_lib
 import sqlalchemy as sa
 from sqlalchemy import ForeignKey, Integer, String, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from sa_redis_cache import Cache, CachePolicy, ConfigurationError, FlushWorker, schema
 from tests.integration.test_attach import private_base
@@ -60,11 +60,12 @@ def _worker(engine: sa.Engine, cache: Cache, namespace: str, *models: Any) -> Fl
 # -- write-behind and SQLAlchemy features the flush skips --------------------------------
 
 
-def test_version_id_col_on_a_write_behind_model_is_refused_or_kept(
-    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache, namespace: str
+def test_version_id_col_on_a_write_behind_model_is_refused_at_attach(
+    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache
 ) -> None:
-    """``version_id_col``: SQLAlchemy sets the version on INSERT and checks it on UPDATE;
-    write-behind's flush runs neither."""
+    """``version_id_col``: SQLAlchemy sets the version in its INSERT and checks it in its
+    UPDATE; write-behind runs neither (the row was queued with a NULL version, which the
+    worker's insert then dead-lettered)."""
 
     class Doc(base):  # type: ignore[misc, valid-type]
         __tablename__ = "review_input_docs"
@@ -75,23 +76,153 @@ def test_version_id_col_on_a_write_behind_model_is_refused_or_kept(
         __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
 
     base.metadata.create_all(engine)
+    with pytest.raises(ConfigurationError) as refused:
+        volatile_cache.attach(sessionmaker(engine))
+    message = str(refused.value)
+    assert "Doc: version_id_col (version)" in message
+    assert "strategy='write_through'" in message
+
+
+def _basket_models(base: type[DeclarativeBase]) -> tuple[Any, Any]:
+    """An ordinary ``Basket`` with a one-to-many ``lines`` of write-behind ``Line`` rows
+    (no back reference: the collection is the only link)."""
+
+    class Basket(base):  # type: ignore[misc, valid-type]
+        __tablename__ = "review_input_baskets"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        lines: Mapped[list[Line]] = relationship()
+
+    class Line(base):  # type: ignore[misc, valid-type]
+        __tablename__ = "review_input_lines"
+        __cache__ = WB
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+        basket_id: Mapped[int | None] = mapped_column(ForeignKey(Basket.id))
+        sku: Mapped[str] = mapped_column(String(20))
+
+    return Basket, Line
+
+
+def test_a_write_behind_child_appended_to_an_ordinary_parents_collection_is_queued_with_its_key(
+    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache, namespace: str
+) -> None:
+    """``basket.lines.append(line)``: the unit of work copies the parent's key into the
+    child's foreign key in the flush the queued child takes no part in (it failed with
+    ``StaleDataError``, an UPDATE of a row not in the database yet)."""
+    basket_cls, line_cls = _basket_models(base)
+    base.metadata.create_all(engine)
     factory = sessionmaker(engine)
-    try:
-        volatile_cache.attach(factory)
-    except ConfigurationError as exc:
-        message = str(exc)
-        assert "Doc" in message and "version_id_col" in message and "write_through" in message
-        return
+    volatile_cache.attach(factory)
     with factory() as s:
-        doc = Doc(body="a")
-        s.add(doc)
+        basket = basket_cls(id=1)
+        first = line_cls(sku="a")
+        basket.lines.append(first)
+        s.add(basket)
         s.commit()
-        pk = doc.id
-        assert doc.version == 1
-    worker = _worker(engine, volatile_cache, namespace, Doc)
+        assert first.basket_id == 1
+    with factory() as s:  # a persistent parent, a second child
+        basket = s.get(basket_cls, 1)
+        assert basket is not None
+        second = line_cls(sku="b")
+        basket.lines.append(second)
+        s.commit()
+    with factory() as s:
+        got = s.get(line_cls, second.id)
+        assert got is not None
+        assert got.basket_id == 1
+    worker = _worker(engine, volatile_cache, namespace, line_cls)
     try:
         drain(worker)
     finally:
         worker.release()
     with engine.connect() as conn:
-        assert conn.execute(select(Doc.__table__)).all() == [(pk, "a", 1)]
+        found = conn.execute(select(line_cls.__table__.c.sku, line_cls.__table__.c.basket_id))
+        assert sorted(found) == [("a", 1), ("b", 1)]
+
+
+def test_a_write_behind_child_removed_from_an_ordinary_parents_collection_is_refused(
+    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache, namespace: str
+) -> None:
+    """``basket.lines.remove(line)`` is an UPDATE (or a delete-orphan DELETE) of the child
+    the unit of work would run on the database behind the queue: refused, naming the fix,
+    and nothing of the flush is queued or written."""
+    basket_cls, line_cls = _basket_models(base)
+    base.metadata.create_all(engine)
+    factory = sessionmaker(engine)
+    volatile_cache.attach(factory)
+    with factory() as s:
+        basket = basket_cls(id=1)
+        basket.lines.append(line_cls(sku="a"))
+        s.add(basket)
+        s.commit()
+    worker = _worker(engine, volatile_cache, namespace, line_cls)
+    try:
+        drain(worker)
+        with factory() as s:
+            basket = s.get(basket_cls, 1)
+            assert basket is not None
+            basket.lines.remove(basket.lines[0])
+            with pytest.raises(ConfigurationError, match=r"Basket\.lines.*set Line\.basket_id"):
+                s.commit()
+        assert drain(worker) == 0
+    finally:
+        worker.release()
+    with engine.connect() as conn:
+        assert conn.execute(select(line_cls.__table__.c.basket_id)).scalars().all() == [1]
+
+
+def test_a_write_behind_child_of_a_parent_without_a_key_yet_is_refused(
+    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache
+) -> None:
+    """A parent whose key only the database insert gives: the child cannot be queued with
+    it, so the flush is refused naming the fix (not a NULL foreign key queued)."""
+
+    class Cart(base):  # type: ignore[misc, valid-type]
+        __tablename__ = "review_input_carts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        items: Mapped[list[Item]] = relationship()
+
+    class Item(base):  # type: ignore[misc, valid-type]
+        __tablename__ = "review_input_items"
+        __cache__ = WB
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+        cart_id: Mapped[int | None] = mapped_column(ForeignKey(Cart.id))
+
+    base.metadata.create_all(engine)
+    factory = sessionmaker(engine)
+    volatile_cache.attach(factory)
+    with factory() as s:
+        cart = Cart()
+        cart.items.append(Item())
+        s.add(cart)
+        with pytest.raises(ConfigurationError, match=r"Cart\.items .*flush the Cart first"):
+            s.commit()
+    with engine.connect() as conn:
+        assert conn.execute(select(sa.func.count()).select_from(Cart.__table__)).scalar() == 0
+
+
+def test_deleting_an_ordinary_parent_of_write_behind_children_is_refused(
+    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache, namespace: str
+) -> None:
+    """Deleting ``basket`` (no delete cascade) makes the unit of work set its lines'
+    foreign key to NULL with SQL, behind the queue: refused, naming the fix."""
+    basket_cls, line_cls = _basket_models(base)
+    base.metadata.create_all(engine)
+    factory = sessionmaker(engine)
+    volatile_cache.attach(factory)
+    with factory() as s:
+        basket = basket_cls(id=1)
+        basket.lines.append(line_cls(sku="a"))
+        s.add(basket)
+        s.commit()
+    worker = _worker(engine, volatile_cache, namespace, line_cls)
+    try:
+        drain(worker)
+        with factory() as s:
+            s.delete(s.get(basket_cls, 1))
+            with pytest.raises(ConfigurationError, match=r"Basket\.lines.*Line\.basket_id"):
+                s.commit()
+        assert drain(worker) == 0
+    finally:
+        worker.release()
+    with engine.connect() as conn:
+        assert conn.execute(select(line_cls.__table__.c.basket_id)).scalars().all() == [1]
