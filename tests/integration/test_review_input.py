@@ -13,8 +13,10 @@ later test's ``attach()``.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import pytest
 import redis as redis_lib
 import sqlalchemy as sa
@@ -22,11 +24,14 @@ from sqlalchemy import ForeignKey, Integer, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from sa_redis_cache import Cache, CachePolicy, ConfigurationError, FlushWorker, schema
+from sa_redis_cache.protocol import partition_of, pk_text
 from tests.integration.test_attach import private_base
-from tests.wb_support import drain
+from tests.wb_support import PARTITIONS, drain, queue, rows
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+pytest_plugins = ["tests.wb_fixtures"]  # aof_redis, models, factory, make_worker
 
 
 @pytest.fixture
@@ -226,3 +231,81 @@ def test_deleting_an_ordinary_parent_of_write_behind_children_is_refused(
         worker.release()
     with engine.connect() as conn:
         assert conn.execute(select(line_cls.__table__.c.basket_id)).scalars().all() == [1]
+
+
+# -- garbage in the write-behind queue -----------------------------------------------------
+
+
+def _in_partition(partition: int) -> uuid.UUID:
+    while True:
+        pk = uuid.uuid4()
+        if partition_of(pk_text([pk]), PARTITIONS) == partition:
+            return pk
+
+
+GARBAGE = [
+    {b"e": b"\x00\xff not json"},
+    {b"e": b"[1, 2]"},
+    {b"e": b'["u", "x", "h", 1, 2]'},
+    {b"e": b'["u", "\\u0000", "nohash", ["\\u0000"]]'},
+    {b"o": b"u"},
+    {b"o": b"u", b"k": b"\x00", b"h": b"\x00", b"d": b"\x00"},
+    {b"zzz": b"\x00"},
+]
+
+
+def test_garbage_stream_entries_are_dead_lettered_and_never_block_the_good_ones(
+    engine: sa.Engine, client: redis_lib.Redis, factory: Any, models: Any, make_worker: Any
+) -> None:
+    """Entries no commit wrote (another program's, a truncated one, an older format) go
+    to the dead letters with their error, each once; the writes queued around them in
+    the same partition are applied (docs/write-behind.md, "Errors": nothing is logged
+    and dropped)."""
+    page_view, _ = models
+    worker = make_worker()
+    stream = worker.partitions[1].stream
+    before = queue(factory, page_view, id=_in_partition(1), path="/before")
+    for fields in GARBAGE:
+        client.xadd(stream, fields)
+    after = queue(factory, page_view, id=_in_partition(1), path="/after")
+    drain(worker)
+    assert rows(engine, page_view) == {before: ("/before", 0), after: ("/after", 0)}
+    assert worker.dead_letters == len(GARBAGE)
+    with engine.connect() as conn:
+        letters = conn.execute(
+            sa.text("SELECT count(*) FROM sarc_dead_letters WHERE stream = :s"), {"s": stream}
+        ).scalar()
+    assert letters == len(GARBAGE)
+    assert client.xlen(stream) == 0
+
+
+def test_a_nul_character_in_a_text_value_is_refused_at_the_flush_and_dead_lettered_by_the_worker(
+    engine: sa.Engine, client: redis_lib.Redis, factory: Any, models: Any, make_worker: Any
+) -> None:
+    """Postgres text cannot hold NUL, and SQLAlchemy's own flush fails on it: the flush of
+    a write-behind row refuses it, naming the column (it was queued, then retried by the
+    worker forever: psycopg refuses it before sending, with no SQLSTATE, which read as a
+    transient error). One queued anyway (an older library, another program) is
+    dead-lettered, and the row behind it applied."""
+    page_view, _ = models
+    with factory() as s:
+        s.add(page_view(id=_in_partition(1), path="a\x00b"))
+        with pytest.raises(ConfigurationError, match=r"PageView\.path: .*NUL"):
+            s.commit()
+    worker = make_worker()
+    applier = worker.partitions[1].applier
+    bad = _in_partition(1)
+    row = [bad, "a\x00b", 0, None, datetime.now(timezone.utc)]
+    entry = ["u", pk_text([bad]), applier.info.schema_hash, applier.codec.dump_row(row)]
+    client.xadd(worker.partitions[1].stream, {b"e": orjson.dumps(entry)})
+    good = queue(factory, page_view, id=_in_partition(1), path="/good")
+    drain(worker)
+    assert rows(engine, page_view) == {good: ("/good", 0)}
+    assert worker.dead_letters == 1
+    assert applier.sets is not None  # one bad value does not cost the table its arrays
+    with engine.connect() as conn:
+        error = conn.execute(
+            sa.text("SELECT error FROM sarc_dead_letters WHERE stream = :s"),
+            {"s": worker.partitions[1].stream},
+        ).scalar_one()
+    assert "NUL" in error

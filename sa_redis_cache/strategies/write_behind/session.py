@@ -434,6 +434,14 @@ class WriteBehind:
                 f"{info.mapper.class_.__name__}: a value cannot be queued exactly ({exc}); "
                 "write-behind stores the row in Redis until the worker inserts it"
             ) from exc
+        if b"\\u0000" in data:  # cheap first: orjson writes a NUL character so
+            for key, value in zip(info.column_keys, values, strict=True):
+                if isinstance(value, str) and "\x00" in value:
+                    # SQLAlchemy's own flush fails on it; the worker could only dead-letter it
+                    raise ConfigurationError(
+                        f"{info.mapper.class_.__name__}.{key}: the value holds a NUL character "
+                        "(\\x00), which Postgres text cannot store; remove it before the flush"
+                    )
         # the pending key and the entity entry wrap the row in a stamp (and a signature):
         # reads refuse values above max_entry_bytes, so a row that would make one is refused
         size = len(data) + _WRAPPING_BYTES

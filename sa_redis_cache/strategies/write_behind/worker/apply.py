@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from sqlalchemy import bindparam, delete, exists, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.exc import DataError, DBAPIError, StatementError
 
 from sa_redis_cache.codec import CodecError
 from sa_redis_cache.protocol import pk_text, stream_id
@@ -138,6 +138,10 @@ def is_transient(exc: BaseException) -> bool:
         if exc.connection_invalidated:
             return True
         state = _sqlstate(exc)
+        if not state and isinstance(exc, DataError):
+            # refused by the driver before sending, for a value it cannot send (a NUL in
+            # text): the row's fault, as class 22 would be from the server
+            return False
         return not state.startswith(_DETERMINISTIC_CLASSES)
     return True
 
@@ -151,8 +155,12 @@ def _statement_refused(exc: BaseException) -> bool:
     if not isinstance(exc, DBAPIError) or exc.connection_invalidated:
         return False
     state = _sqlstate(exc)
-    # no SQLSTATE at all: the driver refused to adapt an array before sending anything
-    return state.startswith(_STATEMENT_CLASSES) or (not state and not _is_disconnect(exc))
+    # no SQLSTATE at all: the driver refused to adapt an array before sending anything;
+    # not a DataError, a value's own fault, which bisection isolates (and _one confirms
+    # through executemany before condemning it)
+    return state.startswith(_STATEMENT_CLASSES) or (
+        not state and not _is_disconnect(exc) and not isinstance(exc, DataError)
+    )
 
 
 def _is_disconnect(exc: DBAPIError) -> bool:
@@ -667,6 +675,15 @@ class Applier:
             else:
                 pk = data
         payload[KEY_KEY] = entry.pk
+        error = dead[entry.id]
+        if _has_nul(payload) or _has_nul(pk):
+            dumped = orjson.dumps(payload)
+            # JSONB cannot hold a NUL character: a letter that failed to insert would fail
+            # its whole batch on every retry, and block the partition behind it. Kept as
+            # the JSON text, which replay refuses (the value cannot be written anyway).
+            payload = {RAW_KEY: dumped.decode(), KEY_KEY: entry.pk.replace("\x00", "\\x00")}
+            pk = None
+            error += " (the operation holds a NUL character, which Postgres cannot store)"
         return {
             "namespace": self.namespace,
             "table_name": self.info.table,
@@ -675,8 +692,19 @@ class Applier:
             "op": _OPS.get(entry.op),
             "pk": pk,
             "payload": payload,
-            "error": dead[entry.id],
+            "error": error.replace("\x00", "\\x00"),
         }
+
+
+def _has_nul(value: Any) -> bool:
+    """Whether a JSON value holds a NUL character, which Postgres text and JSONB refuse."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _fields(raw: Any) -> dict[bytes, bytes]:
