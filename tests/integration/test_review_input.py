@@ -243,7 +243,7 @@ def _in_partition(partition: int) -> uuid.UUID:
             return pk
 
 
-GARBAGE = [
+GARBAGE: list[dict[Any, Any]] = [
     {b"e": b"\x00\xff not json"},
     {b"e": b"[1, 2]"},
     {b"e": b'["u", "x", "h", 1, 2]'},
