@@ -23,7 +23,8 @@ import sqlalchemy as sa
 from sqlalchemy import ForeignKey, Integer, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
-from sa_redis_cache import Cache, CachePolicy, ConfigurationError, FlushWorker, schema
+from examples.shop import Product
+from sa_redis_cache import Cache, CachePolicy, ConfigurationError, FlushWorker, FromCache, schema
 from sa_redis_cache.protocol import partition_of, pk_text
 from tests.integration.test_attach import private_base
 from tests.wb_support import PARTITIONS, drain, queue, rows
@@ -309,3 +310,43 @@ def test_a_nul_character_in_a_text_value_is_refused_at_the_flush_and_dead_letter
             {"s": worker.partitions[1].stream},
         ).scalar_one()
     assert "NUL" in error
+
+
+# -- Cache() arguments -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("max_entry_bytes", "1MB"),
+        ("max_entry_bytes", 0),
+        ("max_entry_bytes", -1),
+        ("breaker_threshold", 0),
+        ("breaker_threshold", "3"),
+        ("breaker_reset", -1),
+        ("breaker_reset", float("nan")),
+        ("hit_rate_warning", 5),
+        ("hit_rate_warning", "0.8"),
+        ("ttl_jitter", "0.1"),
+    ],
+)
+def test_a_cache_argument_that_cannot_work_is_refused_naming_it(
+    redis_url: str, namespace: str, shop_engine: sa.Engine, argument: str, value: Any
+) -> None:
+    """Each argument of ``Cache()`` is refused when it cannot work, with the argument and
+    the fix, rather than failing (or silently caching nothing) at the first read."""
+    client = redis_lib.Redis.from_url(redis_url)
+    try:
+        with pytest.raises(ConfigurationError, match=f"{argument}="):
+            cache = Cache(client, namespace=namespace, **{argument: value})
+            factory = sessionmaker(shop_engine)
+            cache.attach(factory)
+            try:
+                with factory() as s:
+                    for _ in range(2):
+                        s.scalars(select(Product).limit(3).options(FromCache())).all()
+                    s.get(Product, 1)
+            finally:
+                cache.detach()
+    finally:
+        client.close()
