@@ -23,7 +23,6 @@ import sqlalchemy as sa
 from sqlalchemy import ForeignKey, Integer, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
-from examples.shop import Product
 from sa_redis_cache import Cache, CachePolicy, ConfigurationError, FlushWorker, FromCache, schema
 from sa_redis_cache.protocol import partition_of, pk_text
 from tests.integration.test_attach import private_base
@@ -331,22 +330,27 @@ def test_a_nul_character_in_a_text_value_is_refused_at_the_flush_and_dead_letter
     ],
 )
 def test_a_cache_argument_that_cannot_work_is_refused_naming_it(
-    redis_url: str, namespace: str, shop_engine: sa.Engine, argument: str, value: Any
+    redis_url: str, namespace: str, argument: str, value: Any
 ) -> None:
     """Each argument of ``Cache()`` is refused when it cannot work, with the argument and
-    the fix, rather than failing (or silently caching nothing) at the first read."""
+    the fix. They were taken as given: ``max_entry_bytes="1MB"`` raised ``TypeError`` into
+    the application at the first read; 0 cached nothing, silently."""
     client = redis_lib.Redis.from_url(redis_url)
     try:
         with pytest.raises(ConfigurationError, match=f"{argument}="):
-            cache = Cache(client, namespace=namespace, **{argument: value})
-            factory = sessionmaker(shop_engine)
-            cache.attach(factory)
-            try:
-                with factory() as s:
-                    for _ in range(2):
-                        s.scalars(select(Product).limit(3).options(FromCache())).all()
-                    s.get(Product, 1)
-            finally:
-                cache.detach()
+            Cache(client, namespace=namespace, **{argument: value})
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [("local", "no"), ("lease", "false"), ("lease", 0), ("region", None), ("region", "")],
+)
+def test_a_from_cache_argument_of_the_wrong_type_is_refused_naming_it(
+    argument: str, value: Any
+) -> None:
+    """``FromCache(local="no")`` was taken as ``local=True`` (``bool("no")``): the opposite
+    of what it said. Like ``ttl`` and ``spread``, a wrong type is refused, naming it."""
+    with pytest.raises(ValueError, match=f"FromCache\\({argument}="):
+        FromCache(**{argument: value})
