@@ -354,3 +354,189 @@ def test_a_from_cache_argument_of_the_wrong_type_is_refused_naming_it(
     of what it said. Like ``ttl`` and ``spread``, a wrong type is refused, naming it."""
     with pytest.raises(ValueError, match=f"FromCache\\({argument}="):
         FromCache(**{argument: value})
+
+
+# -- inheritance with a policy per class ---------------------------------------------------
+
+
+@pytest.mark.parametrize("single_table", [False, True], ids=["joined", "single"])
+@pytest.mark.parametrize("child_strategy", ["cache_aside", "write_through"])
+def test_a_child_with_another_strategy_than_its_parent_reads_what_the_database_holds(
+    base: type[DeclarativeBase],
+    engine: sa.Engine,
+    volatile_cache: Cache,
+    single_table: bool,
+    child_strategy: str,
+) -> None:
+    """Parent ``cache_aside``, child another strategy and TTL: accepted, and every read
+    (cached query of either class, ``session.get``) after a write of the child's row
+    (parent-table and child-table columns) shows the committed row."""
+
+    class Animal(base):  # type: ignore[misc, valid-type]
+        __tablename__ = "review_input_animals"
+        __cache__ = CachePolicy(ttl=60)
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        kind: Mapped[str] = mapped_column(String(20))
+        name: Mapped[str] = mapped_column(String(20))
+        __mapper_args__ = {"polymorphic_on": kind, "polymorphic_identity": "animal"}  # noqa: RUF012
+
+    extra: dict[str, Any] = {
+        "__cache__": CachePolicy(strategy=child_strategy, ttl=30),  # type: ignore[arg-type]
+        "__mapper_args__": {"polymorphic_identity": "dog"},
+        "__annotations__": {"bark": Mapped[str | None]},
+        "bark": mapped_column(String(20), nullable=True),
+    }
+    if not single_table:
+        extra["__tablename__"] = "review_input_dogs"
+        extra["__annotations__"]["id"] = Mapped[int]
+        extra["id"] = mapped_column(ForeignKey(Animal.id), primary_key=True)
+    dog_cls: Any = type("Dog", (Animal,), extra)
+    base.metadata.create_all(engine)
+    factory = sessionmaker(engine)
+    volatile_cache.attach(factory)
+    with factory() as s:
+        s.add(dog_cls(id=1, name="rex", bark="woof"))
+        s.commit()
+
+    def reads() -> list[Any]:
+        with factory() as s:
+            animals = s.scalars(select(Animal).options(FromCache())).all()
+            dogs = s.scalars(select(dog_cls).options(FromCache())).all()
+            got = s.get(dog_cls, 1)
+            return [
+                [(a.name, a.bark) for a in animals],
+                [(d.name, d.bark) for d in dogs],
+                (got.name, got.bark),
+            ]
+
+    assert reads() == [[("rex", "woof")], [("rex", "woof")], ("rex", "woof")]
+    with factory() as s:
+        dog = s.get(dog_cls, 1)
+        dog.name, dog.bark = "max", "grr"
+        s.commit()
+    assert reads() == [[("max", "grr")], [("max", "grr")], ("max", "grr")]
+    with factory() as s:
+        s.delete(s.get(dog_cls, 1))
+        s.commit()
+    with factory() as s:
+        assert s.scalars(select(Animal).options(FromCache())).all() == []
+        assert s.get(dog_cls, 1) is None
+
+
+# -- FromCache on statements it cannot serve -----------------------------------------------
+
+
+def test_from_cache_on_dml_returning_always_runs_the_statement(
+    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache
+) -> None:
+    """``FromCache`` on an ``UPDATE ... RETURNING`` (or INSERT, DELETE): a served result
+    would skip the write. Each execution must reach the database."""
+
+    class Counter(base):  # type: ignore[misc, valid-type]
+        __tablename__ = "review_input_counters"
+        __cache__ = CachePolicy()
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        hits: Mapped[int] = mapped_column(default=0)
+
+    base.metadata.create_all(engine)
+    factory = sessionmaker(engine)
+    volatile_cache.attach(factory)
+    with factory() as s:
+        s.add(Counter(id=1, hits=0))
+        s.commit()
+    bump = (
+        sa.update(Counter)
+        .where(Counter.id == 1)
+        .values(hits=Counter.hits + 1)
+        .returning(Counter.hits)
+        .options(FromCache())
+    )
+    for expected in (1, 2, 3):
+        with factory() as s:
+            assert s.scalars(bump).all() == [expected]
+            s.commit()
+    insert = sa.insert(Counter).returning(Counter.id).options(FromCache())
+    for pk in (2, 3):
+        with factory() as s:
+            assert s.scalars(insert, [{"id": pk, "hits": 0}]).all() == [pk]
+            s.commit()
+    with engine.connect() as conn:
+        assert sorted(conn.execute(select(Counter.__table__)).all()) == [(1, 3), (2, 0), (3, 0)]
+
+
+def test_a_write_behind_model_with_a_composite_key_round_trips(
+    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache, namespace: str
+) -> None:
+    """A composite primary key (a string and an int, set by the application): queued,
+    read back, updated, deleted and flushed as the database would hold it."""
+
+    class Seat(base):  # type: ignore[misc, valid-type]
+        __tablename__ = "review_input_seats"
+        __cache__ = WB
+        hall: Mapped[str] = mapped_column(String(10), primary_key=True)
+        number: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        taken: Mapped[bool] = mapped_column(default=False)
+
+    base.metadata.create_all(engine)
+    factory = sessionmaker(engine)
+    volatile_cache.attach(factory)
+    with factory() as s:
+        s.add_all([Seat(hall="a", number=1), Seat(hall="a", number=2), Seat(hall="b", number=1)])
+        s.commit()
+    with factory() as s:
+        seat = s.get(Seat, ("a", 2))
+        assert seat is not None
+        seat.taken = True
+        gone = s.get(Seat, {"hall": "b", "number": 1})
+        assert gone is not None
+        s.delete(gone)
+        s.commit()
+    with factory() as s:
+        got = s.get(Seat, ("a", 2))
+        assert got is not None
+        assert got.taken is True
+        assert s.get(Seat, ("b", 1)) is None
+    worker = _worker(engine, volatile_cache, namespace, Seat)
+    try:
+        drain(worker)
+    finally:
+        worker.release()
+    with engine.connect() as conn:
+        assert sorted(conn.execute(select(Seat.__table__)).all()) == [("a", 1, False), ("a", 2, True)]
+
+
+def test_attach_with_redis_unreachable_reads_and_writes_the_database(
+    base: type[DeclarativeBase], engine: sa.Engine, namespace: str
+) -> None:
+    """No Redis at all (a port nothing listens on): ``attach()`` of cache-aside and
+    write-through models succeeds, and reads and writes go to the database; a write-behind
+    model is refused at ``attach()`` naming Redis (it cannot tell AOF), not at a commit."""
+
+    class Note(base):  # type: ignore[misc, valid-type]
+        __tablename__ = "review_input_notes"
+        __cache__ = CachePolicy(strategy="write_through")
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        body: Mapped[str] = mapped_column(String(20))
+
+    base.metadata.create_all(engine)
+    cache = Cache("redis://127.0.0.1:1/0", namespace=namespace)
+    factory = sessionmaker(engine)
+    try:
+        cache.attach(factory)
+        for body in ("a", "b"):
+            with factory() as s:
+                s.merge(Note(id=1, body=body))
+                s.commit()
+            with factory() as s:
+                assert s.get(Note, 1).body == body  # type: ignore[union-attr]
+                assert s.scalars(select(Note.body).options(FromCache())).all() == [body]
+
+        class Late(base):  # type: ignore[misc, valid-type]
+            __tablename__ = "review_input_late"
+            __cache__ = CachePolicy(strategy="write_behind")
+            id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+
+        with pytest.raises(ConfigurationError, match=r"Late: cannot tell whether Redis"):
+            cache.attach(sessionmaker(engine))
+    finally:
+        cache.detach()
