@@ -502,7 +502,10 @@ def test_a_write_behind_model_with_a_composite_key_round_trips(
     finally:
         worker.release()
     with engine.connect() as conn:
-        assert sorted(conn.execute(select(Seat.__table__)).all()) == [("a", 1, False), ("a", 2, True)]
+        assert sorted(conn.execute(select(Seat.__table__)).all()) == [
+            ("a", 1, False),
+            ("a", 2, True),
+        ]
 
 
 def test_attach_with_redis_unreachable_reads_and_writes_the_database(
@@ -540,3 +543,87 @@ def test_attach_with_redis_unreachable_reads_and_writes_the_database(
             cache.attach(sessionmaker(engine))
     finally:
         cache.detach()
+
+
+# -- version_id_col on the strategies that take it -------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["cache_aside", "write_through"])
+@pytest.mark.parametrize("server_side", [False, True], ids=["counter", "xmin"])
+def test_version_id_col_keeps_catching_stale_writes_through_the_entity_cache(
+    base: type[DeclarativeBase],
+    engine: sa.Engine,
+    volatile_cache: Cache,
+    strategy: str,
+    server_side: bool,
+) -> None:
+    """Objects served by the entity cache carry the version the database holds: an update
+    from one succeeds, and one from an object loaded before another commit raises
+    ``StaleDataError`` as without the cache."""
+    from sqlalchemy.orm.exc import StaleDataError
+    from sqlalchemy.schema import FetchedValue
+
+    extra: dict[str, Any]
+    if server_side:  # a BEFORE UPDATE trigger moves it; SQLAlchemy reads it back
+        extra = {
+            "__annotations__": {"id": Mapped[int], "body": Mapped[str], "version": Mapped[int]},
+            "version": mapped_column(
+                Integer, server_default=sa.text("1"), server_onupdate=FetchedValue()
+            ),
+        }
+        extra["__mapper_args__"] = {
+            "version_id_col": extra["version"],
+            "version_id_generator": False,
+        }
+    else:
+        extra = {
+            "__annotations__": {"id": Mapped[int], "body": Mapped[str], "version": Mapped[int]},
+            "version": mapped_column(Integer, nullable=False),
+        }
+        extra["__mapper_args__"] = {"version_id_col": extra["version"]}
+    versioned: Any = type(
+        "Versioned",
+        (base,),
+        {
+            "__tablename__": "review_input_versioned",
+            "__cache__": CachePolicy(strategy=strategy),  # type: ignore[arg-type]
+            "id": mapped_column(primary_key=True, autoincrement=False),
+            "body": mapped_column(String(20)),
+            **extra,
+        },
+    )
+    base.metadata.create_all(engine)
+    if server_side:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "CREATE FUNCTION review_input_bump() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN NEW.version := OLD.version + 1; RETURN NEW; END $$; "
+                    "CREATE TRIGGER review_input_bump BEFORE UPDATE ON review_input_versioned "
+                    "FOR EACH ROW EXECUTE FUNCTION review_input_bump()"
+                )
+            )
+    factory = sessionmaker(engine)
+    volatile_cache.attach(factory)
+    with factory() as s:
+        s.add(versioned(id=1, body="a"))
+        s.commit()
+    for body in ("b", "c", "d"):
+        with factory() as s:
+            s.get(versioned, 1)  # fills the entity cache (or reads it)
+        with factory() as s:
+            row = s.get(versioned, 1)
+            row.body = body
+            s.commit()
+    with factory() as early, factory() as late:
+        stale = early.get(versioned, 1)
+        fresh = late.get(versioned, 1)
+        fresh.body = "late"
+        late.commit()
+        stale.body = "early"
+        with pytest.raises(StaleDataError):
+            early.commit()
+    with engine.begin() as conn:
+        assert conn.execute(select(versioned.__table__.c.body)).scalar_one() == "late"
+        conn.execute(sa.text("DROP TABLE review_input_versioned"))
+        conn.execute(sa.text("DROP FUNCTION IF EXISTS review_input_bump()"))
