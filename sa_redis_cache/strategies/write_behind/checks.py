@@ -161,6 +161,46 @@ def group_problems(
     return problems
 
 
+def foreign_key_problems(policies: Mapping[Mapper[Any], CachePolicy | None]) -> list[str]:
+    """Foreign keys between write-behind tables (a table's to itself included).
+
+    The worker applies each partition's queue in a transaction of its own, in no order
+    across partitions and tables: a row can reach the database before the row it
+    references, and a delete before the delete of a row that references it. The database
+    refuses either (SQLSTATE 23503), and the operation is dead-lettered.
+
+    Example::
+
+        foreign_key_problems({line_mapper: wb_policy, order_mapper: wb_policy})
+    """
+    behind = {
+        mapper.local_table.fullname: mapper
+        for mapper, policy in policies.items()
+        if policy is not None
+        and policy.strategy == "write_behind"
+        and isinstance(mapper.local_table, Table)
+    }
+    problems: list[str] = []
+    for mapper in behind.values():
+        table = mapper.local_table
+        assert isinstance(table, Table)
+        for fk in sorted(table.foreign_keys, key=lambda fk: str(fk.parent)):
+            target = behind.get(fk.column.table.fullname)
+            if target is None:
+                continue
+            name, other = mapper.class_.__name__, target.class_.__name__
+            problems.append(
+                f"{name}: the foreign key {fk.parent} references {other}'s table, which is "
+                "written behind too; the worker applies each table's (and partition's) queue "
+                "on its own, so a row can reach the database before the row it references, "
+                "or a delete before the delete of a row referencing it, and be dead-lettered. "
+                f"Give {other} strategy='write_through' (its rows are in the database at "
+                "commit), or drop the FOREIGN KEY constraint (map the relationship with "
+                "primaryjoin=... and foreign())"
+            )
+    return problems
+
+
 def redis_problems(client: SyncClient, policy: CachePolicy) -> list[str]:
     """Why ``client``'s server cannot keep write-behind queues (AOF off, an allkeys policy),
     or cannot make ``durable`` commits (a server older than 7.2, ``appendfsync no``).
