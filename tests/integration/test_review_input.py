@@ -697,3 +697,47 @@ def test_a_write_behind_child_of_a_write_through_parent_is_applied(
         worker.release()
     with engine.connect() as conn:
         assert conn.execute(select(OrderLine.__table__.c.order_id)).all() == [(order_id,)]
+
+
+def test_deleting_an_ordinary_parent_cascades_to_its_write_behind_children(
+    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache, namespace: str
+) -> None:
+    """The other fix the refusal above names: without a FOREIGN KEY constraint (which
+    would refuse the parent's delete while the children's deletes wait in the queue),
+    ``cascade="all, delete-orphan"`` queues the children's deletes with it."""
+
+    class Shelf(base):  # type: ignore[misc, valid-type]
+        __tablename__ = "review_input_shelves"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        books: Mapped[list[Book]] = relationship(
+            cascade="all, delete-orphan",
+            primaryjoin=lambda: sa.orm.foreign(Book.shelf_id) == Shelf.id,
+        )
+
+    class Book(base):  # type: ignore[misc, valid-type]
+        __tablename__ = "review_input_books"
+        __cache__ = WB
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+        shelf_id: Mapped[int | None]  # no FOREIGN KEY constraint: see the refusal above
+
+    base.metadata.create_all(engine)
+    factory = sessionmaker(engine)
+    volatile_cache.attach(factory)
+    with factory() as s:
+        shelf = Shelf(id=1)
+        shelf.books.extend([Book(), Book()])
+        s.add(shelf)
+        s.commit()
+    worker = _worker(engine, volatile_cache, namespace, Book)
+    try:
+        drain(worker)
+        with factory() as s:
+            s.delete(s.get(Shelf, 1))
+            s.commit()
+        drain(worker)
+        assert worker.dead_letters == 0
+    finally:
+        worker.release()
+    with engine.connect() as conn:
+        assert conn.execute(select(sa.func.count()).select_from(Book.__table__)).scalar() == 0
+        assert conn.execute(select(sa.func.count()).select_from(Shelf.__table__)).scalar() == 0

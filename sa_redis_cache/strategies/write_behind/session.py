@@ -223,18 +223,24 @@ class WriteBehind:
                 op.earlier = replaced
             queued[(info.table, op.pk)] = op
 
-    def _collections_into_queue(self, mapper: Mapper[Any]) -> list[Any]:
+    def _collections_into_queue(self, mapper: Mapper[Any], memo: dict[Any, list[Any]]) -> list[Any]:
         """The one-to-many relationships of ``mapper``, an ordinary model, whose children
-        are write-behind rows and which the unit of work writes through."""
-        if self._info(mapper) is not None:
-            return []  # a write-behind object's own relationships: sync_many_to_one
-        return [
-            rel
-            for rel in mapper.relationships
-            if not rel.viewonly
-            and rel.direction.name == "ONETOMANY"
-            and self._info(rel.mapper) is not None
-        ]
+        are write-behind rows and which the unit of work writes through (``memo``: by
+        mapper, for one flush)."""
+        found = memo.get(mapper)
+        if found is None:
+            found = memo[mapper] = (
+                []  # a write-behind object's own relationships: sync_many_to_one
+                if self._info(mapper) is not None
+                else [
+                    rel
+                    for rel in mapper.relationships
+                    if not rel.viewonly
+                    and rel.direction.name == "ONETOMANY"
+                    and self._info(rel.mapper) is not None
+                ]
+            )
+        return found
 
     def _sync_collections_into_queue(self, session: Session) -> None:
         """Copy the key of another model's object into the foreign key of the write-behind
@@ -247,13 +253,14 @@ class WriteBehind:
         Set here, the key is captured with the child and the unit of work finds nothing
         left to write.
         """
+        memo: dict[Any, list[Any]] = {}
         for obj in session.deleted:
-            for rel in self._collections_into_queue(instance_state(obj).mapper):
+            for rel in self._collections_into_queue(instance_state(obj).mapper, memo):
                 if not rel.cascade.delete and not rel.passive_deletes:
                     _refuse_orphaned(session, obj, rel)
         for obj in [*session.new, *session.dirty]:
             state = instance_state(obj)
-            for rel in self._collections_into_queue(state.mapper):
+            for rel in self._collections_into_queue(state.mapper, memo):
                 history = state.attrs[rel.key].history
                 parent = f"{state.mapper.class_.__name__}.{rel.key}"
                 child = rel.mapper.class_.__name__
@@ -863,9 +870,10 @@ def _refuse_orphaned(session: Session, obj: object, rel: Any) -> None:
         )
         raise ConfigurationError(
             f"{parent}.{rel.key}: deleting a {parent} makes the unit of work set {fks} of "
-            f"its write-behind {child} rows to NULL with SQL, behind their queue; delete the "
-            f"{child} rows with it (cascade='all, delete-orphan' on the relationship does) "
-            f"or set {fks} first"
+            f"its write-behind {child} rows to NULL with SQL, behind their queue; delete (or "
+            f"move) the {child} rows first, and the {parent} once the worker has applied that "
+            "(or, without a FOREIGN KEY constraint, cascade='all, delete-orphan' on the "
+            "relationship queues their deletes with it)"
         )
 
 
