@@ -158,7 +158,8 @@ class Cache:
             )
         if not is_ttl(default_ttl):
             raise ConfigurationError(
-                f"default_ttl={default_ttl!r}: every entry needs a positive, finite TTL in seconds"
+                f"default_ttl={default_ttl!r}: every entry needs a positive, finite TTL in seconds "
+                "(at most 1e9)"
             )
         if not (ttl_jitter == 0 or is_ttl(ttl_jitter)) or not 0 <= ttl_jitter < 1:
             raise ConfigurationError(f"ttl_jitter={ttl_jitter!r} must be a number in [0, 1)")

@@ -53,7 +53,7 @@ class FromCache(UserDefinedOption):
     ) -> None:
         if ttl is not None and not is_ttl(ttl):
             raise ValueError(
-                f"FromCache(ttl={ttl!r}): ttl must be a positive number of seconds, "
+                f"FromCache(ttl={ttl!r}): ttl must be a positive number of seconds (at most 1e9), "
                 "or None for the model's or the cache's default"
             )
         for name, value in (
@@ -62,7 +62,9 @@ class FromCache(UserDefinedOption):
             ("stale_ttl", stale_ttl),
         ):
             if value != 0 and not is_ttl(value):
-                raise ValueError(f"FromCache({name}={value!r}): give a finite number >= 0")
+                raise ValueError(
+                    f"FromCache({name}={value!r}): give a finite number >= 0 (at most 1e9)"
+                )
         for name, flag in (("lease", lease), ("local", local)):
             if not isinstance(flag, bool):
                 # bool("no") is True: a string here would turn on what it meant to turn off

@@ -741,3 +741,26 @@ def test_deleting_an_ordinary_parent_cascades_to_its_write_behind_children(
     with engine.connect() as conn:
         assert conn.execute(select(sa.func.count()).select_from(Book.__table__)).scalar() == 0
         assert conn.execute(select(sa.func.count()).select_from(Shelf.__table__)).scalar() == 0
+
+
+# -- durations Redis cannot take -----------------------------------------------------------
+
+
+def test_a_ttl_redis_cannot_take_is_refused_where_it_is_given(
+    redis_url: str, namespace: str, volatile_cache: Cache
+) -> None:
+    """A TTL of 1e17 s is finite and positive, but no Redis expiry: a cached function's
+    every write failed (Redis errors, opening the breaker), and reads of such a model or
+    option ran uncached. Refused where it is written, with the bound."""
+    assert any("at most 1e9" in p for p in CachePolicy(ttl=1e17).problems())
+    assert any("at most 1e9" in p for p in CachePolicy(lease_wait=1e17).problems())
+    with pytest.raises(ValueError, match=r"ttl=1e\+17.*at most 1e9"):
+        FromCache(ttl=1e17)
+    with pytest.raises(ValueError, match=r"stale_ttl=1e\+17.*at most 1e9"):
+        FromCache(stale_ttl=1e17)
+    decorate = volatile_cache.cached("huge", ttl=1e17)
+    with pytest.raises(ValueError, match=r"ttl=1e\+17.*at most 1e9"):
+        decorate(str)
+    with pytest.raises(ConfigurationError, match=r"default_ttl=1e\+17.*at most 1e9"):
+        Cache(redis_url, namespace=namespace, default_ttl=1e17)
+    assert CachePolicy(ttl=1e9).problems() == []  # about 31 years is still taken
