@@ -764,3 +764,20 @@ def test_a_ttl_redis_cannot_take_is_refused_where_it_is_given(
     with pytest.raises(ConfigurationError, match=r"default_ttl=1e\+17.*at most 1e9"):
         Cache(redis_url, namespace=namespace, default_ttl=1e17)
     assert CachePolicy(ttl=1e9).problems() == []  # about 31 years is still taken
+
+
+def test_a_write_behind_model_with_a_foreign_key_to_an_undeclared_table_is_taken(
+    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache
+) -> None:
+    """A foreign key to a table no ``MetaData`` of the process declares (another
+    application's, created by a migration) cannot be resolved by SQLAlchemy; the
+    foreign-key check of ``attach()`` must not raise on it."""
+
+    class Visit(base):  # type: ignore[misc, valid-type]
+        __tablename__ = "review_input_visits"
+        __cache__ = WB
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+        site_id: Mapped[int] = mapped_column(ForeignKey("elsewhere_sites.id"))
+
+    volatile_cache.attach(sessionmaker(engine))
+    assert volatile_cache._core.models.infos[sa.inspect(Visit)].policy == WB

@@ -185,7 +185,8 @@ def foreign_key_problems(policies: Mapping[Mapper[Any], CachePolicy | None]) -> 
         table = mapper.local_table
         assert isinstance(table, Table)
         for fk in sorted(table.foreign_keys, key=lambda fk: str(fk.parent)):
-            target = behind.get(fk.column.table.fullname)
+            # by name: resolving fk.column raises for a table no MetaData here declares
+            target = behind.get(fk.target_fullname.rsplit(".", 1)[0])
             if target is None:
                 continue
             name, other = mapper.class_.__name__, target.class_.__name__
