@@ -147,7 +147,7 @@ def group_problems(
                 f"{mapper.class_.__name__} instead"
             )
         for fk in mapper.local_table.foreign_keys if cluster else ():
-            other = fk.column.table.fullname
+            other = fk.target_fullname.rsplit(".", 1)[0]  # by name, as foreign_key_problems
             if other == table or other not in behind:
                 continue
             group = groups.get(table)
