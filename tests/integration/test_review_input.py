@@ -662,6 +662,32 @@ def test_write_behind_models_related_by_a_foreign_key_are_refused_at_attach(
     assert "strategy='write_through'" in message
 
 
+def test_an_ordinary_model_with_a_foreign_key_to_a_write_behind_table_is_refused(
+    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache
+) -> None:
+    """docs/write-behind.md: ordinary rows must not reference write-behind rows by foreign
+    key. Such a row committed right after the one it references was refused by the
+    database (the referenced row still queued), and a delete of a referenced row was
+    dead-lettered: refused at ``attach()`` instead, naming both models and the fixes."""
+
+    class Page(base):  # type: ignore[misc, valid-type]
+        __tablename__ = "review_input_pages"
+        __cache__ = WB
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+
+    class Comment(base):  # type: ignore[misc, valid-type]
+        __tablename__ = "review_input_comments"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        page_id: Mapped[uuid.UUID] = mapped_column(ForeignKey(Page.id))
+
+    with pytest.raises(ConfigurationError) as refused:
+        volatile_cache.attach(sessionmaker(engine))
+    message = str(refused.value)
+    assert "Comment: the foreign key review_input_comments.page_id references Page" in message
+    assert "IntegrityError" in message
+    assert "strategy='write_through'" in message
+
+
 def test_a_write_behind_child_of_a_write_through_parent_is_applied(
     base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache, namespace: str
 ) -> None:

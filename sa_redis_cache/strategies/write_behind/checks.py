@@ -162,12 +162,15 @@ def group_problems(
 
 
 def foreign_key_problems(policies: Mapping[Mapper[Any], CachePolicy | None]) -> list[str]:
-    """Foreign keys between write-behind tables (a table's to itself included).
+    """Foreign keys into write-behind tables, from any mapped table (a write-behind
+    table's to itself included).
 
-    The worker applies each partition's queue in a transaction of its own, in no order
-    across partitions and tables: a row can reach the database before the row it
-    references, and a delete before the delete of a row that references it. The database
-    refuses either (SQLSTATE 23503), and the operation is dead-lettered.
+    A write-behind row is in the database only once the worker has applied it, each
+    partition's queue in a transaction of its own, in no order across partitions and
+    tables. So a row referencing one can reach the database before it (a queued row), or
+    be refused at its commit (an ordinary row: ``IntegrityError``), and a delete of a
+    referenced row comes before the delete of the row referencing it: the database refuses
+    it (SQLSTATE 23503), and the operation is dead-lettered.
 
     Example::
 
@@ -180,24 +183,36 @@ def foreign_key_problems(policies: Mapping[Mapper[Any], CachePolicy | None]) -> 
         and policy.strategy == "write_behind"
         and isinstance(mapper.local_table, Table)
     }
+    if not behind:
+        return []
     problems: list[str] = []
-    for mapper in behind.values():
+    for mapper in policies:
         table = mapper.local_table
-        assert isinstance(table, Table)
+        if not isinstance(table, Table) or mapper.inherits is not None:
+            continue
         for fk in sorted(table.foreign_keys, key=lambda fk: str(fk.parent)):
             # by name: resolving fk.column raises for a table no MetaData here declares
             target = behind.get(fk.target_fullname.rsplit(".", 1)[0])
             if target is None:
                 continue
             name, other = mapper.class_.__name__, target.class_.__name__
+            if mapper is target or table.fullname in behind:
+                why = (
+                    "the worker applies each table's (and partition's) queue on its own, so a "
+                    "row can reach the database before the row it references, or a delete "
+                    "before the delete of a row referencing it, and be dead-lettered"
+                )
+            else:
+                why = (
+                    f"a {other} row reaches the database only when the worker applies it, so "
+                    f"a {name} referencing one just committed is refused (IntegrityError), "
+                    f"and a delete of a {other} row a {name} references is dead-lettered"
+                )
             problems.append(
                 f"{name}: the foreign key {fk.parent} references {other}'s table, which is "
-                "written behind too; the worker applies each table's (and partition's) queue "
-                "on its own, so a row can reach the database before the row it references, "
-                "or a delete before the delete of a row referencing it, and be dead-lettered. "
-                f"Give {other} strategy='write_through' (its rows are in the database at "
-                "commit), or drop the FOREIGN KEY constraint (map the relationship with "
-                "primaryjoin=... and foreign())"
+                f"written behind; {why}. Give {other} strategy='write_through' (its rows are "
+                "in the database at commit), or drop the FOREIGN KEY constraint (map the "
+                "relationship with primaryjoin=... and foreign())"
             )
     return problems
 
