@@ -194,6 +194,7 @@ class ModelAdmission:
                 found, groups, self.given_groups, cluster=is_cluster(self.core.client)
             )
         )
+        problems.extend(write_behind_checks.foreign_key_problems(found))
         return groups, problems
 
 

@@ -163,10 +163,12 @@ class Cache:
             )
         if not is_ttl(default_ttl):
             raise ConfigurationError(
-                f"default_ttl={default_ttl!r}: every entry needs a positive, finite TTL in seconds"
+                f"default_ttl={default_ttl!r}: every entry needs a positive, finite TTL in seconds "
+                "(at most 1e9)"
             )
-        if not 0 <= ttl_jitter < 1:
-            raise ConfigurationError(f"ttl_jitter={ttl_jitter!r} must be in [0, 1)")
+        if not (ttl_jitter == 0 or is_ttl(ttl_jitter)) or not 0 <= ttl_jitter < 1:
+            raise ConfigurationError(f"ttl_jitter={ttl_jitter!r} must be a number in [0, 1)")
+        _check_limits(max_entry_bytes, breaker_threshold, breaker_reset, hit_rate_warning)
         _check_local(local, local_max_entries, local_max_bytes, local_lease, local_consistency)
         self._core = CacheContext(
             redis_client,
@@ -967,6 +969,39 @@ class Cache:
         if self._core.local is not None:
             snapshot["local"] = self._core.local.gauges()
         return snapshot
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_limits(
+    max_entry_bytes: int, breaker_threshold: int, breaker_reset: float, hit_rate_warning: object
+) -> None:
+    """Refuse limits that would fail every read (a string compared with a size) or make
+    the cache silently useless (no entry small enough, a breaker that never closes)."""
+    if not _whole(max_entry_bytes):
+        raise ConfigurationError(
+            f"max_entry_bytes={max_entry_bytes!r} must be a whole number of bytes >= 1 (the "
+            "largest entry stored or read); the default is 1 << 20 (1 MiB)"
+        )
+    if not _whole(breaker_threshold):
+        raise ConfigurationError(
+            f"breaker_threshold={breaker_threshold!r} must be a whole number >= 1 (Redis "
+            "failures in a row that open the breaker); the default is 3"
+        )
+    if not (breaker_reset == 0 or is_ttl(breaker_reset)):
+        raise ConfigurationError(
+            f"breaker_reset={breaker_reset!r} must be a finite number of seconds >= 0 (how "
+            "long the open breaker keeps reads away from Redis); the default is 2.0"
+        )
+    if hit_rate_warning is not None and not (
+        hit_rate_warning == 0 or (is_ttl(hit_rate_warning) and hit_rate_warning <= 1)  # type: ignore[operator]
+    ):
+        raise ConfigurationError(
+            f"hit_rate_warning={hit_rate_warning!r} must be a fraction from 0 to 1, or None to "
+            "turn the warning off"
+        )
 
 
 def _check_local(

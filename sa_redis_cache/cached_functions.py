@@ -88,7 +88,7 @@ class CachedFunction(Generic[P, R]):
         if ttl is not None and not is_ttl(ttl):
             raise ValueError(
                 f"cached({prefix!r}, ttl={ttl!r}): ttl must be a positive, finite number of "
-                "seconds, or None for the cache's default_ttl"
+                "seconds (at most 1e9), or None for the cache's default_ttl"
             )
         self._core = core
         self._prefix = prefix

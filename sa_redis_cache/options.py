@@ -53,7 +53,7 @@ class FromCache(UserDefinedOption):
     ) -> None:
         if ttl is not None and not is_ttl(ttl):
             raise ValueError(
-                f"FromCache(ttl={ttl!r}): ttl must be a positive number of seconds, "
+                f"FromCache(ttl={ttl!r}): ttl must be a positive number of seconds (at most 1e9), "
                 "or None for the model's or the cache's default"
             )
         for name, value in (
@@ -62,7 +62,18 @@ class FromCache(UserDefinedOption):
             ("stale_ttl", stale_ttl),
         ):
             if value != 0 and not is_ttl(value):
-                raise ValueError(f"FromCache({name}={value!r}): give a finite number >= 0")
+                raise ValueError(
+                    f"FromCache({name}={value!r}): give a finite number >= 0 (at most 1e9)"
+                )
+        for name, flag in (("lease", lease), ("local", local)):
+            if not isinstance(flag, bool):
+                # bool("no") is True: a string here would turn on what it meant to turn off
+                raise ValueError(f"FromCache({name}={flag!r}): give True or False")  # noqa: TRY004  # as every FromCache argument
+        if not isinstance(region, str) or not region:
+            raise ValueError(
+                f"FromCache(region={region!r}): give a non-empty name, or leave the default "
+                "'default'"
+            )
         super().__init__(payload=None)
         self.ttl = ttl
         self.region = region
@@ -70,7 +81,7 @@ class FromCache(UserDefinedOption):
         self.lease_wait = float(lease_wait)
         self.xfetch_beta = float(xfetch_beta)
         self.stale_ttl = float(stale_ttl)
-        self.local = bool(local)
+        self.local = local
         if spread is not None and not isinstance(spread, bool):
             raise ValueError(f"FromCache(spread={spread!r}): give True, False or None")
         self.spread = spread

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,19 +30,26 @@ StrategyName = Literal["cache_aside", "write_through", "write_behind"]
 STRATEGIES: tuple[str, ...] = tuple(s.value for s in Strategy)
 
 
+MAX_SECONDS = 1e9
+"""The longest TTL (or other duration) taken, about 31 years. Redis refuses an expiry in
+milliseconds that overflows with the server's clock added, and Lua scripts pass numbers as
+doubles: a TTL of 1e17 s failed every write of a cached function (Redis errors, which open
+the breaker), and left reads uncached."""
+
+
 def is_ttl(value: object) -> bool:
-    """True for a positive, finite number of seconds (not a bool).
+    """True for a positive number of seconds up to :data:`MAX_SECONDS` (not a bool).
 
     Example::
 
-        >>> is_ttl(60), is_ttl(0), is_ttl(float("inf"))
-        (True, False, False)
+        >>> is_ttl(60), is_ttl(0), is_ttl(float("inf")), is_ttl(1e17)
+        (True, False, False, False)
     """
     return (
         isinstance(value, int | float)
         and not isinstance(value, bool)
         and value > 0
-        and math.isfinite(value)
+        and value <= MAX_SECONDS
     )
 
 
@@ -127,8 +133,8 @@ class CachePolicy:
             )
         if self.ttl is not None and not is_ttl(self.ttl):
             found.append(
-                f"ttl={self.ttl!r} is not a positive, finite number of seconds; give ttl a "
-                "value > 0, or None to use the cache default_ttl"
+                f"ttl={self.ttl!r} is not a positive, finite number of seconds (at most "
+                "1e9); give ttl a value > 0, or None to use the cache default_ttl"
             )
         if self.slot_group is not None and (problem := group_name_problem(self.slot_group)):
             found.append(f"{problem} (CachePolicy(slot_group=...))")
@@ -166,5 +172,7 @@ class CachePolicy:
         for name in ("lease_wait", "xfetch_beta"):
             value = getattr(self, name)
             if value != 0 and not is_ttl(value):
-                found.append(f"{name}={value!r} is not a finite number >= 0; give one, or 0")
+                found.append(
+                    f"{name}={value!r} is not a finite number >= 0 (at most 1e9); give one, or 0"
+                )
         return found

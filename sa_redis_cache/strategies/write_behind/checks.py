@@ -56,6 +56,15 @@ def model_problems(mapper: Mapper[Any], info: ModelInfo) -> list[str]:
             f"{name}: strategy='write_behind' serves unflushed rows from the entity cache; "
             "remove entity_cache=False"
         )
+    if mapper.version_id_col is not None:
+        # SQLAlchemy sets the version in its INSERT and checks and bumps it in its UPDATE's
+        # WHERE; a queued row runs neither, and the worker's upsert checks nothing
+        problems.append(
+            f"{name}: version_id_col ({mapper.version_id_col.key}) is set and checked by "
+            "SQLAlchemy's own INSERT and UPDATE, which write-behind does not run; remove "
+            "version_id_col from __mapper_args__, or use strategy='write_through' for this "
+            "model"
+        )
     if set(mapper.primary_key) != set(table.primary_key.columns):
         problems.append(
             f"{name}: the mapper's primary key differs from the table's PRIMARY KEY, which "
@@ -138,7 +147,7 @@ def group_problems(
                 f"{mapper.class_.__name__} instead"
             )
         for fk in mapper.local_table.foreign_keys if cluster else ():
-            other = fk.column.table.fullname
+            other = fk.target_fullname.rsplit(".", 1)[0]  # by name, as foreign_key_problems
             if other == table or other not in behind:
                 continue
             group = groups.get(table)
@@ -149,6 +158,62 @@ def group_problems(
                     "slot groups; on a Redis Cluster a commit's queued writes must be in one "
                     "slot: give both the same CachePolicy(slot_group='...')"
                 )
+    return problems
+
+
+def foreign_key_problems(policies: Mapping[Mapper[Any], CachePolicy | None]) -> list[str]:
+    """Foreign keys into write-behind tables, from any mapped table (a write-behind
+    table's to itself included).
+
+    A write-behind row is in the database only once the worker has applied it, each
+    partition's queue in a transaction of its own, in no order across partitions and
+    tables. So a row referencing one can reach the database before it (a queued row), or
+    be refused at its commit (an ordinary row: ``IntegrityError``), and a delete of a
+    referenced row comes before the delete of the row referencing it: the database refuses
+    it (SQLSTATE 23503), and the operation is dead-lettered.
+
+    Example::
+
+        foreign_key_problems({line_mapper: wb_policy, order_mapper: wb_policy})
+    """
+    behind = {
+        mapper.local_table.fullname: mapper
+        for mapper, policy in policies.items()
+        if policy is not None
+        and policy.strategy == "write_behind"
+        and isinstance(mapper.local_table, Table)
+    }
+    if not behind:
+        return []
+    problems: list[str] = []
+    for mapper in policies:
+        table = mapper.local_table
+        if not isinstance(table, Table) or mapper.inherits is not None:
+            continue
+        for fk in sorted(table.foreign_keys, key=lambda fk: str(fk.parent)):
+            # by name: resolving fk.column raises for a table no MetaData here declares
+            target = behind.get(fk.target_fullname.rsplit(".", 1)[0])
+            if target is None:
+                continue
+            name, other = mapper.class_.__name__, target.class_.__name__
+            if mapper is target or table.fullname in behind:
+                why = (
+                    "the worker applies each table's (and partition's) queue on its own, so a "
+                    "row can reach the database before the row it references, or a delete "
+                    "before the delete of a row referencing it, and be dead-lettered"
+                )
+            else:
+                why = (
+                    f"a {other} row reaches the database only when the worker applies it, so "
+                    f"a {name} referencing one just committed is refused (IntegrityError), "
+                    f"and a delete of a {other} row a {name} references is dead-lettered"
+                )
+            problems.append(
+                f"{name}: the foreign key {fk.parent} references {other}'s table, which is "
+                f"written behind; {why}. Give {other} strategy='write_through' (its rows are "
+                "in the database at commit), or drop the FOREIGN KEY constraint (map the "
+                "relationship with primaryjoin=... and foreign())"
+            )
     return problems
 
 

@@ -144,6 +144,7 @@ class WriteBehind:
         """Take every write-behind object out of this flush, keeping its state for commit."""
         if not any(is_write_behind(i) for i in self.core.models.infos.values()):
             return
+        self._sync_collections_into_queue(session)
         work, switched = self._work(session)
         if not work:
             return
@@ -222,6 +223,74 @@ class WriteBehind:
                 # write only, as it would the row's SQL
                 op.earlier = replaced
             queued[(info.table, op.pk)] = op
+
+    def _collections_into_queue(self, mapper: Mapper[Any], memo: dict[Any, list[Any]]) -> list[Any]:
+        """The one-to-many relationships of ``mapper``, an ordinary model, whose children
+        are write-behind rows and which the unit of work writes through (``memo``: by
+        mapper, for one flush)."""
+        found = memo.get(mapper)
+        if found is None:
+            found = memo[mapper] = (
+                []  # a write-behind object's own relationships: sync_many_to_one
+                if self._info(mapper) is not None
+                else [
+                    rel
+                    for rel in mapper.relationships
+                    if not rel.viewonly
+                    and rel.direction.name == "ONETOMANY"
+                    and self._info(rel.mapper) is not None
+                ]
+            )
+        return found
+
+    def _sync_collections_into_queue(self, session: Session) -> None:
+        """Copy the key of another model's object into the foreign key of the write-behind
+        objects added to its one-to-many collection (``basket.lines.append(line)``), as
+        the unit of work would; refuse what it would write otherwise.
+
+        The unit of work writes such a change as an UPDATE (or, for ``delete-orphan``, a
+        DELETE) of the children, run after this hook: on a queued row it matched nothing
+        (``StaleDataError``); on a flushed one it changed the database behind the queue.
+        Set here, the key is captured with the child and the unit of work finds nothing
+        left to write.
+        """
+        memo: dict[Any, list[Any]] = {}
+        for obj in session.deleted:
+            for rel in self._collections_into_queue(instance_state(obj).mapper, memo):
+                if not rel.cascade.delete and not rel.passive_deletes:
+                    _refuse_orphaned(session, obj, rel)
+        for obj in [*session.new, *session.dirty]:
+            state = instance_state(obj)
+            for rel in self._collections_into_queue(state.mapper, memo):
+                history = state.attrs[rel.key].history
+                parent = f"{state.mapper.class_.__name__}.{rel.key}"
+                child = rel.mapper.class_.__name__
+                keys = [
+                    (
+                        state.mapper.get_property_by_column(local).key,
+                        rel.mapper.get_property_by_column(remote).key,
+                    )
+                    for local, remote in rel.local_remote_pairs
+                ]
+                if history.deleted:
+                    fks = ", ".join(f"{child}.{key}" for _, key in keys)
+                    raise ConfigurationError(
+                        f"{parent}: a write-behind {child} was removed from it, which the "
+                        "unit of work writes with SQL that queued rows take no part in; "
+                        f"set {fks} (or delete the {child}) instead"
+                    )
+                for added in history.added:
+                    for local_key, remote_key in keys:
+                        value = getattr(obj, local_key)
+                        if value is None:
+                            raise ConfigurationError(
+                                f"{parent} holds a write-behind {child}, and {local_key} is "
+                                "not known before the database insert gives it; flush the "
+                                f"{state.mapper.class_.__name__} first, or set its "
+                                f"{local_key} before the flush"
+                            )
+                        if getattr(added, remote_key) != value:
+                            setattr(added, remote_key, value)
 
     def _work(
         self, session: Session
@@ -777,6 +846,30 @@ def _why(replies: list[Any]) -> str:
     """Why a run of waits did not confirm, for the error message."""
     failed = [reply for reply in replies if isinstance(reply, Exception)]
     return f"the wait failed: {failed[-1]}" if failed else "it did not confirm"
+
+
+def _refuse_orphaned(session: Session, obj: object, rel: Any) -> None:
+    """Refuse deleting ``obj`` while ``rel`` (no delete cascade) holds write-behind rows
+    that stay: the unit of work would set their foreign key to NULL with SQL."""
+    loaded: Any = getattr(obj, rel.key)  # the unit of work loads them too
+    if not rel.uselist:
+        children = [loaded]
+    else:
+        children = list(loaded.values() if isinstance(loaded, dict) else loaded)
+    if any(c is not None and c not in session.deleted for c in children):
+        parent = type(obj).__name__
+        child = rel.mapper.class_.__name__
+        fks = ", ".join(
+            f"{child}.{rel.mapper.get_property_by_column(remote).key}"
+            for _, remote in rel.local_remote_pairs
+        )
+        raise ConfigurationError(
+            f"{parent}.{rel.key}: deleting a {parent} makes the unit of work set {fks} of "
+            f"its write-behind {child} rows to NULL with SQL, behind their queue; delete (or "
+            f"move) the {child} rows first, and the {parent} once the worker has applied that "
+            "(or, without a FOREIGN KEY constraint, cascade='all, delete-orphan' on the "
+            "relationship queues their deletes with it)"
+        )
 
 
 def _old_row(

@@ -158,8 +158,12 @@ def _statement_refused(exc: BaseException) -> bool:
     if not isinstance(exc, DBAPIError) or exc.connection_invalidated:
         return False
     state = _sqlstate(exc)
-    # no SQLSTATE at all: the driver refused to adapt an array before sending anything
-    return state.startswith(_STATEMENT_CLASSES) or (not state and not _is_disconnect(exc))
+    # no SQLSTATE at all: the driver refused to adapt an array before sending anything;
+    # not a DataError, a value's own fault, which bisection isolates (and _one confirms
+    # through executemany before condemning it)
+    return state.startswith(_STATEMENT_CLASSES) or (
+        not state and not _is_disconnect(exc) and not isinstance(exc, DataError)
+    )
 
 
 def _is_disconnect(exc: DBAPIError) -> bool:
@@ -737,6 +741,7 @@ class Applier:
             else:
                 pk = data
         payload[KEY_KEY] = entry.pk
+        error = dead[entry.id]
         if _has_nul([pk, payload]):
             # jsonb cannot hold U+0000: the letter's INSERT would fail, and with it the
             # batch, on every pass. The row is kept as its JSON text, NULs escaped; it
@@ -747,6 +752,7 @@ class Applier:
                 text = entry.data.decode(errors="replace").replace("\x00", "\\u0000")
             payload = {RAW_KEY: text, KEY_KEY: entry.pk.replace("\x00", "\\u0000")}
             pk = None
+            error += " (the operation holds a NUL character, which Postgres cannot store)"
         return {
             "namespace": self.namespace,
             "table_name": self.info.table,
@@ -755,7 +761,7 @@ class Applier:
             "op": _OPS.get(entry.op),
             "pk": pk,
             "payload": payload,
-            "error": dead[entry.id],
+            "error": error.replace("\x00", "\\x00"),
         }
 
 
