@@ -1,0 +1,465 @@
+"""A review of tenant isolation: every read path, every way of naming a tenant.
+
+Two schemas hold the same tables with different rows. One cache (one namespace) serves
+sessions of both, each way SQLAlchemy offers to put a session in a tenant: an engine's
+``schema_translate_map``, a connection's, the session's connection's, a statement's, a
+session's ``binds``, a ``get_bind`` override, a ``search_path`` set by a connect event, and
+SQLAlchemy's own multi-tenancy recipe (models in a placeholder schema the map translates).
+A plain session on an engine the cache never saw is the oracle: every read must return
+what it returns, before and after writes in one tenant.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import ForeignKey, String, select
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+from sa_redis_cache import Cache, CachePolicy, FromCache
+
+SUFFIX = secrets.token_hex(3)
+TENANTS = (f"iso_rv_a_{SUFFIX}", f"iso_rv_b_{SUFFIX}")
+PLACEHOLDER = "per_tenant"  # SQLAlchemy's recipe: models name it, the map translates it
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Acct(Base):
+    __tablename__ = "isorv_acct"
+    __cache__ = CachePolicy(strategy="write_through")
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    secret: Mapped[str] = mapped_column(String(80))
+    notes: Mapped[list[Note]] = relationship(back_populates="acct", lazy="select")
+
+
+class Note(Base):
+    __tablename__ = "isorv_note"
+    __cache__ = CachePolicy()
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    acct_id: Mapped[int] = mapped_column(ForeignKey("isorv_acct.id"))
+    body: Mapped[str] = mapped_column(String(80))
+    acct: Mapped[Acct] = relationship(back_populates="notes", lazy="select")
+
+
+class Placed(Base):
+    """A model of SQLAlchemy's multi-tenancy recipe: its schema is a placeholder."""
+
+    __tablename__ = "isorv_placed"
+    __table_args__ = {"schema": PLACEHOLDER}  # noqa: RUF012 - SQLAlchemy's own form
+    __cache__ = CachePolicy()
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    secret: Mapped[str] = mapped_column(String(80))
+
+
+def translate(tenant: str) -> dict[str | None, str]:
+    return {None: tenant, PLACEHOLDER: tenant}
+
+
+def secret_of(tenant: str) -> str:
+    return f"secret of {tenant}"
+
+
+@pytest.fixture(scope="module")
+def oracle(database_url: str) -> Iterator[dict[str, sa.Engine]]:
+    """The tenants' schemas, filled, and an engine per tenant that no cache ever sees."""
+    base = sa.create_engine(database_url)
+    with base.begin() as conn:
+        for tenant in TENANTS:
+            conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {tenant} CASCADE"))
+            conn.execute(sa.text(f"CREATE SCHEMA {tenant}"))
+    engines = {t: base.execution_options(schema_translate_map=translate(t)) for t in TENANTS}
+    for e in engines.values():
+        with e.begin() as conn:
+            Base.metadata.create_all(conn)
+    restore(engines)
+    yield engines
+    with base.begin() as conn:
+        for tenant in TENANTS:
+            conn.execute(sa.text(f"DROP SCHEMA {tenant} CASCADE"))
+    base.dispose()
+
+
+def restore(engines: dict[str, sa.Engine]) -> None:
+    for tenant, e in engines.items():
+        with e.begin() as conn:
+            for table in reversed(Base.metadata.sorted_tables):
+                conn.execute(table.delete())
+        with Session(e) as s:
+            s.add(Acct(id=1, secret=secret_of(tenant)))
+            s.add(Note(id=1, acct_id=1, body=secret_of(tenant)))
+            s.add(Placed(id=1, secret=secret_of(tenant)))
+            s.commit()
+
+
+@pytest.fixture
+def fresh(oracle: dict[str, sa.Engine]) -> Iterator[dict[str, sa.Engine]]:
+    yield oracle
+    restore(oracle)
+
+
+@pytest.fixture
+def cache(redis_url: str, namespace: str) -> Iterator[Cache]:
+    made = Cache(redis_url, namespace=namespace)
+    yield made
+    made.detach()
+
+
+OWN_ENGINES: list[sa.Engine] = []  # made by a way, disposed after its test
+
+
+@pytest.fixture
+def app_engine(database_url: str, cache: Cache) -> Iterator[sa.Engine]:
+    """The application's engine (the cache attaches to it; the oracle's is another)."""
+    made = sa.create_engine(database_url)
+    yield made
+    cache.detach()
+    made.dispose()
+    while OWN_ENGINES:
+        OWN_ENGINES.pop().dispose()
+
+
+# ---------------------------------------------------------------- reads
+
+
+Options = dict[str, Any] | None
+
+
+def by_get(s: Session, opts: Options) -> str:
+    acct = s.get(Acct, 1, execution_options=opts) if opts else s.get(Acct, 1)
+    assert acct is not None
+    return acct.secret
+
+
+def by_lazy_load(s: Session, opts: Options) -> str:
+    note = s.get(Note, 1, execution_options=opts) if opts else s.get(Note, 1)
+    assert note is not None
+    return note.acct.secret
+
+
+def by_collection(s: Session, opts: Options) -> str:
+    acct = s.get(Acct, 1, execution_options=opts) if opts else s.get(Acct, 1)
+    assert acct is not None
+    return acct.notes[0].body
+
+
+def by_query(s: Session, opts: Options) -> str:
+    stmt = select(Acct.secret).where(Acct.id == 1).options(FromCache())
+    if opts:
+        stmt = stmt.execution_options(**opts)
+    return s.scalars(stmt).one()
+
+
+def by_query_call_options(s: Session, opts: Options) -> str:
+    stmt = select(Acct).where(Acct.id == 1).options(FromCache())
+    return s.scalars(stmt, execution_options=opts or {}).one().secret
+
+
+def by_placed_get(s: Session, opts: Options) -> str:
+    placed = s.get(Placed, 1, execution_options=opts) if opts else s.get(Placed, 1)
+    assert placed is not None
+    return placed.secret
+
+
+def by_placed_query(s: Session, opts: Options) -> str:
+    stmt = select(Placed).where(Placed.id == 1).options(FromCache())
+    if opts:
+        stmt = stmt.execution_options(**opts)
+    return s.scalars(stmt).one().secret
+
+
+Read = Callable[[Session, Options], str]
+READS: dict[str, Read] = {
+    "get": by_get,
+    "lazy_load": by_lazy_load,
+    "collection": by_collection,
+    "query": by_query,
+    "query_call_options": by_query_call_options,
+    "placed_get": by_placed_get,
+    "placed_query": by_placed_query,
+}
+# lazy loads do not carry a statement's execution options (SQLAlchemy's own behaviour)
+PER_STATEMENT_READS = ("get", "query", "query_call_options", "placed_get", "placed_query")
+# a search_path names no placeholder schema
+SEARCH_PATH_READS = ("get", "lazy_load", "collection", "query", "query_call_options")
+
+
+def oracle_read(oracle: dict[str, sa.Engine], tenant: str, read: str) -> str:
+    with Session(oracle[tenant]) as s:
+        return READS[read](s, None)
+
+
+# ---------------------------------------------------------------- ways to name a tenant
+
+
+@dataclass
+class Way:
+    """How a session is put in a tenant: ``session(tenant)`` opens one, ``opts(tenant)``
+    gives the statement's options (None: the session alone names the tenant)."""
+
+    session: Callable[[str], Any]
+    opts: Callable[[str], Options] = lambda _: None
+
+
+CURRENT: contextvars.ContextVar[str] = contextvars.ContextVar("iso_rv_tenant")
+
+
+def make_way(name: str, cache: Cache, engine: sa.Engine, database_url: str) -> Way:
+    if name == "engine":
+        factories = {
+            t: sessionmaker(engine.execution_options(schema_translate_map=translate(t)))
+            for t in TENANTS
+        }
+        for f in factories.values():
+            cache.attach(f)
+        return Way(lambda t: factories[t]())
+    if name == "connection_bind":
+        factory = sessionmaker(engine)
+        cache.attach(factory)
+
+        @contextmanager
+        def on_connection(t: str) -> Iterator[Session]:
+            with engine.connect() as conn:
+                c = conn.execution_options(schema_translate_map=translate(t))
+                with factory(bind=c) as s:
+                    yield s
+
+        return Way(on_connection)
+    if name == "session_connection":
+        factory = sessionmaker(engine)
+        cache.attach(factory)
+
+        @contextmanager
+        def begun(t: str) -> Iterator[Session]:
+            with factory() as s:
+                s.connection(execution_options={"schema_translate_map": translate(t)})
+                yield s
+
+        return Way(begun)
+    if name == "statement":
+        factory = sessionmaker(engine)
+        cache.attach(factory)
+        return Way(lambda t: factory(), lambda t: {"schema_translate_map": translate(t)})
+    if name == "binds":
+        option_engines = {
+            t: engine.execution_options(schema_translate_map=translate(t)) for t in TENANTS
+        }
+        factory = sessionmaker()
+        cache.attach(factory)
+        return Way(
+            lambda t: factory(
+                binds={Acct: option_engines[t], Note: option_engines[t], Placed: option_engines[t]}
+            )
+        )
+    if name == "get_bind":
+        option_engines = {
+            t: engine.execution_options(schema_translate_map=translate(t)) for t in TENANTS
+        }
+
+        class Routed(Session):
+            def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+                return option_engines[CURRENT.get()]
+
+        cache.attach(Routed)
+
+        @contextmanager
+        def routed(t: str) -> Iterator[Session]:
+            token = CURRENT.set(t)
+            try:
+                with Routed() as s:
+                    yield s
+            finally:
+                CURRENT.reset(token)
+
+        return Way(routed)
+    if name == "search_path_event":
+        engines = {}
+        for t in TENANTS:
+            e = sa.create_engine(database_url)
+
+            def set_path(dbapi_connection: Any, _: Any, t: str = t) -> None:
+                cursor = dbapi_connection.cursor()
+                cursor.execute(f"SET search_path TO {t}")
+                cursor.close()
+                dbapi_connection.commit()
+
+            sa.event.listen(e, "connect", set_path)
+            engines[t] = e
+            OWN_ENGINES.append(e)
+        factories = {t: sessionmaker(e) for t, e in engines.items()}
+        for f in factories.values():
+            cache.attach(f)
+        return Way(lambda t: factories[t]())
+    if name == "session_options":
+        factory = sessionmaker(engine)
+        cache.attach(factory)
+        return Way(lambda t: factory(execution_options={"schema_translate_map": translate(t)}))
+    raise AssertionError(name)
+
+
+WAYS = (
+    "engine",
+    "connection_bind",
+    "session_connection",
+    "statement",
+    "binds",
+    "get_bind",
+    "search_path_event",
+    "session_options",
+)
+
+
+def reads_of(way: str) -> tuple[str, ...]:
+    if way == "statement":
+        return PER_STATEMENT_READS
+    if way == "search_path_event":
+        return SEARCH_PATH_READS
+    return tuple(READS)
+
+
+CASES = [(w, r) for w in WAYS for r in reads_of(w)]
+
+
+def skip_unsupported(way: str) -> None:
+    if (
+        way == "session_options"
+        and "execution_options" not in Session.__init__.__code__.co_varnames
+    ):
+        pytest.skip("Session(execution_options=...) is SQLAlchemy 2.1's")
+
+
+@pytest.mark.parametrize(("way", "read"), CASES, ids=[f"{w}-{r}" for w, r in CASES])
+def test_each_tenant_reads_its_own_rows(
+    fresh: dict[str, sa.Engine],
+    cache: Cache,
+    app_engine: sa.Engine,
+    database_url: str,
+    way: str,
+    read: str,
+) -> None:
+    skip_unsupported(way)
+    w = make_way(way, cache, app_engine, database_url)
+    for _ in range(3):
+        for t in TENANTS:
+            with w.session(t) as s:
+                assert READS[read](s, w.opts(t)) == oracle_read(fresh, t, read), (way, read, t)
+    assert cache.stats()["total"]["hits"] >= len(TENANTS)  # the cache did serve them
+
+
+def write_orm(s: Session, opts: Options, value: str, *, placed: bool = True) -> None:
+    acct = s.get(Acct, 1, execution_options=opts) if opts else s.get(Acct, 1)
+    assert acct is not None
+    acct.secret = value
+    note = s.get(Note, 1, execution_options=opts) if opts else s.get(Note, 1)
+    assert note is not None
+    note.body = value
+    if placed:
+        row = s.get(Placed, 1, execution_options=opts) if opts else s.get(Placed, 1)
+        assert row is not None
+        row.secret = value
+    s.commit()
+
+
+@pytest.mark.parametrize("way", [w for w in WAYS if w != "statement"])
+def test_a_write_in_one_tenant_is_read_there_and_not_elsewhere(
+    fresh: dict[str, sa.Engine],
+    cache: Cache,
+    app_engine: sa.Engine,
+    database_url: str,
+    way: str,
+) -> None:
+    skip_unsupported(way)
+    w = make_way(way, cache, app_engine, database_url)
+    reads = reads_of(way)
+    a, b = TENANTS
+    for _ in range(2):  # fill every entry of both tenants
+        for t in TENANTS:
+            for read in reads:
+                with w.session(t) as s:
+                    READS[read](s, w.opts(t))
+    with w.session(a) as s:
+        write_orm(s, w.opts(a), "rewritten in a", placed=way != "search_path_event")
+    for _ in range(2):
+        for t in (b, a):
+            for read in reads:
+                with w.session(t) as s:
+                    got = READS[read](s, w.opts(t))
+                assert got == oracle_read(fresh, t, read), (way, read, t)
+
+
+def text_update(conn: sa.Connection, tenant: str, table: str, value: str) -> None:
+    sql = f"UPDATE {tenant}.{table} SET secret = :v WHERE id = 1"  # noqa: S608
+    conn.execute(sa.text(sql), {"v": value})
+
+
+def core_update_of_a_table_in_the_tenants_schema(
+    conn: sa.Connection, tenant: str, table: str, value: str
+) -> None:
+    own = sa.Table(
+        table,
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("secret", String(80)),
+        schema=tenant,
+    )
+    conn.execute(sa.update(own).where(own.c.id == 1).values(secret=value))
+
+
+def core_update_translated(conn: sa.Connection, tenant: str, table: str, value: str) -> None:
+    model_table = Base.metadata.tables[table if table == "isorv_acct" else f"{PLACEHOLDER}.{table}"]
+    c = conn.execution_options(schema_translate_map=translate(tenant))
+    c.execute(sa.update(model_table).where(model_table.c.id == 1).values(secret=value))
+
+
+DML = {
+    "text": text_update,
+    "core_table_in_schema": core_update_of_a_table_in_the_tenants_schema,
+    "core_translated": core_update_translated,
+}
+
+
+@pytest.mark.parametrize("through", ["tenant_engine", "root_engine"])
+@pytest.mark.parametrize("dml", list(DML))
+@pytest.mark.parametrize("read", ["get", "query", "placed_get", "placed_query"])
+def test_dml_naming_the_tenants_schema_retires_its_entries(
+    fresh: dict[str, sa.Engine],
+    cache: Cache,
+    app_engine: sa.Engine,
+    dml: str,
+    read: str,
+    through: str,
+) -> None:
+    engines = {t: app_engine.execution_options(schema_translate_map=translate(t)) for t in TENANTS}
+    factories = {t: sessionmaker(e) for t, e in engines.items()}
+    for f in factories.values():
+        cache.attach(f)
+    a, b = TENANTS
+    for _ in range(2):
+        for t in TENANTS:
+            with factories[t]() as s:
+                READS[read](s, None)
+    table = "isorv_placed" if read.startswith("placed") else "isorv_acct"
+    with (engines[a] if through == "tenant_engine" else app_engine).begin() as conn:
+        DML[dml](conn, a, table, "changed by DML")
+    for t in (a, b):
+        with factories[t]() as s:
+            assert READS[read](s, None) == oracle_read(fresh, t, read), (dml, read, t)
