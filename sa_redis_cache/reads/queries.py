@@ -88,6 +88,19 @@ def bypasses(orm_context: ORMExecuteState) -> bool:
     return bool(opts.get("yield_per") or opts.get("stream_results") or opts.get("identity_token"))
 
 
+def _translated(translate: Any) -> list[tuple[str, str]]:
+    """A ``schema_translate_map`` as a key part. SQLAlchemy's compiler adds ``"_none"``
+    (a copy of the ``None`` entry) to the application's own dict the first time it
+    compiles under it: left in, a tenant's first statement would be keyed apart from every
+    later one, and its first entries never read again."""
+    none = translate.get(None)
+    return sorted(
+        (str(k), str(v))
+        for k, v in translate.items()
+        if not (k == "_none" and none is not None and v == none)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StatementPlan:
     """What the read path needs about one statement shape, computed once per shape."""
@@ -674,7 +687,7 @@ class QueryReads:
     ) -> str | None:
         try:
             parts: list[Any] = [plan.digest, values, database.name]
-            translated = sorted((str(k), str(v)) for k, v in translate.items()) if translate else []
+            translated = _translated(translate) if translate else []
             if translated:
                 parts.append(translated)
             self._remember(database, translate, translated)
