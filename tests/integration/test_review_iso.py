@@ -11,6 +11,7 @@ what it returns, before and after writes in one tenant.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import secrets
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import ForeignKey, String, select
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -30,7 +32,9 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
+from devservices.scratch import scratch_database
 from sa_redis_cache import Cache, CachePolicy, FromCache
+from tests.modes import async_url
 
 SUFFIX = secrets.token_hex(3)
 TENANTS = (f"iso_rv_a_{SUFFIX}", f"iso_rv_b_{SUFFIX}")
@@ -488,3 +492,170 @@ def test_a_tenants_statement_is_a_hit_from_its_second_read(
             assert by_query(s, None) == secret_of(TENANTS[0])
     counted = cache.stats()["total"]
     assert (counted["misses"], counted["hits"]) == (1, 1)
+
+
+def test_asyncio_tenants_by_every_session_option_and_their_writes(
+    fresh: dict[str, sa.Engine], cache: Cache, database_url: str
+) -> None:
+    """``AsyncSession``: a tenant named by the session's connection, by the statement, by
+    an engine copy; a write (ORM, and text DML naming the tenant's schema on the engine
+    itself) in tenant a is read there, and tenant b keeps its own rows."""
+    a, b = TENANTS
+
+    def owner(_: Session, note: Note) -> str:
+        return note.acct.secret
+
+    async def main() -> None:
+        root = create_async_engine(async_url(database_url))
+        copies = {t: root.execution_options(schema_translate_map=translate(t)) for t in TENANTS}
+        by_copy = {t: async_sessionmaker(e) for t, e in copies.items()}
+        plain = async_sessionmaker(root)
+        for factory in [*by_copy.values(), plain]:
+            cache.attach(factory)
+
+        async def read_all(t: str, how: str) -> tuple[str, str, str, str]:
+            opts = {"schema_translate_map": translate(t)}
+            factory = by_copy[t] if how == "copy" else plain
+            async with factory() as s:
+                if how == "connection":
+                    await s.connection(execution_options=opts)
+                stmt_opts = opts if how == "statement" else {}
+                acct = await s.get(Acct, 1, execution_options=stmt_opts)
+                assert acct is not None
+                placed = await s.get(Placed, 1, execution_options=stmt_opts)
+                assert placed is not None
+                query = select(Placed.secret).where(Placed.id == 1).options(FromCache())
+                queried = (await s.scalars(query.execution_options(**stmt_opts))).one()
+                lazy = acct.secret
+                if how != "statement":  # lazy loads do not carry a statement's options
+                    note = await s.get(Note, 1)
+                    assert note is not None
+                    lazy = await s.run_sync(owner, note)
+                return acct.secret, placed.secret, queried, lazy
+
+        def expected(t: str) -> tuple[str, str, str, str]:
+            with Session(fresh[t]) as s:
+                acct, placed = s.get_one(Acct, 1), s.get_one(Placed, 1)
+                return acct.secret, placed.secret, placed.secret, acct.secret
+
+        hows = ("copy", "connection", "statement")
+        try:
+            for _ in range(3):
+                for how in hows:
+                    for t in TENANTS:
+                        assert await read_all(t, how) == expected(t), (how, t)
+            async with plain() as s:
+                await s.connection(execution_options={"schema_translate_map": translate(a)})
+                acct = await s.get(Acct, 1)
+                assert acct is not None
+                acct.secret = "async write in a"
+                await s.commit()
+            async with root.begin() as conn:
+                await conn.execute(
+                    sa.text(f"UPDATE {a}.isorv_placed SET secret = 'async DML in a'")  # noqa: S608
+                )
+            for _ in range(2):
+                for how in hows:
+                    for t in (b, a):
+                        assert await read_all(t, how) == expected(t), (how, t)
+            assert cache.stats()["total"]["hits"] > 0
+        finally:
+            await cache.aclose()
+            await root.dispose()
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def two_databases(services: Any, cache: Cache) -> Iterator[dict[str, sa.Engine]]:
+    """Two scratch databases with the same tables (no placeholder schema) and rows of
+    their own; the engines are the application's (the oracle makes its own)."""
+    tables = [Acct.__table__, Note.__table__]
+    with (
+        scratch_database(services.database_url, f"sarc_isorv_{secrets.token_hex(4)}") as url_a,
+        scratch_database(services.database_url, f"sarc_isorv_{secrets.token_hex(4)}") as url_b,
+    ):
+        engines = {"a": sa.create_engine(url_a), "b": sa.create_engine(url_b)}
+        try:
+            for name, e in engines.items():
+                with e.begin() as conn:
+                    Base.metadata.create_all(conn, tables=tables)
+                    conn.execute(sa.insert(Acct.__table__).values(id=1, secret=secret_of(name)))
+                    conn.execute(
+                        sa.insert(Note.__table__).values(id=1, acct_id=1, body=secret_of(name))
+                    )
+            yield engines
+        finally:
+            cache.detach()
+            for e in engines.values():
+                e.dispose()
+
+
+DATABASE_READS = ("get", "lazy_load", "collection", "query", "query_call_options")
+
+
+@pytest.mark.parametrize("way", ["engines", "binds", "get_bind"])
+def test_two_databases_read_and_write_apart(
+    two_databases: dict[str, sa.Engine], cache: Cache, way: str
+) -> None:
+    oracles = {n: sa.create_engine(e.url) for n, e in two_databases.items()}
+    if way == "engines":
+        factories = {n: sessionmaker(e) for n, e in two_databases.items()}
+        for f in factories.values():
+            cache.attach(f)
+        opened: Callable[[str], Any] = lambda n: factories[n]()  # noqa: E731
+    elif way == "binds":
+        factory = sessionmaker()
+        cache.attach(factory)
+        opened = lambda n: factory(  # noqa: E731
+            binds={Acct: two_databases[n], Note: two_databases[n]}
+        )
+    else:
+
+        class Routed(Session):
+            def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+                return two_databases[CURRENT.get()]
+
+        cache.attach(Routed)
+
+        @contextmanager
+        def routed(n: str) -> Iterator[Session]:
+            token = CURRENT.set(n)
+            try:
+                with Routed() as s:
+                    yield s
+            finally:
+                CURRENT.reset(token)
+
+        opened = routed
+
+    def check(order: tuple[str, ...]) -> None:
+        for read in DATABASE_READS:
+            for n in order:
+                token = CURRENT.set(n)
+                try:
+                    with opened(n) as s:
+                        got = READS[read](s, None)
+                finally:
+                    CURRENT.reset(token)
+                with Session(oracles[n]) as s:
+                    assert got == READS[read](s, None), (way, read, n)
+
+    try:
+        for _ in range(3):
+            check(("a", "b"))
+        token = CURRENT.set("a")
+        try:
+            with opened("a") as s:
+                write_orm(s, None, "ORM write in a", placed=False)
+        finally:
+            CURRENT.reset(token)
+        check(("b", "a"))
+        with two_databases["a"].begin() as conn:
+            conn.execute(sa.text("UPDATE isorv_acct SET secret = 'text DML in a'"))
+            conn.execute(sa.update(Note.__table__).values(body="Core DML in a"))
+        check(("b", "a"))
+        assert cache.stats()["total"]["hits"] > 0
+    finally:
+        for e in oracles.values():
+            e.dispose()
