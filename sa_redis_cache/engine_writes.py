@@ -214,11 +214,7 @@ class EngineWrites:
             target = getattr(element, "table", None)
             if not isinstance(target, Table):
                 return
-            # another Table object of a model's table (in the tenant's schema, say) writes
-            # the model's rows too
-            tables = {target.fullname} | _same_named(
-                (target.name, True), self.core.models.known_tables()
-            )
+            tables = self.core.models.written_as(target)
             tables |= referential_actions().written_by(
                 tables, deletes=context.isdelete, updates=context.isupdate
             )

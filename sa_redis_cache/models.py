@@ -716,6 +716,16 @@ class ModelRegistry:
             known = self._known_tables = (seen, sorted(names))
         return known[1]
 
+    def written_as(self, table: Table) -> set[str]:
+        """The tables DML on ``table`` (a ``Table`` object, mapped or not) may write: its own,
+        and every known table of its name in any schema. A ``schema_translate_map`` may put
+        a model declared without a schema, or in SQLAlchemy's placeholder schema
+        (``schema="per_tenant"``), in ``table``'s schema: an ``update()`` of a ``Table`` in a
+        tenant's schema writes that model's rows. Retiring a same-named table of an
+        unrelated schema costs misses; missing the model's would serve stale rows."""
+        name = table.name
+        return {table.fullname, *(t for t in self.known_tables() if t.rpartition(".")[2] == name)}
+
     def table_schema(self, table: Table) -> str:
         """The memoised :func:`table_schema_hash` of ``table``."""
         found = self._schema_hashes.get(table.fullname)

@@ -490,7 +490,7 @@ class Invalidation:
             tables.update(t.fullname for t in mapper.tables if isinstance(t, Table))
         target = getattr(orm_context.statement, "table", None)
         if isinstance(target, Table):
-            tables.add(target.fullname)
+            tables |= self.core.models.written_as(target)
         if not tables:
             return False
         tables |= referential_actions().written_by(

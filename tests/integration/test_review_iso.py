@@ -659,3 +659,35 @@ def test_two_databases_read_and_write_apart(
     finally:
         for e in oracles.values():
             e.dispose()
+
+
+@pytest.mark.parametrize("read", ["get", "query", "placed_get", "placed_query"])
+def test_dml_through_a_session_naming_the_tenants_schema_retires_its_entries(
+    fresh: dict[str, sa.Engine], cache: Cache, app_engine: sa.Engine, read: str
+) -> None:
+    """The same DML, run by a session of an attached factory: its hooks mark what the
+    statement names, and the engine leaves the statement to them."""
+    engines = {t: app_engine.execution_options(schema_translate_map=translate(t)) for t in TENANTS}
+    factories = {t: sessionmaker(e) for t, e in engines.items()}
+    for f in factories.values():
+        cache.attach(f)
+    a, b = TENANTS
+    for _ in range(2):
+        for t in TENANTS:
+            with factories[t]() as s:
+                READS[read](s, None)
+    table = "isorv_placed" if read.startswith("placed") else "isorv_acct"
+    own = sa.Table(
+        table,
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("secret", String(80)),
+        schema=a,
+    )
+    with factories[b]() as s:  # any tenant's session: the statement names the schema
+        changed = {"secret": "changed by a session"}
+        s.execute(sa.update(own).where(own.c.id == 1).values(changed))
+        s.commit()
+    for t in (a, b):
+        with factories[t]() as s:
+            assert READS[read](s, None) == oracle_read(fresh, t, read), (read, t)
