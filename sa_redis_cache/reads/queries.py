@@ -275,7 +275,6 @@ class QueryReads:
     def read(self, orm_context: ORMExecuteState, option: FromCache) -> Result[Any] | None:
         core = self.core
         stats = core.counters
-        exec_opts = orm_context.execution_options
         region = scope("region", option.region)
         if bypasses(orm_context):
             stats.incr(region, "bypassed")
@@ -307,7 +306,9 @@ class QueryReads:
             cache_key,
             orm_context.parameters,
             database,
-            session_translate_map(session, bind, exec_opts),
+            session_translate_map(
+                session, bind, orm_context.local_execution_options, statement._execution_options
+            ),
             option,
         )
         if entry_key is None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 from sqlalchemy import ForeignKey, String, select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
@@ -33,8 +34,11 @@ from sqlalchemy.orm import (
 )
 
 from devservices.scratch import scratch_database
-from sa_redis_cache import Cache, CachePolicy, FromCache
+from sa_redis_cache import Cache, CachePolicy, FlushWorker, FromCache, schema
 from tests.modes import async_url
+from tests.wb_support import drain, rows
+
+pytest_plugins = ["tests.wb_fixtures"]
 
 SUFFIX = secrets.token_hex(3)
 TENANTS = (f"iso_rv_a_{SUFFIX}", f"iso_rv_b_{SUFFIX}")
@@ -75,6 +79,10 @@ class Placed(Base):
     secret: Mapped[str] = mapped_column(String(80))
 
 
+ACCT = Base.metadata.tables["isorv_acct"]
+NOTE = Base.metadata.tables["isorv_note"]
+
+
 def translate(tenant: str) -> dict[str | None, str]:
     return {None: tenant, PLACEHOLDER: tenant}
 
@@ -91,7 +99,9 @@ def oracle(database_url: str) -> Iterator[dict[str, sa.Engine]]:
         for tenant in TENANTS:
             conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {tenant} CASCADE"))
             conn.execute(sa.text(f"CREATE SCHEMA {tenant}"))
-    engines = {t: base.execution_options(schema_translate_map=translate(t)) for t in TENANTS}
+    engines: dict[str, sa.Engine] = {
+        t: base.execution_options(schema_translate_map=translate(t)) for t in TENANTS
+    }
     for e in engines.values():
         with e.begin() as conn:
             Base.metadata.create_all(conn)
@@ -570,7 +580,7 @@ def test_asyncio_tenants_by_every_session_option_and_their_writes(
 def two_databases(services: Any, cache: Cache) -> Iterator[dict[str, sa.Engine]]:
     """Two scratch databases with the same tables (no placeholder schema) and rows of
     their own; the engines are the application's (the oracle makes its own)."""
-    tables = [Acct.__table__, Note.__table__]
+    tables = [ACCT, NOTE]
     with (
         scratch_database(services.database_url, f"sarc_isorv_{secrets.token_hex(4)}") as url_a,
         scratch_database(services.database_url, f"sarc_isorv_{secrets.token_hex(4)}") as url_b,
@@ -580,10 +590,8 @@ def two_databases(services: Any, cache: Cache) -> Iterator[dict[str, sa.Engine]]
             for name, e in engines.items():
                 with e.begin() as conn:
                     Base.metadata.create_all(conn, tables=tables)
-                    conn.execute(sa.insert(Acct.__table__).values(id=1, secret=secret_of(name)))
-                    conn.execute(
-                        sa.insert(Note.__table__).values(id=1, acct_id=1, body=secret_of(name))
-                    )
+                    conn.execute(sa.insert(ACCT).values(id=1, secret=secret_of(name)))
+                    conn.execute(sa.insert(NOTE).values(id=1, acct_id=1, body=secret_of(name)))
             yield engines
         finally:
             cache.detach()
@@ -653,7 +661,7 @@ def test_two_databases_read_and_write_apart(
         check(("b", "a"))
         with two_databases["a"].begin() as conn:
             conn.execute(sa.text("UPDATE isorv_acct SET secret = 'text DML in a'"))
-            conn.execute(sa.update(Note.__table__).values(body="Core DML in a"))
+            conn.execute(sa.update(NOTE).values(body="Core DML in a"))
         check(("b", "a"))
         assert cache.stats()["total"]["hits"] > 0
     finally:
@@ -691,3 +699,136 @@ def test_dml_through_a_session_naming_the_tenants_schema_retires_its_entries(
     for t in (a, b):
         with factories[t]() as s:
             assert READS[read](s, None) == oracle_read(fresh, t, read), (read, t)
+
+
+@pytest.fixture
+def shared_rows(engine: sa.Engine) -> Iterator[str]:
+    """The tables in the database's default schema too, with a row no tenant owns."""
+    tables = [ACCT, NOTE]
+    with engine.begin() as conn:
+        Base.metadata.create_all(conn, tables=tables)
+        conn.execute(sa.insert(ACCT).values({"id": 1, "secret": "shared"}))
+    yield "shared"
+    with engine.begin() as conn:
+        Base.metadata.drop_all(conn, tables=tables)
+
+
+def by_get_call(s: Session, opts: Options) -> str:
+    return by_get(s, opts)
+
+
+def by_query_statement(s: Session, opts: Options) -> str:
+    return by_query(s, opts)
+
+
+PRECEDENCE_READS: dict[str, Read] = {
+    "get_call_options": by_get_call,  # session.get(..., execution_options=...)
+    "query_call_options": by_query_call_options,  # session.scalars(stmt, execution_options=)
+    "query_statement_options": by_query_statement,  # stmt.execution_options(...)
+}
+
+
+@pytest.mark.parametrize("given", ["other_tenant", "none"])
+@pytest.mark.parametrize("read", list(PRECEDENCE_READS))
+def test_a_map_given_with_a_read_is_keyed_as_sqlalchemy_applies_it(
+    fresh: dict[str, sa.Engine],
+    shared_rows: str,
+    cache: Cache,
+    app_engine: sa.Engine,
+    engine: sa.Engine,
+    read: str,
+    given: str,
+) -> None:
+    """A session on tenant a's engine copy reads with a map of its own (tenant b's, or
+    None: translate nothing). SQLAlchemy puts the call's options over the connection's,
+    and the connection's over the statement's: a statement's map loses to the engine's.
+    The cache took the statement's, keyed tenant a's row as tenant b's, and tenant b's
+    next plain read was served it; a None map it skipped, and keyed the shared row as
+    tenant a's. Every read must return what the same read returns without the cache."""
+    a, b = TENANTS
+    mapped = {t: app_engine.execution_options(schema_translate_map=translate(t)) for t in TENANTS}
+    factories = {"a": sessionmaker(mapped[a]), "b": sessionmaker(mapped[b])}
+    factories["untranslated"] = sessionmaker(app_engine)
+    for f in factories.values():
+        cache.attach(f)
+    oracles = {"a": fresh[a], "b": fresh[b], "untranslated": engine}
+    opts = {"schema_translate_map": translate(b) if given == "other_tenant" else None}
+    do = PRECEDENCE_READS[read]
+    for _ in range(2):
+        with factories["a"]() as s:
+            got = do(s, opts)
+        with Session(oracles["a"]) as s:
+            assert got == do(s, opts)
+        for who in ("a", "b", "untranslated"):
+            with factories[who]() as s:
+                got = do(s, None)
+            with Session(oracles[who]) as s:
+                assert got == do(s, None), who
+
+
+@pytest.fixture
+def wb_tenants(database_url: str, models: Any) -> Iterator[dict[str, sa.Engine]]:
+    """An engine copy per tenant schema holding the write-behind table and the library's."""
+    base = sa.create_engine(database_url)
+    with base.begin() as conn:
+        for name in TENANTS:
+            conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
+            conn.execute(sa.text(f"CREATE SCHEMA {name}"))
+    copies: dict[str, sa.Engine] = {
+        t: base.execution_options(schema_translate_map={None: t}) for t in TENANTS
+    }
+    for copy in copies.values():
+        with copy.begin() as conn:
+            models[0].metadata.create_all(conn)
+            schema.metadata.create_all(conn)
+    yield copies
+    with base.begin() as conn:
+        for name in TENANTS:
+            conn.execute(sa.text(f"DROP SCHEMA {name} CASCADE"))
+    base.dispose()
+
+
+def test_a_write_behind_row_queued_under_a_session_wide_map_belongs_to_its_tenant(
+    wb_tenants: dict[str, sa.Engine],
+    engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+    models: Any,
+) -> None:
+    """``Session(execution_options={"schema_translate_map": ...})`` (SQLAlchemy 2.1) gives
+    the map to each connection the session makes. A flush that had no connection yet when
+    the row was queued keyed it as the untranslated schema's: tenant a's worker never
+    drained it, and a worker on the default schema would have written it there."""
+    skip_unsupported("session_options")
+    page_view, _ = models
+    a, b = TENANTS
+    cache = Cache(client, namespace=namespace)
+    factory = sessionmaker(engine)
+    cache.attach(factory)
+    workers: list[FlushWorker] = []
+
+    def session_of(t: str) -> Session:
+        return factory(execution_options={"schema_translate_map": {None: t}})
+
+    try:
+        with session_of(a) as s:
+            view = page_view(path="/queued in a", views=1)
+            s.add(view)
+            s.commit()
+            pk = view.id
+        with session_of(a) as s:
+            got = s.get(page_view, pk)
+            assert got is not None
+            assert got.path == "/queued in a"
+        with session_of(b) as s:
+            assert s.get(page_view, pk) is None
+        for t in (b, a):
+            made = FlushWorker(wb_tenants[t], client, namespace=namespace, models=[page_view])
+            workers.append(made)
+            drain(made)
+        assert rows(wb_tenants[a], page_view) == {pk: ("/queued in a", 1)}
+        assert rows(wb_tenants[b], page_view) == {}
+    finally:
+        for made in workers:
+            made.release()
+        cache.detach()
