@@ -766,16 +766,19 @@ def test_a_map_given_with_a_read_is_keyed_as_sqlalchemy_applies_it(
                 assert got == do(s, None), who
 
 
+WB_TENANTS = (f"iso_rv_wb_a_{SUFFIX}", f"iso_rv_wb_b_{SUFFIX}")
+
+
 @pytest.fixture
 def wb_tenants(database_url: str, models: Any) -> Iterator[dict[str, sa.Engine]]:
     """An engine copy per tenant schema holding the write-behind table and the library's."""
     base = sa.create_engine(database_url)
     with base.begin() as conn:
-        for name in TENANTS:
+        for name in WB_TENANTS:
             conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
             conn.execute(sa.text(f"CREATE SCHEMA {name}"))
     copies: dict[str, sa.Engine] = {
-        t: base.execution_options(schema_translate_map={None: t}) for t in TENANTS
+        t: base.execution_options(schema_translate_map={None: t}) for t in WB_TENANTS
     }
     for copy in copies.values():
         with copy.begin() as conn:
@@ -783,7 +786,7 @@ def wb_tenants(database_url: str, models: Any) -> Iterator[dict[str, sa.Engine]]
             schema.metadata.create_all(conn)
     yield copies
     with base.begin() as conn:
-        for name in TENANTS:
+        for name in WB_TENANTS:
             conn.execute(sa.text(f"DROP SCHEMA {name} CASCADE"))
     base.dispose()
 
@@ -801,7 +804,7 @@ def test_a_write_behind_row_queued_under_a_session_wide_map_belongs_to_its_tenan
     drained it, and a worker on the default schema would have written it there."""
     skip_unsupported("session_options")
     page_view, _ = models
-    a, b = TENANTS
+    a, b = WB_TENANTS
     cache = Cache(client, namespace=namespace)
     factory = sessionmaker(engine)
     cache.attach(factory)
