@@ -835,3 +835,62 @@ def test_a_write_behind_row_queued_under_a_session_wide_map_belongs_to_its_tenan
         for made in workers:
             made.release()
         cache.detach()
+
+
+class AdminBase(DeclarativeBase):
+    pass
+
+
+class TenantAAcct(AdminBase):
+    """Tenant a's accounts mapped by their schema: the table ``Acct`` reads in tenant a."""
+
+    __tablename__ = "isorv_acct"
+    __table_args__ = {"schema": TENANTS[0]}  # noqa: RUF012 - SQLAlchemy's own form
+    __cache__ = CachePolicy()
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    secret: Mapped[str] = mapped_column(String(80))
+
+
+def read_admin(s: Session, _: Options) -> str:
+    got = s.get(TenantAAcct, 1)
+    assert got is not None
+    query = select(TenantAAcct.secret).where(TenantAAcct.id == 1).options(FromCache())
+    return f"{got.secret}/{s.scalars(query).one()}"
+
+
+def read_tenant(s: Session, _: Options) -> str:
+    return f"{by_get(s, None)}/{by_query(s, None)}"
+
+
+@pytest.mark.parametrize("writer", ["tenant_model", "schema_model"])
+def test_a_write_through_one_model_of_a_table_retires_another_models_entries(
+    fresh: dict[str, sa.Engine], cache: Cache, app_engine: sa.Engine, writer: str
+) -> None:
+    """``Acct`` read in tenant a (``schema_translate_map``) and ``TenantAAcct`` (declared in
+    tenant a's schema) are one table under two names. A flush of either retired only its
+    own name's entries: the other's served the row as it was before the commit."""
+    a = TENANTS[0]
+    tenant = sessionmaker(app_engine.execution_options(schema_translate_map=translate(a)))
+    admin = sessionmaker(app_engine)
+    cache.attach(tenant)
+    cache.attach(admin)
+    for _ in range(2):
+        for factory, read in ((tenant, read_tenant), (admin, read_admin)):
+            with factory() as s:
+                read(s, None)
+    value = f"written through {writer}"
+    with (tenant if writer == "tenant_model" else admin)() as s:
+        if writer == "tenant_model":
+            s.get_one(Acct, 1).secret = value
+        else:
+            s.get_one(TenantAAcct, 1).secret = value
+        s.commit()
+    with Session(fresh[a]) as s:
+        expected = s.get_one(Acct, 1).secret
+    assert expected == f"written through {writer}"
+    for _ in range(2):
+        with tenant() as s:
+            assert read_tenant(s, None) == f"{expected}/{expected}"
+        with admin() as s:
+            assert read_admin(s, None) == f"{expected}/{expected}"
