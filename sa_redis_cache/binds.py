@@ -228,32 +228,50 @@ class Binds:
         return found
 
 
+_TRANSLATE = "schema_translate_map"
+
+
 def session_translate_map(
-    session: Session, bind: Engine | Connection, options: Mapping[str, Any] | None = None
+    session: Session,
+    bind: Engine | Connection,
+    call_options: Mapping[str, Any] | None = None,
+    statement_options: Mapping[str, Any] | None = None,
 ) -> Any:
-    """The ``schema_translate_map`` a statement of ``session`` on ``bind`` runs under: the
-    statement's options first, then those of the connection the session's transaction
-    holds for ``bind`` (``session.connection(execution_options={...})``, SQLAlchemy's way
-    to give one session a tenant's schema), then the bind's.
+    """The ``schema_translate_map`` a statement of ``session`` on ``bind`` runs under, as
+    SQLAlchemy resolves it (``Connection._execute_clauseelement`` merges the statement's
+    options, then the connection's over them, then the execute call's over both): the
+    call's options (``session.get(..., execution_options=...)``, ``session.execute(stmt,
+    execution_options=...)``: ``ORMExecuteState.local_execution_options``) first, then
+    those of the connection the session runs it on (the one its transaction holds for
+    ``bind``, with ``session.connection(execution_options={...})``'s, else the one it
+    will make: the bind's, under ``Session(execution_options=...)``'s), and only then the
+    statement's own (``stmt.execution_options(...)``), which a tenant's engine or
+    connection overrides. A map given as None translates nothing, and counts as given.
 
     Example::
 
         session.connection(execution_options={"schema_translate_map": {None: "t1"}})
         session_translate_map(session, engine)   # {None: "t1"}
     """
+    if call_options is not None and _TRANSLATE in call_options:
+        return call_options[_TRANSLATE]
     connection = compat.session_connection(session, bind)
-    return translate_map_of(bind if connection is None else connection, options)
+    if connection is None:
+        # SQLAlchemy 2.1 gives the session's own options to each connection it makes
+        session_wide: Mapping[str, Any] | None = getattr(session, "execution_options", None)
+        if session_wide and _TRANSLATE in session_wide:
+            return session_wide[_TRANSLATE]
+    options = (bind if connection is None else connection).get_execution_options()
+    if _TRANSLATE in options:
+        return options[_TRANSLATE]
+    return None if statement_options is None else statement_options.get(_TRANSLATE)
 
 
-def translate_map_of(bind: Engine | Connection, options: Mapping[str, Any] | None = None) -> Any:
-    """The ``schema_translate_map`` in effect: the statement's options first, then the bind's.
+def translate_map_of(bind: Engine | Connection) -> Any:
+    """The ``schema_translate_map`` of ``bind`` (an engine or a connection).
 
     Example::
 
         translate_map_of(engine.execution_options(schema_translate_map={None: "t1"}))
     """
-    if options is not None:
-        found = options.get("schema_translate_map")
-        if found is not None:
-            return found
-    return bind.get_execution_options().get("schema_translate_map")
+    return bind.get_execution_options().get(_TRANSLATE)

@@ -68,8 +68,8 @@ def text_dml_tables(sql: str, known: list[str]) -> set[str]:
 
     A single ``INSERT INTO``/``UPDATE``/``DELETE FROM``/``MERGE INTO`` names the table it
     writes, a ``TRUNCATE`` the tables it empties: the known tables each name may be
-    (``s.t`` is ``s.t`` or a ``t`` declared without a schema; ``t`` is any schema's
-    ``t``; an unquoted name in any case, as Postgres folds it, a quoted one exactly), or
+    (``s.t`` and ``t`` are any schema's ``t``, which a ``schema_translate_map`` may put
+    there; an unquoted name in any case, as Postgres folds it, a quoted one exactly), or
     the name alone when no model maps it, exactly as Core DML on that table invalidates
     that table only. A statement that writes some other way (a CTE, a function call,
     ``COPY``, several statements, ``TRUNCATE ... CASCADE``, which empties the tables that
@@ -82,6 +82,8 @@ def text_dml_tables(sql: str, known: list[str]) -> set[str]:
         {'products'}
         >>> text_dml_tables("INSERT INTO audit_log VALUES (1)", ["products", "orders"])
         {'audit_log'}
+        >>> text_dml_tables("UPDATE tenant_a.accounts SET x = 1", ["per_tenant.accounts"])
+        {'per_tenant.accounts'}
         >>> sorted(text_dml_tables("TRUNCATE products, orders", ["products", "orders"]))
         ['orders', 'products']
         >>> text_dml_tables("SELECT id FROM products FOR UPDATE", ["products", "orders"])
@@ -109,18 +111,20 @@ def _named(written: str, known: list[str]) -> set[str]:
     parts = _PARTS.findall(written)
     schema = _part(parts[0]) if len(parts) == 2 else None
     table = _part(parts[-1])
-    matched = set()
-    for candidate in known:
-        candidate_schema, _, candidate_table = candidate.rpartition(".")
-        if not _same(table, candidate_table):
-            continue
-        # a model's table without a schema lives in the connection's default schema,
-        # which may be the one named; an unqualified name may be any schema's table
-        if schema is None or not candidate_schema or _same(schema, candidate_schema):
-            matched.add(candidate)
+    matched = _same_named(table, known)
     # no model's table: that table alone, as Core DML on it is (a FromCache statement may
     # read a Core table, versioned under its name)
     return matched or {table[0] if schema is None else f"{schema[0]}.{table[0]}"}
+
+
+def _same_named(table: tuple[str, bool], known: list[str]) -> set[str]:
+    """The known tables named ``table`` in any schema: whatever schema a statement names
+    (or the connection's default schema, when it names none), a ``schema_translate_map``
+    may put any model's table there, a model declared without a schema or in a
+    placeholder schema (SQLAlchemy's multi-tenancy recipe: ``schema="per_tenant"``,
+    translated to each tenant's). Retiring a same-named table of another schema costs
+    misses; missing the tenant's would serve its rows as they were before the write."""
+    return {c for c in known if _same(table, c.rpartition(".")[2])}
 
 
 def _part(written: str) -> tuple[str, bool]:
@@ -162,7 +166,11 @@ class EngineWrites:
         self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
     def register(self, engine: Engine) -> None:
-        """Listen on ``engine`` (once)."""
+        """Listen on ``engine`` (once): on the engine that owns its pool, whose listeners
+        every ``engine.execution_options(...)`` copy of it dispatches to as well. A factory
+        bound to one tenant's copy (``schema_translate_map``) thus also sees DML run on the
+        engine itself or on another tenant's copy, which write the same database."""
+        engine = compat.root_engine(engine)
         if engine in self._engines:
             return
         self._engines.add(engine)
@@ -206,7 +214,7 @@ class EngineWrites:
             target = getattr(element, "table", None)
             if not isinstance(target, Table):
                 return
-            tables = {target.fullname}
+            tables = self.core.models.written_as(target)
             tables |= referential_actions().written_by(
                 tables, deletes=context.isdelete, updates=context.isupdate
             )

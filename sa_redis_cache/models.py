@@ -682,6 +682,8 @@ class ModelRegistry:
         self.entity_infos: dict[Mapper[Any], ModelInfo] = {}
         self._schema_hashes: dict[str, str] = {}
         self._known_tables: tuple[int, list[str]] | None = None
+        # known_tables()' list they were grouped from, and each table's same-named others
+        self._aliases: tuple[list[str], dict[str, frozenset[str]]] | None = None
         # set by the cache's first attach(): a class mapped after it is checked on first sight
         self.admit: Callable[[Mapper[Any], object], ModelInfo] | None = None
 
@@ -738,6 +740,36 @@ class ModelRegistry:
                 )
             known = self._known_tables = (seen, sorted(names))
         return known[1]
+
+    def written_as(self, table: Table) -> set[str]:
+        """The tables DML on ``table`` (a ``Table`` object, mapped or not) may write: its own,
+        and every known table of its name in any schema. A ``schema_translate_map`` may put
+        a model declared without a schema, or in SQLAlchemy's placeholder schema
+        (``schema="per_tenant"``), in ``table``'s schema: an ``update()`` of a ``Table`` in a
+        tenant's schema writes that model's rows. Retiring a same-named table of an
+        unrelated schema costs misses; missing the model's would serve stale rows."""
+        name = table.name
+        return {table.fullname, *(t for t in self.known_tables() if t.rpartition(".")[2] == name)}
+
+    def aliases_of(self, tables: Iterable[str]) -> set[str]:
+        """The known tables other than ``tables`` (full names) with the name of one of them:
+        under a ``schema_translate_map`` they may be the same table (a model of it without a
+        schema and another in the tenant's schema), so a write of one writes the others'
+        rows, under keys the write does not name. Usually none."""
+        known = self.known_tables()
+        by_name = self._aliases
+        if by_name is None or by_name[0] is not known:
+            grouped: dict[str, list[str]] = {}
+            for name in known:
+                grouped.setdefault(name.rpartition(".")[2], []).append(name)
+            by_name = self._aliases = (
+                known,
+                {t: frozenset(n for n in grouped[t.rpartition(".")[2]] if n != t) for t in known},
+            )
+        found: set[str] = set()
+        for table in tables:
+            found |= by_name[1].get(table, frozenset())
+        return found - set(tables)
 
     def table_schema(self, table: Table) -> str:
         """The memoised :func:`table_schema_hash` of ``table``."""

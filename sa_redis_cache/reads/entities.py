@@ -218,7 +218,14 @@ class EntityReads:
         if start_snapshot(session, bind, orm_context.bind_arguments):
             tx = peek_transaction_state(session)
         row_scope = core.entity_scope(
-            info, database, session_translate_map(session, bind, orm_context.execution_options)
+            info,
+            database,
+            session_translate_map(
+                session,
+                bind,
+                orm_context.local_execution_options,
+                orm_context.statement._execution_options,
+            ),
         )
         key = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
         counters = self._counters(info.table, pk_str)

@@ -88,6 +88,19 @@ def bypasses(orm_context: ORMExecuteState) -> bool:
     return bool(opts.get("yield_per") or opts.get("stream_results") or opts.get("identity_token"))
 
 
+def _translated(translate: Any) -> list[tuple[str, str]]:
+    """A ``schema_translate_map`` as a key part. SQLAlchemy's compiler adds ``"_none"``
+    (a copy of the ``None`` entry) to the application's own dict the first time it
+    compiles under it: left in, a tenant's first statement would be keyed apart from every
+    later one, and its first entries never read again."""
+    none = translate.get(None)
+    return sorted(
+        (str(k), str(v))
+        for k, v in translate.items()
+        if not (k == "_none" and none is not None and v == none)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StatementPlan:
     """What the read path needs about one statement shape, computed once per shape."""
@@ -262,7 +275,6 @@ class QueryReads:
     def read(self, orm_context: ORMExecuteState, option: FromCache) -> Result[Any] | None:
         core = self.core
         stats = core.counters
-        exec_opts = orm_context.execution_options
         region = scope("region", option.region)
         if bypasses(orm_context):
             stats.incr(region, "bypassed")
@@ -294,7 +306,9 @@ class QueryReads:
             cache_key,
             orm_context.parameters,
             database,
-            session_translate_map(session, bind, exec_opts),
+            session_translate_map(
+                session, bind, orm_context.local_execution_options, statement._execution_options
+            ),
             option,
         )
         if entry_key is None:
@@ -674,7 +688,7 @@ class QueryReads:
     ) -> str | None:
         try:
             parts: list[Any] = [plan.digest, values, database.name]
-            translated = sorted((str(k), str(v)) for k, v in translate.items()) if translate else []
+            translated = _translated(translate) if translate else []
             if translated:
                 parts.append(translated)
             self._remember(database, translate, translated)

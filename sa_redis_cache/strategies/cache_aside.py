@@ -206,6 +206,9 @@ class Invalidation:
         if not tables:
             return None
         scopes: dict[str, str] = {}
+        # nor can the rows of a model of the same table under another name (a schema that a
+        # schema_translate_map makes the same): they are keyed under that name
+        acted |= self.core.models.aliases_of(tables)
         # rows the database writes on its own (foreign-key actions) cannot be named
         unnamed: set[str] = set(acted)
         tables |= acted
@@ -490,12 +493,13 @@ class Invalidation:
             tables.update(t.fullname for t in mapper.tables if isinstance(t, Table))
         target = getattr(orm_context.statement, "table", None)
         if isinstance(target, Table):
-            tables.add(target.fullname)
+            tables |= self.core.models.written_as(target)
         if not tables:
             return False
         tables |= referential_actions().written_by(
             tables, deletes=orm_context.is_delete, updates=orm_context.is_update
         )
+        tables |= self.core.models.aliases_of(tables)
         self._mark(state.token, tables, {}, {}, bulk=True)
         state.marked.update(tables)
         frame = state.frame()

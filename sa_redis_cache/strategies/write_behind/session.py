@@ -350,15 +350,22 @@ class WriteBehind:
             )
 
     def _scope(
-        self, session: Session, info: ModelInfo, bind_arguments: Any, options: Any = None
+        self,
+        session: Session,
+        info: ModelInfo,
+        bind_arguments: Any,
+        call_options: Any = None,
+        statement_options: Any = None,
     ) -> str | None:
-        """The scope of ``info``'s rows for this session (None when it cannot be told)."""
+        """The scope of ``info``'s rows for this session (None when it cannot be told);
+        a read's options as :func:`~sa_redis_cache.binds.session_translate_map` takes them."""
         core = self.core
         bind = session.get_bind(**bind_arguments)
         database = core.binds.database_for(session, bind, bind_arguments)
         if database is None:
             return None
-        return core.entity_scope(info, database, session_translate_map(session, bind, options))
+        translate = session_translate_map(session, bind, call_options, statement_options)
+        return core.entity_scope(info, database, translate)
 
     def _capture(
         self,
@@ -679,7 +686,11 @@ class WriteBehind:
             values: Any = op.values
         else:
             scope = self._scope(
-                session, info, orm_context.bind_arguments, orm_context.execution_options
+                session,
+                info,
+                orm_context.bind_arguments,
+                orm_context.local_execution_options,
+                orm_context.statement._execution_options,
             )
             if scope is None:
                 return None
