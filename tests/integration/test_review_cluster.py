@@ -493,3 +493,56 @@ def test_a_write_behind_commit_on_a_slot_held_half_moved_is_all_or_nothing(
             worker_engine.dispose()
             with engine.begin() as conn:
                 conn.execute(page_view.__table__.delete())
+
+
+@pytest.mark.parametrize("moved", ["generation", "version"])
+def test_a_local_entry_is_not_served_after_a_commit_made_while_its_slot_is_half_moved(
+    own_cluster: RedisCluster, shop_engine: sa.Engine, category: int, moved: str
+) -> None:
+    """The table's slot is half moved (one counter on the target, the rest on the
+    source) when a writer commits: its flush mark and commit script get ``TRYAGAIN``. A
+    reader whose local tier holds the category must not serve the old name afterwards."""
+    from examples.shop import Category
+
+    cluster = own_cluster
+    namespace = f"rv{secrets.token_hex(4)}"
+    keys = KeyScheme(namespace)
+    reader_cache = Cache(cluster.url, namespace=namespace, local=True)
+    writer_cache = Cache(cluster.url, namespace=namespace, local=True)
+    reader: sessionmaker[Session] = sa.orm.sessionmaker(shop_engine)
+    writer: sessionmaker[Session] = sa.orm.sessionmaker(shop_engine)
+    reader_cache.attach(reader)
+    writer_cache.attach(writer)
+    try:
+        name = db_name(shop_engine, category)
+        with writer() as s:  # a commit makes the table's generation key exist
+            c = s.get(Category, category)
+            assert c is not None
+            c.name = name = f"{name}-0"
+            s.commit()
+        for _ in range(3):
+            assert read_name(reader, category) == name
+        assert local_hits(reader_cache) > 0
+        slot = cluster.slot_of(keys.version_key("categories"))
+        one = (
+            keys.generation_key("categories")
+            if moved == "generation"
+            else keys.version_key("categories")
+        )
+        target = start_moving(cluster, slot, lambda k: k == one)
+        try:
+            with writer() as s:
+                c = s.get(Category, category)
+                assert c is not None
+                c.name = name = f"{name}-1"
+                s.commit()
+            assert db_name(shop_engine, category) == name
+            for _ in range(3):
+                assert read_name(reader, category) == name
+        finally:
+            cluster.reshard([slot], target)
+        for _ in range(3):
+            assert read_name(reader, category) == name
+    finally:
+        reader_cache.detach()
+        writer_cache.detach()
