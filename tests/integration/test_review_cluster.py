@@ -556,3 +556,64 @@ def test_a_local_entry_is_not_served_after_a_commit_made_while_its_slot_is_half_
     finally:
         reader_cache.detach()
         writer_cache.detach()
+
+
+@pytest.mark.parametrize("moved", [":v", ":e:", ":rw:", ":q:"])
+def test_write_through_on_a_slot_held_half_moved_serves_no_stale_price(
+    own_cluster: RedisCluster, shop_engine: sa.Engine, category: int, moved: str
+) -> None:
+    """As above for a write-through table read by primary key (the entity cache) and by
+    statement: the commit's store after the database commit meets ``TRYAGAIN``; neither
+    the writer nor another process may serve the old price afterwards."""
+    from decimal import Decimal
+
+    from examples.shop import Product
+    from sa_redis_cache import FromCache
+
+    with sa.orm.Session(shop_engine) as s:
+        p = Product(category_id=category, name="half moved", price=Decimal("1.00"), status="ACTIVE")
+        s.add(p)
+        s.commit()
+        pid = p.id
+    cluster = own_cluster
+    namespace = f"rv{secrets.token_hex(4)}"
+    keys = KeyScheme(namespace)
+    caches = [Cache(cluster.url, namespace=namespace) for _ in range(2)]
+    makers: list[sessionmaker[Session]] = [sa.orm.sessionmaker(shop_engine) for _ in caches]
+    for cache, made in zip(caches, makers, strict=True):
+        cache.attach(made)
+
+    def prices() -> list[Decimal]:
+        seen = []
+        for made in makers:
+            with made() as s:
+                got = s.get(Product, pid)
+                assert got is not None
+                seen.append(got.price)
+            with made() as s:
+                statement = select(Product.price).where(Product.id == pid).options(FromCache())
+                seen.append(s.scalars(statement).one())
+        return seen
+
+    try:
+        for _ in range(2):
+            assert prices() == [Decimal("1.00")] * 4  # filled, then served
+        slot = cluster.slot_of(keys.version_key("products"))
+        target = start_moving(cluster, slot, lambda k: moved in k)
+        try:
+            with makers[0]() as s:
+                got = s.get(Product, pid)
+                assert got is not None
+                got.price = Decimal("2.00")
+                s.commit()
+            assert prices() == [Decimal("2.00")] * 4
+        finally:
+            cluster.reshard([slot], target)
+        assert prices() == [Decimal("2.00")] * 4
+        assert prices() == [Decimal("2.00")] * 4
+    finally:
+        for cache in caches:
+            cache.detach()
+        with sa.orm.Session(shop_engine) as s:
+            s.execute(sa.delete(Product).where(Product.id == pid))
+            s.commit()
