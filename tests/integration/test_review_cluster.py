@@ -617,3 +617,85 @@ def test_write_through_on_a_slot_held_half_moved_serves_no_stale_price(
         with sa.orm.Session(shop_engine) as s:
             s.execute(sa.delete(Product).where(Product.id == pid))
             s.commit()
+
+
+def test_the_worker_and_commits_during_a_reshard_of_the_queues_slot_lose_and_repeat_nothing(
+    own_cluster: RedisCluster, engine: sa.Engine, database_url: str
+) -> None:
+    """The slot of a write-behind table's queue moves a few keys at a time; after every
+    batch (``ASK`` and ``TRYAGAIN`` meanwhile) a commit is made and the worker runs a pass.
+    Postgres must end with exactly the acknowledged writes: none lost, none twice, no
+    dead letter."""
+    from sa_redis_cache import CacheUnavailableError, schema
+    from sa_redis_cache.schema import dead_letters
+
+    cluster = own_cluster
+    namespace = f"rv{secrets.token_hex(4)}"
+    schema.upgrade(engine)
+    with private_models() as (page_view, _):
+        page_view.metadata.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(page_view.__table__.delete())
+        cache = Cache(cluster.url, namespace=namespace)
+        made: sessionmaker[Session] = sa.orm.sessionmaker(engine)
+        cache.attach(made)
+        worker_engine = sa.create_engine(database_url)
+        worker = FlushWorker(
+            worker_engine,
+            client_from_url(cluster.url),
+            namespace=namespace,
+            models=[page_view],
+            batch_size=3,
+            max_backoff=0.05,
+        )
+        acknowledged: dict[Any, int] = {}
+        refused = 0
+
+        def commit(n: int) -> None:
+            nonlocal refused
+            with made() as s:
+                view = page_view(path=f"/p/{n}", views=n)
+                s.add(view)
+                try:
+                    s.commit()
+                except CacheUnavailableError:
+                    refused += 1
+                    return
+                acknowledged[view.id] = n
+
+        counter = iter(range(10_000))
+
+        def between(slot: int) -> None:
+            commit(next(counter))
+            worker.run_once()
+
+        try:
+            for _ in range(12):
+                commit(next(counter))
+            worker.run_once()  # a few applied, the rest still queued
+            slot = cluster.slot_of(KeyScheme(namespace).generation_key(page_view.__table__.name))
+            source = cluster.owner_of(slot)
+            target = next(p for p in cluster.primaries() if p.node_id != source.node_id)
+            cluster.reshard([slot], target, batch=4, between_batches=between)
+            for _ in range(3):
+                commit(next(counter))
+            for _ in range(40):
+                if not worker.run_once() and not worker.backlog():
+                    break
+            flushed = {pk: row[1] for pk, row in count_rows(engine, page_view).items()}
+            assert refused < len(acknowledged)  # the reshard did not refuse everything
+            assert flushed == acknowledged, f"{refused} refused"
+            with engine.connect() as conn:
+                dead = conn.scalar(
+                    select(sa.func.count())
+                    .select_from(dead_letters)
+                    .where(dead_letters.c.namespace == namespace)
+                )
+            assert dead == 0
+        finally:
+            with contextlib.suppress(Exception):
+                worker.release()
+            cache.detach()
+            worker_engine.dispose()
+            with engine.begin() as conn:
+                conn.execute(page_view.__table__.delete())
