@@ -360,23 +360,10 @@ class FlushWorker:
         found taken by another worker is dropped on the next pass.
         """
         held = [p for p in self.partitions if p.held]
-        groups: dict[int, list[Partition]] = {}
+        kept = {id(p) for p in self._renew(held)}
         for p in held:
-            groups.setdefault(key_slot(p.stream) if self.cluster else 0, []).append(p)
-        failed: RedisError | None = None
-        for parts in groups.values():
-            # per slot on a cluster: a node that is down must not keep the leases of the
-            # other nodes' partitions from being renewed
-            try:
-                kept = {id(p) for p in self._renew(parts)}
-            except RedisError as exc:
-                failed = exc
-                continue
-            for p in parts:
-                if id(p) not in kept and p.held:
-                    p.lost = True
-        if failed is not None:
-            raise failed
+            if id(p) not in kept and p.held:
+                p.lost = True
         self._announce()
 
     def _lease_calls(self, parts: list[Partition], mode: LeaseMode) -> list[ScriptCall]:
@@ -954,28 +941,20 @@ class FlushWorker:
         waited on in turn, each for its share of ``block_ms``, so an entry is noticed
         within ``block_ms`` wherever it lands (docs/cluster.md#write-behind).
         """
-        held = [p for p in self.partitions if p.held and p.token is not None]
-        if not held:
+        streams = [p.stream for p in self.partitions if p.held and p.token is not None]
+        if not streams:
             return
-        if self.cluster:
-            # a slot waiting out a failure (its node down) is not waited on: each try
-            # costs the client's connection retries
-            now = time.monotonic()
-            held = [p for p in held if p.retry_at <= now]
-            if not held:
-                time.sleep(block_ms / 1000)  # as long as the XREAD would have blocked
-                return
-        groups: dict[int, list[Partition]] = {}
-        for p in held:
-            groups.setdefault(key_slot(p.stream) if self.cluster else 0, []).append(p)
+        groups: dict[int, dict[Any, Any]] = {}
+        for stream in streams:
+            slot = key_slot(stream) if self.cluster else 0
+            groups.setdefault(slot, {})[stream] = "$"
         share = max(1, block_ms // len(groups))
-        for parts in groups.values():
-            try:
-                if self.client.xread({p.stream: "$" for p in parts}, count=1, block=share):
+        try:
+            for group in groups.values():
+                if self.client.xread(group, count=1, block=share):
                     return
-            except RedisError as exc:  # noqa: PERF203 - one XREAD per slot, few slots
-                # that slot's partitions back off; the other slots are still waited on
-                self._failed(None, exc, among=parts if self.cluster else None)
+        except RedisError as exc:
+            self._failed(None, exc)
 
     def _failed(
         self, p: Partition | None, exc: Exception, *, among: list[Partition] | None = None
