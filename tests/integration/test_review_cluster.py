@@ -9,6 +9,7 @@ that the run's shared cluster is left as it was.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import threading
@@ -293,7 +294,6 @@ def test_a_failover_that_lost_the_commits_bump_serves_no_entry_older_than_the_co
     reader that filled the entry, with a ``Session`` or an ``AsyncSession`` on one event
     loop throughout) must notice the slot changed hands and not serve the entry
     (docs/guarantees.md, "Failovers and restarts: per-slot owners")."""
-    import asyncio
     import os
     import signal
 
@@ -702,3 +702,58 @@ def test_the_worker_and_commits_during_a_reshard_of_the_queues_slot_lose_and_rep
             worker_engine.dispose()
             with engine.begin() as conn:
                 conn.execute(page_view.__table__.delete())
+
+
+@pytest.mark.parametrize(
+    ("moved", "kind"), [("version", "sync"), ("all-but-version", "sync"), ("version", "async")]
+)
+def test_clear_on_a_slot_held_half_moved_leaves_no_entry_it_returned_over(
+    own_cluster: RedisCluster, shop_engine: sa.Engine, category: int, moved: str, kind: str
+) -> None:
+    """The database changed behind the cache (a restored backup), and ``cache.clear()`` runs
+    while a table's slot is half moved. When ``clear()`` returns, no process may serve the
+    old name. (It raised redis-py's ``ClusterError`` "TTL exhausted": one ``UNLINK`` over
+    keys of the slot on both nodes gets ``TRYAGAIN`` until the migration ends.)"""
+    cluster = own_cluster
+    namespace = f"rv{secrets.token_hex(4)}"
+    keys = KeyScheme(namespace)
+    aclient = async_client_from_url(cluster.url) if kind == "async" else None
+    caches = [
+        Cache(client_from_url(cluster.url), async_client=aclient, namespace=namespace),
+        Cache(cluster.url, namespace=namespace),
+    ]
+    makers: list[sessionmaker[Session]] = [sa.orm.sessionmaker(shop_engine) for _ in caches]
+    for cache, made in zip(caches, makers, strict=True):
+        cache.attach(made)
+
+    async def aclear() -> None:
+        try:
+            await caches[0].aclear()
+        finally:
+            assert aclient is not None
+            await aclient.aclose()
+
+    try:
+        first = db_name(shop_engine, category)
+        for made in makers * 2:
+            assert read_name(made, category) == first
+        slot = cluster.slot_of(keys.version_key("categories"))
+        version = keys.version_key("categories")
+        target = start_moving(cluster, slot, lambda k: (k == version) == (moved == "version"))
+        try:
+            with shop_engine.begin() as conn:
+                conn.execute(
+                    sa.text("UPDATE categories SET name = name || '-restored' WHERE id = :i"),
+                    {"i": category},
+                )
+            if kind == "sync":
+                caches[0].clear()
+            else:
+                asyncio.run(aclear())
+        finally:
+            cluster.reshard([slot], target)
+        for made in makers * 2:
+            assert read_name(made, category) == f"{first}-restored"
+    finally:
+        for cache in caches:
+            cache.detach()
