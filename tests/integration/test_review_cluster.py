@@ -71,7 +71,7 @@ def test_the_worker_keeps_draining_the_other_primaries_while_one_is_down(
 ) -> None:
     """Queues on two primaries; the primary of one is killed (no replica to promote). The
     worker must go on flushing the other's queue, and flush the first once it is back."""
-    from sa_redis_cache import schema
+    from sa_redis_cache import CacheUnavailableError, schema
 
     cluster = no_full_coverage_cluster
     schema.upgrade(engine)
@@ -118,6 +118,9 @@ def test_the_worker_keeps_draining_the_other_primaries_while_one_is_down(
             # the page views' shard is up: its commits queue, its queue drains
             for n in range(5):
                 add(page_view(path=f"/while-down/{n}", views=n))
+            # the dead shard's: refused in the library's words, nothing queued
+            with pytest.raises(CacheUnavailableError, match="did not take"):
+                add(stock_level(warehouse="refused", quantity=3))
             # the worker's own loop (idle waits, heartbeat thread), stopped once the live
             # primary's queue is in the database
             stop = threading.Event()
