@@ -80,6 +80,18 @@ class _ClusterCalls(RedisIO):
         sent, where = cluster.split_mget(given)
         return cluster.join_mget(given, where, super().pipeline(sent))
 
+    def unlink(self, *keys: str | bytes) -> int:
+        """UNLINK ``keys``, one command per key in one cluster pipeline; how many existed.
+
+        Not one UNLINK per slot: while a slot migrates, a command over several of its keys
+        gets ``TRYAGAIN`` (some moved, some not) for as long as the migration lasts, and
+        ``cache.clear()`` failed with redis-py's "TTL exhausted" through every reshard. A
+        key alone is always in one place, reached through ``ASK`` when it moved.
+        """
+        if len(keys) < 2:
+            return int(super().unlink(*keys))
+        return sum(int(reply) for reply in super().pipeline([("UNLINK", key) for key in keys]))
+
     def look(
         self, keys: Sequence[str], lease_key: str, token: str
     ) -> tuple[list[bytes | None], bool]:

@@ -1200,4 +1200,7 @@ def unlink_matching(
 
         unlink_matching(redis.Redis(), "sarc:shop:*")
     """
-    return SyncRedisIO(client).unlink_matching(pattern, only=only)
+    from .cluster_io import io_for  # here: cluster_io imports this module
+
+    # a cluster client's variant: one UNLINK per key, which a slot migration never refuses
+    return io_for(client).unlink_matching(pattern, only=only)

@@ -67,7 +67,7 @@ from .outage import DatabaseOutage, is_unreachable
 from .stats import WorkerStats, queue_stats
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     import redis
     from sqlalchemy.engine import Engine
@@ -541,14 +541,43 @@ class FlushWorker:
         for p in self.partitions:
             if p.lost:
                 self._dropped(p, "its lease was taken by another worker")
+        shards = self._shards()
+        if len(shards) == 1:
+            return self._pass_over(shards[0], settle=settle)
+        # A cluster pipeline fails as a whole when one node cannot be reached: passing over
+        # every slot at once would stop the queues of every primary while one is down
+        # (docs/cluster.md#write-behind). A slot that failed waits out its backoff.
+        done = 0
         now = time.monotonic()
-        wanted = [p for p in self._wanted() if p.retry_at <= now]
+        for tables in shards:
+            parts = [p for found in tables.values() for p in found]
+            if all(p.retry_at > now for p in parts):
+                continue
+            try:
+                done += self._pass_over(tables, settle=settle)
+            except RedisError as exc:
+                self._failed(None, exc, among=parts)
+        return done
+
+    def _shards(self) -> list[dict[str, list[Partition]]]:
+        """The tables by the slot of their keys on a cluster (every key of a table shares
+        its hash tag); all of them together on a single server."""
+        if not self.cluster:
+            return [self._tables]
+        slots: dict[int, dict[str, list[Partition]]] = {}
+        for table, parts in self._tables.items():
+            slots.setdefault(key_slot(parts[0].stream), {})[table] = parts
+        return list(slots.values())
+
+    def _pass_over(self, tables: dict[str, list[Partition]], *, settle: bool) -> int:
+        now = time.monotonic()
+        wanted = [p for p in self._wanted(tables) if p.retry_at <= now]
         self._take([p for p in wanted if not p.held])
         self._fence([p for p in wanted if p.held and p.token is None])
         ready = [p for p in wanted if p.held and p.token is not None]
         return self._lease_and_read(ready, settle=settle)
 
-    def _wanted(self) -> list[Partition]:
+    def _wanted(self, tables: dict[str, list[Partition]]) -> list[Partition]:
         """The partitions to hold this pass: a fair share of each table's, per live worker.
 
         Workers announce themselves in a per-table set (score: when they stop counting);
@@ -561,8 +590,8 @@ class FlushWorker:
         resumes at once. Those of an earlier worker of this name come first.
         """
         pipe = self.client.pipeline(transaction=False)
-        self._announce_into(pipe)
-        for parts in self._tables.values():
+        self._announce_into(pipe, tables)
+        for parts in tables.values():
             for p in parts:
                 pipe.get(p.lease)
                 pipe.pttl(p.lease)
@@ -570,10 +599,10 @@ class FlushWorker:
         self._turn += 1
         wanted: list[Partition] = []
         at = 0
-        for table in self._tables:
+        for table in tables:
             self._live_workers(table, replies[at : at + _ANNOUNCED])
             at += _ANNOUNCED
-        for table, parts in self._tables.items():
+        for table, parts in tables.items():
             leases = replies[at : at + 2 * len(parts)]
             at += 2 * len(parts)
             live = self._live_counts[table]
@@ -613,9 +642,9 @@ class FlushWorker:
             return "busy"
         return "mine" if instance == self.instance else "earlier"
 
-    def _announce_into(self, pipe: Any) -> None:
+    def _announce_into(self, pipe: Any, tables: Iterable[str]) -> None:
         now_ms = int(time.time() * 1000)
-        for table in self._tables:
+        for table in tables:
             key = self._workers_key(table)
             pipe.zadd(key, {self.consumer: now_ms + self.lease_ms})
             pipe.zremrangebyscore(key, "-inf", now_ms)
@@ -625,7 +654,7 @@ class FlushWorker:
 
     def _announce(self) -> None:
         pipe = self.client.pipeline(transaction=False)
-        self._announce_into(pipe)
+        self._announce_into(pipe, self._tables)
         replies = pipe.execute(raise_on_error=False)
         for i, table in enumerate(self._tables):
             self._live_workers(table, replies[_ANNOUNCED * i : _ANNOUNCED * (i + 1)])
@@ -953,9 +982,13 @@ class FlushWorker:
         except RedisError as exc:
             self._failed(None, exc)
 
-    def _failed(self, p: Partition | None, exc: Exception) -> None:
+    def _failed(
+        self, p: Partition | None, exc: Exception, *, among: list[Partition] | None = None
+    ) -> None:
+        """Count and log a failure; ``p`` (or the partitions ``among``, or every one) wait
+        out a backoff before they are tried again."""
         self.errors += 1
-        for part in [p] if p is not None else self.partitions:
+        for part in [p] if p is not None else self.partitions if among is None else among:
             part.cursor = "-"  # whatever was read and not acknowledged is read again
             part.failures += 1
             delay = min(self.max_backoff, 0.05 * 2 ** min(part.failures, 10))
