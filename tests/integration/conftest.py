@@ -79,6 +79,16 @@ def cache(cache_client: redis.Redis, namespace: str) -> Iterator[Cache]:
 
 
 @pytest.fixture
+def fresh_cache(redis_url: str, namespace: str) -> Iterator[Cache]:
+    """A cache of this test's namespace that nothing is attached to yet."""
+    client = redis.Redis.from_url(redis_url)
+    cache = Cache(client, namespace=namespace)
+    yield cache
+    cache.detach()
+    client.close()
+
+
+@pytest.fixture
 def two(shop_engine: sa.Engine, redis_url: str, namespace: str) -> Iterator[Two]:
     """A writer's and a reader's cache on this test's namespace (:class:`tests.support.Two`)."""
     caches = Two(shop_engine, redis_url, namespace)
