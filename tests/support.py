@@ -122,12 +122,7 @@ def tier_world(tier: str, database_url: str, redis_url: str, namespace: str) -> 
     """A :class:`TierWorld` whose hits come from ``tier``, ``"redis"`` or ``"local"``
     (``Cache(local=True)``, ready before it is yielded).
 
-    Example::
-
-        @pytest.fixture(params=["redis", "local"])
-        def world(request, database_url, redis_url, namespace):
-            with tier_world(request.param, database_url, redis_url, namespace) as w:
-                yield w
+    The integration tests' ``tiered`` fixture runs a test with each.
     """
     local = tier == "local"
     engine = sa.create_engine(database_url)
