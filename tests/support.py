@@ -18,7 +18,7 @@ from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.protocol import KeyScheme
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
 
     from sqlalchemy.orm import Session
 
@@ -122,12 +122,7 @@ def tier_world(tier: str, database_url: str, redis_url: str, namespace: str) -> 
     """A :class:`TierWorld` whose hits come from ``tier``, ``"redis"`` or ``"local"``
     (``Cache(local=True)``, ready before it is yielded).
 
-    Example::
-
-        @pytest.fixture(params=["redis", "local"])
-        def world(request, database_url, redis_url, namespace):
-            with tier_world(request.param, database_url, redis_url, namespace) as w:
-                yield w
+    The integration tests' ``tiered`` fixture runs a test with each.
     """
     local = tier == "local"
     engine = sa.create_engine(database_url)
@@ -145,6 +140,43 @@ def tier_world(tier: str, database_url: str, redis_url: str, namespace: str) -> 
     finally:
         cache.detach()
         engine.dispose()
+
+
+@contextmanager
+def tenant_schemas(
+    database_url: str,
+    names: Sequence[str],
+    *metadatas: sa.MetaData,
+    translate: Callable[[str], dict[str | None, str]] = lambda name: {None: name},
+) -> Iterator[dict[str, sa.Engine]]:
+    """A schema per name, made afresh with the tables of ``metadatas``, and an engine copy
+    per name whose ``schema_translate_map`` is ``translate(name)``; the schemas are
+    dropped afterwards.
+
+    Example::
+
+        with tenant_schemas(database_url, ("t_a", "t_b"), Base.metadata) as engines:
+            ...
+    """
+    base = sa.create_engine(database_url)
+    with base.begin() as conn:
+        for name in names:
+            conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
+            conn.execute(sa.text(f"CREATE SCHEMA {name}"))
+    engines: dict[str, sa.Engine] = {
+        name: base.execution_options(schema_translate_map=translate(name)) for name in names
+    }
+    for tenant in engines.values():
+        with tenant.begin() as conn:
+            for metadata in metadatas:
+                metadata.create_all(conn)
+    try:
+        yield engines
+    finally:
+        with base.begin() as conn:
+            for name in names:
+                conn.execute(sa.text(f"DROP SCHEMA {name} CASCADE"))
+        base.dispose()
 
 
 def cache_on_a_small_pool(

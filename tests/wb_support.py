@@ -21,17 +21,19 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy import CheckConstraint, Sequence, String, select
+from sqlalchemy import CheckConstraint, Sequence, String, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import DateTime
 
 from sa_redis_cache import CachePolicy, FlushWorker
-from sa_redis_cache.schema import wb_offsets
+from sa_redis_cache.schema import dead_letters, wb_offsets
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 PARTITIONS = 4
+CHECK = "wb_views_not_negative"
+"""PageView's CHECK (``views >= 0``), which the tests' poison rows violate."""
 
 
 def _now() -> datetime:
@@ -50,7 +52,7 @@ def define_models() -> tuple[type[DeclarativeBase], Any, Any]:
     class PageView(Base):
         __tablename__ = "wb_page_views"
         __cache__ = CachePolicy(strategy="write_behind", ttl=600, partitions=PARTITIONS)
-        __table_args__ = (CheckConstraint("views >= 0", name="wb_views_not_negative"),)
+        __table_args__ = (CheckConstraint("views >= 0", name=CHECK),)
 
         id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
         path: Mapped[str] = mapped_column(String(200))
@@ -156,6 +158,21 @@ def offsets(engine: sa.Engine, namespace: str) -> int:
             wb_offsets.c.stream.like(f"sarc:{namespace}:%")
         )
         return int(conn.scalar(stmt) or 0)
+
+
+def letters(engine: sa.Engine, namespace: str) -> list[Any]:
+    """The dead letters of ``namespace``, oldest first."""
+    with engine.connect() as conn:
+        stmt = select(dead_letters).where(dead_letters.c.namespace == namespace)
+        return list(conn.execute(stmt.order_by(dead_letters.c.id)).all())
+
+
+def reset_page_views(conn: sa.Connection) -> None:
+    """Empty ``wb_page_views`` and give it back its :data:`CHECK`, which a test may have
+    dropped to fix a poison row's cause (the table is shared by the run)."""
+    conn.execute(text("DELETE FROM wb_page_views"))
+    conn.execute(text(f"ALTER TABLE wb_page_views DROP CONSTRAINT IF EXISTS {CHECK}"))
+    conn.execute(text(f"ALTER TABLE wb_page_views ADD CONSTRAINT {CHECK} CHECK (views >= 0)"))
 
 
 WB_SERVERS = ("single", "cluster")

@@ -19,7 +19,7 @@ from sa_redis_cache import Cache
 from sa_redis_cache.redis_io import client_from_url
 from tests.modes import CLUSTER_MODES, MODES, Runner
 from tests.seams import RedisTap
-from tests.support import SQLCounter, Two
+from tests.support import SQLCounter, TierWorld, Two, tier_world
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -76,6 +76,26 @@ def cache(cache_client: redis.Redis, namespace: str) -> Iterator[Cache]:
     # trip per cache on each Core statement) and recreate keys of deleted namespaces
     cache.detach()
     client.close()
+
+
+@pytest.fixture
+def fresh_cache(redis_url: str, namespace: str) -> Iterator[Cache]:
+    """A cache of this test's namespace that nothing is attached to yet."""
+    client = redis.Redis.from_url(redis_url)
+    cache = Cache(client, namespace=namespace)
+    yield cache
+    cache.detach()
+    client.close()
+
+
+@pytest.fixture(params=["redis", "local"])
+def tiered(
+    request: pytest.FixtureRequest, database_url: str, redis_url: str, namespace: str
+) -> Iterator[TierWorld]:
+    """A :class:`~tests.support.TierWorld` whose hits come from the Redis tier, or from the
+    local tier (``Cache(local=True)``); a test runs with each."""
+    with tier_world(request.param, database_url, redis_url, namespace) as made:
+        yield made
 
 
 @pytest.fixture

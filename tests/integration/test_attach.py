@@ -70,16 +70,6 @@ def private_base() -> Iterator[type[DeclarativeBase]]:
         gc.collect()
 
 
-@pytest.fixture
-def fresh_cache(redis_url: str, namespace: str) -> Iterator[Cache]:
-    """A cache of this test's namespace that nothing is attached to yet."""
-    client = redis_lib.Redis.from_url(redis_url)
-    cache = Cache(client, namespace=namespace)
-    yield cache
-    cache.detach()
-    client.close()
-
-
 def refusal(cache: Cache, target: Any = None) -> str:
     """The message of the ConfigurationError that ``attach`` raises; checks nothing attached."""
     factory = target if target is not None else sessionmaker()

@@ -19,16 +19,25 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from devservices import free_port
 from sa_redis_cache import FlushWorker
 from sa_redis_cache.cli import cli
 from sa_redis_cache.protocol import partition_of, pk_text
-from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.worker import replay_dead_letters
-from tests.wb_support import WB_SERVERS, drain, queue, rows, update, wb_server_url
+from tests.wb_support import (
+    CHECK,
+    WB_SERVERS,
+    drain,
+    letters,
+    queue,
+    reset_page_views,
+    rows,
+    update,
+    wb_server_url,
+)
 
 pytest_plugins = ["tests.wb_fixtures"]
 
@@ -40,7 +49,6 @@ def wb_redis_url(request: pytest.FixtureRequest) -> str:
 
 
 MODELS = "tests.wb_support:active_models"
-CHECK = "wb_views_not_negative"
 
 
 @pytest.fixture
@@ -53,15 +61,7 @@ def fix_cause(worker_engine: sa.Engine) -> Iterator[Any]:
 
     yield fix
     with worker_engine.begin() as conn:
-        conn.execute(text("DELETE FROM wb_page_views"))
-        conn.execute(text(f"ALTER TABLE wb_page_views DROP CONSTRAINT IF EXISTS {CHECK}"))
-        conn.execute(text(f"ALTER TABLE wb_page_views ADD CONSTRAINT {CHECK} CHECK (views >= 0)"))
-
-
-def letters(engine: sa.Engine, namespace: str) -> list[Any]:
-    with engine.connect() as conn:
-        stmt = select(dead_letters).where(dead_letters.c.namespace == namespace)
-        return list(conn.execute(stmt.order_by(dead_letters.c.id)).all())
+        reset_page_views(conn)
 
 
 def run(*args: str, stdin: str | None = None) -> Result:

@@ -18,17 +18,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import ForeignKey, String
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import (
-    DeclarativeBase,
-    Mapped,
-    Session,
-    mapped_column,
-    relationship,
-)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from sa_redis_cache import Cache, CachePolicy
 from tests.modes import async_url
-from tests.support import TierWorld, tier_world
+from tests.support import TierWorld
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -115,17 +109,11 @@ class World(TierWorld):
     m: Models
 
 
-@pytest.fixture(params=["redis", "local"])
-def w(
-    request: pytest.FixtureRequest,
-    models: Models,
-    database_url: str,
-    redis_url: str,
-    namespace: str,
-) -> Iterator[World]:
+@pytest.fixture
+def w(models: Models, tiered: TierWorld) -> World:
     """Hits of the Redis tier, or of the local tier (``Cache(local=True)``)."""
-    with tier_world(request.param, database_url, redis_url, namespace) as tier:
-        yield World(tier.cache, tier.cached, tier.plain, tier.sql, tier.local, models)
+    t = tiered
+    return World(t.cache, t.cached, t.plain, t.sql, t.local, models)
 
 
 def shelf_and_books(m: Models, pk: int) -> Callable[[Session], Any]:

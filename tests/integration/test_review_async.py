@@ -14,11 +14,11 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -59,6 +59,51 @@ class App:
     def selects(self) -> int:
         return sum(s.lstrip().upper().startswith("SELECT") for s in self.statements)
 
+    def cancel_before_post_commit(
+        self, task: Callable[[], asyncio.Task[Any] | None]
+    ) -> Callable[[], None]:
+        """At the next commit's post-commit work, cancel ``task()``: the pool's connections
+        are closed first, so that the next Redis call has to connect and the cancellation
+        lands before it sends. The function that un-arms it."""
+
+        def cancel() -> None:
+            found = task()
+            assert found is not None
+            await_(self.aclient.connection_pool.disconnect())
+            found.cancel()
+
+        return self.seams.before_post_commit(cancel)
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class HeldFill:
+    """A writer and a reader interleaved: the writer sets ``flushed`` after its flush and
+    waits for ``reader_read``; the reader (:meth:`read`) starts once ``flushed`` is set,
+    and after its database read sets ``reader_read`` and holds its fill until
+    ``writer_over``."""
+
+    app: App
+    flushed: asyncio.Event = field(default_factory=asyncio.Event)
+    reader_read: asyncio.Event = field(default_factory=asyncio.Event)
+    writer_over: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def read(self, read: Callable[[Any], Awaitable[T]]) -> T:
+        """``read`` in a session of its own, held as the class says."""
+        await self.flushed.wait()
+        remove = self.app.seams.after_database_read(self._hold_fill)
+        try:
+            async with self.app.factory() as s:
+                return await read(s)
+        finally:
+            remove()
+
+    def _hold_fill(self) -> None:
+        self.reader_read.set()
+        await_(self.writer_over.wait())
+
 
 @asynccontextmanager
 async def async_app(
@@ -91,6 +136,15 @@ async def async_app(
 def db_price(engine: sa.Engine, pid: int) -> Decimal:
     with engine.connect() as conn:
         return Decimal(conn.scalar(sa.text("SELECT price FROM products WHERE id = :i"), {"i": pid}))
+
+
+async def price_by(how: str, s: Any, stmt: Any, product: int) -> Decimal:
+    """The product's price by ``stmt`` (``how="query"``) or by ``session.get``."""
+    if how == "query":
+        return (await s.scalars(stmt)).one().price  # type: ignore[no-any-return]
+    got = await s.get(Product, product)
+    assert got is not None
+    return got.price  # type: ignore[no-any-return]
 
 
 # -- stampede on one loop ------------------------------------------------------------------
@@ -130,11 +184,7 @@ def test_fifty_tasks_missing_one_key_read_the_database_once(
 
             async def read() -> Decimal:
                 async with app.factory() as s:
-                    if how == "query":
-                        return (await s.scalars(stmt)).one().price  # type: ignore[no-any-return]
-                    got = await s.get(Product, product)
-                    assert got is not None
-                    return got.price  # type: ignore[no-any-return]
+                    return await price_by(how, s, stmt, product)
 
             app.statements.clear()
             prices = await asyncio.wait_for(asyncio.gather(*(read() for _ in range(n))), 30)
@@ -224,14 +274,7 @@ def test_a_commit_cancelled_before_its_post_commit_work_leaves_no_mark_and_no_st
                 (await s.scalars(stmt)).one()
                 await s.get(Product, product)
             writer: asyncio.Task[None] | None = None
-
-            def cancel_writer() -> None:
-                assert writer is not None
-                # the next Redis call has to connect: the cancellation lands before it sends
-                await_(app.aclient.connection_pool.disconnect())
-                writer.cancel()
-
-            app.seams.before_post_commit(cancel_writer)
+            app.cancel_before_post_commit(lambda: writer)
             session = app.factory()
 
             async def write() -> None:
@@ -295,23 +338,13 @@ def test_a_read_from_before_a_cancelled_commit_is_not_stored_as_current(
 
     async def main() -> tuple[Decimal, list[Decimal]]:
         async with async_app(database_url, redis_url, namespace) as app:
-            flushed = asyncio.Event()
-            reader_read = asyncio.Event()
-            writer_over = asyncio.Event()
+            held = HeldFill(app)
+            flushed, reader_read, writer_over = held.flushed, held.reader_read, held.writer_over
             writer: asyncio.Task[None] | None = None
             unarm: list[Callable[[], None]] = []
 
             async def read(s: Any) -> Decimal:
-                if how == "query":
-                    return (await s.scalars(stmt)).one().price  # type: ignore[no-any-return]
-                got = await s.get(Product, product)
-                assert got is not None
-                return got.price  # type: ignore[no-any-return]
-
-            def cancel_writer() -> None:
-                assert writer is not None
-                await_(app.aclient.connection_pool.disconnect())
-                writer.cancel()
+                return await price_by(how, s, stmt, product)
 
             async def write() -> None:
                 async with app.factory() as s:
@@ -321,24 +354,11 @@ def test_a_read_from_before_a_cancelled_commit_is_not_stored_as_current(
                     await s.flush()
                     flushed.set()
                     await reader_read.wait()
-                    unarm.append(app.seams.before_post_commit(cancel_writer))
+                    unarm.append(app.cancel_before_post_commit(lambda: writer))
                     await s.commit()
 
-            def hold_fill() -> None:
-                reader_read.set()
-                await_(writer_over.wait())
-
-            async def reader() -> Decimal:
-                await flushed.wait()
-                remove = app.seams.after_database_read(hold_fill)
-                try:
-                    async with app.factory() as s:
-                        return await read(s)
-                finally:
-                    remove()
-
             writer = asyncio.create_task(write())
-            reading = asyncio.create_task(reader())
+            reading = asyncio.create_task(held.read(read))
             await asyncio.gather(writer, return_exceptions=True)  # cancelled, session closed
             unarm[0]()
             writer_over.set()
@@ -666,9 +686,8 @@ def test_a_read_from_before_a_commit_of_unknown_outcome_is_not_stored_as_current
 
     async def main() -> tuple[int, list[int]]:
         async with async_app(database_url, redis_url, namespace) as app:
-            flushed = asyncio.Event()
-            reader_read = asyncio.Event()
-            writer_over = asyncio.Event()
+            held = HeldFill(app)
+            flushed, reader_read, writer_over = held.flushed, held.reader_read, held.writer_over
 
             async def write() -> None:
                 async with app.factory() as s:
@@ -679,25 +698,15 @@ def test_a_read_from_before_a_commit_of_unknown_outcome_is_not_stored_as_current
                     await reader_read.wait()
                     await s.commit()  # waits in the trigger, then is cancelled
 
-            def hold_fill() -> None:
-                reader_read.set()
-                await_(writer_over.wait())
-
-            async def reader() -> int:
-                await flushed.wait()
-                remove = app.seams.after_database_read(hold_fill)
-                try:
-                    async with app.factory() as s:
-                        return (await s.scalars(stmt)).one().value  # type: ignore[no-any-return]
-                finally:
-                    remove()
+            async def value(s: Any) -> int:
+                return (await s.scalars(stmt)).one().value  # type: ignore[no-any-return]
 
             async with app.factory() as s:  # filled with 1
                 assert (await s.scalars(stmt)).one().value == 1
             with engine.connect() as holder:
                 holder.execute(sa.text(f"SELECT pg_advisory_lock({HOLD_LOCK})"))
                 writer = asyncio.create_task(write())
-                reading = asyncio.create_task(reader())
+                reading = asyncio.create_task(held.read(value))
                 await reader_read.wait()
                 # the writer's COMMIT is inside Postgres, waiting for the lock
                 while not holder.scalar(
@@ -803,13 +812,7 @@ def test_write_behind_from_asyncio_queues_reads_its_writes_and_drains(
                 await s.commit()
 
             writer: asyncio.Task[None] | None = None
-
-            def cancel_writer() -> None:
-                assert writer is not None
-                await_(app.aclient.connection_pool.disconnect())
-                writer.cancel()
-
-            unarm = app.seams.before_post_commit(cancel_writer)
+            unarm = app.cancel_before_post_commit(lambda: writer)
             lost = page_view(path="/lost", views=9)
 
             async def write() -> None:

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import secrets
 import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -66,97 +68,133 @@ def split_namespace(cluster: RedisCluster, tables: list[str]) -> str:
     raise AssertionError("no namespace spreads the tables")
 
 
-def test_the_worker_keeps_draining_the_other_primaries_while_one_is_down(
-    no_full_coverage_cluster: RedisCluster, engine: sa.Engine, database_url: str
-) -> None:
-    """Queues on two primaries; the primary of one is killed (no replica to promote). The
-    worker must go on flushing the other's queue, and flush the first once it is back."""
-    from sa_redis_cache import CacheUnavailableError, schema
+@dataclass
+class Queued:
+    """Write-behind models queueing on a cluster, and a worker flushing them."""
 
-    cluster = no_full_coverage_cluster
+    namespace: str
+    page_view: Any
+    stock_level: Any
+    made: sessionmaker[Session]
+    worker: FlushWorker
+
+
+@contextmanager
+def queued_on(
+    cluster: RedisCluster,
+    engine: sa.Engine,
+    database_url: str,
+    *,
+    spread: bool = False,
+    **worker_options: Any,
+) -> Iterator[Queued]:
+    """A :class:`Queued` whose sessionmaker's cache and worker work in a namespace of their
+    own, the tables empty before and after. The worker flushes PageView; with ``spread``,
+    StockLevel too, in a namespace that puts the two tables on distinct primaries (and
+    the cache gets a client without the socket timeouts a URL gives it)."""
+    from sa_redis_cache import schema
+
     schema.upgrade(engine)
     with private_models() as (page_view, stock_level):
         page_view.metadata.create_all(engine)
-        tables = [page_view.__table__.name, stock_level.__table__.name]
-        namespace = split_namespace(cluster, tables)
+        models = [page_view, stock_level] if spread else [page_view]
+        tables = [model.__table__ for model in models]
+        if spread:
+            namespace = split_namespace(cluster, [table.name for table in tables])
+        else:
+            namespace = f"rv{secrets.token_hex(4)}"
         with engine.begin() as conn:
-            conn.execute(page_view.__table__.delete())
-            conn.execute(stock_level.__table__.delete())
-        client = client_from_url(cluster.url)
+            for table in tables:
+                conn.execute(table.delete())
         worker_engine = sa.create_engine(database_url)
-        cache = Cache(client, namespace=namespace)
+        cache = Cache(client_from_url(cluster.url) if spread else cluster.url, namespace=namespace)
         made: sessionmaker[Session] = sa.orm.sessionmaker(engine)
         cache.attach(made)
         worker = FlushWorker(
             worker_engine,
             client_from_url(cluster.url),
             namespace=namespace,
-            models=[page_view, stock_level],
-            max_backoff=0.2,
+            models=models,
+            **worker_options,
         )
         try:
-
-            def add(obj: Any) -> None:
-                with made() as s:
-                    s.add(obj)
-                    s.commit()
-
-            add(page_view(path="/first", views=1))
-            add(stock_level(warehouse="first", quantity=1))
-            for _ in range(20):
-                if not worker.run_once():
-                    break
-            assert len(count_rows(engine, page_view)) == 1
-            assert len(count_rows(engine, stock_level)) == 1
-
-            down = owner_of_table(cluster, namespace, tables[1])
-            # the stock levels' shard holds queued writes when it dies: they are on
-            # its disk (AOF), flushed once it is back
-            add(stock_level(warehouse="queued", quantity=2))
-            add(page_view(path="/queued", views=2))
-            down.kill()
-            # the page views' shard is up: its commits queue, its queue drains
-            for n in range(5):
-                add(page_view(path=f"/while-down/{n}", views=n))
-            # the dead shard's: refused in the library's words, nothing queued
-            with pytest.raises(CacheUnavailableError, match="did not take"):
-                add(stock_level(warehouse="refused", quantity=3))
-            # the worker's own loop (idle waits, heartbeat thread), stopped once the live
-            # primary's queue is in the database
-            stop = threading.Event()
-
-            def drained() -> None:
-                if len(count_rows(engine, page_view)) == 7:
-                    stop.set()
-
-            runner = threading.Thread(target=worker.run, args=(stop,), kwargs={"on_pass": drained})
-            runner.start()
-            runner.join(timeout=30)
-            stop.set()
-            runner.join()
-            assert len(count_rows(engine, page_view)) == 7, (
-                "the worker stopped draining the live primary's queues while another was down"
-            )
-            # run() released its leases on the way out: those on the live primary are free
-            live = [p.lease for p in worker.partitions if p.info.table == tables[0]]
-            assert client.exists(*live) == 0
-            cluster.restart_node(down)
-            for _ in range(60):
-                worker.run_once()
-                if len(count_rows(engine, stock_level)) == 2:
-                    break
-            assert sorted(r[0] for r in count_rows(engine, stock_level).values()) == [
-                "first",
-                "queued",
-            ]
+            yield Queued(namespace, page_view, stock_level, made, worker)
         finally:
             with contextlib.suppress(Exception):
                 worker.release()
             cache.detach()
             worker_engine.dispose()
             with engine.begin() as conn:
-                conn.execute(page_view.__table__.delete())
-                conn.execute(stock_level.__table__.delete())
+                for table in tables:
+                    conn.execute(table.delete())
+
+
+def test_the_worker_keeps_draining_the_other_primaries_while_one_is_down(
+    no_full_coverage_cluster: RedisCluster, engine: sa.Engine, database_url: str
+) -> None:
+    """Queues on two primaries; the primary of one is killed (no replica to promote). The
+    worker must go on flushing the other's queue, and flush the first once it is back."""
+    from sa_redis_cache import CacheUnavailableError
+
+    cluster = no_full_coverage_cluster
+    with queued_on(cluster, engine, database_url, spread=True, max_backoff=0.2) as queued:
+        namespace, made, worker = queued.namespace, queued.made, queued.worker
+        page_view, stock_level = queued.page_view, queued.stock_level
+        tables = [page_view.__table__.name, stock_level.__table__.name]
+
+        def add(obj: Any) -> None:
+            with made() as s:
+                s.add(obj)
+                s.commit()
+
+        add(page_view(path="/first", views=1))
+        add(stock_level(warehouse="first", quantity=1))
+        for _ in range(20):
+            if not worker.run_once():
+                break
+        assert len(count_rows(engine, page_view)) == 1
+        assert len(count_rows(engine, stock_level)) == 1
+
+        down = owner_of_table(cluster, namespace, tables[1])
+        # the stock levels' shard holds queued writes when it dies: they are on
+        # its disk (AOF), flushed once it is back
+        add(stock_level(warehouse="queued", quantity=2))
+        add(page_view(path="/queued", views=2))
+        down.kill()
+        # the page views' shard is up: its commits queue, its queue drains
+        for n in range(5):
+            add(page_view(path=f"/while-down/{n}", views=n))
+        # the dead shard's: refused in the library's words, nothing queued
+        with pytest.raises(CacheUnavailableError, match="did not take"):
+            add(stock_level(warehouse="refused", quantity=3))
+        # the worker's own loop (idle waits, heartbeat thread), stopped once the live
+        # primary's queue is in the database
+        stop = threading.Event()
+
+        def drained() -> None:
+            if len(count_rows(engine, page_view)) == 7:
+                stop.set()
+
+        runner = threading.Thread(target=worker.run, args=(stop,), kwargs={"on_pass": drained})
+        runner.start()
+        runner.join(timeout=30)
+        stop.set()
+        runner.join()
+        assert len(count_rows(engine, page_view)) == 7, (
+            "the worker stopped draining the live primary's queues while another was down"
+        )
+        # run() released its leases on the way out: those on the live primary are free
+        live = [p.lease for p in worker.partitions if p.info.table == tables[0]]
+        assert worker.client.exists(*live) == 0
+        cluster.restart_node(down)
+        for _ in range(60):
+            worker.run_once()
+            if len(count_rows(engine, stock_level)) == 2:
+                break
+        assert sorted(r[0] for r in count_rows(engine, stock_level).values()) == [
+            "first",
+            "queued",
+        ]
 
 
 def count_rows(engine: sa.Engine, model: Any) -> dict[Any, tuple[Any, ...]]:
@@ -202,6 +240,47 @@ def read_name(made: sessionmaker[Session], cid: int) -> str:
         )
 
 
+def rename(made: sessionmaker[Session], cid: int, name: str) -> str:
+    """Commit ``name`` for category ``cid`` through ``made``; the name."""
+    from examples.shop import Category
+
+    with made() as s:
+        c = s.get(Category, cid)
+        assert c is not None
+        c.name = name
+        s.commit()
+    return name
+
+
+@dataclass
+class Pair:
+    """Two processes' caches on one namespace of the cluster, each with its sessionmaker."""
+
+    keys: KeyScheme
+    writer_cache: Cache
+    reader_cache: Cache
+    writer: sessionmaker[Session]
+    reader: sessionmaker[Session]
+
+
+@contextmanager
+def writer_and_reader(cluster: RedisCluster, engine: sa.Engine, *, local: bool) -> Iterator[Pair]:
+    """A :class:`Pair` on ``engine`` in a namespace of its own (``Cache(local=local)``),
+    detached when the block ends."""
+    namespace = f"rv{secrets.token_hex(4)}"
+    writer_cache = Cache(cluster.url, namespace=namespace, local=local)
+    reader_cache = Cache(cluster.url, namespace=namespace, local=local)
+    writer: sessionmaker[Session] = sa.orm.sessionmaker(engine)
+    reader: sessionmaker[Session] = sa.orm.sessionmaker(engine)
+    writer_cache.attach(writer)
+    reader_cache.attach(reader)
+    try:
+        yield Pair(KeyScheme(namespace), writer_cache, reader_cache, writer, reader)
+    finally:
+        writer_cache.detach()
+        reader_cache.detach()
+
+
 def db_name(engine: sa.Engine, cid: int) -> str:
     with engine.connect() as conn:
         return str(conn.scalar(sa.text("SELECT name FROM categories WHERE id = :i"), {"i": cid}))
@@ -238,17 +317,8 @@ def test_a_slot_held_half_moved_degrades_to_the_database_and_never_serves_a_stal
     or another that filled the entry before) may serve the old name after the commit,
     during the migration or after it ends."""
     cluster = own_cluster
-    namespace = f"rv{secrets.token_hex(4)}"
-    keys = KeyScheme(namespace)
-    writer_cache = Cache(cluster.url, namespace=namespace)
-    reader_cache = Cache(cluster.url, namespace=namespace)
-    writer: sessionmaker[Session] = sa.orm.sessionmaker(shop_engine)
-    reader: sessionmaker[Session] = sa.orm.sessionmaker(shop_engine)
-    writer_cache.attach(writer)
-    reader_cache.attach(reader)
-    try:
-        from examples.shop import Category
-
+    with writer_and_reader(cluster, shop_engine, local=False) as pair:
+        keys, writer, reader = pair.keys, pair.writer, pair.reader
         first = db_name(shop_engine, category)
         assert read_name(reader, category) == first  # filled
         assert read_name(reader, category) == first  # served
@@ -257,20 +327,13 @@ def test_a_slot_held_half_moved_degrades_to_the_database_and_never_serves_a_stal
         version = keys.version_key("categories")
         target = start_moving(cluster, slot, lambda k: (k == version) == (moved == "version"))
         assert read_name(reader, category) == first
-        with writer() as s:
-            c = s.get(Category, category)
-            assert c is not None
-            c.name = f"{first}-renamed"
-            s.commit()
+        rename(writer, category, f"{first}-renamed")
         assert db_name(shop_engine, category) == f"{first}-renamed"
         for made in (writer, reader):
             assert read_name(made, category) == f"{first}-renamed"
         cluster.reshard([slot], target)  # the rest of the keys, then NODE everywhere
         for made in (writer, reader, writer, reader):
             assert read_name(made, category) == f"{first}-renamed"
-    finally:
-        writer_cache.detach()
-        reader_cache.detach()
 
 
 # --------------------------------------------------------------- a failover that loses a write
@@ -336,11 +399,7 @@ def test_a_failover_that_lost_the_commits_bump_serves_no_entry_older_than_the_co
         os.kill(replica.pid, signal.SIGSTOP)
         try:
             on_node(primary, "CLIENT", "KILL", "TYPE", "replica")
-            with writer() as s:
-                c = s.get(Category, category)
-                assert c is not None
-                c.name = f"{first}-renamed"
-                s.commit()
+            rename(writer, category, f"{first}-renamed")
             written = int(on_node(primary, "INFO", "replication")["master_repl_offset"])
             primary.kill()
         finally:
@@ -401,45 +460,29 @@ def test_a_local_entry_is_dropped_by_a_commit_after_its_slot_moved(
     primary (every key with it); a writer then commits a rename, which the new owner
     reports. The reader must read the new name, from its tier or not, and its tier must
     serve again once it tracks the new owner."""
-    from examples.shop import Category
-
     cluster = own_cluster
-    namespace = f"rv{secrets.token_hex(4)}"
-    keys = KeyScheme(namespace)
-    reader_cache = Cache(cluster.url, namespace=namespace, local=True)
-    writer_cache = Cache(cluster.url, namespace=namespace, local=True)
-    reader: sessionmaker[Session] = sa.orm.sessionmaker(shop_engine)
-    writer: sessionmaker[Session] = sa.orm.sessionmaker(shop_engine)
-    reader_cache.attach(reader)
-    writer_cache.attach(writer)
-    try:
-        assert ready(reader_cache, writer_cache)
+    with writer_and_reader(cluster, shop_engine, local=True) as pair:
+        keys, writer, reader = pair.keys, pair.writer, pair.reader
+        assert ready(pair.reader_cache, pair.writer_cache)
         name = db_name(shop_engine, category)
         assert read_name(reader, category) == name
-        hits = local_hits(reader_cache)
+        hits = local_hits(pair.reader_cache)
         assert read_name(reader, category) == name
         assert read_name(reader, category) == name
-        assert local_hits(reader_cache) > hits  # the tier serves it
+        assert local_hits(pair.reader_cache) > hits  # the tier serves it
         slot = cluster.slot_of(keys.version_key("categories"))
         source = cluster.owner_of(slot)
         target = next(p for p in cluster.primaries() if p.node_id != source.node_id)
         for n in range(2):  # there and back: the second move returns to a tracked node
             cluster.reshard([slot], target if n == 0 else source)
-            with writer() as s:
-                c = s.get(Category, category)
-                assert c is not None
-                c.name = name = f"{name}-{n}"
-                s.commit()
+            name = rename(writer, category, f"{name}-{n}")
             for _ in range(3):
                 assert read_name(reader, category) == name
-        assert ready(reader_cache)  # tracking the slot's owner again
-        hits = local_hits(reader_cache)
+        assert ready(pair.reader_cache)  # tracking the slot's owner again
+        hits = local_hits(pair.reader_cache)
         for _ in range(3):
             assert read_name(reader, category) == name
-        assert local_hits(reader_cache) > hits  # serving again after the moves
-    finally:
-        reader_cache.detach()
-        writer_cache.detach()
+        assert local_hits(pair.reader_cache) > hits  # serving again after the moves
 
 
 # ----------------------------------------------------------------------- write-behind mid-move
@@ -453,21 +496,15 @@ def test_a_write_behind_commit_on_a_slot_held_half_moved_is_all_or_nothing(
     queues every write or raises ``CacheUnavailableError`` having queued none; once the
     slot has moved, commits queue again and the worker flushes exactly the acknowledged
     writes, once each."""
-    from sa_redis_cache import CacheUnavailableError, schema
+    from sa_redis_cache import CacheUnavailableError
 
     cluster = own_cluster
-    namespace = f"rv{secrets.token_hex(4)}"
-    schema.upgrade(engine)
-    with private_models() as (page_view, _):
-        page_view.metadata.create_all(engine)
-        with engine.begin() as conn:
-            conn.execute(page_view.__table__.delete())
-        cache = Cache(cluster.url, namespace=namespace)
-        made: sessionmaker[Session] = sa.orm.sessionmaker(engine)
-        cache.attach(made)
-        worker_engine = sa.create_engine(database_url)
-        worker = FlushWorker(
-            worker_engine, client_from_url(cluster.url), namespace=namespace, models=[page_view]
+    with queued_on(cluster, engine, database_url) as queued:
+        namespace, page_view, made, worker = (
+            queued.namespace,
+            queued.page_view,
+            queued.made,
+            queued.worker,
         )
         acknowledged: set[Any] = set()
         refused = 0
@@ -484,30 +521,22 @@ def test_a_write_behind_commit_on_a_slot_held_half_moved_is_all_or_nothing(
                     return
                 acknowledged.update(v.id for v in views)
 
-        try:
-            commit("/before")
-            keys = KeyScheme(namespace)
-            slot = cluster.slot_of(keys.generation_key(page_view.__table__.name))
-            target = start_moving(cluster, slot, lambda k: ":wb:" in k)
-            for n in range(3):
-                commit(f"/during-{n}")
-            cluster.reshard([slot], target)
-            commit("/after")
-            for _ in range(20):
-                if not worker.run_once():
-                    break
-            flushed = count_rows(engine, page_view)
-            assert set(flushed) >= acknowledged  # none lost
-            # a refused commit queued nothing: every row flushed was acknowledged
-            assert set(flushed) == acknowledged, (refused, len(flushed), len(acknowledged))
-            assert len(acknowledged) % 3 == 0
-        finally:
-            with contextlib.suppress(Exception):
-                worker.release()
-            cache.detach()
-            worker_engine.dispose()
-            with engine.begin() as conn:
-                conn.execute(page_view.__table__.delete())
+        commit("/before")
+        keys = KeyScheme(namespace)
+        slot = cluster.slot_of(keys.generation_key(page_view.__table__.name))
+        target = start_moving(cluster, slot, lambda k: ":wb:" in k)
+        for n in range(3):
+            commit(f"/during-{n}")
+        cluster.reshard([slot], target)
+        commit("/after")
+        for _ in range(20):
+            if not worker.run_once():
+                break
+        flushed = count_rows(engine, page_view)
+        assert set(flushed) >= acknowledged  # none lost
+        # a refused commit queued nothing: every row flushed was acknowledged
+        assert set(flushed) == acknowledged, (refused, len(flushed), len(acknowledged))
+        assert len(acknowledged) % 3 == 0
 
 
 @pytest.mark.parametrize("moved", ["generation", "version"])
@@ -517,28 +546,16 @@ def test_a_local_entry_is_not_served_after_a_commit_made_while_its_slot_is_half_
     """The table's slot is half moved (one counter on the target, the rest on the
     source) when a writer commits: its flush mark and commit script get ``TRYAGAIN``. A
     reader whose local tier holds the category must not serve the old name afterwards."""
-    from examples.shop import Category
-
     cluster = own_cluster
-    namespace = f"rv{secrets.token_hex(4)}"
-    keys = KeyScheme(namespace)
-    reader_cache = Cache(cluster.url, namespace=namespace, local=True)
-    writer_cache = Cache(cluster.url, namespace=namespace, local=True)
-    reader: sessionmaker[Session] = sa.orm.sessionmaker(shop_engine)
-    writer: sessionmaker[Session] = sa.orm.sessionmaker(shop_engine)
-    reader_cache.attach(reader)
-    writer_cache.attach(writer)
-    try:
-        assert ready(reader_cache, writer_cache)
+    with writer_and_reader(cluster, shop_engine, local=True) as pair:
+        keys, writer, reader = pair.keys, pair.writer, pair.reader
+        assert ready(pair.reader_cache, pair.writer_cache)
         name = db_name(shop_engine, category)
-        with writer() as s:  # a commit makes the table's generation key exist
-            c = s.get(Category, category)
-            assert c is not None
-            c.name = name = f"{name}-0"
-            s.commit()
+        # a commit makes the table's generation key exist
+        name = rename(writer, category, f"{name}-0")
         for _ in range(3):
             assert read_name(reader, category) == name
-        assert local_hits(reader_cache) > 0
+        assert local_hits(pair.reader_cache) > 0
         slot = cluster.slot_of(keys.version_key("categories"))
         one = (
             keys.generation_key("categories")
@@ -547,11 +564,7 @@ def test_a_local_entry_is_not_served_after_a_commit_made_while_its_slot_is_half_
         )
         target = start_moving(cluster, slot, lambda k: k == one)
         try:
-            with writer() as s:
-                c = s.get(Category, category)
-                assert c is not None
-                c.name = name = f"{name}-1"
-                s.commit()
+            name = rename(writer, category, f"{name}-1")
             assert db_name(shop_engine, category) == name
             for _ in range(3):
                 assert read_name(reader, category) == name
@@ -559,9 +572,6 @@ def test_a_local_entry_is_not_served_after_a_commit_made_while_its_slot_is_half_
             cluster.reshard([slot], target)
         for _ in range(3):
             assert read_name(reader, category) == name
-    finally:
-        reader_cache.detach()
-        writer_cache.detach()
 
 
 @pytest.mark.parametrize("moved", [":v", ":e:", ":rw:", ":q:"])
@@ -632,27 +642,16 @@ def test_the_worker_and_commits_during_a_reshard_of_the_queues_slot_lose_and_rep
     batch (``ASK`` and ``TRYAGAIN`` meanwhile) a commit is made and the worker runs a pass.
     Postgres must end with exactly the acknowledged writes: none lost, none twice, no
     dead letter."""
-    from sa_redis_cache import CacheUnavailableError, schema
+    from sa_redis_cache import CacheUnavailableError
     from sa_redis_cache.schema import dead_letters
 
     cluster = own_cluster
-    namespace = f"rv{secrets.token_hex(4)}"
-    schema.upgrade(engine)
-    with private_models() as (page_view, _):
-        page_view.metadata.create_all(engine)
-        with engine.begin() as conn:
-            conn.execute(page_view.__table__.delete())
-        cache = Cache(cluster.url, namespace=namespace)
-        made: sessionmaker[Session] = sa.orm.sessionmaker(engine)
-        cache.attach(made)
-        worker_engine = sa.create_engine(database_url)
-        worker = FlushWorker(
-            worker_engine,
-            client_from_url(cluster.url),
-            namespace=namespace,
-            models=[page_view],
-            batch_size=3,
-            max_backoff=0.05,
+    with queued_on(cluster, engine, database_url, batch_size=3, max_backoff=0.05) as queued:
+        namespace, page_view, made, worker = (
+            queued.namespace,
+            queued.page_view,
+            queued.made,
+            queued.worker,
         )
         acknowledged: dict[Any, int] = {}
         refused = 0
@@ -675,36 +674,28 @@ def test_the_worker_and_commits_during_a_reshard_of_the_queues_slot_lose_and_rep
             commit(next(counter))
             worker.run_once()
 
-        try:
-            for _ in range(12):
-                commit(next(counter))
-            worker.run_once()  # a few applied, the rest still queued
-            slot = cluster.slot_of(KeyScheme(namespace).generation_key(page_view.__table__.name))
-            source = cluster.owner_of(slot)
-            target = next(p for p in cluster.primaries() if p.node_id != source.node_id)
-            cluster.reshard([slot], target, batch=4, between_batches=between)
-            for _ in range(3):
-                commit(next(counter))
-            for _ in range(40):
-                if not worker.run_once() and not worker.backlog():
-                    break
-            flushed = {pk: row[1] for pk, row in count_rows(engine, page_view).items()}
-            assert refused < len(acknowledged)  # the reshard did not refuse everything
-            assert flushed == acknowledged, f"{refused} refused"
-            with engine.connect() as conn:
-                dead = conn.scalar(
-                    select(sa.func.count())
-                    .select_from(dead_letters)
-                    .where(dead_letters.c.namespace == namespace)
-                )
-            assert dead == 0
-        finally:
-            with contextlib.suppress(Exception):
-                worker.release()
-            cache.detach()
-            worker_engine.dispose()
-            with engine.begin() as conn:
-                conn.execute(page_view.__table__.delete())
+        for _ in range(12):
+            commit(next(counter))
+        worker.run_once()  # a few applied, the rest still queued
+        slot = cluster.slot_of(KeyScheme(namespace).generation_key(page_view.__table__.name))
+        source = cluster.owner_of(slot)
+        target = next(p for p in cluster.primaries() if p.node_id != source.node_id)
+        cluster.reshard([slot], target, batch=4, between_batches=between)
+        for _ in range(3):
+            commit(next(counter))
+        for _ in range(40):
+            if not worker.run_once() and not worker.backlog():
+                break
+        flushed = {pk: row[1] for pk, row in count_rows(engine, page_view).items()}
+        assert refused < len(acknowledged)  # the reshard did not refuse everything
+        assert flushed == acknowledged, f"{refused} refused"
+        with engine.connect() as conn:
+            dead = conn.scalar(
+                select(sa.func.count())
+                .select_from(dead_letters)
+                .where(dead_letters.c.namespace == namespace)
+            )
+        assert dead == 0
 
 
 @pytest.mark.parametrize(

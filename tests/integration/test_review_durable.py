@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -26,15 +27,21 @@ from devservices import RedisServer
 from sa_redis_cache import Cache, FlushWorker
 from sa_redis_cache.errors import ConfigurationError
 from sa_redis_cache.protocol import partition_of, pk_text
-from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.worker import replay_dead_letters
 from tests.wb_chaos import wait_for
-from tests.wb_support import PARTITIONS, drain, queue, remove, rows, update
+from tests.wb_support import (
+    CHECK,
+    PARTITIONS,
+    drain,
+    letters,
+    queue,
+    remove,
+    reset_page_views,
+    rows,
+    update,
+)
 
 pytest_plugins = ["tests.wb_fixtures"]
-
-
-CHECK = "wb_views_not_negative"
 
 
 @pytest.fixture
@@ -44,19 +51,10 @@ def constraints(worker_engine: sa.Engine) -> Iterator[list[str]]:
     added: list[str] = []
     yield added
     with worker_engine.begin() as conn:
-        conn.execute(text("DELETE FROM wb_page_views"))
         for name in added:
             conn.execute(text(f"ALTER TABLE wb_page_views DROP CONSTRAINT IF EXISTS {name}"))
         conn.execute(text("DROP TABLE IF EXISTS wb_review_parents"))
-        # the model's own CHECK, which some tests drop to fix a poison row's cause
-        conn.execute(text(f"ALTER TABLE wb_page_views DROP CONSTRAINT IF EXISTS {CHECK}"))
-        conn.execute(text(f"ALTER TABLE wb_page_views ADD CONSTRAINT {CHECK} CHECK (views >= 0)"))
-
-
-def letters(engine: sa.Engine, namespace: str) -> list[Any]:
-    with engine.connect() as conn:
-        stmt = select(dead_letters).where(dead_letters.c.namespace == namespace)
-        return list(conn.execute(stmt.order_by(dead_letters.c.id)).all())
+        reset_page_views(conn)
 
 
 def ddl(engine: sa.Engine, *statements: str) -> None:
@@ -226,16 +224,15 @@ def write_counts(worker_engine: sa.Engine) -> Iterator[Any]:
     )
 
 
-def same_partition_keys() -> tuple[uuid.UUID, uuid.UUID]:
-    """Two ids of one partition, the first one first in the worker's lock order."""
+def same_partition_keys(count: int = 2) -> tuple[uuid.UUID, ...]:
+    """``count`` ids of one partition, in the worker's lock order (pk text)."""
     found: dict[int, list[uuid.UUID]] = {}
     while True:
         key = uuid.uuid4()
         group = found.setdefault(partition_of(pk_text([key]), PARTITIONS), [])
         group.append(key)
-        if len(group) == 2:
-            first, second = sorted(group, key=lambda k: pk_text([k]))
-            return first, second
+        if len(group) == count:
+            return tuple(sorted(group, key=lambda k: pk_text([k])))
 
 
 def waiting_worker(engine: sa.Engine) -> int | None:
@@ -249,6 +246,57 @@ def waiting_worker(engine: sa.Engine) -> int | None:
             {"app": WORKER_APP},
         )
         return pid
+
+
+def queued_over_sql_rows(
+    factory: sessionmaker[Session], page_view: Any, engine: sa.Engine
+) -> tuple[uuid.UUID, uuid.UUID]:
+    """Two rows of one partition written around the queue, then an update of each queued:
+    ``/queued`` with views 1 and 2. Their ids, in the worker's lock order."""
+    first, second = ids = same_partition_keys()
+    with engine.begin() as conn:
+        conn.execute(
+            page_view.__table__.insert(), [{"id": k, "path": "/sql", "views": 0} for k in ids]
+        )
+    update(factory, page_view, first, path="/queued", views=1)
+    update(factory, page_view, second, path="/queued", views=2)
+    return first, second
+
+
+@contextmanager
+def batch_waiting_for_the_app(
+    worker: FlushWorker, engine: sa.Engine, page_view: Any, second: uuid.UUID
+) -> Iterator[sa.Connection]:
+    """The application's transaction (yielded) holds row ``second`` while ``worker.run``
+    runs in a thread of its own, and the block starts once the worker's batch waits for
+    that row lock. The trigger's counts start then; the worker's loop is stopped and
+    joined when the block ends, the application's connection closed."""
+    table = page_view.__table__
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run, args=(stop,))
+    app = engine.connect()
+    try:
+        app.begin()
+        app.execute(sa.update(table).where(table.c.id == second).values(note="app"))
+        ddl(engine, "DELETE FROM wb_review_writes")
+        runner.start()
+        wait_for(lambda: waiting_worker(engine) is not None, "the batch to wait")
+        yield app
+    finally:
+        app.close()
+        stop.set()
+        if runner.is_alive():
+            runner.join()
+
+
+def wait_for_the_queued_pair(
+    engine: sa.Engine, page_view: Any, first: uuid.UUID, second: uuid.UUID
+) -> None:
+    """Until the table holds the updates :func:`queued_over_sql_rows` queued."""
+    wait_for(
+        lambda: rows(engine, page_view) == {first: ("/queued", 1), second: ("/queued", 2)},
+        "the batch to land",
+    )
 
 
 @pytest.mark.parametrize(
@@ -271,12 +319,8 @@ def test_a_database_fault_mid_batch_is_retried_and_applied_once(
     application's commit makes it a serialization failure. The batch is retried and
     applied once: the table equals the queue, each row written once, no dead letters."""
     page_view, _ = models
-    first, second = ids = same_partition_keys()
+    first, second = queued_over_sql_rows(factory, page_view, worker_engine)
     table = page_view.__table__
-    with worker_engine.begin() as conn:  # rows written around the queue, before it
-        conn.execute(table.insert(), [{"id": k, "path": "/sql", "views": 0} for k in ids])
-    update(factory, page_view, first, path="/queued", views=1)
-    update(factory, page_view, second, path="/queued", views=2)
     args: dict[str, Any] = {"application_name": WORKER_APP}
     if fault == "statement timeout":
         args["options"] = "-c statement_timeout=200"
@@ -286,48 +330,32 @@ def test_a_database_fault_mid_batch_is_retried_and_applied_once(
         isolation_level="REPEATABLE READ" if fault == "serialization failure" else None,
     )
     worker = FlushWorker(engine, client, namespace=namespace, models=[page_view], max_backoff=0.05)
-    stop = threading.Event()
-    runner = threading.Thread(target=worker.run, args=(stop,))
-    app = worker_engine.connect()
     try:
-        app.begin()
-        app.execute(sa.update(table).where(table.c.id == second).values(note="app"))
-        ddl(worker_engine, "DELETE FROM wb_review_writes")
-        runner.start()
-        wait_for(lambda: waiting_worker(worker_engine) is not None, "the batch to wait")
-        if fault == "terminated":
-            pid = waiting_worker(worker_engine)
-            ddl(worker_engine, f"SELECT pg_terminate_backend({int(pid or 0)})")
-            wait_for(lambda: worker.errors > 0, "the worker to fail")
-            app.rollback()
-        elif fault == "statement timeout":
-            wait_for(lambda: worker.errors > 0, "the statement to time out")
-            app.rollback()
-        elif fault == "deadlock":
-            # the batch holds `first` and waits for `second`: one of the two loses
-            lock = select(table.c.id).where(table.c.id == first).with_for_update()
-            try:
-                app.execute(lock)
-            except sa.exc.DBAPIError as exc:
-                lost = str(exc)
+        with batch_waiting_for_the_app(worker, worker_engine, page_view, second) as app:
+            if fault == "terminated":
+                pid = waiting_worker(worker_engine)
+                ddl(worker_engine, f"SELECT pg_terminate_backend({int(pid or 0)})")
+                wait_for(lambda: worker.errors > 0, "the worker to fail")
+                app.rollback()
+            elif fault == "statement timeout":
+                wait_for(lambda: worker.errors > 0, "the statement to time out")
+                app.rollback()
+            elif fault == "deadlock":
+                # the batch holds `first` and waits for `second`: one of the two loses
+                lock = select(table.c.id).where(table.c.id == first).with_for_update()
+                try:
+                    app.execute(lock)
+                except sa.exc.DBAPIError as exc:
+                    lost = str(exc)
+                else:
+                    lost = "the worker"
+                assert "deadlock" in lost or lost == "the worker"
+                app.rollback()
             else:
-                lost = "the worker"
-            assert "deadlock" in lost or lost == "the worker"
-            app.rollback()
-        else:
-            app.commit()
-            wait_for(lambda: worker.errors > 0, "the batch to fail to serialize")
-        wait_for(
-            lambda: (
-                rows(worker_engine, page_view) == {first: ("/queued", 1), second: ("/queued", 2)}
-            ),
-            "the batch to land",
-        )
+                app.commit()
+                wait_for(lambda: worker.errors > 0, "the batch to fail to serialize")
+            wait_for_the_queued_pair(worker_engine, page_view, first, second)
     finally:
-        app.close()
-        stop.set()
-        if runner.is_alive():
-            runner.join()
         worker.release()
         engine.dispose()
     # the application's own UPDATE of `second` committed in the serialization case
@@ -463,12 +491,7 @@ def test_a_batch_longer_than_the_lease_keeps_its_partition_and_applies_once(
     while a second worker runs: the heartbeat keeps the partition, the batch is not
     fenced, and every write lands once."""
     page_view, _ = models
-    first, second = ids = same_partition_keys()
-    table = page_view.__table__
-    with worker_engine.begin() as conn:
-        conn.execute(table.insert(), [{"id": k, "path": "/sql", "views": 0} for k in ids])
-    update(factory, page_view, first, path="/queued", views=1)
-    update(factory, page_view, second, path="/queued", views=2)
+    first, second = ids = queued_over_sql_rows(factory, page_view, worker_engine)
     engine = sa.create_engine(database_url, connect_args={"application_name": WORKER_APP})
     slow, other = (
         FlushWorker(
@@ -476,34 +499,18 @@ def test_a_batch_longer_than_the_lease_keeps_its_partition_and_applies_once(
         )
         for eng, name in ((engine, "slow"), (worker_engine, "other"))
     )
-    stop = threading.Event()
-    runner = threading.Thread(target=slow.run, args=(stop,))
-    app = worker_engine.connect()
     try:
-        app.begin()
-        app.execute(sa.update(table).where(table.c.id == second).values(note="app"))
-        ddl(worker_engine, "DELETE FROM wb_review_writes")
-        runner.start()
-        wait_for(lambda: waiting_worker(worker_engine) is not None, "the batch to wait")
-        blocked_since = time.monotonic()
-        # the other worker tries its luck for five leases while the batch waits
-        wait_for(
-            lambda: other.run_once() >= 0 and time.monotonic() - blocked_since > 1.5,
-            "five leases to pass",
-        )
-        assert waiting_worker(worker_engine) is not None  # still the same batch
-        app.rollback()
-        wait_for(
-            lambda: (
-                rows(worker_engine, page_view) == {first: ("/queued", 1), second: ("/queued", 2)}
-            ),
-            "the batch to land",
-        )
+        with batch_waiting_for_the_app(slow, worker_engine, page_view, second) as app:
+            blocked_since = time.monotonic()
+            # the other worker tries its luck for five leases while the batch waits
+            wait_for(
+                lambda: other.run_once() >= 0 and time.monotonic() - blocked_since > 1.5,
+                "five leases to pass",
+            )
+            assert waiting_worker(worker_engine) is not None  # still the same batch
+            app.rollback()
+            wait_for_the_queued_pair(worker_engine, page_view, first, second)
     finally:
-        app.close()
-        stop.set()
-        if runner.is_alive():
-            runner.join()
         slow.release()
         other.release()
         engine.dispose()
@@ -827,16 +834,9 @@ def test_a_swap_under_a_deferred_unique_survives_a_poison_row_in_its_batch(
         "DEFERRABLE INITIALLY DEFERRED",
     )
     constraints += ["wb_review_note_d", CHECK]
-    found: dict[int, list[uuid.UUID]] = {}
-    while True:  # three keys of one partition
-        key = uuid.uuid4()
-        group = found.setdefault(partition_of(pk_text([key]), PARTITIONS), [])
-        group.append(key)
-        if len(group) == 3:
-            break
     # in the worker's order (pk text): the swap's rows first and last, the poison between,
     # so that the bisection's first split puts them in two halves
-    a_key, poison_key, b_key = sorted(group, key=lambda k: pk_text([k]))
+    a_key, poison_key, b_key = same_partition_keys(3)
     table = page_view.__table__
     with worker_engine.begin() as conn:
         conn.execute(

@@ -13,6 +13,7 @@ later test's ``attach()``.
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,8 @@ from tests.wb_support import PARTITIONS, drain, queue, rows
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from sqlalchemy.orm import Session
+
 pytest_plugins = ["tests.wb_fixtures"]  # aof_redis, models, factory, make_worker
 
 
@@ -45,28 +48,37 @@ def base(engine: sa.Engine) -> Iterator[type[DeclarativeBase]]:
             made.metadata.drop_all(engine)
 
 
-@pytest.fixture
-def volatile_cache(redis_url: str, namespace: str) -> Iterator[Cache]:
-    """A cache nothing is attached to yet (write-behind models need accept_volatile=True)."""
-    client = redis_lib.Redis.from_url(redis_url)
-    cache = Cache(client, namespace=namespace)
-    yield cache
-    cache.detach()
-    client.close()
-
-
+# write-behind models on the test server (no AOF), attached to ``fresh_cache``
 WB = CachePolicy(strategy="write_behind", accept_volatile=True)
 
 
-def _worker(engine: sa.Engine, cache: Cache, namespace: str, *models: Any) -> FlushWorker:
-    return FlushWorker(engine, cache.client, namespace=namespace, models=list(models))
+@contextmanager
+def _flushing(
+    engine: sa.Engine, cache: Cache, namespace: str, *models: Any
+) -> Iterator[FlushWorker]:
+    """A worker of ``models`` on ``cache``'s Redis, released when the block ends."""
+    worker = FlushWorker(engine, cache.client, namespace=namespace, models=list(models))
+    try:
+        yield worker
+    finally:
+        worker.release()
+
+
+def _attached(
+    base: type[DeclarativeBase], engine: sa.Engine, cache: Cache
+) -> sessionmaker[Session]:
+    """``base``'s tables created, and a sessionmaker ``cache`` is attached to."""
+    base.metadata.create_all(engine)
+    factory = sessionmaker(engine)
+    cache.attach(factory)
+    return factory
 
 
 # -- write-behind and SQLAlchemy features the flush skips --------------------------------
 
 
 def test_version_id_col_on_a_write_behind_model_is_refused_at_attach(
-    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache
+    base: type[DeclarativeBase], engine: sa.Engine, fresh_cache: Cache
 ) -> None:
     """``version_id_col``: SQLAlchemy sets the version in its INSERT and checks it in its
     UPDATE; write-behind runs neither (the row was queued with a NULL version, which the
@@ -82,7 +94,7 @@ def test_version_id_col_on_a_write_behind_model_is_refused_at_attach(
 
     base.metadata.create_all(engine)
     with pytest.raises(ConfigurationError) as refused:
-        volatile_cache.attach(sessionmaker(engine))
+        fresh_cache.attach(sessionmaker(engine))
     message = str(refused.value)
     assert "Doc: version_id_col (version)" in message
     assert "strategy='write_through'" in message
@@ -107,16 +119,23 @@ def _basket_models(base: type[DeclarativeBase]) -> tuple[Any, Any]:
     return Basket, Line
 
 
+def _a_basket_with_a_line(factory: sessionmaker[Session], basket_cls: Any, line_cls: Any) -> None:
+    """Commit basket 1 with one line, ``sku="a"``."""
+    with factory() as s:
+        basket = basket_cls(id=1)
+        basket.lines.append(line_cls(sku="a"))
+        s.add(basket)
+        s.commit()
+
+
 def test_a_write_behind_child_appended_to_an_ordinary_parents_collection_is_queued_with_its_key(
-    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache, namespace: str
+    base: type[DeclarativeBase], engine: sa.Engine, fresh_cache: Cache, namespace: str
 ) -> None:
     """``basket.lines.append(line)``: the unit of work copies the parent's key into the
     child's foreign key in the flush the queued child takes no part in (it failed with
     ``StaleDataError``, an UPDATE of a row not in the database yet)."""
     basket_cls, line_cls = _basket_models(base)
-    base.metadata.create_all(engine)
-    factory = sessionmaker(engine)
-    volatile_cache.attach(factory)
+    factory = _attached(base, engine, fresh_cache)
     with factory() as s:
         basket = basket_cls(id=1)
         first = line_cls(sku="a")
@@ -134,33 +153,23 @@ def test_a_write_behind_child_appended_to_an_ordinary_parents_collection_is_queu
         got = s.get(line_cls, second.id)
         assert got is not None
         assert got.basket_id == 1
-    worker = _worker(engine, volatile_cache, namespace, line_cls)
-    try:
+    with _flushing(engine, fresh_cache, namespace, line_cls) as worker:
         drain(worker)
-    finally:
-        worker.release()
     with engine.connect() as conn:
         found = conn.execute(select(line_cls.__table__.c.sku, line_cls.__table__.c.basket_id))
         assert sorted(found) == [("a", 1), ("b", 1)]
 
 
 def test_a_write_behind_child_removed_from_an_ordinary_parents_collection_is_refused(
-    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache, namespace: str
+    base: type[DeclarativeBase], engine: sa.Engine, fresh_cache: Cache, namespace: str
 ) -> None:
     """``basket.lines.remove(line)`` is an UPDATE (or a delete-orphan DELETE) of the child
     the unit of work would run on the database behind the queue: refused, naming the fix,
     and nothing of the flush is queued or written."""
     basket_cls, line_cls = _basket_models(base)
-    base.metadata.create_all(engine)
-    factory = sessionmaker(engine)
-    volatile_cache.attach(factory)
-    with factory() as s:
-        basket = basket_cls(id=1)
-        basket.lines.append(line_cls(sku="a"))
-        s.add(basket)
-        s.commit()
-    worker = _worker(engine, volatile_cache, namespace, line_cls)
-    try:
+    factory = _attached(base, engine, fresh_cache)
+    _a_basket_with_a_line(factory, basket_cls, line_cls)
+    with _flushing(engine, fresh_cache, namespace, line_cls) as worker:
         drain(worker)
         with factory() as s:
             basket = s.get(basket_cls, 1)
@@ -169,14 +178,12 @@ def test_a_write_behind_child_removed_from_an_ordinary_parents_collection_is_ref
             with pytest.raises(ConfigurationError, match=r"Basket\.lines.*set Line\.basket_id"):
                 s.commit()
         assert drain(worker) == 0
-    finally:
-        worker.release()
     with engine.connect() as conn:
         assert conn.execute(select(line_cls.__table__.c.basket_id)).scalars().all() == [1]
 
 
 def test_a_write_behind_child_of_a_parent_without_a_key_yet_is_refused(
-    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache
+    base: type[DeclarativeBase], engine: sa.Engine, fresh_cache: Cache
 ) -> None:
     """A parent whose key only the database insert gives: the child cannot be queued with
     it, so the flush is refused naming the fix (not a NULL foreign key queued)."""
@@ -192,9 +199,7 @@ def test_a_write_behind_child_of_a_parent_without_a_key_yet_is_refused(
         id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
         cart_id: Mapped[int | None] = mapped_column(ForeignKey(Cart.id))
 
-    base.metadata.create_all(engine)
-    factory = sessionmaker(engine)
-    volatile_cache.attach(factory)
+    factory = _attached(base, engine, fresh_cache)
     with factory() as s:
         cart = Cart()
         cart.items.append(Item())
@@ -206,29 +211,20 @@ def test_a_write_behind_child_of_a_parent_without_a_key_yet_is_refused(
 
 
 def test_deleting_an_ordinary_parent_of_write_behind_children_is_refused(
-    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache, namespace: str
+    base: type[DeclarativeBase], engine: sa.Engine, fresh_cache: Cache, namespace: str
 ) -> None:
     """Deleting ``basket`` (no delete cascade) makes the unit of work set its lines'
     foreign key to NULL with SQL, behind the queue: refused, naming the fix."""
     basket_cls, line_cls = _basket_models(base)
-    base.metadata.create_all(engine)
-    factory = sessionmaker(engine)
-    volatile_cache.attach(factory)
-    with factory() as s:
-        basket = basket_cls(id=1)
-        basket.lines.append(line_cls(sku="a"))
-        s.add(basket)
-        s.commit()
-    worker = _worker(engine, volatile_cache, namespace, line_cls)
-    try:
+    factory = _attached(base, engine, fresh_cache)
+    _a_basket_with_a_line(factory, basket_cls, line_cls)
+    with _flushing(engine, fresh_cache, namespace, line_cls) as worker:
         drain(worker)
         with factory() as s:
             s.delete(s.get(basket_cls, 1))
             with pytest.raises(ConfigurationError, match=r"Basket\.lines.*Line\.basket_id"):
                 s.commit()
         assert drain(worker) == 0
-    finally:
-        worker.release()
     with engine.connect() as conn:
         assert conn.execute(select(line_cls.__table__.c.basket_id)).scalars().all() == [1]
 
@@ -364,7 +360,7 @@ def test_a_from_cache_argument_of_the_wrong_type_is_refused_naming_it(
 def test_a_child_with_another_strategy_than_its_parent_reads_what_the_database_holds(
     base: type[DeclarativeBase],
     engine: sa.Engine,
-    volatile_cache: Cache,
+    fresh_cache: Cache,
     single_table: bool,
     child_strategy: str,
 ) -> None:
@@ -391,9 +387,7 @@ def test_a_child_with_another_strategy_than_its_parent_reads_what_the_database_h
         extra["__annotations__"]["id"] = Mapped[int]
         extra["id"] = mapped_column(ForeignKey(Animal.id), primary_key=True)
     dog_cls: Any = type("Dog", (Animal,), extra)
-    base.metadata.create_all(engine)
-    factory = sessionmaker(engine)
-    volatile_cache.attach(factory)
+    factory = _attached(base, engine, fresh_cache)
     with factory() as s:
         s.add(dog_cls(id=1, name="rex", bark="woof"))
         s.commit()
@@ -427,7 +421,7 @@ def test_a_child_with_another_strategy_than_its_parent_reads_what_the_database_h
 
 
 def test_from_cache_on_dml_returning_always_runs_the_statement(
-    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache
+    base: type[DeclarativeBase], engine: sa.Engine, fresh_cache: Cache
 ) -> None:
     """``FromCache`` on an ``UPDATE ... RETURNING`` (or INSERT, DELETE): a served result
     would skip the write. Each execution must reach the database."""
@@ -438,9 +432,7 @@ def test_from_cache_on_dml_returning_always_runs_the_statement(
         id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
         hits: Mapped[int] = mapped_column(default=0)
 
-    base.metadata.create_all(engine)
-    factory = sessionmaker(engine)
-    volatile_cache.attach(factory)
+    factory = _attached(base, engine, fresh_cache)
     with factory() as s:
         s.add(Counter(id=1, hits=0))
         s.commit()
@@ -465,7 +457,7 @@ def test_from_cache_on_dml_returning_always_runs_the_statement(
 
 
 def test_a_write_behind_model_with_a_composite_key_round_trips(
-    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache, namespace: str
+    base: type[DeclarativeBase], engine: sa.Engine, fresh_cache: Cache, namespace: str
 ) -> None:
     """A composite primary key (a string and an int, set by the application): queued,
     read back, updated, deleted and flushed as the database would hold it."""
@@ -477,9 +469,7 @@ def test_a_write_behind_model_with_a_composite_key_round_trips(
         number: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
         taken: Mapped[bool] = mapped_column(default=False)
 
-    base.metadata.create_all(engine)
-    factory = sessionmaker(engine)
-    volatile_cache.attach(factory)
+    factory = _attached(base, engine, fresh_cache)
     with factory() as s:
         s.add_all([Seat(hall="a", number=1), Seat(hall="a", number=2), Seat(hall="b", number=1)])
         s.commit()
@@ -496,11 +486,8 @@ def test_a_write_behind_model_with_a_composite_key_round_trips(
         assert got is not None
         assert got.taken is True
         assert s.get(Seat, ("b", 1)) is None
-    worker = _worker(engine, volatile_cache, namespace, Seat)
-    try:
+    with _flushing(engine, fresh_cache, namespace, Seat) as worker:
         drain(worker)
-    finally:
-        worker.release()
     with engine.connect() as conn:
         assert sorted(conn.execute(select(Seat.__table__)).all()) == [
             ("a", 1, False),
@@ -553,7 +540,7 @@ def test_attach_with_redis_unreachable_reads_and_writes_the_database(
 def test_version_id_col_keeps_catching_stale_writes_through_the_entity_cache(
     base: type[DeclarativeBase],
     engine: sa.Engine,
-    volatile_cache: Cache,
+    fresh_cache: Cache,
     strategy: str,
     server_side: bool,
 ) -> None:
@@ -604,7 +591,7 @@ def test_version_id_col_keeps_catching_stale_writes_through_the_entity_cache(
                 )
             )
     factory = sessionmaker(engine)
-    volatile_cache.attach(factory)
+    fresh_cache.attach(factory)
     with factory() as s:
         s.add(versioned(id=1, body="a"))
         s.commit()
@@ -633,7 +620,7 @@ def test_version_id_col_keeps_catching_stale_writes_through_the_entity_cache(
 
 
 def test_write_behind_models_related_by_a_foreign_key_are_refused_at_attach(
-    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache
+    base: type[DeclarativeBase], engine: sa.Engine, fresh_cache: Cache
 ) -> None:
     """A write-behind parent and child: the worker applies each table's queue on its own,
     so the child's insert reached the database before its parent's, or the parent's
@@ -653,7 +640,7 @@ def test_write_behind_models_related_by_a_foreign_key_are_refused_at_attach(
         order_id: Mapped[uuid.UUID] = mapped_column(ForeignKey(Order.id))
 
     with pytest.raises(ConfigurationError) as refused:
-        volatile_cache.attach(sessionmaker(engine))
+        fresh_cache.attach(sessionmaker(engine))
     message = str(refused.value)
     assert "OrderLine: the foreign key review_input_order_lines.order_id references Order" in (
         message
@@ -663,7 +650,7 @@ def test_write_behind_models_related_by_a_foreign_key_are_refused_at_attach(
 
 
 def test_an_ordinary_model_with_a_foreign_key_to_a_write_behind_table_is_refused(
-    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache
+    base: type[DeclarativeBase], engine: sa.Engine, fresh_cache: Cache
 ) -> None:
     """docs/write-behind.md: ordinary rows must not reference write-behind rows by foreign
     key. Such a row committed right after the one it references was refused by the
@@ -681,7 +668,7 @@ def test_an_ordinary_model_with_a_foreign_key_to_a_write_behind_table_is_refused
         page_id: Mapped[uuid.UUID] = mapped_column(ForeignKey(Page.id))
 
     with pytest.raises(ConfigurationError) as refused:
-        volatile_cache.attach(sessionmaker(engine))
+        fresh_cache.attach(sessionmaker(engine))
     message = str(refused.value)
     assert "Comment: the foreign key review_input_comments.page_id references Page" in message
     assert "IntegrityError" in message
@@ -689,7 +676,7 @@ def test_an_ordinary_model_with_a_foreign_key_to_a_write_behind_table_is_refused
 
 
 def test_a_write_behind_child_of_a_write_through_parent_is_applied(
-    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache, namespace: str
+    base: type[DeclarativeBase], engine: sa.Engine, fresh_cache: Cache, namespace: str
 ) -> None:
     """The fix the refusal names: the parent written through is in the database at
     commit, so the queued child's insert finds it."""
@@ -705,9 +692,7 @@ def test_a_write_behind_child_of_a_write_through_parent_is_applied(
         id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
         order_id: Mapped[uuid.UUID] = mapped_column(ForeignKey(Order.id))
 
-    base.metadata.create_all(engine)
-    factory = sessionmaker(engine)
-    volatile_cache.attach(factory)
+    factory = _attached(base, engine, fresh_cache)
     with factory() as s:
         order = Order()
         s.add(order)
@@ -715,18 +700,15 @@ def test_a_write_behind_child_of_a_write_through_parent_is_applied(
         order_id = order.id
         s.add(OrderLine(order_id=order_id))
         s.commit()
-    worker = _worker(engine, volatile_cache, namespace, OrderLine)
-    try:
+    with _flushing(engine, fresh_cache, namespace, OrderLine) as worker:
         drain(worker)
         assert worker.dead_letters == 0
-    finally:
-        worker.release()
     with engine.connect() as conn:
         assert conn.execute(select(OrderLine.__table__.c.order_id)).all() == [(order_id,)]
 
 
 def test_deleting_an_ordinary_parent_cascades_to_its_write_behind_children(
-    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache, namespace: str
+    base: type[DeclarativeBase], engine: sa.Engine, fresh_cache: Cache, namespace: str
 ) -> None:
     """The other fix the refusal above names: without a FOREIGN KEY constraint (which
     would refuse the parent's delete while the children's deletes wait in the queue),
@@ -746,24 +728,19 @@ def test_deleting_an_ordinary_parent_cascades_to_its_write_behind_children(
         id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
         shelf_id: Mapped[int | None]  # no FOREIGN KEY constraint: see the refusal above
 
-    base.metadata.create_all(engine)
-    factory = sessionmaker(engine)
-    volatile_cache.attach(factory)
+    factory = _attached(base, engine, fresh_cache)
     with factory() as s:
         shelf = Shelf(id=1)
         shelf.books.extend([Book(), Book()])
         s.add(shelf)
         s.commit()
-    worker = _worker(engine, volatile_cache, namespace, Book)
-    try:
+    with _flushing(engine, fresh_cache, namespace, Book) as worker:
         drain(worker)
         with factory() as s:
             s.delete(s.get(Shelf, 1))
             s.commit()
         drain(worker)
         assert worker.dead_letters == 0
-    finally:
-        worker.release()
     with engine.connect() as conn:
         assert conn.execute(select(sa.func.count()).select_from(Book.__table__)).scalar() == 0
         assert conn.execute(select(sa.func.count()).select_from(Shelf.__table__)).scalar() == 0
@@ -773,7 +750,7 @@ def test_deleting_an_ordinary_parent_cascades_to_its_write_behind_children(
 
 
 def test_a_ttl_redis_cannot_take_is_refused_where_it_is_given(
-    redis_url: str, namespace: str, volatile_cache: Cache
+    redis_url: str, namespace: str, fresh_cache: Cache
 ) -> None:
     """A TTL of 1e17 s is finite and positive, but no Redis expiry: a cached function's
     every write failed (Redis errors, opening the breaker), and reads of such a model or
@@ -784,7 +761,7 @@ def test_a_ttl_redis_cannot_take_is_refused_where_it_is_given(
         FromCache(ttl=1e17)
     with pytest.raises(ValueError, match=r"stale_ttl=1e\+17.*at most 1e9"):
         FromCache(stale_ttl=1e17)
-    decorate = volatile_cache.cached("huge", ttl=1e17)
+    decorate = fresh_cache.cached("huge", ttl=1e17)
     with pytest.raises(ValueError, match=r"ttl=1e\+17.*at most 1e9"):
         decorate(str)
     with pytest.raises(ConfigurationError, match=r"default_ttl=1e\+17.*at most 1e9"):
@@ -793,7 +770,7 @@ def test_a_ttl_redis_cannot_take_is_refused_where_it_is_given(
 
 
 def test_a_write_behind_model_with_a_foreign_key_to_an_undeclared_table_is_taken(
-    base: type[DeclarativeBase], engine: sa.Engine, volatile_cache: Cache
+    base: type[DeclarativeBase], engine: sa.Engine, fresh_cache: Cache
 ) -> None:
     """A foreign key to a table no ``MetaData`` of the process declares (another
     application's, created by a migration) cannot be resolved by SQLAlchemy; the
@@ -805,5 +782,5 @@ def test_a_write_behind_model_with_a_foreign_key_to_an_undeclared_table_is_taken
         id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
         site_id: Mapped[int] = mapped_column(ForeignKey("elsewhere_sites.id"))
 
-    volatile_cache.attach(sessionmaker(engine))
-    assert volatile_cache._core.models.infos[sa.inspect(Visit)].policy == WB
+    fresh_cache.attach(sessionmaker(engine))
+    assert fresh_cache._core.models.infos[sa.inspect(Visit)].policy == WB

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import secrets
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from sqlalchemy.orm import (
 from devservices.scratch import scratch_database
 from sa_redis_cache import Cache, CachePolicy, FlushWorker, FromCache, schema
 from tests.modes import async_url
+from tests.support import tenant_schemas
 from tests.wb_support import drain, rows
 
 pytest_plugins = ["tests.wb_fixtures"]
@@ -94,23 +95,9 @@ def secret_of(tenant: str) -> str:
 @pytest.fixture(scope="module")
 def oracle(database_url: str) -> Iterator[dict[str, sa.Engine]]:
     """The tenants' schemas, filled, and an engine per tenant that no cache ever sees."""
-    base = sa.create_engine(database_url)
-    with base.begin() as conn:
-        for tenant in TENANTS:
-            conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {tenant} CASCADE"))
-            conn.execute(sa.text(f"CREATE SCHEMA {tenant}"))
-    engines: dict[str, sa.Engine] = {
-        t: base.execution_options(schema_translate_map=translate(t)) for t in TENANTS
-    }
-    for e in engines.values():
-        with e.begin() as conn:
-            Base.metadata.create_all(conn)
-    restore(engines)
-    yield engines
-    with base.begin() as conn:
-        for tenant in TENANTS:
-            conn.execute(sa.text(f"DROP SCHEMA {tenant} CASCADE"))
-    base.dispose()
+    with tenant_schemas(database_url, TENANTS, Base.metadata, translate=translate) as engines:
+        restore(engines)
+        yield engines
 
 
 def restore(engines: dict[str, sa.Engine]) -> None:
@@ -244,14 +231,44 @@ class Way:
 CURRENT: contextvars.ContextVar[str] = contextvars.ContextVar("iso_rv_tenant")
 
 
+def routed_sessions(
+    cache: Cache, engines: Mapping[str, sa.Engine]
+) -> Callable[[str], AbstractContextManager[Session]]:
+    """A ``Session`` subclass whose ``get_bind`` picks ``engines[CURRENT]``, attached to
+    ``cache``; what opens one of its sessions with ``CURRENT`` set to a name."""
+
+    class Routed(Session):
+        def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+            return engines[CURRENT.get()]
+
+    cache.attach(Routed)
+
+    @contextmanager
+    def routed(name: str) -> Iterator[Session]:
+        token = CURRENT.set(name)
+        try:
+            with Routed() as s:
+                yield s
+        finally:
+            CURRENT.reset(token)
+
+    return routed
+
+
+def per_tenant(cache: Cache, engine: sa.Engine) -> dict[str, sessionmaker[Session]]:
+    """A sessionmaker per tenant on a copy of ``engine`` translating to it, attached."""
+    factories = {
+        t: sessionmaker(engine.execution_options(schema_translate_map=translate(t)))
+        for t in TENANTS
+    }
+    for f in factories.values():
+        cache.attach(f)
+    return factories
+
+
 def make_way(name: str, cache: Cache, engine: sa.Engine, database_url: str) -> Way:
     if name == "engine":
-        factories = {
-            t: sessionmaker(engine.execution_options(schema_translate_map=translate(t)))
-            for t in TENANTS
-        }
-        for f in factories.values():
-            cache.attach(f)
+        factories = per_tenant(cache, engine)
         return Way(lambda t: factories[t]())
     if name == "connection_bind":
         factory = sessionmaker(engine)
@@ -295,23 +312,7 @@ def make_way(name: str, cache: Cache, engine: sa.Engine, database_url: str) -> W
         option_engines = {
             t: engine.execution_options(schema_translate_map=translate(t)) for t in TENANTS
         }
-
-        class Routed(Session):
-            def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
-                return option_engines[CURRENT.get()]
-
-        cache.attach(Routed)
-
-        @contextmanager
-        def routed(t: str) -> Iterator[Session]:
-            token = CURRENT.set(t)
-            try:
-                with Routed() as s:
-                    yield s
-            finally:
-                CURRENT.reset(token)
-
-        return Way(routed)
+        return Way(routed_sessions(cache, option_engines))
     if name == "search_path_event":
         engines = {}
         for t in TENANTS:
@@ -435,16 +436,21 @@ def text_update(conn: sa.Connection, tenant: str, table: str, value: str) -> Non
     conn.execute(sa.text(sql), {"v": value})
 
 
-def core_update_of_a_table_in_the_tenants_schema(
-    conn: sa.Connection, tenant: str, table: str, value: str
-) -> None:
-    own = sa.Table(
+def in_the_tenants_schema(tenant: str, table: str) -> sa.Table:
+    """``table`` of ``tenant``'s schema, declared by a MetaData of its own (no model's)."""
+    return sa.Table(
         table,
         sa.MetaData(),
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("secret", String(80)),
         schema=tenant,
     )
+
+
+def core_update_of_a_table_in_the_tenants_schema(
+    conn: sa.Connection, tenant: str, table: str, value: str
+) -> None:
+    own = in_the_tenants_schema(tenant, table)
     conn.execute(sa.update(own).where(own.c.id == 1).values(secret=value))
 
 
@@ -461,6 +467,14 @@ DML = {
 }
 
 
+def filled(factories: dict[str, sessionmaker[Session]], read: str) -> None:
+    """``read`` twice in each tenant (filled, then served)."""
+    for _ in range(2):
+        for t in TENANTS:
+            with factories[t]() as s:
+                READS[read](s, None)
+
+
 @pytest.mark.parametrize("through", ["tenant_engine", "root_engine"])
 @pytest.mark.parametrize("dml", list(DML))
 @pytest.mark.parametrize("read", ["get", "query", "placed_get", "placed_query"])
@@ -472,17 +486,12 @@ def test_dml_naming_the_tenants_schema_retires_its_entries(
     read: str,
     through: str,
 ) -> None:
-    engines = {t: app_engine.execution_options(schema_translate_map=translate(t)) for t in TENANTS}
-    factories = {t: sessionmaker(e) for t, e in engines.items()}
-    for f in factories.values():
-        cache.attach(f)
+    factories = per_tenant(cache, app_engine)
+    filled(factories, read)
     a, b = TENANTS
-    for _ in range(2):
-        for t in TENANTS:
-            with factories[t]() as s:
-                READS[read](s, None)
     table = "isorv_placed" if read.startswith("placed") else "isorv_acct"
-    with (engines[a] if through == "tenant_engine" else app_engine).begin() as conn:
+    tenant_engine = app_engine.execution_options(schema_translate_map=translate(a))
+    with (tenant_engine if through == "tenant_engine" else app_engine).begin() as conn:
         DML[dml](conn, a, table, "changed by DML")
     for t in (a, b):
         with factories[t]() as s:
@@ -619,23 +628,7 @@ def test_two_databases_read_and_write_apart(
             binds={Acct: two_databases[n], Note: two_databases[n]}
         )
     else:
-
-        class Routed(Session):
-            def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
-                return two_databases[CURRENT.get()]
-
-        cache.attach(Routed)
-
-        @contextmanager
-        def routed(n: str) -> Iterator[Session]:
-            token = CURRENT.set(n)
-            try:
-                with Routed() as s:
-                    yield s
-            finally:
-                CURRENT.reset(token)
-
-        opened = routed
+        opened = routed_sessions(cache, two_databases)
 
     def check(order: tuple[str, ...]) -> None:
         for read in DATABASE_READS:
@@ -675,23 +668,11 @@ def test_dml_through_a_session_naming_the_tenants_schema_retires_its_entries(
 ) -> None:
     """The same DML, run by a session of an attached factory: its hooks mark what the
     statement names, and the engine leaves the statement to them."""
-    engines = {t: app_engine.execution_options(schema_translate_map=translate(t)) for t in TENANTS}
-    factories = {t: sessionmaker(e) for t, e in engines.items()}
-    for f in factories.values():
-        cache.attach(f)
+    factories = per_tenant(cache, app_engine)
+    filled(factories, read)
     a, b = TENANTS
-    for _ in range(2):
-        for t in TENANTS:
-            with factories[t]() as s:
-                READS[read](s, None)
     table = "isorv_placed" if read.startswith("placed") else "isorv_acct"
-    own = sa.Table(
-        table,
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("secret", String(80)),
-        schema=a,
-    )
+    own = in_the_tenants_schema(a, table)
     with factories[b]() as s:  # any tenant's session: the statement names the schema
         changed = {"secret": "changed by a session"}
         s.execute(sa.update(own).where(own.c.id == 1).values(changed))
@@ -772,23 +753,8 @@ WB_TENANTS = (f"iso_rv_wb_a_{SUFFIX}", f"iso_rv_wb_b_{SUFFIX}")
 @pytest.fixture
 def wb_tenants(database_url: str, models: Any) -> Iterator[dict[str, sa.Engine]]:
     """An engine copy per tenant schema holding the write-behind table and the library's."""
-    base = sa.create_engine(database_url)
-    with base.begin() as conn:
-        for name in WB_TENANTS:
-            conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
-            conn.execute(sa.text(f"CREATE SCHEMA {name}"))
-    copies: dict[str, sa.Engine] = {
-        t: base.execution_options(schema_translate_map={None: t}) for t in WB_TENANTS
-    }
-    for copy in copies.values():
-        with copy.begin() as conn:
-            models[0].metadata.create_all(conn)
-            schema.metadata.create_all(conn)
-    yield copies
-    with base.begin() as conn:
-        for name in WB_TENANTS:
-            conn.execute(sa.text(f"DROP SCHEMA {name} CASCADE"))
-    base.dispose()
+    with tenant_schemas(database_url, WB_TENANTS, models[0].metadata, schema.metadata) as copies:
+        yield copies
 
 
 def test_a_write_behind_row_queued_under_a_session_wide_map_belongs_to_its_tenant(

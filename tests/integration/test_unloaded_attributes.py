@@ -39,7 +39,7 @@ from sqlalchemy.orm import (
 
 from sa_redis_cache import CachePolicy, FromCache
 from sa_redis_cache.hydrate import loading_of
-from tests.support import TierWorld, tier_world
+from tests.support import TierWorld
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -142,17 +142,11 @@ def models(engine: sa.Engine) -> Iterator[Models]:
 World = TierWorld
 
 
-@pytest.fixture(params=["redis", "local"])
-def world(
-    request: pytest.FixtureRequest,
-    models: Models,
-    database_url: str,
-    redis_url: str,
-    namespace: str,
-) -> Iterator[World]:
-    """Hits of the Redis tier, or of the local tier (``Cache(local=True)``)."""
-    with tier_world(request.param, database_url, redis_url, namespace) as world:
-        yield world
+@pytest.fixture
+def world(models: Models, tiered: TierWorld) -> World:
+    """Hits of the Redis tier, or of the local tier (``Cache(local=True)``), once the
+    module's models are mapped."""
+    return tiered
 
 
 @contextmanager

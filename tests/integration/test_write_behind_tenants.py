@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from sa_redis_cache import Cache, FlushWorker, schema
+from tests.support import tenant_schemas
 from tests.wb_support import drain, queue, rows
 
 pytest_plugins = ["tests.wb_fixtures"]
@@ -28,23 +29,8 @@ TENANTS = ("wb_tenant_a", "wb_tenant_b")
 @pytest.fixture
 def tenant_engines(database_url: str, models: Any) -> Iterator[dict[str, sa.Engine]]:
     """An engine per tenant schema holding the write-behind table and the library's tables."""
-    base = sa.create_engine(database_url)
-    with base.begin() as conn:
-        for name in TENANTS:
-            conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
-            conn.execute(sa.text(f"CREATE SCHEMA {name}"))
-    engines: dict[str, sa.Engine] = {
-        name: base.execution_options(schema_translate_map={None: name}) for name in TENANTS
-    }
-    for tenant in engines.values():
-        with tenant.begin() as conn:
-            models[0].metadata.create_all(conn)
-            schema.metadata.create_all(conn)
-    yield engines
-    with base.begin() as conn:
-        for name in TENANTS:
-            conn.execute(sa.text(f"DROP SCHEMA {name} CASCADE"))
-    base.dispose()
+    with tenant_schemas(database_url, TENANTS, models[0].metadata, schema.metadata) as engines:
+        yield engines
 
 
 def test_tenants_queue_apart_and_each_worker_drains_its_own(
