@@ -23,12 +23,13 @@ from sqlalchemy import Table
 from sqlalchemy.sql.elements import TextClause
 
 from . import commit_first, compat
+from .models import KnownTables
 from .referential import referential_actions
 from .schema import is_library_table
 from .transaction import peek_transaction_state, transaction_state
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.orm import Session
@@ -63,7 +64,7 @@ _PENDING = "sa_redis_cache.pending"
 _HANDED = "sa_redis_cache.handed"
 
 
-def text_dml_tables(sql: str, known: list[str]) -> set[str]:
+def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
     """The tables a textual statement writes: parsed, or all of ``known`` when unsure.
 
     A single ``INSERT INTO``/``UPDATE``/``DELETE FROM``/``MERGE INTO`` names the table it
@@ -89,6 +90,8 @@ def text_dml_tables(sql: str, known: list[str]) -> set[str]:
         >>> text_dml_tables("SELECT id FROM products FOR UPDATE", ["products", "orders"])
         set()
     """
+    if not isinstance(known, KnownTables):
+        known = KnownTables(known)
     found = _TEXT_DML.match(sql)
     if found is not None and _MORE.search(sql, found.end()) is None:
         return _named(found.group("table"), known)
@@ -101,30 +104,26 @@ def text_dml_tables(sql: str, known: list[str]) -> set[str]:
     if found is not None or _ANY_DML.search(_LOCKING.sub(" ", sql)):
         # a CTE, a function call, COPY, several statements, TRUNCATE ... CASCADE: which
         # cached tables changed is unknowable
-        return set(known)
+        return set(known.names)
     return set()
 
 
-def _named(written: str, known: list[str]) -> set[str]:
+def _named(written: str, known: KnownTables) -> set[str]:
     """The known tables a table name as written in SQL may be; the name itself (as the
     database reads it) when it is none of them."""
     parts = _PARTS.findall(written)
     schema = _part(parts[0]) if len(parts) == 2 else None
-    table = _part(parts[-1])
-    matched = _same_named(table, known)
+    name, quoted = _part(parts[-1])
+    # whatever schema a statement names (or the connection's default schema, when it names
+    # none), a schema_translate_map may put any model's table there, a model declared
+    # without a schema or in a placeholder schema (schema="per_tenant", translated to each
+    # tenant's). An unquoted name is any case of the model's: a mixed-case name SQLAlchemy
+    # quotes. Retiring a same-named table of another schema costs misses; missing the
+    # tenant's would serve its rows as they were before the write.
+    matched = known.named(name, fold_case=not quoted)
     # no model's table: that table alone, as Core DML on it is (a FromCache statement may
     # read a Core table, versioned under its name)
-    return matched or {table[0] if schema is None else f"{schema[0]}.{table[0]}"}
-
-
-def _same_named(table: tuple[str, bool], known: list[str]) -> set[str]:
-    """The known tables named ``table`` in any schema: whatever schema a statement names
-    (or the connection's default schema, when it names none), a ``schema_translate_map``
-    may put any model's table there, a model declared without a schema or in a
-    placeholder schema (SQLAlchemy's multi-tenancy recipe: ``schema="per_tenant"``,
-    translated to each tenant's). Retiring a same-named table of another schema costs
-    misses; missing the tenant's would serve its rows as they were before the write."""
-    return {c for c in known if _same(table, c.rpartition(".")[2])}
+    return set(matched) or {name if schema is None else f"{schema[0]}.{name}"}
 
 
 def _part(written: str) -> tuple[str, bool]:
@@ -132,14 +131,6 @@ def _part(written: str) -> tuple[str, bool]:
     if written.startswith('"'):
         return written[1:-1].replace('""', '"'), True
     return written.lower(), False
-
-
-def _same(part: tuple[str, bool], declared: str) -> bool:
-    """Whether an identifier as written names ``declared`` (a model's name): a quoted one
-    exactly; an unquoted one in any case (the model's may be a mixed-case name SQLAlchemy
-    quotes: invalidating it too costs misses, missing it would serve stale rows)."""
-    name, quoted = part
-    return name == declared if quoted else name == declared.lower()
 
 
 class EngineWrites:
@@ -205,7 +196,7 @@ class EngineWrites:
         compiled = getattr(context, "compiled", None)
         element = getattr(compiled, "statement", None)
         if isinstance(element, TextClause) or compiled is None:
-            tables = text_dml_tables(statement, self.core.models.known_tables())
+            tables = text_dml_tables(statement, self.core.models.known())
             # what the statement does is not parsed: any foreign-key action may follow
             tables |= referential_actions().written_by(tables, deletes=True, updates=True)
         elif context.isinsert or context.isupdate or context.isdelete:

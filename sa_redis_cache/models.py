@@ -666,6 +666,40 @@ def shared_table_problems(infos: Iterable[ModelInfo]) -> list[str]:
     return problems
 
 
+class KnownTables:
+    """The full names of a set of tables, indexed by their bare names (schema left off).
+
+    One index answers every "which known tables may this name be" question: a
+    ``schema_translate_map`` may put a table declared in one schema (or in none) in any
+    other, so a name alone is what a write and a model's table can be matched on.
+
+    Example::
+
+        known = KnownTables(["products", "tenant_a.Accounts", "per_tenant.accounts"])
+        known.named("accounts")  # frozenset({'per_tenant.accounts'})
+        known.named("accounts", fold_case=True)  # both accounts tables
+    """
+
+    __slots__ = ("_exact", "_folded", "names")
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names: list[str] = sorted(set(names))
+        exact: dict[str, set[str]] = {}
+        folded: dict[str, set[str]] = {}
+        for full in self.names:
+            bare = full.rpartition(".")[2]
+            exact.setdefault(bare, set()).add(full)
+            folded.setdefault(bare.lower(), set()).add(full)
+        self._exact = {bare: frozenset(fulls) for bare, fulls in exact.items()}
+        self._folded = {bare: frozenset(fulls) for bare, fulls in folded.items()}
+
+    def named(self, name: str, *, fold_case: bool = False) -> frozenset[str]:
+        """The tables called ``name`` in any schema; with ``fold_case``, whatever the case
+        of their declared names (``name`` lower case, as the database reads an unquoted
+        identifier: a mixed-case declared name that SQLAlchemy quotes is matched too)."""
+        return (self._folded if fold_case else self._exact).get(name, frozenset())
+
+
 class ModelRegistry:
     """The :class:`ModelInfo` of every mapper the cache has met, by mapper, name and table.
 
@@ -681,9 +715,7 @@ class ModelRegistry:
         self.by_table: dict[str, ModelInfo] = {}
         self.entity_infos: dict[Mapper[Any], ModelInfo] = {}
         self._schema_hashes: dict[str, str] = {}
-        self._known_tables: tuple[int, list[str]] | None = None
-        # known_tables()' list they were grouped from, and each table's same-named others
-        self._aliases: tuple[list[str], dict[str, frozenset[str]]] | None = None
+        self._known: tuple[int, KnownTables] | None = None
         # set by the cache's first attach(): a class mapped after it is checked on first sight
         self.admit: Callable[[Mapper[Any], object], ModelInfo] | None = None
 
@@ -723,12 +755,14 @@ class ModelRegistry:
         return info
 
     def known_tables(self) -> list[str]:
-        """Every table of every mapper in the process (with association tables), sorted.
+        """Every table of every mapper in the process (with association tables), sorted."""
+        return self.known().names
 
-        Computed again after a mapper was made or configured since the last call.
-        """
+    def known(self) -> KnownTables:
+        """Every table of every mapper in the process (with association tables), indexed by
+        name. Computed again after a mapper was made or configured since the last call."""
         seen = _MAPPERS_CHANGED[0]
-        known = self._known_tables
+        known = self._known
         if known is None or known[0] != seen:
             names: set[str] = set()
             for mapper in all_mappers():
@@ -738,7 +772,7 @@ class ModelRegistry:
                     for r in mapper.relationships
                     if isinstance(r.secondary, Table)
                 )
-            known = self._known_tables = (seen, sorted(names))
+            known = self._known = (seen, KnownTables(names))
         return known[1]
 
     def written_as(self, table: Table) -> set[str]:
@@ -748,28 +782,18 @@ class ModelRegistry:
         (``schema="per_tenant"``), in ``table``'s schema: an ``update()`` of a ``Table`` in a
         tenant's schema writes that model's rows. Retiring a same-named table of an
         unrelated schema costs misses; missing the model's would serve stale rows."""
-        name = table.name
-        return {table.fullname, *(t for t in self.known_tables() if t.rpartition(".")[2] == name)}
+        return {table.fullname, *self.known().named(table.name)}
 
     def aliases_of(self, tables: Iterable[str]) -> set[str]:
         """The known tables other than ``tables`` (full names) with the name of one of them:
         under a ``schema_translate_map`` they may be the same table (a model of it without a
         schema and another in the tenant's schema), so a write of one writes the others'
         rows, under keys the write does not name. Usually none."""
-        known = self.known_tables()
-        by_name = self._aliases
-        if by_name is None or by_name[0] is not known:
-            grouped: dict[str, list[str]] = {}
-            for name in known:
-                grouped.setdefault(name.rpartition(".")[2], []).append(name)
-            by_name = self._aliases = (
-                known,
-                {t: frozenset(n for n in grouped[t.rpartition(".")[2]] if n != t) for t in known},
-            )
+        known = self.known()
         found: set[str] = set()
         for table in tables:
-            found |= by_name[1].get(table, frozenset())
-        return found - set(tables)
+            found |= known.named(table.rpartition(".")[2])
+        return found.difference(tables)
 
     def table_schema(self, table: Table) -> str:
         """The memoised :func:`table_schema_hash` of ``table``."""
