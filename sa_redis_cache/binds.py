@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from sqlalchemy.engine import Connection, Engine
-    from sqlalchemy.orm import Session
+    from sqlalchemy.orm import ORMExecuteState, Session
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +265,25 @@ def session_translate_map(
     if _TRANSLATE in options:
         return options[_TRANSLATE]
     return None if statement_options is None else statement_options.get(_TRANSLATE)
+
+
+def statement_translate_map(orm_context: ORMExecuteState, bind: Engine | Connection) -> Any:
+    """:func:`session_translate_map` for the statement ``orm_context`` executes on
+    ``bind``: its call's options, the connection's, then the statement's own.
+
+    Example::
+
+        @event.listens_for(Session, "do_orm_execute")
+        def tenant_of(orm_context):
+            bind = orm_context.session.get_bind(**orm_context.bind_arguments)
+            statement_translate_map(orm_context, bind)   # {None: "t1"}
+    """
+    return session_translate_map(
+        orm_context.session,
+        bind,
+        orm_context.local_execution_options,
+        orm_context.statement._execution_options,
+    )
 
 
 def translate_map_of(bind: Engine | Connection) -> Any:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy.orm.interfaces import UserDefinedOption
 
 from sa_redis_cache import compat, hydrate, stampede
-from sa_redis_cache.binds import session_translate_map
+from sa_redis_cache.binds import session_translate_map, statement_translate_map
 from sa_redis_cache.codec import CodecError, pack, unpack
 from sa_redis_cache.policy import CachePolicy, Strategy
 from sa_redis_cache.protocol import pk_text
@@ -217,16 +217,7 @@ class EntityReads:
             return None
         if start_snapshot(session, bind, orm_context.bind_arguments):
             tx = peek_transaction_state(session)
-        row_scope = core.entity_scope(
-            info,
-            database,
-            session_translate_map(
-                session,
-                bind,
-                orm_context.local_execution_options,
-                orm_context.statement._execution_options,
-            ),
-        )
+        row_scope = core.entity_scope(info, database, statement_translate_map(orm_context, bind))
         key = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
         counters = self._counters(info.table, pk_str)
         handed, first = self.flow.take_handed(session, key)

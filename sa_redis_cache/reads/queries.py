@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy.sql.type_api import TypeEngine
 
 from sa_redis_cache import compat, hydrate, stampede
-from sa_redis_cache.binds import session_translate_map
+from sa_redis_cache.binds import session_translate_map, statement_translate_map
 from sa_redis_cache.breaker import CLOSED
 from sa_redis_cache.codec import CodecError, RowCodec, UncacheableType, pack, unpack
 from sa_redis_cache.fingerprint import Unfingerprintable, fingerprint, values_digest
@@ -306,9 +306,7 @@ class QueryReads:
             cache_key,
             orm_context.parameters,
             database,
-            session_translate_map(
-                session, bind, orm_context.local_execution_options, statement._execution_options
-            ),
+            statement_translate_map(orm_context, bind),
             option,
         )
         if entry_key is None:

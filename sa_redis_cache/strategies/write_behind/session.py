@@ -49,7 +49,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.exc import StaleDataError
 
 from sa_redis_cache import compat, hydrate
-from sa_redis_cache.binds import session_translate_map
+from sa_redis_cache.binds import session_translate_map, statement_translate_map
 from sa_redis_cache.codec import CodecError
 from sa_redis_cache.compat import key_slot
 from sa_redis_cache.errors import (
@@ -354,17 +354,19 @@ class WriteBehind:
         session: Session,
         info: ModelInfo,
         bind_arguments: Any,
-        call_options: Any = None,
-        statement_options: Any = None,
+        reading: ORMExecuteState | None = None,
     ) -> str | None:
-        """The scope of ``info``'s rows for this session (None when it cannot be told);
-        a read's options as :func:`~sa_redis_cache.binds.session_translate_map` takes them."""
+        """The scope of ``info``'s rows for this session (None when it cannot be told),
+        under the options of the statement ``reading`` executes, when one does."""
         core = self.core
         bind = session.get_bind(**bind_arguments)
         database = core.binds.database_for(session, bind, bind_arguments)
         if database is None:
             return None
-        translate = session_translate_map(session, bind, call_options, statement_options)
+        if reading is None:
+            translate = session_translate_map(session, bind)
+        else:
+            translate = statement_translate_map(reading, bind)
         return core.entity_scope(info, database, translate)
 
     def _capture(
@@ -685,13 +687,7 @@ class WriteBehind:
         if op is not None:
             values: Any = op.values
         else:
-            scope = self._scope(
-                session,
-                info,
-                orm_context.bind_arguments,
-                orm_context.local_execution_options,
-                orm_context.statement._execution_options,
-            )
+            scope = self._scope(session, info, orm_context.bind_arguments, orm_context)
             if scope is None:
                 return None
             values = self._pending_values(info, scope, text)
