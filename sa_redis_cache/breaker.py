@@ -94,10 +94,7 @@ class CircuitBreaker:
 
             gauge.set({CLOSED: 0.0, HALF_OPEN: 0.5, OPEN: 1.0}[breaker.observed_state()])
         """
-        state = self.state
-        if state is OPEN and self.clock() >= self._open_until:
-            return HALF_OPEN
-        return state
+        return HALF_OPEN if self.state is OPEN and not self.refusing() else self.state
 
     def success(self) -> None:
         """A Redis call succeeded."""
