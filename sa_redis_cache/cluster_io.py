@@ -182,6 +182,9 @@ class _ClusterCalls(RedisIO):
         node = self._node_of(keys[0])
         asking = False
         first: Any = None
+        # a slot held half moved answers TRYAGAIN on one node and ASK on the other: the
+        # caller is told of the move (its TRYAGAIN), whichever came last
+        moving: TryAgainError | None = None
         for _ in range(_REDIRECTS):
             sent: list[Command] = [("ASKING",)] if asking else []
             sent += [scripts.evalsha(script, keys, args), *commands]
@@ -204,12 +207,13 @@ class _ClusterCalls(RedisIO):
                     node, asking = found, True
             elif isinstance(first, MovedError | TryAgainError | ClusterDownError):
                 if isinstance(first, TryAgainError):
+                    moving = first
                     self.sleep(_TRYAGAIN_S)
                 self._refresh()
                 node, asking = self._node_of(keys[0]), False
             else:
                 return replies
-        raise first
+        raise moving or first
 
     def _node_of(self, key: str) -> Any:
         return self.client.get_node_from_key(key)

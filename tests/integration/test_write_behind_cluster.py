@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from devservices import RedisCluster
 from sa_redis_cache import Cache, ConfigurationError, FlushWorker, cluster_io
-from sa_redis_cache.errors import NotReplicatedError
+from sa_redis_cache.errors import CacheUnavailableError, NotReplicatedError
 from sa_redis_cache.protocol.keys import KeyScheme
 from sa_redis_cache.strategies.write_behind import session as wb_session
 from tests.modes import CLUSTER_MODES, Runner
@@ -227,3 +227,47 @@ def test_a_commit_writing_two_tables_of_one_slot_group_is_queued_and_flushed(
             assert found.scalar_one() == 4
     finally:
         cache.detach()
+
+
+def test_a_commit_refused_while_its_slot_is_half_moved_names_the_migration(
+    factory: sessionmaker[Session],
+    models: Any,
+    aof_cluster: RedisCluster,
+    client: Any,
+    namespace: str,
+    engine: sa.Engine,
+) -> None:
+    """While a reshard holds the table's slot half moved, a commit's enqueue (one script
+    over keys of both nodes) gets ``TRYAGAIN`` each time it is sent. The commit is refused
+    with nothing queued, and the error says why and what to do: a bare "TRYAGAIN" looked
+    like a broken server. Once the slot has moved, the same commit goes through."""
+    from tests.integration.test_review_cluster import start_moving
+
+    page_view, _ = models
+    keys = KeyScheme(namespace)
+    with factory() as s:
+        s.add(page_view(path="/before", views=1))
+        s.commit()  # the slot holds the table's keys: some can move without the others
+    generation = keys.generation_key(page_view.__table__.name)
+    slot = aof_cluster.slot_of(generation)
+    target = start_moving(aof_cluster, slot, lambda key: key == generation)
+    try:
+        with factory() as s:
+            s.add(page_view(path="/during", views=2))
+            with pytest.raises(CacheUnavailableError) as refused:
+                s.commit()
+    finally:
+        aof_cluster.reshard([slot], target)
+    message = str(refused.value)
+    assert "none of them was queued" in message
+    assert "being moved between cluster nodes" in message
+    assert "docs/cluster.md" in message
+    with factory() as s:
+        s.add(page_view(path="/after", views=3))
+        s.commit()
+    worker = FlushWorker(engine, client, namespace=namespace, models=[page_view])
+    try:
+        drain(worker)
+    finally:
+        worker.release()
+    assert sorted(path for path, _ in rows(engine, page_view).values()) == ["/after", "/before"]

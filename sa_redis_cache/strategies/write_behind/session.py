@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError, TryAgainError
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm import make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
@@ -947,6 +947,13 @@ def _zone(session: Session, info: ModelInfo) -> Any:
 
 def _outcome(exc: RedisError) -> str:
     """What a failed enqueue left in Redis."""
+    if isinstance(exc, TryAgainError):
+        # redis-py's bare "Multiple keys request during rehashing of slot" reads as a fault
+        return (
+            "none of them was queued: their table's cluster slot is being moved between "
+            "cluster nodes (a reshard), and Redis refuses a script over keys on both nodes "
+            "until the move ends; retry once it has (docs/cluster.md#write-behind)"
+        )
     if isinstance(exc, ResponseError) or compat.failed_to_connect(exc):
         # the script refused (it writes all or none), or it was never sent
         return "none of them was queued"
