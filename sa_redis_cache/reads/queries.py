@@ -279,16 +279,17 @@ class QueryReads:
         if bypasses(orm_context):
             stats.incr(region, "bypassed")
             return None
+        if core.breaker.refusing():
+            # Redis is out: SQLAlchemy's cache key, the plan, the binds and the entry key
+            # would be computed for nothing (an uncacheable statement counts as bypassed)
+            stats.incr(region, "bypassed")
+            return None
         statement: Any = orm_context.statement
         planned = self._planned(statement)
         if isinstance(planned, str):
             stats.incr(region, planned)
             return None
         cache_key, plan = planned
-        if core.breaker.refusing():
-            # Redis is out: the key and the binds below would be computed for nothing
-            stats.incr(region, "bypassed")
-            return None
         session = orm_context.session
         tx = peek_transaction_state(session)
         if tx is not None and not tx.written_tables.isdisjoint(plan.tables):
