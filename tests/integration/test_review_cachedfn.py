@@ -19,8 +19,10 @@ import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from devservices import RedisServer
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
+from sa_redis_cache.codec import dumps_tagged
 from tests.seams import RedisTap, Seams, once
 
 if TYPE_CHECKING:
@@ -90,8 +92,7 @@ def test_invalidate_during_a_call_in_another_thread(
         return str(read)
 
     reader = threading.Thread(target=lambda: results.append(price(product)))
-    results_first = reader
-    results_first.start()
+    reader.start()
     assert read_done.wait(TIMEOUT)
     write_price(shop_engine, product, "3.00")
     assert price.invalidate(product) is False  # nothing stored yet
@@ -234,10 +235,10 @@ def test_cached_over_classmethod_is_refused_with_the_fix(cache: Cache) -> None:
             return x
 
     assert Shop.ok(3) == 3
-    with pytest.raises(TypeError, match="classmethod.*above"):
+    with pytest.raises(TypeError, match=r"classmethod.*above"):
 
         class Bad:
-            @cache.cached("cls_bad", ttl=60)  # type: ignore[arg-type]
+            @cache.cached("cls_bad", ttl=60)
             @classmethod
             def bad(cls, x: int) -> int:  # pragma: no cover - refused when decorating
                 return x
@@ -298,7 +299,7 @@ def test_waiters_of_a_holder_that_raises_read_the_database(
     assert not any(t.is_alive() for t in threads)
     assert len(failures) == 1
     assert results == [price_in_database(shop_engine, product)] * waiters
-    assert not [k for k in redis_client.scan_iter(match=f"sarc:{namespace}:*:lease")]
+    assert not list(redis_client.scan_iter(match=f"sarc:{namespace}:*:lease"))
 
 
 def test_a_dead_holders_lease_delays_but_never_blocks(
@@ -371,3 +372,136 @@ def test_a_read_after_a_commit_never_waits_for_a_holder_that_read_before_it(
     assert got == [Decimal("1.00")]
     with session_factory() as s:
         assert s.scalar(stmt) == Decimal("7.00") == price_in_database(shop_engine, product)
+
+
+# -- cached functions: Redis lost mid-call, ORM results, many tasks on one loop ------------
+
+
+def test_redis_lost_between_the_look_and_the_fill_returns_the_result(
+    shop_engine: sa.Engine, product: int
+) -> None:
+    """The function's look reaches Redis; Redis dies while the function runs: the caller
+    gets the function's result (and the next call degrades to the function), never a
+    Redis error."""
+    with RedisServer(appendonly=False) as server:
+        cache = Cache(server.url, namespace="lost")
+        calls = 0
+
+        @cache.cached("lost_sync", ttl=60)
+        def price(pid: int) -> str:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                server.kill()
+            return str(price_in_database(shop_engine, pid))
+
+        @cache.cached("lost_async", ttl=60)
+        async def aprice(pid: int) -> str:
+            return str(price_in_database(shop_engine, pid))
+
+        try:
+            assert price(product) == "1.00"
+            assert price(product) == "1.00"
+            assert price.invalidate(product) is False
+            assert calls == 2
+
+            async def main() -> list[str]:
+                try:
+                    return [await aprice(product), await aprice(product)]
+                finally:
+                    await cache.aclose()
+
+            assert asyncio.run(main()) == ["1.00", "1.00"]
+            assert cache.stats()["functions"]["lost_sync"]["errors"] >= 2
+        finally:
+            cache.client.close()
+
+
+def test_orm_objects_and_rows_are_returned_uncached(
+    cache: Cache, shop_engine: sa.Engine, product: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/integrations.md: a result the codec cannot store (an ORM object, a ``Row``) is
+    returned as the function made it, not cached, with one WARNING per function."""
+    calls = 0
+
+    @cache.cached("orm_result", ttl=60)
+    def load(pid: int) -> Any:
+        nonlocal calls
+        calls += 1
+        with Session(shop_engine, expire_on_commit=False) as s:
+            return s.get_one(Product, pid), s.execute(by_price(pid)).one()
+
+    with caplog.at_level("WARNING", logger="sa_redis_cache"):
+        first, row = load(product)
+        second, _ = load(product)
+    assert isinstance(first, Product)
+    assert first is not second
+    assert row.price == Decimal("1.00")
+    assert calls == 2
+    assert cache.stats()["functions"]["orm_result"]["uncacheable"] == 2
+    assert len([r for r in caplog.records if "results not cached" in r.getMessage()]) == 1
+
+
+def test_many_tasks_on_one_loop_with_an_invalidation_among_them(
+    redis_url: str, namespace: str, shop_engine: sa.Engine, product: int
+) -> None:
+    """64 tasks call one cached ``async def`` at once (no lease: each miss runs it); a
+    write and ``ainvalidate`` land while they are all between their read and their fill.
+    Every call after the invalidation returns the new price."""
+    cache = Cache(redis_url, namespace=namespace)
+    tasks = 64
+
+    async def main() -> tuple[list[str], list[str]]:
+        arrived, go_on = asyncio.Event(), asyncio.Event()
+        waiting = 0
+
+        @cache.cached("many", ttl=600)
+        async def price(pid: int) -> str:
+            nonlocal waiting
+            read = str(price_in_database(shop_engine, pid))
+            waiting += 1
+            if waiting == tasks:
+                arrived.set()
+            await go_on.wait()
+            return read
+
+        running = [asyncio.create_task(price(product)) for _ in range(tasks)]
+        await arrived.wait()
+        write_price(shop_engine, product, "8.00")
+        await price.ainvalidate(product)
+        go_on.set()
+        before = await asyncio.gather(*running)
+        after = await asyncio.gather(*(price(product) for _ in range(tasks)))
+        await cache.aclose()
+        return list(before), list(after)
+
+    try:
+        before, after = asyncio.run(main())
+    finally:
+        cache.client.close()
+    assert before == ["1.00"] * tasks
+    assert after == ["8.00"] * tasks
+    assert cache.stats()["functions"]["many"]["fill_refused"] == tasks
+
+
+def test_entries_of_the_previous_format_are_still_served(
+    cache: Cache, redis_client: redis.Redis
+) -> None:
+    """0.1.0 stored ``\\x01F`` + the tagged result; after an upgrade those entries hit,
+    and an invalidation replaces them with a tombstone like any entry."""
+    calls = 0
+
+    @cache.cached("legacy", ttl=60)
+    def f(x: int) -> list[int]:
+        nonlocal calls
+        calls += 1
+        return [x]
+
+    key = f.key_for(1)
+    redis_client.set(key, b"\x01F" + dumps_tagged([41]), px=60_000)
+    assert f(1) == [41]
+    assert calls == 0
+    assert f.invalidate(1) is True
+    assert f(1) == [1]
+    assert f(1) == [1]
+    assert calls == 1
