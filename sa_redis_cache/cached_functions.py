@@ -518,6 +518,13 @@ class BoundCachedFunction:
             raise TypeError(f"{cached.__qualname__} is not async: call invalidate_all()")
         return await cached.ainvalidate_all()
 
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The function's signature without its first parameter, as a bound method's:
+        what ``inspect.signature`` (and frameworks reading parameters) see."""
+        signature = inspect.signature(self.__func__)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
+
     def __getattr__(self, name: str) -> Any:
         # __name__, __wrapped__, __doc__...: those of the wrapper, as a bound method has
         return getattr(self.__func__, name)

@@ -10,6 +10,7 @@ is the application's code), events and the seams of ``tests/seams.py``; never sl
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -194,6 +195,7 @@ def test_a_cached_method_binds_like_a_method(
     assert Shop.price(shop, product) == "5.00"  # through the class: self passed explicitly
     assert shop.calls == 2
     assert Shop.price.key_for(shop, product) == shop.price.key_for(product)
+    assert list(inspect.signature(shop.price).parameters) == ["pid"]  # as a bound method
     assert shop.keyed(product) == "5.00"
     assert shop.keyed(product) == "5.00"
     assert shop.calls == 4
