@@ -395,7 +395,13 @@ class CachedFunction(Generic[P, R]):
             return False
 
     def invalidate_all(self) -> int:
-        """Forget every cached result of this function; returns how many went."""
+        """Forget every cached result of this function; returns how many keys went (the
+        tombstones of recent :meth:`invalidate` calls count too).
+
+        It deletes keys and leaves no tombstone: a call that began before it can still
+        store its result after it (docs/guarantees.md, Limits). Follow a write with
+        :meth:`invalidate` of the calls it changes where that matters.
+        """
         pattern = self._core.keys.function_pattern(self._prefix)
         return self._core.unlink_matching(pattern)
 
