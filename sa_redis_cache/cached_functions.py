@@ -463,6 +463,12 @@ class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
             measured.done("miss")
             return result
 
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        """As a method (see :meth:`CachedFunction.__get__`), with an ``async`` call."""
+        if instance is None:
+            return self
+        return AsyncBoundCachedFunction(self, instance)
+
     async def ainvalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Forget the cached result of one call without blocking; True if there was one.
         As :meth:`invalidate`, a call that started before it does not store after it."""
@@ -510,20 +516,6 @@ class BoundCachedFunction:
         """:meth:`CachedFunction.invalidate_all`: every result, of every instance."""
         return self.__func__.invalidate_all()
 
-    async def ainvalidate(self, *args: Any, **kwargs: Any) -> bool:
-        """:meth:`AsyncCachedFunction.ainvalidate` of the call with the instance first."""
-        cached = self.__func__
-        if not isinstance(cached, AsyncCachedFunction):
-            raise TypeError(f"{cached.__qualname__} is not async: call invalidate()")
-        return await cached.ainvalidate(self.__self__, *args, **kwargs)
-
-    async def ainvalidate_all(self) -> int:
-        """:meth:`AsyncCachedFunction.ainvalidate_all`."""
-        cached = self.__func__
-        if not isinstance(cached, AsyncCachedFunction):
-            raise TypeError(f"{cached.__qualname__} is not async: call invalidate_all()")
-        return await cached.ainvalidate_all()
-
     @property
     def __signature__(self) -> inspect.Signature:
         """The function's signature without its first parameter, as a bound method's:
@@ -537,6 +529,26 @@ class BoundCachedFunction:
 
     def __repr__(self) -> str:
         return f"<bound cached {self.__func__.__qualname__} of {self.__self__!r}>"
+
+
+class AsyncBoundCachedFunction(BoundCachedFunction):
+    """:class:`BoundCachedFunction` of an :class:`AsyncCachedFunction`: its ``__call__`` is
+    an ``async def``, so that frameworks that look for one (FastAPI's
+    ``is_coroutine_callable``, :func:`is_async_callable`) await it."""
+
+    __slots__ = ()
+    __func__: AsyncCachedFunction[..., Any]
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.__func__(self.__self__, *args, **kwargs)
+
+    async def ainvalidate(self, *args: Any, **kwargs: Any) -> bool:
+        """:meth:`AsyncCachedFunction.ainvalidate` of the call with the instance first."""
+        return bool(await self.__func__.ainvalidate(self.__self__, *args, **kwargs))
+
+    async def ainvalidate_all(self) -> int:
+        """:meth:`AsyncCachedFunction.ainvalidate_all`."""
+        return int(await self.__func__.ainvalidate_all())
 
 
 class CacheDecorator(Protocol):

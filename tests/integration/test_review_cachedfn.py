@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from devservices import RedisServer
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
+from sa_redis_cache.cached_functions import is_async_callable
 from sa_redis_cache.codec import dumps_tagged
 from tests.seams import RedisTap, Seams, once
 
@@ -214,6 +215,7 @@ def test_a_cached_async_method_binds_like_a_method(redis_url: str, namespace: st
 
     async def main() -> list[str]:
         rates = Rates()
+        assert is_async_callable(rates.rate)  # FastAPI asks the same of an endpoint
         got = [await rates.rate("EUR"), await rates.rate("EUR")]
         assert await rates.rate.ainvalidate("EUR") is True
         got.append(await rates.rate("EUR"))
