@@ -509,3 +509,47 @@ def test_entries_of_the_previous_format_are_still_served(
     assert f(1) == [1]
     assert f(1) == [1]
     assert calls == 1
+
+
+def test_redis_lost_while_a_waiter_polls_and_the_holder_fills(
+    shop_engine: sa.Engine, product: int
+) -> None:
+    """The holder is held after its database read; the waiter starts polling and Redis
+    dies then: the waiter reads the database, the holder's fill fails quietly, both
+    return the database's price, neither hangs."""
+    tap = RedisTap()
+    with RedisServer(appendonly=False) as server:
+        client = tap.client(server.url)
+        cache = Cache(client, namespace="lostpoll")
+        factory = sessionmaker(shop_engine)
+        cache.attach(factory)
+        seams = Seams(engine=shop_engine, tap=tap)
+        held, go_on = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            held.set()
+            assert go_on.wait(TIMEOUT)
+
+        seams.after_database_read(once(hold))
+        seams.lease_wait(once(server.kill))
+        stmt = by_price(product).options(FromCache(lease_wait=TIMEOUT))
+        got: list[Any] = []
+
+        def read() -> None:
+            with factory() as s:
+                got.append(s.scalar(stmt))
+
+        try:
+            holder = threading.Thread(target=read)
+            holder.start()
+            assert held.wait(TIMEOUT)
+            read()  # the waiter: refused the lease, polls, Redis dies, reads the database
+            go_on.set()
+            holder.join(TIMEOUT)
+            assert not holder.is_alive()
+        finally:
+            go_on.set()
+            seams.close()
+            cache.detach()
+            client.close()
+    assert got == [price_in_database(shop_engine, product)] * 2
