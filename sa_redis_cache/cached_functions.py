@@ -524,7 +524,9 @@ class BoundCachedFunction:
         return signature.replace(parameters=list(signature.parameters.values())[1:])
 
     def __getattr__(self, name: str) -> Any:
-        # __name__, __wrapped__, __doc__...: those of the wrapper, as a bound method has
+        # __name__, __wrapped__...: those of the wrapper, as a bound method has
+        if name in BoundCachedFunction.__slots__:  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.__func__, name)
 
     def __repr__(self) -> str:
