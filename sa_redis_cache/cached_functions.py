@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import secrets
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from redis.exceptions import RedisError, ResponseError
@@ -18,13 +19,13 @@ from sqlalchemy.util import greenlet_spawn
 from .codec import CodecError, dumps_tagged, loads_tagged
 from .fingerprint import values_digest
 from .policy import is_ttl
+from .protocol import scripts
 from .stats import scope
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterable
 
     from .context import CacheContext
-    from .tracing import Measurement
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,21 @@ _MISS = object()
 _CORRUPT = object()
 _mark_coroutine: Callable[[Any], Any] | None = getattr(inspect, "markcoroutinefunction", None)
 
-_MAGIC = b"\x01F"
+# A value under a function's key: an entry, b"\x01G" + generation + the tagged result
+# (sealed when the cache signs), or a tombstone that invalidate() left, b"\x01T" +
+# generation. The generation (16 bytes) is what a fill compares (lua/function_fill.lua):
+# invalidate() puts a new random one in place, so a call that read before it cannot
+# store after it. Entries of earlier releases (b"\x01F" + tagged result) are still read.
+_MAGIC = b"\x01G"
+_TOMBSTONE = b"\x01T"
+_LEGACY_MAGIC = b"\x01F"
+_GENERATION_BYTES = 16
+_ABSENT = b"0" * _GENERATION_BYTES  # the generation of an absent key
+_FOREIGN = b"?"  # the generation of anything else: garbage, another Redis type
+_UNREADABLE = object()  # GET answered WRONGTYPE
+# a call that started before invalidate() and takes longer than this (or than the TTL,
+# whichever is longer) can still store its result: docs/guarantees.md, Limits
+_TOMBSTONE_MIN_MS = 30_000
 
 
 class CachedFunction(Generic[P, R]):
@@ -80,6 +95,12 @@ class CachedFunction(Generic[P, R]):
         key: Callable[..., Any] | None = None,
         ignore: Iterable[str] = (),
     ) -> None:
+        if isinstance(func, classmethod | staticmethod):
+            kind = type(func).__name__
+            raise TypeError(
+                f"cached({prefix!r}) on a {kind}: put @{kind} above @cache.cached, which "
+                "wraps the function itself"
+            )
         if not prefix or any(ch in prefix for ch in "{}*?[] \n"):
             raise ValueError(
                 f"cached({prefix!r}): the prefix names the function in Redis keys; use letters, "
@@ -127,6 +148,28 @@ class CachedFunction(Generic[P, R]):
             # a functools.partial or a callable object has none to copy; the warnings name it
             self.__qualname__ = self.__name__ = callable_name(func)
 
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        """As a method: ``obj.method(x)`` is ``method(obj, x)``, as without the decorator.
+
+        Without this, ``obj.method`` was the wrapper itself and ``obj.method(x)`` called
+        the function without ``obj`` (a ``TypeError``). The bound wrapper's ``invalidate``
+        and ``key_for`` (``ainvalidate`` too for an ``async def``) take the same call as
+        the method: ``shop.price.invalidate(7)``. Leave ``self`` out of the key with
+        ``ignore=("self",)`` when the result does not depend on the instance (an instance
+        makes no key: such calls run uncached, with the usual WARNING).
+
+        Example::
+
+            class Shop:
+                @cache.cached("price", ignore=("self",))
+                def price(self, pid: int) -> str: ...
+
+            Shop().price(7)
+        """
+        if instance is None:
+            return self
+        return BoundCachedFunction(self, instance)
+
     def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """The Redis key of one call; ``ignore``'s parameters may be left out.
 
@@ -173,29 +216,20 @@ class CachedFunction(Generic[P, R]):
         # a latency histogram under the call's outcome, and a span when traced
         with self._core.measure(self._scope) as measured:
             io = self._core.io()
+            raw: Any
             try:
                 raw = io.get(key)
             except RedisError as exc:
                 if not self._read_failed(key, exc):
                     measured.done("error")
                     return self._func(*args, **kwargs)
-                raw = None
+                raw = _UNREADABLE
             outcome, value = self._decode(key, raw)
             if outcome is _HIT:
                 measured.done("hit")
                 return cast("R", value)
-            if outcome is _CORRUPT:
-                self._delete(key)
             result = self._func(*args, **kwargs)
-            blob = self._blob(key, result)
-            if blob is not None:
-                filling = self._core.measure(self._scope, "fill")
-                try:
-                    io.set(key, blob, px=self._ttl_ms())
-                except RedisError as exc:
-                    self._filled(filling, exc)
-                else:
-                    self._filled(filling, None)
+            self._fill(key, result, generation_of(raw), corrupt=outcome is _CORRUPT)
             measured.done("miss")
             return result
 
@@ -244,14 +278,31 @@ class CachedFunction(Generic[P, R]):
         except TypeError:
             return None
 
-    def _filled(self, filling: Measurement, failure: RedisError | None) -> None:
-        """End a fill's ``fill`` histogram entry and count it (``fills`` or ``errors``)."""
-        if failure is not None:
-            filling.done("error")
-            self._failed(failure)
+    def _fill(self, key: str, result: Any, generation: bytes, *, corrupt: bool) -> None:
+        """Store ``result`` unless ``invalidate()`` moved the key's generation since the
+        look that read ``generation`` (counted in ``fill_refused``); a ``corrupt`` value
+        that nothing replaces is retired."""
+        blob = self._blob(key, result, generation)
+        if blob is None:
+            if corrupt:
+                self._retire(key)
             return
-        filling.done("stored")
-        self._core.counters.incr(self._scope, "fills")
+        core = self._core
+        filling = core.measure(self._scope, "fill")
+        try:
+            stored = core.io().run_script(
+                *scripts.function_fill(key, blob, self._ttl_ms(), generation)
+            )
+        except RedisError as exc:
+            filling.done("error")
+            self._failed(exc)
+            return
+        if stored == 1:
+            filling.done("stored")
+            core.counters.incr(self._scope, "fills")
+        else:
+            filling.done("refused")
+            core.counters.incr(self._scope, "fill_refused")
 
     def _read_failed(self, key: str, exc: RedisError) -> bool:
         """The GET failed: True to go on as after a miss, False to call uncached."""
@@ -264,13 +315,14 @@ class CachedFunction(Generic[P, R]):
         self._failed(exc)
         return False
 
-    def _decode(self, key: str, raw: bytes | None) -> tuple[object, Any]:
-        """``(_HIT, value)``, ``(_MISS, None)`` or ``(_CORRUPT, None)`` (delete the key)."""
+    def _decode(self, key: str, raw: Any) -> tuple[object, Any]:
+        """``(_HIT, value)``, ``(_MISS, None)`` or ``(_CORRUPT, None)`` (the fill replaces
+        it); ``raw`` is what GET returned, or ``_UNREADABLE``."""
         core = self._core
         core.breaker.success()  # resets the failure count too
         stats = core.counters
-        outcome = _MISS
-        if raw is not None:
+        outcome = _CORRUPT if raw is _UNREADABLE else _MISS
+        if isinstance(raw, bytes) and not _is_tombstone(raw):
             try:
                 value = _load(core.opened(key, raw))
             except CodecError as exc:
@@ -283,12 +335,13 @@ class CachedFunction(Generic[P, R]):
         stats.incr(self._scope, "misses")
         return outcome, None
 
-    def _blob(self, key: str, result: Any) -> bytes | None:
-        """The entry for ``result`` under ``key``; None when it cannot or must not be stored
-        (counted)."""
+    def _blob(self, key: str, result: Any, generation: bytes) -> bytes | None:
+        """The entry for ``result`` under ``key``, filled under ``generation``; None when it
+        cannot or must not be stored (counted)."""
         core = self._core
+        stamp = _ABSENT if generation == _FOREIGN else generation
         try:
-            blob = core.sealed(key, _MAGIC + dumps_tagged(result))
+            blob = core.sealed(key, _MAGIC + stamp + dumps_tagged(result))
         except CodecError as exc:
             core.counters.incr(self._scope, "uncacheable")
             if self._warned_result:
@@ -320,20 +373,37 @@ class CachedFunction(Generic[P, R]):
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Forget the cached result of one call; True if there was one. ``ignore``'s
-        parameters may be left out (``team_size.invalidate(3)`` without the session)."""
-        return self._delete(self.key_for(*args, **kwargs))
+        parameters may be left out (``team_size.invalidate(3)`` without the session).
+
+        A call of the function that started before this one (it may have read the
+        database before a write this invalidation follows) does not store its result
+        after it: a tombstone with a new generation takes the entry's place, and fills
+        compare the generation they read (``lua/function_fill.lua``).
+        """
+        return self._retire(self.key_for(*args, **kwargs))
+
+    def _retire(self, key: str) -> bool:
+        """Put a tombstone of a new generation under ``key``; True if a result was there."""
+        core = self._core
+        # as long as the entry would live, and long enough for a slow call to finish
+        ttl_ms = max(self._ttl_ms(), _TOMBSTONE_MIN_MS)
+        generation = f"{secrets.randbits(64) | 1:016x}"  # never the absent key's zeros
+        try:
+            return bool(core.io().run_script(*scripts.function_invalidate(key, ttl_ms, generation)))
+        except RedisError as exc:
+            core.redis_failed(exc)
+            return False
 
     def invalidate_all(self) -> int:
-        """Forget every cached result of this function; returns how many went."""
+        """Forget every cached result of this function; returns how many keys went (the
+        tombstones of recent :meth:`invalidate` calls count too).
+
+        It deletes keys and leaves no tombstone: a call that began before it can still
+        store its result after it (docs/guarantees.md, Limits). Follow a write with
+        :meth:`invalidate` of the calls it changes where that matters.
+        """
         pattern = self._core.keys.function_pattern(self._prefix)
         return self._core.unlink_matching(pattern)
-
-    def _delete(self, key: str) -> bool:
-        try:
-            return bool(self._core.io().unlink(key))
-        except RedisError as exc:
-            self._core.redis_failed(exc)
-            return False
 
 
 class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
@@ -372,35 +442,38 @@ class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
         # a latency histogram under the call's outcome, and a span when traced
         with self._core.measure(self._scope) as measured:
             client = self._core.async_client()
+            raw: Any
             try:
-                raw = cast("bytes | None", await client.get(key))
+                raw = await client.get(key)
             except RedisError as exc:
                 if not self._read_failed(key, exc):
                     measured.done("error")
                     return await self._func(*args, **kwargs)
-                raw = None
+                raw = _UNREADABLE
             outcome, value = self._decode(key, raw)
             if outcome is _HIT:
                 measured.done("hit")
                 return cast("T", value)
-            if outcome is _CORRUPT:
-                await self._adelete(key)
             result = await self._func(*args, **kwargs)
-            blob = self._blob(key, result)
-            if blob is not None:
-                filling = self._core.measure(self._scope, "fill")
-                try:
-                    await client.set(key, blob, px=self._ttl_ms())
-                except RedisError as exc:
-                    self._filled(filling, exc)
-                else:
-                    self._filled(filling, None)
+            # the fill script runs through context.io(), which in a greenlet awaits the
+            # asyncio client: the same steps as the synchronous wrapper's, written once
+            await greenlet_spawn(
+                self._fill, key, result, generation_of(raw), corrupt=outcome is _CORRUPT
+            )
             measured.done("miss")
             return result
 
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        """As a method (see :meth:`CachedFunction.__get__`), with an ``async`` call."""
+        if instance is None:
+            return self
+        return AsyncBoundCachedFunction(self, instance)
+
     async def ainvalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Forget the cached result of one call without blocking; True if there was one."""
-        return await self._adelete(self.key_for(*args, **kwargs))
+        """Forget the cached result of one call without blocking; True if there was one.
+        As :meth:`invalidate`, a call that started before it does not store after it."""
+        key = self.key_for(*args, **kwargs)
+        return cast("bool", await greenlet_spawn(self._retire, key))
 
     async def ainvalidate_all(self) -> int:
         """:meth:`invalidate_all` without blocking: its SCAN and UNLINKs await the asyncio
@@ -412,12 +485,72 @@ class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
         """
         return await greenlet_spawn(self.invalidate_all)
 
-    async def _adelete(self, key: str) -> bool:
-        try:
-            return bool(await self._core.async_client().unlink(key))
-        except RedisError as exc:
-            self._core.redis_failed(exc)
-            return False
+
+class BoundCachedFunction:
+    """A :class:`CachedFunction` read from an instance (or, under ``@classmethod``, a
+    class): calls, keys and invalidations take ``instance`` as the first argument.
+
+    Example::
+
+        shop.price(7); shop.price.invalidate(7); shop.price.key_for(7)
+    """
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, cached: CachedFunction[..., Any], instance: object) -> None:
+        self.__func__ = cached
+        self.__self__ = instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def key_for(self, *args: Any, **kwargs: Any) -> str:
+        """:meth:`CachedFunction.key_for` of the call with the instance first."""
+        return self.__func__.key_for(self.__self__, *args, **kwargs)
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> bool:
+        """:meth:`CachedFunction.invalidate` of the call with the instance first."""
+        return self.__func__.invalidate(self.__self__, *args, **kwargs)
+
+    def invalidate_all(self) -> int:
+        """:meth:`CachedFunction.invalidate_all`: every result, of every instance."""
+        return self.__func__.invalidate_all()
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The function's signature without its first parameter, as a bound method's:
+        what ``inspect.signature`` (and frameworks reading parameters) see."""
+        signature = inspect.signature(self.__func__)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+    def __getattr__(self, name: str) -> Any:
+        # __name__, __wrapped__...: those of the wrapper, as a bound method has
+        if name in BoundCachedFunction.__slots__:  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.__func__, name)
+
+    def __repr__(self) -> str:
+        return f"<bound cached {self.__func__.__qualname__} of {self.__self__!r}>"
+
+
+class AsyncBoundCachedFunction(BoundCachedFunction):
+    """:class:`BoundCachedFunction` of an :class:`AsyncCachedFunction`: its ``__call__`` is
+    an ``async def``, so that frameworks that look for one (FastAPI's
+    ``is_coroutine_callable``, :func:`is_async_callable`) await it."""
+
+    __slots__ = ()
+    __func__: AsyncCachedFunction[..., Any]
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.__func__(self.__self__, *args, **kwargs)
+
+    async def ainvalidate(self, *args: Any, **kwargs: Any) -> bool:
+        """:meth:`AsyncCachedFunction.ainvalidate` of the call with the instance first."""
+        return bool(await self.__func__.ainvalidate(self.__self__, *args, **kwargs))
+
+    async def ainvalidate_all(self) -> int:
+        """:meth:`AsyncCachedFunction.ainvalidate_all`."""
+        return int(await self.__func__.ainvalidate_all())
 
 
 class CacheDecorator(Protocol):
@@ -489,7 +622,33 @@ def _encodable(value: Any) -> bool:
     return True
 
 
+def generation_of(raw: object) -> bytes:
+    """The generation of a value read under a function's key, as ``lua/function_fill.lua``
+    reads it: the 16 bytes after an entry's or a tombstone's header; zeros when absent;
+    ``b"?"`` for anything else.
+
+    Example::
+
+        generation_of(None)  # b"0000000000000000"
+    """
+    if raw is None:
+        return _ABSENT
+    if (
+        isinstance(raw, bytes)
+        and raw[:2] in (_MAGIC, _TOMBSTONE)
+        and len(raw) >= 2 + _GENERATION_BYTES
+    ):
+        return raw[2 : 2 + _GENERATION_BYTES]
+    return _FOREIGN
+
+
+def _is_tombstone(raw: bytes) -> bool:
+    return raw.startswith(_TOMBSTONE) and len(raw) == 2 + _GENERATION_BYTES
+
+
 def _load(raw: bytes) -> Any:
-    if not raw.startswith(_MAGIC):
-        raise CodecError("not an entry of cache.cached")
-    return loads_tagged(raw[len(_MAGIC) :])
+    if raw.startswith(_MAGIC) and len(raw) > 2 + _GENERATION_BYTES:
+        return loads_tagged(raw[2 + _GENERATION_BYTES :])
+    if raw.startswith(_LEGACY_MAGIC):
+        return loads_tagged(raw[len(_LEGACY_MAGIC) :])
+    raise CodecError("not an entry of cache.cached")

@@ -617,3 +617,26 @@ def take_acks(keys: KeyScheme, token: str, timeout: float) -> list[Command]:
 def poll_acks(keys: KeyScheme, token: str) -> list[Command]:
     """Take the acknowledgements that came, without waiting for one."""
     return [("LPOP", keys.ack_key(token), 1000)]
+
+
+def function_fill(entry_key: str, blob: bytes, ttl_ms: int, generation: bytes) -> ScriptCall:
+    """Store a ``cache.cached`` result unless ``invalidate()`` moved the key's generation
+    since the caller read it (``generation``, as ``cached_functions.generation_of`` reads
+    it). The reply: 1 stored, 0 refused.
+
+    Example::
+
+        call = function_fill(key, blob, 60_000, b"0" * 16)
+    """
+    return script("function_fill"), [entry_key], [ttl_ms, blob, generation]
+
+
+def function_invalidate(entry_key: str, ttl_ms: int, generation: str) -> ScriptCall:
+    """Replace a ``cache.cached`` key's value with a tombstone of a new ``generation``
+    (16 hex characters), for ``ttl_ms``; the reply is 1 when a result was stored there.
+
+    Example::
+
+        call = function_invalidate(key, 30_000, f"{random.getrandbits(64):016x}")
+    """
+    return script("function_invalidate"), [entry_key], [ttl_ms, generation]
