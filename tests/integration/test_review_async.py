@@ -498,35 +498,38 @@ def test_a_commit_under_asyncio_waits_for_a_silent_local_holder_on_a_short_timeo
     be sliced for the client they run on, or the first times out and the commit returns
     at once, its holder unwaited for."""
 
-    async def main() -> tuple[float, dict[str, Any]]:
+    def redis_ms() -> int:
+        seconds, micros = redis_client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def main() -> tuple[int, int, dict[str, Any]]:
         engine = create_async_engine(async_url(database_url))
         client = redis.Redis.from_url(redis_url)
         aclient = redis.asyncio.Redis.from_url(redis_url, socket_timeout=0.05)
         cache = Cache(client, async_client=aclient, namespace=namespace)
         factory = async_sessionmaker(engine)
         cache.attach(factory)
-        loop = asyncio.get_running_loop()
         try:
-            seconds, micros = redis_client.time()
-            lease_end = seconds * 1000 + micros // 1000 + 600
+            lease_end = redis_ms() + 600
             redis_client.zadd(cache.keys.holders_key("products"), {"silent-holder": lease_end})
             async with factory() as s:
                 p = await s.get(Product, product)
                 assert p is not None
                 p.price = Decimal("2.00")
-                started = loop.time()
                 await s.commit()
-                took = loop.time() - started
-            return took, cache.stats()["total"]
+                # by the server's clock, which the lease is measured on: a busy machine
+                # may take any time between the plant and the commit
+                returned = redis_ms()
+            return lease_end, returned, cache.stats()["total"]
         finally:
             cache.detach()
             client.close()
             await aclient.aclose()
             await engine.dispose()
 
-    took, total = asyncio.run(main())
+    lease_end, returned, total = asyncio.run(main())
     assert total["errors"] == 0, total
-    assert took >= 0.5, took
+    assert returned >= lease_end, (returned, lease_end)
 
 
 # -- two event loops, one cache ------------------------------------------------------------
@@ -730,10 +733,17 @@ def test_a_read_from_before_a_commit_of_unknown_outcome_is_not_stored_as_current
                     later.append((await s.scalars(stmt)).one().value)
             return before, later
 
-    before, later = asyncio.run(main())
-    with engine.connect() as conn:
-        committed = conn.scalar(sa.text("SELECT value FROM review_async_gauges WHERE id = 1"))
-    assert committed == 2, "the COMMIT was meant to succeed"
+    # The scenario needs the COMMIT to succeed. On a loaded machine the driver's cancel
+    # request has been seen to reach it after the trigger (which swallows it there), and
+    # the COMMIT then rolls back: nothing changed, so the scenario is played again.
+    for _ in range(3):
+        before, later = asyncio.run(main())
+        with engine.connect() as conn:
+            committed = conn.scalar(sa.text("SELECT value FROM review_async_gauges WHERE id = 1"))
+        if committed == 2:
+            break
+        assert committed == 1 and later == [1, 1], (committed, later)
+    assert committed == 2, "the COMMIT was meant to succeed (3 tries)"
     assert before == 1
     assert later == [2, 2]
 

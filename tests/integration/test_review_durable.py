@@ -533,6 +533,8 @@ def test_a_redis_process_killed_with_appendfsync_everysec_keeps_every_returned_c
             ids = [queue(factory, page_view, path=f"/p{i}", views=i) for i in range(30)]
             for pk in ids[:10]:
                 update(factory, page_view, pk, views=100)
+            with redis.Redis.from_url(server.url) as admin:
+                postponed = int(admin.info("persistence")["aof_delayed_fsync"])
             server.kill()
             server.restart()
             client = redis.Redis.from_url(server.url)
@@ -544,9 +546,22 @@ def test_a_redis_process_killed_with_appendfsync_everysec_keeps_every_returned_c
                 client.close()
         finally:
             cache.detach()
-    assert rows(worker_engine, page_view) == {
-        pk: (f"/p{i}", 100 if i < 10 else i) for i, pk in enumerate(ids)
-    }
+    found = rows(worker_engine, page_view)
+    # each commit in the order they returned: applied or not
+    applied = [pk in found for pk in ids]
+    applied += [found.get(pk) == (f"/p{i}", 100) for i, pk in enumerate(ids[:10])]
+    if postponed:
+        # the documented exception: an fsync slower than a second made Redis reply
+        # before writing the file (up to 2 s of commits); what is lost is the last ones
+        kept = applied.index(False) if False in applied else len(applied)
+        assert applied == [True] * kept + [False] * (len(applied) - kept), applied
+    else:
+        assert all(applied), applied
+    assert all(
+        found[pk] in {(f"/p{i}", i), (f"/p{i}", 100 if i < 10 else i)}
+        for i, pk in enumerate(ids)
+        if pk in found
+    ), found
 
 
 def test_replay_keeps_the_order_of_a_rows_writes(
