@@ -149,6 +149,12 @@ def is_transient(exc: BaseException) -> bool:
     return True
 
 
+def is_timeout(exc: BaseException) -> bool:
+    """The statement was cancelled (SQLSTATE 57014: ``statement_timeout``, or a cancel
+    request): a smaller batch may pass where this one cannot."""
+    return isinstance(exc, DBAPIError) and _sqlstate(exc) == "57014"
+
+
 def _sqlstate(exc: DBAPIError) -> str:
     return str(getattr(exc.orig, "sqlstate", None) or "")
 
