@@ -9,23 +9,31 @@ sessions on an engine the cache never saw) as the oracle:
 
 from __future__ import annotations
 
+import gc
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
 import sqlalchemy as sa
-from sqlalchemy import text
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import inspect, select, text
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from sa_redis_cache import FlushWorker
+from devservices import RedisServer
+from sa_redis_cache import CachePolicy, ConfigurationError, FlushWorker, schema
 from sa_redis_cache.protocol import partition_of, pk_text
 from sa_redis_cache.worker import replay_dead_letters
+from tests.modes import SyncFacade
 from tests.wb_chaos import wait_for
-from tests.wb_support import PARTITIONS, letters, queue, rows
+from tests.wb_support import PARTITIONS, drain, letters, queue, rows
 
-pytest_plugins = ["tests.wb_fixtures"]
+if TYPE_CHECKING:
+    from tests.modes import Runner
+
+pytest_plugins = ["tests.wb_fixtures"]  # aof_redis, models, factory, client, worker_engine
 
 
 def ddl(engine: sa.Engine, *statements: str) -> None:
@@ -129,3 +137,142 @@ def test_a_batch_over_the_statement_timeout_shrinks_and_a_slow_operation_is_dead
     result = replay_dead_letters(worker_engine, client, namespace, [page_view])
     assert result.replayed == [letter.id]
     assert rows(worker_engine, page_view) == {**expected, keys[3]: ("/slow", 3)}
+
+
+# -- shared: a plain SQLAlchemy oracle, sync and async sessions -----------------------------
+
+
+@pytest.fixture
+def mode_redis_url(aof_redis: RedisServer) -> str:
+    """``in_mode``'s caches use the AOF server: ``attach()`` demands it for these models."""
+    return aof_redis.url
+
+
+def state_of(obj: Any) -> tuple[str, bool]:
+    """The object's state as ``inspect()`` tells it, and whether it has expired attributes."""
+    found = inspect(obj)
+    for name in ("transient", "pending", "persistent", "deleted", "detached"):
+        if getattr(found, name):
+            return name, bool(found.expired_attributes)
+    raise AssertionError("no state")
+
+
+@contextmanager
+def plain_session(engine: sa.Engine) -> Iterator[SyncFacade]:
+    """A session no cache is attached to."""
+    with Session(engine) as s:
+        yield SyncFacade(s)
+
+
+# -- 2. a NUL character in a JSONB value -----------------------------------------------------
+
+
+def doc_model(cached: bool) -> tuple[type[DeclarativeBase], Any]:
+    """``(Base, Doc)``: a JSONB, a JSON and a text-array column; write-behind with
+    ``cached``, else a plain table of the same shape (the oracle)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Doc(Base):
+        __tablename__ = "wb_review_docs" if cached else "wb_review_plain_docs"
+        if cached:
+            __cache__ = CachePolicy(strategy="write_behind", ttl=600, partitions=2)
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        meta: Mapped[Any] = mapped_column(JSONB, nullable=True)
+        raw: Mapped[Any] = mapped_column(sa.JSON, nullable=True)
+        tags: Mapped[list[str] | None] = mapped_column(ARRAY(sa.String(20)))
+
+    return Base, Doc
+
+
+@pytest.fixture
+def docs(engine: sa.Engine) -> Iterator[tuple[Any, Any]]:
+    """``(cached Doc, plain Doc)`` with empty tables; the cached one's registry disposed
+    of afterwards (``attach()`` elsewhere in the run must not meet it)."""
+    schema.upgrade(engine)
+    made = [doc_model(cached) for cached in (True, False)]
+    for base, model in made:
+        base.metadata.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(model.__table__.delete())
+    yield made[0][1], made[1][1]
+    for base, _ in made:
+        base.registry.dispose()
+    del made
+    gc.collect()
+
+
+NUL_VALUES: dict[str, dict[str, Any]] = {
+    "a string in a jsonb document": {"meta": {"note": "a\x00b"}},
+    "a key of a jsonb document": {"meta": {"a\x00": 1}},
+    "a jsonb string": {"meta": "\x00"},
+    "an element of a text array": {"tags": ["ok", "a\x00b"]},
+}
+
+
+@pytest.mark.parametrize("where", list(NUL_VALUES))
+def test_a_nul_in_a_jsonb_value_is_refused_at_the_commit_and_nothing_is_queued(
+    where: str,
+    in_mode: Runner,
+    docs: tuple[Any, Any],
+    engine: sa.Engine,
+    namespace: str,
+) -> None:
+    """Postgres' jsonb refuses ``\\u0000`` (and text arrays a NUL): plain SQLAlchemy's
+    INSERT fails at the flush. Write-behind refused a NUL in a text column at capture but
+    queued one inside a JSONB value, which the worker could only dead-letter. It must be
+    refused at the commit, naming the column and the cause, with nothing queued; a JSON
+    (``json``) column keeps the escape, in both, and its row lands."""
+    cached, plain = docs
+    values = NUL_VALUES[where]
+
+    def script(session: Callable[[], Any], doc: Any) -> Any:
+        out: list[Any] = []
+        with session() as s:
+            refused = doc(id=1, **values)
+            s.add(refused)
+            try:
+                s.commit()
+            except (sa.exc.DBAPIError, ConfigurationError) as exc:
+                out.append(("refused", "NUL" in str(exc) or "\\u0000" in str(exc)))
+                s.rollback()
+            else:
+                out.append("committed")
+            out.append(state_of(refused))
+        with session() as s:  # json keeps a NUL, escaped: taken by both
+            s.add(doc(id=2, raw={"note": "a\x00b"}))
+            s.commit()
+        return out
+
+    expected = script(lambda: plain_session(engine), plain)
+    assert expected == [("refused", True), ("transient", False)]
+    message: list[str] = []
+
+    def cached_script(db: Any) -> Any:
+        with db.session() as s:  # the error names the column and the cause
+            s.add(cached(id=3, **values))
+            with pytest.raises(ConfigurationError) as refused:
+                s.commit()
+            message.append(str(refused.value))
+        return script(db.session, cached)
+
+    got, _ = in_mode(cached_script)
+    assert got == expected
+    column = next(iter(values))
+    kind = "text[]" if column == "tags" else "jsonb"
+    assert f"Doc.{column}: the value holds a NUL character" in message[0]
+    assert f"a Postgres {kind} column cannot store" in message[0]
+
+    client = redis.Redis.from_url(in_mode.redis_url)
+    worker = FlushWorker(engine, client, namespace=namespace, models=[cached])
+    try:
+        assert worker.stats(database=False).length == 1  # the json row only
+        drain(worker)
+    finally:
+        worker.release()
+        client.close()
+    with engine.connect() as conn:
+        stored = conn.execute(select(cached.__table__.c.id, cached.__table__.c.raw)).all()
+    assert stored == [(2, {"note": "a\x00b"})]
+    assert letters(engine, namespace) == []

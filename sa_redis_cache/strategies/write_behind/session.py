@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy import types as sqltypes
+from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.orm import make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.exc import StaleDataError
@@ -958,19 +959,51 @@ def _outcome(exc: RedisError) -> str:
 
 
 def _refuse_nul(info: ModelInfo, values: tuple[Any, ...]) -> None:
-    """Refuse a NUL character in a string column's value, as the database would.
+    """Refuse a NUL character where the column's Postgres type cannot store one, as the
+    database would: text (a string column), ``jsonb`` (in a string or a key of the
+    document), ``hstore``, and arrays of those.
 
-    Postgres text cannot hold one: SQLAlchemy's INSERT fails at the flush (the driver
-    refuses it). Queued, the row could never be written; caught here, the application
-    gets the error at its commit, as without write-behind.
+    SQLAlchemy's INSERT fails at the flush (the driver refuses a NUL in text; ``jsonb``
+    refuses the ``\\u0000`` escape). Queued, the row could never be written, and the
+    worker could only dead-letter it; caught here, the application gets the error at its
+    commit, as without write-behind. A ``json`` column keeps the escape as it is, and is
+    left alone.
     """
     for key, value in zip(info.column_keys, values, strict=True):
-        if (
-            isinstance(value, str)
-            and "\x00" in value
-            and isinstance(column_of(info, key).type, sqltypes.String)
-        ):
+        if value is None or not _has_nul(value):
+            continue
+        kind = _nul_refused_by(column_of(info, key).type)
+        if kind is not None:
             raise ConfigurationError(
                 f"{info.mapper.class_.__name__}.{key}: the value holds a NUL character "
-                "(\\x00), which a Postgres text column cannot store; the INSERT would fail"
+                f"(\\x00), which a Postgres {kind} column cannot store; the INSERT would fail"
             )
+
+
+def _nul_refused_by(sqltype: Any, depth: int = 0) -> str | None:
+    """The Postgres type of a column that cannot store a NUL in ``sqltype``'s values
+    (``text``, ``jsonb``, ``hstore``, arrays of them); None for any other."""
+    t = compat.type_variants(sqltype).get("postgresql", sqltype)
+    while isinstance(t, sqltypes.TypeDecorator) and depth < 10:
+        t, depth = t.impl_instance, depth + 1
+    if isinstance(t, pg.JSONB):
+        return "jsonb"
+    if isinstance(t, pg.HSTORE):
+        return "hstore"
+    if isinstance(t, sqltypes.String):
+        return "text"
+    if isinstance(t, sqltypes.ARRAY) and depth < 10:
+        inner = _nul_refused_by(t.item_type, depth + 1)
+        return None if inner is None else f"{inner}[]"
+    return None  # json (keeps the escape), and types whose values are not text
+
+
+def _has_nul(value: Any) -> bool:
+    """A NUL character in a string of ``value``: in lists, tuples, dicts (keys too)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    return False
