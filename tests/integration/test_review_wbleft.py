@@ -13,6 +13,7 @@ import gc
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -24,6 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from devservices import RedisServer
 from sa_redis_cache import CachePolicy, ConfigurationError, FlushWorker, schema
+from sa_redis_cache.errors import CacheUnavailableError
 from sa_redis_cache.protocol import partition_of, pk_text
 from sa_redis_cache.worker import replay_dead_letters
 from tests.modes import SyncFacade
@@ -276,3 +278,151 @@ def test_a_nul_in_a_jsonb_value_is_refused_at_the_commit_and_nothing_is_queued(
         stored = conn.execute(select(cached.__table__.c.id, cached.__table__.c.raw)).all()
     assert stored == [(2, {"note": "a\x00b"})]
     assert letters(engine, namespace) == []
+
+
+# -- 3. a failed enqueue leaves the objects as SQLAlchemy's rollback does --------------------
+
+
+@pytest.fixture
+def plain_views(engine: sa.Engine) -> Iterator[Any]:
+    """A plain table of PageView's shape whose COMMIT fails (a deferred constraint
+    trigger) when a row's path is ``/fail``: the oracle of a failed commit."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class PlainView(Base):
+        __tablename__ = "wb_review_plain_views"
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+        path: Mapped[str] = mapped_column(sa.String(200))
+        views: Mapped[int] = mapped_column(default=0)
+        note: Mapped[str | None]
+
+    Base.metadata.create_all(engine)
+    ddl(
+        engine,
+        "CREATE OR REPLACE FUNCTION wb_review_fail() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN IF NEW.path = '/fail' THEN RAISE EXCEPTION 'refused at COMMIT' "
+        "USING ERRCODE = 'check_violation'; END IF; RETURN NULL; END $$",
+        "DROP TRIGGER IF EXISTS wb_review_fail ON wb_review_plain_views",
+        "CREATE CONSTRAINT TRIGGER wb_review_fail AFTER INSERT OR UPDATE ON "
+        "wb_review_plain_views DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+        "EXECUTE FUNCTION wb_review_fail()",
+        "DELETE FROM wb_review_plain_views",
+    )
+    yield PlainView
+    Base.metadata.drop_all(engine)
+    ddl(engine, "DROP FUNCTION IF EXISTS wb_review_fail()")
+    Base.registry.dispose()
+
+
+def test_a_failed_enqueue_restores_deleted_changed_and_new_objects_as_a_rollback(
+    in_mode: Runner,
+    models: Any,
+    plain_views: Any,
+    engine: sa.Engine,
+    namespace: str,
+) -> None:
+    """One commit deletes row A, changes row B and adds C. Plain SQLAlchemy's commit fails
+    (at COMMIT) and the rollback that follows gives A back to the session (persistent,
+    expired), expires B and makes C transient. Write-behind's commit fails at the enqueue
+    (Redis stopped): B and C were reverted, but A stayed out of the session, detached, as
+    if its delete had been written. All three must be as in plain SQLAlchemy, and nothing
+    written or queued."""
+    page_view, _ = models
+    a_key, b_key, c_key = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    seeded = [{"id": a_key, "path": "/a", "views": 1}, {"id": b_key, "path": "/b", "views": 2}]
+    with engine.begin() as conn:
+        for model in (page_view, plain_views):
+            conn.execute(model.__table__.insert(), seeded)
+
+    def script(session: Callable[[], Any], view: Any, fail: Callable[[], None]) -> Any:
+        with session() as s:
+            a, b = s.get(view, a_key), s.get(view, b_key)
+            s.delete(a)
+            b.path = "/fail"
+            c = view(id=c_key, path="/c", views=3)
+            s.add(c)
+            s.flush()
+            fail()
+            try:
+                s.commit()
+            except (sa.exc.DBAPIError, CacheUnavailableError) as exc:
+                failed = type(exc).__name__
+                s.rollback()
+            else:
+                failed = "committed"
+            seen = [(obj in s, state_of(obj)) for obj in (a, b, c)]
+            values = [(obj.path, obj.views) for obj in (a, b, c)]
+            again = s.get(view, a_key) is a
+        return seen, values, again, failed
+
+    expected = script(lambda: plain_session(engine), plain_views, lambda: None)
+    assert expected == (
+        [(True, ("persistent", True)), (True, ("persistent", True)), (False, ("transient", False))],
+        [("/a", 1), ("/b", 2), ("/c", 3)],
+        True,
+        "IntegrityError",
+    )
+    with RedisServer(appendonly=True, appendfsync="always") as server:
+        got, _ = replace(in_mode, redis_url=server.url)(
+            lambda db: script(db.session, page_view, server.stop)
+        )
+        assert got[:3] == expected[:3]
+        assert got[3] == "CacheUnavailableError"
+        server.start()
+        client = redis.Redis.from_url(server.url)
+        worker = FlushWorker(engine, client, namespace=namespace, models=[page_view])
+        try:
+            assert worker.stats(database=False).length == 0
+        finally:
+            worker.release()
+            client.close()
+    assert rows(engine, page_view) == {a_key: ("/a", 1), b_key: ("/b", 2)}
+
+
+def test_a_failed_enqueue_of_a_row_switch_restores_the_deleted_object(
+    in_mode: Runner,
+    models: Any,
+    plain_views: Any,
+    engine: sa.Engine,
+    namespace: str,
+) -> None:
+    """A row deleted and a new object of its key added in one flush (SQLAlchemy's row
+    switch: one UPDATE). The commit fails: plain SQLAlchemy's rollback gives the deleted
+    object back, persistent, and makes the new one transient with its values; so must a
+    failed enqueue, whose queued operation for the key is the new object's alone."""
+    page_view, _ = models
+    key = uuid.uuid4()
+    with engine.begin() as conn:
+        for model in (page_view, plain_views):
+            conn.execute(model.__table__.insert(), [{"id": key, "path": "/old", "views": 1}])
+
+    def script(session: Callable[[], Any], view: Any, fail: Callable[[], None]) -> Any:
+        with session() as s:
+            old = s.get(view, key)
+            s.delete(old)
+            new = view(id=key, path="/fail", views=2)
+            s.add(new)
+            s.flush()
+            fail()
+            try:
+                s.commit()
+            except (sa.exc.DBAPIError, CacheUnavailableError):
+                s.rollback()
+            seen = [(obj in s, state_of(obj)) for obj in (old, new)]
+            values = [(obj.path, obj.views) for obj in (old, new)]
+            return seen, values, s.get(view, key) is old
+
+    expected = script(lambda: plain_session(engine), plain_views, lambda: None)
+    assert expected == (
+        [(True, ("persistent", True)), (False, ("transient", False))],
+        [("/old", 1), ("/fail", 2)],
+        True,
+    )
+    with RedisServer(appendonly=True, appendfsync="always") as server:
+        got, _ = replace(in_mode, redis_url=server.url)(
+            lambda db: script(db.session, page_view, server.stop)
+        )
+    assert got == expected
+    assert rows(engine, page_view) == {key: ("/old", 1)}

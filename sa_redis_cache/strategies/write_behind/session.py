@@ -46,7 +46,7 @@ from redis.exceptions import RedisError, ResponseError
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.orm import make_transient, make_transient_to_detached
-from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
 from sa_redis_cache import compat, hydrate
@@ -476,11 +476,14 @@ class WriteBehind:
 
     # -- transaction boundaries ------------------------------------------------------------
 
-    def queue_commit(self, session: Session, ops: list[Op]) -> None:
+    def queue_commit(self, session: Session, ops: list[Op], removed: Iterable[Op] = ()) -> None:
         """The outermost transaction committed: queue its operations, all or none.
 
         Called once SQLAlchemy has closed the transaction, so the session stays usable after
-        :class:`CacheUnavailableError`.
+        :class:`CacheUnavailableError`. Nothing queued, the objects are left as a failed
+        commit and SQLAlchemy's rollback leave them: created ones transient, changed ones
+        expired, and the deleted ones (``removed``, the transaction's deletes) back in the
+        session, persistent and expired.
         """
         try:
             self._enqueue_measured(ops)
@@ -491,7 +494,8 @@ class WriteBehind:
             raise
         except RedisError as exc:
             self.core.counters.incr_total("errors")
-            self.revert(session, ops, None)
+            self.revert(session, ops, None, removed)
+            _values_back(ops)
             raise CacheUnavailableError(
                 f"write-behind: Redis did not take this commit's {len(ops)} queued "
                 f"write(s) ({exc}); {_outcome(exc)}. Rows of other models in the same "
@@ -905,6 +909,23 @@ def _known_values(state: Any, info: ModelInfo, row: tuple[Any, ...] | None) -> d
             {k: v for k, v in zip(info.column_keys, row, strict=True) if k not in unchanged}
         )
     return given
+
+
+def _values_back(ops: Iterable[Op]) -> None:
+    """Give created objects that a failed enqueue made transient their values again.
+
+    The commit's ``expire_on_commit`` had expired them before the enqueue ran; where
+    SQLAlchemy's commit fails, nothing is expired, and its rollback leaves a new object
+    transient with the values it was flushed with (Python defaults included): the
+    operation's captured row holds exactly those.
+    """
+    for op in ops:
+        state = instance_state(op.obj)
+        if op.kind != "u" or op.values is None or state.key is not None or state.session_id:
+            continue  # not made transient here: kept, or expired to be read again
+        for key, value in zip(op.info.column_keys, op.values, strict=True):
+            if key not in state.dict:
+                set_committed_value(op.obj, key, value)
 
 
 def _creation_undone(op: Op, outer: TransactionState | None) -> bool:
