@@ -426,3 +426,49 @@ def test_a_failed_enqueue_of_a_row_switch_restores_the_deleted_object(
         )
     assert got == expected
     assert rows(engine, page_view) == {key: ("/old", 1)}
+
+
+# -- 4. a new object whose primary key the table already holds ------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed: a new object is queued as an upsert, which replaces the row the "
+    "table already holds where SQLAlchemy's INSERT fails with IntegrityError (documented "
+    "in docs/write-behind.md). Refusing it needs the operation to say 'insert' in the "
+    "stream (a format older workers would dead-letter) and a worker that checks the key "
+    "per coalesced run of operations, on every path (pipelined, set-based, executemany, "
+    "bisection, replay): not a cheap change",
+)
+def test_a_new_object_with_a_taken_key_does_not_replace_the_row(
+    factory: sessionmaker[Session],
+    models: Any,
+    plain_views: Any,
+    make_worker: Any,
+    engine: sa.Engine,
+    worker_engine: sa.Engine,
+    namespace: str,
+) -> None:
+    """Row K exists in the database. Plain SQLAlchemy's flush of a new object with key K
+    fails (IntegrityError) and the row keeps its values. Write-behind queues the new
+    object as an upsert: its commit succeeds and the worker replaces the row. It should
+    keep the row (refused at the commit, or dead-lettered: never replaced silently)."""
+    page_view, _ = models
+    key = uuid.uuid4()
+    with engine.begin() as conn:
+        for model in (page_view, plain_views):
+            conn.execute(model.__table__.insert(), [{"id": key, "path": "/kept", "views": 1}])
+    with Session(engine) as s:
+        s.add(plain_views(id=key, path="/new", views=2))
+        with pytest.raises(sa.exc.IntegrityError):
+            s.commit()
+    refused = False
+    with factory() as s:
+        s.add(page_view(id=key, path="/new", views=2))
+        try:
+            s.commit()
+        except (sa.exc.DBAPIError, ConfigurationError):
+            refused = True
+    drain(make_worker())
+    assert rows(worker_engine, page_view) == {key: ("/kept", 1)}
+    assert refused or len(letters(worker_engine, namespace)) == 1
