@@ -132,13 +132,60 @@ def test_a_batch_over_the_statement_timeout_shrinks_and_a_slow_operation_is_dead
     [letter] = letters(worker_engine, namespace)
     assert letter.payload["id"] == keys[3].hex
     assert "statement timeout" in letter.error
-    assert "timed out alone 5 times" in letter.error
+    assert "timed out alone 5 times in a row" in letter.error
     assert worker.dead_letters == 1
 
     drop_slow_inserts(worker_engine)
     result = replay_dead_letters(worker_engine, client, namespace, [page_view])
     assert result.replayed == [letter.id]
     assert rows(worker_engine, page_view) == {**expected, keys[3]: ("/slow", 3)}
+
+
+def test_a_timeout_waiting_for_the_offset_row_dead_letters_nothing(
+    factory: sessionmaker[Session],
+    models: Any,
+    client: redis.Redis,
+    namespace: str,
+    database_url: str,
+    worker_engine: sa.Engine,
+) -> None:
+    """A dead-letter replay holds the partition's offset row for as long as it runs: the
+    worker's batch times out waiting for it, alone, again and again. That is no fault of
+    the operation, which must not be dead-lettered: the last attempt locks the offset row
+    before it writes, and it is the lock wait that times out. Once the lock is released
+    the operation lands."""
+    page_view, _ = models
+    engine = sa.create_engine(
+        database_url, connect_args={"options": f"-c statement_timeout={TIMEOUT_MS}"}
+    )
+    worker = FlushWorker(
+        engine,
+        client,
+        namespace=namespace,
+        models=[page_view],
+        max_backoff=0.05,
+        timeout_attempts=2,
+    )
+    try:
+        worker.run_once()  # takes every partition and its fencing token
+        key = queue(factory, page_view, path="/waits", views=1)
+        with worker_engine.connect() as replay:
+            replay.execute(
+                text("SELECT stream FROM sarc_wb_offsets WHERE stream LIKE :p FOR UPDATE"),
+                {"p": f"sarc:{namespace}:%"},
+            )
+            wait_for(lambda: worker.run_once() >= 0 and worker.errors >= 6, "timeouts")
+            replay.rollback()
+        wait_for(
+            lambda: worker.run_once() == 0 and worker.stats(database=False).length == 0,
+            "the partition to drain",
+        )
+    finally:
+        worker.release()
+        engine.dispose()
+    assert rows(worker_engine, page_view) == {key: ("/waits", 1)}
+    assert letters(worker_engine, namespace) == []
+    assert worker.dead_letters == 0
 
 
 # -- shared: a plain SQLAlchemy oracle, sync and async sessions -----------------------------

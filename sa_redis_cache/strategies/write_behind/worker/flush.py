@@ -939,10 +939,11 @@ class FlushWorker:
         Retried as it is, it would time out again on every pass and hold the partition
         for good. A batch of several entries is read again at half the size (down to
         one), so the operations that fit are applied. One entry that still times out
-        alone is retried with backoff, and after ``timeout_attempts`` such timeouts in a
-        row it is dead-lettered (replayable once the cause is fixed: a slow trigger, a
-        row lock held for long, a timeout set too short), so the rest of the partition
-        goes on. Returns that dead letter's batch result, else None (retry later).
+        alone is retried with backoff; its ``timeout_attempts``-th attempt
+        (:meth:`.Applier.apply_alone`) dead-letters it if it times out again (replayable
+        once the cause is fixed: a slow trigger, a row lock held for long, a timeout set
+        too short), so the rest of the partition goes on. Returns that attempt's batch
+        result, else None (read again later).
         """
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         where = {"wb_table": p.info.table, "wb_partition": p.number}
@@ -963,22 +964,27 @@ class FlushWorker:
         p.limit = 1
         p.timeouts = p.timeouts + 1 if p.timed_out == entry.id else 1
         p.timed_out = entry.id
-        if p.timeouts < self.timeout_attempts:
+        if p.timeouts < self.timeout_attempts - 1:
             self._failed(p, exc)  # read again from the head after a backoff
             return None
+        # the last attempt holds the partition's offset row first: a timeout then is the
+        # operation's own, not a wait for that lock (which a dead-letter replay holds)
         self.errors += 1
-        entry.error = (
-            f"{reason}: the operation timed out alone {p.timeouts} times in a row "
-            "(statement_timeout); dead-lettered so that the partition goes on"
+        note = (
+            f" (the operation timed out alone {p.timeouts + 1} times in a row: "
+            "statement_timeout; dead-lettered so that the partition goes on)"
         )
-        log.warning(
-            "write-behind operation %s (entry %s) timed out alone %s times: dead-lettered",
-            entry.pk,
-            entry.id,
-            p.timeouts,
-            extra=where,
-        )
-        return p.applier.apply(p.stream, [entry], token=p.token)
+        result = p.applier.apply_alone(p.stream, entry, token=p.token, note=note)
+        if result.dead:
+            log.warning(
+                "write-behind operation %s (entry %s) timed out alone %s times (%s): dead-lettered",
+                entry.pk,
+                entry.id,
+                p.timeouts + 1,
+                reason,
+                extra=where,
+            )
+        return result
 
     def _settle(self) -> int:
         """Wait for the acknowledgement in flight; count, log or retry its batch."""
