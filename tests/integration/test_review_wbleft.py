@@ -370,14 +370,15 @@ def test_a_failed_enqueue_restores_deleted_changed_and_new_objects_as_a_rollback
     engine: sa.Engine,
     namespace: str,
 ) -> None:
-    """One commit deletes row A, changes row B and adds C. Plain SQLAlchemy's commit fails
-    (at COMMIT) and the rollback that follows gives A back to the session (persistent,
-    expired), expires B and makes C transient. Write-behind's commit fails at the enqueue
+    """One commit deletes row A, changes row B, adds C, and adds D, flushes it and
+    expunges it. Plain SQLAlchemy's commit fails (at COMMIT) and the rollback that follows
+    gives A back to the session (persistent, expired), expires B and makes C and D
+    transient, with their values. Write-behind's commit fails at the enqueue
     (Redis stopped): B and C were reverted, but A stayed out of the session, detached, as
     if its delete had been written. All three must be as in plain SQLAlchemy, and nothing
     written or queued."""
     page_view, _ = models
-    a_key, b_key, c_key = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    a_key, b_key, c_key, d_key = (uuid.uuid4() for _ in range(4))
     seeded = [{"id": a_key, "path": "/a", "views": 1}, {"id": b_key, "path": "/b", "views": 2}]
     with engine.begin() as conn:
         for model in (page_view, plain_views):
@@ -390,7 +391,10 @@ def test_a_failed_enqueue_restores_deleted_changed_and_new_objects_as_a_rollback
             b.path = "/fail"
             c = view(id=c_key, path="/c", views=3)
             s.add(c)
+            d = view(id=d_key, path="/d", views=4)
+            s.add(d)
             s.flush()
+            s.session.expunge(d)  # flushed, let go of: a rollback still undoes its creation
             fail()
             try:
                 s.commit()
@@ -399,15 +403,20 @@ def test_a_failed_enqueue_restores_deleted_changed_and_new_objects_as_a_rollback
                 s.rollback()
             else:
                 failed = "committed"
-            seen = [(obj in s, state_of(obj)) for obj in (a, b, c)]
-            values = [(obj.path, obj.views) for obj in (a, b, c)]
+            seen = [(obj in s, state_of(obj)) for obj in (a, b, c, d)]
+            values = [(obj.path, obj.views) for obj in (a, b, c, d)]
             again = s.get(view, a_key) is a
         return seen, values, again, failed
 
     expected = script(lambda: plain_session(engine), plain_views, lambda: None)
     assert expected == (
-        [(True, ("persistent", True)), (True, ("persistent", True)), (False, ("transient", False))],
-        [("/a", 1), ("/b", 2), ("/c", 3)],
+        [
+            (True, ("persistent", True)),
+            (True, ("persistent", True)),
+            (False, ("transient", False)),
+            (False, ("transient", False)),
+        ],
+        [("/a", 1), ("/b", 2), ("/c", 3), ("/d", 4)],
         True,
         "IntegrityError",
     )

@@ -494,7 +494,8 @@ class WriteBehind:
             raise
         except RedisError as exc:
             self.core.counters.incr_total("errors")
-            self.revert(session, ops, None, removed)
+            # a rollback's: a created object expunged since its flush is transient again too
+            self.revert(session, ops, None, removed, rollback=True)
             _values_back(ops)
             raise CacheUnavailableError(
                 f"write-behind: Redis did not take this commit's {len(ops)} queued "
@@ -560,9 +561,10 @@ class WriteBehind:
         outer frame wrote was not created by the rolled-back one, and is expired instead, so
         that its next access reads the outer frame's state.
 
-        ``rollback``: a rollback (not the end of a closed session, nor a failed enqueue).
-        As SQLAlchemy's, it makes a created object transient also when the application
-        expunged it since (added again, it is new: SQLAlchemy inserts it).
+        ``rollback``: a rollback, or a failed enqueue (as SQLAlchemy's failed commit and
+        its rollback), not the end of a closed session. As SQLAlchemy's, it makes a
+        created object transient also when the application expunged it since (added
+        again, it is new: SQLAlchemy inserts it).
 
         ``removed``: the rolled-back frame's deletes. Their objects left the session at the
         flush (:meth:`divert`), where SQLAlchemy's own rollback does not look for them: they
