@@ -188,6 +188,11 @@ def test_a_timeout_waiting_for_the_offset_row_dead_letters_nothing(
     assert worker.dead_letters == 0
 
 
+def test_timeout_attempts_below_one_is_refused_naming_it(make_worker: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"timeout_attempts=0 must be at least 1"):
+        make_worker(timeout_attempts=0)
+
+
 # -- shared: a plain SQLAlchemy oracle, sync and async sessions -----------------------------
 
 

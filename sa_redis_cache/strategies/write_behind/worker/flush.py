@@ -266,6 +266,7 @@ class FlushWorker:
         self.dead_letters = 0
         self.superseded = 0
         self.fenced = 0
+        self._shrunk = 0  # of the errors, batches read again smaller after a timeout
         self.database = DatabaseOutage()
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: _InFlight | None = None
@@ -338,11 +339,12 @@ class FlushWorker:
         beat.start()
         try:
             while not stop.is_set():
-                failures_before = self.errors
+                # a batch shrunk after a statement timeout is retried at once, smaller
+                failures_before = self.errors - self._shrunk
                 self.run_once(block_ms=self.block_ms, settle=False)
                 if on_pass is not None:
                     on_pass()
-                if self.errors > failures_before:
+                if self.errors - self._shrunk > failures_before:
                     delay = min(self.max_backoff, max(0.05, delay * 2))
                     stop.wait(delay * (0.5 + random.random() / 2))
                 else:
@@ -950,6 +952,7 @@ class FlushWorker:
         entry = entries[0]
         if len(entries) > 1:
             self.errors += 1
+            self._shrunk += 1
             p.cursor = "-"  # read again from the head, without a backoff: a smaller batch
             p.limit = max(1, len(entries) // 2)
             p.timeouts = 0
