@@ -19,7 +19,9 @@ those go to ``sarc_dead_letters`` with their error while the rest lands. An oper
 dead-lettered only after it failed alone through SQLAlchemy's own ``executemany`` as
 well, so a quirk of the set-based statement can never condemn a row. Any other database
 error is treated as transient and raised: the caller retries the whole batch later and
-acknowledges nothing.
+acknowledges nothing. A statement timeout (57014) is raised too: the worker reads the
+batch again smaller, and an operation that keeps timing out alone goes through
+:meth:`Applier.apply_alone`, which dead-letters it if it times out once more.
 
 **Dead letters never overwrite newer writes.** When a batch applies (or dead-letters) an
 operation on a row that has an open dead letter with an older stream id, that letter is
