@@ -428,6 +428,7 @@ class SessionHooks:
         committed, token, marked = state.committed, state.token, state.marked
         uncertain = state.commit_began and not committed
         queued = list(state.frames[0].queued.values())
+        removed = list(state.frames[0].removed)
         joined = state.joined
         state.reset()
         if not committed:
@@ -445,4 +446,4 @@ class SessionHooks:
             self.write_behind.hand_over(joined, queued)
             self.write_behind.keep_committed(session, queued)
         elif queued:
-            self.write_behind.queue_commit(session, queued)
+            self.write_behind.queue_commit(session, queued, removed)

@@ -261,6 +261,15 @@ WORKER_PROG = "python -m sa_redis_cache.worker"
     help="Longest wait between retries while the database or Redis fails.",
 )
 @click.option(
+    "--timeout-attempts",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    metavar="N",
+    help="Times one operation may exceed the database's statement_timeout on its own "
+    "before it is dead-lettered (a batch that times out is first retried smaller).",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     help="Follow a backlog found at start with a progress bar (--progress), or not at all "
@@ -305,6 +314,7 @@ def worker(
     lease_ms: int,
     heartbeat_ms: int | None,
     max_backoff: float,
+    timeout_attempts: int,
     progress: bool | None,
     progress_threshold: int,
     progress_interval: float,
@@ -372,6 +382,7 @@ def worker(
                 lease_ms=lease_ms,
                 heartbeat_ms=heartbeat_ms,
                 max_backoff=max_backoff,
+                timeout_attempts=timeout_attempts,
             )
         except ConfigurationError as exc:
             raise click.UsageError(str(exc)) from exc

@@ -44,8 +44,9 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from redis.exceptions import RedisError, ResponseError, TryAgainError
 from sqlalchemy import types as sqltypes
+from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.orm import make_transient, make_transient_to_detached
-from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
 from sa_redis_cache import compat, hydrate
@@ -475,11 +476,14 @@ class WriteBehind:
 
     # -- transaction boundaries ------------------------------------------------------------
 
-    def queue_commit(self, session: Session, ops: list[Op]) -> None:
+    def queue_commit(self, session: Session, ops: list[Op], removed: Iterable[Op] = ()) -> None:
         """The outermost transaction committed: queue its operations, all or none.
 
         Called once SQLAlchemy has closed the transaction, so the session stays usable after
-        :class:`CacheUnavailableError`.
+        :class:`CacheUnavailableError`. Nothing queued, the objects are left as a failed
+        commit and SQLAlchemy's rollback leave them: created ones transient, changed ones
+        expired, and the deleted ones (``removed``, the transaction's deletes) back in the
+        session, persistent and expired.
         """
         try:
             self._enqueue_measured(ops)
@@ -490,7 +494,9 @@ class WriteBehind:
             raise
         except RedisError as exc:
             self.core.counters.incr_total("errors")
-            self.revert(session, ops, None)
+            # a rollback's: a created object expunged since its flush is transient again too
+            self.revert(session, ops, None, removed, rollback=True)
+            _values_back(ops)
             raise CacheUnavailableError(
                 f"write-behind: Redis did not take this commit's {len(ops)} queued "
                 f"write(s) ({exc}); {_outcome(exc)}. Rows of other models in the same "
@@ -555,9 +561,10 @@ class WriteBehind:
         outer frame wrote was not created by the rolled-back one, and is expired instead, so
         that its next access reads the outer frame's state.
 
-        ``rollback``: a rollback (not the end of a closed session, nor a failed enqueue).
-        As SQLAlchemy's, it makes a created object transient also when the application
-        expunged it since (added again, it is new: SQLAlchemy inserts it).
+        ``rollback``: a rollback, or a failed enqueue (as SQLAlchemy's failed commit and
+        its rollback), not the end of a closed session. As SQLAlchemy's, it makes a
+        created object transient also when the application expunged it since (added
+        again, it is new: SQLAlchemy inserts it).
 
         ``removed``: the rolled-back frame's deletes. Their objects left the session at the
         flush (:meth:`divert`), where SQLAlchemy's own rollback does not look for them: they
@@ -906,6 +913,23 @@ def _known_values(state: Any, info: ModelInfo, row: tuple[Any, ...] | None) -> d
     return given
 
 
+def _values_back(ops: Iterable[Op]) -> None:
+    """Give created objects that a failed enqueue made transient their values again.
+
+    The commit's ``expire_on_commit`` had expired them before the enqueue ran; where
+    SQLAlchemy's commit fails, nothing is expired, and its rollback leaves a new object
+    transient with the values it was flushed with (Python defaults included): the
+    operation's captured row holds exactly those.
+    """
+    for op in ops:
+        state = instance_state(op.obj)
+        if op.kind != "u" or op.values is None or state.key is not None or state.session_id:
+            continue  # not made transient here: kept, or expired to be read again
+        for key, value in zip(op.info.column_keys, op.values, strict=True):
+            if key not in state.dict:
+                set_committed_value(op.obj, key, value)
+
+
 def _creation_undone(op: Op, outer: TransactionState | None) -> bool:
     """Whether a rollback undoes the creation of ``op``'s object: it was created in the
     frames rolled back, and no frame that remains (``outer``) wrote it. A remaining
@@ -965,19 +989,51 @@ def _outcome(exc: RedisError) -> str:
 
 
 def _refuse_nul(info: ModelInfo, values: tuple[Any, ...]) -> None:
-    """Refuse a NUL character in a string column's value, as the database would.
+    """Refuse a NUL character where the column's Postgres type cannot store one, as the
+    database would: text (a string column), ``jsonb`` (in a string or a key of the
+    document), ``hstore``, and arrays of those.
 
-    Postgres text cannot hold one: SQLAlchemy's INSERT fails at the flush (the driver
-    refuses it). Queued, the row could never be written; caught here, the application
-    gets the error at its commit, as without write-behind.
+    SQLAlchemy's INSERT fails at the flush (the driver refuses a NUL in text; ``jsonb``
+    refuses the ``\\u0000`` escape). Queued, the row could never be written, and the
+    worker could only dead-letter it; caught here, the application gets the error at its
+    commit, as without write-behind. A ``json`` column keeps the escape as it is, and is
+    left alone.
     """
     for key, value in zip(info.column_keys, values, strict=True):
-        if (
-            isinstance(value, str)
-            and "\x00" in value
-            and isinstance(column_of(info, key).type, sqltypes.String)
-        ):
+        if value is None or not _has_nul(value):
+            continue
+        kind = _nul_refused_by(column_of(info, key).type)
+        if kind is not None:
             raise ConfigurationError(
                 f"{info.mapper.class_.__name__}.{key}: the value holds a NUL character "
-                "(\\x00), which a Postgres text column cannot store; the INSERT would fail"
+                f"(\\x00), which a Postgres {kind} column cannot store; the INSERT would fail"
             )
+
+
+def _nul_refused_by(sqltype: Any, depth: int = 0) -> str | None:
+    """The Postgres type of a column that cannot store a NUL in ``sqltype``'s values
+    (``text``, ``jsonb``, ``hstore``, arrays of them); None for any other."""
+    t = compat.type_variants(sqltype).get("postgresql", sqltype)
+    while isinstance(t, sqltypes.TypeDecorator) and depth < 10:
+        t, depth = t.impl_instance, depth + 1
+    if isinstance(t, pg.JSONB):
+        return "jsonb"
+    if isinstance(t, pg.HSTORE):
+        return "hstore"
+    if isinstance(t, sqltypes.String):
+        return "text"
+    if isinstance(t, sqltypes.ARRAY) and depth < 10:
+        inner = _nul_refused_by(t.item_type, depth + 1)
+        return None if inner is None else f"{inner}[]"
+    return None  # json (keeps the escape), and types whose values are not text
+
+
+def _has_nul(value: Any) -> bool:
+    """A NUL character in a string of ``value``: in lists, tuples, dicts (keys too)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    return False

@@ -19,7 +19,9 @@ those go to ``sarc_dead_letters`` with their error while the rest lands. An oper
 dead-lettered only after it failed alone through SQLAlchemy's own ``executemany`` as
 well, so a quirk of the set-based statement can never condemn a row. Any other database
 error is treated as transient and raised: the caller retries the whole batch later and
-acknowledges nothing.
+acknowledges nothing. A statement timeout (57014) is raised too: the worker reads the
+batch again smaller, and an operation that keeps timing out alone goes through
+:meth:`Applier.apply_alone`, which dead-letters it if it times out once more.
 
 **Dead letters never overwrite newer writes.** When a batch applies (or dead-letters) an
 operation on a row that has an open dead letter with an older stream id, that letter is
@@ -147,6 +149,12 @@ def is_transient(exc: BaseException) -> bool:
             return False
         return not state.startswith(_DETERMINISTIC_CLASSES)
     return True
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """The statement was cancelled (SQLSTATE 57014: ``statement_timeout``, or a cancel
+    request): a smaller batch may pass where this one cannot."""
+    return isinstance(exc, DBAPIError) and _sqlstate(exc) == "57014"
 
 
 def _sqlstate(exc: DBAPIError) -> str:
@@ -484,6 +492,25 @@ class Applier:
                     )
         return result
 
+    def apply_alone(
+        self, stream: str, entry: Entry, *, token: int | None, note: str
+    ) -> BatchResult:
+        """Apply one operation that keeps exceeding ``statement_timeout``, or dead-letter it.
+
+        The partition's offset row is locked first, as in any batch, so the operation's
+        own statement cannot time out waiting for that lock (a dead-letter replay holds
+        it). If the operation times out again, under a savepoint, it is dead-lettered in
+        the same transaction with its error followed by ``note``, and the offset moves on.
+
+        Example::
+
+            result = applier.apply_alone(stream, entry, token=7, note=" (timed out 5 times)")
+        """
+        result = BatchResult(final={entry.pk: entry})
+        with self.engine.begin() as conn:
+            self._run(conn, stream, [entry], result, bisect=True, token=token, timed_out=note)
+        return result
+
     def _drop_set_based(self, exc: BaseException) -> None:
         log.warning(
             "write-behind: the set-based statements of %s were refused (%s); this table "
@@ -503,6 +530,7 @@ class Applier:
         bisect: bool,
         token: int | None,
         immediate: bool = False,
+        timed_out: str | None = None,
     ) -> None:
         if immediate:
             conn.exec_driver_sql("SET CONSTRAINTS ALL IMMEDIATE")
@@ -522,7 +550,7 @@ class Applier:
         ops = sorted(latest.values(), key=attrgetter("pk"))  # one lock order for all
         instead = 0
         if bisect:
-            self._bisect(conn, ops, result.dead)
+            self._bisect(conn, ops, result.dead, timed_out)
             instead = self._earlier(conn, fresh, ops, result.dead)
         else:
             self.write(conn, ops)
@@ -660,21 +688,32 @@ class Applier:
                 names = self.names
                 conn.execute(self.upsert, [dict(zip(names, row, strict=True)) for row in puts])
 
-    def _bisect(self, conn: Connection, ops: list[Entry], dead: dict[str, str]) -> None:
+    def _bisect(
+        self,
+        conn: Connection,
+        ops: list[Entry],
+        dead: dict[str, str],
+        timed_out: str | None = None,
+    ) -> None:
+        """Write ``ops`` under savepoints, halving until the refused ones are isolated.
+
+        With ``timed_out`` (:meth:`apply_alone`), a statement timeout condemns the
+        operation too, its error followed by ``timed_out``.
+        """
         if not ops:
             return
         try:
             with conn.begin_nested():
                 self.write(conn, ops)
         except (DBAPIError, StatementError) as exc:
-            if is_transient(exc):
+            if is_transient(exc) and not (timed_out is not None and is_timeout(exc)):
                 raise
             if len(ops) == 1:
-                self._one(conn, ops[0], exc, dead)
+                self._one(conn, ops[0], exc, dead, timed_out)
                 return
             middle = len(ops) // 2
-            self._bisect(conn, ops[:middle], dead)
-            self._bisect(conn, ops[middle:], dead)
+            self._bisect(conn, ops[:middle], dead, timed_out)
+            self._bisect(conn, ops[middle:], dead, timed_out)
 
     def _earlier(
         self, conn: Connection, fresh: list[Entry], ops: list[Entry], dead: dict[str, str]
@@ -707,9 +746,18 @@ class Applier:
         return applied
 
     def _one(
-        self, conn: Connection, entry: Entry, exc: BaseException, dead: dict[str, str]
+        self,
+        conn: Connection,
+        entry: Entry,
+        exc: BaseException,
+        dead: dict[str, str],
+        timed_out: str | None = None,
     ) -> None:
-        """An operation failed alone: confirm through executemany before condemning it."""
+        """An operation failed alone: confirm through executemany before condemning it
+        (not a timeout: that is no quirk of the set-based statement)."""
+        if timed_out is not None and is_timeout(exc):
+            dead[entry.id] = str(getattr(exc, "orig", None) or exc).strip() + timed_out
+            return
         if self.sets is not None:
             try:
                 with conn.begin_nested():

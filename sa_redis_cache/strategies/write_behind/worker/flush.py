@@ -62,7 +62,7 @@ from sa_redis_cache.slot_groups import model_groups
 from sa_redis_cache.strategies.write_behind.checks import redis_problems
 from sa_redis_cache.strategies.write_behind.columns import is_write_behind
 
-from .apply import Applier, BatchResult, Entry, LeaseLost
+from .apply import Applier, BatchResult, Entry, LeaseLost, is_timeout
 from .outage import DatabaseOutage, is_unreachable
 from .stats import WorkerStats, queue_stats
 
@@ -137,6 +137,11 @@ class Partition:
     cursor: str = "-"
     retry_at: float = 0.0
     failures: int = 0
+    # entries read per batch; below the worker's batch_size after a statement timeout
+    # (0: the worker's batch_size), doubled back after each batch applied
+    limit: int = 0
+    timeouts: int = 0  # times the entry ``timed_out`` timed out alone, in a row
+    timed_out: str = ""
 
 
 @dataclass(slots=True)
@@ -160,7 +165,10 @@ class FlushWorker:
     same name again to a worker that replaces a crashed one: it then takes that one's
     partitions at once instead of after ``lease_ms``. A worker that dies is replaced by the
     others within ``lease_ms`` (5 s); :meth:`run` renews the leases it holds every
-    ``heartbeat_ms`` (a fifth of ``lease_ms``) from a thread of its own.
+    ``heartbeat_ms`` (a fifth of ``lease_ms``) from a thread of its own. A batch that
+    exceeds the database's ``statement_timeout`` is read again at half the size, down to
+    one entry; an operation that times out alone ``timeout_attempts`` times in a row is
+    dead-lettered (docs/write-behind.md, "Errors").
 
     Example::
 
@@ -189,6 +197,7 @@ class FlushWorker:
         heartbeat_ms: int | None = None,
         default_ttl: float = 300,
         max_backoff: float = 5.0,
+        timeout_attempts: int = 5,
     ) -> None:
         if not 1 <= batch_size <= 5000:
             raise ConfigurationError(f"batch_size={batch_size} must be from 1 to 5000")
@@ -200,6 +209,12 @@ class FlushWorker:
             raise ConfigurationError(
                 f"lease_ms={lease_ms} is longer than {LEASE_MAX_MS}: a worker set member "
                 "scored further ahead is taken for planted"
+            )
+        if timeout_attempts < 1:
+            raise ConfigurationError(
+                f"timeout_attempts={timeout_attempts} must be at least 1: the times one "
+                "operation may exceed the database's statement_timeout before it is "
+                "dead-lettered"
             )
         heartbeat_ms = lease_ms // 5 if heartbeat_ms is None else heartbeat_ms
         if not 0 < heartbeat_ms <= lease_ms // 2:
@@ -236,6 +251,7 @@ class FlushWorker:
         self.heartbeat_ms = heartbeat_ms
         self.default_ttl = default_ttl
         self.max_backoff = max_backoff
+        self.timeout_attempts = timeout_attempts
         self.partitions: list[Partition] = []
         self._tables: dict[str, list[Partition]] = {}
         self._live_counts: dict[str, int] = {}  # workers per table, as last announced
@@ -250,6 +266,7 @@ class FlushWorker:
         self.dead_letters = 0
         self.superseded = 0
         self.fenced = 0
+        self._shrunk = 0  # of the errors, batches read again smaller after a timeout
         self.database = DatabaseOutage()
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: _InFlight | None = None
@@ -322,11 +339,12 @@ class FlushWorker:
         beat.start()
         try:
             while not stop.is_set():
-                failures_before = self.errors
+                # a batch shrunk after a statement timeout is retried at once, smaller
+                failures_before = self.errors - self._shrunk
                 self.run_once(block_ms=self.block_ms, settle=False)
                 if on_pass is not None:
                     on_pass()
-                if self.errors > failures_before:
+                if self.errors - self._shrunk > failures_before:
                     delay = min(self.max_backoff, max(0.05, delay * 2))
                     stop.wait(delay * (0.5 + random.random() / 2))
                 else:
@@ -703,6 +721,7 @@ class FlushWorker:
         p.held = p.lost = p.caught_up = False
         p.token = None
         p.unacked = 0
+        p.limit = p.timeouts = 0
         p.cursor = "-"
 
     def _dropped(self, p: Partition, why: str) -> None:
@@ -790,7 +809,7 @@ class FlushWorker:
                     continue
                 if isinstance(reply, Exception):
                     raise reply
-                p.caught_up = len(reply) < self.batch_size
+                p.caught_up = len(reply) < (p.limit or self.batch_size)
                 if reply:
                     read_any = True
                     done += self._process(p, reply)
@@ -800,7 +819,8 @@ class FlushWorker:
         return done
 
     def _take_and_read(self, parts: list[Partition]) -> list[tuple[Any, Any]]:
-        """Per partition, the lease script's reply and ``XRANGE - + COUNT batch_size``.
+        """Per partition, the lease script's reply and ``XRANGE - + COUNT batch_size``
+        (fewer after a statement timeout: :meth:`_timed_out`).
 
         Plain ``XRANGE`` rather than a read inside the script: a script would turn each
         entry into Lua values and back. Reading changes nothing, so reading a partition
@@ -821,7 +841,7 @@ class FlushWorker:
             pipe = self._reader.pipeline(transaction=False)
             for p, (script, keys, args) in zip(parts, calls, strict=True):
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
-                pipe.xrange(p.stream, min=p.cursor, count=self.batch_size)
+                pipe.xrange(p.stream, min=p.cursor, count=p.limit or self.batch_size)
             replies = pipe.execute(raise_on_error=False)
             if attempt or not any(isinstance(r, NoScriptError) for r in replies[::2]):
                 break
@@ -860,7 +880,7 @@ class FlushWorker:
         p.cursor = f"({entries[-1].id}"
         started = time.perf_counter()
         try:
-            result = applier.apply(p.stream, entries, token=p.token)
+            result = self._apply(p, entries)
         except LeaseLost as exc:
             self.fenced += 1
             if self._renew([p]):
@@ -882,6 +902,11 @@ class FlushWorker:
         except (DBAPIError, StatementError) as exc:
             self._failed(p, exc)
             return 0
+        if result is None:  # timed out: read again, fewer entries or after a backoff
+            return 0
+        if p.limit:  # a smaller batch passed: grow back towards batch_size
+            p.limit = 0 if p.limit * 2 >= self.batch_size else p.limit * 2
+        p.timeouts = 0
         self.database.answered()
         db_ms = (time.perf_counter() - started) * 1000
         # committed: what the database now holds counts even if the ack is lost (the
@@ -900,6 +925,69 @@ class FlushWorker:
         future = self._executor.submit(self._after_flush, p, entries, result)
         self._inflight = _InFlight(p, entries, result, started, db_ms, future)
         return done
+
+    def _apply(self, p: Partition, entries: list[Entry]) -> BatchResult | None:
+        """Apply a batch; None when it timed out and is to be read again (:meth:`_timed_out`)."""
+        try:
+            return p.applier.apply(p.stream, entries, token=p.token)
+        except DBAPIError as exc:
+            if not is_timeout(exc):
+                raise
+            return self._timed_out(p, entries, exc)
+
+    def _timed_out(self, p: Partition, entries: list[Entry], exc: DBAPIError) -> BatchResult | None:
+        """The batch exceeded the database's ``statement_timeout`` (SQLSTATE 57014).
+
+        Retried as it is, it would time out again on every pass and hold the partition
+        for good. A batch of several entries is read again at half the size (down to
+        one), so the operations that fit are applied. One entry that still times out
+        alone is retried with backoff; its ``timeout_attempts``-th attempt
+        (:meth:`.Applier.apply_alone`) dead-letters it if it times out again (replayable
+        once the cause is fixed: a slow trigger, a row lock held for long, a timeout set
+        too short), so the rest of the partition goes on. Returns that attempt's batch
+        result, else None (read again later).
+        """
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        where = {"wb_table": p.info.table, "wb_partition": p.number}
+        entry = entries[0]
+        if len(entries) > 1:
+            self.errors += 1
+            self._shrunk += 1
+            p.cursor = "-"  # read again from the head, without a backoff: a smaller batch
+            p.limit = max(1, len(entries) // 2)
+            p.timeouts = 0
+            log.warning(
+                "write-behind batch of %s entries timed out (%s); retrying %s at a time",
+                len(entries),
+                reason,
+                p.limit,
+                extra=where,
+            )
+            return None
+        p.limit = 1
+        p.timeouts = p.timeouts + 1 if p.timed_out == entry.id else 1
+        p.timed_out = entry.id
+        if p.timeouts < self.timeout_attempts - 1:
+            self._failed(p, exc)  # read again from the head after a backoff
+            return None
+        # the last attempt holds the partition's offset row first: a timeout then is the
+        # operation's own, not a wait for that lock (which a dead-letter replay holds)
+        self.errors += 1
+        note = (
+            f" (the operation timed out alone {p.timeouts + 1} times in a row: "
+            "statement_timeout; dead-lettered so that the partition goes on)"
+        )
+        result = p.applier.apply_alone(p.stream, entry, token=p.token, note=note)
+        if result.dead:
+            log.warning(
+                "write-behind operation %s (entry %s) timed out alone %s times (%s): dead-lettered",
+                entry.pk,
+                entry.id,
+                p.timeouts + 1,
+                reason,
+                extra=where,
+            )
+        return result
 
     def _settle(self) -> int:
         """Wait for the acknowledgement in flight; count, log or retry its batch."""
