@@ -742,7 +742,8 @@ def test_a_read_from_before_a_commit_of_unknown_outcome_is_not_stored_as_current
             committed = conn.scalar(sa.text("SELECT value FROM review_async_gauges WHERE id = 1"))
         if committed == 2:
             break
-        assert committed == 1 and later == [1, 1], (committed, later)
+        assert committed == 1, committed
+        assert later == [1, 1], later
     assert committed == 2, "the COMMIT was meant to succeed (3 tries)"
     assert before == 1
     assert later == [2, 2]
