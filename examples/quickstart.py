@@ -83,6 +83,7 @@ def main(database_url: str, redis_url: str, namespace: str = "quickstart") -> No
     stats = cache.stats()["models"]["Product"]
     print(f"Product: {stats['hits']} hits, {stats['misses']} misses")
 
+    cache.detach()  # the hooks off make_session (a process that ends need not)
     Base.metadata.drop_all(engine)
     engine.dispose()
     cache.client.close()
