@@ -911,6 +911,9 @@ class Cache:
 
         Sessions made afterwards by the factories this cache was attached to read and
         write the database only. Useful in tests and before re-configuring a process.
+        Until then the cache is part of the process: dropping every reference to it (and
+        to the factories) frees nothing, since its hooks, its counters' publisher thread
+        and its local tier's threads hold it. A test that attaches a cache detaches it.
         The counters' publisher stops after a last publish (one round trip). The
         factories are freed: another ``Cache`` may attach them.
 
