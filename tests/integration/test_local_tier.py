@@ -1085,6 +1085,7 @@ def test_a_forked_child_starts_a_tier_of_its_own(
     reader = spawn()
     reader.hold(product)
     parent_holder = reader.tier.holder
+    breaks, lapses = reader.tier.breaks, reader.tier.lapses
     context = multiprocessing.get_context("fork")
     results = context.Queue()
 
@@ -1106,8 +1107,14 @@ def test_a_forked_child_starts_a_tier_of_its_own(
     assert got["entries"] == 0
     assert got["ready"] is True
     assert got["price"] == "1.00"
-    # the parent's tier is untouched: still ready, still serving
+    # the parent's tier is untouched: none of its connections broken, still serving
+    assert reader.tier.breaks == breaks
     assert reader.tier.ready
+    if reader.tier.lapses != lapses:
+        # its listener thread, starved on a busy machine, renewed its lease late (which
+        # empties the tier, as it must): it serves again once it holds one
+        reader.hold(product)
+        return
     hits = reader.total("local_hits")
     reader.price(product)
     assert reader.total("local_hits") == hits + 1
