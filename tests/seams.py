@@ -17,8 +17,9 @@ public mechanisms can see, and runs the other side there. Four points:
   clients sees the commands of each round trip before they are sent. A lease request is
   ``SET <entry>:lease <token> NX ...``, or a script that asks for it (a query's first
   look, ``lua/look.lua``; a refresh, ``lua/refresh_lease.lua``); a caller that was
-  refused the lease polls: its next round trip is a lone ``MGET`` of the entry, and that
-  is when it has started waiting (whoever got the lease sends its fill instead).
+  refused the lease polls: its next round trip is a lone look at the entry (a ``MGET``,
+  or ``lua/look.lua``, which takes the lease if its holder released it unfilled), and
+  that is when it has started waiting (whoever got the lease sends its fill instead).
 
 Listeners run in the caller's thread (or greenlet) at that point and may open sessions
 of their own; under asyncio the Redis points run in the event loop's task, outside the
@@ -57,6 +58,7 @@ RoundTrip = list[Command]
 LEASE_SUFFIX = ":lease"
 # the scripts that ask for an entry's lease (KEYS[1] the entry, KEYS[2] its lease)
 _LEASE_SCRIPTS = frozenset(scripts.script(name).sha for name in ("look", "refresh_lease"))
+_LOOK_SCRIPT = scripts.script("look").sha
 
 
 def _word(arg: Any) -> str:
@@ -224,22 +226,37 @@ class _LeaseWaits:
     def __init__(self, fn: Callable[[], object]) -> None:
         self.fn = fn
         self.asked: dict[object, str] = {}  # caller -> the entry whose lease it asked for
+        self.waiting: dict[object, str] = {}  # caller -> the entry it polls for
 
     def __call__(self, trip: RoundTrip) -> None:
         caller = _caller()
-        for command in trip:
-            entry = lease_entry(command)
-            if entry is not None:
-                self.asked[caller] = entry
-                return
         entry = self.asked.get(caller)
-        if entry is None:
-            return
-        if len(trip) == 1 and trip[0][0].upper() == "MGET" and trip[0][1:2] == (entry,):
+        if entry is not None and len(trip) == 1 and _looks_at(trip[0], entry):
             del self.asked[caller]
+            self.waiting[caller] = entry
             self.fn()
-        elif any(entry in word for command in trip for word in command[1:]):
-            del self.asked[caller]  # it got the lease: this is its fill (or release)
+            return
+        for command in trip:
+            asked = lease_entry(command)
+            if asked is not None:
+                if len(trip) == 1 and self.waiting.get(caller) == asked:
+                    return  # a later poll of the same wait
+                self.waiting.pop(caller, None)
+                self.asked[caller] = asked
+                return
+        for held in (entry, self.waiting.get(caller)):
+            if held is not None and any(held in word for command in trip for word in command[1:]):
+                # it got the lease: this is its fill (or release)
+                self.asked.pop(caller, None)
+                self.waiting.pop(caller, None)
+
+
+def _looks_at(command: Command, entry: str) -> bool:
+    """Whether ``command`` is a look at ``entry``: a ``MGET`` of it (and its counters), or
+    ``lua/look.lua`` on it (which also takes its lease if nobody holds it)."""
+    if command[0].upper() == "MGET":
+        return command[1:2] == (entry,)
+    return lease_entry(command) == entry and command[1] == _LOOK_SCRIPT
 
 
 def once(fn: Callable[[], object]) -> Callable[[], None]:

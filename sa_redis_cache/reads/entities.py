@@ -258,7 +258,7 @@ class EntityReads:
             if handed and not lease and pinned is None and mark is None:
                 handed = False
                 return first
-            return self._look(key, counters, info, pk, pinned, scope, lease)
+            return self._look(key, counters, info, pk, pinned, scope, lease, if_absent=if_absent)
 
         return self.flow.read_through(
             orm_context,
@@ -285,12 +285,15 @@ class EntityReads:
         pinned: bytes | None,
         scope: str,
         lease: str,
+        *,
+        if_absent: bool = False,
     ) -> Look | None:
         """One MGET of an entity entry, its table's version and generation, its row's
-        write counter. A valid entry is found decoded and checked against ``info`` and
-        ``pk`` (:meth:`_valid`); an unreadable one is deleted, counted, and looked at as
-        missing."""
-        fetched = self.flow.fetch([key, *counters], scope, lease)
+        write counter, asking for the lease (``if_absent``: only when the entry is absent,
+        :meth:`ReadThrough.fetch <.flow.ReadThrough.fetch>`). A valid entry is found
+        decoded and checked against ``info`` and ``pk`` (:meth:`_valid`); an unreadable
+        one is deleted, counted, and looked at as missing."""
+        fetched = self.flow.fetch([key, *counters], scope, lease, if_absent=if_absent)
         if fetched is None:
             return None
         (entry, *current), leased = fetched

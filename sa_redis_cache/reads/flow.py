@@ -381,11 +381,18 @@ class ReadThrough:
         core.counters.incr(target.scope, "lease_waits", also=target.also)
         poller = stampede.Poller(target.lease_wait, sleep=core.io().sleep)
         while poller.wait():
-            seen = target.look("")
+            # each look asks for the lease too: a holder that failed or whose fill was
+            # refused released it, and one waiter (not every one, at the end of its
+            # lease_wait) then reads the database and fills for the others
+            seen = target.look(token, if_absent=True)
             if seen is None:
                 break
             if seen.found is not None:
+                if seen.leased:  # a look that cannot ask only if absent (never on one slot)
+                    self._release(target.key, token)
                 return "", target.serve(seen), seen
+            if seen.leased:
+                return token, None, seen
         return "", None, again
 
     def _release(self, entry_key: str, token: str) -> None:

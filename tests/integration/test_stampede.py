@@ -246,7 +246,8 @@ def test_a_query_miss_takes_its_lease_in_its_first_look(
     assert before_read == [1], trips
     assert len(trips) == 2, trips  # the look with its lease, then the fill
     assert cache.stats()["regions"]["default"]["fills"] == 2
-    assert not list(cache.client.scan_iter(match="*:lease"))  # the fill released it
+    # the fill released it
+    assert not list(cache.client.scan_iter(match=f"sarc:{cache.namespace}:*:lease"))
     sql.reset()
     with session_factory() as s:
         assert s.execute(stmt).all() == expected
@@ -286,7 +287,7 @@ def test_a_first_look_that_finds_the_entry_takes_no_lease(
     for _ in range(3):
         with session_factory() as s:
             assert s.execute(stmt).all() == expected
-    assert not list(cache.client.scan_iter(match="*:lease"))
+    assert not list(cache.client.scan_iter(match=f"sarc:{cache.namespace}:*:lease"))
     assert cache.stats()["regions"]["default"]["hits"] == 3
 
 
@@ -460,3 +461,63 @@ def test_entity_entry_stamps_of_both_writers_parse() -> None:
     for foreign in ([[7, 5, 3], None], [["7", 5, 3, 1000], None], [7, None], [7.0, None], [7]):
         with pytest.raises(CodecError):
             entity_entry(pack(foreign))
+
+
+@pytest.mark.parametrize("read", ["query", "entity"])
+def test_a_holder_that_fails_hands_its_lease_to_one_waiter(
+    session_factory: sessionmaker[Session],
+    sql: SQLCounter,
+    seams: Seams,
+    cache: Cache,
+    monkeypatch: pytest.MonkeyPatch,
+    read: str,
+) -> None:
+    """The lease holder's database read fails once every other caller waits for its fill.
+    Its lease is released unfilled: one waiter takes it at its next look, reads the
+    database and fills for the rest. (Each waiter used to poll without asking for the
+    lease, wait all of ``lease_wait``, then read the database itself: as many queries as
+    waiters, after a minute here.)"""
+    callers = 16
+    info = cache._core.models.entity_infos[inspect(Category)]
+    monkeypatch.setattr(info, "policy", replace(Category.__cache__, lease_wait=TIMEOUT))
+    stmt = select(Category.name).where(Category.id == 1).options(FromCache(lease_wait=TIMEOUT))
+
+    def name(s: Session) -> str:
+        if read == "entity":
+            return s.get_one(Category, 1).name
+        return str(s.scalars(stmt).one())
+
+    waiting = threading.Semaphore(0)
+
+    def fail_once_all_wait() -> None:
+        for _ in range(callers - 1):
+            assert waiting.acquire(timeout=TIMEOUT)
+        raise RuntimeError("the holder's read failed")
+
+    with sessionmaker(session_factory.kw["bind"])() as s:
+        expected = s.get_one(Category, 1).name
+    seams.lease_wait(waiting.release)
+    seams.after_database_read(once(fail_once_all_wait))
+    sql.reset()
+    start = threading.Barrier(callers)
+    names: list[str] = []
+    failures: list[BaseException] = []
+
+    def call() -> None:
+        start.wait(TIMEOUT)
+        try:
+            with session_factory() as s:
+                names.append(name(s))
+        except RuntimeError as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT * 2)
+    seams.close()
+    assert not any(t.is_alive() for t in threads)
+    assert len(failures) == 1
+    assert names == [expected] * (callers - 1)
+    assert sql.count == 2, sql.statements  # the failed read, and the one that filled
