@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import Counter
 from typing import TYPE_CHECKING
 
 import pytest
@@ -24,7 +23,7 @@ import redis
 from sa_redis_cache.compat import key_slot
 from sa_redis_cache.protocol import KeyScheme
 from tests.history_checker import DEFAULT_WRITES, HistoryRun, run_history
-from tests.integration.test_history import MIN_CACHED_READS, MIN_WRITES, assert_meaningful
+from tests.integration.test_history import ATTEMPTS, check, until_meaningful
 from tests.integration.test_history import SECONDS as HISTORY_SECONDS
 
 if TYPE_CHECKING:
@@ -103,16 +102,6 @@ def run_with(
     return run, rounds[0]
 
 
-ATTEMPTS = 3
-
-
-def check(run: HistoryRun) -> None:
-    """0 stale reads and no operation errors in ``run``."""
-    print(run.summary())
-    if run.violations() or run.errors:
-        pytest.fail(run.report(), pytrace=False)
-
-
 def run_until_meaningful(
     chaos: Callable[[threading.Event], int],
     database_url: str,
@@ -143,18 +132,18 @@ def test_the_history_suite_on_a_cluster(
     redis_cluster: RedisCluster, database_url: str, namespace: str, strategy: str
 ) -> None:
     """tests/integration/test_history.py's run, on the cluster, every write kind."""
-    run = run_history(
-        database_url,
-        redis_cluster.url,
-        namespace,
-        strategy=strategy,
-        processes=2,
-        threads=3,
-        seconds=HISTORY_SECONDS,
-        writes=DEFAULT_WRITES,
+    until_meaningful(
+        lambda: run_history(
+            database_url,
+            redis_cluster.url,
+            namespace,
+            strategy=strategy,
+            processes=2,
+            threads=3,
+            seconds=HISTORY_SECONDS,
+            writes=DEFAULT_WRITES,
+        )
     )
-    check(run)
-    assert_meaningful(run)
 
 
 @pytest.mark.parametrize(
@@ -170,12 +159,8 @@ def test_the_history_suite_on_a_slot_group_and_with_spread_entries(
     """The same run with the table's keys in a slot group (``{ns:@history}``), or with its
     query entries spread over the slots by their digest (every look and fill then spans
     the entry's slot and the table's): every write still retires every entry."""
-    # a loaded machine makes thin runs: each run is checked, and together (at most
-    # ATTEMPTS) they must write and hit as much as assert_meaningful asks of one
-    written: Counter[str] = Counter()
-    served: Counter[str] = Counter()
-    for _ in range(ATTEMPTS):
-        run = run_history(
+    run = until_meaningful(
+        lambda: run_history(
             database_url,
             redis_cluster.url,
             namespace,
@@ -187,16 +172,7 @@ def test_the_history_suite_on_a_slot_group_and_with_spread_entries(
             slot_group=slot_group,
             spread=spread,
         )
-        check(run)
-        written.update(w.kind for w in run.writes)
-        served.update({kind: run.reads_by[(kind, "cache")] for kind in ("get", "query", "list")})
-        if (
-            min(written[k] for k in DEFAULT_WRITES) >= MIN_WRITES
-            and min(served.values()) >= MIN_CACHED_READS
-        ):
-            break
-    else:
-        pytest.fail(f"{ATTEMPTS} runs wrote {dict(written)} and served {dict(served)}: too thin")
+    )
     table = f"sarc_history_{run.config.strategy}"
     keys = KeyScheme(namespace, {} if slot_group is None else {table: slot_group})
     client = redis_cluster.client()

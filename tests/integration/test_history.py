@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -34,41 +35,67 @@ from tests.history_checker import (
     run_history,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 SECONDS = float(os.environ.get("SARC_HISTORY_SECONDS", "3"))
 PROCESSES = 2
 THREADS = 3
 MIN_WRITES = 10  # of each kind
 MIN_CACHED_READS = 50  # of each kind
+READ_KINDS = ("get", "query", "list")
+ATTEMPTS = 3
 
 
-def assert_meaningful(run: HistoryRun) -> None:
-    """The run wrote, and served each kind of read from the cache, often enough."""
-    written = Counter(w.kind for w in run.writes)
-    for kind in run.config.writes:
-        assert written[kind] >= MIN_WRITES, run.summary()
-    for kind in ("get", "query", "list"):
-        assert run.reads_by[(kind, "cache")] >= MIN_CACHED_READS, run.summary()
-    assert run.counter("total", "hits") >= 3 * MIN_CACHED_READS, run.summary()
+def check(run: HistoryRun) -> None:
+    """0 stale reads and no operation errors in ``run``."""
+    print(run.summary())  # shown with -s or -rA: the run's size and hit counts
+    if run.violations() or run.errors:
+        pytest.fail(run.report(), pytrace=False)
+
+
+def until_meaningful(run_once: Callable[[], HistoryRun]) -> HistoryRun:
+    """``run_once`` until, together, the runs wrote each kind, served each kind of read
+    from the cache and hit as often as one run must to mean something (at most
+    :data:`ATTEMPTS`: a loaded machine, or a parallel test run, makes thin runs of the
+    same seconds). Every run is checked on its own. Returns the last."""
+    written: Counter[str] = Counter()
+    served: Counter[str] = Counter()
+    hits = 0
+    for _ in range(ATTEMPTS):
+        run = run_once()
+        check(run)
+        written.update(w.kind for w in run.writes)
+        served.update({kind: run.reads_by[(kind, "cache")] for kind in READ_KINDS})
+        hits += run.counter("total", "hits")
+        if (
+            all(written[kind] >= MIN_WRITES for kind in run.config.writes)
+            and all(served[kind] >= MIN_CACHED_READS for kind in READ_KINDS)
+            and hits >= 3 * MIN_CACHED_READS
+        ):
+            return run
+    pytest.fail(
+        f"{ATTEMPTS} runs wrote {dict(written)}, served {dict(served)} from the cache and "
+        f"hit {hits} times: too thin to mean anything"
+    )
 
 
 @pytest.mark.parametrize("strategy", ["cache_aside", "write_through"])
 def test_no_read_sees_a_version_older_than_a_returned_commit(
     database_url: str, redis_url: str, namespace: str, strategy: str
 ) -> None:
-    run = run_history(
-        database_url,
-        redis_url,
-        namespace,
-        strategy=strategy,
-        processes=PROCESSES,
-        threads=THREADS,
-        seconds=SECONDS,
-        writes=DEFAULT_WRITES,
+    until_meaningful(
+        lambda: run_history(
+            database_url,
+            redis_url,
+            namespace,
+            strategy=strategy,
+            processes=PROCESSES,
+            threads=THREADS,
+            seconds=SECONDS,
+            writes=DEFAULT_WRITES,
+        )
     )
-    print(run.summary())  # shown with -s or -rA: the run's size and hit counts
-    if run.violations() or run.errors:
-        pytest.fail(run.report(), pytrace=False)
-    assert_meaningful(run)
 
 
 def test_the_check_catches_writes_the_cache_never_hears_of(
