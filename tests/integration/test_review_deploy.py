@@ -1,0 +1,497 @@
+"""Review: schema changes and rolling deploys, with the database as the oracle.
+
+Two versions of one model run side by side on one Redis namespace, as during a rolling
+deploy: this process maps the old version (``V1``), a child process (:class:`Peer`) maps
+a new one (a column added, dropped, renamed or retyped, a ``column_property`` changed).
+They are separate processes because ``attach()`` refuses, within one process, classes
+that map one table differently. Each has its own engine and cache. The probes ask whether
+either reads the other's entries as its own rows, whether a write by one retires the
+other's cached reads (``FromCache``, ``session.get``, the local tier), and what becomes of
+write-behind operations queued by one version and drained by a worker of the other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy import select
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    column_property,
+    mapped_column,
+    sessionmaker,
+)
+
+from devservices import RedisServer
+from sa_redis_cache import Cache, CachePolicy, FlushWorker, FromCache, schema
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+TABLE = f"deploy_items_{secrets.token_hex(4)}"
+WB_TABLE = f"deploy_wb_{secrets.token_hex(4)}"
+
+# The child process: maps ``TABLE`` (or ``WB_TABLE``) as the version named on its command
+# line, attaches a cache of its own, and answers one JSON command per line.
+PEER = textwrap.dedent(
+    """
+    import json, sys
+    import redis
+    import sqlalchemy as sa
+    from sqlalchemy import select
+    from sqlalchemy.orm import DeclarativeBase, Session, column_property, sessionmaker
+    from sa_redis_cache import Cache, CachePolicy, FlushWorker, FromCache
+
+    db_url, redis_url, namespace, table, version, strategy, local = sys.argv[1:8]
+
+    class Base(DeclarativeBase):
+        pass
+
+    policy = CachePolicy(ttl=300, strategy=strategy)
+    columns = [sa.Column("id", sa.Integer, primary_key=True)]
+    if version != "renamed":
+        columns.append(sa.Column("name", sa.String(40), nullable=False))
+    else:
+        columns.append(sa.Column("title", sa.String(40), nullable=False))
+    # write-behind takes Python-side defaults and no column_property
+    behind = strategy == "write_behind"
+    defaults = lambda value: {"default": value} if behind else {"server_default": str(value)}
+    if version != "dropped":
+        qty = sa.BigInteger if version == "retyped" else sa.Integer
+        columns.append(sa.Column("qty", qty, nullable=False, **defaults(0)))
+    if version == "added":
+        columns.append(sa.Column("note", sa.String(40), nullable=False, **defaults("n/a")))
+    if behind:
+        columns[0] = sa.Column("id", sa.Integer, primary_key=True, autoincrement=False)
+
+    class Item(Base):
+        __table__ = sa.Table(table, Base.metadata, *columns)
+        __cache__ = policy
+        if version == "expr":
+            total = column_property(__table__.c.qty * 100)
+        elif "qty" in __table__.c and not behind:
+            total = column_property(__table__.c.qty + 1)
+
+    engine = sa.create_engine(db_url)
+    cache = Cache(redis_url, namespace=namespace, local=local == "1")
+    factory = sessionmaker(engine, expire_on_commit=False)
+    cache.attach(factory)
+
+    def shown(obj):
+        if obj is None:
+            return None
+        return {k: obj.__dict__[k] for k in sorted(Item.__mapper__.column_attrs.keys())
+                if k in obj.__dict__}
+
+    def answer(cmd):
+        op = cmd["op"]
+        if op == "get":
+            with factory() as s:
+                return shown(s.get(Item, cmd["pk"]))
+        if op == "query":
+            with factory() as s:
+                cached = FromCache(local=cmd.get("local", False))
+                stmt = select(Item).order_by(Item.id).options(cached)
+                return [shown(o) for o in s.scalars(stmt)]
+        if op == "set":
+            with factory.begin() as s:
+                obj = s.get(Item, cmd["pk"])
+                for k, v in cmd["values"].items():
+                    setattr(obj, k, v)
+            return None
+        if op == "insert":
+            with factory.begin() as s:
+                s.add(Item(**cmd["values"]))
+            return None
+        if op == "drain":
+            client = redis.Redis.from_url(redis_url)
+            worker = FlushWorker(
+                engine, client, namespace=namespace, models=[Item], consumer="peer"
+            )
+            total = 0
+            try:
+                while True:
+                    done = worker.run_once()
+                    total += done
+                    if not done:
+                        return total
+            finally:
+                worker.release()
+                client.close()
+        raise ValueError(op)
+
+    for line in sys.stdin:
+        try:
+            print(json.dumps({"ok": answer(json.loads(line))}), flush=True)
+        except Exception as exc:
+            print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+    cache.detach()
+    """
+)
+
+
+class Peer:
+    """A process of another version of the model, on the same namespace."""
+
+    def __init__(self, *args: str) -> None:
+        env = {**os.environ, "PYTHONPATH": os.getcwd()}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PEER, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def __call__(self, op: str, **kwargs: Any) -> Any:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the peer process died"
+        reply = json.loads(line)
+        if "error" in reply:
+            raise AssertionError(f"peer: {reply['error']}")
+        return reply["ok"]
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+        self.proc.stdout.close()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    """The old version (V1): id, name, qty, and total = qty + 1."""
+
+    __tablename__ = TABLE
+    __cache__ = CachePolicy(ttl=300)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(40))
+    qty: Mapped[int] = mapped_column(server_default="0")
+    total: Mapped[int] = column_property(qty + 1)
+
+
+def oracle(engine: sa.Engine, pk: int) -> dict[str, Any]:
+    """The row as the database holds it, on a connection the cache never saw."""
+    with engine.connect() as conn:
+        return reflected(conn, TABLE, pk)
+
+
+def reflected(conn: sa.Connection, name: str, pk: int) -> dict[str, Any]:
+    """Row ``pk`` of table ``name`` with the columns the database has now."""
+    table = sa.Table(name, sa.MetaData(), autoload_with=conn)
+    return dict(conn.execute(select(table).where(table.c.id == pk)).one()._mapping)
+
+
+@pytest.fixture
+def table(engine: sa.Engine) -> Iterator[None]:
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Item).values(id=1, name="one", qty=5))
+    yield
+    Base.metadata.drop_all(engine)
+
+
+@pytest.fixture
+def old(redis_url: str, namespace: str, database_url: str, table: None) -> Iterator[Any]:
+    """This process: V1, with its own engine and cache."""
+    engine = sa.create_engine(database_url)
+    cache = Cache(redis_url, namespace=namespace)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    cache.attach(factory)
+    yield factory
+    cache.detach()
+    engine.dispose()
+
+
+@pytest.fixture
+def peer(redis_url: str, namespace: str, database_url: str, table: None) -> Iterator[Any]:
+    made: list[Peer] = []
+
+    def make(version: str, strategy: str = "cache_aside", local: bool = False) -> Peer:
+        tier = "1" if local else "0"
+        p = Peer(database_url, redis_url, namespace, TABLE, version, strategy, tier)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+@pytest.fixture
+def wb_peer(aof_redis: RedisServer, namespace: str, database_url: str) -> Iterator[Any]:
+    """A write-behind peer of ``WB_TABLE`` on the AOF Redis."""
+    made: list[Peer] = []
+
+    def make(version: str) -> Peer:
+        p = Peer(database_url, aof_redis.url, namespace, WB_TABLE, version, "write_behind", "0")
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def get(factory: sessionmaker[Session], pk: int) -> dict[str, Any]:
+    with factory() as s:
+        obj = s.get(Item, pk)
+        assert obj is not None
+        return {"name": obj.name, "qty": obj.qty, "total": obj.total}
+
+
+def query(factory: sessionmaker[Session]) -> list[dict[str, Any]]:
+    with factory() as s:
+        stmt = select(Item).order_by(Item.id).options(FromCache())
+        return [{"name": o.name, "qty": o.qty, "total": o.total} for o in s.scalars(stmt)]
+
+
+def test_a_changed_column_property_is_not_read_from_the_old_versions_entries(
+    old: sessionmaker[Session], peer: Any, engine: sa.Engine
+) -> None:
+    """V1 maps total = qty + 1, V2 total = qty * 100; the table is the same."""
+    assert get(old, 1)["total"] == 6  # V1 fills the entity entry
+    new = peer("expr")
+    assert new("get", pk=1)["total"] == 500
+    assert new("query")[0]["total"] == 500
+
+
+def migrate(engine: sa.Engine, version: str) -> None:
+    """What alembic runs before (``added``, ``retyped``) the new version is deployed, on a
+    connection the cache never saw, while both versions' entries exist."""
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    with engine.begin() as conn:
+        ops = Operations(MigrationContext.configure(conn))
+        if version == "added":
+            ops.add_column(
+                TABLE, sa.Column("note", sa.String(40), nullable=False, server_default="n/a")
+            )
+        elif version == "retyped":
+            ops.alter_column(TABLE, "qty", type_=sa.BigInteger)
+
+
+def shown_v1(row: dict[str, Any]) -> dict[str, Any]:
+    return {"name": row["name"], "qty": row["qty"], "total": row["qty"] + 1}
+
+
+@pytest.fixture(params=[False, True], ids=["redis", "local"])
+def tier(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+@pytest.fixture
+def old_tiered(
+    redis_url: str, namespace: str, database_url: str, table: None, tier: bool
+) -> Iterator[Any]:
+    """V1 in this process, with the local tier when ``tier``."""
+    engine = sa.create_engine(database_url)
+    cache = Cache(redis_url, namespace=namespace, local=tier)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    cache.attach(factory)
+    yield factory
+    cache.detach()
+    engine.dispose()
+
+
+def query_tiered(factory: sessionmaker[Session], local: bool) -> list[dict[str, Any]]:
+    with factory() as s:
+        stmt = select(Item).order_by(Item.id).options(FromCache(local=local))
+        return [{"name": o.name, "qty": o.qty, "total": o.total} for o in s.scalars(stmt)]
+
+
+@pytest.mark.parametrize("version", ["added", "dropped", "retyped", "expr"])
+def test_each_versions_writes_retire_the_others_reads(
+    old_tiered: sessionmaker[Session], peer: Any, engine: sa.Engine, version: str, tier: bool
+) -> None:
+    migrate(engine, version)
+    new = peer(version, local=tier)
+    for _ in range(2):  # fill, then hit
+        assert get(old_tiered, 1) == shown_v1(oracle(engine, 1))
+        assert query_tiered(old_tiered, tier) == [shown_v1(oracle(engine, 1))]
+        new("get", pk=1)
+        new("query", local=tier)
+    changes: dict[str, Any] = {"name": "two"}
+    if version != "dropped":
+        changes["qty"] = 7
+    new("set", pk=1, values=changes)
+    assert oracle(engine, 1)["name"] == "two"
+    assert get(old_tiered, 1) == shown_v1(oracle(engine, 1))
+    assert query_tiered(old_tiered, tier) == [shown_v1(oracle(engine, 1))]
+    with old_tiered.begin() as s:
+        obj = s.get(Item, 1)
+        assert obj is not None
+        obj.name = "three"
+    row = oracle(engine, 1)
+    assert row["name"] == "three"
+    assert new("get", pk=1)["name"] == "three"
+    assert new("query", local=tier)[0]["name"] == "three"
+
+
+@pytest.mark.parametrize("strategy", ["cache_aside", "write_through"])
+def test_a_server_default_the_new_version_declares_is_read_as_the_database_holds_it(
+    old: sessionmaker[Session], peer: Any, engine: sa.Engine, strategy: str
+) -> None:
+    migrate(engine, "added")
+    new = peer("added", strategy=strategy)
+    new("insert", values={"id": 2, "name": "two"})
+    assert oracle(engine, 2)["note"] == "n/a"
+    assert new("get", pk=2)["note"] == "n/a"
+    assert new("get", pk=2)["note"] == "n/a"
+    assert get(old, 2) == shown_v1(oracle(engine, 2))
+
+
+# --------------------------------------------------------------------------- write-behind
+
+
+class WbBase(DeclarativeBase):
+    pass
+
+
+class WbItem(WbBase):
+    """The old version (V1) of a write-behind model: id, name, qty."""
+
+    __tablename__ = WB_TABLE
+    __cache__ = CachePolicy(ttl=300, strategy="write_behind")
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(sa.String(40))
+    qty: Mapped[int] = mapped_column(default=0)
+
+
+@pytest.fixture(scope="module")
+def aof_redis() -> Iterator[RedisServer]:
+    """Write-behind needs AOF (``attach()`` refuses it otherwise)."""
+    with RedisServer(appendonly=True, appendfsync="always") as server:
+        yield server
+
+
+@pytest.fixture
+def wb_old(aof_redis: RedisServer, namespace: str, database_url: str) -> Iterator[Any]:
+    """V1 in this process: a cache-attached sessionmaker, and its flush worker."""
+    engine = sa.create_engine(database_url)
+    schema.upgrade(engine)
+    WbBase.metadata.drop_all(engine)
+    WbBase.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(WbItem).values(id=1, name="one", qty=5))
+    client = redis.Redis.from_url(aof_redis.url)
+    cache = Cache(client, namespace=namespace)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    cache.attach(factory)
+    worker = FlushWorker(engine, client, namespace=namespace, models=[WbItem], consumer="v1")
+    yield factory, worker
+    worker.release()
+    cache.detach()
+    client.close()
+    WbBase.metadata.drop_all(engine)
+    engine.dispose()
+
+
+def wb_oracle(engine: sa.Engine, pk: int) -> dict[str, Any]:
+    with engine.connect() as conn:
+        return reflected(conn, WB_TABLE, pk)
+
+
+def wb_get(factory: sessionmaker[Session], pk: int) -> dict[str, Any]:
+    with factory() as s:
+        obj = s.get(WbItem, pk)
+        assert obj is not None
+        return {"name": obj.name, "qty": obj.qty}
+
+
+def wb_set(factory: sessionmaker[Session], pk: int, **values: Any) -> None:
+    with factory.begin() as s:
+        obj = s.get(WbItem, pk)
+        assert obj is not None
+        for k, v in values.items():
+            setattr(obj, k, v)
+
+
+def drain(worker: FlushWorker) -> int:
+    total = 0
+    for _ in range(50):
+        done = worker.run_once()
+        total += done
+        if not done:
+            return total
+    raise AssertionError("the worker never ran dry")
+
+
+def letters(engine: sa.Engine, namespace: str) -> list[str]:
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.text(
+                    "SELECT error FROM sarc_dead_letters WHERE table_name = :t "
+                    "AND namespace = :ns AND replayed_at IS NULL ORDER BY id"
+                ),
+                {"t": WB_TABLE, "ns": namespace},
+            ).scalars()
+        )
+
+
+def wb_migrate(engine: sa.Engine, version: str) -> None:
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    with engine.begin() as conn:
+        ops = Operations(MigrationContext.configure(conn))
+        if version == "added":
+            ops.add_column(
+                WB_TABLE, sa.Column("note", sa.String(40), nullable=False, server_default="n/a")
+            )
+
+
+@pytest.mark.parametrize("version", ["added", "dropped"])
+def test_an_old_versions_queued_write_dead_lettered_by_a_new_worker_is_not_served_on(
+    wb_old: Any, wb_peer: Any, engine: sa.Engine, version: str, namespace: str
+) -> None:
+    """V1 queues a write; a V2 worker dead-letters it (another schema hash). The letter
+    says why, and V1's processes then read the database's row, not the refused state."""
+    factory, _ = wb_old
+    wb_migrate(engine, version)
+    wb_set(factory, 1, name="queued")
+    assert wb_get(factory, 1)["name"] == "queued"
+    new = wb_peer(version)
+    assert new("drain") == 1
+    [error] = letters(engine, namespace)
+    assert "another version of the model" in error
+    assert wb_oracle(engine, 1)["name"] == "one"
+    assert wb_get(factory, 1) == {"name": "one", "qty": 5}
+
+
+@pytest.mark.parametrize("version", ["added", "dropped"])
+def test_a_new_versions_read_while_an_old_write_is_queued_is_not_served_after_the_flush(
+    wb_old: Any, wb_peer: Any, engine: sa.Engine, version: str
+) -> None:
+    """V2 reads the row from the database while V1's write is queued (it cannot see V1's
+    pending state); once a V1 worker applied the write, V2 must read it."""
+    factory, worker = wb_old
+    wb_migrate(engine, version)
+    new = wb_peer(version)
+    wb_set(factory, 1, name="queued")
+    assert new("get", pk=1)["name"] == "one"  # not flushed yet: the database's row
+    assert drain(worker) == 1
+    assert wb_oracle(engine, 1)["name"] == "queued"
+    assert new("get", pk=1)["name"] == "queued"
+    assert wb_get(factory, 1)["name"] == "queued"
