@@ -59,7 +59,8 @@ PEER = textwrap.dedent(
         pass
 
     policy = CachePolicy(ttl=300, strategy=strategy)
-    columns = [sa.Column("id", sa.Integer, primary_key=True)]
+    key_type = sa.BigInteger if version == "pkbig" else sa.Integer
+    columns = [sa.Column("id", key_type, primary_key=True)]
     if version != "renamed":
         columns.append(sa.Column("name", sa.String(40), nullable=False))
     else:
@@ -238,12 +239,12 @@ def peer(redis_url: str, namespace: str, database_url: str, table: None) -> Iter
 
 
 @pytest.fixture
-def wb_peer(aof_redis: RedisServer, namespace: str, database_url: str) -> Iterator[Any]:
+def wb_peer(redis_url: str, namespace: str, database_url: str) -> Iterator[Any]:
     """A write-behind peer of ``WB_TABLE`` on the AOF Redis."""
     made: list[Peer] = []
 
     def make(version: str) -> Peer:
-        p = Peer(database_url, aof_redis.url, namespace, WB_TABLE, version, "write_behind", "0")
+        p = Peer(database_url, redis_url, namespace, WB_TABLE, version, "write_behind", "0")
         made.append(p)
         return p
 
@@ -385,8 +386,15 @@ def aof_redis() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def redis_url(aof_redis: RedisServer) -> str:
+    """Every probe runs on the AOF Redis: ``attach()`` checks every model of the process,
+    write-behind ``WbItem`` included."""
+    return aof_redis.url
+
+
 @pytest.fixture
-def wb_old(aof_redis: RedisServer, namespace: str, database_url: str) -> Iterator[Any]:
+def wb_old(redis_url: str, namespace: str, database_url: str) -> Iterator[Any]:
     """V1 in this process: a cache-attached sessionmaker, and its flush worker."""
     engine = sa.create_engine(database_url)
     schema.upgrade(engine)
@@ -394,7 +402,7 @@ def wb_old(aof_redis: RedisServer, namespace: str, database_url: str) -> Iterato
     WbBase.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(sa.insert(WbItem).values(id=1, name="one", qty=5))
-    client = redis.Redis.from_url(aof_redis.url)
+    client = redis.Redis.from_url(redis_url)
     cache = Cache(client, namespace=namespace)
     factory = sessionmaker(engine, expire_on_commit=False)
     cache.attach(factory)
@@ -495,3 +503,30 @@ def test_a_new_versions_read_while_an_old_write_is_queued_is_not_served_after_th
     assert wb_oracle(engine, 1)["name"] == "queued"
     assert new("get", pk=1)["name"] == "queued"
     assert wb_get(factory, 1)["name"] == "queued"
+
+
+def test_a_primary_key_retyped_to_bigint_keeps_both_versions_invalidated(
+    old: sessionmaker[Session], peer: Any, engine: sa.Engine
+) -> None:
+    """The migration retypes ``id`` to bigint and V2 maps it so: each version's writes of
+    row 1 retire the other's entity entry of it. (A retype between Python types, integer
+    to text or text to UUID, cannot run side by side at all: SQLAlchemy casts the bound
+    key to the mapped type, and the database refuses the comparison.)"""
+    with engine.begin() as conn:
+        from alembic.migration import MigrationContext
+        from alembic.operations import Operations
+
+        Operations(MigrationContext.configure(conn)).alter_column(TABLE, "id", type_=sa.BigInteger)
+    new = peer("pkbig")
+    for _ in range(2):
+        assert new("get", pk=1)["name"] == "one"
+        assert get(old, 1)["name"] == "one"
+    with old.begin() as s:
+        obj = s.get(Item, 1)
+        assert obj is not None
+        obj.name = "two"
+    assert oracle(engine, 1)["name"] == "two"
+    assert new("get", pk=1)["name"] == "two"
+    new("set", pk=1, values={"name": "three"})
+    assert oracle(engine, 1)["name"] == "three"
+    assert get(old, 1)["name"] == "three"
