@@ -58,7 +58,8 @@ PEER = textwrap.dedent(
     class Base(DeclarativeBase):
         pass
 
-    policy = CachePolicy(ttl=300, strategy=strategy)
+    grouped = {"slot_group": "deploy"} if version == "grouped" else {}
+    policy = CachePolicy(ttl=300, strategy=strategy, **grouped)
     key_type = sa.BigInteger if version == "pkbig" else sa.Integer
     columns = [sa.Column("id", key_type, primary_key=True)]
     if version != "renamed":
@@ -69,7 +70,7 @@ PEER = textwrap.dedent(
     behind = strategy == "write_behind"
     defaults = lambda value: {"default": value} if behind else {"server_default": str(value)}
     if version != "dropped":
-        qty = sa.BigInteger if version == "retyped" else sa.Integer
+        qty = {"retyped": sa.BigInteger, "numeric": sa.Numeric(10, 2)}.get(version, sa.Integer)
         columns.append(sa.Column("qty", qty, nullable=False, **defaults(0)))
     if version == "added":
         columns.append(sa.Column("note", sa.String(40), nullable=False, **defaults("n/a")))
@@ -134,7 +135,7 @@ PEER = textwrap.dedent(
 
     for line in sys.stdin:
         try:
-            print(json.dumps({"ok": answer(json.loads(line))}), flush=True)
+            print(json.dumps({"ok": answer(json.loads(line))}, default=str), flush=True)
         except Exception as exc:
             print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
     cache.detach()
@@ -290,6 +291,8 @@ def migrate(engine: sa.Engine, version: str) -> None:
             )
         elif version == "retyped":
             ops.alter_column(TABLE, "qty", type_=sa.BigInteger)
+        elif version == "numeric":
+            ops.alter_column(TABLE, "qty", type_=sa.Numeric(10, 2))
 
 
 def shown_v1(row: dict[str, Any]) -> dict[str, Any]:
@@ -321,12 +324,30 @@ def query_tiered(factory: sessionmaker[Session], local: bool) -> list[dict[str, 
         return [{"name": o.name, "qty": o.qty, "total": o.total} for o in s.scalars(stmt)]
 
 
-@pytest.mark.parametrize("version", ["added", "dropped", "retyped", "expr"])
+@pytest.mark.parametrize(
+    ("version", "strategy"),
+    [
+        ("added", "cache_aside"),
+        ("added", "write_through"),
+        ("dropped", "cache_aside"),
+        ("retyped", "cache_aside"),
+        ("numeric", "cache_aside"),
+        ("expr", "cache_aside"),
+        ("expr", "write_through"),
+    ],
+)
 def test_each_versions_writes_retire_the_others_reads(
-    old_tiered: sessionmaker[Session], peer: Any, engine: sa.Engine, version: str, tier: bool
+    old_tiered: sessionmaker[Session],
+    peer: Any,
+    engine: sa.Engine,
+    version: str,
+    strategy: str,
+    tier: bool,
 ) -> None:
+    """Both versions fill (and hit) their entries; then each writes the row, and the other
+    reads the database's values through ``session.get`` and ``FromCache``."""
     migrate(engine, version)
-    new = peer(version, local=tier)
+    new = peer(version, strategy=strategy, local=tier)
     for _ in range(2):  # fill, then hit
         assert get(old_tiered, 1) == shown_v1(oracle(engine, 1))
         assert query_tiered(old_tiered, tier) == [shown_v1(oracle(engine, 1))]
