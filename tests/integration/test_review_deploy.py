@@ -193,6 +193,15 @@ class Item(Base):
     total: Mapped[int] = column_property(qty + 1)
 
 
+class ItemTimes100(Base):
+    """Another class of V1's table in this process: the same columns, another
+    ``column_property`` (``attach()`` takes it: the layouts are alike)."""
+
+    __table__ = Item.__table__
+    __cache__ = CachePolicy(ttl=300)
+    total = column_property(Item.__table__.c.qty * 100)
+
+
 def oracle(engine: sa.Engine, pk: int) -> dict[str, Any]:
     """The row as the database holds it, on a connection the cache never saw."""
     with engine.connect() as conn:
@@ -277,6 +286,25 @@ def test_a_changed_column_property_is_not_read_from_the_old_versions_entries(
     new = peer("expr")
     assert new("get", pk=1)["total"] == 500
     assert new("query")[0]["total"] == 500
+
+
+@pytest.mark.parametrize("tier", [False, True], ids=["redis", "local"])
+def test_two_classes_of_one_table_with_other_column_properties_read_their_own_values(
+    redis_url: str, namespace: str, database_url: str, table: None, tier: bool
+) -> None:
+    engine = sa.create_engine(database_url)
+    cache = Cache(redis_url, namespace=namespace, local=tier)
+    factory = sessionmaker(engine)
+    cache.attach(factory)
+    try:
+        for _ in range(2):
+            with factory() as s:
+                assert s.get(Item, 1).total == 6  # type: ignore[union-attr]
+            with factory() as s:
+                assert s.get(ItemTimes100, 1).total == 500  # type: ignore[union-attr]
+    finally:
+        cache.detach()
+        engine.dispose()
 
 
 def migrate(engine: sa.Engine, version: str) -> None:
