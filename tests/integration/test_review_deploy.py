@@ -30,6 +30,8 @@ from sqlalchemy.orm import (
     Session,
     column_property,
     mapped_column,
+    relationship,
+    selectinload,
     sessionmaker,
 )
 
@@ -50,7 +52,8 @@ PEER = textwrap.dedent(
     import redis
     import sqlalchemy as sa
     from sqlalchemy import select
-    from sqlalchemy.orm import DeclarativeBase, Session, column_property, sessionmaker
+    from sqlalchemy.orm import DeclarativeBase, Session, column_property, relationship
+    from sqlalchemy.orm import selectinload, sessionmaker
     from sa_redis_cache import Cache, CachePolicy, FlushWorker, FromCache
 
     db_url, redis_url, namespace, table, version, strategy, local = sys.argv[1:8]
@@ -87,6 +90,22 @@ PEER = textwrap.dedent(
         elif "qty" in __table__.c and not behind:
             total = column_property(__table__.c.qty + 1)
 
+    if not behind:
+        kids = sa.Table(
+            table + "_kids",
+            Base.metadata,
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("item_id", sa.ForeignKey(Item.__table__.c.id), nullable=False),
+            sa.Column("qty", sa.Integer, nullable=False),
+        )
+
+        class Kid(Base):
+            __table__ = kids
+            __cache__ = CachePolicy(ttl=300)
+            weight = column_property(kids.c.qty * (100 if version == "kidexpr" else 2))
+
+        Item.kids = relationship(Kid, order_by=kids.c.id)
+
     engine = sa.create_engine(db_url)
     cache = Cache(redis_url, namespace=namespace, local=local == "1")
     factory = sessionmaker(engine, expire_on_commit=False)
@@ -108,6 +127,12 @@ PEER = textwrap.dedent(
                 cached = FromCache(local=cmd.get("local", False))
                 stmt = select(Item).order_by(Item.id).options(cached)
                 return [shown(o) for o in s.scalars(stmt)]
+        if op == "kids":
+            with factory() as s:
+                stmt = (
+                    select(Item).order_by(Item.id).options(selectinload(Item.kids), FromCache())
+                )
+                return [[k.weight for k in o.kids] for o in s.scalars(stmt)]
         if op == "set":
             with factory.begin() as s:
                 obj = s.get(Item, cmd["pk"])
@@ -193,6 +218,20 @@ class Item(Base):
     total: Mapped[int] = column_property(qty + 1)
 
 
+class Kid(Base):
+    """A child of V1's ``Item``: weight = qty * 2."""
+
+    __tablename__ = TABLE + "_kids"
+    __cache__ = CachePolicy(ttl=300)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(sa.ForeignKey(Item.id))
+    qty: Mapped[int] = mapped_column()
+    weight: Mapped[int] = column_property(qty * 2)
+
+
+Item.kids = relationship(Kid, order_by=Kid.id)  # type: ignore[attr-defined]
+
+
 class ItemTimes100(Base):
     """Another class of V1's table in this process: the same columns, another
     ``column_property`` (``attach()`` takes it: the layouts are alike)."""
@@ -219,6 +258,7 @@ def table(engine: sa.Engine) -> Iterator[None]:
     Base.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(sa.insert(Item).values(id=1, name="one", qty=5))
+        conn.execute(sa.insert(Kid).values(id=1, item_id=1, qty=3))
     yield
     Base.metadata.drop_all(engine)
 
@@ -611,3 +651,15 @@ def test_a_primary_key_widened_to_two_columns_keeps_both_versions_invalidated(
     new("set", pk=[1, "one"], values={"qty": 11})
     assert oracle(engine, 1)["qty"] == 11
     assert get(old, 1)["qty"] == 11
+
+
+def test_a_changed_column_property_of_an_eagerly_loaded_child_is_not_read_from_old_entries(
+    old: sessionmaker[Session], peer: Any
+) -> None:
+    """V1's Kid.weight is qty * 2, V2's qty * 100; the parent is unchanged. A cached query
+    of parents with ``selectinload`` of their kids holds the kids' values."""
+    with old() as s:
+        stmt = select(Item).order_by(Item.id).options(selectinload(Item.kids), FromCache())  # type: ignore[attr-defined]
+        assert [[k.weight for k in o.kids] for o in s.scalars(stmt)] == [[6]]
+    new = peer("kidexpr")
+    assert new("kids") == [[300]]
