@@ -12,6 +12,7 @@ write-behind operations queued by one version and drained by a worker of the oth
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import secrets
@@ -48,7 +49,7 @@ WB_TABLE = f"deploy_wb_{secrets.token_hex(4)}"
 # line, attaches a cache of its own, and answers one JSON command per line.
 PEER = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     import redis
     import sqlalchemy as sa
     from sqlalchemy import select
@@ -107,7 +108,13 @@ PEER = textwrap.dedent(
         Item.kids = relationship(Kid, order_by=kids.c.id)
 
     engine = sa.create_engine(db_url)
-    cache = Cache(redis_url, namespace=namespace, local=local == "1")
+    signing = os.environ.get("DEPLOY_SIGNING_KEY")
+    cache = Cache(
+        redis_url,
+        namespace=namespace,
+        local=local == "1",
+        signing_key=signing.encode() if signing else None,
+    )
     factory = sessionmaker(engine, expire_on_commit=False)
     cache.attach(factory)
 
@@ -173,8 +180,8 @@ PEER = textwrap.dedent(
 class Peer:
     """A process of another version of the model, on the same namespace."""
 
-    def __init__(self, *args: str) -> None:
-        env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    def __init__(self, *args: str, signing_key: str = "") -> None:
+        env = {**os.environ, "PYTHONPATH": os.getcwd(), "DEPLOY_SIGNING_KEY": signing_key}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", PEER, *args],
             stdin=subprocess.PIPE,
@@ -293,8 +300,17 @@ def wb_peer(redis_url: str, namespace: str, database_url: str) -> Iterator[Any]:
     """A write-behind peer of ``WB_TABLE`` on the AOF Redis."""
     made: list[Peer] = []
 
-    def make(version: str) -> Peer:
-        p = Peer(database_url, redis_url, namespace, WB_TABLE, version, "write_behind", "0")
+    def make(version: str, signing_key: str = "") -> Peer:
+        p = Peer(
+            database_url,
+            redis_url,
+            namespace,
+            WB_TABLE,
+            version,
+            "write_behind",
+            "0",
+            signing_key=signing_key,
+        )
         made.append(p)
         return p
 
@@ -454,18 +470,25 @@ def test_a_server_default_the_new_version_declares_is_read_as_the_database_holds
 # --------------------------------------------------------------------------- write-behind
 
 
-class WbBase(DeclarativeBase):
-    pass
+def define_wb_item() -> tuple[type[DeclarativeBase], Any]:
+    """The old version (V1) of a write-behind model: id, name, qty. Mapped per test and
+    disposed after it: a write-behind model left mapped in the process would make every
+    later ``attach()`` on a Redis without AOF refuse it, in other test modules too."""
+
+    class WbBase(DeclarativeBase):
+        pass
+
+    class WbItem(WbBase):
+        __tablename__ = WB_TABLE
+        __cache__ = CachePolicy(ttl=300, strategy="write_behind")
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        name: Mapped[str] = mapped_column(sa.String(40))
+        qty: Mapped[int] = mapped_column(default=0)
+
+    return WbBase, WbItem
 
 
-class WbItem(WbBase):
-    """The old version (V1) of a write-behind model: id, name, qty."""
-
-    __tablename__ = WB_TABLE
-    __cache__ = CachePolicy(ttl=300, strategy="write_behind")
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    name: Mapped[str] = mapped_column(sa.String(40))
-    qty: Mapped[int] = mapped_column(default=0)
+WB_MODEL: list[Any] = []  # the WbItem of the running test
 
 
 @pytest.fixture(scope="module")
@@ -477,31 +500,42 @@ def aof_redis() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def redis_url(aof_redis: RedisServer) -> str:
-    """Every probe runs on the AOF Redis: ``attach()`` checks every model of the process,
-    write-behind ``WbItem`` included."""
+    """Every probe runs on the AOF Redis (a write-behind peer's ``attach()`` needs AOF)."""
     return aof_redis.url
 
 
 @pytest.fixture
-def wb_old(redis_url: str, namespace: str, database_url: str) -> Iterator[Any]:
+def v1_key() -> str:
+    """V1's signing key ('': none); a test parametrizes it."""
+    return ""
+
+
+@pytest.fixture
+def wb_old(redis_url: str, namespace: str, database_url: str, v1_key: str) -> Iterator[Any]:
     """V1 in this process: a cache-attached sessionmaker, and its flush worker."""
+    base, model = define_wb_item()
+    WB_MODEL[:] = [model]
     engine = sa.create_engine(database_url)
     schema.upgrade(engine)
-    WbBase.metadata.drop_all(engine)
-    WbBase.metadata.create_all(engine)
+    base.metadata.drop_all(engine)
+    base.metadata.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(sa.insert(WbItem).values(id=1, name="one", qty=5))
+        conn.execute(sa.insert(model).values(id=1, name="one", qty=5))
     client = redis.Redis.from_url(redis_url)
-    cache = Cache(client, namespace=namespace)
+    cache = Cache(client, namespace=namespace, signing_key=v1_key.encode() or None)
     factory = sessionmaker(engine, expire_on_commit=False)
     cache.attach(factory)
-    worker = FlushWorker(engine, client, namespace=namespace, models=[WbItem], consumer="v1")
+    worker = FlushWorker(engine, client, namespace=namespace, models=[model], consumer="v1")
     yield factory, worker
     worker.release()
     cache.detach()
     client.close()
-    WbBase.metadata.drop_all(engine)
+    base.metadata.drop_all(engine)
     engine.dispose()
+    WB_MODEL.clear()
+    base.registry.dispose()
+    del model, base
+    gc.collect()
 
 
 def wb_oracle(engine: sa.Engine, pk: int) -> dict[str, Any]:
@@ -511,14 +545,14 @@ def wb_oracle(engine: sa.Engine, pk: int) -> dict[str, Any]:
 
 def wb_get(factory: sessionmaker[Session], pk: int) -> dict[str, Any]:
     with factory() as s:
-        obj = s.get(WbItem, pk)
+        obj = s.get(WB_MODEL[0], pk)
         assert obj is not None
         return {"name": obj.name, "qty": obj.qty}
 
 
 def wb_set(factory: sessionmaker[Session], pk: int, **values: Any) -> None:
     with factory.begin() as s:
-        obj = s.get(WbItem, pk)
+        obj = s.get(WB_MODEL[0], pk)
         assert obj is not None
         for k, v in values.items():
             setattr(obj, k, v)
@@ -661,3 +695,37 @@ def test_a_changed_column_property_of_an_eagerly_loaded_child_is_not_read_from_o
         assert [[k.weight for k in o.kids] for o in s.scalars(stmt)] == [[6]]
     new = peer("kidexpr")
     assert new("kids") == [[300]]
+
+
+@pytest.mark.parametrize(
+    ("v1_key", "key"),
+    [
+        ("", ""),
+        ("", "another signing key, 32 bytes.."),
+        ("the old signing key, 32 bytes...", "another signing key, 32 bytes.."),
+        ("the old signing key, 32 bytes...", ""),
+    ],
+    ids=["same", "none-then-key", "key-then-other", "key-then-none"],
+)
+def test_a_write_over_a_row_queued_by_another_process_keeps_its_queued_change(
+    wb_old: Any, wb_peer: Any, engine: sa.Engine, v1_key: str, key: str
+) -> None:
+    """One model version; the peer runs with the same signing key (none), or another (a
+    key changed in a rolling deploy). V1 queues name; the peer then changes qty of the
+    same row: as two UPDATEs, both changes are kept. A peer that cannot read the queued
+    state refuses its write (it used to delete the pending key on its read, compose the
+    change over the database's row, and so overwrite V1's committed change)."""
+    factory, worker = wb_old
+    wb_set(factory, 1, name="queued")
+    new = wb_peer("same", signing_key=key)
+    if key != v1_key:
+        with pytest.raises(AssertionError, match=r"ConfigurationError: .*same signing_key"):
+            new("set", pk=1, values={"qty": 9})
+        expected = {"name": "queued", "qty": 5}
+    else:
+        new("set", pk=1, values={"qty": 9})
+        expected = {"name": "queued", "qty": 9}
+    assert wb_get(factory, 1) == expected  # the queued state is still served
+    drain(worker)
+    assert wb_oracle(engine, 1) == {"id": 1, **expected}
+    assert wb_get(factory, 1) == expected
