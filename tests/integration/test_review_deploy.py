@@ -150,6 +150,16 @@ PEER = textwrap.dedent(
             with factory.begin() as s:
                 s.add(Item(**cmd["values"]))
             return None
+        if op == "replay":
+            from sa_redis_cache.worker import replay_dead_letters
+
+            client = redis.Redis.from_url(redis_url)
+            try:
+                result = replay_dead_letters(engine, client, namespace, [Item])
+            finally:
+                client.close()
+            return {"replayed": len(result.replayed), "failed": result.failed,
+                    "skipped": result.skipped}
         if op == "drain":
             client = redis.Redis.from_url(redis_url)
             worker = FlushWorker(
@@ -591,23 +601,32 @@ def wb_migrate(engine: sa.Engine, version: str) -> None:
             ops.add_column(
                 WB_TABLE, sa.Column("note", sa.String(40), nullable=False, server_default="n/a")
             )
+        elif version == "renamed":
+            ops.alter_column(WB_TABLE, "name", new_column_name="title")
 
 
-@pytest.mark.parametrize("version", ["added", "dropped"])
+@pytest.mark.parametrize("version", ["added", "dropped", "renamed"])
 def test_an_old_versions_queued_write_dead_lettered_by_a_new_worker_is_not_served_on(
     wb_old: Any, wb_peer: Any, engine: sa.Engine, version: str, namespace: str
 ) -> None:
-    """V1 queues a write; a V2 worker dead-letters it (another schema hash). The letter
-    says why, and V1's processes then read the database's row, not the refused state."""
+    """V1 queues a write; the migration runs; a V2 worker dead-letters the write (another
+    schema hash), never applying it to columns it does not map. The letter says why, and
+    V1's processes then read the database's row, not the refused state."""
     factory, _ = wb_old
-    wb_migrate(engine, version)
     wb_set(factory, 1, name="queued")
     assert wb_get(factory, 1)["name"] == "queued"
+    wb_migrate(engine, version)
     new = wb_peer(version)
     assert new("drain") == 1
     [error] = letters(engine, namespace)
-    assert "another version of the model" in error
-    assert wb_oracle(engine, 1)["name"] == "one"
+    assert "queued by another version of the model" in error
+    assert "replay it with the matching code" in error
+    row = wb_oracle(engine, 1)
+    if version == "renamed":  # V1 cannot read the table any more
+        assert row["title"] == "one"
+        assert new("get", pk=1)["title"] == "one"
+        return
+    assert row["name"] == "one"
     assert wb_get(factory, 1) == {"name": "one", "qty": 5}
 
 
@@ -729,3 +748,40 @@ def test_a_write_over_a_row_queued_by_another_process_keeps_its_queued_change(
     drain(worker)
     assert wb_oracle(engine, 1) == {"id": 1, **expected}
     assert wb_get(factory, 1) == expected
+
+
+def test_a_new_versions_write_dead_lettered_by_an_old_worker_is_replayed_by_new_code(
+    wb_old: Any, wb_peer: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """The migration adds ``note``; V2 queues a write while a V1 worker still runs: it
+    dead-letters it, and V2's processes read the database's row until V2 code replays it."""
+    factory, worker = wb_old
+    wb_migrate(engine, "added")
+    new = wb_peer("added")
+    new("set", pk=1, values={"name": "v2", "note": "new"})
+    assert new("get", pk=1)["name"] == "v2"
+    assert drain(worker) == 1
+    [error] = letters(engine, namespace)
+    assert "queued by another version of the model" in error
+    assert new("get", pk=1) == {"id": 1, "name": "one", "qty": 5, "note": "n/a"}
+    assert new("replay") == {"replayed": 1, "failed": {}, "skipped": {}}
+    assert wb_oracle(engine, 1) == {"id": 1, "name": "v2", "qty": 5, "note": "new"}
+    assert new("get", pk=1) == {"id": 1, "name": "v2", "qty": 5, "note": "new"}
+    assert wb_get(factory, 1) == {"name": "v2", "qty": 5}
+
+
+def test_a_new_row_without_a_column_the_database_still_requires_is_dead_lettered_clearly(
+    wb_old: Any, wb_peer: Any, engine: sa.Engine, namespace: str
+) -> None:
+    """V2 no longer maps ``qty``, which the database still requires (NOT NULL, no server
+    default: the contract migration has not run). Its insert is queued; the worker cannot
+    apply it and dead-letters it with the database's reason; V2 then reads no row."""
+    new = wb_peer("dropped")
+    new("insert", values={"id": 2, "name": "two"})
+    assert new("get", pk=2) == {"id": 2, "name": "two"}  # the queued state
+    assert new("drain") == 1
+    [error] = letters(engine, namespace)
+    assert 'null value in column "qty"' in error
+    assert new("get", pk=2) is None
+    with engine.connect() as conn, pytest.raises(sa.exc.NoResultFound):
+        reflected(conn, WB_TABLE, 2)
