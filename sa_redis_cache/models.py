@@ -60,11 +60,13 @@ def _expression_text(expression: Any) -> str:
     """Stable SQL text of a ``column_property`` expression, its literals rendered inline
     where they can be (``qty + 1`` and ``qty * 100`` differ only there)."""
     dialect = postgres_dialect()
-    try:
-        compiled = expression.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
-    except Exception:  # noqa: BLE001 - a literal without a literal form: its placeholder
-        compiled = expression.compile(dialect=dialect)
-    return str(compiled)
+    for options in ({"literal_binds": True}, {}):  # a literal without a literal form: ":p"
+        try:
+            return str(expression.compile(dialect=dialect, compile_kwargs=options))
+        except Exception as exc:  # noqa: BLE001, PERF203 - any failure: try the next form
+            log.debug("column_property %r does not compile with %s: %s", expression, options, exc)
+    # a construct Postgres cannot compile (another dialect's): its class, stable at least
+    return f"uncompiled:{type(expression).__qualname__}"
 
 
 def model_schema_hash(table: Table, props: Sequence[ColumnProperty[Any]]) -> str:
