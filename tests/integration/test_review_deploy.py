@@ -785,3 +785,34 @@ def test_a_new_row_without_a_column_the_database_still_requires_is_dead_lettered
     assert new("get", pk=2) is None
     with engine.connect() as conn, pytest.raises(sa.exc.NoResultFound):
         reflected(conn, WB_TABLE, 2)
+
+
+def test_a_migration_that_changes_rows_is_retired_by_invalidate_model_as_documented(
+    old: sessionmaker[Session], peer: Any, engine: sa.Engine, redis_url: str, namespace: str
+) -> None:
+    """docs/operations.md: a migration that changes rows is a write the cache does not see;
+    ``invalidate_model`` after it retires every version's entries of the table."""
+    new = peer("expr")
+    for _ in range(2):
+        assert get(old, 1)["qty"] == 5
+        assert query(old)[0]["qty"] == 5
+        assert new("get", pk=1)["qty"] == 5
+        assert new("query")[0]["qty"] == 5
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    with engine.begin() as conn:
+        Operations(MigrationContext.configure(conn)).execute(
+            sa.update(Item.__table__).values(qty=Item.__table__.c.qty * 100)
+        )
+    assert get(old, 1)["qty"] == 5  # unseen, as documented
+    operator = Cache(redis_url, namespace=namespace)
+    try:
+        operator.invalidate_model(Item)
+    finally:
+        operator.detach()
+    assert oracle(engine, 1)["qty"] == 500
+    assert get(old, 1) == shown_v1(oracle(engine, 1))
+    assert query(old) == [shown_v1(oracle(engine, 1))]
+    assert new("get", pk=1)["qty"] == 500
+    assert new("query")[0]["qty"] == 500
