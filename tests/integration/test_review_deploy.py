@@ -803,7 +803,7 @@ def test_a_migration_that_changes_rows_is_retired_by_invalidate_model_as_documen
 
     with engine.begin() as conn:
         Operations(MigrationContext.configure(conn)).execute(
-            sa.update(Item.__table__).values(qty=Item.__table__.c.qty * 100)
+            sa.update(Item).values(qty=Item.qty * 100)
         )
     assert get(old, 1)["qty"] == 5  # unseen, as documented
     operator = Cache(redis_url, namespace=namespace)
