@@ -19,6 +19,7 @@ import secrets
 import subprocess
 import sys
 import textwrap
+import threading
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -37,7 +38,14 @@ from sqlalchemy.orm import (
 )
 
 from devservices import RedisServer
-from sa_redis_cache import Cache, CachePolicy, FlushWorker, FromCache, schema
+from sa_redis_cache import (
+    Cache,
+    CachePolicy,
+    CacheUnavailableError,
+    FlushWorker,
+    FromCache,
+    schema,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -816,3 +824,41 @@ def test_a_migration_that_changes_rows_is_retired_by_invalidate_model_as_documen
     assert query(old) == [shown_v1(oracle(engine, 1))]
     assert new("get", pk=1)["qty"] == 500
     assert new("query")[0]["qty"] == 500
+
+
+def test_a_write_whose_pending_key_read_fails_does_not_overwrite_a_queued_change(
+    wb_old: Any, redis_url: str, namespace: str, database_url: str, engine: sa.Engine
+) -> None:
+    """Found while probing the compose path (one version): V1 queues name; another process
+    holds the row as the database has it and changes qty, and its read of the row's pending
+    key fails (a Redis error) while the enqueue that follows succeeds."""
+    from tests.seams import RedisTap
+
+    factory, worker = wb_old
+    wb_set(factory, 1, name="queued")
+    tap = RedisTap()
+    failing = threading.Event()
+
+    def fail_pending_reads(trip: Any) -> None:
+        if failing.is_set() and any(c[0] == "MGET" and ":wbp:" in " ".join(c) for c in trip):
+            raise redis.exceptions.ConnectionError("the pending-key read fails")
+
+    tap.listen(fail_pending_reads)
+    other_engine = sa.create_engine(database_url)
+    other = Cache(tap.client(redis_url), namespace=namespace)
+    other_factory = sessionmaker(other_engine, expire_on_commit=False)
+    other.attach(other_factory)
+    try:
+        with other_factory() as s:
+            obj = s.scalars(select(WB_MODEL[0]).where(WB_MODEL[0].id == 1)).one()
+            assert obj.name == "one"  # a query reads the database
+            obj.qty = 9
+            failing.set()
+            with pytest.raises(CacheUnavailableError, match="cannot read the queued state"):
+                s.commit()
+            failing.clear()
+    finally:
+        other.detach()
+        other_engine.dispose()
+    drain(worker)
+    assert wb_oracle(engine, 1) == {"id": 1, "name": "queued", "qty": 5}

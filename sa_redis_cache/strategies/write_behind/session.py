@@ -735,7 +735,9 @@ class WriteBehind:
             else:
                 asked.append((obj, info, scope, text))
         if asked:
-            queued = self._pending_rows([(info, scope, text) for _, info, scope, text in asked])
+            queued = self._pending_rows(
+                [(info, scope, text) for _, info, scope, text in asked], strict=True
+            )
             for (obj, info, _, _), values in zip(asked, queued, strict=True):
                 if isinstance(values, _Unreadable):
                     # composing the change over the database's row would overwrite the
@@ -768,8 +770,16 @@ class WriteBehind:
         """
         return self._pending_rows([(info, row_scope, pk)])[0]
 
-    def _pending_rows(self, rows: list[tuple[ModelInfo, str, str]]) -> list[Any]:
-        """:meth:`_pending_values` of each ``(info, row scope, pk text)``, in one round trip."""
+    def _pending_rows(
+        self, rows: list[tuple[ModelInfo, str, str]], *, strict: bool = False
+    ) -> list[Any]:
+        """:meth:`_pending_values` of each ``(info, row scope, pk text)``, in one round trip.
+
+        When Redis fails, a read goes on as if nothing were queued (the database answers);
+        ``strict`` (a flush composing changes over the rows' queued states) raises
+        :class:`CacheUnavailableError` instead: composed over the database's row, the
+        change would overwrite a queued one once the worker applied both.
+        """
         core = self.core
         keys = [
             core.keys.pending_key(info.table, info.schema_hash, scope, pk)
@@ -783,6 +793,13 @@ class WriteBehind:
             core.redis_failed(exc)
             for scope in {info.scope for info, _, _ in rows}:  # one failed call
                 core.counters.incr(scope, "errors")
+            if strict:
+                names = sorted({info.mapper.class_.__name__ for info, _, _ in rows})
+                raise CacheUnavailableError(
+                    f"write-behind: cannot read the queued state of the changed {', '.join(names)}"
+                    f" rows ({exc}); nothing was queued, as the changes would overwrite what "
+                    "is queued for those rows. Retry the transaction"
+                ) from exc
             return [_NOTHING] * len(rows)
         return [
             self._opened_pending(info, scope, pk, key, raw)
