@@ -71,8 +71,8 @@ def _expression_text(expression: Any) -> str:
 
 def model_schema_hash(table: Table, props: Sequence[ColumnProperty[Any]]) -> str:
     """The schema hash of a class's entity entries (and write-behind states): the
-    table's (:func:`table_schema_hash`) when the class maps exactly the table's columns, in
-    order, else a hash of that and of what each stored position holds: a column's name,
+    table's (:func:`table_schema_hash`) when the class maps exactly the table's columns,
+    else a hash of that and of what each stored position holds: a column's name,
     or a ``column_property`` expression's SQL and type.
 
     An entity entry holds the mapped values by position. Two versions of a class that
@@ -99,8 +99,10 @@ def model_schema_hash(table: Table, props: Sequence[ColumnProperty[Any]]) -> str
         except UncacheableType:
             type_text = f"uncacheable:{type(column.type).__qualname__}"
         parts.append(f"={p.key}:{_expression_text(column)}:{type_text}")
-    if parts[1:] == [c.name for c in table.columns]:
-        return base  # the usual case: the keys of every earlier release stay valid
+    if sorted(parts[1:]) == sorted(c.name for c in table.columns):
+        # the usual case, in whatever order the mapper lists them: the keys (and queued
+        # write-behind operations) of every earlier release stay valid
+        return base
     return hashlib.blake2b("|".join(parts).encode(), digest_size=6).hexdigest()
 
 
