@@ -56,6 +56,56 @@ def table_schema_hash(table: Table) -> str:
     return hashlib.blake2b("|".join(parts).encode(), digest_size=6).hexdigest()
 
 
+def _expression_text(expression: Any) -> str:
+    """Stable SQL text of a ``column_property`` expression, its literals rendered inline
+    where they can be (``qty + 1`` and ``qty * 100`` differ only there)."""
+    dialect = postgres_dialect()
+    for options in ({"literal_binds": True}, {}):  # a literal without a literal form: ":p"
+        try:
+            return str(expression.compile(dialect=dialect, compile_kwargs=options))
+        except Exception as exc:  # noqa: BLE001, PERF203 - any failure: try the next form
+            log.debug("column_property %r does not compile with %s: %s", expression, options, exc)
+    # a construct Postgres cannot compile (another dialect's): its class, stable at least
+    return f"uncompiled:{type(expression).__qualname__}"
+
+
+def model_schema_hash(table: Table, props: Sequence[ColumnProperty[Any]]) -> str:
+    """The schema hash of a class's entity entries (and write-behind states): the
+    table's (:func:`table_schema_hash`) when the class maps exactly the table's columns,
+    else a hash of that and of what each stored position holds: a column's name,
+    or a ``column_property`` expression's SQL and type.
+
+    An entity entry holds the mapped values by position. Two versions of a class that
+    map one table alike but compute a ``column_property`` differently (``qty + 1``, then
+    ``qty * 100``), or leave out different columns (``exclude_properties``), would
+    otherwise read each other's entries as their own rows during a rolling deploy.
+
+    Example::
+
+        >>> from sqlalchemy import Column, Integer, MetaData, Table
+        >>> t = Table("t", MetaData(), Column("id", Integer))
+        >>> model_schema_hash(t, []) != table_schema_hash(t)
+        True
+    """
+    base = table_schema_hash(table)
+    parts = [base]
+    for p in props:
+        column = p.columns[0]
+        if isinstance(column, Column) and column.table is table:
+            parts.append(column.name)
+            continue
+        try:
+            type_text = type_fingerprint(column.type)
+        except UncacheableType:
+            type_text = f"uncacheable:{type(column.type).__qualname__}"
+        parts.append(f"={p.key}:{_expression_text(column)}:{type_text}")
+    if sorted(parts[1:]) == sorted(c.name for c in table.columns):
+        # the usual case, in whatever order the mapper lists them: the keys (and queued
+        # write-behind operations) of every earlier release stay valid
+        return base
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=6).hexdigest()
+
+
 class Inexact(Exception):
     """Postgres would return something else than this value, in a way we cannot predict."""
 
@@ -567,7 +617,7 @@ def build_model_info(mapper: Mapper[Any], policy: CachePolicy | None) -> ModelIn
         mapper=mapper,
         policy=policy,
         table=table.fullname if table is not None else mapper.class_.__name__,
-        schema_hash=table_schema_hash(table) if table is not None else "x",
+        schema_hash=model_schema_hash(table, props) if table is not None else "x",
         table_schema=table.schema if table is not None else None,
         column_keys=column_keys,
         pk_positions=pk_positions,

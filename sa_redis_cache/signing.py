@@ -6,7 +6,9 @@ version, JSON) followed by a 33-byte trailer: one byte saying what the tag cover
 the 32-byte tag. The tag is computed over that byte, the Redis key the value is written
 under (length-prefixed) and the signed bytes, so a value moved to another key, or with one
 byte changed, fails verification. A value that fails, or has no trailer, is a corrupt
-entry: a miss, counted, logged and deleted.
+entry: a miss, counted, logged and deleted; except a write-behind pending key in the form
+the enqueue script writes, which is kept (another process of the namespace, with another
+key, may have queued it: ``strategies/write_behind/session.py``).
 
 What the tag covers:
 

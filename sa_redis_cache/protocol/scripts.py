@@ -477,6 +477,8 @@ class FlushedRow(NamedTuple):
     pending_key: str
     entity_key: str
     last_id: str
+    # the row's write counter (KeyScheme.row_write_key), moved when the pending key goes
+    write_key: str
 
 
 def wb_flushed(
@@ -489,13 +491,22 @@ def wb_flushed(
     header: bytes,
 ) -> ScriptCall:
     """After a flush committed: bump the table's version, remove the pending keys (and the
-    entity entries) of flushed rows that have no newer queued state, and trim the stream
-    below ``trim_below`` (the acknowledgement: workers read from the stream's head)."""
-    row_keys = [k for r in rows for k in (r.pending_key, r.entity_key)]
+    entity entries) of flushed rows that have no newer queued state and move their row
+    write counters, and trim the stream below ``trim_below`` (the acknowledgement: workers
+    read from the stream's head)."""
+    row_keys = [k for r in rows for k in (r.pending_key, r.entity_key, r.write_key)]
     return (
         script("wb_flushed"),
         [stream, keys.version_key(table), *row_keys],
-        [trim_below, header, COUNTER_TTL_MS, start(), *(r.last_id for r in rows)],
+        [
+            trim_below,
+            header,
+            COUNTER_TTL_MS,
+            start(),
+            ROW_COUNTER_TTL_MS,
+            start(),
+            *(r.last_id for r in rows),
+        ],
     )
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -62,6 +63,7 @@ from sa_redis_cache.errors import (
 from sa_redis_cache.models import Inexact
 from sa_redis_cache.protocol import HEADER, partition_of, pk_text, scripts
 from sa_redis_cache.redis_io import is_cluster
+from sa_redis_cache.signing import TRAILER_BYTES
 from sa_redis_cache.transaction import TransactionState, peek_transaction_state
 
 from . import joined
@@ -94,6 +96,18 @@ log = logging.getLogger(__name__)
 _WRAPPING_BYTES = 128
 
 _NOTHING: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Unreadable:
+    """A pending key this process cannot read (``reason``): signed with another
+    ``signing_key`` (a process of the namespace configured otherwise, or a key changed in a
+    rolling deploy), larger than this process's ``max_entry_bytes``, or not decodable. It
+    may hold another process's queued state: never deleted by a read, and a flush that
+    would write its row over it refuses (:meth:`WriteBehind._newest_rows`)."""
+
+    key: str
+    reason: str
 
 
 @dataclass(slots=True)
@@ -698,7 +712,7 @@ class WriteBehind:
             if scope is None:
                 return None
             values = self._pending_values(info, scope, text)
-            if values is _NOTHING:
+            if values is _NOTHING or isinstance(values, _Unreadable):
                 return None
         return serve(orm_context, info, pk, values)
 
@@ -728,8 +742,22 @@ class WriteBehind:
             else:
                 asked.append((obj, info, scope, text))
         if asked:
-            queued = self._pending_rows([(info, scope, text) for _, info, scope, text in asked])
-            for (obj, *_), values in zip(asked, queued, strict=True):
+            queued = self._pending_rows(
+                [(info, scope, text) for _, info, scope, text in asked], strict=True
+            )
+            for (obj, info, _, _), values in zip(asked, queued, strict=True):
+                if isinstance(values, _Unreadable):
+                    # composing the change over the database's row would overwrite the
+                    # queued change the key may hold, once the worker applied both
+                    raise ConfigurationError(
+                        f"{info.mapper.class_.__name__} {obj!r}: the row's queued "
+                        f"write-behind state ({values.key}) cannot be read by this process "
+                        f"({values.reason}); nothing of this flush was queued, as it would "
+                        "overwrite that queued change. Every process of a namespace must "
+                        "use the same signing_key and max_entry_bytes (to change the key, "
+                        "drain the write-behind queues first: docs/write-behind.md); if no "
+                        "process of the namespace wrote that key, delete it"
+                    )
                 if values is not _NOTHING:
                     found[id(obj)] = values
         for obj, info, _ in changed:
@@ -742,14 +770,23 @@ class WriteBehind:
         return found
 
     def _pending_values(self, info: ModelInfo, row_scope: str, pk: str) -> Any:
-        """The row's queued state; None for a queued delete; ``_NOTHING`` when none is queued.
+        """The row's queued state; None for a queued delete; ``_NOTHING`` when none is
+        queued; an :class:`_Unreadable` when its pending key cannot be read.
 
         ``row_scope`` names the database and schema of the row (``sa_redis_cache.binds``).
         """
         return self._pending_rows([(info, row_scope, pk)])[0]
 
-    def _pending_rows(self, rows: list[tuple[ModelInfo, str, str]]) -> list[Any]:
-        """:meth:`_pending_values` of each ``(info, row scope, pk text)``, in one round trip."""
+    def _pending_rows(
+        self, rows: list[tuple[ModelInfo, str, str]], *, strict: bool = False
+    ) -> list[Any]:
+        """:meth:`_pending_values` of each ``(info, row scope, pk text)``, in one round trip.
+
+        When Redis fails, a read goes on as if nothing were queued (the database answers);
+        ``strict`` (a flush composing changes over the rows' queued states) raises
+        :class:`CacheUnavailableError` instead: composed over the database's row, the
+        change would overwrite a queued one once the worker applied both.
+        """
         core = self.core
         keys = [
             core.keys.pending_key(info.table, info.schema_hash, scope, pk)
@@ -763,6 +800,13 @@ class WriteBehind:
             core.redis_failed(exc)
             for scope in {info.scope for info, _, _ in rows}:  # one failed call
                 core.counters.incr(scope, "errors")
+            if strict:
+                names = sorted({info.mapper.class_.__name__ for info, _, _ in rows})
+                raise CacheUnavailableError(
+                    f"write-behind: cannot read the queued state of the changed {', '.join(names)}"
+                    f" rows ({exc}); nothing was queued, as the changes would overwrite what "
+                    "is queued for those rows. Retry the transaction"
+                ) from exc
             return [_NOTHING] * len(rows)
         return [
             self._opened_pending(info, scope, pk, key, raw)
@@ -782,9 +826,15 @@ class WriteBehind:
         try:
             document = core.opened(entity, raw, scripted=True)
         except CodecError as exc:
-            # oversized or not signed by this cache: never a queued state this cache wrote
-            log.warning("pending write-behind state %s deleted: %s", key, exc)
             core.counters.incr(scope, "decode_errors")
+            if len(raw) <= core.max_entry_bytes and _queued_by_a_script(raw):
+                # a state queued by a process of the namespace with another signing_key
+                # (or none): never deleted here (the worker's acknowledgement removes it
+                # once its entry is applied)
+                log.warning("unverifiable pending write-behind state %s kept: %s", key, exc)
+                return _Unreadable(key, str(exc))
+            # oversized, or not what a write-behind script assembles: never a queued state
+            log.warning("pending write-behind state %s deleted: %s", key, exc)
             try:
                 core.io().unlink(key)
             except RedisError as err:
@@ -796,9 +846,22 @@ class WriteBehind:
             # never deleted here: it may be the only copy of a queued state the worker has
             log.warning("unreadable pending write-behind state %s: %s", key, exc)
             core.counters.incr(scope, "decode_errors")
+            if core.signer is None and _queued_by_a_script(raw, signed=True):
+                return _Unreadable(key, "signed with a signing_key, and this process has none")
             return _NOTHING
         core.counters.incr(scope, "pending_hits")
         return values
+
+
+_SCRIPTED_PENDING = re.compile(re.escape(HEADER) + rb'\["\d+-\d+",')
+
+
+def _queued_by_a_script(raw: bytes, *, signed: bool = False) -> bool:
+    """Whether ``raw`` has the form ``lua/wb_enqueue.lua`` gives a pending key (the head
+    the worker's acknowledgement matches), signed (a body trailer) when ``signed``."""
+    if _SCRIPTED_PENDING.match(raw) is None:
+        return False
+    return not signed or raw[-TRAILER_BYTES : -TRAILER_BYTES + 1] == b"B"
 
 
 DURABLE_WAIT_S = 5.0

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import secrets
 import socket
 import threading
@@ -1029,13 +1030,21 @@ class FlushWorker:
     def _after_flush(self, p: Partition, entries: list[Entry], result: BatchResult) -> None:
         info = p.info
         keys = self.keys
+        # the last entry of each row per schema hash: an entry queued by another version of
+        # the model (dead-lettered) has its pending key and entity entry under that
+        # version's hash, where that version's processes would serve it for ever (they have
+        # no TTL) although the database never got it
+        last: dict[tuple[str, str], Entry] = {}
+        for entry in entries:
+            last[entry.pk, _queued_under(entry, info.schema_hash)] = entry
         rows = [
             scripts.FlushedRow(
-                pending_key=keys.pending_key(info.table, info.schema_hash, p.scope, pk),
-                entity_key=keys.entity_key(info.table, info.schema_hash, p.scope, pk),
+                pending_key=keys.pending_key(info.table, schema, p.scope, pk),
+                entity_key=keys.entity_key(info.table, schema, p.scope, pk),
                 last_id=entry.id,
+                write_key=keys.row_write_key(info.table, pk),
             )
-            for pk, entry in result.final.items()
+            for (pk, schema), entry in last.items()
         ]
         newest = entries[-1].sid  # entries are in stream order
         call = scripts.wb_flushed(
@@ -1093,3 +1102,13 @@ class FlushWorker:
                 "wb_partition": p.number if p else None,
             },
         )
+
+
+_SCHEMA_HASH = re.compile(r"[0-9a-f]{12}")
+
+
+def _queued_under(entry: Entry, own: str) -> str:
+    """The schema hash whose keys ``entry``'s row was queued under: the one it names when
+    it has the form of one (:func:`sa_redis_cache.models.table_schema_hash`), else ``own``
+    (an undecodable entry: no other key can be told)."""
+    return entry.schema if _SCHEMA_HASH.fullmatch(entry.schema) else own
