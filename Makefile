@@ -26,8 +26,12 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
+# Tests run in parallel (pytest-xdist), a file's tests in one worker: its module fixtures
+# are set up once. Each worker makes its own database and namespaces (tests/conftest.py).
+PYTEST_PARALLEL := -n auto --maxprocesses=4 --dist loadfile
+
 pytest: $(VENV)/.installed
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_PARALLEL)
 
 # The ORM internals the cache relies on (sa_redis_cache/hydrate.py) differ between
 # SQLAlchemy 2.0 and 2.1: the whole suite runs against both.
@@ -39,7 +43,7 @@ $(SA20_VENV)/.installed: pyproject.toml
 
 test-sa20: $(SA20_VENV)/.installed
 	$(SA20_VENV)/bin/python -c 'import sqlalchemy; print("SQLAlchemy", sqlalchemy.__version__)'
-	$(SA20_VENV)/bin/pytest -q
+	$(SA20_VENV)/bin/pytest -q $(PYTEST_PARALLEL)
 
 demo: $(VENV)/.installed
 	$(DEVSERVICES) $(BIN)/python -m examples.demo

@@ -85,6 +85,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # --------------------------------------------------------------------------- 2. services
 
 _SERVICES = pytest.StashKey[Services]()
+_SHARED = pytest.StashKey[ExitStack]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n``), the controlling process finds or
+    starts the services once and its workers, started after this, inherit their URLs
+    (``DATABASE_URL``, ``REDIS_URL``): two workers must not start two throwaway Postgres
+    servers. Each worker still makes its own database and its own Redis namespaces."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    stack = ExitStack()
+    try:
+        found = stack.enter_context(bring_up())
+    except ServicesUnavailable:
+        return  # each worker reports it, skipping or failing its tests
+    config.stash[_SERVICES] = found
+    config.stash[_SHARED] = stack
+    os.environ["DATABASE_URL"] = found.database_url
+    os.environ["REDIS_URL"] = found.redis_url
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shared = config.stash.get(_SHARED, None)
+    if shared is not None:
+        shared.close()
 
 
 @pytest.fixture(scope="session")
