@@ -400,6 +400,14 @@ def is_clean(session: Session) -> bool:
     return bool(session._is_clean())
 
 
+def refuses_autobegin(session: Session) -> bool:
+    """True when ``session`` has no transaction and may not begin one by itself
+    (``Session(autobegin=False)`` before ``session.begin()``, or after its end): any read
+    SQLAlchemy sends to the database then raises ``InvalidRequestError`` ("Autobegin is
+    disabled"), and a read the cache answers must raise it too, not answer."""
+    return session._transaction is None and not session.autobegin
+
+
 def has_net_change(state: InstanceState[Any]) -> bool:
     """``Session.is_modified(obj)`` for the object of ``state``, without visiting every
     attribute: only an attribute whose previous value the state recorded

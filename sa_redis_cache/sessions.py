@@ -282,6 +282,11 @@ class SessionHooks:
     def do_orm_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         """Serve a SELECT from the cache when it may; mark a bulk statement's tables."""
         if orm_context.is_select:
+            if compat.refuses_autobegin(orm_context.session):
+                # Session(autobegin=False) outside session.begin(): SQLAlchemy raises
+                # "Autobegin is disabled" when it goes on to the database, as it must
+                # for a read the cache could answer too
+                return None
             listeners = orm_context.session.dispatch.do_orm_execute
             if len(listeners) > 1:
                 self._warn_of_later_listeners(listeners)
