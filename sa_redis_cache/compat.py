@@ -313,6 +313,24 @@ def uncommitted_connections(session: Session) -> list[Connection]:
     ]
 
 
+def connections_left_open(transaction: Any) -> list[Connection]:
+    """In ``after_transaction_end`` of a session's outermost transaction that did not
+    commit: its connections whose database transaction, or savepoint, the session's end
+    left open, with what the session flushed in it. A session joined to the application's
+    transaction in ``rollback_only`` mode (``conditional_savepoint`` outside a savepoint,
+    the default) closed without a rollback rolls nothing back: its flushed rows are the
+    application's, committed if it commits (SQLAlchemy's ``SessionTransaction.close``
+    closes only the transactions the session may commit; its rollback rolls them all back).
+    """
+    return [
+        connection
+        for connection, database_transaction, should_commit, _ in set(
+            transaction._connections.values()
+        )
+        if not should_commit and database_transaction.is_active
+    ]
+
+
 class _RowContext:
     """What a lazy loader's ``create_row_processor`` reads of a query's context when no
     refresh is under way: with it, the loader builds the per-object loader it would give

@@ -436,8 +436,17 @@ class SessionHooks:
         removed = list(state.frames[0].removed)
         joined = state.joined
         state.reset()
+        # joined in rollback_only mode and closed without a rollback: the flushed rows stay
+        # in the application's transaction, which may commit them yet
+        left_open = [] if committed else compat.connections_left_open(transaction)
         if not committed:
-            if marked and uncertain:
+            if marked and left_open:
+                # the marks hold, and the bump comes, when that transaction ends, as at a
+                # joined session's commit (after_commit); released now, a read before the
+                # application's commit could fill the rows as they were, served after it
+                for connection in left_open:
+                    self.engine_writes.finish_on_checkin(connection, token, marked)
+            elif marked and uncertain:
                 # commit() raised after it began (a connection lost or a task cancelled
                 # while Postgres ran the COMMIT, or during the post-commit work): the
                 # database may have committed, so the marks go with a commit's bump, not
@@ -446,7 +455,12 @@ class SessionHooks:
                 self.invalidation.finish_uncertain(token, marked)
             elif marked:
                 self.invalidation.release(token, marked)
-            self.write_behind.revert(session, queued, None)
+            if queued and joined is not None and joined in left_open:
+                # as the flushed rows of the other strategies: the application's commit
+                # queues them, its rollback drops them (strategies/write_behind/joined.py)
+                self.write_behind.hand_over(joined, queued)
+            else:
+                self.write_behind.revert(session, queued, None)
         elif queued and joined is not None:
             self.write_behind.hand_over(joined, queued)
             self.write_behind.keep_committed(session, queued)

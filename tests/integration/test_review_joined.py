@@ -758,3 +758,54 @@ def test_async_scoped_session_rollback(
             await engine.dispose()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("ending", ["close", "rollback"])
+@pytest.mark.parametrize("mode", JOINED)
+def test_a_joined_session_closed_without_its_commit(world: World, mode: str, ending: str) -> None:
+    """The session flushed and ended without committing. A ``rollback_only`` session's
+    close (``conditional_savepoint`` outside a savepoint too) rolls nothing back: the
+    application's commit commits the flushed row, and no cache may keep the old one (a
+    read before that commit filled it). A rollback, or the close of a session that made a
+    savepoint, undoes it."""
+    old, new = world.subject.old, world.subject.new
+    with external(world.engine) as (connection, outer):
+        s = world.mine(bind=connection, join_transaction_mode=mode)
+        world.change(s)
+        s.flush()
+        getattr(s, ending)()
+        s.close()
+        # reads meanwhile fill what the database had committed
+        world.everyone_reads(old)
+        kept = ending == "close" and mode != "create_savepoint"
+        assert outer.is_active == (ending == "close" or mode == "create_savepoint")
+        if outer.is_active:
+            outer.commit()
+    world.everyone_reads(new if kept else old)
+
+
+@pytest.mark.parametrize("ending", ["close", "rollback"])
+@pytest.mark.parametrize("mode", JOINED)
+def test_write_behind_joined_session_closed_without_its_commit(
+    behind: Behind, mode: str, ending: str
+) -> None:
+    """As plain SQLAlchemy: a ``rollback_only`` session's close leaves its flushed rows in
+    the application's transaction, which its commit commits; a rollback, or the close of
+    a session that made a savepoint, undoes them."""
+    with behind.engine.connect() as connection:
+        outer = connection.begin()
+        s = behind.mine(bind=connection, join_transaction_mode=mode)
+        behind.change(s, "/new")
+        s.flush()
+        getattr(s, ending)()
+        s.close()
+        behind.everyone_gets("/old")
+        kept = outer.is_active and (ending, mode) in {
+            ("close", "rollback_only"),
+            ("close", "conditional_savepoint"),
+        }
+        if outer.is_active:
+            outer.commit()
+    expected = "/new" if kept else "/old"
+    behind.everyone_gets(expected)
+    assert behind.truth() == expected
