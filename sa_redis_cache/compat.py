@@ -321,13 +321,15 @@ def connections_left_open(transaction: Any) -> list[Connection]:
     the default) closed without a rollback rolls nothing back: its flushed rows are the
     application's, committed if it commits (SQLAlchemy's ``SessionTransaction.close``
     closes only the transactions the session may commit; its rollback rolls them all back).
+    Not a connection ``session.invalidate()`` dropped: its transaction is gone with it (and
+    the connection refuses even a look at its ``info`` until rolled back).
     """
     return [
         connection
         for connection, database_transaction, should_commit, _ in set(
             transaction._connections.values()
         )
-        if not should_commit and database_transaction.is_active
+        if not should_commit and database_transaction.is_active and not connection.invalidated
     ]
 
 

@@ -107,7 +107,7 @@ class World:
         setattr(row, self.subject.attribute, self.subject.new)
 
 
-@pytest.fixture(params=["redis", "local"])
+@pytest.fixture(params=["redis", "local", "both_local"])
 def world(
     request: pytest.FixtureRequest,
     shop_engine: sa.Engine,
@@ -118,26 +118,32 @@ def world(
     category: int,
     product: int,
 ) -> Iterator[World]:
-    other_engine = sa.create_engine(shop_engine.url)
-    oracle = sa.create_engine(shop_engine.url)
-    local = request.param == "local"
-    other_cache = Cache(redis_url, namespace=namespace, default_ttl=300, local=local)
+    """``redis``: no local tier; ``local``: the other process has one; ``both_local``: this
+    process's cache (on an engine of its own) has one too."""
+    engines = [sa.create_engine(shop_engine.url) for _ in range(3)]
+    other_engine, oracle, my_engine = engines
+    local = request.param != "redis"
+    caches = [Cache(redis_url, namespace=namespace, default_ttl=300, local=local)]
     other = sessionmaker(other_engine)
-    other_cache.attach(other)
+    caches[0].attach(other)
+    mine, engine = session_factory, shop_engine
+    if request.param == "both_local":
+        caches.append(Cache(redis_url, namespace=namespace, default_ttl=300, local=True))
+        mine, engine = sessionmaker(my_engine), my_engine
+        caches[1].attach(mine)
     try:
-        if local:
-            tier: LocalTier | None = other_cache.inspector.local_tier
+        for cache in caches if local else ():
+            tier: LocalTier | None = cache.inspector.local_tier
             assert tier is not None
             assert tier.wait_ready(10.0)
-        made = World(
-            session_factory, other, oracle, shop_engine, subject, pk_of(subject, category, product)
-        )
+        made = World(mine, other, oracle, engine, subject, pk_of(subject, category, product))
         made.everyone_reads(subject.old)  # every cache holds the old value
         yield made
     finally:
-        other_cache.detach()
-        other_engine.dispose()
-        oracle.dispose()
+        for cache in caches:
+            cache.detach()
+        for made_engine in engines:
+            made_engine.dispose()
 
 
 @contextmanager
@@ -809,3 +815,148 @@ def test_write_behind_joined_session_closed_without_its_commit(
     expected = "/new" if kept else "/old"
     behind.everyone_gets(expected)
     assert behind.truth() == expected
+
+
+@pytest.mark.parametrize("ending", ["rollback", "commit"])
+@pytest.mark.parametrize("mode", JOINED)
+def test_a_session_of_the_transaction_that_began_before_another_wrote(
+    world: World, mode: str, ending: str
+) -> None:
+    """Two sessions on the application's connection (a fixture's and the code under test's):
+    the one that began first reads what the other wrote, as the database shows it."""
+    old, new = world.subject.old, world.subject.new
+    with external(world.engine) as (connection, outer):
+        reader = world.mine(bind=connection, join_transaction_mode=mode)
+        assert world.read(reader) == (old, old)
+        reader.expunge_all()
+        with world.mine(bind=connection, join_transaction_mode=mode) as writer:
+            world.change(writer)
+            writer.commit()
+        assert world.read(reader) == (new, new)
+        reader.close()
+        world.everyone_reads(old)
+        getattr(outer, ending)()
+    world.everyone_reads(new if ending == "commit" else old)
+
+
+@pytest.mark.parametrize("ending", ["rollback", "commit"])
+@pytest.mark.parametrize("mode", JOINED)
+def test_core_write_on_the_applications_connection_before_the_session(
+    world: World, mode: str, ending: str
+) -> None:
+    """A fixture writes with Core on the connection, then a joined session reads."""
+    old, new = world.subject.old, world.subject.new
+    model, attribute = world.subject.model, world.subject.attribute
+    table = cast("sa.Table", model.__table__)
+    with external(world.engine) as (connection, outer):
+        connection.execute(sa.update(table).where(table.c.id == world.pk).values({attribute: new}))
+        with world.mine(bind=connection, join_transaction_mode=mode) as s:
+            assert world.read(s) == (new, new)
+        world.everyone_reads(old)
+        getattr(outer, ending)()
+        world.everyone_reads(new if ending == "commit" else old)
+    world.everyone_reads(new if ending == "commit" else old)
+
+
+def test_a_savepoint_rolled_back_after_an_outer_write_of_the_row(world: World) -> None:
+    """Written in the transaction, written again in a savepoint that rolls back: the
+    transaction commits its first write."""
+    old, new = world.subject.old, world.subject.new
+    model, attribute = world.subject.model, world.subject.attribute
+    third = f"{old} (savepoint)" if model is Category else Decimal("3.00")
+    with world.mine() as s:
+        world.change(s)
+        s.flush()
+        nested = s.begin_nested()
+        setattr(s.get(model, world.pk), attribute, third)
+        s.flush()
+        assert world.read(s)[0] == third
+        nested.rollback()
+        assert world.read(s) == (new, new)
+        world.everyone_reads(old)
+        s.commit()
+    world.everyone_reads(new)
+
+
+@pytest.mark.parametrize("inner", ["rollback", "commit"])
+@pytest.mark.parametrize("mode", JOINED)
+def test_a_savepoint_inside_a_joined_session(world: World, mode: str, inner: str) -> None:
+    old, new = world.subject.old, world.subject.new
+    with external(world.engine) as (connection, outer):
+        with world.mine(bind=connection, join_transaction_mode=mode) as s:
+            nested = s.begin_nested()
+            world.change(s)
+            s.flush()
+            getattr(nested, inner)()
+            s.commit()
+        world.everyone_reads(old)
+        outer.commit()
+    world.everyone_reads(new if inner == "commit" else old)
+
+
+def test_write_behind_savepoint_rolled_back_after_an_outer_write(behind: Behind) -> None:
+    with behind.mine() as s:
+        behind.change(s, "/a")
+        s.flush()
+        nested = s.begin_nested()
+        behind.change(s, "/b")
+        s.flush()
+        assert behind.path_in(s) == "/b"
+        nested.rollback()
+        assert behind.path_in(s) == "/a"
+        s.commit()
+    behind.everyone_gets("/a")
+    assert behind.truth() == "/a"
+
+
+@pytest.mark.parametrize("inner", ["rollback", "commit"])
+@pytest.mark.parametrize("mode", JOINED)
+def test_write_behind_savepoint_inside_a_joined_session(
+    behind: Behind, mode: str, inner: str
+) -> None:
+    with behind.engine.connect() as connection:
+        outer = connection.begin()
+        with behind.mine(bind=connection, join_transaction_mode=mode) as s:
+            behind.change(s, "/a")
+            s.flush()
+            nested = s.begin_nested()
+            behind.change(s, "/b")
+            s.flush()
+            getattr(nested, inner)()
+            s.commit()
+        behind.everyone_gets("/old")
+        outer.commit()
+    expected = "/b" if inner == "commit" else "/a"
+    behind.everyone_gets(expected)
+    assert behind.truth() == expected
+
+
+@pytest.mark.parametrize("mode", JOINED)
+def test_write_behind_joined_session_invalidated(behind: Behind, mode: str) -> None:
+    """``session.invalidate()`` drops the application's connection: its transaction is
+    gone, and so are the session's writes."""
+    with behind.engine.connect() as connection:
+        outer = connection.begin()
+        s = behind.mine(bind=connection, join_transaction_mode=mode)
+        behind.change(s, "/new")
+        s.flush()
+        s.invalidate()
+        behind.everyone_gets("/old")
+        with pytest.raises(sa.exc.SQLAlchemyError):
+            outer.commit()
+    behind.everyone_gets("/old")
+    assert behind.truth() == "/old"
+
+
+@pytest.mark.parametrize("mode", JOINED)
+def test_joined_session_invalidated(world: World, mode: str) -> None:
+    old = world.subject.old
+    with external(world.engine) as (connection, outer):
+        s = world.mine(bind=connection, join_transaction_mode=mode)
+        world.change(s)
+        s.flush()
+        s.invalidate()
+        world.everyone_reads(old)
+        with pytest.raises(sa.exc.SQLAlchemyError):
+            outer.commit()
+    world.everyone_reads(old)
