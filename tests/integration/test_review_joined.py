@@ -426,6 +426,21 @@ def test_two_phase_session(
             s.connection().execute(sa.update(table).where(table.c.id == 1).values({attribute: old}))
             s.commit()
         everyone_reads(old)
+        # a session joined to the application's two-phase transaction
+        for ending, expected in (("rollback", old), ("commit", new)):
+            with engines[0].connect() as connection:
+                outer = connection.begin_twophase()
+                with mine(
+                    bind=connection, join_transaction_mode="rollback_only", twophase=False
+                ) as s:
+                    setattr(s.get(target, 1), attribute, new)
+                    s.commit()
+                everyone_reads(old)
+                outer.prepare()
+                everyone_reads(old)
+                getattr(outer, ending)()
+                everyone_reads(expected)
+            everyone_reads(expected)
     finally:
         for cache in caches:
             cache.detach()
@@ -960,3 +975,49 @@ def test_joined_session_invalidated(world: World, mode: str) -> None:
         with pytest.raises(sa.exc.SQLAlchemyError):
             outer.commit()
     world.everyone_reads(old)
+
+
+@pytest.mark.parametrize("ending", ["close", "commit"])
+@pytest.mark.parametrize("mode", JOINED)
+def test_async_joined_session_then_the_application_commits(
+    world: World, database_url: str, redis_url: str, namespace: str, mode: str, ending: str
+) -> None:
+    """``AsyncSession(bind=async_connection)``: committed, or closed after a flush without
+    committing, then the application commits."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+    from tests.modes import async_url
+
+    model, attribute = world.subject.model, world.subject.attribute
+    old, new = world.subject.old, world.subject.new
+    kept = ending == "commit" or mode != "create_savepoint"
+
+    async def scenario() -> None:
+        engine = create_async_engine(async_url(database_url))
+        factory = async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+        cache = Cache(redis_url, namespace=namespace, default_ttl=300)
+        cache.attach(factory)
+        try:
+            async with engine.connect() as connection:
+                outer = await connection.begin()
+                s = factory(bind=connection, join_transaction_mode=mode)
+                row = await s.get(model, world.pk)
+                setattr(row, attribute, new)
+                await s.flush()
+                if ending == "commit":
+                    await s.commit()
+                await s.close()
+                await asyncio.to_thread(world.everyone_reads, old)
+                await outer.commit()
+            await asyncio.to_thread(world.everyone_reads, new if kept else old)
+            async with factory() as s:
+                stmt = select(model).where(model.id == world.pk).options(FromCache())
+                assert getattr((await s.scalars(stmt)).one(), attribute) == (new if kept else old)
+        finally:
+            cache.detach()
+            await cache.aclose()
+            await engine.dispose()
+
+    asyncio.run(scenario())
