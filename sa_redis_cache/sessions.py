@@ -211,12 +211,14 @@ class SessionHooks:
         serves_queued = self.write_behind.serves_queued
 
         breaker = reads.core.breaker
+        note_bound_writes = self.engine_writes.note_bound_writes
 
         def read(session: Session, statement: Any) -> Result[Any] | None:
             option = from_cache_in(getattr(statement, "_with_options", ()))
             # while Redis is out the pipeline's read goes to the database: nothing to check
             if option is None or breaker.state is not CLOSED or not reads_directly(session):
                 return None
+            note_bound_writes(session)
             mapper = compat.statement_subject_mapper(statement)
             if mapper is None or serves_queued(mapper):
                 return None  # a write-behind row's queued state comes first
@@ -235,6 +237,7 @@ class SessionHooks:
         def get(session: Session, entity: Any, ident: Any, **kw: Any) -> Any:
             if kw and not plain_get(kw):
                 return _SESSION_GET(session, entity, ident, **kw)
+            note_bound_writes(session)
             hit, found = direct_get(session, entity, ident)
             return found if hit else fallback(_SESSION_GET, session, entity, ident, **kw)
 
@@ -287,6 +290,7 @@ class SessionHooks:
                 # "Autobegin is disabled" when it goes on to the database, as it must
                 # for a read the cache could answer too
                 return None
+            self.engine_writes.note_bound_writes(orm_context.session)
             listeners = orm_context.session.dispatch.do_orm_execute
             if len(listeners) > 1:
                 self._warn_of_later_listeners(listeners)

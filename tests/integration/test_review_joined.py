@@ -1021,3 +1021,32 @@ def test_async_joined_session_then_the_application_commits(
             await engine.dispose()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("began", ["hits", "connection"])
+@pytest.mark.parametrize("mode", JOINED)
+def test_a_mark_that_expired_in_a_long_application_transaction(
+    world: World, redis_client: Any, namespace: str, mode: str, began: str
+) -> None:
+    """The application's transaction outlives the writer mark (60 s; expired here by
+    removing it): a session of that transaction that began before the write, and so does
+    not know it, reads the uncommitted row; it must not store it for everyone."""
+    from sa_redis_cache.protocol import KeyScheme
+
+    old, new = world.subject.old, world.subject.new
+    table = world.subject.model.__table__.name
+    with external(world.engine) as (connection, outer):
+        reader = world.mine(bind=connection, join_transaction_mode=mode)
+        assert world.read(reader) == (old, old)  # hits: no connection taken
+        if began == "connection":
+            reader.execute(sa.text("SELECT 1"))
+        reader.expunge_all()
+        with world.mine(bind=connection, join_transaction_mode=mode) as writer:
+            world.change(writer)
+            writer.commit()
+        redis_client.delete(KeyScheme(namespace).writers_key(table))  # 60 s later
+        assert world.read(reader) == (new, new)
+        reader.close()
+        world.everyone_reads(old)
+        outer.rollback()
+    world.everyone_reads(old)
