@@ -805,14 +805,15 @@ def test_a_joined_session_closed_without_its_commit(world: World, mode: str, end
     world.everyone_reads(new if kept else old)
 
 
+@pytest.mark.parametrize("application", ["commit", "rollback"])
 @pytest.mark.parametrize("ending", ["close", "rollback"])
 @pytest.mark.parametrize("mode", JOINED)
 def test_write_behind_joined_session_closed_without_its_commit(
-    behind: Behind, mode: str, ending: str
+    behind: Behind, mode: str, ending: str, application: str
 ) -> None:
     """As plain SQLAlchemy: a ``rollback_only`` session's close leaves its flushed rows in
-    the application's transaction, which its commit commits; a rollback, or the close of
-    a session that made a savepoint, undoes them."""
+    the application's transaction, which its commit commits (and its rollback undoes); a
+    rollback, or the close of a session that made a savepoint, undoes them."""
     with behind.engine.connect() as connection:
         outer = connection.begin()
         s = behind.mine(bind=connection, join_transaction_mode=mode)
@@ -821,12 +822,13 @@ def test_write_behind_joined_session_closed_without_its_commit(
         getattr(s, ending)()
         s.close()
         behind.everyone_gets("/old")
-        kept = outer.is_active and (ending, mode) in {
-            ("close", "rollback_only"),
-            ("close", "conditional_savepoint"),
-        }
+        kept = (
+            outer.is_active
+            and application == "commit"
+            and (ending, mode) in {("close", "rollback_only"), ("close", "conditional_savepoint")}
+        )
         if outer.is_active:
-            outer.commit()
+            getattr(outer, application)()
     expected = "/new" if kept else "/old"
     behind.everyone_gets(expected)
     assert behind.truth() == expected
@@ -1050,3 +1052,22 @@ def test_a_mark_that_expired_in_a_long_application_transaction(
         world.everyone_reads(old)
         outer.rollback()
     world.everyone_reads(old)
+
+
+@pytest.mark.parametrize("ending", ["commit", "close"])
+@pytest.mark.parametrize("mode", JOINED)
+def test_orm_bulk_update_in_a_joined_session(world: World, mode: str, ending: str) -> None:
+    """``session.execute(update(Model))`` in a joined session, committed or closed without
+    committing, then the application commits."""
+    old, new = world.subject.old, world.subject.new
+    model, attribute = world.subject.model, world.subject.attribute
+    kept = ending == "commit" or mode != "create_savepoint"
+    with external(world.engine) as (connection, outer):
+        with world.mine(bind=connection, join_transaction_mode=mode) as s:
+            s.execute(sa.update(model).where(model.id == world.pk).values({attribute: new}))
+            assert world.read(s) == (new, new)
+            if ending == "commit":
+                s.commit()
+        world.everyone_reads(old)
+        outer.commit()
+    world.everyone_reads(new if kept else old)
