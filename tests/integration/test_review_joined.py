@@ -1071,3 +1071,33 @@ def test_orm_bulk_update_in_a_joined_session(world: World, mode: str, ending: st
         world.everyone_reads(old)
         outer.commit()
     world.everyone_reads(new if kept else old)
+
+
+@pytest.mark.parametrize("ending", ["rollback", "commit"])
+@pytest.mark.parametrize("mode", [*JOINED, "own"])
+def test_textual_update_in_a_session(world: World, mode: str, ending: str) -> None:
+    """``session.execute(text("UPDATE ..."))`` in a session of its own (then its rollback or
+    commit) or joined to the application's transaction (then the application's)."""
+    old, new = world.subject.old, world.subject.new
+    sql = sa.text(
+        "UPDATE categories SET name = :v WHERE id = :i"
+        if world.subject.model is Category
+        else "UPDATE products SET price = :v WHERE id = :i"
+    )
+    with external(world.engine) as (connection, outer):
+        if mode == "own":
+            outer.rollback()
+            s = world.mine()
+        else:
+            s = world.mine(bind=connection, join_transaction_mode=mode)
+        s.execute(sql, {"v": new, "i": world.pk})
+        assert world.read(s) == (new, new)
+        world.everyone_reads(old)
+        if mode == "own":
+            getattr(s, ending)()
+        else:
+            s.commit()
+            world.everyone_reads(old)
+            getattr(outer, ending)()
+        s.close()
+    world.everyone_reads(new if ending == "commit" else old)
