@@ -313,6 +313,26 @@ def uncommitted_connections(session: Session) -> list[Connection]:
     ]
 
 
+def connections_left_open(transaction: Any) -> list[Connection]:
+    """In ``after_transaction_end`` of a session's outermost transaction that did not
+    commit: its connections whose database transaction, or savepoint, the session's end
+    left open, with what the session flushed in it. A session joined to the application's
+    transaction in ``rollback_only`` mode (``conditional_savepoint`` outside a savepoint,
+    the default) closed without a rollback rolls nothing back: its flushed rows are the
+    application's, committed if it commits (SQLAlchemy's ``SessionTransaction.close``
+    closes only the transactions the session may commit; its rollback rolls them all back).
+    Not a connection ``session.invalidate()`` dropped: its transaction is gone with it (and
+    the connection refuses even a look at its ``info`` until rolled back).
+    """
+    return [
+        connection
+        for connection, database_transaction, should_commit, _ in set(
+            transaction._connections.values()
+        )
+        if not should_commit and database_transaction.is_active and not connection.invalidated
+    ]
+
+
 class _RowContext:
     """What a lazy loader's ``create_row_processor`` reads of a query's context when no
     refresh is under way: with it, the loader builds the per-object loader it would give
@@ -398,6 +418,14 @@ def is_flushing(session: Session) -> bool:
 def is_clean(session: Session) -> bool:
     """True when ``session`` has nothing new, changed or deleted to flush."""
     return bool(session._is_clean())
+
+
+def refuses_autobegin(session: Session) -> bool:
+    """True when ``session`` has no transaction and may not begin one by itself
+    (``Session(autobegin=False)`` before ``session.begin()``, or after its end): any read
+    SQLAlchemy sends to the database then raises ``InvalidRequestError`` ("Autobegin is
+    disabled"), and a read the cache answers must raise it too, not answer."""
+    return session._transaction is None and not session.autobegin
 
 
 def has_net_change(state: InstanceState[Any]) -> bool:

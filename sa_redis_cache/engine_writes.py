@@ -20,6 +20,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table
+from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import TextClause
 
 from . import commit_first, compat
@@ -31,7 +32,7 @@ from .transaction import peek_transaction_state, transaction_state
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session
 
     from .context import CacheContext
@@ -284,6 +285,34 @@ class EngineWrites:
             written |= tables
         if written:
             transaction_state(session).dml.update(written)
+
+    def note_bound_writes(self, session: Session) -> None:
+        """Before a read of ``session``, bound to a connection (``Session(bind=connection)``,
+        the recipe that joins sessions to the application's transaction): what that
+        connection's open transaction wrote is a write of the session's transaction, also
+        when the session has not begun on it yet (its reads so far were cache hits, which
+        take no connection), as :meth:`session_began` makes it once it has.
+
+        A session that has not begun on it begins now, as the read would on a miss: its
+        lookup must already know (on a miss, its database read sees the uncommitted rows,
+        and its fill would be kept out only by the writer mark, which an application
+        transaction longer than the mark's life, 60 s, outlives)."""
+        bind = session.bind
+        if not isinstance(bind, Connection) or bind.closed or bind.invalidated:
+            return
+        info = bind.info
+        pending: tuple[str, set[str]] | None = info.get(self._pending_key)
+        handed = info.get(self._handed_key)
+        if pending is None and not handed:
+            return
+        if session.in_transaction():
+            written = transaction_state(session).dml
+            if pending is not None:
+                written.update(pending[1])
+            for _, tables in handed or ():
+                written.update(tables)
+        elif not compat.refuses_autobegin(session):
+            session.connection()  # after_begin: session_began takes the tables
 
     def _session_of(self, conn: Connection) -> Session | None:
         """The session whose transaction runs on ``conn``, if any."""

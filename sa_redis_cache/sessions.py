@@ -211,12 +211,14 @@ class SessionHooks:
         serves_queued = self.write_behind.serves_queued
 
         breaker = reads.core.breaker
+        note_bound_writes = self.engine_writes.note_bound_writes
 
         def read(session: Session, statement: Any) -> Result[Any] | None:
             option = from_cache_in(getattr(statement, "_with_options", ()))
             # while Redis is out the pipeline's read goes to the database: nothing to check
             if option is None or breaker.state is not CLOSED or not reads_directly(session):
                 return None
+            note_bound_writes(session)
             mapper = compat.statement_subject_mapper(statement)
             if mapper is None or serves_queued(mapper):
                 return None  # a write-behind row's queued state comes first
@@ -235,6 +237,7 @@ class SessionHooks:
         def get(session: Session, entity: Any, ident: Any, **kw: Any) -> Any:
             if kw and not plain_get(kw):
                 return _SESSION_GET(session, entity, ident, **kw)
+            note_bound_writes(session)
             hit, found = direct_get(session, entity, ident)
             return found if hit else fallback(_SESSION_GET, session, entity, ident, **kw)
 
@@ -282,6 +285,12 @@ class SessionHooks:
     def do_orm_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         """Serve a SELECT from the cache when it may; mark a bulk statement's tables."""
         if orm_context.is_select:
+            if compat.refuses_autobegin(orm_context.session):
+                # Session(autobegin=False) outside session.begin(): SQLAlchemy raises
+                # "Autobegin is disabled" when it goes on to the database, as it must
+                # for a read the cache could answer too
+                return None
+            self.engine_writes.note_bound_writes(orm_context.session)
             listeners = orm_context.session.dispatch.do_orm_execute
             if len(listeners) > 1:
                 self._warn_of_later_listeners(listeners)
@@ -431,8 +440,17 @@ class SessionHooks:
         removed = list(state.frames[0].removed)
         joined = state.joined
         state.reset()
+        # joined in rollback_only mode and closed without a rollback: the flushed rows stay
+        # in the application's transaction, which may commit them yet
+        left_open = [] if committed else compat.connections_left_open(transaction)
         if not committed:
-            if marked and uncertain:
+            if marked and left_open:
+                # the marks hold, and the bump comes, when that transaction ends, as at a
+                # joined session's commit (after_commit); released now, a read before the
+                # application's commit could fill the rows as they were, served after it
+                for connection in left_open:
+                    self.engine_writes.finish_on_checkin(connection, token, marked)
+            elif marked and uncertain:
                 # commit() raised after it began (a connection lost or a task cancelled
                 # while Postgres ran the COMMIT, or during the post-commit work): the
                 # database may have committed, so the marks go with a commit's bump, not
@@ -441,7 +459,12 @@ class SessionHooks:
                 self.invalidation.finish_uncertain(token, marked)
             elif marked:
                 self.invalidation.release(token, marked)
-            self.write_behind.revert(session, queued, None)
+            if queued and joined is not None and joined in left_open:
+                # as the flushed rows of the other strategies: the application's commit
+                # queues them, its rollback drops them (strategies/write_behind/joined.py)
+                self.write_behind.hand_over(joined, queued)
+            else:
+                self.write_behind.revert(session, queued, None)
         elif queued and joined is not None:
             self.write_behind.hand_over(joined, queued)
             self.write_behind.keep_committed(session, queued)

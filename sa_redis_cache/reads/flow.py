@@ -53,7 +53,9 @@ def reads_directly(session: Session) -> bool:
     and to nothing else: nothing to autoflush, no ``do_orm_execute`` listener but the
     cache's (another could change what the read returns), no ``get_bind`` override, no
     session-wide execution options (``Session(execution_options=...)``: they may bypass
-    the cache or translate schemas, which the pipeline's read sees).
+    the cache or translate schemas, which the pipeline's read sees), and a transaction
+    open or allowed to begin (``Session(autobegin=False)`` outside ``session.begin()``
+    raises in the pipeline, :func:`~sa_redis_cache.compat.refuses_autobegin`).
 
     Example::
 
@@ -65,6 +67,7 @@ def reads_directly(session: Session) -> bool:
         and type(session).get_bind is _PLAIN_GET_BIND
         and not getattr(session, "execution_options", None)
         and compat.is_clean(session)
+        and not compat.refuses_autobegin(session)
     )
 
 

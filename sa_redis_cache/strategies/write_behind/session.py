@@ -179,6 +179,12 @@ class WriteBehind:
             connection = connections[table]
             tags[table] = frozenset()
             if connection is not None:
+                # the session takes the connection now, as its flush's first statement
+                # would without the cache (the rows' SQL is diverted): a create_savepoint
+                # session opens its savepoint first, which tags the rows (its rollback, at
+                # the session's close, undoes them), and the session's end knows whether
+                # it left the application's transaction open with them (rollback_only)
+                session.connection(bind_arguments={"mapper": info.mapper})
                 tags[table] = joined.watch(self, connection)
                 # one connection queues them all: a commit is one enqueue
                 state.joined = connection
