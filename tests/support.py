@@ -20,6 +20,7 @@ from sa_redis_cache.protocol import KeyScheme
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
+    from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.orm import Session
 
     from sa_redis_cache.local import LocalTier
@@ -213,3 +214,11 @@ def exit_code_of_a_forked_child(child: Callable[[], int]) -> int:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+async def close_cache_and_engine(cache: Cache, engine: AsyncEngine) -> None:
+    """The end of an asyncio test's own cache and engine, on the loop that used them:
+    detach the cache, close the asyncio client it made, dispose of the engine's pool."""
+    cache.detach()
+    await cache.aclose()
+    await engine.dispose()

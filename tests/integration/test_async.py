@@ -43,6 +43,7 @@ from sa_redis_cache.strategies.write_behind.ids import ID_BLOCKS
 from tests.modes import MODES, Db, Runner, SyncFacade, async_url, cached_price, set_price
 from tests.seams import RedisTap, Seams
 from tests.slow_proxy import SlowProxy
+from tests.support import close_cache_and_engine
 from tests.wb_support import private_models
 
 try:  # SQLAlchemy 2.1
@@ -499,9 +500,7 @@ def test_a_cache_from_a_url_makes_a_client_per_event_loop(
                 price = (await s.scalars(stmt)).one().price
             return price, len(statements)
         finally:
-            cache.detach()
-            await cache.aclose()
-            await engine.dispose()
+            await close_cache_and_engine(cache, engine)
 
     try:
         first = asyncio.run(main())

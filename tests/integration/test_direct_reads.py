@@ -26,6 +26,7 @@ from examples.shop import Category, Product
 from sa_redis_cache import Cache, FromCache, stampede
 from tests.modes import async_url
 from tests.seams import RedisTap, RoundTrip
+from tests.support import close_cache_and_engine
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -456,9 +457,7 @@ def test_asyncsession_hits_skip_the_execute_pipeline_too(
                 outcome["populate_existing"] = None if fresh is None else fresh.name
             outcome["with it"] = len(pipeline_runs)
         finally:
-            cache.detach()
-            await cache.aclose()
-            await engine.dispose()
+            await close_cache_and_engine(cache, engine)
 
     try:
         asyncio.run(main())

@@ -22,7 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from sa_redis_cache import Cache, CachePolicy
 from tests.modes import async_url
-from tests.support import TierWorld
+from tests.support import TierWorld, close_cache_and_engine
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -207,9 +207,7 @@ def test_an_asyncio_get_hit_needs_no_lazy_load_afterwards(
                 # outside the session, no await: loaded or it raises
                 seen.append(([b.title for b in shelf.books], note.author.name))
         finally:
-            cache.detach()
-            await cache.aclose()
-            await engine.dispose()
+            await close_cache_and_engine(cache, engine)
         return seen
 
     assert asyncio.run(run()) == [(["b1", "b2"], "ann")] * 3

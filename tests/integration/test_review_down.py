@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from devservices import RedisServer
 from examples.shop import Category, Product
 from sa_redis_cache import Cache, FromCache
+from tests.support import close_cache_and_engine
 
 if TYPE_CHECKING:
     from sa_redis_cache.redis_io import RedisIO
@@ -328,9 +329,7 @@ def test_an_async_commit_while_cut_off_is_never_served_stale_after(
             seen.append(await prices())
             assert cache._core.undelivered == set()
         finally:
-            cache.detach()
-            await cache.aclose()
-            await engine.dispose()
+            await close_cache_and_engine(cache, engine)
         return seen
 
     assert cached_prices(pair.read, product) == (Decimal("1.00"), Decimal("1.00"))
@@ -614,9 +613,7 @@ def test_an_async_reader_never_reads_stale_after_a_restart_from_old_data(
                 seen.append(await prices())
                 seen.append(await prices())
             finally:
-                cache.detach()
-                await cache.aclose()
-                await engine.dispose()
+                await close_cache_and_engine(cache, engine)
             return seen
 
         try:

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from examples.shop import Base, Category, Product, seed
 from sa_redis_cache import Cache, FromCache
+from tests.support import close_cache_and_engine
 from tests.wb_support import drain, rows
 
 if TYPE_CHECKING:
@@ -774,9 +775,7 @@ def test_async_scoped_session_rollback(
             assert await read() == (new, new)
             await scoped.remove()
         finally:
-            cache.detach()
-            await cache.aclose()
-            await engine.dispose()
+            await close_cache_and_engine(cache, engine)
 
     asyncio.run(scenario())
 
@@ -1018,9 +1017,7 @@ def test_async_joined_session_then_the_application_commits(
                 stmt = select(model).where(model.id == world.pk).options(FromCache())
                 assert getattr((await s.scalars(stmt)).one(), attribute) == (new if kept else old)
         finally:
-            cache.detach()
-            await cache.aclose()
-            await engine.dispose()
+            await close_cache_and_engine(cache, engine)
 
     asyncio.run(scenario())
 

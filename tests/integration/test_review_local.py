@@ -36,6 +36,7 @@ from tests.integration.test_local_tier import (
     until,
 )
 from tests.modes import async_url
+from tests.support import close_cache_and_engine
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -385,9 +386,7 @@ def test_asyncio_tasks_of_one_cache_see_a_commit_of_another_task_at_once(
             assert stale == []
             assert cache.stats()["total"]["local_hits"] > 0
         finally:
-            cache.detach()
-            await cache.aclose()
-            await engine.dispose()
+            await close_cache_and_engine(cache, engine)
 
     asyncio.run(scenario())
 
@@ -652,9 +651,7 @@ def test_an_awaited_invalidation_is_seen_by_the_next_task_read(
             reads = [asyncio.create_task(price(get=get)) for get in kinds]
             assert await asyncio.gather(*reads) == [Decimal("3.00")] * len(kinds)
         finally:
-            cache.detach()
-            await cache.aclose()
-            await engine.dispose()
+            await close_cache_and_engine(cache, engine)
 
     asyncio.run(scenario())
 
