@@ -26,6 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.types import DateTime
 
 from sa_redis_cache import CachePolicy, FlushWorker
+from sa_redis_cache.protocol import partition_of, pk_text
 from sa_redis_cache.schema import dead_letters, wb_offsets
 
 if TYPE_CHECKING:
@@ -192,3 +193,14 @@ def wb_server_url(request: Any) -> str:
     name = "aof_cluster" if request.param == "cluster" else "aof_redis"
     url: str = request.getfixturevalue(name).url
     return url
+
+
+def same_partition_keys(count: int = 2) -> tuple[uuid.UUID, ...]:
+    """``count`` ids of one partition, in the worker's lock order (pk text)."""
+    found: dict[int, list[uuid.UUID]] = {}
+    while True:
+        key = uuid.uuid4()
+        group = found.setdefault(partition_of(pk_text([key]), PARTITIONS), [])
+        group.append(key)
+        if len(group) == count:
+            return tuple(sorted(group, key=lambda k: pk_text([k])))

@@ -38,6 +38,7 @@ from tests.wb_support import (
     remove,
     reset_page_views,
     rows,
+    same_partition_keys,
     update,
 )
 
@@ -222,17 +223,6 @@ def write_counts(worker_engine: sa.Engine) -> Iterator[Any]:
         "DROP TABLE IF EXISTS wb_review_writes",
         "DROP FUNCTION IF EXISTS wb_review_count()",
     )
-
-
-def same_partition_keys(count: int = 2) -> tuple[uuid.UUID, ...]:
-    """``count`` ids of one partition, in the worker's lock order (pk text)."""
-    found: dict[int, list[uuid.UUID]] = {}
-    while True:
-        key = uuid.uuid4()
-        group = found.setdefault(partition_of(pk_text([key]), PARTITIONS), [])
-        group.append(key)
-        if len(group) == count:
-            return tuple(sorted(group, key=lambda k: pk_text([k])))
 
 
 def waiting_worker(engine: sa.Engine) -> int | None:

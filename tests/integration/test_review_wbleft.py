@@ -26,11 +26,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from devservices import RedisServer
 from sa_redis_cache import CachePolicy, ConfigurationError, FlushWorker, schema
 from sa_redis_cache.errors import CacheUnavailableError
-from sa_redis_cache.protocol import partition_of, pk_text
 from sa_redis_cache.worker import replay_dead_letters
 from tests.modes import SyncFacade
 from tests.wb_chaos import wait_for
-from tests.wb_support import PARTITIONS, drain, letters, queue, rows
+from tests.wb_support import drain, letters, queue, rows, same_partition_keys
 
 if TYPE_CHECKING:
     from tests.modes import Runner
@@ -42,17 +41,6 @@ def ddl(engine: sa.Engine, *statements: str) -> None:
     with engine.begin() as conn:
         for statement in statements:
             conn.execute(text(statement))
-
-
-def one_partition_keys(count: int) -> list[uuid.UUID]:
-    """``count`` ids of one partition of ``wb_page_views``."""
-    found: dict[int, list[uuid.UUID]] = {}
-    while True:
-        key = uuid.uuid4()
-        group = found.setdefault(partition_of(pk_text([key]), PARTITIONS), [])
-        group.append(key)
-        if len(group) == count:
-            return group
 
 
 # -- 1. a batch that always exceeds statement_timeout --------------------------------------
@@ -111,7 +99,7 @@ def test_a_batch_over_the_statement_timeout_shrinks_and_a_slow_operation_is_dead
     included), dead-letter the slow one after ``timeout_attempts`` timeouts alone, and
     that letter replays once the cause is gone."""
     page_view, _ = models
-    keys = one_partition_keys(8)
+    keys = same_partition_keys(8)
     for i, key in enumerate(keys):
         queue(factory, page_view, id=key, path="/slow" if i == 3 else f"/p{i}", views=i)
     engine = sa.create_engine(
