@@ -98,3 +98,43 @@ def test_the_local_tier_forgets_the_counters_of_the_entries_it_evicts(
 def _unused(*_: Any) -> None:
     """Keeps FromCache imported for the probes below."""
     FromCache()
+
+
+# -- many tenants --------------------------------------------------------------------------
+
+
+def test_invalidate_query_retires_a_tenant_this_process_no_longer_remembers(
+    shop_engine: sa.Engine, database_url: str, cache: Cache, product: int
+) -> None:
+    """``invalidate_query(stmt)`` without ``bind`` keys the statement for every (database,
+    ``schema_translate_map``) this process served, as an entry's key holds both. Those
+    pairs are remembered up to a bound (256): past it, the first tenant's entry was left
+    in place, and its next read served the value the unseen write had replaced."""
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    try:
+        stmt = select(Product.price).where(Product.id == product).options(FromCache())
+
+        def read(tenant: int) -> Decimal:
+            # a map naming a schema the shop does not use: the same rows, keyed apart
+            options = {"schema_translate_map": {f"tenant_{tenant}": f"tenant_{tenant}"}}
+            with factory() as s:
+                price: Decimal = s.execute(stmt, execution_options=options).scalar_one()
+                return price
+
+        assert read(0) == Decimal("1.00")
+        assert read(0) == Decimal("1.00")  # a hit
+        for tenant in range(1, 300):
+            read(tenant)
+        unseen = sa.create_engine(database_url)  # a write the cache does not see
+        with unseen.begin() as connection:
+            connection.execute(
+                sa.update(Product).where(Product.id == product).values(price=Decimal("2.00"))
+            )
+        unseen.dispose()
+        cache.invalidate_query(stmt)
+        assert _oracle_prices(shop_engine, [product]) == {product: Decimal("2.00")}
+        assert read(0) == Decimal("2.00")
+        assert read(299) == Decimal("2.00")
+    finally:
+        cache.detach()
