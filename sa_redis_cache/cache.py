@@ -658,6 +658,11 @@ class Cache:
         ttl_ms = max(scripts.LEASE_MS, int(self._core.ttl_for_tables(plan.tables) * 1000))
         with self._core.measure(None, "invalidate"):
             removed = self._core.invalidate_entries(sorted(keys), ttl_ms, plan.tables)
+        if bind is None and self._reads.queries.forgot_databases:
+            # this process served more databases or schema_translate_maps than it
+            # remembers: an entry of a forgotten one cannot be keyed, so the statement's
+            # tables are retired (more misses, never an entry left behind)
+            self._retire(None, sorted(plan.tables))
         self._core.counters.incr_total("invalidations")
         return removed
 

@@ -95,6 +95,10 @@ class LocalStore:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, LocalEntry] = OrderedDict()
         self._mirror: dict[str, bytes] = {}
+        # how many entries name each mirrored counter: a counter no entry names any more
+        # (its entries evicted, expired or replaced) leaves the mirror, which would
+        # otherwise keep one counter per row ever held (a row's write counter) unbounded
+        self._uses: dict[str, int] = {}
         self._dropped_at: dict[str, int] = {}
         self._floor = 0
         self._seq = 0
@@ -163,9 +167,12 @@ class LocalStore:
             if any(dropped.get(name, -1) > mark.seq for name in names):
                 return False
             self._mirror.update(counters)
+            uses = self._uses
+            for counter, _ in counters:
+                uses[counter] = uses.get(counter, 0) + 1
             old = self._entries.pop(key, None)
             if old is not None:
-                self.bytes -= old.size
+                self._forget(old)
             self._entries[key] = LocalEntry(value, tuple(counters), time.monotonic() + ttl, size)
             self.bytes += size
             self._evict()
@@ -175,8 +182,22 @@ class LocalStore:
         entries = self._entries
         while entries and (len(entries) > self.max_entries or self.bytes > self.max_bytes):
             _, entry = entries.popitem(last=False)
-            self.bytes -= entry.size
+            self._forget(entry)
             self.evictions += 1
+
+    def _forget(self, entry: LocalEntry) -> None:
+        """Account for ``entry`` leaving the store (under the lock): its bytes, and the
+        mirrored counters that no other entry names."""
+        self.bytes -= entry.size
+        uses = self._uses
+        mirror = self._mirror
+        for counter, _ in entry.counters:
+            left = uses.get(counter, 0) - 1
+            if left > 0:
+                uses[counter] = left
+            else:
+                uses.pop(counter, None)
+                mirror.pop(counter, None)
 
     def invalidate(self, keys: Iterable[bytes | str]) -> None:
         """Keys that changed in Redis: drop them from the mirror and the entries."""
@@ -192,7 +213,7 @@ class LocalStore:
                 mirror.pop(key, None)
                 entry = entries.pop(key, None)
                 if entry is not None:
-                    self.bytes -= entry.size
+                    self._forget(entry)
             if len(dropped) > _SEEN_KEYS:
                 dropped.clear()
                 self._floor = seq
@@ -204,6 +225,7 @@ class LocalStore:
         with self._lock:
             self._entries.clear()
             self._mirror.clear()
+            self._uses.clear()
             self._dropped_at.clear()
             self._seq += 1
             self._floor = self._seq
@@ -214,4 +236,4 @@ class LocalStore:
         with self._lock:
             entry = self._entries.pop(key, None)
             if entry is not None:
-                self.bytes -= entry.size
+                self._forget(entry)

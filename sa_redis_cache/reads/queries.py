@@ -264,6 +264,10 @@ class QueryReads:
         # (database, translate map) of the statements this cache keyed, for
         # invalidate_query(); bounded, and holding no engine or connection alive
         self._seen: dict[tuple[str, str], tuple[Database, Any]] = {}
+        # True once a pair left _seen (more than _SEEN_BINDS tenants or databases): their
+        # entries can no longer be keyed by invalidate_query(), which then retires the
+        # statement's tables instead
+        self.forgot_databases = False
         # entry keys whose last look in this process found the entry: their next look is
         # a plain MGET, since a hit through look.lua's EVALSHA costs ~35 µs more (measured
         # in benchmarks/results/speed.md); any other key's look takes the fill lease in
@@ -704,10 +708,12 @@ class QueryReads:
         if memo not in seen:
             if len(seen) >= _SEEN_BINDS:
                 seen.pop(next(iter(seen)))
+                self.forgot_databases = True
             seen[memo] = (database, translate)
 
     def seen_databases(self) -> list[tuple[Database, Any]]:
-        """The (database, ``schema_translate_map``) pairs this read path keyed statements for."""
+        """The (database, ``schema_translate_map``) pairs this read path keyed statements
+        for: the last :data:`_SEEN_BINDS` (see :attr:`forgot_databases`)."""
         return list(self._seen.values())
 
     def plan(self, structural_key: Any, statement: Any) -> StatementPlan | None:
