@@ -200,9 +200,12 @@ class EntityReads:
         core = self.core
         session = orm_context.session
         tx = peek_transaction_state(session)
-        if tx is not None and info.table in tx.written_tables:
-            return None
         scope = info.scope
+        if tx is not None and info.table in tx.written_tables:
+            # counted as a FromCache read of a written table is: a lookup that did not
+            # ask Redis (its transaction's own writes must be seen)
+            core.counters.incr(scope, "bypassed")
+            return None
         try:
             pk_str = pk_text(pk)
         except TypeError:

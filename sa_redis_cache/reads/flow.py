@@ -272,6 +272,8 @@ class ReadThrough:
                 measured.hit()
                 return waited
         stats.incr(target.scope, "misses", also=target.also)
+        # counted as a miss: a database error from here on is timed as one too
+        measured.failing_as("miss")
         preexisting = hydrate.identity_snapshot(orm_context.session)
         started = stampede.now_ms()
         tried: bool | None = None
