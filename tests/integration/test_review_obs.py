@@ -10,6 +10,7 @@ namespace publishing into the same hashes, across ``detach()`` and ``attach()`` 
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -18,12 +19,16 @@ import sqlalchemy as sa
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from devservices import RedisServer
 from examples.shop import Category, Product
 from sa_redis_cache import Cache, FromCache
+from tests.seams import RedisTap
+from tests.support import SQLCounter
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     from tests.modes import Db, Runner
-    from tests.support import SQLCounter
 
 
 def published(client: redis.Redis, cache: Cache, scope: str) -> dict[str, int]:
@@ -140,3 +145,125 @@ def test_two_caches_publishing_into_one_namespace_add_up_across_detach_and_attac
         assert published(redis_client, caches[0], scope_) == expected, scope_
     for cache in caches:
         cache.client.close()
+
+
+def per_read_oracle(
+    reads: list[Callable[[], None]], sql: SQLCounter, tap: RedisTap
+) -> dict[str, int]:
+    """Run each read and classify it by what it did: Postgres (a miss), Redis only (a
+    Redis hit) or neither (a local hit). Round trips of other threads (the local tier's
+    listener) are not the read's."""
+    me = threading.get_ident()
+    trips: list[Any] = []
+
+    def mine(trip: Any) -> None:
+        if threading.get_ident() == me:
+            trips.append(trip)
+
+    tap.listen(mine)
+    out = {"misses": 0, "redis_hits": 0, "local_hits": 0}
+    try:
+        for read in reads:
+            sql.reset()
+            trips.clear()
+            read()
+            if sql.count:
+                out["misses"] += 1
+            elif trips:
+                out["redis_hits"] += 1
+            else:
+                out["local_hits"] += 1
+    finally:
+        tap.remove(mine)
+    return out
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_hits_and_local_hits_equal_the_reads_that_asked_neither_postgres_nor_redis(
+    local: bool,
+    shop_engine: sa.Engine,
+    database_url: str,
+    redis_url: str,
+    namespace: str,
+    redis_tap: RedisTap,
+) -> None:
+    engine = sa.create_engine(database_url)  # the shop's database, on an engine of its own
+    sql = SQLCounter()
+    sa.event.listen(engine, "before_cursor_execute", sql)
+    client = redis_tap.client(redis_url)
+    cache = Cache(client, namespace=namespace, local=local, stats_publish_interval=0)
+    factory = sessionmaker(engine)
+    cache.attach(factory)
+    try:
+        if local:
+            tier = cache.inspector.local_tier
+            assert tier is not None
+            assert tier.wait_ready(10.0)
+
+        def query() -> None:
+            with factory() as s:
+                s.scalars(select(Category).where(Category.id == 2).options(FromCache())).all()
+
+        def get() -> None:
+            with factory() as s:
+                s.get(Product, 7)
+
+        before = cache.stats()["total"]
+        oracle = per_read_oracle([query, get] * 4, sql, redis_tap)
+        after = cache.stats()["total"]
+    finally:
+        cache.detach()
+        client.close()
+        engine.dispose()
+    gained = {k: after[k] - before[k] for k in ("hits", "misses", "local_hits", "fills")}
+    assert gained == {
+        "hits": oracle["redis_hits"] + oracle["local_hits"],
+        "misses": oracle["misses"],
+        "local_hits": oracle["local_hits"],
+        "fills": oracle["misses"],
+    }, oracle
+    assert oracle["misses"] == 2
+    assert (oracle["local_hits"] > 0) is local
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    with RedisServer(appendonly=False) as server:
+        yield server
+
+
+def test_with_redis_down_every_lookup_is_an_error_or_bypassed_once(
+    shop_engine: sa.Engine, own_redis: RedisServer, sql: SQLCounter
+) -> None:
+    """Each lookup read Postgres once; the counters say why: the first failed in Redis
+    (``errors``, timed as ``error``), the breaker opened, the rest ``bypassed``."""
+    cache = Cache(
+        own_redis.url,
+        namespace="obs",
+        breaker_threshold=1,
+        breaker_reset=3600,
+        stats_publish_interval=0,
+    )
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    try:
+        own_redis.stop()
+        sql.reset()
+        for _ in range(3):
+            with factory() as s:
+                s.scalars(select(Category).where(Category.id == 2).options(FromCache())).all()
+            with factory() as s:
+                s.get(Product, 7)
+        assert sql.count == 6
+        stats = cache.stats()
+    finally:
+        cache.detach()
+    total = stats["total"]
+    assert total["hits"] == total["misses"] == total["fills"] == 0
+    assert total["errors"] == 1
+    assert total["bypassed"] == 5
+    assert stats["regions"]["default"]["errors"] == 1
+    assert stats["regions"]["default"]["bypassed"] == 2
+    assert stats["models"]["Product"]["bypassed"] == 3
+    assert {op: h["count"] for op, h in stats["latency"]["total"].items()} == {"error": 1}
+    assert cache.inspector.breaker_openings() == 1
