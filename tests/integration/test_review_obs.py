@@ -22,6 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from devservices import RedisServer
 from examples.shop import Category, Product
 from sa_redis_cache import Cache, FromCache
+from sa_redis_cache.errors import NotOnDiskError
+from sa_redis_cache.strategies.write_behind import session as wb_session
+from tests.integration.test_write_behind_durable import reading, waitaof_binary
 from tests.seams import RedisTap
 from tests.support import SQLCounter
 
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from tests.modes import Db, Runner
+
+__all__ = ["reading", "waitaof_binary"]  # fixtures of test_write_behind_durable, used here
 
 
 def published(client: redis.Redis, cache: Cache, scope: str) -> dict[str, int]:
@@ -267,3 +272,38 @@ def test_with_redis_down_every_lookup_is_an_error_or_bypassed_once(
     assert stats["models"]["Product"]["bypassed"] == 3
     assert {op: h["count"] for op, h in stats["latency"]["total"].items()} == {"error": 1}
     assert cache.inspector.breaker_openings() == 1
+
+
+def test_a_commit_queued_but_not_confirmed_on_disk_counts_as_queued(
+    waitaof_binary: str,
+    reading: Any,
+    engine: sa.Engine,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``NotOnDiskError`` says the writes are queued and will be flushed: ``queued`` must
+    equal what the streams hold (the oracle: ``XLEN``)."""
+    monkeypatch.setattr(wb_session, "DURABLE_WAIT_S", 0.3)
+    with RedisServer(appendfsync="everysec", binary=waitaof_binary) as server:
+        client = redis.Redis.from_url(server.url)
+        cache = Cache(server.url, namespace=namespace, stats_publish_interval=0)
+        factory = sessionmaker(engine)
+        cache.attach(factory)
+        try:
+            with factory() as s:
+                s.add(reading(sensor="t1", value=1))
+                s.commit()
+            client.config_set("appendfsync", "no")  # never confirmed from here on
+            with factory() as s:
+                s.add(reading(sensor="t2", value=2))
+                with pytest.raises(NotOnDiskError):
+                    s.commit()
+            streams = sum(int(client.xlen(k)) for k in client.scan_iter(match="sarc:*:wb:*"))
+            stats = cache.stats()
+        finally:
+            cache.detach()
+            client.close()
+    assert streams == 2
+    assert stats["total"]["queued"] == streams
+    assert stats["models"]["Reading"]["queued"] == streams
+    assert stats["total"]["errors"] == 1
