@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,6 +24,7 @@ from devservices import RedisServer
 from examples.shop import Category, Product
 from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.errors import NotOnDiskError
+from sa_redis_cache.metrics import CacheCollector
 from sa_redis_cache.strategies.write_behind import session as wb_session
 from tests.integration.test_write_behind_durable import reading, waitaof_binary
 from tests.seams import RedisTap
@@ -307,3 +309,46 @@ def test_a_commit_queued_but_not_confirmed_on_disk_counts_as_queued(
     assert stats["total"]["queued"] == streams
     assert stats["models"]["Reading"]["queued"] == streams
     assert stats["total"]["errors"] == 1
+
+
+def test_metric_labels_name_models_regions_and_functions_never_statements_or_keys(
+    session_factory: sessionmaker[Session], cache: Cache
+) -> None:
+    """Reads of many rows, statements and function arguments add no series: a label value
+    is a model, a region or a function's prefix, whatever the reads' parameters."""
+
+    @cache.cached("square", ttl=60)
+    def square(n: int) -> int:
+        return n * n
+
+    def series() -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+        registry = CollectorRegistry()
+        registry.register(CacheCollector(cache))
+        return {
+            (sample.name, tuple(sorted(sample.labels.items())))
+            for family in registry.collect()
+            for sample in family.samples
+        }
+
+    def workload(ids: range) -> None:
+        with session_factory() as s:
+            for i in ids:
+                s.get(Product, i)
+                s.scalars(
+                    select(Product).where(Product.price > i).limit(2).options(FromCache())
+                ).all()
+                by_id = select(Category).where(Category.id == i % 5 + 1)
+                s.scalars(by_id.options(FromCache(region="cat"))).all()
+                square(i)
+
+    workload(range(1, 12))
+    first = series()
+    workload(range(12, 50))
+    second = series()
+    assert second == first
+    scopes = {dict(labels).get("scope") for _, labels in second} - {None}  # gauges
+    assert scopes == {"", "Product", "Category", "default", "cat", "square"}, scopes
+    kinds = {dict(labels).get("kind") for _, labels in second}
+    assert kinds == {"total", "model", "region", "function", None}, kinds
+    operations = {dict(labels).get("operation") for _, labels in second} - {None}
+    assert operations <= {"hit", "miss", "error", "fill", "invalidate", "write_behind_enqueue"}
