@@ -174,7 +174,7 @@ class EntityReads:
                 obj = hydrate.build_entity(session, info, look.found[1], shared=True)
                 core.counters.hit(scope, time.perf_counter() - started)
                 return True, obj
-        self.flow.hand(session, key, look)
+        self.flow.hand(session, key, look, started)
         return False, None
 
     def _counters(self, table: str, pk_str: str) -> list[str]:
@@ -211,7 +211,7 @@ class EntityReads:
         except TypeError:
             return None
         if not self.flow.trusted((info.table,)):
-            core.counters.incr(scope, "bypassed")
+            self.flow.bypassed(session, scope)
             return None
         bind = session.get_bind(**orm_context.bind_arguments)
         database = self.binds.database_for(session, bind, orm_context.bind_arguments)

@@ -10,6 +10,7 @@ namespace publishing into the same hashes, across ``detach()`` and ``attach()`` 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -352,3 +353,52 @@ def test_metric_labels_name_models_regions_and_functions_never_statements_or_key
     assert kinds == {"total", "model", "region", "function", None}, kinds
     operations = {dict(labels).get("operation") for _, labels in second} - {None}
     assert operations <= {"hit", "miss", "error", "fill", "invalidate", "write_behind_enqueue"}
+
+
+@pytest.mark.parametrize("first", ["get", "query"])
+def test_with_redis_down_each_mode_counts_each_lookup_once(
+    in_mode: Runner, own_redis: RedisServer, first: str
+) -> None:
+    """The first lookup fails in Redis (``errors``, timed as ``error``: a read served
+    before SQLAlchemy's pipeline, its entry a hit the last time); the breaker opens and the
+    rest are ``bypassed``. Every lookup reads Postgres once, in both modes."""
+    runner = dataclasses.replace(
+        in_mode,
+        redis_url=own_redis.url,
+        cache_kwargs={"breaker_threshold": 1, "breaker_reset": 3600, "stats_publish_interval": 0},
+    )
+
+    def get(db: Db) -> None:
+        with db.session() as s:
+            s.get(Product, 7)
+
+    def query(db: Db) -> None:
+        with db.session() as s:
+            s.scalars(select(Category).where(Category.id == 2).options(FromCache()))
+
+    reads = [get, query] if first == "get" else [query, get]
+
+    def scenario(db: Db) -> dict[str, Any]:
+        for read in reads * 2:  # a miss, then a hit: the next look is a direct read's
+            read(db)
+        own_redis.stop()
+        db.cache._core.counters.reset()
+        db.sql.reset()
+        for read in reads * 2:
+            read(db)
+        stats = db.cache.stats()
+        stats["sql"] = db.sql.count
+        return stats
+
+    try:
+        stats, _ = runner(scenario)
+    finally:
+        own_redis.start()
+    assert stats["sql"] == 4
+    failed, other = ("models", "Product"), ("regions", "default")
+    if first == "query":
+        failed, other = other, failed
+    assert nonzero(stats[failed[0]][failed[1]]) == {"errors": 1, "bypassed": 1}
+    assert nonzero(stats[other[0]][other[1]]) == {"bypassed": 2}
+    assert nonzero(stats["total"]) == {"errors": 1, "bypassed": 3}
+    assert {op: h["count"] for op, h in stats["latency"]["total"].items()} == {"error": 1}
