@@ -17,6 +17,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 import sqlalchemy as sa
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,14 +31,20 @@ from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.errors import NotOnDiskError
 from sa_redis_cache.metrics import CacheCollector
 from sa_redis_cache.strategies.write_behind import session as wb_session
+from sa_redis_cache.tracing import use_tracer_provider
 from tests.integration.test_write_behind_durable import reading, waitaof_binary
 from tests.seams import RedisTap
 from tests.support import SQLCounter
+from tests.wb_support import drain, rows
+from tests.wb_support import queue as wb_queue
+from tests.wb_support import update as wb_update
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from tests.modes import Db, Runner
+
+pytest_plugins = ["tests.wb_fixtures"]
 
 __all__ = ["reading", "waitaof_binary"]  # fixtures of test_write_behind_durable, used here
 
@@ -402,3 +412,73 @@ def test_with_redis_down_each_mode_counts_each_lookup_once(
     assert nonzero(stats[other[0]][other[1]]) == {"bypassed": 2}
     assert nonzero(stats["total"]) == {"errors": 1, "bypassed": 3}
     assert {op: h["count"] for op, h in stats["latency"]["total"].items()} == {"error": 1}
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    use_tracer_provider(provider)
+    yield exporter
+    use_tracer_provider(None)
+    provider.shutdown()
+
+
+def test_spans_and_histograms_agree_call_for_call(
+    session_factory: sessionmaker[Session], cache: Cache, spans: InMemorySpanExporter
+) -> None:
+    """One span per timed call, its outcome the histogram's (a read's) or the counter's
+    (a fill's): a miss and its fill, a hit, and a miss whose statement Postgres refused."""
+    with session_factory() as s:
+        for _ in range(2):
+            s.scalars(select(Category).where(Category.id == 4).options(FromCache())).all()
+            s.expunge_all()
+        bad = select(Category).where(Category.id == sa.cast(sa.literal("x"), sa.Integer))
+        with pytest.raises(sa.exc.DataError):
+            s.scalars(bad.options(FromCache())).all()
+    got = [
+        (
+            span.name,
+            (span.attributes or {}).get("sa_redis_cache.outcome"),
+            span.status.status_code is StatusCode.ERROR,
+        )
+        for span in spans.get_finished_spans()
+    ]
+    assert got == [
+        ("sa_redis_cache.fill", "stored", False),
+        ("sa_redis_cache.read", "miss", False),
+        ("sa_redis_cache.read", "hit", False),
+        ("sa_redis_cache.read", "miss", True),
+    ]
+    stats = cache.stats()
+    latency = {op: h["count"] for op, h in stats["latency"]["regions"]["default"].items()}
+    assert latency == {"miss": 2, "hit": 1, "fill": 1}
+    assert nonzero(stats["regions"]["default"]) == {"misses": 2, "hits": 1, "fills": 1}
+
+
+def test_worker_counters_equal_the_streams_and_the_database(
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    client: redis.Redis,
+    worker_engine: sa.Engine,
+) -> None:
+    """The worker's stats against the oracle: what was queued (the cache's ``queued``,
+    ``XLEN``) and what the database holds afterwards."""
+    page_view, _ = models
+    ids = [wb_queue(factory, page_view, path=f"/o/{i}", views=i) for i in range(3)]
+    wb_update(factory, page_view, ids[0], views=100)
+    wb_update(factory, page_view, ids[0], views=101)
+    worker = make_worker()
+    queued = worker.stats()
+    assert (queued.length, queued.pending, queued.rows_applied, queued.entries) == (5, 0, 0, 0)
+    drain(worker)
+    after = worker.stats()
+    assert rows(worker_engine, page_view)[ids[0]] == ("/o/0", 101)
+    assert len(rows(worker_engine, page_view)) == 3
+    assert (after.length, after.pending, after.lag_seconds) == (0, 0, 0.0)
+    assert after.entries == 5
+    assert after.rows_applied == 3  # the rows written: a row's updates coalesce in a batch
+    assert after.errors == after.dead_letters == after.fenced == 0
+    assert after.batches >= 1
