@@ -11,7 +11,12 @@ namespace publishing into the same hashes, across ``detach()`` and ``attach()`` 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -45,6 +50,9 @@ if TYPE_CHECKING:
     from tests.modes import Db, Runner
 
 pytest_plugins = ["tests.wb_fixtures"]
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = (sys.executable, "-m", "sa_redis_cache")
 
 __all__ = ["reading", "waitaof_binary"]  # fixtures of test_write_behind_durable, used here
 
@@ -161,6 +169,20 @@ def test_two_caches_publishing_into_one_namespace_add_up_across_detach_and_attac
             for k, v in nonzero(values).items():
                 expected[k] = expected.get(k, 0) + v
         assert published(redis_client, caches[0], scope_) == expected, scope_
+    # what an operator reads: `sa-redis-cache stats --json`, its totals those of the caches
+    shown = subprocess.run(
+        [*CLI, "--redis-url", redis_url, "--namespace", namespace, "stats", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    counters = json.loads(shown.stdout)["counters"]
+    for counter in ("hits", "misses", "fills"):
+        assert counters["total"][counter] == sum(c.stats()["total"][counter] for c in caches)
+        assert counters["models"]["Product"][counter] == sum(
+            c.stats()["models"]["Product"][counter] for c in caches
+        )
     for cache in caches:
         cache.client.close()
 
@@ -482,3 +504,43 @@ def test_worker_counters_equal_the_streams_and_the_database(
     assert after.rows_applied == 3  # the rows written: a row's updates coalesce in a batch
     assert after.errors == after.dead_letters == after.fenced == 0
     assert after.batches >= 1
+
+
+FORKS = """
+import os, sys
+from sqlalchemy.orm import sessionmaker
+from sa_redis_cache import Cache
+cache = Cache(sys.argv[1], namespace=sys.argv[2], stats_publish_interval=3600)
+counters = cache._core.counters
+counters.incr("function:profile", "hits", 4)  # counted before the fork, never published
+children = []
+for _ in range(2):
+    pid = os.fork()
+    if pid == 0:
+        cache.attach(sessionmaker())  # a post-fork hook attaches in each child
+        counters.incr("function:profile", "hits")
+        cache.detach()  # its last publish
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    assert os.waitpid(pid, 0)[1] == 0
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_children_forked_from_a_process_that_does_not_publish_publish_only_their_own(
+    redis_url: str, namespace: str, redis_client: redis.Redis
+) -> None:
+    """configuration.md: a forked child "publishes only what the child counts". A parent
+    that never attached (or had detached) publishes nothing, and must not have its counts
+    published once per child either. Run as a process of its own: it forks."""
+    subprocess.run(
+        [sys.executable, "-c", FORKS, redis_url, namespace],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+        check=True,
+    )
+    cache = Cache(redis_client, namespace=namespace, stats_publish_interval=0)
+    assert published(redis_client, cache, "function:profile") == {"hits": 2}
+    assert published(redis_client, cache, "total") == {"hits": 2}
