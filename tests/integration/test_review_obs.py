@@ -544,3 +544,24 @@ def test_children_forked_from_a_process_that_does_not_publish_publish_only_their
     cache = Cache(redis_client, namespace=namespace, stats_publish_interval=0)
     assert published(redis_client, cache, "function:profile") == {"hits": 2}
     assert published(redis_client, cache, "total") == {"hits": 2}
+
+
+def test_invalidations_count_each_explicit_call_and_the_retirement_after_reattach(
+    shop_engine: sa.Engine, cache: Cache
+) -> None:
+    """configuration.md's ``invalidations`` row, call for call."""
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    cache.invalidate(Product, 7)
+    cache.invalidate_model(Category)
+    cache.invalidate_query(select(Category).where(Category.id == 1))
+    cache.invalidate_table("categories")
+    cache.invalidate_region("default")
+    cache.clear()
+    cache.detach()
+    cache.attach(factory)  # retires what went unseen while detached
+    stats = cache.stats()
+    assert stats["total"]["invalidations"] == 7
+    assert stats["models"]["Product"]["invalidations"] == 1
+    assert stats["models"]["Category"]["invalidations"] == 1
+    assert stats["latency"]["total"]["invalidate"]["count"] == 7
