@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -565,3 +566,40 @@ def test_invalidations_count_each_explicit_call_and_the_retirement_after_reattac
     assert stats["models"]["Product"]["invalidations"] == 1
     assert stats["models"]["Category"]["invalidations"] == 1
     assert stats["latency"]["total"]["invalidate"]["count"] == 7
+
+
+def _rule(row_start: str) -> tuple[str, str, float]:
+    """The metric, comparison and threshold operations.md suggests in the row that
+    starts with ``row_start`` (``| <condition> | `metric` | `op number` ...``)."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith(row_start))
+    metric = row.split("|")[2].strip().strip("`")
+    found = re.match(r"\s*`(==|>=|>)\s*([0-9.]+)`", row.split("|")[3])
+    assert found is not None, row
+    return metric, found.group(1), float(found.group(2))
+
+
+def test_the_suggested_redis_unreachable_alert_holds_while_redis_stays_down(
+    shop_engine: sa.Engine, own_redis: RedisServer
+) -> None:
+    """operations.md suggests an alert on ``sarc_breaker_open``. While Redis stays down
+    the breaker is open for ``breaker_reset`` seconds after each failed call, then
+    half-open (0.5) until the next call probes: a rule on ``== 1`` sees a sustained
+    outage only in those seconds and never fires "for 1 minute". Here ``breaker_reset=0``
+    shows at once what a scrape sees ``breaker_reset`` (2 s by default) after a failure."""
+    cache = Cache(own_redis.url, namespace="obs", breaker_threshold=1, breaker_reset=0)
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    try:
+        own_redis.stop()
+        with factory() as s:
+            s.get(Product, 7)  # fails: the breaker opens
+        registry = CollectorRegistry()
+        registry.register(CacheCollector(cache))
+        metric, op, threshold = _rule("| Redis unreachable from the app |")
+        value = registry.get_sample_value(metric, {"namespace": "obs"})
+        assert value == 0.5  # half-open: its probe is due, Redis is still down
+        holds = {"==": value == threshold, ">=": value >= threshold, ">": value > threshold}
+        assert holds[op], f"the suggested rule `{metric} {op} {threshold:g}` misses the outage"
+    finally:
+        cache.detach()
