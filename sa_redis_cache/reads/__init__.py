@@ -132,6 +132,7 @@ class ReadPath:
             values = core.io().mget(keys)
         except RedisError as exc:
             core.redis_failed(exc)
+            core.counters.incr_total("errors")
             values = [None] * len(tables)
         else:
             # missing counters are made, as a look makes them: a pin of an absent counter

@@ -381,6 +381,7 @@ class ReadThrough:
             )
         except RedisError as exc:
             core.redis_failed(exc)
+            core.counters.incr_total("errors")
             return ""
         return token if got == 1 else ""
 
@@ -430,6 +431,7 @@ class ReadThrough:
             core.io().run_script(*scripts.release_lease(core.keys.lease_key(entry_key), token))
         except RedisError as exc:
             core.redis_failed(exc)
+            core.counters.incr_total("errors")
 
     def counters(self, keys: Sequence[str], values: Sequence[Any], scope: str) -> list[int] | None:
         """Parse version counters as Redis does; one it could not INCR is deleted (a miss,
@@ -459,6 +461,7 @@ class ReadThrough:
             core.io().unlink(*keys)
         except RedisError as err:
             core.redis_failed(err)
+            core.counters.incr_total("errors")
 
     def trusted_quietly(self, tables: Iterable[str]) -> bool:
         """:meth:`trusted`, without changing anything: the breaker closed and no write of
@@ -503,5 +506,6 @@ class ReadThrough:
             got = core.io().run_script(*scripts.capture_versions(keys, ttls))
         except RedisError as exc:
             core.redis_failed(exc)
+            core.counters.incr_total("errors")
             return None
         return list(got)

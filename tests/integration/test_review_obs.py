@@ -603,3 +603,33 @@ def test_the_suggested_redis_unreachable_alert_holds_while_redis_stays_down(
         assert holds[op], f"the suggested rule `{metric} {op} {threshold:g}` misses the outage"
     finally:
         cache.detach()
+
+
+def test_every_redis_failure_the_breaker_counts_is_counted_in_errors(
+    shop_engine: sa.Engine, own_redis: RedisServer, sql: SQLCounter
+) -> None:
+    """operations.md: ``sarc_errors_total`` shows the failures "the breaker opens after
+    ``breaker_threshold`` in a row" of. A REPEATABLE READ transaction pins the versions
+    at its start: that call failing opened the breaker, and must count."""
+    cache = Cache(
+        own_redis.url,
+        namespace="obs",
+        breaker_threshold=1,
+        breaker_reset=3600,
+        stats_publish_interval=0,
+    )
+    factory = sessionmaker(shop_engine.execution_options(isolation_level="REPEATABLE READ"))
+    cache.attach(factory)
+    try:
+        own_redis.stop()
+        sql.reset()
+        with factory() as s:
+            s.get(Product, 7)
+        stats = cache.stats()
+        opened = cache.inspector.breaker_openings()
+    finally:
+        cache.detach()
+    assert opened == 1
+    assert stats["total"]["errors"] == 1
+    assert stats["total"]["bypassed"] == 1
+    assert sql.count == 2  # the snapshot's SELECT 1, then the row

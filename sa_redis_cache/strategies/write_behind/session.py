@@ -854,6 +854,7 @@ class WriteBehind:
                 core.io().unlink(key)
             except RedisError as err:
                 core.redis_failed(err)
+                core.counters.incr_total("errors")
             return _NOTHING
         try:
             _, values = pending_state(info, document, pk)
