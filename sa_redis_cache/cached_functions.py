@@ -392,6 +392,7 @@ class CachedFunction(Generic[P, R]):
             return bool(core.io().run_script(*scripts.function_invalidate(key, ttl_ms, generation)))
         except RedisError as exc:
             core.redis_failed(exc)
+            core.counters.incr_total("errors")
             return False
 
     def invalidate_all(self) -> int:

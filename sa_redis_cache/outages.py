@@ -397,6 +397,7 @@ class RedisOutages:
             )
         except RedisError as exc:
             self.redis_failed(exc)
+            self.counters.incr_total("errors")
             return False
         self.breaker.success()
         with self._undelivered_lock:
@@ -407,7 +408,9 @@ class RedisOutages:
         """Record a Redis failure on a path that degrades to the database.
 
         Logged at most once per ``_FAILURE_LOG_INTERVAL`` seconds: while Redis is down
-        every cached call fails, and one line per call would flood the log.
+        every cached call fails, and one line per call would flood the log. The caller
+        counts the failure in ``errors`` (in its scope, or the total): every failure the
+        breaker counts towards opening is one there.
         """
         self.breaker.failure()
         now = time.monotonic()

@@ -29,7 +29,8 @@ How it behaves:
 * ``detach()`` stops the thread and publishes what is left; a process that exits
   without it loses what it counted since the last publish (at most one interval). In a
   process forked from one that publishes (a pre-forking server), the child starts a
-  thread of its own and publishes only what it counts itself.
+  thread of its own and publishes only what it counts itself; so does a child that
+  attaches after the fork, its parent not publishing.
 
 Example::
 
@@ -76,7 +77,9 @@ _GROUPS = {kind: group for group, kind in _KINDS.items()}
 TOTAL = "total"
 """The scope of the counters that count each event once (``cache.stats()["total"]``)."""
 
-_running: weakref.WeakSet[StatsPublisher] = weakref.WeakSet()
+# every publisher of the process, running or not: a forked child takes each one's counts
+# as its baseline (_after_fork_in_child)
+_publishers: weakref.WeakSet[StatsPublisher] = weakref.WeakSet()
 
 
 def scope_of(group: str, name: str) -> str:
@@ -221,6 +224,7 @@ class StatsPublisher:
         self._thread: threading.Thread | None = None
         self._client: SyncClient | None = None
         self._failing = False
+        _publishers.add(self)
 
     @property
     def running(self) -> bool:
@@ -238,13 +242,11 @@ class StatsPublisher:
             name=f"sa_redis_cache-stats-{self.core.namespace}",
             daemon=True,
         )
-        _running.add(self)
         self._thread.start()
 
     def stop(self) -> None:
         """Stop the thread, publish what is left (one attempt) and close the connections."""
         thread, self._thread = self._thread, None
-        _running.discard(self)
         if thread is not None:
             self._stop.set()
             thread.join(self.stop_timeout)
@@ -321,7 +323,9 @@ class StatsPublisher:
 
         The thread did not survive the fork, and the locks and connections belong to the
         parent: each is made anew, and the counters inherited from the parent become the
-        baseline, so they are not published twice.
+        baseline, so they are not published twice. So for a publisher that is not running
+        too (a parent that detached, or never attached, before forking): each child that
+        attaches would otherwise publish the parent's counts again, once per child.
         """
         self._lock = threading.Lock()
         self._client = None
@@ -334,7 +338,7 @@ class StatsPublisher:
 
 
 def _after_fork_in_child() -> None:
-    for publisher in list(_running):
+    for publisher in list(_publishers):
         publisher.after_fork_in_child()
 
 

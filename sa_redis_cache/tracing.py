@@ -125,7 +125,7 @@ class Measurement:
             m.done("stored" if stored else "refused")
     """
 
-    __slots__ = ("_also", "_operation", "_scope", "_span", "_started", "_stats")
+    __slots__ = ("_also", "_failed_as", "_operation", "_scope", "_span", "_started", "_stats")
 
     def __init__(
         self,
@@ -139,6 +139,8 @@ class Measurement:
         self._scope = scope
         self._operation = operation
         self._also = also
+        # the outcome a call that raises is recorded under (see failing_as)
+        self._failed_as = "error"
         started = time.perf_counter()
         tracer = active_tracer(started)
         self._span: Span | None = None
@@ -181,6 +183,21 @@ class Measurement:
                 span.set_attribute("sa_redis_cache.outcome", outcome)
             span.end()
 
+    def failing_as(self, outcome: str) -> None:
+        """Record the call under ``outcome`` should it raise from now on (default ``error``).
+
+        A read that missed and then fails in the database is a ``miss``, as its counter
+        says: the ``error`` histogram is for Redis failures. The exception is still
+        recorded on the span, with an error status.
+
+        Example::
+
+            stats.incr(scope, "misses")
+            measured.failing_as("miss")
+            rows = read_the_database()
+        """
+        self._failed_as = outcome
+
     def hit(self) -> None:
         """End a read as a hit: count it in ``hits`` and record its latency, under one lock
         (:meth:`Stats.hit <sa_redis_cache.stats.Stats.hit>`). Once only, as :meth:`done`.
@@ -219,4 +236,4 @@ class Measurement:
             span.record_exception(exc)
             span.set_status(_trace.Status(_trace.StatusCode.ERROR, str(exc)))
         # a failed call took its time too (a Redis timeout is the slowest call of all)
-        self.done("error")
+        self.done(self._failed_as)

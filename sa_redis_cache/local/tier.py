@@ -313,6 +313,7 @@ class LocalTier:
             )
         except RedisError as exc:
             core.redis_failed(exc)
+            core.counters.incr_total("errors")
             return None
         ends = sent + self.lease * (1 - _MARGIN)
         with self.lock:

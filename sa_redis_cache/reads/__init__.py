@@ -21,7 +21,6 @@ from redis.exceptions import RedisError
 
 from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.options import FromCache
-from sa_redis_cache.stats import scope
 from sa_redis_cache.transaction import transaction_state
 
 from .auto import AutoQueries
@@ -88,7 +87,7 @@ class ReadPath:
             return None
         if not self.regions.note(orm_context.bind_mapper, option):
             # its region is not recorded: invalidate_region would miss what it filled
-            self.core.counters.incr(scope("region", option.region), "bypassed")
+            # (note() counted the read: bypassed, or its Redis error)
             return None
         return self.queries.read(orm_context, option)
 
@@ -108,7 +107,7 @@ class ReadPath:
         """
         result = self.queries.direct_read(session, statement, option, mapper)
         if result is not None:
-            self.regions.note(mapper, option)
+            self.regions.note(mapper, option, lookup=False)  # the hit is counted
         return result
 
     def on_begin(self, session: Session, transaction: Any, connection: Any) -> None:
@@ -133,6 +132,7 @@ class ReadPath:
             values = core.io().mget(keys)
         except RedisError as exc:
             core.redis_failed(exc)
+            core.counters.incr_total("errors")
             values = [None] * len(tables)
         else:
             # missing counters are made, as a look makes them: a pin of an absent counter

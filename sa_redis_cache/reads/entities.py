@@ -174,7 +174,7 @@ class EntityReads:
                 obj = hydrate.build_entity(session, info, look.found[1], shared=True)
                 core.counters.hit(scope, time.perf_counter() - started)
                 return True, obj
-        self.flow.hand(session, key, look)
+        self.flow.hand(session, key, look, started)
         return False, None
 
     def _counters(self, table: str, pk_str: str) -> list[str]:
@@ -200,15 +200,18 @@ class EntityReads:
         core = self.core
         session = orm_context.session
         tx = peek_transaction_state(session)
-        if tx is not None and info.table in tx.written_tables:
-            return None
         scope = info.scope
+        if tx is not None and info.table in tx.written_tables:
+            # counted as a FromCache read of a written table is: a lookup that did not
+            # ask Redis (its transaction's own writes must be seen)
+            core.counters.incr(scope, "bypassed")
+            return None
         try:
             pk_str = pk_text(pk)
         except TypeError:
             return None
         if not self.flow.trusted((info.table,)):
-            core.counters.incr(scope, "bypassed")
+            self.flow.bypassed(session, scope)
             return None
         bind = session.get_bind(**orm_context.bind_arguments)
         database = self.binds.database_for(session, bind, orm_context.bind_arguments)

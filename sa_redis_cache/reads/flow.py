@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -198,7 +199,9 @@ class ReadThrough:
         # falls back to (see hand())
         self._handed = threading.local()
 
-    def hand(self, session: Session, key: str, look: Look | None) -> None:
+    def hand(
+        self, session: Session, key: str, look: Look | None, started: float | None = None
+    ) -> None:
         """Hand a look that was no hit to the pipeline's read of ``key`` in ``session``.
 
         A direct read (``session.get``, ``session.execute`` of a ``FromCache`` statement,
@@ -207,8 +210,11 @@ class ReadThrough:
         error) was read before any database read, so its counters are a capture like any
         other: the pipeline's read takes it as its first look (:meth:`take_handed`), and
         a miss costs no second round trip, a Redis error no second timeout.
+
+        ``started``: the ``time.perf_counter()`` the direct read began at; for a look
+        that failed (None), :meth:`bypassed` times the error from it.
         """
-        self._handed.look = (session, key, look)
+        self._handed.look = (session, key, look, started)
 
     def take_handed(self, session: Session, key: str) -> tuple[bool, Look | None]:
         """``(True, look)`` when a direct read handed ``key``'s look in ``session`` (taken
@@ -220,6 +226,22 @@ class ReadThrough:
         if handed[0] is not session or handed[1] != key:
             return False, None
         return True, handed[2]
+
+    def bypassed(self, session: Session, scope: str) -> None:
+        """Count a read of ``session`` that does not ask Redis (the breaker open, writes
+        undelivered) as ``bypassed`` in ``scope``; unless it is the pipeline's half of a
+        direct read whose Redis look failed (and opened the breaker): that lookup was
+        counted in ``errors`` already, and is timed here as an ``error``. One lookup,
+        counted once."""
+        handed = getattr(self._handed, "look", None)
+        core = self.core
+        if handed is None or handed[0] is not session or handed[2] is not None:
+            core.counters.incr(scope, "bypassed")
+            return
+        self._handed.look = None
+        started = handed[3]
+        if started is not None:
+            core.counters.observe(scope, "error", time.perf_counter() - started)
 
     def drop_handed(self) -> None:
         """Forget a handed look no read took: the pipeline returned before reading (the
@@ -272,6 +294,8 @@ class ReadThrough:
                 measured.hit()
                 return waited
         stats.incr(target.scope, "misses", also=target.also)
+        # counted as a miss: a database error from here on is timed as one too
+        measured.failing_as("miss")
         preexisting = hydrate.identity_snapshot(orm_context.session)
         started = stampede.now_ms()
         tried: bool | None = None
@@ -357,6 +381,7 @@ class ReadThrough:
             )
         except RedisError as exc:
             core.redis_failed(exc)
+            core.counters.incr_total("errors")
             return ""
         return token if got == 1 else ""
 
@@ -406,6 +431,7 @@ class ReadThrough:
             core.io().run_script(*scripts.release_lease(core.keys.lease_key(entry_key), token))
         except RedisError as exc:
             core.redis_failed(exc)
+            core.counters.incr_total("errors")
 
     def counters(self, keys: Sequence[str], values: Sequence[Any], scope: str) -> list[int] | None:
         """Parse version counters as Redis does; one it could not INCR is deleted (a miss,
@@ -435,6 +461,7 @@ class ReadThrough:
             core.io().unlink(*keys)
         except RedisError as err:
             core.redis_failed(err)
+            core.counters.incr_total("errors")
 
     def trusted_quietly(self, tables: Iterable[str]) -> bool:
         """:meth:`trusted`, without changing anything: the breaker closed and no write of
@@ -479,5 +506,6 @@ class ReadThrough:
             got = core.io().run_script(*scripts.capture_versions(keys, ttls))
         except RedisError as exc:
             core.redis_failed(exc)
+            core.counters.incr_total("errors")
             return None
         return list(got)

@@ -286,7 +286,7 @@ class QueryReads:
         if core.breaker.refusing():
             # Redis is out: SQLAlchemy's cache key, the plan, the binds and the entry key
             # would be computed for nothing (an uncacheable statement counts as bypassed)
-            stats.incr(region, "bypassed")
+            self.flow.bypassed(orm_context.session, region)
             return None
         statement: Any = orm_context.statement
         planned = self._planned(statement)
@@ -318,7 +318,7 @@ class QueryReads:
             stats.incr(region, "uncacheable")
             return None
         if not self.flow.trusted(plan.tables):
-            stats.incr(region, "bypassed")
+            self.flow.bypassed(session, region)
             return None
         mark: Mark | None = None
         local = core.local
@@ -396,7 +396,7 @@ class QueryReads:
             result = self._serve(session, statement, look, plan, entry_key, None)
             core.counters.hit(region, time.perf_counter() - started, also=plan.scopes)
             return result
-        self.flow.hand(session, entry_key, look)
+        self.flow.hand(session, entry_key, look, started)
         return None
 
     def _planned(self, statement: Any) -> tuple[Any, StatementPlan] | Counter:

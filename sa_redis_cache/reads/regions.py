@@ -54,11 +54,15 @@ class RegionIndex:
         # (region, table) -> when this process last recorded it (monotonic seconds)
         self._noted: dict[tuple[str, str], float] = {}
 
-    def note(self, mapper: Mapper[Any] | None, option: FromCache) -> bool:
+    def note(self, mapper: Mapper[Any] | None, option: FromCache, *, lookup: bool = True) -> bool:
         """Record the table that retires ``option.region``'s entry of a statement about
         ``mapper`` (its subject; None for none). False when it could not be recorded: the
         read must then not use the cache, since ``invalidate_region`` would not find
-        what it fills (the caller reads the database)."""
+        what it fills (the caller reads the database). The read is counted here then:
+        ``bypassed`` when the breaker refused Redis, or ``errors`` (and timed as an
+        ``error``) when this record, its first round trip, failed: one lookup, counted once.
+        ``lookup`` False: the read was served, counted and timed already (a direct hit):
+        a refusal of the breaker counts nothing, a failure only ``errors``."""
         table = None if mapper is None else mapper.local_table
         if not isinstance(table, Table):
             return True  # no entity: invalidate_region cannot name it (documented)
@@ -68,17 +72,24 @@ class RegionIndex:
         if last is not None and now - last < _REFRESH_S:
             return True
         core = self.core
+        region = scope("region", option.region)
         # the breaker is asked, not only looked at: a half-open breaker lets this record be
         # its probe, where skipping it would let the read's own look be the probe and fill
         # an entry no record names
         if not core.breaker.allow():
+            if lookup:
+                core.counters.incr(region, "bypassed")
             return False
+        started = time.perf_counter()
         try:
             core.io().run_script(*scripts.note_region(core.keys, option.region, table.fullname))
         except RedisError as exc:
-            # a failure of the read's first round trip: counted as the read's own would be
+            # a failure of the read's first round trip: counted (and timed) as the read's
+            # own would be, and not also as bypassed
             core.redis_failed(exc)
-            core.counters.incr(scope("region", option.region), "errors")
+            core.counters.incr(region, "errors")
+            if lookup:
+                core.counters.observe(region, "error", time.perf_counter() - started)
             return False
         core.breaker.success()
         if len(self._noted) >= _MAX_NOTED:

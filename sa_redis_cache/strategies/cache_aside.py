@@ -748,6 +748,7 @@ class Invalidation:
             core.io().pipeline(scripts.release_writer_mark(core.keys, t, token) for t in tables)
         except RedisError as exc:
             core.redis_failed(exc)
+            core.counters.incr_total("errors")
 
     def _apply(
         self,

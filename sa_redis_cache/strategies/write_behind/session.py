@@ -662,13 +662,22 @@ class WriteBehind:
         call = scripts.wb_enqueue(keys, queued, HEADER)
         durable = any(op.info.policy is not None and op.info.policy.durable for op in ops)
         replicas = io.replicas_of(call[1][0])
-        if durable or replicas:
-            ids = _enqueue_confirmed(io, call, len(ops), durable=durable, replicas=replicas)
-        else:
-            ids = io.run_script(*call)
-        for op in ops:
-            core.counters.incr(op.info.scope, "queued")
+        try:
+            if durable or replicas:
+                ids = _enqueue_confirmed(io, call, len(ops), durable=durable, replicas=replicas)
+            else:
+                ids = io.run_script(*call)
+        except (NotOnDiskError, NotReplicatedError):
+            # queued all the same (only not confirmed): the worker will flush them
+            self._count_queued(ops)
+            raise
+        self._count_queued(ops)
         return cast("list[bytes]", ids)
+
+    def _count_queued(self, ops: list[Op]) -> None:
+        counters = self.core.counters
+        for op in ops:
+            counters.incr(op.info.scope, "queued")
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -845,6 +854,7 @@ class WriteBehind:
                 core.io().unlink(key)
             except RedisError as err:
                 core.redis_failed(err)
+                core.counters.incr_total("errors")
             return _NOTHING
         try:
             _, values = pending_state(info, document, pk)
