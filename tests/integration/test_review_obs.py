@@ -23,8 +23,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 import sqlalchemy as sa
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
@@ -37,7 +35,7 @@ from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.errors import NotOnDiskError
 from sa_redis_cache.metrics import CacheCollector
 from sa_redis_cache.strategies.write_behind import session as wb_session
-from sa_redis_cache.tracing import use_tracer_provider
+from tests.integration.test_tracing import spans
 from tests.integration.test_write_behind_durable import reading, waitaof_binary
 from tests.seams import RedisTap
 from tests.support import SQLCounter
@@ -55,7 +53,7 @@ pytest_plugins = ["tests.wb_fixtures"]
 ROOT = Path(__file__).resolve().parents[2]
 CLI = (sys.executable, "-m", "sa_redis_cache")
 
-__all__ = ["reading", "waitaof_binary"]  # fixtures of test_write_behind_durable, used here
+__all__ = ["reading", "spans", "waitaof_binary"]  # fixtures of other test modules, used here
 
 
 def published(client: redis.Redis, cache: Cache, scope: str) -> dict[str, int]:
@@ -435,17 +433,6 @@ def test_with_redis_down_each_mode_counts_each_lookup_once(
     assert nonzero(stats[other[0]][other[1]]) == {"bypassed": 2}
     assert nonzero(stats["total"]) == {"errors": 1, "bypassed": 3}
     assert {op: h["count"] for op, h in stats["latency"]["total"].items()} == {"error": 1}
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    use_tracer_provider(provider)
-    yield exporter
-    use_tracer_provider(None)
-    provider.shutdown()
 
 
 def test_spans_and_histograms_agree_call_for_call(
