@@ -53,6 +53,8 @@ _UNREADABLE = object()  # GET answered WRONGTYPE
 # a call that started before invalidate() and takes longer than this (or than the TTL,
 # whichever is longer) can still store its result: docs/guarantees.md, Limits
 _TOMBSTONE_MIN_MS = 30_000
+# failed invalidate() calls remembered one by one; past this, every result of the function
+_UNDELIVERED_MAX = 10_000
 
 
 class CachedFunction(Generic[P, R]):
@@ -143,6 +145,11 @@ class CachedFunction(Generic[P, R]):
         )
         self._warned = False  # the arguments that make no key, once per function
         self._warned_result = False  # a result the codec refuses, once per function
+        # keys whose invalidate() did not reach Redis (and, past _UNDELIVERED_MAX of them
+        # or after a failed invalidate_all(), every key): until it does, their calls run
+        # uncached, as a query of an undelivered table reads the database
+        self._undelivered: set[str] = set()
+        self._undelivered_all = False
         functools.update_wrapper(self, func)
         if not hasattr(self, "__qualname__"):
             # a functools.partial or a callable object has none to copy; the warnings name it
@@ -212,6 +219,8 @@ class CachedFunction(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         key = self._lookup_key(args, kwargs)
         if key is None:
+            return self._func(*args, **kwargs)
+        if (self._undelivered or self._undelivered_all) and self._still_undelivered(key):
             return self._func(*args, **kwargs)
         # a latency histogram under the call's outcome, and a span when traced
         with self._core.measure(self._scope) as measured:
@@ -383,17 +392,45 @@ class CachedFunction(Generic[P, R]):
         return self._retire(self.key_for(*args, **kwargs))
 
     def _retire(self, key: str) -> bool:
-        """Put a tombstone of a new generation under ``key``; True if a result was there."""
+        """Put a tombstone of a new generation under ``key``; True if a result was there.
+        When Redis fails, the key is remembered as undelivered (:meth:`_still_undelivered`)."""
         core = self._core
-        # as long as the entry would live, and long enough for a slow call to finish
-        ttl_ms = max(self._ttl_ms(), _TOMBSTONE_MIN_MS)
-        generation = f"{secrets.randbits(64) | 1:016x}"  # never the absent key's zeros
         try:
-            return bool(core.io().run_script(*scripts.function_invalidate(key, ttl_ms, generation)))
+            return self._send_tombstone(key)
         except RedisError as exc:
             core.redis_failed(exc)
             core.counters.incr_total("errors")
+            if len(self._undelivered) >= _UNDELIVERED_MAX:
+                self._undelivered_all = True
+                self._undelivered.clear()
+            elif not self._undelivered_all:
+                self._undelivered.add(key)
             return False
+
+    def _send_tombstone(self, key: str) -> bool:
+        # as long as the entry would live, and long enough for a slow call to finish
+        ttl_ms = max(self._ttl_ms(), _TOMBSTONE_MIN_MS)
+        generation = f"{secrets.randbits(64) | 1:016x}"  # never the absent key's zeros
+        script = scripts.function_invalidate(key, ttl_ms, generation)
+        return bool(self._core.io().run_script(*script))
+
+    def _still_undelivered(self, key: str) -> bool:
+        """Deliver this process's failed invalidation of ``key`` (or of every key) first;
+        True when it still cannot be: the call then runs uncached and stores nothing
+        (counted ``bypassed``), so that the result the invalidation retires is not served
+        once Redis answers again (docs/guarantees.md, "Redis outages")."""
+        core = self._core
+        try:
+            if self._undelivered_all:
+                self.invalidate_all()
+            if key in self._undelivered:
+                self._send_tombstone(key)
+                self._undelivered.discard(key)
+        except RedisError as exc:
+            core.redis_failed(exc)
+            core.counters.incr(self._scope, "bypassed")
+            return True
+        return False
 
     def invalidate_all(self) -> int:
         """Forget every cached result of this function; returns how many keys went (the
@@ -404,7 +441,17 @@ class CachedFunction(Generic[P, R]):
         :meth:`invalidate` of the calls it changes where that matters.
         """
         pattern = self._core.keys.function_pattern(self._prefix)
-        return self._core.unlink_matching(pattern)
+        covered = set(self._undelivered)  # not a key whose invalidate() fails meanwhile
+        try:
+            gone = self._core.unlink_matching(pattern)
+        except RedisError:
+            # raised to the caller, and remembered: until a later one lands, calls run
+            # uncached (the keys may be partly deleted)
+            self._undelivered_all = True
+            raise
+        self._undelivered_all = False
+        self._undelivered -= covered
+        return gone
 
 
 class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
@@ -439,6 +486,10 @@ class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
         key = self._lookup_key(args, kwargs)
         if key is None:
+            return await self._func(*args, **kwargs)
+        if (self._undelivered or self._undelivered_all) and await greenlet_spawn(
+            self._still_undelivered, key
+        ):
             return await self._func(*args, **kwargs)
         # a latency histogram under the call's outcome, and a span when traced
         with self._core.measure(self._scope) as measured:

@@ -623,3 +623,69 @@ def test_an_async_reader_never_reads_stale_after_a_restart_from_old_data(
             writer_engine.dispose()
     assert oracle(shop_engine, product) == Decimal("2.00")
     assert seen == [(Decimal("1.00"),) * 2] * 2 + [(Decimal("2.00"),) * 2] * 2
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_cached_functions_invalidate_while_cut_off_is_delivered_before_its_next_hit(
+    shop_engine: sa.Engine, server: RedisServer, proxy: CutProxy, category: int, kind: str
+) -> None:
+    """The application commits a change, then calls ``f.invalidate(...)``, which cannot
+    reach Redis (False). Once Redis answers again, the old result was served until its
+    TTL. The process now remembers the failed invalidation: while it cannot deliver it,
+    that call runs uncached; once it can, it delivers it first, then reads afresh."""
+    cache = Cache(proxy.url, namespace="review", breaker_threshold=1, breaker_reset=0)
+    calls: list[int] = []
+
+    def name_of(cid: int) -> str:
+        calls.append(cid)
+        with Session(shop_engine) as s:
+            return s.get_one(Category, cid).name
+
+    @cache.cached("category-name", ttl=600)
+    def cached_name(cid: int) -> str:
+        return name_of(cid)
+
+    @cache.cached("category-name-async", ttl=600)
+    async def acached_name(cid: int) -> str:
+        return name_of(cid)
+
+    def on_a_loop(awaitable: Any) -> Any:
+        async def run() -> Any:
+            try:
+                return await awaitable
+            finally:
+                await cache.aclose()  # the asyncio client it made for this loop
+
+        return asyncio.run(run())
+
+    def call() -> str:
+        if kind == "sync":
+            return cached_name(category)
+        return str(on_a_loop(acached_name(category)))
+
+    def invalidate() -> bool:
+        if kind == "sync":
+            return cached_name.invalidate(category)
+        return bool(on_a_loop(acached_name.ainvalidate(category)))
+
+    try:
+        old = call()
+        assert call() == old
+        assert len(calls) == 1  # the second call was a hit
+        with Session(shop_engine) as s:
+            s.get_one(Category, category).name = f"{old}-renamed"
+            s.commit()
+        proxy.cut()
+        assert invalidate() is False  # not delivered
+        assert call() == f"{old}-renamed"  # while cut off: uncached, nothing stored
+        proxy.mend()
+        assert call() == f"{old}-renamed"  # the invalidation lands first
+        assert call() == f"{old}-renamed"
+        prefix = "category-name" if kind == "sync" else "category-name-async"
+        assert cache.stats()["functions"][prefix]["bypassed"] >= 1
+    finally:
+        with Session(shop_engine) as s:
+            s.get_one(Category, category).name = old
+            s.commit()
+        cache.detach()
+        cache.client.close()
