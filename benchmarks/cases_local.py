@@ -802,8 +802,12 @@ class _Holder:
                 side = self.sides[position]
                 if command == "arm":
                     side.seen = {}
-                    side.reported = None
+                    # armed before the report is reset: the reading thread, between its
+                    # check of `reported` and its check of `armed`, could otherwise take
+                    # the reset, find the side unarmed and never report this value
+                    # (the commit case then waited its 60 s and failed, 1 run in ~20)
                     side.armed = True
+                    side.reported = None
                     commands.send("armed")
                 elif command == "disarm":
                     side.armed = False
