@@ -742,11 +742,40 @@ def install_connect_hook(client: Any, check: Callable[[Any], Any]) -> None:
             setattr(connection, _CONNECT_HOOK, made)
 
 
-def watch_slot_map(client: Any, seen: Callable[[dict[int, str]], None]) -> bool:
+def drop_idle_connections(client: Any) -> None:
+    """Close the idle connections a synchronous ``client`` opened before a connect hook
+    was installed (:func:`install_connect_hook`), so that each runs the hook as it
+    reconnects, on its next use. A cluster client connects to its seed node as it is
+    made; an application may have used its client before handing it to the cache. A
+    connection in use by another thread meanwhile is left open, unchecked until it
+    reconnects.
+
+    An asyncio client's connections are closed by awaiting: they are left, and checked
+    when they reconnect.
+    """
+    if isinstance(client, redis.cluster.RedisCluster):
+        servers = [node.redis_connection for node in client.nodes_manager.nodes_cache.values()]
+    elif isinstance(client, redis.Redis):
+        servers = [client]
+    else:
+        return
+    for server in servers:
+        if server is not None:
+            server.connection_pool.disconnect(inuse_connections=False)
+
+
+def watch_slot_map(
+    client: Any,
+    seen: Callable[[dict[int, str]], None],
+    refreshing: Callable[[int], None] = lambda step: None,
+) -> bool:
     """Call ``seen(slot -> primary address)`` with a synchronous cluster client's slot map
     now and after every refresh of it (redis-py refreshes on ``MOVED`` and on a node that
-    fails). False for a client whose refreshes cannot be watched (the asyncio cluster
-    client's nodes manager has ``__slots__``): its new connections are still checked.
+    fails). ``refreshing(1)`` is called as a refresh starts and ``refreshing(-1)`` once
+    ``seen`` has had its map: another thread may send a command by the new map before
+    ``seen`` runs. False for a client whose refreshes cannot be watched (the asyncio
+    cluster client's nodes manager has ``__slots__``): its new connections are still
+    checked.
 
     redis-py keeps the map in ``nodes_manager.slots_cache`` (slot -> nodes, the primary
     first) and refreshes it in ``nodes_manager.initialize()``.
@@ -761,8 +790,12 @@ def watch_slot_map(client: Any, seen: Callable[[dict[int, str]], None]) -> bool:
         seen({slot: nodes[0].name for slot, nodes in cache.items() if nodes})
 
     def initialize_and_report(*args: Any, **kwargs: Any) -> Any:
-        done = initialize(*args, **kwargs)
-        report()
+        refreshing(1)
+        try:
+            done = initialize(*args, **kwargs)
+            report()
+        finally:
+            refreshing(-1)
         return done
 
     manager.initialize = initialize_and_report  # type: ignore[method-assign]

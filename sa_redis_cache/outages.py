@@ -86,6 +86,8 @@ class RedisOutages:
         # the client's slot map (slot_owners.py)
         self.slot_owners = SlotOwners()
         self.slot_addresses = SlotOwners()
+        # slot map refreshes under way (:meth:`answered_across_a_move`)
+        self.slot_map_refreshes = 0
         self._restart_lock = threading.Lock()
         self._detection_off_logged = False
         self.restarts_seen = 0
@@ -104,6 +106,10 @@ class RedisOutages:
             self._watch_slot_map(self.client)
         else:
             compat.install_connect_hook(self.client, self._check_run_id)
+        # a connection opened before the hook never told this process what it serves: a
+        # restart (or a failover) seen later would look like a first meeting, and bump
+        # nothing
+        compat.drop_idle_connections(self.client)
 
     def _watch_restarts_async(self, client: AsyncClient) -> None:
         """:meth:`_watch_restarts` for an asyncio client (its connect hook is a coroutine)."""
@@ -222,7 +228,28 @@ class RedisOutages:
         primary was connected before, a resharding); its tables become undelivered,
         bumped before the cache is trusted for them again. (The asyncio client's refreshes
         cannot be watched: its new connections are, by :meth:`_check_node_run_id_async`.)"""
-        compat.watch_slot_map(client, self._slot_map_seen)
+        compat.watch_slot_map(client, self._slot_map_seen, self._slot_map_refreshing)
+
+    def _slot_map_refreshing(self, step: int) -> None:
+        with self._undelivered_lock:
+            self.slot_map_refreshes += step
+
+    def answered_across_a_move(self, tables: Iterable[str]) -> bool:
+        """Whether a reply for ``tables``, read after the cache was found trusted for them,
+        may come from a node that took their slots over with an old state: one of them
+        became undelivered meanwhile, or the slot map is being refreshed.
+
+        redis-py refreshes its slot map inside a command (a node that failed, a
+        ``MOVED``) and sends the command again, by the new map, on a connection it may
+        have opened before the node was promoted (which no connection check sees). The
+        move is noticed (:meth:`_slot_map_seen`) only after the read was let through.
+        """
+        return bool(self.slot_map_refreshes) or self.undelivered_in(tables)
+
+    def undelivered_in(self, tables: Iterable[str]) -> bool:
+        """Whether a write of one of ``tables`` still waits to be delivered to Redis."""
+        undelivered = self.undelivered
+        return bool(undelivered) and not undelivered.isdisjoint(tables)
 
     def _slot_map_seen(self, slots: dict[int, str]) -> None:
         changed = self.slot_addresses.claim_map(slots)

@@ -296,7 +296,9 @@ class EntityReads:
         :meth:`ReadThrough.fetch <.flow.ReadThrough.fetch>`). A valid entry is found
         decoded and checked against ``info`` and ``pk`` (:meth:`_valid`); an unreadable
         one is deleted, counted, and looked at as missing."""
-        fetched = self.flow.fetch([key, *counters], scope, lease, if_absent=if_absent)
+        fetched = self.flow.fetch(
+            [key, *counters], (info.table,), scope, lease, if_absent=if_absent
+        )
         if fetched is None:
             return None
         (entry, *current), leased = fetched

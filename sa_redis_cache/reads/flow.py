@@ -339,13 +339,22 @@ class ReadThrough:
         )
 
     def fetch(
-        self, keys: list[str], scope: str, lease: str, *, if_absent: bool = False
+        self,
+        keys: list[str],
+        tables: Iterable[str],
+        scope: str,
+        lease: str,
+        *,
+        if_absent: bool = False,
     ) -> tuple[list[Any], bool] | None:
-        """MGET ``keys`` (an entry first), asking for its fill lease in the same round trip;
-        with ``if_absent``, only when the entry is absent (``lua/look.lua``).
+        """MGET ``keys`` (an entry first, of ``tables``), asking for its fill lease in the
+        same round trip; with ``if_absent``, only when the entry is absent
+        (``lua/look.lua``).
 
-        Returns the values and whether the lease was granted; None when Redis failed (the
-        caller reads the database and does not fill).
+        Returns the values and whether the lease was granted; None when Redis failed, or
+        when the reply may come from a node that took the tables' slots over with an old
+        state (:meth:`~sa_redis_cache.outages.RedisOutages.answered_across_a_move`): the
+        caller reads the database and does not fill.
         """
         core = self.core
         leased = False
@@ -367,6 +376,12 @@ class ReadThrough:
             core.counters.incr(scope, "errors")
             return None
         core.breaker.success()  # resets the failure count too
+        if core.answered_across_a_move(tables):
+            # counted as a look that failed; the caller fills nothing
+            core.counters.incr(scope, "errors")
+            if leased:
+                self._release(keys[0], lease)
+            return None
         return list(raw), leased
 
     def _take_lease(self, entry_key: str, seen: bytes | None) -> str:
@@ -472,21 +487,16 @@ class ReadThrough:
         writes) there would leave the pipeline's read without it, and a probe taken and
         never used keeps the breaker shut until it goes stale.
         """
-        return self.core.breaker.state is CLOSED and not self._undelivered_in(tables)
+        return self.core.breaker.state is CLOSED and not self.core.undelivered_in(tables)
 
     def trusted(self, tables: Iterable[str]) -> bool:
         """May the cache be used for ``tables`` now? (breaker closed, writes delivered)"""
         core = self.core
         if not core.breaker.allow():
             return False
-        if self._undelivered_in(tables):
+        if core.undelivered_in(tables):
             return core.deliver_undelivered()
         return True
-
-    def _undelivered_in(self, tables: Iterable[str]) -> bool:
-        """Whether a write of one of ``tables`` still waits to be delivered to Redis."""
-        undelivered = self.core.undelivered
-        return bool(undelivered) and not undelivered.isdisjoint(tables)
 
     def captured(
         self,

@@ -510,7 +510,7 @@ class QueryReads:
         reads the database and does not fill).
         """
         keys = [entry_key, self.core.keys.invalidations_key(entry_key), *plan.version_keys]
-        fetched = self.flow.fetch(keys, region, lease, if_absent=if_absent)
+        fetched = self.flow.fetch(keys, plan.table_names, region, lease, if_absent=if_absent)
         if fetched is None:
             return None
         raw, leased = fetched

@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -124,16 +125,27 @@ def test_cached_functions_survive_an_outage(server: RedisServer, namespace: str)
     assert calls == [3, 3]  # the entry survived in the AOF and is served again
 
 
+@pytest.mark.parametrize("reader_client", ["made by the cache", "connected before the cache"])
 def test_another_process_never_reads_stale_after_a_restart(
-    shop_engine: sa.Engine, product: int, sql: SQLCounter, server: RedisServer, namespace: str
+    shop_engine: sa.Engine,
+    product: int,
+    sql: SQLCounter,
+    server: RedisServer,
+    namespace: str,
+    reader_client: str,
 ) -> None:
     """Process A writes while Redis is down; process B, which saw nothing, reads first after.
 
     Redis comes back from its AOF with the old entries. B notices the new run id on its
-    reconnect and invalidates every table before serving anything.
+    reconnect and invalidates every table before serving anything: also when B's client
+    was connected (by the application) before B's cache was made.
     """
     writer = Cache(server.url, namespace=namespace, breaker_threshold=1, breaker_reset=0)
-    reader = Cache(server.url, namespace=namespace, breaker_threshold=1, breaker_reset=0)
+    client: str | redis.Redis = server.url
+    if reader_client == "connected before the cache":
+        client = redis.Redis.from_url(server.url)
+        assert client.ping()
+    reader = Cache(client, namespace=namespace, breaker_threshold=1, breaker_reset=0)
     writer_factory, reader_factory = sessionmaker(shop_engine), sessionmaker(shop_engine)
     writer.attach(writer_factory)
     reader.attach(reader_factory)
@@ -149,6 +161,8 @@ def test_another_process_never_reads_stale_after_a_restart(
     finally:
         writer.detach()
         reader.detach()
+        if isinstance(client, redis.Redis):
+            client.close()
 
 
 def test_breaker_counts_only_consecutive_failures(
