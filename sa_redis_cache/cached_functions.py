@@ -21,6 +21,7 @@ from .fingerprint import values_digest
 from .policy import is_ttl
 from .protocol import scripts
 from .stats import scope
+from .undelivered import MAX_REMEMBERED, Undelivered
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterable
@@ -53,8 +54,9 @@ _UNREADABLE = object()  # GET answered WRONGTYPE
 # a call that started before invalidate() and takes longer than this (or than the TTL,
 # whichever is longer) can still store its result: docs/guarantees.md, Limits
 _TOMBSTONE_MIN_MS = 30_000
-# failed invalidate() calls remembered one by one; past this, every result of the function
-_UNDELIVERED_MAX = 10_000
+# a failed invalidate_all(), or more failed invalidate() calls than are remembered one by
+# one: every result of the function waits for a delivery (not a key: keys hold a ":")
+_EVERY_KEY = "*"
 
 
 class CachedFunction(Generic[P, R]):
@@ -145,11 +147,10 @@ class CachedFunction(Generic[P, R]):
         )
         self._warned = False  # the arguments that make no key, once per function
         self._warned_result = False  # a result the codec refuses, once per function
-        # keys whose invalidate() did not reach Redis (and, past _UNDELIVERED_MAX of them
-        # or after a failed invalidate_all(), every key): until it does, their calls run
+        # keys whose invalidate() did not reach Redis (and, past MAX_REMEMBERED of them or
+        # after a failed invalidate_all(), _EVERY_KEY): until it does, their calls run
         # uncached, as a query of an undelivered table reads the database
-        self._undelivered: set[str] = set()
-        self._undelivered_all = False
+        self._undelivered = Undelivered()
         functools.update_wrapper(self, func)
         if not hasattr(self, "__qualname__"):
             # a functools.partial or a callable object has none to copy; the warnings name it
@@ -220,7 +221,7 @@ class CachedFunction(Generic[P, R]):
         key = self._lookup_key(args, kwargs)
         if key is None:
             return self._func(*args, **kwargs)
-        if (self._undelivered or self._undelivered_all) and self._still_undelivered(key):
+        if self._undelivered.names and self._still_undelivered(key):
             return self._func(*args, **kwargs)
         # a latency histogram under the call's outcome, and a span when traced
         with self._core.measure(self._scope) as measured:
@@ -400,11 +401,11 @@ class CachedFunction(Generic[P, R]):
         except RedisError as exc:
             core.redis_failed(exc)
             core.counters.incr_total("errors")
-            if len(self._undelivered) >= _UNDELIVERED_MAX:
-                self._undelivered_all = True
-                self._undelivered.clear()
-            elif not self._undelivered_all:
-                self._undelivered.add(key)
+            undelivered = self._undelivered
+            if len(undelivered) >= MAX_REMEMBERED:
+                undelivered.keep((_EVERY_KEY,))  # the keys named already stay bounded
+            elif _EVERY_KEY not in undelivered:
+                undelivered.keep((key,))
             return False
 
     def _send_tombstone(self, key: str) -> bool:
@@ -420,12 +421,14 @@ class CachedFunction(Generic[P, R]):
         (counted ``bypassed``), so that the result the invalidation retires is not served
         once Redis answers again (docs/guarantees.md, "Redis outages")."""
         core = self._core
+        undelivered = self._undelivered
         try:
-            if self._undelivered_all:
+            if _EVERY_KEY in undelivered:
                 self.invalidate_all()
-            if key in self._undelivered:
+            if key in undelivered:
+                marks = undelivered.marks((key,))
                 self._send_tombstone(key)
-                self._undelivered.discard(key)
+                undelivered.forget_delivered(marks)
         except RedisError as exc:
             core.redis_failed(exc)
             core.counters.incr(self._scope, "bypassed")
@@ -441,16 +444,16 @@ class CachedFunction(Generic[P, R]):
         :meth:`invalidate` of the calls it changes where that matters.
         """
         pattern = self._core.keys.function_pattern(self._prefix)
-        covered = set(self._undelivered)  # not a key whose invalidate() fails meanwhile
+        # not a key whose invalidate() fails meanwhile
+        marks = self._undelivered.marks()
         try:
             gone = self._core.unlink_matching(pattern)
         except RedisError:
             # raised to the caller, and remembered: until a later one lands, calls run
             # uncached (the keys may be partly deleted)
-            self._undelivered_all = True
+            self._undelivered.keep((_EVERY_KEY,))
             raise
-        self._undelivered_all = False
-        self._undelivered -= covered
+        self._undelivered.forget_delivered(marks)
         return gone
 
 
@@ -487,9 +490,8 @@ class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
         key = self._lookup_key(args, kwargs)
         if key is None:
             return await self._func(*args, **kwargs)
-        if (self._undelivered or self._undelivered_all) and await greenlet_spawn(
-            self._still_undelivered, key
-        ):
+        undelivered = bool(self._undelivered.names)
+        if undelivered and await greenlet_spawn(self._still_undelivered, key):
             return await self._func(*args, **kwargs)
         # a latency histogram under the call's outcome, and a span when traced
         with self._core.measure(self._scope) as measured:

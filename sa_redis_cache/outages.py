@@ -29,6 +29,7 @@ from . import compat
 from .protocol import scripts
 from .redis_io import is_cluster
 from .slot_owners import OWNER_QUERY, SlotOwners, own_ranges, tables_in
+from .undelivered import MAX_REMEMBERED, Undelivered
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _FAILURE_LOG_INTERVAL = 10.0
-MAX_UNDELIVERED = 10_000
 
 
 class RedisOutages:
@@ -73,12 +73,10 @@ class RedisOutages:
         self._last_failure_log = float("-inf")
         # tables whose invalidation could not be delivered (Redis was away): this process
         # does not trust the cache for them until the bumps have been delivered
-        self.undelivered: set[str] = set()
-        # which keep last made each table undelivered: a bump sent before that keep cannot
-        # have delivered it (:meth:`_undelivered_marks`, :meth:`_forget_delivered`)
-        self._kept_by: dict[str, int] = {}
-        self._keeps = 0
-        self._undelivered_lock = threading.Lock()
+        self.pending_bumps = Undelivered()
+        self.undelivered: set[str] = self.pending_bumps.names  # read on every lookup
+        # guards what connections report: the run id, restarts, slot map refreshes
+        self._seen_lock = threading.Lock()
         self.run_id: str | None = None
         # a Redis Cluster's nodes each have a run id: by node address
         self.node_run_ids: dict[str, str] = {}
@@ -144,7 +142,7 @@ class RedisOutages:
             if plan is None:
                 return
             node, run_id, tables, call = plan
-            marks = self._undelivered_marks(tables)
+            marks = self.pending_bumps.marks(tables)
             failure = None
             if call:
                 loaded, *ran = yield call
@@ -199,15 +197,14 @@ class RedisOutages:
         sent: bool,
     ) -> None:
         """Slots now served by ``node`` (run ``run_id``) had another owner: the tables of
-        ``marks`` (:meth:`_undelivered_marks`) were bumped there (``sent``, ``failure``
+        ``marks`` (:meth:`Undelivered.marks`) were bumped there (``sent``, ``failure``
         None), or are kept undelivered until they are."""
         tables = list(marks)
         if tables and (failure is not None or not sent):
             self.keep_undelivered(tables)
         elif tables:
-            with self._undelivered_lock:
-                self._forget_delivered(marks)
-        with self._undelivered_lock:
+            self.pending_bumps.forget_delivered(marks)
+        with self._seen_lock:
             self.restarts_seen += 1
         self.on_restart()
         log.warning(
@@ -231,7 +228,7 @@ class RedisOutages:
         compat.watch_slot_map(client, self._slot_map_seen, self._slot_map_refreshing)
 
     def _slot_map_refreshing(self, step: int) -> None:
-        with self._undelivered_lock:
+        with self._seen_lock:
             self.slot_map_refreshes += step
 
     def answered_across_a_move(self, tables: Iterable[str]) -> bool:
@@ -292,7 +289,7 @@ class RedisOutages:
             if plan is None:
                 return
             known, tables, call = plan
-            marks = self._undelivered_marks(tables)
+            marks = self.pending_bumps.marks(tables)
             failure = None
             if call is not None:
                 loaded, ran = yield list(scripts.load_and_run(call))
@@ -328,7 +325,7 @@ class RedisOutages:
     def _restarted(
         self, known: str, run_id: str | None, marks: dict[str, int], failure: ResponseError | None
     ) -> None:
-        """The bump of the tables of ``marks`` (:meth:`_undelivered_marks`) after a restart
+        """The bump of the tables of ``marks`` (:meth:`Undelivered.marks`) after a restart
         landed (``failure`` None) or was refused.
 
         Refused (an ACL without the scripting commands, out of memory), the tables become
@@ -338,9 +335,9 @@ class RedisOutages:
         tables = list(marks)
         if failure is not None:
             self.keep_undelivered(tables)
-        with self._undelivered_lock:
-            if failure is None:
-                self._forget_delivered(marks)
+        else:
+            self.pending_bumps.forget_delivered(marks)
+        with self._seen_lock:
             if self.run_id == run_id:
                 return  # another connection reported this restart already
             self.run_id = run_id
@@ -370,30 +367,11 @@ class RedisOutages:
 
     def keep_undelivered(self, tables: Iterable[str]) -> None:
         """Remember tables whose writes could not be announced to Redis."""
-        with self._undelivered_lock:
-            self._keeps += 1
-            kept = set(tables)
-            if len(self.undelivered | kept) > MAX_UNDELIVERED:
-                # past the bound, every table this process knows is treated as written
-                kept.update(self.models.known_tables())
-            self.undelivered.update(kept)
-            self._kept_by.update(dict.fromkeys(kept, self._keeps))
-
-    def _undelivered_marks(self, tables: Iterable[str]) -> dict[str, int]:
-        """``tables`` with the keep that last made each undelivered (0: none), taken before
-        a bump of them is sent: see :meth:`_forget_delivered`."""
-        with self._undelivered_lock:
-            return {table: self._kept_by.get(table, 0) for table in tables}
-
-    def _forget_delivered(self, marks: dict[str, int]) -> None:
-        """The bump of the tables of ``marks`` landed: they are delivered, except those a
-        write made undelivered again while the bump was on its way. That write may have
-        committed after the bump ran, so the bump retired nothing it wrote. Call with
-        ``_undelivered_lock`` held."""
-        for table, mark in marks.items():
-            if self._kept_by.get(table, 0) == mark:
-                self.undelivered.discard(table)
-                self._kept_by.pop(table, None)
+        kept = set(tables)
+        if len(self.undelivered | kept) > MAX_REMEMBERED:
+            # past the bound, every table this process knows is treated as written
+            kept.update(self.models.known_tables())
+        self.pending_bumps.keep(kept)
 
     def invalidation_failed(self, exc: RedisError, tables: Iterable[str]) -> None:
         """An invalidation of ``tables`` Redis did not take: the failure recorded and
@@ -409,9 +387,8 @@ class RedisOutages:
         Called before the cache is trusted again for those tables, so no entry filled
         before the outage can be read as current after it.
         """
-        with self._undelivered_lock:
-            tables = sorted(self.undelivered)
-            marks = {table: self._kept_by.get(table, 0) for table in tables}
+        marks = self.pending_bumps.marks()
+        tables = sorted(marks)
         if not tables:
             return True
         keys = self.keys
@@ -427,9 +404,7 @@ class RedisOutages:
             self.counters.incr_total("errors")
             return False
         self.breaker.success()
-        with self._undelivered_lock:
-            self._forget_delivered(marks)
-            return not self.undelivered
+        return self.pending_bumps.forget_delivered(marks)
 
     def redis_failed(self, exc: RedisError) -> None:
         """Record a Redis failure on a path that degrades to the database.
