@@ -769,36 +769,57 @@ def watch_slot_map(
     seen: Callable[[dict[int, str]], None],
     refreshing: Callable[[int], None] = lambda step: None,
 ) -> bool:
-    """Call ``seen(slot -> primary address)`` with a synchronous cluster client's slot map
-    now and after every refresh of it (redis-py refreshes on ``MOVED`` and on a node that
-    fails). ``refreshing(1)`` is called as a refresh starts and ``refreshing(-1)`` once
-    ``seen`` has had its map: another thread may send a command by the new map before
-    ``seen`` runs. False for a client whose refreshes cannot be watched (the asyncio
-    cluster client's nodes manager has ``__slots__``): its new connections are still
-    checked.
+    """Call ``seen(slot -> primary address)`` with a cluster client's slot map now and
+    after every refresh of it (redis-py refreshes on ``MOVED`` and on a node that fails,
+    inside the command, which it then sends again by the new map). ``refreshing(1)`` is
+    called as a refresh starts and ``refreshing(-1)`` once ``seen`` has had its map:
+    another thread or task may send a command by the new map before ``seen`` runs.
+    False for a client that is not a cluster client.
 
     redis-py keeps the map in ``nodes_manager.slots_cache`` (slot -> nodes, the primary
-    first) and refreshes it in ``nodes_manager.initialize()``.
+    first) and refreshes it in ``nodes_manager.initialize()``, a coroutine on the asyncio
+    client. The asyncio nodes manager has ``__slots__``, so its ``initialize`` cannot be
+    replaced on the instance: the instance is given a subclass of its own class (no new
+    slots, the same layout) whose ``initialize`` reports.
     """
-    if not isinstance(client, redis.cluster.RedisCluster):
+    if not isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)):
         return False
-    manager = client.nodes_manager
-    initialize = manager.initialize
+    manager: Any = client.nodes_manager
 
     def report() -> None:
         cache = manager.slots_cache
         seen({slot: nodes[0].name for slot, nodes in cache.items() if nodes})
 
-    def initialize_and_report(*args: Any, **kwargs: Any) -> Any:
-        refreshing(1)
-        try:
-            done = initialize(*args, **kwargs)
-            report()
-        finally:
-            refreshing(-1)
-        return done
+    if isinstance(client, redis.cluster.RedisCluster):
+        initialize = manager.initialize
 
-    manager.initialize = initialize_and_report  # type: ignore[method-assign]
+        def initialize_and_report(*args: Any, **kwargs: Any) -> Any:
+            refreshing(1)
+            try:
+                done = initialize(*args, **kwargs)
+                report()
+            finally:
+                refreshing(-1)
+            return done
+
+        manager.initialize = initialize_and_report
+    else:
+        base = type(manager)
+
+        async def initialize_and_report_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+            refreshing(1)
+            try:
+                done = await base.initialize(self, *args, **kwargs)
+                report()
+            finally:
+                refreshing(-1)
+            return done
+
+        manager.__class__ = type(
+            f"Watched{base.__name__}",
+            (base,),
+            {"__slots__": (), "initialize": initialize_and_report_async},
+        )
     if manager.slots_cache:
         report()
     return True
@@ -1250,11 +1271,14 @@ _PROBED: dict[str, tuple[str, str]] = {
     "redis asyncio NodesManager.connection_kwargs": ("async_nodes", "connection_kwargs"),
     "redis asyncio NodesManager.nodes_cache": ("async_nodes", "nodes_cache"),
     "redis asyncio NodesManager.startup_nodes": ("async_nodes", "startup_nodes"),
+    "redis asyncio NodesManager.slots_cache": ("async_nodes", "slots_cache"),
+    "redis asyncio NodesManager.initialize": ("async_nodes", "initialize"),
     "redis asyncio ClusterNode.connection_kwargs": ("async_node", "connection_kwargs"),
     "redis asyncio ClusterNode._connections": ("async_node", "_connections"),
 }
 
 _MODULE_PROBES: dict[str, tuple[Any, str]] = {
+    "redis NodesManager.initialize": (redis.cluster.NodesManager, "initialize"),
     "sqlalchemy StrategizedProperty._get_context_loader": (
         orm_interfaces.StrategizedProperty,
         "_get_context_loader",

@@ -113,6 +113,7 @@ class RedisOutages:
         """:meth:`_watch_restarts` for an asyncio client (its connect hook is a coroutine)."""
         if is_cluster(client):
             compat.install_connect_hook(client, self._check_node_run_id_async)
+            self._watch_slot_map(client)
         else:
             compat.install_connect_hook(client, self._check_run_id_async)
 
@@ -220,11 +221,10 @@ class RedisOutages:
         )
 
     def _watch_slot_map(self, client: Any) -> None:
-        """Refreshes of a synchronous cluster client's slot map (a MOVED, a failed node): a
-        slot whose primary is now at another address changed hands (a failover whose new
-        primary was connected before, a resharding); its tables become undelivered,
-        bumped before the cache is trusted for them again. (The asyncio client's refreshes
-        cannot be watched: its new connections are, by :meth:`_check_node_run_id_async`.)"""
+        """Refreshes of a cluster client's slot map, sync or asyncio (a MOVED, a failed
+        node): a slot whose primary is now at another address changed hands (a failover
+        whose new primary was connected before, a resharding); its tables become
+        undelivered, bumped before the cache is trusted for them again."""
         compat.watch_slot_map(client, self._slot_map_seen, self._slot_map_refreshing)
 
     def _slot_map_refreshing(self, step: int) -> None:

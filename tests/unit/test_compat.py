@@ -43,3 +43,17 @@ def test_script_calls_are_packed_as_redis_py_packs_them() -> None:
     assert b"".join(compat._packed(connection, commands)) == b"".join(
         connection.pack_commands(commands)  # type: ignore[no-untyped-call]  # as above
     )
+
+
+def test_an_asyncio_cluster_clients_refreshes_can_be_watched() -> None:
+    """Its nodes manager has ``__slots__``: ``watch_slot_map`` gives the instance a
+    subclass of its class whose ``initialize`` reports, which redis-py must accept."""
+    client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=1)  # not connected
+    manager = client.nodes_manager
+    base = type(manager)
+    maps: list[dict[int, str]] = []
+    assert compat.watch_slot_map(client, maps.append)
+    assert isinstance(client.nodes_manager, base)
+    assert client.nodes_manager is manager
+    assert type(manager).initialize is not base.initialize
+    assert maps == []  # nothing known before the first refresh
