@@ -189,10 +189,13 @@ def test_the_worker_keeps_draining_the_other_primaries_while_one_is_down(
         live = [p.lease for p in worker.partitions if p.info.table == tables[0]]
         assert worker.client.exists(*live) == 0
         cluster.restart_node(down)
-        for _ in range(60):
+
+        # the dead shard's partitions wait out their backoff (time-based): polled
+        def flushed_the_queued_level() -> bool:
             worker.run_once()
-            if len(count_rows(engine, stock_level)) == 2:
-                break
+            return len(count_rows(engine, stock_level)) == 2
+
+        cluster._wait("the queued stock level to be flushed", flushed_the_queued_level)
         assert sorted(r[0] for r in count_rows(engine, stock_level).values()) == [
             "first",
             "queued",
@@ -349,7 +352,14 @@ def fresh_cluster() -> Iterator[RedisCluster]:
 
 
 @pytest.mark.parametrize(
-    "reader_kind", ["sync", "async", "sync, connected before", "sync, knew the replica"]
+    "reader_kind",
+    [
+        "sync",
+        "async",
+        "sync, connected before",
+        "sync, knew the replica",
+        "async, knew the replica",
+    ],
 )
 def test_a_failover_that_lost_the_commits_bump_serves_no_entry_older_than_the_commit(
     fresh_cluster: RedisCluster,
@@ -386,14 +396,14 @@ def test_a_failover_that_lost_the_commits_bump_serves_no_entry_older_than_the_co
     primary = cluster.owner_of(slot)
     (replica,) = cluster.replicas_of(primary)
     writer_cache = Cache(cluster.url, namespace=namespace)
-    # the asyncio client is closed on the event loop that used it
-    aclient = async_client_from_url(cluster.url)
     # redis-py 8 refreshes its slot map after a failed node only once per interval: with
     # none, the first read after the failover refreshes and retries inside its command
     refreshes = inspect.signature(redis.cluster.RedisCluster).parameters
     options: dict[str, Any] = (
         {"topology_refresh_min_interval": 0} if "topology_refresh_min_interval" in refreshes else {}
     )
+    # the asyncio client is closed on the event loop that used it
+    aclient: Any = async_client_from_url(cluster.url, **options)
     seed = primary if reader_kind == "sync, connected before" else cluster.live_nodes()[0]
     sync_client: Any = redis.cluster.RedisCluster(seed.host, seed.port, **options)
     if reader_kind == "sync, connected before":
@@ -404,11 +414,11 @@ def test_a_failover_that_lost_the_commits_bump_serves_no_entry_older_than_the_co
     async_engine = create_async_engine(async_url(database_url))
     async_reader = async_sessionmaker(async_engine)
     writer_cache.attach(writer)
-    reader_cache.attach(async_reader if reader_kind == "async" else reader)
+    reader_cache.attach(async_reader if reader_kind.startswith("async") else reader)
     first = db_name(shop_engine, category)
 
     async def read() -> str:
-        if reader_kind != "async":
+        if reader_kind.startswith("sync"):
             return read_name(reader, category)
         statement = select(Category.name).where(Category.id == category).options(FromCache())
         async with async_reader() as s:
@@ -455,6 +465,15 @@ def test_a_failover_that_lost_the_commits_bump_serves_no_entry_older_than_the_co
                 cluster._wait("the replica to be listed", listed)
                 known = sync_client.get_node(*replica.address)
                 assert sync_client.get_redis_connection(known).ping()
+            if reader_kind == "async, knew the replica":
+                deadline = asyncio.get_running_loop().time() + 30
+                while aclient.get_node(*replica.address) is None:
+                    assert asyncio.get_running_loop().time() < deadline, "replica never listed"
+                    await asyncio.sleep(0.05)  # polled: the primary gossips its replica's offset
+                    await aclient.nodes_manager.initialize()
+                assert await aclient.execute_command(
+                    "PING", target_nodes=aclient.get_node(*replica.address)
+                )
             await asyncio.to_thread(lose_the_bump_and_fail_over)
             for _ in range(2):
                 seen.append(await read())
@@ -559,9 +578,13 @@ def test_a_write_behind_commit_on_a_slot_held_half_moved_is_all_or_nothing(
             commit(f"/during-{n}")
         cluster.reshard([slot], target)
         commit("/after")
-        for _ in range(20):
-            if not worker.run_once():
-                break
+
+        # a partition that failed mid-move waits out its backoff (time-based): polled
+        def drained() -> bool:
+            worker.run_once()
+            return not worker.backlog()
+
+        cluster._wait("the worker to drain the queue", drained)
         flushed = count_rows(engine, page_view)
         assert set(flushed) >= acknowledged  # none lost
         # a refused commit queued nothing: every row flushed was acknowledged
@@ -713,9 +736,14 @@ def test_the_worker_and_commits_during_a_reshard_of_the_queues_slot_lose_and_rep
         cluster.reshard([slot], target, batch=4, between_batches=between)
         for _ in range(3):
             commit(next(counter))
-        for _ in range(40):
-            if not worker.run_once() and not worker.backlog():
-                break
+
+        # a partition that failed during the reshard waits out its backoff (time-based):
+        # polled until the worker has drained the queue
+        def drained() -> bool:
+            worker.run_once()
+            return not worker.backlog()
+
+        cluster._wait("the worker to drain the queue", drained)
         flushed = {pk: row[1] for pk, row in count_rows(engine, page_view).items()}
         assert refused < len(acknowledged)  # the reshard did not refuse everything
         assert flushed == acknowledged, f"{refused} refused"
