@@ -21,7 +21,7 @@ from .fingerprint import values_digest
 from .policy import is_ttl
 from .protocol import scripts
 from .stats import scope
-from .undelivered import MAX_REMEMBERED, Undelivered
+from .undelivered import EVERY_NAME, MAX_REMEMBERED, Undelivered
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterable
@@ -54,9 +54,6 @@ _UNREADABLE = object()  # GET answered WRONGTYPE
 # a call that started before invalidate() and takes longer than this (or than the TTL,
 # whichever is longer) can still store its result: docs/guarantees.md, Limits
 _TOMBSTONE_MIN_MS = 30_000
-# a failed invalidate_all(), or more failed invalidate() calls than are remembered one by
-# one: every result of the function waits for a delivery (not a key: keys hold a ":")
-_EVERY_KEY = "*"
 
 
 class CachedFunction(Generic[P, R]):
@@ -147,10 +144,12 @@ class CachedFunction(Generic[P, R]):
         )
         self._warned = False  # the arguments that make no key, once per function
         self._warned_result = False  # a result the codec refuses, once per function
-        # keys whose invalidate() did not reach Redis (and, past MAX_REMEMBERED of them or
-        # after a failed invalidate_all(), _EVERY_KEY): until it does, their calls run
-        # uncached, as a query of an undelivered table reads the database
+        # keys whose invalidate() did not reach Redis (and EVERY_NAME past MAX_REMEMBERED
+        # of them, after a failed invalidate_all(), or after Redis restarted or a slot
+        # changed hands, which may have lost tombstones): until it is delivered, their
+        # calls run uncached, as a query of an undelivered table reads the database
         self._undelivered = Undelivered()
+        core.function_deliveries.add(self._undelivered)
         functools.update_wrapper(self, func)
         if not hasattr(self, "__qualname__"):
             # a functools.partial or a callable object has none to copy; the warnings name it
@@ -236,8 +235,13 @@ class CachedFunction(Generic[P, R]):
                 raw = _UNREADABLE
             outcome, value = self._decode(key, raw)
             if outcome is _HIT:
-                measured.done("hit")
-                return cast("R", value)
+                if not self._retired_meanwhile(key):
+                    measured.done("hit")
+                    return cast("R", value)
+                if self._still_undelivered(key):
+                    measured.done("miss")
+                    return self._func(*args, **kwargs)
+                raw, outcome = None, _MISS  # the delivery deleted it: filled as absent
             result = self._func(*args, **kwargs)
             self._fill(key, result, generation_of(raw), corrupt=outcome is _CORRUPT)
             measured.done("miss")
@@ -403,8 +407,8 @@ class CachedFunction(Generic[P, R]):
             core.counters.incr_total("errors")
             undelivered = self._undelivered
             if len(undelivered) >= MAX_REMEMBERED:
-                undelivered.keep((_EVERY_KEY,))  # the keys named already stay bounded
-            elif _EVERY_KEY not in undelivered:
+                undelivered.keep((EVERY_NAME,))  # the keys named already stay bounded
+            elif EVERY_NAME not in undelivered:
                 undelivered.keep((key,))
             return False
 
@@ -415,6 +419,13 @@ class CachedFunction(Generic[P, R]):
         script = scripts.function_invalidate(key, ttl_ms, generation)
         return bool(self._core.io().run_script(*script))
 
+    def _retired_meanwhile(self, key: str) -> bool:
+        """Whether ``key``'s results became undelivered while its look was on its way: a
+        restart seen by the look's own new connection (its check runs inside the look),
+        or another thread's failed ``invalidate()``. The value it found is not served."""
+        names = self._undelivered.names
+        return bool(names) and (EVERY_NAME in names or key in names)
+
     def _still_undelivered(self, key: str) -> bool:
         """Deliver this process's failed invalidation of ``key`` (or of every key) first;
         True when it still cannot be: the call then runs uncached and stores nothing
@@ -423,7 +434,7 @@ class CachedFunction(Generic[P, R]):
         core = self._core
         undelivered = self._undelivered
         try:
-            if _EVERY_KEY in undelivered:
+            if EVERY_NAME in undelivered:
                 self.invalidate_all()
             if key in undelivered:
                 marks = undelivered.marks((key,))
@@ -451,7 +462,7 @@ class CachedFunction(Generic[P, R]):
         except RedisError:
             # raised to the caller, and remembered: until a later one lands, calls run
             # uncached (the keys may be partly deleted)
-            self._undelivered.keep((_EVERY_KEY,))
+            self._undelivered.keep((EVERY_NAME,))
             raise
         self._undelivered.forget_delivered(marks)
         return gone
@@ -506,8 +517,13 @@ class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
                 raw = _UNREADABLE
             outcome, value = self._decode(key, raw)
             if outcome is _HIT:
-                measured.done("hit")
-                return cast("T", value)
+                if not self._retired_meanwhile(key):
+                    measured.done("hit")
+                    return cast("T", value)
+                if await greenlet_spawn(self._still_undelivered, key):
+                    measured.done("miss")
+                    return await self._func(*args, **kwargs)
+                raw, outcome = None, _MISS  # the delivery deleted it: filled as absent
             result = await self._func(*args, **kwargs)
             # the fill script runs through context.io(), which in a greenlet awaits the
             # asyncio client: the same steps as the synchronous wrapper's, written once

@@ -129,11 +129,13 @@ class CacheContext(RedisOutages):
         return self.local
 
     def on_restart(self) -> None:
-        """Redis restarted: empty the local tier, make commits wait one lease, and send no
+        """Redis restarted: empty the local tier, make commits wait one lease, send no
         script unwaited until it ran on the new server (:meth:`RedisIO.send_later
-        <sa_redis_cache.redis_io.RedisIO.send_later>`)."""
+        <sa_redis_cache.redis_io.RedisIO.send_later>`), and have every cached function
+        delete its results before its next look (:meth:`distrust_cached_functions`)."""
         self.sync_io.scripts_seen.clear()
         self.fences.restarted()
+        self.distrust_cached_functions()
         if self.local is not None:
             self.local.reset("redis restarted")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -29,7 +30,7 @@ from . import compat
 from .protocol import scripts
 from .redis_io import is_cluster
 from .slot_owners import OWNER_QUERY, SlotOwners, own_ranges, tables_in
-from .undelivered import MAX_REMEMBERED, Undelivered
+from .undelivered import EVERY_NAME, MAX_REMEMBERED, Undelivered
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
@@ -75,6 +76,8 @@ class RedisOutages:
         # does not trust the cache for them until the bumps have been delivered
         self.pending_bumps = Undelivered()
         self.undelivered: set[str] = self.pending_bumps.names  # read on every lookup
+        # each cached function's failed invalidations (cached_functions.py)
+        self.function_deliveries: weakref.WeakSet[Undelivered] = weakref.WeakSet()
         # guards what connections report: the run id, restarts, slot map refreshes
         self._seen_lock = threading.Lock()
         self.run_id: str | None = None
@@ -256,6 +259,7 @@ class RedisOutages:
         tables = tables_in(changed, known_tables, self.keys.version_key)
         if tables:
             self.keep_undelivered(tables)
+        self.distrust_cached_functions()
         log.warning(
             "redis cluster: %d slots moved to other primaries; %d cached tables in them are "
             "read from the database until their invalidation is delivered",
@@ -364,6 +368,15 @@ class RedisOutages:
 
     def on_restart(self) -> None:
         """What else a restart means (the local tier is emptied, commits wait a lease)."""
+
+    def distrust_cached_functions(self) -> None:
+        """Redis restarted, or a slot changed hands: an ``invalidate()`` tombstone it
+        acknowledged may be lost (AOF ``everysec``, asynchronous replication), bringing
+        back a result it retired. Every cached function of this cache deletes its results
+        (``invalidate_all``) on its next call, before it looks; a call runs uncached until
+        that lands, as for an ``invalidate_all()`` that failed."""
+        for deliveries in list(self.function_deliveries):
+            deliveries.keep((EVERY_NAME,))
 
     def keep_undelivered(self, tables: Iterable[str]) -> None:
         """Remember tables whose writes could not be announced to Redis."""

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 # every key of a function, is treated as undelivered instead): memory stays bounded
 # however long Redis is away
 MAX_REMEMBERED = 10_000
+# a name that stands for every name of a keeper (no table or key is spelled so)
+EVERY_NAME = "*"
 
 
 class Undelivered:
