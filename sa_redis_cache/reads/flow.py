@@ -376,7 +376,8 @@ class ReadThrough:
             core.counters.incr(scope, "errors")
             return None
         core.breaker.success()  # resets the failure count too
-        if core.answered_across_a_move(tables):
+        # (two attribute reads on the common path: nothing undelivered, no refresh)
+        if (core.slot_map_refreshes or core.undelivered) and core.answered_across_a_move(tables):
             # counted as a look that failed; the caller fills nothing
             core.counters.incr(scope, "errors")
             if leased:
