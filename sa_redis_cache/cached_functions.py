@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 import secrets
+import threading
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from redis.exceptions import RedisError, ResponseError
@@ -149,6 +150,7 @@ class CachedFunction(Generic[P, R]):
         # changed hands, which may have lost tombstones): until it is delivered, their
         # calls run uncached, as a query of an undelivered table reads the database
         self._undelivered = Undelivered()
+        self._delivering_all = threading.Lock()
         core.function_deliveries.add(self._undelivered)
         functools.update_wrapper(self, func)
         if not hasattr(self, "__qualname__"):
@@ -435,7 +437,16 @@ class CachedFunction(Generic[P, R]):
         undelivered = self._undelivered
         try:
             if EVERY_NAME in undelivered:
-                self.invalidate_all()
+                # one SCAN per function at a time (after a restart every thread's first
+                # call gets here); the others run uncached meanwhile, without waiting
+                if not self._delivering_all.acquire(blocking=False):
+                    core.counters.incr(self._scope, "bypassed")
+                    return True
+                try:
+                    if EVERY_NAME in undelivered:
+                        self.invalidate_all()
+                finally:
+                    self._delivering_all.release()
             if key in undelivered:
                 marks = undelivered.marks((key,))
                 self._send_tombstone(key)

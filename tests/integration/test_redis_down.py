@@ -275,3 +275,28 @@ def test_attaching_again_with_redis_down_starts_and_serves_what_was_written_mean
     finally:
         cache.detach()
         set_price(factory, product, "1.00")
+
+
+def test_after_a_restart_one_thread_per_function_deletes_its_results(
+    server: RedisServer, namespace: str
+) -> None:
+    """Every thread's first call after a restart finds the function's results distrusted:
+    one deletes them (a SCAN), the others run the function uncached meanwhile instead of
+    scanning too, and the function is cached again once the deletion landed."""
+    cache = Cache(server.url, namespace=namespace)
+    calls: list[int] = []
+
+    @cache.cached("square")
+    def square(n: int) -> int:
+        calls.append(n)
+        return n * n
+
+    assert square(3) == 9
+    cache._core.distrust_cached_functions()  # what noticing a restart does
+    with square._delivering_all:  # another thread is deleting the results
+        assert square(3) == 9
+        assert calls == [3, 3]
+        assert cache.stats()["functions"]["square"]["bypassed"] == 1
+    assert square(3) == 9  # this call deletes them, then fills
+    assert square(3) == 9
+    assert calls == [3, 3, 3]
