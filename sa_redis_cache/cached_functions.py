@@ -38,6 +38,7 @@ T = TypeVar("T")
 _HIT = object()
 _MISS = object()
 _CORRUPT = object()
+_RETIRED = object()  # found, but retired while the look was on its way: not served
 _mark_coroutine: Callable[[Any], Any] | None = getattr(inspect, "markcoroutinefunction", None)
 
 # A value under a function's key: an entry, b"\x01G" + generation + the tagged result
@@ -151,7 +152,7 @@ class CachedFunction(Generic[P, R]):
         # calls run uncached, as a query of an undelivered table reads the database
         self._undelivered = Undelivered()
         self._delivering_all = threading.Lock()
-        core.function_deliveries.add(self._undelivered)
+        core.watch_function(self._undelivered)
         functools.update_wrapper(self, func)
         if not hasattr(self, "__qualname__"):
             # a functools.partial or a callable object has none to copy; the warnings name it
@@ -227,6 +228,7 @@ class CachedFunction(Generic[P, R]):
         # a latency histogram under the call's outcome, and a span when traced
         with self._core.measure(self._scope) as measured:
             io = self._core.io()
+            epoch = self._trust_epoch()
             raw: Any
             try:
                 raw = io.get(key)
@@ -235,15 +237,13 @@ class CachedFunction(Generic[P, R]):
                     measured.done("error")
                     return self._func(*args, **kwargs)
                 raw = _UNREADABLE
-            outcome, value = self._decode(key, raw)
+            outcome, value = self._decode(key, raw, epoch)
             if outcome is _HIT:
-                if not self._retired_meanwhile(key):
-                    measured.done("hit")
-                    return cast("R", value)
-                if self._still_undelivered(key):
-                    measured.done("miss")
-                    return self._func(*args, **kwargs)
-                raw, outcome = None, _MISS  # the delivery deleted it: filled as absent
+                measured.done("hit")
+                return cast("R", value)
+            if outcome is _RETIRED and self._still_undelivered(key):
+                measured.done("miss")
+                return self._func(*args, **kwargs)
             result = self._func(*args, **kwargs)
             self._fill(key, result, generation_of(raw), corrupt=outcome is _CORRUPT)
             measured.done("miss")
@@ -331,9 +331,11 @@ class CachedFunction(Generic[P, R]):
         self._failed(exc)
         return False
 
-    def _decode(self, key: str, raw: Any) -> tuple[object, Any]:
-        """``(_HIT, value)``, ``(_MISS, None)`` or ``(_CORRUPT, None)`` (the fill replaces
-        it); ``raw`` is what GET returned, or ``_UNREADABLE``."""
+    def _decode(self, key: str, raw: Any, epoch: int) -> tuple[object, Any]:
+        """``(_HIT, value)``, ``(_MISS, None)``, ``(_CORRUPT, None)`` (the fill replaces
+        it) or ``(_RETIRED, None)`` (:meth:`_retired_meanwhile`: counted a miss, the fill
+        compares the generation the look read); ``raw`` is what GET returned, or
+        ``_UNREADABLE``; ``epoch``, :meth:`_trust_epoch` before the GET."""
         core = self._core
         core.breaker.success()  # resets the failure count too
         stats = core.counters
@@ -346,8 +348,11 @@ class CachedFunction(Generic[P, R]):
                 stats.incr(self._scope, "decode_errors")
                 outcome = _CORRUPT
             else:
-                stats.incr(self._scope, "hits")
-                return _HIT, value
+                if self._retired_meanwhile(key, epoch):
+                    outcome = _RETIRED
+                else:
+                    stats.incr(self._scope, "hits")
+                    return _HIT, value
         stats.incr(self._scope, "misses")
         return outcome, None
 
@@ -421,10 +426,20 @@ class CachedFunction(Generic[P, R]):
         script = scripts.function_invalidate(key, ttl_ms, generation)
         return bool(self._core.io().run_script(*script))
 
-    def _retired_meanwhile(self, key: str) -> bool:
-        """Whether ``key``'s results became undelivered while its look was on its way: a
-        restart seen by the look's own new connection (its check runs inside the look),
-        or another thread's failed ``invalidate()``. The value it found is not served."""
+    def _trust_epoch(self) -> int:
+        """A number that moves whenever this function's results are made undelivered or
+        delivered, or a slot map refresh begins: taken before a look."""
+        return self._undelivered.changes + self._core.slot_map_refreshes_begun
+
+    def _retired_meanwhile(self, key: str, epoch: int) -> bool:
+        """Whether what a look of ``key`` found may have been retired while the look was
+        on its way (its :meth:`_trust_epoch` was ``epoch``): a restart seen by the look's
+        own new connection (its check runs inside the look), a slot map refresh (redis-py
+        sends the look again by the new map), another thread's failed ``invalidate()``,
+        or another thread's delivery that landed after the look was answered. The value
+        it found is not served."""
+        if self._core.slot_map_refreshes or self._trust_epoch() != epoch:
+            return True
         names = self._undelivered.names
         return bool(names) and (EVERY_NAME in names or key in names)
 
@@ -518,6 +533,7 @@ class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
         # a latency histogram under the call's outcome, and a span when traced
         with self._core.measure(self._scope) as measured:
             client = self._core.async_client()
+            epoch = self._trust_epoch()
             raw: Any
             try:
                 raw = await client.get(key)
@@ -526,15 +542,13 @@ class AsyncCachedFunction(CachedFunction[P, "Coroutine[Any, Any, T]"]):
                     measured.done("error")
                     return await self._func(*args, **kwargs)
                 raw = _UNREADABLE
-            outcome, value = self._decode(key, raw)
+            outcome, value = self._decode(key, raw, epoch)
             if outcome is _HIT:
-                if not self._retired_meanwhile(key):
-                    measured.done("hit")
-                    return cast("T", value)
-                if await greenlet_spawn(self._still_undelivered, key):
-                    measured.done("miss")
-                    return await self._func(*args, **kwargs)
-                raw, outcome = None, _MISS  # the delivery deleted it: filled as absent
+                measured.done("hit")
+                return cast("T", value)
+            if outcome is _RETIRED and await greenlet_spawn(self._still_undelivered, key):
+                measured.done("miss")
+                return await self._func(*args, **kwargs)
             result = await self._func(*args, **kwargs)
             # the fill script runs through context.io(), which in a greenlet awaits the
             # asyncio client: the same steps as the synchronous wrapper's, written once

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import logging
 import socket
 from typing import TYPE_CHECKING, Any, cast
 
@@ -94,6 +95,8 @@ in_greenlet: Callable[[], bool] = concurrency.in_greenlet
 
 await_: Callable[[Any], Any] = _await
 """SQLAlchemy's greenlet bridge: await a coroutine from code such a greenlet runs."""
+
+log = logging.getLogger(__name__)
 
 _NO_CHANGE = PassiveFlag.NO_CHANGE
 
@@ -770,56 +773,93 @@ def watch_slot_map(
     refreshing: Callable[[int], None] = lambda step: None,
 ) -> bool:
     """Call ``seen(slot -> primary address)`` with a cluster client's slot map now and
-    after every refresh of it (redis-py refreshes on ``MOVED`` and on a node that fails,
-    inside the command, which it then sends again by the new map). ``refreshing(1)`` is
-    called as a refresh starts and ``refreshing(-1)`` once ``seen`` has had its map:
-    another thread or task may send a command by the new map before ``seen`` runs.
-    False for a client that is not a cluster client.
+    after every change redis-py makes to it: a refresh (on a node that failed, every few
+    ``MOVED``) and the one slot a ``MOVED`` moves, both inside the command that met
+    them, which redis-py then sends again by the new map. ``refreshing(1)`` is called as
+    a change starts and ``refreshing(-1)`` once ``seen`` has had it: another thread or
+    task may send a command by the new map before ``seen`` runs. False for a client that
+    is not a cluster client. An exception ``seen`` raises is logged, not raised into
+    redis-py's refresh.
 
     redis-py keeps the map in ``nodes_manager.slots_cache`` (slot -> nodes, the primary
-    first) and refreshes it in ``nodes_manager.initialize()``, a coroutine on the asyncio
-    client. The asyncio nodes manager has ``__slots__``, so its ``initialize`` cannot be
-    replaced on the instance: the instance is given a subclass of its own class (no new
-    slots, the same layout) whose ``initialize`` reports.
+    first), refreshes it in ``nodes_manager.initialize()`` and moves one slot in
+    ``nodes_manager.move_slot(error)`` (``_update_moved_slots()`` in older releases;
+    coroutines on the asyncio client, where redis-py made them so). The asyncio
+    nodes manager has ``__slots__``, so its methods cannot be replaced on the instance:
+    the instance is given a subclass of its own class (no new slots, the same layout)
+    whose methods report.
     """
     if not isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)):
         return False
     manager: Any = client.nodes_manager
 
-    def report() -> None:
+    def report(slot: int | None = None) -> None:
         cache = manager.slots_cache
-        seen({slot: nodes[0].name for slot, nodes in cache.items() if nodes})
+        try:
+            if slot is None:
+                seen({number: nodes[0].name for number, nodes in cache.items() if nodes})
+            elif cache.get(slot):
+                seen({slot: cache[slot][0].name})
+        except Exception:  # a bug of ours must not fail the application's command
+            log.exception("the slot map watch failed")
 
-    if isinstance(client, redis.cluster.RedisCluster):
-        initialize = manager.initialize
+    def moved_slot(args: tuple[Any, ...]) -> int | None:
+        # move_slot(error) (redis-py 8) or _update_moved_slots() with the error kept
+        error = args[0] if args else getattr(manager, "_moved_exception", None)
+        return getattr(error, "slot_id", None)
 
-        def initialize_and_report(*args: Any, **kwargs: Any) -> Any:
-            refreshing(1)
+    def reporting(method: Callable[..., Any], whole_map: bool) -> Callable[..., Any]:
+        """``method`` (unbound for the asyncio manager's subclass), then a report."""
+        if inspect.iscoroutinefunction(method):
+
+            async def async_reporting(*args: Any, **kwargs: Any) -> Any:
+                slot = None if whole_map else moved_slot(args[1:])
+                # the first map (an asyncio client maps on its first command) moves
+                # nothing: no command was sent by an older one
+                counted = bool(manager.slots_cache)
+                if counted:
+                    refreshing(1)
+                try:
+                    done = await method(*args, **kwargs)
+                    report(slot)
+                finally:
+                    if counted:
+                        refreshing(-1)
+                return done
+
+            return async_reporting
+
+        def sync_reporting(*args: Any, **kwargs: Any) -> Any:
+            bound_args = args if isinstance(client, redis.cluster.RedisCluster) else args[1:]
+            slot = None if whole_map else moved_slot(bound_args)
+            counted = bool(manager.slots_cache)
+            if counted:
+                refreshing(1)
             try:
-                done = initialize(*args, **kwargs)
-                report()
+                done = method(*args, **kwargs)
+                report(slot)
             finally:
-                refreshing(-1)
+                if counted:
+                    refreshing(-1)
             return done
 
-        manager.initialize = initialize_and_report
+        return sync_reporting
+
+    # a refresh reports the whole map; a MOVED, its one slot
+    changes = {"initialize": True, "move_slot": False, "_update_moved_slots": False}
+    if isinstance(client, redis.cluster.RedisCluster):
+        for name, whole_map in changes.items():
+            method = getattr(manager, name, None)
+            if method is not None:
+                setattr(manager, name, reporting(method, whole_map))
     else:
         base = type(manager)
-
-        async def initialize_and_report_async(self: Any, *args: Any, **kwargs: Any) -> Any:
-            refreshing(1)
-            try:
-                done = await base.initialize(self, *args, **kwargs)
-                report()
-            finally:
-                refreshing(-1)
-            return done
-
-        manager.__class__ = type(
-            f"Watched{base.__name__}",
-            (base,),
-            {"__slots__": (), "initialize": initialize_and_report_async},
-        )
+        methods: dict[str, Any] = {"__slots__": ()}
+        for name, whole_map in changes.items():
+            method = getattr(base, name, None)
+            if method is not None:
+                methods[name] = reporting(method, whole_map)
+        manager.__class__ = type(f"Watched{base.__name__}", (base,), methods)
     if manager.slots_cache:
         report()
     return True

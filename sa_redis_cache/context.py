@@ -131,11 +131,11 @@ class CacheContext(RedisOutages):
     def on_restart(self) -> None:
         """Redis restarted: empty the local tier, make commits wait one lease, send no
         script unwaited until it ran on the new server (:meth:`RedisIO.send_later
-        <sa_redis_cache.redis_io.RedisIO.send_later>`), and have every cached function
-        delete its results before its next look (:meth:`distrust_cached_functions`)."""
+        <sa_redis_cache.redis_io.RedisIO.send_later>`). (Every cached function was made
+        to delete its results before its next look already: :meth:`distrust_cached_functions`,
+        before the restart was published.)"""
         self.sync_io.scripts_seen.clear()
         self.fences.restarted()
-        self.distrust_cached_functions()
         if self.local is not None:
             self.local.reset("redis restarted")
 

@@ -77,7 +77,8 @@ class RedisOutages:
         self.pending_bumps = Undelivered()
         self.undelivered: set[str] = self.pending_bumps.names  # read on every lookup
         # each cached function's failed invalidations (cached_functions.py)
-        self.function_deliveries: weakref.WeakSet[Undelivered] = weakref.WeakSet()
+        self._function_deliveries: weakref.WeakSet[Undelivered] = weakref.WeakSet()
+        self._functions_lock = threading.Lock()
         # guards what connections report: the run id, restarts, slot map refreshes
         self._seen_lock = threading.Lock()
         self.run_id: str | None = None
@@ -87,8 +88,9 @@ class RedisOutages:
         # the client's slot map (slot_owners.py)
         self.slot_owners = SlotOwners()
         self.slot_addresses = SlotOwners()
-        # slot map refreshes under way (:meth:`answered_across_a_move`)
+        # slot map refreshes under way, and begun so far (:meth:`answered_across_a_move`)
         self.slot_map_refreshes = 0
+        self.slot_map_refreshes_begun = 0
         self._restart_lock = threading.Lock()
         self._detection_off_logged = False
         self.restarts_seen = 0
@@ -145,7 +147,7 @@ class RedisOutages:
             plan = self._owner_plan(connection, info, myid, slots)
             if plan is None:
                 return
-            node, run_id, tables, call = plan
+            node, run_id, tables, call, record = plan
             marks = self.pending_bumps.marks(tables)
             failure = None
             if call:
@@ -153,13 +155,16 @@ class RedisOutages:
                 failure = _bump_failure(
                     _error(loaded), next((e for e in map(_error, ran) if e), None)
                 )
-            self._owners_changed(node, run_id, marks, failure, sent=bool(call))
+            self._owners_changed(node, run_id, marks, failure, record, sent=bool(call))
 
     def _owner_plan(
         self, connection: Any, info: Any, myid: Any, slots: Any
-    ) -> tuple[str, str, list[str], list[Command]] | None:
+    ) -> tuple[str, str, list[str], list[Command], Callable[[], None]] | None:
         """What a new connection to a cluster node must bump: None, or
-        ``(node, run id, tables, commands)`` (SCRIPT LOAD, then one EVALSHA per table)."""
+        ``(node, run id, tables, commands, record)`` (SCRIPT LOAD, then one EVALSHA per
+        table). ``record`` remembers the node's run id and slots: called once the bump
+        landed, so that another connection that sees the same change meanwhile (an
+        asyncio one holds no lock) bumps too rather than serve before the bump."""
         if isinstance(info, ResponseError):
             self._detection_off(info)
             return None
@@ -168,16 +173,26 @@ class RedisOutages:
             return None
         node = f"{connection.host}:{connection.port}"
         known = self.node_run_ids.get(node)
-        self.node_run_ids[node] = run_id
         known_tables = set(self.models.known_tables()) | self.undelivered
         if isinstance(myid, ResponseError) or isinstance(slots, ResponseError):
             # CLUSTER refused (an ACL): a node seen again under another run id restarted,
             # and which slots it served is unknown, so every table is undelivered
+            def record_run_id() -> None:
+                self.node_run_ids[node] = run_id
+
             if known is None or known == run_id:
+                record_run_id()
                 return None
-            return node, run_id, sorted(known_tables), []
-        changed = self.slot_owners.claim((myid, run_id), own_ranges(slots, myid))
+            return node, run_id, sorted(known_tables), [], record_run_id
+        owner, ranges = (myid, run_id), own_ranges(slots, myid)
+
+        def record() -> None:
+            self.node_run_ids[node] = run_id
+            self.slot_owners.claim(owner, ranges)
+
+        changed = self.slot_owners.claim(owner, ranges, record=False)
         if not changed:
+            record()
             return None
         tables = tables_in(changed, known_tables, self.keys.version_key)
         calls = [
@@ -189,7 +204,7 @@ class RedisOutages:
             loaded, run = scripts.load_and_run(call)
             commands += [loaded] if not commands else []
             commands.append(run)
-        return node, run_id, tables, commands
+        return node, run_id, tables, commands, record
 
     def _owners_changed(
         self,
@@ -197,17 +212,20 @@ class RedisOutages:
         run_id: str,
         marks: dict[str, int],
         failure: ResponseError | None,
+        record: Callable[[], None],
         *,
         sent: bool,
     ) -> None:
         """Slots now served by ``node`` (run ``run_id``) had another owner: the tables of
         ``marks`` (:meth:`Undelivered.marks`) were bumped there (``sent``, ``failure``
-        None), or are kept undelivered until they are."""
+        None), or are kept undelivered until they are; then the new owner is recorded."""
         tables = list(marks)
         if tables and (failure is not None or not sent):
             self.keep_undelivered(tables)
         elif tables:
             self.pending_bumps.forget_delivered(marks)
+        self.distrust_cached_functions()
+        record()
         with self._seen_lock:
             self.restarts_seen += 1
         self.on_restart()
@@ -233,18 +251,33 @@ class RedisOutages:
     def _slot_map_refreshing(self, step: int) -> None:
         with self._seen_lock:
             self.slot_map_refreshes += step
+            if step > 0:
+                self.slot_map_refreshes_begun += 1
 
-    def answered_across_a_move(self, tables: Iterable[str]) -> bool:
-        """Whether a reply for ``tables``, read after the cache was found trusted for them,
-        may come from a node that took their slots over with an old state: one of them
-        became undelivered meanwhile, or the slot map is being refreshed.
+    def trust_epoch(self) -> int:
+        """A number that moves whenever a table is made undelivered or delivered, or a
+        slot map refresh begins: taken before a read asks Redis, for
+        :meth:`answered_across_a_move`."""
+        return self.pending_bumps.changes + self.slot_map_refreshes_begun
+
+    def answered_across_a_move(self, tables: Iterable[str], epoch: int) -> bool:
+        """Whether a reply for ``tables``, asked for when :meth:`trust_epoch` was
+        ``epoch``, may come from a node that took their slots over with an old state: a
+        table was made undelivered or delivered since, a slot map refresh began or is
+        under way, or one of ``tables`` is undelivered.
 
         redis-py refreshes its slot map inside a command (a node that failed, a
         ``MOVED``) and sends the command again, by the new map, on a connection it may
         have opened before the node was promoted (which no connection check sees). The
-        move is noticed (:meth:`_slot_map_seen`) only after the read was let through.
+        move is noticed (:meth:`_slot_map_seen`) only after the read was let through; and
+        another thread may deliver the bump the move called for after the promoted node
+        answered this read, but before the read looks.
         """
-        return bool(self.slot_map_refreshes) or self.undelivered_in(tables)
+        return (
+            bool(self.slot_map_refreshes)
+            or self.trust_epoch() != epoch
+            or self.undelivered_in(tables)
+        )
 
     def undelivered_in(self, tables: Iterable[str]) -> bool:
         """Whether a write of one of ``tables`` still waits to be delivered to Redis."""
@@ -341,6 +374,8 @@ class RedisOutages:
             self.keep_undelivered(tables)
         else:
             self.pending_bumps.forget_delivered(marks)
+        # before the new run id is published: a connection that finds it known serves
+        self.distrust_cached_functions()
         with self._seen_lock:
             if self.run_id == run_id:
                 return  # another connection reported this restart already
@@ -375,8 +410,16 @@ class RedisOutages:
         back a result it retired. Every cached function of this cache deletes its results
         (``invalidate_all``) on its next call, before it looks; a call runs uncached until
         that lands, as for an ``invalidate_all()`` that failed."""
-        for deliveries in list(self.function_deliveries):
+        with self._functions_lock:
+            functions = list(self._function_deliveries)
+        for deliveries in functions:
             deliveries.keep((EVERY_NAME,))
+
+    def watch_function(self, deliveries: Undelivered) -> None:
+        """Register a cached function's :class:`Undelivered` for
+        :meth:`distrust_cached_functions` (held weakly: a function that goes is dropped)."""
+        with self._functions_lock:
+            self._function_deliveries.add(deliveries)
 
     def keep_undelivered(self, tables: Iterable[str]) -> None:
         """Remember tables whose writes could not be announced to Redis."""

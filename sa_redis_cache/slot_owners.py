@@ -56,9 +56,12 @@ class SlotOwners:
         self._owners: list[Any] = [None] * SLOTS
         self._lock = threading.Lock()
 
-    def claim(self, owner: Any, ranges: Iterable[tuple[int, int]]) -> set[int]:
+    def claim(
+        self, owner: Any, ranges: Iterable[tuple[int, int]], *, record: bool = True
+    ) -> set[int]:
         """Record ``owner`` for the slots of ``ranges`` (inclusive); the slots that had
-        another known owner. A slot seen for the first time is only recorded."""
+        another known owner. A slot seen for the first time is only recorded. With
+        ``record=False``, only which slots would change hands (nothing is recorded)."""
         changed: set[int] = set()
         owners = self._owners
         with self._lock:
@@ -67,7 +70,8 @@ class SlotOwners:
                     before = owners[slot]
                     if before is not None and before != owner:
                         changed.add(slot)
-                    owners[slot] = owner
+                    if record:
+                        owners[slot] = owner
         return changed
 
     def claim_map(self, slots: dict[int, Any]) -> set[int]:

@@ -30,7 +30,9 @@ class Undelivered:
     undelivered.
 
     ``names`` is read without the lock on hot paths (a read of a set's emptiness or
-    membership is atomic in CPython); every change holds it.
+    membership is atomic in CPython); every change holds it. ``changes`` counts the keeps
+    and the deliveries: a reader that took it before asking Redis, and finds it moved once
+    the answer came, knows the answer may be one a keep or a delivery was about.
 
     Example::
 
@@ -45,6 +47,7 @@ class Undelivered:
         self.names: set[str] = set()
         self._kept_by: dict[str, int] = {}
         self._keeps = 0
+        self.changes = 0
         self.lock = threading.Lock()
 
     def __bool__(self) -> bool:
@@ -60,6 +63,7 @@ class Undelivered:
         """Remember ``names`` as undelivered, by a keep newer than every mark taken so far."""
         with self.lock:
             self._keeps += 1
+            self.changes += 1
             kept = set(names)
             self.names.update(kept)
             self._kept_by.update(dict.fromkeys(kept, self._keeps))
@@ -77,7 +81,8 @@ class Undelivered:
         undelivered again while it was on its way. True when no name is left."""
         with self.lock:
             for name, mark in marks.items():
-                if self._kept_by.get(name, 0) == mark:
+                if self._kept_by.get(name, 0) == mark and name in self.names:
                     self.names.discard(name)
                     self._kept_by.pop(name, None)
+                    self.changes += 1
             return not self.names

@@ -358,6 +358,7 @@ class ReadThrough:
         """
         core = self.core
         leased = False
+        epoch = core.trust_epoch()
         try:
             if lease and if_absent:
                 raw, leased = core.io().look(keys, core.keys.lease_key(keys[0]), lease)
@@ -376,8 +377,7 @@ class ReadThrough:
             core.counters.incr(scope, "errors")
             return None
         core.breaker.success()  # resets the failure count too
-        # (two attribute reads on the common path: nothing undelivered, no refresh)
-        if (core.slot_map_refreshes or core.undelivered) and core.answered_across_a_move(tables):
+        if core.answered_across_a_move(tables, epoch):
             # counted as a look that failed; the caller fills nothing
             core.counters.incr(scope, "errors")
             if leased:

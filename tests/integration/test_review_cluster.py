@@ -489,6 +489,73 @@ def test_a_failover_that_lost_the_commits_bump_serves_no_entry_older_than_the_co
     assert asyncio.run(scenario()) == [f"{first}-renamed"] * 4
 
 
+def test_a_moved_from_the_old_primary_after_a_lossy_failover_serves_no_older_entry(
+    fresh_cluster: RedisCluster, shop_engine: sa.Engine, category: int
+) -> None:
+    """The replica misses a commit's bump and is elected while its primary is stopped;
+    the old primary comes back a replica and answers the reader's next read with
+    ``MOVED``. redis-py moves that one slot (no refresh of the whole map) and sends the
+    read to the promoted node, on a connection the reader opened while it was a replica:
+    the read must not serve the entry the commit retired."""
+    import os
+    import signal
+
+    cluster = fresh_cluster
+    namespace = f"rv{secrets.token_hex(4)}"
+    keys = KeyScheme(namespace)
+    slot = cluster.slot_of(keys.version_key("categories"))
+    primary = cluster.owner_of(slot)
+    (replica,) = cluster.replicas_of(primary)
+    assert primary.pid is not None
+    assert replica.pid is not None
+    writer_cache = Cache(cluster.url, namespace=namespace)
+    seed = cluster.live_nodes()[0]
+    sync_client: Any = redis.cluster.RedisCluster(seed.host, seed.port)
+    reader_cache = Cache(sync_client, namespace=namespace)
+    writer: sessionmaker[Session] = sa.orm.sessionmaker(shop_engine)
+    reader: sessionmaker[Session] = sa.orm.sessionmaker(shop_engine)
+    writer_cache.attach(writer)
+    reader_cache.attach(reader)
+    try:
+        first = db_name(shop_engine, category)
+        assert read_name(reader, category) == first  # filled
+        assert read_name(reader, category) == first  # served
+
+        # once the replica holds data the slot map lists it: the reader connects to it
+        def listed() -> bool:
+            sync_client.nodes_manager.initialize()
+            return sync_client.get_node(*replica.address) is not None
+
+        cluster._wait("the replica to be listed", listed)
+        assert sync_client.get_redis_connection(sync_client.get_node(*replica.address)).ping()
+        os.kill(replica.pid, signal.SIGSTOP)
+        try:
+            on_node(primary, "CLIENT", "KILL", "TYPE", "replica")
+            rename(writer, category, f"{first}-renamed")
+            os.kill(primary.pid, signal.SIGSTOP)
+        finally:
+            os.kill(replica.pid, signal.SIGCONT)
+        try:
+
+            def elected() -> bool:  # asked of the replica: the stopped primary answers none
+                return any(
+                    owner.start <= slot <= owner.end and owner.primary == replica.node_id
+                    for owner in cluster.slot_owners(via=replica)
+                )
+
+            cluster._wait("the replica to be elected", elected)
+        finally:
+            os.kill(primary.pid, signal.SIGCONT)  # back as a replica: it answers MOVED
+        cluster.wait_ok()
+        assert db_name(shop_engine, category) == f"{first}-renamed"
+        assert read_name(reader, category) == f"{first}-renamed"
+        assert read_name(reader, category) == f"{first}-renamed"
+    finally:
+        writer_cache.detach()
+        reader_cache.detach()
+        sync_client.close()
+
+
 # --------------------------------------------------------------------------- the local tier
 
 

@@ -56,4 +56,16 @@ def test_an_asyncio_cluster_clients_refreshes_can_be_watched() -> None:
     assert isinstance(client.nodes_manager, base)
     assert client.nodes_manager is manager
     assert type(manager).initialize is not base.initialize
+    moves = [name for name in ("move_slot", "_update_moved_slots") if hasattr(base, name)]
+    assert moves, "redis-py moves a slot on MOVED some other way: watch_slot_map must follow"
+    assert all(getattr(type(manager), name) is not getattr(base, name) for name in moves)
     assert maps == []  # nothing known before the first refresh
+
+
+def test_a_synchronous_cluster_clients_moved_slots_are_watched() -> None:
+    moves = [
+        name
+        for name in ("move_slot", "_update_moved_slots")
+        if hasattr(redis.cluster.NodesManager, name)
+    ]
+    assert moves, "redis-py moves a slot on MOVED some other way: watch_slot_map must follow"
