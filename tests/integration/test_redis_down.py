@@ -105,14 +105,21 @@ def test_redis_goes_down_and_comes_back_with_its_old_data(
         cache.detach()
 
 
-def test_cached_functions_survive_an_outage(server: RedisServer, namespace: str) -> None:
-    cache = Cache(server.url, namespace=namespace, breaker_threshold=1, breaker_reset=0)
+def counted_square(cache: Cache) -> tuple[Any, list[int]]:
+    """A cached ``square`` of ``cache``, and the arguments it was computed for."""
     calls: list[int] = []
 
     @cache.cached("square")
     def square(n: int) -> int:
         calls.append(n)
         return n * n
+
+    return square, calls
+
+
+def test_cached_functions_survive_an_outage(server: RedisServer, namespace: str) -> None:
+    cache = Cache(server.url, namespace=namespace, breaker_threshold=1, breaker_reset=0)
+    square, calls = counted_square(cache)
 
     assert square(3) == 9
     assert square(3) == 9
@@ -284,13 +291,7 @@ def test_after_a_restart_one_thread_per_function_deletes_its_results(
     one deletes them (a SCAN), the others run the function uncached meanwhile instead of
     scanning too, and the function is cached again once the deletion landed."""
     cache = Cache(server.url, namespace=namespace)
-    calls: list[int] = []
-
-    @cache.cached("square")
-    def square(n: int) -> int:
-        calls.append(n)
-        return n * n
-
+    square, calls = counted_square(cache)
     assert square(3) == 9
     cache._core.distrust_cached_functions()  # what noticing a restart does
     with square._delivering_all:  # another thread is deleting the results

@@ -351,6 +351,28 @@ def fresh_cluster() -> Iterator[RedisCluster]:
         yield made
 
 
+def connect_to_replica(cluster: RedisCluster, client: Any, replica: Any) -> None:
+    """Once ``replica`` holds data the slot map lists it (a refresh may then ask it):
+    ``client``, a synchronous cluster client, opens a connection to it."""
+
+    def listed() -> bool:
+        client.nodes_manager.initialize()
+        return client.get_node(*replica.address) is not None
+
+    cluster._wait("the replica to be listed", listed)
+    assert client.get_redis_connection(client.get_node(*replica.address)).ping()
+
+
+def categories_shard(cluster: RedisCluster) -> tuple[str, int, Any, Any]:
+    """A fresh namespace, the slot of its ``categories`` counters, that slot's primary
+    and the primary's one replica."""
+    namespace = f"rv{secrets.token_hex(4)}"
+    slot = cluster.slot_of(KeyScheme(namespace).version_key("categories"))
+    primary = cluster.owner_of(slot)
+    (replica,) = cluster.replicas_of(primary)
+    return namespace, slot, primary, replica
+
+
 @pytest.mark.parametrize(
     "reader_kind",
     [
@@ -390,11 +412,7 @@ def test_a_failover_that_lost_the_commits_bump_serves_no_entry_older_than_the_co
     from tests.modes import async_url
 
     cluster = fresh_cluster
-    namespace = f"rv{secrets.token_hex(4)}"
-    keys = KeyScheme(namespace)
-    slot = cluster.slot_of(keys.version_key("categories"))
-    primary = cluster.owner_of(slot)
-    (replica,) = cluster.replicas_of(primary)
+    namespace, slot, primary, replica = categories_shard(cluster)
     writer_cache = Cache(cluster.url, namespace=namespace)
     # redis-py 8 refreshes its slot map after a failed node only once per interval: with
     # none, the first read after the failover refreshes and retries inside its command
@@ -457,14 +475,7 @@ def test_a_failover_that_lost_the_commits_bump_serves_no_entry_older_than_the_co
             assert await read() == first  # served
             assert read_name(writer, category) == first
             if reader_kind == "sync, knew the replica":
-                # once the replica holds data the slot map lists it, and a refresh may ask it
-                def listed() -> bool:
-                    sync_client.nodes_manager.initialize()
-                    return sync_client.get_node(*replica.address) is not None
-
-                cluster._wait("the replica to be listed", listed)
-                known = sync_client.get_node(*replica.address)
-                assert sync_client.get_redis_connection(known).ping()
+                connect_to_replica(cluster, sync_client, replica)
             if reader_kind == "async, knew the replica":
                 deadline = asyncio.get_running_loop().time() + 30
                 while aclient.get_node(*replica.address) is None:
@@ -501,11 +512,7 @@ def test_a_moved_from_the_old_primary_after_a_lossy_failover_serves_no_older_ent
     import signal
 
     cluster = fresh_cluster
-    namespace = f"rv{secrets.token_hex(4)}"
-    keys = KeyScheme(namespace)
-    slot = cluster.slot_of(keys.version_key("categories"))
-    primary = cluster.owner_of(slot)
-    (replica,) = cluster.replicas_of(primary)
+    namespace, slot, primary, replica = categories_shard(cluster)
     assert primary.pid is not None
     assert replica.pid is not None
     writer_cache = Cache(cluster.url, namespace=namespace)
@@ -520,14 +527,7 @@ def test_a_moved_from_the_old_primary_after_a_lossy_failover_serves_no_older_ent
         first = db_name(shop_engine, category)
         assert read_name(reader, category) == first  # filled
         assert read_name(reader, category) == first  # served
-
-        # once the replica holds data the slot map lists it: the reader connects to it
-        def listed() -> bool:
-            sync_client.nodes_manager.initialize()
-            return sync_client.get_node(*replica.address) is not None
-
-        cluster._wait("the replica to be listed", listed)
-        assert sync_client.get_redis_connection(sync_client.get_node(*replica.address)).ping()
+        connect_to_replica(cluster, sync_client, replica)
         os.kill(replica.pid, signal.SIGSTOP)
         try:
             on_node(primary, "CLIENT", "KILL", "TYPE", "replica")
