@@ -429,7 +429,7 @@ class CachedFunction(Generic[P, R]):
     def _trust_epoch(self) -> int:
         """A number that moves whenever this function's results are made undelivered or
         delivered, or a slot map refresh begins: taken before a look."""
-        return self._undelivered.changes + self._core.slot_map_refreshes_begun
+        return self._undelivered.changes + self._core.pending_bumps.changes
 
     def _retired_meanwhile(self, key: str, epoch: int) -> bool:
         """Whether what a look of ``key`` found may have been retired while the look was

@@ -88,9 +88,8 @@ class RedisOutages:
         # the client's slot map (slot_owners.py)
         self.slot_owners = SlotOwners()
         self.slot_addresses = SlotOwners()
-        # slot map refreshes under way, and begun so far (:meth:`answered_across_a_move`)
+        # slot map changes under way (:meth:`answered_across_a_move`)
         self.slot_map_refreshes = 0
-        self.slot_map_refreshes_begun = 0
         self._restart_lock = threading.Lock()
         self._detection_off_logged = False
         self.restarts_seen = 0
@@ -251,14 +250,14 @@ class RedisOutages:
     def _slot_map_refreshing(self, step: int) -> None:
         with self._seen_lock:
             self.slot_map_refreshes += step
-            if step > 0:
-                self.slot_map_refreshes_begun += 1
+        if step > 0:
+            self.pending_bumps.touch()
 
     def trust_epoch(self) -> int:
         """A number that moves whenever a table is made undelivered or delivered, or a
-        slot map refresh begins: taken before a read asks Redis, for
-        :meth:`answered_across_a_move`."""
-        return self.pending_bumps.changes + self.slot_map_refreshes_begun
+        slot map change begins: taken before a read asks Redis, for
+        :meth:`answered_across_a_move` (the hot path reads ``pending_bumps.changes``)."""
+        return self.pending_bumps.changes
 
     def answered_across_a_move(self, tables: Iterable[str], epoch: int) -> bool:
         """Whether a reply for ``tables``, asked for when :meth:`trust_epoch` was

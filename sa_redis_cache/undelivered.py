@@ -68,6 +68,12 @@ class Undelivered:
             self.names.update(kept)
             self._kept_by.update(dict.fromkeys(kept, self._keeps))
 
+    def touch(self) -> None:
+        """Move ``changes`` for an event a reader must check its answer against though no
+        name changed (a cluster slot map change began)."""
+        with self.lock:
+            self.changes += 1
+
     def marks(self, names: Iterable[str] | None = None) -> dict[str, int]:
         """``names`` (every undelivered name by default) with the keep that last made each
         undelivered (0: none). Take them before the send that delivers the names, and

@@ -358,7 +358,8 @@ class ReadThrough:
         """
         core = self.core
         leased = False
-        epoch = core.trust_epoch()
+        bumps = core.pending_bumps
+        epoch = bumps.changes  # core.trust_epoch(), read as an attribute: every look pays it
         try:
             if lease and if_absent:
                 raw, leased = core.io().look(keys, core.keys.lease_key(keys[0]), lease)
@@ -377,7 +378,9 @@ class ReadThrough:
             core.counters.incr(scope, "errors")
             return None
         core.breaker.success()  # resets the failure count too
-        if core.answered_across_a_move(tables, epoch):
+        if (
+            core.slot_map_refreshes or bumps.changes != epoch or core.undelivered
+        ) and core.answered_across_a_move(tables, epoch):
             # counted as a look that failed; the caller fills nothing
             core.counters.incr(scope, "errors")
             if leased:
