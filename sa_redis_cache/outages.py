@@ -150,7 +150,14 @@ class RedisOutages:
             marks = self.pending_bumps.marks(tables)
             failure = None
             if call:
-                loaded, *ran = yield call
+                try:
+                    loaded, *ran = yield call
+                except BaseException:
+                    # the connection died under the bump: the owner is not recorded, so
+                    # the tables must be delivered before they are trusted (the slots
+                    # may go back to an owner that would look unchanged)
+                    self.keep_undelivered(tables)
+                    raise
                 failure = _bump_failure(
                     _error(loaded), next((e for e in map(_error, ran) if e), None)
                 )
@@ -158,10 +165,11 @@ class RedisOutages:
 
     def _owner_plan(
         self, connection: Any, info: Any, myid: Any, slots: Any
-    ) -> tuple[str, str, list[str], list[Command], Callable[[], None]] | None:
+    ) -> tuple[str, str, list[str], list[Command], Callable[..., bool]] | None:
         """What a new connection to a cluster node must bump: None, or
         ``(node, run id, tables, commands, record)`` (SCRIPT LOAD, then one EVALSHA per
-        table). ``record`` remembers the node's run id and slots: called once the bump
+        table). ``record()`` remembers the node's run id and slots, and says whether that
+        changed what was known (``record(write=False)`` only says it): called once the bump
         landed, so that another connection that sees the same change meanwhile (an
         asyncio one holds no lock) bumps too rather than serve before the bump."""
         if isinstance(info, ResponseError):
@@ -176,8 +184,11 @@ class RedisOutages:
         if isinstance(myid, ResponseError) or isinstance(slots, ResponseError):
             # CLUSTER refused (an ACL): a node seen again under another run id restarted,
             # and which slots it served is unknown, so every table is undelivered
-            def record_run_id() -> None:
-                self.node_run_ids[node] = run_id
+            def record_run_id(write: bool = True) -> bool:
+                changed = self.node_run_ids.get(node) != run_id
+                if write:
+                    self.node_run_ids[node] = run_id
+                return changed
 
             if known is None or known == run_id:
                 record_run_id()
@@ -185,9 +196,10 @@ class RedisOutages:
             return node, run_id, sorted(known_tables), [], record_run_id
         owner, ranges = (myid, run_id), own_ranges(slots, myid)
 
-        def record() -> None:
-            self.node_run_ids[node] = run_id
-            self.slot_owners.claim(owner, ranges)
+        def record(write: bool = True) -> bool:
+            if write:
+                self.node_run_ids[node] = run_id
+            return bool(self.slot_owners.claim(owner, ranges, record=write))
 
         changed = self.slot_owners.claim(owner, ranges, record=False)
         if not changed:
@@ -211,7 +223,7 @@ class RedisOutages:
         run_id: str,
         marks: dict[str, int],
         failure: ResponseError | None,
-        record: Callable[[], None],
+        record: Callable[..., bool],
         *,
         sent: bool,
     ) -> None:
@@ -223,9 +235,13 @@ class RedisOutages:
             self.keep_undelivered(tables)
         elif tables:
             self.pending_bumps.forget_delivered(marks)
+        if not record(write=False):
+            return  # another connection met the same change and reported it meanwhile
+        # before the owner is recorded: a connection that finds it known serves
         self.distrust_cached_functions()
-        record()
         with self._seen_lock:
+            if not record(write=True):
+                return
             self.restarts_seen += 1
         self.on_restart()
         log.warning(
@@ -374,7 +390,8 @@ class RedisOutages:
         else:
             self.pending_bumps.forget_delivered(marks)
         # before the new run id is published: a connection that finds it known serves
-        self.distrust_cached_functions()
+        if self.run_id != run_id:
+            self.distrust_cached_functions()
         with self._seen_lock:
             if self.run_id == run_id:
                 return  # another connection reported this restart already

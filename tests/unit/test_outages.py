@@ -4,16 +4,18 @@ connection error must not keep the lock it holds across its bump."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sa_redis_cache import outages
+from sa_redis_cache import Cache, outages
 
 if TYPE_CHECKING:
-    from collections.abc import Generator
+    from collections.abc import Generator, Iterator
 
 
 def check_holding(lock: threading.Lock) -> Generator[list[tuple[str, ...]], list[Any], None]:
@@ -61,3 +63,80 @@ def test_an_async_check_cut_short_releases_its_lock() -> None:
         asyncio.run(outages._drive_async(AsyncLostOnSecondTrip(), check_holding(lock)))
     assert caught.value is not None
     assert lock.acquire(blocking=False)
+
+
+# ------------------------------------------------- a cluster node's owner check, driven by hand
+
+OWNER_A = (7000, "a1" * 20, b"a" * 40)
+OWNER_B = (7001, "b2" * 20, b"b" * 40)
+
+
+class NodeConnection:
+    def __init__(self, port: int) -> None:
+        self.host, self.port = "127.0.0.1", port
+
+
+def owner_replies(run_id: str, node_id: bytes) -> list[Any]:
+    """``INFO server``, ``CLUSTER MYID`` and ``CLUSTER SLOTS`` of a node serving every slot."""
+    slots = [[0, 16383, [b"127.0.0.1", 7000, node_id]]]
+    return [f"# Server\r\nrun_id:{run_id}\r\n".encode(), node_id, slots]
+
+
+def start_owner_check(core: Any, owner: tuple[int, str, bytes]) -> tuple[Any, Any]:
+    """A new connection's check, up to its bump: ``(steps, bump)`` (bump None: none)."""
+    port, run_id, node_id = owner
+    steps = core._owner_steps(NodeConnection(port), contextlib.nullcontext())
+    next(steps)
+    try:
+        return steps, steps.send(owner_replies(run_id, node_id))
+    except StopIteration:
+        return steps, None
+
+
+def land_bump(steps: Any, bump: list[Any]) -> None:
+    with contextlib.suppress(StopIteration):
+        steps.send([b"sha", *[1] * (len(bump) - 1)])
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Known(Base):
+    """A mapped table: every table mapped in the process is bumped when a slot moves."""
+
+    __tablename__ = "unit_owner_checks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+@pytest.fixture
+def core() -> Iterator[Any]:
+    """A cache's core whose checks are driven by hand (its client never connects)."""
+    cache = Cache("redis://127.0.0.1:1/0", namespace="unit-owners")
+    yield cache._core
+    cache.detach()
+
+
+def test_a_bump_cut_short_leaves_its_tables_undelivered(core: Any) -> None:
+    """The new owner's bump dies with its connection: nothing is recorded, so if the slots
+    went back to the first owner, a connection to it would find nothing changed. The
+    tables must wait for a delivery."""
+    assert start_owner_check(core, OWNER_A)[1] is None  # first met: recorded, no bump
+    steps, bump = start_owner_check(core, OWNER_B)
+    assert bump is not None
+    steps.close()  # what the driver does when the bump's reply raises ConnectionError
+    assert Known.__tablename__ in core.undelivered
+    assert start_owner_check(core, OWNER_A)[1] is None  # looks unchanged: A is recorded
+
+
+def test_two_connections_meeting_one_new_owner_report_it_once(core: Any) -> None:
+    """asyncio connections hold no lock across the bump: both bump, one reports."""
+    start_owner_check(core, OWNER_A)
+    first, first_bump = start_owner_check(core, OWNER_B)
+    second, second_bump = start_owner_check(core, OWNER_B)
+    assert first_bump is not None
+    assert second_bump is not None  # the owner is recorded only once a bump landed
+    land_bump(first, first_bump)
+    land_bump(second, second_bump)
+    assert core.restarts_seen == 1
+    assert start_owner_check(core, OWNER_B)[1] is None
