@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import inspect
 import logging
@@ -808,40 +809,39 @@ def watch_slot_map(
         error = args[0] if args else getattr(manager, "_moved_exception", None)
         return getattr(error, "slot_id", None)
 
-    def reporting(method: Callable[..., Any], whole_map: bool) -> Callable[..., Any]:
-        """``method`` (unbound for the asyncio manager's subclass), then a report."""
+    @contextlib.contextmanager
+    def changing(slot: int | None) -> Iterator[None]:
+        """Around one change of the map: counted as under way, then reported."""
+        # the first map (an asyncio client maps on its first command) moves nothing: no
+        # command was sent by an older one
+        counted = bool(manager.slots_cache)
+        if counted:
+            refreshing(1)
+        try:
+            yield
+            report(slot)
+        finally:
+            if counted:
+                refreshing(-1)
+
+    def reporting(method: Callable[..., Any], whole_map: bool, unbound: bool) -> Any:
+        """``method`` (``unbound``: a function of the asyncio manager's subclass, called
+        with the manager first), then a report."""
+
+        def slot_of(args: tuple[Any, ...]) -> int | None:
+            return None if whole_map else moved_slot(args[1:] if unbound else args)
+
         if inspect.iscoroutinefunction(method):
 
             async def async_reporting(*args: Any, **kwargs: Any) -> Any:
-                slot = None if whole_map else moved_slot(args[1:])
-                # the first map (an asyncio client maps on its first command) moves
-                # nothing: no command was sent by an older one
-                counted = bool(manager.slots_cache)
-                if counted:
-                    refreshing(1)
-                try:
-                    done = await method(*args, **kwargs)
-                    report(slot)
-                finally:
-                    if counted:
-                        refreshing(-1)
-                return done
+                with changing(slot_of(args)):
+                    return await method(*args, **kwargs)
 
             return async_reporting
 
         def sync_reporting(*args: Any, **kwargs: Any) -> Any:
-            bound_args = args if isinstance(client, redis.cluster.RedisCluster) else args[1:]
-            slot = None if whole_map else moved_slot(bound_args)
-            counted = bool(manager.slots_cache)
-            if counted:
-                refreshing(1)
-            try:
-                done = method(*args, **kwargs)
-                report(slot)
-            finally:
-                if counted:
-                    refreshing(-1)
-            return done
+            with changing(slot_of(args)):
+                return method(*args, **kwargs)
 
         return sync_reporting
 
@@ -851,14 +851,14 @@ def watch_slot_map(
         for name, whole_map in changes.items():
             method = getattr(manager, name, None)
             if method is not None:
-                setattr(manager, name, reporting(method, whole_map))
+                setattr(manager, name, reporting(method, whole_map, unbound=False))
     else:
         base = type(manager)
         methods: dict[str, Any] = {"__slots__": ()}
         for name, whole_map in changes.items():
             method = getattr(base, name, None)
             if method is not None:
-                methods[name] = reporting(method, whole_map)
+                methods[name] = reporting(method, whole_map, unbound=True)
         manager.__class__ = type(f"Watched{base.__name__}", (base,), methods)
     if manager.slots_cache:
         report()

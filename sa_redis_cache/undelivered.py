@@ -50,9 +50,6 @@ class Undelivered:
         self.changes = 0
         self.lock = threading.Lock()
 
-    def __bool__(self) -> bool:
-        return bool(self.names)
-
     def __contains__(self, name: object) -> bool:
         return name in self.names
 
