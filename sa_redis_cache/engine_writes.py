@@ -21,7 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.dml import Delete, Update, UpdateBase
 from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.selectable import CTE, TextualSelect
 
 from . import commit_first, compat
 from .models import KnownTables
@@ -200,18 +203,22 @@ class EngineWrites:
             tables = text_dml_tables(statement, self.core.models.known())
             # what the statement does is not parsed: any foreign-key action may follow
             tables |= referential_actions().written_by(tables, deletes=True, updates=True)
-        elif context.isinsert or context.isupdate or context.isdelete:
-            if self._seen_by_session(conn, context, element, returned):
-                return  # the session's own hooks know the rows
-            target = getattr(element, "table", None)
-            if not isinstance(target, Table):
-                return
-            tables = self.core.models.written_as(target)
-            tables |= referential_actions().written_by(
-                tables, deletes=context.isdelete, updates=context.isupdate
-            )
         else:
-            return
+            # DML in a WITH clause (``select(update(...).returning(...).cte())``, or a CTE
+            # added to another DML statement): a write whatever the outer statement is, and
+            # one no session hook sees (they know the outer statement's table only)
+            tables = self._written_in_ctes(compiled, element)
+            if (
+                context.isinsert or context.isupdate or context.isdelete
+            ) and not self._seen_by_session(conn, context, element, returned):
+                target = getattr(element, "table", None)
+                if isinstance(target, Table):
+                    written = self.core.models.written_as(target)
+                    tables |= written | referential_actions().written_by(
+                        written, deletes=context.isdelete, updates=context.isupdate
+                    )
+            if not tables:
+                return  # a read, or DML the session's own hooks know the rows of
         # the worker's offsets and dead letters: no cache entry reads them
         tables = {t for t in tables if not is_library_table(t)}
         if not tables:
@@ -231,6 +238,37 @@ class EngineWrites:
             transaction_state(session).dml.update(tables)
         if compat.is_autocommit(conn):
             self._finish(info)
+
+    def _written_in_ctes(self, compiled: Any, element: Any) -> set[str]:
+        """The tables the data-modifying CTEs of a compiled statement write (Postgres
+        allows DML inside a statement only in its WITH clause), with what their
+        foreign-key actions write: ``WITH u AS (UPDATE products ... RETURNING id) SELECT
+        ...`` writes ``products`` though it is a SELECT. A textual statement as a CTE is
+        read as :func:`text_dml_tables` reads one. Empty for a statement without CTEs,
+        the usual case, at the cost of one attribute read."""
+        if not getattr(compiled, "ctes", None):
+            return set()
+        models = self.core.models
+        tables: set[str] = set()
+        for node in visitors.iterate(element):
+            if isinstance(node, CTE):
+                inner = node.element
+                if isinstance(inner, UpdateBase) and isinstance(inner.table, Table):
+                    written = models.written_as(inner.table)
+                    tables |= written | referential_actions().written_by(
+                        written,
+                        deletes=isinstance(inner, Delete),
+                        updates=isinstance(inner, Update),
+                    )
+                elif isinstance(inner, TextualSelect | TextClause):
+                    text = inner.element if isinstance(inner, TextualSelect) else inner
+                    if not isinstance(text, TextClause):
+                        continue
+                    found = text_dml_tables(text.text, models.known())
+                    tables |= found | referential_actions().written_by(
+                        found, deletes=True, updates=True
+                    )
+        return tables
 
     def _seen_by_session(
         self,
