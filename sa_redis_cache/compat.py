@@ -432,6 +432,17 @@ def refuses_autobegin(session: Session) -> bool:
     return session._transaction is None and not session.autobegin
 
 
+def begin_as_the_database_read_would(session: Session) -> None:
+    """Autobegin ``session``'s transaction (no connection is taken) when it has none, as
+    the read the cache answers would have on its way to the database. Its end then
+    expires what the read loaded, as SQLAlchemy's does: ``rollback()`` with no
+    transaction does nothing, so an object a hit built would otherwise outlive it
+    unexpired, and the session's next read of it (a ``get``, a query without
+    ``populate_existing``) would keep the values from before any commit since."""
+    if session._transaction is None and session.autobegin:
+        session._autobegin_t()
+
+
 def has_net_change(state: InstanceState[Any]) -> bool:
     """``Session.is_modified(obj)`` for the object of ``state``, without visiting every
     attribute: only an attribute whose previous value the state recorded
