@@ -69,6 +69,8 @@ __all__ = [
     "autoflush_pending",
     "autoflush_requested",
     "await_",
+    "begin_as_the_database_read_would",
+    "bind_mapper",
     "canonical_statement",
     "commit_loaded",
     "commit_new",
@@ -197,6 +199,17 @@ def isolation_level_of(bind: Any) -> str | None:
     dialect = bind.dialect
     found: str | None = dialect._on_connect_isolation_level or dialect.default_isolation_level
     return found
+
+
+def bind_mapper(execute_state: Any) -> Mapper[Any] | None:
+    """``orm_context.bind_mapper`` as a ``Mapper``: the application may give
+    ``bind_arguments={"mapper": Model}`` with the class, which SQLAlchemy's ``get_bind``
+    accepts and passes on as given."""
+    found = execute_state.bind_mapper
+    if found is None or isinstance(found, mapperlib.Mapper):
+        return found
+    mapper = getattr(sqlalchemy.inspect(found, raiseerr=False), "mapper", None)
+    return mapper if isinstance(mapper, mapperlib.Mapper) else None
 
 
 def statement_subject_mapper(statement: Any) -> Mapper[Any] | None:

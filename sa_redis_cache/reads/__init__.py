@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
+from sa_redis_cache import compat
 from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.options import FromCache
 from sa_redis_cache.transaction import transaction_state
@@ -85,7 +86,7 @@ class ReadPath:
                 return self.entities.read(orm_context)
         elif orm_context.is_relationship_load:
             return None
-        if not self.regions.note(orm_context.bind_mapper, option):
+        if not self.regions.note(compat.bind_mapper(orm_context), option):
             # its region is not recorded: invalidate_region would miss what it filled
             # (note() counted the read: bypassed, or its Redis error)
             return None

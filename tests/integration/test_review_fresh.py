@@ -504,3 +504,24 @@ def test_a_history_of_the_shapes_the_other_histories_do_not_make(
     found = check_history(log.reads, log.writes, fresh_tables, log.uncertain)
     origin = min(r.start for r in log.reads)
     assert not found, "\n".join(v.describe(origin) for v in found[:10])
+
+
+def test_bind_arguments_naming_the_mapper_by_its_class(two: Two, category: int) -> None:
+    """``bind_arguments={"mapper": Category}`` (a class, which ``Session.get_bind``
+    accepts): the cache took it for a ``Mapper`` and raised ``AttributeError`` out of
+    ``session.execute`` of a Core update, before the update ran."""
+    binds = sessionmaker(binds={Product: two.engine, Category: two.engine})
+    two.writer.attach(binds)
+    table: Any = Category.__table__
+    stmt = select(Category).where(Category.id == category).options(FromCache())
+    with two.read() as s:
+        s.scalars(stmt).one()
+    with binds() as s:
+        s.execute(
+            table.update().where(table.c.id == category).values(name="fresh-bound"),
+            bind_arguments={"mapper": Category},
+        )
+        s.commit()
+        assert s.scalars(stmt, bind_arguments={"mapper": Category}).one().name == "fresh-bound"
+    with two.read() as s:
+        assert s.scalars(stmt).one().name == "fresh-bound"
