@@ -82,6 +82,7 @@ __all__ = [
     "install_connect_hook",
     "is_locking",
     "is_refresh",
+    "joined_a_begun_transaction",
     "make_result",
     "pool_option",
     "pool_options_without",
@@ -328,6 +329,27 @@ def uncommitted_connections(session: Session) -> list[Connection]:
         )
         if not should_commit or isinstance(database_transaction, NestedTransaction)
     ]
+
+
+def joined_a_begun_transaction(transaction: Any, connection: Connection) -> bool:
+    """In ``after_begin`` of a session transaction on ``connection``: whether the session
+    joined a transaction the application had begun on the connection
+    (``Session(bind=connection)``) rather than beginning one: it made a savepoint in it
+    (``create_savepoint``, ``conditional_savepoint`` inside a savepoint), may not commit
+    it (``rollback_only``, ``conditional_savepoint`` otherwise), or may have joined it in
+    ``control_fully`` mode, where SQLAlchemy records no difference. Such a transaction's
+    statements may have run before the session's first."""
+    found = transaction._connections.get(connection)
+    if found is None:
+        return False
+    _, database_transaction, should_commit, autoclose = found
+    if autoclose:
+        return False  # the session took the connection from an engine: it began it
+    return (
+        not should_commit
+        or isinstance(database_transaction, NestedTransaction)
+        or transaction.session.join_transaction_mode == "control_fully"
+    )
 
 
 def connections_left_open(transaction: Any) -> list[Connection]:

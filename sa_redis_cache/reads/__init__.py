@@ -127,6 +127,13 @@ class ReadPath:
         core = self.core
         tables = core.models.known_tables()
         tx = transaction_state(session)
+        if compat.joined_a_begun_transaction(transaction, connection):
+            # the application's transaction on the connection may have taken its snapshot
+            # before any commit since: versions read now would pin what that snapshot never
+            # saw, and a fill under them would store its older rows as current. Nothing is
+            # pinned: no hit, no fill, for the rest of the transaction
+            tx.snapshot = dict.fromkeys(tables)
+            return
         keys = [core.keys.version_key(t) for t in tables]
         values: list[bytes | None]
         try:

@@ -525,3 +525,27 @@ def test_bind_arguments_naming_the_mapper_by_its_class(two: Two, category: int) 
         assert s.scalars(stmt, bind_arguments={"mapper": Category}).one().name == "fresh-bound"
     with two.read() as s:
         assert s.scalars(stmt).one().name == "fresh-bound"
+
+
+@pytest.mark.parametrize(
+    "mode", ["conditional_savepoint", "create_savepoint", "rollback_only", "control_fully"]
+)
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_session_joined_to_an_older_snapshot_fills_nothing(
+    two: Two, shop_engine: sa.Engine, product: int, level: str, mode: str
+) -> None:
+    """The application's REPEATABLE READ transaction took its snapshot, another process
+    committed, then a session joined the transaction (``Session(bind=connection)``): its
+    begin pinned the versions as they were after that commit, read the row from the older
+    snapshot, and stored it as current; every later reader was served the old price."""
+    stmt = select(Product).where(Product.id == product).options(FromCache())
+    with shop_engine.connect().execution_options(isolation_level=level) as conn:
+        conn.begin()
+        conn.execute(sa.text("SELECT price FROM products WHERE id = :id"), {"id": product})
+        with two.write() as w:
+            _get(w, product).price = Decimal("5.00")
+            w.commit()
+        with two.read(bind=conn, join_transaction_mode=mode) as s:
+            assert s.scalars(stmt).one().price == Decimal("1.00")  # its snapshot's
+        conn.rollback()
+    assert read_price(two.read, product) == (Decimal("5.00"), Decimal("5.00"))
