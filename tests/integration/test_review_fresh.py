@@ -33,6 +33,7 @@ from sqlalchemy.orm import (
 from examples.shop import Category, Product
 from sa_redis_cache import Cache, CachePolicy, FromCache
 from tests.history_checker import Read, Write, check_history, now_ns
+from tests.modes import Db, Runner
 from tests.support import Two, read_price
 
 if TYPE_CHECKING:
@@ -549,3 +550,23 @@ def test_a_session_joined_to_an_older_snapshot_fills_nothing(
             assert s.scalars(stmt).one().price == Decimal("1.00")  # its snapshot's
         conn.rollback()
     assert read_price(two.read, product) == (Decimal("5.00"), Decimal("5.00"))
+
+
+def test_a_rollback_expires_what_a_hit_loaded_in_each_mode(in_mode: Runner, product: int) -> None:
+    """:func:`test_a_rollback_expires_what_a_hit_loaded` with a ``Session`` and with an
+    ``AsyncSession`` (whose ``rollback()`` is its synchronous session's)."""
+
+    def scenario(db: Db) -> None:
+        for _ in range(2):
+            with db.session() as s:
+                s.get(Product, product)
+        with db.session() as s:
+            held = s.get(Product, product)  # a hit
+            with db.session() as writer:
+                writer.get(Product, product).price = Decimal("8.00")
+                writer.commit()
+            s.rollback()
+            assert s.get(Product, product) is held
+            assert held.price == Decimal("8.00")
+
+    in_mode(scenario)
