@@ -74,6 +74,7 @@ __all__ = [
     "canonical_statement",
     "commit_loaded",
     "commit_new",
+    "dml_table",
     "get_clause_pk",
     "has_net_change",
     "identity_key",
@@ -110,6 +111,16 @@ _COMPILE_STATE: Any = getattr(orm_context, "_ORMCompileState", None) or getattr(
 
 
 # -- statements ----------------------------------------------------------------------------
+
+
+def dml_table(statement: Any) -> sqlalchemy.Table | None:
+    """The ``Table`` an ``insert()``/``update()``/``delete()`` writes, also when it names
+    an alias of it (``update(table.alias("p"))``: ``UPDATE products AS p``); None when it
+    writes no ``Table`` (a lightweight ``table()``)."""
+    target = getattr(statement, "table", None)
+    if isinstance(target, sqlalchemy.Alias):
+        target = target.original
+    return target if isinstance(target, sqlalchemy.Table) else None
 
 
 def statement_cache_key(statement: Any) -> Any:

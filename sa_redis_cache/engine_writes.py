@@ -211,8 +211,8 @@ class EngineWrites:
             if (
                 context.isinsert or context.isupdate or context.isdelete
             ) and not self._seen_by_session(conn, context, element, returned):
-                target = getattr(element, "table", None)
-                if isinstance(target, Table):
+                target = compat.dml_table(element)
+                if target is not None:
                     written = self.core.models.written_as(target)
                     tables |= written | referential_actions().written_by(
                         written, deletes=context.isdelete, updates=context.isupdate
@@ -253,8 +253,9 @@ class EngineWrites:
         for node in visitors.iterate(element):
             if isinstance(node, CTE):
                 inner = node.element
-                if isinstance(inner, UpdateBase) and isinstance(inner.table, Table):
-                    written = models.written_as(inner.table)
+                target = compat.dml_table(inner) if isinstance(inner, UpdateBase) else None
+                if target is not None:
+                    written = models.written_as(target)
                     tables |= written | referential_actions().written_by(
                         written,
                         deletes=isinstance(inner, Delete),

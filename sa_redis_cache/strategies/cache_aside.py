@@ -492,8 +492,8 @@ class Invalidation:
         tables: set[str] = set()
         if mapper is not None:
             tables.update(t.fullname for t in mapper.tables if isinstance(t, Table))
-        target = getattr(orm_context.statement, "table", None)
-        if isinstance(target, Table):
+        target = compat.dml_table(orm_context.statement)
+        if target is not None:
             tables |= self.core.models.written_as(target)
         if not tables:
             return False

@@ -570,3 +570,25 @@ def test_a_rollback_expires_what_a_hit_loaded_in_each_mode(in_mode: Runner, prod
             assert held.price == Decimal("8.00")
 
     in_mode(scenario)
+
+
+@pytest.mark.parametrize("via", ["engine", "session", "cte"])
+def test_dml_on_an_alias_of_the_table_retires_its_rows(two: Two, product: int, via: str) -> None:
+    """``update(products.alias("p"))`` (``UPDATE products AS p ...``) names an ``Alias``,
+    not a ``Table``: the engine listener and the session's bulk marking skipped it, and
+    the old price stayed cached."""
+    assert warm(two.read, product) == Decimal("1.00")
+    table: Any = Product.__table__
+    alias = table.alias("p")
+    update = sa.update(alias).where(alias.c.id == product).values(price=Decimal("9.00"))
+    statement: Any = update
+    if via == "cte":
+        statement = select(update.returning(alias.c.id).cte("changed").c.id)
+    if via == "engine":
+        with two.engine.begin() as conn:
+            conn.execute(statement)
+    else:
+        with two.write() as s:
+            s.execute(statement)
+            s.commit()
+    assert read_price(two.read, product) == (Decimal("9.00"), Decimal("9.00"))
