@@ -113,14 +113,15 @@ _COMPILE_STATE: Any = getattr(orm_context, "_ORMCompileState", None) or getattr(
 # -- statements ----------------------------------------------------------------------------
 
 
-def dml_table(statement: Any) -> sqlalchemy.Table | None:
-    """The ``Table`` an ``insert()``/``update()``/``delete()`` writes, also when it names
-    an alias of it (``update(table.alias("p"))``: ``UPDATE products AS p``); None when it
-    writes no ``Table`` (a lightweight ``table()``)."""
+def dml_table(statement: Any) -> sqlalchemy.TableClause | None:
+    """The table an ``insert()``/``update()``/``delete()`` writes: a ``Table``, or a
+    lightweight ``table("products", column("price"))`` (Alembic's data migrations write
+    through those), also when the statement names an alias of it
+    (``update(table.alias("p"))``: ``UPDATE products AS p``); None for anything else."""
     target = getattr(statement, "table", None)
     if isinstance(target, sqlalchemy.Alias):
         target = target.original
-    return target if isinstance(target, sqlalchemy.Table) else None
+    return target if isinstance(target, sqlalchemy.TableClause) else None
 
 
 def statement_cache_key(statement: Any) -> Any:

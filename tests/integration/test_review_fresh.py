@@ -592,3 +592,21 @@ def test_dml_on_an_alias_of_the_table_retires_its_rows(two: Two, product: int, v
             s.execute(statement)
             s.commit()
     assert read_price(two.read, product) == (Decimal("9.00"), Decimal("9.00"))
+
+
+@pytest.mark.parametrize("via", ["engine", "session"])
+def test_dml_through_a_lightweight_table_retires_its_rows(two: Two, product: int, via: str) -> None:
+    """``update(table("products", column("id"), column("price")))``, as Alembic's data
+    migrations write: a ``TableClause``, not a ``Table``, so nothing was marked and the
+    old price stayed cached."""
+    assert warm(two.read, product) == Decimal("1.00")
+    light = sa.table("products", sa.column("id"), sa.column("price"))
+    statement = sa.update(light).where(light.c.id == product).values(price=Decimal("4.00"))
+    if via == "engine":
+        with two.engine.begin() as conn:
+            conn.execute(statement)
+    else:
+        with two.write() as s:
+            s.execute(statement)
+            s.commit()
+    assert read_price(two.read, product) == (Decimal("4.00"), Decimal("4.00"))
