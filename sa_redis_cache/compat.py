@@ -83,6 +83,7 @@ __all__ = [
     "install_connect_hook",
     "is_locking",
     "is_refresh",
+    "is_textual",
     "joined_a_begun_transaction",
     "make_result",
     "pool_option",
@@ -111,6 +112,17 @@ _COMPILE_STATE: Any = getattr(orm_context, "_ORMCompileState", None) or getattr(
 
 
 # -- statements ----------------------------------------------------------------------------
+
+
+def is_textual(statement: Any) -> bool:
+    """Whether a compiled statement is SQL text: a ``text()``, a ``text().columns(...)``
+    (``TextualSelect``, typed rows of ``UPDATE ... RETURNING``), or an ORM
+    ``select(Model).from_statement(text(...))``. What it does is read from its SQL."""
+    if isinstance(statement, orm_context.FromStatement):
+        statement = statement.element
+    if isinstance(statement, selectable.TextualSelect):
+        statement = statement.element
+    return isinstance(statement, sqlalchemy.TextClause)
 
 
 def dml_table(statement: Any) -> sqlalchemy.TableClause | None:

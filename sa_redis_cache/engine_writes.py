@@ -199,7 +199,7 @@ class EngineWrites:
         returned = self.invalidation.returning.read_returned(conn, cursor, context)
         compiled = getattr(context, "compiled", None)
         element = getattr(compiled, "statement", None)
-        if isinstance(element, TextClause) or compiled is None:
+        if compiled is None or compat.is_textual(element):
             tables = text_dml_tables(statement, self.core.models.known())
             # what the statement does is not parsed: any foreign-key action may follow
             tables |= referential_actions().written_by(tables, deletes=True, updates=True)

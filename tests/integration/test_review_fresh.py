@@ -610,3 +610,43 @@ def test_dml_through_a_lightweight_table_retires_its_rows(two: Two, product: int
             s.execute(statement)
             s.commit()
     assert read_price(two.read, product) == (Decimal("4.00"), Decimal("4.00"))
+
+
+def _textual_select(pid: int, price: str) -> Any:
+    return (
+        sa.text("UPDATE products SET price = :price WHERE id = :pid RETURNING id")
+        .bindparams(price=Decimal(price), pid=pid)
+        .columns(id=sa.Integer)
+    )
+
+
+def _orm_from_text(pid: int, price: str) -> Any:
+    return select(Product).from_statement(
+        sa.text("UPDATE products SET price = :price WHERE id = :pid RETURNING *").bindparams(
+            price=Decimal(price), pid=pid
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "via"),
+    [("columns", "engine"), ("columns", "session"), ("from_statement", "session")],
+)
+def test_textual_dml_with_typed_rows_retires_its_rows(
+    two: Two, product: int, shape: str, via: str
+) -> None:
+    """``text("UPDATE ... RETURNING id").columns(id=Integer)`` compiles as a
+    ``TextualSelect``, and ``select(Product).from_statement(text(...))`` as an ORM
+    ``FromStatement``: neither is a ``TextClause``, so the textual DML check never read
+    their SQL, nothing was marked, and the old price stayed cached."""
+    assert warm(two.read, product) == Decimal("1.00")
+    make = _textual_select if shape == "columns" else _orm_from_text
+    statement = make(product, "3.00")
+    if via == "engine":
+        with two.engine.begin() as conn:
+            conn.execute(statement).all()
+    else:
+        with two.write() as s:
+            s.execute(statement).all()
+            s.commit()
+    assert read_price(two.read, product) == (Decimal("3.00"), Decimal("3.00"))
