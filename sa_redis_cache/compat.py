@@ -115,14 +115,26 @@ _COMPILE_STATE: Any = getattr(orm_context, "_ORMCompileState", None) or getattr(
 
 
 def is_textual(statement: Any) -> bool:
-    """Whether a compiled statement is SQL text: a ``text()``, a ``text().columns(...)``
-    (``TextualSelect``, typed rows of ``UPDATE ... RETURNING``), or an ORM
-    ``select(Model).from_statement(text(...))``. What it does is read from its SQL."""
+    """Whether a compiled statement is SQL text, or SQL no construct explains: a
+    ``text()``, a ``text().columns(...)`` (``TextualSelect``, typed rows of ``UPDATE ...
+    RETURNING``), an ORM ``select(Model).from_statement(text(...))``, or an
+    application's own ``@compiles`` construct. What it does is read from its SQL."""
     if isinstance(statement, orm_context.FromStatement):
         statement = statement.element
     if isinstance(statement, selectable.TextualSelect):
         statement = statement.element
-    return isinstance(statement, sqlalchemy.TextClause)
+    if isinstance(statement, sqlalchemy.TextClause):
+        return True
+    # a construct of the application's own, compiled by a @compiles function (a custom
+    # UPSERT, MERGE or DELETE ... USING): its SQL is all there is to read. Not a select,
+    # a DML construct, or DDL, which say what they do
+    return not isinstance(
+        statement,
+        selectable.SelectBase
+        | sqlalchemy.sql.dml.UpdateBase
+        | orm_context.FromStatement
+        | sqlalchemy.schema.ExecutableDDLElement,
+    )
 
 
 def dml_table(statement: Any) -> sqlalchemy.TableClause | None:

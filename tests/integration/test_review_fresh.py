@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import ForeignKey, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -29,6 +30,7 @@ from sqlalchemy.orm import (
     selectinload,
     sessionmaker,
 )
+from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from examples.shop import Category, Product
 from sa_redis_cache import Cache, CachePolicy, FromCache
@@ -650,3 +652,38 @@ def test_textual_dml_with_typed_rows_retires_its_rows(
             s.execute(statement).all()
             s.commit()
     assert read_price(two.read, product) == (Decimal("3.00"), Decimal("3.00"))
+
+
+class SetPrice(Executable, ClauseElement):
+    """An application's own statement, compiled by :func:`_compile_set_price`."""
+
+    inherit_cache = False
+
+    def __init__(self, pid: int, price: str) -> None:
+        self.pid, self.price = pid, Decimal(price)
+
+
+@compiles(SetPrice)
+def _compile_set_price(element: SetPrice, compiler: Any, **kw: Any) -> str:
+    price = compiler.process(sa.literal(element.price), **kw)
+    pid = compiler.process(sa.literal(element.pid), **kw)
+    # both values are bound parameters, rendered by the compiler
+    return f"UPDATE products SET price = {price} WHERE id = {pid}"  # noqa: S608
+
+
+@pytest.mark.parametrize("via", ["engine", "session"])
+def test_dml_of_a_custom_compiled_construct_retires_its_rows(
+    two: Two, product: int, via: str
+) -> None:
+    """A ``@compiles`` construct (the recipe for a custom UPSERT or MERGE) is neither
+    Core DML nor ``text()``: the engine listener took it for a read, marked nothing, and
+    the old price stayed cached. Its SQL is now read as textual DML's is."""
+    assert warm(two.read, product) == Decimal("1.00")
+    if via == "engine":
+        with two.engine.begin() as conn:
+            conn.execute(SetPrice(product, "6.50"))
+    else:
+        with two.write() as s:
+            s.execute(SetPrice(product, "6.50"))
+            s.commit()
+    assert read_price(two.read, product) == (Decimal("6.50"), Decimal("6.50"))
