@@ -918,7 +918,9 @@ class Cache:
         write the database only. Useful in tests and before re-configuring a process.
         Until then the cache is part of the process: dropping every reference to it (and
         to the factories) frees nothing, since its hooks, its counters' publisher thread
-        and its local tier's threads hold it. A test that attaches a cache detaches it.
+        and its local tier's threads hold it. A test that attaches a cache detaches it;
+        once detached and dropped, it is freed, and leaves nothing on a Redis client that
+        outlives it (its restart check and slot map watcher are held weakly there).
         The counters' publisher stops after a last publish (one round trip). The
         factories are freed: another ``Cache`` may attach them.
 
