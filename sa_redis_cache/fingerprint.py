@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table
 from sqlalchemy.orm import Mapper, MapperProperty
+from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import ColumnClause, TextClause
 from sqlalchemy.sql.selectable import TableClause, TextualSelect
 from sqlalchemy.sql.type_api import TypeEngine
@@ -90,11 +91,7 @@ class _Walker:
             self.mappers[id(node)] = node
             out.append(f"M:{_qualified(node.class_)}")
         elif isinstance(node, type):
-            if issubclass(node, _TEXTUAL) or node is TableClause:
-                # text() fragments appear in the key as their SQL string, and a
-                # lightweight table("name", column(...)) by its name, not as a Table of
-                # the models' MetaData: the tables they read cannot be versioned
-                raise Unfingerprintable("textual SQL names tables the cache cannot see")
+            _check_class(node)
             out.append(f"C:{_qualified(node)}")
         elif isinstance(node, Enum):
             out.append(f"E:{_qualified(type(node))}.{node.name}")
@@ -116,6 +113,19 @@ class _Walker:
             if " at 0x" in text:
                 raise Unfingerprintable(f"{type(node).__name__} has no stable name")
             out.append(f"R:{type(node).__name__}:{text}")
+
+
+def _check_class(node: type) -> None:
+    """Refuse a statement whose key names an element class the cache cannot serve."""
+    if issubclass(node, _TEXTUAL) or node is TableClause:
+        # text() fragments appear in the key as their SQL string, and a lightweight
+        # table("name", column(...)) by its name, not as a Table of the models'
+        # MetaData: the tables they read cannot be versioned
+        raise Unfingerprintable("textual SQL names tables the cache cannot see")
+    if issubclass(node, UpdateBase):
+        # a data-modifying CTE, the SELECT of an UPDATE ... RETURNING: the statement
+        # writes, and a hit would skip its write
+        raise Unfingerprintable("an INSERT, UPDATE or DELETE inside it writes")
 
 
 def _function_name(func: Any) -> str | None:
@@ -140,8 +150,9 @@ def _qualified(cls: type) -> str:
 def fingerprint(structural_key: tuple[Any, ...]) -> Fingerprint:
     """Fingerprint the ``key`` part of a statement's cache key (``compat.statement_cache_key``).
 
-    Raises :class:`Unfingerprintable` when the statement holds textual SQL or an object
-    with no stable name; such statements run uncached.
+    Raises :class:`Unfingerprintable` when the statement holds textual SQL, an object
+    with no stable name, or an ``INSERT``/``UPDATE``/``DELETE`` (a data-modifying CTE:
+    the statement writes); such statements run uncached.
     """
     walker = _Walker()
     walker.walk(structural_key)

@@ -1,0 +1,198 @@
+"""The cache as applications use it, each cached read checked against the same read on a
+plain session (the oracle) after each write.
+
+Faults found by the review of the integrations (docs/integrations.md): a data-modifying
+CTE (``select(update(...).returning(...).cte())``, SQLAlchemy's way to run a write and
+read what it wrote in one statement) was taken for a read, so ``cache_queries`` served
+its second execution from the cache without running the write, and the tables it wrote
+were never retired.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import Column, ForeignKey, String, Table, delete, insert, select, update
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+from sa_redis_cache import Cache, CachePolicy, FromCache
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+ra_post_tags = Table(
+    "ra_post_tags",
+    Base.metadata,
+    Column("post_id", ForeignKey("ra_posts.id"), primary_key=True),
+    Column("tag_id", ForeignKey("ra_tags.id"), primary_key=True),
+)
+
+
+class Author(Base):
+    __tablename__ = "ra_authors"
+    __cache__ = CachePolicy()
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+    posts: Mapped[list[Post]] = relationship(back_populates="author", order_by="Post.id")
+
+
+class Post(Base):
+    __tablename__ = "ra_posts"
+    __cache__ = CachePolicy()
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(40))
+    author_id: Mapped[int] = mapped_column(ForeignKey("ra_authors.id"))
+    author: Mapped[Author] = relationship(back_populates="posts")
+    tags: Mapped[list[Tag]] = relationship(secondary=ra_post_tags, order_by="Tag.id")
+
+
+class Tag(Base):
+    __tablename__ = "ra_tags"
+    __cache__ = CachePolicy()
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+@pytest.fixture
+def blog(shop_engine: sa.Engine) -> Iterator[sa.Engine]:
+    Base.metadata.create_all(shop_engine)
+    with Session(shop_engine) as s:
+        tags = [Tag(id=i, name=f"t{i}") for i in (1, 2, 3)]
+        s.add_all(
+            [
+                Author(
+                    id=1,
+                    name="a",
+                    posts=[
+                        Post(id=1, title="p1", tags=[tags[0], tags[1]]),
+                        Post(id=2, title="p2", tags=[tags[2]]),
+                    ],
+                ),
+                Author(id=2, name="b", posts=[Post(id=3, title="p3", tags=[tags[0]])]),
+            ]
+        )
+        s.commit()
+    yield shop_engine
+    Base.metadata.drop_all(shop_engine)
+
+
+@pytest.fixture
+def app(blog: sa.Engine, cache: Cache) -> Iterator[sessionmaker[Session]]:
+    """The application's factory, every select cached, and its engine attached."""
+    factory = sessionmaker(blog)
+    cache.attach(factory, cache_queries=FromCache(ttl=60))
+    cache.attach(blog)
+    yield factory
+    cache.detach()
+
+
+def snapshot(session: Session) -> dict[str, Any]:
+    """What an application reads: rows by key, lazy collections of both kinds, queries."""
+    out: dict[str, Any] = {}
+    for aid in (1, 2):
+        author = session.get(Author, aid)
+        out[f"author{aid}.posts"] = author and [(p.id, p.title) for p in author.posts]
+    for pid in (1, 2, 3):
+        post = session.get(Post, pid)
+        out[f"post{pid}"] = post and (post.title, post.author_id)
+        out[f"post{pid}.tags"] = post and [t.id for t in post.tags]
+    out["posts"] = [(p.id, p.title, p.author_id) for p in session.scalars(select(Post))]
+    out["titles"] = session.execute(select(Post.id, Post.title).order_by(Post.id)).all()
+    return out
+
+
+def agrees_after(
+    factory: sessionmaker[Session], engine: sa.Engine, write: Callable[[], None]
+) -> None:
+    """Warm the cache, write, and compare the cached reads with a plain session's."""
+    for _ in range(2):
+        with factory() as s:
+            snapshot(s)
+    write()
+    with factory() as s:
+        cached = snapshot(s)
+    with Session(engine) as plain:
+        assert cached == snapshot(plain)
+
+
+# --------------------------------------------------------------------------- writing CTEs
+
+
+def test_a_select_of_a_writing_cte_runs_its_write_every_time(
+    app: sessionmaker[Session], blog: sa.Engine
+) -> None:
+    """``cache_queries`` took ``select(update(...).returning(...).cte())`` for a read: its
+    second execution was a hit, and the UPDATE never ran again."""
+    for expected in ("p1!", "p1!!", "p1!!!"):
+        with app() as s:
+            bump = (
+                update(Post)
+                .where(Post.id == 1)
+                .values(title=Post.title + "!")
+                .returning(Post.title)
+                .cte()
+            )
+            assert s.execute(select(bump)).scalar_one() == expected
+            s.commit()
+    for expected in ("p1!!!!", "p1!!!!!"):  # its own FromCache does not make it a read
+        with app() as s:
+            bump = (
+                update(Post)
+                .where(Post.id == 1)
+                .values(title=Post.title + "!")
+                .returning(Post.title)
+                .cte()
+            )
+            assert s.execute(select(bump).options(FromCache())).scalar_one() == expected
+            s.commit()
+    with Session(blog) as plain:
+        assert plain.get(Post, 1).title == "p1!!!!!"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("through", ["session", "engine"])
+@pytest.mark.parametrize("kind", ["update", "insert_secondary", "delete_secondary"])
+def test_a_writing_cte_retires_what_it_wrote(
+    app: sessionmaker[Session], blog: sa.Engine, through: str, kind: str
+) -> None:
+    """The engine listener saw a SELECT and retired nothing: the rows, queries and
+    collections the CTE wrote were served as they were before it."""
+    statements: dict[str, Any] = {
+        "update": lambda: (
+            update(Post).where(Post.id == 1).values(author_id=2, title="moved").returning(Post.id)
+        ),
+        "insert_secondary": lambda: (
+            insert(ra_post_tags).values(post_id=3, tag_id=3).returning(ra_post_tags.c.post_id)
+        ),
+        "delete_secondary": lambda: (
+            delete(ra_post_tags).where(ra_post_tags.c.tag_id == 1).returning(ra_post_tags.c.post_id)
+        ),
+    }
+
+    def write() -> None:
+        stmt = select(statements[kind]().cte())
+        if through == "session":
+            with app() as s:
+                s.execute(stmt).all()
+                s.commit()
+        else:
+            with blog.begin() as conn:
+                conn.execute(stmt).all()
+
+    agrees_after(app, blog, write)
