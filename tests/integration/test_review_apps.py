@@ -5,16 +5,19 @@ Faults found by the review of the integrations (docs/integrations.md): a data-mo
 CTE (``select(update(...).returning(...).cte())``, SQLAlchemy's way to run a write and
 read what it wrote in one statement) was taken for a read, so ``cache_queries`` served
 its second execution from the cache without running the write, and the tables it wrote
-were never retired.
+were never retired. ``cache.attach(async_engine)``, for an application whose Core writes
+go through an ``AsyncEngine``, was refused as not a session factory.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import Column, ForeignKey, String, Table, delete, insert, select, update
+from sqlalchemy import Column, ForeignKey, String, Table, delete, insert, select, text, update
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -196,3 +199,57 @@ def test_a_writing_cte_retires_what_it_wrote(
                 conn.execute(stmt).all()
 
     agrees_after(app, blog, write)
+
+
+# --------------------------------------------------------------------------- async engines
+
+
+def test_an_async_engine_attached_alone_invalidates_its_core_writes(
+    blog: sa.Engine, cache: Cache
+) -> None:
+    """``cache.attach(async_engine)`` (docs: "attach the engines Core or text() writes
+    go through") was refused as "not a session factory"; so was ``cache.lifespan()``
+    given one. An async worker writing through Core then went unseen."""
+    factory = sessionmaker(blog)  # the application's reads
+    cache.attach(factory, cache_queries=FromCache(ttl=60))
+    async_engine = create_async_engine(blog.url)
+    cache.attach(async_engine)  # the worker's writes
+
+    def titles() -> list[str]:
+        with factory() as s:
+            post = s.get(Post, 1)
+            assert post is not None
+            author = s.get(Author, 1)
+            assert author is not None
+            return [post.title, *(p.title for p in author.posts)]
+
+    async def write(title: str) -> None:
+        async with async_engine.begin() as conn:
+            await conn.execute(update(Post).where(Post.id == 1).values(title=title))
+
+    try:
+        assert titles() == titles() == ["p1", "p1", "p2"]
+        asyncio.run(write("from the worker"))
+        assert titles() == ["from the worker", "from the worker", "p2"]
+    finally:
+        cache.detach()
+        asyncio.run(async_engine.dispose())
+
+
+def test_the_lifespan_attaches_an_async_engine(blog: sa.Engine, cache: Cache) -> None:
+    factory = sessionmaker(blog)
+    async_engine = create_async_engine(blog.url)
+
+    async def run() -> str:
+        async with cache.lifespan(factory, async_engine, cache_queries=True)(None):
+            with factory() as s:
+                assert s.scalars(select(Post.title).where(Post.id == 2)).one() == "p2"
+            async with async_engine.begin() as conn:
+                await conn.execute(text("UPDATE ra_posts SET title = 'async' WHERE id = 2"))
+            with factory() as s:
+                return s.scalars(select(Post.title).where(Post.id == 2)).one()
+
+    try:
+        assert asyncio.run(run()) == "async"
+    finally:
+        asyncio.run(async_engine.dispose())
