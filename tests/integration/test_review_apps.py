@@ -253,3 +253,31 @@ def test_the_lifespan_attaches_an_async_engine(blog: sa.Engine, cache: Cache) ->
         assert asyncio.run(run()) == "async"
     finally:
         asyncio.run(async_engine.dispose())
+
+
+# --------------------------------------------------------------------------- from_statement
+
+
+@pytest.mark.parametrize("cache_queries", [None, True])
+def test_from_statement_of_a_select_or_a_union_reads_as_uncached(
+    blog: sa.Engine, cache: Cache, cache_queries: bool | None
+) -> None:
+    """``select(Model).from_statement(select(...))`` (or of a ``UNION``) names its model
+    like a primary-key load: the entity cache looked for a WHERE criterion it does not
+    have and raised ``AttributeError`` in every attached session."""
+    factory = sessionmaker(blog)
+    cache.attach(factory, cache_queries=cache_queries)
+    one = select(Post).where(Post.id == 1)
+    statements = [
+        select(Post).from_statement(one),
+        select(Post).from_statement(one.union(select(Post).where(Post.id == 2))),
+        select(Post).from_statement(
+            sa.union_all(
+                select(Post.__table__).where(Post.id == 2),
+                select(Post.__table__).where(Post.id == 3),
+            )
+        ),
+    ]
+    for stmt in statements:
+        with factory() as s, Session(blog) as plain:
+            assert [p.id for p in s.scalars(stmt)] == [p.id for p in plain.scalars(stmt)]
