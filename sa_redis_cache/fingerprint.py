@@ -19,7 +19,7 @@ from sqlalchemy import Table
 from sqlalchemy.orm import Mapper, MapperProperty
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import ColumnClause, TextClause
-from sqlalchemy.sql.selectable import TableClause, TextualSelect
+from sqlalchemy.sql.selectable import ForUpdateArg, TableClause, TextualSelect
 from sqlalchemy.sql.type_api import TypeEngine
 
 from .codec import CODEC_VERSION, dumps_tagged, pack, plain
@@ -126,6 +126,10 @@ def _check_class(node: type) -> None:
         # a data-modifying CTE, the SELECT of an UPDATE ... RETURNING: the statement
         # writes, and a hit would skip its write
         raise Unfingerprintable("an INSERT, UPDATE or DELETE inside it writes")
+    if issubclass(node, ForUpdateArg):
+        # FOR UPDATE in a subquery or a from_statement() (the SKIP LOCKED job claim):
+        # a hit would take no lock, and skip no row another transaction holds
+        raise Unfingerprintable("a locking clause inside it: a cached row takes no lock")
 
 
 def _function_name(func: Any) -> str | None:
@@ -151,8 +155,9 @@ def fingerprint(structural_key: tuple[Any, ...]) -> Fingerprint:
     """Fingerprint the ``key`` part of a statement's cache key (``compat.statement_cache_key``).
 
     Raises :class:`Unfingerprintable` when the statement holds textual SQL, an object
-    with no stable name, or an ``INSERT``/``UPDATE``/``DELETE`` (a data-modifying CTE:
-    the statement writes); such statements run uncached.
+    with no stable name, an ``INSERT``/``UPDATE``/``DELETE`` (a data-modifying CTE:
+    the statement writes) or a locking clause (``FOR UPDATE`` in a subquery); such
+    statements run uncached.
     """
     walker = _Walker()
     walker.walk(structural_key)

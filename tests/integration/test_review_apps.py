@@ -125,7 +125,7 @@ def agrees_after(
     factory: sessionmaker[Session], engine: sa.Engine, write: Callable[[], None]
 ) -> None:
     """Warm the cache, write, and compare the cached reads with a plain session's."""
-    for _ in range(2):
+    for _ in range(3):  # a miss, a fill, then hits
         with factory() as s:
             snapshot(s)
     write()
@@ -281,3 +281,54 @@ def test_from_statement_of_a_select_or_a_union_reads_as_uncached(
     for stmt in statements:
         with factory() as s, Session(blog) as plain:
             assert [p.id for p in s.scalars(stmt)] == [p.id for p in plain.scalars(stmt)]
+
+
+# --------------------------------------------------------------------------- locking
+
+
+def test_a_skip_locked_claim_in_a_subquery_is_never_served_from_the_cache(
+    app: sessionmaker[Session], blog: sa.Engine
+) -> None:
+    """The job-queue claim ``WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)`` was cached
+    by ``cache_queries`` (only a top-level ``with_for_update()`` was recognised): a hit
+    took no lock and handed a second worker the row the first one holds."""
+
+    def claim() -> Any:
+        first = (
+            select(Post.id)
+            .where(Post.author_id == 1)
+            .order_by(Post.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        return select(Post).where(Post.id.in_(first))
+
+    for _ in range(2):
+        with app() as s:
+            assert [p.id for p in s.scalars(claim())] == [1]
+    with Session(blog) as worker:
+        assert [p.id for p in worker.scalars(claim())] == [1]  # holds post 1
+        with Session(blog) as plain:
+            expected = [p.id for p in plain.scalars(claim())]
+        assert expected == [2]
+        with app() as s:
+            assert [p.id for p in s.scalars(claim())] == expected
+        worker.rollback()
+
+
+def test_from_statement_of_a_locking_select_takes_its_lock_with_from_cache(
+    app: sessionmaker[Session], blog: sa.Engine
+) -> None:
+    """A statement's own ``FromCache`` on ``from_statement(select(...).with_for_update())``
+    served a hit that locked nothing."""
+    locking = select(Post).from_statement(select(Post).where(Post.id == 1).with_for_update())
+    for _ in range(3):  # a miss, a fill, then what would be a hit
+        with app() as s:
+            assert [p.id for p in s.scalars(locking.options(FromCache()))] == [1]
+            # the row is locked by s: another transaction cannot take it at once
+            with (
+                blog.connect() as other,
+                pytest.raises(sa.exc.OperationalError, match="could not obtain lock"),
+            ):
+                other.execute(select(Post.id).where(Post.id == 1).with_for_update(nowait=True))
+            s.rollback()
