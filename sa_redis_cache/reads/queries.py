@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -665,6 +666,10 @@ class QueryReads:
         tagged by its digest (``FromCache(spread=True)``).
         """
         params = params or {}
+        if not isinstance(params, Mapping):
+            # several parameter sets (session.execute(stmt, [{...}])): which row set the
+            # result is cannot be keyed; it runs uncached
+            return None
         try:
             values: list[Any] = [params.get(bp.key, bp.effective_value) for bp in bindparams]
         except TypeError:

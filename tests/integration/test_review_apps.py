@@ -332,3 +332,18 @@ def test_from_statement_of_a_locking_select_takes_its_lock_with_from_cache(
             ):
                 other.execute(select(Post.id).where(Post.id == 1).with_for_update(nowait=True))
             s.rollback()
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def test_a_select_given_a_list_of_parameter_sets_runs_as_uncached(
+    app: sessionmaker[Session], blog: sa.Engine
+) -> None:
+    """``session.execute(stmt, [{"i": 1}])`` (parameters as a list, as for DML) raised
+    ``AttributeError`` in the key builder for every cached select."""
+    stmt = select(Post).where(Post.title == sa.bindparam("t"))
+    for _ in range(2):
+        with app() as s, Session(blog) as plain:
+            got = [p.id for p in s.scalars(stmt, [{"t": "p2"}])]
+            assert got == [p.id for p in plain.scalars(stmt, [{"t": "p2"}])] == [2]
