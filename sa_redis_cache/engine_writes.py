@@ -59,6 +59,9 @@ _TRUNCATE = re.compile(
 _TRUNCATED = re.compile(rf"(?:ONLY\s+)?(?P<table>{_NAME})", re.IGNORECASE)
 _PARTS = re.compile(_PART)
 _ANY_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|TRUNCATE|COPY)\b", re.IGNORECASE)
+# a procedure call, an anonymous code block, a prepared statement's execution: what they
+# write is in the database, not in the statement
+_OPAQUE = re.compile(r"^\s*(?:CALL|DO|EXECUTE)\b", re.IGNORECASE)
 # the locking clause of a read (SELECT ... FOR UPDATE, FOR NO KEY UPDATE): not a write
 _LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?UPDATE\b", re.IGNORECASE)
 # a second statement after a ';' (a trailing ';' and comments after it are not one)
@@ -75,9 +78,11 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
     (``s.t`` and ``t`` are any schema's ``t``, which a ``schema_translate_map`` may put
     there; an unquoted name in any case, as Postgres folds it, a quoted one exactly), or
     the name alone when no model maps it, exactly as Core DML on that table invalidates
-    that table only. A statement that writes some other way (a CTE, a function call,
-    ``COPY``, several statements, ``TRUNCATE ... CASCADE``, which empties the tables that
-    refer to these) is unknowable, and gives every known table. A read's locking clause
+    that table only. A statement that writes some other way (a CTE, a function call
+    beside such a word, ``COPY``, several statements, ``TRUNCATE ... CASCADE``, which
+    empties the tables that refer to these), and a ``CALL`` of a procedure, a ``DO``
+    block or an ``EXECUTE`` of a prepared statement, is unknowable, and gives every known
+    table. A read's locking clause
     (``FOR UPDATE``, ``FOR NO KEY UPDATE``) writes nothing.
 
     Example::
@@ -92,6 +97,8 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
         ['orders', 'products']
         >>> text_dml_tables("SELECT id FROM products FOR UPDATE", ["products", "orders"])
         set()
+        >>> sorted(text_dml_tables("CALL archive_orders(7)", ["products", "orders"]))
+        ['orders', 'products']
     """
     if not isinstance(known, KnownTables):
         known = KnownTables(known)
@@ -104,8 +111,8 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
         for name in _TRUNCATED.finditer(truncate.group("tables")):
             tables |= _named(name.group("table"), known)
         return tables
-    if found is not None or _ANY_DML.search(_LOCKING.sub(" ", sql)):
-        # a CTE, a function call, COPY, several statements, TRUNCATE ... CASCADE: which
+    if found is not None or _OPAQUE.match(sql) or _ANY_DML.search(_LOCKING.sub(" ", sql)):
+        # a CTE, a procedure, COPY, several statements, TRUNCATE ... CASCADE: which
         # cached tables changed is unknowable
         return set(known.names)
     return set()

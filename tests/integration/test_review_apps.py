@@ -347,3 +347,43 @@ def test_a_select_given_a_list_of_parameter_sets_runs_as_uncached(
         with app() as s, Session(blog) as plain:
             got = [p.id for p in s.scalars(stmt, [{"t": "p2"}])]
             assert got == [p.id for p in plain.scalars(stmt, [{"t": "p2"}])] == [2]
+
+
+# --------------------------------------------------------------------------- procedures
+
+
+@pytest.fixture
+def procedure(blog: sa.Engine) -> Iterator[str]:
+    """A procedure that moves post 1 to author 2 and drops its tags, made before any read
+    is cached (its DDL names the tables it writes)."""
+    with blog.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE PROCEDURE ra_move_post() LANGUAGE sql AS $$ "
+                "UPDATE ra_posts SET author_id = 2 WHERE id = 1; "
+                "DELETE FROM ra_post_tags WHERE post_id = 1 $$"
+            )
+        )
+    yield "CALL ra_move_post()"
+    with blog.begin() as conn:
+        conn.execute(text("DROP PROCEDURE ra_move_post()"))
+
+
+@pytest.mark.parametrize("through", ["session", "engine"])
+def test_a_procedure_call_retires_what_it_may_have_written(
+    app: sessionmaker[Session], blog: sa.Engine, procedure: str, through: str
+) -> None:
+    """``text("CALL ...")`` holds no DML word, so it was taken for a statement that
+    writes nothing: the rows, queries and collections the procedure wrote were served as
+    before."""
+
+    def write() -> None:
+        if through == "session":
+            with app() as s:
+                s.execute(text(procedure))
+                s.commit()
+        else:
+            with blog.begin() as conn:
+                conn.execute(text(procedure))
+
+    agrees_after(app, blog, write)
