@@ -1,12 +1,18 @@
 """The cache as applications use it, each cached read checked against the same read on a
 plain session (the oracle) after each write.
 
-Faults found by the review of the integrations (docs/integrations.md): a data-modifying
-CTE (``select(update(...).returning(...).cte())``, SQLAlchemy's way to run a write and
-read what it wrote in one statement) was taken for a read, so ``cache_queries`` served
-its second execution from the cache without running the write, and the tables it wrote
-were never retired. ``cache.attach(async_engine)``, for an application whose Core writes
-go through an ``AsyncEngine``, was refused as not a session factory.
+Faults found by the review of the integrations (docs/integrations.md), one section each:
+
+- a data-modifying CTE (``select(update(...).returning(...).cte())``) was taken for a
+  read: ``cache_queries`` served its second execution without running the write, and
+  the tables it wrote were never retired;
+- ``cache.attach(async_engine)`` (and ``cache.lifespan()`` given one) was refused;
+- ``select(Model).from_statement(select(...))`` raised ``AttributeError`` in every
+  attached session;
+- a ``FOR UPDATE`` in a subquery (the ``SKIP LOCKED`` job claim) was cached: a hit took
+  no lock;
+- ``session.execute(stmt, [{...}])`` raised ``AttributeError`` for a cached select;
+- ``text("CALL proc()")`` retired nothing.
 """
 
 from __future__ import annotations
