@@ -12,7 +12,8 @@ Faults found by the review of the integrations (docs/integrations.md), one secti
 - a ``FOR UPDATE`` in a subquery (the ``SKIP LOCKED`` job claim) was cached: a hit took
   no lock;
 - ``session.execute(stmt, [{...}])`` raised ``AttributeError`` for a cached select;
-- ``text("CALL proc()")`` retired nothing.
+- ``text("CALL proc()")`` retired nothing;
+- ``cache_queries`` froze selects that read the clock (``now()``) or ``random()``.
 """
 
 from __future__ import annotations
@@ -393,3 +394,24 @@ def test_a_procedure_call_retires_what_it_may_have_written(
                 conn.execute(text(procedure))
 
     agrees_after(app, blog, write)
+
+
+# --------------------------------------------------------------------------- the clock
+
+
+def test_cache_queries_leaves_selects_that_read_the_clock_to_the_database(
+    app: sessionmaker[Session], blog: sa.Engine
+) -> None:
+    """``cache_queries`` cached ``WHERE expires_at > now()`` as any select: the clock moves
+    with no write, so the answer froze for the TTL (an expired token kept being found).
+    A statement's own ``FromCache`` still caches it: that is the application's choice."""
+    clock = select(sa.func.clock_timestamp()).select_from(Post).limit(1)
+    with app() as s:
+        seen = {s.scalar(clock) for _ in range(3)}
+    assert len(seen) == 3  # each read asked the database
+    random = select(Post.id, sa.func.random()).where(Post.id == 1)
+    with app() as s:
+        assert len({s.execute(random).one()[1] for _ in range(3)}) == 3
+    chosen = clock.options(FromCache())
+    with app() as s:
+        assert len({s.scalar(chosen) for _ in range(6)}) < 6  # served from its entry
