@@ -217,7 +217,11 @@ def get_clause_pk(statement: Any, mapper: Mapper[Any], params: Any) -> tuple[Any
     """The primary key of a ``session.get``/many-to-one lazy load statement, else None.
 
     Recognised by the ORM's own primary-key criterion object, which both paths reuse.
+    Only a ``Select`` is one: a ``select(Model).from_statement(...)`` or a ``UNION``
+    names the model too, and has no WHERE criteria of its own.
     """
+    if not isinstance(statement, selectable.Select):
+        return None
     where = statement._where_criteria
     if len(where) != 1 or params is None:
         return None
