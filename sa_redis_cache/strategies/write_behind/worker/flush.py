@@ -34,6 +34,7 @@ WorkerCollector` publishes them to Prometheus.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -210,6 +211,10 @@ class FlushWorker:
             raise ConfigurationError(
                 f"lease_ms={lease_ms} is longer than {LEASE_MAX_MS}: a worker set member "
                 "scored further ahead is taken for planted"
+            )
+        if not (math.isfinite(max_backoff) and max_backoff >= 0):
+            raise ConfigurationError(
+                f"max_backoff={max_backoff} must be a finite number of seconds, 0 or more"
             )
         if timeout_attempts < 1:
             raise ConfigurationError(
