@@ -22,6 +22,7 @@ from sa_redis_cache.strategies.write_behind.worker.flush import LEASE_MAX_MS, LE
 from .common import (
     CliError,
     Settings,
+    TranslatedCommand,
     call_factory,
     common_options,
     import_object,
@@ -221,6 +222,7 @@ WORKER_PROG = "python -m sa_redis_cache.worker"
 
 
 @click.command(
+    cls=TranslatedCommand,  # python -m sa_redis_cache.worker runs it outside the group
     short_help="Run the write-behind flush worker.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sa_redis_cache import FlushWorker
 from sa_redis_cache.cli import cli
+from sa_redis_cache.cli.admin import worker_main
 from sa_redis_cache.errors import ConfigurationError
 from tests.wb_support import drain, letters
 
@@ -102,3 +103,20 @@ def test_flush_worker_refuses_a_backoff_that_is_not_a_number_of_seconds(
         FlushWorker(
             worker_engine, client, namespace=namespace, models=[models[0]], max_backoff=value
         )
+
+
+def test_python_m_worker_says_redis_refused_in_one_line_not_a_traceback(
+    database_url: str, wb_redis_url: str, models: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m sa_redis_cache.worker`` runs the command outside the ``sa-redis-cache``
+    group, whose error translation it missed: a Redis that answers with an error (here a
+    database index out of range) was a traceback there, one line under the group."""
+    del models
+    url = wb_redis_url.rsplit("/", 1)[0] + "/99"
+    status = worker_main(["--database-url", database_url, "--redis-url", url, "--model", MODELS])
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"Error: Redis at {url} failed: DB index is out of range"
+    ], err
