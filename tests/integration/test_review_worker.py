@@ -9,6 +9,8 @@ non-zero exit.
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from typing import Any
 
@@ -16,13 +18,14 @@ import pytest
 import redis
 import sqlalchemy as sa
 from click.testing import CliRunner
+from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 from sa_redis_cache import FlushWorker
 from sa_redis_cache.cli import cli
 from sa_redis_cache.cli.admin import worker_main
 from sa_redis_cache.errors import ConfigurationError
-from tests.wb_support import drain, letters
+from tests.wb_support import drain, letters, offsets, queue, rows
 
 pytest_plugins = ["tests.wb_fixtures"]
 
@@ -120,3 +123,68 @@ def test_python_m_worker_says_redis_refused_in_one_line_not_a_traceback(
     assert [line for line in err.splitlines() if line.strip()] == [
         f"Error: Redis at {url} failed: DB index is out of range"
     ], err
+
+
+# --------------------------------------------------------------------------- takeover
+
+
+def test_a_worker_stopped_inside_its_batch_transaction_is_replaced_within_its_lease(
+    database_url: str,
+    factory: sessionmaker[Session],
+    models: Any,
+    make_worker: Any,
+    worker_engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+) -> None:
+    """A worker stopped (SIGSTOP, a VM pause) after its batch's statements and before its
+    COMMIT holds the partition's offset row in an open transaction for as long as it is
+    stopped: the successor's token move gave up after a heartbeat on every pass, so the
+    partition waited for the stopped worker instead of moving within its lease. The
+    database now ends such a transaction once it has been idle for a lease; the stopped
+    worker's batch is rolled back, the successor applies everything once."""
+    page_view, _ = models
+    own_engine = sa.create_engine(database_url)  # the stopped process's own connections
+    stopped = FlushWorker(
+        own_engine,
+        client,
+        namespace=namespace,
+        models=[page_view],
+        consumer="w1",
+        lease_ms=1000,
+    )
+    stopped.run_once()  # takes every partition
+    ids = [queue(factory, page_view, path=f"/s/{i}", views=i) for i in range(8)]
+    expected = {pk: (f"/s/{i}", i) for i, pk in enumerate(ids)}
+    inside, resume = threading.Event(), threading.Event()
+
+    def stop_before_commit(conn: Any) -> None:
+        del conn
+        if not inside.is_set():
+            inside.set()
+            resume.wait(30)  # the stop: every statement sent, the COMMIT not yet
+
+    event.listen(own_engine, "commit", stop_before_commit)
+    runner = threading.Thread(target=stopped.run_once)
+    runner.start()
+    try:
+        assert inside.wait(10)
+        for p in stopped.partitions:  # its lease runs out meanwhile
+            client.delete(p.lease)
+        client.zrem(stopped._workers_key(page_view.__tablename__), "w1")
+        successor = make_worker("w2", max_backoff=0.2)
+        deadline = time.monotonic() + 10
+        while rows(worker_engine, page_view) != expected:
+            assert time.monotonic() < deadline, "the partition waited for the stopped worker"
+            successor.run_once()
+    finally:
+        resume.set()
+        runner.join(30)
+        event.remove(own_engine, "commit", stop_before_commit)
+    assert stopped.applied == 0
+    assert stopped.fenced >= 1  # its batch was refused, not an outage of the database
+    assert stopped.database.up
+    assert rows(worker_engine, page_view) == expected
+    assert offsets(worker_engine, namespace) == len(ids)  # nothing applied twice
+    stopped.release()
+    own_engine.dispose()

@@ -298,7 +298,7 @@ class FlushWorker:
         for info in self._infos:
             assert info.policy is not None
             scope = self._binds.scope(database, info.table_schema, translate)
-            applier = Applier(self.engine, info, self.namespace)
+            applier = Applier(self.engine, info, self.namespace, idle_timeout_ms=self.lease_ms)
             parts = [
                 Partition(
                     info,
@@ -906,6 +906,13 @@ class FlushWorker:
                 self._dropped(p, str(exc))
             return 0
         except (DBAPIError, StatementError) as exc:
+            if is_unreachable(exc) and not self._renew([p]):
+                # stopped inside the batch's transaction past the lease: the database ended
+                # it (idle_in_transaction_session_timeout), nothing was applied, and the
+                # partition is another worker's now. Fenced off, not a database outage.
+                self.fenced += 1
+                self._dropped(p, f"its lease was lost while its batch waited: {exc}")
+                return 0
             self._failed(p, exc)
             return 0
         if result is None:  # timed out: read again, fewer entries or after a backoff
