@@ -188,3 +188,13 @@ def test_a_worker_stopped_inside_its_batch_transaction_is_replaced_within_its_le
     assert offsets(worker_engine, namespace) == len(ids)  # nothing applied twice
     stopped.release()
     own_engine.dispose()
+
+
+def test_an_empty_consumer_name_is_refused_not_replaced_by_a_random_one(
+    worker_engine: sa.Engine, client: redis.Redis, namespace: str, models: Any
+) -> None:
+    """``--consumer "$NAME"`` with NAME unset gave the worker a random name: a replacement
+    meant to resume its predecessor's partitions at once waited for their leases. The
+    command line passes the name to ``FlushWorker``, whose refusal is its usage error."""
+    with pytest.raises(ConfigurationError, match="consumer='': give a non-empty name"):
+        FlushWorker(worker_engine, client, namespace=namespace, models=[models[0]], consumer="")

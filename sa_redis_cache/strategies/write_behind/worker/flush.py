@@ -243,10 +243,17 @@ class FlushWorker:
         self.namespace = namespace
         self.keys = KeyScheme(namespace, model_groups(models))
         self.io = io_for(redis_client)
-        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        # an empty name is refused, never replaced: a replacement started with the name of
+        # the worker it replaces (``--consumer "$NAME"``) must not get a random one
+        self.consumer = (
+            consumer
+            if consumer is not None
+            else f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        )
         if "\n" in self.consumer or not self.consumer.strip():
             raise ConfigurationError(
-                f"consumer={self.consumer!r}: give a name without newlines, e.g. the host name"
+                f"consumer={self.consumer!r}: give a non-empty name without newlines, "
+                "e.g. the host name"
             )
         # this worker object, among the workers that share its consumer name (a replacement)
         self.instance = secrets.token_hex(6)
