@@ -27,6 +27,7 @@ from sa_redis_cache import Cache, CachePolicy, FlushWorker, schema
 from sa_redis_cache.cli import cli
 from sa_redis_cache.cli.admin import worker_main
 from sa_redis_cache.errors import ConfigurationError
+from tests.slow_proxy import SlowProxy
 from tests.wb_support import drain, letters, offsets, queue, rows
 
 pytest_plugins = ["tests.wb_fixtures"]
@@ -97,7 +98,7 @@ def test_a_json_column_left_unset_is_sql_null_as_plain_sqlalchemy_leaves_it(
     worker_engine = sa.create_engine(database_url)
     try:
         with engine.begin() as conn:
-            conn.execute(Doc.__table__.delete())
+            conn.execute(text("DELETE FROM wb_review_docs"))
         queued, plain = uuid.uuid4(), uuid.uuid4()
         with made() as s:
             s.add(Doc(id=queued, note="q"))
@@ -107,7 +108,9 @@ def test_a_json_column_left_unset_is_sql_null_as_plain_sqlalchemy_leaves_it(
             s.commit()
         drain(FlushWorker(worker_engine, client, namespace=namespace, models=[Doc]))
         with engine.connect() as conn:
-            found = dict(conn.execute(text("SELECT id, doc IS NULL FROM wb_review_docs")).all())
+            found: dict[Any, Any] = dict(
+                conn.execute(text("SELECT id, doc IS NULL FROM wb_review_docs")).all()
+            )
         assert found == {queued: True, plain: True}
     finally:
         cache.detach()
@@ -249,3 +252,49 @@ def test_an_empty_consumer_name_is_refused_not_replaced_by_a_random_one(
     command line passes the name to ``FlushWorker``, whose refusal is its usage error."""
     with pytest.raises(ConfigurationError, match="consumer='': give a non-empty name"):
         FlushWorker(worker_engine, client, namespace=namespace, models=[models[0]], consumer="")
+
+
+# --------------------------------------------------------------------------- outages
+
+
+def test_an_idle_worker_reports_a_database_outage_in_its_stats_and_metric(
+    database_url: str,
+    client: redis.Redis,
+    namespace: str,
+    models: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With nothing queued the worker asks the database nothing, and reported it up (and
+    ``sarc_wb_database_up`` 1) through a whole outage: the alert of docs/operations.md
+    never fired. The dead-letter count that ``stats()`` runs is an attempt of its own."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from sa_redis_cache.metrics import WorkerCollector
+
+    url = sa.make_url(database_url)
+    proxy = SlowProxy(url.host or "127.0.0.1", url.port or 5432, delay=0.0).__enter__()
+    through = url.set(host="127.0.0.1", port=proxy.port)
+    engine = sa.create_engine(through, poolclass=sa.pool.NullPool)
+    try:
+        worker = FlushWorker(engine, client, namespace=namespace, models=[models[0]])
+        assert worker.run_once() == 0  # an empty queue
+        assert worker.stats().database_up
+        registry = CollectorRegistry()
+        registry.register(WorkerCollector(worker))
+        proxy.__exit__(None, None, None)  # the database goes away
+        with caplog.at_level("WARNING"):
+            assert worker.run_once() == 0  # still nothing to apply: nothing noticed
+            stats = worker.stats()
+        assert not stats.database_up
+        assert stats.open_dead_letters is None
+        said = [r.getMessage() for r in caplog.records]
+        assert any(m.startswith("write-behind worker cannot reach the database") for m in said)
+        metrics = generate_latest(registry).decode()
+        assert (
+            f'sarc_wb_database_up{{consumer="{worker.consumer}",namespace="{namespace}"}} 0.0'
+            in metrics
+        )
+        worker.release()
+    finally:
+        proxy.__exit__(None, None, None)
+        engine.dispose()

@@ -514,7 +514,8 @@ class FlushWorker:
         by the fencing token. With ``database``, ``open_dead_letters`` counts the
         unreplayed dead letters of its tables in ``sarc_dead_letters`` (None when the
         database cannot be asked). ``database_up`` is False while the worker cannot reach
-        the database. One or two Redis round trips, plus one query with ``database``.
+        the database (the count is an attempt too: an idle worker reports an outage).
+        One or two Redis round trips, plus one query with ``database``.
 
         Example::
 
@@ -561,10 +562,17 @@ class FlushWorker:
         )
         try:
             with self.engine.connect() as conn:
-                return int(conn.execute(stmt).scalar_one())
+                count = int(conn.execute(stmt).scalar_one())
         except SQLAlchemyError as exc:
             log.debug("could not count the dead letters: %s", exc)
+            if is_unreachable(exc):
+                # a worker with nothing to apply asks the database nothing else: without
+                # this, an outage while the queue is empty showed database_up (and
+                # sarc_wb_database_up 1) until the next write came
+                self.database.failed(exc, retry_in=self.max_backoff)
             return None
+        self.database.answered()
+        return count
 
     # -- one pass ------------------------------------------------------------------------
 
