@@ -254,6 +254,30 @@ def test_an_empty_consumer_name_is_refused_not_replaced_by_a_random_one(
         FlushWorker(worker_engine, client, namespace=namespace, models=[models[0]], consumer="")
 
 
+def test_a_model_named_twice_is_flushed_and_counted_once(
+    factory: sessionmaker[Session],
+    models: Any,
+    worker_engine: sa.Engine,
+    client: redis.Redis,
+    namespace: str,
+) -> None:
+    """``worker --model m:PageView --model m:PageView`` made each stream two partitions of
+    the worker: the queue's length, the backlog (and its progress) and the metrics counted
+    every queued entry twice."""
+    page_view = models[0]
+    ids = [queue(factory, page_view, path=f"/d/{i}", views=i) for i in range(6)]
+    worker = FlushWorker(worker_engine, client, namespace=namespace, models=[page_view] * 2)
+    try:
+        assert len(worker.partitions) == len({p.stream for p in worker.partitions})
+        assert worker.stats(database=False).length == len(ids)
+        assert worker.backlog() == len(ids)
+        assert drain(worker) == len(ids)
+        assert set(rows(worker_engine, page_view)) == set(ids)
+        assert offsets(worker_engine, namespace) == len(ids)
+    finally:
+        worker.release()
+
+
 # --------------------------------------------------------------------------- outages
 
 

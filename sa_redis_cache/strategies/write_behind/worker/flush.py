@@ -284,7 +284,10 @@ class FlushWorker:
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: _InFlight | None = None
         registry = ModelRegistry()
-        self._infos = [write_behind_info(model, registry) for model in models]
+        # a model named twice (``--model`` repeated, a factory that returns it again) is
+        # flushed once: twice, each of its streams was two partitions, counted twice in
+        # the queue's length, the backlog and the metrics
+        self._infos = [write_behind_info(model, registry) for model in dict.fromkeys(models)]
         self._binds = Binds()
         try:
             self._resolve()
