@@ -331,7 +331,8 @@ class FlushWorker:
 
         A failure (database or Redis away) is logged and retried with backoff; nothing is
         acknowledged that was not applied. While the database cannot be reached, a warning
-        says so every ``max(30, max_backoff)`` seconds, and :meth:`stats` reports it.
+        says so when the outage starts, then every 15 s (at each retry after that, with a
+        ``max_backoff`` longer than 15 s), and :meth:`stats` reports it.
         A heartbeat thread renews the leases meanwhile. ``on_pass`` is called after every
         pass (the runner's backlog progress uses it).
         """
