@@ -13,6 +13,7 @@ import gc
 import threading
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -118,6 +119,61 @@ def test_a_json_column_left_unset_is_sql_null_as_plain_sqlalchemy_leaves_it(
         Base.metadata.drop_all(engine)
         Base.registry.dispose()
         del Doc, Base
+        gc.collect()
+
+
+def test_an_aware_datetime_in_a_naive_timestamp_column_as_plain_sqlalchemy(
+    engine: sa.Engine, database_url: str, client: redis.Redis, namespace: str
+) -> None:
+    """Postgres stores an aware datetime given to a ``timestamp`` column as its wall time
+    in the session's zone. The queue kept it aware: the session read back another value
+    than the database would hold, and a batch mixing it with naive values made psycopg's
+    array dumper raise TypeError out of ``run_once``, killing the worker on every restart."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Stamp(Base):
+        __tablename__ = "wb_review_stamps"
+        __cache__ = CachePolicy(strategy="write_behind", ttl=600, partitions=1)
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+        at: Mapped[datetime | None] = mapped_column(sa.DateTime())
+
+    plus_two = timezone(timedelta(hours=2))
+    values = [datetime(2020, 1, 1, 12, tzinfo=plus_two), datetime(2020, 1, 1, 12), None]
+    schema.upgrade(engine)
+    Base.metadata.create_all(engine)
+    cache = Cache(client, namespace=namespace)
+    made = sessionmaker(engine)
+    cache.attach(made)
+    worker_engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM wb_review_stamps"))
+        queued = [uuid.uuid4() for _ in values]
+        plain = [uuid.uuid4() for _ in values]
+        with made() as s:
+            s.add_all(Stamp(id=k, at=v) for k, v in zip(queued, values, strict=True))
+            s.commit()
+        with Session(engine) as s:  # the oracle
+            s.add_all(Stamp(id=k, at=v) for k, v in zip(plain, values, strict=True))
+            s.commit()
+        with made() as s:  # read back from the queue, as the database will hold it
+            read = [s.get(Stamp, k).at for k in queued]  # type: ignore[union-attr]
+        worker = FlushWorker(worker_engine, client, namespace=namespace, models=[Stamp])
+        drain(worker)
+        with engine.connect() as conn:
+            found: dict[Any, Any] = dict(
+                conn.execute(text("SELECT id, at FROM wb_review_stamps")).all()
+            )
+        assert [found[k] for k in queued] == [found[k] for k in plain] == read
+        assert worker.dead_letters == 0
+    finally:
+        cache.detach()
+        worker_engine.dispose()
+        Base.metadata.drop_all(engine)
+        Base.registry.dispose()
+        del Stamp, Base
         gc.collect()
 
 
