@@ -334,6 +334,86 @@ def test_a_model_named_twice_is_flushed_and_counted_once(
         worker.release()
 
 
+class _Sealed(sa.types.TypeDecorator[str]):
+    """A string column whose bind needs a key that only the application's process has
+    (an encryption key missing from the worker's environment)."""
+
+    impl = sa.String
+    cache_ok = True
+    key_missing = False
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        if _Sealed.key_missing:
+            raise RuntimeError("no sealing key in this process")
+        return value
+
+
+def test_a_batch_that_raises_outside_the_database_leaves_the_worker_running(
+    engine: sa.Engine,
+    database_url: str,
+    client: redis.Redis,
+    namespace: str,
+    models: Any,
+    factory: sessionmaker[Session],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception that is not a database error (here a column type's bind that raises in
+    the worker's process) came out of ``run_once``: ``run()`` and the command ended, and
+    every restart ended the same way, leaving every partition of every model unflushed."""
+    page_view = models[0]
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Note(Base):
+        __tablename__ = "wb_review_notes"
+        __cache__ = CachePolicy(strategy="write_behind", ttl=600, partitions=1)
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+        body: Mapped[str] = mapped_column(_Sealed(100))
+
+    Base.metadata.create_all(engine)
+    cache = Cache(client, namespace=namespace)
+    made = sessionmaker(engine)
+    cache.attach(made)
+    worker_engine = sa.create_engine(database_url)
+    try:
+        with made() as s:
+            s.add(Note(body="sealed"))
+            s.commit()
+        views = [queue(factory, page_view, path=f"/n/{i}", views=i) for i in range(4)]
+        worker = FlushWorker(
+            worker_engine,
+            client,
+            namespace=namespace,
+            models=[Note, page_view],
+            max_backoff=0.1,
+        )
+        _Sealed.key_missing = True
+        with caplog.at_level("ERROR"):
+            for _ in range(3):
+                worker.run_once()
+        assert set(rows(worker_engine, page_view)) == set(views)  # the others went on
+        assert any("raised RuntimeError" in r.getMessage() for r in caplog.records)
+        _Sealed.key_missing = False  # the key is given to the worker: it drains
+        deadline = time.monotonic() + 10
+        while worker.stats(database=False).length:
+            assert time.monotonic() < deadline
+            worker.run_once()
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT body FROM wb_review_notes")).scalars().all() == [
+                "sealed"
+            ]
+        worker.release()
+    finally:
+        _Sealed.key_missing = False
+        cache.detach()
+        worker_engine.dispose()
+        Base.metadata.drop_all(engine)
+        Base.registry.dispose()
+        del Note, Base
+        gc.collect()
+
+
 # --------------------------------------------------------------------------- outages
 
 

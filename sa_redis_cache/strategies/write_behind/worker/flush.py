@@ -934,6 +934,21 @@ class FlushWorker:
                 return 0
             self._failed(p, exc)
             return 0
+        except Exception as exc:  # the worker must outlive it
+            # not a database error: a column type's bind processor that raises in this
+            # process (a key it lacks), a driver that cannot adapt a value. Raised out of
+            # run_once, it ended the worker, and every restart, for every partition: this
+            # one is retried with backoff, logged each time; the others go on
+            log.error(
+                "write-behind batch of %s/%s raised %s; retrying with backoff",
+                p.info.table,
+                p.number,
+                type(exc).__name__,
+                exc_info=True,
+                extra={"wb_table": p.info.table, "wb_partition": p.number},
+            )
+            self._failed(p, exc)
+            return 0
         if result is None:  # timed out: read again, fewer entries or after a backoff
             return 0
         if p.limit:  # a smaller batch passed: grow back towards batch_size
