@@ -247,7 +247,8 @@ class Cache:
         ``async_sessionmaker`` or an ``AsyncSession`` subclass (a ``scoped_session`` or
         ``async_scoped_session`` stands for its session factory); the engine a session
         factory is bound to is instrumented too, so Core and textual DML on it invalidate.
-        An ``Engine`` alone may be attached for applications that write through Core.
+        An ``Engine`` (or an ``AsyncEngine``) alone may be attached for applications that
+        write through Core.
         Every mapped class with a ``__cache__`` attribute is validated; all problems are
         reported at once, each naming the model and the fix, and nothing is attached when
         any is found. Attaching the same target again only checks the models again (and
@@ -281,6 +282,9 @@ class Cache:
         factory names) was un-hooked by a :meth:`detach` since it was last attached."""
         if isinstance(target, scoped_session | async_scoped_session):
             target = target.session_factory
+        elif isinstance(target, AsyncEngine):
+            # its Core and textual DML run on the Engine it wraps
+            target = target.sync_engine
         if self._core.async_clients is None and (
             isinstance(target, async_sessionmaker)
             or (isinstance(target, type) and issubclass(target, AsyncSession))
@@ -424,7 +428,7 @@ class Cache:
         async def lifespan(_app: Any) -> AsyncIterator[None]:
             unseen = False
             for target in targets:
-                queries = None if isinstance(target, Engine) else cache_queries
+                queries = None if isinstance(target, Engine | AsyncEngine) else cache_queries
                 unseen = self._attach(target, queries) or unseen
             if unseen:
                 self._retire_unseen()  # once for every target started again
@@ -486,7 +490,7 @@ class Cache:
         )
         raise ConfigurationError(
             f"attach() got {target!r}; pass a sessionmaker, a Session subclass, an "
-            f"async_sessionmaker or an AsyncSession subclass{hint}"
+            f"async_sessionmaker, an AsyncSession subclass or an engine{hint}"
         )
 
     def _scoped_class(self, target: Any, sync_class: type[Session]) -> type[Session]:
@@ -918,7 +922,9 @@ class Cache:
         write the database only. Useful in tests and before re-configuring a process.
         Until then the cache is part of the process: dropping every reference to it (and
         to the factories) frees nothing, since its hooks, its counters' publisher thread
-        and its local tier's threads hold it. A test that attaches a cache detaches it.
+        and its local tier's threads hold it. A test that attaches a cache detaches it;
+        once detached and dropped, it is freed, and leaves nothing on a Redis client that
+        outlives it (its restart check and slot map watcher are held weakly there).
         The counters' publisher stops after a last publish (one round trip). The
         factories are freed: another ``Cache`` may attach them.
 

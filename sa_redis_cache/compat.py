@@ -24,6 +24,8 @@ import functools
 import inspect
 import logging
 import socket
+import threading
+import weakref
 from typing import TYPE_CHECKING, Any, cast
 
 import hiredis
@@ -265,7 +267,11 @@ def get_clause_pk(statement: Any, mapper: Mapper[Any], params: Any) -> tuple[Any
     """The primary key of a ``session.get``/many-to-one lazy load statement, else None.
 
     Recognised by the ORM's own primary-key criterion object, which both paths reuse.
+    Only a ``Select`` is one: a ``select(Model).from_statement(...)`` or a ``UNION``
+    names the model too, and has no WHERE criteria of its own.
     """
+    if not isinstance(statement, selectable.Select):
+        return None
     where = statement._where_criteria
     if len(where) != 1 or params is None:
         return None
@@ -767,6 +773,66 @@ def pool_options_without(pool: Any, *names: str) -> dict[str, Any]:
     return {k: v for k, v in pool.connection_kwargs.items() if k not in dropped}
 
 
+class _Callbacks:
+    """The callbacks that caches registered on one client, held weakly where they are
+    bound methods: a cache that is gone (detached, then dropped) leaves no check on every
+    new connection, and no watcher of every slot map change, of a client that outlives it.
+
+    Each entry is a tuple of callbacks, registered and dropped together.
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[Callable[[], Any], ...]] = []
+        self._lock = threading.Lock()
+
+    def add(self, *callbacks: Callable[..., Any]) -> None:
+        refs = tuple(_weakly(callback) for callback in callbacks)
+        with self._lock:
+            self._entries.append(refs)
+
+    def live(self) -> list[tuple[Any, ...]]:
+        """The entries whose callbacks are all alive, in the order they were added."""
+        with self._lock:
+            found: list[tuple[Any, ...]] = []
+            kept: list[tuple[Callable[[], Any], ...]] = []
+            for refs in self._entries:
+                callbacks = tuple(ref() for ref in refs)
+                if all(callback is not None for callback in callbacks):
+                    found.append(callbacks)
+                    kept.append(refs)
+            self._entries = kept
+        return found
+
+
+def _weakly(callback: Callable[..., Any]) -> Callable[[], Any]:
+    """A reference to ``callback``: weak for a bound method of a Python object, whose
+    object the caller keeps alive; strong for anything else (a function, a builtin's
+    method), which nothing else might hold."""
+    if inspect.ismethod(callback):
+        return weakref.WeakMethod(callback)
+    return lambda: callback
+
+
+# per client: the checks install_connect_hook runs, the watchers of watch_slot_map
+_CONNECT_CHECKS: weakref.WeakKeyDictionary[Any, _Callbacks] = weakref.WeakKeyDictionary()
+_SLOT_WATCHERS: weakref.WeakKeyDictionary[Any, _Callbacks] = weakref.WeakKeyDictionary()
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _registered(
+    registry: weakref.WeakKeyDictionary[Any, _Callbacks], client: Any, *callbacks: Any
+) -> _Callbacks | None:
+    """Add ``callbacks`` to ``client``'s entry of ``registry``: the new entry when the
+    client had none (the caller installs what calls it), else None."""
+    with _REGISTRY_LOCK:
+        known = registry.get(client)
+        made = known is None
+        if known is None:
+            known = registry[client] = _Callbacks()
+    known.add(*callbacks)
+    return known if made else None
+
+
 def install_connect_hook(client: Any, check: Callable[[Any], Any]) -> None:
     """Run ``check(connection)`` on each new connection of ``client``, once it is ready.
 
@@ -776,6 +842,10 @@ def install_connect_hook(client: Any, check: Callable[[Any], Any]) -> None:
     Every connection the client makes from now on runs it: for a Redis Cluster client,
     those to every node, including nodes it discovers later (a promoted replica, a node
     added by resharding); connections made already run it when they reconnect.
+
+    One hook is installed per client; the checks of every cache made on it run in the
+    order they were installed. A check that is a bound method is held weakly: it stops
+    running once its object is gone.
 
     Where redis-py keeps the hook:
 
@@ -787,19 +857,23 @@ def install_connect_hook(client: Any, check: Callable[[Any], Any]) -> None:
       manager's connection options, which each node copies when it is made (so every
       node made already, and its connections, get it too).
     """
+    checks = _registered(_CONNECT_CHECKS, client, check)
+    if checks is None:
+        return  # the client's hook runs it
     if isinstance(client, redis.cluster.RedisCluster):
         previous = getattr(client, _CLUSTER_CONNECT_HOOK, None)
 
         def after_cluster(connection: Any) -> None:
             if previous is not None:
                 previous(connection)
-            check(connection)
+            for (each,) in checks.live():
+                each(connection)
 
         setattr(client, _CLUSTER_CONNECT_HOOK, after_cluster)
         return
     if isinstance(client, redis.asyncio.cluster.RedisCluster):
         options = client.nodes_manager.connection_kwargs
-        hook = _async_hook(options.get(_CONNECT_HOOK), check)
+        hook = _async_hook(options.get(_CONNECT_HOOK), checks)
         options[_CONNECT_HOOK] = hook
         for node in client.nodes_manager.nodes_cache.values():
             node.connection_kwargs[_CONNECT_HOOK] = hook
@@ -812,7 +886,7 @@ def install_connect_hook(client: Any, check: Callable[[Any], Any]) -> None:
     previous = pool.connection_kwargs.get(_CONNECT_HOOK)
     made: Any
     if isinstance(client, redis.asyncio.Redis):
-        made = _async_hook(previous, check)
+        made = _async_hook(previous, checks)
     else:
 
         def made(connection: Any) -> None:
@@ -820,7 +894,8 @@ def install_connect_hook(client: Any, check: Callable[[Any], Any]) -> None:
                 previous(connection)
             else:
                 connection.on_connect()
-            check(connection)
+            for (each,) in checks.live():
+                each(connection)
 
     pool.connection_kwargs[_CONNECT_HOOK] = made
     for name in ("_available_connections", "_in_use_connections"):
@@ -864,6 +939,10 @@ def watch_slot_map(
     is not a cluster client. An exception ``seen`` raises is logged, not raised into
     redis-py's refresh.
 
+    The client's map is watched once, for every cache made on it; ``seen`` and
+    ``refreshing``, where they are bound methods, are held weakly (as the checks of
+    :func:`install_connect_hook`).
+
     redis-py keeps the map in ``nodes_manager.slots_cache`` (slot -> nodes, the primary
     first), refreshes it in ``nodes_manager.initialize()`` and moves one slot in
     ``nodes_manager.move_slot(error)`` (``_update_moved_slots()`` in older releases;
@@ -875,16 +954,39 @@ def watch_slot_map(
     if not isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)):
         return False
     manager: Any = client.nodes_manager
+    watchers = _registered(_SLOT_WATCHERS, client, seen, refreshing)
+    if watchers is not None:
+        _report_slot_map_changes(client, manager, watchers)
+    if manager.slots_cache:
+        _report_slot_map(manager, [(seen, refreshing)])
+    return True
 
-    def report(slot: int | None = None) -> None:
-        cache = manager.slots_cache
-        try:
-            if slot is None:
-                seen({number: nodes[0].name for number, nodes in cache.items() if nodes})
-            elif cache.get(slot):
-                seen({slot: cache[slot][0].name})
-        except Exception:  # a bug of ours must not fail the application's command
-            log.exception("the slot map watch failed")
+
+def _report_slot_map(
+    manager: Any, watchers: Sequence[tuple[Any, ...]], slot: int | None = None
+) -> None:
+    """Tell each of ``watchers`` (``(seen, refreshing)``) the whole map, or ``slot``'s
+    primary."""
+    cache = manager.slots_cache
+    if slot is None:
+        part = {number: nodes[0].name for number, nodes in cache.items() if nodes}
+    elif cache.get(slot):
+        part = {slot: cache[slot][0].name}
+    else:
+        return
+    for seen, _ in watchers:
+        _tell(seen, part)
+
+
+def _tell(seen: Callable[[dict[int, str]], None], part: dict[int, str]) -> None:
+    try:
+        seen(part)
+    except Exception:  # a bug of ours must not fail the application's command
+        log.exception("the slot map watch failed")
+
+
+def _report_slot_map_changes(client: Any, manager: Any, watchers: _Callbacks) -> None:
+    """Make ``manager``'s changes of the map report to ``watchers`` (see watch_slot_map)."""
 
     def moved_slot(args: tuple[Any, ...]) -> int | None:
         # move_slot(error) (redis-py 8) or _update_moved_slots() with the error kept
@@ -894,17 +996,20 @@ def watch_slot_map(
     @contextlib.contextmanager
     def changing(slot: int | None) -> Iterator[None]:
         """Around one change of the map: counted as under way, then reported."""
+        current = watchers.live()
         # the first map (an asyncio client maps on its first command) moves nothing: no
         # command was sent by an older one
         counted = bool(manager.slots_cache)
         if counted:
-            refreshing(1)
+            for _, refreshing in current:
+                refreshing(1)
         try:
             yield
-            report(slot)
+            _report_slot_map(manager, current, slot)
         finally:
             if counted:
-                refreshing(-1)
+                for _, refreshing in current:
+                    refreshing(-1)
 
     def reporting(method: Callable[..., Any], whole_map: bool, unbound: bool) -> Any:
         """``method`` (``unbound``: a function of the asyncio manager's subclass, called
@@ -934,21 +1039,19 @@ def watch_slot_map(
             method = getattr(manager, name, None)
             if method is not None:
                 setattr(manager, name, reporting(method, whole_map, unbound=False))
-    else:
-        base = type(manager)
-        methods: dict[str, Any] = {"__slots__": ()}
-        for name, whole_map in changes.items():
-            method = getattr(base, name, None)
-            if method is not None:
-                methods[name] = reporting(method, whole_map, unbound=True)
-        manager.__class__ = type(f"Watched{base.__name__}", (base,), methods)
-    if manager.slots_cache:
-        report()
-    return True
+        return
+    base = type(manager)
+    methods: dict[str, Any] = {"__slots__": ()}
+    for name, whole_map in changes.items():
+        method = getattr(base, name, None)
+        if method is not None:
+            methods[name] = reporting(method, whole_map, unbound=True)
+    manager.__class__ = type(f"Watched{base.__name__}", (base,), methods)
 
 
-def _async_hook(previous: Any, check: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """An asyncio ``redis_connect_func``: the previous one (or ``on_connect``), then ``check``."""
+def _async_hook(previous: Any, checks: _Callbacks) -> Callable[[Any], Any]:
+    """An asyncio ``redis_connect_func``: the previous one (or ``on_connect``), then each
+    of ``checks``."""
 
     async def on_connect(connection: Any) -> None:
         if previous is not None:
@@ -957,7 +1060,8 @@ def _async_hook(previous: Any, check: Callable[[Any], Any]) -> Callable[[Any], A
                 await done
         else:
             await connection.on_connect()
-        await check(connection)
+        for (each,) in checks.live():
+            await each(connection)
 
     return on_connect
 

@@ -4,7 +4,8 @@ ORM flushes and ORM bulk statements are handled by the session hooks in
 :mod:`sa_redis_cache.sessions`. Everything else that reaches the database through an
 attached engine is seen here, after the cursor ran it, Core DML on a session's own
 connection included: a compiled ``insert()``,
-``update()`` or ``delete()`` names its table; a ``text()`` statement is read with a
+``update()`` or ``delete()`` names its table, and so does one in a CTE of any
+statement (``select(update(...).returning(...).cte())``); a ``text()`` statement is read with a
 regular expression, and when its tables cannot be told, every table the cache knows is
 invalidated. The tables are marked at once (before the commit), and the post-commit bump
 runs as the connection's commit returns (``Connection.commit()``, the end of
@@ -21,10 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql import visitors
 from sqlalchemy.sql.dml import Delete, Update, UpdateBase
 from sqlalchemy.sql.elements import TextClause
-from sqlalchemy.sql.selectable import CTE, TextualSelect
+from sqlalchemy.sql.selectable import TextualSelect
 
 from . import commit_first, compat
 from .models import KnownTables
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session
+    from sqlalchemy.sql.expression import TableClause
 
     from .context import CacheContext
     from .strategies.cache_aside import Invalidation
@@ -60,6 +61,9 @@ _TRUNCATE = re.compile(
 _TRUNCATED = re.compile(rf"(?:ONLY\s+)?(?P<table>{_NAME})", re.IGNORECASE)
 _PARTS = re.compile(_PART)
 _ANY_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|TRUNCATE|COPY)\b", re.IGNORECASE)
+# a procedure call, an anonymous code block, a prepared statement's execution: what they
+# write is in the database, not in the statement
+_OPAQUE = re.compile(r"^\s*(?:CALL|DO|EXECUTE)\b", re.IGNORECASE)
 # the locking clause of a read (SELECT ... FOR UPDATE, FOR NO KEY UPDATE): not a write
 _LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?UPDATE\b", re.IGNORECASE)
 # a second statement after a ';' (a trailing ';' and comments after it are not one)
@@ -76,9 +80,11 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
     (``s.t`` and ``t`` are any schema's ``t``, which a ``schema_translate_map`` may put
     there; an unquoted name in any case, as Postgres folds it, a quoted one exactly), or
     the name alone when no model maps it, exactly as Core DML on that table invalidates
-    that table only. A statement that writes some other way (a CTE, a function call,
-    ``COPY``, several statements, ``TRUNCATE ... CASCADE``, which empties the tables that
-    refer to these) is unknowable, and gives every known table. A read's locking clause
+    that table only. A statement that writes some other way (a CTE, a function call
+    beside such a word, ``COPY``, several statements, ``TRUNCATE ... CASCADE``, which
+    empties the tables that refer to these), and a ``CALL`` of a procedure, a ``DO``
+    block or an ``EXECUTE`` of a prepared statement, is unknowable, and gives every known
+    table. A read's locking clause
     (``FOR UPDATE``, ``FOR NO KEY UPDATE``) writes nothing.
 
     Example::
@@ -93,6 +99,8 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
         ['orders', 'products']
         >>> text_dml_tables("SELECT id FROM products FOR UPDATE", ["products", "orders"])
         set()
+        >>> sorted(text_dml_tables("CALL archive_orders(7)", ["products", "orders"]))
+        ['orders', 'products']
     """
     if not isinstance(known, KnownTables):
         known = KnownTables(known)
@@ -105,8 +113,8 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
         for name in _TRUNCATED.finditer(truncate.group("tables")):
             tables |= _named(name.group("table"), known)
         return tables
-    if found is not None or _ANY_DML.search(_LOCKING.sub(" ", sql)):
-        # a CTE, a function call, COPY, several statements, TRUNCATE ... CASCADE: which
+    if found is not None or _OPAQUE.match(sql) or _ANY_DML.search(_LOCKING.sub(" ", sql)):
+        # a CTE, a procedure, COPY, several statements, TRUNCATE ... CASCADE: which
         # cached tables changed is unknowable
         return set(known.names)
     return set()
@@ -204,21 +212,19 @@ class EngineWrites:
             # what the statement does is not parsed: any foreign-key action may follow
             tables |= referential_actions().written_by(tables, deletes=True, updates=True)
         else:
-            # DML in a WITH clause (``select(update(...).returning(...).cte())``, or a CTE
-            # added to another DML statement): a write whatever the outer statement is, and
-            # one no session hook sees (they know the outer statement's table only)
-            tables = self._written_in_ctes(compiled, element)
-            if (
-                context.isinsert or context.isupdate or context.isdelete
-            ) and not self._seen_by_session(conn, context, element, returned):
+            # the INSERTs, UPDATEs and DELETEs in its CTEs write too, whatever the
+            # statement is: a SELECT of a data-modifying CTE, or DML with a CTE added that
+            # writes another table (no session hook sees those)
+            tables = self._cte_writes(compiled)
+            if context.isinsert or context.isupdate or context.isdelete:
+                # unless the session's own hooks know the rows
                 target = compat.dml_table(element)
-                if target is not None:
-                    written = self.core.models.written_as(target)
-                    tables |= written | referential_actions().written_by(
-                        written, deletes=context.isdelete, updates=context.isupdate
-                    )
+                if target is not None and not self._seen_by_session(
+                    conn, context, element, returned
+                ):
+                    tables |= self._dml_writes(target, context.isdelete, context.isupdate)
             if not tables:
-                return  # a read, or DML the session's own hooks know the rows of
+                return
         # the worker's offsets and dead letters: no cache entry reads them
         tables = {t for t in tables if not is_library_table(t)}
         if not tables:
@@ -239,33 +245,35 @@ class EngineWrites:
         if compat.is_autocommit(conn):
             self._finish(info)
 
-    def _written_in_ctes(self, compiled: Any, element: Any) -> set[str]:
-        """The tables the data-modifying CTEs of a compiled statement write (Postgres
-        allows DML inside a statement only in its WITH clause), with what their
-        foreign-key actions write: ``WITH u AS (UPDATE products ... RETURNING id) SELECT
-        ...`` writes ``products`` though it is a SELECT. A textual statement as a CTE is
-        read as :func:`text_dml_tables` reads one. Empty for a statement without CTEs,
-        the usual case, at the cost of one attribute read."""
-        if not getattr(compiled, "ctes", None):
+    def _dml_writes(self, target: TableClause, deletes: bool, updates: bool) -> set[str]:
+        """The tables an ``INSERT``/``UPDATE``/``DELETE`` of ``target`` may write, its
+        foreign keys' actions included."""
+        tables = self.core.models.written_as(target)
+        return tables | referential_actions().written_by(tables, deletes=deletes, updates=updates)
+
+    def _cte_writes(self, compiled: Any) -> set[str]:
+        """The tables the data-modifying CTEs of a compiled statement write (an alias of a
+        table or a lightweight ``table()`` by the table it names; a ``text()`` CTE as
+        :func:`text_dml_tables` reads it); every known table for one whose target is none
+        of these."""
+        ctes = getattr(compiled, "ctes", None)
+        if not ctes:
             return set()
-        models = self.core.models
         tables: set[str] = set()
-        for node in visitors.iterate(element):
-            if isinstance(node, CTE):
-                inner = node.element
-                target = compat.dml_table(inner) if isinstance(inner, UpdateBase) else None
+        for cte in ctes:
+            inner = getattr(cte, "element", None)
+            if isinstance(inner, UpdateBase):
+                target = compat.dml_table(inner)
                 if target is not None:
-                    written = models.written_as(target)
-                    tables |= written | referential_actions().written_by(
-                        written,
-                        deletes=isinstance(inner, Delete),
-                        updates=isinstance(inner, Update),
+                    tables |= self._dml_writes(
+                        target, isinstance(inner, Delete), isinstance(inner, Update)
                     )
-                elif isinstance(inner, TextualSelect | TextClause):
-                    text = inner.element if isinstance(inner, TextualSelect) else inner
-                    if not isinstance(text, TextClause):
-                        continue
-                    found = text_dml_tables(text.text, models.known())
+                else:
+                    tables |= set(self.core.models.known().names)
+            elif isinstance(inner, TextualSelect | TextClause):
+                text = inner.element if isinstance(inner, TextualSelect) else inner
+                if isinstance(text, TextClause):
+                    found = text_dml_tables(text.text, self.core.models.known())
                     tables |= found | referential_actions().written_by(
                         found, deletes=True, updates=True
                     )

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table
 from sqlalchemy.orm import Mapper, MapperProperty
+from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import ColumnClause, TextClause
-from sqlalchemy.sql.selectable import TableClause, TextualSelect
+from sqlalchemy.sql.functions import Function, FunctionElement
+from sqlalchemy.sql.selectable import ForUpdateArg, TableClause, TextualSelect
 from sqlalchemy.sql.type_api import TypeEngine
 
 from .codec import CODEC_VERSION, dumps_tagged, pack, plain
@@ -35,10 +37,39 @@ class Unfingerprintable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Fingerprint:
-    """The stable identity of a statement shape and the tables its result depends on."""
+    """The stable identity of a statement shape and the tables its result depends on;
+    ``volatile`` when it calls a SQL function whose value changes with no write (the
+    clock, ``random()``, a sequence)."""
 
     digest: str
     tables: tuple[Table, ...]
+    volatile: bool = False
+
+
+# SQL functions whose result changes with no write to any table: a statement calling one
+# is never the same twice, so caching it every time (cache_queries) would freeze it
+VOLATILE_FUNCTIONS = frozenset(
+    (
+        "now",
+        "current_timestamp",
+        "current_time",
+        "current_date",
+        "localtime",
+        "localtimestamp",
+        "clock_timestamp",
+        "statement_timestamp",
+        "transaction_timestamp",
+        "timeofday",
+        "random",
+        "gen_random_uuid",
+        "uuid_generate_v4",
+        "nextval",
+        "currval",
+        "next_value",
+        "txid_current",
+        "pg_current_xact_id",
+    )
+)
 
 
 _SIMPLE = (str, int, float, bool, type(None), bytes)
@@ -64,19 +95,34 @@ def _literal_sql(node: tuple[Any, ...]) -> bool:
     return not (isinstance(text, str) and _PLAIN_LITERAL.fullmatch(text))
 
 
+def _called_function(node: tuple[Any, ...]) -> str | None:
+    """The name of the SQL function whose key ``node`` is (lower case), else None."""
+    if len(node) < 2 or not isinstance(node[1], type) or not issubclass(node[1], FunctionElement):
+        return None
+    if node[1] is Function:  # func.anything(): its name is in the key
+        values = {node[i]: node[i + 1] for i in range(2, len(node) - 1) if type(node[i]) is str}
+        name = values.get("name")
+        return name.lower() if isinstance(name, str) else None
+    # a known function (func.now(), Sequence.next_value()): its class says which
+    return str(getattr(node[1], "identifier", node[1].__name__)).lower()
+
+
 class _Walker:
-    __slots__ = ("mappers", "out", "tables")
+    __slots__ = ("mappers", "out", "tables", "volatile")
 
     def __init__(self) -> None:
         self.out: list[str] = []
         self.tables: dict[str, Table] = {}
         self.mappers: dict[int, Mapper[Any]] = {}
+        self.volatile = False
 
     def walk(self, node: Any) -> None:
         out = self.out
         if isinstance(node, tuple):
             if _literal_sql(node):
                 raise Unfingerprintable("literal_column() SQL names tables the cache cannot see")
+            if not self.volatile and _called_function(node) in VOLATILE_FUNCTIONS:
+                self.volatile = True
             out.append("(")
             for item in node:
                 self.walk(item)
@@ -90,11 +136,7 @@ class _Walker:
             self.mappers[id(node)] = node
             out.append(f"M:{_qualified(node.class_)}")
         elif isinstance(node, type):
-            if issubclass(node, _TEXTUAL) or node is TableClause:
-                # text() fragments appear in the key as their SQL string, and a
-                # lightweight table("name", column(...)) by its name, not as a Table of
-                # the models' MetaData: the tables they read cannot be versioned
-                raise Unfingerprintable("textual SQL names tables the cache cannot see")
+            _check_class(node)
             out.append(f"C:{_qualified(node)}")
         elif isinstance(node, Enum):
             out.append(f"E:{_qualified(type(node))}.{node.name}")
@@ -116,6 +158,23 @@ class _Walker:
             if " at 0x" in text:
                 raise Unfingerprintable(f"{type(node).__name__} has no stable name")
             out.append(f"R:{type(node).__name__}:{text}")
+
+
+def _check_class(node: type) -> None:
+    """Refuse a statement whose key names an element class the cache cannot serve."""
+    if issubclass(node, _TEXTUAL) or node is TableClause:
+        # text() fragments appear in the key as their SQL string, and a lightweight
+        # table("name", column(...)) by its name, not as a Table of the models'
+        # MetaData: the tables they read cannot be versioned
+        raise Unfingerprintable("textual SQL names tables the cache cannot see")
+    if issubclass(node, UpdateBase):
+        # a data-modifying CTE, the SELECT of an UPDATE ... RETURNING: the statement
+        # writes, and a hit would skip its write
+        raise Unfingerprintable("an INSERT, UPDATE or DELETE inside it writes")
+    if issubclass(node, ForUpdateArg):
+        # FOR UPDATE in a subquery or a from_statement() (the SKIP LOCKED job claim):
+        # a hit would take no lock, and skip no row another transaction holds
+        raise Unfingerprintable("a locking clause inside it: a cached row takes no lock")
 
 
 def _function_name(func: Any) -> str | None:
@@ -140,8 +199,10 @@ def _qualified(cls: type) -> str:
 def fingerprint(structural_key: tuple[Any, ...]) -> Fingerprint:
     """Fingerprint the ``key`` part of a statement's cache key (``compat.statement_cache_key``).
 
-    Raises :class:`Unfingerprintable` when the statement holds textual SQL or an object
-    with no stable name; such statements run uncached.
+    Raises :class:`Unfingerprintable` when the statement holds textual SQL, an object
+    with no stable name, an ``INSERT``/``UPDATE``/``DELETE`` (a data-modifying CTE:
+    the statement writes) or a locking clause (``FOR UPDATE`` in a subquery); such
+    statements run uncached.
     """
     walker = _Walker()
     walker.walk(structural_key)
@@ -149,7 +210,11 @@ def fingerprint(structural_key: tuple[Any, ...]) -> Fingerprint:
     for table in _mapper_tables(walker.mappers.values()):
         tables.setdefault(table.fullname, table)
     text = "".join(walker.out) + f"|codec:{CODEC_VERSION}"
-    return Fingerprint(digest(text.encode()), tuple(tables[name] for name in sorted(tables)))
+    return Fingerprint(
+        digest(text.encode()),
+        tuple(tables[name] for name in sorted(tables)),
+        walker.volatile,
+    )
 
 
 def _mapper_tables(named: Iterable[Mapper[Any]]) -> Iterable[Table]:

@@ -240,6 +240,18 @@ def write_normalizer(sqltype: TypeEngine[Any]) -> Normalizer | None:
             return value.astimezone(tz)
 
         return timestamptz
+    if isinstance(sqltype, sqltypes.DateTime):
+
+        def timestamp(value: Any, tz: tzinfo | None) -> Any:
+            # an aware value is sent as a timestamptz, which Postgres stores in a timestamp
+            # column as its wall time in the connection's time zone: naive, as it is read
+            if not isinstance(value, datetime) or value.utcoffset() is None:
+                return value
+            if tz is None:
+                raise Inexact("the connection's time zone is not known")
+            return value.astimezone(tz).replace(tzinfo=None)
+
+        return timestamp
     if isinstance(sqltype, sqltypes.CHAR) and not isinstance(sqltype, sqltypes.VARCHAR):
         return _refuse
     return None

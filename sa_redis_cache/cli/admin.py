@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from sa_redis_cache.strategies.write_behind.worker.flush import LEASE_MAX_MS, LE
 from .common import (
     CliError,
     Settings,
+    TranslatedCommand,
     call_factory,
     common_options,
     import_object,
@@ -205,11 +207,22 @@ def _invalidate_namespace(settings: Settings, *, yes: bool) -> None:
 
 # --------------------------------------------------------------------------- write-behind
 
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Refuse ``nan`` and ``inf``, which click's FloatRange lets through: a backoff of
+    ``nan`` retried in a busy loop (and never retried a failed partition again)."""
+    del ctx
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds", param=param)
+    return value
+
+
 WORKER_PROG = "python -m sa_redis_cache.worker"
 """The standalone name of the ``worker`` command (its usage line when run that way)."""
 
 
 @click.command(
+    cls=TranslatedCommand,  # python -m sa_redis_cache.worker runs it outside the group
     short_help="Run the write-behind flush worker.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -257,6 +270,7 @@ WORKER_PROG = "python -m sa_redis_cache.worker"
     type=click.FloatRange(min=0),
     default=5.0,
     show_default=True,
+    callback=_finite,
     metavar="SECONDS",
     help="Longest wait between retries while the database or Redis fails.",
 )
@@ -288,6 +302,7 @@ WORKER_PROG = "python -m sa_redis_cache.worker"
     type=click.FloatRange(min=0, min_open=True),
     default=5.0,
     show_default=True,
+    callback=_finite,
     metavar="SECONDS",
     help="Time between backlog log lines when no bar is shown.",
 )

@@ -6,12 +6,11 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import click
-import redis
 
 from sa_redis_cache import __version__
 
 from .admin import demo, dlq, invalidate, worker
-from .common import DEFAULT_REDIS_URL, CliError, Settings, one_line
+from .common import DEFAULT_REDIS_URL, Settings, cli_errors
 from .inspection import inspect_command
 from .stats import stats
 
@@ -25,40 +24,17 @@ class _Group(click.Group):
     """Turns Redis failures raised anywhere in a command into one clear message, exit 1.
 
     Every error message leaves through here, and loses the credentials of the URLs the
-    command was given on its way (``Settings.redact``).
+    command was given on its way (``Settings.redact``; :func:`.common.cli_errors`).
     """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            try:
+            with cli_errors(ctx):
                 return super().invoke(ctx)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                settings = ctx.find_object(Settings) or Settings()
-                raise settings.unreachable(exc) from exc
-            except redis.RedisError as exc:
-                settings = ctx.find_object(Settings) or Settings()
-                raise CliError(
-                    f"Redis at {settings.shown_redis_url} failed: {one_line(exc)}"
-                ) from exc
-        except click.ClickException as exc:
-            given = ctx.find_object(Settings)
-            message = exc.message if given is None else given.redact(exc.message)
-            if message == exc.message:
-                raise
-            raise _with_message(exc, message) from exc
         finally:
             used = ctx.find_object(Settings)
             if used is not None:
                 used.close()
-
-
-def _with_message(exc: click.ClickException, message: str) -> click.ClickException:
-    """``exc`` again, with ``message`` (click's messages are final once made)."""
-    if isinstance(exc, click.BadParameter):
-        return click.BadParameter(message, ctx=exc.ctx, param=exc.param, param_hint=exc.param_hint)
-    if isinstance(exc, click.UsageError):
-        return click.UsageError(message, ctx=exc.ctx)
-    return CliError(message)  # every other ClickException exits 1, as CliError does
 
 
 @click.group(

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -32,7 +33,7 @@ from sa_redis_cache.redis_io import (
 from sa_redis_cache.slot_groups import model_groups
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Mapper
@@ -530,3 +531,52 @@ def resolve_model(spec: str, settings: Settings) -> type:
     raise click.BadParameter(
         f"unknown model {spec!r}; the imported models are: {known}", param_hint="MODEL"
     )
+
+
+@contextmanager
+def cli_errors(ctx: click.Context) -> Iterator[None]:
+    """Turn a Redis failure raised in a command into one clear message (exit 1), and take
+    the credentials of the command's URLs out of every error message.
+
+    The ``sa-redis-cache`` group runs each command in it, and so does a command run on
+    its own (``python -m sa_redis_cache.worker``), which the group does not wrap.
+
+    Example::
+
+        with cli_errors(ctx):
+            ctx.invoke(command)
+    """
+    try:
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            settings = ctx.find_object(Settings) or Settings()
+            raise settings.unreachable(exc) from exc
+        except redis.RedisError as exc:
+            settings = ctx.find_object(Settings) or Settings()
+            raise CliError(f"Redis at {settings.shown_redis_url} failed: {one_line(exc)}") from exc
+    except click.ClickException as exc:
+        given = ctx.find_object(Settings)
+        message = exc.message if given is None else given.redact(exc.message)
+        if message == exc.message:
+            raise
+        raise _with_message(exc, message) from exc
+
+
+def _with_message(exc: click.ClickException, message: str) -> click.ClickException:
+    """``exc`` again, with ``message`` (click's messages are final once made)."""
+    if isinstance(exc, click.BadParameter):
+        return click.BadParameter(message, ctx=exc.ctx, param=exc.param, param_hint=exc.param_hint)
+    if isinstance(exc, click.UsageError):
+        return click.UsageError(message, ctx=exc.ctx)
+    return CliError(message)  # every other ClickException exits 1, as CliError does
+
+
+class TranslatedCommand(click.Command):
+    """A command that translates its errors itself (:func:`cli_errors`), for commands that
+    also run outside the ``sa-redis-cache`` group; inside it, translating twice is
+    harmless (a translated message has nothing left to redact)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with cli_errors(ctx):
+            return super().invoke(ctx)

@@ -73,6 +73,7 @@ class ReadPath:
     def on_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         """Serve a SELECT from the cache; returns a result to short-circuit the database."""
         option = from_cache_in(orm_context.user_defined_options)
+        chosen = option is not None  # by the statement; else by the cache itself
         if option is None:
             if orm_context.is_relationship_load and not orm_context.lazy_loaded_from:
                 return None
@@ -90,7 +91,7 @@ class ReadPath:
             # its region is not recorded: invalidate_region would miss what it filled
             # (note() counted the read: bypassed, or its Redis error)
             return None
-        return self.queries.read(orm_context, option)
+        return self.queries.read(orm_context, option, volatile_ok=chosen)
 
     def direct_read(
         self, session: Session, statement: Any, option: FromCache, mapper: Mapper[Any]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -118,6 +119,8 @@ class StatementPlan:
     # are its entries spread by digest unless FromCache(spread=...) says (the first
     # table's CachePolicy(spread_queries=True))
     spread: bool = False
+    # does it call a SQL function whose value changes with no write (now(), random())
+    volatile: bool = False
 
 
 class Uncacheable(Exception):
@@ -276,7 +279,13 @@ class QueryReads:
         self.decoded = decoded
         self._keys_made = KeysMade()
 
-    def read(self, orm_context: ORMExecuteState, option: FromCache) -> Result[Any] | None:
+    def read(
+        self, orm_context: ORMExecuteState, option: FromCache, *, volatile_ok: bool = True
+    ) -> Result[Any] | None:
+        """Serve ``orm_context``'s select from its entry, or read it and fill; None lets
+        the database answer. ``volatile_ok=False`` (a read the cache chose to cache:
+        ``cache_queries``, a lazy-loaded collection) leaves a statement calling a
+        volatile SQL function (``now()``, ``random()``) to the database."""
         core = self.core
         stats = core.counters
         region = scope("region", option.region)
@@ -294,6 +303,9 @@ class QueryReads:
             stats.incr(region, planned)
             return None
         cache_key, plan = planned
+        if plan.volatile and not volatile_ok:
+            stats.incr(region, "bypassed")
+            return None
         session = orm_context.session
         tx = peek_transaction_state(session)
         if tx is not None and not tx.written_tables.isdisjoint(plan.tables):
@@ -665,6 +677,10 @@ class QueryReads:
         tagged by its digest (``FromCache(spread=True)``).
         """
         params = params or {}
+        if not isinstance(params, Mapping):
+            # several parameter sets (session.execute(stmt, [{...}])): which row set the
+            # result is cannot be keyed; it runs uncached
+            return None
         try:
             values: list[Any] = [params.get(bp.key, bp.effective_value) for bp in bindparams]
         except TypeError:
@@ -759,6 +775,7 @@ class QueryReads:
             and first.policy is not None
             and first.policy.spread_queries is True,
             local=all(info is None or info.local for info in infos),
+            volatile=fp.volatile,
             digest=values_digest([fp.digest, schema]),
             tables=frozenset(tables),
             table_names=tuple(tables),

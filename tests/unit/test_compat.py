@@ -6,6 +6,9 @@ failure names it and the versions, instead of a cached read going wrong somewher
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import redis
 import sqlalchemy
@@ -60,6 +63,28 @@ def test_an_asyncio_cluster_clients_refreshes_can_be_watched() -> None:
     assert moves, "redis-py moves a slot on MOVED some other way: watch_slot_map must follow"
     assert all(getattr(type(manager), name) is not getattr(base, name) for name in moves)
     assert maps == []  # nothing known before the first refresh
+
+
+def test_a_cluster_client_watched_by_several_caches_is_wrapped_once() -> None:
+    """Every cache made on one client watches it: redis-py's methods are wrapped once,
+    and a watcher whose object is gone is forgotten (not called, not kept alive)."""
+    client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=1)  # not connected
+    manager = client.nodes_manager
+    base = type(manager)
+
+    class Watcher:
+        def seen(self, slots: dict[int, str]) -> None: ...
+
+    first, second = Watcher(), Watcher()
+    assert compat.watch_slot_map(client, first.seen)
+    watched = type(manager)
+    assert compat.watch_slot_map(client, second.seen)
+    assert type(manager) is watched
+    assert watched.__mro__[1] is base
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is None
 
 
 def test_a_synchronous_cluster_clients_moved_slots_are_watched() -> None:

@@ -425,7 +425,11 @@ class WriteBehind:
                 missing = key not in state.committed_state
                 default = column.onupdate
             elif created:
-                missing = key not in given or (key in pk_keys and given[key] is None)
+                # SQLAlchemy's INSERT leaves out a None it does not evaluate (a column
+                # type other than JSON's), so the column's default applies as if unset
+                missing = key not in given or (
+                    given[key] is None and (key in pk_keys or not column.type.should_evaluate_none)
+                )
                 default = column.default
             else:
                 # the ORM fills onupdate only for columns the UPDATE does not set itself

@@ -197,9 +197,20 @@ class Applier:
         result = applier.apply("sarc:shop:{shop:page_views}:wb:00ff:3", entries)
     """
 
-    def __init__(self, engine: Engine, info: ModelInfo, namespace: str) -> None:
+    def __init__(
+        self, engine: Engine, info: ModelInfo, namespace: str, *, idle_timeout_ms: int = 0
+    ) -> None:
         assert info.codec is not None
         self.engine = engine
+        # a fenced batch's transaction is ended by the database once it has waited this
+        # long for its client (0: never): a worker stopped inside it (SIGSTOP, a VM pause)
+        # would otherwise hold the partition's offset row, and the partition, for as long
+        # as it is stopped, where its successor takes over once the lease has passed
+        self.idle_timeout_ms = max(0, int(idle_timeout_ms))
+        self._idle_timeout = (
+            "SELECT set_config('idle_in_transaction_session_timeout', "
+            f"'{self.idle_timeout_ms}', true)"
+        )
         self.info = info
         self.namespace = namespace
         self.codec = info.codec
@@ -442,9 +453,14 @@ class Applier:
             token = applier.acquire("sarc:shop:{shop:page_views}:wb:00ff:3")
         """
         with self.engine.begin() as conn:
-            # a previous holder stopped (SIGSTOP) inside its transaction holds the row for
-            # as long as it is stopped: give up and try again on a later pass
-            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, int(lock_timeout_ms))}")
+            # a previous holder stopped (SIGSTOP) inside its transaction holds the row until
+            # the database ends that transaction (idle_timeout_ms): give up and try again on
+            # a later pass. This transaction holds the row too: the same timeout ends it.
+            conn.exec_driver_sql(
+                "SELECT set_config('lock_timeout', %(lock)s, true), "
+                "set_config('idle_in_transaction_session_timeout', %(idle)s, true)",
+                {"lock": str(max(1, int(lock_timeout_ms))), "idle": str(self.idle_timeout_ms)},
+            )
             return int(conn.execute(self._acquire, {"stream": stream}).scalar_one())
 
     def apply(self, stream: str, entries: list[Entry], *, token: int | None = None) -> BatchResult:
@@ -611,6 +627,11 @@ class Applier:
                 moved.execute(self._pipelined_advance, advance)
                 row = lock.fetchone()
                 open_letters = bool(moved.fetchone()[0])
+            if self.idle_timeout_ms:
+                # a round trip of its own, after the pipeline: the server does not time the
+                # idleness that follows a pipeline (set before it, or inside it, the
+                # timeout never fired), only that after a statement of its own
+                raw.execute(self._idle_timeout)
         except self.engine.dialect.loaded_dbapi.Error as exc:
             raise DBAPIError.instance(
                 "write-behind batch (pipelined)",
@@ -638,6 +659,8 @@ class Applier:
         """
         if token is None:
             return stream_id(str(conn.execute(self._lock, {"stream": stream}).scalar_one()))
+        if self.idle_timeout_ms:
+            conn.exec_driver_sql(self._idle_timeout)
         row = conn.execute(self._fenced_lock, {"stream": stream}).one_or_none()
         if row is None or row.lease_token != token:
             raise LeaseLost(stream, token, None if row is None else int(row.lease_token))

@@ -34,6 +34,7 @@ WorkerCollector` publishes them to Prometheus.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -211,6 +212,10 @@ class FlushWorker:
                 f"lease_ms={lease_ms} is longer than {LEASE_MAX_MS}: a worker set member "
                 "scored further ahead is taken for planted"
             )
+        if not (math.isfinite(max_backoff) and max_backoff >= 0):
+            raise ConfigurationError(
+                f"max_backoff={max_backoff} must be a finite number of seconds, 0 or more"
+            )
         if timeout_attempts < 1:
             raise ConfigurationError(
                 f"timeout_attempts={timeout_attempts} must be at least 1: the times one "
@@ -238,10 +243,17 @@ class FlushWorker:
         self.namespace = namespace
         self.keys = KeyScheme(namespace, model_groups(models))
         self.io = io_for(redis_client)
-        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        # an empty name is refused, never replaced: a replacement started with the name of
+        # the worker it replaces (``--consumer "$NAME"``) must not get a random one
+        self.consumer = (
+            consumer
+            if consumer is not None
+            else f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        )
         if "\n" in self.consumer or not self.consumer.strip():
             raise ConfigurationError(
-                f"consumer={self.consumer!r}: give a name without newlines, e.g. the host name"
+                f"consumer={self.consumer!r}: give a non-empty name without newlines, "
+                "e.g. the host name"
             )
         # this worker object, among the workers that share its consumer name (a replacement)
         self.instance = secrets.token_hex(6)
@@ -272,7 +284,10 @@ class FlushWorker:
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: _InFlight | None = None
         registry = ModelRegistry()
-        self._infos = [write_behind_info(model, registry) for model in models]
+        # a model named twice (``--model`` repeated, a factory that returns it again) is
+        # flushed once: twice, each of its streams was two partitions, counted twice in
+        # the queue's length, the backlog and the metrics
+        self._infos = [write_behind_info(model, registry) for model in dict.fromkeys(models)]
         self._binds = Binds()
         try:
             self._resolve()
@@ -293,7 +308,7 @@ class FlushWorker:
         for info in self._infos:
             assert info.policy is not None
             scope = self._binds.scope(database, info.table_schema, translate)
-            applier = Applier(self.engine, info, self.namespace)
+            applier = Applier(self.engine, info, self.namespace, idle_timeout_ms=self.lease_ms)
             parts = [
                 Partition(
                     info,
@@ -316,7 +331,8 @@ class FlushWorker:
 
         A failure (database or Redis away) is logged and retried with backoff; nothing is
         acknowledged that was not applied. While the database cannot be reached, a warning
-        says so every ``max(30, max_backoff)`` seconds, and :meth:`stats` reports it.
+        says so when the outage starts, then every 15 s (at each retry after that, with a
+        ``max_backoff`` longer than 15 s), and :meth:`stats` reports it.
         A heartbeat thread renews the leases meanwhile. ``on_pass`` is called after every
         pass (the runner's backlog progress uses it).
         """
@@ -502,7 +518,8 @@ class FlushWorker:
         by the fencing token. With ``database``, ``open_dead_letters`` counts the
         unreplayed dead letters of its tables in ``sarc_dead_letters`` (None when the
         database cannot be asked). ``database_up`` is False while the worker cannot reach
-        the database. One or two Redis round trips, plus one query with ``database``.
+        the database (the count is an attempt too: an idle worker reports an outage).
+        One or two Redis round trips, plus one query with ``database``.
 
         Example::
 
@@ -549,10 +566,17 @@ class FlushWorker:
         )
         try:
             with self.engine.connect() as conn:
-                return int(conn.execute(stmt).scalar_one())
+                count = int(conn.execute(stmt).scalar_one())
         except SQLAlchemyError as exc:
             log.debug("could not count the dead letters: %s", exc)
+            if is_unreachable(exc):
+                # a worker with nothing to apply asks the database nothing else: without
+                # this, an outage while the queue is empty showed database_up (and
+                # sarc_wb_database_up 1) until the next write came
+                self.database.failed(exc, retry_in=self.max_backoff)
             return None
+        self.database.answered()
+        return count
 
     # -- one pass ------------------------------------------------------------------------
 
@@ -901,6 +925,28 @@ class FlushWorker:
                 self._dropped(p, str(exc))
             return 0
         except (DBAPIError, StatementError) as exc:
+            if is_unreachable(exc) and not self._renew([p]):
+                # stopped inside the batch's transaction past the lease: the database ended
+                # it (idle_in_transaction_session_timeout), nothing was applied, and the
+                # partition is another worker's now. Fenced off, not a database outage.
+                self.fenced += 1
+                self._dropped(p, f"its lease was lost while its batch waited: {exc}")
+                return 0
+            self._failed(p, exc)
+            return 0
+        except Exception as exc:  # the worker must outlive it
+            # not a database error: a column type's bind processor that raises in this
+            # process (a key it lacks), a driver that cannot adapt a value. Raised out of
+            # run_once, it ended the worker, and every restart, for every partition: this
+            # one is retried with backoff, logged each time; the others go on
+            log.error(
+                "write-behind batch of %s/%s raised %s; retrying with backoff",
+                p.info.table,
+                p.number,
+                type(exc).__name__,
+                exc_info=True,
+                extra={"wb_table": p.info.table, "wb_partition": p.number},
+            )
             self._failed(p, exc)
             return 0
         if result is None:  # timed out: read again, fewer entries or after a backoff
