@@ -71,9 +71,12 @@ __all__ = [
     "autoflush_pending",
     "autoflush_requested",
     "await_",
+    "begin_as_the_database_read_would",
+    "bind_mapper",
     "canonical_statement",
     "commit_loaded",
     "commit_new",
+    "dml_table",
     "get_clause_pk",
     "has_net_change",
     "identity_key",
@@ -82,6 +85,8 @@ __all__ = [
     "install_connect_hook",
     "is_locking",
     "is_refresh",
+    "is_textual",
+    "joined_a_begun_transaction",
     "make_result",
     "pool_option",
     "pool_options_without",
@@ -109,6 +114,40 @@ _COMPILE_STATE: Any = getattr(orm_context, "_ORMCompileState", None) or getattr(
 
 
 # -- statements ----------------------------------------------------------------------------
+
+
+def is_textual(statement: Any) -> bool:
+    """Whether a compiled statement is SQL text, or SQL no construct explains: a
+    ``text()``, a ``text().columns(...)`` (``TextualSelect``, typed rows of ``UPDATE ...
+    RETURNING``), an ORM ``select(Model).from_statement(text(...))``, or an
+    application's own ``@compiles`` construct. What it does is read from its SQL."""
+    if isinstance(statement, orm_context.FromStatement):
+        statement = statement.element
+    if isinstance(statement, selectable.TextualSelect):
+        statement = statement.element
+    if isinstance(statement, sqlalchemy.TextClause):
+        return True
+    # a construct of the application's own, compiled by a @compiles function (a custom
+    # UPSERT, MERGE or DELETE ... USING): its SQL is all there is to read. Not a select,
+    # a DML construct, or DDL, which say what they do
+    return not isinstance(
+        statement,
+        selectable.SelectBase
+        | sqlalchemy.sql.dml.UpdateBase
+        | orm_context.FromStatement
+        | sqlalchemy.schema.ExecutableDDLElement,
+    )
+
+
+def dml_table(statement: Any) -> sqlalchemy.TableClause | None:
+    """The table an ``insert()``/``update()``/``delete()`` writes: a ``Table``, or a
+    lightweight ``table("products", column("price"))`` (Alembic's data migrations write
+    through those), also when the statement names an alias of it
+    (``update(table.alias("p"))``: ``UPDATE products AS p``); None for anything else."""
+    target = getattr(statement, "table", None)
+    if isinstance(target, sqlalchemy.Alias):
+        target = target.original
+    return target if isinstance(target, sqlalchemy.TableClause) else None
 
 
 def statement_cache_key(statement: Any) -> Any:
@@ -199,6 +238,17 @@ def isolation_level_of(bind: Any) -> str | None:
     dialect = bind.dialect
     found: str | None = dialect._on_connect_isolation_level or dialect.default_isolation_level
     return found
+
+
+def bind_mapper(execute_state: Any) -> Mapper[Any] | None:
+    """``orm_context.bind_mapper`` as a ``Mapper``: the application may give
+    ``bind_arguments={"mapper": Model}`` with the class, which SQLAlchemy's ``get_bind``
+    accepts and passes on as given."""
+    found = execute_state.bind_mapper
+    if found is None or isinstance(found, mapperlib.Mapper):
+        return found
+    mapper = getattr(sqlalchemy.inspect(found, raiseerr=False), "mapper", None)
+    return mapper if isinstance(mapper, mapperlib.Mapper) else None
 
 
 def statement_subject_mapper(statement: Any) -> Mapper[Any] | None:
@@ -323,6 +373,27 @@ def uncommitted_connections(session: Session) -> list[Connection]:
     ]
 
 
+def joined_a_begun_transaction(transaction: Any, connection: Connection) -> bool:
+    """In ``after_begin`` of a session transaction on ``connection``: whether the session
+    joined a transaction the application had begun on the connection
+    (``Session(bind=connection)``) rather than beginning one: it made a savepoint in it
+    (``create_savepoint``, ``conditional_savepoint`` inside a savepoint), may not commit
+    it (``rollback_only``, ``conditional_savepoint`` otherwise), or may have joined it in
+    ``control_fully`` mode, where SQLAlchemy records no difference. Such a transaction's
+    statements may have run before the session's first."""
+    found = transaction._connections.get(connection)
+    if found is None:
+        return False
+    _, database_transaction, should_commit, autoclose = found
+    if autoclose:
+        return False  # the session took the connection from an engine: it began it
+    return (
+        not should_commit
+        or isinstance(database_transaction, NestedTransaction)
+        or transaction.session.join_transaction_mode == "control_fully"
+    )
+
+
 def connections_left_open(transaction: Any) -> list[Connection]:
     """In ``after_transaction_end`` of a session's outermost transaction that did not
     commit: its connections whose database transaction, or savepoint, the session's end
@@ -436,6 +507,17 @@ def refuses_autobegin(session: Session) -> bool:
     SQLAlchemy sends to the database then raises ``InvalidRequestError`` ("Autobegin is
     disabled"), and a read the cache answers must raise it too, not answer."""
     return session._transaction is None and not session.autobegin
+
+
+def begin_as_the_database_read_would(session: Session) -> None:
+    """Autobegin ``session``'s transaction (no connection is taken) when it has none, as
+    the read the cache answers would have on its way to the database. Its end then
+    expires what the read loaded, as SQLAlchemy's does: ``rollback()`` with no
+    transaction does nothing, so an object a hit built would otherwise outlive it
+    unexpired, and the session's next read of it (a ``get``, a query without
+    ``populate_existing``) would keep the values from before any commit since."""
+    if session._transaction is None and session.autobegin:
+        session._autobegin_t()
 
 
 def has_net_change(state: InstanceState[Any]) -> bool:

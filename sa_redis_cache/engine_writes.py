@@ -24,6 +24,7 @@ from sqlalchemy import Table
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.dml import Delete, Update, UpdateBase
 from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.selectable import TextualSelect
 
 from . import commit_first, compat
 from .models import KnownTables
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session
+    from sqlalchemy.sql.expression import TableClause
 
     from .context import CacheContext
     from .strategies.cache_aside import Invalidation
@@ -205,18 +207,19 @@ class EngineWrites:
         returned = self.invalidation.returning.read_returned(conn, cursor, context)
         compiled = getattr(context, "compiled", None)
         element = getattr(compiled, "statement", None)
-        if isinstance(element, TextClause) or compiled is None:
+        if compiled is None or compat.is_textual(element):
             tables = text_dml_tables(statement, self.core.models.known())
             # what the statement does is not parsed: any foreign-key action may follow
             tables |= referential_actions().written_by(tables, deletes=True, updates=True)
         else:
             # the INSERTs, UPDATEs and DELETEs in its CTEs write too, whatever the
-            # statement is: a SELECT of a data-modifying CTE
+            # statement is: a SELECT of a data-modifying CTE, or DML with a CTE added that
+            # writes another table (no session hook sees those)
             tables = self._cte_writes(compiled)
             if context.isinsert or context.isupdate or context.isdelete:
                 # unless the session's own hooks know the rows
-                target = getattr(element, "table", None)
-                if isinstance(target, Table) and not self._seen_by_session(
+                target = compat.dml_table(element)
+                if target is not None and not self._seen_by_session(
                     conn, context, element, returned
                 ):
                     tables |= self._dml_writes(target, context.isdelete, context.isupdate)
@@ -242,28 +245,38 @@ class EngineWrites:
         if compat.is_autocommit(conn):
             self._finish(info)
 
-    def _dml_writes(self, target: Table, deletes: bool, updates: bool) -> set[str]:
+    def _dml_writes(self, target: TableClause, deletes: bool, updates: bool) -> set[str]:
         """The tables an ``INSERT``/``UPDATE``/``DELETE`` of ``target`` may write, its
         foreign keys' actions included."""
         tables = self.core.models.written_as(target)
         return tables | referential_actions().written_by(tables, deletes=deletes, updates=updates)
 
     def _cte_writes(self, compiled: Any) -> set[str]:
-        """The tables the data-modifying CTEs of a compiled statement write; every known
-        table for one whose target is not a ``Table``."""
+        """The tables the data-modifying CTEs of a compiled statement write (an alias of a
+        table or a lightweight ``table()`` by the table it names; a ``text()`` CTE as
+        :func:`text_dml_tables` reads it); every known table for one whose target is none
+        of these."""
         ctes = getattr(compiled, "ctes", None)
         if not ctes:
             return set()
         tables: set[str] = set()
         for cte in ctes:
-            dml = getattr(cte, "element", None)
-            if not isinstance(dml, UpdateBase):
-                continue
-            target = getattr(dml, "table", None)
-            if isinstance(target, Table):
-                tables |= self._dml_writes(target, isinstance(dml, Delete), isinstance(dml, Update))
-            else:
-                tables |= set(self.core.models.known().names)
+            inner = getattr(cte, "element", None)
+            if isinstance(inner, UpdateBase):
+                target = compat.dml_table(inner)
+                if target is not None:
+                    tables |= self._dml_writes(
+                        target, isinstance(inner, Delete), isinstance(inner, Update)
+                    )
+                else:
+                    tables |= set(self.core.models.known().names)
+            elif isinstance(inner, TextualSelect | TextClause):
+                text = inner.element if isinstance(inner, TextualSelect) else inner
+                if isinstance(text, TextClause):
+                    found = text_dml_tables(text.text, self.core.models.known())
+                    tables |= found | referential_actions().written_by(
+                        found, deletes=True, updates=True
+                    )
         return tables
 
     def _seen_by_session(

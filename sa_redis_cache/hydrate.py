@@ -289,6 +289,8 @@ class _Materializer:
         # shared: the values are kept for other sessions too (the local tier), so mutable
         # ones are copied into each object
         self.shared = shared
+        # the objects belong to the session's transaction, as a database read's do
+        compat.begin_as_the_database_read_would(session)
         self.session = session
         self.identity_map = session.identity_map
         self.session_id = session.hash_key

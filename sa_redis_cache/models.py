@@ -30,6 +30,7 @@ from .stats import scope
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
+    from sqlalchemy.sql.expression import TableClause
     from sqlalchemy.sql.type_api import TypeEngine
 
 log = logging.getLogger(__name__)
@@ -837,8 +838,9 @@ class ModelRegistry:
             known = self._known = (seen, KnownTables(names))
         return known[1]
 
-    def written_as(self, table: Table) -> set[str]:
-        """The tables DML on ``table`` (a ``Table`` object, mapped or not) may write: its own,
+    def written_as(self, table: TableClause) -> set[str]:
+        """The tables DML on ``table`` (a ``Table`` object, mapped or not, or a lightweight
+        ``table()`` naming one) may write: its own,
         and every known table of its name in any schema. A ``schema_translate_map`` may put
         a model declared without a schema, or in SQLAlchemy's placeholder schema
         (``schema="per_tenant"``), in ``table``'s schema: an ``update()`` of a ``Table`` in a

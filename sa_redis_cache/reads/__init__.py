@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
+from sa_redis_cache import compat
 from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.options import FromCache
 from sa_redis_cache.transaction import transaction_state
@@ -86,7 +87,7 @@ class ReadPath:
                 return self.entities.read(orm_context)
         elif orm_context.is_relationship_load:
             return None
-        if not self.regions.note(orm_context.bind_mapper, option):
+        if not self.regions.note(compat.bind_mapper(orm_context), option):
             # its region is not recorded: invalidate_region would miss what it filled
             # (note() counted the read: bypassed, or its Redis error)
             return None
@@ -127,6 +128,13 @@ class ReadPath:
         core = self.core
         tables = core.models.known_tables()
         tx = transaction_state(session)
+        if compat.joined_a_begun_transaction(transaction, connection):
+            # the application's transaction on the connection may have taken its snapshot
+            # before any commit since: versions read now would pin what that snapshot never
+            # saw, and a fill under them would store its older rows as current. Nothing is
+            # pinned: no hit, no fill, for the rest of the transaction
+            tx.snapshot = dict.fromkeys(tables)
+            return
         keys = [core.keys.version_key(t) for t in tables]
         values: list[bytes | None]
         try:

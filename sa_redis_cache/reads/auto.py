@@ -87,7 +87,7 @@ class AutoQueries:
                 if option is not None:
                     break
         if option is None:
-            mapper = orm_context.bind_mapper
+            mapper = compat.bind_mapper(orm_context)
             info = None if mapper is None else self.core.models.infos.get(mapper)
             if info is None or info.policy is None or not info.policy.cache_queries:
                 return None

@@ -35,6 +35,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.sql.elements import TextClause
 
+from sa_redis_cache import compat
 from sa_redis_cache.compat import has_net_change
 from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.models import mappers_changed
@@ -487,12 +488,12 @@ class Invalidation:
         True when it marked the statement's tables."""
         if isinstance(orm_context.statement, TextClause):
             return False  # textual DML is seen at the engine (sa_redis_cache.engine_writes)
-        mapper = orm_context.bind_mapper
+        mapper = compat.bind_mapper(orm_context)
         tables: set[str] = set()
         if mapper is not None:
             tables.update(t.fullname for t in mapper.tables if isinstance(t, Table))
-        target = getattr(orm_context.statement, "table", None)
-        if isinstance(target, Table):
+        target = compat.dml_table(orm_context.statement)
+        if target is not None:
             tables |= self.core.models.written_as(target)
         if not tables:
             return False

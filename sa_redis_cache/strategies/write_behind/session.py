@@ -698,7 +698,7 @@ class WriteBehind:
         """Serve primary-key loads of write-behind rows from their unflushed state."""
         if not orm_context.is_select:
             return None
-        info = self._queued_info(orm_context.bind_mapper)
+        info = self._queued_info(compat.bind_mapper(orm_context))
         if info is None:
             return None
         if compat.is_locking(orm_context.statement):
