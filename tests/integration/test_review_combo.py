@@ -235,6 +235,22 @@ WRITES: dict[str, Write] = {
 }
 
 
+# where the caches of a test run: a single Redis, with the local tier, a Redis Cluster,
+# and the local tier on the cluster
+DEPLOYMENTS = ["single", "local", "cluster", "cluster_local"]
+
+
+def deployment(
+    request: pytest.FixtureRequest, redis_url: str, where: str
+) -> tuple[str, dict[str, Any]]:
+    """The Redis URL and the ``Cache`` options of the deployment ``where`` names."""
+    url = redis_url
+    if "cluster" in where:
+        url = request.getfixturevalue("redis_cluster").url
+    kw: dict[str, Any] = {"local": True, "local_lease": 5.0} if "local" in where else {}
+    return url, kw
+
+
 class Process:
     """A cache, its own engine and an attached factory (every select cached)."""
 
@@ -442,7 +458,7 @@ def async_url(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql+psycopg_async://")
 
 
-@pytest.mark.parametrize("where", ["single", "local", "cluster"])
+@pytest.mark.parametrize("where", DEPLOYMENTS)
 @pytest.mark.parametrize("shape", list(ASYNC_WRITES))
 def test_async_a_write_is_seen_by_the_next_read(
     request: pytest.FixtureRequest,
@@ -453,12 +469,7 @@ def test_async_a_write_is_seen_by_the_next_read(
     shape: str,
     where: str,
 ) -> None:
-    url = redis_url
-    kw: dict[str, Any] = {}
-    if where == "local":
-        kw = {"local": True, "local_lease": 5.0}
-    if where == "cluster":
-        url = request.getfixturevalue("redis_cluster").url
+    url, kw = deployment(request, redis_url, where)
 
     async def run() -> None:
         processes = []
@@ -516,7 +527,7 @@ class Worker:
 ENGINE_WRITES = [name for name in WRITES if name.endswith("_engine")]
 
 
-@pytest.mark.parametrize("where", ["single", "local", "cluster"])
+@pytest.mark.parametrize("where", DEPLOYMENTS)
 @pytest.mark.parametrize("shape", ENGINE_WRITES)
 def test_a_worker_with_only_its_engine_attached(
     request: pytest.FixtureRequest,
@@ -527,12 +538,7 @@ def test_a_worker_with_only_its_engine_attached(
     shape: str,
     where: str,
 ) -> None:
-    url = redis_url
-    kw: dict[str, Any] = {}
-    if where == "local":
-        kw = {"local": True, "local_lease": 5.0}
-    if where == "cluster":
-        url = request.getfixturevalue("redis_cluster").url
+    url, kw = deployment(request, redis_url, where)
     reader = Process(database_url, url, namespace, **kw)
     worker = Worker(database_url, url, namespace, **kw)
     try:
@@ -620,7 +626,7 @@ async def statements_async(factory: async_sessionmaker[AsyncSession], blog: sa.E
         holder.rollback()
 
 
-@pytest.mark.parametrize("where", ["local", "cluster"])
+@pytest.mark.parametrize("where", DEPLOYMENTS[1:])
 def test_statements_sync(
     request: pytest.FixtureRequest,
     blog: sa.Engine,
@@ -629,12 +635,7 @@ def test_statements_sync(
     namespace: str,
     where: str,
 ) -> None:
-    url = redis_url
-    kw: dict[str, Any] = {}
-    if where == "local":
-        kw = {"local": True, "local_lease": 5.0}
-    if where == "cluster":
-        url = request.getfixturevalue("redis_cluster").url
+    url, kw = deployment(request, redis_url, where)
     p = Process(database_url, url, namespace, **kw)
     try:
         statements_sync(p.factory, blog)
@@ -642,7 +643,7 @@ def test_statements_sync(
         p.close()
 
 
-@pytest.mark.parametrize("where", ["single", "local", "cluster"])
+@pytest.mark.parametrize("where", DEPLOYMENTS)
 def test_statements_async(
     request: pytest.FixtureRequest,
     blog: sa.Engine,
@@ -651,12 +652,7 @@ def test_statements_async(
     namespace: str,
     where: str,
 ) -> None:
-    url = redis_url
-    kw: dict[str, Any] = {}
-    if where == "local":
-        kw = {"local": True, "local_lease": 5.0}
-    if where == "cluster":
-        url = request.getfixturevalue("redis_cluster").url
+    url, kw = deployment(request, redis_url, where)
 
     async def run() -> None:
         engine = create_async_engine(async_url(database_url))
@@ -712,7 +708,7 @@ AINVALIDATIONS: dict[str, Callable[[Cache], Any]] = {
 }
 
 
-@pytest.mark.parametrize("where", ["local", "cluster", "cluster_local"])
+@pytest.mark.parametrize("where", DEPLOYMENTS[1:])
 @pytest.mark.parametrize("how", list(INVALIDATIONS))
 def test_an_invalidation_in_one_process_is_seen_by_the_other(
     request: pytest.FixtureRequest,
@@ -723,12 +719,7 @@ def test_an_invalidation_in_one_process_is_seen_by_the_other(
     how: str,
     where: str,
 ) -> None:
-    url = redis_url
-    kw: dict[str, Any] = {}
-    if "local" in where:
-        kw = {"local": True, "local_lease": 5.0}
-    if "cluster" in where:
-        url = request.getfixturevalue("redis_cluster").url
+    url, kw = deployment(request, redis_url, where)
     reader = Process(database_url, url, namespace, **kw)
     writer = Process(database_url, url, namespace, **kw)
     try:
@@ -743,7 +734,7 @@ def test_an_invalidation_in_one_process_is_seen_by_the_other(
         writer.close()
 
 
-@pytest.mark.parametrize("where", ["single", "local", "cluster"])
+@pytest.mark.parametrize("where", DEPLOYMENTS)
 @pytest.mark.parametrize("how", list(AINVALIDATIONS))
 def test_an_awaited_invalidation_is_seen_by_the_other_process(
     request: pytest.FixtureRequest,
@@ -754,12 +745,7 @@ def test_an_awaited_invalidation_is_seen_by_the_other_process(
     how: str,
     where: str,
 ) -> None:
-    url = redis_url
-    kw: dict[str, Any] = {}
-    if where == "local":
-        kw = {"local": True, "local_lease": 5.0}
-    if where == "cluster":
-        url = request.getfixturevalue("redis_cluster").url
+    url, kw = deployment(request, redis_url, where)
     reader = Process(database_url, url, namespace, **kw)
     writer = Process(database_url, url, namespace, **kw)
     try:
@@ -848,7 +834,7 @@ def refreshed_sync(factory: Callable[[], Session]) -> tuple[list[int], list[int]
         return [t.id for t in post.tags], [p.id for p in author.posts]
 
 
-@pytest.mark.parametrize("where", ["single", "local", "cluster"])
+@pytest.mark.parametrize("where", DEPLOYMENTS)
 def test_a_refreshed_collection_is_read_from_the_database(
     request: pytest.FixtureRequest,
     blog: sa.Engine,
@@ -860,12 +846,7 @@ def test_a_refreshed_collection_is_read_from_the_database(
     """``session.refresh(post, ["tags"])`` loads the named collection at once, by a lazy
     load inside the refresh; the cache served it from the collection's entry, so a refresh
     asked for after another program's write gave back what the cache held."""
-    url = redis_url
-    kw: dict[str, Any] = {}
-    if where == "local":
-        kw = {"local": True, "local_lease": 5.0}
-    if where == "cluster":
-        url = request.getfixturevalue("redis_cluster").url
+    url, kw = deployment(request, redis_url, where)
     p = Process(database_url, url, namespace, **kw)
     try:
         for _ in range(3):
@@ -876,7 +857,7 @@ def test_a_refreshed_collection_is_read_from_the_database(
         p.close()
 
 
-@pytest.mark.parametrize("where", ["single", "local", "cluster"])
+@pytest.mark.parametrize("where", DEPLOYMENTS)
 def test_an_awaited_refresh_of_a_collection_is_read_from_the_database(
     request: pytest.FixtureRequest,
     blog: sa.Engine,
@@ -887,12 +868,7 @@ def test_an_awaited_refresh_of_a_collection_is_read_from_the_database(
 ) -> None:
     """``await session.refresh(post, ["tags"])``, the asyncio way to load a collection
     again, was served from the cache as in a ``Session``."""
-    url = redis_url
-    kw: dict[str, Any] = {}
-    if where == "local":
-        kw = {"local": True, "local_lease": 5.0}
-    if where == "cluster":
-        url = request.getfixturevalue("redis_cluster").url
+    url, kw = deployment(request, redis_url, where)
 
     async def run() -> tuple[list[int], list[int]]:
         engine = create_async_engine(async_url(database_url))
