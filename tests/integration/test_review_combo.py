@@ -37,6 +37,9 @@ from sa_redis_cache import Cache, CachePolicy, FromCache
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+# the cluster deployments run in every run, as test_local_tier.py's
+pytestmark = pytest.mark.cluster
+
 WAIT = 10.0
 
 
@@ -244,6 +247,8 @@ def deployment(
     request: pytest.FixtureRequest, redis_url: str, where: str
 ) -> tuple[str, dict[str, Any]]:
     """The Redis URL and the ``Cache`` options of the deployment ``where`` names."""
+    if "cluster" not in where and request.config.getoption("--redis-mode") == "cluster":
+        pytest.skip("--redis-mode=cluster")
     url = redis_url
     if "cluster" in where:
         url = request.getfixturevalue("redis_cluster").url
@@ -308,7 +313,6 @@ def test_local_tier_a_write_in_one_process_is_seen_by_the_other(
 # --------------------------------------------------------------------------- cluster
 
 
-@pytest.mark.cluster
 @pytest.mark.parametrize("local", [False, True])
 @pytest.mark.parametrize("shape", list(WRITES))
 def test_cluster_a_write_is_seen_by_the_next_read(
@@ -787,7 +791,6 @@ class LaidOut(Process):
             assert tier.wait_ready(WAIT)
 
 
-@pytest.mark.cluster
 @pytest.mark.parametrize("layout", list(CLUSTER_LAYOUTS))
 @pytest.mark.parametrize("shape", list(WRITES))
 def test_cluster_layouts_a_write_is_seen_by_the_next_read(
