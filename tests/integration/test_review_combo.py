@@ -932,7 +932,7 @@ def rename_everything(database_url: str) -> None:
 
 
 @pytest.mark.parametrize("awaited", [False, True])
-@pytest.mark.parametrize("where", DEPLOYMENTS)
+@pytest.mark.parametrize("where", [*DEPLOYMENTS, "cluster_spread"])
 def test_invalidate_query_retires_what_cache_queries_cached(
     request: pytest.FixtureRequest,
     blog: sa.Engine,
@@ -948,8 +948,10 @@ def test_invalidate_query_retires_what_cache_queries_cached(
     ``FromCache()`` (whose key holds an empty options list), so the call returned 0 and
     the next read served what another program's write had replaced."""
     url, kw = deployment(request, redis_url, where)
-    reader = Process(database_url, url, namespace, **kw)
-    writer = Process(database_url, url, namespace, **kw)
+    if where == "cluster_spread":
+        kw["cache_queries"] = FromCache(ttl=60, spread=True)
+    reader = LaidOut(database_url, url, namespace, **kw)
+    writer = LaidOut(database_url, url, namespace, **kw)
     try:
         for _ in range(3):
             read_queries(reader.factory)
