@@ -309,6 +309,15 @@ def populates_existing(orm_context: ORMExecuteState) -> bool:
     )
 
 
+def loads_for_refresh(orm_context: ORMExecuteState) -> bool:
+    """True when a relationship load runs inside ``session.refresh(obj, ["tags"])``: a
+    refresh loads the collections it names at once, each by a lazy load whose top-level
+    context (the ``sa_top_level_orm_context`` execution option) is the refresh's, which
+    asks for the database's current rows."""
+    top = orm_context.execution_options.get("sa_top_level_orm_context")
+    return getattr(top, "refresh_state", None) is not None
+
+
 def is_sharded(session: Session) -> bool:
     """Whether ``session`` is a horizontal-sharding session
     (``sqlalchemy.ext.horizontal_shard.ShardedSession``): its own ``do_orm_execute``

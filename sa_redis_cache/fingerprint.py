@@ -124,8 +124,7 @@ class _Walker:
             if not self.volatile and _called_function(node) in VOLATILE_FUNCTIONS:
                 self.volatile = True
             out.append("(")
-            for item in node:
-                self.walk(item)
+            self.walk_items(node)
             out.append(")")
         elif isinstance(node, _SIMPLE):
             out.append(f"{type(node).__name__}:{node!r}")
@@ -158,6 +157,21 @@ class _Walker:
             if " at 0x" in text:
                 raise Unfingerprintable(f"{type(node).__name__} has no stable name")
             out.append(f"R:{type(node).__name__}:{text}")
+
+    def walk_items(self, node: tuple[Any, ...]) -> None:
+        """Walk a key tuple's items, leaving out an empty ``_with_options``: options that
+        add nothing to the key (``FromCache`` alone) leave the statement what it is
+        without them, as ``cache_queries`` runs it and ``invalidate_query()`` names it."""
+        items = iter(node)
+        for item in items:
+            if type(item) is str and item == "_with_options":
+                options = next(items, ())
+                if type(options) is tuple and not options:
+                    continue
+                self.walk(item)
+                self.walk(options)
+            else:
+                self.walk(item)
 
 
 def _check_class(node: type) -> None:

@@ -75,7 +75,11 @@ class ReadPath:
         option = from_cache_in(orm_context.user_defined_options)
         chosen = option is not None  # by the statement; else by the cache itself
         if option is None:
-            if orm_context.is_relationship_load and not orm_context.lazy_loaded_from:
+            if orm_context.is_relationship_load and (
+                not orm_context.lazy_loaded_from or compat.loads_for_refresh(orm_context)
+            ):
+                # an eager load's, or one a refresh asked for (session.refresh(obj,
+                # ["tags"])): the database's rows
                 return None
             # a collection's lazy load, or any eligible select under cache_queries
             option = (
