@@ -23,84 +23,21 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import Column, ForeignKey, String, Table, delete, insert, select, text, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.orm import (
-    DeclarativeBase,
-    Mapped,
-    Session,
-    mapped_column,
-    relationship,
-    sessionmaker,
-)
+from sqlalchemy.orm import Session, sessionmaker
 
-from sa_redis_cache import Cache, CachePolicy, FromCache
+from sa_redis_cache import Cache, FromCache
+from tests.blog import MOVE_POST, Author, Post, blog_schema, post_tags
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-ra_post_tags = Table(
-    "ra_post_tags",
-    Base.metadata,
-    Column("post_id", ForeignKey("ra_posts.id"), primary_key=True),
-    Column("tag_id", ForeignKey("ra_tags.id"), primary_key=True),
-)
-
-
-class Author(Base):
-    __tablename__ = "ra_authors"
-    __cache__ = CachePolicy()
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(40))
-    posts: Mapped[list[Post]] = relationship(back_populates="author", order_by="Post.id")
-
-
-class Post(Base):
-    __tablename__ = "ra_posts"
-    __cache__ = CachePolicy()
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    title: Mapped[str] = mapped_column(String(40))
-    author_id: Mapped[int] = mapped_column(ForeignKey("ra_authors.id"))
-    author: Mapped[Author] = relationship(back_populates="posts")
-    tags: Mapped[list[Tag]] = relationship(secondary=ra_post_tags, order_by="Tag.id")
-
-
-class Tag(Base):
-    __tablename__ = "ra_tags"
-    __cache__ = CachePolicy()
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(40))
-
-
 @pytest.fixture
 def blog(shop_engine: sa.Engine) -> Iterator[sa.Engine]:
-    Base.metadata.create_all(shop_engine)
-    with Session(shop_engine) as s:
-        tags = [Tag(id=i, name=f"t{i}") for i in (1, 2, 3)]
-        s.add_all(
-            [
-                Author(
-                    id=1,
-                    name="a",
-                    posts=[
-                        Post(id=1, title="p1", tags=[tags[0], tags[1]]),
-                        Post(id=2, title="p2", tags=[tags[2]]),
-                    ],
-                ),
-                Author(id=2, name="b", posts=[Post(id=3, title="p3", tags=[tags[0]])]),
-            ]
-        )
-        s.commit()
-    yield shop_engine
-    Base.metadata.drop_all(shop_engine)
+    with blog_schema(shop_engine) as engine:
+        yield engine
 
 
 @pytest.fixture
@@ -188,10 +125,10 @@ def test_a_writing_cte_retires_what_it_wrote(
             update(Post).where(Post.id == 1).values(author_id=2, title="moved").returning(Post.id)
         ),
         "insert_secondary": lambda: (
-            insert(ra_post_tags).values(post_id=3, tag_id=3).returning(ra_post_tags.c.post_id)
+            insert(post_tags).values(post_id=3, tag_id=3).returning(post_tags.c.post_id)
         ),
         "delete_secondary": lambda: (
-            delete(ra_post_tags).where(ra_post_tags.c.tag_id == 1).returning(ra_post_tags.c.post_id)
+            delete(post_tags).where(post_tags.c.tag_id == 1).returning(post_tags.c.post_id)
         ),
     }
 
@@ -252,7 +189,7 @@ def test_the_lifespan_attaches_an_async_engine(blog: sa.Engine, cache: Cache) ->
             with factory() as s:
                 assert s.scalars(select(Post.title).where(Post.id == 2)).one() == "p2"
             async with async_engine.begin() as conn:
-                await conn.execute(text("UPDATE ra_posts SET title = 'async' WHERE id = 2"))
+                await conn.execute(text("UPDATE blog_posts SET title = 'async' WHERE id = 2"))
             with factory() as s:
                 return s.scalars(select(Post.title).where(Post.id == 2)).one()
 
@@ -360,20 +297,9 @@ def test_a_select_given_a_list_of_parameter_sets_runs_as_uncached(
 
 
 @pytest.fixture
-def procedure(blog: sa.Engine) -> Iterator[str]:
-    """A procedure that moves post 1 to author 2 and drops its tags, made before any read
-    is cached (its DDL names the tables it writes)."""
-    with blog.begin() as conn:
-        conn.execute(
-            text(
-                "CREATE PROCEDURE ra_move_post() LANGUAGE sql AS $$ "
-                "UPDATE ra_posts SET author_id = 2 WHERE id = 1; "
-                "DELETE FROM ra_post_tags WHERE post_id = 1 $$"
-            )
-        )
-    yield "CALL ra_move_post()"
-    with blog.begin() as conn:
-        conn.execute(text("DROP PROCEDURE ra_move_post()"))
+def procedure(blog: sa.Engine) -> str:
+    """A procedure that moves post 1 to author 2 and drops its tags (tests/blog.py)."""
+    return MOVE_POST
 
 
 @pytest.mark.parametrize("through", ["session", "engine"])

@@ -18,22 +18,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import Column, ForeignKey, String, Table, delete, insert, select, text, update
-from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import (
-    DeclarativeBase,
-    Mapped,
-    Session,
-    mapped_column,
-    relationship,
-    sessionmaker,
-)
+from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
 
-from sa_redis_cache import Cache, CachePolicy, FromCache
+from sa_redis_cache import Cache, FromCache
+from tests.blog import MOVE_POST, Author, Post, Tag, blog_schema, post_tags
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -44,78 +39,10 @@ pytestmark = pytest.mark.cluster
 WAIT = 10.0
 
 
-class Base(AsyncAttrs, DeclarativeBase):
-    pass
-
-
-rc_post_tags = Table(
-    "rc_post_tags",
-    Base.metadata,
-    Column("post_id", ForeignKey("rc_posts.id"), primary_key=True),
-    Column("tag_id", ForeignKey("rc_tags.id"), primary_key=True),
-)
-
-
-class Author(Base):
-    __tablename__ = "rc_authors"
-    __cache__ = CachePolicy()
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(40))
-    posts: Mapped[list[Post]] = relationship(back_populates="author", order_by="Post.id")
-
-
-class Post(Base):
-    __tablename__ = "rc_posts"
-    __cache__ = CachePolicy()
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    title: Mapped[str] = mapped_column(String(40))
-    author_id: Mapped[int] = mapped_column(ForeignKey("rc_authors.id"))
-    author: Mapped[Author] = relationship(back_populates="posts")
-    tags: Mapped[list[Tag]] = relationship(secondary=rc_post_tags, order_by="Tag.id")
-
-
-class Tag(Base):
-    __tablename__ = "rc_tags"
-    __cache__ = CachePolicy()
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(40))
-
-
 @pytest.fixture
 def blog(shop_engine: sa.Engine) -> Iterator[sa.Engine]:
-    Base.metadata.drop_all(shop_engine)
-    Base.metadata.create_all(shop_engine)
-    with Session(shop_engine) as s:
-        tags = [Tag(id=i, name=f"t{i}") for i in (1, 2, 3)]
-        s.add_all(
-            [
-                Author(
-                    id=1,
-                    name="a",
-                    posts=[
-                        Post(id=1, title="p1", tags=[tags[0], tags[1]]),
-                        Post(id=2, title="p2", tags=[tags[2]]),
-                    ],
-                ),
-                Author(id=2, name="b", posts=[Post(id=3, title="p3", tags=[tags[0]])]),
-            ]
-        )
-        s.commit()
-    with shop_engine.begin() as conn:
-        conn.execute(
-            text(
-                "CREATE OR REPLACE PROCEDURE rc_move_post() LANGUAGE sql AS $$ "
-                "UPDATE rc_posts SET author_id = 2 WHERE id = 1; "
-                "DELETE FROM rc_post_tags WHERE post_id = 1 $$"
-            )
-        )
-    yield shop_engine
-    with shop_engine.begin() as conn:
-        conn.execute(text("DROP PROCEDURE IF EXISTS rc_move_post()"))
-    Base.metadata.drop_all(shop_engine)
+    with blog_schema(shop_engine) as engine:
+        yield engine
 
 
 def snapshot(session: Session) -> dict[str, Any]:
@@ -134,8 +61,8 @@ def snapshot(session: Session) -> dict[str, Any]:
         select(Post.id).where(Post.author_id == 2).order_by(Post.id)
     ).all()
     out["tag_rows"] = session.execute(
-        select(rc_post_tags.c.post_id, rc_post_tags.c.tag_id).order_by(
-            rc_post_tags.c.post_id, rc_post_tags.c.tag_id
+        select(post_tags.c.post_id, post_tags.c.tag_id).order_by(
+            post_tags.c.post_id, post_tags.c.tag_id
         )
     ).all()
     return out
@@ -175,53 +102,53 @@ def orm_delete(factory: Callable[[], Session], engine: sa.Engine) -> None:
 def core_session(factory: Callable[[], Session], engine: sa.Engine) -> None:
     with factory() as s:
         s.execute(update(Post).where(Post.id == 1).values(author_id=2, title="core"))
-        s.execute(insert(rc_post_tags).values(post_id=3, tag_id=2))
+        s.execute(insert(post_tags).values(post_id=3, tag_id=2))
         s.commit()
 
 
 def core_engine(factory: Callable[[], Session], engine: sa.Engine) -> None:
     with engine.begin() as conn:
         conn.execute(update(Post).where(Post.id == 1).values(author_id=2, title="core"))
-        conn.execute(delete(rc_post_tags).where(rc_post_tags.c.tag_id == 1))
+        conn.execute(delete(post_tags).where(post_tags.c.tag_id == 1))
 
 
 def text_session(factory: Callable[[], Session], engine: sa.Engine) -> None:
     with factory() as s:
-        s.execute(text("UPDATE rc_posts SET author_id = 2, title = 'txt' WHERE id = 2"))
-        s.execute(text("INSERT INTO rc_post_tags (post_id, tag_id) VALUES (2, 1)"))
+        s.execute(text("UPDATE blog_posts SET author_id = 2, title = 'txt' WHERE id = 2"))
+        s.execute(text("INSERT INTO blog_post_tags (post_id, tag_id) VALUES (2, 1)"))
         s.commit()
 
 
 def text_engine(factory: Callable[[], Session], engine: sa.Engine) -> None:
     with engine.begin() as conn:
-        conn.execute(text("UPDATE rc_posts SET author_id = 2, title = 'txt' WHERE id = 2"))
-        conn.execute(text("DELETE FROM rc_post_tags WHERE post_id = 1"))
+        conn.execute(text("UPDATE blog_posts SET author_id = 2, title = 'txt' WHERE id = 2"))
+        conn.execute(text("DELETE FROM blog_post_tags WHERE post_id = 1"))
 
 
 def cte_session(factory: Callable[[], Session], engine: sa.Engine) -> None:
     with factory() as s:
         moved = update(Post).where(Post.id == 1).values(author_id=2).returning(Post.id).cte()
         s.execute(select(moved)).all()
-        dropped = delete(rc_post_tags).where(rc_post_tags.c.tag_id == 1)
-        s.execute(select(dropped.returning(rc_post_tags.c.post_id).cte())).all()
+        dropped = delete(post_tags).where(post_tags.c.tag_id == 1)
+        s.execute(select(dropped.returning(post_tags.c.post_id).cte())).all()
         s.commit()
 
 
 def cte_engine(factory: Callable[[], Session], engine: sa.Engine) -> None:
     with engine.begin() as conn:
-        added = insert(rc_post_tags).values(post_id=3, tag_id=3)
-        conn.execute(select(added.returning(rc_post_tags.c.post_id).cte())).all()
+        added = insert(post_tags).values(post_id=3, tag_id=3)
+        conn.execute(select(added.returning(post_tags.c.post_id).cte())).all()
 
 
 def call_session(factory: Callable[[], Session], engine: sa.Engine) -> None:
     with factory() as s:
-        s.execute(text("CALL rc_move_post()"))
+        s.execute(text(MOVE_POST))
         s.commit()
 
 
 def call_engine(factory: Callable[[], Session], engine: sa.Engine) -> None:
     with engine.begin() as conn:
-        conn.execute(text("CALL rc_move_post()"))
+        conn.execute(text(MOVE_POST))
 
 
 WRITES: dict[str, Write] = {
@@ -279,6 +206,20 @@ class Process:
         self.engine.dispose()
 
 
+@contextmanager
+def pair(kind: type[Process], *args: Any, **kw: Any) -> Iterator[tuple[Process, Process]]:
+    """Two processes alike (a reader and a writer), closed after."""
+    reader = kind(*args, **kw)
+    try:
+        writer = kind(*args, **kw)
+        try:
+            yield reader, writer
+        finally:
+            writer.close()
+    finally:
+        reader.close()
+
+
 def plain(engine: sa.Engine) -> dict[str, Any]:
     with Session(engine) as s:
         return snapshot(s)
@@ -302,13 +243,11 @@ def check(reader: Process, writer: Process, blog: sa.Engine, write: Write) -> No
 def test_local_tier_a_write_in_one_process_is_seen_by_the_other(
     blog: sa.Engine, database_url: str, redis_url: str, namespace: str, shape: str
 ) -> None:
-    reader = Process(database_url, redis_url, namespace, local=True, local_lease=5.0)
-    writer = Process(database_url, redis_url, namespace, local=True, local_lease=5.0)
-    try:
+    with pair(Process, database_url, redis_url, namespace, local=True, local_lease=5.0) as (
+        reader,
+        writer,
+    ):
         check(reader, writer, blog, WRITES[shape])
-    finally:
-        reader.close()
-        writer.close()
 
 
 # --------------------------------------------------------------------------- cluster
@@ -320,13 +259,8 @@ def test_cluster_a_write_is_seen_by_the_next_read(
     blog: sa.Engine, database_url: str, redis_cluster: Any, namespace: str, shape: str, local: bool
 ) -> None:
     kw: dict[str, Any] = {"local": True, "local_lease": 5.0} if local else {}
-    reader = Process(database_url, redis_cluster.url, namespace, **kw)
-    writer = Process(database_url, redis_cluster.url, namespace, **kw)
-    try:
+    with pair(Process, database_url, redis_cluster.url, namespace, **kw) as (reader, writer):
         check(reader, writer, blog, WRITES[shape])
-    finally:
-        reader.close()
-        writer.close()
 
 
 # --------------------------------------------------------------------------- asyncio
@@ -352,8 +286,8 @@ async def async_snapshot(session: AsyncSession) -> dict[str, Any]:
     ).all()
     out["tag_rows"] = (
         await session.execute(
-            select(rc_post_tags.c.post_id, rc_post_tags.c.tag_id).order_by(
-                rc_post_tags.c.post_id, rc_post_tags.c.tag_id
+            select(post_tags.c.post_id, post_tags.c.tag_id).order_by(
+                post_tags.c.post_id, post_tags.c.tag_id
             )
         )
     ).all()
@@ -391,20 +325,20 @@ async def a_orm_move(factory: async_sessionmaker[AsyncSession], engine: Any) -> 
 async def a_core_session(factory: async_sessionmaker[AsyncSession], engine: Any) -> None:
     async with factory() as s:
         await s.execute(update(Post).where(Post.id == 1).values(author_id=2, title="core"))
-        await s.execute(insert(rc_post_tags).values(post_id=3, tag_id=2))
+        await s.execute(insert(post_tags).values(post_id=3, tag_id=2))
         await s.commit()
 
 
 async def a_core_engine(factory: async_sessionmaker[AsyncSession], engine: Any) -> None:
     async with engine.begin() as conn:
         await conn.execute(update(Post).where(Post.id == 1).values(author_id=2, title="core"))
-        await conn.execute(delete(rc_post_tags).where(rc_post_tags.c.tag_id == 1))
+        await conn.execute(delete(post_tags).where(post_tags.c.tag_id == 1))
 
 
 async def a_text_session(factory: async_sessionmaker[AsyncSession], engine: Any) -> None:
     async with factory() as s:
-        await s.execute(text("UPDATE rc_posts SET author_id = 2, title = 'txt' WHERE id = 2"))
-        await s.execute(text("INSERT INTO rc_post_tags (post_id, tag_id) VALUES (2, 1)"))
+        await s.execute(text("UPDATE blog_posts SET author_id = 2, title = 'txt' WHERE id = 2"))
+        await s.execute(text("INSERT INTO blog_post_tags (post_id, tag_id) VALUES (2, 1)"))
         await s.commit()
 
 
@@ -412,20 +346,20 @@ async def a_cte_session(factory: async_sessionmaker[AsyncSession], engine: Any) 
     async with factory() as s:
         moved = update(Post).where(Post.id == 1).values(author_id=2).returning(Post.id).cte()
         (await s.execute(select(moved))).all()
-        dropped = delete(rc_post_tags).where(rc_post_tags.c.tag_id == 1)
-        (await s.execute(select(dropped.returning(rc_post_tags.c.post_id).cte()))).all()
+        dropped = delete(post_tags).where(post_tags.c.tag_id == 1)
+        (await s.execute(select(dropped.returning(post_tags.c.post_id).cte()))).all()
         await s.commit()
 
 
 async def a_cte_engine(factory: async_sessionmaker[AsyncSession], engine: Any) -> None:
     async with engine.begin() as conn:
-        added = insert(rc_post_tags).values(post_id=3, tag_id=3)
-        (await conn.execute(select(added.returning(rc_post_tags.c.post_id).cte()))).all()
+        added = insert(post_tags).values(post_id=3, tag_id=3)
+        (await conn.execute(select(added.returning(post_tags.c.post_id).cte()))).all()
 
 
 async def a_call_session(factory: async_sessionmaker[AsyncSession], engine: Any) -> None:
     async with factory() as s:
-        await s.execute(text("CALL rc_move_post()"))
+        await s.execute(text(MOVE_POST))
         await s.commit()
 
 
@@ -437,7 +371,7 @@ async def a_run_sync(factory: async_sessionmaker[AsyncSession], engine: Any) -> 
 
 async def a_run_sync_core(factory: async_sessionmaker[AsyncSession], engine: Any) -> None:
     def write(sync: Session) -> None:
-        sync.execute(text("DELETE FROM rc_post_tags WHERE post_id = 1"))
+        sync.execute(text("DELETE FROM blog_post_tags WHERE post_id = 1"))
         sync.execute(update(Post).where(Post.id == 3).values(author_id=1))
 
     async with factory() as s:
@@ -681,9 +615,9 @@ def test_statements_async(
 def foreign_write(blog: sa.Engine) -> None:
     """Another program's write: the cache hears nothing of it."""
     with blog.begin() as conn:
-        conn.execute(text("UPDATE rc_posts SET author_id = 2, title = 'x' WHERE id = 1"))
-        conn.execute(text("DELETE FROM rc_post_tags WHERE post_id = 1"))
-        conn.execute(text("INSERT INTO rc_post_tags (post_id, tag_id) VALUES (2, 1)"))
+        conn.execute(text("UPDATE blog_posts SET author_id = 2, title = 'x' WHERE id = 1"))
+        conn.execute(text("DELETE FROM blog_post_tags WHERE post_id = 1"))
+        conn.execute(text("INSERT INTO blog_post_tags (post_id, tag_id) VALUES (2, 1)"))
 
 
 def invalidate_each(c: Cache) -> None:
@@ -691,24 +625,24 @@ def invalidate_each(c: Cache) -> None:
     c.invalidate(Post, 2)
     c.invalidate_region("Author.posts")
     c.invalidate_region("Post.tags")
-    c.invalidate_table("rc_post_tags")
+    c.invalidate_table("blog_post_tags")
     c.invalidate_model(Post)
 
 
 def invalidate_model_and_table(c: Cache) -> None:
     c.invalidate_model(Post)
-    c.invalidate_table("rc_post_tags")
+    c.invalidate_table("blog_post_tags")
 
 
 INVALIDATIONS: dict[str, Callable[[Cache], Any]] = {
-    "table": lambda c: c.invalidate_table("rc_posts", "rc_post_tags"),
+    "table": lambda c: c.invalidate_table("blog_posts", "blog_post_tags"),
     "model_and_table": invalidate_model_and_table,
     "clear": lambda c: c.clear(),
     "regions": invalidate_each,
 }
 
 AINVALIDATIONS: dict[str, Callable[[Cache], Any]] = {
-    "table": lambda c: c.ainvalidate_table("rc_posts", "rc_post_tags"),
+    "table": lambda c: c.ainvalidate_table("blog_posts", "blog_post_tags"),
     "clear": lambda c: c.aclear(),
 }
 
@@ -725,18 +659,13 @@ def test_an_invalidation_in_one_process_is_seen_by_the_other(
     where: str,
 ) -> None:
     url, kw = deployment(request, redis_url, where)
-    reader = Process(database_url, url, namespace, **kw)
-    writer = Process(database_url, url, namespace, **kw)
-    try:
+    with pair(Process, database_url, url, namespace, **kw) as (reader, writer):
 
         def write(factory: Callable[[], Session], engine: sa.Engine) -> None:
             foreign_write(blog)
             INVALIDATIONS[how](writer.cache)
 
         check(reader, writer, blog, write)
-    finally:
-        reader.close()
-        writer.close()
 
 
 @pytest.mark.parametrize("where", DEPLOYMENTS)
@@ -751,9 +680,7 @@ def test_an_awaited_invalidation_is_seen_by_the_other_process(
     where: str,
 ) -> None:
     url, kw = deployment(request, redis_url, where)
-    reader = Process(database_url, url, namespace, **kw)
-    writer = Process(database_url, url, namespace, **kw)
-    try:
+    with pair(Process, database_url, url, namespace, **kw) as (reader, writer):
 
         def write(factory: Callable[[], Session], engine: sa.Engine) -> None:
             foreign_write(blog)
@@ -765,17 +692,14 @@ def test_an_awaited_invalidation_is_seen_by_the_other_process(
             asyncio.run(run())
 
         check(reader, writer, blog, write)
-    finally:
-        reader.close()
-        writer.close()
 
 
 CLUSTER_LAYOUTS: dict[str, dict[str, Any]] = {
     "spread": {"cache_queries": FromCache(ttl=60, spread=True)},
-    "group_assoc": {"slot_groups": {"rcblog": ["rc_post_tags"]}},
-    "group_all": {"slot_groups": {"rcblog": ["rc_post_tags", "rc_posts", "rc_tags"]}},
+    "group_assoc": {"slot_groups": {"rcblog": ["blog_post_tags"]}},
+    "group_all": {"slot_groups": {"rcblog": ["blog_post_tags", "blog_posts", "blog_tags"]}},
     "spread_local": {"cache_queries": FromCache(ttl=60, spread=True), "local": True},
-    "group_local": {"slot_groups": {"rcblog": ["rc_post_tags", "rc_tags"]}, "local": True},
+    "group_local": {"slot_groups": {"rcblog": ["blog_post_tags", "blog_tags"]}, "local": True},
 }
 
 
@@ -797,13 +721,11 @@ class LaidOut(Process):
 def test_cluster_layouts_a_write_is_seen_by_the_next_read(
     blog: sa.Engine, database_url: str, redis_cluster: Any, namespace: str, shape: str, layout: str
 ) -> None:
-    reader = LaidOut(database_url, redis_cluster.url, namespace, **CLUSTER_LAYOUTS[layout])
-    writer = LaidOut(database_url, redis_cluster.url, namespace, **CLUSTER_LAYOUTS[layout])
-    try:
+    with pair(LaidOut, database_url, redis_cluster.url, namespace, **CLUSTER_LAYOUTS[layout]) as (
+        reader,
+        writer,
+    ):
         check(reader, writer, blog, WRITES[shape])
-    finally:
-        reader.close()
-        writer.close()
 
 
 # --------------------------------------------------------------------------- refresh
@@ -814,8 +736,8 @@ def unannounced_write(database_url: str) -> None:
     other = sa.create_engine(database_url)
     try:
         with other.begin() as conn:
-            conn.execute(text("DELETE FROM rc_post_tags WHERE post_id = 1 AND tag_id = 1"))
-            conn.execute(text("UPDATE rc_posts SET author_id = 2 WHERE id = 2"))
+            conn.execute(text("DELETE FROM blog_post_tags WHERE post_id = 1 AND tag_id = 1"))
+            conn.execute(text("UPDATE blog_posts SET author_id = 2 WHERE id = 2"))
     finally:
         other.dispose()
 
@@ -925,8 +847,8 @@ def rename_everything(database_url: str) -> None:
     other = sa.create_engine(database_url)
     try:
         with other.begin() as conn:
-            conn.execute(text("UPDATE rc_posts SET title = title || '!'"))
-            conn.execute(text("UPDATE rc_tags SET name = name || '!'"))
+            conn.execute(text("UPDATE blog_posts SET title = title || '!'"))
+            conn.execute(text("UPDATE blog_tags SET name = name || '!'"))
     finally:
         other.dispose()
 
@@ -950,9 +872,7 @@ def test_invalidate_query_retires_what_cache_queries_cached(
     url, kw = deployment(request, redis_url, where)
     if where == "cluster_spread":
         kw["cache_queries"] = FromCache(ttl=60, spread=True)
-    reader = LaidOut(database_url, url, namespace, **kw)
-    writer = LaidOut(database_url, url, namespace, **kw)
-    try:
+    with pair(LaidOut, database_url, url, namespace, **kw) as (reader, writer):
         for _ in range(3):
             read_queries(reader.factory)
         rename_everything(database_url)
@@ -969,6 +889,3 @@ def test_invalidate_query_retires_what_cache_queries_cached(
             retired = [writer.cache.invalidate_query(q) for q in QUERIES]
         assert retired == [1, 1, 1]
         assert read_queries(reader.factory) == read_queries(sessionmaker(blog))
-    finally:
-        reader.close()
-        writer.close()

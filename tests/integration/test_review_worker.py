@@ -13,8 +13,9 @@ import gc
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
@@ -30,6 +31,9 @@ from sa_redis_cache.cli.admin import worker_main
 from sa_redis_cache.errors import ConfigurationError
 from tests.slow_proxy import SlowProxy
 from tests.wb_support import drain, letters, offsets, queue, rows
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 pytest_plugins = ["tests.wb_fixtures"]
 
@@ -71,6 +75,32 @@ def test_a_none_given_for_a_column_with_a_default_takes_the_default_as_plain_sql
     assert found[queued][1:4] == found[plain][1:4] == ("/q", 0, None)
 
 
+@contextmanager
+def behind(
+    base: type[DeclarativeBase],
+    engine: sa.Engine,
+    database_url: str,
+    client: redis.Redis,
+    namespace: str,
+) -> Iterator[tuple[sessionmaker[Session], sa.Engine]]:
+    """The write-behind models of ``base`` on fresh tables: an attached factory and the
+    worker's own engine; the tables and the models are dropped after."""
+    schema.upgrade(engine)
+    base.metadata.create_all(engine)
+    cache = Cache(client, namespace=namespace)
+    made = sessionmaker(engine)
+    cache.attach(made)
+    worker_engine = sa.create_engine(database_url)
+    try:
+        yield made, worker_engine
+    finally:
+        cache.detach()
+        worker_engine.dispose()
+        base.metadata.drop_all(engine)
+        base.registry.dispose()
+        gc.collect()
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="not fixed: a queued row carries None for a JSON column whether the attribute "
@@ -91,15 +121,7 @@ def test_a_json_column_left_unset_is_sql_null_as_plain_sqlalchemy_leaves_it(
         note: Mapped[str | None]
         doc: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
-    schema.upgrade(engine)
-    Base.metadata.create_all(engine)
-    cache = Cache(client, namespace=namespace)
-    made = sessionmaker(engine)
-    cache.attach(made)
-    worker_engine = sa.create_engine(database_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("DELETE FROM wb_review_docs"))
+    with behind(Base, engine, database_url, client, namespace) as (made, worker_engine):
         queued, plain = uuid.uuid4(), uuid.uuid4()
         with made() as s:
             s.add(Doc(id=queued, note="q"))
@@ -113,13 +135,6 @@ def test_a_json_column_left_unset_is_sql_null_as_plain_sqlalchemy_leaves_it(
                 conn.execute(text("SELECT id, doc IS NULL FROM wb_review_docs")).all()
             )
         assert found == {queued: True, plain: True}
-    finally:
-        cache.detach()
-        worker_engine.dispose()
-        Base.metadata.drop_all(engine)
-        Base.registry.dispose()
-        del Doc, Base
-        gc.collect()
 
 
 def test_an_aware_datetime_in_a_naive_timestamp_column_as_plain_sqlalchemy(
@@ -141,15 +156,7 @@ def test_an_aware_datetime_in_a_naive_timestamp_column_as_plain_sqlalchemy(
 
     plus_two = timezone(timedelta(hours=2))
     values = [datetime(2020, 1, 1, 12, tzinfo=plus_two), datetime(2020, 1, 1, 12), None]
-    schema.upgrade(engine)
-    Base.metadata.create_all(engine)
-    cache = Cache(client, namespace=namespace)
-    made = sessionmaker(engine)
-    cache.attach(made)
-    worker_engine = sa.create_engine(database_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("DELETE FROM wb_review_stamps"))
+    with behind(Base, engine, database_url, client, namespace) as (made, worker_engine):
         queued = [uuid.uuid4() for _ in values]
         plain = [uuid.uuid4() for _ in values]
         with made() as s:
@@ -168,13 +175,6 @@ def test_an_aware_datetime_in_a_naive_timestamp_column_as_plain_sqlalchemy(
             )
         assert [found[k] for k in queued] == [found[k] for k in plain] == read
         assert worker.dead_letters == 0
-    finally:
-        cache.detach()
-        worker_engine.dispose()
-        Base.metadata.drop_all(engine)
-        Base.registry.dispose()
-        del Stamp, Base
-        gc.collect()
 
 
 # --------------------------------------------------------------------------- command line
