@@ -1583,6 +1583,8 @@ _MODULE_PROBES: dict[str, tuple[Any, str]] = {
         engine_default.DefaultExecutionContext,
         "cursor_fetch_strategy",
     ),
+    # a hit begins the session's transaction as a database read would
+    "sqlalchemy Session._autobegin_t": (orm_session.Session, "_autobegin_t"),
 }
 
 _SOURCE_PROBES: dict[str, tuple[Any, str]] = {
@@ -1624,6 +1626,13 @@ _SOURCE_PROBES: dict[str, tuple[Any, str]] = {
         orm_interfaces.LoaderStrategy.__init__,
         "is_class_level",
     ),
+    # a relationship load inside session.refresh(obj, [...]) carries the refresh's
+    # QueryContext as its top-level context (loads_for_refresh)
+    "sqlalchemy ORM statements read sa_top_level_orm_context": (
+        _COMPILE_STATE.orm_pre_session_exec,
+        "sa_top_level_orm_context",
+    ),
+    "sqlalchemy QueryContext.refresh_state": (orm_context.QueryContext.__init__, "refresh_state"),
     # a sync cluster client is made connected, so no sample: its on_connect must call the
     # hook install_connect_hook sets
     "redis cluster.RedisCluster.on_connect calls user_on_connect_func": (
