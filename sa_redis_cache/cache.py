@@ -36,7 +36,7 @@ from .context import CacheContext
 from .engine_writes import EngineWrites
 from .errors import ConfigurationError
 from .inspector import CacheInspector
-from .models import ModelInfo, mapper_of
+from .models import ModelInfo, mapper_of, metadata_tables
 from .options import FromCache
 from .policy import is_ttl
 from .protocol import KeyScheme, pk_text, scripts
@@ -591,6 +591,11 @@ class Cache:
         if not isinstance(table, str):
             raise TypeError(f"invalidate_table() takes Table objects or names, not {table!r}")
         known = self._core.models.known_tables()
+        if table not in known:
+            # a table of a mapped class's MetaData that no mapper names (one read by Core
+            # joins, written by another program) is as much the application's as an
+            # association table: the docs promise every table of the models' MetaData
+            known = sorted({*known, *metadata_tables()})
         if table not in known:
             shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
             raise ConfigurationError(
