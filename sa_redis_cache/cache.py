@@ -84,8 +84,9 @@ _HOLDERS_LOCK = threading.RLock()
 class Cache:
     """A Redis cache for SQLAlchemy sessions.
 
-    ``redis`` is a ``redis.Redis`` client or a URL; a URL gets short socket timeouts so
-    that a slow Redis degrades reads to the database instead of stalling them.
+    ``redis_client`` is a ``redis.Redis`` (or ``RedisCluster``) client or a URL; a URL
+    gets short socket timeouts so that a slow Redis degrades reads to the database
+    instead of stalling them.
     ``async_client`` is a ``redis.asyncio.Redis`` for the sessions ``AsyncSession`` runs
     and for ``async def`` functions under :meth:`cached`: their Redis calls then never
     block the event loop. From a URL the cache makes one itself, one per event loop, when
