@@ -7,11 +7,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import redis
 import sqlalchemy as sa
+from click.testing import CliRunner
 from sqlalchemy import Column, ForeignKey, Integer, String, Table, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sa_redis_cache import Cache, CachePolicy, ConfigurationError, FromCache
+from sa_redis_cache.cli import cli
+from sa_redis_cache.protocol import KeyScheme
 
 
 class DocsBase(DeclarativeBase):
@@ -85,3 +89,20 @@ def test_invalidate_table_takes_any_table_of_the_models_metadata(
 
     with pytest.raises(ConfigurationError, match="no_such_table"):
         cache.invalidate_table("no_such_table")
+
+
+def test_cli_invalidate_table_takes_a_table_of_the_models_metadata(
+    redis_url: str, namespace: str, redis_client: redis.Redis
+) -> None:
+    """cli.md: ``invalidate --table NAME`` is ``cache.invalidate_table(NAME)`` "for a table
+    of the models' ``MetaData``"; this module's unmapped ``docs_labels`` was refused."""
+    args = ["--redis-url", redis_url, "--namespace", namespace, "--models", __name__]
+    done = CliRunner().invoke(
+        cli, [*args, "invalidate", "--table", "docs_labels", "--yes"], catch_exceptions=False
+    )
+    assert done.exit_code == 0, done.output
+    assert redis_client.exists(KeyScheme(namespace).version_key("docs_labels"))
+    unknown = CliRunner().invoke(
+        cli, [*args, "invalidate", "--table", "no_such_table", "--yes"], catch_exceptions=False
+    )
+    assert unknown.exit_code == 1
