@@ -13,7 +13,7 @@ from importlib import metadata as _metadata
 
 from .cache import Cache
 from .errors import CacheUnavailableError, ConfigurationError, SaRedisCacheError
-from .models import PrimaryKeyTypeError
+from .models import PrimaryKeyTypeError, UncacheableModelWarning
 from .options import FromCache
 from .policy import CachePolicy, Strategy
 from .worker import FlushWorker
@@ -33,5 +33,6 @@ __all__ = [
     "PrimaryKeyTypeError",
     "SaRedisCacheError",
     "Strategy",
+    "UncacheableModelWarning",
     "__version__",
 ]

@@ -36,7 +36,7 @@ from .context import CacheContext
 from .engine_writes import EngineWrites
 from .errors import ConfigurationError
 from .inspector import CacheInspector
-from .models import ModelInfo, mapper_of
+from .models import ModelInfo, mapper_of, metadata_tables
 from .options import FromCache
 from .policy import is_ttl
 from .protocol import KeyScheme, pk_text, scripts
@@ -84,8 +84,9 @@ _HOLDERS_LOCK = threading.RLock()
 class Cache:
     """A Redis cache for SQLAlchemy sessions.
 
-    ``redis`` is a ``redis.Redis`` client or a URL; a URL gets short socket timeouts so
-    that a slow Redis degrades reads to the database instead of stalling them.
+    ``redis_client`` is a ``redis.Redis`` (or ``RedisCluster``) client or a URL; a URL
+    gets short socket timeouts so that a slow Redis degrades reads to the database
+    instead of stalling them.
     ``async_client`` is a ``redis.asyncio.Redis`` for the sessions ``AsyncSession`` runs
     and for ``async def`` functions under :meth:`cached`: their Redis calls then never
     block the event loop. From a URL the cache makes one itself, one per event loop, when
@@ -591,6 +592,11 @@ class Cache:
         if not isinstance(table, str):
             raise TypeError(f"invalidate_table() takes Table objects or names, not {table!r}")
         known = self._core.models.known_tables()
+        if table not in known:
+            # a table of a mapped class's MetaData that no mapper names (one read by Core
+            # joins, written by another program) is as much the application's as an
+            # association table: the docs promise every table of the models' MetaData
+            known = sorted({*known, *metadata_tables()})
         if table not in known:
             shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
             raise ConfigurationError(

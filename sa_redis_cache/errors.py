@@ -46,7 +46,7 @@ class CacheUnavailableError(SaRedisCacheError, RuntimeError):
         try:
             session.commit()
         except CacheUnavailableError:
-            ...  # nothing was queued; retry the transaction later
+            ...  # its message says whether nothing was queued or whether that is unknown
     """
 
 

@@ -673,6 +673,26 @@ def all_mappers() -> list[Mapper[Any]]:
     return [m for m in compat.registered_classes()[0] if isinstance(m, Mapper)]
 
 
+def metadata_tables() -> set[str]:
+    """The ``fullname`` of every table in the ``MetaData`` of every mapped class.
+
+    Wider than the tables the mappers name: a table declared beside the models that no
+    class maps nor any relationship names as its ``secondary``.
+
+    Example::
+
+        "audit_log" in metadata_tables()  # declared on Base.metadata, mapped by nobody
+    """
+    names: set[str] = set()
+    for metadata in {
+        id(m.local_table.metadata): m.local_table.metadata
+        for m in all_mappers()
+        if isinstance(m.local_table, Table)
+    }.values():
+        names.update(metadata.tables)
+    return names
+
+
 # Bumped whenever a mapper is made or configured anywhere in the process, so that the
 # tables a registry lists include models defined after its first look (a plugin
 # imported late, a test's models); SQLAlchemy's own events, so no polling

@@ -180,7 +180,7 @@ class FlushWorker:
         worker.run_once()           # one pass over every partition
         worker.stats().lag_seconds  # the queue and this worker's counters
 
-    The counters (``applied`` rows, ``entries``, ``batches``, ``skipped``, ``errors``,
+    The counters (``rows_applied``, ``entries``, ``batches``, ``skipped``, ``errors``,
     ``dead_letters``, ``superseded``, ``fenced``) count since the worker was made; see
     :meth:`stats`.
     """
