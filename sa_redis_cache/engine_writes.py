@@ -20,7 +20,6 @@ import secrets
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.dml import Delete, Update, UpdateBase
 from sqlalchemy.sql.elements import TextClause
@@ -313,10 +312,10 @@ class EngineWrites:
         if options.get("compiled_cache") is not None:
             return True
         assert state is not None
-        target = getattr(statement, "table", None)
+        target = compat.dml_table(statement)
         return (
             returned is not None
-            and isinstance(target, Table)
+            and target is not None
             and self.invalidation.flush_writes_rows(state, target.fullname, returned)
         )
 

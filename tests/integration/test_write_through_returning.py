@@ -33,12 +33,16 @@ def database_row(engine: sa.Engine, pid: int) -> tuple[Any, ...]:
         return row(s.get_one(Product, pid))
 
 
-def cached_row(factory: sessionmaker[Session], sql: SQLCounter, pid: int) -> tuple[Any, ...]:
-    """The row as the entity cache serves it; fails if it was not written through."""
+def cached_row(
+    factory: sessionmaker[Session], sql: SQLCounter, pid: int, *, written_through: bool = True
+) -> tuple[Any, ...]:
+    """The row as the entity cache serves it; fails if it was not written through (unless
+    ``written_through`` is False: then it may be read from the database)."""
     sql.reset()
     with factory() as s:
         got = row(s.get_one(Product, pid))
-    assert sql.statements == [], "the row was not written through"
+    if written_through:
+        assert sql.statements == [], "the row was not written through"
     return got
 
 
@@ -125,7 +129,11 @@ def test_a_later_write_of_the_row_in_the_flush_is_what_is_written_through(
         sa.event.remove(Product, "after_update", rename)
     expected = database_row(shop_engine, pid)
     assert expected[1] == "renamed by a listener"
-    assert cached_row(session_factory, sql, pid) == expected
+    # the mapped Table's UPDATE is captured (RETURNING) and written through; the rows an
+    # UPDATE through another table object (a lightweight table(), as Alembic's) or an
+    # executemany wrote cannot be named, so the table's entries are retired instead: never
+    # the row as the flush left it
+    assert cached_row(session_factory, sql, pid, written_through=how == "mapped-table") == expected
 
 
 def test_no_statement_outside_a_flush_gets_returning_even_after_a_failed_flush(
