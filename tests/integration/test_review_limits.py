@@ -109,7 +109,13 @@ def test_the_local_tier_holds_large_entries_within_its_bytes_and_serves_them_rig
     within its bytes (evicting), refuses none it can hold, and every read, from the
     tier, Redis or the database, is the database's."""
     engine = sa.create_engine(database_url)
-    cache = Cache(redis_url, namespace=namespace, local=True, local_max_bytes=400_000)
+    # entries of hundreds of kB on a loaded machine: a lapsed lease or a Redis call past
+    # the URL's 0.25 s timeout would empty the tier or keep nothing, and it would count
+    # no eviction
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    cache = Cache(
+        client, namespace=namespace, local=True, local_max_bytes=400_000, local_lease=30.0
+    )
     factory = sessionmaker(engine)
     cache.attach(factory)
     try:
@@ -129,6 +135,7 @@ def test_the_local_tier_holds_large_entries_within_its_bytes_and_serves_them_rig
     finally:
         cache.detach()
         engine.dispose()
+        client.close()
 
 
 # -- max_entry_bytes -------------------------------------------------------------------------
