@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.pool import NullPool
 
 from devservices.scratch import drop_database, recreate_database
+from examples.checks import Checks
 from examples.shop import Base, Category, Product, seed
 from sa_redis_cache import Cache, FromCache
 from sa_redis_cache.redis_io import client_from_url, unlink_matching
@@ -89,19 +90,6 @@ class Watchdog:
             asked = loop.time()
             await asyncio.sleep(self.period)
             self.worst = max(self.worst, loop.time() - asked - self.period)
-
-
-class Checks:
-    """The claims this program prints; a failed one makes it exit 1."""
-
-    def __init__(self) -> None:
-        self.failed: list[str] = []
-
-    def expect(self, ok: bool, claim: str) -> None:
-        """Print ``claim`` with its outcome."""
-        print(f"  [{'ok' if ok else 'FAILED'}] {claim}")
-        if not ok:
-            self.failed.append(claim)
 
 
 def category_page(category_id: int) -> sa.Select[Any]:
@@ -163,6 +151,7 @@ async def story(database_url: str, redis_url: str, namespace: str, checks: Check
     cache = Cache(redis_url, namespace=namespace, default_ttl=300)
     factory = async_sessionmaker(engine, expire_on_commit=False)
     cache.attach(factory)
+    checks.watch(cache)
     try:
         print("\n1. a category page, twice")
         for attempt in ("first", "second"):

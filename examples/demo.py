@@ -45,6 +45,7 @@ from sqlalchemy.pool import NullPool
 
 from devservices import normalize_database_url, redact
 from devservices.scratch import recreate_database
+from examples.checks import Checks
 from examples.demo_write_behind import BurstResult, write_behind_burst
 from examples.shop import Base, Category, Product, seed
 from sa_redis_cache import Cache, FromCache
@@ -298,20 +299,6 @@ def child_read_product(settings: Settings, product_id: int) -> int:
     cache.client.close()
     engine.dispose()
     return 0
-
-
-class Checks:
-    """The claims the demo prints; a failed one makes the demo exit 1."""
-
-    def __init__(self, out: Output) -> None:
-        self.out = out
-        self.failed: list[str] = []
-
-    def expect(self, ok: bool, claim: str) -> None:
-        """Record ``claim``; print it as a failure when ``ok`` is false."""
-        if not ok:
-            self.failed.append(claim)
-            self.out.line(f"  FAILED: {claim}")
 
 
 def set_up(settings: Settings, out: Output) -> tuple[sa.Engine, Cache]:
@@ -582,8 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     began = time.perf_counter()
     out = Output()
-    checks = Checks(out)
+    checks = Checks(out.line, only_failures=True)
     engine, cache = set_up(settings, out)
+    checks.watch(cache)
     sql = SQLCounter(engine)
     plain = sessionmaker(engine)
     cached = sessionmaker(engine)

@@ -37,7 +37,8 @@ from sa_redis_cache.strategies.write_behind.worker.progress import BacklogProgre
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from examples.demo import Checks, Output, SQLCounter
+    from examples.checks import Checks
+    from examples.demo import Output, SQLCounter
 
 COMMIT_SIZE = 100
 """Page views per commit: a burst of requests, each committing a few, not one per view."""
