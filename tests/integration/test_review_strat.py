@@ -272,3 +272,30 @@ def test_an_awaited_get_of_a_queued_row_loads_what_its_options_ask_for(
         queued_state, flushed = asyncio.run(run())
         assert queued_state[queued == "post"] == expected[queued == "post"]
         assert flushed == expected
+
+
+def test_a_get_of_a_queued_row_loads_its_eager_relationship_with_the_options_criteria(
+    engine: sa.Engine, client: redis.Redis, namespace: str
+) -> None:
+    """``session.get(Author, 1, options=[selectinload(Author.posts.and_(...))])`` of a
+    queued author loaded every post: the relationship's own lazy loader, which knows
+    nothing of the option's criteria. Each execution's values apply, as in plain
+    SQLAlchemy."""
+    with world_of(engine, client, namespace, "write_behind", "cache_aside", "cache_aside") as (
+        world,
+        factory,
+        _,
+    ):
+        a_, p_ = world.Author, world.Post
+
+        def posts(make: Any, title: str) -> list[int]:
+            with make() as s:
+                author = s.get(a_, 1, options=[selectinload(a_.posts.and_(p_.title != title))])
+                return [p.id for p in author.posts]
+
+        expected = [posts(lambda: Session(engine), t) for t in ("p1", "p2")]
+        assert expected == [[2], [1]]
+        with factory() as s:
+            s.get(a_, 1).name = "queued"  # type: ignore[union-attr]
+            s.commit()
+        assert [posts(factory, t) for t in ("p1", "p2")] == expected

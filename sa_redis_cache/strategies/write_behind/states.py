@@ -78,11 +78,20 @@ def _load_eagerly(orm_context: ORMExecuteState, info: ModelInfo, obj: object) ->
         return
     compile_state = compat.loader_compile_state(statement)
     path = compat.loaded_path(statement, inspect(info.mapper))
-    compat.stamp_load(instance_state(obj), compat.propagated_options(statement), path)
+    state = instance_state(obj)
+    compat.stamp_load(state, compat.propagated_options(statement), path)
     for rel in info.mapper.relationships:
         strategy, option = compat.loader_at(rel, compile_state, path)
         if option is None or compat.loader_settings(strategy).get("lazy") not in EAGER:
             continue
+        if compat.option_has_criteria(option):
+            # selectinload(Author.posts.and_(...)): the class's lazy loader knows nothing
+            # of the criteria; the per-object one a lazy strategy makes from the option does
+            lazy = compat.lazy_select_strategy(rel)
+            for _, populate in compat.per_object_lazy_loaders(
+                lazy, path, option, info.mapper, compile_state
+            ):
+                populate(state, state.dict, None)
         getattr(obj, rel.key)  # its lazy load, in the load's own greenlet under asyncio
 
 
