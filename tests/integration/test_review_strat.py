@@ -9,7 +9,10 @@ Faults found, one test each:
 - ``session.get(Model, pk, options=[selectinload(...)])`` of a write-behind row served
   from its queued state loaded none of the relationships the options asked for: under
   asyncio the first access raised ``MissingGreenlet``, and after the session closed
-  ``DetachedInstanceError``, where plain SQLAlchemy had loaded them with the row.
+  ``DetachedInstanceError``, where plain SQLAlchemy had loaded them with the row;
+- with ``selectinload(Author.posts.and_(...))`` it loaded every post (the class's lazy
+  loader, without the option's criteria);
+- with ``populate_existing=True`` it kept the collection the session had loaded before.
 """
 
 from __future__ import annotations
@@ -299,3 +302,34 @@ def test_a_get_of_a_queued_row_loads_its_eager_relationship_with_the_options_cri
             s.get(a_, 1).name = "queued"  # type: ignore[union-attr]
             s.commit()
         assert [posts(factory, t) for t in ("p1", "p2")] == expected
+
+
+def test_a_populate_existing_get_of_a_queued_row_loads_its_eager_relationships_again(
+    engine: sa.Engine, client: redis.Redis, namespace: str
+) -> None:
+    """``session.get(Author, 1, options=[selectinload(Author.posts)],
+    populate_existing=True)`` of a queued author the session held kept the collection it
+    had loaded: plain SQLAlchemy's eager loader loads it again."""
+    with world_of(engine, client, namespace, "write_behind", "cache_aside", "cache_aside") as (
+        world,
+        factory,
+        _,
+    ):
+        a_ = world.Author
+
+        def posts(make: Any) -> list[int]:
+            with make() as s:
+                author = s.get(a_, 1)
+                assert [p.id for p in author.posts] == [1, 2]
+                s.connection().exec_driver_sql("UPDATE rs_posts SET author_id = 2 WHERE id = 2")
+                author = s.get(a_, 1, options=[selectinload(a_.posts)], populate_existing=True)
+                found = [p.id for p in author.posts]
+                s.rollback()
+                return found
+
+        expected = posts(lambda: Session(engine))
+        assert expected == [1]
+        with factory() as s:
+            s.get(a_, 1).name = "queued"  # type: ignore[union-attr]
+            s.commit()
+        assert posts(factory) == expected

@@ -62,17 +62,22 @@ def serve(
         # attributes with unflushed changes are the session's own; never overwritten
         if key in state.unloaded or (overwrite and key not in state.committed_state):
             set_committed_value(existing, key, value)
+    if overwrite:  # populate_existing: the relationships its options load, loaded again
+        _load_eagerly(orm_context, info, existing, again=True)
     return compat.make_result([name], [existing], single=True, metadata=info.result_metadata)
 
 
-def _load_eagerly(orm_context: ORMExecuteState, info: ModelInfo, obj: object) -> None:
+def _load_eagerly(
+    orm_context: ORMExecuteState, info: ModelInfo, obj: object, *, again: bool = False
+) -> None:
     """Load what the load's options ask to load eagerly (``session.get(Author, 1,
     options=[selectinload(Author.posts)])``), as SQLAlchemy's eager loaders would with
     the row: an object built from a queued state had only its columns, and the
     relationship was left to a lazy load that asyncio refuses (``MissingGreenlet``) and
     a closed session cannot run. The object gets the load's options and path first, so
     that nested options (``.selectinload(Post.tags)``) apply to these loads, as to its
-    later lazy loads."""
+    later lazy loads. ``again``: a ``populate_existing`` load of an object the session
+    holds, whose relationships the eager loaders would load again."""
     statement: Any = orm_context.statement
     if all(isinstance(o, UserDefinedOption) for o in compat.statement_options(statement)):
         return
@@ -84,6 +89,8 @@ def _load_eagerly(orm_context: ORMExecuteState, info: ModelInfo, obj: object) ->
         strategy, option = compat.loader_at(rel, compile_state, path)
         if option is None or compat.loader_settings(strategy).get("lazy") not in EAGER:
             continue
+        if again:
+            orm_context.session.expire(obj, [rel.key])
         if compat.option_has_criteria(option):
             # selectinload(Author.posts.and_(...)): the class's lazy loader knows nothing
             # of the criteria; the per-object one a lazy strategy makes from the option does
