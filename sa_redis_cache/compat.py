@@ -490,13 +490,36 @@ def option_has_criteria(option: Any) -> bool:
     return bool(option._extra_criteria)
 
 
-def per_object_lazy_loaders(strategy: Any, path: Any, option: Any, mapper: Any) -> list[Any]:
+def per_object_lazy_loaders(
+    strategy: Any, path: Any, option: Any, mapper: Any, compile_state: Any = None
+) -> list[Any]:
     """The setters ``(key, (state, dict_, row))`` of the per-object lazy loader a
     relationship's ``strategy`` gives an object the statement loads at ``path`` (one
-    that raises for ``raiseload``)."""
+    that raises for ``raiseload``). With ``compile_state`` (:func:`loader_compile_state`
+    of the statement being executed), an option with criteria (``A.bs.and_(...)``) gives
+    a loader holding that statement's values of them."""
     populators: collections.defaultdict[str, list[Any]] = collections.defaultdict(list)
-    strategy.create_row_processor(_RowContext, None, path, option, mapper, None, None, populators)
+    context: Any = _RowContext if compile_state is None else _CriteriaContext(compile_state)
+    strategy.create_row_processor(context, None, path, option, mapper, None, None, populators)
     return populators["new"]
+
+
+class _CriteriaContext(_RowContext):
+    """:class:`_RowContext` with the statement whose option criteria a loader takes
+    (``_generate_extra_criteria`` reads ``compile_state`` and ``query``)."""
+
+    __slots__ = ("compile_state", "query")
+
+    def __init__(self, compile_state: Any) -> None:
+        self.compile_state = compile_state
+        self.query = compile_state.select_statement
+
+
+def lazy_select_strategy(relationship: Any) -> Any:
+    """The plain lazy loader of ``relationship`` (``lazy="select"``), whichever strategy
+    its mapping or an option chose: given a loader option with criteria, its
+    ``create_row_processor`` gives an object the per-object loader holding them."""
+    return relationship._get_strategy((("lazy", "select"),))
 
 
 def is_flushing(session: Session) -> bool:

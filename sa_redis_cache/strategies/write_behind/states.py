@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Sequence
+from sqlalchemy import Sequence, inspect
+from sqlalchemy.orm import UserDefinedOption
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.sql.schema import ColumnDefault
 
@@ -50,14 +51,59 @@ def serve(
     if existing is None:
         assert info.codec is not None
         body = [info.codec.dump_row(values), 0]
-        return hydrate.rehydrate_entity(session, info, body, pk)
+        result = hydrate.rehydrate_entity(session, info, body, pk)
+        built = session.identity_map.get(identity)
+        if built is not None:
+            _load_eagerly(orm_context, info, built)
+        return result
     state = instance_state(existing)
     overwrite = compat.populates_existing(orm_context)
     for key, value in zip(info.column_keys, values, strict=True):
         # attributes with unflushed changes are the session's own; never overwritten
         if key in state.unloaded or (overwrite and key not in state.committed_state):
             set_committed_value(existing, key, value)
+    if overwrite:  # populate_existing: the relationships its options load, loaded again
+        _load_eagerly(orm_context, info, existing, again=True)
     return compat.make_result([name], [existing], single=True, metadata=info.result_metadata)
+
+
+def _load_eagerly(
+    orm_context: ORMExecuteState, info: ModelInfo, obj: object, *, again: bool = False
+) -> None:
+    """Load what the load's options ask to load eagerly (``session.get(Author, 1,
+    options=[selectinload(Author.posts)])``), as SQLAlchemy's eager loaders would with
+    the row: an object built from a queued state had only its columns, and the
+    relationship was left to a lazy load that asyncio refuses (``MissingGreenlet``) and
+    a closed session cannot run. The object gets the load's options and path first, so
+    that nested options (``.selectinload(Post.tags)``) apply to these loads, as to its
+    later lazy loads. ``again``: a ``populate_existing`` load of an object the session
+    holds, whose relationships the eager loaders would load again."""
+    statement: Any = orm_context.statement
+    if all(isinstance(o, UserDefinedOption) for o in compat.statement_options(statement)):
+        return
+    compile_state = compat.loader_compile_state(statement)
+    path = compat.loaded_path(statement, inspect(info.mapper))
+    state = instance_state(obj)
+    compat.stamp_load(state, compat.propagated_options(statement), path)
+    for rel in info.mapper.relationships:
+        strategy, option = compat.loader_at(rel, compile_state, path)
+        if option is None or compat.loader_settings(strategy).get("lazy") not in EAGER:
+            continue
+        if again:
+            orm_context.session.expire(obj, [rel.key])
+        if compat.option_has_criteria(option):
+            # selectinload(Author.posts.and_(...)): the class's lazy loader knows nothing
+            # of the criteria; the per-object one a lazy strategy makes from the option does
+            lazy = compat.lazy_select_strategy(rel)
+            for _, populate in compat.per_object_lazy_loaders(
+                lazy, path, option, info.mapper, compile_state
+            ):
+                populate(state, state.dict, None)
+        getattr(obj, rel.key)  # its lazy load, in the load's own greenlet under asyncio
+
+
+# the loader strategies that load a relationship with its parent's row
+EAGER = frozenset((False, "joined", "selectin", "subquery", "immediate"))
 
 
 def pending_state(info: ModelInfo, document: bytes, pk: str) -> tuple[str, tuple[Any, ...] | None]:
