@@ -23,7 +23,7 @@ from devservices.scratch import drop_database
 from examples.shop import Product
 from sa_redis_cache import Cache
 from sa_redis_cache.redis_io import client_from_url, unlink_matching
-from tests.integration.test_local_tier import until
+from tests.integration.test_local_tier import WAIT, tier_of, until
 
 if TYPE_CHECKING:
     import redis
@@ -238,6 +238,8 @@ def test_stats_json_gives_a_local_tiers_readiness_as_a_boolean(
     factory = sessionmaker(shop_engine)
     cache.attach(factory)
     try:
+        # the tier connects in its own thread: ready once it tracks (not at attach())
+        assert tier_of(cache).wait_ready(WAIT)
         with factory() as s:
             s.get(Product, product)
         local = cache.stats()["local"]
