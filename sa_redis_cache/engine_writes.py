@@ -207,9 +207,7 @@ class EngineWrites:
         compiled = getattr(context, "compiled", None)
         element = getattr(compiled, "statement", None)
         if compiled is None or compat.is_textual(element):
-            tables = text_dml_tables(statement, self.core.models.known())
-            # what the statement does is not parsed: any foreign-key action may follow
-            tables |= referential_actions().written_by(tables, deletes=True, updates=True)
+            tables = self._text_writes(statement)
         else:
             # the INSERTs, UPDATEs and DELETEs in its CTEs write too, whatever the
             # statement is: a SELECT of a data-modifying CTE, or DML with a CTE added that
@@ -272,11 +270,14 @@ class EngineWrites:
             elif isinstance(inner, TextualSelect | TextClause):
                 text = inner.element if isinstance(inner, TextualSelect) else inner
                 if isinstance(text, TextClause):
-                    found = text_dml_tables(text.text, self.core.models.known())
-                    tables |= found | referential_actions().written_by(
-                        found, deletes=True, updates=True
-                    )
+                    tables |= self._text_writes(text.text)
         return tables
+
+    def _text_writes(self, sql: str) -> set[str]:
+        """The tables SQL text may write (:func:`text_dml_tables`), and those any
+        foreign-key action may follow to: what it does is not parsed."""
+        tables = text_dml_tables(sql, self.core.models.known())
+        return tables | referential_actions().written_by(tables, deletes=True, updates=True)
 
     def _seen_by_session(
         self,
