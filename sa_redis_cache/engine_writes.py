@@ -58,6 +58,13 @@ _TRUNCATE = re.compile(
     re.IGNORECASE,
 )
 _TRUNCATED = re.compile(rf"(?:ONLY\s+)?(?P<table>{_NAME})", re.IGNORECASE)
+# REFRESH MATERIALIZED VIEW [CONCURRENTLY] name [WITH [NO] DATA]: the view's rows change
+# now, and only now (a write to its base tables leaves them as they were)
+_REFRESH = re.compile(
+    rf"^\s*REFRESH\s+MATERIALIZED\s+VIEW\s+(?:CONCURRENTLY\s+)?(?P<table>{_NAME})"
+    r"(?:\s+WITH\s+(?:NO\s+)?DATA)?\s*;?\s*$",
+    re.IGNORECASE,
+)
 _PARTS = re.compile(_PART)
 _ANY_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|TRUNCATE|COPY)\b", re.IGNORECASE)
 # a procedure call, an anonymous code block, a prepared statement's execution: what they
@@ -75,7 +82,8 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
     """The tables a textual statement writes: parsed, or all of ``known`` when unsure.
 
     A single ``INSERT INTO``/``UPDATE``/``DELETE FROM``/``MERGE INTO`` names the table it
-    writes, a ``TRUNCATE`` the tables it empties: the known tables each name may be
+    writes, a ``TRUNCATE`` the tables it empties, a ``REFRESH MATERIALIZED VIEW`` the
+    view it fills again: the known tables each name may be
     (``s.t`` and ``t`` are any schema's ``t``, which a ``schema_translate_map`` may put
     there; an unquoted name in any case, as Postgres folds it, a quoted one exactly), or
     the name alone when no model maps it, exactly as Core DML on that table invalidates
@@ -100,6 +108,8 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
         set()
         >>> sorted(text_dml_tables("CALL archive_orders(7)", ["products", "orders"]))
         ['orders', 'products']
+        >>> text_dml_tables("REFRESH MATERIALIZED VIEW CONCURRENTLY sales", ["products"])
+        {'sales'}
     """
     if not isinstance(known, KnownTables):
         known = KnownTables(known)
@@ -112,6 +122,9 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
         for name in _TRUNCATED.finditer(truncate.group("tables")):
             tables |= _named(name.group("table"), known)
         return tables
+    refresh = _REFRESH.match(sql)
+    if refresh is not None:
+        return _named(refresh.group("table"), known)
     if found is not None or _OPAQUE.match(sql) or _ANY_DML.search(_LOCKING.sub(" ", sql)):
         # a CTE, a procedure, COPY, several statements, TRUNCATE ... CASCADE: which
         # cached tables changed is unknowable
