@@ -21,11 +21,13 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection
+from sqlalchemy.schema import ExecutableDDLElement
 from sqlalchemy.sql.dml import Delete, Update, UpdateBase
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import TextualSelect
 
 from . import commit_first, compat
+from .binds import written_through_views
 from .models import KnownTables
 from .referential import referential_actions
 from .schema import is_library_table
@@ -72,6 +74,12 @@ _ANY_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|TRUNCATE|COPY)\b", re.IGNO
 _OPAQUE = re.compile(r"^\s*(?:CALL|DO|EXECUTE)\b", re.IGNORECASE)
 # the locking clause of a read (SELECT ... FOR UPDATE, FOR NO KEY UPDATE): not a write
 _LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?UPDATE\b", re.IGNORECASE)
+# DDL that changes which tables a view reads
+_VIEW_DDL = re.compile(
+    r"^\s*(?:CREATE\s+(?:OR\s+REPLACE\s+)?(?:(?:TEMP|TEMPORARY)\s+)?(?:RECURSIVE\s+)?VIEW"
+    r"|ALTER\s+VIEW|DROP\s+VIEW)\b",
+    re.IGNORECASE,
+)
 # a second statement after a ';' (a trailing ';' and comments after it are not one)
 _MORE = re.compile(r";\s*(?!--|/\*)\S")
 _PENDING = "sa_redis_cache.pending"
@@ -221,6 +229,10 @@ class EngineWrites:
         element = getattr(compiled, "statement", None)
         if compiled is None or compat.is_textual(element):
             tables = self._text_writes(statement)
+            self._note_view_ddl(conn, statement)
+        elif isinstance(element, ExecutableDDLElement):
+            self._note_view_ddl(conn, statement)
+            return
         else:
             # the INSERTs, UPDATEs and DELETEs in its CTEs write too, whatever the
             # statement is: a SELECT of a data-modifying CTE, or DML with a CTE added that
@@ -235,6 +247,8 @@ class EngineWrites:
                     tables |= self._dml_writes(target, context.isdelete, context.isupdate)
             if not tables:
                 return
+        # a write through a view writes the tables it reads
+        tables |= written_through_views(tables, self.core.models.known)
         # the worker's offsets and dead letters: no cache entry reads them
         tables = {t for t in tables if not is_library_table(t)}
         if not tables:
@@ -254,6 +268,12 @@ class EngineWrites:
             transaction_state(session).dml.update(tables)
         if compat.is_autocommit(conn):
             self._finish(info)
+
+    def _note_view_ddl(self, conn: Connection, statement: str) -> None:
+        """A view made, changed or dropped: the pool's database is asked again on its next
+        use, reading the tables its views read (``Database.views``) as they are now."""
+        if _VIEW_DDL.match(statement):
+            self.core.binds.forget(conn)
 
     def _dml_writes(self, target: TableClause, deletes: bool, updates: bool) -> set[str]:
         """The tables an ``INSERT``/``UPDATE``/``DELETE`` of ``target`` may write, its
