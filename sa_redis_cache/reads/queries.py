@@ -871,7 +871,8 @@ def _row_shape(statement: Any) -> hydrate.RowShape:
     scalar_positions: list[int] = []
     scalar_types: list[TypeEngine[Any]] = []
     for i, desc in enumerate(descriptions):
-        keys.append(desc["name"])
+        # a plain str: a Table column's name is a quoted_name, which no codec packs
+        keys.append(str(desc["name"]))
         kind = desc["type"]
         if isinstance(kind, TypeEngine):
             scalar_positions.append(i)

@@ -8,6 +8,7 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import pytest
 import redis
@@ -257,16 +258,18 @@ def test_a_view_made_after_the_pools_first_use_is_seen(
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("price", sa.Numeric(10, 2)),
     )
-    late_view = sa.select(table.c.price).where(table.c.id == views.product).options(FromCache())
+    mapped = type(f"Late{late}", (Priced,), {})
+    registry().map_imperatively(mapped, table)
+    late_view: sa.Select[Any] = select(mapped).filter_by(id=views.product).options(FromCache())
     try:
         with factory() as s:
-            assert s.execute(late_view).scalar_one() == Decimal("1.00")
+            assert s.scalars(late_view).one().price == Decimal("1.00")
         with views.engine.begin() as conn:
             conn.execute(
                 update(Product).where(Product.id == views.product).values(price=Decimal("7.00"))
             )
         with factory() as s:
-            assert s.execute(late_view).scalar_one() == Decimal("7.00")
+            assert s.scalars(late_view).one().price == Decimal("7.00")
     finally:
         with views.engine.begin() as conn:
             conn.execute(text(f"DROP VIEW {late}"))
