@@ -275,6 +275,34 @@ def test_a_view_made_after_the_pools_first_use_is_seen(
             conn.execute(text(f"DROP VIEW {late}"))
 
 
+def test_a_repeatable_read_transaction_reads_a_view_as_of_its_snapshot(
+    views: Views, view_cache: Cache
+) -> None:
+    factory = _attached(view_cache, views.engine)
+    snapshots = sessionmaker(views.engine.execution_options(isolation_level="REPEATABLE READ"))
+    view_cache.attach(snapshots)
+    _listing(factory, views)  # filled
+    with snapshots() as s:
+        first = s.scalars(
+            select(views.listing).filter_by(id=views.product).options(FromCache())
+        ).one()
+        assert first.price == Decimal("1.00")
+        with views.engine.begin() as conn:
+            conn.execute(
+                update(Product).where(Product.id == views.product).values(price=Decimal("8.00"))
+            )
+        _listing(factory, views)  # filled again, after the write
+        columns = views.listing.__table__.c  # type: ignore[attr-defined]
+        again = s.execute(
+            select(columns.price).where(columns.id == views.product).options(FromCache())
+        ).scalar_one()
+        assert again == Decimal("1.00")  # the snapshot's, not the entry's
+    with snapshots() as s:
+        assert s.scalars(
+            select(views.listing).filter_by(id=views.product).options(FromCache())
+        ).one().price == Decimal("8.00")
+
+
 def test_view_bases_follow_views_of_views() -> None:
     edges = [
         "listing\x1fpublic\x1fproducts",
