@@ -4,21 +4,26 @@ them on the view's behalf, and a write to them changes what the view returns."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 import sqlalchemy as sa
+from click.testing import CliRunner
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, registry, sessionmaker
 
 from examples.shop import Category, Product, ProductStatus
 from sa_redis_cache import Cache, CachePolicy, FromCache
 from sa_redis_cache.binds import view_bases
+from sa_redis_cache.cli import cli
 
 WAIT = 10.0
 
@@ -301,6 +306,69 @@ def test_a_repeatable_read_transaction_reads_a_view_as_of_its_snapshot(
         assert s.scalars(
             select(views.listing).filter_by(id=views.product).options(FromCache())
         ).one().price == Decimal("8.00")
+
+
+_STATEMENT_MODULE = """
+import sqlalchemy as sa
+from sqlalchemy.orm import registry
+
+from sa_redis_cache import FromCache
+
+TABLE = sa.Table(
+    "{view}",
+    sa.MetaData(),
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("price", sa.Numeric(10, 2)),
+)
+
+
+class Row:
+    pass
+
+
+registry().map_imperatively(Row, TABLE)
+LISTING = sa.select(Row).where(TABLE.c.id == {product}).options(FromCache())
+"""
+
+
+def test_the_cli_explains_an_entry_of_a_view_by_the_tables_it_reads(
+    views: Views,
+    cache: Cache,
+    redis_url: str,
+    namespace: str,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    module = f"sarc_view_statements_{secrets.token_hex(4)}"
+    view = views.listing.__table__.name  # type: ignore[attr-defined]
+    text_of = _STATEMENT_MODULE.format(view=view, product=views.product)
+    (tmp_path / f"{module}.py").write_text(text_of)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    statement = importlib.import_module(module).LISTING
+    factory = _attached(cache, views.engine)
+    with factory() as s:
+        s.scalars(statement).all()
+    cache.stats()  # the fill's reply is read: the entry is stored
+    args = ["--redis-url", redis_url, "--namespace", namespace, "--models", "examples.shop"]
+    inspect = [*args, "inspect", "--bind-url", database_url, "--json", "--statement"]
+
+    def explained() -> dict[str, Any]:
+        result = CliRunner().invoke(cli, [*inspect, f"{module}:LISTING"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        document: dict[str, Any] = json.loads(result.stdout)
+        return document
+
+    valid = explained()
+    assert valid["state"] == "valid", valid["detail"]
+    assert {"products", "categories"} <= set(valid["tables"])
+    with views.engine.begin() as conn:
+        conn.execute(
+            update(Product).where(Product.id == views.product).values(price=Decimal("9.00"))
+        )
+    stale = explained()
+    assert stale["state"] == "stale"
+    assert "products" in stale["detail"]
 
 
 def test_view_bases_follow_views_of_views() -> None:
