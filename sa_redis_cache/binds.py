@@ -42,10 +42,12 @@ from typing import TYPE_CHECKING, Any
 from sa_redis_cache import compat
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Iterable, Mapping
 
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.orm import ORMExecuteState, Session
+
+    from sa_redis_cache.models import KnownTables
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,23 @@ _POSTGRES_IDENTITY = (
     "AND has_table_privilege('pg_catalog.pg_class', 'SELECT') "
     "THEN (SELECT array_agg(DISTINCT c.relname::text) FROM pg_catalog.pg_trigger t "
     "JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid WHERE NOT t.tgisinternal "
-    "AND t.tgenabled <> 'D' AND t.tgtype & 83 = 17) END"
+    "AND t.tgenabled <> 'D' AND t.tgtype & 83 = 17) END, "
+    # every relation each view's rule reads, as 'view<US>schema<US>relation': what the
+    # database reads on a view's behalf, which no statement names
+    "CASE WHEN has_table_privilege('pg_catalog.pg_rewrite', 'SELECT') "
+    "AND has_table_privilege('pg_catalog.pg_depend', 'SELECT') "
+    "AND has_table_privilege('pg_catalog.pg_class', 'SELECT') "
+    "AND has_table_privilege('pg_catalog.pg_namespace', 'SELECT') "
+    "THEN (SELECT array_agg(DISTINCT v.relname::text || chr(31) || bn.nspname::text "
+    "|| chr(31) || b.relname::text) FROM pg_catalog.pg_class v "
+    "JOIN pg_catalog.pg_namespace vn ON vn.oid = v.relnamespace "
+    "JOIN pg_catalog.pg_rewrite r ON r.ev_class = v.oid "
+    "JOIN pg_catalog.pg_depend d ON d.objid = r.oid "
+    "AND d.classid = 'pg_catalog.pg_rewrite'::regclass "
+    "AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> v.oid "
+    "JOIN pg_catalog.pg_class b ON b.oid = d.refobjid "
+    "JOIN pg_catalog.pg_namespace bn ON bn.oid = b.relnamespace "
+    "WHERE v.relkind = 'v' AND vn.nspname NOT IN ('pg_catalog', 'information_schema')) END"
 )
 
 
@@ -88,6 +106,11 @@ class Database:
     # tables (by name, in any schema) with an AFTER row trigger on UPDATE when the pool was
     # first used: a row that UPDATE ... RETURNING gives may not be the row it leaves
     after_update_triggers: frozenset[str] = field(default=frozenset(), compare=False)
+    # each view (by name, in any schema) when the pool was first used: the (schema, name)
+    # of every table it reads, through the views it reads (:func:`view_bases`)
+    views: Mapping[str, frozenset[tuple[str, str]]] = field(
+        default_factory=dict, compare=False, hash=False
+    )
     # the driver-qualified name that query keys carry: formatted once, every read packs it
     name: str = field(init=False, repr=False, compare=False, hash=False)
 
@@ -101,9 +124,91 @@ def _url_identity(engine: Engine) -> str:
     return f"url:{url.host or ''}:{url.port or ''}/{url.database or ''}"
 
 
-def _ask_postgres(connection: Connection) -> tuple[str, str | None, frozenset[str]] | None:
-    """``(identity, default schema, tables with AFTER row triggers on UPDATE)`` from the
-    server; None when it did not answer."""
+def view_bases(edges: Iterable[str]) -> dict[str, frozenset[tuple[str, str]]]:
+    """Each view's tables, from ``view<US>schema<US>relation`` edges (what each view's
+    rule reads): the relations it reads that are no view, and those of the views it reads,
+    at any depth. Views are named without their schema (a view of that name in any schema
+    counts: extra misses, never a missed table).
+
+    Example::
+
+        >>> edges = ["totals\x1fpublic\x1forders", "report\x1fpublic\x1ftotals"]
+        >>> sorted(view_bases(edges)["report"])
+        [('public', 'orders')]
+    """
+    reads: dict[str, set[tuple[str, str]]] = {}
+    for edge in edges:
+        view, schema, relation = edge.split("\x1f", 2)
+        reads.setdefault(view, set()).add((schema, relation))
+
+    def tables_of(view: str, seen: set[str]) -> set[tuple[str, str]]:
+        found: set[tuple[str, str]] = set()
+        for schema, relation in reads[view]:
+            if relation not in reads:
+                found.add((schema, relation))
+            elif relation not in seen:
+                seen.add(relation)
+                found |= tables_of(relation, seen)
+        return found
+
+    return {view: frozenset(tables_of(view, {view})) for view in reads}
+
+
+def view_table_names(
+    views: Mapping[str, frozenset[tuple[str, str]]], tables: Iterable[str], known: KnownTables
+) -> set[str]:
+    """The names the tables that the views among ``tables`` (``fullname``s) read are
+    versioned under: each such table's mapped tables of its name in any schema (a
+    ``schema_translate_map`` may put them there), its bare name and its schema-qualified
+    name (a Core table's ``fullname`` is either). ``views``: :attr:`Database.views`.
+
+    Example::
+
+        >>> from sa_redis_cache.models import KnownTables
+        >>> views = {"listing": frozenset({("public", "products")})}
+        >>> sorted(view_table_names(views, ["reports.listing"], KnownTables(["products"])))
+        ['products', 'public.products']
+    """
+    names: set[str] = set()
+    if not views:
+        return names
+    for table in tables:
+        for schema, relation in views.get(table.rpartition(".")[2], ()):
+            names |= known.named(relation) | {relation, f"{schema}.{relation}"}
+    return names
+
+
+def written_through_views(tables: Iterable[str], known: Callable[[], KnownTables]) -> set[str]:
+    """:func:`view_table_names` of the views of every database this process met: what a
+    write to ``tables`` writes when one is a view (an ORM model mapped onto an updatable
+    view, DML naming it), which the database does on its behalf. The database written is
+    not asked: a same-named view of another database costs misses, never a missed table.
+
+    Example::
+
+        written_through_views({"listing"}, models.known)   # the tables listing reads
+    """
+    views = _VIEWS_MET  # empty unless a database met has a view: nothing to compute
+    return view_table_names(views, tables, known()) if views else set()
+
+
+def reads_a_view(database: Database, table: str) -> bool:
+    """Whether ``table`` (a ``fullname``) is a view in ``database``: the rows of a model
+    mapped onto it change with the tables it reads, whose writes name no row of it, so no
+    entity entry of it is kept.
+
+    Example::
+
+        >>> reads_a_view(Database("pg:1/shop", "public", "pg", views={"totals": frozenset()}),
+        ...              "reports.totals")
+        True
+    """
+    return bool(database.views) and table.rpartition(".")[2] in database.views
+
+
+def _ask_postgres(connection: Connection) -> tuple[str, str | None, frozenset[str], Any] | None:
+    """``(identity, default schema, tables with AFTER row triggers on UPDATE, the
+    relations views read)`` from the server; None when it did not answer."""
     try:
         cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
@@ -116,14 +221,14 @@ def _ask_postgres(connection: Connection) -> tuple[str, str | None, frozenset[st
         return None
     if row is None:
         return None
-    database, schema, system_id, address, port, triggered = row
+    database, schema, system_id, address, port, triggered, view_edges = row
     if system_id:
         where = f"pg:{system_id}"
     elif address:
         where = f"pg@{address}:{port}"
     else:  # a Unix socket, and pg_control_system() refused: the URL is all there is
         where = "pg" + _url_identity(connection.engine)[3:]
-    return f"{where}/{database}", schema, frozenset(triggered or ())
+    return f"{where}/{database}", schema, frozenset(triggered or ()), view_edges or ()
 
 
 # what each pool connects to is a fact about the pool, shared by every cache of the process;
@@ -131,6 +236,16 @@ def _ask_postgres(connection: Connection) -> tuple[str, str | None, frozenset[st
 # goes does not keep them alive through the cache
 _DATABASES: weakref.WeakKeyDictionary[Any, Database] = weakref.WeakKeyDictionary()
 _DATABASES_LOCK = threading.Lock()
+# the views of every database met, merged by name (replaced, never changed in place)
+_VIEWS_MET: dict[str, frozenset[tuple[str, str]]] = {}
+
+
+def _meet_views(views: Mapping[str, frozenset[tuple[str, str]]]) -> None:
+    global _VIEWS_MET  # noqa: PLW0603 - replaced whole: readers hold no lock
+    merged = dict(_VIEWS_MET)
+    for view, tables in views.items():
+        merged[view] = merged.get(view, frozenset()) | tables
+    _VIEWS_MET = merged
 
 
 class Binds:
@@ -151,6 +266,11 @@ class Binds:
         """The database of ``bind``'s pool if it was asked already (no I/O)."""
         return self._by_pool.get(bind.engine.pool)
 
+    def forget(self, bind: Engine | Connection) -> None:
+        """Ask ``bind``'s database again on the pool's next use (its views changed)."""
+        with _DATABASES_LOCK:
+            self._by_pool.pop(bind.engine.pool, None)
+
     def database_of(self, connection: Connection) -> Database | None:
         """The database ``connection`` reaches, asked of the server on a pool's first use.
 
@@ -164,16 +284,20 @@ class Binds:
             return found
         dialect = engine.dialect
         triggered: frozenset[str] = frozenset()
+        views: dict[str, frozenset[tuple[str, str]]] = {}
         if dialect.name == "postgresql":
             answer = _ask_postgres(connection)
             if answer is None:
                 return None
-            identity, schema, triggered = answer
+            identity, schema, triggered, view_edges = answer
+            views = view_bases(view_edges)
         else:
             identity, schema = _url_identity(engine), None
-        found = Database(identity, schema, f"{dialect.name}+{dialect.driver}", triggered)
+        found = Database(identity, schema, f"{dialect.name}+{dialect.driver}", triggered, views)
         with _DATABASES_LOCK:
             self._by_pool[pool] = found
+            if views:
+                _meet_views(views)
         return found
 
     def database_for(

@@ -21,11 +21,13 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection
+from sqlalchemy.schema import ExecutableDDLElement
 from sqlalchemy.sql.dml import Delete, Update, UpdateBase
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import TextualSelect
 
 from . import commit_first, compat
+from .binds import written_through_views
 from .models import KnownTables
 from .referential import referential_actions
 from .schema import is_library_table
@@ -58,6 +60,13 @@ _TRUNCATE = re.compile(
     re.IGNORECASE,
 )
 _TRUNCATED = re.compile(rf"(?:ONLY\s+)?(?P<table>{_NAME})", re.IGNORECASE)
+# REFRESH MATERIALIZED VIEW [CONCURRENTLY] name [WITH [NO] DATA]: the view's rows change
+# now, and only now (a write to its base tables leaves them as they were)
+_REFRESH = re.compile(
+    rf"^\s*REFRESH\s+MATERIALIZED\s+VIEW\s+(?:CONCURRENTLY\s+)?(?P<table>{_NAME})"
+    r"(?:\s+WITH\s+(?:NO\s+)?DATA)?\s*;?\s*$",
+    re.IGNORECASE,
+)
 _PARTS = re.compile(_PART)
 _ANY_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|TRUNCATE|COPY)\b", re.IGNORECASE)
 # a procedure call, an anonymous code block, a prepared statement's execution: what they
@@ -65,6 +74,12 @@ _ANY_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|TRUNCATE|COPY)\b", re.IGNO
 _OPAQUE = re.compile(r"^\s*(?:CALL|DO|EXECUTE)\b", re.IGNORECASE)
 # the locking clause of a read (SELECT ... FOR UPDATE, FOR NO KEY UPDATE): not a write
 _LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?UPDATE\b", re.IGNORECASE)
+# DDL that changes which tables a view reads
+_VIEW_DDL = re.compile(
+    r"^\s*(?:CREATE\s+(?:OR\s+REPLACE\s+)?(?:(?:TEMP|TEMPORARY)\s+)?(?:RECURSIVE\s+)?VIEW"
+    r"|ALTER\s+VIEW|DROP\s+VIEW)\b",
+    re.IGNORECASE,
+)
 # a second statement after a ';' (a trailing ';' and comments after it are not one)
 _MORE = re.compile(r";\s*(?!--|/\*)\S")
 _PENDING = "sa_redis_cache.pending"
@@ -75,7 +90,8 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
     """The tables a textual statement writes: parsed, or all of ``known`` when unsure.
 
     A single ``INSERT INTO``/``UPDATE``/``DELETE FROM``/``MERGE INTO`` names the table it
-    writes, a ``TRUNCATE`` the tables it empties: the known tables each name may be
+    writes, a ``TRUNCATE`` the tables it empties, a ``REFRESH MATERIALIZED VIEW`` the
+    view it fills again: the known tables each name may be
     (``s.t`` and ``t`` are any schema's ``t``, which a ``schema_translate_map`` may put
     there; an unquoted name in any case, as Postgres folds it, a quoted one exactly), or
     the name alone when no model maps it, exactly as Core DML on that table invalidates
@@ -100,6 +116,8 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
         set()
         >>> sorted(text_dml_tables("CALL archive_orders(7)", ["products", "orders"]))
         ['orders', 'products']
+        >>> text_dml_tables("REFRESH MATERIALIZED VIEW CONCURRENTLY sales", ["products"])
+        {'sales'}
     """
     if not isinstance(known, KnownTables):
         known = KnownTables(known)
@@ -112,6 +130,9 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
         for name in _TRUNCATED.finditer(truncate.group("tables")):
             tables |= _named(name.group("table"), known)
         return tables
+    refresh = _REFRESH.match(sql)
+    if refresh is not None:
+        return _named(refresh.group("table"), known)
     if found is not None or _OPAQUE.match(sql) or _ANY_DML.search(_LOCKING.sub(" ", sql)):
         # a CTE, a procedure, COPY, several statements, TRUNCATE ... CASCADE: which
         # cached tables changed is unknowable
@@ -208,6 +229,10 @@ class EngineWrites:
         element = getattr(compiled, "statement", None)
         if compiled is None or compat.is_textual(element):
             tables = self._text_writes(statement)
+            self._note_view_ddl(conn, statement)
+        elif isinstance(element, ExecutableDDLElement):
+            self._note_view_ddl(conn, statement)
+            return
         else:
             # the INSERTs, UPDATEs and DELETEs in its CTEs write too, whatever the
             # statement is: a SELECT of a data-modifying CTE, or DML with a CTE added that
@@ -222,6 +247,8 @@ class EngineWrites:
                     tables |= self._dml_writes(target, context.isdelete, context.isupdate)
             if not tables:
                 return
+        # a write through a view writes the tables it reads
+        tables |= written_through_views(tables, self.core.models.known)
         # the worker's offsets and dead letters: no cache entry reads them
         tables = {t for t in tables if not is_library_table(t)}
         if not tables:
@@ -241,6 +268,12 @@ class EngineWrites:
             transaction_state(session).dml.update(tables)
         if compat.is_autocommit(conn):
             self._finish(info)
+
+    def _note_view_ddl(self, conn: Connection, statement: str) -> None:
+        """A view made, changed or dropped: the pool's database is asked again on its next
+        use, reading the tables its views read (``Database.views``) as they are now."""
+        if _VIEW_DDL.match(statement):
+            self.core.binds.forget(conn)
 
     def _dml_writes(self, target: TableClause, deletes: bool, updates: bool) -> set[str]:
         """The tables an ``INSERT``/``UPDATE``/``DELETE`` of ``target`` may write, its

@@ -157,9 +157,12 @@ class CacheInspector:
         translate = None if schema is None else {info.table_schema: schema}
         return self._context.binds.scope(database, info.table_schema, translate)
 
-    def statement_plan(self, statement: Any) -> StatementPlan | None:
+    def statement_plan(
+        self, statement: Any, database: Database | None = None
+    ) -> StatementPlan | None:
         """What the read path knows of a statement's shape (its tables, their version
-        keys); None when the statement is not cached.
+        keys); None when the statement is not cached. With ``database``, as read there:
+        with the tables its views read.
 
         The ``FromCache`` option is added when missing: an option changes SQLAlchemy's
         cache key, and the entry is keyed as the statement is executed, with it.
@@ -168,7 +171,11 @@ class CacheInspector:
         cache_key = compat.statement_cache_key(statement)
         if cache_key is None:
             return None
-        return self._reads.queries.plan(cache_key.key, statement)
+        queries = self._reads.queries
+        plan = queries.plan(cache_key.key, statement)
+        if plan is None or database is None or not database.views:
+            return plan
+        return queries.over_views(plan, database)
 
     def statement_key(
         self,

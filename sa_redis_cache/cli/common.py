@@ -298,7 +298,7 @@ class Settings:
             given.dispose()
         if found is None:
             raise CliError(f"{option}: the database did not say which one it is")
-        return Database(found.identity, found.default_schema, driver)
+        return Database(found.identity, found.default_schema, driver, views=found.views)
 
     def close(self) -> None:
         """Close the Redis connection, if one was made."""

@@ -119,6 +119,8 @@ def inspect_statement(
         document.update(state="uncacheable", detail=why)
         return document
     database = settings.database(bind_url, option="--bind-url")
+    # as the read path reads it there: with the tables its views read
+    plan = cache.inspector.statement_plan(statement, database) or plan
     key = cache.inspector.statement_key(statement, params, database=database)
     if key is None:
         document.update(state="uncacheable", detail="a parameter value cannot be encoded exactly")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy.orm.interfaces import UserDefinedOption
 
 from sa_redis_cache import compat, hydrate, stampede
-from sa_redis_cache.binds import session_translate_map, statement_translate_map
+from sa_redis_cache.binds import reads_a_view, session_translate_map, statement_translate_map
 from sa_redis_cache.codec import CodecError, pack, unpack
 from sa_redis_cache.policy import CachePolicy, Strategy
 from sa_redis_cache.protocol import pk_text
@@ -135,7 +135,11 @@ class EntityReads:
         bind = session.get_bind(mapper=mapper)
         database = self.binds.known(bind)
         # pinned now: the pipeline's read checks the entry against the pin
-        if database is None or start_snapshot(session, bind, mapper=mapper):
+        if (
+            database is None
+            or reads_a_view(database, info.table)
+            or start_snapshot(session, bind, mapper=mapper)
+        ):
             return False, None
         row_scope = core.entity_scope(info, database, session_translate_map(session, bind))
         key = core.keys.entity_key(info.table, info.schema_hash, row_scope, pk_str)
@@ -217,6 +221,9 @@ class EntityReads:
         database = self.binds.database_for(session, bind, orm_context.bind_arguments)
         if database is None:
             core.counters.incr(scope, "bypassed")
+            return None
+        if reads_a_view(database, info.table):
+            core.counters.incr(scope, "uncacheable")
             return None
         if start_snapshot(session, bind, orm_context.bind_arguments):
             tx = peek_transaction_state(session)

@@ -8,6 +8,7 @@ the statement reads, captured before the database read (:mod:`.flow`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -18,7 +19,11 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy.sql.type_api import TypeEngine
 
 from sa_redis_cache import compat, hydrate, stampede
-from sa_redis_cache.binds import session_translate_map, statement_translate_map
+from sa_redis_cache.binds import (
+    session_translate_map,
+    statement_translate_map,
+    view_table_names,
+)
 from sa_redis_cache.breaker import CLOSED
 from sa_redis_cache.codec import CodecError, RowCodec, UncacheableType, pack, unpack
 from sa_redis_cache.fingerprint import Unfingerprintable, fingerprint, values_digest
@@ -278,6 +283,9 @@ class QueryReads:
         self._hits_last: dict[str, None] = {}
         self.decoded = decoded
         self._keys_made = KeysMade()
+        # (plan, database name) -> (plan, the known tables it was made with, the plan
+        # over the tables its views read): see over_views
+        self._over_views: dict[tuple[int, str], tuple[StatementPlan, Any, StatementPlan]] = {}
 
     def read(
         self, orm_context: ORMExecuteState, option: FromCache, *, volatile_ok: bool = True
@@ -316,6 +324,11 @@ class QueryReads:
         if database is None:
             stats.incr(region, "bypassed")
             return None
+        if database.views:
+            plan = self.over_views(plan, database)
+            if tx is not None and not tx.written_tables.isdisjoint(plan.tables):
+                stats.incr(region, "bypassed")  # it wrote a table a view here reads
+                return None
         if start_snapshot(session, bind, orm_context.bind_arguments):
             tx = peek_transaction_state(session)
         entry_key = self._entry_key_of(
@@ -373,16 +386,19 @@ class QueryReads:
         if isinstance(planned, str):
             return None
         cache_key, plan = planned
+        bind = session.get_bind(mapper=mapper, clause=statement)  # as the pipeline asks
+        database = self.binds.known(bind)
+        if database is None:
+            return None
+        if database.views:
+            plan = self.over_views(plan, database)
         tx = peek_transaction_state(session)
         if tx is not None and (
             tx.snapshot is not None or not tx.written_tables.isdisjoint(plan.tables)
         ):
             return None
-        bind = session.get_bind(mapper=mapper, clause=statement)  # as the pipeline asks
-        database = self.binds.known(bind)
         if (
-            database is None
-            or not self.flow.trusted_quietly(plan.tables)
+            not self.flow.trusted_quietly(plan.tables)
             # pinned now: the pipeline's read checks the entry against the pins
             or start_snapshot(session, bind, mapper=mapper, clause=statement)
         ):
@@ -423,6 +439,41 @@ class QueryReads:
         if plan is None:
             return "uncacheable"
         return cache_key, plan
+
+    def over_views(self, plan: StatementPlan, database: Database) -> StatementPlan:
+        """``plan`` in ``database``, where a table it reads may be a view: validated also
+        against the version counters of the tables the view reads (``database.views``),
+        which every write to them bumps, and refused a fill while one is being written.
+        The database reads them on the view's behalf; the statement names only the view.
+
+        A table a view reads is versioned under every name a write to it may bump
+        (:func:`~sa_redis_cache.binds.view_table_names`). The entry key is unchanged: an
+        entry filled by a process that knew fewer tables carries fewer versions, which no
+        look here accepts (a miss).
+        """
+        views = database.views
+        memo = (id(plan), database.name)
+        known = self.core.models.known()
+        found = self._over_views.get(memo)
+        if found is not None and found[0] is plan and found[1] is known:
+            return found[2]
+        extended = plan
+        added = sorted(view_table_names(views, plan.table_names, known) - plan.tables)
+        if added:
+            keys = self.core.keys
+            infos = [self.core.models.by_table.get(t) for t in added]
+            extended = dataclasses.replace(
+                plan,
+                tables=plan.tables | frozenset(added),
+                table_names=plan.table_names + tuple(added),
+                version_keys=plan.version_keys + tuple(keys.version_key(t) for t in added),
+                writers_keys=plan.writers_keys + tuple(keys.writers_key(t) for t in added),
+                local=plan.local and all(info is None or info.local for info in infos),
+            )
+        if len(self._over_views) >= _PLAN_CACHE_SIZE:
+            self._over_views.clear()
+        self._over_views[memo] = (plan, known, extended)
+        return extended
 
     def _entry_key_of(
         self,
@@ -820,7 +871,8 @@ def _row_shape(statement: Any) -> hydrate.RowShape:
     scalar_positions: list[int] = []
     scalar_types: list[TypeEngine[Any]] = []
     for i, desc in enumerate(descriptions):
-        keys.append(desc["name"])
+        # a plain str: a Table column's name is a quoted_name, which no codec packs
+        keys.append(str(desc["name"]))
         kind = desc["type"]
         if isinstance(kind, TypeEngine):
             scalar_positions.append(i)

@@ -36,6 +36,7 @@ from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.sql.elements import TextClause
 
 from sa_redis_cache import compat
+from sa_redis_cache.binds import written_through_views
 from sa_redis_cache.compat import has_net_change
 from sa_redis_cache.counters import parse_counter
 from sa_redis_cache.models import mappers_changed
@@ -210,6 +211,9 @@ class Invalidation:
         # nor can the rows of a model of the same table under another name (a schema that a
         # schema_translate_map makes the same): they are keyed under that name
         acted |= self.core.models.aliases_of(tables)
+        # nor the rows of the tables a view the flush writes through (an ORM model mapped
+        # onto an updatable view) reads: the database writes them on its behalf
+        acted |= written_through_views(tables, self.core.models.known)
         # rows the database writes on its own (foreign-key actions) cannot be named
         unnamed: set[str] = set(acted)
         tables |= acted

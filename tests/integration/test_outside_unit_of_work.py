@@ -286,6 +286,13 @@ def test_text_dml_table_parsing() -> None:
     assert text_dml_tables("TRUNCATE TABLE ONLY products * RESTART IDENTITY", known) == {"products"}
     assert text_dml_tables("TRUNCATE products CASCADE", known) == set(known)
     assert text_dml_tables("TRUNCATE products; UPDATE orders SET x = 1", known) == set(known)
+    # a materialized view's rows change when it is refreshed: the view it names
+    assert text_dml_tables("REFRESH MATERIALIZED VIEW totals", known) == {"totals"}
+    assert text_dml_tables(
+        "refresh materialized view concurrently Reports.Totals with no data;", known
+    ) == {"reports.totals"}
+    assert text_dml_tables('REFRESH MATERIALIZED VIEW "Products"', known) == {"Products"}
+    assert text_dml_tables("REFRESH MATERIALIZED VIEW products", known) == {"products"}
 
 
 def test_every_commit_is_announced_on_pub_sub(

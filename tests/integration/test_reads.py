@@ -164,6 +164,34 @@ def test_mixed_entity_and_column_rows(in_mode: Runner) -> None:
     in_mode(scenario)
 
 
+def test_rows_of_a_core_table_hit_without_sql(in_mode: Runner) -> None:
+    # the columns of a Table no class maps are named by quoted_name (a str subclass): rows
+    # keyed by them were never stored, every read going to the database (found by a review)
+    products = sa.Table(
+        "products",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("price", sa.Numeric(10, 2)),
+    )
+    stmt = (
+        select(products.c.id, products.c.price)
+        .where(products.c.id < 10)
+        .order_by(products.c.id)
+        .options(FromCache())
+    )
+
+    def consume(s: SyncFacade, st: Any) -> list[Any]:
+        return [(tuple(row), row._fields) for row in s.execute(st)]
+
+    def scenario(db: Db) -> None:
+        first, second, count = run_twice(db, stmt, consume)
+        assert count == 0
+        assert first == second
+        assert second[0][1] == ("id", "price")
+
+    in_mode(scenario)
+
+
 def test_scalar_and_aggregate(in_mode: Runner) -> None:
     stmt = (
         select(
