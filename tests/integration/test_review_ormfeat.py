@@ -1007,3 +1007,134 @@ def test_a_filtered_contains_eager_hit_fills_collections_as_the_orm_does(
     with w.factory() as s:
         s.scalars(stmt).unique().all()
     w.agree(read)
+
+
+def test_write_only_bulk_statements_reach_its_reads(w: World) -> None:
+    """``posts.insert()``, ``.update()`` and ``.delete()`` of a write-only collection are
+    ORM bulk statements with the relationship's criteria."""
+    needs_sql_writes(w)  # write-behind.md: bulk DML bypasses the queue, not to be mixed
+    m = w.m
+
+    def written(s: Session) -> Any:
+        return [(p.id, p.title) for p in s.scalars(s.get_one(m.blog, 1).posts.select())]
+
+    assert w.agree(written) == [(1, "p1"), (2, "p2")]
+    w.write(lambda s: s.execute(s.get_one(m.blog, 1).posts.insert(), [{"id": 5, "title": "p5"}]))
+    assert w.agree(written) == [(1, "p1"), (2, "p2"), (5, "p5")]
+    w.write(lambda s: s.execute(s.get_one(m.blog, 1).posts.update().values(title="t")))
+    assert w.agree(written) == [(1, "t"), (2, "t"), (5, "t")]
+    assert w.agree(lambda s: s.get_one(m.post, 2).title) == "t"
+    w.write(lambda s: s.execute(s.get_one(m.blog, 1).posts.delete().where(m.post.id > 1)))
+    assert w.agree(written) == [(1, "t")]
+    assert w.agree(lambda s: s.get(m.post, 2)) is None
+
+
+def test_a_row_switch_stores_the_new_objects_row(w: World) -> None:
+    """A delete and an add of the same key in one flush: SQLAlchemy's UPDATE of the row."""
+    m = w.m
+
+    def switch(s: Session) -> None:
+        s.delete(s.get_one(m.user, 2))
+        s.add(m.user(id=2, first="new", last="row", score=1))
+
+    def state(s: Session) -> Any:
+        u = s.get_one(m.user, 2)
+        return (u.first, u.last, u.score, u.full_name)
+
+    w.agree(state)
+    w.write(switch)
+    assert w.agree(state) == ("new", "row", 1, "new row")
+
+
+def test_a_get_of_a_subclass_by_another_classes_key_finds_nothing(w: World) -> None:
+    needs_sql_writes(w)
+    m = w.m
+
+    def gets(s: Session) -> Any:
+        found = (s.get(m.dog, 1), s.get(m.circle, 1), s.get(m.animal, 1), s.get(m.shape, 1))
+        return [type(x).__name__ if x is not None else None for x in found]
+
+    assert w.agree(gets) == [None, None, "Animal", "Shape"]
+
+
+def test_a_cascaded_delete_of_a_subtree_retires_every_row(w: World) -> None:
+    """Folder 2 goes with its child 4 (``cascade="all, delete-orphan"``): neither is
+    served again, by key, lazy load or query."""
+    m = w.m
+    tree = select(m.folder).where(m.folder.parent_id.is_(None)).options(FromCache(ttl=60))
+
+    def shape(f: Any) -> Any:
+        return (f.name, [shape(c) for c in f.children])
+
+    def gets(s: Session) -> Any:
+        return [s.get(m.folder, i) is not None for i in (1, 2, 3, 4)]
+
+    def whole(s: Session) -> Any:
+        return shape(s.scalars(tree).one())
+
+    assert w.agree(gets, whole) == ([True] * 4, ("root", [("a", [("a1", [])]), ("b", [])]))
+    w.write(lambda s: s.delete(s.get_one(m.folder, 2)))
+    assert w.agree(gets, whole) == ([True, False, True, False], ("root", [("b", [])]))
+
+
+@pytest.mark.parametrize("expire_on_commit", [True, False])
+def test_the_writers_object_holds_the_computed_values_after_commit(
+    w: World, expire_on_commit: bool
+) -> None:
+    """As without the cache: the computed column a flush moved is expired by SQLAlchemy
+    and loaded again on access, whether the commit expired the object or not."""
+    needs_sql_writes(w)
+    m = w.m
+    seen = []
+    for factory in (w.factory, sessionmaker(w.oracle_engine)):
+        with factory(expire_on_commit=expire_on_commit) as s:
+            g = s.get_one(m.gadget, 1)
+            g.qty += 1
+            s.commit()
+            seen.append((g.qty, g.total, g.edits))
+    assert seen == [(3, Decimal("7.50"), 1), (4, Decimal("10.00"), 2)]
+
+
+def test_a_cascaded_delete_rolled_back_gives_every_row_back(w: World) -> None:
+    """As SQLAlchemy restores them: the parent and the child its cascade deleted are
+    persistent in the session again after the rollback, and in the database."""
+    m = w.m
+
+    def delete_then_rollback(s: Session) -> Any:
+        parent, child = s.get_one(m.folder, 2), s.get_one(m.folder, 4)
+        s.delete(parent)
+        s.flush()
+        gone = [sa.inspect(x).deleted or sa.inspect(x).detached for x in (parent, child)]
+        s.rollback()
+        back = [(x in s, sa.inspect(x).persistent) for x in (parent, child)]
+        return gone, back, [x.name for x in parent.children]
+
+    want = w.oracle(delete_then_rollback)
+    with w.factory() as s:
+        assert delete_then_rollback(s) == want
+    w.drain()
+    assert w.agree(lambda s: [s.get(m.folder, i) is not None for i in (2, 4)]) == [True, True]
+
+
+def test_a_parent_and_its_loaded_children_changed_in_one_flush_are_all_written(
+    w: World,
+) -> None:
+    """Write-behind takes each object out of the flush and back (an expunge and an add,
+    both cascading along ``children``): every change still reaches the database."""
+    m = w.m
+
+    def rename(s: Session) -> None:
+        root = s.get_one(m.folder, 1)
+        for child in root.children:
+            child.name += "!"
+            for grandchild in child.children:
+                grandchild.name += "?"
+        root.name = "top"
+
+    def names(s: Session) -> Any:
+        return [s.get_one(m.folder, i).name for i in (1, 2, 3, 4)]
+
+    w.write(rename)
+    assert w.agree(names) == ["top", "a!", "b!", "a1?"]
+    w.write(lambda s: setattr(s.get_one(m.folder, 4), "name", "x"))
+    assert w.agree(names) == ["top", "a!", "b!", "x"]

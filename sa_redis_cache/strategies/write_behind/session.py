@@ -217,7 +217,11 @@ class WriteBehind:
                 if prior is not None and prior.obj is obj:
                     op.created, op.written = prior.created, prior
                 state.frame().removed.append(op)
-                session.expunge(obj)
+                # an expunge cascades ("all" includes "expunge"): a parent deleted before
+                # its children took those of them the delete cascade put in this list out
+                # already
+                if obj in session:
+                    session.expunge(obj)
             else:
                 values, tz = self._capture(
                     session,
