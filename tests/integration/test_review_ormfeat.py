@@ -1215,3 +1215,96 @@ def test_deleting_a_row_deletes_its_association_objects_by_the_cascade(w: World)
         return s.scalars(select(m.usertag.tag).options(FromCache(ttl=60))).all()
 
     assert w.agree(gone, tags) == ((None, None, None), [])
+
+
+# -- a write-behind parent's cascades to ordinary rows ---------------------------------------
+
+
+@pytest.mark.parametrize("kid_strategy", ["cache_aside", "write_through"])
+@pytest.mark.parametrize("change", ["delete_parent", "rename_parent_delete_kid"])
+def test_a_write_behind_parents_cascade_reaches_its_ordinary_children(
+    engine: sa.Engine, redis_url: str, kid_strategy: str, change: str
+) -> None:
+    """Taking the parent out of the flush must leave its ``cascade="all"`` children in it:
+    ``session.expunge`` cascades, and the children's DELETE or UPDATE was dropped, the
+    rows kept where SQLAlchemy deletes or changes them."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Parent(Base):
+        __tablename__ = "of_wb_parents"
+        __cache__ = CachePolicy(strategy="write_behind", accept_volatile=True)
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        name: Mapped[str] = mapped_column(String(20))
+        kids: Mapped[list[Kid]] = relationship(
+            primaryjoin=lambda: Parent.id == foreign(Kid.parent_id),
+            cascade="all, delete-orphan",
+            order_by=lambda: Kid.id,
+        )
+
+    class Kid(Base):  # no FOREIGN KEY: attach() refuses one into a write-behind table
+        __tablename__ = "of_wb_kids"
+        __cache__ = CachePolicy(strategy=kid_strategy)  # type: ignore[arg-type]
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        parent_id: Mapped[int] = mapped_column(Integer)
+        name: Mapped[str] = mapped_column(String(20))
+
+    def seed() -> None:
+        with engine.begin() as conn:
+            conn.execute(sa.delete(Kid))
+            conn.execute(sa.delete(Parent))
+            conn.execute(sa.insert(Parent), [{"id": 1, "name": "p"}])
+            conn.execute(
+                sa.insert(Kid),
+                [{"id": 1, "parent_id": 1, "name": "k1"}, {"id": 2, "parent_id": 1, "name": "k2"}],
+            )
+
+    def run(s: Session) -> None:
+        parent = s.get_one(Parent, 1)
+        if change == "delete_parent":
+            s.delete(parent)
+        else:
+            parent.name = "p!"
+            first, second = parent.kids
+            s.delete(first)
+            second.name = "k2!"
+        s.commit()
+
+    def rows() -> Any:
+        with Session(engine) as s:
+            return (
+                s.execute(select(Parent.id, Parent.name).order_by(Parent.id)).all(),
+                s.execute(select(Kid.id, Kid.name).order_by(Kid.id)).all(),
+            )
+
+    schema.upgrade(engine)
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    seed()
+    with Session(engine) as s:
+        run(s)
+    want = rows()
+    seed()
+    namespace = f"rvof{secrets.token_hex(4)}"
+    client = redis.Redis.from_url(redis_url)
+    cache = Cache(client, namespace=namespace)
+    factory = sessionmaker(engine)
+    cache.attach(factory)
+    worker = FlushWorker(engine, client, namespace=namespace, models=[Parent])
+    try:
+        with factory() as s:
+            run(s)
+        drain(worker)
+        assert rows() == want
+        with factory() as s:  # and the cache serves what the database holds
+            assert [(k.id, k.name) for k in s.scalars(select(Kid).order_by(Kid.id))] == [
+                tuple(r) for r in want[1]
+            ]
+    finally:
+        worker.release()
+        cache.detach()
+        delete_namespace(client, namespace)
+        client.close()
+        Base.metadata.drop_all(engine)
+        Base.registry.dispose()
