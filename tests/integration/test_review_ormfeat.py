@@ -1308,3 +1308,58 @@ def test_a_write_behind_parents_cascade_reaches_its_ordinary_children(
         client.close()
         Base.metadata.drop_all(engine)
         Base.registry.dispose()
+
+
+def test_a_child_deleted_in_the_flush_of_its_changed_parent_stays_deleted(w: World) -> None:
+    """Folder 4 deleted while its parent, renamed in the same flush, still holds it in a
+    loaded collection: deleted, and out of the session after the commit, as SQLAlchemy
+    leaves it."""
+    m = w.m
+
+    def run(s: Session) -> Any:
+        parent = s.get_one(m.folder, 2)
+        child = parent.children[0]
+        parent.name = "a!"
+        s.delete(child)
+        s.commit()
+        return (child in s, sa.inspect(child).detached, child.name, parent.name)
+
+    want = w.oracle(run)
+    with w.oracle_engine.begin() as conn:  # the tree again, behind the cache's back
+        conn.execute(sa.delete(m.folder))
+        conn.execute(
+            sa.insert(m.folder),
+            [
+                {"id": 1, "parent_id": None, "name": "root"},
+                {"id": 2, "parent_id": 1, "name": "a"},
+                {"id": 3, "parent_id": 1, "name": "b"},
+                {"id": 4, "parent_id": 2, "name": "a1"},
+            ],
+        )
+    w.cache.invalidate_model(m.folder)
+    with w.factory() as s:
+        assert run(s) == want
+    w.drain()
+    assert w.agree(lambda s: [s.get(m.folder, i) is not None for i in (2, 4)]) == [True, False]
+
+
+def test_a_stale_row_among_several_versioned_rows_of_one_flush_raises(w: World) -> None:
+    """Two rows in one flush (one executemany UPDATE), one of them stale: SQLAlchemy's
+    matched-row count catches it, with the cache as without."""
+    needs_sql_writes(w)
+    m = w.m
+    w.write(lambda s: s.add(m.versioned(id=2, val="w1")))
+    for factory in (w.factory, sessionmaker(w.oracle_engine)):
+        with factory() as early, factory() as late:
+            stale = [early.get_one(m.versioned, i) for i in (1, 2)]
+            late.get_one(m.versioned, 2).val += "+"
+            late.commit()
+            for row in stale:
+                row.val = "early"
+            with pytest.raises(StaleDataError):
+                early.commit()
+
+    def state(s: Session) -> Any:
+        return [(r.version, r.val) for r in (s.get_one(m.versioned, i) for i in (1, 2))]
+
+    assert w.agree(state) == [(1, "v1"), (3, "w1++")]
