@@ -11,6 +11,17 @@ WHERE and ORDER BY, ``Computed`` columns and server-side defaults, ``WriteOnlyMa
 ``make_transient_to_detached``, joined- and single-table inheritance, a self-referential
 adjacency list with ``delete-orphan``, a many-to-many secondary table and
 ``version_id_col``.
+
+Faults found, each with its test:
+
+- write-behind ``attach()`` crashed with ``TypeError`` on a base class with
+  ``polymorphic_on`` (a column's truth value), instead of refusing inheritance by name;
+- it refused a ``Computed`` column as "a server-side default" with the advice
+  ``default=uuid.uuid4`` (``Computed`` and ``Identity`` set ``server_default`` too);
+- a write-behind flush took each object out with ``session.expunge``, which cascades:
+  deleting a write-behind row with ``cascade="all"`` write-behind children (a subtree,
+  a user's association objects) failed the flush, and with ordinary children left their
+  rows in the database where SQLAlchemy deletes them.
 """
 
 from __future__ import annotations
@@ -1363,3 +1374,51 @@ def test_a_stale_row_among_several_versioned_rows_of_one_flush_raises(w: World) 
         return [(r.version, r.val) for r in (s.get_one(m.versioned, i) for i in (1, 2))]
 
     assert w.agree(state) == [(1, "v1"), (3, "w1++")]
+
+
+@pytest.mark.parametrize("flushes", ["one_flush_each", "savepoint"])
+def test_a_row_deleted_then_added_back_in_one_transaction_is_served(w: World, flushes: str) -> None:
+    """Delete, flush, ``make_transient`` and add the same object back: the row exists
+    after the commit, and no entry of the delete says otherwise."""
+    m = w.m
+
+    def state(s: Session) -> Any:
+        u = s.get(m.user, 3)
+        return None if u is None else (u.first, u.last, u.score)
+
+    assert w.agree(state) == ("cy", "lee", 1)
+
+    def cycle(s: Session) -> None:
+        u = s.get_one(m.user, 3)
+        if flushes == "savepoint":
+            with s.begin_nested():
+                s.delete(u)
+        else:
+            s.delete(u)
+            s.flush()
+        make_transient(u)
+        u.score = 2
+        s.add(u)
+
+    w.write(cycle)
+    assert w.agree(state) == ("cy", "lee", 2)
+
+
+def test_a_row_added_then_deleted_in_one_transaction_is_absent(w: World) -> None:
+    m = w.m
+
+    def state(s: Session) -> Any:
+        return (s.get(m.user, 9) is None, s.get(m.folder, 9) is None)
+
+    assert w.agree(state) == (True, True)  # the absent rows are cached
+
+    def cycle(s: Session) -> None:
+        u = m.user(id=9, first="x", last="y")
+        f = m.folder(id=9, parent_id=None, name="tmp")
+        s.add_all([u, f])
+        s.flush()
+        s.delete(u)
+        s.delete(f)
+
+    w.write(cycle)
+    assert w.agree(state) == (True, True)
