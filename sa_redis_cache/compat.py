@@ -538,6 +538,15 @@ def expunge_alone(session: Session, obj: object) -> None:
     session._expunge_states([state])
 
 
+def add_alone(session: Session, obj: object) -> None:
+    """``session.add(obj)`` without its ``save-update`` cascade: an object related to
+    ``obj`` that is not in the session (the application expunged it) stays out, as the
+    flush that :func:`expunge_alone` took ``obj`` out of would have left it."""
+    state = sqlalchemy.inspect(obj)
+    state._orphaned_outside_of_session = False
+    session._save_or_update_impl(state)
+
+
 def is_clean(session: Session) -> bool:
     """True when ``session`` has nothing new, changed or deleted to flush."""
     return bool(session._is_clean())
@@ -1503,6 +1512,11 @@ _PROBED: dict[str, tuple[str, str]] = {
     "sqlalchemy InstanceState._commit": ("state", "_commit"),
     "sqlalchemy Session._is_clean": ("session", "_is_clean"),
     "sqlalchemy Session._expunge_states": ("session", "_expunge_states"),
+    "sqlalchemy Session._save_or_update_impl": ("session", "_save_or_update_impl"),
+    "sqlalchemy InstanceState._orphaned_outside_of_session": (
+        "state",
+        "_orphaned_outside_of_session",
+    ),
     "sqlalchemy Session._autoflush": ("session", "_autoflush"),
     "sqlalchemy Session._transaction": ("session", "_transaction"),
     "sqlalchemy Session._flushing": ("session", "_flushing"),

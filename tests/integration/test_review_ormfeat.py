@@ -1232,13 +1232,15 @@ def test_deleting_a_row_deletes_its_association_objects_by_the_cascade(w: World)
 
 
 @pytest.mark.parametrize("kid_strategy", ["cache_aside", "write_through"])
-@pytest.mark.parametrize("change", ["delete_parent", "rename_parent_delete_kid"])
+@pytest.mark.parametrize("change", ["delete_parent", "rename_parent_delete_kid", "expunged_kid"])
 def test_a_write_behind_parents_cascade_reaches_its_ordinary_children(
     engine: sa.Engine, redis_url: str, kid_strategy: str, change: str
 ) -> None:
     """Taking the parent out of the flush must leave its ``cascade="all"`` children in it:
     ``session.expunge`` cascades, and the children's DELETE or UPDATE was dropped, the
-    rows kept where SQLAlchemy deletes or changes them."""
+    rows kept where SQLAlchemy deletes or changes them. Putting it back must not bring
+    back a child the application expunged: ``session.add`` cascades, and the child's
+    change was written where SQLAlchemy leaves it out."""
 
     class Base(DeclarativeBase):
         pass
@@ -1275,6 +1277,11 @@ def test_a_write_behind_parents_cascade_reaches_its_ordinary_children(
         parent = s.get_one(Parent, 1)
         if change == "delete_parent":
             s.delete(parent)
+        elif change == "expunged_kid":
+            first = parent.kids[0]
+            s.expunge(first)
+            first.name = "k1!"
+            parent.name = "p!"
         else:
             parent.name = "p!"
             first, second = parent.kids

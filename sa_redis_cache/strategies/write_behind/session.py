@@ -9,10 +9,11 @@ How a flush of a write-behind model emits no SQL (``before_flush``):
   transient, then ``make_transient_to_detached`` (which commits their attribute state) and
   added back, so they are *persistent and clean*: the flush has nothing to do for them,
   and the session still holds them under their identity. Deleted objects are expunged
-  (detached, as after a real delete). Each expunge is the object's alone
-  (:func:`~sa_redis_cache.compat.expunge_alone`): ``session.expunge`` cascades along
-  ``cascade="all"`` relationships, and would take the related objects, ordinary ones
-  included, out of the flush that must write or delete them.
+  (detached, as after a real delete). Each expunge and add is the object's alone
+  (:func:`~sa_redis_cache.compat.expunge_alone`, :func:`~sa_redis_cache.compat.add_alone`):
+  ``session.expunge`` cascades along ``cascade="all"`` relationships, and would take the
+  related objects, ordinary ones included, out of the flush that must write or delete
+  them; ``session.add`` would bring back related objects the application expunged.
 * The operations wait in per-transaction frames (savepoints get one each: released, they
   merge into the parent; rolled back, they are dropped and their objects reverted).
 
@@ -238,7 +239,7 @@ class WriteBehind:
                 if kind == "dirty":
                     make_transient(obj)
                 make_transient_to_detached(obj)
-                session.add(obj)
+                compat.add_alone(session, obj)
             op.scope = scope
             op.savepoints = tags[info.table]
             replaced = queued.get((info.table, op.pk))
@@ -607,7 +608,8 @@ class WriteBehind:
             owner = instance_state(op.obj).session_id
             if owner == session.hash_key:
                 if _creation_undone(op, outer):
-                    session.expunge(op.obj)
+                    # alone, as SQLAlchemy's rollback expunges its new objects
+                    compat.expunge_alone(session, op.obj)
                     make_transient(op.obj)
                 else:
                     session.expire(op.obj)
@@ -620,7 +622,8 @@ class WriteBehind:
             if _creation_undone(op, outer):
                 make_transient(op.obj)
             elif session.identity_map.get(state.key) is None:
-                session.add(op.obj)
+                # alone, as SQLAlchemy's rollback restores the objects its flushes deleted
+                compat.add_alone(session, op.obj)
                 undone = op.written is not None and (
                     outer is None or outer.find_queued(op.info.table, op.pk) is not op.written
                 )
