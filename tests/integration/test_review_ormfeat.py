@@ -21,7 +21,9 @@ Faults found, each with its test:
 - a write-behind flush took each object out with ``session.expunge``, which cascades:
   deleting a write-behind row with ``cascade="all"`` write-behind children (a subtree,
   a user's association objects) failed the flush, and with ordinary children left their
-  rows in the database where SQLAlchemy deletes them.
+  rows in the database where SQLAlchemy deletes them;
+- it put the object back with ``session.add``, which cascades too: a child the
+  application had expunged came back, and its changes were written.
 """
 
 from __future__ import annotations
