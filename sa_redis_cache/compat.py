@@ -528,6 +528,25 @@ def is_flushing(session: Session) -> bool:
     return bool(session._flushing)
 
 
+def expunge_alone(session: Session, obj: object) -> None:
+    """``session.expunge(obj)`` without its cascade: the objects its relationships'
+    ``expunge`` cascade reaches (``cascade="all"``) stay in the session as they are (new,
+    changed or deleted), as SQLAlchemy's rollback expunges its new objects one by one."""
+    state = sqlalchemy.inspect(obj)
+    if state.session_id is not session.hash_key:
+        raise sqlalchemy.exc.InvalidRequestError(f"{obj!r} is not present in this Session")
+    session._expunge_states([state])
+
+
+def add_alone(session: Session, obj: object) -> None:
+    """``session.add(obj)`` without its ``save-update`` cascade: an object related to
+    ``obj`` that is not in the session (the application expunged it) stays out, as the
+    flush that :func:`expunge_alone` took ``obj`` out of would have left it."""
+    state = sqlalchemy.inspect(obj)
+    state._orphaned_outside_of_session = False
+    session._save_or_update_impl(state)
+
+
 def is_clean(session: Session) -> bool:
     """True when ``session`` has nothing new, changed or deleted to flush."""
     return bool(session._is_clean())
@@ -1492,6 +1511,12 @@ _PROBED: dict[str, tuple[str, str]] = {
     "sqlalchemy InstanceState._commit_all": ("state", "_commit_all"),
     "sqlalchemy InstanceState._commit": ("state", "_commit"),
     "sqlalchemy Session._is_clean": ("session", "_is_clean"),
+    "sqlalchemy Session._expunge_states": ("session", "_expunge_states"),
+    "sqlalchemy Session._save_or_update_impl": ("session", "_save_or_update_impl"),
+    "sqlalchemy InstanceState._orphaned_outside_of_session": (
+        "state",
+        "_orphaned_outside_of_session",
+    ),
     "sqlalchemy Session._autoflush": ("session", "_autoflush"),
     "sqlalchemy Session._transaction": ("session", "_transaction"),
     "sqlalchemy Session._flushing": ("session", "_flushing"),

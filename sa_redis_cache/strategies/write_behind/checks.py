@@ -37,7 +37,12 @@ def model_problems(mapper: Mapper[Any], info: ModelInfo) -> list[str]:
     name = mapper.class_.__name__
     problems: list[str] = []
     table = mapper.local_table
-    if not isinstance(table, Table) or mapper.inherits is not None or mapper.polymorphic_on:
+    # polymorphic_on is a column: its truth value raises, so it is compared with None
+    if (
+        not isinstance(table, Table)
+        or mapper.inherits is not None
+        or mapper.polymorphic_on is not None
+    ):
         return [
             (
                 f"{name}: strategy='write_behind' needs a plain single-table model (no "
@@ -82,15 +87,23 @@ def model_problems(mapper: Mapper[Any], info: ModelInfo) -> list[str]:
             )
             continue
         column = column_of(info, key)
-        if column.server_default is not None or column.server_onupdate is not None:
+        # Computed and Identity set server_default too: asked first, so that their
+        # message, not a server default's, names the problem and its fix
+        if column.computed is not None:
+            problems.append(
+                f"{where} is a computed column (GENERATED ALWAYS), filled only by the "
+                "database; compute it in Python (a @property or hybrid_property), or use "
+                "strategy='write_through' for this model"
+            )
+        elif column.identity is not None:
+            problems.append(
+                f"{where} is an identity column, filled only by the database insert; use a "
+                "Python-side default (uuid.uuid4) or Sequence(..., increment=N)"
+            )
+        elif column.server_default is not None or column.server_onupdate is not None:
             problems.append(
                 f"{where} has a server-side default, whose value a queued row cannot know; "
                 "use a Python-side default=... (e.g. default=uuid.uuid4) instead"
-            )
-        elif column.identity is not None or column.computed is not None:
-            problems.append(
-                f"{where} is an identity or computed column, filled only by the database "
-                "insert; use a Python-side default (uuid.uuid4) or Sequence(..., increment=N)"
             )
         for label, default in (("default", column.default), ("onupdate", column.onupdate)):
             if isinstance(default, ColumnDefault) and default.is_clause_element:

@@ -5,11 +5,15 @@ How a flush of a write-behind model emits no SQL (``before_flush``):
 * Each new, modified or deleted object of such a model has its full column state captured
   (Python-side defaults and ``onupdate`` applied, primary keys from ``default=`` or a
   client-side sequence block), normalised as Postgres would return it.
-* It is then taken out of the unit of work with public API only: new and modified objects
-  are expunged, made transient, then ``make_transient_to_detached`` (which commits their
-  attribute state) and added back, so they are *persistent and clean*: the flush has nothing
-  to do for them, and the session still holds them under their identity. Deleted objects
-  are expunged (detached, as after a real delete).
+* It is then taken out of the unit of work: new and modified objects are expunged, made
+  transient, then ``make_transient_to_detached`` (which commits their attribute state) and
+  added back, so they are *persistent and clean*: the flush has nothing to do for them,
+  and the session still holds them under their identity. Deleted objects are expunged
+  (detached, as after a real delete). Each expunge and add is the object's alone
+  (:func:`~sa_redis_cache.compat.expunge_alone`, :func:`~sa_redis_cache.compat.add_alone`):
+  ``session.expunge`` cascades along ``cascade="all"`` relationships, and would take the
+  related objects, ordinary ones included, out of the flush that must write or delete
+  them; ``session.add`` would bring back related objects the application expunged.
 * The operations wait in per-transaction frames (savepoints get one each: released, they
   merge into the parent; rolled back, they are dropped and their objects reverted).
 
@@ -217,7 +221,7 @@ class WriteBehind:
                 if prior is not None and prior.obj is obj:
                     op.created, op.written = prior.created, prior
                 state.frame().removed.append(op)
-                session.expunge(obj)
+                compat.expunge_alone(session, obj)
             else:
                 values, tz = self._capture(
                     session,
@@ -231,11 +235,11 @@ class WriteBehind:
                 op = self._upsert_op(obj, info, values, created=kind == "new")
                 prior = state.find_queued(info.table, op.pk)
                 op.created = op.created or (prior is not None and prior.created)
-                session.expunge(obj)
+                compat.expunge_alone(session, obj)
                 if kind == "dirty":
                     make_transient(obj)
                 make_transient_to_detached(obj)
-                session.add(obj)
+                compat.add_alone(session, obj)
             op.scope = scope
             op.savepoints = tags[info.table]
             replaced = queued.get((info.table, op.pk))
@@ -604,7 +608,8 @@ class WriteBehind:
             owner = instance_state(op.obj).session_id
             if owner == session.hash_key:
                 if _creation_undone(op, outer):
-                    session.expunge(op.obj)
+                    # alone, as SQLAlchemy's rollback expunges its new objects
+                    compat.expunge_alone(session, op.obj)
                     make_transient(op.obj)
                 else:
                     session.expire(op.obj)
@@ -617,7 +622,8 @@ class WriteBehind:
             if _creation_undone(op, outer):
                 make_transient(op.obj)
             elif session.identity_map.get(state.key) is None:
-                session.add(op.obj)
+                # alone, as SQLAlchemy's rollback restores the objects its flushes deleted
+                compat.add_alone(session, op.obj)
                 undone = op.written is not None and (
                     outer is None or outer.find_queued(op.info.table, op.pk) is not op.written
                 )
