@@ -663,13 +663,7 @@ def test_write_behind_refuses_computed_and_server_side_columns_naming_them(
         qty: Mapped[int] = mapped_column()
         double: Mapped[int] = mapped_column(sa.Computed("qty * 2", persisted=True))
 
-    cache = Cache(redis_url, namespace=f"rvof{secrets.token_hex(4)}")
-    try:
-        with pytest.raises(ConfigurationError, match=r"double.*computed"):
-            cache.attach(sessionmaker(engine))
-    finally:
-        cache.detach()
-        Base.registry.dispose()
+    _refused_at_attach(engine, redis_url, Base, r"double.*computed")
 
 
 # -- WriteOnlyMapped and lazy="dynamic" ------------------------------------------------------
@@ -855,13 +849,7 @@ def test_write_behind_refuses_inheritance_naming_it(engine: sa.Engine, redis_url
         id: Mapped[int] = mapped_column(ForeignKey("of_wb_animals.id"), primary_key=True)
         __mapper_args__ = {"polymorphic_identity": "d"}  # noqa: RUF012
 
-    cache = Cache(redis_url, namespace=f"rvof{secrets.token_hex(4)}")
-    try:
-        with pytest.raises(ConfigurationError, match="inheritance"):
-            cache.attach(sessionmaker(engine))
-    finally:
-        cache.detach()
-        Base.registry.dispose()
+    _refused_at_attach(engine, redis_url, Base, "inheritance")
 
 
 # -- adjacency list, many-to-many, delete-orphan ---------------------------------------------
@@ -1431,3 +1419,15 @@ def test_a_row_added_then_deleted_in_one_transaction_is_absent(w: World) -> None
 
     w.write(cycle)
     assert w.agree(state) == (True, True)
+
+
+def _refused_at_attach(engine: sa.Engine, redis_url: str, base: Any, match: str) -> None:
+    """``attach()`` refuses the models of ``base`` with an error matching ``match``; the
+    models are disposed of afterwards."""
+    cache = Cache(redis_url, namespace=f"rvof{secrets.token_hex(4)}")
+    try:
+        with pytest.raises(ConfigurationError, match=match):
+            cache.attach(sessionmaker(engine))
+    finally:
+        cache.detach()
+        base.registry.dispose()
