@@ -157,6 +157,25 @@ def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and _sqlstate(exc) == "57014"
 
 
+def condemned_at_last_attempt(exc: BaseException) -> bool:
+    """An error the worker retries, counting the attempts of the operation that fails
+    alone, and dead-letters at the last one (``FlushWorker(timeout_attempts=)``): a
+    statement timeout (:func:`is_timeout`), or an exception that is not a database
+    error at all (a column type's bind processor that raises in the worker's process).
+    Either may pass on a later attempt; neither may hold the partition for good."""
+    if isinstance(exc, DBAPIError | StatementError):
+        return is_timeout(exc)
+    return not isinstance(exc, LeaseLost | _Delivered)
+
+
+def error_text(exc: BaseException) -> str:
+    """What a dead letter's ``error`` says of ``exc``: the database's message, or the
+    type and message of an exception raised in Python."""
+    if isinstance(exc, DBAPIError | StatementError):
+        return str(getattr(exc, "orig", None) or exc).strip()
+    return f"{type(exc).__name__}: {exc}".strip()
+
+
 def _sqlstate(exc: DBAPIError) -> str:
     return str(getattr(exc.orig, "sqlstate", None) or "")
 
@@ -511,12 +530,15 @@ class Applier:
     def apply_alone(
         self, stream: str, entry: Entry, *, token: int | None, note: str
     ) -> BatchResult:
-        """Apply one operation that keeps exceeding ``statement_timeout``, or dead-letter it.
+        """The last attempt at one operation that keeps failing alone: apply it, or
+        dead-letter it.
 
-        The partition's offset row is locked first, as in any batch, so the operation's
-        own statement cannot time out waiting for that lock (a dead-letter replay holds
-        it). If the operation times out again, under a savepoint, it is dead-lettered in
-        the same transaction with its error followed by ``note``, and the offset moves on.
+        It keeps exceeding ``statement_timeout``, or raising an error that is not the
+        database's (:func:`condemned_at_last_attempt`). The partition's offset row is
+        locked first, as in any batch, so the operation's own statement cannot time out
+        waiting for that lock (a dead-letter replay holds it). If the operation fails so
+        again, under a savepoint, it is dead-lettered in the same transaction with its
+        error followed by ``note``, and the offset moves on.
 
         Example::
 
@@ -524,7 +546,7 @@ class Applier:
         """
         result = BatchResult(final={entry.pk: entry})
         with self.engine.begin() as conn:
-            self._run(conn, stream, [entry], result, bisect=True, token=token, timed_out=note)
+            self._run(conn, stream, [entry], result, bisect=True, token=token, last_attempt=note)
         return result
 
     def _drop_set_based(self, exc: BaseException) -> None:
@@ -546,7 +568,7 @@ class Applier:
         bisect: bool,
         token: int | None,
         immediate: bool = False,
-        timed_out: str | None = None,
+        last_attempt: str | None = None,
     ) -> None:
         if immediate:
             conn.exec_driver_sql("SET CONSTRAINTS ALL IMMEDIATE")
@@ -566,7 +588,7 @@ class Applier:
         ops = sorted(latest.values(), key=attrgetter("pk"))  # one lock order for all
         instead = 0
         if bisect:
-            self._bisect(conn, ops, result.dead, timed_out)
+            self._bisect(conn, ops, result.dead, last_attempt)
             instead = self._earlier(conn, fresh, ops, result.dead)
         else:
             self.write(conn, ops)
@@ -716,27 +738,40 @@ class Applier:
         conn: Connection,
         ops: list[Entry],
         dead: dict[str, str],
-        timed_out: str | None = None,
+        last_attempt: str | None = None,
     ) -> None:
         """Write ``ops`` under savepoints, halving until the refused ones are isolated.
 
-        With ``timed_out`` (:meth:`apply_alone`), a statement timeout condemns the
-        operation too, its error followed by ``timed_out``.
+        With ``last_attempt`` (:meth:`apply_alone`), an error that the worker counts
+        attempts of (:func:`condemned_at_last_attempt`) condemns the operation too, its
+        error followed by ``last_attempt``.
         """
         if not ops:
             return
         try:
             with conn.begin_nested():
                 self.write(conn, ops)
-        except (DBAPIError, StatementError) as exc:
-            if is_transient(exc) and not (timed_out is not None and is_timeout(exc)):
+        except Exception as exc:
+            if last_attempt is not None and condemned_at_last_attempt(exc):
+                self._condemn(ops, exc, dead, last_attempt)
+                return
+            if not isinstance(exc, DBAPIError | StatementError) or is_transient(exc):
                 raise
             if len(ops) == 1:
-                self._one(conn, ops[0], exc, dead, timed_out)
+                self._one(conn, ops[0], exc, dead)
                 return
             middle = len(ops) // 2
-            self._bisect(conn, ops[:middle], dead, timed_out)
-            self._bisect(conn, ops[middle:], dead, timed_out)
+            self._bisect(conn, ops[:middle], dead, last_attempt)
+            self._bisect(conn, ops[middle:], dead, last_attempt)
+
+    def _condemn(
+        self, ops: list[Entry], exc: BaseException, dead: dict[str, str], note: str
+    ) -> None:
+        """The last attempt failed again: dead-letter the operation (:meth:`apply_alone`
+        passes one), its error followed by ``note``."""
+        if len(ops) != 1:  # never more than one on a last attempt; isolate them otherwise
+            raise exc
+        dead[ops[0].id] = error_text(exc) + note
 
     def _earlier(
         self, conn: Connection, fresh: list[Entry], ops: list[Entry], dead: dict[str, str]
@@ -774,13 +809,8 @@ class Applier:
         entry: Entry,
         exc: BaseException,
         dead: dict[str, str],
-        timed_out: str | None = None,
     ) -> None:
-        """An operation failed alone: confirm through executemany before condemning it
-        (not a timeout: that is no quirk of the set-based statement)."""
-        if timed_out is not None and is_timeout(exc):
-            dead[entry.id] = str(getattr(exc, "orig", None) or exc).strip() + timed_out
-            return
+        """An operation failed alone: confirm through executemany before condemning it."""
         if self.sets is not None:
             try:
                 with conn.begin_nested():
@@ -792,7 +822,7 @@ class Applier:
             else:
                 self._drop_set_based(exc)
                 return
-        dead[entry.id] = str(getattr(exc, "orig", None) or exc).strip()
+        dead[entry.id] = error_text(exc)
 
     def _dead_row(self, stream: str, entry: Entry, dead: dict[str, str]) -> dict[str, Any]:
         payload: dict[str, Any] = {}
