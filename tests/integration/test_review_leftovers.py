@@ -4,7 +4,7 @@
   on every attempt, where a statement timeout is dead-lettered after ``timeout_attempts``;
 * the engine listener's recogniser of textual writes missed statements that open with a
   comment, a parenthesis or a ``WITH``;
-* ``session.refresh(obj)`` served cached relationships a plain session reads again.
+* a write-behind JSON column's SQL NULL reached the database as JSON ``null``.
 """
 
 from __future__ import annotations
@@ -20,15 +20,18 @@ import redis
 import sqlalchemy as sa
 from click.testing import CliRunner
 from sqlalchemy import select, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sa_redis_cache import Cache, CachePolicy, FlushWorker, FromCache, schema
 from sa_redis_cache.cli import cli
+from sa_redis_cache.schema import dead_letters
+from sa_redis_cache.worker import replay_dead_letters
 from tests.blog import MOVE_POST, Author, Post, blog_schema
 from tests.wb_support import letters
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 pytest_plugins = ["tests.wb_fixtures"]
 
@@ -237,3 +240,271 @@ def test_a_procedure_call_after_a_comment_retires_what_it_may_have_written(
     tags and ORMs' comments put there), or following another statement in the same text,
     retired nothing: the rows and collections the procedure wrote were served as before."""
     agrees_after(app, blog, sql)
+
+
+# --------------------------------------------------------------------------- JSON nulls
+
+JSON_COLUMNS = ("doc", "raw", "nulled", "given", "given_nulled")
+
+
+@pytest.fixture
+def json_docs(
+    engine: sa.Engine, database_url: str, client: redis.Redis, namespace: str
+) -> Iterator[tuple[sessionmaker[Session], Any, Callable[[], None]]]:
+    """A write-behind model with JSON columns of every kind that decides what a None is
+    (JSONB and JSON, ``none_as_null``, a Python default), an attached factory, and a
+    ``drain()`` of its worker."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Doc(Base):
+        __tablename__ = "wb_leftover_docs"
+        __cache__ = CachePolicy(strategy="write_behind", ttl=600, partitions=2)
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+        note: Mapped[str | None]
+        doc: Mapped[Any] = mapped_column(JSONB, nullable=True)
+        raw: Mapped[Any] = mapped_column(sa.JSON, nullable=True)
+        nulled: Mapped[Any] = mapped_column(JSONB(none_as_null=True), nullable=True)
+        given: Mapped[Any] = mapped_column(JSONB, nullable=True, default=lambda: {"d": 1})
+        given_nulled: Mapped[Any] = mapped_column(
+            JSONB(none_as_null=True), nullable=True, default=lambda: {"d": 2}
+        )
+
+    schema.upgrade(engine)
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    cache = Cache(client, namespace=namespace)
+    made = sessionmaker(engine)
+    cache.attach(made)
+    worker_engine = sa.create_engine(database_url)
+    worker = FlushWorker(worker_engine, client, namespace=namespace, models=[Doc])
+
+    def drain() -> None:
+        for _ in range(20):
+            if not worker.run_once():
+                assert worker.dead_letters == 0
+                return
+        raise AssertionError("the worker never ran dry")
+
+    try:
+        yield made, Doc, drain
+    finally:
+        worker.release()
+        cache.detach()
+        worker_engine.dispose()
+        Base.metadata.drop_all(engine)
+        Base.registry.dispose()
+        del Doc, Base
+        gc.collect()
+
+
+def _stored(engine: sa.Engine, pk: uuid.UUID) -> list[tuple[bool, str | None]]:
+    """Each JSON column of row ``pk`` as the database holds it: SQL NULL, and its text
+    (``null`` for JSON null)."""
+    columns = ", ".join(f"{c} IS NULL, {c}::text" for c in JSON_COLUMNS)
+    with engine.connect() as conn:
+        row = conn.execute(
+            text(f"SELECT {columns} FROM wb_leftover_docs WHERE id = :id"),  # noqa: S608
+            {"id": pk},
+        ).one()
+    return [(row[i], row[i + 1]) for i in range(0, len(row), 2)]
+
+
+NONES = dict.fromkeys(JSON_COLUMNS)
+DOCS = {c: {"c": c} for c in JSON_COLUMNS}
+
+
+def _seed(session: Session, model: Any, pk: uuid.UUID, **values: Any) -> None:
+    session.add(model(id=pk, **values))
+    session.commit()
+
+
+def _change(session: Session, model: Any, pk: uuid.UUID, **values: Any) -> None:
+    obj = session.get(model, pk)
+    assert obj is not None
+    for key, value in values.items():
+        setattr(obj, key, value)
+    session.commit()
+
+
+def _scenarios(model: Any) -> dict[str, list[tuple[str, Callable[[Session, uuid.UUID], None]]]]:
+    """Per scenario, its commits in order: ``("db", step)`` runs on the database before the
+    cache sees the row (a plain session), ``("wb", step)`` is a write-behind commit, and
+    ``("drain", _)`` lets the worker apply what is queued (its absence: one batch)."""
+
+    def seed(**values: Any) -> Callable[[Session, uuid.UUID], None]:
+        return lambda s, pk: _seed(s, model, pk, **values)
+
+    def change(**values: Any) -> Callable[[Session, uuid.UUID], None]:
+        return lambda s, pk: _change(s, model, pk, **values)
+
+    def twice_in_one_transaction(**values: Any) -> Callable[[Session, uuid.UUID], None]:
+        def run(s: Session, pk: uuid.UUID) -> None:
+            obj = model(id=pk, **values)
+            s.add(obj)
+            s.flush()
+            obj.note = "again"
+            s.commit()
+
+        return run
+
+    def delete(s: Session, pk: uuid.UUID) -> None:
+        obj = s.get(model, pk)
+        assert obj is not None
+        s.delete(obj)
+        s.commit()
+
+    def row_switch(s: Session, pk: uuid.UUID) -> None:
+        obj = s.get(model, pk)
+        assert obj is not None
+        s.delete(obj)
+        s.add(model(id=pk, note="switched"))
+        s.commit()
+
+    none: Callable[[Session, uuid.UUID], None] = lambda s, pk: None  # noqa: E731
+    return {
+        "insert unset": [("wb", seed(note="n"))],
+        "insert None": [("wb", seed(note="n", **NONES))],
+        "insert documents": [("wb", seed(note="n", **DOCS))],
+        "update other, SQL NULLs": [("db", seed(note="n")), ("wb", change(note="u"))],
+        "update other, JSON nulls": [("db", seed(note="n", **NONES)), ("wb", change(note="u"))],
+        "update to None": [("db", seed(note="n", **DOCS)), ("wb", change(**NONES))],
+        "insert unset, update, one batch": [("wb", seed(note="n")), ("wb", change(note="u"))],
+        "insert None, update, one batch": [
+            ("wb", seed(note="n", **NONES)),
+            ("wb", change(note="u")),
+        ],
+        "insert unset, update, two batches": [
+            ("wb", seed(note="n")),
+            ("drain", none),
+            ("wb", change(note="u")),
+        ],
+        "insert None, update, two batches": [
+            ("wb", seed(note="n", **NONES)),
+            ("drain", none),
+            ("wb", change(note="u")),
+        ],
+        "insert unset, update, one transaction": [("wb", twice_in_one_transaction())],
+        "insert None, update, one transaction": [("wb", twice_in_one_transaction(**NONES))],
+        "delete, insert unset, one batch": [
+            ("db", seed(note="n", **DOCS)),
+            ("wb", delete),
+            ("wb", seed(note="again")),
+        ],
+        "row switch over documents": [("db", seed(note="n", **DOCS)), ("wb", row_switch)],
+        "row switch over SQL NULLs": [("db", seed(note="n")), ("wb", row_switch)],
+        "row switch over JSON nulls": [("db", seed(note="n", **NONES)), ("wb", row_switch)],
+    }
+
+
+def test_json_nulls_reach_the_database_as_a_plain_session_writes_them(
+    engine: sa.Engine,
+    json_docs: tuple[sessionmaker[Session], Any, Callable[[], None]],
+) -> None:
+    """Reads return None for SQL NULL and JSON null alike, and a queued row held None for
+    both: the worker wrote JSON null for every None of a JSON column, where SQLAlchemy's
+    INSERT leaves an unset column out (SQL NULL, or its default) and its UPDATE leaves an
+    unchanged one as the row has it. ``WHERE doc IS NULL`` found other rows. Each scenario
+    runs through write-behind and through a plain session, on rows of their own; every
+    JSON column must end as the plain session left it."""
+    made, model, drain = json_docs
+    differences = {}
+    for name, steps in _scenarios(model).items():
+        queued, plain = uuid.uuid4(), uuid.uuid4()
+        for where, step in steps:
+            if where == "drain":
+                drain()
+                continue
+            with Session(engine) as s:
+                step(s, plain)
+            with made() if where == "wb" else Session(engine) as s:
+                step(s, queued)
+        drain()
+        found, expected = _stored(engine, queued), _stored(engine, plain)
+        if found != expected:
+            pairs = zip(found, expected, strict=True)
+            differences[name] = dict(zip(JSON_COLUMNS, pairs, strict=True))
+    assert differences == {}
+
+
+def test_a_replayed_dead_letter_keeps_its_sql_nulls(
+    engine: sa.Engine,
+    json_docs: tuple[sessionmaker[Session], Any, Callable[[], None]],
+    client: redis.Redis,
+    namespace: str,
+) -> None:
+    """A dead letter's row held None for every JSON None: its replay (``executemany``,
+    the worker's path for a row refused alone) wrote JSON null where the operation meant
+    SQL NULL, or the row's own value. The letter keeps the operation's ``$nulls``."""
+    made, model, _ = json_docs
+    kept = uuid.uuid4()
+    with Session(engine) as s:  # a row whose JSON columns are SQL NULL, as the oracle
+        s.add(model(id=kept, note="n"))
+        s.commit()
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE wb_leftover_docs SET given = NULL, given_nulled = NULL"))
+        conn.execute(
+            text("ALTER TABLE wb_leftover_docs ADD CONSTRAINT no_poison CHECK (note <> 'poison')")
+        )
+    fresh = uuid.uuid4()
+    with made() as s:
+        s.add(model(id=fresh, note="poison"))  # unset: SQL NULL
+        s.commit()
+    with made() as s:
+        _change(s, model, kept, note="poison")  # unchanged: kept as SQL NULL
+    worker = FlushWorker(engine, client, namespace=namespace, models=[model])
+    try:
+        while worker.run_once():
+            pass
+    finally:
+        worker.release()
+    assert len(letters(engine, namespace)) == 2
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE wb_leftover_docs DROP CONSTRAINT no_poison"))
+    result = replay_dead_letters(engine, client, namespace, [model])
+    assert len(result.replayed) == 2, result
+    assert _stored(engine, fresh)[:3] == [(True, None)] * 3
+    assert _stored(engine, kept) == [(True, None)] * 5
+
+
+def test_a_letter_an_earlier_worker_wrote_for_an_entry_naming_nulls_replays(
+    engine: sa.Engine,
+    json_docs: tuple[sessionmaker[Session], Any, Callable[[], None]],
+    client: redis.Redis,
+    namespace: str,
+) -> None:
+    """A worker of the earlier release cannot read an entry with the fifth element that
+    names SQL NULLs: it dead-letters it as ``not a write-behind operation``, the whole
+    entry under ``$row`` and an empty ``$schema``. Such a letter (made here as that
+    worker's ``_dead_row`` made it) was refused by every replay as queued by another
+    version; it now replays as the entry it holds."""
+    made, model, _ = json_docs
+    pk = uuid.uuid4()
+    with made() as s:
+        s.add(model(id=pk, note="queued"))  # JSON columns unset: the entry names them
+        s.commit()
+    streams: list[Any] = [
+        (key, client.xrange(key))
+        for key in client.scan_iter(f"sarc:{namespace}:*wb_leftover_docs*")
+        if client.type(key) in (b"stream", "stream") and client.xlen(key)
+    ]
+    [(stream, [(entry_id, fields)])] = streams
+    wrapped = json.loads(fields[b"e"])
+    assert len(wrapped) == 5
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(dead_letters).values(
+                namespace=namespace,
+                table_name="wb_leftover_docs",
+                stream=stream.decode(),
+                entry_id=entry_id.decode(),
+                op=None,
+                pk=None,
+                payload={"$schema": "", "$row": wrapped, "$key": ""},
+                error=f"not a write-behind operation: {fields!r}",
+            )
+        )
+    result = replay_dead_letters(engine, client, namespace, [model])
+    assert len(result.replayed) == 1, result
+    assert _stored(engine, pk)[:3] == [(True, None)] * 3
