@@ -4,7 +4,9 @@
   on every attempt, where a statement timeout is dead-lettered after ``timeout_attempts``;
 * the engine listener's recogniser of textual writes missed statements that open with a
   comment, a parenthesis or a ``WITH``;
-* a write-behind JSON column's SQL NULL reached the database as JSON ``null``.
+* a write-behind JSON column's SQL NULL reached the database as JSON ``null``;
+* after ``session.refresh(obj)``, a lazy relationship it expired was served from the cache
+  where a plain session reads it from the database.
 """
 
 from __future__ import annotations
@@ -508,3 +510,68 @@ def test_a_letter_an_earlier_worker_wrote_for_an_entry_naming_nulls_replays(
     result = replay_dead_letters(engine, client, namespace, [model])
     assert len(result.replayed) == 1, result
     assert _stored(engine, pk)[:3] == [(True, None)] * 3
+
+
+# --------------------------------------------------------------------------- refresh
+
+
+def _collections(post: Any, author: Any, other: Any) -> dict[str, Any]:
+    """Post 1's tags (many-to-many), author 1's posts (one-to-many), post 2's author."""
+    return {
+        "post1.tags": [t.id for t in post.tags],
+        "author1.posts": [p.id for p in author.posts],
+        "post2.author": other.author.id,
+    }
+
+
+def _read(session: Session, *, refresh: bool = False) -> dict[str, Any]:
+    """:func:`_collections` of objects held for the session's length; with ``refresh``,
+    read again after ``session.refresh(obj)``, no attribute names, of each of them."""
+    held = [session.get(Post, 1), session.get(Author, 1), session.get(Post, 2)]
+    found = _collections(*held)
+    if refresh:
+        for obj in held:
+            session.refresh(obj)
+        found = _collections(*held)
+    return found
+
+
+@pytest.mark.parametrize("tier", ["redis", "local"])
+def test_a_refresh_reads_the_relationships_it_expired_from_the_database(
+    blog: sa.Engine, database_url: str, redis_url: str, namespace: str, tier: str
+) -> None:
+    """``session.refresh(obj)`` expires every attribute of the object, its loaded
+    relationships included; a plain session reads a lazy one from the database at its
+    next access. The cache served it from its entry (the lazy load carries nothing of the
+    refresh): after another program's write, the refreshed object showed the collections
+    the cache held. ``refresh(obj, ["tags"])`` was fixed before; this is the form without
+    names. Eager relationships (``selectin``, ``joined``) are loaded by the refresh itself
+    and were read from the database already."""
+    engine = sa.create_engine(database_url)
+    cache = Cache(redis_url, namespace=namespace, local=tier == "local", local_lease=5.0)
+    factory = sessionmaker(engine)
+    cache.attach(factory, cache_queries=FromCache(ttl=60))
+    cache.attach(engine)
+    try:
+        if tier == "local":
+            local = cache.inspector.local_tier
+            assert local is not None
+            assert local.wait_ready(10)
+        for _ in range(3):  # a miss, a fill, then hits
+            with factory() as s:
+                _read(s)
+        other = sa.create_engine(database_url)  # another program's write: no cache told
+        try:
+            with other.begin() as conn:
+                conn.execute(text("DELETE FROM blog_post_tags WHERE post_id = 1 AND tag_id = 1"))
+                conn.execute(text("UPDATE blog_posts SET author_id = 2 WHERE id = 2"))
+        finally:
+            other.dispose()
+        with factory() as s:
+            cached = _read(s, refresh=True)
+        with Session(blog) as plain:
+            assert cached == _read(plain, refresh=True)
+    finally:
+        cache.detach()
+        cache.client.close()
+        engine.dispose()
