@@ -402,10 +402,16 @@ class Applier:
                 value = None
             if value is not None:
                 try:
-                    op, pk, found, data = loads(value)
+                    parsed = loads(value)
+                    # a fifth element names JSON Nones that are no JSON null (nulls.py)
+                    marks = parsed.pop() if type(parsed) is list and len(parsed) == 5 else None
+                    op, pk, found, data = parsed
                     if found == schema and type(pk) is str and pk:
                         if op == "u":
-                            append(Entry(entry_id.decode(), "u", pk, data, schema, load_row(data)))
+                            entry = Entry(entry_id.decode(), "u", pk, data, schema, load_row(data))
+                            if marks is not None:
+                                entry.nulls = self._nulls(marks)
+                            append(entry)
                             continue
                         if op == "d":
                             append(
