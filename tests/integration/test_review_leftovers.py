@@ -2,8 +2,8 @@
 
 * the flush worker retried for good a batch whose operation raised outside the database
   on every attempt, where a statement timeout is dead-lettered after ``timeout_attempts``;
-* the engine listener's recogniser of textual writes missed statements that open with a
-  comment, a parenthesis or a ``WITH``;
+* the engine listener's recogniser of textual writes missed a ``CALL``, ``DO`` or
+  ``EXECUTE`` opened by a comment or following another statement in the same text;
 * a write-behind JSON column's SQL NULL reached the database as JSON ``null``;
 * after ``session.refresh(obj)``, a lazy relationship it expired was served from the cache
   where a plain session reads it from the database.
