@@ -91,6 +91,7 @@ __all__ = [
     "pool_option",
     "pool_options_without",
     "probe",
+    "refreshed_whole",
     "registered_classes",
     "statement_cache_key",
     "statement_mapper",
@@ -289,6 +290,23 @@ def get_clause_pk(statement: Any, mapper: Mapper[Any], params: Any) -> tuple[Any
 def autoflush_requested(orm_context: ORMExecuteState) -> bool:
     """Whether the statement being executed would autoflush the session first."""
     return bool(orm_context.load_options._autoflush)
+
+
+def refreshed_whole(orm_context: ORMExecuteState) -> InstanceState[Any] | None:
+    """The object ``session.refresh(obj)`` (no attribute names) is loading, else None.
+
+    Such a refresh expires every attribute, relationships included, and loads the
+    columns (and eager relationships) at once; a lazy relationship is loaded at its next
+    access, by a lazy load of its own that carries nothing of the refresh.
+    """
+    options: Any = orm_context.load_options
+    if not options._is_user_refresh or options._refresh_state is None:
+        return None
+    compile_options = getattr(orm_context.statement, "_compile_options", None)
+    if getattr(compile_options, "_only_load_props", None):
+        return None  # refresh(obj, [names]): a named relationship loads inside it
+    state: InstanceState[Any] = options._refresh_state
+    return state
 
 
 def is_refresh(orm_context: ORMExecuteState) -> bool:
@@ -1610,6 +1628,14 @@ _MODULE_PROBES: dict[str, tuple[Any, str]] = {
     "sqlalchemy orm QueryContext.default_load_options._refresh_state": (
         orm_context.QueryContext.default_load_options,
         "_refresh_state",
+    ),
+    "sqlalchemy orm QueryContext.default_load_options._is_user_refresh": (
+        orm_context.QueryContext.default_load_options,
+        "_is_user_refresh",
+    ),
+    "sqlalchemy orm ORMCompileState.default_compile_options._only_load_props": (
+        _COMPILE_STATE.default_compile_options,
+        "_only_load_props",
     ),
     "sqlalchemy orm QueryContext.default_load_options._populate_existing": (
         orm_context.QueryContext.default_load_options,

@@ -70,20 +70,107 @@ _REFRESH = re.compile(
 _PARTS = re.compile(_PART)
 _ANY_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|TRUNCATE|COPY)\b", re.IGNORECASE)
 # a procedure call, an anonymous code block, a prepared statement's execution: what they
-# write is in the database, not in the statement
-_OPAQUE = re.compile(r"^\s*(?:CALL|DO|EXECUTE)\b", re.IGNORECASE)
+# write is in the database, not in the statement (after its comments and any parentheses)
+_OPAQUE = re.compile(r"^[\s(]*(?:CALL|DO|EXECUTE)\b", re.IGNORECASE)
 # the locking clause of a read (SELECT ... FOR UPDATE, FOR NO KEY UPDATE): not a write
 _LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?UPDATE\b", re.IGNORECASE)
-# DDL that changes which tables a view reads
+# DDL that changes which tables a view reads (of one statement, its comments blanked out)
+_VIEW_WORD = re.compile(r"\bVIEW\b", re.IGNORECASE)
 _VIEW_DDL = re.compile(
     r"^\s*(?:CREATE\s+(?:OR\s+REPLACE\s+)?(?:(?:TEMP|TEMPORARY)\s+)?(?:RECURSIVE\s+)?VIEW"
     r"|ALTER\s+VIEW|DROP\s+VIEW)\b",
     re.IGNORECASE,
 )
-# a second statement after a ';' (a trailing ';' and comments after it are not one)
-_MORE = re.compile(r";\s*(?!--|/\*)\S")
+# what opens a token statements() must read whole: a comment, a string constant (E'...'
+# with backslash escapes), a quoted identifier, a dollar-quoted string ($tag$...$tag$:
+# not after an identifier's character, where '$' belongs to the identifier), or a ';'
+_LEXEME = re.compile(
+    r"--|/\*|(?<![\w$])[Ee]'|'|\"|(?<![\w$])\$(?:[A-Za-z_\x80-\uffff][\w\x80-\uffff]*)?\$|;"
+)
 _PENDING = "sa_redis_cache.pending"
 _HANDED = "sa_redis_cache.handed"
+
+
+def statements(sql: str) -> list[str] | None:
+    """``sql`` as the statements Postgres runs, comments blanked out (each becomes one
+    space); None when it cannot be read so (an unterminated string, identifier or
+    comment), which callers take for "it may write anything".
+
+    The one place SQL text is cut: a comment may hide what a statement is (``-- note``
+    before a ``CALL``), a ``;`` in a string or a comment ends no statement, and one
+    inside a dollar-quoted body (``DO $$ ... $$``) neither. Block comments nest, as in
+    Postgres. A plain string's backslash is taken as a character
+    (``standard_conforming_strings``, on by default since Postgres 9.1).
+
+    Example::
+
+        >>> statements("/* x */ CALL p(); UPDATE t SET a = ';' -- done")
+        ['  CALL p()', " UPDATE t SET a = ';'  "]
+        >>> statements("SELECT 'open") is None
+        True
+    """
+    out: list[str] = []
+    current: list[str] = []
+    at = 0
+    size = len(sql)
+    while True:
+        found = _LEXEME.search(sql, at)
+        if found is None:
+            current.append(sql[at:])
+            break
+        start, lexeme = found.start(), found.group()
+        current.append(sql[at:start])
+        if lexeme == ";":
+            out.append("".join(current))
+            current = []
+            at = start + 1
+            continue
+        if lexeme == "--":
+            end = sql.find("\n", start)
+            current.append(" ")
+            at = size if end < 0 else end
+            continue
+        if lexeme == "/*":
+            depth, at = 1, start + 2
+            while depth:
+                opened, closed = sql.find("/*", at), sql.find("*/", at)
+                if closed < 0:
+                    return None
+                if 0 <= opened < closed:
+                    depth, at = depth + 1, opened + 2
+                else:
+                    depth, at = depth - 1, closed + 2
+            current.append(" ")
+            continue
+        end = _closing(sql, found.end(), lexeme)
+        if end < 0:
+            return None
+        current.append(sql[start:end])
+        at = end
+    out.append("".join(current))
+    return out
+
+
+def _closing(sql: str, at: int, opener: str) -> int:
+    """Where the string, identifier or dollar-quoted body ``opener`` began ends (just
+    after its closing quote); -1 when it never does."""
+    if opener.startswith("$"):
+        end = sql.find(opener, at)
+        return -1 if end < 0 else end + len(opener)
+    quote = opener[-1]
+    backslash = opener != quote  # E'...': a backslash escapes the next character
+    while at < len(sql):
+        char = sql[at]
+        if backslash and char == "\\":
+            at += 2
+        elif char == quote:
+            if sql.startswith(quote, at + 1):  # '' or "": the quote itself
+                at += 2
+            else:
+                return at + 1
+        else:
+            at += 1
+    return -1
 
 
 def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
@@ -99,8 +186,10 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
     beside such a word, ``COPY``, several statements, ``TRUNCATE ... CASCADE``, which
     empties the tables that refer to these), and a ``CALL`` of a procedure, a ``DO``
     block or an ``EXECUTE`` of a prepared statement, is unknowable, and gives every known
-    table. A read's locking clause
-    (``FOR UPDATE``, ``FOR NO KEY UPDATE``) writes nothing.
+    table; so does text that cannot be read (an unterminated string or comment). A
+    read's locking clause (``FOR UPDATE``, ``FOR NO KEY UPDATE``) writes nothing. The
+    text is read without its comments (:func:`statements`): a ``CALL`` after ``-- note``
+    or ``/* tag */`` is still one, and a ``;`` in a comment or a string ends nothing.
 
     Example::
 
@@ -116,13 +205,28 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
         set()
         >>> sorted(text_dml_tables("CALL archive_orders(7)", ["products", "orders"]))
         ['orders', 'products']
+        >>> sorted(text_dml_tables("/* job 7 */ CALL archive(7)", ["products", "orders"]))
+        ['orders', 'products']
         >>> text_dml_tables("REFRESH MATERIALIZED VIEW CONCURRENTLY sales", ["products"])
         {'sales'}
     """
     if not isinstance(known, KnownTables):
         known = KnownTables(known)
+    parts = statements(sql)
+    if parts is not None:
+        parts = [part for part in parts if part.strip()]
+    if parts is None or len(parts) > 1:
+        # unreadable (a statement may hide anywhere in it), or several statements: which
+        # cached tables changed is not told from text that a splitting error would
+        # misread (a backslash in a string under standard_conforming_strings off)
+        return set(known.names)
+    return _statement_writes(parts[0], known) if parts else set()
+
+
+def _statement_writes(sql: str, known: KnownTables) -> set[str]:
+    """:func:`text_dml_tables` of one statement, its comments blanked out."""
     found = _TEXT_DML.match(sql)
-    if found is not None and _MORE.search(sql, found.end()) is None:
+    if found is not None:
         return _named(found.group("table"), known)
     truncate = _TRUNCATE.match(sql)
     if truncate is not None and (truncate.group("how") or "").upper() != "CASCADE":
@@ -133,9 +237,9 @@ def text_dml_tables(sql: str, known: KnownTables | Iterable[str]) -> set[str]:
     refresh = _REFRESH.match(sql)
     if refresh is not None:
         return _named(refresh.group("table"), known)
-    if found is not None or _OPAQUE.match(sql) or _ANY_DML.search(_LOCKING.sub(" ", sql)):
-        # a CTE, a procedure, COPY, several statements, TRUNCATE ... CASCADE: which
-        # cached tables changed is unknowable
+    if _OPAQUE.match(sql) or _ANY_DML.search(_LOCKING.sub(" ", sql)):
+        # a CTE, a procedure, COPY, TRUNCATE ... CASCADE: which cached tables changed is
+        # unknowable
         return set(known.names)
     return set()
 
@@ -272,7 +376,10 @@ class EngineWrites:
     def _note_view_ddl(self, conn: Connection, statement: str) -> None:
         """A view made, changed or dropped: the pool's database is asked again on its next
         use, reading the tables its views read (``Database.views``) as they are now."""
-        if _VIEW_DDL.match(statement):
+        if _VIEW_WORD.search(statement) is None:
+            return  # the common case: no statement about a view, nothing to read
+        parts = statements(statement)
+        if parts is None or any(_VIEW_DDL.match(part) for part in parts):
             self.core.binds.forget(conn)
 
     def _dml_writes(self, target: TableClause, deletes: bool, updates: bool) -> set[str]:

@@ -280,8 +280,9 @@ WORKER_PROG = "python -m sa_redis_cache.worker"
     default=5,
     show_default=True,
     metavar="N",
-    help="Times one operation may exceed the database's statement_timeout on its own "
-    "before it is dead-lettered (a batch that times out is first retried smaller).",
+    help="Times one operation may exceed the database's statement_timeout, or raise an "
+    "error outside the database, on its own before it is dead-lettered (a batch that "
+    "fails so is first retried smaller).",
 )
 @click.option(
     "--progress/--no-progress",

@@ -415,6 +415,9 @@ class QueuedOp(NamedTuple):
     schema_hash: str
     data: bytes  # the encoded row ("u") or primary key ("d"), as JSON
     trailer: bytes  # appended to both values (a signature), b"" when unsigned
+    # the entry's fifth element with its leading comma (which JSON Nones are no JSON null:
+    # strategies/write_behind/nulls.py), b"" when none
+    nulls: bytes = b""
 
 
 def wb_enqueue(keys: KeyScheme, ops: Sequence[QueuedOp], header: bytes) -> ScriptCall:
@@ -432,7 +435,7 @@ def wb_enqueue(keys: KeyScheme, ops: Sequence[QueuedOp], header: bytes) -> Scrip
             index[op.table] = len(tables)
         op_keys += [op.stream, op.entity_key, op.pending_key, keys.row_write_key(op.table, op.pk)]
         pk = orjson.dumps(op.pk)  # the script puts it in the entry's JSON as it is
-        op_args += [index[op.table], op.kind, pk, op.schema_hash, op.data, op.trailer]
+        op_args += [index[op.table], op.kind, pk, op.schema_hash, op.data, op.trailer, op.nulls]
     return (
         script("wb_enqueue"),
         [*(keys.generation_key(t) for t in tables), *op_keys],

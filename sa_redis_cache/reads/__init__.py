@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Result
     from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+    from sqlalchemy.orm.state import InstanceState
 
     from sa_redis_cache.context import CacheContext
 
@@ -69,17 +71,30 @@ class ReadPath:
         self.relationships = RelationshipReads(core)
         self.auto = AutoQueries(core)
         self.regions = RegionIndex(core)
+        # objects session.refresh(obj) reloaded whole: the relationships whose next lazy
+        # load reads the database (held weakly, as the session holds its objects)
+        self._refreshed: weakref.WeakKeyDictionary[InstanceState[Any], set[str]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def on_execute(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         """Serve a SELECT from the cache; returns a result to short-circuit the database."""
+        refreshed = compat.refreshed_whole(orm_context)
+        if refreshed is not None:
+            # session.refresh(obj) expired its relationships too: a plain session reads
+            # the lazy ones from the database at their next access, so must the cache
+            self._refreshed[refreshed] = set(refreshed.mapper.relationships.keys())
         option = from_cache_in(orm_context.user_defined_options)
         chosen = option is not None  # by the statement; else by the cache itself
         if option is None:
             if orm_context.is_relationship_load and (
-                not orm_context.lazy_loaded_from or compat.loads_for_refresh(orm_context)
+                not orm_context.lazy_loaded_from
+                or compat.loads_for_refresh(orm_context)
+                or self._first_since_refresh(orm_context)
             ):
                 # an eager load's, or one a refresh asked for (session.refresh(obj,
-                # ["tags"])): the database's rows
+                # ["tags"]), or session.refresh(obj) and then the attribute): the
+                # database's rows
                 return None
             # a collection's lazy load, or any eligible select under cache_queries
             option = (
@@ -96,6 +111,19 @@ class ReadPath:
             # (note() counted the read: bypassed, or its Redis error)
             return None
         return self.queries.read(orm_context, option, volatile_ok=chosen)
+
+    def _first_since_refresh(self, orm_context: ORMExecuteState) -> bool:
+        """Whether this lazy load is the first of its relationship since
+        ``session.refresh(obj)`` reloaded its object whole (it then reads the database)."""
+        keys = self._refreshed.get(orm_context.lazy_loaded_from)  # type: ignore[arg-type]
+        if not keys:
+            return False
+        prop = getattr(orm_context.loader_strategy_path, "prop", None)
+        key = getattr(prop, "key", None)
+        if key not in keys:
+            return False
+        keys.discard(key)
+        return True
 
     def direct_read(
         self, session: Session, statement: Any, option: FromCache, mapper: Mapper[Any]

@@ -101,16 +101,13 @@ def behind(
         gc.collect()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: a queued row carries None for a JSON column whether the attribute "
-    "was never set (SQLAlchemy's INSERT leaves it out: SQL NULL) or set to None (JSON "
-    "null), and the worker writes JSON null for both; telling them apart needs the stream "
-    "entry to say which columns are SQL NULL (a format older workers would dead-letter)",
-)
 def test_a_json_column_left_unset_is_sql_null_as_plain_sqlalchemy_leaves_it(
     engine: sa.Engine, database_url: str, client: redis.Redis, namespace: str
 ) -> None:
+    """SQLAlchemy's INSERT leaves out a JSON column the object was never given: SQL NULL.
+    The queued row held None, which the worker wrote as JSON null (``doc IS NULL`` false);
+    the entry now names the columns whose None is SQL NULL."""
+
     class Base(DeclarativeBase):
         pass
 

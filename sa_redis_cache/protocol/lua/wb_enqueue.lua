@@ -8,13 +8,16 @@
 -- ARGV[4]: TTL of the row write counters, in milliseconds
 -- ARGV[5]: value to start a row write counter at when it does not exist (random)
 -- ARGV[6 .. 5+n]: value to start each table's generation at when it does not exist (random)
--- ARGV[6+n ..]: per operation, six values: its table's index (1-based), 'u' (upsert) or
+-- ARGV[6+n ..]: per operation, seven values: its table's index (1-based), 'u' (upsert) or
 --          'd' (delete), the row's pk text as a JSON string, the model's schema hash, the
---          data as JSON (the encoded full row for 'u', the encoded primary key for 'd'), and
+--          data as JSON (the encoded full row for 'u', the encoded primary key for 'd'),
 --          the trailer to append to both values ('' when the cache does not sign:
---          sa_redis_cache/signing.py)
--- Each stream entry has one field, 'e': the JSON array [op, pk text, schema hash, data]
--- (one value per entry: the worker reads and parses one string per operation).
+--          sa_redis_cache/signing.py), and '' or ',' followed by the JSON object naming the
+--          row's JSON columns whose None is no JSON null
+--          (sa_redis_cache/strategies/write_behind/nulls.py)
+-- Each stream entry has one field, 'e': the JSON array [op, pk text, schema hash, data],
+-- with that object as a fifth element when there is one (one value per entry: the worker
+-- reads and parses one string per operation).
 -- Returns: the stream id of each operation, in order; an error naming the key, before
 --          anything is written, when a stream key holds another Redis type
 -- The entity entry and the pending key get no TTL: an unflushed state must not expire.
@@ -49,9 +52,9 @@ local ids = {}
 local a = 6 + n
 for k = n + 1, #KEYS, 4 do
   local t, op, pk, schema, data = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local trailer = ARGV[a + 5]
-  a = a + 6
-  local entry = '["' .. op .. '",' .. pk .. ',"' .. schema .. '",' .. data .. ']'
+  local trailer, nulls = ARGV[a + 5], ARGV[a + 6]
+  a = a + 7
+  local entry = '["' .. op .. '",' .. pk .. ',"' .. schema .. '",' .. data .. nulls .. ']'
   local id = redis.call('XADD', KEYS[k], '*', 'e', entry)
   local body = 'null'
   if op == 'u' then

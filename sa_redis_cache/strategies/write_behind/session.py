@@ -43,7 +43,7 @@ import logging
 import math
 import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
@@ -72,6 +72,7 @@ from sa_redis_cache.transaction import TransactionState, peek_transaction_state
 
 from . import joined
 from .columns import column_of, is_write_behind, pk_codec
+from .nulls import encode_nulls, inherit_nulls, null_kind
 from .states import (
     evaluate,
     pending_state,
@@ -126,6 +127,9 @@ class Op:
     obj: Any
     created: bool  # the object was new in this frame: a rollback makes it transient again
     scope: str = ""  # the database and schema the row belongs in (sa_redis_cache.binds)
+    # the JSON columns (by position) whose None is no JSON ``null``, as SQLAlchemy writes
+    # them (sa_redis_cache.strategies.write_behind.nulls): SQL NULL, or the row's own
+    nulls: dict[int, str] = field(default_factory=dict)
     # on a connection the application holds in a transaction (a joined session): the
     # savepoints open at the flush, whose rollback undoes it (joined.py)
     savepoints: frozenset[str] = frozenset()
@@ -223,6 +227,7 @@ class WriteBehind:
                 state.frame().removed.append(op)
                 compat.expunge_alone(session, obj)
             else:
+                nulls: dict[int, str] = {}
                 values, tz = self._capture(
                     session,
                     obj,
@@ -231,10 +236,14 @@ class WriteBehind:
                     tz=tz,
                     old=_old_row(info, switched.get(id(obj)), rows),
                     row=rows.get(id(obj)),
+                    nulls=nulls,
                 )
                 op = self._upsert_op(obj, info, values, created=kind == "new")
                 prior = state.find_queued(info.table, op.pk)
                 op.created = op.created or (prior is not None and prior.created)
+                # this transaction's earlier write of the row is replaced, never queued:
+                # a column this one leaves as the row has it is as that write left it
+                op.nulls = inherit_nulls(nulls, prior)
                 compat.expunge_alone(session, obj)
                 if kind == "dirty":
                     make_transient(obj)
@@ -404,6 +413,7 @@ class WriteBehind:
         tz: Any,
         old: dict[str, Any] | None = None,
         row: tuple[Any, ...] | None = None,
+        nulls: dict[int, str] | None = None,
     ) -> tuple[tuple[Any, ...], Any]:
         """The object's full column state, as the database will hold it after the insert.
 
@@ -415,11 +425,15 @@ class WriteBehind:
         UPDATE sets the changed columns only: the others keep the row's values, which the
         object may hold older (loaded by a query, from the database, before the worker
         flushed a later commit).
+
+        ``nulls`` receives the JSON columns whose None SQLAlchemy would not write as JSON
+        ``null`` (:func:`.nulls.null_kind`).
         """
         state = instance_state(obj)
         sync_many_to_one(obj, info)
         dict_ = state.dict
         given = _known_values(state, info, row)
+        unset = {key for key in info.column_keys if key not in given}
         pk_keys = {info.column_keys[p] for p in info.pk_positions}
         for key in info.column_keys:
             column = column_of(info, key)
@@ -449,6 +463,8 @@ class WriteBehind:
                     # an unloaded column of a loaded row: load it now (pending state first)
                     given[key] = getattr(obj, key) if not created else None
         values = [given[k] for k in info.column_keys]
+        if nulls is not None:
+            nulls.update(_nulls(info, values, state, inserted=created and old is None, unset=unset))
         if any(values[p] is None for p in info.pk_positions):
             raise ConfigurationError(
                 f"{info.mapper.class_.__name__} was flushed without a primary key; "
@@ -666,6 +682,7 @@ class WriteBehind:
                     schema_hash=info.schema_hash,
                     data=op.data,
                     trailer=trailer,
+                    nulls=encode_nulls(op.nulls),
                 )
             )
         io = core.io()
@@ -987,6 +1004,26 @@ def _old_row(
     gone, held = switch
     newest = rows.get(id(gone))
     return held if newest is None else dict(zip(info.column_keys, newest, strict=True))
+
+
+def _nulls(
+    info: ModelInfo, values: list[Any], state: Any, *, inserted: bool, unset: set[str]
+) -> dict[int, str]:
+    """The JSON Nones of a captured row that SQLAlchemy would not write as JSON null, by
+    position (:func:`.nulls.null_kind`); ``unset``: the columns the object was never
+    given."""
+    found: dict[int, str] = {}
+    for position, key in enumerate(info.column_keys):
+        if values[position] is None and position not in info.pk_positions:
+            kind = null_kind(
+                column_of(info, key),
+                inserted=inserted,
+                unset=key in unset,
+                unchanged=key not in state.committed_state,
+            )
+            if kind is not None:
+                found[position] = kind
+    return found
 
 
 def _known_values(state: Any, info: ModelInfo, row: tuple[Any, ...] | None) -> dict[str, Any]:

@@ -34,12 +34,12 @@ offset update reports, in the same statement, whether the table has any.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
-from sqlalchemy import bindparam, delete, exists, func, select, tuple_
+from sqlalchemy import bindparam, delete, exists, func, null, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, DBAPIError, StatementError
 
@@ -47,6 +47,13 @@ from sa_redis_cache.codec import CodecError
 from sa_redis_cache.protocol import pk_text, stream_id
 from sa_redis_cache.schema import dead_letters, wb_offsets
 from sa_redis_cache.strategies.write_behind.columns import column_of, pk_codec
+from sa_redis_cache.strategies.write_behind.nulls import (
+    KEEP,
+    NULLS_KEY,
+    after,
+    as_document,
+    decode_nulls,
+)
 
 from .sets import SetStatements, qualified_name, set_based
 
@@ -90,6 +97,9 @@ class Entry:
     schema: str = ""
     values: tuple[Any, ...] | None = None
     error: str | None = None
+    # the JSON columns whose None is no JSON null, by position (strategies/write_behind/
+    # nulls.py); None when the entry names none
+    nulls: dict[int, str] | None = None
 
     @property
     def sid(self) -> tuple[int, int]:
@@ -155,6 +165,25 @@ def is_timeout(exc: BaseException) -> bool:
     """The statement was cancelled (SQLSTATE 57014: ``statement_timeout``, or a cancel
     request): a smaller batch may pass where this one cannot."""
     return isinstance(exc, DBAPIError) and _sqlstate(exc) == "57014"
+
+
+def condemned_at_last_attempt(exc: BaseException) -> bool:
+    """An error the worker retries, counting the attempts of the operation that fails
+    alone, and dead-letters at the last one (``FlushWorker(timeout_attempts=)``): a
+    statement timeout (:func:`is_timeout`), or an exception that is not a database
+    error at all (a column type's bind processor that raises in the worker's process).
+    Either may pass on a later attempt; neither may hold the partition for good."""
+    if isinstance(exc, DBAPIError | StatementError):
+        return is_timeout(exc)
+    return not isinstance(exc, LeaseLost | _Delivered)
+
+
+def error_text(exc: BaseException) -> str:
+    """What a dead letter's ``error`` says of ``exc``: the database's message, or the
+    type and message of an exception raised in Python."""
+    if isinstance(exc, DBAPIError | StatementError):
+        return str(getattr(exc, "orig", None) or exc).strip()
+    return f"{type(exc).__name__}: {exc}".strip()
 
 
 def _sqlstate(exc: DBAPIError) -> str:
@@ -228,6 +257,7 @@ class Applier:
             else stmt.on_conflict_do_nothing(index_elements=self.pk_columns)
         )
         self._schema_bytes = info.schema_hash.encode()
+        self._kept_sets: dict[frozenset[int], SetStatements] = {}
         dialect = engine.dialect
         self.sets: SetStatements | None = (
             SetStatements(
@@ -302,20 +332,25 @@ class Applier:
         """Decode one stream entry; a bad one comes back with ``error`` set, never raises.
 
         ``fields`` is what Redis returned for the entry: redis-py's dict, or the flat list
-        of a script reply. An entry is ``{e: [op, pk text, schema hash, data]}`` (JSON);
+        of a script reply. An entry is ``{e: [op, pk text, schema hash, data]}`` (JSON),
+        with a fifth element naming JSON Nones that are no JSON null when there are any;
         entries of the earlier four-field form (``o``, ``k``, ``h``, ``d``) are read too.
         """
         text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         found = _fields(fields)
+        marks: Any = None
         if ENTRY_FIELD in found:
             raw = found[ENTRY_FIELD]
             try:
-                op, pk, schema, data = orjson.loads(raw)
+                parsed = orjson.loads(raw)
+                op, pk, schema, data = parsed[:4] if len(parsed) == 5 else parsed
             except (orjson.JSONDecodeError, TypeError, ValueError):
                 return Entry(text, "", "", raw, error=f"not a write-behind operation: {raw!r}")
             if not (isinstance(op, str) and isinstance(pk, str) and isinstance(schema, str)):
                 return Entry(text, "", "", raw, error=f"not a write-behind operation: {raw!r}")
             entry = Entry(text, op, pk, data, schema)
+            if len(parsed) == 5:
+                marks = parsed[4]
         else:
             raw_op, raw_pk = found.get(b"o", b""), found.get(b"k", b"")
             raw_schema, data = found.get(b"h", b""), found.get(b"d", b"")
@@ -338,9 +373,15 @@ class Applier:
             try:
                 row = orjson.loads(entry.data) if isinstance(entry.data, bytes) else entry.data
                 entry.values = codec.load_row(row)
+                if marks is not None:
+                    entry.nulls = self._nulls(marks)
             except (CodecError, ValueError, TypeError) as exc:
                 entry.error = f"undecodable stream entry: {exc}"
         return entry
+
+    def _nulls(self, document: Any) -> dict[int, str]:
+        """An entry's or a letter's JSON Nones that are no JSON null (ValueError if bad)."""
+        return decode_nulls(document, len(self.info.column_keys), list(self.info.pk_positions))
 
     def decode_batch(self, raw: list[Any]) -> list[Entry]:
         """:meth:`decode` for each ``(entry id, fields)`` of a reply, in order.
@@ -361,10 +402,16 @@ class Applier:
                 value = None
             if value is not None:
                 try:
-                    op, pk, found, data = loads(value)
+                    parsed = loads(value)
+                    # a fifth element names JSON Nones that are no JSON null (nulls.py)
+                    marks = parsed.pop() if type(parsed) is list and len(parsed) == 5 else None
+                    op, pk, found, data = parsed
                     if found == schema and type(pk) is str and pk:
                         if op == "u":
-                            append(Entry(entry_id.decode(), "u", pk, data, schema, load_row(data)))
+                            entry = Entry(entry_id.decode(), "u", pk, data, schema, load_row(data))
+                            if marks is not None:
+                                entry.nulls = self._nulls(marks)
+                            append(entry)
                             continue
                         if op == "d":
                             append(
@@ -394,7 +441,18 @@ class Applier:
         Example::
 
             entry = applier.from_letter("1700000000000-0", "upsert", [7], {"id": 7, ...})
+
+        A letter a worker of an earlier release wrote for an entry that names JSON nulls
+        (which it could not read: ``$row`` holds the whole entry, ``$schema`` is empty) is
+        read as this worker reads the entry.
         """
+        if (
+            isinstance(payload, dict)
+            and payload.get(SCHEMA_KEY) == ""
+            and isinstance(payload.get(ROW_KEY), list)
+            and len(payload[ROW_KEY]) == 5
+        ):
+            return self.decode(entry_id, {ENTRY_FIELD: orjson.dumps(payload[ROW_KEY])})
         kind = {"upsert": "u", "delete": "d"}.get(op or "", "")
         entry = Entry(entry_id, kind, self.letter_pk(pk, payload) or "", b"")
         try:
@@ -402,6 +460,8 @@ class Applier:
                 entry.values = self.pk_codec.load_row(pk)
             elif kind == "u" and isinstance(payload, dict):
                 entry.values = self._payload_values(payload)
+                if NULLS_KEY in payload:
+                    entry.nulls = self._nulls(payload[NULLS_KEY])
             else:
                 entry.error = f"the dead letter holds no operation this worker can apply ({op})"
                 return entry
@@ -511,12 +571,15 @@ class Applier:
     def apply_alone(
         self, stream: str, entry: Entry, *, token: int | None, note: str
     ) -> BatchResult:
-        """Apply one operation that keeps exceeding ``statement_timeout``, or dead-letter it.
+        """The last attempt at one operation that keeps failing alone: apply it, or
+        dead-letter it.
 
-        The partition's offset row is locked first, as in any batch, so the operation's
-        own statement cannot time out waiting for that lock (a dead-letter replay holds
-        it). If the operation times out again, under a savepoint, it is dead-lettered in
-        the same transaction with its error followed by ``note``, and the offset moves on.
+        It keeps exceeding ``statement_timeout``, or raising an error that is not the
+        database's (:func:`condemned_at_last_attempt`). The partition's offset row is
+        locked first, as in any batch, so the operation's own statement cannot time out
+        waiting for that lock (a dead-letter replay holds it). If the operation fails so
+        again, under a savepoint, it is dead-lettered in the same transaction with its
+        error followed by ``note``, and the offset moves on.
 
         Example::
 
@@ -524,7 +587,7 @@ class Applier:
         """
         result = BatchResult(final={entry.pk: entry})
         with self.engine.begin() as conn:
-            self._run(conn, stream, [entry], result, bisect=True, token=token, timed_out=note)
+            self._run(conn, stream, [entry], result, bisect=True, token=token, last_attempt=note)
         return result
 
     def _drop_set_based(self, exc: BaseException) -> None:
@@ -546,7 +609,7 @@ class Applier:
         bisect: bool,
         token: int | None,
         immediate: bool = False,
-        timed_out: str | None = None,
+        last_attempt: str | None = None,
     ) -> None:
         if immediate:
             conn.exec_driver_sql("SET CONSTRAINTS ALL IMMEDIATE")
@@ -558,7 +621,7 @@ class Applier:
             else [e for e in entries if e.sid > last]
         )
         result.skipped = len(entries) - len(fresh)
-        latest = {e.pk: e for e in fresh if e.error is None}  # the last operation per row
+        latest = coalesce(fresh)  # the last operation per row
         if len(latest) < len(fresh):  # coalesced, or some entries could not be decoded
             for entry in fresh:
                 if entry.error is not None:
@@ -566,7 +629,7 @@ class Applier:
         ops = sorted(latest.values(), key=attrgetter("pk"))  # one lock order for all
         instead = 0
         if bisect:
-            self._bisect(conn, ops, result.dead, timed_out)
+            self._bisect(conn, ops, result.dead, last_attempt)
             instead = self._earlier(conn, fresh, ops, result.dead)
         else:
             self.write(conn, ops)
@@ -612,9 +675,8 @@ class Applier:
             or any(e.error is not None for e in entries)
         ):
             return False
-        latest = {e.pk: e for e in entries}  # the last operation per row
+        latest = coalesce(entries)  # the last operation per row
         ops = sorted(latest.values(), key=attrgetter("pk"))  # one lock order for all
-        puts = [e.values for e in ops if e.op == "u" and e.values is not None]
         keys = [e.values for e in ops if e.op == "d" and e.values is not None]
         advance = (entries[-1].id, len(ops), stream, self.namespace, self.info.table)
         try:
@@ -622,8 +684,9 @@ class Applier:
                 lock.execute(self._pipelined_lock, (stream,))
                 if keys:
                     raw.execute(sets.delete_sql, sets.delete_arrays(keys))
-                if puts:
-                    raw.execute(sets.upsert_sql, sets.upsert_arrays(puts))
+                for kept, rows in self._puts(ops).items():
+                    upsert = self._sets_keeping(kept)
+                    raw.execute(upsert.upsert_sql, upsert.upsert_arrays(rows))
                 moved.execute(self._pipelined_advance, advance)
                 row = lock.fetchone()
                 open_letters = bool(moved.fetchone()[0])
@@ -690,12 +753,13 @@ class Applier:
         return stmt.where(*self._letter_filter())
 
     def write(self, conn: Connection, ops: list[Entry], *, set_based: bool = True) -> None:
-        """Write ``ops`` (one per primary key): one delete and one upsert statement."""
-        puts: list[tuple[Any, ...]] = []
+        """Write ``ops`` (one per primary key): one delete and one upsert statement (one
+        per set of JSON columns some rows keep as the database has them)."""
         keys: list[tuple[Any, ...]] = []
         for entry in ops:
             assert entry.values is not None
-            (puts if entry.op == "u" else keys).append(entry.values)
+            if entry.op != "u":
+                keys.append(entry.values)
         sets = self.sets if set_based else None
         if keys:
             if sets is not None:
@@ -704,39 +768,107 @@ class Applier:
                 conn.execute(delete(self.table).where(self.pk_columns[0].in_([k[0] for k in keys])))
             else:
                 conn.execute(delete(self.table).where(tuple_(*self.pk_columns).in_(keys)))
-        if puts:
+        for kept, puts in self._puts(ops).items():
             if sets is not None:
-                sets.upsert(conn, puts)
+                self._sets_keeping(kept).upsert(conn, puts)
             else:
                 names = self.names
-                conn.execute(self.upsert, [dict(zip(names, row, strict=True)) for row in puts])
+                conn.execute(
+                    self._upsert_keeping(kept),
+                    [dict(zip(names, row, strict=True)) for row in puts],
+                )
+
+    def _puts(self, ops: list[Entry]) -> dict[frozenset[int], list[tuple[Any, ...]]]:
+        """The rows of the puts among ``ops``, by the JSON columns they keep as the row
+        has them (:data:`.nulls.KEEP`); a None that is no JSON null bound as SQL NULL."""
+        groups: dict[frozenset[int], list[tuple[Any, ...]]] = {}
+        for entry in ops:
+            if entry.op != "u":
+                continue
+            assert entry.values is not None
+            row, kept = entry.values, frozenset[int]()
+            if entry.nulls:
+                listed = list(row)
+                for position in entry.nulls:
+                    listed[position] = null()  # the JSON type's bind makes it SQL NULL
+                row = tuple(listed)
+                kept = frozenset(p for p, kind in entry.nulls.items() if kind == KEEP)
+            groups.setdefault(kept, []).append(row)
+        return groups
+
+    def _sets_keeping(self, kept: frozenset[int]) -> SetStatements:
+        """The set-based statements whose upsert leaves the columns ``kept`` as an existing
+        row has them (SQL NULL in a new row), as SQLAlchemy's UPDATE leaves out a column
+        it does not change."""
+        assert self.sets is not None
+        if not kept:
+            return self.sets
+        found = self._kept_sets.get(kept)
+        if found is None:
+            found = self._kept_sets[kept] = SetStatements(
+                self.table,
+                self.columns,
+                self.pk_columns,
+                self.engine.dialect,
+                self.engine.get_execution_options().get("schema_translate_map"),
+                kept={self.columns[p].name for p in kept},
+            )
+        return found
+
+    def _upsert_keeping(self, kept: frozenset[int]) -> Any:
+        """:attr:`upsert` leaving the columns ``kept`` as an existing row has them."""
+        if not kept:
+            return self.upsert
+        names = {self.columns[p].name for p in kept}
+        stmt = insert(self.table)
+        others = {
+            c.name: stmt.excluded[c.name]
+            for c in self.columns
+            if not c.primary_key and c.name not in names
+        }
+        if not others:
+            return stmt.on_conflict_do_nothing(index_elements=self.pk_columns)
+        return stmt.on_conflict_do_update(index_elements=self.pk_columns, set_=others)
 
     def _bisect(
         self,
         conn: Connection,
         ops: list[Entry],
         dead: dict[str, str],
-        timed_out: str | None = None,
+        last_attempt: str | None = None,
     ) -> None:
         """Write ``ops`` under savepoints, halving until the refused ones are isolated.
 
-        With ``timed_out`` (:meth:`apply_alone`), a statement timeout condemns the
-        operation too, its error followed by ``timed_out``.
+        With ``last_attempt`` (:meth:`apply_alone`), an error that the worker counts
+        attempts of (:func:`condemned_at_last_attempt`) condemns the operation too, its
+        error followed by ``last_attempt``.
         """
         if not ops:
             return
         try:
             with conn.begin_nested():
                 self.write(conn, ops)
-        except (DBAPIError, StatementError) as exc:
-            if is_transient(exc) and not (timed_out is not None and is_timeout(exc)):
+        except Exception as exc:
+            if last_attempt is not None and condemned_at_last_attempt(exc):
+                self._condemn(ops, exc, dead, last_attempt)
+                return
+            if not isinstance(exc, DBAPIError | StatementError) or is_transient(exc):
                 raise
             if len(ops) == 1:
-                self._one(conn, ops[0], exc, dead, timed_out)
+                self._one(conn, ops[0], exc, dead)
                 return
             middle = len(ops) // 2
-            self._bisect(conn, ops[:middle], dead, timed_out)
-            self._bisect(conn, ops[middle:], dead, timed_out)
+            self._bisect(conn, ops[:middle], dead, last_attempt)
+            self._bisect(conn, ops[middle:], dead, last_attempt)
+
+    def _condemn(
+        self, ops: list[Entry], exc: BaseException, dead: dict[str, str], note: str
+    ) -> None:
+        """The last attempt failed again: dead-letter the operation (:meth:`apply_alone`
+        passes one), its error followed by ``note``."""
+        if len(ops) != 1:  # never more than one on a last attempt; isolate them otherwise
+            raise exc
+        dead[ops[0].id] = error_text(exc) + note
 
     def _earlier(
         self, conn: Connection, fresh: list[Entry], ops: list[Entry], dead: dict[str, str]
@@ -774,13 +906,8 @@ class Applier:
         entry: Entry,
         exc: BaseException,
         dead: dict[str, str],
-        timed_out: str | None = None,
     ) -> None:
-        """An operation failed alone: confirm through executemany before condemning it
-        (not a timeout: that is no quirk of the set-based statement)."""
-        if timed_out is not None and is_timeout(exc):
-            dead[entry.id] = str(getattr(exc, "orig", None) or exc).strip() + timed_out
-            return
+        """An operation failed alone: confirm through executemany before condemning it."""
         if self.sets is not None:
             try:
                 with conn.begin_nested():
@@ -792,7 +919,7 @@ class Applier:
             else:
                 self._drop_set_based(exc)
                 return
-        dead[entry.id] = str(getattr(exc, "orig", None) or exc).strip()
+        dead[entry.id] = error_text(exc)
 
     def _dead_row(self, stream: str, entry: Entry, dead: dict[str, str]) -> dict[str, Any]:
         payload: dict[str, Any] = {}
@@ -812,6 +939,8 @@ class Applier:
             else:
                 pk = data
         payload[KEY_KEY] = entry.pk
+        if entry.nulls:
+            payload[NULLS_KEY] = as_document(entry.nulls)
         error = dead[entry.id]
         if _has_nul([pk, payload]):
             # jsonb cannot hold U+0000: the letter's INSERT would fail, and with it the
@@ -834,6 +963,42 @@ class Applier:
             "payload": payload,
             "error": error.replace("\x00", "\\x00"),
         }
+
+
+def coalesce(entries: list[Entry]) -> dict[str, Entry]:
+    """The last operation per row of ``entries`` (stream order; undecodable ones left out).
+
+    A put that keeps some JSON columns as the row has them (:data:`.nulls.KEEP`) follows
+    the row's earlier operations of the batch, never applied on their own: it takes those
+    columns as the earlier one left them (its SQL NULL or JSON null; SQL NULL after a
+    delete), as separate batches would have written them.
+    """
+    latest: dict[str, Entry] = {}
+    for entry in entries:
+        if entry.error is not None:
+            continue
+        earlier = latest.get(entry.pk)
+        latest[entry.pk] = (
+            _kept_over(entry, earlier)
+            if earlier is not None and entry.nulls and KEEP in entry.nulls.values()
+            else entry
+        )
+    return latest
+
+
+def _kept_over(entry: Entry, earlier: Entry) -> Entry:
+    """``entry`` applied as one with ``earlier``, its row's previous operation in the
+    batch: the JSON columns it keeps are as ``earlier`` left them (:func:`.nulls.after`)."""
+    assert entry.nulls is not None
+    nulls = after(entry.nulls, earlier.op, earlier.nulls or {})
+    values = entry.values
+    if earlier.op == "u" and values is not None and earlier.values is not None:
+        listed = list(values)
+        for position, kind in entry.nulls.items():
+            if kind == KEEP:
+                listed[position] = earlier.values[position]
+        values = tuple(listed)
+    return replace(entry, nulls=nulls or None, values=values)
 
 
 def _has_nul(value: Any) -> bool:

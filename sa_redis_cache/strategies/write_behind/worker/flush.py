@@ -64,7 +64,15 @@ from sa_redis_cache.slot_groups import model_groups
 from sa_redis_cache.strategies.write_behind.checks import redis_problems
 from sa_redis_cache.strategies.write_behind.columns import is_write_behind
 
-from .apply import Applier, BatchResult, Entry, LeaseLost, is_timeout
+from .apply import (
+    Applier,
+    BatchResult,
+    Entry,
+    LeaseLost,
+    condemned_at_last_attempt,
+    error_text,
+    is_timeout,
+)
 from .outage import DatabaseOutage, is_unreachable
 from .stats import WorkerStats, queue_stats
 
@@ -142,8 +150,10 @@ class Partition:
     # entries read per batch; below the worker's batch_size after a statement timeout
     # (0: the worker's batch_size), doubled back after each batch applied
     limit: int = 0
-    timeouts: int = 0  # times the entry ``timed_out`` timed out alone, in a row
-    timed_out: str = ""
+    # times the entry ``failing`` failed alone in a row, by an error the worker counts
+    # attempts of (a statement timeout, an exception raised outside the database)
+    attempts: int = 0
+    failing: str = ""
 
 
 @dataclass(slots=True)
@@ -170,7 +180,8 @@ class FlushWorker:
     ``heartbeat_ms`` (a fifth of ``lease_ms``) from a thread of its own. A batch that
     exceeds the database's ``statement_timeout`` is read again at half the size, down to
     one entry; an operation that times out alone ``timeout_attempts`` times in a row is
-    dead-lettered (docs/write-behind.md, "Errors").
+    dead-lettered (docs/write-behind.md, "Errors"), and so is one that raises an error
+    outside the database (a column type's bind processor) as many times.
 
     Example::
 
@@ -746,7 +757,7 @@ class FlushWorker:
         p.held = p.lost = p.caught_up = False
         p.token = None
         p.unacked = 0
-        p.limit = p.timeouts = 0
+        p.limit = p.attempts = 0
         p.cursor = "-"
 
     def _dropped(self, p: Partition, why: str) -> None:
@@ -938,7 +949,8 @@ class FlushWorker:
             # not a database error: a column type's bind processor that raises in this
             # process (a key it lacks), a driver that cannot adapt a value. Raised out of
             # run_once, it ended the worker, and every restart, for every partition: this
-            # one is retried with backoff, logged each time; the others go on
+            # one is retried with backoff, logged each time; the others go on. (A batch's
+            # own such error is counted in _apply; this is one its last attempt raised.)
             log.error(
                 "write-behind batch of %s/%s raised %s; retrying with backoff",
                 p.info.table,
@@ -953,7 +965,7 @@ class FlushWorker:
             return 0
         if p.limit:  # a smaller batch passed: grow back towards batch_size
             p.limit = 0 if p.limit * 2 >= self.batch_size else p.limit * 2
-        p.timeouts = 0
+        p.attempts = 0
         self.database.answered()
         db_ms = (time.perf_counter() - started) * 1000
         # committed: what the database now holds counts even if the ack is lost (the
@@ -974,27 +986,46 @@ class FlushWorker:
         return done
 
     def _apply(self, p: Partition, entries: list[Entry]) -> BatchResult | None:
-        """Apply a batch; None when it timed out and is to be read again (:meth:`_timed_out`)."""
+        """Apply a batch; None when it failed and is to be read again (:meth:`_failing_alone`)."""
         try:
             return p.applier.apply(p.stream, entries, token=p.token)
-        except DBAPIError as exc:
-            if not is_timeout(exc):
+        except Exception as exc:
+            if not condemned_at_last_attempt(exc):
                 raise
-            return self._timed_out(p, entries, exc)
+            if not is_timeout(exc):
+                # not a database error: a column type's bind processor that raises in this
+                # process (a key it lacks), a driver that cannot adapt a value. Raised out
+                # of run_once, it ended the worker, and every restart, for every partition
+                log.error(
+                    "write-behind batch of %s/%s raised %s; retrying",
+                    p.info.table,
+                    p.number,
+                    type(exc).__name__,
+                    exc_info=True,
+                    extra={"wb_table": p.info.table, "wb_partition": p.number},
+                )
+            return self._failing_alone(p, entries, exc)
 
-    def _timed_out(self, p: Partition, entries: list[Entry], exc: DBAPIError) -> BatchResult | None:
-        """The batch exceeded the database's ``statement_timeout`` (SQLSTATE 57014).
+    def _failing_alone(
+        self, p: Partition, entries: list[Entry], exc: Exception
+    ) -> BatchResult | None:
+        """The batch failed with an error the worker counts attempts of
+        (:func:`.condemned_at_last_attempt`): it exceeded the database's
+        ``statement_timeout`` (SQLSTATE 57014), or raised an exception that is not a
+        database error (a column type's bind processor that raises in this process).
 
-        Retried as it is, it would time out again on every pass and hold the partition
-        for good. A batch of several entries is read again at half the size (down to
-        one), so the operations that fit are applied. One entry that still times out
-        alone is retried with backoff; its ``timeout_attempts``-th attempt
-        (:meth:`.Applier.apply_alone`) dead-letters it if it times out again (replayable
-        once the cause is fixed: a slow trigger, a row lock held for long, a timeout set
-        too short), so the rest of the partition goes on. Returns that attempt's batch
-        result, else None (read again later).
+        Retried as it is, it would fail again on every pass and hold the partition for
+        good. A batch of several entries is read again at half the size (down to one), so
+        the operations that pass are applied. One entry that still fails alone is retried
+        with backoff; its ``timeout_attempts``-th attempt (:meth:`.Applier.apply_alone`)
+        dead-letters it if it fails so again, with the error's text (replayable once the
+        cause is fixed: a slow trigger, a row lock held for long, a timeout set too short,
+        a key the worker's process lacks), so the rest of the partition goes on. Returns
+        that attempt's batch result, else None (read again later).
         """
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = (error_text(exc).splitlines() or [type(exc).__name__])[0]
+        timeout = is_timeout(exc)
+        failed = "timed out" if timeout else f"raised {type(exc).__name__}"
         where = {"wb_table": p.info.table, "wb_partition": p.number}
         entry = entries[0]
         if len(entries) > 1:
@@ -1002,35 +1033,38 @@ class FlushWorker:
             self._shrunk += 1
             p.cursor = "-"  # read again from the head, without a backoff: a smaller batch
             p.limit = max(1, len(entries) // 2)
-            p.timeouts = 0
+            p.attempts = 0
             log.warning(
-                "write-behind batch of %s entries timed out (%s); retrying %s at a time",
+                "write-behind batch of %s entries %s (%s); retrying %s at a time",
                 len(entries),
+                failed,
                 reason,
                 p.limit,
                 extra=where,
             )
             return None
         p.limit = 1
-        p.timeouts = p.timeouts + 1 if p.timed_out == entry.id else 1
-        p.timed_out = entry.id
-        if p.timeouts < self.timeout_attempts - 1:
+        p.attempts = p.attempts + 1 if p.failing == entry.id else 1
+        p.failing = entry.id
+        if p.attempts < self.timeout_attempts - 1:
             self._failed(p, exc)  # read again from the head after a backoff
             return None
         # the last attempt holds the partition's offset row first: a timeout then is the
         # operation's own, not a wait for that lock (which a dead-letter replay holds)
         self.errors += 1
+        why = "statement_timeout" if timeout else "an error raised outside the database"
         note = (
-            f" (the operation timed out alone {p.timeouts + 1} times in a row: "
-            "statement_timeout; dead-lettered so that the partition goes on)"
+            f" (the operation {failed} alone {p.attempts + 1} times in a row: {why}; "
+            "dead-lettered so that the partition goes on)"
         )
         result = p.applier.apply_alone(p.stream, entry, token=p.token, note=note)
         if result.dead:
             log.warning(
-                "write-behind operation %s (entry %s) timed out alone %s times (%s): dead-lettered",
+                "write-behind operation %s (entry %s) %s alone %s times (%s): dead-lettered",
                 entry.pk,
                 entry.id,
-                p.timeouts + 1,
+                failed,
+                p.attempts + 1,
                 reason,
                 extra=where,
             )

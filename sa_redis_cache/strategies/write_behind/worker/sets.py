@@ -26,7 +26,7 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects.postgresql import JSON, JSONB
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence, Set
 
     from sqlalchemy import Column, Table
     from sqlalchemy.engine import Connection, Dialect
@@ -108,6 +108,7 @@ class SetStatements:
         pk_columns: Sequence[Column[Any]],
         dialect: Dialect,
         schema_translate_map: Mapping[str | None, str | None] | None = None,
+        kept: Set[str] = frozenset(),
     ) -> None:
         preparer = dialect.identifier_preparer
         name = qualified_name(table, dialect, schema_translate_map)
@@ -120,7 +121,12 @@ class SetStatements:
             c.type.dialect_impl(dialect).bind_processor(dialect) for c in columns
         ]
         pk_names = [preparer.quote(c.name) for c in pk_columns]
-        others = [q for q, c in zip(quoted, columns, strict=True) if not c.primary_key]
+        # ``kept``: columns an existing row keeps (an UPDATE that leaves them out)
+        others = [
+            q
+            for q, c in zip(quoted, columns, strict=True)
+            if not c.primary_key and c.name not in kept
+        ]
         conflict = (
             "DO UPDATE SET " + ", ".join(f"{q} = excluded.{q}" for q in others)
             if others
