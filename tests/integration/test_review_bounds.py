@@ -1,0 +1,119 @@
+"""A review of the resources a long-running process gives the cache: memory, Redis and
+database connections, file descriptors.
+
+Each probe runs a workload a real application runs for ever (event loops made and closed
+one after another, an engine per tenant) far past a handful of rounds, then checks the
+library let go of what each round made: the sizes of its internal structures, weak
+references to the objects a round made (dead once nothing holds them), and the clients
+Redis lists. No timing: every bound is a count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from decimal import Decimal
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+from examples.shop import Product
+from sa_redis_cache import Cache, FromCache
+from tests.modes import async_url
+
+
+def _clients_named(client: redis.Redis, name: str) -> int:
+    """How many connections Redis lists under ``name`` (CLIENT LIST)."""
+    return sum(1 for c in client.client_list() if c.get("name") == name)
+
+
+# -- event loops -------------------------------------------------------------------------
+
+
+def test_each_event_loop_the_cache_served_leaves_no_client_behind_once_it_ends(
+    database_url: str,
+    redis_url: str,
+    namespace: str,
+    shop_engine: sa.Engine,
+    redis_client: redis.Redis,
+) -> None:
+    """A cache made from a URL makes an asyncio client per event loop; a process that
+    runs ``asyncio.run`` again and again (a worker per job, a CLI, sync code calling async
+    helpers) without ``await cache.aclose()`` used to keep every loop's client, its
+    socket and Redis connection, and the loop itself: the client's connections hold their
+    loop, so the weak key of the per-loop map never died. A loop that shuts down
+    (``asyncio.run`` finalizes async generators before closing it) now closes its
+    client: the map empties, the loops are freed and Redis lists no connection per loop."""
+    name = f"bounds-{namespace}"
+    cache = Cache(f"{redis_url}?client_name={name}", namespace=namespace)
+    engine = create_async_engine(async_url(database_url), poolclass=sa.pool.NullPool)
+    factory = async_sessionmaker(engine)
+    cache.attach(factory)
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+    prices: list[Decimal] = []
+
+    async def request(pid: int) -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        async with factory() as s:
+            stmt = select(Product.price).where(Product.id == pid).options(FromCache())
+            prices.append((await s.execute(stmt)).scalar_one())
+            found = await s.get(Product, pid)
+            assert found is not None
+
+    try:
+        for i in range(40):
+            asyncio.run(request(1 + i % 5))
+        gc.collect()
+        async_clients = cache._core.async_clients
+        assert async_clients is not None
+        assert len(async_clients._by_loop) == 0
+        assert [ref() for ref in loops] == [None] * 40
+        # the synchronous client's connections at most: none per loop
+        assert _clients_named(redis_client, name) <= 2
+        with sa.orm.Session(shop_engine) as s:
+            rows = s.execute(select(Product.id, Product.price).where(Product.id <= 5))
+            oracle = dict(rows.all())
+        assert prices == [oracle[1 + i % 5] for i in range(40)]
+    finally:
+        cache.detach()
+        cache.client.close()
+
+
+def test_aclose_still_closes_the_running_loops_client_before_the_loop_ends(
+    database_url: str, redis_url: str, namespace: str, shop_engine: sa.Engine
+) -> None:
+    """``await cache.aclose()`` (the documented way, and ``cache.lifespan``'s) closes the
+    loop's client then and there, and the loop's shutdown finds nothing left to close;
+    a read after it makes a new client, closed in turn by the shutdown."""
+    cache = Cache(redis_url, namespace=namespace)
+    engine = create_async_engine(async_url(database_url), poolclass=sa.pool.NullPool)
+    factory = async_sessionmaker(engine)
+    cache.attach(factory)
+    seen: list[Any] = []
+
+    async def main() -> None:
+        async_clients = cache._core.async_clients
+        assert async_clients is not None
+        async with factory() as s:
+            await s.get(Product, 1)
+        first = async_clients.current().client
+        await cache.aclose()
+        seen.append(len(async_clients._by_loop))
+        async with factory() as s:
+            await s.get(Product, 2)
+        assert async_clients.current().client is not first
+        seen.append(len(async_clients._by_loop))
+
+    try:
+        asyncio.run(main())
+        async_clients = cache._core.async_clients
+        assert async_clients is not None
+        assert seen == [0, 1]
+        assert len(async_clients._by_loop) == 0
+    finally:
+        cache.detach()
+        cache.client.close()
