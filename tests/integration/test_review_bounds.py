@@ -14,16 +14,20 @@ import asyncio
 import gc
 import weakref
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import sessionmaker
 
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
 from tests.modes import async_url
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
 
 
 def _clients_named(client: redis.Redis, name: str) -> int:
@@ -117,3 +121,44 @@ def test_aclose_still_closes_the_running_loops_client_before_the_loop_ends(
     finally:
         cache.detach()
         cache.client.close()
+
+
+# -- engines per tenant ------------------------------------------------------------------
+
+
+def test_an_engine_per_tenant_leaves_no_dialect_behind_once_dropped(
+    database_url: str, namespace: str, cache: Cache, shop_engine: sa.Engine, product: int
+) -> None:
+    """Write-through remembers each model's RETURNING clause and result processors per
+    dialect; keyed by the dialect itself, in plain dicts, they kept every engine's dialect
+    (and grew by an entry each) for the life of the process when an application makes an
+    engine per tenant or request. Now held weakly: once the engines are disposed of and
+    dropped (and SQLAlchemy's own bounded statement cache of the mapper is emptied), no
+    dialect survives and the memos are empty, while every write was written through."""
+    factory = sessionmaker()
+    cache.attach(factory)
+    dialects: list[weakref.ref[Dialect]] = []
+
+    def tenant(i: int) -> None:
+        engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+        with factory(bind=engine) as s:
+            found = s.get(Product, product)
+            assert found is not None
+            found.price = Decimal(i + 1)
+            s.commit()
+        with factory(bind=engine) as s:
+            again = s.get(Product, product)
+            assert again is not None
+            assert again.price == Decimal(i + 1)
+        engine.dispose()
+        dialects.append(weakref.ref(engine.dialect))
+
+    returning = cache._hooks.invalidation.returning
+    for i in range(12):
+        tenant(i)
+    # SQLAlchemy's own cache of the mapper's flush statements (an LRU) holds dialects too
+    Product.__mapper__._compiled_cache.clear()
+    gc.collect()
+    assert [ref() for ref in dialects] == [None] * 12
+    assert (len(returning._clauses), len(returning._processors)) == (0, 0)
+    assert cache.stats()["models"]["Product"]["hits"] >= 12
