@@ -11,7 +11,9 @@ Redis lists. No timing: every bound is a count.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
+import logging
 import weakref
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -20,13 +22,14 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import ORMExecuteState, sessionmaker
 
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
 from tests.modes import async_url
 
 if TYPE_CHECKING:
+    import pytest
     from sqlalchemy.engine import Dialect
 
 
@@ -162,3 +165,56 @@ def test_an_engine_per_tenant_leaves_no_dialect_behind_once_dropped(
     assert [ref() for ref in dialects] == [None] * 12
     assert (len(returning._clauses), len(returning._processors)) == (0, 0)
     assert cache.stats()["models"]["Product"]["hits"] >= 12
+
+
+# -- listeners made per session ------------------------------------------------------------
+
+
+class _Tenant:
+    """What a per-request listener holds (a tenant, a request): freed with its session."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _tenant_filter(tenant: _Tenant, orm_context: ORMExecuteState) -> None:
+    """A ``do_orm_execute`` listener as applications write them per request."""
+    orm_context.update_execution_options(tenant=tenant.name)
+
+
+class _TenantFilter:
+    """The same listener as a callable object."""
+
+    def __init__(self, tenant: _Tenant) -> None:
+        self.tenant = tenant
+
+    def __call__(self, orm_context: ORMExecuteState) -> None:
+        _tenant_filter(self.tenant, orm_context)
+
+
+def test_a_listener_made_per_session_is_warned_of_once_and_not_kept(
+    cache: Cache, shop_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``do_orm_execute`` listener registered on each session after the cache's is
+    warned of once (it does not see cached reads). Remembered by the listener object when
+    it had no ``__code__`` of its own (a ``functools.partial``, a callable object), each
+    session's was a new one: a WARNING per session, and a set keeping every listener and
+    what it holds (the request's tenant) for the life of the process. Now one warning per
+    function or class, and nothing of the sessions kept."""
+    factory = sessionmaker(shop_engine)
+    cache.attach(factory)
+    tenants: list[weakref.ref[_Tenant]] = []
+    makers = (lambda t: functools.partial(_tenant_filter, t), _TenantFilter)
+    with caplog.at_level(logging.WARNING, logger="sa_redis_cache.sessions"):
+        for i in range(40):
+            tenant = _Tenant(f"t{i}")
+            tenants.append(weakref.ref(tenant))
+            with factory() as s:
+                sa.event.listen(s, "do_orm_execute", makers[i % 2](tenant))
+                assert s.scalars(select(Product.id).where(Product.id == 1)).all() == [1]
+            del tenant, s
+    gc.collect()
+    warned = [r for r in caplog.records if "runs after the cache's" in r.getMessage()]
+    assert len(warned) == 2  # the function (through its partials) and the class
+    assert len(cache._hooks._warned_listeners) == 2
+    assert [ref() for ref in tenants] == [None] * 40
