@@ -18,6 +18,7 @@ import weakref
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import redis
 import sqlalchemy as sa
 from sqlalchemy import select
@@ -26,10 +27,10 @@ from sqlalchemy.orm import ORMExecuteState, sessionmaker
 
 from examples.shop import Product
 from sa_redis_cache import Cache, FromCache
+from sa_redis_cache.protocol import keys
 from tests.modes import async_url
 
 if TYPE_CHECKING:
-    import pytest
     from sqlalchemy.engine import Dialect
 
 
@@ -226,3 +227,32 @@ def test_a_listener_made_per_session_is_warned_of_once_and_not_kept(
     assert len(warned) == 2  # the function (through its partials) and the class
     assert len(cache._hooks._warned_listeners) == 2
     assert [ref() for ref in tenants] == [None] * 40
+
+
+# -- tables no model maps ----------------------------------------------------------------------
+
+
+def test_dml_on_ever_new_tables_keeps_the_key_prefixes_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+    cache: Cache,
+    shop_engine: sa.Engine,
+    redis_client: redis.Redis,
+) -> None:
+    """Core and textual DML invalidate the table they name, mapped or not, and the key
+    prefix of each table was remembered for the life of the cache: an application that
+    writes temporary or per-day tables added an entry for every one it ever wrote. The
+    memo is bounded (lowered here, so that a hundred tables pass it twice) and every
+    write still bumps its table's version."""
+    monkeypatch.setattr(keys, "PREFIXES_REMEMBERED", 40, raising=False)
+    cache.attach(shop_engine)
+    scheme = cache._core.keys
+    largest = 0
+    names = [f"bounds_tmp_{i}" for i in range(100)]
+    with shop_engine.begin() as connection:
+        for name in names:
+            connection.execute(sa.text(f"CREATE TEMP TABLE {name} (x int) ON COMMIT DROP"))
+            connection.execute(sa.text(f"INSERT INTO {name} VALUES (1)"))  # noqa: S608
+            largest = max(largest, len(scheme._prefixes))
+    assert largest <= 40
+    bumped = redis_client.exists(*(scheme.version_key(name) for name in names))
+    assert bumped == len(names)
