@@ -955,7 +955,8 @@ class AsyncClients:
     it raises :class:`~sa_redis_cache.errors.ConfigurationError` instead of redis-py's
     obscure failures. A ``factory`` (the cache was made from a URL) makes one client per
     running loop, on first use: ``asyncio.run`` called several times, or loops in several
-    threads, each get their own. ``prepare`` is called with each client before its first
+    threads, each get their own, closed when their loop shuts down (:meth:`_closer`).
+    ``prepare`` is called with each client before its first
     command (the cache hooks its pool); ``make_io`` wraps each client (the cluster variant
     of :mod:`sa_redis_cache.cluster_io` for a cluster client).
 
