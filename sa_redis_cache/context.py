@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,8 @@ that stopped answering delays ``cache.stats()`` no longer than this)."""
 # how many entity scopes per table cache.invalidate() unlinks directly (the row write
 # counter it bumps retires the entries of every other scope)
 _SCOPES_PER_TABLE = 64
+# listener records (CacheContext.listen) at which the first scan for freed targets runs
+_LISTENERS_PRUNED_AT = 64
 
 
 def _same(target: Any) -> Any:
@@ -104,6 +107,10 @@ class CacheContext(RedisOutages):
         # the entity scopes this process read or wrote each table in
         self.entity_scopes: dict[str, set[str]] = {}
         self._listeners: list[tuple[Callable[[], Any], str, Callable[..., Any]]] = []
+        # the length at which listen() next drops the listeners of targets that are gone
+        self._listeners_pruned_at = _LISTENERS_PRUNED_AT
+        # sessions register the engines they begin on from any thread
+        self._listeners_lock = threading.Lock()
         self.fences = Fences(self, lease=local_lease, strict=local_consistency == "strict")
         # the local tier, when the cache has one (Cache(local=True): enable_local)
         self.local: LocalTier | None = None
@@ -183,16 +190,26 @@ class CacheContext(RedisOutages):
             held: Callable[[], Any] = weakref.ref(target)
         except TypeError:  # not weakly referenceable: kept until remove_listeners()
             held = functools.partial(_same, target)
-        self._listeners.append((held, name, fn))
+        with self._listeners_lock:
+            listeners = self._listeners
+            if len(listeners) >= self._listeners_pruned_at:
+                # the records of freed engines' listeners go too, or an engine per tenant
+                # or request would leave a few each, for the life of the cache; at twice
+                # the live ones, so that the scans cost O(1) a call
+                listeners[:] = [entry for entry in listeners if entry[0]() is not None]
+                self._listeners_pruned_at = max(_LISTENERS_PRUNED_AT, 2 * len(listeners))
+            listeners.append((held, name, fn))
 
     def remove_listeners(self) -> None:
         """Remove every listener this cache added (sessions and engines) to targets that
         still exist."""
-        while self._listeners:
-            held, name, fn = self._listeners.pop()
-            target = held()
-            if target is not None and event.contains(target, name, fn):
-                event.remove(target, name, fn)
+        with self._listeners_lock:
+            while self._listeners:
+                held, name, fn = self._listeners.pop()
+                target = held()
+                if target is not None and event.contains(target, name, fn):
+                    event.remove(target, name, fn)
+            self._listeners_pruned_at = _LISTENERS_PRUNED_AT
 
     def measure(
         self, scope: str | None, operation: str = READ, *, also: tuple[str, ...] = ()

@@ -54,7 +54,7 @@ from .protocol import scripts
 from .redaction import redact_text, redact_url
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
 
     from .protocol.scripts import Command, Script, ScriptCall
 
@@ -955,7 +955,8 @@ class AsyncClients:
     it raises :class:`~sa_redis_cache.errors.ConfigurationError` instead of redis-py's
     obscure failures. A ``factory`` (the cache was made from a URL) makes one client per
     running loop, on first use: ``asyncio.run`` called several times, or loops in several
-    threads, each get their own. ``prepare`` is called with each client before its first
+    threads, each get their own, closed when their loop shuts down (:meth:`_closer`).
+    ``prepare`` is called with each client before its first
     command (the cache hooks its pool); ``make_io`` wraps each client (the cluster variant
     of :mod:`sa_redis_cache.cluster_io` for a cluster client).
 
@@ -979,7 +980,8 @@ class AsyncClients:
         self._factory = factory
         self._prepare = prepare
         self._make_io = make_io
-        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRedisIO] = (
+        # each open loop's client (an entry leaves when its loop shuts down: _closer)
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
@@ -1002,15 +1004,47 @@ class AsyncClients:
         last_loop, last_io = self._last
         if last_loop is loop and last_io is not None:
             return last_io
+        made: _LoopClient | None = None
         with self._lock:
-            io = self._by_loop.get(loop)
-            if io is None:
+            found = self._by_loop.get(loop)
+            if found is None:
+                self._forget_closed_loops()
                 assert self._factory is not None
                 client = self._factory()
                 self._prepare(client)
-                io = self._by_loop[loop] = self._make_io(client)
-        self._last = (loop, io)
-        return io
+                io = self._make_io(client)
+                found = made = self._by_loop[loop] = _LoopClient(io, self._closer(loop, io))
+        if made is not None:
+            _start(made.closer)
+        self._last = (loop, found.io)
+        return found.io
+
+    async def _closer(
+        self, loop: asyncio.AbstractEventLoop, io: AsyncRedisIO
+    ) -> AsyncGenerator[None, None]:
+        """Closes ``io``'s client when its loop shuts down: started by :meth:`current`, it
+        waits at its ``yield``, an async generator the loop finalizes
+        (``loop.shutdown_asyncgens()``, which ``asyncio.run`` awaits before it closes the
+        loop), or :meth:`aclose` closes. Without it the client, its connections (a socket
+        each, a client on the server) and the loop itself were kept for the life of the
+        cache: the client's connections hold their loop, so the weak key never died."""
+        try:
+            yield
+        finally:
+            with self._lock:
+                found = self._by_loop.get(loop)
+                if found is not None and found.io is io:
+                    del self._by_loop[loop]
+                if self._last[1] is io:
+                    self._last = (None, None)
+            await io.client.aclose()
+
+    def _forget_closed_loops(self) -> None:
+        """Let go of the clients of loops closed without finalizing their async
+        generators (a loop closed by hand): the garbage collector closes their sockets.
+        Holds ``_lock``."""
+        for loop in [known for known in self._by_loop if known.is_closed()]:
+            del self._by_loop[loop]
 
     def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
         """The given client is used on ``loop``: refuse it while its first loop is open."""
@@ -1030,11 +1064,32 @@ class AsyncClients:
             return
         loop = asyncio.get_running_loop()
         with self._lock:
-            io = self._by_loop.pop(loop, None)
+            found = self._by_loop.pop(loop, None)
             if self._last[0] is loop:
                 self._last = (None, None)
-        if io is not None:
-            await io.client.aclose()
+        if found is not None:
+            await found.closer.aclose()  # its finally closes the client
+
+
+class _LoopClient:
+    """The client :class:`AsyncClients` made for one event loop, and the async generator
+    that closes it when that loop shuts down."""
+
+    __slots__ = ("closer", "io")
+
+    def __init__(self, io: AsyncRedisIO, closer: AsyncGenerator[None, None]) -> None:
+        self.io = io
+        self.closer = closer
+
+
+def _start(closer: AsyncGenerator[None, None]) -> None:
+    """Run ``closer`` to its ``yield`` now, on the running loop's thread: its first step
+    hands it to the loop's async generator hooks (``sys.set_asyncgen_hooks``), which is
+    what makes ``shutdown_asyncgens()`` finalize it. The step awaits nothing, so it ends
+    here, without being scheduled."""
+    step = closer.__anext__()
+    with contextlib.suppress(StopIteration):
+        step.send(None)
 
 
 def is_cluster(client: object) -> bool:

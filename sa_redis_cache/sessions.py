@@ -321,9 +321,8 @@ class SessionHooks:
             if not after_ours:
                 after_ours = listener == ours
                 continue
-            # by its code: a listener made per session (a closure) is one listener
-            code = getattr(getattr(listener, "__func__", listener), "__code__", listener)
-            if code in self._warned_listeners:
+            code = _listener_code(listener)
+            if code in self._warned_listeners or len(self._warned_listeners) >= _MAX_WARNED:
                 continue
             self._warned_listeners.add(code)
             name = getattr(listener, "__qualname__", repr(listener))
@@ -470,3 +469,24 @@ class SessionHooks:
             self.write_behind.keep_committed(session, queued)
         elif queued:
             self.write_behind.queue_commit(session, queued, removed)
+
+
+# listeners warned of at most (by code, so in practice the application's few functions)
+_MAX_WARNED = 256
+
+
+def _listener_code(listener: Any) -> object:
+    """What names a ``do_orm_execute`` listener for its one warning: its code, so that a
+    listener made per session (a closure, a ``functools.partial`` of one function, a bound
+    method or a callable object of one class) is one listener. Keyed by the listener
+    object itself, a partial or a callable object registered on each session was warned
+    of again and kept alive, with whatever it holds, for every session."""
+    seen = 0
+    while isinstance(listener, functools.partial) and seen < 8:
+        listener = listener.func
+        seen += 1
+    listener = getattr(listener, "__func__", listener)
+    code = getattr(listener, "__code__", None)
+    if code is not None:
+        return code
+    return type(listener)

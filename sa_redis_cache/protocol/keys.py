@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 PREFIX = "sarc"
+# tables whose key prefix is remembered (KeyScheme.table_prefix), emptied when full
+PREFIXES_REMEMBERED = 4096
 
 _LEASE = ":lease"
 _FENCE = "fence:"
@@ -167,11 +169,16 @@ class KeyScheme:
             'sarc:shop:{shop:@sales}:order_lines:'
         """
         group = self.groups.get(table)
-        found = self._prefixes.get(table)
+        prefixes = self._prefixes
+        found = prefixes.get(table)
         if found is not None and found[0] == group:
             return found[1]
         text = f"{self.prefix}{self.tagged_table(table)}:"
-        self._prefixes[table] = (group, text)
+        if len(prefixes) >= PREFIXES_REMEMBERED:
+            # Core and textual DML name any table, not only the models': an application
+            # writing temporary or per-day tables would add one for each, for ever
+            prefixes.clear()
+        prefixes[table] = (group, text)
         return text
 
     def tagged_table(self, table: str) -> str:

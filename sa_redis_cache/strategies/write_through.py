@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -172,10 +173,19 @@ class Returning:
     def __init__(self) -> None:
         # one slot per cache: several caches may watch the same engine
         self._key = ("sa_redis_cache.returning", id(self))
-        # per (mapper, dialect): the RETURNING clause, or None when the model has none
-        self._clauses: dict[tuple[Any, Any], str | None] = {}
-        # per (mapper, dialect, the cursor's type codes): the columns' result processors
-        self._processors: dict[tuple[Any, ...], list[Callable[[Any], Any] | None]] = {}
+        # per dialect, then mapper: the RETURNING clause, or None when the model has none.
+        # Held by the dialect weakly: an application that makes an engine per tenant or
+        # request (each with a dialect of its own) would otherwise keep every one alive,
+        # and these dicts would grow by an entry per engine for the life of the process
+        self._clauses: weakref.WeakKeyDictionary[Dialect, dict[Any, str | None]] = (
+            weakref.WeakKeyDictionary()
+        )
+        # per dialect, then (mapper, the cursor's type codes): the columns' result
+        # processors (the same weak hold)
+        self._processors: weakref.WeakKeyDictionary[
+            Dialect, dict[tuple[Any, ...], list[Callable[[Any], Any] | None]]
+        ] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
 
     def arm(self, connection: Connection, infos: Iterable[ModelInfo]) -> Capture | None:
         """Start capturing the rows the next statements on ``connection`` write to the
@@ -195,9 +205,12 @@ class Returning:
             del capture.home[self._key]
 
     def _clause(self, info: ModelInfo, dialect: Dialect) -> str | None:
-        key = (info.mapper, dialect)
+        clauses = self._clauses.get(dialect)
+        if clauses is None:
+            with self._lock:  # a WeakKeyDictionary's setdefault is not atomic
+                clauses = self._clauses.setdefault(dialect, {})
         try:
-            return self._clauses[key]
+            return clauses[info.mapper]
         except KeyError:
             pass
         mapper = info.mapper
@@ -212,7 +225,7 @@ class Returning:
         ):
             preparer = dialect.identifier_preparer
             clause = " RETURNING " + ", ".join(preparer.format_column(c) for c in columns)
-        self._clauses[key] = clause
+        clauses[mapper] = clause
         return clause
 
     def before_cursor_execute(
@@ -289,11 +302,15 @@ class Returning:
     def _row_processors(
         self, info: ModelInfo, dialect: Dialect, codes: tuple[Any, ...]
     ) -> list[Callable[[Any], Any] | None]:
-        key = (info.mapper, dialect, codes)
-        found = self._processors.get(key)
+        processors = self._processors.get(dialect)
+        if processors is None:
+            with self._lock:
+                processors = self._processors.setdefault(dialect, {})
+        key = (info.mapper, codes)
+        found = processors.get(key)
         if found is None:
             mapper = info.mapper
-            found = self._processors[key] = [
+            found = processors[key] = [
                 mapper.columns[k].type.dialect_impl(dialect).result_processor(dialect, code)
                 for k, code in zip(info.column_keys, codes, strict=True)
             ]
