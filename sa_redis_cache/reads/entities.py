@@ -137,7 +137,7 @@ class EntityReads:
         # pinned now: the pipeline's read checks the entry against the pin
         if (
             database is None
-            or reads_a_view(database, info.table)
+            or (database.views and reads_a_view(database, info.table))
             or start_snapshot(session, bind, mapper=mapper)
         ):
             return False, None
@@ -222,7 +222,7 @@ class EntityReads:
         if database is None:
             core.counters.incr(scope, "bypassed")
             return None
-        if reads_a_view(database, info.table):
+        if database.views and reads_a_view(database, info.table):
             core.counters.incr(scope, "uncacheable")
             return None
         if start_snapshot(session, bind, orm_context.bind_arguments):
