@@ -29,7 +29,11 @@ from sa_redis_cache import Cache, CachePolicy, FlushWorker, FromCache, schema
 from sa_redis_cache.cli import cli
 from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.worker import replay_dead_letters
-from tests.blog import MOVE_POST, Author, Post, blog_schema
+from tests.blog import MOVE_POST, Author, Post
+from tests.integration.test_review_apps import (  # noqa: F401 - fixtures, shared
+    app,
+    blog,
+)
 from tests.wb_support import letters
 
 if TYPE_CHECKING:
@@ -177,22 +181,6 @@ def test_an_operation_that_raises_outside_the_database_every_time_is_dead_letter
 # --------------------------------------------------------------------------- textual writes
 
 
-@pytest.fixture
-def blog(shop_engine: sa.Engine) -> Iterator[sa.Engine]:
-    with blog_schema(shop_engine) as engine:
-        yield engine
-
-
-@pytest.fixture
-def app(blog: sa.Engine, cache: Cache) -> Iterator[sessionmaker[Session]]:
-    """The application's factory, every select cached, and its engine attached."""
-    factory = sessionmaker(blog)
-    cache.attach(factory, cache_queries=FromCache(ttl=60))
-    cache.attach(blog)
-    yield factory
-    cache.detach()
-
-
 def snapshot(session: Session) -> dict[str, Any]:
     """What an application reads: rows by key, lazy collections of both kinds, queries."""
     out: dict[str, Any] = {}
@@ -235,7 +223,9 @@ def agrees_after(factory: sessionmaker[Session], engine: sa.Engine, sql: str) ->
     ids=["line-comment", "block-comment", "nested-comment", "do-block", "prepare", "second"],
 )
 def test_a_procedure_call_after_a_comment_retires_what_it_may_have_written(
-    app: sessionmaker[Session], blog: sa.Engine, sql: str
+    app: sessionmaker[Session],  # noqa: F811 - the fixture imported above
+    blog: sa.Engine,  # noqa: F811 - the fixture imported above
+    sql: str,
 ) -> None:
     """A bare ``CALL`` retires every cached table (what it writes is in the database, not
     in the statement); one opened by a comment (``-- note`` or ``/* x */``, as query
@@ -538,7 +528,11 @@ def _read(session: Session, *, refresh: bool = False) -> dict[str, Any]:
 
 @pytest.mark.parametrize("tier", ["redis", "local"])
 def test_a_refresh_reads_the_relationships_it_expired_from_the_database(
-    blog: sa.Engine, database_url: str, redis_url: str, namespace: str, tier: str
+    blog: sa.Engine,  # noqa: F811 - the fixture imported above
+    database_url: str,
+    redis_url: str,
+    namespace: str,
+    tier: str,
 ) -> None:
     """``session.refresh(obj)`` expires every attribute of the object, its loaded
     relationships included; a plain session reads a lazy one from the database at its

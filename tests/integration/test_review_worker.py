@@ -112,7 +112,7 @@ def test_a_json_column_left_unset_is_sql_null_as_plain_sqlalchemy_leaves_it(
         pass
 
     class Doc(Base):
-        __tablename__ = "wb_review_docs"
+        __tablename__ = "wb_review_json_nulls"
         __cache__ = CachePolicy(strategy="write_behind", ttl=600, partitions=2)
         id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
         note: Mapped[str | None]
@@ -129,7 +129,7 @@ def test_a_json_column_left_unset_is_sql_null_as_plain_sqlalchemy_leaves_it(
         drain(FlushWorker(worker_engine, client, namespace=namespace, models=[Doc]))
         with engine.connect() as conn:
             found: dict[Any, Any] = dict(
-                conn.execute(text("SELECT id, doc IS NULL FROM wb_review_docs")).all()
+                conn.execute(text("SELECT id, doc IS NULL FROM wb_review_json_nulls")).all()
             )
         assert found == {queued: True, plain: True}
 

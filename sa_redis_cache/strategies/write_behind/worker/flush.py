@@ -945,20 +945,13 @@ class FlushWorker:
                 return 0
             self._failed(p, exc)
             return 0
-        except Exception as exc:  # the worker must outlive it
+        except Exception as exc:  # noqa: BLE001 - the worker must outlive it; logged
             # not a database error: a column type's bind processor that raises in this
             # process (a key it lacks), a driver that cannot adapt a value. Raised out of
             # run_once, it ended the worker, and every restart, for every partition: this
             # one is retried with backoff, logged each time; the others go on. (A batch's
             # own such error is counted in _apply; this is one its last attempt raised.)
-            log.error(
-                "write-behind batch of %s/%s raised %s; retrying with backoff",
-                p.info.table,
-                p.number,
-                type(exc).__name__,
-                exc_info=True,
-                extra={"wb_table": p.info.table, "wb_partition": p.number},
-            )
+            _log_outside_error(p, exc, "retrying with backoff")
             self._failed(p, exc)
             return 0
         if result is None:  # timed out: read again, fewer entries or after a backoff
@@ -996,14 +989,7 @@ class FlushWorker:
                 # not a database error: a column type's bind processor that raises in this
                 # process (a key it lacks), a driver that cannot adapt a value. Raised out
                 # of run_once, it ended the worker, and every restart, for every partition
-                log.error(
-                    "write-behind batch of %s/%s raised %s; retrying",
-                    p.info.table,
-                    p.number,
-                    type(exc).__name__,
-                    exc_info=True,
-                    extra={"wb_table": p.info.table, "wb_partition": p.number},
-                )
+                _log_outside_error(p, exc, "retrying")
             return self._failing_alone(p, entries, exc)
 
     def _failing_alone(
@@ -1192,3 +1178,17 @@ def _queued_under(entry: Entry, own: str) -> str:
     it has the form of one (:func:`sa_redis_cache.models.table_schema_hash`), else ``own``
     (an undecodable entry: no other key can be told)."""
     return entry.schema if _SCHEMA_HASH.fullmatch(entry.schema) else own
+
+
+def _log_outside_error(p: Partition, exc: Exception, then: str) -> None:
+    """Log, with its traceback, an error a batch of ``p`` raised outside the database
+    (called in the ``except`` block that caught ``exc``), and what happens ``then``."""
+    log.error(
+        "write-behind batch of %s/%s raised %s; %s",
+        p.info.table,
+        p.number,
+        type(exc).__name__,
+        then,
+        exc_info=True,
+        extra={"wb_table": p.info.table, "wb_partition": p.number},
+    )
