@@ -268,8 +268,12 @@ class Binds:
 
     def forget(self, bind: Engine | Connection) -> None:
         """Ask ``bind``'s database again on the pool's next use (its views changed)."""
+        self.forget_pool(bind.engine.pool)
+
+    def forget_pool(self, pool: Any) -> None:
+        """:meth:`forget` of the database ``pool`` connects to."""
         with _DATABASES_LOCK:
-            self._by_pool.pop(bind.engine.pool, None)
+            self._by_pool.pop(pool, None)
 
     def database_of(self, connection: Connection) -> Database | None:
         """The database ``connection`` reaches, asked of the server on a pool's first use.

@@ -88,6 +88,8 @@ _LEXEME = re.compile(
     r"--|/\*|(?<![\w$])[Ee]'|'|\"|(?<![\w$])\$(?:[A-Za-z_\x80-\uffff][\w\x80-\uffff]*)?\$|;"
 )
 _PENDING = "sa_redis_cache.pending"
+# a connection's transaction ran view DDL: the pool's database is asked again at its end
+_VIEWS_CHANGED = "sa_redis_cache.views_changed"
 _HANDED = "sa_redis_cache.handed"
 
 
@@ -381,6 +383,9 @@ class EngineWrites:
         parts = statements(statement)
         if parts is None or any(_VIEW_DDL.match(part) for part in parts):
             self.core.binds.forget(conn)
+            # and again once its transaction is over: a connection that asked before the
+            # commit saw the views as they were
+            conn.info[_VIEWS_CHANGED] = conn.engine.pool
 
     def _dml_writes(self, target: TableClause, deletes: bool, updates: bool) -> set[str]:
         """The tables an ``INSERT``/``UPDATE``/``DELETE`` of ``target`` may write, its
@@ -534,6 +539,9 @@ class EngineWrites:
         self._finish(connection_record.info)
 
     def _finish(self, info: dict[Any, Any]) -> None:
+        changed_views = info.pop(_VIEWS_CHANGED, None)
+        if changed_views is not None:
+            self.core.binds.forget_pool(changed_views)
         pending = info.pop(self._pending_key, None)
         if pending is not None:
             token, marked = pending

@@ -308,6 +308,40 @@ def test_a_repeatable_read_transaction_reads_a_view_as_of_its_snapshot(
         ).one().price == Decimal("8.00")
 
 
+def test_a_view_made_in_a_transaction_is_seen_once_it_committed(
+    views: Views, view_cache: Cache
+) -> None:
+    factory = _attached(view_cache, views.engine)
+    _product_price(factory, views)  # the pool's first use
+    late = f"late_{secrets.token_hex(4)}"
+    table = sa.Table(
+        late,
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("price", sa.Numeric(10, 2)),
+    )
+    mapped = type(f"Late{late}", (Priced,), {})
+    registry().map_imperatively(mapped, table)
+    late_view: sa.Select[Any] = select(mapped).filter_by(id=views.product).options(FromCache())
+    try:
+        with views.engine.connect() as conn:
+            conn.execute(text(f"CREATE VIEW {late} AS SELECT id, price FROM products"))  # noqa: S608 - our names
+            # another connection asks which views there are before the commit: none yet
+            _product_price(factory, views)
+            conn.commit()
+        with factory() as s:
+            assert s.scalars(late_view).one().price == Decimal("1.00")
+        with views.engine.begin() as conn:
+            conn.execute(
+                update(Product).where(Product.id == views.product).values(price=Decimal("7.00"))
+            )
+        with factory() as s:
+            assert s.scalars(late_view).one().price == Decimal("7.00")
+    finally:
+        with views.engine.begin() as conn:
+            conn.execute(text(f"DROP VIEW IF EXISTS {late}"))
+
+
 _STATEMENT_MODULE = """
 import sqlalchemy as sa
 from sqlalchemy.orm import registry
