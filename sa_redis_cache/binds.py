@@ -266,12 +266,9 @@ class Binds:
         """The database of ``bind``'s pool if it was asked already (no I/O)."""
         return self._by_pool.get(bind.engine.pool)
 
-    def forget(self, bind: Engine | Connection) -> None:
-        """Ask ``bind``'s database again on the pool's next use (its views changed)."""
-        self.forget_pool(bind.engine.pool)
-
     def forget_pool(self, pool: Any) -> None:
-        """:meth:`forget` of the database ``pool`` connects to."""
+        """Ask the database ``pool`` connects to again on the pool's next use (its views
+        changed)."""
         with _DATABASES_LOCK:
             self._by_pool.pop(pool, None)
 

@@ -382,10 +382,11 @@ class EngineWrites:
             return  # the common case: no statement about a view, nothing to read
         parts = statements(statement)
         if parts is None or any(_VIEW_DDL.match(part) for part in parts):
-            self.core.binds.forget(conn)
+            pool = conn.engine.pool
+            self.core.binds.forget_pool(pool)
             # and again once its transaction is over: a connection that asked before the
             # commit saw the views as they were
-            conn.info[_VIEWS_CHANGED] = conn.engine.pool
+            conn.info[_VIEWS_CHANGED] = pool
 
     def _dml_writes(self, target: TableClause, deletes: bool, updates: bool) -> set[str]:
         """The tables an ``INSERT``/``UPDATE``/``DELETE`` of ``target`` may write, its

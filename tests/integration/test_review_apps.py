@@ -55,6 +55,7 @@ def snapshot(session: Session) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for aid in (1, 2):
         author = session.get(Author, aid)
+        out[f"author{aid}"] = author and author.name
         out[f"author{aid}.posts"] = author and [(p.id, p.title) for p in author.posts]
     for pid in (1, 2, 3):
         post = session.get(Post, pid)

@@ -21,7 +21,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 from click.testing import CliRunner
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -31,6 +31,7 @@ from sa_redis_cache.schema import dead_letters
 from sa_redis_cache.worker import replay_dead_letters
 from tests.blog import MOVE_POST, Author, Post
 from tests.integration.test_review_apps import (  # noqa: F401 - fixtures, shared
+    agrees_after,
     app,
     blog,
 )
@@ -181,35 +182,6 @@ def test_an_operation_that_raises_outside_the_database_every_time_is_dead_letter
 # --------------------------------------------------------------------------- textual writes
 
 
-def snapshot(session: Session) -> dict[str, Any]:
-    """What an application reads: rows by key, lazy collections of both kinds, queries."""
-    out: dict[str, Any] = {}
-    for aid in (1, 2):
-        author = session.get(Author, aid)
-        out[f"author{aid}"] = author and author.name
-        out[f"author{aid}.posts"] = author and [(p.id, p.title) for p in author.posts]
-    for pid in (1, 2, 3):
-        post = session.get(Post, pid)
-        out[f"post{pid}"] = post and (post.title, post.author_id)
-        out[f"post{pid}.tags"] = post and [t.id for t in post.tags]
-    out["posts"] = [(p.id, p.title, p.author_id) for p in session.scalars(select(Post))]
-    return out
-
-
-def agrees_after(factory: sessionmaker[Session], engine: sa.Engine, sql: str) -> None:
-    """Warm the cache, run ``sql`` through the attached engine, and compare the cached
-    reads with a plain session's."""
-    for _ in range(3):  # a miss, a fill, then hits
-        with factory() as s:
-            snapshot(s)
-    with engine.begin() as conn:
-        conn.execute(text(sql))
-    with factory() as s:
-        cached = snapshot(s)
-    with Session(engine) as plain:
-        assert cached == snapshot(plain)
-
-
 @pytest.mark.parametrize(
     "sql",
     [
@@ -231,7 +203,12 @@ def test_a_procedure_call_after_a_comment_retires_what_it_may_have_written(
     in the statement); one opened by a comment (``-- note`` or ``/* x */``, as query
     tags and ORMs' comments put there), or following another statement in the same text,
     retired nothing: the rows and collections the procedure wrote were served as before."""
-    agrees_after(app, blog, sql)
+
+    def write() -> None:
+        with blog.begin() as conn:
+            conn.execute(text(sql))
+
+    agrees_after(app, blog, write)
 
 
 # --------------------------------------------------------------------------- JSON nulls

@@ -247,6 +247,33 @@ def test_a_write_through_an_updatable_view_retires_the_tables_it_reads(
         assert product.price == Decimal("6.00")
 
 
+def _priced_view_read(view: str, product: int) -> sa.Select[Any]:
+    """A ``FromCache`` read of ``product`` through ``view`` (``id``, ``price``), mapped anew."""
+    table = sa.Table(
+        view,
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("price", sa.Numeric(10, 2)),
+    )
+    mapped = type(f"Late{view}", (Priced,), {})
+    registry().map_imperatively(mapped, table)
+    return select(mapped).filter_by(id=product).options(FromCache())
+
+
+def _follows_a_price_write(
+    factory: sessionmaker[Session], views: Views, read: sa.Select[Any]
+) -> None:
+    """``read`` gives the product's price, and its new one after a write to products."""
+    with factory() as s:
+        assert s.scalars(read).one().price == Decimal("1.00")
+    with views.engine.begin() as conn:
+        conn.execute(
+            update(Product).where(Product.id == views.product).values(price=Decimal("7.00"))
+        )
+    with factory() as s:
+        assert s.scalars(read).one().price == Decimal("7.00")
+
+
 @pytest.mark.parametrize("how", ["text", "DDL"])
 def test_a_view_made_after_the_pools_first_use_is_seen(
     views: Views, view_cache: Cache, how: str
@@ -257,24 +284,9 @@ def test_a_view_made_after_the_pools_first_use_is_seen(
     create = f"CREATE OR REPLACE VIEW {late} AS SELECT id, price FROM products"  # noqa: S608 - our names
     with views.engine.begin() as conn:
         conn.execute(text(create) if how == "text" else sa.DDL(create))  # type: ignore[no-untyped-call]
-    table = sa.Table(
-        late,
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("price", sa.Numeric(10, 2)),
-    )
-    mapped = type(f"Late{late}", (Priced,), {})
-    registry().map_imperatively(mapped, table)
-    late_view: sa.Select[Any] = select(mapped).filter_by(id=views.product).options(FromCache())
+    late_view = _priced_view_read(late, views.product)
     try:
-        with factory() as s:
-            assert s.scalars(late_view).one().price == Decimal("1.00")
-        with views.engine.begin() as conn:
-            conn.execute(
-                update(Product).where(Product.id == views.product).values(price=Decimal("7.00"))
-            )
-        with factory() as s:
-            assert s.scalars(late_view).one().price == Decimal("7.00")
+        _follows_a_price_write(factory, views, late_view)
     finally:
         with views.engine.begin() as conn:
             conn.execute(text(f"DROP VIEW {late}"))
@@ -314,29 +326,14 @@ def test_a_view_made_in_a_transaction_is_seen_once_it_committed(
     factory = _attached(view_cache, views.engine)
     _product_price(factory, views)  # the pool's first use
     late = f"late_{secrets.token_hex(4)}"
-    table = sa.Table(
-        late,
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("price", sa.Numeric(10, 2)),
-    )
-    mapped = type(f"Late{late}", (Priced,), {})
-    registry().map_imperatively(mapped, table)
-    late_view: sa.Select[Any] = select(mapped).filter_by(id=views.product).options(FromCache())
+    late_view = _priced_view_read(late, views.product)
     try:
         with views.engine.connect() as conn:
             conn.execute(text(f"CREATE VIEW {late} AS SELECT id, price FROM products"))  # noqa: S608 - our names
             # another connection asks which views there are before the commit: none yet
             _product_price(factory, views)
             conn.commit()
-        with factory() as s:
-            assert s.scalars(late_view).one().price == Decimal("1.00")
-        with views.engine.begin() as conn:
-            conn.execute(
-                update(Product).where(Product.id == views.product).values(price=Decimal("7.00"))
-            )
-        with factory() as s:
-            assert s.scalars(late_view).one().price == Decimal("7.00")
+        _follows_a_price_write(factory, views, late_view)
     finally:
         with views.engine.begin() as conn:
             conn.execute(text(f"DROP VIEW IF EXISTS {late}"))
